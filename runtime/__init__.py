@@ -1,0 +1,1 @@
+"""Runtime support for edgeglm: hardware probing and inference backends."""

@@ -1,0 +1,244 @@
+"""Torch-free hardware probe for edge boxes.
+
+Collects what matters for choosing and tuning an inference backend: CPU model,
+cores and ISA features, memory (including a cgroup v2 limit), and which of
+OpenVINO / ONNX Runtime are importable and what devices they see. Every read is
+best effort: a missing file or a broken backend yields None/empty, never an
+exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+X86_FEATURES = frozenset({
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+    "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
+})
+ARM_FEATURES = frozenset({"asimd", "asimddp", "i8mm", "sve", "bf16", "fphp"})
+# ARM /proc/cpuinfo gives an implementer code instead of a vendor string.
+ARM_IMPLEMENTERS = {"0x41": "ARM", "0x42": "Broadcom", "0x43": "Cavium", "0x48": "HiSilicon",
+                    "0x4e": "NVIDIA", "0x51": "Qualcomm", "0x61": "Apple", "0xc0": "Ampere"}
+# Providers that do not indicate an accelerator on the box.
+CPU_ONLY_PROVIDERS = frozenset({"CPUExecutionProvider", "AzureExecutionProvider"})
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str | None
+    vendor: str | None
+    architecture: str
+    physical_cores: int | None
+    logical_cores: int
+    features: tuple[str, ...]
+    l3_cache_bytes: int | None
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    total_bytes: int | None
+    available_bytes: int | None
+    cgroup_limit_bytes: int | None
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    version: str | None
+    available: bool
+    devices: tuple[str, ...] = ()  # OpenVINO: "ID (FULL_DEVICE_NAME)" where readable
+    error: str | None = None
+
+    @property
+    def device_ids(self) -> tuple[str, ...]:
+        """Bare device / provider names, without the descriptive suffix."""
+        return tuple(d.split(" (", 1)[0] for d in self.devices)
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    cpu: CpuInfo
+    memory: MemoryInfo
+    backends: tuple[BackendInfo, ...]
+    os: str
+    python: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # tuples become lists: JSON-safe
+
+    def fingerprint(self) -> str:
+        """Short stable hash over the fields that affect inference speed."""
+        key = {
+            "cpu_model": self.cpu.model,
+            "features": list(self.cpu.features),
+            "logical_cores": self.cpu.logical_cores,
+            "backends": [[b.name, b.version, list(b.devices)] for b in self.backends],
+        }
+        blob = json.dumps(key, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _read(path: str | Path) -> str | None:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def parse_cpuinfo(text: str) -> dict[str, Any]:
+    """Parse /proc/cpuinfo text into model, vendor, physical_cores and features."""
+    fields: dict[str, str] = {}
+    cores: set[tuple[str, str]] = set()
+    physical_id = ""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key, value = key.strip(), value.strip()
+        fields.setdefault(key, value)  # keep the first processor's values
+        if key == "physical id":
+            physical_id = value
+        elif key == "core id":
+            cores.add((physical_id, value))
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    implementer = fields.get("CPU implementer")
+    return {
+        # ARM kernels often omit "model name"; boards like the Pi report "Model".
+        "model": fields.get("model name") or fields.get("Model") or fields.get("Hardware"),
+        "vendor": fields.get("vendor_id")
+        or (ARM_IMPLEMENTERS.get(implementer.lower(), implementer) if implementer else None),
+        "physical_cores": len(cores) or None,
+        "features": tuple(sorted(flags & (X86_FEATURES | ARM_FEATURES))),
+    }
+
+
+def _parse_size(text: str) -> int | None:
+    """Parse sysfs cache sizes such as "32768K" or "1M" into bytes."""
+    text = text.strip().upper()
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        if text and text[-1] in units:
+            return int(text[:-1]) * units[text[-1]]
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _l3_cache_bytes() -> int | None:
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        if (_read(index / "level") or "").strip() == "3":
+            return _parse_size(_read(index / "size") or "")
+    return None
+
+
+def _logical_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects taskset / cpusets
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def probe_cpu() -> CpuInfo:
+    parsed = parse_cpuinfo(_read("/proc/cpuinfo") or "")
+    return CpuInfo(
+        model=parsed["model"] or platform.processor() or None,
+        vendor=parsed["vendor"],
+        architecture=platform.machine(),
+        physical_cores=parsed["physical_cores"],
+        logical_cores=_logical_cores(),
+        features=parsed["features"],
+        l3_cache_bytes=_l3_cache_bytes(),
+    )
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """Parse /proc/meminfo into bytes per key (values there are in kB)."""
+    result: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            result[key.strip()] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return result
+
+
+def probe_memory() -> MemoryInfo:
+    mem = parse_meminfo(_read("/proc/meminfo") or "")
+    limit = (_read("/sys/fs/cgroup/memory.max") or "").strip()
+    return MemoryInfo(
+        total_bytes=mem.get("MemTotal"),
+        available_bytes=mem.get("MemAvailable"),
+        cgroup_limit_bytes=int(limit) if limit.isdigit() else None,  # "max" = unlimited
+    )
+
+
+def _openvino_devices(ov: Any) -> tuple[str, ...]:
+    core = ov.Core()
+    devices = []
+    for dev in core.available_devices:
+        try:
+            devices.append(f"{dev} ({core.get_property(dev, 'FULL_DEVICE_NAME')})")
+        except Exception:  # some plugins cannot report a name
+            devices.append(dev)
+    return tuple(devices)
+
+
+def probe_backend(name: str) -> BackendInfo:
+    """Import a backend ("openvino" or "onnxruntime") and list its devices."""
+    try:
+        mod = importlib.import_module(name)
+        version = getattr(mod, "__version__", None)
+        if name == "openvino":
+            devices = _openvino_devices(mod)
+        else:
+            devices = tuple(mod.get_available_providers())
+        return BackendInfo(name, version, True, devices)
+    except Exception as exc:
+        return BackendInfo(name, None, False, (), f"{type(exc).__name__}: {exc}")
+
+
+def probe_hardware() -> HardwareInfo:
+    return HardwareInfo(
+        cpu=probe_cpu(),
+        memory=probe_memory(),
+        backends=(probe_backend("openvino"), probe_backend("onnxruntime")),
+        os=platform.platform(),
+        python=sys.version.split()[0],
+    )
+
+
+def _gib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / (1 << 30):.1f} GiB"
+
+
+def format_hardware(info: HardwareInfo) -> str:
+    cpu, mem = info.cpu, info.memory
+    cores = f"{cpu.physical_cores or '?'} cores / {cpu.logical_cores} threads"
+    l3 = f", L3 {cpu.l3_cache_bytes >> 20} MiB" if cpu.l3_cache_bytes else ""
+    lines = [
+        f"CPU:     {cpu.model or 'unknown'} ({cpu.architecture}), {cores}{l3}",
+        f"         features: {' '.join(cpu.features) or 'none detected'}",
+        f"Memory:  {_gib(mem.total_bytes)} total, {_gib(mem.available_bytes)} available"
+        + (f", cgroup limit {_gib(mem.cgroup_limit_bytes)}" if mem.cgroup_limit_bytes else ""),
+    ]
+    accelerators = []
+    for b in info.backends:
+        if not b.available:
+            lines.append(f"{b.name}: unavailable ({b.error})")
+            continue
+        lines.append(f"{b.name} {b.version}: {', '.join(b.devices) or 'no devices'}")
+        cpu_only = {"CPU"} if b.name == "openvino" else CPU_ONLY_PROVIDERS
+        accelerators += [d for d in b.device_ids if d not in cpu_only]
+    if not accelerators:
+        lines.append("no GPU or NPU found")
+    lines.append(f"OS:      {info.os}, Python {info.python}")
+    return "\n".join(lines)

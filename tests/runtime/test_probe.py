@@ -1,0 +1,206 @@
+"""Tests for runtime.probe against this machine and fixed /proc/cpuinfo texts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.probe import (
+    BackendInfo,
+    HardwareInfo,
+    format_hardware,
+    parse_cpuinfo,
+    probe_backend,
+    probe_hardware,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+X86_CPUINFO = """\
+processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse sse2 sse4_1 sse4_2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16 ht
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse sse2 sse4_1 sse4_2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16 ht
+
+processor\t: 2
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+physical id\t: 0
+core id\t\t: 1
+flags\t\t: fpu sse sse2 sse4_1 sse4_2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16 ht
+"""
+
+ARM_CPUINFO = """\
+processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp i8mm bf16
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU part\t: 0xd0b
+
+processor\t: 1
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp i8mm bf16
+CPU implementer\t: 0x41
+
+Hardware\t: Example SoC
+Model\t\t: Raspberry Pi 5 Model B Rev 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def info() -> HardwareInfo:
+    return probe_hardware()
+
+
+def _backend(info: HardwareInfo, name: str) -> BackendInfo:
+    (backend,) = [b for b in info.backends if b.name == name]
+    return backend
+
+
+def test_parse_x86_cpuinfo():
+    parsed = parse_cpuinfo(X86_CPUINFO)
+    assert parsed["model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert parsed["vendor"] == "GenuineIntel"
+    assert parsed["physical_cores"] == 2  # three threads on two distinct core ids
+    assert parsed["features"] == (
+        "amx_bf16", "amx_int8", "amx_tile", "avx", "avx2", "avx512_bf16", "avx512_vnni",
+        "avx512bw", "avx512f", "avx512vl", "f16c", "fma", "sse4_2",
+    )
+
+
+def test_parse_arm_cpuinfo():
+    parsed = parse_cpuinfo(ARM_CPUINFO)
+    assert parsed["model"] == "Raspberry Pi 5 Model B Rev 1.0"
+    assert parsed["vendor"] == "ARM"
+    assert parsed["physical_cores"] is None
+    # fp, aes, asimdhp etc. are not in the relevant set; sve is absent on this core.
+    assert parsed["features"] == ("asimd", "asimddp", "bf16", "fphp", "i8mm")
+
+
+def test_parse_empty_cpuinfo():
+    assert parse_cpuinfo("") == {"model": None, "vendor": None, "physical_cores": None, "features": ()}
+
+
+def test_cpu_on_this_machine(info):
+    assert info.cpu.logical_cores >= 1
+    assert info.cpu.logical_cores == len(os.sched_getaffinity(0))
+    flags_line = next(
+        (line for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith(("flags", "Features"))), "")
+    flags = set(flags_line.partition(":")[2].split())
+    assert set(info.cpu.features) <= flags
+    assert list(info.cpu.features) == sorted(info.cpu.features)
+    if "avx2" in flags:
+        assert "avx2" in info.cpu.features
+
+
+def test_memory_matches_proc_meminfo(info):
+    meminfo = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        meminfo[key] = int(value.split()[0]) * 1024
+    assert info.memory.total_bytes == meminfo["MemTotal"]
+    assert 0 < info.memory.available_bytes <= info.memory.total_bytes
+
+
+def test_backends_available_with_versions(info):
+    import onnxruntime
+    import openvino
+
+    ov = _backend(info, "openvino")
+    assert ov.available and ov.error is None
+    assert ov.version == openvino.__version__ == openvino.get_version()
+    assert "CPU" in ov.device_ids
+
+    ort = _backend(info, "onnxruntime")
+    assert ort.available and ort.error is None
+    assert ort.version == onnxruntime.__version__
+    assert "CPUExecutionProvider" in ort.devices
+    assert ort.devices == tuple(onnxruntime.get_available_providers())
+
+
+def test_missing_backend_reported_not_raised():
+    backend = probe_backend("no_such_backend_module_xyz")
+    assert not backend.available
+    assert backend.version is None and backend.devices == ()
+    assert "ModuleNotFoundError" in backend.error
+
+
+def test_to_dict_is_json_serialisable(info):
+    data = json.loads(json.dumps(info.to_dict()))
+    assert data["cpu"]["logical_cores"] == info.cpu.logical_cores
+    assert {b["name"] for b in data["backends"]} == {"openvino", "onnxruntime"}
+
+
+def test_fingerprint_stable_and_ignores_available_memory(info):
+    again = probe_hardware()
+    fp = info.fingerprint()
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert fp == again.fingerprint()
+    from dataclasses import replace
+    changed_mem = replace(info, memory=replace(info.memory, available_bytes=1))
+    assert changed_mem.fingerprint() == fp
+    changed_cpu = replace(info, cpu=replace(info.cpu, logical_cores=info.cpu.logical_cores + 1))
+    assert changed_cpu.fingerprint() != fp
+
+
+def test_format_hardware(info):
+    text = format_hardware(info)
+    assert text.startswith("CPU:")
+    assert str(info.cpu.logical_cores) + " threads" in text
+    for backend in info.backends:
+        assert any(line.startswith(backend.name) for line in text.splitlines())
+    accel = [d for d in _backend(info, "openvino").device_ids if d != "CPU"]
+    accel += [p for p in _backend(info, "onnxruntime").devices
+              if p not in ("CPUExecutionProvider", "AzureExecutionProvider")]
+    assert ("no GPU or NPU found" in text) == (not accel)
+
+
+def test_format_reports_accelerator():
+    info = probe_hardware()
+    from dataclasses import replace
+    gpu = BackendInfo("openvino", "x", True, ("CPU (cpu)", "GPU.0 (Intel Arc)"))
+    text = format_hardware(replace(info, backends=(gpu,)))
+    assert "GPU.0 (Intel Arc)" in text and "no GPU or NPU found" not in text
+
+
+def test_probe_never_imports_torch():
+    code = ("import sys; from runtime.probe import probe_hardware; probe_hardware(); "
+            "sys.exit('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "torch" not in (REPO / "runtime" / "probe.py").read_text()
+
+
+def test_missing_files_give_none_not_exceptions(monkeypatch):
+    import runtime.probe as probe
+
+    monkeypatch.setattr(probe, "_read", lambda path: None)
+    monkeypatch.setattr(probe, "_l3_cache_bytes", lambda: None)
+    info = probe.probe_hardware()
+    assert info.cpu.features == () and info.cpu.physical_cores is None
+    assert info.memory == probe.MemoryInfo(None, None, None)
+    assert "unknown" in format_hardware(info)
+
+
+def test_cgroup_limit_parsed(monkeypatch):
+    import runtime.probe as probe
+
+    files = {"/proc/meminfo": "MemTotal: 2048 kB\nMemAvailable: 1024 kB\n",
+             "/sys/fs/cgroup/memory.max": "1073741824\n"}
+    monkeypatch.setattr(probe, "_read", lambda path: files.get(str(path)))
+    assert probe.probe_memory() == probe.MemoryInfo(2048 * 1024, 1024 * 1024, 1 << 30)
+    files["/sys/fs/cgroup/memory.max"] = "max\n"
+    assert probe.probe_memory().cgroup_limit_bytes is None
