@@ -1,0 +1,154 @@
+"""Load and save Hugging Face `GlmForCausalLM` checkpoints.
+
+A checkpoint directory holds `config.json`, the weights as `model.safetensors` or as shards
+listed in `model.safetensors.index.json`, and `tokenizer.json`. Weights may be bf16, fp16 or
+fp32; they are loaded as fp32. Every tensor is checked against the shape the config implies,
+and every problem is raised as one `CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from models.config import GlmConfig
+from models.errors import CheckpointError
+from models.glm import GlmForCausalLM
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def expected_shapes(cfg: GlmConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config holds, with its shape (HF names)."""
+    C, hs = cfg.hidden_size, cfg.head_dim
+    q_out, kv_out = cfg.num_attention_heads * hs, cfg.num_key_value_heads * hs
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, C), "model.norm.weight": (C,)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (C,),
+            p + "post_attention_layernorm.weight": (C,),
+            p + "self_attn.q_proj.weight": (q_out, C),
+            p + "self_attn.k_proj.weight": (kv_out, C),
+            p + "self_attn.v_proj.weight": (kv_out, C),
+            p + "self_attn.o_proj.weight": (C, q_out),
+            p + "mlp.gate_up_proj.weight": (2 * cfg.intermediate_size, C),
+            p + "mlp.down_proj.weight": (C, cfg.intermediate_size),
+        })
+        if cfg.attention_bias:
+            shapes.update({
+                p + "self_attn.q_proj.bias": (q_out,),
+                p + "self_attn.k_proj.bias": (kv_out,),
+                p + "self_attn.v_proj.bias": (kv_out,),
+            })
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, C)
+    return shapes
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, checked to exist."""
+    index = ckpt / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (ckpt / f).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{index}: shard(s) listed but not found in {ckpt}: {', '.join(missing)}"
+            )
+        return [ckpt / f for f in files]
+    if (ckpt / SINGLE_FILE).is_file():
+        return [ckpt / SINGLE_FILE]
+    raise CheckpointError(f"{ckpt}: no weights found (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+def load_state_dict(ckpt: Path, cfg: GlmConfig) -> dict[str, torch.Tensor]:
+    """All weights as fp32 tensors, validated against the config."""
+    expected = expected_shapes(cfg)
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(ckpt):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name not in expected:
+                        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                            continue  # some writers store the tied head anyway
+                        if name.endswith("rotary_emb.inv_freq"):
+                            continue  # a buffer, recomputed from the config
+                        raise CheckpointError(f"{path}: unexpected tensor {name!r} for this config")
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != expected[name]:
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, but "
+                            f"config.json implies {expected[name]}"
+                        )
+                    if tensor.dtype not in LOADABLE_DTYPES:
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} has dtype {tensor.dtype}; "
+                            "expected float32, float16 or bfloat16"
+                        )
+                    state[name] = tensor.to(torch.float32)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({exc})") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{ckpt}: weights missing from the checkpoint: {shown}")
+    return state
+
+
+def load_checkpoint(ckpt: str | Path) -> tuple[GlmConfig, GlmForCausalLM]:
+    """Load a `GlmForCausalLM` checkpoint directory as an fp32 reference model in eval mode."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: checkpoint directory not found")
+    cfg = GlmConfig.from_file(ckpt / "config.json")
+    state = load_state_dict(ckpt, cfg)
+    model = GlmForCausalLM(cfg)
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings)
+    return cfg, model.eval()
+
+
+def save_checkpoint(model: GlmForCausalLM, out: str | Path, tokenizer_json: Path | None = None,
+                    max_shard_bytes: int | None = None) -> Path:
+    """Write a standard HF checkpoint (fp32 safetensors, sharded above `max_shard_bytes`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    if max_shard_bytes is None:
+        save_file(state, str(out / SINGLE_FILE), metadata={"format": "pt"})
+    else:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (out / INDEX_FILE).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    if tokenizer_json is not None:
+        shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    return out
