@@ -1,0 +1,220 @@
+"""Write the GLM decoder as an ONNX graph with KV-cache inputs and outputs.
+
+The graph is written node by node (not traced), so that it stays small and the runtime's
+contract is explicit:
+
+    inputs   input_ids         int64  (batch, seq)
+             position_ids      int64  (batch, seq)
+             attention_mask    int64  (batch, past + seq)   1 = attend, 0 = padding
+             past.{i}.key      float  (batch, kv_heads, past, head_dim)   per layer i
+             past.{i}.value    float  (batch, kv_heads, past, head_dim)
+    outputs  logits            float  (batch, vocab)      the last position only
+             present.{i}.key   float  (batch, kv_heads, past + seq, head_dim)
+             present.{i}.value float  (batch, kv_heads, past + seq, head_dim)
+
+Two rewrites keep the graph lean and do not change its results:
+- the rotary dims of q_proj/k_proj are permuted from interleaved pairs (2i, 2i+1) to halves
+  (i, i + rot/2) so rotation is one rotate-half; q and k share the permutation, so their dot
+  products, and the attention, are unchanged (the cached keys are in the permuted order);
+- the attention scale 1/sqrt(head_dim) is folded into q_proj's weight and bias.
+
+Linear layers are written by a `weights` mode: "fp32" (MatMul), "int8-blockwise" (ONNX
+Runtime's MatMulNBits, 8 bits) or "int8-per-channel" (DequantizeLinear + MatMul, which
+OpenVINO keeps compressed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from models.config import GlmConfig
+from models.quantize import quantize_blockwise, quantize_per_channel
+
+OPSET = 17
+WEIGHT_MODES = ("fp32", "int8-blockwise", "int8-per-channel")
+MASK_VALUE = -1e9  # finite, so a fully masked (padding) row stays finite instead of NaN
+
+
+def rotary_permutation(cfg: GlmConfig) -> np.ndarray:
+    """Row order for one head of q/k: interleaved rotary pairs -> halves, pass dims unchanged."""
+    rot = cfg.rotary_dim
+    return np.concatenate([np.arange(0, rot, 2), np.arange(1, rot, 2), np.arange(rot, cfg.head_dim)])
+
+
+def prepare_weights(cfg: GlmConfig, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Apply the graph's two exact rewrites to q_proj/k_proj (see the module docstring)."""
+    perm = rotary_permutation(cfg)
+    hd, scale = cfg.head_dim, cfg.head_dim ** -0.5
+    out = dict(state)
+    for i in range(cfg.num_hidden_layers):
+        for proj, heads, s in (("q_proj", cfg.num_attention_heads, scale), ("k_proj", cfg.num_key_value_heads, 1.0)):
+            rows = (np.arange(heads)[:, None] * hd + perm[None, :]).reshape(-1)
+            for kind in ("weight", "bias"):
+                name = f"model.layers.{i}.self_attn.{proj}.{kind}"
+                if name in out:
+                    out[name] = (out[name][rows] * s).astype(np.float32)
+    return out
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; every op returns the name of its (first) output."""
+
+    def __init__(self, weights: str, block: int = 128):
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"weights={weights!r} must be one of {WEIGHT_MODES}")
+        self.weights, self.block = weights, block
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.max_quant_error = 0.0
+        self._count = 0
+
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def const(self, value, name: str | None = None, dtype=None) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = name or self._name("const")
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, out_name: str | None = None,
+           domain: str = "", **attrs) -> str | list[str]:
+        names = [out_name] if out_name and outputs == 1 else [self._name(op_type) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self._name(op_type + "_node"),
+                                           domain=domain, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
+        """x (..., K) @ w.T + b, w given as (N, K)."""
+        n, k = w.shape
+        if self.weights == "fp32":
+            y = self.op("MatMul", x, self.const(np.ascontiguousarray(w.T), name + ".weight"))
+        elif self.weights == "int8-per-channel":
+            qw = quantize_per_channel(w)
+            self.max_quant_error = max(self.max_quant_error, qw.max_abs_error)
+            wq = self.const(np.ascontiguousarray(qw.q.T), name + ".weight_int8")  # (K, N)
+            deq = self.op("DequantizeLinear", wq, self.const(qw.scale, name + ".weight_scale"), axis=1)
+            y = self.op("MatMul", x, deq)
+        else:
+            qb = quantize_blockwise(w, self.block)
+            self.max_quant_error = max(self.max_quant_error, qb.max_abs_error)
+            y = self.op("MatMulNBits", x, self.const(qb.q, name + ".weight_uint8"),
+                        self.const(qb.scale.reshape(-1), name + ".weight_scale"),
+                        domain="com.microsoft", K=k, N=n, bits=8, block_size=qb.block, accuracy_level=4)
+        if b is not None:
+            y = self.op("Add", y, self.const(b, name + ".bias"))
+        return y
+
+    def rms_norm(self, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+        # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern both engines fuse
+        var = self.op("ReduceMean", self.op("Pow", x, self.const(np.float32(2.0))), axes=[-1], keepdims=1)
+        denom = self.op("Sqrt", self.op("Add", var, self.const(np.float32(eps))))
+        return self.op("Mul", self.op("Div", x, denom), self.const(weight, name + ".weight"))
+
+
+def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "fp32",
+                  block: int = 128) -> tuple[onnx.ModelProto, float]:
+    """The decoder graph for `state` (HF names, fp32 numpy arrays) and the worst weight-quantization error."""
+    g = GraphBuilder(weights, block)
+    state = prepare_weights(cfg, state)
+    L, nh, nkv, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rot, grp = cfg.rotary_dim, cfg.group_size
+    i64 = np.int64
+
+    # shapes: T = new tokens, S = past + T
+    T = g.op("Gather", g.op("Shape", "input_ids"), g.const(1, dtype=i64), axis=0)
+    S = g.op("Gather", g.op("Shape", "attention_mask"), g.const(1, dtype=i64), axis=0)
+    P = g.op("Sub", S, T)
+
+    # additive mask (B, 1, grp*T, S): causal AND not padding, repeated for the query heads of a kv group
+    q_pos = g.op("Unsqueeze", g.op("Range", P, S, g.const(1, dtype=i64)), g.const([1], dtype=i64))  # (T, 1)
+    k_pos = g.op("Unsqueeze", g.op("Range", g.const(0, dtype=i64), S, g.const(1, dtype=i64)),
+                 g.const([0], dtype=i64))  # (1, S)
+    causal = g.op("GreaterOrEqual", q_pos, k_pos)  # (T, S)
+    keep = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2], dtype=i64))
+    allowed = g.op("And", causal, keep)  # (B, 1, T, S)
+    bias = g.op("Where", allowed, g.const(np.float32(0.0)), g.const(np.float32(MASK_VALUE)))
+    bias = g.op("Tile", bias, g.const([1, 1, grp, 1], dtype=i64))  # (B, 1, grp*T, S)
+
+    # rotary cos/sin (B, 1, T, rot), halves layout
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
+    pos = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([2], dtype=i64))
+    freqs = g.op("Mul", pos, g.const(inv_freq.astype(np.float32), "rope.inv_freq"))  # (B, T, rot/2)
+    emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1], dtype=i64))
+    cos, sin = g.op("Cos", emb), g.op("Sin", emb)
+
+    def rope(x: str) -> str:  # x (B, heads, T, hd)
+        parts = g.op("Split", x, g.const([rot // 2, rot // 2] + ([hd - rot] if hd > rot else []), dtype=i64),
+                     axis=-1, outputs=3 if hd > rot else 2)
+        x1, x2 = parts[0], parts[1]
+        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+        x_rot = g.op("Concat", x1, x2, axis=-1)
+        out = g.op("Add", g.op("Mul", x_rot, cos), g.op("Mul", rotated, sin))
+        return g.op("Concat", out, parts[2], axis=-1) if hd > rot else out
+
+    x = g.op("Gather", g.const(state["model.embed_tokens.weight"], "embed_tokens.weight"), "input_ids", axis=0)
+    heads_shape = {h: g.const([0, 0, h, hd], dtype=i64) for h in {nh, nkv}}
+    present_names = []
+    for i in range(L):
+        p = f"model.layers.{i}."
+        h = g.rms_norm(x, state[p + "input_layernorm.weight"], cfg.rms_norm_eps, p + "input_layernorm")
+
+        def proj(name: str, heads: int) -> str:  # -> (B, heads, T, hd)
+            y = g.linear(h, state[p + f"self_attn.{name}.weight"], state.get(p + f"self_attn.{name}.bias"),
+                         p + f"self_attn.{name}")
+            return g.op("Transpose", g.op("Reshape", y, heads_shape[heads]), perm=[0, 2, 1, 3])
+
+        q, k, v = rope(proj("q_proj", nh)), rope(proj("k_proj", nkv)), proj("v_proj", nkv)
+        k = g.op("Concat", f"past.{i}.key", k, axis=2, out_name=f"present.{i}.key")  # (B, nkv, S, hd)
+        v = g.op("Concat", f"past.{i}.value", v, axis=2, out_name=f"present.{i}.value")
+        present_names += [f"present.{i}.key", f"present.{i}.value"]
+        qg = g.op("Reshape", q, g.const([0, nkv, -1, hd], dtype=i64))  # (B, nkv, grp*T, hd)
+        scores = g.op("Add", g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2])), bias)  # (B, nkv, grp*T, S)
+        att = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # (B, nkv, grp*T, hd)
+        att = g.op("Transpose", g.op("Reshape", att, g.const([0, nh, -1, hd], dtype=i64)), perm=[0, 2, 1, 3])
+        att = g.op("Reshape", att, g.const([0, 0, nh * hd], dtype=i64))  # (B, T, nh*hd)
+        x = g.op("Add", x, g.linear(att, state[p + "self_attn.o_proj.weight"], None, p + "self_attn.o_proj"))
+
+        h = g.rms_norm(x, state[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps,
+                       p + "post_attention_layernorm")
+        gate, up = g.op("Split", g.linear(h, state[p + "mlp.gate_up_proj.weight"], None, p + "mlp.gate_up_proj"),
+                        g.const([cfg.intermediate_size] * 2, dtype=i64), axis=-1, outputs=2)
+        act = g.op("Mul", up, g.op("Mul", gate, g.op("Sigmoid", gate)))  # up * silu(gate)
+        x = g.op("Add", x, g.linear(act, state[p + "mlp.down_proj.weight"], None, p + "mlp.down_proj"))
+
+    last = g.op("Gather", x, g.op("Sub", T, g.const(1, dtype=i64)), axis=1)  # (B, C)
+    last = g.rms_norm(last, state["model.norm.weight"], cfg.rms_norm_eps, "model.norm")
+    head = state["model.embed_tokens.weight"] if cfg.tie_word_embeddings else state["lm_head.weight"]
+    g.linear(last, head, None, "lm_head")
+    g.nodes[-1].output[0] = "logits"
+
+    kv_shape = ["batch", nkv, "past", hd]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+    ] + [helper.make_tensor_value_info(f"past.{i}.{kind}", TensorProto.FLOAT, kv_shape)
+         for i in range(L) for kind in ("key", "value")]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])] + [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", nkv, "total", hd]) for n in present_names]
+    graph = helper.make_graph(g.nodes, "glm_decoder", inputs, outputs, g.initializers)
+    opsets = [helper.make_opsetid("", OPSET)]
+    if weights == "int8-blockwise":
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeglm")
+    model.ir_version = 8
+    return model, g.max_quant_error
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Save with weights in one external data file beside the graph; returns the files written."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [path, data] if data.exists() else [path]
