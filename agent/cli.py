@@ -1,0 +1,193 @@
+"""The `edgeglm` command line.
+
+    edgeglm export CHECKPOINT --out BUNDLE [--precision int8|fp32] [--backends ...] [--name N] [--version V]
+    edgeglm generate --bundle BUNDLE [--backend auto|openvino|onnxruntime] [--max-tokens N] ... PROMPT
+    edgeglm probe [--json]
+    edgeglm demo [--workdir DIR]
+
+User errors (bad input, a broken checkpoint or bundle, a missing backend) print one line on
+stderr and exit with code 2; nothing else is changed. The factory commands (export, demo)
+import torch lazily, so an edge install without the `factory` extra runs the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from agent import __version__
+from ota.errors import BundleError
+from runtime.errors import RuntimeUserError
+
+EXIT_USER_ERROR = 2
+
+
+class CliError(Exception):
+    """A usage problem found by the CLI itself."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [CliError, BundleError, RuntimeUserError]
+    try:
+        from models.errors import CheckpointError, ExportError
+
+        errors += [CheckpointError, ExportError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _factory():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise CliError("this command needs the model factory: pip install 'edgeglm[factory]' "
+                       "(and torch for your platform)") from None
+    from models import export, tiny
+
+    return export, tiny
+
+
+def cmd_export(args) -> int:
+    export, _ = _factory()
+    opts = export.ExportOptions(
+        precision=args.precision, backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+        name=args.name, version=args.version, force=args.force,
+    )
+    manifest = export.export_bundle(args.checkpoint, args.out, opts, show_progress=not args.quiet)
+    print(f"wrote bundle {args.out} ({manifest.name} {manifest.version}, {manifest.precision}, "
+          f"backends: {', '.join(manifest.backends)})")
+    return 0
+
+
+def run_generation(model, prompt: str, params, out=sys.stdout, err=sys.stderr) -> list[int]:
+    from runtime.generate import generate
+    from runtime.tokenizer import StreamDecoder
+
+    prompt_ids = model.tokenizer.encode(prompt).ids
+    decoder = StreamDecoder(model.tokenizer)
+    tokens: list[int] = []
+    t0 = time.perf_counter()
+    t_first = None
+    for tok in generate(model.engine, prompt_ids, params):
+        if t_first is None:
+            t_first = time.perf_counter()
+        tokens.append(tok)
+        out.write(decoder.push(tok))
+        out.flush()
+    out.write(decoder.flush() + "\n")
+    t_end = time.perf_counter()
+    ttft = (t_first or t_end) - t0
+    rate = (len(tokens) - 1) / (t_end - t_first) if t_first and len(tokens) > 1 else 0.0
+    err.write(f"[{model.backend}] prompt {len(prompt_ids)} tokens, generated {len(tokens)}; "
+              f"TTFT {ttft * 1000:.1f} ms, decode {rate:.1f} tokens/s\n")
+    return tokens
+
+
+def cmd_generate(args) -> int:
+    from agent.model import load_model
+    from runtime.generate import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    model = load_model(args.bundle, args.backend, args.threads)
+    run_generation(model, args.prompt, params)
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from runtime.probe import format_hardware, probe_hardware
+
+    info = probe_hardware()
+    if args.json:
+        print(json.dumps({**info.to_dict(), "fingerprint": info.fingerprint()}, indent=2))
+    else:
+        print(format_hardware(info))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    export, tiny = _factory()
+    from tqdm import tqdm
+
+    from agent.model import load_model
+    from runtime.generate import SamplingParams
+
+    work = Path(args.workdir)
+    ckpt, bundle = work / "checkpoint", work / "bundle"
+    print(f"edgeglm demo: 1/3 training a tiny GLM ({tiny.SHAPES['tiny'][1]} layers) on Python stdlib text -> {ckpt}")
+    with tqdm(total=args.steps, desc="train", unit="step") as bar:
+        def progress(step, total, loss):
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+        tiny.make_checkpoint(ckpt, "tiny", train_steps=args.steps, progress=progress)
+    print(f"edgeglm demo: 2/3 exporting an INT8 bundle for OpenVINO and ONNX Runtime -> {bundle}")
+    export.export_bundle(ckpt, bundle, export.ExportOptions(name="demo-tiny", version="1.0.0", force=True))
+    print("edgeglm demo: 3/3 generating through each backend (greedy, golden check first)")
+    for backend in ("onnxruntime", "openvino"):
+        model = load_model(bundle, backend)
+        result = model.golden_check()
+        print(f"--- {backend}: golden check {'passed' if result.passed else 'FAILED'} ({result.describe()})")
+        run_generation(model, args.prompt, SamplingParams(max_tokens=48))
+    print(f"done. Try: edgeglm generate --bundle {bundle} 'def parse(text):'")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeglm", description="Edge agent for compressed GLM models.")
+    p.add_argument("--version", action="version", version=f"edgeglm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="export a GlmForCausalLM checkpoint to a bundle")
+    e.add_argument("checkpoint")
+    e.add_argument("--out", required=True, help="bundle directory to create")
+    e.add_argument("--precision", default="int8", choices=["int8", "fp32"])
+    e.add_argument("--backends", default="openvino,onnxruntime", help="comma-separated: openvino,onnxruntime")
+    e.add_argument("--name", help="model name (default: the checkpoint directory name)")
+    e.add_argument("--version", default="0.1.0", help="bundle version, e.g. 1.2.0")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="generate text with a bundle")
+    g.add_argument("prompt")
+    g.add_argument("--bundle", required=True)
+    g.add_argument("--backend", default="auto", help="auto, openvino or onnxruntime")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--threads", type=int, help="inference threads (default: all usable cores)")
+    g.set_defaults(func=cmd_generate)
+
+    pr = sub.add_parser("probe", help="show the hardware and the inference backends found")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_probe)
+
+    d = sub.add_parser("demo", help="train a tiny GLM, export an INT8 bundle and generate with it")
+    d.add_argument("--workdir", default="edgeglm-demo")
+    d.add_argument("--steps", type=int, default=300, help="training steps for the tiny model")
+    d.add_argument("--prompt", default="def main(argv=None):\n")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"edgeglm {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"edgeglm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Export a GLM checkpoint to a bundle: ONNX (ONNX Runtime) and OpenVINO IR, INT8 or fp32.
+
+Steps, each shown on a progress bar: load and validate the checkpoint; compute the golden
+continuation with the PyTorch reference; per backend write the graph, load it with the edge
+runtime and measure how far its logits are from the reference on the golden sequence (a parity
+check: an export whose engine disagrees beyond its own tolerance is refused); write the manifest
+last and move the staged directory into place. On any error the staging directory is removed,
+so nothing half-written is left where a bundle is expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.checkpoint import load_checkpoint
+from models.config import GlmConfig
+from models.errors import CheckpointError, ExportError
+from models.glm import GlmForCausalLM
+from models.onnx_graph import build_decoder, save_onnx
+from models.quantize import quantize_blockwise, quantize_per_channel
+from ota.bundle import BundleError, publish, write_manifest
+from runtime.engine import ModelArch, load_engine
+from runtime.errors import RuntimeUserError
+from runtime.golden import check_golden, teacher_forced_logits
+from runtime.tokenizer import load_tokenizer
+
+MIN_AGENT_VERSION = "0.1.0"
+DEFAULT_GOLDEN_PROMPT = "def main(argv=None):\n    \"\"\"Parse the command line"
+WEIGHTS = {  # (backend, precision) -> graph weight mode
+    ("onnxruntime", "int8"): "int8-blockwise",
+    ("openvino", "int8"): "int8-per-channel",
+    ("onnxruntime", "fp32"): "fp32",
+    ("openvino", "fp32"): "fp32",
+}
+SCHEMES = {
+    "fp32": "fp32 weights and activations",
+    "int8-blockwise": "INT8 weight-only, symmetric, block-wise (128 input channels per fp32 scale); "
+                      "ONNX Runtime MatMulNBits bits=8, accuracy_level=4 (activations quantized to int8 per block at run time)",
+    "int8-per-channel": "INT8 weight-only, symmetric, per output channel (one fp32 scale per row); "
+                        "OpenVINO compressed weights, fp32 activations",
+}
+ENTRY = {"onnxruntime": "onnxruntime/model.onnx", "openvino": "openvino/openvino_model.xml"}
+
+
+@dataclass
+class ExportOptions:
+    precision: str = "int8"
+    backends: tuple[str, ...] = ("openvino", "onnxruntime")
+    name: str | None = None
+    version: str = "0.1.0"
+    golden_prompt: str = DEFAULT_GOLDEN_PROMPT
+    golden_tokens: int = 32
+    block: int = 128
+    force: bool = False
+    compression: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("int8", "fp32"):
+            raise ExportError(f"--precision {self.precision!r} is invalid; choose int8 or fp32")
+        unknown = [b for b in self.backends if b not in ENTRY]
+        if unknown or not self.backends:
+            raise ExportError(f"--backends {','.join(self.backends)!r} is invalid; choose from openvino,onnxruntime")
+
+
+def linear_weight_names(cfg: GlmConfig) -> list[str]:
+    names = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names += [p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        names += [p + "mlp.gate_up_proj.weight", p + "mlp.down_proj.weight"]
+    return names + ["lm_head.weight"]
+
+
+def fake_quantized(model: GlmForCausalLM, weights: str, block: int) -> GlmForCausalLM:
+    """A copy of the model whose linear weights are the dequantized values the engine will use."""
+    if weights == "fp32":
+        return model
+    q = copy.deepcopy(model)
+    head = q.lm_head.weight.detach()
+    if q.config.tie_word_embeddings:  # the embedding lookup stays fp32; only the head is quantized
+        q.lm_head.weight = torch.nn.Parameter(head.clone())
+    params = dict(q.named_parameters())
+    with torch.no_grad():
+        for name in linear_weight_names(q.config):
+            w = params[name].numpy()
+            deq = quantize_per_channel(w) if weights == "int8-per-channel" else quantize_blockwise(w, block)
+            params[name].copy_(torch.from_numpy(deq.dequantize()))
+    return q
+
+
+@torch.no_grad()
+def reference_greedy(model: GlmForCausalLM, prompt_ids: list[int], n: int):
+    """Greedy continuation with the PyTorch reference: tokens, top-1/top-2 margins, logits (n, vocab)."""
+    tokens, margins, rows = [], [], []
+    logits, past = model(torch.tensor([prompt_ids]))
+    pos = len(prompt_ids)
+    for _ in range(n):
+        last = logits[0, -1]
+        top2 = torch.topk(last, 2).values
+        tokens.append(int(last.argmax()))
+        margins.append(float(top2[0] - top2[1]))
+        rows.append(last.numpy().copy())
+        logits, past = model(torch.tensor([[tokens[-1]]]), past=past, start_pos=pos)
+        pos += 1
+    return tokens, margins, np.stack(rows)
+
+
+def _write_backend(backend: str, weights: str, cfg: GlmConfig, state: dict, staging: Path, block: int) -> float:
+    if backend == "onnxruntime":
+        model, err = build_decoder(cfg, state, weights, block)
+        (staging / "onnxruntime").mkdir()
+        save_onnx(model, staging / ENTRY["onnxruntime"])
+        return err
+    import openvino as ov
+
+    model, err = build_decoder(cfg, state, weights, block)
+    (staging / "openvino").mkdir()
+    with tempfile.TemporaryDirectory(dir=staging) as tmp:
+        onnx_path = Path(tmp) / "decoder.onnx"
+        save_onnx(model, onnx_path)
+        ov_model = ov.convert_model(str(onnx_path))
+        ov.save_model(ov_model, str(staging / ENTRY["openvino"]), compress_to_fp16=False)
+    return err
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, show_progress: bool = True):
+    """Export `checkpoint` to a bundle directory at `out`; returns the manifest."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and not opts.force:
+        raise ExportError(f"{out}: already exists; pass --force to replace it (the existing bundle is untouched)")
+    steps = 3 + 2 * len(opts.backends)  # load, golden, 2 per backend, manifest
+    bar = tqdm(total=steps, desc="export", unit="step", disable=not show_progress, leave=True)
+
+    def step(text: str) -> None:  # marks the previous step done and names the next
+        bar.update(1)
+        bar.set_postfix_str(text)
+
+    bar.set_postfix_str("loading checkpoint")
+    cfg, model = load_checkpoint(checkpoint)
+    tok_path = checkpoint / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(f"{checkpoint}: tokenizer.json not found; a bundle must carry its tokenizer")
+    try:
+        tokenizer = load_tokenizer(tok_path)
+    except RuntimeUserError as exc:
+        raise CheckpointError(str(exc)) from None
+    step("golden reference")
+    prompt_ids = tokenizer.encode(opts.golden_prompt).ids
+    if not prompt_ids:
+        raise ExportError(f"golden prompt {opts.golden_prompt!r} encodes to no tokens")
+    ref_tokens, ref_margins, _ = reference_greedy(model, prompt_ids, opts.golden_tokens)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        shutil.copyfile(tok_path, staging / "tokenizer.json")
+        state = {k: v.numpy() for k, v in model.state_dict().items()}
+        arch = ModelArch.from_manifest(cfg.to_dict())
+        backends, golden, report = {}, {}, {"parameters": sum(p.numel() for p in model.parameters()),
+                                             "backends": {}}
+        deviations = {}
+        for backend in opts.backends:
+            weights = WEIGHTS[(backend, opts.precision)]
+            step(f"{backend}: writing {weights} graph")
+            quant_err = _write_backend(backend, weights, cfg, state, staging, opts.block)
+            step(f"{backend}: parity check")
+            qmodel = fake_quantized(model, weights, opts.block)
+            tokens, margins, ref_logits = reference_greedy(qmodel, prompt_ids, opts.golden_tokens)
+            engine = load_engine(backend, staging / ENTRY[backend], arch)
+            eng_logits = teacher_forced_logits(engine, prompt_ids, tokens)
+            deviations[backend] = float(np.abs(eng_logits - ref_logits).max())
+            del engine
+            files = sorted(p for p in (staging / backend).rglob("*") if p.is_file())
+            backends[backend] = {"entry": ENTRY[backend], "weights": weights, "scheme": SCHEMES[weights]}
+            golden[backend] = {"tokens": tokens, "margins": margins}
+            report["backends"][backend] = {
+                "weights": weights, "bytes": sum(p.stat().st_size for p in files),
+                "max_weight_quantization_error": quant_err,
+                "max_logit_deviation_from_reference": deviations[backend],
+                "golden_tokens_equal_to_fp32_reference": sum(a == b for a, b in zip(tokens, ref_tokens)),
+            }
+        # near-ties within a few times the deviation seen here may resolve differently on other hardware
+        tolerance = 4.0 * max(deviations.values()) + 1e-4
+        for backend in opts.backends:
+            engine = load_engine(backend, staging / ENTRY[backend], arch)
+            result = check_golden(engine, prompt_ids, golden[backend]["tokens"], golden[backend]["margins"],
+                                  tolerance)
+            if not result.passed:
+                raise ExportError(f"{backend}: exported model fails its own golden check ({result.describe()})")
+        step("writing manifest")
+        manifest = write_manifest(staging, {
+            "name": opts.name or checkpoint.resolve().name,
+            "version": opts.version,
+            "min_agent_version": MIN_AGENT_VERSION,
+            "architecture": cfg.to_dict(),
+            "precision": opts.precision,
+            "backends": backends,
+            "golden": {"prompt_ids": prompt_ids, "reference": {"tokens": ref_tokens, "margins": ref_margins},
+                       "backends": golden, "tolerance": tolerance},
+            "compression": {**opts.compression, "export": report},
+        })
+        staging.chmod(0o755)
+        publish(staging, out, force=opts.force)
+        bar.update(1)
+    except (RuntimeUserError, BundleError) as exc:
+        raise ExportError(str(exc)) from None
+    except BaseException:
+        raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        bar.close()
+    return manifest

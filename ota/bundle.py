@@ -1,0 +1,209 @@
+"""The bundle: the OTA artifact that carries one model to an edge box.
+
+A bundle is a directory:
+
+    manifest.json          what is in it (the `Manifest` model below); signed as exact bytes
+    manifest.sig           ed25519 signature of manifest.json (added by `edgeglm bundle sign`)
+    tokenizer.json
+    onnxruntime/model.onnx, onnxruntime/model.onnx.data
+    openvino/openvino_model.xml, openvino/openvino_model.bin
+
+Every file is listed in the manifest with its sha256 and size; `open_bundle` refuses a bundle
+whose files disagree with it. Writers stage into a sibling directory and rename it into place
+only once the manifest is written, so a half-written bundle never sits at the final path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ota.errors import BundleError
+
+FORMAT = "edgeglm-bundle/1"
+MANIFEST = "manifest.json"
+VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}([-+][0-9A-Za-z.-]+)?$")
+CHUNK = 1 << 20
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class BackendEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    entry: str  # the file the engine loads, relative to the bundle
+    weights: str  # "fp32", "int8-blockwise" or "int8-per-channel"
+    scheme: str  # human-readable quantization scheme
+
+
+class GoldenSequence(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[int]
+    # reference top-1 minus top-2 logit at each step: a step whose margin is below the check's
+    # tolerance is a near-tie that another (correct) kernel may resolve the other way
+    margins: list[float]
+
+
+class GoldenCheck(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt_ids: list[int] = Field(min_length=1)
+    reference: GoldenSequence  # PyTorch fp32 reference on the original weights
+    backends: dict[str, GoldenSequence]  # PyTorch reference on each backend's (de)quantized weights
+    tolerance: float = Field(ge=0)  # margins below this may flip on the edge
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: str = FORMAT
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str
+    created: str
+    min_agent_version: str
+    architecture: dict
+    precision: str  # "int8" or "fp32"
+    backends: dict[str, BackendEntry]
+    tokenizer: str = "tokenizer.json"
+    files: list[FileEntry]
+    golden: GoldenCheck
+    compression: dict = Field(default_factory=dict)
+
+    @field_validator("version", "min_agent_version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not VERSION_RE.match(v):
+            raise ValueError(f"{v!r} is not a version like 1.2.3")
+        return v
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v != FORMAT:
+            raise ValueError(f"bundle format {v!r} is not supported (this agent reads {FORMAT})")
+        return v
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise BundleError(f"manifest lists no file {path!r}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(root: Path, path: Path) -> FileEntry:
+    return FileEntry(path=path.relative_to(root).as_posix(), sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+class Bundle:
+    """A bundle on disk whose manifest parsed; `verify()` checks every file against it."""
+
+    def __init__(self, root: Path, manifest: Manifest, manifest_bytes: bytes):
+        self.root, self.manifest, self.manifest_bytes = root, manifest, manifest_bytes
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the bundle: the hash of its exact manifest bytes (which pin every file)."""
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def verify(self) -> None:
+        for entry in self.manifest.files:
+            path = self._inside(entry.path)
+            if not path.is_file():
+                raise BundleError(f"{path}: listed in the manifest but missing from the bundle")
+            size = path.stat().st_size
+            if size != entry.size:
+                raise BundleError(
+                    f"{path}: size {size} bytes does not match the manifest's {entry.size} "
+                    "(truncated or replaced file); the bundle is refused"
+                )
+            digest = sha256_file(path)
+            if digest != entry.sha256:
+                raise BundleError(
+                    f"{path}: sha256 {digest} does not match the manifest's {entry.sha256} "
+                    "(corrupted or modified file); the bundle is refused"
+                )
+        listed = {f.path for f in self.manifest.files}
+        for backend, be in self.manifest.backends.items():
+            if be.entry not in listed:
+                raise BundleError(f"{self.root / MANIFEST}: backend {backend!r} entry {be.entry!r} is not a listed file")
+        if self.manifest.tokenizer not in listed:
+            raise BundleError(f"{self.root / MANIFEST}: tokenizer {self.manifest.tokenizer!r} is not a listed file")
+
+    def _inside(self, rel: str) -> Path:
+        path = (self.root / rel).resolve()
+        if self.root.resolve() not in path.parents:
+            raise BundleError(f"{self.root / MANIFEST}: file path {rel!r} points outside the bundle")
+        return path
+
+
+def read_manifest(root: Path) -> Bundle:
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"{root}: bundle directory not found")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{mpath}: not found; is {root} a bundle made by `edgeglm export`?")
+    raw = mpath.read_bytes()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{mpath}: not valid JSON ({exc}); truncated or corrupted manifest") from None
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors()[:5])
+        raise BundleError(f"{mpath}: invalid manifest: {problems}") from None
+    return Bundle(root, manifest, raw)
+
+
+def open_bundle(root: str | Path, verify: bool = True) -> Bundle:
+    """Parse the manifest and (by default) check every file's size and sha256 against it."""
+    bundle = read_manifest(Path(root))
+    if verify:
+        bundle.verify()
+    return bundle
+
+
+def write_manifest(staging: Path, manifest_fields: dict) -> Manifest:
+    """List every file under `staging` in a manifest and write it (last, so it marks completeness)."""
+    files = [file_entry(staging, p) for p in sorted(staging.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    manifest = Manifest(files=files, created=now_iso(), **manifest_fields)
+    (staging / MANIFEST).write_text(json.dumps(manifest.model_dump(), indent=2) + "\n")
+    return manifest
+
+
+def publish(staging: Path, out: Path, force: bool = False) -> None:
+    """Move a complete staging directory to `out` (replacing it only with `force`)."""
+    if out.exists():
+        if not force:
+            raise BundleError(f"{out}: already exists; pass --force to replace it")
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)

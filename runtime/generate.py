@@ -1,0 +1,113 @@
+"""The generation loop: prefill, one decode step at a time, sampling.
+
+Split into one-job functions: `prefill` runs the prompt, `decode_one_token` one new token
+against the KV cache, `logits_to_probs` applies temperature/top-k/top-p, `sample` picks a
+token. `generate` strings them together and yields token ids as they are made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from runtime.errors import RequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_tokens", self.max_tokens, isinstance(self.max_tokens, int) and self.max_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature, 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
+            ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, ">= 0"),
+            ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty, 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
+        ]
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise RequestError(f"sampling setting {name}={value!r} is invalid: must be {allowed}")
+
+
+def prefill(engine, prompt_ids: list[int]):
+    """Run the whole prompt; returns last-position logits (vocab,) and the KV cache."""
+    n = len(prompt_ids)
+    ids = np.asarray([prompt_ids], dtype=np.int64)  # (1, T)
+    pos = np.arange(n, dtype=np.int64)[None]  # (1, T)
+    logits, cache = engine.forward(ids, pos, np.ones((1, n), np.int64), engine.arch.empty_cache())
+    return logits[0], cache
+
+
+def decode_one_token(engine, token: int, position: int, cache):
+    """One step: the token at `position` attends to the cache; returns logits (vocab,) and the cache."""
+    ids = np.array([[token]], dtype=np.int64)
+    pos = np.array([[position]], dtype=np.int64)
+    logits, cache = engine.forward(ids, pos, np.ones((1, position + 1), np.int64), cache)
+    return logits[0], cache
+
+
+def apply_repetition_penalty(logits: np.ndarray, history: list[int], penalty: float) -> np.ndarray:
+    if penalty == 1.0 or not history:
+        return logits
+    logits = logits.copy()
+    seen = np.unique(np.asarray(history))
+    vals = logits[seen]
+    logits[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def logits_to_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / max(temperature, 1e-5)
+    if top_k and top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    z = z - z.max()
+    probs = np.exp(z)
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs)
+        cum = np.cumsum(probs[order])
+        cut = order[np.searchsorted(cum, top_p) + 1:]  # keep the smallest set whose mass reaches top_p
+        probs[cut] = 0.0
+        probs /= probs.sum()
+    return probs
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history: list[int]) -> int:
+    logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.temperature == 0.0:
+        return int(np.argmax(logits))
+    probs = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
+    return int(rng.choice(probs.size, p=probs))
+
+
+def generate(engine, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+    """Yield new token ids until max_tokens, an EOS/stop token (not yielded) or the context limit."""
+    if not prompt_ids:
+        raise RequestError("prompt is empty: give at least one token of text")
+    limit = engine.arch.max_positions
+    if len(prompt_ids) >= limit:
+        raise RequestError(
+            f"prompt has {len(prompt_ids)} tokens; the model's context window is {limit} tokens")
+    stops = set(params.stop_token_ids) | set(engine.arch.eos_token_ids)
+    rng = np.random.default_rng(params.seed)
+    history = list(prompt_ids)
+    logits, cache = prefill(engine, prompt_ids)
+    for _ in range(params.max_tokens):
+        token = sample(logits, params, rng, history)
+        if token in stops:
+            return
+        yield token
+        history.append(token)
+        if len(history) >= limit:
+            return
+        logits, cache = decode_one_token(engine, token, len(history) - 1, cache)
