@@ -33,7 +33,7 @@ SPECIAL_TOKENS = (EOS, "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistan
 
 SHAPES = {
     # name: (hidden, layers, heads, kv heads, head_dim, ffn, vocab, partial rotary factor)
-    "tiny": (128, 2, 4, 2, 32, 256, 1024, 0.5),
+    "tiny": (128, 2, 4, 2, 32, 256, 512, 0.5),
     "glm-s": (512, 8, 8, 2, 64, 1536, 8192, 0.5),
     "glm-m": (1024, 16, 16, 4, 64, 3072, 32000, 0.5),
 }
