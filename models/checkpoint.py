@@ -80,7 +80,7 @@ def load_state_dict(ckpt: Path, cfg: GlmConfig) -> dict[str, torch.Tensor]:
     for path in weight_files(ckpt):
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
+                for name in sorted(f.keys()):
                     if name not in expected:
                         if name == "lm_head.weight" and cfg.tie_word_embeddings:
                             continue  # some writers store the tied head anyway

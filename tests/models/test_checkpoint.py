@@ -1,0 +1,111 @@
+"""The PyTorch reference and loader against transformers' GlmForCausalLM on checkpoints it wrote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import hf_checkpoint
+from models.checkpoint import load_checkpoint
+from models.errors import CheckpointError
+
+SHAPES = {
+    "gqa2-rot0.5": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5),
+    "mqa-rot1.0-tied-sharded": dict(num_attention_heads=6, num_key_value_heads=1, head_dim=24,
+                                    partial_rotary_factor=1.0, tie_word_embeddings=True, max_shard_size="60KB"),
+    "mha-rot0.25-legacy-rope": dict(num_attention_heads=8, num_key_value_heads=8, head_dim=8,
+                                    partial_rotary_factor=0.25, legacy_rope=True, rope_theta=500.0),
+    "gqa4-nobias-3layers": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=12, num_hidden_layers=3,
+                                partial_rotary_factor=0.5, attention_bias=False, rms_norm_eps=1e-5),
+}
+
+
+def _reference_logits(path, ids):
+    from transformers import GlmForCausalLM
+
+    ref = GlmForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ref(ids).logits
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_logits_match_transformers(tmp_path, shape):
+    path = hf_checkpoint(tmp_path / shape, **SHAPES[shape])
+    if "max_shard_size" in SHAPES[shape]:
+        assert (path / "model.safetensors.index.json").is_file()
+        assert len(list(path.glob("model-*-of-*.safetensors"))) > 1
+    ids = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(1))
+    _, model = load_checkpoint(path)
+    with torch.no_grad():
+        ours, _ = model(ids)
+    assert (ours - _reference_logits(path, ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_load_as_fp32(tmp_path, dtype):
+    path = hf_checkpoint(tmp_path / "half", dtype=dtype)
+    ids = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(2))
+    _, model = load_checkpoint(path)
+    assert model.lm_head.weight.dtype == torch.float32
+    with torch.no_grad():
+        ours, _ = model(ids)
+    assert (ours - _reference_logits(path, ids)).abs().max().item() <= 1e-4
+
+
+def test_kv_cache_matches_full_sequence(tmp_path):
+    _, model = load_checkpoint(hf_checkpoint(tmp_path / "c"))
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full, _ = model(ids)
+        logits, past = model(ids[:, :7])
+        steps = [logits[:, -1]]
+        for t in range(7, 12):
+            logits, past = model(ids[:, t:t + 1], past=past, start_pos=t)
+            steps.append(logits[:, -1])
+    assert (torch.stack(steps[:-1], 1) - full[:, 6:11]).abs().max() <= 1e-5
+
+
+# --- bad checkpoints: one clear error naming the file ---------------------------------------
+
+def test_unsupported_model_type(tmp_path):
+    path = hf_checkpoint(tmp_path / "c")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: model_type='llama' is not supported"):
+        load_checkpoint(path)
+
+
+def test_missing_shard(tmp_path):
+    path = hf_checkpoint(tmp_path / "c", max_shard_size="60KB")
+    victim = sorted(path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"shard.*not found.*{victim.name}"):
+        load_checkpoint(path)
+
+
+def test_shape_disagrees_with_config(tmp_path):
+    path = hf_checkpoint(tmp_path / "c")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.down_proj"
+                                              r"\.weight' has shape \(64, 96\), but config\.json implies \(64, 128\)"):
+        load_checkpoint(path)
+
+
+def test_truncated_weights(tmp_path):
+    path = hf_checkpoint(tmp_path / "c")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupted or truncated"):
+        load_checkpoint(path)
+
+
+def test_missing_weights_file(tmp_path):
+    path = hf_checkpoint(tmp_path / "c")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights found"):
+        load_checkpoint(path)
