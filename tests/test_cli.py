@@ -1,0 +1,135 @@
+"""End to end through the `edgeglm` command, as a user types it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from agent.model import load_model
+from conftest import hf_checkpoint
+from runtime.generate import SamplingParams, generate
+
+
+def edgeglm(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "agent.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr
+
+
+def test_export_then_generate_streams_text_and_reports_speed(trained_checkpoint, tmp_path):
+    out = tmp_path / "bundle"
+    proc = edgeglm("export", trained_checkpoint, "--out", out, "--name", "tiny", "--version", "2.0.1")
+    assert proc.returncode == 0, proc.stderr
+    assert "export" in proc.stderr  # the progress bar
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["name"] == "tiny" and manifest["version"] == "2.0.1" and manifest["precision"] == "int8"
+    assert {f["path"] for f in manifest["files"]} >= {
+        "tokenizer.json", "onnxruntime/model.onnx", "openvino/openvino_model.xml", "openvino/openvino_model.bin"}
+    assert not list(tmp_path.glob(".bundle.partial-*"))
+    prompt = "class Queue:\n    def "
+    for backend in ("onnxruntime", "openvino"):
+        gen = edgeglm("generate", "--bundle", out, "--backend", backend, "--max-tokens", "12", prompt)
+        assert gen.returncode == 0, gen.stderr
+        model = load_model(out, backend)
+        tokens = list(generate(model.engine, model.tokenizer.encode(prompt).ids, SamplingParams(max_tokens=12)))
+        assert gen.stdout == model.tokenizer.decode(tokens) + "\n"
+        assert f"[{backend}]" in gen.stderr and "TTFT" in gen.stderr and "tokens/s" in gen.stderr
+
+
+def test_probe_json_lists_backends():
+    proc = edgeglm("probe", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    names = {b["name"]: b for b in info["backends"]}
+    assert names["openvino"]["available"] and names["onnxruntime"]["available"]
+    assert info["cpu"]["logical_cores"] >= 1 and len(info["fingerprint"]) == 16
+
+
+def test_export_refuses_existing_output_without_force(trained_checkpoint, tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_user_error(edgeglm("export", trained_checkpoint, "--out", out), "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("model_type", "model_type='llama' is not supported"),
+    ("missing_shard", "not found"),
+    ("shape", "has shape (64, 96), but config.json implies (64, 128)"),
+    ("truncated", "corrupted or truncated"),
+])
+def test_export_of_a_bad_checkpoint_fails_cleanly(tmp_path, breakage, message):
+    ckpt = hf_checkpoint(tmp_path / "ckpt", max_shard_size="60KB" if breakage == "missing_shard" else None)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    if breakage == "model_type":
+        cfg["model_type"] = "llama"
+    elif breakage == "shape":
+        cfg["intermediate_size"] = 128
+    elif breakage == "missing_shard":
+        sorted(ckpt.glob("model-*.safetensors"))[0].unlink()
+    elif breakage == "truncated":
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[:-1000])
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "bundle"
+    proc = edgeglm("export", ckpt, "--out", out)
+    assert_user_error(proc, message, str(ckpt))
+    assert not out.exists()
+    assert not list(tmp_path.glob(".bundle.partial-*"))
+
+
+def test_export_without_tokenizer_is_refused(tmp_path):
+    ckpt = hf_checkpoint(tmp_path / "ckpt")
+    proc = edgeglm("export", ckpt, "--out", tmp_path / "bundle")
+    assert_user_error(proc, "tokenizer.json not found")
+    assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("flip_byte", "sha256"),
+    ("truncate_weights", "does not match the manifest"),
+    ("delete_file", "missing from the bundle"),
+    ("truncate_manifest", "not valid JSON"),
+])
+def test_generate_refuses_a_bundle_that_does_not_match_its_manifest(int8_bundle, tmp_path, damage, message):
+    bundle = shutil.copytree(int8_bundle, tmp_path / "b")
+    weights = bundle / "onnxruntime" / "model.onnx.data"
+    if damage == "flip_byte":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate_weights":
+        weights.write_bytes(weights.read_bytes()[:-10])
+    elif damage == "delete_file":
+        (bundle / "openvino" / "openvino_model.bin").unlink()
+    else:
+        manifest = bundle / "manifest.json"
+        manifest.write_bytes(manifest.read_bytes()[:200])
+    proc = edgeglm("generate", "--bundle", bundle, "hello")
+    assert_user_error(proc, message)
+    assert proc.stdout == ""
+
+
+def test_generate_bad_settings_name_the_field(int8_bundle):
+    assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--temperature", "-1", "x"), "temperature=-1.0")
+    assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--backend", "tensorrt", "x"),
+                      "'tensorrt' is unknown", "onnxruntime")
+    assert_user_error(edgeglm("generate", "--bundle", int8_bundle, ""), "prompt is empty")
+
+
+def test_edge_modules_do_not_import_torch():
+    code = ("import sys, agent.cli, agent.model, runtime.engine, runtime.generate, runtime.golden, runtime.probe, "
+            "runtime.tokenizer, ota.bundle, fleet; assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
