@@ -1,0 +1,90 @@
+"""Sampling and streaming against plain numpy/Python references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from runtime.errors import RequestError
+from runtime.generate import SamplingParams, apply_repetition_penalty, logits_to_probs, sample
+from runtime.tokenizer import StreamDecoder
+
+
+def test_top_k_keeps_only_the_k_largest():
+    logits = np.array([1.0, 5.0, 3.0, 4.0, 2.0])
+    probs = logits_to_probs(logits, temperature=1.0, top_k=2)
+    expected = np.exp([5.0, 4.0]) / np.exp([5.0, 4.0]).sum()
+    np.testing.assert_allclose(probs[[1, 3]], expected)
+    assert probs[[0, 2, 4]].sum() == 0
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs_in = np.array([0.5, 0.3, 0.15, 0.05])
+    probs = logits_to_probs(np.log(probs_in), temperature=1.0, top_p=0.75)
+    np.testing.assert_allclose(probs, [0.5 / 0.8, 0.3 / 0.8, 0, 0])
+
+
+def test_temperature_sharpens():
+    logits = np.array([1.0, 2.0])
+    cold, warm = logits_to_probs(logits, 0.5), logits_to_probs(logits, 2.0)
+    np.testing.assert_allclose(cold[1], np.exp(4) / (np.exp(2) + np.exp(4)))
+    assert cold[1] > warm[1]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    out = apply_repetition_penalty(np.array([2.0, -2.0, 2.0]), [0, 1], 2.0)
+    np.testing.assert_allclose(out, [1.0, -4.0, 2.0])
+
+
+def test_greedy_and_seeded_sampling():
+    logits = np.array([0.1, 3.0, 2.9, -1.0])
+    assert sample(logits, SamplingParams(), np.random.default_rng(0), []) == 1
+    params = SamplingParams(temperature=1.0, seed=7)
+    a = [sample(logits, params, np.random.default_rng(7), []) for _ in range(5)]
+    b = [sample(logits, params, np.random.default_rng(7), []) for _ in range(5)]
+    assert a == b
+    draws = [sample(logits, params, rng, []) for rng in [np.random.default_rng(1)] for _ in range(2000)]
+    freq = np.bincount(draws, minlength=4) / 2000
+    np.testing.assert_allclose(freq, logits_to_probs(logits, 1.0), atol=0.04)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.5), ("top_p", 0.0), ("top_k", -1),
+                                         ("max_tokens", 0), ("repetition_penalty", 0.0)])
+def test_invalid_settings_name_the_field(field, value):
+    with pytest.raises(RequestError, match=f"{field}={value!r}"):
+        SamplingParams(**{field: value})
+
+
+def test_stream_decoder_never_emits_half_a_character():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["plain ascii text only"], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    text = "naïve café ✓ 日本語 🚀 end"
+    ids = tok.encode(text).ids
+    assert len(ids) > len(text)  # multi-byte characters are split over several byte tokens
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_generate_stops_at_stop_tokens_and_context_limit(fp32_bundle):
+    import dataclasses
+
+    from agent.model import load_model
+    from runtime.generate import generate
+
+    model = load_model(fp32_bundle, "onnxruntime")
+    prompt = model.tokenizer.encode("def parse(text):\n    ").ids
+    free = list(generate(model.engine, prompt, SamplingParams(max_tokens=10)))
+    assert len(free) == 10
+    stopped = list(generate(model.engine, prompt, SamplingParams(max_tokens=10, stop_token_ids=(free[3],))))
+    assert stopped == free[:free.index(free[3])]
+    model.engine.arch = dataclasses.replace(model.arch, max_positions=len(prompt) + 4)
+    assert len(list(generate(model.engine, prompt, SamplingParams(max_tokens=10)))) == 4
+    with pytest.raises(RequestError, match=f"prompt has {len(prompt)} tokens; the model's context window is"):
+        model.engine.arch = dataclasses.replace(model.arch, max_positions=len(prompt))
+        list(generate(model.engine, prompt, SamplingParams()))
