@@ -213,8 +213,6 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
         bar.update(1)
     except (RuntimeUserError, BundleError) as exc:
         raise ExportError(str(exc)) from None
-    except BaseException:
-        raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
