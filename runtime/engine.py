@@ -106,7 +106,7 @@ class OpenVinoEngine:
 
     def forward(self, input_ids, position_ids, attention_mask, cache):
         feeds = dict(zip(self._names, [input_ids, position_ids, attention_mask, *cache]))
-        self.request.infer(feeds)
+        self.request.infer(feeds, share_inputs=True)
         outs = [self.request.get_output_tensor(i).data.copy() for i in range(len(self.compiled.outputs))]
         return outs[0], outs[1:]
 
