@@ -1,0 +1,274 @@
+"""The agent's typed configuration: one `AgentConfig`, built once at the entry point.
+
+Each component gets the section it needs (`cfg.http`, `cfg.sampling`, ...); nothing else reads
+files or the environment. `load_config` builds it, `with_updates` applies a desired-config
+update from the controller, `config_schema` gives the JSON schema for docs and the controller.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import typing
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pydantic-settings reads TOML with tomli before 3.11 too (its `toml` extra)
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGEGLM_"
+ENV_NESTED_DELIMITER = "__"
+DEFAULT_SLOTS_DIR = Path("/var/lib/edgeglm")
+# MQTT topic levels are built from device and fleet ids: no '/', '+', '#' or spaces
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DeviceSettings(_Section):
+    id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128, pattern=ID_PATTERN)
+    fleet: str = Field("default", min_length=1, max_length=128, pattern=ID_PATTERN)
+
+
+class ModelSettings(_Section):
+    bundle: Path | None = None  # serve this bundle directly instead of the active slot under slots_dir
+    slots_dir: Path = DEFAULT_SLOTS_DIR
+    backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
+    threads: int | None = Field(None, ge=1, le=1024)  # None: all usable cores
+
+
+class HttpSettings(_Section):
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8321, ge=0, le=65535)  # 0: the OS picks a free port
+    api_key: SecretStr | None = None  # None: no key asked for
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    max_concurrent: int = Field(8, ge=1, le=1024)  # requests running or queued; more get 429
+
+
+class SamplingSettings(_Section):
+    """Defaults for requests that leave a field out; ranges as in runtime.generate.SamplingParams."""
+
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=100.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+
+
+class TelemetrySettings(_Section):
+    interval_s: float = Field(30.0, gt=0.0, le=86400.0)
+
+
+class MqttSettings(_Section):
+    # Placeholder: agent/mqtt.py owns MqttSettings and will move the real one there.
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    enabled: bool = False
+
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+# Set by load_config for the duration of one AgentConfig(...) call; a ContextVar keeps
+# concurrent loads (tests, threads) from seeing each other's file.
+_toml_file: ContextVar[Path | None] = ContextVar("edgeglm_toml_file", default=None)
+
+
+class AgentConfig(BaseSettings):
+    """Settings of the edge agent.
+
+    Priority, lowest first: defaults < TOML file < environment variables `EDGEGLM_...` (nested
+    with `__`, e.g. `EDGEGLM_HTTP__PORT=9000`) < command-line overrides.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER,
+                                      case_sensitive=False, extra="forbid")
+
+    device: DeviceSettings = Field(default_factory=DeviceSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    log_level: LogLevel = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        ok = isinstance(v, str) and v.lower() in typing.get_args(LogLevel)
+        return v.lower() if ok else v  # an invalid value is reported as written
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # highest priority first; no .env file and no secrets dir
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_toml_file.get())
+
+
+def load_config(path: Path | str | None = None, overrides: dict | None = None) -> AgentConfig:
+    """Build the config from a TOML file (optional), the environment and overrides.
+
+    `overrides` come from the command line: nested (`{"http": {"port": 9000}}`) or dotted
+    (`{"http.port": 9000}`). A file named but missing is an error; no file means defaults.
+    """
+    overrides = nest(overrides or {})
+    toml_data: dict = {}
+    if path is not None:
+        path = Path(path)
+        toml_data = _read_toml(path)
+    token = _toml_file.set(path)
+    try:
+        return AgentConfig(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, lambda loc: _source_of(loc, overrides, toml_data, path))) from None
+    finally:
+        _toml_file.reset(token)
+
+
+def with_updates(cfg: AgentConfig, desired: dict) -> AgentConfig:
+    """A new config: `cfg` with a partial desired-config update applied and validated.
+
+    The environment and the file are not read again: the update applies on top of the config
+    the agent runs with. On error `cfg` is untouched and the ConfigError names the field.
+    """
+    merged = _deep_update(cfg.model_dump(), nest(desired))
+    try:
+        return AgentConfig.model_validate(merged)  # validation only: no sources are read
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, lambda loc: "the desired-config update") + "; the running config is unchanged") from None
+
+
+def config_schema() -> dict:
+    """The JSON schema of AgentConfig (for docs and the controller's desired-config payloads)."""
+    return AgentConfig.model_json_schema()
+
+
+def nest(flat: dict) -> dict:
+    """`{"http.port": 1, "model": {"backend": "x"}}` -> `{"http": {"port": 1}, "model": {"backend": "x"}}`."""
+    out: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = str(key).split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} sets a field inside {p!r}, which is also given a plain value")
+        node[leaf] = _deep_update(node[leaf], value) if isinstance(node.get(leaf), dict) and isinstance(value, dict) \
+            else value
+    return out
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_update(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _read_toml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist: give an existing file, or no file to use the defaults")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+
+
+# --- error messages -------------------------------------------------------------------------------
+
+def _describe(exc: ValidationError, source_of) -> str:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(str(p) for p in err["loc"])
+        field = ".".join(loc)
+        source = source_of(loc)
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(_known_fields(loc[:-1])) or "none"
+            where = ".".join(loc[:-1]) or "the top level"
+            problems.append(f"{field} (from {source}) is not a setting; allowed in {where}: {known}")
+            continue
+        value = "'**********'" if loc and loc[-1] == "api_key" else repr(err["input"])
+        text = f"{field} = {value} (from {source}) is invalid: {err['msg']}"
+        allowed = _allowed(loc)
+        if allowed:
+            text += f"; allowed: {allowed}"
+        problems.append(text)
+    return "invalid config: " + "; ".join(problems)
+
+
+def _source_of(loc: tuple[str, ...], overrides: dict, toml_data: dict, path: Path | None) -> str:
+    if _has(overrides, loc):
+        return "a command-line override"
+    for n in range(len(loc), 0, -1):  # a nested variable, or a whole section given as JSON
+        name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(loc[:n])
+        if any(k.upper() == name.upper() for k in os.environ):
+            return f"environment variable {name.upper()}"
+    if _has(toml_data, loc):
+        return f"config file {path}"
+    return "the default"
+
+
+def _has(data: dict, loc: tuple[str, ...]) -> bool:
+    for part in loc:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _field_info(loc: tuple[str, ...]):
+    model: Any = AgentConfig
+    info = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = info.annotation
+    return info
+
+
+def _known_fields(loc: tuple[str, ...]) -> list[str]:
+    model = AgentConfig if not loc else getattr(_field_info(loc), "annotation", None)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _allowed(loc: tuple[str, ...]) -> str | None:
+    """What a constrained field accepts where pydantic's message says only half, e.g. `0 <= port <= 65535`.
+
+    (For a Literal, pydantic's message already lists the choices.)
+    """
+    info = _field_info(loc)
+    if info is None:
+        return None
+    low = high = ""
+    for m in info.metadata:
+        if isinstance(m, annotated_types.Ge):
+            low = f"{m.ge} <= "
+        elif isinstance(m, annotated_types.Gt):
+            low = f"{m.gt} < "
+        elif isinstance(m, annotated_types.Le):
+            high = f" <= {m.le}"
+        elif isinstance(m, annotated_types.Lt):
+            high = f" < {m.lt}"
+        elif getattr(m, "pattern", None) == ID_PATTERN:
+            return "letters, digits, '.', '_' and '-', starting with a letter or digit (it is an MQTT topic level)"
+    if low or high:
+        return f"{low}{loc[-1]}{high}"
+    return None
