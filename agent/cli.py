@@ -3,6 +3,9 @@
     edgeglm export CHECKPOINT --out BUNDLE [--precision int8|fp32] [--backends ...] [--name N] [--version V]
     edgeglm generate --bundle BUNDLE [--backend auto|openvino|onnxruntime] [--max-tokens N] ... PROMPT
     edgeglm probe [--json]
+    edgeglm bundle keygen --out DIR [--name NAME]
+    edgeglm bundle sign BUNDLE --key PRIVATE_KEY
+    edgeglm bundle verify BUNDLE --trusted KEYS [--trusted KEYS ...]
     edgeglm demo [--workdir DIR]
 
 User errors (bad input, a broken checkpoint or bundle, a missing backend) print one line on
@@ -109,6 +112,36 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def cmd_bundle_keygen(args) -> int:
+    from ota.signing import generate_keypair
+
+    pair = generate_keypair(args.out, args.name)
+    print(f"key id {pair.key_id}\nprivate key {pair.private_path} (keep it on the build host)\n"
+          f"public key  {pair.public_path} (install it in the agents' trusted keys)")
+    return 0
+
+
+def cmd_bundle_sign(args) -> int:
+    from ota.bundle import open_bundle
+    from ota.signing import load_private_key, sign_bundle
+
+    bundle = open_bundle(args.bundle)  # never sign files that do not match their manifest
+    path = sign_bundle(bundle, load_private_key(args.key))
+    print(f"signed {bundle.manifest.name} {bundle.manifest.version}: {path}")
+    return 0
+
+
+def cmd_bundle_verify(args) -> int:
+    from ota.bundle import open_bundle
+    from ota.signing import load_trusted_keys, verify_bundle_signature
+
+    bundle = open_bundle(args.bundle)
+    kid = verify_bundle_signature(bundle, load_trusted_keys(args.trusted))
+    print(f"OK: {bundle.manifest.name} {bundle.manifest.version}, {len(bundle.manifest.files)} files match "
+          f"the manifest, signed by key {kid}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     export, tiny = _factory()
     from tqdm import tqdm
@@ -168,6 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="show the hardware and the inference backends found")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_probe)
+
+    b = sub.add_parser("bundle", help="sign and verify bundles")
+    bsub = b.add_subparsers(dest="bundle_command", required=True)
+    kg = bsub.add_parser("keygen", help="create an ed25519 signing key pair")
+    kg.add_argument("--out", required=True, help="directory for NAME.key and NAME.pub")
+    kg.add_argument("--name", default="bundle-signing")
+    kg.set_defaults(func=cmd_bundle_keygen)
+    sg = bsub.add_parser("sign", help="sign a bundle's manifest (writes manifest.sig)")
+    sg.add_argument("bundle")
+    sg.add_argument("--key", required=True, help="private key file (PEM)")
+    sg.set_defaults(func=cmd_bundle_sign)
+    vf = bsub.add_parser("verify", help="check a bundle's files and signature")
+    vf.add_argument("bundle")
+    vf.add_argument("--trusted", required=True, action="append",
+                    help="public key file or directory of *.pub files (repeatable)")
+    vf.set_defaults(func=cmd_bundle_verify)
 
     d = sub.add_parser("demo", help="train a tiny GLM, export an INT8 bundle and generate with it")
     d.add_argument("--workdir", default="edgeglm-demo")

@@ -1,0 +1,153 @@
+"""Ed25519 signatures over a bundle's exact manifest bytes, with key rotation.
+
+`manifest.sig` is a small JSON document: the signing key's id and the base64 signature of the
+exact bytes of `manifest.json`. The manifest pins every file by sha256, so one signature covers
+the whole bundle. The agent trusts a *set* of public keys (a directory of `*.pub` files): to
+rotate, ship the new public key to the fleet, sign new bundles with the new key, then remove
+the old public key.
+
+Key files: the private key is PKCS#8 PEM (written with mode 0600), the public key
+SubjectPublicKeyInfo PEM. A key's id is the first 16 hex digits of the sha256 of its raw
+32-byte public key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from ota.bundle import MANIFEST, Bundle
+from ota.errors import SignatureError
+
+SIGNATURE = "manifest.sig"
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private_path: Path
+    public_path: Path
+    key_id: str
+
+
+def generate_keypair(out_dir: str | Path, name: str = "bundle-signing") -> KeyPair:
+    """Write NAME.key (private, 0600) and NAME.pub into out_dir; refuses to overwrite."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    priv_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
+    for p in (priv_path, pub_path):
+        if p.exists():
+            raise SignatureError(f"{p}: already exists; choose another --name or directory (keys are never overwritten)")
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    pub_path.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    return KeyPair(priv_path, pub_path, key_id(private.public_key()))
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    path = Path(path)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise SignatureError(f"{path}: private key file not found") from None
+    except (ValueError, TypeError) as exc:
+        raise SignatureError(f"{path}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SignatureError(f"{path}: is a {type(key).__name__}, expected an Ed25519 private key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (ValueError, TypeError) as exc:
+        raise SignatureError(f"{path}: not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SignatureError(f"{path}: is a {type(key).__name__}, expected an Ed25519 public key")
+    return key
+
+
+def load_trusted_keys(paths: list[str | Path]) -> dict[str, Ed25519PublicKey]:
+    """Public keys by id, from files and/or directories of `*.pub` files."""
+    keys: dict[str, Ed25519PublicKey] = {}
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(p.glob("*.pub"))
+        elif p.is_file():
+            files = [p]
+        else:
+            raise SignatureError(f"{p}: trusted key file or directory not found")
+        for f in files:
+            key = load_public_key(f)
+            keys[key_id(key)] = key
+    if not keys:
+        raise SignatureError(f"no trusted public keys found in {', '.join(map(str, paths))}")
+    return keys
+
+
+def sign_bytes(data: bytes, private: Ed25519PrivateKey) -> dict:
+    return {"key_id": key_id(private.public_key()), "algorithm": "ed25519",
+            "signature": base64.b64encode(private.sign(data)).decode()}
+
+
+def verify_bytes(data: bytes, sig: dict, trusted: dict[str, Ed25519PublicKey], what: str) -> str:
+    """Check `sig` over `data` against the trusted keys; returns the key id."""
+    kid = sig.get("key_id")
+    if sig.get("algorithm") != "ed25519":
+        raise SignatureError(f"{what}: signature algorithm {sig.get('algorithm')!r} is not supported (ed25519)")
+    if kid not in trusted:
+        raise SignatureError(
+            f"{what}: signed by unknown key {kid!r}; trusted keys: {', '.join(sorted(trusted))}")
+    try:
+        trusted[kid].verify(base64.b64decode(sig.get("signature", ""), validate=True), data)
+    except (InvalidSignature, ValueError):
+        raise SignatureError(f"{what}: signature does not verify with key {kid}; the content was "
+                             "modified or signed by another key") from None
+    return kid
+
+
+def sign_bundle(bundle: Bundle, private: Ed25519PrivateKey) -> Path:
+    """Write manifest.sig for the bundle's exact manifest bytes (atomically)."""
+    sig = sign_bytes(bundle.manifest_bytes, private)
+    path = bundle.root / SIGNATURE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(sig, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_signature(root: Path) -> dict:
+    path = root / SIGNATURE
+    if not path.is_file():
+        raise SignatureError(f"{path}: not found; the bundle is unsigned and will not be activated "
+                             "(sign it with `edgeglm bundle sign`)")
+    try:
+        sig = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SignatureError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(sig, dict):
+        raise SignatureError(f"{path}: expected a JSON object")
+    return sig
+
+
+def verify_bundle_signature(bundle: Bundle, trusted: dict[str, Ed25519PublicKey]) -> str:
+    """Verify manifest.sig over the bundle's manifest bytes; returns the signing key's id."""
+    return verify_bytes(bundle.manifest_bytes, read_signature(bundle.root), trusted,
+                        str(bundle.root / MANIFEST))

@@ -1,0 +1,108 @@
+"""Bundle signatures, key rotation and downgrade protection."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ota.bundle import open_bundle
+from ota.errors import SignatureError, VersionError
+from ota.signing import (generate_keypair, load_private_key, load_trusted_keys, sign_bundle,
+                         verify_bundle_signature)
+from ota.versions import check_upgrade, parse_version
+
+
+@pytest.fixture
+def signed(int8_bundle, tmp_path):
+    bundle_dir = shutil.copytree(int8_bundle, tmp_path / "bundle")
+    keys = tmp_path / "keys"
+    pair = generate_keypair(keys, "old")
+    sign_bundle(open_bundle(bundle_dir), load_private_key(pair.private_path))
+    return bundle_dir, keys, pair
+
+
+def test_signature_is_ed25519_over_the_exact_manifest_bytes(signed):
+    bundle_dir, keys, pair = signed
+    sig = json.loads((bundle_dir / "manifest.sig").read_text())
+    pub = load_trusted_keys([pair.public_path])[pair.key_id]
+    assert isinstance(pub, Ed25519PublicKey)
+    import base64
+    pub.verify(base64.b64decode(sig["signature"]), (bundle_dir / "manifest.json").read_bytes())  # independent check
+    assert verify_bundle_signature(open_bundle(bundle_dir), load_trusted_keys([keys])) == pair.key_id
+
+
+def test_key_rotation(signed, tmp_path):
+    bundle_dir, keys, old = signed
+    new = generate_keypair(keys, "new")
+    trusted = load_trusted_keys([keys])
+    assert set(trusted) == {old.key_id, new.key_id}
+    assert verify_bundle_signature(open_bundle(bundle_dir), trusted) == old.key_id  # during rotation
+    sign_bundle(open_bundle(bundle_dir), load_private_key(new.private_path))
+    old.public_path.unlink()  # rotation finished: the old key is no longer trusted
+    assert verify_bundle_signature(open_bundle(bundle_dir), load_trusted_keys([keys])) == new.key_id
+
+
+def test_unknown_key_is_refused(signed, tmp_path):
+    bundle_dir, _, old = signed
+    other = generate_keypair(tmp_path / "other", "other")
+    with pytest.raises(SignatureError, match=f"signed by unknown key '{old.key_id}'; trusted keys: {other.key_id}"):
+        verify_bundle_signature(open_bundle(bundle_dir), load_trusted_keys([other.public_path]))
+
+
+def test_any_change_to_the_manifest_breaks_the_signature(signed):
+    bundle_dir, keys, _ = signed
+    manifest = bundle_dir / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"version": "1.0.0"', b'"version": "9.0.0"'))
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify_bundle_signature(open_bundle(bundle_dir), load_trusted_keys([keys]))
+
+
+def test_unsigned_bundle_is_refused(int8_bundle, tmp_path):
+    pair = generate_keypair(tmp_path / "k")
+    with pytest.raises(SignatureError, match="unsigned and will not be activated"):
+        verify_bundle_signature(open_bundle(int8_bundle), load_trusted_keys([pair.public_path]))
+
+
+def test_keygen_never_overwrites_and_private_key_is_private(tmp_path):
+    pair = generate_keypair(tmp_path, "k")
+    assert pair.private_path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(SignatureError, match="already exists"):
+        generate_keypair(tmp_path, "k")
+
+
+@pytest.mark.parametrize("lower,higher", [("1.0.0", "1.0.1"), ("1.2", "1.10"), ("1.0.0-rc.1", "1.0.0"),
+                                          ("1.0.0-rc.2", "1.0.0-rc.10"), ("0.9.9", "1")])
+def test_version_order(lower, higher):
+    assert parse_version(lower) < parse_version(higher)
+    check_upgrade(lower, higher)
+    with pytest.raises(VersionError, match=f"offered version {lower} is not newer than the active {higher}"):
+        check_upgrade(higher, lower)
+    check_upgrade(higher, lower, rollback=True)
+
+
+def test_same_version_is_not_an_upgrade():
+    with pytest.raises(VersionError, match="downgrade"):
+        check_upgrade("1.0.0", "1.0.0")
+
+
+def test_cli_keygen_sign_verify(int8_bundle, tmp_path):
+    bundle_dir = shutil.copytree(int8_bundle, tmp_path / "bundle")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "agent.cli", "bundle", *map(str, args)],
+                              capture_output=True, text=True)
+
+    assert cli("keygen", "--out", tmp_path / "keys").returncode == 0
+    unsigned = cli("verify", bundle_dir, "--trusted", tmp_path / "keys")
+    assert unsigned.returncode == 2 and "unsigned" in unsigned.stderr and "Traceback" not in unsigned.stderr
+    assert cli("sign", bundle_dir, "--key", tmp_path / "keys" / "bundle-signing.key").returncode == 0
+    ok = cli("verify", bundle_dir, "--trusted", tmp_path / "keys")
+    assert ok.returncode == 0 and "signed by key" in ok.stdout
+    (bundle_dir / "tokenizer.json").write_text("{}")
+    bad = cli("verify", bundle_dir, "--trusted", tmp_path / "keys")
+    assert bad.returncode == 2 and "tokenizer.json" in bad.stderr and "does not match the manifest" in bad.stderr
