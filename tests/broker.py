@@ -1,0 +1,230 @@
+"""A real Mosquitto broker for tests, on a free loopback port, and a 3.1.1-only proxy in front of it.
+
+    broker = Mosquitto(tmp_path)       # writes mosquitto.conf; nothing runs yet
+    broker.start()                     # OS-chosen port on 127.0.0.1, waits until it accepts connections
+    broker.restart()                   # graceful stop (the database is saved), start on the same port
+    broker.stop()
+
+Persistence lives in the work dir, so a restart keeps persistent sessions, their queued QoS 1
+messages and retained messages, as a production broker with `persistence true` does.
+`set_tcp_nodelay true` as in every broker config we ship (DESIGN.md: 40 ms stalls otherwise).
+
+`Mqtt311OnlyProxy` plays a broker that speaks MQTT 3.1.1 only (amqtt 0.12 does this): it answers a
+protocol-level-5 CONNECT with a 3.1.1 CONNACK "unacceptable protocol version" and closes, and
+forwards every other connection to the real broker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+MOSQUITTO_PATHS = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary, or None when it is not installed."""
+    for candidate in MOSQUITTO_PATHS:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS has just handed out on `host` (bind to 0, read, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float, alive=lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"broker process exited before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing accepted connections on {host}:{port} within {timeout:.0f} s")
+
+
+class Mosquitto:
+    """One mosquitto process with a generated config; see the module docstring."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, workdir: Path, binary: str | None = None):
+        self.binary = binary or find_mosquitto()
+        if self.binary is None:
+            raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port: int | None = None
+        self.conf = self.workdir / "mosquitto.conf"
+        self.log = self.workdir / "mosquitto.log"
+        self._proc: subprocess.Popen | None = None
+
+    def _write_conf(self) -> None:
+        lines = [
+            f"listener {self.port} {self.host}",
+            "allow_anonymous true",
+            "set_tcp_nodelay true",
+            "persistence true",
+            f"persistence_location {self.workdir}/",
+            f"log_dest file {self.log}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+        ]
+        if os.geteuid() == 0:  # as root mosquitto drops to user "mosquitto", who cannot write the tmp dir
+            lines.append("user root")
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> "Mosquitto":
+        if self.running:
+            return self
+        if self.port is None:
+            self.port = free_port(self.host)
+        self._write_conf()
+        self._proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE)
+        try:
+            wait_for_port(self.host, self.port, START_TIMEOUT_S, alive=lambda: self._proc.poll() is None)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(f"mosquitto did not start on {self.host}:{self.port}: {exc}\n"
+                               f"{self.log_text()}") from None
+        return self
+
+    def stop(self) -> None:
+        """Graceful stop: SIGTERM makes mosquitto save sessions and retained messages."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+    def restart(self) -> "Mosquitto":
+        self.stop()
+        return self.start()
+
+    def log_text(self) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        if self._proc is not None and self._proc.poll() is not None and self._proc.stderr:
+            text += self._proc.stderr.read().decode(errors="replace")
+        return text
+
+
+class Mqtt311OnlyProxy:
+    """A TCP proxy that refuses MQTT 5 CONNECTs the way a 3.1.1-only broker does."""
+
+    REFUSE_V5 = bytes([0x20, 0x02, 0x00, 0x01])  # CONNACK, 3.1.1 form: rc 1 = unacceptable protocol version
+
+    def __init__(self, upstream_host: str, upstream_port: int):
+        self.upstream = (upstream_host, upstream_port)
+        self.host = "127.0.0.1"
+        self._server = socket.create_server((self.host, 0))
+        self.port = self._server.getsockname()[1]
+        self.refused_v5 = 0
+        self.forwarded = 0
+        self._closing = False
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="mqtt311-proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        first = self._read_connect(client)
+        if first is None:
+            client.close()
+            return
+        if self._protocol_level(first) == 5:
+            self.refused_v5 += 1
+            client.sendall(self.REFUSE_V5)
+            client.close()
+            return
+        upstream = socket.create_connection(self.upstream)
+        self._socks += [client, upstream]
+        self.forwarded += 1
+        upstream.sendall(first)
+        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+        self._pipe(client, upstream)
+
+    @staticmethod
+    def _read_connect(sock: socket.socket) -> bytes | None:
+        """Read the whole first packet (the CONNECT): fixed header, remaining length, body."""
+        data = b""
+        while True:
+            if len(data) >= 2:
+                length, mult, i = 0, 1, 1
+                while i < len(data):
+                    length += (data[i] & 0x7F) * mult
+                    mult *= 128
+                    if not data[i] & 0x80:
+                        total = i + 1 + length
+                        if len(data) >= total:
+                            return data
+                        break
+                    i += 1
+            chunk = sock.recv(4096)
+            if not chunk:
+                return None
+            data += chunk
+
+    @staticmethod
+    def _protocol_level(connect: bytes) -> int:
+        i = 1
+        while connect[i] & 0x80:  # skip the remaining-length bytes
+            i += 1
+        name_len = int.from_bytes(connect[i + 1:i + 3], "big")
+        return connect[i + 3 + name_len]
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closing = True
+        self._server.close()
+        for s in self._socks:
+            try:
+                s.close()
+            except OSError:
+                pass
