@@ -1,0 +1,371 @@
+"""The MQTT topic tree (version 1) and the JSON payloads that travel on it.
+
+Every topic of a device sits under `edgeglm/v1/<fleet>/<device>/`; `TOPICS` lists them with
+direction, retain flag and QoS, and docs/mqtt.md shows that table and the payload schemas,
+both generated from this module:
+
+    python -m agent.topics --write-docs docs/mqtt.md   # rewrite the generated section
+    python -m agent.topics --check docs/mqtt.md        # exit 1 if it is out of date
+
+Payloads are pydantic models that reject unknown fields and carry a version field `v`; a
+change that old readers could not parse bumps `v` (and a change of the tree bumps `v1`).
+`parse_payload` turns received bytes into a model or raises `PayloadError` naming the topic and
+the problem. The OTA offer/status and chunk payloads belong to ota/ and are not defined here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import PayloadError
+
+ROOT = "edgeglm/v1"
+# topic levels built from fleet/device/requester ids: no '/', '+', '#', spaces; as in agent.config
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_ID = re.compile(ID_PATTERN)
+
+
+def _level(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _ID.match(value) or len(value) > 128:
+        raise ValueError(f"{what} {value!r} cannot be an MQTT topic level: use 1-128 of A-Z a-z 0-9 . _ - "
+                         f"(not starting with . _ -)")
+    return value
+
+
+def device_root(fleet: str, device: str) -> str:
+    return f"{ROOT}/{_level(fleet, 'fleet id')}/{_level(device, 'device id')}"
+
+
+def state_topic(fleet: str, device: str) -> str:
+    return f"{device_root(fleet, device)}/state"
+
+
+def desired_topic(fleet: str, device: str) -> str:
+    return f"{device_root(fleet, device)}/config/desired"
+
+
+def telemetry_topic(fleet: str, device: str) -> str:
+    return f"{device_root(fleet, device)}/telemetry"
+
+
+def ota_offer_topic(fleet: str, device: str) -> str:
+    return f"{device_root(fleet, device)}/ota/offer"
+
+
+def ota_status_topic(fleet: str, device: str) -> str:
+    return f"{device_root(fleet, device)}/ota/status"
+
+
+def chunk_request_topic(fleet: str, device: str) -> str:
+    return f"{device_root(fleet, device)}/ota/chunk/request"
+
+
+def chunk_response_topic(fleet: str, device: str) -> str:
+    return f"{device_root(fleet, device)}/ota/chunk/response"
+
+
+def infer_request_topic(fleet: str, device: str) -> str:
+    return f"{device_root(fleet, device)}/infer/request"
+
+
+def infer_response_topic(fleet: str, device: str, requester: str) -> str:
+    """Where `requester` (a client id) wants the answers of `device`; it subscribes to it."""
+    return f"{device_root(fleet, device)}/infer/response/{_level(requester, 'requester id')}"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One row of the tree: `suffix` follows `edgeglm/v1/<fleet>/<device>/`."""
+
+    suffix: str
+    direction: str
+    retained: bool
+    qos: int
+    payload: str
+    note: str = ""
+
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec("state", "device → all", True, 1, "ReportedState",
+              "also the Will (`online: false`); re-published on every connect"),
+    TopicSpec("config/desired", "controller → device", True, 1, "DesiredConfig",
+              "written only by the controller"),
+    TopicSpec("telemetry", "device → controller", False, 1, "TelemetryReport",
+              "buffered while offline, sent in order after reconnect"),
+    TopicSpec("ota/offer", "controller → device", True, 1, "ota offer (ota/)", "cleared by an empty retained message"),
+    TopicSpec("ota/status", "device → controller", True, 1, "ota status (ota/)", ""),
+    TopicSpec("ota/chunk/request", "device → controller", False, 1, "chunk request (ota/)", "request/response"),
+    TopicSpec("ota/chunk/response", "controller → device", False, 1, "chunk response (ota/)", ""),
+    TopicSpec("infer/request", "any client → device", False, 1, "InferenceRequest", "request/response"),
+    TopicSpec("infer/response/<requester>", "device → requester", False, 1, "InferenceResponse",
+              "the requester's own topic, named in the request"),
+)
+
+
+def device_subscriptions(fleet: str, device: str) -> list[str]:
+    """What the agent subscribes to (all QoS 1)."""
+    return [desired_topic(fleet, device), ota_offer_topic(fleet, device), chunk_response_topic(fleet, device),
+            infer_request_topic(fleet, device)]
+
+
+def controller_subscriptions(fleet: str = "+") -> list[str]:
+    """The controller's wildcards: every device of `fleet` ("+": of every fleet)."""
+    fleet = fleet if fleet == "+" else _level(fleet, "fleet id")
+    return [f"{ROOT}/{fleet}/+/{s}" for s in ("state", "telemetry", "ota/status", "ota/chunk/request")]
+
+
+def shared_subscription(group: str, topic_filter: str) -> str:
+    """An MQTT 5 shared subscription: the broker hands each message to one member of `group`."""
+    return f"$share/{_level(group, 'share group')}/{topic_filter}"
+
+
+def split_topic(topic: str) -> tuple[str, str, str]:
+    """`edgeglm/v1/<fleet>/<device>/<rest>` → (fleet, device, rest); ValueError for other topics."""
+    parts = topic.split("/", 4)
+    if len(parts) != 5 or "/".join(parts[:2]) != ROOT or not parts[4]:
+        raise ValueError(f"topic {topic!r} is not under {ROOT}/<fleet>/<device>/")
+    return _level(parts[2], "fleet id"), _level(parts[3], "device id"), parts[4]
+
+
+def check_publish_topic(topic: str) -> str:
+    """A topic a client may publish to: non-empty, no wildcards, at most 65535 bytes."""
+    if not topic or "+" in topic or "#" in topic or len(topic.encode()) > 65535 or "\x00" in topic:
+        raise ValueError(f"{topic!r} is not a topic one can publish to (empty, a wildcard or too long)")
+    return topic
+
+
+# ---------------------------------------------------------------------------------------------
+# Payloads
+
+
+class Payload(BaseModel):
+    """Base of every payload: unknown fields are refused, `v` versions the shape."""
+
+    model_config = ConfigDict(extra="forbid")
+    v: Literal[1] = 1
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    version: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the bundle's manifest.json")
+
+
+class ReportedState(Payload):
+    """The device's retained state; `online: false` in the Will and on a clean shutdown."""
+
+    device: str = Field(pattern=ID_PATTERN, max_length=128)
+    online: bool
+    agent_version: str
+    hardware: dict[str, Any] = Field(default_factory=dict, description="summary of runtime.probe")
+    execution_path: str | None = Field(None, description="the backend/device serving, e.g. 'onnxruntime:cpu'")
+    model: ModelRef | None = None
+    active_slot: Literal["a", "b"] | None = None
+    applied_config_version: int | None = Field(None, ge=0, description="version of the last desired config applied")
+    last_config_error: str | None = Field(None, description="why the last desired config was refused, if it was")
+    uptime_s: float = Field(ge=0)
+    ts: float = Field(description="unix time, seconds, when the state was made")
+
+
+class DesiredConfig(Payload):
+    """Config the controller wants; `settings` is validated by agent.config, not here."""
+
+    version: int = Field(ge=0)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class LatencyPercentiles(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    p50: float = Field(ge=0)
+    p95: float = Field(ge=0)
+    p99: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LatencyPercentiles":
+        if not self.p50 <= self.p95 <= self.p99:
+            raise ValueError(f"percentiles must grow: p50={self.p50} p95={self.p95} p99={self.p99}")
+        return self
+
+
+class TelemetryReport(Payload):
+    """Latency of the requests served in one window; percentiles are None when count is 0."""
+
+    device: str = Field(pattern=ID_PATTERN, max_length=128)
+    window_start: float = Field(description="unix time, seconds")
+    window_end: float = Field(description="unix time, seconds")
+    count: int = Field(ge=0, description="requests finished in the window")
+    ttft_ms: LatencyPercentiles | None = Field(None, description="time to first token")
+    per_token_ms: LatencyPercentiles | None = Field(None, description="time per generated token after the first")
+    tokens_per_s: float | None = Field(None, ge=0)
+    errors: int = Field(0, ge=0, description="failed requests and rejected payloads")
+    dropped_reports: int = Field(0, ge=0, description="earlier reports lost from the offline buffer")
+    model_version: str | None = None
+    execution_path: str | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> "TelemetryReport":
+        if self.window_end < self.window_start:
+            raise ValueError(f"window_end {self.window_end} is before window_start {self.window_start}")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class InferenceRequest(Payload):
+    """A generation request. Sampling fields left out take the agent's configured defaults.
+
+    `id` is the correlation id: MQTT 5 requesters also send it as correlation data with a
+    response topic; `reply_to` carries the response topic for MQTT 3.1.1, where there are no
+    properties. Requesters set both, so a device reached over either protocol can answer.
+    """
+
+    id: str = Field(min_length=1, max_length=128)
+    reply_to: str | None = Field(None, description="response topic (MQTT 3.1.1 has no response-topic property)")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+    @field_validator("reply_to")
+    @classmethod
+    def _topic(cls, v: str | None) -> str | None:
+        return None if v is None else check_publish_topic(v)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "InferenceRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(description="e.g. bad_request, busy, model_unavailable, internal")
+    message: str
+
+
+class InferenceResponse(Payload):
+    """The answer to one InferenceRequest (same `id`): `text` or `error`, never both."""
+
+    id: str = Field(min_length=1, max_length=128)
+    text: str | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+
+    @model_validator(mode="after")
+    def _text_or_error(self) -> "InferenceResponse":
+        if (self.text is None) == (self.error is None):
+            raise ValueError("give exactly one of text and error")
+        return self
+
+
+PAYLOAD_MODELS: tuple[type[Payload], ...] = (ReportedState, DesiredConfig, TelemetryReport, InferenceRequest,
+                                             InferenceResponse)
+
+
+def payload_schemas() -> dict[str, dict]:
+    """JSON schema of every payload model, by model name."""
+    return {m.__name__: m.model_json_schema() for m in PAYLOAD_MODELS}
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _describe(err: ValidationError, limit: int = 3) -> str:
+    parts = []
+    for e in err.errors()[:limit]:
+        where = ".".join(str(x) for x in e["loc"])
+        got = "" if e["type"] in ("missing", "json_invalid") else f" (got {repr(e.get('input'))[:60]})"
+        parts.append(f"{'field ' + repr(where) + ': ' if where else ''}{e['msg']}{got}")
+    more = err.error_count() - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def parse_payload(model_cls: type[M], raw: bytes, max_bytes: int, topic: str = "?") -> M:
+    """`raw` as a `model_cls`, or PayloadError naming the topic and what is wrong."""
+    if len(raw) > max_bytes:
+        raise PayloadError(topic, f"payload is {len(raw)} bytes, more than the {max_bytes}-byte limit "
+                                  f"for {model_cls.__name__}")
+    try:
+        return model_cls.model_validate_json(raw)
+    except ValidationError as exc:
+        raise PayloadError(topic, f"not a valid {model_cls.__name__}: {_describe(exc)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/mqtt.md: the generated section
+
+BEGIN_MARK = "<!-- BEGIN GENERATED: python -m agent.topics --write-docs docs/mqtt.md -->"
+END_MARK = "<!-- END GENERATED -->"
+
+
+def render_docs_section() -> str:
+    """The topic table and the payload schemas, as markdown."""
+    lines = [f"All topics are under `{ROOT}/<fleet>/<device>/`.", "",
+             "| topic | direction | retained | QoS | payload | note |", "|---|---|---|---|---|---|"]
+    for t in TOPICS:
+        lines.append(f"| `{t.suffix}` | {t.direction} | {'yes' if t.retained else 'no'} | {t.qos} | "
+                     f"{t.payload} | {t.note} |")
+    lines += ["", "### Payload schemas", ""]
+    for name, schema in payload_schemas().items():
+        lines += [f"#### {name}", "", "```json", json.dumps(schema, indent=2, ensure_ascii=False), "```", ""]
+    return "\n".join(lines)
+
+
+def replace_generated(text: str, section: str) -> str:
+    """`text` with what lies between BEGIN_MARK and END_MARK replaced by `section`."""
+    start, end = text.find(BEGIN_MARK), text.find(END_MARK)
+    if start < 0 or end < start:
+        raise ValueError(f"markers not found: put {BEGIN_MARK!r} and {END_MARK!r} around the generated section")
+    return text[:start + len(BEGIN_MARK)] + "\n" + section + "\n" + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m agent.topics", description="write or check docs/mqtt.md")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write-docs", type=Path, metavar="MD", help="rewrite the generated section of MD")
+    group.add_argument("--check", type=Path, metavar="MD", help="exit 1 if MD's generated section is stale")
+    args = ap.parse_args(argv)
+    path = args.write_docs or args.check
+    text = path.read_text(encoding="utf-8")
+    try:
+        new = replace_generated(text, render_docs_section())
+    except ValueError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != text:
+            print(f"{path} is out of date: run python -m agent.topics --write-docs {path}", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(new, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
