@@ -30,6 +30,7 @@ FORMAT = "edgeglm-bundle/1"
 MANIFEST = "manifest.json"
 VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}([-+][0-9A-Za-z.-]+)?$")
 CHUNK = 1 << 20
+TRANSFER_CHUNK = 256 * 1024  # default chunk of OTA transfer; each chunk's sha256 is in the manifest
 
 
 class FileEntry(BaseModel):
@@ -37,6 +38,8 @@ class FileEntry(BaseModel):
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
+    # sha256 of each `Manifest.chunk_size` piece, so a transfer can check every chunk as it arrives
+    chunks: list[str] = Field(default_factory=list)
 
 
 class BackendEntry(BaseModel):
@@ -73,6 +76,7 @@ class Manifest(BaseModel):
     precision: str  # "int8" or "fp32"
     backends: dict[str, BackendEntry]
     tokenizer: str = "tokenizer.json"
+    chunk_size: int = Field(default=TRANSFER_CHUNK, ge=4096)
     files: list[FileEntry]
     golden: GoldenCheck
     compression: dict = Field(default_factory=dict)
@@ -106,8 +110,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_entry(root: Path, path: Path) -> FileEntry:
-    return FileEntry(path=path.relative_to(root).as_posix(), sha256=sha256_file(path), size=path.stat().st_size)
+def file_entry(root: Path, path: Path, chunk_size: int = TRANSFER_CHUNK) -> FileEntry:
+    whole, chunks = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            whole.update(block)
+            chunks.append(hashlib.sha256(block).hexdigest())
+    return FileEntry(path=path.relative_to(root).as_posix(), sha256=whole.hexdigest(), size=path.stat().st_size,
+                     chunks=chunks)
 
 
 def now_iso() -> str:

@@ -1,0 +1,66 @@
+"""The OTA self-test of a newly installed model, run in its slot before anything is switched.
+
+1. load the bundle on the device's execution path (files verified against the manifest again);
+2. the golden check: the engine must reproduce the continuation recorded at build time;
+3. decode latency: median ms per token on the golden prompt, measured for the new model and
+   the serving one back to back, must be within `max_latency_ratio` of the serving one (or
+   within `max_ms_per_token` when nothing serves yet and a limit is set).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.model import LoadedModel, load_model
+from ota.bundle import Manifest
+from ota.update import SelfTestResult
+from runtime.errors import RuntimeUserError
+from runtime.generate import decode_one_token, prefill
+
+
+@dataclass(frozen=True)
+class SelfTestConfig:
+    backend: str = "auto"
+    threads: int | None = None
+    max_latency_ratio: float = 1.5
+    max_ms_per_token: float | None = None
+    steps: int = 16
+
+
+def decode_ms_per_token(model: LoadedModel, steps: int) -> float:
+    """Median wall time of one greedy decode step after the golden prompt."""
+    prompt = model.bundle.manifest.golden.prompt_ids
+    logits, cache = prefill(model.engine, prompt)
+    times = []
+    for i in range(steps):
+        token = int(logits.argmax())
+        t0 = time.perf_counter()
+        logits, cache = decode_one_token(model.engine, token, len(prompt) + i, cache)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def run_self_test(slot: Path, manifest: Manifest, cfg: SelfTestConfig, serving: LoadedModel | None) -> SelfTestResult:
+    try:
+        model = load_model(slot, cfg.backend, cfg.threads)
+    except RuntimeUserError as exc:
+        return SelfTestResult(False, f"could not load the model: {exc}")
+    golden = model.golden_check()
+    details = {"backend": model.backend, "golden": golden.describe()}
+    if not golden.passed:
+        return SelfTestResult(False, f"golden check failed on {model.backend}: {golden.describe()}", details)
+    new_ms = decode_ms_per_token(model, cfg.steps)
+    details["decode_ms_per_token"] = round(new_ms, 3)
+    if serving is not None:
+        old_ms = decode_ms_per_token(serving, cfg.steps)
+        details["serving_ms_per_token"] = round(old_ms, 3)
+        if new_ms > cfg.max_latency_ratio * old_ms:
+            return SelfTestResult(False, f"decode latency {new_ms:.2f} ms/token is over {cfg.max_latency_ratio}x "
+                                         f"the serving model's {old_ms:.2f} ms/token", details)
+    elif cfg.max_ms_per_token is not None and new_ms > cfg.max_ms_per_token:
+        return SelfTestResult(False, f"decode latency {new_ms:.2f} ms/token is over the limit of "
+                                     f"{cfg.max_ms_per_token} ms/token", details)
+    return SelfTestResult(True, "", details)

@@ -1,0 +1,370 @@
+"""The OTA update state machine: one transition table, one small handler per state.
+
+    state        event         -> next state
+    IDLE         OFFER         -> OFFERED
+    OFFERED      ACCEPTED      -> DOWNLOADING   signature, version, compatibility, disk space ok
+    DOWNLOADING  DOWNLOADED    -> VERIFYING     every chunk checked against the signed manifest
+    VERIFYING    VERIFIED      -> INSTALLING    every file's size and sha256, the signature again
+    INSTALLING   INSTALLED     -> SELF_TEST     staging moved into the inactive slot, fsynced
+    SELF_TEST    PASSED        -> COMMITTING    load, golden check, latency within budget
+    COMMITTING   COMMITTED     -> CLEANUP       `current` flipped; the agent serves the new model
+    COMMITTING   FAILED        -> ROLLBACK      the new model failed to activate after the flip
+    ROLLBACK     ROLLED_BACK   -> CLEANUP       `current` flipped back; the old model serves again
+    (any of OFFERED..SELF_TEST) FAILED -> FAILURE
+    FAILURE      DONE          -> CLEANUP       nothing was switched; the active model never changed
+    CLEANUP      CLEANED       -> REPORTING     staging removed; a failed slot cleared
+    REPORTING    REPORTED      -> IDLE          the outcome is reported
+
+The state is written to disk atomically *before* each handler runs, so a power cut at any point
+resumes in the state it was in; every handler is idempotent. A state entered more than
+`max_entries` times (a crash loop: the process keeps dying in it) fails the update instead of
+running again. The serving model keeps serving until COMMITTING, and nothing is activated
+before its signature and every file hash have been verified.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ota.bundle import MANIFEST, Manifest, open_bundle
+from ota.errors import BundleError
+from ota.fsutil import atomic_write_bytes, atomic_write_json
+from ota.signing import SIGNATURE, verify_bundle_signature, verify_bytes
+from ota.slots import Slots
+from ota.versions import check_upgrade, parse_version
+
+
+class State(str, Enum):
+    IDLE = "idle"
+    OFFERED = "offered"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    SELF_TEST = "self_test"
+    COMMITTING = "committing"
+    ROLLBACK = "rollback"
+    FAILURE = "failure"
+    CLEANUP = "cleanup"
+    REPORTING = "reporting"
+
+
+class Event(str, Enum):
+    OFFER = "offer"
+    ACCEPTED = "accepted"
+    DOWNLOADED = "downloaded"
+    VERIFIED = "verified"
+    INSTALLED = "installed"
+    PASSED = "passed"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+    DONE = "done"
+    CLEANED = "cleaned"
+    REPORTED = "reported"
+
+
+S, E = State, Event
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (S.IDLE,        E.OFFER):       S.OFFERED,
+    (S.OFFERED,     E.ACCEPTED):    S.DOWNLOADING,
+    (S.OFFERED,     E.FAILED):      S.FAILURE,
+    (S.DOWNLOADING, E.DOWNLOADED):  S.VERIFYING,
+    (S.DOWNLOADING, E.FAILED):      S.FAILURE,
+    (S.VERIFYING,   E.VERIFIED):    S.INSTALLING,
+    (S.VERIFYING,   E.FAILED):      S.FAILURE,
+    (S.INSTALLING,  E.INSTALLED):   S.SELF_TEST,
+    (S.INSTALLING,  E.FAILED):      S.FAILURE,
+    (S.SELF_TEST,   E.PASSED):      S.COMMITTING,
+    (S.SELF_TEST,   E.FAILED):      S.FAILURE,
+    (S.COMMITTING,  E.COMMITTED):   S.CLEANUP,
+    (S.COMMITTING,  E.FAILED):      S.ROLLBACK,   # the switch happened: go back to the old slot
+    (S.ROLLBACK,    E.ROLLED_BACK): S.CLEANUP,
+    (S.ROLLBACK,    E.FAILED):      S.CLEANUP,    # old slot unusable too: reported, agent keeps trying
+    (S.FAILURE,     E.DONE):        S.CLEANUP,
+    (S.FAILURE,     E.FAILED):      S.CLEANUP,
+    (S.CLEANUP,     E.CLEANED):     S.REPORTING,
+    (S.CLEANUP,     E.FAILED):      S.REPORTING,
+    (S.REPORTING,   E.REPORTED):    S.IDLE,
+    (S.REPORTING,   E.FAILED):      S.IDLE,
+}
+
+
+class UpdateFailed(Exception):
+    """A handler's reason for failing the update (reported as given)."""
+
+
+class Offer(BaseModel):
+    """An update offer from the controller: the exact signed manifest and where to fetch files."""
+
+    model_config = ConfigDict(extra="forbid")
+    update_id: str = Field(min_length=1, max_length=128)
+    manifest_b64: str  # exact manifest.json bytes, base64 (the signature covers these bytes)
+    signature: dict  # manifest.sig content
+    rollback: bool = False
+    # a rollback (an older version on purpose) must be authorised by a signature over
+    # {"update_id", "manifest_sha256", "rollback": true} from a trusted key
+    rollback_signature: dict | None = None
+    source: dict = Field(default_factory=dict)  # how the fetcher reaches the files
+
+    def manifest_bytes(self) -> bytes:
+        return base64.b64decode(self.manifest_b64, validate=True)
+
+
+def rollback_statement(update_id: str, manifest_bytes: bytes) -> bytes:
+    return json.dumps({"update_id": update_id, "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                       "rollback": True}, sort_keys=True).encode()
+
+
+class Fetcher(Protocol):
+    def read_chunk(self, offer: Offer, path: str, index: int, chunk_size: int) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class SelfTestResult:
+    passed: bool
+    reason: str = ""
+    details: dict | None = None
+
+
+@dataclass
+class UpdaterDeps:
+    """What the agent hands to the updater (nothing here imports ML code)."""
+
+    trusted_keys: dict
+    fetcher: Fetcher
+    self_test: Callable[[Path, Manifest], SelfTestResult]
+    activate: Callable[[Path | None], None]  # load the model in this slot into serving (None: no model)
+    report: Callable[[dict], None]
+    agent_version: str
+    supported_backends: tuple[str, ...]
+    active_version: Callable[[], str | None]
+    max_entries: int = 3
+
+
+class Updater:
+    def __init__(self, state_dir: str | Path, deps: UpdaterDeps):
+        self.root = Path(state_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.slots = Slots(self.root)
+        self.staging = self.root / "staging"
+        self.state_path = self.root / "update.json"
+        self.deps = deps
+        self.data = self._load()
+        self.on_enter: Callable[[State], None] | None = None  # observation/fault-injection point
+        self.handlers: dict[State, Callable[[], Event]] = {
+            S.OFFERED: self._offered, S.DOWNLOADING: self._downloading, S.VERIFYING: self._verifying,
+            S.INSTALLING: self._installing, S.SELF_TEST: self._self_test, S.COMMITTING: self._committing,
+            S.ROLLBACK: self._rollback, S.FAILURE: self._failure, S.CLEANUP: self._cleanup,
+            S.REPORTING: self._reporting,
+        }
+
+    # --- persistence -------------------------------------------------------------------------
+    def _load(self) -> dict:
+        if self.state_path.is_file():
+            return json.loads(self.state_path.read_text())
+        return {"state": S.IDLE.value, "entries": 0, "history": []}
+
+    def _save(self) -> None:
+        atomic_write_json(self.state_path, self.data)
+
+    @property
+    def state(self) -> State:
+        return State(self.data["state"])
+
+    @property
+    def offer(self) -> Offer:
+        return Offer.model_validate(self.data["offer"])
+
+    # --- driving -----------------------------------------------------------------------------
+    def submit(self, offer: Offer) -> None:
+        """Accept an offer for processing (only when idle)."""
+        if self.state is not S.IDLE:
+            raise UpdateFailed(f"an update ({self.data.get('update_id')}) is in progress in state "
+                               f"{self.state.value}; offer {offer.update_id} refused")
+        self.data = {"state": S.IDLE.value, "entries": 0, "history": [S.IDLE.value], "update_id": offer.update_id,
+                     "offer": offer.model_dump(), "chunks_done": {}, "outcome": None, "reason": None,
+                     "previous_slot": self.slots.active(), "target_slot": self.slots.inactive()}
+        self._transition(E.OFFER)
+
+    def run(self) -> None:
+        """Run handlers until the machine is idle again (also resumes after a restart)."""
+        while self.state is not S.IDLE:
+            state = self.state
+            self.data["entries"] += 1
+            self._save()  # persisted before acting
+            if self.data["entries"] > self.deps.max_entries:
+                self._fail(f"state {state.value} was entered {self.data['entries']} times without finishing "
+                           "(the agent keeps dying there); giving up on this update")
+                event = E.FAILED if (state, E.FAILED) in TRANSITIONS else E.DONE
+            else:
+                try:
+                    if self.on_enter:
+                        self.on_enter(state)
+                    event = self.handlers[state]()
+                except (UpdateFailed, BundleError) as exc:
+                    self._fail(str(exc))
+                    event = E.FAILED
+                except Exception as exc:  # a load error, a full disk, a bug: fail this update, say why
+                    self._fail(f"{type(exc).__name__}: {exc}")
+                    event = E.FAILED
+            self._transition(event)
+
+    def _transition(self, event: Event) -> None:
+        prev = self.state
+        nxt = TRANSITIONS[(prev, event)]
+        self.data.update(state=nxt.value, entries=0)
+        self.data["history"].append(nxt.value)
+        self._save()
+        self._report({"state": nxt.value, "event": event.value, "from": prev.value})
+
+    def _fail(self, reason: str) -> None:
+        if not self.data.get("reason"):
+            self.data["reason"] = f"{self.state.value}: {reason}"
+
+    def _report(self, fields: dict) -> None:
+        status = {"update_id": self.data.get("update_id"), "ts": time.time(), **fields}
+        if self.data.get("reason"):
+            status["reason"] = self.data["reason"]
+        try:
+            self.deps.report(status)
+        except Exception:  # reporting must never stop an update or a rollback; the outcome is persisted
+            pass
+
+    # --- handlers: each returns exactly one event --------------------------------------------
+    def _manifest(self) -> Manifest:
+        return Manifest.model_validate_json(self.offer.manifest_bytes())
+
+    def _offered(self) -> Event:
+        offer = self.offer
+        try:
+            raw = offer.manifest_bytes()
+            manifest = Manifest.model_validate_json(raw)
+        except (ValidationError, ValueError) as exc:
+            raise UpdateFailed(f"offered manifest is invalid ({str(exc).splitlines()[0]})") from None
+        verify_bytes(raw, offer.signature, self.deps.trusted_keys, f"offer {offer.update_id} manifest")
+        if offer.rollback:
+            if not offer.rollback_signature:
+                raise UpdateFailed("rollback offer carries no rollback_signature; refused")
+            verify_bytes(rollback_statement(offer.update_id, raw), offer.rollback_signature,
+                         self.deps.trusted_keys, f"offer {offer.update_id} rollback authorisation")
+        check_upgrade(self.deps.active_version(), manifest.version, rollback=offer.rollback)
+        if parse_version(manifest.min_agent_version) > parse_version(self.deps.agent_version):
+            raise UpdateFailed(f"bundle needs agent >= {manifest.min_agent_version}; this agent is "
+                               f"{self.deps.agent_version}")
+        usable = [b for b in manifest.backends if b in self.deps.supported_backends]
+        if not usable:
+            raise UpdateFailed(f"bundle carries backends {sorted(manifest.backends)}, this device runs "
+                               f"{list(self.deps.supported_backends)}: not for this device")
+        need = sum(f.size for f in manifest.files)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.staging).free
+        if need > free:
+            raise UpdateFailed(f"bundle needs {need} bytes, {free} bytes free in {self.root}: disk full")
+        atomic_write_bytes(self.staging / MANIFEST, raw)
+        atomic_write_json(self.staging / SIGNATURE, offer.signature)
+        return E.ACCEPTED
+
+    def _downloading(self) -> Event:
+        manifest, offer = self._manifest(), self.offer
+        done: dict = self.data["chunks_done"]
+        total = sum(len(f.chunks) for f in manifest.files) or 1
+        for entry in manifest.files:
+            expected_chunks = -(-entry.size // manifest.chunk_size)
+            if len(entry.chunks) != expected_chunks:
+                raise UpdateFailed(f"manifest lists {len(entry.chunks)} chunk hashes for {entry.path}, "
+                                   f"expected {expected_chunks}")
+            dest = self.staging / entry.path
+            if self.staging.resolve() not in dest.resolve().parents:
+                raise UpdateFailed(f"manifest path {entry.path!r} points outside the bundle")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            start = done.get(entry.path, 0)
+            with open(dest, "r+b" if dest.exists() else "w+b") as f:
+                f.truncate(entry.size)
+                for i in range(start, expected_chunks):
+                    data = self.deps.fetcher.read_chunk(offer, entry.path, i, manifest.chunk_size)
+                    digest = hashlib.sha256(data).hexdigest()
+                    if digest != entry.chunks[i]:
+                        raise UpdateFailed(f"chunk {i} of {entry.path}: sha256 {digest} does not match the "
+                                           f"manifest's {entry.chunks[i]}")
+                    f.seek(i * manifest.chunk_size)
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    done[entry.path] = i + 1  # only after the chunk is on disk
+                    self._save()
+                    finished = sum(done.values())
+                    if finished % 16 == 0 or finished == total:
+                        self._report({"state": S.DOWNLOADING.value, "progress": round(100 * finished / total, 1)})
+        return E.DOWNLOADED
+
+    def _verifying(self) -> Event:
+        bundle = open_bundle(self.staging)  # every file's size and sha256
+        verify_bundle_signature(bundle, self.deps.trusted_keys)
+        if bundle.manifest_bytes != self.offer.manifest_bytes():
+            raise UpdateFailed("staged manifest differs from the offered one")
+        return E.VERIFIED
+
+    def _installing(self) -> Event:
+        target = self.data["target_slot"]
+        if self.staging.exists():  # on a resume after the move, staging is gone and the slot is full
+            self.slots.install(self.staging, target)
+        elif not (self.slots.path(target) / MANIFEST).is_file():
+            raise UpdateFailed(f"nothing staged and slot {target} is empty")
+        return E.INSTALLED
+
+    def _self_test(self) -> Event:
+        path = self.slots.path(self.data["target_slot"])
+        bundle = open_bundle(path)
+        verify_bundle_signature(bundle, self.deps.trusted_keys)
+        result = self.deps.self_test(path, bundle.manifest)
+        self.data["self_test"] = {"passed": result.passed, "reason": result.reason, **(result.details or {})}
+        self._report({"state": S.SELF_TEST.value, "self_test": self.data["self_test"]})
+        if not result.passed:
+            raise UpdateFailed(f"self-test failed: {result.reason}")
+        return E.PASSED
+
+    def _committing(self) -> Event:
+        target = self.data["target_slot"]
+        self.slots.activate(target)
+        self.deps.activate(self.slots.path(target))
+        self.data["outcome"] = "committed"
+        return E.COMMITTED
+
+    def _rollback(self) -> Event:
+        previous = self.data.get("previous_slot")
+        self.data["outcome"] = "rolled_back"
+        if previous:
+            self.slots.activate(previous)
+            self.deps.activate(self.slots.path(previous))
+        else:
+            if self.slots.link.is_symlink():
+                self.slots.link.unlink()
+            self.deps.activate(None)
+        return E.ROLLED_BACK
+
+    def _failure(self) -> Event:
+        self.data["outcome"] = "failed"
+        return E.DONE
+
+    def _cleanup(self) -> Event:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        target = self.data.get("target_slot")
+        if self.data.get("outcome") != "committed" and target and target != self.slots.active():
+            self.slots.clear(target)  # a slot that failed holds nothing worth keeping
+        return E.CLEANED
+
+    def _reporting(self) -> Event:
+        self._report({"state": S.REPORTING.value, "result": self.data.get("outcome"),
+                      "active_slot": self.slots.active(), "history": self.data["history"]})
+        return E.REPORTED

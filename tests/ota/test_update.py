@@ -1,0 +1,238 @@
+"""The OTA state machine, table-driven: failures and power cuts injected into every state.
+
+Real parts throughout: signed bundles exported by the factory, the agent's self-test loading
+them through ONNX Runtime, and for power cuts a separate process killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ota.bundle import open_bundle
+from ota.offers import make_offer
+from ota.signing import generate_keypair, load_private_key, sign_bundle
+from update_driver import build_updater
+
+DRIVER = Path(__file__).with_name("update_driver.py")
+BEFORE = ["idle", "offered", "downloading", "verifying", "installing", "self_test", "committing"]
+SUCCESS = BEFORE + ["cleanup", "reporting", "idle"]
+
+
+def failure_chain(state: str) -> list[str]:
+    upto = BEFORE[: BEFORE.index(state) + 1]
+    if state == "committing":
+        return upto + ["rollback", "cleanup", "reporting", "idle"]
+    return upto + ["failure", "cleanup", "reporting", "idle"]
+
+
+def variant(src: Path, dst: Path, key, **changes) -> Path:
+    """A copy of a bundle with manifest fields changed, signed again."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.update(changes)
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (dst / "manifest.sig").unlink(missing_ok=True)
+    sign_bundle(open_bundle(dst), key)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def signed_bundles(int8_bundle, tmp_path_factory):
+    root = tmp_path_factory.mktemp("signed")
+    pair = generate_keypair(root / "keys", "fleet")
+    key = load_private_key(pair.private_path)
+    v1 = variant(int8_bundle, root / "v1", key, version="1.0.0")
+    v2 = variant(int8_bundle, root / "v2", key, version="1.1.0")
+    return {"root": root, "key": key, "keys": root / "keys", "v1": v1, "v2": v2}
+
+
+def reports(work: Path) -> list[dict]:
+    path = work / "reports.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def serving(work: Path):
+    return json.loads((work / "serving.json").read_text()).get("version")
+
+
+def offer_for(bundle: Path, update_id: str, **kw):
+    return make_offer(open_bundle(bundle), update_id, {"type": "dir", "path": str(bundle)}, **kw)
+
+
+@pytest.fixture
+def device(signed_bundles, tmp_path):
+    """A device serving v1 (installed through the updater itself, from nothing)."""
+    work = tmp_path / "device"
+    work.mkdir()
+    shutil.copytree(signed_bundles["keys"], work / "keys")
+    updater = build_updater(work)
+    updater.submit(offer_for(signed_bundles["v1"], "install-v1"))
+    updater.run()
+    assert updater.data["history"] == SUCCESS and serving(work) == "1.0.0"
+    (work / "reports.jsonl").unlink()
+    return work
+
+
+def test_update_commits_and_serves_the_new_model(device, signed_bundles):
+    updater = build_updater(device)
+    updater.submit(offer_for(signed_bundles["v2"], "u2"))
+    updater.run()
+    assert updater.data["history"] == SUCCESS
+    assert updater.slots.active() == "b" and serving(device) == "1.1.0"
+    sent = reports(device)
+    assert [r["state"] for r in sent if "event" in r] == SUCCESS[1:]
+    assert any(r.get("progress") == 100.0 for r in sent)
+    self_test = next(r["self_test"] for r in sent if "self_test" in r)
+    assert self_test["passed"] and "decode_ms_per_token" in self_test and "32/32" in self_test["golden"]
+    assert sent[-2]["result"] == "committed"
+    assert not (device / "state" / "staging").exists()
+    assert (updater.slots.path("a") / "manifest.json").exists()  # the previous model stays for rollback
+
+
+@pytest.mark.parametrize("state", BEFORE[1:])
+def test_injected_failure_in_every_state_keeps_a_verified_model_serving(device, signed_bundles, state):
+    updater = build_updater(device, activate_fails="1.1.0" if state == "committing" else None)
+    if state != "committing":
+        from ota.update import UpdateFailed
+
+        def fail(s):
+            if s.value == state:
+                raise UpdateFailed(f"injected failure in {state}")
+        updater.on_enter = fail
+    updater.submit(offer_for(signed_bundles["v2"], "u2"))
+    updater.run()
+    assert updater.data["history"] == failure_chain(state)
+    assert updater.slots.active() == "a" and serving(device) == "1.0.0"
+    final = reports(device)[-2]
+    assert final["result"] == ("rolled_back" if state == "committing" else "failed")
+    assert final["reason"].startswith(state)
+    assert not (updater.slots.path("b") / "manifest.json").exists()  # the failed slot is cleared
+
+
+@pytest.mark.parametrize("state", BEFORE[1:] + ["cleanup", "reporting"])
+def test_power_cut_in_every_state_resumes_to_the_new_model(device, signed_bundles, state):
+    (device / "offer.json").write_text(offer_for(signed_bundles["v2"], "u2").model_dump_json())
+    killed = subprocess.run([sys.executable, str(DRIVER), str(device), "--kill-at", state], capture_output=True)
+    assert killed.returncode == -9
+    assert json.loads((device / "state" / "update.json").read_text())["state"] == state
+    resumed = subprocess.run([sys.executable, str(DRIVER), str(device)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    data = json.loads((device / "state" / "update.json").read_text())
+    assert data["history"] == SUCCESS
+    assert serving(device) == "1.1.0" and data["outcome"] == "committed"
+
+
+def test_crash_loop_in_self_test_gives_up_and_keeps_the_old_model(device, signed_bundles):
+    (device / "offer.json").write_text(offer_for(signed_bundles["v2"], "u2").model_dump_json())
+    for _ in range(4):  # the process dies in SELF_TEST every time it gets there
+        subprocess.run([sys.executable, str(DRIVER), str(device), "--kill-at", "self_test"], capture_output=True)
+    data = json.loads((device / "state" / "update.json").read_text())
+    assert data["state"] == "idle" and data["history"] == failure_chain("self_test")
+    assert "entered 4 times" in data["reason"]
+    assert serving(device) == "1.0.0"
+
+
+def _refused(device, offer, match):
+    updater = build_updater(device)
+    updater.submit(offer)
+    updater.run()
+    assert updater.data["history"][-4:] == ["failure", "cleanup", "reporting", "idle"]
+    assert match in updater.data["reason"], updater.data["reason"]
+    assert updater.slots.active() == "a" and serving(device) == "1.0.0"
+    return updater
+
+
+def test_corrupted_chunk_is_refused(device, signed_bundles, tmp_path):
+    source = shutil.copytree(signed_bundles["v2"], tmp_path / "src")
+    weights = source / "openvino" / "openvino_model.bin"
+    data = bytearray(weights.read_bytes())
+    data[10] ^= 0x01
+    weights.write_bytes(bytes(data))
+    offer = make_offer(open_bundle(signed_bundles["v2"]), "u2", {"type": "dir", "path": str(source)})
+    _refused(device, offer, "chunk 0 of openvino/openvino_model.bin: sha256")
+
+
+def test_wrong_signature_is_refused(device, signed_bundles, tmp_path):
+    offer = offer_for(signed_bundles["v2"], "u2")
+    other = offer_for(signed_bundles["v1"], "u1")
+    offer.signature = other.signature  # a valid signature, but of another manifest
+    _refused(device, offer, "signature does not verify")
+
+
+def test_unknown_key_is_refused(device, signed_bundles, tmp_path):
+    rogue = generate_keypair(tmp_path / "rogue", "rogue")
+    bundle = variant(signed_bundles["v2"], tmp_path / "rogue-v2", load_private_key(rogue.private_path))
+    _refused(device, offer_for(bundle, "u2"), f"unknown key '{rogue.key_id}'")
+
+
+def test_truncated_manifest_is_refused(device, signed_bundles):
+    import base64
+
+    offer = offer_for(signed_bundles["v2"], "u2")
+    offer.manifest_b64 = base64.b64encode(offer.manifest_bytes()[:300]).decode()
+    _refused(device, offer, "offered manifest is invalid")
+
+
+def test_replayed_older_version_is_refused_unless_a_signed_rollback(device, signed_bundles, tmp_path):
+    updater = build_updater(device)
+    updater.submit(offer_for(signed_bundles["v2"], "u2"))
+    updater.run()
+    assert serving(device) == "1.1.0"
+    updater = build_updater(device)
+    updater.submit(offer_for(signed_bundles["v1"], "replay"))
+    updater.run()
+    assert "not newer than the active 1.1.0" in updater.data["reason"] and serving(device) == "1.1.0"
+    unsigned_rollback = offer_for(signed_bundles["v1"], "rb")
+    unsigned_rollback.rollback = True
+    updater = build_updater(device)
+    updater.submit(unsigned_rollback)
+    updater.run()
+    assert "no rollback_signature" in updater.data["reason"] and serving(device) == "1.1.0"
+    updater = build_updater(device)
+    updater.submit(offer_for(signed_bundles["v1"], "rb2", rollback_key=signed_bundles["key"]))
+    updater.run()
+    assert updater.data["history"] == SUCCESS and serving(device) == "1.0.0"
+
+
+def test_bundle_for_another_device_is_refused(device, signed_bundles, tmp_path):
+    manifest = json.loads((signed_bundles["v2"] / "manifest.json").read_text())
+    backends = {"tensorrt": {**manifest["backends"]["onnxruntime"]}}
+    bundle = variant(signed_bundles["v2"], tmp_path / "trt", signed_bundles["key"], backends=backends)
+    _refused(device, offer_for(bundle, "u2"), "not for this device")
+
+
+def test_model_failing_its_golden_check_is_not_activated(device, signed_bundles, tmp_path):
+    manifest = json.loads((signed_bundles["v2"] / "manifest.json").read_text())
+    golden = manifest["golden"]
+    for seq in golden["backends"].values():
+        seq["tokens"] = [(t + 1) % 512 for t in seq["tokens"]]
+        seq["margins"] = [10.0] * len(seq["tokens"])
+    bundle = variant(signed_bundles["v2"], tmp_path / "bad-golden", signed_bundles["key"], golden=golden)
+    _refused(device, offer_for(bundle, "u2"), "golden check failed")
+
+
+def test_full_disk_is_refused_and_the_old_model_keeps_serving(signed_bundles, tmp_path):
+    """The device's state directory on a real tmpfs with room for one model but not two."""
+    need = sum(f.size for f in open_bundle(signed_bundles["v2"]).manifest.files)
+    work = tmp_path / "small-disk"
+    work.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need * 3 // 2 // 1024 + 64}k", "tmpfs",
+                              str(work)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        shutil.copytree(signed_bundles["keys"], work / "keys")
+        updater = build_updater(work)
+        updater.submit(offer_for(signed_bundles["v1"], "install-v1"))
+        updater.run()
+        assert serving(work) == "1.0.0"
+        _refused(work, offer_for(signed_bundles["v2"], "u2"), "disk full")
+        assert not (work / "state" / "staging").exists()
+    finally:
+        subprocess.run(["umount", "--lazy", str(work)], check=True)  # engines may still map model files
