@@ -1,0 +1,238 @@
+"""Decode benchmark: every backend side by side on one checkpoint, against the memory roofline.
+
+Run from the repository root (torch, onnx and both runtimes installed):
+
+    python benchmarks/decode.py                     # glm-s, 512-token prompt, 128 new tokens, 3 repeats
+    python benchmarks/decode.py --shape glm-m --threads 2 --json > glm-m.json
+
+It builds (or reuses, under --workdir) a random-init checkpoint of the shape and its fp32 and
+int8 bundles, loads five candidates once each (ONNX Runtime fp32/int8, OpenVINO fp32/int8 and
+the PyTorch eager reference with its KV cache), warms each up with one short run, then makes
+--repeats interleaved passes over all candidates. Per pass and candidate it measures:
+
+  * TTFT: prefill of --prompt-tokens random token ids up to the first logits;
+  * decode tokens/s: --new-tokens greedy steps against the KV cache (only these steps are timed).
+
+The table reports per-candidate medians. Around the timed passes the machine's memory read
+bandwidth is measured with numpy, and for each exported model the weight bytes read per decoded
+token (weight files minus the fp32 embedding table, which is only gathered one row per token;
+lm_head is read in full) give a roofline fraction = bytes/token * tokens/s / bandwidth. Random
+weights decode as fast as trained ones: the work per token does not depend on the values.
+Timings are wall-clock on a shared machine; nothing here asserts on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+EAGER = "pytorch-eager fp32"
+
+
+def prepare(shape: str, workdir: Path) -> tuple[Path, dict[str, Path]]:
+    """The checkpoint and the fp32/int8 bundles of `shape`, built only when missing."""
+    from models.export import ExportOptions, export_bundle
+    from models.tiny import make_checkpoint
+
+    root = workdir / shape
+    ckpt = root / "checkpoint"
+    if not (ckpt / "config.json").is_file():
+        print(f"building random-init {shape} checkpoint in {ckpt}", file=sys.stderr)
+        make_checkpoint(ckpt, shape=shape, train_steps=0)
+    bundles = {}
+    for precision in ("fp32", "int8"):
+        bundles[precision] = root / f"bundle-{precision}"
+        if not (bundles[precision] / "manifest.json").is_file():
+            print(f"exporting {precision} bundle to {bundles[precision]}", file=sys.stderr)
+            export_bundle(ckpt, bundles[precision], ExportOptions(precision=precision, force=True))
+    return ckpt, bundles
+
+
+def read_bandwidth(threads: int, size_mb: int = 1024, tries: int = 5) -> float:
+    """Memory READ bandwidth in GB/s: bytes read / time of a sum over a float64 array of size_mb
+    (far larger than any cache), split over `threads` workers (numpy releases the GIL inside the
+    reduction), best of `tries`. A sum reads each byte once and writes nothing, so it matches the
+    access pattern of decode, which streams the weights once per token."""
+    data = np.ones(size_mb * (1 << 20) // 8)
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return data.nbytes / best / 1e9
+
+
+class EngineRunner:
+    """An edge engine driven through runtime.generate: prefill, then greedy decode steps."""
+
+    def __init__(self, bundle: Path, backend: str, threads: int):
+        from agent.model import load_model
+
+        self.engine = load_model(bundle, backend, threads).engine
+
+    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+        from runtime.generate import decode_one_token, prefill
+
+        t0 = time.perf_counter()
+        logits, cache = prefill(self.engine, prompt)
+        ttft = time.perf_counter() - t0
+        tokens = [int(np.argmax(logits))]
+        t0 = time.perf_counter()
+        for i in range(new_tokens):
+            logits, cache = decode_one_token(self.engine, tokens[-1], len(prompt) + i, cache)
+            tokens.append(int(np.argmax(logits)))
+        return ttft, time.perf_counter() - t0, tokens
+
+
+class EagerRunner:
+    """The PyTorch reference model with its (k, v) cache, fp32, inference mode."""
+
+    def __init__(self, ckpt: Path, threads: int):
+        import torch
+
+        from models.checkpoint import load_checkpoint
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        _, self.model = load_checkpoint(ckpt)
+
+    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+        torch = self.torch
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            logits, past = self.model(torch.tensor([prompt]))
+            tokens = [int(logits[0, -1].argmax())]
+            ttft = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i in range(new_tokens):
+                logits, past = self.model(torch.tensor([[tokens[-1]]]), past=past, start_pos=len(prompt) + i)
+                tokens.append(int(logits[0, -1].argmax()))
+            return ttft, time.perf_counter() - t0, tokens
+
+
+def weight_bytes_per_token(files: list[Path], cfg: dict) -> int:
+    """Bytes of weights streamed per decoded token: the files minus the fp32 embedding table."""
+    return sum(p.stat().st_size for p in files) - cfg["vocab_size"] * cfg["hidden_size"] * 4
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def benchmark(args) -> dict:
+    ckpt, bundles = prepare(args.shape, Path(args.workdir))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    candidates, weight_files = {}, {}
+    for backend, sub in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
+        for precision in ("fp32", "int8"):
+            name = f"{backend} {precision}"
+            print(f"loading {name}", file=sys.stderr)
+            candidates[name] = EngineRunner(bundles[precision], backend, args.threads)
+            weight_files[name] = sorted(p for p in (bundles[precision] / sub).rglob("*") if p.is_file())
+    print(f"loading {EAGER}", file=sys.stderr)
+    candidates[EAGER] = EagerRunner(ckpt, args.threads)
+    weight_files[EAGER] = sorted(ckpt.glob("*.safetensors"))
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, cfg["vocab_size"], args.prompt_tokens).tolist()
+    for runner in candidates.values():  # warm-up: one short run, untimed
+        runner.run(prompt[:16], 4)
+
+    bw_before = read_bandwidth(args.threads)
+    samples = {name: {"ttft": [], "decode": [], "tokens": None} for name in candidates}
+    for r in range(args.repeats):
+        for name, runner in candidates.items():
+            ttft, decode, tokens = runner.run(prompt, args.new_tokens)
+            s = samples[name]
+            s["ttft"].append(ttft)
+            s["decode"].append(args.new_tokens / decode)
+            s["tokens"] = s["tokens"] or tokens
+            print(f"pass {r + 1}/{args.repeats} {name}: TTFT {ttft * 1e3:.1f} ms, "
+                  f"{args.new_tokens / decode:.1f} tok/s", file=sys.stderr)
+    bw_after = read_bandwidth(args.threads)
+    bandwidth = max(bw_before, bw_after)  # the attainable roof: the better of the two
+
+    eager = statistics.median(samples[EAGER]["decode"])
+    best = max(statistics.median(s["decode"]) for s in samples.values())
+    rows = []
+    for name, s in samples.items():
+        tps = statistics.median(s["decode"])
+        nbytes = weight_bytes_per_token(weight_files[name], cfg)
+        ref = samples[EAGER]["tokens"]
+        rows.append({
+            "candidate": name,
+            "ttft_ms": statistics.median(s["ttft"]) * 1e3,
+            "decode_tok_s": tps,
+            "vs_eager": tps / eager,
+            "vs_best": tps / best,
+            "bytes_per_token": nbytes,
+            "roofline": nbytes * tps / (bandwidth * 1e9),
+            # greedy tokens equal to the eager reference's, from the start (a sanity check: fp32
+            # should agree for long, int8 and random weights leave near-ties that may flip)
+            "tokens_agree": next((i for i, (a, b) in enumerate(zip(s["tokens"], ref)) if a != b), len(ref)),
+            "ttft_ms_all": [t * 1e3 for t in s["ttft"]],
+            "decode_tok_s_all": s["decode"],
+        })
+    return {
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
+                    "read_bandwidth_gb_s": {"before": bw_before, "after": bw_after}},
+        "settings": {"shape": args.shape, "prompt_tokens": args.prompt_tokens,
+                     "new_tokens": args.new_tokens, "repeats": args.repeats},
+        "parameters": {k: cfg[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")},
+        "results": rows,
+    }
+
+
+def print_table(report: dict) -> None:
+    m, st = report["machine"], report["settings"]
+    bw = m["read_bandwidth_gb_s"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; numpy read bandwidth "
+          f"{bw['before']:.1f} GB/s before, {bw['after']:.1f} GB/s after")
+    print(f"shape {st['shape']}: prompt {st['prompt_tokens']} tokens, {st['new_tokens']} new tokens, "
+          f"median of {st['repeats']} interleaved passes\n")
+    head = ("candidate", "TTFT ms", "decode tok/s", "vs eager", "vs best", "MB/token", "roofline", "agree")
+    print(f"{head[0]:<20}" + "".join(f"{h:>13}" for h in head[1:]))
+    for r in report["results"]:
+        print(f"{r['candidate']:<20}{r['ttft_ms']:>13.1f}{r['decode_tok_s']:>13.1f}{r['vs_eager']:>12.2f}x"
+              f"{r['vs_best']:>12.2f}x{r['bytes_per_token'] / 1e6:>13.1f}{r['roofline']:>13.2f}"
+              f"{r['tokens_agree']:>13}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="glm-s", choices=("tiny", "glm-s", "glm-m"))
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--workdir", default=".bench")
+    ap.add_argument("--json", action="store_true", help="write the results as JSON to stdout")
+    args = ap.parse_args(argv)
+    report = benchmark(args)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
