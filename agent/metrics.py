@@ -1,0 +1,206 @@
+"""Prometheus metrics written by hand: Counter, Gauge, Histogram and the text exposition format.
+
+No client library: the edge install stays lean, and the format is small
+(https://prometheus.io/docs/instrumenting/exposition_formats/). Every metric is thread-safe.
+`ServingMetrics` is the set the local HTTP API keeps; docs/http-api.md lists the names.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Iterable
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds. CPU decode of a small INT8 model takes a few ms to ~100 ms per token; prompts and
+# whole requests take from tens of ms to a minute.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def format_value(v: float) -> str:
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if math.isnan(v):
+        return "NaN"
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _label_text(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()):
+        self.name, self.help, self.labelnames = name, help, tuple(labelnames)
+        self._lock = threading.Lock()
+
+    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
+        if set(labels) != set(self.labelnames):
+            raise ValueError(f"metric {self.name} takes labels {self.labelnames}, got {tuple(labels)}")
+        return tuple(str(labels[n]) for n in self.labelnames)
+
+    def header(self) -> list[str]:
+        help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
+        return [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} {self.kind}"]
+
+    def samples(self) -> list[str]:
+        raise NotImplementedError
+
+
+class _Value(_Metric):
+    """One number per label set. Without labels it is exposed as 0 before the first change."""
+
+    def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()):
+        super().__init__(name, help, labelnames)
+        self._values: dict[tuple[str, ...], float] = {} if self.labelnames else {(): 0.0}
+
+    def _add(self, amount: float, labels: dict[str, str]) -> None:
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels: str) -> float:
+        with self._lock:
+            return self._values.get(self._key(labels), 0.0)
+
+    def samples(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        return [f"{self.name}{_label_text(self.labelnames, k)} {format_value(v)}" for k, v in items]
+
+
+class Counter(_Value):
+    """A value that only goes up."""
+
+    kind = "counter"
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        if amount < 0:
+            raise ValueError(f"counter {self.name} can only go up; got inc({amount})")
+        self._add(amount, labels)
+
+
+class Gauge(_Value):
+    """A value that goes up and down."""
+
+    kind = "gauge"
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        self._add(amount, labels)
+
+    def dec(self, amount: float = 1.0, **labels: str) -> None:
+        self.inc(-amount, **labels)
+
+    def set(self, value: float, **labels: str) -> None:
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = float(value)
+
+
+class Histogram(_Metric):
+    """Observations counted into cumulative buckets (`le` upper bounds), with their sum and count."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, buckets: Iterable[float], labelnames: Iterable[str] = ()):
+        super().__init__(name, help, labelnames)
+        self.buckets = tuple(sorted(float(b) for b in buckets))
+        if not self.buckets or any(math.isinf(b) for b in self.buckets):
+            raise ValueError(f"histogram {self.name} needs finite bucket bounds; +Inf is added by itself")
+        # per label set: [count per bucket (not cumulative) + one for +Inf, sum]
+        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        if not self.labelnames:
+            self._series[()] = ([0] * (len(self.buckets) + 1), [0.0])
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = self._key(labels)
+        i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
+        with self._lock:
+            counts, total = self._series.setdefault(key, ([0] * (len(self.buckets) + 1), [0.0]))
+            counts[i] += 1
+            total[0] += value
+
+    def count(self, **labels: str) -> int:
+        with self._lock:
+            series = self._series.get(self._key(labels))
+            return sum(series[0]) if series else 0
+
+    def samples(self) -> list[str]:
+        with self._lock:
+            items = sorted((k, (list(c), s[0])) for k, (c, s) in self._series.items())
+        lines = []
+        for key, (counts, total) in items:
+            running = 0
+            for bound, n in zip(self.buckets + (math.inf,), counts):
+                running += n
+                le = _label_text(self.labelnames, key, f'le="{format_value(bound)}"')
+                lines.append(f"{self.name}_bucket{le} {running}")
+            lines.append(f"{self.name}_sum{_label_text(self.labelnames, key)} {format_value(total)}")
+            lines.append(f"{self.name}_count{_label_text(self.labelnames, key)} {running}")
+        return lines
+
+
+class Registry:
+    def __init__(self):
+        self._metrics: list[_Metric] = []
+
+    def register(self, metric: _Metric) -> _Metric:
+        if any(m.name == metric.name for m in self._metrics):
+            raise ValueError(f"metric {metric.name} is registered twice")
+        self._metrics.append(metric)
+        return metric
+
+    def exposition(self) -> str:
+        lines: list[str] = []
+        for m in self._metrics:
+            lines += m.header() + m.samples()
+        return "\n".join(lines) + "\n"
+
+
+class ServingMetrics:
+    """The metrics of the local HTTP API. `endpoint` is the route, e.g. `/v1/completions`."""
+
+    def __init__(self):
+        self.registry = r = Registry()
+        self.requests = r.register(Counter(
+            "edgeglm_http_requests_total", "HTTP requests answered, by endpoint and status code.",
+            ("endpoint", "code")))
+        self.errors = r.register(Counter(
+            "edgeglm_http_errors_total", "Requests that failed, by endpoint and OpenAI error type "
+            "(invalid_request_error, authentication_error, server_error, client_disconnected, ...).",
+            ("endpoint", "type")))
+        self.prompt_tokens = r.register(Counter(
+            "edgeglm_prompt_tokens_total", "Prompt tokens processed, by endpoint.", ("endpoint",)))
+        self.completion_tokens = r.register(Counter(
+            "edgeglm_completion_tokens_total", "Tokens generated, by endpoint.", ("endpoint",)))
+        self.ttft = r.register(Histogram(
+            "edgeglm_time_to_first_token_seconds", "From request received (queue wait included) to the first "
+            "generated token.", TTFT_BUCKETS, ("endpoint",)))
+        self.token_latency = r.register(Histogram(
+            "edgeglm_inter_token_latency_seconds", "Time between consecutive generated tokens (decode steps).",
+            TOKEN_BUCKETS, ("endpoint",)))
+        self.request_latency = r.register(Histogram(
+            "edgeglm_request_duration_seconds", "End-to-end time of an inference request, from received to "
+            "last byte written.", REQUEST_BUCKETS, ("endpoint",)))
+        self.in_flight = r.register(Gauge(
+            "edgeglm_inference_in_flight", "Inference requests running on the engine now (one engine: 0 or 1)."))
+        self.queued = r.register(Gauge(
+            "edgeglm_inference_queue_depth", "Inference requests waiting for the engine."))
+        self.prefix_cache_hits = r.register(Counter(
+            "edgeglm_prefix_cache_hits_total", "Requests that reused KV cache of a shared prefix. Always 0 "
+            "for now: the runtime has no prefix cache yet."))
+
+    def exposition(self) -> str:
+        return self.registry.exposition()
