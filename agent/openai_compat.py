@@ -1,0 +1,278 @@
+"""The OpenAI-compatible protocol of the local HTTP API, without the HTTP: request fields to a
+generation request, the GLM chat template, stop strings, and the response shapes (full and
+streamed chunks). Errors are `ApiError`s, answered with OpenAI's error JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from agent.config import SamplingSettings
+from runtime.errors import RequestError
+from runtime.generate import SamplingParams
+from runtime.tokenizer import StreamDecoder
+
+MAX_STOP_STRINGS = 16
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_STOP_TOKENS = ("<|user|>", "<|observation|>")  # GLM ends an assistant turn with these as well as EOS
+# Request fields this server does not implement: accepted only at their no-op values.
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False,), "top_logprobs": (0,),
+               "suffix": ("",), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+               "tools": ([],), "functions": ([],), "response_format": ({"type": "text"},)}
+
+
+@dataclass
+class ApiError(Exception):
+    """An HTTP error answered with OpenAI's error JSON."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: dict = field(default_factory=dict)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def glm_chat_prompt(messages: list[tuple[str, str]]) -> str:
+    """The GLM chat format for (role, content) pairs, role one of system, user, assistant.
+
+    "[gMASK]<sop>", then "<|role|>\\n{content}" per message, then "<|assistant|>\\n" to start the
+    reply. The role markers are special tokens of the GLM tokenizer.
+    """
+    return "[gMASK]<sop>" + "".join(f"<|{role}|>\n{content}" for role, content in messages) + "<|assistant|>\n"
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str | list[int]  # text, or token ids (completions only)
+    params: SamplingParams
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    prompt_field: str = "prompt"
+
+
+def kind_error(name: str, value, kind: str) -> ApiError:
+    return ApiError(400, f"'{name}' must be {kind}; got {json.dumps(value)}", param=name)
+
+
+def sampling_params(body: dict, defaults: SamplingSettings, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+    """Request fields over the configured defaults; each field checked on its own so the error names it."""
+    values = defaults.model_dump()
+    if body.get("max_completion_tokens") is not None:  # the chat API's newer name
+        body = {**body, "max_tokens": body["max_completion_tokens"]}
+    for name, integer in (("max_tokens", True), ("temperature", False), ("top_p", False), ("top_k", True),
+                          ("repetition_penalty", False), ("seed", True)):
+        value = body.get(name)
+        if value is None:  # absent or null: the default
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise kind_error(name, value, "an integer" if integer else "a number")
+        if name == "seed" and value < 0:
+            raise ApiError(400, f"'seed' must be a non-negative integer; got {value}", param="seed")
+        try:
+            SamplingParams(**{name: value})
+        except RequestError as exc:
+            raise ApiError(400, str(exc), param=name) from None
+        values[name] = value
+    return SamplingParams(**values, stop_token_ids=stop_token_ids)
+
+
+def _common_fields(body: dict) -> tuple[tuple[str, ...], bool, bool]:
+    for name, allowed in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in allowed:
+            raise ApiError(400, f"'{name}' = {json.dumps(body[name])} is not supported by this server; "
+                           f"leave it out", param=name)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise kind_error("stop", stop, "a non-empty string or a list of them")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' has {len(stops)} strings; at most {MAX_STOP_STRINGS}", param="stop")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise kind_error("stream", stream, "true or false")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise kind_error("stream_options", body.get("stream_options"), 'an object like {"include_usage": true}')
+    return tuple(stops), bool(stream), options.get("include_usage", False)
+
+
+def completion_request(body: dict, defaults: SamplingSettings) -> GenerationRequest:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    is_ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    if not (isinstance(prompt, str) or is_ids):
+        raise kind_error("prompt", prompt, "a string or a list of token ids (one prompt per request)")
+    stop, stream, usage = _common_fields(body)
+    return GenerationRequest(prompt, sampling_params(body, defaults), stop, stream, usage)
+
+
+def chat_request(body: dict, defaults: SamplingSettings, tokenizer) -> GenerationRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise kind_error("messages", messages, "a non-empty list of {role, content} objects")
+    pairs = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in CHAT_ROLES:
+            raise ApiError(400, f"messages[{i}].role = {json.dumps(role)} is not supported; use one of: "
+                           f"{', '.join(CHAT_ROLES)}", param=f"messages[{i}].role")
+        pairs.append((CHAT_ROLES[role], _message_text(m.get("content"), i)))
+    stop_ids = tuple(i for i in (tokenizer.token_to_id(t) for t in CHAT_STOP_TOKENS) if i is not None)
+    stop, stream, usage = _common_fields(body)
+    return GenerationRequest(glm_chat_prompt(pairs), sampling_params(body, defaults, stop_ids), stop, stream,
+                             usage, prompt_field="messages")
+
+
+def _message_text(content, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise kind_error(f"messages[{i}].content", content, 'a string or a list of {"type": "text", "text": ...} parts')
+
+
+def prompt_ids(req: GenerationRequest, model) -> list[int]:
+    if isinstance(req.prompt, str):
+        return model.tokenizer.encode(req.prompt).ids
+    bad = [t for t in req.prompt if not 0 <= t < model.arch.vocab_size]
+    if bad:
+        raise ApiError(400, f"'prompt' has token id {bad[0]} outside the vocabulary [0, {model.arch.vocab_size})",
+                       param="prompt")
+    return list(req.prompt)
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string, holding back any tail that may begin one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.held = stops, ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """Text that is safe to emit now, and whether a stop string was reached."""
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[:min(hits)], True
+        keep = max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+@dataclass
+class Outcome:
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def generate_text(model, ids: list[int], tokens, params: SamplingParams, stops: tuple[str, ...],
+                  outcome: Outcome, on_token=lambda: None):
+    """Text pieces from a stream of token ids; fills `outcome` (count, finish reason) as it goes."""
+    decoder, cut = StreamDecoder(model.tokenizer), StopStrings(stops)
+    for token in tokens:
+        outcome.completion_tokens += 1
+        on_token()
+        text, stopped = cut.push(decoder.push(token))
+        if text:
+            yield text
+        if stopped:
+            outcome.finish_reason = "stop"
+            return
+    text, stopped = cut.push(decoder.flush())
+    text += "" if stopped else cut.flush()
+    if text:
+        yield text
+    full = outcome.completion_tokens >= params.max_tokens or len(ids) + outcome.completion_tokens >= model.arch.max_positions
+    outcome.finish_reason = "length" if full and not stopped else "stop"
+
+
+# --- response shapes -------------------------------------------------------------------------------
+
+class CompletionShape:
+    object, prefix = "text_completion", "cmpl-"
+
+    def __init__(self, model_id: str):
+        self.id, self.created, self.model = self.prefix + uuid.uuid4().hex[:24], int(time.time()), model_id
+
+    def _wrap(self, obj: str, choices: list, usage: dict | None = None) -> dict:
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def choice(self, text: str, finish: str | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def full(self, text: str, outcome: Outcome) -> dict:
+        return self._wrap(self.object, [self.choice(text, outcome.finish_reason)], outcome.usage())
+
+    def first_chunks(self) -> list[dict]:
+        return []
+
+    def chunk(self, text: str, finish: str | None = None) -> dict:
+        return self._wrap(self.object, [self.choice(text, finish)])
+
+    def usage_chunk(self, outcome: Outcome) -> dict:
+        return self._wrap(self.object, [], outcome.usage())
+
+
+class ChatShape(CompletionShape):
+    object, prefix = "chat.completion.chunk", "chatcmpl-"
+
+    def full(self, text: str, outcome: Outcome) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": outcome.finish_reason}
+        return self._wrap("chat.completion", [choice], outcome.usage())
+
+    def choice(self, text: str, finish: str | None) -> dict:
+        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
+
+    def first_chunks(self) -> list[dict]:
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return [self._wrap(self.object, [role])]
+
+
+def model_id(model) -> str:
+    return f"{model.bundle.manifest.name}-{model.bundle.manifest.version}"
+
+
+def model_card(model) -> dict:
+    try:
+        created = int(datetime.fromisoformat(model.bundle.manifest.created).timestamp())
+    except ValueError:
+        created = 0
+    return {"id": model_id(model), "object": "model", "created": created, "owned_by": "edgeglm"}
+
+
+def check_model_field(wanted, model) -> None:
+    """Requests may name the model as `name-version` or `name`, or leave it out."""
+    if wanted is not None and not isinstance(wanted, str):
+        raise kind_error("model", wanted, "a string")
+    if wanted is not None and model is not None and wanted not in (model_id(model), model.bundle.manifest.name):
+        raise ApiError(404, f"model {wanted!r} is not served here; this agent serves {model_id(model)!r}",
+                       param="model", code="model_not_found")
+
+
+def reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")

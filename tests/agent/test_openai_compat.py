@@ -1,0 +1,79 @@
+"""The OpenAI protocol pieces without HTTP: chat template, stop strings, request fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.config import SamplingSettings
+from agent.openai_compat import ApiError, StopStrings, completion_request, glm_chat_prompt, sampling_params
+
+
+def test_glm_chat_template():
+    prompt = glm_chat_prompt([("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Bye")])
+    assert prompt == ("[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>\nHello.<|user|>\nBye"
+                      "<|assistant|>\n")
+
+
+def run(stops, pieces):
+    cut, out = StopStrings(stops), []
+    for p in pieces:
+        text, stopped = cut.push(p)
+        out.append(text)
+        if stopped:
+            return "".join(out), True
+    return "".join(out) + cut.flush(), False
+
+
+@pytest.mark.parametrize("pieces", [["hello wor", "ld END more"], list("hello world END more"),
+                                    ["hello world E", "N", "D"], ["hello world END"]])
+def test_stop_string_split_across_pieces(pieces):
+    assert run(("END", "zzz"), pieces) == ("hello world ", True)
+
+
+def test_held_back_prefix_is_released_when_it_does_not_complete():
+    cut = StopStrings(("END",))
+    assert cut.push("abc E") == ("abc ", False)  # "E" might start END
+    assert cut.push("N!") == ("EN!", False)
+    assert run(("END",), ["tail E"]) == ("tail E", False)
+
+
+def test_earliest_stop_string_in_the_text_so_far_wins():
+    assert run(("b", "abc"), ["xxabc"]) == ("xx", True)
+    assert run(("b", "abc"), ["xxab", "c"]) == ("xxa", True)  # "b" completed first: generation stops there
+
+
+def test_request_fields_override_config_defaults():
+    defaults = SamplingSettings(max_tokens=50, temperature=0.3, top_k=5)
+    p = sampling_params({"max_tokens": 7, "top_p": 0.9, "seed": 1, "temperature": None}, defaults)
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed) == (7, 0.3, 0.9, 5, 1)
+    assert sampling_params({"max_completion_tokens": 4}, defaults).max_tokens == 4
+
+
+@pytest.mark.parametrize("body, param, text", [
+    ({"temperature": True}, "temperature", "must be a number"),
+    ({"max_tokens": 2.5}, "max_tokens", "must be an integer"),
+    ({"top_p": 1.5}, "top_p", "top_p=1.5 is invalid"),
+])
+def test_bad_sampling_fields(body, param, text):
+    with pytest.raises(ApiError) as err:
+        sampling_params(body, SamplingSettings())
+    assert err.value.status == 400 and err.value.param == param and text in err.value.message
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "stop": [""]}, "stop"), ({"prompt": "x", "stop": 3}, "stop"),
+    ({"prompt": "x", "stream": "yes"}, "stream"), ({"prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"), ({"prompt": ["a", "b"]}, "prompt"),
+    ({}, "prompt"),
+])
+def test_bad_completion_fields(body, param):
+    with pytest.raises(ApiError) as err:
+        completion_request(body, SamplingSettings())
+    assert err.value.param == param
+
+
+def test_no_op_values_of_unsupported_fields_are_accepted():
+    req = completion_request({"prompt": ["only one"], "n": 1, "presence_penalty": 0, "logprobs": None,
+                              "stop": "x", "stream": True, "stream_options": {"include_usage": True}},
+                             SamplingSettings())
+    assert (req.prompt, req.stop, req.stream, req.include_usage) == ("only one", ("x",), True, True)
