@@ -1,0 +1,479 @@
+"""The local OpenAI-compatible HTTP API, on the standard library's `http.server`.
+
+    POST /v1/completions, /v1/chat/completions   OpenAI-compatible; streaming as server-sent events
+    GET  /v1/models[/ID]                         the loaded model, as `name-version`
+    GET  /healthz                                the process answers
+    GET  /readyz                                 200 once a verified model passed its golden check
+    GET  /metrics                                Prometheus text (agent.metrics.ServingMetrics)
+
+No web framework: the edge install stays lean. One engine, so inference is serialized through
+one lock; requests beyond `http.max_concurrent` (running + queued) get 429. Errors are OpenAI's
+JSON shape (`{"error": {"message", "type", "param", "code"}}`); a client never sees a traceback.
+docs/http-api.md has the details and examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import chain
+from urllib.parse import urlsplit
+
+from agent.config import HttpSettings, SamplingSettings
+from agent.errors import ServeError
+from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServingMetrics
+from agent.openai_compat import (ApiError, ChatShape, CompletionShape, GenerationRequest, Outcome, chat_request,
+                                 check_model_field, completion_request, generate_text, model_card, model_id,
+                                 prompt_ids, reject_constant)
+from runtime.errors import RequestError
+from runtime.generate import generate
+
+log = logging.getLogger("edgeglm.http")
+
+SOCKET_TIMEOUT_S = 60.0  # an idle keep-alive connection, or a client that stops reading, is dropped after this
+
+
+# --- the server ------------------------------------------------------------------------------------
+
+class ApiServer:
+    """The local HTTP API. `start()` serves on a background thread; `shutdown(deadline)` drains and stops.
+
+    `set_model` installs (or swaps) the model and its golden-check result; until a model passed
+    its golden check, /readyz and the inference endpoints answer 503 with the reason.
+    """
+
+    def __init__(self, http: HttpSettings, sampling: SamplingSettings, metrics: ServingMetrics | None = None):
+        self.http, self.sampling = http, sampling
+        self.metrics = metrics or ServingMetrics()
+        self._engine = threading.Lock()  # one engine: one generation at a time
+        self._state = threading.Condition()  # guards everything below
+        self._model = self._golden = None
+        self._waiting = self._running = self._active = 0
+        self._connections: set[socket.socket] = set()
+        self._stopping = threading.Event()  # no new inference
+        self._abort = threading.Event()  # cut generations still running at the shutdown deadline
+        self._httpd: _HttpServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # model and readiness
+    def set_model(self, model, golden) -> None:
+        with self._engine, self._state:
+            self._model, self._golden = model, golden
+
+    def readiness(self) -> tuple[bool, str]:
+        with self._state:
+            model, golden = self._model, self._golden
+        if self._stopping.is_set():
+            return False, "the agent is shutting down"
+        if model is None:
+            return False, "no model is loaded"
+        if golden is None:
+            return False, f"model {model_id(model)} is loaded; its golden check has not finished"
+        if not golden.passed:
+            return False, f"model {model_id(model)} failed its golden check: {golden.describe()}"
+        return True, f"model {model_id(model)} on {model.backend}; golden check: {golden.describe()}"
+
+    def current_model(self):
+        with self._state:
+            return self._model
+
+    @contextmanager
+    def engine_slot(self):
+        """Hold the engine for one generation; yields the ready model. 429 when too many wait, 503 if not ready."""
+        with self._state:
+            if self._waiting + self._running >= self.http.max_concurrent:
+                raise ApiError(429, f"{self._waiting + self._running} requests are running or queued, the limit "
+                               f"(http.max_concurrent) is {self.http.max_concurrent}; retry later",
+                               type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+            self._waiting += 1
+        self.metrics.queued.inc()
+        self._engine.acquire()
+        with self._state:
+            self._waiting, self._running = self._waiting - 1, self._running + 1
+        self.metrics.queued.dec()
+        self.metrics.in_flight.inc()
+        try:
+            ready, reason = self.readiness()
+            if not ready:
+                raise ApiError(503, f"not ready to generate: {reason}", type="server_error",
+                               code="model_not_ready", headers={"Retry-After": "5"})
+            yield self._model
+        finally:
+            with self._state:
+                self._running -= 1
+            self.metrics.in_flight.dec()
+            self._engine.release()
+
+    # lifecycle
+    def start(self) -> None:
+        try:
+            self._httpd = _HttpServer((self.http.host, self.http.port), self)
+        except OSError as exc:
+            raise ServeError(f"the HTTP API cannot listen on {self.http.host}:{self.http.port}: {exc.strerror or exc}; "
+                             f"set http.host/http.port (EDGEGLM_HTTP__PORT) or stop what uses the port") from None
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=f"edgeglm-http-{self.port}", daemon=True)
+        self._thread.start()
+        log.info("HTTP API listening on %s", self.url)
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("the HTTP API is not started: call start() first")
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = self._httpd.server_address[0] if self._httpd else self.http.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    def shutdown(self, deadline: float = 10.0) -> None:
+        """Stop accepting, let requests in progress finish for up to `deadline` seconds, then cut them."""
+        if self._httpd is None:
+            return
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+        with self._state:
+            if not self._state.wait_for(lambda: self._active == 0, timeout=deadline):
+                log.warning("HTTP API: %d request(s) still running after %.1f s; cutting them", self._active, deadline)
+                self._abort.set()
+                self._state.wait_for(lambda: self._active == 0, timeout=max(1.0, deadline))
+            connections = list(self._connections)
+        for conn in connections:  # idle keep-alive connections
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._httpd = None
+
+    def _connection(self, conn: socket.socket, open: bool) -> None:
+        with self._state:
+            (self._connections.add if open else self._connections.discard)(conn)
+
+    @contextmanager
+    def _request(self):
+        """Counts a request in progress, for shutdown's drain."""
+        with self._state:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._active -= 1
+                self._state.notify_all()
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # shutdown() drains requests itself, with a deadline
+
+    def __init__(self, address: tuple[str, int], api: ApiServer):
+        self.api = api
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request, client_address) -> None:  # a connection failed outside a request
+        log.debug("HTTP API: connection from %s failed", client_address, exc_info=True)
+
+
+# route -> method -> handler method name
+ROUTES = {
+    "/healthz": {"GET": "healthz"},
+    "/readyz": {"GET": "readyz"},
+    "/metrics": {"GET": "metrics"},
+    "/v1/models": {"GET": "models"},
+    "/v1/models/{model}": {"GET": "model"},
+    "/v1/completions": {"POST": "completions"},
+    "/v1/chat/completions": {"POST": "chat_completions"},
+}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HttpServer
+    protocol_version = "HTTP/1.1"  # keep-alive, as OpenAI clients expect
+    timeout = SOCKET_TIMEOUT_S
+    disable_nagle_algorithm = True  # one small write per streamed token
+    server_version, sys_version = "edgeglm", ""
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.api._connection(self.connection, open=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.api._connection(self.connection, open=False)
+
+    def log_message(self, format: str, *args) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._status = code
+        super().send_response(code, message)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, unknown method, ...), as JSON."""
+        self.close_connection = True
+        self._send_json(code, ApiError(code, message or self.responses.get(code, ("error",))[0]).body())
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = lambda self: self._dispatch()
+
+    # dispatch
+    def _dispatch(self) -> None:
+        api = self.server.api
+        path = urlsplit(self.path).path
+        route = "/v1/models/{model}" if path.startswith("/v1/models/") else path
+        endpoint = route if route in ROUTES else "unmatched"
+        self._status, self._streaming, self._t0 = 0, False, time.perf_counter()
+        self._body_pending = self.headers.get("Content-Length", "0") not in ("", "0") or \
+            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        with api._request():
+            try:
+                self._route(api, route, path)
+            except ApiError as exc:
+                self._fail(endpoint, exc)
+            except RequestError as exc:
+                self._fail(endpoint, ApiError(400, str(exc)))
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                self.close_connection = True
+                api.metrics.errors.inc(endpoint=endpoint, type="client_disconnected")
+            except Exception:
+                log.exception("HTTP API: %s %s failed", self.command, path)
+                self._fail(endpoint, ApiError(500, "internal error; the agent log has the details",
+                                              type="server_error"))
+            finally:
+                if self._status:
+                    api.metrics.requests.inc(endpoint=endpoint, code=str(self._status))
+
+    def _route(self, api: ApiServer, route: str, path: str) -> None:
+        methods = ROUTES.get(route)
+        if methods is None:
+            raise ApiError(404, f"no such endpoint: {path}; see docs/http-api.md (e.g. POST /v1/chat/completions)",
+                           code="not_found")
+        method = "GET" if self.command == "HEAD" else self.command
+        if method not in methods:
+            raise ApiError(405, f"{self.command} is not allowed on {path}; use {', '.join(methods)}",
+                           code="method_not_allowed", headers={"Allow": ", ".join(methods)})
+        if path.startswith("/v1/"):
+            self._authorize(api)
+        getattr(self, "_" + methods[method])(api, path)
+
+    def _authorize(self, api: ApiServer) -> None:
+        key = api.http.api_key
+        if key is None:
+            return
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "an API key is required: send 'Authorization: Bearer KEY' (http.api_key)",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
+            raise ApiError(401, "the API key is not correct", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def _fail(self, endpoint: str, exc: ApiError) -> None:
+        self.server.api.metrics.errors.inc(endpoint=endpoint, type=exc.type)
+        if not self._streaming:
+            self._send_json(exc.status, exc.body(), exc.headers)
+            return
+        try:  # headers are out: tell the client in the stream, then end it cleanly
+            self._write_event(exc.body())
+            self._write_chunk(b"")
+        except OSError:
+            self.close_connection = True
+
+    # bodies
+    def _read_json(self) -> dict:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise ApiError(411, "chunked request bodies are not supported; send Content-Length", code="length_required")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise ApiError(411, "a request body with Content-Length is required", code="length_required") from None
+        limit = self.server.api.http.max_body_bytes
+        if length > limit:
+            raise ApiError(413, f"the request body is {length} bytes; the limit (http.max_body_bytes) is {limit}",
+                           code="request_too_large")
+        raw = self.rfile.read(max(length, 0))
+        if len(raw) < length:
+            raise ConnectionResetError("the client closed the connection inside the request body")
+        self._body_pending = False
+        try:
+            body = json.loads(raw, parse_constant=reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+
+    def _send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if getattr(self, "_body_pending", False):  # an unread body would be taken for the next request
+            self.close_connection = True
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._streaming = True
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data) if data else b"0\r\n\r\n")
+
+    def _write_event(self, obj: dict | str) -> None:
+        self._write_chunk(b"data: " + (obj if isinstance(obj, str) else json.dumps(obj)).encode() + b"\n\n")
+
+    # endpoints
+    def _healthz(self, api: ApiServer, path: str) -> None:
+        self._send_json(200, {"status": "ok"})
+
+    def _readyz(self, api: ApiServer, path: str) -> None:
+        ready, reason = api.readiness()
+        self._send_json(200 if ready else 503, {"status": "ready" if ready else "not ready", "reason": reason})
+
+    def _metrics(self, api: ApiServer, path: str) -> None:
+        self._send(200, api.metrics.exposition().encode(), METRICS_CONTENT_TYPE)
+
+    def _models(self, api: ApiServer, path: str) -> None:
+        model = api.current_model()
+        self._send_json(200, {"object": "list", "data": [model_card(model)] if model else []})
+
+    def _model(self, api: ApiServer, path: str) -> None:
+        model, wanted = api.current_model(), path[len("/v1/models/"):]
+        if model is None:
+            raise ApiError(404, f"model {wanted!r} is not served here: no model is loaded", param="model",
+                           code="model_not_found")
+        check_model_field(wanted, model)
+        self._send_json(200, model_card(model))
+
+    def _completions(self, api: ApiServer, path: str) -> None:
+        body = self._read_json()
+        self._generate(api, "/v1/completions", body, completion_request(body, api.sampling), CompletionShape)
+
+    def _chat_completions(self, api: ApiServer, path: str) -> None:
+        body = self._read_json()
+        model = api.current_model()
+        if model is None:
+            raise ApiError(503, "not ready to generate: no model is loaded", type="server_error", code="model_not_ready")
+        req = chat_request(body, api.sampling, model.tokenizer)
+        self._generate(api, "/v1/chat/completions", body, req, ChatShape)
+
+    def _generate(self, api: ApiServer, endpoint: str, body: dict, req: GenerationRequest, shape_cls) -> None:
+        m = api.metrics
+        check_model_field(body.get("model"), api.current_model())
+        with api.engine_slot() as model:
+            ids = prompt_ids(req, model)
+            tokens = generate(model.engine, ids, req.params)
+            try:
+                first = next(tokens, None)  # prompt errors surface here, before any byte is sent
+            except RequestError as exc:
+                raise ApiError(400, str(exc), param=req.prompt_field) from None
+            outcome, shape, last = Outcome(len(ids)), shape_cls(model_id(model)), [None]
+
+            def on_token():
+                now = time.perf_counter()
+                if last[0] is None:
+                    m.ttft.observe(now - self._t0, endpoint=endpoint)
+                else:
+                    m.token_latency.observe(now - last[0], endpoint=endpoint)
+                last[0] = now
+                if api._abort.is_set():
+                    raise ApiError(503, "the agent is shutting down; the answer was cut", type="server_error")
+
+            stream = chain([] if first is None else [first], tokens)
+            pieces = generate_text(model, ids, stream, req.params, req.stop, outcome, on_token)
+            try:
+                if req.stream:
+                    self._start_stream()
+                    for chunk in shape.first_chunks():
+                        self._write_event(chunk)
+                    for piece in pieces:
+                        self._write_event(shape.chunk(piece))
+                    self._write_event(shape.chunk("", outcome.finish_reason))
+                    if req.include_usage:
+                        self._write_event(shape.usage_chunk(outcome))
+                    self._write_event("[DONE]")
+                    self._write_chunk(b"")
+                else:
+                    self._send_json(200, shape.full("".join(pieces), outcome))
+            finally:
+                tokens.close()
+                m.prompt_tokens.inc(outcome.prompt_tokens, endpoint=endpoint)
+                m.completion_tokens.inc(outcome.completion_tokens, endpoint=endpoint)
+        m.request_latency.observe(time.perf_counter() - self._t0, endpoint=endpoint)
+
+
+# --- entry points ----------------------------------------------------------------------------------
+
+def serve_http(config, model) -> ApiServer:
+    """Start the HTTP API for `config` (an AgentConfig) serving `model` (a LoadedModel); returns the running server.
+
+    The server answers /healthz at once; /readyz and inference wait for the golden check, run here.
+    """
+    server = ApiServer(config.http, config.sampling)
+    server.start()
+    server.set_model(model, None)
+    golden = model.golden_check()
+    server.set_model(model, golden)
+    log.info("model %s on %s: golden check %s", model_id(model), model.backend, golden.describe())
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m agent.http_api --bundle BUNDLE [--port N]`: serve until Ctrl-C (for manual testing)."""
+    from agent.config import load_config
+    from agent.model import load_model
+
+    p = argparse.ArgumentParser(prog="python -m agent.http_api", description=main.__doc__)
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--backend")
+    args = p.parse_args(argv)
+    overrides = {"model.bundle": args.bundle, **{f"http.{k}": v for k in ("host", "port")
+                                                 if (v := getattr(args, k)) is not None}}
+    if args.backend:
+        overrides["model.backend"] = args.backend
+    cfg = load_config(args.config, overrides)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    model = load_model(cfg.model.bundle, cfg.model.backend, cfg.model.threads)
+    server = serve_http(cfg, model)
+    print(f"serving {model_id(model)} ({model.backend}) on {server.url}/v1 — Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    print("stopping", flush=True)
+    server.shutdown(deadline=5.0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,359 @@
+"""The local HTTP API through the official `openai` client and raw `http.client`, on a real bundle."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from agent.config import HttpSettings, SamplingSettings, load_config
+from agent.http_api import ApiServer, serve_http
+from agent.model import load_model
+from agent.openai_compat import CHAT_STOP_TOKENS, glm_chat_prompt
+from runtime.generate import SamplingParams, generate
+from runtime.golden import GoldenResult
+
+MODEL_ID = "tiny-1.0.0"
+PROMPT = "def main(argv=None):\n"
+
+
+@pytest.fixture(scope="module")
+def model(int8_bundle):
+    return load_model(int8_bundle, "onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    cfg = load_config(None, {"http.port": 0, "http.max_body_bytes": 4096, "sampling.max_tokens": 16})
+    srv = serve_http(cfg, model)
+    yield srv
+    srv.shutdown(deadline=5.0)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def side_server(model, **http) -> ApiServer:
+    """A second server on the same model with other HTTP settings (one request at a time in these tests)."""
+    srv = ApiServer(HttpSettings(port=0, **http), SamplingSettings(max_tokens=8))
+    srv.start()
+    srv.set_model(model, model.golden_check())
+    return srv
+
+
+def direct(model, prompt: str, max_tokens: int, stop_tokens: tuple[str, ...] = ()) -> tuple[list[int], list[int], str]:
+    """Prompt ids, generated ids and text from runtime.generate called directly."""
+    ids = model.tokenizer.encode(prompt).ids
+    stop_ids = tuple(model.tokenizer.token_to_id(t) for t in stop_tokens)
+    out = list(generate(model.engine, ids, SamplingParams(max_tokens=max_tokens, stop_token_ids=stop_ids)))
+    return ids, out, model.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def raw(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None, conn=None):
+    conn = conn or http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    return resp, resp.read(), conn
+
+
+# --- OpenAI endpoints ------------------------------------------------------------------------------
+
+def test_models_lists_the_loaded_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    assert client.models.retrieve(MODEL_ID).owned_by == "edgeglm"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other-2.0.0")
+
+
+def test_greedy_completion_equals_runtime_generate(client, model):
+    ids, out, text = direct(model, PROMPT, 24)
+    r = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert r.choices[0].text == text and text
+    assert r.choices[0].finish_reason == ("length" if len(out) == 24 else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        len(ids), len(out), len(ids) + len(out))
+    assert r.model == MODEL_ID and r.object == "text_completion"
+
+
+def test_completion_from_token_ids_and_config_default_max_tokens(client, model):
+    ids, out, text = direct(model, PROMPT, 16)  # the fixture's sampling.max_tokens
+    r = client.completions.create(model=MODEL_ID, prompt=ids)
+    assert r.choices[0].text == text and r.usage.completion_tokens == len(out)
+
+
+def test_streamed_completion_equals_non_streamed(client):
+    full = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=30)
+    chunks = list(client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=30, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == full.choices[0].finish_reason and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_chat_greedy_equals_runtime_generate_on_the_glm_template(client, model):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def parse(text):"}]
+    prompt = glm_chat_prompt([(m["role"], m["content"]) for m in messages])
+    assert prompt == "[gMASK]<sop><|system|>\nYou write Python.<|user|>\ndef parse(text):<|assistant|>\n"
+    ids, out, text = direct(model, prompt, 20, CHAT_STOP_TOKENS)
+    r = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=20)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == text
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(out))
+    assert r.object == "chat.completion"
+
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=20, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    assert all(c.usage is None for c in chunks)  # usage only when stream_options asks for it
+
+
+def test_seeded_sampling_is_repeatable_and_streams_the_same_text(client):
+    kw = dict(model=MODEL_ID, prompt=PROMPT, max_tokens=20, temperature=0.9, top_p=0.95, seed=7,
+              extra_body={"top_k": 40, "repetition_penalty": 1.1})
+    a = client.completions.create(**kw).choices[0].text
+    b = client.completions.create(**kw).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+    assert a == b == streamed
+
+
+def test_stop_string_cuts_the_text_and_ends_generation(client):
+    text = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=30).choices[0].text
+    stop = text[6:9]
+    assert len(stop) == 3 and text.find(stop) >= 0
+    r = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=30, stop=[stop, "never-seen"])
+    assert r.choices[0].text == text[:text.find(stop)]
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 30
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL_ID, prompt=PROMPT, max_tokens=30, stop=stop, stream=True))
+    assert streamed == r.choices[0].text
+
+
+# --- request errors --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(temperature=500), "temperature"),
+    (dict(top_p=0), "top_p"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(extra_body={"top_k": -1}), "top_k"),
+    (dict(extra_body={"repetition_penalty": "high"}), "repetition_penalty"),
+    (dict(seed=-3), "seed"),
+    (dict(n=2), "n"),
+])
+def test_invalid_sampling_field_is_a_400_naming_it(client, kw, field):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL_ID, prompt=PROMPT, **kw)
+    assert field in err.value.message and err.value.body["param"] == field
+    assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_bad_chat_messages_and_model_names(client):
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\]\.role"):
+        client.chat.completions.create(model=MODEL_ID, messages=[{"role": "robot", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=MODEL_ID, messages=[])
+    with pytest.raises(openai.NotFoundError, match="tiny-1.0.0"):
+        client.completions.create(model="gpt-4", prompt=PROMPT)
+    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).model == MODEL_ID
+
+
+def test_prompt_beyond_the_context_window_is_a_400(model):
+    srv = side_server(model)  # default max_body_bytes: a prompt of max_positions ids
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="context window") as err:
+            client.completions.create(model=MODEL_ID, prompt=[1] * model.arch.max_positions, max_tokens=2)
+        assert err.value.body["param"] == "prompt"
+        with pytest.raises(openai.BadRequestError, match="vocabulary"):
+            client.completions.create(model=MODEL_ID, prompt=[model.arch.vocab_size], max_tokens=2)
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
+def test_malformed_json_is_a_400_and_the_connection_stays_usable(server):
+    resp, body, conn = raw(server, "POST", "/v1/completions", b'{"prompt": "x",', {"Content-Type": "application/json"})
+    assert resp.status == 400 and "not valid JSON" in json.loads(body)["error"]["message"]
+    for payload, needle in [(b"[1, 2]", "JSON object"), (b'{"prompt": 5}', "'prompt' must be"),
+                            (b'{"prompt": "x", "temperature": NaN}', "not valid JSON"),
+                            (b"\xff\xfe\x00", "not valid JSON")]:
+        resp, body, conn = raw(server, "POST", "/v1/completions", payload, conn=conn)
+        assert resp.status == 400 and needle in json.loads(body)["error"]["message"], payload
+    resp, body, _ = raw(server, "GET", "/healthz", conn=conn)  # same keep-alive connection
+    assert resp.status == 200 and json.loads(body) == {"status": "ok"}
+
+
+def test_oversized_body_is_a_413_and_closes(server):
+    big = json.dumps({"prompt": "x" * 5000}).encode()
+    resp, body, _ = raw(server, "POST", "/v1/completions", big)
+    error = json.loads(body)["error"]
+    assert resp.status == 413 and "4096" in error["message"] and "http.max_body_bytes" in error["message"]
+    assert resp.getheader("Connection") == "close"
+
+
+def test_unknown_route_and_wrong_method(server):
+    resp, body, _ = raw(server, "GET", "/v2/nothing")
+    assert resp.status == 404 and json.loads(body)["error"]["code"] == "not_found"
+    resp, body, _ = raw(server, "GET", "/v1/completions")
+    assert resp.status == 405 and resp.getheader("Allow") == "POST"
+    assert "GET is not allowed" in json.loads(body)["error"]["message"]
+    resp, body, _ = raw(server, "DELETE", "/metrics")
+    assert resp.status == 405 and resp.getheader("Allow") == "GET"
+    resp, body, _ = raw(server, "BREW", "/healthz")
+    assert resp.status == 501 and "error" in json.loads(body)
+
+
+# --- auth, readiness, concurrency ------------------------------------------------------------------
+
+def test_api_key_is_required_when_configured(model):
+    srv = side_server(model, api_key="s3cret")
+    try:
+        url = f"{srv.url}/v1"
+        for key in ("wrong", "s3cre", "s3cret-and-more"):
+            with pytest.raises(openai.AuthenticationError) as err:
+                openai.OpenAI(base_url=url, api_key=key, max_retries=0).models.list()
+            assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+        resp, body, _ = raw(srv, "POST", "/v1/completions", b'{"prompt": "x"}')
+        assert resp.status == 401 and "Authorization: Bearer" in json.loads(body)["error"]["message"]
+        assert resp.getheader("WWW-Authenticate") == "Bearer"
+        good = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
+        assert good.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+        assert raw(srv, "GET", "/healthz")[0].status == 200  # probes need no key
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
+def test_readyz_reports_the_golden_check(server, model):
+    resp, body, _ = raw(server, "GET", "/readyz")
+    assert resp.status == 200 and "golden check" in json.loads(body)["reason"]
+
+    srv = ApiServer(HttpSettings(port=0), SamplingSettings())
+    srv.start()
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+        resp, body, _ = raw(srv, "GET", "/readyz")
+        assert resp.status == 503 and json.loads(body)["reason"] == "no model is loaded"
+        srv.set_model(model, GoldenResult(steps=4, exact=3, mismatches=(2,), near_ties=()))
+        resp, body, _ = raw(srv, "GET", "/readyz")
+        assert resp.status == 503 and "failed its golden check" in json.loads(body)["reason"]
+        with pytest.raises(openai.InternalServerError, match="golden check"):
+            client.completions.create(model=MODEL_ID, prompt=PROMPT)
+        assert raw(srv, "GET", "/healthz")[0].status == 200
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
+def test_four_concurrent_requests_all_succeed(server, model):
+    prompts = [PROMPT, "import os\n", "class Parser:\n", "def test_"]
+    expected = [direct(model, p, 12)[2] for p in prompts]
+
+    def ask(prompt):
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        if prompt.startswith("class"):
+            return "".join(ch.choices[0].text for ch in c.completions.create(
+                model=MODEL_ID, prompt=prompt, max_tokens=12, stream=True))
+        return c.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=12).choices[0].text
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, prompts)) == expected
+
+
+def test_requests_beyond_max_concurrent_get_429(model):
+    srv = side_server(model, max_concurrent=1)
+    try:
+        with srv.engine_slot():  # the one slot is taken
+            with pytest.raises(openai.RateLimitError, match="http.max_concurrent"):
+                openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0).completions.create(
+                    model=MODEL_ID, prompt=PROMPT)
+        assert srv.metrics.in_flight.value() == 0 and srv.metrics.queued.value() == 0
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
+def test_client_that_leaves_mid_stream_does_not_block_the_engine(server, client):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 400, "stream": True}))
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    assert resp.fp.readline()  # the first chunk has come
+    conn.close()
+    assert client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=3).usage.completion_tokens >= 1
+
+
+# --- metrics and lifecycle -------------------------------------------------------------------------
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
+
+
+def parse_metrics(text: str) -> tuple[dict, dict]:
+    """Check each line of Prometheus text format; return {TYPE name: type} and {sample line key: value}."""
+    types, samples = {}, {}
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram") and name not in types
+            types[name] = kind
+            continue
+        m = SAMPLE.match(line)
+        assert m, f"not a Prometheus sample line: {line!r}"
+        name = m.group(1)
+        base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+        assert base in types, f"{name} has no TYPE line"
+        samples[name + (m.group(2) or "")] = float(m.group(4))
+    return types, samples
+
+
+def test_metrics_grow_after_requests_and_parse(server, client):
+    def scrape():
+        resp, body, _ = raw(server, "GET", "/metrics")
+        assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+        return body.decode()
+
+    _, before = parse_metrics(scrape())
+    r = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=5)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL_ID, prompt=PROMPT, temperature=-1)
+    text = scrape()
+    types, after = parse_metrics(text)
+
+    ep = 'endpoint="/v1/completions"'
+    assert types["edgeglm_time_to_first_token_seconds"] == "histogram"
+    assert types["edgeglm_inference_queue_depth"] == "gauge"
+    assert types["edgeglm_prefix_cache_hits_total"] == "counter"
+    ok = f'edgeglm_http_requests_total{{{ep},code="200"}}'
+    bad = f'edgeglm_http_requests_total{{{ep},code="400"}}'
+    assert after[ok] == before.get(ok, 0) + 1 and after[bad] == before.get(bad, 0) + 1
+    err = f'edgeglm_http_errors_total{{{ep},type="invalid_request_error"}}'
+    assert after[err] == before.get(err, 0) + 1
+    tokens = f"edgeglm_completion_tokens_total{{{ep}}}"
+    assert after[tokens] == before.get(tokens, 0) + r.usage.completion_tokens
+    for hist in ("edgeglm_time_to_first_token_seconds", "edgeglm_request_duration_seconds"):
+        count = f"{hist}_count{{{ep}}}"
+        assert after[count] == before.get(count, 0) + 1
+        buckets = [v for k, v in after.items() if k.startswith(f"{hist}_bucket{{{ep},")]
+        assert buckets == sorted(buckets) and buckets[-1] == after[count]
+        assert after[f'{hist}_bucket{{{ep},le="+Inf"}}'] == after[count]
+    assert after[f"edgeglm_inter_token_latency_seconds_count{{{ep}}}"] >= 1
+    assert after["edgeglm_inference_in_flight"] == 0 and after["edgeglm_inference_queue_depth"] == 0
+    assert after["edgeglm_prefix_cache_hits_total"] == 0 and "no prefix cache yet" in text
+
+
+def test_port_zero_binds_a_free_port_and_shutdown_stops_serving(model):
+    srv = side_server(model)
+    port = srv.port
+    assert port != 0 and raw(srv, "GET", "/healthz")[0].status == 200
+    idle = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # a keep-alive connection left open
+    raw(srv, "GET", "/healthz", conn=idle)
+    srv.shutdown(deadline=2.0)
+    with pytest.raises(OSError):
+        http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/healthz")
