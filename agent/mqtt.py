@@ -1,0 +1,637 @@
+"""The agent's MQTT session: one paho client kept connected, feeding the agent's loop through a queue.
+
+    session = MqttSession(settings, fleet="plant-7", device="box-12", state_fn=current_state)
+    session.subscribe(desired_topic("plant-7", "box-12"), DesiredConfig)
+    session.start()
+    while running:
+        event = session.get_event(timeout=1.0)   # Connected | Disconnected | Received | PayloadRejected | None
+        ...
+    session.close()                              # retained `online: false`, then a clean DISCONNECT
+
+Three threads touch a session. paho's network thread (one per connection, `loop_start`) runs the
+callbacks, which only put events on queues. A supervisor thread connects, waits out the backoff,
+and after each CONNACK subscribes, publishes the retained state and flushes what was held while
+offline. The agent's thread calls everything public and decodes payloads in `get_event`.
+
+Protocol: "5", "3.1.1", or "auto": MQTT 5 first and 3.1.1 when the broker refuses protocol level 5
+(a CONNACK "unsupported protocol version", or the connection closed before any CONNACK); once a
+connection succeeds its protocol is kept. Request/response works over both: MQTT 5 sends the
+response topic and correlation data as properties, and every request also carries `reply_to`
+and `id` in its payload, which is all that a 3.1.1 hop keeps.
+
+Nothing is lost across a broker restart: QoS 1, a persistent session (clean start off, session
+expiry for MQTT 5; clean session off for 3.1.1), messages published while offline held and sent
+in order after reconnect (telemetry in a bounded buffer whose overflow is counted in the next
+report's `dropped_reports`), and the state re-published on every connect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Union
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from agent.errors import PayloadError
+from agent.topics import ReportedState, TelemetryReport, check_publish_topic, parse_payload, state_topic, \
+    telemetry_topic
+
+log = logging.getLogger(__name__)
+
+UNSUPPORTED_PROTOCOL = 132  # CONNACK reason; paho maps a 3.1.1 broker's return code 1 to it
+PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
+
+
+class MqttTls(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    ca_file: Path | None = None  # None: the system's CA store
+    cert_file: Path | None = None  # client certificate, with key_file
+    key_file: Path | None = None
+    insecure: bool = False  # skip the host name check (never in production)
+
+    @model_validator(mode="after")
+    def _pair(self) -> "MqttTls":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together: give both or neither")
+        return self
+
+
+class MqttSettings(BaseModel):
+    """Connection to the fleet's broker; `enabled: false` runs the agent without MQTT."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str | None = Field(None, min_length=1, max_length=128)  # None: the device id
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: MqttTls | None = None  # None: plain TCP
+    keepalive_s: int = Field(30, ge=5, le=65535)
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    reconnect_min_delay_s: float = Field(1.0, gt=0.0, le=3600.0)
+    reconnect_max_delay_s: float = Field(60.0, gt=0.0, le=86400.0)
+    connect_timeout_s: float = Field(10.0, gt=0.0, le=300.0)  # TCP + TLS + CONNACK
+    qos: Literal[0, 1, 2] = 1
+    session_expiry_s: int = Field(7 * 86400, ge=0, le=0xFFFFFFFF)  # MQTT 5; 3.1.1 sessions: the broker's rule
+    telemetry_buffer: int = Field(100, ge=1, le=100_000)  # reports kept while offline
+    held_messages: int = Field(1000, ge=1, le=1_000_000)  # other messages kept while offline
+    max_payload_bytes: int = Field(256 * 1024, ge=1024, le=256 << 20)  # default limit of a subscription
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # TOML `protocol = 5`
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MqttSettings":
+        if self.reconnect_max_delay_s < self.reconnect_min_delay_s:
+            raise ValueError(f"reconnect_max_delay_s ({self.reconnect_max_delay_s}) is below "
+                             f"reconnect_min_delay_s ({self.reconnect_min_delay_s})")
+        if self.password is not None and self.username is None:
+            raise ValueError("mqtt.password is set but mqtt.username is not: set both")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Events on the agent's queue
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message as received; `get_event` turns it into Received or PayloadRejected."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    response_topic: str | None = None  # MQTT 5 property
+    correlation_data: bytes | None = None  # MQTT 5 property
+
+
+@dataclass(frozen=True)
+class Received:
+    message: Message
+    payload: BaseModel | None  # None: a raw subscription, or an empty (cleared) message where allowed
+
+
+@dataclass(frozen=True)
+class PayloadRejected:
+    message: Message
+    error: PayloadError
+
+
+@dataclass(frozen=True)
+class Connected:
+    protocol: str  # "5" or "3.1.1"
+    session_present: bool
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    reason: str
+    retry_in_s: float | None  # None: the session is closing
+
+
+Event = Union[Received, PayloadRejected, Connected, Disconnected]
+
+
+@dataclass(frozen=True)
+class ReplyTarget:
+    topic: str
+    correlation_data: bytes | None
+    id: str | None
+
+
+@dataclass
+class SessionStats:
+    connects: int = 0
+    payload_errors: int = 0
+    last_payload_error: str | None = None
+    dropped_reports: int = 0  # telemetry reports pushed out of the offline buffer, in all
+    dropped_messages: int = 0  # other messages pushed out of the offline hold, in all
+
+
+@dataclass(frozen=True)
+class _Subscription:
+    topic_filter: str
+    model: type[BaseModel] | None
+    max_bytes: int
+    empty_ok: bool
+
+
+@dataclass
+class _Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": half of min_s * 2**attempt (capped) plus a random half.
+
+    The random half spreads a fleet's reconnects after a broker restart; the fixed half keeps a
+    single device from retrying in a tight loop.
+    """
+    cap = min(max_s, min_s * 2 ** min(attempt, 32))
+    return cap / 2 + rng.uniform(0.0, cap / 2)
+
+
+def _encode(payload: BaseModel | bytes) -> bytes:
+    return payload if isinstance(payload, bytes) else payload.model_dump_json().encode()
+
+
+class MqttSession:
+    """See the module docstring. `state_fn` returns the current ReportedState (any thread)."""
+
+    def __init__(self, settings: MqttSettings, *, fleet: str, device: str, state_fn: Callable[[], ReportedState],
+                 events: queue.Queue | None = None, rng: random.Random | None = None):
+        self.settings = settings
+        self.fleet, self.device = fleet, device
+        self.client_id = settings.client_id or device
+        self.state_fn = state_fn
+        self.events: queue.Queue = events if events is not None else queue.Queue()
+        self.stats = SessionStats()
+        self._rng = rng or random.Random()
+        self._state_topic = state_topic(fleet, device)
+        self._telemetry_topic = telemetry_topic(fleet, device)
+        self._protocol = PROTOCOLS.get(settings.protocol, paho.MQTTv5)
+        self._protocol_fixed = settings.protocol != "auto"
+        self._client: paho.Client | None = None
+        self._client_protocol: int | None = None
+        self._control: queue.Queue = queue.Queue()  # callbacks → supervisor
+        self._lock = threading.Lock()  # subscriptions, offline buffers and the online flag
+        self._online = threading.Event()
+        self._subs: dict[str, _Subscription] = {}
+        self._held: deque[_Outgoing] = deque()
+        self._outbox: deque[TelemetryReport] = deque()
+        self._dropped_unreported = 0
+        self._pending: dict[str, Future] = {}
+        self._pending_lock = threading.Lock()
+        self._response_topics: set[str] = set()
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    # -- paho callbacks: thin, they only hand events on -------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._control.put(("connack", reason_code, flags.session_present))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._online.clear()
+        from_broker = flags.is_disconnect_packet_from_server
+        self._control.put(("closed", f"the broker disconnected us: {reason_code}" if from_broker else
+                           "the network connection ended"))
+
+    def _on_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
+        self._control.put(("suback", mid, reason_code_list))
+
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        props = msg.properties
+        message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
+                          getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None))
+        if msg.topic in self._response_topics and self._resolve(message):
+            return
+        self.events.put(message)
+
+    def _resolve(self, message: Message) -> bool:
+        """Complete the pending request this response answers; False if none waits for it."""
+        key = message.correlation_data.decode(errors="replace") if message.correlation_data else None
+        if key is None:
+            key = self._payload_field(message, "id")
+        with self._pending_lock:
+            future = self._pending.pop(key, None) if key else None
+        if future is None or not future.set_running_or_notify_cancel():
+            return False
+        future.set_result(message)
+        return True
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def _make_client(self, protocol: int) -> paho.Client:
+        s = self.settings
+        v5 = protocol == paho.MQTTv5
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol,
+                             clean_session=None if v5 else False, reconnect_on_failure=False)
+        client.enable_logger(logging.getLogger(__name__ + ".paho"))
+        client.connect_timeout = s.connect_timeout_s
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
+        if s.tls is not None:
+            client.tls_set(ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
+                           certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
+                           keyfile=str(s.tls.key_file) if s.tls.key_file else None)
+            client.tls_insecure_set(s.tls.insecure)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = s.session_expiry_s
+        client.connect_async(s.host, s.port, s.keepalive_s,
+                             clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY, properties=properties)
+        return client
+
+    def start(self) -> "MqttSession":
+        """Connect in the background; Connected arrives on the queue once the broker accepts."""
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, name=f"mqtt-{self.client_id}", daemon=True)
+            self._supervisor.start()
+        return self
+
+    # -- the supervisor: connect, serve until the connection ends, back off, again ------------
+    #
+    # Our own loop rather than paho's reconnect_delay_set: paho doubles the delay without jitter,
+    # so a fleet would reconnect in lockstep after a broker restart; the fallback from MQTT 5 to
+    # 3.1.1 needs a new paho Client (the protocol is fixed when one is made, and paho only
+    # downgrades 3.1.1 to 3.1); the work after each CONNACK runs here, not in a callback; and
+    # close() ends a backoff wait at once. Each connection still gets paho's own network thread
+    # (loop_start), which is what makes publish() from other threads safe.
+
+    def _supervise(self) -> None:
+        failures = 0  # attempts failed since the last connection that was up
+        while not self._stop.is_set():
+            try:
+                was_up, reason, retry_now = self._connect_once()
+            except Exception as exc:  # refused, unreachable, TLS, or state_fn failed: reported, then retried
+                was_up, reason, retry_now = False, f"{type(exc).__name__}: {exc}", False
+                if not isinstance(exc, OSError):
+                    log.exception("MQTT connection attempt to %s:%s failed", self.settings.host, self.settings.port)
+            if self._stop.is_set():
+                break
+            failures = 0 if was_up else failures + 1
+            delay = 0.0 if retry_now else backoff_delay(failures, self.settings.reconnect_min_delay_s,
+                                                        self.settings.reconnect_max_delay_s, self._rng)
+            log.warning("MQTT %s:%s: %s; retrying in %.2f s", self.settings.host, self.settings.port, reason, delay)
+            self.events.put(Disconnected(reason, delay))
+            self._stop.wait(delay)
+        self.events.put(Disconnected("session closed", None))
+
+    def _connect_once(self) -> tuple[bool, str, bool]:
+        """One connection from CONNECT to its end: (it was up, why it ended, retry at once)."""
+        if self._client is None or self._client_protocol != self._protocol:
+            self._client, self._client_protocol = self._make_client(self._protocol), self._protocol
+        client = self._client
+        client.will_set(self._state_topic, _encode(self._state(online=False)), qos=self.settings.qos, retain=True)
+        while not self._control.empty():  # signals of the previous connection
+            self._control.get_nowait()
+        if self._stop.is_set():  # close() came first (its "stop" signal may just have been drained)
+            return False, "closing", False
+        client.reconnect()  # TCP (+ TLS) and CONNECT; raises OSError when the broker is not there
+        client.loop_start()
+        try:
+            signal = self._next_signal(self.settings.connect_timeout_s)
+            if signal is None:
+                client.disconnect()
+                return False, f"no CONNACK within {self.settings.connect_timeout_s:g} s", False
+            if signal[0] == "stop":
+                client.disconnect()
+                return False, "closing", False
+            if signal[0] == "closed":
+                return False, f"{signal[1]} before CONNACK", self._refused_protocol()
+            _, reason, session_present = signal
+            if reason.is_failure:
+                self._next_signal(2.0)  # the broker closes the connection after a refusal
+                retry_now = reason.value == UNSUPPORTED_PROTOCOL and self._refused_protocol()
+                return False, f"broker refused the connection: {reason}", retry_now
+            self._protocol_fixed = True
+            subscribed, ended = self._subscribe_all(client)
+            if ended is not None:
+                return False, ended, False
+            self._after_connect(client, session_present, subscribed)
+            while True:
+                signal = self._next_signal(None)
+                if signal[0] == "closed":
+                    return True, signal[1], False
+                if signal[0] == "stop":
+                    # close() has normally sent DISCONNECT already; if it found us not yet online,
+                    # this one ends the connection (a second DISCONNECT does no harm)
+                    client.disconnect()
+                elif signal[0] == "suback":  # of a subscribe() made while online
+                    for rc in signal[2]:
+                        if rc.is_failure:
+                            log.warning("MQTT broker refused a subscription: %s", rc)
+        finally:
+            client.loop_stop()
+
+    def _next_signal(self, timeout: float | None) -> tuple | None:
+        try:
+            return self._control.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _refused_protocol(self) -> bool:
+        """In auto mode before any success, switch protocol after a refusal; True when switched to 3.1.1."""
+        if self._protocol_fixed:
+            return False
+        self._protocol = paho.MQTTv311 if self._protocol == paho.MQTTv5 else paho.MQTTv5
+        log.info("MQTT broker %s:%s refused protocol %s; trying %s", self.settings.host, self.settings.port,
+                 "3.1.1" if self._protocol == paho.MQTTv5 else "5", self.protocol)
+        return self._protocol == paho.MQTTv311
+
+    def _filters(self) -> list[str]:
+        return list(self._subs) + [t for t in self._response_topics if t not in self._subs]
+
+    def _subscribe_all(self, client: paho.Client) -> tuple[set[str], str | None]:
+        """Subscribe to every registered filter and wait for the SUBACK, so that "connected" means
+        "subscribed". Returns the filters sent, and why the connection ended if it did meanwhile."""
+        with self._lock:
+            filters = self._filters()
+        if not filters:
+            return set(), None
+        _, mid = client.subscribe([(f, self.settings.qos) for f in filters])
+        while True:
+            signal = self._next_signal(self.settings.connect_timeout_s)
+            if signal is None:
+                log.warning("MQTT: no SUBACK within %g s; carrying on", self.settings.connect_timeout_s)
+                return set(filters), None
+            if signal[0] == "closed":
+                return set(filters), signal[1]
+            if signal[0] == "stop":
+                client.disconnect()
+            elif signal[0] == "suback":
+                refused = [f for f, rc in zip(filters, signal[2]) if rc.is_failure] if signal[1] == mid else []
+                for f, rc in zip(refused, [rc for rc in signal[2] if rc.is_failure]):
+                    log.warning("MQTT broker refused the subscription to %s: %s", f, rc)
+                if signal[1] == mid:
+                    return set(filters), None
+
+    def _after_connect(self, client: paho.Client, session_present: bool, subscribed: set[str]) -> None:
+        """Publish the retained state, then what was held while offline, in order; then go online."""
+        qos = self.settings.qos
+        with self._lock:
+            late = [(f, qos) for f in self._filters() if f not in subscribed]  # added during the SUBACK wait
+            if late:
+                client.subscribe(late)
+            self._send(client, _Outgoing(self._state_topic, _encode(self._state(online=True)), qos, True))
+            while self._held:
+                self._send(client, self._held.popleft())
+            while self._outbox:
+                self._send(client, self._telemetry_message(self._outbox.popleft()))
+            self._online.set()
+        self.stats.connects += 1
+        log.info("MQTT connected to %s:%s with protocol %s (session present: %s)", self.settings.host,
+                 self.settings.port, self.protocol, session_present)
+        self.events.put(Connected(self.protocol, session_present))
+
+    def _send(self, client: paho.Client, out: _Outgoing) -> paho.MQTTMessageInfo:
+        properties = None
+        if self._client_protocol == paho.MQTTv5 and (out.response_topic or out.correlation_data):
+            properties = Properties(PacketTypes.PUBLISH)
+            if out.response_topic:
+                properties.ResponseTopic = out.response_topic
+            if out.correlation_data:
+                properties.CorrelationData = out.correlation_data
+        return client.publish(out.topic, out.payload, out.qos, out.retain, properties)
+
+    def _state(self, online: bool) -> ReportedState:
+        return self.state_fn().model_copy(update={"online": online, "ts": time.time()})
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._online.is_set()
+
+    @property
+    def protocol(self) -> str:
+        """"5" or "3.1.1": the protocol of the current (or next) connection."""
+        return "5" if self._protocol == paho.MQTTv5 else "3.1.1"
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._online.wait(timeout)
+
+    def subscribe(self, topic_filter: str, model: type[BaseModel] | None = None, *, max_bytes: int | None = None,
+                  empty_ok: bool = False) -> None:
+        """Subscribe now and after every reconnect; `get_event` decodes its messages as `model`.
+
+        `empty_ok`: an empty payload (a cleared retained message) arrives as Received(payload=None)
+        rather than as an error.
+        """
+        sub = _Subscription(topic_filter, model, max_bytes or self.settings.max_payload_bytes, empty_ok)
+        with self._lock:
+            self._subs[topic_filter] = sub
+            if self._online.is_set():
+                self._client.subscribe(topic_filter, self.settings.qos)
+
+    def publish(self, topic: str, payload: BaseModel | bytes, qos: int | None = None, retain: bool = False, *,
+                response_topic: str | None = None, correlation_data: bytes | None = None
+                ) -> paho.MQTTMessageInfo | None:
+        """Publish now, or hold it (in order, up to `held_messages`) until the next connect: then None."""
+        out = _Outgoing(check_publish_topic(topic), _encode(payload), self.settings.qos if qos is None else qos,
+                        retain, response_topic, correlation_data)
+        with self._lock:
+            if self._online.is_set():
+                return self._send(self._client, out)
+            if len(self._held) >= self.settings.held_messages:
+                lost = self._held.popleft()
+                self.stats.dropped_messages += 1
+                log.warning("MQTT offline: hold of %d messages full, dropped the oldest (to %s)",
+                            self.settings.held_messages, lost.topic)
+            self._held.append(out)
+            return None
+
+    def publish_state(self) -> paho.MQTTMessageInfo | None:
+        """Publish state_fn()'s state, retained; offline this is a no-op (every connect sends it)."""
+        with self._lock:
+            if not self._online.is_set():
+                return None
+            out = _Outgoing(self._state_topic, _encode(self._state(online=True)), self.settings.qos, True)
+            return self._send(self._client, out)
+
+    def publish_telemetry(self, report: TelemetryReport) -> None:
+        """Send a report, or buffer it while offline; a full buffer drops its oldest report."""
+        with self._lock:
+            if self._online.is_set() and not self._outbox:
+                self._send(self._client, self._telemetry_message(report))
+                return
+            if len(self._outbox) >= self.settings.telemetry_buffer:
+                self._outbox.popleft()
+                self._dropped_unreported += 1
+                self.stats.dropped_reports += 1
+            self._outbox.append(report)
+
+    def _telemetry_message(self, report: TelemetryReport) -> _Outgoing:
+        if self._dropped_unreported:  # the first report sent after a loss says how many were lost
+            report = report.model_copy(update={"dropped_reports": report.dropped_reports + self._dropped_unreported})
+            self._dropped_unreported = 0
+        return _Outgoing(self._telemetry_topic, _encode(report), self.settings.qos, False)
+
+    def get_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, payloads decoded; None after `timeout` seconds without one. Never raises
+        for a bad payload: that comes as PayloadRejected (and is counted in `stats`)."""
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if not isinstance(event, Message):
+            return event
+        try:
+            return Received(event, self.decode(event))
+        except PayloadError as exc:
+            return PayloadRejected(event, exc)
+
+    def decode(self, message: Message) -> BaseModel | None:
+        """The payload as its subscription's model (None for raw subscriptions); PayloadError if invalid."""
+        with self._lock:
+            subs = list(self._subs.values())
+        sub = next((s for s in subs if paho.topic_matches_sub(s.topic_filter, message.topic)), None)
+        if sub is None or sub.model is None or (sub.empty_ok and not message.payload):
+            return None
+        try:
+            return parse_payload(sub.model, message.payload, sub.max_bytes, message.topic)
+        except PayloadError as exc:
+            self.stats.payload_errors += 1
+            self.stats.last_payload_error = str(exc)
+            log.warning("%s", exc)
+            raise
+
+    def request(self, topic: str, request: BaseModel, *, response_topic: str) -> Future:
+        """Send a request (a model with `id` and `reply_to`); the Future gets the response Message.
+
+        The response is matched by MQTT 5 correlation data, or by the `id` in its payload. Use
+        `future.result(timeout)`, and `future.cancel()` when giving up so that nothing is kept.
+        """
+        request_id = request.id
+        request = request.model_copy(update={"reply_to": check_publish_topic(response_topic)})
+        future: Future = Future()
+        with self._pending_lock:
+            self._pending[request_id] = future
+        future.add_done_callback(lambda _: self._forget(request_id, future))
+        with self._lock:
+            if response_topic not in self._response_topics:
+                self._response_topics.add(response_topic)
+                if self._online.is_set():
+                    self._client.subscribe(response_topic, self.settings.qos)
+        self.publish(topic, request, response_topic=response_topic, correlation_data=request_id.encode())
+        return future
+
+    def _forget(self, request_id: str, future: Future) -> None:
+        with self._pending_lock:
+            if self._pending.get(request_id) is future:
+                del self._pending[request_id]
+
+    def reply_target(self, message: Message) -> ReplyTarget | None:
+        """Where and how to answer `message`: MQTT 5 properties first, then `reply_to`/`id` in the
+        payload (read leniently, so that a malformed request can still get an error answer)."""
+        topic = message.response_topic or self._payload_field(message, "reply_to")
+        if topic is None:
+            return None
+        try:
+            check_publish_topic(topic)
+        except ValueError:
+            return None
+        request_id = self._payload_field(message, "id")
+        correlation = message.correlation_data or (request_id.encode() if request_id else None)
+        if request_id is None and correlation is not None:
+            request_id = correlation.decode(errors="replace")
+        return ReplyTarget(topic, correlation, request_id)
+
+    def respond(self, request: Message, response: BaseModel | bytes) -> paho.MQTTMessageInfo | None:
+        """Publish `response` where `request` asked for it, with its correlation data."""
+        target = self.reply_target(request)
+        if target is None:
+            raise PayloadError(request.topic, "the request names no response topic (neither the MQTT 5 "
+                                              "property nor reply_to in the payload); no answer is sent")
+        return self.publish(target.topic, response, correlation_data=target.correlation_data)
+
+    def _payload_field(self, message: Message, name: str) -> str | None:
+        if not message.payload or len(message.payload) > self.settings.max_payload_bytes:
+            return None
+        try:
+            data = json.loads(message.payload)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        value = data.get(name) if isinstance(data, dict) else None
+        return value if isinstance(value, str) and value else None
+
+    def close(self, publish_offline: bool = True, timeout: float = 5.0) -> None:
+        """Publish the retained offline state (unless told not to), disconnect, stop the threads."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        client = self._client
+        with self._lock:
+            online = self._online.is_set()
+        if online:
+            reason = None
+            if publish_offline:
+                info = self._send(client, _Outgoing(self._state_topic, _encode(self._state(online=False)),
+                                                    self.settings.qos, True))
+                try:
+                    info.wait_for_publish(timeout)
+                except (RuntimeError, ValueError) as exc:
+                    log.warning("MQTT offline state not sent (%s); leaving with the Will instead", exc)
+                if not info.is_published() and self._client_protocol == paho.MQTTv5:
+                    reason = ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
+            client.disconnect(reasoncode=reason)
+        self._control.put(("stop",))
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+            if self._supervisor.is_alive():
+                log.warning("MQTT supervisor thread did not stop within %.1f s", timeout)
+        with self._pending_lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for future in pending:
+            future.cancel()
