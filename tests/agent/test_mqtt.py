@@ -1,0 +1,461 @@
+"""MqttSession against a real Mosquitto (tests/broker.py), with a plain paho client as the controller.
+
+No timing asserts: every wait is for an event, with a generous timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.errors import PayloadError
+from agent.mqtt import (Connected, Disconnected, MqttSession, MqttSettings, PayloadRejected, Received, backoff_delay)
+from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceResponse, ReportedState,
+                          TelemetryReport, desired_topic, infer_request_topic, infer_response_topic,
+                          ota_status_topic, state_topic, telemetry_topic)
+from broker import Mqtt311OnlyProxy
+
+FLEET = "plant-7"
+WAIT = 15.0  # generous: a wait that times out is a failure, never a measurement
+
+
+def fake_state(device: str) -> ReportedState:
+    return ReportedState(device=device, online=True, agent_version="0.1.0", hardware={"cores": 2},
+                         execution_path="onnxruntime:cpu", uptime_s=1.0, ts=time.time())
+
+
+def make_session(broker, device="box-1", **settings) -> MqttSession:
+    s = MqttSettings(enabled=True, host=broker.host, port=broker.port, reconnect_min_delay_s=0.05,
+                     reconnect_max_delay_s=0.5, **settings)
+    return MqttSession(s, fleet=FLEET, device=device, state_fn=lambda: fake_state(device), rng=random.Random(0))
+
+
+_skipped: dict[int, list] = {}  # events next_event passed over, per session, for later calls
+
+
+def next_event(session: MqttSession, kind, where=lambda e: True, timeout: float = WAIT):
+    backlog = _skipped.setdefault(id(session), [])
+    for event in backlog:
+        if isinstance(event, kind) and where(event):
+            backlog.remove(event)
+            return event
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = session.get_event(timeout=0.1)
+        if isinstance(event, kind) and where(event):
+            return event
+        if event is not None:
+            backlog.append(event)
+    raise AssertionError(f"no {kind.__name__} event within {timeout} s")
+
+
+def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+class Controller:
+    """A plain paho client playing the fleet controller; keeps what it receives in a queue."""
+
+    def __init__(self, broker, protocol=paho.MQTTv5, client_id="controller", persistent=False):
+        self.messages: queue.Queue = queue.Queue()
+        self.backlog: list = []
+        self.connected = threading.Event()
+        self.subacks: queue.Queue = queue.Queue()
+        v5 = protocol == paho.MQTTv5
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                                  clean_session=None if v5 else not persistent)
+        self.client.on_connect = self.on_connect
+        self.client.on_disconnect = self.on_disconnect
+        self.client.on_message = self.on_message
+        self.client.on_subscribe = self.on_subscribe
+        self.client.reconnect_delay_set(0.05, 0.5)
+        properties = None
+        if v5 and persistent:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 300
+        kw = {"clean_start": not persistent, "properties": properties} if v5 else {}
+        self.client.connect(broker.host, broker.port, keepalive=30, **kw)
+        self.client.loop_start()
+        assert self.connected.wait(WAIT), "controller could not connect"
+
+    def on_connect(self, client, userdata, flags, reason_code, properties):
+        if not reason_code.is_failure:
+            self.connected.set()
+
+    def on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+
+    def on_message(self, client, userdata, msg):
+        self.messages.put(msg)
+
+    def on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        self.subacks.put(mid)
+
+    def subscribe(self, *filters: str) -> None:
+        _, mid = self.client.subscribe([(f, 1) for f in filters])
+        assert self.subacks.get(timeout=WAIT) == mid
+
+    def publish(self, topic, payload, retain=False, properties=None) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain, properties=properties).wait_for_publish(WAIT)
+
+    def expect(self, topic: str, where=lambda data, msg: True, timeout: float = WAIT):
+        """The next message on `topic` whose JSON payload satisfies `where`: (data, message)."""
+        def matches(msg) -> bool:
+            return msg.topic == topic and where(json.loads(msg.payload) if msg.payload else None, msg)
+
+        for msg in self.backlog:  # messages that earlier calls skipped, in arrival order
+            if matches(msg):
+                self.backlog.remove(msg)
+                return json.loads(msg.payload) if msg.payload else None, msg
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = self.messages.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if matches(msg):
+                return json.loads(msg.payload) if msg.payload else None, msg
+            self.backlog.append(msg)
+        raise AssertionError(f"controller got no matching message on {topic} within {timeout} s")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class EchoResponder:
+    """The agent's loop in miniature: answers InferenceRequests, errors for bad ones, keeps the rest."""
+
+    def __init__(self, session: MqttSession):
+        self.session = session
+        self.received: list = []
+        self.rejected: list[PayloadRejected] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.run, daemon=True)
+        self._thread.start()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            event = self.session.get_event(timeout=0.05)
+            if isinstance(event, Received) and isinstance(event.payload, InferenceRequest):
+                req = event.payload
+                self.session.respond(event.message, InferenceResponse(id=req.id, text=req.prompt.upper()))
+            elif isinstance(event, Received):
+                self.received.append(event)
+            elif isinstance(event, PayloadRejected):
+                self.rejected.append(event)
+                target = self.session.reply_target(event.message)
+                if target is not None and target.id is not None:
+                    error = ErrorInfo(code="bad_request", message=event.error.problem)
+                    self.session.respond(event.message, InferenceResponse(id=target.id, error=error))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+
+
+@pytest.fixture
+def controller(mosquitto):
+    c = Controller(mosquitto)
+    yield c
+    c.close()
+
+
+# -- retained state, desired config, the Will ---------------------------------------------------
+
+
+def test_state_is_retained_desired_config_arrives_and_close_publishes_offline(mosquitto, controller):
+    state, desired = state_topic(FLEET, "box-1"), desired_topic(FLEET, "box-1")
+    controller.publish(desired, DesiredConfig(version=3, settings={"telemetry": {"interval_s": 5}})
+                       .model_dump_json(), retain=True)
+    controller.subscribe(state)
+    session = make_session(mosquitto)
+    session.subscribe(desired, DesiredConfig)
+    session.start()
+
+    connected = next_event(session, Connected)
+    assert connected.protocol == "5"
+    got = next_event(session, Received)
+    assert isinstance(got.payload, DesiredConfig) and got.payload.version == 3 and got.message.retain
+    data, _ = controller.expect(state)
+    assert data["online"] is True and data["device"] == "box-1"
+    ReportedState.model_validate(data)
+
+    late = Controller(mosquitto, client_id="late")  # subscribes after the fact: gets the retained copy
+    late.subscribe(state)
+    data, msg = late.expect(state)
+    assert msg.retain and data["online"] is True
+    late.close()
+
+    session.close()
+    controller.expect(state, lambda d, m: d["online"] is False)
+    assert next_event(session, Disconnected, lambda e: e.retry_in_s is None)
+    later = Controller(mosquitto, client_id="later")
+    later.subscribe(state)
+    data, msg = later.expect(state)
+    assert msg.retain and data["online"] is False
+    later.close()
+
+
+AGENT_SCRIPT = """
+import sys, time
+from agent.mqtt import MqttSession, MqttSettings
+from agent.topics import ReportedState
+host, port = sys.argv[1], int(sys.argv[2])
+state = lambda: ReportedState(device="doomed", online=True, agent_version="0.1.0", uptime_s=0, ts=time.time())
+session = MqttSession(MqttSettings(host=host, port=port, keepalive_s=60), fleet="plant-7", device="doomed",
+                      state_fn=state).start()
+assert session.wait_connected(15)
+print("connected", flush=True)
+time.sleep(600)
+"""
+
+
+def test_will_marks_the_device_offline_when_the_agent_process_is_killed(mosquitto, controller):
+    topic = state_topic(FLEET, "doomed")
+    controller.subscribe(topic)
+    proc = subprocess.Popen([sys.executable, "-c", AGENT_SCRIPT, mosquitto.host, str(mosquitto.port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "connected"
+        data, _ = controller.expect(topic, lambda d, m: d["online"] is True)
+        proc.send_signal(signal.SIGKILL)  # no DISCONNECT: the broker sends the Will
+        proc.wait(WAIT)
+        data, msg = controller.expect(topic, lambda d, m: d["online"] is False)
+        assert data["device"] == "doomed"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+# -- request/response --------------------------------------------------------------------------
+
+
+def test_mqtt5_request_response_uses_response_topic_and_correlation_data(mosquitto, controller):
+    session = make_session(mosquitto, protocol="5")
+    session.subscribe(infer_request_topic(FLEET, "box-1"), InferenceRequest)
+    session.start()
+    responder = EchoResponder(session)
+    assert session.wait_connected(WAIT)
+    reply = infer_response_topic(FLEET, "box-1", "controller")
+    controller.subscribe(reply)
+
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = reply
+    props.CorrelationData = b"\x00corr-1"
+    # a pure MQTT 5 requester: no reply_to in the payload, only the properties
+    controller.publish(infer_request_topic(FLEET, "box-1"), InferenceRequest(id="q1", prompt="hello")
+                       .model_dump_json(), properties=props)
+    data, msg = controller.expect(reply)
+    assert InferenceResponse.model_validate(data) == InferenceResponse(id="q1", text="HELLO")
+    assert msg.properties.CorrelationData == b"\x00corr-1"
+    responder.stop()
+    session.close()
+
+
+def test_mqtt311_request_response_carries_reply_to_and_id_in_the_payload(mosquitto):
+    controller = Controller(mosquitto, protocol=paho.MQTTv311)
+    session = make_session(mosquitto, protocol="3.1.1")
+    session.subscribe(infer_request_topic(FLEET, "box-1"), InferenceRequest)
+    session.start()
+    assert next_event(session, Connected).protocol == "3.1.1"
+    responder = EchoResponder(session)
+    reply = infer_response_topic(FLEET, "box-1", "controller")
+    controller.subscribe(reply)
+
+    request = InferenceRequest(id="q-311", reply_to=reply, prompt="over 3.1.1")
+    controller.publish(infer_request_topic(FLEET, "box-1"), request.model_dump_json())
+    data, msg = controller.expect(reply)
+    assert data["id"] == "q-311" and data["text"] == "OVER 3.1.1"
+    assert not hasattr(msg.properties, "CorrelationData")
+    responder.stop()
+    session.close()
+    controller.close()
+
+
+@pytest.mark.parametrize("requester_protocol, responder_protocol", [("5", "5"), ("3.1.1", "3.1.1"), ("5", "3.1.1")])
+def test_session_request_helper(mosquitto, requester_protocol, responder_protocol):
+    responder_session = make_session(mosquitto, "box-1", protocol=responder_protocol)
+    responder_session.subscribe(infer_request_topic(FLEET, "box-1"), InferenceRequest)
+    responder_session.start()
+    responder = EchoResponder(responder_session)
+    requester = make_session(mosquitto, "box-2", protocol=requester_protocol).start()
+    assert responder_session.wait_connected(WAIT) and requester.wait_connected(WAIT)
+
+    futures = [requester.request(infer_request_topic(FLEET, "box-1"), InferenceRequest(id=f"r{i}", prompt=f"p{i}"),
+                                 response_topic=infer_response_topic(FLEET, "box-1", "box-2")) for i in range(3)]
+    for i, future in enumerate(futures):
+        message = future.result(WAIT)
+        assert InferenceResponse.model_validate_json(message.payload) == InferenceResponse(id=f"r{i}", text=f"P{i}")
+        if requester_protocol == responder_protocol == "5":
+            assert message.correlation_data == f"r{i}".encode()
+    assert requester._pending == {}
+    responder.stop()
+    requester.close()
+    responder_session.close()
+
+
+# -- protocol fallback ---------------------------------------------------------------------------
+
+
+def test_auto_protocol_falls_back_to_311_when_the_broker_refuses_5(mosquitto, controller):
+    proxy = Mqtt311OnlyProxy(mosquitto.host, mosquitto.port)
+    controller.subscribe(state_topic(FLEET, "box-1"))
+    session = make_session(proxy, protocol="auto").start()
+    try:
+        assert next_event(session, Connected).protocol == "3.1.1"
+        assert proxy.refused_v5 == 1 and session.protocol == "3.1.1"
+        data, _ = controller.expect(state_topic(FLEET, "box-1"), lambda d, m: d["online"] is True)
+    finally:
+        session.close()
+        proxy.close()
+
+
+# -- broker restart: reconnect, state, offline buffers -------------------------------------------
+
+
+def report(i: int) -> TelemetryReport:
+    return TelemetryReport(device="box-1", window_start=float(i), window_end=float(i) + 1, count=i)
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_broker_restart_reconnects_republishes_state_and_flushes_buffers_in_order(mosquitto, protocol):
+    paho_protocol = paho.MQTTv5 if protocol == "5" else paho.MQTTv311
+    controller = Controller(mosquitto, protocol=paho_protocol, persistent=True)
+    state, telemetry, status = (state_topic(FLEET, "box-1"), telemetry_topic(FLEET, "box-1"),
+                                ota_status_topic(FLEET, "box-1"))
+    controller.subscribe(state, telemetry, status)
+    session = make_session(mosquitto, protocol=protocol, telemetry_buffer=5).start()
+    assert next_event(session, Connected).session_present is False
+    controller.expect(state, lambda d, m: d["online"] is True)
+    session.publish_telemetry(report(0))
+    data, _ = controller.expect(telemetry)
+    assert data["count"] == 0
+
+    mosquitto.stop()
+    assert next_event(session, Disconnected).retry_in_s is not None
+    assert not session.connected
+    for i in range(1, 8):  # 7 reports into a buffer of 5: reports 1 and 2 are dropped
+        session.publish_telemetry(report(i))
+    assert session.publish(status, b'{"phase": "idle"}') is None  # held, not lost
+    assert session.stats.dropped_reports == 2
+
+    mosquitto.restart()
+    assert next_event(session, Connected).session_present is True
+    controller.expect(state, lambda d, m: d["online"] is True)  # re-published, not the retained copy
+    received = []
+    while len(received) < 5:  # QoS 1 may deliver twice, report 0 too (unacked when the broker stopped)
+        data, _ = controller.expect(telemetry)
+        if data["count"] not in [0] + [r["count"] for r in received]:
+            received.append(data)
+    assert [r["count"] for r in received] == [3, 4, 5, 6, 7]
+    assert [r["dropped_reports"] for r in received] == [2, 0, 0, 0, 0]
+    data, _ = controller.expect(status)
+    assert data == {"phase": "idle"}
+    session.close()
+    controller.close()
+
+
+def test_close_while_the_broker_is_unreachable_returns(mosquitto):
+    session = make_session(mosquitto)
+    mosquitto.stop()
+    session.start()
+    assert next_event(session, Disconnected).retry_in_s is not None
+    session.publish_telemetry(report(1))
+    session.close()
+    assert next_event(session, Disconnected, lambda e: e.retry_in_s is None)
+    assert not session._supervisor.is_alive()
+
+
+# -- bad payloads --------------------------------------------------------------------------------
+
+
+def test_bad_payloads_are_counted_reported_and_the_consumer_carries_on(mosquitto, controller):
+    desired, infer = desired_topic(FLEET, "box-1"), infer_request_topic(FLEET, "box-1")
+    reply = infer_response_topic(FLEET, "box-1", "controller")
+    session = make_session(mosquitto)
+    session.subscribe(desired, DesiredConfig, max_bytes=4096)
+    session.subscribe(infer, InferenceRequest)
+    session.start()
+    responder = EchoResponder(session)
+    assert session.wait_connected(WAIT)
+    controller.subscribe(reply)
+
+    controller.publish(desired, b"not json")
+    controller.publish(desired, b'{"v": 1, "version": "three"}')
+    controller.publish(desired, b'{"v": 1, "version": 1, "settings": {"pad": "' + b"x" * 5000 + b'"}}')
+    controller.publish(infer, json.dumps({"id": "bad-1", "reply_to": reply}).encode())  # neither prompt nor messages
+    controller.publish(infer, b'{"id": 5, "prompt": [1]}')
+    controller.publish(desired, DesiredConfig(version=4).model_dump_json())
+    controller.publish(infer, InferenceRequest(id="good-1", reply_to=reply, prompt="ok").model_dump_json())
+
+    data, _ = controller.expect(reply, lambda d, m: d["id"] == "bad-1")
+    assert data["error"]["code"] == "bad_request" and "exactly one of prompt and messages" in data["error"]["message"]
+    data, _ = controller.expect(reply, lambda d, m: d["id"] == "good-1")
+    assert data["text"] == "OK"
+    wait_until(lambda: len(responder.received) == 1, what="the valid desired config")
+    assert responder.received[0].payload == DesiredConfig(version=4)
+
+    problems = [str(r.error) for r in responder.rejected]
+    assert len(problems) == 5 and session.stats.payload_errors == 5
+    assert all(f"payload on '{desired}' rejected" in p for p in problems[:3])
+    assert "Invalid JSON" in problems[0]
+    assert "field 'version': Input should be a valid integer" in problems[1]
+    assert "more than the 4096-byte limit for DesiredConfig" in problems[2]
+    assert f"payload on '{infer}' rejected" in problems[3]
+    assert "field 'id'" in problems[4] and session.stats.last_payload_error == problems[4]
+    responder.stop()
+    session.close()
+
+
+def test_parse_payload_error_names_topic_and_problem():
+    from agent.topics import parse_payload
+
+    with pytest.raises(PayloadError) as err:
+        parse_payload(DesiredConfig, b'{"v": 1, "version": -1}', 1024, "edgeglm/v1/f/d/config/desired")
+    assert err.value.topic == "edgeglm/v1/f/d/config/desired"
+    assert "field 'version': Input should be greater than or equal to 0 (got -1)" in str(err.value)
+    assert str(err.value).endswith("the message is dropped")
+
+
+# -- settings and backoff ------------------------------------------------------------------------
+
+
+def test_settings_validation():
+    assert MqttSettings(protocol=5).protocol == "5"
+    assert MqttSettings(password="x", username="u").password.get_secret_value() == "x"
+    for bad, text in [({"reconnect_min_delay_s": 5, "reconnect_max_delay_s": 1}, "reconnect_max_delay_s (1.0)"),
+                      ({"password": "x"}, "mqtt.password is set but mqtt.username is not"),
+                      ({"tls": {"cert_file": "c.pem"}}, "tls.cert_file and tls.key_file go together"),
+                      ({"protocol": "4"}, "protocol"),
+                      ({"hots": "x"}, "hots")]:
+        with pytest.raises(ValueError, match=text.replace("(", r"\(").replace(")", r"\)")):
+            MqttSettings(**bad)
+    assert "secret" not in repr(MqttSettings(username="u", password="secret"))
+
+
+def test_backoff_grows_to_the_cap_with_jitter_in_the_upper_half():
+    rng = random.Random(1)
+    for attempt in range(12):
+        cap = min(8.0, 0.5 * 2 ** attempt)
+        delays = [backoff_delay(attempt, 0.5, 8.0, rng) for _ in range(50)]
+        assert all(cap / 2 <= d <= cap for d in delays)
+        assert len(set(delays)) > 1
