@@ -19,6 +19,12 @@ token (weight files minus the fp32 embedding table, which is only gathered one r
 lm_head is read in full) give a roofline fraction = bytes/token * tokens/s / bandwidth. Random
 weights decode as fast as trained ones: the work per token does not depend on the values.
 Timings are wall-clock on a shared machine; nothing here asserts on them.
+
+Each engine candidate runs in its own worker process (so where one lands its weight memory does
+not affect another's). `--baseline-src DIR` adds the same engine candidates built from another
+source tree (e.g. `git archive <rev> | tar -x -C DIR`), labelled "before:", with their bundles
+from `--baseline-workdir` (built by that tree's exporter); they are interleaved in the same
+passes, which is the only fair way to compare two versions on a noisy, shared machine.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +78,42 @@ def read_bandwidth(threads: int, size_mb: int = 1024, tries: int = 5) -> float:
             list(pool.map(np.sum, parts))
             best = min(best, time.perf_counter() - t0)
     return data.nbytes / best / 1e9
+
+
+class WorkerRunner:
+    """An EngineRunner in a child process (optionally importing from another source tree)."""
+
+    def __init__(self, bundle: Path, backend: str, threads: int, src: Path | None = None):
+        env = dict(os.environ)
+        if src is not None:  # PYTHONPATH comes before the editable install of this tree
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(Path(bundle).resolve()), backend, str(threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env, cwd=str(src) if src else None)
+        ready = json.loads(self.proc.stdout.readline())
+        self.runtime_file = ready["runtime"]
+
+    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        out = json.loads(self.proc.stdout.readline())
+        return out["ttft"], out["decode"], out["tokens"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def worker_main(bundle: str, backend: str, threads: str) -> int:
+    import runtime.engine
+
+    runner = EngineRunner(Path(bundle), backend, int(threads))
+    print(json.dumps({"runtime": runtime.engine.__file__}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        ttft, decode, tokens = runner.run(req["prompt"], req["new_tokens"])
+        print(json.dumps({"ttft": ttft, "decode": decode, "tokens": tokens}), flush=True)
+    return 0
 
 
 class EngineRunner:
@@ -139,13 +182,20 @@ def cpu_model() -> str:
 def benchmark(args) -> dict:
     ckpt, bundles = prepare(args.shape, Path(args.workdir))
     cfg = json.loads((ckpt / "config.json").read_text())
+    trees = [("", None, bundles)]
+    if args.baseline_src:
+        base = Path(args.baseline_workdir) / args.shape
+        trees.insert(0, ("before: ", Path(args.baseline_src).resolve(),
+                         {p: base / f"bundle-{p}" for p in ("fp32", "int8")}))
     candidates, weight_files = {}, {}
     for backend, sub in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
-        for precision in ("fp32", "int8"):
-            name = f"{backend} {precision}"
-            print(f"loading {name}", file=sys.stderr)
-            candidates[name] = EngineRunner(bundles[precision], backend, args.threads)
-            weight_files[name] = sorted(p for p in (bundles[precision] / sub).rglob("*") if p.is_file())
+        for precision in args.precisions.split(","):
+            for label, src, bdirs in trees:
+                name = f"{label}{backend} {precision}"
+                print(f"loading {name}", file=sys.stderr)
+                candidates[name] = WorkerRunner(bdirs[precision], backend, args.threads, src)
+                print(f"  runtime from {candidates[name].runtime_file}", file=sys.stderr)
+                weight_files[name] = sorted(p for p in (bdirs[precision] / sub).rglob("*") if p.is_file())
     print(f"loading {EAGER}", file=sys.stderr)
     candidates[EAGER] = EagerRunner(ckpt, args.threads)
     weight_files[EAGER] = sorted(ckpt.glob("*.safetensors"))
@@ -167,6 +217,9 @@ def benchmark(args) -> dict:
             print(f"pass {r + 1}/{args.repeats} {name}: TTFT {ttft * 1e3:.1f} ms, "
                   f"{args.new_tokens / decode:.1f} tok/s", file=sys.stderr)
     bw_after = read_bandwidth(args.threads)
+    for runner in candidates.values():
+        if isinstance(runner, WorkerRunner):
+            runner.close()
     bandwidth = max(bw_before, bw_after)  # the attainable roof: the better of the two
 
     eager = statistics.median(samples[EAGER]["decode"])
@@ -208,9 +261,9 @@ def print_table(report: dict) -> None:
     print(f"shape {st['shape']}: prompt {st['prompt_tokens']} tokens, {st['new_tokens']} new tokens, "
           f"median of {st['repeats']} interleaved passes\n")
     head = ("candidate", "TTFT ms", "decode tok/s", "vs eager", "vs best", "MB/token", "roofline", "agree")
-    print(f"{head[0]:<20}" + "".join(f"{h:>13}" for h in head[1:]))
+    print(f"{head[0]:<28}" + "".join(f"{h:>13}" for h in head[1:]))
     for r in report["results"]:
-        print(f"{r['candidate']:<20}{r['ttft_ms']:>13.1f}{r['decode_tok_s']:>13.1f}{r['vs_eager']:>12.2f}x"
+        print(f"{r['candidate']:<28}{r['ttft_ms']:>13.1f}{r['decode_tok_s']:>13.1f}{r['vs_eager']:>12.2f}x"
               f"{r['vs_best']:>12.2f}x{r['bytes_per_token'] / 1e6:>13.1f}{r['roofline']:>13.2f}"
               f"{r['tokens_agree']:>13}")
 
@@ -224,6 +277,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--workdir", default=".bench")
     ap.add_argument("--json", action="store_true", help="write the results as JSON to stdout")
+    ap.add_argument("--precisions", default="fp32,int8", help="comma-separated: fp32,int8")
+    ap.add_argument("--baseline-src", help="source tree of the version to compare against (interleaved)")
+    ap.add_argument("--baseline-workdir", default=".bench", help="where the baseline tree's bundles are")
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        return worker_main(*sys.argv[2:5])
     args = ap.parse_args(argv)
     report = benchmark(args)
     if args.json:
