@@ -20,6 +20,7 @@ import json
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -283,6 +284,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _fail(self, endpoint: str, exc: ApiError) -> None:
         self.server.api.metrics.errors.inc(endpoint=endpoint, type=exc.type)
+        if self._status and not self._streaming:  # a response is half out: only closing is left
+            self.close_connection = True
+            return
         if not self._streaming:
             self._send_json(exc.status, exc.body(), exc.headers)
             return
@@ -347,6 +351,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _write_event(self, obj: dict | str) -> None:
         self._write_chunk(b"data: " + (obj if isinstance(obj, str) else json.dumps(obj)).encode() + b"\n\n")
 
+    def _send_stream(self, shape, pieces, outcome: Outcome, include_usage: bool) -> None:
+        """Server-sent events: one chunk per text piece, the finish reason, usage if asked, [DONE]."""
+        self._start_stream()
+        for chunk in shape.first_chunks():
+            self._write_event(chunk)
+        for piece in pieces:
+            self._write_event(shape.chunk(piece))
+        self._write_event(shape.chunk("", outcome.finish_reason))
+        if include_usage:
+            self._write_event(shape.usage_chunk(outcome))
+        self._write_event("[DONE]")
+        self._write_chunk(b"")
+
     # endpoints
     def _healthz(self, api: ApiServer, path: str) -> None:
         self._send_json(200, {"status": "ok"})
@@ -394,7 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(400, str(exc), param=req.prompt_field) from None
             outcome, shape, last = Outcome(len(ids)), shape_cls(model_id(model)), [None]
 
-            def on_token():
+            def on_token():  # timing of each token; the shutdown deadline cuts here
                 now = time.perf_counter()
                 if last[0] is None:
                     m.ttft.observe(now - self._t0, endpoint=endpoint)
@@ -408,16 +425,7 @@ class _Handler(BaseHTTPRequestHandler):
             pieces = generate_text(model, ids, stream, req.params, req.stop, outcome, on_token)
             try:
                 if req.stream:
-                    self._start_stream()
-                    for chunk in shape.first_chunks():
-                        self._write_event(chunk)
-                    for piece in pieces:
-                        self._write_event(shape.chunk(piece))
-                    self._write_event(shape.chunk("", outcome.finish_reason))
-                    if req.include_usage:
-                        self._write_event(shape.usage_chunk(outcome))
-                    self._write_event("[DONE]")
-                    self._write_chunk(b"")
+                    self._send_stream(shape, pieces, outcome, req.include_usage)
                 else:
                     self._send_json(200, shape.full("".join(pieces), outcome))
             finally:
@@ -446,23 +454,28 @@ def serve_http(config, model) -> ApiServer:
 def main(argv: list[str] | None = None) -> int:
     """`python -m agent.http_api --bundle BUNDLE [--port N]`: serve until Ctrl-C (for manual testing)."""
     from agent.config import load_config
+    from agent.errors import AgentError
     from agent.model import load_model
+    from ota.errors import BundleError
+    from runtime.errors import RuntimeUserError
 
     p = argparse.ArgumentParser(prog="python -m agent.http_api", description=main.__doc__)
     p.add_argument("--bundle", required=True)
     p.add_argument("--config", help="TOML config file (default: built-in defaults)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--backend")
+    p.add_argument("--backend", help="auto, onnxruntime or openvino")
     args = p.parse_args(argv)
-    overrides = {"model.bundle": args.bundle, **{f"http.{k}": v for k in ("host", "port")
-                                                 if (v := getattr(args, k)) is not None}}
-    if args.backend:
-        overrides["model.backend"] = args.backend
-    cfg = load_config(args.config, overrides)
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    model = load_model(cfg.model.bundle, cfg.model.backend, cfg.model.threads)
-    server = serve_http(cfg, model)
+    overrides = {"model.bundle": args.bundle, "http.host": args.host, "http.port": args.port,
+                 "model.backend": args.backend}
+    try:
+        cfg = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+        logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        model = load_model(cfg.model.bundle, cfg.model.backend, cfg.model.threads)
+        server = serve_http(cfg, model)
+    except (AgentError, BundleError, RuntimeUserError) as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(f"serving {model_id(model)} ({model.backend}) on {server.url}/v1 — Ctrl-C to stop", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

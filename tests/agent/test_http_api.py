@@ -5,12 +5,17 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
+import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
 from agent.config import HttpSettings, SamplingSettings, load_config
+from agent.errors import ServeError
 from agent.http_api import ApiServer, serve_http
 from agent.model import load_model
 from agent.openai_compat import CHAT_STOP_TOKENS, glm_chat_prompt
@@ -357,3 +362,29 @@ def test_port_zero_binds_a_free_port_and_shutdown_stops_serving(model):
     srv.shutdown(deadline=2.0)
     with pytest.raises(OSError):
         http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/healthz")
+
+
+def test_module_entry_point_serves_until_interrupted(int8_bundle):
+    proc = subprocess.Popen([sys.executable, "-m", "agent.http_api", "--bundle", str(int8_bundle), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"on (http://\S+)/v1", line)
+        assert url, (line, proc.stderr.read() if proc.poll() is not None else "")
+        client = openai.OpenAI(base_url=url.group(1) + "/v1", api_key="x", max_retries=0)
+        assert client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=3).usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0 and "stopping" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_port_in_use_is_a_serve_error_naming_the_address():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServeError, match=rf"127\.0\.0\.1:{port}: .*; set http.host/http.port"):
+            ApiServer(HttpSettings(port=port), SamplingSettings()).start()
