@@ -4,6 +4,7 @@
     broker.start()                     # OS-chosen port on 127.0.0.1, waits until it accepts connections
     broker.restart()                   # graceful stop (the database is saved), start on the same port
     broker.stop()
+    Mosquitto(tmp_path, users={"box-1": "s3cret"}, tls=make_test_certs(tmp_path / "pki"))  # auth, TLS
 
 Persistence lives in the work dir, so a restart keeps persistent sessions, their queued QoS 1
 messages and retained messages, as a production broker with `persistence true` does.
@@ -16,6 +17,10 @@ forwards every other connection to the real broker.
 
 from __future__ import annotations
 
+import base64
+import datetime
+import hashlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -23,6 +28,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 MOSQUITTO_PATHS = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
@@ -59,12 +65,62 @@ def wait_for_port(host: str, port: int, timeout: float, alive=lambda: True) -> N
     raise TimeoutError(f"nothing accepted connections on {host}:{port} within {timeout:.0f} s")
 
 
+@dataclass(frozen=True)
+class BrokerCerts:
+    ca_file: Path
+    cert_file: Path  # the broker's, for localhost and 127.0.0.1, signed by the CA
+    key_file: Path
+
+
+def make_test_certs(directory: Path) -> BrokerCerts:
+    """A throwaway CA and a broker certificate signed by it (EC P-256, valid for a day)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, key, signer, extensions):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1)))
+        for ext, critical in extensions:
+            builder = builder.add_extension(ext, critical=critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeglm test CA")])
+    ca = cert(ca_name, ca_name, ca_key, ca_key, [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), ca_name, key, ca_key,
+                  [(san, False), (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)])
+    certs = BrokerCerts(directory / "ca.pem", directory / "broker.pem", directory / "broker.key")
+    certs.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    certs.cert_file.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    certs.key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    return certs
+
+
+def password_line(user: str, password: str, iterations: int = 101) -> str:
+    """A mosquitto 2.0 password_file line (what `mosquitto_passwd -b` writes: PBKDF2-SHA512)."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"{user}:$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
 class Mosquitto:
-    """One mosquitto process with a generated config; see the module docstring."""
+    """One mosquitto process with a generated config; see the module docstring.
+
+    `users`: name → password; anonymous clients are then refused. `tls`: the listener speaks TLS.
+    """
 
     host = "127.0.0.1"
 
-    def __init__(self, workdir: Path, binary: str | None = None):
+    def __init__(self, workdir: Path, binary: str | None = None, *, users: dict[str, str] | None = None,
+                 tls: BrokerCerts | None = None):
         self.binary = binary or find_mosquitto()
         if self.binary is None:
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
@@ -73,12 +129,21 @@ class Mosquitto:
         self.port: int | None = None
         self.conf = self.workdir / "mosquitto.conf"
         self.log = self.workdir / "mosquitto.log"
+        self.users = users
+        self.tls = tls
         self._proc: subprocess.Popen | None = None
 
     def _write_conf(self) -> None:
-        lines = [
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+        lines = [f"listener {self.port} {self.host}"]
+        if self.tls is not None:  # listener options: they follow their listener line
+            lines += [f"cafile {self.tls.ca_file}", f"certfile {self.tls.cert_file}", f"keyfile {self.tls.key_file}"]
+        if self.users:
+            passwords = self.workdir / "passwords"
+            passwords.write_text("".join(password_line(u, p) + "\n" for u, p in self.users.items()))
+            lines += ["allow_anonymous false", f"password_file {passwords}"]
+        else:
+            lines.append("allow_anonymous true")
+        lines += [
             "set_tcp_nodelay true",
             "persistence true",
             f"persistence_location {self.workdir}/",
