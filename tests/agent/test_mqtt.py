@@ -25,7 +25,7 @@ from agent.mqtt import (Connected, Disconnected, MqttSession, MqttSettings, Payl
 from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceResponse, ReportedState,
                           TelemetryReport, desired_topic, infer_request_topic, infer_response_topic,
                           ota_status_topic, state_topic, telemetry_topic)
-from broker import Mqtt311OnlyProxy
+from broker import Mqtt311OnlyProxy, make_test_certs
 
 FLEET = "plant-7"
 WAIT = 15.0  # generous: a wait that times out is a failure, never a measurement
@@ -383,6 +383,32 @@ def test_close_while_the_broker_is_unreachable_returns(mosquitto):
     session.close()
     assert next_event(session, Disconnected, lambda e: e.retry_in_s is None)
     assert not session._supervisor.is_alive()
+
+
+def test_username_and_password(make_mosquitto):
+    broker = make_mosquitto(users={"box-1": "s3cret"})
+    intruder = make_session(broker, username="box-1", password="guess").start()
+    refused = next_event(intruder, Disconnected)
+    assert "Not authorized" in refused.reason or "Bad user name or password" in refused.reason
+    assert refused.retry_in_s is not None and not intruder.connected
+    intruder.close()
+
+    session = make_session(broker, username="box-1", password="s3cret").start()
+    assert next_event(session, Connected).protocol == "5"
+    session.close()
+
+
+def test_tls_with_the_fleet_ca(make_mosquitto, tmp_path):
+    certs = make_test_certs(tmp_path / "pki")
+    broker = make_mosquitto(tls=certs)
+    session = make_session(broker, tls={"ca_file": certs.ca_file}).start()
+    assert next_event(session, Connected).protocol == "5"
+    session.close()
+
+    untrusting = make_session(broker, tls={}).start()  # the system CAs do not know the fleet CA
+    failed = next_event(untrusting, Disconnected)
+    assert "CERTIFICATE_VERIFY_FAILED" in failed.reason and failed.retry_in_s is not None
+    untrusting.close()
 
 
 # -- bad payloads --------------------------------------------------------------------------------
