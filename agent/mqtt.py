@@ -410,12 +410,11 @@ class MqttSession:
                 return set(filters), signal[1]
             if signal[0] == "stop":
                 client.disconnect()
-            elif signal[0] == "suback":
-                refused = [f for f, rc in zip(filters, signal[2]) if rc.is_failure] if signal[1] == mid else []
-                for f, rc in zip(refused, [rc for rc in signal[2] if rc.is_failure]):
-                    log.warning("MQTT broker refused the subscription to %s: %s", f, rc)
-                if signal[1] == mid:
-                    return set(filters), None
+            elif signal[0] == "suback" and signal[1] == mid:
+                for f, rc in zip(filters, signal[2]):
+                    if rc.is_failure:
+                        log.warning("MQTT broker refused the subscription to %s: %s", f, rc)
+                return set(filters), None
 
     def _after_connect(self, client: paho.Client, session_present: bool, subscribed: set[str]) -> None:
         """Publish the retained state, then what was held while offline, in order; then go online."""
@@ -503,7 +502,7 @@ class MqttSession:
     def publish_telemetry(self, report: TelemetryReport) -> None:
         """Send a report, or buffer it while offline; a full buffer drops its oldest report."""
         with self._lock:
-            if self._online.is_set() and not self._outbox:
+            if self._online.is_set():  # (the buffer is empty then: it is flushed before going online)
                 self._send(self._client, self._telemetry_message(report))
                 return
             if len(self._outbox) >= self.settings.telemetry_buffer:
@@ -606,6 +605,20 @@ class MqttSession:
         value = data.get(name) if isinstance(data, dict) else None
         return value if isinstance(value, str) and value else None
 
+    def _publish_offline_state(self, client: paho.Client, timeout: float) -> bool:
+        """Publish the retained offline state and wait for its PUBACK; False if it did not come."""
+        info = self._send(client, _Outgoing(self._state_topic, _encode(self._state(online=False)),
+                                            self.settings.qos, True))
+        try:
+            info.wait_for_publish(timeout)
+            if info.is_published():
+                return True
+            problem = f"no PUBACK within {timeout:g} s"
+        except (RuntimeError, ValueError) as exc:  # paho: not connected, or its queue is full
+            problem = str(exc)
+        log.warning("MQTT: offline state not confirmed (%s); disconnecting with the Will instead", problem)
+        return False
+
     def close(self, publish_offline: bool = True, timeout: float = 5.0) -> None:
         """Publish the retained offline state (unless told not to), disconnect, stop the threads."""
         if self._stop.is_set():
@@ -616,14 +629,8 @@ class MqttSession:
             online = self._online.is_set()
         if online:
             reason = None
-            if publish_offline:
-                info = self._send(client, _Outgoing(self._state_topic, _encode(self._state(online=False)),
-                                                    self.settings.qos, True))
-                try:
-                    info.wait_for_publish(timeout)
-                except (RuntimeError, ValueError) as exc:
-                    log.warning("MQTT offline state not sent (%s); leaving with the Will instead", exc)
-                if not info.is_published() and self._client_protocol == paho.MQTTv5:
+            if publish_offline and not self._publish_offline_state(client, timeout):
+                if self._client_protocol == paho.MQTTv5:  # then the broker still says offline
                     reason = ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
             client.disconnect(reasoncode=reason)
         self._control.put(("stop",))
