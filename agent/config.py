@@ -204,8 +204,12 @@ def _describe(exc: ValidationError, source_of) -> str:
             where = ".".join(loc[:-1]) or "the top level"
             problems.append(f"{field} (from {source}) is not a setting; allowed in {where}: {known}")
             continue
-        value = "'**********'" if loc and loc[-1] == "api_key" else repr(err["input"])
-        text = f"{field} = {value} (from {source}) is invalid: {err['msg']}"
+        msg = err["msg"].removeprefix("Value error, ")
+        if isinstance(err["input"], dict):  # a whole section failed a check across its fields
+            text = f"{field} (from {source}) is invalid: {msg}"
+        else:
+            value = "'**********'" if _is_secret(loc) else repr(err["input"])
+            text = f"{field} = {value} (from {source}) is invalid: {msg}"
         allowed = _allowed(loc)
         if allowed:
             text += f"; allowed: {allowed}"
@@ -242,6 +246,11 @@ def _field_info(loc: tuple[str, ...]):
         info = model.model_fields[part]
         model = info.annotation
     return info
+
+
+def _is_secret(loc: tuple[str, ...]) -> bool:
+    info = _field_info(loc)
+    return info is not None and (info.annotation is SecretStr or SecretStr in typing.get_args(info.annotation))
 
 
 def _known_fields(loc: tuple[str, ...]) -> list[str]:

@@ -139,3 +139,10 @@ def test_with_updates_rejects_bad_values_and_keeps_the_old_config():
     with pytest.raises(ConfigError, match="sampling.temprature .* is not a setting"):
         with_updates(old, {"sampling": {"temprature": 1}})
     assert old.model_dump() == before and isinstance(old, AgentConfig)
+
+
+def test_a_bad_secret_is_not_echoed():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"http.api_key": ["hunter2"]})
+    assert "http.api_key = '**********' (from a command-line override)" in str(err.value)
+    assert "hunter2" not in str(err.value)
