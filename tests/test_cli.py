@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from agent.model import load_model
-from conftest import hf_checkpoint
+from checkpoints import hf_checkpoint
 from runtime.generate import SamplingParams, generate
 
 

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from broker import Mosquitto, find_mosquitto
-
-_TOP_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
-
-
-def pytest_plugin_registered(plugin, manager):
-    # pytest imports every conftest.py under the module name "conftest", the last one loaded
-    # winning; test modules elsewhere do `from conftest import hf_checkpoint` and mean
-    # tests/conftest.py, so keep that one under the name (a historic hook: it sees it here too).
-    if getattr(plugin, "__file__", None) and Path(plugin.__file__).resolve() == _TOP_CONFTEST:
-        sys.modules["conftest"] = plugin
 
 
 def _need_mosquitto() -> None:

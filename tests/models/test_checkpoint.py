@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import hf_checkpoint
+from checkpoints import hf_checkpoint
 from models.checkpoint import load_checkpoint
 from models.errors import CheckpointError
 
