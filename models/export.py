@@ -115,8 +115,8 @@ def reference_greedy(model: GlmForCausalLM, prompt_ids: list[int], n: int):
 
 
 def _write_backend(backend: str, weights: str, cfg: GlmConfig, state: dict, staging: Path, block: int) -> float:
-    if backend == "onnxruntime":
-        model, err = build_decoder(cfg, state, weights, block)
+    if backend == "onnxruntime":  # contrib ops: GroupQueryAttention over a shared, preallocated cache
+        model, err = build_decoder(cfg, state, weights, block, fused=True)
         (staging / "onnxruntime").mkdir()
         save_onnx(model, staging / ENTRY["onnxruntime"])
         return err
@@ -128,8 +128,31 @@ def _write_backend(backend: str, weights: str, cfg: GlmConfig, state: dict, stag
         onnx_path = Path(tmp) / "decoder.onnx"
         save_onnx(model, onnx_path)
         ov_model = ov.convert_model(str(onnx_path))
+        make_stateful(ov_model, cfg.num_hidden_layers)
         ov.save_model(ov_model, str(staging / ENTRY["openvino"]), compress_to_fp16=False)
     return err
+
+
+def make_stateful(ov_model, num_layers: int) -> None:
+    """Keep the KV cache inside the infer request: past.{i}.* / present.{i}.* become variables
+    (ReadValue/Assign), so the IR's inputs are input_ids, position_ids, attention_mask and its only
+    output is logits. A variable starts empty, (batch of input_ids, kv_heads, 0, head_dim), on
+    `reset_state()`. Done at export time so that the bundle ships (and its golden check runs on)
+    exactly the model the edge loads, and the edge needs no private OpenVINO transformation API."""
+    import openvino.opset13 as ops
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    apply_make_stateful_transformation(ov_model, {f"past.{i}.{k}": f"present.{i}.{k}"
+                                                  for i in range(num_layers) for k in ("key", "value")})
+    batch = ops.gather(ops.shape_of(ov_model.input("input_ids"), output_type="i64"), ops.constant([0]),
+                       ops.constant(0))
+    for op in ov_model.get_ops():
+        if op.get_type_name() == "ReadValue":
+            dims = [batch] + [ops.constant(np.array([d.get_length() if d.is_static else 0], np.int64))
+                              for d in list(op.get_output_partial_shape(0))[1:]]
+            zero = ops.constant(0.0, dtype=op.get_output_element_type(0))
+            op.set_arguments([ops.broadcast(zero, ops.concat(dims, 0))])
+    ov_model.validate_nodes_and_infer_types()
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, show_progress: bool = True):

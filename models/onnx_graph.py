@@ -12,6 +12,14 @@ contract is explicit:
              present.{i}.key   float  (batch, kv_heads, past + seq, head_dim)
              present.{i}.value float  (batch, kv_heads, past + seq, head_dim)
 
+Two variants: plain ONNX ops (`fused=False`; the cache grows by Concat; OpenVINO converts this
+one and the exporter makes it stateful) and ONNX Runtime contrib ops (`fused=True`, tagged
+`edgeglm.kv_cache = shared-buffer` in the model metadata): GroupQueryAttention, which updates
+the cache in place when past.{i}.* and present.{i}.* are bound to one preallocated buffer (then
+"past" and "past + seq" above are both that buffer's capacity, and attention_mask's length says
+how many positions are valid), plus RotaryEmbedding, SkipSimplifiedLayerNormalization,
+QuickGelu and one q|k|v projection.
+
 Two rewrites keep the graph lean and do not change its results:
 - the rotary dims of q_proj/k_proj are permuted from interleaved pairs (2i, 2i+1) to halves
   (i, i + rot/2) so rotation is one rotate-half; q and k share the permutation, so their dot
@@ -103,9 +111,11 @@ class GraphBuilder:
         else:
             qb = quantize_blockwise(w, self.block)
             self.max_quant_error = max(self.max_quant_error, qb.max_abs_error)
+            extra = ["", "", self.const(b, name + ".bias")] if b is not None else []  # bias input, fused
             y = self.op("MatMulNBits", x, self.const(qb.q, name + ".weight_uint8"),
-                        self.const(qb.scale.reshape(-1), name + ".weight_scale"),
+                        self.const(qb.scale.reshape(-1), name + ".weight_scale"), *extra,
                         domain="com.microsoft", K=k, N=n, bits=8, block_size=qb.block, accuracy_level=4)
+            b = None
         if b is not None:
             y = self.op("Add", y, self.const(b, name + ".bias"))
         return y
@@ -117,21 +127,10 @@ class GraphBuilder:
         return self.op("Mul", self.op("Div", x, denom), self.const(weight, name + ".weight"))
 
 
-def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "fp32",
-                  block: int = 128) -> tuple[onnx.ModelProto, float]:
-    """The decoder graph for `state` (HF names, fp32 numpy arrays) and the worst weight-quantization error."""
-    g = GraphBuilder(weights, block)
-    state = prepare_weights(cfg, state)
-    L, nh, nkv, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    rot, grp = cfg.rotary_dim, cfg.group_size
+def _mask_bias(g: GraphBuilder, T: str, S: str, repeat: int = 1) -> str:
+    """Additive mask (B, 1, repeat*T, S): causal AND not padding; 0 or MASK_VALUE."""
     i64 = np.int64
-
-    # shapes: T = new tokens, S = past + T
-    T = g.op("Gather", g.op("Shape", "input_ids"), g.const(1, dtype=i64), axis=0)
-    S = g.op("Gather", g.op("Shape", "attention_mask"), g.const(1, dtype=i64), axis=0)
     P = g.op("Sub", S, T)
-
-    # additive mask (B, 1, grp*T, S): causal AND not padding, repeated for the query heads of a kv group
     q_pos = g.op("Unsqueeze", g.op("Range", P, S, g.const(1, dtype=i64)), g.const([1], dtype=i64))  # (T, 1)
     k_pos = g.op("Unsqueeze", g.op("Range", g.const(0, dtype=i64), S, g.const(1, dtype=i64)),
                  g.const([0], dtype=i64))  # (1, S)
@@ -139,7 +138,65 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
     keep = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2], dtype=i64))
     allowed = g.op("And", causal, keep)  # (B, 1, T, S)
     bias = g.op("Where", allowed, g.const(np.float32(0.0)), g.const(np.float32(MASK_VALUE)))
-    bias = g.op("Tile", bias, g.const([1, 1, grp, 1], dtype=i64))  # (B, 1, grp*T, S)
+    if repeat > 1:
+        bias = g.op("Tile", bias, g.const([1, 1, repeat, 1], dtype=i64))
+    return bias
+
+
+def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "fp32",
+                  block: int = 128, fused: bool = False) -> tuple[onnx.ModelProto, float]:
+    """The decoder graph for `state` (HF names, fp32 numpy arrays) and the worst weight-quantization error.
+
+    fused=False writes plain ONNX ops (any runtime; the KV cache grows by Concat). fused=True writes
+    ONNX Runtime's contrib operators (see `_fused_layers`), whose GroupQueryAttention can update a
+    preallocated cache in place.
+    """
+    g = GraphBuilder(weights, block)
+    state = prepare_weights(cfg, state)
+    L = cfg.num_hidden_layers
+    i64 = np.int64
+
+    # shapes: T = new tokens, S = past + T
+    T = g.op("Gather", g.op("Shape", "input_ids"), g.const(1, dtype=i64), axis=0)
+    S = g.op("Gather", g.op("Shape", "attention_mask"), g.const(1, dtype=i64), axis=0)
+    x = g.op("Gather", g.const(state["model.embed_tokens.weight"], "embed_tokens.weight"), "input_ids", axis=0)
+    layers = _fused_layers if fused else _plain_layers
+    x, present_names = layers(g, cfg, state, x, T, S)
+
+    last = g.op("Gather", x, g.op("Sub", T, g.const(1, dtype=i64)), axis=1)  # (B, C)
+    last = g.rms_norm(last, state["model.norm.weight"], cfg.rms_norm_eps, "model.norm")
+    head = state["model.embed_tokens.weight"] if cfg.tie_word_embeddings else state["lm_head.weight"]
+    g.linear(last, head, None, "lm_head")
+    g.nodes[-1].output[0] = "logits"
+
+    nkv, hd = cfg.num_key_value_heads, cfg.head_dim
+    kv_shape = ["batch", nkv, "past", hd]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+    ] + [helper.make_tensor_value_info(f"past.{i}.{kind}", TensorProto.FLOAT, kv_shape)
+         for i in range(L) for kind in ("key", "value")]
+    present_len = "present" if fused else "total"  # fused: past + seq, or the buffer's length when shared
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])] + [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", nkv, present_len, hd]) for n in present_names]
+    graph = helper.make_graph(g.nodes, "glm_decoder", inputs, outputs, g.initializers)
+    opsets = [helper.make_opsetid("", OPSET)]
+    if weights == "int8-blockwise" or fused:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeglm")
+    model.ir_version = 8
+    if fused:  # the runtime binds past and present to one buffer only on this graph
+        helper.set_model_props(model, {"edgeglm.kv_cache": "shared-buffer"})
+    return model, g.max_quant_error
+
+
+def _plain_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, S: str):
+    """Decoder layers from standard ONNX ops; the cache grows by Concat."""
+    L, nh, nkv, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rot, grp = cfg.rotary_dim, cfg.group_size
+    i64 = np.int64
+    bias = _mask_bias(g, T, S, grp)  # (B, 1, grp*T, S)
 
     # rotary cos/sin (B, 1, T, rot), halves layout
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
@@ -157,7 +214,6 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
         out = g.op("Add", g.op("Mul", x_rot, cos), g.op("Mul", rotated, sin))
         return g.op("Concat", out, parts[2], axis=-1) if hd > rot else out
 
-    x = g.op("Gather", g.const(state["model.embed_tokens.weight"], "embed_tokens.weight"), "input_ids", axis=0)
     heads_shape = {h: g.const([0, 0, h, hd], dtype=i64) for h in {nh, nkv}}
     present_names = []
     for i in range(L):
@@ -186,29 +242,77 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
                         g.const([cfg.intermediate_size] * 2, dtype=i64), axis=-1, outputs=2)
         act = g.op("Mul", up, g.op("Mul", gate, g.op("Sigmoid", gate)))  # up * silu(gate)
         x = g.op("Add", x, g.linear(act, state[p + "mlp.down_proj.weight"], None, p + "mlp.down_proj"))
+    return x, present_names
 
-    last = g.op("Gather", x, g.op("Sub", T, g.const(1, dtype=i64)), axis=1)  # (B, C)
-    last = g.rms_norm(last, state["model.norm.weight"], cfg.rms_norm_eps, "model.norm")
-    head = state["model.embed_tokens.weight"] if cfg.tie_word_embeddings else state["lm_head.weight"]
-    g.linear(last, head, None, "lm_head")
-    g.nodes[-1].output[0] = "logits"
 
-    kv_shape = ["batch", nkv, "past", hd]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-    ] + [helper.make_tensor_value_info(f"past.{i}.{kind}", TensorProto.FLOAT, kv_shape)
-         for i in range(L) for kind in ("key", "value")]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])] + [
-        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", nkv, "total", hd]) for n in present_names]
-    graph = helper.make_graph(g.nodes, "glm_decoder", inputs, outputs, g.initializers)
-    opsets = [helper.make_opsetid("", OPSET)]
-    if weights == "int8-blockwise":
-        opsets.append(helper.make_opsetid("com.microsoft", 1))
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeglm")
-    model.ir_version = 8
-    return model, g.max_quant_error
+def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, S: str):
+    """Decoder layers from ONNX Runtime contrib ops, 13 nodes per layer:
+
+    SkipSimplifiedLayerNormalization (residual add + RMSNorm), one q|k|v projection, Split,
+    RotaryEmbedding on q and on k (halves layout = interleaved=0, partial rotary), GroupQueryAttention
+    (scale 1: it is folded into q_proj; its causal mask plus `attention_bias` for padding; the cache
+    in BNSH, shared in place when past and present are bound to the same buffer), o_proj, the
+    post-attention SkipSimplifiedLayerNormalization, gate|up projection, Split, QuickGelu(alpha=1) =
+    SiLU, Mul, down_proj.
+    """
+    L, nh, nkv, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rot, eps = cfg.rotary_dim, cfg.rms_norm_eps
+    i64, ms = np.int64, "com.microsoft"
+    bias = _mask_bias(g, T, S)  # (B, 1, T, S)
+    batch = g.op("Gather", g.op("Shape", "input_ids"), g.const([0], dtype=i64), axis=0)  # (1,)
+    total = g.op("Cast", S, to=TensorProto.INT32)  # scalar
+    seqlens_k = g.op("Expand", g.op("Sub", total, g.const(np.int32(1))), batch)  # (B,) = S - 1 in every row
+
+    # rotary tables for exactly this step's positions: row b*T + t holds position_ids[b, t]
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
+    flat = g.op("Reshape", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([-1, 1], dtype=i64))
+    freqs = g.op("Mul", flat, g.const(inv_freq.astype(np.float32), "rope.inv_freq"))  # (B*T, rot/2)
+    cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
+    n_pos = g.op("Gather", g.op("Shape", flat), g.const(0, dtype=i64), axis=0)
+    rope_ids = g.op("Reshape", g.op("Range", g.const(0, dtype=i64), n_pos, g.const(1, dtype=i64)),
+                    g.op("Shape", "position_ids"))  # (B, T)
+
+    def rope(t: str, heads: int) -> str:  # t (B, T, heads*hd)
+        return g.op("RotaryEmbedding", t, rope_ids, cos, sin, domain=ms, interleaved=0, num_heads=heads,
+                    rotary_embedding_dim=rot)
+
+    def norm_weight(name: str) -> str:
+        return g.const(state[name].astype(np.float32), name)
+
+    present_names = []
+    residual, pending = x, None  # pending: the sublayer output not yet added to the residual
+    for i in range(L):
+        p = f"model.layers.{i}."
+
+        def add_norm(name: str) -> str:
+            nonlocal residual
+            if pending is None:
+                return g.op("SimplifiedLayerNormalization", residual, norm_weight(name), epsilon=eps, axis=-1)
+            out = g.op("SkipSimplifiedLayerNormalization", residual, pending, norm_weight(name), domain=ms,
+                       epsilon=eps, outputs=4)
+            residual = out[3]
+            return out[0]
+
+        h = add_norm(p + "input_layernorm.weight")
+        names = ("q_proj", "k_proj", "v_proj")
+        w = np.concatenate([state[p + f"self_attn.{n}.weight"] for n in names])
+        b = (np.concatenate([state[p + f"self_attn.{n}.bias"] for n in names])
+             if p + "self_attn.q_proj.bias" in state else None)
+        qkv = g.linear(h, w, b, p + "self_attn.qkv_proj")
+        q, k, v = g.op("Split", qkv, g.const([nh * hd, nkv * hd, nkv * hd], dtype=i64), axis=-1, outputs=3)
+        att, _, _ = g.op("GroupQueryAttention", rope(q, nh), rope(k, nkv), v, f"past.{i}.key", f"past.{i}.value",
+                         seqlens_k, total, "", "", "", bias, domain=ms, outputs=3, num_heads=nh,
+                         kv_num_heads=nkv, scale=1.0, do_rotary=0)
+        g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
+        present_names += [f"present.{i}.key", f"present.{i}.value"]
+        pending = g.linear(att, state[p + "self_attn.o_proj.weight"], None, p + "self_attn.o_proj")
+
+        h = add_norm(p + "post_attention_layernorm.weight")
+        gate, up = g.op("Split", g.linear(h, state[p + "mlp.gate_up_proj.weight"], None, p + "mlp.gate_up_proj"),
+                        g.const([cfg.intermediate_size] * 2, dtype=i64), axis=-1, outputs=2)
+        act = g.op("Mul", up, g.op("QuickGelu", gate, domain=ms, alpha=1.0))  # up * silu(gate)
+        pending = g.linear(act, state[p + "mlp.down_proj.weight"], None, p + "mlp.down_proj")
+    return g.op("Add", residual, pending), present_names
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:

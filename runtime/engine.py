@@ -1,13 +1,27 @@
 """Inference engines: one decoder forward step through ONNX Runtime or OpenVINO.
 
 Both run the graph written by the exporter (see the bundle docs): token ids, positions and an
-attention mask in; last-position logits and the grown KV cache out. The cache is a list of
-numpy arrays (key, value per layer), shape (batch, kv_heads, tokens, head_dim).
+attention mask in, last-position logits out. The KV cache is opaque: `engine.new_cache(batch)`
+returns a per-sequence handle that the engine owns and updates in place; `forward` takes it and
+returns it. `cache.length` is the number of positions it holds, `cache.batch` its rows.
+
+- ONNX Runtime: the graph's GroupQueryAttention reads and writes a preallocated buffer per layer
+  (past and present bound to the same memory through IOBinding, so nothing is concatenated or
+  copied per step); the buffer grows by doubling, up to the context window, when a step needs
+  more room. Only the three small inputs and the logits are bound per step.
+- OpenVINO: the IR is stateful (the cache lives in the infer request's variables); one request
+  is reused, inputs are bound with `set_tensor` on the caller's arrays (shared, not copied), and
+  only the logits are read back. A request holds one sequence's state at a time: switching to
+  another handle saves the current one's state into it and restores the other's.
+
+Batched forward with left padding (attention_mask 0 = padding) works on both; on ONNX Runtime
+a multi-token step on top of a cache (chunked prefill) needs batch 1.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +30,7 @@ import numpy as np
 from runtime.errors import BackendUnavailable, ModelLoadError
 
 BACKENDS = ("onnxruntime", "openvino")
+KV_CACHE_KEY = "edgeglm.kv_cache"  # ONNX metadata: "shared-buffer" on the fused (GroupQueryAttention) graph
 
 
 @dataclass(frozen=True)
@@ -37,14 +52,6 @@ class ModelArch:
             max_positions=arch["max_position_embeddings"], eos_token_ids=tuple(arch.get("eos_token_id") or ()),
         )
 
-    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
-        shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return [np.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
-
-    def input_names(self) -> list[str]:
-        return ["input_ids", "position_ids", "attention_mask"] + [
-            f"past.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
-
 
 def available_backends() -> list[str]:
     found = []
@@ -57,13 +64,60 @@ def available_backends() -> list[str]:
     return found
 
 
+class KVCache:
+    """A per-sequence KV cache handle; its storage belongs to the engine that made it."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.length = 0  # positions held
+
+    def _check(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[int, int, int]:
+        batch, new = input_ids.shape
+        total = attention_mask.shape[1]
+        if batch != self.batch or total - new != self.length or attention_mask.shape[0] != batch:
+            raise ValueError(f"cache holds {self.batch} row(s) of {self.length} positions; got input_ids "
+                             f"{tuple(input_ids.shape)} with attention_mask {tuple(attention_mask.shape)} "
+                             f"(the mask must cover the cached positions plus the new ones)")
+        return batch, new, total
+
+
+class OrtCache(KVCache):
+    """Per-layer key/value buffers (batch, kv_heads, capacity, head_dim); positions [0, length) valid."""
+
+    def __init__(self, batch: int, arch: ModelArch):
+        super().__init__(batch)
+        self.capacity = 0
+        self.buffers: list[np.ndarray] = []
+        self.values: list = []  # OrtValues over `buffers`, bound as both past and present
+
+    def reserve(self, needed: int, arch: ModelArch, ort) -> bool:
+        """Make room for `needed` positions (doubling, capped by the context window); True if reallocated."""
+        if needed <= self.capacity:
+            return False
+        cap = max(needed, min(max(2 * self.capacity, 256), arch.max_positions))
+        shape = (self.batch, arch.num_kv_heads, cap, arch.head_dim)
+        fresh = [np.zeros(shape, np.float32) for _ in range(2 * arch.num_layers)]
+        for new, old in zip(fresh, self.buffers):
+            new[:, :, :self.length] = old[:, :, :self.length]
+        self.capacity, self.buffers = cap, fresh
+        self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in fresh]
+        return True
+
+    def key(self, layer: int) -> np.ndarray:
+        """Layer `layer`'s cached keys (batch, kv_heads, length, head_dim), a view (for tests and debugging)."""
+        return self.buffers[2 * layer][:, :, :self.length]
+
+    def value(self, layer: int) -> np.ndarray:
+        return self.buffers[2 * layer + 1][:, :, :self.length]
+
+
 class OnnxRuntimeEngine:
     backend = "onnxruntime"
 
     def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None):
         import onnxruntime as ort
 
-        self.arch = arch
+        self.arch, self._ort = arch, ort
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or _default_threads()
         opts.inter_op_num_threads = 1
@@ -72,13 +126,48 @@ class OnnxRuntimeEngine:
             self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own untyped errors for bad files
             raise ModelLoadError(f"{model_path}: ONNX Runtime could not load the model ({exc})") from None
+        kv = self.session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY)
+        if kv != "shared-buffer":
+            raise ModelLoadError(f"{model_path}: not a fused decoder graph ({KV_CACHE_KEY}={kv!r}, expected "
+                                 "'shared-buffer'); re-export the bundle with this version")
         self.device = "CPUExecutionProvider"
-        self._names = arch.input_names()
+        self.binding = self.session.io_binding()
+        self._kv_names = [(f"past.{i}.{k}", f"present.{i}.{k}") for i in range(arch.num_layers)
+                          for k in ("key", "value")]
+        self._bound = (None, 0)  # (weakref to the cache whose buffers are bound, its capacity then)
+        self._logits: dict[int, tuple[np.ndarray, object]] = {}  # batch -> preallocated output
 
-    def forward(self, input_ids, position_ids, attention_mask, cache):
-        feeds = dict(zip(self._names, [input_ids, position_ids, attention_mask, *cache]))
-        out = self.session.run(None, feeds)
-        return out[0], out[1:]
+    def new_cache(self, batch: int = 1) -> OrtCache:
+        return OrtCache(batch, self.arch)
+
+    def forward(self, input_ids, position_ids, attention_mask, cache: OrtCache):
+        ort, b = self._ort, self.binding
+        batch, _, total = cache._check(input_ids, attention_mask)
+        ref, cap = self._bound
+        if cache.reserve(total, self.arch, ort) or ref is None or ref() is not cache or cap != cache.capacity:
+            for (past, present), value in zip(self._kv_names, cache.values):
+                b.bind_ortvalue_input(past, value)
+                b.bind_ortvalue_output(present, value)  # same memory: GroupQueryAttention writes in place
+            self._bound = (weakref.ref(cache), cache.capacity)
+        for name, arr in (("input_ids", input_ids), ("position_ids", position_ids),
+                          ("attention_mask", attention_mask)):
+            b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, np.int64)))
+        if batch not in self._logits:
+            out = np.empty((batch, self.arch.vocab_size), np.float32)
+            self._logits[batch] = (out, ort.OrtValue.ortvalue_from_numpy(out))
+        out, out_value = self._logits[batch]
+        b.bind_ortvalue_output("logits", out_value)
+        self.session.run_with_iobinding(b)
+        cache.length = total
+        return out.copy(), cache
+
+
+class OvCache(KVCache):
+    """An OpenVINO sequence: its state lives in the engine's infer request while it is the active one."""
+
+    def __init__(self, batch: int):
+        super().__init__(batch)
+        self.saved: dict[str, np.ndarray] | None = None  # state parked here while another sequence runs
 
 
 class OpenVinoEngine:
@@ -87,28 +176,57 @@ class OpenVinoEngine:
     def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None, device: str = "CPU"):
         import openvino as ov
 
-        self.arch = arch
+        self.arch, self._ov = arch, ov
         core = ov.Core()
         if device not in core.available_devices:
             raise BackendUnavailable(
                 f"OpenVINO device {device!r} is not available; found: {', '.join(core.available_devices)}")
         config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
                   "INFERENCE_NUM_THREADS": threads or _default_threads(),
-                  # f32 activations: bf16 would trade the golden check's exactness for speed
-                  "INFERENCE_PRECISION_HINT": "f32"}
+                  # f32 activations and cache: bf16/f16/u8 would trade the golden check's exactness for speed
+                  "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
         try:
-            self.compiled = core.compile_model(core.read_model(str(model_path)), device, config)
+            model = core.read_model(str(model_path))
+            if not model.get_sinks():
+                raise ModelLoadError(f"{model_path}: not a stateful decoder IR (no KV-cache variables); "
+                                     "re-export the bundle with this version")
+            self.compiled = core.compile_model(model, device, config)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"{model_path}: OpenVINO could not load the model ({exc})") from None
         self.request = self.compiled.create_infer_request()
         self.device = device
-        self._names = arch.input_names()
+        self._active = None  # weakref to the OvCache whose state the request holds
 
-    def forward(self, input_ids, position_ids, attention_mask, cache):
-        feeds = dict(zip(self._names, [input_ids, position_ids, attention_mask, *cache]))
-        self.request.infer(feeds, share_inputs=True)
-        outs = [self.request.get_output_tensor(i).data.copy() for i in range(len(self.compiled.outputs))]
-        return outs[0], outs[1:]
+    def new_cache(self, batch: int = 1) -> OvCache:
+        return OvCache(batch)
+
+    def _activate(self, cache: OvCache) -> None:
+        active = self._active() if self._active is not None else None
+        if active is cache:
+            if cache.length == 0:
+                self.request.reset_state()
+            return
+        if active is not None and active.length > 0:
+            active.saved = {s.name: s.state.data.copy() for s in self.request.query_state()}
+        self.request.reset_state()
+        if cache.saved is not None:
+            for s in self.request.query_state():
+                s.state = self._ov.Tensor(cache.saved[s.name])
+            cache.saved = None
+        self._active = weakref.ref(cache)
+
+    def forward(self, input_ids, position_ids, attention_mask, cache: OvCache):
+        ov, r = self._ov, self.request
+        cache._check(input_ids, attention_mask)
+        self._activate(cache)
+        for name, arr in (("input_ids", input_ids), ("position_ids", position_ids),
+                          ("attention_mask", attention_mask)):
+            r.set_tensor(name, ov.Tensor(np.ascontiguousarray(arr, np.int64), shared_memory=True))
+        r.infer()
+        cache.length = attention_mask.shape[1]
+        return r.get_output_tensor(0).data.copy(), cache
 
 
 def _default_threads() -> int:

@@ -39,16 +39,18 @@ class SamplingParams:
 
 
 def prefill(engine, prompt_ids: list[int]):
-    """Run the whole prompt; returns last-position logits (vocab,) and the KV cache."""
+    """Run the whole prompt; returns last-position logits (vocab,) and a new KV cache handle."""
     n = len(prompt_ids)
     ids = np.asarray([prompt_ids], dtype=np.int64)  # (1, T)
     pos = np.arange(n, dtype=np.int64)[None]  # (1, T)
-    logits, cache = engine.forward(ids, pos, np.ones((1, n), np.int64), engine.arch.empty_cache())
+    logits, cache = engine.forward(ids, pos, np.ones((1, n), np.int64), engine.new_cache())
     return logits[0], cache
 
 
 def decode_one_token(engine, token: int, position: int, cache):
-    """One step: the token at `position` attends to the cache; returns logits (vocab,) and the cache."""
+    """One step: the token at `position` attends to the cache; returns logits (vocab,) and the cache.
+
+    The cache is the engine's handle from `prefill`: it is updated in place and returned."""
     ids = np.array([[token]], dtype=np.int64)
     pos = np.array([[position]], dtype=np.int64)
     logits, cache = engine.forward(ids, pos, np.ones((1, position + 1), np.int64), cache)

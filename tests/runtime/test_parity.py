@@ -46,17 +46,17 @@ def test_kv_cache_equals_full_recomputation(fp32_bundle, backend, heldout_ids):
     seq = np.asarray(heldout_ids[100:140], dtype=np.int64)
 
     def full(n):  # recompute the whole sequence without a cache
-        logits, _ = engine.forward(seq[None, :n], np.arange(n)[None], np.ones((1, n), np.int64), arch.empty_cache())
+        logits, _ = engine.forward(seq[None, :n], np.arange(n)[None], np.ones((1, n), np.int64), engine.new_cache())
         return logits[0]
 
     cached = teacher_forced_logits(engine, seq[:10].tolist(), seq[10:].tolist())
     recomputed = np.stack([full(n) for n in range(10, 40)])
     np.testing.assert_allclose(cached, recomputed, atol=1e-4)
     # a multi-token chunk on top of a cache (chunked prefill) is the same as well
-    _, cache = engine.forward(seq[None, :20], np.arange(20)[None], np.ones((1, 20), np.int64), arch.empty_cache())
+    _, cache = engine.forward(seq[None, :20], np.arange(20)[None], np.ones((1, 20), np.int64), engine.new_cache())
     logits, cache = engine.forward(seq[None, 20:30], np.arange(20, 30)[None], np.ones((1, 30), np.int64), cache)
     np.testing.assert_allclose(logits[0], full(30), atol=1e-4)
-    assert cache[0].shape == (1, arch.num_kv_heads, 30, arch.head_dim)
+    assert cache.length == 30 and cache.batch == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -83,8 +83,8 @@ def test_left_padded_batch_equals_single_rows(fp32_bundle, heldout_ids):
     ids = np.array([a, [0] * 5 + b], dtype=np.int64)
     mask = np.array([[1] * 12, [0] * 5 + [1] * 7], dtype=np.int64)
     pos = np.maximum(mask.cumsum(1) - 1, 0)
-    logits, _ = engine.forward(ids, pos, mask, arch.empty_cache(2))
+    logits, _ = engine.forward(ids, pos, mask, engine.new_cache(2))
     for row, prompt in enumerate((a, b)):
         single, _ = engine.forward(np.array([prompt]), np.arange(len(prompt))[None],
-                                   np.ones((1, len(prompt)), np.int64), arch.empty_cache())
+                                   np.ones((1, len(prompt)), np.int64), engine.new_cache())
         np.testing.assert_allclose(logits[row], single[0], atol=1e-4)
