@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from agent.errors import ConfigError
+from agent.mqtt import MqttSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -71,11 +72,14 @@ class TelemetrySettings(_Section):
     interval_s: float = Field(30.0, gt=0.0, le=86400.0)
 
 
-class MqttSettings(_Section):
-    # Placeholder: agent/mqtt.py owns MqttSettings and will move the real one there.
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    enabled: bool = False
+class OtaSettings(_Section):
+    # public keys (*.pub) that may sign bundles; more than one during a key rotation
+    trusted_keys: Path = Path("/etc/edgeglm/trusted-keys")
+    # refuse to serve a bundle without a valid signature (always on for OTA updates)
+    require_signature: bool = True
+    max_latency_ratio: float = Field(1.5, gt=1.0, le=100.0)  # self-test: new decode latency vs serving
+    chunk_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)  # ask a chunk again after this
+    give_up_s: float = Field(300.0, gt=0.0, le=86400.0)  # fail the update when the controller is gone this long
 
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -101,6 +105,7 @@ class AgentConfig(BaseSettings):
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    ota: OtaSettings = Field(default_factory=OtaSettings)
     log_level: LogLevel = "info"
 
     @field_validator("log_level", mode="before")

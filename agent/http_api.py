@@ -51,9 +51,11 @@ class ApiServer:
     its golden check, /readyz and the inference endpoints answer 503 with the reason.
     """
 
-    def __init__(self, http: HttpSettings, sampling: SamplingSettings, metrics: ServingMetrics | None = None):
+    def __init__(self, http: HttpSettings, sampling: SamplingSettings, metrics: ServingMetrics | None = None,
+                 window=None):
         self.http, self.sampling = http, sampling
         self.metrics = metrics or ServingMetrics()
+        self.window = window  # an agent.telemetry.LatencyWindow, or None
         self._engine = threading.Lock()  # one engine: one generation at a time
         self._state = threading.Condition()  # guards everything below
         self._model = self._golden = None
@@ -284,6 +286,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _fail(self, endpoint: str, exc: ApiError) -> None:
         self.server.api.metrics.errors.inc(endpoint=endpoint, type=exc.type)
+        if self.server.api.window is not None and exc.status >= 500:
+            self.server.api.window.record_error()
         if self._status and not self._streaming:  # a response is half out: only closing is left
             self.close_connection = True
             return
@@ -411,11 +415,15 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(400, str(exc), param=req.prompt_field) from None
             outcome, shape, last = Outcome(len(ids)), shape_cls(model_id(model)), [None]
 
+            timing = {"ttft": None, "gaps": []}
+
             def on_token():  # timing of each token; the shutdown deadline cuts here
                 now = time.perf_counter()
                 if last[0] is None:
-                    m.ttft.observe(now - self._t0, endpoint=endpoint)
+                    timing["ttft"] = now - self._t0
+                    m.ttft.observe(timing["ttft"], endpoint=endpoint)
                 else:
+                    timing["gaps"].append(now - last[0])
                     m.token_latency.observe(now - last[0], endpoint=endpoint)
                 last[0] = now
                 if api._abort.is_set():
@@ -432,6 +440,8 @@ class _Handler(BaseHTTPRequestHandler):
                 tokens.close()
                 m.prompt_tokens.inc(outcome.prompt_tokens, endpoint=endpoint)
                 m.completion_tokens.inc(outcome.completion_tokens, endpoint=endpoint)
+                if api.window is not None:
+                    api.window.record(timing["ttft"], timing["gaps"], len(timing["gaps"]), sum(timing["gaps"]))
         m.request_latency.observe(time.perf_counter() - self._t0, endpoint=endpoint)
 
 

@@ -92,7 +92,7 @@ class MqttSettings(BaseModel):
     session_expiry_s: int = Field(7 * 86400, ge=0, le=0xFFFFFFFF)  # MQTT 5; 3.1.1 sessions: the broker's rule
     telemetry_buffer: int = Field(100, ge=1, le=100_000)  # reports kept while offline
     held_messages: int = Field(1000, ge=1, le=1_000_000)  # other messages kept while offline
-    max_payload_bytes: int = Field(256 * 1024, ge=1024, le=256 << 20)  # default limit of a subscription
+    max_payload_bytes: int = Field(1024 * 1024, ge=1024, le=256 << 20)  # default limit of a subscription
 
     @field_validator("protocol", mode="before")
     @classmethod
