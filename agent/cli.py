@@ -6,6 +6,8 @@
     edgeglm bundle keygen --out DIR [--name NAME]
     edgeglm bundle sign BUNDLE --key PRIVATE_KEY
     edgeglm bundle verify BUNDLE --trusted KEYS [--trusted KEYS ...]
+    edgeglm agent [--config FILE] [--bundle BUNDLE] [--host H] [--port N] [--backend B] [--state-dir DIR]
+    edgeglm agent config-schema
     edgeglm demo [--workdir DIR]
 
 User errors (bad input, a broken checkpoint or bundle, a missing backend) print one line on
@@ -33,7 +35,9 @@ class CliError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [CliError, BundleError, RuntimeUserError]
+    from agent.errors import AgentError
+
+    errors: list[type[BaseException]] = [CliError, BundleError, RuntimeUserError, AgentError]
     try:
         from models.errors import CheckpointError, ExportError
 
@@ -142,6 +146,29 @@ def cmd_bundle_verify(args) -> int:
     return 0
 
 
+def cmd_agent(args) -> int:
+    import logging
+    import signal
+    import threading
+
+    from agent.config import config_schema, load_config
+
+    if args.action == "config-schema":
+        print(json.dumps(config_schema(), indent=2))
+        return 0
+    overrides = {"model.bundle": args.bundle, "http.host": args.host, "http.port": args.port,
+                 "model.backend": args.backend, "model.slots_dir": args.state_dir}
+    cfg = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent.daemon import run_agent
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run_agent(cfg, stop)
+    return 0
+
+
 def cmd_demo(args) -> int:
     export, tiny = _factory()
     from tqdm import tqdm
@@ -217,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--trusted", required=True, action="append",
                     help="public key file or directory of *.pub files (repeatable)")
     vf.set_defaults(func=cmd_bundle_verify)
+
+    a = sub.add_parser("agent", help="run the edge agent daemon (or print its config schema)")
+    a.add_argument("action", nargs="?", default="run", choices=["run", "config-schema"])
+    a.add_argument("--config", help="TOML config file (defaults < file < EDGEGLM_* env < these flags)")
+    a.add_argument("--bundle", help="serve this bundle instead of the active slot")
+    a.add_argument("--host", help="HTTP API address (default 127.0.0.1)")
+    a.add_argument("--port", type=int, help="HTTP API port (default 8321)")
+    a.add_argument("--backend", help="auto, onnxruntime or openvino")
+    a.add_argument("--state-dir", help="model slots and update state (default /var/lib/edgeglm)")
+    a.set_defaults(func=cmd_agent)
 
     d = sub.add_parser("demo", help="train a tiny GLM, export an INT8 bundle and generate with it")
     d.add_argument("--workdir", default="edgeglm-demo")

@@ -1,0 +1,346 @@
+"""The edge agent daemon: wiring of config, model, HTTP API, MQTT session, telemetry and OTA.
+
+    Agent(cfg).start()    load the active model (verified, signed), start the HTTP API, connect
+                          to MQTT, resume an interrupted update
+    Agent.run(stop)       the loop: MQTT events (desired config, OTA offers, inference requests)
+                          and the telemetry timer, until `stop` is set (SIGTERM, Ctrl-C)
+    Agent.shutdown()      stop accepting requests, finish or cut in-flight ones within the
+                          deadline, publish the offline state, disconnect
+
+MQTT callbacks only queue events (agent/mqtt.py); everything happens on this loop's thread,
+except inference requests and the update, which run on their own worker threads so that the
+loop keeps answering.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from agent import __version__
+from agent.config import AgentConfig, with_updates
+from agent.errors import AgentError, ConfigError, ServeError
+from agent.http_api import ApiServer
+from agent.model import LoadedModel, load_model
+from agent.mqtt import MqttSession, PayloadRejected, Received
+from agent.openai_compat import ApiError, Outcome, generate_text, glm_chat_prompt
+from agent.selftest import SelfTestConfig, run_self_test
+from agent.telemetry import LatencyWindow
+from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceResponse, ModelRef, ReportedState,
+                          Usage, chunk_request_topic, chunk_response_topic, desired_topic, infer_request_topic,
+                          ota_offer_topic, ota_status_topic)
+from ota.bundle import open_bundle
+from ota.errors import BundleError
+from ota.offers import DirectoryFetcher
+from ota.signing import load_trusted_keys, verify_bundle_signature
+from ota.transfer import MqttChunkFetcher
+from ota.update import Offer, State, UpdateFailed, Updater, UpdaterDeps
+from runtime.engine import available_backends
+from runtime.errors import RequestError, RuntimeUserError
+from runtime.generate import SamplingParams, generate
+from runtime.probe import probe_hardware
+
+log = logging.getLogger("edgeglm.agent")
+
+
+class _OfferFetcher:
+    """Chooses the fetcher by the offer's source: `mqtt` (the controller's chunk server) or `dir`."""
+
+    def __init__(self, mqtt: MqttChunkFetcher | None):
+        self.mqtt, self.dir = mqtt, DirectoryFetcher()
+
+    def read_chunk(self, offer: Offer, path: str, index: int, chunk_size: int) -> bytes:
+        kind = offer.source.get("type", "mqtt")
+        if kind == "dir":
+            return self.dir.read_chunk(offer, path, index, chunk_size)
+        if kind == "mqtt" and self.mqtt is not None:
+            return self.mqtt.read_chunk(offer, path, index, chunk_size)
+        raise UpdateFailed(f"offer source type {kind!r} cannot be fetched by this agent (mqtt, dir)")
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.started = time.time()
+        self.hardware = probe_hardware()
+        self.window = LatencyWindow()
+        self.http = ApiServer(cfg.http, cfg.sampling, window=self.window)
+        self.session: MqttSession | None = None
+        self.updater: Updater | None = None
+        self.model: LoadedModel | None = None
+        self.applied_config_version: int | None = None
+        self.last_config_error: str | None = None
+        self._ota_thread: threading.Thread | None = None
+        self._ota_lock = threading.Lock()
+        self._last_telemetry = time.monotonic()
+
+    # --- model --------------------------------------------------------------------------------
+    def _trusted_keys(self) -> dict:
+        try:
+            return load_trusted_keys([self.cfg.ota.trusted_keys])
+        except BundleError as exc:
+            raise ServeError(f"{exc} (set ota.trusted_keys to the directory of the fleet's *.pub keys; for "
+                             "unsigned development bundles only, set ota.require_signature = false)") from None
+
+    def _load(self, path: Path) -> LoadedModel:
+        """Load a bundle for serving: files verified against the manifest, signature checked."""
+        if self.cfg.ota.require_signature:
+            verify_bundle_signature(open_bundle(path, verify=False), self._trusted_keys())
+        return load_model(path, self.cfg.model.backend, self.cfg.model.threads)
+
+    def activate(self, path: Path | None) -> None:
+        """Serve the model in `path` (after its golden check); None serves nothing."""
+        if path is None:
+            self.model = None
+            self.http.set_model(None, None)
+        else:
+            model = self._load(path)
+            golden = model.golden_check()
+            if not golden.passed:
+                raise ServeError(f"{path}: golden check failed on {model.backend}: {golden.describe()}")
+            self.model = model
+            self.http.set_model(model, golden)
+        self._publish_state()
+
+    def _initial_model_path(self) -> Path | None:
+        if self.cfg.model.bundle is not None:
+            return Path(self.cfg.model.bundle)
+        return self.updater.slots.active_path() if self.updater else None
+
+    # --- state --------------------------------------------------------------------------------
+    def reported_state(self, online: bool = True) -> ReportedState:
+        m = self.model
+        return ReportedState(
+            device=self.cfg.device.id, online=online, agent_version=__version__,
+            hardware={"cpu": self.hardware.cpu.model, "cores": self.hardware.cpu.logical_cores,
+                      "features": list(self.hardware.cpu.features), "fingerprint": self.hardware.fingerprint(),
+                      "backends": available_backends()},
+            execution_path=f"{m.backend}:{getattr(m.engine, 'device', 'CPU')}".lower() if m else None,
+            model=ModelRef(name=m.bundle.manifest.name, version=m.bundle.manifest.version, sha256=m.bundle.sha256)
+            if m else None,
+            active_slot=self.updater.slots.active() if self.updater else None,
+            applied_config_version=self.applied_config_version, last_config_error=self.last_config_error,
+            uptime_s=time.time() - self.started, ts=time.time())
+
+    def _publish_state(self) -> None:
+        if self.session is not None:
+            self.session.publish_state()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        slots_dir = Path(cfg.model.slots_dir)
+        if cfg.model.bundle is None or cfg.mqtt.enabled:
+            try:
+                slots_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ServeError(f"model.slots_dir {slots_dir}: cannot be created ({exc}); set model.slots_dir "
+                                 "to a writable directory") from None
+            self.updater = Updater(slots_dir, self._updater_deps())
+        self.http.start()
+        log.info("HTTP API on %s", self.http.url)
+        path = self._initial_model_path()
+        if path is not None and (self.updater is None or self.updater.state is State.IDLE
+                                 or cfg.model.bundle is not None):
+            self.activate(path)
+        elif path is None:
+            log.warning("no model yet: waiting for an OTA update (HTTP answers 503 until then)")
+        if cfg.mqtt.enabled:
+            d = cfg.device
+            self.session = MqttSession(cfg.mqtt, fleet=d.fleet, device=d.id, state_fn=self.reported_state)
+            self.session.subscribe(desired_topic(d.fleet, d.id), DesiredConfig, empty_ok=True)
+            self.session.subscribe(ota_offer_topic(d.fleet, d.id), Offer, empty_ok=True)
+            self.session.subscribe(infer_request_topic(d.fleet, d.id), InferenceRequest)
+            self.session.start()
+        if self.updater is not None and self.updater.state is not State.IDLE:
+            log.info("resuming the interrupted update %s in state %s", self.updater.data.get("update_id"),
+                     self.updater.state.value)
+            self._start_update(None)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            event = self.session.get_event(timeout=0.2) if self.session else (stop.wait(0.2) and None)
+            if isinstance(event, Received):
+                self._dispatch(event)
+            elif isinstance(event, PayloadRejected):
+                self._rejected(event)
+            if self.session and time.monotonic() - self._last_telemetry >= self.cfg.telemetry.interval_s:
+                self._send_telemetry()
+
+    def shutdown(self, deadline: float = 10.0) -> None:
+        self.http.shutdown(deadline)
+        if self.session is not None:
+            self._send_telemetry()
+            self.session.close(publish_offline=True)
+
+    # --- events -------------------------------------------------------------------------------
+    def _dispatch(self, event: Received) -> None:
+        payload = event.payload
+        if isinstance(payload, DesiredConfig):
+            self._apply_desired(payload)
+        elif isinstance(payload, Offer):
+            self._start_update(payload)
+        elif isinstance(payload, InferenceRequest):
+            threading.Thread(target=self._infer, args=(event.message, payload), daemon=True).start()
+
+    def _rejected(self, event: PayloadRejected) -> None:
+        """A malformed, oversized or wrong-type payload: counted; an inference request gets an error answer."""
+        self.window.record_error()
+        d = self.cfg.device
+        if event.message.topic == infer_request_topic(d.fleet, d.id):
+            target = self.session.reply_target(event.message)
+            if target is not None:
+                self.session.respond(event.message, InferenceResponse(
+                    id=target.request_id or "unknown", error=ErrorInfo(code="bad_request", message=str(event.error))))
+        elif event.message.topic == desired_topic(d.fleet, d.id):
+            self.last_config_error = f"desired config refused: {event.error}"
+            self._publish_state()
+
+    def _apply_desired(self, desired: DesiredConfig) -> None:
+        if desired.version == self.applied_config_version:
+            return
+        try:
+            new = with_updates(self.cfg, desired.settings)
+            restart_only = [k for k in ("device", "mqtt", "http", "model") if getattr(new, k) != getattr(self.cfg, k)]
+            if restart_only:
+                raise ConfigError(f"section(s) {', '.join(restart_only)} cannot change while running; "
+                                  "change them in the agent's config file")
+        except ConfigError as exc:
+            self.last_config_error = f"desired config version {desired.version} refused: {exc}"
+            log.warning("%s", self.last_config_error)
+        else:
+            self.cfg = new
+            self.http.sampling = new.sampling  # live: sampling defaults; telemetry interval is read each loop
+            self.applied_config_version, self.last_config_error = desired.version, None
+        self._publish_state()
+
+    def _send_telemetry(self) -> None:
+        self._last_telemetry = time.monotonic()
+        m = self.model
+        report = self.window.take(self.cfg.device.id, m.bundle.manifest.version if m else None,
+                                  f"{m.backend}:cpu" if m else None)
+        if self.session is not None:
+            report.errors += self.session.stats.payload_errors
+            self.session.stats.payload_errors = 0
+            self.session.publish_telemetry(report)
+
+    def _infer(self, message, req: InferenceRequest) -> None:
+        try:
+            text, usage, finish = self._generate_for(req)
+            response = InferenceResponse(id=req.id, text=text, usage=usage, finish_reason=finish)
+        except ApiError as exc:
+            code = {400: "bad_request", 429: "busy", 503: "model_unavailable"}.get(exc.status, "internal")
+            response = InferenceResponse(id=req.id, error=ErrorInfo(code=code, message=exc.message))
+        except RequestError as exc:
+            response = InferenceResponse(id=req.id, error=ErrorInfo(code="bad_request", message=str(exc)))
+        except Exception as exc:  # never let one request take the agent down; the requester is told
+            log.exception("MQTT inference request %s failed", req.id)
+            response = InferenceResponse(id=req.id, error=ErrorInfo(code="internal", message=str(exc)))
+        if response.error:
+            self.window.record_error()
+        try:
+            self.session.respond(message, response)
+        except AgentError as exc:
+            log.warning("MQTT inference request %s: %s", req.id, exc)
+
+    def _generate_for(self, req: InferenceRequest):
+        s = self.http.sampling
+        params = SamplingParams(
+            max_tokens=req.max_tokens or s.max_tokens,
+            temperature=s.temperature if req.temperature is None else req.temperature,
+            top_k=s.top_k if req.top_k is None else req.top_k, top_p=s.top_p if req.top_p is None else req.top_p,
+            repetition_penalty=s.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
+            seed=req.seed)
+        with self.http.engine_slot() as model:
+            prompt = req.prompt if req.prompt is not None else glm_chat_prompt(
+                [(m.role, m.content) for m in req.messages])
+            ids = model.tokenizer.encode(prompt).ids
+            outcome = Outcome(len(ids))
+            t0, times = time.perf_counter(), []
+            pieces = generate_text(model, ids, generate(model.engine, ids, params), params, tuple(req.stop), outcome,
+                                   lambda: times.append(time.perf_counter()))
+            text = "".join(pieces)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        self.window.record(times[0] - t0 if times else None, gaps, len(gaps), sum(gaps))
+        return text, Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens), \
+            outcome.finish_reason
+
+    # --- OTA ----------------------------------------------------------------------------------
+    def _updater_deps(self) -> UpdaterDeps:
+        mqtt_fetcher = MqttChunkFetcher(self._chunk_request, self.cfg.ota.chunk_timeout_s, self.cfg.ota.give_up_s)
+        try:
+            keys = self._trusted_keys()
+        except ServeError as exc:
+            log.warning("OTA updates will be refused until trusted keys exist: %s", exc)
+            keys = {}
+        return UpdaterDeps(
+            trusted_keys=keys, fetcher=_OfferFetcher(mqtt_fetcher),
+            self_test=lambda slot, manifest: run_self_test(slot, manifest, SelfTestConfig(
+                backend=self.cfg.model.backend, threads=self.cfg.model.threads,
+                max_latency_ratio=self.cfg.ota.max_latency_ratio), self.model),
+            activate=self.activate, report=self._report_ota, agent_version=__version__,
+            supported_backends=tuple(available_backends()),
+            active_version=lambda: self.model.bundle.manifest.version if self.model else None)
+
+    def _chunk_request(self, req):
+        d = self.cfg.device
+        if self.session is None:
+            raise UpdateFailed("MQTT is disabled (mqtt.enabled = false): chunks cannot be fetched")
+        return self.session.request(chunk_request_topic(d.fleet, d.id), req,
+                                    response_topic=chunk_response_topic(d.fleet, d.id))
+
+    def _report_ota(self, status: dict) -> None:
+        log.info("OTA %s", status)
+        if self.session is not None:
+            d = self.cfg.device
+            self.session.publish(ota_status_topic(d.fleet, d.id), json.dumps(status).encode(), retain=True)
+
+    def _start_update(self, offer: Offer | None) -> None:
+        if self.updater is None:
+            return
+        with self._ota_lock:
+            if self._ota_thread is not None and self._ota_thread.is_alive():
+                if offer is not None:
+                    log.warning("offer %s ignored: an update is running", offer.update_id)
+                return
+            if offer is not None:
+                if offer.update_id == self.updater.data.get("update_id"):
+                    return  # the retained offer we already processed, seen again after a reconnect
+                self.updater.deps.trusted_keys = self._reload_keys()
+                try:
+                    self.updater.submit(offer)
+                except UpdateFailed as exc:
+                    log.warning("%s", exc)
+                    return
+            self._ota_thread = threading.Thread(target=self._run_update, name="ota", daemon=True)
+            self._ota_thread.start()
+
+    def _reload_keys(self) -> dict:
+        try:
+            return self._trusted_keys()  # picked up at each offer: rotating keys needs no restart
+        except ServeError as exc:
+            log.warning("%s", exc)
+            return {}
+
+    def _run_update(self) -> None:
+        try:
+            self.updater.run()
+        except Exception:  # the state is persisted; a restart resumes or fails it for good
+            log.exception("OTA update stopped unexpectedly")
+        finally:
+            self._publish_state()
+
+
+def run_agent(cfg: AgentConfig, stop: threading.Event, deadline: float = 10.0) -> None:
+    """Start the agent, run until `stop`, shut down cleanly (the CLI wires SIGTERM to `stop`)."""
+    agent = Agent(cfg)
+    try:
+        agent.start()
+        agent.run(stop)
+    except (RuntimeUserError, BundleError, AgentError) as exc:
+        agent.shutdown(deadline)
+        raise ServeError(str(exc)) from None
+    agent.shutdown(deadline)
