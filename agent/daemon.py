@@ -223,8 +223,6 @@ class Agent:
         report = self.window.take(self.cfg.device.id, m.bundle.manifest.version if m else None,
                                   f"{m.backend}:cpu" if m else None)
         if self.session is not None:
-            report.errors += self.session.stats.payload_errors
-            self.session.stats.payload_errors = 0
             self.session.publish_telemetry(report)
 
     def _infer(self, message, req: InferenceRequest) -> None:

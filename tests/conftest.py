@@ -39,3 +39,17 @@ def int8_bundle(trained_checkpoint, tmp_path_factory) -> Path:
     export_bundle(trained_checkpoint, out, ExportOptions(precision="int8", name="tiny", version="1.0.0"),
                   show_progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def signed_bundles(int8_bundle, tmp_path_factory):
+    """The int8 bundle as signed versions 1.0.0 and 1.1.0, with the key that signed them."""
+    from bundles import variant
+    from ota.signing import generate_keypair, load_private_key
+
+    root = tmp_path_factory.mktemp("signed")
+    pair = generate_keypair(root / "keys", "fleet")
+    key = load_private_key(pair.private_path)
+    v1 = variant(int8_bundle, root / "v1", key, version="1.0.0")
+    v2 = variant(int8_bundle, root / "v2", key, version="1.1.0")
+    return {"root": root, "key": key, "keys": root / "keys", "v1": v1, "v2": v2}

@@ -16,7 +16,8 @@ import pytest
 
 from ota.bundle import open_bundle
 from ota.offers import make_offer
-from ota.signing import generate_keypair, load_private_key, sign_bundle
+from bundles import variant
+from ota.signing import generate_keypair, load_private_key
 from update_driver import build_updater
 
 DRIVER = Path(__file__).with_name("update_driver.py")
@@ -29,27 +30,6 @@ def failure_chain(state: str) -> list[str]:
     if state == "committing":
         return upto + ["rollback", "cleanup", "reporting", "idle"]
     return upto + ["failure", "cleanup", "reporting", "idle"]
-
-
-def variant(src: Path, dst: Path, key, **changes) -> Path:
-    """A copy of a bundle with manifest fields changed, signed again."""
-    shutil.copytree(src, dst)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest.update(changes)
-    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    (dst / "manifest.sig").unlink(missing_ok=True)
-    sign_bundle(open_bundle(dst), key)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def signed_bundles(int8_bundle, tmp_path_factory):
-    root = tmp_path_factory.mktemp("signed")
-    pair = generate_keypair(root / "keys", "fleet")
-    key = load_private_key(pair.private_path)
-    v1 = variant(int8_bundle, root / "v1", key, version="1.0.0")
-    v2 = variant(int8_bundle, root / "v2", key, version="1.1.0")
-    return {"root": root, "key": key, "keys": root / "keys", "v1": v1, "v2": v2}
 
 
 def reports(work: Path) -> list[dict]:
