@@ -163,10 +163,14 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             event = self.session.get_event(timeout=0.2) if self.session else (stop.wait(0.2) and None)
-            if isinstance(event, Received):
-                self._dispatch(event)
-            elif isinstance(event, PayloadRejected):
-                self._rejected(event)
+            try:
+                if isinstance(event, Received):
+                    self._dispatch(event)
+                elif isinstance(event, PayloadRejected):
+                    self._rejected(event)
+            except Exception:  # one bad event must not stop the agent: log it, count it, go on
+                log.exception("handling an MQTT event failed")
+                self.window.record_error()
             if self.session and time.monotonic() - self._last_telemetry >= self.cfg.telemetry.interval_s:
                 self._send_telemetry()
 
@@ -194,7 +198,7 @@ class Agent:
             target = self.session.reply_target(event.message)
             if target is not None:
                 self.session.respond(event.message, InferenceResponse(
-                    id=target.request_id or "unknown", error=ErrorInfo(code="bad_request", message=str(event.error))))
+                    id=target.id or "unknown", error=ErrorInfo(code="bad_request", message=str(event.error))))
         elif event.message.topic == desired_topic(d.fleet, d.id):
             self.last_config_error = f"desired config refused: {event.error}"
             self._publish_state()

@@ -1,0 +1,170 @@
+"""`edgeglm agent` end to end: a real agent process, a real Mosquitto, a controller played by paho.
+
+The agent starts with empty model slots, is offered a signed bundle whose chunks it pulls over
+MQTT from the controller's chunk server, commits it, then serves HTTP and MQTT inference,
+applies desired config live (refusing an invalid one), reports telemetry, and on SIGTERM
+publishes its offline state and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.topics import (chunk_request_topic, desired_topic, infer_request_topic, ota_offer_topic, ota_status_topic,
+                          state_topic, telemetry_topic)
+from broker import free_port
+from ota.bundle import open_bundle
+from ota.offers import make_offer
+from ota.transfer import ChunkRequest, ChunkSource
+
+FLEET, DEVICE = "fleet1", "dev1"
+
+
+class Controller:
+    """A paho MQTT 5 client with a chunk server, collecting what the device publishes."""
+
+    def __init__(self, port: int):
+        self.chunks = ChunkSource()
+        self.messages: dict[str, queue.Queue] = {}
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="controller", protocol=paho.MQTTv5)
+        self.client.on_message = self.on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        for topic in (state_topic(FLEET, DEVICE), telemetry_topic(FLEET, DEVICE), ota_status_topic(FLEET, DEVICE),
+                      chunk_request_topic(FLEET, DEVICE), "test/replies"):
+            self.messages[topic] = queue.Queue()
+            self.client.subscribe(topic, qos=1)
+
+    def on_message(self, client, userdata, msg):
+        if msg.topic == chunk_request_topic(FLEET, DEVICE):
+            req = ChunkRequest.model_validate_json(msg.payload)
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = msg.properties.CorrelationData
+            topic = getattr(msg.properties, "ResponseTopic", None) or req.reply_to
+            client.publish(topic, self.chunks.serve(req).model_dump_json(), qos=1, properties=props)
+        self.messages[msg.topic].put(msg)
+
+    def wait(self, topic: str, predicate, timeout: float = 120.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = self.messages[topic].get(timeout=0.5)
+            except queue.Empty:
+                continue
+            data = json.loads(msg.payload) if msg.payload else None
+            if data is not None and predicate(data, msg):
+                return data
+        raise AssertionError(f"nothing on {topic} matched within {timeout} s")
+
+    def publish(self, topic: str, payload: str, retain: bool = False, props: Properties | None = None):
+        self.client.publish(topic, payload, qos=1, retain=retain, properties=props).wait_for_publish(10)
+
+
+@pytest.fixture
+def agent_process(mosquitto, signed_bundles, tmp_path):
+    http_port = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[device]
+id = "{DEVICE}"
+fleet = "{FLEET}"
+
+[model]
+slots_dir = "{tmp_path / 'state'}"
+
+[http]
+port = {http_port}
+
+[telemetry]
+interval_s = 1.0
+
+[mqtt]
+enabled = true
+port = {mosquitto.port}
+reconnect_min_delay_s = 0.2
+reconnect_max_delay_s = 1.0
+
+[ota]
+trusted_keys = "{signed_bundles['keys']}"
+""")
+    log = open(tmp_path / "agent.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    yield proc, http_port, tmp_path / "agent.log"
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def http_json(port: int, path: str, body: dict | None = None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode() if body else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def test_agent_end_to_end_over_mqtt(agent_process, mosquitto, signed_bundles):
+    proc, http_port, log = agent_process
+    ctl = Controller(mosquitto.port)
+    state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
+    assert state["model"] is None and state["agent_version"] and state["hardware"]["cores"] >= 1
+
+    # OTA: a signed bundle pulled chunk by chunk over MQTT, verified, self-tested, committed
+    v1 = open_bundle(signed_bundles["v1"])
+    ctl.chunks.add("install-v1", signed_bundles["v1"])
+    offer = make_offer(v1, "install-v1", {"type": "mqtt"})
+    ctl.publish(ota_offer_topic(FLEET, DEVICE), offer.model_dump_json(), retain=True)
+    final = ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: d.get("state") == "reporting" and "result" in d)
+    assert final["result"] == "committed", final
+    assert ctl.messages[chunk_request_topic(FLEET, DEVICE)].qsize() >= 1  # chunks did travel over MQTT
+    state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["model"] is not None)
+    assert state["model"] == {"name": v1.manifest.name, "version": "1.0.0", "sha256": v1.sha256}
+    assert state["active_slot"] == "a" and state["execution_path"].startswith("onnxruntime")
+
+    # the HTTP API serves the model that came over the air
+    assert http_json(http_port, "/readyz")["status"] == "ready"
+    out = http_json(http_port, "/v1/completions", {"prompt": "def main(", "max_tokens": 6})
+    assert out["usage"]["completion_tokens"] == 6
+
+    # desired config: applied live and acknowledged; an invalid one refused with the reason
+    ctl.publish(desired_topic(FLEET, DEVICE), json.dumps({"version": 3, "settings": {"sampling": {"max_tokens": 4}}}),
+                retain=True)
+    ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["applied_config_version"] == 3)
+    assert http_json(http_port, "/v1/completions", {"prompt": "x = "})["usage"]["completion_tokens"] == 4
+    ctl.publish(desired_topic(FLEET, DEVICE),
+                json.dumps({"version": 4, "settings": {"sampling": {"temperature": -1}}}), retain=True)
+    state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["last_config_error"] is not None)
+    assert "temperature" in state["last_config_error"] and state["applied_config_version"] == 3
+
+    # inference over MQTT 5 request/response, and a malformed request gets an error answer
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic, props.CorrelationData = "test/replies", b"req-1"
+    ctl.publish(infer_request_topic(FLEET, DEVICE), json.dumps({"id": "req-1", "prompt": "def f(", "max_tokens": 5}),
+                props=props)
+    answer = ctl.wait("test/replies", lambda d, m: d.get("id") == "req-1")
+    assert answer["text"] is not None and answer["usage"]["completion_tokens"] == 5
+    props.CorrelationData = b"req-2"
+    ctl.publish(infer_request_topic(FLEET, DEVICE), json.dumps({"id": "req-2", "prompt": 42}), props=props)
+    error = ctl.wait("test/replies", lambda d, m: d.get("id") == "req-2")
+    assert error["error"]["code"] == "bad_request" and "prompt" in error["error"]["message"]
+
+    # telemetry: the requests above show up in a report
+    report = ctl.wait(telemetry_topic(FLEET, DEVICE), lambda d, m: d["count"] >= 1)
+    assert report["model_version"] == "1.0.0" and report["per_token_ms"]["p50"] > 0
+
+    # SIGTERM: offline state published, exit code 0
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"] is False)
