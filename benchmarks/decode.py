@@ -45,7 +45,7 @@ import numpy as np
 EAGER = "pytorch-eager fp32"
 
 
-def prepare(shape: str, workdir: Path) -> tuple[Path, dict[str, Path]]:
+def prepare(shape: str, workdir: Path, precisions=("fp32", "int8")) -> tuple[Path, dict[str, Path]]:
     """The checkpoint and the fp32/int8 bundles of `shape`, built only when missing."""
     from models.export import ExportOptions, export_bundle
     from models.tiny import make_checkpoint
@@ -56,7 +56,7 @@ def prepare(shape: str, workdir: Path) -> tuple[Path, dict[str, Path]]:
         print(f"building random-init {shape} checkpoint in {ckpt}", file=sys.stderr)
         make_checkpoint(ckpt, shape=shape, train_steps=0)
     bundles = {}
-    for precision in ("fp32", "int8"):
+    for precision in precisions:
         bundles[precision] = root / f"bundle-{precision}"
         if not (bundles[precision] / "manifest.json").is_file():
             print(f"exporting {precision} bundle to {bundles[precision]}", file=sys.stderr)
@@ -180,7 +180,7 @@ def cpu_model() -> str:
 
 
 def benchmark(args) -> dict:
-    ckpt, bundles = prepare(args.shape, Path(args.workdir))
+    ckpt, bundles = prepare(args.shape, Path(args.workdir), args.precisions.split(","))
     cfg = json.loads((ckpt / "config.json").read_text())
     trees = [("", None, bundles)]
     if args.baseline_src:
