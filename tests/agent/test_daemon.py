@@ -13,6 +13,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -35,21 +36,33 @@ FLEET, DEVICE = "fleet1", "dev1"
 class Controller:
     """A paho MQTT 5 client with a chunk server, collecting what the device publishes."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, chunk_delay_s: float = 0.0):
         self.chunks = ChunkSource()
+        self.chunk_delay_s = chunk_delay_s
+        self.requested: list[tuple[str, int]] = []
         self.messages: dict[str, queue.Queue] = {}
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="controller", protocol=paho.MQTTv5)
         self.client.on_message = self.on_message
+        self.client.on_connect = self.on_connect
+        self.topics = (state_topic(FLEET, DEVICE), telemetry_topic(FLEET, DEVICE), ota_status_topic(FLEET, DEVICE),
+                       chunk_request_topic(FLEET, DEVICE), "test/replies")
+        self.messages = {topic: queue.Queue() for topic in self.topics}
+        self.subscribed = threading.Event()
+        self.client.reconnect_delay_set(0.1, 0.5)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        for topic in (state_topic(FLEET, DEVICE), telemetry_topic(FLEET, DEVICE), ota_status_topic(FLEET, DEVICE),
-                      chunk_request_topic(FLEET, DEVICE), "test/replies"):
-            self.messages[topic] = queue.Queue()
-            self.client.subscribe(topic, qos=1)
+        assert self.subscribed.wait(10)
+
+    def on_connect(self, client, userdata, flags, reason_code, properties):
+        for topic in self.topics:  # again after every reconnect: a clean session forgets them
+            client.subscribe(topic, qos=1)
+        self.subscribed.set()
 
     def on_message(self, client, userdata, msg):
         if msg.topic == chunk_request_topic(FLEET, DEVICE):
             req = ChunkRequest.model_validate_json(msg.payload)
+            self.requested.append((req.path, req.index))
+            time.sleep(self.chunk_delay_s)  # a slow link, so that the test can cut it mid-transfer
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = msg.properties.CorrelationData
             topic = getattr(msg.properties, "ResponseTopic", None) or req.reply_to
@@ -72,8 +85,7 @@ class Controller:
         self.client.publish(topic, payload, qos=1, retain=retain, properties=props).wait_for_publish(10)
 
 
-@pytest.fixture
-def agent_process(mosquitto, signed_bundles, tmp_path):
+def start_agent(mosquitto, signed_bundles, tmp_path, extra: str = ""):
     http_port = free_port()
     config = tmp_path / "agent.toml"
     config.write_text(f"""
@@ -98,11 +110,18 @@ reconnect_max_delay_s = 1.0
 
 [ota]
 trusted_keys = "{signed_bundles['keys']}"
+{extra}
 """)
-    log = open(tmp_path / "agent.log", "w")
+    log = open(tmp_path / "agent.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--config", str(config)],
                             stdout=log, stderr=subprocess.STDOUT)
-    yield proc, http_port, tmp_path / "agent.log"
+    return proc, http_port, tmp_path / "agent.log"
+
+
+@pytest.fixture
+def agent_process(mosquitto, signed_bundles, tmp_path):
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path)
+    yield proc, http_port, log
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -168,3 +187,42 @@ def test_agent_end_to_end_over_mqtt(agent_process, mosquitto, signed_bundles):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
     ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"] is False)
+
+
+def until(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_transfer_survives_a_broker_restart_and_an_agent_kill(mosquitto, signed_bundles, tmp_path):
+    """Mid-download the broker restarts, then the agent is SIGKILLed: the update still commits,
+    and after the kill the transfer resumes from the last verified chunk instead of chunk 0."""
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, "chunk_timeout_s = 1.0")
+    try:
+        ctl = Controller(mosquitto.port, chunk_delay_s=0.15)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
+        v1 = open_bundle(signed_bundles["v1"])
+        total = sum(len(f.chunks) for f in v1.manifest.files)
+        ctl.chunks.add("install-v1", signed_bundles["v1"])
+        ctl.publish(ota_offer_topic(FLEET, DEVICE), make_offer(v1, "install-v1", {"type": "mqtt"}).model_dump_json(),
+                    retain=True)
+        until(lambda: len(ctl.requested) >= 2)
+        mosquitto.restart()  # the broker goes away mid-transfer (persistent sessions, retained offer)
+        until(lambda: len(set(ctl.requested)) >= total // 2)
+        proc.kill()  # a power cut in DOWNLOADING
+        proc.wait()
+        done_before = len(set(ctl.requested))
+        ctl.requested.clear()
+        proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, "chunk_timeout_s = 1.0")
+        final = ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: d.get("state") == "reporting" and "result" in d)
+        assert final["result"] == "committed", (final, log.read_text()[-3000:])
+        assert len(set(ctl.requested)) < total, "after the restart the transfer started again from chunk 0"
+        assert len(set(ctl.requested)) + done_before >= total
+        state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["model"] is not None)
+        assert state["model"]["version"] == "1.0.0"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
