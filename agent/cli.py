@@ -8,6 +8,7 @@
     edgeglm bundle verify BUNDLE --trusted KEYS [--trusted KEYS ...]
     edgeglm agent [--config FILE] [--bundle BUNDLE] [--host H] [--port N] [--backend B] [--state-dir DIR]
     edgeglm agent config-schema
+    edgeglm fleet serve|status|offer|config set ...   (see fleet/cli.py)
     edgeglm demo [--workdir DIR]
 
 User errors (bad input, a broken checkpoint or bundle, a missing backend) print one line on
@@ -254,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--backend", help="auto, onnxruntime or openvino")
     a.add_argument("--state-dir", help="model slots and update state (default /var/lib/edgeglm)")
     a.set_defaults(func=cmd_agent)
+
+    from fleet.cli import register as register_fleet
+
+    register_fleet(sub)
 
     d = sub.add_parser("demo", help="train a tiny GLM, export an INT8 bundle and generate with it")
     d.add_argument("--workdir", default="edgeglm-demo")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from broker import Mosquitto, find_mosquitto
+
 torch.set_num_threads(2)
 
 
@@ -53,3 +55,34 @@ def signed_bundles(int8_bundle, tmp_path_factory):
     v1 = variant(int8_bundle, root / "v1", key, version="1.0.0")
     v2 = variant(int8_bundle, root / "v2", key, version="1.1.0")
     return {"root": root, "key": key, "keys": root / "keys", "v1": v1, "v2": v2}
+
+
+def _need_mosquitto() -> None:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found on PATH or in /usr/sbin (apt-get install mosquitto)")
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A running Mosquitto on a free loopback port: .host, .port, .restart(), .stop()."""
+    _need_mosquitto()
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def make_mosquitto(tmp_path):
+    """Start brokers with options (`users=`, `tls=`); all are stopped after the test."""
+    _need_mosquitto()
+    brokers: list[Mosquitto] = []
+
+    def make(**options) -> Mosquitto:
+        brokers.append(Mosquitto(tmp_path / f"mosquitto-{len(brokers)}", **options).start())
+        return brokers[-1]
+
+    yield make
+    for broker in brokers:
+        broker.stop()

@@ -1,0 +1,163 @@
+"""The fleet controller: the other end of the agents' topics.
+
+    FleetController(settings).start()   subscribe to every device's state, telemetry, OTA status
+                                        and chunk requests; keep the registry and latency store
+    .offer(device, bundle_dir, ...)     publish a signed offer (retained) and serve its chunks
+    .set_desired(device, settings)      publish a desired config (retained, versioned)
+
+paho callbacks only parse and store; a malformed message is counted (`rejected_messages`) and
+logged, never raised. The chunk server answers from the offers table, so offers made by another
+process (`edgeglm fleet offer`) are served too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import ValidationError
+
+from agent.topics import (DesiredConfig, ReportedState, TelemetryReport, controller_subscriptions, desired_topic,
+                          ota_offer_topic, split_topic)
+from fleet.store import Store
+from ota.bundle import open_bundle
+from ota.offers import make_offer
+from ota.transfer import ChunkRequest, ChunkSource
+
+log = logging.getLogger("edgeglm.fleet")
+MAX_PAYLOAD = 1 << 20
+
+
+@dataclass
+class ControllerSettings:
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    db: Path = Path("fleet.db")
+    fleet: str = "+"  # "+" = every fleet on the broker
+    client_id: str = "edgeglm-controller"
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+
+
+class FleetController:
+    def __init__(self, settings: ControllerSettings):
+        self.settings = settings
+        self.store = Store(settings.db)
+        self.chunks = ChunkSource()
+        self.connected = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=paho.MQTTv5)
+        if settings.username:
+            self.client.username_pw_set(settings.username, settings.password)
+        if settings.ca_file:
+            self.client.tls_set(ca_certs=settings.ca_file)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(1, 30)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> "FleetController":
+        self.client.connect_async(self.settings.broker_host, self.settings.broker_port)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            raise ConnectionError(f"no connection to the broker {self.settings.broker_host}:"
+                                  f"{self.settings.broker_port} within {timeout:g} s")
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.store.close()
+
+    # --- callbacks: parse, store, count -------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the controller: %s", reason_code)
+            return
+        for topic in controller_subscriptions(self.settings.fleet):
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            fleet, device, rest = split_topic(msg.topic)
+            if len(msg.payload) > MAX_PAYLOAD:
+                raise ValueError(f"{len(msg.payload)} bytes, over the {MAX_PAYLOAD} limit")
+            if rest == "state":
+                self.store.upsert_state(fleet, ReportedState.model_validate_json(msg.payload).model_dump())
+            elif rest == "telemetry":
+                self.store.add_telemetry(fleet, TelemetryReport.model_validate_json(msg.payload).model_dump())
+            elif rest == "ota/status":
+                if msg.payload:
+                    self.store.add_ota_status(fleet, device, json.loads(msg.payload))
+            elif rest == "ota/chunk/request":
+                self._serve_chunk(msg)
+        except (ValueError, ValidationError, KeyError) as exc:  # never crash on what a device sends
+            self.store.count("rejected_messages")
+            log.warning("message on %s ignored: %s", msg.topic, str(exc).splitlines()[0])
+
+    def _serve_chunk(self, msg) -> None:
+        req = ChunkRequest.model_validate_json(msg.payload)
+        if req.update_id not in self.chunks.bundles:
+            for update_id, bundle in self.store.offers().items():
+                self.chunks.add(update_id, bundle)
+        props = Properties(PacketTypes.PUBLISH)
+        correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
+        if correlation:
+            props.CorrelationData = correlation
+        topic = (getattr(msg.properties, "ResponseTopic", None) if msg.properties else None) or req.reply_to
+        if not topic:
+            raise ValueError("chunk request names no response topic")
+        self.client.publish(topic, self.chunks.serve(req).model_dump_json(), qos=1, properties=props)
+
+    # --- commands ---------------------------------------------------------------------------
+    def offer(self, fleet: str, device: str, bundle_dir: Path, update_id: str | None = None,
+              rollback_key=None) -> str:
+        bundle = open_bundle(bundle_dir)  # the controller never offers files that fail their manifest
+        update_id = update_id or f"{bundle.manifest.name}-{bundle.manifest.version}-{int(time.time() * 1000)}"
+        self.store.add_offer(update_id, Path(bundle_dir).resolve(), bundle.manifest.version)
+        self.chunks.add(update_id, bundle_dir)
+        offer = make_offer(bundle, update_id, {"type": "mqtt"}, rollback_key=rollback_key)
+        self.client.publish(ota_offer_topic(fleet, device), offer.model_dump_json(), qos=1,
+                            retain=True).wait_for_publish(10)
+        return update_id
+
+    def set_desired(self, fleet: str, device: str, settings: dict, version: int | None = None) -> int:
+        version = version if version is not None else int(time.time() * 1000)
+        payload = DesiredConfig(version=version, settings=settings).model_dump_json()
+        self.client.publish(desired_topic(fleet, device), payload, qos=1, retain=True).wait_for_publish(10)
+        return version
+
+
+def format_status(store: Store, fleet: str | None = None, since_s: float = 3600) -> str:
+    """The status table: one row per device, then one per model version."""
+    now = time.time()
+    rows = []
+    for d in store.devices(fleet):
+        lat = store.latency(d["fleet"], d["device"], now - since_s, d["model_version"])
+        rows.append((d["fleet"], d["device"], "yes" if d["online"] else "NO", f"{now - d['last_seen']:.0f}s",
+                     f"{d['model_name'] or '-'} {d['model_version'] or ''}".strip(), d["execution_path"] or "-",
+                     _ms(lat.get("ttft_p50_ms")), _ms(lat.get("ttft_p95_ms")), _ms(lat.get("token_p50_ms")),
+                     _ms(lat.get("token_p95_ms")), f"{lat['tokens_per_s']:.1f}" if lat.get("tokens_per_s") else "-",
+                     str(d["applied_config_version"] if d["applied_config_version"] is not None else "-")))
+    head = ("fleet", "device", "online", "seen", "model", "path", "ttft p50", "ttft p95", "tok p50", "tok p95",
+            "tok/s", "config")
+    return _table(head, rows) + f"\n{len(rows)} device(s); rejected messages: {store.counter('rejected_messages')}"
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.1f}ms"
+
+
+def _table(head: tuple, rows: list[tuple]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])

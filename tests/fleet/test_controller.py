@@ -1,0 +1,142 @@
+"""The fleet controller against a real Mosquitto, with devices speaking the agents' protocol."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.mqtt import MqttSession, MqttSettings
+from agent.topics import (LatencyPercentiles, ReportedState, TelemetryReport, chunk_response_topic,
+                          chunk_request_topic, ota_offer_topic, state_topic, telemetry_topic)
+from fleet.controller import ControllerSettings, FleetController, format_status
+from ota.transfer import ChunkRequest, ChunkResponse
+from ota.update import Offer
+
+FLEET = "plant7"
+
+
+def until(condition, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def device_state(device: str, version: str = "1.0.0") -> ReportedState:
+    return ReportedState(device=device, online=True, agent_version="0.1.0", execution_path="onnxruntime:cpu",
+                         model={"name": "tiny", "version": version, "sha256": "0" * 64}, active_slot="a",
+                         uptime_s=1.0, ts=time.time())
+
+
+def session(mosquitto, device: str) -> MqttSession:
+    s = MqttSession(MqttSettings(enabled=True, port=mosquitto.port, reconnect_min_delay_s=0.1),
+                    fleet=FLEET, device=device, state_fn=lambda online=True: device_state(device))
+    s.start()
+    assert s.wait_connected(10)
+    return s
+
+
+@pytest.fixture
+def controller(mosquitto, tmp_path):
+    ctl = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet=FLEET))
+    ctl.start()
+    yield ctl
+    ctl.stop()
+
+
+def test_registry_follows_state_and_the_will(controller, mosquitto, tmp_path):
+    a = session(mosquitto, "dev-a")
+    # dev-b dies without a goodbye: a process killed with SIGKILL, so only the broker's Will speaks
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(tmp_path.parents[0])!r})
+        from agent.mqtt import MqttSession, MqttSettings
+        from agent.topics import ReportedState
+        st = lambda online=True: ReportedState(device="dev-b", online=online, agent_version="0.1.0", uptime_s=0,
+                                               ts=time.time())
+        s = MqttSession(MqttSettings(enabled=True, port={mosquitto.port}, keepalive_s=5), fleet={FLEET!r},
+                        device="dev-b", state_fn=st).start()
+        s.wait_connected(10)
+        print("up", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "up"
+    until(lambda: {d["device"]: d["online"] for d in controller.store.devices(FLEET)} == {"dev-a": 1, "dev-b": 1})
+    proc.kill()
+    proc.wait()
+    until(lambda: {d["device"]: d["online"] for d in controller.store.devices(FLEET)}.get("dev-b") == 0)
+    row = next(d for d in controller.store.devices(FLEET) if d["device"] == "dev-a")
+    assert row["model_version"] == "1.0.0" and row["execution_path"] == "onnxruntime:cpu"
+    a.close()
+    until(lambda: next(d for d in controller.store.devices(FLEET) if d["device"] == "dev-a")["online"] == 0)
+
+
+def test_telemetry_is_aggregated_and_malformed_messages_are_counted(controller, mosquitto):
+    dev = session(mosquitto, "dev-t")
+    until(lambda: controller.store.devices(FLEET))
+    now = time.time()
+    for i, (p50, p95) in enumerate([(10.0, 20.0), (30.0, 40.0)]):
+        dev.publish_telemetry(TelemetryReport(
+            device="dev-t", window_start=now - 10, window_end=now + i, count=1 + i,
+            ttft_ms=LatencyPercentiles(p50=p50, p95=p95, p99=p95), per_token_ms=LatencyPercentiles(p50=p50 / 10,
+            p95=p95 / 10, p99=p95 / 10), tokens_per_s=50.0, model_version="1.0.0"))
+    raw = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    raw.connect("127.0.0.1", mosquitto.port)
+    raw.loop_start()
+    for junk in (b"not json", json.dumps({"device": "dev-t", "count": "many"}).encode(), b"\xff" * 10):
+        raw.publish(telemetry_topic(FLEET, "dev-t"), junk, qos=1).wait_for_publish(5)
+    until(lambda: controller.store.counter("rejected_messages") == 3)
+    until(lambda: controller.store.latency(FLEET, "dev-t", now - 60)["requests"] == 3)
+    lat = controller.store.latency(FLEET, "dev-t", now - 60)
+    assert lat["ttft_p50_ms"] == pytest.approx((10 * 1 + 30 * 2) / 3)  # request-weighted
+    assert lat["token_p95_ms"] == pytest.approx((2 * 1 + 4 * 2) / 3)
+    table = format_status(controller.store, FLEET)
+    assert "dev-t" in table and "rejected messages: 3" in table
+    raw.loop_stop()
+    dev.close()
+
+
+def test_offer_is_retained_and_its_chunks_are_served(controller, mosquitto, signed_bundles):
+    dev = session(mosquitto, "dev-o")
+    offers = []
+    dev.subscribe(ota_offer_topic(FLEET, "dev-o"), Offer)
+    update_id = controller.offer(FLEET, "dev-o", signed_bundles["v2"])
+    until(lambda: (ev := dev.get_event(0.2)) is not None and getattr(ev, "payload", None) is not None
+          and offers.append(ev.payload) is None)
+    offer = offers[0]
+    assert offer.update_id == update_id and offer.source == {"type": "mqtt"}
+    manifest = json.loads(offer.manifest_bytes())
+    entry = next(f for f in manifest["files"] if f["path"] == "openvino/openvino_model.bin")
+    req = ChunkRequest(id=uuid.uuid4().hex, update_id=update_id, path=entry["path"], index=1,
+                       chunk_size=manifest["chunk_size"])
+    reply = dev.request(chunk_request_topic(FLEET, "dev-o"), req,
+                        response_topic=chunk_response_topic(FLEET, "dev-o")).result(timeout=10)
+    data = base64.b64decode(ChunkResponse.model_validate_json(reply.payload).data_b64)
+    assert hashlib.sha256(data).hexdigest() == entry["chunks"][1]
+    bad = ChunkRequest(id=uuid.uuid4().hex, update_id="nope", path=entry["path"], index=0, chunk_size=4096)
+    reply = dev.request(chunk_request_topic(FLEET, "dev-o"), bad,
+                        response_topic=chunk_response_topic(FLEET, "dev-o")).result(timeout=10)
+    assert "not offered" in ChunkResponse.model_validate_json(reply.payload).error
+    dev.close()
+
+
+def test_status_cli(controller, mosquitto, tmp_path):
+    dev = session(mosquitto, "dev-s")
+    until(lambda: controller.store.devices(FLEET))
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "status", "--db", str(tmp_path / "fleet.db"),
+                          "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    devices = json.loads(out.stdout)["devices"]
+    assert [d["device"] for d in devices] == ["dev-s"] and devices[0]["model_version"] == "1.0.0"
+    dev.close()
