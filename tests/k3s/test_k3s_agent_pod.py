@@ -1,0 +1,118 @@
+"""The agent pod's own commands, run here: the exec probes against a real `edgeglm agent`, and the
+start script that hands the device's MQTT password to the agent."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from k3s_manifests import containers, find, rendered
+
+from broker import free_port
+
+WAIT = 20.0
+PROBE_TIMEOUT = 10.0
+API = "http://127.0.0.1:8321"
+
+
+def _agent_container() -> dict:
+    (c,) = [c for c in containers(find(rendered("base"), "DaemonSet", "edgeglm-agent")) if c["name"] == "agent"]
+    return c
+
+
+def _probe(kind: str, port: int) -> subprocess.CompletedProcess:
+    command = list(_agent_container()[kind]["exec"]["command"])
+    assert command[0] == "python"
+    command[0] = sys.executable
+    command[-1] = command[-1].replace(API, f"http://127.0.0.1:{port}")
+    return subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def agent_without_a_model(tmp_path_factory):
+    """`edgeglm agent` with no model yet (a box before its first OTA update), MQTT off."""
+    state = tmp_path_factory.mktemp("agent-state")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("EDGEGLM_")}
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--port", str(port), "--state-dir", str(state)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail(f"edgeglm agent did not answer /healthz: {proc.communicate()[1]}")
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_liveness_probe_passes_while_the_api_answers(agent_without_a_model):
+    result = _probe("livenessProbe", agent_without_a_model)
+    assert result.returncode == 0, result.stderr
+
+
+def test_readiness_probe_fails_until_a_model_serves(agent_without_a_model):
+    result = _probe("readinessProbe", agent_without_a_model)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "/readyz: HTTP Error 503: Service Unavailable", "one line for the pod's events"
+
+
+def test_probes_fail_when_nothing_listens():
+    result = _probe("livenessProbe", free_port())
+    assert result.returncode == 1 and result.stderr.startswith("/healthz: "), result.stderr
+
+
+# --- the start script ------------------------------------------------------------------------------
+
+CREDENTIALS_DIR = "/etc/edgeglm/device-credentials"
+
+
+def _run_start_script(tmp_path: Path, device: str, passwords: dict[str, str]) -> subprocess.CompletedProcess:
+    """The container's command with the credentials directory moved into tmp_path and a stand-in
+    `edgeglm` first on PATH that prints what it was given."""
+    creds = tmp_path / "device-credentials"
+    creds.mkdir()
+    for name, password in passwords.items():
+        (creds / name).write_text(password)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "edgeglm"
+    fake.write_text('#!/bin/sh\necho "argv: $*"\necho "password: $EDGEGLM_MQTT__PASSWORD"\n')
+    fake.chmod(0o755)
+    c = _agent_container()
+    script = c["args"][0]
+    assert CREDENTIALS_DIR in script
+    command = [*c["command"], script.replace(CREDENTIALS_DIR, str(creds))]
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "EDGEGLM_DEVICE__ID": device}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+
+
+def test_start_script_exports_this_devices_password_and_runs_the_agent(tmp_path):
+    result = _run_start_script(tmp_path, "box-1", {"box-1": "s3cret $x 'q'", "box-2": "other"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["argv: agent --config /etc/edgeglm/agent.toml", "password: s3cret $x 'q'"]
+
+
+def test_start_script_names_the_missing_key(tmp_path):
+    result = _run_start_script(tmp_path, "box-9", {"box-1": "s3cret"})
+    assert result.returncode == 2
+    assert "no MQTT password for device 'box-9'" in result.stderr
+    assert "Secret edgeglm-device-credentials" in result.stderr
+    assert result.stdout == ""

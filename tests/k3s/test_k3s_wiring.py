@@ -1,0 +1,289 @@
+"""The pieces of k3s/ agree with each other and with the code: config files load with the real
+config loader, paths point at mounts, names at Services, Secrets and ConfigMaps that exist,
+ports at listeners, and the fleet id is the same in the agent, the controller and the ACL."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from pathlib import PurePosixPath
+
+import pytest
+from k3s_manifests import (containers, env_of, find, kustomizations, label, pod_spec, rendered, secret_templates,
+                           volume, workloads)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+AGENT_COMMAND = "edgeglm agent --config /etc/edgeglm/agent.toml"
+CONTROLLER_COMMAND = ["edgeglm", "fleet", "serve", "--config", "/etc/edgeglm/fleet.toml"]
+CONTROLLER_PORT = 9100
+NODE_NAME = "box-1"
+
+
+def _container(workload: dict, name: str) -> dict:
+    (c,) = [c for c in containers(workload) if c["name"] == name]
+    return c
+
+
+def _toml(resources: list[dict], configmap: str, key: str) -> dict:
+    return tomllib.loads(find(resources, "ConfigMap", configmap)["data"][key])
+
+
+def _mosquitto_conf(resources: list[dict]) -> dict[str, list[str]]:
+    """Option -> values, in file order (an option may repeat, e.g. log_type)."""
+    out: dict[str, list[str]] = {}
+    for line in find(resources, "ConfigMap", "edgeglm-broker-config")["data"]["mosquitto.conf"].splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            option, _, value = line.partition(" ")
+            out.setdefault(option, []).append(value.strip())
+    return out
+
+
+def _mounted_file(workload: dict, container: dict, path: str) -> tuple[dict, str]:
+    """The volume a file path lies in and the file's key in it (Secret/ConfigMap key)."""
+    best = None
+    for m in container.get("volumeMounts", []):
+        mount = PurePosixPath(m["mountPath"])
+        p = PurePosixPath(path)
+        if p == mount or mount in p.parents:
+            if best is None or len(mount.parts) > len(PurePosixPath(best["mountPath"]).parts):
+                best = m
+    assert best is not None, f"{label(workload)}/{container['name']}: {path} is in no mounted volume"
+    vol = volume(workload, best["name"])
+    if "subPath" in best:
+        assert PurePosixPath(path) == PurePosixPath(best["mountPath"])
+        return vol, best["subPath"]
+    rel = PurePosixPath(path).relative_to(best["mountPath"]).as_posix()
+    items = (vol.get("secret") or vol.get("configMap") or {}).get("items")
+    if items:
+        keys = [i["key"] for i in items if i["path"] == rel]
+        assert keys, f"{label(workload)}: {path} is not among the items of volume {vol['name']}"
+        return vol, keys[0]
+    return vol, rel
+
+
+def _volume_at(workload: dict, container: dict, path: str) -> dict:
+    """The volume mounted exactly at `path`."""
+    hits = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == path]
+    assert hits, f"{label(workload)}/{container['name']}: nothing is mounted at {path}"
+    return volume(workload, hits[0])
+
+
+def _agent_env(ds: dict, agent: dict) -> dict[str, str]:
+    """The environment the kubelet gives the agent on node NODE_NAME (before its start script)."""
+    env = {}
+    for name, e in env_of(agent).items():
+        if "value" in e:
+            env[name] = e["value"]
+            continue
+        src = e["valueFrom"]
+        if "fieldRef" in src:
+            assert src["fieldRef"]["fieldPath"] == "spec.nodeName", f"{name}: unexpected fieldRef"
+            env[name] = NODE_NAME
+        elif "resourceFieldRef" in src:
+            ref = src["resourceFieldRef"]
+            assert ref["containerName"] == agent["name"]
+            section, res = ref["resource"].split(".")
+            assert res == "cpu" and str(ref.get("divisor", "1")) == "1"
+            env[name] = str(math.ceil(float(agent["resources"][section][res])))  # the kubelet rounds up
+        else:
+            pytest.fail(f"{label(ds)}: env {name} from {src}, which this test does not model")
+    return env
+
+
+@pytest.mark.parametrize("name", kustomizations())
+def test_agent_config_loads_as_the_daemonset_runs_it(name, tmp_path, monkeypatch):
+    from agent.config import load_config
+
+    resources = rendered(name)
+    ds = find(resources, "DaemonSet", "edgeglm-agent")
+    agent = _container(ds, "agent")
+    conf_path = "/etc/edgeglm/agent.toml"
+    vol, key = _mounted_file(ds, agent, conf_path)
+    toml_text = find(resources, "ConfigMap", vol["configMap"]["name"])["data"][key]
+    (tmp_path / "agent.toml").write_text(toml_text)
+    for var in [v for v in os.environ if v.upper().startswith("EDGEGLM_")]:
+        monkeypatch.delenv(var)
+    for var, value in _agent_env(ds, agent).items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("EDGEGLM_MQTT__PASSWORD", "from-the-start-script")
+    cfg = load_config(tmp_path / "agent.toml")
+
+    assert cfg.device.id == NODE_NAME and cfg.mqtt.username == NODE_NAME, "device id == MQTT user == node name"
+    assert cfg.model.threads == math.ceil(float(agent["resources"]["limits"]["cpu"]))
+    assert cfg.mqtt.enabled and cfg.mqtt.tls is not None
+    svc = find(resources, "Service", "edgeglm-broker")
+    assert cfg.mqtt.host == f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"
+    assert cfg.mqtt.port == svc["spec"]["ports"][0]["port"]
+    # every path the agent reads or writes is a mount of the right volume
+    state = _volume_at(ds, agent, str(cfg.model.slots_dir))
+    assert state["hostPath"]["path"] == str(cfg.model.slots_dir)
+    vol, key = _mounted_file(ds, agent, str(cfg.mqtt.tls.ca_file))
+    assert key in secret_templates()[vol["secret"]["secretName"]]["stringData"]
+    trusted = _volume_at(ds, agent, str(cfg.ota.trusted_keys))
+    assert trusted["secret"]["secretName"] == "edgeglm-trusted-keys"
+    if name == "overlays/intel-gpu-npu":
+        assert cfg.model.backend == "openvino"
+
+
+def test_agent_start_script_runs_the_documented_command():
+    ds = find(rendered("base"), "DaemonSet", "edgeglm-agent")
+    agent = _container(ds, "agent")
+    assert agent["command"] == ["/bin/sh", "-c"]
+    script = agent["args"][0]
+    assert script.strip().splitlines()[-1].strip() == f"exec {AGENT_COMMAND}"
+    creds = re.search(r'password_file="(?P<dir>[^"$]+)/\$EDGEGLM_DEVICE__ID"', script)
+    assert creds, "the script reads the password file named after the device id"
+    assert _volume_at(ds, agent, creds["dir"].rstrip("/"))["secret"]["secretName"] \
+        == "edgeglm-device-credentials"
+    assert _mounted_file(ds, agent, "/etc/edgeglm/agent.toml")[1] == "agent.toml"
+
+
+@pytest.mark.parametrize("probe", ["livenessProbe", "readinessProbe"])
+def test_agent_probes_ask_the_configured_api(probe):
+    resources = rendered("base")
+    agent = _container(find(resources, "DaemonSet", "edgeglm-agent"), "agent")
+    http = _toml(resources, "edgeglm-agent-config", "agent.toml")["http"]
+    path = {"livenessProbe": "/healthz", "readinessProbe": "/readyz"}[probe]
+    command = agent[probe]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    assert f"http://{http['host']}:{http['port']}{path}" in command[2]
+
+
+def test_controller_runs_the_documented_command_and_port():
+    resources = rendered("base")
+    dep = find(resources, "Deployment", "edgeglm-controller")
+    c = _container(dep, "controller")
+    assert c["command"] == CONTROLLER_COMMAND
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": CONTROLLER_PORT}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/healthz" and c[probe]["httpGet"]["port"] in ("http", CONTROLLER_PORT)
+    fleet = _toml(resources, "edgeglm-controller-config", "fleet.toml")
+    assert fleet["http"]["port"] == CONTROLLER_PORT and fleet["http"]["host"] == "0.0.0.0"
+    assert _mounted_file(dep, c, CONTROLLER_COMMAND[-1])[1] == "fleet.toml"
+    data = _volume_at(dep, c, "/var/lib/edgeglm-fleet")
+    assert "persistentVolumeClaim" in data
+    for path in (fleet["database"]["path"], fleet["bundles"]["dir"]):
+        assert PurePosixPath("/var/lib/edgeglm-fleet") in PurePosixPath(path).parents
+    svc = find(resources, "Service", "edgeglm-broker")
+    assert fleet["mqtt"]["host"] == f"edgeglm-broker.{svc['metadata']['namespace']}.svc.cluster.local"
+    assert fleet["mqtt"]["port"] == svc["spec"]["ports"][0]["port"]
+    vol, key = _mounted_file(dep, c, fleet["mqtt"]["tls"]["ca_file"])
+    assert key in secret_templates()[vol["secret"]["secretName"]]["stringData"]
+
+
+def test_fleet_id_and_controller_user_agree_with_the_acl():
+    resources = rendered("base")
+    agent_fleet = _toml(resources, "edgeglm-agent-config", "agent.toml")["device"]["fleet"]
+    fleet = _toml(resources, "edgeglm-controller-config", "fleet.toml")
+    assert fleet["fleet"]["id"] == agent_fleet
+    acl = find(resources, "ConfigMap", "edgeglm-broker-config")["data"]["acl.conf"]
+    user_section = acl.split(f"user {fleet['mqtt']['username']}\n", 1)
+    assert len(user_section) == 2, f"no 'user {fleet['mqtt']['username']}' section in acl.conf"
+    topics = [line.split()[-1] for line in user_section[1].splitlines() if line.startswith("topic ")]
+    assert topics and all(t.startswith(f"edgeglm/v1/{agent_fleet}/+/") for t in topics), topics
+
+
+def test_broker_config_matches_its_pod():
+    resources = rendered("base")
+    dep = find(resources, "Deployment", "edgeglm-broker")
+    c = _container(dep, "mosquitto")
+    conf = _mosquitto_conf(resources)
+    assert conf["allow_anonymous"] == ["false"]
+    assert conf["set_tcp_nodelay"] == ["true"], "DESIGN.md: 40 ms stalls per QoS 1 round trip otherwise"
+    assert conf["persistence"] == ["true"]
+    assert conf["listener"] == ["8883"], "one listener, TLS"
+    assert {p["containerPort"] for p in c["ports"]} == {8883}
+    assert c["command"][-1] == "/mosquitto/config/mosquitto.conf"
+    assert _mounted_file(dep, c, c["command"][-1])[1] == "mosquitto.conf"
+    assert _mounted_file(dep, c, conf["acl_file"][0])[1] == "acl.conf"
+    vol, key = _mounted_file(dep, c, conf["password_file"][0])
+    assert key in secret_templates()[vol["secret"]["secretName"]]["stringData"]
+    for option, key in (("certfile", "tls.crt"), ("keyfile", "tls.key")):
+        vol, found = _mounted_file(dep, c, conf[option][0])
+        assert found == key and vol["secret"]["secretName"] == "edgeglm-broker-tls"
+    data = _volume_at(dep, c, conf["persistence_location"][0].rstrip("/"))
+    assert "persistentVolumeClaim" in data
+    assert pod_spec(dep)["securityContext"]["runAsUser"] == 1883
+
+
+@pytest.mark.parametrize("name", kustomizations())
+def test_every_referenced_secret_configmap_and_claim_exists(name):
+    resources = rendered(name)
+    templates = secret_templates()
+    for w in workloads(resources):
+        for vol in pod_spec(w).get("volumes", []):
+            if "secret" in vol:
+                template = templates.get(vol["secret"]["secretName"])
+                assert template, f"{label(w)}: Secret {vol['secret']['secretName']} has no template in k3s/secrets/"
+                for item in vol["secret"].get("items", []):
+                    assert item["key"] in template["stringData"], f"{label(w)}: key {item['key']}"
+            if "configMap" in vol:
+                cm = find(resources, "ConfigMap", vol["configMap"]["name"])
+                for item in vol["configMap"].get("items", []):
+                    assert item["key"] in cm["data"]
+            if "persistentVolumeClaim" in vol:
+                find(resources, "PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"])
+        for c in containers(w):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in templates[ref["name"]]["stringData"], f"{label(w)}: {ref}"
+            for m in c.get("volumeMounts", []):
+                vol = volume(w, m["name"])
+                if "subPath" in m and "configMap" in vol:
+                    assert m["subPath"] in find(resources, "ConfigMap", vol["configMap"]["name"])["data"]
+        sa = pod_spec(w).get("serviceAccountName")
+        if sa:
+            find(resources, "ServiceAccount", sa)
+
+
+def test_services_select_their_pods_and_named_ports():
+    resources = rendered("base")
+    for svc in [r for r in resources if r["kind"] == "Service"]:
+        selector = svc["spec"]["selector"]
+        (target,) = [w for w in workloads(resources)
+                     if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        names = {p.get("name") for c in containers(target) for p in c.get("ports", [])}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in names, f"{label(svc)}: targetPort {port['targetPort']}"
+
+
+def test_network_policies():
+    resources = rendered("base")
+    policies = {p["metadata"]["name"]: p["spec"] for p in resources if p["kind"] == "NetworkPolicy"}
+    deny = policies["edgeglm-default-deny"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}, "a default deny for the namespace"
+    broker_labels = find(resources, "Deployment", "edgeglm-broker")["spec"]["template"]["metadata"]["labels"]
+
+    def egress_targets(spec):
+        out = []
+        for rule in spec.get("egress", []):
+            for peer in rule["to"]:
+                ports = sorted((p["protocol"], p["port"]) for p in rule["ports"])
+                if "namespaceSelector" in peer:
+                    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+                    assert peer["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+                    out.append(("dns", ports))
+                else:
+                    assert peer["podSelector"]["matchLabels"].items() <= broker_labels.items()
+                    out.append(("broker", ports))
+        return sorted(out)
+
+    dns = ("dns", [("TCP", 53), ("UDP", 53)])
+    for who in ("edgeglm-agent", "edgeglm-controller"):
+        assert egress_targets(policies[who]) == [("broker", [("TCP", 8883)]), dns], who
+    assert policies["edgeglm-agent"]["ingress"] == []
+    assert policies["edgeglm-broker"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8883}]}]
+    assert policies["edgeglm-broker"]["egress"] == []
+    for w in workloads(resources):
+        name = w["metadata"]["name"]
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert policies[name]["podSelector"]["matchLabels"].items() <= labels.items(), f"{name}: own policy"
