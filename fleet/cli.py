@@ -4,8 +4,11 @@
     edgeglm fleet status [--db fleet.db] [--fleet F] [--json]
     edgeglm fleet offer --fleet F --device D --bundle BUNDLE [--broker HOST:PORT] [--db fleet.db]
     edgeglm fleet config set --fleet F --device D KEY=VALUE... [--broker HOST:PORT]
+    edgeglm fleet rollout --bundle B --group FLEET --canary PCT [--max-p95-regression PCT] [--window S]
+                          [--previous-bundle P --key SIGNING_KEY] [--db fleet.db]
 
-`serve` runs until SIGTERM/Ctrl-C. `offer` and `config set` publish through a short-lived
+`serve` runs until SIGTERM/Ctrl-C and advances the rollouts in its database every second;
+`rollout` only records a rollout there (a group is a fleet id). `offer` and `config set` publish through a short-lived
 connection; the serving controller answers the chunk requests of an offer from the shared
 database.
 """
@@ -53,8 +56,12 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from fleet.rollout import RolloutDriver
+
+    driver = RolloutDriver(controller.store, controller)
     print(f"fleet controller: broker {args.broker}, database {args.db}; Ctrl-C stops", flush=True)
-    stop.wait()
+    while not stop.wait(1.0):
+        driver.tick()
     controller.stop()
     return 0
 
@@ -80,6 +87,25 @@ def cmd_offer(args) -> int:
     finally:
         controller.stop()
     print(f"offered {args.bundle} to {args.fleet}/{args.device} as update {update_id}")
+    return 0
+
+
+def cmd_rollout(args) -> int:
+    from fleet.rollout import create_rollout
+    from fleet.store import Store
+    from ota.bundle import open_bundle
+
+    bundle = open_bundle(args.bundle)  # refuse a broken bundle now, not on the devices
+    if (args.previous_bundle is None) != (args.key is None):
+        raise FleetError("--previous-bundle and --key go together: the key signs the canaries' rollback offers")
+    if not 0 < args.canary <= 100:
+        raise FleetError(f"--canary {args.canary} must be in (0, 100]")
+    rid = create_rollout(Store(args.db), Path(args.bundle), args.group, args.canary, args.max_p95_regression,
+                         args.window, Path(args.previous_bundle) if args.previous_bundle else None,
+                         Path(args.key) if args.key else None)
+    print(f"rollout {rid}: {bundle.manifest.name} {bundle.manifest.version} to group {args.group} "
+          f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95, window {args.window:g} s); "
+          f"`edgeglm fleet serve --db {args.db}` drives it, `edgeglm fleet status` shows it")
     return 0
 
 
@@ -133,6 +159,17 @@ def register(sub) -> None:
     o.add_argument("--device", required=True)
     o.add_argument("--bundle", required=True)
     o.set_defaults(func=cmd_offer)
+
+    r = fsub.add_parser("rollout", help="start a staged rollout gated by latency")
+    common(r, broker=False)
+    r.add_argument("--bundle", required=True)
+    r.add_argument("--group", required=True, help="the fleet id to roll out to")
+    r.add_argument("--canary", type=float, required=True, help="percent of online devices offered first")
+    r.add_argument("--max-p95-regression", type=float, default=20.0, help="percent; more halts the rollout")
+    r.add_argument("--window", type=float, default=300.0, help="seconds of canary telemetry before deciding")
+    r.add_argument("--previous-bundle", help="bundle to roll canaries back to when the rollout halts")
+    r.add_argument("--key", help="private key that signs the rollback offers")
+    r.set_defaults(func=cmd_rollout)
 
     c = fsub.add_parser("config", help="desired config of a device")
     csub = c.add_subparsers(dest="config_command", required=True)

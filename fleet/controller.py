@@ -150,7 +150,13 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
                      str(d["applied_config_version"] if d["applied_config_version"] is not None else "-")))
     head = ("fleet", "device", "online", "seen", "model", "path", "ttft p50", "ttft p95", "tok p50", "tok p95",
             "tok/s", "config")
-    return _table(head, rows) + f"\n{len(rows)} device(s); rejected messages: {store.counter('rejected_messages')}"
+    text = _table(head, rows) + f"\n{len(rows)} device(s); rejected messages: {store.counter('rejected_messages')}"
+    from fleet.rollout import load_rollouts
+
+    for r in load_rollouts(store):
+        last = r.data["report"][-1] if r.data["report"] else ""
+        text += f"\nrollout {r.id} ({r.bundle.name} -> {r.fleet}): {r.phase}  {last}"
+    return text
 
 
 def _ms(v) -> str:

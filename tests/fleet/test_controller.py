@@ -140,3 +140,86 @@ def test_status_cli(controller, mosquitto, tmp_path):
     devices = json.loads(out.stdout)["devices"]
     assert [d["device"] for d in devices] == ["dev-s"] and devices[0]["model_version"] == "1.0.0"
     dev.close()
+
+
+# --- staged rollouts with simulated devices ---------------------------------------------------
+
+from fleet.rollout import RolloutDriver, create_rollout, load_rollouts  # noqa: E402
+from fleet.simulator import SimDevice, SimProfile  # noqa: E402
+
+
+def run_rollout(controller, devices, rollout_id, until_phase, window_s, max_s=60.0):
+    driver = RolloutDriver(controller.store, controller)
+    deadline = time.monotonic() + max_s
+    while True:
+        for dev in devices:
+            dev.report()
+        driver.tick()
+        r = next(r for r in load_rollouts(controller.store) if r.id == rollout_id)
+        if r.phase in until_phase:
+            return r
+        assert time.monotonic() < deadline, f"rollout stuck in {r.phase}: {r.data['report']}"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def fleet_of_four(mosquitto):
+    profile = SimProfile(per_token_ms={"1.0.0": 10.0, "1.1.0": 10.2})
+    devs = [SimDevice(MqttSettings(enabled=True, port=mosquitto.port), FLEET, f"sim-{i}", profile=profile).start()
+            for i in range(4)]
+    yield devs, profile
+    for d in devs:
+        d.stop()
+
+
+def test_rollout_proceeds_when_latency_holds(controller, fleet_of_four, signed_bundles):
+    devs, _ = fleet_of_four
+    until(lambda: len(controller.store.devices(FLEET)) == 4)
+    rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=25, max_regression_pct=20,
+                         window_s=1.0)
+    r = run_rollout(controller, devs, rid, ("done", "halted"), 1.0)
+    assert r.phase == "done", r.data["report"]
+    assert r.data["canaries"] == ["sim-0"] and r.data["rest"] == ["sim-1", "sim-2", "sim-3"]
+    until(lambda: {d["model_version"] for d in controller.store.devices(FLEET)} == {"1.1.0"})
+
+
+def test_rollout_halts_on_a_latency_regression_and_rolls_canaries_back(controller, fleet_of_four, signed_bundles):
+    devs, profile = fleet_of_four
+    profile.per_token_ms["1.1.0"] = 25.0  # the new model is 2.5x slower
+    until(lambda: len(controller.store.devices(FLEET)) == 4)
+    rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=50, max_regression_pct=20,
+                         window_s=1.0, previous_bundle=signed_bundles["v1"],
+                         key=signed_bundles["root"] / "keys" / "fleet.key")
+    r = run_rollout(controller, devs, rid, ("done", "halted"), 1.0)
+    assert r.phase == "halted"
+    assert any("latency gate failed" in line and "p95 per-token latency" in line for line in r.data["report"])
+    until(lambda: {d["model_version"] for d in controller.store.devices(FLEET)} == {"1.0.0"})
+    assert [d.version for d in devs] == ["1.0.0"] * 4  # canaries went back; the rest never moved
+
+
+def test_rollout_halts_when_a_canary_fails_its_self_test(controller, fleet_of_four, signed_bundles):
+    devs, profile = fleet_of_four
+    profile.fail_self_test.add("1.1.0")
+    until(lambda: len(controller.store.devices(FLEET)) == 4)
+    rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=25, window_s=1.0)
+    r = run_rollout(controller, devs, rid, ("done", "halted"), 1.0)
+    assert r.phase == "halted" and any("canary update failed" in line for line in r.data["report"])
+    assert all(d.version == "1.0.0" for d in devs)
+
+
+def test_rollout_continues_after_a_controller_restart(mosquitto, tmp_path, fleet_of_four, signed_bundles):
+    devs, _ = fleet_of_four
+    settings = ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet=FLEET)
+    first = FleetController(settings).start()
+    until(lambda: len(first.store.devices(FLEET)) == 4)
+    rid = create_rollout(first.store, signed_bundles["v2"], FLEET, canary_pct=50, window_s=1.0)
+    r = run_rollout(first, devs, rid, ("canary_window", "rest", "rest_wait"), 1.0)
+    first.stop()  # the controller goes away mid-rollout
+    second = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db",
+                                                fleet=FLEET, client_id="edgeglm-controller-2")).start()
+    try:
+        r = run_rollout(second, devs, rid, ("done", "halted"), 1.0)
+        assert r.phase == "done", r.data["report"]
+        until(lambda: all(d.version == "1.1.0" for d in devs))
+    finally:
+        second.stop()

@@ -1,0 +1,157 @@
+"""Staged rollouts gated by measured latency.
+
+    phase         does                                                         next
+    canary        pick ceil(canary% of the group's online devices), record      canary_wait
+                  their p95 per-token latency on the current version, offer
+    canary_wait   wait for every canary's OTA result                           canary_window | halting
+    canary_window wait `window_s`, then compare the canaries' p95 per-token     rest | halting
+                  latency and error count on the new version to their baseline
+    rest          offer to the remaining devices                               rest_wait
+    rest_wait     wait for their results                                       done
+    halting       offer the canaries a signed rollback to the previous bundle  halted
+
+The rollout lives in the controller's database and is advanced by `tick()`, so a controller
+restart continues where it was. Each decision is written to the rollout's report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet.store import Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, bundle TEXT NOT NULL, fleet TEXT NOT NULL, canary_pct REAL NOT NULL,
+    max_regression_pct REAL NOT NULL, window_s REAL NOT NULL, previous_bundle TEXT, key TEXT,
+    phase TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
+"""
+ACTIVE = ("canary", "canary_wait", "canary_window", "rest", "rest_wait", "halting")
+
+
+@dataclass
+class Rollout:
+    id: int
+    bundle: Path
+    fleet: str
+    canary_pct: float
+    max_regression_pct: float
+    window_s: float
+    previous_bundle: Path | None
+    key: Path | None
+    phase: str
+    data: dict
+
+
+def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, max_regression_pct: float = 20.0,
+                   window_s: float = 300.0, previous_bundle: Path | None = None, key: Path | None = None) -> int:
+    store.db.executescript(SCHEMA)
+    now = time.time()
+    cur = store._exec(
+        "INSERT INTO rollouts (bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, phase, "
+        "data, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (str(Path(bundle).resolve()), fleet, canary_pct, max_regression_pct, window_s,
+         str(Path(previous_bundle).resolve()) if previous_bundle else None, str(key) if key else None, "canary",
+         json.dumps({"report": []}), now, now))
+    return cur.lastrowid
+
+
+def load_rollouts(store: Store, active_only: bool = False) -> list[Rollout]:
+    store.db.executescript(SCHEMA)
+    rows = store._exec("SELECT id, bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
+                       "phase, data FROM rollouts ORDER BY id").fetchall()
+    out = [Rollout(r[0], Path(r[1]), r[2], r[3], r[4], r[5], Path(r[6]) if r[6] else None,
+                   Path(r[7]) if r[7] else None, r[8], json.loads(r[9])) for r in rows]
+    return [r for r in out if r.phase in ACTIVE] if active_only else out
+
+
+class RolloutDriver:
+    """Advances the active rollouts; `controller` offers bundles (FleetController.offer)."""
+
+    def __init__(self, store: Store, controller):
+        self.store, self.controller = store, controller
+
+    def _save(self, r: Rollout, phase: str, note: str | None = None) -> None:
+        if note:
+            r.data["report"].append(f"{time.strftime('%H:%M:%S')} {note}")
+        r.phase = phase
+        self.store._exec("UPDATE rollouts SET phase=?, data=?, updated=? WHERE id=?",
+                         (phase, json.dumps(r.data), time.time(), r.id))
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for r in load_rollouts(self.store, active_only=True):
+            getattr(self, f"_{r.phase}")(r, now)
+
+    def _offer(self, r: Rollout, devices: list[str], bundle: Path, rollback: bool = False) -> dict:
+        key = None
+        if rollback:
+            from ota.signing import load_private_key
+
+            key = load_private_key(r.key)
+        return {d: self.controller.offer(r.fleet, d, bundle, rollback_key=key) for d in devices}
+
+    def _canary(self, r: Rollout, now: float) -> None:
+        online = sorted(d["device"] for d in self.store.devices(r.fleet) if d["online"])
+        if not online:
+            return  # nothing to do until devices are online
+        n = max(1, math.ceil(len(online) * r.canary_pct / 100.0))
+        canaries, rest = online[:n], online[n:]
+        baseline = {d: self.store.latency(r.fleet, d, now - max(r.window_s, 60.0)) for d in canaries}
+        r.data.update(canaries=canaries, rest=rest, baseline=baseline)
+        r.data["offers"] = self._offer(r, canaries, r.bundle)
+        self._save(r, "canary_wait", f"offered to canaries {canaries}; {len(rest)} device(s) wait")
+
+    def _results(self, r: Rollout, devices: list[str]) -> dict:
+        return {d: (self.store.last_result(r.fleet, d, r.data["offers"][d]) or {}).get("result") for d in devices}
+
+    def _canary_wait(self, r: Rollout, now: float) -> None:
+        results = self._results(r, r.data["canaries"])
+        failed = {d: res for d, res in results.items() if res not in (None, "committed")}
+        if failed:
+            self._save(r, "halting", f"canary update failed: {failed}")
+        elif all(res == "committed" for res in results.values()):
+            r.data["window_start"] = now
+            self._save(r, "canary_window", f"canaries committed; measuring for {r.window_s:g} s")
+
+    def _canary_window(self, r: Rollout, now: float) -> None:
+        if now - r.data["window_start"] < r.window_s:
+            return
+        problems = []
+        for d in r.data["canaries"]:
+            base, new = r.data["baseline"].get(d, {}), self.store.latency(r.fleet, d, r.data["window_start"])
+            if new.get("errors", 0) > base.get("errors", 0):
+                problems.append(f"{d}: errors {base.get('errors', 0)} -> {new['errors']}")
+            if base.get("token_p95_ms") and new.get("token_p95_ms"):
+                change = 100.0 * (new["token_p95_ms"] / base["token_p95_ms"] - 1.0)
+                r.data.setdefault("p95_change_pct", {})[d] = round(change, 1)
+                if change > r.max_regression_pct:
+                    problems.append(f"{d}: p95 per-token latency {base['token_p95_ms']:.2f} -> "
+                                    f"{new['token_p95_ms']:.2f} ms (+{change:.0f}% > {r.max_regression_pct:g}%)")
+            elif not new.get("requests"):
+                problems.append(f"{d}: no telemetry on the new version in the window")
+        if problems:
+            self._save(r, "halting", "latency gate failed: " + "; ".join(problems))
+        else:
+            self._save(r, "rest", f"latency gate passed ({r.data.get('p95_change_pct', {})})")
+
+    def _rest(self, r: Rollout, now: float) -> None:
+        r.data["offers"].update(self._offer(r, r.data["rest"], r.bundle))
+        self._save(r, "rest_wait", f"offered to the rest {r.data['rest']}")
+
+    def _rest_wait(self, r: Rollout, now: float) -> None:
+        results = self._results(r, r.data["rest"])
+        if all(res is not None for res in results.values()):
+            ok = sum(res == "committed" for res in results.values())
+            self._save(r, "done", f"rollout finished: {ok}/{len(results)} of the rest committed; {results}")
+
+    def _halting(self, r: Rollout, now: float) -> None:
+        if r.previous_bundle and r.key:
+            self._offer(r, r.data.get("canaries", []), r.previous_bundle, rollback=True)
+            self._save(r, "halted", f"halted; canaries offered a signed rollback to {r.previous_bundle.name}")
+        else:
+            self._save(r, "halted", "halted; no --previous-bundle/--key given, canaries keep the new version")
