@@ -8,6 +8,7 @@
     edgeglm bundle verify BUNDLE --trusted KEYS [--trusted KEYS ...]
     edgeglm agent [--config FILE] [--bundle BUNDLE] [--host H] [--port N] [--backend B] [--state-dir DIR]
     edgeglm agent config-schema
+    edgeglm agent install [--prefix DIR] [--user NAME] [--venv PATH] [--wheel-or-source SPEC] [--no-venv] [--dry-run]
     edgeglm fleet serve|status|offer|config set ...   (see fleet/cli.py)
     edgeglm demo [--workdir DIR]
 
@@ -157,6 +158,10 @@ def cmd_agent(args) -> int:
     if args.action == "config-schema":
         print(json.dumps(config_schema(), indent=2))
         return 0
+    if args.action == "install":
+        from agent.install import install_from_args
+
+        return install_from_args(args)
     overrides = {"model.bundle": args.bundle, "http.host": args.host, "http.port": args.port,
                  "model.backend": args.backend, "model.slots_dir": args.state_dir}
     cfg = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
@@ -246,14 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="public key file or directory of *.pub files (repeatable)")
     vf.set_defaults(func=cmd_bundle_verify)
 
-    a = sub.add_parser("agent", help="run the edge agent daemon (or print its config schema)")
-    a.add_argument("action", nargs="?", default="run", choices=["run", "config-schema"])
+    a = sub.add_parser("agent", help="run the edge agent daemon (or print its config schema, or install it)")
+    a.add_argument("action", nargs="?", default="run", choices=["run", "config-schema", "install"])
     a.add_argument("--config", help="TOML config file (defaults < file < EDGEGLM_* env < these flags)")
     a.add_argument("--bundle", help="serve this bundle instead of the active slot")
     a.add_argument("--host", help="HTTP API address (default 127.0.0.1)")
     a.add_argument("--port", type=int, help="HTTP API port (default 8321)")
     a.add_argument("--backend", help="auto, onnxruntime or openvino")
     a.add_argument("--state-dir", help="model slots and update state (default /var/lib/edgeglm)")
+    a.add_argument("--prefix", default="/", help="install: root to install under, like DESTDIR (default /)")
+    a.add_argument("--user", default="edgeglm", help="install: the service user (default edgeglm)")
+    a.add_argument("--venv", help="install: the virtualenv's path on the box (default /opt/edgeglm/venv)")
+    a.add_argument("--wheel-or-source", help="install: what pip installs (default: this source tree)")
+    a.add_argument("--no-venv", action="store_true", help="install: no virtualenv, the unit runs this Python")
+    a.add_argument("--dry-run", action="store_true", help="install: say what would be done, change nothing")
     a.set_defaults(func=cmd_agent)
 
     from fleet.cli import register as register_fleet
