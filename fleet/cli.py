@@ -35,33 +35,55 @@ def _broker(value: str) -> tuple[str, int]:
 
 
 def _settings(args):
+    from fleet.config import load_fleet_config
     from fleet.controller import ControllerSettings
 
-    host, port = _broker(args.broker)
-    return ControllerSettings(broker_host=host, broker_port=port, db=Path(args.db),
-                              fleet=getattr(args, "fleet", None) or "+")
+    overrides: dict = {}
+    if args.broker:
+        host, port = _broker(args.broker)
+        overrides["mqtt"] = {"host": host, "port": port}
+    if args.db:
+        overrides["database"] = {"path": args.db}
+    if getattr(args, "fleet", None) and getattr(args, "fleet_command", None) == "serve":
+        overrides["fleet"] = {"id": args.fleet}
+    cfg = load_fleet_config(getattr(args, "config", None), overrides)
+    m = cfg.mqtt
+    settings = ControllerSettings(
+        broker_host=m.host, broker_port=m.port, db=cfg.database.path, fleet=cfg.fleet.id,
+        client_id=m.client_id if getattr(args, "fleet_command", None) == "serve" else f"{m.client_id}-cli",
+        username=m.username, password=m.password.get_secret_value() if m.password else None,
+        ca_file=m.tls.ca_file if m.tls else None, protocol=m.protocol)
+    return cfg, settings
 
 
 def _connect(args):
     from fleet.controller import FleetController
 
+    _, settings = _settings(args)
     try:
-        return FleetController(_settings(args)).start()
+        return FleetController(settings).start()
     except ConnectionError as exc:
         raise FleetError(str(exc)) from None
 
 
 def cmd_serve(args) -> int:
+    from fleet.controller import serve_http
+
+    cfg, _ = _settings(args)
     controller = _connect(args)
+    http = serve_http(controller, cfg.http.host, args.http_port if args.http_port is not None else cfg.http.port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     from fleet.rollout import RolloutDriver
 
     driver = RolloutDriver(controller.store, controller)
-    print(f"fleet controller: broker {args.broker}, database {args.db}; Ctrl-C stops", flush=True)
+    print(f"fleet controller: broker {controller.settings.broker_host}:{controller.settings.broker_port}, "
+          f"database {controller.settings.db}, http {cfg.http.host}:{http.server_address[1]}; Ctrl-C stops",
+          flush=True)
     while not stop.wait(1.0):
         driver.tick()
+    http.shutdown()
     controller.stop()
     return 0
 
@@ -70,9 +92,10 @@ def cmd_status(args) -> int:
     from fleet.controller import format_status
     from fleet.store import Store
 
-    if not Path(args.db).is_file():
-        raise FleetError(f"{args.db}: no fleet database; is `edgeglm fleet serve --db {args.db}` running?")
-    store = Store(args.db)
+    db = args.db or "fleet.db"
+    if not Path(db).is_file():
+        raise FleetError(f"{db}: no fleet database; is `edgeglm fleet serve --db {db}` running?")
+    store = Store(db)
     if args.json:
         print(json.dumps({"devices": store.devices(args.fleet)}, indent=2))
     else:
@@ -100,12 +123,12 @@ def cmd_rollout(args) -> int:
         raise FleetError("--previous-bundle and --key go together: the key signs the canaries' rollback offers")
     if not 0 < args.canary <= 100:
         raise FleetError(f"--canary {args.canary} must be in (0, 100]")
-    rid = create_rollout(Store(args.db), Path(args.bundle), args.group, args.canary, args.max_p95_regression,
+    rid = create_rollout(Store(args.db or "fleet.db"), Path(args.bundle), args.group, args.canary, args.max_p95_regression,
                          args.window, Path(args.previous_bundle) if args.previous_bundle else None,
                          Path(args.key) if args.key else None)
     print(f"rollout {rid}: {bundle.manifest.name} {bundle.manifest.version} to group {args.group} "
           f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95, window {args.window:g} s); "
-          f"`edgeglm fleet serve --db {args.db}` drives it, `edgeglm fleet status` shows it")
+          f"`edgeglm fleet serve --db {args.db or 'fleet.db'}` drives it, `edgeglm fleet status` shows it")
     return 0
 
 
@@ -138,13 +161,15 @@ def register(sub) -> None:
     fsub = f.add_subparsers(dest="fleet_command", required=True)
 
     def common(p, broker=True):
-        p.add_argument("--db", default="fleet.db", help="the controller's SQLite database")
+        p.add_argument("--db", help="the controller's SQLite database (default fleet.db, or the config's)")
         if broker:
-            p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker HOST:PORT")
+            p.add_argument("--broker", help="MQTT broker HOST:PORT (default 127.0.0.1:1883, or the config's)")
+            p.add_argument("--config", help="fleet.toml (defaults < file < EDGEGLM_* env < flags)")
 
     s = fsub.add_parser("serve", help="run the controller: registry, latency store, chunk server")
     common(s)
     s.add_argument("--fleet", help="serve one fleet (default: every fleet on the broker)")
+    s.add_argument("--http-port", type=int, help="port of /healthz and /metrics (default 9100; 0: any free)")
     s.set_defaults(func=cmd_serve)
 
     st = fsub.add_parser("status", help="devices, models, latency")

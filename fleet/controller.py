@@ -46,6 +46,7 @@ class ControllerSettings:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    protocol: str = "5"
 
 
 class FleetController:
@@ -54,7 +55,8 @@ class FleetController:
         self.store = Store(settings.db)
         self.chunks = ChunkSource()
         self.connected = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=paho.MQTTv5)
+        protocol = paho.MQTTv311 if settings.protocol == "3.1.1" else paho.MQTTv5
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=protocol)
         if settings.username:
             self.client.username_pw_set(settings.username, settings.password)
         if settings.ca_file:
@@ -167,3 +169,63 @@ def _table(head: tuple, rows: list[tuple]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
+
+
+def prometheus_metrics(store: Store, connected: bool) -> str:
+    """Fleet aggregates in the Prometheus text format."""
+    from fleet.rollout import load_rollouts
+
+    devices = store.devices()
+    lines = ["# HELP edgeglm_fleet_devices Devices known to the controller, by online state.",
+             "# TYPE edgeglm_fleet_devices gauge"]
+    for online in (1, 0):
+        n = sum(1 for d in devices if d["online"] == online)
+        lines.append(f'edgeglm_fleet_devices{{online="{"true" if online else "false"}"}} {n}')
+    lines += ["# HELP edgeglm_fleet_token_p95_ms p95 per-token latency of each device over the last hour.",
+              "# TYPE edgeglm_fleet_token_p95_ms gauge"]
+    since = time.time() - 3600
+    for d in devices:
+        lat = store.latency(d["fleet"], d["device"], since)
+        if lat.get("token_p95_ms") is not None:
+            lines.append(f'edgeglm_fleet_token_p95_ms{{fleet="{d["fleet"]}",device="{d["device"]}",'
+                         f'model_version="{d["model_version"] or ""}"}} {lat["token_p95_ms"]:.3f}')
+    lines += ["# HELP edgeglm_fleet_rejected_messages_total Device messages that did not parse.",
+              "# TYPE edgeglm_fleet_rejected_messages_total counter",
+              f"edgeglm_fleet_rejected_messages_total {store.counter('rejected_messages')}",
+              "# HELP edgeglm_fleet_rollouts Rollouts by phase.", "# TYPE edgeglm_fleet_rollouts gauge"]
+    phases: dict[str, int] = {}
+    for r in load_rollouts(store):
+        phases[r.phase] = phases.get(r.phase, 0) + 1
+    lines += [f'edgeglm_fleet_rollouts{{phase="{p}"}} {n}' for p, n in sorted(phases.items())]
+    lines += ["# HELP edgeglm_fleet_broker_connected 1 while the controller is connected to the broker.",
+              "# TYPE edgeglm_fleet_broker_connected gauge", f"edgeglm_fleet_broker_connected {int(connected)}"]
+    return "\n".join(lines) + "\n"
+
+
+def serve_http(controller: FleetController, host: str, port: int):
+    """/healthz (200 while connected to the broker) and /metrics, on a background thread."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            connected = controller.client.is_connected()
+            if self.path == "/healthz":
+                code, body, ctype = (200 if connected else 503), (b"ok\n" if connected else b"broker down\n"), \
+                    "text/plain"
+            elif self.path == "/metrics":
+                code, body, ctype = 200, prometheus_metrics(controller.store, connected).encode(), \
+                    "text/plain; version=0.0.4"
+            else:
+                code, body, ctype = 404, b"not found\n", "text/plain"
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="fleet-http", daemon=True).start()
+    return server

@@ -223,3 +223,48 @@ def test_rollout_continues_after_a_controller_restart(mosquitto, tmp_path, fleet
         until(lambda: all(d.version == "1.1.0" for d in devs))
     finally:
         second.stop()
+
+
+def test_fleet_serve_with_a_config_file_health_metrics_and_config_set(mosquitto, tmp_path):
+    import urllib.request
+
+    from broker import free_port
+
+    http_port = free_port()
+    (tmp_path / "fleet.toml").write_text(f"""
+[fleet]
+id = "{FLEET}"
+[http]
+port = {http_port}
+[database]
+path = "{tmp_path / 'f.db'}"
+[mqtt]
+port = {mosquitto.port}
+""")
+    serve = subprocess.Popen([sys.executable, "-m", "agent.cli", "fleet", "serve", "--config", str(tmp_path / "fleet.toml")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dev = SimDevice(MqttSettings(enabled=True, port=mosquitto.port), FLEET, "sim-cli").start()
+    try:
+        assert "fleet controller" in serve.stdout.readline()
+
+        def get(path):
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+
+        assert get("/healthz") == (200, "ok\n")
+        until(lambda: 'edgeglm_fleet_devices{online="true"} 1' in get("/metrics")[1])
+        out = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "config", "set", "--config",
+                              str(tmp_path / "fleet.toml"), "--fleet", FLEET, "--device", "sim-cli",
+                              "sampling.max_tokens=64"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        until(lambda: dev.applied_config is not None)
+        table = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "status", "--db", str(tmp_path / "f.db")],
+                               capture_output=True, text=True).stdout
+        assert "sim-cli" in table and "sim 1.0.0" in table
+        bad = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "serve", "--config", str(tmp_path / "nope.toml")],
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and "fleet config file not found" in bad.stderr
+    finally:
+        dev.stop()
+        serve.send_signal(subprocess.signal.SIGTERM)
+        assert serve.wait(timeout=20) == 0

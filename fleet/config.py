@@ -1,0 +1,87 @@
+"""The fleet controller's typed configuration (`edgeglm fleet serve --config fleet.toml`).
+
+Priority, lowest first: defaults < TOML file < environment variables `EDGEGLM_...` (nested
+with `__`, e.g. `EDGEGLM_MQTT__PASSWORD`) < command-line flags.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from agent.errors import ConfigError
+
+_toml_file: ContextVar[Path | None] = ContextVar("edgeglm_fleet_toml", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FleetSection(_Section):
+    id: str = Field("+", description="the fleet served; '+' serves every fleet on the broker")
+
+
+class HttpSection(_Section):
+    host: str = "127.0.0.1"  # /healthz and /metrics; 0.0.0.0 in a pod, for the kubelet and Prometheus
+    port: int = Field(9100, ge=0, le=65535)
+
+
+class DatabaseSection(_Section):
+    path: Path = Path("fleet.db")
+    retention_s: float = Field(7 * 86400, gt=0)
+
+
+class BundlesSection(_Section):
+    dir: Path = Path("bundles")
+
+
+class TlsSection(_Section):
+    ca_file: str | None = None
+
+
+class MqttSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str = "edgeglm-controller"
+    protocol: Literal["5", "3.1.1"] = "5"
+    tls: TlsSection | None = None
+
+
+class FleetConfig(BaseSettings):
+    """Settings of `edgeglm fleet serve`: defaults < TOML file < EDGEGLM_* env < CLI flags."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEGLM_", env_nested_delimiter="__", case_sensitive=False,
+                                      extra="forbid")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    fleet: FleetSection = Field(default_factory=FleetSection)
+    http: HttpSection = Field(default_factory=HttpSection)
+    database: DatabaseSection = Field(default_factory=DatabaseSection)
+    bundles: BundlesSection = Field(default_factory=BundlesSection)
+    mqtt: MqttSection = Field(default_factory=MqttSection)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings, file_secret_settings):
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_toml_file.get())
+
+
+def load_fleet_config(path: str | Path | None = None, overrides: dict | None = None) -> FleetConfig:
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{path}: fleet config file not found")
+    token = _toml_file.set(Path(path) if path else None)
+    try:
+        return FleetConfig(**(overrides or {}))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise ConfigError(f"invalid fleet config ({path or 'defaults'}): {problems}") from None
+    except ValueError as exc:  # a TOML syntax error
+        raise ConfigError(f"{path}: {exc}") from None
+    finally:
+        _toml_file.reset(token)
