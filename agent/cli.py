@@ -64,7 +64,7 @@ def cmd_export(args) -> int:
     export, _ = _factory()
     opts = export.ExportOptions(
         precision=args.precision, backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
-        name=args.name, version=args.version, force=args.force,
+        name=args.name, version=args.version, force=args.force, chunk_kib=args.chunk_kib,
     )
     manifest = export.export_bundle(args.checkpoint, args.out, opts, show_progress=not args.quiet)
     print(f"wrote bundle {args.out} ({manifest.name} {manifest.version}, {manifest.precision}, "
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", help="model name (default: the checkpoint directory name)")
     e.add_argument("--version", default="0.1.0", help="bundle version, e.g. 1.2.0")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    e.add_argument("--chunk-kib", type=int, default=256, help="OTA transfer chunk size in KiB (default 256)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_export)
 

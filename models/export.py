@@ -60,6 +60,7 @@ class ExportOptions:
     golden_prompt: str = DEFAULT_GOLDEN_PROMPT
     golden_tokens: int = 32
     block: int = 128
+    chunk_kib: int = 256  # OTA transfer chunk; each chunk's sha256 goes into the manifest
     force: bool = False
     compression: dict = field(default_factory=dict)
 
@@ -67,6 +68,8 @@ class ExportOptions:
         if self.precision not in ("int8", "fp32"):
             raise ExportError(f"--precision {self.precision!r} is invalid; choose int8 or fp32")
         unknown = [b for b in self.backends if b not in ENTRY]
+        if not 4 <= self.chunk_kib <= 16384:
+            raise ExportError(f"--chunk-kib {self.chunk_kib} must be between 4 and 16384")
         if unknown or not self.backends:
             raise ExportError(f"--backends {','.join(self.backends)!r} is invalid; choose from openvino,onnxruntime")
 
@@ -230,7 +233,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
             "golden": {"prompt_ids": prompt_ids, "reference": {"tokens": ref_tokens, "margins": ref_margins},
                        "backends": golden, "tolerance": tolerance},
             "compression": {**opts.compression, "export": report},
-        })
+        }, chunk_size=opts.chunk_kib * 1024)
         staging.chmod(0o755)
         publish(staging, out, force=opts.force)
         bar.update(1)

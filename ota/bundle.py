@@ -197,10 +197,11 @@ def open_bundle(root: str | Path, verify: bool = True) -> Bundle:
     return bundle
 
 
-def write_manifest(staging: Path, manifest_fields: dict) -> Manifest:
+def write_manifest(staging: Path, manifest_fields: dict, chunk_size: int = TRANSFER_CHUNK) -> Manifest:
     """List every file under `staging` in a manifest and write it (last, so it marks completeness)."""
-    files = [file_entry(staging, p) for p in sorted(staging.rglob("*")) if p.is_file() and p.name != MANIFEST]
-    manifest = Manifest(files=files, created=now_iso(), **manifest_fields)
+    files = [file_entry(staging, p, chunk_size) for p in sorted(staging.rglob("*"))
+             if p.is_file() and p.name != MANIFEST]
+    manifest = Manifest(files=files, created=now_iso(), chunk_size=chunk_size, **manifest_fields)
     (staging / MANIFEST).write_text(json.dumps(manifest.model_dump(), indent=2) + "\n")
     return manifest
 

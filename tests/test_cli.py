@@ -28,7 +28,8 @@ def assert_user_error(proc, *fragments):
 
 def test_export_then_generate_streams_text_and_reports_speed(trained_checkpoint, tmp_path):
     out = tmp_path / "bundle"
-    proc = edgeglm("export", trained_checkpoint, "--out", out, "--name", "tiny", "--version", "2.0.1")
+    proc = edgeglm("export", trained_checkpoint, "--out", out, "--name", "tiny", "--version", "2.0.1",
+                   "--chunk-kib", "64")
     assert proc.returncode == 0, proc.stderr
     assert "export" in proc.stderr  # the progress bar
     manifest = json.loads((out / "manifest.json").read_text())
@@ -36,6 +37,11 @@ def test_export_then_generate_streams_text_and_reports_speed(trained_checkpoint,
     assert {f["path"] for f in manifest["files"]} >= {
         "tokenizer.json", "onnxruntime/model.onnx", "openvino/openvino_model.xml", "openvino/openvino_model.bin"}
     assert not list(tmp_path.glob(".bundle.partial-*"))
+    assert manifest["chunk_size"] == 65536
+    import hashlib
+    for f in manifest["files"]:  # every OTA transfer chunk is pinned by the manifest
+        data = (out / f["path"]).read_bytes()
+        assert f["chunks"] == [hashlib.sha256(data[i:i + 65536]).hexdigest() for i in range(0, len(data), 65536)]
     prompt = "class Queue:\n    def "
     for backend in ("onnxruntime", "openvino"):
         gen = edgeglm("generate", "--bundle", out, "--backend", backend, "--max-tokens", "12", prompt)
