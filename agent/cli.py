@@ -176,30 +176,13 @@ def cmd_agent(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    export, tiny = _factory()
-    from tqdm import tqdm
+    _factory()
+    from agent.demo import run_demo
 
-    from agent.model import load_model
-    from runtime.generate import SamplingParams
-
-    work = Path(args.workdir)
-    ckpt, bundle = work / "checkpoint", work / "bundle"
-    print(f"edgeglm demo: 1/3 training a tiny GLM ({tiny.SHAPES['tiny'][1]} layers) on Python stdlib text -> {ckpt}")
-    with tqdm(total=args.steps, desc="train", unit="step") as bar:
-        def progress(step, total, loss):
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-        tiny.make_checkpoint(ckpt, "tiny", train_steps=args.steps, progress=progress)
-    print(f"edgeglm demo: 2/3 exporting an INT8 bundle for OpenVINO and ONNX Runtime -> {bundle}")
-    export.export_bundle(ckpt, bundle, export.ExportOptions(name="demo-tiny", version="1.0.0", force=True))
-    print("edgeglm demo: 3/3 generating through each backend (greedy, golden check first)")
-    for backend in ("onnxruntime", "openvino"):
-        model = load_model(bundle, backend)
-        result = model.golden_check()
-        print(f"--- {backend}: golden check {'passed' if result.passed else 'FAILED'} ({result.describe()})")
-        run_generation(model, args.prompt, SamplingParams(max_tokens=48))
-    print(f"done. Try: edgeglm generate --bundle {bundle} 'def parse(text):'")
-    return 0
+    try:
+        return run_demo(args.workdir, steps=args.steps, broker=args.broker)
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,10 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_fleet(sub)
 
-    d = sub.add_parser("demo", help="train a tiny GLM, export an INT8 bundle and generate with it")
+    d = sub.add_parser("demo", help="the whole product on this machine: broker, controller, 3 agents, 2 rollouts")
     d.add_argument("--workdir", default="edgeglm-demo")
     d.add_argument("--steps", type=int, default=300, help="training steps for the tiny model")
-    d.add_argument("--prompt", default="def main(argv=None):\n")
+    d.add_argument("--broker", help="HOST:PORT of an MQTT broker to use instead of the embedded one")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -78,6 +78,7 @@ class OtaSettings(_Section):
     # refuse to serve a bundle without a valid signature (always on for OTA updates)
     require_signature: bool = True
     max_latency_ratio: float = Field(1.5, gt=1.0, le=100.0)  # self-test: new decode latency vs serving
+    min_latency_delta_ms: float = Field(1.0, ge=0.0, le=10_000.0)  # ...unless slower by less than this
     chunk_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)  # ask a chunk again after this
     give_up_s: float = Field(300.0, gt=0.0, le=86400.0)  # fail the update when the controller is gone this long
 

@@ -118,12 +118,19 @@ class Agent:
             hardware={"cpu": self.hardware.cpu.model, "cores": self.hardware.cpu.logical_cores,
                       "features": list(self.hardware.cpu.features), "fingerprint": self.hardware.fingerprint(),
                       "backends": available_backends()},
-            execution_path=f"{m.backend}:{getattr(m.engine, 'device', 'CPU')}".lower() if m else None,
+            execution_path=self._execution_path(),
             model=ModelRef(name=m.bundle.manifest.name, version=m.bundle.manifest.version, sha256=m.bundle.sha256)
             if m else None,
             active_slot=self.updater.slots.active() if self.updater else None,
             applied_config_version=self.applied_config_version, last_config_error=self.last_config_error,
             uptime_s=time.time() - self.started, ts=time.time())
+
+    def _execution_path(self) -> str | None:
+        """e.g. "onnxruntime:cpu" or "openvino:gpu"."""
+        if self.model is None:
+            return None
+        device = str(getattr(self.model.engine, "device", "CPU")).removesuffix("ExecutionProvider")
+        return f"{self.model.backend}:{device}".lower()
 
     def _publish_state(self) -> None:
         if self.session is not None:
@@ -225,7 +232,7 @@ class Agent:
         self._last_telemetry = time.monotonic()
         m = self.model
         report = self.window.take(self.cfg.device.id, m.bundle.manifest.version if m else None,
-                                  f"{m.backend}:cpu" if m else None)
+                                  self._execution_path())
         if self.session is not None:
             self.session.publish_telemetry(report)
 
@@ -282,7 +289,8 @@ class Agent:
             trusted_keys=keys, fetcher=_OfferFetcher(mqtt_fetcher),
             self_test=lambda slot, manifest: run_self_test(slot, manifest, SelfTestConfig(
                 backend=self.cfg.model.backend, threads=self.cfg.model.threads,
-                max_latency_ratio=self.cfg.ota.max_latency_ratio), self.model),
+                max_latency_ratio=self.cfg.ota.max_latency_ratio,
+                min_delta_ms=self.cfg.ota.min_latency_delta_ms), self.model),
             activate=self.activate, report=self._report_ota, agent_version=__version__,
             supported_backends=tuple(available_backends()),
             active_version=lambda: self.model.bundle.manifest.version if self.model else None)

@@ -125,7 +125,7 @@ def cmd_rollout(args) -> int:
         raise FleetError(f"--canary {args.canary} must be in (0, 100]")
     rid = create_rollout(Store(args.db or "fleet.db"), Path(args.bundle), args.group, args.canary, args.max_p95_regression,
                          args.window, Path(args.previous_bundle) if args.previous_bundle else None,
-                         Path(args.key) if args.key else None)
+                         Path(args.key) if args.key else None, args.min_delta_ms)
     print(f"rollout {rid}: {bundle.manifest.name} {bundle.manifest.version} to group {args.group} "
           f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95, window {args.window:g} s); "
           f"`edgeglm fleet serve --db {args.db or 'fleet.db'}` drives it, `edgeglm fleet status` shows it")
@@ -192,6 +192,8 @@ def register(sub) -> None:
     r.add_argument("--canary", type=float, required=True, help="percent of online devices offered first")
     r.add_argument("--max-p95-regression", type=float, default=20.0, help="percent; more halts the rollout")
     r.add_argument("--window", type=float, default=300.0, help="seconds of canary telemetry before deciding")
+    r.add_argument("--min-delta-ms", type=float, default=1.0,
+                   help="a p95 growth below this many ms is never a regression (default 1.0)")
     r.add_argument("--previous-bundle", help="bundle to roll canaries back to when the rollout halts")
     r.add_argument("--key", help="private key that signs the rollback offers")
     r.set_defaults(func=cmd_rollout)

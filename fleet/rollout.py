@@ -6,6 +6,7 @@
     canary_wait   wait for every canary's OTA result                           canary_window | halting
     canary_window wait `window_s`, then compare the canaries' p95 per-token     rest | halting
                   latency and error count on the new version to their baseline
+                  (a regression is over max_regression_pct AND over min_delta_ms)
     rest          offer to the remaining devices                               rest_wait
     rest_wait     wait for their results                                       done
     halting       offer the canaries a signed rollback to the previous bundle  halted
@@ -28,6 +29,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, bundle TEXT NOT NULL, fleet TEXT NOT NULL, canary_pct REAL NOT NULL,
     max_regression_pct REAL NOT NULL, window_s REAL NOT NULL, previous_bundle TEXT, key TEXT,
+    min_delta_ms REAL NOT NULL DEFAULT 1.0,
     phase TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
 """
 ACTIVE = ("canary", "canary_wait", "canary_window", "rest", "rest_wait", "halting")
@@ -45,27 +47,29 @@ class Rollout:
     key: Path | None
     phase: str
     data: dict
+    min_delta_ms: float = 1.0
 
 
 def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, max_regression_pct: float = 20.0,
-                   window_s: float = 300.0, previous_bundle: Path | None = None, key: Path | None = None) -> int:
+                   window_s: float = 300.0, previous_bundle: Path | None = None, key: Path | None = None,
+                   min_delta_ms: float = 1.0) -> int:
     store.db.executescript(SCHEMA)
     now = time.time()
     cur = store._exec(
-        "INSERT INTO rollouts (bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, phase, "
-        "data, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        "INSERT INTO rollouts (bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
+        "min_delta_ms, phase, data, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
         (str(Path(bundle).resolve()), fleet, canary_pct, max_regression_pct, window_s,
-         str(Path(previous_bundle).resolve()) if previous_bundle else None, str(key) if key else None, "canary",
-         json.dumps({"report": []}), now, now))
+         str(Path(previous_bundle).resolve()) if previous_bundle else None, str(key) if key else None,
+         min_delta_ms, "canary", json.dumps({"report": []}), now, now))
     return cur.lastrowid
 
 
 def load_rollouts(store: Store, active_only: bool = False) -> list[Rollout]:
     store.db.executescript(SCHEMA)
     rows = store._exec("SELECT id, bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
-                       "phase, data FROM rollouts ORDER BY id").fetchall()
+                       "phase, data, min_delta_ms FROM rollouts ORDER BY id").fetchall()
     out = [Rollout(r[0], Path(r[1]), r[2], r[3], r[4], r[5], Path(r[6]) if r[6] else None,
-                   Path(r[7]) if r[7] else None, r[8], json.loads(r[9])) for r in rows]
+                   Path(r[7]) if r[7] else None, r[8], json.loads(r[9]), r[10]) for r in rows]
     return [r for r in out if r.phase in ACTIVE] if active_only else out
 
 
@@ -102,9 +106,19 @@ class RolloutDriver:
         n = max(1, math.ceil(len(online) * r.canary_pct / 100.0))
         canaries, rest = online[:n], online[n:]
         baseline = {d: self.store.latency(r.fleet, d, now - max(r.window_s, 60.0)) for d in canaries}
+        versions = {d["device"]: d["model_version"] for d in self.store.devices(r.fleet)}
+        # a canary that serves a model but has reported no latency yet gives nothing to compare with:
+        # wait for its telemetry (up to two windows) instead of passing the gate blind
+        missing = [d for d in canaries if versions.get(d) and not baseline[d].get("requests")]
+        if missing and "baseline_wait_since" not in r.data:
+            r.data["baseline_wait_since"] = now
+            self._save(r, "canary", f"waiting for baseline latency from {missing}")
+        if missing and now - r.data["baseline_wait_since"] < 2 * max(r.window_s, 1.0):
+            return
         r.data.update(canaries=canaries, rest=rest, baseline=baseline)
         r.data["offers"] = self._offer(r, canaries, r.bundle)
-        self._save(r, "canary_wait", f"offered to canaries {canaries}; {len(rest)} device(s) wait")
+        note = f" (no baseline latency from {missing})" if missing else ""
+        self._save(r, "canary_wait", f"offered to canaries {canaries}; {len(rest)} device(s) wait{note}")
 
     def _results(self, r: Rollout, devices: list[str]) -> dict:
         return {d: (self.store.last_result(r.fleet, d, r.data["offers"][d]) or {}).get("result") for d in devices}
@@ -129,7 +143,8 @@ class RolloutDriver:
             if base.get("token_p95_ms") and new.get("token_p95_ms"):
                 change = 100.0 * (new["token_p95_ms"] / base["token_p95_ms"] - 1.0)
                 r.data.setdefault("p95_change_pct", {})[d] = round(change, 1)
-                if change > r.max_regression_pct:
+                # both relative and absolute: sub-millisecond jitter of a tiny model is not a regression
+                if change > r.max_regression_pct and new["token_p95_ms"] - base["token_p95_ms"] > r.min_delta_ms:
                     problems.append(f"{d}: p95 per-token latency {base['token_p95_ms']:.2f} -> "
                                     f"{new['token_p95_ms']:.2f} ms (+{change:.0f}% > {r.max_regression_pct:g}%)")
             elif not new.get("requests"):

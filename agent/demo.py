@@ -1,0 +1,202 @@
+"""`edgeglm demo`: the whole product on one machine, on embedded defaults.
+
+1. train a tiny GLM on Python standard-library text (or reuse it), export two signed INT8
+   bundles (v1.0.0 and v1.1.0);
+2. start an MQTT broker (embedded amqtt on loopback, unless `--broker HOST:PORT` is given),
+   a fleet controller and three agents with empty model slots;
+3. roll v1 out (canary first, gated by latency), answer chat requests through the agents'
+   OpenAI-compatible HTTP API, roll v2 out the same way, print the fleet status table.
+
+The embedded broker speaks MQTT 3.1.1 only, so everyone connects with 3.1.1 (the protocol's
+fallbacks carry reply topics and correlation ids in the payloads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+FLEET = "demo"
+
+
+class EmbeddedBroker:
+    """amqtt on 127.0.0.1:port in a background thread (zero setup; the demo's default only)."""
+
+    def __init__(self, port: int):
+        try:
+            from amqtt.broker import Broker
+        except ImportError:
+            raise RuntimeError("the embedded broker needs amqtt: pip install 'edgeglm[demo]', or pass "
+                               "--broker HOST:PORT of a running MQTT broker") from None
+        self.port = port
+        self.loop = asyncio.new_event_loop()
+        config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                  "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.broker = Broker(config, loop=self.loop)
+            self.loop.run_until_complete(self.broker.start())
+            started.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, name="embedded-broker", daemon=True).start()
+        if not started.wait(30):
+            raise RuntimeError(f"the embedded MQTT broker did not start on 127.0.0.1:{port}")
+
+    def stop(self) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.broker.shutdown(), self.loop)
+        try:
+            fut.result(10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chat(port: int, text: str, max_tokens: int = 24) -> str:
+    body = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())["choices"][0]["message"]["content"]
+
+
+def _build_bundles(work: Path, steps: int, say) -> tuple[Path, Path, Path]:
+    from models import export, tiny
+    from ota.bundle import open_bundle
+    from ota.signing import generate_keypair, load_private_key, sign_bundle
+    from tqdm import tqdm
+
+    ckpt, keys = work / "checkpoint", work / "keys"
+    if not (ckpt / "config.json").is_file():
+        say(f"training a tiny GLM ({tiny.SHAPES['tiny'][1]} layers) on Python stdlib text -> {ckpt}")
+        with tqdm(total=steps, desc="train", unit="step") as bar:
+            def progress(step, total, loss):
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+            tiny.make_checkpoint(ckpt, "tiny", train_steps=steps, progress=progress)
+    else:
+        say(f"reusing the trained checkpoint {ckpt}")
+    if not (keys / "demo.key").is_file():
+        generate_keypair(keys, "demo")
+    key = load_private_key(keys / "demo.key")
+    bundles = []
+    for version in ("1.0.0", "1.1.0"):
+        out = work / f"bundle-{version}"
+        if not (out / "manifest.sig").is_file():
+            say(f"exporting and signing bundle {version} (INT8, OpenVINO + ONNX Runtime) -> {out}")
+            export.export_bundle(ckpt, out, export.ExportOptions(name="demo-tiny", version=version, force=True))
+            sign_bundle(open_bundle(out), key)
+        bundles.append(out)
+    return bundles[0], bundles[1], keys
+
+
+def _rollout(controller, driver, agents, bundle: Path, say, window_s: float = 3.0, timeout_s: float = 120.0) -> str:
+    from fleet.rollout import create_rollout, load_rollouts
+
+    rid = create_rollout(controller.store, bundle, FLEET, canary_pct=33, max_regression_pct=50, window_s=window_s)
+    seen, deadline = 0, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        driver.tick()
+        r = next(r for r in load_rollouts(controller.store) if r.id == rid)
+        for line in r.data["report"][seen:]:
+            say(f"  rollout {rid}: {line}")
+        seen = len(r.data["report"])
+        if r.phase in ("done", "halted"):
+            return r.phase
+        for agent in agents:  # some traffic, so that the canaries report latency on the new version
+            if agent.model is not None:
+                try:
+                    _chat(agent.http.port, "ping", max_tokens=4)
+                except OSError:
+                    pass
+        time.sleep(0.5)
+    raise RuntimeError(f"rollout {rid} did not finish within {timeout_s:g} s")
+
+
+def run_demo(workdir: str | Path, steps: int = 300, broker: str | None = None, n_agents: int = 3) -> int:
+    from agent.config import load_config
+    from agent.daemon import Agent
+    from fleet.controller import ControllerSettings, FleetController, format_status
+    from fleet.rollout import RolloutDriver
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="    (%(name)s: %(message)s)")
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)  # its shutdown chatter is not the demo's news
+    t0 = time.monotonic()
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - t0:5.1f}s] {text}", flush=True)
+
+    v1, v2, keys = _build_bundles(work, steps, say)
+    embedded = None
+    if broker:
+        host, _, port_text = broker.rpartition(":")
+        port = int(port_text)
+    else:
+        host, port = "127.0.0.1", _free_port()
+        say(f"starting the embedded MQTT broker on {host}:{port}")
+        embedded = EmbeddedBroker(port)
+    (work / "fleet.db").unlink(missing_ok=True)
+    controller = FleetController(ControllerSettings(broker_host=host, broker_port=port, db=work / "fleet.db",
+                                                    fleet=FLEET, protocol="3.1.1")).start()
+    driver = RolloutDriver(controller.store, controller)
+    stop, agents, threads = threading.Event(), [], []
+    try:
+        for i in range(1, n_agents + 1):
+            state = work / "agents" / f"box{i}"
+            import shutil
+
+            shutil.rmtree(state, ignore_errors=True)
+            cfg = load_config(None, {
+                "device": {"id": f"box{i}", "fleet": FLEET}, "model": {"slots_dir": str(state)},
+                "http": {"port": 0}, "telemetry": {"interval_s": 1.0},
+                "mqtt": {"enabled": True, "host": host, "port": port, "protocol": "3.1.1",
+                         "reconnect_min_delay_s": 0.2, "reconnect_max_delay_s": 2.0},
+                "ota": {"trusted_keys": str(keys), "chunk_timeout_s": 5.0}})
+            agent = Agent(cfg)
+            agent.start()
+            thread = threading.Thread(target=agent.run, args=(stop,), name=f"agent-box{i}", daemon=True)
+            thread.start()
+            agents.append(agent)
+            threads.append(thread)
+            say(f"agent box{i}: HTTP API on {agent.http.url}, no model yet")
+        deadline = time.monotonic() + 30
+        while len(controller.store.devices(FLEET)) < n_agents and time.monotonic() < deadline:
+            time.sleep(0.1)
+        say(f"fleet controller sees {len(controller.store.devices(FLEET))} device(s); rolling out v1.0.0")
+        phase = _rollout(controller, driver, agents, v1, say)
+        say(f"v1.0.0 rollout: {phase}")
+        for agent, question in zip(agents, ("Write a function that parses a line.", "What does a queue do?",
+                                            "def main(argv=None):")):
+            if agent.model is not None:
+                say(f"chat with {agent.cfg.device.id}: {question!r} -> {_chat(agent.http.port, question)!r}")
+        say("rolling out v1.1.0 with a canary and the latency gate")
+        phase = _rollout(controller, driver, agents, v2, say)
+        say(f"v1.1.0 rollout: {phase}")
+        time.sleep(1.5)  # the last state and telemetry reports
+        print(format_status(controller.store, FLEET), flush=True)
+        say("done; shutting down")
+    finally:
+        stop.set()
+        for agent in agents:
+            agent.shutdown(deadline=5.0)
+        controller.stop()
+        if embedded is not None:
+            embedded.stop()
+    return 0

@@ -1,0 +1,35 @@
+"""The OTA self-test's decisions on real models: golden check and latency budget."""
+
+from __future__ import annotations
+
+from agent.model import load_model
+from agent.selftest import SelfTestConfig, run_self_test
+from ota.bundle import open_bundle
+
+
+def test_self_test_passes_a_good_model_and_reports_its_latency(int8_bundle):
+    serving = load_model(int8_bundle)
+    result = run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, SelfTestConfig(steps=4), serving)
+    assert result.passed, result.reason
+    assert result.details["decode_ms_per_token"] > 0 and result.details["serving_ms_per_token"] > 0
+    assert "32/32" in result.details["golden"]
+
+
+def test_latency_over_the_budget_relative_to_the_serving_model_fails(int8_bundle):
+    serving = load_model(int8_bundle)
+    # a budget no model can meet: any decode time is over 0.001x the serving model's, by more than -inf ms
+    cfg = SelfTestConfig(steps=4, max_latency_ratio=0.001, min_delta_ms=-1e9)
+    result = run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, cfg, serving)
+    assert not result.passed and "over 0.001x the serving model's" in result.reason
+
+
+def test_jitter_below_the_absolute_floor_is_not_a_regression(int8_bundle):
+    serving = load_model(int8_bundle)
+    cfg = SelfTestConfig(steps=4, max_latency_ratio=0.001, min_delta_ms=1e9)
+    assert run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, cfg, serving).passed
+
+
+def test_absolute_limit_without_a_serving_model(int8_bundle):
+    cfg = SelfTestConfig(steps=4, max_ms_per_token=1e-9)
+    result = run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, cfg, None)
+    assert not result.passed and "over the limit" in result.reason
