@@ -136,6 +136,7 @@ def run_demo(workdir: str | Path, steps: int = 300, broker: str | None = None, n
 
     logging.basicConfig(level=logging.WARNING, format="    (%(name)s: %(message)s)")
     logging.getLogger("amqtt").setLevel(logging.CRITICAL)  # its shutdown chatter is not the demo's news
+    logging.getLogger("agent.mqtt.paho").setLevel(logging.ERROR)  # paho notes publishes racing the disconnect
     t0 = time.monotonic()
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
