@@ -485,3 +485,16 @@ def test_backoff_grows_to_the_cap_with_jitter_in_the_upper_half():
         delays = [backoff_delay(attempt, 0.5, 8.0, rng) for _ in range(50)]
         assert all(cap / 2 <= d <= cap for d in delays)
         assert len(set(delays)) > 1
+
+
+def test_session_socket_has_tcp_nodelay(mosquitto):
+    """Small request/response messages must not wait for Nagle (a ~40 ms stall per OTA chunk)."""
+    import socket
+
+    session = make_session(mosquitto).start()
+    try:
+        assert session.wait_connected(10)
+        sock = session._client.socket()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        session.close()
