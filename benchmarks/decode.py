@@ -55,9 +55,17 @@ def prepare(shape: str, workdir: Path, precisions=("fp32", "int8")) -> tuple[Pat
     if not (ckpt / "config.json").is_file():
         print(f"building random-init {shape} checkpoint in {ckpt}", file=sys.stderr)
         make_checkpoint(ckpt, shape=shape, train_steps=0)
+    # cached bundles are keyed by the exporter's source, so a changed graph writer re-exports them
+    import hashlib
+
+    import models.export
+    import models.onnx_graph
+
+    exporter = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                       for m in (models.onnx_graph, models.export))).hexdigest()[:10]
     bundles = {}
     for precision in precisions:
-        bundles[precision] = root / f"bundle-{precision}"
+        bundles[precision] = root / f"bundle-{precision}-{exporter}"
         if not (bundles[precision] / "manifest.json").is_file():
             print(f"exporting {precision} bundle to {bundles[precision]}", file=sys.stderr)
             export_bundle(ckpt, bundles[precision], ExportOptions(precision=precision, force=True))
