@@ -106,6 +106,9 @@ def test_power_cut_in_every_state_resumes_to_the_new_model(device, signed_bundle
     data = json.loads((device / "state" / "update.json").read_text())
     assert data["history"] == SUCCESS
     assert serving(device) == "1.1.0" and data["outcome"] == "committed"
+    sent = reports(device)  # the killed process and the restarted one together reported every step once
+    assert [r["state"] for r in sent if "event" in r] == SUCCESS[1:]
+    assert sent[-2]["result"] == "committed" and "reason" not in sent[-2]
 
 
 def test_crash_loop_in_self_test_gives_up_and_keeps_the_old_model(device, signed_bundles):
@@ -116,6 +119,8 @@ def test_crash_loop_in_self_test_gives_up_and_keeps_the_old_model(device, signed
     assert data["state"] == "idle" and data["history"] == failure_chain("self_test")
     assert "entered 4 times" in data["reason"]
     assert serving(device) == "1.0.0"
+    final = reports(device)[-2]
+    assert final["result"] == "failed" and "entered 4 times" in final["reason"]
 
 
 def _refused(device, offer, match):
