@@ -179,6 +179,24 @@ def test_controller_runs_the_documented_command_and_port():
     assert key in secret_templates()[vol["secret"]["secretName"]]["stringData"]
 
 
+def test_controller_config_loads_through_the_fleet_config_loader(tmp_path, monkeypatch):
+    """fleet.toml as the Deployment mounts it parses with `edgeglm fleet serve --config`'s loader."""
+    from fleet.config import load_fleet_config
+
+    resources = rendered("base")
+    dep = find(resources, "Deployment", "edgeglm-controller")
+    c = _container(dep, "controller")
+    vol, key = _mounted_file(dep, c, CONTROLLER_COMMAND[-1])
+    (tmp_path / "fleet.toml").write_text(find(resources, "ConfigMap", vol["configMap"]["name"])["data"][key])
+    for var in [v for v in os.environ if v.upper().startswith("EDGEGLM_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("EDGEGLM_MQTT__PASSWORD", "from-the-secret")
+    cfg = load_fleet_config(tmp_path / "fleet.toml")
+    assert cfg.http.port == CONTROLLER_PORT and cfg.http.host == "0.0.0.0"
+    assert cfg.mqtt.username == "edgeglm-controller" and cfg.mqtt.password.get_secret_value() == "from-the-secret"
+    assert cfg.mqtt.tls is not None and cfg.fleet.id == "default"
+
+
 def test_fleet_id_and_controller_user_agree_with_the_acl():
     resources = rendered("base")
     agent_fleet = _toml(resources, "edgeglm-agent-config", "agent.toml")["device"]["fleet"]
