@@ -88,12 +88,18 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _db(args) -> Path:
+    from fleet.config import load_fleet_config
+
+    return Path(args.db) if args.db else load_fleet_config(args.config).database.path
+
+
 def cmd_status(args) -> int:
     from fleet.controller import format_status
     from fleet.store import Store
 
-    db = args.db or "fleet.db"
-    if not Path(db).is_file():
+    db = _db(args)
+    if not db.is_file():
         raise FleetError(f"{db}: no fleet database; is `edgeglm fleet serve --db {db}` running?")
     store = Store(db)
     if args.json:
@@ -123,12 +129,13 @@ def cmd_rollout(args) -> int:
         raise FleetError("--previous-bundle and --key go together: the key signs the canaries' rollback offers")
     if not 0 < args.canary <= 100:
         raise FleetError(f"--canary {args.canary} must be in (0, 100]")
-    rid = create_rollout(Store(args.db or "fleet.db"), Path(args.bundle), args.group, args.canary, args.max_p95_regression,
+    db = _db(args)
+    rid = create_rollout(Store(db), Path(args.bundle), args.group, args.canary, args.max_p95_regression,
                          args.window, Path(args.previous_bundle) if args.previous_bundle else None,
                          Path(args.key) if args.key else None, args.min_delta_ms)
     print(f"rollout {rid}: {bundle.manifest.name} {bundle.manifest.version} to group {args.group} "
           f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95, window {args.window:g} s); "
-          f"`edgeglm fleet serve --db {args.db or 'fleet.db'}` drives it, `edgeglm fleet status` shows it")
+          f"`edgeglm fleet serve --db {db}` drives it, `edgeglm fleet status` shows it")
     return 0
 
 
@@ -162,9 +169,9 @@ def register(sub) -> None:
 
     def common(p, broker=True):
         p.add_argument("--db", help="the controller's SQLite database (default fleet.db, or the config's)")
+        p.add_argument("--config", help="fleet.toml (defaults < file < EDGEGLM_* env < flags)")
         if broker:
             p.add_argument("--broker", help="MQTT broker HOST:PORT (default 127.0.0.1:1883, or the config's)")
-            p.add_argument("--config", help="fleet.toml (defaults < file < EDGEGLM_* env < flags)")
 
     s = fsub.add_parser("serve", help="run the controller: registry, latency store, chunk server")
     common(s)
