@@ -36,7 +36,14 @@ def test_documented_commands_are_the_manifests_commands():
     assert agent["args"][0].strip().splitlines()[-1].strip().removeprefix("exec ") in doc
     for overlay in kustomizations()[1:]:
         assert f"kubectl apply -k k3s/{overlay}" in doc or f"`k3s/{overlay}`" in doc, overlay
-    assert "edgeglm fleet rollout --bundle" in doc and "--canary 10" in doc and "edgeglm fleet status" in doc
+    assert "edgeglm fleet rollout --config /etc/edgeglm/fleet.toml" in doc and "--canary 10" in doc
+    assert "edgeglm fleet status --config /etc/edgeglm/fleet.toml" in doc
+    # the documented controller commands parse with the real CLI
+    from agent.cli import build_parser
+
+    rollout = build_parser().parse_args(["fleet", "rollout", "--config", "/etc/edgeglm/fleet.toml", "--bundle", "b",
+                                         "--group", "default", "--canary", "10"])
+    assert rollout.group == "default" and rollout.canary == 10.0
 
 
 def test_certificate_steps_give_a_broker_certificate_for_the_service_name(tmp_path):
