@@ -1,0 +1,20 @@
+"""The README's first quick-start command, `edgeglm demo`, end to end (short training)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_rolls_out_two_versions_to_three_agents_and_answers_chat(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--workdir", str(tmp_path / "demo"),
+                           "--steps", "40"], capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "v1.0.0 rollout: done" in out
+    assert "v1.1.0 rollout: done" in out or "v1.1.0 rollout: halted" in out  # the gate decides on measured latency
+    assert out.count("chat with box") == 3
+    status = [line for line in out.splitlines() if line.startswith("demo ")]
+    assert [line.split()[1] for line in status] == ["box1", "box2", "box3"]
+    assert all(" yes " in line and "demo-tiny 1." in line for line in status)
+    assert "Traceback" not in proc.stderr
