@@ -50,11 +50,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _factory():
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    """The factory modules (they import torch); a clear error on an edge install without them."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
         raise CliError("this command needs the model factory: pip install 'edgeglm[factory]' "
-                       "(and torch for your platform)") from None
+                       "(and torch for your platform)")
     from models import export, tiny
 
     return export, tiny
