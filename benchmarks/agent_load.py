@@ -40,7 +40,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -55,6 +54,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python benchmarks/agent_load.py` from anywhere
     sys.path.insert(0, str(ROOT))
+
+from procstats import cpu_model, proc_cpu_s, proc_status_kb, reset_peak_rss, system_busy_s  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -95,41 +96,6 @@ def prepare(shape: str, workdir: Path) -> Path:
 
 # --- /proc helpers ------------------------------------------------------------------------------
 
-def proc_status_kb(pid: int, field: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss(pid: int) -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: `echo 5 > /proc/PID/clear_refs`)."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process (its threads included), in seconds."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def system_busy_s() -> float:
-    """CPU seconds all cores spent not idle since boot (from /proc/stat)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 class CpuWatch:
     """CPU used by the machine minus the benchmark's own processes over an interval, in cores."""
 
@@ -145,16 +111,6 @@ class CpuWatch:
         t0, busy0, own0 = self._start
         dt = max(t1 - t0, 1e-9)
         return {"own_cores": (own1 - own0) / dt, "foreign_cores": max(0.0, (busy1 - busy0) - (own1 - own0)) / dt}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def free_port() -> int:

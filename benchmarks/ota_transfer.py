@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -61,6 +60,8 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from procstats import cpu_model, proc_cpu_s, proc_status_kb, reset_peak_rss, system_busy_s  # noqa: E402
+
 HOST = "127.0.0.1"
 FLEET = "bench"
 UPDATE_ID = "bench-update"
@@ -70,38 +71,6 @@ NODELAY = "edgeglm, agents with TCP_NODELAY"
 
 
 # --- /proc helpers ------------------------------------------------------------------------------
-
-def proc_status_kb(pid: int, field: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss(pid: int | str) -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: `echo 5 > /proc/PID/clear_refs`)."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def proc_cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def system_busy_s() -> float:
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
 
 def children_cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -114,16 +83,6 @@ def mosquitto_version(binary: str) -> str:
         return out.splitlines()[0].strip()
     except (OSError, IndexError, subprocess.SubprocessError):
         return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # --- the payload --------------------------------------------------------------------------------
