@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole product on this machine: broker, controller, 3 agents, 2 rollouts")
     d.add_argument("--workdir", default="edgeglm-demo")
     d.add_argument("--steps", type=int, default=300, help="training steps for the tiny model")
-    d.add_argument("--broker", help="HOST:PORT of an MQTT broker to use instead of the embedded one")
+    d.add_argument("--broker", help="mqtt://HOST:PORT (or HOST:PORT) of a broker to use instead of the embedded one")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -147,7 +147,9 @@ def run_demo(workdir: str | Path, steps: int = 300, broker: str | None = None, n
     v1, v2, keys = _build_bundles(work, steps, say)
     embedded = None
     if broker:
-        host, _, port_text = broker.rpartition(":")
+        host, _, port_text = broker.removeprefix("mqtt://").rstrip("/").rpartition(":")
+        if not host or not port_text.isdigit():
+            raise RuntimeError(f"--broker {broker!r} is not HOST:PORT or mqtt://HOST:PORT")
         port = int(port_text)
     else:
         host, port = "127.0.0.1", _free_port()
