@@ -144,14 +144,14 @@ def run_demo(workdir: str | Path, steps: int = 300, broker: str | None = None, n
     def say(text: str) -> None:
         print(f"[{time.monotonic() - t0:5.1f}s] {text}", flush=True)
 
-    v1, v2, keys = _build_bundles(work, steps, say)
-    embedded = None
-    if broker:
+    if broker:  # checked before any work is done
         host, _, port_text = broker.removeprefix("mqtt://").rstrip("/").rpartition(":")
         if not host or not port_text.isdigit():
             raise RuntimeError(f"--broker {broker!r} is not HOST:PORT or mqtt://HOST:PORT")
         port = int(port_text)
-    else:
+    v1, v2, keys = _build_bundles(work, steps, say)
+    embedded = None
+    if not broker:
         host, port = "127.0.0.1", _free_port()
         say(f"starting the embedded MQTT broker on {host}:{port}")
         embedded = EmbeddedBroker(port)
