@@ -38,7 +38,7 @@ from ota.offers import DirectoryFetcher
 from ota.signing import load_trusted_keys, verify_bundle_signature
 from ota.transfer import MqttChunkFetcher
 from ota.update import Offer, State, UpdateFailed, Updater, UpdaterDeps
-from runtime.engine import available_backends
+from runtime.engine import architecture_problem, available_backends
 from runtime.errors import RequestError, RuntimeUserError
 from runtime.generate import SamplingParams, generate
 from runtime.probe import probe_hardware
@@ -292,7 +292,7 @@ class Agent:
                 max_latency_ratio=self.cfg.ota.max_latency_ratio,
                 min_delta_ms=self.cfg.ota.min_latency_delta_ms), self.model),
             activate=self.activate, report=self._report_ota, agent_version=__version__,
-            supported_backends=tuple(available_backends()),
+            supported_backends=tuple(available_backends()), architecture_problem=architecture_problem,
             active_version=lambda: self.model.bundle.manifest.version if self.model else None)
 
     def _chunk_request(self, req):

@@ -2,7 +2,7 @@
 
     state        event         -> next state
     IDLE         OFFER         -> OFFERED
-    OFFERED      ACCEPTED      -> DOWNLOADING   signature, version, compatibility, disk space ok
+    OFFERED      ACCEPTED      -> DOWNLOADING   signature, version, architecture, backends, disk space ok
     DOWNLOADING  DOWNLOADED    -> VERIFYING     every chunk checked against the signed manifest
     VERIFYING    VERIFIED      -> INSTALLING    every file's size and sha256, the signature again
     INSTALLING   INSTALLED     -> SELF_TEST     staging moved into the inactive slot, fsynced
@@ -150,6 +150,8 @@ class UpdaterDeps:
     supported_backends: tuple[str, ...]
     active_version: Callable[[], str | None]
     max_entries: int = 3
+    # why the runtime cannot run this architecture (None: it can); handed in by the agent
+    architecture_problem: Callable[[dict], str | None] = lambda arch: None
 
 
 class Updater:
@@ -262,6 +264,9 @@ class Updater:
         if parse_version(manifest.min_agent_version) > parse_version(self.deps.agent_version):
             raise UpdateFailed(f"bundle needs agent >= {manifest.min_agent_version}; this agent is "
                                f"{self.deps.agent_version}")
+        problem = self.deps.architecture_problem(manifest.architecture)
+        if problem:
+            raise UpdateFailed(problem)
         usable = [b for b in manifest.backends if b in self.deps.supported_backends]
         if not usable:
             raise UpdateFailed(f"bundle carries backends {sorted(manifest.backends)}, this device runs "

@@ -53,6 +53,21 @@ class ModelArch:
         )
 
 
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+def architecture_problem(arch: dict) -> str | None:
+    """Why this runtime cannot run a bundle of this architecture, or None when it can."""
+    try:
+        ModelArch.from_manifest(arch)
+    except (KeyError, TypeError) as exc:
+        return f"architecture lacks field {exc} that a GLM decoder needs: not a bundle for this runtime"
+    act = arch.get("hidden_act", "silu")
+    if act not in SUPPORTED_ACTIVATIONS:
+        return f"architecture uses hidden_act={act!r}; this runtime runs {', '.join(SUPPORTED_ACTIVATIONS)}"
+    return None
+
+
 def available_backends() -> list[str]:
     found = []
     for name in BACKENDS:

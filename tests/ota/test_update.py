@@ -192,6 +192,17 @@ def test_bundle_for_another_device_is_refused(device, signed_bundles, tmp_path):
     _refused(device, offer_for(bundle, "u2"), "not for this device")
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"num_hidden_layers": None}, "lacks field 'num_hidden_layers'"),
+])
+def test_bundle_for_another_architecture_is_refused(device, signed_bundles, tmp_path, change, message):
+    manifest = json.loads((signed_bundles["v2"] / "manifest.json").read_text())
+    arch = {k: v for k, v in {**manifest["architecture"], **change}.items() if v is not None}
+    bundle = variant(signed_bundles["v2"], tmp_path / "arch", signed_bundles["key"], architecture=arch)
+    _refused(device, offer_for(bundle, "u2"), message)
+
+
 def test_model_failing_its_golden_check_is_not_activated(device, signed_bundles, tmp_path):
     manifest = json.loads((signed_bundles["v2"] / "manifest.json").read_text())
     golden = manifest["golden"]

@@ -24,6 +24,7 @@ from ota.bundle import open_bundle  # noqa: E402
 from ota.offers import DirectoryFetcher  # noqa: E402
 from ota.signing import load_trusted_keys  # noqa: E402
 from ota.update import Offer, State, UpdateFailed, Updater, UpdaterDeps  # noqa: E402
+from runtime.engine import architecture_problem  # noqa: E402
 
 
 def build_updater(work: Path, activate_fails: str | None = None, max_latency_ratio: float = 50.0) -> Updater:
@@ -54,7 +55,8 @@ def build_updater(work: Path, activate_fails: str | None = None, max_latency_rat
         self_test=lambda slot, manifest: run_self_test(slot, manifest, SelfTestConfig(
             max_latency_ratio=max_latency_ratio, steps=4), serving["model"]),
         activate=activate, report=report, agent_version="0.1.0",
-        supported_backends=("onnxruntime", "openvino"), active_version=active_version)
+        supported_backends=("onnxruntime", "openvino"), active_version=active_version,
+        architecture_problem=architecture_problem)
     updater = Updater(work / "state", deps)
     if updater.slots.active_path():  # the agent serves its active slot at start
         activate(updater.slots.active_path())
