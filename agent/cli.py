@@ -14,7 +14,7 @@
 
 User errors (bad input, a broken checkpoint or bundle, a missing backend) print one line on
 stderr and exit with code 2; nothing else is changed. The factory commands (export, demo)
-import torch lazily, so an edge install without the `factory` extra runs the rest.
+load torch only when run, so an edge install without the `factory` extra runs the rest.
 """
 
 from __future__ import annotations

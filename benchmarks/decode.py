@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from procstats import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 EAGER = "pytorch-eager fp32"
 
@@ -175,16 +176,6 @@ class EagerRunner:
 def weight_bytes_per_token(files: list[Path], cfg: dict) -> int:
     """Bytes of weights streamed per decoded token: the files minus the fp32 embedding table."""
     return sum(p.stat().st_size for p in files) - cfg["vocab_size"] * cfg["hidden_size"] * 4
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def benchmark(args) -> dict:
