@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import BackendUnavailable, ModelLoadError
+from runtime.probe import cpus_one_per_core
 
 BACKENDS = ("onnxruntime", "openvino")
 KV_CACHE_KEY = "edgeglm.kv_cache"  # ONNX metadata: "shared-buffer" on the fused (GroupQueryAttention) graph
@@ -129,23 +130,34 @@ class OrtCache(KVCache):
 class OnnxRuntimeEngine:
     backend = "onnxruntime"
 
-    def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None):
+    def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None,
+                 provider: str = "CPUExecutionProvider", pinned: bool = False):
+        """`provider`: the execution provider (CPU falls back for nodes it cannot run); `pinned`: one
+        intra-op thread per physical core (the calling thread is not pinned)."""
         import onnxruntime as ort
 
         self.arch, self._ort = arch, ort
+        if provider not in ort.get_available_providers():
+            raise BackendUnavailable(f"ONNX Runtime execution provider {provider!r} is not available; found: "
+                                     f"{', '.join(ort.get_available_providers())}")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or _default_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if pinned and opts.intra_op_num_threads > 1:
+            cpus = cpus_one_per_core()[1:opts.intra_op_num_threads]  # 1-based ids, one per extra thread
+            if len(cpus) == opts.intra_op_num_threads - 1:
+                opts.add_session_config_entry("session.intra_op_thread_affinities", ";".join(str(c + 1) for c in cpus))
+        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
         try:
-            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
         except Exception as exc:  # ORT raises its own untyped errors for bad files
             raise ModelLoadError(f"{model_path}: ONNX Runtime could not load the model ({exc})") from None
         kv = self.session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY)
         if kv != "shared-buffer":
             raise ModelLoadError(f"{model_path}: not a fused decoder graph ({KV_CACHE_KEY}={kv!r}, expected "
                                  "'shared-buffer'); re-export the bundle with this version")
-        self.device = "CPUExecutionProvider"
+        self.device = provider
         self.binding = self.session.io_binding()
         self._kv_names = [(f"past.{i}.{k}", f"present.{i}.{k}") for i in range(arch.num_layers)
                           for k in ("key", "value")]
@@ -188,7 +200,11 @@ class OvCache(KVCache):
 class OpenVinoEngine:
     backend = "openvino"
 
-    def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None, device: str = "CPU"):
+    def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None, device: str = "CPU",
+                 precision: str | None = "f32", kv_cache_precision: str | None = "f32", pinned: bool | None = None):
+        """`precision`/`kv_cache_precision`: INFERENCE_PRECISION_HINT / KV_CACHE_PRECISION (None: the
+        device's default); the f32 defaults keep the golden check exact, bf16/f16/u8 trade exactness
+        for speed. `threads` and `pinned` (ENABLE_CPU_PINNING; None: the plugin's default) apply to CPU."""
         import openvino as ov
 
         self.arch, self._ov = arch, ov
@@ -197,9 +213,12 @@ class OpenVinoEngine:
             raise BackendUnavailable(
                 f"OpenVINO device {device!r} is not available; found: {', '.join(core.available_devices)}")
         config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-                  "INFERENCE_NUM_THREADS": threads or _default_threads(),
-                  # f32 activations and cache: bf16/f16/u8 would trade the golden check's exactness for speed
-                  "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+                  "INFERENCE_PRECISION_HINT": precision, "KV_CACHE_PRECISION": kv_cache_precision}
+        if device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = threads or _default_threads()
+            config["ENABLE_CPU_PINNING"] = pinned
+        supported = set(map(str, core.get_property(device, "SUPPORTED_PROPERTIES")))
+        config = {k: v for k, v in config.items() if v is not None and k in supported}
         try:
             model = core.read_model(str(model_path))
             if not model.get_sinks():
@@ -251,7 +270,9 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def load_engine(backend: str, model_path: Path, arch: ModelArch, threads: int | None = None):
+def load_engine(backend: str, model_path: Path, arch: ModelArch, threads: int | None = None, **options):
+    """`options` go to the engine's constructor: `provider`, `pinned` (ONNX Runtime); `device`,
+    `precision`, `kv_cache_precision`, `pinned` (OpenVINO); runtime.autotune.Candidate makes them."""
     if backend not in BACKENDS:
         raise BackendUnavailable(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
     if backend not in available_backends():
@@ -260,4 +281,4 @@ def load_engine(backend: str, model_path: Path, arch: ModelArch, threads: int | 
     if not Path(model_path).is_file():
         raise ModelLoadError(f"{model_path}: model file not found")
     engine_cls = OnnxRuntimeEngine if backend == "onnxruntime" else OpenVinoEngine
-    return engine_cls(Path(model_path), arch, threads)
+    return engine_cls(Path(model_path), arch, threads, **options)
