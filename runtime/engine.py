@@ -14,13 +14,24 @@ returns it. `cache.length` is the number of positions it holds, `cache.batch` it
   only the logits are read back. A request holds one sequence's state at a time: switching to
   another handle saves the current one's state into it and restores the other's.
 
+`engine.export_kv(cache, length)` copies positions [0, length) of a batch-1 cache out as a
+`KvBlock` (float32 keys and values per layer, (kv_heads, length, head_dim)), and
+`engine.cache_from_kv(block)` makes a new batch-1 cache holding exactly those positions, ready
+for a forward at position `length`: runtime/prefix_cache.py keeps shared prompt prefixes this way.
+
 Batched forward with left padding (attention_mask 0 = padding) works on both; on ONNX Runtime
 a multi-token step on top of a cache (chunked prefill) needs batch 1.
+
+`engine.merge_caches(rows)` builds one left-padded batch cache from rows of other caches (each
+row's valid positions copied right-aligned, the padding before them zero and masked): the
+continuous batching scheduler (runtime/batching.py) prefills each request alone and decodes
+them together. It copies; the sources are left as they were.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +106,70 @@ class KVCache:
                              f"{tuple(input_ids.shape)} with attention_mask {tuple(attention_mask.shape)} "
                              f"(the mask must cover the cached positions plus the new ones)")
         return batch, new, total
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    """Row `row` of `cache`: its last `length` positions (None: all it holds). In a left-padded
+    batch a row's valid positions are the last ones, so this names one sequence inside a batch."""
+
+    cache: KVCache
+    row: int = 0
+    length: int | None = None
+
+    def span(self) -> tuple[int, int]:
+        """(start, end) of the row's valid positions in its cache."""
+        n = self.cache.length if self.length is None else self.length
+        if not 0 <= self.row < self.cache.batch or not 0 < n <= self.cache.length:
+            raise ValueError(f"cache row {self.row} with {n} positions does not exist in a cache of "
+                             f"{self.cache.batch} row(s) x {self.cache.length} positions")
+        return self.cache.length - n, self.cache.length
+
+
+def _merge_plan(rows: list[CacheRow]) -> tuple[list[tuple[int, int]], int, np.ndarray]:
+    """The rows' spans, the batch's length (the longest row) and its left-padding attention mask."""
+    if not rows:
+        raise ValueError("merge_caches needs at least one row")
+    spans = [r.span() for r in rows]
+    total = max(end - start for start, end in spans)
+    mask = np.zeros((len(rows), total), np.int64)
+    for i, (start, end) in enumerate(spans):
+        mask[i, total - (end - start):] = 1
+    return spans, total, mask
+
+
+@dataclass(frozen=True)
+class KvBlock:
+    """Keys and values of positions [0, length) of one sequence: per layer, float32 arrays
+    (kv_heads, length, head_dim). Plain numpy, owned by nobody: `engine.cache_from_kv` of an engine
+    of the same model and backend turns it back into a cache."""
+
+    keys: tuple[np.ndarray, ...]
+    values: tuple[np.ndarray, ...]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys + self.values)
+
+    def check(self, arch: ModelArch) -> None:
+        """ValueError unless the block fits `arch` (layers, kv heads, head_dim, context window)."""
+        want = (arch.num_kv_heads, self.length, arch.head_dim)
+        arrays = self.keys + self.values
+        if len(self.keys) != arch.num_layers or len(self.values) != arch.num_layers or \
+                any(a.shape != want or a.dtype != np.float32 for a in arrays) or self.length > arch.max_positions:
+            got = sorted({(a.shape, str(a.dtype)) for a in arrays})
+            raise ValueError(f"KV block of {len(self.keys)} layer(s) {got} does not fit this model: it needs "
+                             f"{arch.num_layers} float32 layers of {want}")
+
+
+def _batch_one(cache: KVCache, length: int) -> None:
+    if cache.batch != 1 or not 0 <= length <= cache.length:
+        raise ValueError(f"cannot export {length} positions of a cache of {cache.batch} row(s) x {cache.length} "
+                         "positions: export_kv takes a batch-1 cache and at most the positions it holds")
 
 
 class OrtCache(KVCache):
@@ -188,6 +263,34 @@ class OnnxRuntimeEngine:
         cache.length = total
         return out.copy(), cache
 
+    def merge_caches(self, rows: list[CacheRow]) -> tuple[OrtCache, np.ndarray]:
+        """A new left-padded batch cache holding `rows` (copied), and its attention mask (batch, length)."""
+        spans, total, mask = _merge_plan(rows)
+        merged = OrtCache(len(rows), self.arch)
+        merged.reserve(total, self.arch, self._ort)
+        for k, dst in enumerate(merged.buffers):
+            for i, (row, (start, end)) in enumerate(zip(rows, spans)):
+                dst[i, :, total - (end - start):total] = row.cache.buffers[k][row.row, :, start:end]
+        merged.length = total
+        return merged, mask
+
+    def export_kv(self, cache: OrtCache, length: int) -> KvBlock:
+        """Positions [0, length) of a batch-1 cache, copied out."""
+        _batch_one(cache, length)
+        return KvBlock(tuple(b[0, :, :length].copy() for b in cache.buffers[0::2]),
+                       tuple(b[0, :, :length].copy() for b in cache.buffers[1::2]))
+
+    def cache_from_kv(self, block: KvBlock) -> OrtCache:
+        """A new batch-1 cache holding the block's positions (copied)."""
+        block.check(self.arch)
+        cache = OrtCache(1, self.arch)
+        if block.length:
+            cache.reserve(block.length, self.arch, self._ort)
+            for dst, src in zip(cache.buffers, (a for kv in zip(block.keys, block.values) for a in kv)):
+                dst[0, :, :block.length] = src
+            cache.length = block.length
+        return cache
+
 
 class OvCache(KVCache):
     """An OpenVINO sequence: its state lives in the engine's infer request while it is the active one."""
@@ -261,6 +364,76 @@ class OpenVinoEngine:
         r.infer()
         cache.length = attention_mask.shape[1]
         return r.get_output_tensor(0).data.copy(), cache
+
+    def _state_of(self, cache: OvCache) -> dict[str, np.ndarray]:
+        """The cache's state tensors (batch, kv_heads, length, head_dim), read where they live now."""
+        active = self._active() if self._active is not None else None
+        if active is cache:
+            return {s.name: s.state.data for s in self.request.query_state()}
+        if cache.saved is None:
+            raise ValueError(f"an OpenVINO cache of {cache.length} positions has no saved state to merge")
+        return cache.saved
+
+    def merge_caches(self, rows: list[CacheRow]) -> tuple[OvCache, np.ndarray]:
+        """A new left-padded batch cache holding `rows` (copied), and its attention mask (batch, length).
+
+        The merged state is parked in the new handle; the first forward on it loads it into the request."""
+        spans, total, mask = _merge_plan(rows)
+        merged, states = OvCache(len(rows)), [self._state_of(r.cache) for r in rows]
+        merged.saved = {}
+        for name, first in states[0].items():
+            dst = np.zeros((len(rows), first.shape[1], total, first.shape[3]), first.dtype)
+            for i, (row, state, (start, end)) in enumerate(zip(rows, states, spans)):
+                dst[i, :, total - (end - start):] = state[name][row.row, :, start:end]
+            merged.saved[name] = dst
+        merged.length = total
+        return merged, mask
+
+    def _kv_state_names(self) -> list[tuple[str, str]]:
+        """(key, value) state variable names per layer. The exporter's variables are named
+        "past.{i}.key" + "present.{i}.key" (ReadValue/Assign pairs), each (batch, kv_heads, length, head_dim)."""
+        names = {}
+        for s in self.request.query_state():
+            m = re.match(r"past\.(\d+)\.(key|value)", s.name)
+            if m:
+                names[(int(m[1]), m[2])] = s.name
+        try:
+            return [(names[(i, "key")], names[(i, "value")]) for i in range(self.arch.num_layers)]
+        except KeyError as exc:
+            raise ValueError(f"the IR has no KV state variable for {exc.args[0]}; found: {sorted(names.values())}") \
+                from None
+
+    def export_kv(self, cache: OvCache, length: int) -> KvBlock:
+        """Positions [0, length) of a batch-1 cache, copied out of the request (if it is the active
+        sequence) or of the state parked in the handle."""
+        _batch_one(cache, length)
+        active = self._active() if self._active is not None else None
+        if length == 0:
+            state = {}
+        elif active is cache:
+            state = {s.name: s.state.data for s in self.request.query_state()}
+        elif cache.saved is not None:
+            state = cache.saved
+        else:
+            raise ValueError(f"an OpenVINO cache of {cache.length} positions has no state to export")
+        names = self._kv_state_names()
+        if not state:
+            empty = np.zeros((self.arch.num_kv_heads, 0, self.arch.head_dim), np.float32)
+            return KvBlock((empty,) * len(names), (empty,) * len(names))
+        take = lambda name: np.array(state[name][0, :, :length], np.float32)  # noqa: E731 (a copy)
+        return KvBlock(tuple(take(k) for k, _ in names), tuple(take(v) for _, v in names))
+
+    def cache_from_kv(self, block: KvBlock) -> OvCache:
+        """A new batch-1 cache holding the block's positions; its state is parked in the handle and
+        loaded into the request by the first forward on it."""
+        block.check(self.arch)
+        cache = OvCache(1)
+        if block.length:
+            cache.saved = {}
+            for (k, v), key, value in zip(self._kv_state_names(), block.keys, block.values):
+                cache.saved[k], cache.saved[v] = key[None].copy(), value[None].copy()
+            cache.length = block.length
+        return cache
 
 
 def _default_threads() -> int:

@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from runtime.errors import RequestError
+from runtime.prefix_cache import prefill_cached
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,11 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     return int(rng.choice(probs.size, p=probs))
 
 
-def generate(engine, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
-    """Yield new token ids until max_tokens, an EOS/stop token (not yielded) or the context limit."""
+def generate(engine, prompt_ids: list[int], params: SamplingParams, prefix_cache=None) -> Iterator[int]:
+    """Yield new token ids until max_tokens, an EOS/stop token (not yielded) or the context limit.
+
+    `prefix_cache` (a runtime.prefix_cache.PrefixCache bound to this model, or None) lets the
+    prefill reuse the KV of a cached prompt prefix; the tokens are the same either way."""
     if not prompt_ids:
         raise RequestError("prompt is empty: give at least one token of text")
     limit = engine.arch.max_positions
@@ -103,7 +107,7 @@ def generate(engine, prompt_ids: list[int], params: SamplingParams) -> Iterator[
     stops = set(params.stop_token_ids) | set(engine.arch.eos_token_ids)
     rng = np.random.default_rng(params.seed)
     history = list(prompt_ids)
-    logits, cache = prefill(engine, prompt_ids)
+    logits, cache, _reused = prefill_cached(engine, prompt_ids, prefix_cache)
     for _ in range(params.max_tokens):
         token = sample(logits, params, rng, history)
         if token in stops:

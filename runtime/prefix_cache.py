@@ -1,0 +1,357 @@
+"""Prefix KV cache: the keys and values of token prefixes that requests and sessions share.
+
+    cache = PrefixCache(max_bytes=64 << 20, block_tokens=32, persist_dir=None)
+    cache.bind(model_key)       # e.g. "<bundle sha256>-onnxruntime"; another key clears the cache
+    logits, kv, reused = prefill_cached(engine, prompt_ids, cache)   # cache may be None
+    cache.resize(max_bytes)     # live; evicts down to the new bound
+    cache.stats()               # lookups, hits, hit tokens, bytes, blocks, evictions
+
+`prefill_cached(engine, prompt_ids, prefix_cache | None) -> (logits (vocab,), cache, reused_tokens)`
+is the one entry point for a prefill: it restores the longest cached prefix of the prompt
+(`engine.cache_from_kv`), runs the rest of the prompt on top of it in one multi-token step
+(chunked prefill, batch 1) and stores the prompt's new full blocks (`engine.export_kv`). The
+returned cache is the engine's ordinary batch-1 handle at position len(prompt_ids); decoding goes
+on as after `runtime.generate.prefill`. `runtime.generate.generate` and the batching scheduler
+(runtime/batching.py) prefill through it.
+
+Design.
+
+- Blocks. A prompt is cut into blocks of `block_tokens` tokens; only full blocks are cached. A
+  block is named by a chain hash, sha256(parent hash + its tokens), so one name stands for the
+  whole prefix up to the block's end and equal prefixes of different requests meet in the same
+  blocks (a tree: one system prompt, many suffixes). A block holds its own positions' keys and
+  values (per layer, (kv_heads, block_tokens, head_dim), float32).
+- Lookup walks the prompt's blocks from the start while they are cached, up to the last full
+  block that leaves at least one prompt token to run (that token's forward gives the logits).
+- Bound and eviction. The blocks' array bytes stay under `max_bytes`; beyond it the least
+  recently used block without cached children is evicted (a leaf), so a block is never
+  unreachable while it is stored, and a shared system prompt outlives its suffixes. A lookup
+  or insert touches every block of its chain.
+- One model. KV is only valid for the weights and backend that computed it: `bind(model_key)`
+  with a key other than the current one drops every block (the agent binds on each model
+  activation, OTA included); `prefill_cached` refuses an unbound cache.
+- Persistence (optional). Under `persist_dir/<model_key>/` a block is written, once it was
+  reused by a lookup (blocks of one-off prompts never reach the disk), as `<hash>.kvb`: a
+  header (parent hash, tokens, shape, sha256 of the arrays) and the arrays, written to a
+  temporary name and renamed. Files are read lazily when a lookup misses in memory; a file that
+  is truncated, corrupted, of another shape or whose tokens do not hash to its name is ignored
+  with a warning and deleted. Evicting a block deletes its file, and `bind` trims the directory
+  to `max_bytes` (oldest files first) and removes other models' block files, so the disk holds
+  at most what memory may.
+
+Thread safety: one lock guards the blocks and counters; the engine work of `prefill_cached`
+runs outside it (callers serialize engine use, as for any forward).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.engine import KvBlock, ModelArch
+
+log = logging.getLogger("edgeglm.prefix_cache")
+
+ROOT = b""  # the parent hash of a prompt's first block
+MAGIC = b"EDGEGLM-KV1\n"
+SUFFIX = ".kvb"
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # a model key is one directory name
+
+
+def block_hash(parent: bytes, tokens) -> bytes:
+    """The chain hash of a block: sha256 over its parent's hash and its token ids (int64 LE)."""
+    return hashlib.sha256(parent + np.asarray(tokens, "<i8").tobytes()).digest()
+
+
+@dataclass
+class _Block:
+    parent: bytes
+    tokens: tuple[int, ...]
+    keys: tuple[np.ndarray, ...]  # per layer (kv_heads, block_tokens, head_dim)
+    values: tuple[np.ndarray, ...]
+    children: int = 0  # cached blocks whose parent this is
+    persisted: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys + self.values)
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    lookups: int  # prefills that asked the cache
+    hits: int  # ... of them reused at least one block
+    hit_tokens: int  # prompt tokens whose KV was reused instead of computed
+    bytes: int  # KV bytes held in memory now
+    blocks: int
+    evictions: int  # blocks evicted to keep the bound (not counting clear/rebind)
+    max_bytes: int
+
+
+class PrefixCache:
+    """KV of token prefixes in blocks of `block_tokens`, at most `max_bytes` of arrays, LRU by leaf."""
+
+    def __init__(self, max_bytes: int, block_tokens: int = 32, persist_dir: str | Path | None = None):
+        if not isinstance(block_tokens, int) or block_tokens < 1:
+            raise ValueError(f"prefix cache block_tokens={block_tokens!r} is invalid: must be an integer >= 1")
+        if max_bytes < 0:
+            raise ValueError(f"prefix cache max_bytes={max_bytes!r} is invalid: must be >= 0")
+        self.max_bytes, self.block_tokens = int(max_bytes), block_tokens
+        self.persist_dir = Path(persist_dir) if persist_dir is not None else None
+        self.model_key: str | None = None
+        self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
+        self._bytes = self._lookups = self._hits = self._hit_tokens = self._evictions = 0
+        self._lock = threading.RLock()
+
+    # --- model binding ------------------------------------------------------------------------
+    def bind(self, model_key: str) -> None:
+        """Serve KV of this model only: another key than the bound one drops every block."""
+        if not isinstance(model_key, str) or not KEY_PATTERN.match(model_key):
+            raise ValueError(f"prefix cache model key {model_key!r} is invalid: letters, digits, '.', '_', '-'")
+        with self._lock:
+            if model_key == self.model_key:
+                return
+            self._drop_all()
+            self.model_key = model_key
+            self._tidy_disk()
+
+    def clear(self) -> None:
+        """Drop every block in memory (files on disk stay for the bound model)."""
+        with self._lock:
+            self._drop_all()
+
+    def resize(self, max_bytes: int) -> None:
+        """A new bound, applied now: blocks are evicted down to it."""
+        if max_bytes < 0:
+            raise ValueError(f"prefix cache max_bytes={max_bytes!r} is invalid: must be >= 0")
+        with self._lock:
+            self.max_bytes = int(max_bytes)
+            self._evict_to(self.max_bytes)
+
+    def stats(self) -> PrefixCacheStats:
+        with self._lock:
+            return PrefixCacheStats(self._lookups, self._hits, self._hit_tokens, self._bytes, len(self._blocks),
+                                    self._evictions, self.max_bytes)
+
+    # --- lookup and insert --------------------------------------------------------------------
+    def chain(self, prompt_ids: list[int], blocks: int) -> list[bytes]:
+        """The chain hashes of the prompt's first `blocks` full blocks."""
+        out, parent, b = [], ROOT, self.block_tokens
+        for i in range(blocks):
+            parent = block_hash(parent, prompt_ids[i * b:(i + 1) * b])
+            out.append(parent)
+        return out
+
+    def lookup(self, prompt_ids: list[int], arch: ModelArch | None = None) -> KvBlock | None:
+        """The KV of the longest cached prefix of whole blocks that leaves >= 1 prompt token; None on a miss.
+
+        `arch` checks blocks read from disk (a file of another shape is ignored)."""
+        usable = (len(prompt_ids) - 1) // self.block_tokens
+        hashes = self.chain(prompt_ids, usable)
+        with self._lock:
+            self._check_bound()
+            self._lookups += 1
+            found: list[_Block] = []
+            for i, h in enumerate(hashes):
+                block = self._blocks.get(h) or self._load(h, hashes[i - 1] if i else ROOT, arch)
+                if block is None:
+                    break
+                self._blocks.move_to_end(h)  # touched before the next load may evict
+                found.append(block)
+            while found and hashes[len(found) - 1] not in self._blocks:  # a bound smaller than the chain
+                found.pop()
+            if not found:
+                return None
+            self._hits += 1
+            self._hit_tokens += len(found) * self.block_tokens
+            for h, block in zip(hashes, found):
+                if not block.persisted:
+                    self._persist(h, block)
+            return KvBlock(tuple(np.concatenate(ks, axis=1) for ks in zip(*(b.keys for b in found))),
+                           tuple(np.concatenate(vs, axis=1) for vs in zip(*(b.values for b in found))))
+
+    def insert(self, engine, cache, prompt_ids: list[int]) -> int:
+        """Store the prompt's full blocks that are not cached yet, from `cache` (which holds at least
+        the prompt's positions); returns how many blocks were added."""
+        b = self.block_tokens
+        hashes = self.chain(prompt_ids, min(len(prompt_ids), cache.length) // b)
+        with self._lock:
+            self._check_bound()
+            have = 0
+            while have < len(hashes) and hashes[have] in self._blocks:
+                self._blocks.move_to_end(hashes[have])
+                have += 1
+        if have == len(hashes) or self.max_bytes == 0:
+            return 0
+        kv = engine.export_kv(cache, len(hashes) * b)
+        with self._lock:
+            added = 0
+            for i in range(have, len(hashes)):
+                h, parent = hashes[i], hashes[i - 1] if i else ROOT
+                if h in self._blocks or (parent != ROOT and parent not in self._blocks):
+                    continue  # stored meanwhile, or its parent evicted by this very insert
+                span = slice(i * b, (i + 1) * b)
+                block = _Block(parent, tuple(prompt_ids[span]), tuple(k[:, span].copy() for k in kv.keys),
+                               tuple(v[:, span].copy() for v in kv.values))
+                self._add(h, block)
+                added += 1
+                self._evict_to(self.max_bytes)
+            return added
+
+    # --- internals (called with the lock held) ------------------------------------------------
+    def _check_bound(self) -> None:
+        if self.model_key is None:
+            raise ValueError("the prefix cache is not bound to a model: call bind(model_key) before using it")
+
+    def _add(self, h: bytes, block: _Block) -> None:
+        self._blocks[h] = block
+        self._bytes += block.nbytes
+        if block.parent != ROOT and block.parent in self._blocks:
+            self._blocks[block.parent].children += 1
+
+    def _remove(self, h: bytes, delete_file: bool) -> None:
+        block = self._blocks.pop(h)
+        self._bytes -= block.nbytes
+        parent = self._blocks.get(block.parent)
+        if parent is not None:
+            parent.children -= 1
+        if delete_file and block.persisted:
+            self._file(h).unlink(missing_ok=True)
+
+    def _evict_to(self, limit: int) -> None:
+        while self._bytes > limit:
+            leaf = next(h for h, blk in self._blocks.items() if blk.children == 0)  # a tree always has a leaf
+            self._remove(leaf, delete_file=True)
+            self._evictions += 1
+
+    def _drop_all(self) -> None:
+        self._blocks.clear()
+        self._bytes = 0
+
+    # --- persistence --------------------------------------------------------------------------
+    def _dir(self) -> Path | None:
+        return self.persist_dir / self.model_key if self.persist_dir is not None and self.model_key else None
+
+    def _file(self, h: bytes) -> Path:
+        return self._dir() / (h.hex() + SUFFIX)
+
+    def _persist(self, h: bytes, block: _Block) -> None:
+        folder = self._dir()
+        if folder is None:
+            return
+        payload = b"".join(np.ascontiguousarray(a, "<f4").tobytes() for a in block.keys + block.values)
+        header = json.dumps({"parent": block.parent.hex(), "tokens": list(block.tokens),
+                             "shape": [len(block.keys), *block.keys[0].shape],
+                             "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+        path = self._file(h)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + struct.pack("<I", len(header)) + header + payload)
+            os.replace(tmp, path)  # a power cut leaves the old file or none; a torn one fails its checksum
+            block.persisted = True
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("prefix cache: cannot write %s (%s); the block stays in memory only", path, exc)
+
+    def _load(self, h: bytes, parent: bytes, arch: ModelArch | None) -> _Block | None:
+        """The block of hash `h` from disk, added to memory; None if absent or unusable (warned, deleted)."""
+        if self._dir() is None or self.max_bytes == 0:
+            return None
+        path = self._file(h)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("prefix cache: cannot read %s (%s); ignored", path, exc)
+            return None
+        try:
+            block = _parse(data, h, parent, self.block_tokens, arch)
+        except ValueError as exc:
+            log.warning("prefix cache: %s is not a usable KV block (%s); ignored and deleted", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+        block.persisted = True
+        self._add(h, block)
+        self._evict_to(self.max_bytes)
+        return self._blocks.get(h)
+
+    def _tidy_disk(self) -> None:
+        """Remove other models' block files and trim this model's to max_bytes, oldest first."""
+        if self.persist_dir is None or not self.persist_dir.is_dir():
+            return
+        mine = self._dir()
+        try:
+            for folder in self.persist_dir.iterdir():
+                if folder.is_dir() and folder != mine and KEY_PATTERN.match(folder.name):
+                    for f in folder.glob("*" + SUFFIX):
+                        f.unlink(missing_ok=True)
+                    _rmdir_if_empty(folder)
+            files = sorted(mine.glob("*" + SUFFIX), key=lambda f: f.stat().st_mtime, reverse=True) \
+                if mine.is_dir() else []
+            total = 0
+            for f in files:
+                total += f.stat().st_size
+                if total > self.max_bytes:
+                    f.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("prefix cache: cannot tidy %s (%s)", self.persist_dir, exc)
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelArch | None) -> _Block:
+    """A block file's content, checked against its name (hash), its expected parent and the model shape."""
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+        raise ValueError("not a prefix cache block file")
+    at = len(MAGIC) + 4
+    (size,) = struct.unpack("<I", data[len(MAGIC):at])
+    try:
+        head = json.loads(data[at:at + size])
+        layers, heads, tokens, dim = (int(x) for x in head["shape"])
+        stored_parent, ids, digest = bytes.fromhex(head["parent"]), [int(t) for t in head["tokens"]], head["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"bad header: {exc}") from None
+    payload = data[at + size:]
+    if len(payload) != 2 * layers * heads * tokens * dim * 4:
+        raise ValueError(f"{len(payload)} bytes of arrays, expected {2 * layers * heads * tokens * dim * 4}")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise ValueError("checksum mismatch")
+    if stored_parent != parent or len(ids) != block_tokens or block_hash(parent, ids) != h:
+        raise ValueError("its tokens do not match its name")
+    if arch is not None and (layers, heads, dim) != (arch.num_layers, arch.num_kv_heads, arch.head_dim):
+        raise ValueError(f"shape {layers}x{heads}x{dim} is not this model's")
+    arrays = np.frombuffer(payload, "<f4").astype(np.float32).reshape(2 * layers, heads, tokens, dim)
+    return _Block(parent, tuple(ids), tuple(arrays[:layers]), tuple(arrays[layers:]))
+
+
+def prefill_cached(engine, prompt_ids: list[int], prefix_cache: PrefixCache | None = None):
+    """Prefill through the prefix cache: (last-position logits (vocab,), batch-1 cache, reused tokens)."""
+    prompt_ids = list(prompt_ids)
+    reused = prefix_cache.lookup(prompt_ids, engine.arch) if prefix_cache is not None else None
+    start = reused.length if reused is not None else 0
+    cache = engine.cache_from_kv(reused) if reused is not None else engine.new_cache()
+    n = len(prompt_ids)
+    ids = np.asarray([prompt_ids[start:]], dtype=np.int64)
+    pos = np.arange(start, n, dtype=np.int64)[None]
+    logits, cache = engine.forward(ids, pos, np.ones((1, n), np.int64), cache)
+    if prefix_cache is not None:
+        prefix_cache.insert(engine, cache, prompt_ids)
+    return logits[0], cache, start
