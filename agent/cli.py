@@ -2,7 +2,8 @@
 
     edgeglm export CHECKPOINT --out BUNDLE [--precision int8|fp32] [--backends ...] [--name N] [--version V]
     edgeglm generate --bundle BUNDLE [--backend auto|openvino|onnxruntime] [--max-tokens N] ... PROMPT
-    edgeglm probe [--json]
+    edgeglm probe [--json] [--bundle BUNDLE [--retune] [--cache-dir DIR]]
+    edgeglm bench --bundle BUNDLE [--backend B] [--prompt-tokens N] [--new-tokens N] [--concurrency N] ...
     edgeglm bundle keygen --out DIR [--name NAME]
     edgeglm bundle sign BUNDLE --key PRIVATE_KEY
     edgeglm bundle verify BUNDLE --trusted KEYS [--trusted KEYS ...]
@@ -111,11 +112,42 @@ def cmd_generate(args) -> int:
 def cmd_probe(args) -> int:
     from runtime.probe import format_hardware, probe_hardware
 
+    if args.bundle is None and (args.retune or args.cache_dir):
+        raise CliError(f"{'--retune' if args.retune else '--cache-dir'} tunes a bundle's execution path: "
+                       "give --bundle BUNDLE too")
     info = probe_hardware()
+    tuning = _autotune(args, info) if args.bundle is not None else None
     if args.json:
-        print(json.dumps({**info.to_dict(), "fingerprint": info.fingerprint()}, indent=2))
+        extra = {"autotune": tuning.to_dict()} if tuning else {}
+        print(json.dumps({**info.to_dict(), "fingerprint": info.fingerprint(), **extra}, indent=2))
     else:
-        print(format_hardware(info))
+        from runtime.autotune import format_result
+
+        print(format_hardware(info) + ("\n" + format_result(tuning) if tuning else ""))
+    return 0
+
+
+def _autotune(args, info):
+    from ota.bundle import open_bundle
+    from runtime.autotune import autotune, default_cache_dir
+
+    bundle = open_bundle(args.bundle)
+    return autotune(bundle, info, cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+                    retune=args.retune, threads=args.threads, progress=not args.json)
+
+
+def cmd_bench(args) -> int:
+    from agent.model import load_model
+    from runtime.autotune import default_cache_dir
+    from runtime.bench import BenchOptions, format_report, run_bench
+
+    opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, concurrency=args.concurrency,
+                        prefix_tokens=args.prefix_tokens, runs=args.runs)
+    opts.check(1 << 62)  # the flags alone; the context window is checked once the model is known
+    tune_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    model = load_model(args.bundle, args.backend, args.threads, tune_dir=tune_dir, progress=not args.json)
+    report = run_bench(model, opts)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -186,6 +218,16 @@ def cmd_demo(args) -> int:
         raise CliError(str(exc)) from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeglm", description="Edge agent for compressed GLM models.")
     p.add_argument("--version", action="version", version=f"edgeglm {__version__}")
@@ -218,7 +260,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="show the hardware and the inference backends found")
     pr.add_argument("--json", action="store_true")
+    pr.add_argument("--bundle", help="also choose this bundle's execution path (measured autotune, cached)")
+    pr.add_argument("--retune", action="store_true", help="measure again even if a cached result exists")
+    pr.add_argument("--cache-dir", help="autotune cache (default $EDGEGLM_CACHE_DIR or ~/.cache/edgeglm)")
+    pr.add_argument("--threads", type=_positive, help="tune only this thread count")
     pr.set_defaults(func=cmd_probe)
+
+    be = sub.add_parser("bench", help="measure TTFT, decode speed, latency percentiles and memory of a bundle")
+    be.add_argument("--bundle", required=True)
+    be.add_argument("--backend", default="auto", help="auto (the autotuned path), onnxruntime or openvino")
+    be.add_argument("--prompt-tokens", type=int, default=512)
+    be.add_argument("--new-tokens", type=int, default=128)
+    be.add_argument("--concurrency", type=int, default=1, help="requests at once through the batching scheduler")
+    be.add_argument("--prefix-tokens", type=int, default=0, help="also measure TTFT with this many prompt tokens "
+                    "in the prefix cache")
+    be.add_argument("--runs", type=int, default=3)
+    be.add_argument("--threads", type=_positive, help="inference threads (default: autotuned / all usable cores)")
+    be.add_argument("--cache-dir", help="autotune cache (default $EDGEGLM_CACHE_DIR or ~/.cache/edgeglm)")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench)
 
     b = sub.add_parser("bundle", help="sign and verify bundles")
     bsub = b.add_subparsers(dest="bundle_command", required=True)

@@ -24,7 +24,7 @@ from agent import __version__
 from agent.config import AgentConfig, with_updates
 from agent.errors import AgentError, ConfigError, ServeError
 from agent.http_api import ApiServer
-from agent.model import LoadedModel, load_model
+from agent.model import LoadedModel, load_model, register_execution_metric, set_execution_metric
 from agent.mqtt import MqttSession, PayloadRejected, Received
 from agent.openai_compat import ApiError, Outcome, generate_text, glm_chat_prompt
 from agent.selftest import SelfTestConfig, run_self_test
@@ -68,6 +68,7 @@ class Agent:
         self.hardware = probe_hardware()
         self.window = LatencyWindow()
         self.http = ApiServer(cfg.http, cfg.sampling, window=self.window)
+        self._path_metric, self._path_labels = register_execution_metric(self.http.metrics.registry), None
         self.session: MqttSession | None = None
         self.updater: Updater | None = None
         self.model: LoadedModel | None = None
@@ -89,7 +90,9 @@ class Agent:
         """Load a bundle for serving: files verified against the manifest, signature checked."""
         if self.cfg.ota.require_signature:
             verify_bundle_signature(open_bundle(path, verify=False), self._trusted_keys())
-        return load_model(path, self.cfg.model.backend, self.cfg.model.threads)
+        # backend auto: the measured autotune, cached per (bundle, hardware) under the state dir
+        return load_model(path, self.cfg.model.backend, self.cfg.model.threads, hardware=self.hardware,
+                          tune_dir=Path(self.cfg.model.slots_dir) / "autotune")
 
     def activate(self, path: Path | None) -> None:
         """Serve the model in `path` (after its golden check); None serves nothing."""
@@ -103,6 +106,7 @@ class Agent:
                 raise ServeError(f"{path}: golden check failed on {model.backend}: {golden.describe()}")
             self.model = model
             self.http.set_model(model, golden)
+        self._path_labels = set_execution_metric(self._path_metric, self.model, self._path_labels)
         self._publish_state()
 
     def _initial_model_path(self) -> Path | None:
@@ -117,7 +121,8 @@ class Agent:
             device=self.cfg.device.id, online=online, agent_version=__version__,
             hardware={"cpu": self.hardware.cpu.model, "cores": self.hardware.cpu.logical_cores,
                       "features": list(self.hardware.cpu.features), "fingerprint": self.hardware.fingerprint(),
-                      "backends": available_backends()},
+                      "backends": available_backends(),
+                      "execution": m.execution_info() if m else None},  # backend, device, threads, hints
             execution_path=self._execution_path(),
             model=ModelRef(name=m.bundle.manifest.name, version=m.bundle.manifest.version, sha256=m.bundle.sha256)
             if m else None,

@@ -1,4 +1,10 @@
-"""Load a verified bundle onto an engine: the wiring between `ota.bundle` and `runtime`."""
+"""Load a verified bundle onto an engine: the wiring between `ota.bundle` and `runtime`.
+
+The execution path: a named backend runs on its CPU default (f32, all usable cores or `threads`).
+`auto` with a `tune_dir` (the agent's state dir) runs the measured autotune of runtime/autotune.py
+once per (bundle, hardware) and serves the path it chose; `auto` without one falls back to the rule
+order `AUTO_ORDER`. `LoadedModel.execution_info()` says which path serves and how it was chosen.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,14 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from ota.bundle import Bundle, open_bundle
+from runtime.autotune import Candidate, TuneResult, autotune, default_candidate
 from runtime.engine import BACKENDS, ModelArch, available_backends, load_engine
 from runtime.errors import BackendUnavailable
 from runtime.golden import GoldenResult, check_golden
 from runtime.tokenizer import load_tokenizer
 
-# Until the measured autotune lands, "auto" prefers ONNX Runtime: its MatMulNBits int8 kernel
-# decoded fastest in the runtime findings; OpenVINO is the fallback.
+# "auto" without autotune prefers ONNX Runtime: its MatMulNBits int8 kernel decoded fastest in
+# docs/performance.md; OpenVINO is the fallback.
 AUTO_ORDER = ("onnxruntime", "openvino")
 
 
@@ -25,6 +32,14 @@ class LoadedModel:
     engine: object
     tokenizer: Tokenizer
     arch: ModelArch
+    path: Candidate | None = None  # the execution path the engine runs on
+    tuning: TuneResult | None = None  # the autotune result `auto` used, if any
+    chosen_by: str = "configured"  # "configured", "rule order", "autotune" or "autotune cache"
+
+    def execution_info(self) -> dict:
+        """Backend, device, threads, pinning and precision hints, and how they were chosen."""
+        path = self.path or Candidate(self.backend, str(getattr(self.engine, "device", "CPU")))
+        return {**path.to_dict(), "description": path.describe(), "chosen_by": self.chosen_by}
 
     def golden_check(self) -> GoldenResult:
         g = self.bundle.manifest.golden
@@ -52,11 +67,57 @@ def choose_backend(bundle: Bundle, requested: str = "auto") -> str:
         f"{', '.join(installed) or 'none'}")
 
 
-def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | None = None) -> LoadedModel:
-    """Verify the bundle's files against its manifest, then load the model for one backend."""
+def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = None, *, tune_dir: Path | None = None,
+                retune: bool = False, hardware=None, progress: bool = False) -> tuple[Candidate, TuneResult | None]:
+    """The execution path: autotuned for `auto` with a `tune_dir`, else the backend's CPU default."""
+    if backend == "auto" and tune_dir is not None:
+        from runtime.probe import probe_hardware
+
+        result = autotune(bundle, hardware or probe_hardware(), cache_dir=Path(tune_dir), retune=retune,
+                          threads=threads, progress=progress)
+        return result.choice, result
+    return default_candidate(choose_backend(bundle, backend), threads), None
+
+
+def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | None = None, *,
+               tune_dir: Path | None = None, retune: bool = False, hardware=None,
+               progress: bool = False) -> LoadedModel:
+    """Verify the bundle's files against its manifest, then load the model on its execution path.
+
+    `tune_dir`: with backend `auto`, use (or make) the autotune result cached there."""
     bundle = open_bundle(bundle_path)
-    name = choose_backend(bundle, backend)
+    path, tuning = choose_path(bundle, backend, threads, tune_dir=tune_dir, retune=retune, hardware=hardware,
+                               progress=progress)
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
-    engine = load_engine(name, bundle.path(bundle.manifest.backends[name].entry), arch, threads)
+    engine = load_engine(path.backend, bundle.path(bundle.manifest.backends[path.backend].entry), arch, path.threads,
+                         **path.engine_options())
     tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer))
-    return LoadedModel(bundle, name, engine, tokenizer, arch)
+    if tuning is not None:
+        chosen_by = "autotune cache" if tuning.from_cache else "autotune"
+    else:
+        chosen_by = "rule order" if backend == "auto" else "configured"
+    return LoadedModel(bundle, path.backend, engine, tokenizer, arch, path, tuning, chosen_by)
+
+
+EXECUTION_METRIC = "edgeglm_execution_path_info"
+EXECUTION_LABELS = ("backend", "device", "threads", "pinned", "precision", "kv_cache_precision", "chosen_by")
+
+
+def register_execution_metric(registry):
+    """An info gauge in the agent's /metrics: 1 for the path serving now, 0 for paths served before."""
+    from agent.metrics import Gauge
+
+    return registry.register(Gauge(EXECUTION_METRIC, "the execution path serving the model (labels) and how it "
+                                   "was chosen; 1 = current", EXECUTION_LABELS))
+
+
+def set_execution_metric(gauge, model: LoadedModel | None, previous: dict | None) -> dict | None:
+    """Mark `model`'s path current (and `previous`, the labels returned last time, no longer); returns its labels."""
+    if previous is not None:
+        gauge.set(0, **previous)
+    if model is None:
+        return None
+    info = model.execution_info()
+    labels = {k: "" if info[k] is None else str(info[k]).lower() for k in EXECUTION_LABELS}
+    gauge.set(1, **labels)
+    return labels

@@ -147,6 +147,35 @@ def _logical_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpus_one_per_core() -> list[int]:
+    """Usable logical CPU ids, the first of each physical core first, then their SMT siblings.
+
+    For pinning one thread per core: threads placed on the first `physical_cores` ids never share a
+    core. Without sysfs topology every usable CPU counts as its own core."""
+    try:
+        usable = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = list(range(os.cpu_count() or 1))
+    firsts, siblings, seen = [], [], set()
+    for cpu in usable:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        core = ((_read(topo / "physical_package_id") or "").strip(), (_read(topo / "core_id") or "").strip()) \
+            if (_read(topo / "core_id") or "").strip() else (cpu,)
+        (siblings if core in seen else firsts).append(cpu)
+        seen.add(core)
+    return firsts + siblings
+
+
+def accelerators(info: "HardwareInfo") -> list[str]:
+    """Devices other than the CPU, as "backend:device" (e.g. "openvino:GPU.0", "onnxruntime:CUDAExecutionProvider")."""
+    found = []
+    for b in info.backends:
+        if b.available:
+            cpu_only = {"CPU"} if b.name == "openvino" else CPU_ONLY_PROVIDERS
+            found += [f"{b.name}:{d}" for d in b.device_ids if d not in cpu_only]
+    return found
+
+
 def probe_cpu() -> CpuInfo:
     parsed = parse_cpuinfo(_read("/proc/cpuinfo") or "")
     return CpuInfo(
@@ -230,15 +259,12 @@ def format_hardware(info: HardwareInfo) -> str:
         f"Memory:  {_gib(mem.total_bytes)} total, {_gib(mem.available_bytes)} available"
         + (f", cgroup limit {_gib(mem.cgroup_limit_bytes)}" if mem.cgroup_limit_bytes else ""),
     ]
-    accelerators = []
     for b in info.backends:
         if not b.available:
             lines.append(f"{b.name}: unavailable ({b.error})")
             continue
         lines.append(f"{b.name} {b.version}: {', '.join(b.devices) or 'no devices'}")
-        cpu_only = {"CPU"} if b.name == "openvino" else CPU_ONLY_PROVIDERS
-        accelerators += [d for d in b.device_ids if d not in cpu_only]
-    if not accelerators:
+    if not accelerators(info):
         lines.append("no GPU or NPU found")
     lines.append(f"OS:      {info.os}, Python {info.python}")
     return "\n".join(lines)

@@ -1,0 +1,432 @@
+"""Measured execution-path selection: which backend, device, thread count and hints serve a bundle.
+
+    candidates(hw, bundle_backends, installed, threads)   rules: enumerate, order and prune the paths
+    autotune(bundle, hw, cache_dir=..., retune=...)       the cached choice, or measure and cache one
+
+An execution path (`Candidate`) is a backend, a device (an OpenVINO device id or an ONNX Runtime
+execution provider), an intra-op thread count, CPU pinning and, on OpenVINO, the inference and
+KV-cache precision hints. The rules, from the hardware probe:
+
+- CPU: ONNX Runtime's CPU provider and OpenVINO's CPU device, with the physical and the logical core
+  count as thread counts (one when they are equal). ONNX Runtime also gets a pinned variant at one
+  thread per physical core (on SMT machines it keeps two threads off one core; OpenVINO pins by
+  default). OpenVINO gets f32 with an f32 KV cache (exact), a u8 KV cache (x86 AVX2 or ARM NEON)
+  and bf16 only where the CPU computes it natively (AMX or avx512_bf16).
+- Accelerators, only where the probe found them: OpenVINO GPU/NPU devices (f16), ONNX Runtime's
+  CUDA, TensorRT and OpenVINO execution providers. They are tried first.
+- A path that changes numerics (a precision hint, a u8 cache, an accelerator) must pass the bundle's
+  golden check (runtime/golden.py) before it is measured; one that fails, or fails to load, is
+  excluded with the reason.
+
+The measurement is short (about a second per path on glm-s): a warm-up, then `repeats` rounds of a
+`prompt_tokens` random-id prefill and `decode_steps` greedy steps; all paths are loaded together and
+the rounds interleave them (one at a time when their weights would not fit in half the available
+memory), and each path keeps its best round. Objective: decode tokens/s; paths within `TIE` (3%)
+of the best count as tied and the lowest TTFT among them wins.
+
+The result is cached as JSON under `cache_dir`, keyed by (sha256 of the bundle's manifest, the
+hardware fingerprint, a thread limit): a new bundle, new hardware or new backend versions mean a new
+measurement, `retune=True` forces one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from runtime.engine import BACKENDS, ModelArch, available_backends, load_engine
+from runtime.errors import BackendUnavailable
+from runtime.golden import check_golden
+from runtime.probe import HardwareInfo, accelerators
+
+log = logging.getLogger("edgeglm.autotune")
+
+CACHE_VERSION = 1
+TIE = 0.03  # decode tok/s within 3% of the best: a tie, broken by TTFT
+ORT_CPU = "CPUExecutionProvider"
+ORT_ACCELERATORS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider")
+OV_ACCELERATOR_PREFIXES = ("GPU", "NPU")
+BF16_FEATURES = frozenset({"amx_bf16", "avx512_bf16"})
+U8_KV_FEATURES = frozenset({"avx2", "asimd"})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backend: str  # "onnxruntime" or "openvino"
+    device: str = "CPU"  # OpenVINO device id, or ONNX Runtime execution provider
+    threads: int | None = None  # intra-op threads; None: the engine's default (all usable cores)
+    pinned: bool | None = None  # ONNX Runtime: one thread per core; OpenVINO: ENABLE_CPU_PINNING
+    precision: str | None = None  # OpenVINO INFERENCE_PRECISION_HINT (None: the engine's f32 / device default)
+    kv_cache_precision: str | None = None  # OpenVINO KV_CACHE_PRECISION
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device in ("CPU", ORT_CPU)
+
+    @property
+    def changes_numerics(self) -> bool:
+        """True when results may differ from the f32 CPU path the golden record was made for."""
+        return not self.on_cpu or self.precision not in (None, "f32") or self.kv_cache_precision not in (None, "f32")
+
+    def engine_options(self) -> dict:
+        """Keyword arguments for runtime.engine.load_engine (besides threads)."""
+        if self.backend == "onnxruntime":
+            return {"provider": self.device, "pinned": bool(self.pinned)}
+        opts = {"device": self.device, "pinned": self.pinned}
+        if not self.on_cpu:  # accelerators: the device's default unless a hint is given
+            opts.update(precision=self.precision, kv_cache_precision=self.kv_cache_precision)
+        else:
+            opts.update(precision=self.precision or "f32", kv_cache_precision=self.kv_cache_precision or "f32")
+        return opts
+
+    def describe(self) -> str:
+        """e.g. "openvino CPU, 2 threads, pinned, kv u8"."""
+        device = self.device.removesuffix("ExecutionProvider")
+        parts = [f"{self.backend} {device}"]
+        if self.threads:
+            parts.append(f"{self.threads} thread{'s' if self.threads > 1 else ''}")
+        if self.pinned:
+            parts.append("pinned")
+        if self.precision:
+            parts.append(self.precision)
+        if self.kv_cache_precision:
+            parts.append(f"kv {self.kv_cache_precision}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Candidate":
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+
+
+def default_candidate(backend: str, threads: int | None = None) -> Candidate:
+    """The path a named backend runs on without tuning: CPU, f32, all usable cores unless `threads`."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    return Candidate(backend, ORT_CPU if backend == "onnxruntime" else "CPU", threads or usable)
+
+
+def thread_counts(hw: HardwareInfo, threads: int | None = None) -> list[int]:
+    """Physical then logical core count (deduplicated), or only the one the user fixed."""
+    if threads:
+        return [threads]
+    logical = hw.cpu.logical_cores
+    physical = min(hw.cpu.physical_cores or logical, logical)
+    return sorted({physical, logical})
+
+
+def _backend_devices(hw: HardwareInfo, name: str) -> tuple[str, ...]:
+    return next((b.device_ids for b in hw.backends if b.name == name and b.available), ())
+
+
+def cpu_candidates(hw: HardwareInfo, backend: str, threads: int | None = None) -> list[Candidate]:
+    counts = thread_counts(hw, threads)
+    physical = min(hw.cpu.physical_cores or hw.cpu.logical_cores, hw.cpu.logical_cores)
+    features = set(hw.cpu.features)
+    out: list[Candidate] = []
+    if backend == "onnxruntime":
+        for t in counts:
+            out.append(Candidate(backend, ORT_CPU, t, pinned=False))
+            if t == physical and t > 1:
+                out.append(Candidate(backend, ORT_CPU, t, pinned=True))
+        return out
+    for t in counts:
+        out.append(Candidate(backend, "CPU", t, pinned=True, precision="f32", kv_cache_precision="f32"))
+    best_guess = counts[0]  # hints are tried at one thread count: the physical cores
+    if features & U8_KV_FEATURES:
+        out.append(Candidate(backend, "CPU", best_guess, pinned=True, precision="f32", kv_cache_precision="u8"))
+    if features & BF16_FEATURES:
+        out.append(Candidate(backend, "CPU", best_guess, pinned=True, precision="bf16", kv_cache_precision="f32"))
+        out.append(Candidate(backend, "CPU", best_guess, pinned=True, precision="bf16", kv_cache_precision="u8"))
+    return out
+
+
+def accelerator_candidates(hw: HardwareInfo, backend: str) -> list[Candidate]:
+    if backend == "openvino":
+        return [Candidate(backend, d, precision="f16") for d in _backend_devices(hw, backend)
+                if d.startswith(OV_ACCELERATOR_PREFIXES)]
+    present = set(_backend_devices(hw, backend))
+    return [Candidate(backend, p) for p in ORT_ACCELERATORS if p in present]
+
+
+def candidates(hw: HardwareInfo, bundle_backends, installed=None, threads: int | None = None) -> list[Candidate]:
+    """The execution paths worth measuring, in rule order: accelerators, then ONNX Runtime CPU (the
+    fastest decode in docs/performance.md), then OpenVINO CPU; exact paths before hinted ones.
+    Backends that the bundle does not carry or that are not installed are pruned."""
+    installed = available_backends() if installed is None else installed
+    usable = [b for b in BACKENDS if b in bundle_backends and b in installed]
+    accel = [c for b in usable for c in accelerator_candidates(hw, b)]
+    cpu = [c for b in usable for c in cpu_candidates(hw, b, threads)]
+    return accel + cpu
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TuneSettings:
+    prompt_tokens: int = 64
+    decode_steps: int = 24
+    repeats: int = 3  # each path keeps its best round
+    seed: int = 0
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    status: str = "pending"  # "measured" or "excluded"
+    reason: str | None = None  # why excluded
+    golden: str | None = None  # the golden check's outcome, for paths that change numerics
+    load_s: float | None = None
+    ttft_ms: float | None = None  # best round
+    decode_tok_s: float | None = None  # best round
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "candidate": self.candidate.to_dict(), "path": self.candidate.describe()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Trial":
+        fields_ = {k: data.get(k) for k in cls.__dataclass_fields__ if k != "candidate"}
+        return cls(Candidate.from_dict(data["candidate"]), **fields_)
+
+
+@dataclass
+class TuneResult:
+    bundle_sha256: str
+    fingerprint: str
+    threads_limit: int | None
+    choice: Candidate
+    trials: list[Trial]
+    accelerators: list[str]
+    settings: TuneSettings
+    measured_at: float
+    elapsed_s: float
+    objective: str = "highest decode tokens/s; within 3% of the best, lowest TTFT"
+    from_cache: bool = False
+    cache_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"version": CACHE_VERSION, "bundle_sha256": self.bundle_sha256, "fingerprint": self.fingerprint,
+                "threads_limit": self.threads_limit, "choice": self.choice.to_dict(),
+                "choice_path": self.choice.describe(), "objective": self.objective,
+                "accelerators": self.accelerators, "settings": asdict(self.settings),
+                "measured_at": self.measured_at, "elapsed_s": self.elapsed_s,
+                "trials": [t.to_dict() for t in self.trials],
+                "from_cache": self.from_cache, "cache_path": self.cache_path}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TuneResult":
+        return cls(data["bundle_sha256"], data["fingerprint"], data["threads_limit"],
+                   Candidate.from_dict(data["choice"]), [Trial.from_dict(t) for t in data["trials"]],
+                   list(data["accelerators"]), TuneSettings(**data["settings"]), data["measured_at"],
+                   data["elapsed_s"], data["objective"])
+
+
+def measurement_prompt(arch: ModelArch, settings: TuneSettings) -> list[int]:
+    n = max(1, min(settings.prompt_tokens, arch.max_positions - settings.decode_steps - 1))
+    return np.random.default_rng(settings.seed).integers(0, arch.vocab_size, n).tolist()
+
+
+def measure_round(engine, prompt: list[int], steps: int) -> tuple[float, float]:
+    """(TTFT seconds, decode tokens/s) of one prefill and `steps` greedy steps."""
+    from runtime.bench import time_generation  # one timing loop for autotune and bench
+
+    timing = time_generation(engine, prompt, steps + 1)
+    return timing.ttft_s, timing.decode_tok_s
+
+
+def choose(trials: list[Trial]) -> Candidate:
+    """The objective: best decode tok/s; among paths within TIE of it, the lowest TTFT."""
+    measured = [t for t in trials if t.status == "measured"]
+    if not measured:
+        reasons = "; ".join(f"{t.candidate.describe()}: {t.reason}" for t in trials) or "no candidate paths"
+        raise BackendUnavailable(f"no execution path could run the bundle ({reasons})")
+    best = max(t.decode_tok_s for t in measured)
+    tied = [t for t in measured if t.decode_tok_s >= (1 - TIE) * best]
+    return min(tied, key=lambda t: t.ttft_ms).candidate
+
+
+def _weight_bytes(bundle, backend: str) -> int:
+    return sum(f.size for f in bundle.manifest.files if f.path.startswith(backend + "/"))
+
+
+def _groups(bundle, cands: list[Candidate], available: int | None) -> list[list[Candidate]]:
+    """All paths together (interleaved rounds) when their weights fit in half the available memory."""
+    total = sum(_weight_bytes(bundle, c.backend) for c in cands)
+    if available is None or total <= available // 2:
+        return [cands]
+    return [[c] for c in cands]
+
+
+def _load(bundle, arch: ModelArch, trial: Trial):
+    c = trial.candidate
+    entry = bundle.path(bundle.manifest.backends[c.backend].entry)
+    t0 = time.perf_counter()
+    try:
+        engine = load_engine(c.backend, entry, arch, c.threads, **c.engine_options())
+    except Exception as exc:  # a missing provider, a plugin that cannot compile the graph: excluded
+        trial.status, trial.reason = "excluded", f"could not load: {str(exc).splitlines()[0][:200]}"
+        return None
+    trial.load_s = time.perf_counter() - t0
+    if c.changes_numerics:
+        g = bundle.manifest.golden
+        seq = g.backends[c.backend]
+        result = check_golden(engine, g.prompt_ids, seq.tokens, seq.margins, g.tolerance)
+        trial.golden = result.describe()
+        if not result.passed:
+            trial.status, trial.reason = "excluded", f"golden check failed: {result.describe()}"
+            return None
+    return engine
+
+
+def measure(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
+            on_step: Callable[[], None] = lambda: None) -> None:
+    """Load, gate and time every trial's path in place (status, reason, golden, timings)."""
+    arch = ModelArch.from_manifest(bundle.manifest.architecture)
+    prompt = measurement_prompt(arch, settings)
+    by_candidate = {t.candidate: t for t in trials}
+    for group in _groups(bundle, [t.candidate for t in trials], available_memory):
+        engines = {}
+        for c in group:
+            engine = _load(bundle, arch, by_candidate[c])
+            if engine is not None:
+                measure_round(engine, prompt[:8], 2)  # warm-up: first-run allocations and compilation
+                engines[c] = engine
+            on_step()
+        rounds: dict[Candidate, list[tuple[float, float]]] = {c: [] for c in engines}
+        for _ in range(settings.repeats):
+            for c, engine in engines.items():
+                rounds[c].append(measure_round(engine, prompt, settings.decode_steps))
+                on_step()
+        for c, results in rounds.items():
+            t = by_candidate[c]
+            t.status = "measured"
+            t.ttft_ms = round(min(r[0] for r in results) * 1000, 3)
+            t.decode_tok_s = round(max(r[1] for r in results), 2)
+        engines.clear()
+
+
+# --- cache ----------------------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    """The CLI's cache: $EDGEGLM_CACHE_DIR, else $XDG_CACHE_HOME/edgeglm, else ~/.cache/edgeglm."""
+    if os.environ.get("EDGEGLM_CACHE_DIR"):
+        return Path(os.environ["EDGEGLM_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "edgeglm"
+
+
+def cache_path(cache_dir: Path, bundle_sha256: str, fingerprint: str, threads: int | None) -> Path:
+    suffix = f"-t{threads}" if threads else ""
+    return Path(cache_dir) / "autotune" / f"{bundle_sha256[:16]}-{fingerprint}{suffix}.json"
+
+
+def read_cache(path: Path, bundle_sha256: str, fingerprint: str, threads: int | None) -> TuneResult | None:
+    """The cached result, or None when missing, unreadable or made for something else."""
+    try:
+        data = json.loads(path.read_text())
+        if (data.get("version"), data.get("bundle_sha256"), data.get("fingerprint"), data.get("threads_limit")) != \
+                (CACHE_VERSION, bundle_sha256, fingerprint, threads):
+            return None
+        result = TuneResult.from_dict(data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("autotune cache %s ignored (%s): measuring again", path, exc)
+        return None
+    result.from_cache, result.cache_path = True, str(path)
+    return result
+
+
+def write_cache(path: Path, result: TuneResult) -> bool:
+    """Write atomically; False (logged) when the directory is not writable: the result still serves."""
+    from ota.fsutil import atomic_write_json
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**result.to_dict(), "from_cache": False, "cache_path": None})
+    except OSError as exc:
+        log.warning("autotune result not cached: %s (%s)", path, exc.strerror or exc)
+        return False
+    return True
+
+
+def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune: bool = False,
+             threads: int | None = None, settings: TuneSettings = TuneSettings(),
+             progress: bool = False) -> TuneResult:
+    """The execution path for `bundle` on this hardware: from the cache, or measured (and cached)."""
+    fingerprint = hw.fingerprint()
+    path = cache_path(cache_dir, bundle.sha256, fingerprint, threads) if cache_dir is not None else None
+    if path is not None and not retune:
+        cached = read_cache(path, bundle.sha256, fingerprint, threads)
+        if cached is not None:
+            return cached
+    t0 = time.perf_counter()
+    trials = [Trial(c) for c in candidates(hw, bundle.manifest.backends, threads=threads)]
+    available = hw.memory.available_bytes
+    if hw.memory.cgroup_limit_bytes:
+        available = min(available or hw.memory.cgroup_limit_bytes, hw.memory.cgroup_limit_bytes)
+    with _progress(progress, len(trials) + settings.repeats * len(trials)) as bar:
+        measure(bundle, trials, settings, available, on_step=bar.update)
+    result = TuneResult(bundle.sha256, fingerprint, threads, choose(trials), trials, accelerators(hw), settings,
+                        measured_at=time.time(), elapsed_s=round(time.perf_counter() - t0, 2))
+    if path is not None and write_cache(path, result):
+        result.cache_path = str(path)
+    log.info("autotune: %s (%s paths measured in %.1f s)", result.choice.describe(),
+             sum(t.status == "measured" for t in trials), result.elapsed_s)
+    return result
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _progress(show: bool, total: int):
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="autotune", unit="step", leave=False)
+
+
+def format_result(result: TuneResult) -> str:
+    """The human-readable report for `edgeglm probe --bundle`."""
+    lines = ["", f"Execution paths (bundle manifest {result.bundle_sha256[:12]}, hardware {result.fingerprint}):"]
+    if not result.accelerators:
+        lines.append("  no GPU or NPU found: CPU paths only")
+    else:
+        lines.append(f"  accelerators found: {', '.join(result.accelerators)}")
+    lines.append(f"  {'path':<44} {'status':<10} {'TTFT ms':>9} {'decode tok/s':>13}  note")
+    for t in result.trials:
+        ttft = f"{t.ttft_ms:.1f}" if t.ttft_ms is not None else "-"
+        rate = f"{t.decode_tok_s:.1f}" if t.decode_tok_s is not None else "-"
+        note = t.reason or (f"golden: {t.golden}" if t.golden else "")
+        mark = "*" if t.candidate == result.choice else " "
+        lines.append(f"{mark} {t.candidate.describe():<44} {t.status:<10} {ttft:>9} {rate:>13}  {note}")
+    s = result.settings
+    lines.append(f"  measured: prefill {s.prompt_tokens} tokens + {s.decode_steps} decode steps, best of "
+                 f"{s.repeats}; objective: {result.objective}")
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(result.measured_at))
+    source = (f"from the cache {result.cache_path} (measured {when}; --retune measures again)" if result.from_cache
+              else f"measured now in {result.elapsed_s:.1f} s" + (f", cached in {result.cache_path}"
+                                                                 if result.cache_path else ", not cached"))
+    lines.append(f"chosen: {result.choice.describe()}, {source}")
+    return "\n".join(lines)
+
