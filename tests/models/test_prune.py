@@ -151,7 +151,7 @@ def test_solve_spec_gives_the_largest_ffn_within_the_fraction(tmp_path, fraction
     (PruneSpec(intermediate_size=97), "intermediate_size=97 is out of range: keep 1..96"),
     (PruneSpec(num_attention_heads=3), "num_attention_heads=3 must be a positive multiple of 2"),
     (PruneSpec(num_attention_heads=8), "num_attention_heads=8 is more than the teacher's 6"),
-    (PruneSpec(num_key_value_heads=2, num_attention_heads=2), "disagrees with num_key_value_heads=2"),
+    (PruneSpec(num_key_value_heads=2, num_attention_heads=2), "num_attention_heads=2 disagrees with num_key_value_heads=2"),
     (PruneSpec(intermediate_size=2.5), "intermediate_size=2.5 is out of range"),
 ])
 def test_bad_specs_error_naming_the_setting_and_range(tmp_path, spec, message):
