@@ -1,0 +1,191 @@
+"""Compression recipes: one TOML file naming the stages of `edgeglm build` and their settings.
+
+    name = "edge-small"                 # a label, copied into the report
+    description = "..."
+
+    [prune]                             # structured pruning (models/prune.py)
+    importance = "activation"           # or "magnitude" (weights only)
+    target_fraction = 0.5               # of the teacher's non-embedding parameters, solved to a uniform
+                                        # FFN width; or give the sizes themselves:
+    num_layers = 6                      # decoder layers kept (default: all)
+    num_key_value_heads = 1             # KV groups kept (default: all)
+    intermediate_size = 512             # FFN channels kept per layer (not with target_fraction)
+    multiple_of = 32                    # the solved FFN width is a multiple of this
+    calibration_tokens = 16384          # train-split tokens run through the teacher to score structures
+    calibration_seq_len = 256
+
+    [distill]                           # knowledge distillation (models/distill.py: DistillSettings)
+    ...
+
+    [quantize]
+    precision = "int8"                  # or "fp32"
+    block = 128                         # ONNX Runtime block-wise INT8: input channels per scale
+
+    [export]
+    backends = ["openvino", "onnxruntime"]
+    name = "edge-small"                 # bundle name (default: the --out directory's name)
+    version = "0.1.0"
+    chunk_kib = 256
+
+    [eval]
+    heldout_fraction = 0.05             # the end of the token stream kept out of calibration and training
+    heldout_tokens = 32768              # at most this many held-out tokens are scored per stage
+    seq_len = 256
+
+Every setting is checked when the file is read: a wrong value ends in one `RecipeError` line naming
+the file, the setting (`[prune] target_fraction`) and what is allowed. Checks that need the teacher
+(sizes within the teacher's, a fraction that can be reached) are made by `edgeglm build` before any
+long work. Sample recipes ship in `models/recipes/` and are named by their stem (`--recipe quick`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from models.errors import CheckpointError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class RecipeError(CheckpointError):
+    """A recipe file cannot be used (names the file, the setting and the allowed values)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PruneSection(_Section):
+    importance: Literal["activation", "magnitude"] = "activation"
+    target_fraction: float | None = Field(default=None, gt=0, le=1)
+    num_layers: int | None = Field(default=None, ge=1)
+    num_key_value_heads: int | None = Field(default=None, ge=1)
+    intermediate_size: int | None = Field(default=None, ge=1)
+    multiple_of: int = Field(default=1, ge=1, le=1024)
+    calibration_tokens: int = Field(default=16384, ge=16, le=10_000_000)
+    calibration_seq_len: int = Field(default=256, ge=8, le=32768)
+
+    @model_validator(mode="after")
+    def _one_way_to_size_the_ffn(self):
+        if self.target_fraction is not None and self.intermediate_size is not None:
+            raise ValueError("give target_fraction or intermediate_size, not both "
+                             "(target_fraction solves intermediate_size)")
+        return self
+
+
+class DistillSection(_Section):
+    """Mirrors models.distill.DistillSettings; build checks the section against it as well."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class QuantizeSection(_Section):
+    precision: Literal["int8", "fp32"] = "int8"
+    block: Literal[16, 32, 64, 128, 256] = 128
+
+
+class ExportSection(_Section):
+    backends: list[Literal["openvino", "onnxruntime"]] = Field(default=["openvino", "onnxruntime"], min_length=1)
+    name: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(default="0.1.0", pattern=r"^\d+(\.\d+){0,2}([-+][0-9A-Za-z.-]+)?$")
+    chunk_kib: int = Field(default=256, ge=4, le=16384)
+    golden_tokens: int = Field(default=32, ge=4, le=256)
+
+
+class EvalSection(_Section):
+    heldout_fraction: float = Field(default=0.05, gt=0, lt=0.5)
+    heldout_tokens: int = Field(default=32768, ge=64, le=10_000_000)
+    seq_len: int = Field(default=256, ge=8, le=32768)
+
+
+class Recipe(_Section):
+    name: str = Field(default="recipe", min_length=1, max_length=64)
+    description: str = ""
+    prune: PruneSection = Field(default_factory=PruneSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    quantize: QuantizeSection = Field(default_factory=QuantizeSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    # set by parse_recipe: where it came from and the hash of its bytes (the report names both)
+    _source: str = PrivateAttr(default="<recipe>")
+    _sha256: str = PrivateAttr(default="")
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256
+
+
+def _allowed(model: type[BaseModel], field: str) -> str:
+    """The allowed values of a field in words, from its declared constraints."""
+    info = model.model_fields.get(field)
+    if info is None:
+        return ""
+    bounds = []
+    for meta in info.metadata:
+        for attr, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(meta, attr, None) is not None:
+                bounds.append(f"{word} {getattr(meta, attr)}")
+    return f"allowed: {' and '.join(bounds)}" if bounds else ""
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    section = loc[0] if loc and loc[0] in Recipe.model_fields and \
+        isinstance(Recipe.model_fields[loc[0]].annotation, type) and \
+        issubclass(Recipe.model_fields[loc[0]].annotation, BaseModel) else None
+    setting = ".".join(loc[1:] if section else loc)
+    where = (f"[{section}] {setting}" if setting else f"[{section}]") if section else (setting or "(file)")
+    model = Recipe.model_fields[section].annotation if section else Recipe
+    if err["type"] == "extra_forbidden":
+        known = ", ".join(model.model_fields)
+        return f"{source}: unknown setting {where}; allowed settings here: {known}"
+    value = f" = {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
+    allowed = _allowed(model, loc[-1]) if section and len(loc) == 2 else ""
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{source}: {where}{value}: {msg}" + (f" ({allowed})" if allowed and allowed not in msg else "")
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file: a path, or the stem of a shipped recipe (`quick`, `edge-small`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.toml"
+    if path.suffix == "" and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+    raise RecipeError(f"--recipe {name_or_path}: no such file, nor a shipped recipe (shipped: {names})")
+
+
+def parse_recipe(raw: bytes, source: str = "<recipe>") -> Recipe:
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{source}: not valid TOML ({exc})") from None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_describe(exc, source)) from None
+    recipe._source, recipe._sha256 = source, hashlib.sha256(raw).hexdigest()
+    return recipe
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    path = recipe_path(name_or_path)
+    return parse_recipe(path.read_bytes(), str(path))
