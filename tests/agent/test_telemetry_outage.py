@@ -1,0 +1,195 @@
+"""Telemetry through a broker outage, end to end: a real agent process serving a real bundle.
+
+The broker is stopped while the agent keeps serving HTTP requests, then started again. Reports
+are windows that follow each other without gaps (each starts where the previous one ended), so
+the controller can check that none is missing: every window arrives, and the requests counted
+in them add up to the requests made, including those served while the broker was down. With a
+buffer too small for the outage, the loss is not silent: the next report says how many were dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import time
+import urllib.request
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.topics import state_topic, telemetry_topic
+from broker import free_port
+
+FLEET, DEVICE = "fleet1", "tdev"
+
+
+class TelemetryCollector:
+    """A controller's telemetry subscription with a persistent session (the broker queues for it)."""
+
+    def __init__(self, port: int):
+        self.reports: queue.Queue = queue.Queue()
+        self.online: queue.Queue = queue.Queue()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="telemetry-collector",
+                                  protocol=paho.MQTTv5)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(
+            [(telemetry_topic(FLEET, DEVICE), 1), (state_topic(FLEET, DEVICE), 1)])
+        self.client.on_message = self._message
+        self.client.reconnect_delay_set(0.1, 0.5)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def _message(self, client, userdata, msg) -> None:
+        if not msg.payload:
+            return
+        data = json.loads(msg.payload)
+        (self.reports if msg.topic == telemetry_topic(FLEET, DEVICE) else self.online).put(data)
+
+    def wait_online(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.online.get(timeout=0.5).get("online"):
+                    return
+            except queue.Empty:
+                pass
+        raise AssertionError("the agent did not report itself online")
+
+    def collect_until(self, done, timeout: float = 90.0) -> list[dict]:
+        got: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while not done(got):
+            assert time.monotonic() < deadline, f"telemetry incomplete after {timeout} s: {summary(got)}"
+            try:
+                got.append(self.reports.get(timeout=0.5))
+            except queue.Empty:
+                pass
+        return got
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def summary(reports: list[dict]) -> list[tuple]:
+    return [(r["window_start"], r["window_end"], r["count"], r["dropped_reports"]) for r in reports]
+
+
+def start_agent(tmp_path, bundle, keys, broker_port: int, buffer: int):
+    http_port = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[device]
+id = "{DEVICE}"
+fleet = "{FLEET}"
+
+[model]
+bundle = "{bundle}"
+slots_dir = "{tmp_path / 'state'}"
+
+[http]
+port = {http_port}
+
+[telemetry]
+interval_s = 0.3
+
+[mqtt]
+enabled = true
+port = {broker_port}
+reconnect_min_delay_s = 0.2
+reconnect_max_delay_s = 0.5
+telemetry_buffer = {buffer}
+
+[ota]
+trusted_keys = "{keys}"
+""")
+    log = open(tmp_path / "agent.log", "a")
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    return proc, http_port
+
+
+def complete(port: int) -> None:
+    body = json.dumps({"prompt": "def main(", "max_tokens": 3}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert json.loads(resp.read())["usage"]["completion_tokens"] >= 1
+
+
+def wait_ready(port: int, proc, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the agent exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the agent never became ready")
+
+
+@pytest.fixture
+def outage(mosquitto, signed_bundles, tmp_path):
+    """Run: (buffer size) -> (reports from the first one on, requests made); the broker goes down mid-way."""
+    procs, collectors = [], []
+
+    def run(buffer: int, outage_s: float) -> tuple[list[dict], int]:
+        collector = TelemetryCollector(mosquitto.port)
+        collectors.append(collector)
+        proc, http_port = start_agent(tmp_path, signed_bundles["v1"], signed_bundles["keys"], mosquitto.port, buffer)
+        procs.append(proc)
+        wait_ready(http_port, proc)
+        collector.wait_online()
+        for _ in range(2):
+            complete(http_port)
+        mosquitto.stop()
+        outage_requests = 3
+        for _ in range(outage_requests):  # served while the broker is down: these must still be reported
+            complete(http_port)
+        time.sleep(outage_s)  # several telemetry windows pass offline
+        mosquitto.start()
+        complete(http_port)
+        made = 2 + outage_requests + 1
+        after = time.time()
+        reports = collector.collect_until(
+            lambda got: sum(r["count"] for r in got) >= made and any(r["window_end"] > after for r in got)
+            or (buffer < 10 and any(r["dropped_reports"] for r in got) and any(r["window_end"] > after for r in got)))
+        return reports, made
+
+    yield run
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for collector in collectors:
+        collector.close()
+
+
+def test_no_telemetry_report_is_lost_through_a_broker_restart(outage):
+    reports, made = outage(buffer=100, outage_s=2.0)
+    reports.sort(key=lambda r: r["window_start"])
+    gaps = [(a["window_end"], b["window_start"]) for a, b in zip(reports, reports[1:])
+            if b["window_start"] != a["window_end"]]
+    assert not gaps, f"windows missing between reports: {gaps}"
+    assert sum(r["count"] for r in reports) == made, summary(reports)
+    assert not any(r["dropped_reports"] for r in reports)
+    offline_windows = [r for r in reports if r["window_end"] - r["window_start"] > 0]
+    assert len(offline_windows) >= 5  # the outage spanned several windows, all delivered
+
+
+def test_a_buffer_overflow_during_an_outage_is_counted_not_silent(outage):
+    reports, made = outage(buffer=2, outage_s=3.0)
+    reports.sort(key=lambda r: r["window_start"])
+    dropped = sum(r["dropped_reports"] for r in reports)
+    gaps = [b["window_start"] - a["window_end"] for a, b in zip(reports, reports[1:])
+            if b["window_start"] != a["window_end"]]
+    assert dropped >= 1 and gaps, summary(reports)  # reports were lost, and the next one says so
