@@ -1,0 +1,223 @@
+"""Training text for the factory: the operator's text files as fixed-length token windows.
+
+Two steps, so that training can stop and resume exactly where it was:
+
+1. `tokenize_corpus(source, cache_dir)` streams the files one at a time through the model's
+   `tokenizer.json` (the `tokenizers` library; files larger than `READ_CHARS` are read in pieces cut
+   at line ends) and appends their token ids, each file followed by the end-of-text token, to one
+   flat uint32 file on disk. Memory stays bounded by one piece whatever the corpus size. The
+   result is cached under a key of the tokenizer's bytes and every file's path, size and mtime,
+   so a rerun (or a resumed run) does not tokenize again.
+2. `WindowSampler(corpus, seq_len, batch_size, seed)` reads training windows from that file
+   through a memory map. Window w of epoch e starts at `offset_e + w * seq_len` and holds
+   `seq_len + 1` tokens (inputs and shifted targets); each epoch draws its own offset in
+   [0, seq_len) and its own permutation of the windows from a generator seeded by (seed, e).
+   Batch k is therefore a pure function of (seed, k): the data position of a run is just its
+   step number, and a resumed run sees exactly the batches an uninterrupted one would.
+
+A directory source means every regular file below it (sorted, hidden files and directories
+skipped); files must be UTF-8 text. Problems are `DataError`s naming the file or setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from models.errors import CheckpointError
+
+READ_CHARS = 4 << 20  # characters per piece read from one file
+TOKEN_DTYPE = np.uint32
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
+
+
+class DataError(CheckpointError):
+    """Training or evaluation text cannot be used as given (names the file or setting)."""
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """The operator's text: files and/or directories, and the tokenizer.json to read them with."""
+
+    paths: tuple[Path, ...]
+    tokenizer: Path
+
+    def __init__(self, paths, tokenizer):
+        paths = (paths,) if isinstance(paths, (str, os.PathLike)) else tuple(paths)
+        object.__setattr__(self, "paths", tuple(Path(p) for p in paths))
+        object.__setattr__(self, "tokenizer", Path(tokenizer))
+
+
+@dataclass(frozen=True)
+class TokenCorpus:
+    """A tokenized corpus: `num_tokens` uint32 token ids in the file at `path`."""
+
+    path: Path
+    num_tokens: int
+    files: tuple[str, ...]
+    eos_id: int
+
+    def tokens(self) -> np.ndarray:
+        """All token ids as a read-only memory map."""
+        return np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r", shape=(self.num_tokens,))
+
+
+def text_files(paths: tuple[Path, ...]) -> list[Path]:
+    """The files a source names: each file itself, each directory's regular files (sorted, no hidden)."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise DataError(f"{p}: training text directory holds no files; give files of UTF-8 text")
+            files += found
+        else:
+            raise DataError(f"{p}: training text not found (expected a file or a directory of text files)")
+    if not files:
+        raise DataError("no training text given: name at least one file or directory")
+    return files
+
+
+def eos_token_id(tokenizer: Tokenizer, path: Path) -> int:
+    for token in EOS_CANDIDATES:
+        tid = tokenizer.token_to_id(token)
+        if tid is not None:
+            return tid
+    raise DataError(f"{path}: tokenizer has no end-of-text token ({', '.join(EOS_CANDIDATES)}) "
+                    "to separate documents")
+
+
+def load_tokenizer_file(path: Path) -> Tokenizer:
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer.json not found")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad files
+        raise DataError(f"{path}: not a valid tokenizer.json ({exc})") from None
+
+
+def _cache_key(tokenizer_path: Path, files: list[Path]) -> str:
+    h = hashlib.sha256(tokenizer_path.read_bytes())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _pieces(path: Path):
+    """The file's text in pieces of about READ_CHARS characters, cut after a newline."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            carry = ""
+            while True:
+                block = f.read(READ_CHARS)
+                if not block:
+                    break
+                text = carry + block
+                cut = text.rfind("\n") + 1
+                if cut == 0 and len(text) < 4 * READ_CHARS:
+                    carry = text
+                    continue
+                cut = cut or len(text)
+                carry = text[cut:]
+                yield text[:cut]
+            if carry:
+                yield carry
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        "convert it or leave it out of the training text") from None
+
+
+def tokenize_corpus(source: TextSource, cache_dir: str | Path, progress: bool = True) -> TokenCorpus:
+    """Tokenize the source's files into one token file under `cache_dir` (reused when unchanged)."""
+    files = text_files(source.paths)
+    tokenizer = load_tokenizer_file(source.tokenizer)
+    eos = eos_token_id(tokenizer, source.tokenizer)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(source.tokenizer, files)
+    bin_path, meta_path = cache_dir / f"tokens-{key}.bin", cache_dir / f"tokens-{key}.json"
+    if bin_path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return TokenCorpus(bin_path, meta["num_tokens"], tuple(meta["files"]), meta["eos_id"])
+    tmp = bin_path.with_suffix(".partial")
+    total = 0
+    bar = tqdm(total=sum(f.stat().st_size for f in files), desc="tokenize", unit="B", unit_scale=True,
+               disable=not progress, leave=False)
+    try:
+        with open(tmp, "wb") as out:
+            for f in files:
+                for piece in _pieces(f):
+                    ids = np.asarray(tokenizer.encode(piece).ids, dtype=TOKEN_DTYPE)
+                    out.write(ids.tobytes())
+                    total += ids.size
+                    bar.update(len(piece.encode("utf-8")))
+                out.write(np.asarray([eos], dtype=TOKEN_DTYPE).tobytes())
+                total += 1
+        os.replace(tmp, bin_path)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
+    meta_path.write_text(json.dumps({"num_tokens": total, "files": [str(f) for f in files], "eos_id": eos}))
+    return TokenCorpus(bin_path, total, tuple(str(f) for f in files), eos)
+
+
+def corpus_from_ids(ids, cache_dir: str | Path, eos_id: int = 0, name: str = "ids") -> TokenCorpus:
+    """A corpus from token ids already in memory (tests, benchmarks)."""
+    arr = np.asarray(ids, dtype=TOKEN_DTYPE)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{name}-{hashlib.sha256(arr.tobytes()).hexdigest()[:16]}.bin"
+    if not path.is_file():
+        arr.tofile(path)
+    return TokenCorpus(path, int(arr.size), (name,), eos_id)
+
+
+class WindowSampler:
+    """Batches of training windows (B, seq_len + 1): batch k depends only on (seed, k)."""
+
+    def __init__(self, corpus: TokenCorpus, seq_len: int, batch_size: int, seed: int):
+        self.corpus, self.seq_len, self.batch_size, self.seed = corpus, seq_len, batch_size, seed
+        self.windows_per_epoch = windows_in(corpus.num_tokens, seq_len)
+        if self.windows_per_epoch < 1:
+            raise DataError(f"corpus of {corpus.num_tokens} tokens is shorter than one window of "
+                            f"seq_len + 1 = {seq_len + 1} tokens")
+        self._tokens = corpus.tokens()
+        self._epoch: tuple[int, int, torch.Tensor] | None = None  # (epoch, offset, permutation)
+
+    def _order(self, epoch: int) -> tuple[int, torch.Tensor]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            offset = int(torch.randint(0, self.seq_len, (1,), generator=gen))
+            self._epoch = (epoch, offset, torch.randperm(self.windows_per_epoch, generator=gen))
+        return self._epoch[1], self._epoch[2]
+
+    def window_starts(self, step: int) -> list[int]:
+        """Token offsets of batch `step`'s windows (the data order, for logs and tests)."""
+        starts = []
+        for i in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, w = divmod(i, self.windows_per_epoch)
+            offset, perm = self._order(epoch)
+            starts.append(offset + int(perm[w]) * self.seq_len)
+        return starts
+
+    def batch(self, step: int) -> torch.Tensor:
+        n = self.seq_len + 1
+        rows = [np.asarray(self._tokens[s:s + n], dtype=np.int64) for s in self.window_starts(step)]
+        return torch.from_numpy(np.stack(rows))
+
+
+def windows_in(num_tokens: int, seq_len: int) -> int:
+    """Windows per epoch: room is left for any offset in [0, seq_len) plus the last target token."""
+    return max(0, (num_tokens - seq_len) // seq_len)

@@ -1,0 +1,207 @@
+"""Evaluation of a compressed model: held-out quality, size and decode speed, per stage.
+
+A *stage* is one model of a compression pipeline (the teacher, the pruned student, the distilled
+student, its INT8 bundle...). Each is measured on the same held-out windows (`heldout_windows`:
+consecutive, non-overlapping runs of `seq_len + 1` tokens of text the model was not trained on):
+
+- perplexity: exp of the mean next-token cross-entropy over every predicted position;
+- top-1: how often the most likely token is the actual next token;
+- teacher agreement and KL: how often its top-1 equals the teacher's, and the mean
+  KL(teacher || model) at T = 1, in nats (only when a teacher reference is given);
+- parameters (total, and non-embedding: outside `embed_tokens` and `lm_head`, what pruning
+  shrinks) and bytes (fp32 weights for a PyTorch model; the backend's model files for a bundle).
+
+`evaluate_model` runs a PyTorch `GlmForCausalLM` on whole windows. `evaluate_bundle` runs an
+exported bundle through the real edge runtime (the bundle is verified against its manifest, then
+loaded on `runtime.engine`): the graph returns last-position logits only, so each window is fed
+one token at a time through the KV cache, exactly as the edge decodes. It also times greedy
+decoding (`decode_tokens` steps after a short prefill) and reports tokens/s.
+
+`format_report(stages)` renders a readable table (the first stage is the reference for the
+"% of ref top-1" column); `report_dict(stages)` is the JSON form that goes into a bundle
+manifest's compression report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.data import DataError
+from models.glm import GlmForCausalLM
+from models.prune import non_embedding_params
+from ota.bundle import open_bundle
+from runtime.engine import ModelArch, load_engine
+from runtime.generate import decode_one_token, prefill
+
+
+@dataclass
+class StageMetrics:
+    name: str
+    kind: str  # "pytorch fp32" or "bundle <backend> <weights>"
+    tokens: int  # predicted positions evaluated
+    perplexity: float
+    top1: float
+    teacher_agreement: float | None
+    kl_to_teacher: float | None
+    params: int
+    non_embedding_params: int
+    bytes: int
+    decode_tokens_per_s: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TeacherReference:
+    """The teacher's log-probabilities (n, seq_len, vocab) and top-1 on the evaluation windows."""
+
+    log_probs: torch.Tensor
+    top1: torch.Tensor  # (n, seq_len)
+
+
+def heldout_windows(ids, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Consecutive, non-overlapping windows (n, seq_len + 1) of a token sequence; n * seq_len <= max_tokens."""
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    n = (len(ids) - 1) // seq_len
+    if max_tokens is not None:
+        n = min(n, max_tokens // seq_len)
+    if n < 1:
+        raise DataError(f"held-out text of {len(ids)} tokens is shorter than one evaluation window of "
+                        f"seq_len + 1 = {seq_len + 1} tokens (and max_tokens={max_tokens})")
+    return torch.stack([ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)])
+
+
+@torch.no_grad()
+def model_logits(model: GlmForCausalLM, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Logits (n, seq_len, vocab) of a PyTorch model on the windows' inputs."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model(windows[i:i + batch_size, :-1].to(device))[0].float().cpu()
+           for i in range(0, len(windows), batch_size)]
+    return torch.cat(out)
+
+
+def teacher_reference(teacher: GlmForCausalLM, windows: torch.Tensor) -> TeacherReference:
+    logits = model_logits(teacher, windows)
+    return TeacherReference(F.log_softmax(logits, dim=-1), logits.argmax(-1))
+
+
+def quality(logits: torch.Tensor, windows: torch.Tensor, teacher: TeacherReference | None) -> dict:
+    """Perplexity, top-1, and (with a teacher) agreement and KL of logits (n, seq_len, vocab)."""
+    targets = windows[:, 1:]
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    nll = -log_probs.gather(-1, targets[..., None]).mean()
+    top = log_probs.argmax(-1)
+    out = {"tokens": targets.numel(), "perplexity": float(nll.exp()),
+           "top1": float((top == targets).float().mean()), "teacher_agreement": None, "kl_to_teacher": None}
+    if teacher is not None:
+        out["teacher_agreement"] = float((top == teacher.top1).float().mean())
+        kl = (teacher.log_probs.exp() * (teacher.log_probs - log_probs)).sum(-1).mean()
+        out["kl_to_teacher"] = float(kl)
+    return out
+
+
+def model_bytes(model: GlmForCausalLM) -> int:
+    """Bytes of the model's weights as stored (tied weights once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def evaluate_model(model: GlmForCausalLM, windows: torch.Tensor, teacher: TeacherReference | None = None,
+                   name: str = "model") -> StageMetrics:
+    logits = model_logits(model, windows)
+    return StageMetrics(name=name, kind="pytorch fp32", **quality(logits, windows, teacher),
+                        params=sum(p.numel() for p in model.parameters()),
+                        non_embedding_params=non_embedding_params(model), bytes=model_bytes(model))
+
+
+def bundle_logits(engine, windows: torch.Tensor) -> torch.Tensor:
+    """Logits (n, seq_len, vocab) through an edge engine, one token at a time per window."""
+    rows = []
+    for window in windows[:, :-1].tolist():
+        cache = engine.new_cache()
+        steps = []
+        for pos, token in enumerate(window):
+            logits, cache = decode_one_token(engine, token, pos, cache)
+            steps.append(logits)
+        rows.append(np.stack(steps))
+    return torch.from_numpy(np.stack(rows))
+
+
+def decode_speed(engine, prompt_ids: list[int], new_tokens: int) -> float:
+    """Greedy decode tokens/s after a prefill of `prompt_ids` (only the decode steps are timed)."""
+    logits, cache = prefill(engine, prompt_ids)
+    token, pos = int(np.argmax(logits)), len(prompt_ids)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        logits, cache = decode_one_token(engine, token, pos, cache)
+        token, pos = int(np.argmax(logits)), pos + 1
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def evaluate_bundle(bundle_path: str | Path, windows: torch.Tensor, teacher: TeacherReference | None = None,
+                    backend: str = "onnxruntime", name: str | None = None, decode_tokens: int = 64,
+                    threads: int | None = None) -> StageMetrics:
+    """Evaluate an exported bundle through the edge runtime (verified against its manifest first)."""
+    from models.config import GlmConfig
+
+    bundle = open_bundle(bundle_path)
+    if backend not in bundle.manifest.backends:
+        raise DataError(f"bundle {bundle_path} has no {backend!r} model; it carries: "
+                        f"{', '.join(bundle.manifest.backends)}")
+    entry = bundle.manifest.backends[backend]
+    cfg = GlmConfig.from_dict(bundle.manifest.architecture)
+    arch = ModelArch.from_manifest(bundle.manifest.architecture)
+    engine = load_engine(backend, bundle.path(entry.entry), arch, threads)
+    logits = bundle_logits(engine, windows)
+    speed = decode_speed(engine, windows[0, :16].tolist(), decode_tokens) if decode_tokens else None
+    files = [f for f in bundle.manifest.files if f.path.startswith(backend + "/")]
+    params = non_embedding_params(cfg) + cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    return StageMetrics(name=name or Path(bundle_path).name, kind=f"bundle {backend} {entry.weights}",
+                        **quality(logits, windows, teacher), params=params,
+                        non_embedding_params=non_embedding_params(cfg), bytes=sum(f.size for f in files),
+                        decode_tokens_per_s=speed)
+
+
+def report_dict(stages: list[StageMetrics]) -> dict:
+    """JSON-ready form (for a bundle manifest's compression report)."""
+    return {"stages": [s.to_dict() for s in stages]}
+
+
+def report_json(stages: list[StageMetrics]) -> str:
+    return json.dumps(report_dict(stages), indent=2)
+
+
+def format_report(stages: list[StageMetrics]) -> str:
+    """A Markdown table of the stages; the first stage is the reference for the relative columns."""
+    ref = stages[0]
+    head = ("| stage | kind | non-emb params | % of ref | size MB | perplexity | top-1 | % of ref top-1 "
+            "| agree w/ teacher | KL to teacher | decode tok/s |")
+    rows = [head, "|" + "---|" * 11]
+
+    def opt(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    for s in stages:
+        rows.append(
+            f"| {s.name} | {s.kind} | {s.non_embedding_params / 1e6:.2f} M "
+            f"| {100 * s.non_embedding_params / ref.non_embedding_params:.1f}% | {s.bytes / 1e6:.1f} "
+            f"| {s.perplexity:.2f} | {100 * s.top1:.1f}% | {100 * s.top1 / ref.top1:.1f}% "
+            f"| {pct(s.teacher_agreement)} | {opt(s.kl_to_teacher, '.3f')} "
+            f"| {opt(s.decode_tokens_per_s, '.0f')} |")
+    return "\n".join(rows)
