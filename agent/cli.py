@@ -1,6 +1,7 @@
 """The `edgeglm` command line.
 
     edgeglm export CHECKPOINT --out BUNDLE [--precision int8|fp32] [--backends ...] [--name N] [--version V]
+    edgeglm build --teacher CHECKPOINT --corpus FILE... --recipe RECIPE --out BUNDLE [--work DIR] [--resume]
     edgeglm generate --bundle BUNDLE [--backend auto|openvino|onnxruntime] [--max-tokens N] ... PROMPT
     edgeglm probe [--json] [--bundle BUNDLE [--retune] [--cache-dir DIR]]
     edgeglm bench --bundle BUNDLE [--backend B] [--prompt-tokens N] [--new-tokens N] [--concurrency N] ...
@@ -14,7 +15,7 @@
     edgeglm demo [--workdir DIR]
 
 User errors (bad input, a broken checkpoint or bundle, a missing backend) print one line on
-stderr and exit with code 2; nothing else is changed. The factory commands (export, demo)
+stderr and exit with code 2; nothing else is changed. The factory commands (export, build, demo)
 load torch only when run, so an edge install without the `factory` extra runs the rest.
 """
 
@@ -71,6 +72,18 @@ def cmd_export(args) -> int:
     manifest = export.export_bundle(args.checkpoint, args.out, opts, show_progress=not args.quiet)
     print(f"wrote bundle {args.out} ({manifest.name} {manifest.version}, {manifest.precision}, "
           f"backends: {', '.join(manifest.backends)})")
+    return 0
+
+
+def cmd_build(args) -> int:
+    _factory()
+    from models.build import BuildInputs, format_report, run_build
+
+    inputs = BuildInputs.create(args.teacher, args.corpus, args.recipe, args.out, args.work, args.resume)
+    report = run_build(inputs, progress=not args.quiet)
+    print(format_report(report))
+    print(f"wrote bundle {args.out} (report in its manifest and in {inputs.work}/report.json); "
+          f"sign it with: edgeglm bundle sign {args.out} --key KEY")
     return 0
 
 
@@ -144,8 +157,8 @@ def cmd_bench(args) -> int:
     opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, concurrency=args.concurrency,
                         prefix_tokens=args.prefix_tokens, runs=args.runs)
     opts.check(1 << 62)  # the flags alone; the context window is checked once the model is known
-    tune_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    model = load_model(args.bundle, args.backend, args.threads, tune_dir=tune_dir, progress=not args.json)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    model = load_model(args.bundle, args.backend, args.threads, cache_dir=cache_dir, progress=not args.json)
     report = run_bench(model, opts)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -244,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--chunk-kib", type=int, default=256, help="OTA transfer chunk size in KiB (default 256)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_export)
+
+    bd = sub.add_parser("build", help="compress a checkpoint by a recipe (prune, distill, quantize) into a bundle")
+    bd.add_argument("--teacher", required=True, help="GlmForCausalLM checkpoint directory to compress")
+    bd.add_argument("--corpus", required=True, nargs="+", help="UTF-8 text files or directories to learn from")
+    bd.add_argument("--recipe", required=True, help="recipe TOML file, or a shipped recipe: quick, edge-small")
+    bd.add_argument("--out", required=True, help="bundle directory to create")
+    bd.add_argument("--work", help="work directory for every stage's output (default: OUT.work)")
+    bd.add_argument("--resume", action="store_true", help="continue the build whose state is in the work directory")
+    bd.add_argument("--quiet", action="store_true", help="no progress bars")
+    bd.set_defaults(func=cmd_build)
 
     g = sub.add_parser("generate", help="generate text with a bundle")
     g.add_argument("prompt")

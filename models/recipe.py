@@ -14,8 +14,17 @@
     calibration_tokens = 16384          # train-split tokens run through the teacher to score structures
     calibration_seq_len = 256
 
-    [distill]                           # knowledge distillation (models/distill.py: DistillSettings)
-    ...
+    [distill]                           # knowledge distillation: the fields of models.distill.DistillSettings
+    temperature = 2.0                   # (each checked by it; see docs/factory.md for all of them)
+    kl_weight = 0.5
+    ce_weight = 0.5
+    token_budget = 2000000              # tokens of training; the train split may be repeated up to max_passes
+    batch_size = 16
+    seq_len = 256
+    lr = 1e-3
+    min_lr = 1e-4
+    warmup_steps = 20
+    checkpoint_every = 50
 
     [quantize]
     precision = "int8"                  # or "fp32"
@@ -40,13 +49,16 @@ long work. Sample recipes ship in `models/recipes/` and are named by their stem 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import re
 import sys
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from models.distill import DistillError, DistillSettings
 from models.errors import CheckpointError
 
 if sys.version_info >= (3, 11):
@@ -83,12 +95,6 @@ class PruneSection(_Section):
         return self
 
 
-class DistillSection(_Section):
-    """Mirrors models.distill.DistillSettings; build checks the section against it as well."""
-
-    model_config = ConfigDict(extra="allow")
-
-
 class QuantizeSection(_Section):
     precision: Literal["int8", "fp32"] = "int8"
     block: Literal[16, 32, 64, 128, 256] = 128
@@ -112,7 +118,7 @@ class Recipe(_Section):
     name: str = Field(default="recipe", min_length=1, max_length=64)
     description: str = ""
     prune: PruneSection = Field(default_factory=PruneSection)
-    distill: DistillSection = Field(default_factory=DistillSection)
+    distill: dict = Field(default_factory=dict)  # models.distill.DistillSettings fields, checked by it
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     export: ExportSection = Field(default_factory=ExportSection)
     eval: EvalSection = Field(default_factory=EvalSection)
@@ -128,6 +134,18 @@ class Recipe(_Section):
     @property
     def sha256(self) -> str:
         return self._sha256
+
+    def distill_settings(self) -> DistillSettings:
+        """The [distill] section as `DistillSettings` (its own checks; errors name the file and setting)."""
+        known = [f.name for f in dataclasses.fields(DistillSettings)]
+        unknown = sorted(set(self.distill) - set(known))
+        if unknown:
+            raise RecipeError(f"{self.source}: unknown setting [distill] {unknown[0]}; allowed settings here: "
+                              f"{', '.join(known)}")
+        try:
+            return DistillSettings(**self.distill)
+        except DistillError as exc:
+            raise RecipeError(f"{self.source}: [distill] {re.sub(r'^distill settings? ', '', str(exc))}") from None
 
 
 def _allowed(model: type[BaseModel], field: str) -> str:
@@ -183,6 +201,7 @@ def parse_recipe(raw: bytes, source: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         raise RecipeError(_describe(exc, source)) from None
     recipe._source, recipe._sha256 = source, hashlib.sha256(raw).hexdigest()
+    recipe.distill_settings()
     return recipe
 
 

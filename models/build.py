@@ -1,0 +1,427 @@
+"""`edgeglm build`: teacher checkpoint + text + recipe -> a small INT8 bundle and a compression report.
+
+    edgeglm build --teacher CHECKPOINT --corpus FILE... --recipe RECIPE --out BUNDLE [--work DIR] [--resume]
+
+Stages, each on the `build` progress bar (long stages show their own bars below it):
+
+1. check      every input, before any long work: the recipe (models/recipe.py), the teacher's
+              config (a GLM, the recipe's sizes within its own), the corpus (enough tokens for the
+              held-out split, the calibration and the distillation budget), --out and --work writable
+2. tokenize   the corpus through the teacher's tokenizer (models/data.py, cached in the work dir);
+              the last `[eval] heldout_fraction` of the token stream is held out, the rest is the
+              train split
+3. prune      importance on `[prune] calibration_tokens` of the train split (windows spread evenly
+              over it), then `prune_model` (models/prune.py); saved as work/pruned
+4. distill    the pruned student learns from the teacher on the train split (models/distill.py);
+              saved as work/distilled
+5. evaluate   teacher, pruned and distilled students on the held-out split (models/evaluate.py)
+6. export     the distilled student to a bundle (models/export.py) in work/bundle, then the INT8
+              (or fp32) bundle itself is evaluated through the edge runtime
+7. report     work/report.json and work/report.md, and the same JSON in the bundle manifest's
+              `compression` field; the bundle is verified and moved to --out
+
+The work directory (default: BUNDLE.work next to --out) keeps every stage's output and
+`state.json`, which records the inputs (recipe hash, teacher, corpus files) and the stages done.
+`--resume` continues a build stopped at any point: stages done are loaded, not repeated, and
+distillation continues from its last checkpoint. A work directory of another build is refused.
+Nothing is written at --out until the last step, and only a complete, verified bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.config import GlmConfig
+from models.data import TextSource, TokenCorpus, corpus_from_ids, text_files, tokenize_corpus
+from models.distill import DistillError, DistillSettings, distill
+from models.errors import CheckpointError
+from models.prune import (
+    PruneSpec, activation_importance, magnitude_importance, non_embedding_params, prune_model, solve_spec,
+)
+from models.recipe import Recipe, load_recipe
+
+STAGES = ("check", "tokenize", "prune", "distill", "evaluate", "export", "report")
+STATE = "state.json"
+
+
+class BuildError(CheckpointError):
+    """`edgeglm build` cannot run with these inputs (names the setting and the allowed range)."""
+
+
+@dataclass
+class BuildInputs:
+    teacher: Path
+    corpus: tuple[Path, ...]
+    recipe: Recipe
+    out: Path
+    work: Path
+    resume: bool = False
+
+    @classmethod
+    def create(cls, teacher, corpus, recipe, out, work=None, resume=False) -> "BuildInputs":
+        out = Path(out)
+        recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        work = Path(work) if work is not None else out.with_name(out.name + ".work")
+        return cls(Path(teacher), tuple(Path(c) for c in corpus), recipe, out, work, resume)
+
+    def identity(self) -> dict:
+        """What a resumed build must share with the one that wrote the work directory."""
+        return {"recipe_sha256": self.recipe.sha256, "teacher": str(self.teacher.resolve()),
+                "corpus": [str(p.resolve()) for p in self.corpus]}
+
+
+@dataclass
+class Plan:
+    """Everything the checks settled, so the long stages need no more decisions."""
+
+    teacher_cfg: GlmConfig
+    spec: PruneSpec
+    student_cfg: GlmConfig
+    distill_settings: object = None
+    data: dict = field(default_factory=dict)
+
+
+# --- checks (before any long work) ---------------------------------------------------------------
+
+def _writable_dir(path: Path, flag: str) -> None:
+    """`path` can be created (or, for a directory that exists, written into) by this user."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise BuildError(f"{flag} {path}: cannot write there ({probe} is not a writable directory); "
+                         "choose a directory you can write to")
+
+
+def check_paths(inputs: BuildInputs) -> None:
+    if inputs.out.exists():
+        raise BuildError(f"--out {inputs.out}: already exists; choose a new bundle path (it is left untouched)")
+    _writable_dir(inputs.out.parent, "--out")
+    _writable_dir(inputs.work, "--work")
+    if inputs.work.resolve() == inputs.out.resolve():
+        raise BuildError(f"--work {inputs.work}: must differ from --out")
+    state = inputs.work / STATE
+    if inputs.resume:
+        if state.is_file():
+            recorded = json.loads(state.read_text()).get("identity")
+            if recorded != inputs.identity():
+                raise BuildError(f"--resume: {state} belongs to another build (recipe, teacher or corpus differ); "
+                                 "start without --resume in a new --work directory")
+    elif inputs.work.is_dir() and any(inputs.work.iterdir()):
+        raise BuildError(f"--work {inputs.work}: not empty (a previous build?); pass --resume to continue it "
+                         "or choose another --work directory")
+
+
+def check_teacher(teacher: Path) -> GlmConfig:
+    if not teacher.is_dir():
+        raise BuildError(f"--teacher {teacher}: checkpoint directory not found")
+    cfg = GlmConfig.from_file(teacher / "config.json")  # CheckpointError names another architecture
+    if not (teacher / "tokenizer.json").is_file():
+        raise BuildError(f"--teacher {teacher}: tokenizer.json not found; the bundle must carry the teacher's tokenizer")
+    return cfg
+
+
+def student_spec(recipe: Recipe, cfg: GlmConfig) -> PruneSpec:
+    p, where = recipe.prune, f"{recipe.source}: [prune]"
+    if p.target_fraction is not None:
+        return solve_spec(cfg, p.target_fraction, p.num_layers, p.num_key_value_heads, p.multiple_of, where)
+    spec = PruneSpec(p.num_layers, p.intermediate_size, p.num_key_value_heads)
+    spec.target_config(cfg, where)
+    return spec
+
+
+def check_data(recipe: Recipe, corpus: TokenCorpus, settings: DistillSettings) -> dict:
+    """Split sizes, and a clear error when the corpus is too small for what the recipe asks."""
+    ev, pr, src = recipe.eval, recipe.prune, recipe.source
+    total = corpus.num_tokens
+    heldout = max(1, int(total * ev.heldout_fraction))
+    train = total - heldout
+    if heldout < ev.seq_len + 1:
+        raise BuildError(
+            f"corpus too small: its {total} tokens give {heldout} held-out tokens, less than one evaluation "
+            f"window ({src}: [eval] seq_len = {ev.seq_len} needs {ev.seq_len + 1}); give more text, raise "
+            f"[eval] heldout_fraction (allowed: < 0.5) or lower [eval] seq_len")
+    if train < pr.calibration_tokens:
+        raise BuildError(
+            f"corpus too small: the train split holds {train} tokens; {src}: [prune] calibration_tokens = "
+            f"{pr.calibration_tokens} must be at most that (allowed: 16..{train}), or give more text")
+    try:
+        settings.check_corpus(TokenCorpus(corpus.path, train, corpus.files, corpus.eos_id))
+    except DistillError as exc:
+        msg = re.sub(r"^distill setting ", "", str(exc))
+        raise BuildError(f"corpus too small for the distillation: {src}: [distill] {msg}") from None
+    return {"corpus_tokens": total, "train_tokens": train, "heldout_tokens": heldout,
+            "heldout_tokens_scored": min(heldout, ev.heldout_tokens), "calibration_tokens": pr.calibration_tokens}
+
+
+# --- the stages ---------------------------------------------------------------------------------
+
+class _State:
+    """state.json in the work directory: the inputs' identity, the plan's numbers and each stage's result."""
+
+    def __init__(self, inputs: BuildInputs):
+        self.path = inputs.work / STATE
+        self.data = json.loads(self.path.read_text()) if inputs.resume and self.path.is_file() else {}
+        self.data.setdefault("identity", inputs.identity())
+        self.data.setdefault("done", {})
+
+    def done(self, stage: str):
+        return self.data["done"].get(stage)
+
+    def mark(self, stage: str, result) -> None:
+        self.data["done"][stage] = result
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+
+def split_corpus(corpus: TokenCorpus, heldout: int, work: Path) -> tuple[TokenCorpus, TokenCorpus]:
+    """Train = the stream's first tokens (the same file, no copy), held-out = its last `heldout` tokens."""
+    cut = corpus.num_tokens - heldout
+    train = TokenCorpus(corpus.path, cut, corpus.files, corpus.eos_id)
+    held = corpus_from_ids(np.asarray(corpus.tokens()[cut:]), work / "tokens", corpus.eos_id, "heldout")
+    return train, held
+
+
+def calibration_windows(train: TokenCorpus, tokens: int, seq_len: int) -> torch.Tensor:
+    """`tokens // seq_len` windows of `seq_len` spread evenly over the train split: (n, seq_len)."""
+    ids = train.tokens()
+    seq_len = min(seq_len, tokens)
+    n = max(1, tokens // seq_len)
+    starts = np.linspace(0, train.num_tokens - seq_len, n).astype(np.int64)
+    return torch.from_numpy(np.stack([np.asarray(ids[s:s + seq_len], dtype=np.int64) for s in starts]))
+
+
+def run_prune(recipe: Recipe, plan: Plan, teacher, train: TokenCorpus, work: Path, progress: bool) -> dict:
+    p = recipe.prune
+    if p.importance == "activation":
+        calib = calibration_windows(train, p.calibration_tokens, p.calibration_seq_len)
+        bar = tqdm(total=len(calib), desc="calibration", unit="window", disable=not progress, leave=False)
+        importance = activation_importance(teacher, calib, progress=lambda done, _total: bar.update(done - bar.n))
+        bar.close()
+    else:
+        importance = magnitude_importance(teacher)
+    pruned = prune_model(teacher, plan.spec, importance)
+    save_checkpoint(pruned, work / "pruned", tokenizer_json=None)
+    kept = sorted(importance.layer_ranking()[teacher.config.num_hidden_layers - plan.student_cfg.num_hidden_layers:])
+    return {
+        "importance": importance.method,
+        "spec": {"num_layers": plan.student_cfg.num_hidden_layers,
+                 "intermediate_size": plan.student_cfg.intermediate_size,
+                 "num_key_value_heads": plan.student_cfg.num_key_value_heads,
+                 "num_attention_heads": plan.student_cfg.num_attention_heads},
+        "layers_kept": kept,
+        "layer_scores": [round(float(s), 6) for s in importance.layers],
+        "calibration_tokens": p.calibration_tokens if p.importance == "activation" else 0,
+    }
+
+
+def sizes(cfg: GlmConfig) -> dict:
+    return {"num_hidden_layers": cfg.num_hidden_layers, "intermediate_size": cfg.intermediate_size,
+            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+            "hidden_size": cfg.hidden_size, "non_embedding_params": non_embedding_params(cfg),
+            "params": non_embedding_params(cfg) + cfg.vocab_size * cfg.hidden_size * (
+                1 if cfg.tie_word_embeddings else 2)}
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+
+def plan_build(inputs: BuildInputs, progress: bool = True) -> tuple[Plan, TokenCorpus, TokenCorpus]:
+    """Every check, cheapest first; only tokenizing the corpus (cached in the work dir) takes time."""
+    recipe = inputs.recipe
+    settings = recipe.distill_settings()
+    teacher_cfg = check_teacher(inputs.teacher)
+    spec = student_spec(recipe, teacher_cfg)
+    student_cfg = spec.target_config(teacher_cfg, f"{recipe.source}: [prune]")
+    check_paths(inputs)
+    files = text_files(inputs.corpus)  # DataError names a missing corpus file
+    inputs.work.mkdir(parents=True, exist_ok=True)
+    corpus = tokenize_corpus(TextSource(files, inputs.teacher / "tokenizer.json"), inputs.work / "tokens", progress)
+    data = check_data(recipe, corpus, settings)
+    train, heldout = split_corpus(corpus, data["heldout_tokens"], inputs.work)
+    return Plan(teacher_cfg, spec, student_cfg, settings, data), train, heldout
+
+
+def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
+    """Run every stage (skipping those a resumed build has done); returns the compression report."""
+    bar = tqdm(total=len(STAGES), desc="build", unit="stage", disable=not progress, leave=True)
+
+    def stage(name: str) -> None:
+        bar.set_postfix_str(name)
+
+    try:
+        stage("check")
+        plan, train, heldout = plan_build(inputs, progress)
+        state = _State(inputs)
+        state.mark("check", plan.data)
+        bar.update(2)
+        recipe, work = inputs.recipe, inputs.work
+        stage("prune (loading the teacher)")
+        _, teacher = load_checkpoint(inputs.teacher)
+        prune_result = state.done("prune")
+        if prune_result is None:
+            stage("prune")
+            prune_result = run_prune(recipe, plan, teacher, train, work, progress)
+            state.mark("prune", prune_result)
+        bar.update(1)
+        stage("distill")
+        distill_result = state.done("distill")
+        if distill_result is None:
+            _, student = load_checkpoint(work / "pruned")
+            report = distill(student, teacher, train, plan.distill_settings, work / "distill",
+                             resume=inputs.resume, progress=progress)
+            save_checkpoint(student, work / "distilled", tokenizer_json=inputs.teacher / "tokenizer.json")
+            distill_result = report.to_dict()
+            state.mark("distill", distill_result)
+        bar.update(1)
+        stage("evaluate")
+        evaluator = None
+        evaluation = state.done("evaluate")
+        if evaluation is None:
+            evaluator = Evaluator(recipe, teacher, heldout)
+            evaluation = evaluate_stages(evaluator, teacher, work)
+            state.mark("evaluate", evaluation)
+        bar.update(1)
+        stage("export")
+        bundle = work / "bundle"
+        export_result = state.done("export")
+        if export_result is None:
+            run_export(inputs, bundle, progress)
+            evaluator = evaluator or Evaluator(recipe, teacher, heldout)
+            export_result = {"evaluation": evaluate_bundle_stages(recipe, evaluator, bundle)}
+            state.mark("export", export_result)
+        bar.update(1)
+        stage("report")
+        report = compression_report(inputs, plan, prune_result, distill_result,
+                                    {**evaluation, **export_result["evaluation"]})
+        write_report(report, work)
+        publish_bundle(bundle, inputs.out, report)
+        state.mark("report", {"out": str(inputs.out)})
+        bar.update(1)
+        return report
+    finally:
+        bar.close()
+
+
+def run_export(inputs: BuildInputs, bundle: Path, progress: bool) -> None:
+    from models.export import ExportOptions, export_bundle
+
+    q, e = inputs.recipe.quantize, inputs.recipe.export
+    opts = ExportOptions(precision=q.precision, backends=tuple(e.backends), name=e.name or inputs.out.name,
+                         version=e.version, block=q.block, chunk_kib=e.chunk_kib, golden_tokens=e.golden_tokens,
+                         force=True)
+    export_bundle(inputs.work / "distilled", bundle, opts, show_progress=progress)
+
+
+# --- evaluation (models/evaluate.py) --------------------------------------------------------------
+
+class Evaluator:
+    """The held-out windows and the teacher's reference on them, computed once, for every stage."""
+
+    def __init__(self, recipe: Recipe, teacher, heldout: TokenCorpus):
+        from models.evaluate import heldout_windows, teacher_reference
+
+        self.windows = heldout_windows(heldout.tokens(), recipe.eval.seq_len, recipe.eval.heldout_tokens)
+        self.teacher = teacher_reference(teacher, self.windows)
+
+    def model(self, model, name: str) -> dict:
+        from models.evaluate import evaluate_model
+
+        return evaluate_model(model, self.windows, self.teacher, name=name).to_dict()
+
+    def bundle(self, bundle: Path, backend: str, name: str) -> dict:
+        from models.evaluate import evaluate_bundle
+
+        return evaluate_bundle(bundle, self.windows, self.teacher, backend=backend, name=name).to_dict()
+
+
+def evaluate_stages(evaluator: Evaluator, teacher, work: Path) -> dict:
+    """Teacher, pruned and distilled students (PyTorch fp32) on the held-out windows."""
+    return {name: evaluator.model(teacher if name == "teacher" else load_checkpoint(work / name)[1], name)
+            for name in ("teacher", "pruned", "distilled")}
+
+
+def evaluate_bundle_stages(recipe: Recipe, evaluator: Evaluator, bundle: Path) -> dict:
+    """The exported bundle itself, run by the edge runtime on each backend."""
+    names = {b: f"{recipe.quantize.precision} ({b})" for b in recipe.export.backends}
+    return {name: evaluator.bundle(bundle, backend, name) for backend, name in names.items()}
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+def compression_report(inputs: BuildInputs, plan: Plan, prune: dict, distill_result: dict, stages: dict) -> dict:
+    teacher, student = sizes(plan.teacher_cfg), sizes(plan.student_cfg)
+    recipe = inputs.recipe
+    return {
+        "recipe": {"name": recipe.name, "file": recipe.source, "sha256": recipe.sha256,
+                   "settings": {**recipe.model_dump(), "distill": plan.distill_settings.to_dict()}},
+        "teacher": {"checkpoint": str(inputs.teacher), **teacher},
+        "student": student,
+        "non_embedding_params_ratio": round(student["non_embedding_params"] / teacher["non_embedding_params"], 4),
+        "data": {"corpus": [str(p) for p in inputs.corpus], **plan.data},
+        "prune": prune,
+        "distill": {k: v for k, v in distill_result.items() if k != "settings"},
+        "stages": stages,
+    }
+
+
+def format_report(report: dict) -> str:
+    """The report in words and a Markdown table, one row per stage (the teacher is the reference)."""
+    from models.evaluate import StageMetrics
+    from models.evaluate import format_report as stage_table
+
+    t, s, d = report["teacher"], report["student"], report["distill"]
+
+    def shape(c: dict) -> str:
+        return (f"{c['num_hidden_layers']} layers, FFN {c['intermediate_size']}, {c['num_attention_heads']} heads / "
+                f"{c['num_key_value_heads']} KV heads, {c['non_embedding_params']:,} non-embedding parameters")
+
+    lines = [
+        f"# Compression report: recipe {report['recipe']['name']}",
+        "",
+        f"- teacher: {shape(t)}",
+        f"- student: {shape(s)} ({report['non_embedding_params_ratio']:.1%} of the teacher)",
+        f"- pruning: {report['prune']['importance']} importance, layers kept {report['prune']['layers_kept']}",
+        f"- distillation: {d['tokens']:,} tokens in {d['steps']} steps, final loss {d['final_loss']:.3f}",
+        f"- held-out: {report['data']['heldout_tokens_scored']:,} of {report['data']['heldout_tokens']:,} tokens "
+        f"(train split {report['data']['train_tokens']:,} tokens)",
+        "",
+        stage_table([StageMetrics(**m) for m in report["stages"].values()]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, work: Path) -> None:
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (work / "report.md").write_text(format_report(report))
+
+
+def publish_bundle(bundle: Path, out: Path, report: dict) -> None:
+    """Put the report into the bundle's manifest (before it is signed), verify, and copy it to `out`."""
+    from ota.bundle import MANIFEST, open_bundle, read_manifest
+
+    manifest = read_manifest(bundle).manifest
+    export_report = manifest.compression.get("export", {})
+    manifest = manifest.model_copy(update={"compression": {**report, "export": export_report}})
+    tmp = bundle / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.model_dump(), indent=2) + "\n")
+    os.replace(tmp, bundle / MANIFEST)
+    open_bundle(bundle)  # every file still matches the manifest
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(bundle, staging)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

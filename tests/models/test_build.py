@@ -1,0 +1,172 @@
+"""`edgeglm build` end to end on a tiny teacher, and every bad input stopped before any long work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from models.tiny import HELDOUT_MODULES
+
+QUICK = Path(__file__).parents[2] / "models" / "recipes" / "quick.toml"
+
+
+def corpus_files() -> list[Path]:
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return [lib / m for m in HELDOUT_MODULES]
+
+
+def edgeglm(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "agent.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def built(trained_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    out, work = root / "bundle", root / "work"
+    proc = edgeglm("build", "--teacher", trained_checkpoint, "--corpus", *corpus_files(), "--recipe", "quick",
+                   "--out", out, "--work", work)
+    assert proc.returncode == 0, proc.stderr
+    return {"root": root, "out": out, "work": work, "proc": proc, "teacher": trained_checkpoint}
+
+
+def test_build_makes_a_smaller_bundle_that_verifies_loads_and_generates(built):
+    from agent.model import load_model
+    from models.config import GlmConfig
+    from models.prune import non_embedding_params
+    from runtime.generate import SamplingParams, generate
+
+    out, root = built["out"], built["root"]
+    assert "build" in built["proc"].stderr and "distill" in built["proc"].stderr  # the progress bars
+    assert "| distilled |" in built["proc"].stdout
+    assert not list(root.glob(".bundle.partial-*"))
+    assert edgeglm("bundle", "keygen", "--out", root / "keys").returncode == 0
+    assert edgeglm("bundle", "sign", out, "--key", root / "keys" / "bundle-signing.key").returncode == 0
+    verify = edgeglm("bundle", "verify", out, "--trusted", root / "keys")
+    assert verify.returncode == 0, verify.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    teacher_cfg = GlmConfig.from_file(built["teacher"] / "config.json")
+    student_cfg = GlmConfig.from_dict(manifest["architecture"])
+    assert student_cfg.num_key_value_heads == 1 and student_cfg.num_attention_heads == 2
+    assert student_cfg.intermediate_size % 16 == 0
+    assert non_embedding_params(student_cfg) <= 0.5 * non_embedding_params(teacher_cfg)
+    for backend in ("onnxruntime", "openvino"):
+        model = load_model(out, backend)
+        tokens = list(generate(model.engine, model.tokenizer.encode("def push(heap, item):\n").ids,
+                               SamplingParams(max_tokens=8)))
+        assert len(tokens) >= 1
+
+
+def test_the_report_is_in_the_work_dir_and_the_signed_manifest(built):
+    manifest = json.loads((built["out"] / "manifest.json").read_text())
+    report = json.loads((built["work"] / "report.json").read_text())
+    compression = manifest["compression"]
+    assert {k: v for k, v in compression.items() if k != "export"} == report
+    assert set(compression["export"]["backends"]) == {"onnxruntime", "openvino"}
+    assert list(report["stages"]) == ["teacher", "pruned", "distilled", "int8 (openvino)", "int8 (onnxruntime)"]
+    for stage, result in report["stages"].items():
+        assert result["perplexity"] > 1.0, stage
+    assert report["stages"]["teacher"]["teacher_agreement"] == 1.0
+    assert report["stages"]["int8 (onnxruntime)"]["kind"] == "bundle onnxruntime int8-blockwise"
+    assert report["student"]["non_embedding_params"] == report["stages"]["distilled"]["non_embedding_params"]
+    assert report["recipe"]["name"] == "quick" and len(report["recipe"]["sha256"]) == 64
+    assert report["data"]["train_tokens"] + report["data"]["heldout_tokens"] == report["data"]["corpus_tokens"]
+    table = (built["work"] / "report.md").read_text()
+    assert "| int8 (onnxruntime) |" in table and "agree w/ teacher" in table
+
+
+def test_distillation_recovers_what_pruning_lost(built):
+    stages = json.loads((built["work"] / "report.json").read_text())["stages"]
+    assert stages["distilled"]["perplexity"] < stages["pruned"]["perplexity"]
+
+
+def test_resume_skips_finished_stages_and_a_used_work_dir_needs_resume(built, capsys):
+    again = built["root"] / "again"
+    args = ["build", "--teacher", str(built["teacher"]), "--corpus", *map(str, corpus_files()), "--recipe",
+            "quick", "--out", str(again), "--work", str(built["work"]), "--quiet"]
+    assert main(args) == 2
+    assert "pass --resume" in capsys.readouterr().err and not again.exists()
+    assert main(args + ["--resume"]) == 0
+    first = json.loads((built["out"] / "manifest.json").read_text())["compression"]
+    assert json.loads((again / "manifest.json").read_text())["compression"] == first
+    other = built["root"] / "other.toml"
+    other.write_text(QUICK.read_text().replace("golden_tokens = 16", "golden_tokens = 12"))
+    assert main(args[:6] + [str(other)] + args[7:] + ["--resume"]) == 2
+    assert "belongs to another build" in capsys.readouterr().err
+
+
+# --- bad input: exit 2 naming the setting, before any long work, nothing at --out ------------------
+
+def _recipe(tmp_path, **replace) -> Path:
+    text = QUICK.read_text()
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def _foreign_teacher(tmp_path, teacher) -> Path:
+    ckpt = tmp_path / "llama"
+    shutil.copytree(teacher, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt
+
+
+BAD = {
+    "corpus too small": (dict(corpus="small"), ["corpus too small", "[eval] seq_len = 64"]),
+    "budget too large": (dict(recipe={"token_budget = 16384": "token_budget = 4000000"}),
+                         ["corpus too small for the distillation", "[distill] token_budget=4000000",
+                          "max_passes=8.0"]),
+    "below one KV group": (dict(recipe={"num_key_value_heads = 1": "num_key_value_heads = 0"}),
+                           ["[prune] num_key_value_heads = 0", ">= 1"]),
+    "more layers than exist": (dict(recipe={"num_key_value_heads = 1": "num_layers = 5"}),
+                               ["[prune]: num_layers=5 is out of range: keep 1..2 decoder layers"]),
+    "unreachable fraction": (dict(recipe={"target_fraction = 0.5": "target_fraction = 0.05"}),
+                             ["[prune]: target_fraction=0.05 is unreachable", "allowed 0."]),
+    "bad recipe value": (dict(recipe={'precision = "int8"': 'precision = "int4"'}),
+                         ["[quantize] precision = 'int4'", "'int8' or 'fp32'"]),
+    "not GLM": (dict(teacher="llama"), ["model_type='llama' is not supported"]),
+    "unwritable out": (dict(out="under-a-file"), ["--out", "is not a writable directory"]),
+    "out exists": (dict(out="exists"), ["--out", "already exists"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_stops_before_work_with_exit_2(trained_checkpoint, tmp_path, capsys, case):
+    how, fragments = BAD[case]
+    corpus = corpus_files()
+    if how.get("corpus") == "small":
+        (tmp_path / "small.py").write_text(corpus[0].read_text()[:1500])
+        corpus = [tmp_path / "small.py"]
+    recipe = _recipe(tmp_path, **how["recipe"]) if "recipe" in how else QUICK
+    teacher = _foreign_teacher(tmp_path, trained_checkpoint) if how.get("teacher") else trained_checkpoint
+    out = tmp_path / "bundle"
+    if how.get("out") == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "bundle"
+    elif how.get("out") == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    code = main(["build", "--teacher", str(teacher), "--corpus", *map(str, corpus), "--recipe", str(recipe),
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("edgeglm build: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+    if how.get("out") == "exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not (tmp_path / "bundle.work" / "distill").exists() and not (tmp_path / "bundle.work" / "pruned").exists()
