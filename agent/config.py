@@ -68,6 +68,13 @@ class SamplingSettings(_Section):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
 
 
+class BatchingSettings(_Section):
+    """Continuous batching of concurrent requests (runtime/batching.py); both apply live."""
+
+    max_batch: int = Field(8, ge=1, le=256)  # sequences decoded together; 1 = one request at a time
+    window_ms: float = Field(0.0, ge=0.0, le=10_000.0)  # an idle engine waits this long for a fuller batch
+
+
 class TelemetrySettings(_Section):
     interval_s: float = Field(30.0, gt=0.0, le=86400.0)
 
@@ -104,6 +111,7 @@ class AgentConfig(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     ota: OtaSettings = Field(default_factory=OtaSettings)

@@ -23,7 +23,8 @@ from pathlib import Path
 from agent import __version__
 from agent.config import AgentConfig, with_updates
 from agent.errors import AgentError, ConfigError, ServeError
-from agent.http_api import ApiServer
+from agent.http_api import ApiServer, stream_tokens
+from agent.http_api import configure_prefix_cache, make_prefix_cache
 from agent.model import LoadedModel, load_model, register_execution_metric, set_execution_metric
 from agent.mqtt import MqttSession, PayloadRejected, Received
 from agent.openai_compat import ApiError, Outcome, generate_text, glm_chat_prompt
@@ -40,7 +41,7 @@ from ota.transfer import MqttChunkFetcher
 from ota.update import Offer, State, UpdateFailed, Updater, UpdaterDeps
 from runtime.engine import architecture_problem, available_backends
 from runtime.errors import RequestError, RuntimeUserError
-from runtime.generate import SamplingParams, generate
+from runtime.generate import SamplingParams
 from runtime.probe import probe_hardware
 
 log = logging.getLogger("edgeglm.agent")
@@ -67,7 +68,9 @@ class Agent:
         self.started = time.time()
         self.hardware = probe_hardware()
         self.window = LatencyWindow()
-        self.http = ApiServer(cfg.http, cfg.sampling, window=self.window)
+        self.http = ApiServer(cfg.http, cfg.sampling, window=self.window, batching=cfg.batching)
+        self.prefix_cache = make_prefix_cache(cfg.cache, cfg.model.slots_dir)  # rebound on each model activation
+        self.http.set_prefix_cache(self.prefix_cache)
         self._path_metric, self._path_labels = register_execution_metric(self.http.metrics.registry), None
         self.session: MqttSession | None = None
         self.updater: Updater | None = None
@@ -92,7 +95,7 @@ class Agent:
             verify_bundle_signature(open_bundle(path, verify=False), self._trusted_keys())
         # backend auto: the measured autotune, cached per (bundle, hardware) under the state dir
         return load_model(path, self.cfg.model.backend, self.cfg.model.threads, hardware=self.hardware,
-                          tune_dir=Path(self.cfg.model.slots_dir) / "autotune")
+                          cache_dir=Path(self.cfg.model.slots_dir))  # results in <slots_dir>/autotune/
 
     def activate(self, path: Path | None) -> None:
         """Serve the model in `path` (after its golden check); None serves nothing."""
@@ -230,6 +233,8 @@ class Agent:
         else:
             self.cfg = new
             self.http.sampling = new.sampling  # live: sampling defaults; telemetry interval is read each loop
+            configure_prefix_cache(self.prefix_cache, new.cache, new.model.slots_dir)  # live: evicts to a new bound
+            self.http.set_batching(new.batching)  # live: the batch limits apply at the next decode step
             self.applied_config_version, self.last_config_error = desired.version, None
         self._publish_state()
 
@@ -268,15 +273,19 @@ class Agent:
             top_k=s.top_k if req.top_k is None else req.top_k, top_p=s.top_p if req.top_p is None else req.top_p,
             repetition_penalty=s.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
             seed=req.seed)
-        with self.http.engine_slot() as model:
+        with self.http.engine_slot() as slot:
+            model = slot.model
             prompt = req.prompt if req.prompt is not None else glm_chat_prompt(
                 [(m.role, m.content) for m in req.messages])
             ids = model.tokenizer.encode(prompt).ids
             outcome = Outcome(len(ids))
             t0, times = time.perf_counter(), []
-            pieces = generate_text(model, ids, generate(model.engine, ids, params), params, tuple(req.stop), outcome,
-                                   lambda: times.append(time.perf_counter()))
-            text = "".join(pieces)
+            tokens = stream_tokens(slot.submit(ids, params))  # the scheduler batches it with concurrent requests
+            try:
+                text = "".join(generate_text(model, ids, tokens, params, tuple(req.stop), outcome,
+                                             lambda: times.append(time.perf_counter())))
+            finally:
+                tokens.close()  # a stop string ends the text early: the request leaves the batch
         gaps = [b - a for a, b in zip(times, times[1:])]
         self.window.record(times[0] - t0 if times else None, gaps, len(gaps), sum(gaps))
         return text, Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens), \

@@ -6,8 +6,10 @@
     GET  /readyz                                 200 once a verified model passed its golden check
     GET  /metrics                                Prometheus text (agent.metrics.ServingMetrics)
 
-No web framework: the edge install stays lean. One engine, so inference is serialized through
-one lock; requests beyond `http.max_concurrent` (running + queued) get 429. Errors are OpenAI's
+No web framework: the edge install stays lean. One engine, owned by a continuous-batching
+scheduler (runtime/batching.py): concurrent requests are decoded together, up to
+`batching.max_batch` at a time, the rest queued; requests beyond `http.max_concurrent`
+(running + queued) get 429. Errors are OpenAI's
 JSON shape (`{"error": {"message", "type", "param", "code"}}`); a client never sees a traceback.
 docs/http-api.md has the details and examples.
 """
@@ -23,20 +25,21 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from urllib.parse import urlsplit
 
-from agent.config import HttpSettings, SamplingSettings
+from agent.config import BatchingSettings, HttpSettings, SamplingSettings
 from agent.errors import ServeError
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServingMetrics
 from agent.openai_compat import (ApiError, ChatShape, CompletionShape, GenerationRequest, Outcome, chat_request,
                                  check_model_field, completion_request, generate_text, model_card, model_id,
                                  prompt_ids, reject_constant)
+from runtime.batching import EngineFailed, Handle, Scheduler, SchedulerClosed, SchedulerStats
 from runtime.errors import RequestError
-from runtime.generate import generate
+from runtime.generate import SamplingParams
 
 log = logging.getLogger("edgeglm.http")
 
@@ -45,37 +48,27 @@ SOCKET_TIMEOUT_S = 60.0  # an idle keep-alive connection, or a client that stops
 
 # --- the server ------------------------------------------------------------------------------------
 
-class FifoLock:
-    """A lock granted in arrival order. threading.Lock wakes waiters in no set order, which let
-    some requests wait several turns (TTFT p95 twice p50 at concurrency 4, benchmarks/agent_load.py)."""
+@dataclass
+class Slot:
+    """One of the `http.max_concurrent` places: the ready model and the scheduler that runs it."""
 
-    def __init__(self):
-        self._guard = threading.Lock()
-        self._waiters: deque[threading.Event] = deque()
-        self._held = False
+    model: object
+    scheduler: Scheduler
 
-    def acquire(self) -> None:
-        with self._guard:
-            if not self._held:
-                self._held = True
-                return
-            turn = threading.Event()
-            self._waiters.append(turn)
-        turn.wait()  # release() hands the lock over directly: it stays held
+    def submit(self, ids: list[int], params: SamplingParams) -> Handle:
+        return self.scheduler.submit(ids, params)
 
-    def release(self) -> None:
-        with self._guard:
-            if self._waiters:
-                self._waiters.popleft().set()
-            else:
-                self._held = False
 
-    def __enter__(self) -> "FifoLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+def stream_tokens(handle: Handle):
+    """The handle's tokens; the scheduler's errors as ApiErrors. Leaving early cancels the request."""
+    try:
+        yield from handle
+    except EngineFailed as exc:
+        raise ApiError(500, f"generation failed: {exc}", type="server_error") from None
+    except SchedulerClosed as exc:
+        raise ApiError(503, str(exc), type="server_error", headers={"Retry-After": "1"}) from None
+    finally:
+        handle.cancel()
 
 
 class ApiServer:
@@ -86,14 +79,16 @@ class ApiServer:
     """
 
     def __init__(self, http: HttpSettings, sampling: SamplingSettings, metrics: ServingMetrics | None = None,
-                 window=None):
+                 window=None, batching: BatchingSettings | None = None):
         self.http, self.sampling = http, sampling
+        self.batching = batching or BatchingSettings()
         self.metrics = metrics or ServingMetrics()
         self.window = window  # an agent.telemetry.LatencyWindow, or None
-        self._engine = FifoLock()  # one engine: one generation at a time, first come first served
         self._state = threading.Condition()  # guards everything below
         self._model = self._golden = None
-        self._waiting = self._running = self._active = 0
+        self._scheduler: Scheduler | None = None  # owns the model's engine
+        self.prefix_cache = None  # a runtime.prefix_cache.PrefixCache for the next model's scheduler, or None
+        self._admitted = self._active = 0
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()  # no new inference
         self._abort = threading.Event()  # cut generations still running at the shutdown deadline
@@ -102,8 +97,30 @@ class ApiServer:
 
     # model and readiness
     def set_model(self, model, golden) -> None:
-        with self._engine, self._state:
+        """Serve `model` (None: nothing). A new model gets its own scheduler; the old one's requests finish."""
+        with self._state:
+            old = self._scheduler if model is not self._model else None
+            if model is not self._model:
+                self._scheduler = None if model is None else Scheduler(
+                    model.engine, self.batching.max_batch, self.batching.window_ms, prefix_cache=self.prefix_cache,
+                    on_step=self._on_step, on_load=self._on_load)
             self._model, self._golden = model, golden
+        if old is not None:
+            old.close(wait=False)  # drains what it runs, then its worker ends
+
+    def set_batching(self, batching: BatchingSettings) -> None:
+        """Apply batching limits live (from the desired config); the batch adapts at the next step."""
+        with self._state:
+            self.batching, scheduler = batching, self._scheduler
+        if scheduler is not None:
+            scheduler.configure(max_batch=batching.max_batch, window_ms=batching.window_ms)
+
+    def _on_step(self, batch_size: int) -> None:
+        self.metrics.batch_size.observe(batch_size)
+
+    def _on_load(self, stats: SchedulerStats) -> None:
+        self.metrics.in_flight.set(stats.active)
+        self.metrics.queued.set(stats.queued)
 
     def readiness(self) -> tuple[bool, str]:
         with self._state:
@@ -124,30 +141,25 @@ class ApiServer:
 
     @contextmanager
     def engine_slot(self):
-        """Hold the engine for one generation; yields the ready model. 429 when too many wait, 503 if not ready."""
+        """Hold one of the `http.max_concurrent` places for one generation; yields a `Slot` (the ready
+        model and its scheduler). 429 when all places are taken, 503 if no model is ready."""
         with self._state:
-            if self._waiting + self._running >= self.http.max_concurrent:
-                raise ApiError(429, f"{self._waiting + self._running} requests are running or queued, the limit "
+            if self._admitted >= self.http.max_concurrent:
+                raise ApiError(429, f"{self._admitted} requests are running or queued, the limit "
                                f"(http.max_concurrent) is {self.http.max_concurrent}; retry later",
                                type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
-            self._waiting += 1
-        self.metrics.queued.inc()
-        self._engine.acquire()
-        with self._state:
-            self._waiting, self._running = self._waiting - 1, self._running + 1
-        self.metrics.queued.dec()
-        self.metrics.in_flight.inc()
+            self._admitted += 1
         try:
             ready, reason = self.readiness()
             if not ready:
                 raise ApiError(503, f"not ready to generate: {reason}", type="server_error",
                                code="model_not_ready", headers={"Retry-After": "5"})
-            yield self._model
+            with self._state:
+                slot = Slot(self._model, self._scheduler)
+            yield slot
         finally:
             with self._state:
-                self._running -= 1
-            self.metrics.in_flight.dec()
-            self._engine.release()
+                self._admitted -= 1
 
     # lifecycle
     def start(self) -> None:
@@ -184,8 +196,12 @@ class ApiServer:
             if not self._state.wait_for(lambda: self._active == 0, timeout=deadline):
                 log.warning("HTTP API: %d request(s) still running after %.1f s; cutting them", self._active, deadline)
                 self._abort.set()
+                if self._scheduler is not None:  # queued ones have no token at which to be cut
+                    self._scheduler.close(error="the agent is shutting down; the answer was cut", wait=False)
                 self._state.wait_for(lambda: self._active == 0, timeout=max(1.0, deadline))
-            connections = list(self._connections)
+            connections, scheduler = list(self._connections), self._scheduler
+        if scheduler is not None:
+            scheduler.close(wait=False)
         for conn in connections:  # idle keep-alive connections
             try:
                 conn.shutdown(socket.SHUT_RDWR)
@@ -440,13 +456,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _generate(self, api: ApiServer, endpoint: str, body: dict, req: GenerationRequest, shape_cls) -> None:
         m = api.metrics
         check_model_field(body.get("model"), api.current_model())
-        with api.engine_slot() as model:
+        with api.engine_slot() as slot:
+            model = slot.model
             ids = prompt_ids(req, model)
-            tokens = generate(model.engine, ids, req.params)
             try:
-                first = next(tokens, None)  # prompt errors surface here, before any byte is sent
+                handle = slot.submit(ids, req.params)  # prompt errors surface here, before any byte is sent
             except RequestError as exc:
                 raise ApiError(400, str(exc), param=req.prompt_field) from None
+            tokens = stream_tokens(handle)
+            first = next(tokens, None)  # an engine error before the first token is answered as such
             outcome, shape, last = Outcome(len(ids)), shape_cls(model_id(model)), [None]
 
             timing = {"ttft": None, "gaps": []}
@@ -486,7 +504,7 @@ def serve_http(config, model) -> ApiServer:
 
     The server answers /healthz at once; /readyz and inference wait for the golden check, run here.
     """
-    server = ApiServer(config.http, config.sampling)
+    server = ApiServer(config.http, config.sampling, batching=config.batching)
     server.start()
     server.set_model(model, None)
     golden = model.golden_check()

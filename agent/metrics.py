@@ -18,6 +18,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Rows per batched decode step (batching.max_batch is at most 256).
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
 
 def format_value(v: float) -> str:
@@ -195,9 +197,12 @@ class ServingMetrics:
             "edgeglm_request_duration_seconds", "End-to-end time of an inference request, from received to "
             "last byte written.", REQUEST_BUCKETS, ("endpoint",)))
         self.in_flight = r.register(Gauge(
-            "edgeglm_inference_in_flight", "Inference requests running on the engine now (one engine: 0 or 1)."))
+            "edgeglm_inference_in_flight", "Inference requests in the engine's batch now (at most batching.max_batch)."))
         self.queued = r.register(Gauge(
-            "edgeglm_inference_queue_depth", "Inference requests waiting for the engine."))
+            "edgeglm_inference_queue_depth", "Inference requests waiting for a place in the batch."))
+        self.batch_size = r.register(Histogram(
+            "edgeglm_batch_size", "Sequences decoded together, observed once per batched decode step.",
+            BATCH_BUCKETS))
         self.prefix_cache_hits = r.register(Counter(
             "edgeglm_prefix_cache_hits_total", "Requests that reused KV cache of a shared prefix. Always 0 "
             "for now: the runtime has no prefix cache yet."))

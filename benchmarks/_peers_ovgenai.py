@@ -14,6 +14,13 @@ touching the arithmetic:
     through a Gather on its ReadValue (what GenAI's beam search sets; greedy passes 0..batch-1);
   * the (batch, vocab) last-position logits get a unit seq axis: (batch, 1, vocab).
 
+GenAI's default CPU pipeline (paged attention) runs this IR correctly (on an fp32 `tiny`
+bundle its greedy tokens equal the PyTorch reference's). Its stateful backend
+(ATTENTION_BACKEND="SDPA") does not: once beam_idx exists, the CPU plugin fuses
+ReadValue -> Gather -> Concat -> MatMul/Softmax into ScaledDotProductAttentionWithKVCache, and
+edgeglm's grouped-query layout (the query group folded into the sequence axis, q as
+(batch, kv_heads, group * seq, head_dim)) makes that node reject the attention mask's shape.
+
 The tokenizer IRs come from openvino_tokenizers.convert_tokenizer on the checkpoint's
 tokenizer.json (loaded with transformers' PreTrainedTokenizerFast).
 """

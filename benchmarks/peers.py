@@ -26,16 +26,18 @@ Then it loads every candidate in its own worker process, all with --threads thre
   * llama.cpp q8_0: llama_cpp.Llama (n_threads = n_threads_batch = --threads, flash attention
     on, the whole prompt in one batch), Llama.eval on the prompt, then one token per eval,
     argmax over its logits;
-  * OpenVINO GenAI int8: LLMPipeline.generate on the prompt's token ids (TokenizedInputs),
-    greedy, min_new_tokens = max_new_tokens so an EOS does not stop it; a streamer's write()
-    timestamps every token.
+  * OpenVINO GenAI int8: LLMPipeline.generate on the prompt's token ids (TokenizedInputs), its
+    default CPU pipeline (paged attention; prefix caching off, the prompt in one step), greedy,
+    min_new_tokens = max_new_tokens so an EOS does not stop it; a streamer's write() timestamps
+    every token. (Its stateful "SDPA" backend fails on edgeglm's graph: see the helper.)
 
-All get the same prompt: --prompt-tokens random token ids (so exactly that many tokens, no
-tokenizer on the timed path). TTFT is prompt in -> first token out; decode tok/s is
---new-tokens further tokens / their time. After one untimed warm-up each, --runs passes go over
-all candidates in turn (interleaved, so each pass sees the same machine load); the table shows
-medians, the per-pass ratios edgeglm / peer, and the numpy memory read bandwidth measured just
-before and just after the passes. Sanity columns: `cos` is the cosine between a candidate's
+All get the same prompts: --prompt-tokens random token ids (so exactly that many tokens, no
+tokenizer on the timed path), a fresh prompt for every pass (GenAI's prefix cache is off as
+well, and llama.cpp's context is reset, so no run reuses another's prompt KV). TTFT is prompt
+in -> first token out; decode tok/s is --new-tokens further tokens / their time. After one
+untimed warm-up each, --runs passes go over all candidates in turn (interleaved, so each pass
+sees the same machine load); the table shows medians, the per-pass ratios edgeglm / peer, and
+the numpy memory read bandwidth measured just before and just after the passes. Sanity columns: `cos` is the cosine between a candidate's
 first-token logits and the PyTorch fp32 reference's (models/glm.py; GenAI exposes no logits),
 `agree` how many greedy tokens from the start equal the reference's (int8 rounding on random
 weights flips near-ties early, so a low count alone means little; a low cos would mean a
@@ -122,11 +124,15 @@ class LlamaRunner:
 class GenAIRunner:
     """OpenVINO GenAI's LLMPipeline, greedy, fed token ids; a streamer timestamps each token."""
 
-    def __init__(self, folder: str, threads: int):
+    def __init__(self, folder: str, threads: int, max_tokens: int):
         import openvino_genai as genai
 
         self.genai = genai
-        self.pipe = genai.LLMPipeline(folder, "CPU", INFERENCE_NUM_THREADS=threads)
+        sched = genai.SchedulerConfig()  # GenAI's CPU default is its paged-attention pipeline; keep
+        sched.enable_prefix_caching = False  # that, but never reuse one run's prompt KV in the next
+        sched.cache_size = 1  # GB of KV blocks, far more than one sequence needs
+        sched.max_num_batched_tokens = max_tokens  # the whole prompt in one step, as the others do
+        self.pipe = genai.LLMPipeline(folder, "CPU", scheduler_config=sched, INFERENCE_NUM_THREADS=threads)
 
     def run(self, prompt: list[int], new_tokens: int, want_logits: bool):
         import openvino as ov
@@ -163,7 +169,7 @@ def worker_main(spec: str) -> int:
     elif kind == "llama.cpp":
         runner = LlamaRunner(s["path"], s["threads"], s["n_ctx"])
     else:
-        runner = GenAIRunner(s["path"], s["threads"])
+        runner = GenAIRunner(s["path"], s["threads"], s["n_ctx"])
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
@@ -287,11 +293,11 @@ def candidates_for(shape: str, args, skipped: dict[str, str]) -> tuple[dict[str,
     }
     if LLAMA not in skipped:
         gguf = build_gguf(ckpt, peers / "q8_0.gguf", llama_cpp_source(workdir, args.llama_cpp_dir))
-        specs[LLAMA] = {"kind": "llama.cpp", "path": str(gguf), "n_ctx": args.prompt_tokens + args.new_tokens + 16}
+        specs[LLAMA] = {"kind": "llama.cpp", "path": str(gguf)}
     if GENAI not in skipped:
         specs[GENAI] = {"kind": "genai", "path": str(build_genai(bundle, ckpt, peers / "ov-genai"))}
     for spec in specs.values():
-        spec["threads"] = args.threads
+        spec["threads"], spec["n_ctx"] = args.threads, args.prompt_tokens + args.new_tokens + 16
     return specs, ckpt
 
 
@@ -303,25 +309,25 @@ def cosine(a, b) -> float:
 def measure_shape(shape: str, args, skipped: dict[str, str]) -> dict:
     specs, ckpt = candidates_for(shape, args, skipped)
     cfg = json.loads((ckpt / "config.json").read_text())
-    prompt = np.random.default_rng(0).integers(0, cfg["vocab_size"], args.prompt_tokens).tolist()
-    ref_logits, ref_tokens = reference_logits(ckpt, prompt, args.new_tokens, args.threads)
+    rng = np.random.default_rng(0)  # one prompt for the warm-up and one per pass, the same for all
+    prompts = [rng.integers(0, cfg["vocab_size"], args.prompt_tokens).tolist() for _ in range(args.runs + 1)]
+    ref_logits, ref_tokens = reference_logits(ckpt, prompts[0], args.new_tokens, args.threads)
     workers = {}
     for name, spec in specs.items():
         print(f"[{shape}] loading {name}", file=sys.stderr)
         workers[name] = Worker(spec)
-    sanity = {}
-    for name, w in workers.items():  # warm-up (untimed), and the first-token logits for the sanity check
-        out = w.run(prompt, 4, logits=True)
-        sanity[name] = cosine(out["logits"], ref_logits) if out["logits"] else None
-    samples = {name: {"ttft": [], "tok_s": [], "tokens": None} for name in workers}
+    samples = {name: {"ttft": [], "tok_s": []} for name in workers}
+    for name, w in workers.items():  # warm-up (untimed) on prompts[0]: logits and tokens for the sanity check
+        out = w.run(prompts[0], args.new_tokens, logits=True)
+        samples[name]["cos"] = cosine(out["logits"], ref_logits) if out["logits"] else None
+        samples[name]["tokens"] = out["tokens"]
     bw_before = read_bandwidth(args.threads)
     for r in range(args.runs):
         for name, w in workers.items():
-            out = w.run(prompt, args.new_tokens)
+            out = w.run(prompts[r + 1], args.new_tokens)
             s = samples[name]
             s["ttft"].append(out["ttft"] * 1e3)
             s["tok_s"].append(args.new_tokens / out["decode"])
-            s["tokens"] = s["tokens"] or out["tokens"]
             print(f"[{shape}] pass {r + 1}/{args.runs} {name}: TTFT {out['ttft'] * 1e3:.1f} ms, "
                   f"{args.new_tokens / out['decode']:.1f} tok/s", file=sys.stderr)
     bw_after = read_bandwidth(args.threads)
@@ -331,7 +337,7 @@ def measure_shape(shape: str, args, skipped: dict[str, str]) -> dict:
     for name, s in samples.items():
         agree = next((i for i, (a, b) in enumerate(zip(s["tokens"], ref_tokens)) if a != b), len(ref_tokens))
         rows.append({"candidate": name, "ttft_ms": statistics.median(s["ttft"]),
-                     "decode_tok_s": statistics.median(s["tok_s"]), "logits_cos": sanity[name],
+                     "decode_tok_s": statistics.median(s["tok_s"]), "logits_cos": s["cos"],
                      "tokens_agree": agree, "ttft_ms_all": s["ttft"], "decode_tok_s_all": s["tok_s"]})
     return {"shape": shape, "read_bandwidth_gb_s": {"before": bw_before, "after": bw_after},
             "results": rows, "ratios": ratios(samples)}

@@ -1,0 +1,393 @@
+"""Continuous batching: one worker thread owns the engine and decodes many requests together.
+
+    scheduler = Scheduler(engine, max_batch=8, window_ms=0)
+    handle = scheduler.submit(prompt_ids, SamplingParams(...), deadline=None)
+    for token in handle: ...          # token ids as they are made; an engine error is raised here
+    handle.cancel()                   # from any thread; the row leaves the batch at the next step
+    scheduler.configure(max_batch=4)  # live; applies at the next step boundary
+    scheduler.close()                 # finish what is queued and running, then stop
+
+Design. Requests wait in a queue ordered by deadline (earliest first; requests without a
+deadline after those with one, in arrival order). The worker loops over step boundaries:
+
+1. cancelled and finished rows leave the batch;
+2. queued requests are admitted while the batch has fewer than `max_batch` rows. When the batch
+   is empty, the worker first waits up to `window_ms` (from the oldest queued request's arrival)
+   for the queue to fill the batch; once it decodes, arrivals join at the next boundary anyway.
+   Each admitted request is prefilled alone at batch 1 (through the prefix cache when one is
+   given) and its first token sampled from the prefill's logits;
+3. when rows left or joined, the rows' caches are merged into one left-padded batch cache
+   (`engine.merge_caches`: one copy of every row's KV per change of membership);
+4. one batched decode step: each row feeds its last token at its own position; padding is
+   masked, so a row's logits are those it would get alone (up to float rounding of the wider
+   matrix products, see docs/runtime.md "Batching");
+5. each row samples its next token with its own settings, random generator, repetition
+   history, stop ids and max_tokens, exactly as `runtime.generate.generate` does.
+
+Errors: a request the runtime refuses (empty, longer than the context) raises RequestError from
+`submit`. An engine failure in a prefill fails that request's handle; in a batched step it fails
+the handles of the rows in that batch. Either way the error (`EngineFailed`) is raised to the
+handle's reader and the scheduler goes on serving the others.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from runtime.engine import CacheRow
+from runtime.errors import RequestError
+from runtime.generate import SamplingParams, sample
+from runtime.prefix_cache import prefill_cached
+
+log = logging.getLogger("edgeglm.batching")
+
+MAX_BATCH_LIMIT = 256
+MAX_WINDOW_MS = 10_000.0
+
+
+class EngineFailed(Exception):
+    """The engine raised while running this request; the request was ended, the scheduler serves on."""
+
+
+class SchedulerClosed(Exception):
+    """The scheduler stopped before this request was finished (or accepted)."""
+
+
+_END = object()  # end of a handle's token stream
+
+
+class Handle:
+    """One submitted request: iterate it for token ids; `cancel()` ends it from any thread."""
+
+    def __init__(self, scheduler: "Scheduler", params: SamplingParams, deadline: float | None):
+        self.params, self.deadline = params, deadline
+        self._scheduler = scheduler
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        while not self._cancelled.is_set():
+            item = self._events.get()
+            if item is _END:
+                self._events.put(_END)  # a second iterator ends too
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def tokens(self, timeout: float | None = None) -> list[int]:
+        """All the tokens, once the request is finished (for callers that do not stream)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the request did not finish within {timeout} s")
+        return list(self)
+
+    def cancel(self) -> None:
+        """End the request: it leaves the queue at once, or the batch at the next step boundary."""
+        if not self._done.is_set():
+            self._cancelled.set()
+            self._scheduler._cancelled(self)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # the worker's side
+    def _emit(self, token: int) -> None:
+        self._events.put(token)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if not self._done.is_set():
+            self.error = error
+            self._done.set()
+            self._events.put(_END)
+
+
+@dataclass(order=True)
+class _Queued:
+    key: tuple[float, int]  # (deadline or +inf, arrival number)
+    prompt: list[int] = field(compare=False)
+    handle: Handle = field(compare=False)
+    arrived: float = field(compare=False)
+
+
+@dataclass
+class _Row:
+    """A request in the batch: its sampling state and the positions it holds in the cache."""
+
+    handle: Handle
+    params: SamplingParams
+    rng: np.random.Generator
+    history: list[int]  # prompt + tokens made; its last token is the one to feed next
+    stops: set[int]
+    made: int = 0
+    cached: int = 0  # positions this row holds (its last `cached` positions of its cache)
+    cache: object = None  # its own prefill cache until the next merge; then None
+    slot: int = -1  # its row in the batch cache after the merge
+
+    def take(self, logits: np.ndarray, limit: int) -> bool:
+        """Sample the next token and emit it; True while the row goes on (as runtime.generate.generate)."""
+        token = sample(logits, self.params, self.rng, self.history)
+        if token in self.stops:
+            return False
+        self.handle._emit(token)
+        self.history.append(token)
+        self.made += 1
+        return self.made < self.params.max_tokens and len(self.history) < limit
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    active: int  # rows in the batch
+    queued: int  # requests waiting to be admitted
+    max_batch: int
+    window_ms: float
+
+
+class Scheduler:
+    """Owns `engine` on one worker thread; see the module docstring.
+
+    `on_step(batch_size)` is called after each batched decode step and `on_load(stats)` whenever
+    the number of active or queued requests changes (both on the worker thread; for metrics).
+    `prefix_cache` (a runtime.prefix_cache.PrefixCache bound to this model, or None) is handed to
+    `prefill_cached`: a prompt that shares a cached prefix prefills only the rest.
+    `start=False` leaves the worker stopped until `start()` (tests queue requests first).
+    """
+
+    def __init__(self, engine, max_batch: int = 8, window_ms: float = 0.0, *, prefix_cache=None,
+                 on_step: Callable[[int], None] | None = None,
+                 on_load: Callable[[SchedulerStats], None] | None = None, start: bool = True,
+                 name: str = "edgeglm-batching"):
+        self.engine, self.prefix_cache = engine, prefix_cache
+        self.on_step, self.on_load = on_step or (lambda n: None), on_load or (lambda s: None)
+        self.max_batch, self.window_ms = _check_limits(max_batch, window_ms)
+        self._cond = threading.Condition()
+        self._queue: list[_Queued] = []
+        self._arrivals = itertools.count()
+        self._rows: list[_Row] = []
+        self._cache = self._mask = None
+        self._closing = False
+        self._abort: str | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        if start:
+            self.start()
+
+    # --- the callers' side ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> Handle:
+        """Queue a request; `deadline` is a `time.monotonic()` time, earlier ones are admitted first."""
+        limit = self.engine.arch.max_positions
+        if not prompt_ids:
+            raise RequestError("prompt is empty: give at least one token of text")
+        if len(prompt_ids) >= limit:
+            raise RequestError(f"prompt has {len(prompt_ids)} tokens; the model's context window is {limit} tokens")
+        handle = Handle(self, params, deadline)
+        with self._cond:
+            if self._closing:
+                raise SchedulerClosed("the scheduler is closed (the model was swapped or the agent is stopping); "
+                                      "send the request again")
+            key = (math.inf if deadline is None else float(deadline), next(self._arrivals))
+            heapq.heappush(self._queue, _Queued(key, list(prompt_ids), handle, time.monotonic()))
+            self._cond.notify_all()
+        return handle
+
+    def configure(self, max_batch: int | None = None, window_ms: float | None = None) -> None:
+        """Change the limits live; they apply at the next step boundary."""
+        with self._cond:
+            self.max_batch, self.window_ms = _check_limits(
+                self.max_batch if max_batch is None else max_batch,
+                self.window_ms if window_ms is None else window_ms)
+            self._cond.notify_all()
+
+    def stats(self) -> SchedulerStats:
+        with self._cond:
+            return self._stats()
+
+    def close(self, error: str | None = None, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests. Without `error`, finish those queued and running first; with it, end
+        them all at the next step boundary with SchedulerClosed(error). `wait`: join the worker."""
+        with self._cond:
+            self._closing = True
+            if error is not None:
+                self._abort = error
+            self._cond.notify_all()
+        if wait and self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _cancelled(self, handle: Handle) -> None:
+        with self._cond:
+            for i, q in enumerate(self._queue):
+                if q.handle is handle:
+                    self._queue.pop(i)
+                    heapq.heapify(self._queue)
+                    handle._finish()
+                    self.on_load(self._stats())
+                    break
+            self._cond.notify_all()
+
+    def _stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self._rows), len(self._queue), self.max_batch, self.window_ms)
+
+    # --- the worker -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                if not self._boundary():
+                    return
+                if self._rows:
+                    self._step()
+            except Exception as exc:  # never let the worker die: fail the batch, serve on
+                log.exception("batching worker: unexpected error")
+                self._fail_rows(EngineFailed(f"the batching worker failed ({exc}); the request was ended"))
+
+    def _boundary(self) -> bool:
+        """Drop ended rows, admit queued requests, re-merge the batch; False when the worker should stop."""
+        changed = self._drop_ended()
+        for item in self._admissions():
+            row = self._admit(item)
+            if row is not None:
+                self._rows.append(row)
+                changed = True
+        with self._cond:
+            if self._abort is not None:
+                self._end_all(SchedulerClosed(self._abort))
+                return False
+            if self._closing and not self._rows and not self._queue:
+                return False
+        if changed:
+            self._merge()
+            with self._cond:
+                self.on_load(self._stats())
+        return True
+
+    def _drop_ended(self) -> bool:
+        kept = [r for r in self._rows if not r.handle.cancelled and not r.handle.done]
+        for r in self._rows:
+            if r.handle.cancelled:
+                r.handle._finish()
+        changed, self._rows = len(kept) != len(self._rows), kept
+        return changed
+
+    def _admissions(self) -> list[_Queued]:
+        """Requests to admit now, earliest deadline first; waits while idle (for work, or the window)."""
+        with self._cond:
+            while not self._rows and not self._queue and not self._closing:
+                self._cond.wait()
+            if not self._rows and self._queue and self.window_ms > 0 and not self._closing:
+                until = min(q.arrived for q in self._queue) + self.window_ms / 1000
+                while len(self._queue) < self.max_batch and not self._closing and (left := until - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            if self._abort is not None:
+                return []
+            taken = []
+            while self._queue and len(self._rows) + len(taken) < self.max_batch:
+                taken.append(heapq.heappop(self._queue))
+            if taken:
+                self.on_load(SchedulerStats(len(self._rows) + len(taken), len(self._queue), self.max_batch,
+                                            self.window_ms))
+            return taken
+
+    def _admit(self, item: _Queued) -> _Row | None:
+        """Prefill one request alone and emit its first token; the row, or None if it already ended."""
+        handle, params, limit = item.handle, item.handle.params, self.engine.arch.max_positions
+        if handle.cancelled:
+            handle._finish()
+            return None
+        row = _Row(handle, params, np.random.default_rng(params.seed), list(item.prompt),
+                   set(params.stop_token_ids) | set(self.engine.arch.eos_token_ids))
+        try:
+            logits, cache = self._prefill(item.prompt)
+        except Exception as exc:
+            log.warning("batching: prefill of a %d-token prompt failed: %s", len(item.prompt), exc)
+            handle._finish(EngineFailed(f"the engine failed on the {len(item.prompt)}-token prompt ({exc}); "
+                                        "the request was ended, others go on"))
+            return None
+        row.cached, row.cache = len(item.prompt), cache
+        return self._advance(row, logits, limit)
+
+    def _prefill(self, prompt: list[int]):
+        logits, cache, _reused = prefill_cached(self.engine, prompt, self.prefix_cache)
+        return logits, cache
+
+    def _advance(self, row: _Row, logits: np.ndarray, limit: int) -> _Row | None:
+        try:
+            going = row.take(logits, limit)
+        except Exception as exc:  # e.g. NaN logits: this row only
+            row.handle._finish(EngineFailed(f"sampling failed ({exc}); the request was ended"))
+            return None
+        if not going:
+            row.handle._finish()
+            return None
+        return row
+
+    def _merge(self) -> None:
+        """One left-padded batch cache for the rows now active (their KV copied)."""
+        if not self._rows:
+            self._cache = self._mask = None
+            return
+        sources = [CacheRow(r.cache, 0, r.cached) if r.cache is not None else CacheRow(self._cache, r.slot, r.cached)
+                   for r in self._rows]
+        self._cache, self._mask = self.engine.merge_caches(sources)
+        for i, r in enumerate(self._rows):
+            r.cache, r.slot = None, i
+
+    def _step(self) -> None:
+        """One batched decode step and per-row sampling."""
+        rows, limit = self._rows, self.engine.arch.max_positions
+        ids = np.array([[r.history[-1]] for r in rows], np.int64)
+        pos = np.array([[len(r.history) - 1] for r in rows], np.int64)
+        mask = np.concatenate([self._mask, np.ones((len(rows), 1), np.int64)], axis=1)
+        try:
+            logits, self._cache = self.engine.forward(ids, pos, mask, self._cache)
+        except Exception as exc:
+            log.warning("batching: a decode step of %d row(s) failed: %s", len(rows), exc)
+            self._fail_rows(EngineFailed(f"the engine failed in a decode step of a batch of {len(rows)} ({exc}); "
+                                         "the request was ended, others go on"))
+            return
+        self._mask = mask
+        self.on_step(len(rows))
+        for r, row_logits in zip(rows, logits):
+            r.cached += 1
+            self._advance(r, row_logits, limit)  # a row that ends is finished here, dropped at the boundary
+
+    def _fail_rows(self, error: BaseException) -> None:
+        for r in self._rows:
+            r.handle._finish(error)
+        self._rows, self._cache, self._mask = [], None, None
+        with self._cond:
+            self.on_load(self._stats())
+
+    def _end_all(self, error: BaseException) -> None:
+        """(holding the lock) End every queued and active request with `error`."""
+        for q in self._queue:
+            q.handle._finish(error)
+        for r in self._rows:
+            r.handle._finish(error)
+        self._queue, self._rows, self._cache, self._mask = [], [], None, None
+        self.on_load(self._stats())
+
+
+def _check_limits(max_batch, window_ms) -> tuple[int, float]:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise ValueError(f"max_batch={max_batch!r} is invalid: must be an integer in [1, {MAX_BATCH_LIMIT}]")
+    if isinstance(window_ms, bool) or not isinstance(window_ms, (int, float)) or not 0 <= window_ms <= MAX_WINDOW_MS:
+        raise ValueError(f"window_ms={window_ms!r} is invalid: must be a number of milliseconds in "
+                         f"[0, {MAX_WINDOW_MS:g}]")
+    return max_batch, float(window_ms)

@@ -1,0 +1,264 @@
+"""Continuous batching (runtime/batching.py): batched outputs equal one-at-a-time outputs.
+
+References come from `runtime.generate.generate` run alone on the same engine (one request at
+a time, no padding, no batch), never from the scheduler.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from agent.model import load_model
+from models.tiny import HELDOUT_MODULES, corpus_text
+from runtime.batching import EngineFailed, Scheduler, SchedulerClosed
+from runtime.engine import CacheRow
+from runtime.errors import RequestError
+from runtime.generate import SamplingParams, generate, prefill
+
+BACKENDS = ["onnxruntime", "openvino"]
+TIMEOUT = 120.0
+
+
+@pytest.fixture(scope="module")
+def models(fp32_bundle):
+    return {b: load_model(fp32_bundle, b) for b in BACKENDS}
+
+
+@pytest.fixture(scope="module")
+def ids(models):
+    return models["onnxruntime"].tokenizer.encode(corpus_text(HELDOUT_MODULES)).ids
+
+
+@pytest.fixture(scope="module")
+def prompts(ids):
+    """Six prompts of different lengths (3 to 51 tokens)."""
+    return [ids[:3], ids[40:77], ids[200:212], ids[300:351], ids[500:507], ids[600:620]]
+
+
+def alone(engine, prompt, params) -> list[int]:
+    return list(generate(engine, prompt, params))
+
+
+def scheduler(engine, sizes: list | None = None, **kw) -> Scheduler:
+    return Scheduler(engine, on_step=(sizes.append if sizes is not None else None), **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merged_cache_decodes_each_row_as_if_alone(models, backend, ids):
+    """merge_caches: rows of different lengths, from fresh caches and from a batch, left-padded."""
+    engine = models[backend].engine
+    a, b, c = ids[:9], ids[100:104], ids[200:215]
+    single = {}
+    for name, seq in (("a", a), ("b", b), ("c", c)):
+        logits, cache = prefill(engine, seq)
+        single[name] = (engine.forward(np.array([[7]]), np.array([[len(seq)]]), np.ones((1, len(seq) + 1), np.int64),
+                                       cache)[0][0])
+    fresh = {name: prefill(engine, seq)[1] for name, seq in (("a", a), ("b", b), ("c", c))}
+    batch, mask = engine.merge_caches([CacheRow(fresh["a"]), CacheRow(fresh["b"])])
+    assert batch.batch == 2 and batch.length == 9 and mask.tolist() == [[1] * 9, [0] * 5 + [1] * 4]
+    # the batch's row 1 (b) moves into a new batch with c: the re-merge path of continuous admission
+    batch2, mask2 = engine.merge_caches([CacheRow(fresh["c"]), CacheRow(batch, 1, 4), CacheRow(batch, 0, 9)])
+    assert batch2.length == 15 and mask2.sum(1).tolist() == [15, 4, 9]
+    mask2 = np.concatenate([mask2, np.ones((3, 1), np.int64)], 1)
+    logits, _ = engine.forward(np.array([[7], [7], [7]]), np.array([[15], [4], [9]]), mask2, batch2)
+    for row, name in enumerate("cba"):
+        np.testing.assert_allclose(logits[row], single[name], atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_greedy_equals_one_at_a_time(models, backend, prompts):
+    """Six prompts of different lengths and lengths of answer, queued together: rows leave as they end."""
+    engine = models[backend].engine
+    params = [SamplingParams(max_tokens=n) for n in (24, 9, 30, 17, 3, 26)]
+    expected = [alone(engine, p, s) for p, s in zip(prompts, params)]
+    sizes: list[int] = []
+    sched = scheduler(engine, sizes, max_batch=8, start=False)
+    handles = [sched.submit(p, s) for p, s in zip(prompts, params)]
+    sched.start()
+    assert [h.tokens(TIMEOUT) for h in handles] == expected
+    assert sizes[0] == 6 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)
+    sched.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_requests_arriving_while_others_decode(models, backend, prompts):
+    engine = models[backend].engine
+    params = SamplingParams(max_tokens=40)
+    expected = [alone(engine, p, params) for p in prompts[:4]]
+    sizes: list[int] = []
+    sched = scheduler(engine, sizes, max_batch=8)
+    first = sched.submit(prompts[0], params)
+    stream = iter(first)
+    got = [next(stream) for _ in range(5)]  # the first request is decoding now
+    second, third = sched.submit(prompts[1], params), sched.submit(prompts[2], params)
+    got += [next(stream) for _ in range(3)]
+    fourth = sched.submit(prompts[3], params)
+    got += list(stream)
+    assert [got, second.tokens(TIMEOUT), third.tokens(TIMEOUT), fourth.tokens(TIMEOUT)] == expected
+    assert sizes[0] == 1 and max(sizes) >= 2  # it started alone, others joined it
+    sched.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeded_sampling_equals_one_at_a_time_with_the_same_seed(models, backend, prompts):
+    """Each row has its own settings and random generator: a batch mixes them without effect."""
+    engine = models[backend].engine
+    params = [SamplingParams(max_tokens=20, temperature=0.9, top_k=40, seed=1),
+              SamplingParams(max_tokens=25, temperature=1.2, top_p=0.9, repetition_penalty=1.2, seed=2),
+              SamplingParams(max_tokens=15),  # greedy in the same batch
+              SamplingParams(max_tokens=20, temperature=0.7, seed=1, stop_token_ids=(5,))]
+    expected = [alone(engine, p, s) for p, s in zip(prompts, params)]
+    sched = scheduler(engine, max_batch=8, start=False)
+    handles = [sched.submit(p, s) for p, s in zip(prompts, params)]
+    sched.start()
+    assert [h.tokens(TIMEOUT) for h in handles] == expected
+    sched.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cancelling_one_request_leaves_the_others_unchanged_and_frees_its_row(models, backend, prompts):
+    engine = models[backend].engine
+    params = SamplingParams(max_tokens=40)
+    expected = [alone(engine, p, params) for p in prompts[:3]]
+    sizes: list[int] = []
+    sched = scheduler(engine, sizes, max_batch=8, start=False)
+    handles = [sched.submit(p, params) for p in prompts[:3]]
+    sched.start()
+    stream = iter(handles[1])
+    got = [next(stream) for _ in range(4)]
+    handles[1].cancel()
+    cut = len(sizes)  # the step running now may still hold the row; the next ones must not
+    assert list(stream) == [] and handles[1].cancelled
+    assert [handles[0].tokens(TIMEOUT), handles[2].tokens(TIMEOUT)] == [expected[0], expected[2]]
+    assert got == expected[1][:4]
+    assert sizes[0] == 3 and max(sizes[cut + 1:]) <= 2
+    assert sched.stats().active == 0
+
+    # a queued request that is cancelled leaves the queue at once and never runs
+    sched.configure(max_batch=1)
+    running = sched.submit(prompts[0], params)
+    waiting = sched.submit(prompts[1], params)
+    waiting.cancel()
+    assert waiting.done and waiting.tokens(TIMEOUT) == []
+    assert running.tokens(TIMEOUT) == expected[0] and sched.stats().queued == 0
+    sched.close()
+
+
+def test_queue_is_ordered_by_deadline_then_arrival(models, prompts):
+    engine = models["onnxruntime"].engine
+    sched = scheduler(engine, max_batch=1, start=False)  # one at a time: finishing order = admission order
+    now, params = time.monotonic(), SamplingParams(max_tokens=4)
+    named = {"a": sched.submit(prompts[0], params), "b": sched.submit(prompts[1], params, deadline=now + 10),
+             "c": sched.submit(prompts[2], params, deadline=now + 5), "d": sched.submit(prompts[3], params),
+             "e": sched.submit(prompts[4], params, deadline=now + 5)}
+    order, lock = [], threading.Lock()
+
+    def consume(name):
+        list(named[name])
+        with lock:
+            order.append(name)
+
+    threads = [threading.Thread(target=consume, args=(n,)) for n in named]
+    for t in threads:
+        t.start()
+    sched.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert order == ["c", "e", "b", "a", "d"]
+    sched.close()
+
+
+def test_max_batch_is_respected_and_changes_live(models, prompts):
+    engine = models["onnxruntime"].engine
+    params = SamplingParams(max_tokens=12)
+    expected = [alone(engine, p, params) for p in prompts[:5]]
+    sizes: list[int] = []
+    sched = scheduler(engine, sizes, max_batch=2, start=False)
+    handles = [sched.submit(p, params) for p in prompts[:5]]
+    sched.start()
+    assert [h.tokens(TIMEOUT) for h in handles] == expected
+    assert max(sizes) == 2
+
+    # raised live; the window holds an idle engine until the queue fills a batch of 4
+    sched.configure(max_batch=4, window_ms=10_000)
+    sizes.clear()
+    handles = [sched.submit(p, params) for p in prompts[:5]]
+    assert [h.tokens(TIMEOUT) for h in handles] == expected
+    assert sizes[0] == 4 and max(sizes) == 4
+    assert sched.stats().max_batch == 4
+    with pytest.raises(ValueError, match=r"max_batch=0 is invalid"):
+        sched.configure(max_batch=0)
+    with pytest.raises(ValueError, match=r"window_ms=-1 is invalid"):
+        sched.configure(window_ms=-1)
+    sched.close()
+
+
+class FailingEngine:
+    """The real engine with one injected fault: its `fail_at`-th batched decode step raises."""
+
+    def __init__(self, engine, fail_at: int):
+        self.engine, self.arch, self.fail_at, self.batched = engine, engine.arch, fail_at, 0
+
+    def new_cache(self, batch=1):
+        return self.engine.new_cache(batch)
+
+    def merge_caches(self, rows):
+        return self.engine.merge_caches(rows)
+
+    def forward(self, input_ids, position_ids, attention_mask, cache):
+        if input_ids.shape[0] > 1:
+            self.batched += 1
+            if self.batched == self.fail_at:
+                raise RuntimeError("injected fault")
+        return self.engine.forward(input_ids, position_ids, attention_mask, cache)
+
+
+def test_an_engine_error_fails_the_affected_requests_and_serving_goes_on(models, prompts):
+    engine = models["onnxruntime"].engine
+    params = SamplingParams(max_tokens=10)
+    sched = scheduler(FailingEngine(engine, fail_at=3), max_batch=8, start=False)
+    doomed = [sched.submit(p, params) for p in prompts[:2]]
+    sched.start()
+    for h in doomed:
+        with pytest.raises(EngineFailed, match=r"decode step of a batch of 2 \(injected fault\); the request was "
+                                               r"ended, others go on"):
+            h.tokens(TIMEOUT)
+    assert sched.submit(prompts[2], params).tokens(TIMEOUT) == alone(engine, prompts[2], params)
+
+    # a prompt the engine itself refuses (a token id outside the vocabulary): only that request fails
+    sched2 = scheduler(engine, max_batch=8, start=False)
+    good = sched2.submit(prompts[0], params)
+    bad = sched2.submit([1, 2, engine.arch.vocab_size + 5], params)
+    sched2.start()
+    with pytest.raises(EngineFailed, match=r"the engine failed on the 3-token prompt"):
+        bad.tokens(TIMEOUT)
+    assert good.tokens(TIMEOUT) == alone(engine, prompts[0], params)
+    assert sched2.submit(prompts[1], params).tokens(TIMEOUT) == alone(engine, prompts[1], params)
+    sched.close()
+    sched2.close()
+
+
+def test_bad_requests_and_closing(models, prompts):
+    engine = models["onnxruntime"].engine
+    sched = scheduler(engine, start=False)
+    with pytest.raises(RequestError, match="prompt is empty"):
+        sched.submit([], SamplingParams())
+    with pytest.raises(RequestError, match="context window"):
+        sched.submit([1] * engine.arch.max_positions, SamplingParams())
+    queued = sched.submit(prompts[0], SamplingParams(max_tokens=5))
+    sched.start()
+    sched.close()  # drains: what was queued still finishes
+    assert queued.tokens(TIMEOUT) == alone(engine, prompts[0], SamplingParams(max_tokens=5))
+    with pytest.raises(SchedulerClosed, match="closed"):
+        sched.submit(prompts[0], SamplingParams())
+
+    cut = scheduler(engine, start=False)
+    handle = cut.submit(prompts[0], SamplingParams(max_tokens=5))
+    cut.close(error="the agent is shutting down", wait=False)  # before the worker could finish it
+    cut.start()
+    with pytest.raises(SchedulerClosed, match="shutting down"):
+        handle.tokens(TIMEOUT)
