@@ -75,6 +75,23 @@ class BatchingSettings(_Section):
     window_ms: float = Field(0.0, ge=0.0, le=10_000.0)  # an idle engine waits this long for a fuller batch
 
 
+class CacheSettings(_Section):
+    """The prefix KV cache (runtime/prefix_cache.py): the KV of prompt prefixes that requests share
+    (a system prompt) is reused instead of recomputed. All fields apply live."""
+
+    max_mb: float = Field(64.0, ge=0.0, le=1 << 20)  # KV held in memory, MiB; 0 = off
+    block_tokens: int = Field(32, ge=1, le=4096)  # prefixes are cached in whole blocks of this many tokens
+    persist: bool = True  # keep reused prefixes on disk so that they survive a restart
+    persist_dir: Path | None = None  # None: <model.slots_dir>/prefix-cache
+
+    def max_bytes(self) -> int:
+        return int(self.max_mb * (1 << 20))
+
+    def directory(self, state_dir: Path) -> Path | None:
+        """Where blocks are persisted (None: not at all)."""
+        return (self.persist_dir or Path(state_dir) / "prefix-cache") if self.persist else None
+
+
 class TelemetrySettings(_Section):
     interval_s: float = Field(30.0, gt=0.0, le=86400.0)
 
@@ -111,6 +128,7 @@ class AgentConfig(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)

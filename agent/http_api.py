@@ -17,6 +17,7 @@ docs/http-api.md has the details and examples.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import hmac
 import json
 import logging
@@ -29,9 +30,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from agent.config import BatchingSettings, HttpSettings, SamplingSettings
+from agent.config import BatchingSettings, CacheSettings, HttpSettings, SamplingSettings
 from agent.errors import ServeError
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServingMetrics
 from agent.openai_compat import (ApiError, ChatShape, CompletionShape, GenerationRequest, Outcome, chat_request,
@@ -101,12 +103,27 @@ class ApiServer:
         with self._state:
             old = self._scheduler if model is not self._model else None
             if model is not self._model:
+                self._bind_prefix_cache(model)
                 self._scheduler = None if model is None else Scheduler(
                     model.engine, self.batching.max_batch, self.batching.window_ms, prefix_cache=self.prefix_cache,
                     on_step=self._on_step, on_load=self._on_load)
             self._model, self._golden = model, golden
         if old is not None:
             old.close(wait=False)  # drains what it runs, then its worker ends
+
+    def set_prefix_cache(self, cache) -> None:
+        """Use `cache` (a runtime.prefix_cache.PrefixCache, or None) from the next model on; its
+        counters are exported on /metrics. The agent sets it once and reconfigures it live."""
+        with self._state:
+            self.prefix_cache = cache
+            self._bind_prefix_cache(self._model)
+        if cache is not None:
+            self.metrics.collectors.append(lambda: self.metrics.observe_prefix_cache(cache.stats()))
+
+    def _bind_prefix_cache(self, model) -> None:
+        """KV of another model must never be served: the cache follows the model (and its engine)."""
+        if self.prefix_cache is not None and model is not None:
+            self.prefix_cache.bind(prefix_cache_key(model), model.engine)
 
     def set_batching(self, batching: BatchingSettings) -> None:
         """Apply batching limits live (from the desired config); the batch adapts at the next step."""
@@ -497,6 +514,40 @@ class _Handler(BaseHTTPRequestHandler):
         m.request_latency.observe(time.perf_counter() - self._t0, endpoint=endpoint)
 
 
+def prefix_cache_key(model) -> str:
+    """What prefix-cache KV is valid for: one bundle on one execution path (backend, device, precision,
+    threads), e.g. `3f2a...-onnxruntime-1c9e0b7d4a21`. It names the cache's directory on disk."""
+    path = getattr(model, "path", None)
+    about = json.dumps(path.to_dict() if path is not None else {"backend": model.backend}, sort_keys=True)
+    return f"{model.bundle.sha256}-{model.backend}-{hashlib.sha256(about.encode()).hexdigest()[:12]}"
+
+
+def make_prefix_cache(cache: CacheSettings, state_dir: Path):
+    """The agent's prefix cache from the `[cache]` settings; persistence is dropped, with a warning,
+    when its directory cannot be created."""
+    from runtime.prefix_cache import PrefixCache
+
+    return PrefixCache(cache.max_bytes(), cache.block_tokens, _usable_dir(cache.directory(state_dir)))
+
+
+def configure_prefix_cache(prefix_cache, cache: CacheSettings, state_dir: Path) -> None:
+    """Apply `[cache]` settings live: a smaller max_mb evicts now; another block size or directory
+    drops what is in memory."""
+    prefix_cache.reconfigure(cache.max_bytes(), cache.block_tokens, _usable_dir(cache.directory(state_dir)))
+
+
+def _usable_dir(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError as exc:
+        log.warning("prefix cache: %s cannot be created (%s); cached prefixes are kept in memory only "
+                    "(set cache.persist_dir)", path, exc.strerror or exc)
+        return None
+
+
 # --- entry points ----------------------------------------------------------------------------------
 
 def serve_http(config, model) -> ApiServer:
@@ -505,6 +556,8 @@ def serve_http(config, model) -> ApiServer:
     The server answers /healthz at once; /readyz and inference wait for the golden check, run here.
     """
     server = ApiServer(config.http, config.sampling, batching=config.batching)
+    cache = config.cache if config.cache.persist_dir else config.cache.model_copy(update={"persist": False})
+    server.set_prefix_cache(make_prefix_cache(cache, config.model.slots_dir))  # on disk only where told
     server.start()
     server.set_model(model, None)
     golden = model.golden_check()

@@ -93,6 +93,12 @@ class Counter(_Value):
             raise ValueError(f"counter {self.name} can only go up; got inc({amount})")
         self._add(amount, labels)
 
+    def advance_to(self, total: float, **labels: str) -> None:
+        """Mirror a cumulative count kept elsewhere: raised to `total`, never lowered."""
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = max(self._values.get(key, 0.0), float(total))
+
 
 class Gauge(_Value):
     """A value that goes up and down."""
@@ -203,9 +209,28 @@ class ServingMetrics:
         self.batch_size = r.register(Histogram(
             "edgeglm_batch_size", "Sequences decoded together, observed once per batched decode step.",
             BATCH_BUCKETS))
+        self.prefix_cache_lookups = r.register(Counter(
+            "edgeglm_prefix_cache_lookups_total", "Prefills that looked up the prefix KV cache (while it was on)."))
         self.prefix_cache_hits = r.register(Counter(
-            "edgeglm_prefix_cache_hits_total", "Requests that reused KV cache of a shared prefix. Always 0 "
-            "for now: the runtime has no prefix cache yet."))
+            "edgeglm_prefix_cache_hits_total", "Prefills that reused the KV of a cached prompt prefix."))
+        self.prefix_cache_hit_tokens = r.register(Counter(
+            "edgeglm_prefix_cache_hit_tokens_total", "Prompt tokens whose KV came from the prefix cache instead "
+            "of being computed."))
+        self.prefix_cache_evictions = r.register(Counter(
+            "edgeglm_prefix_cache_evictions_total", "Prefix cache blocks evicted to stay within cache.max_mb."))
+        self.prefix_cache_bytes = r.register(Gauge(
+            "edgeglm_prefix_cache_bytes", "KV bytes held by the prefix cache now."))
+        self.collectors: list = []  # called before each exposition, e.g. to copy the prefix cache's counters
+
+    def observe_prefix_cache(self, stats) -> None:
+        """Copy a runtime.prefix_cache.PrefixCacheStats into the prefix cache metrics."""
+        self.prefix_cache_lookups.advance_to(stats.lookups)
+        self.prefix_cache_hits.advance_to(stats.hits)
+        self.prefix_cache_hit_tokens.advance_to(stats.hit_tokens)
+        self.prefix_cache_evictions.advance_to(stats.evictions)
+        self.prefix_cache_bytes.set(stats.bytes)
 
     def exposition(self) -> str:
+        for collect in self.collectors:
+            collect()
         return self.registry.exposition()

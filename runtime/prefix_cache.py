@@ -1,7 +1,7 @@
 """Prefix KV cache: the keys and values of token prefixes that requests and sessions share.
 
     cache = PrefixCache(max_bytes=64 << 20, block_tokens=32, persist_dir=None)
-    cache.bind(model_key)       # e.g. "<bundle sha256>-onnxruntime"; another key clears the cache
+    cache.bind(model_key, engine)   # e.g. "<bundle sha256>-onnxruntime"; another key clears the cache
     logits, kv, reused = prefill_cached(engine, prompt_ids, cache)   # cache may be None
     cache.resize(max_bytes)     # live; evicts down to the new bound
     cache.stats()               # lookups, hits, hit tokens, bytes, blocks, evictions
@@ -27,9 +27,11 @@ Design.
   recently used block without cached children is evicted (a leaf), so a block is never
   unreachable while it is stored, and a shared system prompt outlives its suffixes. A lookup
   or insert touches every block of its chain.
-- One model. KV is only valid for the weights and backend that computed it: `bind(model_key)`
-  with a key other than the current one drops every block (the agent binds on each model
-  activation, OTA included); `prefill_cached` refuses an unbound cache.
+- One model. KV is only valid for the weights and execution path that computed it:
+  `bind(model_key, engine)` with a key other than the current one drops every block (the agent
+  binds on each model activation, OTA included), and once bound to an engine the cache serves
+  that engine object only: a prefill on another engine (an old model still draining its
+  requests) neither reads nor writes it. `prefill_cached` refuses an unbound cache.
 - Persistence (optional). Under `persist_dir/<model_key>/` a block is written, once it was
   reused by a lookup (blocks of one-off prompts never reach the disk), as `<hash>.kvb`: a
   header (parent hash, tokens, shape, sha256 of the arrays) and the arrays, written to a
@@ -52,6 +54,7 @@ import os
 import re
 import struct
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +92,7 @@ class _Block:
 
 @dataclass(frozen=True)
 class PrefixCacheStats:
-    lookups: int  # prefills that asked the cache
+    lookups: int  # prefills that asked the cache (while it was on)
     hits: int  # ... of them reused at least one block
     hit_tokens: int  # prompt tokens whose KV was reused instead of computed
     bytes: int  # KV bytes held in memory now
@@ -109,16 +112,19 @@ class PrefixCache:
         self.max_bytes, self.block_tokens = int(max_bytes), block_tokens
         self.persist_dir = Path(persist_dir) if persist_dir is not None else None
         self.model_key: str | None = None
+        self._engine = None  # weakref to the one engine served, when bound with one
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
         self._bytes = self._lookups = self._hits = self._hit_tokens = self._evictions = 0
         self._lock = threading.RLock()
 
     # --- model binding ------------------------------------------------------------------------
-    def bind(self, model_key: str) -> None:
-        """Serve KV of this model only: another key than the bound one drops every block."""
+    def bind(self, model_key: str, engine=None) -> None:
+        """Serve KV of this model only (and of this engine object only, if one is given): another key
+        than the bound one drops every block."""
         if not isinstance(model_key, str) or not KEY_PATTERN.match(model_key):
             raise ValueError(f"prefix cache model key {model_key!r} is invalid: letters, digits, '.', '_', '-'")
         with self._lock:
+            self._engine = weakref.ref(engine) if engine is not None else None
             if model_key == self.model_key:
                 return
             self._drop_all()
@@ -131,12 +137,26 @@ class PrefixCache:
             self._drop_all()
 
     def resize(self, max_bytes: int) -> None:
-        """A new bound, applied now: blocks are evicted down to it."""
+        """A new bound, applied now: blocks are evicted down to it (0 turns the cache off)."""
         if max_bytes < 0:
             raise ValueError(f"prefix cache max_bytes={max_bytes!r} is invalid: must be >= 0")
         with self._lock:
             self.max_bytes = int(max_bytes)
             self._evict_to(self.max_bytes)
+
+    def reconfigure(self, max_bytes: int, block_tokens: int, persist_dir: str | Path | None) -> None:
+        """Live settings: a new bound resizes; another block size or directory drops the blocks in
+        memory (their hashes or files no longer apply). The counters go on."""
+        if not isinstance(block_tokens, int) or block_tokens < 1:
+            raise ValueError(f"prefix cache block_tokens={block_tokens!r} is invalid: must be an integer >= 1")
+        persist_dir = Path(persist_dir) if persist_dir is not None else None
+        with self._lock:
+            if (block_tokens, persist_dir) != (self.block_tokens, self.persist_dir):
+                self._drop_all()
+                self.block_tokens, self.persist_dir = block_tokens, persist_dir
+                if self.model_key is not None:
+                    self._tidy_disk()
+            self.resize(max_bytes)
 
     def stats(self) -> PrefixCacheStats:
         with self._lock:
@@ -152,14 +172,17 @@ class PrefixCache:
             out.append(parent)
         return out
 
-    def lookup(self, prompt_ids: list[int], arch: ModelArch | None = None) -> KvBlock | None:
-        """The KV of the longest cached prefix of whole blocks that leaves >= 1 prompt token; None on a miss.
-
-        `arch` checks blocks read from disk (a file of another shape is ignored)."""
+    def lookup(self, prompt_ids: list[int], engine=None) -> KvBlock | None:
+        """The KV of the longest cached prefix of whole blocks that leaves >= 1 prompt token; None on a
+        miss, when off, or for an engine other than the bound one. Blocks read from disk are checked
+        against `engine.arch`."""
         usable = (len(prompt_ids) - 1) // self.block_tokens
         hashes = self.chain(prompt_ids, usable)
+        arch: ModelArch | None = getattr(engine, "arch", None)
         with self._lock:
             self._check_bound()
+            if self.max_bytes == 0 or not self._serves(engine):  # off, or not this cache's engine
+                return None
             self._lookups += 1
             found: list[_Block] = []
             for i, h in enumerate(hashes):
@@ -187,7 +210,9 @@ class PrefixCache:
         hashes = self.chain(prompt_ids, min(len(prompt_ids), cache.length) // b)
         with self._lock:
             self._check_bound()
-            have = 0
+            if not self._serves(engine):
+                return 0
+            key, have = self.model_key, 0
             while have < len(hashes) and hashes[have] in self._blocks:
                 self._blocks.move_to_end(hashes[have])
                 have += 1
@@ -195,6 +220,8 @@ class PrefixCache:
             return 0
         kv = engine.export_kv(cache, len(hashes) * b)
         with self._lock:
+            if key != self.model_key or b != self.block_tokens or not self._serves(engine):
+                return 0  # rebound meanwhile: this KV belongs to the model before
             added = 0
             for i in range(have, len(hashes)):
                 h, parent = hashes[i], hashes[i - 1] if i else ROOT
@@ -209,6 +236,9 @@ class PrefixCache:
             return added
 
     # --- internals (called with the lock held) ------------------------------------------------
+    def _serves(self, engine) -> bool:
+        return self._engine is None or (engine is not None and self._engine() is engine)
+
     def _check_bound(self) -> None:
         if self.model_key is None:
             raise ValueError("the prefix cache is not bound to a model: call bind(model_key) before using it")
@@ -345,7 +375,7 @@ def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelA
 def prefill_cached(engine, prompt_ids: list[int], prefix_cache: PrefixCache | None = None):
     """Prefill through the prefix cache: (last-position logits (vocab,), batch-1 cache, reused tokens)."""
     prompt_ids = list(prompt_ids)
-    reused = prefix_cache.lookup(prompt_ids, engine.arch) if prefix_cache is not None else None
+    reused = prefix_cache.lookup(prompt_ids, engine) if prefix_cache is not None else None
     start = reused.length if reused is not None else 0
     cache = engine.cache_from_kv(reused) if reused is not None else engine.new_cache()
     n = len(prompt_ids)

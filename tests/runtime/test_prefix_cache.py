@@ -1,0 +1,188 @@
+"""The prefix KV cache: a cache hit changes nothing in the output, the byte bound holds, KV of one
+model never serves another, and persisted blocks survive a restart but never a corruption.
+
+References are plain prefills (`runtime.generate.prefill`, no prefix cache) on the same engine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from agent.model import load_model
+from models.tiny import HELDOUT_MODULES, corpus_text
+from runtime.generate import SamplingParams, decode_one_token, generate, prefill, sample
+from runtime.prefix_cache import PrefixCache, prefill_cached
+
+BACKENDS = ["onnxruntime", "openvino"]
+B = 16  # block tokens: small, so the tiny prompts span several blocks
+GREEDY = SamplingParams(max_tokens=20)
+SEEDED = SamplingParams(max_tokens=20, temperature=0.9, top_k=40, top_p=0.95, seed=7)
+
+
+@pytest.fixture(scope="module")
+def models(fp32_bundle, int8_bundle):
+    loaded = {}
+
+    def get(precision: str, backend: str):
+        if (precision, backend) not in loaded:
+            loaded[precision, backend] = load_model(fp32_bundle if precision == "fp32" else int8_bundle, backend)
+        return loaded[precision, backend]
+    return get
+
+
+@pytest.fixture(scope="module")
+def ids(models):
+    return models("fp32", "onnxruntime").tokenizer.encode(corpus_text(HELDOUT_MODULES)).ids
+
+
+def key(model) -> str:
+    return f"{model.bundle.sha256}-{model.backend}"
+
+
+def reference(engine, prompt: list[int], params: SamplingParams) -> list[int]:
+    """generate() written out on the plain prefill: no prefix cache anywhere."""
+    rng, history, out = np.random.default_rng(params.seed), list(prompt), []
+    logits, cache = prefill(engine, prompt)
+    for _ in range(params.max_tokens):
+        token = sample(logits, params, rng, history)
+        if token in engine.arch.eos_token_ids:
+            break
+        out.append(token)
+        history.append(token)
+        logits, cache = decode_one_token(engine, token, len(history) - 1, cache)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_kv_restores_a_cache_that_continues_like_the_original(models, ids, backend):
+    engine = models("fp32", backend).engine
+    seq = ids[:60]
+    cache = engine.new_cache()
+    engine.forward(np.asarray([seq[:40]]), np.arange(40)[None], np.ones((1, 40), np.int64), cache)
+    block = engine.export_kv(cache, 25)
+    assert block.length == 25 and block.keys[0].shape == (engine.arch.num_kv_heads, 25, engine.arch.head_dim)
+    restored = engine.cache_from_kv(block)
+    assert restored.length == 25
+    logits, _ = engine.forward(np.asarray([seq[25:]]), np.arange(25, 60)[None], np.ones((1, 60), np.int64), restored)
+    full, _ = prefill(engine, seq)
+    np.testing.assert_allclose(logits[0], full, atol=1e-5)
+    with pytest.raises(ValueError, match="batch-1"):
+        engine.export_kv(cache, 41)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        engine.cache_from_kv(type(block)(block.keys[:1], block.values[:1]))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_with_cache_hits_equal_outputs_without(models, ids, precision, backend):
+    """A shared system prompt with different suffixes, the system prompt alone again, and a prompt
+    that is exactly the cached blocks: greedy and seeded sampling give the tokens of a plain run."""
+    model = models(precision, backend)
+    system = ids[:70]  # 4 whole blocks + 6 tokens
+    prompts = [system + ids[200:215], system + ids[400:433], system, ids[:64], ids[:64] + ids[600:610]]
+    want_reused = [0, 64, 64, 48, 64]  # at least one prompt token always runs: ids[:64] reuses 3 blocks
+    cache = PrefixCache(64 << 20, block_tokens=B)
+    cache.bind(key(model))
+    for params in (GREEDY, SEEDED):
+        cache.clear()
+        for prompt, want in zip(prompts, want_reused):
+            expected = reference(model.engine, prompt, params)
+            _, _, reused = prefill_cached(model.engine, prompt, cache)
+            assert reused == want
+            assert list(generate(model.engine, prompt, params, prefix_cache=cache)) == expected
+    stats = cache.stats()
+    assert stats.hits > 0 and stats.hit_tokens >= sum(want_reused)
+
+
+def test_lru_eviction_keeps_the_byte_bound_and_the_shared_prefix(models, ids):
+    model = models("fp32", "onnxruntime")
+    block_bytes = 2 * model.arch.num_layers * model.arch.num_kv_heads * B * model.arch.head_dim * 4
+    cache = PrefixCache(6 * block_bytes, block_tokens=B)
+    cache.bind(key(model))
+    system = ids[:32]  # two blocks every prompt shares
+    for i in range(8):  # each adds two blocks of its own suffix
+        prefill_cached(model.engine, system + ids[100 + 40 * i:100 + 40 * i + 33], cache)
+        assert cache.stats().bytes <= 6 * block_bytes
+    stats = cache.stats()
+    assert stats.evictions >= 10 and stats.blocks == 6
+    _, _, reused = prefill_cached(model.engine, system + ids[100:133], cache)  # the oldest suffix: evicted
+    assert reused == 32
+    latest = system + ids[380:413]
+    _, _, reused = prefill_cached(model.engine, latest, cache)  # the newest suffix: kept
+    assert reused == 64
+    assert list(generate(model.engine, latest, GREEDY, prefix_cache=cache)) == reference(model.engine, latest, GREEDY)
+    cache.resize(2 * block_bytes)  # live: down to the bound now, the shared system prompt stays
+    assert cache.stats().bytes <= 2 * block_bytes
+    assert prefill_cached(model.engine, system + ids[900:910], cache)[2] == 32
+    cache.resize(0)
+    assert cache.stats().bytes == 0 and prefill_cached(model.engine, latest, cache)[2] == 0
+
+
+def test_a_cache_bound_to_one_model_never_serves_another(models, ids):
+    a, b = models("fp32", "onnxruntime"), models("int8", "onnxruntime")
+    prompt = ids[:50]
+    cache = PrefixCache(64 << 20, block_tokens=B)
+    with pytest.raises(ValueError, match="not bound"):
+        prefill_cached(a.engine, prompt, cache)
+    cache.bind(key(a), a.engine)
+    prefill_cached(a.engine, prompt, cache)
+    assert prefill_cached(a.engine, prompt, cache)[2] == 48
+    blocks = cache.stats().blocks
+    logits, _, reused = prefill_cached(b.engine, prompt, cache)  # another engine: not served, not stored
+    assert reused == 0 and cache.stats().blocks == blocks
+    np.testing.assert_array_equal(logits, prefill(b.engine, prompt)[0])
+    cache.bind(key(b))  # what the agent does when OTA activates another model
+    logits, _, reused = prefill_cached(b.engine, prompt, cache)
+    assert reused == 0
+    np.testing.assert_array_equal(logits, prefill(b.engine, prompt)[0])
+    cache.bind(key(a))  # and back: a's blocks went with the first rebind
+    assert prefill_cached(a.engine, prompt, cache)[2] == 0
+
+
+def test_persisted_blocks_serve_a_new_cache_over_the_same_directory(models, ids, tmp_path):
+    model = models("int8", "openvino")
+    system, k = ids[:70], key(model)
+    first = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
+    first.bind(k)
+    prefill_cached(model.engine, system + ids[200:210], first)
+    prefill_cached(model.engine, system + ids[300:310], first)  # a reuse: the shared blocks are written
+    assert len(list((tmp_path / k).glob("*.kvb"))) == 4
+    restarted = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
+    restarted.bind(k)
+    prompt = system + ids[500:520]
+    assert prefill_cached(model.engine, prompt, restarted)[2] == 64
+    restarted.clear()
+    assert list(generate(model.engine, prompt, SEEDED, prefix_cache=restarted)) == reference(model.engine, prompt, SEEDED)
+    other = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
+    other.bind("another-model")  # other models' files are removed, never read
+    assert prefill_cached(model.engine, prompt, other)[2] == 0 and not (tmp_path / k).exists()
+
+
+def test_a_corrupted_or_truncated_block_file_is_ignored_with_a_warning(models, ids, tmp_path, caplog):
+    model = models("fp32", "openvino")
+    system, k = ids[:70], key(model)
+    first = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
+    first.bind(k)
+    prefill_cached(model.engine, system + ids[200:210], first)
+    prefill_cached(model.engine, system + ids[300:310], first)
+    chain = first.chain(system, 4)
+    third, fourth = (tmp_path / k / (h.hex() + ".kvb") for h in chain[2:])
+    data = bytearray(fourth.read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit in the arrays
+    fourth.write_bytes(bytes(data))
+    restarted = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
+    restarted.bind(k)
+    prompt = system + ids[500:520]
+    with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        assert prefill_cached(model.engine, prompt, restarted)[2] == 48
+    assert "checksum" in caplog.text and not fourth.exists()
+    third.write_bytes(third.read_bytes()[:100])  # a torn write
+    again = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
+    again.bind(k)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        assert list(generate(model.engine, prompt, GREEDY, prefix_cache=again)) == reference(model.engine, prompt, GREEDY)
+    assert "not a usable KV block" in caplog.text and again.stats().hit_tokens == 32
