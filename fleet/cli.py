@@ -3,14 +3,17 @@
     edgeglm fleet serve [--broker HOST:PORT] [--db fleet.db] [--fleet F]
     edgeglm fleet status [--db fleet.db] [--fleet F] [--json]
     edgeglm fleet offer --fleet F --device D --bundle BUNDLE [--broker HOST:PORT] [--db fleet.db]
-    edgeglm fleet config set --fleet F --device D KEY=VALUE... [--broker HOST:PORT]
-    edgeglm fleet rollout --bundle B --group FLEET --canary PCT [--max-p95-regression PCT] [--window S]
+    edgeglm fleet config set (--fleet F --device D | --group G) KEY=VALUE... [--broker HOST:PORT]
+    edgeglm fleet rollout --bundle B --group G --canary PCT [--max-p95-regression PCT] [--window S]
                           [--previous-bundle P --key SIGNING_KEY] [--db fleet.db]
+    edgeglm fleet rollback --group G [--to VERSION] --key SIGNING_KEY [--broker HOST:PORT] [--db fleet.db]
+    edgeglm fleet group add|remove G [--fleet F] DEVICE...  /  edgeglm fleet group list
 
 `serve` runs until SIGTERM/Ctrl-C and advances the rollouts in its database every second;
-`rollout` only records a rollout there (a group is a fleet id). `offer` and `config set` publish through a short-lived
-connection; the serving controller answers the chunk requests of an offer from the shared
-database.
+`rollout` only records a rollout there. A group G is an assigned group (`group add`), or a fleet
+id when no group G is assigned (fleet/groups.py). `offer`, `rollback` and `config set` publish
+through a short-lived connection; the serving controller answers the chunk requests of an offer
+from the shared database.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 
 from agent.errors import AgentError
@@ -103,9 +107,12 @@ def cmd_status(args) -> int:
         raise FleetError(f"{db}: no fleet database; is `edgeglm fleet serve --db {db}` running?")
     store = Store(db)
     if args.json:
-        print(json.dumps({"devices": store.devices(args.fleet)}, indent=2))
+        import time
+
+        versions = store.versions(args.fleet, time.time() - args.since)
+        print(json.dumps({"devices": store.devices(args.fleet), "versions": versions}, indent=2))
     else:
-        print(format_status(store, args.fleet))
+        print(format_status(store, args.fleet, args.since))
     return 0
 
 
@@ -130,10 +137,17 @@ def cmd_rollout(args) -> int:
     if not 0 < args.canary <= 100:
         raise FleetError(f"--canary {args.canary} must be in (0, 100]")
     db = _db(args)
-    rid = create_rollout(Store(db), Path(args.bundle), args.group, args.canary, args.max_p95_regression,
+    store = Store(db)
+    fleet, group = args.group, None
+    if args.group in store.groups():  # an assigned group; otherwise --group is a fleet id, as it always was
+        from fleet.groups import one_fleet, select
+
+        fleet, group = one_fleet(select(store, args.group)), args.group
+    rid = create_rollout(store, Path(args.bundle), fleet, args.canary, args.max_p95_regression,
                          args.window, Path(args.previous_bundle) if args.previous_bundle else None,
-                         Path(args.key) if args.key else None, args.min_delta_ms)
-    print(f"rollout {rid}: {bundle.manifest.name} {bundle.manifest.version} to group {args.group} "
+                         Path(args.key) if args.key else None, args.min_delta_ms, group=group)
+    print(f"rollout {rid}: {bundle.manifest.name} {bundle.manifest.version} to "
+          f"{'group ' + group + ' of fleet ' + fleet if group else 'fleet ' + fleet} "
           f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95, window {args.window:g} s); "
           f"`edgeglm fleet serve --db {db}` drives it, `edgeglm fleet status` shows it")
     return 0
@@ -154,12 +168,96 @@ def cmd_config_set(args) -> int:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = parsed
+    targets = _config_targets(args)
     controller = _connect(args)
     try:
-        version = controller.set_desired(args.fleet, args.device, settings)
+        version = int(time.time() * 1000)  # one version for the whole group
+        for fleet, device in targets:
+            controller.set_desired(fleet, device, settings, version)
     finally:
         controller.stop()
-    print(f"desired config version {version} for {args.fleet}/{args.device}: {json.dumps(settings)}")
+    where = f"{targets[0][0]}/{targets[0][1]}" if not args.group else \
+        f"{len(targets)} device(s) of group {args.group}: {', '.join(f'{f}/{d}' for f, d in targets)}"
+    print(f"desired config version {version} for {where}: {json.dumps(settings)}")
+    return 0
+
+
+def _config_targets(args) -> list[tuple[str, str]]:
+    if args.group and (args.device or args.fleet):
+        raise FleetError("give --group G, or --fleet F --device D, not both")
+    if args.group:
+        from fleet.groups import select
+        from fleet.store import Store
+
+        db = _db(args)
+        if not db.is_file():
+            raise FleetError(f"{db}: no fleet database, so no groups; is `edgeglm fleet serve --db {db}` running?")
+        return select(Store(db), args.group).members
+    if not (args.fleet and args.device):
+        raise FleetError("config set needs --fleet F --device D, or --group G")
+    return [(args.fleet, args.device)]
+
+
+def cmd_rollback(args) -> int:
+    from fleet.config import load_fleet_config
+    from fleet.groups import known_bundles, rollback_target, select
+    from fleet.rollout import offer_rollback
+    from fleet.store import Store
+
+    if not Path(args.key).is_file():
+        raise FleetError(f"--key {args.key}: no such file (the private key that signs rollback offers)")
+    db = _db(args)
+    if not db.is_file():
+        raise FleetError(f"{db}: no fleet database; is `edgeglm fleet serve --db {db}` running?")
+    store = Store(db)
+    selection = select(store, args.group)
+    devices = {(d["fleet"], d["device"]): d for d in store.devices()}
+    running = {devices[m]["model_version"] for m in selection.members if m in devices}
+    version, bundle = rollback_target(running, known_bundles(store, load_fleet_config(args.config).bundles.dir),
+                                      args.to)
+    move = [m for m in selection.members if m in devices and devices[m]["model_version"] != version]
+    stay = [m for m in selection.members if m not in move]
+    offered: dict[tuple[str, str], str] = {}
+    if move:
+        controller = _connect(args)
+        try:
+            for fleet in sorted({f for f, _ in move}):
+                ids = offer_rollback(controller, fleet, [d for f, d in move if f == fleet], bundle, Path(args.key))
+                offered.update({(fleet, d): u for d, u in ids.items()})
+        finally:
+            controller.stop()
+    print(f"rollback of {selection.describe()} to {version} ({bundle}):")
+    for fleet, device in move:
+        d = devices[(fleet, device)]
+        print(f"  {fleet}/{device}: {d['model_version'] or '-'} -> {version}, signed rollback offer "
+              f"{offered[(fleet, device)]}{'' if d['online'] else ' (offline: it gets the offer when it reconnects)'}")
+    print(f"{len(move)} device(s) offered the rollback; {len(stay)} already on {version}. "
+          f"`edgeglm fleet serve` serves the files; `edgeglm fleet status` shows the versions.")
+    return 0
+
+
+def cmd_group(args) -> int:
+    from fleet.groups import check_group_name
+    from fleet.store import Store
+
+    store = Store(_db(args))
+    if args.group_command == "list":
+        groups = store.groups()
+        for name, members in groups.items():
+            print(f"{name}: {' '.join(f'{f}/{d}' for f, d in members)}")
+        if not groups:
+            print("no groups; `edgeglm fleet group add G --fleet F DEVICE...` makes one")
+        return 0
+    if args.group_command == "add":
+        if not args.fleet:
+            raise FleetError("group add needs --fleet F: the fleet of the devices")
+        n = store.group_add(check_group_name(store, args.group), args.fleet, args.devices)
+        unknown = [d for d in args.devices if d not in {x["device"] for x in store.devices(args.fleet)}]
+        note = f" ({', '.join(unknown)} not seen yet in fleet {args.fleet})" if unknown else ""
+        print(f"group {args.group}: {n} device(s) added{note}; {len(store.groups()[args.group])} in all")
+    else:
+        n = store.group_remove(args.group, args.devices or None)
+        print(f"group {args.group}: {n} device(s) removed")
     return 0
 
 
@@ -183,6 +281,7 @@ def register(sub) -> None:
     common(st, broker=False)
     st.add_argument("--fleet")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--since", type=float, default=3600.0, help="seconds of telemetry the latency columns cover")
     st.set_defaults(func=cmd_status)
 
     o = fsub.add_parser("offer", help="offer a signed bundle to one device")
@@ -195,7 +294,7 @@ def register(sub) -> None:
     r = fsub.add_parser("rollout", help="start a staged rollout gated by latency")
     common(r, broker=False)
     r.add_argument("--bundle", required=True)
-    r.add_argument("--group", required=True, help="the fleet id to roll out to")
+    r.add_argument("--group", required=True, help="a group (`fleet group add`) or a fleet id")
     r.add_argument("--canary", type=float, required=True, help="percent of online devices offered first")
     r.add_argument("--max-p95-regression", type=float, default=20.0, help="percent; more halts the rollout")
     r.add_argument("--window", type=float, default=300.0, help="seconds of canary telemetry before deciding")
@@ -209,7 +308,28 @@ def register(sub) -> None:
     csub = c.add_subparsers(dest="config_command", required=True)
     cs = csub.add_parser("set", help="publish desired config KEY=VALUE... (values are JSON or strings)")
     common(cs)
-    cs.add_argument("--fleet", required=True)
-    cs.add_argument("--device", required=True)
+    cs.add_argument("--fleet")
+    cs.add_argument("--device")
+    cs.add_argument("--group", help="every device of a group (or fleet id), instead of --fleet/--device")
     cs.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
     cs.set_defaults(func=cmd_config_set)
+
+    b = fsub.add_parser("rollback", help="offer a signed rollback to the previous (or a named) version")
+    common(b)
+    b.add_argument("--group", required=True, help="a group (`fleet group add`) or a fleet id")
+    b.add_argument("--to", metavar="VERSION", help="version to go back to (default: the previous known one)")
+    b.add_argument("--key", required=True, help="private key that signs the rollback offers")
+    b.set_defaults(func=cmd_rollback)
+
+    g = fsub.add_parser("group", help="device groups kept by the controller")
+    gsub = g.add_subparsers(dest="group_command", required=True)
+    for name, text in (("add", "put devices in a group"), ("remove", "take devices (all without DEVICE) out")):
+        ga = gsub.add_parser(name, help=text)
+        common(ga, broker=False)
+        ga.add_argument("group")
+        ga.add_argument("--fleet", help="the devices' fleet (add)")
+        ga.add_argument("devices", nargs="+" if name == "add" else "*", metavar="DEVICE")
+        ga.set_defaults(func=cmd_group)
+    gl = gsub.add_parser("list", help="the groups and their devices")
+    common(gl, broker=False)
+    gl.set_defaults(func=cmd_group)

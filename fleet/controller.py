@@ -8,12 +8,18 @@
 paho callbacks only parse and store; a malformed message is counted (`rejected_messages`) and
 logged, never raised. The chunk server answers from the offers table, so offers made by another
 process (`edgeglm fleet offer`) are served too.
+
+Telemetry, the one high-rate stream, does not touch SQLite on paho's network thread: the callback
+parses it and puts a row on a queue; a writer thread takes everything queued and stores it in one
+transaction (many rows per commit under load, one at a time when idle), and prunes rows past the
+retention once a minute. Measured with benchmarks/fleet_scale.py (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -27,13 +33,15 @@ from pydantic import ValidationError
 
 from agent.topics import (DesiredConfig, ReportedState, TelemetryReport, controller_subscriptions, desired_topic,
                           ota_offer_topic, split_topic)
-from fleet.store import Store
+from fleet.store import Store, telemetry_row
 from ota.bundle import open_bundle
 from ota.offers import make_offer
 from ota.transfer import ChunkRequest, ChunkSource
 
 log = logging.getLogger("edgeglm.fleet")
 MAX_PAYLOAD = 1 << 20
+MAX_BATCH = 5000  # telemetry rows per transaction
+PRUNE_EVERY_S = 60.0
 
 
 @dataclass
@@ -64,9 +72,12 @@ class FleetController:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 30)
+        self._telemetry: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_telemetry, name="fleet-telemetry-writer", daemon=True)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "FleetController":
+        self._writer.start()
         self.client.connect_async(self.settings.broker_host, self.settings.broker_port)
         self.client.loop_start()
         if not self.connected.wait(timeout):
@@ -77,7 +88,37 @@ class FleetController:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        if self._writer.is_alive():
+            self._telemetry.put(None)  # what is queued before it is still written
+            self._writer.join(30)
         self.store.close()
+
+    @property
+    def queued_telemetry(self) -> int:
+        """Reports received and not yet stored."""
+        return self._telemetry.qsize()
+
+    def _write_telemetry(self) -> None:
+        last_prune = 0.0
+        while True:
+            rows, done = [self._telemetry.get()], False
+            while len(rows) < MAX_BATCH:
+                try:
+                    rows.append(self._telemetry.get_nowait())
+                except queue.Empty:
+                    break
+            if None in rows:
+                rows, done = [r for r in rows if r is not None], True
+            try:
+                if rows:
+                    self.store.add_telemetry_many(rows)
+                if time.monotonic() - last_prune > PRUNE_EVERY_S:
+                    self.store.prune()
+                    last_prune = time.monotonic()
+            except Exception:  # a full disk must not kill the writer; the rows are lost, and logged
+                log.exception("telemetry batch of %d report(s) not stored", len(rows))
+            if done:
+                return
 
     # --- callbacks: parse, store, count -------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -96,7 +137,10 @@ class FleetController:
             if rest == "state":
                 self.store.upsert_state(fleet, ReportedState.model_validate_json(msg.payload).model_dump())
             elif rest == "telemetry":
-                self.store.add_telemetry(fleet, TelemetryReport.model_validate_json(msg.payload).model_dump())
+                report = TelemetryReport.model_validate_json(msg.payload)
+                if report.device != device:
+                    raise ValueError(f"report of device {report.device!r} on the topic of {device!r}")
+                self._telemetry.put(telemetry_row(fleet, report.model_dump()))
             elif rest == "ota/status":
                 if msg.payload:
                     self.store.add_ota_status(fleet, device, json.loads(msg.payload))
@@ -140,7 +184,7 @@ class FleetController:
 
 
 def format_status(store: Store, fleet: str | None = None, since_s: float = 3600) -> str:
-    """The status table: one row per device, then one per model version."""
+    """The status table: one row per device, then one per model version, then the rollouts."""
     now = time.time()
     rows = []
     for d in store.devices(fleet):
@@ -153,12 +197,25 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
     head = ("fleet", "device", "online", "seen", "model", "path", "ttft p50", "ttft p95", "tok p50", "tok p95",
             "tok/s", "config")
     text = _table(head, rows) + f"\n{len(rows)} device(s); rejected messages: {store.counter('rejected_messages')}"
+    text += "\n\n" + format_versions(store.versions(fleet, now - since_s), since_s)
     from fleet.rollout import load_rollouts
 
     for r in load_rollouts(store):
         last = r.data["report"][-1] if r.data["report"] else ""
-        text += f"\nrollout {r.id} ({r.bundle.name} -> {r.fleet}): {r.phase}  {last}"
+        target = r.fleet if not r.group else f"group {r.group} of {r.fleet}"
+        text += f"\nrollout {r.id} ({r.bundle.name} -> {target}): {r.phase}  {last}"
     return text
+
+
+def format_versions(versions: list[dict], since_s: float) -> str:
+    """The per-model-version table of `Store.versions`."""
+    rows = [(v["model_version"] or "-", ",".join(v["model_names"]) or "-", str(v["devices"]), str(v["online"]),
+             _ms(v["ttft_p50_ms"]), _ms(v["ttft_p95_ms"]), _ms(v["token_p50_ms"]), _ms(v["token_p95_ms"]),
+             "-" if v["tokens_per_s"] is None else f"{v['tokens_per_s']:.1f}", str(v["requests"]),
+             "-" if v["error_rate"] is None else f"{100 * v['error_rate']:.1f}%") for v in versions]
+    head = ("version", "model", "devices", "online", "ttft p50", "ttft p95", "tok p50", "tok p95", "tok/s",
+            "requests", "errors")
+    return _table(head, rows) + f"\nper model version: telemetry of the last {since_s / 60:g} min, request-weighted"
 
 
 def _ms(v) -> str:
@@ -171,7 +228,35 @@ def _table(head: tuple, rows: list[tuple]) -> str:
     return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
 
 
-def prometheus_metrics(store: Store, connected: bool) -> str:
+def _version_metrics(versions: list[dict]) -> list[str]:
+    """The per-model-version rows of `fleet status` as gauges labelled by model_version."""
+    series = [("edgeglm_fleet_version_devices", "Devices on each model version, by online state.", None),
+              ("edgeglm_fleet_version_ttft_ms", "Time to first token of each model version (last hour, "
+               "request-weighted mean of the window percentiles).", ("ttft_p50_ms", "ttft_p95_ms")),
+              ("edgeglm_fleet_version_token_ms", "Per-token latency of each model version (last hour, "
+               "request-weighted mean of the window percentiles).", ("token_p50_ms", "token_p95_ms")),
+              ("edgeglm_fleet_version_tokens_per_second", "Decode speed of each model version (last hour).",
+               "tokens_per_s"),
+              ("edgeglm_fleet_version_requests", "Requests served by each model version (last hour).", "requests"),
+              ("edgeglm_fleet_version_error_ratio", "errors / (requests + errors) of each model version "
+               "(last hour).", "error_rate")]
+    lines = []
+    for name, help_text, key in series:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        for v in versions:
+            label = f'model_version="{v["model_version"] or ""}"'
+            if key is None:
+                lines += [f'{name}{{{label},online="true"}} {v["online"]}',
+                          f'{name}{{{label},online="false"}} {v["devices"] - v["online"]}']
+            elif isinstance(key, tuple):
+                lines += [f'{name}{{{label},quantile="{q}"}} {v[k]:.3f}' for q, k in zip(("0.5", "0.95"), key)
+                          if v[k] is not None]
+            elif v[key] is not None:
+                lines.append(f"{name}{{{label}}} {v[key]:.6g}")
+    return lines
+
+
+def prometheus_metrics(store: Store, connected: bool, queued: int | None = None) -> str:
     """Fleet aggregates in the Prometheus text format."""
     from fleet.rollout import load_rollouts
 
@@ -189,6 +274,13 @@ def prometheus_metrics(store: Store, connected: bool) -> str:
         if lat.get("token_p95_ms") is not None:
             lines.append(f'edgeglm_fleet_token_p95_ms{{fleet="{d["fleet"]}",device="{d["device"]}",'
                          f'model_version="{d["model_version"] or ""}"}} {lat["token_p95_ms"]:.3f}')
+    lines += _version_metrics(store.versions(since=since))
+    lines += ["# HELP edgeglm_fleet_telemetry_reports_total Telemetry reports stored.",
+              "# TYPE edgeglm_fleet_telemetry_reports_total counter",
+              f"edgeglm_fleet_telemetry_reports_total {store.counter('telemetry_reports')}"]
+    if queued is not None:
+        lines += ["# HELP edgeglm_fleet_telemetry_queued Telemetry reports received and not yet stored.",
+                  "# TYPE edgeglm_fleet_telemetry_queued gauge", f"edgeglm_fleet_telemetry_queued {queued}"]
     lines += ["# HELP edgeglm_fleet_rejected_messages_total Device messages that did not parse.",
               "# TYPE edgeglm_fleet_rejected_messages_total counter",
               f"edgeglm_fleet_rejected_messages_total {store.counter('rejected_messages')}",
@@ -216,7 +308,8 @@ def serve_http(controller: FleetController, host: str, port: int):
                 code, body, ctype = (200 if connected else 503), (b"ok\n" if connected else b"broker down\n"), \
                     "text/plain"
             elif self.path == "/metrics":
-                code, body, ctype = 200, prometheus_metrics(controller.store, connected).encode(), \
+                code, body, ctype = 200, prometheus_metrics(reader, connected,
+                                                            controller.queued_telemetry).encode(), \
                     "text/plain; version=0.0.4"
             else:
                 code, body, ctype = 404, b"not found\n", "text/plain"
@@ -227,5 +320,6 @@ def serve_http(controller: FleetController, host: str, port: int):
             self.wfile.write(body)
 
     server = ThreadingHTTPServer((host, port), Handler)
+    reader = Store(controller.settings.db)  # its own connection: a scrape never waits for the writer
     threading.Thread(target=server.serve_forever, name="fleet-http", daemon=True).start()
     return server

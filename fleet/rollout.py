@@ -13,6 +13,10 @@
 
 The rollout lives in the controller's database and is advanced by `tick()`, so a controller
 restart continues where it was. Each decision is written to the rollout's report.
+
+A rollout goes to one fleet, or to the members of an assigned group within it (`group`,
+resolved when the canaries are picked: fleet/groups.py). `offer_rollback` is the signed
+rollback of the halt path; `edgeglm fleet rollback` uses it too.
 """
 
 from __future__ import annotations
@@ -30,8 +34,14 @@ CREATE TABLE IF NOT EXISTS rollouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, bundle TEXT NOT NULL, fleet TEXT NOT NULL, canary_pct REAL NOT NULL,
     max_regression_pct REAL NOT NULL, window_s REAL NOT NULL, previous_bundle TEXT, key TEXT,
     min_delta_ms REAL NOT NULL DEFAULT 1.0,
-    phase TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
+    phase TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, group_name TEXT);
 """
+
+
+def _schema(store: Store) -> None:
+    store.db.executescript(SCHEMA)
+    if "group_name" not in {row[1] for row in store.db.execute("PRAGMA table_info(rollouts)")}:
+        store.db.execute("ALTER TABLE rollouts ADD COLUMN group_name TEXT")  # a database of an older controller
 ACTIVE = ("canary", "canary_wait", "canary_window", "rest", "rest_wait", "halting")
 
 
@@ -48,29 +58,38 @@ class Rollout:
     phase: str
     data: dict
     min_delta_ms: float = 1.0
+    group: str | None = None  # an assigned group within `fleet`; None: the whole fleet
 
 
 def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, max_regression_pct: float = 20.0,
                    window_s: float = 300.0, previous_bundle: Path | None = None, key: Path | None = None,
-                   min_delta_ms: float = 1.0) -> int:
-    store.db.executescript(SCHEMA)
+                   min_delta_ms: float = 1.0, group: str | None = None) -> int:
+    _schema(store)
     now = time.time()
     cur = store._exec(
         "INSERT INTO rollouts (bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
-        "min_delta_ms, phase, data, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        "min_delta_ms, phase, data, created, updated, group_name) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (str(Path(bundle).resolve()), fleet, canary_pct, max_regression_pct, window_s,
          str(Path(previous_bundle).resolve()) if previous_bundle else None, str(key) if key else None,
-         min_delta_ms, "canary", json.dumps({"report": []}), now, now))
+         min_delta_ms, "canary", json.dumps({"report": []}), now, now, group))
     return cur.lastrowid
 
 
 def load_rollouts(store: Store, active_only: bool = False) -> list[Rollout]:
-    store.db.executescript(SCHEMA)
+    _schema(store)
     rows = store._exec("SELECT id, bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
-                       "phase, data, min_delta_ms FROM rollouts ORDER BY id").fetchall()
+                       "phase, data, min_delta_ms, group_name FROM rollouts ORDER BY id").fetchall()
     out = [Rollout(r[0], Path(r[1]), r[2], r[3], r[4], r[5], Path(r[6]) if r[6] else None,
-                   Path(r[7]) if r[7] else None, r[8], json.loads(r[9]), r[10]) for r in rows]
+                   Path(r[7]) if r[7] else None, r[8], json.loads(r[9]), r[10], r[11]) for r in rows]
     return [r for r in out if r.phase in ACTIVE] if active_only else out
+
+
+def offer_rollback(controller, fleet: str, devices: list[str], bundle: Path, key: Path) -> dict[str, str]:
+    """Offer every device a rollback to `bundle`, signed with `key`: device -> update id."""
+    from ota.signing import load_private_key
+
+    private = load_private_key(key)
+    return {d: controller.offer(fleet, d, bundle, rollback_key=private) for d in devices}
 
 
 class RolloutDriver:
@@ -91,16 +110,18 @@ class RolloutDriver:
         for r in load_rollouts(self.store, active_only=True):
             getattr(self, f"_{r.phase}")(r, now)
 
-    def _offer(self, r: Rollout, devices: list[str], bundle: Path, rollback: bool = False) -> dict:
-        key = None
-        if rollback:
-            from ota.signing import load_private_key
+    def _offer(self, r: Rollout, devices: list[str], bundle: Path) -> dict:
+        return {d: self.controller.offer(r.fleet, d, bundle) for d in devices}
 
-            key = load_private_key(r.key)
-        return {d: self.controller.offer(r.fleet, d, bundle, rollback_key=key) for d in devices}
+    def _members(self, r: Rollout) -> set[str] | None:
+        if r.group is None:
+            return None
+        return {d for f, d in self.store.groups().get(r.group, []) if f == r.fleet}
 
     def _canary(self, r: Rollout, now: float) -> None:
-        online = sorted(d["device"] for d in self.store.devices(r.fleet) if d["online"])
+        members = self._members(r)
+        online = sorted(d["device"] for d in self.store.devices(r.fleet)
+                        if d["online"] and (members is None or d["device"] in members))
         if not online:
             return  # nothing to do until devices are online
         n = max(1, math.ceil(len(online) * r.canary_pct / 100.0))
@@ -166,7 +187,7 @@ class RolloutDriver:
 
     def _halting(self, r: Rollout, now: float) -> None:
         if r.previous_bundle and r.key:
-            self._offer(r, r.data.get("canaries", []), r.previous_bundle, rollback=True)
+            offer_rollback(self.controller, r.fleet, r.data.get("canaries", []), r.previous_bundle, r.key)
             self._save(r, "halted", f"halted; canaries offered a signed rollback to {r.previous_bundle.name}")
         else:
             self._save(r, "halted", "halted; no --previous-bundle/--key given, canaries keep the new version")

@@ -97,3 +97,112 @@ class SimDevice:
             ttft_ms=LatencyPercentiles(p50=base * 5, p95=base * 6, p99=base * 7),
             per_token_ms=LatencyPercentiles(p50=samples[10], p95=samples[18], p99=samples[19]),
             tokens_per_s=1000.0 / base, model_version=self.version, execution_path="onnxruntime:cpu"))
+
+
+class SimSwarm:
+    """Many simulated devices in one process, for load: one MQTT connection per device, all
+    driven by one thread over a selector (paho's external-loop API: `loop_read`/`loop_write`/
+    `loop_misc`, no thread per client), so a process holds thousands.
+
+    Each device connects with the agents' Will (`online: false`, retained), publishes its retained
+    state, then one `TelemetryReport` every `interval_s` (the devices' phases spread evenly over
+    the interval), QoS 1, on its own telemetry topic: the topics and payload models are the
+    agents' own. `window_end` is the time of publishing, so `stored - window_end` in the
+    controller's database is the ingest lag. It does not answer offers or configs (SimDevice does).
+    """
+
+    def __init__(self, host: str, port: int, fleet: str, devices: list[str], interval_s: float = 1.0,
+                 version: str = "1.0.0", per_token_ms: float = 10.0, seed: int = 0):
+        self.host, self.port, self.fleet = host, port, fleet
+        self.devices, self.interval_s, self.version = devices, interval_s, version
+        self.per_token_ms = per_token_ms
+        self.rng = random.Random(seed)
+        self.sent = 0
+        self.clients: dict[str, object] = {}
+
+    def _client(self, device: str):
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from agent.topics import state_topic
+
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{self.fleet}-{device}", protocol=paho.MQTTv5)
+        will = self._state(device, online=False).model_dump_json()
+        client.will_set(state_topic(self.fleet, device), will, qos=1, retain=True)
+        client.connect(self.host, self.port, keepalive=60)
+        client.publish(state_topic(self.fleet, device), self._state(device, True).model_dump_json(), qos=1,
+                       retain=True)
+        return client
+
+    def _state(self, device: str, online: bool) -> ReportedState:
+        return ReportedState(device=device, online=online, agent_version="0.1.0-sim", execution_path="onnxruntime:cpu",
+                             model=ModelRef(name="sim", version=self.version, sha256="0" * 64), active_slot="a",
+                             uptime_s=0.0, ts=time.time())
+
+    def _report(self, device: str) -> bytes:
+        base = self.per_token_ms * self.rng.uniform(0.9, 1.1)
+        now = time.time()
+        return TelemetryReport(
+            device=device, window_start=now - self.interval_s, window_end=now, count=5,
+            ttft_ms=LatencyPercentiles(p50=base * 5, p95=base * 6, p99=base * 7),
+            per_token_ms=LatencyPercentiles(p50=base, p95=base * 1.2, p99=base * 1.3),
+            tokens_per_s=1000.0 / base, model_version=self.version,
+            execution_path="onnxruntime:cpu").model_dump_json().encode()
+
+    def connect(self) -> None:
+        """Open every device's connection (blocking TCP connects, CONNACKs read by `run`)."""
+        for device in self.devices:
+            self.clients[device] = self._client(device)
+
+    def run(self, duration_s: float, stop: threading.Event | None = None) -> int:
+        """Serve the connections and publish telemetry for `duration_s`; reports sent in this run."""
+        import selectors
+
+        from agent.topics import telemetry_topic
+
+        sel = selectors.DefaultSelector()
+        for device, client in self.clients.items():
+            sel.register(client.socket(), selectors.EVENT_READ, client)
+        topics = {d: telemetry_topic(self.fleet, d) for d in self.devices}
+        n = len(self.devices)
+        start = time.time()
+        due = [(start + self.interval_s * i / n, d) for i, d in enumerate(self.devices)]  # sorted by time
+        sent, nxt, last_misc = 0, 0, 0.0
+        pending: set = set()  # clients with bytes the socket did not take yet
+        end = start + duration_s
+        try:
+            while time.time() < end and not (stop and stop.is_set()):
+                now = time.time()
+                for _ in range(200):  # what is due (a bounded batch), then back to the sockets
+                    if due[nxt][0] > now:
+                        break
+                    t, d = due[nxt]
+                    client = self.clients[d]
+                    client.publish(topics[d], self._report(d), qos=1)
+                    if client.want_write():
+                        pending.add(client)
+                    sent += 1
+                    due[nxt] = (t + self.interval_s, d)
+                    nxt = (nxt + 1) % n
+                wait = max(0.0, min(due[nxt][0] - time.time(), 0.05))
+                for key, _ in sel.select(wait):
+                    key.data.loop_read(100)
+                if now - last_misc > 1.0:  # keepalive pings and PUBACK bookkeeping
+                    for client in self.clients.values():
+                        client.loop_misc()
+                        if client.want_write():
+                            pending.add(client)
+                    last_misc = now
+                for client in list(pending):
+                    client.loop_write()
+                    if not client.want_write():
+                        pending.discard(client)
+        finally:
+            sel.close()
+        self.sent += sent
+        return sent
+
+    def close(self) -> None:
+        """Clean disconnects: the broker drops the Wills (the controller sees them as gone only if killed)."""
+        for client in self.clients.values():
+            client.disconnect()

@@ -2,7 +2,16 @@
 
 One file (default `fleet.db`), written by `edgeglm fleet serve` and read by `edgeglm fleet
 status`; SQLite's WAL mode lets the status command read while the controller writes.
-Telemetry older than the retention is deleted as new reports arrive.
+
+Telemetry is the only high-rate write (one report per device per interval): the controller hands
+it to `add_telemetry_many` in batches, one transaction per batch with `synchronous=NORMAL` (WAL:
+no fsync per commit; a power cut loses at most the last commits, never the database), and each
+row keeps `stored`, the time its batch was written, so ingest lag is `stored - window_end`.
+Rows older than the retention are deleted by `prune`, which the controller calls once a minute
+(an index on `window_end` keeps that a range delete rather than a scan).
+
+Groups (`edgeglm fleet group add G --fleet F DEVICE...`) are assigned here, by the operator, and
+live in the `groups` table: a device may be in several groups; a group belongs to one fleet.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ CREATE TABLE IF NOT EXISTS devices (
     PRIMARY KEY (fleet, device));
 CREATE TABLE IF NOT EXISTS telemetry (
     fleet TEXT NOT NULL, device TEXT NOT NULL, model_version TEXT, window_end REAL NOT NULL, count INTEGER,
-    ttft_p50 REAL, ttft_p95 REAL, token_p50 REAL, token_p95 REAL, tokens_per_s REAL, errors INTEGER);
+    ttft_p50 REAL, ttft_p95 REAL, token_p50 REAL, token_p95 REAL, tokens_per_s REAL, errors INTEGER,
+    stored REAL);
 CREATE INDEX IF NOT EXISTS telemetry_by_device ON telemetry (fleet, device, window_end);
 CREATE TABLE IF NOT EXISTS ota_status (
     fleet TEXT NOT NULL, device TEXT NOT NULL, update_id TEXT, ts REAL NOT NULL, state TEXT, result TEXT,
@@ -29,7 +39,20 @@ CREATE TABLE IF NOT EXISTS ota_status (
 CREATE TABLE IF NOT EXISTS offers (
     update_id TEXT PRIMARY KEY, bundle TEXT NOT NULL, version TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS groups (
+    name TEXT NOT NULL, fleet TEXT NOT NULL, device TEXT NOT NULL, PRIMARY KEY (name, fleet, device));
 """
+TELEMETRY_COLUMNS = ("fleet", "device", "model_version", "window_end", "count", "ttft_p50", "ttft_p95", "token_p50",
+                     "token_p95", "tokens_per_s", "errors", "stored")
+_INSERT_TELEMETRY = (f"INSERT INTO telemetry ({', '.join(TELEMETRY_COLUMNS)}) "
+                     f"VALUES ({', '.join('?' * len(TELEMETRY_COLUMNS))})")
+
+
+def telemetry_row(fleet: str, r: dict) -> tuple:
+    """A parsed TelemetryReport (as a dict) as a telemetry row, less the `stored` time."""
+    ttft, tok = r.get("ttft_ms") or {}, r.get("per_token_ms") or {}
+    return (fleet, r["device"], r.get("model_version"), r["window_end"], r["count"], ttft.get("p50"), ttft.get("p95"),
+            tok.get("p50"), tok.get("p95"), r.get("tokens_per_s"), r.get("errors", 0))
 
 
 class Store:
@@ -39,7 +62,17 @@ class Store:
         self._lock = threading.Lock()
         self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older controller up to this schema."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(telemetry)")}
+        if "stored" not in columns:
+            self.db.execute("ALTER TABLE telemetry ADD COLUMN stored REAL")
+        self.db.execute("CREATE INDEX IF NOT EXISTS telemetry_by_time ON telemetry (window_end)")
 
     def close(self) -> None:
         self.db.close()
@@ -62,11 +95,43 @@ class Store:
              state.get("last_config_error"), json.dumps(state)))
 
     def add_telemetry(self, fleet: str, r: dict) -> None:
-        ttft, tok = r.get("ttft_ms") or {}, r.get("per_token_ms") or {}
-        self._exec("INSERT INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                   (fleet, r["device"], r.get("model_version"), r["window_end"], r["count"], ttft.get("p50"),
-                    ttft.get("p95"), tok.get("p50"), tok.get("p95"), r.get("tokens_per_s"), r.get("errors", 0)))
-        self._exec("DELETE FROM telemetry WHERE window_end < ?", (time.time() - self.retention_s,))
+        self.add_telemetry_many([telemetry_row(fleet, r)])
+
+    def add_telemetry_many(self, rows: list[tuple]) -> float:
+        """Insert `telemetry_row`s in one transaction; returns the `stored` time given to them."""
+        stored = time.time()
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                self.db.executemany(_INSERT_TELEMETRY, [row + (stored,) for row in rows])
+                self.db.execute("INSERT INTO counters VALUES ('telemetry_reports', ?) "
+                                "ON CONFLICT(name) DO UPDATE SET value = value + ?", (len(rows), len(rows)))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return stored
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete telemetry older than the retention; the number of rows deleted."""
+        cutoff = (time.time() if now is None else now) - self.retention_s
+        return self._exec("DELETE FROM telemetry WHERE window_end < ?", (cutoff,)).rowcount
+
+    def group_add(self, name: str, fleet: str, devices: list[str]) -> int:
+        """Put devices in a group (kept if already there); how many were new."""
+        before = self._exec("SELECT COUNT(*) FROM groups WHERE name=?", (name,)).fetchone()[0]
+        with self._lock:
+            self.db.executemany("INSERT OR IGNORE INTO groups VALUES (?,?,?)", [(name, fleet, d) for d in devices])
+        return self._exec("SELECT COUNT(*) FROM groups WHERE name=?", (name,)).fetchone()[0] - before
+
+    def group_remove(self, name: str, devices: list[str] | None = None) -> int:
+        """Take devices (all of them when None) out of a group; how many were removed."""
+        if devices is None:
+            return self._exec("DELETE FROM groups WHERE name=?", (name,)).rowcount
+        with self._lock:
+            before = self.db.total_changes
+            self.db.executemany("DELETE FROM groups WHERE name=? AND device=?", [(name, d) for d in devices])
+            return self.db.total_changes - before
 
     def add_ota_status(self, fleet: str, device: str, status: dict) -> None:
         self._exec("INSERT INTO ota_status VALUES (?,?,?,?,?,?,?,?)",
@@ -116,3 +181,45 @@ class Store:
         row = self._exec("SELECT body FROM ota_status WHERE fleet=? AND device=? AND update_id=? AND result IS NOT NULL "
                          "ORDER BY ts DESC LIMIT 1", (fleet, device, update_id)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def groups(self) -> dict[str, list[tuple[str, str]]]:
+        """Every assigned group: name -> sorted (fleet, device) members."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for name, fleet, device in self._exec("SELECT name, fleet, device FROM groups ORDER BY name, fleet, device"):
+            out.setdefault(name, []).append((fleet, device))
+        return out
+
+    def fleets(self) -> list[str]:
+        return [r[0] for r in self._exec("SELECT DISTINCT fleet FROM devices ORDER BY fleet").fetchall()]
+
+    def versions(self, fleet: str | None = None, since: float = 0.0) -> list[dict]:
+        """One row per model version: its devices (all, online, model names) and, from the telemetry
+        reports tagged with that version since `since`, request-weighted means of the window
+        percentiles, the request-weighted mean tokens/s and the error rate errors/(requests+errors)."""
+        where, args = (" WHERE fleet=?", (fleet,)) if fleet else ("", ())
+        rows: dict[str | None, dict] = {}
+        for version, names, n, online in self._exec(
+                "SELECT model_version, GROUP_CONCAT(DISTINCT model_name), COUNT(*), SUM(online) FROM devices"
+                + where + " GROUP BY model_version", args).fetchall():
+            rows[version] = {"model_version": version, "model_names": sorted((names or "").split(",")) if names
+                             else [], "devices": n, "online": online or 0}
+        sql = ("SELECT model_version, SUM(count), SUM(errors), "
+               + ", ".join(f"SUM({c}*count), SUM(CASE WHEN {c} IS NOT NULL THEN count END)"
+                           for c in ("ttft_p50", "ttft_p95", "token_p50", "token_p95", "tokens_per_s"))
+               + " FROM telemetry WHERE window_end>=?" + (" AND fleet=?" if fleet else "") + " GROUP BY model_version")
+        for version, requests, errors, *sums in self._exec(sql, (since,) + args).fetchall():
+            row = rows.setdefault(version, {"model_version": version, "model_names": [], "devices": 0, "online": 0})
+            keys = ("ttft_p50_ms", "ttft_p95_ms", "token_p50_ms", "token_p95_ms", "tokens_per_s")
+            for key, total, weight in zip(keys, sums[0::2], sums[1::2]):
+                row[key] = total / weight if weight else None
+            requests, errors = requests or 0, errors or 0
+            row.update(requests=requests, errors=errors,
+                       error_rate=errors / (requests + errors) if requests + errors else None)
+        empty = {"requests": 0, "errors": 0, "error_rate": None, "ttft_p50_ms": None, "ttft_p95_ms": None,
+                 "token_p50_ms": None, "token_p95_ms": None, "tokens_per_s": None}
+        return [{**empty, **rows[v]} for v in sorted(rows, key=lambda v: (v is None, v or ""))]
+
+    def ingest_lag(self, since_stored: float) -> list[float]:
+        """`stored - window_end` of every report stored since `since_stored`, seconds (benchmarks)."""
+        return [r[0] for r in self._exec("SELECT stored - window_end FROM telemetry WHERE stored>=?",
+                                         (since_stored,)).fetchall()]

@@ -1,0 +1,241 @@
+"""How many devices reporting telemetry every second one fleet controller keeps up with.
+
+    python benchmarks/fleet_scale.py                        # N = 500, 1000, 2000, 4000 (stops past the ceiling)
+    python benchmarks/fleet_scale.py --steps 2000 --duration 30
+    python benchmarks/fleet_scale.py --controller-src /tmp/old   # the controller of another checkout (before/after)
+
+One run starts a loopback Mosquitto and `edgeglm fleet serve` (its own process), then for each N
+starts simulated devices (fleet.simulator.SimSwarm: one MQTT connection per device, the agents'
+topics and payload models, up to --per-process devices per worker process) that each publish
+a TelemetryReport every second. Per step it prints:
+
+  lag p50/p95/max   `stored - window_end` of every report published in the measured window
+                    (window_end is set when the device publishes; `stored` when the controller's
+                    batch is written); reports still unstored 10 s after the window count as lost
+  fresh             worst `now - newest stored window_end`, sampled twice a second (works with
+                    any controller version, also one whose database has no `stored` column)
+  msg/s             reports stored per second of the window, and what the devices sent
+  CPU% / RSS        of the controller, the broker and all device workers (100% = one core),
+                    and how busy the whole machine was (other work on it shows there)
+
+The ceiling is the first N whose p95 lag passes 1 s or that loses more than 1% of reports;
+the run stops after it. Numbers and the machine go to docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from procstats import cpu_model, proc_cpu_s, proc_status_kb, system_busy_s  # noqa: E402
+
+FLEET = "bench"
+
+
+def raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (inherited by the broker and the workers)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
+
+
+def start_broker(work: Path) -> tuple[subprocess.Popen, int]:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true", "persistence false",
+             "max_connections -1", f"log_dest file {work / 'mosquitto.log'}", "log_type error", "log_type warning"]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    conf.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def start_controller(work: Path, port: int, src: str | None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=src or str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "fleet", "serve", "--broker", f"127.0.0.1:{port}",
+                             "--db", str(work / "fleet.db"), "--http-port", "0"], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline()
+    if "fleet controller" not in line:
+        raise SystemExit(f"the controller did not start: {line}{proc.stdout.read()}")
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # a full pipe would block it
+    return proc
+
+
+def worker(args) -> int:
+    """One device process: connect its devices, say so, publish until told the duration is over."""
+    from fleet.simulator import SimSwarm
+
+    swarm = SimSwarm("127.0.0.1", args.port, FLEET, [f"d{i:05d}" for i in range(args.first, args.first + args.count)],
+                     seed=args.first)
+    swarm.connect()
+    swarm.run(0.5)  # read the CONNACKs
+    print("connected", flush=True)
+    sys.stdin.readline()  # "go"
+    sent = swarm.run(args.duration)
+    swarm.close()
+    print(json.dumps({"sent": sent}), flush=True)
+    return 0
+
+
+def start_workers(port: int, n: int, per_process: int, duration: float) -> list[subprocess.Popen]:
+    procs = []
+    for first in range(0, n, per_process):
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--port", str(port), "--first", str(first),
+                                       "--count", str(min(per_process, n - first)), "--duration", str(duration)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    for p in procs:
+        if p.stdout.readline().strip() != "connected":
+            raise SystemExit("a device worker did not connect (see its stderr)")
+    return procs
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))] if s else float("nan")
+
+
+def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, broker: subprocess.Popen,
+                 args) -> dict:
+    warmup = args.warmup
+    workers = start_workers(port, n, args.per_process, warmup + args.duration)
+    read = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    has_stored = "stored" in {r[1] for r in read.execute("PRAGMA table_info(telemetry)")}
+    for w in workers:
+        w.stdin.write("go\n")
+        w.stdin.flush()
+    time.sleep(warmup)
+    pids = {"controller": controller.pid, "broker": broker.pid}
+    cpu0 = {k: proc_cpu_s(p) for k, p in pids.items()}
+    sims0 = sum(proc_cpu_s(w.pid) for w in workers)
+    busy0, t0 = system_busy_s(), time.time()
+    fresh = []
+    while time.time() < t0 + args.duration:
+        newest = read.execute("SELECT MAX(window_end) FROM telemetry").fetchone()[0]
+        fresh.append(time.time() - newest if newest else float("nan"))
+        time.sleep(0.5)
+    t1 = time.time()
+    wall = t1 - t0
+    cpu = {k: 100 * (proc_cpu_s(p) - cpu0[k]) / wall for k, p in pids.items()}
+    sims = 100 * (sum(proc_cpu_s(w.pid) for w in workers) - sims0) / wall
+    busy = 100 * (system_busy_s() - busy0) / wall
+    rss = {k: (proc_status_kb(p, "VmRSS") or 0) / 1024 for k, p in pids.items()}
+    sent = sum(json.loads(w.stdout.readline())["sent"] for w in workers)
+    for w in workers:
+        w.wait()
+    count = lambda: read.execute("SELECT COUNT(*) FROM telemetry WHERE window_end>=?", (t0 - warmup - 5,)).fetchone()[0]  # noqa: E731
+    deadline = time.time() + 10
+    while count() < sent and time.time() < deadline:  # let a backlog drain: late, not lost
+        time.sleep(0.5)
+    stored_all = count()
+    in_window = read.execute("SELECT COUNT(*) FROM telemetry WHERE window_end BETWEEN ? AND ?", (t0, t1)).fetchone()[0]
+    lags = [r[0] for r in read.execute("SELECT stored - window_end FROM telemetry WHERE window_end BETWEEN ? AND ?",
+                                       (t0, t1))] if has_stored else []
+    read.close()
+    return {"n": n, "lag_p50": percentile(lags, 50), "lag_p95": percentile(lags, 95),
+            "lag_max": max(lags) if lags else float("nan"), "fresh_max": max(fresh) if fresh else float("nan"),
+            "stored_per_s": in_window / wall, "sent_per_s": sent / (warmup + args.duration),
+            "lost_pct": 100 * max(0, sent - stored_all) / sent if sent else 0.0,
+            "cpu_controller": cpu["controller"], "cpu_broker": cpu["broker"], "cpu_devices": sims,
+            "cpu_machine": busy, "rss_controller": rss["controller"], "rss_broker": rss["broker"]}
+
+
+def print_row(r: dict, header: bool = False) -> None:
+    cols = [("N", "n", "{:d}"), ("lag p50", "lag_p50", "{:.3f}s"), ("lag p95", "lag_p95", "{:.3f}s"),
+            ("lag max", "lag_max", "{:.3f}s"), ("fresh max", "fresh_max", "{:.2f}s"),
+            ("stored/s", "stored_per_s", "{:.0f}"), ("sent/s", "sent_per_s", "{:.0f}"), ("lost", "lost_pct", "{:.1f}%"),
+            ("ctl CPU", "cpu_controller", "{:.0f}%"), ("ctl RSS", "rss_controller", "{:.0f}MB"),
+            ("broker CPU", "cpu_broker", "{:.0f}%"), ("broker RSS", "rss_broker", "{:.0f}MB"),
+            ("devices CPU", "cpu_devices", "{:.0f}%"), ("machine", "cpu_machine", "{:.0f}%")]
+    widths = [max(len(h), 9) for h, _, _ in cols]
+    if header:
+        print("  ".join(h.rjust(w) for (h, _, _), w in zip(cols, widths)), flush=True)
+    print("  ".join(f.format(r[k]).rjust(w) for (_, k, f), w in zip(cols, widths)), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", default="500,1000,2000,4000", help="device counts, comma-separated")
+    ap.add_argument("--duration", type=float, default=20.0, help="measured seconds per step")
+    ap.add_argument("--warmup", type=float, default=5.0, help="seconds of publishing before measuring")
+    ap.add_argument("--per-process", type=int, default=1000, help="devices per worker process")
+    ap.add_argument("--controller-src", help="PYTHONPATH of the controller to run (default: this checkout)")
+    ap.add_argument("--keep-going", action="store_true", help="run every step even past the ceiling")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--first", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    try:
+        steps = [int(x) for x in args.steps.split(",")]
+    except ValueError:
+        print(f"--steps {args.steps!r}: give device counts like 500,1000,2000", file=sys.stderr)
+        return 2
+    nofile = raise_fd_limit()
+    if max(steps) + 100 > nofile:
+        print(f"--steps {max(steps)}: the broker needs a socket per device and RLIMIT_NOFILE is {nofile}; "
+              f"raise it (ulimit -n) or use fewer devices", file=sys.stderr)
+        return 2
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; RLIMIT_NOFILE {nofile}; telemetry every 1 s per device; "
+          f"{args.duration:g} s measured per step after {args.warmup:g} s warm-up", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
+        work = Path(tmp)
+        broker, port = start_broker(work)
+        controller = start_controller(work, port, args.controller_src)
+        try:
+            for i, n in enumerate(steps):
+                row = measure_step(n, port, work / "fleet.db", controller, broker, args)
+                print_row(row, header=i == 0)
+                if (row["lag_p95"] > 1.0 or row["lost_pct"] > 1.0 or row["fresh_max"] > 2.0) and not args.keep_going:
+                    print(f"ceiling: {n} devices (p95 lag over 1 s, or reports lost)")
+                    break
+            else:
+                print(f"no ceiling up to {steps[-1]} devices")
+        finally:
+            controller.terminate()
+            controller.wait(30)
+            broker.terminate()
+            broker.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
