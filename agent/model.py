@@ -1,7 +1,7 @@
 """Load a verified bundle onto an engine: the wiring between `ota.bundle` and `runtime`.
 
 The execution path: a named backend runs on its CPU default (f32, all usable cores or `threads`).
-`auto` with a `tune_dir` (the agent's state dir) runs the measured autotune of runtime/autotune.py
+`auto` with a `cache_dir` (the agent's state dir) runs the measured autotune of runtime/autotune.py
 once per (bundle, hardware) and serves the path it chose; `auto` without one falls back to the rule
 order `AUTO_ORDER`. `LoadedModel.execution_info()` says which path serves and how it was chosen.
 """
@@ -67,26 +67,26 @@ def choose_backend(bundle: Bundle, requested: str = "auto") -> str:
         f"{', '.join(installed) or 'none'}")
 
 
-def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = None, *, tune_dir: Path | None = None,
+def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = None, *, cache_dir: Path | None = None,
                 retune: bool = False, hardware=None, progress: bool = False) -> tuple[Candidate, TuneResult | None]:
-    """The execution path: autotuned for `auto` with a `tune_dir`, else the backend's CPU default."""
-    if backend == "auto" and tune_dir is not None:
+    """The execution path: autotuned for `auto` with a `cache_dir`, else the backend's CPU default."""
+    if backend == "auto" and cache_dir is not None:
         from runtime.probe import probe_hardware
 
-        result = autotune(bundle, hardware or probe_hardware(), cache_dir=Path(tune_dir), retune=retune,
+        result = autotune(bundle, hardware or probe_hardware(), cache_dir=Path(cache_dir), retune=retune,
                           threads=threads, progress=progress)
         return result.choice, result
     return default_candidate(choose_backend(bundle, backend), threads), None
 
 
 def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | None = None, *,
-               tune_dir: Path | None = None, retune: bool = False, hardware=None,
+               cache_dir: Path | None = None, retune: bool = False, hardware=None,
                progress: bool = False) -> LoadedModel:
     """Verify the bundle's files against its manifest, then load the model on its execution path.
 
-    `tune_dir`: with backend `auto`, use (or make) the autotune result cached there."""
+    `cache_dir`: with backend `auto`, use (or make) the autotune result cached under `cache_dir/autotune/`."""
     bundle = open_bundle(bundle_path)
-    path, tuning = choose_path(bundle, backend, threads, tune_dir=tune_dir, retune=retune, hardware=hardware,
+    path, tuning = choose_path(bundle, backend, threads, cache_dir=cache_dir, retune=retune, hardware=hardware,
                                progress=progress)
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
     engine = load_engine(path.backend, bundle.path(bundle.manifest.backends[path.backend].entry), arch, path.threads,

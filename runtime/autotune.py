@@ -41,7 +41,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.engine import BACKENDS, ModelArch, available_backends, load_engine
+from runtime.engine import BACKENDS, ModelArch, load_engine
 from runtime.errors import BackendUnavailable
 from runtime.golden import check_golden
 from runtime.probe import HardwareInfo, accelerators
@@ -163,8 +163,8 @@ def accelerator_candidates(hw: HardwareInfo, backend: str) -> list[Candidate]:
 def candidates(hw: HardwareInfo, bundle_backends, installed=None, threads: int | None = None) -> list[Candidate]:
     """The execution paths worth measuring, in rule order: accelerators, then ONNX Runtime CPU (the
     fastest decode in docs/performance.md), then OpenVINO CPU; exact paths before hinted ones.
-    Backends that the bundle does not carry or that are not installed are pruned."""
-    installed = available_backends() if installed is None else installed
+    Backends that the bundle does not carry or that the probe did not find (or `installed` lacks) are pruned."""
+    installed = [b.name for b in hw.backends if b.available] if installed is None else installed
     usable = [b for b in BACKENDS if b in bundle_backends and b in installed]
     accel = [c for b in usable for c in accelerator_candidates(hw, b)]
     cpu = [c for b in usable for c in cpu_candidates(hw, b, threads)]

@@ -1,0 +1,232 @@
+"""Execution-path selection: candidates from the probe, the golden gate, the cache, the CLI and the agent.
+
+Candidate enumeration is checked on fixed HardwareInfo values (the accelerators and ISA features
+this machine lacks); everything that loads or measures runs the real engines on the tiny session
+bundles. Timings are only checked to be well-formed (positive, finite), never against a threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from agent.model import load_model
+from ota.bundle import open_bundle
+from runtime.autotune import Candidate, Trial, TuneSettings, autotune, candidates, choose, format_result
+from runtime.errors import BackendUnavailable
+from runtime.probe import BackendInfo, CpuInfo, HardwareInfo, MemoryInfo, probe_hardware
+
+FAST = TuneSettings(prompt_tokens=8, decode_steps=4, repeats=1)
+BOTH = ("onnxruntime", "openvino")
+ORT_CPU = "CPUExecutionProvider"
+
+
+def hardware(physical=2, logical=2, features=("avx", "avx2", "fma"), ov_devices=("CPU",),
+             ort_providers=(ORT_CPU,), model="Test CPU") -> HardwareInfo:
+    return HardwareInfo(
+        cpu=CpuInfo(model, "Vendor", "x86_64", physical, logical, tuple(sorted(features)), None),
+        memory=MemoryInfo(8 << 30, 4 << 30, None),
+        backends=(BackendInfo("openvino", "2026.0", True, tuple(ov_devices)),
+                  BackendInfo("onnxruntime", "1.0", True, tuple(ort_providers))),
+        os="Linux", python="3.11")
+
+
+def only(hw: HardwareInfo, backend: str) -> HardwareInfo:
+    """`hw` as if only `backend` were installed."""
+    return replace(hw, backends=tuple(replace(b, available=b.name == backend) for b in hw.backends))
+
+
+# --- candidates from the probe ------------------------------------------------------------------------
+
+def test_cpu_only_avx2_box_gets_cpu_paths_with_exact_and_u8_cache_variants():
+    cands = candidates(hardware(), BOTH)
+    assert all(c.on_cpu for c in cands)
+    assert cands == [
+        Candidate("onnxruntime", ORT_CPU, 2, pinned=False),
+        Candidate("onnxruntime", ORT_CPU, 2, pinned=True),
+        Candidate("openvino", "CPU", 2, pinned=True, precision="f32", kv_cache_precision="f32"),
+        Candidate("openvino", "CPU", 2, pinned=True, precision="f32", kv_cache_precision="u8"),
+    ]
+    assert [c.changes_numerics for c in cands] == [False, False, False, True]
+    assert not any(c.precision == "bf16" for c in cands)  # no AMX / avx512_bf16
+
+
+def test_smt_box_with_amx_gets_both_thread_counts_and_bf16():
+    hw = hardware(physical=4, logical=8, features=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+    cands = candidates(hw, BOTH)
+    ort = [c for c in cands if c.backend == "onnxruntime"]
+    assert [(c.threads, c.pinned) for c in ort] == [(4, False), (4, True), (8, False)]  # pinned: one per core
+    ov = [(c.threads, c.precision, c.kv_cache_precision) for c in cands if c.backend == "openvino"]
+    assert ov == [(4, "f32", "f32"), (8, "f32", "f32"), (4, "f32", "u8"), (4, "bf16", "f32"), (4, "bf16", "u8")]
+    assert all(c.changes_numerics for c in cands if c.precision == "bf16")
+
+
+def test_accelerators_are_tried_first_and_gated_by_the_golden_check():
+    hw = hardware(ov_devices=("CPU", "GPU.0 (Intel(R) Arc(TM) Graphics)", "NPU (Intel(R) AI Boost)"),
+                  ort_providers=("CUDAExecutionProvider", ORT_CPU))
+    cands = candidates(hw, BOTH)
+    accel = [c for c in cands if not c.on_cpu]
+    assert cands[:len(accel)] == accel
+    assert accel == [Candidate("onnxruntime", "CUDAExecutionProvider"),
+                     Candidate("openvino", "GPU.0", precision="f16"), Candidate("openvino", "NPU", precision="f16")]
+    assert all(c.changes_numerics for c in accel)
+    assert not any(c.device.startswith(("GPU", "NPU")) or "CUDA" in c.device for c in candidates(hardware(), BOTH))
+
+
+def test_backends_missing_from_bundle_or_box_and_user_threads_prune_candidates():
+    hw = hardware(physical=4, logical=8)
+    assert {c.backend for c in candidates(hw, ("openvino",))} == {"openvino"}
+    assert {c.backend for c in candidates(only(hw, "onnxruntime"), BOTH)} == {"onnxruntime"}
+    assert {c.threads for c in candidates(hw, BOTH, threads=3)} == {3}
+    no_topology = replace(hw, cpu=replace(hw.cpu, physical_cores=None))
+    assert {c.threads for c in candidates(no_topology, BOTH)} == {8}
+
+
+def test_choice_is_fastest_decode_with_ttft_breaking_near_ties():
+    a, b, c = (Candidate("onnxruntime", ORT_CPU, t) for t in (1, 2, 4))
+    trials = [Trial(a, "measured", ttft_ms=5.0, decode_tok_s=100.0),
+              Trial(b, "measured", ttft_ms=9.0, decode_tok_s=120.0),
+              Trial(c, "measured", ttft_ms=4.0, decode_tok_s=118.0)]  # within 3% of 120: TTFT decides
+    assert choose(trials) == c
+    trials[2].decode_tok_s = 110.0
+    assert choose(trials) == b
+    with pytest.raises(BackendUnavailable, match="golden check failed"):
+        choose([Trial(a, "excluded", reason="golden check failed: MISMATCH")])
+
+
+# --- measured, on the real engines ----------------------------------------------------------------------
+
+def _with_wrong_golden(src: Path, dst: Path, backend: str) -> Path:
+    """A copy of `src` whose golden record for `backend` names other tokens with clear margins."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    seq = manifest["golden"]["backends"][backend]
+    vocab = manifest["architecture"]["vocab_size"]
+    seq["tokens"] = [(t + 1) % vocab for t in seq["tokens"]]
+    seq["margins"] = [10.0] * len(seq["tokens"])
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dst
+
+
+def test_candidate_failing_golden_check_or_load_is_excluded(int8_bundle, tmp_path):
+    bundle = open_bundle(_with_wrong_golden(int8_bundle, tmp_path / "b", "openvino"))
+    here = probe_hardware()
+    cores = here.cpu.logical_cores
+    hw = only(hardware(physical=cores, logical=cores, ov_devices=("CPU", "GPU.7 (not really here)")), "openvino")
+    result = autotune(bundle, hw, settings=FAST)
+    trials = {(t.candidate.device, t.candidate.kv_cache_precision): t for t in result.trials}
+    gpu, u8, exact = trials[("GPU.7", None)], trials[("CPU", "u8")], trials[("CPU", "f32")]
+    assert gpu.status == "excluded" and gpu.reason.startswith("could not load") and "GPU.7" in gpu.reason
+    assert u8.status == "excluded" and u8.reason.startswith("golden check failed") and "MISMATCH" in u8.golden
+    assert exact.status == "measured" and exact.golden is None  # exact paths are not gated
+    assert result.choice == exact.candidate
+    text = format_result(result)
+    assert "golden check failed" in text and "accelerators found: openvino:GPU.7" in text
+
+
+def test_cache_reused_for_same_bundle_and_hardware_redone_when_either_changes(int8_bundle, fp32_bundle, tmp_path):
+    hw = only(probe_hardware(), "onnxruntime")
+    bundle = open_bundle(int8_bundle)
+    first = autotune(bundle, hw, cache_dir=tmp_path, settings=FAST)
+    assert not first.from_cache and first.cache_path and Path(first.cache_path).is_file()
+    measured = [t for t in first.trials if t.status == "measured"]
+    assert measured and all(t.ttft_ms > 0 and math.isfinite(t.decode_tok_s) and t.decode_tok_s > 0 for t in measured)
+
+    again = autotune(bundle, hw, cache_dir=tmp_path, settings=FAST)
+    assert again.from_cache and again.choice == first.choice and again.measured_at == first.measured_at
+    assert [t.to_dict() for t in again.trials] == [t.to_dict() for t in first.trials]
+
+    other_cpu = replace(hw, cpu=replace(hw.cpu, model="Another CPU"))
+    assert other_cpu.fingerprint() != hw.fingerprint()
+    assert not autotune(bundle, other_cpu, cache_dir=tmp_path, settings=FAST).from_cache
+    assert not autotune(open_bundle(fp32_bundle), hw, cache_dir=tmp_path, settings=FAST).from_cache
+    retuned = autotune(bundle, hw, cache_dir=tmp_path, retune=True, settings=FAST)
+    assert not retuned.from_cache and retuned.measured_at > first.measured_at
+    assert autotune(bundle, hw, cache_dir=tmp_path, settings=FAST).measured_at == retuned.measured_at
+
+    Path(first.cache_path).write_text("{ not json")  # a damaged cache is measured again, not an error
+    assert not autotune(bundle, hw, cache_dir=tmp_path, settings=FAST).from_cache
+    assert len(list((tmp_path / "autotune").glob("*.json"))) == 3  # (int8, hw), (int8, other cpu), (fp32, hw)
+
+
+def test_loaded_model_runs_on_the_chosen_path_and_says_so(int8_bundle, tmp_path):
+    model = load_model(int8_bundle, "auto", cache_dir=tmp_path)
+    info = model.execution_info()
+    assert model.path == model.tuning.choice and info["chosen_by"] == "autotune"
+    assert info["backend"] == model.backend == model.engine.backend
+    assert model.golden_check().passed
+    assert load_model(int8_bundle, "auto", cache_dir=tmp_path).execution_info()["chosen_by"] == "autotune cache"
+    named = load_model(int8_bundle, "openvino", threads=1).execution_info()
+    assert (named["backend"], named["threads"], named["chosen_by"]) == ("openvino", 1, "configured")
+
+
+# --- the command line and the agent ---------------------------------------------------------------------
+
+def edgeglm(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "agent.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_probe_bundle_json_then_text_from_cache(int8_bundle, tmp_path):
+    proc = edgeglm("probe", "--bundle", int8_bundle, "--json", "--cache-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert len(data["fingerprint"]) == 16 and data["cpu"]["logical_cores"] >= 1  # today's probe output stays
+    tune = data["autotune"]
+    assert tune["from_cache"] is False and tune["fingerprint"] == data["fingerprint"]
+    assert tune["bundle_sha256"] == open_bundle(int8_bundle).sha256
+    assert {t["candidate"]["backend"] for t in tune["trials"]} == {"onnxruntime", "openvino"}
+    chosen = [t for t in tune["trials"] if t["candidate"] == tune["choice"]]
+    assert len(chosen) == 1 and chosen[0]["status"] == "measured"
+    for t in tune["trials"]:
+        assert t["status"] in ("measured", "excluded")
+        if t["status"] == "measured":
+            assert t["ttft_ms"] > 0 and t["decode_tok_s"] > 0 and t["load_s"] >= 0
+        else:
+            assert t["reason"]
+
+    text = edgeglm("probe", "--bundle", int8_bundle, "--cache-dir", tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "from the cache" in text.stdout and f"chosen: {tune['choice_path']}" in text.stdout
+    assert ("no GPU or NPU found: CPU paths only" in text.stdout) == (not tune["accelerators"])
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--retune"], "give --bundle BUNDLE too"),
+    (["--bundle", "/nonexistent/bundle"], "/nonexistent/bundle"),
+    (["--bundle", ".", "--threads", "0"], "'0' is not a positive integer"),
+])
+def test_probe_bad_flags_exit_2(args, fragment):
+    proc = edgeglm("probe", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert fragment in proc.stderr
+
+
+def test_agent_serves_and_reports_the_autotuned_path(int8_bundle, tmp_path):
+    from agent.config import load_config
+    from agent.daemon import Agent
+
+    cfg = load_config(None, {"model.bundle": str(int8_bundle), "model.slots_dir": str(tmp_path / "state"),
+                             "mqtt.enabled": False, "http.port": 0, "ota.require_signature": False})
+    for expected in ("autotune", "autotune cache"):  # the second start reuses the first one's measurement
+        agent = Agent(cfg)
+        agent.start()
+        try:
+            execution = agent.reported_state().hardware["execution"]
+            assert execution["chosen_by"] == expected and execution["backend"] == agent.model.backend
+            assert agent.reported_state().execution_path.startswith(execution["backend"] + ":")
+            metrics = urllib.request.urlopen(agent.http.url + "/metrics", timeout=10).read().decode()
+            line = next(x for x in metrics.splitlines() if x.startswith("edgeglm_execution_path_info{"))
+            assert f'backend="{execution["backend"]}"' in line and f'chosen_by="{expected}"' in line
+            assert line.endswith(" 1")
+        finally:
+            agent.shutdown(1.0)
+    assert len(list((tmp_path / "state" / "autotune").glob("*.json"))) == 1

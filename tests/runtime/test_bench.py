@@ -1,0 +1,88 @@
+"""`edgeglm bench` on the tiny session bundles: real engines, well-formed numbers, clear flag errors.
+
+No timing thresholds: the numbers are checked to be present, positive and consistent with each
+other (p50 <= p95, counts match the options), and the timed loop to do the model's real work.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agent.model import load_model
+from runtime.bench import BenchOptions, format_report, run_bench, time_generation
+from runtime.errors import RequestError
+from runtime.generate import SamplingParams, generate
+
+
+def edgeglm(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "agent.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_timed_loop_is_the_greedy_continuation(int8_bundle, backend):
+    model = load_model(int8_bundle, backend)
+    prompt = model.tokenizer.encode("def read_config(path):\n    ").ids
+    timing = time_generation(model.engine, prompt, 12)
+    reference = list(generate(model.engine, prompt, SamplingParams(max_tokens=12)))  # stops at EOS
+    assert timing.tokens[:len(reference)] == reference
+    assert len(timing.step_s) == 11 and timing.ttft_s > 0 and timing.decode_tok_s > 0
+
+
+def test_run_bench_single_stream_concurrency_and_prefix(int8_bundle):
+    model = load_model(int8_bundle, "onnxruntime")
+    opts = BenchOptions(prompt_tokens=48, new_tokens=6, concurrency=3, prefix_tokens=32, runs=2)
+    report = run_bench(model, opts)
+    s = report["single_stream"]
+    assert len(s["ttft_ms"]["runs"]) == 2 and all(v > 0 for v in s["ttft_ms"]["runs"])
+    assert s["decode_tok_s"]["min"] <= s["decode_tok_s"]["median"] <= s["decode_tok_s"]["max"]
+    assert s["per_token_ms"]["steps"] == 2 * 5 and 0 < s["per_token_ms"]["p50"] <= s["per_token_ms"]["p95"]
+    c = report["concurrency"]
+    assert c["requests"] == 3 and 0 < c["tokens"] <= 2 * 3 * 6  # greedy requests may end at EOS
+    assert c["aggregate_tok_s"]["median"] > 0 and 0 < c["ttft_ms"]["p50"] <= c["ttft_ms"]["p95"]
+    p = report["prefix"]
+    assert p["reused_tokens"] == 32  # one block of 32 tokens came from the cache on the hit
+    assert p["ttft_hit_ms"]["median"] > 0 and p["ttft_miss_ms"]["median"] > 0
+    assert report["peak_rss_mb"] > 10
+    assert report["execution_path"]["backend"] == "onnxruntime" and report["execution_path"]["chosen_by"] == "configured"
+    text = format_report(report)
+    assert "TTFT" in text and "concurrency 3" in text and "32 cached tokens" in text
+
+
+def test_bench_json_on_the_autotuned_path(int8_bundle, tmp_path):
+    proc = edgeglm("bench", "--bundle", int8_bundle, "--prompt-tokens", 16, "--new-tokens", 8, "--runs", 2,
+                   "--json", "--cache-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["bundle"] == "tiny-1.0.0"
+    assert report["options"] == {"prompt_tokens": 16, "new_tokens": 8, "concurrency": 1, "prefix_tokens": 0,
+                                 "runs": 2, "seed": 0}
+    assert report["execution_path"]["chosen_by"] == "autotune"
+    assert list((tmp_path / "autotune").glob("*.json"))  # the CLI cache dir was used
+    s = report["single_stream"]
+    assert s["per_token_ms"]["steps"] == 14 and s["ttft_ms"]["median"] > 0 and s["decode_tok_s"]["median"] > 0
+    assert report["concurrency"] is None and report["prefix"] is None and report["peak_rss_mb"] > 10
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--prompt-tokens", "0"], "--prompt-tokens 0 is invalid: must be >= 1"),
+    (["--new-tokens", "1"], "--new-tokens 1 is invalid: must be >= 2"),
+    (["--concurrency", "0"], "--concurrency 0 is invalid"),
+    (["--prompt-tokens", "4090", "--new-tokens", "128"], "exceed the model's context window of 4096 tokens"),
+    (["--prompt-tokens", "32", "--prefix-tokens", "32"], "--prefix-tokens 32 must be below --prompt-tokens 32"),
+    (["--backend", "tensorrt"], "'tensorrt' is unknown"),
+    (["--runs", "x"], "invalid int value: 'x'"),
+])
+def test_bench_bad_flags_exit_2(int8_bundle, tmp_path, args, fragment):
+    proc = edgeglm("bench", "--bundle", int8_bundle, "--cache-dir", tmp_path, "--backend", "onnxruntime", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert fragment in proc.stderr
+
+
+def test_options_check_names_the_flag():
+    with pytest.raises(RequestError, match="--runs 0 is invalid"):
+        BenchOptions(runs=0).check(4096)
