@@ -118,6 +118,7 @@ def set_execution_metric(gauge, model: LoadedModel | None, previous: dict | None
     if model is None:
         return None
     info = model.execution_info()
-    labels = {k: "" if info[k] is None else str(info[k]).lower() for k in EXECUTION_LABELS}
+    labels = {k: "" if info[k] is None else str(info[k]).lower() if isinstance(info[k], bool) else str(info[k])
+              for k in EXECUTION_LABELS}
     gauge.set(1, **labels)
     return labels
