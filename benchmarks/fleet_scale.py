@@ -17,6 +17,9 @@ a TelemetryReport every second. Per step it prints:
   msg/s             reports stored per second of the window, and what the devices sent
   CPU% / RSS        of the controller, the broker and all device workers (100% = one core),
                     and how busy the whole machine was (other work on it shows there)
+  us/msg            CPU microseconds the controller / the broker spent per stored report: on a
+                    shared machine the lag shows the CPU share the processes got, this shows
+                    the work they need (one core / us/msg = the rate one core could sustain)
 
 The ceiling is the first N whose p95 lag passes 1 s or that loses more than 1% of reports;
 the run stops after it. Numbers and the machine go to docs/scaling.md.
@@ -35,7 +38,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -72,12 +74,12 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
 
 
-def start_broker(work: Path) -> tuple[subprocess.Popen, int]:
+def start_broker(work: Path, queue: int) -> tuple[subprocess.Popen, int]:
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = free_port()
     conf = work / "mosquitto.conf"
     lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true", "persistence false",
-             "max_connections -1", f"log_dest file {work / 'mosquitto.log'}", "log_type error", "log_type warning"]
+             "max_connections -1", f"max_queued_messages {queue}", f"log_dest file {work / 'mosquitto.log'}", "log_type error", "log_type warning"]
     if os.geteuid() == 0:
         lines.append("user root")
     conf.write_text("\n".join(lines) + "\n")
@@ -88,14 +90,22 @@ def start_broker(work: Path) -> tuple[subprocess.Popen, int]:
 
 def start_controller(work: Path, port: int, src: str | None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=src or str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "fleet", "serve", "--broker", f"127.0.0.1:{port}",
-                             "--db", str(work / "fleet.db"), "--http-port", "0"], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = proc.stdout.readline()
-    if "fleet controller" not in line:
-        raise SystemExit(f"the controller did not start: {line}{proc.stdout.read()}")
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # a full pipe would block it
+    log = work / "controller.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "fleet", "serve", "--broker", f"127.0.0.1:{port}",
+                                 "--db", str(work / "fleet.db"), "--http-port", "0"], cwd=work, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while "fleet controller" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the controller did not start:\n{log.read_text()}")
+        time.sleep(0.1)
     return proc
+
+
+def check_alive(proc: subprocess.Popen, what: str, log: Path) -> None:
+    if proc.poll() is not None:
+        raise SystemExit(f"the {what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
 
 
 def worker(args) -> int:
@@ -152,7 +162,8 @@ def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, brok
         time.sleep(0.5)
     t1 = time.time()
     wall = t1 - t0
-    cpu = {k: 100 * (proc_cpu_s(p) - cpu0[k]) / wall for k, p in pids.items()}
+    cpu_s = {k: proc_cpu_s(p) - cpu0[k] for k, p in pids.items()}
+    cpu = {k: 100 * v / wall for k, v in cpu_s.items()}
     sims = 100 * (sum(proc_cpu_s(w.pid) for w in workers) - sims0) / wall
     busy = 100 * (system_busy_s() - busy0) / wall
     rss = {k: (proc_status_kb(p, "VmRSS") or 0) / 1024 for k, p in pids.items()}
@@ -172,6 +183,8 @@ def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, brok
             "lag_max": max(lags) if lags else float("nan"), "fresh_max": max(fresh) if fresh else float("nan"),
             "stored_per_s": in_window / wall, "sent_per_s": sent / (warmup + args.duration),
             "lost_pct": 100 * max(0, sent - stored_all) / sent if sent else 0.0,
+            "us_controller": 1e6 * cpu_s["controller"] / in_window if in_window else float("nan"),
+            "us_broker": 1e6 * cpu_s["broker"] / in_window if in_window else float("nan"),
             "cpu_controller": cpu["controller"], "cpu_broker": cpu["broker"], "cpu_devices": sims,
             "cpu_machine": busy, "rss_controller": rss["controller"], "rss_broker": rss["broker"]}
 
@@ -180,8 +193,8 @@ def print_row(r: dict, header: bool = False) -> None:
     cols = [("N", "n", "{:d}"), ("lag p50", "lag_p50", "{:.3f}s"), ("lag p95", "lag_p95", "{:.3f}s"),
             ("lag max", "lag_max", "{:.3f}s"), ("fresh max", "fresh_max", "{:.2f}s"),
             ("stored/s", "stored_per_s", "{:.0f}"), ("sent/s", "sent_per_s", "{:.0f}"), ("lost", "lost_pct", "{:.1f}%"),
-            ("ctl CPU", "cpu_controller", "{:.0f}%"), ("ctl RSS", "rss_controller", "{:.0f}MB"),
-            ("broker CPU", "cpu_broker", "{:.0f}%"), ("broker RSS", "rss_broker", "{:.0f}MB"),
+            ("ctl CPU", "cpu_controller", "{:.0f}%"), ("ctl us/msg", "us_controller", "{:.0f}"), ("ctl RSS", "rss_controller", "{:.0f}MB"),
+            ("broker CPU", "cpu_broker", "{:.0f}%"), ("brk us/msg", "us_broker", "{:.0f}"), ("broker RSS", "rss_broker", "{:.0f}MB"),
             ("devices CPU", "cpu_devices", "{:.0f}%"), ("machine", "cpu_machine", "{:.0f}%")]
     widths = [max(len(h), 9) for h, _, _ in cols]
     if header:
@@ -196,6 +209,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds of publishing before measuring")
     ap.add_argument("--per-process", type=int, default=1000, help="devices per worker process")
     ap.add_argument("--controller-src", help="PYTHONPATH of the controller to run (default: this checkout)")
+    ap.add_argument("--broker-queue", type=int, default=1000,
+                    help="mosquitto max_queued_messages (its default 1000; the controller's backlog beyond it is "
+                         "dropped by the broker)")
     ap.add_argument("--keep-going", action="store_true", help="run every step even past the ceiling")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -218,17 +234,19 @@ def main() -> int:
           f"{args.duration:g} s measured per step after {args.warmup:g} s warm-up", flush=True)
     with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
         work = Path(tmp)
-        broker, port = start_broker(work)
+        broker, port = start_broker(work, args.broker_queue)
         controller = start_controller(work, port, args.controller_src)
         try:
             for i, n in enumerate(steps):
                 row = measure_step(n, port, work / "fleet.db", controller, broker, args)
+                check_alive(controller, "controller", work / "controller.log")
                 print_row(row, header=i == 0)
                 if (row["lag_p95"] > 1.0 or row["lost_pct"] > 1.0 or row["fresh_max"] > 2.0) and not args.keep_going:
                     print(f"ceiling: {n} devices (p95 lag over 1 s, or reports lost)")
                     break
             else:
-                print(f"no ceiling up to {steps[-1]} devices")
+                if not args.keep_going:
+                    print(f"no ceiling up to {steps[-1]} devices")
         finally:
             controller.terminate()
             controller.wait(30)

@@ -26,6 +26,7 @@ class SimProfile:
     per_token_ms: dict[str, float] = field(default_factory=dict)  # by model version; default 10 ms
     fail_self_test: set[str] = field(default_factory=set)  # versions whose self-test fails
     requests_per_report: int = 5
+    errors_per_report: int = 0
 
 
 class SimDevice:
@@ -40,6 +41,7 @@ class SimDevice:
         self.session.subscribe(ota_offer_topic(fleet, device), Offer, empty_ok=True)
         self.session.subscribe(desired_topic(fleet, device), DesiredConfig, empty_ok=True)
         self._seen: set[str] = set()
+        self.offers: list[Offer] = []  # every offer acted on, in order
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"sim-{device}", daemon=True)
 
@@ -77,6 +79,7 @@ class SimDevice:
         if offer.update_id in self._seen:
             return
         self._seen.add(offer.update_id)
+        self.offers.append(offer)
         version = json.loads(offer.manifest_bytes())["version"]
         for state in ("offered", "downloading", "verifying", "installing", "self_test"):
             self._status(offer, state=state)
@@ -96,7 +99,8 @@ class SimDevice:
             device=self.device, window_start=now - window_s, window_end=now, count=self.profile.requests_per_report,
             ttft_ms=LatencyPercentiles(p50=base * 5, p95=base * 6, p99=base * 7),
             per_token_ms=LatencyPercentiles(p50=samples[10], p95=samples[18], p99=samples[19]),
-            tokens_per_s=1000.0 / base, model_version=self.version, execution_path="onnxruntime:cpu"))
+            tokens_per_s=1000.0 / base, errors=self.profile.errors_per_report, model_version=self.version,
+            execution_path="onnxruntime:cpu"))
 
 
 class SimSwarm:

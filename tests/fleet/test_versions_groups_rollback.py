@@ -1,0 +1,231 @@
+"""Per-version status, device groups and `fleet rollback`, against a real Mosquitto.
+
+Expected aggregates are computed here from the telemetry as it crossed the broker (a second
+subscriber records the raw payloads), not from the controller's store.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.mqtt import MqttSettings
+from agent.topics import telemetry_topic
+from fleet.controller import ControllerSettings, FleetController, serve_http
+from fleet.rollout import RolloutDriver, load_rollouts
+from fleet.simulator import SimDevice, SimProfile
+
+FLEET = "plant7"
+
+
+def until(condition, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent.cli", "fleet", *args], capture_output=True, text=True)
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "fleet.db"
+
+
+@pytest.fixture
+def controller(mosquitto, db):
+    ctl = FleetController(ControllerSettings(broker_port=mosquitto.port, db=db, fleet=FLEET)).start()
+    yield ctl
+    ctl.stop()
+
+
+@pytest.fixture
+def devices(mosquitto):
+    made: list[SimDevice] = []
+
+    def make(name: str, version: str = "1.0.0", profile: SimProfile | None = None) -> SimDevice:
+        made.append(SimDevice(MqttSettings(enabled=True, port=mosquitto.port), FLEET, name, version=version,
+                              profile=profile, seed=len(made)).start())
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.stop()
+
+
+class Recorder:
+    """A plain subscriber to every device's telemetry: what was actually sent."""
+
+    def __init__(self, port: int):
+        self.reports: list[dict] = []
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.client.on_message = lambda c, u, m: self.reports.append(json.loads(m.payload))
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"edgeglm/v1/{FLEET}/+/telemetry", qos=1)
+        self.client.loop_start()
+        time.sleep(0.3)  # the SUBACK
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def expected_by_version(reports: list[dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for version in {r["model_version"] for r in reports}:
+        rs = [r for r in reports if r["model_version"] == version]
+        n = sum(r["count"] for r in rs)
+        errors = sum(r["errors"] for r in rs)
+        mean = lambda f: sum(f(r) * r["count"] for r in rs) / n  # noqa: E731
+        out[version] = {"requests": n, "errors": errors, "error_rate": errors / (n + errors),
+                        "ttft_p50_ms": mean(lambda r: r["ttft_ms"]["p50"]), "ttft_p95_ms": mean(lambda r: r["ttft_ms"]["p95"]),
+                        "token_p50_ms": mean(lambda r: r["per_token_ms"]["p50"]),
+                        "token_p95_ms": mean(lambda r: r["per_token_ms"]["p95"]),
+                        "tokens_per_s": mean(lambda r: r["tokens_per_s"])}
+    return out
+
+
+def test_status_has_one_row_per_model_version_with_aggregates_and_metrics(controller, devices, mosquitto, db):
+    fast = SimProfile(per_token_ms={"1.0.0": 10.0}, requests_per_report=3)
+    slow = SimProfile(per_token_ms={"1.1.0": 25.0}, requests_per_report=7, errors_per_report=1)
+    fleet = [devices("a1", "1.0.0", fast), devices("a2", "1.0.0", fast), devices("b1", "1.1.0", slow)]
+    until(lambda: len(controller.store.devices(FLEET)) == 3)
+    rec = Recorder(mosquitto.port)
+    for _ in range(3):
+        for d in fleet:
+            d.report()
+    until(lambda: len(rec.reports) == 9)
+    rec.close()
+    until(lambda: controller.store.counter("telemetry_reports") == 9)
+    fleet[1].stop()  # one 1.0.0 device goes offline
+    until(lambda: sum(d["online"] for d in controller.store.devices(FLEET)) == 2)
+    expected = expected_by_version(rec.reports)
+
+    out = cli("status", "--db", str(db), "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {v["model_version"]: v for v in json.loads(out.stdout)["versions"]}
+    assert set(rows) == {"1.0.0", "1.1.0"}
+    assert (rows["1.0.0"]["devices"], rows["1.0.0"]["online"]) == (2, 1)
+    assert (rows["1.1.0"]["devices"], rows["1.1.0"]["online"]) == (1, 1)
+    for version, exp in expected.items():
+        for key, value in exp.items():
+            assert rows[version][key] == pytest.approx(value), (version, key)
+    assert rows["1.0.0"]["error_rate"] == 0 and rows["1.1.0"]["error_rate"] == pytest.approx(3 / 24)
+
+    table = cli("status", "--db", str(db)).stdout
+    line = next(x for x in table.splitlines() if x.startswith("1.1.0"))
+    assert f"{expected['1.1.0']['token_p95_ms']:.1f}ms" in line and "12.5%" in line
+
+    http = serve_http(controller, "127.0.0.1", 0)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http.server_address[1]}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+    finally:
+        http.shutdown()
+    assert 'edgeglm_fleet_version_devices{model_version="1.0.0",online="false"} 1' in metrics
+    sample = next(x for x in metrics.splitlines()
+                  if x.startswith('edgeglm_fleet_version_token_ms{model_version="1.1.0",quantile="0.95"}'))
+    assert float(sample.split()[-1]) == pytest.approx(expected["1.1.0"]["token_p95_ms"], abs=1e-3)
+    ratio = next(x for x in metrics.splitlines() if x.startswith('edgeglm_fleet_version_error_ratio{model_version="1.1.0"}'))
+    assert float(ratio.split()[-1]) == pytest.approx(3 / 24, rel=1e-4)
+
+
+def test_telemetry_of_another_device_or_malformed_is_ignored_and_counted(controller, devices, mosquitto):
+    devices("a1")
+    until(lambda: controller.store.devices(FLEET))
+    raw = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    raw.connect("127.0.0.1", mosquitto.port)
+    raw.loop_start()
+    good = {"device": "a1", "window_start": 1.0, "window_end": 2.0, "count": 1}
+    for payload in (dict(good, device="someone-else"), dict(good, count=-1), "{", dict(good)):
+        body = payload if isinstance(payload, str) else json.dumps(payload)
+        raw.publish(telemetry_topic(FLEET, "a1"), body, qos=1).wait_for_publish(5)
+    until(lambda: controller.store.counter("rejected_messages") == 3)
+    until(lambda: controller.store.counter("telemetry_reports") == 1)  # only the good one is stored
+    raw.loop_stop()
+    raw.disconnect()
+
+
+def drive(controller, fleet, rollout_id, max_s=60.0):
+    driver = RolloutDriver(controller.store, controller)
+    deadline = time.monotonic() + max_s
+    while True:
+        for d in fleet:
+            d.report()
+        driver.tick()
+        r = next(r for r in load_rollouts(controller.store) if r.id == rollout_id)
+        if r.phase in ("done", "halted"):
+            return r
+        assert time.monotonic() < deadline, f"rollout stuck in {r.phase}: {r.data['report']}"
+        time.sleep(0.2)
+
+
+def test_rollout_and_config_to_a_group_leave_other_devices_alone(controller, devices, mosquitto, db,
+                                                               signed_bundles):
+    profile = SimProfile(per_token_ms={"1.0.0": 10.0, "1.1.0": 10.0})
+    fleet = [devices(f"s{i}", profile=profile) for i in range(4)]
+    until(lambda: len(controller.store.devices(FLEET)) == 4)
+    out = cli("group", "add", "ring1", "--fleet", FLEET, "s1", "s3", "--db", str(db))
+    assert out.returncode == 0 and "2 device(s) added" in out.stdout, out.stderr
+    assert cli("group", "list", "--db", str(db)).stdout.strip() == f"ring1: {FLEET}/s1 {FLEET}/s3"
+
+    out = cli("rollout", "--bundle", str(signed_bundles["v2"]), "--group", "ring1", "--canary", "50",
+              "--window", "1", "--db", str(db))
+    assert out.returncode == 0 and f"group ring1 of fleet {FLEET}" in out.stdout, out.stderr
+    rid = load_rollouts(controller.store)[-1].id
+    r = drive(controller, fleet, rid)
+    assert r.phase == "done", r.data["report"]
+    assert r.data["canaries"] == ["s1"] and r.data["rest"] == ["s3"]
+    assert [d.version for d in fleet] == ["1.0.0", "1.1.0", "1.0.0", "1.1.0"]
+    assert [len(d.offers) for d in fleet] == [0, 1, 0, 1]
+
+    out = cli("config", "set", "--group", "ring1", "--db", str(db), "--broker", f"127.0.0.1:{mosquitto.port}",
+              "sampling.max_tokens=32")
+    assert out.returncode == 0 and "2 device(s) of group ring1" in out.stdout, out.stderr
+    until(lambda: fleet[1].applied_config is not None and fleet[3].applied_config is not None)
+    time.sleep(0.5)  # a stray desired config would have reached s0/s2 by now too
+    assert fleet[0].applied_config is None and fleet[2].applied_config is None
+
+
+def test_rollback_offers_the_previous_version_to_devices_on_another(controller, devices, mosquitto, db, tmp_path,
+                                                                  signed_bundles):
+    fleet = [devices(f"r{i}") for i in range(3)]
+    until(lambda: len(controller.store.devices(FLEET)) == 3)
+    for d in fleet[:2]:
+        controller.offer(FLEET, d.device, signed_bundles["v2"])
+    until(lambda: [d["model_version"] for d in controller.store.devices(FLEET)] == ["1.1.0", "1.1.0", "1.0.0"])
+    (tmp_path / "fleet.toml").write_text(f'[bundles]\ndir = "{signed_bundles["root"]}"\n')
+    key = signed_bundles["root"] / "keys" / "fleet.key"
+    args = ["--group", FLEET, "--key", str(key), "--db", str(db), "--config", str(tmp_path / "fleet.toml"),
+            "--broker", f"127.0.0.1:{mosquitto.port}"]
+
+    out = cli("rollback", *args)
+    assert out.returncode == 0, out.stderr
+    assert "to 1.0.0" in out.stdout and "2 device(s) offered the rollback; 1 already on 1.0.0" in out.stdout
+    until(lambda: [d["model_version"] for d in controller.store.devices(FLEET)] == ["1.0.0"] * 3)
+    assert [d.version for d in fleet] == ["1.0.0"] * 3
+    assert [o.rollback for o in fleet[0].offers] == [False, True] and fleet[2].offers == []
+
+    out = cli("rollback", *args)  # now nothing older than 1.0.0 is known
+    assert out.returncode == 2 and "no version earlier than 1.0.0 is known" in out.stderr
+    out = cli("rollback", *args, "--to", "0.9.0")
+    assert out.returncode == 2 and "--to 0.9.0: no bundle of that version is known" in out.stderr
+
+
+def test_group_and_rollout_errors_are_one_line(controller, devices, db):
+    devices("a1")
+    until(lambda: controller.store.devices(FLEET))
+    out = cli("group", "add", FLEET, "--fleet", FLEET, "a1", "--db", str(db))
+    assert out.returncode == 2 and "is a fleet id" in out.stderr
+    out = cli("config", "set", "--group", "nope", "--db", str(db), "x=1")
+    assert out.returncode == 2 and "--group 'nope': no such group or fleet" in out.stderr
+    assert "Traceback" not in out.stderr
