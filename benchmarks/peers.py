@@ -104,7 +104,9 @@ class LlamaRunner:
                          n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)
 
     def _last_logits(self) -> np.ndarray:
-        return self.llm.scores[self.llm.n_tokens - 1]
+        """The last evaluated position's logits, read in place (Llama.eval keeps no copy unless
+        logits_all, which would copy every prompt row)."""
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
 
     def run(self, prompt: list[int], new_tokens: int, want_logits: bool):
         llm = self.llm
