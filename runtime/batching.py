@@ -260,6 +260,9 @@ class Scheduler:
     def _boundary(self) -> bool:
         """Drop ended rows, admit queued requests, re-merge the batch; False when the worker should stop."""
         changed = self._drop_ended()
+        if changed:  # before _admissions, which may wait for work
+            with self._cond:
+                self.on_load(self._stats())
         for item in self._admissions():
             row = self._admit(item)
             if row is not None:

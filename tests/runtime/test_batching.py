@@ -76,12 +76,14 @@ def test_batched_greedy_equals_one_at_a_time(models, backend, prompts):
     params = [SamplingParams(max_tokens=n) for n in (24, 9, 30, 17, 3, 26)]
     expected = [alone(engine, p, s) for p, s in zip(prompts, params)]
     sizes: list[int] = []
-    sched = scheduler(engine, sizes, max_batch=8, start=False)
+    loads = []
+    sched = scheduler(engine, sizes, max_batch=8, start=False, on_load=loads.append)
     handles = [sched.submit(p, s) for p, s in zip(prompts, params)]
     sched.start()
     assert [h.tokens(TIMEOUT) for h in handles] == expected
     assert sizes[0] == 6 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)
     sched.close()
+    assert (loads[-1].active, loads[-1].queued) == (0, 0)  # what the agent's gauges show when idle
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
