@@ -325,9 +325,10 @@ class PrefixCache:
         mine = self._dir()
         try:
             for folder in self.persist_dir.iterdir():
-                if folder.is_dir() and folder != mine and KEY_PATTERN.match(folder.name):
-                    for f in folder.glob("*" + SUFFIX):
-                        f.unlink(missing_ok=True)
+                stale = list(folder.glob("*" + SUFFIX)) if folder.is_dir() and folder != mine else []
+                for f in stale:
+                    f.unlink(missing_ok=True)
+                if stale:  # a directory that held nothing of ours is left alone
                     _rmdir_if_empty(folder)
             files = sorted(mine.glob("*" + SUFFIX), key=lambda f: f.stat().st_mtime, reverse=True) \
                 if mine.is_dir() else []

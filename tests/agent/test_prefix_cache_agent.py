@@ -1,0 +1,111 @@
+"""The agent's prefix cache ([cache] settings): a second request sharing a long prefix is a hit on
+/metrics with the output of a plain run, the size applies live from desired config, the cache
+follows the model served (OTA activation), and persisted prefixes survive an agent restart."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+
+from agent.config import load_config
+from agent.daemon import Agent
+from agent.topics import DesiredConfig
+from runtime.generate import SamplingParams, generate
+
+SYSTEM = ("You are the assistant of a small edge box. Answer in one short line of Python, and never "
+          "import anything that is not in the standard library.\n" * 3)
+SUFFIXES = ["def main(argv=None):\n", "class Parser:\n", "import os\n"]
+BLOCK = 16
+
+
+def post(port: int, prompt: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 12}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    body = resp.read()
+    assert resp.status == 200, body
+    return json.loads(body)["choices"][0]["text"]
+
+
+def cache_metrics(port: int) -> dict[str, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line.startswith("edgeglm_prefix_cache_")}
+
+
+def plain(model, prompt: str) -> str:
+    """The completion without any prefix cache (the agent is idle: its engine is free)."""
+    ids = model.tokenizer.encode(prompt).ids
+    return model.tokenizer.decode(list(generate(model.engine, ids, SamplingParams(max_tokens=12))),
+                                  skip_special_tokens=True)
+
+
+def reusable(model, first: str, second: str) -> int:
+    """Prompt tokens of `second` that blocks stored by `first` can serve."""
+    a, b = model.tokenizer.encode(first).ids, model.tokenizer.encode(second).ids
+    common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return min(common // BLOCK, (len(b) - 1) // BLOCK) * BLOCK
+
+
+@pytest.fixture
+def config(int8_bundle, tmp_path):
+    return load_config(None, {"model.bundle": str(int8_bundle), "http.port": 0, "ota.require_signature": False,
+                              "model.slots_dir": str(tmp_path / "state"), "cache.block_tokens": BLOCK})
+
+
+def test_a_shared_prefix_is_a_hit_with_identical_output_and_the_size_applies_live(config, fp32_bundle):
+    agent = Agent(config)
+    agent.start()
+    try:
+        model, port = agent.model, agent.http.port
+        first, second = SYSTEM + SUFFIXES[0], SYSTEM + SUFFIXES[1]
+        expected = plain(model, second)
+        assert post(port, first) == plain(model, first)
+        assert cache_metrics(port)["edgeglm_prefix_cache_hits_total"] == 0
+        assert post(port, second) == expected
+        m = cache_metrics(port)
+        assert m["edgeglm_prefix_cache_hits_total"] == 1 and m["edgeglm_prefix_cache_lookups_total"] == 2
+        assert m["edgeglm_prefix_cache_hit_tokens_total"] == reusable(model, first, second) >= 3 * BLOCK
+        assert m["edgeglm_prefix_cache_bytes"] > 0
+
+        agent._apply_desired(DesiredConfig(version=2, settings={"cache": {"max_mb": 0}}))  # live: off
+        assert agent.last_config_error is None and cache_metrics(port)["edgeglm_prefix_cache_bytes"] == 0
+        assert post(port, second) == expected
+        assert cache_metrics(port)["edgeglm_prefix_cache_hits_total"] == 1
+
+        agent._apply_desired(DesiredConfig(version=3, settings={"cache": {"max_mb": 16}}))  # on again
+        post(port, first)
+        assert post(port, second) == expected and cache_metrics(port)["edgeglm_prefix_cache_hits_total"] == 2
+
+        agent.activate(fp32_bundle)  # what OTA does: another model, so nothing cached may serve it
+        other = agent.model
+        assert post(agent.http.port, second) == plain(other, second)
+        m = cache_metrics(port)
+        assert m["edgeglm_prefix_cache_hits_total"] == 2 and m["edgeglm_prefix_cache_lookups_total"] == 5
+    finally:
+        agent.shutdown(deadline=5.0)
+
+
+def test_a_persisted_prefix_serves_the_agent_after_a_restart(config):
+    agent = Agent(config)
+    agent.start()
+    try:
+        post(agent.http.port, SYSTEM + SUFFIXES[0])
+        post(agent.http.port, SYSTEM + SUFFIXES[1])  # the reused blocks are written to disk
+    finally:
+        agent.shutdown(deadline=5.0)
+    assert list((config.model.slots_dir / "prefix-cache").glob("*/*.kvb"))
+    restarted = Agent(config)
+    restarted.start()
+    try:
+        prompt = SYSTEM + SUFFIXES[2]
+        assert post(restarted.http.port, prompt) == plain(restarted.model, prompt)
+        m = cache_metrics(restarted.http.port)
+        assert m["edgeglm_prefix_cache_hits_total"] == 1 and m["edgeglm_prefix_cache_hit_tokens_total"] >= 3 * BLOCK
+    finally:
+        restarted.shutdown(deadline=5.0)
