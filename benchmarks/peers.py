@@ -41,7 +41,11 @@ the numpy memory read bandwidth measured just before and just after the passes. 
 first-token logits and the PyTorch fp32 reference's (models/glm.py; GenAI exposes no logits),
 `agree` how many greedy tokens from the start equal the reference's (int8 rounding on random
 weights flips near-ties early, so a low count alone means little; a low cos would mean a
-different model). Nothing here asserts on timings.
+different model). `TTFT cpu ms` and `cpu ms/tok` are the CPU time the candidate's process used
+(all its threads, time.process_time) for the prefill and per decoded token: on a machine that
+others are using, wall time measures the share of the cores a process got, CPU time the work it
+did (spin-waiting threads included, which is a real cost on a shared box). With --threads 1 the
+CPU time is close to the work alone. Nothing here asserts on timings.
 
 A peer that is not installed is skipped with one line saying how to install it.
 """
@@ -78,20 +82,41 @@ INSTALL_HINT = {
 
 # ----------------------------------------------------------------------------- runners (in workers)
 
+class Clock:
+    """Wall and CPU time (this process, all its threads) to the first token and after it."""
+
+    def __init__(self):
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def first_token(self) -> None:
+        self.t1, self.c1 = time.perf_counter(), time.process_time()
+
+    def done(self, tokens: list[int], logits) -> dict:
+        t2, c2 = time.perf_counter(), time.process_time()
+        return {"ttft": self.t1 - self.t0, "decode": t2 - self.t1, "ttft_cpu": self.c1 - self.c0,
+                "decode_cpu": c2 - self.c1, "tokens": tokens, "logits": logits}
+
+
 class EdgeRunner:
-    """An edgeglm engine through runtime.generate (the same loop as benchmarks/decode.py)."""
+    """An edgeglm engine through runtime.generate's prefill / decode_one_token, greedy."""
 
     def __init__(self, bundle: str, backend: str, threads: int):
-        from decode import EngineRunner
+        from agent.model import load_model
 
-        self.runner = EngineRunner(Path(bundle), backend, threads)
+        self.engine = load_model(Path(bundle), backend, threads).engine
 
     def run(self, prompt: list[int], new_tokens: int, want_logits: bool):
-        from runtime.generate import prefill
+        from runtime.generate import decode_one_token, prefill
 
-        ttft, decode, tokens = self.runner.run(prompt, new_tokens)
-        logits = prefill(self.runner.engine, prompt)[0].tolist() if want_logits else None
-        return ttft, decode, tokens, logits
+        clock = Clock()
+        logits, cache = prefill(self.engine, prompt)
+        tokens = [int(np.argmax(logits))]
+        clock.first_token()
+        first = logits.tolist() if want_logits else None
+        for i in range(new_tokens):
+            logits, cache = decode_one_token(self.engine, tokens[-1], len(prompt) + i, cache)
+            tokens.append(int(np.argmax(logits)))
+        return clock.done(tokens, first)
 
 
 class LlamaRunner:
@@ -111,16 +136,15 @@ class LlamaRunner:
     def run(self, prompt: list[int], new_tokens: int, want_logits: bool):
         llm = self.llm
         llm.reset()  # start every run from an empty context (no prefix reuse)
-        t0 = time.perf_counter()
+        clock = Clock()
         llm.eval(prompt)
         tokens = [int(np.argmax(self._last_logits()))]
-        ttft = time.perf_counter() - t0
+        clock.first_token()
         logits = self._last_logits().tolist() if want_logits else None
-        t0 = time.perf_counter()
         for _ in range(new_tokens):
             llm.eval([tokens[-1]])
             tokens.append(int(np.argmax(self._last_logits())))
-        return ttft, time.perf_counter() - t0, tokens, logits
+        return clock.done(tokens, logits)
 
 
 class GenAIRunner:
@@ -139,11 +163,12 @@ class GenAIRunner:
     def run(self, prompt: list[int], new_tokens: int, want_logits: bool):
         import openvino as ov
 
-        genai, stamps, tokens = self.genai, [], []
+        genai, tokens, clock = self.genai, [], Clock()
 
         class Stamp(genai.StreamerBase):
             def write(self, token):
-                stamps.append(time.perf_counter())
+                if not tokens:
+                    clock.first_token()
                 tokens.extend(token if isinstance(token, (list, tuple)) else [token])
                 return genai.StreamingStatus.RUNNING
 
@@ -155,11 +180,11 @@ class GenAIRunner:
         cfg.do_sample = False
         ids = np.asarray([prompt], np.int64)
         inputs = genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
-        t0 = time.perf_counter()
+        clock.__init__()
         self.pipe.generate(inputs, cfg, Stamp())
-        if len(stamps) != new_tokens + 1:
-            raise RuntimeError(f"GenAI streamed {len(stamps)} tokens, expected {new_tokens + 1}")
-        return stamps[0] - t0, stamps[-1] - stamps[0], [int(t) for t in tokens], None
+        if len(tokens) != new_tokens + 1:
+            raise RuntimeError(f"GenAI streamed {len(tokens)} tokens, expected {new_tokens + 1}")
+        return clock.done([int(t) for t in tokens], None)
 
 
 def worker_main(spec: str) -> int:
@@ -175,8 +200,7 @@ def worker_main(spec: str) -> int:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
-        ttft, decode, tokens, logits = runner.run(req["prompt"], req["new_tokens"], req.get("logits", False))
-        print(json.dumps({"ttft": ttft, "decode": decode, "tokens": tokens, "logits": logits}), flush=True)
+        print(json.dumps(runner.run(req["prompt"], req["new_tokens"], req.get("logits", False))), flush=True)
     return 0
 
 
@@ -318,7 +342,7 @@ def measure_shape(shape: str, args, skipped: dict[str, str]) -> dict:
     for name, spec in specs.items():
         print(f"[{shape}] loading {name}", file=sys.stderr)
         workers[name] = Worker(spec)
-    samples = {name: {"ttft": [], "tok_s": []} for name in workers}
+    samples = {name: {"ttft": [], "tok_s": [], "ttft_cpu": [], "cpu_per_token": []} for name in workers}
     for name, w in workers.items():  # warm-up (untimed) on prompts[0]: logits and tokens for the sanity check
         out = w.run(prompts[0], args.new_tokens, logits=True)
         samples[name]["cos"] = cosine(out["logits"], ref_logits) if out["logits"] else None
@@ -330,8 +354,11 @@ def measure_shape(shape: str, args, skipped: dict[str, str]) -> dict:
             s = samples[name]
             s["ttft"].append(out["ttft"] * 1e3)
             s["tok_s"].append(args.new_tokens / out["decode"])
+            s["ttft_cpu"].append(out["ttft_cpu"] * 1e3)
+            s["cpu_per_token"].append(out["decode_cpu"] * 1e3 / args.new_tokens)
             print(f"[{shape}] pass {r + 1}/{args.runs} {name}: TTFT {out['ttft'] * 1e3:.1f} ms, "
-                  f"{args.new_tokens / out['decode']:.1f} tok/s", file=sys.stderr)
+                  f"{args.new_tokens / out['decode']:.1f} tok/s, CPU {out['ttft_cpu'] * 1e3:.0f} ms + "
+                  f"{out['decode_cpu'] * 1e3 / args.new_tokens:.2f} ms/token", file=sys.stderr)
     bw_after = read_bandwidth(args.threads)
     for w in workers.values():
         w.close()
@@ -340,7 +367,9 @@ def measure_shape(shape: str, args, skipped: dict[str, str]) -> dict:
         agree = next((i for i, (a, b) in enumerate(zip(s["tokens"], ref_tokens)) if a != b), len(ref_tokens))
         rows.append({"candidate": name, "ttft_ms": statistics.median(s["ttft"]),
                      "decode_tok_s": statistics.median(s["tok_s"]), "logits_cos": s["cos"],
-                     "tokens_agree": agree, "ttft_ms_all": s["ttft"], "decode_tok_s_all": s["tok_s"]})
+                     "tokens_agree": agree, "ttft_cpu_ms": statistics.median(s["ttft_cpu"]),
+                     "decode_cpu_ms_per_token": statistics.median(s["cpu_per_token"]),
+                     "ttft_ms_all": s["ttft"], "decode_tok_s_all": s["tok_s"]})
     return {"shape": shape, "read_bandwidth_gb_s": {"before": bw_before, "after": bw_after},
             "results": rows, "ratios": ratios(samples)}
 
@@ -370,10 +399,12 @@ def print_report(report: dict) -> None:
     for sh in report["shapes"]:
         bw = sh["read_bandwidth_gb_s"]
         print(f"\n{sh['shape']}: numpy read bandwidth {bw['before']:.1f} GB/s before, {bw['after']:.1f} GB/s after")
-        print(f"{'candidate':<26}{'TTFT ms':>10}{'decode tok/s':>14}{'cos':>9}{'agree':>7}")
+        print(f"{'candidate':<26}{'TTFT ms':>10}{'decode tok/s':>14}{'TTFT cpu ms':>13}{'cpu ms/tok':>12}"
+              f"{'cos':>9}{'agree':>7}")
         for r in sh["results"]:
             cos = f"{r['logits_cos']:.4f}" if r["logits_cos"] is not None else "-"
-            print(f"{r['candidate']:<26}{r['ttft_ms']:>10.1f}{r['decode_tok_s']:>14.1f}{cos:>9}{r['tokens_agree']:>7}")
+            print(f"{r['candidate']:<26}{r['ttft_ms']:>10.1f}{r['decode_tok_s']:>14.1f}{r['ttft_cpu_ms']:>13.1f}"
+                  f"{r['decode_cpu_ms_per_token']:>12.2f}{cos:>9}{r['tokens_agree']:>7}")
         print("ratios edgeglm / peer (median of per-pass ratios; decode > 1 and TTFT < 1 favour edgeglm)")
         for q in sh["ratios"]:
             print(f"  {q['edgeglm']:<26} / {q['peer']:<22} decode {q['decode']:.2f}x   TTFT {q['ttft']:.2f}x")
