@@ -60,23 +60,23 @@ EXTRA_TRAIN = ("inspect.py", "typing.py", "enum.py", "pathlib.py", "tarfile.py",
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path(".bench/compression"))
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--teacher-shape", default="256x4x768", help="HIDDENxLAYERSxFFN (64-dim heads, 2 KV groups)")
-    p.add_argument("--teacher-tokens", type=int, default=500_000)
-    p.add_argument("--teacher-lr", type=float, default=2e-3)
-    p.add_argument("--tokens", type=int, default=300_000, help="token budget of every student")
+    p.add_argument("--teacher-tokens", type=int, default=200_000)
+    p.add_argument("--teacher-lr", type=float, default=3e-3)
+    p.add_argument("--tokens", type=int, default=100_000, help="token budget of every student")
     p.add_argument("--fraction", type=float, default=0.125, help="student non-embedding params / teacher's")
     p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--student-kv", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every student")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every student")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--ce-weight", type=float, default=0.0)
-    p.add_argument("--extra-mixes", default="2:0.5:0.5", help="more distilled students, e.g. '2:0.5:0.5,1:0.5:0.5'")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--extra-mixes", default="", help="more distilled students, e.g. '2:0.5:0.5,1:0.5:0.5'")
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for the PyTorch stages")
-    p.add_argument("--bundle-eval-tokens", type=int, default=2048, help="held-out tokens fed to the INT8 bundle")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for the PyTorch stages")
+    p.add_argument("--bundle-eval-tokens", type=int, default=1024, help="held-out tokens fed to the INT8 bundle")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -261,7 +261,7 @@ def int8_stage(args, model, tok_path: Path, windows, ref, spec, teacher_dir: Pat
 def _sub(ref, n: int):
     from models.evaluate import TeacherReference
 
-    return TeacherReference(ref.log_probs[:n], ref.top1[:n])
+    return TeacherReference(ref.model, ref.windows[:n], ref.top1[:n])
 
 
 def summarize(stages, ours_name: str, fp32, int8) -> dict:

@@ -299,13 +299,12 @@ def distill(student: GlmForCausalLM, teacher: GlmForCausalLM | None, train_sourc
 
     student.to(device)
     if teacher is not None:
-        teacher.to(device).eval()
-        teacher.requires_grad_(False)
+        teacher.to(device).eval()  # its forward runs under no_grad
     opt = torch.optim.AdamW(student.parameters(), lr=settings.lr, betas=(0.9, 0.95),
                             weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, settings))
     state_path, log_path = work_dir / STATE_FILE, work_dir / LOG_FILE
-    start, last = 0, {"loss": float("nan"), "kl": float("nan"), "ce": float("nan")}
+    start, last = 0, {"loss": float("nan"), "kl": float("nan"), "ce": float("nan"), "lr": settings.lr}
     if resume and state_path.is_file():
         state = _load_state(state_path, settings)
         try:
@@ -329,8 +328,7 @@ def distill(student: GlmForCausalLM, teacher: GlmForCausalLM | None, train_sourc
         with open(log_path, "a") as log, _CtrlC() as ctrl_c:
             for step in range(start, steps):
                 last = _train_step(student, teacher, sampler, step, opt, sched, settings, device)
-                log.write(json.dumps({"step": step + 1, **last, "lr": opt.param_groups[0]["lr"],
-                                      "windows": sampler.window_starts(step)}) + "\n")
+                log.write(json.dumps({"step": step + 1, **last, "windows": sampler.window_starts(step)}) + "\n")
                 bar.update(per_step)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", kl=f"{last['kl']:.3f}", ce=f"{last['ce']:.3f}")
                 if (step + 1) % settings.checkpoint_every == 0 or step + 1 == steps or ctrl_c.pressed:
@@ -362,12 +360,13 @@ def _train_step(student, teacher, sampler: WindowSampler, step: int, opt, sched,
         with torch.no_grad():
             teacher_logits, _ = teacher(x)
     loss, kl, ce = distill_loss(logits, teacher_logits, y, settings)
+    lr = opt.param_groups[0]["lr"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip)
     opt.step()
     sched.step()
-    return {"loss": loss.item(), "kl": kl.item(), "ce": ce.item()}
+    return {"loss": loss.item(), "kl": kl.item(), "ce": ce.item(), "lr": lr}
 
 
 class _CtrlC:

@@ -40,6 +40,8 @@ from ota.bundle import open_bundle
 from runtime.engine import ModelArch, load_engine
 from runtime.generate import decode_one_token, prefill
 
+BATCH = 8  # windows per PyTorch forward
+
 
 @dataclass
 class StageMetrics:
@@ -61,10 +63,16 @@ class StageMetrics:
 
 @dataclass
 class TeacherReference:
-    """The teacher's log-probabilities (n, seq_len, vocab) and top-1 on the evaluation windows."""
+    """The teacher and its top-1 (n, seq_len) on the evaluation windows. Its log-probabilities are
+    recomputed a batch at a time when a stage is scored, so memory stays at one batch of logits
+    whatever the vocabulary and the number of held-out tokens."""
 
-    log_probs: torch.Tensor
-    top1: torch.Tensor  # (n, seq_len)
+    model: GlmForCausalLM
+    windows: torch.Tensor
+    top1: torch.Tensor
+
+    def log_probs(self, start: int, stop: int) -> torch.Tensor:
+        return F.log_softmax(model_logits(self.model, self.windows[start:stop]), dim=-1)
 
 
 def heldout_windows(ids, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -80,33 +88,47 @@ def heldout_windows(ids, seq_len: int, max_tokens: int | None = None) -> torch.T
 
 
 @torch.no_grad()
-def model_logits(model: GlmForCausalLM, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Logits (n, seq_len, vocab) of a PyTorch model on the windows' inputs."""
+def model_logits(model: GlmForCausalLM, windows: torch.Tensor) -> torch.Tensor:
+    """Logits (n, seq_len, vocab) of a PyTorch model on the windows' inputs (fp32, on the CPU)."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model(windows[i:i + batch_size, :-1].to(device))[0].float().cpu()
-           for i in range(0, len(windows), batch_size)]
-    return torch.cat(out)
+    return model(windows[:, :-1].to(device))[0].float().cpu()
 
 
 def teacher_reference(teacher: GlmForCausalLM, windows: torch.Tensor) -> TeacherReference:
-    logits = model_logits(teacher, windows)
-    return TeacherReference(F.log_softmax(logits, dim=-1), logits.argmax(-1))
+    top1 = torch.cat([model_logits(teacher, windows[i:i + BATCH]).argmax(-1)
+                      for i in range(0, len(windows), BATCH)])
+    return TeacherReference(teacher, windows, top1)
 
 
-def quality(logits: torch.Tensor, windows: torch.Tensor, teacher: TeacherReference | None) -> dict:
-    """Perplexity, top-1, and (with a teacher) agreement and KL of logits (n, seq_len, vocab)."""
-    targets = windows[:, 1:]
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    nll = -log_probs.gather(-1, targets[..., None]).mean()
-    top = log_probs.argmax(-1)
-    out = {"tokens": targets.numel(), "perplexity": float(nll.exp()),
-           "top1": float((top == targets).float().mean()), "teacher_agreement": None, "kl_to_teacher": None}
-    if teacher is not None:
-        out["teacher_agreement"] = float((top == teacher.top1).float().mean())
-        kl = (teacher.log_probs.exp() * (teacher.log_probs - log_probs)).sum(-1).mean()
-        out["kl_to_teacher"] = float(kl)
-    return out
+class Scores:
+    """Running sums over the scored positions: negative log-likelihood, top-1 hits, agreement, KL."""
+
+    def __init__(self, with_teacher: bool):
+        self.with_teacher = with_teacher
+        self.count = 0
+        self.nll = self.hits = self.agree = self.kl = 0.0
+
+    @torch.no_grad()
+    def add(self, logits: torch.Tensor, windows: torch.Tensor, teacher: TeacherReference | None,
+            start: int) -> None:
+        """Score logits (b, seq_len, vocab) of `windows` (b, seq_len + 1), rows start.. of the evaluation set."""
+        targets = windows[:, 1:]
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        top = log_probs.argmax(-1)
+        self.count += targets.numel()
+        self.nll -= float(log_probs.gather(-1, targets[..., None]).double().sum())
+        self.hits += float((top == targets).sum())
+        if teacher is not None:
+            t = teacher.log_probs(start, start + len(windows))
+            self.agree += float((top == teacher.top1[start:start + len(windows)]).sum())
+            self.kl += float((t.exp() * (t - log_probs)).double().sum())
+
+    def result(self) -> dict:
+        n = self.count
+        return {"tokens": n, "perplexity": float(np.exp(self.nll / n)), "top1": self.hits / n,
+                "teacher_agreement": self.agree / n if self.with_teacher else None,
+                "kl_to_teacher": self.kl / n if self.with_teacher else None}
 
 
 def model_bytes(model: GlmForCausalLM) -> int:
@@ -121,23 +143,21 @@ def model_bytes(model: GlmForCausalLM) -> int:
 
 def evaluate_model(model: GlmForCausalLM, windows: torch.Tensor, teacher: TeacherReference | None = None,
                    name: str = "model") -> StageMetrics:
-    logits = model_logits(model, windows)
-    return StageMetrics(name=name, kind="pytorch fp32", **quality(logits, windows, teacher),
+    scores = Scores(teacher is not None)
+    for i in range(0, len(windows), BATCH):
+        scores.add(model_logits(model, windows[i:i + BATCH]), windows[i:i + BATCH], teacher, i)
+    return StageMetrics(name=name, kind="pytorch fp32", **scores.result(),
                         params=sum(p.numel() for p in model.parameters()),
                         non_embedding_params=non_embedding_params(model), bytes=model_bytes(model))
 
 
-def bundle_logits(engine, windows: torch.Tensor) -> torch.Tensor:
-    """Logits (n, seq_len, vocab) through an edge engine, one token at a time per window."""
-    rows = []
-    for window in windows[:, :-1].tolist():
-        cache = engine.new_cache()
-        steps = []
-        for pos, token in enumerate(window):
-            logits, cache = decode_one_token(engine, token, pos, cache)
-            steps.append(logits)
-        rows.append(np.stack(steps))
-    return torch.from_numpy(np.stack(rows))
+def window_logits(engine, window: list[int]) -> torch.Tensor:
+    """Logits (1, len(window), vocab) through an edge engine, one token at a time through the KV cache."""
+    cache, steps = engine.new_cache(), []
+    for pos, token in enumerate(window):
+        logits, cache = decode_one_token(engine, token, pos, cache)
+        steps.append(logits)
+    return torch.from_numpy(np.stack(steps))[None]
 
 
 def decode_speed(engine, prompt_ids: list[int], new_tokens: int) -> float:
@@ -165,12 +185,14 @@ def evaluate_bundle(bundle_path: str | Path, windows: torch.Tensor, teacher: Tea
     cfg = GlmConfig.from_dict(bundle.manifest.architecture)
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
     engine = load_engine(backend, bundle.path(entry.entry), arch, threads)
-    logits = bundle_logits(engine, windows)
+    scores = Scores(teacher is not None)
+    for i, window in enumerate(windows[:, :-1].tolist()):
+        scores.add(window_logits(engine, window), windows[i:i + 1], teacher, i)
     speed = decode_speed(engine, windows[0, :16].tolist(), decode_tokens) if decode_tokens else None
     files = [f for f in bundle.manifest.files if f.path.startswith(backend + "/")]
     params = non_embedding_params(cfg) + cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     return StageMetrics(name=name or Path(bundle_path).name, kind=f"bundle {backend} {entry.weights}",
-                        **quality(logits, windows, teacher), params=params,
+                        **scores.result(), params=params,
                         non_embedding_params=non_embedding_params(cfg), bytes=sum(f.size for f in files),
                         decode_tokens_per_s=speed)
 
