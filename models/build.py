@@ -280,7 +280,7 @@ def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
             _, student = load_checkpoint(work / "pruned")
             report = distill(student, teacher, train, plan.distill_settings, work / "distill",
                              resume=inputs.resume, progress=progress)
-            save_checkpoint(student, work / "distilled", tokenizer_json=inputs.teacher / "tokenizer.json")
+            save_checkpoint(student.cpu(), work / "distilled", tokenizer_json=inputs.teacher / "tokenizer.json")
             distill_result = report.to_dict()
             state.mark("distill", distill_result)
         bar.update(1)

@@ -97,9 +97,12 @@ def test_resume_skips_finished_stages_and_a_used_work_dir_needs_resume(built, ca
     first = json.loads((built["out"] / "manifest.json").read_text())["compression"]
     assert json.loads((again / "manifest.json").read_text())["compression"] == first
     other = built["root"] / "other.toml"
-    other.write_text(QUICK.read_text().replace("golden_tokens = 16", "golden_tokens = 12"))
-    assert main(args[:6] + [str(other)] + args[7:] + ["--resume"]) == 2
+    other.write_text(QUICK.read_text().replace("golden_tokens = 8", "golden_tokens = 12"))
+    capsys.readouterr()
+    args[args.index("quick")], args[args.index(str(again))] = str(other), str(built["root"] / "third")
+    assert main(args + ["--resume"]) == 2
     assert "belongs to another build" in capsys.readouterr().err
+    assert not (built["root"] / "third").exists()
 
 
 # --- bad input: exit 2 naming the setting, before any long work, nothing at --out ------------------
@@ -125,7 +128,7 @@ def _foreign_teacher(tmp_path, teacher) -> Path:
 
 BAD = {
     "corpus too small": (dict(corpus="small"), ["corpus too small", "[eval] seq_len = 64"]),
-    "budget too large": (dict(recipe={"token_budget = 16384": "token_budget = 4000000"}),
+    "budget too large": (dict(recipe={"token_budget = 8192": "token_budget = 4000000"}),
                          ["corpus too small for the distillation", "[distill] token_budget=4000000",
                           "max_passes=8.0"]),
     "below one KV group": (dict(recipe={"num_key_value_heads = 1": "num_key_value_heads = 0"}),
