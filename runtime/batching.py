@@ -162,8 +162,9 @@ class SchedulerStats:
 class Scheduler:
     """Owns `engine` on one worker thread; see the module docstring.
 
-    `on_step(batch_size)` is called after each batched decode step and `on_load(stats)` whenever
-    the number of active or queued requests changes (both on the worker thread; for metrics).
+    `on_step(batch_size)` is called after each batched decode step (on the worker thread) and
+    `on_load(stats)` whenever the number of active or queued requests changes (on the worker
+    thread, or on the thread that submits or cancels); both are for metrics and must be quick.
     `prefix_cache` (a runtime.prefix_cache.PrefixCache bound to this model, or None) is handed to
     `prefill_cached`: a prompt that shares a cached prefix prefills only the rest.
     `start=False` leaves the worker stopped until `start()` (tests queue requests first).
@@ -205,6 +206,7 @@ class Scheduler:
                                       "send the request again")
             key = (math.inf if deadline is None else float(deadline), next(self._arrivals))
             heapq.heappush(self._queue, _Queued(key, list(prompt_ids), handle, time.monotonic()))
+            self.on_load(self._stats())
             self._cond.notify_all()
         return handle
 
