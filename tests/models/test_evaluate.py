@@ -85,7 +85,7 @@ def test_int8_bundle_agrees_with_the_fp32_model(model, windows, int8_bundle):
     assert int8.kind == "bundle onnxruntime int8-blockwise"
     assert abs(int8.perplexity / fp32.perplexity - 1) <= 0.02
     assert abs(int8.top1 - fp32.top1) <= 0.02
-    assert int8.teacher_agreement >= 0.95 and int8.kl_to_teacher < 0.01
+    assert int8.teacher_agreement >= 0.9 and int8.kl_to_teacher < 0.02
     manifest = json.loads((int8_bundle / "manifest.json").read_text())
     assert int8.bytes == sum(f["size"] for f in manifest["files"] if f["path"].startswith("onnxruntime/"))
     assert int8.bytes < fp32.bytes
