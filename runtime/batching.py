@@ -297,8 +297,8 @@ class Scheduler:
                 self._cond.wait()
             if not self._rows and self._queue and self.window_ms > 0 and not self._closing:
                 until = min(q.arrived for q in self._queue) + self.window_ms / 1000
-                while len(self._queue) < self.max_batch and not self._closing and (left := until - time.monotonic()) > 0:
-                    self._cond.wait(left)
+                while len(self._queue) < self.max_batch and not self._closing and time.monotonic() < until:
+                    self._cond.wait(max(0.0, until - time.monotonic()))
             if self._abort is not None:
                 return []
             taken = []
