@@ -150,7 +150,7 @@ def test_bad_input_stops_before_work_with_exit_2(trained_checkpoint, tmp_path, c
     how, fragments = BAD[case]
     corpus = corpus_files()
     if how.get("corpus") == "small":
-        (tmp_path / "small.py").write_text(corpus[0].read_text()[:1500])
+        (tmp_path / "small.py").write_text(corpus[0].read_text()[:500])
         corpus = [tmp_path / "small.py"]
     recipe = _recipe(tmp_path, **how["recipe"]) if "recipe" in how else QUICK
     teacher = _foreign_teacher(tmp_path, trained_checkpoint) if how.get("teacher") else trained_checkpoint
