@@ -76,6 +76,7 @@ class Handle:
         self._cancelled = threading.Event()
         self._done = threading.Event()
         self.error: BaseException | None = None
+        self.admitted_at: float | None = None  # time.monotonic() when it left the queue for the batch
 
     def __iter__(self) -> Iterator[int]:
         while not self._cancelled.is_set():
@@ -312,6 +313,7 @@ class Scheduler:
     def _admit(self, item: _Queued) -> _Row | None:
         """Prefill one request alone and emit its first token; the row, or None if it already ended."""
         handle, params, limit = item.handle, item.handle.params, self.engine.arch.max_positions
+        handle.admitted_at = time.monotonic()
         if handle.cancelled:
             handle._finish()
             return None
