@@ -304,7 +304,7 @@ class Agent:
             self_test=lambda slot, manifest: run_self_test(slot, manifest, SelfTestConfig(
                 backend=self.cfg.model.backend, threads=self.cfg.model.threads,
                 max_latency_ratio=self.cfg.ota.max_latency_ratio,
-                min_delta_ms=self.cfg.ota.min_latency_delta_ms), self.model),
+                min_delta_ms=self.cfg.ota.min_latency_delta_ms), self.model, self.http.on_engine),
             activate=self.activate, report=self._report_ota, agent_version=__version__,
             supported_backends=tuple(available_backends()), architecture_problem=architecture_problem,
             active_version=lambda: self.model.bundle.manifest.version if self.model else None)

@@ -111,6 +111,13 @@ class ApiServer:
         if old is not None:
             old.close(wait=False)  # drains what it runs, then its worker ends
 
+    def on_engine(self, model, fn):
+        """Run `fn()` with `model`'s engine to itself: through its scheduler (between two decode steps)
+        while it serves, directly when it does not (the OTA self-test times the serving model so)."""
+        with self._state:
+            scheduler = self._scheduler if model is self._model else None
+        return scheduler.call(fn) if scheduler is not None else fn()
+
     def set_prefix_cache(self, cache) -> None:
         """Use `cache` (a runtime.prefix_cache.PrefixCache, or None) from the next model on; its
         counters are exported on /metrics. The agent sets it once and reconfigures it live."""

@@ -14,6 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from agent.model import LoadedModel, load_model
 from ota.bundle import Manifest
@@ -45,7 +46,10 @@ def decode_ms_per_token(model: LoadedModel, steps: int) -> float:
     return statistics.median(times) * 1000
 
 
-def run_self_test(slot: Path, manifest: Manifest, cfg: SelfTestConfig, serving: LoadedModel | None) -> SelfTestResult:
+def run_self_test(slot: Path, manifest: Manifest, cfg: SelfTestConfig, serving: LoadedModel | None,
+                  on_engine: Callable[[LoadedModel, Callable[[], float]], float] | None = None) -> SelfTestResult:
+    """Load the new slot, run its golden check and time its decode against `serving`'s. `on_engine(model,
+    fn)` runs `fn` with the serving model's engine to itself (the agent's batching worker owns it)."""
     try:
         model = load_model(slot, cfg.backend, cfg.threads)
     except RuntimeUserError as exc:
@@ -57,7 +61,8 @@ def run_self_test(slot: Path, manifest: Manifest, cfg: SelfTestConfig, serving: 
     new_ms = decode_ms_per_token(model, cfg.steps)
     details["decode_ms_per_token"] = round(new_ms, 3)
     if serving is not None:
-        old_ms = decode_ms_per_token(serving, cfg.steps)
+        measure = lambda: decode_ms_per_token(serving, cfg.steps)  # noqa: E731
+        old_ms = on_engine(serving, measure) if on_engine is not None else measure()
         details["serving_ms_per_token"] = round(old_ms, 3)
         if new_ms > cfg.max_latency_ratio * old_ms and new_ms - old_ms > cfg.min_delta_ms:
             return SelfTestResult(False, f"decode latency {new_ms:.2f} ms/token is over {cfg.max_latency_ratio}x "

@@ -6,6 +6,7 @@
     handle.cancel()                   # from any thread; the row leaves the batch at the next step
     scheduler.configure(max_batch=4)  # live; applies at the next step boundary
     scheduler.close()                 # finish what is queued and running, then stop
+    scheduler.call(fn)                # run fn() on the worker between two steps (exclusive engine use)
 
 Design. Requests wait in a queue ordered by deadline (earliest first; requests without a
 deadline after those with one, in arrival order). The worker loops over step boundaries:
@@ -28,11 +29,16 @@ Errors: a request the runtime refuses (empty, longer than the context) raises Re
 `submit`. An engine failure in a prefill fails that request's handle; in a batched step it fails
 the handles of the rows in that batch. Either way the error (`EngineFailed`) is raised to the
 handle's reader and the scheduler goes on serving the others.
+
+Other work on the same engine (the OTA self-test timing the serving model) goes through
+`call(fn)`: the worker runs it between two decode steps, so no two threads ever drive one engine
+(an ONNX Runtime IO binding or an OpenVINO infer request is not safe to share across threads).
 """
 
 from __future__ import annotations
 
 import heapq
+from concurrent.futures import Future
 import itertools
 import logging
 import math
@@ -185,6 +191,8 @@ class Scheduler:
         self._cache = self._mask = None
         self._closing = False
         self._abort: str | None = None
+        self._calls: list[tuple[Callable, Future]] = []  # work to run on the worker between steps
+        self._stopped = False  # the worker has ended: `call` runs inline
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         if start:
             self.start()
@@ -210,6 +218,29 @@ class Scheduler:
             self.on_load(self._stats())
             self._cond.notify_all()
         return handle
+
+    def call(self, fn: Callable[[], object], timeout: float | None = None):
+        """Run `fn()` with the engine to itself (on the worker, between two decode steps); its result
+        or exception. Once the worker has ended, `fn` runs on the caller's thread."""
+        future: Future = Future()
+        with self._cond:
+            inline = self._stopped
+            if not inline:
+                self._calls.append((fn, future))
+                self._cond.notify_all()
+        if inline:
+            return fn()
+        return future.result(timeout)
+
+    def _run_calls(self) -> None:
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the caller
+                    future.set_exception(exc)
 
     def configure(self, max_batch: int | None = None, window_ms: float | None = None) -> None:
         """Change the limits live; they apply at the next step boundary."""
@@ -250,15 +281,21 @@ class Scheduler:
 
     # --- the worker -----------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            try:
-                if not self._boundary():
-                    return
-                if self._rows:
-                    self._step()
-            except Exception as exc:  # never let the worker die: fail the batch, serve on
-                log.exception("batching worker: unexpected error")
-                self._fail_rows(EngineFailed(f"the batching worker failed ({exc}); the request was ended"))
+        try:
+            while True:
+                try:
+                    self._run_calls()
+                    if not self._boundary():
+                        return
+                    if self._rows:
+                        self._step()
+                except Exception as exc:  # never let the worker die: fail the batch, serve on
+                    log.exception("batching worker: unexpected error")
+                    self._fail_rows(EngineFailed(f"the batching worker failed ({exc}); the request was ended"))
+        finally:
+            with self._cond:
+                self._stopped = True
+            self._run_calls()  # those queued before the worker ended
 
     def _boundary(self) -> bool:
         """Drop ended rows, admit queued requests, re-merge the batch; False when the worker should stop."""
@@ -294,7 +331,7 @@ class Scheduler:
     def _admissions(self) -> list[_Queued]:
         """Requests to admit now, earliest deadline first; waits while idle (for work, or the window)."""
         with self._cond:
-            while not self._rows and not self._queue and not self._closing:
+            while not self._rows and not self._queue and not self._closing and not self._calls:
                 self._cond.wait()
             if not self._rows and self._queue and self.window_ms > 0 and not self._closing:
                 until = min(q.arrived for q in self._queue) + self.window_ms / 1000

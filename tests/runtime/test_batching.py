@@ -253,3 +253,26 @@ def test_bad_requests_and_closing(models, prompts):
     cut.start()
     with pytest.raises(SchedulerClosed, match="shutting down"):
         handle.tokens(TIMEOUT)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_work_on_the_engine_runs_between_steps_without_disturbing_the_batch(models, backend, prompts):
+    """The OTA self-test times the serving model through `call`: mid-batch, its own generation is
+    what it would be alone, and the batch's outputs are unchanged by it."""
+    engine = models[backend].engine
+    params = SamplingParams(max_tokens=30)
+    expected = [alone(engine, p, params) for p in prompts[:3]]
+    sched = scheduler(engine, max_batch=8)
+    handles = [sched.submit(p, params) for p in prompts[:2]]
+    stream = iter(handles[0])
+    got = [next(stream) for _ in range(4)]  # the batch is decoding now
+    assert sched.call(lambda: alone(engine, prompts[2], params), TIMEOUT) == expected[2]
+    got += list(stream)
+    assert [got, handles[1].tokens(TIMEOUT)] == expected[:2]
+    sched.close()
+    assert sched.call(lambda: alone(engine, prompts[2], params)) == expected[2]  # after the worker ended: inline
+    other = scheduler(engine, max_batch=8)
+    with pytest.raises(ZeroDivisionError):
+        other.call(lambda: 1 / 0, TIMEOUT)  # the caller gets fn's exception; the worker goes on
+    assert other.submit(prompts[0], params).tokens(TIMEOUT) == expected[0]
+    other.close()
