@@ -173,3 +173,12 @@ def test_bad_input_stops_before_work_with_exit_2(trained_checkpoint, tmp_path, c
     else:
         assert not out.exists()
     assert not (tmp_path / "bundle.work" / "distill").exists() and not (tmp_path / "bundle.work" / "pruned").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in QUICK.parent.glob("*.toml")))
+def test_every_shipped_recipe_loads_by_name(name):
+    """A recipe the package ships must pass the same validation a user's recipe gets."""
+    from models.recipe import load_recipe
+
+    recipe = load_recipe(name)
+    assert recipe.name == name and recipe.distill_settings().token_budget > 0  # [distill] checked too
