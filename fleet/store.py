@@ -217,6 +217,8 @@ class Store:
                        error_rate=errors / (requests + errors) if requests + errors else None)
         empty = {"requests": 0, "errors": 0, "error_rate": None, "ttft_p50_ms": None, "ttft_p95_ms": None,
                  "token_p50_ms": None, "token_p95_ms": None, "tokens_per_s": None}
+        rows = {v: r for v, r in rows.items()  # no model: a row only while devices or traffic have none
+                if v is not None or r["devices"] or r.get("requests") or r.get("errors")}
         return [{**empty, **rows[v]} for v in sorted(rows, key=lambda v: (v is None, v or ""))]
 
     def ingest_lag(self, since_stored: float) -> list[float]:

@@ -229,3 +229,18 @@ def test_group_and_rollout_errors_are_one_line(controller, devices, db):
     out = cli("config", "set", "--group", "nope", "--db", str(db), "x=1")
     assert out.returncode == 2 and "--group 'nope': no such group or fleet" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_no_model_row_shows_only_while_a_device_has_no_model(tmp_path):
+    """Reports sent before any model was installed leave no empty '-' row behind in fleet status."""
+    from fleet.store import Store
+
+    store = Store(tmp_path / "fleet.db")
+    now = time.time()
+    empty_report = {"device": "d1", "window_start": now - 2, "window_end": now - 1, "count": 0}
+    store.upsert_state("f", {"device": "d1", "online": True, "model": None})
+    store.add_telemetry("f", empty_report)
+    assert [v["model_version"] for v in store.versions("f")] == [None]  # d1 runs no model: it is shown
+    store.upsert_state("f", {"device": "d1", "online": True, "model": {"name": "m", "version": "1.0.0"}})
+    assert [v["model_version"] for v in store.versions("f")] == ["1.0.0"]
+    store.close()
