@@ -39,9 +39,9 @@ CREATE TABLE IF NOT EXISTS rollouts (
 
 
 def _schema(store: Store) -> None:
-    store.db.executescript(SCHEMA)
-    if "group_name" not in {row[1] for row in store.db.execute("PRAGMA table_info(rollouts)")}:
-        store.db.execute("ALTER TABLE rollouts ADD COLUMN group_name TEXT")  # a database of an older controller
+    store.executescript(SCHEMA)
+    if "group_name" not in {row[1] for row in store._exec("PRAGMA table_info(rollouts)")}:
+        store._exec("ALTER TABLE rollouts ADD COLUMN group_name TEXT")  # a database of an older controller
 ACTIVE = ("canary", "canary_wait", "canary_window", "rest", "rest_wait", "halting")
 
 

@@ -77,6 +77,12 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def executescript(self, script: str) -> None:
+        """Run a schema script under the connection's lock: the ingest writer shares the connection, and a
+        script's implicit COMMIT would otherwise end the writer's open transaction under it."""
+        with self._lock:
+            self.db.executescript(script)
+
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
             return self.db.execute(sql, args)
