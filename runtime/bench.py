@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.batching import Scheduler
 from runtime.errors import RequestError
-from runtime.generate import decode_one_token, prefill
+from runtime.generate import SamplingParams, decode_one_token, prefill
+from runtime.prefix_cache import PrefixCache, prefill_cached
 
 
 @dataclass
@@ -119,20 +121,9 @@ def single_stream(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
                              "steps": len(steps_ms)}}
 
 
-def _scheduler_class():
-    try:
-        from runtime.batching import Scheduler
-    except ImportError as exc:
-        raise RequestError(f"--concurrency needs the request scheduler (runtime/batching.py), which this "
-                           f"installation cannot import ({exc}); run with --concurrency 1") from None
-    return Scheduler
-
-
 def concurrent(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
     """`concurrency` requests at once through the batching scheduler, `runs` times."""
-    from runtime.generate import SamplingParams
-
-    scheduler = _scheduler_class()(engine, max_batch=opts.concurrency)
+    scheduler = Scheduler(engine, max_batch=opts.concurrency)
     params = SamplingParams(max_tokens=opts.new_tokens)
     rates, ttfts, tokens_made = [], [], 0
     try:
@@ -164,34 +155,24 @@ def concurrent(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
             "tokens": tokens_made}
 
 
-def _prefix_cache_module():
-    try:
-        import runtime.prefix_cache as module
-    except ImportError as exc:
-        raise RequestError(f"--prefix-tokens needs the prefix cache (runtime/prefix_cache.py), which this "
-                           f"installation cannot import ({exc}); run with --prefix-tokens 0") from None
-    return module
-
-
 def prefix_hit(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
     """TTFT with the first `prefix_tokens` of the prompt in the prefix cache, against a cold cache.
 
     The cache stores whole blocks (32 tokens by default), so the tokens reused are `prefix_tokens`
     rounded down to a block; the report says how many were."""
-    pc = _prefix_cache_module()
     arch, vocab = engine.arch, engine.arch.vocab_size
     kv_bytes = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 4 * opts.prompt_tokens
     miss, hit, reused = [], [], 0
     for _ in range(opts.runs):
-        cache = pc.PrefixCache(max_bytes=4 * kv_bytes)
+        cache = PrefixCache(max_bytes=4 * kv_bytes)
         cache.bind("bench")
         prefix = random_prompt(rng, vocab, opts.prefix_tokens)
         rest = opts.prompt_tokens - opts.prefix_tokens
         t0 = time.perf_counter()
-        pc.prefill_cached(engine, prefix + random_prompt(rng, vocab, rest), cache)  # cold: stores the blocks
+        prefill_cached(engine, prefix + random_prompt(rng, vocab, rest), cache)  # cold: stores the blocks
         miss.append((time.perf_counter() - t0) * 1000)
         t0 = time.perf_counter()
-        _, _, reused = pc.prefill_cached(engine, prefix + random_prompt(rng, vocab, rest), cache)  # same prefix
+        _, _, reused = prefill_cached(engine, prefix + random_prompt(rng, vocab, rest), cache)  # same prefix
         hit.append((time.perf_counter() - t0) * 1000)
     return {"prefix_tokens": opts.prefix_tokens, "reused_tokens": reused, "ttft_miss_ms": _summary(miss, 1),
             "ttft_hit_ms": _summary(hit, 1),
@@ -202,10 +183,6 @@ def run_bench(model, opts: BenchOptions) -> dict:
     """Measure `model` (an agent.model.LoadedModel) as the module docstring says; a JSON-ready dict."""
     engine = model.engine
     opts.check(engine.arch.max_positions)
-    if opts.concurrency > 1:
-        _scheduler_class()  # a missing module fails before anything is measured
-    if opts.prefix_tokens:
-        _prefix_cache_module()
     rng = np.random.default_rng(opts.seed)
     time_generation(engine, random_prompt(rng, engine.arch.vocab_size, min(opts.prompt_tokens, 16)), 4)  # warm-up
     report = {"bundle": f"{model.bundle.manifest.name}-{model.bundle.manifest.version}",
