@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 import urllib.request
 
 import paho.mqtt.client as paho
@@ -26,6 +27,7 @@ from paho.mqtt.properties import Properties
 from agent.topics import (chunk_request_topic, desired_topic, infer_request_topic, ota_offer_topic, ota_status_topic,
                           state_topic, telemetry_topic)
 from broker import free_port
+from waiting import until as wait_until
 from ota.bundle import open_bundle
 from ota.offers import make_offer
 from ota.transfer import ChunkRequest, ChunkSource
@@ -189,11 +191,7 @@ def test_agent_end_to_end_over_mqtt(agent_process, mosquitto, signed_bundles):
     ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"] is False)
 
 
-def until(condition, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
+until = partial(wait_until, timeout=120.0)
 
 
 def test_transfer_survives_a_broker_restart_and_an_agent_kill(mosquitto, signed_bundles, tmp_path):

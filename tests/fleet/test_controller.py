@@ -21,15 +21,11 @@ from agent.topics import (LatencyPercentiles, ReportedState, TelemetryReport, ch
 from fleet.controller import ControllerSettings, FleetController, format_status
 from ota.transfer import ChunkRequest, ChunkResponse
 from ota.update import Offer
+from waiting import until
 
 FLEET = "plant7"
 
 
-def until(condition, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def device_state(device: str, version: str = "1.0.0") -> ReportedState:

@@ -21,15 +21,11 @@ from agent.topics import telemetry_topic
 from fleet.controller import ControllerSettings, FleetController, serve_http
 from fleet.rollout import RolloutDriver, load_rollouts
 from fleet.simulator import SimDevice, SimProfile
+from waiting import until
 
 FLEET = "plant7"
 
 
-def until(condition, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
