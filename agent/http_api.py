@@ -593,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
         logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        model = load_model(cfg.model.bundle, cfg.model.backend, cfg.model.threads)
+        model = load_model(cfg.model.bundle, cfg.model.backend, cfg.model.threads, prefill_graph=cfg.model.prefill_graph)
         server = serve_http(cfg, model)
     except (AgentError, BundleError, RuntimeUserError) as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)

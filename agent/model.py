@@ -81,16 +81,20 @@ def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = Non
 
 def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | None = None, *,
                cache_dir: Path | None = None, retune: bool = False, hardware=None,
-               progress: bool = False) -> LoadedModel:
+               progress: bool = False, prefill_graph: bool = True) -> LoadedModel:
     """Verify the bundle's files against its manifest, then load the model on its execution path.
 
-    `cache_dir`: with backend `auto`, use (or make) the autotune result cached under `cache_dir/autotune/`."""
+    `cache_dir`: with backend `auto`, use (or make) the autotune result cached under `cache_dir/autotune/`.
+    `prefill_graph`: ONNX Runtime runs prompts on the bundle's prefill graph when it has one."""
     bundle = open_bundle(bundle_path)
     path, tuning = choose_path(bundle, backend, threads, cache_dir=cache_dir, retune=retune, hardware=hardware,
                                progress=progress)
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
+    options = path.engine_options()
+    if path.backend == "onnxruntime":
+        options["prefill_graph"] = prefill_graph
     engine = load_engine(path.backend, bundle.path(bundle.manifest.backends[path.backend].entry), arch, path.threads,
-                         **path.engine_options())
+                         **options)
     tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer))
     if tuning is not None:
         chosen_by = "autotune cache" if tuning.from_cache else "autotune"

@@ -27,6 +27,7 @@ from runtime.generate import decode_one_token, prefill
 class SelfTestConfig:
     backend: str = "auto"
     threads: int | None = None
+    prefill_graph: bool = True
     max_latency_ratio: float = 1.5
     min_delta_ms: float = 1.0  # slower by less than this is timing jitter, not a regression
     max_ms_per_token: float | None = None
@@ -51,7 +52,7 @@ def run_self_test(slot: Path, manifest: Manifest, cfg: SelfTestConfig, serving: 
     """Load the new slot, run its golden check and time its decode against `serving`'s. `on_engine(model,
     fn)` runs `fn` with the serving model's engine to itself (the agent's batching worker owns it)."""
     try:
-        model = load_model(slot, cfg.backend, cfg.threads)
+        model = load_model(slot, cfg.backend, cfg.threads, prefill_graph=cfg.prefill_graph)
     except RuntimeUserError as exc:
         return SelfTestResult(False, f"could not load the model: {exc}")
     golden = model.golden_check()

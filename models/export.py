@@ -25,8 +25,8 @@ from models.checkpoint import load_checkpoint
 from models.config import GlmConfig
 from models.errors import CheckpointError, ExportError
 from models.glm import GlmForCausalLM
-from models.onnx_graph import build_decoder, save_onnx
-from models.quantize import quantize_blockwise, quantize_per_channel
+from models.onnx_graph import PREFILL_GRAPH_KEY, build_decoder, save_onnx, save_onnx_graphs
+from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
 from ota.bundle import BundleError, publish, write_manifest
 from runtime.engine import ModelArch, load_engine
 from runtime.errors import RuntimeUserError
@@ -36,7 +36,7 @@ from runtime.tokenizer import load_tokenizer
 MIN_AGENT_VERSION = "0.1.0"
 DEFAULT_GOLDEN_PROMPT = "def main(argv=None):\n    \"\"\"Parse the command line"
 WEIGHTS = {  # (backend, precision) -> graph weight mode
-    ("onnxruntime", "int8"): "int8-blockwise",
+    ("onnxruntime", "int8"): "int8-per-channel-u8",
     ("openvino", "int8"): "int8-per-channel",
     ("onnxruntime", "fp32"): "fp32",
     ("openvino", "fp32"): "fp32",
@@ -45,6 +45,9 @@ SCHEMES = {
     "fp32": "fp32 weights and activations",
     "int8-blockwise": "INT8 weight-only, symmetric, block-wise (128 input channels per fp32 scale); "
                       "ONNX Runtime MatMulNBits bits=8, accuracy_level=4 (activations quantized to int8 per block at run time)",
+    "int8-per-channel-u8": "INT8, symmetric, per output channel, stored once as uint8 (zero point 128) for two "
+                           "ONNX Runtime graphs: decode = MatMulNBits bits=8, accuracy_level=4; prefill "
+                           "(prefill.onnx) = W8A8, activations quantized to uint8 per token, MatMulInteger",
     "int8-per-channel": "INT8 weight-only, symmetric, per output channel (one fp32 scale per row); "
                         "OpenVINO compressed weights, fp32 activations",
 }
@@ -95,7 +98,12 @@ def fake_quantized(model: GlmForCausalLM, weights: str, block: int) -> GlmForCau
     with torch.no_grad():
         for name in linear_weight_names(q.config):
             w = params[name].numpy()
-            deq = quantize_per_channel(w) if weights == "int8-per-channel" else quantize_blockwise(w, block)
+            if weights == "int8-per-channel":
+                deq = quantize_per_channel(w)
+            elif weights == "int8-per-channel-u8":
+                deq = quantize_rows_u8(w)
+            else:
+                deq = quantize_blockwise(w, block)
             params[name].copy_(torch.from_numpy(deq.dequantize()))
     return q
 
@@ -120,8 +128,13 @@ def reference_greedy(model: GlmForCausalLM, prompt_ids: list[int], n: int):
 def _write_backend(backend: str, weights: str, cfg: GlmConfig, state: dict, staging: Path, block: int) -> float:
     if backend == "onnxruntime":  # contrib ops: GroupQueryAttention over a shared, preallocated cache
         model, err = build_decoder(cfg, state, weights, block, fused=True)
+        graphs = {"model.onnx": model}
+        if weights == "int8-per-channel-u8":  # + the W8A8 prefill graph over the same weight bytes
+            graphs["prefill.onnx"], _ = build_decoder(cfg, state, weights, block, fused=True, prefill=True)
+            meta = model.metadata_props.add()
+            meta.key, meta.value = PREFILL_GRAPH_KEY, "prefill.onnx"
         (staging / "onnxruntime").mkdir()
-        save_onnx(model, staging / ENTRY["onnxruntime"])
+        save_onnx_graphs(graphs, staging / "onnxruntime", "model.onnx.data")
         return err
     import openvino as ov
 

@@ -27,12 +27,26 @@ Two rewrites keep the graph lean and do not change its results:
 - the attention scale 1/sqrt(head_dim) is folded into q_proj's weight and bias.
 
 Linear layers are written by a `weights` mode: "fp32" (MatMul), "int8-blockwise" (ONNX
-Runtime's MatMulNBits, 8 bits) or "int8-per-channel" (DequantizeLinear + MatMul, which
-OpenVINO keeps compressed).
+Runtime's MatMulNBits, 8 bits, a scale per 128 inputs), "int8-per-channel" (DequantizeLinear +
+MatMul, which OpenVINO keeps compressed) or "int8-per-channel-u8" (ONNX Runtime, one scale per
+output channel, stored once for two graphs):
+
+- the decode graph (`prefill=False`) runs each linear as MatMulNBits (`accuracy_level=4`), the
+  fastest kernel for one token per row;
+- the prefill graph (`prefill=True`) reads the same uint8 bytes as an (N, K) matrix and runs
+  W8A8: each token's activations are quantized to uint8 (symmetric, zero point 128, one scale per
+  token), then MatMulInteger (exact int32 sums; ONNX Runtime's u8u8 GEMM, about 2x MatMulNBits'
+  speed for many rows on AVX2) computes W x^T, and the two scales are applied. Quantization is
+  per token, so a token's result does not depend on the other tokens of the batch or prompt
+  (prefix-cache hits and chunking stay consistent).
+
+`save_onnx_graphs` writes several graphs over one external data file, each distinct tensor once,
+big ones at 4 KiB-aligned offsets so that ONNX Runtime memory-maps them instead of copying.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +54,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from models.config import GlmConfig
-from models.quantize import quantize_blockwise, quantize_per_channel
+from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
 
 OPSET = 17
-WEIGHT_MODES = ("fp32", "int8-blockwise", "int8-per-channel")
+WEIGHT_MODES = ("fp32", "int8-blockwise", "int8-per-channel", "int8-per-channel-u8")
+KV_CACHE_KEY = "edgeglm.kv_cache"
+PREFILL_GRAPH_KEY = "edgeglm.prefill_graph"  # decode graph metadata: the prefill graph's file name
 MASK_VALUE = -1e9  # finite, so a fully masked (padding) row stays finite instead of NaN
 
 
@@ -71,10 +87,13 @@ def prepare_weights(cfg: GlmConfig, state: dict[str, np.ndarray]) -> dict[str, n
 class GraphBuilder:
     """Collects nodes and initializers; every op returns the name of its (first) output."""
 
-    def __init__(self, weights: str, block: int = 128):
+    def __init__(self, weights: str, block: int = 128, prefill: bool = False):
         if weights not in WEIGHT_MODES:
             raise ValueError(f"weights={weights!r} must be one of {WEIGHT_MODES}")
-        self.weights, self.block = weights, block
+        if prefill and weights != "int8-per-channel-u8":
+            raise ValueError(f"a prefill graph needs weights='int8-per-channel-u8', not {weights!r}")
+        self.weights, self.block, self.prefill = weights, block, prefill
+        self._shared: dict[str, str] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.max_quant_error = 0.0
@@ -102,6 +121,17 @@ class GraphBuilder:
         n, k = w.shape
         if self.weights == "fp32":
             y = self.op("MatMul", x, self.const(np.ascontiguousarray(w.T), name + ".weight"))
+        elif self.weights == "int8-per-channel-u8":
+            qr = quantize_rows_u8(w)
+            self.max_quant_error = max(self.max_quant_error, qr.max_abs_error)
+            if self.prefill:
+                y = self._w8a8(x, qr.q.reshape(n, -1), qr.scale[:, 0], k, name)
+            else:
+                extra = ["", "", self.const(b, name + ".bias")] if b is not None else []
+                y = self.op("MatMulNBits", x, self.const(qr.q, name + ".weight_uint8"),
+                            self.const(qr.scale.reshape(-1), name + ".weight_scale"), *extra,
+                            domain="com.microsoft", K=k, N=n, bits=8, block_size=qr.block, accuracy_level=4)
+                b = None
         elif self.weights == "int8-per-channel":
             qw = quantize_per_channel(w)
             self.max_quant_error = max(self.max_quant_error, qw.max_abs_error)
@@ -119,6 +149,36 @@ class GraphBuilder:
         if b is not None:
             y = self.op("Add", y, self.const(b, name + ".bias"))
         return y
+
+    def shared(self, key: str, value, dtype=None) -> str:
+        """One initializer per distinct small constant (a graph-wide name)."""
+        if key not in self._shared:
+            self._shared[key] = self.const(value, key, dtype)
+        return self._shared[key]
+
+    def _w8a8(self, x: str, q: np.ndarray, scale: np.ndarray, k: int, name: str) -> str:
+        """x (..., K) float -> (..., N): per-token uint8 activations times the (N, Kp) uint8 weight."""
+        n, kp = q.shape
+        i64 = np.int64
+        amax = self.op("ReduceMax", self.op("Abs", x), axes=[-1], keepdims=1)  # (..., 1)
+        s = self.op("Max", self.op("Mul", amax, self.shared("w8a8.inv127", np.float32(1 / 127))),
+                    self.shared("w8a8.tiny", np.float32(1e-30)))
+        xq = self.op("Cast", self.op("Add", self.op("Round", self.op("Div", x, s)),
+                                     self.shared("w8a8.f128", np.float32(128.0))), to=TensorProto.UINT8)
+        xq = self.op("Reshape", xq, self.shared(f"w8a8.rows{k}", [-1, k], i64))  # (M, K)
+        if kp > k:  # the weight rows are padded to whole MatMulNBits blocks; 128 is zero
+            xq = self.op("Pad", xq, self.shared(f"w8a8.pad{kp - k}", [0, 0, 0, kp - k], i64),
+                         self.shared("w8a8.zp", np.uint8(128)))
+        zp = self.shared("w8a8.zp", np.uint8(128))
+        yt = self.op("MatMulInteger", self.const(q, name + ".weight_uint8"),
+                     self.op("Transpose", xq, perm=[1, 0]), zp, zp)  # (N, M) int32, exact
+        y = self.op("Cast", self.op("Transpose", yt, perm=[1, 0]), to=TensorProto.FLOAT)  # (M, N)
+        scales = self.op("Mul", self.op("Reshape", s, self.shared("w8a8.col", [-1, 1], i64)),
+                         self.const(scale[None].astype(np.float32), name + ".weight_scale_row"))  # (M, N)
+        y = self.op("Mul", y, scales)
+        lead = self.op("Slice", self.op("Shape", x), self.shared("w8a8.zero", [0], i64),
+                       self.shared("w8a8.minus1", [-1], i64))
+        return self.op("Reshape", y, self.op("Concat", lead, self.shared(f"w8a8.n{n}", [n], i64), axis=0))
 
     def rms_norm(self, x: str, weight: np.ndarray, eps: float, name: str) -> str:
         # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern both engines fuse
@@ -144,14 +204,15 @@ def _mask_bias(g: GraphBuilder, T: str, S: str, repeat: int = 1) -> str:
 
 
 def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "fp32",
-                  block: int = 128, fused: bool = False) -> tuple[onnx.ModelProto, float]:
+                  block: int = 128, fused: bool = False, prefill: bool = False) -> tuple[onnx.ModelProto, float]:
     """The decoder graph for `state` (HF names, fp32 numpy arrays) and the worst weight-quantization error.
 
     fused=False writes plain ONNX ops (any runtime; the KV cache grows by Concat). fused=True writes
     ONNX Runtime's contrib operators (see `_fused_layers`), whose GroupQueryAttention can update a
-    preallocated cache in place.
+    preallocated cache in place. prefill=True (with weights="int8-per-channel-u8") writes the W8A8
+    linears of the prefill graph; its inputs and outputs are the decode graph's.
     """
-    g = GraphBuilder(weights, block)
+    g = GraphBuilder(weights, block, prefill)
     state = prepare_weights(cfg, state)
     L = cfg.num_hidden_layers
     i64 = np.int64
@@ -182,12 +243,12 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
         helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", nkv, present_len, hd]) for n in present_names]
     graph = helper.make_graph(g.nodes, "glm_decoder", inputs, outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET)]
-    if weights == "int8-blockwise" or fused:
+    if weights in ("int8-blockwise", "int8-per-channel-u8") or fused:
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeglm")
     model.ir_version = 8
     if fused:  # the runtime binds past and present to one buffer only on this graph
-        helper.set_model_props(model, {"edgeglm.kv_cache": "shared-buffer"})
+        helper.set_model_props(model, {KV_CACHE_KEY: "shared-buffer"})
     return model, g.max_quant_error
 
 
@@ -322,3 +383,42 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
     return [path, data] if data.exists() else [path]
+
+
+def save_onnx_graphs(models: dict[str, onnx.ModelProto], directory: Path, data_name: str,
+                     align: int = 4096, threshold: int = 1024) -> list[Path]:
+    """Save `models` ({file name: graph}) in `directory` over one external data file `data_name`.
+
+    Each distinct tensor (by bytes) is stored once and shared by every graph that uses it;
+    tensors of at least `align` bytes start at `align`-aligned offsets, which lets ONNX Runtime
+    memory-map them (read-only, shared page cache) instead of reading them into its own buffers.
+    Returns the files written. The graphs are modified (their big initializers become external)."""
+    directory = Path(directory)
+    data_path = directory / data_name
+    stored: dict[bytes, tuple[int, int]] = {}
+    with open(data_path, "wb") as data:
+        for model in models.values():
+            for t in model.graph.initializer:
+                raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+                if len(raw) < threshold:
+                    continue
+                key = hashlib.sha256(raw).digest()
+                if key not in stored:
+                    if len(raw) >= align and data.tell() % align:
+                        data.write(b"\0" * (align - data.tell() % align))
+                    stored[key] = (data.tell(), len(raw))
+                    data.write(raw)
+                offset, length = stored[key]
+                for field_name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                                   "uint64_data"):
+                    t.ClearField(field_name)
+                t.data_location = TensorProto.EXTERNAL
+                del t.external_data[:]
+                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v
+    written = []
+    for name, model in models.items():
+        onnx.save_model(model, str(directory / name))
+        written.append(directory / name)
+    return written + [data_path]

@@ -8,6 +8,10 @@ Two symmetric, weight-only schemes, one per backend's fastest INT8 kernel:
 - block-wise: one fp32 scale per `block` consecutive input elements of an output channel,
   stored as uint8 with zero point 128, which is the layout of ONNX Runtime's `MatMulNBits`
   (bits=8). With `accuracy_level=4` ORT also quantizes activations to int8 per block at run time.
+- per-channel in the block-wise layout (`quantize_rows_u8`): one scale per output channel,
+  repeated for every block, stored as MatMulNBits' uint8 (N, n_blocks, block). The same bytes
+  read as an (N, n_blocks * block) matrix are what `MatMulInteger` needs for the prefill graph,
+  so ONNX Runtime's decode and prefill graphs share one copy of the weights.
 
 Weights are given as (N, K) = (out_features, in_features), the PyTorch/HF layout.
 """
@@ -72,3 +76,25 @@ def quantize_blockwise(w: np.ndarray, block: int = 128) -> BlockwiseInt8:
     quant = BlockwiseInt8((q + 128).astype(np.uint8), scale, k, 0.0)
     err = float(np.abs(quant.dequantize() - w).max()) if w.size else 0.0
     return BlockwiseInt8(quant.q, scale, k, err)
+
+
+def row_block(k: int) -> int:
+    """The MatMulNBits block for a per-channel weight of `k` inputs: the largest of 128/64/32/16
+    that divides k (no padding), else 32 (the row is padded with zeros to whole blocks)."""
+    return next((b for b in (128, 64, 32, 16) if k % b == 0), 32)
+
+
+def quantize_rows_u8(w: np.ndarray, block: int | None = None) -> BlockwiseInt8:
+    """Per-output-channel symmetric INT8 in MatMulNBits' uint8 layout (zero point 128)."""
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    block = block or row_block(k)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block={block} must be a power of two >= 16 (MatMulNBits requirement)")
+    n_blocks = -(-k // block)
+    scale = _scales(np.abs(w).max(axis=1)) if k else np.ones(n, np.float32)  # (N,)
+    q = np.full((n, n_blocks * block), 128, dtype=np.uint8)  # padding dequantizes to 0
+    q[:, :k] = (np.clip(np.rint(w / scale[:, None]), -127, 127) + 128).astype(np.uint8)
+    quant = BlockwiseInt8(q.reshape(n, n_blocks, block), np.repeat(scale[:, None], n_blocks, axis=1), k, 0.0)
+    err = float(np.abs(quant.dequantize() - w).max()) if w.size else 0.0
+    return BlockwiseInt8(quant.q, quant.scale, k, err)

@@ -8,7 +8,11 @@ returns it. `cache.length` is the number of positions it holds, `cache.batch` it
 - ONNX Runtime: the graph's GroupQueryAttention reads and writes a preallocated buffer per layer
   (past and present bound to the same memory through IOBinding, so nothing is concatenated or
   copied per step); the buffer grows by doubling, up to the context window, when a step needs
-  more room. Only the three small inputs and the logits are bound per step.
+  more room. Only the three small inputs and the logits are bound per step. An INT8 bundle's
+  graph names a second, prefill graph (metadata `edgeglm.prefill_graph`) over the same weight
+  bytes: steps of more than one token per row run there (W8A8 GEMM, about 2x faster for long
+  prompts on AVX2), single-token steps on the decode graph (MatMulNBits). Both sessions bind the
+  same cache buffers; the weights are memory-mapped from the one data file, not copied twice.
 - OpenVINO: the IR is stateful (the cache lives in the infer request's variables); one request
   is reused, inputs are bound with `set_tensor` on the caller's arrays (shared, not copied), and
   only the logits are read back. A request holds one sequence's state at a time: switching to
@@ -43,6 +47,7 @@ from runtime.probe import cpus_one_per_core
 
 BACKENDS = ("onnxruntime", "openvino")
 KV_CACHE_KEY = "edgeglm.kv_cache"  # ONNX metadata: "shared-buffer" on the fused (GroupQueryAttention) graph
+PREFILL_GRAPH_KEY = "edgeglm.prefill_graph"  # ONNX metadata: file name of the prefill graph beside it
 
 
 @dataclass(frozen=True)
@@ -202,13 +207,45 @@ class OrtCache(KVCache):
         return self.buffers[2 * layer + 1][:, :, :self.length]
 
 
+class _OrtRunner:
+    """One ONNX Runtime session with its IOBinding, the cache it has bound and its logits buffers."""
+
+    def __init__(self, session, arch: ModelArch):
+        self.session, self.arch = session, arch
+        self.binding = session.io_binding()
+        self.bound = (None, 0)  # (weakref to the cache whose buffers are bound, its capacity then)
+        self.logits: dict[int, tuple[np.ndarray, object]] = {}  # batch -> preallocated output
+        self.kv_names = [(f"past.{i}.{k}", f"present.{i}.{k}") for i in range(arch.num_layers)
+                         for k in ("key", "value")]
+
+    def run(self, ort, input_ids, position_ids, attention_mask, cache: OrtCache, batch: int) -> np.ndarray:
+        b = self.binding
+        ref, cap = self.bound
+        if ref is None or ref() is not cache or cap != cache.capacity:
+            for (past, present), value in zip(self.kv_names, cache.values):
+                b.bind_ortvalue_input(past, value)
+                b.bind_ortvalue_output(present, value)  # same memory: GroupQueryAttention writes in place
+            self.bound = (weakref.ref(cache), cache.capacity)
+        for name, arr in (("input_ids", input_ids), ("position_ids", position_ids),
+                          ("attention_mask", attention_mask)):
+            b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, np.int64)))
+        if batch not in self.logits:
+            out = np.empty((batch, self.arch.vocab_size), np.float32)
+            self.logits[batch] = (out, ort.OrtValue.ortvalue_from_numpy(out))
+        out, out_value = self.logits[batch]
+        b.bind_ortvalue_output("logits", out_value)
+        self.session.run_with_iobinding(b)
+        return out.copy()
+
+
 class OnnxRuntimeEngine:
     backend = "onnxruntime"
 
     def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None,
-                 provider: str = "CPUExecutionProvider", pinned: bool = False):
+                 provider: str = "CPUExecutionProvider", pinned: bool = False, prefill_graph: bool = True):
         """`provider`: the execution provider (CPU falls back for nodes it cannot run); `pinned`: one
-        intra-op thread per physical core (the calling thread is not pinned)."""
+        intra-op thread per physical core (the calling thread is not pinned); `prefill_graph`: use the
+        bundle's prefill graph, if it has one, for multi-token steps (False: the decode graph runs all)."""
         import onnxruntime as ort
 
         self.arch, self._ort = arch, ort
@@ -219,49 +256,60 @@ class OnnxRuntimeEngine:
         opts.intra_op_num_threads = threads or _default_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts_entries = []
         if pinned and opts.intra_op_num_threads > 1:
             cpus = cpus_one_per_core()[1:opts.intra_op_num_threads]  # 1-based ids, one per extra thread
             if len(cpus) == opts.intra_op_num_threads - 1:
-                opts.add_session_config_entry("session.intra_op_thread_affinities", ";".join(str(c + 1) for c in cpus))
+                opts_entries.append(("session.intra_op_thread_affinities", ";".join(str(c + 1) for c in cpus)))
+        for key, value in opts_entries:
+            opts.add_session_config_entry(key, value)
         providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-        try:
-            self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
-        except Exception as exc:  # ORT raises its own untyped errors for bad files
-            raise ModelLoadError(f"{model_path}: ONNX Runtime could not load the model ({exc})") from None
-        kv = self.session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY)
+
+        def session(path: Path, options=opts):
+            try:
+                return ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as exc:  # ORT raises its own untyped errors for bad files
+                raise ModelLoadError(f"{path}: ONNX Runtime could not load the model ({exc})") from None
+
+        self.session = session(model_path)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        kv = meta.get(KV_CACHE_KEY)
         if kv != "shared-buffer":
             raise ModelLoadError(f"{model_path}: not a fused decoder graph ({KV_CACHE_KEY}={kv!r}, expected "
                                  "'shared-buffer'); re-export the bundle with this version")
         self.device = provider
-        self.binding = self.session.io_binding()
-        self._kv_names = [(f"past.{i}.{k}", f"present.{i}.{k}") for i in range(arch.num_layers)
-                          for k in ("key", "value")]
-        self._bound = (None, 0)  # (weakref to the cache whose buffers are bound, its capacity then)
-        self._logits: dict[int, tuple[np.ndarray, object]] = {}  # batch -> preallocated output
+        self._decode = _OrtRunner(self.session, arch)
+        self._prefill = self._decode
+        self.prefill_graph: str | None = None  # the prefill graph's file name when one is in use
+        name = meta.get(PREFILL_GRAPH_KEY)
+        if name and prefill_graph:
+            path = Path(model_path).parent / name
+            if Path(name).name != name or not path.is_file():
+                raise ModelLoadError(f"{model_path}: its prefill graph {name!r} is not beside it; "
+                                     "the bundle is incomplete, re-export it")
+            # its worker threads may spin only briefly once a prefill is done: ORT's default spin keeps
+            # them busy for tens of ms, taking the cores from the decode session's first steps
+            # (measured on glm-s, 2 threads: the first 16 tokens after a prefill at 186 instead of
+            # 322 tok/s); no spinning at all costs the prefill itself ~12%
+            prefill_opts = ort.SessionOptions()
+            for attr in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level"):
+                setattr(prefill_opts, attr, getattr(opts, attr))
+            for key, value in opts_entries:
+                prefill_opts.add_session_config_entry(key, value)
+            prefill_opts.add_session_config_entry("session.intra_op.spin_duration_us", "1000")
+            self._prefill = _OrtRunner(session(path, prefill_opts), arch)
+            self.prefill_graph = name
 
     def new_cache(self, batch: int = 1) -> OrtCache:
         return OrtCache(batch, self.arch)
 
     def forward(self, input_ids, position_ids, attention_mask, cache: OrtCache):
-        ort, b = self._ort, self.binding
         batch, _, total = cache._check(input_ids, attention_mask)
-        ref, cap = self._bound
-        if cache.reserve(total, self.arch, ort) or ref is None or ref() is not cache or cap != cache.capacity:
-            for (past, present), value in zip(self._kv_names, cache.values):
-                b.bind_ortvalue_input(past, value)
-                b.bind_ortvalue_output(present, value)  # same memory: GroupQueryAttention writes in place
-            self._bound = (weakref.ref(cache), cache.capacity)
-        for name, arr in (("input_ids", input_ids), ("position_ids", position_ids),
-                          ("attention_mask", attention_mask)):
-            b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, np.int64)))
-        if batch not in self._logits:
-            out = np.empty((batch, self.arch.vocab_size), np.float32)
-            self._logits[batch] = (out, ort.OrtValue.ortvalue_from_numpy(out))
-        out, out_value = self._logits[batch]
-        b.bind_ortvalue_output("logits", out_value)
-        self.session.run_with_iobinding(b)
+        cache.reserve(total, self.arch, self._ort)
+        runner = self._prefill if np.shape(input_ids)[1] > 1 else self._decode
+        out = runner.run(self._ort, input_ids, position_ids, attention_mask, cache, batch)
         cache.length = total
-        return out.copy(), cache
+        return out, cache
 
     def merge_caches(self, rows: list[CacheRow]) -> tuple[OrtCache, np.ndarray]:
         """A new left-padded batch cache holding `rows` (copied), and its attention mask (batch, length)."""

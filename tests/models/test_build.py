@@ -74,7 +74,7 @@ def test_the_report_is_in_the_work_dir_and_the_signed_manifest(built):
     for stage, result in report["stages"].items():
         assert result["perplexity"] > 1.0, stage
     assert report["stages"]["teacher"]["teacher_agreement"] == 1.0
-    assert report["stages"]["int8 (onnxruntime)"]["kind"] == "bundle onnxruntime int8-blockwise"
+    assert report["stages"]["int8 (onnxruntime)"]["kind"] == "bundle onnxruntime int8-per-channel-u8"
     assert report["student"]["non_embedding_params"] == report["stages"]["distilled"]["non_embedding_params"]
     assert report["recipe"]["name"] == "quick" and len(report["recipe"]["sha256"]) == 64
     assert report["data"]["train_tokens"] + report["data"]["heldout_tokens"] == report["data"]["corpus_tokens"]

@@ -82,7 +82,7 @@ def test_int8_bundle_agrees_with_the_fp32_model(model, windows, int8_bundle):
     ref = teacher_reference(model, windows)
     fp32 = evaluate_model(model, windows, ref, name="fp32")
     int8 = evaluate_bundle(int8_bundle, windows, ref, backend="onnxruntime", decode_tokens=16)
-    assert int8.kind == "bundle onnxruntime int8-blockwise"
+    assert int8.kind == "bundle onnxruntime int8-per-channel-u8"
     assert abs(int8.perplexity / fp32.perplexity - 1) <= 0.02
     assert abs(int8.top1 - fp32.top1) <= 0.02
     assert int8.teacher_agreement >= 0.9 and int8.kl_to_teacher < 0.02
@@ -93,7 +93,7 @@ def test_int8_bundle_agrees_with_the_fp32_model(model, windows, int8_bundle):
 
     table = format_report([fp32, int8])
     lines = table.splitlines()
-    assert len(lines) == 4 and lines[2].startswith("| fp32 |") and "int8-blockwise" in lines[3]
+    assert len(lines) == 4 and lines[2].startswith("| fp32 |") and "int8-per-channel-u8" in lines[3]
     assert json.loads(json.dumps(report_dict([fp32, int8])))["stages"][1]["name"] == "int8"
 
 

@@ -30,7 +30,8 @@ def test_manifest_lists_every_file_with_its_hash(int8_bundle):
     assert bundle.manifest.golden.prompt_ids and len(bundle.manifest.golden.reference.tokens) == 32
     assert set(bundle.manifest.golden.backends) == {"onnxruntime", "openvino"}
     assert bundle.manifest.backends["openvino"].weights == "int8-per-channel"
-    assert bundle.manifest.backends["onnxruntime"].weights == "int8-blockwise"
+    assert bundle.manifest.backends["onnxruntime"].weights == "int8-per-channel-u8"
+    assert {"onnxruntime/model.onnx", "onnxruntime/prefill.onnx", "onnxruntime/model.onnx.data"} <= on_disk
 
 
 def test_path_outside_the_bundle_is_refused(int8_bundle, tmp_path):

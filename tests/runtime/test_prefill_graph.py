@@ -1,0 +1,154 @@
+"""ONNX Runtime INT8 bundles: the W8A8 prefill graph beside the MatMulNBits decode graph.
+
+The prefill graph runs every step of more than one token per row; it reads the decode graph's
+weight bytes (one copy in the data file) and quantizes activations per token. References come
+from transformers' GlmForCausalLM (fp32) and from a numpy matmul, not from the code under test."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from agent.model import load_model
+from models.onnx_graph import GraphBuilder
+from models.tiny import HELDOUT_MODULES, corpus_text
+from runtime.engine import ModelArch, load_engine
+from runtime.errors import ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def hf_model(trained_checkpoint):
+    from transformers import GlmForCausalLM
+
+    return GlmForCausalLM.from_pretrained(trained_checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def heldout_ids(int8_bundle):
+    return load_model(int8_bundle, "onnxruntime").tokenizer.encode(corpus_text(HELDOUT_MODULES)).ids
+
+
+def _external(path):
+    """{initializer name: (offset, length)} of a graph's external tensors."""
+    model = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            assert info["location"] == "model.onnx.data"
+            out[t.name] = (int(info["offset"]), int(info["length"]))
+    return out
+
+
+def test_both_graphs_read_one_aligned_copy_of_the_weights(int8_bundle):
+    ort_dir = int8_bundle / "onnxruntime"
+    decode, prefill = _external(ort_dir / "model.onnx"), _external(ort_dir / "prefill.onnx")
+    weights = [n for n in decode if n.endswith(".weight_uint8")]
+    assert len(weights) == 2 * 4 + 1  # tiny: 2 layers x (qkv, o, gate_up, down) + lm_head
+    for name in weights:
+        assert prefill[name] == decode[name], name  # the same bytes, not a second copy
+    refs = {**decode, **prefill}
+    for name, (offset, length) in refs.items():
+        if length >= 4096:  # big tensors start on a page: ONNX Runtime memory-maps them
+            assert offset % 4096 == 0, (name, offset)
+    distinct = {span for span in refs.values()}
+    stored = sum(length for _, length in distinct)
+    assert (ort_dir / "model.onnx.data").stat().st_size < stored + 4096 * len(distinct)
+    assert stored < sum(length for _, length in decode.values()) + sum(length for _, length in prefill.values())
+
+
+def test_engine_runs_prompts_on_the_prefill_graph(int8_bundle):
+    model = load_model(int8_bundle, "onnxruntime")
+    assert model.engine.prefill_graph == "prefill.onnx"
+    arch = model.arch
+    off = load_engine("onnxruntime", int8_bundle / "onnxruntime" / "model.onnx", arch, prefill_graph=False)
+    assert off.prefill_graph is None
+    # the agent's model.prefill_graph = false
+    from agent.config import load_config
+
+    cfg = load_config(None, {"model.prefill_graph": False})
+    assert load_model(int8_bundle, "onnxruntime", prefill_graph=cfg.model.prefill_graph).engine.prefill_graph is None
+
+
+def test_prefill_graph_agrees_with_transformers(int8_bundle, hf_model, heldout_ids):
+    """Last-position logits of prompts of 33..64 tokens through the W8A8 prefill graph, against the
+    fp32 transformers model on the same text; the decode graph (prefill_graph=False) alongside."""
+    model = load_model(int8_bundle, "onnxruntime")
+    off = load_engine("onnxruntime", int8_bundle / "onnxruntime" / "model.onnx", model.arch, prefill_graph=False)
+    seq = heldout_ids[300:364]
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([seq])).logits[0].numpy()  # (64, vocab)
+    ours, base = [], []
+    for n in range(33, 65):
+        ids, pos, mask = np.array([seq[:n]]), np.arange(n)[None], np.ones((1, n), np.int64)
+        ours.append(model.engine.forward(ids, pos, mask, model.engine.new_cache())[0][0])
+        base.append(off.forward(ids, pos, mask, off.new_cache())[0][0])
+    ours, base, ref = np.stack(ours), np.stack(base), ref[32:64]
+
+    def cosine(a, b):
+        return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+    assert cosine(ours, ref).min() > 0.998
+    agree = float((ours.argmax(-1) == ref.argmax(-1)).mean())
+    agree_decode_graph = float((base.argmax(-1) == ref.argmax(-1)).mean())
+    assert agree >= 0.9 and agree >= agree_decode_graph - 0.07, (agree, agree_decode_graph)
+    assert cosine(ours, base).min() > 0.999  # the two graphs compute the same model
+
+
+def test_prefill_rows_do_not_depend_on_each_other(int8_bundle, heldout_ids):
+    """Activations are quantized per token: a row's logits in a left-padded batch prefill equal its
+    logits alone (a per-tensor scale would let one row's values change another's rounding)."""
+    model = load_model(int8_bundle, "onnxruntime")
+    engine = model.engine
+    a, b = heldout_ids[:12], [x * 3 % 500 + 3 for x in heldout_ids[50:57]]  # b: larger, unrelated ids
+    ids = np.array([a, [0] * 5 + b], dtype=np.int64)
+    mask = np.array([[1] * 12, [0] * 5 + [1] * 7], dtype=np.int64)
+    pos = np.maximum(mask.cumsum(1) - 1, 0)
+    logits, _ = engine.forward(ids, pos, mask, engine.new_cache(2))
+    for row, prompt in enumerate((a, b)):
+        single, _ = engine.forward(np.array([prompt]), np.arange(len(prompt))[None],
+                                   np.ones((1, len(prompt)), np.int64), engine.new_cache())
+        np.testing.assert_allclose(logits[row], single[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [96, 100])  # 100: rows padded to whole MatMulNBits blocks
+def test_w8a8_linear_against_numpy(k):
+    """One linear written both ways (decode: MatMulNBits; prefill: W8A8) against x @ w.T in numpy."""
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((48, k)).astype(np.float32) * 0.05
+    b = rng.standard_normal(48).astype(np.float32)
+    x = rng.standard_normal((3, 5, k)).astype(np.float32)
+    x[1, 2] *= 40.0  # one outlier token: per-token scales keep the others exact-ish
+    results = {}
+    for prefill in (False, True):
+        g = GraphBuilder("int8-per-channel-u8", prefill=prefill)
+        y = g.linear("x", w, b, "lin")
+        g.nodes.append(onnx.helper.make_node("Identity", [y], ["y"]))
+        graph = onnx.helper.make_graph(
+            g.nodes, "lin", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 5, k])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], g.initializers)
+        m = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)])
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        results[prefill] = sess.run(None, {"x": x})[0]
+    ref = x @ w.T + b
+    for prefill, y in results.items():
+        assert y.shape == ref.shape
+        err = np.abs(y - ref).max(-1) / np.abs(ref).max(-1)  # per token
+        assert err.max() < 0.03, (prefill, err.max())
+    np.testing.assert_allclose(results[True], results[False], rtol=0, atol=0.03 * np.abs(ref).max())
+
+
+def test_missing_prefill_graph_is_a_clear_error(int8_bundle, tmp_path):
+    ort_dir = shutil.copytree(int8_bundle / "onnxruntime", tmp_path / "onnxruntime")
+    (ort_dir / "prefill.onnx").unlink()
+    arch = ModelArch.from_manifest(load_model(int8_bundle, "onnxruntime").bundle.manifest.architecture)
+    with pytest.raises(ModelLoadError, match="prefill graph 'prefill.onnx' is not beside it"):
+        load_engine("onnxruntime", ort_dir / "model.onnx", arch)
+    engine = load_engine("onnxruntime", ort_dir / "model.onnx", arch, prefill_graph=False)  # still usable
+    assert engine.prefill_graph is None
