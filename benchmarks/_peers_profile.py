@@ -22,18 +22,24 @@ import numpy as np
 
 
 def profiled_engine(bundle: Path, threads: int, prefix: str):
+    """The bundle's engine with its decode session (and prefill session, if the bundle has a prefill
+    graph) replaced by identical ones with the profiler on."""
     import onnxruntime as ort
 
     from agent.model import load_model
 
     engine = load_model(bundle, "onnxruntime", threads).engine
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.enable_profiling, opts.profile_file_prefix = True, prefix
-    engine.session = ort.InferenceSession(str(bundle / "onnxruntime" / "model.onnx"), opts,
-                                          providers=["CPUExecutionProvider"])
-    engine.binding, engine._bound = engine.session.io_binding(), (None, 0)
+
+    def profiled(name: str):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.enable_profiling, opts.profile_file_prefix = True, f"{prefix}-{Path(name).stem}"
+        session = ort.InferenceSession(str(bundle / "onnxruntime" / name), opts, providers=["CPUExecutionProvider"])
+        return type(engine._decode)(session, engine.arch)
+
+    engine._decode = profiled("model.onnx")
+    engine._prefill = profiled(engine.prefill_graph) if engine.prefill_graph else engine._decode
     return engine
 
 
@@ -76,9 +82,10 @@ def main() -> int:
     for i in range(args.steps):
         logits, cache = decode_one_token(engine, token, len(prompt) + i, cache)
         token = int(np.argmax(logits))
-    path = engine.session.end_profiling()
-    runs = split_runs(json.loads(Path(path).read_text()))
-    summarize(f"prefill ({args.prompt_tokens} tokens)", runs[:1])
+    runs = split_runs(json.loads(Path(engine._decode.session.end_profiling()).read_text()))
+    if engine._prefill is not engine._decode:  # the prompt ran on the prefill graph's session
+        runs = split_runs(json.loads(Path(engine._prefill.session.end_profiling()).read_text())) + runs
+    summarize(f"prefill ({args.prompt_tokens} tokens, {engine.prefill_graph or 'model.onnx'})", runs[:1])
     summarize(f"decode step (context {args.prompt_tokens}..{args.prompt_tokens + args.steps})", runs[1:])
     return 0
 
