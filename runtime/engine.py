@@ -10,8 +10,8 @@ returns it. `cache.length` is the number of positions it holds, `cache.batch` it
   copied per step); the buffer grows by doubling, up to the context window, when a step needs
   more room. Only the three small inputs and the logits are bound per step. An INT8 bundle's
   graph names a second, prefill graph (metadata `edgeglm.prefill_graph`) over the same weight
-  bytes: steps of more than one token per row run there (W8A8 GEMM, about 2x faster for long
-  prompts on AVX2), single-token steps on the decode graph (MatMulNBits). Both sessions bind the
+  bytes: steps of at least `PREFILL_GRAPH_MIN_TOKENS` tokens per row run there (W8A8 GEMM, about
+  2x faster for long prompts on AVX2), shorter ones on the decode graph (MatMulNBits). Both sessions bind the
   same cache buffers; the weights are memory-mapped from the one data file, not copied twice.
 - OpenVINO: the IR is stateful (the cache lives in the infer request's variables); one request
   is reused, inputs are bound with `set_tensor` on the caller's arrays (shared, not copied), and
@@ -48,6 +48,10 @@ from runtime.probe import cpus_one_per_core
 BACKENDS = ("onnxruntime", "openvino")
 KV_CACHE_KEY = "edgeglm.kv_cache"  # ONNX metadata: "shared-buffer" on the fused (GroupQueryAttention) graph
 PREFILL_GRAPH_KEY = "edgeglm.prefill_graph"  # ONNX metadata: file name of the prefill graph beside it
+# Steps of at least this many tokens per row run on the prefill graph. Below it the decode graph is as
+# fast or faster: the prefill graph's GEMM repacks the whole weight matrix per call, a fixed cost that
+# a few rows do not amortize (measured crossover, 2 threads: ~24 tokens on glm-m, ~32 on glm-s).
+PREFILL_GRAPH_MIN_TOKENS = 24
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,7 @@ class OnnxRuntimeEngine:
         self._decode = _OrtRunner(self.session, arch)
         self._prefill = self._decode
         self.prefill_graph: str | None = None  # the prefill graph's file name when one is in use
+        self.prefill_min_tokens = PREFILL_GRAPH_MIN_TOKENS
         name = meta.get(PREFILL_GRAPH_KEY)
         if name and prefill_graph:
             path = Path(model_path).parent / name
@@ -306,7 +311,7 @@ class OnnxRuntimeEngine:
     def forward(self, input_ids, position_ids, attention_mask, cache: OrtCache):
         batch, _, total = cache._check(input_ids, attention_mask)
         cache.reserve(total, self.arch, self._ort)
-        runner = self._prefill if np.shape(input_ids)[1] > 1 else self._decode
+        runner = self._prefill if np.shape(input_ids)[1] >= self.prefill_min_tokens else self._decode
         out = runner.run(self._ort, input_ids, position_ids, attention_mask, cache, batch)
         cache.length = total
         return out, cache

@@ -17,7 +17,7 @@ import torch
 from agent.model import load_model
 from models.onnx_graph import GraphBuilder
 from models.tiny import HELDOUT_MODULES, corpus_text
-from runtime.engine import ModelArch, load_engine
+from runtime.engine import PREFILL_GRAPH_MIN_TOKENS, ModelArch, load_engine
 from runtime.errors import ModelLoadError
 
 
@@ -62,12 +62,21 @@ def test_both_graphs_read_one_aligned_copy_of_the_weights(int8_bundle):
     assert stored < sum(length for _, length in decode.values()) + sum(length for _, length in prefill.values())
 
 
-def test_engine_runs_prompts_on_the_prefill_graph(int8_bundle):
+def test_engine_runs_prompts_on_the_prefill_graph(int8_bundle, heldout_ids):
     model = load_model(int8_bundle, "onnxruntime")
     assert model.engine.prefill_graph == "prefill.onnx"
     arch = model.arch
     off = load_engine("onnxruntime", int8_bundle / "onnxruntime" / "model.onnx", arch, prefill_graph=False)
     assert off.prefill_graph is None
+
+    def logits(engine, n):
+        ids = np.array([heldout_ids[:n]])
+        return engine.forward(ids, np.arange(n)[None], np.ones((1, n), np.int64), engine.new_cache())[0][0]
+
+    # short steps run on the decode graph (the same numbers as without a prefill graph), long ones do not
+    short, long = PREFILL_GRAPH_MIN_TOKENS - 1, PREFILL_GRAPH_MIN_TOKENS
+    np.testing.assert_array_equal(logits(model.engine, short), logits(off, short))
+    assert not np.array_equal(logits(model.engine, long), logits(off, long))
     # the agent's model.prefill_graph = false
     from agent.config import load_config
 
@@ -105,6 +114,7 @@ def test_prefill_rows_do_not_depend_on_each_other(int8_bundle, heldout_ids):
     logits alone (a per-tensor scale would let one row's values change another's rounding)."""
     model = load_model(int8_bundle, "onnxruntime")
     engine = model.engine
+    engine.prefill_min_tokens = 2  # these prompts are short: run them on the prefill graph too
     a, b = heldout_ids[:12], [x * 3 % 500 + 3 for x in heldout_ids[50:57]]  # b: larger, unrelated ids
     ids = np.array([a, [0] * 5 + b], dtype=np.int64)
     mask = np.array([[1] * 12, [0] * 5 + [1] * 7], dtype=np.int64)
