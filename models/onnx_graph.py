@@ -34,9 +34,10 @@ output channel, stored once for two graphs):
 - the decode graph (`prefill=False`) runs each linear as MatMulNBits (`accuracy_level=4`), the
   fastest kernel for one token per row;
 - the prefill graph (`prefill=True`) reads the same uint8 bytes as an (N, K) matrix and runs
-  W8A8: each token's activations are quantized to uint8 (symmetric, zero point 128, one scale per
-  token), then MatMulInteger (exact int32 sums; ONNX Runtime's u8u8 GEMM, about 2x MatMulNBits'
-  speed for many rows on AVX2) computes W x^T, and the two scales are applied. Quantization is
+  W8A8: each token's activations are quantized to uint8 (QuantizeLinear, symmetric, zero point
+  128, one scale per token), then MatMulIntegerToFloat (exact int32 sums times the token scales;
+  ONNX Runtime's u8u8 GEMM, about 2x MatMulNBits' speed for many rows on AVX2) computes W x^T,
+  transposed back and times the channel scales. Quantization is
   per token, so a token's result does not depend on the other tokens of the batch or prompt
   (prefix-cache hits and chunking stay consistent).
 
@@ -163,19 +164,20 @@ class GraphBuilder:
         amax = self.op("ReduceMax", self.op("Abs", x), axes=[-1], keepdims=1)  # (..., 1)
         s = self.op("Max", self.op("Mul", amax, self.shared("w8a8.inv127", np.float32(1 / 127))),
                     self.shared("w8a8.tiny", np.float32(1e-30)))
-        xq = self.op("Cast", self.op("Add", self.op("Round", self.op("Div", x, s)),
-                                     self.shared("w8a8.f128", np.float32(128.0))), to=TensorProto.UINT8)
-        xq = self.op("Reshape", xq, self.shared(f"w8a8.rows{k}", [-1, k], i64))  # (M, K)
-        if kp > k:  # the weight rows are padded to whole MatMulNBits blocks; 128 is zero
-            xq = self.op("Pad", xq, self.shared(f"w8a8.pad{kp - k}", [0, 0, 0, kp - k], i64),
-                         self.shared("w8a8.zp", np.uint8(128)))
+        s = self.op("Reshape", s, self.shared("w8a8.flat", [-1], i64))  # (M,): one scale per token
         zp = self.shared("w8a8.zp", np.uint8(128))
-        yt = self.op("MatMulInteger", self.const(q, name + ".weight_uint8"),
-                     self.op("Transpose", xq, perm=[1, 0]), zp, zp)  # (N, M) int32, exact
-        y = self.op("Cast", self.op("Transpose", yt, perm=[1, 0]), to=TensorProto.FLOAT)  # (M, N)
-        scales = self.op("Mul", self.op("Reshape", s, self.shared("w8a8.col", [-1, 1], i64)),
-                         self.const(scale[None].astype(np.float32), name + ".weight_scale_row"))  # (M, N)
-        y = self.op("Mul", y, scales)
+        rows = self.op("Expand", zp, self.op("Shape", s))  # (M,) zero points, 128
+        xq = self.op("QuantizeLinear", self.op("Reshape", x, self.shared(f"w8a8.rows{k}", [-1, k], i64)), s, rows,
+                     axis=0)  # (M, K) uint8 = round(x / s) + 128
+        if kp > k:  # the weight rows are padded to whole MatMulNBits blocks; 128 is zero
+            xq = self.op("Pad", xq, self.shared(f"w8a8.pad{kp - k}", [0, 0, 0, kp - k], i64), zp)
+        # (N, M) = (W - 128)(x_q - 128)^T, exact int32 sums, times each token's scale (a per-column
+        # scale of the right operand), in one kernel
+        yt = self.op("MatMulIntegerToFloat", self.const(q, name + ".weight_uint8"),
+                     self.op("Transpose", xq, perm=[1, 0]), self.shared("w8a8.one", np.float32(1.0)), s, zp, zp,
+                     domain="com.microsoft")
+        y = self.op("Mul", self.op("Transpose", yt, perm=[1, 0]),
+                    self.const(scale[None].astype(np.float32), name + ".weight_scale_row"))  # (M, N)
         lead = self.op("Slice", self.op("Shape", x), self.shared("w8a8.zero", [0], i64),
                        self.shared("w8a8.minus1", [-1], i64))
         return self.op("Reshape", y, self.op("Concat", lead, self.shared(f"w8a8.n{n}", [n], i64), axis=0))
