@@ -14,7 +14,8 @@ What is measured, on random prompt token ids (fixed seed), after one untimed war
   early at end-of-sequence, the token count says how many were made);
 - with `prefix_tokens` P > 0: TTFT of a prompt whose first P tokens are in the prefix cache
   (runtime/prefix_cache.py) against the same prompt with a cold cache, `runs` pairs;
-- peak RSS of this process (VmHWM), which includes loading the model.
+- peak RSS of this process (VmHWM), which includes loading the model, and the RSS at the end split
+  into anonymous memory and mapped files (the model's memory-mapped weights are page cache).
 
 Wall-clock numbers on a shared machine vary; compare within one run. Nothing here asserts on them.
 """
@@ -106,6 +107,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
+def memory_now_mb() -> dict | None:
+    """This process's resident memory now, split (from /proc/self/smaps_rollup, MB = 10^6 bytes):
+    `anonymous` (heap, arenas, packed weights: what the process really holds) and `file_backed`
+    (memory-mapped files: model weights and libraries; clean page cache the kernel can reclaim under
+    pressure and read again). None where /proc is missing."""
+    try:
+        fields = {}
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Anonymous") and rest.split():
+                fields[key] = int(rest.split()[0]) * 1024 / 1e6
+        rss, anon = fields["Rss"], fields["Anonymous"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return {"rss": round(rss, 1), "anonymous": round(anon, 1), "file_backed": round(rss - anon, 1)}
+
+
 def random_prompt(rng: np.random.Generator, vocab: int, n: int) -> list[int]:
     return rng.integers(0, vocab, n).tolist()
 
@@ -191,6 +209,7 @@ def run_bench(model, opts: BenchOptions) -> dict:
     report["concurrency"] = concurrent(engine, opts, rng) if opts.concurrency > 1 else None
     report["prefix"] = prefix_hit(engine, opts, rng) if opts.prefix_tokens else None
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    report["memory_mb"] = memory_now_mb()
     return report
 
 
@@ -213,4 +232,8 @@ def format_report(report: dict) -> str:
         lines.append(f"  prefix hit      TTFT {p['ttft_hit_ms']['median']:.1f} ms with {p['reused_tokens']} cached "
                      f"tokens vs {p['ttft_miss_ms']['median']:.1f} ms cold ({p['hit_speedup']}x)")
     lines.append(f"  peak RSS        {report['peak_rss_mb']:9.1f} MB")
+    if report.get("memory_mb"):
+        m = report["memory_mb"]
+        lines.append(f"  RSS at the end  {m['rss']:9.1f} MB: {m['anonymous']:.1f} MB anonymous + "
+                     f"{m['file_backed']:.1f} MB mapped files (reclaimable page cache)")
     return "\n".join(lines)

@@ -48,6 +48,9 @@ def test_run_bench_single_stream_concurrency_and_prefix(int8_bundle):
     assert p["reused_tokens"] == 32  # one block of 32 tokens came from the cache on the hit
     assert p["ttft_hit_ms"]["median"] > 0 and p["ttft_miss_ms"]["median"] > 0
     assert report["peak_rss_mb"] > 10
+    m = report["memory_mb"]  # the split adds up and the model's mapped weights show as file-backed
+    assert 0 < m["anonymous"] <= m["rss"] <= report["peak_rss_mb"] + 1 and m["file_backed"] > 1
+    assert abs(m["anonymous"] + m["file_backed"] - m["rss"]) < 0.2
     assert report["execution_path"]["backend"] == "onnxruntime" and report["execution_path"]["chosen_by"] == "configured"
     text = format_report(report)
     assert "TTFT" in text and "concurrency 3" in text and "32 cached tokens" in text
