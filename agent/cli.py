@@ -158,7 +158,8 @@ def cmd_bench(args) -> int:
                         prefix_tokens=args.prefix_tokens, runs=args.runs)
     opts.check(1 << 62)  # the flags alone; the context window is checked once the model is known
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    model = load_model(args.bundle, args.backend, args.threads, cache_dir=cache_dir, progress=not args.json)
+    model = load_model(args.bundle, args.backend, args.threads, cache_dir=cache_dir, progress=not args.json,
+                       prefill_graph=args.prefill_graph)
     report = run_bench(model, opts)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--prefix-tokens", type=int, default=0, help="also measure TTFT with this many prompt tokens "
                     "in the prefix cache")
     be.add_argument("--runs", type=int, default=3)
+    be.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
+                    help="ONNX Runtime: run prompts on the decode graph, as model.prefill_graph = false does")
     be.add_argument("--threads", type=_positive, help="inference threads (default: autotuned / all usable cores)")
     be.add_argument("--cache-dir", help="autotune cache (default $EDGEGLM_CACHE_DIR or ~/.cache/edgeglm)")
     be.add_argument("--json", action="store_true")

@@ -37,9 +37,13 @@ class LoadedModel:
     chosen_by: str = "configured"  # "configured", "rule order", "autotune" or "autotune cache"
 
     def execution_info(self) -> dict:
-        """Backend, device, threads, pinning and precision hints, and how they were chosen."""
+        """Backend, device, threads, pinning and precision hints, and how they were chosen; for ONNX
+        Runtime also the prefill graph serving prompts (its file name, or None: the decode graph)."""
         path = self.path or Candidate(self.backend, str(getattr(self.engine, "device", "CPU")))
-        return {**path.to_dict(), "description": path.describe(), "chosen_by": self.chosen_by}
+        info = {**path.to_dict(), "description": path.describe(), "chosen_by": self.chosen_by}
+        if self.backend == "onnxruntime":
+            info["prefill_graph"] = getattr(self.engine, "prefill_graph", None)
+        return info
 
     def golden_check(self) -> GoldenResult:
         g = self.bundle.manifest.golden

@@ -69,6 +69,15 @@ def test_bench_json_on_the_autotuned_path(int8_bundle, tmp_path):
     s = report["single_stream"]
     assert s["per_token_ms"]["steps"] == 14 and s["ttft_ms"]["median"] > 0 and s["decode_tok_s"]["median"] > 0
     assert report["concurrency"] is None and report["prefix"] is None and report["peak_rss_mb"] > 10
+    if report["execution_path"]["backend"] == "onnxruntime":
+        assert report["execution_path"]["prefill_graph"] == "prefill.onnx"
+
+
+def test_bench_without_the_prefill_graph(int8_bundle, tmp_path):
+    proc = edgeglm("bench", "--bundle", int8_bundle, "--backend", "onnxruntime", "--prompt-tokens", 32,
+                   "--new-tokens", 4, "--runs", 1, "--json", "--no-prefill-graph", "--cache-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["execution_path"]["prefill_graph"] is None
 
 
 @pytest.mark.parametrize("args,fragment", [
