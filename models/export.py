@@ -25,7 +25,7 @@ from models.checkpoint import load_checkpoint
 from models.config import GlmConfig
 from models.errors import CheckpointError, ExportError
 from models.glm import GlmForCausalLM
-from models.onnx_graph import PREFILL_GRAPH_KEY, build_decoder, save_onnx, save_onnx_graphs
+from models.onnx_graph import EMBEDDINGS_FILE, PREFILL_GRAPH_KEY, build_decoder, save_onnx, save_onnx_graphs
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
 from ota.bundle import BundleError, publish, write_manifest
 from runtime.engine import ModelArch, load_engine
@@ -135,6 +135,8 @@ def _write_backend(backend: str, weights: str, cfg: GlmConfig, state: dict, stag
             meta.key, meta.value = PREFILL_GRAPH_KEY, "prefill.onnx"
         (staging / "onnxruntime").mkdir()
         save_onnx_graphs(graphs, staging / "onnxruntime", "model.onnx.data")
+        np.save(staging / "onnxruntime" / EMBEDDINGS_FILE,
+                np.ascontiguousarray(state["model.embed_tokens.weight"], dtype=np.float32))
         return err
     import openvino as ov
 

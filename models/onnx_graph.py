@@ -14,7 +14,12 @@ contract is explicit:
 
 Two variants: plain ONNX ops (`fused=False`; the cache grows by Concat; OpenVINO converts this
 one and the exporter makes it stateful) and ONNX Runtime contrib ops (`fused=True`, tagged
-`edgeglm.kv_cache = shared-buffer` in the model metadata): GroupQueryAttention, which updates
+`edgeglm.kv_cache = shared-buffer` in the model metadata). The fused graph takes
+`inputs_embeds` float (batch, seq, hidden) instead of `input_ids`: the runtime gathers the rows
+from the fp32 embedding table saved beside it (`embed_tokens.npy`, named by the metadata
+`edgeglm.embeddings`), memory-mapped without read-ahead, so only the rows of the tokens seen are
+resident (inside the graph the table would be resident whole, or read ahead in 128 KiB runs).
+The fused graph's operators: GroupQueryAttention, which updates
 the cache in place when past.{i}.* and present.{i}.* are bound to one preallocated buffer (then
 "past" and "past + seq" above are both that buffer's capacity, and attention_mask's length says
 how many positions are valid), plus RotaryEmbedding, SkipSimplifiedLayerNormalization,
@@ -61,6 +66,8 @@ OPSET = 17
 WEIGHT_MODES = ("fp32", "int8-blockwise", "int8-per-channel", "int8-per-channel-u8")
 KV_CACHE_KEY = "edgeglm.kv_cache"
 PREFILL_GRAPH_KEY = "edgeglm.prefill_graph"  # decode graph metadata: the prefill graph's file name
+EMBEDDINGS_KEY = "edgeglm.embeddings"  # fused graphs' metadata: the embedding table's file name
+EMBEDDINGS_FILE = "embed_tokens.npy"
 MASK_VALUE = -1e9  # finite, so a fully masked (padding) row stays finite instead of NaN
 
 
@@ -220,9 +227,13 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
     i64 = np.int64
 
     # shapes: T = new tokens, S = past + T
-    T = g.op("Gather", g.op("Shape", "input_ids"), g.const(1, dtype=i64), axis=0)
+    tokens = "inputs_embeds" if fused else "input_ids"
+    T = g.op("Gather", g.op("Shape", tokens), g.const(1, dtype=i64), axis=0)
     S = g.op("Gather", g.op("Shape", "attention_mask"), g.const(1, dtype=i64), axis=0)
-    x = g.op("Gather", g.const(state["model.embed_tokens.weight"], "embed_tokens.weight"), "input_ids", axis=0)
+    if fused:  # the runtime gathers the embedding rows (module docstring)
+        x = "inputs_embeds"
+    else:
+        x = g.op("Gather", g.const(state["model.embed_tokens.weight"], "embed_tokens.weight"), "input_ids", axis=0)
     layers = _fused_layers if fused else _plain_layers
     x, present_names = layers(g, cfg, state, x, T, S)
 
@@ -235,7 +246,8 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
     nkv, hd = cfg.num_key_value_heads, cfg.head_dim
     kv_shape = ["batch", nkv, "past", hd]
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", cfg.hidden_size])
+        if fused else helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
     ] + [helper.make_tensor_value_info(f"past.{i}.{kind}", TensorProto.FLOAT, kv_shape)
@@ -250,7 +262,7 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
     model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeglm")
     model.ir_version = 8
     if fused:  # the runtime binds past and present to one buffer only on this graph
-        helper.set_model_props(model, {KV_CACHE_KEY: "shared-buffer"})
+        helper.set_model_props(model, {KV_CACHE_KEY: "shared-buffer", EMBEDDINGS_KEY: EMBEDDINGS_FILE})
     return model, g.max_quant_error
 
 
@@ -322,7 +334,7 @@ def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
     rot, eps = cfg.rotary_dim, cfg.rms_norm_eps
     i64, ms = np.int64, "com.microsoft"
     bias = _mask_bias(g, T, S)  # (B, 1, T, S)
-    batch = g.op("Gather", g.op("Shape", "input_ids"), g.const([0], dtype=i64), axis=0)  # (1,)
+    batch = g.op("Gather", g.op("Shape", "inputs_embeds"), g.const([0], dtype=i64), axis=0)  # (1,)
     total = g.op("Cast", S, to=TensorProto.INT32)  # scalar
     seqlens_k = g.op("Expand", g.op("Sub", total, g.const(np.int32(1))), batch)  # (B,) = S - 1 in every row
 

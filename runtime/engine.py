@@ -13,6 +13,9 @@ returns it. `cache.length` is the number of positions it holds, `cache.batch` it
   bytes: steps of at least `PREFILL_GRAPH_MIN_TOKENS` tokens per row run there (W8A8 GEMM, about
   2x faster for long prompts on AVX2), shorter ones on the decode graph (MatMulNBits). Both sessions bind the
   same cache buffers; the weights are memory-mapped from the one data file, not copied twice.
+  The graphs take `inputs_embeds`: the engine reads the rows from the bundle's fp32 embedding
+  table (`embed_tokens.npy`) with pread (`EmbeddingTable`), so the process holds only the rows it
+  is using, not the table. (Graphs exported before take `input_ids` and gather inside.)
 - OpenVINO: the IR is stateful (the cache lives in the infer request's variables); one request
   is reused, inputs are bound with `set_tensor` on the caller's arrays (shared, not copied), and
   only the logits are read back. A request holds one sequence's state at a time: switching to
@@ -52,6 +55,48 @@ PREFILL_GRAPH_KEY = "edgeglm.prefill_graph"  # ONNX metadata: file name of the p
 # fast or faster: the prefill graph's GEMM repacks the whole weight matrix per call, a fixed cost that
 # a few rows do not amortize (measured crossover, 2 threads: ~24 tokens on glm-m, ~32 on glm-s).
 PREFILL_GRAPH_MIN_TOKENS = 24
+EMBEDDINGS_KEY = "edgeglm.embeddings"  # ONNX metadata: file name of the fp32 embedding table beside the graph
+
+
+class EmbeddingTable:
+    """A (vocab, hidden) float32 table in a .npy file, read a row at a time with pread.
+
+    Nothing of the table is mapped into the process: a lookup reads the rows it needs (4 KiB for a
+    hidden size of 1024) from the page cache or the disk, so the process holds only the rows of the
+    tokens it is working on. (Memory-mapped, the kernel's fault-around maps 64 KiB of cached
+    neighbours per touched row: 117 of glm-m's 131 MB became resident after two random 512-token
+    prompts.) Lookups are thread-safe (pread has no file position)."""
+
+    def __init__(self, path: Path, vocab_size: int):
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                self.offset = f.tell()
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: not a readable embedding table ({exc}); re-export the bundle") from None
+        if len(shape) != 2 or shape[0] != vocab_size or dtype != np.float32 or fortran:
+            raise ModelLoadError(f"{path}: embedding table is {dtype} {shape}, expected float32 ({vocab_size}, hidden)")
+        if Path(path).stat().st_size < self.offset + shape[0] * shape[1] * 4:
+            raise ModelLoadError(f"{path}: embedding table is truncated; re-export the bundle")
+        self.vocab_size, self.hidden = shape
+        self.row_bytes = self.hidden * 4
+        self._fd = os.open(path, os.O_RDONLY)
+        self._finalizer = weakref.finalize(self, os.close, self._fd)
+
+    def __getitem__(self, ids) -> np.ndarray:
+        """Rows for `ids` (any shape of ints) -> float32 (*ids.shape, hidden), a new array."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = int(ids[(ids < 0) | (ids >= self.vocab_size)].flat[0])
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        out = np.empty((ids.size, self.hidden), np.float32)
+        for row, token in zip(out, ids.reshape(-1).tolist()):
+            if os.preadv(self._fd, [row], self.offset + token * self.row_bytes) != self.row_bytes:
+                raise ModelLoadError(f"embedding table: short read for token {token}")
+        return out.reshape(*ids.shape, self.hidden)
 
 
 @dataclass(frozen=True)
@@ -222,7 +267,8 @@ class _OrtRunner:
         self.kv_names = [(f"past.{i}.{k}", f"present.{i}.{k}") for i in range(arch.num_layers)
                          for k in ("key", "value")]
 
-    def run(self, ort, input_ids, position_ids, attention_mask, cache: OrtCache, batch: int) -> np.ndarray:
+    def run(self, ort, tokens: tuple[str, np.ndarray], position_ids, attention_mask, cache: OrtCache,
+            batch: int) -> np.ndarray:
         b = self.binding
         ref, cap = self.bound
         if ref is None or ref() is not cache or cap != cache.capacity:
@@ -230,8 +276,8 @@ class _OrtRunner:
                 b.bind_ortvalue_input(past, value)
                 b.bind_ortvalue_output(present, value)  # same memory: GroupQueryAttention writes in place
             self.bound = (weakref.ref(cache), cache.capacity)
-        for name, arr in (("input_ids", input_ids), ("position_ids", position_ids),
-                          ("attention_mask", attention_mask)):
+        b.bind_ortvalue_input(tokens[0], ort.OrtValue.ortvalue_from_numpy(tokens[1]))
+        for name, arr in (("position_ids", position_ids), ("attention_mask", attention_mask)):
             b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, np.int64)))
         if batch not in self.logits:
             out = np.empty((batch, self.arch.vocab_size), np.float32)
@@ -282,6 +328,14 @@ class OnnxRuntimeEngine:
             raise ModelLoadError(f"{model_path}: not a fused decoder graph ({KV_CACHE_KEY}={kv!r}, expected "
                                  "'shared-buffer'); re-export the bundle with this version")
         self.device = provider
+        self._embeddings = None  # (vocab, hidden) memory-mapped table, when the graph takes inputs_embeds
+        if "inputs_embeds" in {i.name for i in self.session.get_inputs()}:
+            name = meta.get(EMBEDDINGS_KEY, "")
+            path = Path(model_path).parent / name
+            if not name or Path(name).name != name or not path.is_file():
+                raise ModelLoadError(f"{model_path}: its embedding table {name!r} is not beside it; "
+                                     "the bundle is incomplete, re-export it")
+            self._embeddings = EmbeddingTable(path, arch.vocab_size)
         self._decode = _OrtRunner(self.session, arch)
         self._prefill = self._decode
         self.prefill_graph: str | None = None  # the prefill graph's file name when one is in use
@@ -312,7 +366,11 @@ class OnnxRuntimeEngine:
         batch, _, total = cache._check(input_ids, attention_mask)
         cache.reserve(total, self.arch, self._ort)
         runner = self._prefill if np.shape(input_ids)[1] >= self.prefill_min_tokens else self._decode
-        out = runner.run(self._ort, input_ids, position_ids, attention_mask, cache, batch)
+        if self._embeddings is None:
+            tokens = ("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        else:
+            tokens = ("inputs_embeds", self._embeddings[input_ids])  # (batch, seq, hidden)
+        out = runner.run(self._ort, tokens, position_ids, attention_mask, cache, batch)
         cache.length = total
         return out, cache
 

@@ -162,3 +162,30 @@ def test_missing_prefill_graph_is_a_clear_error(int8_bundle, tmp_path):
         load_engine("onnxruntime", ort_dir / "model.onnx", arch)
     engine = load_engine("onnxruntime", ort_dir / "model.onnx", arch, prefill_graph=False)  # still usable
     assert engine.prefill_graph is None
+
+
+def test_embedding_rows_come_from_the_table_beside_the_graph(int8_bundle, trained_checkpoint, tmp_path):
+    """The ONNX Runtime graphs take inputs_embeds; the engine reads the rows from embed_tokens.npy,
+    which holds the checkpoint's fp32 embedding exactly."""
+    from safetensors.numpy import load_file
+
+    ort_dir = int8_bundle / "onnxruntime"
+    table = np.load(ort_dir / "embed_tokens.npy")
+    np.testing.assert_array_equal(table, load_file(trained_checkpoint / "model.safetensors")["model.embed_tokens.weight"])
+    for graph in ("model.onnx", "prefill.onnx"):
+        model = onnx.load(str(ort_dir / graph), load_external_data=False)
+        assert [i.name for i in model.graph.input][:1] == ["inputs_embeds"]
+        assert not any("embed_tokens" in t.name for t in model.graph.initializer)
+    engine = load_model(int8_bundle, "onnxruntime").engine
+    ids = np.array([[0, 5, 5, table.shape[0] - 1]])
+    np.testing.assert_array_equal(engine._embeddings[ids], table[ids])
+    with pytest.raises(ValueError, match=f"token id {table.shape[0]} is outside the vocabulary"):
+        engine.forward(np.array([[1, table.shape[0]]]), np.arange(2)[None], np.ones((1, 2), np.int64),
+                       engine.new_cache())
+    copy = shutil.copytree(ort_dir, tmp_path / "onnxruntime")
+    (copy / "embed_tokens.npy").unlink()
+    with pytest.raises(ModelLoadError, match="embedding table 'embed_tokens.npy' is not beside it"):
+        load_engine("onnxruntime", copy / "model.onnx", engine.arch)
+    np.save(copy / "embed_tokens.npy", table[:10])
+    with pytest.raises(ModelLoadError, match=r"expected float32 \(512, hidden\)"):
+        load_engine("onnxruntime", copy / "model.onnx", engine.arch)
