@@ -256,6 +256,15 @@ class OrtCache(KVCache):
         return self.buffers[2 * layer + 1][:, :, :self.length]
 
 
+def _beside(model_path: Path, name: str, what: str) -> Path:
+    """The file `name` (from the graph's metadata) in the graph's directory, or a clear error."""
+    path = model_path.parent / name
+    if not name or Path(name).name != name or not path.is_file():
+        raise ModelLoadError(f"{model_path}: its {what} {name!r} is not beside it; the bundle is incomplete, "
+                             "re-export it")
+    return path
+
+
 class _OrtRunner:
     """One ONNX Runtime session with its IOBinding, the cache it has bound and its logits buffers."""
 
@@ -328,24 +337,13 @@ class OnnxRuntimeEngine:
             raise ModelLoadError(f"{model_path}: not a fused decoder graph ({KV_CACHE_KEY}={kv!r}, expected "
                                  "'shared-buffer'); re-export the bundle with this version")
         self.device = provider
-        self._embeddings = None  # (vocab, hidden) memory-mapped table, when the graph takes inputs_embeds
-        if "inputs_embeds" in {i.name for i in self.session.get_inputs()}:
-            name = meta.get(EMBEDDINGS_KEY, "")
-            path = Path(model_path).parent / name
-            if not name or Path(name).name != name or not path.is_file():
-                raise ModelLoadError(f"{model_path}: its embedding table {name!r} is not beside it; "
-                                     "the bundle is incomplete, re-export it")
-            self._embeddings = EmbeddingTable(path, arch.vocab_size)
+        self._embeddings = self._embedding_table(Path(model_path), meta)
         self._decode = _OrtRunner(self.session, arch)
         self._prefill = self._decode
         self.prefill_graph: str | None = None  # the prefill graph's file name when one is in use
         self.prefill_min_tokens = PREFILL_GRAPH_MIN_TOKENS
         name = meta.get(PREFILL_GRAPH_KEY)
         if name and prefill_graph:
-            path = Path(model_path).parent / name
-            if Path(name).name != name or not path.is_file():
-                raise ModelLoadError(f"{model_path}: its prefill graph {name!r} is not beside it; "
-                                     "the bundle is incomplete, re-export it")
             # its worker threads may spin only briefly once a prefill is done: ORT's default spin keeps
             # them busy for tens of ms, taking the cores from the decode session's first steps
             # (measured on glm-s, 2 threads: the first 16 tokens after a prefill at 186 instead of
@@ -356,8 +354,15 @@ class OnnxRuntimeEngine:
             for key, value in opts_entries:
                 prefill_opts.add_session_config_entry(key, value)
             prefill_opts.add_session_config_entry("session.intra_op.spin_duration_us", "1000")
-            self._prefill = _OrtRunner(session(path, prefill_opts), arch)
+            self._prefill = _OrtRunner(session(_beside(Path(model_path), name, "prefill graph"), prefill_opts), arch)
             self.prefill_graph = name
+
+    def _embedding_table(self, model_path: Path, meta: dict) -> EmbeddingTable | None:
+        """The table the graph's `inputs_embeds` come from; None for graphs that gather inside."""
+        if "inputs_embeds" not in {i.name for i in self.session.get_inputs()}:
+            return None
+        return EmbeddingTable(_beside(model_path, meta.get(EMBEDDINGS_KEY, ""), "embedding table"),
+                              self.arch.vocab_size)
 
     def new_cache(self, batch: int = 1) -> OrtCache:
         return OrtCache(batch, self.arch)
