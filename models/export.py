@@ -168,6 +168,14 @@ def make_stateful(ov_model, num_layers: int) -> None:
                               for d in list(op.get_output_partial_shape(0))[1:]]
             zero = ops.constant(0.0, dtype=op.get_output_element_type(0))
             op.set_arguments([ops.broadcast(zero, ops.concat(dims, 0))])
+    rows = ops.range(ops.constant(0, np.int32), ops.convert(ops.squeeze(batch, ops.constant([0])), "i32"),
+                     ops.constant(1, np.int32), "i32")
+    for op in ov_model.get_ops():
+        if op.get_type_name() == "ReadValue":
+            targets = list(op.output(0).get_target_inputs())
+            g = ops.gather(op.output(0), rows, ops.constant(0))
+            for t in targets:
+                t.replace_source_output(g.output(0))
     ov_model.validate_nodes_and_infer_types()
 
 
