@@ -276,14 +276,15 @@ def _plain_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
     emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1], dtype=i64))
     cos, sin = g.op("Cos", emb), g.op("Sin", emb)
 
-    def rope(x: str) -> str:  # x (B, heads, T, hd)
-        parts = g.op("Split", x, g.const([rot // 2, rot // 2] + ([hd - rot] if hd > rot else []), dtype=i64),
-                     axis=-1, outputs=3 if hd > rot else 2)
-        x1, x2 = parts[0], parts[1]
-        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
-        x_rot = g.op("Concat", x1, x2, axis=-1)
-        out = g.op("Add", g.op("Mul", x_rot, cos), g.op("Mul", rotated, sin))
-        return g.op("Concat", out, parts[2], axis=-1) if hd > rot else out
+    minus_one = g.const(np.float32(-1.0))
+
+    def rope(x: str) -> str:  # x (B, heads, T, hd); the form OpenVINO fuses to one RoPE node
+        if hd > rot:  # partial rotary: rotate the first `rot` dims, pass the rest through
+            x, passed = g.op("Split", x, g.const([rot, hd - rot], dtype=i64), axis=3, outputs=2)
+        x1, x2 = g.op("Split", x, g.const([rot // 2, rot // 2], dtype=i64), axis=3, outputs=2)
+        rotated = g.op("Concat", g.op("Mul", x2, minus_one), x1, axis=-1)
+        out = g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+        return g.op("Concat", out, passed, axis=-1) if hd > rot else out
 
     heads_shape = {h: g.const([0, 0, h, hd], dtype=i64) for h in {nh, nkv}}
     qkv_sizes = g.const([nh * hd, nkv * hd, nkv * hd], dtype=i64)
