@@ -189,8 +189,8 @@ class GraphBuilder:
         return self.op("Mul", self.op("Div", x, denom), self.const(weight, name + ".weight"))
 
 
-def _mask_bias(g: GraphBuilder, T: str, S: str, repeat: int = 1) -> str:
-    """Additive mask (B, 1, repeat*T, S): causal AND not padding; 0 or MASK_VALUE."""
+def _mask_bias(g: GraphBuilder, T: str, S: str) -> str:
+    """Additive mask (B, 1, T, S), broadcast over the heads: causal AND not padding; 0 or MASK_VALUE."""
     i64 = np.int64
     P = g.op("Sub", S, T)
     q_pos = g.op("Unsqueeze", g.op("Range", P, S, g.const(1, dtype=i64)), g.const([1], dtype=i64))  # (T, 1)
@@ -199,10 +199,7 @@ def _mask_bias(g: GraphBuilder, T: str, S: str, repeat: int = 1) -> str:
     causal = g.op("GreaterOrEqual", q_pos, k_pos)  # (T, S)
     keep = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2], dtype=i64))
     allowed = g.op("And", causal, keep)  # (B, 1, T, S)
-    bias = g.op("Where", allowed, g.const(np.float32(0.0)), g.const(np.float32(MASK_VALUE)))
-    if repeat > 1:
-        bias = g.op("Tile", bias, g.const([1, 1, repeat, 1], dtype=i64))
-    return bias
+    return g.op("Where", allowed, g.const(np.float32(0.0)), g.const(np.float32(MASK_VALUE)))
 
 
 def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "fp32",
@@ -267,7 +264,7 @@ def _plain_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
     L, nh, nkv, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     rot, grp = cfg.rotary_dim, cfg.group_size
     i64 = np.int64
-    bias = _mask_bias(g, T, S)  # (B, 1, T, S), broadcast over the heads
+    bias = _mask_bias(g, T, S)  # (B, 1, T, S)
 
     # rotary cos/sin (B, 1, T, rot), halves layout
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
@@ -291,7 +288,7 @@ def _plain_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
     group_axis, to_heads = g.const([2], dtype=i64), g.const([0, nh, -1, hd], dtype=i64)
     group_shape = g.const([1, 1, grp, 1, 1], dtype=i64)
 
-    def heads(y: str, n: str) -> str:  # (B, T, n*hd) -> (B, n, T, hd)
+    def heads(y: str, n: int) -> str:  # (B, T, n*hd) -> (B, n, T, hd)
         return g.op("Transpose", g.op("Reshape", y, heads_shape[n]), perm=[0, 2, 1, 3])
 
     def repeat_kv(t: str) -> str:  # (B, nkv, S, hd) -> (B, nh, S, hd), each kv head grp times
