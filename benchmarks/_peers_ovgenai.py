@@ -47,6 +47,10 @@ def add_beam_idx(model) -> None:
         if op.get_type_name() != "ReadValue":
             continue
         consumers = list(op.output(0).get_target_inputs())
+        readers = [t.get_node() for t in consumers]
+        if len(readers) == 1 and readers[0].get_type_name() == "Gather":  # edgeglm's identity row order
+            readers[0].input(1).replace_source_output(beam_idx.output(0))
+            continue
         gathered = ops.gather(op.output(0), beam_idx, ops.constant(0))
         for target in consumers:
             target.replace_source_output(gathered.output(0))

@@ -39,8 +39,9 @@ def runtime_nodes(engine) -> list[tuple[str, list[str]]]:
     return nodes
 
 
-def test_compiled_decoder_has_fused_attention_rope_and_qkv(fp32_bundle):
-    model = load_model(fp32_bundle, "openvino")
+@pytest.mark.parametrize("bundle", ["fp32_bundle", "int8_bundle"])
+def test_compiled_decoder_has_fused_attention_rope_and_qkv(bundle, request):
+    model = load_model(request.getfixturevalue(bundle), "openvino")
     L = model.arch.num_layers
     nodes = runtime_nodes(model.engine)
     kinds = Counter(k for k, _ in nodes)
