@@ -12,14 +12,16 @@ touching the arithmetic:
 
   * a `beam_idx` input (i32, one entry per batch row) that reorders every KV-cache variable
     through a Gather on its ReadValue (what GenAI's beam search sets; greedy passes 0..batch-1);
+    edgeglm's IR already reads each variable through such a Gather (identity rows, for the CPU
+    plugin's KV-cache attention fusion), whose indices become `beam_idx`;
   * the (batch, vocab) last-position logits get a unit seq axis: (batch, 1, vocab).
 
 GenAI's default CPU pipeline (paged attention) runs this IR correctly (on an fp32 `tiny`
 bundle its greedy tokens equal the PyTorch reference's). Its stateful backend
-(ATTENTION_BACKEND="SDPA") does not: once beam_idx exists, the CPU plugin fuses
-ReadValue -> Gather -> Concat -> MatMul/Softmax into ScaledDotProductAttentionWithKVCache, and
-edgeglm's grouped-query layout (the query group folded into the sequence axis, q as
-(batch, kv_heads, group * seq, head_dim)) makes that node reject the attention mask's shape.
+(ATTENTION_BACKEND="SDPA") failed on IRs before the OpenVINO graph-fusion rework (the query group
+folded into the sequence axis made ScaledDotProductAttentionWithKVCache reject the mask's shape);
+the current IR uses 4-D (batch, heads, seq, head_dim) attention, which that node accepts (not
+benchmarked here).
 
 The tokenizer IRs come from openvino_tokenizers.convert_tokenizer on the checkpoint's
 tokenizer.json (loaded with transformers' PreTrainedTokenizerFast).
@@ -47,6 +49,10 @@ def add_beam_idx(model) -> None:
         if op.get_type_name() != "ReadValue":
             continue
         consumers = list(op.output(0).get_target_inputs())
+        readers = [t.get_node() for t in consumers]
+        if len(readers) == 1 and readers[0].get_type_name() == "Gather":  # edgeglm's identity row order
+            readers[0].input(1).replace_source_output(beam_idx.output(0))
+            continue
         gathered = ops.gather(op.output(0), beam_idx, ops.constant(0))
         for target in consumers:
             target.replace_source_output(gathered.output(0))

@@ -156,7 +156,13 @@ def make_stateful(ov_model, num_layers: int) -> None:
     (ReadValue/Assign), so the IR's inputs are input_ids, position_ids, attention_mask and its only
     output is logits. A variable starts empty, (batch of input_ids, kv_heads, 0, head_dim), on
     `reset_state()`. Done at export time so that the bundle ships (and its golden check runs on)
-    exactly the model the edge loads, and the edge needs no private OpenVINO transformation API."""
+    exactly the model the edge loads, and the edge needs no private OpenVINO transformation API.
+
+    Each variable is read through Gather(rows = 0..batch-1, axis 0), which changes nothing: it is
+    the ReadValue -> Gather(beam_idx) -> Concat -> ScaledDotProductAttention + Assign pattern that
+    OpenVINO's CPU plugin (StatefulSDPAFusion) replaces by one ScaledDotProductAttentionWithKVCache
+    per layer, which appends to the cache in place. Without it the attention is decomposed into
+    MatMul/Softmax over a cache concatenated anew every step."""
     import openvino.opset13 as ops
     from openvino._offline_transformations import apply_make_stateful_transformation
 
@@ -164,12 +170,18 @@ def make_stateful(ov_model, num_layers: int) -> None:
                                                   for i in range(num_layers) for k in ("key", "value")})
     batch = ops.gather(ops.shape_of(ov_model.input("input_ids"), output_type="i64"), ops.constant([0]),
                        ops.constant(0))
+    rows = ops.range(ops.constant(0, np.int32), ops.convert(ops.squeeze(batch, ops.constant([0])), "i32"),
+                     ops.constant(1, np.int32), "i32")  # identity beam order (batch,)
     for op in ov_model.get_ops():
         if op.get_type_name() == "ReadValue":
             dims = [batch] + [ops.constant(np.array([d.get_length() if d.is_static else 0], np.int64))
                               for d in list(op.get_output_partial_shape(0))[1:]]
             zero = ops.constant(0.0, dtype=op.get_output_element_type(0))
             op.set_arguments([ops.broadcast(zero, ops.concat(dims, 0))])
+            readers = list(op.output(0).get_target_inputs())
+            reordered = ops.gather(op.output(0), rows, ops.constant(0)).output(0)
+            for reader in readers:
+                reader.replace_source_output(reordered)
     ov_model.validate_nodes_and_infer_types()
 
 

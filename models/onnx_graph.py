@@ -196,8 +196,8 @@ class GraphBuilder:
         return self.op("Mul", self.op("Div", x, denom), self.const(weight, name + ".weight"))
 
 
-def _mask_bias(g: GraphBuilder, T: str, S: str, repeat: int = 1) -> str:
-    """Additive mask (B, 1, repeat*T, S): causal AND not padding; 0 or MASK_VALUE."""
+def _mask_bias(g: GraphBuilder, T: str, S: str) -> str:
+    """Additive mask (B, 1, T, S), broadcast over the heads: causal AND not padding; 0 or MASK_VALUE."""
     i64 = np.int64
     P = g.op("Sub", S, T)
     q_pos = g.op("Unsqueeze", g.op("Range", P, S, g.const(1, dtype=i64)), g.const([1], dtype=i64))  # (T, 1)
@@ -206,10 +206,7 @@ def _mask_bias(g: GraphBuilder, T: str, S: str, repeat: int = 1) -> str:
     causal = g.op("GreaterOrEqual", q_pos, k_pos)  # (T, S)
     keep = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2], dtype=i64))
     allowed = g.op("And", causal, keep)  # (B, 1, T, S)
-    bias = g.op("Where", allowed, g.const(np.float32(0.0)), g.const(np.float32(MASK_VALUE)))
-    if repeat > 1:
-        bias = g.op("Tile", bias, g.const([1, 1, repeat, 1], dtype=i64))
-    return bias
+    return g.op("Where", allowed, g.const(np.float32(0.0)), g.const(np.float32(MASK_VALUE)))
 
 
 def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "fp32",
@@ -267,11 +264,19 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
 
 
 def _plain_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, S: str):
-    """Decoder layers from standard ONNX ops; the cache grows by Concat."""
+    """Decoder layers from standard ONNX ops; the cache grows by Concat.
+
+    Written in the shapes OpenVINO's CPU plugin fuses: one q|k|v projection + Split per layer, and
+    attention as MatMul(q, K^T) + mask -> Softmax -> MatMul(V) over 4-D (B, heads, T, hd) tensors
+    with the cached K/V (B, kv_heads, S, hd) repeated to the query heads by Unsqueeze -> Expand ->
+    Reshape. OpenVINO turns that into one ScaledDotProductAttention per layer and, on CPU, with the
+    state's ReadValue -> Concat -> Assign, into ScaledDotProductAttentionWithKVCache (the cache is
+    appended in place; see `models/export.py::make_stateful`).
+    """
     L, nh, nkv, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     rot, grp = cfg.rotary_dim, cfg.group_size
     i64 = np.int64
-    bias = _mask_bias(g, T, S, grp)  # (B, 1, grp*T, S)
+    bias = _mask_bias(g, T, S)  # (B, 1, T, S)
 
     # rotary cos/sin (B, 1, T, rot), halves layout
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
@@ -280,35 +285,45 @@ def _plain_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
     emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1], dtype=i64))
     cos, sin = g.op("Cos", emb), g.op("Sin", emb)
 
-    def rope(x: str) -> str:  # x (B, heads, T, hd)
-        parts = g.op("Split", x, g.const([rot // 2, rot // 2] + ([hd - rot] if hd > rot else []), dtype=i64),
-                     axis=-1, outputs=3 if hd > rot else 2)
-        x1, x2 = parts[0], parts[1]
-        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
-        x_rot = g.op("Concat", x1, x2, axis=-1)
-        out = g.op("Add", g.op("Mul", x_rot, cos), g.op("Mul", rotated, sin))
-        return g.op("Concat", out, parts[2], axis=-1) if hd > rot else out
+    minus_one = g.const(np.float32(-1.0))
+
+    def rope(x: str) -> str:  # x (B, heads, T, hd); the form OpenVINO fuses to one RoPE node
+        if hd > rot:  # partial rotary: rotate the first `rot` dims, pass the rest through
+            x, passed = g.op("Split", x, g.const([rot, hd - rot], dtype=i64), axis=3, outputs=2)
+        x1, x2 = g.op("Split", x, g.const([rot // 2, rot // 2], dtype=i64), axis=3, outputs=2)
+        rotated = g.op("Concat", g.op("Mul", x2, minus_one), x1, axis=-1)
+        out = g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+        return g.op("Concat", out, passed, axis=-1) if hd > rot else out
 
     heads_shape = {h: g.const([0, 0, h, hd], dtype=i64) for h in {nh, nkv}}
+    qkv_sizes = g.const([nh * hd, nkv * hd, nkv * hd], dtype=i64)
+    group_axis, to_heads = g.const([2], dtype=i64), g.const([0, nh, -1, hd], dtype=i64)
+    group_shape = g.const([1, 1, grp, 1, 1], dtype=i64)
+
+    def heads(y: str, n: int) -> str:  # (B, T, n*hd) -> (B, n, T, hd)
+        return g.op("Transpose", g.op("Reshape", y, heads_shape[n]), perm=[0, 2, 1, 3])
+
+    def repeat_kv(t: str) -> str:  # (B, nkv, S, hd) -> (B, nh, S, hd), each kv head grp times
+        if grp == 1:
+            return t
+        return g.op("Reshape", g.op("Expand", g.op("Unsqueeze", t, group_axis), group_shape), to_heads)
+
     present_names = []
     for i in range(L):
         p = f"model.layers.{i}."
         h = g.rms_norm(x, state[p + "input_layernorm.weight"], cfg.rms_norm_eps, p + "input_layernorm")
-
-        def proj(name: str, heads: int) -> str:  # -> (B, heads, T, hd)
-            y = g.linear(h, state[p + f"self_attn.{name}.weight"], state.get(p + f"self_attn.{name}.bias"),
-                         p + f"self_attn.{name}")
-            return g.op("Transpose", g.op("Reshape", y, heads_shape[heads]), perm=[0, 2, 1, 3])
-
-        q, k, v = rope(proj("q_proj", nh)), rope(proj("k_proj", nkv)), proj("v_proj", nkv)
+        names = ("q_proj", "k_proj", "v_proj")
+        w = np.concatenate([state[p + f"self_attn.{n}.weight"] for n in names])
+        b = (np.concatenate([state[p + f"self_attn.{n}.bias"] for n in names])
+             if p + "self_attn.q_proj.bias" in state else None)
+        q, k, v = g.op("Split", g.linear(h, w, b, p + "self_attn.qkv_proj"), qkv_sizes, axis=-1, outputs=3)
+        q, k, v = rope(heads(q, nh)), rope(heads(k, nkv)), heads(v, nkv)
         k = g.op("Concat", f"past.{i}.key", k, axis=2, out_name=f"present.{i}.key")  # (B, nkv, S, hd)
         v = g.op("Concat", f"past.{i}.value", v, axis=2, out_name=f"present.{i}.value")
         present_names += [f"present.{i}.key", f"present.{i}.value"]
-        qg = g.op("Reshape", q, g.const([0, nkv, -1, hd], dtype=i64))  # (B, nkv, grp*T, hd)
-        scores = g.op("Add", g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2])), bias)  # (B, nkv, grp*T, S)
-        att = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # (B, nkv, grp*T, hd)
-        att = g.op("Transpose", g.op("Reshape", att, g.const([0, nh, -1, hd], dtype=i64)), perm=[0, 2, 1, 3])
-        att = g.op("Reshape", att, g.const([0, 0, nh * hd], dtype=i64))  # (B, T, nh*hd)
+        scores = g.op("Add", g.op("MatMul", q, g.op("Transpose", repeat_kv(k), perm=[0, 1, 3, 2])), bias)
+        att = g.op("MatMul", g.op("Softmax", scores, axis=-1), repeat_kv(v))  # (B, nh, T, hd)
+        att = g.op("Reshape", g.op("Transpose", att, perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd], dtype=i64))
         x = g.op("Add", x, g.linear(att, state[p + "self_attn.o_proj.weight"], None, p + "self_attn.o_proj"))
 
         h = g.rms_norm(x, state[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps,
