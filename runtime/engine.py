@@ -94,7 +94,14 @@ class EmbeddingTable:
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
         out = np.empty((ids.size, self.hidden), np.float32)
         for row, token in zip(out, ids.reshape(-1).tolist()):
-            if os.preadv(self._fd, [row], self.offset + token * self.row_bytes) != self.row_bytes:
+            where = self.offset + token * self.row_bytes
+            if hasattr(os, "preadv"):  # straight into the output row
+                n = os.preadv(self._fd, [row], where)
+            else:  # platforms without preadv: one copy more
+                data = os.pread(self._fd, self.row_bytes, where)
+                row[:len(data) // 4] = np.frombuffer(data, np.float32, len(data) // 4)
+                n = len(data)
+            if n != self.row_bytes:
                 raise ModelLoadError(f"embedding table: short read for token {token}")
         return out.reshape(*ids.shape, self.hidden)
 
