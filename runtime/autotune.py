@@ -20,8 +20,8 @@ KV-cache precision hints. The rules, from the hardware probe:
 
 The measurement is short (about a second per path on glm-s): a warm-up, then `repeats` rounds of a
 `prompt_tokens` random-id prefill and `decode_steps` greedy steps; all paths are loaded together and
-the rounds interleave them (one at a time when their weights would not fit in half the available
-memory), and each path keeps its best round. Objective: decode tokens/s; paths within `TIE` (3%)
+the rounds interleave them (one at a time when their estimated memory, `_resident_bytes`, would not
+fit in half the available memory or cgroup limit), and each path keeps its best round. Objective: decode tokens/s; paths within `TIE` (3%)
 of the best count as tied and the lowest TTFT among them wins.
 
 The result is cached as JSON under `cache_dir`, keyed by (sha256 of the bundle's manifest, the
@@ -256,13 +256,21 @@ def choose(trials: list[Trial]) -> Candidate:
     return min(tied, key=lambda t: t.ttft_ms).candidate
 
 
-def _weight_bytes(bundle, backend: str) -> int:
-    return sum(f.size for f in bundle.manifest.files if f.path.startswith(backend + "/"))
+def _resident_bytes(bundle, backend: str) -> int:
+    """What a loaded path of `backend` holds, estimated from the bundle's files: their bytes (not the
+    embedding table, which ONNX Runtime's engine reads a row at a time), plus the weight data once
+    more where a prefill graph maps it beside the decode session's packed copy (glm-m measured:
+    740 MB for 348 MB of files, 518 MB without the prefill graph)."""
+    files = {f.path: f.size for f in bundle.manifest.files
+             if f.path.startswith(backend + "/") and not f.path.endswith(".npy")}
+    twice = files.get(f"{backend}/model.onnx.data", 0) if f"{backend}/prefill.onnx" in files else 0
+    return sum(files.values()) + twice
 
 
 def _groups(bundle, cands: list[Candidate], available: int | None) -> list[list[Candidate]]:
-    """All paths together (interleaved rounds) when their weights fit in half the available memory."""
-    total = sum(_weight_bytes(bundle, c.backend) for c in cands)
+    """All paths together (interleaved rounds) when they fit in half the available memory, else one at
+    a time (glm-m's four CPU paths loaded together peaked at 2.5 GB)."""
+    total = sum(_resident_bytes(bundle, c.backend) for c in cands)
     if available is None or total <= available // 2:
         return [cands]
     return [[c] for c in cands]
@@ -300,7 +308,7 @@ def measure(bundle, trials: list[Trial], settings: TuneSettings, available_memor
         for c in group:
             engine = _load(bundle, arch, by_candidate[c])
             if engine is not None:
-                measure_round(engine, prompt[:8], 2)  # warm-up: first-run allocations and compilation
+                measure_round(engine, prompt, 2)  # warm-up: first-run allocations and compilation, both graphs
                 engines[c] = engine
             on_step()
         rounds: dict[Candidate, list[tuple[float, float]]] = {c: [] for c in engines}

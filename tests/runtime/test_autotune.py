@@ -230,3 +230,22 @@ def test_agent_serves_and_reports_the_autotuned_path(int8_bundle, tmp_path):
         finally:
             agent.shutdown(1.0)
     assert len(list((tmp_path / "state" / "autotune").glob("*.json"))) == 1
+
+
+def test_paths_are_measured_one_at_a_time_when_they_would_not_fit(int8_bundle):
+    """The memory estimate counts ONNX Runtime's weights twice when the bundle has a prefill graph
+    (packed by the decode session, mapped by the prefill session) and leaves out the embedding table
+    (read a row at a time); paths are loaded together only when they fit in half the memory."""
+    from runtime.autotune import _groups, _resident_bytes
+
+    bundle = open_bundle(int8_bundle)
+    size = {f.path: f.size for f in bundle.manifest.files}
+    ort_files = sum(v for k, v in size.items() if k.startswith("onnxruntime/") and not k.endswith(".npy"))
+    assert "onnxruntime/prefill.onnx" in size
+    assert _resident_bytes(bundle, "onnxruntime") == ort_files + size["onnxruntime/model.onnx.data"]
+    assert _resident_bytes(bundle, "openvino") == sum(v for k, v in size.items() if k.startswith("openvino/"))
+    cands = [Candidate("onnxruntime", ORT_CPU, 2), Candidate("openvino", "CPU", 2)]
+    need = sum(_resident_bytes(bundle, c.backend) for c in cands)
+    assert _groups(bundle, cands, 2 * need) == [cands]
+    assert _groups(bundle, cands, 2 * need - 2) == [[c] for c in cands]
+    assert _groups(bundle, cands, None) == [cands]  # unknown memory: together
