@@ -17,8 +17,9 @@ one and the exporter makes it stateful) and ONNX Runtime contrib ops (`fused=Tru
 `edgeglm.kv_cache = shared-buffer` in the model metadata). The fused graph takes
 `inputs_embeds` float (batch, seq, hidden) instead of `input_ids`: the runtime gathers the rows
 from the fp32 embedding table saved beside it (`embed_tokens.npy`, named by the metadata
-`edgeglm.embeddings`), memory-mapped without read-ahead, so only the rows of the tokens seen are
-resident (inside the graph the table would be resident whole, or read ahead in 128 KiB runs).
+`edgeglm.embeddings`) with pread, so the process holds only the rows of the tokens in flight
+(inside the graph the table was resident whole; memory-mapped, the kernel's fault-around made most
+of it resident).
 The fused graph's operators: GroupQueryAttention, which updates
 the cache in place when past.{i}.* and present.{i}.* are bound to one preallocated buffer (then
 "past" and "past + seq" above are both that buffer's capacity, and attention_mask's length says
