@@ -7,8 +7,8 @@ returns it. `cache.length` is the number of positions it holds, `cache.batch` it
 
 - ONNX Runtime: the graph's GroupQueryAttention reads and writes a preallocated buffer per layer
   (past and present bound to the same memory through IOBinding, so nothing is concatenated or
-  copied per step); the buffer grows by doubling, up to the context window, when a step needs
-  more room. Only the three small inputs and the logits are bound per step. An INT8 bundle's
+  copied per step); a new buffer has `KV_HEADROOM` positions more than its first step needs and
+  grows by at least doubling, up to the context window, when a step needs more room. Only the three small inputs and the logits are bound per step. An INT8 bundle's
   graph names a second, prefill graph (metadata `edgeglm.prefill_graph`) over the same weight
   bytes: steps of at least `PREFILL_GRAPH_MIN_TOKENS` tokens per row run there (W8A8 GEMM, about
   2x faster for long prompts on AVX2), shorter ones on the decode graph (MatMulNBits). Both sessions bind the
@@ -56,6 +56,7 @@ PREFILL_GRAPH_KEY = "edgeglm.prefill_graph"  # ONNX metadata: file name of the p
 # a few rows do not amortize (measured crossover, 2 threads: ~24 tokens on glm-m, ~32 on glm-s).
 PREFILL_GRAPH_MIN_TOKENS = 24
 EMBEDDINGS_KEY = "edgeglm.embeddings"  # ONNX metadata: file name of the fp32 embedding table beside the graph
+KV_HEADROOM = 128  # positions a new or grown ONNX Runtime cache buffer has beyond what the step needs
 
 
 class EmbeddingTable:
@@ -243,10 +244,14 @@ class OrtCache(KVCache):
         self.values: list = []  # OrtValues over `buffers`, bound as both past and present
 
     def reserve(self, needed: int, arch: ModelArch, ort) -> bool:
-        """Make room for `needed` positions (doubling, capped by the context window); True if reallocated."""
+        """Make room for `needed` positions, with `KV_HEADROOM` more for the tokens that follow (at least
+        doubling, capped by the context window); True if reallocated. The headroom keeps the first
+        decode steps after a prompt from growing the buffer: without it a 512-token prompt got
+        exactly 512 positions and the first step copied the whole cache (glm-m: 25-30 ms instead of
+        ~15 ms)."""
         if needed <= self.capacity:
             return False
-        cap = max(needed, min(max(2 * self.capacity, 256), arch.max_positions))
+        cap = max(needed, min(max(2 * self.capacity, needed + KV_HEADROOM, 256), arch.max_positions))
         shape = (self.batch, arch.num_kv_heads, cap, arch.head_dim)
         fresh = [np.zeros(shape, np.float32) for _ in range(2 * arch.num_layers)]
         for new, old in zip(fresh, self.buffers):

@@ -26,12 +26,29 @@ def full(engine, seq):  # the whole sequence without a cache: logits of its last
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cache_grows_past_its_first_allocation(fp32_bundle, backend, ids):
-    """ONNX Runtime's buffer starts at 256 positions and doubles; results do not change across it."""
+    """ONNX Runtime's buffer starts with 128 positions of headroom (250 + 128 = 378 here) and then at
+    least doubles; results do not change across the growth."""
     engine = load_model(fp32_bundle, backend).engine
-    seq = ids[:300]
+    seq = ids[:420]
     cached = teacher_forced_logits(engine, seq[:250], seq[250:])
-    for step in (0, 5, 6, 7, 49):  # across the 256-position boundary
+    for step in (0, 127, 128, 129, 169):  # across the 378-position boundary
         np.testing.assert_allclose(cached[step], full(engine, seq[:250 + step]), atol=1e-4)
+
+
+def test_decode_steps_after_a_prompt_do_not_copy_the_cache(fp32_bundle, ids):
+    """The first 128 tokens after a prompt fit in the buffer the prompt allocated: no step grows
+    (reallocates and copies) the KV cache."""
+    from runtime.engine import KV_HEADROOM
+    from runtime.generate import decode_one_token, prefill
+
+    engine = load_model(fp32_bundle, "onnxruntime").engine
+    logits, cache = prefill(engine, ids[:300])
+    first = cache.buffers[0]
+    for i in range(KV_HEADROOM):
+        logits, cache = decode_one_token(engine, int(np.argmax(logits)), 300 + i, cache)
+        assert cache.buffers[0] is first, f"the cache was reallocated at decode step {i}"
+    logits, cache = decode_one_token(engine, int(np.argmax(logits)), 300 + KV_HEADROOM, cache)
+    assert cache.buffers[0] is not first and cache.capacity >= 2 * (300 + KV_HEADROOM)  # then it grows
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
