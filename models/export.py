@@ -25,10 +25,10 @@ from models.checkpoint import load_checkpoint
 from models.config import GlmConfig
 from models.errors import CheckpointError, ExportError
 from models.glm import GlmForCausalLM
-from models.onnx_graph import EMBEDDINGS_FILE, PREFILL_GRAPH_KEY, build_decoder, save_onnx, save_onnx_graphs
+from models.onnx_graph import EMBEDDINGS_FILE, build_decoder, save_onnx, save_onnx_graphs
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
 from ota.bundle import BundleError, publish, write_manifest
-from runtime.engine import ModelArch, load_engine
+from runtime.engine import PREFILL_GRAPH_KEY, ModelArch, load_engine
 from runtime.errors import RuntimeUserError
 from runtime.golden import check_golden, teacher_forced_logits
 from runtime.tokenizer import load_tokenizer

@@ -62,12 +62,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.config import GlmConfig
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
+from runtime.engine import EMBEDDINGS_KEY, KV_CACHE_KEY  # the metadata the edge engine reads
 
 OPSET = 17
 WEIGHT_MODES = ("fp32", "int8-blockwise", "int8-per-channel", "int8-per-channel-u8")
-KV_CACHE_KEY = "edgeglm.kv_cache"
-PREFILL_GRAPH_KEY = "edgeglm.prefill_graph"  # decode graph metadata: the prefill graph's file name
-EMBEDDINGS_KEY = "edgeglm.embeddings"  # fused graphs' metadata: the embedding table's file name
 EMBEDDINGS_FILE = "embed_tokens.npy"
 MASK_VALUE = -1e9  # finite, so a fully masked (padding) row stays finite instead of NaN
 

@@ -323,22 +323,28 @@ class OnnxRuntimeEngine:
         if provider not in ort.get_available_providers():
             raise BackendUnavailable(f"ONNX Runtime execution provider {provider!r} is not available; found: "
                                      f"{', '.join(ort.get_available_providers())}")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or _default_threads()
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts_entries = []
-        if pinned and opts.intra_op_num_threads > 1:
-            cpus = cpus_one_per_core()[1:opts.intra_op_num_threads]  # 1-based ids, one per extra thread
-            if len(cpus) == opts.intra_op_num_threads - 1:
-                opts_entries.append(("session.intra_op_thread_affinities", ";".join(str(c + 1) for c in cpus)))
-        for key, value in opts_entries:
-            opts.add_session_config_entry(key, value)
+        affinities = None
+        n_threads = threads or _default_threads()
+        if pinned and n_threads > 1:
+            cpus = cpus_one_per_core()[1:n_threads]  # 1-based ids, one per extra thread
+            if len(cpus) == n_threads - 1:
+                affinities = ";".join(str(c + 1) for c in cpus)
+
+        def options(spin_duration_us: int | None = None):
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = n_threads, 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if affinities:
+                opts.add_session_config_entry("session.intra_op_thread_affinities", affinities)
+            if spin_duration_us is not None:
+                opts.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_duration_us))
+            return opts
+
         providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
 
-        def session(path: Path, options=opts):
+        def session(path: Path, opts=None):
             try:
-                return ort.InferenceSession(str(path), options, providers=providers)
+                return ort.InferenceSession(str(path), opts or options(), providers=providers)
             except Exception as exc:  # ORT raises its own untyped errors for bad files
                 raise ModelLoadError(f"{path}: ONNX Runtime could not load the model ({exc})") from None
 
@@ -360,13 +366,7 @@ class OnnxRuntimeEngine:
             # them busy for tens of ms, taking the cores from the decode session's first steps
             # (measured on glm-s, 2 threads: the first 16 tokens after a prefill at 186 instead of
             # 322 tok/s); no spinning at all costs the prefill itself ~12%
-            prefill_opts = ort.SessionOptions()
-            for attr in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level"):
-                setattr(prefill_opts, attr, getattr(opts, attr))
-            for key, value in opts_entries:
-                prefill_opts.add_session_config_entry(key, value)
-            prefill_opts.add_session_config_entry("session.intra_op.spin_duration_us", "1000")
-            self._prefill = _OrtRunner(session(_beside(Path(model_path), name, "prefill graph"), prefill_opts), arch)
+            self._prefill = _OrtRunner(session(_beside(Path(model_path), name, "prefill graph"), options(1000)), arch)
             self.prefill_graph = name
 
     def _embedding_table(self, model_path: Path, meta: dict) -> EmbeddingTable | None:
