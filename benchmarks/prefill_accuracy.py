@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         if not engine.prefill_graph:
             print("error: the exported bundle has no prefill graph", file=sys.stderr)
             return 2
-        engine.prefill_min_tokens = 2  # every prefix below (>= 2 tokens) runs on the prefill graph, single tokens do not
+        engine.prefill_min_rows = 2  # every prefix below (>= 2 tokens) runs on the prefill graph, single tokens do not
         rows = {"pytorch fp32": [], "decode graph (MatMulNBits)": [], "prefill graph (W8A8)": []}
         targets = []
         for w in range(args.windows):

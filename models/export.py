@@ -28,7 +28,7 @@ from models.glm import GlmForCausalLM
 from models.onnx_graph import EMBEDDINGS_FILE, build_decoder, save_onnx, save_onnx_graphs
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
 from ota.bundle import BundleError, publish, write_manifest
-from runtime.engine import PREFILL_GRAPH_KEY, ModelArch, load_engine
+from runtime.engine import PREFILL_GRAPH_KEY, PREFILL_GRAPH_MIN_ROWS, PREFILL_ROWS_KEY, ModelArch, load_engine
 from runtime.errors import RuntimeUserError
 from runtime.golden import check_golden, teacher_forced_logits
 from runtime.tokenizer import load_tokenizer
@@ -47,7 +47,8 @@ SCHEMES = {
                       "ONNX Runtime MatMulNBits bits=8, accuracy_level=4 (activations quantized to int8 per block at run time)",
     "int8-per-channel-u8": "INT8, symmetric, per output channel, stored once as uint8 (zero point 128) for two "
                            "ONNX Runtime graphs: decode = MatMulNBits bits=8, accuracy_level=4; prefill "
-                           "(prefill.onnx) = W8A8, activations quantized to uint8 per token, MatMulInteger",
+                           "(prefill.onnx, steps of 4+ token rows) = W8A8, activations quantized to uint8 per "
+                           "token, MatMulIntegerToFloat",
     "int8-per-channel": "INT8 weight-only, symmetric, per output channel (one fp32 scale per row); "
                         "OpenVINO compressed weights, fp32 activations",
 }
@@ -131,8 +132,9 @@ def _write_backend(backend: str, weights: str, cfg: GlmConfig, state: dict, stag
         graphs = {"model.onnx": model}
         if weights == "int8-per-channel-u8":  # + the W8A8 prefill graph over the same weight bytes
             graphs["prefill.onnx"], _ = build_decoder(cfg, state, weights, block, fused=True, prefill=True)
-            meta = model.metadata_props.add()
-            meta.key, meta.value = PREFILL_GRAPH_KEY, "prefill.onnx"
+            for key, value in ((PREFILL_GRAPH_KEY, "prefill.onnx"), (PREFILL_ROWS_KEY, str(PREFILL_GRAPH_MIN_ROWS))):
+                meta = model.metadata_props.add()
+                meta.key, meta.value = key, value
         (staging / "onnxruntime").mkdir()
         save_onnx_graphs(graphs, staging / "onnxruntime", "model.onnx.data")
         np.save(staging / "onnxruntime" / EMBEDDINGS_FILE,

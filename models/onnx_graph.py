@@ -41,11 +41,13 @@ output channel, stored once for two graphs):
   fastest kernel for one token per row;
 - the prefill graph (`prefill=True`) reads the same uint8 bytes as an (N, K) matrix and runs
   W8A8: each token's activations are quantized to uint8 (QuantizeLinear, symmetric, zero point
-  128, one scale per token), then MatMulIntegerToFloat (exact int32 sums times the token scales;
-  ONNX Runtime's u8u8 GEMM, about 2x MatMulNBits' speed for many rows on AVX2) computes W x^T,
-  transposed back and times the channel scales. Quantization is
+  128, one scale per token), then MatMulIntegerToFloat (exact int32 sums times the channel
+  scales; ONNX Runtime's u8u8 GEMM, about 2x MatMulNBits' speed for many rows on AVX2) computes
+  x W^T, times the token scales. W^T is a Transpose of the stored weight that ONNX Runtime
+  constant-folds at load, so the GEMM's constant right operand is prepacked once. Quantization is
   per token, so a token's result does not depend on the other tokens of the batch or prompt
-  (prefix-cache hits and chunking stay consistent).
+  (prefix-cache hits, chunking and batch neighbours stay consistent). The runtime runs steps of
+  at least `edgeglm.prefill_min_rows` (metadata of the decode graph) token rows here.
 
 `save_onnx_graphs` writes several graphs over one external data file, each distinct tensor once,
 big ones at 4 KiB-aligned offsets so that ONNX Runtime memory-maps them instead of copying.
@@ -123,8 +125,10 @@ class GraphBuilder:
                                            domain=domain, **attrs))
         return names[0] if outputs == 1 else names
 
-    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
-        """x (..., K) @ w.T + b, w given as (N, K)."""
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str, rows: str = "tokens") -> str:
+        """x (..., K) @ w.T + b, w given as (N, K). `rows`: the kind of x's leading dims ("tokens" for
+        (batch, seq), "last" for (batch,)); the prefill graph shares shape nodes between the
+        linears of one kind."""
         n, k = w.shape
         if self.weights == "fp32":
             y = self.op("MatMul", x, self.const(np.ascontiguousarray(w.T), name + ".weight"))
@@ -132,7 +136,7 @@ class GraphBuilder:
             qr = quantize_rows_u8(w)
             self.max_quant_error = max(self.max_quant_error, qr.max_abs_error)
             if self.prefill:
-                y = self._w8a8(x, qr.q.reshape(n, -1), qr.scale[:, 0], k, name)
+                y = self._w8a8(x, qr.q.reshape(n, -1), qr.scale[:, 0], k, name, rows)
             else:
                 extra = ["", "", self.const(b, name + ".bias")] if b is not None else []
                 y = self.op("MatMulNBits", x, self.const(qr.q, name + ".weight_uint8"),
@@ -163,30 +167,48 @@ class GraphBuilder:
             self._shared[key] = self.const(value, key, dtype)
         return self._shared[key]
 
-    def _w8a8(self, x: str, q: np.ndarray, scale: np.ndarray, k: int, name: str) -> str:
-        """x (..., K) float -> (..., N): per-token uint8 activations times the (N, Kp) uint8 weight."""
+    def _w8a8(self, x: str, q: np.ndarray, scale: np.ndarray, k: int, name: str, rows: str) -> str:
+        """x (..., K) float -> (..., N): per-token uint8 activations times the (N, Kp) uint8 weight.
+
+        The weight is the decode graph's bytes; a Transpose of it is constant-folded when ONNX
+        Runtime loads the graph, so the GEMM's right operand is a constant that it prepacks once
+        (with the weight as the left operand it re-packed the whole matrix at every call: 46 ms
+        per step on glm-m). `rows` names the kind of x's leading dims ("tokens": (B, T), "last":
+        (B,)); the nodes that depend only on them are made once per kind."""
         n, kp = q.shape
         i64 = np.int64
-        amax = self.op("ReduceMax", self.op("Abs", x), axes=[-1], keepdims=1)  # (..., 1)
+        lead, zp_rows = self._rows(x, rows)
+        x2 = self.op("Reshape", x, self.shared(f"w8a8.rows{k}", [-1, k], i64))  # (M, K)
+        amax = self.op("ReduceMax", self.op("Abs", x2), axes=[-1], keepdims=1)  # (M, 1)
         s = self.op("Max", self.op("Mul", amax, self.shared("w8a8.inv127", np.float32(1 / 127))),
-                    self.shared("w8a8.tiny", np.float32(1e-30)))
-        s = self.op("Reshape", s, self.shared("w8a8.flat", [-1], i64))  # (M,): one scale per token
-        zp = self.shared("w8a8.zp", np.uint8(128))
-        rows = self.op("Expand", zp, self.op("Shape", s))  # (M,) zero points, 128
-        xq = self.op("QuantizeLinear", self.op("Reshape", x, self.shared(f"w8a8.rows{k}", [-1, k], i64)), s, rows,
+                    self.shared("w8a8.tiny", np.float32(1e-30)))  # one scale per token; > 0 for zero rows
+        xq = self.op("QuantizeLinear", x2, self.op("Reshape", s, self.shared("w8a8.flat", [-1], i64)), zp_rows,
                      axis=0)  # (M, K) uint8 = round(x / s) + 128
+        zp = self.shared("w8a8.zp", np.uint8(128))
         if kp > k:  # the weight rows are padded to whole MatMulNBits blocks; 128 is zero
             xq = self.op("Pad", xq, self.shared(f"w8a8.pad{kp - k}", [0, 0, 0, kp - k], i64), zp)
-        # (N, M) = (W - 128)(x_q - 128)^T, exact int32 sums, times each token's scale (a per-column
-        # scale of the right operand), in one kernel
-        yt = self.op("MatMulIntegerToFloat", self.const(q, name + ".weight_uint8"),
-                     self.op("Transpose", xq, perm=[1, 0]), self.shared("w8a8.one", np.float32(1.0)), s, zp, zp,
-                     domain="com.microsoft")
-        y = self.op("Mul", self.op("Transpose", yt, perm=[1, 0]),
-                    self.const(scale[None].astype(np.float32), name + ".weight_scale_row"))  # (M, N)
-        lead = self.op("Slice", self.op("Shape", x), self.shared("w8a8.zero", [0], i64),
-                       self.shared("w8a8.minus1", [-1], i64))
-        return self.op("Reshape", y, self.op("Concat", lead, self.shared(f"w8a8.n{n}", [n], i64), axis=0))
+        wt = self.op("Transpose", self.const(q, name + ".weight_uint8"), perm=[1, 0])  # (Kp, N), folded at load
+        # (M, N) = (x_q - 128)(W - 128)^T, exact int32 sums, times the channel scales, in one kernel;
+        # then times each token's scale
+        y = self.op("MatMulIntegerToFloat", xq, wt, self.shared("w8a8.one", np.float32(1.0)),
+                    self.const(scale.astype(np.float32), name + ".weight_scale"), zp, zp, domain="com.microsoft")
+        y = self.op("Mul", y, s)
+        key = f"w8a8.{rows}.shape{n}"
+        if key not in self._shared:
+            self._shared[key] = self.op("Concat", lead, self.shared(f"w8a8.n{n}", [n], i64), axis=0)
+        return self.op("Reshape", y, self._shared[key])
+
+    def _rows(self, x: str, rows: str) -> tuple[str, str]:
+        """x's leading dims and a (M,) tensor of uint8 128s (the per-row zero points), once per kind."""
+        key = f"w8a8.{rows}"
+        if key not in self._shared:
+            i64 = np.int64
+            lead = self.op("Slice", self.op("Shape", x), self.shared("w8a8.zero", [0], i64),
+                           self.shared("w8a8.minus1", [-1], i64))
+            m = self.op("ReduceProd", lead, axes=[0], keepdims=1)  # (1,) = M
+            self._shared[key] = lead
+            self._shared[key + ".zp"] = self.op("Expand", self.shared("w8a8.zp", np.uint8(128)), m)
+        return self._shared[key], self._shared[key + ".zp"]
 
     def rms_norm(self, x: str, weight: np.ndarray, eps: float, name: str) -> str:
         # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern both engines fuse
@@ -236,7 +258,7 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
     last = g.op("Gather", x, g.op("Sub", T, g.const(1, dtype=i64)), axis=1)  # (B, C)
     last = g.rms_norm(last, state["model.norm.weight"], cfg.rms_norm_eps, "model.norm")
     head = state["model.embed_tokens.weight"] if cfg.tie_word_embeddings else state["lm_head.weight"]
-    g.linear(last, head, None, "lm_head")
+    g.linear(last, head, None, "lm_head", rows="last")
     g.nodes[-1].output[0] = "logits"
 
     nkv, hd = cfg.num_key_value_heads, cfg.head_dim

@@ -10,9 +10,11 @@ returns it. `cache.length` is the number of positions it holds, `cache.batch` it
   copied per step); a new buffer has `KV_HEADROOM` positions more than its first step needs and
   grows by at least doubling, up to the context window, when a step needs more room. Only the three small inputs and the logits are bound per step. An INT8 bundle's
   graph names a second, prefill graph (metadata `edgeglm.prefill_graph`) over the same weight
-  bytes: steps of at least `PREFILL_GRAPH_MIN_TOKENS` tokens per row run there (W8A8 GEMM, about
-  2x faster for long prompts on AVX2), shorter ones on the decode graph (MatMulNBits). Both sessions bind the
-  same cache buffers; the weights are memory-mapped from the one data file, not copied twice.
+  bytes: steps of at least `prefill_min_rows` token rows (batch x new tokens, metadata
+  `edgeglm.prefill_min_rows`, 4) run there (W8A8, a prepacked u8 GEMM, about 2x MatMulNBits' speed
+  for prompts and 1.5x for decode steps of 8 sequences on AVX2), smaller steps on the decode
+  graph (MatMulNBits, the fastest for one row). Both sessions bind the same cache buffers; each
+  prepacks its own copy of the weights at load (the file holds one).
   The graphs take `inputs_embeds`: the engine reads the rows from the bundle's fp32 embedding
   table (`embed_tokens.npy`) with pread (`EmbeddingTable`), so the process holds only the rows it
   is using, not the table. (Graphs exported before take `input_ids` and gather inside.)
@@ -51,10 +53,16 @@ from runtime.probe import cpus_one_per_core
 BACKENDS = ("onnxruntime", "openvino")
 KV_CACHE_KEY = "edgeglm.kv_cache"  # ONNX metadata: "shared-buffer" on the fused (GroupQueryAttention) graph
 PREFILL_GRAPH_KEY = "edgeglm.prefill_graph"  # ONNX metadata: file name of the prefill graph beside it
-# Steps of at least this many tokens per row run on the prefill graph. Below it the decode graph is as
-# fast or faster: the prefill graph's GEMM repacks the whole weight matrix per call, a fixed cost that
-# a few rows do not amortize (measured crossover, 2 threads: ~24 tokens on glm-m, ~32 on glm-s).
-PREFILL_GRAPH_MIN_TOKENS = 24
+PREFILL_ROWS_KEY = "edgeglm.prefill_min_rows"  # ONNX metadata: see PREFILL_GRAPH_MIN_ROWS
+# Steps of at least this many token rows (batch x new tokens) run on the prefill graph: a prompt of 4+
+# tokens, or a decode step of 4+ sequences. Below it the decode graph (MatMulNBits, the fastest kernel
+# for one row) is as fast or faster; from there the prefill graph's prepacked u8 GEMM wins (measured, 2
+# threads, AVX2: glm-s 4 rows 4.7-5.0 vs 5.4-5.8 ms, 8 rows 5.5-6.1 vs 8.2-8.7 ms; glm-m 2 rows 15-17 vs
+# 17.5 ms, 8 rows 32-33 vs 46-49 ms). The exporter writes it into the decode graph's metadata.
+PREFILL_GRAPH_MIN_ROWS = 4
+# Prefill graphs exported before that key (the weight as the GEMM's left operand, repacked at every call)
+# paid a fixed cost per step: only steps of at least this many tokens per row ran there.
+LEGACY_PREFILL_MIN_TOKENS = 24
 EMBEDDINGS_KEY = "edgeglm.embeddings"  # ONNX metadata: file name of the fp32 embedding table beside the graph
 KV_HEADROOM = 128  # positions a new or grown ONNX Runtime cache buffer has beyond what the step needs
 
@@ -268,6 +276,17 @@ class OrtCache(KVCache):
         return self.buffers[2 * layer + 1][:, :, :self.length]
 
 
+def _positive_int(value: str, model_path: Path, key: str) -> int:
+    try:
+        n = int(value)
+        if n < 1:
+            raise ValueError
+    except ValueError:
+        raise ModelLoadError(f"{model_path}: metadata {key}={value!r} is not a positive integer; the bundle is "
+                             "damaged or from an incompatible exporter, re-export it") from None
+    return n
+
+
 def _beside(model_path: Path, name: str, what: str) -> Path:
     """The file `name` (from the graph's metadata) in the graph's directory, or a clear error."""
     path = model_path.parent / name
@@ -359,7 +378,10 @@ class OnnxRuntimeEngine:
         self._decode = _OrtRunner(self.session, arch)
         self._prefill = self._decode
         self.prefill_graph: str | None = None  # the prefill graph's file name when one is in use
-        self.prefill_min_tokens = PREFILL_GRAPH_MIN_TOKENS
+        # steps of >= prefill_min_rows rows (batch x tokens; legacy graphs: tokens per row) run on it
+        self._rows_per_step = PREFILL_ROWS_KEY in meta
+        self.prefill_min_rows = _positive_int(meta[PREFILL_ROWS_KEY], model_path, PREFILL_ROWS_KEY) \
+            if self._rows_per_step else LEGACY_PREFILL_MIN_TOKENS
         name = meta.get(PREFILL_GRAPH_KEY)
         if name and prefill_graph:
             # its worker threads may spin only briefly once a prefill is done: ORT's default spin keeps
@@ -382,7 +404,8 @@ class OnnxRuntimeEngine:
     def forward(self, input_ids, position_ids, attention_mask, cache: OrtCache):
         batch, _, total = cache._check(input_ids, attention_mask)
         cache.reserve(total, self.arch, self._ort)
-        runner = self._prefill if np.shape(input_ids)[1] >= self.prefill_min_tokens else self._decode
+        rows = batch * np.shape(input_ids)[1] if self._rows_per_step else np.shape(input_ids)[1]
+        runner = self._prefill if rows >= self.prefill_min_rows else self._decode
         if self._embeddings is None:
             tokens = ("input_ids", np.ascontiguousarray(input_ids, np.int64))
         else:

@@ -82,7 +82,7 @@ def test_left_padded_batch_equals_single_rows(request, precision, heldout_ids):
     scale would let one row's values change another's rounding)."""
     model = load_model(request.getfixturevalue(f"{precision}_bundle"), "onnxruntime")
     engine = model.engine
-    engine.prefill_min_tokens = 2  # these prompts are short: int8 runs them on the prefill graph too
+    engine.prefill_min_rows = 2  # int8: every multi-token step runs on the prefill graph
     a, b = heldout_ids[:12], [x * 3 % 500 + 3 for x in heldout_ids[50:57]]  # b: larger, unrelated ids
     ids = np.array([a, [0] * 5 + b], dtype=np.int64)
     mask = np.array([[1] * 12, [0] * 5 + [1] * 7], dtype=np.int64)

@@ -1,7 +1,8 @@
 """ONNX Runtime INT8 bundles: the W8A8 prefill graph beside the MatMulNBits decode graph.
 
-The prefill graph runs every step of more than one token per row; it reads the decode graph's
-weight bytes (one copy in the data file) and quantizes activations per token. References come
+The prefill graph runs every step of at least `PREFILL_GRAPH_MIN_ROWS` token rows (a prompt, or a
+decode step of that many sequences); it reads the decode graph's weight bytes (one copy in the
+data file) and quantizes activations per token. References come
 from transformers' GlmForCausalLM (fp32) and from a numpy matmul, not from the code under test."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from agent.model import load_model
 from models.onnx_graph import GraphBuilder
 from models.tiny import HELDOUT_MODULES, corpus_text
-from runtime.engine import PREFILL_GRAPH_MIN_TOKENS, ModelArch, load_engine
+from runtime.engine import PREFILL_GRAPH_MIN_ROWS, CacheRow, ModelArch, load_engine
 from runtime.errors import ModelLoadError
 
 
@@ -73,8 +74,10 @@ def test_engine_runs_prompts_on_the_prefill_graph(int8_bundle, heldout_ids):
         ids = np.array([heldout_ids[:n]])
         return engine.forward(ids, np.arange(n)[None], np.ones((1, n), np.int64), engine.new_cache())[0][0]
 
-    # short steps run on the decode graph (the same numbers as without a prefill graph), long ones do not
-    short, long = PREFILL_GRAPH_MIN_TOKENS - 1, PREFILL_GRAPH_MIN_TOKENS
+    # steps of fewer token rows run on the decode graph (the same numbers as without a prefill graph),
+    # longer ones do not
+    assert model.engine.prefill_min_rows == PREFILL_GRAPH_MIN_ROWS
+    short, long = PREFILL_GRAPH_MIN_ROWS - 1, PREFILL_GRAPH_MIN_ROWS
     np.testing.assert_array_equal(logits(model.engine, short), logits(off, short))
     assert not np.array_equal(logits(model.engine, long), logits(off, long))
     # the agent's model.prefill_graph = false
@@ -82,6 +85,49 @@ def test_engine_runs_prompts_on_the_prefill_graph(int8_bundle, heldout_ids):
 
     cfg = load_config(None, {"model.prefill_graph": False})
     assert load_model(int8_bundle, "onnxruntime", prefill_graph=cfg.model.prefill_graph).engine.prefill_graph is None
+
+
+def test_wide_decode_steps_run_on_the_prefill_graph_row_by_row(int8_bundle, heldout_ids):
+    """A decode step of PREFILL_GRAPH_MIN_ROWS sequences (the batching scheduler's merged cache) runs on
+    the prefill graph: each row's logits equal that sequence's own step on the prefill graph, so
+    rows do not change each other's results; fewer rows run on the decode graph."""
+    model = load_model(int8_bundle, "onnxruntime")
+    engine, arch = model.engine, model.arch
+    lengths = [5, 9, 3, 12, 7][:PREFILL_GRAPH_MIN_ROWS + 1]
+    prompts = [heldout_ids[40 * i:40 * i + n] for i, n in enumerate(lengths)]
+    nxt = [heldout_ids[40 * i + n] for i, n in enumerate(lengths)]
+
+    def alone(prompt, token, min_rows):  # this sequence's next-step logits, that step routed by min_rows
+        n = len(prompt)
+        _, cache = engine.forward(np.array([prompt]), np.arange(n)[None], np.ones((1, n), np.int64),
+                                  engine.new_cache())
+        engine.prefill_min_rows = min_rows
+        try:
+            return engine.forward(np.array([[token]]), np.array([[n]]), np.ones((1, n + 1), np.int64), cache)[0][0]
+        finally:
+            engine.prefill_min_rows = PREFILL_GRAPH_MIN_ROWS
+
+    def batched(count):
+        rows = []
+        for prompt in prompts[:count]:
+            n = len(prompt)
+            rows.append(CacheRow(engine.forward(np.array([prompt]), np.arange(n)[None], np.ones((1, n), np.int64),
+                                                engine.new_cache())[1]))
+        cache, mask = engine.merge_caches(rows)
+        mask = np.concatenate([mask, np.ones((count, 1), np.int64)], axis=1)
+        pos = np.array([[len(p)] for p in prompts[:count]])
+        return engine.forward(np.array([[t] for t in nxt[:count]]), pos, mask, cache)[0]
+
+    wide = batched(PREFILL_GRAPH_MIN_ROWS)
+    for row in range(PREFILL_GRAPH_MIN_ROWS):
+        on_prefill, on_decode = alone(prompts[row], nxt[row], 1), alone(prompts[row], nxt[row], 10**6)
+        np.testing.assert_allclose(wide[row], on_prefill, atol=1e-4)
+        assert not np.allclose(wide[row], on_decode, atol=1e-4)  # it did not run on the decode graph
+        assert np.argmax(wide[row]) == np.argmax(on_decode) or \
+            np.sort(on_decode)[-1] - np.sort(on_decode)[-2] < 0.1  # the same model, up to near-ties
+    narrow = batched(PREFILL_GRAPH_MIN_ROWS - 1)
+    for row in range(PREFILL_GRAPH_MIN_ROWS - 1):
+        np.testing.assert_allclose(narrow[row], alone(prompts[row], nxt[row], 10**6), atol=1e-4)
 
 
 def test_prefill_graph_agrees_with_transformers(int8_bundle, hf_model, heldout_ids):
