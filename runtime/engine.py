@@ -64,6 +64,7 @@ PREFILL_GRAPH_MIN_ROWS = 4
 # paid a fixed cost per step: only steps of at least this many tokens per row ran there.
 LEGACY_PREFILL_MIN_TOKENS = 24
 EMBEDDINGS_KEY = "edgeglm.embeddings"  # ONNX metadata: file name of the fp32 embedding table beside the graph
+SPIN_AFTER_RUN_US = 1000  # ONNX Runtime worker spin after a run when two sessions share the cores
 KV_HEADROOM = 128  # positions a new or grown ONNX Runtime cache buffer has beyond what the step needs
 
 
@@ -367,7 +368,14 @@ class OnnxRuntimeEngine:
             except Exception as exc:  # ORT raises its own untyped errors for bad files
                 raise ModelLoadError(f"{path}: ONNX Runtime could not load the model ({exc})") from None
 
-        self.session = session(model_path)
+        # with a prefill graph, two sessions take turns on the same cores: each one's worker threads may
+        # spin only briefly after a run. ORT's default spin kept them busy for tens of ms, taking the cores
+        # from the other session's next steps (the first 16 decode tokens after a prefill at 186 instead of
+        # 322 tok/s on glm-s; a 16-token step after a prefix hit on glm-m 75 -> 47 ms once the decode
+        # session stopped spinning). Decode itself does not slow down with 1 ms (glm-s 449 vs 455, glm-m
+        # 70 vs 69 tok/s); no spinning at all costs a prefill about 12%.
+        spin = SPIN_AFTER_RUN_US if prefill_graph else None
+        self.session = session(model_path, options(spin))
         meta = self.session.get_modelmeta().custom_metadata_map
         kv = meta.get(KV_CACHE_KEY)
         if kv != "shared-buffer":
@@ -384,11 +392,7 @@ class OnnxRuntimeEngine:
             if self._rows_per_step else LEGACY_PREFILL_MIN_TOKENS
         name = meta.get(PREFILL_GRAPH_KEY)
         if name and prefill_graph:
-            # its worker threads may spin only briefly once a prefill is done: ORT's default spin keeps
-            # them busy for tens of ms, taking the cores from the decode session's first steps
-            # (measured on glm-s, 2 threads: the first 16 tokens after a prefill at 186 instead of
-            # 322 tok/s); no spinning at all costs the prefill itself ~12%
-            self._prefill = _OrtRunner(session(_beside(Path(model_path), name, "prefill graph"), options(1000)), arch)
+            self._prefill = _OrtRunner(session(_beside(Path(model_path), name, "prefill graph"), options(spin)), arch)
             self.prefill_graph = name
 
     def _embedding_table(self, model_path: Path, meta: dict) -> EmbeddingTable | None:
