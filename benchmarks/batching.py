@@ -11,8 +11,10 @@ and, per pass, for each --concurrency level (order rotating between passes) runs
 --max-batch value (order alternating): a `runtime.batching.Scheduler` on the engine, N client
 threads submitting greedy requests back to back for --seconds (requests still running at the
 deadline are finished and counted). Per level: aggregate generated tokens/s, requests/s, p50/p95
-end-to-end latency and TTFT, and the CPU that other processes used meanwhile ("foreign CPU" in
-cores, the noise indicator on a shared machine). The speedup of each max_batch over the first is
+end-to-end latency and TTFT, decode throughput (tokens made by decode steps per second spent in
+decode steps, prefills excluded; also with the re-merges of continuous admission counted), and
+the CPU that other processes used meanwhile ("foreign CPU" in cores, the noise indicator on a
+shared machine). The speedup of each max_batch over the first is
 the median of same-pass, same-level ratios, which cancels most of the drift between passes.
 
 It also times the cost of continuous admission: `engine.merge_caches` of 8 rows (each
@@ -70,9 +72,23 @@ def run_level(engine, prompt: list[int], max_tokens: int, concurrency: int, max_
     from runtime.batching import Scheduler
     from runtime.generate import SamplingParams
 
+    class Timed(Scheduler):
+        """Times the decode steps (engine step + per-row sampling) and the re-merges apart from prefills."""
+        step_s = merge_s = 0.0
+
+        def _step(self):
+            t = time.perf_counter()
+            super()._step()
+            self.step_s += time.perf_counter() - t
+
+        def _merge(self):
+            t = time.perf_counter()
+            super()._merge()
+            self.merge_s += time.perf_counter() - t
+
     params = SamplingParams(max_tokens=max_tokens)
     sizes: list[int] = []
-    sched = Scheduler(engine, max_batch=max_batch, on_step=sizes.append)
+    sched = Timed(engine, max_batch=max_batch, on_step=sizes.append)
     done: list[dict] = []
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
@@ -104,6 +120,10 @@ def run_level(engine, prompt: list[int], max_tokens: int, concurrency: int, max_
             "ttft_p50": percentile([d["ttft"] for d in done], 50),
             "ttft_p95": percentile([d["ttft"] for d in done], 95),
             "mean_batch": statistics.fmean(sizes) if sizes else 0.0,
+            # tokens made by decode steps per second of decode steps (prefills excluded), without and
+            # with the re-merges that continuous admission costs
+            "decode_tok_s": sum(sizes) / sched.step_s if sched.step_s else 0.0,
+            "decode_merge_tok_s": sum(sizes) / (sched.step_s + sched.merge_s) if sched.step_s else 0.0,
             "foreign_cores": max(0.0, busy - own) / elapsed}
 
 
@@ -191,20 +211,26 @@ def report(samples: list[dict], merges: list[dict], levels: list[int], batches: 
 
     base = batches[0]
     print(f"\n| concurrency | max_batch | tok/s | req/s | e2e p50 ms | e2e p95 ms | TTFT p50 ms | TTFT p95 ms | "
-          f"mean batch | tok/s vs max_batch={base} | foreign CPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"mean batch | tok/s vs max_batch={base} | decode tok/s (steps / + merges) | decode vs max_batch={base} "
+          f"(steps / + merges) | foreign CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def ratio(rows, level, key):  # median of same-pass ratios against max_batch=base
+        out = []
+        for r in rows:
+            ref = [b for b in samples if b["pass"] == r["pass"] and b["concurrency"] == level and b["max_batch"] == base]
+            out += [r[key] / ref[0][key]] if ref and ref[0][key] else []
+        return statistics.median(out) if out else float("nan")
+
     for level in levels:
         for mb in batches:
             rows = [r for r in samples if r["concurrency"] == level and r["max_batch"] == mb]
-            ratios = []
-            for r in rows:
-                ref = [b for b in samples if b["pass"] == r["pass"] and b["concurrency"] == level
-                       and b["max_batch"] == base]
-                ratios += [r["tok_s"] / ref[0]["tok_s"]] if ref else []
             print(f"| {level} | {mb} | {med(rows, 'tok_s'):.1f} | {med(rows, 'req_s'):.2f} | "
                   f"{med(rows, 'e2e_p50') * 1000:.0f} | {med(rows, 'e2e_p95') * 1000:.0f} | "
                   f"{med(rows, 'ttft_p50') * 1000:.0f} | {med(rows, 'ttft_p95') * 1000:.0f} | "
-                  f"{med(rows, 'mean_batch'):.2f} | {statistics.median(ratios):.2f} | "
+                  f"{med(rows, 'mean_batch'):.2f} | {ratio(rows, level, 'tok_s'):.2f} | "
+                  f"{med(rows, 'decode_tok_s'):.1f} / {med(rows, 'decode_merge_tok_s'):.1f} | "
+                  f"{ratio(rows, level, 'decode_tok_s'):.2f} / {ratio(rows, level, 'decode_merge_tok_s'):.2f} | "
                   f"{med(rows, 'foreign_cores'):.2f} |")
     m = merges[0]
     print(f"\nmerge_caches of {m['rows']} rows x {m['positions']} positions: {med(merges, 'merge_ms'):.2f} ms; "
