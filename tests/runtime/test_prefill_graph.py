@@ -193,6 +193,47 @@ def test_missing_prefill_graph_is_a_clear_error(int8_bundle, tmp_path):
     assert engine.prefill_graph is None
 
 
+def _with_routing_metadata(int8_bundle, tmp_path, value):
+    """A copy of the bundle's ONNX Runtime files whose decode graph has edgeglm.prefill_min_rows set to
+    `value` (None: removed, as in graphs exported before the key)."""
+    from runtime.engine import PREFILL_ROWS_KEY
+
+    ort_dir = shutil.copytree(int8_bundle / "onnxruntime", tmp_path / "onnxruntime")
+    model = onnx.load(str(ort_dir / "model.onnx"), load_external_data=False)
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != PREFILL_ROWS_KEY]
+    del model.metadata_props[:]
+    for key, val in kept + ([(PREFILL_ROWS_KEY, value)] if value is not None else []):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, val
+    onnx.save_model(model, str(ort_dir / "model.onnx"))
+    return ort_dir / "model.onnx"
+
+
+def test_routing_of_graphs_without_the_row_threshold_and_a_bad_one(int8_bundle, heldout_ids, tmp_path):
+    """Graphs exported before edgeglm.prefill_min_rows keep the old rule (24+ tokens per row on the
+    prefill graph, batch size ignored); a damaged value is a clear load error."""
+    from runtime.engine import LEGACY_PREFILL_MIN_TOKENS
+
+    arch = load_model(int8_bundle, "onnxruntime").arch
+    legacy = load_engine("onnxruntime", _with_routing_metadata(int8_bundle, tmp_path / "a", None), arch)
+    off = load_engine("onnxruntime", int8_bundle / "onnxruntime" / "model.onnx", arch, prefill_graph=False)
+    assert legacy.prefill_graph == "prefill.onnx" and legacy.prefill_min_rows == LEGACY_PREFILL_MIN_TOKENS
+
+    def step(engine, rows, tokens):  # logits of a fresh left-aligned batch of `rows` prompts
+        ids = np.array([heldout_ids[50 * r:50 * r + tokens] for r in range(rows)])
+        return engine.forward(ids, np.tile(np.arange(tokens), (rows, 1)), np.ones((rows, tokens), np.int64),
+                              engine.new_cache(rows))[0]
+
+    # 8 rows x 4 tokens: the decode graph under the old rule, the prefill graph under the new one
+    np.testing.assert_array_equal(step(legacy, 8, 4), step(off, 8, 4))
+    new = load_engine("onnxruntime", int8_bundle / "onnxruntime" / "model.onnx", arch)
+    assert not np.array_equal(step(new, 8, 4), step(off, 8, 4))
+    assert not np.array_equal(step(legacy, 1, LEGACY_PREFILL_MIN_TOKENS), step(off, 1, LEGACY_PREFILL_MIN_TOKENS))
+    for bad in ("0", "four"):
+        with pytest.raises(ModelLoadError, match=f"edgeglm.prefill_min_rows='{bad}' is not a positive integer"):
+            load_engine("onnxruntime", _with_routing_metadata(int8_bundle, tmp_path / bad, bad), arch)
+
+
 def test_embedding_rows_come_from_the_table_beside_the_graph(int8_bundle, trained_checkpoint, tmp_path):
     """The ONNX Runtime graphs take inputs_embeds; the engine reads the rows from embed_tokens.npy,
     which holds the checkpoint's fp32 embedding exactly."""
