@@ -299,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--prefix-tokens", type=int, default=0, help="also measure TTFT with this many prompt tokens "
                     "in the prefix cache")
     be.add_argument("--runs", type=int, default=3)
-    be.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
+    be.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_const", const=False, default=True,
                     help="ONNX Runtime: run prompts on the decode graph, as model.prefill_graph = false does")
+    be.add_argument("--prefill-graph-only", dest="prefill_graph", action="store_const", const="only",
+                    help="ONNX Runtime: run everything on the prefill graph, as model.prefill_graph = \"only\" does")
     be.add_argument("--threads", type=_positive, help="inference threads (default: autotuned / all usable cores)")
     be.add_argument("--cache-dir", help="autotune cache (default $EDGEGLM_CACHE_DIR or ~/.cache/edgeglm)")
     be.add_argument("--json", action="store_true")

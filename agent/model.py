@@ -43,6 +43,7 @@ class LoadedModel:
         info = {**path.to_dict(), "description": path.describe(), "chosen_by": self.chosen_by}
         if self.backend == "onnxruntime":
             info["prefill_graph"] = getattr(self.engine, "prefill_graph", None)
+            info["prefill_only"] = getattr(self.engine, "prefill_only", False)
         return info
 
     def golden_check(self) -> GoldenResult:
@@ -85,11 +86,13 @@ def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = Non
 
 def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | None = None, *,
                cache_dir: Path | None = None, retune: bool = False, hardware=None,
-               progress: bool = False, prefill_graph: bool = True) -> LoadedModel:
+               progress: bool = False, prefill_graph: bool | str = True) -> LoadedModel:
     """Verify the bundle's files against its manifest, then load the model on its execution path.
 
     `cache_dir`: with backend `auto`, use (or make) the autotune result cached under `cache_dir/autotune/`.
-    `prefill_graph`: ONNX Runtime runs prompts on the bundle's prefill graph when it has one."""
+    `prefill_graph`: ONNX Runtime runs prompts (and decode steps of 4+ sequences) on the bundle's prefill
+    graph when it has one; False: never; "only": the prefill graph runs everything (the decode graph is not
+    loaded)."""
     bundle = open_bundle(bundle_path)
     path, tuning = choose_path(bundle, backend, threads, cache_dir=cache_dir, retune=retune, hardware=hardware,
                                progress=progress)

@@ -39,6 +39,7 @@ them together. It copies; the sources are left as they were.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import weakref
@@ -49,6 +50,8 @@ import numpy as np
 
 from runtime.errors import BackendUnavailable, ModelLoadError
 from runtime.probe import cpus_one_per_core
+
+log = logging.getLogger("edgeglm.engine")
 
 BACKENDS = ("onnxruntime", "openvino")
 KV_CACHE_KEY = "edgeglm.kv_cache"  # ONNX metadata: "shared-buffer" on the fused (GroupQueryAttention) graph
@@ -329,15 +332,31 @@ class _OrtRunner:
         return out.copy()
 
 
+PREFILL_MODES = ("on", "off", "only")
+
+
+def prefill_mode(value: bool | str) -> str:
+    """"on", "off" or "only" from a `prefill_graph` setting (True / False accepted for on / off)."""
+    if value is True or value is False:
+        return "on" if value else "off"
+    if value not in PREFILL_MODES:
+        raise ValueError(f"prefill_graph={value!r} is invalid: choose true / \"on\", false / \"off\" or \"only\"")
+    return value
+
+
 class OnnxRuntimeEngine:
     backend = "onnxruntime"
 
     def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None,
-                 provider: str = "CPUExecutionProvider", pinned: bool = False, prefill_graph: bool = True):
+                 provider: str = "CPUExecutionProvider", pinned: bool = False, prefill_graph: bool | str = True):
         """`provider`: the execution provider (CPU falls back for nodes it cannot run); `pinned`: one
-        intra-op thread per physical core (the calling thread is not pinned); `prefill_graph`: use the
-        bundle's prefill graph, if it has one, for multi-token steps (False: the decode graph runs all)."""
+        intra-op thread per physical core (the calling thread is not pinned); `prefill_graph`: True / "on"
+        runs steps of `prefill_min_rows`+ token rows on the bundle's prefill graph, if it has one; False /
+        "off": the decode graph runs everything; "only": the prefill graph runs everything and the decode
+        graph is not loaded (one copy of the weights in memory; single-stream decode slower)."""
         import onnxruntime as ort
+
+        mode = prefill_mode(prefill_graph)
 
         self.arch, self._ort = arch, ort
         if provider not in ort.get_available_providers():
@@ -374,8 +393,12 @@ class OnnxRuntimeEngine:
         # 322 tok/s on glm-s; a 16-token step after a prefix hit on glm-m 75 -> 47 ms once the decode
         # session stopped spinning). Decode itself does not slow down with 1 ms (glm-s 449 vs 455, glm-m
         # 70 vs 69 tok/s); no spinning at all costs a prefill about 12%.
-        spin = SPIN_AFTER_RUN_US if prefill_graph else None
-        self.session = session(model_path, options(spin))
+        spin = SPIN_AFTER_RUN_US if mode == "on" else None
+        main = Path(model_path)
+        if mode == "only":
+            main = self._prefill_only(main, ort)
+            mode = "only" if main != Path(model_path) else "off"
+        self.session = session(main, options(spin))
         meta = self.session.get_modelmeta().custom_metadata_map
         kv = meta.get(KV_CACHE_KEY)
         if kv != "shared-buffer":
@@ -385,15 +408,38 @@ class OnnxRuntimeEngine:
         self._embeddings = self._embedding_table(Path(model_path), meta)
         self._decode = _OrtRunner(self.session, arch)
         self._prefill = self._decode
-        self.prefill_graph: str | None = None  # the prefill graph's file name when one is in use
+        self.prefill_graph: str | None = main.name if mode == "only" else None  # the prefill graph in use
+        self.prefill_only = mode == "only"
         # steps of >= prefill_min_rows rows (batch x tokens; legacy graphs: tokens per row) run on it
         self._rows_per_step = PREFILL_ROWS_KEY in meta
         self.prefill_min_rows = _positive_int(meta[PREFILL_ROWS_KEY], model_path, PREFILL_ROWS_KEY) \
             if self._rows_per_step else LEGACY_PREFILL_MIN_TOKENS
         name = meta.get(PREFILL_GRAPH_KEY)
-        if name and prefill_graph:
+        if name and mode == "on":
             self._prefill = _OrtRunner(session(_beside(Path(model_path), name, "prefill graph"), options(spin)), arch)
             self.prefill_graph = name
+
+    @staticmethod
+    def _prefill_only(model_path: Path, ort) -> Path:
+        """The prefill graph that can run every step alone (named by the decode graph's metadata), or
+        `model_path` with a warning when the bundle has none (fp32, or a prefill graph from before
+        `edgeglm.prefill_min_rows`, whose single-token steps are slow). The decode graph is opened
+        without optimizing or prepacking, only to read its metadata."""
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        try:
+            meta = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"]) \
+                .get_modelmeta().custom_metadata_map
+        except Exception as exc:  # ORT raises its own untyped errors for bad files
+            raise ModelLoadError(f"{model_path}: ONNX Runtime could not load the model ({exc})") from None
+        name = meta.get(PREFILL_GRAPH_KEY)
+        if name and PREFILL_ROWS_KEY in meta:
+            return _beside(model_path, name, "prefill graph")
+        log.warning("%s: prefill_graph='only' asked for, but this bundle has no prefill graph that can decode "
+                    "(%s); running its decode graph for everything", model_path,
+                    "none" if not name else "exported before edgeglm.prefill_min_rows")
+        return model_path
 
     def _embedding_table(self, model_path: Path, meta: dict) -> EmbeddingTable | None:
         """The table the graph's `inputs_embeds` come from; None for graphs that gather inside."""

@@ -78,6 +78,11 @@ def test_bench_without_the_prefill_graph(int8_bundle, tmp_path):
                    "--new-tokens", 4, "--runs", 1, "--json", "--no-prefill-graph", "--cache-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["execution_path"]["prefill_graph"] is None
+    proc = edgeglm("bench", "--bundle", int8_bundle, "--backend", "onnxruntime", "--prompt-tokens", 32,
+                   "--new-tokens", 4, "--runs", 1, "--json", "--prefill-graph-only", "--cache-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    path = json.loads(proc.stdout)["execution_path"]
+    assert path["prefill_graph"] == "prefill.onnx" and path["prefill_only"] is True
 
 
 @pytest.mark.parametrize("args,fragment", [

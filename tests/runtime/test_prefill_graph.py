@@ -209,6 +209,37 @@ def _with_routing_metadata(int8_bundle, tmp_path, value):
     return ort_dir / "model.onnx"
 
 
+def test_prefill_graph_only_runs_every_step_on_it_without_loading_the_decode_graph(int8_bundle, fp32_bundle,
+                                                                                 heldout_ids, caplog):
+    """model.prefill_graph = "only": one session, the prefill graph's, for prompts and single-token steps
+    alike (the same logits as the two-graph engine's prefill graph); a bundle without a prefill graph
+    runs its decode graph with a warning; a bad value is named."""
+    from agent.config import load_config
+    from runtime.engine import prefill_mode
+
+    arch = load_model(int8_bundle, "onnxruntime").arch
+    ort_dir = int8_bundle / "onnxruntime"
+    only = load_engine("onnxruntime", ort_dir / "model.onnx", arch, prefill_graph="only")
+    both = load_engine("onnxruntime", ort_dir / "model.onnx", arch)
+    assert only.prefill_only and only.prefill_graph == "prefill.onnx"
+    assert only.session._model_path.endswith("prefill.onnx") and only._prefill is only._decode  # one session
+    prompt, token = heldout_ids[:20], heldout_ids[20]
+    results = {}
+    for name, engine in (("only", only), ("both", both)):
+        _, cache = engine.forward(np.array([prompt]), np.arange(20)[None], np.ones((1, 20), np.int64),
+                                  engine.new_cache())
+        both.prefill_min_rows = 1 if name == "both" else both.prefill_min_rows  # the single step on the prefill graph
+        results[name] = engine.forward(np.array([[token]]), np.array([[20]]), np.ones((1, 21), np.int64), cache)[0]
+    np.testing.assert_allclose(results["only"], results["both"], atol=1e-5)
+    with caplog.at_level("WARNING"):
+        fp32 = load_model(fp32_bundle, "onnxruntime", prefill_graph="only")
+    assert not fp32.engine.prefill_only and fp32.engine.prefill_graph is None
+    assert "no prefill graph that can decode" in caplog.text
+    assert load_config(None, {"model.prefill_graph": "only"}).model.prefill_graph == "only"
+    with pytest.raises(ValueError, match="prefill_graph='sometimes' is invalid"):
+        prefill_mode("sometimes")
+
+
 def test_routing_of_graphs_without_the_row_threshold_and_a_bad_one(int8_bundle, heldout_ids, tmp_path):
     """Graphs exported before edgeglm.prefill_min_rows keep the old rule (24+ tokens per row on the
     prefill graph, batch size ignored); a damaged value is a clear load error."""
