@@ -38,7 +38,8 @@ class LoadedModel:
 
     def execution_info(self) -> dict:
         """Backend, device, threads, pinning and precision hints, and how they were chosen; for ONNX
-        Runtime also the prefill graph serving prompts (its file name, or None: the decode graph)."""
+        Runtime also the prefill graph serving prompts (its file name, or None: the decode graph) and whether it
+        serves everything (`prefill_only`)."""
         path = self.path or Candidate(self.backend, str(getattr(self.engine, "device", "CPU")))
         info = {**path.to_dict(), "description": path.describe(), "chosen_by": self.chosen_by}
         if self.backend == "onnxruntime":
