@@ -142,11 +142,13 @@ def cmd_probe(args) -> int:
 
 def _autotune(args, info):
     from ota.bundle import open_bundle
-    from runtime.autotune import autotune, default_cache_dir
+    from runtime.autotune import autotune, choose_prefill_graph, default_cache_dir
 
     bundle = open_bundle(args.bundle)
+    # ONNX Runtime paths are measured the way the agent will serve them (model.prefill_graph = "auto")
+    prefill = choose_prefill_graph("auto", bundle, info.memory)
     return autotune(bundle, info, cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
-                    retune=args.retune, threads=args.threads, progress=not args.json)
+                    retune=args.retune, threads=args.threads, progress=not args.json, prefill=prefill.mode)
 
 
 def cmd_bench(args) -> int:
@@ -299,7 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--prefix-tokens", type=int, default=0, help="also measure TTFT with this many prompt tokens "
                     "in the prefix cache")
     be.add_argument("--runs", type=int, default=3)
-    be.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_const", const=False, default=True,
+    be.add_argument("--prefill-graph", dest="prefill_graph", choices=("auto", "on", "off", "only"), default="auto",
+                    help="ONNX Runtime: the W8A8 prefill graph, as model.prefill_graph (default auto: beside the "
+                    "decode graph where memory allows, else alone)")
+    be.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_const", const="off",
                     help="ONNX Runtime: run prompts on the decode graph, as model.prefill_graph = false does")
     be.add_argument("--prefill-graph-only", dest="prefill_graph", action="store_const", const="only",
                     help="ONNX Runtime: run everything on the prefill graph, as model.prefill_graph = \"only\" does")

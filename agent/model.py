@@ -3,18 +3,22 @@
 The execution path: a named backend runs on its CPU default (f32, all usable cores or `threads`).
 `auto` with a `cache_dir` (the agent's state dir) runs the measured autotune of runtime/autotune.py
 once per (bundle, hardware) and serves the path it chose; `auto` without one falls back to the rule
-order `AUTO_ORDER`. `LoadedModel.execution_info()` says which path serves and how it was chosen.
+order `AUTO_ORDER`. On ONNX Runtime, `prefill_graph` "auto" (the default) loads the bundle's W8A8
+prefill graph beside the decode graph where memory allows, else the prefill graph alone
+(runtime.autotune.choose_prefill_graph). `LoadedModel.execution_info()` says which path serves and
+how it was chosen.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from ota.bundle import Bundle, open_bundle
-from runtime.autotune import Candidate, TuneResult, autotune, default_candidate
+from runtime.autotune import Candidate, PrefillChoice, TuneResult, autotune, choose_prefill_graph, default_candidate
 from runtime.engine import BACKENDS, ModelArch, available_backends, load_engine
 from runtime.errors import BackendUnavailable
 from runtime.golden import GoldenResult, check_golden
@@ -23,6 +27,8 @@ from runtime.tokenizer import load_tokenizer
 # "auto" without autotune prefers ONNX Runtime: its MatMulNBits int8 kernel decoded fastest in
 # docs/performance.md; OpenVINO is the fallback.
 AUTO_ORDER = ("onnxruntime", "openvino")
+
+log = logging.getLogger("edgeglm.model")
 
 
 @dataclass
@@ -35,16 +41,19 @@ class LoadedModel:
     path: Candidate | None = None  # the execution path the engine runs on
     tuning: TuneResult | None = None  # the autotune result `auto` used, if any
     chosen_by: str = "configured"  # "configured", "rule order", "autotune" or "autotune cache"
+    prefill: PrefillChoice | None = None  # ONNX Runtime: the prefill-graph mode loaded and why
 
     def execution_info(self) -> dict:
         """Backend, device, threads, pinning and precision hints, and how they were chosen; for ONNX
-        Runtime also the prefill graph serving prompts (its file name, or None: the decode graph) and whether it
-        serves everything (`prefill_only`)."""
+        Runtime also the prefill graph serving prompts (its file name, or None: the decode graph), whether it
+        serves everything (`prefill_only`) and why that mode (`prefill_mode`, e.g. "auto: both graphs ... fit")."""
         path = self.path or Candidate(self.backend, str(getattr(self.engine, "device", "CPU")))
         info = {**path.to_dict(), "description": path.describe(), "chosen_by": self.chosen_by}
         if self.backend == "onnxruntime":
             info["prefill_graph"] = getattr(self.engine, "prefill_graph", None)
             info["prefill_only"] = getattr(self.engine, "prefill_only", False)
+            if self.prefill is not None:
+                info["prefill_mode"] = f"{self.prefill.mode} ({self.prefill.reason})"
         return info
 
     def golden_check(self) -> GoldenResult:
@@ -74,33 +83,43 @@ def choose_backend(bundle: Bundle, requested: str = "auto") -> str:
 
 
 def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = None, *, cache_dir: Path | None = None,
-                retune: bool = False, hardware=None, progress: bool = False) -> tuple[Candidate, TuneResult | None]:
-    """The execution path: autotuned for `auto` with a `cache_dir`, else the backend's CPU default."""
+                retune: bool = False, hardware=None, progress: bool = False,
+                prefill: str = "on") -> tuple[Candidate, TuneResult | None]:
+    """The execution path: autotuned for `auto` with a `cache_dir` (ONNX Runtime paths measured with the
+    prefill-graph mode `prefill`), else the backend's CPU default."""
     if backend == "auto" and cache_dir is not None:
         from runtime.probe import probe_hardware
 
         result = autotune(bundle, hardware or probe_hardware(), cache_dir=Path(cache_dir), retune=retune,
-                          threads=threads, progress=progress)
+                          threads=threads, progress=progress, prefill=prefill)
         return result.choice, result
     return default_candidate(choose_backend(bundle, backend), threads), None
 
 
 def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | None = None, *,
                cache_dir: Path | None = None, retune: bool = False, hardware=None,
-               progress: bool = False, prefill_graph: bool | str = True) -> LoadedModel:
+               progress: bool = False, prefill_graph: bool | str = "auto", memory=None) -> LoadedModel:
     """Verify the bundle's files against its manifest, then load the model on its execution path.
 
     `cache_dir`: with backend `auto`, use (or make) the autotune result cached under `cache_dir/autotune/`.
-    `prefill_graph`: ONNX Runtime runs prompts (and decode steps of 4+ sequences) on the bundle's prefill
+    `prefill_graph`: True: ONNX Runtime runs prompts (and decode steps of 4+ sequences) on the bundle's prefill
     graph when it has one; False: never; "only": the prefill graph runs everything (the decode graph is not
-    loaded)."""
+    loaded); "auto": True where both graphs fit in half the memory this process can still take, else "only"
+    (runtime.autotune.choose_prefill_graph) with `memory` (a runtime.probe.MemoryInfo; default: read now)."""
+    from runtime.probe import probe_memory
+
     bundle = open_bundle(bundle_path)
+    # decided first, so that the autotune loads ONNX Runtime the way it will serve (and no more memory)
+    prefill = choose_prefill_graph(prefill_graph, bundle, memory if memory is not None else probe_memory())
     path, tuning = choose_path(bundle, backend, threads, cache_dir=cache_dir, retune=retune, hardware=hardware,
-                               progress=progress)
+                               progress=progress, prefill=prefill.mode)
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
     options = path.engine_options()
     if path.backend == "onnxruntime":
-        options["prefill_graph"] = prefill_graph
+        options["prefill_graph"] = prefill.mode
+        log.info("prefill graph: %s (%s)", prefill.mode, prefill.reason)
+    else:
+        prefill = None
     engine = load_engine(path.backend, bundle.path(bundle.manifest.backends[path.backend].entry), arch, path.threads,
                          **options)
     tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer))
@@ -108,7 +127,7 @@ def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | No
         chosen_by = "autotune cache" if tuning.from_cache else "autotune"
     else:
         chosen_by = "rule order" if backend == "auto" else "configured"
-    return LoadedModel(bundle, path.backend, engine, tokenizer, arch, path, tuning, chosen_by)
+    return LoadedModel(bundle, path.backend, engine, tokenizer, arch, path, tuning, chosen_by, prefill)
 
 
 EXECUTION_METRIC = "edgeglm_execution_path_info"

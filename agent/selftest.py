@@ -27,7 +27,7 @@ from runtime.generate import decode_one_token, prefill
 class SelfTestConfig:
     backend: str = "auto"
     threads: int | None = None
-    prefill_graph: bool | str = True  # model.prefill_graph: true, false or "only"
+    prefill_graph: bool | str = "auto"  # model.prefill_graph: "auto", true, false or "only"
     max_latency_ratio: float = 1.5
     min_delta_ms: float = 1.0  # slower by less than this is timing jitter, not a regression
     max_ms_per_token: float | None = None

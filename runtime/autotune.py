@@ -20,9 +20,11 @@ KV-cache precision hints. The rules, from the hardware probe:
 
 The measurement is short (about a second per path on glm-s): a warm-up, then `repeats` rounds of a
 `prompt_tokens` random-id prefill and `decode_steps` greedy steps; all paths are loaded together and
-the rounds interleave them (one at a time when their estimated memory, `_resident_bytes`, would not
-fit in half the available memory or cgroup limit), and each path keeps its best round. Objective: decode tokens/s; paths within `TIE` (3%)
-of the best count as tied and the lowest TTFT among them wins.
+the rounds interleave them (one at a time when their estimated memory, `resident_bytes`, would not
+fit in half the memory this process can still take: MemAvailable, or the cgroup limit minus its
+usage), and each path keeps its best round. ONNX Runtime paths run in the prefill-graph mode that
+will serve (`choose_prefill_graph`). Objective: decode tokens/s; paths within `TIE` (3%) of the
+best count as tied and the lowest TTFT among them wins.
 
 The result is cached as JSON under `cache_dir`, keyed by (sha256 of the bundle's manifest, the
 hardware fingerprint, a thread limit): a new bundle, new hardware or new backend versions mean a new
@@ -41,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.engine import BACKENDS, ModelArch, load_engine
+from runtime.engine import BACKENDS, ModelArch, load_engine, prefill_mode
 from runtime.errors import BackendUnavailable
 from runtime.golden import check_golden
 from runtime.probe import HardwareInfo, accelerators
@@ -214,6 +216,7 @@ class TuneResult:
     objective: str = "highest decode tokens/s; within 3% of the best, lowest TTFT"
     from_cache: bool = False
     cache_path: str | None = None
+    prefill: str = "on"  # the ONNX Runtime prefill-graph mode its ONNX Runtime paths were measured with
 
     def to_dict(self) -> dict:
         return {"version": CACHE_VERSION, "bundle_sha256": self.bundle_sha256, "fingerprint": self.fingerprint,
@@ -222,14 +225,14 @@ class TuneResult:
                 "accelerators": self.accelerators, "settings": asdict(self.settings),
                 "measured_at": self.measured_at, "elapsed_s": self.elapsed_s,
                 "trials": [t.to_dict() for t in self.trials],
-                "from_cache": self.from_cache, "cache_path": self.cache_path}
+                "from_cache": self.from_cache, "cache_path": self.cache_path, "prefill": self.prefill}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TuneResult":
         return cls(data["bundle_sha256"], data["fingerprint"], data["threads_limit"],
                    Candidate.from_dict(data["choice"]), [Trial.from_dict(t) for t in data["trials"]],
                    list(data["accelerators"]), TuneSettings(**data["settings"]), data["measured_at"],
-                   data["elapsed_s"], data["objective"])
+                   data["elapsed_s"], data["objective"], prefill=data.get("prefill", "on"))
 
 
 def measurement_prompt(arch: ModelArch, settings: TuneSettings) -> list[int]:
@@ -256,32 +259,78 @@ def choose(trials: list[Trial]) -> Candidate:
     return min(tied, key=lambda t: t.ttft_ms).candidate
 
 
-def _resident_bytes(bundle, backend: str) -> int:
+def resident_bytes(bundle, backend: str, prefill: str = "on") -> int:
     """What a loaded path of `backend` holds, estimated from the bundle's files: their bytes (not the
     embedding table, which ONNX Runtime's engine reads a row at a time), plus the weight data once
     more where a prefill graph's session prepacks its own copy beside the decode session's (glm-m
-    measured: 723 MB for 365 MB of files, 503 MB without the prefill graph)."""
+    measured: 723 MB for 365 MB of files, 503 MB without the prefill graph, 472 MB with it alone).
+    `prefill`: the ONNX Runtime prefill-graph mode ("on", "off" or "only"; see runtime.engine)."""
     files = {f.path: f.size for f in bundle.manifest.files
              if f.path.startswith(backend + "/") and not f.path.endswith(".npy")}
     twice = files.get(f"{backend}/model.onnx.data", 0) if f"{backend}/prefill.onnx" in files else 0
-    return sum(files.values()) + twice
+    return sum(files.values()) + (twice if prefill == "on" else 0)
 
 
-def _groups(bundle, cands: list[Candidate], available: int | None) -> list[list[Candidate]]:
+AUTO_PREFILL_SHARE = 0.5  # prefill_graph "auto": both graphs when they take at most this share of the budget
+
+
+@dataclass(frozen=True)
+class PrefillChoice:
+    """The ONNX Runtime prefill-graph mode to load ("on", "off" or "only") and why."""
+
+    mode: str
+    reason: str
+
+
+def choose_prefill_graph(setting: bool | str, bundle, memory) -> PrefillChoice:
+    """Resolve `model.prefill_graph` for `bundle`: true/false/"only" as configured; "auto" runs both
+    graphs (fast prompts and batches, fast single-stream decode) when their estimated resident bytes
+    take at most `AUTO_PREFILL_SHARE` of the memory this process can still take (`memory`, a
+    runtime.probe.MemoryInfo: MemAvailable, or the cgroup limit minus its usage), else the prefill
+    graph alone ("only": the weights held once, prompts as fast, one stream decodes 10-25% slower).
+    The other half is left for KV caches, the prefix cache and an OTA candidate loaded beside the
+    serving model for its self-test. Unknown memory counts as plenty."""
+    if setting != "auto":
+        return PrefillChoice(prefill_mode(setting), "configured")
+    both, alone = resident_bytes(bundle, "onnxruntime", "on"), resident_bytes(bundle, "onnxruntime", "only")
+    if both == alone:
+        return PrefillChoice("on", "auto: the bundle has no prefill graph")
+    budget = memory.budget_bytes() if memory is not None else None
+    if budget is None:
+        return PrefillChoice("on", f"auto: both graphs (about {_mb(both)}); available memory unknown")
+    if both <= AUTO_PREFILL_SHARE * budget:
+        return PrefillChoice("on", f"auto: both graphs (about {_mb(both)}) fit in half of the {_mb(budget)} available")
+    return PrefillChoice("only", f"auto: both graphs (about {_mb(both)}) would take more than half of the "
+                                 f"{_mb(budget)} available; the prefill graph alone holds the weights once "
+                                 f"(about {_mb(alone)})")
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MB" if n >= 10 << 20 else f"{n / (1 << 20):.1f} MB"
+
+
+def _prefill_of(c: Candidate, prefill: str) -> str:
+    return prefill if c.backend == "onnxruntime" else "on"
+
+
+def _groups(bundle, cands: list[Candidate], available: int | None, prefill: str = "on") -> list[list[Candidate]]:
     """All paths together (interleaved rounds) when they fit in half the available memory, else one at
     a time (glm-m's four CPU paths loaded together peaked at 2.5 GB)."""
-    total = sum(_resident_bytes(bundle, c.backend) for c in cands)
+    total = sum(resident_bytes(bundle, c.backend, _prefill_of(c, prefill)) for c in cands)
     if available is None or total <= available // 2:
         return [cands]
     return [[c] for c in cands]
 
 
-def _load(bundle, arch: ModelArch, trial: Trial):
+def _load(bundle, arch: ModelArch, trial: Trial, prefill: str = "on"):
     c = trial.candidate
     entry = bundle.path(bundle.manifest.backends[c.backend].entry)
+    options = c.engine_options()
+    if c.backend == "onnxruntime":
+        options["prefill_graph"] = prefill
     t0 = time.perf_counter()
     try:
-        engine = load_engine(c.backend, entry, arch, c.threads, **c.engine_options())
+        engine = load_engine(c.backend, entry, arch, c.threads, **options)
     except Exception as exc:  # a missing provider, a plugin that cannot compile the graph: excluded
         trial.status, trial.reason = "excluded", f"could not load: {str(exc).splitlines()[0][:200]}"
         return None
@@ -298,15 +347,16 @@ def _load(bundle, arch: ModelArch, trial: Trial):
 
 
 def measure(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
-            on_step: Callable[[], None] = lambda: None) -> None:
-    """Load, gate and time every trial's path in place (status, reason, golden, timings)."""
+            on_step: Callable[[], None] = lambda: None, prefill: str = "on") -> None:
+    """Load, gate and time every trial's path in place (status, reason, golden, timings); ONNX Runtime
+    paths with the prefill-graph mode `prefill` (the one that will serve)."""
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
     prompt = measurement_prompt(arch, settings)
     by_candidate = {t.candidate: t for t in trials}
-    for group in _groups(bundle, [t.candidate for t in trials], available_memory):
+    for group in _groups(bundle, [t.candidate for t in trials], available_memory, prefill):
         engines = {}
         for c in group:
-            engine = _load(bundle, arch, by_candidate[c])
+            engine = _load(bundle, arch, by_candidate[c], prefill)
             if engine is not None:
                 measure_round(engine, prompt, 2)  # warm-up: first-run allocations and compilation, both graphs
                 engines[c] = engine
@@ -334,17 +384,19 @@ def default_cache_dir() -> Path:
     return base / "edgeglm"
 
 
-def cache_path(cache_dir: Path, bundle_sha256: str, fingerprint: str, threads: int | None) -> Path:
-    suffix = f"-t{threads}" if threads else ""
+def cache_path(cache_dir: Path, bundle_sha256: str, fingerprint: str, threads: int | None,
+               prefill: str = "on") -> Path:
+    suffix = (f"-t{threads}" if threads else "") + (f"-prefill-{prefill}" if prefill != "on" else "")
     return Path(cache_dir) / "autotune" / f"{bundle_sha256[:16]}-{fingerprint}{suffix}.json"
 
 
-def read_cache(path: Path, bundle_sha256: str, fingerprint: str, threads: int | None) -> TuneResult | None:
+def read_cache(path: Path, bundle_sha256: str, fingerprint: str, threads: int | None,
+               prefill: str = "on") -> TuneResult | None:
     """The cached result, or None when missing, unreadable or made for something else."""
     try:
         data = json.loads(path.read_text())
-        if (data.get("version"), data.get("bundle_sha256"), data.get("fingerprint"), data.get("threads_limit")) != \
-                (CACHE_VERSION, bundle_sha256, fingerprint, threads):
+        if (data.get("version"), data.get("bundle_sha256"), data.get("fingerprint"), data.get("threads_limit"),
+                data.get("prefill", "on")) != (CACHE_VERSION, bundle_sha256, fingerprint, threads, prefill):
             return None
         result = TuneResult.from_dict(data)
     except FileNotFoundError:
@@ -371,23 +423,24 @@ def write_cache(path: Path, result: TuneResult) -> bool:
 
 def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune: bool = False,
              threads: int | None = None, settings: TuneSettings = TuneSettings(),
-             progress: bool = False) -> TuneResult:
-    """The execution path for `bundle` on this hardware: from the cache, or measured (and cached)."""
+             progress: bool = False, prefill: str = "on") -> TuneResult:
+    """The execution path for `bundle` on this hardware: from the cache, or measured (and cached).
+    `prefill`: the ONNX Runtime prefill-graph mode ("on", "off", "only") its paths are loaded and
+    measured with, the one that will serve (`choose_prefill_graph`); part of the cache key."""
+    prefill = prefill_mode(prefill)
     fingerprint = hw.fingerprint()
-    path = cache_path(cache_dir, bundle.sha256, fingerprint, threads) if cache_dir is not None else None
+    path = cache_path(cache_dir, bundle.sha256, fingerprint, threads, prefill) if cache_dir is not None else None
     if path is not None and not retune:
-        cached = read_cache(path, bundle.sha256, fingerprint, threads)
+        cached = read_cache(path, bundle.sha256, fingerprint, threads, prefill)
         if cached is not None:
             return cached
     t0 = time.perf_counter()
     trials = [Trial(c) for c in candidates(hw, bundle.manifest.backends, threads=threads)]
-    available = hw.memory.available_bytes
-    if hw.memory.cgroup_limit_bytes:
-        available = min(available or hw.memory.cgroup_limit_bytes, hw.memory.cgroup_limit_bytes)
+    available = hw.memory.budget_bytes()
     with _progress(progress, len(trials) + settings.repeats * len(trials)) as bar:
-        measure(bundle, trials, settings, available, on_step=bar.update)
+        measure(bundle, trials, settings, available, on_step=bar.update, prefill=prefill)
     result = TuneResult(bundle.sha256, fingerprint, threads, choose(trials), trials, accelerators(hw), settings,
-                        measured_at=time.time(), elapsed_s=round(time.perf_counter() - t0, 2))
+                        measured_at=time.time(), elapsed_s=round(time.perf_counter() - t0, 2), prefill=prefill)
     if path is not None and write_cache(path, result):
         result.cache_path = str(path)
     log.info("autotune: %s (%s paths measured in %.1f s)", result.choice.describe(),
@@ -431,6 +484,9 @@ def format_result(result: TuneResult) -> str:
     s = result.settings
     lines.append(f"  measured: prefill {s.prompt_tokens} tokens + {s.decode_steps} decode steps, best of "
                  f"{s.repeats}; objective: {result.objective}")
+    if result.prefill != "on":
+        lines.append(f"  ONNX Runtime paths measured with prefill_graph = {result.prefill!r}, the mode that serves "
+                     "(docs/runtime.md)")
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(result.measured_at))
     source = (f"from the cache {result.cache_path} (measured {when}; --retune measures again)" if result.from_cache
               else f"measured now in {result.elapsed_s:.1f} s" + (f", cached in {result.cache_path}"

@@ -223,6 +223,8 @@ def format_report(report: dict) -> str:
              f"[{s['decode_tok_s']['min']}-{s['decode_tok_s']['max']}]",
              f"  per-token       p50 {s['per_token_ms']['p50']:.2f} ms, p95 {s['per_token_ms']['p95']:.2f} ms "
              f"({s['per_token_ms']['steps']} steps)"]
+    if path.get("prefill_mode"):
+        lines.insert(1, f"prefill graph: {path['prefill_mode']}")
     if report["concurrency"]:
         c = report["concurrency"]
         lines.append(f"  concurrency {c['requests']:<3} {c['aggregate_tok_s']['median']:9.1f} tok/s aggregate, "

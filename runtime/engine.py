@@ -340,7 +340,8 @@ def prefill_mode(value: bool | str) -> str:
     if value is True or value is False:
         return "on" if value else "off"
     if value not in PREFILL_MODES:
-        raise ValueError(f"prefill_graph={value!r} is invalid: choose true / \"on\", false / \"off\" or \"only\"")
+        raise ValueError(f"prefill_graph={value!r} is invalid: choose true / \"on\", false / \"off\" or \"only\" "
+                         "(agent.model.load_model also takes \"auto\": chosen by the memory available)")
     return value
 
 

@@ -48,6 +48,15 @@ class MemoryInfo:
     total_bytes: int | None
     available_bytes: int | None
     cgroup_limit_bytes: int | None
+    cgroup_usage_bytes: int | None = None  # memory.current of this process's cgroup (with a limit)
+
+    def budget_bytes(self) -> int | None:
+        """What this process can still take: MemAvailable, or less under a cgroup limit (the limit
+        minus what the cgroup uses now); None when neither is known."""
+        known = [self.available_bytes] if self.available_bytes is not None else []
+        if self.cgroup_limit_bytes is not None:
+            known.append(max(0, self.cgroup_limit_bytes - (self.cgroup_usage_bytes or 0)))
+        return min(known) if known else None
 
 
 @dataclass(frozen=True)
@@ -203,10 +212,12 @@ def parse_meminfo(text: str) -> dict[str, int]:
 def probe_memory() -> MemoryInfo:
     mem = parse_meminfo(_read("/proc/meminfo") or "")
     limit = (_read("/sys/fs/cgroup/memory.max") or "").strip()
+    usage = (_read("/sys/fs/cgroup/memory.current") or "").strip() if limit.isdigit() else ""
     return MemoryInfo(
         total_bytes=mem.get("MemTotal"),
         available_bytes=mem.get("MemAvailable"),
         cgroup_limit_bytes=int(limit) if limit.isdigit() else None,  # "max" = unlimited
+        cgroup_usage_bytes=int(usage) if usage.isdigit() else None,
     )
 
 
@@ -257,7 +268,8 @@ def format_hardware(info: HardwareInfo) -> str:
         f"CPU:     {cpu.model or 'unknown'} ({cpu.architecture}), {cores}{l3}",
         f"         features: {' '.join(cpu.features) or 'none detected'}",
         f"Memory:  {_gib(mem.total_bytes)} total, {_gib(mem.available_bytes)} available"
-        + (f", cgroup limit {_gib(mem.cgroup_limit_bytes)}" if mem.cgroup_limit_bytes else ""),
+        + (f", cgroup limit {_gib(mem.cgroup_limit_bytes)} ({_gib(mem.cgroup_usage_bytes)} used)"
+           if mem.cgroup_limit_bytes else ""),
     ]
     for b in info.backends:
         if not b.available:

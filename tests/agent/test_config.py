@@ -33,7 +33,7 @@ def test_defaults_without_a_file():
     assert (cfg.http.host, cfg.http.port, cfg.http.api_key) == ("127.0.0.1", 8321, None)
     assert cfg.device.id == socket.gethostname() and cfg.device.fleet == "default"
     assert str(cfg.model.slots_dir) == "/var/lib/edgeglm" and cfg.model.backend == "auto"
-    assert cfg.model.prefill_graph is True
+    assert cfg.model.prefill_graph == "auto"
     assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.enabled) == ("127.0.0.1", 1883, False)
     assert cfg.log_level == "info"
 

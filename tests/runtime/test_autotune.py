@@ -168,6 +168,27 @@ def test_loaded_model_runs_on_the_chosen_path_and_says_so(int8_bundle, tmp_path)
     assert (named["backend"], named["threads"], named["chosen_by"]) == ("openvino", 1, "configured")
 
 
+def test_autotune_measures_onnx_runtime_the_way_it_will_serve_where_memory_is_tight(int8_bundle, tmp_path):
+    """Where model.prefill_graph = "auto" picks the prefill graph alone, the autotune loads and times ONNX
+    Runtime that way too (not both graphs, which would take the memory the choice saves), caches the result
+    under its own key, and the served engine is the one measured."""
+    from runtime.autotune import choose_prefill_graph, resident_bytes
+
+    hw = only(probe_hardware(), "onnxruntime")
+    bundle = open_bundle(int8_bundle)
+    tight = MemoryInfo(None, 2 * resident_bytes(bundle, "onnxruntime") - 1, None)
+    assert choose_prefill_graph("auto", bundle, tight).mode == "only"
+    lean = load_model(int8_bundle, "auto", cache_dir=tmp_path, hardware=hw, memory=tight)
+    assert lean.tuning.prefill == "only" and lean.engine.prefill_only and "-prefill-only" in lean.tuning.cache_path
+    assert all(t.status == "measured" for t in lean.tuning.trials)
+    assert "measured with prefill_graph = 'only'" in format_result(lean.tuning)
+    wide = load_model(int8_bundle, "auto", cache_dir=tmp_path, hardware=hw, memory=MemoryInfo(None, None, None))
+    assert wide.tuning.prefill == "on" and not wide.tuning.from_cache and not wide.engine.prefill_only
+    again = load_model(int8_bundle, "auto", cache_dir=tmp_path, hardware=hw, memory=tight)
+    assert again.tuning.from_cache and again.tuning.prefill == "only" and again.engine.prefill_only
+    assert len(list((tmp_path / "autotune").glob("*.json"))) == 2
+
+
 # --- the command line and the agent ---------------------------------------------------------------------
 
 def edgeglm(*args, timeout=300):
@@ -236,16 +257,16 @@ def test_paths_are_measured_one_at_a_time_when_they_would_not_fit(int8_bundle):
     """The memory estimate counts ONNX Runtime's weights twice when the bundle has a prefill graph
     (packed by the decode session, mapped by the prefill session) and leaves out the embedding table
     (read a row at a time); paths are loaded together only when they fit in half the memory."""
-    from runtime.autotune import _groups, _resident_bytes
+    from runtime.autotune import _groups, resident_bytes
 
     bundle = open_bundle(int8_bundle)
     size = {f.path: f.size for f in bundle.manifest.files}
     ort_files = sum(v for k, v in size.items() if k.startswith("onnxruntime/") and not k.endswith(".npy"))
     assert "onnxruntime/prefill.onnx" in size
-    assert _resident_bytes(bundle, "onnxruntime") == ort_files + size["onnxruntime/model.onnx.data"]
-    assert _resident_bytes(bundle, "openvino") == sum(v for k, v in size.items() if k.startswith("openvino/"))
+    assert resident_bytes(bundle, "onnxruntime") == ort_files + size["onnxruntime/model.onnx.data"]
+    assert resident_bytes(bundle, "openvino") == sum(v for k, v in size.items() if k.startswith("openvino/"))
     cands = [Candidate("onnxruntime", ORT_CPU, 2), Candidate("openvino", "CPU", 2)]
-    need = sum(_resident_bytes(bundle, c.backend) for c in cands)
+    need = sum(resident_bytes(bundle, c.backend) for c in cands)
     assert _groups(bundle, cands, 2 * need) == [cands]
     assert _groups(bundle, cands, 2 * need - 2) == [[c] for c in cands]
     assert _groups(bundle, cands, None) == [cands]  # unknown memory: together

@@ -7,6 +7,7 @@ other (p50 <= p95, counts match the options), and the timed loop to do the model
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,15 @@ def test_bench_without_the_prefill_graph(int8_bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr
     path = json.loads(proc.stdout)["execution_path"]
     assert path["prefill_graph"] == "prefill.onnx" and path["prefill_only"] is True
+    assert path["prefill_mode"] == "only (configured)"
+    # the default is the agent's "auto": this box has the memory for both graphs; the report says why
+    proc = edgeglm("bench", "--bundle", int8_bundle, "--backend", "onnxruntime", "--prompt-tokens", 32,
+                   "--new-tokens", 4, "--runs", 1, "--cache-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"prefill graph: on \(auto: both graphs \(about [0-9.]+ MB\) fit in half of the [0-9.]+ MB "
+                     r"available\)", proc.stdout), proc.stdout
+    proc = edgeglm("bench", "--bundle", int8_bundle, "--prefill-graph", "sometimes")
+    assert proc.returncode == 2 and "invalid choice: 'sometimes'" in proc.stderr
 
 
 @pytest.mark.parametrize("args,fragment", [

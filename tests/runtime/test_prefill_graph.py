@@ -290,3 +290,41 @@ def test_embedding_rows_come_from_the_table_beside_the_graph(int8_bundle, traine
     np.save(copy / "embed_tokens.npy", table[:10])
     with pytest.raises(ModelLoadError, match=r"expected float32 \(512, hidden\)"):
         load_engine("onnxruntime", copy / "model.onnx", engine.arch)
+
+
+def test_auto_loads_both_graphs_where_memory_allows_and_the_prefill_graph_alone_where_not(int8_bundle, fp32_bundle):
+    """model.prefill_graph = "auto" (the default): both graphs when their estimated resident bytes take at
+    most half of what the process can still take (MemAvailable, or a cgroup limit minus its usage), the
+    prefill graph alone otherwise; the choice and its reason are in execution_info(). Both pass the bundle's
+    golden check."""
+    from agent.config import load_config
+    from ota.bundle import open_bundle
+    from runtime.autotune import choose_prefill_graph, resident_bytes
+    from runtime.probe import MemoryInfo
+
+    bundle = open_bundle(int8_bundle)
+    both, alone = resident_bytes(bundle, "onnxruntime", "on"), resident_bytes(bundle, "onnxruntime", "only")
+    data = (int8_bundle / "onnxruntime" / "model.onnx.data").stat().st_size
+    assert both == alone + data  # the second session's prepacked copy of the weights
+    plenty, tight = MemoryInfo(None, 2 * both, None), MemoryInfo(None, 2 * both - 1, None)
+    assert choose_prefill_graph("auto", bundle, plenty).mode == "on"
+    assert choose_prefill_graph("auto", bundle, tight).mode == "only"
+    # under a cgroup limit what counts is the limit minus what the cgroup already uses
+    cgroup = MemoryInfo(None, 100 * both, 10 * both, cgroup_usage_bytes=9 * both)
+    assert cgroup.budget_bytes() == both and choose_prefill_graph("auto", bundle, cgroup).mode == "only"
+    assert choose_prefill_graph("auto", bundle, MemoryInfo(None, None, None)).mode == "on"  # unknown: plenty
+    assert choose_prefill_graph("auto", open_bundle(fp32_bundle), tight).mode == "on"  # nothing to choose
+    for setting, mode in ((True, "on"), (False, "off"), ("only", "only"), ("on", "on")):
+        assert choose_prefill_graph(setting, bundle, tight) == choose_prefill_graph(setting, bundle, plenty)
+        assert choose_prefill_graph(setting, bundle, tight).mode == mode
+
+    wide = load_model(int8_bundle, "onnxruntime", memory=plenty)
+    lean = load_model(int8_bundle, "onnxruntime", memory=tight)
+    assert wide.engine.prefill_graph == "prefill.onnx" and not wide.engine.prefill_only
+    assert lean.engine.prefill_only and lean.engine.session._model_path.endswith("prefill.onnx")
+    info = lean.execution_info()
+    assert info["prefill_only"] and info["prefill_mode"].startswith("only (auto: both graphs")
+    assert wide.execution_info()["prefill_mode"].startswith("on (auto: both graphs")
+    for model in (wide, lean):  # both reproduce the continuation recorded at export (the OTA self-test's check)
+        assert model.golden_check().passed, model.golden_check().describe()
+    assert load_config(None, {}).model.prefill_graph == "auto"

@@ -204,3 +204,20 @@ def test_cgroup_limit_parsed(monkeypatch):
     assert probe.probe_memory() == probe.MemoryInfo(2048 * 1024, 1024 * 1024, 1 << 30)
     files["/sys/fs/cgroup/memory.max"] = "max\n"
     assert probe.probe_memory().cgroup_limit_bytes is None
+
+
+def test_memory_budget_under_a_cgroup_is_its_limit_minus_its_usage(monkeypatch):
+    """What the agent may still take (the prefill graph's "auto" and the autotune decide with it)."""
+    import runtime.probe as probe
+
+    files = {"/proc/meminfo": "MemTotal: 8388608 kB\nMemAvailable: 4194304 kB\n",
+             "/sys/fs/cgroup/memory.max": str(1 << 30) + "\n", "/sys/fs/cgroup/memory.current": str(700 << 20) + "\n"}
+    monkeypatch.setattr(probe, "_read", lambda path: files.get(str(path)))
+    mem = probe.probe_memory()
+    assert mem.cgroup_usage_bytes == 700 << 20 and mem.budget_bytes() == 324 << 20
+    assert "cgroup limit 1.0 GiB (0.7 GiB used)" in format_hardware(probe.probe_hardware())
+    files["/sys/fs/cgroup/memory.max"] = "max\n"  # no limit: MemAvailable
+    assert probe.probe_memory().budget_bytes() == 4 << 30
+    files["/sys/fs/cgroup/memory.current"] = str(6 << 30) + "\n"
+    files["/sys/fs/cgroup/memory.max"] = str(4 << 30) + "\n"  # over its limit already: nothing left
+    assert probe.probe_memory().budget_bytes() == 0
