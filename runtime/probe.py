@@ -1,7 +1,7 @@
 """Torch-free hardware probe for edge boxes.
 
 Collects what matters for choosing and tuning an inference backend: CPU model,
-cores and ISA features, memory (including a cgroup v2 limit), and which of
+cores and ISA features, memory (including a cgroup v2 or v1 limit), and which of
 OpenVINO / ONNX Runtime are importable and what devices they see. Every read is
 best effort: a missing file or a broken backend yields None/empty, never an
 exception.
@@ -48,7 +48,7 @@ class MemoryInfo:
     total_bytes: int | None
     available_bytes: int | None
     cgroup_limit_bytes: int | None
-    cgroup_usage_bytes: int | None = None  # memory.current of this process's cgroup (with a limit)
+    cgroup_usage_bytes: int | None = None  # its cgroup's working set (usage - inactive file pages), with a limit
 
     def budget_bytes(self) -> int | None:
         """What this process can still take: MemAvailable, or less under a cgroup limit (the limit
@@ -209,15 +209,57 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return result
 
 
+CGROUP_V2 = ("/sys/fs/cgroup", "memory.max", "memory.current", "memory.stat", "inactive_file")
+CGROUP_V1 = ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat",
+             "total_inactive_file")
+CGROUP_V1_UNLIMITED = 1 << 60  # v1 writes "no limit" as a page-rounded 2^63 - 1
+
+
+def _cgroup_dirs(mount: str, v2: bool) -> list[str]:
+    """This process's memory cgroup directory under `mount` and its ancestors (from /proc/self/cgroup:
+    the "0::" line on v2, the line naming the memory controller on v1), leaf first."""
+    rel = ""
+    for line in (_read("/proc/self/cgroup") or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and ((v2 and parts[:2] == ["0", ""]) or (not v2 and "memory" in parts[1].split(","))):
+            rel = parts[2].strip().strip("/")
+    steps = rel.split("/") if rel else []
+    return [f"{mount}/{'/'.join(steps[:i])}".rstrip("/") for i in range(len(steps), -1, -1)]
+
+
+def _cgroup_memory() -> tuple[int | None, int | None]:
+    """(limit, working set) of the tightest memory cgroup over this process (its own or an ancestor's),
+    v2 or else v1; (None, None) without a limit. The working set is the usage minus inactive file pages
+    (page cache the kernel reclaims first), the number the kubelet evicts by."""
+    for mount, limit_name, usage_name, stat_name, inactive_key in (CGROUP_V2, CGROUP_V1):
+        best, found = None, False
+        for d in _cgroup_dirs(mount, mount == CGROUP_V2[0]):
+            limit = (_read(f"{d}/{limit_name}") or "").strip()
+            if not limit:
+                continue
+            found = True
+            if not limit.isdigit() or int(limit) >= CGROUP_V1_UNLIMITED:  # "max" (v2) or v1's no-limit value
+                continue
+            usage = (_read(f"{d}/{usage_name}") or "").strip()
+            stat = dict(line.split()[:2] for line in (_read(f"{d}/{stat_name}") or "").splitlines()
+                        if len(line.split()) >= 2)
+            inactive = int(stat[inactive_key]) if stat.get(inactive_key, "").isdigit() else 0
+            level = (int(limit), max(0, int(usage) - inactive) if usage.isdigit() else None)
+            if best is None or level[0] - (level[1] or 0) < best[0] - (best[1] or 0):
+                best = level
+        if found:
+            return best if best is not None else (None, None)
+    return None, None
+
+
 def probe_memory() -> MemoryInfo:
     mem = parse_meminfo(_read("/proc/meminfo") or "")
-    limit = (_read("/sys/fs/cgroup/memory.max") or "").strip()
-    usage = (_read("/sys/fs/cgroup/memory.current") or "").strip() if limit.isdigit() else ""
+    limit, usage = _cgroup_memory()
     return MemoryInfo(
         total_bytes=mem.get("MemTotal"),
         available_bytes=mem.get("MemAvailable"),
-        cgroup_limit_bytes=int(limit) if limit.isdigit() else None,  # "max" = unlimited
-        cgroup_usage_bytes=int(usage) if usage.isdigit() else None,
+        cgroup_limit_bytes=limit,
+        cgroup_usage_bytes=usage,
     )
 
 

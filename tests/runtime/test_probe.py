@@ -211,9 +211,10 @@ def test_memory_budget_under_a_cgroup_is_its_limit_minus_its_usage(monkeypatch):
     import runtime.probe as probe
 
     files = {"/proc/meminfo": "MemTotal: 8388608 kB\nMemAvailable: 4194304 kB\n",
-             "/sys/fs/cgroup/memory.max": str(1 << 30) + "\n", "/sys/fs/cgroup/memory.current": str(700 << 20) + "\n"}
+             "/sys/fs/cgroup/memory.max": str(1 << 30) + "\n", "/sys/fs/cgroup/memory.current": str(800 << 20) + "\n",
+             "/sys/fs/cgroup/memory.stat": f"anon {600 << 20}\nfile {200 << 20}\ninactive_file {100 << 20}\n"}
     monkeypatch.setattr(probe, "_read", lambda path: files.get(str(path)))
-    mem = probe.probe_memory()
+    mem = probe.probe_memory()  # the working set: usage less the inactive page cache
     assert mem.cgroup_usage_bytes == 700 << 20 and mem.budget_bytes() == 324 << 20
     assert "cgroup limit 1.0 GiB (0.7 GiB used)" in format_hardware(probe.probe_hardware())
     files["/sys/fs/cgroup/memory.max"] = "max\n"  # no limit: MemAvailable
@@ -221,3 +222,34 @@ def test_memory_budget_under_a_cgroup_is_its_limit_minus_its_usage(monkeypatch):
     files["/sys/fs/cgroup/memory.current"] = str(6 << 30) + "\n"
     files["/sys/fs/cgroup/memory.max"] = str(4 << 30) + "\n"  # over its limit already: nothing left
     assert probe.probe_memory().budget_bytes() == 0
+
+
+def test_cgroup_v1_limit_and_working_set(monkeypatch):
+    """Hosts still on cgroup v1 (older distributions, some K3s nodes): the memory controller's files."""
+    import runtime.probe as probe
+
+    v1 = "/sys/fs/cgroup/memory/"
+    files = {"/proc/meminfo": "MemTotal: 8388608 kB\nMemAvailable: 4194304 kB\n",
+             v1 + "memory.limit_in_bytes": str(1 << 30), v1 + "memory.usage_in_bytes": str(900 << 20),
+             v1 + "memory.stat": f"cache {300 << 20}\ntotal_inactive_file {200 << 20}\n"}
+    monkeypatch.setattr(probe, "_read", lambda path: files.get(str(path)))
+    mem = probe.probe_memory()
+    assert (mem.cgroup_limit_bytes, mem.cgroup_usage_bytes, mem.budget_bytes()) == (1 << 30, 700 << 20, 324 << 20)
+    files[v1 + "memory.limit_in_bytes"] = "9223372036854771712"  # v1's "no limit"
+    assert probe.probe_memory() == probe.MemoryInfo(8 << 30, 4 << 30, None, None)
+
+
+def test_the_tightest_cgroup_over_the_process_counts(monkeypatch):
+    """A pod's limit may sit on a parent of the container's cgroup: the tightest level decides."""
+    import runtime.probe as probe
+
+    pod, leaf = "/sys/fs/cgroup/kubepods/pod1", "/sys/fs/cgroup/kubepods/pod1/c1"
+    files = {"/proc/self/cgroup": "0::/kubepods/pod1/c1\n", "/proc/meminfo": "MemAvailable: 4194304 kB\n",
+             "/sys/fs/cgroup/memory.max": "max\n", leaf + "/memory.max": "max\n",
+             leaf + "/memory.current": str(100 << 20), pod + "/memory.max": str(512 << 20),
+             pod + "/memory.current": str(200 << 20)}
+    monkeypatch.setattr(probe, "_read", lambda path: files.get(str(path)))
+    mem = probe.probe_memory()
+    assert (mem.cgroup_limit_bytes, mem.cgroup_usage_bytes, mem.budget_bytes()) == (512 << 20, 200 << 20, 312 << 20)
+    files[leaf + "/memory.max"] = str(256 << 20)  # the container's own limit is tighter still
+    assert probe.probe_memory().budget_bytes() == 156 << 20
