@@ -49,7 +49,7 @@ class ModelSettings(_Section):
     backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
     threads: int | None = Field(None, ge=1, le=1024)  # None: all usable cores
     # ONNX Runtime INT8 bundles: true runs prompts and decode steps of 4+ sequences on the bundle's W8A8
-    # prefill graph (prompts about 1.5-2x faster, 8 concurrent streams 1.6-1.9x; each graph holds its own
+    # prefill graph (prompts about 1.5-2x faster, 8 concurrent streams 1.2-1.6x; each graph holds its own
     # copy of the weights in memory); false: the decode graph runs everything (one copy, slow prompts);
     # "only": the prefill graph runs everything (one copy, fast prompts, one stream decodes 10-25% slower);
     # "auto": true where both graphs take at most half the memory available at load, else "only"
