@@ -5,25 +5,33 @@ Run from the repository root (the factory extra installed when the bundle must b
     python benchmarks/batching.py                                  # glm-s int8, onnxruntime
     python benchmarks/batching.py --backend openvino --seconds 5 --repeats 1
     python benchmarks/batching.py --shape tiny --concurrency 1,2,4 --max-batch 1,2,4 --json > b.json
+    python benchmarks/batching.py --bundle B --concurrency 8 --max-batch 1,8,8m --stagger
 
 One process loads the model once (the bundle of benchmarks/agent_load.py, cached in --workdir)
 and, per pass, for each --concurrency level (order rotating between passes) runs each
 --max-batch value (order alternating): a `runtime.batching.Scheduler` on the engine, N client
 threads submitting greedy requests back to back for --seconds (requests still running at the
-deadline are finished and counted). Per level: aggregate generated tokens/s, requests/s, p50/p95
-end-to-end latency and TTFT, decode throughput (tokens made by decode steps per second spent in
-decode steps, prefills excluded; also with the re-merges of continuous admission counted), and
-the CPU that other processes used meanwhile ("foreign CPU" in cores, the noise indicator on a
-shared machine). The speedup of each max_batch over the first is
-the median of same-pass, same-level ratios, which cancels most of the drift between passes.
+deadline are finished and counted). A max_batch written with an `m` (`8m`) decodes with
+`runtime.engine.MergedBatch` (rows re-merged into one left-padded cache at each change of
+membership, as on OpenVINO and older graphs) instead of what `engine.new_batch()` gives
+(row-aligned `RaggedBatch` on ONNX Runtime). Per level: aggregate generated tokens/s, requests/s,
+p50/p95 end-to-end latency and TTFT, decode throughput (tokens made by decode steps per second
+spent in decode steps, prefills and re-merges excluded; also with the batch's membership changes
+counted: rows added and removed, re-merges), and the CPU that other processes used meanwhile
+("foreign CPU" in cores, the noise indicator on a shared machine). The speedup of each max_batch
+over the first is the median of same-pass, same-level ratios, which cancels most of the drift
+between passes.
 
 It also times the cost of continuous admission: `engine.merge_caches` of 8 rows (each
 --prompt-tokens + --max-tokens/2 positions) against one batched decode step of 8 rows and one
 step of 1 row, interleaved, medians of --merge-rounds.
 
 The prompt is --prompt-tokens random token ids chosen so that greedy generation runs to
---max-tokens without an end-of-sequence token: every request does the same work.
-Nothing asserts on the numbers.
+--max-tokens without an end-of-sequence token: every request does the same work, and 8 clients
+move in lockstep. With --stagger each request instead takes a random prompt of 1/4 to 2x
+--prompt-tokens and a random max_tokens of 1/4 to 2x --max-tokens (a seeded sequence per client,
+the same for every candidate): rows of different lengths join and leave the batch at different
+steps, as under real traffic. Nothing asserts on the numbers.
 """
 
 from __future__ import annotations
@@ -67,37 +75,76 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def run_level(engine, prompt: list[int], max_tokens: int, concurrency: int, max_batch: int, seconds: float) -> dict:
+class TimedBatch:
+    """The scheduler's DecodeBatch with its steps and membership changes timed into `acc`."""
+
+    def __init__(self, batch, acc: dict):
+        self.batch, self.acc = batch, acc
+
+    rows = property(lambda self: self.batch.rows)
+
+    def _timed(self, key, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.acc[key] += time.perf_counter() - t
+
+    def add(self, source):
+        return self._timed("member", self.batch.add, source)
+
+    def remove(self, slot):
+        return self._timed("member", self.batch.remove, slot)
+
+    def step(self, input_ids):
+        return self._timed("step", self.batch.step, input_ids)
+
+
+def requests(prompt: list[int], max_tokens: int, stagger: bool, vocab: int, seed: int):
+    """Endless (prompt, max_tokens) for one client: the fixed pair, or seeded random ones (--stagger)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        if not stagger:
+            yield prompt, max_tokens
+            continue
+        n = int(rng.integers(max(1, len(prompt) // 4), 2 * len(prompt) + 1))
+        yield rng.integers(0, vocab, n).tolist(), int(rng.integers(max(1, max_tokens // 4), 2 * max_tokens + 1))
+
+
+def run_level(engine, prompt: list[int], max_tokens: int, concurrency: int, max_batch: int, seconds: float,
+              merged: bool = False, stagger: bool = False, seed: int = 0) -> dict:
     """N client threads against one scheduler for `seconds`; the level's measurements."""
     from runtime.batching import Scheduler
+    from runtime.engine import MergedBatch
     from runtime.generate import SamplingParams
 
-    class Timed(Scheduler):
-        """Times the decode steps (engine step + per-row sampling) and the re-merges apart from prefills."""
-        step_s = merge_s = 0.0
+    acc = {"step": 0.0, "member": 0.0, "merge": 0.0}
+    own_new_batch, own_merge = engine.new_batch, engine.merge_caches
 
-        def _step(self):
-            t = time.perf_counter()
-            super()._step()
-            self.step_s += time.perf_counter() - t
+    def new_batch():
+        return TimedBatch(MergedBatch(engine) if merged else own_new_batch(), acc)
 
-        def _merge(self):
-            t = time.perf_counter()
-            super()._merge()
-            self.merge_s += time.perf_counter() - t
+    def merge_caches(rows):  # MergedBatch re-merges inside its first step after a change
+        t = time.perf_counter()
+        try:
+            return own_merge(rows)
+        finally:
+            acc["merge"] += time.perf_counter() - t
 
-    params = SamplingParams(max_tokens=max_tokens)
+    engine.new_batch, engine.merge_caches = new_batch, merge_caches  # instance attributes, removed below
     sizes: list[int] = []
-    sched = Timed(engine, max_batch=max_batch, on_step=sizes.append)
+    sched = Scheduler(engine, max_batch=max_batch, on_step=sizes.append)
     done: list[dict] = []
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
-    def client() -> None:
+    def client(index: int) -> None:
+        work = requests(prompt, max_tokens, stagger, engine.arch.vocab_size, seed * 1000 + index)
         while time.perf_counter() < stop_at:
+            ids, limit = next(work)
             t0 = time.perf_counter()
             ttft, n = None, 0
-            for _ in sched.submit(prompt, params):
+            for _ in sched.submit(ids, SamplingParams(max_tokens=limit)):
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 n += 1
@@ -105,30 +152,38 @@ def run_level(engine, prompt: list[int], max_tokens: int, concurrency: int, max_
                 done.append({"e2e": time.perf_counter() - t0, "ttft": ttft, "tokens": n})
 
     own0, busy0, t0 = proc_cpu_s(os.getpid()), system_busy_s(), time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    own, busy = proc_cpu_s(os.getpid()) - own0, system_busy_s() - busy0
-    sched.close()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        own, busy = proc_cpu_s(os.getpid()) - own0, system_busy_s() - busy0
+        sched.close()
+    finally:
+        del engine.new_batch, engine.merge_caches
+    steps = acc["step"] - acc["merge"]
     tokens = sum(d["tokens"] for d in done)
-    return {"concurrency": concurrency, "max_batch": max_batch, "requests": len(done), "tokens": tokens,
+    return {"concurrency": concurrency, "max_batch": max_batch, "merged": merged,
+            "candidate": f"{max_batch}{'m' if merged else ''}", "requests": len(done), "tokens": tokens,
             "seconds": elapsed, "tok_s": tokens / elapsed, "req_s": len(done) / elapsed,
             "e2e_p50": percentile([d["e2e"] for d in done], 50), "e2e_p95": percentile([d["e2e"] for d in done], 95),
             "ttft_p50": percentile([d["ttft"] for d in done], 50),
             "ttft_p95": percentile([d["ttft"] for d in done], 95),
             "mean_batch": statistics.fmean(sizes) if sizes else 0.0,
-            # tokens made by decode steps per second of decode steps (prefills excluded), without and
-            # with the re-merges that continuous admission costs
-            "decode_tok_s": sum(sizes) / sched.step_s if sched.step_s else 0.0,
-            "decode_merge_tok_s": sum(sizes) / (sched.step_s + sched.merge_s) if sched.step_s else 0.0,
+            # tokens made by decode steps per second of decode steps (prefills and re-merges excluded),
+            # and with the batch's membership changes counted (rows added and removed, re-merges)
+            "decode_tok_s": sum(sizes) / steps if steps > 0 else 0.0,
+            "decode_merge_tok_s": sum(sizes) / (acc["step"] + acc["member"]) if steps > 0 else 0.0,
+            "member_share": (acc["member"] + acc["merge"]) / (acc["step"] + acc["member"]) if steps > 0 else 0.0,
             "foreign_cores": max(0.0, busy - own) / elapsed}
 
 
 def merge_cost(engine, prompt: list[int], max_tokens: int, rows: int, rounds: int) -> dict:
-    """Median times of merge_caches (rows x length) against batched and single decode steps."""
+    """Median times of a re-merge (merge_caches of all rows) and of one row leaving and one joining
+    `engine.new_batch()` (rows x length; the step after it less a plain step, so MergedBatch's re-merge
+    counts), against batched and single decode steps."""
     from runtime.engine import CacheRow
     from runtime.generate import prefill
 
@@ -136,22 +191,31 @@ def merge_cost(engine, prompt: list[int], max_tokens: int, rows: int, rounds: in
     seq = (prompt * 3)[:length]
     caches = [prefill(engine, seq)[1] for _ in range(rows)]
     single = prefill(engine, seq)[1]
-    merge, step_n, step_1 = [], [], []
+    batch = engine.new_batch()
+    for c in caches:
+        batch.add(CacheRow(c))
+    merge, swap, step_n, step_1 = [], [], [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        batch, mask = engine.merge_caches([CacheRow(c) for c in caches])
+        engine.merge_caches([CacheRow(c) for c in caches])
         merge.append(time.perf_counter() - t0)
-        mask = np.concatenate([mask, np.ones((rows, 1), np.int64)], axis=1)
-        t0 = time.perf_counter()
-        engine.forward(np.full((rows, 1), 7), np.full((rows, 1), length), mask, batch)
-        step_n.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()  # a row leaves, one joins, the next step (where MergedBatch re-merges)
+        batch.remove(rows // 2)
+        batch.add(CacheRow(caches[0]))
+        batch.step(np.full(rows, 7))
+        t1 = time.perf_counter()
+        batch.step(np.full(rows, 7))
+        step_n.append(time.perf_counter() - t1)
+        swap.append(max(0.0, (t1 - t0) - step_n[-1]))
         n = single.length
         t0 = time.perf_counter()
         engine.forward(np.array([[7]]), np.array([[n]]), np.ones((1, n + 1), np.int64), single)
         step_1.append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1000 for k, v in (("merge_ms", merge), ("step_batch_ms", step_n),
-                                                       ("step_single_ms", step_1))}
-    return {"rows": rows, "positions": length, **med, "merge_per_step": med["merge_ms"] / med["step_batch_ms"]}
+    med = {k: statistics.median(v) * 1000 for k, v in (("merge_ms", merge), ("swap_ms", swap),
+                                                       ("step_batch_ms", step_n), ("step_single_ms", step_1))}
+    return {"rows": rows, "positions": length, "batch": type(batch).__name__, **med,
+            "merge_per_step": med["merge_ms"] / med["step_batch_ms"],
+            "swap_per_step": med["swap_ms"] / med["step_batch_ms"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", help="an existing bundle (default: build or reuse the random-init one of --shape)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"))
     p.add_argument("--concurrency", default="1,4,8")
-    p.add_argument("--max-batch", default="1,8")
+    p.add_argument("--max-batch", default="1,8", help="max_batch values; with an m (8m): MergedBatch")
+    p.add_argument("--stagger", action="store_true", help="random prompt and answer lengths per request")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -171,12 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         levels = [int(x) for x in args.concurrency.split(",")]
-        batches = [int(x) for x in args.max_batch.split(",")]
-        if not levels or not batches or min(levels + batches) < 1:
+        batches = [x.strip() for x in args.max_batch.split(",")]
+        sizes = [int(x[:-1] if x.endswith("m") else x) for x in batches]
+        if not levels or not batches or min(levels + sizes) < 1 or len(set(batches)) != len(batches):
             raise ValueError
     except ValueError:
         p.error(f"--concurrency {args.concurrency!r} / --max-batch {args.max_batch!r}: give positive integers "
-                "separated by commas, e.g. 1,4,8")
+                "separated by commas, e.g. 1,4,8 (max_batch values may end in m: 8m)")
 
     from agent.model import load_model
 
@@ -185,57 +251,64 @@ def main(argv: list[str] | None = None) -> int:
     engine = model.engine
     prompt = pick_prompt(engine, args.prompt_tokens, args.max_tokens)
     print(f"{bundle} on {model.backend}; {cpu_model()}, {os.cpu_count()} cpus; prompt {len(prompt)} tokens, "
-          f"{args.max_tokens} new tokens, {args.seconds:g} s per level, {args.repeats} pass(es)", file=sys.stderr)
+          f"{args.max_tokens} new tokens{' (staggered: 1/4 to 2x each)' if args.stagger else ''}, "
+          f"{args.seconds:g} s per level, {args.repeats} pass(es); engine.new_batch(): "
+          f"{type(engine.new_batch()).__name__}", file=sys.stderr)
 
     samples, merges = [], []
     for rep in range(args.repeats):
         order = levels[rep % len(levels):] + levels[:rep % len(levels)]
         for level in order:
-            for mb in (batches if (rep + level) % 2 == 0 else batches[::-1]):
-                r = run_level(engine, prompt, args.max_tokens, level, mb, args.seconds)
+            for cand in (batches if (rep + level) % 2 == 0 else batches[::-1]):
+                merged = cand.endswith("m")
+                r = run_level(engine, prompt, args.max_tokens, level, int(cand[:-1] if merged else cand),
+                              args.seconds, merged=merged, stagger=args.stagger, seed=rep)
                 r["pass"] = rep
                 samples.append(r)
-                print(f"pass {rep} concurrency {level} max_batch {mb}: {r['tok_s']:.1f} tok/s, "
-                      f"e2e p50 {r['e2e_p50'] * 1000:.0f} ms, mean batch {r['mean_batch']:.2f}, "
+                print(f"pass {rep} concurrency {level} max_batch {cand}: {r['tok_s']:.1f} tok/s, "
+                      f"e2e p50 {r['e2e_p50'] * 1000:.0f} ms, mean batch {r['mean_batch']:.2f}, decode "
+                      f"{r['decode_tok_s']:.1f} tok/s, membership {100 * r['member_share']:.1f}% of it, "
                       f"foreign CPU {r['foreign_cores']:.2f}", file=sys.stderr)
-        merges.append(merge_cost(engine, prompt, args.max_tokens, max(batches), args.merge_rounds))
+        merges.append(merge_cost(engine, prompt, args.max_tokens, max(sizes), args.merge_rounds))
     report(samples, merges, levels, batches)
     if args.json:
         print(json.dumps({"samples": samples, "merge": merges}, indent=1))
     return 0
 
 
-def report(samples: list[dict], merges: list[dict], levels: list[int], batches: list[int]) -> None:
+def report(samples: list[dict], merges: list[dict], levels: list[int], batches: list[str]) -> None:
     def med(rows, key):
         return statistics.median(r[key] for r in rows)
 
     base = batches[0]
     print(f"\n| concurrency | max_batch | tok/s | req/s | e2e p50 ms | e2e p95 ms | TTFT p50 ms | TTFT p95 ms | "
-          f"mean batch | tok/s vs max_batch={base} | decode tok/s (steps / + merges) | decode vs max_batch={base} "
-          f"(steps / + merges) | foreign CPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"mean batch | tok/s vs max_batch={base} | decode tok/s (steps / + membership) | decode vs "
+          f"max_batch={base} (steps / + membership) | membership share | foreign CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def ratio(rows, level, key):  # median of same-pass ratios against max_batch=base
         out = []
         for r in rows:
-            ref = [b for b in samples if b["pass"] == r["pass"] and b["concurrency"] == level and b["max_batch"] == base]
+            ref = [b for b in samples if b["pass"] == r["pass"] and b["concurrency"] == level and b["candidate"] == base]
             out += [r[key] / ref[0][key]] if ref and ref[0][key] else []
         return statistics.median(out) if out else float("nan")
 
     for level in levels:
         for mb in batches:
-            rows = [r for r in samples if r["concurrency"] == level and r["max_batch"] == mb]
+            rows = [r for r in samples if r["concurrency"] == level and r["candidate"] == mb]
             print(f"| {level} | {mb} | {med(rows, 'tok_s'):.1f} | {med(rows, 'req_s'):.2f} | "
                   f"{med(rows, 'e2e_p50') * 1000:.0f} | {med(rows, 'e2e_p95') * 1000:.0f} | "
                   f"{med(rows, 'ttft_p50') * 1000:.0f} | {med(rows, 'ttft_p95') * 1000:.0f} | "
                   f"{med(rows, 'mean_batch'):.2f} | {ratio(rows, level, 'tok_s'):.2f} | "
                   f"{med(rows, 'decode_tok_s'):.1f} / {med(rows, 'decode_merge_tok_s'):.1f} | "
                   f"{ratio(rows, level, 'decode_tok_s'):.2f} / {ratio(rows, level, 'decode_merge_tok_s'):.2f} | "
-                  f"{med(rows, 'foreign_cores'):.2f} |")
+                  f"{100 * med(rows, 'member_share'):.1f}% | {med(rows, 'foreign_cores'):.2f} |")
     m = merges[0]
-    print(f"\nmerge_caches of {m['rows']} rows x {m['positions']} positions: {med(merges, 'merge_ms'):.2f} ms; "
-          f"one decode step of {m['rows']} rows: {med(merges, 'step_batch_ms'):.2f} ms; of 1 row: "
-          f"{med(merges, 'step_single_ms'):.2f} ms; merge / batched step = {med(merges, 'merge_per_step'):.2f}")
+    print(f"\n{m['rows']} rows x {m['positions']} positions: merge_caches (a re-merge) {med(merges, 'merge_ms'):.2f} ms; "
+          f"one row leaving + one joining the {m['batch']} {med(merges, 'swap_ms'):.2f} ms; one decode step of "
+          f"{m['rows']} rows {med(merges, 'step_batch_ms'):.2f} ms, of 1 row {med(merges, 'step_single_ms'):.2f} ms; "
+          f"re-merge / batched step = {med(merges, 'merge_per_step'):.2f}, leave + join / batched step = "
+          f"{med(merges, 'swap_per_step'):.2f}")
 
 
 if __name__ == "__main__":

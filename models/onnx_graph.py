@@ -24,7 +24,10 @@ The fused graph's operators: GroupQueryAttention, which updates
 the cache in place when past.{i}.* and present.{i}.* are bound to one preallocated buffer (then
 "past" and "past + seq" above are both that buffer's capacity, and attention_mask's length says
 how many positions are valid), plus RotaryEmbedding, SkipSimplifiedLayerNormalization,
-QuickGelu and one q|k|v projection.
+QuickGelu and one q|k|v projection. Its batches may also be row-aligned (`edgeglm.batch_rows =
+ragged`): for single-token steps, row b's mask is 1 for its own positions [0, n_b] and 0 after
+them, and each row's new key/value go to position n_b of its buffer row, attention covering that
+row's positions only (left-padded masks work as on the plain graph).
 
 Two rewrites keep the graph lean and do not change its results:
 - the rotary dims of q_proj/k_proj are permuted from interleaved pairs (2i, 2i+1) to halves
@@ -64,7 +67,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.config import GlmConfig
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
-from runtime.engine import EMBEDDINGS_KEY, KV_CACHE_KEY  # the metadata the edge engine reads
+from runtime.engine import BATCH_ROWS_KEY, EMBEDDINGS_KEY, KV_CACHE_KEY  # the metadata the edge engine reads
 
 OPSET = 17
 WEIGHT_MODES = ("fp32", "int8-blockwise", "int8-per-channel", "int8-per-channel-u8")
@@ -280,7 +283,8 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
     model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeglm")
     model.ir_version = 8
     if fused:  # the runtime binds past and present to one buffer only on this graph
-        helper.set_model_props(model, {KV_CACHE_KEY: "shared-buffer", EMBEDDINGS_KEY: EMBEDDINGS_FILE})
+        helper.set_model_props(model, {KV_CACHE_KEY: "shared-buffer", EMBEDDINGS_KEY: EMBEDDINGS_FILE,
+                                       BATCH_ROWS_KEY: "ragged"})
     return model, g.max_quant_error
 
 
@@ -370,9 +374,14 @@ def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
     rot, eps = cfg.rotary_dim, cfg.rms_norm_eps
     i64, ms = np.int64, "com.microsoft"
     bias = _mask_bias(g, T, S)  # (B, 1, T, S)
-    batch = g.op("Gather", g.op("Shape", "inputs_embeds"), g.const([0], dtype=i64), axis=0)  # (1,)
     total = g.op("Cast", S, to=TensorProto.INT32)  # scalar
-    seqlens_k = g.op("Expand", g.op("Sub", total, g.const(np.int32(1))), batch)  # (B,) = S - 1 in every row
+    # (B,): the index of each row's last valid column, i.e. 1-based column numbers masked, max, minus 1.
+    # Left-padded or full masks end in a valid column: S - 1 in every row. A row-aligned batch ("ragged":
+    # row b's positions [0, n_b) valid, then padding) gives n_b - 1 + new tokens, so GroupQueryAttention
+    # writes each row's new key/value right after its own positions and attends over them only.
+    cols = g.op("Range", g.const(1, dtype=i64), g.op("Add", S, g.const(1, dtype=i64)), g.const(1, dtype=i64))
+    last = g.op("ReduceMax", g.op("Mul", "attention_mask", cols), axes=[1], keepdims=0)
+    seqlens_k = g.op("Cast", g.op("Sub", last, g.const(1, dtype=i64)), to=TensorProto.INT32)
 
     # rotary tables for exactly this step's positions: row b*T + t holds position_ids[b, t]
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot))

@@ -17,8 +17,11 @@ deadline after those with one, in arrival order). The worker loops over step bou
    for the queue to fill the batch; once it decodes, arrivals join at the next boundary anyway.
    Each admitted request is prefilled alone at batch 1 (through the prefix cache when one is
    given) and its first token sampled from the prefill's logits;
-3. when rows left or joined, the rows' caches are merged into one left-padded batch cache
-   (`engine.merge_caches`: one copy of every row's KV per change of membership);
+3. the batch (`engine.new_batch()`, a runtime.engine.DecodeBatch) follows: a row that left
+   gives up its slot (the last row moves into it), an admitted row's KV is copied into a new
+   slot. On ONNX Runtime that is all that is copied and each row attends over its own positions
+   (`RaggedBatch`); on OpenVINO and older graphs the rows are re-merged into one left-padded
+   cache at the next step (`MergedBatch`: every row's KV copied per change of membership);
 4. one batched decode step: each row feeds its last token at its own position; padding is
    masked, so a row's logits are those it would get alone (up to float rounding of the wider
    matrix products, see docs/runtime.md "Batching");
@@ -50,7 +53,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from runtime.engine import CacheRow
+from runtime.engine import CacheRow, DecodeBatch
 from runtime.errors import RequestError
 from runtime.generate import SamplingParams, sample
 from runtime.prefix_cache import prefill_cached
@@ -143,9 +146,7 @@ class _Row:
     history: list[int]  # prompt + tokens made; its last token is the one to feed next
     stops: set[int]
     made: int = 0
-    cached: int = 0  # positions this row holds (its last `cached` positions of its cache)
-    cache: object = None  # its own prefill cache until the next merge; then None
-    slot: int = -1  # its row in the batch cache after the merge
+    cached: int = 0  # positions this row holds in the batch (the scheduler's rows are in slot order)
 
     def take(self, logits: np.ndarray, limit: int) -> bool:
         """Sample the next token and emit it; True while the row goes on (as runtime.generate.generate)."""
@@ -187,8 +188,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._queue: list[_Queued] = []
         self._arrivals = itertools.count()
-        self._rows: list[_Row] = []
-        self._cache = self._mask = None
+        self._rows: list[_Row] = []  # self._rows[i] is the batch's slot i
+        self._batch: DecodeBatch | None = None
         self._closing = False
         self._abort: str | None = None
         self._calls: list[tuple[Callable, Future]] = []  # work to run on the worker between steps
@@ -298,15 +299,13 @@ class Scheduler:
             self._run_calls()  # those queued before the worker ended
 
     def _boundary(self) -> bool:
-        """Drop ended rows, admit queued requests, re-merge the batch; False when the worker should stop."""
+        """Drop ended rows, admit queued requests into the batch; False when the worker should stop."""
         changed = self._drop_ended()
         if changed:  # before _admissions, which may wait for work
             with self._cond:
                 self.on_load(self._stats())
         for item in self._admissions():
-            row = self._admit(item)
-            if row is not None:
-                self._rows.append(row)
+            if self._admit(item):
                 changed = True
         with self._cond:
             if self._abort is not None:
@@ -315,18 +314,23 @@ class Scheduler:
             if self._closing and not self._rows and not self._queue:
                 return False
         if changed:
-            self._merge()
             with self._cond:
                 self.on_load(self._stats())
         return True
 
     def _drop_ended(self) -> bool:
-        kept = [r for r in self._rows if not r.handle.cancelled and not r.handle.done]
-        for r in self._rows:
-            if r.handle.cancelled:
-                r.handle._finish()
-        changed, self._rows = len(kept) != len(self._rows), kept
-        return changed
+        """Remove cancelled and finished rows from the batch (highest slot first, so each move is valid)."""
+        ended = [i for i, r in enumerate(self._rows) if r.handle.cancelled or r.handle.done]
+        for i in reversed(ended):
+            if self._rows[i].handle.cancelled:
+                self._rows[i].handle._finish()
+            moved = self._batch.remove(i)
+            if moved is not None:
+                self._rows[i] = self._rows[moved]
+            self._rows.pop()
+        if not self._rows:
+            self._batch = None
+        return bool(ended)
 
     def _admissions(self) -> list[_Queued]:
         """Requests to admit now, earliest deadline first; waits while idle (for work, or the window)."""
@@ -347,13 +351,13 @@ class Scheduler:
                                             self.window_ms))
             return taken
 
-    def _admit(self, item: _Queued) -> _Row | None:
-        """Prefill one request alone and emit its first token; the row, or None if it already ended."""
+    def _admit(self, item: _Queued) -> bool:
+        """Prefill one request alone, emit its first token and add it to the batch; False if it ended."""
         handle, params, limit = item.handle, item.handle.params, self.engine.arch.max_positions
         handle.admitted_at = time.monotonic()
         if handle.cancelled:
             handle._finish()
-            return None
+            return False
         row = _Row(handle, params, np.random.default_rng(params.seed), list(item.prompt),
                    set(params.stop_token_ids) | set(self.engine.arch.eos_token_ids))
         try:
@@ -362,9 +366,23 @@ class Scheduler:
             log.warning("batching: prefill of a %d-token prompt failed: %s", len(item.prompt), exc)
             handle._finish(EngineFailed(f"the engine failed on the {len(item.prompt)}-token prompt ({exc}); "
                                         "the request was ended, others go on"))
-            return None
-        row.cached, row.cache = len(item.prompt), cache
-        return self._advance(row, logits, limit)
+            return False
+        row.cached = len(item.prompt)
+        if self._advance(row, logits, limit) is None:
+            return False
+        if self._batch is None:
+            self._batch = self.engine.new_batch()
+        try:
+            self._batch.add(CacheRow(cache, 0, row.cached))  # its KV copied into the batch's next slot
+        except Exception as exc:
+            log.warning("batching: adding a %d-position row to the batch failed: %s", row.cached, exc)
+            handle._finish(EngineFailed(f"the engine could not add the request to the batch ({exc}); "
+                                        "the request was ended, others go on"))
+            if not self._rows:
+                self._batch = None
+            return False
+        self._rows.append(row)
+        return True
 
     def _prefill(self, prompt: list[int]):
         logits, cache, _reused = prefill_cached(self.engine, prompt, self.prefix_cache)
@@ -381,31 +399,16 @@ class Scheduler:
             return None
         return row
 
-    def _merge(self) -> None:
-        """One left-padded batch cache for the rows now active (their KV copied)."""
-        if not self._rows:
-            self._cache = self._mask = None
-            return
-        sources = [CacheRow(r.cache, 0, r.cached) if r.cache is not None else CacheRow(self._cache, r.slot, r.cached)
-                   for r in self._rows]
-        self._cache, self._mask = self.engine.merge_caches(sources)
-        for i, r in enumerate(self._rows):
-            r.cache, r.slot = None, i
-
     def _step(self) -> None:
         """One batched decode step and per-row sampling."""
         rows, limit = self._rows, self.engine.arch.max_positions
-        ids = np.array([[r.history[-1]] for r in rows], np.int64)
-        pos = np.array([[len(r.history) - 1] for r in rows], np.int64)
-        mask = np.concatenate([self._mask, np.ones((len(rows), 1), np.int64)], axis=1)
         try:
-            logits, self._cache = self.engine.forward(ids, pos, mask, self._cache)
+            logits = self._batch.step(np.array([r.history[-1] for r in rows], np.int64))
         except Exception as exc:
             log.warning("batching: a decode step of %d row(s) failed: %s", len(rows), exc)
             self._fail_rows(EngineFailed(f"the engine failed in a decode step of a batch of {len(rows)} ({exc}); "
                                          "the request was ended, others go on"))
             return
-        self._mask = mask
         self.on_step(len(rows))
         for r, row_logits in zip(rows, logits):
             r.cached += 1
@@ -414,7 +417,7 @@ class Scheduler:
     def _fail_rows(self, error: BaseException) -> None:
         for r in self._rows:
             r.handle._finish(error)
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows, self._batch = [], None
         with self._cond:
             self.on_load(self._stats())
 
@@ -424,7 +427,7 @@ class Scheduler:
             q.handle._finish(error)
         for r in self._rows:
             r.handle._finish(error)
-        self._queue, self._rows, self._cache, self._mask = [], [], None, None
+        self._queue, self._rows, self._batch = [], [], None
         self.on_load(self._stats())
 
 

@@ -32,9 +32,17 @@ Batched forward with left padding (attention_mask 0 = padding) works on both; on
 a multi-token step on top of a cache (chunked prefill) needs batch 1.
 
 `engine.merge_caches(rows)` builds one left-padded batch cache from rows of other caches (each
-row's valid positions copied right-aligned, the padding before them zero and masked): the
-continuous batching scheduler (runtime/batching.py) prefills each request alone and decodes
-them together. It copies; the sources are left as they were.
+row's valid positions copied right-aligned, the padding before them zero and masked). It copies;
+the sources are left as they were.
+
+`engine.new_batch()` is what the continuous batching scheduler (runtime/batching.py) decodes with:
+a `DecodeBatch` whose rows are added (their KV copied in) and removed one at a time and which
+makes one token per row per step. On ONNX Runtime graphs tagged `edgeglm.batch_rows = ragged` it is
+row-aligned (`RaggedBatch`): one buffer per layer with a slot per row, row i's positions [0, n_i)
+valid; adding copies only the new row, removing moves only the last row into the freed slot, and
+each row attends over its own positions (GroupQueryAttention's per-row lengths) instead of the
+longest row's. Elsewhere (OpenVINO, older graphs) it is `MergedBatch`: `merge_caches` after each
+change of membership, every row's KV copied, rows left-padded to the longest.
 """
 
 from __future__ import annotations
@@ -67,6 +75,9 @@ PREFILL_GRAPH_MIN_ROWS = 4
 # paid a fixed cost per step: only steps of at least this many tokens per row ran there.
 LEGACY_PREFILL_MIN_TOKENS = 24
 EMBEDDINGS_KEY = "edgeglm.embeddings"  # ONNX metadata: file name of the fp32 embedding table beside the graph
+# ONNX metadata: "ragged" when the fused graph takes row-aligned batches (each row's positions from 0, its
+# own length from its mask) for single-token steps; graphs exported before it take left-padded ones only
+BATCH_ROWS_KEY = "edgeglm.batch_rows"
 SPIN_AFTER_RUN_US = 1000  # ONNX Runtime worker spin after a run when two sessions share the cores
 KV_HEADROOM = 128  # positions a new or grown ONNX Runtime cache buffer has beyond what the step needs
 
@@ -212,6 +223,88 @@ def _merge_plan(rows: list[CacheRow]) -> tuple[list[tuple[int, int]], int, np.nd
     return spans, total, mask
 
 
+class DecodeBatch:
+    """Rows decoded together, one token per row and step (see the module docstring).
+
+    Rows sit in slots 0..rows-1 in the order they were added. `remove(slot)` moves the last row
+    into the freed slot and returns that row's old slot (None when the last slot itself left), so
+    the caller's per-row state follows. `step(ids)` feeds ids[i] to row i at position lengths[i]
+    and returns the (rows, vocab) logits; every row then holds one more position."""
+
+    rows: int
+
+    def lengths(self) -> list[int]:
+        raise NotImplementedError
+
+    def add(self, source: CacheRow) -> None:
+        raise NotImplementedError
+
+    def remove(self, slot: int) -> int | None:
+        raise NotImplementedError
+
+    def step(self, input_ids) -> np.ndarray:
+        raise NotImplementedError
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.rows:
+            raise ValueError(f"batch slot {slot} does not exist; the batch has {self.rows} row(s)")
+
+
+class MergedBatch(DecodeBatch):
+    """A DecodeBatch for any engine: one left-padded cache from `engine.merge_caches`, rebuilt (every
+    row's KV copied) at the first step after rows were added or removed."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._sources: list[tuple[KVCache, int]] = []  # per slot: (cache, row) holding its positions last
+        self._lengths: list[int] = []
+        self._cache: KVCache | None = None
+        self._mask: np.ndarray | None = None
+        self._dirty = False
+
+    @property
+    def rows(self) -> int:
+        return len(self._lengths)
+
+    def lengths(self) -> list[int]:
+        return list(self._lengths)
+
+    def add(self, source: CacheRow) -> None:
+        start, end = source.span()
+        self._sources.append((source.cache, source.row))
+        self._lengths.append(end - start)
+        self._dirty = True
+
+    def remove(self, slot: int) -> int | None:
+        self._check_slot(slot)
+        last = self.rows - 1
+        if slot != last:
+            self._sources[slot], self._lengths[slot] = self._sources[last], self._lengths[last]
+        self._sources.pop()
+        self._lengths.pop()
+        self._dirty = True
+        if not self._lengths:
+            self._cache = self._mask = None
+        return last if slot != last else None
+
+    def step(self, input_ids) -> np.ndarray:
+        if not self.rows:
+            raise ValueError("the batch has no rows to step")
+        if self._dirty or self._cache is None:
+            rows = [CacheRow(c, r, n) for (c, r), n in zip(self._sources, self._lengths)]
+            self._cache, self._mask = self.engine.merge_caches(rows)
+            self._sources = [(self._cache, i) for i in range(self.rows)]
+            self._dirty = False
+        n = self.rows
+        mask = np.concatenate([self._mask, np.ones((n, 1), np.int64)], axis=1)
+        ids = np.asarray(input_ids, np.int64).reshape(n, 1)
+        pos = np.asarray(self._lengths, np.int64).reshape(n, 1)
+        logits, self._cache = self.engine.forward(ids, pos, mask, self._cache)
+        self._mask = mask
+        self._lengths = [x + 1 for x in self._lengths]
+        return logits
+
+
 @dataclass(frozen=True)
 class KvBlock:
     """Keys and values of positions [0, length) of one sequence: per layer, float32 arrays
@@ -278,6 +371,91 @@ class OrtCache(KVCache):
 
     def value(self, layer: int) -> np.ndarray:
         return self.buffers[2 * layer + 1][:, :, :self.length]
+
+
+class RaggedBatch(DecodeBatch):
+    """A row-aligned DecodeBatch on ONNX Runtime (graphs tagged `edgeglm.batch_rows = ragged`).
+
+    One buffer per layer and key/value, (row slots, kv_heads, capacity, head_dim); row i's positions
+    [0, lengths[i]) are valid and the rest of its slot is never read. A step binds the first `rows`
+    slots (a contiguous view, no copy) with a mask of 1 over each row's own positions plus the new
+    one: the graph takes each row's length from it, GroupQueryAttention writes the row's new key and
+    value at that position and attends over that row's positions only. Slots and positions grow by
+    doubling (a copy of what is held); when the last row leaves, the buffers are released."""
+
+    def __init__(self, engine: "OnnxRuntimeEngine"):
+        self.engine, self.arch = engine, engine.arch
+        self.rows = 0
+        self.capacity = 0  # positions per slot
+        self.buffers: list[np.ndarray] = []
+        self._lengths = np.zeros(0, np.int64)
+        self._view: OrtCache | None = None  # the first `rows` slots, as the runner binds them
+
+    def lengths(self) -> list[int]:
+        return self._lengths[:self.rows].tolist()
+
+    def _grow(self, rows: int, positions: int) -> None:
+        slots = self.buffers[0].shape[0] if self.buffers else 0
+        if rows <= slots and positions <= self.capacity:
+            return
+        arch = self.arch
+        if positions > arch.max_positions:
+            raise ValueError(f"a batch row would hold {positions} positions; the context window is "
+                             f"{arch.max_positions}")
+        new_slots = max(rows, 2 * slots) if rows > slots else slots
+        cap = self.capacity if positions <= self.capacity else \
+            max(positions, min(max(2 * self.capacity, positions + KV_HEADROOM, 256), arch.max_positions))
+        shape = (new_slots, arch.num_kv_heads, cap, arch.head_dim)
+        fresh = [np.zeros(shape, np.float32) for _ in range(2 * arch.num_layers)]
+        held = int(self._lengths[:self.rows].max()) if self.rows else 0
+        for new, old in zip(fresh, self.buffers):
+            new[:self.rows, :, :held] = old[:self.rows, :, :held]
+        lengths = np.zeros(new_slots, np.int64)
+        lengths[:self.rows] = self._lengths[:self.rows]
+        self.buffers, self.capacity, self._lengths, self._view = fresh, cap, lengths, None
+
+    def add(self, source: CacheRow) -> None:
+        start, end = source.span()
+        n = end - start
+        self._grow(self.rows + 1, n + 1)
+        for dst, src in zip(self.buffers, source.cache.buffers):
+            dst[self.rows, :, :n] = src[source.row, :, start:end]
+        self._lengths[self.rows] = n
+        self.rows += 1
+        self._view = None
+
+    def remove(self, slot: int) -> int | None:
+        self._check_slot(slot)
+        last = self.rows - 1
+        if slot != last:
+            n = int(self._lengths[last])
+            for buf in self.buffers:
+                buf[slot, :, :n] = buf[last, :, :n]
+            self._lengths[slot] = n
+        self.rows -= 1
+        self._view = None
+        if not self.rows:  # memory back to the process; the next row starts small
+            self.buffers, self.capacity, self._lengths = [], 0, np.zeros(0, np.int64)
+        return last if slot != last else None
+
+    def step(self, input_ids) -> np.ndarray:
+        n = self.rows
+        if not n:
+            raise ValueError("the batch has no rows to step")
+        lengths = self._lengths[:n]
+        width = int(lengths.max()) + 1
+        self._grow(n, width)
+        if self._view is None:
+            view = OrtCache(n, self.arch)
+            view.capacity, view.buffers = self.capacity, [b[:n] for b in self.buffers]
+            view.values = [self.engine._ort.OrtValue.ortvalue_from_numpy(b) for b in view.buffers]
+            self._view = view
+        lengths = self._lengths[:n]
+        mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
+        ids = np.asarray(input_ids, np.int64).reshape(n, 1)
+        logits = self.engine._run(ids, lengths.reshape(n, 1).copy(), mask, self._view, n)
+        self._lengths[:n] += 1
+        return logits
 
 
 def _positive_int(value: str, model_path: Path, key: str) -> int:
@@ -408,6 +586,7 @@ class OnnxRuntimeEngine:
         self.device = provider
         self._embeddings = self._embedding_table(Path(model_path), meta)
         self._decode = _OrtRunner(self.session, arch)
+        self.ragged_batches = meta.get(BATCH_ROWS_KEY) == "ragged"  # see RaggedBatch
         self._prefill = self._decode
         self.prefill_graph: str | None = main.name if mode == "only" else None  # the prefill graph in use
         self.prefill_only = mode == "only"
@@ -455,15 +634,22 @@ class OnnxRuntimeEngine:
     def forward(self, input_ids, position_ids, attention_mask, cache: OrtCache):
         batch, _, total = cache._check(input_ids, attention_mask)
         cache.reserve(total, self.arch, self._ort)
+        out = self._run(input_ids, position_ids, attention_mask, cache, batch)
+        cache.length = total
+        return out, cache
+
+    def _run(self, input_ids, position_ids, attention_mask, cache: OrtCache, batch: int) -> np.ndarray:
         rows = batch * np.shape(input_ids)[1] if self._rows_per_step else np.shape(input_ids)[1]
         runner = self._prefill if rows >= self.prefill_min_rows else self._decode
         if self._embeddings is None:
             tokens = ("input_ids", np.ascontiguousarray(input_ids, np.int64))
         else:
             tokens = ("inputs_embeds", self._embeddings[input_ids])  # (batch, seq, hidden)
-        out = runner.run(self._ort, tokens, position_ids, attention_mask, cache, batch)
-        cache.length = total
-        return out, cache
+        return runner.run(self._ort, tokens, position_ids, attention_mask, cache, batch)
+
+    def new_batch(self) -> DecodeBatch:
+        """An empty DecodeBatch: row-aligned on graphs that take it, else merged and left-padded."""
+        return RaggedBatch(self) if self.ragged_batches else MergedBatch(self)
 
     def merge_caches(self, rows: list[CacheRow]) -> tuple[OrtCache, np.ndarray]:
         """A new left-padded batch cache holding `rows` (copied), and its attention mask (batch, length)."""
@@ -575,6 +761,10 @@ class OpenVinoEngine:
         if cache.saved is None:
             raise ValueError(f"an OpenVINO cache of {cache.length} positions has no saved state to merge")
         return cache.saved
+
+    def new_batch(self) -> DecodeBatch:
+        """An empty DecodeBatch (merged and left-padded: the stateful IR has one cache per request)."""
+        return MergedBatch(self)
 
     def merge_caches(self, rows: list[CacheRow]) -> tuple[OvCache, np.ndarray]:
         """A new left-padded batch cache holding `rows` (copied), and its attention mask (batch, length).

@@ -68,6 +68,100 @@ def test_merged_cache_decodes_each_row_as_if_alone(models, backend, ids):
         np.testing.assert_allclose(logits[row], single[name], atol=1e-4)
 
 
+def _engines(case, fp32_bundle, int8_bundle):
+    """(engine, reference engine, the DecodeBatch class new_batch should give) for one test case."""
+    from runtime.engine import MergedBatch
+
+    if case == "openvino":
+        engine = load_model(fp32_bundle, "openvino").engine
+        return engine, engine, "MergedBatch", engine.new_batch()
+    if case == "onnxruntime-int8":  # 4+ rows run on the W8A8 prefill graph: the reference runs every step there
+        engine = load_model(int8_bundle, "onnxruntime", prefill_graph=True).engine
+        ref = load_model(int8_bundle, "onnxruntime", prefill_graph=True).engine
+        ref.prefill_min_rows = 1
+        assert engine.prefill_graph == "prefill.onnx"
+        return engine, ref, "RaggedBatch", engine.new_batch()
+    engine = load_model(fp32_bundle, "onnxruntime").engine
+    if case == "onnxruntime-merged":
+        return engine, engine, "MergedBatch", MergedBatch(engine)
+    return engine, engine, "RaggedBatch", engine.new_batch()
+
+
+@pytest.mark.parametrize("case", ["onnxruntime", "onnxruntime-int8", "onnxruntime-merged", "openvino"])
+def test_decode_batch_rows_step_as_if_alone_through_joins_and_leaves(case, fp32_bundle, int8_bundle, ids):
+    """engine.new_batch(): rows of different lengths added one by one, stepped, one removed from the
+    middle (the last row moves into its slot), one added, the last removed: after every step each
+    row's logits equal that row's own single-row decode. On ONNX Runtime the batch is row-aligned
+    (each row attends over its own positions) and gives its memory back when the last row leaves."""
+    engine, ref, kind, batch = _engines(case, fp32_bundle, int8_bundle)
+    assert type(batch).__name__ == kind
+    state = []  # per slot: [reference cache, positions held]
+
+    def add(seq):
+        batch.add(CacheRow(prefill(engine, seq)[1]))
+        state.append([prefill(ref, seq)[1], len(seq)])
+
+    def step_and_check(token):
+        got = batch.step(np.full(batch.rows, token))
+        assert got.shape == (len(state), engine.arch.vocab_size)
+        for i, st in enumerate(state):
+            want, st[0] = ref.forward(np.array([[token]]), np.array([[st[1]]]), np.ones((1, st[1] + 1), np.int64),
+                                      st[0])
+            st[1] += 1
+            np.testing.assert_allclose(got[i], want[0], atol=1e-4, err_msg=f"slot {i}")
+        assert batch.lengths() == [n for _, n in state]
+
+    for seq in (ids[:9], ids[100:104], ids[200:215], ids[300:306], ids[400:420]):
+        add(seq)
+    step_and_check(7)
+    step_and_check(11)
+    assert batch.remove(1) == 4  # slot 4's row moved into slot 1
+    state[1] = state.pop()
+    step_and_check(13)
+    add(ids[500:505])  # shorter than every row held (4+ tokens: int8 prompts on the prefill graph, as in the reference)
+    step_and_check(17)
+    assert batch.remove(batch.rows - 1) is None
+    state.pop()
+    step_and_check(19)
+    with pytest.raises(ValueError, match="batch slot 9 does not exist; the batch has 4 row"):
+        batch.remove(9)
+    while batch.rows:
+        batch.remove(0)
+    if kind == "RaggedBatch":
+        assert batch.buffers == [] and batch.capacity == 0
+
+
+def test_graphs_without_the_ragged_tag_get_merged_batches(fp32_bundle, tmp_path, prompts):
+    """A graph exported before `edgeglm.batch_rows` (left-padded batches only) is decoded with
+    MergedBatch, and the scheduler's outputs still equal one-at-a-time outputs."""
+    import shutil
+
+    import onnx
+
+    from runtime.engine import BATCH_ROWS_KEY, ModelArch, load_engine
+
+    ort_dir = shutil.copytree(fp32_bundle / "onnxruntime", tmp_path / "onnxruntime")
+    model = onnx.load(str(ort_dir / "model.onnx"), load_external_data=False)
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != BATCH_ROWS_KEY]
+    assert len(kept) == len(model.metadata_props) - 1
+    del model.metadata_props[:]
+    for key, val in kept:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, val
+    onnx.save_model(model, str(ort_dir / "model.onnx"))
+    import json
+
+    arch = ModelArch.from_manifest(json.loads((fp32_bundle / "manifest.json").read_text())["architecture"])
+    engine = load_engine("onnxruntime", ort_dir / "model.onnx", arch)
+    assert not engine.ragged_batches and type(engine.new_batch()).__name__ == "MergedBatch"
+    params = [SamplingParams(max_tokens=n) for n in (12, 5, 9)]
+    sched = scheduler(engine, max_batch=8, start=False)
+    handles = [sched.submit(p, s) for p, s in zip(prompts[:3], params)]
+    sched.start()
+    assert [h.tokens(TIMEOUT) for h in handles] == [alone(engine, p, s) for p, s in zip(prompts[:3], params)]
+    sched.close()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batched_greedy_equals_one_at_a_time(models, backend, prompts):
     """Six prompts of different lengths and lengths of answer, queued together: rows leave as they end."""
@@ -201,11 +295,36 @@ class FailingEngine:
         return self.engine.merge_caches(rows)
 
     def forward(self, input_ids, position_ids, attention_mask, cache):
-        if input_ids.shape[0] > 1:
+        self.count(input_ids.shape[0])
+        return self.engine.forward(input_ids, position_ids, attention_mask, cache)
+
+    def count(self, rows):
+        if rows > 1:
             self.batched += 1
             if self.batched == self.fail_at:
                 raise RuntimeError("injected fault")
-        return self.engine.forward(input_ids, position_ids, attention_mask, cache)
+
+    def new_batch(self):
+        return FailingBatch(self, self.engine.new_batch())
+
+
+class FailingBatch:
+    """The engine's own decode batch, its steps counted by FailingEngine."""
+
+    def __init__(self, owner, batch):
+        self.owner, self.batch = owner, batch
+
+    rows = property(lambda self: self.batch.rows)
+
+    def add(self, source):
+        self.batch.add(source)
+
+    def remove(self, slot):
+        return self.batch.remove(slot)
+
+    def step(self, input_ids):
+        self.owner.count(len(input_ids))
+        return self.batch.step(input_ids)
 
 
 def test_an_engine_error_fails_the_affected_requests_and_serving_goes_on(models, prompts):
