@@ -79,6 +79,8 @@ class BatchingSettings(_Section):
 
     max_batch: int = Field(8, ge=1, le=256)  # sequences decoded together; 1 = one request at a time
     window_ms: float = Field(0.0, ge=0.0, le=10_000.0)  # an idle engine waits this long for a fuller batch
+    # prompt tokens prefilled per decode step while other requests decode (0: each prompt whole)
+    prefill_chunk: int = Field(128, ge=0, le=1 << 20)
 
 
 class CacheSettings(_Section):

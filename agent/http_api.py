@@ -106,6 +106,7 @@ class ApiServer:
                 self._bind_prefix_cache(model)
                 self._scheduler = None if model is None else Scheduler(
                     model.engine, self.batching.max_batch, self.batching.window_ms, prefix_cache=self.prefix_cache,
+                    prefill_chunk=self.batching.prefill_chunk,
                     on_step=self._on_step, on_load=self._on_load)
             self._model, self._golden = model, golden
         if old is not None:
@@ -137,7 +138,8 @@ class ApiServer:
         with self._state:
             self.batching, scheduler = batching, self._scheduler
         if scheduler is not None:
-            scheduler.configure(max_batch=batching.max_batch, window_ms=batching.window_ms)
+            scheduler.configure(max_batch=batching.max_batch, window_ms=batching.window_ms,
+                                prefill_chunk=batching.prefill_chunk)
 
     def _on_step(self, batch_size: int) -> None:
         self.metrics.batch_size.observe(batch_size)

@@ -6,6 +6,7 @@ Run from the repository root (the factory extra installed when the bundle must b
     python benchmarks/batching.py --backend openvino --seconds 5 --repeats 1
     python benchmarks/batching.py --shape tiny --concurrency 1,2,4 --max-batch 1,2,4 --json > b.json
     python benchmarks/batching.py --bundle B --concurrency 8 --max-batch 1,8,8m --stagger
+    python benchmarks/batching.py --bundle B --concurrency 8 --max-batch 8,8:0 --stagger --prompt-tokens 256
 
 One process loads the model once (the bundle of benchmarks/agent_load.py, cached in --workdir)
 and, per pass, for each --concurrency level (order rotating between passes) runs each
@@ -14,8 +15,11 @@ threads submitting greedy requests back to back for --seconds (requests still ru
 deadline are finished and counted). A max_batch written with an `m` (`8m`) decodes with
 `runtime.engine.MergedBatch` (rows re-merged into one left-padded cache at each change of
 membership, as on OpenVINO and older graphs) instead of what `engine.new_batch()` gives
-(row-aligned `RaggedBatch` on ONNX Runtime). Per level: aggregate generated tokens/s, requests/s,
-p50/p95 end-to-end latency and TTFT, decode throughput (tokens made by decode steps per second
+(row-aligned `RaggedBatch` on ONNX Runtime), and one with `:N` (`8:0`, `8m:64`) prefills prompts
+N tokens per decode step while others decode (`prefill_chunk`; 0 = whole prompts) instead of the
+default 128. Per level: aggregate generated tokens/s, requests/s, p50/p95 end-to-end latency and
+TTFT, inter-token latency (p50/p95/p99/max of the gaps between consecutive tokens of a request, as
+its client receives them: a prompt prefilled while others decode shows up there), decode throughput (tokens made by decode steps per second
 spent in decode steps, prefills and re-merges excluded; also with the batch's membership changes
 counted: rows added and removed, re-merges), and the CPU that other processes used meanwhile
 ("foreign CPU" in cores, the noise indicator on a shared machine). The speedup of each max_batch
@@ -100,6 +104,13 @@ class TimedBatch:
         return self._timed("step", self.batch.step, input_ids)
 
 
+def parse_candidate(text: str) -> tuple[int, bool, int | None]:
+    """'8' -> (8, False, None); '8m' -> MergedBatch; '8:0' / '8m:64' -> that prefill_chunk."""
+    size, _, chunk = text.partition(":")
+    merged = size.endswith("m")
+    return int(size[:-1] if merged else size), merged, (int(chunk) if chunk else None)
+
+
 def requests(prompt: list[int], max_tokens: int, stagger: bool, vocab: int, seed: int):
     """Endless (prompt, max_tokens) for one client: the fixed pair, or seeded random ones (--stagger)."""
     rng = np.random.default_rng(seed)
@@ -112,9 +123,10 @@ def requests(prompt: list[int], max_tokens: int, stagger: bool, vocab: int, seed
 
 
 def run_level(engine, prompt: list[int], max_tokens: int, concurrency: int, max_batch: int, seconds: float,
-              merged: bool = False, stagger: bool = False, seed: int = 0) -> dict:
+              merged: bool = False, stagger: bool = False, seed: int = 0, chunk: int | None = None,
+              label: str | None = None) -> dict:
     """N client threads against one scheduler for `seconds`; the level's measurements."""
-    from runtime.batching import Scheduler
+    from runtime.batching import DEFAULT_PREFILL_CHUNK, Scheduler
     from runtime.engine import MergedBatch
     from runtime.generate import SamplingParams
 
@@ -133,8 +145,10 @@ def run_level(engine, prompt: list[int], max_tokens: int, concurrency: int, max_
 
     engine.new_batch, engine.merge_caches = new_batch, merge_caches  # instance attributes, removed below
     sizes: list[int] = []
-    sched = Scheduler(engine, max_batch=max_batch, on_step=sizes.append)
+    sched = Scheduler(engine, max_batch=max_batch, on_step=sizes.append,
+                      prefill_chunk=DEFAULT_PREFILL_CHUNK if chunk is None else chunk)
     done: list[dict] = []
+    gaps: list[float] = []  # seconds between consecutive tokens of one request, as its client sees them
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
@@ -143,13 +157,18 @@ def run_level(engine, prompt: list[int], max_tokens: int, concurrency: int, max_
         while time.perf_counter() < stop_at:
             ids, limit = next(work)
             t0 = time.perf_counter()
-            ttft, n = None, 0
+            ttft, n, last, mine = None, 0, None, []
             for _ in sched.submit(ids, SamplingParams(max_tokens=limit)):
+                now = time.perf_counter()
                 if ttft is None:
-                    ttft = time.perf_counter() - t0
+                    ttft = now - t0
+                else:
+                    mine.append(now - last)
+                last = now
                 n += 1
             with lock:
                 done.append({"e2e": time.perf_counter() - t0, "ttft": ttft, "tokens": n})
+                gaps.extend(mine)
 
     own0, busy0, t0 = proc_cpu_s(os.getpid()), system_busy_s(), time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
@@ -166,7 +185,10 @@ def run_level(engine, prompt: list[int], max_tokens: int, concurrency: int, max_
     steps = acc["step"] - acc["merge"]
     tokens = sum(d["tokens"] for d in done)
     return {"concurrency": concurrency, "max_batch": max_batch, "merged": merged,
-            "candidate": f"{max_batch}{'m' if merged else ''}", "requests": len(done), "tokens": tokens,
+            "candidate": label or f"{max_batch}{'m' if merged else ''}", "prefill_chunk": sched.prefill_chunk,
+            "requests": len(done), "tokens": tokens,
+            "itl_p50": percentile(gaps, 50), "itl_p95": percentile(gaps, 95), "itl_p99": percentile(gaps, 99),
+            "itl_max": max(gaps) if gaps else float("nan"),
             "seconds": elapsed, "tok_s": tokens / elapsed, "req_s": len(done) / elapsed,
             "e2e_p50": percentile([d["e2e"] for d in done], 50), "e2e_p95": percentile([d["e2e"] for d in done], 95),
             "ttft_p50": percentile([d["ttft"] for d in done], 50),
@@ -237,12 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         levels = [int(x) for x in args.concurrency.split(",")]
         batches = [x.strip() for x in args.max_batch.split(",")]
-        sizes = [int(x[:-1] if x.endswith("m") else x) for x in batches]
+        cands = {b: parse_candidate(b) for b in batches}
+        sizes = [c[0] for c in cands.values()]
         if not levels or not batches or min(levels + sizes) < 1 or len(set(batches)) != len(batches):
             raise ValueError
     except ValueError:
         p.error(f"--concurrency {args.concurrency!r} / --max-batch {args.max_batch!r}: give positive integers "
-                "separated by commas, e.g. 1,4,8 (max_batch values may end in m: 8m)")
+                "separated by commas, e.g. 1,4,8 (max_batch values may end in m, and :CHUNK: 8m, 8:0)")
 
     from agent.model import load_model
 
@@ -260,14 +283,16 @@ def main(argv: list[str] | None = None) -> int:
         order = levels[rep % len(levels):] + levels[:rep % len(levels)]
         for level in order:
             for cand in (batches if (rep + level) % 2 == 0 else batches[::-1]):
-                merged = cand.endswith("m")
-                r = run_level(engine, prompt, args.max_tokens, level, int(cand[:-1] if merged else cand),
-                              args.seconds, merged=merged, stagger=args.stagger, seed=rep)
+                size, merged, chunk = cands[cand]
+                r = run_level(engine, prompt, args.max_tokens, level, size, args.seconds, merged=merged,
+                              stagger=args.stagger, seed=rep, chunk=chunk, label=cand)
                 r["pass"] = rep
                 samples.append(r)
                 print(f"pass {rep} concurrency {level} max_batch {cand}: {r['tok_s']:.1f} tok/s, "
                       f"e2e p50 {r['e2e_p50'] * 1000:.0f} ms, mean batch {r['mean_batch']:.2f}, decode "
                       f"{r['decode_tok_s']:.1f} tok/s, membership {100 * r['member_share']:.1f}% of it, "
+                      f"inter-token p50/p95/max {1000 * r['itl_p50']:.0f}/{1000 * r['itl_p95']:.0f}/"
+                      f"{1000 * r['itl_max']:.0f} ms, "
                       f"foreign CPU {r['foreign_cores']:.2f}", file=sys.stderr)
         merges.append(merge_cost(engine, prompt, args.max_tokens, max(sizes), args.merge_rounds))
     report(samples, merges, levels, batches)
@@ -283,8 +308,9 @@ def report(samples: list[dict], merges: list[dict], levels: list[int], batches: 
     base = batches[0]
     print(f"\n| concurrency | max_batch | tok/s | req/s | e2e p50 ms | e2e p95 ms | TTFT p50 ms | TTFT p95 ms | "
           f"mean batch | tok/s vs max_batch={base} | decode tok/s (steps / + membership) | decode vs "
-          f"max_batch={base} (steps / + membership) | membership share | foreign CPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"max_batch={base} (steps / + membership) | membership share | inter-token p50 / p95 / p99 / max ms | "
+          f"foreign CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def ratio(rows, level, key):  # median of same-pass ratios against max_batch=base
         out = []
@@ -302,7 +328,9 @@ def report(samples: list[dict], merges: list[dict], levels: list[int], batches: 
                   f"{med(rows, 'mean_batch'):.2f} | {ratio(rows, level, 'tok_s'):.2f} | "
                   f"{med(rows, 'decode_tok_s'):.1f} / {med(rows, 'decode_merge_tok_s'):.1f} | "
                   f"{ratio(rows, level, 'decode_tok_s'):.2f} / {ratio(rows, level, 'decode_merge_tok_s'):.2f} | "
-                  f"{100 * med(rows, 'member_share'):.1f}% | {med(rows, 'foreign_cores'):.2f} |")
+                  f"{100 * med(rows, 'member_share'):.1f}% | {1000 * med(rows, 'itl_p50'):.0f} / "
+                  f"{1000 * med(rows, 'itl_p95'):.0f} / {1000 * med(rows, 'itl_p99'):.0f} / "
+                  f"{1000 * med(rows, 'itl_max'):.0f} | {med(rows, 'foreign_cores'):.2f} |")
     m = merges[0]
     print(f"\n{m['rows']} rows x {m['positions']} positions: merge_caches (a re-merge) {med(merges, 'merge_ms'):.2f} ms; "
           f"one row leaving + one joining the {m['batch']} {med(merges, 'swap_ms'):.2f} ms; one decode step of "

@@ -16,7 +16,9 @@ deadline after those with one, in arrival order). The worker loops over step bou
    is empty, the worker first waits up to `window_ms` (from the oldest queued request's arrival)
    for the queue to fill the batch; once it decodes, arrivals join at the next boundary anyway.
    Each admitted request is prefilled alone at batch 1 (through the prefix cache when one is
-   given) and its first token sampled from the prefill's logits;
+   given) and its first token sampled from the prefill's logits. With no row decoding, prompts
+   run whole; while rows decode, at most `prefill_chunk` prompt tokens run per boundary (oldest
+   prompt first), so a long prompt stalls the decoding rows for a chunk at a time;
 3. the batch (`engine.new_batch()`, a runtime.engine.DecodeBatch) follows: a row that left
    gives up its slot (the last row moves into it), an admitted row's KV is copied into a new
    slot. On ONNX Runtime that is all that is copied and each row attends over its own positions
@@ -56,12 +58,17 @@ import numpy as np
 from runtime.engine import CacheRow, DecodeBatch
 from runtime.errors import RequestError
 from runtime.generate import SamplingParams, sample
-from runtime.prefix_cache import prefill_cached
+from runtime.prefix_cache import PrefillJob
 
 log = logging.getLogger("edgeglm.batching")
 
 MAX_BATCH_LIMIT = 256
 MAX_WINDOW_MS = 10_000.0
+MAX_PREFILL_CHUNK = 1 << 20
+# Prompt tokens prefilled per decode step while other requests decode (0: each prompt whole). A long
+# prompt then stalls the running streams for one chunk at a time instead of its whole prefill; see
+# docs/runtime.md "Batching" for the measured trade.
+DEFAULT_PREFILL_CHUNK = 128
 
 
 class EngineFailed(Exception):
@@ -147,6 +154,7 @@ class _Row:
     stops: set[int]
     made: int = 0
     cached: int = 0  # positions this row holds in the batch (the scheduler's rows are in slot order)
+    job: PrefillJob | None = None  # its prompt's prefill while the prompt is not complete
 
     def take(self, logits: np.ndarray, limit: int) -> bool:
         """Sample the next token and emit it; True while the row goes on (as runtime.generate.generate)."""
@@ -179,16 +187,18 @@ class Scheduler:
     """
 
     def __init__(self, engine, max_batch: int = 8, window_ms: float = 0.0, *, prefix_cache=None,
-                 on_step: Callable[[int], None] | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, on_step: Callable[[int], None] | None = None,
                  on_load: Callable[[SchedulerStats], None] | None = None, start: bool = True,
                  name: str = "edgeglm-batching"):
         self.engine, self.prefix_cache = engine, prefix_cache
         self.on_step, self.on_load = on_step or (lambda n: None), on_load or (lambda s: None)
         self.max_batch, self.window_ms = _check_limits(max_batch, window_ms)
+        self.prefill_chunk = _check_chunk(prefill_chunk)
         self._cond = threading.Condition()
         self._queue: list[_Queued] = []
         self._arrivals = itertools.count()
         self._rows: list[_Row] = []  # self._rows[i] is the batch's slot i
+        self._prefills: list[_Row] = []  # admitted, their prompts not complete yet (admission order)
         self._batch: DecodeBatch | None = None
         self._closing = False
         self._abort: str | None = None
@@ -243,12 +253,15 @@ class Scheduler:
                 except BaseException as exc:  # handed to the caller
                     future.set_exception(exc)
 
-    def configure(self, max_batch: int | None = None, window_ms: float | None = None) -> None:
+    def configure(self, max_batch: int | None = None, window_ms: float | None = None,
+                  prefill_chunk: int | None = None) -> None:
         """Change the limits live; they apply at the next step boundary."""
         with self._cond:
             self.max_batch, self.window_ms = _check_limits(
                 self.max_batch if max_batch is None else max_batch,
                 self.window_ms if window_ms is None else window_ms)
+            if prefill_chunk is not None:
+                self.prefill_chunk = _check_chunk(prefill_chunk)
             self._cond.notify_all()
 
     def stats(self) -> SchedulerStats:
@@ -278,7 +291,7 @@ class Scheduler:
             self._cond.notify_all()
 
     def _stats(self) -> SchedulerStats:
-        return SchedulerStats(len(self._rows), len(self._queue), self.max_batch, self.window_ms)
+        return SchedulerStats(len(self._rows) + len(self._prefills), len(self._queue), self.max_batch, self.window_ms)
 
     # --- the worker -----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -311,7 +324,10 @@ class Scheduler:
             if self._abort is not None:
                 self._end_all(SchedulerClosed(self._abort))
                 return False
-            if self._closing and not self._rows and not self._queue:
+        if self._prefills and self._prefill_chunks():
+            changed = True
+        with self._cond:
+            if self._closing and not self._rows and not self._queue and not self._prefills:
                 return False
         if changed:
             with self._cond:
@@ -319,7 +335,12 @@ class Scheduler:
         return True
 
     def _drop_ended(self) -> bool:
-        """Remove cancelled and finished rows from the batch (highest slot first, so each move is valid)."""
+        """Remove cancelled and finished rows from the batch (highest slot first, so each move is valid)
+        and cancelled requests from the prefills."""
+        gone = [r for r in self._prefills if r.handle.cancelled]
+        for r in gone:
+            r.handle._finish()
+        self._prefills = [r for r in self._prefills if not r.handle.cancelled]
         ended = [i for i, r in enumerate(self._rows) if r.handle.cancelled or r.handle.done]
         for i in reversed(ended):
             if self._rows[i].handle.cancelled:
@@ -330,30 +351,29 @@ class Scheduler:
             self._rows.pop()
         if not self._rows:
             self._batch = None
-        return bool(ended)
+        return bool(ended or gone)
 
     def _admissions(self) -> list[_Queued]:
         """Requests to admit now, earliest deadline first; waits while idle (for work, or the window)."""
         with self._cond:
-            while not self._rows and not self._queue and not self._closing and not self._calls:
+            while not self._rows and not self._prefills and not self._queue and not self._closing and not self._calls:
                 self._cond.wait()
-            if not self._rows and self._queue and self.window_ms > 0 and not self._closing:
+            if not self._rows and not self._prefills and self._queue and self.window_ms > 0 and not self._closing:
                 until = min(q.arrived for q in self._queue) + self.window_ms / 1000
                 while len(self._queue) < self.max_batch and not self._closing and time.monotonic() < until:
                     self._cond.wait(max(0.0, until - time.monotonic()))
             if self._abort is not None:
                 return []
-            taken = []
-            while self._queue and len(self._rows) + len(taken) < self.max_batch:
+            taken, held = [], len(self._rows) + len(self._prefills)
+            while self._queue and held + len(taken) < self.max_batch:
                 taken.append(heapq.heappop(self._queue))
             if taken:
-                self.on_load(SchedulerStats(len(self._rows) + len(taken), len(self._queue), self.max_batch,
-                                            self.window_ms))
+                self.on_load(SchedulerStats(held + len(taken), len(self._queue), self.max_batch, self.window_ms))
             return taken
 
     def _admit(self, item: _Queued) -> bool:
-        """Prefill one request alone, emit its first token and add it to the batch; False if it ended."""
-        handle, params, limit = item.handle, item.handle.params, self.engine.arch.max_positions
+        """Start one request's prefill (its prefix-cache lookup); False if it already ended."""
+        handle, params = item.handle, item.handle.params
         handle.admitted_at = time.monotonic()
         if handle.cancelled:
             handle._finish()
@@ -361,32 +381,62 @@ class Scheduler:
         row = _Row(handle, params, np.random.default_rng(params.seed), list(item.prompt),
                    set(params.stop_token_ids) | set(self.engine.arch.eos_token_ids))
         try:
-            logits, cache = self._prefill(item.prompt)
+            row.job = PrefillJob(self.engine, item.prompt, self.prefix_cache)
         except Exception as exc:
-            log.warning("batching: prefill of a %d-token prompt failed: %s", len(item.prompt), exc)
-            handle._finish(EngineFailed(f"the engine failed on the {len(item.prompt)}-token prompt ({exc}); "
+            self._prefill_failed(row, exc)
+            return False
+        self._prefills.append(row)
+        return True
+
+    def _prefill_chunks(self) -> bool:
+        """Run admitted prompts: with no row decoding, all of them whole (each alone, at batch 1);
+        otherwise at most `prefill_chunk` prompt tokens per step, oldest prompt first, so the rows
+        decoding wait for one chunk per step rather than for whole prompts. A prompt that completes
+        samples its first token and joins the batch. True if the set of requests changed."""
+        changed, budget = False, (self.prefill_chunk or None) if self._rows else None
+        while self._prefills and (budget is None or budget > 0):
+            row = self._prefills[0]
+            before = row.job.done
+            try:
+                complete = row.job.advance(budget)
+            except Exception as exc:
+                self._prefills.pop(0)
+                self._prefill_failed(row, exc)
+                changed = True
+                continue
+            if budget is not None:
+                budget -= row.job.done - before
+            if not complete:
+                break
+            self._prefills.pop(0)
+            self._join(row)
+            changed = True
+        return changed
+
+    def _prefill_failed(self, row: _Row, exc: BaseException) -> None:
+        n = len(row.history)
+        log.warning("batching: prefill of a %d-token prompt failed: %s", n, exc)
+        row.handle._finish(EngineFailed(f"the engine failed on the {n}-token prompt ({exc}); "
                                         "the request was ended, others go on"))
-            return False
-        row.cached = len(item.prompt)
-        if self._advance(row, logits, limit) is None:
-            return False
+
+    def _join(self, row: _Row) -> None:
+        """A complete prompt: sample its first token and add its KV to the batch (unless it ended)."""
+        job, row.job = row.job, None
+        row.cached = len(row.history)
+        if self._advance(row, job.logits, self.engine.arch.max_positions) is None:
+            return
         if self._batch is None:
             self._batch = self.engine.new_batch()
         try:
-            self._batch.add(CacheRow(cache, 0, row.cached))  # its KV copied into the batch's next slot
+            self._batch.add(CacheRow(job.cache, 0, row.cached))  # its KV copied into the batch's next slot
         except Exception as exc:
             log.warning("batching: adding a %d-position row to the batch failed: %s", row.cached, exc)
-            handle._finish(EngineFailed(f"the engine could not add the request to the batch ({exc}); "
-                                        "the request was ended, others go on"))
+            row.handle._finish(EngineFailed(f"the engine could not add the request to the batch ({exc}); "
+                                            "the request was ended, others go on"))
             if not self._rows:
                 self._batch = None
-            return False
+            return
         self._rows.append(row)
-        return True
-
-    def _prefill(self, prompt: list[int]):
-        logits, cache, _reused = prefill_cached(self.engine, prompt, self.prefix_cache)
-        return logits, cache
 
     def _advance(self, row: _Row, logits: np.ndarray, limit: int) -> _Row | None:
         try:
@@ -425,9 +475,9 @@ class Scheduler:
         """(holding the lock) End every queued and active request with `error`."""
         for q in self._queue:
             q.handle._finish(error)
-        for r in self._rows:
+        for r in self._rows + self._prefills:
             r.handle._finish(error)
-        self._queue, self._rows, self._batch = [], [], None
+        self._queue, self._rows, self._prefills, self._batch = [], [], [], None
         self.on_load(self._stats())
 
 
@@ -438,3 +488,11 @@ def _check_limits(max_batch, window_ms) -> tuple[int, float]:
         raise ValueError(f"window_ms={window_ms!r} is invalid: must be a number of milliseconds in "
                          f"[0, {MAX_WINDOW_MS:g}]")
     return max_batch, float(window_ms)
+
+
+def _check_chunk(prefill_chunk) -> int:
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or \
+            not 0 <= prefill_chunk <= MAX_PREFILL_CHUNK:
+        raise ValueError(f"prefill_chunk={prefill_chunk!r} is invalid: must be a number of prompt tokens in "
+                         f"[0, {MAX_PREFILL_CHUNK}] (0: each prompt whole)")
+    return prefill_chunk

@@ -373,16 +373,51 @@ def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelA
     return _Block(parent, tuple(ids), tuple(arrays[:layers]), tuple(arrays[layers:]))
 
 
+class PrefillJob:
+    """A prompt's prefill through the prefix cache, runnable in chunks.
+
+    The constructor looks the prompt up (`reused` positions come from the prefix cache, at most all
+    but the last token) and makes the batch-1 cache; each `advance(max_tokens)` runs the next at
+    most `max_tokens` prompt tokens on top of it (all that is left when None) and returns True once
+    the prompt is complete: then `logits` holds the last position's (vocab,) logits and the prompt's
+    full blocks have been offered to the prefix cache. The batching scheduler runs a long prompt a
+    chunk per decode step so that the requests already decoding are not stalled behind it. A chunk
+    attends to the cached positions before it, so the KV is the whole prefill's up to float rounding
+    (on INT8, a chunk shorter than the engine's `prefill_min_rows` runs on the decode graph, like the
+    rest of a prompt after a prefix-cache hit)."""
+
+    def __init__(self, engine, prompt_ids: list[int], prefix_cache: PrefixCache | None = None):
+        self.engine, self.prompt, self.prefix_cache = engine, list(prompt_ids), prefix_cache
+        found = prefix_cache.lookup(self.prompt, engine) if prefix_cache is not None else None
+        self.reused = found.length if found is not None else 0
+        self.cache = engine.cache_from_kv(found) if found is not None else engine.new_cache()
+        self.done = self.reused  # prompt positions in the cache
+        self.logits: np.ndarray | None = None
+
+    @property
+    def remaining(self) -> int:
+        return len(self.prompt) - self.done
+
+    def advance(self, max_tokens: int | None = None) -> bool:
+        """Run the next chunk of the prompt; True when it is complete (then `logits` is set)."""
+        n = len(self.prompt)
+        if self.done >= n:
+            return True
+        end = n if max_tokens is None else min(n, self.done + max(1, int(max_tokens)))
+        ids = np.asarray([self.prompt[self.done:end]], dtype=np.int64)
+        pos = np.arange(self.done, end, dtype=np.int64)[None]
+        logits, self.cache = self.engine.forward(ids, pos, np.ones((1, end), np.int64), self.cache)
+        self.done = end
+        if end < n:
+            return False
+        self.logits = logits[0]
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(self.engine, self.cache, self.prompt)
+        return True
+
+
 def prefill_cached(engine, prompt_ids: list[int], prefix_cache: PrefixCache | None = None):
     """Prefill through the prefix cache: (last-position logits (vocab,), batch-1 cache, reused tokens)."""
-    prompt_ids = list(prompt_ids)
-    reused = prefix_cache.lookup(prompt_ids, engine) if prefix_cache is not None else None
-    start = reused.length if reused is not None else 0
-    cache = engine.cache_from_kv(reused) if reused is not None else engine.new_cache()
-    n = len(prompt_ids)
-    ids = np.asarray([prompt_ids[start:]], dtype=np.int64)
-    pos = np.arange(start, n, dtype=np.int64)[None]
-    logits, cache = engine.forward(ids, pos, np.ones((1, n), np.int64), cache)
-    if prefix_cache is not None:
-        prefix_cache.insert(engine, cache, prompt_ids)
-    return logits[0], cache, start
+    job = PrefillJob(engine, prompt_ids, prefix_cache)
+    job.advance()
+    return job.logits, job.cache, job.reused

@@ -68,9 +68,11 @@ def test_batching_limits_apply_live_from_desired_config(agent):
         "edgeglm_batch_size_count"]
 
     # live: a batch of 4, and an idle engine waits (up to 5 s) for the queue to fill it
-    agent._apply_desired(DesiredConfig(version=7, settings={"batching": {"max_batch": 4, "window_ms": 5000}}))
+    agent._apply_desired(DesiredConfig(version=7, settings={"batching": {"max_batch": 4, "window_ms": 5000,
+                                                                          "prefill_chunk": 32}}))
     assert agent.applied_config_version == 7 and agent.last_config_error is None
-    assert agent.http.batching == BatchingSettings(max_batch=4, window_ms=5000)
+    assert agent.http.batching == BatchingSettings(max_batch=4, window_ms=5000, prefill_chunk=32)
+    assert agent.http._scheduler.prefill_chunk == 32  # the serving scheduler took it live
     assert concurrent_completions(port, 16) == expected
     four = batch_sizes(port)
     assert four['edgeglm_batch_size_bucket{le="3"}'] < four['edgeglm_batch_size_bucket{le="4"}']  # steps of 4 rows

@@ -352,6 +352,85 @@ def test_an_engine_error_fails_the_affected_requests_and_serving_goes_on(models,
     sched2.close()
 
 
+class RecordingEngine:
+    """The real engine, its calls logged: ("prompt", tokens) for a batch-1 forward (a prefill or a
+    chunk of one) and ("step", rows) for a batched decode step."""
+
+    def __init__(self, engine):
+        self.engine, self.arch, self.log = engine, engine.arch, []
+
+    def new_cache(self, batch=1):
+        return self.engine.new_cache(batch)
+
+    def forward(self, input_ids, position_ids, attention_mask, cache):
+        self.log.append(("prompt", input_ids.shape[1]))
+        return self.engine.forward(input_ids, position_ids, attention_mask, cache)
+
+    def new_batch(self):
+        batch, log = self.engine.new_batch(), self.log
+
+        class Recorded:
+            rows = property(lambda self: batch.rows)
+            add, remove = batch.add, batch.remove
+
+            def step(self, input_ids):
+                log.append(("step", len(input_ids)))
+                return batch.step(input_ids)
+        return Recorded()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_long_prompt_joins_in_chunks_between_the_decode_steps_of_running_requests(models, backend, prompts, ids):
+    """prefill_chunk=16: a 51-token prompt arriving while another request decodes is prefilled 16
+    tokens per step (16, 16, 16, 3), each chunk followed by a decode step of the running row, so
+    that row never waits for the whole prompt; both answers equal their one-at-a-time answers. With
+    nothing decoding, prompts run whole; prefill_chunk=0 runs them whole always."""
+    engine = RecordingEngine(models[backend].engine)
+    first, long = prompts[2], prompts[3]  # 12 and 51 tokens
+    params = SamplingParams(max_tokens=20)
+    expected = [alone(models[backend].engine, p, params) for p in (first, long)]
+
+    def run(chunk):
+        """The first request decoding; the long one submitted by the worker after its first step."""
+        engine.log.clear()
+        second = []
+
+        def on_step(rows):
+            if not second:
+                second.append(sched.submit(long, params))
+        sched = Scheduler(engine, max_batch=8, prefill_chunk=chunk, on_step=on_step)
+        got = [sched.submit(first, params).tokens(TIMEOUT), None]
+        got[1] = second[0].tokens(TIMEOUT)
+        sched.close()
+        assert got == expected
+        return engine.log
+
+    log = run(16)
+    assert log[:2] == [("prompt", 12), ("step", 1)]  # alone: whole
+    chunks = [i for i, (kind, n) in enumerate(log) if kind == "prompt"][1:]
+    assert [log[i][1] for i in chunks] == [16, 16, 16, 3]
+    for i in chunks[:-1]:  # a decode step of the running row between consecutive chunks
+        assert log[i + 1] == ("step", 1)
+    assert log[chunks[-1] + 1] == ("step", 2)  # then it decodes with the batch
+    log = run(0)
+    assert [n for kind, n in log if kind == "prompt"] == [12, 51]
+
+
+def test_prefill_chunk_is_validated_and_changes_live(models, prompts):
+    engine = models["onnxruntime"].engine
+    with pytest.raises(ValueError, match=r"prefill_chunk=-1 is invalid: must be a number of prompt tokens"):
+        Scheduler(engine, prefill_chunk=-1, start=False)
+    sched = scheduler(engine, prefill_chunk=64)
+    with pytest.raises(ValueError, match=r"prefill_chunk='8' is invalid"):
+        sched.configure(prefill_chunk="8")
+    assert sched.prefill_chunk == 64
+    sched.configure(prefill_chunk=8)
+    assert sched.prefill_chunk == 8
+    params = SamplingParams(max_tokens=6)
+    assert sched.submit(prompts[1], params).tokens(TIMEOUT) == alone(engine, prompts[1], params)
+    sched.close()
+
+
 def test_bad_requests_and_closing(models, prompts):
     engine = models["onnxruntime"].engine
     sched = scheduler(engine, start=False)

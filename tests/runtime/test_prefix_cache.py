@@ -97,6 +97,32 @@ def test_outputs_with_cache_hits_equal_outputs_without(models, ids, precision, b
     assert stats.hits > 0 and stats.hit_tokens >= sum(want_reused)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_prefill_job_run_in_chunks_equals_the_whole_prefill(models, ids, backend):
+    """PrefillJob: a prompt run 7 tokens at a time after a prefix-cache hit gives the logits of the
+    whole prompt at once, continues like it, and offers its blocks to the prefix cache at the end."""
+    from runtime.prefix_cache import PrefillJob
+
+    engine = models("fp32", backend).engine
+    system, prompt = ids[:40], ids[:40] + ids[300:330]  # 2 whole blocks shared, 38 tokens left
+    cache = PrefixCache(64 << 20, block_tokens=B)
+    cache.bind(key(models("fp32", backend)))
+    prefill_cached(engine, system, cache)
+    whole_logits, whole_cache, _ = prefill_cached(engine, prompt)  # no cache: all 70 tokens at once
+    job = PrefillJob(engine, prompt, cache)
+    assert (job.reused, job.done, job.remaining) == (32, 32, 38)
+    chunks = []
+    while not job.advance(7):
+        chunks.append(job.done)
+        assert job.logits is None
+    assert chunks == [39, 46, 53, 60, 67] and job.done == 70 and job.advance(7)  # complete: nothing more runs
+    np.testing.assert_allclose(job.logits, whole_logits, atol=1e-4)
+    step = [engine.forward(np.array([[5]]), np.array([[70]]), np.ones((1, 71), np.int64), c)[0][0]
+            for c in (job.cache, whole_cache)]
+    np.testing.assert_allclose(step[0], step[1], atol=1e-4)
+    assert cache.lookup(prompt + [1], engine).length == 64  # its blocks were inserted once complete
+
+
 def test_lru_eviction_keeps_the_byte_bound_and_the_shared_prefix(models, ids):
     model = models("fp32", "onnxruntime")
     block_bytes = 2 * model.arch.num_layers * model.arch.num_kv_heads * B * model.arch.head_dim * 4
