@@ -16,8 +16,8 @@ deadline after those with one, in arrival order). The worker loops over step bou
    is empty, the worker first waits up to `window_ms` (from the oldest queued request's arrival)
    for the queue to fill the batch; once it decodes, arrivals join at the next boundary anyway.
    Each admitted request is prefilled alone at batch 1 (through the prefix cache when one is
-   given) and its first token sampled from the prefill's logits. With no row decoding, prompts
-   run whole; while rows decode, at most `prefill_chunk` prompt tokens run per boundary (oldest
+   given) and its first token sampled from the prefill's logits. With no row decoding, a prompt
+   runs whole; while rows decode, at most `prefill_chunk` prompt tokens run per boundary (oldest
    prompt first), so a long prompt stalls the decoding rows for a chunk at a time;
 3. the batch (`engine.new_batch()`, a runtime.engine.DecodeBatch) follows: a row that left
    gives up its slot (the last row moves into it), an admitted row's KV is copied into a new
@@ -389,12 +389,17 @@ class Scheduler:
         return True
 
     def _prefill_chunks(self) -> bool:
-        """Run admitted prompts: with no row decoding, all of them whole (each alone, at batch 1);
-        otherwise at most `prefill_chunk` prompt tokens per step, oldest prompt first, so the rows
-        decoding wait for one chunk per step rather than for whole prompts. A prompt that completes
-        samples its first token and joins the batch. True if the set of requests changed."""
-        changed, budget = False, (self.prefill_chunk or None) if self._rows else None
-        while self._prefills and (budget is None or budget > 0):
+        """Run admitted prompts, oldest first. While no row decodes, a prompt runs whole; once rows
+        decode (from before this boundary, or a prompt that just joined), at most `prefill_chunk`
+        more prompt tokens run before the next step, so the rows decoding wait for one chunk per
+        step rather than for whole prompts. A prompt that completes samples its first token and
+        joins the batch. True if the set of requests changed."""
+        changed, budget = False, None
+        while self._prefills:
+            if self._rows and self.prefill_chunk:
+                budget = self.prefill_chunk if budget is None else budget
+                if budget <= 0:
+                    break
             row = self._prefills[0]
             before = row.job.done
             try:

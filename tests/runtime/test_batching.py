@@ -415,6 +415,17 @@ def test_a_long_prompt_joins_in_chunks_between_the_decode_steps_of_running_reque
     log = run(0)
     assert [n for kind, n in log if kind == "prompt"] == [12, 51]
 
+    # a burst on an idle engine: the first prompt runs whole, then 16 prompt tokens per step
+    engine.log.clear()
+    sched = Scheduler(engine, max_batch=8, prefill_chunk=16, start=False)
+    trio = (first, long, prompts[5])  # 12, 51 and 20 tokens
+    handles = [sched.submit(p, params) for p in trio]
+    sched.start()
+    assert [h.tokens(TIMEOUT) for h in handles] == [expected[0], expected[1], alone(engine.engine, trio[2], params)]
+    sched.close()
+    assert [n for kind, n in engine.log if kind == "prompt"] == [12, 16, 16, 16, 3, 13, 7]
+    assert engine.log[:3] == [("prompt", 12), ("prompt", 16), ("step", 1)]
+
 
 def test_prefill_chunk_is_validated_and_changes_live(models, prompts):
     engine = models["onnxruntime"].engine
