@@ -143,18 +143,22 @@ def concurrent(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
     """`concurrency` requests at once through the batching scheduler, `runs` times."""
     scheduler = Scheduler(engine, max_batch=opts.concurrency)
     params = SamplingParams(max_tokens=opts.new_tokens)
-    rates, ttfts, tokens_made = [], [], 0
+    rates, ttfts, gaps, tokens_made = [], [], [], 0
     try:
         for _ in range(opts.runs):
             prompts = [random_prompt(rng, engine.arch.vocab_size, opts.prompt_tokens) for _ in range(opts.concurrency)]
-            counts, firsts = [0] * len(prompts), [None] * len(prompts)
+            counts, firsts, lasts = [0] * len(prompts), [None] * len(prompts), [0.0] * len(prompts)
             t0 = time.perf_counter()
             handles = [scheduler.submit(p, params) for p in prompts]
 
             def read(i: int) -> None:
                 for _token in handles[i]:
+                    now = time.perf_counter()
                     if firsts[i] is None:
-                        firsts[i] = time.perf_counter() - t0
+                        firsts[i] = now - t0
+                    else:
+                        gaps.append((now - lasts[i]) * 1000)  # list.append is atomic
+                    lasts[i] = now
                     counts[i] += 1
 
             readers = [threading.Thread(target=read, args=(i,)) for i in range(len(handles))]
@@ -170,6 +174,8 @@ def concurrent(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
         scheduler.close()
     return {"requests": opts.concurrency, "aggregate_tok_s": _summary(rates, 1),
             "ttft_ms": {"p50": round(percentile(ttfts, 50), 1), "p95": round(percentile(ttfts, 95), 1)},
+            "inter_token_ms": {"p50": round(percentile(gaps, 50), 1), "p95": round(percentile(gaps, 95), 1),
+                               "max": round(max(gaps), 1) if gaps else None},
             "tokens": tokens_made}
 
 
@@ -228,7 +234,9 @@ def format_report(report: dict) -> str:
     if report["concurrency"]:
         c = report["concurrency"]
         lines.append(f"  concurrency {c['requests']:<3} {c['aggregate_tok_s']['median']:9.1f} tok/s aggregate, "
-                     f"TTFT p50 {c['ttft_ms']['p50']:.1f} ms, p95 {c['ttft_ms']['p95']:.1f} ms ({c['tokens']} tokens)")
+                     f"TTFT p50 {c['ttft_ms']['p50']:.1f} ms, p95 {c['ttft_ms']['p95']:.1f} ms, between tokens "
+                     f"p50 {c['inter_token_ms']['p50']:.1f} ms, p95 {c['inter_token_ms']['p95']:.1f} ms, max "
+                     f"{c['inter_token_ms']['max'] or 0:.1f} ms ({c['tokens']} tokens)")
     if report["prefix"]:
         p = report["prefix"]
         lines.append(f"  prefix hit      TTFT {p['ttft_hit_ms']['median']:.1f} ms with {p['reused_tokens']} cached "

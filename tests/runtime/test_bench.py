@@ -45,6 +45,9 @@ def test_run_bench_single_stream_concurrency_and_prefix(int8_bundle):
     c = report["concurrency"]
     assert c["requests"] == 3 and 0 < c["tokens"] <= 2 * 3 * 6  # greedy requests may end at EOS
     assert c["aggregate_tok_s"]["median"] > 0 and 0 < c["ttft_ms"]["p50"] <= c["ttft_ms"]["p95"]
+    gaps = c["inter_token_ms"]  # between consecutive tokens of one request, as its reader got them
+    if c["tokens"] > 2 * 3:  # some request made two tokens or more
+        assert 0 < gaps["p50"] <= gaps["p95"] <= gaps["max"]
     p = report["prefix"]
     assert p["reused_tokens"] == 32  # one block of 32 tokens came from the cache on the hit
     assert p["ttft_hit_ms"]["median"] > 0 and p["ttft_miss_ms"]["median"] > 0
@@ -54,7 +57,7 @@ def test_run_bench_single_stream_concurrency_and_prefix(int8_bundle):
     assert abs(m["anonymous"] + m["file_backed"] - m["rss"]) < 0.2
     assert report["execution_path"]["backend"] == "onnxruntime" and report["execution_path"]["chosen_by"] == "configured"
     text = format_report(report)
-    assert "TTFT" in text and "concurrency 3" in text and "32 cached tokens" in text
+    assert "TTFT" in text and "concurrency 3" in text and "between tokens p50" in text and "32 cached tokens" in text
 
 
 def test_bench_json_on_the_autotuned_path(int8_bundle, tmp_path):
