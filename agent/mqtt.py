@@ -53,6 +53,19 @@ from agent.topics import ReportedState, TelemetryReport, check_publish_topic, pa
 
 log = logging.getLogger(__name__)
 
+
+class _PahoLoopNoise(logging.Filter):
+    """Drops paho's "Client is not connected" error. Its network thread logs it when it runs once
+    more after a disconnect has closed the socket, i.e. at every normal close; connection losses
+    are reported by the session itself (`Disconnected` events, the agent's log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+PAHO_LOG = logging.getLogger(__name__ + ".paho")  # paho's own messages
+PAHO_LOG.addFilter(_PahoLoopNoise())
+
 UNSUPPORTED_PROTOCOL = 132  # CONNACK reason; paho maps a 3.1.1 broker's return code 1 to it
 PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
 
@@ -285,7 +298,7 @@ class MqttSession:
         v5 = protocol == paho.MQTTv5
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol,
                              clean_session=None if v5 else False, reconnect_on_failure=False)
-        client.enable_logger(logging.getLogger(__name__ + ".paho"))
+        client.enable_logger(PAHO_LOG)
         client.connect_timeout = s.connect_timeout_s
         if s.username is not None:
             client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)

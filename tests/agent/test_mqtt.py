@@ -498,3 +498,27 @@ def test_session_socket_has_tcp_nodelay(mosquitto):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         session.close()
+
+
+def test_closing_sessions_leaves_no_paho_error_in_the_log(mosquitto, caplog):
+    """paho's network thread logs "Client is not connected" (ERROR) when it runs once more after a
+    disconnect closed the socket; the session's logger drops exactly that message, so a normal
+    close leaves no error in an operator's log, while paho's other messages still come through."""
+    import logging
+
+    from agent.mqtt import PAHO_LOG
+
+    noise = logging.LogRecord(PAHO_LOG.name, logging.ERROR, __file__, 0,
+                              "Client is not connected. Socket: None). Last known Connection State: "
+                              "MQTT_CS_DISCONNECTED", None, None)
+    other = logging.LogRecord(PAHO_LOG.name, logging.ERROR, __file__, 0, "failed to receive on socket: x", None, None)
+    assert not PAHO_LOG.filter(noise) and PAHO_LOG.filter(other)
+    with caplog.at_level(logging.DEBUG, logger=PAHO_LOG.name):
+        for i in range(3):
+            session = make_session(mosquitto, device=f"box-{i}")
+            session.start()
+            next_event(session, Connected)
+            session.close()
+    paho_records = [r for r in caplog.records if r.name == PAHO_LOG.name]
+    assert any("CONNECT" in r.getMessage() for r in paho_records)  # paho's debug log still arrives
+    assert not [r.getMessage() for r in paho_records if r.levelno >= logging.ERROR]
