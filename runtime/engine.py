@@ -434,8 +434,9 @@ class RaggedBatch(DecodeBatch):
             self._lengths[slot] = n
         self.rows -= 1
         self._view = None
-        if not self.rows:  # memory back to the process; the next row starts small
+        if not self.rows:  # memory back to the process (the sessions' bindings let go too); the next row starts small
             self.buffers, self.capacity, self._lengths = [], 0, np.zeros(0, np.int64)
+            self.engine._drop_stale_bindings()
         return last if slot != last else None
 
     def step(self, input_ids) -> np.ndarray:
@@ -646,6 +647,16 @@ class OnnxRuntimeEngine:
         else:
             tokens = ("inputs_embeds", self._embeddings[input_ids])  # (batch, seq, hidden)
         return runner.run(self._ort, tokens, position_ids, attention_mask, cache, batch)
+
+    def _drop_stale_bindings(self) -> None:
+        """Unbind the KV buffers of caches that are gone (a batch that emptied): an IO binding keeps
+        what it binds alive, so without this their memory would stay held until the next run."""
+        for runner in {id(r): r for r in (self._decode, self._prefill)}.values():
+            ref, _ = runner.bound
+            if ref is not None and ref() is None:
+                runner.binding.clear_binding_inputs()
+                runner.binding.clear_binding_outputs()
+                runner.bound = (None, 0)
 
     def new_batch(self) -> DecodeBatch:
         """An empty DecodeBatch: row-aligned on graphs that take it, else merged and left-padded."""
