@@ -226,9 +226,9 @@ def _merge_plan(rows: list[CacheRow]) -> tuple[list[tuple[int, int]], int, np.nd
 class DecodeBatch:
     """Rows decoded together, one token per row and step (see the module docstring).
 
-    Rows sit in slots 0..rows-1 in the order they were added. `remove(slot)` moves the last row
-    into the freed slot and returns that row's old slot (None when the last slot itself left), so
-    the caller's per-row state follows. `step(ids)` feeds ids[i] to row i at position lengths[i]
+    Rows sit in slots 0..rows-1; `add` puts a row in slot `rows`, and `remove(slot)` moves the last
+    row into the freed slot and returns that row's old slot (None when the last slot itself left),
+    so the caller's per-row state follows. `step(ids)` feeds ids[i] to row i at position lengths[i]
     and returns the (rows, vocab) logits; every row then holds one more position."""
 
     rows: int

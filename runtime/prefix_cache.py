@@ -11,8 +11,10 @@ is the one entry point for a prefill: it restores the longest cached prefix of t
 (`engine.cache_from_kv`), runs the rest of the prompt on top of it in one multi-token step
 (chunked prefill, batch 1) and stores the prompt's new full blocks (`engine.export_kv`). The
 returned cache is the engine's ordinary batch-1 handle at position len(prompt_ids); decoding goes
-on as after `runtime.generate.prefill`. `runtime.generate.generate` and the batching scheduler
-(runtime/batching.py) prefill through it.
+on as after `runtime.generate.prefill`. `runtime.generate.generate` prefills through it; the
+batching scheduler (runtime/batching.py) through `PrefillJob`, the same steps runnable a chunk at
+a time, whose lookup happens at its first chunk (after the prompts admitted before it have stored
+their blocks, so a burst sharing a system prompt computes it once).
 
 Design.
 
@@ -376,8 +378,8 @@ def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelA
 class PrefillJob:
     """A prompt's prefill through the prefix cache, runnable in chunks.
 
-    The constructor looks the prompt up (`reused` positions come from the prefix cache, at most all
-    but the last token) and makes the batch-1 cache; each `advance(max_tokens)` runs the next at
+    The first `advance` looks the prompt up (`reused` positions come from the prefix cache, at most
+    all but the last token) and makes the batch-1 cache; each `advance(max_tokens)` runs the next at
     most `max_tokens` prompt tokens on top of it (all that is left when None) and returns True once
     the prompt is complete: then `logits` holds the last position's (vocab,) logits and the prompt's
     full blocks have been offered to the prefix cache. The batching scheduler runs a long prompt a
@@ -388,19 +390,28 @@ class PrefillJob:
 
     def __init__(self, engine, prompt_ids: list[int], prefix_cache: PrefixCache | None = None):
         self.engine, self.prompt, self.prefix_cache = engine, list(prompt_ids), prefix_cache
-        found = prefix_cache.lookup(self.prompt, engine) if prefix_cache is not None else None
-        self.reused = found.length if found is not None else 0
-        self.cache = engine.cache_from_kv(found) if found is not None else engine.new_cache()
-        self.done = self.reused  # prompt positions in the cache
+        self.reused = 0  # prompt positions that came from the prefix cache (known after the first chunk)
+        self.cache = None  # the batch-1 cache, made by the first chunk
+        self.done = 0  # prompt positions in the cache
         self.logits: np.ndarray | None = None
 
     @property
     def remaining(self) -> int:
         return len(self.prompt) - self.done
 
+    def _start(self) -> None:
+        """Look the prompt up now (not at construction: prompts admitted before this one may still
+        be storing the blocks it shares) and make the cache."""
+        found = self.prefix_cache.lookup(self.prompt, self.engine) if self.prefix_cache is not None else None
+        self.reused = self.done = found.length if found is not None else 0
+        self.cache = self.engine.cache_from_kv(found) if found is not None else self.engine.new_cache()
+
     def advance(self, max_tokens: int | None = None) -> bool:
-        """Run the next chunk of the prompt; True when it is complete (then `logits` is set)."""
+        """Run the next chunk of the prompt (the first one looks it up in the prefix cache first);
+        True when the prompt is complete (then `logits` is set)."""
         n = len(self.prompt)
+        if self.cache is None:
+            self._start()
         if self.done >= n:
             return True
         end = n if max_tokens is None else min(n, self.done + max(1, int(max_tokens)))

@@ -432,6 +432,28 @@ def test_a_long_prompt_joins_in_chunks_between_the_decode_steps_of_running_reque
     assert engine.log[:3] == [("prompt", 12), ("prompt", 16), ("step", 1)]
 
 
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_a_burst_sharing_a_system_prompt_computes_it_once(models, ids, chunk):
+    """Four requests with one 48-token system prompt, queued together: the first one's prefill
+    stores the shared blocks before the others look them up (lookups happen at a prompt's first
+    chunk, not at admission), so three of them reuse 48 tokens; answers equal one at a time."""
+    from runtime.prefix_cache import PrefixCache
+
+    engine = models["onnxruntime"].engine
+    cache = PrefixCache(64 << 20, block_tokens=16)
+    cache.bind("burst")
+    system = ids[:48]
+    burst = [system + ids[100 + 30 * i:110 + 30 * i] for i in range(4)]
+    params = SamplingParams(max_tokens=8)
+    sched = Scheduler(engine, max_batch=8, prefix_cache=cache, prefill_chunk=chunk, start=False)
+    handles = [sched.submit(p, params) for p in burst]
+    sched.start()
+    assert [h.tokens(TIMEOUT) for h in handles] == [alone(engine, p, params) for p in burst]
+    sched.close()
+    stats = cache.stats()
+    assert stats.hits == 3 and stats.hit_tokens == 3 * 48
+
+
 def test_prefill_chunk_is_validated_and_changes_live(models, prompts):
     engine = models["onnxruntime"].engine
     with pytest.raises(ValueError, match=r"prefill_chunk=-1 is invalid: must be a number of prompt tokens"):

@@ -110,11 +110,12 @@ def test_a_prefill_job_run_in_chunks_equals_the_whole_prefill(models, ids, backe
     prefill_cached(engine, system, cache)
     whole_logits, whole_cache, _ = prefill_cached(engine, prompt)  # no cache: all 70 tokens at once
     job = PrefillJob(engine, prompt, cache)
-    assert (job.reused, job.done, job.remaining) == (32, 32, 38)
+    assert (job.reused, job.done, job.remaining) == (0, 0, 70)  # the lookup waits for the first chunk
     chunks = []
     while not job.advance(7):
         chunks.append(job.done)
         assert job.logits is None
+    assert job.reused == 32  # 2 blocks from the cache, then 7 tokens a chunk
     assert chunks == [39, 46, 53, 60, 67] and job.done == 70 and job.advance(7)  # complete: nothing more runs
     np.testing.assert_allclose(job.logits, whole_logits, atol=1e-4)
     step = [engine.forward(np.array([[5]]), np.array([[70]]), np.ones((1, 71), np.int64), c)[0][0]
