@@ -318,8 +318,13 @@ class Scheduler:
             with self._cond:
                 self.on_load(self._stats())
         for item in self._admissions():
-            if self._admit(item):
-                changed = True
+            try:
+                if self._admit(item):
+                    changed = True
+            except Exception as exc:  # this request only; the others taken with it are still admitted
+                log.warning("batching: admitting a request failed: %s", exc)
+                item.handle._finish(EngineFailed(f"the request could not be started ({exc}); "
+                                                 "the request was ended, others go on"))
         with self._cond:
             if self._abort is not None:
                 self._end_all(SchedulerClosed(self._abort))

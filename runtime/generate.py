@@ -33,6 +33,8 @@ class SamplingParams:
             ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, ">= 0"),
             ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty, 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
+            ("seed", self.seed, self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                                      and self.seed >= 0), "an integer >= 0, or unset"),
         ]
         for name, value, ok, allowed in checks:
             if not ok:

@@ -469,6 +469,22 @@ def test_prefill_chunk_is_validated_and_changes_live(models, prompts):
     sched.close()
 
 
+def test_a_request_that_fails_to_start_ends_alone_and_the_others_taken_with_it_run(models, prompts):
+    """A request whose admission raises (here a seed that slipped past validation) is ended with
+    EngineFailed; the request admitted at the same boundary still runs; the worker serves on."""
+    engine = models["onnxruntime"].engine
+    bad, good = SamplingParams(max_tokens=5), SamplingParams(max_tokens=5)
+    object.__setattr__(bad, "seed", -1)  # numpy refuses it when the scheduler makes the generator
+    sched = scheduler(engine, max_batch=8, start=False)
+    handles = [sched.submit(prompts[0], bad), sched.submit(prompts[1], good)]
+    sched.start()
+    with pytest.raises(EngineFailed, match=r"could not be started .*the request was ended, others go on"):
+        handles[0].tokens(TIMEOUT)
+    assert handles[1].tokens(TIMEOUT) == alone(engine, prompts[1], good)
+    assert sched.submit(prompts[2], good).tokens(TIMEOUT) == alone(engine, prompts[2], good)
+    sched.close()
+
+
 def test_bad_requests_and_closing(models, prompts):
     engine = models["onnxruntime"].engine
     sched = scheduler(engine, start=False)

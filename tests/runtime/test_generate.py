@@ -50,7 +50,7 @@ def test_greedy_and_seeded_sampling():
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.5), ("top_p", 0.0), ("top_k", -1),
-                                         ("max_tokens", 0), ("repetition_penalty", 0.0)])
+                                         ("max_tokens", 0), ("repetition_penalty", 0.0), ("seed", -1), ("seed", 1.5)])
 def test_invalid_settings_name_the_field(field, value):
     with pytest.raises(RequestError, match=f"{field}={value!r}"):
         SamplingParams(**{field: value})
