@@ -18,7 +18,9 @@ deadline after those with one, in arrival order). The worker loops over step bou
    Each admitted request is prefilled alone at batch 1 (through the prefix cache when one is
    given) and its first token sampled from the prefill's logits. With no row decoding, a prompt
    runs whole; while rows decode, at most `prefill_chunk` prompt tokens run per boundary (oldest
-   prompt first), so a long prompt stalls the decoding rows for a chunk at a time;
+   prompt first), so a long prompt stalls the decoding rows for a chunk at a time (not on engines
+   that swap one state per request, OpenVINO: there every chunk would copy the batch's state out
+   and back, so prompts run whole);
 3. the batch (`engine.new_batch()`, a runtime.engine.DecodeBatch) follows: a row that left
    gives up its slot (the last row moves into it), an admitted row's KV is copied into a new
    slot. On ONNX Runtime that is all that is copied and each row attends over its own positions
@@ -400,8 +402,9 @@ class Scheduler:
         step rather than for whole prompts. A prompt that completes samples its first token and
         joins the batch. True if the set of requests changed."""
         changed, budget = False, None
+        chunked = self.prefill_chunk and not getattr(self.engine, "swaps_state", False)  # see OpenVinoEngine
         while self._prefills:
-            if self._rows and self.prefill_chunk:
+            if self._rows and chunked:
                 budget = self.prefill_chunk if budget is None else budget
                 if budget <= 0:
                     break

@@ -701,6 +701,9 @@ class OvCache(KVCache):
 
 class OpenVinoEngine:
     backend = "openvino"
+    # one infer request holds one sequence's state: running another cache copies the active one out and
+    # the other in, so interleaving a prompt's chunks with batch steps would copy both at every chunk
+    swaps_state = True
 
     def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None, device: str = "CPU",
                  precision: str | None = "f32", kv_cache_precision: str | None = "f32", pinned: bool | None = None):
