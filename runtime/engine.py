@@ -381,7 +381,8 @@ class RaggedBatch(DecodeBatch):
     slots (a contiguous view, no copy) with a mask of 1 over each row's own positions plus the new
     one: the graph takes each row's length from it, GroupQueryAttention writes the row's new key and
     value at that position and attends over that row's positions only. Slots and positions grow by
-    doubling (a copy of what is held); when the last row leaves, the buffers are released."""
+    doubling (a copy of what is held) and shrink (a copy too) when a removal leaves a quarter of
+    either in use; when the last row leaves, the buffers are released."""
 
     def __init__(self, engine: "OnnxRuntimeEngine"):
         self.engine, self.arch = engine, engine.arch
@@ -405,12 +406,28 @@ class RaggedBatch(DecodeBatch):
         new_slots = max(rows, 2 * slots) if rows > slots else slots
         cap = self.capacity if positions <= self.capacity else \
             max(positions, min(max(2 * self.capacity, positions + KV_HEADROOM, 256), arch.max_positions))
-        shape = (new_slots, arch.num_kv_heads, cap, arch.head_dim)
+        self._realloc(new_slots, cap)
+
+    def _shrink(self) -> None:
+        """After a removal: when a quarter of the slots or of the positions would do, reallocate to
+        twice the rows and the longest row plus headroom, so that one long or crowded moment does not
+        keep its memory for as long as the batch never empties."""
+        slots, held = self.buffers[0].shape[0], int(self._lengths[:self.rows].max())
+        fit = min(max(held + 1 + KV_HEADROOM, 256), self.arch.max_positions)
+        new_slots = 2 * self.rows if slots >= 4 * self.rows else slots
+        new_cap = fit if self.capacity >= 4 * fit else self.capacity
+        if (new_slots, new_cap) != (slots, self.capacity):
+            self._realloc(new_slots, new_cap)
+
+    def _realloc(self, slots: int, cap: int) -> None:
+        """New buffers of `slots` x `cap` positions holding the rows' positions (copied)."""
+        arch = self.arch
+        shape = (slots, arch.num_kv_heads, cap, arch.head_dim)
         fresh = [np.zeros(shape, np.float32) for _ in range(2 * arch.num_layers)]
         held = int(self._lengths[:self.rows].max()) if self.rows else 0
         for new, old in zip(fresh, self.buffers):
             new[:self.rows, :, :held] = old[:self.rows, :, :held]
-        lengths = np.zeros(new_slots, np.int64)
+        lengths = np.zeros(slots, np.int64)
         lengths[:self.rows] = self._lengths[:self.rows]
         self.buffers, self.capacity, self._lengths, self._view = fresh, cap, lengths, None
 
@@ -437,6 +454,8 @@ class RaggedBatch(DecodeBatch):
         if not self.rows:  # memory back to the process (the sessions' bindings let go too); the next row starts small
             self.buffers, self.capacity, self._lengths = [], 0, np.zeros(0, np.int64)
             self.engine._drop_stale_bindings()
+        else:
+            self._shrink()
         return last if slot != last else None
 
     def step(self, input_ids) -> np.ndarray:

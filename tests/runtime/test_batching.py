@@ -77,10 +77,10 @@ def _engines(case, fp32_bundle, int8_bundle):
     if case == "openvino":
         engine = load_model(fp32_bundle, "openvino").engine
         return engine, engine, "MergedBatch", engine.new_batch()
-    if case == "onnxruntime-int8":  # 4+ rows run on the W8A8 prefill graph: the reference runs every step there
+    if case == "onnxruntime-int8":  # every step on the W8A8 prefill graph (4+ rows would be anyway), both engines
         engine = load_model(int8_bundle, "onnxruntime", prefill_graph=True).engine
         ref = load_model(int8_bundle, "onnxruntime", prefill_graph=True).engine
-        ref.prefill_min_rows = 1
+        engine.prefill_min_rows = ref.prefill_min_rows = 1
         assert engine.prefill_graph == "prefill.onnx"
         return engine, ref, "RaggedBatch", engine.new_batch()
     engine = load_model(fp32_bundle, "onnxruntime").engine
@@ -127,6 +127,12 @@ def test_decode_batch_rows_step_as_if_alone_through_joins_and_leaves(case, fp32_
     step_and_check(19)
     with pytest.raises(ValueError, match="batch slot 9 does not exist; the batch has 4 row"):
         batch.remove(9)
+    for _ in range(2):  # down to 2 rows: a RaggedBatch gives back the slots it no longer needs
+        assert batch.remove(0) == batch.rows
+        state[0] = state.pop()
+    if kind == "RaggedBatch":
+        assert batch.buffers[0].shape[0] == 4  # 8 slots (grown by doubling for 5 rows) -> 2 x 2 rows
+    step_and_check(21)  # the rows moved by the removals and the reallocation still decode as if alone
     batch.step(np.full(batch.rows, 23))  # the batch is what the engine ran last
     held = weakref.ref(batch.buffers[0]) if kind == "RaggedBatch" else None
     while batch.rows:
@@ -134,6 +140,26 @@ def test_decode_batch_rows_step_as_if_alone_through_joins_and_leaves(case, fp32_
     if kind == "RaggedBatch":  # its KV memory is freed, the sessions' IO bindings let go of it too
         gc.collect()
         assert batch.buffers == [] and batch.capacity == 0 and held() is None
+
+
+def test_a_ragged_batch_gives_back_the_positions_of_a_long_row_that_left(models, ids):
+    """A 1100-token row grows every slot to 1229 positions; once it leaves, the 12-position row that
+    stays gets buffers of 256 positions, and it goes on decoding as it would alone."""
+    engine = models["onnxruntime"].engine
+    long, short = ids[:1100], ids[2000:2012]
+    assert len(long) == 1100
+    batch = engine.new_batch()
+    for seq in (long, short):
+        batch.add(CacheRow(prefill(engine, seq)[1]))
+    batch.step(np.array([7, 7]))
+    assert batch.capacity == 1100 + 1 + 128
+    assert batch.remove(0) == 1 and batch.lengths() == [13]
+    assert batch.capacity == 256 and batch.buffers[0].shape[2] == 256
+    got = batch.step(np.array([9]))[0]
+    _, alone_cache = prefill(engine, short)
+    engine.forward(np.array([[7]]), np.array([[12]]), np.ones((1, 13), np.int64), alone_cache)
+    want = engine.forward(np.array([[9]]), np.array([[13]]), np.ones((1, 14), np.int64), alone_cache)[0][0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_graphs_without_the_ragged_tag_get_merged_batches(fp32_bundle, tmp_path, prompts):
