@@ -293,7 +293,9 @@ class Scheduler:
             self._cond.notify_all()
 
     def _stats(self) -> SchedulerStats:
-        return SchedulerStats(len(self._rows) + len(self._prefills), len(self._queue), self.max_batch, self.window_ms)
+        # rows that ended in the last step leave the batch at the next boundary; they are no longer in flight
+        active = sum(1 for r in list(self._rows) if not r.handle.done) + len(self._prefills)
+        return SchedulerStats(active, len(self._queue), self.max_batch, self.window_ms)
 
     # --- the worker -----------------------------------------------------------------------------
     def _run(self) -> None:
