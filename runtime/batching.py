@@ -381,7 +381,7 @@ class Scheduler:
             return taken
 
     def _admit(self, item: _Queued) -> bool:
-        """Start one request's prefill (its prefix-cache lookup); False if it already ended."""
+        """Queue one request's prefill (it runs in `_prefill_chunks`); False if it already ended."""
         handle, params = item.handle, item.handle.params
         handle.admitted_at = time.monotonic()
         if handle.cancelled:
@@ -389,11 +389,7 @@ class Scheduler:
             return False
         row = _Row(handle, params, np.random.default_rng(params.seed), list(item.prompt),
                    set(params.stop_token_ids) | set(self.engine.arch.eos_token_ids))
-        try:
-            row.job = PrefillJob(self.engine, item.prompt, self.prefix_cache)
-        except Exception as exc:
-            self._prefill_failed(row, exc)
-            return False
+        row.job = PrefillJob(self.engine, item.prompt, self.prefix_cache)
         self._prefills.append(row)
         return True
 
