@@ -46,9 +46,16 @@ class LoadedModel:
     def execution_info(self) -> dict:
         """Backend, device, threads, pinning and precision hints, and how they were chosen; for ONNX
         Runtime also the prefill graph serving prompts (its file name, or None: the decode graph), whether it
-        serves everything (`prefill_only`) and why that mode (`prefill_mode`, e.g. "auto: both graphs ... fit")."""
+        serves everything (`prefill_only`) and why that mode (`prefill_mode`, e.g. "auto: both graphs ... fit");
+        `batches`: how concurrent requests are decoded together (runtime.engine.RaggedBatch or MergedBatch)."""
         path = self.path or Candidate(self.backend, str(getattr(self.engine, "device", "CPU")))
         info = {**path.to_dict(), "description": path.describe(), "chosen_by": self.chosen_by}
+        if getattr(self.engine, "ragged_batches", False):
+            info["batches"] = "row-aligned"
+        elif self.backend == "onnxruntime":
+            info["batches"] = "merged (the bundle predates row-aligned batches: re-export it)"
+        else:
+            info["batches"] = "merged"
         if self.backend == "onnxruntime":
             info["prefill_graph"] = getattr(self.engine, "prefill_graph", None)
             info["prefill_only"] = getattr(self.engine, "prefill_only", False)

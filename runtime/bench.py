@@ -233,6 +233,8 @@ def format_report(report: dict) -> str:
         lines.insert(1, f"prefill graph: {path['prefill_mode']}")
     if report["concurrency"]:
         c = report["concurrency"]
+        if path.get("batches"):
+            lines.append(f"  batches         {path['batches']}")
         lines.append(f"  concurrency {c['requests']:<3} {c['aggregate_tok_s']['median']:9.1f} tok/s aggregate, "
                      f"TTFT p50 {c['ttft_ms']['p50']:.1f} ms, p95 {c['ttft_ms']['p95']:.1f} ms, between tokens "
                      f"p50 {c['inter_token_ms']['p50']:.1f} ms, p95 {c['inter_token_ms']['p95']:.1f} ms, max "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import time
 import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -46,6 +47,11 @@ def alone(engine, prompt, params) -> list[int]:
 
 def scheduler(engine, sizes: list | None = None, **kw) -> Scheduler:
     return Scheduler(engine, on_step=(sizes.append if sizes is not None else None), **kw)
+
+
+def test_the_execution_info_names_the_kind_of_batches(models):
+    assert models["onnxruntime"].execution_info()["batches"] == "row-aligned"
+    assert models["openvino"].execution_info()["batches"] == "merged"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -185,6 +191,11 @@ def test_graphs_without_the_ragged_tag_get_merged_batches(fp32_bundle, tmp_path,
     arch = ModelArch.from_manifest(json.loads((fp32_bundle / "manifest.json").read_text())["architecture"])
     engine = load_engine("onnxruntime", ort_dir / "model.onnx", arch)
     assert not engine.ragged_batches and type(engine.new_batch()).__name__ == "MergedBatch"
+    from agent.model import LoadedModel  # what the agent and `edgeglm bench` report for such a bundle
+
+    assert LoadedModel.execution_info(SimpleNamespace(
+        path=None, backend="onnxruntime", engine=engine, chosen_by="configured", prefill=None))["batches"] == \
+        "merged (the bundle predates row-aligned batches: re-export it)"
     params = [SamplingParams(max_tokens=n) for n in (12, 5, 9)]
     sched = scheduler(engine, max_batch=8, start=False)
     handles = [sched.submit(p, s) for p, s in zip(prompts[:3], params)]

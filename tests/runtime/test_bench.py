@@ -58,6 +58,7 @@ def test_run_bench_single_stream_concurrency_and_prefix(int8_bundle):
     assert report["execution_path"]["backend"] == "onnxruntime" and report["execution_path"]["chosen_by"] == "configured"
     text = format_report(report)
     assert "TTFT" in text and "concurrency 3" in text and "between tokens p50" in text and "32 cached tokens" in text
+    assert "batches         row-aligned" in text
 
 
 def test_bench_json_on_the_autotuned_path(int8_bundle, tmp_path):
