@@ -339,6 +339,12 @@ def _batch_one(cache: KVCache, length: int) -> None:
                          "positions: export_kv takes a batch-1 cache and at most the positions it holds")
 
 
+def _grown_capacity(current: int, needed: int, arch: ModelArch) -> int:
+    """Positions for a cache buffer that must hold `needed`: at least doubling, with `KV_HEADROOM` more for
+    the tokens that follow and 256 at the least, capped by the context window (never below `needed`)."""
+    return max(needed, min(max(2 * current, needed + KV_HEADROOM, 256), arch.max_positions))
+
+
 class OrtCache(KVCache):
     """Per-layer key/value buffers (batch, kv_heads, capacity, head_dim); positions [0, length) valid."""
 
@@ -356,7 +362,7 @@ class OrtCache(KVCache):
         ~15 ms)."""
         if needed <= self.capacity:
             return False
-        cap = max(needed, min(max(2 * self.capacity, needed + KV_HEADROOM, 256), arch.max_positions))
+        cap = _grown_capacity(self.capacity, needed, arch)
         shape = (self.batch, arch.num_kv_heads, cap, arch.head_dim)
         fresh = [np.zeros(shape, np.float32) for _ in range(2 * arch.num_layers)]
         for new, old in zip(fresh, self.buffers):
@@ -404,8 +410,7 @@ class RaggedBatch(DecodeBatch):
             raise ValueError(f"a batch row would hold {positions} positions; the context window is "
                              f"{arch.max_positions}")
         new_slots = max(rows, 2 * slots) if rows > slots else slots
-        cap = self.capacity if positions <= self.capacity else \
-            max(positions, min(max(2 * self.capacity, positions + KV_HEADROOM, 256), arch.max_positions))
+        cap = self.capacity if positions <= self.capacity else _grown_capacity(self.capacity, positions, arch)
         self._realloc(new_slots, cap)
 
     def _shrink(self) -> None:
