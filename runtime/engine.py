@@ -548,6 +548,37 @@ def prefill_mode(value: bool | str) -> str:
     return value
 
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def require_provider(session, provider: str) -> None:
+    """Raise BackendUnavailable unless `session` really runs on `provider` (not a CPU session made instead)."""
+    running = session.get_providers()
+    if provider not in running:
+        raise BackendUnavailable(f"ONNX Runtime execution provider {provider!r} did not start; the session runs on "
+                                 f"{', '.join(running)} instead")
+
+
+def _first_line(exc: Exception) -> str:
+    """ONNX Runtime's message without its C++ source location ("/src/x.cc:729 void f(args) Please install ...")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ [^()]*\([^()]*\)\s*", "", lines[0]) if lines else type(exc).__name__
+    return text[:300]
+
+
+def _preload_gpu_libraries(ort) -> None:
+    """Load the CUDA and cuDNN libraries that `pip install onnxruntime-gpu[cuda,cudnn]` puts in the nvidia-*
+    packages, so that the CUDA provider finds them without LD_LIBRARY_PATH (onnxruntime >= 1.21; a
+    system-wide CUDA install is found by the loader either way)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # missing wheels: the provider may still find a system CUDA
+        log.debug("onnxruntime.preload_dlls: %s", exc)
+
+
 class OnnxRuntimeEngine:
     backend = "onnxruntime"
 
@@ -563,6 +594,8 @@ class OnnxRuntimeEngine:
         mode = prefill_mode(prefill_graph)
 
         self.arch, self._ort = arch, ort
+        if provider in GPU_PROVIDERS:
+            _preload_gpu_libraries(ort)
         if provider not in ort.get_available_providers():
             raise BackendUnavailable(f"ONNX Runtime execution provider {provider!r} is not available; found: "
                                      f"{', '.join(ort.get_available_providers())}")
@@ -587,9 +620,17 @@ class OnnxRuntimeEngine:
 
         def session(path: Path, opts=None):
             try:
-                return ort.InferenceSession(str(path), opts or options(), providers=providers)
+                # enable_fallback=0: when the provider cannot start (a GPU provider without its CUDA or TensorRT
+                # libraries), ONNX Runtime's Python layer would otherwise print to stdout and quietly make a CPU
+                # session, which the autotune would then measure and report as that provider
+                made = ort.InferenceSession(str(path), opts or options(), providers=providers, enable_fallback=0)
             except Exception as exc:  # ORT raises its own untyped errors for bad files
+                if provider != "CPUExecutionProvider":  # missing CUDA/TensorRT libraries, no device, an op it lacks
+                    raise BackendUnavailable(f"ONNX Runtime execution provider {provider!r} could not load "
+                                             f"{path.name}: {_first_line(exc)}") from None
                 raise ModelLoadError(f"{path}: ONNX Runtime could not load the model ({exc})") from None
+            require_provider(made, provider)
+            return made
 
         # with a prefill graph, two sessions take turns on the same cores: each one's worker threads may
         # spin only briefly after a run. ORT's default spin kept them busy for tens of ms, taking the cores

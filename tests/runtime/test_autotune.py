@@ -270,3 +270,26 @@ def test_paths_are_measured_one_at_a_time_when_they_would_not_fit(int8_bundle):
     assert _groups(bundle, cands, 2 * need) == [cands]
     assert _groups(bundle, cands, 2 * need - 2) == [[c] for c in cands]
     assert _groups(bundle, cands, None) == [cands]  # unknown memory: together
+
+
+def test_a_session_that_is_not_on_the_provider_asked_for_is_refused(int8_bundle):
+    """ONNX Runtime can hand back a CPU session when a GPU provider cannot start (seen on a CUDA machine
+    without TensorRT's libraries: the autotune measured the CPU and reported TensorRT); the engine checks
+    the session's providers, so such a path is excluded with the reason instead."""
+    import onnxruntime as ort
+
+    from runtime.engine import _first_line, require_provider
+
+    bundle = open_bundle(int8_bundle)
+    session = ort.InferenceSession(str(bundle.path(bundle.manifest.backends["onnxruntime"].entry)),
+                                   providers=[ORT_CPU])
+    require_provider(session, ORT_CPU)
+    with pytest.raises(BackendUnavailable, match="'CUDAExecutionProvider' did not start; the session runs on "
+                                                 "CPUExecutionProvider instead"):
+        require_provider(session, "CUDAExecutionProvider")
+    # ONNX Runtime's messages start with a C++ source location; the reason a user can act on follows it
+    raw = RuntimeError("/onnxruntime_src/onnxruntime/python/onnxruntime_pybind_state.cc:729 void onnxruntime::"
+                       "python::RegisterTensorRTPluginsAsCustomOps(PySessionOptions&, const onnxruntime::"
+                       "ProviderOptions&) Please install TensorRT libraries as mentioned in the GPU requirements "
+                       "page\nmore")
+    assert _first_line(raw) == "Please install TensorRT libraries as mentioned in the GPU requirements page"
