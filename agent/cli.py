@@ -123,7 +123,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from runtime.probe import format_hardware, probe_hardware
+    from runtime.probe import device_report, format_hardware, probe_hardware
 
     if args.bundle is None and (args.retune or args.cache_dir):
         raise CliError(f"{'--retune' if args.retune else '--cache-dir'} tunes a bundle's execution path: "
@@ -132,7 +132,8 @@ def cmd_probe(args) -> int:
     tuning = _autotune(args, info) if args.bundle is not None else None
     if args.json:
         extra = {"autotune": tuning.to_dict()} if tuning else {}
-        print(json.dumps({**info.to_dict(), "fingerprint": info.fingerprint(), **extra}, indent=2))
+        print(json.dumps({**info.to_dict(), "devices": device_report(info), "fingerprint": info.fingerprint(),
+                          **extra}, indent=2))
     else:
         from runtime.autotune import format_result
 

@@ -42,7 +42,7 @@ from ota.update import Offer, State, UpdateFailed, Updater, UpdaterDeps
 from runtime.engine import architecture_problem, available_backends
 from runtime.errors import RequestError, RuntimeUserError
 from runtime.generate import SamplingParams
-from runtime.probe import probe_hardware
+from runtime.probe import device_report, probe_hardware
 
 log = logging.getLogger("edgeglm.agent")
 
@@ -124,7 +124,7 @@ class Agent:
             device=self.cfg.device.id, online=online, agent_version=__version__,
             hardware={"cpu": self.hardware.cpu.model, "cores": self.hardware.cpu.logical_cores,
                       "features": list(self.hardware.cpu.features), "fingerprint": self.hardware.fingerprint(),
-                      "backends": available_backends(),
+                      "backends": available_backends(), "devices": device_report(self.hardware),
                       "execution": m.execution_info() if m else None},  # backend, device, threads, hints
             execution_path=self._execution_path(),
             model=ModelRef(name=m.bundle.manifest.name, version=m.bundle.manifest.version, sha256=m.bundle.sha256)

@@ -74,12 +74,23 @@ class BackendInfo:
 
 
 @dataclass(frozen=True)
+class DeviceInfo:
+    """A GPU or NPU the operating system sees, whether or not an installed backend can use it."""
+
+    kind: str  # "GPU" or "NPU"
+    vendor: str  # "NVIDIA", "Intel", "AMD", ... or the PCI vendor id
+    name: str  # the model where the driver names it, else the PCI ids
+    driver: str | None = None
+
+
+@dataclass(frozen=True)
 class HardwareInfo:
     cpu: CpuInfo
     memory: MemoryInfo
     backends: tuple[BackendInfo, ...]
     os: str
     python: str
+    devices: tuple[DeviceInfo, ...] = ()  # GPUs and NPUs found in /proc and /sys (see probe_devices)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # tuples become lists: JSON-safe
@@ -288,6 +299,90 @@ def probe_backend(name: str) -> BackendInfo:
         return BackendInfo(name, None, False, (), f"{type(exc).__name__}: {exc}")
 
 
+PCI_VENDORS = {"0x10de": "NVIDIA", "0x8086": "Intel", "0x1002": "AMD", "0x1022": "AMD"}
+# DRM drivers of GPUs that compute; display-only and virtual ones (simpledrm, virtio_gpu, bochs, ...) are left out
+GPU_DRIVERS = {"i915": "Intel", "xe": "Intel", "amdgpu": "AMD", "nouveau": "NVIDIA", "nvidia-drm": "NVIDIA",
+               "nvidia": "NVIDIA", "panfrost": "ARM", "panthor": "ARM", "mali": "ARM", "msm": "Qualcomm",
+               "msm_drm": "Qualcomm"}
+NPU_DRIVERS = {"intel_vpu": "Intel", "amdxdna": "AMD", "qaic": "Qualcomm", "habanalabs": "Intel"}
+
+
+def _uevent(path: Path) -> dict[str, str]:
+    out = {}
+    for line in (_read(path) or "").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _pci_name(device: Path) -> str:
+    ids = [(_read(device / f) or "").strip() for f in ("vendor", "device")]
+    return ":".join(i.removeprefix("0x") for i in ids) if all(ids) else "unknown model"
+
+
+def probe_devices(root: str | Path = "/") -> tuple[DeviceInfo, ...]:
+    """GPUs and NPUs the kernel knows, read from /proc/driver/nvidia (NVIDIA's driver names the model),
+    /sys/class/drm (GPUs by their driver) and /sys/class/accel (NPUs). Best effort: nothing readable,
+    nothing found."""
+    root = Path(root)
+    found: list[DeviceInfo] = []
+    nvidia = root / "proc/driver/nvidia/gpus"
+    try:
+        for bus in sorted(nvidia.iterdir()):
+            info = {k.strip(): v.strip() for k, _, v in
+                    (line.partition(":") for line in (_read(bus / "information") or "").splitlines())}
+            found.append(DeviceInfo("GPU", "NVIDIA", info.get("Model") or bus.name, "nvidia"))
+    except OSError:
+        pass
+    seen_nvidia = bool(found)
+    for cls, kind, drivers in (("drm", "GPU", GPU_DRIVERS), ("accel", "NPU", NPU_DRIVERS)):
+        try:
+            entries = sorted((root / "sys/class" / cls).iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.name.removeprefix("card" if cls == "drm" else "accel").isdigit():
+                continue  # connectors (card0-HDMI-A-1) and render nodes
+            device = entry / "device"
+            driver = _uevent(device / "uevent").get("DRIVER")
+            vendor = drivers.get(driver or "")
+            if vendor is None or (vendor == "NVIDIA" and seen_nvidia):
+                continue
+            pci_vendor = (_read(device / "vendor") or "").strip()
+            found.append(DeviceInfo(kind, PCI_VENDORS.get(pci_vendor, vendor), _pci_name(device), driver))
+    return tuple(found)
+
+
+# what a device needs before a backend of edgeglm can use it, by (kind, vendor)
+DEVICE_HINTS = {
+    ("GPU", "NVIDIA"): "ONNX Runtime's CUDA provider uses it: replace onnxruntime with onnxruntime-gpu "
+                       "(pip install 'onnxruntime-gpu[cuda,cudnn]'), then probe again",
+    ("GPU", "Intel"): "OpenVINO's GPU plugin uses it once Intel's compute runtime is installed "
+                      "(intel-opencl-icd / level-zero), then probe again",
+    ("NPU", "Intel"): "OpenVINO's NPU plugin uses it once the Intel NPU driver is installed, then probe again",
+}
+DEVICE_USERS = {("GPU", "NVIDIA"): ("onnxruntime:CUDAExecutionProvider", "onnxruntime:TensorrtExecutionProvider"),
+                ("GPU", "Intel"): ("openvino:GPU",), ("NPU", "Intel"): ("openvino:NPU",)}
+
+
+def device_report(info: "HardwareInfo") -> list[dict[str, Any]]:
+    """Each device found, with the backend paths that can use it (`used_by`) or, when none can, what to
+    install (`hint`)."""
+    paths = accelerators(info)
+    report = []
+    for d in info.devices:
+        users = DEVICE_USERS.get((d.kind, d.vendor), ())
+        used_by = [p for p in paths if p.split(".")[0].split(" ")[0] in users]
+        hint = None
+        if not used_by:
+            hint = DEVICE_HINTS.get((d.kind, d.vendor),
+                                    "no backend of edgeglm runs on it (ONNX Runtime CUDA/TensorRT on NVIDIA GPUs, "
+                                    "OpenVINO on Intel GPUs and NPUs)")
+        report.append({**dataclasses.asdict(d), "used_by": used_by, "hint": hint})
+    return report
+
+
 def probe_hardware() -> HardwareInfo:
     return HardwareInfo(
         cpu=probe_cpu(),
@@ -295,6 +390,7 @@ def probe_hardware() -> HardwareInfo:
         backends=(probe_backend("openvino"), probe_backend("onnxruntime")),
         os=platform.platform(),
         python=sys.version.split()[0],
+        devices=probe_devices(),
     )
 
 
@@ -318,7 +414,11 @@ def format_hardware(info: HardwareInfo) -> str:
             lines.append(f"{b.name}: unavailable ({b.error})")
             continue
         lines.append(f"{b.name} {b.version}: {', '.join(b.devices) or 'no devices'}")
-    if not accelerators(info):
+    for d in device_report(info):
+        use = f"used by {', '.join(d['used_by'])}" if d["used_by"] else f"not used: {d['hint']}"
+        name = d["name"] if d["name"].startswith(d["vendor"]) else f"{d['vendor']} {d['name']}"
+        lines.append(f"{d['kind']}:     {name} (driver {d['driver'] or 'unknown'}); {use}")
+    if not accelerators(info) and not info.devices:
         lines.append("no GPU or NPU found")
     lines.append(f"OS:      {info.os}, Python {info.python}")
     return "\n".join(lines)

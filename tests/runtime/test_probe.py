@@ -253,3 +253,59 @@ def test_the_tightest_cgroup_over_the_process_counts(monkeypatch):
     assert (mem.cgroup_limit_bytes, mem.cgroup_usage_bytes, mem.budget_bytes()) == (512 << 20, 200 << 20, 312 << 20)
     files[leaf + "/memory.max"] = str(256 << 20)  # the container's own limit is tighter still
     assert probe.probe_memory().budget_bytes() == 156 << 20
+
+
+def _sysfs(root: Path) -> Path:
+    """A /proc and /sys with an NVIDIA GPU (its driver names the model), an Intel GPU with a display
+    connector and a render node, the NVIDIA GPU's own DRM card, a virtual GPU and an Intel NPU."""
+    def write(rel: str, text: str) -> None:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+    write("proc/driver/nvidia/gpus/0000:19:00.0/information",
+          "Model: \t\t NVIDIA H200\nIRQ:   \t\t 38\nBus Location: \t 0000:19:00.0\n")
+    cards = (("card0", "i915", "0x8086", "0x56a0"), ("card1", "nvidia-drm", "0x10de", "0x2335"),
+             ("card2", "virtio_gpu", "0x1af4", "0x1050"))
+    for card, driver, vendor, device in cards:
+        write(f"sys/class/drm/{card}/device/uevent", f"DRIVER={driver}\nPCI_ID=X\n")
+        write(f"sys/class/drm/{card}/device/vendor", vendor + "\n")
+        write(f"sys/class/drm/{card}/device/device", device + "\n")
+    write("sys/class/drm/card0-HDMI-A-1/device/uevent", "DRIVER=i915\n")
+    write("sys/class/drm/renderD128/device/uevent", "DRIVER=i915\n")
+    write("sys/class/accel/accel0/device/uevent", "DRIVER=intel_vpu\n")
+    write("sys/class/accel/accel0/device/vendor", "0x8086\n")
+    write("sys/class/accel/accel0/device/device", "0x7d1d\n")
+    return root
+
+
+def test_gpus_and_npus_are_found_by_their_drivers_and_told_what_they_need(tmp_path):
+    """`edgeglm probe` says which GPU/NPU the box has, which backend path uses it and, where none can,
+    what to install (seen on a CUDA machine with the CPU-only onnxruntime: the GPU went unmentioned)."""
+    from dataclasses import replace
+
+    from runtime.probe import DeviceInfo, device_report, probe_devices
+
+    devices = probe_devices(_sysfs(tmp_path))
+    assert devices == (DeviceInfo("GPU", "NVIDIA", "NVIDIA H200", "nvidia"),
+                       DeviceInfo("GPU", "Intel", "8086:56a0", "i915"),
+                       DeviceInfo("NPU", "Intel", "8086:7d1d", "intel_vpu"))
+    assert probe_devices(tmp_path / "nothing") == ()
+
+    base = probe_hardware()
+    backends = (BackendInfo("openvino", "x", True, ("CPU (cpu)", "GPU.0 (Intel Arc)")),
+                BackendInfo("onnxruntime", "x", True, ("CPUExecutionProvider",)))
+    cpu_only = replace(base, devices=devices, backends=backends)
+    report = {(d["vendor"], d["kind"]): d for d in device_report(cpu_only)}
+    assert report[("NVIDIA", "GPU")]["used_by"] == [] and "onnxruntime-gpu" in report[("NVIDIA", "GPU")]["hint"]
+    assert report[("Intel", "GPU")]["used_by"] == ["openvino:GPU.0"] and report[("Intel", "GPU")]["hint"] is None
+    assert "NPU driver" in report[("Intel", "NPU")]["hint"]
+    text = format_hardware(cpu_only)
+    assert "GPU:     NVIDIA H200 (driver nvidia); not used: ONNX Runtime's CUDA provider" in text
+    assert "NPU:     Intel 8086:7d1d (driver intel_vpu); not used" in text
+    assert "used by openvino:GPU.0" in text and "no GPU or NPU found" not in text
+
+    with_cuda = replace(cpu_only, backends=(BackendInfo("onnxruntime", "x", True, (
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")),))
+    nvidia = device_report(with_cuda)[0]
+    assert nvidia["used_by"] == ["onnxruntime:TensorrtExecutionProvider", "onnxruntime:CUDAExecutionProvider"]
+    assert json.loads(json.dumps(device_report(with_cuda)))  # part of `edgeglm probe --json`
