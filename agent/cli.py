@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent import __version__
+from agent import DEVICE_HELP, __version__
 from ota.errors import BundleError
 from runtime.errors import RuntimeUserError
 
@@ -117,7 +117,7 @@ def cmd_generate(args) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    model = load_model(args.bundle, args.backend, args.threads)
+    model = load_model(args.bundle, args.backend, args.threads, device=args.device)
     run_generation(model, args.prompt, params)
     return 0
 
@@ -162,6 +162,7 @@ def cmd_bench(args) -> int:
     opts.check(1 << 62)  # the flags alone; the context window is checked once the model is known
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     model = load_model(args.bundle, args.backend, args.threads, cache_dir=cache_dir, progress=not args.json,
+                       device=args.device,
                        prefill_graph=args.prefill_graph)
     report = run_bench(model, opts)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -213,7 +214,7 @@ def cmd_agent(args) -> int:
 
         return install_from_args(args)
     overrides = {"model.bundle": args.bundle, "http.host": args.host, "http.port": args.port,
-                 "model.backend": args.backend, "model.slots_dir": args.state_dir}
+                 "model.backend": args.backend, "model.device": args.device, "model.slots_dir": args.state_dir}
     cfg = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from agent.daemon import run_agent
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--bundle", required=True)
     g.add_argument("--backend", default="auto", help="auto, openvino or onnxruntime")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
@@ -296,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="measure TTFT, decode speed, latency percentiles and memory of a bundle")
     be.add_argument("--bundle", required=True)
     be.add_argument("--backend", default="auto", help="auto (the autotuned path), onnxruntime or openvino")
+    be.add_argument("--device", default="auto", help=DEVICE_HELP)
     be.add_argument("--prompt-tokens", type=int, default=512)
     be.add_argument("--new-tokens", type=int, default=128)
     be.add_argument("--concurrency", type=int, default=1, help="requests at once through the batching scheduler")
@@ -337,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--host", help="HTTP API address (default 127.0.0.1)")
     a.add_argument("--port", type=int, help="HTTP API port (default 8321)")
     a.add_argument("--backend", help="auto, onnxruntime or openvino")
+    a.add_argument("--device", help=DEVICE_HELP)
     a.add_argument("--state-dir", help="model slots and update state (default /var/lib/edgeglm)")
     a.add_argument("--prefix", default="/", help="install: root to install under, like DESTDIR (default /)")
     a.add_argument("--user", default="edgeglm", help="install: the service user (default edgeglm)")

@@ -95,7 +95,8 @@ class Agent:
             verify_bundle_signature(open_bundle(path, verify=False), self._trusted_keys())
         # backend auto: the measured autotune, cached per (bundle, hardware) under the state dir
         return load_model(path, self.cfg.model.backend, self.cfg.model.threads, hardware=self.hardware,
-                          cache_dir=Path(self.cfg.model.slots_dir), prefill_graph=self.cfg.model.prefill_graph)  # results in <slots_dir>/autotune/
+                          cache_dir=Path(self.cfg.model.slots_dir), prefill_graph=self.cfg.model.prefill_graph,
+                          device=self.cfg.model.device)  # results in <slots_dir>/autotune/
 
     def activate(self, path: Path | None) -> None:
         """Serve the model in `path` (after its golden check); None serves nothing."""
@@ -302,7 +303,7 @@ class Agent:
         return UpdaterDeps(
             trusted_keys=keys, fetcher=_OfferFetcher(mqtt_fetcher),
             self_test=lambda slot, manifest: run_self_test(slot, manifest, SelfTestConfig(
-                backend=self.cfg.model.backend, threads=self.cfg.model.threads,
+                backend=self.cfg.model.backend, threads=self.cfg.model.threads, device=self.cfg.model.device,
                 prefill_graph=self.cfg.model.prefill_graph, max_latency_ratio=self.cfg.ota.max_latency_ratio,
                 min_delta_ms=self.cfg.ota.min_latency_delta_ms), self.model, self.http.on_engine),
             activate=self.activate, report=self._report_ota, agent_version=__version__,

@@ -33,6 +33,7 @@ from itertools import chain
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from agent import DEVICE_HELP
 from agent.config import BatchingSettings, CacheSettings, HttpSettings, SamplingSettings
 from agent.errors import ServeError
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServingMetrics
@@ -589,13 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--backend", help="auto, onnxruntime or openvino")
+    p.add_argument("--device", help=DEVICE_HELP)
     args = p.parse_args(argv)
     overrides = {"model.bundle": args.bundle, "http.host": args.host, "http.port": args.port,
-                 "model.backend": args.backend}
+                 "model.backend": args.backend, "model.device": args.device}
     try:
         cfg = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
         logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        model = load_model(cfg.model.bundle, cfg.model.backend, cfg.model.threads, prefill_graph=cfg.model.prefill_graph)
+        model = load_model(cfg.model.bundle, cfg.model.backend, cfg.model.threads, prefill_graph=cfg.model.prefill_graph,
+                           device=cfg.model.device)
         server = serve_http(cfg, model)
     except (AgentError, BundleError, RuntimeUserError) as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)

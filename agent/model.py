@@ -18,7 +18,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from ota.bundle import Bundle, open_bundle
-from runtime.autotune import Candidate, PrefillChoice, TuneResult, autotune, choose_prefill_graph, default_candidate
+from runtime.autotune import (Candidate, PrefillChoice, TuneResult, autotune, choose_prefill_graph, default_candidate,
+                              device_candidate)
 from runtime.engine import BACKENDS, ModelArch, available_backends, load_engine
 from runtime.errors import BackendUnavailable
 from runtime.golden import GoldenResult, check_golden
@@ -91,9 +92,14 @@ def choose_backend(bundle: Bundle, requested: str = "auto") -> str:
 
 def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = None, *, cache_dir: Path | None = None,
                 retune: bool = False, hardware=None, progress: bool = False,
-                prefill: str = "on") -> tuple[Candidate, TuneResult | None]:
+                prefill: str = "on", device: str = "auto") -> tuple[Candidate, TuneResult | None]:
     """The execution path: autotuned for `auto` with a `cache_dir` (ONNX Runtime paths measured with the
-    prefill-graph mode `prefill`), else the backend's CPU default."""
+    prefill-graph mode `prefill`), else the backend's CPU default, or the `device` named on it."""
+    if device != "auto":
+        if backend == "auto":
+            raise BackendUnavailable(f"device {device!r} needs a named backend (model.backend / --backend "
+                                     "onnxruntime or openvino); with backend auto the autotune picks the device")
+        return device_candidate(choose_backend(bundle, backend), device, threads), None
     if backend == "auto" and cache_dir is not None:
         from runtime.probe import probe_hardware
 
@@ -105,21 +111,23 @@ def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = Non
 
 def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | None = None, *,
                cache_dir: Path | None = None, retune: bool = False, hardware=None,
-               progress: bool = False, prefill_graph: bool | str = "auto", memory=None) -> LoadedModel:
+               progress: bool = False, prefill_graph: bool | str = "auto", memory=None,
+               device: str = "auto") -> LoadedModel:
     """Verify the bundle's files against its manifest, then load the model on its execution path.
 
     `cache_dir`: with backend `auto`, use (or make) the autotune result cached under `cache_dir/autotune/`.
     `prefill_graph`: True: ONNX Runtime runs prompts (and decode steps of 4+ sequences) on the bundle's prefill
     graph when it has one; False: never; "only": the prefill graph runs everything (the decode graph is not
     loaded); "auto": True where both graphs fit in half the memory this process can still take, else "only"
-    (runtime.autotune.choose_prefill_graph) with `memory` (a runtime.probe.MemoryInfo; default: read now)."""
+    (runtime.autotune.choose_prefill_graph) with `memory` (a runtime.probe.MemoryInfo; default: read now).
+    `device`: "auto", or a device of the named `backend` (runtime.autotune.device_candidate)."""
     from runtime.probe import probe_memory
 
     bundle = open_bundle(bundle_path)
     # decided first, so that the autotune loads ONNX Runtime the way it will serve (and no more memory)
     prefill = choose_prefill_graph(prefill_graph, bundle, memory if memory is not None else probe_memory())
     path, tuning = choose_path(bundle, backend, threads, cache_dir=cache_dir, retune=retune, hardware=hardware,
-                               progress=progress, prefill=prefill.mode)
+                               progress=progress, prefill=prefill.mode, device=device)
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
     options = path.engine_options()
     if path.backend == "onnxruntime":

@@ -27,6 +27,7 @@ from runtime.generate import decode_one_token, prefill
 class SelfTestConfig:
     backend: str = "auto"
     threads: int | None = None
+    device: str = "auto"  # model.device
     prefill_graph: bool | str = "auto"  # model.prefill_graph: "auto", true, false or "only"
     max_latency_ratio: float = 1.5
     min_delta_ms: float = 1.0  # slower by less than this is timing jitter, not a regression
@@ -52,7 +53,7 @@ def run_self_test(slot: Path, manifest: Manifest, cfg: SelfTestConfig, serving: 
     """Load the new slot, run its golden check and time its decode against `serving`'s. `on_engine(model,
     fn)` runs `fn` with the serving model's engine to itself (the agent's batching worker owns it)."""
     try:
-        model = load_model(slot, cfg.backend, cfg.threads, prefill_graph=cfg.prefill_graph)
+        model = load_model(slot, cfg.backend, cfg.threads, prefill_graph=cfg.prefill_graph, device=cfg.device)
     except RuntimeUserError as exc:
         return SelfTestResult(False, f"could not load the model: {exc}")
     golden = model.golden_check()

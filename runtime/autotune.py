@@ -110,6 +110,24 @@ class Candidate:
         return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
 
 
+ORT_PROVIDER_ALIASES = {"cpu": ORT_CPU, "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+                        "trt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
+
+
+def device_candidate(backend: str, device: str, threads: int | None = None) -> Candidate:
+    """The path of a device the user named (model.device / --device) on a named backend: an OpenVINO
+    device id as OpenVINO writes it ("CPU", "GPU", "GPU.1", "NPU"), or an ONNX Runtime execution
+    provider, in full or short ("CUDA", "TensorRT", "CPU"). Not measured; the engine refuses a device
+    it does not have and lists those it has."""
+    device = device.strip()
+    if backend == "onnxruntime":
+        device = ORT_PROVIDER_ALIASES.get(device.lower(), device)
+    else:  # OpenVINO's device ids are upper case ("GPU.1", "HETERO:GPU,CPU")
+        device = device.upper()
+    base = default_candidate(backend, threads)
+    return Candidate(backend, device, base.threads if device in ("CPU", ORT_CPU) else threads)
+
+
 def default_candidate(backend: str, threads: int | None = None) -> Candidate:
     """The path a named backend runs on without tuning: CPU, f32, all usable cores unless `threads`."""
     try:

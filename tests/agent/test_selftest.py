@@ -33,3 +33,15 @@ def test_absolute_limit_without_a_serving_model(int8_bundle):
     cfg = SelfTestConfig(steps=4, max_ms_per_token=1e-9)
     result = run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, cfg, None)
     assert not result.passed and "over the limit" in result.reason
+
+
+def test_the_new_model_is_loaded_on_the_configured_device(int8_bundle):
+    """model.device reaches the self-test: the candidate runs where the agent will serve it, and a device
+    the box lacks fails the test with the devices it has (nothing is activated)."""
+    manifest = open_bundle(int8_bundle).manifest
+    ok = run_self_test(int8_bundle, manifest, SelfTestConfig(backend="openvino", device="CPU", steps=2), None)
+    assert ok.passed and ok.details["backend"] == "openvino"
+    absent = run_self_test(int8_bundle, manifest, SelfTestConfig(backend="onnxruntime", device="cuda", steps=2), None)
+    assert not absent.passed
+    assert absent.reason.startswith("could not load the model: ONNX Runtime execution provider "
+                                    "'CUDAExecutionProvider' is not available; found: ")

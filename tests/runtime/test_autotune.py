@@ -168,6 +168,34 @@ def test_loaded_model_runs_on_the_chosen_path_and_says_so(int8_bundle, tmp_path)
     assert (named["backend"], named["threads"], named["chosen_by"]) == ("openvino", 1, "configured")
 
 
+def test_a_device_named_on_a_backend_is_served_as_given_and_an_absent_one_lists_those_present(int8_bundle):
+    """model.device / --device: the operator pins a device (an iGPU, the CUDA provider) instead of the
+    autotune's choice; short ONNX Runtime names are accepted; a device the box lacks fails the load with
+    the devices it has."""
+    from runtime.autotune import device_candidate
+
+    assert device_candidate("onnxruntime", "TensorRT").device == "TensorrtExecutionProvider"
+    assert device_candidate("onnxruntime", "cuda").device == "CUDAExecutionProvider"
+    assert device_candidate("onnxruntime", "MyExecutionProvider").device == "MyExecutionProvider"
+    assert device_candidate("openvino", "gpu.1").device == "GPU.1"
+    ort_cpu = load_model(int8_bundle, "onnxruntime", device="cpu")
+    info = ort_cpu.execution_info()
+    assert (info["device"], info["chosen_by"]) == (ORT_CPU, "configured") and ort_cpu.golden_check().passed
+    ov_cpu = load_model(int8_bundle, "openvino", threads=1, device="CPU").execution_info()
+    assert (ov_cpu["backend"], ov_cpu["device"], ov_cpu["threads"]) == ("openvino", "CPU", 1)
+    import onnxruntime as ort
+    import openvino as ov
+
+    with pytest.raises(BackendUnavailable, match="'CUDAExecutionProvider' is not available; found: "
+                       + ", ".join(ort.get_available_providers())):
+        load_model(int8_bundle, "onnxruntime", device="CUDA")
+    with pytest.raises(BackendUnavailable, match=r"OpenVINO device 'GPU\.3' is not available; found: "
+                       + ", ".join(ov.Core().available_devices)):
+        load_model(int8_bundle, "openvino", device="GPU.3")
+    with pytest.raises(BackendUnavailable, match="device 'GPU' needs a named backend"):
+        load_model(int8_bundle, "auto", device="GPU")
+
+
 def test_autotune_measures_onnx_runtime_the_way_it_will_serve_where_memory_is_tight(int8_bundle, tmp_path):
     """Where model.prefill_graph = "auto" picks the prefill graph alone, the autotune loads and times ONNX
     Runtime that way too (not both graphs, which would take the memory the choice saves), caches the result
@@ -220,6 +248,13 @@ def test_probe_bundle_json_then_text_from_cache(int8_bundle, tmp_path):
     assert ("no GPU or NPU found: CPU paths only" in text.stdout) == (not tune["accelerators"])
 
 
+def test_bench_with_a_device_the_box_lacks_exits_2_naming_what_it_has(int8_bundle):
+    proc = edgeglm("bench", "--bundle", int8_bundle, "--backend", "onnxruntime", "--device", "cuda", "--runs", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "edgeglm bench: error: ONNX Runtime execution provider 'CUDAExecutionProvider' is not available; " \
+           "found: " in proc.stderr and "CPUExecutionProvider" in proc.stderr
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--retune"], "give --bundle BUNDLE too"),
     (["--bundle", "/nonexistent/bundle"], "/nonexistent/bundle"),
@@ -251,6 +286,24 @@ def test_agent_serves_and_reports_the_autotuned_path(int8_bundle, tmp_path):
         finally:
             agent.shutdown(1.0)
     assert len(list((tmp_path / "state" / "autotune").glob("*.json"))) == 1
+
+
+def test_agent_serves_the_device_its_config_names(int8_bundle, tmp_path):
+    from agent.config import load_config
+    from agent.daemon import Agent
+
+    cfg = load_config(None, {"model.bundle": str(int8_bundle), "model.slots_dir": str(tmp_path / "state"),
+                             "model.backend": "openvino", "model.device": "cpu", "mqtt.enabled": False,
+                             "http.port": 0, "ota.require_signature": False})
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        execution = agent.reported_state().hardware["execution"]
+        assert (execution["backend"], execution["device"], execution["chosen_by"]) == ("openvino", "CPU", "configured")
+        assert agent.reported_state().execution_path == "openvino:cpu"
+    finally:
+        agent.shutdown(1.0)
+    assert not (tmp_path / "state" / "autotune").exists()  # nothing measured
 
 
 def test_paths_are_measured_one_at_a_time_when_they_would_not_fit(int8_bundle):
