@@ -60,6 +60,7 @@ class LoadedModel:
         if self.backend == "onnxruntime":
             info["prefill_graph"] = getattr(self.engine, "prefill_graph", None)
             info["prefill_only"] = getattr(self.engine, "prefill_only", False)
+            info["kv_cache"] = getattr(self.engine, "kv_cache", None)  # e.g. "cuda memory, float16 (gpu.onnx)"
             if self.prefill is not None:
                 info["prefill_mode"] = f"{self.prefill.mode} ({self.prefill.reason})"
         return info

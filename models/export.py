@@ -25,10 +25,11 @@ from models.checkpoint import load_checkpoint
 from models.config import GlmConfig
 from models.errors import CheckpointError, ExportError
 from models.glm import GlmForCausalLM
-from models.onnx_graph import EMBEDDINGS_FILE, build_decoder, save_onnx, save_onnx_graphs
+from models.onnx_graph import EMBEDDINGS_FILE, build_decoder, fp16_attention_variant, save_onnx, save_onnx_graphs
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
 from ota.bundle import BundleError, publish, write_manifest
-from runtime.engine import PREFILL_GRAPH_KEY, PREFILL_GRAPH_MIN_ROWS, PREFILL_ROWS_KEY, ModelArch, load_engine
+from runtime.engine import (GPU_GRAPH_FILE, GPU_GRAPH_KEY, PREFILL_GRAPH_KEY, PREFILL_GRAPH_MIN_ROWS, PREFILL_ROWS_KEY,
+                            ModelArch, load_engine)
 from runtime.errors import RuntimeUserError
 from runtime.golden import check_golden, teacher_forced_logits
 from runtime.tokenizer import load_tokenizer
@@ -129,7 +130,9 @@ def reference_greedy(model: GlmForCausalLM, prompt_ids: list[int], n: int):
 def _write_backend(backend: str, weights: str, cfg: GlmConfig, state: dict, staging: Path, block: int) -> float:
     if backend == "onnxruntime":  # contrib ops: GroupQueryAttention over a shared, preallocated cache
         model, err = build_decoder(cfg, state, weights, block, fused=True)
-        graphs = {"model.onnx": model}
+        graphs = {"model.onnx": model, GPU_GRAPH_FILE: fp16_attention_variant(model)}
+        meta = model.metadata_props.add()
+        meta.key, meta.value = GPU_GRAPH_KEY, GPU_GRAPH_FILE
         if weights == "int8-per-channel-u8":  # + the W8A8 prefill graph over the same weight bytes
             graphs["prefill.onnx"], _ = build_decoder(cfg, state, weights, block, fused=True, prefill=True)
             for key, value in ((PREFILL_GRAPH_KEY, "prefill.onnx"), (PREFILL_ROWS_KEY, str(PREFILL_GRAPH_MIN_ROWS))):
@@ -222,7 +225,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
         arch = ModelArch.from_manifest(cfg.to_dict())
         backends, golden, report = {}, {}, {"parameters": sum(p.numel() for p in model.parameters()),
                                              "backends": {}}
-        deviations = {}
+        deviations, eng_logits_by_backend = {}, {}
         for backend in opts.backends:
             weights = WEIGHTS[(backend, opts.precision)]
             step(f"{backend}: writing {weights} graph")
@@ -231,7 +234,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
             qmodel = fake_quantized(model, weights, opts.block)
             tokens, margins, ref_logits = reference_greedy(qmodel, prompt_ids, opts.golden_tokens)
             engine = load_engine(backend, staging / ENTRY[backend], arch)
-            eng_logits = teacher_forced_logits(engine, prompt_ids, tokens)
+            eng_logits = eng_logits_by_backend[backend] = teacher_forced_logits(engine, prompt_ids, tokens)
             deviations[backend] = float(np.abs(eng_logits - ref_logits).max())
             del engine
             files = sorted(p for p in (staging / backend).rglob("*") if p.is_file())
@@ -251,6 +254,17 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
                                   tolerance)
             if not result.passed:
                 raise ExportError(f"{backend}: exported model fails its own golden check ({result.describe()})")
+        if "onnxruntime" in opts.backends:  # the GPU graph, run here on the CPU: recorded, not gated (the
+            # autotune golden-checks every GPU path on the device itself before measuring it)
+            engine = load_engine("onnxruntime", staging / ENTRY["onnxruntime"], arch, gpu_graph=True)
+            result = check_golden(engine, prompt_ids, golden["onnxruntime"]["tokens"],
+                                  golden["onnxruntime"]["margins"], tolerance)
+            report["backends"]["onnxruntime"]["gpu_graph"] = {
+                "file": GPU_GRAPH_FILE, "golden_on_cpu": result.describe(),
+                "max_logit_deviation_from_onnxruntime": float(np.abs(
+                    teacher_forced_logits(engine, prompt_ids, golden["onnxruntime"]["tokens"])
+                    - eng_logits_by_backend["onnxruntime"]).max())}
+            del engine
         step("writing manifest")
         manifest = write_manifest(staging, {
             "name": opts.name or checkpoint.resolve().name,

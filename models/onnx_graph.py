@@ -67,7 +67,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.config import GlmConfig
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
-from runtime.engine import BATCH_ROWS_KEY, EMBEDDINGS_KEY, KV_CACHE_KEY  # the metadata the edge engine reads
+from runtime.engine import (BATCH_ROWS_KEY, EMBEDDINGS_KEY, KV_CACHE_KEY,  # the metadata the edge engine reads
+                            KV_DTYPE_KEY)
 
 OPSET = 17
 WEIGHT_MODES = ("fp32", "int8-blockwise", "int8-per-channel", "int8-per-channel-u8")
@@ -433,6 +434,42 @@ def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
         act = g.op("Mul", up, g.op("QuickGelu", gate, domain=ms, alpha=1.0))  # up * silu(gate)
         pending = g.linear(act, state[p + "mlp.down_proj.weight"], None, p + "mlp.down_proj")
     return g.op("Add", residual, pending), present_names
+
+
+def fp16_attention_variant(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a fused decode graph whose GroupQueryAttention nodes and KV cache are fp16: its q, k, v
+    and attention-bias inputs are cast to fp16, its output back to fp32, and past/present are declared
+    fp16. ONNX Runtime's CUDA provider has GroupQueryAttention only in fp16/bf16: on this variant every
+    node runs on the GPU and the cache can live in device memory (on the fp32 graph attention falls back
+    to the CPU, with host-device copies around it in every layer). Everything else, and the weights,
+    are the decode graph's (saved once for both by save_onnx_graphs)."""
+    variant = onnx.ModelProto()
+    variant.CopyFrom(model)
+    g = variant.graph
+    for vi in list(g.input) + list(g.output):
+        if vi.name.startswith(("past.", "present.")):
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    casts: dict[str, str] = {}
+    nodes = []
+    for node in g.node:
+        if node.op_type != "GroupQueryAttention":
+            nodes.append(node)
+            continue
+        for idx in (0, 1, 2, 10):  # query, key, value, attention_bias
+            name = node.input[idx] if idx < len(node.input) else ""
+            if name:
+                if name not in casts:  # one cast of the bias, shared by every layer
+                    casts[name] = f"{name}.f16"
+                    nodes.append(helper.make_node("Cast", [name], [casts[name]], to=TensorProto.FLOAT16))
+                node.input[idx] = casts[name]
+        out = node.output[0]
+        node.output[0] = f"{out}.f16"
+        nodes.append(node)
+        nodes.append(helper.make_node("Cast", [node.output[0]], [out], to=TensorProto.FLOAT))
+    del g.node[:]
+    g.node.extend(nodes)
+    helper.set_model_props(variant, {**{p.key: p.value for p in model.metadata_props}, KV_DTYPE_KEY: "float16"})
+    return variant
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:

@@ -78,6 +78,12 @@ EMBEDDINGS_KEY = "edgeglm.embeddings"  # ONNX metadata: file name of the fp32 em
 # ONNX metadata: "ragged" when the fused graph takes row-aligned batches (each row's positions from 0, its
 # own length from its mask) for single-token steps; graphs exported before it take left-padded ones only
 BATCH_ROWS_KEY = "edgeglm.batch_rows"
+# ONNX metadata of the fused decode graph: file name of its GPU variant beside it (GPU_GRAPH_FILE), the same
+# graph with GroupQueryAttention and the KV cache in fp16, which ONNX Runtime's CUDA kernels run (they have no
+# fp32 GroupQueryAttention); the variant itself carries KV_DTYPE_KEY = "float16"
+GPU_GRAPH_KEY = "edgeglm.gpu_graph"
+GPU_GRAPH_FILE = "gpu.onnx"
+KV_DTYPE_KEY = "edgeglm.kv_dtype"
 SPIN_AFTER_RUN_US = 1000  # ONNX Runtime worker spin after a run when two sessions share the cores
 KV_HEADROOM = 128  # positions a new or grown ONNX Runtime cache buffer has beyond what the step needs
 
@@ -354,6 +360,8 @@ class OrtCache(KVCache):
         self.buffers: list[np.ndarray] = []
         self.values: list = []  # OrtValues over `buffers`, bound as both past and present
 
+    dtype = np.float32
+
     def reserve(self, needed: int, arch: ModelArch, ort) -> bool:
         """Make room for `needed` positions, with `KV_HEADROOM` more for the tokens that follow (at least
         doubling, capped by the context window); True if reallocated. The headroom keeps the first
@@ -362,21 +370,51 @@ class OrtCache(KVCache):
         ~15 ms)."""
         if needed <= self.capacity:
             return False
-        cap = _grown_capacity(self.capacity, needed, arch)
-        shape = (self.batch, arch.num_kv_heads, cap, arch.head_dim)
-        fresh = [np.zeros(shape, np.float32) for _ in range(2 * arch.num_layers)]
-        for new, old in zip(fresh, self.buffers):
-            new[:, :, :self.length] = old[:, :, :self.length]
-        self.capacity, self.buffers = cap, fresh
-        self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in fresh]
+        fresh = self.blank(_grown_capacity(self.capacity, needed, arch), arch)
+        if self.length:
+            for new, old in zip(fresh, self.host()):
+                new[:, :, :self.length] = old[:, :, :self.length]
+        self.put(fresh, ort)
         return True
 
+    def blank(self, capacity: int, arch: ModelArch) -> list[np.ndarray]:
+        """Zeroed host arrays for this cache's rows at `capacity` positions, in its dtype."""
+        shape = (self.batch, arch.num_kv_heads, capacity, arch.head_dim)
+        return [np.zeros(shape, self.dtype) for _ in range(2 * arch.num_layers)]
+
+    def put(self, arrays: list[np.ndarray], ort) -> None:
+        """Hold `arrays` (from `blank`, filled) as the cache's buffers."""
+        self.capacity, self.buffers = arrays[0].shape[2], arrays
+        self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in arrays]
+
+    def host(self) -> list[np.ndarray]:
+        """The buffers as host arrays (these very buffers here; a copy for a DeviceCache)."""
+        return self.buffers
+
     def key(self, layer: int) -> np.ndarray:
-        """Layer `layer`'s cached keys (batch, kv_heads, length, head_dim), a view (for tests and debugging)."""
-        return self.buffers[2 * layer][:, :, :self.length]
+        """Layer `layer`'s cached keys (batch, kv_heads, length, head_dim) (for tests and debugging)."""
+        return self.host()[2 * layer][:, :, :self.length]
 
     def value(self, layer: int) -> np.ndarray:
-        return self.buffers[2 * layer + 1][:, :, :self.length]
+        return self.host()[2 * layer + 1][:, :, :self.length]
+
+
+class DeviceCache(OrtCache):
+    """An OrtCache whose buffers are OrtValues in an execution provider's memory ("cuda"), in the GPU
+    graph's dtype (float16), bound to the graph as they are: a step copies no KV between host and
+    device. They are read to the host (`host`, a copy) only to merge rows into a batch, to export a
+    prefix or to grow, and written from it (`put`) after that; the same code runs with "cpu"."""
+
+    def __init__(self, batch: int, arch: ModelArch, device: str = "cuda", dtype=np.float16, device_id: int = 0):
+        super().__init__(batch, arch)
+        self.device, self.dtype, self.device_id = device, dtype, device_id
+
+    def put(self, arrays: list[np.ndarray], ort) -> None:
+        self.capacity = arrays[0].shape[2]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in arrays]
+
+    def host(self) -> list[np.ndarray]:
+        return [v.numpy() for v in self.values]
 
 
 class RaggedBatch(DecodeBatch):
@@ -583,12 +621,17 @@ class OnnxRuntimeEngine:
     backend = "onnxruntime"
 
     def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None,
-                 provider: str = "CPUExecutionProvider", pinned: bool = False, prefill_graph: bool | str = True):
+                 provider: str = "CPUExecutionProvider", pinned: bool = False, prefill_graph: bool | str = True,
+                 gpu_graph: bool | None = None):
         """`provider`: the execution provider (CPU falls back for nodes it cannot run); `pinned`: one
         intra-op thread per physical core (the calling thread is not pinned); `prefill_graph`: True / "on"
         runs steps of `prefill_min_rows`+ token rows on the bundle's prefill graph, if it has one; False /
         "off": the decode graph runs everything; "only": the prefill graph runs everything and the decode
-        graph is not loaded (one copy of the weights in memory; single-stream decode slower)."""
+        graph is not loaded (one copy of the weights in memory; single-stream decode slower).
+        `gpu_graph`: run the bundle's GPU variant (GPU_GRAPH_FILE: attention and the KV cache in fp16, the
+        cache kept in the provider's memory as DeviceCache) instead of the decode and prefill graphs; None:
+        on the CUDA and TensorRT providers, where the bundle has one. True on the CPU provider runs the same
+        code with the cache in host memory (slower than the decode graph there; for tests)."""
         import onnxruntime as ort
 
         mode = prefill_mode(prefill_graph)
@@ -616,7 +659,8 @@ class OnnxRuntimeEngine:
                 opts.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_duration_us))
             return opts
 
-        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+        providers = [provider] + (["CUDAExecutionProvider"] if provider == "TensorrtExecutionProvider" else []) \
+            + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
 
         def session(path: Path, opts=None):
             try:
@@ -638,8 +682,21 @@ class OnnxRuntimeEngine:
         # 322 tok/s on glm-s; a 16-token step after a prefix hit on glm-m 75 -> 47 ms once the decode
         # session stopped spinning). Decode itself does not slow down with 1 ms (glm-s 449 vs 455, glm-m
         # 70 vs 69 tok/s); no spinning at all costs a prefill about 12%.
-        spin = SPIN_AFTER_RUN_US if mode == "on" else None
         main = Path(model_path)
+        self._kv_device: str | None = None  # where a DeviceCache keeps the KV (None: OrtCache, host numpy)
+        self._kv_dtype = np.float32
+        gpu_file = main.with_name(GPU_GRAPH_FILE)
+        if gpu_graph or (gpu_graph is None and provider in GPU_PROVIDERS):
+            if gpu_file.is_file():
+                main, mode = gpu_file, "off"  # one graph: prompts too (the W8A8 prefill graph is for CPUs)
+                self._kv_device = "cpu" if provider == "CPUExecutionProvider" else "cuda"
+                self._kv_dtype = np.float16
+            elif gpu_graph:
+                raise ModelLoadError(f"{model_path}: the bundle has no GPU graph ({GPU_GRAPH_FILE}); re-export it")
+            else:
+                log.warning("%s: the bundle predates its GPU graph (%s): on %s attention runs on the CPU and "
+                            "the KV cache stays in host memory; re-export it", model_path, GPU_GRAPH_FILE, provider)
+        spin = SPIN_AFTER_RUN_US if mode == "on" else None
         if mode == "only":
             main = self._prefill_only(main, ort)
             mode = "only" if main != Path(model_path) else "off"
@@ -649,10 +706,15 @@ class OnnxRuntimeEngine:
         if kv != "shared-buffer":
             raise ModelLoadError(f"{model_path}: not a fused decoder graph ({KV_CACHE_KEY}={kv!r}, expected "
                                  "'shared-buffer'); re-export the bundle with this version")
+        if self._kv_device and meta.get(KV_DTYPE_KEY) != "float16":
+            raise ModelLoadError(f"{main}: not an fp16-cache GPU graph ({KV_DTYPE_KEY}={meta.get(KV_DTYPE_KEY)!r})")
         self.device = provider
         self._embeddings = self._embedding_table(Path(model_path), meta)
         self._decode = _OrtRunner(self.session, arch)
-        self.ragged_batches = meta.get(BATCH_ROWS_KEY) == "ragged"  # see RaggedBatch
+        # see RaggedBatch; a cache in device memory is merged on the host instead (MergedBatch)
+        self.ragged_batches = meta.get(BATCH_ROWS_KEY) == "ragged" and self._kv_device is None
+        self.kv_cache = (f"{self._kv_device} memory, float16 ({main.name})" if self._kv_device
+                         else "host memory, float32")
         self._prefill = self._decode
         self.prefill_graph: str | None = main.name if mode == "only" else None  # the prefill graph in use
         self.prefill_only = mode == "only"
@@ -695,6 +757,8 @@ class OnnxRuntimeEngine:
                               self.arch.vocab_size)
 
     def new_cache(self, batch: int = 1) -> OrtCache:
+        if self._kv_device:
+            return DeviceCache(batch, self.arch, self._kv_device, self._kv_dtype)
         return OrtCache(batch, self.arch)
 
     def forward(self, input_ids, position_ids, attention_mask, cache: OrtCache):
@@ -730,28 +794,32 @@ class OnnxRuntimeEngine:
     def merge_caches(self, rows: list[CacheRow]) -> tuple[OrtCache, np.ndarray]:
         """A new left-padded batch cache holding `rows` (copied), and its attention mask (batch, length)."""
         spans, total, mask = _merge_plan(rows)
-        merged = OrtCache(len(rows), self.arch)
-        merged.reserve(total, self.arch, self._ort)
-        for k, dst in enumerate(merged.buffers):
+        merged = self.new_cache(len(rows))
+        fresh = merged.blank(_grown_capacity(0, total, self.arch), self.arch)
+        held = {id(r.cache): r.cache.host() for r in rows}  # a device cache is read once, not once per row
+        for k, dst in enumerate(fresh):
             for i, (row, (start, end)) in enumerate(zip(rows, spans)):
-                dst[i, :, total - (end - start):total] = row.cache.buffers[k][row.row, :, start:end]
+                dst[i, :, total - (end - start):total] = held[id(row.cache)][k][row.row, :, start:end]
+        merged.put(fresh, self._ort)
         merged.length = total
         return merged, mask
 
     def export_kv(self, cache: OrtCache, length: int) -> KvBlock:
-        """Positions [0, length) of a batch-1 cache, copied out."""
+        """Positions [0, length) of a batch-1 cache, copied out (as float32)."""
         _batch_one(cache, length)
-        return KvBlock(tuple(b[0, :, :length].copy() for b in cache.buffers[0::2]),
-                       tuple(b[0, :, :length].copy() for b in cache.buffers[1::2]))
+        held = cache.host()
+        return KvBlock(tuple(b[0, :, :length].astype(np.float32) for b in held[0::2]),
+                       tuple(b[0, :, :length].astype(np.float32) for b in held[1::2]))
 
     def cache_from_kv(self, block: KvBlock) -> OrtCache:
         """A new batch-1 cache holding the block's positions (copied)."""
         block.check(self.arch)
-        cache = OrtCache(1, self.arch)
+        cache = self.new_cache(1)
         if block.length:
-            cache.reserve(block.length, self.arch, self._ort)
-            for dst, src in zip(cache.buffers, (a for kv in zip(block.keys, block.values) for a in kv)):
+            fresh = cache.blank(_grown_capacity(0, block.length, self.arch), self.arch)
+            for dst, src in zip(fresh, (a for kv in zip(block.keys, block.values) for a in kv)):
                 dst[0, :, :block.length] = src
+            cache.put(fresh, self._ort)
             cache.length = block.length
         return cache
 

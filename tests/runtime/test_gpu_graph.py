@@ -1,0 +1,134 @@
+"""The bundle's GPU graph (GroupQueryAttention and the KV cache in fp16, the cache kept as device buffers).
+
+ONNX Runtime's CUDA provider has GroupQueryAttention only in fp16/bf16, so on GPU providers the engine runs
+this graph with the cache in device memory (runtime.engine.DeviceCache). Without a GPU the same graph and
+the same DeviceCache code run on the CPU provider (`gpu_graph=True`), against transformers' GlmForCausalLM
+and against the decode graph. On a machine with onnxruntime-gpu, `EDGEGLM_TEST_GPU_PROVIDER=
+CUDAExecutionProvider pytest tests/runtime/test_gpu_graph.py` runs them on the GPU, the cache in CUDA
+memory (done on an H200 machine, docs/performance.md).
+"""
+
+import os
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from agent.model import load_model
+from models.tiny import HELDOUT_MODULES, corpus_text
+from ota.bundle import open_bundle
+from runtime.engine import (GPU_GRAPH_FILE, GPU_GRAPH_KEY, KV_DTYPE_KEY, CacheRow, DeviceCache, MergedBatch,
+                            ModelArch, OrtCache, load_engine)
+from runtime.errors import ModelLoadError
+from runtime.generate import SamplingParams, decode_one_token, generate, prefill
+from runtime.golden import teacher_forced_logits
+
+PROVIDER = os.environ.get("EDGEGLM_TEST_GPU_PROVIDER", "CPUExecutionProvider")
+ON_CPU = PROVIDER == "CPUExecutionProvider"
+
+
+def engines(bundle_dir, **options):
+    bundle = open_bundle(bundle_dir)
+    arch = ModelArch.from_manifest(bundle.manifest.architecture)
+    entry = bundle.path(bundle.manifest.backends["onnxruntime"].entry)
+    return (load_engine("onnxruntime", entry, arch, prefill_graph="off", **options),
+            load_engine("onnxruntime", entry, arch, gpu_graph=True, provider=PROVIDER, **options))
+
+
+@pytest.fixture(scope="module")
+def heldout_ids(fp32_bundle):
+    return load_model(fp32_bundle, "onnxruntime").tokenizer.encode(corpus_text(HELDOUT_MODULES)).ids
+
+
+def test_export_writes_the_gpu_graph_over_the_same_weights(int8_bundle):
+    bundle = open_bundle(int8_bundle)
+    files = {f.path: f.size for f in bundle.manifest.files}
+    assert f"onnxruntime/{GPU_GRAPH_FILE}" in files  # hashed and signed with the rest
+    assert files[f"onnxruntime/{GPU_GRAPH_FILE}"] < 1 << 20  # the graph only: its weights are model.onnx.data's
+    decode = onnx.load(str(int8_bundle / "onnxruntime" / "model.onnx"), load_external_data=False)
+    gpu = onnx.load(str(int8_bundle / "onnxruntime" / GPU_GRAPH_FILE), load_external_data=False)
+    assert {p.key: p.value for p in decode.metadata_props}[GPU_GRAPH_KEY] == GPU_GRAPH_FILE
+    assert {p.key: p.value for p in gpu.metadata_props}[KV_DTYPE_KEY] == "float16"
+    kv_types = {v.name: v.type.tensor_type.elem_type for v in list(gpu.graph.input) + list(gpu.graph.output)
+                if v.name.startswith(("past.", "present."))}
+    assert kv_types and set(kv_types.values()) == {onnx.TensorProto.FLOAT16}
+    locations = {e.value for t in gpu.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+    report = bundle.manifest.compression["export"]["backends"]["onnxruntime"]["gpu_graph"]
+    assert report["golden_on_cpu"].startswith("32/32") or "near-tie" in report["golden_on_cpu"]
+
+
+def test_gpu_graph_logits_follow_transformers(fp32_bundle, trained_checkpoint, heldout_ids):
+    """fp32 weights with fp16 attention and cache: teacher-forced logits within fp16 rounding of
+    GlmForCausalLM's, and greedy continuations equal to it on held-out prompts."""
+    from transformers import GlmForCausalLM
+
+    hf = GlmForCausalLM.from_pretrained(trained_checkpoint, dtype=torch.float32).eval()
+    _, gpu = engines(fp32_bundle)
+    seq = heldout_ids[300:364]
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0, 15:-1].numpy()
+    ours = teacher_forced_logits(gpu, seq[:16], seq[16:])
+    assert np.abs(ours - ref).max() < 0.05 * np.abs(ref).max()
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+    for start in (0, 900):
+        prompt = heldout_ids[start:start + 24]
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+        assert list(generate(gpu, prompt, SamplingParams(max_tokens=24))) == want
+
+
+def test_device_cache_grows_exports_imports_and_merges_like_the_host_cache(int8_bundle, heldout_ids):
+    """Every path that reads or writes the cache on the host (growth past its capacity, a prefix exported
+    and imported, rows merged into a batch) gives what one sequence alone computes on the same graph."""
+    decode, gpu = engines(int8_bundle)
+    assert isinstance(gpu.new_cache(), DeviceCache) and type(decode.new_cache()) is OrtCache
+    where = "cpu" if ON_CPU else "cuda"
+    assert gpu.kv_cache == f"{where} memory, float16 ({GPU_GRAPH_FILE})" and not gpu.ragged_batches
+    assert isinstance(gpu.new_batch(), MergedBatch)
+    prompt = heldout_ids[:200]
+    logits, cache = prefill(gpu, prompt)
+    assert cache.dtype == np.float16 and cache.key(0).dtype == np.float16 and cache.capacity == 328
+    tokens, steps = [int(logits.argmax())], []
+    for i in range(160):  # past 328 positions: the cache grows (read to the host, written back larger)
+        logits, cache = decode_one_token(gpu, tokens[-1], len(prompt) + i, cache)
+        tokens.append(int(logits.argmax()))
+        steps.append(logits)
+    assert cache.capacity > 328 and cache.length == 360
+    seq = prompt + tokens[:-1]
+    recomputed, _ = gpu.forward(np.asarray([seq]), np.arange(len(seq))[None], np.ones((1, len(seq)), np.int64),
+                                gpu.new_cache())
+    np.testing.assert_allclose(steps[-1], recomputed[0], atol=2e-2)  # grown cache = one pass over all of it
+
+    block = gpu.export_kv(cache, 120)
+    assert block.keys[0].dtype == np.float32 and block.length == 120
+    imported = gpu.cache_from_kv(block)
+    hit, _ = gpu.forward(np.asarray([seq[120:150]]), np.arange(120, 150)[None], np.ones((1, 150), np.int64),
+                         imported)
+    cold, _ = prefill(gpu, seq[:150])
+    # a prefix-cache hit is the same as no cache (to the bit on the CPU; GPU kernels differ by chunk shape)
+    np.testing.assert_allclose(hit[0], cold, atol=0 if ON_CPU else 2e-2)
+
+    rows = [prefill(gpu, seq[:n])[1] for n in (30, 75, 150)]
+    batch = gpu.new_batch()
+    for r in rows:
+        batch.add(CacheRow(r))
+    out = batch.step([seq[30], seq[75], seq[150]])
+    for i, n in enumerate((30, 75, 150)):
+        alone, _ = decode_one_token(gpu, seq[n], n, prefill(gpu, seq[:n])[1])
+        np.testing.assert_allclose(out[i], alone, atol=1e-4 if ON_CPU else 2e-2)
+
+
+def test_gpu_graph_asked_of_a_bundle_without_one_is_a_clear_error(int8_bundle, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(int8_bundle, old)
+    (old / "onnxruntime" / GPU_GRAPH_FILE).unlink()
+    arch = ModelArch.from_manifest(open_bundle(int8_bundle).manifest.architecture)
+    with pytest.raises(ModelLoadError, match=f"has no GPU graph \\({GPU_GRAPH_FILE}\\); re-export it"):
+        load_engine("onnxruntime", old / "onnxruntime" / "model.onnx", arch, gpu_graph=True)
