@@ -8,9 +8,9 @@ CUDAExecutionProvider pytest tests/runtime/test_gpu_graph.py` runs them on the G
 memory (done on an H200 machine, docs/performance.md).
 """
 
-import os
-
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import onnx
