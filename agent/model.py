@@ -53,6 +53,8 @@ class LoadedModel:
         info = {**path.to_dict(), "description": path.describe(), "chosen_by": self.chosen_by}
         if getattr(self.engine, "ragged_batches", False):
             info["batches"] = "row-aligned"
+        elif getattr(self.engine, "gpu_graph", None):
+            info["batches"] = "merged (the KV cache is in device memory)"
         elif self.backend == "onnxruntime":
             info["batches"] = "merged (the bundle predates row-aligned batches: re-export it)"
         else:
@@ -138,6 +140,9 @@ def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | No
         prefill = None
     engine = load_engine(path.backend, bundle.path(bundle.manifest.backends[path.backend].entry), arch, path.threads,
                          **options)
+    if getattr(engine, "gpu_graph", None):  # the prefill-graph setting is for CPU graphs: say what runs instead
+        prefill = PrefillChoice("off", f"the GPU graph {engine.gpu_graph} runs prompts too; KV cache in "
+                                       f"{engine.kv_cache.split(',')[0]}")
     tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer))
     if tuning is not None:
         chosen_by = "autotune cache" if tuning.from_cache else "autotune"

@@ -715,6 +715,7 @@ class OnnxRuntimeEngine:
         self.ragged_batches = meta.get(BATCH_ROWS_KEY) == "ragged" and self._kv_device is None
         self.kv_cache = (f"{self._kv_device} memory, float16 ({main.name})" if self._kv_device
                          else "host memory, float32")
+        self.gpu_graph: str | None = main.name if self._kv_device else None  # the GPU graph serving, if it is
         self._prefill = self._decode
         self.prefill_graph: str | None = main.name if mode == "only" else None  # the prefill graph in use
         self.prefill_only = mode == "only"

@@ -132,3 +132,21 @@ def test_gpu_graph_asked_of_a_bundle_without_one_is_a_clear_error(int8_bundle, t
     arch = ModelArch.from_manifest(open_bundle(int8_bundle).manifest.architecture)
     with pytest.raises(ModelLoadError, match=f"has no GPU graph \\({GPU_GRAPH_FILE}\\); re-export it"):
         load_engine("onnxruntime", old / "onnxruntime" / "model.onnx", arch, gpu_graph=True)
+
+
+def test_the_served_model_says_which_graph_and_cache_it_runs(int8_bundle):
+    """execution_info (the agent's state, `edgeglm bench`) names the GPU graph and where its cache lives,
+    not the CPU graphs' prefill setting or an advice to re-export."""
+    from agent.model import LoadedModel, PrefillChoice
+    from runtime.autotune import Candidate
+
+    bundle = open_bundle(int8_bundle)
+    _, gpu = engines(int8_bundle)
+    model = LoadedModel(bundle, "onnxruntime", gpu, None, gpu.arch, Candidate("onnxruntime", PROVIDER), None,
+                        "configured", PrefillChoice("off", "x"))
+    info = model.execution_info()
+    assert info["batches"] == "merged (the KV cache is in device memory)"
+    assert info["kv_cache"] == gpu.kv_cache and gpu.gpu_graph == GPU_GRAPH_FILE
+    assert info["prefill_graph"] is None and not info["prefill_only"]
+    decode, _ = engines(int8_bundle)
+    assert decode.gpu_graph is None and decode.kv_cache == "host memory, float32"
