@@ -150,3 +150,25 @@ def test_the_served_model_says_which_graph_and_cache_it_runs(int8_bundle):
     assert info["prefill_graph"] is None and not info["prefill_only"]
     decode, _ = engines(int8_bundle)
     assert decode.gpu_graph is None and decode.kv_cache == "host memory, float32"
+
+
+def test_scheduler_on_the_gpu_graph_gives_what_each_request_gets_alone(int8_bundle, heldout_ids):
+    """Concurrent requests through the batching scheduler on device caches: prompts sharing a prefix (the
+    prefix cache exports and imports it), prefilled in chunks while others decode, rows joining and leaving
+    merged batches; each answer equals that request run alone without any cache."""
+    from runtime.batching import Scheduler
+    from runtime.prefix_cache import PrefixCache
+
+    _, gpu = engines(int8_bundle)
+    system = heldout_ids[:40]
+    prompts = [system + heldout_ids[200 + 37 * i:200 + 37 * i + n] for i, n in enumerate((5, 23, 11, 40, 2))]
+    params = [SamplingParams(max_tokens=n) for n in (20, 6, 28, 12, 17)]
+    expected = [list(generate(gpu, p, s)) for p, s in zip(prompts, params)]
+    cache = PrefixCache(64 << 20, block_tokens=16)
+    cache.bind("gpu-graph")
+    sched = Scheduler(gpu, max_batch=4, prefix_cache=cache, prefill_chunk=16, start=False)
+    handles = [sched.submit(p, s) for p, s in zip(prompts, params)]
+    sched.start()
+    assert [h.tokens(120) for h in handles] == expected
+    sched.close()
+    assert cache.stats().hits >= 3
