@@ -115,7 +115,7 @@ def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = Non
 def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | None = None, *,
                cache_dir: Path | None = None, retune: bool = False, hardware=None,
                progress: bool = False, prefill_graph: bool | str = "auto", memory=None,
-               device: str = "auto") -> LoadedModel:
+               device: str = "auto", path: Candidate | None = None) -> LoadedModel:
     """Verify the bundle's files against its manifest, then load the model on its execution path.
 
     `cache_dir`: with backend `auto`, use (or make) the autotune result cached under `cache_dir/autotune/`.
@@ -123,14 +123,20 @@ def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | No
     graph when it has one; False: never; "only": the prefill graph runs everything (the decode graph is not
     loaded); "auto": True where both graphs fit in half the memory this process can still take, else "only"
     (runtime.autotune.choose_prefill_graph) with `memory` (a runtime.probe.MemoryInfo; default: read now).
-    `device`: "auto", or a device of the named `backend` (runtime.autotune.device_candidate)."""
+    `device`: "auto", or a device of the named `backend` (runtime.autotune.device_candidate). `path`: run
+    exactly this execution path instead of choosing one (the OTA self-test times a new model on the path
+    the serving model runs on)."""
     from runtime.probe import probe_memory
 
     bundle = open_bundle(bundle_path)
     # decided first, so that the autotune loads ONNX Runtime the way it will serve (and no more memory)
     prefill = choose_prefill_graph(prefill_graph, bundle, memory if memory is not None else probe_memory())
-    path, tuning = choose_path(bundle, backend, threads, cache_dir=cache_dir, retune=retune, hardware=hardware,
-                               progress=progress, prefill=prefill.mode, device=device)
+    if path is not None:
+        choose_backend(bundle, path.backend)  # carried by the bundle and installed, or a clear error
+        tuning = None
+    else:
+        path, tuning = choose_path(bundle, backend, threads, cache_dir=cache_dir, retune=retune, hardware=hardware,
+                                   progress=progress, prefill=prefill.mode, device=device)
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
     options = path.engine_options()
     if path.backend == "onnxruntime":

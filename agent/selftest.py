@@ -52,12 +52,18 @@ def run_self_test(slot: Path, manifest: Manifest, cfg: SelfTestConfig, serving: 
                   on_engine: Callable[[LoadedModel, Callable[[], float]], float] | None = None) -> SelfTestResult:
     """Load the new slot, run its golden check and time its decode against `serving`'s. `on_engine(model,
     fn)` runs `fn` with the serving model's engine to itself (the agent's batching worker owns it)."""
+    # like for like: on the serving model's execution path (an accelerator the autotune chose, its threads and
+    # hints) where the new bundle carries that backend; a CPU-run candidate timed against a GPU-run serving
+    # model would always look slower (the new model is tuned anew when it is activated)
+    same = serving.path if serving is not None and serving.path is not None \
+        and serving.path.backend in manifest.backends else None
     try:
-        model = load_model(slot, cfg.backend, cfg.threads, prefill_graph=cfg.prefill_graph, device=cfg.device)
+        model = load_model(slot, cfg.backend, cfg.threads, prefill_graph=cfg.prefill_graph, device=cfg.device,
+                           path=same)
     except RuntimeUserError as exc:
         return SelfTestResult(False, f"could not load the model: {exc}")
     golden = model.golden_check()
-    details = {"backend": model.backend, "golden": golden.describe()}
+    details = {"backend": model.backend, "path": model.path.describe(), "golden": golden.describe()}
     if not golden.passed:
         return SelfTestResult(False, f"golden check failed on {model.backend}: {golden.describe()}", details)
     new_ms = decode_ms_per_token(model, cfg.steps)

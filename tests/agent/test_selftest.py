@@ -45,3 +45,15 @@ def test_the_new_model_is_loaded_on_the_configured_device(int8_bundle):
     assert not absent.passed
     assert absent.reason.startswith("could not load the model: ONNX Runtime execution provider "
                                     "'CUDAExecutionProvider' is not available; found: ")
+
+
+def test_the_new_model_is_timed_on_the_serving_models_path(int8_bundle):
+    """Like for like: where the autotune put the serving model on another path than the rule order's (an
+    accelerator on a GPU box; here OpenVINO, 1 thread), the candidate is loaded and timed on that path,
+    not on ONNX Runtime's CPU default, which against a GPU-served model would always look slower."""
+    serving = load_model(int8_bundle, "openvino", threads=1)
+    result = run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, SelfTestConfig(steps=2), serving)
+    assert result.passed, result.reason
+    assert result.details["backend"] == "openvino" and result.details["path"] == serving.path.describe()
+    alone = run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, SelfTestConfig(steps=2), None)
+    assert alone.details["backend"] == "onnxruntime"  # no serving model: the configured rule order
