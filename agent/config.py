@@ -51,7 +51,7 @@ class ModelSettings(_Section):
     # "auto": the autotune's device (backend auto) or the CPU (a named backend); else a device of the named
     # backend, used as it is: OpenVINO "CPU", "GPU", "GPU.1", "NPU"; ONNX Runtime "CPU", "CUDA", "TensorRT"
     # or a full execution-provider name. A device the backend does not have fails the load with those it has.
-    device: str = Field("auto", min_length=1, max_length=64)
+    device: str = Field("auto", min_length=1, max_length=64, pattern=r"^\S+$")  # one word, no spaces
     # ONNX Runtime INT8 bundles: true runs prompts and decode steps of 4+ sequences on the bundle's W8A8
     # prefill graph (prompts about 1.5-2x faster, 8 concurrent streams 1.2-1.6x; each graph holds its own
     # copy of the weights in memory); false: the decode graph runs everything (one copy, slow prompts);

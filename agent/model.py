@@ -54,7 +54,7 @@ class LoadedModel:
         if getattr(self.engine, "ragged_batches", False):
             info["batches"] = "row-aligned"
         elif getattr(self.engine, "gpu_graph", None):
-            info["batches"] = "merged (the KV cache is in device memory)"
+            info["batches"] = f"merged (the KV cache is in {self.engine.kv_cache.split(',')[0]})"
         elif self.backend == "onnxruntime":
             info["batches"] = "merged (the bundle predates row-aligned batches: re-export it)"
         else:
@@ -98,7 +98,8 @@ def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = Non
                 prefill: str = "on", device: str = "auto") -> tuple[Candidate, TuneResult | None]:
     """The execution path: autotuned for `auto` with a `cache_dir` (ONNX Runtime paths measured with the
     prefill-graph mode `prefill`), else the backend's CPU default, or the `device` named on it."""
-    if device != "auto":
+    device = (device or "auto").strip()
+    if device.lower() != "auto":
         if backend == "auto":
             raise BackendUnavailable(f"device {device!r} needs a named backend (model.backend / --backend "
                                      "onnxruntime or openvino); with backend auto the autotune picks the device")
@@ -141,7 +142,6 @@ def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | No
     options = path.engine_options()
     if path.backend == "onnxruntime":
         options["prefill_graph"] = prefill.mode
-        log.info("prefill graph: %s (%s)", prefill.mode, prefill.reason)
     else:
         prefill = None
     engine = load_engine(path.backend, bundle.path(bundle.manifest.backends[path.backend].entry), arch, path.threads,
@@ -149,6 +149,8 @@ def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | No
     if getattr(engine, "gpu_graph", None):  # the prefill-graph setting is for CPU graphs: say what runs instead
         prefill = PrefillChoice("off", f"the GPU graph {engine.gpu_graph} runs prompts too; KV cache in "
                                        f"{engine.kv_cache.split(',')[0]}")
+    if prefill is not None:
+        log.info("prefill graph: %s (%s)", prefill.mode, prefill.reason)
     tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer))
     if tuning is not None:
         chosen_by = "autotune cache" if tuning.from_cache else "autotune"

@@ -74,6 +74,9 @@ OPSET = 17
 WEIGHT_MODES = ("fp32", "int8-blockwise", "int8-per-channel", "int8-per-channel-u8")
 EMBEDDINGS_FILE = "embed_tokens.npy"
 MASK_VALUE = -1e9  # finite, so a fully masked (padding) row stays finite instead of NaN
+# the GPU graph's fp16 attention bias: -1e9 would round to -inf there; -1e4 still zeroes exp() next to any
+# real score, and a score added to it cannot round to -inf (fp16 reaches 65504)
+FP16_MASK_VALUE, FP16_MASK_CONST = -1e4, "attention_bias.fp16_floor"
 
 
 def rotary_permutation(cfg: GlmConfig) -> np.ndarray:
@@ -460,7 +463,11 @@ def fp16_attention_variant(model: onnx.ModelProto) -> onnx.ModelProto:
             if name:
                 if name not in casts:  # one cast of the bias, shared by every layer
                     casts[name] = f"{name}.f16"
-                    nodes.append(helper.make_node("Cast", [name], [casts[name]], to=TensorProto.FLOAT16))
+                    src = name
+                    if idx == 10:  # MASK_VALUE is -inf in fp16: a fully masked (padding) row would be NaN
+                        src = f"{name}.clipped"
+                        nodes.append(helper.make_node("Max", [name, FP16_MASK_CONST], [src]))
+                    nodes.append(helper.make_node("Cast", [src], [casts[name]], to=TensorProto.FLOAT16))
                 node.input[idx] = casts[name]
         out = node.output[0]
         node.output[0] = f"{out}.f16"
@@ -468,6 +475,8 @@ def fp16_attention_variant(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(helper.make_node("Cast", [node.output[0]], [out], to=TensorProto.FLOAT))
     del g.node[:]
     g.node.extend(nodes)
+    if FP16_MASK_CONST in {i for n in nodes for i in n.input}:
+        g.initializer.append(numpy_helper.from_array(np.array(FP16_MASK_VALUE, np.float32), FP16_MASK_CONST))
     helper.set_model_props(variant, {**{p.key: p.value for p in model.metadata_props}, KV_DTYPE_KEY: "float16"})
     return variant
 

@@ -122,7 +122,7 @@ def device_candidate(backend: str, device: str, threads: int | None = None) -> C
     device = device.strip()
     if backend == "onnxruntime":
         device = ORT_PROVIDER_ALIASES.get(device.lower(), device)
-    else:  # OpenVINO's device ids are upper case ("GPU.1", "HETERO:GPU,CPU")
+    else:  # OpenVINO's device ids are upper case ("GPU.1")
         device = device.upper()
     base = default_candidate(backend, threads)
     return Candidate(backend, device, base.threads if device in ("CPU", ORT_CPU) else threads)

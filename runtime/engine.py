@@ -47,6 +47,8 @@ change of membership, every row's KV copied, rows left-padded to the longest.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -291,6 +293,9 @@ class MergedBatch(DecodeBatch):
         self._dirty = True
         if not self._lengths:
             self._cache = self._mask = None
+            drop = getattr(self.engine, "_drop_stale_bindings", None)
+            if drop is not None:  # a device cache owns its memory: do not let an IO binding keep it
+                drop()
         return last if slot != last else None
 
     def step(self, input_ids) -> np.ndarray:
@@ -608,13 +613,22 @@ def _preload_gpu_libraries(ort) -> None:
     """Load the CUDA and cuDNN libraries that `pip install onnxruntime-gpu[cuda,cudnn]` puts in the nvidia-*
     packages, so that the CUDA provider finds them without LD_LIBRARY_PATH (onnxruntime >= 1.21; a
     system-wide CUDA install is found by the loader either way)."""
+    global _GPU_LIBRARIES_PRELOADED
     preload = getattr(ort, "preload_dlls", None)
-    if preload is None:
+    if preload is None or _GPU_LIBRARIES_PRELOADED:
         return
+    _GPU_LIBRARIES_PRELOADED = True
+    said = io.StringIO()
     try:
-        preload()
+        with contextlib.redirect_stdout(said):  # it print()s what it cannot find: not on our stdout (--json)
+            preload()
     except Exception as exc:  # missing wheels: the provider may still find a system CUDA
         log.debug("onnxruntime.preload_dlls: %s", exc)
+    if said.getvalue().strip():
+        log.info("onnxruntime.preload_dlls: %s", " ".join(said.getvalue().split()))
+
+
+_GPU_LIBRARIES_PRELOADED = False
 
 
 class OnnxRuntimeEngine:
@@ -685,10 +699,13 @@ class OnnxRuntimeEngine:
         main = Path(model_path)
         self._kv_device: str | None = None  # where a DeviceCache keeps the KV (None: OrtCache, host numpy)
         self._kv_dtype = np.float32
-        gpu_file = main.with_name(GPU_GRAPH_FILE)
+        if gpu_graph and provider not in GPU_PROVIDERS + ("CPUExecutionProvider",):
+            raise ModelLoadError(f"gpu_graph runs on the CPU, CUDA or TensorRT providers, not {provider!r}")
         if gpu_graph or (gpu_graph is None and provider in GPU_PROVIDERS):
-            if gpu_file.is_file():
-                main, mode = gpu_file, "off"  # one graph: prompts too (the W8A8 prefill graph is for CPUs)
+            # named by the (hashed, signed) decode graph, not found by file name
+            name = self._metadata(main, ort).get(GPU_GRAPH_KEY)
+            if name:
+                main, mode = _beside(main, name, "GPU graph"), "off"  # prompts too: the W8A8 graph is for CPUs
                 self._kv_device = "cpu" if provider == "CPUExecutionProvider" else "cuda"
                 self._kv_dtype = np.float16
             elif gpu_graph:
@@ -729,19 +746,24 @@ class OnnxRuntimeEngine:
             self.prefill_graph = name
 
     @staticmethod
+    def _metadata(model_path: Path, ort) -> dict:
+        """A graph's metadata, read by a CPU session that neither optimizes nor prepacks."""
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        try:
+            return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"]) \
+                .get_modelmeta().custom_metadata_map
+        except Exception as exc:  # ORT raises its own untyped errors for bad files
+            raise ModelLoadError(f"{model_path}: ONNX Runtime could not load the model ({exc})") from None
+
+    @staticmethod
     def _prefill_only(model_path: Path, ort) -> Path:
         """The prefill graph that can run every step alone (named by the decode graph's metadata), or
         `model_path` with a warning when the bundle has none (fp32, or a prefill graph from before
         `edgeglm.prefill_min_rows`, whose single-token steps are slow). The decode graph is opened
         without optimizing or prepacking, only to read its metadata."""
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-        try:
-            meta = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"]) \
-                .get_modelmeta().custom_metadata_map
-        except Exception as exc:  # ORT raises its own untyped errors for bad files
-            raise ModelLoadError(f"{model_path}: ONNX Runtime could not load the model ({exc})") from None
+        meta = OnnxRuntimeEngine._metadata(model_path, ort)
         name = meta.get(PREFILL_GRAPH_KEY)
         if name and PREFILL_ROWS_KEY in meta:
             return _beside(model_path, name, "prefill graph")

@@ -304,7 +304,7 @@ PCI_VENDORS = {"0x10de": "NVIDIA", "0x8086": "Intel", "0x1002": "AMD", "0x1022":
 GPU_DRIVERS = {"i915": "Intel", "xe": "Intel", "amdgpu": "AMD", "nouveau": "NVIDIA", "nvidia-drm": "NVIDIA",
                "nvidia": "NVIDIA", "panfrost": "ARM", "panthor": "ARM", "mali": "ARM", "msm": "Qualcomm",
                "msm_drm": "Qualcomm"}
-NPU_DRIVERS = {"intel_vpu": "Intel", "amdxdna": "AMD", "qaic": "Qualcomm", "habanalabs": "Intel"}
+NPU_DRIVERS = {"intel_vpu": "Intel", "amdxdna": "AMD", "qaic": "Qualcomm"}
 
 
 def _uevent(path: Path) -> dict[str, str]:
@@ -375,7 +375,9 @@ def device_report(info: "HardwareInfo") -> list[dict[str, Any]]:
         users = DEVICE_USERS.get((d.kind, d.vendor), ())
         used_by = [p for p in paths if p.split(".")[0].split(" ")[0] in users]
         hint = None
-        if not used_by:
+        if d.driver == "nouveau":  # the open driver has no CUDA
+            hint = "CUDA needs NVIDIA's own driver (nouveau has none), then onnxruntime-gpu: see docs/install.md"
+        elif not used_by:
             hint = DEVICE_HINTS.get((d.kind, d.vendor),
                                     "no backend of edgeglm runs on it (ONNX Runtime CUDA/TensorRT on NVIDIA GPUs, "
                                     "OpenVINO on Intel GPUs and NPUs)")

@@ -147,3 +147,12 @@ def test_a_bad_secret_is_not_echoed():
         load_config(None, {"http.api_key": ["hunter2"]})
     assert "http.api_key = '**********' (from a command-line override)" in str(err.value)
     assert "hunter2" not in str(err.value)
+
+
+def test_model_device_is_one_word(tmp_path):
+    path = tmp_path / "device.toml"
+    path.write_text('[model]\nbackend = "openvino"\ndevice = "GPU 1"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert "model.device = 'GPU 1'" in str(err.value) and str(path) in str(err.value)
+    assert load_config(None, {"model.device": "GPU.1"}).model.device == "GPU.1"

@@ -194,6 +194,7 @@ def test_a_device_named_on_a_backend_is_served_as_given_and_an_absent_one_lists_
         load_model(int8_bundle, "openvino", device="GPU.3")
     with pytest.raises(BackendUnavailable, match="device 'GPU' needs a named backend"):
         load_model(int8_bundle, "auto", device="GPU")
+    assert load_model(int8_bundle, "onnxruntime", device=" AUTO ").execution_info()["device"] == ORT_CPU
 
 
 def test_autotune_measures_onnx_runtime_the_way_it_will_serve_where_memory_is_tight(int8_bundle, tmp_path):

@@ -123,15 +123,70 @@ def test_device_cache_grows_exports_imports_and_merges_like_the_host_cache(int8_
         np.testing.assert_allclose(out[i], alone, atol=1e-4 if ON_CPU else 2e-2)
 
 
-def test_gpu_graph_asked_of_a_bundle_without_one_is_a_clear_error(int8_bundle, tmp_path):
+def test_the_gpu_graph_is_the_one_the_decode_graph_names(int8_bundle, tmp_path):
+    """The GPU graph is found through the decode graph's metadata (hashed and signed with the bundle),
+    never by file name alone: a bundle whose decode graph names none (exported before it) has none, even
+    with a gpu.onnx dropped beside it; a named one that is missing is an incomplete bundle."""
     import shutil
 
+    arch = ModelArch.from_manifest(open_bundle(int8_bundle).manifest.architecture)
     old = tmp_path / "old"
     shutil.copytree(int8_bundle, old)
-    (old / "onnxruntime" / GPU_GRAPH_FILE).unlink()
-    arch = ModelArch.from_manifest(open_bundle(int8_bundle).manifest.architecture)
+    decode = onnx.load(str(old / "onnxruntime" / "model.onnx"), load_external_data=False)
+    props = [(p.key, p.value) for p in decode.metadata_props if p.key != GPU_GRAPH_KEY]
+    del decode.metadata_props[:]
+    onnx.helper.set_model_props(decode, dict(props))
+    onnx.save(decode, str(old / "onnxruntime" / "model.onnx"))
     with pytest.raises(ModelLoadError, match=f"has no GPU graph \\({GPU_GRAPH_FILE}\\); re-export it"):
         load_engine("onnxruntime", old / "onnxruntime" / "model.onnx", arch, gpu_graph=True)
+    assert load_engine("onnxruntime", old / "onnxruntime" / "model.onnx", arch).gpu_graph is None
+
+    missing = tmp_path / "missing"
+    shutil.copytree(int8_bundle, missing)
+    (missing / "onnxruntime" / GPU_GRAPH_FILE).unlink()
+    with pytest.raises(ModelLoadError, match=f"its GPU graph '{GPU_GRAPH_FILE}' is not beside it"):
+        load_engine("onnxruntime", missing / "onnxruntime" / "model.onnx", arch, gpu_graph=True)
+
+
+def test_left_padded_prompts_stay_finite_and_equal_single_rows(fp32_bundle, heldout_ids):
+    """The attention bias is -1e9 on masked positions; in fp16 that would be -inf and a padding row
+    (all masked) NaN, poisoning its logits and the cache. The GPU graph floors it at -1e4."""
+    _, gpu = engines(fp32_bundle)
+    a, b = heldout_ids[:12], heldout_ids[60:67]
+    ids = np.array([a, [0] * 5 + b], dtype=np.int64)
+    mask = np.array([[1] * 12, [0] * 5 + [1] * 7], dtype=np.int64)
+    logits, cache = gpu.forward(ids, np.maximum(mask.cumsum(1) - 1, 0), mask, gpu.new_cache(2))
+    assert np.isfinite(logits).all() and all(np.isfinite(k).all() for k in cache.host())
+    for row, prompt in enumerate((a, b)):
+        single, _ = gpu.forward(np.array([prompt]), np.arange(len(prompt))[None], np.ones((1, len(prompt)), np.int64),
+                                gpu.new_cache())
+        np.testing.assert_allclose(logits[row], single[0], atol=1e-3 if ON_CPU else 2e-2)
+
+
+def test_preloading_gpu_libraries_prints_nothing_on_stdout(capsys, caplog):
+    """onnxruntime.preload_dlls() print()s the CUDA libraries it cannot find; `edgeglm probe --json` and
+    `bench --json` write JSON to stdout, so what it says goes to the log, once per process."""
+    import logging
+
+    import runtime.engine as engine_module
+
+    class Ort:  # the function is onnxruntime's; on a box without CUDA it prints, as this does
+        calls = 0
+
+        def preload_dlls(self):
+            Ort.calls += 1
+            print("Failed to load libcublasLt.so.12: cannot open shared object file")
+
+    was = engine_module._GPU_LIBRARIES_PRELOADED
+    engine_module._GPU_LIBRARIES_PRELOADED = False
+    try:
+        with caplog.at_level(logging.INFO, logger="edgeglm.engine"):
+            engine_module._preload_gpu_libraries(Ort())
+            engine_module._preload_gpu_libraries(Ort())
+    finally:
+        engine_module._GPU_LIBRARIES_PRELOADED = was
+    assert capsys.readouterr().out == "" and Ort.calls == 1
+    assert "Failed to load libcublasLt.so.12" in caplog.text
 
 
 def test_the_served_model_says_which_graph_and_cache_it_runs(int8_bundle):
@@ -145,7 +200,7 @@ def test_the_served_model_says_which_graph_and_cache_it_runs(int8_bundle):
     model = LoadedModel(bundle, "onnxruntime", gpu, None, gpu.arch, Candidate("onnxruntime", PROVIDER), None,
                         "configured", PrefillChoice("off", "x"))
     info = model.execution_info()
-    assert info["batches"] == "merged (the KV cache is in device memory)"
+    assert info["batches"] == f"merged (the KV cache is in {'cpu' if ON_CPU else 'cuda'} memory)"
     assert info["kv_cache"] == gpu.kv_cache and gpu.gpu_graph == GPU_GRAPH_FILE
     assert info["prefill_graph"] is None and not info["prefill_only"]
     decode, _ = engines(int8_bundle)

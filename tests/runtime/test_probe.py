@@ -309,3 +309,14 @@ def test_gpus_and_npus_are_found_by_their_drivers_and_told_what_they_need(tmp_pa
     nvidia = device_report(with_cuda)[0]
     assert nvidia["used_by"] == ["onnxruntime:TensorrtExecutionProvider", "onnxruntime:CUDAExecutionProvider"]
     assert json.loads(json.dumps(device_report(with_cuda)))  # part of `edgeglm probe --json`
+
+
+def test_an_nvidia_gpu_on_nouveau_is_told_it_needs_nvidias_driver():
+    from dataclasses import replace
+
+    from runtime.probe import DeviceInfo, device_report
+
+    info = replace(probe_hardware(), devices=(DeviceInfo("GPU", "NVIDIA", "10de:2335", "nouveau"),),
+                   backends=(BackendInfo("onnxruntime", "x", True, ("CPUExecutionProvider",)),))
+    (report,) = device_report(info)
+    assert report["used_by"] == [] and "nouveau has none" in report["hint"]
