@@ -106,7 +106,8 @@ def test_intel_gpu_npu_overlay():
     limits = agent["resources"]["limits"]
     assert limits["gpu.intel.com/i915"] == "1" and limits["npu.intel.com/accel"] == "1"
     assert limits["cpu"] and limits["memory"], "the base's limits are kept"
-    assert env_of(agent)["EDGEGLM_MODEL__BACKEND"]["value"] == "openvino"
+    # backend auto: the autotune measures OpenVINO GPU/NPU against the CPU (a named backend alone ran on the CPU)
+    assert "EDGEGLM_MODEL__BACKEND" not in env_of(agent)
     assert pod_spec(ds)["securityContext"]["supplementalGroups"], "the render group for /dev/dri and /dev/accel"
     assert pod_spec(ds)["securityContext"]["runAsUser"] == 10001, "the base's pod securityContext is kept"
 
@@ -115,6 +116,8 @@ def test_nvidia_overlay():
     ds, agent = _agent("overlays/nvidia")
     assert pod_spec(ds)["runtimeClassName"] == "nvidia"
     assert agent["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert env_of(agent)["NVIDIA_DRIVER_CAPABILITIES"]["value"] == "compute,utility"  # CUDA, not only nvidia-smi
+    assert "EDGEGLM_MODEL__BACKEND" not in env_of(agent)  # auto: CUDA against the CPU, measured
     (runtime_class,) = load_documents(K3S / "overlays/nvidia/runtimeclass.yaml")
     assert runtime_class["metadata"]["name"] == "nvidia"
 
