@@ -690,12 +690,6 @@ class OnnxRuntimeEngine:
             require_provider(made, provider)
             return made
 
-        # with a prefill graph, two sessions take turns on the same cores: each one's worker threads may
-        # spin only briefly after a run. ORT's default spin kept them busy for tens of ms, taking the cores
-        # from the other session's next steps (the first 16 decode tokens after a prefill at 186 instead of
-        # 322 tok/s on glm-s; a 16-token step after a prefix hit on glm-m 75 -> 47 ms once the decode
-        # session stopped spinning). Decode itself does not slow down with 1 ms (glm-s 449 vs 455, glm-m
-        # 70 vs 69 tok/s); no spinning at all costs a prefill about 12%.
         main = Path(model_path)
         self._kv_device: str | None = None  # where a DeviceCache keeps the KV (None: OrtCache, host numpy)
         self._kv_dtype = np.float32
@@ -713,6 +707,12 @@ class OnnxRuntimeEngine:
             else:
                 log.warning("%s: the bundle predates its GPU graph (%s): on %s attention runs on the CPU and "
                             "the KV cache stays in host memory; re-export it", model_path, GPU_GRAPH_FILE, provider)
+        # with a prefill graph, two sessions take turns on the same cores: each one's worker threads may
+        # spin only briefly after a run. ORT's default spin kept them busy for tens of ms, taking the cores
+        # from the other session's next steps (the first 16 decode tokens after a prefill at 186 instead of
+        # 322 tok/s on glm-s; a 16-token step after a prefix hit on glm-m 75 -> 47 ms once the decode
+        # session stopped spinning). Decode itself does not slow down with 1 ms (glm-s 449 vs 455, glm-m
+        # 70 vs 69 tok/s); no spinning at all costs a prefill about 12%.
         spin = SPIN_AFTER_RUN_US if mode == "on" else None
         if mode == "only":
             main = self._prefill_only(main, ort)
