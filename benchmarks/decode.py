@@ -7,7 +7,9 @@ Run from the repository root (torch, onnx and both runtimes installed):
 
 It builds (or reuses, under --workdir) a random-init checkpoint of the shape and its fp32 and
 int8 bundles, loads five candidates once each (ONNX Runtime fp32/int8, OpenVINO fp32/int8 and
-the PyTorch eager reference with its KV cache), warms each up with one short run, then makes
+the PyTorch eager reference with its KV cache; where onnxruntime-gpu sees a GPU also ONNX Runtime
+fp32/int8 on CUDA, on the bundles' GPU graph, unless --no-gpu; their roofline column is "-", the
+roof being the CPU memory's), warms each up with one short run, then makes
 --repeats interleaved passes over all candidates. Per pass and candidate it measures:
 
   * TTFT: prefill of --prompt-tokens random token ids up to the first logits;
@@ -92,11 +94,12 @@ def read_bandwidth(threads: int, size_mb: int = 1024, tries: int = 5) -> float:
 class WorkerRunner:
     """An EngineRunner in a child process (optionally importing from another source tree)."""
 
-    def __init__(self, bundle: Path, backend: str, threads: int, src: Path | None = None):
+    def __init__(self, bundle: Path, backend: str, threads: int, src: Path | None = None, device: str = "auto"):
         env = dict(os.environ)
         if src is not None:  # PYTHONPATH comes before the editable install of this tree
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(Path(bundle).resolve()), backend, str(threads)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(Path(bundle).resolve()), backend,
+               str(threads), device]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env, cwd=str(src) if src else None)
         ready = json.loads(self.proc.stdout.readline())
@@ -113,10 +116,10 @@ class WorkerRunner:
         self.proc.wait()
 
 
-def worker_main(bundle: str, backend: str, threads: str) -> int:
+def worker_main(bundle: str, backend: str, threads: str, device: str = "auto") -> int:
     import runtime.engine
 
-    runner = EngineRunner(Path(bundle), backend, int(threads))
+    runner = EngineRunner(Path(bundle), backend, int(threads), device)
     print(json.dumps({"runtime": runtime.engine.__file__}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
@@ -128,10 +131,10 @@ def worker_main(bundle: str, backend: str, threads: str) -> int:
 class EngineRunner:
     """An edge engine driven through runtime.generate: prefill, then greedy decode steps."""
 
-    def __init__(self, bundle: Path, backend: str, threads: int):
+    def __init__(self, bundle: Path, backend: str, threads: int, device: str = "auto"):
         from agent.model import load_model
 
-        self.engine = load_model(bundle, backend, threads).engine
+        self.engine = load_model(bundle, backend, threads, device=device).engine
 
     def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
         from runtime.generate import decode_one_token, prefill
@@ -173,6 +176,13 @@ class EagerRunner:
             return ttft, time.perf_counter() - t0, tokens
 
 
+def cuda_available() -> bool:
+    """Whether ONNX Runtime here has its CUDA provider (onnxruntime-gpu): then CUDA candidates are added."""
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def weight_bytes_per_token(files: list[Path], cfg: dict) -> int:
     """Bytes of weights streamed per decoded token: the files minus the fp32 embedding table."""
     return sum(p.stat().st_size for p in files) - cfg["vocab_size"] * cfg["hidden_size"] * 4
@@ -186,7 +196,7 @@ def benchmark(args) -> dict:
         base = Path(args.baseline_workdir) / args.shape
         trees.insert(0, ("before: ", Path(args.baseline_src).resolve(),
                          {p: base / f"bundle-{p}" for p in ("fp32", "int8")}))
-    candidates, weight_files = {}, {}
+    candidates, weight_files, on_gpu = {}, {}, set()
     for backend, sub in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
         for precision in args.precisions.split(","):
             for label, src, bdirs in trees:
@@ -195,6 +205,12 @@ def benchmark(args) -> dict:
                 candidates[name] = WorkerRunner(bdirs[precision], backend, args.threads, src)
                 print(f"  runtime from {candidates[name].runtime_file}", file=sys.stderr)
                 weight_files[name] = sorted(p for p in (bdirs[precision] / sub).rglob("*") if p.is_file())
+    for precision in args.precisions.split(",") if cuda_available() and args.gpu else ():
+        name = f"onnxruntime {precision} cuda"  # the bundle's GPU graph, its KV cache in device memory
+        print(f"loading {name}", file=sys.stderr)
+        candidates[name] = WorkerRunner(bundles[precision], "onnxruntime", args.threads, device="cuda")
+        weight_files[name] = sorted(p for p in (bundles[precision] / "onnxruntime").rglob("*") if p.is_file())
+        on_gpu.add(name)
     print(f"loading {EAGER}", file=sys.stderr)
     candidates[EAGER] = EagerRunner(ckpt, args.threads)
     weight_files[EAGER] = sorted(ckpt.glob("*.safetensors"))
@@ -235,7 +251,7 @@ def benchmark(args) -> dict:
             "vs_eager": tps / eager,
             "vs_best": tps / best,
             "bytes_per_token": nbytes,
-            "roofline": nbytes * tps / (bandwidth * 1e9),
+            "roofline": None if name in on_gpu else nbytes * tps / (bandwidth * 1e9),  # CPU memory's roof
             # greedy tokens equal to the eager reference's, from the start (a sanity check: fp32
             # should agree for long, int8 and random weights leave near-ties that may flip)
             "tokens_agree": next((i for i, (a, b) in enumerate(zip(s["tokens"], ref)) if a != b), len(ref)),
@@ -263,7 +279,8 @@ def print_table(report: dict) -> None:
     print(f"{head[0]:<28}" + "".join(f"{h:>13}" for h in head[1:]))
     for r in report["results"]:
         print(f"{r['candidate']:<28}{r['ttft_ms']:>13.1f}{r['decode_tok_s']:>13.1f}{r['vs_eager']:>12.2f}x"
-              f"{r['vs_best']:>12.2f}x{r['bytes_per_token'] / 1e6:>13.1f}{r['roofline']:>13.2f}"
+              f"{r['vs_best']:>12.2f}x{r['bytes_per_token'] / 1e6:>13.1f}"
+              f"{'-' if r['roofline'] is None else format(r['roofline'], '.2f'):>13}"
               f"{r['tokens_agree']:>13}")
 
 
@@ -277,10 +294,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=".bench")
     ap.add_argument("--json", action="store_true", help="write the results as JSON to stdout")
     ap.add_argument("--precisions", default="fp32,int8", help="comma-separated: fp32,int8")
+    ap.add_argument("--no-gpu", dest="gpu", action="store_false",
+                    help="leave out the ONNX Runtime CUDA candidates (added where onnxruntime-gpu sees a GPU)")
     ap.add_argument("--baseline-src", help="source tree of the version to compare against (interleaved)")
     ap.add_argument("--baseline-workdir", default=".bench", help="where the baseline tree's bundles are")
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        return worker_main(*sys.argv[2:5])
+        return worker_main(*sys.argv[2:6])
     args = ap.parse_args(argv)
     report = benchmark(args)
     if args.json:
