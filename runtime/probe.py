@@ -323,8 +323,8 @@ def _pci_name(device: Path) -> str:
 
 def probe_devices(root: str | Path = "/") -> tuple[DeviceInfo, ...]:
     """GPUs and NPUs the kernel knows, read from /proc/driver/nvidia (NVIDIA's driver names the model),
-    /sys/class/drm (GPUs by their driver) and /sys/class/accel (NPUs). Best effort: nothing readable,
-    nothing found."""
+    the device tree (a Jetson board's integrated GPU), /sys/class/drm (GPUs by their driver) and
+    /sys/class/accel (NPUs). Best effort: nothing readable, nothing found."""
     root = Path(root)
     found: list[DeviceInfo] = []
     nvidia = root / "proc/driver/nvidia/gpus"
@@ -335,6 +335,11 @@ def probe_devices(root: str | Path = "/") -> tuple[DeviceInfo, ...]:
             found.append(DeviceInfo("GPU", "NVIDIA", info.get("Model") or bus.name, "nvidia"))
     except OSError:
         pass
+    # Jetson: the GPU is part of the Tegra SoC, with no /proc/driver/nvidia/gpus and no DRM card of its own;
+    # the device tree names the board
+    board = (_read(root / "proc/device-tree/model") or "").strip("\x00 \n")
+    if not found and "jetson" in board.lower():
+        found.append(DeviceInfo("GPU", "NVIDIA", f"{board} (integrated GPU)", "nvgpu"))
     seen_nvidia = bool(found)
     for cls, kind, drivers in (("drm", "GPU", GPU_DRIVERS), ("accel", "NPU", NPU_DRIVERS)):
         try:
@@ -375,7 +380,9 @@ def device_report(info: "HardwareInfo") -> list[dict[str, Any]]:
         users = DEVICE_USERS.get((d.kind, d.vendor), ())
         used_by = [p for p in paths if p.split(".")[0].split(" ")[0] in users]
         hint = None
-        if d.driver == "nouveau":  # the open driver has no CUDA
+        if d.driver == "nvgpu" and not used_by:  # PyPI's onnxruntime-gpu is x86-64 / SBSA: not for Tegra
+            hint = "ONNX Runtime's CUDA provider uses it with NVIDIA's JetPack build of onnxruntime-gpu (not PyPI's)"
+        elif d.driver == "nouveau":  # the open driver has no CUDA
             hint = "CUDA needs NVIDIA's own driver (nouveau has none), then onnxruntime-gpu: see docs/install.md"
         elif not used_by:
             hint = DEVICE_HINTS.get((d.kind, d.vendor),

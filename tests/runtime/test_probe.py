@@ -320,3 +320,23 @@ def test_an_nvidia_gpu_on_nouveau_is_told_it_needs_nvidias_driver():
                    backends=(BackendInfo("onnxruntime", "x", True, ("CPUExecutionProvider",)),))
     (report,) = device_report(info)
     assert report["used_by"] == [] and "nouveau has none" in report["hint"]
+
+
+def test_a_jetson_boards_integrated_gpu_is_found_from_the_device_tree(tmp_path):
+    """Tegra has no /proc/driver/nvidia/gpus and no DRM card for its GPU (its tegra DRM card drives the
+    display); the device tree names the board, and the hint names JetPack's ONNX Runtime."""
+    from dataclasses import replace
+
+    from runtime.probe import DeviceInfo, device_report, probe_devices
+
+    (tmp_path / "proc/device-tree").mkdir(parents=True)
+    (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
+    (tmp_path / "sys/class/drm/card0/device").mkdir(parents=True)
+    (tmp_path / "sys/class/drm/card0/device/uevent").write_text("DRIVER=tegra-drm\n")
+    devices = probe_devices(tmp_path)
+    assert devices == (DeviceInfo("GPU", "NVIDIA", "NVIDIA Jetson Orin Nano Developer Kit (integrated GPU)", "nvgpu"),)
+    info = replace(probe_hardware(), devices=devices,
+                   backends=(BackendInfo("onnxruntime", "x", True, ("CPUExecutionProvider",)),))
+    assert "JetPack" in device_report(info)[0]["hint"]
+    (tmp_path / "proc/device-tree/model").write_bytes(b"Raspberry Pi 5 Model B Rev 1.0\x00")
+    assert probe_devices(tmp_path) == ()
