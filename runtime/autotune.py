@@ -489,7 +489,7 @@ def format_result(result: TuneResult) -> str:
     """The human-readable report for `edgeglm probe --bundle`."""
     lines = ["", f"Execution paths (bundle manifest {result.bundle_sha256[:12]}, hardware {result.fingerprint}):"]
     if not result.accelerators:
-        lines.append("  no GPU or NPU found: CPU paths only")
+        lines.append("  no GPU or NPU path (none found, or none a backend here can use): CPU paths only")
     else:
         lines.append(f"  accelerators found: {', '.join(result.accelerators)}")
     lines.append(f"  {'path':<44} {'status':<10} {'TTFT ms':>9} {'decode tok/s':>13}  note")
