@@ -414,6 +414,18 @@ class DeviceCache(OrtCache):
         super().__init__(batch, arch)
         self.device, self.dtype, self.device_id = device, dtype, device_id
 
+    @property
+    def buffers(self) -> list[np.ndarray]:
+        """Not host arrays: code written for OrtCache.buffers would read or write nothing here."""
+        if self.values:
+            raise TypeError("a DeviceCache's buffers are in device memory: read them with host(), write with put()")
+        return []
+
+    @buffers.setter
+    def buffers(self, value: list) -> None:  # OrtCache.__init__ sets the empty list
+        if value:
+            raise TypeError("a DeviceCache's buffers are in device memory: write them with put()")
+
     def put(self, arrays: list[np.ndarray], ort) -> None:
         self.capacity = arrays[0].shape[2]
         self.values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in arrays]

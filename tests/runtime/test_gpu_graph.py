@@ -104,6 +104,8 @@ def test_device_cache_grows_exports_imports_and_merges_like_the_host_cache(int8_
                                 gpu.new_cache())
     np.testing.assert_allclose(steps[-1], recomputed[0], atol=2e-2)  # grown cache = one pass over all of it
 
+    with pytest.raises(TypeError, match="in device memory: read them with host"):
+        cache.buffers  # code written for host caches (RaggedBatch) fails loudly instead of copying nothing
     block = gpu.export_kv(cache, 120)
     assert block.keys[0].dtype == np.float32 and block.length == 120
     imported = gpu.cache_from_kv(block)
