@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="glm-s")
     p.add_argument("--bundle", help="an existing bundle (default: build or reuse the random-init one of --shape)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"))
+    p.add_argument("--device", default="auto", help="the backend's device, as model.device: e.g. cuda (ONNX "
+                   "Runtime on the bundle's GPU graph), GPU or NPU (OpenVINO); default: the CPU")
     p.add_argument("--concurrency", default="1,4,8")
     p.add_argument("--max-batch", default="1,8", help="max_batch values; with an m (8m): MergedBatch")
     p.add_argument("--stagger", action="store_true", help="random prompt and answer lengths per request")
@@ -268,12 +270,17 @@ def main(argv: list[str] | None = None) -> int:
                 "separated by commas, e.g. 1,4,8 (max_batch values may end in m, and :CHUNK: 8m, 8:0)")
 
     from agent.model import load_model
+    from ota.errors import BundleError
+    from runtime.errors import RuntimeUserError
 
     bundle = Path(args.bundle) if args.bundle else prepare(args.shape, args.workdir)
-    model = load_model(bundle, args.backend)
+    try:
+        model = load_model(bundle, args.backend, device=args.device)
+    except (RuntimeUserError, BundleError) as exc:  # a missing device or bundle: the message, not a traceback
+        p.error(str(exc))
     engine = model.engine
     prompt = pick_prompt(engine, args.prompt_tokens, args.max_tokens)
-    print(f"{bundle} on {model.backend}; {cpu_model()}, {os.cpu_count()} cpus; prompt {len(prompt)} tokens, "
+    print(f"{bundle} on {model.execution_info()['description']}; {cpu_model()}, {os.cpu_count()} cpus; prompt {len(prompt)} tokens, "
           f"{args.max_tokens} new tokens{' (staggered: 1/4 to 2x each)' if args.stagger else ''}, "
           f"{args.seconds:g} s per level, {args.repeats} pass(es); engine.new_batch(): "
           f"{type(engine.new_batch()).__name__}", file=sys.stderr)
