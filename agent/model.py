@@ -54,7 +54,7 @@ class LoadedModel:
         if getattr(self.engine, "ragged_batches", False):
             info["batches"] = "row-aligned"
         elif getattr(self.engine, "gpu_graph", None):
-            info["batches"] = f"merged (the KV cache is in {self.engine.kv_cache.split(',')[0]})"
+            info["batches"] = f"merged (the KV cache is in {self.engine.kv_memory})"
         elif self.backend == "onnxruntime":
             info["batches"] = "merged (the bundle predates row-aligned batches: re-export it)"
         else:
@@ -148,7 +148,7 @@ def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | No
                          **options)
     if getattr(engine, "gpu_graph", None):  # the prefill-graph setting is for CPU graphs: say what runs instead
         prefill = PrefillChoice("off", f"the GPU graph {engine.gpu_graph} runs prompts too; KV cache in "
-                                       f"{engine.kv_cache.split(',')[0]}")
+                                       f"{engine.kv_memory}")
     if prefill is not None:
         log.info("prefill graph: %s (%s)", prefill.mode, prefill.reason)
     tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer))

@@ -742,8 +742,8 @@ class OnnxRuntimeEngine:
         self._decode = _OrtRunner(self.session, arch)
         # see RaggedBatch; a cache in device memory is merged on the host instead (MergedBatch)
         self.ragged_batches = meta.get(BATCH_ROWS_KEY) == "ragged" and self._kv_device is None
-        self.kv_cache = (f"{self._kv_device} memory, float16 ({main.name})" if self._kv_device
-                         else "host memory, float32")
+        self.kv_memory = f"{self._kv_device} memory" if self._kv_device else "host memory"  # where the KV lives
+        self.kv_cache = f"{self.kv_memory}, float16 ({main.name})" if self._kv_device else f"{self.kv_memory}, float32"
         self.gpu_graph: str | None = main.name if self._kv_device else None  # the GPU graph serving, if it is
         self._prefill = self._decode
         self.prefill_graph: str | None = main.name if mode == "only" else None  # the prefill graph in use
