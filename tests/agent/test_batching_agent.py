@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -77,6 +78,13 @@ def test_batching_limits_apply_live_from_desired_config(agent):
     four = batch_sizes(port)
     assert four['edgeglm_batch_size_bucket{le="3"}'] < four['edgeglm_batch_size_bucket{le="4"}']  # steps of 4 rows
     assert four['edgeglm_batch_size_bucket{le="4"}'] == four["edgeglm_batch_size_count"]  # never more
+    # the gauges follow the scheduler's boundary after the last step, which can come just after the last
+    # response reached its client: wait for them to settle (idle means 0, not "whatever was read first")
+    deadline = time.monotonic() + 10
+    while (four["edgeglm_inference_in_flight"], four["edgeglm_inference_queue_depth"]) != (0, 0) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+        four = batch_sizes(port)
     assert four["edgeglm_inference_in_flight"] == 0 and four["edgeglm_inference_queue_depth"] == 0
 
     agent._apply_desired(DesiredConfig(version=8, settings={"batching": {"max_batch": 0}}))
