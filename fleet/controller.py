@@ -76,6 +76,7 @@ class FleetController:
         if settings.ca_file:
             self.client.tls_set(ca_certs=settings.ca_file)
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 30)
         self._telemetry: queue.SimpleQueue = queue.SimpleQueue()
@@ -83,12 +84,14 @@ class FleetController:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "FleetController":
+        """Connect and subscribe; returns once the broker has acknowledged the subscriptions, so
+        everything devices publish from then on reaches the controller."""
         self._writer.start()
         self.client.connect_async(self.settings.broker_host, self.settings.broker_port)
         self.client.loop_start()
         if not self.connected.wait(timeout):
             raise ConnectionError(f"no connection to the broker {self.settings.broker_host}:"
-                                  f"{self.settings.broker_port} within {timeout:g} s")
+                                  f"{self.settings.broker_port} with its subscriptions acknowledged within {timeout:g} s")
         return self
 
     def stop(self) -> None:
@@ -131,9 +134,15 @@ class FleetController:
         if reason_code.is_failure:
             log.warning("broker refused the controller: %s", reason_code)
             return
-        for topic in controller_subscriptions(self.settings.fleet):
-            # telemetry at the settings' QoS (default 0): see ControllerSettings.telemetry_qos
-            client.subscribe(topic, qos=self.settings.telemetry_qos if topic.endswith("/telemetry") else 1)
+        # one SUBSCRIBE for every topic filter, so that its SUBACK (_on_subscribe) means all are in place;
+        # telemetry at the settings' QoS (default 0): see ControllerSettings.telemetry_qos
+        client.subscribe([(topic, self.settings.telemetry_qos if topic.endswith("/telemetry") else 1)
+                          for topic in controller_subscriptions(self.settings.fleet)])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [t for t, rc in zip(controller_subscriptions(self.settings.fleet), reason_codes) if rc.is_failure]
+        if refused:
+            log.warning("broker refused the controller's subscription(s) to %s", ", ".join(refused))
         self.connected.set()
 
     def _on_message(self, client, userdata, msg) -> None:

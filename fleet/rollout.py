@@ -6,7 +6,8 @@
     canary_wait   wait for every canary's OTA result                           canary_window | halting
     canary_window wait `window_s`, then compare the canaries' p95 per-token     rest | halting
                   latency and error count on the new version to their baseline
-                  (a regression is over max_regression_pct AND over min_delta_ms)
+                  (a regression is over max_regression_pct AND over min_delta_ms);
+                  a canary with no telemetry yet gets one more window, then fails
     rest          offer to the remaining devices                               rest_wait
     rest_wait     wait for their results                                       done
     halting       offer the canaries a signed rollback to the previous bundle  halted
@@ -155,6 +156,16 @@ class RolloutDriver:
 
     def _canary_window(self, r: Rollout, now: float) -> None:
         if now - r.data["window_start"] < r.window_s:
+            return
+        # a canary that has reported nothing on the new version yet (a report in flight, an agent still
+        # loading the model) gets one more window before its silence fails the gate
+        silent = [d for d in r.data["canaries"]
+                  if not self.store.latency(r.fleet, d, r.data["window_start"]).get("requests")]
+        if silent and now - r.data["window_start"] < 2 * r.window_s:
+            if not r.data.get("window_extended"):
+                r.data["window_extended"] = True
+                self._save(r, "canary_window", f"no telemetry yet from {silent} on the new version; "
+                                               f"waiting one more window ({r.window_s:g} s)")
             return
         problems = []
         for d in r.data["canaries"]:

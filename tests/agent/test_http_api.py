@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -328,19 +329,32 @@ def test_metrics_grow_after_requests_and_parse(server, client):
     r = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=5)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL_ID, prompt=PROMPT, temperature=-1)
-    text = scrape()
-    types, after = parse_metrics(text)
-
     ep = 'endpoint="/v1/completions"'
+    ok = f'edgeglm_http_requests_total{{{ep},code="200"}}'
+    bad = f'edgeglm_http_requests_total{{{ep},code="400"}}'
+    tokens = f"edgeglm_completion_tokens_total{{{ep}}}"
+    durations = f"edgeglm_request_duration_seconds_count{{{ep}}}"
+
+    def settled(s: dict) -> bool:
+        # a request is counted (code, tokens, duration) just after its response is written, and the gauges
+        # follow the scheduler's boundary: the client can read /metrics before that; wait for it to happen
+        return s.get(ok, 0) >= before.get(ok, 0) + 1 and s.get(bad, 0) >= before.get(bad, 0) + 1 \
+            and s.get(tokens, 0) >= before.get(tokens, 0) + r.usage.completion_tokens \
+            and s.get(durations, 0) >= before.get(durations, 0) + 1 \
+            and s.get("edgeglm_inference_in_flight") == 0 and s.get("edgeglm_inference_queue_depth") == 0
+
+    deadline = time.monotonic() + 10
+    types, after = parse_metrics(scrape())
+    while not settled(after) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        types, after = parse_metrics(scrape())
+
     assert types["edgeglm_time_to_first_token_seconds"] == "histogram"
     assert types["edgeglm_inference_queue_depth"] == "gauge"
     assert types["edgeglm_prefix_cache_hits_total"] == "counter"
-    ok = f'edgeglm_http_requests_total{{{ep},code="200"}}'
-    bad = f'edgeglm_http_requests_total{{{ep},code="400"}}'
     assert after[ok] == before.get(ok, 0) + 1 and after[bad] == before.get(bad, 0) + 1
     err = f'edgeglm_http_errors_total{{{ep},type="invalid_request_error"}}'
     assert after[err] == before.get(err, 0) + 1
-    tokens = f"edgeglm_completion_tokens_total{{{ep}}}"
     assert after[tokens] == before.get(tokens, 0) + r.usage.completion_tokens
     for hist in ("edgeglm_time_to_first_token_seconds", "edgeglm_request_duration_seconds"):
         count = f"{hist}_count{{{ep}}}"

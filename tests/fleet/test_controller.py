@@ -147,9 +147,14 @@ from fleet.simulator import SimDevice, SimProfile  # noqa: E402
 def run_rollout(controller, devices, rollout_id, until_phase, window_s, max_s=60.0):
     driver = RolloutDriver(controller.store, controller)
     deadline = time.monotonic() + max_s
+    sent = controller.store.counter("telemetry_reports")
     while True:
         for dev in devices:
             dev.report()
+        # tick on what the controller has stored: a report still on its way would leave the baseline
+        # or the canary window without telemetry, however long the window
+        sent += len(devices)
+        until(lambda: controller.store.counter("telemetry_reports") >= sent)
         driver.tick()
         r = next(r for r in load_rollouts(controller.store) if r.id == rollout_id)
         if r.phase in until_phase:
@@ -201,6 +206,63 @@ def test_rollout_halts_when_a_canary_fails_its_self_test(controller, fleet_of_fo
     r = run_rollout(controller, devs, rid, ("done", "halted"), 1.0)
     assert r.phase == "halted" and any("canary update failed" in line for line in r.data["report"])
     assert all(d.version == "1.0.0" for d in devs)
+
+
+class OfferRecorder:
+    """Stands in for FleetController.offer: the driver's decisions without a broker."""
+
+    def __init__(self):
+        self.offers: list[tuple[str, str]] = []
+
+    def offer(self, fleet, device, bundle, rollback_key=None) -> str:
+        self.offers.append((device, bundle.name))
+        return f"update-{len(self.offers)}"
+
+
+def report(device: str, window_end: float, version: str, per_token_ms: float = 10.0) -> dict:
+    return {"device": device, "window_start": window_end - 1, "window_end": window_end, "count": 5,
+            "ttft_ms": {"p50": 50.0, "p95": 60.0, "p99": 70.0},
+            "per_token_ms": {"p50": per_token_ms, "p95": per_token_ms, "p99": per_token_ms},
+            "tokens_per_s": 100.0, "errors": 0, "model_version": version}
+
+
+@pytest.mark.parametrize("late_report", [True, False])
+def test_a_silent_canary_gets_one_more_window_then_fails_the_gate(tmp_path, late_report):
+    """Driven with explicit clock values: a canary whose first report lands in the second window
+    proceeds; one silent for two windows halts the rollout, naming the missing telemetry."""
+    from fleet.store import Store
+
+    store, t0, window = Store(tmp_path / "fleet.db"), float(int(time.time())), 10.0  # exact sums
+    for d in ("d0", "d1"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
+        store.add_telemetry(FLEET, report(d, t0 - 5, "1.0.0"))
+    driver = RolloutDriver(store, OfferRecorder())
+    rid = create_rollout(store, tmp_path / "bundle-1.1.0", FLEET, canary_pct=50, window_s=window)
+
+    def tick(now: float):
+        driver.tick(now)
+        return next(r for r in load_rollouts(store) if r.id == rid)
+
+    r = tick(t0)
+    assert r.phase == "canary_wait" and r.data["canaries"] == ["d0"]
+    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 1, "state": "reporting",
+                                       "result": "committed"})
+    assert tick(t0 + 1).phase == "canary_window"  # the window starts at t0 + 1
+    store.add_telemetry(FLEET, report("d0", t0 + 0.5, "1.0.0"))  # before the window: not on the new version
+    r = tick(t0 + 11)  # one window
+    assert r.phase == "canary_window" and "no telemetry yet from ['d0']" in r.data["report"][-1]
+    notes = len(r.data["report"])
+    assert len(tick(t0 + 16).data["report"]) == notes  # said once
+    if late_report:
+        store.add_telemetry(FLEET, report("d0", t0 + 17, "1.1.0", per_token_ms=10.5))
+        r = tick(t0 + 18)
+        assert r.phase == "rest" and "latency gate passed" in r.data["report"][-1], r.data["report"]
+    else:
+        assert tick(t0 + 20).phase == "canary_window"
+        r = tick(t0 + 21)  # two windows
+        assert r.phase == "halting", r.data["report"]
+        assert "latency gate failed: d0: no telemetry on the new version in the window" in r.data["report"][-1]
+    store.close()
 
 
 def test_rollout_continues_after_a_controller_restart(mosquitto, tmp_path, fleet_of_four, signed_bundles):

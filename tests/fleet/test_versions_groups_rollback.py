@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -64,11 +65,20 @@ class Recorder:
     def __init__(self, port: int):
         self.reports: list[dict] = []
         self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.subscribed = threading.Event()
+        self.granted: list = []
         self.client.on_message = lambda c, u, m: self.reports.append(json.loads(m.payload))
+        self.client.on_subscribe = self._on_subscribe
         self.client.connect("127.0.0.1", port)
         self.client.subscribe(f"edgeglm/v1/{FLEET}/+/telemetry", qos=1)
         self.client.loop_start()
-        time.sleep(0.3)  # the SUBACK
+        # the broker routes telemetry to this subscriber only once the SUBACK is back
+        assert self.subscribed.wait(10), "the broker did not acknowledge the telemetry subscription in 10 s"
+        assert not any(rc.is_failure for rc in self.granted), f"subscription refused: {self.granted}"
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self.granted = list(reason_codes)
+        self.subscribed.set()
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -154,9 +164,14 @@ def test_telemetry_of_another_device_or_malformed_is_ignored_and_counted(control
 def drive(controller, fleet, rollout_id, max_s=60.0):
     driver = RolloutDriver(controller.store, controller)
     deadline = time.monotonic() + max_s
+    sent = controller.store.counter("telemetry_reports")
     while True:
         for d in fleet:
             d.report()
+        # tick on what the controller has stored: a report still on its way would leave the baseline
+        # or the canary window without telemetry, however long the window
+        sent += len(fleet)
+        until(lambda: controller.store.counter("telemetry_reports") >= sent)
         driver.tick()
         r = next(r for r in load_rollouts(controller.store) if r.id == rollout_id)
         if r.phase in ("done", "halted"):

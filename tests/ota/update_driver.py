@@ -27,7 +27,7 @@ from ota.update import Offer, State, UpdateFailed, Updater, UpdaterDeps  # noqa:
 from runtime.engine import architecture_problem  # noqa: E402
 
 
-def build_updater(work: Path, activate_fails: str | None = None, max_latency_ratio: float = 50.0) -> Updater:
+def build_updater(work: Path, activate_fails: str | None = None, max_latency_ratio: float = 100.0) -> Updater:
     serving: dict = {"model": None}
 
     def report(status: dict) -> None:
