@@ -4,9 +4,11 @@
 
 Stages, each on the `build` progress bar (long stages show their own bars below it):
 
-1. check      every input, before any long work: the recipe (models/recipe.py), the teacher's
-              config (a GLM, the recipe's sizes within its own), the corpus (enough tokens for the
-              held-out split, the calibration and the distillation budget), --out and --work writable
+1. check      every input, before any long work and before the work directory is made: the
+              recipe (models/recipe.py), its [distill] device available here, the teacher's config
+              (a GLM, the recipe's sizes within its own), the bundle's name, --out and --work
+              writable, every corpus file readable UTF-8 text; after tokenizing, the corpus size
+              (enough tokens for the held-out split, the calibration and the distillation budget)
 2. tokenize   the corpus through the teacher's tokenizer (models/data.py, cached in the work dir);
               the last `[eval] heldout_fraction` of the token stream is held out, the rest is the
               train split
@@ -21,14 +23,25 @@ Stages, each on the `build` progress bar (long stages show their own bars below 
               `compression` field; the bundle is verified and moved to --out
 
 The work directory (default: BUNDLE.work next to --out) keeps every stage's output and
-`state.json`, which records the inputs (recipe hash, teacher, corpus files) and the stages done.
-`--resume` continues a build stopped at any point: stages done are loaded, not repeated, and
-distillation continues from its last checkpoint. A work directory of another build is refused.
+`state.json`, which records the build's identity (teacher, corpus files and every recipe setting
+that shapes a result: `Recipe.resume_identity`, which leaves out name, description and the
+[distill] device and checkpoint_every) and the stages done. `--resume` continues a build stopped
+at any point: stages done are loaded, not repeated, and distillation continues from its last
+checkpoint. A work directory of another build is refused, naming the first setting that differs.
+
+What a failure leaves:
+- a failed check (bad input): nothing; the work directory is made only after every cheap check,
+  and one made by this run is removed again if the build fails before its state is written
+  (during tokenizing or the corpus-size checks);
+- a failed stage (after `check`): the stages done stay in the work directory, and the error line
+  says so: rerun with --resume once the cause is fixed (a changed device or checkpoint_every is
+  fine), or remove the work directory to start over.
 Nothing is written at --out until the last step, and only a complete, verified bundle.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -43,12 +56,14 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import GlmConfig
 from models.data import TextSource, TokenCorpus, corpus_from_ids, text_files, tokenize_corpus
-from models.distill import DistillError, DistillSettings, distill
-from models.errors import CheckpointError
+from models.distill import DistillError, DistillSettings, distill, resolve_device
+from models.errors import CheckpointError, ExportError
 from models.prune import (
     PruneSpec, activation_importance, magnitude_importance, non_embedding_params, prune_model, solve_spec,
 )
-from models.recipe import Recipe, load_recipe
+from models.recipe import Recipe, bundle_name_problem, load_recipe
+from ota.errors import BundleError
+from runtime.errors import RuntimeUserError
 
 STAGES = ("check", "tokenize", "prune", "distill", "evaluate", "export", "report")
 STATE = "state.json"
@@ -75,9 +90,11 @@ class BuildInputs:
         return cls(Path(teacher), tuple(Path(c) for c in corpus), recipe, out, work, resume)
 
     def identity(self) -> dict:
-        """What a resumed build must share with the one that wrote the work directory."""
-        return {"recipe_sha256": self.recipe.sha256, "teacher": str(self.teacher.resolve()),
-                "corpus": [str(p.resolve()) for p in self.corpus]}
+        """What a resumed build must share with the one that wrote the work directory: the inputs,
+        and every recipe setting that shapes a stage's result (not the recipe's bytes, so that a
+        fixed device or a new description does not orphan the stages done)."""
+        return {"teacher": str(self.teacher.resolve()), "corpus": [str(p.resolve()) for p in self.corpus],
+                "recipe": self.recipe.resume_identity()}
 
 
 @dataclass
@@ -103,26 +120,113 @@ def _writable_dir(path: Path, flag: str) -> None:
                          "choose a directory you can write to")
 
 
+def _read_state(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"{path}: unreadable build state ({exc}); remove {path.parent} to start over") from None
+
+
+def _stages_done(data: dict) -> list[str]:
+    done = data.get("done") or {}
+    names = [s for s in STAGES if s in done]
+    return names[:1] + ["tokenize"] + names[1:] if names[:1] == ["check"] else names
+
+
+def _first_difference(recorded, current, path: str = "") -> str | None:
+    """The first recipe setting that differs, as `[section] setting was X, now Y`."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        for key in list(current) + [k for k in recorded if k not in current]:
+            where = f"[{key}]" if not path else f"{path} {key}"
+            diff = _first_difference(recorded.get(key), current.get(key), where)
+            if diff:
+                return diff
+        return None
+    return None if recorded == current else f"{path} was {recorded!r}, now {current!r}"
+
+
+def identity_difference(recorded, current: dict) -> str:
+    """In words: what differs between a work directory's build and this one."""
+    if not isinstance(recorded, dict) or "recipe" not in recorded:
+        return "it was written by an earlier edgeglm, which recorded the recipe's bytes only"
+    if recorded.get("teacher") != current["teacher"]:
+        return f"--teacher was {recorded.get('teacher')}, now {current['teacher']}"
+    if recorded.get("corpus") != current["corpus"]:
+        return f"--corpus was {' '.join(recorded.get('corpus') or [])}, now {' '.join(current['corpus'])}"
+    return "recipe setting " + (_first_difference(recorded["recipe"], current["recipe"]) or "?")
+
+
 def check_paths(inputs: BuildInputs) -> None:
+    work = inputs.work
     if inputs.out.exists():
         raise BuildError(f"--out {inputs.out}: already exists; choose a new bundle path (it is left untouched)")
     _writable_dir(inputs.out.parent, "--out")
-    _writable_dir(inputs.work, "--work")
-    if inputs.work.resolve() == inputs.out.resolve():
-        raise BuildError(f"--work {inputs.work}: must differ from --out")
-    state = inputs.work / STATE
+    _writable_dir(work, "--work")
+    if work.exists() and not work.is_dir():
+        raise BuildError(f"--work {work}: is a file; choose a directory")
+    if work.resolve() == inputs.out.resolve():
+        raise BuildError(f"--work {work}: must differ from --out")
+    state = work / STATE
     if inputs.resume:
         if state.is_file():
-            recorded = json.loads(state.read_text()).get("identity")
-            if recorded != inputs.identity():
-                raise BuildError(f"--resume: {state} belongs to another build (recipe, teacher or corpus differ); "
-                                 "start without --resume in a new --work directory")
-    elif inputs.work.is_dir() and any(inputs.work.iterdir()):
-        raise BuildError(f"--work {inputs.work}: not empty (a previous build?); pass --resume to continue it "
-                         "or choose another --work directory")
+            recorded = _read_state(state).get("identity")
+            current = inputs.identity()
+            if recorded != current:
+                raise BuildError(
+                    f"--resume: {state} belongs to another build ({identity_difference(recorded, current)}); "
+                    "a build resumes only with the same teacher, corpus and recipe settings (name, description, "
+                    f"[distill] device and checkpoint_every may change): undo the change, or start over without "
+                    f"--resume after removing {work} or with another --work directory")
+    elif work.is_dir() and any(work.iterdir()):
+        done = _stages_done(_read_state(state)) if state.is_file() else []
+        what = f"a build stopped after {done[-1]}" if done else "a previous build?"
+        raise BuildError(f"--work {work}: not empty ({what}); pass --resume to continue it, or remove it or "
+                         "choose another --work directory to start over")
+
+
+def check_device(recipe: Recipe, settings: DistillSettings) -> None:
+    try:
+        resolve_device(settings.device)
+    except DistillError:
+        raise BuildError(f"{recipe.source}: [distill] device = {settings.device!r}: no CUDA device is available "
+                         "here; use \"cpu\" or \"auto\" (CUDA where there is one); nothing was written") from None
+
+
+def check_bundle_name(inputs: BuildInputs) -> None:
+    """The bundle is named by [export] name (checked with the recipe) or else after --out."""
+    if inputs.recipe.export.name is None:
+        problem = bundle_name_problem(inputs.out.name)
+        if problem:
+            raise BuildError(f"--out {inputs.out}: the bundle is named after it, and {inputs.out.name!r} {problem}; "
+                             f"set [export] name in {inputs.recipe.source} or choose another --out")
+
+
+def check_corpus_text(files: list[Path]) -> None:
+    """Every corpus file can be read and is UTF-8, before anything is written (one streaming pass)."""
+    for path in files:
+        decoder, pos, pending = codecs.getincrementaldecoder("utf-8")(), 0, 0
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    pending = len(decoder.getstate()[0])
+                    decoder.decode(block)
+                    pos += len(block)
+                pending = len(decoder.getstate()[0])
+                decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise BuildError(f"--corpus {path}: not UTF-8 text ({exc.reason} at byte {pos - pending + exc.start}); "
+                             "convert it or leave it out of the training text; nothing was written") from None
+        except OSError as exc:
+            raise BuildError(f"--corpus {path}: cannot be read ({exc.strerror or exc}); nothing was written") from None
 
 
 def check_teacher(teacher: Path) -> GlmConfig:
+    if teacher.is_file():
+        raise BuildError(f"--teacher {teacher}: is a file; give the checkpoint's directory ({teacher.parent}), "
+                         "which holds config.json, the weights and tokenizer.json")
     if not teacher.is_dir():
         raise BuildError(f"--teacher {teacher}: checkpoint directory not found")
     cfg = GlmConfig.from_file(teacher / "config.json")  # CheckpointError names another architecture
@@ -240,16 +344,42 @@ def plan_build(inputs: BuildInputs, progress: bool = True) -> tuple[Plan, TokenC
     """Every check, cheapest first; only tokenizing the corpus (cached in the work dir) takes time."""
     recipe = inputs.recipe
     settings = recipe.distill_settings()
+    check_device(recipe, settings)
     teacher_cfg = check_teacher(inputs.teacher)
     spec = student_spec(recipe, teacher_cfg)
     student_cfg = spec.target_config(teacher_cfg, f"{recipe.source}: [prune]")
+    check_bundle_name(inputs)
     check_paths(inputs)
     files = text_files(inputs.corpus)  # DataError names a missing corpus file
+    check_corpus_text(files)
     inputs.work.mkdir(parents=True, exist_ok=True)
     corpus = tokenize_corpus(TextSource(files, inputs.teacher / "tokenizer.json"), inputs.work / "tokens", progress)
     data = check_data(recipe, corpus, settings)
     train, heldout = split_corpus(corpus, data["heldout_tokens"], inputs.work)
     return Plan(teacher_cfg, spec, student_cfg, settings, data), train, heldout
+
+
+def _remove_new_work(work: Path, existed: bool, made_parents: list[Path]) -> None:
+    """Undo a work directory this run made (or filled, when it was empty) before any state was kept."""
+    if existed:
+        for child in work.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    for d in reversed(made_parents):  # deepest first, only if still empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+USER_ERRORS = (CheckpointError, ExportError, BundleError, RuntimeUserError)
+
+
+def _resume_hint(work: Path, state: "_State") -> str:
+    done = ", ".join(_stages_done(state.data))
+    return (f"the stages done ({done}) are kept in {work}: rerun with --resume once the cause is fixed "
+            f"(a changed [distill] device or checkpoint_every is fine), or remove {work} to start over")
 
 
 def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
@@ -259,58 +389,84 @@ def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
     def stage(name: str) -> None:
         bar.set_postfix_str(name)
 
+    work = inputs.work
+    existed = work.is_dir()
+    fresh = not existed or not any(work.iterdir())
+    made_parents = [p for p in work.parents if not p.exists()][::-1]
     try:
         stage("check")
-        plan, train, heldout = plan_build(inputs, progress)
-        state = _State(inputs)
-        state.mark("check", plan.data)
+        try:
+            plan, train, heldout = plan_build(inputs, progress)
+            state = _State(inputs)
+            previous = state.done("check")
+            if previous is not None and previous != plan.data and _stages_done(state.data)[2:]:
+                raise BuildError(
+                    f"--resume: the corpus changed since {work} was made (now {plan.data['corpus_tokens']} tokens, "
+                    f"then {previous.get('corpus_tokens')}); start over without --resume after removing {work} "
+                    "or with another --work directory")
+            state.mark("check", plan.data)
+        except BaseException:
+            if fresh and work.is_dir() and not (work / STATE).exists():
+                _remove_new_work(work, existed, made_parents)
+            raise
         bar.update(2)
-        recipe, work = inputs.recipe, inputs.work
-        stage("prune (loading the teacher)")
-        _, teacher = load_checkpoint(inputs.teacher)
-        prune_result = state.done("prune")
-        if prune_result is None:
-            stage("prune")
-            prune_result = run_prune(recipe, plan, teacher, train, work, progress)
-            state.mark("prune", prune_result)
-        bar.update(1)
-        stage("distill")
-        distill_result = state.done("distill")
-        if distill_result is None:
-            _, student = load_checkpoint(work / "pruned")
-            report = distill(student, teacher, train, plan.distill_settings, work / "distill",
-                             resume=inputs.resume, progress=progress)
-            save_checkpoint(student.cpu(), work / "distilled", tokenizer_json=inputs.teacher / "tokenizer.json")
-            distill_result = report.to_dict()
-            state.mark("distill", distill_result)
-        bar.update(1)
-        stage("evaluate")
-        evaluator = None
-        evaluation = state.done("evaluate")
-        if evaluation is None:
-            evaluator = Evaluator(recipe, teacher, heldout)
-            evaluation = evaluate_stages(evaluator, teacher, work)
-            state.mark("evaluate", evaluation)
-        bar.update(1)
-        stage("export")
-        bundle = work / "bundle"
-        export_result = state.done("export")
-        if export_result is None:
-            run_export(inputs, bundle, progress)
-            evaluator = evaluator or Evaluator(recipe, teacher, heldout)
-            export_result = {"evaluation": evaluate_bundle_stages(recipe, evaluator, bundle)}
-            state.mark("export", export_result)
-        bar.update(1)
-        stage("report")
-        report = compression_report(inputs, plan, prune_result, distill_result,
-                                    {**evaluation, **export_result["evaluation"]})
-        write_report(report, work)
-        publish_bundle(bundle, inputs.out, report)
-        state.mark("report", {"out": str(inputs.out)})
-        bar.update(1)
-        return report
+        try:
+            return _run_stages(inputs, plan, train, heldout, state, stage, bar, progress)
+        except USER_ERRORS as exc:
+            raise BuildError(f"{exc}; {_resume_hint(work, state)}") from None
+        except Exception as exc:
+            exc.add_note(f"edgeglm build: {_resume_hint(work, state)}")
+            raise
     finally:
         bar.close()
+
+
+def _run_stages(inputs: BuildInputs, plan: Plan, train: TokenCorpus, heldout: TokenCorpus, state: "_State",
+                stage, bar, progress: bool) -> dict:
+    recipe, work = inputs.recipe, inputs.work
+    stage("prune (loading the teacher)")
+    _, teacher = load_checkpoint(inputs.teacher)
+    prune_result = state.done("prune")
+    if prune_result is None:
+        stage("prune")
+        prune_result = run_prune(recipe, plan, teacher, train, work, progress)
+        state.mark("prune", prune_result)
+    bar.update(1)
+    stage("distill")
+    distill_result = state.done("distill")
+    if distill_result is None:
+        _, student = load_checkpoint(work / "pruned")
+        report = distill(student, teacher, train, plan.distill_settings, work / "distill",
+                         resume=inputs.resume, progress=progress)
+        save_checkpoint(student.cpu(), work / "distilled", tokenizer_json=inputs.teacher / "tokenizer.json")
+        distill_result = report.to_dict()
+        state.mark("distill", distill_result)
+    bar.update(1)
+    stage("evaluate")
+    evaluator = None
+    evaluation = state.done("evaluate")
+    if evaluation is None:
+        evaluator = Evaluator(recipe, teacher, heldout)
+        evaluation = evaluate_stages(evaluator, teacher, work)
+        state.mark("evaluate", evaluation)
+    bar.update(1)
+    stage("export")
+    bundle = work / "bundle"
+    export_result = state.done("export")
+    if export_result is None:
+        run_export(inputs, bundle, progress)
+        evaluator = evaluator or Evaluator(recipe, teacher, heldout)
+        export_result = {"evaluation": evaluate_bundle_stages(recipe, evaluator, bundle)}
+        state.mark("export", export_result)
+    bar.update(1)
+    stage("report")
+    report = compression_report(inputs, plan, prune_result, distill_result,
+                                {**evaluation, **export_result["evaluation"]})
+    write_report(report, work)
+    publish_bundle(bundle, inputs.out, report)
+    state.mark("report", {"out": str(inputs.out)})
+    bar.update(1)
+    return report
 
 
 def run_export(inputs: BuildInputs, bundle: Path, progress: bool) -> None:

@@ -6,6 +6,12 @@ runtime and measure how far its logits are from the reference on the golden sequ
 check: an export whose engine disagrees beyond its own tolerance is refused); write the manifest
 last and move the staged directory into place. On any error the staging directory is removed,
 so nothing half-written is left where a bundle is expected.
+
+Before any work (ExportOptions and the start of `export_bundle`): --name and --version follow the
+manifest's rules (models.recipe.bundle_name_problem / bundle_version_problem; without --name the
+checkpoint directory's name must be a valid name), the checkpoint must be a directory (not one of
+its files), and --out must be creatable: the staging directory is made next to it first, so an
+unwritable --out fails in a second, not after the export. Each is one ExportError line.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from models.errors import CheckpointError, ExportError
 from models.glm import GlmForCausalLM
 from models.onnx_graph import EMBEDDINGS_FILE, build_decoder, fp16_attention_variant, save_onnx, save_onnx_graphs
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
+from models.recipe import bundle_name_problem, bundle_version_problem
 from ota.bundle import BundleError, publish, write_manifest
 from runtime.engine import (GPU_GRAPH_FILE, GPU_GRAPH_KEY, PREFILL_GRAPH_KEY, PREFILL_GRAPH_MIN_ROWS, PREFILL_ROWS_KEY,
                             ModelArch, load_engine)
@@ -80,6 +87,15 @@ class ExportOptions:
             raise ExportError(f"--chunk-kib {self.chunk_kib} must be between 4 and 16384")
         if unknown or not self.backends:
             raise ExportError(f"--backends {','.join(self.backends)!r} is invalid; choose from openvino,onnxruntime")
+        if self.name == "":
+            raise ExportError("--name '': is empty; give a bundle name, or leave --name out to use the checkpoint "
+                              "directory's name; nothing was exported")
+        problem = bundle_name_problem(self.name) if self.name is not None else None
+        if problem:
+            raise ExportError(f"--name {self.name!r}: {problem}; nothing was exported")
+        problem = bundle_version_problem(self.version)
+        if problem:
+            raise ExportError(f"--version {self.version!r}: {problem}; nothing was exported")
 
 
 def linear_weight_names(cfg: GlmConfig) -> list[str]:
@@ -193,11 +209,50 @@ def make_stateful(ov_model, num_layers: int) -> None:
     ov_model.validate_nodes_and_infer_types()
 
 
+def check_checkpoint_dir(checkpoint: Path) -> None:
+    """The checkpoint must be a directory (a file inside it is a common slip)."""
+    if checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: is a file; give the checkpoint's directory ({checkpoint.parent}), "
+                              "which holds config.json, the weights and tokenizer.json; nothing was exported")
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: checkpoint directory not found")
+
+
+def make_staging(out: Path) -> tuple[Path, list[Path]]:
+    """The staging directory next to `out` (and the parent directories made for it, deepest last):
+    made before any work, so that an --out that cannot be written fails at once."""
+    missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()][::-1]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        _remove_empty(missing)
+        raise ExportError(f"--out {out}: not writable: cannot create a directory in {out.parent} "
+                          f"({exc.strerror or exc}); choose a directory you can write to; "
+                          "nothing was exported") from None
+    return staging, missing
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in reversed(dirs):  # deepest first; only directories this export made, and only if still empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, show_progress: bool = True):
     """Export `checkpoint` to a bundle directory at `out`; returns the manifest."""
     checkpoint, out = Path(checkpoint), Path(out)
+    check_checkpoint_dir(checkpoint)
+    name = opts.name or checkpoint.resolve().name
+    problem = bundle_name_problem(name)
+    if problem and opts.name is None:
+        raise ExportError(f"{checkpoint}: the directory's name {name!r} {problem}; pass --name NAME; "
+                          "nothing was exported")
     if out.exists() and not opts.force:
         raise ExportError(f"{out}: already exists; pass --force to replace it (the existing bundle is untouched)")
+    staging, made_dirs = make_staging(out)
     steps = 3 + 2 * len(opts.backends)  # load, golden, 2 per backend, manifest
     bar = tqdm(total=steps, desc="export", unit="step", disable=not show_progress, leave=True)
 
@@ -205,24 +260,23 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
         bar.update(1)
         bar.set_postfix_str(text)
 
-    bar.set_postfix_str("loading checkpoint")
-    cfg, model = load_checkpoint(checkpoint)
-    tok_path = checkpoint / "tokenizer.json"
-    if not tok_path.is_file():
-        raise CheckpointError(f"{checkpoint}: tokenizer.json not found; a bundle must carry its tokenizer")
+    published = False
     try:
-        tokenizer = load_tokenizer(tok_path)
-    except RuntimeUserError as exc:
-        raise CheckpointError(str(exc)) from None
-    step("golden reference")
-    prompt_ids = tokenizer.encode(opts.golden_prompt).ids
-    if not prompt_ids:
-        raise ExportError(f"golden prompt {opts.golden_prompt!r} encodes to no tokens")
-    ref_tokens, ref_margins, _ = reference_greedy(model, prompt_ids, opts.golden_tokens)
+        bar.set_postfix_str("loading checkpoint")
+        cfg, model = load_checkpoint(checkpoint)
+        tok_path = checkpoint / "tokenizer.json"
+        if not tok_path.is_file():
+            raise CheckpointError(f"{checkpoint}: tokenizer.json not found; a bundle must carry its tokenizer")
+        try:
+            tokenizer = load_tokenizer(tok_path)
+        except RuntimeUserError as exc:
+            raise CheckpointError(str(exc)) from None
+        step("golden reference")
+        prompt_ids = tokenizer.encode(opts.golden_prompt).ids
+        if not prompt_ids:
+            raise ExportError(f"golden prompt {opts.golden_prompt!r} encodes to no tokens")
+        ref_tokens, ref_margins, _ = reference_greedy(model, prompt_ids, opts.golden_tokens)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
         shutil.copyfile(tok_path, staging / "tokenizer.json")
         state = {k: v.numpy() for k, v in model.state_dict().items()}
         arch = ModelArch.from_manifest(cfg.to_dict())
@@ -274,7 +328,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
             report["backends"]["onnxruntime"]["gpu_graph"] = gpu_report
         step("writing manifest")
         manifest = write_manifest(staging, {
-            "name": opts.name or checkpoint.resolve().name,
+            "name": name,
             "version": opts.version,
             "min_agent_version": MIN_AGENT_VERSION,
             "architecture": cfg.to_dict(),
@@ -286,11 +340,14 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
         }, chunk_size=opts.chunk_kib * 1024)
         staging.chmod(0o755)
         publish(staging, out, force=opts.force)
+        published = True
         bar.update(1)
     except (RuntimeUserError, BundleError) as exc:
         raise ExportError(str(exc)) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if not published:
+            _remove_empty(made_dirs)
         bar.close()
     return manifest

@@ -41,8 +41,11 @@
     heldout_tokens = 32768              # at most this many held-out tokens are scored per stage
     seq_len = 256
 
-Every setting is checked when the file is read: a wrong value ends in one `RecipeError` line naming
-the file, the setting (`[prune] target_fraction`) and what is allowed. Checks that need the teacher
+Every setting is checked when the file is read: a wrong value, or a value of the wrong type (`lr =
+"fast"`, `seq_len = "64"`, `batch_size = 8.0`, `true` for a number), ends in one `RecipeError` line
+naming the file, the setting (`[prune] target_fraction`) and what is allowed. `[export] name` and
+`version` follow the bundle manifest's rules (`bundle_name_problem`, `bundle_version_problem`, which
+`edgeglm export` uses for --name and --version too). Checks that need the teacher
 (sizes within the teacher's, a fraction that can be reached) are made by `edgeglm build` before any
 long work. Sample recipes ship in `models/recipes/` and are named by their stem (`--recipe quick`).
 """
@@ -51,15 +54,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
-from models.distill import DistillError, DistillSettings
+from models.distill import DEVICES, RESUMABLE_CHANGES, DistillError, DistillSettings
 from models.errors import CheckpointError
+from ota.bundle import VERSION_RE, Manifest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,8 +79,36 @@ class RecipeError(CheckpointError):
     """A recipe file cannot be used (names the file, the setting and the allowed values)."""
 
 
+# --- bundle name and version: the manifest's own rules (ota/bundle.py), in words --------------------
+
+_MANIFEST_NAME = TypeAdapter(Annotated[(str, *Manifest.model_fields["name"].metadata)])
+NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+VERSION_RULE = "must look like 1.2.3 (one to three numbers, optionally with a suffix such as -rc1 or +build5)"
+
+
+def bundle_name_problem(name) -> str | None:
+    """Why `name` cannot be a bundle's name (the manifest would refuse it), or None."""
+    if not isinstance(name, str):
+        return "must be a string"
+    if not name:
+        return f"is empty; a bundle name is {NAME_RULE}"
+    try:
+        _MANIFEST_NAME.validate_python(name)
+    except ValidationError:
+        return f"is not a bundle name: use {NAME_RULE}"
+    return None
+
+
+def bundle_version_problem(version) -> str | None:
+    """Why `version` cannot be a bundle's version (the manifest would refuse it), or None."""
+    if not isinstance(version, str):
+        return "must be a string"
+    return None if VERSION_RE.match(version) else VERSION_RULE
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a string is not a number ("64"), nor is a boolean, nor 8.0 an integer
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class PruneSection(_Section):
@@ -102,10 +136,26 @@ class QuantizeSection(_Section):
 
 class ExportSection(_Section):
     backends: list[Literal["openvino", "onnxruntime"]] = Field(default=["openvino", "onnxruntime"], min_length=1)
-    name: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    version: str = Field(default="0.1.0", pattern=r"^\d+(\.\d+){0,2}([-+][0-9A-Za-z.-]+)?$")
+    name: str | None = None  # the bundle manifest's rules: bundle_name_problem
+    version: str = "0.1.0"  # bundle_version_problem
     chunk_kib: int = Field(default=256, ge=4, le=16384)
     golden_tokens: int = Field(default=32, ge=4, le=256)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        problem = None if v is None else bundle_name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v):
+        problem = bundle_version_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class EvalSection(_Section):
@@ -137,15 +187,42 @@ class Recipe(_Section):
 
     def distill_settings(self) -> DistillSettings:
         """The [distill] section as `DistillSettings` (its own checks; errors name the file and setting)."""
-        known = [f.name for f in dataclasses.fields(DistillSettings)]
-        unknown = sorted(set(self.distill) - set(known))
+        fields = {f.name: f for f in dataclasses.fields(DistillSettings)}
+        unknown = sorted(set(self.distill) - set(fields))
         if unknown:
             raise RecipeError(f"{self.source}: unknown setting [distill] {unknown[0]}; allowed settings here: "
-                              f"{', '.join(known)}")
+                              f"{', '.join(fields)}")
+        for name, value in self.distill.items():  # types first: DistillSettings compares values
+            problem = _type_problem(str(fields[name].type), value, name)
+            if problem:
+                raise RecipeError(f"{self.source}: [distill] {name} = {value!r}: {problem}")
         try:
             return DistillSettings(**self.distill)
         except DistillError as exc:
             raise RecipeError(f"{self.source}: [distill] {re.sub(r'^distill settings? ', '', str(exc))}") from None
+
+
+    def resume_identity(self) -> dict:
+        """Every setting that shapes a build's results, as used: what a resumed build must share with
+        the one that wrote its work directory. Left out: `name` and `description` (only copied into
+        the report, which is written anew) and the [distill] settings a distillation may resume with
+        changed (device, checkpoint_every)."""
+        settings = self.model_dump(exclude={"name", "description", "distill"})
+        distill = {k: v for k, v in self.distill_settings().to_dict().items() if k not in RESUMABLE_CHANGES}
+        return {**settings, "distill": distill}
+
+
+def _type_problem(annotation: str, value, name: str) -> str | None:
+    """A [distill] value of the wrong type for its DistillSettings field (annotation "int", "float", "str")."""
+    if annotation == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        return "must be an integer"
+    if annotation == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return "must be a number"
+    if annotation == "float" and not math.isfinite(value):
+        return "must be a finite number"
+    if annotation == "str" and not isinstance(value, str):
+        return "must be a string" + (f" (one of {', '.join(DEVICES)})" if name == "device" else "")
+    return None
 
 
 def _allowed(model: type[BaseModel], field: str) -> str:
@@ -176,6 +253,8 @@ def _describe(exc: ValidationError, source: str) -> str:
     value = f" = {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
     allowed = _allowed(model, loc[-1]) if section and len(loc) == 2 else ""
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "string_type" and isinstance(err.get("input"), (int, float)) and loc:
+        msg += f'; quote it: {loc[-1]} = "{err["input"]}"'
     return f"{source}: {where}{value}: {msg}" + (f" ({allowed})" if allowed and allowed not in msg else "")
 
 

@@ -182,3 +182,116 @@ def test_every_shipped_recipe_loads_by_name(name):
 
     recipe = load_recipe(name)
     assert recipe.name == name and recipe.distill_settings().token_budget > 0  # [distill] checked too
+
+
+# --- cheap checks before the work directory exists; a failed stage stays resumable --------------------
+
+@pytest.fixture(scope="module")
+def raw_teacher(tmp_path_factory) -> Path:
+    """An untrained tiny teacher (its tokenizer is the trained one's): for checks and the first stages."""
+    from models.tiny import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("raw") / "teacher", "tiny", train_steps=0)
+
+
+EARLY = {
+    "no CUDA": (dict(recipe={'device = "cpu"': 'device = "cuda"'}),
+                ["recipe.toml: [distill] device = 'cuda': no CUDA device is available here", '"cpu"']),
+    "not UTF-8": (dict(corpus="latin-1"), ["--corpus ", "latin1.txt: not UTF-8 text (invalid", "at byte 6"]),
+    "teacher is a file": (dict(teacher="file"), ["model.safetensors: is a file; give the checkpoint's directory"]),
+    "out is no bundle name": (dict(out="my bundle"), ["--out ", "'my bundle' is not a bundle name",
+                                                      "set [export] name in"]),
+    "recipe version": (dict(recipe={'version = "0.1.0"': 'version = "v1"'}),
+                       ["recipe.toml: [export] version = 'v1': must look like 1.2.3"]),
+    "recipe lr type": (dict(recipe={"lr = 2e-3": 'lr = "fast"'}),
+                       ["recipe.toml: [distill] lr = 'fast': must be a number"]),
+}
+
+
+@pytest.mark.parametrize("case", list(EARLY))
+def test_cheap_checks_come_before_the_work_directory_is_made(raw_teacher, tmp_path, capsys, case):
+    if case == "no CUDA":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    how, fragments = EARLY[case]
+    corpus = corpus_files()
+    if how.get("corpus"):
+        (tmp_path / "latin1.txt").write_bytes(b"hello\n\xe9t\xe9\n")
+        corpus = corpus + [tmp_path / "latin1.txt"]
+    recipe = _recipe(tmp_path, **how["recipe"]) if "recipe" in how else QUICK
+    teacher = raw_teacher / "model.safetensors" if how.get("teacher") else raw_teacher
+    out = tmp_path / how.get("out", "bundle")
+    code = main(["build", "--teacher", str(teacher), "--corpus", *map(str, corpus), "--recipe", str(recipe),
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("edgeglm build: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not out.exists() and not out.with_name(out.name + ".work").exists()
+
+
+def test_a_failed_stage_stays_resumable_and_resume_takes_a_fixed_device(raw_teacher, tmp_path, capsys,
+                                                                      monkeypatch):
+    import models.build
+    from models.distill import DistillError
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for f in corpus_files():
+        shutil.copy(f, corpus / f.name)
+    out, work = tmp_path / "bundle", tmp_path / "work"
+    args = ["build", "--teacher", str(raw_teacher), "--corpus", str(corpus), "--recipe", str(QUICK),
+            "--out", str(out), "--work", str(work), "--quiet"]
+
+    def fail(message):
+        def stage(*_args, **_kwargs):
+            raise DistillError(message)
+        return stage
+
+    def run(argv) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        return err
+
+    monkeypatch.setattr(models.build, "distill", fail("the GPU went away"))
+    err = run(args)
+    assert "the GPU went away; the stages done (check, tokenize, prune) are kept in" in err
+    assert "rerun with --resume once the cause is fixed" in err and f"or remove {work} to start over" in err
+    assert (work / "pruned").is_dir() and not out.exists()
+    assert "a build stopped after prune); pass --resume" in run(args)
+
+    # --resume with a changed device, description and checkpoint_every: the finished prune is not repeated
+    fixed = tmp_path / "fixed.toml"
+    fixed.write_text(QUICK.read_text().replace('device = "cpu"', 'device = "auto"')
+                     .replace("checkpoint_every = 8", "checkpoint_every = 4")
+                     .replace('description = "', 'description = "fixed: '))
+    monkeypatch.setattr(models.build, "run_prune", fail("prune ran again"))
+    monkeypatch.setattr(models.build, "distill", fail("reached distill again"))
+    resume = [a if a != str(QUICK) else str(fixed) for a in args] + ["--resume"]
+    assert "reached distill again" in run(resume)
+
+    # a setting that shapes a result is refused, by name
+    other = tmp_path / "other.toml"
+    other.write_text(QUICK.read_text().replace("token_budget = 8192", "token_budget = 4096"))
+    err = run([a if a != str(QUICK) else str(other) for a in args] + ["--resume"])
+    assert "belongs to another build (recipe setting [distill] token_budget was 8192, now 4096)" in err
+    assert f"after removing {work} or with another --work directory" in err
+
+    # and so is a corpus whose text changed under the stages done
+    with open(corpus / corpus_files()[0].name, "a") as f:
+        f.write("\n# more text\n" * 50)
+    assert "the corpus changed since" in run(resume)
+    assert not out.exists()
+
+
+def test_a_build_that_fails_before_its_state_is_kept_leaves_no_work_directory(raw_teacher, tmp_path, capsys):
+    (tmp_path / "small.py").write_text(corpus_files()[0].read_text()[:500])
+    work = tmp_path / "deep" / "work"
+    code = main(["build", "--teacher", str(raw_teacher), "--corpus", str(tmp_path / "small.py"), "--recipe",
+                 str(QUICK), "--out", str(tmp_path / "bundle"), "--work", str(work), "--quiet"])
+    assert code == 2 and "corpus too small" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["small.py"]  # no work dir, nor its parent "deep"

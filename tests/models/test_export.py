@@ -1,0 +1,90 @@
+"""`edgeglm export` refuses bad input in one line, exit 2, before any work, leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import models.export
+from agent.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """An untrained tiny checkpoint: these tests never get as far as its weights."""
+    from models.tiny import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", train_steps=0)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading the checkpoint is the first piece of work: a check that comes later fails the test."""
+    def load(*_args, **_kwargs):
+        raise AssertionError("the export started before the input was checked")
+
+    monkeypatch.setattr(models.export, "load_checkpoint", load)
+
+
+def _export(capsys, *args) -> str:
+    code = main(["export", *map(str, args), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("edgeglm export: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--version", "banana"], "--version 'banana': must look like 1.2.3"),
+    (["--version", "v1"], "--version 'v1': must look like 1.2.3"),
+    (["--name", "../x y"], "--name '../x y': is not a bundle name: use 1 to 128 letters, digits"),
+    (["--name", ""], "--name '': is empty; give a bundle name, or leave --name out"),
+])
+def test_name_and_version_are_checked_before_any_work(tiny_ckpt, tmp_path, capsys, no_work, flags, fragment):
+    err = _export(capsys, tiny_ckpt, "--out", tmp_path / "by", *flags)
+    assert fragment in err and "nothing was exported" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_directory_name_that_is_no_bundle_name_needs_name(tiny_ckpt, tmp_path, capsys, no_work):
+    odd = tmp_path / "my model"
+    shutil.copytree(tiny_ckpt, odd)
+    err = _export(capsys, odd, "--out", tmp_path / "by")
+    assert "the directory's name 'my model' is not a bundle name" in err and "pass --name" in err
+    assert not (tmp_path / "by").exists()
+
+
+def test_a_file_of_the_checkpoint_is_named_as_such(tiny_ckpt, tmp_path, capsys, no_work):
+    err = _export(capsys, tiny_ckpt / "model.safetensors", "--out", tmp_path / "by")
+    assert f"{tiny_ckpt / 'model.safetensors'}: is a file; give the checkpoint's directory ({tiny_ckpt})" in err
+    assert "not found" not in err
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_an_out_that_cannot_be_written_is_named_before_any_work(tiny_ckpt, tmp_path, capsys, no_work, where):
+    if where == "proc":
+        if not Path("/proc").is_dir():
+            pytest.skip("no /proc here")
+        out = Path("/proc") / f"edgeglm-test-{os.getpid()}"
+    else:
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "sub" / "bundle"
+    err = _export(capsys, tiny_ckpt, "--out", out)
+    assert f"--out {out}: not writable: cannot create a directory in {out.parent}" in err
+    assert "choose a directory you can write to" in err
+    assert not out.exists()
+
+
+def test_a_failed_export_leaves_no_staging_and_no_directories_it_made(tiny_ckpt, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (broken / "config.json").write_text(json.dumps(cfg))
+    err = _export(capsys, broken, "--out", tmp_path / "new" / "dirs" / "bundle")
+    assert "model_type='llama' is not supported" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]

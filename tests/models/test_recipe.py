@@ -1,0 +1,98 @@
+"""Recipe files: every setting of the wrong type or shape is one clear RecipeError line (no TypeError,
+no pydantic dump, no silent coercion), naming the file and the `[section] setting`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from models.distill import DistillSettings
+from models.recipe import EvalSection, ExportSection, PruneSection, RecipeError, load_recipe, parse_recipe
+
+QUICK = Path(__file__).parents[2] / "models" / "recipes" / "quick.toml"
+
+
+def _numeric_fields() -> list[tuple[str, str, str]]:
+    """(section, setting, "int" | "float") for every numeric setting a recipe has."""
+    out = []
+    for section, model in (("prune", PruneSection), ("export", ExportSection), ("eval", EvalSection)):
+        for name, info in model.model_fields.items():
+            kind = next((k for k in ("int", "float") if k in str(info.annotation)), None)
+            if kind:
+                out.append((section, name, kind))
+    out += [("distill", f.name, str(f.type)) for f in dataclasses.fields(DistillSettings)
+            if str(f.type) in ("int", "float")]
+    return out
+
+
+NUMERIC = _numeric_fields()
+
+
+def test_every_numeric_setting_is_covered():
+    names = {f"[{s}] {n}" for s, n, _ in NUMERIC}
+    assert {"[distill] lr", "[distill] min_lr", "[distill] batch_size", "[prune] target_fraction",
+            "[export] chunk_kib", "[eval] heldout_fraction"} <= names
+    assert len(NUMERIC) >= 25
+
+
+def _bad_values(kind: str):
+    yield '"fast"'  # a word
+    yield '"64"'  # a number in quotes is a string, not silently converted
+    yield "true"  # a boolean is not a number
+    if kind == "int":
+        yield "8.5"
+        yield "8.0"  # integers only
+
+
+@pytest.mark.parametrize("section,name,kind", NUMERIC, ids=[f"{s}.{n}" for s, n, _ in NUMERIC])
+def test_a_numeric_setting_of_the_wrong_type_is_a_clear_field_error(section, name, kind):
+    for value in _bad_values(kind):
+        raw = f"[{section}]\n{name} = {value}\n".encode()
+        with pytest.raises(RecipeError) as info:
+            parse_recipe(raw, "my.toml")
+        msg = str(info.value)
+        assert msg.startswith(f"my.toml: [{section}] {name} = "), (value, msg)
+        assert "\n" not in msg and ("number" in msg or "integer" in msg), (value, msg)
+
+
+def test_distill_lr_as_a_word_names_the_field_not_a_comparison():
+    with pytest.raises(RecipeError, match=r"my\.toml: \[distill\] lr = 'fast': must be a number$"):
+        parse_recipe(b'[distill]\nlr = "fast"\n', "my.toml")
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ('[export]\nversion = "v1"', "[export] version = 'v1': must look like 1.2.3"),
+    ('[export]\nversion = "banana"', "[export] version = 'banana': must look like 1.2.3"),
+    ('[export]\nversion = 1.2', '[export] version = 1.2: Input should be a valid string; quote it: version = "1.2"'),
+    ('[export]\nname = "../x y"', "[export] name = '../x y': is not a bundle name: use 1 to 128 letters"),
+    ('[export]\nname = ""', "[export] name = '': is empty"),
+    ('[distill]\ndevice = 3', "[distill] device = 3: must be a string (one of auto, cpu, cuda)"),
+])
+def test_export_name_and_version_read_like_the_manifest_rules(text, fragment):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text.encode(), "my.toml")
+    assert fragment in str(info.value) and "pattern" not in str(info.value)
+
+
+def test_the_name_and_version_rules_are_the_manifests():
+    from ota.bundle import Manifest, VERSION_RE
+    from models.recipe import bundle_name_problem, bundle_version_problem
+
+    for name in ("tiny", "glm-edge_1.5b", "a" * 128, "", "a" * 129, "../x", "x y", ".hidden", "-x"):
+        pattern_ok = all(getattr(m, "pattern", None) is None or __import__("re").match(m.pattern, name)
+                         for m in Manifest.model_fields["name"].metadata)
+        assert (bundle_name_problem(name) is None) == (pattern_ok and 1 <= len(name) <= 128), name
+    for version in ("1", "1.2", "1.2.3", "1.2.3-rc1", "2.0+build5", "v1", "banana", "1.2.3.4", ""):
+        assert (bundle_version_problem(version) is None) == bool(VERSION_RE.match(version)), version
+
+
+def test_resume_identity_leaves_out_what_does_not_change_a_result():
+    base = load_recipe("quick")
+    text = QUICK.read_text()
+    same = parse_recipe(text.replace('device = "cpu"', 'device = "auto"').replace("checkpoint_every = 8",
+                        "checkpoint_every = 3").replace('name = "quick"', 'name = "renamed"').encode(), "x.toml")
+    assert same.resume_identity() == base.resume_identity()
+    other = parse_recipe(text.replace("token_budget = 8192", "token_budget = 4096").encode(), "x.toml")
+    assert other.resume_identity() != base.resume_identity()
