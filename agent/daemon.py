@@ -1,7 +1,10 @@
 """The edge agent daemon: wiring of config, model, HTTP API, MQTT session, telemetry and OTA.
 
     Agent(cfg).start()    load the active model (verified, signed), start the HTTP API, connect
-                          to MQTT, resume an interrupted update
+                          to MQTT, resume an interrupted update; an active slot that cannot be
+                          served (signed by a key no longer trusted, corrupted, failing its golden
+                          check) leaves the agent up without a model (HTTP 503 with the reason,
+                          `model_error` in the state) until an OTA update installs one
     Agent.run(stop)       the loop: MQTT events (desired config, OTA offers, inference requests)
                           and the telemetry timer, until `stop` is set (SIGTERM, Ctrl-C)
     Agent.shutdown()      stop accepting requests, finish or cut in-flight ones within the
@@ -33,8 +36,8 @@ from agent.telemetry import LatencyWindow
 from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceResponse, ModelRef, ReportedState,
                           Usage, chunk_request_topic, chunk_response_topic, desired_topic, infer_request_topic,
                           ota_offer_topic, ota_status_topic)
-from ota.bundle import open_bundle
-from ota.errors import BundleError
+from ota.bundle import MANIFEST, open_bundle
+from ota.errors import BundleError, SignatureError
 from ota.offers import DirectoryFetcher
 from ota.signing import load_trusted_keys, verify_bundle_signature
 from ota.transfer import MqttChunkFetcher
@@ -45,6 +48,42 @@ from runtime.generate import SamplingParams
 from runtime.probe import device_report, probe_hardware
 
 log = logging.getLogger("edgeglm.agent")
+
+# What the desired config (pushed by the fleet over MQTT, retained) may change: a setting or a whole
+# section named here. Everything else is local-only (the agent's config file, environment, command line):
+# the device identity, how the box is reached (mqtt, http), what it serves and where it writes (model,
+# cache.persist_dir) and what it trusts (ota.trusted_keys, ota.require_signature). An allowlist, so that a
+# setting added later is local-only until it is listed here on purpose.
+REMOTE_SETTINGS = ("sampling", "batching", "telemetry", "log_level", "cache.max_mb", "cache.block_tokens",
+                   "cache.persist", "ota.max_latency_ratio", "ota.min_latency_delta_ms", "ota.chunk_timeout_s",
+                   "ota.give_up_s")
+# remote settings the fleet may lower but not raise above the value in the box's own config
+LOCAL_CEILINGS = ("cache.max_mb",)
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    """Dotted names of the settings whose values differ between two `model_dump()`s."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(old.keys() | new.keys())
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def remote_config_problems(local: AgentConfig, current: AgentConfig, new: AgentConfig) -> list[str]:
+    """Why `new` (the running `current` config with a desired-config update applied) may not be applied;
+    `local` is the config the agent started with (file, environment, command line)."""
+    problems = []
+    for key in _changed_keys(current.model_dump(), new.model_dump()):
+        if not any(key == r or key.startswith(r + ".") for r in REMOTE_SETTINGS):
+            problems.append(f"{key} is local-only and cannot be changed by the desired config; set it in the "
+                            "agent's config file")
+    for key in LOCAL_CEILINGS:
+        section, field = key.split(".")
+        value, ceiling = getattr(getattr(new, section), field), getattr(getattr(local, section), field)
+        if value > ceiling:
+            problems.append(f"{key} = {value!r} is above this box's own limit {ceiling!r} (set in the agent's config): the "
+                            "desired config may lower it, not raise it")
+    return problems
 
 
 class _OfferFetcher:
@@ -62,13 +101,28 @@ class _OfferFetcher:
         raise UpdateFailed(f"offer source type {kind!r} cannot be fetched by this agent (mqtt, dir)")
 
 
+class _AgentApiServer(ApiServer):
+    """The HTTP API; while no model serves because the active one was refused, /readyz and the inference
+    endpoints' 503 say why."""
+
+    model_problem: str | None = None
+
+    def readiness(self) -> tuple[bool, str]:
+        ready, reason = super().readiness()
+        problem = self.model_problem
+        if not ready and problem and self.current_model() is None and not self._stopping.is_set():
+            reason = f"{reason}: {problem}"
+        return ready, reason
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
+        self.local_cfg = cfg  # the box's own config: what the desired config may not override (REMOTE_SETTINGS)
         self.started = time.time()
         self.hardware = probe_hardware()
         self.window = LatencyWindow()
-        self.http = ApiServer(cfg.http, cfg.sampling, window=self.window, batching=cfg.batching)
+        self.http = _AgentApiServer(cfg.http, cfg.sampling, window=self.window, batching=cfg.batching)
         self.prefix_cache = make_prefix_cache(cfg.cache, cfg.model.slots_dir)  # rebound on each model activation
         self.http.set_prefix_cache(self.prefix_cache)
         self._path_metric, self._path_labels = register_execution_metric(self.http.metrics.registry), None
@@ -77,6 +131,8 @@ class Agent:
         self.model: LoadedModel | None = None
         self.applied_config_version: int | None = None
         self.last_config_error: str | None = None
+        self.model_error: str | None = None  # why the active slot's model is not served (None: no problem)
+        self._chunk_fetcher: MqttChunkFetcher | None = None
         self._ota_thread: threading.Thread | None = None
         self._ota_lock = threading.Lock()
         self._last_telemetry = time.monotonic()
@@ -90,11 +146,13 @@ class Agent:
                              "unsigned development bundles only, set ota.require_signature = false)") from None
 
     def _load(self, path: Path) -> LoadedModel:
-        """Load a bundle for serving: files verified against the manifest, signature checked."""
+        """Load a bundle for serving: signature checked over the manifest's bytes, then every file checked
+        against those same bytes (the manifest is read once)."""
+        bundle = open_bundle(path, verify=False)
         if self.cfg.ota.require_signature:
-            verify_bundle_signature(open_bundle(path, verify=False), self._trusted_keys())
+            verify_bundle_signature(bundle, self._trusted_keys())
         # backend auto: the measured autotune, cached per (bundle, hardware) under the state dir
-        return load_model(path, self.cfg.model.backend, self.cfg.model.threads, hardware=self.hardware,
+        return load_model(bundle, self.cfg.model.backend, self.cfg.model.threads, hardware=self.hardware,
                           cache_dir=Path(self.cfg.model.slots_dir), prefill_graph=self.cfg.model.prefill_graph,
                           device=self.cfg.model.device)  # results in <slots_dir>/autotune/
 
@@ -110,13 +168,50 @@ class Agent:
                 raise ServeError(f"{path}: golden check failed on {model.backend}: {golden.describe()}")
             self.model = model
             self.http.set_model(model, golden)
+        self._set_model_error(None)
         self._path_labels = set_execution_metric(self._path_metric, self.model, self._path_labels)
         self._publish_state()
+
+    def _set_model_error(self, reason: str | None) -> None:
+        self.model_error = self.http.model_problem = reason
 
     def _initial_model_path(self) -> Path | None:
         if self.cfg.model.bundle is not None:
             return Path(self.cfg.model.bundle)
         return self.updater.slots.active_path() if self.updater else None
+
+    def _activate_active_slot(self) -> None:
+        """Serve the active slot's model at start. If it cannot be served (a bundle signed by a key that was
+        removed from ota.trusted_keys, a corrupted file, a failed golden check, a load error), serve the other
+        slot's model if that one verifies (`current` is flipped to it, so that the next update installs over
+        the refused one); else serve nothing, and say why, while MQTT and OTA run so that a new bundle can
+        be installed over the air. Crashing here would crash-loop the box out of reach of any update."""
+        slots = self.updater.slots
+        active = slots.active()
+        try:
+            self.activate(slots.path(active))
+            return
+        except Exception as exc:  # noqa: BLE001: whatever the reason, the agent must stay reachable
+            reason = self._unservable(active, exc)
+        other = slots.inactive()
+        if (slots.path(other) / MANIFEST).is_file():
+            try:
+                self.activate(slots.path(other))
+            except Exception as exc:  # noqa: BLE001
+                log.warning("the model in slot %s cannot be served either: %s", other, exc)
+            else:
+                slots.activate(other)
+                self._set_model_error(f"{reason}; serving the previous model from slot {other} instead")
+                log.warning("%s", self.model_error)
+                return
+        self._set_model_error(f"{reason}; waiting for an OTA update with a bundle signed by a trusted key")
+        log.error("no model served: %s (HTTP answers 503 until an update installs one)", self.model_error)
+
+    def _unservable(self, slot: str, exc: Exception) -> str:
+        if not isinstance(exc, (RuntimeUserError, BundleError, AgentError)):
+            log.error("loading the model in slot %s failed", slot, exc_info=exc)
+        kind = "refused" if isinstance(exc, SignatureError) else "cannot be served"
+        return f"the model in slot {slot} is {kind}: {exc}"
 
     # --- state --------------------------------------------------------------------------------
     def reported_state(self, online: bool = True) -> ReportedState:
@@ -126,7 +221,9 @@ class Agent:
             hardware={"cpu": self.hardware.cpu.model, "cores": self.hardware.cpu.logical_cores,
                       "features": list(self.hardware.cpu.features), "fingerprint": self.hardware.fingerprint(),
                       "backends": available_backends(), "devices": device_report(self.hardware),
-                      "execution": m.execution_info() if m else None},  # backend, device, threads, hints
+                      "execution": m.execution_info() if m else None,  # backend, device, threads, hints
+                      # why the active slot's model is not served (ReportedState has no field of its own)
+                      "model_error": self.model_error},
             execution_path=self._execution_path(),
             model=ModelRef(name=m.bundle.manifest.name, version=m.bundle.manifest.version, sha256=m.bundle.sha256)
             if m else None,
@@ -161,7 +258,10 @@ class Agent:
         path = self._initial_model_path()
         if path is not None and (self.updater is None or self.updater.state is State.IDLE
                                  or cfg.model.bundle is not None):
-            self.activate(path)
+            if cfg.model.bundle is not None:
+                self.activate(path)  # a bundle named on the command line or in the config: an error stops the agent
+            else:
+                self._activate_active_slot()
         elif path is None:
             log.warning("no model yet: waiting for an OTA update (HTTP answers 503 until then)")
         if cfg.mqtt.enabled:
@@ -224,10 +324,9 @@ class Agent:
             return
         try:
             new = with_updates(self.cfg, desired.settings)
-            restart_only = [k for k in ("device", "mqtt", "http", "model") if getattr(new, k) != getattr(self.cfg, k)]
-            if restart_only:
-                raise ConfigError(f"section(s) {', '.join(restart_only)} cannot change while running; "
-                                  "change them in the agent's config file")
+            problems = remote_config_problems(self.local_cfg, self.cfg, new)
+            if problems:  # all or nothing: no part of a refused update is applied
+                raise ConfigError("; ".join(problems))
         except ConfigError as exc:
             self.last_config_error = f"desired config version {desired.version} refused: {exc}"
             log.warning("%s", self.last_config_error)
@@ -236,6 +335,8 @@ class Agent:
             self.http.sampling = new.sampling  # live: sampling defaults; telemetry interval is read each loop
             configure_prefix_cache(self.prefix_cache, new.cache, new.model.slots_dir)  # live: evicts to a new bound
             self.http.set_batching(new.batching)  # live: the batch limits apply at the next decode step
+            if self._chunk_fetcher is not None:  # live: from the next chunk on
+                self._chunk_fetcher.timeout_s, self._chunk_fetcher.give_up_s = new.ota.chunk_timeout_s, new.ota.give_up_s
             self.applied_config_version, self.last_config_error = desired.version, None
         self._publish_state()
 
@@ -295,6 +396,7 @@ class Agent:
     # --- OTA ----------------------------------------------------------------------------------
     def _updater_deps(self) -> UpdaterDeps:
         mqtt_fetcher = MqttChunkFetcher(self._chunk_request, self.cfg.ota.chunk_timeout_s, self.cfg.ota.give_up_s)
+        self._chunk_fetcher = mqtt_fetcher
         try:
             keys = self._trusted_keys()
         except ServeError as exc:

@@ -113,11 +113,15 @@ def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = Non
     return default_candidate(choose_backend(bundle, backend), threads), None
 
 
-def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | None = None, *,
+def load_model(bundle_path: str | Path | Bundle, backend: str = "auto", threads: int | None = None, *,
                cache_dir: Path | None = None, retune: bool = False, hardware=None,
                progress: bool = False, prefill_graph: bool | str = "auto", memory=None,
                device: str = "auto", path: Candidate | None = None) -> LoadedModel:
     """Verify the bundle's files against its manifest, then load the model on its execution path.
+
+    `bundle_path`: a bundle directory (its manifest is read here), or a `Bundle` whose manifest the caller
+    already read and checked (the agent verifies its signature first): the files are then checked against
+    those exact manifest bytes, not against manifest.json read again (which could have changed since).
 
     `cache_dir`: with backend `auto`, use (or make) the autotune result cached under `cache_dir/autotune/`.
     `prefill_graph`: True: ONNX Runtime runs prompts (and decode steps of 4+ sequences) on the bundle's prefill
@@ -129,7 +133,11 @@ def load_model(bundle_path: str | Path, backend: str = "auto", threads: int | No
     the serving model runs on)."""
     from runtime.probe import probe_memory
 
-    bundle = open_bundle(bundle_path)
+    if isinstance(bundle_path, Bundle):
+        bundle = bundle_path
+        bundle.verify()  # every file against the manifest the caller verified
+    else:
+        bundle = open_bundle(bundle_path)
     # decided first, so that the autotune loads ONNX Runtime the way it will serve (and no more memory)
     prefill = choose_prefill_graph(prefill_graph, bundle, memory if memory is not None else probe_memory())
     if path is not None:

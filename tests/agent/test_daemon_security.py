@@ -1,0 +1,206 @@
+"""Agent security: what the desired config may not change, an active slot signed by a key no longer
+trusted (the agent stays up and can be updated over the air), and the manifest read once.
+
+The end-to-end test runs a real agent process against a real Mosquitto, like tests/agent/test_daemon.py
+(whose controller and agent launcher it reuses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import urllib.error
+import urllib.request
+
+import pytest
+
+from agent.config import load_config
+from agent.daemon import Agent
+from agent.topics import DesiredConfig, desired_topic, ota_offer_topic, ota_status_topic, state_topic
+from bundles import variant
+from ota.bundle import MANIFEST, file_entry, open_bundle
+from ota.errors import BundleError
+from ota.offers import make_offer
+from ota.signing import generate_keypair, load_private_key
+from test_daemon import DEVICE, FLEET, Controller, start_agent
+
+
+def _agent(tmp_path, **overrides) -> Agent:
+    return Agent(load_config(None, {"model.slots_dir": str(tmp_path / "state"), "mqtt.enabled": False,
+                                    "http.port": 0, **overrides}))
+
+
+# --- desired config: local-only settings --------------------------------------------------------------------
+
+REFUSED = [
+    ({"ota": {"trusted_keys": "/tmp/attacker"}}, "ota.trusted_keys"),
+    ({"ota": {"require_signature": False}}, "ota.require_signature"),
+    ({"cache": {"persist_dir": "/var/lib/edgeglm/slots"}}, "cache.persist_dir"),
+    ({"cache": {"max_mb": 1048576}}, "cache.max_mb"),  # above the box's own 64 MiB
+    ({"model": {"slots_dir": "/tmp/elsewhere"}}, "model.slots_dir"),
+    ({"http": {"host": "0.0.0.0"}}, "http.host"),
+    ({"device": {"fleet": "other"}}, "device.fleet"),
+    ({"mqtt": {"host": "attacker.example"}}, "mqtt.host"),
+]
+
+
+@pytest.mark.parametrize("settings,key", REFUSED, ids=[key for _, key in REFUSED])
+def test_desired_config_cannot_change_local_only_settings(tmp_path, settings, key):
+    agent = _agent(tmp_path)
+    agent._apply_desired(DesiredConfig(version=1, settings={"sampling": {"max_tokens": 7}}))
+    before = agent.cfg
+    # an allowed change in the same update is not applied either: all or nothing
+    agent._apply_desired(DesiredConfig(version=2, settings={**settings, "sampling": {"max_tokens": 3}}))
+    assert agent.last_config_error.startswith("desired config version 2 refused: ")
+    assert key in agent.last_config_error, agent.last_config_error
+    assert agent.applied_config_version == 1 and agent.cfg is before and agent.http.sampling.max_tokens == 7
+    assert agent.reported_state().last_config_error == agent.last_config_error
+
+
+def test_desired_config_still_applies_the_remote_settings(tmp_path):
+    agent = _agent(tmp_path, **{"cache.max_mb": 32.0})
+    agent._updater_deps()  # makes the chunk fetcher, whose timeouts apply live
+    settings = {"sampling": {"max_tokens": 5}, "batching": {"max_batch": 2}, "telemetry": {"interval_s": 5.0},
+                "cache": {"max_mb": 16, "block_tokens": 64, "persist": False},
+                "ota": {"max_latency_ratio": 2.0, "min_latency_delta_ms": 3.0, "chunk_timeout_s": 4.0,
+                        "give_up_s": 60.0}}
+    agent._apply_desired(DesiredConfig(version=3, settings=settings))
+    assert agent.last_config_error is None and agent.applied_config_version == 3
+    cfg = agent.cfg
+    assert (cfg.sampling.max_tokens, cfg.batching.max_batch, cfg.telemetry.interval_s) == (5, 2, 5.0)
+    assert (cfg.cache.max_mb, cfg.cache.block_tokens, cfg.cache.persist) == (16, 64, False)
+    assert (cfg.ota.max_latency_ratio, cfg.ota.min_latency_delta_ms) == (2.0, 3.0)
+    assert (agent._chunk_fetcher.timeout_s, agent._chunk_fetcher.give_up_s) == (4.0, 60.0)
+    assert cfg.ota.trusted_keys == agent.local_cfg.ota.trusted_keys and cfg.ota.require_signature
+    # the cache may come back up to the box's own limit, no further
+    agent._apply_desired(DesiredConfig(version=4, settings={"cache": {"max_mb": 32}}))
+    assert agent.last_config_error is None and agent.cfg.cache.max_mb == 32
+    agent._apply_desired(DesiredConfig(version=5, settings={"cache": {"max_mb": 33}}))
+    assert "cache.max_mb = 33.0 is above this box's own limit 32.0" in agent.last_config_error
+    assert agent.applied_config_version == 4 and agent.cfg.cache.max_mb == 32
+
+
+# --- the manifest is read once ------------------------------------------------------------------------------
+
+def test_files_are_checked_against_the_manifest_whose_signature_was_verified(tmp_path, signed_bundles, monkeypatch):
+    """Between the signature check and the file check, manifest.json and a file are swapped for a
+    consistent pair the key never signed: the load refuses the file (it is checked against the
+    verified bytes, not against a second read of manifest.json)."""
+    import agent.daemon as daemon
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(signed_bundles["v1"], bundle)
+    real_verify = daemon.verify_bundle_signature
+
+    def verify_then_swap(b, trusted):
+        kid = real_verify(b, trusted)
+        tokenizer = bundle / "tokenizer.json"
+        tokenizer.write_text(tokenizer.read_text() + " ")
+        manifest = json.loads((bundle / MANIFEST).read_text())
+        manifest["files"] = [file_entry(bundle, tokenizer, manifest["chunk_size"]).model_dump()
+                             if f["path"] == "tokenizer.json" else f for f in manifest["files"]]
+        (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        open_bundle(bundle)  # the swapped pair is consistent on disk
+        return kid
+
+    monkeypatch.setattr(daemon, "verify_bundle_signature", verify_then_swap)
+    agent = _agent(tmp_path, **{"ota.trusted_keys": str(signed_bundles["keys"]), "model.backend": "onnxruntime"})
+    with pytest.raises(BundleError, match="tokenizer.json: (size|sha256)"):
+        agent._load(bundle)
+
+
+# --- an active slot signed by a key that is no longer trusted ----------------------------------------------
+
+def _old_key_bundle(int8_bundle, tmp_path, version="1.0.0"):
+    """The bundle signed by a key that the agent's trusted-keys directory no longer holds."""
+    old = load_private_key(generate_keypair(tmp_path / "old-keys", "old-fleet").private_path)
+    return variant(int8_bundle, tmp_path / f"old-{version}", old, version=version)
+
+
+def _install_slot(state, slot, bundle):
+    (state / "slots").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(bundle, state / "slots" / slot)
+
+
+def _get(port, path, body=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode() if body else None,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_previous_slot_serves_when_the_active_one_is_no_longer_trusted(tmp_path, int8_bundle, signed_bundles):
+    state = tmp_path / "state"
+    _install_slot(state, "a", signed_bundles["v1"])  # the previous model, signed by the trusted key
+    _install_slot(state, "b", _old_key_bundle(int8_bundle, tmp_path, "1.1.0"))
+    os.symlink("slots/b", state / "current")
+    agent = _agent(tmp_path, **{"ota.trusted_keys": str(signed_bundles["keys"]), "model.backend": "onnxruntime"})
+    agent.start()
+    try:
+        assert agent.model is not None and agent.model.bundle.manifest.version == "1.0.0"
+        assert agent.updater.slots.active() == "a"  # flipped: the next update installs over the refused slot
+        state_now = agent.reported_state()
+        assert state_now.active_slot == "a" and state_now.model.version == "1.0.0"
+        assert "slot b is refused" in agent.model_error and "unknown key" in agent.model_error
+        assert "serving the previous model from slot a" in state_now.hardware["model_error"]
+        assert _get(agent.http.port, "/readyz")[0] == 200
+    finally:
+        agent.shutdown(deadline=5.0)
+
+
+def test_agent_with_an_untrusted_active_slot_stays_up_and_is_updated_over_the_air(
+        mosquitto, signed_bundles, int8_bundle, tmp_path):
+    """Key rotation done wrong (the old key removed before every box had a new-key bundle): the agent
+    does not crash-loop; it answers 503 with the reason, reports it, refuses a desired config that
+    would change its trusted keys, and installs the new-key bundle offered over MQTT."""
+    state = tmp_path / "state"
+    _install_slot(state, "a", _old_key_bundle(int8_bundle, tmp_path))
+    os.symlink("slots/a", state / "current")
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path)
+    try:
+        ctl = Controller(mosquitto.port)
+        reported = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"], timeout=60)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert reported["model"] is None and reported["active_slot"] == "a"
+        assert "slot a is refused" in reported["hardware"]["model_error"]
+        assert "unknown key" in reported["hardware"]["model_error"]
+
+        assert _get(http_port, "/healthz") == (200, {"status": "ok"})
+        status, body = _get(http_port, "/readyz")
+        assert status == 503 and "slot a is refused" in body["reason"] and "trusted key" in body["reason"], body
+        status, body = _get(http_port, "/v1/completions", {"prompt": "def f(", "max_tokens": 2})
+        assert status == 503 and "slot a is refused" in body["error"]["message"], body
+
+        # the fleet cannot "fix" it by pointing the box at other keys
+        ctl.publish(desired_topic(FLEET, DEVICE), json.dumps({"version": 1, "settings": {
+            "ota": {"trusted_keys": "/tmp/attacker", "require_signature": False}}}), retain=True)
+        reported = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["last_config_error"] is not None, timeout=60)
+        assert "ota.trusted_keys" in reported["last_config_error"]
+        assert "ota.require_signature" in reported["last_config_error"]
+        assert reported["applied_config_version"] is None
+
+        # the bundle signed with the trusted key arrives over the air, installs and serves
+        v1 = open_bundle(signed_bundles["v1"])
+        ctl.chunks.add("rotate-v1", signed_bundles["v1"])
+        ctl.publish(ota_offer_topic(FLEET, DEVICE), make_offer(v1, "rotate-v1", {"type": "mqtt"}).model_dump_json(),
+                    retain=True)
+        final = ctl.wait(ota_status_topic(FLEET, DEVICE),
+                         lambda d, m: d.get("state") == "reporting" and "result" in d, timeout=180)
+        assert final["result"] == "committed", (final, log.read_text()[-3000:])
+        reported = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["model"] is not None, timeout=60)
+        assert reported["model"]["sha256"] == v1.sha256 and reported["active_slot"] == "b"
+        assert reported["hardware"]["model_error"] is None
+        status, body = _get(http_port, "/v1/completions", {"prompt": "def f(", "max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
