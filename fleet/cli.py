@@ -2,15 +2,17 @@
 
     edgeglm fleet serve [--broker HOST:PORT] [--db fleet.db] [--fleet F]
     edgeglm fleet status [--db fleet.db] [--fleet F] [--json]
-    edgeglm fleet offer --fleet F --device D --bundle BUNDLE [--broker HOST:PORT] [--db fleet.db]
+    edgeglm fleet offer --fleet F --device D --bundle BUNDLE [--force] [--broker HOST:PORT] [--db fleet.db]
     edgeglm fleet config set (--fleet F --device D | --group G) KEY=VALUE... [--broker HOST:PORT]
     edgeglm fleet rollout --bundle B --group G --canary PCT [--max-p95-regression PCT] [--window S]
                           [--previous-bundle P --key SIGNING_KEY] [--db fleet.db]
+    edgeglm fleet rollout cancel ID [--db fleet.db]
     edgeglm fleet rollback --group G [--to VERSION] --key SIGNING_KEY [--broker HOST:PORT] [--db fleet.db]
     edgeglm fleet group add|remove G [--fleet F] DEVICE...  /  edgeglm fleet group list
 
 `serve` runs until SIGTERM/Ctrl-C and advances the rollouts in its database every second;
-`rollout` only records a rollout there. A group G is an assigned group (`group add`), or a fleet
+`rollout` only records a rollout there (after checking its bundles, key, target and numbers), and
+`rollout cancel` stops one there. A group G is an assigned group (`group add`), or a fleet
 id when no group G is assigned (fleet/groups.py). `offer`, `rollback` and `config set` publish
 through a short-lived connection; the serving controller answers the chunk requests of an offer
 from the shared database.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -95,17 +98,27 @@ def cmd_serve(args) -> int:
 def _db(args) -> Path:
     from fleet.config import load_fleet_config
 
-    return Path(args.db) if args.db else load_fleet_config(args.config).database.path
+    cfg = load_fleet_config(args.config)  # a given --config is always read and checked, --db or not
+    return Path(args.db) if args.db else cfg.database.path
 
 
-def cmd_status(args) -> int:
-    from fleet.controller import format_status
-    from fleet.store import Store
-
+def _existing_db(args) -> Path:
     db = _db(args)
     if not db.is_file():
         raise FleetError(f"{db}: no fleet database; is `edgeglm fleet serve --db {db}` running?")
-    store = Store(db)
+    return db
+
+
+def cmd_status(args) -> int:
+    import math
+
+    from fleet.controller import format_status
+    from fleet.store import Store
+
+    if not (math.isfinite(args.since) and args.since > 0):
+        raise FleetError(f"--since {args.since:g}: must be a positive number of seconds (the telemetry window "
+                         f"of the latency columns, default 3600)")
+    store = Store(_existing_db(args))
     if args.json:
         import time
 
@@ -117,58 +130,137 @@ def cmd_status(args) -> int:
 
 
 def cmd_offer(args) -> int:
+    from fleet.controller import offerable_bundle
+    from fleet.store import Store
+
+    offerable_bundle(args.bundle)  # before anything is published
+    _, settings = _settings(args)
+    db, device = settings.db, f"{args.fleet}/{args.device}"
+    if Path(db).is_file():
+        store = Store(db)
+        known = [d["device"] for d in store.devices(args.fleet)]
+        store.close()
+        problem = None if args.device in known else \
+            f"device {args.device} has never reported to the registry {db} (devices of fleet {args.fleet}: " \
+            f"{', '.join(known) or 'none'})"
+    else:
+        problem = f"there is no fleet database at {db}, so no device has reported"
+    if problem and not args.force:
+        raise FleetError(f"--device {device}: {problem}; nothing was offered. Check --fleet/--device (and --db), "
+                         f"or give --force to publish the retained offer, which the device gets when it connects")
+    if problem:
+        print(f"edgeglm fleet: warning: --device {device}: {problem}; the retained offer waits for it (--force)",
+              file=sys.stderr)
     controller = _connect(args)
     try:
         update_id = controller.offer(args.fleet, args.device, Path(args.bundle))
     finally:
         controller.stop()
-    print(f"offered {args.bundle} to {args.fleet}/{args.device} as update {update_id}")
+    print(f"offered {args.bundle} to {device} as update {update_id}")
     return 0
 
 
+def _check_number(flag: str, value: float, ok: bool, allowed: str) -> None:
+    import math
+
+    if not (math.isfinite(value) and ok):
+        raise FleetError(f"{flag} {value:g}: must be {allowed}; nothing was recorded")
+
+
 def cmd_rollout(args) -> int:
+    if args.action == "cancel":
+        return _rollout_cancel(args)
+    if args.action is not None or args.rollout_id is not None:
+        raise FleetError(f"rollout {' '.join(str(x) for x in (args.action, args.rollout_id) if x is not None)}: "
+                         f"not understood; `edgeglm fleet rollout --bundle B --group G --canary PCT` starts one, "
+                         f"`edgeglm fleet rollout cancel ID` stops one")
+    missing = [flag for flag, v in (("--bundle", args.bundle), ("--group", args.group), ("--canary", args.canary))
+               if v is None]
+    if missing:
+        raise FleetError(f"rollout needs {', '.join(missing)} (e.g. `edgeglm fleet rollout --bundle v2/ --group "
+                         f"plant7 --canary 10`), or `rollout cancel ID`")
+    return _rollout_start(args)
+
+
+def _rollout_start(args) -> int:
+    from fleet.controller import offerable_bundle
+    from fleet.groups import one_fleet, select
     from fleet.rollout import create_rollout
     from fleet.store import Store
-    from ota.bundle import open_bundle
+    from ota.signing import load_private_key
 
-    bundle = open_bundle(args.bundle)  # refuse a broken bundle now, not on the devices
+    _check_number("--canary", args.canary, 0 < args.canary <= 100, "in (0, 100]: percent of the online devices")
+    _check_number("--window", args.window, args.window > 0, "> 0 seconds of canary telemetry")
+    _check_number("--max-p95-regression", args.max_p95_regression, args.max_p95_regression >= 0,
+                  ">= 0 percent of p95 growth that halts the rollout")
+    _check_number("--min-delta-ms", args.min_delta_ms, args.min_delta_ms >= 0, ">= 0 ms")
     if (args.previous_bundle is None) != (args.key is None):
         raise FleetError("--previous-bundle and --key go together: the key signs the canaries' rollback offers")
-    if not 0 < args.canary <= 100:
-        raise FleetError(f"--canary {args.canary} must be in (0, 100]")
-    db = _db(args)
+    # what the devices would be offered is checked now, as `fleet offer` checks it, not when the rollout runs
+    bundle = offerable_bundle(args.bundle)
+    if args.previous_bundle:
+        offerable_bundle(args.previous_bundle)
+        if not Path(args.key).is_file():
+            raise FleetError(f"--key {args.key}: no such file (the private key that signs the canaries' rollback "
+                             f"offers); nothing was recorded")
+        load_private_key(args.key)
+    db = _existing_db(args)
     store = Store(db)
-    fleet, group = args.group, None
-    if args.group in store.groups():  # an assigned group; otherwise --group is a fleet id, as it always was
-        from fleet.groups import one_fleet, select
-
-        fleet, group = one_fleet(select(store, args.group)), args.group
+    selection = select(store, args.group)  # an assigned group, or a fleet id with known devices
+    fleet, group = (one_fleet(selection), args.group) if selection.assigned else (args.group, None)
     rid = create_rollout(store, Path(args.bundle), fleet, args.canary, args.max_p95_regression,
                          args.window, Path(args.previous_bundle) if args.previous_bundle else None,
                          Path(args.key) if args.key else None, args.min_delta_ms, group=group)
     print(f"rollout {rid}: {bundle.manifest.name} {bundle.manifest.version} to "
           f"{'group ' + group + ' of fleet ' + fleet if group else 'fleet ' + fleet} "
           f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95, window {args.window:g} s); "
-          f"`edgeglm fleet serve --db {db}` drives it, `edgeglm fleet status` shows it")
+          f"`edgeglm fleet serve --db {db}` drives it, `edgeglm fleet status` shows it, "
+          f"`edgeglm fleet rollout cancel {rid}` stops it")
+    return 0
+
+
+def _rollout_cancel(args) -> int:
+    from fleet.rollout import cancel_rollout
+    from fleet.store import Store
+
+    if args.rollout_id is None:
+        raise FleetError("rollout cancel needs the rollout's ID (`edgeglm fleet status` lists them)")
+    given = [flag for flag, v in (("--bundle", args.bundle), ("--group", args.group), ("--canary", args.canary),
+                                  ("--previous-bundle", args.previous_bundle), ("--key", args.key)) if v is not None]
+    if given:
+        raise FleetError(f"rollout cancel {args.rollout_id}: {', '.join(given)} not used by cancel; nothing was done")
+    store = Store(_existing_db(args))
+    r, was = cancel_rollout(store, args.rollout_id)
+    offers = r.data.get("offers", {})
+    results = {d: (store.last_result(r.fleet, d, u) or {}).get("result") for d, u in offers.items()}
+    print(f"rollout {r.id} ({r.bundle.name} -> {r.target}) cancelled in phase {was}: no device is offered it "
+          f"from now on, and no rollback is sent")
+    for d, res in results.items():
+        print(f"  {r.fleet}/{d}: {res or 'no result yet: its retained offer stands, the update may still complete'}")
+    if results:
+        print(f"{len(results)} device(s) were offered {r.bundle.name} before the cancel and keep what their update "
+              f"gives; `edgeglm fleet rollback --group {r.group or r.fleet} --key KEY` takes them back")
+    else:
+        print("no device had been offered it")
     return 0
 
 
 def cmd_config_set(args) -> int:
-    settings: dict = {}
+    from agent.config import nest
+    from fleet.config import check_desired_config
+
+    flat: dict = {}
     for item in args.pairs:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise FleetError(f"{item!r} is not KEY=VALUE (e.g. sampling.max_tokens=128)")
         try:
-            parsed = json.loads(value)
+            flat[key] = json.loads(value)
         except json.JSONDecodeError:
-            parsed = value  # a bare string
-        node = settings
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = parsed
+            flat[key] = value  # a bare string
+    settings = nest(flat)
     targets = _config_targets(args)
+    check_desired_config(settings)  # what every agent would refuse is refused here, before it is published
     controller = _connect(args)
     try:
         version = int(time.time() * 1000)  # one version for the whole group
@@ -206,10 +298,7 @@ def cmd_rollback(args) -> int:
 
     if not Path(args.key).is_file():
         raise FleetError(f"--key {args.key}: no such file (the private key that signs rollback offers)")
-    db = _db(args)
-    if not db.is_file():
-        raise FleetError(f"{db}: no fleet database; is `edgeglm fleet serve --db {db}` running?")
-    store = Store(db)
+    store = Store(_existing_db(args))
     selection = select(store, args.group)
     devices = {(d["fleet"], d["device"]): d for d in store.devices()}
     running = {devices[m]["model_version"] for m in selection.members if m in devices}
@@ -289,13 +378,20 @@ def register(sub) -> None:
     o.add_argument("--fleet", required=True)
     o.add_argument("--device", required=True)
     o.add_argument("--bundle", required=True)
+    o.add_argument("--force", action="store_true",
+                   help="offer to a device the registry has never seen (the retained offer waits for it)")
     o.set_defaults(func=cmd_offer)
 
-    r = fsub.add_parser("rollout", help="start a staged rollout gated by latency")
+    r = fsub.add_parser("rollout", help="start a staged rollout gated by latency (`rollout cancel ID` stops one)",
+                        usage="edgeglm fleet rollout --bundle B --group G --canary PCT [options]\n"
+                              "       edgeglm fleet rollout cancel ID [--db fleet.db] [--config fleet.toml]")
     common(r, broker=False)
-    r.add_argument("--bundle", required=True)
-    r.add_argument("--group", required=True, help="a group (`fleet group add`) or a fleet id")
-    r.add_argument("--canary", type=float, required=True, help="percent of online devices offered first")
+    r.add_argument("action", nargs="?", choices=["cancel"], metavar="cancel",
+                   help="stop rollout ID where it is (docs/fleet.md: what it leaves)")
+    r.add_argument("rollout_id", nargs="?", type=int, metavar="ID", help="the rollout to cancel (`fleet status`)")
+    r.add_argument("--bundle", help="the signed bundle to roll out (required to start one)")
+    r.add_argument("--group", help="a group (`fleet group add`) or a fleet id (required to start one)")
+    r.add_argument("--canary", type=float, help="percent of online devices offered first (required to start one)")
     r.add_argument("--max-p95-regression", type=float, default=20.0, help="percent; more halts the rollout")
     r.add_argument("--window", type=float, default=300.0, help="seconds of canary telemetry before deciding")
     r.add_argument("--min-delta-ms", type=float, default=1.0,

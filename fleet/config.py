@@ -85,3 +85,30 @@ def load_fleet_config(path: str | Path | None = None, overrides: dict | None = N
         raise ConfigError(f"{path}: {exc}") from None
     finally:
         _toml_file.reset(token)
+
+
+# Sections an agent refuses to change while it runs (agent/daemon.py Agent._apply_desired): a desired
+# config that sets them is refused by every agent, so `fleet config set` refuses it first.
+RESTART_ONLY = ("device", "mqtt", "http", "model")
+
+
+def check_desired_config(settings: dict) -> None:
+    """Check a desired-config update against the agent's schema (agent/config.py: pydantic only, no
+    model runtime) before it is published; a ConfigError names the key, the value and what is allowed.
+
+    Checked against the agent defaults: a constraint that depends on an agent's own config file
+    can still be refused by the agent, which `fleet status` then shows (config ... REFUSED)."""
+    from agent.config import AgentConfig, with_updates
+
+    fixed = [k for k in settings if k in RESTART_ONLY]
+    if fixed:
+        keys = ", ".join(f"{k}.*" for k in fixed)
+        raise ConfigError(f"{keys}: the agents apply section(s) {', '.join(fixed)} only at start and refuse them "
+                          f"in a desired config; nothing was published. Change them in each agent's config file")
+    base = AgentConfig.model_validate({"device": {"id": "fleet-check", "fleet": "fleet-check"}})
+    try:
+        with_updates(base, settings)
+    except ConfigError as exc:
+        text = str(exc).replace("(from the desired-config update)", "(from the command line)")
+        text = text.removeprefix("invalid config: ").removesuffix("; the running config is unchanged")
+        raise ConfigError(f"invalid desired config: {text}; nothing was published") from None

@@ -36,12 +36,22 @@ from agent.topics import (DesiredConfig, ReportedState, TelemetryReport, control
 from fleet.store import Store, telemetry_row
 from ota.bundle import open_bundle
 from ota.offers import make_offer
+from ota.signing import read_signature
 from ota.transfer import ChunkRequest, ChunkSource
 
 log = logging.getLogger("edgeglm.fleet")
 MAX_PAYLOAD = 1 << 20
 MAX_BATCH = 5000  # telemetry rows per transaction
 PRUNE_EVERY_S = 60.0
+
+
+def offerable_bundle(bundle_dir: str | Path):
+    """The bundle at `bundle_dir` if the controller may offer it, else a BundleError/SignatureError:
+    every file matches its manifest and manifest.sig is there (the agents verify it against their
+    trusted keys). `offer`, `edgeglm fleet offer` and `edgeglm fleet rollout` all check this."""
+    bundle = open_bundle(bundle_dir)  # the controller never offers files that fail their manifest
+    read_signature(bundle.root)  # nor an unsigned bundle, which no agent would activate
+    return bundle
 
 
 @dataclass
@@ -183,7 +193,7 @@ class FleetController:
     # --- commands ---------------------------------------------------------------------------
     def offer(self, fleet: str, device: str, bundle_dir: Path, update_id: str | None = None,
               rollback_key=None) -> str:
-        bundle = open_bundle(bundle_dir)  # the controller never offers files that fail their manifest
+        bundle = offerable_bundle(bundle_dir)
         update_id = update_id or f"{bundle.manifest.name}-{bundle.manifest.version}-{int(time.time() * 1000)}"
         self.store.add_offer(update_id, Path(bundle_dir).resolve(), bundle.manifest.version)
         self.chunks.add(update_id, bundle_dir)
@@ -209,10 +219,15 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
                      f"{d['model_name'] or '-'} {d['model_version'] or ''}".strip(), d["execution_path"] or "-",
                      _ms(lat.get("ttft_p50_ms")), _ms(lat.get("ttft_p95_ms")), _ms(lat.get("token_p50_ms")),
                      _ms(lat.get("token_p95_ms")), f"{lat['tokens_per_s']:.1f}" if lat.get("tokens_per_s") else "-",
-                     str(d["applied_config_version"] if d["applied_config_version"] is not None else "-")))
+                     _config_cell(d)))
     head = ("fleet", "device", "online", "seen", "model", "path", "ttft p50", "ttft p95", "tok p50", "tok p95",
             "tok/s", "config")
     text = _table(head, rows) + f"\n{len(rows)} device(s); rejected messages: {store.counter('rejected_messages')}"
+    for d in store.devices(fleet):  # a refused desired config is news, not a detail of --json
+        if d["last_config_error"]:
+            text += (f"\nconfig REFUSED by {d['fleet']}/{d['device']} (it keeps config version "
+                     f"{d['applied_config_version'] if d['applied_config_version'] is not None else '-'}): "
+                     f"{d['last_config_error']}")
     text += "\n\n" + format_versions(store.versions(fleet, now - since_s), since_s)
     from fleet.rollout import load_rollouts
 
@@ -221,6 +236,12 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
         target = r.fleet if not r.group else f"group {r.group} of {r.fleet}"
         text += f"\nrollout {r.id} ({r.bundle.name} -> {target}): {r.phase}  {last}"
     return text
+
+
+def _config_cell(d: dict) -> str:
+    """The applied config version, and REFUSED while the device refuses the latest desired config."""
+    applied = str(d["applied_config_version"]) if d["applied_config_version"] is not None else "-"
+    return f"{applied} REFUSED" if d["last_config_error"] else applied
 
 
 def format_versions(versions: list[dict], since_s: float) -> str:

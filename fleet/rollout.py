@@ -11,6 +11,12 @@
     rest          offer to the remaining devices                               rest_wait
     rest_wait     wait for their results                                       done
     halting       offer the canaries a signed rollback to the previous bundle  halted
+    (any active)  `edgeglm fleet rollout cancel ID` (`cancel_rollout`)          cancelled
+
+A cancelled rollout offers nothing more, sends no rollback and is never advanced again; devices
+already offered the bundle keep their retained offer and finish (or fail) that update on their
+own. `edgeglm fleet rollback` takes them back. One active rollout per target: `create_rollout`
+refuses a rollout whose devices an active rollout of the same fleet may offer too.
 
 The rollout lives in the controller's database and is advanced by `tick()`, so a controller
 restart continues where it was. Each decision is written to the rollout's report.
@@ -28,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.errors import AgentError
 from fleet.store import Store
 
 SCHEMA = """
@@ -44,6 +51,11 @@ def _schema(store: Store) -> None:
     if "group_name" not in {row[1] for row in store._exec("PRAGMA table_info(rollouts)")}:
         store._exec("ALTER TABLE rollouts ADD COLUMN group_name TEXT")  # a database of an older controller
 ACTIVE = ("canary", "canary_wait", "canary_window", "rest", "rest_wait", "halting")
+ENDED = ("done", "halted", "cancelled")
+
+
+class RolloutError(AgentError):
+    """A rollout cannot be created or cancelled as asked."""
 
 
 @dataclass
@@ -61,11 +73,22 @@ class Rollout:
     min_delta_ms: float = 1.0
     group: str | None = None  # an assigned group within `fleet`; None: the whole fleet
 
+    @property
+    def target(self) -> str:
+        return _target(self.fleet, self.group)
+
 
 def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, max_regression_pct: float = 20.0,
                    window_s: float = 300.0, previous_bundle: Path | None = None, key: Path | None = None,
                    min_delta_ms: float = 1.0, group: str | None = None) -> int:
     _schema(store)
+    active = active_rollout(store, fleet, group)
+    if active is not None:
+        raise RolloutError(
+            f"rollout {active.id} ({active.bundle.name} -> {active.target}) is still active (phase {active.phase}) "
+            f"and may offer the same devices as a rollout to {_target(fleet, group)}; nothing was recorded. Wait "
+            f"until it is done or halted (`edgeglm fleet status`), or stop it with "
+            f"`edgeglm fleet rollout cancel {active.id}`")
     now = time.time()
     cur = store._exec(
         "INSERT INTO rollouts (bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
@@ -74,6 +97,54 @@ def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, ma
          str(Path(previous_bundle).resolve()) if previous_bundle else None, str(key) if key else None,
          min_delta_ms, "canary", json.dumps({"report": []}), now, now, group))
     return cur.lastrowid
+
+
+def _target(fleet: str, group: str | None) -> str:
+    return f"group {group} of {fleet}" if group else f"fleet {fleet}"
+
+
+def active_rollout(store: Store, fleet: str, group: str | None = None) -> "Rollout | None":
+    """The active rollout that may offer devices of `group` (None: the whole fleet) of `fleet`: one to the
+    whole fleet, to the same group, or to a group with a device in common."""
+    groups = store.groups()
+
+    def members(g: str | None) -> set[str] | None:
+        return None if g is None else {d for f, d in groups.get(g, []) if f == fleet}
+
+    mine = members(group)
+    for r in load_rollouts(store, active_only=True):
+        if r.fleet != fleet:
+            continue
+        theirs = members(r.group)
+        if mine is None or theirs is None or r.group == group or mine & theirs:
+            return r
+    return None
+
+
+def cancel_rollout(store: Store, rollout_id: int) -> tuple["Rollout", str]:
+    """Stop an active rollout where it is: (the rollout as it was, the phase it was cancelled in).
+    Compare-and-set on `updated`, so a `fleet serve` advancing it at the same moment is not overwritten
+    (and the driver never moves a cancelled rollout: RolloutDriver._save)."""
+    for _ in range(20):
+        by_id = {r.id: r for r in load_rollouts(store)}
+        r = by_id.get(rollout_id)
+        if r is None:
+            active = [str(x.id) for x in by_id.values() if x.phase in ACTIVE]
+            raise RolloutError(f"rollout {rollout_id}: no such rollout (active: {', '.join(active) or 'none'}); "
+                               f"`edgeglm fleet status` lists them")
+        if r.phase not in ACTIVE:
+            raise RolloutError(f"rollout {rollout_id} already ended ({r.phase}); nothing to cancel")
+        updated = store._exec("SELECT updated FROM rollouts WHERE id=?", (rollout_id,)).fetchone()[0]
+        was = r.phase
+        r.data["report"].append(f"{time.strftime('%H:%M:%S')} cancelled by the operator in phase {was}; "
+                                f"no further offers")
+        cur = store._exec("UPDATE rollouts SET phase='cancelled', data=?, updated=? WHERE id=? AND updated=?",
+                          (json.dumps(r.data), time.time(), rollout_id, updated))
+        if cur.rowcount == 1:
+            r.phase = "cancelled"
+            return r, was
+        time.sleep(0.05)  # the driver moved it meanwhile: read it again
+    raise RolloutError(f"rollout {rollout_id} changed 20 times while being cancelled; try again")
 
 
 def load_rollouts(store: Store, active_only: bool = False) -> list[Rollout]:
@@ -103,7 +174,8 @@ class RolloutDriver:
         if note:
             r.data["report"].append(f"{time.strftime('%H:%M:%S')} {note}")
         r.phase = phase
-        self.store._exec("UPDATE rollouts SET phase=?, data=?, updated=? WHERE id=?",
+        # never over a cancel that came in while this tick worked on the rollout
+        self.store._exec("UPDATE rollouts SET phase=?, data=?, updated=? WHERE id=? AND phase != 'cancelled'",
                          (phase, json.dumps(r.data), time.time(), r.id))
 
     def tick(self, now: float | None = None) -> None:

@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from agent.errors import AgentError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     fleet TEXT NOT NULL, device TEXT NOT NULL, online INTEGER NOT NULL, last_seen REAL NOT NULL,
@@ -55,17 +57,42 @@ def telemetry_row(fleet: str, r: dict) -> tuple:
             tok.get("p50"), tok.get("p95"), r.get("tokens_per_s"), r.get("errors", 0))
 
 
+class StoreError(AgentError):
+    """The fleet database cannot be opened: the message names the path and the cause."""
+
+
+def _open_problem(path: Path, exc: sqlite3.Error) -> str:
+    parent = path.parent
+    if not parent.is_dir():
+        cause = f"directory {parent} does not exist"
+    elif path.is_dir():
+        cause = "it is a directory"
+    elif path.is_file() and "not a database" in str(exc):
+        cause = "the file is not an SQLite database"
+    else:
+        cause = str(exc)
+    return (f"fleet database {path} (--db or database.path) cannot be opened: {cause}; nothing was done. "
+            f"Give a writable file path in an existing directory")
+
+
 class Store:
     def __init__(self, path: str | Path, retention_s: float = 7 * 86400):
         self.path = Path(path)
         self.retention_s = retention_s
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self.db.executescript(SCHEMA)
-        self._migrate()
+        db = None
+        try:
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(SCHEMA)
+            self.db = db
+            self._migrate()
+        except sqlite3.Error as exc:  # a missing directory, no permission, a file that is not a database
+            if db is not None:
+                db.close()
+            raise StoreError(_open_problem(self.path, exc)) from None
 
     def _migrate(self) -> None:
         """Bring a database made by an older controller up to this schema."""

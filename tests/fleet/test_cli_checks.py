@@ -1,0 +1,238 @@
+"""`edgeglm fleet ...` refuses bad input with one line and exit code 2, before anything is recorded
+or published: rollouts (bundle signature, target, numbers, one active rollout per target, cancel),
+config pushes checked against the agent's schema, offers to devices never seen, `status` options,
+and a database path that cannot be opened."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.topics import desired_topic, ota_offer_topic
+from fleet.rollout import RolloutDriver, create_rollout, load_rollouts
+from fleet.store import Store
+
+FLEET = "plant7"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", *args], capture_output=True, text=True)
+    assert "Traceback" not in out.stderr, out.stderr
+    return out
+
+
+def refused(out: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    for phrase in phrases:
+        assert phrase in out.stderr, (phrase, out.stderr)
+
+
+@pytest.fixture
+def db(tmp_path):
+    """A controller database whose registry knows plant7/d1, d2 and plant8/e1 (no model yet, so a rollout
+    offers its canaries at once instead of waiting for their baseline latency)."""
+    path = tmp_path / "fleet.db"
+    store = Store(path)
+    for fleet, device in ((FLEET, "d1"), (FLEET, "d2"), ("plant8", "e1")):
+        store.upsert_state(fleet, {"device": device, "online": True, "model": None})
+    store.close()
+    return path
+
+
+@pytest.fixture
+def unsigned(signed_bundles, tmp_path):
+    out = tmp_path / "unsigned"
+    shutil.copytree(signed_bundles["v2"], out)
+    (out / "manifest.sig").unlink()
+    return out
+
+
+class OfferRecorder:
+    def __init__(self, on_offer=None):
+        self.offers: list[tuple[str, str]] = []
+        self.on_offer = on_offer
+
+    def offer(self, fleet, device, bundle, rollback_key=None) -> str:
+        self.offers.append((fleet, device))
+        if self.on_offer:
+            self.on_offer()
+        return f"update-{len(self.offers)}"
+
+
+# --- rollout -----------------------------------------------------------------------------------
+
+def test_rollout_checks_bundles_target_and_numbers_before_recording(db, signed_bundles, unsigned):
+    v1, v2 = str(signed_bundles["v1"]), str(signed_bundles["v2"])
+    key = str(signed_bundles["root"] / "keys" / "fleet.key")
+    start = ("rollout", "--db", str(db), "--canary", "50")
+    refused(cli(*start, "--bundle", str(unsigned), "--group", FLEET), f"{unsigned / 'manifest.sig'}: not found")
+    refused(cli(*start, "--bundle", v2, "--group", FLEET, "--previous-bundle", str(unsigned), "--key", key),
+            f"{unsigned / 'manifest.sig'}: not found")
+    refused(cli(*start, "--bundle", v2, "--group", FLEET, "--previous-bundle", v1, "--key", v1),
+            f"--key {v1}: no such file")
+    refused(cli(*start, "--bundle", v2, "--group", FLEET, "--previous-bundle", v1, "--key", f"{v1}/manifest.json"),
+            f"{v1}/manifest.json: not an unencrypted PEM private key")
+    refused(cli(*start, "--bundle", v2, "--group", "nogroup"), "--group 'nogroup': no such group or fleet",
+            "fleets: plant7, plant8")
+    refused(cli(*start, "--bundle", v2, "--group", FLEET, "--window", "-1"), "--window -1: must be > 0")
+    refused(cli(*start, "--bundle", v2, "--group", FLEET, "--window", "0"), "--window 0: must be > 0")
+    refused(cli(*start, "--bundle", v2, "--group", FLEET, "--max-p95-regression", "-10"),
+            "--max-p95-regression -10: must be >= 0")
+    refused(cli(*start, "--bundle", v2, "--group", FLEET, "--min-delta-ms", "-1"), "--min-delta-ms -1: must be >= 0")
+    refused(cli("rollout", "--db", str(db), "--bundle", v2, "--group", FLEET), "rollout needs --canary")
+    store = Store(db)
+    assert load_rollouts(store) == []  # nothing was recorded
+    out = cli(*start, "--bundle", v2, "--group", FLEET, "--max-p95-regression", "0", "--previous-bundle", v1,
+              "--key", key)
+    assert out.returncode == 0 and "rollout 1:" in out.stdout and "rollout cancel 1" in out.stdout, out.stderr
+    store.close()
+
+
+def test_one_active_rollout_per_target_and_cancel_stops_it(db, signed_bundles):
+    v2 = str(signed_bundles["v2"])
+    assert cli("group", "add", "ring1", "--fleet", FLEET, "d1", "--db", str(db)).returncode == 0
+    start = ("rollout", "--db", str(db), "--canary", "50", "--bundle", v2)
+    assert cli(*start, "--group", FLEET).returncode == 0
+    # the same fleet, or a group within it: the active rollout 1 may offer the same devices
+    for target in (FLEET, "ring1"):
+        refused(cli(*start, "--group", target), "rollout 1 (v2 -> fleet plant7) is still active (phase canary)",
+                "`edgeglm fleet rollout cancel 1`", "nothing was recorded")
+    out = cli(*start, "--group", "plant8")  # another fleet: no conflict
+    assert out.returncode == 0 and "rollout 2:" in out.stdout, out.stderr
+
+    out = cli("rollout", "cancel", "1", "--db", str(db))
+    assert out.returncode == 0 and "cancelled in phase canary" in out.stdout and "no device had been offered" \
+        in out.stdout, out.stderr
+    store = Store(db)
+    assert {r.id: r.phase for r in load_rollouts(store)} == {1: "cancelled", 2: "canary"}
+    recorder = OfferRecorder()
+    RolloutDriver(store, recorder).tick()
+    assert recorder.offers == [("plant8", "e1")]  # the cancelled rollout offers nothing
+    refused(cli("rollout", "cancel", "1", "--db", str(db)), "rollout 1 already ended (cancelled)")
+    refused(cli("rollout", "cancel", "9", "--db", str(db)), "rollout 9: no such rollout (active: 2)")
+    refused(cli("rollout", "cancel", "--db", str(db)), "rollout cancel needs the rollout's ID")
+    out = cli(*start, "--group", "ring1")  # the fleet is free again
+    assert out.returncode == 0 and "rollout 3:" in out.stdout, out.stderr
+
+    # a cancel after canaries were offered names them and what they keep
+    RolloutDriver(store, OfferRecorder()).tick()
+    out = cli("rollout", "cancel", "3", "--db", str(db))
+    assert out.returncode == 0 and "cancelled in phase canary_wait" in out.stdout, out.stderr
+    assert f"{FLEET}/d1: no result yet" in out.stdout and "fleet rollback --group ring1" in out.stdout
+    store.close()
+
+
+def test_a_cancel_that_lands_during_a_tick_is_not_overwritten(tmp_path):
+    from fleet.rollout import cancel_rollout
+
+    store = Store(tmp_path / "fleet.db")
+    for d in ("d1", "d2"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": None})
+    rid = create_rollout(store, tmp_path / "bundle", FLEET, canary_pct=50, window_s=1.0)
+    recorder = OfferRecorder(on_offer=lambda: cancel_rollout(store, rid))  # the operator cancels mid-tick
+    driver = RolloutDriver(store, recorder)
+    driver.tick()
+    assert [r.phase for r in load_rollouts(store)] == ["cancelled"]
+    driver.tick()
+    assert recorder.offers == [(FLEET, "d1")]  # the offer under way, and nothing after the cancel
+    store.close()
+
+
+# --- offer -------------------------------------------------------------------------------------
+
+def retained(port: int, topic: str, wait_s: float = 1.0) -> list[bytes]:
+    """Retained messages on `topic` (a fresh subscriber gets them right after its SUBACK)."""
+    got: list[bytes] = []
+    subscribed = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.on_message = lambda c, u, m: got.append(m.payload) if m.payload else None
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    assert subscribed.wait(10)
+    time.sleep(wait_s)
+    client.loop_stop()
+    client.disconnect()
+    return got
+
+
+def test_offer_to_a_device_never_seen_is_refused_unless_forced(mosquitto, db, signed_bundles, unsigned):
+    args = ("offer", "--fleet", FLEET, "--bundle", str(signed_bundles["v2"]), "--db", str(db),
+            "--broker", f"127.0.0.1:{mosquitto.port}")
+    refused(cli(*args, "--device", "nodev"), "--device plant7/nodev: device nodev has never reported",
+            "devices of fleet plant7: d1, d2", "nothing was offered", "--force")
+    refused(cli(*args[:-4], "--device", "d1", "--db", str(db.with_name("other.db")), "--broker",
+                f"127.0.0.1:{mosquitto.port}"), "no fleet database at")
+    assert retained(mosquitto.port, ota_offer_topic(FLEET, "nodev")) == []
+    refused(cli("offer", "--fleet", FLEET, "--device", "d1", "--bundle", str(unsigned), "--db", str(db),
+                "--broker", f"127.0.0.1:{mosquitto.port}"), "manifest.sig: not found")
+
+    out = cli(*args, "--device", "nodev", "--force")
+    assert out.returncode == 0 and "offered" in out.stdout, out.stderr
+    assert "warning: --device plant7/nodev: device nodev has never reported" in out.stderr
+    assert "the retained offer waits for it" in out.stderr
+    assert len(retained(mosquitto.port, ota_offer_topic(FLEET, "nodev"), 0.2)) == 1
+    out = cli(*args, "--device", "d1")  # a known device: no warning
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+# --- config set and the status table -----------------------------------------------------------
+
+def test_config_set_refuses_what_the_agents_would_refuse_before_publishing(mosquitto, db):
+    args = ("config", "set", "--fleet", FLEET, "--device", "d1", "--broker", f"127.0.0.1:{mosquitto.port}")
+    refused(cli(*args, "sampling.max_tokens=-1"), "sampling.max_tokens = -1 (from the command line) is invalid",
+            "1 <= max_tokens", "nothing was published")
+    refused(cli(*args, "sampling.bogus=1"), "sampling.bogus (from the command line) is not a setting",
+            "allowed in sampling: max_tokens")
+    refused(cli(*args, "http.port=9000"), "http.*: the agents apply section(s) http only at start")
+    refused(cli(*args, "sampling=1", "sampling.top_k=2"), "'sampling.top_k' sets a field inside 'sampling'")
+    refused(cli("config", "set", "--group", "ring9", "--db", str(db), "sampling.max_tokens=-1"),
+            "--group 'ring9': no such group or fleet")
+    assert retained(mosquitto.port, desired_topic(FLEET, "d1")) == []
+    out = cli(*args, "sampling.max_tokens=64", "cache.persist=false")
+    assert out.returncode == 0, out.stderr
+    (payload,) = retained(mosquitto.port, desired_topic(FLEET, "d1"), 0.2)
+    assert json.loads(payload)["settings"] == {"sampling": {"max_tokens": 64}, "cache": {"persist": False}}
+
+
+def test_status_table_shows_a_refused_desired_config(db):
+    store = Store(db)
+    error = "desired config version 7 refused: invalid config: sampling.top_p = 5 (from the desired-config update)"
+    store.upsert_state(FLEET, {"device": "d2", "online": True, "model": {"name": "m", "version": "1.0.0"},
+                               "applied_config_version": 5, "last_config_error": error})
+    store.close()
+    out = cli("status", "--db", str(db), "--fleet", FLEET)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[1]: line for line in out.stdout.splitlines() if line.startswith(FLEET)}
+    assert rows["d2"].endswith("5 REFUSED") and "REFUSED" not in rows["d1"]
+    assert f"config REFUSED by {FLEET}/d2 (it keeps config version 5): {error}" in out.stdout
+
+
+# --- status options and the database path ------------------------------------------------------
+
+def test_status_checks_a_given_config_and_since_even_with_db(db, tmp_path):
+    (tmp_path / "bad.toml").write_text("bogus = 1\n")
+    refused(cli("status", "--config", str(tmp_path / "bad.toml"), "--db", str(db)), "bad.toml", "bogus")
+    refused(cli("status", "--config", str(tmp_path / "nope.toml"), "--db", str(db)),
+            "nope.toml: fleet config file not found")
+    for since in ("-5", "0", "nan"):
+        refused(cli("status", "--since", since, "--db", str(db)), f"--since {since}: must be a positive number")
+    assert cli("status", "--since", "60", "--db", str(db)).returncode == 0
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "a-directory"])
+def test_serve_with_a_database_path_it_cannot_open_is_one_line(tmp_path, where):
+    path = tmp_path / "nope" / "fleet.db" if where == "missing-dir" else tmp_path
+    out = cli("serve", "--db", str(path), "--broker", "127.0.0.1:1")
+    refused(out, f"fleet database {path}", "cannot be opened",
+            f"directory {tmp_path / 'nope'} does not exist" if where == "missing-dir" else "it is a directory")
