@@ -8,14 +8,15 @@
     edgeglm bundle keygen --out DIR [--name NAME]
     edgeglm bundle sign BUNDLE --key PRIVATE_KEY
     edgeglm bundle verify BUNDLE --trusted KEYS [--trusted KEYS ...]
-    edgeglm agent [--config FILE] [--bundle BUNDLE] [--host H] [--port N] [--backend B] [--state-dir DIR]
+    edgeglm agent [run] [--config FILE] [--bundle BUNDLE] [--host H] [--port N] [--backend B] [--state-dir DIR]
     edgeglm agent config-schema
     edgeglm agent install [--prefix DIR] [--user NAME] [--venv PATH] [--wheel-or-source SPEC] [--no-venv] [--dry-run]
     edgeglm fleet serve|status|offer|config set ...   (see fleet/cli.py)
-    edgeglm demo [--workdir DIR]
+    edgeglm demo [--workdir DIR] [--steps N] [--broker HOST:PORT]
 
 User errors (bad input, a broken checkpoint or bundle, a missing backend) print one line on
-stderr and exit with code 2; nothing else is changed. The factory commands (export, build, demo)
+stderr and exit with code 2; nothing else is changed. Each command takes only its own flags:
+another command's flag is a usage error (exit 2), never silently ignored. The factory commands (export, build, demo)
 load torch only when run, so an edge install without the `factory` extra runs the rest.
 """
 
@@ -125,9 +126,12 @@ def cmd_generate(args) -> int:
 def cmd_probe(args) -> int:
     from runtime.probe import device_report, format_hardware, probe_hardware
 
-    if args.bundle is None and (args.retune or args.cache_dir):
-        raise CliError(f"{'--retune' if args.retune else '--cache-dir'} tunes a bundle's execution path: "
-                       "give --bundle BUNDLE too")
+    if args.bundle is None:
+        given = [flag for flag, value in (("--retune", args.retune), ("--cache-dir", args.cache_dir),
+                                          ("--threads", args.threads)) if value]
+        if given:
+            raise CliError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to tuning a bundle's "
+                           "execution path: give --bundle BUNDLE too (without it, probe only shows the hardware)")
     info = probe_hardware()
     tuning = _autotune(args, info) if args.bundle is not None else None
     if args.json:
@@ -157,13 +161,16 @@ def cmd_bench(args) -> int:
     from runtime.autotune import default_cache_dir
     from runtime.bench import BenchOptions, format_report, run_bench
 
+    if args.prefill_graph is not None and args.backend == "openvino":
+        raise CliError(f"--{_PREFILL_FLAGS[args.prefill_graph]} is about ONNX Runtime's prefill graph; "
+                       "--backend openvino has none: leave it out, or use --backend onnxruntime (or auto)")
     opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, concurrency=args.concurrency,
                         prefix_tokens=args.prefix_tokens, runs=args.runs)
     opts.check(1 << 62)  # the flags alone; the context window is checked once the model is known
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     model = load_model(args.bundle, args.backend, args.threads, cache_dir=cache_dir, progress=not args.json,
                        device=args.device,
-                       prefill_graph=args.prefill_graph)
+                       prefill_graph=args.prefill_graph or "auto")
     report = run_bench(model, opts)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -172,7 +179,7 @@ def cmd_bench(args) -> int:
 def cmd_bundle_keygen(args) -> int:
     from ota.signing import generate_keypair
 
-    pair = generate_keypair(args.out, args.name)
+    pair = generate_keypair(args.out, args.name)  # a bad --out is a SignatureError naming it
     print(f"key id {pair.key_id}\nprivate key {pair.private_path} (keep it on the build host)\n"
           f"public key  {pair.public_path} (install it in the agents' trusted keys)")
     return 0
@@ -236,6 +243,36 @@ def cmd_demo(args) -> int:
         raise CliError(str(exc)) from None
 
 
+_PREFILL_FLAGS = {"auto": "prefill-graph auto", "on": "prefill-graph on", "off": "no-prefill-graph",
+                  "only": "prefill-graph only"}  # the flag that set args.prefill_graph, for messages
+AGENT_ACTIONS = ("run", "config-schema", "install")
+
+
+class _Parser(argparse.ArgumentParser):
+    """`edgeglm`: `edgeglm agent [FLAGS]` means `edgeglm agent run [FLAGS]` (the daemon, as units and pods start it)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if args[:1] == ["agent"] and (len(args) == 1 or args[1] not in (*AGENT_ACTIONS, "-h", "--help")):
+            args.insert(1, "run")
+        return super().parse_known_args(args, namespace)
+
+
+class _ActionParser(argparse.ArgumentParser):
+    """A subcommand's parser: a flag it does not take is an error here, naming the subcommands that take it."""
+
+    owners: dict[str, list[str]] = {}  # flag -> the `edgeglm agent` actions that take it (build_parser sets it)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            flags = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
+            where = [f"{f} is an option of {' and '.join(f'`edgeglm agent {o}`' for o in self.owners[f])}"
+                     for f in flags if f in self.owners]
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(where)})" if where else ""))
+        return namespace, extras
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -247,9 +284,9 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeglm", description="Edge agent for compressed GLM models.")
+    p = _Parser(prog="edgeglm", description="Edge agent for compressed GLM models.")
     p.add_argument("--version", action="version", version=f"edgeglm {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
 
     e = sub.add_parser("export", help="export a GlmForCausalLM checkpoint to a bundle")
     e.add_argument("checkpoint")
@@ -284,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--threads", type=int, help="inference threads (default: all usable cores)")
+    g.add_argument("--threads", type=_positive, help="inference threads (default: all usable cores)")
     g.set_defaults(func=cmd_generate)
 
     pr = sub.add_parser("probe", help="show the hardware and the inference backends found")
@@ -292,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--bundle", help="also choose this bundle's execution path (measured autotune, cached)")
     pr.add_argument("--retune", action="store_true", help="measure again even if a cached result exists")
     pr.add_argument("--cache-dir", help="autotune cache (default $EDGEGLM_CACHE_DIR or ~/.cache/edgeglm)")
-    pr.add_argument("--threads", type=_positive, help="tune only this thread count")
+    pr.add_argument("--threads", type=_positive, help="with --bundle: tune only this thread count")
     pr.set_defaults(func=cmd_probe)
 
     be = sub.add_parser("bench", help="measure TTFT, decode speed, latency percentiles and memory of a bundle")
@@ -305,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--prefix-tokens", type=int, default=0, help="also measure TTFT with this many prompt tokens "
                     "in the prefix cache")
     be.add_argument("--runs", type=int, default=3)
-    be.add_argument("--prefill-graph", dest="prefill_graph", choices=("auto", "on", "off", "only"), default="auto",
+    be.add_argument("--prefill-graph", dest="prefill_graph", choices=("auto", "on", "off", "only"), default=None,
                     help="ONNX Runtime: the W8A8 prefill graph, as model.prefill_graph (default auto: beside the "
                     "decode graph where memory allows, else alone)")
     be.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_const", const="off",
@@ -333,21 +370,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="public key file or directory of *.pub files (repeatable)")
     vf.set_defaults(func=cmd_bundle_verify)
 
-    a = sub.add_parser("agent", help="run the edge agent daemon (or print its config schema, or install it)")
-    a.add_argument("action", nargs="?", default="run", choices=["run", "config-schema", "install"])
-    a.add_argument("--config", help="TOML config file (defaults < file < EDGEGLM_* env < these flags)")
-    a.add_argument("--bundle", help="serve this bundle instead of the active slot")
-    a.add_argument("--host", help="HTTP API address (default 127.0.0.1)")
-    a.add_argument("--port", type=int, help="HTTP API port (default 8321)")
-    a.add_argument("--backend", help="auto, onnxruntime or openvino")
-    a.add_argument("--device", help=DEVICE_HELP)
-    a.add_argument("--state-dir", help="model slots and update state (default /var/lib/edgeglm)")
-    a.add_argument("--prefix", default="/", help="install: root to install under, like DESTDIR (default /)")
-    a.add_argument("--user", default="edgeglm", help="install: the service user (default edgeglm)")
-    a.add_argument("--venv", help="install: the virtualenv's path on the box (default /opt/edgeglm/venv)")
-    a.add_argument("--wheel-or-source", help="install: what pip installs (default: this source tree)")
-    a.add_argument("--no-venv", action="store_true", help="install: no virtualenv, the unit runs this Python")
-    a.add_argument("--dry-run", action="store_true", help="install: say what would be done, change nothing")
+    a = sub.add_parser("agent", help="run the edge agent daemon (or print its config schema, or install it)",
+                       description="`edgeglm agent [FLAGS]` runs the daemon, as `edgeglm agent run [FLAGS]` does.")
+    asub = a.add_subparsers(dest="action", required=True, parser_class=_ActionParser)
+    ar = asub.add_parser("run", help="run the daemon (the default action)")
+    ar.add_argument("--config", help="TOML config file (defaults < file < EDGEGLM_* env < these flags)")
+    ar.add_argument("--bundle", help="serve this bundle instead of the active slot")
+    ar.add_argument("--host", help="HTTP API address (default 127.0.0.1)")
+    ar.add_argument("--port", type=int, help="HTTP API port (default 8321)")
+    ar.add_argument("--backend", help="auto, onnxruntime or openvino")
+    ar.add_argument("--device", help=DEVICE_HELP)
+    ar.add_argument("--state-dir", help="model slots and update state (default /var/lib/edgeglm)")
+    asub.add_parser("config-schema", help="print the JSON schema of the config file's settings")
+    ai = asub.add_parser("install", help="lay out this box for the agent as a systemd service (docs/install.md)")
+    ai.add_argument("--prefix", default="/", help="root to install under, like DESTDIR (default /)")
+    ai.add_argument("--user", default="edgeglm", help="the service user (default edgeglm)")
+    ai.add_argument("--venv", help="the virtualenv's path on the box (default /opt/edgeglm/venv)")
+    ai.add_argument("--wheel-or-source", help="what pip installs (default: this source tree)")
+    ai.add_argument("--no-venv", action="store_true", help="no virtualenv, the unit runs this Python")
+    ai.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    owners: dict[str, list[str]] = {}
+    for name, parser in asub.choices.items():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    owners.setdefault(flag, []).append(name)
+    for parser in asub.choices.values():
+        parser.owners = owners
     a.set_defaults(func=cmd_agent)
 
     from fleet.cli import register as register_fleet
@@ -356,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole product on this machine: broker, controller, 3 agents, 2 rollouts")
     d.add_argument("--workdir", default="edgeglm-demo")
-    d.add_argument("--steps", type=int, default=300, help="training steps for the tiny model")
+    d.add_argument("--steps", type=_positive, default=300, help="training steps for the tiny model (default 300)")
     d.add_argument("--broker", help="mqtt://HOST:PORT (or HOST:PORT) of a broker to use instead of the embedded one")
     d.set_defaults(func=cmd_demo)
     return p

@@ -7,9 +7,12 @@ update from the controller, `config_schema` gives the JSON schema for docs and t
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import socket
 import sys
+import types
 import typing
 from contextvars import ContextVar
 from pathlib import Path
@@ -57,7 +60,7 @@ class ModelSettings(_Section):
     # copy of the weights in memory); false: the decode graph runs everything (one copy, slow prompts);
     # "only": the prefill graph runs everything (one copy, fast prompts, one stream decodes 10-25% slower);
     # "auto": true where both graphs take at most half the memory available at load, else "only"
-    prefill_graph: bool | Literal["only", "auto"] = "auto"
+    prefill_graph: bool | Literal["auto", "only"] = "auto"
 
 
 class HttpSettings(_Section):
@@ -168,32 +171,49 @@ def load_config(path: Path | str | None = None, overrides: dict | None = None) -
 
     `overrides` come from the command line: nested (`{"http": {"port": 9000}}`) or dotted
     (`{"http.port": 9000}`). A file named but missing is an error; no file means defaults.
+    A value in the file must have the TOML type of its field (`port = "8321"` and
+    `require_signature = "no"` are errors, not coerced); environment variables are text and
+    are parsed (`EDGEGLM_HTTP__PORT=9000`, `EDGEGLM_OTA__REQUIRE_SIGNATURE=false`).
     """
     overrides = nest(overrides or {})
     toml_data: dict = {}
     if path is not None:
         path = Path(path)
         toml_data = _read_toml(path)
+    wrong_types = _wrong_types(toml_data, f"config file {path}", "TOML")
     token = _toml_file.set(path)
     try:
-        return AgentConfig(**overrides)
+        cfg = AgentConfig(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, lambda loc: _source_of(loc, overrides, toml_data, path))) from None
+        problems = _problems(exc, lambda loc: _source_of(loc, overrides, toml_data, path), skip=wrong_types)
+        raise ConfigError(_invalid([*wrong_types.values(), *problems])) from None
     finally:
         _toml_file.reset(token)
+    if wrong_types:
+        raise ConfigError(_invalid(list(wrong_types.values())))
+    return cfg
 
 
 def with_updates(cfg: AgentConfig, desired: dict) -> AgentConfig:
     """A new config: `cfg` with a partial desired-config update applied and validated.
 
     The environment and the file are not read again: the update applies on top of the config
-    the agent runs with. On error `cfg` is untouched and the ConfigError names the field.
+    the agent runs with. The update is JSON: each value must have its field's type (`"9000"`
+    is not a port, `"no"` not a boolean). On error `cfg` is untouched and the ConfigError
+    names the field.
     """
-    merged = _deep_update(cfg.model_dump(), nest(desired))
+    desired = nest(desired)
+    source = "the desired-config update"
+    wrong_types = _wrong_types(desired, source, "JSON")
+    merged = _deep_update(cfg.model_dump(), desired)
+    problems = list(wrong_types.values())
     try:
-        return AgentConfig.model_validate(merged)  # validation only: no sources are read
+        new = AgentConfig.model_validate(merged)  # validation only: no sources are read
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, lambda loc: "the desired-config update") + "; the running config is unchanged") from None
+        problems += _problems(exc, lambda loc: source, skip=wrong_types)
+    if problems:
+        raise ConfigError(_invalid(problems) + "; the running config is unchanged")
+    return new
 
 
 def config_schema() -> dict:
@@ -231,34 +251,198 @@ def _read_toml(path: Path) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at "
+                          f"offset {exc.start}): TOML files are UTF-8; save it as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
 
 
 # --- error messages -------------------------------------------------------------------------------
 
-def _describe(exc: ValidationError, source_of) -> str:
-    problems = []
+def _invalid(problems: list[str]) -> str:
+    return "invalid config: " + "; ".join(problems)
+
+
+def _problems(exc: ValidationError, source_of, skip=()) -> list[str]:
+    """One text per field that failed (a union's failed members make one text), fields in `skip` left out."""
+    problems: list[str] = []
+    fields: dict[tuple[str, ...], list[tuple[tuple[str, ...], dict]]] = {}
     for err in exc.errors(include_url=False):
         loc = tuple(str(p) for p in err["loc"])
-        field = ".".join(loc)
-        source = source_of(loc)
         if err["type"] == "extra_forbidden":
             known = ", ".join(_known_fields(loc[:-1])) or "none"
             where = ".".join(loc[:-1]) or "the top level"
-            problems.append(f"{field} (from {source}) is not a setting; allowed in {where}: {known}")
+            problems.append(f"{'.'.join(loc)} (from {source_of(loc)}) is not a setting; allowed in {where}: {known}")
             continue
-        msg = err["msg"].removeprefix("Value error, ")
-        if isinstance(err["input"], dict):  # a whole section failed a check across its fields
-            text = f"{field} (from {source}) is invalid: {msg}"
+        floc = _field_loc(loc)
+        if floc in skip:
+            continue
+        if floc not in fields:
+            fields[floc] = []
+            problems.append(floc)  # type: ignore[arg-type]  # replaced below, in order
+        fields[floc].append((loc, err))
+    return [p if isinstance(p, str) else _field_problem(p, fields[p], source_of(p)) for p in problems]
+
+
+def _field_problem(floc: tuple[str, ...], errs: list, source: str) -> str:
+    field = ".".join(floc)
+    loc, err = errs[0]
+    if len(errs) > 1 or loc != floc:  # the members of a union (`bool | Literal[...]`) failed one by one
+        return f"{field} = {_shown(floc, err['input'])} (from {source}) is invalid: must be {_expected(floc)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(err["input"], dict):  # a whole section failed a check across its fields
+        text = f"{field} (from {source}) is invalid: {msg}"
+    else:
+        text = f"{field} = {_shown(floc, err['input'])} (from {source}) is invalid: {msg}"
+    allowed = _allowed(floc)
+    if allowed:
+        text += f"; allowed: {allowed}"
+    return text
+
+
+def _shown(loc: tuple[str, ...], value: Any) -> str:
+    if _is_secret(loc):
+        return "'**********'"
+    return value.isoformat() if isinstance(value, (datetime.date, datetime.time)) else repr(value)  # TOML dates
+
+
+# --- strict types for typed sources (the TOML file, a JSON desired-config update) -----------------
+
+def _wrong_types(data: dict, source: str, syntax: str) -> dict[tuple[str, ...], str]:
+    """Fields of `data` whose value has the wrong type for the field, by field path: their texts.
+
+    A typed source is validated strictly (a string is not a bool or a number); values of the
+    right type are left to the full validation, which checks ranges and knows every source.
+    """
+    out: dict[tuple[str, ...], str] = {}
+    _check_types(AgentConfig, data, (), source, syntax, out)
+    return out
+
+
+def _check_types(model: type[BaseModel], data: Any, prefix: tuple[str, ...], source: str, syntax: str,
+                 out: dict) -> None:
+    if not isinstance(data, dict):
+        return
+    flat = {}
+    names = {name.lower(): name for name in model.model_fields}  # `[OTA]` is `[ota]` (case_sensitive=False)
+    for key, value in data.items():
+        key = key if key in model.model_fields else names.get(str(key).lower())
+        if key is None:
+            continue  # not a setting: the full validation names it and the allowed ones
+        sub = _unwrap(model.model_fields[key].annotation)
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            _check_types(sub, value, (*prefix, key), source, syntax, out)
         else:
-            value = "'**********'" if _is_secret(loc) else repr(err["input"])
-            text = f"{field} = {value} (from {source}) is invalid: {msg}"
-        allowed = _allowed(loc)
-        if allowed:
-            text += f"; allowed: {allowed}"
-        problems.append(text)
-    return "invalid config: " + "; ".join(problems)
+            flat[key] = value
+    if not flat:
+        return
+    try:  # JSON mode: a path is a string there; strict: no coercion between types
+        model.model_validate_json(json.dumps(flat, default=lambda v: []), strict=True)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc = tuple(str(p) for p in err["loc"])
+            if not loc or loc[0] not in flat:
+                continue  # a check across fields: the full validation reports it with every source
+            floc = (*prefix, loc[0])
+            if floc in out or not _is_type_error(err, floc):
+                continue
+            value = flat[loc[0]]
+            text = f"{'.'.join(floc)} = {_shown(floc, value)} (from {source}) is invalid: must be {_expected(floc)}"
+            if not _type_fits(value, floc):
+                text += f", not {_kind(value, syntax)}"
+            out[floc] = text
+
+
+def _is_type_error(err: dict, floc: tuple[str, ...]) -> bool:
+    if err["type"].endswith("_type"):  # bool_type, int_type, string_type, model_type, ...
+        return True
+    if err["type"] == "literal_error":  # `backend = 5`, `qos = "1"`: not even the type of a choice
+        return not _type_fits(err["input"], floc)
+    return False
+
+
+def _unwrap(annotation: Any) -> Any:
+    """`X | None` -> X (other unions as they are)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation
+
+
+def _members(annotation: Any) -> list[Any]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) if a is not type(None) for m in _members(a)]
+    return [annotation]
+
+
+def _expected(loc: tuple[str, ...]) -> str:
+    """What a field accepts, in TOML/JSON words: `true, false, "auto" or "only"`, `an integer`."""
+    info = _field_info(loc)
+    if info is None:
+        return "a valid value"
+    words: list[str] = []
+    for m in _members(info.annotation):
+        if typing.get_origin(m) is Literal:
+            words += [json.dumps(a) for a in typing.get_args(m)]
+        elif m is bool:
+            words += ["true", "false"]
+        elif m is int:
+            words.append("an integer")
+        elif m is float:
+            words.append("a number")
+        elif m is str or m is SecretStr:
+            words.append("a string")
+        elif isinstance(m, type) and issubclass(m, Path):
+            words.append("a path (a string)")
+        elif isinstance(m, type) and issubclass(m, BaseModel):
+            words.append("a table of settings")
+        else:
+            words.append(getattr(m, "__name__", str(m)))
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _accepted_types(annotation: Any) -> tuple[type, ...]:
+    """The Python types of the TOML/JSON values a field can take (for "not a string" in a message)."""
+    out: list[type] = []
+    for m in _members(annotation):
+        if typing.get_origin(m) is Literal:
+            out += [type(a) for a in typing.get_args(m)]
+        elif m is float:
+            out += [int, float]
+        elif m in (str, SecretStr) or (isinstance(m, type) and issubclass(m, Path)):
+            out.append(str)
+        elif isinstance(m, type) and issubclass(m, BaseModel):
+            out.append(dict)
+        elif isinstance(m, type):
+            out.append(m)
+    return tuple(out)
+
+
+def _type_fits(value: Any, loc: tuple[str, ...]) -> bool:
+    """Whether `value`'s type is one the field takes (a boolean is not an integer here)."""
+    accepted = _accepted_types(_field_info(loc).annotation)
+    return bool in accepted if isinstance(value, bool) else isinstance(value, accepted)
+
+
+def _kind(value: Any, syntax: str) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float" if syntax == "TOML" else "a fractional number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a table" if syntax == "TOML" else "an object"
+    if isinstance(value, list):
+        return "an array"
+    if value is None:
+        return "null"
+    return "a date/time" if syntax == "TOML" else type(value).__name__
 
 
 def _source_of(loc: tuple[str, ...], overrides: dict, toml_data: dict, path: Path | None) -> str:
@@ -281,6 +465,18 @@ def _has(data: dict, loc: tuple[str, ...]) -> bool:
     return True
 
 
+def _field_loc(loc: tuple[str, ...]) -> tuple[str, ...]:
+    """The setting an error's location is in: `("model", "prefill_graph", "bool")` -> `("model", "prefill_graph")`."""
+    model: Any = AgentConfig
+    n = 0
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            break
+        model = _unwrap(model.model_fields[part].annotation)
+        n += 1
+    return loc[:n]
+
+
 def _field_info(loc: tuple[str, ...]):
     model: Any = AgentConfig
     info = None
@@ -288,7 +484,7 @@ def _field_info(loc: tuple[str, ...]):
         if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
             return None
         info = model.model_fields[part]
-        model = info.annotation
+        model = _unwrap(info.annotation)
     return info
 
 

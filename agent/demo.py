@@ -13,8 +13,10 @@ fallbacks carry reply topics and correlation ids in the payloads).
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -103,6 +105,28 @@ def _build_bundles(work: Path, steps: int, say) -> tuple[Path, Path, Path]:
     return bundles[0], bundles[1], keys
 
 
+def explain_report_line(line: str) -> str:
+    """A rollout report line as the demo prints it: the latency gate's p95 changes in words.
+
+    The gate compares each canary's p95 per-token latency before and after; on the first rollout
+    the canaries served nothing before, so there is no baseline and the report's dict is empty.
+    """
+    m = re.fullmatch(r"(.*?)latency gate passed \((\{.*\})\)", line)  # after the report's HH:MM:SS
+    if m is None:
+        return line
+    try:
+        changes = ast.literal_eval(m.group(2))
+    except (ValueError, SyntaxError):
+        return line
+    if not isinstance(changes, dict):
+        return line
+    if not changes:
+        return (f"{m.group(1)}latency gate passed: no baseline latency to compare with yet; the canaries' "
+                "telemetry on the new version arrived with no new errors")
+    return f"{m.group(1)}latency gate passed: p95 per-token latency " + ", ".join(
+        f"{device} {change:+.1f}%" for device, change in changes.items())
+
+
 def _rollout(controller, driver, agents, bundle: Path, say, window_s: float = 3.0, timeout_s: float = 120.0) -> str:
     from fleet.rollout import create_rollout, load_rollouts
 
@@ -112,7 +136,7 @@ def _rollout(controller, driver, agents, bundle: Path, say, window_s: float = 3.
         driver.tick()
         r = next(r for r in load_rollouts(controller.store) if r.id == rid)
         for line in r.data["report"][seen:]:
-            say(f"  rollout {rid}: {line}")
+            say(f"  rollout {rid}: {explain_report_line(line)}")
         seen = len(r.data["report"])
         if r.phase in ("done", "halted"):
             return r.phase

@@ -33,7 +33,7 @@ from itertools import chain
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agent import DEVICE_HELP
+from agent import DEVICE_HELP, __version__
 from agent.config import BatchingSettings, CacheSettings, HttpSettings, SamplingSettings
 from agent.errors import ServeError
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServingMetrics
@@ -283,7 +283,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as OpenAI clients expect
     timeout = SOCKET_TIMEOUT_S
     disable_nagle_algorithm = True  # one small write per streamed token
-    server_version, sys_version = "edgeglm", ""
+    server_version = f"edgeglm/{__version__}"
+
+    def version_string(self) -> str:
+        return self.server_version  # the `Server:` header; the base class appends the Python version
 
     def setup(self) -> None:
         super().setup()

@@ -43,9 +43,20 @@ class KeyPair:
 
 
 def generate_keypair(out_dir: str | Path, name: str = "bundle-signing") -> KeyPair:
-    """Write NAME.key (private, 0600) and NAME.pub into out_dir; refuses to overwrite."""
+    """Write NAME.key (private, 0600) and NAME.pub into out_dir; refuses to overwrite.
+
+    A directory that cannot be made or written (a file in the way, no permission, a read-only
+    file system) is a SignatureError naming it; no half of a pair is left behind.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SignatureError(f"{out_dir}: is a file, not a directory; give a directory for the key files "
+                             "(it is created if missing)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SignatureError(f"{out_dir}: cannot create the key directory ({exc.strerror or exc}); "
+                             "give a directory you can write to; no key was written") from None
     priv_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
     for p in (priv_path, pub_path):
         if p.exists():
@@ -53,11 +64,23 @@ def generate_keypair(out_dir: str | Path, name: str = "bundle-signing") -> KeyPa
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    pub_path.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
-                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    public = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    written: list[Path] = []
+    try:
+        fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        written.append(priv_path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        fd = os.open(pub_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        written.append(pub_path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(public)
+    except OSError as exc:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise SignatureError(f"{out_dir}: cannot write the key files ({exc.strerror or exc}); "
+                             "give a directory you can write to; no key was written") from None
     return KeyPair(priv_path, pub_path, key_id(private.public_key()))
 
 

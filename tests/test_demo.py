@@ -18,3 +18,15 @@ def test_demo_rolls_out_two_versions_to_three_agents_and_answers_chat(tmp_path):
     assert [line.split()[1] for line in status] == ["box1", "box2", "box3"]
     assert all(" yes " in line and "demo-tiny 1." in line for line in status)
     assert "Traceback" not in proc.stderr
+    assert "latency gate passed ({})" not in out  # said in words (agent/demo.py explain_report_line)
+
+
+def test_the_latency_gate_line_says_what_it_compared():
+    from agent.demo import explain_report_line
+
+    first = explain_report_line("06:50:24 latency gate passed ({})")  # the first rollout: nothing served before
+    assert first.startswith("06:50:24 latency gate passed: no baseline latency to compare with yet")
+    assert "{}" not in first
+    assert explain_report_line("06:51:02 latency gate passed ({'box1': 3.2, 'box2': -10.0})") == \
+        "06:51:02 latency gate passed: p95 per-token latency box1 +3.2%, box2 -10.0%"
+    assert explain_report_line("offered to the rest ['box2']") == "offered to the rest ['box2']"

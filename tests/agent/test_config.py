@@ -156,3 +156,126 @@ def test_model_device_is_one_word(tmp_path):
         load_config(path, {})
     assert "model.device = 'GPU 1'" in str(err.value) and str(path) in str(err.value)
     assert load_config(None, {"model.device": "GPU.1"}).model.device == "GPU.1"
+
+
+# --- strict types from typed sources; readable messages --------------------------------------------
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[device]\nfleet = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.toml is not UTF-8 text .*save it as UTF-8"):
+        load_config(path, {})
+
+
+@pytest.mark.parametrize("toml,message", [
+    ('[http]\nport = "18326"\n', "http.port = '18326' (from config file {path}) is invalid: must be an integer, "
+                                 "not a string"),
+    ('[ota]\nrequire_signature = "no"\n', "ota.require_signature = 'no' (from config file {path}) is invalid: "
+                                          "must be true or false, not a string"),
+    ('[cache]\npersist = 0\n', "cache.persist = 0 (from config file {path}) is invalid: must be true or false, "
+                               "not an integer"),
+    ('[sampling]\ntemperature = "0.5"\n', "sampling.temperature = '0.5' (from config file {path}) is invalid: "
+                                          "must be a number, not a string"),
+    ('[sampling]\ntop_k = 2.0\n', "sampling.top_k = 2.0 (from config file {path}) is invalid: must be an integer, "
+                                  "not a float"),
+    ('[device]\nid = 7\n', "device.id = 7 (from config file {path}) is invalid: must be a string, not an integer"),
+    ('[mqtt]\nqos = "1"\n', "mqtt.qos = '1' (from config file {path}) is invalid: must be 0, 1 or 2, not a string"),
+    ('[mqtt.tls]\ninsecure = "yes"\n', "mqtt.tls.insecure = 'yes' (from config file {path}) is invalid: "
+                                       "must be true or false, not a string"),
+    ('http = 3\n', "http = 3 (from config file {path}) is invalid: must be a table of settings, not an integer"),
+])
+def test_a_value_in_the_file_must_have_the_fields_type(tmp_path, toml, message):
+    path = tmp_path / "typed.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert message.format(path=path) in str(err.value)
+
+
+def test_a_string_in_the_file_never_turns_signature_checks_off(tmp_path, monkeypatch):
+    path = tmp_path / "ota.toml"
+    for text in ('"no"', '"false"', '"0"', "0"):
+        path.write_text(f"[ota]\nrequire_signature = {text}\n")
+        with pytest.raises(ConfigError, match="ota.require_signature"):
+            load_config(path, {})
+    path.write_text('[OTA]\nrequire_signature = "no"\n')  # section names are case-insensitive: checked too
+    with pytest.raises(ConfigError, match="ota.require_signature = 'no'"):
+        load_config(path, {})
+    path.write_text("[ota]\nrequire_signature = false\n")
+    assert load_config(path, {}).ota.require_signature is False  # a real TOML boolean does
+
+
+def test_right_types_in_the_file_still_load(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text('log_level = "WARNING"\n[model]\nprefill_graph = "only"\nthreads = 4\nslots_dir = "/srv/eg"\n'
+                    '[batching]\nwindow_ms = 5\n[mqtt]\nprotocol = 5\nqos = 2\n[mqtt.tls]\ninsecure = true\n'
+                    '[ota]\nrequire_signature = true\n')
+    cfg = load_config(path, {})
+    assert (cfg.log_level, cfg.model.prefill_graph, cfg.model.threads, str(cfg.model.slots_dir)) == (
+        "warning", "only", 4, "/srv/eg")
+    assert (cfg.batching.window_ms, cfg.mqtt.protocol, cfg.mqtt.qos, cfg.mqtt.tls.insecure) == (5.0, "5", 2, True)
+
+
+def test_environment_variables_are_text_and_still_parsed(tmp_path, monkeypatch):
+    path = tmp_path / "base.toml"
+    path.write_text("[http]\nport = 9000\n[ota]\nrequire_signature = true\n")
+    monkeypatch.setenv("EDGEGLM_HTTP__PORT", "9100")
+    monkeypatch.setenv("EDGEGLM_OTA__REQUIRE_SIGNATURE", "false")
+    monkeypatch.setenv("EDGEGLM_MODEL__BACKEND", "openvino")
+    monkeypatch.setenv("EDGEGLM_MODEL__THREADS", "2")
+    monkeypatch.setenv("EDGEGLM_MODEL__PREFILL_GRAPH", "true")
+    monkeypatch.setenv("EDGEGLM_SAMPLING__TEMPERATURE", "0.5")
+    monkeypatch.setenv("EDGEGLM_LOG_LEVEL", "DEBUG")
+    cfg = load_config(path, {})
+    assert (cfg.http.port, cfg.ota.require_signature, cfg.model.backend, cfg.model.threads) == (
+        9100, False, "openvino", 2)
+    assert (cfg.model.prefill_graph, cfg.sampling.temperature, cfg.log_level) == (True, 0.5, "debug")
+    monkeypatch.setenv("EDGEGLM_MODEL__PREFILL_GRAPH", "only")
+    assert load_config(path, {}).model.prefill_graph == "only"
+
+
+@pytest.mark.parametrize("value,shown,tail", [('"maybe"', "'maybe'", ""), ("3", "3", ", not an integer")])
+def test_prefill_graph_error_names_the_file_and_the_choices_once(tmp_path, value, shown, tail):
+    path = tmp_path / "pg.toml"
+    path.write_text(f"[model]\nprefill_graph = {value}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    msg = str(err.value)
+    assert msg == (f"invalid config: model.prefill_graph = {shown} (from config file {path}) is invalid: "
+                   f'must be true, false, "auto" or "only"{tail}')
+
+
+def test_a_union_error_from_the_environment_is_one_message(monkeypatch):
+    monkeypatch.setenv("EDGEGLM_MODEL__PREFILL_GRAPH", "maybe")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {})
+    assert str(err.value) == ("invalid config: model.prefill_graph = 'maybe' (from environment variable "
+                              'EDGEGLM_MODEL__PREFILL_GRAPH) is invalid: must be true, false, "auto" or "only"')
+
+
+def test_type_and_range_errors_are_reported_together(tmp_path):
+    path = tmp_path / "two.toml"
+    path.write_text('[http]\nport = 70000\nhost = 1\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    msg = str(err.value)
+    assert "http.host = 1 (from config file" in msg and "must be a string, not an integer" in msg
+    assert "http.port = 70000 (from config file" in msg and "0 <= port <= 65535" in msg
+
+
+def test_with_updates_takes_json_types_strictly():
+    old = load_config(None, {})
+    for desired, text in [({"ota": {"require_signature": "no"}}, "ota.require_signature = 'no' (from the "
+                           "desired-config update) is invalid: must be true or false, not a string"),
+                          ({"http.port": "18326"}, "http.port = '18326' (from the desired-config update) is "
+                           "invalid: must be an integer, not a string"),
+                          ({"sampling": {"max_tokens": 3.5}}, "sampling.max_tokens = 3.5 (from the desired-config "
+                           "update) is invalid: must be an integer, not a fractional number")]:
+        with pytest.raises(ConfigError) as err:
+            with_updates(old, desired)
+        assert text in str(err.value) and str(err.value).endswith("the running config is unchanged")
+    new = with_updates(old, {"batching": {"window_ms": 5}, "cache": {"persist": False}, "log_level": "DEBUG",
+                             "model": {"prefill_graph": "only"}, "mqtt": {"protocol": 5}})
+    assert (new.batching.window_ms, new.cache.persist, new.log_level, new.model.prefill_graph) == (
+        5.0, False, "debug", "only")
+    assert old.ota.require_signature is True

@@ -403,3 +403,16 @@ def test_port_in_use_is_a_serve_error_naming_the_address():
         port = taken.getsockname()[1]
         with pytest.raises(ServeError, match=rf"127\.0\.0\.1:{port}: .*; set http.host/http.port"):
             ApiServer(HttpSettings(port=port), SamplingSettings()).start()
+
+
+def test_server_header_names_edgeglm_and_its_version():
+    from agent import __version__
+
+    srv = ApiServer(HttpSettings(port=0), SamplingSettings())
+    srv.start()
+    try:
+        resp, _, conn = raw(srv, "GET", "/healthz")
+        conn.close()
+        assert resp.getheader("Server") == f"edgeglm/{__version__}"
+    finally:
+        srv.shutdown(deadline=5.0)

@@ -106,3 +106,45 @@ def test_cli_keygen_sign_verify(int8_bundle, tmp_path):
     (bundle_dir / "tokenizer.json").write_text("{}")
     bad = cli("verify", bundle_dir, "--trusted", tmp_path / "keys")
     assert bad.returncode == 2 and "tokenizer.json" in bad.stderr and "does not match the manifest" in bad.stderr
+
+
+# --- keygen: a bad --out is one line, exit code 2 ----------------------------------------------------
+
+def _keygen(*args):
+    return subprocess.run([sys.executable, "-m", "agent.cli", "bundle", "keygen", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_keygen_out_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = _keygen("--out", tmp_path / "file")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"edgeglm bundle: error: {tmp_path / 'file'}: is a file, not a directory; "
+                                   "give a directory for the key files (it is created if missing)")
+
+
+def test_keygen_out_that_cannot_be_created(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = _keygen("--out", tmp_path / "file" / "keys")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{tmp_path / 'file' / 'keys'}: cannot create the key directory (Not a directory)" in proc.stderr
+    assert "no key was written" in proc.stderr
+
+
+def test_keygen_leaves_no_half_pair_when_a_write_fails(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import ota.signing
+
+    real_open = os.open
+
+    def full_disk(path, *args, **kw):
+        if str(path).endswith(".pub"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(ota.signing.os, "open", full_disk)
+    with pytest.raises(SignatureError, match=r"keys: cannot write the key files \(No space left on device\)"):
+        generate_keypair(tmp_path / "keys", "k")
+    assert list((tmp_path / "keys").iterdir()) == []

@@ -1,0 +1,104 @@
+"""`edgeglm` usage errors: each subcommand takes only its own flags, bad numbers and bad files end with
+one line and exit code 2, never a traceback, and nothing is started or written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agent.cli import build_parser, main
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.upper().startswith("EDGEGLM_"):
+            monkeypatch.delenv(name)
+
+
+def usage_error(capsys, *argv) -> str:
+    """argparse's exit: code 2; the error line."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(list(argv))
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    rc = main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+# --- edgeglm agent: run / config-schema / install, each with its own flags -------------------------
+
+def test_agent_without_an_action_runs_the_daemon_with_its_flags():
+    args = build_parser().parse_args(["agent", "--config", "/etc/edgeglm/agent.toml", "--port", "9000"])
+    assert (args.action, args.config, args.port) == ("run", "/etc/edgeglm/agent.toml", 9000)
+    args = build_parser().parse_args(["agent", "run", "--state-dir", "/tmp/s"])
+    assert (args.action, args.state_dir, args.bundle) == ("run", "/tmp/s", None)
+    assert build_parser().parse_args(["agent"]).action == "run"
+    assert build_parser().parse_args(["agent", "config-schema"]).action == "config-schema"
+    args = build_parser().parse_args(["agent", "install", "--prefix", "/x", "--dry-run"])
+    assert (args.action, args.prefix, args.dry_run, args.user) == ("install", "/x", True, "edgeglm")
+
+
+@pytest.mark.parametrize("argv,flag,owner", [
+    (["agent", "--dry-run"], "--dry-run", "install"),  # was: a real daemon on :8321
+    (["agent", "run", "--prefix", "/x"], "--prefix", "install"),
+    (["agent", "--user", "bob"], "--user", "install"),
+    (["agent", "--venv", "/opt/v"], "--venv", "install"),
+    (["agent", "install", "--port", "9000"], "--port", "run"),
+    (["agent", "install", "--config=/etc/a.toml"], "--config", "run"),
+    (["agent", "config-schema", "--bundle", "b"], "--bundle", "run"),
+])
+def test_another_actions_flag_is_a_usage_error_naming_its_owner(capsys, argv, flag, owner):
+    line = usage_error(capsys, *argv)
+    assert "unrecognized arguments" in line and f"{flag} is an option of `edgeglm agent {owner}`" in line
+
+
+def test_agent_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"[http]\nhost = \"\xff\xfe\"\n")
+    rc, err = run(capsys, "agent", "--config", bad)
+    assert rc == 2 and err.startswith("edgeglm agent: error: config file ") and "is not UTF-8 text" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_http_api_entry_point_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    from agent.http_api import main as http_main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"log_level = \"\xe9\"\n")
+    assert http_main(["--bundle", str(tmp_path / "no-bundle"), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "python -m agent.http_api: error: config file" in err and "is not UTF-8 text" in err
+    assert "Traceback" not in err
+
+
+# --- numbers and flags that only apply with others -------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--bundle", "b", "--threads", "0", "hi"],
+    ["generate", "--bundle", "b", "--threads", "-2", "hi"],
+    ["demo", "--steps", "-1"],
+    ["demo", "--steps", "0"],
+])
+def test_counts_must_be_positive(capsys, argv):
+    value = argv[argv.index("--threads" if "--threads" in argv else "--steps") + 1]
+    assert f"{value!r} is not a positive integer" in usage_error(capsys, *argv)
+
+
+def test_probe_threads_needs_a_bundle(capsys):
+    rc, err = run(capsys, "probe", "--threads", 4)
+    assert rc == 2 and "--threads applies to tuning a bundle's execution path: give --bundle BUNDLE too" in err
+
+
+@pytest.mark.parametrize("flags,named", [(["--prefill-graph", "only"], "--prefill-graph only"),
+                                         (["--no-prefill-graph"], "--no-prefill-graph"),
+                                         (["--prefill-graph-only"], "--prefill-graph only")])
+def test_bench_prefill_graph_with_openvino_is_refused(tmp_path, capsys, flags, named):
+    rc, err = run(capsys, "bench", "--bundle", tmp_path / "no-bundle", "--backend", "openvino", *flags)
+    assert rc == 2 and f"{named} is about ONNX Runtime's prefill graph; --backend openvino has none" in err
