@@ -102,7 +102,7 @@ class MqttSettings(BaseModel):
     reconnect_min_delay_s: float = Field(1.0, gt=0.0, le=3600.0)
     reconnect_max_delay_s: float = Field(60.0, gt=0.0, le=86400.0)
     connect_timeout_s: float = Field(10.0, gt=0.0, le=300.0)  # TCP + TLS + CONNACK
-    qos: Literal[0, 1, 2] = 1
+    qos: int = Field(1, ge=0, le=2)  # MQTT QoS 0, 1 or 2 (an int, so that EDGEGLM_MQTT__QOS=2 parses)
     session_expiry_s: int = Field(7 * 86400, ge=0, le=0xFFFFFFFF)  # MQTT 5; 3.1.1 sessions: the broker's rule
     telemetry_buffer: int = Field(100, ge=1, le=100_000)  # reports kept while offline
     held_messages: int = Field(1000, ge=1, le=1_000_000)  # other messages kept while offline
