@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import signal
+import ipaddress
 import socket
 import sys
 import threading
@@ -199,6 +200,10 @@ class ApiServer:
                                         name=f"edgeglm-http-{self.port}", daemon=True)
         self._thread.start()
         log.info("HTTP API listening on %s", self.url)
+        if self.http.api_key is None and not _loopback(self.http.host):
+            log.warning("the HTTP API listens on %s without an API key: anyone who reaches port %d can generate "
+                        "and read /metrics; set http.api_key (EDGEGLM_HTTP__API_KEY) or bind http.host to "
+                        "127.0.0.1", self.http.host, self.port)
 
     @property
     def port(self) -> int:
@@ -251,6 +256,16 @@ class ApiServer:
             with self._state:
                 self._active -= 1
                 self._state.notify_all()
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` (http.host) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to is reachable from elsewhere as far as we know
+        return False
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -478,8 +493,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _chat_completions(self, api: ApiServer, path: str) -> None:
         body = self._read_json()
         model = api.current_model()
-        if model is None:
-            raise ApiError(503, "not ready to generate: no model is loaded", type="server_error", code="model_not_ready")
+        if model is None:  # the chat template needs the model's tokenizer; the reason as engine_slot gives it
+            raise ApiError(503, f"not ready to generate: {api.readiness()[1]}", type="server_error",
+                           code="model_not_ready", headers={"Retry-After": "5"})
         req = chat_request(body, api.sampling, model.tokenizer)
         self._generate(api, "/v1/chat/completions", body, req, ChatShape)
 

@@ -416,3 +416,13 @@ def test_server_header_names_edgeglm_and_its_version():
         assert resp.getheader("Server") == f"edgeglm/{__version__}"
     finally:
         srv.shutdown(deadline=5.0)
+
+
+@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
+                                           ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                           ("192.168.1.20", False), ("edge-box.local", False)])
+def test_hosts_reachable_from_elsewhere_are_told_apart_from_loopback(host, loopback):
+    """A non-loopback http.host without http.api_key is warned about at start (agent/http_api.py)."""
+    from agent.http_api import _loopback
+
+    assert _loopback(host) is loopback
