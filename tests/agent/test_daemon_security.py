@@ -175,6 +175,8 @@ def test_agent_with_an_untrusted_active_slot_stays_up_and_is_updated_over_the_ai
         assert status == 503 and "slot a is refused" in body["reason"] and "trusted key" in body["reason"], body
         status, body = _get(http_port, "/v1/completions", {"prompt": "def f(", "max_tokens": 2})
         assert status == 503 and "slot a is refused" in body["error"]["message"], body
+        status, body = _get(http_port, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 503 and "slot a is refused" in body["error"]["message"], body
 
         # the fleet cannot "fix" it by pointing the box at other keys
         ctl.publish(desired_topic(FLEET, DEVICE), json.dumps({"version": 1, "settings": {
