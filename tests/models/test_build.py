@@ -145,6 +145,17 @@ BAD = {
 }
 
 
+def _build_refused(capsys, teacher, corpus, recipe, out, fragments) -> None:
+    """`edgeglm build` stops with exit 2 and one error line that names every fragment."""
+    code = main(["build", "--teacher", str(teacher), "--corpus", *map(str, corpus), "--recipe", str(recipe),
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("edgeglm build: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_stops_before_work_with_exit_2(trained_checkpoint, tmp_path, capsys, case):
     how, fragments = BAD[case]
@@ -161,13 +172,7 @@ def test_bad_input_stops_before_work_with_exit_2(trained_checkpoint, tmp_path, c
     elif how.get("out") == "exists":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-    code = main(["build", "--teacher", str(teacher), "--corpus", *map(str, corpus), "--recipe", str(recipe),
-                 "--out", str(out), "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("edgeglm build: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err
+    _build_refused(capsys, teacher, corpus, recipe, out, fragments)
     if how.get("out") == "exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:
@@ -223,13 +228,7 @@ def test_cheap_checks_come_before_the_work_directory_is_made(raw_teacher, tmp_pa
     recipe = _recipe(tmp_path, **how["recipe"]) if "recipe" in how else QUICK
     teacher = raw_teacher / "model.safetensors" if how.get("teacher") else raw_teacher
     out = tmp_path / how.get("out", "bundle")
-    code = main(["build", "--teacher", str(teacher), "--corpus", *map(str, corpus), "--recipe", str(recipe),
-                 "--out", str(out), "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("edgeglm build: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
+    _build_refused(capsys, teacher, corpus, recipe, out, fragments)
     assert not out.exists() and not out.with_name(out.name + ".work").exists()
 
 
