@@ -31,6 +31,7 @@ from agent.http_api import configure_prefix_cache, make_prefix_cache
 from agent.model import LoadedModel, load_model, register_execution_metric, set_execution_metric
 from agent.mqtt import MqttSession, PayloadRejected, Received
 from agent.openai_compat import ApiError, Outcome, generate_text, glm_chat_prompt
+from agent.remote_config import LOCAL_CEILINGS, REMOTE_SETTINGS, remote_config_problems  # noqa: F401 (re-exported)
 from agent.selftest import SelfTestConfig, run_self_test
 from agent.telemetry import LatencyWindow
 from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceResponse, ModelRef, ReportedState,
@@ -48,43 +49,6 @@ from runtime.generate import SamplingParams
 from runtime.probe import device_report, probe_hardware
 
 log = logging.getLogger("edgeglm.agent")
-
-# What the desired config (pushed by the fleet over MQTT, retained) may change: a setting or a whole
-# section named here. Everything else is local-only (the agent's config file, environment, command line):
-# the device identity, how the box is reached (mqtt, http), what it serves and where it writes (model,
-# cache.persist_dir) and what it trusts (ota.trusted_keys, ota.require_signature). An allowlist, so that a
-# setting added later is local-only until it is listed here on purpose.
-REMOTE_SETTINGS = ("sampling", "batching", "telemetry", "log_level", "cache.max_mb", "cache.block_tokens",
-                   "cache.persist", "ota.max_latency_ratio", "ota.min_latency_delta_ms", "ota.chunk_timeout_s",
-                   "ota.give_up_s")
-# remote settings the fleet may lower but not raise above the value in the box's own config
-LOCAL_CEILINGS = ("cache.max_mb",)
-
-
-def _changed_keys(old, new, prefix: str = "") -> list[str]:
-    """Dotted names of the settings whose values differ between two `model_dump()`s."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [k for key in sorted(old.keys() | new.keys())
-                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".")]
-
-
-def remote_config_problems(local: AgentConfig, current: AgentConfig, new: AgentConfig) -> list[str]:
-    """Why `new` (the running `current` config with a desired-config update applied) may not be applied;
-    `local` is the config the agent started with (file, environment, command line)."""
-    problems = []
-    for key in _changed_keys(current.model_dump(), new.model_dump()):
-        if not any(key == r or key.startswith(r + ".") for r in REMOTE_SETTINGS):
-            problems.append(f"{key} is local-only and cannot be changed by the desired config; set it in the "
-                            "agent's config file")
-    for key in LOCAL_CEILINGS:
-        section, field = key.split(".")
-        value, ceiling = getattr(getattr(new, section), field), getattr(getattr(local, section), field)
-        if value > ceiling:
-            problems.append(f"{key} = {value!r} is above this box's own limit {ceiling!r} (set in the agent's config): the "
-                            "desired config may lower it, not raise it")
-    return problems
-
 
 class _OfferFetcher:
     """Chooses the fetcher by the offer's source: `mqtt` (the controller's chunk server) or `dir`."""

@@ -11,6 +11,12 @@ Payloads are pydantic models that reject unknown fields and carry a version fiel
 change that old readers could not parse bumps `v` (and a change of the tree bumps `v1`).
 `parse_payload` turns received bytes into a model or raises `PayloadError` naming the topic and
 the problem. The OTA offer/status and chunk payloads belong to ota/ and are not defined here.
+
+What a device sends is read by the controller, so the device -> controller models are strict:
+floats must be finite (JSON's NaN/Infinity extensions are refused), integers fit SQLite's
+64 bits, and model versions follow the bundle manifest's rule (`ota.bundle.VERSION_RE`, e.g.
+1.2.3): a version ends up in /metrics labels and in SQL, and an agent only ever reports the
+version of a manifest it verified.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import PayloadError
+from ota.bundle import VERSION_RE
+
+VERSION_PATTERN = VERSION_RE.pattern
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # as ota.bundle.Manifest.name
+INT64_MAX = (1 << 63) - 1  # what SQLite stores as an INTEGER
 
 ROOT = "edgeglm/v1"
 # topic levels built from fleet/device/requester ids: no '/', '+', '#', spaces; as in agent.config
@@ -149,14 +160,14 @@ def check_publish_topic(topic: str) -> str:
 class Payload(BaseModel):
     """Base of every payload: unknown fields are refused, `v` versions the shape."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     v: Literal[1] = 1
 
 
 class ModelRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
-    version: str
+    name: str = Field(max_length=128, pattern=MODEL_NAME_PATTERN, description="the bundle manifest's name")
+    version: str = Field(max_length=64, pattern=VERSION_PATTERN, description="the bundle manifest's version")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the bundle's manifest.json")
 
 
@@ -170,7 +181,8 @@ class ReportedState(Payload):
     execution_path: str | None = Field(None, description="the backend/device serving, e.g. 'onnxruntime:cpu'")
     model: ModelRef | None = None
     active_slot: Literal["a", "b"] | None = None
-    applied_config_version: int | None = Field(None, ge=0, description="version of the last desired config applied")
+    applied_config_version: int | None = Field(None, ge=0, le=INT64_MAX,
+                                              description="version of the last desired config applied")
     last_config_error: str | None = Field(None, description="why the last desired config was refused, if it was")
     uptime_s: float = Field(ge=0)
     ts: float = Field(description="unix time, seconds, when the state was made")
@@ -179,12 +191,12 @@ class ReportedState(Payload):
 class DesiredConfig(Payload):
     """Config the controller wants; `settings` is validated by agent.config, not here."""
 
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=INT64_MAX)
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
 class LatencyPercentiles(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     p50: float = Field(ge=0)
     p95: float = Field(ge=0)
     p99: float = Field(ge=0)
@@ -197,18 +209,19 @@ class LatencyPercentiles(BaseModel):
 
 
 class TelemetryReport(Payload):
-    """Latency of the requests served in one window; percentiles are None when count is 0."""
+    """Latency of the requests served in one window. A percentile is None when the window has no sample of
+    it: no requests (count 0), or requests without one (a one-token answer has no per-token gap)."""
 
     device: str = Field(pattern=ID_PATTERN, max_length=128)
     window_start: float = Field(description="unix time, seconds")
     window_end: float = Field(description="unix time, seconds")
-    count: int = Field(ge=0, description="requests finished in the window")
+    count: int = Field(ge=0, le=INT64_MAX, description="requests finished in the window")
     ttft_ms: LatencyPercentiles | None = Field(None, description="time to first token")
     per_token_ms: LatencyPercentiles | None = Field(None, description="time per generated token after the first")
     tokens_per_s: float | None = Field(None, ge=0)
-    errors: int = Field(0, ge=0, description="failed requests and rejected payloads")
-    dropped_reports: int = Field(0, ge=0, description="earlier reports lost from the offline buffer")
-    model_version: str | None = None
+    errors: int = Field(0, ge=0, le=INT64_MAX, description="failed requests and rejected payloads")
+    dropped_reports: int = Field(0, ge=0, le=INT64_MAX, description="earlier reports lost from the offline buffer")
+    model_version: str | None = Field(None, max_length=64, pattern=VERSION_PATTERN)
     execution_path: str | None = None
 
     @model_validator(mode="after")

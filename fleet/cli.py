@@ -21,6 +21,7 @@ from the shared database.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -89,7 +90,10 @@ def cmd_serve(args) -> int:
           f"database {controller.settings.db}, http {cfg.http.host}:{http.server_address[1]}; Ctrl-C stops",
           flush=True)
     while not stop.wait(1.0):
-        driver.tick()
+        try:
+            driver.tick()  # one rollout's failing step is logged by tick; this catches the rest (the database)
+        except Exception:
+            logging.getLogger("edgeglm.fleet").exception("rollout tick failed; trying again in 1 s")
     http.shutdown()
     controller.stop()
     return 0

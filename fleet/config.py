@@ -87,24 +87,19 @@ def load_fleet_config(path: str | Path | None = None, overrides: dict | None = N
         _toml_file.reset(token)
 
 
-# Sections an agent refuses to change while it runs (agent/daemon.py Agent._apply_desired): a desired
-# config that sets them is refused by every agent, so `fleet config set` refuses it first.
-RESTART_ONLY = ("device", "mqtt", "http", "model")
-
-
 def check_desired_config(settings: dict) -> None:
-    """Check a desired-config update against the agent's schema (agent/config.py: pydantic only, no
-    model runtime) before it is published; a ConfigError names the key, the value and what is allowed.
+    """Check a desired-config update before it is published; a ConfigError names the key, the value
+    and what is allowed.
 
-    Checked against the agent defaults: a constraint that depends on an agent's own config file
-    can still be refused by the agent, which `fleet status` then shows (config ... REFUSED)."""
+    Two checks, both the agents' own code (no model runtime): every setting it names must be one the
+    agents take from the fleet (agent/remote_config.py REMOTE_SETTINGS, the allowlist agent/daemon.py
+    enforces), and the result must pass the agent's schema (agent/config.py), against the agent
+    defaults. What depends on an agent's own config file (LOCAL_CEILINGS: cache.max_mb may not rise
+    above the box's own value) is checked by each agent, and a refusal shows in `fleet status`
+    (config ... REFUSED)."""
     from agent.config import AgentConfig, with_updates
+    from agent.remote_config import REMOTE_SETTINGS, local_only_keys
 
-    fixed = [k for k in settings if k in RESTART_ONLY]
-    if fixed:
-        keys = ", ".join(f"{k}.*" for k in fixed)
-        raise ConfigError(f"{keys}: the agents apply section(s) {', '.join(fixed)} only at start and refuse them "
-                          f"in a desired config; nothing was published. Change them in each agent's config file")
     base = AgentConfig.model_validate({"device": {"id": "fleet-check", "fleet": "fleet-check"}})
     try:
         with_updates(base, settings)
@@ -112,3 +107,9 @@ def check_desired_config(settings: dict) -> None:
         text = str(exc).replace("(from the desired-config update)", "(from the command line)")
         text = text.removeprefix("invalid config: ").removesuffix("; the running config is unchanged")
         raise ConfigError(f"invalid desired config: {text}; nothing was published") from None
+    fixed = local_only_keys(settings)
+    if fixed:
+        them = "it" if len(fixed) == 1 else "them"
+        raise ConfigError(f"{', '.join(fixed)}: local-only; the agents refuse a desired config that changes {them} "
+                          f"(the fleet may set only {', '.join(REMOTE_SETTINGS)}); nothing was published. Change "
+                          f"local-only settings in each agent's config file")

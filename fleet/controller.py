@@ -5,9 +5,19 @@
     .offer(device, bundle_dir, ...)     publish a signed offer (retained) and serve its chunks
     .set_desired(device, settings)      publish a desired config (retained, versioned)
 
-paho callbacks only parse and store; a malformed message is counted (`rejected_messages`) and
-logged, never raised. The chunk server answers from the offers table, so offers made by another
-process (`edgeglm fleet offer`) are served too.
+paho callbacks only parse and store. Every device message is read as what its topic says
+(`PAYLOAD_LIMITS` caps its size; ReportedState, TelemetryReport, `OtaStatus`, ChunkRequest check
+its shape) and must name the device of its topic; anything else, and any error while handling it,
+is counted (`rejected_messages`), logged with the device and topic, and dropped: paho's network
+thread never sees an exception (one that escaped would stop it for good while the connection
+stays up, and a retained message would do it again to every restarted controller). /healthz
+fails if that thread or the telemetry writer is gone anyway.
+
+The chunk server answers on the requesting device's own `ota/chunk/response` topic, whatever
+response topic the request names, and only for an update that was offered to that device (the
+offers table, so offers made by another process, `edgeglm fleet offer`, are served too); it
+cuts chunks at the manifest's size (ota/transfer.py) and answers at most `chunk_requests_per_s`
+requests of one device per second (the rest are dropped and counted; the agent asks again).
 
 Telemetry, the one high-rate stream, does not touch SQLite on paho's network thread: the callback
 parses it and puts a row on a queue; a writer thread takes everything queued and stores it in one
@@ -17,32 +27,80 @@ retention once a minute. Measured with benchmarks/fleet_scale.py (docs/scaling.m
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.topics import (DesiredConfig, ReportedState, TelemetryReport, controller_subscriptions, desired_topic,
-                          ota_offer_topic, split_topic)
+from agent.errors import PayloadError
+from agent.topics import (DesiredConfig, ReportedState, TelemetryReport, chunk_response_topic,
+                          controller_subscriptions, desired_topic, ota_offer_topic, split_topic)
 from fleet.store import Store, telemetry_row
 from ota.bundle import open_bundle
+from ota.errors import BundleError
 from ota.offers import make_offer
 from ota.signing import read_signature
-from ota.transfer import ChunkRequest, ChunkSource
+from ota.transfer import MAX_CHUNK_SIZE, ChunkRequest, ChunkResponse, ChunkSource
 
 log = logging.getLogger("edgeglm.fleet")
-MAX_PAYLOAD = 1 << 20
+# the largest payload read on each device topic; anything bigger is dropped unread
+PAYLOAD_LIMITS = {"state": 256 * 1024, "telemetry": 64 * 1024, "ota/status": 64 * 1024,
+                  "ota/chunk/request": 8 * 1024}
 MAX_BATCH = 5000  # telemetry rows per transaction
 PRUNE_EVERY_S = 60.0
+
+
+Word = Annotated[str, Field(max_length=32, pattern=r"^[a-z][a-z_]*$")]  # a state, event or result name
+
+
+class OtaStatus(BaseModel):
+    """What an agent's updater reports on `ota/status` (ota/update.py `Updater._report`), as the
+    controller reads it: a JSON object whose known fields are type-checked; unknown fields are dropped
+    (not stored), and state names are checked for shape only, so that a newer agent's report still
+    counts (a rollout waits for its `result`)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    update_id: str | None = Field(None, min_length=1, max_length=128)
+    ts: float
+    state: Word
+    event: Word | None = None
+    from_: Word | None = Field(None, alias="from")
+    reason: str | None = Field(None, max_length=8192)
+    progress: float | None = Field(None, ge=0, le=100)
+    self_test: dict[str, Any] | None = None
+    result: Word | None = None  # committed, rolled_back, failed
+    active_slot: Word | None = None
+    history: list[Word] | None = Field(None, max_length=4096)
+
+    def body(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class _RateLimit:
+    """A token bucket per key: `rate` per second, bursts of up to `burst`."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[Any, tuple[float, float]] = {}
+
+    def allow(self, key, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1.0, now)
+        return True
 
 
 def offerable_bundle(bundle_dir: str | Path):
@@ -51,6 +109,10 @@ def offerable_bundle(bundle_dir: str | Path):
     trusted keys). `offer`, `edgeglm fleet offer` and `edgeglm fleet rollout` all check this."""
     bundle = open_bundle(bundle_dir)  # the controller never offers files that fail their manifest
     read_signature(bundle.root)  # nor an unsigned bundle, which no agent would activate
+    if bundle.manifest.chunk_size > MAX_CHUNK_SIZE:  # nor one whose chunks do not fit in a message
+        raise BundleError(f"{bundle.root}: chunk_size {bundle.manifest.chunk_size} is over the {MAX_CHUNK_SIZE} "
+                          f"bytes the chunk server sends in one MQTT message; export the bundle with a smaller "
+                          f"chunk size")
     return bundle
 
 
@@ -71,6 +133,11 @@ class ControllerSettings:
     # whole stream (measured: ~700 reports/s on a busy 2-core box, benchmarks/fleet_scale.py).
     # The controller's session ends when it disconnects, so QoS 1 saves nothing across a restart.
     telemetry_qos: int = 0
+    # chunk requests answered per device and second (bursts up to chunk_burst); the rest are dropped and
+    # counted (chunk_requests_limited): the agent asks again after ota.chunk_timeout_s. One agent keeps one
+    # request in flight, about 170 chunks/s on loopback (docs/performance.md)
+    chunk_requests_per_s: float = 400.0
+    chunk_burst: int = 400
 
 
 class FleetController:
@@ -91,6 +158,9 @@ class FleetController:
         self.client.reconnect_delay_set(1, 30)
         self._telemetry: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_telemetry, name="fleet-telemetry-writer", daemon=True)
+        self._chunk_limit = _RateLimit(settings.chunk_requests_per_s, settings.chunk_burst)
+        self._limited_logged: dict[tuple[str, str], float] = {}
+        self._offered: set[tuple[str, str, str]] = set()  # (update, fleet, device) checked in the offers table
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "FleetController":
@@ -112,6 +182,19 @@ class FleetController:
             self._writer.join(30)
         self.store.close()
 
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why not): connected to the broker, with paho's network thread and the telemetry
+        writer running. A network thread that died (an exception in a callback) leaves the connection
+        open, so `client.is_connected()` alone would still say yes while nothing is processed."""
+        loop = getattr(self.client, "_thread", None)  # paho's loop_start thread (None once stopped)
+        if loop is None or not loop.is_alive():
+            return False, "MQTT network thread stopped"
+        if not self._writer.is_alive():
+            return False, "telemetry writer stopped"
+        if not self.client.is_connected():
+            return False, "broker down"
+        return True, "ok"
+
     @property
     def queued_telemetry(self) -> int:
         """Reports received and not yet stored."""
@@ -130,7 +213,7 @@ class FleetController:
                 rows, done = [r for r in rows if r is not None], True
             try:
                 if rows:
-                    self.store.add_telemetry_many(rows)
+                    self._store_rows(rows)
                 if time.monotonic() - last_prune > PRUNE_EVERY_S:
                     self.store.prune()
                     last_prune = time.monotonic()
@@ -138,6 +221,20 @@ class FleetController:
                 log.exception("telemetry batch of %d report(s) not stored", len(rows))
             if done:
                 return
+
+    def _store_rows(self, rows: list[tuple]) -> None:
+        """One transaction; if it fails, row by row, so that one row the database refuses costs only itself."""
+        try:
+            self.store.add_telemetry_many(rows)
+            return
+        except Exception:
+            if len(rows) == 1:
+                raise
+        for row in rows:
+            try:
+                self.store.add_telemetry_many([row])
+            except Exception as exc:
+                log.warning("telemetry report of device %s (fleet %s) not stored: %s", row[1], row[0], exc)
 
     # --- callbacks: parse, store, count -------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -156,46 +253,90 @@ class FleetController:
         self.connected.set()
 
     def _on_message(self, client, userdata, msg) -> None:
+        # paho's network thread: nothing may escape (see the module docstring)
         try:
-            fleet, device, rest = split_topic(msg.topic)
-            if len(msg.payload) > MAX_PAYLOAD:
-                raise ValueError(f"{len(msg.payload)} bytes, over the {MAX_PAYLOAD} limit")
-            if rest == "state":
-                self.store.upsert_state(fleet, ReportedState.model_validate_json(msg.payload).model_dump())
-            elif rest == "telemetry":
-                report = TelemetryReport.model_validate_json(msg.payload)
-                if report.device != device:
-                    raise ValueError(f"report of device {report.device!r} on the topic of {device!r}")
-                self._telemetry.put(telemetry_row(fleet, report.model_dump()))
-            elif rest == "ota/status":
-                if msg.payload:
-                    self.store.add_ota_status(fleet, device, json.loads(msg.payload))
-            elif rest == "ota/chunk/request":
-                self._serve_chunk(msg)
-        except (ValueError, ValidationError, KeyError) as exc:  # never crash on what a device sends
-            self.store.count("rejected_messages")
-            log.warning("message on %s ignored: %s", msg.topic, str(exc).splitlines()[0])
+            self._handle(msg)
+        except Exception as exc:
+            self._reject(msg.topic, exc)
 
-    def _serve_chunk(self, msg) -> None:
+    def _reject(self, topic: str, exc: Exception) -> None:
+        try:
+            fleet, device, rest = split_topic(topic)
+            source = f"device {device} (fleet {fleet}) on {rest}"
+        except ValueError:
+            source = f"topic {topic!r}"
+        expected = isinstance(exc, (ValueError, ValidationError, PayloadError, UnicodeDecodeError))
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if expected:
+            log.warning("message from %s dropped: %s", source, text[:500])
+        else:  # a bug or the database: the message is dropped, the controller goes on
+            log.error("message from %s dropped: %s: %s", source, type(exc).__name__, text[:500], exc_info=exc)
+        try:
+            self.store.count("rejected_messages")
+        except Exception:
+            log.exception("rejected_messages not counted")
+
+    def _handle(self, msg) -> None:
+        fleet, device, rest = split_topic(msg.topic)
+        limit = PAYLOAD_LIMITS.get(rest)
+        if limit is None:
+            raise ValueError(f"no device topic {rest!r}")
+        if len(msg.payload) > limit:
+            raise ValueError(f"payload of {len(msg.payload)} bytes, over the {limit}-byte limit of {rest}")
+        if rest == "state":
+            state = ReportedState.model_validate_json(msg.payload)
+            self.store.upsert_state(fleet, state.model_dump(mode="json"), device=device)  # refuses another's state
+        elif rest == "telemetry":
+            report = TelemetryReport.model_validate_json(msg.payload)
+            if report.device != device:
+                raise ValueError(f"report of device {report.device!r} on the topic of {device!r}")
+            self._telemetry.put(telemetry_row(fleet, report.model_dump()))
+        elif rest == "ota/status":
+            if msg.payload:  # empty: the retained status was cleared
+                self.store.add_ota_status(fleet, device, OtaStatus.model_validate_json(msg.payload).body())
+        elif rest == "ota/chunk/request":
+            if not self._chunk_limit.allow((fleet, device)):
+                self._chunk_limited(fleet, device)
+                return
+            self._serve_chunk(fleet, device, msg)
+
+    def _chunk_limited(self, fleet: str, device: str) -> None:
+        self.store.count("chunk_requests_limited")
+        now = time.monotonic()
+        if now - self._limited_logged.get((fleet, device), -1e9) > 10.0:  # at most every 10 s per device
+            self._limited_logged[(fleet, device)] = now
+            log.warning("chunk requests of device %s (fleet %s) over %g/s: dropped", device, fleet,
+                        self.settings.chunk_requests_per_s)
+
+    def _serve_chunk(self, fleet: str, device: str, msg) -> None:
         req = ChunkRequest.model_validate_json(msg.payload)
-        if req.update_id not in self.chunks.bundles:
-            for update_id, bundle in self.store.offers().items():
-                self.chunks.add(update_id, bundle)
+        # the answer goes to the requesting device's own response topic, never to a topic the request names:
+        # the controller may publish where devices may not (config/desired, ota/offer of every device)
+        topic = chunk_response_topic(fleet, device)
+        if (req.update_id, fleet, device) not in self._offered:
+            bundle = self.store.offered_to(req.update_id, fleet, device)
+            if bundle is not None:
+                self._offered.add((req.update_id, fleet, device))
+                if self.chunks.bundles.get(req.update_id) != bundle.resolve():
+                    self.chunks.add(req.update_id, bundle)
+        if (req.update_id, fleet, device) in self._offered:
+            response = self.chunks.serve(req)
+        else:
+            response = ChunkResponse(id=req.id, update_id=req.update_id, path=req.path, index=req.index,
+                                     error=f"update {req.update_id!r} is not offered to {fleet}/{device} by this "
+                                           f"controller")
         props = Properties(PacketTypes.PUBLISH)
         correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-        if correlation:
+        if correlation and len(correlation) <= 256:
             props.CorrelationData = correlation
-        topic = (getattr(msg.properties, "ResponseTopic", None) if msg.properties else None) or req.reply_to
-        if not topic:
-            raise ValueError("chunk request names no response topic")
-        self.client.publish(topic, self.chunks.serve(req).model_dump_json(), qos=1, properties=props)
+        self.client.publish(topic, response.model_dump_json(), qos=1, properties=props)
 
     # --- commands ---------------------------------------------------------------------------
     def offer(self, fleet: str, device: str, bundle_dir: Path, update_id: str | None = None,
               rollback_key=None) -> str:
         bundle = offerable_bundle(bundle_dir)
         update_id = update_id or f"{bundle.manifest.name}-{bundle.manifest.version}-{int(time.time() * 1000)}"
-        self.store.add_offer(update_id, Path(bundle_dir).resolve(), bundle.manifest.version)
+        self.store.add_offer(update_id, Path(bundle_dir).resolve(), bundle.manifest.version, fleet, device)
         self.chunks.add(update_id, bundle_dir)
         offer = make_offer(bundle, update_id, {"type": "mqtt"}, rollback_key=rollback_key)
         self.client.publish(ota_offer_topic(fleet, device), offer.model_dump_json(), qos=1,
@@ -265,6 +406,11 @@ def _table(head: tuple, rows: list[tuple]) -> str:
     return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
 
 
+def _label(value) -> str:
+    """A label value in the Prometheus text format: backslash, double quote and newline escaped."""
+    return str(value if value is not None else "").replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _version_metrics(versions: list[dict]) -> list[str]:
     """The per-model-version rows of `fleet status` as gauges labelled by model_version."""
     series = [("edgeglm_fleet_version_devices", "Devices on each model version, by online state.", None),
@@ -281,7 +427,7 @@ def _version_metrics(versions: list[dict]) -> list[str]:
     for name, help_text, key in series:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
         for v in versions:
-            label = f'model_version="{v["model_version"] or ""}"'
+            label = f'model_version="{_label(v["model_version"])}"'
             if key is None:
                 lines += [f'{name}{{{label},online="true"}} {v["online"]}',
                           f'{name}{{{label},online="false"}} {v["devices"] - v["online"]}']
@@ -309,8 +455,8 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
     for d in devices:
         lat = store.latency(d["fleet"], d["device"], since)
         if lat.get("token_p95_ms") is not None:
-            lines.append(f'edgeglm_fleet_token_p95_ms{{fleet="{d["fleet"]}",device="{d["device"]}",'
-                         f'model_version="{d["model_version"] or ""}"}} {lat["token_p95_ms"]:.3f}')
+            lines.append(f'edgeglm_fleet_token_p95_ms{{fleet="{_label(d["fleet"])}",device="{_label(d["device"])}",'
+                         f'model_version="{_label(d["model_version"])}"}} {lat["token_p95_ms"]:.3f}')
     lines += _version_metrics(store.versions(since=since))
     lines += ["# HELP edgeglm_fleet_telemetry_reports_total Telemetry reports stored.",
               "# TYPE edgeglm_fleet_telemetry_reports_total counter",
@@ -318,21 +464,27 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
     if queued is not None:
         lines += ["# HELP edgeglm_fleet_telemetry_queued Telemetry reports received and not yet stored.",
                   "# TYPE edgeglm_fleet_telemetry_queued gauge", f"edgeglm_fleet_telemetry_queued {queued}"]
-    lines += ["# HELP edgeglm_fleet_rejected_messages_total Device messages that did not parse.",
+    lines += ["# HELP edgeglm_fleet_rejected_messages_total Device messages dropped: malformed, oversized, "
+              "naming another device, or failing to be handled.",
               "# TYPE edgeglm_fleet_rejected_messages_total counter",
               f"edgeglm_fleet_rejected_messages_total {store.counter('rejected_messages')}",
+              "# HELP edgeglm_fleet_chunk_requests_limited_total Chunk requests dropped by the per-device rate limit.",
+              "# TYPE edgeglm_fleet_chunk_requests_limited_total counter",
+              f"edgeglm_fleet_chunk_requests_limited_total {store.counter('chunk_requests_limited')}",
               "# HELP edgeglm_fleet_rollouts Rollouts by phase.", "# TYPE edgeglm_fleet_rollouts gauge"]
     phases: dict[str, int] = {}
     for r in load_rollouts(store):
         phases[r.phase] = phases.get(r.phase, 0) + 1
-    lines += [f'edgeglm_fleet_rollouts{{phase="{p}"}} {n}' for p, n in sorted(phases.items())]
-    lines += ["# HELP edgeglm_fleet_broker_connected 1 while the controller is connected to the broker.",
+    lines += [f'edgeglm_fleet_rollouts{{phase="{_label(p)}"}} {n}' for p, n in sorted(phases.items())]
+    lines += ["# HELP edgeglm_fleet_broker_connected 1 while the controller is connected to the broker and "
+              "processing its messages (/healthz).",
               "# TYPE edgeglm_fleet_broker_connected gauge", f"edgeglm_fleet_broker_connected {int(connected)}"]
     return "\n".join(lines) + "\n"
 
 
 def serve_http(controller: FleetController, host: str, port: int):
-    """/healthz (200 while connected to the broker) and /metrics, on a background thread."""
+    """/healthz (200 while connected to the broker with the MQTT network thread and the telemetry writer
+    running: FleetController.health) and /metrics, on a background thread."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
@@ -340,10 +492,9 @@ def serve_http(controller: FleetController, host: str, port: int):
             pass
 
         def do_GET(self) -> None:
-            connected = controller.client.is_connected()
+            connected, why = controller.health()
             if self.path == "/healthz":
-                code, body, ctype = (200 if connected else 503), (b"ok\n" if connected else b"broker down\n"), \
-                    "text/plain"
+                code, body, ctype = (200 if connected else 503), f"{why}\n".encode(), "text/plain"
             elif self.path == "/metrics":
                 code, body, ctype = 200, prometheus_metrics(reader, connected,
                                                             controller.queued_telemetry).encode(), \

@@ -29,6 +29,7 @@ rollback of the halt path; `edgeglm fleet rollback` uses it too.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from pathlib import Path
 
 from agent.errors import AgentError
 from fleet.store import Store
+
+log = logging.getLogger("edgeglm.fleet")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -169,6 +172,7 @@ class RolloutDriver:
 
     def __init__(self, store: Store, controller):
         self.store, self.controller = store, controller
+        self._failing: dict[int, str] = {}  # rollout id -> the error its last step raised (logged once)
 
     def _save(self, r: Rollout, phase: str, note: str | None = None) -> None:
         if note:
@@ -179,9 +183,22 @@ class RolloutDriver:
                          (phase, json.dumps(r.data), time.time(), r.id))
 
     def tick(self, now: float | None = None) -> None:
+        """One step of every active rollout. A step that raises (a bundle deleted since the rollout was
+        recorded, a database error) is logged, once per rollout and error, and tried again at the next tick;
+        the other rollouts, and `fleet serve`, go on."""
         now = time.time() if now is None else now
         for r in load_rollouts(self.store, active_only=True):
-            getattr(self, f"_{r.phase}")(r, now)
+            try:
+                getattr(self, f"_{r.phase}")(r, now)
+            except Exception as exc:
+                text = f"{type(exc).__name__}: {exc}"
+                if self._failing.get(r.id) != text:
+                    self._failing[r.id] = text
+                    log.error("rollout %d (%s -> %s), phase %s: step failed, retried every tick: %s", r.id,
+                              r.bundle.name, r.target, r.phase, text, exc_info=exc)
+            else:
+                if self._failing.pop(r.id, None) is not None:
+                    log.info("rollout %d: phase %s went through again", r.id, r.phase)
 
     def _offer(self, r: Rollout, devices: list[str], bundle: Path) -> dict:
         return {d: self.controller.offer(r.fleet, d, bundle) for d in devices}

@@ -12,6 +12,10 @@ Rows older than the retention are deleted by `prune`, which the controller calls
 
 Groups (`edgeglm fleet group add G --fleet F DEVICE...`) are assigned here, by the operator, and
 live in the `groups` table: a device may be in several groups; a group belongs to one fleet.
+
+Offers: `offers` maps an update id to its bundle, `offer_targets` to the devices it was offered
+to; the chunk server serves an update only to those (`offered_to`). An offer recorded by a
+controller older than `offer_targets` has no target and is served to no one: offer it again.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ CREATE TABLE IF NOT EXISTS ota_status (
     reason TEXT, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS offers (
     update_id TEXT PRIMARY KEY, bundle TEXT NOT NULL, version TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS offer_targets (
+    update_id TEXT NOT NULL, fleet TEXT NOT NULL, device TEXT NOT NULL, PRIMARY KEY (update_id, fleet, device));
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (
     name TEXT NOT NULL, fleet TEXT NOT NULL, device TEXT NOT NULL, PRIMARY KEY (name, fleet, device));
@@ -115,7 +121,11 @@ class Store:
             return self.db.execute(sql, args)
 
     # --- writes (from the controller's MQTT handlers) -------------------------------------
-    def upsert_state(self, fleet: str, state: dict) -> None:
+    def upsert_state(self, fleet: str, state: dict, device: str | None = None) -> None:
+        """Store a device's reported state. `device`, when given, is the device of the topic it came on:
+        a state that names another device is refused (ValueError), so no device writes another's row."""
+        if device is not None and state.get("device") != device:
+            raise ValueError(f"state of device {state.get('device')!r} on the topic of device {device!r}")
         model = state.get("model") or {}
         self._exec(
             "INSERT INTO devices VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(fleet, device) DO UPDATE SET "
@@ -171,8 +181,13 @@ class Store:
                    (fleet, device, status.get("update_id"), status.get("ts", time.time()), status.get("state"),
                     status.get("result"), status.get("reason"), json.dumps(status)))
 
-    def add_offer(self, update_id: str, bundle: Path, version: str) -> None:
+    def add_offer(self, update_id: str, bundle: Path, version: str, fleet: str | None = None,
+                  device: str | None = None) -> None:
+        """Record an offer; with `fleet` and `device`, the device it is made to (whose chunk requests for
+        this update the chunk server then answers)."""
         self._exec("INSERT OR REPLACE INTO offers VALUES (?,?,?,?)", (update_id, str(bundle), version, time.time()))
+        if device is not None:
+            self._exec("INSERT OR IGNORE INTO offer_targets VALUES (?,?,?)", (update_id, fleet, device))
 
     def count(self, name: str, n: int = 1) -> None:
         self._exec("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
@@ -181,6 +196,12 @@ class Store:
     # --- reads -----------------------------------------------------------------------------
     def offers(self) -> dict[str, Path]:
         return {u: Path(b) for u, b in self._exec("SELECT update_id, bundle FROM offers").fetchall()}
+
+    def offered_to(self, update_id: str, fleet: str, device: str) -> Path | None:
+        """The bundle of update `update_id` if it was offered to `fleet`/`device`, else None."""
+        row = self._exec("SELECT o.bundle FROM offers o JOIN offer_targets t ON t.update_id = o.update_id "
+                         "WHERE o.update_id=? AND t.fleet=? AND t.device=?", (update_id, fleet, device)).fetchone()
+        return Path(row[0]) if row else None
 
     def counter(self, name: str) -> int:
         row = self._exec("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
@@ -196,19 +217,26 @@ class Store:
         return [dict(zip(keys, r)) for r in rows]
 
     def latency(self, fleet: str, device: str, since: float, model_version: str | None = None) -> dict:
-        """Latency of one device since `since`: request-weighted means of the window percentiles."""
-        sql = ("SELECT SUM(count), SUM(ttft_p50*count), SUM(ttft_p95*count), SUM(token_p50*count), "
-               "SUM(token_p95*count), AVG(tokens_per_s), SUM(errors) FROM telemetry "
-               "WHERE fleet=? AND device=? AND window_end>=? AND count>0")
+        """Latency of one device since `since`: request-weighted means of the window percentiles.
+
+        Each percentile is weighted by the requests of the windows that have it (a window of one-token
+        answers has no per-token percentiles); None when no window in the range has it."""
+        columns = ("ttft_p50", "ttft_p95", "token_p50", "token_p95")
+        sql = ("SELECT SUM(count), AVG(tokens_per_s), SUM(errors), "
+               + ", ".join(f"SUM({c}*count), SUM(CASE WHEN {c} IS NOT NULL THEN count END)" for c in columns)
+               + " FROM telemetry WHERE fleet=? AND device=? AND window_end>=? AND count>0")
         args: tuple = (fleet, device, since)
         if model_version is not None:
             sql += " AND model_version=?"
             args += (model_version,)
-        n, t50, t95, k50, k95, tps, errors = self._exec(sql, args).fetchone()
+        n, tps, errors, *sums = self._exec(sql, args).fetchone()
         if not n:
             return {"requests": 0, "errors": errors or 0}
-        return {"requests": n, "ttft_p50_ms": t50 / n, "ttft_p95_ms": t95 / n, "token_p50_ms": k50 / n,
-                "token_p95_ms": k95 / n, "tokens_per_s": tps, "errors": errors or 0}
+        out = {"requests": n, "tokens_per_s": tps, "errors": errors or 0}
+        for key, total, weight in zip(("ttft_p50_ms", "ttft_p95_ms", "token_p50_ms", "token_p95_ms"), sums[0::2],
+                                      sums[1::2]):
+            out[key] = total / weight if weight else None
+        return out
 
     def last_result(self, fleet: str, device: str, update_id: str) -> dict | None:
         row = self._exec("SELECT body FROM ota_status WHERE fleet=? AND device=? AND update_id=? AND result IS NOT NULL "

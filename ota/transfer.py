@@ -6,6 +6,12 @@ The agent asks for one chunk at a time (`ChunkRequest`: update, file, index) on 
 over MQTT 3.1.1, where the correlation id must be read from the payload). The broker never
 holds a whole bundle: nothing is retained, and each message is one chunk (256 KiB by default).
 The agent checks every chunk against the sha256 list of the signed manifest before writing it.
+
+The chunk server trusts nothing in a request but the choice of chunk: it serves the files listed
+in the offered manifest, cut at the manifest's `chunk_size` (a request naming another size gets an
+error answer), and never sends an answer over `MAX_RESPONSE_BYTES` (1 MiB: the agent's default
+payload limit, half the shipped broker's `max_packet_size`). A bundle whose `chunk_size` is over
+`MAX_CHUNK_SIZE` cannot be served and is not offered (fleet/controller.py `offerable_bundle`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ota.bundle import Manifest, read_manifest
+from ota.errors import BundleError
 from ota.update import Offer, UpdateFailed
+
+MAX_RESPONSE_BYTES = 1 << 20  # the agent's default max_payload_bytes; the shipped broker allows 2 MiB packets
+MAX_CHUNK_SIZE = 512 * 1024  # base64 makes 4/3 of it: ~683 KiB, with room for the JSON around it
 
 
 class ChunkRequest(BaseModel):
@@ -45,26 +56,57 @@ class ChunkResponse(BaseModel):
 
 
 class ChunkSource:
-    """Controller side: serves chunks of the bundles it has offered, by update id."""
+    """Controller side: serves chunks of the bundles it has offered, by update id.
+
+    Which device may ask for which update is the caller's business (the controller checks its
+    offers table); this class decides only what bytes an answer may carry."""
 
     def __init__(self):
         self.bundles: dict[str, Path] = {}
+        self._manifests: dict[str, Manifest] = {}
 
     def add(self, update_id: str, bundle_dir: Path) -> None:
         self.bundles[update_id] = Path(bundle_dir).resolve()
+        self._manifests.pop(update_id, None)
+
+    def _manifest(self, update_id: str, root: Path) -> Manifest:
+        manifest = self._manifests.get(update_id)
+        if manifest is None:
+            manifest = self._manifests[update_id] = read_manifest(root).manifest
+        return manifest
 
     def serve(self, req: ChunkRequest) -> ChunkResponse:
         base = dict(id=req.id, update_id=req.update_id, path=req.path, index=req.index)
         root = self.bundles.get(req.update_id)
         if root is None:
             return ChunkResponse(**base, error=f"update {req.update_id!r} is not offered by this controller")
+        try:
+            manifest = self._manifest(req.update_id, root)
+        except BundleError as exc:
+            return ChunkResponse(**base, error=f"update {req.update_id} cannot be served: {exc}")
+        size = manifest.chunk_size
+        if size > MAX_CHUNK_SIZE:
+            return ChunkResponse(**base, error=f"update {req.update_id}: the bundle's chunk_size {size} is over the "
+                                               f"{MAX_CHUNK_SIZE} this server sends in one message")
+        if req.chunk_size != size:
+            return ChunkResponse(**base, error=f"chunk_size {req.chunk_size} differs from the manifest's {size}; "
+                                               f"chunks are served at the manifest's size only")
+        entry = next((f for f in manifest.files if f.path == req.path), None)
         file = (root / req.path).resolve()
-        if root not in file.parents or not file.is_file():
+        if entry is None or root not in file.parents or not file.is_file():
             return ChunkResponse(**base, error=f"file {req.path!r} is not part of update {req.update_id}")
+        if req.index >= len(entry.chunks):
+            return ChunkResponse(**base, error=f"chunk {req.index} of {req.path}: the file has "
+                                               f"{len(entry.chunks)} chunk(s)")
         with open(file, "rb") as f:
-            f.seek(req.index * req.chunk_size)
-            data = f.read(req.chunk_size)
-        return ChunkResponse(**base, data_b64=base64.b64encode(data).decode())
+            f.seek(req.index * size)
+            data = f.read(size)
+        encoded = base64.b64encode(data).decode()
+        # the JSON around the data is the rest of the answer (ids and path are JSON-escaped there)
+        if len(encoded) + len(ChunkResponse(**base, data_b64="").model_dump_json()) > MAX_RESPONSE_BYTES:
+            return ChunkResponse(**base, error=f"chunk {req.index} of {req.path} does not fit in one "
+                                               f"{MAX_RESPONSE_BYTES}-byte answer")
+        return ChunkResponse(**base, data_b64=encoded)
 
 
 class MqttChunkFetcher:

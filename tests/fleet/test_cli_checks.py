@@ -189,12 +189,18 @@ def test_offer_to_a_device_never_seen_is_refused_unless_forced(mosquitto, db, si
 # --- config set and the status table -----------------------------------------------------------
 
 def test_config_set_refuses_what_the_agents_would_refuse_before_publishing(mosquitto, db):
-    args = ("config", "set", "--fleet", FLEET, "--device", "d1", "--broker", f"127.0.0.1:{mosquitto.port}")
+    args = ("config", "set", "--fleet", FLEET, "--device", "d1", "--broker", f"127.0.0.1:{mosquitto.port}",
+            "--db", str(db))  # never a fleet.db in the working directory
     refused(cli(*args, "sampling.max_tokens=-1"), "sampling.max_tokens = -1 (from the command line) is invalid",
             "1 <= max_tokens", "nothing was published")
     refused(cli(*args, "sampling.bogus=1"), "sampling.bogus (from the command line) is not a setting",
             "allowed in sampling: max_tokens")
-    refused(cli(*args, "http.port=9000"), "http.*: the agents apply section(s) http only at start")
+    refused(cli(*args, "http.port=9000"), "http.port: local-only; the agents refuse a desired config that changes it",
+            "the fleet may set only sampling, batching")
+    # the agents' allowlist (agent/remote_config.py), not whole sections: these passed a section check
+    refused(cli(*args, "ota.require_signature=false", "cache.persist_dir=/tmp/x", "sampling.top_k=5"),
+            "ota.require_signature, cache.persist_dir: local-only", "nothing was published")
+    refused(cli(*args, "ota.trusted_keys=/tmp/evil-keys"), "ota.trusted_keys: local-only")
     refused(cli(*args, "sampling=1", "sampling.top_k=2"), "'sampling.top_k' sets a field inside 'sampling'")
     refused(cli("config", "set", "--group", "ring9", "--db", str(db), "sampling.max_tokens=-1"),
             "--group 'ring9': no such group or fleet")

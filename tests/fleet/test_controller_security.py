@@ -1,0 +1,458 @@
+"""What one device can do to the fleet controller, for real: Mosquitto runs the ACL and the packet limit
+shipped in k3s/base/broker-config.yaml (users: the controller and two devices, `mallory` and `victim`, each
+with its own password), and a real FleetController serves fleet "default" (the fleet that ACL names).
+
+Mallory may publish only on its own device topics; everything here is something the broker lets it do.
+"Nothing else arrived" is never a sleep: after the message under test, the controller publishes a
+sentinel the reader may read; QoS 1 from one publisher arrives in order, so anything routed before it
+has arrived by then.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.topics import (ModelRef, ReportedState, TelemetryReport, chunk_request_topic, chunk_response_topic,
+                          desired_topic, ota_status_topic, state_topic, telemetry_topic)
+from broker import Mosquitto, find_mosquitto, free_port
+from fleet.controller import (ControllerSettings, FleetController, format_status, offerable_bundle,
+                              prometheus_metrics, serve_http)
+from fleet.rollout import RolloutDriver, create_rollout, load_rollouts
+from fleet.store import Store, telemetry_row
+from ota.bundle import open_bundle, write_manifest
+from ota.errors import BundleError
+from ota.signing import generate_keypair, load_private_key, sign_bundle
+from ota.transfer import MAX_CHUNK_SIZE, MAX_RESPONSE_BYTES, ChunkRequest, ChunkResponse, ChunkSource
+from waiting import until
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKER_CONFIG = yaml.safe_load((ROOT / "k3s/base/broker-config.yaml").read_text())["data"]
+FLEET = "default"  # the fleet of the shipped ACL's controller lines
+CONTROLLER = "edgeglm-controller"
+USERS = {CONTROLLER: "pw-controller", "mallory": "pw-mallory", "victim": "pw-victim"}
+WAIT = 15.0
+
+
+def shipped_option(name: str) -> str:
+    for line in BROKER_CONFIG["mosquitto.conf"].splitlines():
+        if line.strip().startswith(name + " "):
+            return line.split(None, 1)[1].strip()
+    raise AssertionError(f"{name} not in the shipped mosquitto.conf")
+
+
+class ShippedAclMosquitto(Mosquitto):
+    """The test broker with the shipped acl.conf (verbatim), max_packet_size and username-as-client-id."""
+
+    def _write_conf(self) -> None:
+        super()._write_conf()
+        acl = self.workdir / "acl.conf"
+        acl.write_text(BROKER_CONFIG["acl.conf"])
+        with open(self.conf, "a") as f:
+            f.write(f"acl_file {acl}\nmax_packet_size {shipped_option('max_packet_size')}\n"
+                    f"use_username_as_clientid {shipped_option('use_username_as_clientid')}\n")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found")
+    b = ShippedAclMosquitto(tmp_path / "mosquitto", users=USERS).start()
+    yield b
+    b.stop()
+
+
+class Client:
+    """A device (or observer) on the broker: its messages land in a queue."""
+
+    def __init__(self, broker, user: str, topics: tuple[str, ...] = ()):
+        self.user, self.messages = user, queue.Queue()
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=user, protocol=paho.MQTTv5)
+        self.c.username_pw_set(user, USERS[user])
+        self.c.on_message = lambda c, u, m: self.messages.put(m)
+        subscribed = []
+        self.c.on_subscribe = lambda *a: subscribed.append(1)
+        self.c.connect(broker.host, broker.port)
+        self.c.loop_start()
+        if topics:
+            self.c.subscribe([(t, 1) for t in topics])
+            until(lambda: subscribed, WAIT)
+
+    def publish(self, topic: str, payload, retain: bool = False, properties=None) -> None:
+        info = self.c.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        info.wait_for_publish(WAIT)
+        assert info.rc == 0
+
+    def next(self, topic: str | None = None, timeout: float = WAIT):
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.messages.get(timeout=max(0.01, deadline - time.monotonic()))
+            if topic is None or m.topic == topic:
+                return m
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def state(device: str, version: str = "1.0.0", **changes) -> ReportedState:
+    fields = dict(device=device, online=True, agent_version="0.1.0", execution_path="onnxruntime:cpu",
+                  model=ModelRef(name="tiny", version=version, sha256="0" * 64), active_slot="a", uptime_s=1.0,
+                  ts=time.time())
+    return ReportedState(**{**fields, **changes})
+
+
+def start_controller(broker, db: Path, **settings) -> FleetController:
+    return FleetController(ControllerSettings(broker_port=broker.port, db=db, fleet=FLEET, client_id=CONTROLLER,
+                                              username=CONTROLLER, password=USERS[CONTROLLER], **settings)).start()
+
+
+@pytest.fixture
+def controller(broker, tmp_path):
+    ctl = start_controller(broker, tmp_path / "fleet.db")
+    yield ctl
+    ctl.stop()
+
+
+def make_bundle(root: Path, key, big_bytes: int = 3 << 20, chunk_size: int = 256 * 1024, version="1.1.0") -> Path:
+    """A signed bundle (no real model: the controller never loads one) with one file of `big_bytes`."""
+    root.mkdir(parents=True)
+    (root / "tokenizer.json").write_text("{}")
+    (root / "model.onnx").write_bytes(os.urandom(big_bytes))
+    write_manifest(root, dict(name="tiny", version=version, min_agent_version="0.1.0", architecture={},
+                              precision="fp32", backends={"onnxruntime": {"entry": "model.onnx", "weights": "fp32",
+                                                                          "scheme": "none"}},
+                              golden={"prompt_ids": [1], "reference": {"tokens": [1], "margins": [1.0]},
+                                      "backends": {}, "tolerance": 0.0}), chunk_size=chunk_size)
+    sign_bundle(open_bundle(root), key)
+    return root
+
+
+@pytest.fixture
+def key(tmp_path):
+    return load_private_key(generate_keypair(tmp_path / "keys", "fleet").private_path)
+
+
+def health(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def stored_devices(ctl) -> dict[str, dict]:
+    return {d["device"]: d for d in ctl.store.devices(FLEET)}
+
+
+# --- 1: no device message stops the controller ---------------------------------------------------
+
+def test_poison_ota_status_neither_stops_the_controller_nor_a_restarted_one(broker, tmp_path):
+    mallory, victim = Client(broker, "mallory"), Client(broker, "victim")
+    status = ota_status_topic(FLEET, "mallory")
+    mallory.publish(status, b"[" * 50_000, retain=True)  # json.loads: RecursionError; retained for the next one
+    db, rejected = tmp_path / "fleet.db", 0
+    for round_ in range(2):  # the second controller gets the retained poison too
+        ctl = start_controller(broker, db)
+        http = serve_http(ctl, "127.0.0.1", port := free_port())
+        try:
+            rejected += 1  # the retained poison
+            if round_ == 0:
+                for payload in (b'"x"', b"[1]", b"{}", b"null", b"[" * 80_000):  # str/list: AttributeError in .get
+                    mallory.publish(status, payload)
+                mallory.publish(telemetry_topic(FLEET, "mallory"),  # NaN: SQLite's NULL, the batch would fail
+                                b'{"device":"mallory","window_start":NaN,"window_end":1,"count":1}')
+                rejected += 6
+            victim.publish(state_topic(FLEET, "victim"), state("victim", uptime_s=float(round_)).model_dump_json())
+            until(lambda: "victim" in stored_devices(ctl) and ctl.store.counter("rejected_messages") >= rejected
+                  and json.loads(ctl.store._exec("SELECT state FROM devices WHERE device='victim'").fetchone()[0])
+                  ["uptime_s"] == round_, WAIT)
+            assert ctl.store.counter("rejected_messages") == rejected
+            assert health(port) == (200, "ok\n")
+            # a valid status from the same device is still stored
+            mallory.publish(status, json.dumps({"update_id": "u1", "ts": time.time(), "state": "reporting",
+                                                "result": "committed"}))
+            until(lambda: ctl.store.last_result(FLEET, "mallory", "u1") is not None, WAIT)
+        finally:
+            http.shutdown()
+            ctl.stop()
+    mallory.close()
+    victim.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread is killed on purpose
+def test_healthz_fails_when_the_network_thread_is_dead(controller, broker):
+    http = serve_http(controller, "127.0.0.1", port := free_port())
+    victim = Client(broker, "victim")
+    try:
+        assert health(port) == (200, "ok\n")
+
+        def boom(*args):
+            raise RuntimeError("a bug in a callback")
+
+        controller.client.on_message = boom  # what an uncaught exception in _on_message did
+        victim.publish(state_topic(FLEET, "victim"), state("victim").model_dump_json())
+        until(lambda: health(port)[0] == 503, WAIT)
+        assert health(port) == (503, "MQTT network thread stopped\n")
+        assert controller.client.is_connected()  # what /healthz used to look at
+        metrics = prometheus_metrics(controller.store, controller.health()[0])
+        assert "edgeglm_fleet_broker_connected 0" in metrics
+    finally:
+        http.shutdown()
+        victim.close()
+
+
+# --- 3: a device reports only for itself ----------------------------------------------------------
+
+def test_a_device_cannot_write_another_devices_state(controller, broker):
+    mallory = Client(broker, "mallory")
+    mallory.publish(state_topic(FLEET, "mallory"), state("victim", version="9.9.9").model_dump_json())
+    mallory.publish(state_topic(FLEET, "mallory"), state("mallory").model_dump_json())
+    until(lambda: "mallory" in stored_devices(controller), WAIT)
+    assert "victim" not in stored_devices(controller)
+    assert controller.store.counter("rejected_messages") == 1
+    mallory.close()
+
+
+# --- 4: /metrics label values ---------------------------------------------------------------------
+
+EVIL = 'x"} 1\nedgeglm_fleet_devices{online="true"} 999\n#'
+SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\\n])*",?)*\})? \S+$')
+
+
+def check_exposition(text: str) -> list[dict[str, str]]:
+    """Every line is a comment or one well-formed sample; the label sets, unescaped."""
+    labels = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        assert SAMPLE.match(line), line
+        labels.append({k: re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m[1], m[1]), v)
+                       for k, v in re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:\\.|[^"\\])*)"', line)})
+    return labels
+
+
+def test_model_versions_are_checked_on_ingest(controller, broker):
+    mallory = Client(broker, "mallory")
+    now = time.time()
+    bad_state = state("mallory").model_dump(mode="json")
+    bad_state["model"]["version"] = EVIL
+    mallory.publish(state_topic(FLEET, "mallory"), json.dumps(bad_state))
+    bad_report = TelemetryReport(device="mallory", window_start=now - 1, window_end=now, count=1,
+                                 per_token_ms={"p50": 1, "p95": 2, "p99": 3}).model_dump(mode="json")
+    bad_report["model_version"] = EVIL
+    mallory.publish(telemetry_topic(FLEET, "mallory"), json.dumps(bad_report))
+    until(lambda: controller.store.counter("rejected_messages") == 2, WAIT)
+    mallory.publish(state_topic(FLEET, "mallory"), state("mallory", version="1.0.0-rc.1").model_dump_json())
+    until(lambda: stored_devices(controller).get("mallory", {}).get("model_version") == "1.0.0-rc.1", WAIT)
+    assert controller.store.counter("rejected_messages") == 2
+    assert controller.store.counter("telemetry_reports") == 0
+    check_exposition(prometheus_metrics(controller.store, True))
+    mallory.close()
+
+
+def test_metrics_escape_label_values(tmp_path):
+    """A value that got into the database some other way (an older controller) cannot forge a sample."""
+    store = Store(tmp_path / "fleet.db")
+    store.upsert_state(FLEET, {"device": "d1", "online": True, "model": {"name": "m", "version": EVIL}})
+    now = time.time()
+    store.add_telemetry_many([telemetry_row(FLEET, {"device": "d1", "window_end": now, "count": 2,
+                                                    "per_token_ms": {"p50": 1.0, "p95": 2.0},
+                                                    "model_version": EVIL})])
+    text = prometheus_metrics(store, True)
+    labels = check_exposition(text)
+    assert {"fleet": FLEET, "device": "d1", "model_version": EVIL} in labels
+    assert not [line for line in text.splitlines() if line.startswith('edgeglm_fleet_devices{online="true"} 999')]
+    store.close()
+
+
+# --- 5: telemetry without percentiles; a failing rollout step -----------------------------------
+
+def test_telemetry_without_percentiles_breaks_neither_status_nor_metrics_nor_a_rollout(controller, broker, tmp_path):
+    mallory, victim = Client(broker, "mallory"), Client(broker, "victim")
+    mallory.publish(state_topic(FLEET, "mallory"), state("mallory").model_dump_json())
+    victim.publish(state_topic(FLEET, "victim"), state("victim").model_dump_json())
+    now = time.time()
+    with_p = TelemetryReport(device="mallory", window_start=now - 2, window_end=now - 1, count=2,
+                             ttft_ms={"p50": 50, "p95": 60, "p99": 70}, per_token_ms={"p50": 8, "p95": 10, "p99": 12},
+                             model_version="1.0.0")
+    # what an agent sends for a window of one-token answers: requests, no per-token gaps
+    without = TelemetryReport(device="mallory", window_start=now - 1, window_end=now, count=3,
+                              ttft_ms={"p50": 50, "p95": 60, "p99": 70}, model_version="1.0.0")
+    bare = TelemetryReport(device="mallory", window_start=now - 1, window_end=now, count=4, model_version="1.0.0")
+    for r in (with_p, without, bare):
+        mallory.publish(telemetry_topic(FLEET, "mallory"), r.model_dump_json())
+    # the victim's only report has requests and no percentile at all (every answer was empty)
+    victim.publish(telemetry_topic(FLEET, "victim"), bare.model_copy(update={"device": "victim"}).model_dump_json())
+    until(lambda: controller.store.counter("telemetry_reports") == 4, WAIT)
+    assert controller.store.latency(FLEET, "victim", now - 60) == {
+        "requests": 4, "errors": 0, "tokens_per_s": None, "ttft_p50_ms": None, "ttft_p95_ms": None,
+        "token_p50_ms": None, "token_p95_ms": None}
+    lat = controller.store.latency(FLEET, "mallory", now - 60)
+    assert lat["requests"] == 9
+    assert lat["token_p95_ms"] == pytest.approx(10.0)  # weighted by the 2 requests that have it, not 9
+    assert lat["ttft_p50_ms"] == pytest.approx(50.0)
+    assert "mallory" in format_status(controller.store, FLEET) and "victim" in format_status(controller.store, FLEET)
+    check_exposition(prometheus_metrics(controller.store, True))
+    rid = create_rollout(controller.store, tmp_path / "gone", FLEET, canary_pct=100, window_s=1.0)
+
+    class Offers:
+        def offer(self, fleet, device, bundle, rollback_key=None):
+            return "u-1"
+
+    RolloutDriver(controller.store, Offers()).tick()
+    r = next(r for r in load_rollouts(controller.store) if r.id == rid)
+    assert r.phase == "canary_wait" and r.data["canaries"] == ["mallory", "victim"]
+    mallory.close()
+    victim.close()
+
+
+def test_a_failing_rollout_step_is_logged_and_the_others_go_on(tmp_path, caplog):
+    store = Store(tmp_path / "fleet.db")
+    for fleet in ("f1", "f2"):
+        store.upsert_state(fleet, {"device": "d", "online": True, "model": None})
+    broken = create_rollout(store, tmp_path / "deleted-bundle", "f1", canary_pct=100)
+    fine = create_rollout(store, tmp_path / "bundle", "f2", canary_pct=100)
+
+    class Offers:
+        def offer(self, fleet, device, bundle, rollback_key=None):
+            if fleet == "f1":  # what FleetController.offer raises for a bundle deleted after `fleet rollout`
+                raise BundleError(f"{bundle}: bundle directory not found")
+            return "u-1"
+
+    driver = RolloutDriver(store, Offers())
+    with caplog.at_level(logging.ERROR, logger="edgeglm.fleet"):
+        driver.tick()
+        driver.tick()
+    phases = {r.id: r.phase for r in load_rollouts(store)}
+    assert phases == {broken: "canary", fine: "canary_wait"}
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and f"rollout {broken}" in errors[0].getMessage()
+    assert "bundle directory not found" in errors[0].getMessage()
+    store.close()
+
+
+def test_one_telemetry_row_the_database_refuses_costs_only_itself(tmp_path):
+    ctl = FleetController(ControllerSettings(db=tmp_path / "fleet.db"))
+    now = time.time()
+    good = telemetry_row("f", {"device": "d1", "window_end": now, "count": 1})
+    bad = ("f", "d2", None, None, 1, None, None, None, None, None, 0)  # window_end NULL: NOT NULL fails
+    ctl._store_rows([good, bad, good])
+    assert ctl.store.counter("telemetry_reports") == 2
+    ctl.store.close()
+
+
+# --- 2 and 6: the chunk server ---------------------------------------------------------------------
+
+def chunk_request(update_id: str, path: str, index: int, chunk_size: int) -> bytes:
+    return ChunkRequest(id=uuid.uuid4().hex, update_id=update_id, path=path, index=index,
+                        chunk_size=chunk_size).model_dump_json().encode()
+
+
+def test_chunk_answers_go_to_the_requesters_own_topic_and_only_for_its_offers(controller, broker, tmp_path, key):
+    bundle = make_bundle(tmp_path / "b", key)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = next(f for f in manifest["files"] if f["path"] == "model.onnx")
+    mine = controller.offer(FLEET, "mallory", bundle)
+    theirs = controller.offer(FLEET, "victim", bundle)
+    mallory = Client(broker, "mallory", (chunk_response_topic(FLEET, "mallory"),))
+    victim = Client(broker, "victim", (desired_topic(FLEET, "victim"), chunk_response_topic(FLEET, "victim")))
+    until(lambda: victim.messages.qsize() == 0, WAIT)
+    # the request names the victim's desired-config topic, as MQTT 5 response topic and as reply_to
+    target = desired_topic(FLEET, "victim")
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic, props.CorrelationData = target, b"c-1"
+    req = json.loads(chunk_request(mine, "model.onnx", 1, manifest["chunk_size"]))
+    req["reply_to"] = target
+    mallory.publish(chunk_request_topic(FLEET, "mallory"), json.dumps(req), properties=props)
+    answer = mallory.next(chunk_response_topic(FLEET, "mallory"))
+    assert answer.properties.CorrelationData == b"c-1"
+    data = base64.b64decode(ChunkResponse.model_validate_json(answer.payload).data_b64)
+    assert hashlib.sha256(data).hexdigest() == entry["chunks"][1]
+    # an update offered to the victim only
+    mallory.publish(chunk_request_topic(FLEET, "mallory"), chunk_request(theirs, "model.onnx", 0,
+                                                                         manifest["chunk_size"]))
+    refused = ChunkResponse.model_validate_json(mallory.next(chunk_response_topic(FLEET, "mallory")).payload)
+    assert refused.data_b64 is None and f"not offered to {FLEET}/mallory" in refused.error
+    # sentinel: the controller's next message on the victim's topic; nothing it sent before may precede it
+    controller.set_desired(FLEET, "victim", {"sampling": {"top_k": 3}}, version=7)
+    first = victim.next()
+    assert first.topic == target and json.loads(first.payload)["version"] == 7, first.payload[:200]
+    mallory.close()
+    victim.close()
+
+
+def test_chunks_are_cut_at_the_manifest_size_and_fit_the_brokers_packet_limit(controller, broker, tmp_path, key):
+    bundle = make_bundle(tmp_path / "b", key, big_bytes=3 << 20)
+    update_id = controller.offer(FLEET, "mallory", bundle)
+    mallory = Client(broker, "mallory", (chunk_response_topic(FLEET, "mallory"),))
+    size = json.loads((bundle / "manifest.json").read_text())["chunk_size"]
+    # 4 MiB asked: the whole 3 MiB file would be a 4 MiB answer, over the broker's 2 MiB max_packet_size
+    mallory.publish(chunk_request_topic(FLEET, "mallory"), chunk_request(update_id, "model.onnx", 0, 4 << 20))
+    refused = ChunkResponse.model_validate_json(mallory.next(chunk_response_topic(FLEET, "mallory")).payload)
+    assert refused.data_b64 is None and f"differs from the manifest's {size}" in refused.error
+    for bad_index in (12, 10**9):  # past the end of the file (12 chunks: 0..11)
+        mallory.publish(chunk_request_topic(FLEET, "mallory"), chunk_request(update_id, "model.onnx", bad_index, size))
+        assert "chunk(s)" in ChunkResponse.model_validate_json(
+            mallory.next(chunk_response_topic(FLEET, "mallory")).payload).error
+    mallory.publish(chunk_request_topic(FLEET, "mallory"), chunk_request(update_id, "manifest.sig", 0, size))
+    assert "not part of update" in ChunkResponse.model_validate_json(
+        mallory.next(chunk_response_topic(FLEET, "mallory")).payload).error
+    mallory.publish(chunk_request_topic(FLEET, "mallory"), chunk_request(update_id, "model.onnx", 11, size))
+    last = ChunkResponse.model_validate_json(mallory.next(chunk_response_topic(FLEET, "mallory")).payload)
+    assert len(base64.b64decode(last.data_b64)) == size
+    assert controller.health() == (True, "ok")
+    assert "Client edgeglm-controller disconnected" not in broker.log_text()
+    mallory.close()
+
+
+def test_a_bundle_whose_chunks_do_not_fit_a_message_is_neither_offered_nor_served(tmp_path, key):
+    bundle = make_bundle(tmp_path / "b", key, big_bytes=2 << 20, chunk_size=2 * MAX_CHUNK_SIZE)
+    with pytest.raises(BundleError, match=f"chunk_size {2 * MAX_CHUNK_SIZE} is over the {MAX_CHUNK_SIZE}"):
+        offerable_bundle(bundle)
+    source = ChunkSource()
+    source.add("u", bundle)
+    answer = source.serve(ChunkRequest(id="1", update_id="u", path="model.onnx", index=0,
+                                       chunk_size=2 * MAX_CHUNK_SIZE))
+    assert answer.data_b64 is None and "over the" in answer.error
+    fits = make_bundle(tmp_path / "c", key, big_bytes=MAX_CHUNK_SIZE, chunk_size=MAX_CHUNK_SIZE)
+    source.add("v", fits)
+    full = source.serve(ChunkRequest(id="x" * 128, update_id="v", path="model.onnx", index=0,
+                                     chunk_size=MAX_CHUNK_SIZE))
+    assert len(full.model_dump_json()) <= MAX_RESPONSE_BYTES and full.error is None
+
+
+def test_chunk_requests_are_rate_limited_per_device(broker, tmp_path):
+    ctl = start_controller(broker, tmp_path / "fleet.db", chunk_requests_per_s=0.5, chunk_burst=3)
+    mallory = Client(broker, "mallory", (chunk_response_topic(FLEET, "mallory"),))
+    victim = Client(broker, "victim", (chunk_response_topic(FLEET, "victim"),))
+    try:
+        for _ in range(10):
+            mallory.publish(chunk_request_topic(FLEET, "mallory"), chunk_request("nope", "model.onnx", 0, 4096))
+        until(lambda: mallory.messages.qsize() + ctl.store.counter("chunk_requests_limited") == 10, WAIT)
+        answered = mallory.messages.qsize()
+        assert 3 <= answered <= 4  # the burst, and at most one more token in the time the 10 took
+        victim.publish(chunk_request_topic(FLEET, "victim"), chunk_request("nope", "model.onnx", 0, 4096))
+        assert "not offered" in ChunkResponse.model_validate_json(victim.next().payload).error  # its own bucket
+        assert "chunk_requests_limited_total" in prometheus_metrics(ctl.store, True)
+    finally:
+        mallory.close()
+        victim.close()
+        ctl.stop()
