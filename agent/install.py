@@ -72,7 +72,7 @@ class InstallOptions:
     dry_run: bool = False
 
     def __post_init__(self):
-        if not USER_NAME.match(self.user):
+        if not USER_NAME.fullmatch(self.user):
             raise InstallError(f"--user {self.user!r} is not a valid system user name: lower-case letters, "
                                "digits, '_' and '-', starting with a letter or '_', at most 31 characters")
         if self.user == "root":

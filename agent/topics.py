@@ -45,7 +45,7 @@ _ID = re.compile(ID_PATTERN)
 
 
 def _level(value: str, what: str) -> str:
-    if not isinstance(value, str) or not _ID.match(value) or len(value) > 128:
+    if not isinstance(value, str) or not _ID.fullmatch(value) or len(value) > 128:
         raise ValueError(f"{what} {value!r} cannot be an MQTT topic level: use 1-128 of A-Z a-z 0-9 . _ - "
                          f"(not starting with . _ -)")
     return value

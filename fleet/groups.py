@@ -72,7 +72,7 @@ def one_fleet(selection: Selection) -> str:
 
 
 def check_group_name(store: Store, name: str) -> str:
-    if not re.match(ID_PATTERN, name) or len(name) > 128:
+    if not re.fullmatch(ID_PATTERN, name) or len(name) > 128:
         raise GroupError(f"group name {name!r}: use 1-128 of A-Z a-z 0-9 . _ - (not starting with . _ -)")
     if name in store.fleets():
         raise GroupError(f"group name {name!r} is a fleet id: --group {name} already selects that whole fleet; "

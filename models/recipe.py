@@ -103,7 +103,7 @@ def bundle_version_problem(version) -> str | None:
     """Why `version` cannot be a bundle's version (the manifest would refuse it), or None."""
     if not isinstance(version, str):
         return "must be a string"
-    return None if VERSION_RE.match(version) else VERSION_RULE
+    return None if VERSION_RE.fullmatch(version) else VERSION_RULE
 
 
 class _Section(BaseModel):

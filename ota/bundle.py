@@ -28,7 +28,7 @@ from ota.errors import BundleError
 
 FORMAT = "edgeglm-bundle/1"
 MANIFEST = "manifest.json"
-VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}([-+][0-9A-Za-z.-]+)?$")
+VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}([-+][0-9A-Za-z.-]+)?$")  # use fullmatch: "1.0\n" is no version
 CHUNK = 1 << 20
 TRANSFER_CHUNK = 256 * 1024  # default chunk of OTA transfer; each chunk's sha256 is in the manifest
 
@@ -84,7 +84,7 @@ class Manifest(BaseModel):
     @field_validator("version", "min_agent_version")
     @classmethod
     def _version(cls, v: str) -> str:
-        if not VERSION_RE.match(v):
+        if not VERSION_RE.fullmatch(v):
             raise ValueError(f"{v!r} is not a version like 1.2.3")
         return v
 

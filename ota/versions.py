@@ -12,7 +12,7 @@ from ota.errors import VersionError
 
 
 def parse_version(v: str) -> tuple:
-    if not VERSION_RE.match(v or ""):
+    if not VERSION_RE.fullmatch(v or ""):
         raise VersionError(f"version {v!r} is not like 1.2.3")
     core, _, pre = v.partition("-")
     core = core.split("+")[0]

@@ -123,7 +123,7 @@ class PrefixCache:
     def bind(self, model_key: str, engine=None) -> None:
         """Serve KV of this model only (and of this engine object only, if one is given): another key
         than the bound one drops every block."""
-        if not isinstance(model_key, str) or not KEY_PATTERN.match(model_key):
+        if not isinstance(model_key, str) or not KEY_PATTERN.fullmatch(model_key):
             raise ValueError(f"prefix cache model key {model_key!r} is invalid: letters, digits, '.', '_', '-'")
         with self._lock:
             self._engine = weakref.ref(engine) if engine is not None else None

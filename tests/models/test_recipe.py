@@ -85,7 +85,7 @@ def test_the_name_and_version_rules_are_the_manifests():
                          for m in Manifest.model_fields["name"].metadata)
         assert (bundle_name_problem(name) is None) == (pattern_ok and 1 <= len(name) <= 128), name
     for version in ("1", "1.2", "1.2.3", "1.2.3-rc1", "2.0+build5", "v1", "banana", "1.2.3.4", ""):
-        assert (bundle_version_problem(version) is None) == bool(VERSION_RE.match(version)), version
+        assert (bundle_version_problem(version) is None) == bool(VERSION_RE.fullmatch(version)), version
 
 
 def test_resume_identity_leaves_out_what_does_not_change_a_result():
