@@ -69,6 +69,8 @@ class HttpSettings(_Section):
     api_key: SecretStr | None = None  # None: no key asked for
     max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
     max_concurrent: int = Field(8, ge=1, le=1024)  # requests running or queued; more get 429
+    # open connections (idle keep-alive ones included), one thread each; more are answered 503 and closed
+    max_connections: int = Field(64, ge=1, le=10_000)
 
 
 class SamplingSettings(_Section):

@@ -275,7 +275,33 @@ class _HttpServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], api: ApiServer):
         self.api = api
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        # one thread per connection: bounded, so that clients holding connections open (slow or idle ones)
+        # cannot take every thread and the memory they need; beyond the bound a connection gets a 503 at once
+        self._connections = threading.BoundedSemaphore(api.http.max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._connections.acquire(blocking=False):
+            log.warning("HTTP API: %d connections are open (http.max_connections); refused one from %s",
+                        self.api.http.max_connections, client_address[0])
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
     def handle_error(self, request, client_address) -> None:  # a connection failed outside a request
         log.debug("HTTP API: connection from %s failed", client_address, exc_info=True)

@@ -426,3 +426,36 @@ def test_hosts_reachable_from_elsewhere_are_told_apart_from_loopback(host, loopb
     from agent.http_api import _loopback
 
     assert _loopback(host) is loopback
+
+
+def test_connections_beyond_max_connections_get_503_and_a_freed_place_serves_again():
+    """Each connection holds a thread: clients that open connections and send nothing (slowloris) take
+    at most http.max_connections of them; the next connection is answered 503 at once, not queued."""
+    srv = ApiServer(HttpSettings(port=0, max_connections=2), SamplingSettings())
+    srv.start()
+    idle = []
+    try:
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            idle.append(s)
+        # the server accepts connections in order, one at a time: the third comes after both idle ones
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        conn.request("GET", "/healthz")
+        resp = conn.getresponse()
+        assert (resp.status, resp.getheader("Retry-After")) == (503, "1")
+        conn.close()
+        idle.pop().close()  # a place frees when the server sees the connection end
+        deadline = time.monotonic() + 10
+        while True:
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+            conn.request("GET", "/healthz")
+            status = conn.getresponse().status
+            conn.close()
+            if status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert status == 200
+    finally:
+        for s in idle:
+            s.close()
+        srv.shutdown(deadline=5.0)
