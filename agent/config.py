@@ -116,6 +116,9 @@ class TelemetrySettings(_Section):
 class OtaSettings(_Section):
     # public keys (*.pub) that may sign bundles; more than one during a key rotation
     trusted_keys: Path = Path("/etc/edgeglm/trusted-keys")
+    # public keys (*.pub) that may authorise rollbacks, and only rollbacks (never a bundle); unset: the
+    # trusted_keys authorise rollbacks too (one key role)
+    rollback_keys: Path | None = None
     # refuse to serve a bundle without a valid signature (always on for OTA updates)
     require_signature: bool = True
     max_latency_ratio: float = Field(1.5, gt=1.0, le=100.0)  # self-test: new decode latency vs serving

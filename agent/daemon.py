@@ -109,6 +109,17 @@ class Agent:
             raise ServeError(f"{exc} (set ota.trusted_keys to the directory of the fleet's *.pub keys; for "
                              "unsigned development bundles only, set ota.require_signature = false)") from None
 
+    def _rollback_keys(self) -> dict | None:
+        """The keys trusted for rollback statements only (None: ota.rollback_keys unset, the bundle keys)."""
+        if self.cfg.ota.rollback_keys is None:
+            return None
+        try:
+            keys = load_trusted_keys([self.cfg.ota.rollback_keys])
+        except BundleError as exc:
+            log.warning("rollbacks will be refused: %s (ota.rollback_keys)", exc)
+            return {}
+        return keys
+
     def _load(self, path: Path) -> LoadedModel:
         """Load a bundle for serving: signature checked over the manifest's bytes, then every file checked
         against those same bytes (the manifest is read once)."""
@@ -374,7 +385,8 @@ class Agent:
                 min_delta_ms=self.cfg.ota.min_latency_delta_ms), self.model, self.http.on_engine),
             activate=self.activate, report=self._report_ota, agent_version=__version__,
             supported_backends=tuple(available_backends()), architecture_problem=architecture_problem,
-            active_version=lambda: self.model.bundle.manifest.version if self.model else None)
+            active_version=lambda: self.model.bundle.manifest.version if self.model else None,
+            fleet=self.cfg.device.fleet, device=self.cfg.device.id, rollback_keys=self._rollback_keys())
 
     def _chunk_request(self, req):
         d = self.cfg.device
@@ -401,6 +413,7 @@ class Agent:
                 if offer.update_id == self.updater.data.get("update_id"):
                     return  # the retained offer we already processed, seen again after a reconnect
                 self.updater.deps.trusted_keys = self._reload_keys()
+                self.updater.deps.rollback_keys = self._rollback_keys()
                 try:
                     self.updater.submit(offer)
                 except UpdateFailed as exc:

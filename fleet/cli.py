@@ -7,7 +7,8 @@
     edgeglm fleet rollout --bundle B --group G --canary PCT [--max-p95-regression PCT] [--window S]
                           [--previous-bundle P --key SIGNING_KEY] [--db fleet.db]
     edgeglm fleet rollout cancel ID [--db fleet.db]
-    edgeglm fleet rollback --group G [--to VERSION] --key SIGNING_KEY [--broker HOST:PORT] [--db fleet.db]
+    edgeglm fleet rollback --group G [--to VERSION] --key ROLLBACK_KEY [--valid-for SECONDS]
+                           [--broker HOST:PORT] [--db fleet.db]
     edgeglm fleet group add|remove G [--fleet F] DEVICE...  /  edgeglm fleet group list
 
 `serve` runs until SIGTERM/Ctrl-C and advances the rollouts in its database every second;
@@ -297,9 +298,11 @@ def _config_targets(args) -> list[tuple[str, str]]:
 def cmd_rollback(args) -> int:
     from fleet.config import load_fleet_config
     from fleet.groups import known_bundles, rollback_target, select
-    from fleet.rollout import offer_rollback
+    from fleet.rollout import ROLLBACK_VALID_MAX_S, offer_rollback
     from fleet.store import Store
 
+    _check_number("--valid-for", args.valid_for, 0 < args.valid_for <= ROLLBACK_VALID_MAX_S,
+                  f"in (0, {ROLLBACK_VALID_MAX_S:.0f}] seconds: how long the devices accept the rollback")
     if not Path(args.key).is_file():
         raise FleetError(f"--key {args.key}: no such file (the private key that signs rollback offers)")
     store = Store(_existing_db(args))
@@ -315,7 +318,8 @@ def cmd_rollback(args) -> int:
         controller = _connect(args)
         try:
             for fleet in sorted({f for f, _ in move}):
-                ids = offer_rollback(controller, fleet, [d for f, d in move if f == fleet], bundle, Path(args.key))
+                serving = {d: devices[(f, d)]["model_version"] for f, d in move if f == fleet}
+                ids = offer_rollback(controller, fleet, serving, bundle, Path(args.key), args.valid_for)
                 offered.update({(fleet, d): u for d, u in ids.items()})
         finally:
             controller.stop()
@@ -324,7 +328,9 @@ def cmd_rollback(args) -> int:
         d = devices[(fleet, device)]
         print(f"  {fleet}/{device}: {d['model_version'] or '-'} -> {version}, signed rollback offer "
               f"{offered[(fleet, device)]}{'' if d['online'] else ' (offline: it gets the offer when it reconnects)'}")
-    print(f"{len(move)} device(s) offered the rollback; {len(stay)} already on {version}. "
+    expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + args.valid_for))
+    print(f"{len(move)} device(s) offered the rollback; {len(stay)} already on {version}. Each offer is signed "
+          f"for its device and the version shown, once, until {expires} (--valid-for {args.valid_for:g} s). "
           f"`edgeglm fleet serve` serves the files; `edgeglm fleet status` shows the versions.")
     return 0
 
@@ -418,7 +424,10 @@ def register(sub) -> None:
     common(b)
     b.add_argument("--group", required=True, help="a group (`fleet group add`) or a fleet id")
     b.add_argument("--to", metavar="VERSION", help="version to go back to (default: the previous known one)")
-    b.add_argument("--key", required=True, help="private key that signs the rollback offers")
+    b.add_argument("--key", required=True, help="private key that signs the rollback offers (a rollback key: "
+                   "its public half in the agents' ota.rollback_keys)")
+    b.add_argument("--valid-for", type=float, default=24 * 3600.0, metavar="SECONDS",
+                   help="how long the devices accept the rollback (default 86400, at most 30 days)")
     b.set_defaults(func=cmd_rollback)
 
     g = fsub.add_parser("group", help="device groups kept by the controller")

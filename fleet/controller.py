@@ -50,6 +50,7 @@ from ota.errors import BundleError
 from ota.offers import make_offer
 from ota.signing import read_signature
 from ota.transfer import MAX_CHUNK_SIZE, ChunkRequest, ChunkResponse, ChunkSource
+from ota.update import ROLLBACK_FORMAT, RollbackTerms
 
 log = logging.getLogger("edgeglm.fleet")
 # the largest payload read on each device topic; anything bigger is dropped unread
@@ -333,14 +334,24 @@ class FleetController:
 
     # --- commands ---------------------------------------------------------------------------
     def offer(self, fleet: str, device: str, bundle_dir: Path, update_id: str | None = None,
-              rollback_key=None) -> str:
+              rollback_key=None, replaces: str | None = None, not_after: int | None = None) -> str:
+        """Offer a bundle to one device. With `rollback_key`, a rollback: the key signs a statement bound to
+        this fleet and device, the version it `replaces` (the one the device serves now) and `not_after`
+        (unix seconds), which the agent checks."""
         bundle = offerable_bundle(bundle_dir)
+        terms = None
+        if rollback_key is not None:
+            if not_after is None:
+                raise ValueError("a rollback offer needs not_after (its expiry)")
+            terms = RollbackTerms(format=ROLLBACK_FORMAT, fleet=fleet, device=device, replaces=replaces,
+                                  not_after=int(not_after))
         update_id = update_id or f"{bundle.manifest.name}-{bundle.manifest.version}-{int(time.time() * 1000)}"
         self.store.add_offer(update_id, Path(bundle_dir).resolve(), bundle.manifest.version, fleet, device)
         self.chunks.add(update_id, bundle_dir)
-        offer = make_offer(bundle, update_id, {"type": "mqtt"}, rollback_key=rollback_key)
-        self.client.publish(ota_offer_topic(fleet, device), offer.model_dump_json(), qos=1,
-                            retain=True).wait_for_publish(10)
+        offer = make_offer(bundle, update_id, {"type": "mqtt"}, rollback_key=rollback_key, rollback_terms=terms)
+        # a plain offer leaves out the empty rollback_terms, so that an agent of an older version still parses it
+        payload = offer.model_dump_json(exclude={"rollback_terms"} if terms is None else None)
+        self.client.publish(ota_offer_topic(fleet, device), payload, qos=1, retain=True).wait_for_publish(10)
         return update_id
 
     def set_desired(self, fleet: str, device: str, settings: dict, version: int | None = None) -> int:

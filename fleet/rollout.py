@@ -159,12 +159,22 @@ def load_rollouts(store: Store, active_only: bool = False) -> list[Rollout]:
     return [r for r in out if r.phase in ACTIVE] if active_only else out
 
 
-def offer_rollback(controller, fleet: str, devices: list[str], bundle: Path, key: Path) -> dict[str, str]:
-    """Offer every device a rollback to `bundle`, signed with `key`: device -> update id."""
+ROLLBACK_VALID_S = 24 * 3600.0  # how long a rollback authorisation is valid by default
+ROLLBACK_VALID_MAX_S = 30 * 86400.0  # the longest `fleet rollback --valid-for` issues
+
+
+def offer_rollback(controller, fleet: str, devices: dict[str, str | None], bundle: Path, key: Path,
+                   valid_s: float = ROLLBACK_VALID_S) -> dict[str, str]:
+    """Offer every device a rollback to `bundle`, signed with `key`: device -> update id.
+
+    `devices` maps each device to the version it serves now (None: no model): each gets its own statement,
+    bound to this fleet, that device and that version, valid for `valid_s` seconds."""
     from ota.signing import load_private_key
 
     private = load_private_key(key)
-    return {d: controller.offer(fleet, d, bundle, rollback_key=private) for d in devices}
+    not_after = int(time.time() + valid_s)
+    return {d: controller.offer(fleet, d, bundle, rollback_key=private, replaces=v, not_after=not_after)
+            for d, v in devices.items()}
 
 
 class RolloutDriver:
@@ -287,7 +297,16 @@ class RolloutDriver:
 
     def _halting(self, r: Rollout, now: float) -> None:
         if r.previous_bundle and r.key:
-            offer_rollback(self.controller, r.fleet, r.data.get("canaries", []), r.previous_bundle, r.key)
+            # the version each canary serves now: the rollout's for one that committed it, else the reported one
+            reported = {d["device"]: d["model_version"] for d in self.store.devices(r.fleet)}
+            serving = {}
+            for d in r.data.get("canaries", []):
+                update_id = r.data.get("offers", {}).get(d)
+                row = self.store._exec("SELECT version FROM offers WHERE update_id=?", (update_id,)).fetchone() \
+                    if update_id else None
+                committed = row and (self.store.last_result(r.fleet, d, update_id) or {}).get("result") == "committed"
+                serving[d] = row[0] if committed else reported.get(d)
+            offer_rollback(self.controller, r.fleet, serving, r.previous_bundle, r.key)
             self._save(r, "halted", f"halted; canaries offered a signed rollback to {r.previous_bundle.name}")
         else:
             self._save(r, "halted", "halted; no --previous-bundle/--key given, canaries keep the new version")

@@ -13,17 +13,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ota.bundle import Bundle
 from ota.signing import read_signature, sign_bytes
-from ota.update import Offer, UpdateFailed, rollback_statement
+from ota.update import Offer, RollbackTerms, UpdateFailed, rollback_statement
 
 
-def make_offer(bundle: Bundle, update_id: str, source: dict, rollback_key: Ed25519PrivateKey | None = None) -> Offer:
-    """An offer for a signed bundle; with `rollback_key`, an authorised rollback offer."""
+def make_offer(bundle: Bundle, update_id: str, source: dict, rollback_key: Ed25519PrivateKey | None = None,
+               rollback_terms: RollbackTerms | None = None) -> Offer:
+    """An offer for a signed bundle; with `rollback_key` and `rollback_terms` (the fleet and device it is for,
+    the version it replaces, its expiry), an authorised rollback offer."""
     raw = bundle.manifest_bytes
     offer = Offer(update_id=update_id, manifest_b64=base64.b64encode(raw).decode(),
                   signature=read_signature(bundle.root), source=source)
+    if (rollback_key is None) != (rollback_terms is None):
+        raise ValueError("a rollback offer needs both rollback_key and rollback_terms")
     if rollback_key is not None:
         offer.rollback = True
-        offer.rollback_signature = sign_bytes(rollback_statement(update_id, raw), rollback_key)
+        offer.rollback_terms = rollback_terms
+        offer.rollback_signature = sign_bytes(rollback_statement(update_id, raw, rollback_terms), rollback_key)
     return offer
 
 

@@ -104,6 +104,23 @@ class UpdateFailed(Exception):
     """A handler's reason for failing the update (reported as given)."""
 
 
+ROLLBACK_FORMAT = 2  # the statement format this agent accepts (1: update id + manifest hash only, refused)
+ROLLBACK_CLOCK_SKEW_S = 300  # an expired rollback statement is still accepted this long after its not_after
+ROLLBACK_APPLIED = "rollbacks-applied.json"  # in the OTA state dir: ids of the rollbacks this device applied
+ROLLBACK_APPLIED_KEEP = 1000  # the newest this many are kept (statements expire; the controller caps at 30 d)
+
+
+class RollbackTerms(BaseModel):
+    """What a signed rollback authorisation is bound to (all of it signed, see `rollback_statement`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: int
+    fleet: str = Field(min_length=1, max_length=128)
+    device: str = Field(min_length=1, max_length=128)
+    replaces: str | None = Field(max_length=64)  # the version the device served when it was issued (None: none)
+    not_after: int  # unix seconds: refused after this (plus ROLLBACK_CLOCK_SKEW_S)
+
+
 class Offer(BaseModel):
     """An update offer from the controller: the exact signed manifest and where to fetch files."""
 
@@ -113,17 +130,20 @@ class Offer(BaseModel):
     signature: dict  # manifest.sig content
     rollback: bool = False
     # a rollback (an older version on purpose) must be authorised by a signature over
-    # {"update_id", "manifest_sha256", "rollback": true} from a trusted key
+    # `rollback_statement(update_id, manifest bytes, rollback_terms)` from a trusted rollback key
     rollback_signature: dict | None = None
+    rollback_terms: RollbackTerms | None = None  # what the rollback authorisation is bound to
     source: dict = Field(default_factory=dict)  # how the fetcher reaches the files
 
     def manifest_bytes(self) -> bytes:
         return base64.b64decode(self.manifest_b64, validate=True)
 
 
-def rollback_statement(update_id: str, manifest_bytes: bytes) -> bytes:
+def rollback_statement(update_id: str, manifest_bytes: bytes, terms: RollbackTerms) -> bytes:
+    """The exact bytes a rollback authorisation signs: the update id, the manifest's sha256 and the terms
+    (format, fleet, device, the version it replaces, not_after)."""
     return json.dumps({"update_id": update_id, "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-                       "rollback": True}, sort_keys=True).encode()
+                       "rollback": True, **terms.model_dump()}, sort_keys=True).encode()
 
 
 class Fetcher(Protocol):
@@ -152,6 +172,12 @@ class UpdaterDeps:
     max_entries: int = 3
     # why the runtime cannot run this architecture (None: it can); handed in by the agent
     architecture_problem: Callable[[dict], str | None] = lambda arch: None
+    # who this device is: a rollback statement must name exactly this fleet and device
+    fleet: str | None = None
+    device: str | None = None
+    # keys trusted for rollback statements only (never for manifests); None: the bundle keys (trusted_keys)
+    rollback_keys: dict | None = None
+    clock: Callable[[], float] = time.time
 
 
 class Updater:
@@ -256,10 +282,7 @@ class Updater:
             raise UpdateFailed(f"offered manifest is invalid ({str(exc).splitlines()[0]})") from None
         verify_bytes(raw, offer.signature, self.deps.trusted_keys, f"offer {offer.update_id} manifest")
         if offer.rollback:
-            if not offer.rollback_signature:
-                raise UpdateFailed("rollback offer carries no rollback_signature; refused")
-            verify_bytes(rollback_statement(offer.update_id, raw), offer.rollback_signature,
-                         self.deps.trusted_keys, f"offer {offer.update_id} rollback authorisation")
+            self._check_rollback(offer, raw)
         check_upgrade(self.deps.active_version(), manifest.version, rollback=offer.rollback)
         if parse_version(manifest.min_agent_version) > parse_version(self.deps.agent_version):
             raise UpdateFailed(f"bundle needs agent >= {manifest.min_agent_version}; this agent is "
@@ -279,6 +302,60 @@ class Updater:
         atomic_write_bytes(self.staging / MANIFEST, raw)
         atomic_write_json(self.staging / SIGNATURE, offer.signature)
         return E.ACCEPTED
+
+    def _check_rollback(self, offer: Offer, raw: bytes) -> None:
+        """A rollback offer is taken only with a valid signed statement for this fleet and device, replacing
+        the version it serves now, not expired, and not applied here before."""
+        if not offer.rollback_signature:
+            raise UpdateFailed("rollback offer carries no rollback_signature; refused")
+        terms = offer.rollback_terms
+        if terms is None or terms.format < ROLLBACK_FORMAT:
+            raise UpdateFailed(f"rollback statement of an older format: re-issue it with this controller "
+                               f"(`edgeglm fleet rollback`; the statement is format {terms.format if terms else 1}, "
+                               f"this agent takes format {ROLLBACK_FORMAT}); refused")
+        if terms.format != ROLLBACK_FORMAT:
+            raise UpdateFailed(f"rollback statement of format {terms.format}, this agent takes format "
+                               f"{ROLLBACK_FORMAT}: update the agent, or re-issue it with a controller of its "
+                               "version; refused")
+        keys = self.deps.rollback_keys if self.deps.rollback_keys is not None else self.deps.trusted_keys
+        if not keys:
+            raise UpdateFailed("no key is trusted for rollback statements (ota.rollback_keys empty or unreadable, "
+                               "or no ota.trusted_keys); refused")
+        verify_bytes(rollback_statement(offer.update_id, raw, terms), offer.rollback_signature, keys,
+                     f"offer {offer.update_id} rollback authorisation")
+        if offer.update_id in self.applied_rollbacks():
+            raise UpdateFailed(f"rollback {offer.update_id} was already applied on this device; a rollback "
+                               "authorisation is used once (issue a new one); refused")
+        me = f"{self.deps.fleet}/{self.deps.device}"
+        if not (self.deps.fleet and self.deps.device) or (terms.fleet, terms.device) != (self.deps.fleet,
+                                                                                         self.deps.device):
+            raise UpdateFailed(f"rollback statement is for device {terms.fleet}/{terms.device}, this device is "
+                               f"{me}; refused")
+        active = self.deps.active_version()
+        if terms.replaces != active:
+            raise UpdateFailed(f"rollback statement replaces version {terms.replaces or '(no model)'}, this "
+                               f"device serves {active or 'no model'}; refused (issue one for the version it serves)")
+        now = self.deps.clock()
+        if now > terms.not_after + ROLLBACK_CLOCK_SKEW_S:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(terms.not_after))
+            raise UpdateFailed(f"rollback statement expired at {when} (not_after {terms.not_after}; device clock "
+                               f"{int(now)}, {ROLLBACK_CLOCK_SKEW_S} s of clock skew allowed); refused")
+
+    def applied_rollbacks(self) -> list[str]:
+        """Ids of the rollbacks this device applied (newest last, at most ROLLBACK_APPLIED_KEEP)."""
+        path = self.root / ROLLBACK_APPLIED
+        if not path.is_file():
+            return []
+        try:
+            ids = json.loads(path.read_text()).get("applied", [])
+        except (ValueError, AttributeError) as exc:
+            raise UpdateFailed(f"{path}: unreadable ({exc}); rollbacks are refused until it is fixed or "
+                               "removed") from None
+        return [i for i in ids if isinstance(i, str)]
+
+    def _remember_rollback(self, update_id: str) -> None:
+        ids = [i for i in self.applied_rollbacks() if i != update_id] + [update_id]
+        atomic_write_json(self.root / ROLLBACK_APPLIED, {"applied": ids[-ROLLBACK_APPLIED_KEEP:]})
 
     def _downloading(self) -> Event:
         manifest, offer = self._manifest(), self.offer
@@ -341,6 +418,8 @@ class Updater:
 
     def _committing(self) -> Event:
         target = self.data["target_slot"]
+        if self.offer.rollback:  # remembered before the switch: a replay is refused even after a power cut here
+            self._remember_rollback(self.data["update_id"])
         self.slots.activate(target)
         self.deps.activate(self.slots.path(target))
         self.data["outcome"] = "committed"

@@ -37,6 +37,7 @@ def _agent(tmp_path, **overrides) -> Agent:
 REFUSED = [
     ({"ota": {"trusted_keys": "/tmp/attacker"}}, "ota.trusted_keys"),
     ({"ota": {"require_signature": False}}, "ota.require_signature"),
+    ({"ota": {"rollback_keys": "/tmp/attacker"}}, "ota.rollback_keys"),
     ({"cache": {"persist_dir": "/var/lib/edgeglm/slots"}}, "cache.persist_dir"),
     ({"cache": {"max_mb": 1048576}}, "cache.max_mb"),  # above the box's own 64 MiB
     ({"model": {"slots_dir": "/tmp/elsewhere"}}, "model.slots_dir"),
@@ -57,6 +58,21 @@ def test_desired_config_cannot_change_local_only_settings(tmp_path, settings, ke
     assert key in agent.last_config_error, agent.last_config_error
     assert agent.applied_config_version == 1 and agent.cfg is before and agent.http.sampling.max_tokens == 7
     assert agent.reported_state().last_config_error == agent.last_config_error
+
+
+def test_the_updater_checks_rollbacks_for_this_device_with_the_rollback_keys(tmp_path, signed_bundles):
+    """The agent hands its fleet and device id to the updater (a rollback statement must name them), and the
+    keys of ota.rollback_keys for rollback statements only; unset, the bundle keys authorise rollbacks."""
+    pair = generate_keypair(tmp_path / "rollback-keys", "rollback")
+    (tmp_path / "rollback-keys" / "rollback.key").unlink()
+    trusted = {"ota.trusted_keys": str(signed_bundles["keys"]), "device.fleet": FLEET, "device.id": DEVICE}
+    deps = _agent(tmp_path, **trusted, **{"ota.rollback_keys": str(tmp_path / "rollback-keys")})._updater_deps()
+    assert (deps.fleet, deps.device) == (FLEET, DEVICE)
+    assert list(deps.rollback_keys) == [pair.key_id] and pair.key_id not in deps.trusted_keys
+    deps = _agent(tmp_path, **trusted)._updater_deps()
+    assert deps.rollback_keys is None and deps.trusted_keys
+    deps = _agent(tmp_path, **trusted, **{"ota.rollback_keys": str(tmp_path / "missing")})._updater_deps()
+    assert deps.rollback_keys == {}  # configured but unreadable: every rollback is refused, not the bundle keys
 
 
 def test_desired_config_still_applies_the_remote_settings(tmp_path):

@@ -265,6 +265,46 @@ def test_a_silent_canary_gets_one_more_window_then_fails_the_gate(tmp_path, late
     store.close()
 
 
+def test_a_halted_rollout_offers_each_canary_a_rollback_bound_to_the_version_it_serves(tmp_path, signed_bundles):
+    """The halt path signs one statement per canary: its fleet and device, the version it serves (the rollout's
+    for a canary that committed it, the reported one for a canary whose update failed), valid 24 h."""
+    from fleet.rollout import ROLLBACK_VALID_S, RolloutDriver, create_rollout, load_rollouts
+    from fleet.store import Store
+
+    store, t0 = Store(tmp_path / "fleet.db"), time.time()
+    for d in ("d0", "d1"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
+        store.add_telemetry(FLEET, report(d, t0 - 5, "1.0.0"))  # a baseline: the canaries are offered at once
+    calls: list[dict] = []
+
+    class Offers:  # FleetController.offer as the driver calls it, recording the offer as the controller does
+        def offer(self, fleet, device, bundle, rollback_key=None, replaces=None, not_after=None):
+            update_id = f"u-{len(calls)}"
+            version = "1.1.0" if bundle == signed_bundles["v2"] else "1.0.0"
+            store.add_offer(update_id, bundle, version, fleet, device)
+            calls.append({"device": device, "version": version, "rollback": rollback_key is not None,
+                          "replaces": replaces, "not_after": not_after})
+            return update_id
+
+    rid = create_rollout(store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=10.0,
+                         previous_bundle=signed_bundles["v1"], key=signed_bundles["root"] / "keys" / "fleet.key")
+    driver = RolloutDriver(store, Offers())
+    driver.tick(t0)
+    r = next(r for r in load_rollouts(store) if r.id == rid)
+    assert r.phase == "canary_wait" and r.data["canaries"] == ["d0", "d1"]
+    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 1, "result": "committed"})
+    store.add_ota_status(FLEET, "d1", {"update_id": r.data["offers"]["d1"], "ts": t0 + 1, "result": "failed"})
+    driver.tick(t0 + 1)
+    driver.tick(t0 + 2)
+    r = next(r for r in load_rollouts(store) if r.id == rid)
+    assert r.phase == "halted", r.data["report"]
+    rollbacks = [c for c in calls if c["rollback"]]
+    assert [(c["device"], c["version"], c["replaces"]) for c in rollbacks] == [("d0", "1.0.0", "1.1.0"),
+                                                                               ("d1", "1.0.0", "1.0.0")]
+    assert all(abs(c["not_after"] - (time.time() + ROLLBACK_VALID_S)) < 60 for c in rollbacks)
+    store.close()
+
+
 def test_rollout_continues_after_a_controller_restart(mosquitto, tmp_path, fleet_of_four, signed_bundles):
     devs, _ = fleet_of_four
     settings = ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet=FLEET)

@@ -219,12 +219,22 @@ def test_rollback_offers_the_previous_version_to_devices_on_another(controller, 
     args = ["--group", FLEET, "--key", str(key), "--db", str(db), "--config", str(tmp_path / "fleet.toml"),
             "--broker", f"127.0.0.1:{mosquitto.port}"]
 
-    out = cli("rollback", *args)
+    for bad in ("0", "nan", str(31 * 86400)):
+        out = cli("rollback", *args, "--valid-for", bad)
+        assert out.returncode == 2 and "--valid-for" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert [len(d.offers) for d in fleet] == [1, 1, 0]  # nothing was offered
+    out = cli("rollback", *args, "--valid-for", "600")
     assert out.returncode == 0, out.stderr
     assert "to 1.0.0" in out.stdout and "2 device(s) offered the rollback; 1 already on 1.0.0" in out.stdout
+    assert "--valid-for 600 s" in out.stdout
     until(lambda: [d["model_version"] for d in controller.store.devices(FLEET)] == ["1.0.0"] * 3)
     assert [d.version for d in fleet] == ["1.0.0"] * 3
     assert [o.rollback for o in fleet[0].offers] == [False, True] and fleet[2].offers == []
+    for i in (0, 1):  # one statement per device, bound to it and to the version it served, valid 600 s
+        terms = fleet[i].offers[-1].rollback_terms
+        assert (terms.format, terms.fleet, terms.device, terms.replaces) == (2, FLEET, f"r{i}", "1.1.0")
+        assert abs(terms.not_after - (time.time() + 600)) < 60
+    assert fleet[0].offers[-1].rollback_signature != fleet[1].offers[-1].rollback_signature
 
     out = cli("rollback", *args)  # now nothing older than 1.0.0 is known
     assert out.returncode == 2 and "no version earlier than 1.0.0 is known" in out.stderr

@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ import pytest
 from ota.bundle import open_bundle
 from ota.offers import make_offer
 from bundles import variant
-from ota.signing import generate_keypair, load_private_key
-from update_driver import build_updater
+from ota.signing import generate_keypair, load_private_key, sign_bytes
+from ota.update import ROLLBACK_CLOCK_SKEW_S, ROLLBACK_FORMAT, RollbackTerms
+from update_driver import DEVICE, FLEET, build_updater
 
 DRIVER = Path(__file__).with_name("update_driver.py")
 BEFORE = ["idle", "offered", "downloading", "verifying", "installing", "self_test", "committing"]
@@ -164,25 +166,122 @@ def test_truncated_manifest_is_refused(device, signed_bundles):
     _refused(device, offer, "offered manifest is invalid")
 
 
-def test_replayed_older_version_is_refused_unless_a_signed_rollback(device, signed_bundles, tmp_path):
+def rollback_for(bundle: Path, update_id: str, key, **terms):
+    """A rollback offer to `bundle`, signed by `key`, by default for the driven device serving 1.1.0, valid 1 h."""
+    terms = {"format": ROLLBACK_FORMAT, "fleet": FLEET, "device": DEVICE, "replaces": "1.1.0",
+             "not_after": int(time.time()) + 3600, **terms}
+    return offer_for(bundle, update_id, rollback_key=key, rollback_terms=RollbackTerms(**terms))
+
+
+@pytest.fixture
+def upgraded(device, signed_bundles):
+    """The device serving v2 (1.1.0) from slot b, v1 kept in slot a."""
     updater = build_updater(device)
     updater.submit(offer_for(signed_bundles["v2"], "u2"))
     updater.run()
-    assert serving(device) == "1.1.0"
-    updater = build_updater(device)
-    updater.submit(offer_for(signed_bundles["v1"], "replay"))
+    assert updater.data["history"] == SUCCESS and serving(device) == "1.1.0"
+    (device / "reports.jsonl").unlink()
+    return device
+
+
+def _rollback_refused(device, offer, match, **kw):
+    """The offer is refused in OFFERED, the reason is in the OTA status, 1.1.0 keeps serving."""
+    updater = build_updater(device, **kw)
+    updater.submit(offer)
     updater.run()
-    assert "not newer than the active 1.1.0" in updater.data["reason"] and serving(device) == "1.1.0"
+    assert updater.data["history"] == ["idle", "offered", "failure", "cleanup", "reporting", "idle"]
+    assert match in updater.data["reason"], updater.data["reason"]
+    final = reports(device)[-2]
+    assert final["result"] == "failed" and match in final["reason"]
+    assert updater.slots.active() == "b" and serving(device) == "1.1.0"
+    return updater
+
+
+def test_replayed_older_version_is_refused_unless_a_signed_rollback(upgraded, signed_bundles):
+    _rollback_refused(upgraded, offer_for(signed_bundles["v1"], "replay"), "not newer than the active 1.1.0")
     unsigned_rollback = offer_for(signed_bundles["v1"], "rb")
     unsigned_rollback.rollback = True
-    updater = build_updater(device)
-    updater.submit(unsigned_rollback)
+    _rollback_refused(upgraded, unsigned_rollback, "no rollback_signature")
+    updater = build_updater(upgraded)
+    updater.submit(rollback_for(signed_bundles["v1"], "rb2", signed_bundles["key"]))
     updater.run()
-    assert "no rollback_signature" in updater.data["reason"] and serving(device) == "1.1.0"
-    updater = build_updater(device)
-    updater.submit(offer_for(signed_bundles["v1"], "rb2", rollback_key=signed_bundles["key"]))
+    assert updater.data["history"] == SUCCESS and serving(upgraded) == "1.0.0"
+    assert updater.applied_rollbacks() == ["rb2"]  # persisted in the OTA state dir
+    assert json.loads((upgraded / "state" / "rollbacks-applied.json").read_text()) == {"applied": ["rb2"]}
+
+
+def test_a_rollback_of_the_older_format_is_refused(upgraded, signed_bundles):
+    """A statement over {update_id, manifest_sha256, rollback} only (what controllers signed before)."""
+    import hashlib
+
+    offer = offer_for(signed_bundles["v1"], "rb-old")
+    old = json.dumps({"update_id": "rb-old", "manifest_sha256": hashlib.sha256(offer.manifest_bytes()).hexdigest(),
+                      "rollback": True}, sort_keys=True).encode()
+    offer.rollback, offer.rollback_signature = True, sign_bytes(old, signed_bundles["key"])
+    _rollback_refused(upgraded, offer, "rollback statement of an older format: re-issue it with this controller")
+
+
+def test_an_applied_rollback_is_refused_when_replayed(upgraded, signed_bundles):
+    """After the rollback and a new upgrade to 1.1.0, the same authorisation (still valid, for this device and
+    the version it serves again) is refused: a rollback is applied once."""
+    offer = rollback_for(signed_bundles["v1"], "rb-once", signed_bundles["key"])
+    updater = build_updater(upgraded)
+    updater.submit(offer)
     updater.run()
-    assert updater.data["history"] == SUCCESS and serving(device) == "1.0.0"
+    assert updater.data["history"] == SUCCESS and serving(upgraded) == "1.0.0"
+    updater = build_updater(upgraded)
+    updater.submit(offer_for(signed_bundles["v2"], "u2-again"))
+    updater.run()
+    assert serving(upgraded) == "1.1.0" and updater.slots.active() == "b"
+    updater = build_updater(upgraded)  # a restarted agent: the applied ids come from the state dir
+    updater.submit(offer)
+    updater.run()
+    assert "rollback rb-once was already applied on this device" in updater.data["reason"]
+    assert reports(upgraded)[-2]["result"] == "failed" and "already applied" in reports(upgraded)[-2]["reason"]
+    assert serving(upgraded) == "1.1.0" and updater.slots.active() == "b"
+
+
+@pytest.mark.parametrize("terms,match", [
+    ({"device": "box-2"}, "rollback statement is for device plant7/box-2, this device is plant7/box-1"),
+    ({"fleet": "plant8"}, "rollback statement is for device plant8/box-1"),
+    ({"replaces": "1.0.5"}, "rollback statement replaces version 1.0.5, this device serves 1.1.0"),
+    ({"replaces": None}, "replaces version (no model), this device serves 1.1.0"),
+    ({"not_after": int(time.time()) - ROLLBACK_CLOCK_SKEW_S - 60}, "rollback statement expired at"),
+    ({"format": 1}, "rollback statement of an older format: re-issue it with this controller"),
+    ({"format": 3}, "rollback statement of format 3, this agent takes format 2"),
+])
+def test_a_rollback_for_another_device_version_or_time_is_refused(upgraded, signed_bundles, terms, match):
+    _rollback_refused(upgraded, rollback_for(signed_bundles["v1"], "rb", signed_bundles["key"], **terms), match)
+
+
+def test_rollback_terms_are_signed_and_the_clock_skew_is_bounded(upgraded, signed_bundles):
+    offer = rollback_for(signed_bundles["v1"], "rb", signed_bundles["key"], device="box-2")
+    offer.rollback_terms = offer.rollback_terms.model_copy(update={"device": DEVICE})  # retargeted after signing
+    _rollback_refused(upgraded, offer, "rollback authorisation: signature does not verify")
+    not_after = int(time.time()) - 100
+    late = rollback_for(signed_bundles["v1"], "rb-late", signed_bundles["key"], not_after=not_after)
+    _rollback_refused(upgraded, late, "expired", clock=lambda: not_after + ROLLBACK_CLOCK_SKEW_S + 1)
+    updater = build_updater(upgraded, clock=lambda: not_after + ROLLBACK_CLOCK_SKEW_S - 1)  # within the skew
+    updater.submit(late)
+    updater.run()
+    assert updater.data["history"] == SUCCESS and serving(upgraded) == "1.0.0"
+
+
+def test_rollback_keys_authorise_rollbacks_only(upgraded, signed_bundles, tmp_path):
+    """With rollback-keys configured, the bundle key cannot authorise a rollback, and the rollback key cannot
+    sign a bundle."""
+    pair = generate_keypair(tmp_path / "rollback-key", "rollback")
+    (upgraded / "rollback-keys").mkdir()
+    shutil.copy(pair.public_path, upgraded / "rollback-keys")  # the device holds only the public half
+    rollback_key = load_private_key(pair.private_path)
+    _rollback_refused(upgraded, rollback_for(signed_bundles["v1"], "rb-bundle-key", signed_bundles["key"]),
+                      "rollback authorisation: signed by unknown key")
+    rogue = variant(signed_bundles["v2"], tmp_path / "v2-by-rollback-key", rollback_key, version="1.2.0")
+    _rollback_refused(upgraded, offer_for(rogue, "u3"), f"unknown key '{pair.key_id}'")
+    updater = build_updater(upgraded)
+    updater.submit(rollback_for(signed_bundles["v1"], "rb-ok", rollback_key))
+    updater.run()
+    assert updater.data["history"] == SUCCESS and serving(upgraded) == "1.0.0"
 
 
 def test_bundle_for_another_device_is_refused(device, signed_bundles, tmp_path):

@@ -2,8 +2,8 @@
 
     python tests/ota/update_driver.py WORKDIR [--kill-at STATE] [--fail-at STATE] [--activate-fails VERSION]
 
-WORKDIR holds `keys/` (trusted *.pub), `offer.json` (submitted when the updater is idle and
-`submit` exists), and receives `state/` (slots and update.json), `reports.jsonl` (every status
+WORKDIR holds `keys/` (trusted *.pub), optionally `rollback-keys/` (*.pub trusted for rollbacks only),
+`offer.json` (submitted when the updater is idle and `submit` exists), and receives `state/` (slots and update.json), `reports.jsonl` (every status
 report) and `serving.json` (what the "agent" serves after each activation).
 """
 
@@ -27,7 +27,11 @@ from ota.update import Offer, State, UpdateFailed, Updater, UpdaterDeps  # noqa:
 from runtime.engine import architecture_problem  # noqa: E402
 
 
-def build_updater(work: Path, activate_fails: str | None = None, max_latency_ratio: float = 100.0) -> Updater:
+FLEET, DEVICE = "plant7", "box-1"  # the identity the driven device has
+
+
+def build_updater(work: Path, activate_fails: str | None = None, max_latency_ratio: float = 100.0,
+                  clock=None) -> Updater:
     serving: dict = {"model": None}
 
     def report(status: dict) -> None:
@@ -56,7 +60,10 @@ def build_updater(work: Path, activate_fails: str | None = None, max_latency_rat
             max_latency_ratio=max_latency_ratio, steps=4), serving["model"]),
         activate=activate, report=report, agent_version="0.1.0",
         supported_backends=("onnxruntime", "openvino"), active_version=active_version,
-        architecture_problem=architecture_problem)
+        architecture_problem=architecture_problem, fleet=FLEET, device=DEVICE,
+        rollback_keys=load_trusted_keys([work / "rollback-keys"]) if (work / "rollback-keys").is_dir() else None)
+    if clock is not None:
+        deps.clock = clock
     updater = Updater(work / "state", deps)
     if updater.slots.active_path():  # the agent serves its active slot at start
         activate(updater.slots.active_path())
