@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import checkpoint_dir_problem, load_checkpoint, save_checkpoint
 from models.config import GlmConfig
 from models.data import TextSource, TokenCorpus, corpus_from_ids, text_files, tokenize_corpus
 from models.distill import DistillError, DistillSettings, distill, resolve_device
@@ -224,11 +224,9 @@ def check_corpus_text(files: list[Path]) -> None:
 
 
 def check_teacher(teacher: Path) -> GlmConfig:
-    if teacher.is_file():
-        raise BuildError(f"--teacher {teacher}: is a file; give the checkpoint's directory ({teacher.parent}), "
-                         "which holds config.json, the weights and tokenizer.json")
-    if not teacher.is_dir():
-        raise BuildError(f"--teacher {teacher}: checkpoint directory not found")
+    problem = checkpoint_dir_problem(teacher)
+    if problem:
+        raise BuildError(f"--teacher {teacher}: {problem}")
     cfg = GlmConfig.from_file(teacher / "config.json")  # CheckpointError names another architecture
     if not (teacher / "tokenizer.json").is_file():
         raise BuildError(f"--teacher {teacher}: tokenizer.json not found; the bundle must carry the teacher's tokenizer")

@@ -152,3 +152,13 @@ def save_checkpoint(model: GlmForCausalLM, out: str | Path, tokenizer_json: Path
     if tokenizer_json is not None:
         shutil.copyfile(tokenizer_json, out / "tokenizer.json")
     return out
+
+
+def checkpoint_dir_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` is not a checkpoint directory (a file inside one is a common slip), or None."""
+    if checkpoint.is_file():
+        return (f"is a file; give the checkpoint's directory ({checkpoint.parent}), which holds config.json, "
+                "the weights and tokenizer.json")
+    if not checkpoint.is_dir():
+        return "checkpoint directory not found"
+    return None

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import checkpoint_dir_problem, load_checkpoint
 from models.config import GlmConfig
 from models.errors import CheckpointError, ExportError
 from models.glm import GlmForCausalLM
@@ -211,11 +211,9 @@ def make_stateful(ov_model, num_layers: int) -> None:
 
 def check_checkpoint_dir(checkpoint: Path) -> None:
     """The checkpoint must be a directory (a file inside it is a common slip)."""
-    if checkpoint.is_file():
-        raise CheckpointError(f"{checkpoint}: is a file; give the checkpoint's directory ({checkpoint.parent}), "
-                              "which holds config.json, the weights and tokenizer.json; nothing was exported")
-    if not checkpoint.is_dir():
-        raise CheckpointError(f"{checkpoint}: checkpoint directory not found")
+    problem = checkpoint_dir_problem(checkpoint)
+    if problem:
+        raise CheckpointError(f"{checkpoint}: {problem}" + ("; nothing was exported" if checkpoint.is_file() else ""))
 
 
 def make_staging(out: Path) -> tuple[Path, list[Path]]:
