@@ -5,9 +5,9 @@
     edgeglm fleet offer --fleet F --device D --bundle BUNDLE [--force] [--broker HOST:PORT] [--db fleet.db]
     edgeglm fleet config set (--fleet F --device D | --group G) KEY=VALUE... [--broker HOST:PORT]
     edgeglm fleet rollout --bundle B --group G --canary PCT [--max-p95-regression PCT] [--window S]
-                          [--previous-bundle P --key SIGNING_KEY] [--db fleet.db]
+                          [--previous-bundle P [--key ROLLBACK_KEY]] [--db fleet.db]
     edgeglm fleet rollout cancel ID [--db fleet.db]
-    edgeglm fleet rollback --group G [--to VERSION] --key ROLLBACK_KEY [--valid-for SECONDS]
+    edgeglm fleet rollback --group G [--to VERSION] [--key ROLLBACK_KEY] [--valid-for SECONDS]
                            [--broker HOST:PORT] [--db fleet.db]
     edgeglm fleet group add|remove G [--fleet F] DEVICE...  /  edgeglm fleet group list
 
@@ -16,7 +16,8 @@
 `rollout cancel` stops one there. A group G is an assigned group (`group add`), or a fleet
 id when no group G is assigned (fleet/groups.py). `offer`, `rollback` and `config set` publish
 through a short-lived connection; the serving controller answers the chunk requests of an offer
-from the shared database.
+from the shared database. Rollback offers are signed with --key, or with `[rollback] key` of the
+fleet config (fleet/config.py).
 """
 
 from __future__ import annotations
@@ -107,6 +108,27 @@ def _db(args) -> Path:
     return Path(args.db) if args.db else cfg.database.path
 
 
+def _rollback_key(args, signs: str) -> Path:
+    """The private key that signs rollback offers: --key, else `[rollback] key` of the fleet config; checked."""
+    from fleet.config import load_fleet_config
+    from ota.signing import SignatureError, load_private_key
+
+    if args.key is not None:
+        key, where = Path(args.key), "--key"
+    else:
+        key, where = load_fleet_config(args.config).rollback.key, "[rollback] key"
+        if key is None:
+            raise FleetError(f"no key to sign {signs}: give --key ROLLBACK_KEY or set [rollback] key in the fleet "
+                             f"config (EDGEGLM_ROLLBACK__KEY); nothing was done")
+    if not key.is_file():
+        raise FleetError(f"{where} {key}: no such file (the private key that signs {signs}); nothing was done")
+    try:
+        load_private_key(key)
+    except SignatureError as exc:
+        raise FleetError(f"{where}: {exc}; nothing was done") from None
+    return key
+
+
 def _existing_db(args) -> Path:
     db = _db(args)
     if not db.is_file():
@@ -192,30 +214,27 @@ def _rollout_start(args) -> int:
     from fleet.groups import one_fleet, select
     from fleet.rollout import create_rollout
     from fleet.store import Store
-    from ota.signing import load_private_key
 
     _check_number("--canary", args.canary, 0 < args.canary <= 100, "in (0, 100]: percent of the online devices")
     _check_number("--window", args.window, args.window > 0, "> 0 seconds of canary telemetry")
     _check_number("--max-p95-regression", args.max_p95_regression, args.max_p95_regression >= 0,
                   ">= 0 percent of p95 growth that halts the rollout")
     _check_number("--min-delta-ms", args.min_delta_ms, args.min_delta_ms >= 0, ">= 0 ms")
-    if (args.previous_bundle is None) != (args.key is None):
-        raise FleetError("--previous-bundle and --key go together: the key signs the canaries' rollback offers")
+    if args.key is not None and args.previous_bundle is None:
+        raise FleetError("--key signs the canaries' rollback offers to --previous-bundle: give --previous-bundle "
+                         "too; nothing was recorded")
+    key = _rollback_key(args, "the canaries' rollback offers") if args.previous_bundle else None
     # what the devices would be offered is checked now, as `fleet offer` checks it, not when the rollout runs
     bundle = offerable_bundle(args.bundle)
     if args.previous_bundle:
         offerable_bundle(args.previous_bundle)
-        if not Path(args.key).is_file():
-            raise FleetError(f"--key {args.key}: no such file (the private key that signs the canaries' rollback "
-                             f"offers); nothing was recorded")
-        load_private_key(args.key)
     db = _existing_db(args)
     store = Store(db)
     selection = select(store, args.group)  # an assigned group, or a fleet id with known devices
     fleet, group = (one_fleet(selection), args.group) if selection.assigned else (args.group, None)
     rid = create_rollout(store, Path(args.bundle), fleet, args.canary, args.max_p95_regression,
                          args.window, Path(args.previous_bundle) if args.previous_bundle else None,
-                         Path(args.key) if args.key else None, args.min_delta_ms, group=group)
+                         key, args.min_delta_ms, group=group)
     print(f"rollout {rid}: {bundle.manifest.name} {bundle.manifest.version} to "
           f"{'group ' + group + ' of fleet ' + fleet if group else 'fleet ' + fleet} "
           f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95, window {args.window:g} s); "
@@ -303,8 +322,7 @@ def cmd_rollback(args) -> int:
 
     _check_number("--valid-for", args.valid_for, 0 < args.valid_for <= ROLLBACK_VALID_MAX_S,
                   f"in (0, {ROLLBACK_VALID_MAX_S:.0f}] seconds: how long the devices accept the rollback")
-    if not Path(args.key).is_file():
-        raise FleetError(f"--key {args.key}: no such file (the private key that signs rollback offers)")
+    key = _rollback_key(args, "rollback offers")
     store = Store(_existing_db(args))
     selection = select(store, args.group)
     devices = {(d["fleet"], d["device"]): d for d in store.devices()}
@@ -319,7 +337,7 @@ def cmd_rollback(args) -> int:
         try:
             for fleet in sorted({f for f, _ in move}):
                 serving = {d: devices[(f, d)]["model_version"] for f, d in move if f == fleet}
-                ids = offer_rollback(controller, fleet, serving, bundle, Path(args.key), args.valid_for)
+                ids = offer_rollback(controller, fleet, serving, bundle, key, args.valid_for)
                 offered.update({(fleet, d): u for d, u in ids.items()})
         finally:
             controller.stop()
@@ -407,7 +425,8 @@ def register(sub) -> None:
     r.add_argument("--min-delta-ms", type=float, default=1.0,
                    help="a p95 growth below this many ms is never a regression (default 1.0)")
     r.add_argument("--previous-bundle", help="bundle to roll canaries back to when the rollout halts")
-    r.add_argument("--key", help="private key that signs the rollback offers")
+    r.add_argument("--key", help="private key that signs the canaries' rollback offers (default: [rollback] key "
+                   "of --config)")
     r.set_defaults(func=cmd_rollout)
 
     c = fsub.add_parser("config", help="desired config of a device")
@@ -424,8 +443,8 @@ def register(sub) -> None:
     common(b)
     b.add_argument("--group", required=True, help="a group (`fleet group add`) or a fleet id")
     b.add_argument("--to", metavar="VERSION", help="version to go back to (default: the previous known one)")
-    b.add_argument("--key", required=True, help="private key that signs the rollback offers (a rollback key: "
-                   "its public half in the agents' ota.rollback_keys)")
+    b.add_argument("--key", help="private key that signs the rollback offers (a rollback key: its public half in "
+                   "the agents' ota.rollback_keys; default: [rollback] key of --config)")
     b.add_argument("--valid-for", type=float, default=24 * 3600.0, metavar="SECONDS",
                    help="how long the devices accept the rollback (default 86400, at most 30 days)")
     b.set_defaults(func=cmd_rollback)

@@ -40,6 +40,13 @@ class BundlesSection(_Section):
     dir: Path = Path("bundles")
 
 
+class RollbackSection(_Section):
+    key: Path | None = Field(
+        None, description="private key that signs rollback offers (`edgeglm fleet rollback`, the canaries' "
+                          "rollback when a rollout with --previous-bundle halts) where --key is not given: best a "
+                          "rollback key, whose public half the agents have in ota.rollback_keys")
+
+
 class TlsSection(_Section):
     ca_file: str | None = None
 
@@ -64,6 +71,7 @@ class FleetConfig(BaseSettings):
     http: HttpSection = Field(default_factory=HttpSection)
     database: DatabaseSection = Field(default_factory=DatabaseSection)
     bundles: BundlesSection = Field(default_factory=BundlesSection)
+    rollback: RollbackSection = Field(default_factory=RollbackSection)
     mqtt: MqttSection = Field(default_factory=MqttSection)
 
     @classmethod

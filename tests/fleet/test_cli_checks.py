@@ -97,6 +97,30 @@ def test_rollout_checks_bundles_target_and_numbers_before_recording(db, signed_b
     store.close()
 
 
+def test_the_rollback_key_comes_from_key_or_the_fleet_config(db, signed_bundles, tmp_path):
+    v1, v2 = str(signed_bundles["v1"]), str(signed_bundles["v2"])
+    key = signed_bundles["root"] / "keys" / "fleet.key"
+    start = ("rollout", "--db", str(db), "--canary", "50", "--bundle", v2, "--group", FLEET)
+    refused(cli(*start, "--previous-bundle", v1), "no key to sign the canaries' rollback offers",
+            "--key ROLLBACK_KEY or set [rollback] key", "nothing was done")
+    refused(cli(*start, "--key", str(key)), "--key signs the canaries' rollback offers to --previous-bundle")
+    conf = tmp_path / "fleet.toml"
+    conf.write_text(f'[rollback]\nkey = "{tmp_path / "missing.key"}"\n')
+    refused(cli(*start, "--previous-bundle", v1, "--config", str(conf)),
+            f"[rollback] key {tmp_path / 'missing.key'}: no such file")
+    refused(cli("rollback", "--group", FLEET, "--db", str(db), "--config", str(conf)),
+            f"[rollback] key {tmp_path / 'missing.key'}: no such file", "rollback offers")
+    refused(cli("rollback", "--group", FLEET, "--db", str(db)), "no key to sign rollback offers")
+    store = Store(db)
+    assert load_rollouts(store) == []  # nothing was recorded
+    conf.write_text(f'[rollback]\nkey = "{key}"\n')
+    out = cli(*start, "--previous-bundle", v1, "--config", str(conf))
+    assert out.returncode == 0 and "rollout 1:" in out.stdout, out.stderr
+    (r,) = load_rollouts(store)
+    assert r.key == key and r.previous_bundle == signed_bundles["v1"]  # the halt path signs with the config's key
+    store.close()
+
+
 def test_one_active_rollout_per_target_and_cancel_stops_it(db, signed_bundles):
     v2 = str(signed_bundles["v2"])
     assert cli("group", "add", "ring1", "--fleet", FLEET, "d1", "--db", str(db)).returncode == 0

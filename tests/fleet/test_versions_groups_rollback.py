@@ -214,9 +214,10 @@ def test_rollback_offers_the_previous_version_to_devices_on_another(controller, 
     for d in fleet[:2]:
         controller.offer(FLEET, d.device, signed_bundles["v2"])
     until(lambda: [d["model_version"] for d in controller.store.devices(FLEET)] == ["1.1.0", "1.1.0", "1.0.0"])
-    (tmp_path / "fleet.toml").write_text(f'[bundles]\ndir = "{signed_bundles["root"]}"\n')
     key = signed_bundles["root"] / "keys" / "fleet.key"
-    args = ["--group", FLEET, "--key", str(key), "--db", str(db), "--config", str(tmp_path / "fleet.toml"),
+    # the signing key from the fleet config's [rollback] key (as in the K3s controller), no --key
+    (tmp_path / "fleet.toml").write_text(f'[bundles]\ndir = "{signed_bundles["root"]}"\n[rollback]\nkey = "{key}"\n')
+    args = ["--group", FLEET, "--db", str(db), "--config", str(tmp_path / "fleet.toml"),
             "--broker", f"127.0.0.1:{mosquitto.port}"]
 
     for bad in ("0", "nan", str(31 * 86400)):

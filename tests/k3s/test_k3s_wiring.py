@@ -197,6 +197,52 @@ def test_controller_config_loads_through_the_fleet_config_loader(tmp_path, monke
     assert cfg.mqtt.tls is not None and cfg.fleet.id == "default"
 
 
+@pytest.mark.parametrize("name", kustomizations())
+def test_rollback_keys_are_split_from_the_bundle_keys(name, tmp_path, monkeypatch):
+    """Agents trust a rollback key of their own (ota.rollback_keys, always mounted: an empty directory
+    would refuse every rollback); the controller signs with its private half from fleet.toml's
+    [rollback] key; no agent pod mounts a private key, and the controller mounts no bundle key."""
+    from agent.config import load_config
+    from fleet.config import load_fleet_config
+
+    resources = rendered(name)
+    templates = secret_templates()
+    for var in [v for v in os.environ if v.upper().startswith("EDGEGLM_")]:
+        monkeypatch.delenv(var)
+    ds = find(resources, "DaemonSet", "edgeglm-agent")
+    agent = _container(ds, "agent")
+    (tmp_path / "agent.toml").write_text(_toml_text(resources, "edgeglm-agent-config", "agent.toml"))
+    cfg = load_config(tmp_path / "agent.toml")
+    assert cfg.ota.rollback_keys is not None
+    pub = _volume_at(ds, agent, str(cfg.ota.rollback_keys))["secret"]
+    assert pub["secretName"] == "edgeglm-rollback-keys" and not pub.get("optional", False)
+    assert pub["secretName"] != _volume_at(ds, agent, str(cfg.ota.trusted_keys))["secret"]["secretName"]
+    assert all(k.endswith(".pub") for k in templates[pub["secretName"]]["stringData"])
+
+    dep = find(resources, "Deployment", "edgeglm-controller")
+    c = _container(dep, "controller")
+    (tmp_path / "fleet.toml").write_text(_toml_text(resources, "edgeglm-controller-config", "fleet.toml"))
+    key_path = load_fleet_config(tmp_path / "fleet.toml").rollback.key
+    vol, key = _mounted_file(dep, c, str(key_path))
+    assert vol["secret"]["secretName"] == "edgeglm-controller-rollback-key"
+    assert "PRIVATE KEY" in templates["edgeglm-controller-rollback-key"]["stringData"][key]
+    # readable by the controller's user only through its group (fsGroup), by no one else
+    assert vol["secret"]["defaultMode"] & 0o007 == 0 and pod_spec(dep)["securityContext"]["fsGroup"] == \
+        pod_spec(dep)["securityContext"]["runAsUser"]
+
+    private = {n for n, t in templates.items() if any("PRIVATE KEY" in str(v) for v in t["stringData"].values())}
+    assert {"edgeglm-controller-rollback-key", "edgeglm-broker-tls"} <= private
+    assert not {v["secret"]["secretName"] for v in pod_spec(ds)["volumes"] if "secret" in v} & private
+    for w in workloads(resources):
+        mounted = {v["secret"]["secretName"] for v in pod_spec(w).get("volumes", []) if "secret" in v}
+        assert w is dep or "edgeglm-controller-rollback-key" not in mounted, label(w)
+    assert "edgeglm-trusted-keys" not in {v["secret"]["secretName"] for v in pod_spec(dep)["volumes"] if "secret" in v}
+
+
+def _toml_text(resources: list[dict], configmap: str, key: str) -> str:
+    return find(resources, "ConfigMap", configmap)["data"][key]
+
+
 def test_fleet_id_and_controller_user_agree_with_the_acl():
     resources = rendered("base")
     agent_fleet = _toml(resources, "edgeglm-agent-config", "agent.toml")["device"]["fleet"]
