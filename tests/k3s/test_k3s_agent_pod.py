@@ -81,16 +81,16 @@ def test_probes_fail_when_nothing_listens():
 
 # --- the start script ------------------------------------------------------------------------------
 
-CREDENTIALS_DIR = "/etc/edgeglm/device-credentials"
+PASSWORD_FILE = "/etc/edgeglm/device/mqtt-password"
 
 
-def _run_start_script(tmp_path: Path, device: str, passwords: dict[str, str]) -> subprocess.CompletedProcess:
-    """The container's command with the credentials directory moved into tmp_path and a stand-in
-    `edgeglm` first on PATH that prints what it was given."""
-    creds = tmp_path / "device-credentials"
-    creds.mkdir()
-    for name, password in passwords.items():
-        (creds / name).write_text(password)
+def _run_start_script(tmp_path: Path, device: str, password: str | None) -> subprocess.CompletedProcess:
+    """The container's command with the box's password file (None: not written) moved into tmp_path
+    and a stand-in `edgeglm` first on PATH that prints what it was given."""
+    box = tmp_path / "etc-edgeglm-device"
+    box.mkdir()
+    if password is not None:
+        (box / "mqtt-password").write_text(password)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "edgeglm"
@@ -98,21 +98,23 @@ def _run_start_script(tmp_path: Path, device: str, passwords: dict[str, str]) ->
     fake.chmod(0o755)
     c = _agent_container()
     script = c["args"][0]
-    assert CREDENTIALS_DIR in script
-    command = [*c["command"], script.replace(CREDENTIALS_DIR, str(creds))]
+    assert PASSWORD_FILE in script
+    command = [*c["command"], script.replace(PASSWORD_FILE, str(box / "mqtt-password"))]
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "EDGEGLM_DEVICE__ID": device}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
 
 
 def test_start_script_exports_this_devices_password_and_runs_the_agent(tmp_path):
-    result = _run_start_script(tmp_path, "box-1", {"box-1": "s3cret $x 'q'", "box-2": "other"})
+    # as `openssl rand -hex 24 > file` writes it: the trailing newline is not part of the password
+    result = _run_start_script(tmp_path, "box-1", "s3cret $x 'q'\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["argv: agent --config /etc/edgeglm/agent.toml", "password: s3cret $x 'q'"]
 
 
-def test_start_script_names_the_missing_key(tmp_path):
-    result = _run_start_script(tmp_path, "box-9", {"box-1": "s3cret"})
+@pytest.mark.parametrize("password", [None, ""], ids=["missing", "empty"])
+def test_start_script_names_the_file_to_write_on_the_box(tmp_path, password):
+    result = _run_start_script(tmp_path, "box-9", password)
     assert result.returncode == 2
     assert "no MQTT password for device 'box-9'" in result.stderr
-    assert "Secret edgeglm-device-credentials" in result.stderr
+    assert "/etc/edgeglm-device/mqtt-password on node box-9" in result.stderr
     assert result.stdout == ""

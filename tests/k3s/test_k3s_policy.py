@@ -17,6 +17,9 @@ from k3s_manifests import containers, kustomizations, label, pod_spec, rendered,
 ALLOWED_HOST_PATHS = {
     ("DaemonSet/edgeglm-agent", "state"): "A/B model slots and the persisted OTA state must outlive the pod: "
                                           "an update resumes after a power cut or a pod restart (docs/ota.md)",
+    ("DaemonSet/edgeglm-agent", "device-identity"): "this box's own MQTT password, provisioned on the box at "
+                                                    "enrollment: a Secret cannot give each pod of a DaemonSet its "
+                                                    "own key, so every box would hold every device's password",
 }
 # workload -> why it may use the host's network, PID or IPC namespace (none does: see k3s/base/agent.yaml)
 ALLOWED_HOST_NAMESPACES: dict[str, str] = {}

@@ -11,7 +11,7 @@ import sys
 from pathlib import PurePosixPath
 
 import pytest
-from k3s_manifests import (containers, env_of, find, kustomizations, label, pod_spec, rendered, secret_templates,
+from k3s_manifests import (REPO, containers, env_of, find, kustomizations, label, pod_spec, rendered, secret_templates,
                            volume, workloads)
 
 if sys.version_info >= (3, 11):
@@ -138,10 +138,16 @@ def test_agent_start_script_runs_the_documented_command():
     assert agent["command"] == ["/bin/sh", "-c"]
     script = agent["args"][0]
     assert script.strip().splitlines()[-1].strip() == f"exec {AGENT_COMMAND}"
-    creds = re.search(r'password_file="(?P<dir>[^"$]+)/\$EDGEGLM_DEVICE__ID"', script)
-    assert creds, "the script reads the password file named after the device id"
-    assert _volume_at(ds, agent, creds["dir"].rstrip("/"))["secret"]["secretName"] \
-        == "edgeglm-device-credentials"
+    creds = re.search(r'password_file="(?P<path>[^"$]+)"', script)
+    assert creds, "the script reads the box's password file"
+    # the file is on the box, in a read-only hostPath: no Secret holds any device's password
+    vol, name = _mounted_file(ds, agent, creds["path"])
+    host_file = f"{vol['hostPath']['path']}/{name}"
+    assert vol["hostPath"]["type"] == "Directory" and host_file == "/etc/edgeglm-device/mqtt-password"
+    assert [m for m in agent["volumeMounts"] if m["name"] == vol["name"]][0]["readOnly"] is True
+    assert host_file in script, "the error names the file to write on the box"
+    enrollment = (REPO / "docs" / "deploy-k3s.md").read_text()
+    assert f"sudo install -o 10001 -g 10001 -m 0400 box-1.password {host_file}" in enrollment
     assert _mounted_file(ds, agent, "/etc/edgeglm/agent.toml")[1] == "agent.toml"
 
 
