@@ -77,11 +77,16 @@ def _connect(args):
 
 
 def cmd_serve(args) -> int:
-    from fleet.controller import serve_http
+    from fleet.controller import read_metrics_token, serve_http
 
     cfg, _ = _settings(args)
+    try:  # before connecting: a bad token file stops the start, not a scrape later
+        token = read_metrics_token(cfg.http.metrics_token_file) if cfg.http.metrics_token_file else None
+    except ValueError as exc:
+        raise FleetError(str(exc)) from None
     controller = _connect(args)
-    http = serve_http(controller, cfg.http.host, args.http_port if args.http_port is not None else cfg.http.port)
+    http = serve_http(controller, cfg.http.host, args.http_port if args.http_port is not None else cfg.http.port,
+                      metrics_token=token)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

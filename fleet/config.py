@@ -29,6 +29,9 @@ class FleetSection(_Section):
 class HttpSection(_Section):
     host: str = "127.0.0.1"  # /healthz and /metrics; 0.0.0.0 in a pod, for the kubelet and Prometheus
     port: int = Field(9100, ge=0, le=65535)
+    metrics_token_file: Path | None = Field(
+        None, description="a file holding a bearer token that GET /metrics must send ('Authorization: Bearer "
+                          "TOKEN'); unset: /metrics is open to whoever reaches the port. /healthz stays open")
 
 
 class DatabaseSection(_Section):

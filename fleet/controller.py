@@ -493,10 +493,27 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
     return "\n".join(lines) + "\n"
 
 
-def serve_http(controller: FleetController, host: str, port: int):
+def read_metrics_token(path: Path) -> str:
+    """The bearer token /metrics requires, from `http.metrics_token_file` (surrounding whitespace stripped)."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"http.metrics_token_file {path}: cannot read it ({exc.__class__.__name__}: {exc}); "
+                         "the controller did not start") from None
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"http.metrics_token_file {path}: {'empty' if not token else 'contains whitespace'}; "
+                         "put one token (e.g. `openssl rand -hex 32`) in it; the controller did not start")
+    return token
+
+
+def serve_http(controller: FleetController, host: str, port: int, metrics_token: str | None = None):
     """/healthz (200 while connected to the broker with the MQTT network thread and the telemetry writer
-    running: FleetController.health) and /metrics, on a background thread."""
+    running: FleetController.health) and /metrics (with `metrics_token`: only for 'Authorization: Bearer
+    <token>'), on a background thread."""
+    import hmac
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    expected = f"Bearer {metrics_token}".encode() if metrics_token else None
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -504,8 +521,14 @@ def serve_http(controller: FleetController, host: str, port: int):
 
         def do_GET(self) -> None:
             connected, why = controller.health()
+            headers = {}
             if self.path == "/healthz":
                 code, body, ctype = (200 if connected else 503), f"{why}\n".encode(), "text/plain"
+            elif self.path == "/metrics" and expected is not None and not hmac.compare_digest(
+                    (self.headers.get("Authorization") or "").encode(), expected):
+                code, body, ctype = 401, b"/metrics needs 'Authorization: Bearer TOKEN' (http.metrics_token_file)\n", \
+                    "text/plain"
+                headers["WWW-Authenticate"] = 'Bearer realm="edgeglm-fleet"'
             elif self.path == "/metrics":
                 code, body, ctype = 200, prometheus_metrics(reader, connected,
                                                             controller.queued_telemetry).encode(), \
@@ -513,6 +536,8 @@ def serve_http(controller: FleetController, host: str, port: int):
             else:
                 code, body, ctype = 404, b"not found\n", "text/plain"
             self.send_response(code)
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

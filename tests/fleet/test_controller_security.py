@@ -17,6 +17,8 @@ import logging
 import os
 import queue
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -34,7 +36,7 @@ from agent.topics import (ModelRef, ReportedState, TelemetryReport, chunk_reques
                           desired_topic, ota_status_topic, state_topic, telemetry_topic)
 from broker import Mosquitto, find_mosquitto, free_port
 from fleet.controller import (ControllerSettings, FleetController, format_status, offerable_bundle,
-                              prometheus_metrics, serve_http)
+                              prometheus_metrics, read_metrics_token, serve_http)
 from fleet.rollout import RolloutDriver, create_rollout, load_rollouts
 from fleet.store import Store, telemetry_row
 from ota.bundle import open_bundle, write_manifest
@@ -281,6 +283,52 @@ def test_metrics_escape_label_values(tmp_path):
     assert {"fleet": FLEET, "device": "d1", "model_version": EVIL} in labels
     assert not [line for line in text.splitlines() if line.startswith('edgeglm_fleet_devices{online="true"} 999')]
     store.close()
+
+
+def _get(port: int, path: str, token: str | None = None) -> tuple[int, dict, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                 headers={"Authorization": f"Bearer {token}"} if token is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def test_metrics_need_the_bearer_token_when_one_is_configured(controller, tmp_path):
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("s3cret-token\n")  # as `openssl rand -hex 32 > file` leaves it
+    http = serve_http(controller, "127.0.0.1", port := free_port(), metrics_token=read_metrics_token(token_file))
+    try:
+        for token in (None, "wrong", "s3cret-token ", "s3cret-tokenx", ""):
+            code, headers, body = _get(port, "/metrics", token)
+            assert code == 401 and headers["WWW-Authenticate"].startswith("Bearer"), (token, code)
+            assert "edgeglm_fleet" not in body and "http.metrics_token_file" in body
+        code, _, body = _get(port, "/metrics", "s3cret-token")
+        assert code == 200 and "edgeglm_fleet_broker_connected 1" in body
+        assert _get(port, "/healthz")[:1] == (200,)  # probes send no token
+    finally:
+        http.shutdown()
+    open_http = serve_http(controller, "127.0.0.1", port := free_port())  # no token configured: open
+    try:
+        assert _get(port, "/metrics")[0] == 200
+    finally:
+        open_http.shutdown()
+
+
+@pytest.mark.parametrize("content,problem", [("", "empty"), ("two words", "contains whitespace"),
+                                             (None, "cannot read it")])
+def test_a_bad_metrics_token_file_stops_fleet_serve_before_it_connects(tmp_path, content, problem):
+    token_file = tmp_path / "metrics-token"
+    if content is not None:
+        token_file.write_text(content)
+    (tmp_path / "fleet.toml").write_text(f'[http]\nmetrics_token_file = "{token_file}"\n')
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "serve", "--config", str(tmp_path / "fleet.toml"),
+                          "--broker", f"127.0.0.1:{free_port()}", "--db", str(tmp_path / "fleet.db")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"http.metrics_token_file {token_file}: {problem}" in out.stderr
+    assert "the controller did not start" in out.stderr
 
 
 # --- 5: telemetry without percentiles; a failing rollout step -----------------------------------
