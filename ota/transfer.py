@@ -114,8 +114,8 @@ class MqttChunkFetcher:
 
     `request(req) -> Future[Message]` is handed in. A chunk that does not arrive within
     `timeout_s` is asked for again (the broker may be restarting; the session reconnects), up
-    to `give_up_s` in all; then the update fails and a later offer resumes from the last
-    verified chunk.
+    to `give_up_s` in all; then the update fails (its staging is removed: a new offer downloads
+    from the first chunk; a restart during the download resumes from the last verified chunk).
     """
 
     def __init__(self, request: Callable[[ChunkRequest], object], timeout_s: float = 10.0, give_up_s: float = 300.0):
