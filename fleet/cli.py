@@ -62,7 +62,7 @@ def _settings(args):
         broker_host=m.host, broker_port=m.port, db=cfg.database.path, fleet=cfg.fleet.id,
         client_id=m.client_id if getattr(args, "fleet_command", None) == "serve" else f"{m.client_id}-cli",
         username=m.username, password=m.password.get_secret_value() if m.password else None,
-        ca_file=m.tls.ca_file if m.tls else None, protocol=m.protocol)
+        ca_file=m.tls.ca_file if m.tls else None, protocol=m.protocol, retention_s=cfg.database.retention_s)
     return cfg, settings
 
 

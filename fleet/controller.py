@@ -139,12 +139,13 @@ class ControllerSettings:
     # request in flight, about 170 chunks/s on loopback (docs/performance.md)
     chunk_requests_per_s: float = 400.0
     chunk_burst: int = 400
+    retention_s: float = 7 * 86400.0  # telemetry kept ([database] retention_s)
 
 
 class FleetController:
     def __init__(self, settings: ControllerSettings):
         self.settings = settings
-        self.store = Store(settings.db)
+        self.store = Store(settings.db, settings.retention_s)
         self.chunks = ChunkSource()
         self.connected = threading.Event()
         protocol = paho.MQTTv311 if settings.protocol == "3.1.1" else paho.MQTTv5
@@ -471,7 +472,11 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
     lines += _version_metrics(store.versions(since=since))
     lines += ["# HELP edgeglm_fleet_telemetry_reports_total Telemetry reports stored.",
               "# TYPE edgeglm_fleet_telemetry_reports_total counter",
-              f"edgeglm_fleet_telemetry_reports_total {store.counter('telemetry_reports')}"]
+              f"edgeglm_fleet_telemetry_reports_total {store.counter('telemetry_reports')}",
+              "# HELP edgeglm_fleet_telemetry_duplicates_total Telemetry reports dropped as a second copy of a "
+              "stored one (same device and window end: a QoS 1 redelivery or a re-sent buffer).",
+              "# TYPE edgeglm_fleet_telemetry_duplicates_total counter",
+              f"edgeglm_fleet_telemetry_duplicates_total {store.counter('telemetry_duplicates')}"]
     if queued is not None:
         lines += ["# HELP edgeglm_fleet_telemetry_queued Telemetry reports received and not yet stored.",
                   "# TYPE edgeglm_fleet_telemetry_queued gauge", f"edgeglm_fleet_telemetry_queued {queued}"]

@@ -7,8 +7,12 @@ Telemetry is the only high-rate write (one report per device per interval): the 
 it to `add_telemetry_many` in batches, one transaction per batch with `synchronous=NORMAL` (WAL:
 no fsync per commit; a power cut loses at most the last commits, never the database), and each
 row keeps `stored`, the time its batch was written, so ingest lag is `stored - window_end`.
-Rows older than the retention are deleted by `prune`, which the controller calls once a minute
-(an index on `window_end` keeps that a range delete rather than a scan).
+Rows older than the retention (`[database] retention_s`, default 7 days) are deleted by `prune`,
+which the controller calls once a minute (an index on `window_end` keeps that a range delete
+rather than a scan). A report is stored once: devices publish at QoS 1, which may deliver a
+report twice (and an agent re-sends what it buffered during an outage), so a second report of
+the same device and `window_end` is dropped and counted (`telemetry_duplicates`) instead of
+counting twice in status, /metrics and the rollout gate.
 
 Groups (`edgeglm fleet group add G --fleet F DEVICE...`) are assigned here, by the operator, and
 live in the `groups` table: a device may be in several groups; a group belongs to one fleet.
@@ -38,7 +42,7 @@ CREATE TABLE IF NOT EXISTS telemetry (
     fleet TEXT NOT NULL, device TEXT NOT NULL, model_version TEXT, window_end REAL NOT NULL, count INTEGER,
     ttft_p50 REAL, ttft_p95 REAL, token_p50 REAL, token_p95 REAL, tokens_per_s REAL, errors INTEGER,
     stored REAL);
-CREATE INDEX IF NOT EXISTS telemetry_by_device ON telemetry (fleet, device, window_end);
+CREATE UNIQUE INDEX IF NOT EXISTS telemetry_once ON telemetry (fleet, device, window_end);
 CREATE TABLE IF NOT EXISTS ota_status (
     fleet TEXT NOT NULL, device TEXT NOT NULL, update_id TEXT, ts REAL NOT NULL, state TEXT, result TEXT,
     reason TEXT, body TEXT NOT NULL);
@@ -52,7 +56,7 @@ CREATE TABLE IF NOT EXISTS groups (
 """
 TELEMETRY_COLUMNS = ("fleet", "device", "model_version", "window_end", "count", "ttft_p50", "ttft_p95", "token_p50",
                      "token_p95", "tokens_per_s", "errors", "stored")
-_INSERT_TELEMETRY = (f"INSERT INTO telemetry ({', '.join(TELEMETRY_COLUMNS)}) "
+_INSERT_TELEMETRY = (f"INSERT OR IGNORE INTO telemetry ({', '.join(TELEMETRY_COLUMNS)}) "
                      f"VALUES ({', '.join('?' * len(TELEMETRY_COLUMNS))})")
 
 
@@ -92,20 +96,30 @@ class Store:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
-            db.executescript(SCHEMA)
             self.db = db
             self._migrate()
+            db.executescript(SCHEMA)
         except sqlite3.Error as exc:  # a missing directory, no permission, a file that is not a database
             if db is not None:
                 db.close()
             raise StoreError(_open_problem(self.path, exc)) from None
 
     def _migrate(self) -> None:
-        """Bring a database made by an older controller up to this schema."""
+        """Bring a database made by an older controller up to this schema (before SCHEMA's indexes)."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(telemetry)")}
+        if not columns:
+            return  # a new database: SCHEMA makes everything
         if "stored" not in columns:
             self.db.execute("ALTER TABLE telemetry ADD COLUMN stored REAL")
         self.db.execute("CREATE INDEX IF NOT EXISTS telemetry_by_time ON telemetry (window_end)")
+        indexes = {row[1] for row in self.db.execute("PRAGMA index_list(telemetry)")}
+        if "telemetry_once" not in indexes:  # older controllers stored a report as often as it arrived
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM telemetry WHERE rowid NOT IN "
+                            "(SELECT MIN(rowid) FROM telemetry GROUP BY fleet, device, window_end)")
+            self.db.execute("DROP INDEX IF EXISTS telemetry_by_device")
+            self.db.execute("CREATE UNIQUE INDEX telemetry_once ON telemetry (fleet, device, window_end)")
+            self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
@@ -141,14 +155,19 @@ class Store:
         self.add_telemetry_many([telemetry_row(fleet, r)])
 
     def add_telemetry_many(self, rows: list[tuple]) -> float:
-        """Insert `telemetry_row`s in one transaction; returns the `stored` time given to them."""
+        """Insert `telemetry_row`s in one transaction, each (fleet, device, window_end) once; returns the
+        `stored` time given to them."""
         stored = time.time()
         with self._lock:
             self.db.execute("BEGIN")
             try:
+                before = self.db.total_changes
                 self.db.executemany(_INSERT_TELEMETRY, [row + (stored,) for row in rows])
-                self.db.execute("INSERT INTO counters VALUES ('telemetry_reports', ?) "
-                                "ON CONFLICT(name) DO UPDATE SET value = value + ?", (len(rows), len(rows)))
+                new = self.db.total_changes - before
+                for name, n in (("telemetry_reports", new), ("telemetry_duplicates", len(rows) - new)):
+                    if n:
+                        self.db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
+                                        "value = value + ?", (name, n, n))
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")

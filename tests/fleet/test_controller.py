@@ -103,6 +103,28 @@ def test_telemetry_is_aggregated_and_malformed_messages_are_counted(controller, 
     dev.close()
 
 
+def test_a_report_delivered_twice_counts_once(controller, mosquitto):
+    """QoS 1 may deliver a report twice, and an agent re-sends what it buffered during an outage: the second
+    copy must not count twice in the latency, the request counts, /metrics and the rollout gate."""
+    dev = session(mosquitto, "dev-d")
+    until(lambda: controller.store.devices(FLEET))
+    now = time.time()
+    report = TelemetryReport(device="dev-d", window_start=now - 10, window_end=now, count=4,
+                             ttft_ms=LatencyPercentiles(p50=10.0, p95=20.0, p99=20.0),
+                             per_token_ms=LatencyPercentiles(p50=1.0, p95=2.0, p99=2.0), tokens_per_s=50.0,
+                             model_version="1.0.0")
+    later = report.model_copy(update={"window_start": now, "window_end": now + 10, "count": 1,
+                                      "per_token_ms": LatencyPercentiles(p50=5.0, p95=8.0, p99=8.0)})
+    for r in (report, report, later, report):
+        dev.publish_telemetry(r)
+    until(lambda: controller.store.counter("telemetry_reports") + controller.store.counter("telemetry_duplicates")
+          == 4)
+    assert (controller.store.counter("telemetry_reports"), controller.store.counter("telemetry_duplicates")) == (2, 2)
+    lat = controller.store.latency(FLEET, "dev-d", now - 60)
+    assert lat["requests"] == 5 and lat["token_p95_ms"] == pytest.approx((2 * 4 + 8 * 1) / 5)
+    dev.close()
+
+
 def test_offer_is_retained_and_its_chunks_are_served(controller, mosquitto, signed_bundles):
     dev = session(mosquitto, "dev-o")
     offers = []

@@ -344,7 +344,8 @@ def test_telemetry_without_percentiles_breaks_neither_status_nor_metrics_nor_a_r
     # what an agent sends for a window of one-token answers: requests, no per-token gaps
     without = TelemetryReport(device="mallory", window_start=now - 1, window_end=now, count=3,
                               ttft_ms={"p50": 50, "p95": 60, "p99": 70}, model_version="1.0.0")
-    bare = TelemetryReport(device="mallory", window_start=now - 1, window_end=now, count=4, model_version="1.0.0")
+    bare = TelemetryReport(device="mallory", window_start=now - 0.5, window_end=now - 0.25, count=4,
+                           model_version="1.0.0")
     for r in (with_p, without, bare):
         mallory.publish(telemetry_topic(FLEET, "mallory"), r.model_dump_json())
     # the victim's only report has requests and no percentile at all (every answer was empty)
@@ -400,9 +401,9 @@ def test_a_failing_rollout_step_is_logged_and_the_others_go_on(tmp_path, caplog)
 def test_one_telemetry_row_the_database_refuses_costs_only_itself(tmp_path):
     ctl = FleetController(ControllerSettings(db=tmp_path / "fleet.db"))
     now = time.time()
-    good = telemetry_row("f", {"device": "d1", "window_end": now, "count": 1})
+    good = [telemetry_row("f", {"device": "d1", "window_end": now + i, "count": 1}) for i in range(2)]
     bad = ("f", "d2", None, None, 1, None, None, None, None, None, 0)  # window_end NULL: NOT NULL fails
-    ctl._store_rows([good, bad, good])
+    ctl._store_rows([good[0], bad, good[1]])
     assert ctl.store.counter("telemetry_reports") == 2
     ctl.store.close()
 

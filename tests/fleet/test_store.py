@@ -1,0 +1,79 @@
+"""The controller's SQLite store: each telemetry report stored once, databases of older controllers
+brought up to the schema, and the configured retention."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from agent.cli import build_parser
+from fleet.cli import _settings
+from fleet.controller import FleetController
+from fleet.store import Store, telemetry_row
+
+FLEET = "plant7"
+
+
+def report(device: str, window_end: float, count: int = 1, p95: float = 2.0) -> dict:
+    return {"device": device, "window_end": window_end, "count": count, "model_version": "1.0.0",
+            "per_token_ms": {"p50": p95 / 2, "p95": p95}}
+
+
+def rows(store: Store) -> int:
+    return store._exec("SELECT COUNT(*) FROM telemetry").fetchone()[0]
+
+
+def test_a_second_copy_of_a_report_is_dropped_and_counted(tmp_path):
+    store = Store(tmp_path / "fleet.db")
+    now = time.time()
+    a, b = report("d1", now - 20, count=3), report("d1", now - 10, count=1, p95=6.0)
+    store.add_telemetry_many([telemetry_row(FLEET, r) for r in (a, a, b)])
+    store.add_telemetry_many([telemetry_row(FLEET, a)])
+    store.add_telemetry_many([telemetry_row(FLEET, report("d2", now - 20))])  # another device, same window
+    assert rows(store) == 3
+    assert (store.counter("telemetry_reports"), store.counter("telemetry_duplicates")) == (3, 2)
+    lat = store.latency(FLEET, "d1", now - 60)
+    assert lat["requests"] == 4 and abs(lat["token_p95_ms"] - (2.0 * 3 + 6.0) / 4) < 1e-9
+    store.close()
+
+
+OLD_SCHEMA = """
+CREATE TABLE telemetry (
+    fleet TEXT NOT NULL, device TEXT NOT NULL, model_version TEXT, window_end REAL NOT NULL, count INTEGER,
+    ttft_p50 REAL, ttft_p95 REAL, token_p50 REAL, token_p95 REAL, tokens_per_s REAL, errors INTEGER);
+CREATE INDEX telemetry_by_device ON telemetry (fleet, device, window_end);
+"""
+
+
+def test_a_database_of_an_older_controller_loses_its_duplicates_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "fleet.db"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    for end, count in ((100.0, 3), (100.0, 3), (200.0, 1), (100.0, 3)):  # what an older controller stored
+        db.execute("INSERT INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                   (FLEET, "d1", "1.0.0", end, count, None, None, 1.0, 2.0, None, 0))
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store._exec("SELECT window_end, count FROM telemetry ORDER BY window_end").fetchall() == \
+        [(100.0, 3), (200.0, 1)]
+    indexes = {row[1]: row[2] for row in store._exec("PRAGMA index_list(telemetry)")}
+    assert indexes.get("telemetry_once") == 1 and "telemetry_by_device" not in indexes
+    store.add_telemetry_many([telemetry_row(FLEET, report("d1", 200.0))])  # a late copy: dropped from now on
+    assert rows(store) == 2 and store.counter("telemetry_duplicates") == 1
+    store.close()
+    Store(path).close()  # opening it again changes nothing
+
+
+def test_the_configured_retention_reaches_the_controllers_store(tmp_path):
+    (tmp_path / "fleet.toml").write_text(f'[database]\npath = "{tmp_path / "fleet.db"}"\nretention_s = 60\n')
+    args = build_parser().parse_args(["fleet", "serve", "--config", str(tmp_path / "fleet.toml")])
+    _, settings = _settings(args)
+    controller = FleetController(settings)  # not started: no broker needed to open its store
+    store = controller.store
+    now = time.time()
+    store.add_telemetry_many([telemetry_row(FLEET, report("d1", now - 120)),
+                              telemetry_row(FLEET, report("d1", now - 30))])
+    assert store.prune(now) == 1
+    assert store._exec("SELECT window_end FROM telemetry").fetchall() == [(now - 30,)]
+    store.close()
