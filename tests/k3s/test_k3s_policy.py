@@ -21,7 +21,7 @@ ALLOWED_HOST_PATHS = {
                                                     "enrollment: a Secret cannot give each pod of a DaemonSet its "
                                                     "own key, so every box would hold every device's password",
 }
-# workload -> why it may use the host's network, PID or IPC namespace (none does: see k3s/base/agent.yaml)
+# workload -> why it may use the host's network, PID or IPC namespace (none does: see k3s/base/agent/agent.yaml)
 ALLOWED_HOST_NAMESPACES: dict[str, str] = {}
 
 
