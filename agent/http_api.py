@@ -284,9 +284,13 @@ class _HttpServer(ThreadingHTTPServer):
         if not self._connections.acquire(blocking=False):
             log.warning("HTTP API: %d connections are open (http.max_connections); refused one from %s",
                         self.api.http.max_connections, client_address[0])
-            try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n")
+            body = json.dumps(ApiError(
+                503, f"{self.api.http.max_connections} connections are open, the limit (http.max_connections); "
+                     "retry later", type="server_error", code="too_many_connections").body()).encode()
+            try:  # answered here, on the accepting thread: a small write, then close
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                                % (_Handler.server_version.encode(), len(body), body))
             except OSError:
                 pass
             self.shutdown_request(request)

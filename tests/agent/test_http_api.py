@@ -431,6 +431,8 @@ def test_hosts_reachable_from_elsewhere_are_told_apart_from_loopback(host, loopb
 def test_connections_beyond_max_connections_get_503_and_a_freed_place_serves_again():
     """Each connection holds a thread: clients that open connections and send nothing (slowloris) take
     at most http.max_connections of them; the next connection is answered 503 at once, not queued."""
+    from agent import __version__
+
     srv = ApiServer(HttpSettings(port=0, max_connections=2), SamplingSettings())
     srv.start()
     idle = []
@@ -443,6 +445,12 @@ def test_connections_beyond_max_connections_get_503_and_a_freed_place_serves_aga
         conn.request("GET", "/healthz")
         resp = conn.getresponse()
         assert (resp.status, resp.getheader("Retry-After")) == (503, "1")
+        # like every other error: OpenAI's JSON, and the Server header every answer carries
+        assert resp.getheader("Server") == f"edgeglm/{__version__}"
+        assert resp.getheader("Content-Type") == "application/json"
+        error = json.loads(resp.read())["error"]
+        assert (error["type"], error["code"]) == ("server_error", "too_many_connections")
+        assert "http.max_connections" in error["message"]
         conn.close()
         idle.pop().close()  # a place frees when the server sees the connection end
         deadline = time.monotonic() + 10
