@@ -1,5 +1,5 @@
 """What one device can do to the fleet controller, for real: Mosquitto runs the ACL and the packet limit
-shipped in k3s/base/broker-config.yaml (users: the controller and two devices, `mallory` and `victim`, each
+shipped in k3s/base/core/broker-config.yaml (users: the controller and two devices, `mallory` and `victim`, each
 with its own password), and a real FleetController serves fleet "default" (the fleet that ACL names).
 
 Mallory may publish only on its own device topics; everything here is something the broker lets it do.
@@ -46,7 +46,7 @@ from ota.transfer import MAX_CHUNK_SIZE, MAX_RESPONSE_BYTES, ChunkRequest, Chunk
 from waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
-BROKER_CONFIG = yaml.safe_load((ROOT / "k3s/base/broker-config.yaml").read_text())["data"]
+BROKER_CONFIG = yaml.safe_load((ROOT / "k3s/base/core/broker-config.yaml").read_text())["data"]
 FLEET = "default"  # the fleet of the shipped ACL's controller lines
 CONTROLLER = "edgeglm-controller"
 USERS = {CONTROLLER: "pw-controller", "mallory": "pw-mallory", "victim": "pw-victim"}

@@ -47,6 +47,19 @@ def find(resources: list[dict], kind: str, name: str) -> dict:
     return hits[0]
 
 
+def agents(resources: list[dict]) -> list[dict]:
+    """The agent DaemonSets: the base's `edgeglm-agent`, or one per hardware kind (overlays/mixed)."""
+    out = [r for r in resources if r["kind"] == "DaemonSet"
+           and r["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name") == "edgeglm-agent"]
+    assert out, "no agent DaemonSet"
+    return out
+
+
+def agent_daemonsets() -> list[tuple[str, str]]:
+    """(kustomization, DaemonSet name) of every agent in every kustomization (test parameters)."""
+    return [(name, ds["metadata"]["name"]) for name in kustomizations() for ds in agents(rendered(name))]
+
+
 def workloads(resources: list[dict]) -> list[dict]:
     return [r for r in resources if r["kind"] in WORKLOAD_KINDS]
 

@@ -1,5 +1,5 @@
 """The broker's ACL, for real: Mosquitto runs the mosquitto.conf and acl.conf of the ConfigMap in
-k3s/base/broker-config.yaml (acl.conf verbatim; in mosquitto.conf only the listener, the file
+k3s/base/core/broker-config.yaml (acl.conf verbatim; in mosquitto.conf only the listener, the file
 paths and the log destination are rewritten for a free loopback port and a temp dir), with a
 password file made by `mosquitto_passwd -b`.
 

@@ -13,13 +13,15 @@ import re
 import pytest
 from k3s_manifests import containers, kustomizations, label, pod_spec, rendered, workloads
 
+# the agent DaemonSets: the base's, and the per-hardware copies of a mixed fleet (overlays/mixed)
+AGENTS = ("DaemonSet/edgeglm-agent", "DaemonSet/edgeglm-agent-cpu", "DaemonSet/edgeglm-agent-nvidia")
 # (workload, volume) -> why it may be a hostPath
 ALLOWED_HOST_PATHS = {
-    ("DaemonSet/edgeglm-agent", "state"): "A/B model slots and the persisted OTA state must outlive the pod: "
-                                          "an update resumes after a power cut or a pod restart (docs/ota.md)",
-    ("DaemonSet/edgeglm-agent", "device-identity"): "this box's own MQTT password, provisioned on the box at "
-                                                    "enrollment: a Secret cannot give each pod of a DaemonSet its "
-                                                    "own key, so every box would hold every device's password",
+    **{(agent, "state"): "A/B model slots and the persisted OTA state must outlive the pod: an update resumes "
+                         "after a power cut or a pod restart (docs/ota.md)" for agent in AGENTS},
+    **{(agent, "device-identity"): "this box's own MQTT password, provisioned on the box at enrollment: a Secret "
+                                   "cannot give each pod of a DaemonSet its own key, so every box would hold every "
+                                   "device's password" for agent in AGENTS},
 }
 # workload -> why it may use the host's network, PID or IPC namespace (none does: see k3s/base/agent/agent.yaml)
 ALLOWED_HOST_NAMESPACES: dict[str, str] = {}

@@ -8,7 +8,7 @@ dropped by the API server).
 from __future__ import annotations
 
 import pytest
-from k3s_manifests import (CLUSTER_SCOPED_KINDS, K3S, NAMESPACE, containers, env_of, find, kustomizations,
+from k3s_manifests import (CLUSTER_SCOPED_KINDS, K3S, NAMESPACE, agents, containers, env_of, find, kustomizations,
                            label, pod_spec, rendered, standalone_manifests)
 from k3s_render import RenderError, load_documents, render, strategic_merge
 
@@ -87,12 +87,14 @@ def _agent(name: str) -> tuple[dict, dict]:
 def test_overlays_keep_everything_of_the_base_agent_they_do_not_change():
     _, base = _agent("base")
     for name in kustomizations()[1:]:
-        ds, agent = _agent(name)
-        assert set(env_of(base)) <= set(env_of(agent)), name
-        assert agent["volumeMounts"] == base["volumeMounts"], name
-        assert agent["securityContext"] == base["securityContext"], name
-        assert agent["resources"]["requests"] == base["resources"]["requests"], name
-        assert pod_spec(ds)["nodeSelector"]["edgeglm.io/edge"] == "true", name
+        for ds in agents(rendered(name)):
+            (agent,) = [c for c in containers(ds) if c["name"] == "agent"]
+            where = f"{name}: {label(ds)}"
+            assert set(env_of(base)) <= set(env_of(agent)), where
+            assert agent["volumeMounts"] == base["volumeMounts"], where
+            assert agent["securityContext"] == base["securityContext"], where
+            assert agent["resources"]["requests"] == base["resources"]["requests"], where
+            assert pod_spec(ds)["nodeSelector"]["edgeglm.io/edge"] == "true", where
 
 
 def test_intel_cpu_overlay():
@@ -120,6 +122,47 @@ def test_nvidia_overlay():
     assert "EDGEGLM_MODEL__BACKEND" not in env_of(agent)  # auto: CUDA against the CPU, measured
     (runtime_class,) = load_documents(K3S / "overlays/nvidia/runtimeclass.yaml")
     assert runtime_class["metadata"]["name"] == "nvidia"
+
+
+def test_mixed_overlay_runs_one_agent_per_hardware_kind_on_disjoint_nodes():
+    resources = rendered("overlays/mixed")
+    assert [label(ds) for ds in agents(resources)] == ["DaemonSet/edgeglm-agent-cpu", "DaemonSet/edgeglm-agent-nvidia"]
+    cpu, gpu = agents(resources)
+    # a node labelled nvidia gets only the NVIDIA agent, any other edge box only the CPU one
+    assert pod_spec(gpu)["nodeSelector"]["edgeglm.io/hardware"] == "nvidia"
+    (term,) = pod_spec(cpu)["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    assert term["matchExpressions"] == [{"key": "edgeglm.io/hardware", "operator": "NotIn", "values": ["nvidia"]}]
+    # neither selector matches the other's pods (a DaemonSet adopts the matching pods it does not own)
+    for ds, other in ((cpu, gpu), (gpu, cpu)):
+        assert not ds["spec"]["selector"]["matchLabels"].items() <= other["spec"]["template"]["metadata"]["labels"].items()
+        assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    # each mounts its own agent.toml and runs as its own ServiceAccount; the same Secrets and the same config
+    assert pod_spec(gpu)["serviceAccountName"] == "edgeglm-agent-nvidia"
+    find(resources, "ServiceAccount", "edgeglm-agent-nvidia")
+    config = {v["name"]: v["configMap"]["name"] for v in pod_spec(gpu)["volumes"] if "configMap" in v}
+    assert config == {"config": "edgeglm-agent-config-nvidia"}
+    assert find(resources, "ConfigMap", "edgeglm-agent-config-nvidia")["data"] == \
+        find(resources, "ConfigMap", "edgeglm-agent-config-cpu")["data"] == \
+        find(rendered("base"), "ConfigMap", "edgeglm-agent-config")["data"]
+    secrets = lambda ds: {v["secret"]["secretName"] for v in pod_spec(ds)["volumes"] if "secret" in v}  # noqa: E731
+    assert secrets(gpu) == secrets(cpu) and secrets(gpu)
+    # the same pods as the single-kind overlays, apart from names, labels and node placement
+    def placement_free(ds: dict) -> dict:
+        spec = dict(pod_spec(ds))
+        spec.pop("nodeSelector")
+        spec.pop("affinity", None)
+        spec.pop("serviceAccountName")
+        spec["volumes"] = [v for v in spec["volumes"] if "configMap" not in v]
+        return spec
+
+    assert placement_free(cpu) == placement_free(_agent("overlays/intel-cpu")[0])
+    assert placement_free(gpu) == placement_free(_agent("overlays/nvidia")[0])
+    assert pod_spec(cpu)["nodeSelector"]["kubernetes.io/arch"] == "amd64"
+    # the NetworkPolicy for agents selects both
+    policy = find(resources, "NetworkPolicy", "edgeglm-agent")["spec"]["podSelector"]["matchLabels"]
+    for ds in (cpu, gpu):
+        assert policy.items() <= ds["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_arm64_overlay():
@@ -168,6 +211,66 @@ def test_merge_keys_agree_with_the_kubernetes_schema():
     for field, key in declared.items():
         assert MERGE_KEYS.get(field) == key or field in UNSUPPORTED_MERGE, \
             f"{field}: Kubernetes merges by {key!r}, the renderer by {MERGE_KEYS.get(field)!r}"
+
+
+def test_name_suffix_renames_resources_and_their_references_inside_the_kustomization(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [r.yaml]\nnameSuffix: -x\nlabels: [{pairs: {k: v}, includeSelectors: true}]\n")
+    (tmp_path / "r.yaml").write_text("""
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: conf}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: sa}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: ds, labels: {app: a}}
+spec:
+  selector: {matchLabels: {app: a}}
+  template:
+    metadata: {labels: {app: a}}
+    spec:
+      serviceAccountName: sa
+      containers:
+        - name: c
+          env:
+            - {name: A, valueFrom: {configMapKeyRef: {name: conf, key: k}}}
+            - {name: B, valueFrom: {secretKeyRef: {name: made-by-hand, key: k}}}
+      volumes:
+        - {name: v1, configMap: {name: conf}}
+        - {name: v2, secret: {secretName: made-by-hand}}
+""")
+    conf, sa, ds = render(tmp_path)
+    assert (conf["metadata"]["name"], sa["metadata"]["name"], ds["metadata"]["name"]) == ("conf-x", "sa-x", "ds-x")
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "sa-x"
+    assert [v.get("configMap", v.get("secret")) for v in spec["volumes"]] == [{"name": "conf-x"},
+                                                                             {"secretName": "made-by-hand"}]
+    env = {e["name"]: e["valueFrom"] for e in spec["containers"][0]["env"]}
+    assert env["A"]["configMapKeyRef"]["name"] == "conf-x" and env["B"]["secretKeyRef"]["name"] == "made-by-hand"
+    assert ds["spec"]["selector"]["matchLabels"] == {"app": "a", "k": "v"} == ds["spec"]["template"]["metadata"][
+        "labels"]
+    assert conf["metadata"]["labels"] == {"k": "v"}
+
+
+def test_a_patch_matching_a_former_name_of_several_resources_is_refused(tmp_path):
+    """kustomize matches a patch by a resource's current or former name: a patch of `cm` in a kustomization
+    holding `cm` and a renamed copy `cm-x` would patch both, so the renderer refuses it."""
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "inner" / "kustomization.yaml").write_text("resources: [../cm.yaml]\nnameSuffix: -x\n")
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\ndata: {a: b}\n")
+    (tmp_path / "outer").mkdir()
+    (tmp_path / "outer" / "kustomization.yaml").write_text("resources: [../inner]\npatches: [{path: p.yaml}]\n")
+    (tmp_path / "outer" / "p.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\ndata: {a: c}\n")
+    (patched,) = render(tmp_path / "outer")  # the former name alone matches: patched, as kustomize does
+    assert patched["metadata"]["name"] == "cm-x" and patched["data"] == {"a": "c"}
+    (tmp_path / "outer" / "kustomization.yaml").write_text(
+        "resources: [../inner, ../cm.yaml]\npatches: [{path: p.yaml}]\n")
+    with pytest.raises(RenderError, match="current or a former name of"):
+        render(tmp_path / "outer")
 
 
 def test_render_errors_name_the_problem(tmp_path):

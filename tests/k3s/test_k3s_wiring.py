@@ -11,8 +11,8 @@ import sys
 from pathlib import PurePosixPath
 
 import pytest
-from k3s_manifests import (REPO, containers, env_of, find, kustomizations, label, pod_spec, rendered, secret_templates,
-                           volume, workloads)
+from k3s_manifests import (REPO, agent_daemonsets, agents, containers, env_of, find, kustomizations, label, pod_spec,
+                           rendered, secret_templates, volume, workloads)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -97,12 +97,12 @@ def _agent_env(ds: dict, agent: dict) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("name", kustomizations())
-def test_agent_config_loads_as_the_daemonset_runs_it(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,daemonset", agent_daemonsets())
+def test_agent_config_loads_as_the_daemonset_runs_it(name, daemonset, tmp_path, monkeypatch):
     from agent.config import load_config
 
     resources = rendered(name)
-    ds = find(resources, "DaemonSet", "edgeglm-agent")
+    ds = find(resources, "DaemonSet", daemonset)
     agent = _container(ds, "agent")
     conf_path = "/etc/edgeglm/agent.toml"
     vol, key = _mounted_file(ds, agent, conf_path)
@@ -128,7 +128,8 @@ def test_agent_config_loads_as_the_daemonset_runs_it(name, tmp_path, monkeypatch
     assert key in secret_templates()[vol["secret"]["secretName"]]["stringData"]
     trusted = _volume_at(ds, agent, str(cfg.ota.trusted_keys))
     assert trusted["secret"]["secretName"] == "edgeglm-trusted-keys"
-    if name in ("overlays/intel-gpu-npu", "overlays/nvidia"):  # the autotune measures the accelerator's paths
+    if name in ("overlays/intel-gpu-npu", "overlays/nvidia") or daemonset.endswith("-nvidia"):
+        # the autotune measures the accelerator's paths
         assert (cfg.model.backend, cfg.model.device) == ("auto", "auto")
 
 
@@ -215,15 +216,16 @@ def test_rollback_keys_are_split_from_the_bundle_keys(name, tmp_path, monkeypatc
     templates = secret_templates()
     for var in [v for v in os.environ if v.upper().startswith("EDGEGLM_")]:
         monkeypatch.delenv(var)
-    ds = find(resources, "DaemonSet", "edgeglm-agent")
-    agent = _container(ds, "agent")
-    (tmp_path / "agent.toml").write_text(_toml_text(resources, "edgeglm-agent-config", "agent.toml"))
-    cfg = load_config(tmp_path / "agent.toml")
-    assert cfg.ota.rollback_keys is not None
-    pub = _volume_at(ds, agent, str(cfg.ota.rollback_keys))["secret"]
-    assert pub["secretName"] == "edgeglm-rollback-keys" and not pub.get("optional", False)
-    assert pub["secretName"] != _volume_at(ds, agent, str(cfg.ota.trusted_keys))["secret"]["secretName"]
-    assert all(k.endswith(".pub") for k in templates[pub["secretName"]]["stringData"])
+    for ds in agents(resources):
+        agent = _container(ds, "agent")
+        vol, key = _mounted_file(ds, agent, "/etc/edgeglm/agent.toml")
+        (tmp_path / "agent.toml").write_text(_toml_text(resources, vol["configMap"]["name"], key))
+        cfg = load_config(tmp_path / "agent.toml")
+        assert cfg.ota.rollback_keys is not None, label(ds)
+        pub = _volume_at(ds, agent, str(cfg.ota.rollback_keys))["secret"]
+        assert pub["secretName"] == "edgeglm-rollback-keys" and not pub.get("optional", False)
+        assert pub["secretName"] != _volume_at(ds, agent, str(cfg.ota.trusted_keys))["secret"]["secretName"]
+    assert all(k.endswith(".pub") for k in templates["edgeglm-rollback-keys"]["stringData"])
 
     dep = find(resources, "Deployment", "edgeglm-controller")
     c = _container(dep, "controller")
@@ -238,7 +240,8 @@ def test_rollback_keys_are_split_from_the_bundle_keys(name, tmp_path, monkeypatc
 
     private = {n for n, t in templates.items() if any("PRIVATE KEY" in str(v) for v in t["stringData"].values())}
     assert {"edgeglm-controller-rollback-key", "edgeglm-broker-tls"} <= private
-    assert not {v["secret"]["secretName"] for v in pod_spec(ds)["volumes"] if "secret" in v} & private
+    for ds in agents(resources):
+        assert not {v["secret"]["secretName"] for v in pod_spec(ds)["volumes"] if "secret" in v} & private
     for w in workloads(resources):
         mounted = {v["secret"]["secretName"] for v in pod_spec(w).get("volumes", []) if "secret" in v}
         assert w is dep or "edgeglm-controller-rollback-key" not in mounted, label(w)
