@@ -187,7 +187,7 @@ class ServingMetrics:
             ("endpoint", "code")))
         self.errors = r.register(Counter(
             "edgeglm_http_errors_total", "Requests that failed, by endpoint and OpenAI error type "
-            "(invalid_request_error, authentication_error, server_error, client_disconnected, ...).",
+            "(invalid_request_error, rate_limit_error, server_error, client_disconnected).",
             ("endpoint", "type")))
         self.prompt_tokens = r.register(Counter(
             "edgeglm_prompt_tokens_total", "Prompt tokens processed, by endpoint.", ("endpoint",)))
