@@ -155,12 +155,13 @@ class Agent:
             return Path(self.cfg.model.bundle)
         return self.updater.slots.active_path() if self.updater else None
 
-    def _activate_active_slot(self) -> None:
+    def _activate_active_slot(self, fallback: bool = True) -> None:
         """Serve the active slot's model at start. If it cannot be served (a bundle signed by a key that was
         removed from ota.trusted_keys, a corrupted file, a failed golden check, a load error), serve the other
         slot's model if that one verifies (`current` is flipped to it, so that the next update installs over
-        the refused one); else serve nothing, and say why, while MQTT and OTA run so that a new bundle can
-        be installed over the air. Crashing here would crash-loop the box out of reach of any update."""
+        the refused one; not with `fallback` False: an update in progress owns the other slot); else serve
+        nothing, and say why, while MQTT and OTA run so that a new bundle can be installed over the air.
+        Crashing here would crash-loop the box out of reach of any update."""
         slots = self.updater.slots
         active = slots.active()
         try:
@@ -169,7 +170,7 @@ class Agent:
         except Exception as exc:  # noqa: BLE001: whatever the reason, the agent must stay reachable
             reason = self._unservable(active, exc)
         other = slots.inactive()
-        if (slots.path(other) / MANIFEST).is_file():
+        if fallback and (slots.path(other) / MANIFEST).is_file():
             try:
                 self.activate(slots.path(other))
             except Exception as exc:  # noqa: BLE001
@@ -231,12 +232,16 @@ class Agent:
         self.http.start()
         log.info("HTTP API on %s", self.http.url)
         path = self._initial_model_path()
-        if path is not None and (self.updater is None or self.updater.state is State.IDLE
-                                 or cfg.model.bundle is not None):
+        # an update interrupted by a restart (power cut, SIGKILL) resumes below; until it switches models, the
+        # active slot's model serves, as it did before. Only COMMITTING and ROLLBACK load a model themselves.
+        resuming = self.updater is not None and self.updater.state is not State.IDLE
+        if path is not None and (not resuming or cfg.model.bundle is not None
+                                 or self.updater.state not in (State.COMMITTING, State.ROLLBACK)):
             if cfg.model.bundle is not None:
                 self.activate(path)  # a bundle named on the command line or in the config: an error stops the agent
             else:
-                self._activate_active_slot()
+                # while an update is in progress the other slot is its target: never served in its place
+                self._activate_active_slot(fallback=not resuming)
         elif path is None:
             log.warning("no model yet: waiting for an OTA update (HTTP answers 503 until then)")
         if cfg.mqtt.enabled:

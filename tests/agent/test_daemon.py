@@ -42,6 +42,7 @@ class Controller:
     def __init__(self, port: int, chunk_delay_s: float = 0.0):
         self.chunks = ChunkSource()
         self.chunk_delay_s = chunk_delay_s
+        self.answer_chunks = True  # False: chunk requests are recorded and left unanswered (a stalled server)
         self.requested: list[tuple[str, int]] = []
         self.messages: dict[str, queue.Queue] = {}
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="controller", protocol=paho.MQTTv5)
@@ -65,6 +66,9 @@ class Controller:
         if msg.topic == chunk_request_topic(FLEET, DEVICE):
             req = ChunkRequest.model_validate_json(msg.payload)
             self.requested.append((req.path, req.index))
+            if not self.answer_chunks:
+                self.messages[msg.topic].put(msg)
+                return
             time.sleep(self.chunk_delay_s)  # a slow link, so that the test can cut it mid-transfer
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = msg.properties.CorrelationData
@@ -228,3 +232,55 @@ def test_transfer_survives_a_broker_restart_and_an_agent_kill(mosquitto, signed_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_update_resumed_after_a_kill_keeps_the_old_model_serving_and_after_it_fails(mosquitto, signed_bundles,
+                                                                                      tmp_path):
+    """SIGKILL mid-download of v1.1.0 on a box serving v1.0.0: after the restart, v1.0.0 serves while the download
+    resumes, and still serves when the resumed update fails (it was served by nothing until the next restart)."""
+    extra = "chunk_timeout_s = 1.0"
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, extra)
+    try:
+        ctl = Controller(mosquitto.port, chunk_delay_s=0.15)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
+        ctl.chunks.add("install-v1", signed_bundles["v1"])
+        ctl.publish(ota_offer_topic(FLEET, DEVICE),
+                    make_offer(open_bundle(signed_bundles["v1"]), "install-v1", {"type": "mqtt"}).model_dump_json(),
+                    retain=True)
+        assert ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: "result" in d)["result"] == "committed"
+        ctl.requested.clear()
+        ctl.chunks.add("u2", signed_bundles["v2"])
+        ctl.publish(ota_offer_topic(FLEET, DEVICE),
+                    make_offer(open_bundle(signed_bundles["v2"]), "u2", {"type": "mqtt"}).model_dump_json(), retain=True)
+        until(lambda: len(ctl.requested) >= 2)
+        ctl.answer_chunks = False  # the controller stalls: the download cannot finish before the checks below
+        proc.kill()  # a power cut in DOWNLOADING
+        proc.wait()
+        assert json.loads((tmp_path / "state" / "update.json").read_text())["state"] == "downloading"
+
+        proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, extra)
+        until(lambda: _ready(http_port))
+        assert http_json(http_port, "/v1/models")["data"][0]["id"] == "tiny-1.0.0"
+        assert json.loads((tmp_path / "state" / "update.json").read_text())["state"] == "downloading"
+        assert http_json(http_port, "/v1/completions", {"prompt": "def f(", "max_tokens": 3})["usage"][
+            "completion_tokens"] == 3
+
+        ctl.chunks.bundles.pop("u2")  # the controller no longer serves it: the resumed update fails
+        ctl.answer_chunks = True
+        final = ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: d.get("update_id") == "u2" and "result" in d)
+        assert final["result"] == "failed", final
+        assert _ready(http_port), log.read_text()[-3000:]
+        assert http_json(http_port, "/v1/models")["data"][0]["id"] == "tiny-1.0.0"
+        state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"] and d["model"] is not None, timeout=30)
+        assert state["model"]["version"] == "1.0.0"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _ready(port: int) -> bool:
+    try:
+        return http_json(port, "/readyz")["status"] == "ready"
+    except (OSError, ValueError):  # not listening yet, or 503
+        return False
