@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -43,6 +44,8 @@ from ota.fsutil import atomic_write_bytes, atomic_write_json
 from ota.signing import SIGNATURE, verify_bundle_signature, verify_bytes
 from ota.slots import Slots
 from ota.versions import check_upgrade, parse_version
+
+log = logging.getLogger("edgeglm.ota")
 
 
 class State(str, Enum):
@@ -98,6 +101,10 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.REPORTING,   E.REPORTED):    S.IDLE,
     (S.REPORTING,   E.FAILED):      S.IDLE,
 }
+
+
+# the states on the way to a switch: entered only once their entry is saved (see Updater.run)
+FORWARD = (S.OFFERED, S.DOWNLOADING, S.VERIFYING, S.INSTALLING, S.SELF_TEST, S.COMMITTING)
 
 
 class UpdateFailed(Exception):
@@ -188,6 +195,7 @@ class Updater:
         self.staging = self.root / "staging"
         self.state_path = self.root / "update.json"
         self.deps = deps
+        self.load_problem: str | None = None  # why the persisted state was dropped at start, if it was
         self.data = self._load()
         self.on_enter: Callable[[State], None] | None = None  # observation/fault-injection point
         self.handlers: dict[State, Callable[[], Event]] = {
@@ -199,12 +207,45 @@ class Updater:
 
     # --- persistence -------------------------------------------------------------------------
     def _load(self) -> dict:
-        if self.state_path.is_file():
-            return json.loads(self.state_path.read_text())
-        return {"state": S.IDLE.value, "entries": 0, "history": []}
+        """The persisted state. One that cannot be read or makes no sense (invalid JSON, missing fields: a
+        disk error, an edit by hand) is moved aside to update.json.unreadable and the updater starts idle,
+        its staging removed: the slots and `current` are untouched, so the active model serves, and the
+        interrupted update, if there was one, is offered again or not at all. Raising here would stop the
+        agent at every start, out of reach of any update."""
+        fresh = {"state": S.IDLE.value, "entries": 0, "history": []}
+        if not self.state_path.is_file():
+            return fresh
+        try:
+            data = json.loads(self.state_path.read_text())
+            state = State(data["state"])
+            if not isinstance(data["entries"], int) or not isinstance(data["history"], list):
+                raise ValueError("entries or history of the wrong type")
+            if state is not S.IDLE:
+                Offer.model_validate(data["offer"])
+                if data["target_slot"] not in ("a", "b") or not isinstance(data["chunks_done"], dict):
+                    raise ValueError("target_slot or chunks_done invalid")
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # ValidationError, JSON and Unicode errors too
+            aside = self.state_path.with_name(self.state_path.name + ".unreadable")
+            os.replace(self.state_path, aside)
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.load_problem = (f"{self.state_path} was unreadable ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); moved to {aside.name}, any "
+                                 "update in progress was dropped, the active slot is unchanged")
+            log.warning("%s", self.load_problem)
+            return fresh
+        return data
 
     def _save(self) -> None:
         atomic_write_json(self.state_path, self.data)
+
+    def _persist(self) -> str | None:
+        """Save the state; why it could not be saved (a full disk, a read-only or failing one), or None."""
+        try:
+            self._save()
+        except OSError as exc:
+            log.warning("OTA state not saved in state %s: %s", self.state.value, exc)
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     @property
     def state(self) -> State:
@@ -226,12 +267,19 @@ class Updater:
         self._transition(E.OFFER)
 
     def run(self) -> None:
-        """Run handlers until the machine is idle again (also resumes after a restart)."""
+        """Run handlers until the machine is idle again (also resumes after a restart).
+
+        A state that cannot be saved (the disk is full) fails the update before anything more is done on
+        the way to a switch; the failure path (FAILURE, ROLLBACK, CLEANUP, REPORTING) runs even then, since
+        CLEANUP frees the staging area, so the updater ends idle and takes the next offer."""
         while self.state is not S.IDLE:
             state = self.state
             self.data["entries"] += 1
-            self._save()  # persisted before acting
-            if self.data["entries"] > self.deps.max_entries:
+            unsaved = self._persist()  # persisted before acting
+            if unsaved and state in FORWARD:
+                self._fail(f"the update state cannot be saved ({unsaved})")
+                event = E.FAILED
+            elif self.data["entries"] > self.deps.max_entries:
                 self._fail(f"state {state.value} was entered {self.data['entries']} times without finishing "
                            "(the agent keeps dying there); giving up on this update")
                 event = E.FAILED if (state, E.FAILED) in TRANSITIONS else E.DONE
@@ -253,7 +301,7 @@ class Updater:
         nxt = TRANSITIONS[(prev, event)]
         self.data.update(state=nxt.value, entries=0)
         self.data["history"].append(nxt.value)
-        self._save()
+        self._persist()  # if it fails, `run` fails the update on entering the next state, or carries on cleaning up
         self._report({"state": nxt.value, "event": event.value, "from": prev.value})
 
     def _fail(self, reason: str) -> None:

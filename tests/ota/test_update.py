@@ -331,3 +331,74 @@ def test_full_disk_is_refused_and_the_old_model_keeps_serving(signed_bundles, tm
         assert not (work / "state" / "staging").exists()
     finally:
         subprocess.run(["umount", "--lazy", str(work)], check=True)  # engines may still map model files
+
+
+def test_disk_filling_up_during_the_download_fails_the_update_and_frees_the_staging(signed_bundles, tmp_path):
+    """Room for the bundle when it is offered, then another writer fills the tmpfs mid-download: the update
+    fails with the reason (not even the state file can be written then), staging is removed, the old model
+    serves, and the next offer is taken. The updater used to stop in FAILURE with staging left on the full
+    disk, refusing every later offer until a restart."""
+    from ota.update import State
+
+    need = sum(f.size for f in open_bundle(signed_bundles["v2"]).manifest.files)
+    work = tmp_path / "filling-disk"
+    work.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need * 3 // 1024 + 256}k", "tmpfs", str(work)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        shutil.copytree(signed_bundles["keys"], work / "keys")
+        updater = build_updater(work)
+        updater.submit(offer_for(signed_bundles["v1"], "install-v1"))
+        updater.run()
+        assert serving(work) == "1.0.0"
+
+        def fill_the_disk(state):
+            if state is State.DOWNLOADING:
+                with open(work / "ballast", "wb") as f:
+                    with pytest.raises(OSError, match="No space left"):
+                        while True:
+                            f.write(b"\0" * 65536)
+                            f.flush()
+
+        updater.on_enter = fill_the_disk
+        updater.submit(offer_for(signed_bundles["v2"], "u2"))
+        updater.run()
+        assert updater.state is State.IDLE and updater.data["outcome"] == "failed"
+        assert updater.data["history"] == ["idle", "offered", "downloading", "failure", "cleanup", "reporting", "idle"]
+        assert "No space left" in updater.data["reason"]
+        assert not (work / "state" / "staging").exists()
+        assert updater.slots.active() == "a" and serving(work) == "1.0.0"
+        final = [r for r in reports(work) if r.get("update_id") == "u2" and "result" in r][-1]
+        assert final["result"] == "failed" and "No space left" in final["reason"]
+
+        (work / "ballast").unlink()
+        updater.on_enter = None
+        updater.submit(offer_for(signed_bundles["v2"], "u2-again"))
+        updater.run()
+        assert updater.data["outcome"] == "committed" and serving(work) == "1.1.0"
+        assert json.loads((work / "state" / "update.json").read_text())["state"] == "idle"
+    finally:
+        subprocess.run(["umount", "--lazy", str(work)], check=True)
+
+
+@pytest.mark.parametrize("content", ['{"state": "downloading", "entr', "", "{}", '{"state": "bogus"}',
+                                     '{"state": "verifying", "entries": 1, "history": []}', "\udcff"])
+def test_an_unreadable_state_file_is_set_aside_and_the_active_model_serves(device, signed_bundles, content):
+    """update.json with invalid JSON, missing fields or an unknown state (a disk error, an edit by hand): the
+    updater starts idle instead of raising (the agent exited at every start), the file is kept aside,
+    staging is removed, the active slot serves, and the next offer commits."""
+    state = device / "state"
+    (state / "staging").mkdir()
+    (state / "staging" / "half.bin").write_bytes(b"x" * 100)
+    (state / "update.json").write_bytes(content.encode(errors="surrogateescape"))
+    subprocess.run([sys.executable, str(DRIVER), str(device)], check=True, capture_output=True)  # a fresh start
+    assert serving(device) == "1.0.0"
+    assert (state / "update.json.unreadable").read_bytes() == content.encode(errors="surrogateescape")
+    assert not (state / "staging").exists()
+    updater = build_updater(device)
+    assert updater.state.value == "idle"
+    updater.submit(offer_for(signed_bundles["v2"], "u2"))
+    updater.run()
+    assert updater.data["history"] == SUCCESS and serving(device) == "1.1.0"
