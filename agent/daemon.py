@@ -99,6 +99,7 @@ class Agent:
         self._chunk_fetcher: MqttChunkFetcher | None = None
         self._ota_thread: threading.Thread | None = None
         self._ota_lock = threading.Lock()
+        self._next_offer: Offer | None = None  # the latest offer that came while an update ran: taken after it
         self._last_telemetry = time.monotonic()
 
     # --- model --------------------------------------------------------------------------------
@@ -269,6 +270,8 @@ class Agent:
                 self.window.record_error()
             if self.session and time.monotonic() - self._last_telemetry >= self.cfg.telemetry.interval_s:
                 self._send_telemetry()
+            if self._next_offer is not None and not self._update_running():
+                self._start_update(None, follow_up=True)
 
     def shutdown(self, deadline: float = 10.0) -> None:
         self.http.shutdown(deadline)
@@ -283,6 +286,9 @@ class Agent:
             self._apply_desired(payload)
         elif isinstance(payload, Offer):
             self._start_update(payload)
+        elif payload is None and event.message.topic == ota_offer_topic(self.cfg.device.fleet, self.cfg.device.id):
+            with self._ota_lock:  # the retained offer was cleared: one waiting for the running update goes too
+                self._next_offer = None
         elif isinstance(payload, InferenceRequest):
             threading.Thread(target=self._infer, args=(event.message, payload), daemon=True).start()
 
@@ -406,13 +412,25 @@ class Agent:
             d = self.cfg.device
             self.session.publish(ota_status_topic(d.fleet, d.id), json.dumps(status).encode(), retain=True)
 
-    def _start_update(self, offer: Offer | None) -> None:
+    def _update_running(self) -> bool:
+        return self._ota_thread is not None and self._ota_thread.is_alive()
+
+    def _start_update(self, offer: Offer | None, follow_up: bool = False) -> None:
+        """Run `offer` (None: resume the persisted update) on the OTA thread. An offer that comes while an
+        update runs replaces the retained one on the broker, which does not send it again: it is kept (the
+        latest one only) and taken when the running update ends (`follow_up`, from the agent's loop)."""
         if self.updater is None:
             return
         with self._ota_lock:
-            if self._ota_thread is not None and self._ota_thread.is_alive():
-                if offer is not None:
-                    log.warning("offer %s ignored: an update is running", offer.update_id)
+            if follow_up:
+                offer, self._next_offer = self._next_offer, None
+                if offer is None:
+                    return
+            if self._update_running():
+                if offer is not None and offer.update_id != self.updater.data.get("update_id"):
+                    self._next_offer = offer
+                    log.info("offer %s came while update %s runs: it is taken when that one ends",
+                             offer.update_id, self.updater.data.get("update_id"))
                 return
             if offer is not None:
                 if offer.update_id == self.updater.data.get("update_id"):

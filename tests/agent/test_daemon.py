@@ -284,3 +284,34 @@ def _ready(port: int) -> bool:
         return http_json(port, "/readyz")["status"] == "ready"
     except (OSError, ValueError):  # not listening yet, or 503
         return False
+
+
+def test_an_offer_that_comes_while_an_update_runs_is_taken_after_it(mosquitto, signed_bundles, tmp_path):
+    """v1.1.0 is offered, and while it downloads the controller offers v1.2.0 (replacing the retained offer,
+    which the broker does not send again): v1.1.0 finishes, then v1.2.0 is installed. The second offer used to
+    be dropped ("ignored: an update is running") and the box stayed on v1.1.0 until its next reconnect."""
+    from bundles import variant
+
+    v3 = variant(signed_bundles["v2"], tmp_path / "v3", signed_bundles["key"], version="1.2.0")
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, "chunk_timeout_s = 1.0")
+    try:
+        ctl = Controller(mosquitto.port, chunk_delay_s=0.05)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
+        ctl.answer_chunks = False  # u2 stays in DOWNLOADING until the second offer has reached the agent
+        for update_id, bundle in (("u2", signed_bundles["v2"]), ("u3", v3)):
+            ctl.chunks.add(update_id, bundle)
+            ctl.publish(ota_offer_topic(FLEET, DEVICE),
+                        make_offer(open_bundle(bundle), update_id, {"type": "mqtt"}).model_dump_json(), retain=True)
+            until(lambda: update_id in log.read_text())  # the agent took u2 / saw u3
+        ctl.answer_chunks = True
+        results = {}
+        while len(results) < 2:
+            status = ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: "result" in d)
+            results[status["update_id"]] = status["result"]
+        assert results == {"u2": "committed", "u3": "committed"}, log.read_text()[-3000:]
+        state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: (d["model"] or {}).get("version") == "1.2.0")
+        assert state["online"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
