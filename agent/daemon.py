@@ -83,7 +83,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
         self.local_cfg = cfg  # the box's own config: what the desired config may not override (REMOTE_SETTINGS)
-        self.started = time.time()
+        self.started = time.monotonic()  # uptime: never negative when the wall clock is set back
         self.hardware = probe_hardware()
         self.window = LatencyWindow()
         self.http = _AgentApiServer(cfg.http, cfg.sampling, window=self.window, batching=cfg.batching)
@@ -206,7 +206,7 @@ class Agent:
             if m else None,
             active_slot=self.updater.slots.active() if self.updater else None,
             applied_config_version=self.applied_config_version, last_config_error=self.last_config_error,
-            uptime_s=time.time() - self.started, ts=time.time())
+            uptime_s=time.monotonic() - self.started, ts=time.time())
 
     def _execution_path(self) -> str | None:
         """e.g. "onnxruntime:cpu" or "openvino:gpu"."""

@@ -315,3 +315,33 @@ def test_an_offer_that_comes_while_an_update_runs_is_taken_after_it(mosquitto, s
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_wall_clock_set_back_keeps_the_agent_reporting_and_reconnecting(mosquitto, tmp_path, monkeypatch):
+    """The box's clock is stepped back an hour after the agent started (NTP correcting a clock that ran ahead):
+    its state stays valid (uptime_s counts on the monotonic clock; it went negative and failed validation) and
+    it reconnects after a broker restart (the Will could not be built, so the agent never reconnected)."""
+    from agent.config import load_config
+    from agent.daemon import Agent
+
+    agent = Agent(load_config(None, {"model.slots_dir": str(tmp_path / "state"), "http.port": 0, "mqtt.enabled": True,
+                                     "mqtt.port": mosquitto.port, "device.id": DEVICE, "device.fleet": FLEET,
+                                     "mqtt.reconnect_min_delay_s": 0.2, "mqtt.reconnect_max_delay_s": 1.0}))
+    stop = threading.Event()
+    agent.start()
+    loop = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        ctl = Controller(mosquitto.port)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"], timeout=30)
+        wall = time.time
+        monkeypatch.setattr(time, "time", lambda: wall() - 3600.0)
+        assert agent.reported_state().uptime_s >= 0
+        connects = agent.session.stats.connects
+        mosquitto.restart()
+        until(lambda: agent.session.stats.connects > connects)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"] and d["ts"] < wall() - 1800, timeout=30)
+    finally:
+        stop.set()
+        loop.join(10)
+        agent.shutdown(5)
