@@ -187,8 +187,8 @@ class Agent:
     def _unservable(self, slot: str, exc: Exception) -> str:
         if not isinstance(exc, (RuntimeUserError, BundleError, AgentError)):
             log.error("loading the model in slot %s failed", slot, exc_info=exc)
-        kind = "refused" if isinstance(exc, SignatureError) else "cannot be served"
-        return f"the model in slot {slot} is {kind}: {exc}"
+        kind = "is refused" if isinstance(exc, SignatureError) else "cannot be served"
+        return f"the model in slot {slot} {kind}: {exc}"
 
     # --- state --------------------------------------------------------------------------------
     def reported_state(self, online: bool = True) -> ReportedState:
@@ -397,6 +397,7 @@ class Agent:
             activate=self.activate, report=self._report_ota, agent_version=__version__,
             supported_backends=tuple(available_backends()), architecture_problem=architecture_problem,
             active_version=lambda: self.model.bundle.manifest.version if self.model else None,
+            active_manifest_sha256=lambda: self.model.bundle.sha256 if self.model else None,
             fleet=self.cfg.device.fleet, device=self.cfg.device.id, rollback_keys=self._rollback_keys())
 
     def _chunk_request(self, req):

@@ -3,6 +3,7 @@
     state        event         -> next state
     IDLE         OFFER         -> OFFERED
     OFFERED      ACCEPTED      -> DOWNLOADING   signature, version, architecture, backends, disk space ok
+    OFFERED      ALREADY_SERVING -> CLEANUP     the offered manifest is the one serving: committed, nothing done
     DOWNLOADING  DOWNLOADED    -> VERIFYING     every chunk checked against the signed manifest
     VERIFYING    VERIFIED      -> INSTALLING    every file's size and sha256, the signature again
     INSTALLING   INSTALLED     -> SELF_TEST     staging moved into the inactive slot, fsynced
@@ -65,6 +66,7 @@ class State(str, Enum):
 class Event(str, Enum):
     OFFER = "offer"
     ACCEPTED = "accepted"
+    ALREADY_SERVING = "already_serving"
     DOWNLOADED = "downloaded"
     VERIFIED = "verified"
     INSTALLED = "installed"
@@ -82,6 +84,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.IDLE,        E.OFFER):       S.OFFERED,
     (S.OFFERED,     E.ACCEPTED):    S.DOWNLOADING,
     (S.OFFERED,     E.FAILED):      S.FAILURE,
+    (S.OFFERED,     E.ALREADY_SERVING): S.CLEANUP,  # the exact signed manifest serves already: nothing to do
     (S.DOWNLOADING, E.DOWNLOADED):  S.VERIFYING,
     (S.DOWNLOADING, E.FAILED):      S.FAILURE,
     (S.VERIFYING,   E.VERIFIED):    S.INSTALLING,
@@ -177,6 +180,8 @@ class UpdaterDeps:
     supported_backends: tuple[str, ...]
     active_version: Callable[[], str | None]
     max_entries: int = 3
+    # sha256 of the serving bundle's manifest bytes (None: no model, or not known)
+    active_manifest_sha256: Callable[[], str | None] = lambda: None
     # why the runtime cannot run this architecture (None: it can); handed in by the agent
     architecture_problem: Callable[[dict], str | None] = lambda arch: None
     # who this device is: a rollback statement must name exactly this fleet and device
@@ -329,6 +334,10 @@ class Updater:
         except (ValidationError, ValueError) as exc:
             raise UpdateFailed(f"offered manifest is invalid ({str(exc).splitlines()[0]})") from None
         verify_bytes(raw, offer.signature, self.deps.trusted_keys, f"offer {offer.update_id} manifest")
+        if not offer.rollback and hashlib.sha256(raw).hexdigest() == self.deps.active_manifest_sha256():
+            # offered again (a rollout over boxes that have it, a state file lost): done, not a "downgrade"
+            self.data["outcome"] = "committed"
+            return E.ALREADY_SERVING
         if offer.rollback:
             self._check_rollback(offer, raw)
         check_upgrade(self.deps.active_version(), manifest.version, rollback=offer.rollback)

@@ -402,3 +402,25 @@ def test_an_unreadable_state_file_is_set_aside_and_the_active_model_serves(devic
     updater.submit(offer_for(signed_bundles["v2"], "u2"))
     updater.run()
     assert updater.data["history"] == SUCCESS and serving(device) == "1.1.0"
+
+
+def test_an_offer_of_the_bundle_already_serving_is_committed_without_a_change(upgraded, signed_bundles, tmp_path):
+    """The exact signed manifest the device serves, offered again under a new update id (a rollout over a fleet
+    where some boxes have it, a retained offer seen after the state file was lost): committed, nothing
+    downloaded or switched, the previous model kept for a rollback. It used to fail as "refused as a
+    downgrade", which a rollout counts as a failed canary. The same version with another manifest, or the
+    same manifest with a signature that does not verify, is still refused."""
+    updater = build_updater(upgraded)
+    updater.submit(offer_for(signed_bundles["v2"], "u2-again"))
+    updater.run()
+    assert updater.data["history"] == ["idle", "offered", "cleanup", "reporting", "idle"]
+    final = reports(upgraded)[-2]
+    assert final["result"] == "committed" and "reason" not in final, final
+    assert updater.slots.active() == "b" and serving(upgraded) == "1.1.0"
+    assert (updater.slots.path("a") / "manifest.json").exists()  # the previous model stays for a rollback
+
+    other = variant(signed_bundles["v2"], tmp_path / "v2-rebuilt", signed_bundles["key"], name="tiny-rebuilt")
+    _rollback_refused(upgraded, offer_for(other, "u2-rebuilt"), "not newer than the active 1.1.0")
+    forged = offer_for(signed_bundles["v2"], "u2-forged")
+    forged.signature = offer_for(signed_bundles["v1"], "u1").signature
+    _rollback_refused(upgraded, forged, "signature does not verify")

@@ -54,12 +54,16 @@ def build_updater(work: Path, activate_fails: str | None = None, max_latency_rat
         path = updater.slots.active_path()
         return open_bundle(path, verify=False).manifest.version if path else None
 
+    def active_manifest_sha256():
+        return serving["model"].bundle.sha256 if serving["model"] else None
+
     deps = UpdaterDeps(
         trusted_keys=load_trusted_keys([work / "keys"]), fetcher=DirectoryFetcher(),
         self_test=lambda slot, manifest: run_self_test(slot, manifest, SelfTestConfig(
             max_latency_ratio=max_latency_ratio, steps=4), serving["model"]),
         activate=activate, report=report, agent_version="0.1.0",
         supported_backends=("onnxruntime", "openvino"), active_version=active_version,
+        active_manifest_sha256=active_manifest_sha256,
         architecture_problem=architecture_problem, fleet=FLEET, device=DEVICE,
         rollback_keys=load_trusted_keys([work / "rollback-keys"]) if (work / "rollback-keys").is_dir() else None)
     if clock is not None:
