@@ -1,8 +1,9 @@
 """Staged rollouts gated by measured latency.
 
     phase         does                                                         next
-    canary        pick ceil(canary% of the group's online devices), record      canary_wait
-                  their p95 per-token latency on the current version, offer
+    canary        pick ceil(canary% of the group's online devices that do not   canary_wait
+                  run the bundle's version yet), record their p95 per-token     (done: all do)
+                  latency on the current version, offer
     canary_wait   wait for every canary's OTA result                           canary_window | halting
     canary_window wait `window_s`, then compare the canaries' p95 per-token     rest | halting
                   latency and error count on the new version to their baseline
@@ -100,6 +101,16 @@ def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, ma
          str(Path(previous_bundle).resolve()) if previous_bundle else None, str(key) if key else None,
          min_delta_ms, "canary", json.dumps({"report": []}), now, now, group))
     return cur.lastrowid
+
+
+def _bundle_version(bundle: Path) -> str | None:
+    """The version in a bundle's manifest (checked with its files when the rollout was created); None when it
+    cannot be read now: the offer then fails with the reason, logged and retried (RolloutDriver.tick)."""
+    try:
+        version = json.loads((Path(bundle) / "manifest.json").read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, str) else None
 
 
 def _target(fleet: str, group: str | None) -> str:
@@ -224,6 +235,18 @@ class RolloutDriver:
                         if d["online"] and (members is None or d["device"] in members))
         if not online:
             return  # nothing to do until devices are online
+        # a device that already runs the bundle's version is neither a canary (its "before" latency would be
+        # the new version's) nor offered it (agents from before the no-op answer to the bundle they serve report
+        # such an offer as failed, which halts a rollout)
+        version = r.data.get("version") or _bundle_version(r.bundle)
+        serving = {d["device"]: d["model_version"] for d in self.store.devices(r.fleet)}
+        already = [d for d in online if version is not None and serving.get(d) == version]
+        online = [d for d in online if d not in already]
+        r.data.update(version=version, already=already)
+        if not online:
+            self._save(r, "done", f"nothing to do: every online device of {r.target} already runs {version} "
+                                  f"({', '.join(already)})")
+            return
         n = max(1, math.ceil(len(online) * r.canary_pct / 100.0))
         canaries, rest = online[:n], online[n:]
         baseline = {d: self.store.latency(r.fleet, d, now - max(r.window_s, 60.0)) for d in canaries}
@@ -239,6 +262,8 @@ class RolloutDriver:
         r.data.update(canaries=canaries, rest=rest, baseline=baseline)
         r.data["offers"] = self._offer(r, canaries, r.bundle)
         note = f" (no baseline latency from {missing})" if missing else ""
+        if already:
+            note += f"; {len(already)} already run {version}, not offered: {already}"
         self._save(r, "canary_wait", f"offered to canaries {canaries}; {len(rest)} device(s) wait{note}")
 
     def _results(self, r: Rollout, devices: list[str]) -> dict:

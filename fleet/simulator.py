@@ -36,7 +36,7 @@ class SimDevice:
         self.profile = profile or SimProfile()
         self.rng = random.Random(seed)
         self.applied_config: int | None = None
-        self.started = time.time()
+        self.started = time.monotonic()  # uptime survives a wall clock stepped back
         self.session = MqttSession(mqtt, fleet=fleet, device=device, state_fn=self.state)
         self.session.subscribe(ota_offer_topic(fleet, device), Offer, empty_ok=True)
         self.session.subscribe(desired_topic(fleet, device), DesiredConfig, empty_ok=True)
@@ -49,7 +49,7 @@ class SimDevice:
         return ReportedState(device=self.device, online=online, agent_version="0.1.0-sim",
                              execution_path="onnxruntime:cpu",
                              model=ModelRef(name="sim", version=self.version, sha256="0" * 64), active_slot="a",
-                             applied_config_version=self.applied_config, uptime_s=time.time() - self.started,
+                             applied_config_version=self.applied_config, uptime_s=time.monotonic() - self.started,
                              ts=time.time())
 
     def start(self) -> "SimDevice":

@@ -206,6 +206,29 @@ def test_rollout_proceeds_when_latency_holds(controller, fleet_of_four, signed_b
     until(lambda: {d["model_version"] for d in controller.store.devices(FLEET)} == {"1.1.0"})
 
 
+def test_devices_already_on_the_version_are_neither_canaries_nor_offered(controller, mosquitto, signed_bundles):
+    profile = SimProfile(per_token_ms={"1.0.0": 10.0, "1.1.0": 10.2})
+    devs = [SimDevice(MqttSettings(enabled=True, port=mosquitto.port), FLEET, f"sim-{i}",
+                      version="1.1.0" if i == 0 else "1.0.0", profile=profile).start() for i in range(4)]
+    try:
+        until(lambda: len(controller.store.devices(FLEET)) == 4)
+        rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=25, window_s=1.0)
+        r = run_rollout(controller, devs, rid, ("done", "halted"), 1.0)
+        assert r.phase == "done", r.data["report"]
+        assert r.data["already"] == ["sim-0"] and r.data["canaries"] == ["sim-1"] and r.data["rest"] == ["sim-2",
+                                                                                                          "sim-3"]
+        assert devs[0].offers == [] and all(len(d.offers) == 1 for d in devs[1:])
+        assert any("1 already run 1.1.0, not offered: ['sim-0']" in line for line in map(str, r.data["report"]))
+        # a second rollout of the same version finds nothing to do and offers nothing
+        rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=25, window_s=1.0)
+        r = run_rollout(controller, devs, rid, ("done", "halted"), 1.0)
+        assert r.phase == "done" and "every online device of fleet plant7 already runs 1.1.0" in str(r.data["report"])
+        assert devs[0].offers == [] and all(len(d.offers) == 1 for d in devs[1:])
+    finally:
+        for d in devs:
+            d.stop()
+
+
 def test_rollout_halts_on_a_latency_regression_and_rolls_canaries_back(controller, fleet_of_four, signed_bundles):
     devs, profile = fleet_of_four
     profile.per_token_ms["1.1.0"] = 25.0  # the new model is 2.5x slower
