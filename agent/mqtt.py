@@ -584,7 +584,7 @@ class MqttSession:
         future: Future = Future()
         with self._pending_lock:
             self._pending[request_id] = future
-        future.add_done_callback(lambda _: self._forget(request_id, future))
+        future.add_done_callback(lambda f: self._forget(request_id, f))
         with self._lock:
             if response_topic not in self._response_topics:
                 self._response_topics.add(response_topic)
@@ -597,6 +597,13 @@ class MqttSession:
         with self._pending_lock:
             if self._pending.get(request_id) is future:
                 del self._pending[request_id]
+        if future.cancelled():
+            # given up while the broker was away (an OTA chunk request past ota.chunk_timeout_s): a request still
+            # held would otherwise be sent at reconnect beside the one that replaced it, once per timeout
+            correlation = request_id.encode()
+            with self._lock:
+                if any(m.correlation_data == correlation for m in self._held):
+                    self._held = deque(m for m in self._held if m.correlation_data != correlation)
 
     def reply_target(self, message: Message) -> ReplyTarget | None:
         """Where and how to answer `message`: MQTT 5 properties first, then `reply_to`/`id` in the

@@ -23,8 +23,9 @@ from paho.mqtt.properties import Properties
 from agent.errors import PayloadError
 from agent.mqtt import (Connected, Disconnected, MqttSession, MqttSettings, PayloadRejected, Received, backoff_delay)
 from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceResponse, ReportedState,
-                          TelemetryReport, desired_topic, infer_request_topic, infer_response_topic,
-                          ota_status_topic, state_topic, telemetry_topic)
+                          TelemetryReport, chunk_request_topic, chunk_response_topic, desired_topic,
+                          infer_request_topic, infer_response_topic, ota_status_topic, state_topic, telemetry_topic)
+from ota.transfer import ChunkRequest
 from broker import Mqtt311OnlyProxy, make_test_certs
 
 FLEET = "plant-7"
@@ -370,6 +371,37 @@ def test_broker_restart_reconnects_republishes_state_and_flushes_buffers_in_orde
     assert [r["dropped_reports"] for r in received] == [2, 0, 0, 0, 0]
     data, _ = controller.expect(status)
     assert data == {"phase": "idle"}
+    session.close()
+    controller.close()
+
+
+def test_a_request_given_up_while_offline_is_not_sent_at_reconnect(mosquitto):
+    """The OTA download asks for a chunk again every ota.chunk_timeout_s; while the broker is away each request
+    used to wait in the offline hold and all of them went out at reconnect. A cancelled one is dropped."""
+    controller = Controller(mosquitto, persistent=True)  # its subscription outlives the broker restart
+    request_topic = chunk_request_topic(FLEET, "box-1")
+    controller.subscribe(request_topic, ota_status_topic(FLEET, "box-1"))
+    session = make_session(mosquitto).start()
+    assert session.wait_connected(WAIT)
+    mosquitto.stop()
+    assert next_event(session, Disconnected)
+
+    def ask(i: int):
+        return session.request(request_topic, ChunkRequest(id=f"c{i}", update_id="u1", path="model.onnx", index=0,
+                                                           chunk_size=262144),
+                               response_topic=chunk_response_topic(FLEET, "box-1"))
+
+    for i in range(3):  # three timeouts in a row while offline, as ChunkFetcher.read_chunk does
+        ask(i).cancel()
+    last = ask(3)
+    assert session.publish(ota_status_topic(FLEET, "box-1"), b'{"phase": "downloading"}') is None  # held too
+    mosquitto.restart()
+    data, _ = controller.expect(request_topic)
+    assert data["id"] == "c3"
+    assert controller.expect(ota_status_topic(FLEET, "box-1"))[0] == {"phase": "downloading"}  # the rest of the hold
+    with pytest.raises(AssertionError, match="no matching message"):
+        controller.expect(request_topic, timeout=1.0)  # nothing else: c0-c2 were dropped from the hold
+    assert not last.done()
     session.close()
     controller.close()
 
