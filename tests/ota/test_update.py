@@ -6,6 +6,7 @@ them through ONNX Runtime, and for power cuts a separate process killed with SIG
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -312,16 +313,24 @@ def test_model_failing_its_golden_check_is_not_activated(device, signed_bundles,
     _refused(device, offer_for(bundle, "u2"), "golden check failed")
 
 
-def test_full_disk_is_refused_and_the_old_model_keeps_serving(signed_bundles, tmp_path):
-    """The device's state directory on a real tmpfs with room for one model but not two."""
-    need = sum(f.size for f in open_bundle(signed_bundles["v2"]).manifest.files)
-    work = tmp_path / "small-disk"
-    work.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need * 3 // 2 // 1024 + 64}k", "tmpfs",
-                              str(work)], capture_output=True, text=True)
+@contextlib.contextmanager
+def small_disk(path: Path, size_kib: int):
+    """A real tmpfs of `size_kib` at `path` (skips the test where mounting needs root), unmounted after."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
+                             capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)  # engines may still map model files
+
+
+def test_full_disk_is_refused_and_the_old_model_keeps_serving(signed_bundles, tmp_path):
+    """The device's state directory on a real tmpfs with room for one model but not two."""
+    need = sum(f.size for f in open_bundle(signed_bundles["v2"]).manifest.files)
+    with small_disk(tmp_path / "small-disk", need * 3 // 2 // 1024 + 64) as work:
         shutil.copytree(signed_bundles["keys"], work / "keys")
         updater = build_updater(work)
         updater.submit(offer_for(signed_bundles["v1"], "install-v1"))
@@ -329,8 +338,6 @@ def test_full_disk_is_refused_and_the_old_model_keeps_serving(signed_bundles, tm
         assert serving(work) == "1.0.0"
         _refused(work, offer_for(signed_bundles["v2"], "u2"), "disk full")
         assert not (work / "state" / "staging").exists()
-    finally:
-        subprocess.run(["umount", "--lazy", str(work)], check=True)  # engines may still map model files
 
 
 def test_disk_filling_up_during_the_download_fails_the_update_and_frees_the_staging(signed_bundles, tmp_path):
@@ -341,13 +348,7 @@ def test_disk_filling_up_during_the_download_fails_the_update_and_frees_the_stag
     from ota.update import State
 
     need = sum(f.size for f in open_bundle(signed_bundles["v2"]).manifest.files)
-    work = tmp_path / "filling-disk"
-    work.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need * 3 // 1024 + 256}k", "tmpfs", str(work)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
+    with small_disk(tmp_path / "filling-disk", need * 3 // 1024 + 256) as work:
         shutil.copytree(signed_bundles["keys"], work / "keys")
         updater = build_updater(work)
         updater.submit(offer_for(signed_bundles["v1"], "install-v1"))
@@ -379,8 +380,6 @@ def test_disk_filling_up_during_the_download_fails_the_update_and_frees_the_stag
         updater.run()
         assert updater.data["outcome"] == "committed" and serving(work) == "1.1.0"
         assert json.loads((work / "state" / "update.json").read_text())["state"] == "idle"
-    finally:
-        subprocess.run(["umount", "--lazy", str(work)], check=True)
 
 
 @pytest.mark.parametrize("content", ['{"state": "downloading", "entr', "", "{}", '{"state": "bogus"}',
