@@ -98,7 +98,7 @@ def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, ma
         "INSERT INTO rollouts (bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
         "min_delta_ms, phase, data, created, updated, group_name) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (str(Path(bundle).resolve()), fleet, canary_pct, max_regression_pct, window_s,
-         str(Path(previous_bundle).resolve()) if previous_bundle else None, str(key) if key else None,
+         str(Path(previous_bundle).resolve()) if previous_bundle else None, str(Path(key).resolve()) if key else None,
          min_delta_ms, "canary", json.dumps({"report": []}), now, now, group))
     return cur.lastrowid
 
