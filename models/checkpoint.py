@@ -2,8 +2,9 @@
 
 A checkpoint directory holds `config.json`, the weights as `model.safetensors` or as shards
 listed in `model.safetensors.index.json`, and `tokenizer.json`. Weights may be bf16, fp16 or
-fp32; they are loaded as fp32. Every tensor is checked against the shape the config implies,
-and every problem is raised as one `CheckpointError` naming the file.
+fp32; they are loaded as fp32. Every tensor is checked against the shape the config implies
+and to hold only finite values (a NaN or inf weight is refused, naming the tensor), and every
+problem is raised as one `CheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -98,6 +99,12 @@ def load_state_dict(ckpt: Path, cfg: GlmConfig) -> dict[str, torch.Tensor]:
                             f"{path}: tensor {name!r} has dtype {tensor.dtype}; "
                             "expected float32, float16 or bfloat16"
                         )
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    if bad:
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf): the "
+                            "checkpoint is broken (a diverged training run, or an overflow when it was cast "
+                            "to fp16); export or train from a good checkpoint")
                     state[name] = tensor.to(torch.float32)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({exc})") from None

@@ -109,3 +109,17 @@ def test_missing_weights_file(tmp_path):
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights found"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("value,dtype", [(float("nan"), torch.float32), (float("inf"), torch.float16)])
+def test_a_non_finite_weight_is_refused_naming_the_tensor(tmp_path, value, dtype):
+    """A NaN or inf weight (a diverged run, an fp16 overflow) used to load, export and pass the golden check."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_checkpoint(tmp_path / "c", dtype=dtype)
+    state = load_file(path / "model.safetensors")
+    state["model.layers.1.mlp.down_proj.weight"][0, 0] = value
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.down_proj\.weight'"
+                                              r" holds 1 non-finite value\(s\) \(NaN or inf\)"):
+        load_checkpoint(path)

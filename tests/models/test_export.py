@@ -88,3 +88,17 @@ def test_a_failed_export_leaves_no_staging_and_no_directories_it_made(tiny_ckpt,
     err = _export(capsys, broken, "--out", tmp_path / "new" / "dirs" / "bundle")
     assert "model_type='llama' is not supported" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_a_checkpoint_with_a_nan_weight_exports_no_bundle(tiny_ckpt, tmp_path, capsys):
+    """It used to export a bundle whose golden reference was NaN (an inf weight: a traceback, exit 1)."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    state = load_file(broken / "model.safetensors")
+    state["model.layers.0.self_attn.o_proj.weight"][1, 2] = float("nan")
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    err = _export(capsys, broken, "--out", tmp_path / "bundle")
+    assert "tensor 'model.layers.0.self_attn.o_proj.weight' holds 1 non-finite value(s) (NaN or inf)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
