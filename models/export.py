@@ -10,7 +10,8 @@ so nothing half-written is left where a bundle is expected.
 Before any work (ExportOptions and the start of `export_bundle`): --name and --version follow the
 manifest's rules (models.recipe.bundle_name_problem / bundle_version_problem; without --name the
 checkpoint directory's name must be a valid name), the checkpoint must be a directory (not one of
-its files), and --out must be creatable: the staging directory is made next to it first, so an
+its files), --force replaces only a bundle or an empty directory (never the checkpoint, a directory
+holding it, or a directory of other files), and --out must be creatable: the staging directory is made next to it first, so an
 unwritable --out fails in a second, not after the export. Each is one ExportError line.
 """
 
@@ -35,7 +36,7 @@ from models.glm import GlmForCausalLM
 from models.onnx_graph import EMBEDDINGS_FILE, build_decoder, fp16_attention_variant, save_onnx, save_onnx_graphs
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
 from models.recipe import bundle_name_problem, bundle_version_problem
-from ota.bundle import BundleError, publish, write_manifest
+from ota.bundle import MANIFEST, BundleError, publish, write_manifest
 from runtime.engine import (GPU_GRAPH_FILE, GPU_GRAPH_KEY, PREFILL_GRAPH_KEY, PREFILL_GRAPH_MIN_ROWS, PREFILL_ROWS_KEY,
                             ModelArch, load_engine)
 from runtime.errors import RuntimeUserError
@@ -216,6 +217,17 @@ def check_checkpoint_dir(checkpoint: Path) -> None:
         raise CheckpointError(f"{checkpoint}: {problem}" + ("; nothing was exported" if checkpoint.is_file() else ""))
 
 
+def check_replaceable(out: Path, checkpoint: Path) -> None:
+    """--force replaces a bundle (or an empty directory), never the checkpoint nor a directory of other files."""
+    resolved, ckpt = out.resolve(), checkpoint.resolve()
+    if resolved == ckpt or resolved in ckpt.parents:
+        raise ExportError(f"--out {out}: is the checkpoint's directory or holds it; --force would delete "
+                          f"{checkpoint}; choose another --out; nothing was exported")
+    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+        raise ExportError(f"--out {out}: exists and is not a bundle (no {MANIFEST}); --force replaces only a "
+                          "bundle; choose another --out or remove it yourself; nothing was exported")
+
+
 def make_staging(out: Path) -> tuple[Path, list[Path]]:
     """The staging directory next to `out` (and the parent directories made for it, deepest last):
     made before any work, so that an --out that cannot be written fails at once."""
@@ -250,6 +262,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
                           "nothing was exported")
     if out.exists() and not opts.force:
         raise ExportError(f"{out}: already exists; pass --force to replace it (the existing bundle is untouched)")
+    if out.exists():
+        check_replaceable(out, checkpoint)
     staging, made_dirs = make_staging(out)
     steps = 3 + 2 * len(opts.backends)  # load, golden, 2 per backend, manifest
     bar = tqdm(total=steps, desc="export", unit="step", disable=not show_progress, leave=True)

@@ -102,3 +102,23 @@ def test_a_checkpoint_with_a_nan_weight_exports_no_bundle(tiny_ckpt, tmp_path, c
     err = _export(capsys, broken, "--out", tmp_path / "bundle")
     assert "tensor 'model.layers.0.self_attn.o_proj.weight' holds 1 non-finite value(s) (NaN or inf)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+@pytest.mark.parametrize("where,fragment", [
+    ("checkpoint", "is the checkpoint's directory or holds it; --force would delete"),
+    ("parent", "is the checkpoint's directory or holds it; --force would delete"),
+    ("other files", "exists and is not a bundle (no manifest.json); --force replaces only a bundle"),
+])
+def test_force_never_replaces_the_checkpoint_or_a_directory_that_is_no_bundle(tiny_ckpt, tmp_path, capsys,
+                                                                              no_work, where, fragment):
+    """`--out` = the checkpoint (or its parent) with --force used to delete the checkpoint and put the bundle there."""
+    ckpt = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_ckpt, ckpt)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    out = {"checkpoint": ckpt, "parent": tmp_path / "models", "other files": tmp_path / "notes"}[where]
+    err = _export(capsys, ckpt, "--out", out, "--force")
+    assert f"--out {out}: {fragment}" in err and "nothing was exported" in err
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(p.name for p in tiny_ckpt.iterdir())
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "notes"]
