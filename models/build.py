@@ -7,7 +7,8 @@ Stages, each on the `build` progress bar (long stages show their own bars below 
 1. check      every input, before any long work and before the work directory is made: the
               recipe (models/recipe.py), its [distill] device available here, the teacher's config
               (a GLM, the recipe's sizes within its own), the bundle's name, --out and --work
-              writable, every corpus file readable UTF-8 text; after tokenizing, the corpus size
+              writable, every corpus file readable UTF-8 text (files under --work and --out are
+              left out of a corpus directory); after tokenizing, the corpus size
               (enough tokens for the held-out split, the calibration and the distillation budget)
 2. tokenize   the corpus through the teacher's tokenizer (models/data.py, cached in the work dir);
               the last `[eval] heldout_fraction` of the token stream is held out, the rest is the
@@ -223,6 +224,18 @@ def check_corpus_text(files: list[Path]) -> None:
             raise BuildError(f"--corpus {path}: cannot be read ({exc.strerror or exc}); nothing was written") from None
 
 
+def corpus_files(inputs: BuildInputs) -> list[Path]:
+    """The corpus files, less those under --work and --out: a corpus directory that holds them
+    (`--corpus data --out data/bundle`) would otherwise read the build's own files on --resume."""
+    own = (inputs.work.resolve(), inputs.out.resolve())
+    files = [f for f in text_files(inputs.corpus)
+             if not any(d == f.resolve() or d in f.resolve().parents for d in own)]
+    if not files:
+        raise BuildError(f"--corpus {' '.join(map(str, inputs.corpus))}: no training text outside --work "
+                         f"{inputs.work} and --out {inputs.out}; give files of UTF-8 text")
+    return files
+
+
 def check_teacher(teacher: Path) -> GlmConfig:
     problem = checkpoint_dir_problem(teacher)
     if problem:
@@ -348,7 +361,7 @@ def plan_build(inputs: BuildInputs, progress: bool = True) -> tuple[Plan, TokenC
     student_cfg = spec.target_config(teacher_cfg, f"{recipe.source}: [prune]")
     check_bundle_name(inputs)
     check_paths(inputs)
-    files = text_files(inputs.corpus)  # DataError names a missing corpus file
+    files = corpus_files(inputs)  # DataError names a missing corpus file
     check_corpus_text(files)
     inputs.work.mkdir(parents=True, exist_ok=True)
     corpus = tokenize_corpus(TextSource(files, inputs.teacher / "tokenizer.json"), inputs.work / "tokens", progress)

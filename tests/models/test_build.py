@@ -294,3 +294,37 @@ def test_a_build_that_fails_before_its_state_is_kept_leaves_no_work_directory(ra
                  str(QUICK), "--out", str(tmp_path / "bundle"), "--work", str(work), "--quiet"])
     assert code == 2 and "corpus too small" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["small.py"]  # no work dir, nor its parent "deep"
+
+
+def test_a_build_inside_its_corpus_directory_resumes_and_reads_none_of_its_own_files(raw_teacher, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """`--corpus data --out data/bundle`: the resume read data/bundle.work/distill/state.pt as training text
+    and was refused as 'not UTF-8'."""
+    import models.build
+    from models.distill import DistillError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in corpus_files():
+        shutil.copy(f, data / f.name)
+    out = data / "bundle"
+    args = ["build", "--teacher", str(raw_teacher), "--corpus", str(data), "--recipe", str(QUICK),
+            "--out", str(out), "--quiet"]
+    real_distill = models.build.distill
+
+    def distill_then_stop(student, teacher, train, settings, work_dir, **kwargs):
+        def stop(step, _metrics):
+            if step == settings.checkpoint_every:
+                raise DistillError("stopped after the first checkpoint")
+        return real_distill(student, teacher, train, settings, work_dir, **kwargs, on_step=stop)
+
+    monkeypatch.setattr(models.build, "distill", distill_then_stop)
+    assert main(args) == 2 and "stopped after the first checkpoint" in capsys.readouterr().err
+    assert (data / "bundle.work" / "distill" / "state.pt").is_file()
+    monkeypatch.setattr(models.build, "distill", real_distill)
+    code = main(args + ["--resume"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    report = json.loads((data / "bundle.work" / "report.json").read_text())
+    assert report["distill"]["resumed_from_step"] == 8
+    assert (out / "manifest.json").is_file()
