@@ -7,7 +7,7 @@ Stages, each on the `build` progress bar (long stages show their own bars below 
 1. check      every input, before any long work and before the work directory is made: the
               recipe (models/recipe.py), its [distill] device available here, the teacher's config
               (a GLM, the recipe's sizes within its own), the bundle's name, --out and --work
-              writable, every corpus file readable UTF-8 text (files under --work and --out are
+              writable and not inside an existing bundle, every corpus file readable UTF-8 text (files under --work and --out are
               left out of a corpus directory); after tokenizing, the corpus size
               (enough tokens for the held-out split, the calibration and the distillation budget)
 2. tokenize   the corpus through the teacher's tokenizer (models/data.py, cached in the work dir);
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import checkpoint_dir_problem, load_checkpoint, save_checkpoint
+from models.checkpoint import checkpoint_dir_problem, enclosing_bundle, load_checkpoint, save_checkpoint
 from models.config import GlmConfig
 from models.data import TextSource, TokenCorpus, corpus_from_ids, text_files, tokenize_corpus
 from models.distill import DistillError, DistillSettings, distill, resolve_device
@@ -165,6 +165,11 @@ def check_paths(inputs: BuildInputs) -> None:
     if inputs.out.exists():
         raise BuildError(f"--out {inputs.out}: already exists; choose a new bundle path (it is left untouched)")
     _writable_dir(inputs.out.parent, "--out")
+    for flag, path in (("--out", inputs.out), ("--work", work)):
+        bundle = enclosing_bundle(path)
+        if bundle is not None:
+            raise BuildError(f"{flag} {path}: is inside the bundle {bundle}, which would carry it unsigned; "
+                             "choose a path outside any bundle")
     _writable_dir(work, "--work")
     if work.exists() and not work.is_dir():
         raise BuildError(f"--work {work}: is a file; choose a directory")

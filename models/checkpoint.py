@@ -169,3 +169,17 @@ def checkpoint_dir_problem(checkpoint: Path) -> str | None:
     if not checkpoint.is_dir():
         return "checkpoint directory not found"
     return None
+
+
+def enclosing_bundle(path: Path) -> Path | None:
+    """The bundle directory that `path` would be created inside, or None: a directory whose
+    manifest.json is a bundle manifest (one listing `files` and an `architecture`; another
+    project's manifest.json higher up does not count)."""
+    for parent in Path(path).resolve().parents:
+        try:
+            manifest = json.loads((parent / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and "files" in manifest and "architecture" in manifest:
+            return parent
+    return None

@@ -11,8 +11,9 @@ Before any work (ExportOptions and the start of `export_bundle`): --name and --v
 manifest's rules (models.recipe.bundle_name_problem / bundle_version_problem; without --name the
 checkpoint directory's name must be a valid name), the checkpoint must be a directory (not one of
 its files), --force replaces only a bundle or an empty directory (never the checkpoint, a directory
-holding it, or a directory of other files), and --out must be creatable: the staging directory is made next to it first, so an
-unwritable --out fails in a second, not after the export. Each is one ExportError line.
+holding it, or a directory of other files), --out must not lie inside a bundle, and --out must be
+creatable: the staging directory is made next to it first, so an unwritable --out fails in a
+second, not after the export. Each is one ExportError line.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import checkpoint_dir_problem, load_checkpoint
+from models.checkpoint import checkpoint_dir_problem, enclosing_bundle, load_checkpoint
 from models.config import GlmConfig
 from models.errors import CheckpointError, ExportError
 from models.glm import GlmForCausalLM
@@ -264,6 +265,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
         raise ExportError(f"{out}: already exists; pass --force to replace it (the existing bundle is untouched)")
     if out.exists():
         check_replaceable(out, checkpoint)
+    bundle = enclosing_bundle(out)
+    if bundle is not None:
+        raise ExportError(f"--out {out}: is inside the bundle {bundle}; choose a path outside any bundle; "
+                          "nothing was exported")
     staging, made_dirs = make_staging(out)
     steps = 3 + 2 * len(opts.backends)  # load, golden, 2 per backend, manifest
     bar = tqdm(total=steps, desc="export", unit="step", disable=not show_progress, leave=True)

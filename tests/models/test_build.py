@@ -328,3 +328,21 @@ def test_a_build_inside_its_corpus_directory_resumes_and_reads_none_of_its_own_f
     report = json.loads((data / "bundle.work" / "report.json").read_text())
     assert report["distill"]["resumed_from_step"] == 8
     assert (out / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--work"])
+def test_out_or_work_inside_an_existing_bundle_is_refused(raw_teacher, fp32_bundle, tmp_path, capsys, flag):
+    """It used to build into the existing bundle's directory: the new bundle and its work files inside it."""
+    bundle = tmp_path / "released"
+    shutil.copytree(fp32_bundle, bundle)
+    before = sorted(p.relative_to(bundle) for p in bundle.rglob("*"))
+    out = bundle / "small" if flag == "--out" else tmp_path / "small"
+    work = ["--work", str(bundle / "work")] if flag == "--work" else []
+    code = main(["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()), "--recipe",
+                 str(QUICK), "--out", str(out), *work, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    where = out if flag == "--out" else bundle / "work"
+    assert f"{flag} {where}: is inside the bundle {bundle}" in err and "choose a path outside any bundle" in err
+    assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == before
+    assert not out.exists() and not (tmp_path / "small.work").exists()

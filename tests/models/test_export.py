@@ -122,3 +122,18 @@ def test_force_never_replaces_the_checkpoint_or_a_directory_that_is_no_bundle(ti
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(p.name for p in tiny_ckpt.iterdir())
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "notes"]
+
+
+def test_an_out_inside_an_existing_bundle_is_refused(tiny_ckpt, fp32_bundle, tmp_path, capsys, no_work):
+    bundle = tmp_path / "released"
+    shutil.copytree(fp32_bundle, bundle)
+    err = _export(capsys, tiny_ckpt, "--out", bundle / "new")
+    assert f"--out {bundle / 'new'}: is inside the bundle {bundle}" in err and "nothing was exported" in err
+    assert not (bundle / "new").exists() and not list(bundle.glob(".new.partial-*"))
+
+
+def test_a_manifest_json_of_another_project_higher_up_is_no_bundle(tmp_path):
+    from models.checkpoint import enclosing_bundle
+
+    (tmp_path / "manifest.json").write_text('{"name": "my web app", "icons": []}')
+    assert enclosing_bundle(tmp_path / "bundles" / "new") is None
