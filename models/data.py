@@ -4,7 +4,7 @@ Two steps, so that training can stop and resume exactly where it was:
 
 1. `tokenize_corpus(source, cache_dir)` streams the files one at a time through the model's
    `tokenizer.json` (the `tokenizers` library; files larger than `READ_CHARS` are read in pieces cut
-   at line ends) and appends their token ids, each file followed by the end-of-text token, to one
+   at line ends, or before a space within a longer line) and appends their token ids, each file followed by the end-of-text token, to one
    flat uint32 file on disk. Memory stays bounded by one piece whatever the corpus size. The
    result is cached under a key of the tokenizer's bytes and every file's path, size and mtime,
    so a rerun (or a resumed run) does not tokenize again.
@@ -126,6 +126,8 @@ def _pieces(path: Path):
                     break
                 text = carry + block
                 cut = text.rfind("\n") + 1
+                if cut == 0:  # one long line: cut before its last space (a word boundary, same tokens)
+                    cut = max(text.rfind(" "), 0)
                 if cut == 0 and len(text) < 4 * READ_CHARS:
                     carry = text
                     continue

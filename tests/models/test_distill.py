@@ -189,3 +189,24 @@ def test_input_problems_are_one_line_errors(teacher, source, trained_checkpoint,
     with pytest.raises(DistillError, match=r"other settings \(lr=0.001 -> 0.0005\)"):
         distill(student, None, source, DistillSettings(**{**plain.to_dict(), "lr": 5e-4}), tmp_path / "r",
                 progress=False)
+
+
+def test_a_single_huge_line_is_read_in_bounded_pieces_with_the_same_tokens(trained_checkpoint, tmp_path,
+                                                                           monkeypatch):
+    """A file that is one line (minified text) was held whole until 4 * READ_CHARS characters: a 16M-character
+    line took about 4 GB to tokenize. It is now cut before a space, which leaves the token ids unchanged."""
+    import models.data
+    from models.data import _pieces, load_tokenizer_file
+
+    monkeypatch.setattr(models.data, "READ_CHARS", 256)
+    words = corpus_text(HELDOUT_MODULES[:1]).split()
+    line = tmp_path / "one-line.txt"
+    line.write_text(" ".join(words[:2000]) + "\n")
+    text = line.read_text()
+    assert len(text) > 16 * 256 and text.count("\n") == 1
+    assert max(len(p) for p in _pieces(line)) <= 2 * 256
+    assert "".join(_pieces(line)) == text
+    tok_path = trained_checkpoint / "tokenizer.json"
+    corpus = tokenize_corpus(TextSource([line], tok_path), tmp_path / "tokens", progress=False)
+    tokenizer = load_tokenizer_file(tok_path)
+    assert list(corpus.tokens()) == tokenizer.encode(text).ids + [corpus.eos_id]
