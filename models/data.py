@@ -7,7 +7,8 @@ Two steps, so that training can stop and resume exactly where it was:
    at line ends, or before a space within a longer line) and appends their token ids, each file followed by the end-of-text token, to one
    flat uint32 file on disk. Memory stays bounded by one piece whatever the corpus size. The
    result is cached under a key of the tokenizer's bytes and every file's path, size and mtime,
-   so a rerun (or a resumed run) does not tokenize again.
+   so a rerun (or a resumed run) does not tokenize again (a cache entry cut short by a killed run
+   is tokenized again).
 2. `WindowSampler(corpus, seq_len, batch_size, seed)` reads training windows from that file
    through a memory map. Window w of epoch e starts at `offset_e + w * seq_len` and holds
    `seq_len + 1` tokens (inputs and shifted targets); each epoch draws its own offset in
@@ -151,8 +152,12 @@ def tokenize_corpus(source: TextSource, cache_dir: str | Path, progress: bool = 
     key = _cache_key(source.tokenizer, files)
     bin_path, meta_path = cache_dir / f"tokens-{key}.bin", cache_dir / f"tokens-{key}.json"
     if bin_path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return TokenCorpus(bin_path, meta["num_tokens"], tuple(meta["files"]), meta["eos_id"])
+        try:  # a run killed while writing it leaves it cut short: then tokenize again
+            meta = json.loads(meta_path.read_text())
+            if bin_path.stat().st_size == meta["num_tokens"] * np.dtype(TOKEN_DTYPE).itemsize:
+                return TokenCorpus(bin_path, meta["num_tokens"], tuple(meta["files"]), meta["eos_id"])
+        except (ValueError, KeyError, TypeError):
+            pass
     tmp = bin_path.with_suffix(".partial")
     total = 0
     bar = tqdm(total=sum(f.stat().st_size for f in files), desc="tokenize", unit="B", unit_scale=True,
@@ -171,7 +176,9 @@ def tokenize_corpus(source: TextSource, cache_dir: str | Path, progress: bool = 
     finally:
         bar.close()
         tmp.unlink(missing_ok=True)
-    meta_path.write_text(json.dumps({"num_tokens": total, "files": [str(f) for f in files], "eos_id": eos}))
+    meta_tmp = meta_path.with_suffix(".json.partial")
+    meta_tmp.write_text(json.dumps({"num_tokens": total, "files": [str(f) for f in files], "eos_id": eos}))
+    os.replace(meta_tmp, meta_path)
     return TokenCorpus(bin_path, total, tuple(str(f) for f in files), eos)
 
 

@@ -210,3 +210,15 @@ def test_a_single_huge_line_is_read_in_bounded_pieces_with_the_same_tokens(train
     corpus = tokenize_corpus(TextSource([line], tok_path), tmp_path / "tokens", progress=False)
     tokenizer = load_tokenizer_file(tok_path)
     assert list(corpus.tokens()) == tokenizer.encode(text).ids + [corpus.eos_id]
+
+
+@pytest.mark.parametrize("left", ["empty meta", "cut meta"])
+def test_a_token_cache_cut_short_by_a_killed_run_is_tokenized_again(source, tmp_path, left):
+    """A build killed while writing tokens-KEY.json left a cache entry that ended every --resume in a traceback."""
+    first = tokenize_corpus(source, tmp_path / "tokens", progress=False)
+    meta = first.path.with_suffix(".json")
+    text = meta.read_text()
+    meta.write_text("" if left == "empty meta" else text[: len(text) // 2])
+    again = tokenize_corpus(source, tmp_path / "tokens", progress=False)
+    assert again.num_tokens == first.num_tokens and list(again.tokens()) == list(first.tokens())
+    assert json.loads(meta.read_text())["num_tokens"] == first.num_tokens
