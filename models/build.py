@@ -7,7 +7,7 @@ Stages, each on the `build` progress bar (long stages show their own bars below 
 1. check      every input, before any long work and before the work directory is made: the
               recipe (models/recipe.py), its [distill] device available here, the teacher's config
               (a GLM, the recipe's sizes within its own), the bundle's name, --out and --work
-              writable and not inside an existing bundle, every corpus file readable UTF-8 text (files under --work and --out are
+              writable and not inside an existing bundle nor inside each other, every corpus file readable UTF-8 text (files under --work and --out are
               left out of a corpus directory); after tokenizing, the corpus size
               (enough tokens for the held-out split, the calibration and the distillation budget)
 2. tokenize   the corpus through the teacher's tokenizer (models/data.py, cached in the work dir);
@@ -175,6 +175,12 @@ def check_paths(inputs: BuildInputs) -> None:
         raise BuildError(f"--work {work}: is a file; choose a directory")
     if work.resolve() == inputs.out.resolve():
         raise BuildError(f"--work {work}: must differ from --out")
+    if work.resolve() in inputs.out.resolve().parents:
+        raise BuildError(f"--out {inputs.out}: is inside --work {work}, which holds the build's own bundle/ and is "
+                         "removed to start over; choose an --out outside the work directory")
+    if inputs.out.resolve() in work.resolve().parents:
+        raise BuildError(f"--work {work}: is inside --out {inputs.out}, which must not exist until the bundle is "
+                         "written; choose a --work outside it")
     state = work / STATE
     if inputs.resume:
         if state.is_file():

@@ -346,3 +346,18 @@ def test_out_or_work_inside_an_existing_bundle_is_refused(raw_teacher, fp32_bund
     assert f"{flag} {where}: is inside the bundle {bundle}" in err and "choose a path outside any bundle" in err
     assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == before
     assert not out.exists() and not (tmp_path / "small.work").exists()
+
+
+@pytest.mark.parametrize("inside", ["out in work", "work in out"])
+def test_out_and_work_inside_each_other_are_refused_before_any_work(raw_teacher, tmp_path, capsys, inside):
+    """`--work W --out W/bundle` ran every stage, then ended in an OSError traceback at the very last step."""
+    if inside == "out in work":
+        work, out, fragment = tmp_path / "w", tmp_path / "w" / "bundle", "is inside --work"
+    else:
+        work, out, fragment = tmp_path / "b" / "work", tmp_path / "b", "is inside --out"
+    code = main(["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()), "--recipe",
+                 str(QUICK), "--out", str(out), "--work", str(work), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert fragment in err
+    assert list(tmp_path.iterdir()) == []
