@@ -419,7 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgeglm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"edgeglm {args.command}: interrupted", file=sys.stderr)
+        after = ""
+        if args.command == "build":  # the finished stages and the last training step are saved in the work dir
+            work = args.work or Path(args.out).with_name(Path(args.out).name + ".work")  # BuildInputs.create's
+            after = (f"; the finished stages and the last saved training step are kept in {work}: the same "
+                     f"command with --resume continues from there")
+        print(f"edgeglm {args.command}: interrupted{after}", file=sys.stderr)
         return 130
 
 

@@ -139,3 +139,19 @@ def test_edge_modules_do_not_import_torch():
             "runtime.tokenizer, ota.bundle, fleet; assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("work", [None, "elsewhere.work"])
+def test_an_interrupted_build_says_how_to_resume(monkeypatch, capsys, work):
+    """Ctrl-C in `edgeglm build` (distillation saves the completed steps first: tests/models/test_distill.py)."""
+    import agent.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agent.cli, "cmd_build", interrupted)
+    argv = ["build", "--teacher", "t", "--corpus", "c.txt", "--recipe", "quick", "--out", "out/bundle/"]
+    rc = agent.cli.main(argv + (["--work", work] if work else []))
+    err = capsys.readouterr().err.strip()
+    assert rc == 130 and err.startswith("edgeglm build: interrupted; ")
+    assert f"kept in {work or 'out/bundle.work'}: the same command with --resume continues" in err
