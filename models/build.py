@@ -586,6 +586,7 @@ def write_report(report: dict, work: Path) -> None:
 
 def publish_bundle(bundle: Path, out: Path, report: dict) -> None:
     """Put the report into the bundle's manifest (before it is signed), verify, and copy it to `out`."""
+    from models.export import remove_stale_staging, staging_prefix
     from ota.bundle import MANIFEST, open_bundle, read_manifest
 
     manifest = read_manifest(bundle).manifest
@@ -596,7 +597,8 @@ def publish_bundle(bundle: Path, out: Path, report: dict) -> None:
     os.replace(tmp, bundle / MANIFEST)
     open_bundle(bundle)  # every file still matches the manifest
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    remove_stale_staging(out)
+    staging = out.with_name(staging_prefix(out))
     shutil.rmtree(staging, ignore_errors=True)
     try:
         shutil.copytree(bundle, staging)

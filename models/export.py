@@ -22,6 +22,7 @@ import copy
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,13 +230,55 @@ def check_replaceable(out: Path, checkpoint: Path) -> None:
                           "bundle; choose another --out or remove it yourself; nothing was exported")
 
 
+def staging_prefix(out: Path) -> str:
+    """The name prefix of a staging directory for `out` made by this process: `.NAME.partial-PID@HOST`.
+    The owner in the name lets a later run on the same host remove what a killed one left (a model's
+    size each time): `remove_stale_staging`."""
+    return f".{out.name}.partial-{os.getpid()}@{socket.gethostname()}"
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging directories next to `out` left by a process of this host that no longer runs
+    (an export or a build killed before publishing); a live owner's, another host's, and those in the old
+    unowned form are kept. Returns what was removed."""
+    host, removed = socket.gethostname(), []
+    prefix = f".{out.name}.partial-"
+    try:
+        candidates = [d for d in out.parent.iterdir() if d.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for d in candidates:
+        pid, at, rest = d.name[len(prefix):].partition("@")
+        if not (pid.isdigit() and at and (rest == host or rest.startswith(host + "-"))) or not d.is_dir():
+            continue
+        if int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            removed.append(d)
+            log.warning("removed %s, left by an interrupted run (process %s is gone)", d, pid)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    return True
+
+
 def make_staging(out: Path) -> tuple[Path, list[Path]]:
     """The staging directory next to `out` (and the parent directories made for it, deepest last):
-    made before any work, so that an --out that cannot be written fails at once."""
+    made before any work, so that an --out that cannot be written fails at once. Staging directories of
+    killed runs for the same `out` are removed first."""
     missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()][::-1]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        remove_stale_staging(out)
+        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out) + "-", dir=out.parent))
     except OSError as exc:
         _remove_empty(missing)
         raise ExportError(f"--out {out}: not writable: cannot create a directory in {out.parent} "

@@ -90,6 +90,39 @@ def test_a_failed_export_leaves_no_staging_and_no_directories_it_made(tiny_ckpt,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
+def test_staging_left_by_a_killed_export_is_removed_by_the_next_one(tiny_ckpt, tmp_path, capsys, caplog):
+    """A SIGKILLed export leaves `.NAME.partial-PID@HOST-...` (a model's size) next to --out; the next export
+    to that --out removes the ones whose process is gone, and only those."""
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname()
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    left = {name: tmp_path / name for name in (
+        f".bundle.partial-{gone}@{host}-k1ll3d",     # a killed export of this host: removed
+        f".bundle.partial-{gone}@{host}",            # a killed build's publishing step: removed
+        f".bundle.partial-{os.getppid()}@{host}-x",  # its process still runs: kept
+        f".bundle.partial-{gone}@{host}x-y",         # another host whose name starts with ours: kept
+        ".bundle.partial-abc123",                     # the old unowned form: kept
+        f".other.partial-{gone}@{host}-z",           # another --out's: kept
+    )}
+    for d in left.values():
+        d.mkdir()
+        (d / "model.onnx.data").write_bytes(b"\0" * 1024)
+    broken = tmp_path / "broken"  # fails after the staging step, so nothing new is left behind
+    shutil.copytree(tiny_ckpt, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING", logger="edgeglm.export"):
+        _export(capsys, broken, "--out", tmp_path / "bundle")
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert kept == sorted(list(left)[2:])
+    assert sum("left by an interrupted run" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_a_checkpoint_with_a_nan_weight_exports_no_bundle(tiny_ckpt, tmp_path, capsys):
     """It used to export a bundle whose golden reference was NaN (an inf weight: a traceback, exit 1)."""
     from safetensors.torch import load_file, save_file
