@@ -97,7 +97,9 @@ def known_bundles(store: Store, bundles_dir: Path | None = None) -> dict[str, Pa
     for r in load_rollouts(store):
         candidates += [r.bundle] + ([r.previous_bundle] if r.previous_bundle else [])
     if bundles_dir is not None and Path(bundles_dir).is_dir():
-        candidates += sorted(p for p in Path(bundles_dir).iterdir() if (p / "manifest.json").is_file())
+        # hidden directories are staging of an unfinished export or copy (.NAME.partial-...), not bundles
+        candidates += sorted(p for p in Path(bundles_dir).iterdir()
+                             if not p.name.startswith(".") and (p / "manifest.json").is_file())
     known: dict[str, Path] = {}
     for bundle in candidates:
         version = _manifest_version(bundle)

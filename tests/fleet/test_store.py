@@ -77,3 +77,19 @@ def test_the_configured_retention_reaches_the_controllers_store(tmp_path):
     assert store.prune(now) == 1
     assert store._exec("SELECT window_end FROM telemetry").fetchall() == [(now - 30,)]
     store.close()
+
+
+def test_known_bundles_skip_the_staging_of_an_unfinished_export(tmp_path, signed_bundles):
+    """A `.NAME.partial-...` directory in bundles.dir (an export or copy killed there) holds a manifest but is no
+    bundle to roll back to."""
+    import shutil
+
+    from fleet.groups import known_bundles
+
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    shutil.copytree(signed_bundles["v2"], bundles / "v2")
+    shutil.copytree(signed_bundles["v1"], bundles / ".v1.partial-123@box-k1ll3d")
+    store = Store(tmp_path / "fleet.db")
+    assert known_bundles(store, bundles) == {"1.1.0": bundles / "v2"}
+    store.close()
