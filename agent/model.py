@@ -48,11 +48,13 @@ class LoadedModel:
         """Backend, device, threads, pinning and precision hints, and how they were chosen; for ONNX
         Runtime also the prefill graph serving prompts (its file name, or None: the decode graph), whether it
         serves everything (`prefill_only`) and why that mode (`prefill_mode`, e.g. "auto: both graphs ... fit");
-        `batches`: how concurrent requests are decoded together (runtime.engine.RaggedBatch or MergedBatch)."""
+        `batches`: how concurrent requests are decoded together (runtime.engine.RaggedBatch,
+        DeviceRaggedBatch or MergedBatch)."""
         path = self.path or Candidate(self.backend, str(getattr(self.engine, "device", "CPU")))
         info = {**path.to_dict(), "description": path.describe(), "chosen_by": self.chosen_by}
         if getattr(self.engine, "ragged_batches", False):
-            info["batches"] = "row-aligned"
+            info["batches"] = "row-aligned" + (f" (the KV cache is in {self.engine.kv_memory})"
+                                               if getattr(self.engine, "gpu_graph", None) else "")
         elif getattr(self.engine, "gpu_graph", None):
             info["batches"] = f"merged (the KV cache is in {self.engine.kv_memory})"
         elif self.backend == "onnxruntime":

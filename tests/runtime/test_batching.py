@@ -78,7 +78,8 @@ def test_merged_cache_decodes_each_row_as_if_alone(models, backend, ids):
 
 def _engines(case, fp32_bundle, int8_bundle):
     """(engine, reference engine, the DecodeBatch class new_batch should give) for one test case."""
-    from runtime.engine import MergedBatch
+    from ota.bundle import open_bundle
+    from runtime.engine import MergedBatch, ModelArch, load_engine
 
     if case == "openvino":
         engine = load_model(fp32_bundle, "openvino").engine
@@ -89,13 +90,19 @@ def _engines(case, fp32_bundle, int8_bundle):
         engine.prefill_min_rows = ref.prefill_min_rows = 1
         assert engine.prefill_graph == "prefill.onnx"
         return engine, ref, "RaggedBatch", engine.new_batch()
+    if case == "onnxruntime-gpu-graph":  # device caches (here in host memory, on the CPU provider)
+        bundle = open_bundle(int8_bundle)
+        engine = load_engine("onnxruntime", bundle.path(bundle.manifest.backends["onnxruntime"].entry),
+                             ModelArch.from_manifest(bundle.manifest.architecture), gpu_graph=True)
+        return engine, engine, "DeviceRaggedBatch", engine.new_batch()
     engine = load_model(fp32_bundle, "onnxruntime").engine
     if case == "onnxruntime-merged":
         return engine, engine, "MergedBatch", MergedBatch(engine)
     return engine, engine, "RaggedBatch", engine.new_batch()
 
 
-@pytest.mark.parametrize("case", ["onnxruntime", "onnxruntime-int8", "onnxruntime-merged", "openvino"])
+@pytest.mark.parametrize("case", ["onnxruntime", "onnxruntime-int8", "onnxruntime-gpu-graph", "onnxruntime-merged",
+                                  "openvino"])
 def test_decode_batch_rows_step_as_if_alone_through_joins_and_leaves(case, fp32_bundle, int8_bundle, ids):
     """engine.new_batch(): rows of different lengths added one by one, stepped, one removed from the
     middle (the last row moves into its slot), one added, the last removed: after every step each
@@ -138,14 +145,20 @@ def test_decode_batch_rows_step_as_if_alone_through_joins_and_leaves(case, fp32_
         state[0] = state.pop()
     if kind == "RaggedBatch":
         assert batch.buffers[0].shape[0] == 4  # 8 slots (grown by doubling for 5 rows) -> 2 x 2 rows
+    if kind == "DeviceRaggedBatch":  # exactly the rows it holds
+        assert batch._cache.batch == 2 and batch._cache.values[0].shape()[0] == 2
     step_and_check(21)  # the rows moved by the removals and the reallocation still decode as if alone
     batch.step(np.full(batch.rows, 23))  # the batch is what the engine ran last
-    held = weakref.ref(batch.buffers[0]) if kind == "RaggedBatch" else None
+    held = weakref.ref(batch.buffers[0]) if kind == "RaggedBatch" else \
+        weakref.ref(batch._cache) if kind == "DeviceRaggedBatch" else None
     while batch.rows:
         batch.remove(0)
     if kind == "RaggedBatch":  # its KV memory is freed, the sessions' IO bindings let go of it too
         gc.collect()
         assert batch.buffers == [] and batch.capacity == 0 and held() is None
+    if kind == "DeviceRaggedBatch":
+        gc.collect()
+        assert batch.capacity == 0 and held() is None
 
 
 def test_a_ragged_batch_gives_back_the_positions_of_a_long_row_that_left(models, ids):

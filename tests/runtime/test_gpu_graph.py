@@ -20,7 +20,7 @@ import torch
 from agent.model import load_model
 from models.tiny import HELDOUT_MODULES, corpus_text
 from ota.bundle import open_bundle
-from runtime.engine import (GPU_GRAPH_FILE, GPU_GRAPH_KEY, KV_DTYPE_KEY, CacheRow, DeviceCache, MergedBatch,
+from runtime.engine import (GPU_GRAPH_FILE, GPU_GRAPH_KEY, KV_DTYPE_KEY, CacheRow, DeviceCache, DeviceRaggedBatch, MergedBatch,
                             ModelArch, OrtCache, load_engine)
 from runtime.errors import ModelLoadError
 from runtime.generate import SamplingParams, decode_one_token, generate, prefill
@@ -88,8 +88,8 @@ def test_device_cache_grows_exports_imports_and_merges_like_the_host_cache(int8_
     decode, gpu = engines(int8_bundle)
     assert isinstance(gpu.new_cache(), DeviceCache) and type(decode.new_cache()) is OrtCache
     where = "cpu" if ON_CPU else "cuda"
-    assert gpu.kv_cache == f"{where} memory, float16 ({GPU_GRAPH_FILE})" and not gpu.ragged_batches
-    assert isinstance(gpu.new_batch(), MergedBatch)
+    assert gpu.kv_cache == f"{where} memory, float16 ({GPU_GRAPH_FILE})" and gpu.ragged_batches
+    assert isinstance(gpu.new_batch(), DeviceRaggedBatch)
     prompt = heldout_ids[:200]
     logits, cache = prefill(gpu, prompt)
     assert cache.dtype == np.float16 and cache.key(0).dtype == np.float16 and cache.capacity == 328
@@ -116,13 +116,73 @@ def test_device_cache_grows_exports_imports_and_merges_like_the_host_cache(int8_
     np.testing.assert_allclose(hit[0], cold, atol=0 if ON_CPU else 2e-2)
 
     rows = [prefill(gpu, seq[:n])[1] for n in (30, 75, 150)]
+    for batch in (gpu.new_batch(), MergedBatch(gpu)):  # row-aligned on the device; left-padded via the host
+        for r in rows:
+            batch.add(CacheRow(r))
+        out = batch.step([seq[30], seq[75], seq[150]])
+        for i, n in enumerate((30, 75, 150)):
+            alone, _ = decode_one_token(gpu, seq[n], n, prefill(gpu, seq[:n])[1])
+            np.testing.assert_allclose(out[i], alone, atol=1e-4 if ON_CPU else 2e-2, err_msg=type(batch).__name__)
+
+    # rows of a left-padded two-row cache (the short row's positions start after its padding) join a device batch
+    ids, pos, mask = np.zeros((2, 45), np.int64), np.zeros((2, 45), np.int64), np.ones((2, 45), np.int64)
+    ids[0], pos[0] = seq[:45], np.arange(45)
+    ids[1, 25:], pos[1, 25:], mask[1, :25] = seq[100:120], np.arange(20), 0
+    _, padded = gpu.forward(ids, pos, mask, gpu.new_cache(2))
     batch = gpu.new_batch()
-    for r in rows:
-        batch.add(CacheRow(r))
-    out = batch.step([seq[30], seq[75], seq[150]])
-    for i, n in enumerate((30, 75, 150)):
-        alone, _ = decode_one_token(gpu, seq[n], n, prefill(gpu, seq[:n])[1])
-        np.testing.assert_allclose(out[i], alone, atol=1e-4 if ON_CPU else 2e-2)
+    batch.add(CacheRow(padded, 1, 20))
+    batch.add(CacheRow(padded, 0, 45))
+    out = batch.step([seq[120], seq[45]])
+    for i, prompt in enumerate((seq[100:120], seq[:45])):
+        alone, _ = decode_one_token(gpu, seq[120] if i == 0 else seq[45], len(prompt), prefill(gpu, prompt)[1])
+        np.testing.assert_allclose(out[i], alone, atol=1e-4 if ON_CPU else 2e-2, err_msg=f"padded row {i}")
+
+
+def test_device_batches_and_growth_never_read_the_cache_to_the_host(int8_bundle, heldout_ids, monkeypatch):
+    """Rows joining and leaving a DeviceRaggedBatch, the batch growing past its capacity and a single
+    sequence's cache growing all copy on the device (the KV copy graph): DeviceCache.host() is never
+    called, and each row of the batch gives what it gives alone, attending over its own positions only."""
+    _, gpu = engines(int8_bundle)
+
+    def no_host_copy(self):
+        raise AssertionError("a device cache was read to the host")
+    monkeypatch.setattr(DeviceCache, "host", no_host_copy)
+    steps = 150
+    feed = heldout_ids[2000:2000 + steps]
+    seqs = [heldout_ids[s:s + n] for s, n in ((0, 40), (300, 12), (600, 250), (900, 7))]
+    alone = []  # per sequence: the logits after each fed token, decoded alone
+    for seq in seqs:
+        _, cache = prefill(gpu, seq)
+        capacity, out = cache.capacity, []
+        for i, token in enumerate(feed):
+            logits, cache = decode_one_token(gpu, token, len(seq) + i, cache)
+            out.append(logits)
+        assert len(seq) + steps < capacity or cache.capacity > capacity  # the 250-token one grew on the device
+        alone.append(out)
+
+    batch = gpu.new_batch()
+    assert isinstance(batch, DeviceRaggedBatch)
+    live = {}  # slot -> [sequence, tokens fed]
+    for k in (0, 1, 2):
+        batch.add(CacheRow(prefill(gpu, seqs[k])[1]))
+        live[batch.rows - 1] = [k, 0]
+    capacity = batch.capacity
+    for step in range(steps):
+        if step == 30:  # a row leaves from the middle: the last row moves into its slot
+            live[1] = live.pop(batch.remove(1))
+        if step == 40:  # a row joins, shorter than those held
+            batch.add(CacheRow(prefill(gpu, seqs[3])[1]))
+            live[batch.rows - 1] = [3, 0]
+        got = batch.step([feed[live[slot][1]] for slot in range(batch.rows)])
+        for slot in range(batch.rows):
+            k, done = live[slot]
+            np.testing.assert_allclose(got[slot], alone[k][done], atol=1e-4 if ON_CPU else 2e-2,
+                                       err_msg=f"sequence {k}, token {done}")
+            live[slot][1] += 1
+    assert batch.capacity > capacity  # the 250-token row outgrew the first buffers
+    while batch.rows:
+        batch.remove(batch.rows - 1)
+    assert batch.capacity == 0
 
 
 def test_the_gpu_graph_is_the_one_the_decode_graph_names(int8_bundle, tmp_path):
@@ -202,7 +262,7 @@ def test_the_served_model_says_which_graph_and_cache_it_runs(int8_bundle):
     model = LoadedModel(bundle, "onnxruntime", gpu, None, gpu.arch, Candidate("onnxruntime", PROVIDER), None,
                         "configured", PrefillChoice("off", "x"))
     info = model.execution_info()
-    assert info["batches"] == f"merged (the KV cache is in {'cpu' if ON_CPU else 'cuda'} memory)"
+    assert info["batches"] == f"row-aligned (the KV cache is in {'cpu' if ON_CPU else 'cuda'} memory)"
     assert info["kv_cache"] == gpu.kv_cache and gpu.gpu_graph == GPU_GRAPH_FILE
     assert info["prefill_graph"] is None and not info["prefill_only"]
     decode, _ = engines(int8_bundle)
@@ -212,7 +272,7 @@ def test_the_served_model_says_which_graph_and_cache_it_runs(int8_bundle):
 def test_scheduler_on_the_gpu_graph_gives_what_each_request_gets_alone(int8_bundle, heldout_ids):
     """Concurrent requests through the batching scheduler on device caches: prompts sharing a prefix (the
     prefix cache exports and imports it), prefilled in chunks while others decode, rows joining and leaving
-    merged batches; each answer equals that request run alone without any cache."""
+    row-aligned device batches; each answer equals that request run alone without any cache."""
     from runtime.batching import Scheduler
     from runtime.prefix_cache import PrefixCache
 
