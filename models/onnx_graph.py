@@ -533,46 +533,47 @@ def kv_copy_graph() -> onnx.ModelProto:
     """The graph runtime/kv_copy.onnx holds (shipped with the runtime, which has no `onnx` to build it;
     tests/models/test_kv_copy_graph.py checks that the shipped file is this one). It copies KV rows
     between buffers in the execution provider's memory, so a GPU engine never reads its cache to the
-    host to batch it (runtime.engine.DeviceRaggedBatch):
+    host to grow or batch it (runtime.engine.DeviceCache, DeviceRaggedBatch):
 
-        out = concat(fit(a[a_rows], 0), fit(b[b_rows], b_start))   # along the rows
-        fit(x, s) = x[:, :, s:s + cap], zero-filled up to cap positions
+        out = concat(fit(a[:, a_rows], 0), fit(b[:, b_rows], b_start))   # along the rows
+        fit(x, s) = x[:, :, :, s:s + cap], zero-filled up to cap positions
 
-    a and b: (rows, kv_heads, positions, head_dim) float16 buffers (one layer's keys or values);
-    a_rows, b_rows: int64 row indices (either may be empty); b_start, cap: int64 (1,)."""
+    a and b: (layers x 2, rows, kv_heads, positions, head_dim) float16 (a DeviceCache's buffer: every
+    layer's keys and values); a_rows, b_rows: int64 row indices (either may be empty); b_start, cap:
+    int64 (1,)."""
     i64, f16 = TensorProto.INT64, TensorProto.FLOAT16
     nodes = [helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array([0], np.int64))),
-             helper.make_node("Constant", [], ["axis2"], value=numpy_helper.from_array(np.array([2], np.int64)))]
+             helper.make_node("Constant", [], ["positions_axis"],
+                              value=numpy_helper.from_array(np.array([3], np.int64)))]
 
     def fit(src: str, rows: str, start: str, tag: str) -> str:
         def out(name: str) -> str:
             return f"{tag}.{name}"
         nodes.extend([
-            helper.make_node("Gather", [src, rows], [out("rows")], axis=0),
+            helper.make_node("Gather", [src, rows], [out("rows")], axis=1),
             helper.make_node("Add", [start, "cap"], [out("end")]),
-            helper.make_node("Slice", [out("rows"), start, out("end"), "axis2"], [out("kept")]),
-            helper.make_node("Shape", [out("kept")], [out("rows_heads")], start=0, end=2),
-            helper.make_node("Shape", [out("kept")], [out("held")], start=2, end=3),
-            helper.make_node("Shape", [out("kept")], [out("head_dim")], start=3, end=4),
+            helper.make_node("Slice", [out("rows"), start, out("end"), "positions_axis"], [out("kept")]),
+            helper.make_node("Shape", [out("kept")], [out("outer")], start=0, end=3),
+            helper.make_node("Shape", [out("kept")], [out("held")], start=3, end=4),
+            helper.make_node("Shape", [out("kept")], [out("head_dim")], start=4, end=5),
             helper.make_node("Sub", ["cap", out("held")], [out("missing")]),
-            helper.make_node("Concat", [out("rows_heads"), out("missing"), out("head_dim")], [out("pad_shape")],
-                             axis=0),
+            helper.make_node("Concat", [out("outer"), out("missing"), out("head_dim")], [out("pad_shape")], axis=0),
             helper.make_node("ConstantOfShape", [out("pad_shape")], [out("pad")],
                              value=numpy_helper.from_array(np.array([0], np.float16))),
-            helper.make_node("Concat", [out("kept"), out("pad")], [out("fit")], axis=2),
+            helper.make_node("Concat", [out("kept"), out("pad")], [out("fit")], axis=3),
         ])
         return out("fit")
 
     nodes.append(helper.make_node("Concat", [fit("a", "a_rows", "zero", "a"), fit("b", "b_rows", "b_start", "b")],
-                                  ["out"], axis=0))
-    buf = ["rows", "kv_heads", "positions", "head_dim"]
+                                  ["out"], axis=1))
+    buf = ["layers_kv", "rows", "kv_heads", "positions", "head_dim"]
     inputs = [helper.make_tensor_value_info("a", f16, [f"a_{d}" for d in buf]),
               helper.make_tensor_value_info("a_rows", i64, ["a_taken"]),
               helper.make_tensor_value_info("b", f16, [f"b_{d}" for d in buf]),
               helper.make_tensor_value_info("b_rows", i64, ["b_taken"]),
               helper.make_tensor_value_info("b_start", i64, [1]),
               helper.make_tensor_value_info("cap", i64, [1])]
-    output = helper.make_tensor_value_info("out", f16, ["out_rows", "kv_heads", "cap", "head_dim"])
+    output = helper.make_tensor_value_info("out", f16, ["layers_kv", "out_rows", "kv_heads", "cap", "head_dim"])
     graph = helper.make_graph(nodes, "edgeglm-kv-copy", inputs, [output])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeglm",
                              ir_version=8)

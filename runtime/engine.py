@@ -400,6 +400,12 @@ class OrtCache(KVCache):
         """The buffers as host arrays (these very buffers here; a copy for a DeviceCache)."""
         return self.buffers
 
+    def bind(self, binding, kv_names: list[tuple[str, str]]) -> None:
+        """Bind each layer's buffer as both its past and its present (GroupQueryAttention writes in place)."""
+        for (past, present), value in zip(kv_names, self.values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+
     def key(self, layer: int) -> np.ndarray:
         """Layer `layer`'s cached keys (batch, kv_heads, length, head_dim) (for tests and debugging)."""
         return self.host()[2 * layer][:, :, :self.length]
@@ -409,22 +415,24 @@ class OrtCache(KVCache):
 
 
 class DeviceCache(OrtCache):
-    """An OrtCache whose buffers are OrtValues in an execution provider's memory ("cuda"), in the GPU
-    graph's dtype (float16), bound to the graph as they are: a step copies no KV between host and
-    device. Growing and batching copy on the device (`copier`: the engine's KV copy graph); they are
-    read to the host (`host`, a copy) only to export a prefix or to merge rows left-padded
-    (MergedBatch), and written from it (`put`) for a new cache or an imported prefix; the same code
-    runs with "cpu"."""
+    """An OrtCache in an execution provider's memory ("cuda"), in the GPU graph's dtype (float16): one
+    allocation, `value`, an OrtValue of (2 x layers, batch, kv_heads, capacity, head_dim) (per layer its
+    keys then its values), each layer's part bound to the graph where it lies: a step copies no KV
+    between host and device. Growing and batching copy on the device (`copier`: the engine's KV copy
+    graph, one run for every layer); the cache is read to the host (`host`, a copy) only to export a
+    prefix or to merge rows left-padded (MergedBatch), and written from it (`put`) for a new cache or an
+    imported prefix. The same code runs with "cpu"."""
 
     def __init__(self, batch: int, arch: ModelArch, device: str = "cuda", dtype=np.float16, device_id: int = 0,
                  copier=None):
         super().__init__(batch, arch)
         self.device, self.dtype, self.device_id, self.copier = device, dtype, device_id, copier
+        self.value = None  # the OrtValue holding every layer, None until the first put
 
     @property
     def buffers(self) -> list[np.ndarray]:
         """Not host arrays: code written for OrtCache.buffers would read or write nothing here."""
-        if self.values:
+        if self.value is not None:
             raise TypeError("a DeviceCache's buffers are in device memory: read them with host(), write with put()")
         return []
 
@@ -435,26 +443,34 @@ class DeviceCache(OrtCache):
 
     def reserve(self, needed: int, arch: ModelArch, ort) -> bool:
         """As OrtCache.reserve; a cache that holds positions grows on the device (no host round trip)."""
-        if needed <= self.capacity or not (self.values and self.copier):
+        if needed <= self.capacity or self.value is None or self.copier is None:
             return super().reserve(needed, arch, ort)
         capacity = _grown_capacity(self.capacity, needed, arch)
-        self.values = self.copier(self, range(self.batch), None, (), 0, capacity)
+        self.value = self.copier(self, range(self.batch), None, (), 0, capacity)
         self.capacity = capacity
         return True
 
     def put(self, arrays: list[np.ndarray], ort) -> None:
         self.capacity = arrays[0].shape[2]
-        self.values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in arrays]
+        self.value = ort.OrtValue.ortvalue_from_numpy(np.stack(arrays), self.device, self.device_id)
 
     def host(self) -> list[np.ndarray]:
-        return [v.numpy() for v in self.values]
+        return list(self.value.numpy())
+
+    def bind(self, binding, kv_names: list[tuple[str, str]]) -> None:
+        shape = self.value.shape()[1:]
+        step = int(np.prod(shape)) * np.dtype(self.dtype).itemsize
+        start = self.value.data_ptr()
+        for k, (past, present) in enumerate(kv_names):
+            binding.bind_input(past, self.device, self.device_id, self.dtype, shape, start + k * step)
+            binding.bind_output(present, self.device, self.device_id, self.dtype, shape, start + k * step)
 
 
 class DeviceRaggedBatch(DecodeBatch):
     """RaggedBatch's row-aligned layout for caches in device memory (the GPU graph, DeviceCache): row i's
     positions [0, n_i) valid, each row attending over its own positions. Its buffers hold exactly `rows`
     rows; every join, leave, growth or shrink builds new ones on the device with the engine's KV copy
-    graph (runtime/kv_copy.onnx, one run per layer's keys and values) from the current ones and the
+    graph (runtime/kv_copy.onnx, one run for all layers) from the current ones and the
     joining row: nothing is read to the host. (MergedBatch read every row to the host and wrote the
     batch back at each change of membership: 43 ms for 8 rows of glm-m on an H200, against a 3.6 ms
     step.) When the last row leaves, the buffers are released."""
@@ -482,8 +498,8 @@ class DeviceRaggedBatch(DecodeBatch):
         taken, start = ([source.row], source.span()[0]) if source is not None else ([], 0)
         current = self._cache if self._cache is not None else source.cache
         fresh = self.engine.new_cache(len(order) + len(taken))
-        fresh.values = self.engine.copy_kv(current, order, source.cache if source is not None else current,
-                                           taken, start, capacity)
+        fresh.value = self.engine.copy_kv(current, order, source.cache if source is not None else current,
+                                          taken, start, capacity)
         fresh.capacity, fresh.length = capacity, max(self._lengths, default=0)
         self._cache = fresh
 
@@ -670,9 +686,7 @@ class _OrtRunner:
         b = self.binding
         ref, cap = self.bound
         if ref is None or ref() is not cache or cap != cache.capacity:
-            for (past, present), value in zip(self.kv_names, cache.values):
-                b.bind_ortvalue_input(past, value)
-                b.bind_ortvalue_output(present, value)  # same memory: GroupQueryAttention writes in place
+            cache.bind(b, self.kv_names)  # past and present: the same memory (GroupQueryAttention writes in place)
             self.bound = (weakref.ref(cache), cache.capacity)
         b.bind_ortvalue_input(tokens[0], ort.OrtValue.ortvalue_from_numpy(tokens[1]))
         for name, arr in (("position_ids", position_ids), ("attention_mask", attention_mask)):
@@ -895,10 +909,10 @@ class OnnxRuntimeEngine:
                                copier=self.copy_kv if KV_COPY_GRAPH.is_file() else None)
         return OrtCache(batch, self.arch)
 
-    def copy_kv(self, a: DeviceCache, a_rows, b: DeviceCache | None, b_rows, b_start: int, capacity: int) -> list:
-        """New device buffers, one per layer's keys and values: rows `a_rows` of `a`'s, then rows `b_rows` of
-        `b`'s from position `b_start` on, each cut or zero-filled to `capacity` positions. Runs KV_COPY_GRAPH
-        on the cache's provider; nothing is read to the host."""
+    def copy_kv(self, a: DeviceCache, a_rows, b: DeviceCache | None, b_rows, b_start: int, capacity: int):
+        """A new device buffer for a DeviceCache (its `value`): rows `a_rows` of `a`, then rows `b_rows` of
+        `b` from position `b_start` on, every layer's keys and values cut or zero-filled to `capacity`
+        positions. One run of KV_COPY_GRAPH on the cache's provider; nothing is read to the host."""
         if self._kv_copy is None:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self._kv_device == "cuda" \
                 else ["CPUExecutionProvider"]
@@ -911,18 +925,15 @@ class OnnxRuntimeEngine:
                                      f"({_first_line(exc)}); reinstall edgeglm") from None
             self._kv_copy = (session, session.io_binding())
         session, binding = self._kv_copy
-        b = a if b is None else b
         value = self._ort.OrtValue.ortvalue_from_numpy
         for name, arr in (("a_rows", list(a_rows)), ("b_rows", list(b_rows)), ("b_start", [b_start]),
                           ("cap", [capacity])):
             binding.bind_ortvalue_input(name, value(np.asarray(arr, np.int64).reshape(-1)))
-        out = []
-        for va, vb in zip(a.values, b.values):
-            binding.bind_ortvalue_input("a", va)
-            binding.bind_ortvalue_input("b", vb)
-            binding.bind_output("out", a.device, a.device_id)  # a new buffer each run
-            session.run_with_iobinding(binding)
-            out.append(binding.get_outputs()[0])
+        binding.bind_ortvalue_input("a", a.value)
+        binding.bind_ortvalue_input("b", (a if b is None else b).value)
+        binding.bind_output("out", a.device, a.device_id)
+        session.run_with_iobinding(binding)
+        out = binding.get_outputs()[0]
         binding.clear_binding_inputs()  # keep no cache's memory alive
         binding.clear_binding_outputs()
         return out

@@ -34,11 +34,11 @@ def copy():
 
 def _expected(a, a_rows, b, b_rows, b_start, cap):
     def fit(x, start):
-        out = np.zeros(x.shape[:2] + (cap,) + x.shape[3:], x.dtype)
-        kept = x[:, :, start:start + cap]
-        out[:, :, :kept.shape[2]] = kept
+        out = np.zeros(x.shape[:3] + (cap,) + x.shape[4:], x.dtype)
+        kept = x[:, :, :, start:start + cap]
+        out[:, :, :, :kept.shape[3]] = kept
         return out
-    return np.concatenate([fit(a[list(a_rows)], 0), fit(b[list(b_rows)], b_start)], axis=0)
+    return np.concatenate([fit(a[:, list(a_rows)], 0), fit(b[:, list(b_rows)], b_start)], axis=1)
 
 
 @pytest.mark.parametrize("a_rows, b_rows, b_start, cap", [
@@ -50,8 +50,8 @@ def _expected(a, a_rows, b, b_rows, b_start, cap):
 ])
 def test_rows_are_taken_shifted_and_fitted_to_the_capacity(copy, a_rows, b_rows, b_start, cap):
     rng = np.random.default_rng(len(a_rows) * 10 + cap)
-    a = rng.standard_normal((3, 2, 10, 4)).astype(np.float16)
-    b = rng.standard_normal((2, 2, 7, 4)).astype(np.float16)
+    a = rng.standard_normal((6, 3, 2, 10, 4)).astype(np.float16)  # 3 layers' keys and values, 3 rows
+    b = rng.standard_normal((6, 2, 2, 7, 4)).astype(np.float16)
     got = copy(a, a_rows, b, b_rows, b_start, cap)
     want = _expected(a, a_rows, b, b_rows, b_start, cap)
     assert got.shape == want.shape and got.dtype == np.float16
