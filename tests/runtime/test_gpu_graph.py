@@ -289,3 +289,23 @@ def test_scheduler_on_the_gpu_graph_gives_what_each_request_gets_alone(int8_bund
     assert [h.tokens(120) for h in handles] == expected
     sched.close()
     assert cache.stats().hits >= 3
+
+
+def test_without_the_kv_copy_graph_device_caches_are_batched_and_grown_through_the_host(int8_bundle, heldout_ids,
+                                                                                       monkeypatch, tmp_path):
+    """An installation missing runtime/kv_copy.onnx still serves the GPU graph: batches are merged through
+    the host (and execution_info says so), caches grow through the host, the answers are the same."""
+    import runtime.engine as engine_module
+    from agent.model import LoadedModel, PrefillChoice
+    from runtime.autotune import Candidate
+
+    _, with_copy = engines(int8_bundle)
+    prompt = heldout_ids[:300]
+    want = list(generate(with_copy, prompt, SamplingParams(max_tokens=140)))  # 300 + 140 > 428: grows
+    monkeypatch.setattr(engine_module, "KV_COPY_GRAPH", tmp_path / "absent.onnx")
+    _, gpu = engines(int8_bundle)
+    assert not gpu.ragged_batches and isinstance(gpu.new_batch(), MergedBatch) and gpu.new_cache().copier is None
+    assert list(generate(gpu, prompt, SamplingParams(max_tokens=140))) == want
+    model = LoadedModel(open_bundle(int8_bundle), "onnxruntime", gpu, None, gpu.arch,
+                        Candidate("onnxruntime", PROVIDER), None, "configured", PrefillChoice("off", "x"))
+    assert model.execution_info()["batches"] == f"merged (the KV cache is in {'cpu' if ON_CPU else 'cuda'} memory)"
