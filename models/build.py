@@ -7,7 +7,8 @@ Stages, each on the `build` progress bar (long stages show their own bars below 
 1. check      every input, before any long work and before the work directory is made: the
               recipe (models/recipe.py), its [distill] device available here, the teacher's config
               (a GLM, the recipe's sizes within its own), the bundle's name, --out and --work
-              writable and not inside an existing bundle nor inside each other, every corpus file readable UTF-8 text (files under --work and --out are
+              writable, not inside an existing bundle (--work not a bundle itself) nor inside
+              each other, every corpus file readable UTF-8 text (files under --work and --out are
               left out of a corpus directory); after tokenizing, the corpus size
               (enough tokens for the held-out split, the calibration and the distillation budget)
 2. tokenize   the corpus through the teacher's tokenizer (models/data.py, cached in the work dir);
@@ -21,7 +22,9 @@ Stages, each on the `build` progress bar (long stages show their own bars below 
 6. export     the distilled student to a bundle (models/export.py) in work/bundle, then the INT8
               (or fp32) bundle itself is evaluated through the edge runtime
 7. report     work/report.json and work/report.md, and the same JSON in the bundle manifest's
-              `compression` field; the bundle is verified and moved to --out
+              `compression` field; the bundle is verified and copied to --out (a build stopped
+              after the copy and before recording it: --resume finds that bundle at --out and
+              only records it; any other existing --out is refused)
 
 The work directory (default: BUNDLE.work next to --out) keeps every stage's output and
 `state.json`, which records the build's identity (teacher, corpus files and every recipe setting
@@ -54,7 +57,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import checkpoint_dir_problem, enclosing_bundle, load_checkpoint, save_checkpoint
+from models.checkpoint import (checkpoint_dir_problem, enclosing_bundle, is_bundle_dir, load_checkpoint,
+                               save_checkpoint)
 from models.config import GlmConfig
 from models.data import TextSource, TokenCorpus, corpus_from_ids, text_files, tokenize_corpus
 from models.distill import DistillError, DistillSettings, distill, resolve_device
@@ -160,9 +164,22 @@ def identity_difference(recorded, current: dict) -> str:
     return "recipe setting " + (_first_difference(recorded["recipe"], current["recipe"]) or "?")
 
 
+def published(inputs: BuildInputs) -> bool:
+    """Whether --out is the bundle this build's work directory published (a build stopped after copying it
+    to --out and before recording that: --resume then only records it)."""
+    if not (inputs.resume and (inputs.out / "manifest.json").is_file()):
+        return False
+    try:
+        done = _read_state(inputs.work / STATE).get("done", {})
+        ours = (inputs.work / "bundle" / "manifest.json").read_bytes()
+        return "export" in done and (inputs.out / "manifest.json").read_bytes() == ours
+    except (OSError, BuildError):
+        return False
+
+
 def check_paths(inputs: BuildInputs) -> None:
     work = inputs.work
-    if inputs.out.exists():
+    if inputs.out.exists() and not published(inputs):
         raise BuildError(f"--out {inputs.out}: already exists; choose a new bundle path (it is left untouched)")
     _writable_dir(inputs.out.parent, "--out")
     for flag, path in (("--out", inputs.out), ("--work", work)):
@@ -170,6 +187,9 @@ def check_paths(inputs: BuildInputs) -> None:
         if bundle is not None:
             raise BuildError(f"{flag} {path}: is inside the bundle {bundle}, which would carry it unsigned; "
                              "choose a path outside any bundle")
+    if is_bundle_dir(work):
+        raise BuildError(f"--work {work}: is a bundle; the build would write its work files into it, unsigned; "
+                         "choose a --work directory outside any bundle")
     _writable_dir(work, "--work")
     if work.exists() and not work.is_dir():
         raise BuildError(f"--work {work}: is a file; choose a directory")
@@ -485,7 +505,8 @@ def _run_stages(inputs: BuildInputs, plan: Plan, train: TokenCorpus, heldout: To
     report = compression_report(inputs, plan, prune_result, distill_result,
                                 {**evaluation, **export_result["evaluation"]})
     write_report(report, work)
-    publish_bundle(bundle, inputs.out, report)
+    if not published(inputs):  # else copied there by a run that stopped before recording it
+        publish_bundle(bundle, inputs.out, report)
     state.mark("report", {"out": str(inputs.out)})
     bar.update(1)
     return report

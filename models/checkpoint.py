@@ -176,10 +176,15 @@ def enclosing_bundle(path: Path) -> Path | None:
     manifest.json is a bundle manifest (one listing `files` and an `architecture`; another
     project's manifest.json higher up does not count)."""
     for parent in Path(path).resolve().parents:
-        try:
-            manifest = json.loads((parent / "manifest.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict) and "files" in manifest and "architecture" in manifest:
+        if is_bundle_dir(parent):
             return parent
     return None
+
+
+def is_bundle_dir(path: Path) -> bool:
+    """Whether `path` holds a bundle manifest (manifest.json listing `files` and an `architecture`)."""
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "files" in manifest and "architecture" in manifest

@@ -105,6 +105,49 @@ def test_resume_skips_finished_stages_and_a_used_work_dir_needs_resume(built, ca
     assert not (built["root"] / "third").exists()
 
 
+def test_resume_after_a_stop_between_publishing_and_recording_it_finishes(built, capsys):
+    """A build killed after copying its bundle to --out and before writing the last state: --resume used to
+    refuse (--out exists); it now sees its own bundle there and records it. A different bundle at --out is
+    still refused, untouched."""
+    state_path = built["work"] / "state.json"
+    state = json.loads(state_path.read_text())
+    finished = dict(state)
+    del state["done"]["report"]
+    state_path.write_text(json.dumps(state))
+    before = (built["out"] / "manifest.json").read_bytes()
+    args = ["build", "--teacher", str(built["teacher"]), "--corpus", *map(str, corpus_files()), "--recipe",
+            "quick", "--out", str(built["out"]), "--work", str(built["work"]), "--quiet"]
+    try:
+        other = built["root"] / "other-bundle"
+        shutil.copytree(built["out"], other)
+        manifest = json.loads((other / "manifest.json").read_text())
+        manifest["version"] = "9.9.9"
+        (other / "manifest.json").write_text(json.dumps(manifest))
+        capsys.readouterr()
+        assert main(args[:args.index("--out") + 1] + [str(other)] + args[args.index("--out") + 2:] + ["--resume"]) == 2
+        assert f"--out {other}: already exists" in capsys.readouterr().err
+        assert json.loads((other / "manifest.json").read_text())["version"] == "9.9.9"
+
+        assert main(args + ["--resume"]) == 0
+        assert (built["out"] / "manifest.json").read_bytes() == before
+        assert json.loads(state_path.read_text())["done"]["report"] == {"out": str(built["out"])}
+    finally:
+        state_path.write_text(json.dumps(finished, indent=2) + "\n")
+
+
+def test_work_that_is_a_bundle_is_refused_even_with_resume(raw_teacher, fp32_bundle, tmp_path, capsys):
+    """`--work BUNDLE --resume` wrote the build's work files into that bundle."""
+    bundle = tmp_path / "released"
+    shutil.copytree(fp32_bundle, bundle)
+    before = sorted(p.relative_to(bundle) for p in bundle.rglob("*"))
+    code = main(["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()), "--recipe",
+                 str(QUICK), "--out", str(tmp_path / "small"), "--work", str(bundle), "--resume", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--work {bundle}: is a bundle" in err
+    assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == before and not (tmp_path / "small").exists()
+
+
 # --- bad input: exit 2 naming the setting, before any long work, nothing at --out ------------------
 
 def _recipe(tmp_path, **replace) -> Path:
