@@ -49,6 +49,7 @@ import codecs
 import json
 import os
 import re
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ from runtime.errors import RuntimeUserError
 
 STAGES = ("check", "tokenize", "prune", "distill", "evaluate", "export", "report")
 STATE = "state.json"
+log = logging.getLogger("edgeglm.build")
 
 
 class BuildError(CheckpointError):
@@ -387,6 +389,9 @@ def plan_build(inputs: BuildInputs, progress: bool = True) -> tuple[Plan, TokenC
     recipe = inputs.recipe
     settings = recipe.distill_settings()
     check_device(recipe, settings)
+    if "block" in recipe.quantize.model_fields_set:
+        log.warning("%s: [quantize] block = %s has no effect: INT8 bundles have one scale per output channel "
+                    "(docs/factory.md); remove the setting", recipe.source, recipe.quantize.block)
     teacher_cfg = check_teacher(inputs.teacher)
     spec = student_spec(recipe, teacher_cfg)
     student_cfg = spec.target_config(teacher_cfg, f"{recipe.source}: [prune]")

@@ -28,7 +28,6 @@
 
     [quantize]
     precision = "int8"                  # or "fp32"
-    block = 128                         # block-wise INT8 only: no effect on the per-channel bundles written now
 
     [export]
     backends = ["openvino", "onnxruntime"]

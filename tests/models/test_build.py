@@ -135,6 +135,17 @@ def test_resume_after_a_stop_between_publishing_and_recording_it_finishes(built,
         state_path.write_text(json.dumps(finished, indent=2) + "\n")
 
 
+def test_a_recipe_setting_quantize_block_is_warned_about_as_having_no_effect(raw_teacher, tmp_path):
+    recipe = tmp_path / "blocky.toml"
+    recipe.write_text(QUICK.read_text().replace("[quantize]", "[quantize]\nblock = 64"))
+    (tmp_path / "taken").mkdir()  # stops the build at the --out check, after the recipe's
+    for chosen, warned in ((recipe, True), (QUICK, False)):
+        proc = edgeglm("build", "--teacher", raw_teacher, "--corpus", *corpus_files(), "--recipe", chosen,
+                       "--out", tmp_path / "taken", "--quiet")
+        assert proc.returncode == 2 and "already exists" in proc.stderr, proc.stderr
+        assert (f"{recipe}: [quantize] block = 64 has no effect" in proc.stderr) == warned, proc.stderr
+
+
 def test_work_that_is_a_bundle_is_refused_even_with_resume(raw_teacher, fp32_bundle, tmp_path, capsys):
     """`--work BUNDLE --resume` wrote the build's work files into that bundle."""
     bundle = tmp_path / "released"
