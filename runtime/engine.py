@@ -851,9 +851,9 @@ class OnnxRuntimeEngine:
         self._embeddings = self._embedding_table(Path(model_path), meta)
         self._decode = _OrtRunner(self.session, arch)
         # see RaggedBatch; a cache in device memory is batched with DeviceRaggedBatch (the KV copy graph)
-        self._kv_copy = None  # (session, io binding) of KV_COPY_GRAPH, made at the first copy
+        self._kv_copy = self._kv_copy_session() if self._kv_device else None  # (session, io binding) or None
         self.ragged_batches = meta.get(BATCH_ROWS_KEY) == "ragged" and (
-            self._kv_device is None or KV_COPY_GRAPH.is_file())
+            self._kv_device is None or self._kv_copy is not None)
         self.kv_memory = f"{self._kv_device} memory" if self._kv_device else "host memory"  # where the KV lives
         self.kv_cache = f"{self.kv_memory}, float16 ({main.name})" if self._kv_device else f"{self.kv_memory}, float32"
         self.gpu_graph: str | None = main.name if self._kv_device else None  # the GPU graph serving, if it is
@@ -906,24 +906,29 @@ class OnnxRuntimeEngine:
     def new_cache(self, batch: int = 1) -> OrtCache:
         if self._kv_device:
             return DeviceCache(batch, self.arch, self._kv_device, self._kv_dtype,
-                               copier=self.copy_kv if KV_COPY_GRAPH.is_file() else None)
+                               copier=self.copy_kv if self._kv_copy is not None else None)
         return OrtCache(batch, self.arch)
+
+    def _kv_copy_session(self):
+        """(session, io binding) of KV_COPY_GRAPH on the cache's provider, made at load so that a first batch
+        does not wait for it; None, with a warning, where it is missing or does not load (device caches are
+        then grown and merged through the host, as MergedBatch)."""
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self._kv_device == "cuda" \
+            else ["CPUExecutionProvider"]
+        opts = self._ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+        try:
+            session = self._ort.InferenceSession(str(KV_COPY_GRAPH), opts, providers=providers)
+        except Exception as exc:  # missing file, or ORT's own untyped errors
+            log.warning("%s: ONNX Runtime could not load the KV copy graph (%s): batches on %s are merged "
+                        "through the host; reinstall edgeglm", KV_COPY_GRAPH, _first_line(exc), self._kv_device)
+            return None
+        return session, session.io_binding()
 
     def copy_kv(self, a: DeviceCache, a_rows, b: DeviceCache | None, b_rows, b_start: int, capacity: int):
         """A new device buffer for a DeviceCache (its `value`): rows `a_rows` of `a`, then rows `b_rows` of
         `b` from position `b_start` on, every layer's keys and values cut or zero-filled to `capacity`
         positions. One run of KV_COPY_GRAPH on the cache's provider; nothing is read to the host."""
-        if self._kv_copy is None:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self._kv_device == "cuda" \
-                else ["CPUExecutionProvider"]
-            opts = self._ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-            try:
-                session = self._ort.InferenceSession(str(KV_COPY_GRAPH), opts, providers=providers)
-            except Exception as exc:  # ORT raises its own untyped errors
-                raise ModelLoadError(f"{KV_COPY_GRAPH}: ONNX Runtime could not load the KV copy graph "
-                                     f"({_first_line(exc)}); reinstall edgeglm") from None
-            self._kv_copy = (session, session.io_binding())
         session, binding = self._kv_copy
         value = self._ort.OrtValue.ortvalue_from_numpy
         for name, arr in (("a_rows", list(a_rows)), ("b_rows", list(b_rows)), ("b_start", [b_start]),

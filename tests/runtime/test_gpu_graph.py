@@ -291,10 +291,13 @@ def test_scheduler_on_the_gpu_graph_gives_what_each_request_gets_alone(int8_bund
     assert cache.stats().hits >= 3
 
 
+@pytest.mark.parametrize("copy_graph", ["absent", "damaged"])
 def test_without_the_kv_copy_graph_device_caches_are_batched_and_grown_through_the_host(int8_bundle, heldout_ids,
-                                                                                       monkeypatch, tmp_path):
-    """An installation missing runtime/kv_copy.onnx still serves the GPU graph: batches are merged through
-    the host (and execution_info says so), caches grow through the host, the answers are the same."""
+                                                                                       monkeypatch, tmp_path,
+                                                                                       caplog, copy_graph):
+    """An installation whose runtime/kv_copy.onnx is missing or damaged still serves the GPU graph, with a
+    warning: batches are merged through the host (and execution_info says so), caches grow through the
+    host, the answers are the same."""
     import runtime.engine as engine_module
     from agent.model import LoadedModel, PrefillChoice
     from runtime.autotune import Candidate
@@ -302,8 +305,13 @@ def test_without_the_kv_copy_graph_device_caches_are_batched_and_grown_through_t
     _, with_copy = engines(int8_bundle)
     prompt = heldout_ids[:300]
     want = list(generate(with_copy, prompt, SamplingParams(max_tokens=140)))  # 300 + 140 > 428: grows
-    monkeypatch.setattr(engine_module, "KV_COPY_GRAPH", tmp_path / "absent.onnx")
+    broken = tmp_path / "kv_copy.onnx"
+    if copy_graph == "damaged":
+        broken.write_bytes(engine_module.KV_COPY_GRAPH.read_bytes()[:200])
+    monkeypatch.setattr(engine_module, "KV_COPY_GRAPH", broken)
     _, gpu = engines(int8_bundle)
+    assert f"{broken}: ONNX Runtime could not load the KV copy graph" in caplog.text
+    assert "merged through the host; reinstall edgeglm" in caplog.text
     assert not gpu.ragged_batches and isinstance(gpu.new_batch(), MergedBatch) and gpu.new_cache().copier is None
     assert list(generate(gpu, prompt, SamplingParams(max_tokens=140))) == want
     model = LoadedModel(open_bundle(int8_bundle), "onnxruntime", gpu, None, gpu.arch,
