@@ -455,7 +455,8 @@ class DeviceCache(OrtCache):
         self.value = ort.OrtValue.ortvalue_from_numpy(np.stack(arrays), self.device, self.device_id)
 
     def host(self) -> list[np.ndarray]:
-        return list(self.value.numpy())
+        held = self.value.numpy()  # a copy from device memory; on "cpu" a view of the live buffer
+        return list(held.copy() if self.device == "cpu" else held)
 
     def bind(self, binding, kv_names: list[tuple[str, str]]) -> None:
         shape = self.value.shape()[1:]
