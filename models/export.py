@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,6 +231,9 @@ def check_replaceable(out: Path, checkpoint: Path) -> None:
                           "bundle; choose another --out or remove it yourself; nothing was exported")
 
 
+UNOWNED_STAGING_AGE_S = 24 * 3600  # an unowned staging dir untouched this long is an interrupted run's
+
+
 def staging_prefix(out: Path) -> str:
     """The name prefix of a staging directory for `out` made by this process: `.NAME.partial-PID@HOST`.
     The owner in the name lets a later run on the same host remove what a killed one left (a model's
@@ -239,8 +243,9 @@ def staging_prefix(out: Path) -> str:
 
 def remove_stale_staging(out: Path) -> list[Path]:
     """Remove the staging directories next to `out` left by a process of this host that no longer runs
-    (an export or a build killed before publishing); a live owner's, another host's, and those in the old
-    unowned form are kept. Returns what was removed."""
+    (an export or a build killed before publishing), and those in the old unowned form
+    (`.NAME.partial-XXXX`, before the owner was in the name) untouched for UNOWNED_STAGING_AGE_S; a live
+    owner's, another host's and a recent unowned one are kept. Returns what was removed."""
     host, removed = socket.gethostname(), []
     prefix = f".{out.name}.partial-"
     try:
@@ -249,6 +254,18 @@ def remove_stale_staging(out: Path) -> list[Path]:
         return removed
     for d in candidates:
         pid, at, rest = d.name[len(prefix):].partition("@")
+        if not at and d.is_dir() and not d.is_symlink():
+            try:
+                idle = time.time() - d.stat().st_mtime
+            except OSError:
+                continue
+            if idle > UNOWNED_STAGING_AGE_S:
+                shutil.rmtree(d, ignore_errors=True)
+                if not d.exists():
+                    removed.append(d)
+                    log.warning("removed %s, an unfinished export's staging untouched for %.0f hours (from an "
+                                "edgeglm before staging names had an owner)", d, idle / 3600)
+            continue
         if not (pid.isdigit() and at and (rest == host or rest.startswith(host + "-"))) or not d.is_dir():
             continue
         if int(pid) == os.getpid() or _alive(int(pid)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -105,12 +106,15 @@ def test_staging_left_by_a_killed_export_is_removed_by_the_next_one(tiny_ckpt, t
         f".bundle.partial-{gone}@{host}",            # a killed build's publishing step: removed
         f".bundle.partial-{os.getppid()}@{host}-x",  # its process still runs: kept
         f".bundle.partial-{gone}@{host}x-y",         # another host whose name starts with ours: kept
-        ".bundle.partial-abc123",                     # the old unowned form: kept
+        ".bundle.partial-old12345",                   # the old unowned form, untouched for 25 hours: removed
+        ".bundle.partial-abc123",                     # the old unowned form, recent: kept
         f".other.partial-{gone}@{host}-z",           # another --out's: kept
     )}
     for d in left.values():
         d.mkdir()
         (d / "model.onnx.data").write_bytes(b"\0" * 1024)
+    day_ago = time.time() - 25 * 3600
+    os.utime(left[".bundle.partial-old12345"], (day_ago, day_ago))
     broken = tmp_path / "broken"  # fails after the staging step, so nothing new is left behind
     shutil.copytree(tiny_ckpt, broken)
     cfg = json.loads((broken / "config.json").read_text())
@@ -119,8 +123,9 @@ def test_staging_left_by_a_killed_export_is_removed_by_the_next_one(tiny_ckpt, t
     with caplog.at_level("WARNING", logger="edgeglm.export"):
         _export(capsys, broken, "--out", tmp_path / "bundle")
     kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
-    assert kept == sorted(list(left)[2:])
+    assert kept == sorted(list(left)[2:4] + list(left)[5:])
     assert sum("left by an interrupted run" in r.getMessage() for r in caplog.records) == 2
+    assert sum("untouched for 25 hours" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_a_checkpoint_with_a_nan_weight_exports_no_bundle(tiny_ckpt, tmp_path, capsys):
