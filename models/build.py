@@ -391,7 +391,8 @@ def plan_build(inputs: BuildInputs, progress: bool = True) -> tuple[Plan, TokenC
     check_device(recipe, settings)
     if "block" in recipe.quantize.model_fields_set:
         log.warning("%s: [quantize] block = %s has no effect: INT8 bundles have one scale per output channel "
-                    "(docs/factory.md); remove the setting", recipe.source, recipe.quantize.block)
+                    "(docs/factory.md); leave it out of new recipes (a build in progress resumes only with the "
+                    "settings it started with)", recipe.source, recipe.quantize.block)
     teacher_cfg = check_teacher(inputs.teacher)
     spec = student_spec(recipe, teacher_cfg)
     student_cfg = spec.target_config(teacher_cfg, f"{recipe.source}: [prune]")
@@ -507,14 +508,27 @@ def _run_stages(inputs: BuildInputs, plan: Plan, train: TokenCorpus, heldout: To
         state.mark("export", export_result)
     bar.update(1)
     stage("report")
-    report = compression_report(inputs, plan, prune_result, distill_result,
-                                {**evaluation, **export_result["evaluation"]})
-    write_report(report, work)
-    if not published(inputs):  # else copied there by a run that stopped before recording it
+    report = _published_report(inputs)  # a run that stopped after publishing, before recording it
+    if report is None:
+        report = compression_report(inputs, plan, prune_result, distill_result,
+                                    {**evaluation, **export_result["evaluation"]})
+        write_report(report, work)
         publish_bundle(bundle, inputs.out, report)
     state.mark("report", {"out": str(inputs.out)})
     bar.update(1)
     return report
+
+
+def _published_report(inputs: BuildInputs) -> dict | None:
+    """The report of the bundle this build already published at --out (written to the work directory
+    before publishing), or None when it has not published one: the report is not made anew from a
+    resumed run's inputs, which may differ in what it leaves out of the identity (name, recipe path)."""
+    if not published(inputs):
+        return None
+    try:
+        return json.loads((inputs.work / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def run_export(inputs: BuildInputs, bundle: Path, progress: bool) -> None:

@@ -416,7 +416,7 @@ class OrtCache(KVCache):
 
 class DeviceCache(OrtCache):
     """An OrtCache in an execution provider's memory ("cuda"), in the GPU graph's dtype (float16): one
-    allocation, `value`, an OrtValue of (2 x layers, batch, kv_heads, capacity, head_dim) (per layer its
+    allocation, `kv`, an OrtValue of (2 x layers, batch, kv_heads, capacity, head_dim) (per layer its
     keys then its values), each layer's part bound to the graph where it lies: a step copies no KV
     between host and device. Growing and batching copy on the device (`copier`: the engine's KV copy
     graph, one run for every layer); the cache is read to the host (`host`, a copy) only to export a
@@ -427,12 +427,12 @@ class DeviceCache(OrtCache):
                  copier=None):
         super().__init__(batch, arch)
         self.device, self.dtype, self.device_id, self.copier = device, dtype, device_id, copier
-        self.value = None  # the OrtValue holding every layer, None until the first put
+        self.kv = None  # the OrtValue holding every layer, None until the first put
 
     @property
     def buffers(self) -> list[np.ndarray]:
         """Not host arrays: code written for OrtCache.buffers would read or write nothing here."""
-        if self.value is not None:
+        if self.kv is not None:
             raise TypeError("a DeviceCache's buffers are in device memory: read them with host(), write with put()")
         return []
 
@@ -443,25 +443,25 @@ class DeviceCache(OrtCache):
 
     def reserve(self, needed: int, arch: ModelArch, ort) -> bool:
         """As OrtCache.reserve; a cache that holds positions grows on the device (no host round trip)."""
-        if needed <= self.capacity or self.value is None or self.copier is None:
+        if needed <= self.capacity or self.kv is None or self.copier is None:
             return super().reserve(needed, arch, ort)
         capacity = _grown_capacity(self.capacity, needed, arch)
-        self.value = self.copier(self, range(self.batch), None, (), 0, capacity)
+        self.kv = self.copier(self, range(self.batch), None, (), 0, capacity)
         self.capacity = capacity
         return True
 
     def put(self, arrays: list[np.ndarray], ort) -> None:
         self.capacity = arrays[0].shape[2]
-        self.value = ort.OrtValue.ortvalue_from_numpy(np.stack(arrays), self.device, self.device_id)
+        self.kv = ort.OrtValue.ortvalue_from_numpy(np.stack(arrays), self.device, self.device_id)
 
     def host(self) -> list[np.ndarray]:
-        held = self.value.numpy()  # a copy from device memory; on "cpu" a view of the live buffer
+        held = self.kv.numpy()  # a copy from device memory; on "cpu" a view of the live buffer
         return list(held.copy() if self.device == "cpu" else held)
 
     def bind(self, binding, kv_names: list[tuple[str, str]]) -> None:
-        shape = self.value.shape()[1:]
+        shape = self.kv.shape()[1:]
         step = int(np.prod(shape)) * np.dtype(self.dtype).itemsize
-        start = self.value.data_ptr()
+        start = self.kv.data_ptr()
         for k, (past, present) in enumerate(kv_names):
             binding.bind_input(past, self.device, self.device_id, self.dtype, shape, start + k * step)
             binding.bind_output(present, self.device, self.device_id, self.dtype, shape, start + k * step)
@@ -493,25 +493,31 @@ class DeviceRaggedBatch(DecodeBatch):
     def lengths(self) -> list[int]:
         return list(self._lengths)
 
-    def _rebuild(self, order: list[int], capacity: int, source: CacheRow | None = None) -> None:
+    def _rebuild(self, order: list[int], lengths: list[int], capacity: int, source: CacheRow | None = None) -> None:
         """New buffers: rows `order` of the current ones, then `source`'s row (shifted to start at
-        position 0), `capacity` positions each."""
+        position 0), `capacity` positions each; the batch's rows are then `lengths` long. Nothing changes
+        if the copy fails."""
         taken, start = ([source.row], source.span()[0]) if source is not None else ([], 0)
         current = self._cache if self._cache is not None else source.cache
         fresh = self.engine.new_cache(len(order) + len(taken))
-        fresh.value = self.engine.copy_kv(current, order, source.cache if source is not None else current,
-                                          taken, start, capacity)
-        fresh.capacity, fresh.length = capacity, max(self._lengths, default=0)
-        self._cache = fresh
+        fresh.kv = self.engine.copy_kv(current, order, source.cache if source is not None else current,
+                                       taken, start, capacity)
+        fresh.capacity, fresh.length = capacity, max(lengths)
+        self._cache, self._lengths = fresh, lengths
+
+    def _check_window(self, positions: int) -> None:
+        if positions > self.arch.max_positions:
+            raise ValueError(f"a batch row would hold {positions} positions; the context window is "
+                             f"{self.arch.max_positions}")
 
     def add(self, source: CacheRow) -> None:
         start, end = source.span()
         if not isinstance(source.cache, DeviceCache):
             raise TypeError(f"a DeviceRaggedBatch takes rows of device caches, not of {type(source.cache).__name__}")
         needed = max([end - start, *self._lengths]) + 1
+        self._check_window(needed)  # as RaggedBatch: a row must have room for its next position
         capacity = self.capacity if needed <= self.capacity else _grown_capacity(self.capacity, needed, self.arch)
-        self._rebuild(list(range(self.rows)), capacity, source)
-        self._lengths.append(end - start)
+        self._rebuild(list(range(self.rows)), self._lengths + [end - start], capacity, source)
 
     def remove(self, slot: int) -> int | None:
         self._check_slot(slot)
@@ -519,13 +525,13 @@ class DeviceRaggedBatch(DecodeBatch):
         order = list(range(self.rows))
         order[slot] = last
         order.pop()
-        self._lengths = [self._lengths[i] for i in order]
+        lengths = [self._lengths[i] for i in order]
         if not order:  # memory back to the provider (the sessions' bindings let go too)
-            self._cache = None
+            self._cache, self._lengths = None, []
             self.engine._drop_stale_bindings()
         else:  # as RaggedBatch: positions given back when a quarter would do
-            fit = min(max(max(self._lengths) + 1 + KV_HEADROOM, 256), self.arch.max_positions)
-            self._rebuild(order, fit if self.capacity >= 4 * fit else self.capacity)
+            fit = min(max(max(lengths) + 1 + KV_HEADROOM, 256), self.arch.max_positions)
+            self._rebuild(order, lengths, fit if self.capacity >= 4 * fit else self.capacity)
         return last if slot != last else None
 
     def step(self, input_ids) -> np.ndarray:
@@ -533,11 +539,9 @@ class DeviceRaggedBatch(DecodeBatch):
         if not n:
             raise ValueError("the batch has no rows to step")
         width = max(self._lengths) + 1
+        self._check_window(width)
         if width > self.capacity:
-            if width > self.arch.max_positions:
-                raise ValueError(f"a batch row would hold {width} positions; the context window is "
-                                 f"{self.arch.max_positions}")
-            self._rebuild(list(range(n)), _grown_capacity(self.capacity, width, self.arch))
+            self._rebuild(list(range(n)), self._lengths, _grown_capacity(self.capacity, width, self.arch))
         lengths = np.asarray(self._lengths, np.int64)
         mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
         ids = np.asarray(input_ids, np.int64).reshape(n, 1)
@@ -914,10 +918,17 @@ class OnnxRuntimeEngine:
         """(session, io binding) of KV_COPY_GRAPH on the cache's provider, made at load so that a first batch
         does not wait for it; None, with a warning, where it is missing or does not load (device caches are
         then grown and merged through the host, as MergedBatch)."""
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self._kv_device == "cuda" \
-            else ["CPUExecutionProvider"]
+        cuda = self._kv_device == "cuda"
+        # the copy's intermediates: no CPU arena; on CUDA the arena is shrunk after each copy, so that the
+        # peak of the largest batch's copy is not held for as long as the process runs
+        providers = [("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}),
+                     "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         opts = self._ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+        opts.enable_cpu_mem_arena = False
+        self._kv_copy_run = self._ort.RunOptions()
+        if cuda:
+            self._kv_copy_run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
         try:
             session = self._ort.InferenceSession(str(KV_COPY_GRAPH), opts, providers=providers)
         except Exception as exc:  # missing file, or ORT's own untyped errors
@@ -935,13 +946,21 @@ class OnnxRuntimeEngine:
         for name, arr in (("a_rows", list(a_rows)), ("b_rows", list(b_rows)), ("b_start", [b_start]),
                           ("cap", [capacity])):
             binding.bind_ortvalue_input(name, value(np.asarray(arr, np.int64).reshape(-1)))
-        binding.bind_ortvalue_input("a", a.value)
-        binding.bind_ortvalue_input("b", (a if b is None else b).value)
-        binding.bind_output("out", a.device, a.device_id)
-        session.run_with_iobinding(binding)
-        out = binding.get_outputs()[0]
-        binding.clear_binding_inputs()  # keep no cache's memory alive
-        binding.clear_binding_outputs()
+        b = a if b is None else b
+        binding.bind_ortvalue_input("a", a.kv)
+        binding.bind_ortvalue_input("b", b.kv)
+        layers_kv, _, heads, _, head_dim = a.kv.shape()
+        # the new buffer comes from the allocator every cache's buffer comes from (put), not from this
+        # session's arena, so that memory a batch gives back serves the next caches
+        out = self._ort.OrtValue.ortvalue_from_shape_and_type(
+            [layers_kv, len(list(a_rows)) + len(list(b_rows)), heads, capacity, head_dim], a.dtype, a.device,
+            a.device_id)
+        binding.bind_ortvalue_output("out", out)
+        try:
+            session.run_with_iobinding(binding, self._kv_copy_run)
+        finally:
+            binding.clear_binding_inputs()  # keep no cache's memory alive
+            binding.clear_binding_outputs()
         return out
 
     def forward(self, input_ids, position_ids, attention_mask, cache: OrtCache):

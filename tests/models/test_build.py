@@ -128,8 +128,13 @@ def test_resume_after_a_stop_between_publishing_and_recording_it_finishes(built,
         assert f"--out {other}: already exists" in capsys.readouterr().err
         assert json.loads((other / "manifest.json").read_text())["version"] == "9.9.9"
 
+        report = (built["work"] / "report.json").read_bytes()
+        renamed = built["root"] / "renamed-quick.toml"  # the same settings from another file: the same build
+        shutil.copy(QUICK, renamed)
+        args[args.index("quick")] = str(renamed)
         assert main(args + ["--resume"]) == 0
         assert (built["out"] / "manifest.json").read_bytes() == before
+        assert (built["work"] / "report.json").read_bytes() == report  # the published report, not one made anew
         assert json.loads(state_path.read_text())["done"]["report"] == {"out": str(built["out"])}
     finally:
         state_path.write_text(json.dumps(finished, indent=2) + "\n")

@@ -92,7 +92,7 @@ def test_device_cache_grows_exports_imports_and_merges_like_the_host_cache(int8_
     assert isinstance(gpu.new_batch(), DeviceRaggedBatch)
     prompt = heldout_ids[:200]
     logits, cache = prefill(gpu, prompt)
-    assert cache.dtype == np.float16 and cache.key(0).dtype == np.float16 and cache.capacity == 328
+    assert cache.dtype == np.float16 and cache.key(0).dtype == cache.value(0).dtype == np.float16 and cache.capacity == 328
     tokens, steps = [int(logits.argmax())], []
     for i in range(160):  # past 328 positions: the cache grows (read to the host, written back larger)
         logits, cache = decode_one_token(gpu, tokens[-1], len(prompt) + i, cache)
@@ -289,6 +289,45 @@ def test_scheduler_on_the_gpu_graph_gives_what_each_request_gets_alone(int8_bund
     assert [h.tokens(120) for h in handles] == expected
     sched.close()
     assert cache.stats().hits >= 3
+
+
+def test_a_device_batch_keeps_the_context_window_and_survives_a_failed_copy(int8_bundle, heldout_ids, monkeypatch):
+    """As RaggedBatch: a row with no room left for its next position is refused when it joins, and a step
+    past the window is refused; a copy that fails (out of device memory) while a row leaves changes
+    nothing: the batch keeps its rows and steps on as before."""
+    _, gpu = engines(int8_bundle)
+    window = gpu.arch.max_positions
+    batch = gpu.new_batch()
+    full = prefill(gpu, (heldout_ids * 3)[:window])[1]
+    with pytest.raises(ValueError, match=f"would hold {window + 1} positions; the context window is {window}"):
+        batch.add(CacheRow(full))
+    assert batch.rows == 0
+    batch.add(CacheRow(full, length=window - 1))  # its last window - 1 positions: room for one more
+    batch.add(CacheRow(prefill(gpu, heldout_ids[:20])[1]))
+    batch.step([5, 5])
+    with pytest.raises(ValueError, match="the context window is"):
+        batch.step([5, 5])
+    assert batch.lengths() == [window, 21]
+
+    batch = gpu.new_batch()
+    for n in (30, 12, 50):
+        batch.add(CacheRow(prefill(gpu, heldout_ids[:n])[1]))
+    before = batch.step([7, 7, 7])
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of device memory")
+    with monkeypatch.context() as m:
+        m.setattr(gpu, "copy_kv", out_of_memory)
+        with pytest.raises(RuntimeError, match="out of device memory"):
+            batch.remove(0)
+    assert batch.rows == 3 and batch.lengths() == [31, 13, 51]
+    after = batch.step([9, 9, 9])
+    for i, n in enumerate((30, 12, 50)):
+        _, cache = prefill(gpu, heldout_ids[:n])
+        decode_one_token(gpu, 7, n, cache)
+        alone, _ = decode_one_token(gpu, 9, n + 1, cache)
+        np.testing.assert_allclose(after[i], alone, atol=1e-4 if ON_CPU else 2e-2)
+    assert before.shape == after.shape
 
 
 @pytest.mark.parametrize("copy_graph", ["absent", "damaged"])
