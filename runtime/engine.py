@@ -936,23 +936,21 @@ class OnnxRuntimeEngine:
         return session, session.io_binding()
 
     def copy_kv(self, a: DeviceCache, a_rows, b: DeviceCache | None, b_rows, b_start: int, capacity: int):
-        """A new device buffer for a DeviceCache (its `value`): rows `a_rows` of `a`, then rows `b_rows` of
-        `b` from position `b_start` on, every layer's keys and values cut or zero-filled to `capacity`
-        positions. One run of KV_COPY_GRAPH on the cache's provider; nothing is read to the host."""
+        """A new device buffer for a DeviceCache (its `kv`): rows `a_rows` of `a`, then rows `b_rows` of `b`
+        (None: `a`) from position `b_start` on, every layer's keys and values cut or zero-filled to
+        `capacity` positions. One run of KV_COPY_GRAPH on the cache's provider; nothing is read to the host."""
         session, binding = self._kv_copy
+        a_rows, b_rows, b = list(a_rows), list(b_rows), a if b is None else b
         value = self._ort.OrtValue.ortvalue_from_numpy
-        for name, arr in (("a_rows", list(a_rows)), ("b_rows", list(b_rows)), ("b_start", [b_start]),
-                          ("cap", [capacity])):
+        for name, arr in (("a_rows", a_rows), ("b_rows", b_rows), ("b_start", [b_start]), ("cap", [capacity])):
             binding.bind_ortvalue_input(name, value(np.asarray(arr, np.int64).reshape(-1)))
-        b = a if b is None else b
         binding.bind_ortvalue_input("a", a.kv)
         binding.bind_ortvalue_input("b", b.kv)
         layers_kv, _, heads, _, head_dim = a.kv.shape()
         # the new buffer comes from the allocator every cache's buffer comes from (put), not from this
         # session's arena, so that memory a batch gives back serves the next caches
         out = self._ort.OrtValue.ortvalue_from_shape_and_type(
-            [layers_kv, len(list(a_rows)) + len(list(b_rows)), heads, capacity, head_dim], a.dtype, a.device,
-            a.device_id)
+            [layers_kv, len(a_rows) + len(b_rows), heads, capacity, head_dim], a.dtype, a.device, a.device_id)
         binding.bind_ortvalue_output("out", out)
         try:
             session.run_with_iobinding(binding)
