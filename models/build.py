@@ -47,9 +47,9 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import os
 import re
-import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -508,25 +508,25 @@ def _run_stages(inputs: BuildInputs, plan: Plan, train: TokenCorpus, heldout: To
         state.mark("export", export_result)
     bar.update(1)
     stage("report")
-    report = _published_report(inputs)  # a run that stopped after publishing, before recording it
+    done_before = published(inputs)  # a run that stopped after publishing, before recording it
+    report = _published_report(work) if done_before else None
     if report is None:
         report = compression_report(inputs, plan, prune_result, distill_result,
                                     {**evaluation, **export_result["evaluation"]})
         write_report(report, work)
+    if not done_before:
         publish_bundle(bundle, inputs.out, report)
     state.mark("report", {"out": str(inputs.out)})
     bar.update(1)
     return report
 
 
-def _published_report(inputs: BuildInputs) -> dict | None:
-    """The report of the bundle this build already published at --out (written to the work directory
-    before publishing), or None when it has not published one: the report is not made anew from a
-    resumed run's inputs, which may differ in what it leaves out of the identity (name, recipe path)."""
-    if not published(inputs):
-        return None
+def _published_report(work: Path) -> dict | None:
+    """The report a run wrote to the work directory before it published the bundle (None if unreadable): a
+    recovering --resume keeps it rather than making one anew from its own inputs, which may differ in what
+    the identity leaves out (name, recipe path)."""
     try:
-        return json.loads((inputs.work / "report.json").read_text())
+        return json.loads((work / "report.json").read_text())
     except (OSError, ValueError):
         return None
 
