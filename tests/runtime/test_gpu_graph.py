@@ -20,8 +20,8 @@ import torch
 from agent.model import load_model
 from models.tiny import HELDOUT_MODULES, corpus_text
 from ota.bundle import open_bundle
-from runtime.engine import (GPU_GRAPH_FILE, GPU_GRAPH_KEY, KV_DTYPE_KEY, CacheRow, DeviceCache, DeviceRaggedBatch, MergedBatch,
-                            ModelArch, OrtCache, load_engine)
+from runtime.engine import (GPU_GRAPH_FILE, GPU_GRAPH_KEY, KV_DTYPE_KEY, CacheRow, DeviceCache, DeviceRaggedBatch,
+                            MergedBatch, ModelArch, OrtCache, load_engine)
 from runtime.errors import ModelLoadError
 from runtime.generate import SamplingParams, decode_one_token, generate, prefill
 from runtime.golden import teacher_forced_logits
@@ -92,9 +92,9 @@ def test_device_cache_grows_exports_imports_and_merges_like_the_host_cache(int8_
     assert isinstance(gpu.new_batch(), DeviceRaggedBatch)
     prompt = heldout_ids[:200]
     logits, cache = prefill(gpu, prompt)
-    assert cache.dtype == np.float16 and cache.key(0).dtype == cache.value(0).dtype == np.float16 and cache.capacity == 328
+    assert cache.dtype == cache.key(0).dtype == cache.value(0).dtype == np.float16 and cache.capacity == 328
     tokens, steps = [int(logits.argmax())], []
-    for i in range(160):  # past 328 positions: the cache grows (read to the host, written back larger)
+    for i in range(160):  # past 328 positions: the cache grows (on the device, by the KV copy graph)
         logits, cache = decode_one_token(gpu, tokens[-1], len(prompt) + i, cache)
         tokens.append(int(logits.argmax()))
         steps.append(logits)
@@ -122,9 +122,10 @@ def test_device_cache_grows_exports_imports_and_merges_like_the_host_cache(int8_
         out = batch.step([seq[30], seq[75], seq[150]])
         for i, n in enumerate((30, 75, 150)):
             alone, _ = decode_one_token(gpu, seq[n], n, prefill(gpu, seq[:n])[1])
-            np.testing.assert_allclose(out[i], alone, atol=1e-4 if ON_CPU else 2e-2, err_msg=type(batch).__name__)
+            np.testing.assert_allclose(out[i], alone, atol=1e-4 if ON_CPU else 2e-2,
+                                       err_msg=type(batch).__name__)
 
-    # rows of a left-padded two-row cache (the short row's positions start after its padding) join a device batch
+    # rows of a left-padded two-row cache (the short row's positions start after its padding) join a batch
     ids, pos, mask = np.zeros((2, 45), np.int64), np.zeros((2, 45), np.int64), np.ones((2, 45), np.int64)
     ids[0], pos[0] = seq[:45], np.arange(45)
     ids[1, 25:], pos[1, 25:], mask[1, :25] = seq[100:120], np.arange(20), 0
