@@ -77,9 +77,13 @@ def _loads(bundle: Path) -> bool:
 
 
 def prepare(shape: str, workdir: Path) -> Path:
-    """A random-init int8 bundle of `shape` (both backends), built only when missing or stale."""
+    """A random-init int8 bundle of `shape` (both backends), built only when missing or stale: it is kept
+    under a name keyed by the exporter's source (benchmarks/decode.py), so a changed graph writer exports
+    it again (a reused older bundle measured MergedBatch where this tree's graphs batch row-aligned)."""
+    from decode import exporter_key
+
     root = workdir / shape
-    ckpt, bundle = root / "checkpoint", root / "bundle-int8"
+    ckpt, bundle = root / "checkpoint", root / f"bundle-int8-{exporter_key()}"
     if (bundle / "manifest.json").is_file() and _loads(bundle):
         return bundle
     from models.export import ExportOptions, export_bundle

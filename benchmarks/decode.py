@@ -48,6 +48,18 @@ from procstats import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when 
 EAGER = "pytorch-eager fp32"
 
 
+def exporter_key() -> str:
+    """A short hash of the exporter's source: cached bundles are keyed by it, so a changed graph writer
+    re-exports them instead of measuring the graphs an older one wrote."""
+    import hashlib
+
+    import models.export
+    import models.onnx_graph
+
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                   for m in (models.onnx_graph, models.export))).hexdigest()[:10]
+
+
 def prepare(shape: str, workdir: Path, precisions=("fp32", "int8")) -> tuple[Path, dict[str, Path]]:
     """The checkpoint and the fp32/int8 bundles of `shape`, built only when missing."""
     from models.export import ExportOptions, export_bundle
@@ -58,14 +70,7 @@ def prepare(shape: str, workdir: Path, precisions=("fp32", "int8")) -> tuple[Pat
     if not (ckpt / "config.json").is_file():
         print(f"building random-init {shape} checkpoint in {ckpt}", file=sys.stderr)
         make_checkpoint(ckpt, shape=shape, train_steps=0)
-    # cached bundles are keyed by the exporter's source, so a changed graph writer re-exports them
-    import hashlib
-
-    import models.export
-    import models.onnx_graph
-
-    exporter = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
-                                       for m in (models.onnx_graph, models.export))).hexdigest()[:10]
+    exporter = exporter_key()
     bundles = {}
     for precision in precisions:
         bundles[precision] = root / f"bundle-{precision}-{exporter}"
