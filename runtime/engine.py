@@ -348,6 +348,13 @@ class KvBlock:
                              f"{arch.num_layers} float32 layers of {want}")
 
 
+def _check_window(arch: ModelArch, positions: int) -> None:
+    """ValueError unless a batch row of `positions` positions fits the context window."""
+    if positions > arch.max_positions:
+        raise ValueError(f"a batch row would hold {positions} positions; the context window is "
+                         f"{arch.max_positions}")
+
+
 def _batch_one(cache: KVCache, length: int) -> None:
     if cache.batch != 1 or not 0 <= length <= cache.length:
         raise ValueError(f"cannot export {length} positions of a cache of {cache.batch} row(s) x {cache.length} "
@@ -506,17 +513,12 @@ class DeviceRaggedBatch(DecodeBatch):
         fresh.capacity, fresh.length = capacity, max(lengths)
         self._cache, self._lengths = fresh, lengths
 
-    def _check_window(self, positions: int) -> None:
-        if positions > self.arch.max_positions:
-            raise ValueError(f"a batch row would hold {positions} positions; the context window is "
-                             f"{self.arch.max_positions}")
-
     def add(self, source: CacheRow) -> None:
         start, end = source.span()
         if not isinstance(source.cache, DeviceCache):
             raise TypeError(f"a DeviceRaggedBatch takes rows of device caches, not of {type(source.cache).__name__}")
         needed = max([end - start, *self._lengths]) + 1
-        self._check_window(needed)  # as RaggedBatch: a row must have room for its next position
+        _check_window(self.arch, needed)  # as RaggedBatch: a row must have room for its next position
         capacity = self.capacity if needed <= self.capacity else _grown_capacity(self.capacity, needed, self.arch)
         self._rebuild(list(range(self.rows)), self._lengths + [end - start], capacity, source)
 
@@ -540,7 +542,7 @@ class DeviceRaggedBatch(DecodeBatch):
         if not n:
             raise ValueError("the batch has no rows to step")
         width = max(self._lengths) + 1
-        self._check_window(width)
+        _check_window(self.arch, width)
         if width > self.capacity:
             self._rebuild(list(range(n)), self._lengths, _grown_capacity(self.capacity, width, self.arch))
         lengths = np.asarray(self._lengths, np.int64)
@@ -579,9 +581,7 @@ class RaggedBatch(DecodeBatch):
         if rows <= slots and positions <= self.capacity:
             return
         arch = self.arch
-        if positions > arch.max_positions:
-            raise ValueError(f"a batch row would hold {positions} positions; the context window is "
-                             f"{arch.max_positions}")
+        _check_window(arch, positions)
         new_slots = max(rows, 2 * slots) if rows > slots else slots
         cap = self.capacity if positions <= self.capacity else _grown_capacity(self.capacity, positions, arch)
         self._realloc(new_slots, cap)
