@@ -42,8 +42,9 @@ row-aligned (`RaggedBatch`): one buffer per layer with a slot per row, row i's p
 valid; adding copies only the new row, removing moves only the last row into the freed slot, and
 each row attends over its own positions (GroupQueryAttention's per-row lengths) instead of the
 longest row's. With the cache in device memory (the GPU graph, `DeviceCache`) it is
-`DeviceRaggedBatch`: the same layout, rebuilt on the device by a small copy graph
-(runtime/kv_copy.onnx) at each change of membership, never read to the host. Elsewhere (OpenVINO, older graphs) it is `MergedBatch`: `merge_caches` after each
+`DeviceRaggedBatch`: the same layout, a joining or moved row written in place by a small graph
+(runtime/kv_write.onnx), the buffers rebuilt on the device (runtime/kv_copy.onnx) only when they
+grow or shrink, never read to the host. Elsewhere (OpenVINO, older graphs) it is `MergedBatch`: `merge_caches` after each
 change of membership, every row's KV copied, rows left-padded to the longest.
 """
 
@@ -92,6 +93,8 @@ SPIN_AFTER_RUN_US = 1000  # ONNX Runtime worker spin after a run when two sessio
 KV_HEADROOM = 128  # positions a new or grown ONNX Runtime cache buffer has beyond what the step needs
 # copies KV rows in the execution provider's memory (built by models.onnx_graph.kv_copy_graph)
 KV_COPY_GRAPH = Path(__file__).with_name("kv_copy.onnx")
+# writes one KV row into a buffer in place (models.onnx_graph.kv_write_graph)
+KV_WRITE_GRAPH = Path(__file__).with_name("kv_write.onnx")
 
 
 class EmbeddingTable:
@@ -355,6 +358,17 @@ def _check_window(arch: ModelArch, positions: int) -> None:
                          f"{arch.max_positions}")
 
 
+def _power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _device_shape(rows: int, positions: int, arch: ModelArch) -> tuple[int, int]:
+    """(row slots, positions) of a DeviceRaggedBatch buffer for `rows` rows of at least `positions`:
+    powers of two (positions at least 256, capped by the context window), so that the allocator sees
+    few distinct sizes and reuses the blocks that earlier buffers gave back."""
+    return _power_of_two(rows), max(positions, min(_power_of_two(max(positions, 256)), arch.max_positions))
+
+
 def _batch_one(cache: KVCache, length: int) -> None:
     if cache.batch != 1 or not 0 <= length <= cache.length:
         raise ValueError(f"cannot export {length} positions of a cache of {cache.batch} row(s) x {cache.length} "
@@ -461,13 +475,22 @@ class DeviceCache(OrtCache):
         self.capacity = arrays[0].shape[2]
         self.kv = ort.OrtValue.ortvalue_from_numpy(np.stack(arrays), self.device, self.device_id)
 
+    @property
+    def slots(self) -> int:
+        """Rows the buffer has room for (a batch's buffer may have more than `batch`, unused)."""
+        return self.kv.shape()[1] if self.kv is not None else self.batch
+
     def host(self) -> list[np.ndarray]:
         held = self.kv.numpy()  # a copy from device memory; on "cpu" a view of the live buffer
-        return list(held.copy() if self.device == "cpu" else held)
+        if self.device == "cpu":
+            held = held.copy()
+        return [layer[:self.batch] for layer in held]
 
     def bind(self, binding, kv_names: list[tuple[str, str]]) -> None:
-        shape = self.kv.shape()[1:]
-        step = int(np.prod(shape)) * np.dtype(self.dtype).itemsize
+        """Each layer's first `batch` rows (contiguous in its part of `kv`) as its past and present."""
+        full = self.kv.shape()[1:]
+        step = int(np.prod(full)) * np.dtype(self.dtype).itemsize
+        shape = [self.batch, *full[1:]]
         start = self.kv.data_ptr()
         for k, (past, present) in enumerate(kv_names):
             binding.bind_input(past, self.device, self.device_id, self.dtype, shape, start + k * step)
@@ -476,13 +499,22 @@ class DeviceCache(OrtCache):
 
 class DeviceRaggedBatch(DecodeBatch):
     """RaggedBatch's row-aligned layout for caches in device memory (the GPU graph, DeviceCache): row i's
-    positions [0, n_i) valid, each row attending over its own positions. Its buffers hold exactly `rows`
-    rows; every join, leave, growth or shrink builds new ones on the device with the engine's KV copy
-    graph (runtime/kv_copy.onnx, one run for all layers) from the current ones and the
-    joining row: nothing is read to the host. (MergedBatch read every row to the host and wrote the
-    batch back at each change of membership: 43 ms for 8 rows of glm-m on an H200, against a 3.6 ms
-    step.) When the last row leaves, the buffers are released (to ONNX Runtime's allocator, which every
-    cache's buffer comes from: the next prompts reuse them)."""
+    positions [0, n_i) valid, each row attending over its own positions; nothing is read to the host.
+    As in RaggedBatch, a row joining a free slot is written into it and a row leaving is replaced by
+    the last row, one row copied in place (the engine's KV write graph, runtime/kv_write.onnx, its
+    output bound to the buffer's own memory); new buffers are built only when the rows outgrow the
+    slots or the positions, or when a quarter of either would do (the KV copy graph,
+    runtime/kv_copy.onnx, one run for all layers). When the last row leaves, the buffers are released
+    (to ONNX Runtime's allocator, which every cache's buffer comes from: the next prompts reuse them).
+    (MergedBatch read every row to the host and wrote the batch back at each change of membership:
+    43 ms for 8 rows of glm-m on an H200, against a 3.6 ms step.)
+
+    Buffer sizes come from a short list (`_device_shape`): row slots and positions are powers of two
+    (spare slots are never bound). ONNX Runtime's CUDA allocators are arenas that keep what they take
+    and reuse a freed block for a request that fits it. Building a buffer of exactly `rows` x (longest
+    row + headroom) at every join and leave asked for a new size nearly every time: on an H200, 8 rows
+    of glm-m (50-1700 positions) left 6.5 GB held, 9.2 GB after a second round, and 32 rows 41 GB, for
+    under 1 GB of keys and values (docs/performance.md)."""
 
     def __init__(self, engine: "OnnxRuntimeEngine"):
         self.engine, self.arch = engine, engine.arch
@@ -501,13 +533,25 @@ class DeviceRaggedBatch(DecodeBatch):
     def lengths(self) -> list[int]:
         return list(self._lengths)
 
-    def _rebuild(self, order: list[int], lengths: list[int], capacity: int, source: CacheRow | None = None) -> None:
+    @property
+    def slots(self) -> int:
+        """Rows the current buffers have room for (0 when empty)."""
+        return self._cache.slots if self._cache is not None else 0
+
+    def _rebuild(self, order: list[int], lengths: list[int], capacity: int, source: CacheRow | None = None,
+                 slots: int = 0) -> None:
         """New buffers: rows `order` of the current ones, then `source`'s row (shifted to start at
-        position 0), `capacity` positions each; the batch's rows are then `lengths` long. Nothing changes
-        if the copy fails."""
+        position 0), `capacity` positions (rounded up, `_device_shape`) and at least `slots` row slots
+        each; the batch's rows are then `lengths` long. Nothing changes if the copy fails."""
         taken, start = ([source.row], source.span()[0]) if source is not None else ([], 0)
         current = self._cache if self._cache is not None else source.cache
-        fresh = self.engine.new_cache(len(order) + len(taken))
+        rows = len(order) + len(taken)
+        slots, capacity = _device_shape(max(rows, slots), capacity, self.arch)
+        if taken:  # spare slots: copies of the joining row (any row would do; they are never bound)
+            taken = taken * (slots - len(order))
+        else:
+            order = order + order[:1] * (slots - rows)
+        fresh = self.engine.new_cache(rows)
         fresh.kv = self.engine.copy_kv(current, order, source.cache if source is not None else current,
                                        taken, start, capacity)
         fresh.capacity, fresh.length = capacity, max(lengths)
@@ -519,6 +563,13 @@ class DeviceRaggedBatch(DecodeBatch):
             raise TypeError(f"a DeviceRaggedBatch takes rows of device caches, not of {type(source.cache).__name__}")
         needed = max([end - start, *self._lengths]) + 1
         _check_window(self.arch, needed)  # as RaggedBatch: a row must have room for its next position
+        if self.rows < self.slots and needed <= self.capacity and self.engine.can_write_kv:
+            # a free slot with room: the row is written into it, nothing else moves
+            self.engine.write_kv(self._cache, self.rows, source.cache, source.row, start)
+            self._cache.batch += 1
+            self._lengths = self._lengths + [end - start]
+            self._cache.length = max(self._lengths)
+            return
         capacity = self.capacity if needed <= self.capacity else _grown_capacity(self.capacity, needed, self.arch)
         self._rebuild(list(range(self.rows)), self._lengths + [end - start], capacity, source)
 
@@ -532,9 +583,19 @@ class DeviceRaggedBatch(DecodeBatch):
         if not order:  # memory back to the provider (the sessions' bindings let go too)
             self._cache, self._lengths = None, []
             self.engine._drop_stale_bindings()
-        else:  # as RaggedBatch: positions given back when a quarter would do
-            fit = min(max(max(lengths) + 1 + KV_HEADROOM, 256), self.arch.max_positions)
-            self._rebuild(order, lengths, fit if self.capacity >= 4 * fit else self.capacity)
+            return None
+        # as RaggedBatch: slots and positions given back when a quarter would do (to twice what is used)
+        fit = min(max(max(lengths) + 1 + KV_HEADROOM, 256), self.arch.max_positions)
+        shrink = self.slots >= 4 * len(order) or self.capacity >= 4 * fit
+        if shrink or not self.engine.can_write_kv:
+            self._rebuild(order, lengths, fit if self.capacity >= 4 * fit else self.capacity,
+                          slots=2 * len(order) if self.slots >= 4 * len(order) else self.slots)
+        else:  # the last row moves into the freed slot (read before it is written): one row copied
+            if slot != last:
+                self.engine.write_kv(self._cache, slot, self._cache, last, 0)
+            self._cache.batch -= 1
+            self._lengths = lengths
+            self._cache.length = max(lengths)
         return last if slot != last else None
 
     def step(self, input_ids) -> np.ndarray:
@@ -544,7 +605,8 @@ class DeviceRaggedBatch(DecodeBatch):
         width = max(self._lengths) + 1
         _check_window(self.arch, width)
         if width > self.capacity:
-            self._rebuild(list(range(n)), self._lengths, _grown_capacity(self.capacity, width, self.arch))
+            self._rebuild(list(range(n)), self._lengths, _grown_capacity(self.capacity, width, self.arch),
+                          slots=self.slots)
         lengths = np.asarray(self._lengths, np.int64)
         mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
         ids = np.asarray(input_ids, np.int64).reshape(n, 1)
@@ -682,7 +744,7 @@ class _OrtRunner:
     def __init__(self, session, arch: ModelArch):
         self.session, self.arch = session, arch
         self.binding = session.io_binding()
-        self.bound = (None, 0)  # (weakref to the cache whose buffers are bound, its capacity then)
+        self.bound = (None, 0, 0)  # (weakref to the cache whose buffers are bound, its capacity and rows then)
         self.logits: dict[int, tuple[np.ndarray, object]] = {}  # batch -> preallocated output
         self.kv_names = [(f"past.{i}.{k}", f"present.{i}.{k}") for i in range(arch.num_layers)
                          for k in ("key", "value")]
@@ -690,10 +752,10 @@ class _OrtRunner:
     def run(self, ort, tokens: tuple[str, np.ndarray], position_ids, attention_mask, cache: OrtCache,
             batch: int) -> np.ndarray:
         b = self.binding
-        ref, cap = self.bound
-        if ref is None or ref() is not cache or cap != cache.capacity:
+        ref, cap, rows = self.bound
+        if ref is None or ref() is not cache or cap != cache.capacity or rows != cache.batch:
             cache.bind(b, self.kv_names)  # past and present: the same memory (GroupQueryAttention writes in place)
-            self.bound = (weakref.ref(cache), cache.capacity)
+            self.bound = (weakref.ref(cache), cache.capacity, cache.batch)
         b.bind_ortvalue_input(tokens[0], ort.OrtValue.ortvalue_from_numpy(tokens[1]))
         for name, arr in (("position_ids", position_ids), ("attention_mask", attention_mask)):
             b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, np.int64)))
@@ -857,7 +919,9 @@ class OnnxRuntimeEngine:
         self._embeddings = self._embedding_table(Path(model_path), meta)
         self._decode = _OrtRunner(self.session, arch)
         # see RaggedBatch; a cache in device memory is batched with DeviceRaggedBatch (the KV copy graph)
-        self._kv_copy = self._kv_copy_session() if self._kv_device else None  # (session, io binding) or None
+        self._kv_copy = self._kv_copy_session(KV_COPY_GRAPH) if self._kv_device else None  # (session, binding)
+        # joins into a free slot and leaves write one row in place; without it every change rebuilds the batch
+        self._kv_write = self._kv_copy_session(KV_WRITE_GRAPH) if self._kv_copy is not None else None
         self.ragged_batches = meta.get(BATCH_ROWS_KEY) == "ragged" and (
             self._kv_device is None or self._kv_copy is not None)
         self.kv_memory = f"{self._kv_device} memory" if self._kv_device else "host memory"  # where the KV lives
@@ -915,10 +979,11 @@ class OnnxRuntimeEngine:
                                copier=self.copy_kv if self._kv_copy is not None else None)
         return OrtCache(batch, self.arch)
 
-    def _kv_copy_session(self):
-        """(session, io binding) of KV_COPY_GRAPH on the cache's provider, made at load so that a first batch
-        does not wait for it; None, with a warning, where it is missing or does not load (device caches are
-        then grown and merged through the host, as MergedBatch)."""
+    def _kv_copy_session(self, graph: Path):
+        """(session, io binding) of `graph` (KV_COPY_GRAPH or KV_WRITE_GRAPH) on the cache's provider, made at
+        load so that a first batch does not wait for it; None, with a warning, where it is missing or does
+        not load (without the copy graph device caches are grown and merged through the host, as
+        MergedBatch; without the write graph every join and leave rebuilds the batch's buffers)."""
         # the copy's intermediates: no CPU arena; the CUDA arena grows by what is asked, not to powers of two
         # (shrinking it after each copy made a leave + join 2.1 -> 4.1 ms on an H200, and the memory the
         # driver reported did not change)
@@ -928,12 +993,39 @@ class OnnxRuntimeEngine:
         opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
         opts.enable_cpu_mem_arena = False
         try:
-            session = self._ort.InferenceSession(str(KV_COPY_GRAPH), opts, providers=providers)
+            session = self._ort.InferenceSession(str(graph), opts, providers=providers)
         except Exception as exc:  # missing file, or ORT's own untyped errors
-            log.warning("%s: ONNX Runtime could not load the KV copy graph (%s): batches on %s are merged "
-                        "through the host; reinstall edgeglm", KV_COPY_GRAPH, _first_line(exc), self._kv_device)
+            what, effect = ("copy", "batches on %s are merged through the host") if graph == KV_COPY_GRAPH else \
+                ("write", "every join and leave of a batch on %s copies the whole batch")
+            log.warning("%s: ONNX Runtime could not load the KV %s graph (%s): %s; reinstall edgeglm", graph, what,
+                        _first_line(exc), effect % self._kv_device)
             return None
         return session, session.io_binding()
+
+    @property
+    def can_write_kv(self) -> bool:
+        return self._kv_write is not None
+
+    def write_kv(self, dst: DeviceCache, slot: int, src: DeviceCache, src_row: int, src_start: int) -> None:
+        """Write row `src_row` of `src` (positions src_start.., cut or zero-filled to dst's capacity) into
+        row slot `slot` of `dst`'s buffer, in place: one run of KV_WRITE_GRAPH, its output bound to dst's
+        own memory; `src` may be `dst`. Nothing else in `dst` changes."""
+        session, binding = self._kv_write
+        shape = dst.kv.shape()
+        if not 0 <= slot < shape[1]:
+            raise ValueError(f"row slot {slot} is outside the buffer's {shape[1]} slots")
+        value = self._ort.OrtValue.ortvalue_from_numpy
+        ptr = dst.kv.data_ptr()
+        binding.bind_input("kv", dst.device, dst.device_id, dst.dtype, shape, ptr)
+        binding.bind_output("out", dst.device, dst.device_id, dst.dtype, shape, ptr)  # in place
+        binding.bind_ortvalue_input("src", src.kv)
+        for name, n in (("src_row", src_row), ("src_start", src_start), ("slot", slot)):
+            binding.bind_ortvalue_input(name, value(np.array([n], np.int64)))
+        try:
+            session.run_with_iobinding(binding)
+        finally:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
 
     def copy_kv(self, a: DeviceCache, a_rows, b: DeviceCache | None, b_rows, b_start: int, capacity: int):
         """A new device buffer for a DeviceCache (its `kv`): rows `a_rows` of `a`, then rows `b_rows` of `b`
@@ -979,11 +1071,11 @@ class OnnxRuntimeEngine:
         """Unbind the KV buffers of caches that are gone (a batch that emptied): an IO binding keeps
         what it binds alive, so without this their memory would stay held until the next run."""
         for runner in {id(r): r for r in (self._decode, self._prefill)}.values():
-            ref, _ = runner.bound
+            ref = runner.bound[0]
             if ref is not None and ref() is None:
                 runner.binding.clear_binding_inputs()
                 runner.binding.clear_binding_outputs()
-                runner.bound = (None, 0)
+                runner.bound = (None, 0, 0)
 
     def new_batch(self) -> DecodeBatch:
         """An empty DecodeBatch: row-aligned on graphs that take it, else merged and left-padded."""

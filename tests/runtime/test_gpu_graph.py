@@ -186,6 +186,60 @@ def test_device_batches_and_growth_never_read_the_cache_to_the_host(int8_bundle,
     assert batch.capacity == 0
 
 
+def test_device_batch_buffers_come_in_few_sizes_and_joins_and_leaves_copy_one_row(int8_bundle, heldout_ids):
+    """Rows of many lengths joining and leaving one at a time. A new buffer is made only when the rows
+    outgrow the slots (or the positions), with a power of two of row slots and of positions (at least
+    256, or the context window): ONNX Runtime's arena is asked for few sizes and reuses what earlier
+    buffers gave back (exact sizes at every join left 41 GB of an H200 held for under 1 GB of keys and
+    values). A join into a free slot and a leave write one row into the same buffer (the KV write
+    graph, in place). The rows still step as they do alone."""
+    _, gpu = engines(int8_bundle)
+    window = gpu.arch.max_positions
+    made = []
+    real_copy = gpu.copy_kv
+
+    def recording_copy(*args):
+        out = real_copy(*args)
+        made.append(tuple(out.shape()[1:4:2]))  # (row slots, positions)
+        return out
+    gpu.copy_kv = recording_copy
+    rng = np.random.default_rng(3)
+    lengths = [int(n) for n in rng.integers(3, 420, 12)]
+    batch = gpu.new_batch()
+    live = []  # live[slot]: (prompt length, tokens fed before the last step)
+    buffers = set()
+    for n in lengths[:9]:
+        batch.add(CacheRow(prefill(gpu, heldout_ids[:n])[1]))
+        live.append((n, 3))
+        buffers.add(batch._cache.kv.data_ptr())
+    for _ in range(3):
+        batch.step([5] * batch.rows)
+    for slot in (4, 0, 6, 2):
+        moved = batch.remove(slot)
+        last = live.pop()
+        if moved is not None:
+            live[slot] = last
+        buffers.add(batch._cache.kv.data_ptr())
+    for n in lengths[9:]:
+        batch.add(CacheRow(prefill(gpu, heldout_ids[:n])[1]))
+        live.append((n, 0))
+        buffers.add(batch._cache.kv.data_ptr())
+    got = batch.step([7] * batch.rows)
+    assert [slots for slots, _ in made] == [1, 2, 4, 8, 16]  # 16 joins and leaves, 5 buffers
+    assert len(buffers) == len(made)
+    for _, positions in made:
+        assert positions == window or (positions >= 256 and positions & (positions - 1) == 0), positions
+    for slot, (n, fed) in enumerate(live):
+        _, cache = prefill(gpu, heldout_ids[:n])
+        for i in range(fed):
+            _, cache = decode_one_token(gpu, 5, n + i, cache)
+        alone, _ = decode_one_token(gpu, 7, n + fed, cache)
+        np.testing.assert_allclose(got[slot], alone, atol=1e-4 if ON_CPU else 2e-2, err_msg=f"slot {slot}")
+    while batch.rows > 1:  # a quarter of the slots in use: the buffer shrinks to twice the rows
+        batch.remove(0)
+    assert made[-1][0] <= 4 and batch.slots == made[-1][0]
+
+
 def test_the_gpu_graph_is_the_one_the_decode_graph_names(int8_bundle, tmp_path):
     """The GPU graph is found through the decode graph's metadata (hashed and signed with the bundle),
     never by file name alone: a bundle whose decode graph names none (exported before it) has none, even
@@ -294,8 +348,8 @@ def test_scheduler_on_the_gpu_graph_gives_what_each_request_gets_alone(int8_bund
 
 def test_a_device_batch_keeps_the_context_window_and_survives_a_failed_copy(int8_bundle, heldout_ids, monkeypatch):
     """As RaggedBatch: a row with no room left for its next position is refused when it joins, and a step
-    past the window is refused; a copy that fails (out of device memory) while a row leaves changes
-    nothing: the batch keeps its rows and steps on as before."""
+    past the window is refused; a copy that fails (out of device memory) while a row leaves or joins
+    changes nothing: the batch keeps its rows and steps on as before."""
     _, gpu = engines(int8_bundle)
     window = gpu.arch.max_positions
     batch = gpu.new_batch()
@@ -318,9 +372,12 @@ def test_a_device_batch_keeps_the_context_window_and_survives_a_failed_copy(int8
     def out_of_memory(*args):
         raise RuntimeError("out of device memory")
     with monkeypatch.context() as m:
-        m.setattr(gpu, "copy_kv", out_of_memory)
+        m.setattr(gpu, "copy_kv", out_of_memory)  # a new buffer (growth, shrink)
+        m.setattr(gpu, "write_kv", out_of_memory)  # one row written in place (a join into a free slot, a leave)
         with pytest.raises(RuntimeError, match="out of device memory"):
             batch.remove(0)
+        with pytest.raises(RuntimeError, match="out of device memory"):
+            batch.add(CacheRow(prefill(gpu, heldout_ids[:9])[1]))
     assert batch.rows == 3 and batch.lengths() == [31, 13, 51]
     after = batch.step([9, 9, 9])
     for i, n in enumerate((30, 12, 50)):
@@ -357,3 +414,32 @@ def test_without_the_kv_copy_graph_device_caches_are_batched_and_grown_through_t
     model = LoadedModel(open_bundle(int8_bundle), "onnxruntime", gpu, None, gpu.arch,
                         Candidate("onnxruntime", PROVIDER), None, "configured", PrefillChoice("off", "x"))
     assert model.execution_info()["batches"] == f"merged (the KV cache is in {'cpu' if ON_CPU else 'cuda'} memory)"
+
+
+def test_without_the_kv_write_graph_every_join_and_leave_rebuilds_the_batch(int8_bundle, heldout_ids, monkeypatch,
+                                                                             tmp_path, caplog):
+    """An installation whose runtime/kv_write.onnx is missing keeps row-aligned device batches, with a
+    warning; joins and leaves then copy the whole batch into a new buffer, with the same answers."""
+    import runtime.engine as engine_module
+
+    _, with_write = engines(int8_bundle)
+    monkeypatch.setattr(engine_module, "KV_WRITE_GRAPH", tmp_path / "kv_write.onnx")
+    _, gpu = engines(int8_bundle)
+    assert f"{tmp_path / 'kv_write.onnx'}: ONNX Runtime could not load the KV write graph" in caplog.text
+    assert "every join and leave of a batch on" in caplog.text and "copies the whole batch" in caplog.text
+    assert gpu.ragged_batches and not gpu.can_write_kv and with_write.can_write_kv
+    outs = []
+    for engine in (with_write, gpu):
+        batch, got = engine.new_batch(), []
+        assert isinstance(batch, DeviceRaggedBatch)
+        for n in (40, 9, 120):
+            batch.add(CacheRow(prefill(engine, heldout_ids[:n])[1]))
+        got.append(batch.step([3, 4, 5]))
+        buffer = batch._cache.kv
+        batch.remove(0)
+        batch.add(CacheRow(prefill(engine, heldout_ids[50:75])[1]))
+        got.append(batch.step([6, 7, 8]))
+        assert (batch._cache.kv is buffer) == (engine is with_write)  # in place, or a new buffer
+        outs.append(got)
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, atol=1e-5 if ON_CPU else 1e-3)
