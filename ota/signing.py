@@ -13,6 +13,8 @@ SubjectPublicKeyInfo PEM. A key's id is the first 16 hex digits of the sha256 of
 
 from __future__ import annotations
 
+import logging
+
 import base64
 import hashlib
 import json
@@ -29,6 +31,8 @@ from ota.errors import SignatureError
 
 SIGNATURE = "manifest.sig"
 
+
+log = logging.getLogger("edgeglm.ota")
 
 def key_id(public: Ed25519PublicKey) -> str:
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -100,6 +104,8 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
 def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
+    except OSError as exc:  # a dangling symlink, a file the service user may not read
+        raise SignatureError(f"{path}: cannot read the public key ({exc.strerror or exc})") from None
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"{path}: not a PEM public key ({exc})") from None
     if not isinstance(key, Ed25519PublicKey):
@@ -108,8 +114,13 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def load_trusted_keys(paths: list[str | Path]) -> dict[str, Ed25519PublicKey]:
-    """Public keys by id, from files and/or directories of `*.pub` files."""
+    """Public keys by id, from files and/or directories of `*.pub` files. In a directory, a `*.pub` that
+    cannot be read or is not an Ed25519 PEM public key (an empty file, a dangling symlink left by a key
+    rotation, a file the service user may not read) is skipped with a warning naming it: leaving one key
+    out only narrows what is trusted, while refusing the whole set would stop the agent from serving
+    and from taking any update. SignatureError when no key at all can be loaded, with each reason."""
     keys: dict[str, Ed25519PublicKey] = {}
+    skipped: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
             files = sorted(p.glob("*.pub"))
@@ -118,10 +129,18 @@ def load_trusted_keys(paths: list[str | Path]) -> dict[str, Ed25519PublicKey]:
         else:
             raise SignatureError(f"{p}: trusted key file or directory not found")
         for f in files:
-            key = load_public_key(f)
+            try:
+                key = load_public_key(f)
+            except SignatureError as exc:
+                if not p.is_dir():
+                    raise
+                log.warning("%s; this key is not trusted, the others are", exc)
+                skipped.append(str(exc))
+                continue
             keys[key_id(key)] = key
     if not keys:
-        raise SignatureError(f"no trusted public keys found in {', '.join(map(str, paths))}")
+        raise SignatureError(f"no trusted public keys found in {', '.join(map(str, paths))}"
+                             + (f" ({'; '.join(skipped)})" if skipped else ""))
     return keys
 
 

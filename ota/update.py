@@ -199,6 +199,9 @@ class Updater:
         self.slots = Slots(self.root)
         self.staging = self.root / "staging"
         self.state_path = self.root / "update.json"
+        # chunks on disk per file while downloading: a small file rewritten after each chunk (update.json
+        # holds the whole offer, manifest included: rewriting it per chunk wrote the manifest once per chunk)
+        self._progress_path = self.root / "download-progress.json"
         self.deps = deps
         self.load_problem: str | None = None  # why the persisted state was dropped at start, if it was
         self.data = self._load()
@@ -269,6 +272,7 @@ class Updater:
         self.data = {"state": S.IDLE.value, "entries": 0, "history": [S.IDLE.value], "update_id": offer.update_id,
                      "offer": offer.model_dump(), "chunks_done": {}, "outcome": None, "reason": None,
                      "previous_slot": self.slots.active(), "target_slot": self.slots.inactive()}
+        self._progress_path.unlink(missing_ok=True)
         self._transition(E.OFFER)
 
     def run(self) -> None:
@@ -414,9 +418,41 @@ class Updater:
         ids = [i for i in self.applied_rollbacks() if i != update_id] + [update_id]
         atomic_write_json(self.root / ROLLBACK_APPLIED, {"applied": ids[-ROLLBACK_APPLIED_KEEP:]})
 
+    def _chunks_on_disk(self) -> dict:
+        """Chunks written and fsynced per file: the progress file, else what update.json recorded."""
+        done = dict(self.data["chunks_done"])
+        try:
+            saved = json.loads(self._progress_path.read_text())
+        except (OSError, ValueError):  # none yet, or a torn/unreadable one: re-fetching is safe
+            return done
+        if isinstance(saved, dict):
+            done.update({k: v for k, v in saved.items() if isinstance(k, str) and isinstance(v, int) and v >= 0})
+        return done
+
+    @staticmethod
+    def _verified_prefix(dest: Path, entry, chunk_size: int, recorded: int) -> int:
+        """How many of the first `recorded` chunks of `dest` still match the manifest (a resume re-reads what
+        the previous run wrote: a file or its contents lost in a power cut is fetched again, not found bad
+        only after the whole download)."""
+        if recorded <= 0 or not dest.is_file():
+            return 0
+        with open(dest, "rb") as f:
+            for i in range(recorded):
+                f.seek(i * chunk_size)
+                if hashlib.sha256(f.read(min(chunk_size, entry.size - i * chunk_size))).hexdigest() != entry.chunks[i]:
+                    log.warning("%s: chunk %d on disk does not match the manifest after a restart; fetching it "
+                                "and those after it again", dest, i)
+                    return i
+        return recorded
+
     def _downloading(self) -> Event:
+        """Fetch every chunk not yet on disk, check it against the manifest, write and fsync it, then record
+        it (in the small progress file). A restart resumes from what is on disk and still matches; a run
+        that gets further than the one before resets the state's entry count, so a long download
+        interrupted many times is not taken for a crash loop."""
         manifest, offer = self._manifest(), self.offer
-        done: dict = self.data["chunks_done"]
+        done = self._chunks_on_disk()
+        progressed = False
         total = sum(len(f.chunks) for f in manifest.files) or 1
         for entry in manifest.files:
             expected_chunks = -(-entry.size // manifest.chunk_size)
@@ -427,7 +463,8 @@ class Updater:
             if self.staging.resolve() not in dest.resolve().parents:
                 raise UpdateFailed(f"manifest path {entry.path!r} points outside the bundle")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            start = done.get(entry.path, 0)
+            start = self._verified_prefix(dest, entry, manifest.chunk_size, min(done.get(entry.path, 0),
+                                                                              expected_chunks))
             with open(dest, "r+b" if dest.exists() else "w+b") as f:
                 f.truncate(entry.size)
                 for i in range(start, expected_chunks):
@@ -441,10 +478,16 @@ class Updater:
                     f.flush()
                     os.fsync(f.fileno())
                     done[entry.path] = i + 1  # only after the chunk is on disk
-                    self._save()
+                    atomic_write_json(self._progress_path, done)
+                    if not progressed:  # this run gets somewhere: not a crash loop
+                        progressed = True
+                        self.data["entries"] = 1
+                        self._save()
                     finished = sum(done.values())
                     if finished % 16 == 0 or finished == total:
                         self._report({"state": S.DOWNLOADING.value, "progress": round(100 * finished / total, 1)})
+            done[entry.path] = expected_chunks
+        self.data["chunks_done"] = done  # saved with the transition
         return E.DOWNLOADED
 
     def _verifying(self) -> Event:
@@ -500,9 +543,13 @@ class Updater:
 
     def _cleanup(self) -> Event:
         shutil.rmtree(self.staging, ignore_errors=True)
+        self._progress_path.unlink(missing_ok=True)
         target = self.data.get("target_slot")
-        if self.data.get("outcome") != "committed" and target and target != self.slots.active():
+        written = S.INSTALLING.value in self.data.get("history", [])  # the slot was (maybe partly) overwritten
+        if self.data.get("outcome") != "committed" and written and target and target != self.slots.active():
             self.slots.clear(target)  # a slot that failed holds nothing worth keeping
+        # an update refused or failed before INSTALLING never touched the inactive slot: the previous model
+        # stays there (the fallback at start, and what a rollback can go back to)
         return E.CLEANED
 
     def _reporting(self) -> Event:

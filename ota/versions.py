@@ -14,8 +14,7 @@ from ota.errors import VersionError
 def parse_version(v: str) -> tuple:
     if not VERSION_RE.fullmatch(v or ""):
         raise VersionError(f"version {v!r} is not like 1.2.3")
-    core, _, pre = v.partition("-")
-    core = core.split("+")[0]
+    core, _, pre = v.split("+", 1)[0].partition("-")  # build metadata (+...) first: it may hold a hyphen
     nums = tuple(int(x) for x in core.split(".")) + (0,) * (3 - core.count(".") - 1)
     # a release (no pre-release part) sorts after any of its pre-releases
     pre_key = tuple((0, int(p)) if p.isdigit() else (1, p) for p in pre.split(".")) if pre else ((2, ""),)

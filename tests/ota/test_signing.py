@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,29 @@ def test_key_rotation(signed, tmp_path):
     assert verify_bundle_signature(open_bundle(bundle_dir), load_trusted_keys([keys])) == new.key_id
 
 
+@pytest.mark.parametrize("bad", ["dangling symlink", "empty file", "not a key"])
+def test_a_bad_pub_file_beside_good_keys_is_skipped_with_a_warning(signed, tmp_path, caplog, bad):
+    """A key rotation that leaves a dangling symlink, a `touch`ed file, garbage: that file can verify
+    nothing, so it is left out with a warning naming it, and the other keys are still trusted (refusing
+    the whole set stopped the agent at start, or left it serving nothing and refusing every update). A
+    directory with no usable key at all is still refused, with each reason."""
+    bundle_dir, keys, pair = signed
+    bad_file = keys / "rotated-out.pub"
+    if bad == "dangling symlink":
+        bad_file.symlink_to(tmp_path / "removed.pub")
+    else:
+        bad_file.write_bytes(b"" if bad == "empty file" else b"-----BEGIN PUBLIC KEY-----\nnope\n")
+    trusted = load_trusted_keys([keys])
+    assert set(trusted) == {pair.key_id}
+    assert verify_bundle_signature(open_bundle(bundle_dir), trusted) == pair.key_id
+    assert f"{bad_file}: " in caplog.text and "this key is not trusted, the others are" in caplog.text
+    pair.public_path.unlink()
+    with pytest.raises(SignatureError, match=f"no trusted public keys found in {keys} \\({bad_file}: "):
+        load_trusted_keys([keys])
+    with pytest.raises(SignatureError, match=f"{bad_file}: "):  # named on its own: an error, as before
+        load_trusted_keys([bad_file])
+
+
 def test_unknown_key_is_refused(signed, tmp_path):
     bundle_dir, _, old = signed
     other = generate_keypair(tmp_path / "other", "other")
@@ -76,11 +100,13 @@ def test_keygen_never_overwrites_and_private_key_is_private(tmp_path):
 
 
 @pytest.mark.parametrize("lower,higher", [("1.0.0", "1.0.1"), ("1.2", "1.10"), ("1.0.0-rc.1", "1.0.0"),
-                                          ("1.0.0-rc.2", "1.0.0-rc.10"), ("0.9.9", "1")])
+                                          ("1.0.0-rc.2", "1.0.0-rc.10"), ("0.9.9", "1"),
+                                          ("1.2.3-rc.1", "1.2.3+build-5"),  # build metadata with a hyphen
+                                          ("1.2.2+build-9", "1.2.3-rc.1")])
 def test_version_order(lower, higher):
     assert parse_version(lower) < parse_version(higher)
     check_upgrade(lower, higher)
-    with pytest.raises(VersionError, match=f"offered version {lower} is not newer than the active {higher}"):
+    with pytest.raises(VersionError, match=re.escape(f"offered version {lower} is not newer than the active {higher}")):
         check_upgrade(higher, lower)
     check_upgrade(higher, lower, rollback=True)
 

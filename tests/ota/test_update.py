@@ -423,3 +423,96 @@ def test_an_offer_of_the_bundle_already_serving_is_committed_without_a_change(up
     forged = offer_for(signed_bundles["v2"], "u2-forged")
     forged.signature = offer_for(signed_bundles["v1"], "u1").signature
     _rollback_refused(upgraded, forged, "signature does not verify")
+
+
+def test_an_offer_refused_before_installing_keeps_the_previous_model_in_its_slot(upgraded, signed_bundles):
+    """A replayed older offer is refused in OFFERED, before anything is written to the inactive slot: that
+    slot keeps the previous model (1.0.0), the fallback at start and what a rollback goes back to.
+    CLEANUP used to clear the inactive slot after every failed update."""
+    slots = build_updater(upgraded).slots
+    assert slots.active() == "b" and (slots.path("a") / "manifest.json").is_file()
+    _rollback_refused(upgraded, offer_for(signed_bundles["v1"], "replay"), "not newer than the active 1.1.0")
+    assert open_bundle(slots.path("a")).manifest.version == "1.0.0"  # verified: every file intact
+
+
+def test_a_failure_after_installing_still_clears_the_half_written_slot(device, signed_bundles, tmp_path):
+    """The other side of the rule above: an update that wrote the inactive slot and then failed (its model
+    fails the golden check) leaves nothing half-made there."""
+    golden = json.loads((signed_bundles["v2"] / "manifest.json").read_text())["golden"]
+    for seq in golden["backends"].values():
+        seq["tokens"] = [(t + 1) % 512 for t in seq["tokens"]]
+        seq["margins"] = [10.0] * len(seq["tokens"])
+    bad = variant(signed_bundles["v2"], tmp_path / "v2-bad-golden", signed_bundles["key"], golden=golden)
+    updater = build_updater(device)
+    updater.submit(offer_for(bad, "u-bad"))
+    updater.run()
+    assert updater.data["outcome"] == "failed" and "installing" in updater.data["history"]
+    assert not (updater.slots.path(updater.data["target_slot"]) / "manifest.json").exists()
+    assert serving(device) == "1.0.0"
+
+
+def _rechunked(src: Path, dst: Path, key, chunk_size: int) -> Path:
+    """`src` re-chunked (and re-signed) so a download takes many chunks."""
+    from ota.bundle import file_entry
+    from ota.signing import sign_bundle
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["chunk_size"] = chunk_size
+    manifest["files"] = [file_entry(dst, dst / f["path"], chunk_size).model_dump() for f in manifest["files"]]
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (dst / "manifest.sig").unlink()
+    sign_bundle(open_bundle(dst), key)
+    return dst
+
+
+class _PowerCut(BaseException):
+    pass
+
+
+def test_a_long_download_cut_many_times_resumes_to_the_end(device, signed_bundles, tmp_path, monkeypatch):
+    """A power cut after every 60 chunks of a 375-chunk download: each restart resumes from the chunks on
+    disk and gets further, so it is not a crash loop (it used to fail at the 4th restart, "entered 4
+    times", and delete the download). The state written while downloading stays small: a progress file
+    per chunk, not update.json with the whole offer (that was 12.5x the bundle in writes here). A chunk
+    recorded as done but lost from the disk is fetched again on resume."""
+    import ota.update as update_module
+    from ota.update import State
+
+    bundle = _rechunked(signed_bundles["v2"], tmp_path / "v2-4k", signed_bundles["key"], 4096)
+    size = sum(f.size for f in open_bundle(bundle).manifest.files)
+    written = {"update.json": 0}
+    real_write = update_module.atomic_write_json
+
+    def counting(path, obj):
+        if path.name == "update.json":
+            written["update.json"] += len(json.dumps(obj))
+        return real_write(path, obj)
+    monkeypatch.setattr(update_module, "atomic_write_json", counting)
+
+    class CutAfter:
+        def __init__(self, inner, n):
+            self.inner, self.n = inner, n
+
+        def read_chunk(self, *args):
+            if self.n == 0:
+                raise _PowerCut()
+            self.n -= 1
+            return self.inner.read_chunk(*args)
+
+    updater = build_updater(device)
+    updater.submit(offer_for(bundle, "u2-4k"))
+    cuts = 0
+    while updater.state is not State.IDLE and cuts < 10:
+        updater = build_updater(device)
+        updater.deps.fetcher = CutAfter(updater.deps.fetcher, 60)
+        if cuts == 3:  # a chunk recorded as on disk whose bytes were lost in the cut
+            staged = next(p for p in sorted((device / "state" / "staging").rglob("*.bin")) if p.stat().st_size)
+            staged.write_bytes(b"\0" * staged.stat().st_size)
+        try:
+            updater.run()
+        except _PowerCut:
+            cuts += 1
+    assert updater.data["outcome"] == "committed", updater.data["reason"]
+    assert cuts >= 6 and serving(device) == "1.1.0"
+    assert written["update.json"] < size  # was 12.5x the bundle's bytes
+    assert not (device / "state" / "download-progress.json").exists()
