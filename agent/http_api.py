@@ -23,6 +23,7 @@ import json
 import logging
 import signal
 import ipaddress
+import select
 import socket
 import sys
 import threading
@@ -40,7 +41,7 @@ from agent.errors import ServeError
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServingMetrics
 from agent.openai_compat import (ApiError, ChatShape, CompletionShape, GenerationRequest, Outcome, chat_request,
                                  check_model_field, completion_request, generate_text, model_card, model_id,
-                                 prompt_ids, reject_constant)
+                                 prompt_ids, reject_constant, with_special_stops)
 from runtime.batching import EngineFailed, Handle, Scheduler, SchedulerClosed, SchedulerStats
 from runtime.errors import RequestError
 from runtime.generate import SamplingParams
@@ -63,12 +64,14 @@ class Slot:
         return self.scheduler.submit(ids, params)
 
 
-def stream_tokens(handle: Handle):
-    """The handle's tokens; the scheduler's errors as ApiErrors. Leaving early cancels the request."""
+def stream_tokens(handle: Handle, alive=None):
+    """The handle's tokens; the scheduler's errors as ApiErrors. Leaving early cancels the request, and so
+    does `alive()` turning False (the client disconnected: see Handle.watch)."""
     try:
-        yield from handle
-    except EngineFailed as exc:
-        raise ApiError(500, f"generation failed: {exc}", type="server_error") from None
+        yield from (handle if alive is None else handle.watch(alive))
+    except EngineFailed as exc:  # the engine's own text (paths, provider messages) stays in the log
+        log.error("HTTP API: generation failed: %s", exc)
+        raise ApiError(500, "generation failed; the agent log has the details", type="server_error") from None
     except SchedulerClosed as exc:
         raise ApiError(503, str(exc), type="server_error", headers={"Retry-After": "1"}) from None
     finally:
@@ -293,6 +296,7 @@ class _HttpServer(ThreadingHTTPServer):
                                 % (_Handler.server_version.encode(), len(body), body))
             except OSError:
                 pass
+            _drop_arrived(request)
             self.shutdown_request(request)
             return
         try:
@@ -309,6 +313,19 @@ class _HttpServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:  # a connection failed outside a request
         log.debug("HTTP API: connection from %s failed", client_address, exc_info=True)
+
+
+def _drop_arrived(sock: socket.socket) -> None:
+    """Read and drop what the client already sent, without waiting: a socket closed with unread bytes is
+    reset, and the reset can destroy the answer just written before the client reads it."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.setblocking(False)
+        for _ in range(128):  # at most 8 MiB
+            if not sock.recv(1 << 16):
+                break
+    except OSError:  # nothing more has arrived (EAGAIN), or the client is gone
+        pass
 
 
 # route -> method -> handler method name
@@ -383,6 +400,25 @@ class _Handler(BaseHTTPRequestHandler):
             finally:
                 if self._status:
                     api.metrics.requests.inc(endpoint=endpoint, code=str(self._status))
+        if self._body_pending and self._status and not self._streaming:
+            self._linger()
+
+    def _linger(self) -> None:
+        """After an answer sent before the request body was read (413, 401, 404, ...): half-close and read
+        and drop what the client still sends (up to 8 MiB or 1 s). Closing with unread bytes makes the
+        kernel reset the connection, which can destroy the answer before the client reads it (clients on
+        http.client saw BrokenPipeError instead of the 413)."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.25)
+            left, deadline = 8 << 20, time.monotonic() + 1.0
+            while left > 0 and time.monotonic() < deadline:
+                data = self.connection.recv(min(1 << 16, left))
+                if not data:
+                    break
+                left -= len(data)
+        except OSError:
+            pass
 
     def _route(self, api: ApiServer, route: str, path: str) -> None:
         methods = ROUTES.get(route)
@@ -470,15 +506,35 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        # HTTP/1.0 has no chunked framing: the events go as they are and closing the connection ends them
+        self._chunked = self.request_version != "HTTP/1.0"
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self._streaming = True
 
     def _write_chunk(self, data: bytes) -> None:
+        if not self._chunked:
+            if data:
+                self.wfile.write(data)
+            return
         self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data) if data else b"0\r\n\r\n")
 
     def _write_event(self, obj: dict | str) -> None:
         self._write_chunk(b"data: " + (obj if isinstance(obj, str) else json.dumps(obj)).encode() + b"\n\n")
+
+    def _client_connected(self) -> bool:
+        """False once the client closed its side of the connection (readable with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return not readable or self.connection.recv(1, socket.MSG_PEEK) != b""
+        except ValueError:  # a socket that cannot peek: no way to tell, keep going
+            return True
+        except OSError:  # reset by the peer
+            return False
 
     def _send_stream(self, shape, pieces, outcome: Outcome, include_usage: bool) -> None:
         """Server-sent events: one chunk per text piece, the finish reason, usage if asked, [DONE]."""
@@ -534,12 +590,15 @@ class _Handler(BaseHTTPRequestHandler):
         check_model_field(body.get("model"), api.current_model())
         with api.engine_slot() as slot:
             model = slot.model
+            req = with_special_stops(req, model.tokenizer)
             ids = prompt_ids(req, model)
             try:
                 handle = slot.submit(ids, req.params)  # prompt errors surface here, before any byte is sent
             except RequestError as exc:
                 raise ApiError(400, str(exc), param=req.prompt_field) from None
-            tokens = stream_tokens(handle)
+            except SchedulerClosed as exc:  # the model was swapped (an OTA update) since the slot was taken
+                raise ApiError(503, str(exc), type="server_error", headers={"Retry-After": "1"}) from None
+            tokens = stream_tokens(handle, self._client_connected)
             first = next(tokens, None)  # an engine error before the first token is answered as such
             outcome, shape, last = Outcome(len(ids)), shape_cls(model_id(model)), [None]
 

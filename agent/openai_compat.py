@@ -5,6 +5,7 @@ streamed chunks). Errors are `ApiError`s, answered with OpenAI's error JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -66,21 +67,23 @@ def kind_error(name: str, value, kind: str) -> ApiError:
 def sampling_params(body: dict, defaults: SamplingSettings, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
     """Request fields over the configured defaults; each field checked on its own so the error names it."""
     values = defaults.model_dump()
+    given = {"max_tokens": "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"}
     if body.get("max_completion_tokens") is not None:  # the chat API's newer name
         body = {**body, "max_tokens": body["max_completion_tokens"]}
     for name, integer in (("max_tokens", True), ("temperature", False), ("top_p", False), ("top_k", True),
                           ("repetition_penalty", False), ("seed", True)):
         value = body.get(name)
+        field = given.get(name, name)  # the name the client sent, for the error
         if value is None:  # absent or null: the default
             continue
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-            raise kind_error(name, value, "an integer" if integer else "a number")
+            raise kind_error(field, value, "an integer" if integer else "a number")
         if name == "seed" and value < 0:
             raise ApiError(400, f"'seed' must be a non-negative integer; got {value}", param="seed")
         try:
             SamplingParams(**{name: value})
         except RequestError as exc:
-            raise ApiError(400, str(exc), param=name) from None
+            raise ApiError(400, str(exc) if field == name else f"'{field}': {exc}", param=field) from None
         values[name] = value
     return SamplingParams(**values, stop_token_ids=stop_token_ids)
 
@@ -99,10 +102,23 @@ def _common_fields(body: dict) -> tuple[tuple[str, ...], bool, bool]:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise kind_error("stream", stream, "true or false")
+    for i, s in enumerate(stops):
+        _check_text(s, "stop" if isinstance(stop, str) else f"stop[{i}]")
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+    usage = options.get("include_usage") if isinstance(options, dict) else None
+    if not isinstance(options, dict) or not isinstance(usage, (bool, type(None))):
         raise kind_error("stream_options", body.get("stream_options"), 'an object like {"include_usage": true}')
-    return tuple(stops), bool(stream), options.get("include_usage", False)
+    return tuple(stops), bool(stream), bool(usage)  # include_usage null: the default, false
+
+
+def _check_text(text: str, field: str) -> None:
+    """A 400 naming the field for text that is not Unicode a tokenizer can take: a lone UTF-16 surrogate
+    (JSON's \\ud83d, half of an emoji a client cut in two) parses, but cannot be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"'{field}' holds an unpaired UTF-16 surrogate ({text[exc.start]!a} at character "
+                       f"{exc.start}): send whole characters", param=field) from None
 
 
 def completion_request(body: dict, defaults: SamplingSettings) -> GenerationRequest:
@@ -112,6 +128,8 @@ def completion_request(body: dict, defaults: SamplingSettings) -> GenerationRequ
     is_ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     if not (isinstance(prompt, str) or is_ids):
         raise kind_error("prompt", prompt, "a string or a list of token ids (one prompt per request)")
+    if isinstance(prompt, str):
+        _check_text(prompt, "prompt")
     stop, stream, usage = _common_fields(body)
     return GenerationRequest(prompt, sampling_params(body, defaults), stop, stream, usage)
 
@@ -135,11 +153,27 @@ def chat_request(body: dict, defaults: SamplingSettings, tokenizer) -> Generatio
 
 def _message_text(content, i: int) -> str:
     if isinstance(content, str):
+        _check_text(content, f"messages[{i}].content")
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        text = "".join(p["text"] for p in content)
+        _check_text(text, f"messages[{i}].content")
+        return text
     raise kind_error(f"messages[{i}].content", content, 'a string or a list of {"type": "text", "text": ...} parts')
+
+
+def with_special_stops(req: GenerationRequest, tokenizer) -> GenerationRequest:
+    """Stop strings that are exactly one of the tokenizer's special tokens (`<|user|>` in a prompt a client
+    templated itself) become stop token ids: special tokens are left out of the decoded text, so as
+    strings they would never match and generation would run on into the next turn."""
+    special = {t.content: i for i, t in getattr(tokenizer, "get_added_tokens_decoder", dict)().items()
+               if getattr(t, "special", False)}
+    ids = tuple(special[s] for s in req.stop if s in special and special[s] not in req.params.stop_token_ids)
+    if not ids:
+        return req
+    return dataclasses.replace(req, params=dataclasses.replace(
+        req.params, stop_token_ids=req.params.stop_token_ids + ids))
 
 
 def prompt_ids(req: GenerationRequest, model) -> list[int]:

@@ -106,6 +106,30 @@ class Handle:
                 return
             yield item
 
+    def watch(self, alive: Callable[[], bool], poll_s: float = 0.5) -> Iterator[int]:
+        """As iterating the handle, but `alive()` is asked every `poll_s` seconds, whether tokens come or
+        not (queued, prefilling, or a whole answer gathered for a reply sent at the end); when it says
+        False the request is cancelled and ConnectionResetError raised: the client that wanted it is gone."""
+        checked = time.monotonic()
+        while not self._cancelled.is_set():
+            try:
+                item = self._events.get(timeout=poll_s)
+            except queue.Empty:
+                item = None
+            if time.monotonic() - checked >= poll_s:
+                if not alive():
+                    self.cancel()
+                    raise ConnectionResetError("the client went away before the answer was complete")
+                checked = time.monotonic()
+            if item is None:
+                continue
+            if item is _END:
+                self._events.put(_END)
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
     def tokens(self, timeout: float | None = None) -> list[int]:
         """All the tokens, once the request is finished (for callers that do not stream)."""
         if not self._done.wait(timeout):

@@ -293,6 +293,152 @@ def test_client_that_leaves_mid_stream_does_not_block_the_engine(server, client)
     assert client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=3).usage.completion_tokens >= 1
 
 
+def _wait(predicate, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_a_client_that_leaves_a_non_streamed_or_queued_request_frees_its_place(model):
+    """A non-streamed request writes nothing until it is finished, and a queued stream writes nothing until
+    it is admitted: when their clients leave (the openai client gives up on its timeout, then retries),
+    the requests are cancelled within about half a second instead of decoding to max_tokens for nobody
+    and holding their batch row or max_concurrent place."""
+    from agent.config import BatchingSettings
+    srv = ApiServer(HttpSettings(port=0, max_concurrent=2), SamplingSettings(max_tokens=8),
+                    batching=BatchingSettings(max_batch=1))
+    srv.start()
+    srv.set_model(model, model.golden_check())
+    try:
+        def send(body: dict) -> socket.socket:
+            data = json.dumps(body).encode()
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            return s
+        long = {"prompt": PROMPT, "max_tokens": 4000, "temperature": 1.0, "seed": 1}
+        first = send(long)  # running, answer at the end
+        assert _wait(lambda: srv._scheduler.stats().active == 1)
+        queued = send({**long, "stream": True})  # waits behind it
+        assert _wait(lambda: srv._scheduler.stats().queued == 1)
+        queued.close()
+        first.close()
+        assert _wait(lambda: srv._scheduler.stats().active == 0 and srv._scheduler.stats().queued == 0, 3.0), \
+            srv._scheduler.stats()
+        resp, body, _ = raw(srv, "POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 1}).encode())
+        assert resp.status == 200
+        assert srv.metrics.errors.value(endpoint="/v1/completions", type="client_disconnected") == 2
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "hi \ud83d"}, "prompt"),
+    ({"messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": "half \ud83d an emoji"}]},
+     "messages[1].content"),
+    ({"prompt": "hi", "stop": ["\udc00"]}, "stop[0]"),
+])
+def test_a_lone_surrogate_in_text_is_a_400_naming_the_field(server, body, field):
+    """JSON lets a client send half of a UTF-16 pair (a JavaScript client cutting text inside an emoji);
+    it cannot be tokenized: a 400 naming the field, not a 500."""
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    resp, data, _ = raw(server, "POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    error = json.loads(data)["error"]
+    assert resp.status == 400 and error["param"] == field and "unpaired UTF-16 surrogate" in error["message"]
+
+
+def test_request_field_details(server, client):
+    """include_usage null is the default (false); an invalid max_completion_tokens names that field."""
+    resp, data, _ = raw(server, "POST", "/v1/completions", json.dumps(
+        {"prompt": PROMPT, "max_tokens": 2, "stream": True, "stream_options": {"include_usage": None}}).encode())
+    assert resp.status == 200 and b'"usage"' not in data.split(b"[DONE]")[0].rsplit(b"data: ", 2)[-2]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=0)
+    assert err.value.body["param"] == "max_completion_tokens" and "max_completion_tokens" in err.value.message
+
+
+def test_a_stop_string_that_is_a_special_token_becomes_a_stop_token(model):
+    """Special tokens are left out of the decoded text, so `stop: ["<|user|>"]` (a client templating the
+    chat itself on /v1/completions) could never match as a string: it stops as a token instead."""
+    from agent.openai_compat import completion_request, with_special_stops
+    req = completion_request({"prompt": "x", "stop": ["<|user|>", "\n\n"]}, SamplingSettings())
+    got = with_special_stops(req, model.tokenizer)
+    assert got.params.stop_token_ids == (model.tokenizer.token_to_id("<|user|>"),)
+    assert got.stop == ("<|user|>", "\n\n")
+    assert with_special_stops(completion_request({"prompt": "x", "stop": "user"}, SamplingSettings()),
+                              model.tokenizer).params.stop_token_ids == ()
+
+
+def test_engine_errors_reach_the_log_not_the_client(model, caplog):
+    """A 500 says where the details are; the engine's own message (file paths, provider errors) is logged."""
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(model.engine, name)
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : /var/lib/edgeglm/slots/b/onnxruntime/model.onnx exploded")
+
+        def new_batch(self):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : /var/lib/edgeglm/slots/b/onnxruntime/model.onnx exploded")
+    import dataclasses
+    broken = dataclasses.replace(model, engine=Broken())
+    srv = ApiServer(HttpSettings(port=0), SamplingSettings(max_tokens=4))
+    srv.start()
+    srv.set_model(broken, model.golden_check())
+    try:
+        resp, data, _ = raw(srv, "POST", "/v1/completions", json.dumps({"prompt": PROMPT}).encode())
+        assert resp.status == 500 and "/var/lib" not in data.decode() and "agent log" in data.decode()
+        assert "/var/lib/edgeglm/slots/b/onnxruntime/model.onnx exploded" in caplog.text
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
+def test_a_model_swapped_while_a_request_starts_is_a_503_to_retry(model, int8_bundle, monkeypatch):
+    """An OTA update lands between the request taking its engine slot and submitting: the old scheduler is
+    closed, and the client gets the documented 503 with Retry-After: 1, not a 500."""
+    import agent.http_api as http_api
+    srv = side_server(model)
+    new = load_model(int8_bundle, "onnxruntime")
+    golden = new.golden_check()
+    real = http_api.prompt_ids
+
+    def tokenize_while_an_update_lands(req, m):
+        ids = real(req, m)
+        srv.set_model(new, golden)
+        return ids
+    monkeypatch.setattr(http_api, "prompt_ids", tokenize_while_an_update_lands)
+    try:
+        resp, data, _ = raw(srv, "POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode())
+        assert resp.status == 503 and resp.getheader("Retry-After") == "1", data
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
+def test_an_http_1_0_client_gets_a_stream_without_chunked_framing(server):
+    s = socket.create_connection(("127.0.0.1", server.port))
+    data = json.dumps({"prompt": PROMPT, "max_tokens": 3, "stream": True}).encode()
+    s.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower()
+    assert body.startswith(b"data: {") and body.rstrip().endswith(b"data: [DONE]")
+
+
+def test_an_error_sent_before_the_body_was_read_reaches_a_client_still_sending_it(model):
+    """A 413 for an 8 MiB body: the server reads and drops what the client still sends instead of closing
+    on it (a reset that http.client clients saw as BrokenPipeError, not the 413)."""
+    srv = side_server(model, max_body_bytes=4096)
+    try:
+        big = json.dumps({"prompt": "x" * (8 << 20)}).encode()
+        resp, data, _ = raw(srv, "POST", "/v1/completions", big, {"Content-Type": "application/json"})
+        assert resp.status == 413 and json.loads(data)["error"]["code"] == "request_too_large"
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
 # --- metrics and lifecycle -------------------------------------------------------------------------
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
