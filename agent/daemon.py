@@ -41,7 +41,7 @@ from ota.bundle import MANIFEST, open_bundle
 from ota.errors import BundleError, SignatureError
 from ota.offers import DirectoryFetcher
 from ota.signing import load_trusted_keys, verify_bundle_signature
-from ota.transfer import MqttChunkFetcher
+from ota.transfer import OFFER_MAX_BYTES, MqttChunkFetcher
 from ota.update import Offer, State, UpdateFailed, Updater, UpdaterDeps
 from runtime.engine import architecture_problem, available_backends
 from runtime.errors import RequestError, RuntimeUserError
@@ -249,7 +249,8 @@ class Agent:
             d = cfg.device
             self.session = MqttSession(cfg.mqtt, fleet=d.fleet, device=d.id, state_fn=self.reported_state)
             self.session.subscribe(desired_topic(d.fleet, d.id), DesiredConfig, empty_ok=True)
-            self.session.subscribe(ota_offer_topic(d.fleet, d.id), Offer, empty_ok=True)
+            self.session.subscribe(ota_offer_topic(d.fleet, d.id), Offer, empty_ok=True,
+                                   max_bytes=max(cfg.mqtt.max_payload_bytes, OFFER_MAX_BYTES))
             self.session.subscribe(infer_request_topic(d.fleet, d.id), InferenceRequest)
             self.session.start()
         if self.updater is not None and self.updater.state is not State.IDLE:
@@ -304,6 +305,16 @@ class Agent:
         elif event.message.topic == desired_topic(d.fleet, d.id):
             self.last_config_error = f"desired config refused: {event.error}"
             self._publish_state()
+        elif event.message.topic == ota_offer_topic(d.fleet, d.id):
+            # a rollout waits for this device's result: say why the offer was not taken, or it waits forever
+            try:
+                update_id = json.loads(event.message.payload).get("update_id")
+            except (ValueError, AttributeError):
+                update_id = None
+            reason = f"offer refused before any check: {event.error}"
+            log.warning("OTA %s", reason)
+            self._report_ota({"update_id": update_id if isinstance(update_id, str) else None, "ts": time.time(),
+                              "state": "idle", "result": "failed", "reason": reason})
 
     def _apply_desired(self, desired: DesiredConfig) -> None:
         if desired.version == self.applied_config_version:

@@ -49,7 +49,7 @@ from ota.bundle import open_bundle
 from ota.errors import BundleError
 from ota.offers import make_offer
 from ota.signing import read_signature
-from ota.transfer import MAX_CHUNK_SIZE, ChunkRequest, ChunkResponse, ChunkSource
+from ota.transfer import MAX_CHUNK_SIZE, OFFER_MAX_BYTES, ChunkRequest, ChunkResponse, ChunkSource
 from ota.update import ROLLBACK_FORMAT, RollbackTerms
 
 log = logging.getLogger("edgeglm.fleet")
@@ -114,6 +114,14 @@ def offerable_bundle(bundle_dir: str | Path):
         raise BundleError(f"{bundle.root}: chunk_size {bundle.manifest.chunk_size} is over the {MAX_CHUNK_SIZE} "
                           f"bytes the chunk server sends in one MQTT message; export the bundle with a smaller "
                           f"chunk size")
+    offer_bytes = 4 * -(-len(bundle.manifest_bytes) // 3) + 4096  # the manifest in base64, and the rest
+    if offer_bytes > OFFER_MAX_BYTES:  # nor one whose offer (the whole manifest) is over what agents take
+        chunks = sum(len(f.chunks) for f in bundle.manifest.files)
+        bigger = "re-export it with --chunk-kib 512" if bundle.manifest.chunk_size < MAX_CHUNK_SIZE else \
+            "split the model or raise the broker's and agents' limits together"
+        raise BundleError(f"{bundle.root}: its offer would be about {offer_bytes} bytes ({chunks} transfer chunks "
+                          f"of {bundle.manifest.chunk_size // 1024} KiB listed in the manifest), over the "
+                          f"{OFFER_MAX_BYTES} bytes an agent takes in one MQTT message; {bigger}")
     return bundle
 
 

@@ -31,6 +31,10 @@ from ota.update import Offer, UpdateFailed
 
 MAX_RESPONSE_BYTES = 1 << 20  # the agent's default max_payload_bytes; the shipped broker allows 2 MiB packets
 MAX_CHUNK_SIZE = 512 * 1024  # base64 makes 4/3 of it: ~683 KiB, with room for the JSON around it
+# the largest offer an agent takes and the controller sends: the shipped broker's max_packet_size
+# (k3s/base/core/broker-config.yaml). An offer carries the whole signed manifest, about 100 bytes per
+# transfer chunk once in base64: a bundle of up to about 2.5 GB in 256 KiB chunks, 5 GB in 512 KiB ones
+OFFER_MAX_BYTES = 2 << 20
 
 
 class ChunkRequest(BaseModel):

@@ -317,6 +317,27 @@ def test_an_offer_that_comes_while_an_update_runs_is_taken_after_it(mosquitto, s
             proc.wait()
 
 
+def test_an_offer_too_large_to_take_is_reported_failed_not_dropped(mosquitto, signed_bundles, tmp_path):
+    """An offer over what the agent takes in one message (OFFER_MAX_BYTES: the manifest of a bundle of some
+    GB in small chunks) used to be dropped without a word, and a rollout waited for this device forever:
+    the agent reports it failed, with the update id and the reason."""
+    from ota.transfer import OFFER_MAX_BYTES
+
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path)
+    try:
+        ctl = Controller(mosquitto.port)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
+        offer = make_offer(open_bundle(signed_bundles["v2"]), "u-huge", {"type": "mqtt", "pad": "x" * OFFER_MAX_BYTES})
+        ctl.publish(ota_offer_topic(FLEET, DEVICE), offer.model_dump_json(), retain=True)
+        status = ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: "result" in d)
+        assert status["update_id"] == "u-huge" and status["result"] == "failed"
+        assert f"more than the {OFFER_MAX_BYTES}-byte limit" in status["reason"], status
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_the_wall_clock_set_back_keeps_the_agent_reporting_and_reconnecting(mosquitto, tmp_path, monkeypatch):
     """The box's clock is stepped back an hour after the agent started (NTP correcting a clock that ran ahead):
     its state stays valid (uptime_s counts on the monotonic clock; it went negative and failed validation) and

@@ -472,6 +472,18 @@ def test_chunks_are_cut_at_the_manifest_size_and_fit_the_brokers_packet_limit(co
     mallory.close()
 
 
+def test_a_bundle_whose_offer_does_not_fit_a_message_is_not_offered(tmp_path, key, monkeypatch):
+    """The offer carries the whole manifest (a sha256 per transfer chunk): over OFFER_MAX_BYTES the agents
+    would refuse it; the controller says so, and how to fix it, instead of sending it."""
+    import fleet.controller as controller_module
+    monkeypatch.setattr(controller_module, "OFFER_MAX_BYTES", 16 << 10)  # as a multi-GB bundle would meet 2 MiB
+    bundle = make_bundle(tmp_path / "b", key, big_bytes=1 << 20, chunk_size=4096)
+    with pytest.raises(BundleError, match=r"its offer would be about \d+ bytes \(257 transfer chunks of 4 KiB.*"
+                                          r"over the 16384 bytes an agent takes.*--chunk-kib 512"):
+        offerable_bundle(bundle)
+    offerable_bundle(make_bundle(tmp_path / "c", key, big_bytes=1 << 20, chunk_size=256 << 10))
+
+
 def test_a_bundle_whose_chunks_do_not_fit_a_message_is_neither_offered_nor_served(tmp_path, key):
     bundle = make_bundle(tmp_path / "b", key, big_bytes=2 << 20, chunk_size=2 * MAX_CHUNK_SIZE)
     with pytest.raises(BundleError, match=f"chunk_size {2 * MAX_CHUNK_SIZE} is over the {MAX_CHUNK_SIZE}"):
