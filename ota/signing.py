@@ -151,6 +151,8 @@ def sign_bytes(data: bytes, private: Ed25519PrivateKey) -> dict:
 
 def verify_bytes(data: bytes, sig: dict, trusted: dict[str, Ed25519PublicKey], what: str) -> str:
     """Check `sig` over `data` against the trusted keys; returns the key id."""
+    if not isinstance(sig, dict) or not isinstance(sig.get("key_id"), str) or not isinstance(sig.get("signature"), str):
+        raise SignatureError(f"{what}: the signature is not an object with a key_id and a signature string")
     kid = sig.get("key_id")
     if sig.get("algorithm") != "ed25519":
         raise SignatureError(f"{what}: signature algorithm {sig.get('algorithm')!r} is not supported (ed25519)")

@@ -409,7 +409,9 @@ class Updater:
             return []
         try:
             ids = json.loads(path.read_text()).get("applied", [])
-        except (ValueError, AttributeError) as exc:
+            if not isinstance(ids, list):
+                raise ValueError(f"'applied' is {type(ids).__name__}, not a list")
+        except (OSError, ValueError, AttributeError) as exc:
             raise UpdateFailed(f"{path}: unreadable ({exc}); rollbacks are refused until it is fixed or "
                                "removed") from None
         return [i for i in ids if isinstance(i, str)]

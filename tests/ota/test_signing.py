@@ -174,3 +174,13 @@ def test_keygen_leaves_no_half_pair_when_a_write_fails(tmp_path, monkeypatch):
     with pytest.raises(SignatureError, match=r"keys: cannot write the key files \(No space left on device\)"):
         generate_keypair(tmp_path / "keys", "k")
     assert list((tmp_path / "keys").iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [{"key_id": ["k"], "signature": "AA==", "algorithm": "ed25519"},
+                                 {"key_id": "k", "signature": 5, "algorithm": "ed25519"}, ["not", "a", "dict"]])
+def test_a_signature_of_the_wrong_shape_is_a_signature_error(signed, sig):
+    """An edited manifest.sig or offer: a clear SignatureError, not a TypeError from deep inside."""
+    from ota.signing import verify_bytes
+    _, keys, _ = signed
+    with pytest.raises(SignatureError, match="not an object with a key_id and a signature string"):
+        verify_bytes(b"manifest", sig, load_trusted_keys([keys]), "offer u1 manifest")

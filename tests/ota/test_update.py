@@ -516,3 +516,11 @@ def test_a_long_download_cut_many_times_resumes_to_the_end(device, signed_bundle
     assert cuts >= 6 and serving(device) == "1.1.0"
     assert written["update.json"] < size  # was 12.5x the bundle's bytes
     assert not (device / "state" / "download-progress.json").exists()
+
+
+@pytest.mark.parametrize("content", ['{"applied": 5}', "[1, 2]", "{not json"])
+def test_a_damaged_record_of_applied_rollbacks_refuses_rollbacks_with_its_name(upgraded, signed_bundles, content):
+    from ota.update import ROLLBACK_APPLIED
+    (upgraded / "state" / ROLLBACK_APPLIED).write_text(content)
+    offer = rollback_for(signed_bundles["v1"], "rb-damaged", signed_bundles["key"])
+    _rollback_refused(upgraded, offer, f"{ROLLBACK_APPLIED}: unreadable")
