@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import socket
 import sys
 import types
@@ -20,10 +21,11 @@ from typing import Any, Literal
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError,
+                               TomlConfigSettingsSource)
 
 from agent.errors import ConfigError
-from agent.mqtt import MqttSettings
+from agent.mqtt import MqttSettings, SetPath
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,8 +49,8 @@ class DeviceSettings(_Section):
 
 
 class ModelSettings(_Section):
-    bundle: Path | None = None  # serve this bundle directly instead of the active slot under slots_dir
-    slots_dir: Path = DEFAULT_SLOTS_DIR
+    bundle: SetPath | None = None  # serve this bundle directly instead of the active slot under slots_dir
+    slots_dir: SetPath = DEFAULT_SLOTS_DIR
     backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
     threads: int | None = Field(None, ge=1, le=1024)  # None: all usable cores
     # "auto": the autotune's device (backend auto) or the CPU (a named backend); else a device of the named
@@ -99,7 +101,7 @@ class CacheSettings(_Section):
     max_mb: float = Field(64.0, ge=0.0, le=1 << 20)  # KV held in memory, MiB; 0 = off
     block_tokens: int = Field(32, ge=1, le=4096)  # prefixes are cached in whole blocks of this many tokens
     persist: bool = True  # keep reused prefixes on disk so that they survive a restart
-    persist_dir: Path | None = None  # None: <model.slots_dir>/prefix-cache
+    persist_dir: SetPath | None = None  # None: <model.slots_dir>/prefix-cache
 
     def max_bytes(self) -> int:
         return int(self.max_mb * (1 << 20))
@@ -115,10 +117,10 @@ class TelemetrySettings(_Section):
 
 class OtaSettings(_Section):
     # public keys (*.pub) that may sign bundles; more than one during a key rotation
-    trusted_keys: Path = Path("/etc/edgeglm/trusted-keys")
+    trusted_keys: SetPath = Path("/etc/edgeglm/trusted-keys")
     # public keys (*.pub) that may authorise rollbacks, and only rollbacks (never a bundle); unset: the
     # trusted_keys authorise rollbacks too (one key role)
-    rollback_keys: Path | None = None
+    rollback_keys: SetPath | None = None
     # refuse to serve a bundle without a valid signature (always on for OTA updates)
     require_signature: bool = True
     max_latency_ratio: float = Field(1.5, gt=1.0, le=100.0)  # self-test: new decode latency vs serving
@@ -189,6 +191,11 @@ def load_config(path: Path | str | None = None, overrides: dict | None = None) -
     token = _toml_file.set(path)
     try:
         cfg = AgentConfig(**overrides)
+    except SettingsError as exc:  # a whole section from the environment that is not JSON: EDGEGLM_MQTT=oops
+        field = re.search(r'field "([^"]+)"', str(exc))
+        name = f"EDGEGLM_{field.group(1).upper()}" if field else "an EDGEGLM_ variable"
+        raise ConfigError(f"{name} sets a whole section and must be a JSON object ({name}='{{\"field\": value}}'); "
+                          f"set one setting with {name}__FIELD instead ({exc})") from None
     except ValidationError as exc:
         problems = _problems(exc, lambda loc: _source_of(loc, overrides, toml_data, path), skip=wrong_types)
         raise ConfigError(_invalid([*wrong_types.values(), *problems])) from None

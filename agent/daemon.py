@@ -31,7 +31,8 @@ from agent.http_api import configure_prefix_cache, make_prefix_cache
 from agent.model import LoadedModel, load_model, register_execution_metric, set_execution_metric
 from agent.mqtt import MqttSession, PayloadRejected, Received
 from agent.openai_compat import ApiError, Outcome, generate_text, glm_chat_prompt
-from agent.remote_config import LOCAL_CEILINGS, REMOTE_SETTINGS, remote_config_problems  # noqa: F401 (re-exported)
+from agent.remote_config import (LOCAL_CEILINGS, REMOTE_SETTINGS, local_only_keys,  # noqa: F401 (re-exported)
+                                 remote_config_problems)
 from agent.selftest import SelfTestConfig, run_self_test
 from agent.telemetry import LatencyWindow
 from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceResponse, ModelRef, ReportedState,
@@ -246,6 +247,10 @@ class Agent:
         elif path is None:
             log.warning("no model yet: waiting for an OTA update (HTTP answers 503 until then)")
         if cfg.mqtt.enabled:
+            unreadable = cfg.mqtt.tls.unreadable() if cfg.mqtt.tls is not None else []
+            if unreadable:  # paho's error names no file, and the session would retry it forever
+                raise ConfigError(f"{'; '.join(unreadable)}: the agent cannot connect to the broker over TLS "
+                                  "without it; fix the path or the file's permissions")
             d = cfg.device
             self.session = MqttSession(cfg.mqtt, fleet=d.fleet, device=d.id, state_fn=self.reported_state)
             self.session.subscribe(desired_topic(d.fleet, d.id), DesiredConfig, empty_ok=True)
@@ -317,11 +322,21 @@ class Agent:
                               "state": "idle", "result": "failed", "reason": reason})
 
     def _apply_desired(self, desired: DesiredConfig) -> None:
+        """The desired config is the fleet's whole layer over the box's own config (not a change to the
+        running one): the broker keeps only the latest, so a box that restarts or was offline gets the same
+        config as one that saw every version. Older than the one applied: ignored (a stale retained copy)."""
         if desired.version == self.applied_config_version:
             return
+        if self.applied_config_version is not None and desired.version < self.applied_config_version:
+            log.warning("desired config version %s ignored: version %s, newer, is applied", desired.version,
+                        self.applied_config_version)
+            return
         try:
-            new = with_updates(self.cfg, desired.settings)
-            problems = remote_config_problems(self.local_cfg, self.cfg, new)
+            new = with_updates(self.local_cfg, desired.settings)
+            named = [f"{key} is local-only and cannot be changed by the desired config; set it in the agent's "
+                     "config file" for key in local_only_keys(desired.settings)]  # even at the value it has
+            problems = named + [p for p in remote_config_problems(self.local_cfg, self.local_cfg, new)
+                                if p not in named]
             if problems:  # all or nothing: no part of a refused update is applied
                 raise ConfigError("; ".join(problems))
         except ConfigError as exc:
@@ -329,6 +344,7 @@ class Agent:
             log.warning("%s", self.last_config_error)
         else:
             self.cfg = new
+            logging.getLogger().setLevel(new.log_level.upper())  # live
             self.http.sampling = new.sampling  # live: sampling defaults; telemetry interval is read each loop
             configure_prefix_cache(self.prefix_cache, new.cache, new.model.slots_dir)  # live: evicts to a new bound
             self.http.set_batching(new.batching)  # live: the batch limits apply at the next decode step

@@ -522,12 +522,12 @@ class Installer:
             if not self.opts.dry_run:
                 _write(path, text, 0o644)
             return
-        if path.read_text() == text:
+        if path.read_bytes() == text.encode():  # bytes: a file that is not UTF-8 differs, it is not an error
             self.note("unchanged", path)
             return
         self.note("kept", path, "it exists and differs from the defaults: it stays as it is")
         new = path.with_name(path.name + ".new")
-        if new.exists() and new.read_text() == text:
+        if new.exists() and new.read_bytes() == text.encode():
             self.note("unchanged", new, "the current defaults, for comparison")
         else:
             self.note("wrote", new, f"the current defaults: compare with diff {path} {new}")

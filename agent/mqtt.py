@@ -38,14 +38,14 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from agent.errors import PayloadError
 from agent.topics import ReportedState, TelemetryReport, check_publish_topic, parse_payload, state_topic, \
@@ -67,15 +67,26 @@ PAHO_LOG = logging.getLogger(__name__ + ".paho")  # paho's own messages
 PAHO_LOG.addFilter(_PahoLoopNoise())
 
 UNSUPPORTED_PROTOCOL = 132  # CONNACK reason; paho maps a 3.1.1 broker's return code 1 to it
+MIN_HEALTHY_CONNECTION_S = 10.0  # a connection up at least this long (and a keepalive) resets the backoff
 PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
+
+
+def _no_empty_path(value):
+    if isinstance(value, str) and not value.strip():  # Path("") is ".": the working directory, silently
+        raise ValueError("is empty; set a path, or leave the setting out")
+    return value
+
+
+# a path setting: "" (an empty environment variable, `key = ""`) is refused, not taken as the working directory
+SetPath = Annotated[Path, BeforeValidator(_no_empty_path)]
 
 
 class MqttTls(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    ca_file: Path | None = None  # None: the system's CA store
-    cert_file: Path | None = None  # client certificate, with key_file
-    key_file: Path | None = None
+    ca_file: SetPath | None = None  # None: the system's CA store
+    cert_file: SetPath | None = None  # client certificate, with key_file
+    key_file: SetPath | None = None
     insecure: bool = False  # skip the host name check (never in production)
 
     @model_validator(mode="after")
@@ -83,6 +94,21 @@ class MqttTls(BaseModel):
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("tls.cert_file and tls.key_file go together: give both or neither")
         return self
+
+    def unreadable(self) -> list[str]:
+        """`mqtt.tls.FIELD = PATH: why` for each file set that cannot be read (checked before connecting:
+        paho's own error names no file and the session would retry it forever)."""
+        problems = []
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                problems.append(f"mqtt.tls.{name} = {path}: {exc.strerror or exc}")
+        return problems
 
 
 class MqttSettings(BaseModel):
@@ -256,6 +282,7 @@ class MqttSession:
         self._response_topics: set[str] = set()
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._up_since: float | None = None  # time.monotonic() of the current connection's CONNACK
 
     # -- paho callbacks: thin, they only hand events on -------------------------------------
 
@@ -337,6 +364,7 @@ class MqttSession:
 
     def _supervise(self) -> None:
         failures = 0  # attempts failed since the last connection that was up
+        short = 0  # connections in a row that ended soon after their CONNACK
         while not self._stop.is_set():
             try:
                 was_up, reason, retry_now = self._connect_once()
@@ -346,7 +374,17 @@ class MqttSession:
                     log.exception("MQTT connection attempt to %s:%s failed", self.settings.host, self.settings.port)
             if self._stop.is_set():
                 break
-            failures = 0 if was_up else failures + 1
+            # a connection that ends soon after its CONNACK (another client with this client id taking the
+            # session over, a broker that drops it) keeps backing off like a failed attempt
+            lasted = time.monotonic() - self._up_since if was_up and self._up_since is not None else 0.0
+            healthy = was_up and lasted >= max(self.settings.keepalive_s, MIN_HEALTHY_CONNECTION_S)
+            failures = 0 if healthy else failures + 1
+            short = 0 if healthy or not was_up else short + 1
+            if short == 3 or "taken over" in str(reason).lower():
+                log.error("MQTT: connections as client id %r keep ending right after the broker accepts them: "
+                          "another client probably took this session over (two boxes with the same device.id, "
+                          "e.g. a cloned image: set a unique device.id), or the broker drops this client",
+                          self.client_id)
             delay = 0.0 if retry_now else backoff_delay(failures, self.settings.reconnect_min_delay_s,
                                                         self.settings.reconnect_max_delay_s, self._rng)
             log.warning("MQTT %s:%s: %s; retrying in %.2f s", self.settings.host, self.settings.port, reason, delay)
@@ -387,6 +425,7 @@ class MqttSession:
             if ended is not None:
                 return False, ended, False
             self._after_connect(client, session_present, subscribed)
+            self._up_since = time.monotonic()
             while True:
                 signal = self._next_signal(None)
                 if signal[0] == "closed":

@@ -44,10 +44,24 @@ def _broker(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _check_ids(fleet: str | None = None, devices=()) -> None:
+    """FleetError unless the fleet and device ids can be MQTT topic levels (what agents accept as ids)."""
+    from agent.topics import _level
+
+    try:
+        if fleet is not None and fleet != "+":
+            _level(fleet, "fleet id")
+        for device in devices:
+            _level(device, "device id")
+    except ValueError as exc:
+        raise FleetError(str(exc)) from None
+
+
 def _settings(args):
     from fleet.config import load_fleet_config
     from fleet.controller import ControllerSettings
 
+    _check_ids(getattr(args, "fleet", None), [args.device] if getattr(args, "device", None) else [])
     overrides: dict = {}
     if args.broker:
         host, port = _broker(args.broker)
@@ -84,9 +98,16 @@ def cmd_serve(args) -> int:
         token = read_metrics_token(cfg.http.metrics_token_file) if cfg.http.metrics_token_file else None
     except ValueError as exc:
         raise FleetError(str(exc)) from None
+    port = args.http_port if args.http_port is not None else cfg.http.port
+    if not 0 <= port <= 65535:
+        raise FleetError(f"--http-port {port} is not a port number (0-65535; 0 picks a free one)")
     controller = _connect(args)
-    http = serve_http(controller, cfg.http.host, args.http_port if args.http_port is not None else cfg.http.port,
-                      metrics_token=token)
+    try:
+        http = serve_http(controller, cfg.http.host, port, metrics_token=token)
+    except OSError as exc:
+        controller.stop()
+        raise FleetError(f"cannot serve HTTP on {cfg.http.host}:{port} ({exc.strerror or exc}); choose another "
+                         "--http-port or [http] port") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -154,8 +175,10 @@ def cmd_status(args) -> int:
     if args.json:
         import time
 
-        versions = store.versions(args.fleet, time.time() - args.since)
-        print(json.dumps({"devices": store.devices(args.fleet), "versions": versions}, indent=2))
+        since = time.time() - args.since
+        devices = [{**d, "latency": store.latency(d["fleet"], d["device"], since, d["model_version"])}
+                   for d in store.devices(args.fleet)]  # the table's latency columns, on the model it serves
+        print(json.dumps({"devices": devices, "versions": store.versions(args.fleet, since)}, indent=2))
     else:
         print(format_status(store, args.fleet, args.since))
     return 0
@@ -291,15 +314,18 @@ def cmd_config_set(args) -> int:
     targets = _config_targets(args)
     check_desired_config(settings)  # what every agent would refuse is refused here, before it is published
     controller = _connect(args)
+    published = []
     try:
         version = int(time.time() * 1000)  # one version for the whole group
         for fleet, device in targets:
-            controller.set_desired(fleet, device, settings, version)
+            published.append(controller.set_desired(fleet, device, settings, version, replace=args.replace)[1])
     finally:
         controller.stop()
     where = f"{targets[0][0]}/{targets[0][1]}" if not args.group else \
         f"{len(targets)} device(s) of group {args.group}: {', '.join(f'{f}/{d}' for f, d in targets)}"
-    print(f"desired config version {version} for {where}: {json.dumps(settings)}")
+    whole = json.dumps(published[0]) if all(p == published[0] for p in published) else "(differs per device)"
+    print(f"desired config version {version} for {where}: {json.dumps(settings)}; "
+          f"{'replacing what was set before' if args.replace else 'with what was set before'}: {whole}")
     return 0
 
 
@@ -313,7 +339,10 @@ def _config_targets(args) -> list[tuple[str, str]]:
         db = _db(args)
         if not db.is_file():
             raise FleetError(f"{db}: no fleet database, so no groups; is `edgeglm fleet serve --db {db}` running?")
-        return select(Store(db), args.group).members
+        members = select(Store(db), args.group).members
+        for fleet, device in members:  # a group made before ids were checked
+            _check_ids(fleet, [device])
+        return members
     if not (args.fleet and args.device):
         raise FleetError("config set needs --fleet F --device D, or --group G")
     return [(args.fleet, args.device)]
@@ -373,13 +402,14 @@ def cmd_group(args) -> int:
     if args.group_command == "add":
         if not args.fleet:
             raise FleetError("group add needs --fleet F: the fleet of the devices")
+        _check_ids(args.fleet, args.devices)
         n = store.group_add(check_group_name(store, args.group), args.fleet, args.devices)
         unknown = [d for d in args.devices if d not in {x["device"] for x in store.devices(args.fleet)}]
         note = f" ({', '.join(unknown)} not seen yet in fleet {args.fleet})" if unknown else ""
         print(f"group {args.group}: {n} device(s) added{note}; {len(store.groups()[args.group])} in all")
     else:
-        n = store.group_remove(args.group, args.devices or None)
-        print(f"group {args.group}: {n} device(s) removed")
+        n = store.group_remove(args.group, args.devices or None, args.fleet)
+        print(f"group {args.group}: {n} device(s) removed" + (f" (fleet {args.fleet})" if args.fleet else ""))
     return 0
 
 
@@ -441,6 +471,8 @@ def register(sub) -> None:
     cs.add_argument("--fleet")
     cs.add_argument("--device")
     cs.add_argument("--group", help="every device of a group (or fleet id), instead of --fleet/--device")
+    cs.add_argument("--replace", action="store_true",
+                    help="publish only these settings: the ones set before are dropped (default: merged over them)")
     cs.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
     cs.set_defaults(func=cmd_config_set)
 
@@ -460,7 +492,7 @@ def register(sub) -> None:
         ga = gsub.add_parser(name, help=text)
         common(ga, broker=False)
         ga.add_argument("group")
-        ga.add_argument("--fleet", help="the devices' fleet (add)")
+        ga.add_argument("--fleet", help="the devices' fleet (add; remove: only that fleet's devices)")
         ga.add_argument("devices", nargs="+" if name == "add" else "*", metavar="DEVICE")
         ga.set_defaults(func=cmd_group)
     gl = gsub.add_parser("list", help="the groups and their devices")

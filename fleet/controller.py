@@ -104,6 +104,15 @@ class _RateLimit:
         return True
 
 
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, section by section (a value that is not a table replaces the old one)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
 def offerable_bundle(bundle_dir: str | Path):
     """The bundle at `bundle_dir` if the controller may offer it, else a BundleError/SignatureError:
     every file matches its manifest and manifest.sig is there (the agents verify it against their
@@ -342,12 +351,20 @@ class FleetController:
         self.client.publish(topic, response.model_dump_json(), qos=1, properties=props)
 
     # --- commands ---------------------------------------------------------------------------
+    def _require_connected(self, what: str) -> None:
+        """ConnectionError while the broker is away: paho would queue the publish and deliver it after the
+        reconnect, while the caller (a rollout step retried every tick) made another one each time."""
+        if not self.client.is_connected():
+            raise ConnectionError(f"not connected to the broker {self.settings.broker_host}:"
+                                  f"{self.settings.broker_port}: {what}")
+
     def offer(self, fleet: str, device: str, bundle_dir: Path, update_id: str | None = None,
               rollback_key=None, replaces: str | None = None, not_after: int | None = None) -> str:
         """Offer a bundle to one device. With `rollback_key`, a rollback: the key signs a statement bound to
         this fleet and device, the version it `replaces` (the one the device serves now) and `not_after`
         (unix seconds), which the agent checks."""
         bundle = offerable_bundle(bundle_dir)
+        self._require_connected("nothing was offered")
         terms = None
         if rollback_key is not None:
             if not_after is None:
@@ -363,11 +380,19 @@ class FleetController:
         self.client.publish(ota_offer_topic(fleet, device), payload, qos=1, retain=True).wait_for_publish(10)
         return update_id
 
-    def set_desired(self, fleet: str, device: str, settings: dict, version: int | None = None) -> int:
+    def set_desired(self, fleet: str, device: str, settings: dict, version: int | None = None,
+                    replace: bool = False) -> tuple[int, dict]:
+        """Publish the device's desired config: `settings` merged over what this controller last set for it
+        (kept in the store), or `settings` alone with `replace`. Agents take a desired config as the
+        fleet's whole layer over their own config (the broker keeps only the latest one), so each one
+        carries everything set so far. Returns the version and the settings published."""
+        self._require_connected("no desired config was published")
         version = version if version is not None else int(time.time() * 1000)
-        payload = DesiredConfig(version=version, settings=settings).model_dump_json()
+        merged = settings if replace else deep_merge(self.store.desired(fleet, device) or {}, settings)
+        payload = DesiredConfig(version=version, settings=merged).model_dump_json()
         self.client.publish(desired_topic(fleet, device), payload, qos=1, retain=True).wait_for_publish(10)
-        return version
+        self.store.record_desired(fleet, device, version, merged)
+        return version, merged
 
 
 def format_status(store: Store, fleet: str | None = None, since_s: float = 3600) -> str:

@@ -52,9 +52,19 @@ CREATE TABLE IF NOT EXISTS rollouts (
 
 def _schema(store: Store) -> None:
     store.executescript(SCHEMA)
-    if "group_name" not in {row[1] for row in store._exec("PRAGMA table_info(rollouts)")}:
-        store._exec("ALTER TABLE rollouts ADD COLUMN group_name TEXT")  # a database of an older controller
+    have = {row[1] for row in store._exec("PRAGMA table_info(rollouts)")}
+    for column, kind in (("min_delta_ms", "REAL NOT NULL DEFAULT 1.0"), ("group_name", "TEXT")):
+        if column not in have:  # a database of an older controller
+            store._exec(f"ALTER TABLE rollouts ADD COLUMN {column} {kind}")
 ACTIVE = ("canary", "canary_wait", "canary_window", "rest", "rest_wait", "halting")
+ERROR_RATE_FLOOR = 0.01  # the canary gate halts on an error rate above the baseline's by more than this
+
+
+def _error_rate(latency: dict) -> float:
+    """errors / (requests + errors) of a `Store.latency` result (a failed request is not in `requests`)."""
+    errors = latency.get("errors", 0) or 0
+    total = (latency.get("requests", 0) or 0) + errors
+    return errors / total if total else 0.0
 ENDED = ("done", "halted", "cancelled")
 
 
@@ -249,8 +259,9 @@ class RolloutDriver:
             return
         n = max(1, math.ceil(len(online) * r.canary_pct / 100.0))
         canaries, rest = online[:n], online[n:]
-        baseline = {d: self.store.latency(r.fleet, d, now - max(r.window_s, 60.0)) for d in canaries}
         versions = {d["device"]: d["model_version"] for d in self.store.devices(r.fleet)}
+        baseline = {d: self.store.latency(r.fleet, d, now - max(r.window_s, 60.0), versions.get(d))
+                    for d in canaries}  # of the version each canary serves now
         # a canary that serves a model but has reported no latency yet gives nothing to compare with:
         # wait for its telemetry (up to two windows) instead of passing the gate blind
         missing = [d for d in canaries if versions.get(d) and not baseline[d].get("requests")]
@@ -283,8 +294,11 @@ class RolloutDriver:
             return
         # a canary that has reported nothing on the new version yet (a report in flight, an agent still
         # loading the model) gets one more window before its silence fails the gate
+        # only telemetry tagged with the new version counts: a canary back on the old one (a slot fallback, a
+        # manual rollback) must not pass the gate on the old model's numbers
+        version = r.data.get("version")
         silent = [d for d in r.data["canaries"]
-                  if not self.store.latency(r.fleet, d, r.data["window_start"]).get("requests")]
+                  if not self.store.latency(r.fleet, d, r.data["window_start"], version).get("requests")]
         if silent and now - r.data["window_start"] < 2 * r.window_s:
             if not r.data.get("window_extended"):
                 r.data["window_extended"] = True
@@ -293,9 +307,12 @@ class RolloutDriver:
             return
         problems = []
         for d in r.data["canaries"]:
-            base, new = r.data["baseline"].get(d, {}), self.store.latency(r.fleet, d, r.data["window_start"])
-            if new.get("errors", 0) > base.get("errors", 0):
-                problems.append(f"{d}: errors {base.get('errors', 0)} -> {new['errors']}")
+            base, new = r.data["baseline"].get(d, {}), self.store.latency(r.fleet, d, r.data["window_start"], version)
+            base_rate, new_rate = _error_rate(base), _error_rate(new)
+            # rates, not counts (busier traffic after the update is not a regression), by more than a point
+            if new.get("errors", 0) and new_rate > base_rate + ERROR_RATE_FLOOR:
+                problems.append(f"{d}: errors {100 * base_rate:.1f}% -> {100 * new_rate:.1f}% of requests "
+                                f"({base.get('errors', 0)} -> {new['errors']})")
             if base.get("token_p95_ms") and new.get("token_p95_ms"):
                 change = 100.0 * (new["token_p95_ms"] / base["token_p95_ms"] - 1.0)
                 r.data.setdefault("p95_change_pct", {})[d] = round(change, 1)

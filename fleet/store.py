@@ -53,6 +53,11 @@ CREATE TABLE IF NOT EXISTS offer_targets (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (
     name TEXT NOT NULL, fleet TEXT NOT NULL, device TEXT NOT NULL, PRIMARY KEY (name, fleet, device));
+CREATE TABLE IF NOT EXISTS desired (
+    fleet TEXT NOT NULL, device TEXT NOT NULL, version INTEGER NOT NULL, settings TEXT NOT NULL,
+    PRIMARY KEY (fleet, device));
+CREATE INDEX IF NOT EXISTS telemetry_by_time ON telemetry (window_end);
+CREATE INDEX IF NOT EXISTS ota_status_by_device ON ota_status (fleet, device, update_id, ts);
 """
 TELEMETRY_COLUMNS = ("fleet", "device", "model_version", "window_end", "count", "ttft_p50", "ttft_p95", "token_p50",
                      "token_p95", "tokens_per_s", "errors", "stored")
@@ -186,13 +191,15 @@ class Store:
             self.db.executemany("INSERT OR IGNORE INTO groups VALUES (?,?,?)", [(name, fleet, d) for d in devices])
         return self._exec("SELECT COUNT(*) FROM groups WHERE name=?", (name,)).fetchone()[0] - before
 
-    def group_remove(self, name: str, devices: list[str] | None = None) -> int:
-        """Take devices (all of them when None) out of a group; how many were removed."""
+    def group_remove(self, name: str, devices: list[str] | None = None, fleet: str | None = None) -> int:
+        """Take devices (all of them when None) out of a group, of `fleet` only when given (a group may span
+        fleets, and a device id may exist in more than one); how many were removed."""
+        where, args = ("name=?", (name,)) if fleet is None else ("name=? AND fleet=?", (name, fleet))
         if devices is None:
-            return self._exec("DELETE FROM groups WHERE name=?", (name,)).rowcount
+            return self._exec(f"DELETE FROM groups WHERE {where}", args).rowcount
         with self._lock:
             before = self.db.total_changes
-            self.db.executemany("DELETE FROM groups WHERE name=? AND device=?", [(name, d) for d in devices])
+            self.db.executemany(f"DELETE FROM groups WHERE {where} AND device=?", [(*args, d) for d in devices])
             return self.db.total_changes - before
 
     def add_ota_status(self, fleet: str, device: str, status: dict) -> None:
@@ -222,6 +229,16 @@ class Store:
                          "WHERE o.update_id=? AND t.fleet=? AND t.device=?", (update_id, fleet, device)).fetchone()
         return Path(row[0]) if row else None
 
+    def desired(self, fleet: str, device: str) -> dict | None:
+        """The desired config this controller last published for the device (its whole remote layer)."""
+        row = self._exec("SELECT settings FROM desired WHERE fleet = ? AND device = ?", (fleet, device)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def record_desired(self, fleet: str, device: str, version: int, settings: dict) -> None:
+        self._exec("INSERT INTO desired VALUES (?, ?, ?, ?) ON CONFLICT(fleet, device) DO UPDATE SET "
+                   "version = excluded.version, settings = excluded.settings",
+                   (fleet, device, version, json.dumps(settings, sort_keys=True)))
+
     def counter(self, name: str) -> int:
         row = self._exec("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return row[0] if row else 0
@@ -241,9 +258,11 @@ class Store:
         Each percentile is weighted by the requests of the windows that have it (a window of one-token
         answers has no per-token percentiles); None when no window in the range has it."""
         columns = ("ttft_p50", "ttft_p95", "token_p50", "token_p95")
-        sql = ("SELECT SUM(count), AVG(tokens_per_s), SUM(errors), "
-               + ", ".join(f"SUM({c}*count), SUM(CASE WHEN {c} IS NOT NULL THEN count END)" for c in columns)
-               + " FROM telemetry WHERE fleet=? AND device=? AND window_end>=? AND count>0")
+        # errors from every window (one where every request failed has count 0), the rest from windows with requests
+        sql = ("SELECT SUM(count), AVG(CASE WHEN count>0 THEN tokens_per_s END), SUM(errors), "
+               + ", ".join(f"SUM(CASE WHEN count>0 THEN {c}*count END), "
+                           f"SUM(CASE WHEN count>0 AND {c} IS NOT NULL THEN count END)" for c in columns)
+               + " FROM telemetry WHERE fleet=? AND device=? AND window_end>=?")
         args: tuple = (fleet, device, since)
         if model_version is not None:
             sql += " AND model_version=?"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import pytest
@@ -289,3 +290,29 @@ def test_with_updates_takes_json_types_strictly():
     assert (new.batching.window_ms, new.cache.persist, new.log_level, new.model.prefill_graph) == (
         5.0, False, "debug", "only")
     assert old.ota.require_signature is True
+
+
+@pytest.mark.parametrize("variable", ["EDGEGLM_MQTT", "EDGEGLM_DEVICE"])
+def test_a_whole_section_from_the_environment_that_is_not_json_is_a_config_error(monkeypatch, variable):
+    monkeypatch.setenv(variable, "oops")
+    with pytest.raises(ConfigError, match=f"{variable} sets a whole section and must be a JSON object.*"
+                                          f"{variable}__FIELD"):
+        load_config(None)
+
+
+@pytest.mark.parametrize("key, variable", [("ota.trusted_keys", "EDGEGLM_OTA__TRUSTED_KEYS"),
+                                           ("model.bundle", "EDGEGLM_MODEL__BUNDLE"),
+                                           ("mqtt.tls.ca_file", "EDGEGLM_MQTT__TLS__CA_FILE")])
+def test_an_empty_path_is_refused_not_taken_as_the_working_directory(monkeypatch, tmp_path, key, variable):
+    """`EDGEGLM_OTA__TRUSTED_KEYS=` in agent.env used to become Path("."): the service's working
+    directory, which it can write, as the trust root."""
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(ConfigError, match=f"{re.escape(key)} = '' \\(from environment variable {variable}\\) is "
+                                          "invalid: is empty; set a path, or leave the setting out"):
+        load_config(None)
+    toml = tmp_path / "agent.toml"
+    section, _, field = key.rpartition(".")
+    toml.write_text(f'[{section}]\n{field} = ""\n')
+    monkeypatch.delenv(variable)
+    with pytest.raises(ConfigError, match="is empty; set a path"):
+        load_config(toml)

@@ -75,6 +75,58 @@ def test_the_updater_checks_rollbacks_for_this_device_with_the_rollback_keys(tmp
     assert deps.rollback_keys == {}  # configured but unreadable: every rollback is refused, not the bundle keys
 
 
+def test_a_desired_config_is_the_whole_remote_layer_the_same_after_a_restart(tmp_path):
+    """The broker keeps only the latest desired config: it is the fleet's whole layer over the box's own
+    config, not a change to the running one. A running box and one that restarted (or was offline for
+    the first version) end with the same config; a key left out goes back to the box's own value."""
+    running = _agent(tmp_path, **{"sampling.max_tokens": 100})
+    running._apply_desired(DesiredConfig(version=1, settings={"sampling": {"max_tokens": 7}}))
+    assert running.cfg.sampling.max_tokens == 7
+    latest = DesiredConfig(version=2, settings={"telemetry": {"interval_s": 10.0}})
+    running._apply_desired(latest)
+    restarted = _agent(tmp_path, **{"sampling.max_tokens": 100})
+    restarted._apply_desired(latest)
+    assert running.cfg == restarted.cfg and running.applied_config_version == restarted.applied_config_version == 2
+    assert running.cfg.sampling.max_tokens == 100 and running.cfg.telemetry.interval_s == 10.0
+
+
+def test_an_older_desired_config_is_not_applied_over_a_newer_one(tmp_path, caplog):
+    agent = _agent(tmp_path)
+    agent._apply_desired(DesiredConfig(version=20, settings={"sampling": {"max_tokens": 7}}))
+    agent._apply_desired(DesiredConfig(version=10, settings={"sampling": {"max_tokens": 3}}))  # a stale retained copy
+    assert agent.applied_config_version == 20 and agent.cfg.sampling.max_tokens == 7
+    assert "desired config version 10 ignored: version 20, newer, is applied" in caplog.text
+
+
+def test_a_desired_config_naming_a_local_only_setting_is_refused_even_at_its_value(tmp_path):
+    agent = _agent(tmp_path)
+    agent._apply_desired(DesiredConfig(version=1, settings={"ota": {"require_signature": True},
+                                                             "sampling": {"max_tokens": 3}}))
+    assert agent.applied_config_version is None and agent.cfg.sampling.max_tokens != 3
+    assert "ota.require_signature is local-only" in agent.last_config_error
+
+
+def test_a_remote_log_level_applies_to_the_running_agent(tmp_path):
+    import logging
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.INFO)
+    try:
+        agent = _agent(tmp_path)
+        agent._apply_desired(DesiredConfig(version=1, settings={"log_level": "debug"}))
+        assert agent.applied_config_version == 1 and logging.getLogger("edgeglm.agent").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(before)
+
+
+def test_an_unreadable_mqtt_tls_file_stops_the_start_naming_the_setting(tmp_path):
+    from agent.errors import ConfigError
+    agent = _agent(tmp_path, **{"mqtt.enabled": True, "mqtt.port": 1, "mqtt.tls.ca_file": str(tmp_path / "ca.pem")})
+    with pytest.raises(ConfigError, match=f"mqtt.tls.ca_file = {tmp_path / 'ca.pem'}: No such file or directory"):
+        agent.start()
+    agent.shutdown(1)
+
+
 def test_desired_config_still_applies_the_remote_settings(tmp_path):
     agent = _agent(tmp_path, **{"cache.max_mb": 32.0})
     agent._updater_deps()  # makes the chunk fetcher, whose timeouts apply live

@@ -203,6 +203,12 @@ def test_an_existing_config_is_kept_and_the_defaults_go_beside_it(install, prefi
     assert rc == 0 and (prefix / CONFIG).read_text() == mine
     assert re.search(r"unchanged +\S+/agent\.toml\.new", out)
 
+    latin1 = "# r\xe9glage du bo\xeetier\n[http]\nport = 9000\n".encode("latin-1")  # not UTF-8: kept too
+    (prefix / CONFIG).write_bytes(latin1)
+    rc, out, err = install("--prefix", prefix, "--no-venv", "--user", ABSENT_USER)
+    assert rc == 0, err
+    assert (prefix / CONFIG).read_bytes() == latin1 and re.search(r"kept +\S+/agent\.toml", out)
+
 
 # --- re-runs and dry runs ------------------------------------------------------------------------
 

@@ -554,3 +554,21 @@ def test_closing_sessions_leaves_no_paho_error_in_the_log(mosquitto, caplog):
     paho_records = [r for r in caplog.records if r.name == PAHO_LOG.name]
     assert any("CONNECT" in r.getMessage() for r in paho_records)  # paho's debug log still arrives
     assert not [r.getMessage() for r in paho_records if r.levelno >= logging.ERROR]
+
+
+def test_a_connection_taken_over_at_once_backs_off_and_says_why(mosquitto, caplog):
+    """Two boxes with one device.id (a cloned image: it defaults to the host name) take each other's session
+    over. A connection dropped right after its CONNACK no longer resets the backoff: the pair backs off
+    instead of reconnecting several times a second forever, and the log names the cause."""
+    settings = MqttSettings(enabled=True, port=mosquitto.port, client_id="box-1", reconnect_min_delay_s=0.2,
+                            reconnect_max_delay_s=60.0)
+    a = MqttSession(settings, fleet="f", device="box-1", state_fn=lambda: fake_state("box-1")).start()
+    b = MqttSession(settings, fleet="f", device="box-1", state_fn=lambda: fake_state("box-1")).start()
+    try:
+        time.sleep(6)
+        total = a.stats.connects + b.stats.connects
+    finally:
+        a.close()
+        b.close()
+    assert total <= 16, f"{total} connects in 6 s: the backoff resets after every taken-over connection"
+    assert "another client probably took this session over" in caplog.text and "'box-1'" in caplog.text

@@ -266,3 +266,20 @@ def test_serve_with_a_database_path_it_cannot_open_is_one_line(tmp_path, where):
     out = cli("serve", "--db", str(path), "--broker", "127.0.0.1:1")
     refused(out, f"fleet database {path}", "cannot be opened",
             f"directory {tmp_path / 'nope'} does not exist" if where == "missing-dir" else "it is a directory")
+
+
+def test_ids_no_topic_can_carry_and_ports_that_cannot_be_bound_are_one_line(mosquitto, db, signed_bundles, tmp_path):
+    broker = ("--broker", f"127.0.0.1:{mosquitto.port}", "--db", str(db))
+    refused(cli("offer", *broker, "--fleet", "plant 7", "--device", "dev1", "--bundle", str(signed_bundles["v2"]),
+                "--force"), "fleet id 'plant 7' cannot be an MQTT topic level")
+    refused(cli("config", "set", *broker, "--fleet", FLEET, "--device", "dev/1", "sampling.max_tokens=64"),
+            "device id 'dev/1' cannot be an MQTT topic level")
+    refused(cli("group", "add", "ring1", "--db", str(db), "--fleet", FLEET, "dev 1"), "device id 'dev 1'")
+    refused(cli("serve", *broker, "--fleet", "plant/7", "--http-port", "0"), "fleet id 'plant/7'")
+    refused(cli("serve", *broker, "--http-port", "70000"), "--http-port 70000 is not a port number")
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        refused(cli("serve", *broker, "--http-port", str(busy.getsockname()[1])), "cannot serve HTTP on 127.0.0.1:",
+                "choose another --http-port")

@@ -264,11 +264,87 @@ class OfferRecorder:
         return f"update-{len(self.offers)}"
 
 
-def report(device: str, window_end: float, version: str, per_token_ms: float = 10.0) -> dict:
-    return {"device": device, "window_start": window_end - 1, "window_end": window_end, "count": 5,
-            "ttft_ms": {"p50": 50.0, "p95": 60.0, "p99": 70.0},
-            "per_token_ms": {"p50": per_token_ms, "p95": per_token_ms, "p99": per_token_ms},
-            "tokens_per_s": 100.0, "errors": 0, "model_version": version}
+def report(device: str, window_end: float, version: str, per_token_ms: float = 10.0, count: int = 5,
+           errors: int = 0) -> dict:
+    return {"device": device, "window_start": window_end - 1, "window_end": window_end, "count": count,
+            "ttft_ms": {"p50": 50.0, "p95": 60.0, "p99": 70.0} if count else None,
+            "per_token_ms": {"p50": per_token_ms, "p95": per_token_ms, "p99": per_token_ms} if count else None,
+            "tokens_per_s": 100.0 if count else None, "errors": errors, "model_version": version}
+
+
+def _gate(tmp_path, base_errors: int = 0):
+    """Two devices on 1.0.0 with a baseline, a rollout to 1.1.0 whose canary d0 has committed: the store,
+    t0 and tick(now) -> the rollout (explicit clock values, no broker)."""
+    from fleet.store import Store
+
+    store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
+    for d in ("d0", "d1"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
+        store.add_telemetry(FLEET, report(d, t0 - 5, "1.0.0", errors=base_errors))
+    driver = RolloutDriver(store, OfferRecorder())
+    bundle = tmp_path / "bundle-1.1.0"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"version": "1.1.0"}')  # all the driver reads of it (OfferRecorder)
+    rid = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
+
+    def tick(now: float):
+        driver.tick(now)
+        return next(r for r in load_rollouts(store) if r.id == rid)
+    r = tick(t0)
+    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 1, "state": "reporting",
+                                       "result": "committed"})
+    assert tick(t0 + 1).phase == "canary_window"
+    return store, t0, tick
+
+
+def test_the_gate_counts_windows_where_every_request_failed(tmp_path):
+    """An agent reports a window in which every request failed as count 0, errors N: `fleet status` counted
+    those errors and the gate did not (a canary failing 50 requests and serving 5 passed)."""
+    store, t0, tick = _gate(tmp_path)
+    store.add_telemetry(FLEET, report("d0", t0 + 3, "1.1.0", count=0, errors=50))
+    store.add_telemetry(FLEET, report("d0", t0 + 6, "1.1.0"))
+    r = tick(t0 + 12)
+    assert r.phase == "halting" and "d0: errors 0.0% -> 90.9% of requests (0 -> 50)" in r.data["report"][-1]
+
+
+def test_the_gate_measures_only_the_new_versions_telemetry(tmp_path):
+    """A canary that committed and then came back on 1.0.0 (a slot fallback, a manual rollback) reports on
+    1.0.0: that is silence on the new version, not a pass."""
+    store, t0, tick = _gate(tmp_path)
+    store.upsert_state(FLEET, {"device": "d0", "online": True, "model": {"name": "m", "version": "1.0.0"}})
+    for i in range(5):
+        store.add_telemetry(FLEET, report("d0", t0 + 2 + i, "1.0.0"))
+    assert tick(t0 + 12).phase == "canary_window"
+    r = tick(t0 + 22)
+    assert r.phase == "halting" and "no telemetry on the new version" in r.data["report"][-1]
+
+
+def test_the_gate_compares_error_rates_not_counts(tmp_path):
+    """Baseline 1 error in 6 requests; on the new version 2 errors in 102 (busier, and better): no halt."""
+    store, t0, tick = _gate(tmp_path, base_errors=1)
+    for i in range(20):
+        store.add_telemetry(FLEET, report("d0", t0 + 1.5 + i * 0.4, "1.1.0", errors=1 if i in (3, 9) else 0))
+    r = tick(t0 + 12)
+    assert r.phase == "rest", r.data["report"][-1]
+
+
+def test_an_older_rollouts_table_is_brought_up_to_date(tmp_path):
+    """A database from before min_delta_ms: `fleet status`, /metrics and the driver used to fail on it."""
+    import sqlite3
+
+    from fleet.store import Store
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.executescript("""CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, bundle TEXT NOT NULL, fleet TEXT NOT NULL, canary_pct REAL NOT NULL,
+        max_regression_pct REAL NOT NULL, window_s REAL NOT NULL, previous_bundle TEXT, key TEXT,
+        phase TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
+        INSERT INTO rollouts VALUES (1, 'b', 'plant7', 10, 20, 300, NULL, NULL, 'done', '{"report": []}', 1, 1);""")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "old.db")
+    [r] = load_rollouts(store)
+    assert r.phase == "done" and r.min_delta_ms == 1.0 and r.group is None
+    store.close()
 
 
 @pytest.mark.parametrize("late_report", [True, False])
@@ -411,3 +487,80 @@ port = {mosquitto.port}
         dev.stop()
         serve.send_signal(subprocess.signal.SIGTERM)
         assert serve.wait(timeout=20) == 0
+
+
+def test_config_set_publishes_everything_set_so_far_unless_replaced(controller, mosquitto, tmp_path):
+    """Agents take a desired config as the fleet's whole layer over their own config (the broker keeps
+    only the latest), so each one the controller publishes carries what was set before for that device
+    (kept in its database, across restarts); `replace` starts again from the settings given."""
+    from agent.mqtt import Received
+    from agent.topics import DesiredConfig, desired_topic
+
+    controller.set_desired(FLEET, "dev-c", {"sampling": {"max_tokens": 7, "top_k": 5}}, version=1)
+    _, merged = controller.set_desired(FLEET, "dev-c", {"telemetry": {"interval_s": 10.0}, "sampling": {"top_k": 3}},
+                                       version=2)
+    want = {"sampling": {"max_tokens": 7, "top_k": 3}, "telemetry": {"interval_s": 10.0}}
+    assert merged == want
+    dev = session(mosquitto, "dev-c")  # connects now: gets the retained, whole config
+    try:
+        dev.subscribe(desired_topic(FLEET, "dev-c"), DesiredConfig)
+        got = None
+        deadline = time.monotonic() + 10
+        while got is None and time.monotonic() < deadline:
+            event = dev.get_event(timeout=0.2)
+            if isinstance(event, Received) and isinstance(event.payload, DesiredConfig):
+                got = event.payload
+        assert got is not None and (got.version, got.settings) == (2, want)
+    finally:
+        dev.close()
+    controller.stop()
+    again = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet=FLEET))
+    again.start()
+    try:
+        assert again.set_desired(FLEET, "dev-c", {"cache": {"max_mb": 8}}, version=3)[1] == {**want, "cache": {"max_mb": 8}}
+        assert again.set_desired(FLEET, "dev-c", {"sampling": {"top_k": 1}}, version=4, replace=True)[1] == \
+            {"sampling": {"top_k": 1}}
+        assert again.store.desired(FLEET, "dev-c") == {"sampling": {"top_k": 1}}
+    finally:
+        again.stop()
+
+
+def test_a_rollout_step_during_a_broker_outage_offers_once_when_it_is_back(mosquitto, tmp_path, signed_bundles):
+    """While the broker is away an offer is refused at once (nothing recorded, nothing queued): paho used to
+    queue each try, and the step, retried every tick with a new update id, reached the device N times."""
+    import paho.mqtt.client as paho_client
+    from paho.mqtt.packettypes import PacketTypes as Packets
+    from paho.mqtt.properties import Properties as Props
+
+    from agent.topics import ota_offer_topic
+    ctl = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet=FLEET)).start()
+    got = []
+    dev = paho_client.Client(CallbackAPIVersion.VERSION2, client_id="plant7-d0", protocol=paho_client.MQTTv5)
+    dev.on_message = lambda c, u, m: got.append(m.payload)
+    props = Props(Packets.CONNECT)
+    props.SessionExpiryInterval = 3600
+    dev.reconnect_delay_set(0.2, 1)
+    dev.connect("127.0.0.1", mosquitto.port, clean_start=False, properties=props)
+    dev.subscribe(ota_offer_topic(FLEET, "d0"), 1)
+    dev.loop_start()
+    try:
+        t0 = time.time()
+        ctl.store.upsert_state(FLEET, {"device": "d0", "online": True, "model": {"name": "m", "version": "1.0.0"}})
+        ctl.store.add_telemetry(FLEET, report("d0", t0 - 5, "1.0.0"))
+        rid = create_rollout(ctl.store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=10)
+        driver = RolloutDriver(ctl.store, ctl)
+        mosquitto.stop()
+        until(lambda: not ctl.client.is_connected())
+        for _ in range(5):
+            driver.tick()
+        assert ctl.store._exec("SELECT COUNT(*) FROM offer_targets").fetchone()[0] == 0
+        mosquitto.start()
+        until(lambda: ctl.client.is_connected(), 40)
+        driver.tick()
+        assert next(r for r in load_rollouts(ctl.store) if r.id == rid).phase == "canary_wait"
+        until(lambda: len(got) >= 1)
+        time.sleep(2)
+        assert len(got) == 1 and ctl.store._exec("SELECT COUNT(*) FROM offer_targets").fetchone()[0] == 1
+    finally:
+        dev.loop_stop()
+        ctl.stop()

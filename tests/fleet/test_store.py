@@ -93,3 +93,26 @@ def test_known_bundles_skip_the_staging_of_an_unfinished_export(tmp_path, signed
     store = Store(tmp_path / "fleet.db")
     assert known_bundles(store, bundles) == {"1.1.0": bundles / "v2"}
     store.close()
+
+
+def test_group_remove_with_a_fleet_touches_only_that_fleets_devices(tmp_path):
+    """A group spanning fleets can hold one device id twice: `group remove G DEV --fleet F` used to take it
+    out of every fleet."""
+    store = Store(tmp_path / "f.db")
+    store.group_add("ring1", "plant7", ["dev1", "dev2"])
+    store.group_add("ring1", "plant8", ["dev1"])
+    assert store.group_remove("ring1", ["dev1"], fleet="plant8") == 1
+    assert store.groups()["ring1"] == [("plant7", "dev1"), ("plant7", "dev2")]
+    assert store.group_remove("ring1", None, fleet="plant7") == 2 and "ring1" not in store.groups()
+    store.close()
+
+
+def test_a_new_database_has_the_indexes_its_queries_need(tmp_path):
+    """Pruning by window_end and looking up a device's result for an update (once per device and rollout
+    tick) used to scan whole tables on a new database."""
+    store = Store(tmp_path / "f.db")
+    plan = lambda sql: " ".join(str(r) for r in store._exec("EXPLAIN QUERY PLAN " + sql).fetchall())  # noqa: E731
+    assert "telemetry_by_time" in plan("DELETE FROM telemetry WHERE window_end < 5")
+    assert "ota_status_by_device" in plan("SELECT body FROM ota_status WHERE fleet='f' AND device='d' AND "
+                                          "update_id='u' AND result IS NOT NULL ORDER BY ts DESC LIMIT 1")
+    store.close()

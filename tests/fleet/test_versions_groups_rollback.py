@@ -126,6 +126,9 @@ def test_status_has_one_row_per_model_version_with_aggregates_and_metrics(contro
         for key, value in exp.items():
             assert rows[version][key] == pytest.approx(value), (version, key)
     assert rows["1.0.0"]["error_rate"] == 0 and rows["1.1.0"]["error_rate"] == pytest.approx(3 / 24)
+    per_device = {d["device"]: d["latency"] for d in json.loads(out.stdout)["devices"]}  # the table's columns
+    assert (per_device["b1"]["requests"], per_device["b1"]["errors"]) == (21, 3)
+    assert per_device["b1"]["token_p95_ms"] == pytest.approx(expected["1.1.0"]["token_p95_ms"])
 
     table = cli("status", "--db", str(db)).stdout
     line = next(x for x in table.splitlines() if x.startswith("1.1.0"))
