@@ -58,6 +58,13 @@ def _schema(store: Store) -> None:
             store._exec(f"ALTER TABLE rollouts ADD COLUMN {column} {kind}")
 ACTIVE = ("canary", "canary_wait", "canary_window", "rest", "rest_wait", "halting")
 ERROR_RATE_FLOOR = 0.01  # the canary gate halts on an error rate above the baseline's by more than this
+RESULT_WAIT_MIN_S = 3600.0  # how long canary_wait / rest_wait wait for devices' results, at least
+
+
+def result_wait_s(window_s: float) -> float:
+    """How long a rollout waits for OTA results before it stops waiting for the devices that sent none
+    (offline, or a download on a slow link): an hour, or four gate windows if longer."""
+    return max(RESULT_WAIT_MIN_S, 4 * window_s)
 
 
 def _error_rate(latency: dict) -> float:
@@ -272,6 +279,7 @@ class RolloutDriver:
             return
         r.data.update(canaries=canaries, rest=rest, baseline=baseline)
         r.data["offers"] = self._offer(r, canaries, r.bundle)
+        r.data["offered_at"] = now
         note = f" (no baseline latency from {missing})" if missing else ""
         if already:
             note += f"; {len(already)} already run {version}, not offered: {already}"
@@ -283,8 +291,13 @@ class RolloutDriver:
     def _canary_wait(self, r: Rollout, now: float) -> None:
         results = self._results(r, r.data["canaries"])
         failed = {d: res for d, res in results.items() if res not in (None, "committed")}
+        silent = [d for d, res in results.items() if res is None]
+        waited = now - r.data.get("offered_at", now)
         if failed:
             self._save(r, "halting", f"canary update failed: {failed}")
+        elif silent and waited > result_wait_s(r.window_s):  # offline since: it would block the fleet for ever
+            self._save(r, "halting", f"canary update failed: no result from {silent} in {waited:.0f} s "
+                                     f"(offline, or still downloading); the retained offer stands for them")
         elif all(res == "committed" for res in results.values()):
             r.data["window_start"] = now
             self._save(r, "canary_window", f"canaries committed; measuring for {r.window_s:g} s")
@@ -328,14 +341,31 @@ class RolloutDriver:
             self._save(r, "rest", f"latency gate passed ({r.data.get('p95_change_pct', {})})")
 
     def _rest(self, r: Rollout, now: float) -> None:
-        r.data["offers"].update(self._offer(r, r.data["rest"], r.bundle))
-        self._save(r, "rest_wait", f"offered to the rest {r.data['rest']}")
+        # every device of the target not on the version yet, online or not (one offline when the canaries were
+        # picked gets the retained offer when it connects), less the canaries
+        members, version = self._members(r), r.data.get("version")
+        devices = self.store.devices(r.fleet)
+        known = {d["device"]: d["model_version"] for d in devices}
+        online = {d["device"] for d in devices if d["online"]}
+        rest = sorted({*r.data["rest"], *(d for d in known if members is None or d in members)}
+                      - set(r.data["canaries"]) - {d for d, v in known.items() if version and v == version})
+        offline = [d for d in rest if d not in online]
+        r.data["rest"] = rest
+        r.data["offers"].update(self._offer(r, rest, r.bundle))
+        r.data["rest_offered_at"] = now
+        note = f" ({len(offline)} offline, offered when they connect: {offline})" if offline else ""
+        self._save(r, "rest_wait", f"offered to the rest {rest}{note}")
 
     def _rest_wait(self, r: Rollout, now: float) -> None:
         results = self._results(r, r.data["rest"])
-        if all(res is not None for res in results.values()):
+        pending = [d for d, res in results.items() if res is None]
+        waited = now - r.data.get("rest_offered_at", now)
+        if not pending or waited > result_wait_s(r.window_s):
             ok = sum(res == "committed" for res in results.values())
-            self._save(r, "done", f"rollout finished: {ok}/{len(results)} of the rest committed; {results}")
+            note = f"; no result from {pending} in {waited:.0f} s: the retained offer stands for them" \
+                if pending else ""
+            self._save(r, "done", f"rollout finished: {ok}/{len(results)} of the rest committed; "
+                                  f"{ {d: res for d, res in results.items() if res is not None} }{note}")
 
     def _halting(self, r: Rollout, now: float) -> None:
         if r.previous_bundle and r.key:

@@ -564,3 +564,64 @@ def test_a_rollout_step_during_a_broker_outage_offers_once_when_it_is_back(mosqu
     finally:
         dev.loop_stop()
         ctl.stop()
+
+
+def test_a_device_offline_through_a_rollout_neither_blocks_it_nor_is_left_out(tmp_path):
+    """d2 is offline when the canaries are picked and never comes back: it is still offered the bundle with the
+    rest (the retained offer waits for it), and the rollout ends once the others answered and the result
+    wait (an hour, or four windows) is over, instead of staying active and blocking every new rollout."""
+    from fleet.rollout import RESULT_WAIT_MIN_S
+    from fleet.store import Store
+
+    store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
+    for d, online in (("d0", True), ("d1", True), ("d2", False)):
+        store.upsert_state(FLEET, {"device": d, "online": online, "model": {"name": "m", "version": "1.0.0"}})
+        store.add_telemetry(FLEET, report(d, t0 - 5, "1.0.0"))
+    recorder = OfferRecorder()
+    driver = RolloutDriver(store, recorder)
+    bundle = tmp_path / "bundle-1.1.0"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
+    rid = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
+
+    def tick(now: float):
+        driver.tick(now)
+        return next(r for r in load_rollouts(store) if r.id == rid)
+
+    def commit(r, d, ts):
+        store.add_ota_status(FLEET, d, {"update_id": r.data["offers"][d], "ts": ts, "state": "reporting",
+                                        "result": "committed"})
+    r = tick(t0)
+    assert r.data["canaries"] == ["d0"] and r.data["rest"] == ["d1"]
+    commit(r, "d0", t0 + 1)
+    tick(t0 + 1)
+    for i in range(3):
+        store.add_telemetry(FLEET, report("d0", t0 + 3 + i, "1.1.0"))
+    assert tick(t0 + 12).phase == "rest"
+    r = tick(t0 + 13)
+    assert r.phase == "rest_wait" and r.data["rest"] == ["d1", "d2"] and "1 offline" in r.data["report"][-1]
+    assert [d for d, _ in recorder.offers] == ["d0", "d1", "d2"]
+    commit(r, "d1", t0 + 20)
+    assert tick(t0 + 30).phase == "rest_wait"  # d2 may still come
+    r = tick(t0 + 13 + RESULT_WAIT_MIN_S + 1)
+    assert r.phase == "done" and "no result from ['d2']" in r.data["report"][-1]
+    store.close()
+
+
+def test_a_canary_that_never_answers_halts_the_rollout_after_the_result_wait(tmp_path):
+    from fleet.rollout import RESULT_WAIT_MIN_S
+    from fleet.store import Store
+
+    store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
+    for d in ("d0", "d1"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
+        store.add_telemetry(FLEET, report(d, t0 - 5, "1.0.0"))
+    driver = RolloutDriver(store, OfferRecorder())
+    rid = create_rollout(store, tmp_path / "bundle-1.1.0", FLEET, canary_pct=50, window_s=10.0)
+    driver.tick(t0)
+    driver.tick(t0 + 600)
+    assert next(r for r in load_rollouts(store) if r.id == rid).phase == "canary_wait"
+    driver.tick(t0 + RESULT_WAIT_MIN_S + 1)
+    r = next(r for r in load_rollouts(store) if r.id == rid)
+    assert r.phase in ("halting", "halted") and "no result from ['d0']" in " ".join(r.data["report"])
+    store.close()
