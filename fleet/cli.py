@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -71,10 +72,11 @@ def _settings(args):
     if getattr(args, "fleet", None) and getattr(args, "fleet_command", None) == "serve":
         overrides["fleet"] = {"id": args.fleet}
     cfg = load_fleet_config(getattr(args, "config", None), overrides)
-    m = cfg.mqtt
+    m, serving = cfg.mqtt, getattr(args, "fleet_command", None) == "serve"
     settings = ControllerSettings(
         broker_host=m.host, broker_port=m.port, db=cfg.database.path, fleet=cfg.fleet.id,
-        client_id=m.client_id if getattr(args, "fleet_command", None) == "serve" else f"{m.client_id}-cli",
+        # a command's own client id: two at once must not take each other's session over
+        client_id=m.client_id if serving else f"{m.client_id}-cli-{os.getpid()}", listen=serving,
         username=m.username, password=m.password.get_secret_value() if m.password else None,
         ca_file=m.tls.ca_file if m.tls else None, protocol=m.protocol, retention_s=cfg.database.retention_s)
     return cfg, settings

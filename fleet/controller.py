@@ -157,6 +157,9 @@ class ControllerSettings:
     chunk_requests_per_s: float = 400.0
     chunk_burst: int = 400
     retention_s: float = 7 * 86400.0  # telemetry kept ([database] retention_s)
+    # False: publish only (the CLI's offer / config set / rollback): no subscriptions, so a short command
+    # neither stores every device's retained status again nor answers chunk requests meant for `fleet serve`
+    listen: bool = True
 
 
 class FleetController:
@@ -259,6 +262,9 @@ class FleetController:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("broker refused the controller: %s", reason_code)
+            return
+        if not self.settings.listen:
+            self.connected.set()
             return
         # one SUBSCRIBE for every topic filter, so that its SUBACK (_on_subscribe) means all are in place;
         # telemetry at the settings' QoS (default 0): see ControllerSettings.telemetry_qos

@@ -239,7 +239,17 @@ class RolloutDriver:
                     log.info("rollout %d: phase %s went through again", r.id, r.phase)
 
     def _offer(self, r: Rollout, devices: list[str], bundle: Path) -> dict:
-        return {d: self.controller.offer(r.fleet, d, bundle) for d in devices}
+        """Offer `bundle` to each device, stopping as soon as the rollout is cancelled (a `rollout cancel` that
+        lands while a step offers to hundreds of devices stops the offers from there on)."""
+        offers = {}
+        for d in devices:
+            row = self.store._exec("SELECT phase FROM rollouts WHERE id=?", (r.id,)).fetchone()
+            if row and row[0] == "cancelled":
+                log.info("rollout %d cancelled while offering: %d of %d device(s) offered", r.id, len(offers),
+                         len(devices))
+                break
+            offers[d] = self.controller.offer(r.fleet, d, bundle)
+        return offers
 
     def _members(self, r: Rollout) -> set[str] | None:
         if r.group is None:

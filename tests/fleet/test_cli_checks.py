@@ -6,6 +6,7 @@ and a database path that cannot be opened."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -171,6 +172,29 @@ def test_a_cancel_that_lands_during_a_tick_is_not_overwritten(tmp_path):
     store.close()
 
 
+def test_a_cancel_during_the_rest_step_stops_its_offers(tmp_path):
+    """The rest step offers to every remaining device in one tick: a cancel that lands in the middle stops
+    the offers from the next device on (it used to let the step offer them all)."""
+    from fleet.rollout import cancel_rollout
+
+    store = Store(tmp_path / "fleet.db")
+    devices = [f"d{i:02d}" for i in range(10)]
+    for d in devices:
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": None})
+    rid = create_rollout(store, tmp_path / "bundle", FLEET, canary_pct=10, window_s=1.0)
+    recorder = OfferRecorder()
+    driver = RolloutDriver(store, recorder)
+    driver.tick()
+    [r] = load_rollouts(store)
+    store.add_ota_status(FLEET, "d00", {"update_id": r.data["offers"]["d00"], "ts": time.time(), "result": "committed"})
+    store._exec("UPDATE rollouts SET phase='rest' WHERE id=?", (rid,))  # the gate passed
+    recorder.on_offer = lambda: len(recorder.offers) == 4 and cancel_rollout(store, rid)  # mid-step
+    driver.tick()
+    assert [r.phase for r in load_rollouts(store)] == ["cancelled"]
+    assert [d for _, d in recorder.offers] == ["d00", "d01", "d02", "d03"]  # none after the cancel
+    store.close()
+
+
 # --- offer -------------------------------------------------------------------------------------
 
 def retained(port: int, topic: str, wait_s: float = 1.0) -> list[bytes]:
@@ -283,3 +307,31 @@ def test_ids_no_topic_can_carry_and_ports_that_cannot_be_bound_are_one_line(mosq
         busy.listen()
         refused(cli("serve", *broker, "--http-port", str(busy.getsockname()[1])), "cannot serve HTTP on 127.0.0.1:",
                 "choose another --http-port")
+
+
+def test_cli_commands_publish_without_listening_each_under_its_own_client_id(mosquitto, db):
+    """`config set` (as offer and rollback) used to start a full controller: it stored every device's
+    retained OTA status again on each run, and every command shared one client id, so two at once took
+    each other's MQTT session over. Now a command only publishes, as edgeglm-controller-cli-<pid>."""
+    import paho.mqtt.client as paho_client
+
+    from agent.topics import ota_status_topic
+    raw = paho_client.Client(CallbackAPIVersion.VERSION2, protocol=paho_client.MQTTv5)
+    raw.connect("127.0.0.1", mosquitto.port)
+    raw.loop_start()
+    try:
+        raw.publish(ota_status_topic(FLEET, "d0"), json.dumps({"update_id": "u1", "ts": time.time(), "state":
+                    "reporting", "result": "committed"}), qos=1, retain=True).wait_for_publish(5)
+        args = ("config", "set", "--db", str(db), "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", FLEET,
+                "--device", "d0")
+        runs = [subprocess.Popen([sys.executable, "-m", "agent.cli", "fleet", *args, f"sampling.max_tokens={60 + i}"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        assert all(p.wait(60) == 0 for p in runs), [p.stderr.read() for p in runs]
+    finally:
+        raw.loop_stop()
+    store = Store(db)
+    assert store._exec("SELECT COUNT(*) FROM ota_status").fetchone()[0] == 0
+    store.close()
+    assert "taken over" not in mosquitto.log_text().lower()
+    clients = set(re.findall(r"New client connected from \S+ as (edgeglm-controller-cli\S*)", mosquitto.log_text()))
+    assert len(clients) == 2 and all(re.fullmatch(r"edgeglm-controller-cli-\d+", c) for c in clients), clients
