@@ -180,9 +180,13 @@ class Store:
         return stored
 
     def prune(self, now: float | None = None) -> int:
-        """Delete telemetry older than the retention; the number of rows deleted."""
+        """Delete telemetry and OTA statuses older than the retention, except each device's last result for
+        each update (what rollouts and `fleet status` read); the number of rows deleted."""
         cutoff = (time.time() if now is None else now) - self.retention_s
-        return self._exec("DELETE FROM telemetry WHERE window_end < ?", (cutoff,)).rowcount
+        n = self._exec("DELETE FROM telemetry WHERE window_end < ?", (cutoff,)).rowcount
+        return n + self._exec("DELETE FROM ota_status WHERE ts < ? AND rowid NOT IN (SELECT MAX(rowid) FROM "
+                              "ota_status WHERE result IS NOT NULL GROUP BY fleet, device, update_id)",
+                              (cutoff,)).rowcount
 
     def group_add(self, name: str, fleet: str, devices: list[str]) -> int:
         """Put devices in a group (kept if already there); how many were new."""

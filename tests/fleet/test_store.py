@@ -116,3 +116,17 @@ def test_a_new_database_has_the_indexes_its_queries_need(tmp_path):
     assert "ota_status_by_device" in plan("SELECT body FROM ota_status WHERE fleet='f' AND device='d' AND "
                                           "update_id='u' AND result IS NOT NULL ORDER BY ts DESC LIMIT 1")
     store.close()
+
+
+def test_old_ota_statuses_are_pruned_but_each_devices_last_result_per_update_stays(tmp_path):
+    """Every status of every update used to be kept for ever (and rollout ticks look them up per device)."""
+    store = Store(tmp_path / "f.db", retention_s=60)
+    now = time.time()
+    for ts, update, state, result in ((now - 500, "u1", "downloading", None), (now - 400, "u1", "reporting", "committed"),
+                                      (now - 300, "u2", "downloading", None), (now - 200, "u2", "reporting", "failed"),
+                                      (now - 10, "u3", "downloading", None)):
+        store.add_ota_status("plant7", "d1", {"update_id": update, "ts": ts, "state": state, "result": result})
+    assert store.prune(now) == 2  # the two old in-between states
+    assert [r[0] for r in store._exec("SELECT update_id FROM ota_status ORDER BY ts")] == ["u1", "u2", "u3"]
+    assert store.last_result("plant7", "d1", "u1")["result"] == "committed"
+    store.close()
