@@ -378,6 +378,16 @@ class RolloutDriver:
                                   f"{ {d: res for d, res in results.items() if res is not None} }{note}")
 
     def _halting(self, r: Rollout, now: float) -> None:
+        offers = r.data.get("offers", {})
+        pending = [d for d in r.data.get("canaries", []) if d in offers
+                   and not (self.store.last_result(r.fleet, d, offers[d]) or {}).get("result")]
+        if r.previous_bundle and r.key and pending and now - r.data.get("offered_at", now) <= result_wait_s(r.window_s):
+            # a canary still updating would commit the new version after a rollback signed for the old one,
+            # and refuse it: roll back once it has a result (or the result wait is over)
+            if not r.data.get("halting_waits"):
+                r.data["halting_waits"] = True
+                self._save(r, "halting", f"waiting for the update of {pending} to end before rolling back")
+            return
         if r.previous_bundle and r.key:
             # the version each canary serves now: the rollout's for one that committed it, else the reported one
             reported = {d["device"]: d["model_version"] for d in self.store.devices(r.fleet)}

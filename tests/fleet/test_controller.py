@@ -423,6 +423,24 @@ def test_a_halted_rollout_offers_each_canary_a_rollback_bound_to_the_version_it_
     assert [(c["device"], c["version"], c["replaces"]) for c in rollbacks] == [("d0", "1.0.0", "1.1.0"),
                                                                                ("d1", "1.0.0", "1.0.0")]
     assert all(abs(c["not_after"] - (time.time() + ROLLBACK_VALID_S)) < 60 for c in rollbacks)
+    # a halt while a canary is still updating waits for its result: a rollback signed for the version it
+    # serves now (1.0.0) would be refused once its update commits 1.1.0
+    first = len(calls)
+    rid = create_rollout(store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=10.0,
+                         previous_bundle=signed_bundles["v1"], key=signed_bundles["root"] / "keys" / "fleet.key")
+    driver.tick(t0 + 10)
+    r = next(r for r in load_rollouts(store) if r.id == rid)
+    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 11, "result": "failed"})
+    driver.tick(t0 + 11)
+    driver.tick(t0 + 12)
+    r = next(r for r in load_rollouts(store) if r.id == rid)
+    assert r.phase == "halting" and "waiting for the update of ['d1'] to end" in r.data["report"][-1]
+    assert not [c for c in calls[first:] if c["rollback"]]
+    store.add_ota_status(FLEET, "d1", {"update_id": r.data["offers"]["d1"], "ts": t0 + 13, "result": "committed"})
+    driver.tick(t0 + 14)
+    rollbacks = [(c["device"], c["replaces"]) for c in calls[first:] if c["rollback"]]
+    assert next(r for r in load_rollouts(store) if r.id == rid).phase == "halted"
+    assert rollbacks == [("d0", "1.0.0"), ("d1", "1.1.0")]
     store.close()
 
 
