@@ -366,7 +366,8 @@ def cmd_rollback(args) -> int:
     version, bundle = rollback_target(running, known_bundles(store, load_fleet_config(args.config).bundles.dir),
                                       args.to)
     move = [m for m in selection.members if m in devices and devices[m]["model_version"] != version]
-    stay = [m for m in selection.members if m not in move]
+    stay = [m for m in selection.members if m in devices and m not in move]
+    unseen = [f"{f}/{d}" for f, d in selection.members if (f, d) not in devices]  # never reported: no version
     offered: dict[tuple[str, str], str] = {}
     if move:
         controller = _connect(args)
@@ -383,7 +384,8 @@ def cmd_rollback(args) -> int:
         print(f"  {fleet}/{device}: {d['model_version'] or '-'} -> {version}, signed rollback offer "
               f"{offered[(fleet, device)]}{'' if d['online'] else ' (offline: it gets the offer when it reconnects)'}")
     expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + args.valid_for))
-    print(f"{len(move)} device(s) offered the rollback; {len(stay)} already on {version}. Each offer is signed "
+    never = f"; {len(unseen)} never seen by this controller, not offered: {', '.join(unseen)}" if unseen else ""
+    print(f"{len(move)} device(s) offered the rollback; {len(stay)} already on {version}{never}. Each offer is signed "
           f"for its device and the version shown, once, until {expires} (--valid-for {args.valid_for:g} s). "
           f"`edgeglm fleet serve` serves the files; `edgeglm fleet status` shows the versions.")
     return 0

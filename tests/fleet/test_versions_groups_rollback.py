@@ -240,6 +240,13 @@ def test_rollback_offers_the_previous_version_to_devices_on_another(controller, 
         assert abs(terms.not_after - (time.time() + 600)) < 60
     assert fleet[0].offers[-1].rollback_signature != fleet[1].offers[-1].rollback_signature
 
+    # a member that never reported has no version: not counted as "already on" it
+    assert cli("group", "add", "ring3", "--db", str(db), "--fleet", FLEET, "r0", "ghost").returncode == 0
+    out = cli("rollback", "--group", "ring3", *args[2:], "--to", "1.0.0")
+    assert out.returncode == 0, out.stderr
+    assert (f"0 device(s) offered the rollback; 1 already on 1.0.0; 1 never seen by this controller, not "
+            f"offered: {FLEET}/ghost") in out.stdout
+
     out = cli("rollback", *args)  # now nothing older than 1.0.0 is known
     assert out.returncode == 2 and "no version earlier than 1.0.0 is known" in out.stderr
     out = cli("rollback", *args, "--to", "0.9.0")
