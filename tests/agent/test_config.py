@@ -316,3 +316,10 @@ def test_an_empty_path_is_refused_not_taken_as_the_working_directory(monkeypatch
     monkeypatch.delenv(variable)
     with pytest.raises(ConfigError, match="is empty; set a path"):
         load_config(toml)
+
+
+def test_an_error_across_two_fields_names_the_variable_that_set_one(monkeypatch):
+    monkeypatch.setenv("EDGEGLM_MQTT__PASSWORD", "x")
+    with pytest.raises(ConfigError, match=r"mqtt \(from environment variable EDGEGLM_MQTT__PASSWORD\) is invalid: "
+                                          "mqtt.password is set but mqtt.username is not"):
+        load_config(None)
