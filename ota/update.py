@@ -522,6 +522,7 @@ class Updater:
         target = self.data["target_slot"]
         if self.offer.rollback:  # remembered before the switch: a replay is refused even after a power cut here
             self._remember_rollback(self.data["update_id"])
+        self.data["switching"] = True  # from here on a failure must switch back (ROLLBACK)
         self.slots.activate(target)
         self.deps.activate(self.slots.path(target))
         self.data["outcome"] = "committed"
@@ -529,6 +530,11 @@ class Updater:
 
     def _rollback(self) -> Event:
         previous = self.data.get("previous_slot")
+        if not self.data.get("switching") and self.slots.active() == previous:
+            # COMMITTING failed before it switched anything (its state could not be saved): the old model
+            # still serves; loading it again would hold two copies on a box short of memory
+            self.data["outcome"] = "failed"
+            return E.ROLLED_BACK
         self.data["outcome"] = "rolled_back"
         if previous:
             self.slots.activate(previous)

@@ -524,3 +524,26 @@ def test_a_damaged_record_of_applied_rollbacks_refuses_rollbacks_with_its_name(u
     (upgraded / "state" / ROLLBACK_APPLIED).write_text(content)
     offer = rollback_for(signed_bundles["v1"], "rb-damaged", signed_bundles["key"])
     _rollback_refused(upgraded, offer, f"{ROLLBACK_APPLIED}: unreadable")
+
+
+def test_a_commit_whose_state_cannot_be_saved_fails_without_reloading_the_serving_model(device, signed_bundles,
+                                                                                        monkeypatch):
+    """The disk fills up just as COMMITTING is entered: nothing was switched, so the update fails (it used to
+    report rolled_back and load the old model a second time, two copies in memory on a tight box)."""
+    from ota.update import Updater
+
+    updater = build_updater(device)
+    loads = []
+    real_activate = updater.deps.activate
+    updater.deps.activate = lambda path: (loads.append(path), real_activate(path))
+    real_persist = Updater._persist
+
+    def full_disk_at_commit(self):
+        if self.state.value == "committing":
+            return "OSError: [Errno 28] No space left on device"
+        return real_persist(self)
+    monkeypatch.setattr(Updater, "_persist", full_disk_at_commit)
+    updater.submit(offer_for(signed_bundles["v2"], "u2"))
+    updater.run()
+    assert updater.data["outcome"] == "failed" and "cannot be saved" in updater.data["reason"]
+    assert loads == [] and updater.slots.active() == "a" and serving(device) == "1.0.0"
