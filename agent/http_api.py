@@ -636,8 +636,14 @@ def prefix_cache_key(model) -> str:
     """What prefix-cache KV is valid for: one bundle on one execution path (backend, device, precision,
     threads), e.g. `3f2a...-onnxruntime-1c9e0b7d4a21`. It names the cache's directory on disk."""
     path = getattr(model, "path", None)
-    about = json.dumps(path.to_dict() if path is not None else {"backend": model.backend}, sort_keys=True)
-    return f"{model.bundle.sha256}-{model.backend}-{hashlib.sha256(about.encode()).hexdigest()[:12]}"
+    about = path.to_dict() if path is not None else {"backend": model.backend}
+    # the graph that runs prompts makes the KV: the W8A8 prefill graph's differs from the decode graph's
+    # (model.prefill_graph on / off over the same bundle and path)
+    prompts_on = getattr(getattr(model, "engine", None), "prefill_graph", None)
+    if prompts_on:
+        about = {**about, "prompts_on": prompts_on}
+    text = json.dumps(about, sort_keys=True)
+    return f"{model.bundle.sha256}-{model.backend}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def make_prefix_cache(cache: CacheSettings, state_dir: Path):

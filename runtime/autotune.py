@@ -356,12 +356,20 @@ def _load(bundle, arch: ModelArch, trial: Trial, prefill: str = "on"):
     if c.changes_numerics:
         g = bundle.manifest.golden
         seq = g.backends[c.backend]
-        result = check_golden(engine, g.prompt_ids, seq.tokens, seq.margins, g.tolerance)
+        try:
+            result = check_golden(engine, g.prompt_ids, seq.tokens, seq.margins, g.tolerance)
+        except Exception as exc:  # loads, then fails on its first inference (lazy compilation, out of memory)
+            _failed_at_run_time(trial, exc)
+            return None
         trial.golden = result.describe()
         if not result.passed:
             trial.status, trial.reason = "excluded", f"golden check failed: {result.describe()}"
             return None
     return engine
+
+
+def _failed_at_run_time(trial: Trial, exc: Exception) -> None:
+    trial.status, trial.reason = "excluded", f"failed at run time: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"
 
 
 def measure(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
@@ -376,13 +384,21 @@ def measure(bundle, trials: list[Trial], settings: TuneSettings, available_memor
         for c in group:
             engine = _load(bundle, arch, by_candidate[c], prefill)
             if engine is not None:
-                measure_round(engine, prompt, 2)  # warm-up: first-run allocations and compilation, both graphs
-                engines[c] = engine
+                try:
+                    measure_round(engine, prompt, 2)  # warm-up: first-run allocations and compilation, both graphs
+                except Exception as exc:  # a path that fails at run time is excluded, not the whole autotune
+                    _failed_at_run_time(by_candidate[c], exc)
+                else:
+                    engines[c] = engine
             on_step()
         rounds: dict[Candidate, list[tuple[float, float]]] = {c: [] for c in engines}
         for _ in range(settings.repeats):
-            for c, engine in engines.items():
-                rounds[c].append(measure_round(engine, prompt, settings.decode_steps))
+            for c, engine in list(engines.items()):
+                try:
+                    rounds[c].append(measure_round(engine, prompt, settings.decode_steps))
+                except Exception as exc:
+                    _failed_at_run_time(by_candidate[c], exc)
+                    del engines[c], rounds[c]
                 on_step()
         for c, results in rounds.items():
             t = by_candidate[c]
@@ -413,13 +429,15 @@ def read_cache(path: Path, bundle_sha256: str, fingerprint: str, threads: int | 
     """The cached result, or None when missing, unreadable or made for something else."""
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object but {type(data).__name__}")
         if (data.get("version"), data.get("bundle_sha256"), data.get("fingerprint"), data.get("threads_limit"),
                 data.get("prefill", "on")) != (CACHE_VERSION, bundle_sha256, fingerprint, threads, prefill):
             return None
         result = TuneResult.from_dict(data)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("autotune cache %s ignored (%s): measuring again", path, exc)
         return None
     result.from_cache, result.cache_path = True, str(path)

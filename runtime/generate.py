@@ -110,12 +110,12 @@ def generate(engine, prompt_ids: list[int], params: SamplingParams, prefix_cache
     rng = np.random.default_rng(params.seed)
     history = list(prompt_ids)
     logits, cache, _reused = prefill_cached(engine, prompt_ids, prefix_cache)
-    for _ in range(params.max_tokens):
+    for i in range(params.max_tokens):
         token = sample(logits, params, rng, history)
         if token in stops:
             return
         yield token
         history.append(token)
-        if len(history) >= limit:
+        if len(history) >= limit or i + 1 == params.max_tokens:  # no step whose logits nobody reads
             return
         logits, cache = decode_one_token(engine, token, len(history) - 1, cache)

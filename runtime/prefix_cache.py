@@ -56,6 +56,7 @@ import os
 import re
 import struct
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ class PrefixCache:
         self._engine = None  # weakref to the one engine served, when bound with one
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
         self._bytes = self._lookups = self._hits = self._hit_tokens = self._evictions = 0
+        self._disk_bytes = 0  # bytes of this model's block files, as far as this process knows
         self._lock = threading.RLock()
 
     # --- model binding ------------------------------------------------------------------------
@@ -134,7 +136,7 @@ class PrefixCache:
             self._tidy_disk()
 
     def clear(self) -> None:
-        """Drop every block in memory (files on disk stay for the bound model)."""
+        """Drop every block in memory (files on disk stay for the bound model, within max_bytes)."""
         with self._lock:
             self._drop_all()
 
@@ -257,8 +259,8 @@ class PrefixCache:
         parent = self._blocks.get(block.parent)
         if parent is not None:
             parent.children -= 1
-        if delete_file and block.persisted:
-            self._file(h).unlink(missing_ok=True)
+        if delete_file and block.persisted and _unlink(self._file(h)):
+            self._disk_bytes -= block.nbytes
 
     def _evict_to(self, limit: int) -> None:
         while self._bytes > limit:
@@ -293,9 +295,13 @@ class PrefixCache:
                 f.write(MAGIC + struct.pack("<I", len(header)) + header + payload)
             os.replace(tmp, path)  # a power cut leaves the old file or none; a torn one fails its checksum
             block.persisted = True
+            self._disk_bytes += len(payload)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             log.warning("prefix cache: cannot write %s (%s); the block stays in memory only", path, exc)
+            return
+        if self._disk_bytes > self.max_bytes:  # files of earlier runs, or of blocks dropped by clear()
+            self._tidy_disk(keep_fraction=0.75)
 
     def _load(self, h: bytes, parent: bytes, arch: ModelArch | None) -> _Block | None:
         """The block of hash `h` from disk, added to memory; None if absent or unusable (warned, deleted)."""
@@ -313,34 +319,84 @@ class PrefixCache:
             block = _parse(data, h, parent, self.block_tokens, arch)
         except ValueError as exc:
             log.warning("prefix cache: %s is not a usable KV block (%s); ignored and deleted", path, exc)
-            path.unlink(missing_ok=True)
+            _unlink(path)
             return None
         block.persisted = True
+        _touch(path)  # used again: the newest for the next trim (bind), as a new block would be
         self._add(h, block)
         self._evict_to(self.max_bytes)
         return self._blocks.get(h)
 
-    def _tidy_disk(self) -> None:
-        """Remove other models' block files and trim this model's to max_bytes, oldest first."""
+    def _tidy_disk(self, keep_fraction: float = 1.0) -> None:
+        """Remove other models' block files and leftover temporary files, and trim this model's to
+        `keep_fraction` of max_bytes. A chain is kept from its root: a file counts as recent as the most
+        recent of its descendants (so a shared system prompt written first outlives the prompts built on
+        it), and a file whose parent is not kept goes too (no lookup could reach it)."""
         if self.persist_dir is None or not self.persist_dir.is_dir():
+            self._disk_bytes = 0
             return
         mine = self._dir()
         try:
             for folder in self.persist_dir.iterdir():
                 stale = list(folder.glob("*" + SUFFIX)) if folder.is_dir() and folder != mine else []
                 for f in stale:
-                    f.unlink(missing_ok=True)
+                    _unlink(f)
                 if stale:  # a directory that held nothing of ours is left alone
                     _rmdir_if_empty(folder)
-            files = sorted(mine.glob("*" + SUFFIX), key=lambda f: f.stat().st_mtime, reverse=True) \
-                if mine.is_dir() else []
-            total = 0
-            for f in files:
-                total += f.stat().st_size
-                if total > self.max_bytes:
-                    f.unlink(missing_ok=True)
+            entries = {}  # hash -> (path, mtime, size, parent hash)
+            for f in (mine.glob("*" + SUFFIX) if mine.is_dir() else []):
+                st = f.stat()
+                parent, overhead = _header_of(f)
+                entries[f.name[:-len(SUFFIX)]] = (f, st.st_mtime, st.st_size - overhead, parent)
+            for f in (mine.glob(".*.tmp") if mine.is_dir() else []):  # a write cut short by a crash
+                if time.time() - f.stat().st_mtime > 3600:
+                    _unlink(f)
         except OSError as exc:
             log.warning("prefix cache: cannot tidy %s (%s)", self.persist_dir, exc)
+            return
+        recent = {h: e[1] for h, e in entries.items()}
+        for h, (_, mtime, _, parent) in entries.items():  # a chain is as recent as its newest block
+            while parent in entries and recent[parent] < mtime:
+                recent[parent] = mtime
+                parent = entries[parent][3]
+
+        def depth(h: str) -> int:
+            n, parent = 0, entries[h][3]
+            while parent in entries and n < len(entries):
+                n, parent = n + 1, entries[parent][3]
+            return n
+        kept, total, budget = set(), 0, self.max_bytes * keep_fraction
+        for h in sorted(entries, key=lambda h: (-recent[h], depth(h))):  # parents before their children
+            path, _, size, parent = entries[h]
+            if total + size <= budget and (parent == ROOT.hex() or parent in kept):
+                kept.add(h)
+                total += size
+            else:
+                if parent is None:
+                    log.warning("prefix cache: %s is not a usable KV block (unreadable header); deleted", path)
+                _unlink(path)
+        self._disk_bytes = total
+
+
+def _unlink(path: Path) -> int:
+    """Delete a file; its size (0 if it was not there or cannot be deleted: a read-only directory, files of
+    another user, which must not fail the request that evicts a block; warned)."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+        return size
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log.warning("prefix cache: cannot delete %s (%s)", path, exc)
+        return 0
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _rmdir_if_empty(folder: Path) -> None:
@@ -348,6 +404,20 @@ def _rmdir_if_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:
         pass
+
+
+def _header_of(path: Path) -> tuple[str | None, int]:
+    """(the parent hash in hex, the bytes before the arrays) of a block file; (None, 0) when its header cannot
+    be read. Disk use is counted in array bytes, as memory is (max_bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + 4)
+            if not head.startswith(MAGIC) or len(head) < len(MAGIC) + 4:
+                return None, 0
+            (size,) = struct.unpack("<I", head[len(MAGIC):])
+            return json.loads(f.read(min(size, 1 << 20)))["parent"], len(MAGIC) + 4 + size
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, 0
 
 
 def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelArch | None) -> _Block:

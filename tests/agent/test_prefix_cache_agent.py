@@ -109,3 +109,16 @@ def test_a_persisted_prefix_serves_the_agent_after_a_restart(config):
         assert m["edgeglm_prefix_cache_hits_total"] == 1 and m["edgeglm_prefix_cache_hit_tokens_total"] >= 3 * BLOCK
     finally:
         restarted.shutdown(deadline=5.0)
+
+
+def test_the_prefix_cache_key_names_the_graph_that_runs_prompts(int8_bundle):
+    """KV of the W8A8 prefill graph differs from the decode graph's: a bundle served with
+    model.prefill_graph on and then off (a config change, a rollback to the same bundle) must not reuse it."""
+    from agent.http_api import prefix_cache_key
+    from agent.model import load_model
+
+    on, off = load_model(int8_bundle, "onnxruntime", prefill_graph="on"), load_model(int8_bundle, "onnxruntime",
+                                                                                     prefill_graph="off")
+    assert on.engine.prefill_graph and not off.engine.prefill_graph
+    assert prefix_cache_key(on) != prefix_cache_key(off)
+    assert prefix_cache_key(on) == prefix_cache_key(load_model(int8_bundle, "onnxruntime", prefill_graph="on"))

@@ -132,6 +132,44 @@ def test_candidate_failing_golden_check_or_load_is_excluded(int8_bundle, tmp_pat
     assert "golden check failed" in text and "accelerators found: openvino:GPU.7" in text
 
 
+@pytest.mark.parametrize("fails_in", ["golden check", "measurement"])
+def test_a_path_that_loads_but_fails_at_run_time_is_excluded_not_the_autotune(int8_bundle, tmp_path, monkeypatch,
+                                                                               fails_in):
+    """A plugin that compiles lazily or a device out of memory on its first inference: that path is excluded
+    with the reason, the others are measured and one is chosen (the error used to end the whole autotune:
+    a traceback from `edgeglm probe`, no model for an agent with backend auto)."""
+    import runtime.autotune as autotune_module
+
+    class FailsAtRunTime:
+        def __init__(self, engine):
+            self._engine, self.arch, self.calls = engine, engine.arch, 0  # measurement rounds done
+
+        def __getattr__(self, name):
+            return getattr(self._engine, name)
+
+        def forward(self, *args, **kwargs):
+            if fails_in == "golden check" or self.calls:  # "measurement": after the warm-up round
+                raise RuntimeError("Exception from src/plugin: cannot compile a dynamic shape")
+            return self._engine.forward(*args, **kwargs)
+    real_round = autotune_module.measure_round
+
+    def measure_round(engine, *args):
+        out = real_round(engine, *args)
+        if isinstance(engine, FailsAtRunTime):
+            engine.calls += 1
+        return out
+    monkeypatch.setattr(autotune_module, "measure_round", measure_round)
+    real_load = autotune_module.load_engine
+    monkeypatch.setattr(autotune_module, "load_engine", lambda backend, *a, **k: FailsAtRunTime(
+        real_load(backend, *a, **k)) if k.get("kv_cache_precision") == "u8" else real_load(backend, *a, **k))
+    hw = only(hardware(physical=2, logical=2), "openvino")
+    result = autotune(open_bundle(int8_bundle), hw, settings=FAST)
+    trials = {t.candidate.kv_cache_precision: t for t in result.trials}
+    assert trials["u8"].status == "excluded" and trials["u8"].reason.startswith("failed at run time: Exception "
+                                                                              "from src/plugin")
+    assert trials["f32"].status == "measured" and result.choice == trials["f32"].candidate
+
+
 def test_cache_reused_for_same_bundle_and_hardware_redone_when_either_changes(int8_bundle, fp32_bundle, tmp_path):
     hw = only(probe_hardware(), "onnxruntime")
     bundle = open_bundle(int8_bundle)
@@ -152,8 +190,9 @@ def test_cache_reused_for_same_bundle_and_hardware_redone_when_either_changes(in
     assert not retuned.from_cache and retuned.measured_at > first.measured_at
     assert autotune(bundle, hw, cache_dir=tmp_path, settings=FAST).measured_at == retuned.measured_at
 
-    Path(first.cache_path).write_text("{ not json")  # a damaged cache is measured again, not an error
-    assert not autotune(bundle, hw, cache_dir=tmp_path, settings=FAST).from_cache
+    for damaged in ("{ not json", "[]", "null", '{"version": 1, "choice": "x"}'):  # measured again, not an error
+        Path(first.cache_path).write_text(damaged)
+        assert not autotune(bundle, hw, cache_dir=tmp_path, settings=FAST).from_cache
     assert len(list((tmp_path / "autotune").glob("*.json"))) == 3  # (int8, hw), (int8, other cpu), (fp32, hw)
 
 

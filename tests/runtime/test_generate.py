@@ -79,8 +79,12 @@ def test_generate_stops_at_stop_tokens_and_context_limit(fp32_bundle):
 
     model = load_model(fp32_bundle, "onnxruntime")
     prompt = model.tokenizer.encode("def parse(text):\n    ").ids
+    steps = []
+    real_forward = model.engine.forward
+    model.engine.forward = lambda *a, **k: (steps.append(1), real_forward(*a, **k))[1]
     free = list(generate(model.engine, prompt, SamplingParams(max_tokens=10)))
-    assert len(free) == 10
+    assert len(free) == 10 and len(steps) == 10  # the prompt, then 9 steps: none after the last token
+    del model.engine.forward
     stopped = list(generate(model.engine, prompt, SamplingParams(max_tokens=10, stop_token_ids=(free[3],))))
     assert stopped == free[:free.index(free[3])]
     model.engine.arch = dataclasses.replace(model.arch, max_positions=len(prompt) + 4)

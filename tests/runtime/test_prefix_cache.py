@@ -7,6 +7,7 @@ References are plain prefills (`runtime.generate.prefill`, no prefix cache) on t
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -206,10 +207,52 @@ def test_a_corrupted_or_truncated_block_file_is_ignored_with_a_warning(models, i
     with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
         assert prefill_cached(model.engine, prompt, restarted)[2] == 48
     assert "checksum" in caplog.text and not fourth.exists()
-    third.write_bytes(third.read_bytes()[:100])  # a torn write
-    again = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
-    again.bind(k)
+    third.write_bytes(third.read_bytes()[:100])  # a torn write: found when the next run binds, or when looked up
     caplog.clear()
+    again = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
     with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        again.bind(k)
         assert list(generate(model.engine, prompt, GREEDY, prefix_cache=again)) == reference(model.engine, prompt, GREEDY)
     assert "not a usable KV block" in caplog.text and again.stats().hit_tokens == 32
+
+
+def test_the_disk_keeps_whole_chains_within_max_bytes_and_never_fails_a_request(tmp_path, monkeypatch):
+    """Trimmed by recency, a shared system prompt written first used to go first, leaving its children on
+    disk where no lookup could reach them; files of earlier runs and of cleared blocks added up to 2-6x
+    max_bytes; and a directory the agent cannot delete in made evictions fail requests."""
+    from runtime.engine import KvBlock
+    from runtime.prefix_cache import SUFFIX
+
+    class Engine:  # what the cache asks of an engine: KV blocks of a prompt (4 layers x 2 heads x 4 dims)
+        def export_kv(self, cache, length):
+            return KvBlock(tuple(np.full((2, length, 4), t, np.float32) for t in range(4)),
+                           tuple(np.full((2, length, 4), -t, np.float32) for t in range(4)))
+
+    class Cache:
+        def __init__(self, length):
+            self.length = length
+    block = 2 * 4 * 2 * 32 * 4 * 4  # keys and values of one 32-token block, bytes
+    system, x, y = list(range(64)), list(range(1000, 1064)), list(range(2000, 2064))
+
+    def use(cache, prompt):
+        cache.insert(Engine(), Cache(len(prompt) + 1), prompt + [7])
+        assert cache.lookup(prompt + [7], None) is not None  # reused: written to disk
+        time.sleep(0.02)
+    first = PrefixCache(4 * block, 32, tmp_path)
+    first.bind("m")
+    use(first, system + x)
+    second = PrefixCache(4 * block, 32, tmp_path)  # a restart
+    second.bind("m")
+    use(second, system + y)
+    third = PrefixCache(4 * block, 32, tmp_path)
+    third.bind("m")
+    assert third.lookup(system + y + [7], None).length == 128  # the shared root is kept with its newest child
+    for i in range(5):  # clear() leaves files behind; new prompts must not pile up past the bound
+        use(third, list(range(10000 * (i + 1), 10000 * (i + 1) + 128)))
+        third.clear()
+    assert len(list((tmp_path / "m").glob("*" + SUFFIX))) <= 4
+    import pathlib
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")))
+    for i in range(3):  # evictions and corrupt files in a directory it cannot delete in: warned, served
+        use(third, list(range(50000 * (i + 1), 50000 * (i + 1) + 128)))
