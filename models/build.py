@@ -65,7 +65,8 @@ from models.data import TextSource, TokenCorpus, corpus_from_ids, text_files, to
 from models.distill import DistillError, DistillSettings, distill, resolve_device
 from models.errors import CheckpointError, ExportError
 from models.prune import (
-    PruneSpec, activation_importance, magnitude_importance, non_embedding_params, prune_model, solve_spec,
+    PruneSpec, activation_importance, kept_indices, magnitude_importance, non_embedding_params, prune_model,
+    solve_spec,
 )
 from models.recipe import Recipe, bundle_name_problem, load_recipe
 from ota.errors import BundleError
@@ -92,6 +93,9 @@ class BuildInputs:
     @classmethod
     def create(cls, teacher, corpus, recipe, out, work=None, resume=False) -> "BuildInputs":
         out = Path(out)
+        if not out.name or out.name in (".", ".."):
+            raise BuildError(f"--out {out}: name a directory for the bundle (e.g. --out bundles/edge-small); "
+                             "nothing was built")
         recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         work = Path(work) if work is not None else out.with_name(out.name + ".work")
         return cls(Path(teacher), tuple(Path(c) for c in corpus), recipe, out, work, resume)
@@ -276,6 +280,15 @@ def check_teacher(teacher: Path) -> GlmConfig:
     cfg = GlmConfig.from_file(teacher / "config.json")  # CheckpointError names another architecture
     if not (teacher / "tokenizer.json").is_file():
         raise BuildError(f"--teacher {teacher}: tokenizer.json not found; the bundle must carry the teacher's tokenizer")
+    from tokenizers import Tokenizer
+
+    try:
+        vocab = Tokenizer.from_file(str(teacher / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    except Exception as exc:  # the tokenizers library's own error types
+        raise BuildError(f"--teacher {teacher}: tokenizer.json cannot be read ({exc})") from None
+    if vocab > cfg.vocab_size:  # token ids past the embedding table: an IndexError deep in the prune
+        raise BuildError(f"--teacher {teacher}: tokenizer.json has {vocab} tokens, more than the model's vocab_size "
+                         f"{cfg.vocab_size} (config.json): they do not belong together")
     return cfg
 
 
@@ -299,7 +312,7 @@ def check_data(recipe: Recipe, corpus: TokenCorpus, settings: DistillSettings) -
             f"corpus too small: its {total} tokens give {heldout} held-out tokens, less than one evaluation "
             f"window ({src}: [eval] seq_len = {ev.seq_len} needs {ev.seq_len + 1}); give more text, raise "
             f"[eval] heldout_fraction (allowed: < 0.5) or lower [eval] seq_len")
-    if train < pr.calibration_tokens:
+    if pr.importance == "activation" and train < pr.calibration_tokens:  # magnitude importance reads no text
         raise BuildError(
             f"corpus too small: the train split holds {train} tokens; {src}: [prune] calibration_tokens = "
             f"{pr.calibration_tokens} must be at most that (allowed: 16..{train}), or give more text")
@@ -361,7 +374,7 @@ def run_prune(recipe: Recipe, plan: Plan, teacher, train: TokenCorpus, work: Pat
         importance = magnitude_importance(teacher)
     pruned = prune_model(teacher, plan.spec, importance)
     save_checkpoint(pruned, work / "pruned", tokenizer_json=None)
-    kept = sorted(importance.layer_ranking()[teacher.config.num_hidden_layers - plan.student_cfg.num_hidden_layers:])
+    kept = kept_indices(importance.layers, plan.student_cfg.num_hidden_layers).tolist()  # what prune_model keeps, ties too
     return {
         "importance": importance.method,
         "spec": {"num_layers": plan.student_cfg.num_hidden_layers,
@@ -462,6 +475,9 @@ def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
             return _run_stages(inputs, plan, train, heldout, state, stage, bar, progress)
         except USER_ERRORS as exc:
             raise BuildError(f"{exc}; {_resume_hint(work, state)}") from None
+        except OSError as exc:  # a full disk, a directory that went away: one line, the finished stages kept
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise BuildError(f"{where}{exc.strerror or exc}; {_resume_hint(work, state)}") from None
         except Exception as exc:
             exc.add_note(f"edgeglm build: {_resume_hint(work, state)}")
             raise

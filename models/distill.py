@@ -106,7 +106,7 @@ class DistillSettings:
             ("batch_size", is_int(self.batch_size) and self.batch_size >= 1, ">= 1"),
             ("seq_len", is_int(self.seq_len) and self.seq_len >= 2, ">= 2"),
             ("token_budget", is_int(self.token_budget) and self.token_budget >= 1, ">= 1"),
-            ("seed", is_int(self.seed) and self.seed >= 0, ">= 0"),
+            ("seed", is_int(self.seed) and 0 <= self.seed < 2 ** 31, "in [0, 2**31)"),
             ("checkpoint_every", is_int(self.checkpoint_every) and self.checkpoint_every >= 1, ">= 1"),
             ("device", self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
             ("weight_decay", is_num(self.weight_decay) and self.weight_decay >= 0, ">= 0"),

@@ -91,6 +91,8 @@ class ExportOptions:
             raise ExportError(f"--chunk-kib {self.chunk_kib} must be between 4 and 16384")
         if unknown or not self.backends:
             raise ExportError(f"--backends {','.join(self.backends)!r} is invalid; choose from openvino,onnxruntime")
+        if len(set(self.backends)) != len(self.backends):
+            raise ExportError(f"--backends {','.join(self.backends)!r} names a backend twice; list each once")
         if self.name == "":
             raise ExportError("--name '': is empty; give a bundle name, or leave --name out to use the checkpoint "
                               "directory's name; nothing was exported")

@@ -256,7 +256,7 @@ def activation_importance(model: GlmForCausalLM, calib_ids: torch.Tensor, batch_
 
 # --- pruning ----------------------------------------------------------------------------------------
 
-def _keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+def kept_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, in their original order (ties: the earlier index is kept)."""
     order = torch.sort(scores, descending=True, stable=True).indices[:k]
     return order.sort().values
@@ -272,10 +272,10 @@ def prune_model(model: GlmForCausalLM, spec: PruneSpec, importance: Importance) 
     state = {k: src[k].clone() for k in ("model.embed_tokens.weight", "model.norm.weight")}
     if not cfg.tie_word_embeddings:
         state["lm_head.weight"] = src["lm_head.weight"].clone()
-    layers = _keep(importance.layers, target.num_hidden_layers)
+    layers = kept_indices(importance.layers, target.num_hidden_layers)
     for new_i, old_i in enumerate(layers.tolist()):
-        channels = _keep(importance.ffn[old_i], target.intermediate_size)
-        groups = _keep(importance.kv_groups[old_i], target.num_key_value_heads)
+        channels = kept_indices(importance.ffn[old_i], target.intermediate_size)
+        groups = kept_indices(importance.kv_groups[old_i], target.num_key_value_heads)
         state.update(_prune_layer(src, cfg, old_i, new_i, channels, groups))
     pruned = GlmForCausalLM(target)
     pruned.load_state_dict(state, strict=not target.tie_word_embeddings)

@@ -140,6 +140,13 @@ class ExportSection(_Section):
     chunk_kib: int = Field(default=256, ge=4, le=16384)
     golden_tokens: int = Field(default=32, ge=4, le=256)
 
+    @field_validator("backends")
+    @classmethod
+    def _once_each(cls, v):  # a repeated one crashed the export, after distillation
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} names a backend twice; list each once")
+        return v
+
     @field_validator("name")
     @classmethod
     def _name(cls, v):
@@ -161,6 +168,13 @@ class EvalSection(_Section):
     heldout_fraction: float = Field(default=0.05, gt=0, lt=0.5)
     heldout_tokens: int = Field(default=32768, ge=64, le=10_000_000)
     seq_len: int = Field(default=256, ge=8, le=32768)
+
+    @model_validator(mode="after")
+    def _one_window_at_least(self):  # else the build fails at its evaluate stage, after distillation
+        if self.heldout_tokens < self.seq_len + 1:
+            raise ValueError(f"heldout_tokens = {self.heldout_tokens} scores less than one window of seq_len = "
+                             f"{self.seq_len} (+1 for the next token): raise heldout_tokens or lower seq_len")
+        return self
 
 
 class Recipe(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -269,6 +270,8 @@ EARLY = {
                        ["recipe.toml: [export] version = 'v1': must look like 1.2.3"]),
     "recipe lr type": (dict(recipe={"lr = 2e-3": 'lr = "fast"'}),
                        ["recipe.toml: [distill] lr = 'fast': must be a number"]),
+    "tokenizer larger than the model": (dict(teacher="big tokenizer"), ["tokenizer.json has ", "more than the "
+                                                                        "model's vocab_size 512"]),
 }
 
 
@@ -285,10 +288,26 @@ def test_cheap_checks_come_before_the_work_directory_is_made(raw_teacher, tmp_pa
         (tmp_path / "latin1.txt").write_bytes(b"hello\n\xe9t\xe9\n")
         corpus = corpus + [tmp_path / "latin1.txt"]
     recipe = _recipe(tmp_path, **how["recipe"]) if "recipe" in how else QUICK
-    teacher = raw_teacher / "model.safetensors" if how.get("teacher") else raw_teacher
+    teacher = raw_teacher / "model.safetensors" if how.get("teacher") == "file" else raw_teacher
+    if how.get("teacher") == "big tokenizer":  # the teacher with another model's (larger) tokenizer
+        import shutil
+
+        from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+        teacher = tmp_path / "teacher"
+        shutil.copytree(raw_teacher, teacher)
+        big = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(1024)}, unk_token="w0"))
+        big.pre_tokenizer = pre_tokenizers.Whitespace()
+        big.save(str(teacher / "tokenizer.json"))
     out = tmp_path / how.get("out", "bundle")
     _build_refused(capsys, teacher, corpus, recipe, out, fragments)
     assert not out.exists() and not out.with_name(out.name + ".work").exists()
+
+
+@pytest.mark.parametrize("out", [".", "..", "/"])
+def test_an_out_that_names_no_directory_is_one_line(raw_teacher, out):
+    from models.build import BuildError, BuildInputs
+    with pytest.raises(BuildError, match=f"--out {re.escape(out)}: name a directory for the bundle"):
+        BuildInputs.create(raw_teacher, corpus_files(), QUICK, out)
 
 
 def test_a_failed_stage_stays_resumable_and_resume_takes_a_fixed_device(raw_teacher, tmp_path, capsys,
@@ -420,3 +439,37 @@ def test_out_and_work_inside_each_other_are_refused_before_any_work(raw_teacher,
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert fragment in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_during_a_stage_is_one_line_and_keeps_the_build_resumable(raw_teacher, tmp_path, capsys,
+                                                                              monkeypatch):
+    import errno
+
+    import models.build as build_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "bundle.work" / "pruned"))
+    monkeypatch.setattr(build_module, "save_checkpoint", full)
+    _build_refused(capsys, raw_teacher, corpus_files(), QUICK, tmp_path / "bundle",
+                   [f"{tmp_path / 'bundle.work' / 'pruned'}: No space left on device", "--resume"])
+    assert (tmp_path / "bundle.work").is_dir()  # the finished stages stay for --resume
+
+
+
+@pytest.mark.parametrize("importance, refused", [("activation", True), ("magnitude", False)])
+def test_calibration_tokens_must_fit_the_corpus_only_for_activation_importance(importance, refused):
+    """Magnitude importance reads no text: a small corpus is not refused for a calibration it never does."""
+    from models.build import BuildError, check_data
+    from models.data import TokenCorpus
+    from models.distill import DistillSettings
+    from models.recipe import parse_recipe
+
+    recipe = parse_recipe(f'[prune]\nimportance = "{importance}"\ncalibration_tokens = 16384\n[eval]\n'
+                          f'heldout_tokens = 512\nseq_len = 128\n'.encode(), "r.toml")
+    corpus = TokenCorpus(Path("unused.bin"), 12000, (), 0)
+    settings = DistillSettings(seq_len=64, batch_size=2, token_budget=128 * 40, warmup_steps=2)
+    if refused:
+        with pytest.raises(BuildError, match="calibration_tokens = 16384 must be at most that"):
+            check_data(recipe, corpus, settings)
+    else:
+        assert check_data(recipe, corpus, settings)["calibration_tokens"] == 16384

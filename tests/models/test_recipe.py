@@ -69,6 +69,12 @@ def test_distill_lr_as_a_word_names_the_field_not_a_comparison():
     ('[export]\nname = "../x y"', "[export] name = '../x y': is not a bundle name: use 1 to 128 letters"),
     ('[export]\nname = ""', "[export] name = '': is empty"),
     ('[distill]\ndevice = 3', "[distill] device = 3: must be a string (one of auto, cpu, cuda)"),
+    # found late they cost the distillation: an export that crashed on a repeated backend, an evaluation
+    # with no window to score; refused when the recipe is read
+    ('[export]\nbackends = ["onnxruntime", "onnxruntime"]', "names a backend twice; list each once"),
+    ('[eval]\nheldout_tokens = 128\nseq_len = 128', "heldout_tokens = 128 scores less than one window of "
+                                                    "seq_len = 128"),
+    ('[distill]\nseed = 20000000000000', "[distill] seed"),
 ])
 def test_export_name_and_version_read_like_the_manifest_rules(text, fragment):
     with pytest.raises(RecipeError) as info:
