@@ -178,7 +178,9 @@ def with_special_stops(req: GenerationRequest, tokenizer) -> GenerationRequest:
 
 def prompt_ids(req: GenerationRequest, model) -> list[int]:
     if isinstance(req.prompt, str):
-        return model.tokenizer.encode(req.prompt).ids
+        # the chat template writes [gMASK]<sop> itself: a tokenizer whose post-processor adds them too
+        # (GLM-4's tokenizer.json) would start the prompt with them twice
+        return model.tokenizer.encode(req.prompt, add_special_tokens=req.prompt_field != "messages").ids
     bad = [t for t in req.prompt if not 0 <= t < model.arch.vocab_size]
     if bad:
         raise ApiError(400, f"'prompt' has token id {bad[0]} outside the vocabulary [0, {model.arch.vocab_size})",

@@ -46,6 +46,7 @@ Nothing is written at --out until the last step, and only a complete, verified b
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import logging
 import os
@@ -416,6 +417,7 @@ def plan_build(inputs: BuildInputs, progress: bool = True) -> tuple[Plan, TokenC
     inputs.work.mkdir(parents=True, exist_ok=True)
     corpus = tokenize_corpus(TextSource(files, inputs.teacher / "tokenizer.json"), inputs.work / "tokens", progress)
     data = check_data(recipe, corpus, settings)
+    data["corpus_sha256"] = _sha256_file(corpus.path)  # text changed with the same token count is caught too
     train, heldout = split_corpus(corpus, data["heldout_tokens"], inputs.work)
     return Plan(teacher_cfg, spec, student_cfg, settings, data), train, heldout
 
@@ -435,6 +437,14 @@ def _remove_new_work(work: Path, existed: bool, made_parents: list[Path]) -> Non
 
 
 USER_ERRORS = (CheckpointError, ExportError, BundleError, RuntimeUserError)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _resume_hint(work: Path, state: "_State") -> str:
@@ -460,11 +470,15 @@ def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
             plan, train, heldout = plan_build(inputs, progress)
             state = _State(inputs)
             previous = state.done("check")
-            if previous is not None and previous != plan.data and _stages_done(state.data)[2:]:
+            # what the earlier run recorded (a work directory of an older edgeglm has no corpus_sha256)
+            recorded = {k: plan.data.get(k) for k in previous} if isinstance(previous, dict) else None
+            if previous is not None and recorded != previous and _stages_done(state.data)[2:]:
+                same = previous.get("corpus_tokens") == plan.data["corpus_tokens"]
                 raise BuildError(
-                    f"--resume: the corpus changed since {work} was made (now {plan.data['corpus_tokens']} tokens, "
-                    f"then {previous.get('corpus_tokens')}); start over without --resume after removing {work} "
-                    "or with another --work directory")
+                    f"--resume: the corpus changed since {work} was made ("
+                    + ("its text changed, with the same number of tokens" if same else
+                       f"now {plan.data['corpus_tokens']} tokens, then {previous.get('corpus_tokens')}")
+                    + f"); start over without --resume after removing {work} or with another --work directory")
             state.mark("check", plan.data)
         except BaseException:
             if fresh and work.is_dir() and not (work / STATE).exists():

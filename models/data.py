@@ -108,8 +108,11 @@ def load_tokenizer_file(path: Path) -> Tokenizer:
         raise DataError(f"{path}: not a valid tokenizer.json ({exc})") from None
 
 
+TOKENIZE_VERSION = b"2"  # how text becomes tokens here (2: no post-processor per piece); part of the cache key
+
+
 def _cache_key(tokenizer_path: Path, files: list[Path]) -> str:
-    h = hashlib.sha256(tokenizer_path.read_bytes())
+    h = hashlib.sha256(TOKENIZE_VERSION + tokenizer_path.read_bytes())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -166,7 +169,9 @@ def tokenize_corpus(source: TextSource, cache_dir: str | Path, progress: bool = 
         with open(tmp, "wb") as out:
             for f in files:
                 for piece in _pieces(f):
-                    ids = np.asarray(tokenizer.encode(piece).ids, dtype=TOKEN_DTYPE)
+                    # no post-processor: a tokenizer that adds a prefix ([gMASK]<sop>) would put it inside
+                    # the file at every piece cut
+                    ids = np.asarray(tokenizer.encode(piece, add_special_tokens=False).ids, dtype=TOKEN_DTYPE)
                     out.write(ids.tobytes())
                     total += ids.size
                     bar.update(len(piece.encode("utf-8")))

@@ -77,3 +77,25 @@ def test_no_op_values_of_unsupported_fields_are_accepted():
                               "stop": "x", "stream": True, "stream_options": {"include_usage": True}},
                              SamplingSettings())
     assert (req.prompt, req.stop, req.stream, req.include_usage) == ("only one", ("x",), True, True)
+
+
+def test_a_chat_prompt_carries_the_template_prefix_once_with_a_tokenizer_that_adds_it(tmp_path):
+    """GLM-4's tokenizer.json adds [gMASK]<sop> in its post-processor, and the chat template writes them too:
+    a chat prompt is encoded without the post-processor; a plain completion keeps the tokenizer's own rule."""
+    from types import SimpleNamespace
+
+    from tokenizers import processors
+
+    from agent.config import SamplingSettings
+    from agent.openai_compat import chat_request, completion_request, prompt_ids
+    from models.tiny import corpus_text, train_tokenizer
+    tok = train_tokenizer(corpus_text(), 512)
+    gmask, sop = tok.token_to_id("[gMASK]"), tok.token_to_id("<sop>")
+    tok.post_processor = processors.TemplateProcessing(single="[gMASK] <sop> $A",
+                                                       special_tokens=[("[gMASK]", gmask), ("<sop>", sop)])
+    model = SimpleNamespace(tokenizer=tok)
+    chat = chat_request({"messages": [{"role": "user", "content": "hi"}]}, SamplingSettings(), tok)
+    ids = prompt_ids(chat, model)
+    assert ids[:2] == [gmask, sop] and ids.count(gmask) == 1
+    plain = prompt_ids(completion_request({"prompt": "hi"}, SamplingSettings()), model)
+    assert plain[:2] == [gmask, sop]

@@ -358,8 +358,14 @@ def test_a_failed_stage_stays_resumable_and_resume_takes_a_fixed_device(raw_teac
     assert "belongs to another build (recipe setting [distill] token_budget was 8192, now 4096)" in err
     assert f"after removing {work} or with another --work directory" in err
 
-    # and so is a corpus whose text changed under the stages done
-    with open(corpus / corpus_files()[0].name, "a") as f:
+    # and so is a corpus whose text changed under the stages done: the same lines in another order (the
+    # same tokens, so the same count), then more text
+    first = corpus / corpus_files()[0].name
+    original = first.read_text()
+    first.write_text("".join(reversed(original.splitlines(keepends=True))))
+    assert "the corpus changed since" in run(resume)
+    first.write_text(original)
+    with open(first, "a") as f:
         f.write("\n# more text\n" * 50)
     assert "the corpus changed since" in run(resume)
     assert not out.exists()

@@ -222,3 +222,24 @@ def test_a_token_cache_cut_short_by_a_killed_run_is_tokenized_again(source, tmp_
     again = tokenize_corpus(source, tmp_path / "tokens", progress=False)
     assert again.num_tokens == first.num_tokens and list(again.tokens()) == list(first.tokens())
     assert json.loads(meta.read_text())["num_tokens"] == first.num_tokens
+
+
+def test_a_tokenizer_that_adds_a_prefix_puts_none_inside_the_training_text(tmp_path, monkeypatch):
+    """A post-processor that adds [gMASK] (GLM-4's tokenizer.json adds [gMASK]<sop>) used to land in the token
+    stream at every cut of a long file; the tokens are now the text's own, documents end with EOS."""
+    import numpy as np
+    from tokenizers import processors
+
+    import models.data as data
+    from models.tiny import corpus_text, train_tokenizer
+    tok = train_tokenizer(corpus_text(), 512)
+    gmask = tok.token_to_id("[gMASK]")
+    tok.post_processor = processors.TemplateProcessing(single="[gMASK] $A", special_tokens=[("[gMASK]", gmask)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("line of text\n" * 400)
+    monkeypatch.setattr(data, "READ_CHARS", 1000)  # about 5 pieces
+    corpus = tokenize_corpus(TextSource([tmp_path / "a.txt"], tmp_path / "tokenizer.json"), tmp_path / "c",
+                             progress=False)
+    tokens = np.asarray(corpus.tokens())
+    assert int((tokens == gmask).sum()) == 0
+    assert tokens[:-1].tolist() == tok.encode("line of text\n" * 400, add_special_tokens=False).ids
