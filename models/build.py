@@ -178,9 +178,11 @@ def published(inputs: BuildInputs) -> bool:
         return False
     try:
         done = _read_state(inputs.work / STATE).get("done", {})
-        ours = (inputs.work / "bundle" / "manifest.json").read_bytes()
-        return "export" in done and (inputs.out / "manifest.json").read_bytes() == ours
-    except (OSError, BuildError):
+        ours = json.loads((inputs.work / "bundle" / "manifest.json").read_text())
+        theirs = json.loads((inputs.out / "manifest.json").read_text())
+        # the same manifest, but for the name publishing may have given it (after its --out)
+        return "export" in done and isinstance(theirs, dict) and {**theirs, "name": None} == {**ours, "name": None}
+    except (OSError, ValueError, BuildError):
         return False
 
 
@@ -544,8 +546,8 @@ def _run_stages(inputs: BuildInputs, plan: Plan, train: TokenCorpus, heldout: To
         report = compression_report(inputs, plan, prune_result, distill_result,
                                     {**evaluation, **export_result["evaluation"]})
         write_report(report, work)
-    if not done_before:
-        publish_bundle(bundle, inputs.out, report)
+    if not done_before:  # named after this run's --out (unless [export] name), whichever run exported it
+        publish_bundle(bundle, inputs.out, report, name=recipe.export.name or inputs.out.name)
     state.mark("report", {"out": str(inputs.out)})
     bar.update(1)
     return report
@@ -654,8 +656,9 @@ def write_report(report: dict, work: Path) -> None:
     (work / "report.md").write_text(format_report(report))
 
 
-def publish_bundle(bundle: Path, out: Path, report: dict) -> None:
-    """Put the report into the bundle's manifest (before it is signed), verify, and copy it to `out`."""
+def publish_bundle(bundle: Path, out: Path, report: dict, name: str | None = None) -> None:
+    """Put the report (and `name`, if given) into the bundle's manifest (before it is signed), verify, and
+    copy it to `out`."""
     from models.export import remove_stale_staging, staging_prefix
     from ota.bundle import MANIFEST, open_bundle, read_manifest
 
@@ -672,6 +675,10 @@ def publish_bundle(bundle: Path, out: Path, report: dict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         shutil.copytree(bundle, staging)
+        if name and name != manifest.name:  # exported by an earlier run for another --out: this one's name
+            (staging / MANIFEST).write_text(json.dumps(manifest.model_copy(update={"name": name}).model_dump(),
+                                                       indent=2) + "\n")
+            open_bundle(staging)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

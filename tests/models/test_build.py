@@ -97,6 +97,7 @@ def test_resume_skips_finished_stages_and_a_used_work_dir_needs_resume(built, ca
     assert main(args + ["--resume"]) == 0
     first = json.loads((built["out"] / "manifest.json").read_text())["compression"]
     assert json.loads((again / "manifest.json").read_text())["compression"] == first
+    assert json.loads((again / "manifest.json").read_text())["name"] == "again"  # after its own --out
     other = built["root"] / "other.toml"
     other.write_text(QUICK.read_text().replace("golden_tokens = 8", "golden_tokens = 12"))
     capsys.readouterr()
