@@ -22,7 +22,9 @@ REMOTE_SETTINGS = ("sampling", "batching", "telemetry", "log_level", "cache.max_
                    "cache.persist", "ota.max_latency_ratio", "ota.min_latency_delta_ms", "ota.chunk_timeout_s",
                    "ota.give_up_s")
 # remote settings the fleet may lower but not raise above the value in the box's own config
-LOCAL_CEILINGS = ("cache.max_mb",)
+# settings the desired config may lower but not raise above the box's own value: the memory budget, and
+# whether prompts' KV (their token ids) may be written to disk (a box that keeps it off stays off)
+LOCAL_CEILINGS = ("cache.max_mb", "cache.persist")
 
 
 def is_remote(key: str) -> bool:
@@ -68,6 +70,10 @@ def remote_config_problems(local: AgentConfig, current: AgentConfig, new: AgentC
         section, field = key.split(".")
         value, ceiling = getattr(getattr(new, section), field), getattr(getattr(local, section), field)
         if value > ceiling:
-            problems.append(f"{key} = {value!r} is above this box's own limit {ceiling!r} (set in the agent's config): the "
-                            "desired config may lower it, not raise it")
+            if isinstance(value, bool):
+                problems.append(f"{key} = true, but this box's own config sets it false: the desired config may "
+                                "turn it off, not on")
+            else:
+                problems.append(f"{key} = {value!r} is above this box's own limit {ceiling!r} (set in the agent's "
+                                "config): the desired config may lower it, not raise it")
     return problems

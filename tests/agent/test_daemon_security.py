@@ -106,6 +106,18 @@ def test_a_desired_config_naming_a_local_only_setting_is_refused_even_at_its_val
     assert "ota.require_signature is local-only" in agent.last_config_error
 
 
+def test_the_fleet_cannot_turn_on_prefix_cache_persistence_a_box_keeps_off(tmp_path):
+    """cache.persist writes prompts' KV, and the token ids of their prefixes, to disk: a box configured
+    with it off stays off (the fleet may still turn it off where the box has it on)."""
+    agent = _agent(tmp_path, **{"cache.persist": False})
+    agent._apply_desired(DesiredConfig(version=1, settings={"cache": {"persist": True}}))
+    assert agent.applied_config_version is None and agent.cfg.cache.persist is False
+    assert "cache.persist = true, but this box's own config sets it false" in agent.last_config_error
+    on = _agent(tmp_path / "on")
+    on._apply_desired(DesiredConfig(version=1, settings={"cache": {"persist": False}}))
+    assert on.applied_config_version == 1 and on.cfg.cache.persist is False
+
+
 def test_a_remote_log_level_applies_to_the_running_agent(tmp_path):
     import logging
     root = logging.getLogger()
