@@ -467,8 +467,8 @@ def _source_of(loc: tuple[str, ...], overrides: dict, toml_data: dict, path: Pat
     if _has(toml_data, loc):
         return f"config file {path}"
     # a section-level error (two fields that go together): the variables that set fields inside it
-    inside = sorted(k.upper() for k in os.environ
-                    if k.upper().startswith((ENV_PREFIX + ENV_NESTED_DELIMITER.join(loc) + ENV_NESTED_DELIMITER).upper()))
+    prefix = (ENV_PREFIX + ENV_NESTED_DELIMITER.join(loc) + ENV_NESTED_DELIMITER).upper()
+    inside = sorted(k.upper() for k in os.environ if k.upper().startswith(prefix))
     if inside:
         return f"environment variable{'s' if len(inside) > 1 else ''} {', '.join(inside)}"
     return "the default"

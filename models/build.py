@@ -377,7 +377,8 @@ def run_prune(recipe: Recipe, plan: Plan, teacher, train: TokenCorpus, work: Pat
         importance = magnitude_importance(teacher)
     pruned = prune_model(teacher, plan.spec, importance)
     save_checkpoint(pruned, work / "pruned", tokenizer_json=None)
-    kept = kept_indices(importance.layers, plan.student_cfg.num_hidden_layers).tolist()  # what prune_model keeps, ties too
+    # what prune_model keeps, ties broken the same way
+    kept = kept_indices(importance.layers, plan.student_cfg.num_hidden_layers).tolist()
     return {
         "importance": importance.method,
         "spec": {"num_layers": plan.student_cfg.num_hidden_layers,

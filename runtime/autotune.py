@@ -369,7 +369,8 @@ def _load(bundle, arch: ModelArch, trial: Trial, prefill: str = "on"):
 
 
 def _failed_at_run_time(trial: Trial, exc: Exception) -> None:
-    trial.status, trial.reason = "excluded", f"failed at run time: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    trial.status, trial.reason = "excluded", f"failed at run time: {first}"
 
 
 def measure(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
