@@ -6,10 +6,14 @@ status`; SQLite's WAL mode lets the status command read while the controller wri
 Telemetry is the only high-rate write (one report per device per interval): the controller hands
 it to `add_telemetry_many` in batches, one transaction per batch with `synchronous=NORMAL` (WAL:
 no fsync per commit; a power cut loses at most the last commits, never the database), and each
-row keeps `stored`, the time its batch was written, so ingest lag is `stored - window_end`.
-Rows older than the retention (`[database] retention_s`, default 7 days) are deleted by `prune`,
-which the controller calls once a minute (an index on `window_end` keeps that a range delete
-rather than a scan). A report is stored once: devices publish at QoS 1, which may deliver a
+row keeps `stored`, the time its batch was written by the controller's clock, so ingest lag is
+`stored - window_end`. Every time range (the rollout gate's windows and baselines, `fleet status`,
+/metrics, the retention) is read on `stored`, never on the device's `window_end`: an edge box's
+clock may be hours off (no RTC, NTP not yet synced after boot), and a canary whose clock ran an hour
+behind had all its reports fall before the gate's window (the gate halted on "no telemetry"); one an
+hour ahead put its old version's reports inside it. Rows older than the retention (`[database]
+retention_s`, default 7 days) are deleted by `prune`, which the controller calls once a minute (an
+index on `stored` keeps that a range delete rather than a scan). A report is stored once: devices publish at QoS 1, which may deliver a
 report twice (and an agent re-sends what it buffered during an outage), so a second report of
 the same device and `window_end` is dropped and counted (`telemetry_duplicates`) instead of
 counting twice in status, /metrics and the rollout gate.
@@ -56,7 +60,7 @@ CREATE TABLE IF NOT EXISTS groups (
 CREATE TABLE IF NOT EXISTS desired (
     fleet TEXT NOT NULL, device TEXT NOT NULL, version INTEGER NOT NULL, settings TEXT NOT NULL,
     PRIMARY KEY (fleet, device));
-CREATE INDEX IF NOT EXISTS telemetry_by_time ON telemetry (window_end);
+CREATE INDEX IF NOT EXISTS telemetry_by_stored ON telemetry (stored);
 CREATE INDEX IF NOT EXISTS ota_status_by_device ON ota_status (fleet, device, update_id, ts);
 """
 TELEMETRY_COLUMNS = ("fleet", "device", "model_version", "window_end", "count", "ttft_p50", "ttft_p95", "token_p50",
@@ -91,9 +95,10 @@ def _open_problem(path: Path, exc: sqlite3.Error) -> str:
 
 
 class Store:
-    def __init__(self, path: str | Path, retention_s: float = 7 * 86400):
+    def __init__(self, path: str | Path, retention_s: float = 7 * 86400, clock=time.time):
         self.path = Path(path)
         self.retention_s = retention_s
+        self.clock = clock  # the controller's clock: `stored` and `last_seen` (tests drive their own)
         self._lock = threading.Lock()
         db = None
         try:
@@ -116,7 +121,9 @@ class Store:
             return  # a new database: SCHEMA makes everything
         if "stored" not in columns:
             self.db.execute("ALTER TABLE telemetry ADD COLUMN stored REAL")
-        self.db.execute("CREATE INDEX IF NOT EXISTS telemetry_by_time ON telemetry (window_end)")
+        # time ranges are read on `stored`: rows of controllers that did not record it count at their window end
+        self.db.execute("UPDATE telemetry SET stored = window_end WHERE stored IS NULL")
+        self.db.execute("DROP INDEX IF EXISTS telemetry_by_time")
         indexes = {row[1] for row in self.db.execute("PRAGMA index_list(telemetry)")}
         if "telemetry_once" not in indexes:  # older controllers stored a report as often as it arrived
             self.db.execute("BEGIN")
@@ -152,7 +159,7 @@ class Store:
             "model_version=excluded.model_version, execution_path=excluded.execution_path, "
             "active_slot=excluded.active_slot, applied_config_version=excluded.applied_config_version, "
             "last_config_error=excluded.last_config_error, state=excluded.state",
-            (fleet, state["device"], int(state["online"]), time.time(), model.get("name"), model.get("version"),
+            (fleet, state["device"], int(state["online"]), self.clock(), model.get("name"), model.get("version"),
              state.get("execution_path"), state.get("active_slot"), state.get("applied_config_version"),
              state.get("last_config_error"), json.dumps(state)))
 
@@ -161,8 +168,8 @@ class Store:
 
     def add_telemetry_many(self, rows: list[tuple]) -> float:
         """Insert `telemetry_row`s in one transaction, each (fleet, device, window_end) once; returns the
-        `stored` time given to them."""
-        stored = time.time()
+        `stored` time given to them (the controller's clock, `clock`)."""
+        stored = self.clock()
         with self._lock:
             self.db.execute("BEGIN")
             try:
@@ -182,8 +189,8 @@ class Store:
     def prune(self, now: float | None = None) -> int:
         """Delete telemetry and OTA statuses older than the retention, except each device's last result for
         each update (what rollouts and `fleet status` read); the number of rows deleted."""
-        cutoff = (time.time() if now is None else now) - self.retention_s
-        n = self._exec("DELETE FROM telemetry WHERE window_end < ?", (cutoff,)).rowcount
+        cutoff = (self.clock() if now is None else now) - self.retention_s
+        n = self._exec("DELETE FROM telemetry WHERE stored < ?", (cutoff,)).rowcount
         return n + self._exec("DELETE FROM ota_status WHERE ts < ? AND rowid NOT IN (SELECT MAX(rowid) FROM "
                               "ota_status WHERE result IS NOT NULL GROUP BY fleet, device, update_id)",
                               (cutoff,)).rowcount
@@ -257,7 +264,8 @@ class Store:
         return [dict(zip(keys, r)) for r in rows]
 
     def latency(self, fleet: str, device: str, since: float, model_version: str | None = None) -> dict:
-        """Latency of one device since `since`: request-weighted means of the window percentiles.
+        """Latency of one device from the reports stored since `since` (the controller's clock, whatever
+        the device's says): request-weighted means of the window percentiles.
 
         Each percentile is weighted by the requests of the windows that have it (a window of one-token
         answers has no per-token percentiles); None when no window in the range has it."""
@@ -266,7 +274,7 @@ class Store:
         sql = ("SELECT SUM(count), AVG(CASE WHEN count>0 THEN tokens_per_s END), SUM(errors), "
                + ", ".join(f"SUM(CASE WHEN count>0 THEN {c}*count END), "
                            f"SUM(CASE WHEN count>0 AND {c} IS NOT NULL THEN count END)" for c in columns)
-               + " FROM telemetry WHERE fleet=? AND device=? AND window_end>=?")
+               + " FROM telemetry WHERE fleet=? AND device=? AND stored>=?")
         args: tuple = (fleet, device, since)
         if model_version is not None:
             sql += " AND model_version=?"
@@ -297,7 +305,7 @@ class Store:
 
     def versions(self, fleet: str | None = None, since: float = 0.0) -> list[dict]:
         """One row per model version: its devices (all, online, model names) and, from the telemetry
-        reports tagged with that version since `since`, request-weighted means of the window
+        reports tagged with that version stored since `since`, request-weighted means of the window
         percentiles, the request-weighted mean tokens/s and the error rate errors/(requests+errors)."""
         where, args = (" WHERE fleet=?", (fleet,)) if fleet else ("", ())
         rows: dict[str | None, dict] = {}
@@ -309,7 +317,7 @@ class Store:
         sql = ("SELECT model_version, SUM(count), SUM(errors), "
                + ", ".join(f"SUM({c}*count), SUM(CASE WHEN {c} IS NOT NULL THEN count END)"
                            for c in ("ttft_p50", "ttft_p95", "token_p50", "token_p95", "tokens_per_s"))
-               + " FROM telemetry WHERE window_end>=?" + (" AND fleet=?" if fleet else "") + " GROUP BY model_version")
+               + " FROM telemetry WHERE stored>=?" + (" AND fleet=?" if fleet else "") + " GROUP BY model_version")
         for version, requests, errors, *sums in self._exec(sql, (since,) + args).fetchall():
             row = rows.setdefault(version, {"model_version": version, "model_names": [], "devices": 0, "online": 0})
             keys = ("ttft_p50_ms", "ttft_p95_ms", "token_p50_ms", "token_p95_ms", "tokens_per_s")

@@ -272,7 +272,19 @@ def report(device: str, window_end: float, version: str, per_token_ms: float = 1
             "tokens_per_s": 100.0 if count else None, "errors": errors, "model_version": version}
 
 
-def _gate(tmp_path, base_errors: int = 0):
+def put(store, r: dict, skew_s: float = 0.0) -> None:
+    """Store report `r` as the controller does when it arrives at the end of its window by the controller's
+    clock; `skew_s`: how far the device's clock (its window times) is off the controller's."""
+    arrived = r["window_end"]
+    store.clock = lambda: arrived
+    try:
+        store.add_telemetry(FLEET, {**r, "window_start": r["window_start"] + skew_s,
+                                    "window_end": r["window_end"] + skew_s})
+    finally:
+        store.clock = time.time
+
+
+def _gate(tmp_path, base_errors: int = 0, skew_s: float = 0.0):
     """Two devices on 1.0.0 with a baseline, a rollout to 1.1.0 whose canary d0 has committed: the store,
     t0 and tick(now) -> the rollout (explicit clock values, no broker)."""
     from fleet.store import Store
@@ -280,7 +292,7 @@ def _gate(tmp_path, base_errors: int = 0):
     store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
     for d in ("d0", "d1"):
         store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
-        store.add_telemetry(FLEET, report(d, t0 - 5, "1.0.0", errors=base_errors))
+        put(store, report(d, t0 - 5, "1.0.0", errors=base_errors), skew_s)
     driver = RolloutDriver(store, OfferRecorder())
     bundle = tmp_path / "bundle-1.1.0"
     bundle.mkdir()
@@ -301,8 +313,8 @@ def test_the_gate_counts_windows_where_every_request_failed(tmp_path):
     """An agent reports a window in which every request failed as count 0, errors N: `fleet status` counted
     those errors and the gate did not (a canary failing 50 requests and serving 5 passed)."""
     store, t0, tick = _gate(tmp_path)
-    store.add_telemetry(FLEET, report("d0", t0 + 3, "1.1.0", count=0, errors=50))
-    store.add_telemetry(FLEET, report("d0", t0 + 6, "1.1.0"))
+    put(store, report("d0", t0 + 3, "1.1.0", count=0, errors=50))
+    put(store, report("d0", t0 + 6, "1.1.0"))
     r = tick(t0 + 12)
     assert r.phase == "halting" and "d0: errors 0.0% -> 90.9% of requests (0 -> 50)" in r.data["report"][-1]
 
@@ -313,17 +325,31 @@ def test_the_gate_measures_only_the_new_versions_telemetry(tmp_path):
     store, t0, tick = _gate(tmp_path)
     store.upsert_state(FLEET, {"device": "d0", "online": True, "model": {"name": "m", "version": "1.0.0"}})
     for i in range(5):
-        store.add_telemetry(FLEET, report("d0", t0 + 2 + i, "1.0.0"))
+        put(store, report("d0", t0 + 2 + i, "1.0.0"))
     assert tick(t0 + 12).phase == "canary_window"
     r = tick(t0 + 22)
     assert r.phase == "halting" and "no telemetry on the new version" in r.data["report"][-1]
+
+
+@pytest.mark.parametrize("skew_s", [-3600.0, 3600.0, -9 * 86400.0])
+def test_the_gate_reads_the_controllers_clock_not_the_devices(tmp_path, skew_s):
+    """An edge box's clock may be hours or days off (no RTC, NTP not synced after a boot). The gate read its
+    windows on the reports' window_end: a canary an hour behind had every report on the new version fall
+    before the window, so a 3x slower model was never compared (the gate waited, then halted on "no
+    telemetry"). The windows are the controller's: what was stored in them, whatever the device's clock says."""
+    store, t0, tick = _gate(tmp_path, skew_s=skew_s)
+    for i in range(5):
+        put(store, report("d0", t0 + 2 + i, "1.1.0", per_token_ms=30.0), skew_s)
+    r = tick(t0 + 12)
+    assert r.phase == "halting", r.data["report"][-1]
+    assert "d0: p95 per-token latency 10.00 -> 30.00 ms (+200% > 20%)" in r.data["report"][-1]
 
 
 def test_the_gate_compares_error_rates_not_counts(tmp_path):
     """Baseline 1 error in 6 requests; on the new version 2 errors in 102 (busier, and better): no halt."""
     store, t0, tick = _gate(tmp_path, base_errors=1)
     for i in range(20):
-        store.add_telemetry(FLEET, report("d0", t0 + 1.5 + i * 0.4, "1.1.0", errors=1 if i in (3, 9) else 0))
+        put(store, report("d0", t0 + 1.5 + i * 0.4, "1.1.0", errors=1 if i in (3, 9) else 0))
     r = tick(t0 + 12)
     assert r.phase == "rest", r.data["report"][-1]
 
@@ -356,7 +382,7 @@ def test_a_silent_canary_gets_one_more_window_then_fails_the_gate(tmp_path, late
     store, t0, window = Store(tmp_path / "fleet.db"), float(int(time.time())), 10.0  # exact sums
     for d in ("d0", "d1"):
         store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
-        store.add_telemetry(FLEET, report(d, t0 - 5, "1.0.0"))
+        put(store, report(d, t0 - 5, "1.0.0"))
     driver = RolloutDriver(store, OfferRecorder())
     rid = create_rollout(store, tmp_path / "bundle-1.1.0", FLEET, canary_pct=50, window_s=window)
 
@@ -369,13 +395,13 @@ def test_a_silent_canary_gets_one_more_window_then_fails_the_gate(tmp_path, late
     store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 1, "state": "reporting",
                                        "result": "committed"})
     assert tick(t0 + 1).phase == "canary_window"  # the window starts at t0 + 1
-    store.add_telemetry(FLEET, report("d0", t0 + 0.5, "1.0.0"))  # before the window: not on the new version
+    put(store, report("d0", t0 + 0.5, "1.0.0"))  # before the window: not on the new version
     r = tick(t0 + 11)  # one window
     assert r.phase == "canary_window" and "no telemetry yet from ['d0']" in r.data["report"][-1]
     notes = len(r.data["report"])
     assert len(tick(t0 + 16).data["report"]) == notes  # said once
     if late_report:
-        store.add_telemetry(FLEET, report("d0", t0 + 17, "1.1.0", per_token_ms=10.5))
+        put(store, report("d0", t0 + 17, "1.1.0", per_token_ms=10.5))
         r = tick(t0 + 18)
         assert r.phase == "rest" and "latency gate passed" in r.data["report"][-1], r.data["report"]
     else:
@@ -395,7 +421,7 @@ def test_a_halted_rollout_offers_each_canary_a_rollback_bound_to_the_version_it_
     store, t0 = Store(tmp_path / "fleet.db"), time.time()
     for d in ("d0", "d1"):
         store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
-        store.add_telemetry(FLEET, report(d, t0 - 5, "1.0.0"))  # a baseline: the canaries are offered at once
+        put(store, report(d, t0 - 5, "1.0.0"))  # a baseline: the canaries are offered at once
     calls: list[dict] = []
 
     class Offers:  # FleetController.offer as the driver calls it, recording the offer as the controller does
@@ -594,7 +620,7 @@ def test_a_device_offline_through_a_rollout_neither_blocks_it_nor_is_left_out(tm
     store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
     for d, online in (("d0", True), ("d1", True), ("d2", False)):
         store.upsert_state(FLEET, {"device": d, "online": online, "model": {"name": "m", "version": "1.0.0"}})
-        store.add_telemetry(FLEET, report(d, t0 - 5, "1.0.0"))
+        put(store, report(d, t0 - 5, "1.0.0"))
     recorder = OfferRecorder()
     driver = RolloutDriver(store, recorder)
     bundle = tmp_path / "bundle-1.1.0"
@@ -614,7 +640,7 @@ def test_a_device_offline_through_a_rollout_neither_blocks_it_nor_is_left_out(tm
     commit(r, "d0", t0 + 1)
     tick(t0 + 1)
     for i in range(3):
-        store.add_telemetry(FLEET, report("d0", t0 + 3 + i, "1.1.0"))
+        put(store, report("d0", t0 + 3 + i, "1.1.0"))
     assert tick(t0 + 12).phase == "rest"
     r = tick(t0 + 13)
     assert r.phase == "rest_wait" and r.data["rest"] == ["d1", "d2"] and "1 offline" in r.data["report"][-1]
@@ -633,7 +659,7 @@ def test_a_canary_that_never_answers_halts_the_rollout_after_the_result_wait(tmp
     store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
     for d in ("d0", "d1"):
         store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
-        store.add_telemetry(FLEET, report(d, t0 - 5, "1.0.0"))
+        put(store, report(d, t0 - 5, "1.0.0"))
     driver = RolloutDriver(store, OfferRecorder())
     rid = create_rollout(store, tmp_path / "bundle-1.1.0", FLEET, canary_pct=50, window_s=10.0)
     driver.tick(t0)

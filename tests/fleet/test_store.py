@@ -59,6 +59,8 @@ def test_a_database_of_an_older_controller_loses_its_duplicates_and_keeps_the_re
         [(100.0, 3), (200.0, 1)]
     indexes = {row[1]: row[2] for row in store._exec("PRAGMA index_list(telemetry)")}
     assert indexes.get("telemetry_once") == 1 and "telemetry_by_device" not in indexes
+    # no stored time: such rows count at their window end in every time range (status, gate, retention)
+    assert store._exec("SELECT COUNT(*) FROM telemetry WHERE stored = window_end").fetchone()[0] == 2
     store.add_telemetry_many([telemetry_row(FLEET, report("d1", 200.0))])  # a late copy: dropped from now on
     assert rows(store) == 2 and store.counter("telemetry_duplicates") == 1
     store.close()
@@ -72,10 +74,27 @@ def test_the_configured_retention_reaches_the_controllers_store(tmp_path):
     controller = FleetController(settings)  # not started: no broker needed to open its store
     store = controller.store
     now = time.time()
-    store.add_telemetry_many([telemetry_row(FLEET, report("d1", now - 120)),
-                              telemetry_row(FLEET, report("d1", now - 30))])
+    for stored, end in ((now - 120, now - 120), (now - 30, now - 30), (now - 30, now - 30 * 86400)):
+        store.clock = lambda: stored  # noqa: B023 (called at once)
+        store.add_telemetry_many([telemetry_row(FLEET, report("d1", end))])
+    # by when the controller stored them: a device whose clock is a month behind keeps its fresh report
     assert store.prune(now) == 1
-    assert store._exec("SELECT window_end FROM telemetry").fetchall() == [(now - 30,)]
+    assert sorted(store._exec("SELECT window_end FROM telemetry").fetchall()) == [(now - 30 * 86400,), (now - 30,)]
+    store.close()
+
+
+def test_status_ranges_read_the_controllers_clock(tmp_path):
+    """`fleet status` and /metrics show the last hour: what a device whose clock runs an hour behind reported
+    a minute ago is in it (it was left out), and what one whose clock runs ahead reported two hours ago is not."""
+    store = Store(tmp_path / "fleet.db")
+    now = time.time()
+    store.clock = lambda: now - 60
+    store.add_telemetry_many([telemetry_row(FLEET, report("behind", now - 60 - 3700, count=2))])
+    store.clock = lambda: now - 7200
+    store.add_telemetry_many([telemetry_row(FLEET, report("ahead", now - 7200 + 7300, count=5))])
+    assert store.latency(FLEET, "behind", now - 3600)["requests"] == 2
+    assert store.latency(FLEET, "ahead", now - 3600)["requests"] == 0
+    assert [v["requests"] for v in store.versions(FLEET, now - 3600)] == [2]
     store.close()
 
 
@@ -108,11 +127,11 @@ def test_group_remove_with_a_fleet_touches_only_that_fleets_devices(tmp_path):
 
 
 def test_a_new_database_has_the_indexes_its_queries_need(tmp_path):
-    """Pruning by window_end and looking up a device's result for an update (once per device and rollout
+    """Pruning by stored time and looking up a device's result for an update (once per device and rollout
     tick) used to scan whole tables on a new database."""
     store = Store(tmp_path / "f.db")
     plan = lambda sql: " ".join(str(r) for r in store._exec("EXPLAIN QUERY PLAN " + sql).fetchall())  # noqa: E731
-    assert "telemetry_by_time" in plan("DELETE FROM telemetry WHERE window_end < 5")
+    assert "telemetry_by_stored" in plan("DELETE FROM telemetry WHERE stored < 5")
     assert "ota_status_by_device" in plan("SELECT body FROM ota_status WHERE fleet='f' AND device='d' AND "
                                           "update_id='u' AND result IS NOT NULL ORDER BY ts DESC LIMIT 1")
     store.close()
