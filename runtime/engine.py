@@ -992,6 +992,10 @@ class OnnxRuntimeEngine:
         opts = self._ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
         opts.enable_cpu_mem_arena = False
+        # errors only: at each load on CUDA, ORT warned that it copies the row and position inputs (a few
+        # int64s) from the host. (Its warning that ScatterND is correct only without duplicate indices comes
+        # from the process-wide logger and still shows; the write graph makes one per layer, head, position.)
+        opts.log_severity_level = 3
         try:
             session = self._ort.InferenceSession(str(graph), opts, providers=providers)
         except Exception as exc:  # missing file, or ORT's own untyped errors
