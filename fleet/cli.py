@@ -10,6 +10,7 @@
     edgeglm fleet rollback --group G [--to VERSION] [--key ROLLBACK_KEY] [--valid-for SECONDS]
                            [--broker HOST:PORT] [--db fleet.db]
     edgeglm fleet group add|remove G [--fleet F] DEVICE...  /  edgeglm fleet group list
+    edgeglm fleet device remove --fleet F DEVICE... [--force] [--broker HOST:PORT] [--db fleet.db]
 
 `serve` runs until SIGTERM/Ctrl-C and advances the rollouts in its database every second;
 `rollout` only records a rollout there (after checking its bundles, key, target and numbers), and
@@ -115,7 +116,7 @@ def cmd_serve(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     from fleet.rollout import RolloutDriver
 
-    driver = RolloutDriver(controller.store, controller)
+    driver = RolloutDriver(controller.store, controller, fleet=controller.settings.fleet)
     print(f"fleet controller: broker {controller.settings.broker_host}:{controller.settings.broker_port}, "
           f"database {controller.settings.db}, http {cfg.http.host}:{http.server_address[1]}; Ctrl-C stops",
           flush=True)
@@ -268,7 +269,8 @@ def _rollout_start(args) -> int:
     print(f"rollout {rid}: {bundle.manifest.name} {bundle.manifest.version} to "
           f"{'group ' + group + ' of fleet ' + fleet if group else 'fleet ' + fleet} "
           f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95, window {args.window:g} s); "
-          f"`edgeglm fleet serve --db {db}` drives it, `edgeglm fleet status` shows it, "
+          f"`edgeglm fleet serve --db {db}` (of every fleet, or --fleet {fleet}) drives it, "
+          f"`edgeglm fleet status` shows it, "
           f"`edgeglm fleet rollout cancel {rid}` stops it")
     return 0
 
@@ -417,6 +419,44 @@ def cmd_group(args) -> int:
     return 0
 
 
+def cmd_device(args) -> int:
+    """`fleet device remove --fleet F DEVICE...`: out of the registry and off the broker."""
+    from fleet.rollout import load_rollouts
+    from fleet.store import Store
+
+    _check_ids(args.fleet, args.devices)
+    store = Store(_existing_db(args))
+    known = {d["device"]: d for d in store.devices(args.fleet)}
+    unknown = [d for d in args.devices if d not in known]
+    if unknown:
+        raise FleetError(f"device(s) {', '.join(unknown)} of fleet {args.fleet}: not in the registry (`edgeglm fleet "
+                         f"status --fleet {args.fleet}` lists it); nothing was removed")
+    online = [d for d in args.devices if known[d]["online"]]
+    if online and not args.force:
+        raise FleetError(f"device(s) {', '.join(online)} of fleet {args.fleet}: online, so the agent would register "
+                         f"again with its next state; stop the agent (and revoke its broker credentials) first, "
+                         f"or give --force; nothing was removed")
+    rollouts = {d: [r.id for r in load_rollouts(store, active_only=True) if r.fleet == args.fleet and
+                    d in {*r.data.get("canaries", []), *r.data.get("rest", [])}] for d in args.devices}
+    controller = _connect(args)
+    try:
+        for device in args.devices:
+            controller.clear_retained(args.fleet, device)  # first: a failure leaves the registry as it was
+            removed = store.remove_device(args.fleet, device)
+            notes = [f"{removed['groups']} group membership(s)" if removed["groups"] else "",
+                     "its desired config" if removed["desired"] else "",
+                     f"in active rollout(s) {', '.join(map(str, rollouts[device]))}: they stop waiting for it "
+                     f"after their result wait" if rollouts[device] else "",
+                     "online: it registers again with its next state" if known[device]["online"] else ""]
+            print(f"{args.fleet}/{device}: removed from the registry; its retained desired config and offer "
+                  f"cleared on the broker" + "".join(f"; {n}" for n in notes if n))
+    finally:
+        controller.stop()
+    print(f"{len(args.devices)} device(s) removed; their telemetry and OTA history stay until the retention "
+          f"(`[database] retention_s`) removes them")
+    return 0
+
+
 def register(sub) -> None:
     f = sub.add_parser("fleet", help="the fleet controller")
     fsub = f.add_subparsers(dest="fleet_command", required=True)
@@ -502,3 +542,13 @@ def register(sub) -> None:
     gl = gsub.add_parser("list", help="the groups and their devices")
     common(gl, broker=False)
     gl.set_defaults(func=cmd_group)
+
+    dv = fsub.add_parser("device", help="the device registry")
+    dsub = dv.add_subparsers(dest="device_command", required=True)
+    dr = dsub.add_parser("remove", help="take devices out of the registry and clear their retained messages")
+    common(dr)
+    dr.add_argument("--fleet", required=True, help="the devices' fleet")
+    dr.add_argument("--force", action="store_true", help="remove devices that are online too (they come back "
+                    "with their next state unless their agent is stopped)")
+    dr.add_argument("devices", nargs="+", metavar="DEVICE")
+    dr.set_defaults(func=cmd_device)

@@ -4,6 +4,7 @@
                                         and chunk requests; keep the registry and latency store
     .offer(device, bundle_dir, ...)     publish a signed offer (retained) and serve its chunks
     .set_desired(device, settings)      publish a desired config (retained, versioned)
+    .clear_retained(fleet, device)      clear a removed device's retained desired config and offer
 
 paho callbacks only parse and store. Every device message is read as what its topic says
 (`PAYLOAD_LIMITS` caps its size; ReportedState, TelemetryReport, `OtaStatus`, ChunkRequest check
@@ -309,7 +310,13 @@ class FleetController:
         if len(msg.payload) > limit:
             raise ValueError(f"payload of {len(msg.payload)} bytes, over the {limit}-byte limit of {rest}")
         if rest == "state":
+            if not msg.payload:  # a cleared retained state
+                return
             state = ReportedState.model_validate_json(msg.payload)
+            if (msg.retain or not state.online) and self.store.is_removed(fleet, device):
+                # a removed device (`fleet device remove`): the broker's copy of its last state, or its will
+                # when its agent stops, is no reason to list it again; a state it publishes online is
+                return
             self.store.upsert_state(fleet, state.model_dump(mode="json"), device=device)  # refuses another's state
         elif rest == "telemetry":
             report = TelemetryReport.model_validate_json(msg.payload)
@@ -399,6 +406,15 @@ class FleetController:
         self.client.publish(desired_topic(fleet, device), payload, qos=1, retain=True).wait_for_publish(10)
         self.store.record_desired(fleet, device, version, merged)
         return version, merged
+
+    def clear_retained(self, fleet: str, device: str) -> None:
+        """Clear the desired config and the OTA offer the broker keeps for a removed device (empty retained
+        messages). Its retained state is the device's own topic, which the controller may not write (the
+        K3s ACL): the store remembers the removal instead, and the copy the broker hands each new
+        subscription is ignored while a state the device publishes live registers it again."""
+        self._require_connected("nothing was cleared")
+        for topic in (desired_topic(fleet, device), ota_offer_topic(fleet, device)):
+            self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)
 
 
 def format_status(store: Store, fleet: str | None = None, since_s: float = 3600) -> str:

@@ -206,10 +206,13 @@ def offer_rollback(controller, fleet: str, devices: dict[str, str | None], bundl
 
 
 class RolloutDriver:
-    """Advances the active rollouts; `controller` offers bundles (FleetController.offer)."""
+    """Advances the active rollouts of `fleet` ('+': of every fleet); `controller` offers bundles
+    (FleetController.offer). A controller serving one fleet (`fleet serve --fleet F`) hears only that
+    fleet's devices: it must not drive another fleet's rollout (it would wait for results it never hears,
+    or offer twice beside that fleet's own controller on a shared database)."""
 
-    def __init__(self, store: Store, controller):
-        self.store, self.controller = store, controller
+    def __init__(self, store: Store, controller, fleet: str = "+"):
+        self.store, self.controller, self.fleet = store, controller, fleet
         self._failing: dict[int, str] = {}  # rollout id -> the error its last step raised (logged once)
 
     def _save(self, r: Rollout, phase: str, note: str | None = None) -> None:
@@ -226,6 +229,8 @@ class RolloutDriver:
         the other rollouts, and `fleet serve`, go on."""
         now = time.time() if now is None else now
         for r in load_rollouts(self.store, active_only=True):
+            if self.fleet != "+" and r.fleet != self.fleet:
+                continue
             try:
                 getattr(self, f"_{r.phase}")(r, now)
             except Exception as exc:

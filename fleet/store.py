@@ -21,6 +21,11 @@ counting twice in status, /metrics and the rollout gate.
 Groups (`edgeglm fleet group add G --fleet F DEVICE...`) are assigned here, by the operator, and
 live in the `groups` table: a device may be in several groups; a group belongs to one fleet.
 
+Devices leave the registry only by `edgeglm fleet device remove`: their rows go, and the `removed`
+table remembers them, so that the retained state the broker still holds (the controller may not
+clear a device's own topic) does not list them again at the next start; an online state the device
+publishes does, and ends the removal.
+
 Offers: `offers` maps an update id to its bundle, `offer_targets` to the devices it was offered
 to; the chunk server serves an update only to those (`offered_to`). An offer recorded by a
 controller older than `offer_targets` has no target and is served to no one: offer it again.
@@ -61,6 +66,8 @@ CREATE TABLE IF NOT EXISTS desired (
     fleet TEXT NOT NULL, device TEXT NOT NULL, version INTEGER NOT NULL, settings TEXT NOT NULL,
     PRIMARY KEY (fleet, device));
 CREATE INDEX IF NOT EXISTS telemetry_by_stored ON telemetry (stored);
+CREATE TABLE IF NOT EXISTS removed (
+    fleet TEXT NOT NULL, device TEXT NOT NULL, removed REAL NOT NULL, PRIMARY KEY (fleet, device));
 CREATE INDEX IF NOT EXISTS ota_status_by_device ON ota_status (fleet, device, update_id, ts);
 """
 TELEMETRY_COLUMNS = ("fleet", "device", "model_version", "window_end", "count", "ttft_p50", "ttft_p95", "token_p50",
@@ -162,6 +169,11 @@ class Store:
             (fleet, state["device"], int(state["online"]), self.clock(), model.get("name"), model.get("version"),
              state.get("execution_path"), state.get("active_slot"), state.get("applied_config_version"),
              state.get("last_config_error"), json.dumps(state)))
+        self._exec("DELETE FROM removed WHERE fleet=? AND device=?", (fleet, state["device"]))  # it is back
+
+    def is_removed(self, fleet: str, device: str) -> bool:
+        """Whether `fleet device remove` took the device out and it has not published a state since."""
+        return self._exec("SELECT 1 FROM removed WHERE fleet=? AND device=?", (fleet, device)).fetchone() is not None
 
     def add_telemetry(self, fleet: str, r: dict) -> None:
         self.add_telemetry_many([telemetry_row(fleet, r)])
@@ -212,6 +224,25 @@ class Store:
             before = self.db.total_changes
             self.db.executemany(f"DELETE FROM groups WHERE {where} AND device=?", [(*args, d) for d in devices])
             return self.db.total_changes - before
+
+    def remove_device(self, fleet: str, device: str) -> dict[str, int]:
+        """Take a device out of the registry: its row, its group memberships, the desired config recorded for
+        it and the offers' targets (its chunk requests are no longer answered); rows removed per table. Its
+        telemetry and OTA statuses stay as history until the retention removes them. The removal is
+        remembered (`is_removed`) until the device publishes a state again."""
+        removed = {}
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                for table in ("devices", "groups", "desired", "offer_targets"):
+                    removed[table] = self.db.execute(f"DELETE FROM {table} WHERE fleet=? AND device=?",
+                                                     (fleet, device)).rowcount
+                self.db.execute("INSERT OR REPLACE INTO removed VALUES (?, ?, ?)", (fleet, device, self.clock()))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return removed
 
     def add_ota_status(self, fleet: str, device: str, status: dict) -> None:
         self._exec("INSERT INTO ota_status VALUES (?,?,?,?,?,?,?,?)",

@@ -335,3 +335,80 @@ def test_cli_commands_publish_without_listening_each_under_its_own_client_id(mos
     assert "taken over" not in mosquitto.log_text().lower()
     clients = set(re.findall(r"New client connected from \S+ as (edgeglm-controller-cli\S*)", mosquitto.log_text()))
     assert len(clients) == 2 and all(re.fullmatch(r"edgeglm-controller-cli-\d+", c) for c in clients), clients
+
+
+# --- device remove -----------------------------------------------------------------------------
+
+def test_a_removed_device_stays_out_of_the_registry_until_it_comes_back_online(mosquitto, tmp_path, signed_bundles):
+    """Devices could not be removed: a decommissioned box stayed in `fleet status`, its groups and every rollout's
+    device list for ever, its retained state registered it again at each controller start, and its retained
+    offer and desired config waited on the broker for whoever took its id next."""
+    from agent.mqtt import MqttSession, MqttSettings
+    from agent.topics import ReportedState, state_topic
+    from fleet.controller import ControllerSettings, FleetController
+    from waiting import until
+
+    db, port = tmp_path / "fleet.db", mosquitto.port
+    broker = ("--db", str(db), "--broker", f"127.0.0.1:{port}")
+
+    def agent(device: str) -> MqttSession:
+        s = MqttSession(MqttSettings(enabled=True, port=port, reconnect_min_delay_s=0.1), fleet=FLEET, device=device,
+                        state_fn=lambda online=True: ReportedState(device=device, online=online, agent_version="0.1.0",
+                                                                   uptime_s=1.0, ts=time.time()))
+        s.start()
+        assert s.wait_connected(10)
+        return s
+
+    def listed(ctl) -> dict[str, int]:
+        return {d["device"]: d["online"] for d in ctl.store.devices(FLEET)}
+
+    ctl = FleetController(ControllerSettings(broker_port=port, db=db, fleet=FLEET)).start()
+    try:
+        d1, d2 = agent("d1"), agent("d2")
+        until(lambda: listed(ctl) == {"d1": 1, "d2": 1})
+        ctl.set_desired(FLEET, "d1", {"sampling": {"top_k": 1}})
+        ctl.offer(FLEET, "d1", signed_bundles["v2"])
+        ctl.store.group_add("ring1", FLEET, ["d1", "d2"])
+        refused(cli("device", "remove", "--fleet", FLEET, "d1", *broker), "d1 of fleet plant7: online",
+                "stop the agent", "--force", "nothing was removed")
+        refused(cli("device", "remove", "--fleet", FLEET, "d9", *broker), "d9 of fleet plant7: not in the registry")
+        d1.close()  # the box is switched off: its agent says goodbye (offline, retained)
+        until(lambda: listed(ctl) == {"d1": 0, "d2": 1})
+        out = cli("device", "remove", "--fleet", FLEET, "d1", *broker)
+        assert out.returncode == 0, out.stderr
+        assert "plant7/d1: removed from the registry; its retained desired config and offer cleared on the broker; " \
+               "1 group membership(s); its desired config" in out.stdout, out.stdout
+        assert listed(ctl) == {"d2": 1} and ctl.store.groups()["ring1"] == [(FLEET, "d2")]
+        assert ctl.store.desired(FLEET, "d1") is None
+        assert retained(port, desired_topic(FLEET, "d1")) == [] and retained(port, ota_offer_topic(FLEET, "d1")) == []
+        assert len(retained(port, state_topic(FLEET, "d1"))) == 1  # the device's own topic: the controller may not
+    finally:
+        ctl.stop()
+    # a controller started again gets d1's retained state from the broker, and does not list it again
+    again = FleetController(ControllerSettings(broker_port=port, db=db, fleet=FLEET)).start()
+    try:
+        time.sleep(1.5)
+        assert listed(again) == {"d2": 1}
+        d1 = agent("d1")  # the box is back (or its id was given to a new one): it registers as any device
+        until(lambda: listed(again) == {"d1": 1, "d2": 1})
+        d1.close()
+        until(lambda: listed(again) == {"d1": 0, "d2": 1})  # and stays listed once it has been back
+        d2.close()
+    finally:
+        again.stop()
+
+
+def test_a_controller_of_one_fleet_drives_only_that_fleets_rollouts(db, signed_bundles):
+    """`fleet serve --fleet plant7` hears only plant7's devices, but drove every rollout in its database: a
+    plant8 rollout was offered by it too (twice, beside plant8's own controller on a shared database)."""
+    store = Store(db)
+    r7 = create_rollout(store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=10.0)
+    r8 = create_rollout(store, signed_bundles["v2"], "plant8", canary_pct=100, window_s=10.0)
+    recorder = OfferRecorder()
+    RolloutDriver(store, recorder, fleet=FLEET).tick()
+    assert recorder.offers == [(FLEET, "d1"), (FLEET, "d2")]
+    phases = {r.id: r.phase for r in load_rollouts(store)}
+    assert phases == {r7: "canary_wait", r8: "canary"}
+    RolloutDriver(store, recorder).tick()  # a controller of every fleet ('+') drives the rest
+    assert recorder.offers[2:] == [("plant8", "e1")]
+    store.close()
