@@ -281,7 +281,12 @@ class _HttpServer(ThreadingHTTPServer):
         # one thread per connection: bounded, so that clients holding connections open (slow or idle ones)
         # cannot take every thread and the memory they need; beyond the bound a connection gets a 503 at once
         self._connections = threading.BoundedSemaphore(api.http.max_connections)
+        self._lingering = _Lingering()
         super().__init__(address, _Handler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._lingering.close()
 
     def process_request(self, request, client_address) -> None:
         if not self._connections.acquire(blocking=False):
@@ -296,8 +301,9 @@ class _HttpServer(ThreadingHTTPServer):
                                 % (_Handler.server_version.encode(), len(body), body))
             except OSError:
                 pass
-            _drop_arrived(request)
-            self.shutdown_request(request)
+            if not self._lingering.take(request):  # too many already: dropped and closed at once
+                _drop_arrived(request)
+                self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
@@ -313,6 +319,89 @@ class _HttpServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:  # a connection failed outside a request
         log.debug("HTTP API: connection from %s failed", client_address, exc_info=True)
+
+
+class _Lingering:
+    """Refused connections (the 503 of http.max_connections) kept open for reading after their answer: a
+    client still sending a request body gets its writes accepted and reads the 503, where closing at once
+    reset the connection under it (BrokenPipe / ConnectionReset instead of the answer). One thread for all
+    of them, started when first needed; each socket is read and dropped until the client closes, sends
+    nothing for IDLE_S, or LIMIT_BYTES or DEADLINE_S are reached; beyond MAX_SOCKETS they are closed at once
+    as before (a flood of refused connections must not hold more than that)."""
+
+    MAX_SOCKETS, IDLE_S, DEADLINE_S, LIMIT_BYTES = 32, 1.0, 10.0, 64 << 20
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._socks: dict[socket.socket, list[float]] = {}  # socket -> [deadline, idle deadline, bytes left]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def take(self, sock: socket.socket) -> bool:
+        """Keep `sock` (its answer written) until its client is done sending; False when full or closed."""
+        with self._lock:
+            if self._closed or len(self._socks) >= self.MAX_SOCKETS:
+                return False
+            try:
+                sock.shutdown(socket.SHUT_WR)  # the answer is complete: the client sees the end of it
+                sock.setblocking(False)
+            except OSError:
+                return False
+            now = time.monotonic()
+            self._socks[sock] = [now + self.DEADLINE_S, now + self.IDLE_S, self.LIMIT_BYTES]
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="edgeglm-http-linger", daemon=True)
+                self._thread.start()
+        self._wake_w.send(b"x")
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            socks, self._socks = list(self._socks), {}
+        for sock in socks:
+            sock.close()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    break
+                socks = list(self._socks)
+            try:
+                readable, _, _ = select.select([self._wake_r, *socks], [], [], 0.2)
+            except (OSError, ValueError):  # closed meanwhile (close())
+                continue
+            now = time.monotonic()
+            done = []
+            for sock in readable:
+                if sock is self._wake_r:
+                    self._wake_r.recv(4096)
+                    continue
+                state = self._socks.get(sock)
+                if state is None:
+                    continue
+                try:
+                    data = sock.recv(1 << 16)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                state[1], state[2] = now + self.IDLE_S, state[2] - len(data)
+                if not data or state[2] <= 0:
+                    done.append(sock)
+            with self._lock:
+                done += [s for s, (deadline, idle, _) in self._socks.items() if now > deadline or now > idle]
+                for sock in done:
+                    if self._socks.pop(sock, None) is not None:
+                        sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 def _drop_arrived(sock: socket.socket) -> None:

@@ -574,6 +574,42 @@ def test_hosts_reachable_from_elsewhere_are_told_apart_from_loopback(host, loopb
     assert _loopback(host) is loopback
 
 
+def test_a_refused_connection_still_sending_its_body_reads_the_503():
+    """The 503 of http.max_connections was written and the connection closed at once: a client still sending a
+    request body (a long prompt) had its next write refused (BrokenPipe) or the answer reset under it, so it
+    never saw the 503 and its Retry-After. Now the refused connection is read and dropped until the client is
+    done; one that then sends nothing is closed after a second."""
+    srv = ApiServer(HttpSettings(port=0, max_connections=1), SamplingSettings())
+    srv.start()
+    idle = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        time.sleep(0.2)  # accepted: the one place is taken
+        body = b"x" * (4 << 20)
+        for _ in range(3):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+            conn.putrequest("POST", "/v1/completions")
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders()
+            for i in range(0, len(body), 256 << 10):  # a client on a slow link: the body arrives over time
+                conn.send(body[i:i + (256 << 10)])
+                time.sleep(0.02)
+            resp = conn.getresponse()
+            assert (resp.status, resp.getheader("Retry-After")) == (503, "1")
+            assert json.loads(resp.read())["error"]["code"] == "too_many_connections"
+            conn.close()
+        raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        answer, t0 = b"", time.monotonic()
+        while chunk := raw.recv(65536):  # the answer, then the end: the server does not wait for ever
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503") and time.monotonic() - t0 < 5
+        raw.close()
+    finally:
+        idle.close()
+        srv.shutdown(deadline=5.0)
+
+
 def test_connections_beyond_max_connections_get_503_and_a_freed_place_serves_again():
     """Each connection holds a thread: clients that open connections and send nothing (slowloris) take
     at most http.max_connections of them; the next connection is answered 503 at once, not queued."""
