@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Callable, Protocol
@@ -396,11 +397,30 @@ class Updater:
         if terms.replaces != active:
             raise UpdateFailed(f"rollback statement replaces version {terms.replaces or '(no model)'}, this "
                                f"device serves {active or 'no model'}; refused (issue one for the version it serves)")
-        now = self.deps.clock()
+        clock = self.deps.clock()
+        # a box without an RTC may boot at 1970 (or any stale time) until NTP syncs: its clock alone would take
+        # an old, expired statement replayed to it. Time never goes back before the signed build time of the
+        # model it serves
+        built = self._active_built_at()
+        now = max(clock, built or 0.0)
         if now > terms.not_after + ROLLBACK_CLOCK_SKEW_S:
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(terms.not_after))
+            behind = "" if built is None or built <= clock else \
+                (f"; the model it serves was built (signed manifest) at "
+                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(built))}, after the device clock: that time counts")
             raise UpdateFailed(f"rollback statement expired at {when} (not_after {terms.not_after}; device clock "
-                               f"{int(now)}, {ROLLBACK_CLOCK_SKEW_S} s of clock skew allowed); refused")
+                               f"{int(clock)}, {ROLLBACK_CLOCK_SKEW_S} s of clock skew allowed{behind}); refused")
+
+    def _active_built_at(self) -> float | None:
+        """Unix time of the serving bundle's manifest `created` (signed, verified when it was installed); None
+        when there is none or it cannot be read."""
+        active = self.slots.active_path()
+        try:
+            created = json.loads((active / MANIFEST).read_text())["created"] if active else None
+            stamp = datetime.fromisoformat(created)
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
 
     def applied_rollbacks(self) -> list[str]:
         """Ids of the rollbacks this device applied (newest last, at most ROLLBACK_APPLIED_KEEP)."""

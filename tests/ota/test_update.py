@@ -268,6 +268,26 @@ def test_rollback_terms_are_signed_and_the_clock_skew_is_bounded(upgraded, signe
     assert updater.data["history"] == SUCCESS and serving(upgraded) == "1.0.0"
 
 
+def test_a_device_clock_behind_the_serving_models_build_time_does_not_revive_an_expired_rollback(upgraded,
+                                                                                                 signed_bundles):
+    """A box without an RTC boots at 1970 (or a stale time) until NTP syncs: with its clock alone it took an old
+    rollback statement, long expired, replayed to it (a downgrade to a version the fleet had left). The signed
+    build time of the model it serves is a floor under its clock."""
+    from datetime import datetime
+
+    created = json.loads((build_updater(upgraded).slots.active_path() / "manifest.json").read_text())["created"]
+    built = datetime.fromisoformat(created).timestamp()
+    stale = rollback_for(signed_bundles["v1"], "rb-stale", signed_bundles["key"],
+                         not_after=int(built) - ROLLBACK_CLOCK_SKEW_S - 60)
+    updater = _rollback_refused(upgraded, stale, "expired", clock=lambda: 0.0)
+    assert "the model it serves was built (signed manifest) at" in updater.data["reason"]
+    fresh = rollback_for(signed_bundles["v1"], "rb-fresh", signed_bundles["key"], not_after=int(built) + 3600)
+    updater = build_updater(upgraded, clock=lambda: 0.0)  # still valid at the floor: taken
+    updater.submit(fresh)
+    updater.run()
+    assert updater.data["history"] == SUCCESS and serving(upgraded) == "1.0.0"
+
+
 def test_rollback_keys_authorise_rollbacks_only(upgraded, signed_bundles, tmp_path):
     """With rollback-keys configured, the bundle key cannot authorise a rollback, and the rollback key cannot
     sign a bundle."""
