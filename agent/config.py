@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError,
-                               TomlConfigSettingsSource)
+from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
+                               SettingsError, TomlConfigSettingsSource)
 
 from agent.errors import ConfigError
 from agent.mqtt import MqttSettings, SetPath
@@ -169,8 +169,56 @@ class AgentConfig(BaseSettings):
                                    dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # highest priority first; no .env file and no secrets dir
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_toml_file.get())
+        # highest priority first; no .env file and no secrets dir; the controller's variables are not ours
+        return (init_settings, _PrefixEnv(settings_cls, _fleet_config_class),
+                TomlConfigSettingsSource(settings_cls, toml_file=_toml_file.get()))
+
+
+def _model_of(annotation) -> type[BaseModel] | None:
+    """The pydantic model a field holds (`X`, `X | None`), else None."""
+    for t in (annotation, *typing.get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def drop_foreign(data: dict, mine: type[BaseModel], theirs: type[BaseModel] | None) -> dict:
+    """`data` (settings read from EDGEGLM_* variables) less the keys that are not `mine`'s but are `theirs`'s.
+
+    The agent and the fleet controller read the same prefix, and a box or a shell may hold both's variables
+    (agent.env exported in an operator's shell, a box running both): each ignores the other's settings
+    instead of refusing to start, and still refuses a name that is neither's (a typo). A setting both have
+    (`EDGEGLM_MQTT__HOST`) applies to both."""
+    out = {}
+    for key, value in data.items():
+        field = mine.model_fields.get(key)
+        other = theirs.model_fields.get(key) if theirs is not None else None
+        if field is None:
+            if other is None:
+                out[key] = value  # neither's: validation names it
+            continue
+        sub = _model_of(field.annotation)
+        if isinstance(value, dict) and sub is not None:
+            value = drop_foreign(value, sub, _model_of(other.annotation) if other is not None else None)
+        out[key] = value
+    return out
+
+
+class _PrefixEnv(EnvSettingsSource):
+    """EDGEGLM_* variables, less those of the other program (`drop_foreign`)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], foreign):
+        super().__init__(settings_cls)
+        self._foreign = foreign  # a callable returning the other program's settings class (imported late)
+
+    def __call__(self) -> dict[str, Any]:
+        return drop_foreign(super().__call__(), self.settings_cls, self._foreign())
+
+
+def _fleet_config_class():
+    from fleet.config import FleetConfig  # no ML code; the controller's schema only
+
+    return FleetConfig
 
 
 def load_config(path: Path | str | None = None, overrides: dict | None = None) -> AgentConfig:

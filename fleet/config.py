@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from agent.config import AgentConfig, _PrefixEnv
 from agent.errors import ConfigError
 
 _toml_file: ContextVar[Path | None] = ContextVar("edgeglm_fleet_toml", default=None)
@@ -80,7 +81,9 @@ class FleetConfig(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings, file_secret_settings):
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_toml_file.get())
+        # the agent's EDGEGLM_* variables (agent.env in the operator's shell) are not the controller's
+        return (init_settings, _PrefixEnv(settings_cls, lambda: AgentConfig),
+                TomlConfigSettingsSource(settings_cls, toml_file=_toml_file.get()))
 
 
 def load_fleet_config(path: str | Path | None = None, overrides: dict | None = None) -> FleetConfig:

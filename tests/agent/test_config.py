@@ -323,3 +323,29 @@ def test_an_error_across_two_fields_names_the_variable_that_set_one(monkeypatch)
     with pytest.raises(ConfigError, match=r"mqtt \(from environment variable EDGEGLM_MQTT__PASSWORD\) is invalid: "
                                           "mqtt.password is set but mqtt.username is not"):
         load_config(None)
+
+
+def test_the_agent_and_the_controller_ignore_each_others_variables_and_refuse_neithers(monkeypatch):
+    """Both read EDGEGLM_*: with agent.env's variables in an operator's shell (EDGEGLM_HTTP__API_KEY, as
+    docs/install.md writes it) every `edgeglm fleet ...` command failed ("http.api_key: Extra inputs are not
+    permitted"), and the controller's (EDGEGLM_DATABASE__PATH) stopped the agent. A name neither has (a typo)
+    is still refused; one both have (EDGEGLM_MQTT__HOST) applies to both."""
+    from fleet.config import load_fleet_config
+
+    for var in [v for v in os.environ if v.upper().startswith("EDGEGLM_")]:
+        monkeypatch.delenv(var)
+    for name, value in (("EDGEGLM_HTTP__API_KEY", "s3cret-key"), ("EDGEGLM_MQTT__ENABLED", "true"),
+                        ("EDGEGLM_MODEL__BACKEND", "openvino"), ("EDGEGLM_DATABASE__PATH", "/srv/fleet.db"),
+                        ("EDGEGLM_HTTP__METRICS_TOKEN_FILE", "/run/token"), ("EDGEGLM_ROLLBACK__KEY", "/k/rb.key"),
+                        ("EDGEGLM_MQTT__HOST", "broker.lan")):
+        monkeypatch.setenv(name, value)
+    agent, fleet = load_config(), load_fleet_config()
+    assert (agent.http.api_key.get_secret_value(), agent.mqtt.enabled, agent.model.backend) == \
+        ("s3cret-key", True, "openvino")
+    assert (str(fleet.database.path), str(fleet.http.metrics_token_file), str(fleet.rollback.key)) == \
+        ("/srv/fleet.db", "/run/token", "/k/rb.key")
+    assert agent.mqtt.host == fleet.mqtt.host == "broker.lan"
+    monkeypatch.setenv("EDGEGLM_HTTP__APIKEY", "typo")
+    for load in (load_config, load_fleet_config):
+        with pytest.raises(ConfigError, match="apikey"):
+            load()
