@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,10 @@ def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, ma
         "INSERT INTO rollouts (bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
         "min_delta_ms, phase, data, created, updated, group_name) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (str(Path(bundle).resolve()), fleet, canary_pct, max_regression_pct, window_s,
-         str(Path(previous_bundle).resolve()) if previous_bundle else None, str(Path(key).resolve()) if key else None,
+         str(Path(previous_bundle).resolve()) if previous_bundle else None,
+         # absolute but not resolved: a Kubernetes Secret's file is a link into a directory the kubelet replaces
+         # when the Secret changes (a key rotation); the resolved path would be gone after it
+         os.path.abspath(key) if key else None,
          min_delta_ms, "canary", json.dumps({"report": []}), now, now, group))
     return cur.lastrowid
 

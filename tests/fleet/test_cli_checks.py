@@ -412,3 +412,35 @@ def test_a_controller_of_one_fleet_drives_only_that_fleets_rollouts(db, signed_b
     RolloutDriver(store, recorder).tick()  # a controller of every fleet ('+') drives the rest
     assert recorder.offers[2:] == [("plant8", "e1")]
     store.close()
+
+
+def test_a_recorded_rollout_keeps_its_key_through_a_secret_rotation(db, signed_bundles, tmp_path):
+    """On K3s the controller's rollback key is a Secret file: `rollback.key` is a link to `..data/rollback.key`,
+    `..data` a link to a timestamped directory the kubelet replaces (and deletes) when the Secret changes. The
+    rollout recorded the resolved path, so after a key rotation its halt path could not sign the canaries'
+    rollback (the file was gone, every tick failed, the canaries stayed on the regressed version)."""
+    import os
+
+    from ota.signing import load_private_key
+
+    secret = tmp_path / "secret"
+    secret.mkdir()
+
+    def publish(stamp: str, key) -> None:  # what the kubelet does on a Secret update
+        (secret / stamp).mkdir()
+        shutil.copy(key, secret / stamp / "rollback.key")
+        os.symlink(stamp, secret / "..data_tmp")
+        os.replace(secret / "..data_tmp", secret / "..data")
+
+    publish("..2026_11_26_10_00_00.1", signed_bundles["root"] / "keys" / "fleet.key")
+    os.symlink("..data/rollback.key", secret / "rollback.key")
+    out = cli("rollout", "--db", str(db), "--bundle", str(signed_bundles["v2"]), "--group", FLEET, "--canary", "50",
+              "--previous-bundle", str(signed_bundles["v1"]), "--key", str(secret / "rollback.key"))
+    assert out.returncode == 0, out.stderr
+    store = Store(db)
+    [r] = load_rollouts(store)
+    store.close()
+    publish("..2026_11_27_10_00_00.2", signed_bundles["root"] / "keys" / "fleet.key")  # the rotation
+    shutil.rmtree(secret / "..2026_11_26_10_00_00.1")
+    assert r.key == secret / "rollback.key"
+    load_private_key(r.key)  # what the halt path signs with
