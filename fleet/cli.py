@@ -445,8 +445,8 @@ def cmd_device(args) -> int:
             removed = store.remove_device(args.fleet, device)
             notes = [f"{removed['groups']} group membership(s)" if removed["groups"] else "",
                      "its desired config" if removed["desired"] else "",
-                     f"in active rollout(s) {', '.join(map(str, rollouts[device]))}: they stop waiting for it "
-                     f"after their result wait" if rollouts[device] else "",
+                     f"in active rollout(s) {', '.join(map(str, rollouts[device]))}: left out of them from now on"
+                     if rollouts[device] else "",
                      "online: it registers again with its next state" if known[device]["online"] else ""]
             print(f"{args.fleet}/{device}: removed from the registry; its retained desired config and offer "
                   f"cleared on the broker" + "".join(f"; {n}" for n in notes if n))

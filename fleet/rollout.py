@@ -307,7 +307,29 @@ class RolloutDriver:
     def _results(self, r: Rollout, devices: list[str]) -> dict:
         return {d: (self.store.last_result(r.fleet, d, r.data["offers"][d]) or {}).get("result") for d in devices}
 
+    def _drop_removed(self, r: Rollout, key: str) -> list[str]:
+        """Take devices removed from the registry (`fleet device remove`) out of r.data[key]; those removed."""
+        known = {d["device"] for d in self.store.devices(r.fleet)}
+        gone = [d for d in r.data.get(key, []) if d not in known]
+        if gone:
+            r.data[key] = [d for d in r.data[key] if d in known]
+            r.data.setdefault("removed", []).extend(d for d in gone if d not in r.data.get("removed", []))
+        return gone
+
+    def _canaries_left(self, r: Rollout) -> bool:
+        """Whether canaries are left after dropping removed ones; halts the rollout (nothing to roll back) if not."""
+        gone = self._drop_removed(r, "canaries")
+        if gone and not r.data["canaries"]:
+            self._save(r, "halting", f"every canary was removed from the registry ({gone}): nothing can be "
+                                     f"measured; start the rollout again to pick new canaries")
+            return False
+        if gone:
+            self._save(r, r.phase, f"canaries {gone} were removed from the registry: no longer waited for")
+        return True
+
     def _canary_wait(self, r: Rollout, now: float) -> None:
+        if not self._canaries_left(r):
+            return
         results = self._results(r, r.data["canaries"])
         failed = {d: res for d, res in results.items() if res not in (None, "committed")}
         silent = [d for d, res in results.items() if res is None]
@@ -322,7 +344,7 @@ class RolloutDriver:
             self._save(r, "canary_window", f"canaries committed; measuring for {r.window_s:g} s")
 
     def _canary_window(self, r: Rollout, now: float) -> None:
-        if now - r.data["window_start"] < r.window_s:
+        if now - r.data["window_start"] < r.window_s or not self._canaries_left(r):
             return
         # a canary that has reported nothing on the new version yet (a report in flight, an agent still
         # loading the model) gets one more window before its silence fails the gate
@@ -366,7 +388,9 @@ class RolloutDriver:
         devices = self.store.devices(r.fleet)
         known = {d["device"]: d["model_version"] for d in devices}
         online = {d["device"] for d in devices if d["online"]}
-        rest = sorted({*r.data["rest"], *(d for d in known if members is None or d in members)}
+        # devices removed from the registry since the canaries were picked are not offered it
+        rest = sorted({*(d for d in r.data["rest"] if d in known),
+                       *(d for d in known if members is None or d in members)}
                       - set(r.data["canaries"]) - {d for d, v in known.items() if version and v == version})
         offline = [d for d in rest if d not in online]
         r.data["rest"] = rest
@@ -376,6 +400,9 @@ class RolloutDriver:
         self._save(r, "rest_wait", f"offered to the rest {rest}{note}")
 
     def _rest_wait(self, r: Rollout, now: float) -> None:
+        gone = self._drop_removed(r, "rest")
+        if gone:
+            self._save(r, "rest_wait", f"{gone} were removed from the registry: no longer waited for")
         results = self._results(r, r.data["rest"])
         pending = [d for d, res in results.items() if res is None]
         waited = now - r.data.get("rest_offered_at", now)
@@ -387,6 +414,7 @@ class RolloutDriver:
                                   f"{ {d: res for d, res in results.items() if res is not None} }{note}")
 
     def _halting(self, r: Rollout, now: float) -> None:
+        self._drop_removed(r, "canaries")  # a removed device is offered no rollback (its retained offer was cleared)
         offers = r.data.get("offers", {})
         pending = [d for d in r.data.get("canaries", []) if d in offers
                    and not (self.store.last_result(r.fleet, d, offers[d]) or {}).get("result")]
@@ -397,7 +425,9 @@ class RolloutDriver:
                 r.data["halting_waits"] = True
                 self._save(r, "halting", f"waiting for the update of {pending} to end before rolling back")
             return
-        if r.previous_bundle and r.key:
+        if not r.data.get("canaries"):
+            self._save(r, "halted", "halted; no canary left in the registry to roll back")
+        elif r.previous_bundle and r.key:
             # the version each canary serves now: the rollout's for one that committed it, else the reported one
             reported = {d["device"]: d["model_version"] for d in self.store.devices(r.fleet)}
             serving = {}

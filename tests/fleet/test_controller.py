@@ -669,3 +669,54 @@ def test_a_canary_that_never_answers_halts_the_rollout_after_the_result_wait(tmp
     r = next(r for r in load_rollouts(store) if r.id == rid)
     assert r.phase in ("halting", "halted") and "no result from ['d0']" in " ".join(r.data["report"])
     store.close()
+
+
+def test_devices_removed_during_a_rollout_are_neither_offered_nor_waited_for(tmp_path):
+    """`fleet device remove` clears a device's retained offer: the rest step offered it again (from the device list
+    taken when the canaries were picked, with the chunk server answering it again), and a removed canary was
+    waited for an hour, then halted the rollout and got a signed rollback."""
+    from fleet.store import Store
+
+    store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
+    for d in ("d0", "d1", "d2", "d3"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
+        put(store, report(d, t0 - 5, "1.0.0"))
+    recorder = OfferRecorder()
+    driver = RolloutDriver(store, recorder)
+    bundle = tmp_path / "bundle-1.1.0"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
+    rid = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
+
+    def tick(now: float):
+        driver.tick(now)
+        return next(r for r in load_rollouts(store) if r.id == rid)
+
+    r = tick(t0)
+    assert r.data["canaries"] == ["d0", "d1"] and r.data["rest"] == ["d2", "d3"]
+    store.remove_device(FLEET, "d1")  # a canary, before its result
+    store.remove_device(FLEET, "d3")  # one of the rest
+    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 1, "result": "committed"})
+    r = tick(t0 + 1)
+    assert r.phase == "canary_window" and r.data["canaries"] == ["d0"], r.data["report"]
+    assert "canaries ['d1'] were removed from the registry" in " ".join(r.data["report"])
+    for i in range(3):
+        put(store, report("d0", t0 + 3 + i, "1.1.0"))
+    assert tick(t0 + 12).phase == "rest"
+    r = tick(t0 + 13)
+    assert r.data["rest"] == ["d2"] and [d for d, _ in recorder.offers] == ["d0", "d1", "d2"]
+    store.add_ota_status(FLEET, "d2", {"update_id": r.data["offers"]["d2"], "ts": t0 + 14, "result": "committed"})
+    assert tick(t0 + 15).phase == "done"
+    # every canary removed: the rollout halts at once, and no rollback goes to a removed device
+    for d in ("d0", "d2"):  # on the new version now
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.1.0"}})
+    rid = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
+    store.upsert_state(FLEET, {"device": "d4", "online": True, "model": {"name": "m", "version": "1.0.0"}})
+    put(store, report("d4", t0 + 20, "1.0.0"))
+    r = tick(t0 + 21)
+    assert r.data["canaries"] == ["d4"]
+    store.remove_device(FLEET, "d4")
+    tick(t0 + 22)
+    r = tick(t0 + 23)
+    assert r.phase == "halted" and "every canary was removed from the registry (['d4'])" in " ".join(r.data["report"])
+    store.close()
