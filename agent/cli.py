@@ -77,11 +77,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_build(args) -> int:
-    _factory()
-    from models.build import BuildInputs, format_report, run_build
+    try:
+        _factory()
+        from models.build import BuildInputs, format_report, run_build
 
-    inputs = BuildInputs.create(args.teacher, args.corpus, args.recipe, args.out, args.work, args.resume)
-    report = run_build(inputs, progress=not args.quiet)
+        inputs = BuildInputs.create(args.teacher, args.corpus, args.recipe, args.out, args.work, args.resume)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("before the build started: nothing was written") from None
+    report = run_build(inputs, progress=not args.quiet)  # Ctrl-C: models.build.BuildInterrupted says what is kept
     print(format_report(report))
     print(f"wrote bundle {args.out} (report in its manifest and in {inputs.work}/report.json); "
           f"sign it with: edgeglm bundle sign {args.out} --key KEY")
@@ -418,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"edgeglm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        after = ""
-        if args.command == "build":  # the finished stages and the last training step are saved in the work dir
+    except KeyboardInterrupt as exc:
+        after = f" {exc}" if args.command == "build" and str(exc) else ""  # "while ...": what is kept, what next
+        if args.command == "build" and not after:  # after run_build returned: the bundle and work dir are kept
             work = args.work or Path(args.out).with_name(Path(args.out).name + ".work")  # BuildInputs.create's
             after = (f"; the finished stages and the last saved training step are kept in {work}: the same "
                      f"command with --resume continues from there")

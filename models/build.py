@@ -41,6 +41,18 @@ What a failure leaves:
   says so: rerun with --resume once the cause is fixed (a changed device or checkpoint_every is
   fine), or remove the work directory to start over.
 Nothing is written at --out until the last step, and only a complete, verified bundle.
+
+What Ctrl-C leaves (`BuildInterrupted`, a KeyboardInterrupt whose text the CLI prints after
+"interrupted": "while distilling; the stages done (...) are kept in ..."), decided by what had
+finished, and said as read back from the work directory, so that the line never promises what is
+not there:
+- during the checks or while tokenizing (no stage finished; a partial token file is never kept):
+  as a failed check, a work directory this run made is removed again, and the line says that
+  nothing was kept and the same command starts over;
+- after tokenizing finished and before the corpus-size checks recorded `check`: the token cache is
+  kept with a state.json of the build's identity and `tokenize` done;
+- from then on (prune, distill, evaluate, export, report): the stages done are kept, and the line
+  names them (and distillation's last saved step): the same command with --resume continues.
 """
 
 from __future__ import annotations
@@ -80,6 +92,10 @@ log = logging.getLogger("edgeglm.build")
 
 class BuildError(CheckpointError):
     """`edgeglm build` cannot run with these inputs (names the setting and the allowed range)."""
+
+
+class BuildInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `edgeglm build`: the text ("while ...") says where, what was kept and how to go on."""
 
 
 @dataclass
@@ -144,8 +160,8 @@ def _read_state(path: Path) -> dict:
 
 def _stages_done(data: dict) -> list[str]:
     done = data.get("done") or {}
-    names = [s for s in STAGES if s in done]
-    return names[:1] + ["tokenize"] + names[1:] if names[:1] == ["check"] else names
+    names = [s for s in STAGES if s in done]  # "tokenize" is recorded only by a build interrupted before "check"
+    return names[:1] + ["tokenize"] + names[1:] if names[:1] == ["check"] and "tokenize" not in done else names
 
 
 def _first_difference(recorded, current, path: str = "") -> str | None:
@@ -401,8 +417,19 @@ def sizes(cfg: GlmConfig) -> dict:
 
 # --- the pipeline -------------------------------------------------------------------------------
 
-def plan_build(inputs: BuildInputs, progress: bool = True) -> tuple[Plan, TokenCorpus, TokenCorpus]:
+@dataclass
+class _Reached:
+    """How far a build got (for what Ctrl-C keeps and says): the stage running, and the token corpus once
+    tokenizing finished."""
+
+    stage: str = "check"
+    corpus: TokenCorpus | None = None
+
+
+def plan_build(inputs: BuildInputs, progress: bool = True,
+               reached: _Reached | None = None) -> tuple[Plan, TokenCorpus, TokenCorpus]:
     """Every check, cheapest first; only tokenizing the corpus (cached in the work dir) takes time."""
+    reached = reached if reached is not None else _Reached()
     recipe = inputs.recipe
     settings = recipe.distill_settings()
     check_device(recipe, settings)
@@ -418,7 +445,9 @@ def plan_build(inputs: BuildInputs, progress: bool = True) -> tuple[Plan, TokenC
     files = corpus_files(inputs)  # DataError names a missing corpus file
     check_corpus_text(files)
     inputs.work.mkdir(parents=True, exist_ok=True)
+    reached.stage = "tokenize"
     corpus = tokenize_corpus(TextSource(files, inputs.teacher / "tokenizer.json"), inputs.work / "tokens", progress)
+    reached.stage, reached.corpus = "check", corpus
     data = check_data(recipe, corpus, settings)
     data["corpus_sha256"] = _sha256_file(corpus.path)  # text changed with the same token count is caught too
     train, heldout = split_corpus(corpus, data["heldout_tokens"], inputs.work)
@@ -450,6 +479,33 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+DOING = {"check": "checking the inputs", "tokenize": "tokenizing the corpus", "prune": "pruning",
+         "distill": "distilling", "evaluate": "evaluating", "export": "exporting the bundle",
+         "report": "writing the report and publishing the bundle"}
+
+
+def _interrupted(work: Path, reached: _Reached, detail: str = "") -> BuildInterrupted:
+    """What Ctrl-C left, read back from the work directory (after any clean-up), in words for the CLI."""
+    doing = "checking the corpus size" if reached.stage == "check" and reached.corpus is not None else \
+        DOING.get(reached.stage, reached.stage)
+    if not work.is_dir() or not any(work.iterdir()):
+        return BuildInterrupted(f"while {doing}, before any stage finished: nothing was kept; run the "
+                                "same command again to start over")
+    try:
+        done = _stages_done(_read_state(work / STATE)) if (work / STATE).is_file() else []
+    except BuildError:
+        done = []
+    if not done:  # a --resume into a directory without a state: left as it was
+        return BuildInterrupted(f"while {doing}, before any stage finished; {work} is left as it was: "
+                                "the same command with --resume starts again from there")
+    step = ""
+    if reached.stage == "distill" and (work / "distill" / "state.pt").is_file():
+        step = f", with distillation's last saved training step ({detail})" if detail else \
+            ", with distillation's last saved training step"
+    return BuildInterrupted(f"while {doing}; the stages done ({', '.join(done)}) are kept in {work}{step}: "
+                            "the same command with --resume continues from there")
+
+
 def _resume_hint(work: Path, state: "_State") -> str:
     done = ", ".join(_stages_done(state.data))
     return (f"the stages done ({done}) are kept in {work}: rerun with --resume once the cause is fixed "
@@ -459,8 +515,10 @@ def _resume_hint(work: Path, state: "_State") -> str:
 def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
     """Run every stage (skipping those a resumed build has done); returns the compression report."""
     bar = tqdm(total=len(STAGES), desc="build", unit="stage", disable=not progress, leave=True)
+    reached = _Reached()
 
     def stage(name: str) -> None:
+        reached.stage = name.split()[0]
         bar.set_postfix_str(name)
 
     work = inputs.work
@@ -470,7 +528,7 @@ def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
     try:
         stage("check")
         try:
-            plan, train, heldout = plan_build(inputs, progress)
+            plan, train, heldout = plan_build(inputs, progress, reached)
             state = _State(inputs)
             previous = state.done("check")
             # what the earlier run recorded (a work directory of an older edgeglm has no corpus_sha256)
@@ -483,13 +541,22 @@ def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
                        f"now {plan.data['corpus_tokens']} tokens, then {previous.get('corpus_tokens')}")
                     + f"); start over without --resume after removing {work} or with another --work directory")
             state.mark("check", plan.data)
-        except BaseException:
-            if fresh and work.is_dir() and not (work / STATE).exists():
-                _remove_new_work(work, existed, made_parents)
+        except BaseException as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            if work.is_dir() and not (work / STATE).exists():
+                if interrupted and reached.corpus is not None:  # Ctrl-C after tokenizing: the tokens are kept
+                    _State(inputs).mark("tokenize", {"corpus_tokens": reached.corpus.num_tokens,
+                                                     "tokens": reached.corpus.path.name})
+                elif fresh:  # nothing finished (or bad input): as if this run had not been
+                    _remove_new_work(work, existed, made_parents)
+            if interrupted:
+                raise _interrupted(work, reached) from None
             raise
         bar.update(2)
         try:
             return _run_stages(inputs, plan, train, heldout, state, stage, bar, progress)
+        except KeyboardInterrupt as exc:  # distillation saved its completed steps first (models/distill.py)
+            raise _interrupted(work, reached, str(exc)) from None
         except USER_ERRORS as exc:
             raise BuildError(f"{exc}; {_resume_hint(work, state)}") from None
         except OSError as exc:  # a full disk, a directory that went away: one line, the finished stages kept
@@ -643,7 +710,9 @@ def format_report(report: dict) -> str:
         f"- teacher: {shape(t)}",
         f"- student: {shape(s)} ({report['non_embedding_params_ratio']:.1%} of the teacher)",
         f"- pruning: {report['prune']['importance']} importance, layers kept {report['prune']['layers_kept']}",
-        f"- distillation: {d['tokens']:,} tokens in {d['steps']} steps, final loss {d['final_loss']:.3f}",
+        f"- distillation: {d['tokens']:,} tokens in {d['steps']} steps, final loss {d['final_loss']:.3f}, "
+        + (f"{d['seconds']:.1f} s of training ({d['tokens_per_second']:,.0f} tokens/s)" if d.get("seconds")
+           else "training time unknown" + (f" ({d['note']})" if d.get("note") else "")),
         f"- held-out: {report['data']['heldout_tokens_scored']:,} of {report['data']['heldout_tokens']:,} tokens "
         f"(train split {report['data']['train_tokens']:,} tokens)",
         "",

@@ -5,6 +5,15 @@ read: older configs put `rope_theta` and `partial_rotary_factor` at the top leve
 (transformers >= 5) nest them in `rope_parameters`. Defaults are those of transformers'
 `GlmConfig`, so a config that omits a field means the same thing here as there.
 
+RoPE as transformers' `GlmConfig` reads it (`rope_settings`): a non-empty `rope_scaling` (the
+older key) replaces `rope_parameters` whole; what it leaves out comes from the top level or the
+defaults; a dict without `rope_type`/`type` is the unscaled ("default") RoPE. edgeglm computes
+unscaled RoPE only, so a config that transformers would run with a scaling (linear, dynamic,
+yarn, ...) is refused rather than read without it (wrong logits on long contexts), and so is one
+whose meaning is not clear: a `factor` other than 1 without a type (transformers >= 5 runs it
+unscaled and ignores the factor, 4.x cannot load it), or `rope_scaling` and `rope_parameters`
+that disagree (transformers would silently use `rope_scaling`'s values).
+
 This module imports no torch: the runtime and the bundle manifest use it too.
 """
 
@@ -18,6 +27,61 @@ from models.errors import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("glm",)
 SUPPORTED_ARCHITECTURES = ("GlmForCausalLM",)
+ROPE_KEYS = ("rope_scaling", "rope_parameters")
+NO_SCALING = "edgeglm computes unscaled RoPE only"
+
+
+def _rope_values(rope: dict, raw: dict) -> dict:
+    """rope_type, rope_theta and partial_rotary_factor of one rope dict as transformers completes it: its own
+    value, else the top-level one, else GlmConfig's default."""
+    return {"rope_type": rope.get("rope_type", rope.get("type", "default")),
+            "rope_theta": rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+            "partial_rotary_factor": rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5))}
+
+
+def rope_settings(raw: dict, source: str = "config.json") -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor) of a Hugging Face GLM config, read as transformers' GlmConfig reads
+    it (see the module docstring); a RoPE scaling, or rope settings whose meaning is unclear, is refused with
+    one line naming the file, the key and its value."""
+    dicts = {}
+    for key in ROPE_KEYS:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise CheckpointError(f"{source}: {key} = {value!r}: must be an object like "
+                                  '{"rope_type": "default", "rope_theta": 10000.0}; this checkpoint cannot be used')
+        if value:
+            dicts[key] = value
+    for key, rope in dicts.items():
+        factor = rope.get("factor", 1.0)
+        if "rope_type" not in rope and "type" not in rope and factor != 1:
+            raise CheckpointError(
+                f"{source}: {key} = {rope!r}: a scaling factor without a rope_type: transformers >= 5 runs the "
+                "model unscaled (ignoring the factor) and 4.x cannot load it, so the RoPE it was trained with is "
+                f"unclear; edgeglm refuses this checkpoint ({NO_SCALING}): if the model was trained unscaled, "
+                'remove "factor" or set "rope_type": "default"')
+    # transformers (4.x and >= 5): a non-empty rope_scaling is used whole, rope_parameters then ignored
+    key = "rope_scaling" if "rope_scaling" in dicts else "rope_parameters"
+    used = _rope_values(dicts.get(key, {}), raw)
+    if used["rope_type"] != "default":
+        raise CheckpointError(
+            f"{source}: {key} = {dicts[key]!r}: RoPE scaling {used['rope_type']!r} is not supported: {NO_SCALING}, "
+            "and the model without its scaling gives wrong logits (on long contexts); edgeglm refuses this "
+            "checkpoint (nothing is loaded, exported or built)")
+    if len(dicts) == 2:
+        other = _rope_values(dicts["rope_parameters"], raw)
+        for name, value in used.items():
+            if other[name] != value:
+                raise CheckpointError(
+                    f"{source}: rope_scaling = {dicts['rope_scaling']!r} and rope_parameters = "
+                    f"{dicts['rope_parameters']!r} disagree on {name} ({value!r} as transformers reads it, from "
+                    f"rope_scaling, which replaces rope_parameters; {other[name]!r} by rope_parameters): edgeglm "
+                    "will not guess which the model was trained with and refuses this checkpoint; keep only one "
+                    "of the two keys")
+    try:
+        return float(used["rope_theta"]), float(used["partial_rotary_factor"])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: rope_theta = {used['rope_theta']!r} and partial_rotary_factor = "
+                              f"{used['partial_rotary_factor']!r} must be numbers") from None
 
 
 @dataclass(frozen=True)
@@ -86,10 +150,7 @@ class GlmConfig:
                 f"{source}: architectures={archs!r} is not supported; expected "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise CheckpointError(f"{source}: rope_type={rope_type!r} is not supported (only 'default')")
+        rope_theta, partial_rotary_factor = rope_settings(raw, source)
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in raw]
         if missing:
@@ -105,10 +166,8 @@ class GlmConfig:
                 num_attention_heads=raw["num_attention_heads"],
                 num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
                 head_dim=raw.get("head_dim") or 128,
-                partial_rotary_factor=float(
-                    rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5))
-                ),
-                rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
+                partial_rotary_factor=partial_rotary_factor,
+                rope_theta=rope_theta,
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1.5625e-07)),
                 attention_bias=bool(raw.get("attention_bias", True)),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),

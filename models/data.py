@@ -193,8 +193,13 @@ def corpus_from_ids(ids, cache_dir: str | Path, eos_id: int = 0, name: str = "id
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{name}-{hashlib.sha256(arr.tobytes()).hexdigest()[:16]}.bin"
-    if not path.is_file():
-        arr.tofile(path)
+    if not path.is_file() or path.stat().st_size != arr.nbytes:  # written whole or not at all (a killed run)
+        tmp = path.with_suffix(".partial")
+        try:
+            arr.tofile(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return TokenCorpus(path, int(arr.size), (name,), eos_id)
 
 

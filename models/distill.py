@@ -33,6 +33,14 @@ KL, CE, learning rate and the window starts of that step's batch); a resume cuts
 checkpoint's step. Resuming with different training settings is refused; `resume=False` starts
 over. A finished run resumed again returns at once with the trained weights.
 
+Timing: `state.pt` also records the training seconds of the steps it holds (over every run that
+trained them; the time of steps after the last checkpoint, redone by a resume, is not counted) and
+the device of the run that saved it, so the report of a resumed run, even one that trains no step
+(a run that finished but whose caller crashed before recording it), gives the whole training's
+`seconds` and `tokens_per_second`, not its own near-zero time. A state.pt without that record
+(written by an older edgeglm) gives `seconds` and `tokens_per_second` None, with a `note` saying
+why and what this run alone took (`seconds_this_run`).
+
 Device "auto" is CUDA when available, else CPU. Bad settings (T <= 0, both weights zero, a
 token budget the corpus cannot fill within `max_passes` passes, a warm-up longer than the run,
 ...) raise `DistillError` before any training, naming the setting and its allowed range.
@@ -158,14 +166,16 @@ class DistillSettings:
 class DistillReport:
     steps: int
     tokens: int
-    seconds: float  # this call's training time (not counting a run resumed from)
-    tokens_per_second: float
+    seconds: float | None  # training time of all `steps`, over every run (None: an earlier run's not recorded)
+    tokens_per_second: float | None  # tokens / seconds
     final_loss: float
     final_kl: float
     final_ce: float
     resumed_from_step: int
-    device: str
+    device: str  # the device this call trained on (or, if it trained no step, the one that saved the state)
     settings: dict = field(default_factory=dict)
+    seconds_this_run: float = 0.0  # this call's training time alone
+    note: str | None = None  # why seconds / tokens_per_second are None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -239,11 +249,12 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_state(path: Path, step: int, student, opt, sched, settings: DistillSettings, last: dict) -> None:
+def _save_state(path: Path, step: int, student, opt, sched, settings: DistillSettings, last: dict,
+                train_seconds: float | None, device) -> None:
     tmp = path.with_suffix(".partial")
     torch.save({"step": step, "model": student.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": _rng_state(), "settings": settings.to_dict(),
-                "last": last}, tmp)
+                "last": last, "train_seconds": train_seconds, "device": str(device)}, tmp)
     os.replace(tmp, path)
 
 
@@ -305,6 +316,7 @@ def distill(student: GlmForCausalLM, teacher: GlmForCausalLM | None, train_sourc
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, settings))
     state_path, log_path = work_dir / STATE_FILE, work_dir / LOG_FILE
     start, last = 0, {"loss": float("nan"), "kl": float("nan"), "ce": float("nan"), "lr": settings.lr}
+    earlier_seconds, saved_device = 0.0, None  # the training time of the steps resumed from (None: not recorded)
     if resume and state_path.is_file():
         state = _load_state(state_path, settings)
         try:
@@ -316,6 +328,7 @@ def distill(student: GlmForCausalLM, teacher: GlmForCausalLM | None, train_sourc
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start, last = state["step"], state["last"]
+        earlier_seconds, saved_device = state.get("train_seconds"), state.get("device")
         _trim_log(log_path, start)
     else:
         log_path.unlink(missing_ok=True)
@@ -333,20 +346,28 @@ def distill(student: GlmForCausalLM, teacher: GlmForCausalLM | None, train_sourc
                 bar.set_postfix(loss=f"{last['loss']:.3f}", kl=f"{last['kl']:.3f}", ce=f"{last['ce']:.3f}")
                 if (step + 1) % settings.checkpoint_every == 0 or step + 1 == steps or ctrl_c.pressed:
                     log.flush()
-                    _save_state(state_path, step + 1, student, opt, sched, settings, last)
+                    spent = None if earlier_seconds is None else earlier_seconds + time.perf_counter() - t0
+                    _save_state(state_path, step + 1, student, opt, sched, settings, last, spent, device)
                 if ctrl_c.pressed:  # the completed steps are saved: a rerun resumes after them
-                    raise KeyboardInterrupt
+                    raise KeyboardInterrupt(f"step {step + 1} of {steps}")
                 if on_step is not None:
                     on_step(step + 1, last)
     finally:
         bar.close()
         student.eval()
-    seconds = time.perf_counter() - t0
-    trained = (steps - start) * per_step
+    trained = steps - start
+    this_run = time.perf_counter() - t0 if trained else 0.0
+    seconds = None if earlier_seconds is None else earlier_seconds + this_run
+    note = None
+    if seconds is None:
+        note = (f"steps 1..{start} were trained by an earlier run whose time {state_path} does not record (written "
+                f"by an older edgeglm): the whole training's seconds and tokens/s are unknown; this run trained "
+                f"{trained} step(s) in {this_run:.1f} s")
     return DistillReport(steps=steps, tokens=steps * per_step, seconds=seconds,
-                         tokens_per_second=trained / seconds if seconds > 0 else 0.0,
+                         tokens_per_second=steps * per_step / seconds if seconds else None,
                          final_loss=last["loss"], final_kl=last["kl"], final_ce=last["ce"],
-                         resumed_from_step=start, device=str(device), settings=settings.to_dict())
+                         resumed_from_step=start, device=str(device) if trained or not saved_device else saved_device,
+                         settings=settings.to_dict(), seconds_this_run=this_run, note=note)
 
 
 def _train_step(student, teacher, sampler: WindowSampler, step: int, opt, sched, settings: DistillSettings,

@@ -178,11 +178,14 @@ def _recipe(tmp_path, **replace) -> Path:
     return path
 
 
-def _foreign_teacher(tmp_path, teacher) -> Path:
-    ckpt = tmp_path / "llama"
+def _foreign_teacher(tmp_path, teacher, kind: str = "llama") -> Path:
+    ckpt = tmp_path / kind.replace(" ", "-")
     shutil.copytree(teacher, ckpt)
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
+    if kind == "llama":
+        cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
+    else:  # a GLM trained with linear RoPE scaling, in the older key beside rope_parameters
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
     (ckpt / "config.json").write_text(json.dumps(cfg))
     return ckpt
 
@@ -201,6 +204,9 @@ BAD = {
     "bad recipe value": (dict(recipe={'precision = "int8"': 'precision = "int4"'}),
                          ["[quantize] precision = 'int4'", "'int8' or 'fp32'"]),
     "not GLM": (dict(teacher="llama"), ["model_type='llama' is not supported"]),
+    "RoPE scaling": (dict(teacher="rope scaling"), ["rope-scaling/config.json: rope_scaling = {'rope_type': 'linear', "
+                                                    "'factor': 4.0}: RoPE scaling 'linear' is not supported",
+                                                    "edgeglm refuses this checkpoint"]),
     "unwritable out": (dict(out="under-a-file"), ["--out", "is not a writable directory"]),
     "out exists": (dict(out="exists"), ["--out", "already exists"]),
 }
@@ -225,7 +231,8 @@ def test_bad_input_stops_before_work_with_exit_2(trained_checkpoint, tmp_path, c
         (tmp_path / "small.py").write_text(corpus[0].read_text()[:500])
         corpus = [tmp_path / "small.py"]
     recipe = _recipe(tmp_path, **how["recipe"]) if "recipe" in how else QUICK
-    teacher = _foreign_teacher(tmp_path, trained_checkpoint) if how.get("teacher") else trained_checkpoint
+    teacher = _foreign_teacher(tmp_path, trained_checkpoint, how["teacher"]) if how.get("teacher") else \
+        trained_checkpoint
     out = tmp_path / "bundle"
     if how.get("out") == "under-a-file":
         (tmp_path / "file").write_text("x")
@@ -480,3 +487,147 @@ def test_calibration_tokens_must_fit_the_corpus_only_for_activation_importance(i
             check_data(recipe, corpus, settings)
     else:
         assert check_data(recipe, corpus, settings)["calibration_tokens"] == 16384
+
+
+# --- Ctrl-C: what is kept is what the line says ------------------------------------------------------
+
+def _ctrl_c():
+    """What a terminal's Ctrl-C does: SIGINT to this process (Python raises KeyboardInterrupt from the handler,
+    or, while distilling, models.distill's handler lets the step finish and saves first)."""
+    import signal
+
+    signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_while_tokenizing_a_fresh_build_keeps_nothing_and_does_not_promise_resume(raw_teacher, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """It used to remove the work directory and then say that the finished stages were kept in it and that
+    --resume continued."""
+    import models.data
+
+    real_pieces, files = models.data._pieces, []
+
+    def pieces(path):
+        files.append(path)
+        if len(files) == 2:  # the first file is tokenized, the second is being read
+            _ctrl_c()
+        yield from real_pieces(path)
+
+    monkeypatch.setattr(models.data, "_pieces", pieces)
+    work = tmp_path / "deep" / "work"
+    code = main(["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()), "--recipe",
+                 str(QUICK), "--out", str(tmp_path / "bundle"), "--work", str(work), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 130 and len(files) == 2, err
+    assert err == ("edgeglm build: interrupted while tokenizing the corpus, before any stage finished: nothing was "
+                   "kept; run the same command again to start over\n")
+    assert list(tmp_path.iterdir()) == []  # no work directory (nor its parent), so the same command starts over
+
+
+def test_ctrl_c_at_every_stage_keeps_what_it_says_and_resume_continues(raw_teacher, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C (a real SIGINT) at each point of one build: the line names the stages kept, they are on disk,
+    and the same command with --resume continues from them (nothing done is repeated) to the bundle."""
+    import models.build
+    import models.data
+
+    out, work = tmp_path / "bundle", tmp_path / "bundle.work"
+    args = ["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()), "--recipe", str(QUICK),
+            "--out", str(out), "--quiet"]
+    real = {name: getattr(models.build, name) for name in ("_sha256_file", "run_prune", "distill", "run_export")}
+
+    def interrupted(argv, doing: str, done: str, step: str = "") -> None:
+        assert main(argv) == 130
+        err = capsys.readouterr().err
+        assert err == (f"edgeglm build: interrupted while {doing}; the stages done ({done}) are kept in {work}{step}: "
+                       "the same command with --resume continues from there\n"), err
+        assert not out.exists()
+
+    def ctrl_c(*_args, **_kwargs):
+        _ctrl_c()
+        raise AssertionError("SIGINT did not interrupt")
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("a stage done ran again")
+
+    # tokenizing finished, the corpus-size checks had not: the token cache is kept, with the build's identity
+    monkeypatch.setattr(models.build, "_sha256_file", ctrl_c)
+    interrupted(args, "checking the corpus size", "tokenize")
+    state = json.loads((work / "state.json").read_text())
+    assert state["identity"]["teacher"] == str(raw_teacher.resolve()) and list(state["done"]) == ["tokenize"]
+    assert main(args) == 2 and "(a build stopped after tokenize); pass --resume" in capsys.readouterr().err
+    monkeypatch.setattr(models.build, "_sha256_file", real["_sha256_file"])
+
+    monkeypatch.setattr(models.data, "_pieces", never)  # the tokens are not made again
+    monkeypatch.setattr(models.build, "run_prune", ctrl_c)
+    interrupted(args + ["--resume"], "pruning", "check, tokenize")
+    monkeypatch.setattr(models.build, "run_prune", real["run_prune"])
+
+    def distill_then_ctrl_c(student, teacher, train, settings, work_dir, **kwargs):
+        def on_step(step, _metrics):
+            if step == 3:
+                _ctrl_c()  # models.distill's handler lets step 4 finish and saves it
+        return real["distill"](student, teacher, train, settings, work_dir, **kwargs, on_step=on_step)
+
+    monkeypatch.setattr(models.build, "distill", distill_then_ctrl_c)
+    interrupted(args + ["--resume"], "distilling", "check, tokenize, prune",
+                ", with distillation's last saved training step (step 4 of 16)")
+    assert (work / "distill" / "state.pt").is_file() and not (work / "distilled").exists()
+    monkeypatch.setattr(models.build, "distill", real["distill"])
+
+    monkeypatch.setattr(models.build, "run_prune", never)
+    monkeypatch.setattr(models.build, "run_export", ctrl_c)
+    interrupted(args + ["--resume"], "exporting the bundle", "check, tokenize, prune, distill, evaluate")
+    monkeypatch.setattr(models.build, "run_export", real["run_export"])
+
+    assert main(args + ["--resume"]) == 0, capsys.readouterr().err
+    report = json.loads((work / "report.json").read_text())
+    assert report["distill"]["resumed_from_step"] == 4 and (out / "manifest.json").is_file()
+
+
+def test_ctrl_c_before_the_build_starts_says_nothing_was_written(tmp_path, capsys, monkeypatch):
+    import agent.cli
+
+    monkeypatch.setattr(agent.cli, "_factory", lambda: _ctrl_c())  # while the factory's modules load
+    code = main(["build", "--teacher", str(tmp_path / "t"), "--corpus", str(tmp_path / "c.txt"), "--recipe", "quick",
+                 "--out", str(tmp_path / "bundle"), "--quiet"])
+    assert code == 130
+    assert capsys.readouterr().err == "edgeglm build: interrupted before the build started: nothing was written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the report of a resumed build ----------------------------------------------------------------------
+
+def test_a_resume_after_distillation_finished_but_was_not_recorded_reports_its_real_time(raw_teacher, tmp_path,
+                                                                                          capsys, monkeypatch):
+    """The crash came after the last training step was saved and before the stage was recorded: the resumed
+    distillation trains nothing, and the report said seconds ~0 and tokens_per_second 0."""
+    import errno
+
+    import models.build
+
+    real_save = models.build.save_checkpoint
+
+    def full_at_distilled(model, path, **kwargs):
+        if Path(path).name == "distilled":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(model, path, **kwargs)
+
+    out, work = tmp_path / "bundle", tmp_path / "bundle.work"
+    args = ["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()), "--recipe", str(QUICK),
+            "--out", str(out), "--quiet"]
+    monkeypatch.setattr(models.build, "save_checkpoint", full_at_distilled)
+    assert main(args) == 2
+    assert "No space left on device; the stages done (check, tokenize, prune) are kept" in capsys.readouterr().err
+    import torch
+
+    saved = torch.load(work / "distill" / "state.pt", map_location="cpu", weights_only=False)
+    assert saved["step"] == 16 and saved["train_seconds"] > 0
+
+    monkeypatch.setattr(models.build, "save_checkpoint", real_save)
+    assert main(args + ["--resume"]) == 0, capsys.readouterr().err
+    report = json.loads((work / "report.json").read_text())["distill"]
+    assert report["resumed_from_step"] == 16 and report["seconds_this_run"] == 0.0
+    assert report["seconds"] == saved["train_seconds"]  # the first run's, as recorded, not this run's ~0
+    assert report["tokens_per_second"] == pytest.approx(report["tokens"] / saved["train_seconds"])
+    assert report["note"] is None and report["device"] == "cpu"
+    assert f"{report['seconds']:.1f} s of training" in (work / "report.md").read_text()

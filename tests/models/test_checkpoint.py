@@ -123,3 +123,62 @@ def test_a_non_finite_weight_is_refused_naming_the_tensor(tmp_path, value, dtype
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.down_proj\.weight'"
                                               r" holds 1 non-finite value\(s\) \(NaN or inf\)"):
         load_checkpoint(path)
+
+
+# --- RoPE settings: read as transformers' GlmConfig reads them, or refused in one line ------------------------
+
+PLAIN = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+ROPE_CASES = {  # config.json's rope keys -> None (read as transformers reads it) or the refusal's fragment
+    "linear rope_scaling beside rope_parameters": (
+        dict(rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_parameters=PLAIN),
+        "rope_scaling = {'rope_type': 'linear', 'factor': 4.0}: RoPE scaling 'linear' is not supported"),
+    "dynamic rope_scaling, older layout": (
+        dict(rope_scaling={"type": "dynamic", "factor": 4.0}, rope_theta=10000.0, partial_rotary_factor=0.5),
+        "rope_scaling = {'type': 'dynamic', 'factor': 4.0}: RoPE scaling 'dynamic' is not supported"),
+    "yarn rope_parameters": (
+        dict(rope_parameters={**PLAIN, "rope_type": "yarn", "factor": 4.0}),
+        "rope_parameters = {'rope_type': 'yarn', 'rope_theta': 10000.0, 'partial_rotary_factor': 0.5, 'factor': "
+        "4.0}: RoPE scaling 'yarn' is not supported"),
+    "rope_scaling with a factor and no type": (
+        dict(rope_scaling={"factor": 4.0}, rope_parameters=PLAIN),
+        "rope_scaling = {'factor': 4.0}: a scaling factor without a rope_type"),
+    "rope_scaling and rope_parameters disagree": (
+        dict(rope_scaling={"rope_type": "default", "rope_theta": 500.0}, rope_parameters=PLAIN),
+        "disagree on rope_theta (500.0 as transformers reads it"),
+    "rope_scaling without a type, older layout": (
+        dict(rope_scaling={"rope_theta": 500.0}, partial_rotary_factor=0.25), None),
+    "rope_scaling and rope_parameters agree": (
+        dict(rope_scaling={"type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25},
+             rope_parameters={"rope_type": "default", "rope_theta": 500, "partial_rotary_factor": 0.25}), None),
+    "empty rope_scaling beside rope_parameters": (
+        dict(rope_scaling={}, rope_parameters={**PLAIN, "rope_theta": 500.0}), None),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope_settings_are_read_as_transformers_reads_them_or_refused(tmp_path, case):
+    """transformers' GlmForCausalLM is the reference: a rope_scaling beside rope_parameters used to be ignored
+    (rope_parameters won), so a linear or differently-based RoPE was exported as the plain one: wrong logits."""
+    keys, refused = ROPE_CASES[case]
+    path = hf_checkpoint(tmp_path / "c", max_position_embeddings=16, initializer_range=0.1)  # logits ~ 3
+    cfg = json.loads((path / "config.json").read_text())
+    plain = _reference_logits(path, ids := torch.randint(0, 320, (1, 48), generator=torch.Generator().manual_seed(4)))
+    cfg.pop("rope_parameters")
+    cfg.update(keys)
+    (path / "config.json").write_text(json.dumps(cfg))
+    reference = _reference_logits(path, ids)  # 48 positions: past max_position_embeddings, where dynamic scales
+    if refused is None:
+        _, model = load_checkpoint(path)
+        with torch.no_grad():
+            ours, _ = model(ids)
+        assert (ours - reference).abs().max().item() <= 1e-4
+        assert (plain - reference).abs().max().item() > 0.1  # a rope_theta of 500 (and a partial factor) shows
+        return
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path / 'config.json'}: ") and "\n" not in message and refused in message, message
+    if "factor and no type" in case:  # transformers >= 5 runs it unscaled, ignoring the factor
+        assert (plain - reference).abs().max().item() <= 1e-5
+    else:  # what the scaling (or the other theta) does to transformers' logits, which reading it unscaled lost
+        assert (plain - reference).abs().max().item() > 0.1

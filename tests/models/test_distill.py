@@ -115,6 +115,50 @@ def test_a_finished_run_resumed_returns_its_weights(teacher, source, tmp_path):
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
 
 
+def test_a_resumed_run_reports_the_whole_training_time_or_says_it_is_unknown(teacher, source, tmp_path):
+    """A run resumed after its last step (its caller crashed before recording it) trains nothing: it reported
+    seconds ~0 and tokens_per_second 0. It now reports the time state.pt recorded for the steps it holds; a
+    state.pt of an older edgeglm, without that record, gives None and a note, never a made-up number."""
+    settings = DistillSettings(kl_weight=0.0, ce_weight=1.0, warmup_steps=1, batch_size=4, seq_len=32,
+                               token_budget=4 * 32 * 6, checkpoint_every=2, device="cpu")
+    first = distill(pruned_student(teacher, calib(teacher)), None, source, settings, tmp_path / "run", progress=False)
+    assert first.resumed_from_step == 0 and first.seconds == first.seconds_this_run > 0 and first.note is None
+    assert first.tokens_per_second == pytest.approx(first.tokens / first.seconds)
+    recorded = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert 0 < recorded["train_seconds"] <= first.seconds and recorded["device"] == "cpu"
+
+    again = distill(pruned_student(teacher, calib(teacher)), None, source, settings, tmp_path / "run", progress=False)
+    assert again.resumed_from_step == 6 and again.seconds_this_run == 0.0
+    assert again.seconds == recorded["train_seconds"] and again.tokens_per_second == again.tokens / again.seconds
+    assert again.note is None and again.device == "cpu"
+
+    # interrupted after step 4 (saved at 4) and resumed: the earlier run's time plus this one's
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_5(step, _metrics):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        distill(pruned_student(teacher, calib(teacher)), None, source, settings, tmp_path / "cut", progress=False,
+                on_step=crash_at_step_5)
+    at_4 = torch.load(tmp_path / "cut" / "state.pt", weights_only=False)
+    assert at_4["step"] == 4
+    resumed = distill(pruned_student(teacher, calib(teacher)), None, source, settings, tmp_path / "cut",
+                      progress=False)
+    assert resumed.resumed_from_step == 4 and resumed.seconds_this_run > 0
+    assert resumed.seconds == pytest.approx(at_4["train_seconds"] + resumed.seconds_this_run)
+
+    # a state.pt without the record (an older edgeglm): unknown, said so
+    del at_4["train_seconds"]
+    torch.save(at_4, tmp_path / "cut" / "state.pt")
+    old = distill(pruned_student(teacher, calib(teacher)), None, source, settings, tmp_path / "cut", progress=False)
+    assert old.resumed_from_step == 4 and old.seconds is None and old.tokens_per_second is None
+    assert "steps 1..4 were trained by an earlier run whose time" in old.note and "2 step(s) in" in old.note
+    assert torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["train_seconds"] is None  # still unknown
+
+
 def test_windows_cover_the_corpus_in_a_seeded_order_per_epoch(source, tmp_path):
     corpus = tokenize_corpus(source, tmp_path / "tok", progress=False)
     seq = 64
