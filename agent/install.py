@@ -40,7 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from agent import __version__
-from agent.config import AgentConfig
+from agent.config import AgentConfig, _model_of
 from agent.errors import AgentError
 
 DEFAULT_VENV = PurePosixPath("/opt/edgeglm/venv")
@@ -130,8 +130,8 @@ def default_config_toml() -> str:
     ]
     tables = []
     for name, info in AgentConfig.model_fields.items():
-        if _section_model(info.annotation) is not None:
-            tables.append((name, _section_model(info.annotation)))
+        if _model_of(info.annotation) is not None:
+            tables.append((name, _model_of(info.annotation)))
         else:  # top-level keys come before the first table in TOML
             lines += _setting_lines(AgentConfig, name, "", AgentConfig.model_fields[name].get_default())
     for name, model in tables:
@@ -147,7 +147,7 @@ def _table_lines(path: str, model: type[BaseModel], commented: bool) -> list[str
     lines += [f"{c}[{path}]", f"# environment: {env}"]
     subtables = []
     for name, info in model.model_fields.items():
-        sub = _section_model(info.annotation)
+        sub = _model_of(info.annotation)
         if sub is not None:
             subtables.append((name, sub))
             continue
@@ -172,18 +172,13 @@ def _setting_lines(model: type[BaseModel], name: str, section: str, default: Any
     return [f"# {n}" for n in notes] + [f"{name} = {_toml_value(default)}"]
 
 
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The model of a section field (`HttpSettings`, or `MqttTls | None`), else None."""
-    for t in (annotation, *typing.get_args(annotation)):
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            return t
-    return None
-
-
 def _choices(annotation: Any) -> str | None:
-    for t in (annotation, *typing.get_args(annotation)):
+    """`one of: ...` for a Literal field, booleans first where the field takes them too (`bool | Literal[...]`)."""
+    members = (annotation, *typing.get_args(annotation))
+    for t in members:
         if typing.get_origin(t) is Literal:
-            return "one of: " + ", ".join(_toml_value(v) for v in typing.get_args(t))
+            values = ([True, False] if bool in members else []) + list(typing.get_args(t))
+            return "one of: " + ", ".join(_toml_value(v) for v in values)
     return None
 
 

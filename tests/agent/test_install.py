@@ -186,6 +186,8 @@ def test_config_file_loads_as_the_defaults_and_names_every_setting(install, pref
     for dotted in settings:
         assert re.search(rf"^(# )?{dotted.rsplit('.', 1)[-1]} = ", text, re.M), f"{dotted} is not in {path}"
     assert "EDGEGLM_MQTT__PASSWORD" in text and "password = " in text  # a secret: advice, not a value
+    # a setting that takes booleans and names lists them all (the note said only "auto", "only")
+    assert re.search(r'^# one of: true, false, "auto", "only"\nprefill_graph = "auto"$', text, re.M)
 
 
 def test_an_existing_config_is_kept_and_the_defaults_go_beside_it(install, prefix):
