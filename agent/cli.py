@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", help="model name (default: the checkpoint directory name)")
     e.add_argument("--version", default="0.1.0", help="bundle version, e.g. 1.2.0")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
-    e.add_argument("--chunk-kib", type=int, default=256, help="OTA transfer chunk size in KiB (default 256)")
+    e.add_argument("--chunk-kib", type=int, default=256, help="OTA transfer chunk size in KiB, 4-512 (default 256)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_export)
 

@@ -40,6 +40,7 @@ from models.onnx_graph import EMBEDDINGS_FILE, build_decoder, fp16_attention_var
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
 from models.recipe import bundle_name_problem, bundle_version_problem
 from ota.bundle import MANIFEST, BundleError, publish, write_manifest
+from ota.transfer import MAX_CHUNK_SIZE
 from runtime.engine import (GPU_GRAPH_FILE, GPU_GRAPH_KEY, PREFILL_GRAPH_KEY, PREFILL_GRAPH_MIN_ROWS, PREFILL_ROWS_KEY,
                             ModelArch, load_engine)
 from runtime.errors import RuntimeUserError
@@ -68,6 +69,7 @@ SCHEMES = {
                         "OpenVINO compressed weights, fp32 activations",
 }
 ENTRY = {"onnxruntime": "onnxruntime/model.onnx", "openvino": "openvino/openvino_model.xml"}
+MAX_CHUNK_KIB = MAX_CHUNK_SIZE // 1024  # the largest chunk the controller serves in one MQTT message
 
 
 @dataclass
@@ -87,8 +89,9 @@ class ExportOptions:
         if self.precision not in ("int8", "fp32"):
             raise ExportError(f"--precision {self.precision!r} is invalid; choose int8 or fp32")
         unknown = [b for b in self.backends if b not in ENTRY]
-        if not 4 <= self.chunk_kib <= 16384:
-            raise ExportError(f"--chunk-kib {self.chunk_kib} must be between 4 and 16384")
+        if not 4 <= self.chunk_kib <= MAX_CHUNK_KIB:  # a bigger chunk does not fit in one MQTT chunk message
+            raise ExportError(f"--chunk-kib {self.chunk_kib} must be between 4 and {MAX_CHUNK_KIB} (the largest "
+                              "chunk the fleet controller serves over MQTT); nothing was exported")
         if unknown or not self.backends:
             raise ExportError(f"--backends {','.join(self.backends)!r} is invalid; choose from openvino,onnxruntime")
         if len(set(self.backends)) != len(self.backends):

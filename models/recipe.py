@@ -65,6 +65,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, Va
 from models.distill import DEVICES, RESUMABLE_CHANGES, DistillError, DistillSettings
 from models.errors import CheckpointError
 from ota.bundle import VERSION_RE, Manifest
+from ota.transfer import MAX_CHUNK_SIZE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -137,7 +138,7 @@ class ExportSection(_Section):
     backends: list[Literal["openvino", "onnxruntime"]] = Field(default=["openvino", "onnxruntime"], min_length=1)
     name: str | None = None  # the bundle manifest's rules: bundle_name_problem
     version: str = "0.1.0"  # bundle_version_problem
-    chunk_kib: int = Field(default=256, ge=4, le=16384)
+    chunk_kib: int = Field(default=256, ge=4, le=MAX_CHUNK_SIZE // 1024)  # what the controller serves
     golden_tokens: int = Field(default=32, ge=4, le=256)
 
     @field_validator("backends")

@@ -102,3 +102,16 @@ def test_resume_identity_leaves_out_what_does_not_change_a_result():
     assert same.resume_identity() == base.resume_identity()
     other = parse_recipe(text.replace("token_budget = 8192", "token_budget = 4096").encode(), "x.toml")
     assert other.resume_identity() != base.resume_identity()
+
+
+def test_a_chunk_the_controller_cannot_serve_is_refused_when_the_recipe_is_read():
+    """[export] chunk_kib and `export --chunk-kib` took up to 16 MiB, while the controller serves chunks of at most
+    512 KiB (one MQTT message): such a bundle was built and then refused at every offer."""
+    from models.export import ExportOptions
+    from models.errors import ExportError
+
+    assert parse_recipe(b"[export]\nchunk_kib = 512\n", "my.toml").export.chunk_kib == 512
+    with pytest.raises(RecipeError, match=r"my.toml: \[export\] chunk_kib = 1024"):
+        parse_recipe(b"[export]\nchunk_kib = 1024\n", "my.toml")
+    with pytest.raises(ExportError, match="--chunk-kib 1024 must be between 4 and 512"):
+        ExportOptions(chunk_kib=1024)
