@@ -83,6 +83,12 @@ def _settings(args):
     return cfg, settings
 
 
+def _lost(exc: ConnectionError, done: list[str], total: int, what: str, again: str) -> FleetError:
+    """A command's publishing cut by the broker going away: one line saying what was published, not a traceback."""
+    published = f"{len(done)} of {total} {what} before ({', '.join(done)})" if done else f"none of {total} {what}"
+    return FleetError(f"{exc}; {published}; {again}")
+
+
 def _connect(args):
     from fleet.controller import FleetController
 
@@ -212,6 +218,8 @@ def cmd_offer(args) -> int:
     controller = _connect(args)
     try:
         update_id = controller.offer(args.fleet, args.device, Path(args.bundle))
+    except ConnectionError as exc:
+        raise _lost(exc, [], 1, "offer published", "run the same command again") from None
     finally:
         controller.stop()
     print(f"offered {args.bundle} to {device} as update {update_id}")
@@ -323,6 +331,10 @@ def cmd_config_set(args) -> int:
         version = int(time.time() * 1000)  # one version for the whole group
         for fleet, device in targets:
             published.append(controller.set_desired(fleet, device, settings, version, replace=args.replace)[1])
+    except ConnectionError as exc:
+        done = [f"{f}/{d}" for f, d in targets[:len(published)]]
+        raise _lost(exc, done, len(targets), "desired config(s) published", "run the same command again: a device that has "
+                    "it already ignores the same settings again") from None
     finally:
         controller.stop()
     where = f"{targets[0][0]}/{targets[0][1]}" if not args.group else \
@@ -375,9 +387,15 @@ def cmd_rollback(args) -> int:
         controller = _connect(args)
         try:
             for fleet in sorted({f for f, _ in move}):
-                serving = {d: devices[(f, d)]["model_version"] for f, d in move if f == fleet}
-                ids = offer_rollback(controller, fleet, serving, bundle, key, args.valid_for)
-                offered.update({(fleet, d): u for d, u in ids.items()})
+                for f, d in move:  # one device at a time: what was offered is known if the broker goes away
+                    if f == fleet:
+                        ids = offer_rollback(controller, fleet, {d: devices[(f, d)]["model_version"]}, bundle, key,
+                                             args.valid_for)
+                        offered.update({(fleet, dev): u for dev, u in ids.items()})
+        except ConnectionError as exc:
+            done = [f"{f}/{d} ({u})" for (f, d), u in offered.items()]
+            raise _lost(exc, done, len(move), "rollback offer(s) published", "run the same command again for the rest (a "
+                        "device offered one takes the newest)") from None
         finally:
             controller.stop()
     print(f"rollback of {selection.describe()} to {version} ({bundle}):")
@@ -439,9 +457,15 @@ def cmd_device(args) -> int:
     rollouts = {d: [r.id for r in load_rollouts(store, active_only=True) if r.fleet == args.fleet and
                     d in {*r.data.get("canaries", []), *r.data.get("rest", [])}] for d in args.devices}
     controller = _connect(args)
+    removed_devices: list[str] = []
     try:
         for device in args.devices:
-            controller.clear_retained(args.fleet, device)  # first: a failure leaves the registry as it was
+            try:
+                controller.clear_retained(args.fleet, device)  # first: a failure leaves the registry as it was
+            except ConnectionError as exc:
+                raise _lost(exc, removed_devices, len(args.devices), "device(s) removed",
+                            f"{device} and those after it are still registered: run the command again") from None
+            removed_devices.append(f"{args.fleet}/{device}")
             removed = store.remove_device(args.fleet, device)
             notes = [f"{removed['groups']} group membership(s)" if removed["groups"] else "",
                      "its desired config" if removed["desired"] else "",

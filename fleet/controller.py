@@ -59,6 +59,7 @@ PAYLOAD_LIMITS = {"state": 256 * 1024, "telemetry": 64 * 1024, "ota/status": 64 
                   "ota/chunk/request": 8 * 1024}
 MAX_BATCH = 5000  # telemetry rows per transaction
 PRUNE_EVERY_S = 60.0
+PUBLISH_TIMEOUT_S = 10.0  # how long a command waits for the broker to acknowledge a retained message
 
 
 Word = Annotated[str, Field(max_length=32, pattern=r"^[a-z][a-z_]*$")]  # a state, event or result name
@@ -371,6 +372,20 @@ class FleetController:
             raise ConnectionError(f"not connected to the broker {self.settings.broker_host}:"
                                   f"{self.settings.broker_port}: {what}")
 
+    def _publish_retained(self, topic: str, payload, what: str) -> None:
+        """Publish at QoS 1, retained, and wait for the broker's acknowledgement: ConnectionError if it does
+        not come (the broker went away) within PUBLISH_TIMEOUT_S, naming `what` was not confirmed."""
+        try:
+            info = self.client.publish(topic, payload, qos=1, retain=True)
+            info.wait_for_publish(PUBLISH_TIMEOUT_S)
+            confirmed = info.is_published()
+        except (RuntimeError, ValueError) as exc:  # paho: not connected, queue full
+            raise ConnectionError(f"the broker {self.settings.broker_host}:{self.settings.broker_port} did not "
+                                  f"take {what} ({exc})") from None
+        if not confirmed:
+            raise ConnectionError(f"the broker {self.settings.broker_host}:{self.settings.broker_port} did not "
+                                  f"acknowledge {what} within {PUBLISH_TIMEOUT_S:g} s")
+
     def offer(self, fleet: str, device: str, bundle_dir: Path, update_id: str | None = None,
               rollback_key=None, replaces: str | None = None, not_after: int | None = None) -> str:
         """Offer a bundle to one device. With `rollback_key`, a rollback: the key signs a statement bound to
@@ -390,7 +405,7 @@ class FleetController:
         offer = make_offer(bundle, update_id, {"type": "mqtt"}, rollback_key=rollback_key, rollback_terms=terms)
         # a plain offer leaves out the empty rollback_terms, so that an agent of an older version still parses it
         payload = offer.model_dump_json(exclude={"rollback_terms"} if terms is None else None)
-        self.client.publish(ota_offer_topic(fleet, device), payload, qos=1, retain=True).wait_for_publish(10)
+        self._publish_retained(ota_offer_topic(fleet, device), payload, f"the offer of {update_id} to {fleet}/{device}")
         return update_id
 
     def set_desired(self, fleet: str, device: str, settings: dict, version: int | None = None,
@@ -403,7 +418,7 @@ class FleetController:
         version = version if version is not None else int(time.time() * 1000)
         merged = settings if replace else deep_merge(self.store.desired(fleet, device) or {}, settings)
         payload = DesiredConfig(version=version, settings=merged).model_dump_json()
-        self.client.publish(desired_topic(fleet, device), payload, qos=1, retain=True).wait_for_publish(10)
+        self._publish_retained(desired_topic(fleet, device), payload, f"the desired config of {fleet}/{device}")
         self.store.record_desired(fleet, device, version, merged)
         return version, merged
 
@@ -414,7 +429,7 @@ class FleetController:
         subscription is ignored while a state the device publishes live registers it again."""
         self._require_connected("nothing was cleared")
         for topic in (desired_topic(fleet, device), ota_offer_topic(fleet, device)):
-            self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)
+            self._publish_retained(topic, b"", f"the clearing of {topic}")
 
 
 def format_status(store: Store, fleet: str | None = None, since_s: float = 3600) -> str:

@@ -444,3 +444,31 @@ def test_a_recorded_rollout_keeps_its_key_through_a_secret_rotation(db, signed_b
     shutil.rmtree(secret / "..2026_11_26_10_00_00.1")
     assert r.key == secret / "rollback.key"
     load_private_key(r.key)  # what the halt path signs with
+
+
+def test_a_broker_lost_in_the_middle_of_a_command_is_one_line_saying_what_was_published(
+        mosquitto, db, signed_bundles, tmp_path, monkeypatch, capsys):
+    """`fleet rollback` over a group whose broker went away after the first offer ended in a traceback (exit 1)
+    that did not say which devices already had a signed rollback offer."""
+    import fleet.rollout
+    from agent.cli import main
+
+    store = Store(db)
+    for d in ("d1", "d2"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.1.0"}})
+    store.close()
+    key = signed_bundles["root"] / "keys" / "fleet.key"
+    (tmp_path / "fleet.toml").write_text(f'[bundles]\ndir = "{signed_bundles["root"]}"\n[rollback]\nkey = "{key}"\n')
+    real = fleet.rollout.offer_rollback
+
+    def offer_then_lose_the_broker(*args, **kwargs):
+        ids = real(*args, **kwargs)
+        mosquitto.stop()
+        return ids
+    monkeypatch.setattr(fleet.rollout, "offer_rollback", offer_then_lose_the_broker)
+    rc = main(["fleet", "rollback", "--group", FLEET, "--db", str(db), "--config", str(tmp_path / "fleet.toml"),
+               "--broker", f"127.0.0.1:{mosquitto.port}", "--to", "1.0.0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"1 of 2 rollback offer(s) published before ({FLEET}/d1 (" in err
+    assert "run the same command again for the rest" in err
