@@ -491,107 +491,111 @@ def test_calibration_tokens_must_fit_the_corpus_only_for_activation_importance(i
 
 # --- Ctrl-C: what is kept is what the line says ------------------------------------------------------
 
-def _ctrl_c():
-    """What a terminal's Ctrl-C does: SIGINT to this process (Python raises KeyboardInterrupt from the handler,
-    or, while distilling, models.distill's handler lets the step finish and saves first)."""
-    import signal
+# Each interrupted build runs in its own process, as a terminal's Ctrl-C reaches one: a real SIGINT raised at a
+# chosen point (the hooks below) in `edgeglm build`. (In the test process itself a SIGINT once ended the whole
+# suite with a segmentation fault after hundreds of other tests; a child process keeps that from hiding the rest.)
+_DRIVER = r"""
+import json, signal, sys
+import agent.cli, models.build, models.data
 
-    signal.raise_signal(signal.SIGINT)
+hook, argv = sys.argv[1], json.loads(sys.argv[2])
 
+def ctrl_c(*_args, **_kwargs):
+    signal.raise_signal(signal.SIGINT)  # Python raises KeyboardInterrupt from its handler
+    raise AssertionError("SIGINT did not interrupt")
 
-def test_ctrl_c_while_tokenizing_a_fresh_build_keeps_nothing_and_does_not_promise_resume(raw_teacher, tmp_path,
-                                                                                       capsys, monkeypatch):
-    """It used to remove the work directory and then say that the finished stages were kept in it and that
-    --resume continued."""
-    import models.data
+def never(*_args, **_kwargs):
+    raise AssertionError("a stage done ran again")
 
+if hook == "tokenizing":  # the first corpus file is tokenized, the second is being read
     real_pieces, files = models.data._pieces, []
-
     def pieces(path):
         files.append(path)
-        if len(files) == 2:  # the first file is tokenized, the second is being read
-            _ctrl_c()
+        if len(files) == 2:
+            ctrl_c()
         yield from real_pieces(path)
+    models.data._pieces = pieces
+elif hook == "before":  # while the factory's modules load
+    agent.cli._factory = ctrl_c
+elif hook == "check":  # tokenizing finished, the corpus-size checks had not
+    models.build._sha256_file = ctrl_c
+else:
+    models.data._pieces = never  # a resumed build: the tokens are not made again
+    if hook == "prune":
+        models.build.run_prune = ctrl_c
+    elif hook == "distill":  # models.distill's handler lets step 4 finish and saves it
+        real_distill = models.build.distill
+        def distill(student, teacher, train, settings, work_dir, **kwargs):
+            def on_step(step, _metrics):
+                if step == 3:
+                    signal.raise_signal(signal.SIGINT)
+            return real_distill(student, teacher, train, settings, work_dir, **kwargs, on_step=on_step)
+        models.build.distill = distill
+    elif hook in ("export", "finish"):
+        models.build.run_prune = never
+        if hook == "export":
+            models.build.run_export = ctrl_c
+sys.exit(agent.cli.main(argv))
+"""
 
-    monkeypatch.setattr(models.data, "_pieces", pieces)
+
+def _build(hook: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`edgeglm build argv` in a child process, Ctrl-C'd where `hook` says."""
+    return subprocess.run([sys.executable, "-c", _DRIVER, hook, json.dumps(argv)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def _said(proc: subprocess.CompletedProcess, line: str) -> None:
+    assert line in proc.stderr.splitlines() and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_while_tokenizing_a_fresh_build_keeps_nothing_and_does_not_promise_resume(raw_teacher, tmp_path):
+    """It used to remove the work directory and then say that the finished stages were kept in it and that
+    --resume continued."""
     work = tmp_path / "deep" / "work"
-    code = main(["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()), "--recipe",
-                 str(QUICK), "--out", str(tmp_path / "bundle"), "--work", str(work), "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 130 and len(files) == 2, err
-    assert err == ("edgeglm build: interrupted while tokenizing the corpus, before any stage finished: nothing was "
-                   "kept; run the same command again to start over\n")
+    proc = _build("tokenizing", ["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()),
+                                 "--recipe", str(QUICK), "--out", str(tmp_path / "bundle"), "--work", str(work),
+                                 "--quiet"])
+    assert proc.returncode == 130, proc.stderr
+    _said(proc, "edgeglm build: interrupted while tokenizing the corpus, before any stage finished: nothing was "
+                "kept; run the same command again to start over")
     assert list(tmp_path.iterdir()) == []  # no work directory (nor its parent), so the same command starts over
 
 
-def test_ctrl_c_at_every_stage_keeps_what_it_says_and_resume_continues(raw_teacher, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_at_every_stage_keeps_what_it_says_and_resume_continues(raw_teacher, tmp_path, capsys):
     """A Ctrl-C (a real SIGINT) at each point of one build: the line names the stages kept, they are on disk,
     and the same command with --resume continues from them (nothing done is repeated) to the bundle."""
-    import models.build
-    import models.data
-
     out, work = tmp_path / "bundle", tmp_path / "bundle.work"
     args = ["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()), "--recipe", str(QUICK),
             "--out", str(out), "--quiet"]
-    real = {name: getattr(models.build, name) for name in ("_sha256_file", "run_prune", "distill", "run_export")}
 
-    def interrupted(argv, doing: str, done: str, step: str = "") -> None:
-        assert main(argv) == 130
-        err = capsys.readouterr().err
-        assert err == (f"edgeglm build: interrupted while {doing}; the stages done ({done}) are kept in {work}{step}: "
-                       "the same command with --resume continues from there\n"), err
+    def interrupted(hook: str, argv, doing: str, done: str, step: str = "") -> None:
+        proc = _build(hook, argv)
+        assert proc.returncode == 130, proc.stderr
+        _said(proc, f"edgeglm build: interrupted while {doing}; the stages done ({done}) are kept in {work}{step}: "
+                    "the same command with --resume continues from there")
         assert not out.exists()
 
-    def ctrl_c(*_args, **_kwargs):
-        _ctrl_c()
-        raise AssertionError("SIGINT did not interrupt")
-
-    def never(*_args, **_kwargs):
-        raise AssertionError("a stage done ran again")
-
-    # tokenizing finished, the corpus-size checks had not: the token cache is kept, with the build's identity
-    monkeypatch.setattr(models.build, "_sha256_file", ctrl_c)
-    interrupted(args, "checking the corpus size", "tokenize")
+    interrupted("check", args, "checking the corpus size", "tokenize")
     state = json.loads((work / "state.json").read_text())
     assert state["identity"]["teacher"] == str(raw_teacher.resolve()) and list(state["done"]) == ["tokenize"]
     assert main(args) == 2 and "(a build stopped after tokenize); pass --resume" in capsys.readouterr().err
-    monkeypatch.setattr(models.build, "_sha256_file", real["_sha256_file"])
-
-    monkeypatch.setattr(models.data, "_pieces", never)  # the tokens are not made again
-    monkeypatch.setattr(models.build, "run_prune", ctrl_c)
-    interrupted(args + ["--resume"], "pruning", "check, tokenize")
-    monkeypatch.setattr(models.build, "run_prune", real["run_prune"])
-
-    def distill_then_ctrl_c(student, teacher, train, settings, work_dir, **kwargs):
-        def on_step(step, _metrics):
-            if step == 3:
-                _ctrl_c()  # models.distill's handler lets step 4 finish and saves it
-        return real["distill"](student, teacher, train, settings, work_dir, **kwargs, on_step=on_step)
-
-    monkeypatch.setattr(models.build, "distill", distill_then_ctrl_c)
-    interrupted(args + ["--resume"], "distilling", "check, tokenize, prune",
+    interrupted("prune", args + ["--resume"], "pruning", "check, tokenize")
+    interrupted("distill", args + ["--resume"], "distilling", "check, tokenize, prune",
                 ", with distillation's last saved training step (step 4 of 16)")
     assert (work / "distill" / "state.pt").is_file() and not (work / "distilled").exists()
-    monkeypatch.setattr(models.build, "distill", real["distill"])
-
-    monkeypatch.setattr(models.build, "run_prune", never)
-    monkeypatch.setattr(models.build, "run_export", ctrl_c)
-    interrupted(args + ["--resume"], "exporting the bundle", "check, tokenize, prune, distill, evaluate")
-    monkeypatch.setattr(models.build, "run_export", real["run_export"])
-
-    assert main(args + ["--resume"]) == 0, capsys.readouterr().err
+    interrupted("export", args + ["--resume"], "exporting the bundle", "check, tokenize, prune, distill, evaluate")
+    proc = _build("finish", args + ["--resume"])
+    assert proc.returncode == 0, proc.stderr
     report = json.loads((work / "report.json").read_text())
     assert report["distill"]["resumed_from_step"] == 4 and (out / "manifest.json").is_file()
 
 
-def test_ctrl_c_before_the_build_starts_says_nothing_was_written(tmp_path, capsys, monkeypatch):
-    import agent.cli
-
-    monkeypatch.setattr(agent.cli, "_factory", lambda: _ctrl_c())  # while the factory's modules load
-    code = main(["build", "--teacher", str(tmp_path / "t"), "--corpus", str(tmp_path / "c.txt"), "--recipe", "quick",
-                 "--out", str(tmp_path / "bundle"), "--quiet"])
-    assert code == 130
-    assert capsys.readouterr().err == "edgeglm build: interrupted before the build started: nothing was written\n"
+def test_ctrl_c_before_the_build_starts_says_nothing_was_written(tmp_path):
+    proc = _build("before", ["build", "--teacher", str(tmp_path / "t"), "--corpus", str(tmp_path / "c.txt"),
+                             "--recipe", "quick", "--out", str(tmp_path / "bundle"), "--quiet"])
+    assert proc.returncode == 130, proc.stderr
+    _said(proc, "edgeglm build: interrupted before the build started: nothing was written")
     assert list(tmp_path.iterdir()) == []
 
 
