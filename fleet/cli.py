@@ -60,7 +60,7 @@ def _check_ids(fleet: str | None = None, devices=()) -> None:
 
 
 def _settings(args):
-    from fleet.config import load_fleet_config
+    from fleet.config import load_fleet_config, mqtt_password
     from fleet.controller import ControllerSettings
 
     _check_ids(getattr(args, "fleet", None), [args.device] if getattr(args, "device", None) else [])
@@ -76,9 +76,11 @@ def _settings(args):
     m, serving = cfg.mqtt, getattr(args, "fleet_command", None) == "serve"
     settings = ControllerSettings(
         broker_host=m.host, broker_port=m.port, db=cfg.database.path, fleet=cfg.fleet.id,
-        # a command's own client id: two at once must not take each other's session over
+        # a command's own client id: two at once must not take each other's session over. A broker with
+        # use_username_as_clientid (the K3s one) replaces it by the username, so there a command needs a user of
+        # its own, not the serving controller's (k3s/base/core/controller.yaml, fleet-cli.toml)
         client_id=m.client_id if serving else f"{m.client_id}-cli-{os.getpid()}", listen=serving,
-        username=m.username, password=m.password.get_secret_value() if m.password else None,
+        username=m.username, password=mqtt_password(m),  # a ConfigError if [mqtt] password_file cannot be read
         ca_file=m.tls.ca_file if m.tls else None, protocol=m.protocol, retention_s=cfg.database.retention_s)
     return cfg, settings
 

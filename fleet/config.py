@@ -1,7 +1,9 @@
 """The fleet controller's typed configuration (`edgeglm fleet serve --config fleet.toml`).
 
 Priority, lowest first: defaults < TOML file < environment variables `EDGEGLM_...` (nested
-with `__`, e.g. `EDGEGLM_MQTT__PASSWORD`) < command-line flags.
+with `__`, e.g. `EDGEGLM_MQTT__PASSWORD`) < command-line flags. The MQTT password may instead be
+in a file, `[mqtt] password_file` (a mounted Secret on K3s), read by `mqtt_password` when a command
+starts.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from agent.config import AgentConfig, _PrefixEnv
@@ -60,9 +62,18 @@ class MqttSection(_Section):
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = Field(
+        None, description="a file holding the MQTT password (a trailing newline is stripped), read when a command "
+                          "starts (mqtt_password); instead of password / EDGEGLM_MQTT__PASSWORD, never with it")
     client_id: str = "edgeglm-controller"
     protocol: Literal["5", "3.1.1"] = "5"
     tls: TlsSection | None = None
+
+    @model_validator(mode="after")
+    def _one_password(self) -> MqttSection:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password (or EDGEGLM_MQTT__PASSWORD) and password_file are both set; set one of them")
+        return self
 
 
 class FleetConfig(BaseSettings):
@@ -93,12 +104,33 @@ def load_fleet_config(path: str | Path | None = None, overrides: dict | None = N
     try:
         return FleetConfig(**(overrides or {}))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors()[:5])
         raise ConfigError(f"invalid fleet config ({path or 'defaults'}): {problems}") from None
     except ValueError as exc:  # a TOML syntax error
         raise ConfigError(f"{path}: {exc}") from None
     finally:
         _toml_file.reset(token)
+
+
+def mqtt_password(mqtt: MqttSection) -> str | None:
+    """The MQTT password: `[mqtt] password` (or EDGEGLM_MQTT__PASSWORD), else the contents of `[mqtt]
+    password_file` without its trailing newline, read now (a Secret the kubelet updated is read afresh by
+    the next command; `fleet serve` keeps the password it started with). ConfigError naming the setting and
+    the file when it cannot be read or is empty."""
+    if mqtt.password_file is None:
+        return mqtt.password.get_secret_value() if mqtt.password is not None else None
+    path = mqtt.password_file
+    try:
+        password = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"[mqtt] password_file {path}: cannot read it ({reason}); no MQTT connection was "
+                          f"made") from None
+    if not password:
+        raise ConfigError(f"[mqtt] password_file {path}: empty; put the MQTT password of user "
+                          f"{mqtt.username or '(none set)'} in it; no MQTT connection was made")
+    return password
 
 
 def check_desired_config(settings: dict) -> None:
@@ -111,10 +143,12 @@ def check_desired_config(settings: dict) -> None:
     defaults. What depends on an agent's own config file (LOCAL_CEILINGS: cache.max_mb may not rise
     above the box's own value) is checked by each agent, and a refusal shows in `fleet status`
     (config ... REFUSED)."""
-    from agent.config import AgentConfig, with_updates
+    from agent.config import AgentConfig, DeviceSettings, with_updates
     from agent.remote_config import REMOTE_SETTINGS, local_only_keys
 
-    base = AgentConfig.model_validate({"device": {"id": "fleet-check", "fleet": "fleet-check"}})
+    # the agent defaults, built without reading EDGEGLM_* variables: model_validate would read them, and
+    # EDGEGLM_MQTT__PASSWORD (the controller's too) without a username failed the agent's schema with a traceback
+    base = AgentConfig.model_construct(device=DeviceSettings(id="fleet-check", fleet="fleet-check"))
     try:
         with_updates(base, settings)
     except ConfigError as exc:

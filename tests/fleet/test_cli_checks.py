@@ -472,3 +472,97 @@ def test_a_broker_lost_in_the_middle_of_a_command_is_one_line_saying_what_was_pu
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert f"1 of 2 rollback offer(s) published before ({FLEET}/d1 (" in err
     assert "run the same command again for the rest" in err
+
+
+# --- [mqtt] password_file -----------------------------------------------------------------------
+
+def _no_edgeglm_env(monkeypatch) -> None:
+    import os
+
+    for var in [v for v in os.environ if v.upper().startswith("EDGEGLM_")]:
+        monkeypatch.delenv(var)
+
+
+def test_the_mqtt_password_comes_from_password_file_without_its_trailing_newline(tmp_path, monkeypatch):
+    """On K3s the controller's and the operator commands' passwords are Secret files, not environment variables
+    (fleet.toml / fleet-cli.toml `[mqtt] password_file`); `openssl rand -hex 24 > FILE` ends them with a newline."""
+    from fleet.config import load_fleet_config, mqtt_password
+
+    _no_edgeglm_env(monkeypatch)
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    conf = tmp_path / "fleet.toml"
+    conf.write_text(f'[mqtt]\nusername = "ops"\npassword_file = "{secret}"\n')
+    cfg = load_fleet_config(conf)
+    assert cfg.mqtt.password is None and cfg.mqtt.password_file == secret
+    assert mqtt_password(cfg.mqtt) == "s3cret"
+    secret.write_text("n3w\r\n")  # read at each use: a Secret the kubelet replaced is the new password
+    assert mqtt_password(cfg.mqtt) == "n3w"
+    secret.write_text("s3cret")
+    assert mqtt_password(cfg.mqtt) == "s3cret"
+    conf.write_text('[mqtt]\npassword = "inline"\n')  # without password_file: as before
+    assert mqtt_password(load_fleet_config(conf).mqtt) == "inline"
+    monkeypatch.setenv("EDGEGLM_MQTT__PASSWORD", "from-env")
+    assert mqtt_password(load_fleet_config().mqtt) == "from-env"
+    monkeypatch.delenv("EDGEGLM_MQTT__PASSWORD")
+    assert mqtt_password(load_fleet_config().mqtt) is None
+
+
+def test_password_and_password_file_together_are_refused(tmp_path, monkeypatch, db):
+    from agent.errors import ConfigError
+    from fleet.config import load_fleet_config
+
+    _no_edgeglm_env(monkeypatch)
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    conf = tmp_path / "fleet.toml"
+    conf.write_text(f'[mqtt]\npassword = "inline"\npassword_file = "{secret}"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_fleet_config(conf)
+    assert "mqtt: password (or EDGEGLM_MQTT__PASSWORD) and password_file are both set" in str(exc.value)
+    assert "\n" not in str(exc.value) and "Value error" not in str(exc.value)
+    args = ("config", "set", "--config", str(conf), "--db", str(db), "--broker", "127.0.0.1:1", "--fleet", FLEET,
+            "--device", "d1", "sampling.max_tokens=64")
+    refused(cli(*args), str(conf), "password", "password_file are both set")
+    conf.write_text(f'[mqtt]\npassword_file = "{secret}"\n')  # the other one from the environment
+    monkeypatch.setenv("EDGEGLM_MQTT__PASSWORD", "from-env")
+    refused(cli(*args), "password (or EDGEGLM_MQTT__PASSWORD) and password_file are both set")
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "a-directory"])
+def test_an_unreadable_or_empty_password_file_stops_a_command_with_one_line(tmp_path, monkeypatch, db, problem):
+    """Before anything is published or removed, and before `fleet serve` connects."""
+    _no_edgeglm_env(monkeypatch)
+    secret = tmp_path / "operator-mqtt" / "password"
+    if problem == "empty":
+        secret.parent.mkdir()
+        secret.write_text("\n")
+    elif problem == "a-directory":
+        secret.mkdir(parents=True)
+    conf = tmp_path / "fleet-cli.toml"
+    conf.write_text(f'[mqtt]\nusername = "edgeglm-operator"\npassword_file = "{secret}"\n')
+    why = {"missing": "cannot read it (No such file or directory)", "empty": "empty; put the MQTT password of user "
+           "edgeglm-operator in it", "a-directory": "cannot read it (Is a directory)"}[problem]
+    common = ("--config", str(conf), "--db", str(db), "--broker", "127.0.0.1:1")
+    for args in (("config", "set", "--fleet", FLEET, "--device", "d1", "sampling.max_tokens=64"),
+                 ("device", "remove", "--fleet", FLEET, "d1", "--force"),
+                 ("serve", "--http-port", "0")):
+        refused(cli(*args, *common), f"[mqtt] password_file {secret}: {why}", "no MQTT connection was made")
+    store = Store(db)
+    assert "d1" in {d["device"] for d in store.devices(FLEET)}, "nothing was removed"
+    store.close()
+
+
+def test_a_command_logs_in_with_the_password_of_its_password_file(make_mosquitto, tmp_path, monkeypatch, db):
+    _no_edgeglm_env(monkeypatch)
+    broker = make_mosquitto(users={"edgeglm-operator": "s3cret"})
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    conf = tmp_path / "fleet-cli.toml"
+    conf.write_text(f'[mqtt]\nusername = "edgeglm-operator"\nclient_id = "edgeglm-operator"\n'
+                    f'password_file = "{secret}"\n')
+    out = cli("config", "set", "--config", str(conf), "--db", str(db), "--broker", f"127.0.0.1:{broker.port}",
+              "--fleet", FLEET, "--device", "d1", "sampling.max_tokens=64")
+    assert out.returncode == 0 and "desired config version" in out.stdout, out.stderr
+    assert re.search(r"New client connected from \S+ as edgeglm-operator-cli-\d+ .*u'edgeglm-operator'",
+                     broker.log_text()), broker.log_text()

@@ -3,6 +3,7 @@ and password steps, run as written, give what the manifests need."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -63,6 +64,52 @@ def test_password_steps_give_a_line_per_user(tmp_path):
     script = _block(DOC.read_text(), "mkdir -p pki/devices", "done")
     subprocess.run(["bash", "-euc", script], cwd=tmp_path, check=True, capture_output=True)
     users = [line.split(":", 1)[0] for line in (tmp_path / "pki/passwords").read_text().splitlines()]
-    fleet = tomllib.loads(find(rendered("base"), "ConfigMap", "edgeglm-controller-config")["data"]["fleet.toml"])
-    assert users[0] == fleet["mqtt"]["username"]
-    assert sorted(p.name for p in (tmp_path / "pki/devices").iterdir()) == users[1:]
+    configs = find(rendered("base"), "ConfigMap", "edgeglm-controller-config")["data"]
+    serve, cli = (tomllib.loads(configs[key])["mqtt"]["username"] for key in ("fleet.toml", "fleet-cli.toml"))
+    assert users[:2] == [serve, cli]  # the controller, the operator commands
+    assert sorted(p.name for p in (tmp_path / "pki/devices").iterdir()) == users[2:]
+    # each clear password file goes into its Secret, as the Secret's template says
+    doc = DOC.read_text()
+    for secret, file in (("edgeglm-controller-mqtt", "controller.password"),
+                         ("edgeglm-operator-mqtt", "operator.password")):
+        assert (tmp_path / "pki" / file).read_text().strip()
+        command = f"kubectl -n edgeglm create secret generic {secret} --from-file=password=pki/{file}"
+        assert command in doc
+        assert any(command in p.read_text() for p in (REPO / "k3s" / "secrets").glob("*.yaml")), command
+
+
+def _fleet_commands(text: str) -> list[list[str]]:
+    """Every `edgeglm fleet ...` run with `kubectl exec` in the page's bash blocks (continuation lines joined),
+    as argv from `edgeglm` on."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if "kubectl" in line and " exec " in line and "edgeglm fleet " in line:
+                argv = shlex.split(line)
+                start = next(i for i in range(len(argv) - 1) if argv[i:i + 2] == ["edgeglm", "fleet"])
+                out.append(argv[start:])
+    return out
+
+
+# they publish through a short MQTT connection of their own: with use_username_as_clientid it must not be
+# the serving controller's user, so they take fleet-cli.toml (user edgeglm-operator); the others only touch
+# the database
+PUBLISHING = {("offer",), ("config", "set"), ("rollback",), ("device", "remove")}
+
+
+def test_documented_operator_commands_take_the_operator_config():
+    from agent.cli import build_parser
+
+    commands = _fleet_commands(DOC.read_text())
+    seen = set()
+    for argv in commands:
+        words = tuple(argv[2:4]) if argv[2] in ("config", "device") else (argv[2],)
+        config = argv[argv.index("--config") + 1]
+        build_parser().parse_args(argv[1:])  # each parses with the real CLI
+        if words in PUBLISHING:
+            seen.add(words)
+            assert config == "/etc/edgeglm/fleet-cli.toml", shlex.join(argv)
+        else:
+            assert config in ("/etc/edgeglm/fleet.toml", "/etc/edgeglm/fleet-cli.toml"), shlex.join(argv)
+    assert seen == PUBLISHING, f"no kubectl exec example of {sorted(PUBLISHING - seen)}"

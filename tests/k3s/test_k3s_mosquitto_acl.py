@@ -16,6 +16,7 @@ broker routed to that reader was queued before the sentinel (QoS 1, in order per
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -32,7 +33,7 @@ import pytest
 from k3s_manifests import find, rendered
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.topics import controller_subscriptions, device_subscriptions, state_topic
+from agent.topics import controller_subscriptions, desired_topic, device_subscriptions, ota_offer_topic, state_topic
 from broker import BrokerCerts, find_mosquitto, free_port, make_test_certs, wait_for_port
 
 if sys.version_info >= (3, 11):
@@ -45,15 +46,17 @@ NOT_AUTHORIZED = 0x87
 REWRITTEN = ("listener", "certfile", "keyfile", "password_file", "acl_file", "persistence_location", "log_dest")
 
 
-def _site() -> tuple[str, str, dict[str, str]]:
-    """(fleet id, controller username, the broker ConfigMap's files) from the rendered base."""
+def _site() -> tuple[str, str, str, dict[str, str]]:
+    """(fleet id, controller username, operator username, the broker ConfigMap's files) from the rendered
+    base: fleet.toml is `fleet serve`'s config, fleet-cli.toml the operator commands' (`kubectl exec`)."""
     resources = rendered("base")
-    fleet = tomllib.loads(find(resources, "ConfigMap", "edgeglm-controller-config")["data"]["fleet.toml"])
+    configs = find(resources, "ConfigMap", "edgeglm-controller-config")["data"]
+    fleet, cli = tomllib.loads(configs["fleet.toml"]), tomllib.loads(configs["fleet-cli.toml"])
     files = find(resources, "ConfigMap", "edgeglm-broker-config")["data"]
-    return fleet["fleet"]["id"], fleet["mqtt"]["username"], files
+    return fleet["fleet"]["id"], fleet["mqtt"]["username"], cli["mqtt"]["username"], files
 
 
-FLEET, CONTROLLER, BROKER_FILES = _site()
+FLEET, CONTROLLER, OPERATOR, BROKER_FILES = _site()
 F = f"edgeglm/v1/{FLEET}"
 
 
@@ -190,7 +193,8 @@ class Client:
         self.paho.loop_stop()
 
 
-PASSWORDS = {"dev1": "pw-dev1", "dev2": "pw-dev2", "dev3": "pw-dev3", CONTROLLER: "pw-controller"}
+PASSWORDS = {"dev1": "pw-dev1", "dev2": "pw-dev2", "dev3": "pw-dev3", CONTROLLER: "pw-controller",
+             OPERATOR: "pw-operator"}
 
 
 @pytest.fixture
@@ -308,6 +312,149 @@ def test_a_device_cannot_take_over_another_devices_session(connect):
     assert dev1.publish(state_topic(FLEET, "dev1"), "still here")
     assert not dev1.disconnected.is_set(), "dev1 was disconnected by a client claiming its id"
     assert controller.messages.get(timeout=WAIT) == (state_topic(FLEET, "dev1"), "still here")
+
+
+# The operator commands' user (fleet-cli.toml): it publishes retained offers and desired configs, and
+# empty retained messages that clear them (`fleet device remove`); (topic, allowed) with every reader on '#'.
+OPERATOR_MATRIX = [
+    (f"{F}/dev1/config/desired", True),
+    (f"{F}/dev2/config/desired", True),
+    (f"{F}/dev1/ota/offer", True),
+    (f"{F}/dev2/ota/offer", True),
+    (f"{F}/dev1/state", False),  # it cannot forge a device's reports
+    (f"{F}/dev1/telemetry", False),
+    (f"{F}/dev1/ota/status", False),
+    (f"{F}/dev1/ota/chunk/request", False),
+    (f"{F}/dev1/infer/response/{CONTROLLER}", False),
+    (f"{F}/dev1/ota/chunk/response", False),  # chunks are `fleet serve`'s (edgeglm-controller)
+    (f"{F}/dev1/infer/request", False),
+    ("edgeglm/v1/another-fleet/dev1/config/desired", False),
+    ("edgeglm/v1/another-fleet/dev1/ota/offer", False),
+    ("elsewhere/dev1", False),
+]
+
+
+def test_the_operator_may_only_publish_offers_and_desired_configs_and_reads_nothing(connect):
+    clients = {"dev1": connect("dev1"), "dev2": connect("dev2"), "controller": connect(CONTROLLER)}
+    operator = connect(OPERATOR)
+    # retained messages of every kind it could want: a device's state, a desired config, an offer
+    assert clients["dev1"].publish(state_topic(FLEET, "dev1"), "retained state", retain=True)
+    assert clients["controller"].publish(f"{F}/dev2/config/desired", "retained desired", retain=True)
+    assert operator.publish(f"{F}/dev2/ota/offer", "retained offer", retain=True)
+    expected = {"dev1": set(), "dev2": {(f"{F}/dev2/config/desired", "retained desired"),
+                                        (f"{F}/dev2/ota/offer", "retained offer")},
+                "controller": {(state_topic(FLEET, "dev1"), "retained state")}}
+    for c in (*clients.values(), operator):
+        assert c.subscribe("#") == [1]  # granted; the ACL filters at delivery
+    for i, (topic, allowed) in enumerate(OPERATOR_MATRIX):
+        payload = f"operator-{i}"
+        assert operator.publish(topic, payload, retain=True) is allowed, \
+            f"{OPERATOR} PUBLISH {topic}: expected {'allowed' if allowed else 'Not authorized'}"
+        if allowed:  # edgeglm/v1/<fleet>/<device>/...: for that device only
+            expected[topic.split("/")[3]].add((topic, payload))
+    for reader, sentinel in sentinels(clients["dev1"], clients["dev2"], clients["controller"]).items():
+        got = clients[reader].received_until(sentinel)
+        assert got == expected[reader], f"{reader} received {sorted(got - expected[reader])} it must not, " \
+                                        f"missed {sorted(expected[reader] - got)}"
+    # The operator has no read line. Its one readable topic is that of a device named like it (the %u
+    # patterns apply to every user; no node may be called edgeglm-operator, docs/deploy-k3s.md): the sentinel.
+    sentinel = (desired_topic(FLEET, OPERATOR), "sentinel")
+    assert clients["controller"].publish(*sentinel)
+    got = operator.received_until(sentinel)
+    assert got == set(), f"{OPERATOR} received {sorted(got)}"
+
+
+def test_the_operator_clears_retained_offers_and_desired_configs(broker, connect):
+    """`fleet device remove` publishes empty retained messages on the removed device's two topics."""
+    operator, controller = connect(OPERATOR), connect(CONTROLLER)
+    topics = (desired_topic(FLEET, "dev3"), ota_offer_topic(FLEET, "dev3"))
+    for topic in topics:
+        assert operator.publish(topic, "for dev3", retain=True)
+
+    def retained_for_dev3() -> set[tuple[str, str]]:
+        dev3 = Client(broker, "dev3", PASSWORDS["dev3"])
+        try:
+            assert dev3.subscribe(*device_subscriptions(FLEET, "dev3")) == [1] * 4
+            sentinel = (f"{F}/dev3/ota/chunk/response", "sentinel")
+            assert controller.publish(*sentinel)
+            return dev3.received_until(sentinel)
+        finally:
+            dev3.close()
+
+    assert retained_for_dev3() == {(t, "for dev3") for t in topics}
+    for topic in topics:
+        assert operator.publish(topic, "", retain=True)
+    assert retained_for_dev3() == set()
+
+
+def test_an_operator_command_leaves_the_serving_controller_connected(broker, connect):
+    """use_username_as_clientid: the broker replaces a client id by the username, so a connection as the
+    controller's user takes over its session. The operator's user does not, whatever client id it sends:
+    the CLI's `<client_id>-cli-<pid>`, or even the controller's own."""
+    controller = connect(CONTROLLER)
+    assert controller.subscribe(*controller_subscriptions(FLEET)) == [1] * 4
+    dev1 = connect("dev1")
+    assert dev1.subscribe(*device_subscriptions(FLEET, "dev1")) == [1] * 4
+    sent = set()
+    for client_id in (f"{OPERATOR}-cli-4242", CONTROLLER):
+        operator = connect(OPERATOR, client_id=client_id)
+        assert operator.publish(desired_topic(FLEET, "dev1"), f"as {client_id}", retain=True)
+        sent.add((desired_topic(FLEET, "dev1"), f"as {client_id}"))
+        operator.close()
+    marks = sentinels(dev1, connect("dev2"), controller)
+    assert dev1.received_until(marks["dev1"]) == sent
+    assert controller.received_until(marks["controller"]) == set()
+    assert dev1.publish(state_topic(FLEET, "dev1"), "still served")
+    assert controller.messages.get(timeout=WAIT) == (state_topic(FLEET, "dev1"), "still served")
+    assert not controller.disconnected.is_set(), f"the controller was disconnected\n{broker.log()}"
+    assert "already connected" not in broker.log(), broker.log()
+
+
+def test_a_second_connection_as_the_controller_takes_its_session_over(connect):
+    """Why operator commands must not log in as edgeglm-controller (fleet.toml): the broker makes the
+    username the client id, so the serving controller is disconnected (the control for the test above)."""
+    controller = connect(CONTROLLER)
+    controller.paho.reconnect_delay_set(WAIT, WAIT)  # no reconnect to kick the newcomer off in turn
+    connect(CONTROLLER, client_id=f"{CONTROLLER}-cli-4242")
+    assert controller.disconnected.wait(WAIT), "a second connection as the controller did not take over"
+
+
+def test_an_operator_command_as_shipped_publishes_beside_the_serving_controller(broker, connect, tmp_path):
+    """`edgeglm fleet config set --config fleet-cli.toml` (the ConfigMap's, password from its
+    password_file; only the broker address, TLS and database are local) publishes the desired config
+    as edgeglm-operator while a client of the controller's user stays connected."""
+    from agent.cli import main
+
+    text = find(rendered("base"), "ConfigMap", "edgeglm-controller-config")["data"]["fleet-cli.toml"]
+    assert tomllib.loads(text)["mqtt"]["username"] == OPERATOR
+    password_file = tmp_path / "operator-mqtt" / "password"
+    password_file.parent.mkdir()
+    password_file.write_text(PASSWORDS[OPERATOR] + "\n")  # as `openssl rand -hex 24 > FILE` leaves it
+    lines, in_tls = [], False
+    for line in text.splitlines():
+        if line.startswith("["):
+            in_tls = line.strip() == "[mqtt.tls]"  # the test broker speaks plain MQTT
+        if in_tls:
+            continue
+        lines.append(f'password_file = "{password_file}"' if line.startswith("password_file") else line)
+    conf = tmp_path / "fleet-cli.toml"
+    conf.write_text("\n".join(lines) + "\n")
+
+    controller = connect(CONTROLLER)
+    assert controller.subscribe(*controller_subscriptions(FLEET)) == [1] * 4
+    dev1 = connect("dev1")
+    assert dev1.subscribe(*device_subscriptions(FLEET, "dev1")) == [1] * 4
+    rc = main(["fleet", "config", "set", "--config", str(conf), "--broker", f"127.0.0.1:{broker.port}",
+               "--db", str(tmp_path / "fleet.db"), "--fleet", FLEET, "--device", "dev1", "sampling.max_tokens=64"])
+    assert rc == 0, broker.log()
+    topic, payload = dev1.messages.get(timeout=WAIT)
+    assert topic == desired_topic(FLEET, "dev1") and json.loads(payload)["settings"] == {"sampling": {"max_tokens": 64}}
+    assert dev1.publish(state_topic(FLEET, "dev1"), "still served")
+    assert controller.messages.get(timeout=WAIT) == (state_topic(FLEET, "dev1"), "still served")
+    assert not controller.disconnected.is_set(), f"the controller was disconnected\n{broker.log()}"
+    log = broker.log()
+    assert "already connected" not in log, log
+    assert re.search(rf"New client connected from \S+ as {re.escape(OPERATOR)} ", log), log
 
 
 def test_the_broker_listens_only_where_configured(broker):

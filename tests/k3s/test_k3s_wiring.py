@@ -21,6 +21,7 @@ else:
 
 AGENT_COMMAND = "edgeglm agent --config /etc/edgeglm/agent.toml"
 CONTROLLER_COMMAND = ["edgeglm", "fleet", "serve", "--config", "/etc/edgeglm/fleet.toml"]
+OPERATOR_CONFIG = "/etc/edgeglm/fleet-cli.toml"  # `kubectl exec ... edgeglm fleet offer --config` (docs/deploy-k3s.md)
 CONTROLLER_PORT = 9100
 NODE_NAME = "box-1"
 
@@ -186,22 +187,107 @@ def test_controller_runs_the_documented_command_and_port():
     assert key in secret_templates()[vol["secret"]["secretName"]]["stringData"]
 
 
-def test_controller_config_loads_through_the_fleet_config_loader(tmp_path, monkeypatch):
-    """fleet.toml as the Deployment mounts it parses with `edgeglm fleet serve --config`'s loader."""
-    from fleet.config import load_fleet_config
+# The controller pod's two fleet configs: `fleet serve`'s, and the operator commands' (`kubectl exec ...
+# edgeglm fleet offer|config set|rollback|device remove --config /etc/edgeglm/fleet-cli.toml`), each with the
+# broker user and the Secret that holds its password. With use_username_as_clientid one user is one connection.
+FLEET_CONFIGS = [(CONTROLLER_COMMAND[-1], "edgeglm-controller", "edgeglm-controller-mqtt"),
+                 (OPERATOR_CONFIG, "edgeglm-operator", "edgeglm-operator-mqtt")]
+# the [mqtt] keys in which fleet-cli.toml may differ from fleet.toml
+OPERATOR_KEYS = ("username", "client_id", "password_file")
 
-    resources = rendered("base")
+
+@pytest.mark.parametrize("name", kustomizations())
+@pytest.mark.parametrize("path,user,secret", FLEET_CONFIGS)
+def test_controller_configs_load_through_the_fleet_config_loader(name, path, user, secret, tmp_path, monkeypatch):
+    """fleet.toml and fleet-cli.toml as the Deployment mounts them parse with the fleet commands' loader, and
+    the MQTT password of each is its user's Secret, mounted as a file (no password in the environment)."""
+    from fleet.config import load_fleet_config, mqtt_password
+
+    resources = rendered(name)
     dep = find(resources, "Deployment", "edgeglm-controller")
     c = _container(dep, "controller")
-    vol, key = _mounted_file(dep, c, CONTROLLER_COMMAND[-1])
-    (tmp_path / "fleet.toml").write_text(find(resources, "ConfigMap", vol["configMap"]["name"])["data"][key])
+    vol, key = _mounted_file(dep, c, path)
+    assert key == PurePosixPath(path).name and vol["configMap"]["name"] == "edgeglm-controller-config"
+    (tmp_path / key).write_text(find(resources, "ConfigMap", vol["configMap"]["name"])["data"][key])
     for var in [v for v in os.environ if v.upper().startswith("EDGEGLM_")]:
         monkeypatch.delenv(var)
-    monkeypatch.setenv("EDGEGLM_MQTT__PASSWORD", "from-the-secret")
-    cfg = load_fleet_config(tmp_path / "fleet.toml")
+    for var, value in _controller_env(dep, c).items():
+        monkeypatch.setenv(var, value)
+    cfg = load_fleet_config(tmp_path / key)
     assert cfg.http.port == CONTROLLER_PORT and cfg.http.host == "0.0.0.0"
-    assert cfg.mqtt.username == "edgeglm-controller" and cfg.mqtt.password.get_secret_value() == "from-the-secret"
+    assert cfg.mqtt.username == user and cfg.mqtt.client_id == user
     assert cfg.mqtt.tls is not None and cfg.fleet.id == "default"
+    assert cfg.mqtt.password is None and cfg.mqtt.password_file is not None
+    # the password file is the key of the user's Secret, readable by the controller's user through its group
+    vol, key = _mounted_file(dep, c, str(cfg.mqtt.password_file))
+    assert vol["secret"]["secretName"] == secret and key == "password"
+    template = secret_templates()[secret]
+    assert key in template["stringData"] and template["metadata"]["namespace"] == "edgeglm"
+    texts = [p.read_text() for p in sorted((REPO / "k3s" / "secrets").glob("*.yaml"))]
+    (header,) = [t for t in texts if f"name: {secret}\n" in t]
+    assert f"kubectl -n edgeglm create secret generic {secret} --from-file=password=" in header
+    mount = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+    assert len(mount) == 1 and mount[0]["readOnly"] is True and "subPath" not in mount[0], mount
+    assert vol["secret"]["defaultMode"] & 0o007 == 0 and vol["secret"]["defaultMode"] & 0o040, oct(
+        vol["secret"]["defaultMode"])
+    assert pod_spec(dep)["securityContext"]["fsGroup"] == pod_spec(dep)["securityContext"]["runAsUser"]
+    # what the command reads, as the kubelet writes it (the template's value and a trailing newline)
+    secret_file = tmp_path / "secret" / key
+    secret_file.parent.mkdir()
+    secret_file.write_text(template["stringData"][key] + "\n")
+    assert mqtt_password(cfg.mqtt.model_copy(update={"password_file": secret_file})) == template["stringData"][key]
+
+
+def _controller_env(dep: dict, container: dict) -> dict[str, str]:
+    """The controller's environment as the kubelet gives it; a password from a Secret fails the test."""
+    env = {}
+    for name, e in env_of(container).items():
+        assert "value" in e, f"{label(dep)}: env {name} from {e.get('valueFrom')}: the MQTT password is a file"
+        env[name] = e["value"]
+    return env
+
+
+def test_the_controller_gets_no_password_in_its_environment():
+    """The MQTT passwords are files (fleet.toml / fleet-cli.toml [mqtt] password_file), not EDGEGLM_MQTT__PASSWORD:
+    a variable is in every `kubectl exec`'d command's environment and in the pod spec's readers' view."""
+    dep = find(rendered("base"), "Deployment", "edgeglm-controller")
+    c = _container(dep, "controller")
+    assert "EDGEGLM_MQTT__PASSWORD" not in env_of(c)
+    assert not [e for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+    assert not c.get("envFrom")
+
+
+def test_fleet_cli_toml_differs_from_fleet_toml_only_in_the_mqtt_user():
+    """The two files must not drift: the operator commands read the same database, bundles, rollback key
+    and broker as `fleet serve`; only [mqtt] username, client_id and password_file (and comments) differ."""
+    resources = rendered("base")
+    serve = _toml_text(resources, "edgeglm-controller-config", "fleet.toml")
+    cli = _toml_text(resources, "edgeglm-controller-config", "fleet-cli.toml")
+    a, b = tomllib.loads(serve), tomllib.loads(cli)
+    for key in OPERATOR_KEYS:
+        assert a["mqtt"].pop(key) != b["mqtt"].pop(key), key
+    assert a == b
+
+    def settings(text: str) -> list[str]:  # the lines that are not comments, in order
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    changed = [(x, y) for x, y in zip(settings(serve), settings(cli)) if x != y]
+    assert len(settings(serve)) == len(settings(cli))
+    assert sorted(x.split(" =")[0] for x, _ in changed) == sorted(OPERATOR_KEYS), changed
+    assert "--config /etc/edgeglm/fleet-cli.toml" in cli and "use_username_as_clientid" in cli
+
+
+def test_the_operator_commands_user_has_only_its_acl_lines():
+    """edgeglm-operator (fleet-cli.toml) writes desired configs and offers of its fleet's devices, nothing else,
+    and reads nothing; the serving controller's user is another one."""
+    resources = rendered("base")
+    serve = _toml(resources, "edgeglm-controller-config", "fleet.toml")["mqtt"]
+    cli = _toml(resources, "edgeglm-controller-config", "fleet-cli.toml")
+    users = _acl_users(find(resources, "ConfigMap", "edgeglm-broker-config")["data"]["acl.conf"])
+    assert cli["mqtt"]["username"] != serve["username"]
+    fleet = cli["fleet"]["id"]
+    assert users[cli["mqtt"]["username"]] == [("write", f"edgeglm/v1/{fleet}/+/config/desired"),
+                                              ("write", f"edgeglm/v1/{fleet}/+/ota/offer")]
+    assert set(users[cli["mqtt"]["username"]]) < set(users[serve["username"]])
 
 
 @pytest.mark.parametrize("name", kustomizations())
@@ -252,15 +338,31 @@ def _toml_text(resources: list[dict], configmap: str, key: str) -> str:
     return find(resources, "ConfigMap", configmap)["data"][key]
 
 
-def test_fleet_id_and_controller_user_agree_with_the_acl():
+def _acl_users(acl: str) -> dict[str, list[tuple[str, str]]]:
+    """acl.conf's `user` sections: user -> [(read|write, topic)], in file order."""
+    users: dict[str, list[tuple[str, str]]] = {}
+    user = None
+    for line in acl.splitlines():
+        words = line.split()
+        if words[:1] == ["user"]:
+            user = words[1]
+            assert user not in users, f"two 'user {user}' sections"
+            users[user] = []
+        elif words[:1] == ["topic"]:
+            assert user is not None and len(words) == 3, line
+            users[user].append((words[1], words[2]))
+    return users
+
+
+@pytest.mark.parametrize("key", ["fleet.toml", "fleet-cli.toml"])
+def test_fleet_id_and_controller_user_agree_with_the_acl(key):
     resources = rendered("base")
     agent_fleet = _toml(resources, "edgeglm-agent-config", "agent.toml")["device"]["fleet"]
-    fleet = _toml(resources, "edgeglm-controller-config", "fleet.toml")
+    fleet = _toml(resources, "edgeglm-controller-config", key)
     assert fleet["fleet"]["id"] == agent_fleet
-    acl = find(resources, "ConfigMap", "edgeglm-broker-config")["data"]["acl.conf"]
-    user_section = acl.split(f"user {fleet['mqtt']['username']}\n", 1)
-    assert len(user_section) == 2, f"no 'user {fleet['mqtt']['username']}' section in acl.conf"
-    topics = [line.split()[-1] for line in user_section[1].splitlines() if line.startswith("topic ")]
+    users = _acl_users(find(resources, "ConfigMap", "edgeglm-broker-config")["data"]["acl.conf"])
+    assert fleet["mqtt"]["username"] in users, f"no 'user {fleet['mqtt']['username']}' section in acl.conf"
+    topics = [t for _, t in users[fleet["mqtt"]["username"]]]
     assert topics and all(t.startswith(f"edgeglm/v1/{agent_fleet}/+/") for t in topics), topics
 
 
