@@ -610,27 +610,35 @@ def test_a_rollout_step_during_a_broker_outage_offers_once_when_it_is_back(mosqu
         ctl.stop()
 
 
-def test_a_device_offline_through_a_rollout_neither_blocks_it_nor_is_left_out(tmp_path):
-    """d2 is offline when the canaries are picked and never comes back: it is still offered the bundle with the
-    rest (the retained offer waits for it), and the rollout ends once the others answered and the result
-    wait (an hour, or four windows) is over, instead of staying active and blocking every new rollout."""
-    from fleet.rollout import RESULT_WAIT_MIN_S
+def _driven_rollout(tmp_path, online: dict[str, bool]):
+    """Devices (name -> online) on 1.0.0 with a baseline and a rollout to 1.1.0 (50% canary, 10 s window), driven
+    with explicit clock values and no broker: (store, t0, the offers made, the bundle, tick(now[, rollout id]))."""
     from fleet.store import Store
 
     store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
-    for d, online in (("d0", True), ("d1", True), ("d2", False)):
-        store.upsert_state(FLEET, {"device": d, "online": online, "model": {"name": "m", "version": "1.0.0"}})
+    for d, up in online.items():
+        store.upsert_state(FLEET, {"device": d, "online": up, "model": {"name": "m", "version": "1.0.0"}})
         put(store, report(d, t0 - 5, "1.0.0"))
     recorder = OfferRecorder()
     driver = RolloutDriver(store, recorder)
     bundle = tmp_path / "bundle-1.1.0"
     bundle.mkdir()
     (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
-    rid = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
+    first = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
 
-    def tick(now: float):
+    def tick(now: float, rid: int = first):
         driver.tick(now)
         return next(r for r in load_rollouts(store) if r.id == rid)
+    return store, t0, recorder, bundle, tick
+
+
+def test_a_device_offline_through_a_rollout_neither_blocks_it_nor_is_left_out(tmp_path):
+    """d2 is offline when the canaries are picked and never comes back: it is still offered the bundle with the
+    rest (the retained offer waits for it), and the rollout ends once the others answered and the result
+    wait (an hour, or four windows) is over, instead of staying active and blocking every new rollout."""
+    from fleet.rollout import RESULT_WAIT_MIN_S
+
+    store, t0, recorder, _, tick = _driven_rollout(tmp_path, {"d0": True, "d1": True, "d2": False})
 
     def commit(r, d, ts):
         store.add_ota_status(FLEET, d, {"update_id": r.data["offers"][d], "ts": ts, "state": "reporting",
@@ -675,23 +683,7 @@ def test_devices_removed_during_a_rollout_are_neither_offered_nor_waited_for(tmp
     """`fleet device remove` clears a device's retained offer: the rest step offered it again (from the device list
     taken when the canaries were picked, with the chunk server answering it again), and a removed canary was
     waited for an hour, then halted the rollout and got a signed rollback."""
-    from fleet.store import Store
-
-    store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
-    for d in ("d0", "d1", "d2", "d3"):
-        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
-        put(store, report(d, t0 - 5, "1.0.0"))
-    recorder = OfferRecorder()
-    driver = RolloutDriver(store, recorder)
-    bundle = tmp_path / "bundle-1.1.0"
-    bundle.mkdir()
-    (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
-    rid = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
-
-    def tick(now: float):
-        driver.tick(now)
-        return next(r for r in load_rollouts(store) if r.id == rid)
-
+    store, t0, recorder, bundle, tick = _driven_rollout(tmp_path, {d: True for d in ("d0", "d1", "d2", "d3")})
     r = tick(t0)
     assert r.data["canaries"] == ["d0", "d1"] and r.data["rest"] == ["d2", "d3"]
     store.remove_device(FLEET, "d1")  # a canary, before its result
@@ -710,13 +702,13 @@ def test_devices_removed_during_a_rollout_are_neither_offered_nor_waited_for(tmp
     # every canary removed: the rollout halts at once, and no rollback goes to a removed device
     for d in ("d0", "d2"):  # on the new version now
         store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.1.0"}})
-    rid = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
+    second = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
     store.upsert_state(FLEET, {"device": "d4", "online": True, "model": {"name": "m", "version": "1.0.0"}})
     put(store, report("d4", t0 + 20, "1.0.0"))
-    r = tick(t0 + 21)
+    r = tick(t0 + 21, second)
     assert r.data["canaries"] == ["d4"]
     store.remove_device(FLEET, "d4")
-    tick(t0 + 22)
-    r = tick(t0 + 23)
+    tick(t0 + 22, second)
+    r = tick(t0 + 23, second)
     assert r.phase == "halted" and "every canary was removed from the registry (['d4'])" in " ".join(r.data["report"])
     store.close()
