@@ -177,8 +177,11 @@ def test_device_batches_and_growth_never_read_the_cache_to_the_host(int8_bundle,
         got = batch.step([feed[live[slot][1]] for slot in range(batch.rows)])
         for slot in range(batch.rows):
             k, done = live[slot]
-            np.testing.assert_allclose(got[slot], alone[k][done], atol=1e-4 if ON_CPU else 2e-2,
-                                       err_msg=f"sequence {k}, token {done}")
+            # on the CPU too within fp16 rounding of the cache, not to the bit: the INT8 bundle's MatMulNBits
+            # rounds a batch of rows and a single row differently (another kernel), and a key or value written
+            # to the fp16 cache can round the other way, which later steps carry (5e-3 on a logit after 27 steps
+            # with the tiny model of transformers 5.24 / tokenizers 0.23.3); a wrong row or position is off by ~1
+            np.testing.assert_allclose(got[slot], alone[k][done], atol=2e-2, err_msg=f"sequence {k}, token {done}")
             live[slot][1] += 1
     assert batch.capacity > capacity  # the 250-token row outgrew the first buffers
     while batch.rows:
