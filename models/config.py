@@ -84,6 +84,17 @@ def rope_settings(raw: dict, source: str = "config.json") -> tuple[float, float]
                               f"{used['partial_rotary_factor']!r} must be numbers") from None
 
 
+def _kv_heads(raw: dict, source: str) -> int:
+    """num_key_value_heads as transformers' GlmConfig takes it: 2 when absent; an explicit null or a non-number is
+    refused (transformers keeps None and cannot build the model)."""
+    value = raw.get("num_key_value_heads", 2)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{source}: num_key_value_heads = {json.dumps(value)}: must be a whole number (the key-"
+                              "value heads of the attention; absent means 2, as in transformers' GlmConfig); this "
+                              "checkpoint cannot be used")
+    return value
+
+
 @dataclass(frozen=True)
 class GlmConfig:
     vocab_size: int
@@ -164,7 +175,8 @@ class GlmConfig:
                 intermediate_size=raw["intermediate_size"],
                 num_hidden_layers=raw["num_hidden_layers"],
                 num_attention_heads=raw["num_attention_heads"],
-                num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+                # absent: GlmConfig's default, 2 (not num_attention_heads, as for some other architectures)
+                num_key_value_heads=_kv_heads(raw, source),
                 head_dim=raw.get("head_dim") or 128,
                 partial_rotary_factor=partial_rotary_factor,
                 rope_theta=rope_theta,

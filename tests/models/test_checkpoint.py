@@ -182,3 +182,23 @@ def test_rope_settings_are_read_as_transformers_reads_them_or_refused(tmp_path, 
         assert (plain - reference).abs().max().item() <= 1e-5
     else:  # what the scaling (or the other theta) does to transformers' logits, which reading it unscaled lost
         assert (plain - reference).abs().max().item() > 0.1
+
+
+def test_a_config_without_num_key_value_heads_reads_as_transformers_reads_it(tmp_path):
+    """transformers' GlmConfig takes an absent num_key_value_heads as 2; the reader took num_attention_heads (the
+    rule of other architectures) and failed on the weights' shapes. An explicit null is refused in one line."""
+    import json
+
+    path = hf_checkpoint(tmp_path / "nokv", num_attention_heads=8, num_key_value_heads=2, head_dim=8)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["num_key_value_heads"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(0, 320, (1, 11), generator=torch.Generator().manual_seed(3))
+    _, model = load_checkpoint(path)
+    with torch.no_grad():
+        ours, _ = model(ids)
+    assert (ours - _reference_logits(path, ids)).abs().max().item() <= 1e-4
+    cfg["num_key_value_heads"] = None
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="num_key_value_heads = null: must be a whole number"):
+        load_checkpoint(path)
