@@ -1055,15 +1055,21 @@ class OnnxRuntimeEngine:
             binding.clear_binding_outputs()
         return out
 
-    def forward(self, input_ids, position_ids, attention_mask, cache: OrtCache):
+    def forward(self, input_ids, position_ids, attention_mask, cache: OrtCache, prompt_tokens: int | None = None):
+        """One step. `prompt_tokens`: this step is part of a prompt of that many tokens (a chunk, or what is left
+        after a prefix-cache hit), and runs on the graph the whole prompt would run on, so that its logits are
+        those of a cold, unchunked prefill (an INT8 bundle's prefill and decode graphs round differently: a
+        greedy answer could change with a cache hit)."""
         batch, _, total = cache._check(input_ids, attention_mask)
         cache.reserve(total, self.arch, self._ort)
-        out = self._run(input_ids, position_ids, attention_mask, cache, batch)
+        out = self._run(input_ids, position_ids, attention_mask, cache, batch, prompt_tokens)
         cache.length = total
         return out, cache
 
-    def _run(self, input_ids, position_ids, attention_mask, cache: OrtCache, batch: int) -> np.ndarray:
-        rows = batch * np.shape(input_ids)[1] if self._rows_per_step else np.shape(input_ids)[1]
+    def _run(self, input_ids, position_ids, attention_mask, cache: OrtCache, batch: int,
+             prompt_tokens: int | None = None) -> np.ndarray:
+        tokens_per_row = max(np.shape(input_ids)[1], prompt_tokens or 0)  # a prompt's chunk: the whole prompt's
+        rows = batch * tokens_per_row if self._rows_per_step else tokens_per_row
         runner = self._prefill if rows >= self.prefill_min_rows else self._decode
         if self._embeddings is None:
             tokens = ("input_ids", np.ascontiguousarray(input_ids, np.int64))
@@ -1185,7 +1191,8 @@ class OpenVinoEngine:
             cache.saved = None
         self._active = weakref.ref(cache)
 
-    def forward(self, input_ids, position_ids, attention_mask, cache: OvCache):
+    def forward(self, input_ids, position_ids, attention_mask, cache: OvCache, prompt_tokens: int | None = None):
+        """One step (`prompt_tokens`: see OnnxRuntimeEngine.forward; OpenVINO runs one graph for everything)."""
         ov, r = self._ov, self.request
         cache._check(input_ids, attention_mask)
         self._activate(cache)

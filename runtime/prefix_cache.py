@@ -454,9 +454,11 @@ class PrefillJob:
     the prompt is complete: then `logits` holds the last position's (vocab,) logits and the prompt's
     full blocks have been offered to the prefix cache. The batching scheduler runs a long prompt a
     chunk per decode step so that the requests already decoding are not stalled behind it. A chunk
-    attends to the cached positions before it, so the KV is the whole prefill's up to float rounding
-    (on INT8, a chunk shorter than the engine's `prefill_min_rows` runs on the decode graph, like the
-    rest of a prompt after a prefix-cache hit)."""
+    attends to the cached positions before it, and every chunk (like the rest of a prompt after a
+    prefix-cache hit) runs on the graph the whole prompt would run on (`prompt_tokens`: on INT8 the
+    prefill graph, even for a 1-token tail), so the logits are the whole prefill's up to float rounding
+    of the order of the sums, not the other graph's rounding (which turned greedy answers of an
+    untrained model after a hit)."""
 
     def __init__(self, engine, prompt_ids: list[int], prefix_cache: PrefixCache | None = None):
         self.engine, self.prompt, self.prefix_cache = engine, list(prompt_ids), prefix_cache
@@ -487,7 +489,7 @@ class PrefillJob:
         end = n if max_tokens is None else min(n, self.done + max(1, int(max_tokens)))
         ids = np.asarray([self.prompt[self.done:end]], dtype=np.int64)
         pos = np.arange(self.done, end, dtype=np.int64)[None]
-        logits, self.cache = self.engine.forward(ids, pos, np.ones((1, end), np.int64), self.cache)
+        logits, self.cache = self.engine.forward(ids, pos, np.ones((1, end), np.int64), self.cache, prompt_tokens=n)
         self.done = end
         if end < n:
             return False

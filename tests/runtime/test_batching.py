@@ -349,9 +349,9 @@ class FailingEngine:
     def merge_caches(self, rows):
         return self.engine.merge_caches(rows)
 
-    def forward(self, input_ids, position_ids, attention_mask, cache):
+    def forward(self, input_ids, position_ids, attention_mask, cache, **kwargs):
         self.count(input_ids.shape[0])
-        return self.engine.forward(input_ids, position_ids, attention_mask, cache)
+        return self.engine.forward(input_ids, position_ids, attention_mask, cache, **kwargs)
 
     def count(self, rows):
         if rows > 1:
@@ -418,9 +418,9 @@ class RecordingEngine:
     def new_cache(self, batch=1):
         return self.engine.new_cache(batch)
 
-    def forward(self, input_ids, position_ids, attention_mask, cache):
+    def forward(self, input_ids, position_ids, attention_mask, cache, **kwargs):
         self.log.append(("prompt", input_ids.shape[1]))
-        return self.engine.forward(input_ids, position_ids, attention_mask, cache)
+        return self.engine.forward(input_ids, position_ids, attention_mask, cache, **kwargs)
 
     def new_batch(self):
         batch, log = self.engine.new_batch(), self.log

@@ -256,3 +256,27 @@ def test_the_disk_keeps_whole_chains_within_max_bytes_and_never_fails_a_request(
         PermissionError(13, "Permission denied")))
     for i in range(3):  # evictions and corrupt files in a directory it cannot delete in: warned, served
         use(third, list(range(50000 * (i + 1), 50000 * (i + 1) + 128)))
+
+
+def test_an_int8_prompts_tail_runs_on_the_graph_the_whole_prompt_runs_on(models, ids):
+    """On an INT8 bundle a prompt runs on the W8A8 prefill graph and single tokens on the MatMulNBits decode graph,
+    which round differently. The 1-2 tokens left after a prefix-cache hit (or a prompt's last short chunk) ran on
+    the decode graph, so a hit changed the logits by the graphs' rounding, and greedy answers of an untrained model
+    (near-ties everywhere) changed with it. Now every part of a prompt runs where the whole prompt would."""
+    from runtime.prefix_cache import PrefillJob
+
+    model = models("int8", "onnxruntime")
+    engine = model.engine
+    assert engine.prefill_graph and engine.prefill_min_rows > 1
+    prompt = ids[:2 * B + 1]  # two whole blocks and one token
+    cold, _, _ = prefill_cached(engine, prompt)  # no cache: all of it at once
+    cache = PrefixCache(64 << 20, block_tokens=B)
+    cache.bind(key(model))
+    prefill_cached(engine, prompt, cache)  # stores the two blocks
+    warm, _, reused = prefill_cached(engine, prompt, cache)
+    assert reused == 2 * B
+    np.testing.assert_allclose(warm, cold, atol=1e-4)
+    job = PrefillJob(engine, ids[:40])
+    while not job.advance(1):  # one token at a time
+        pass
+    np.testing.assert_allclose(job.logits, prefill_cached(engine, ids[:40])[0], atol=1e-4)
