@@ -435,7 +435,11 @@ class Agent:
                                     response_topic=chunk_response_topic(d.fleet, d.id))
 
     def _report_ota(self, status: dict) -> None:
-        log.info("OTA %s", status)
+        if status.get("result") in ("failed", "rolled_back"):  # what an operator must see, in words
+            log.warning("OTA update %s %s: %s", status.get("update_id"), status["result"].replace("_", " "),
+                        status.get("reason") or "no reason given")
+        else:
+            log.info("OTA %s", status)
         if self.session is not None:
             d = self.cfg.device
             self.session.publish(ota_status_topic(d.fleet, d.id), json.dumps(status).encode(), retain=True)

@@ -363,6 +363,21 @@ def _config_targets(args) -> list[tuple[str, str]]:
         return members
     if not (args.fleet and args.device):
         raise FleetError("config set needs --fleet F --device D, or --group G")
+    _check_ids(args.fleet, [args.device])
+    # as `fleet offer`: a retained config for a device id no box has (a typo) would wait on the broker for
+    # whoever takes that id
+    db = _db(args)
+    known = []
+    if db.is_file():
+        from fleet.store import Store
+
+        store = Store(db)
+        known = [d["device"] for d in store.devices(args.fleet)]
+        store.close()
+    if db.is_file() and args.device not in known and not args.force:  # no database here: nothing to check against
+        raise FleetError(f"--device {args.fleet}/{args.device}: has never reported to the registry {db} (devices of "
+                         f"fleet {args.fleet}: {', '.join(known) or 'none'}); nothing was published. Check --fleet/"
+                         f"--device (and --db), or give --force to publish the retained config for it")
     return [(args.fleet, args.device)]
 
 
@@ -371,6 +386,7 @@ def cmd_rollback(args) -> int:
     from fleet.groups import known_bundles, rollback_target, select
     from fleet.rollout import ROLLBACK_VALID_MAX_S, offer_rollback
     from fleet.store import Store
+    from ota.versions import VersionError, parse_version
 
     _check_number("--valid-for", args.valid_for, 0 < args.valid_for <= ROLLBACK_VALID_MAX_S,
                   f"in (0, {ROLLBACK_VALID_MAX_S:.0f}] seconds: how long the devices accept the rollback")
@@ -381,7 +397,12 @@ def cmd_rollback(args) -> int:
     running = {devices[m]["model_version"] for m in selection.members if m in devices}
     version, bundle = rollback_target(running, known_bundles(store, load_fleet_config(args.config).bundles.dir),
                                       args.to)
-    move = [m for m in selection.members if m in devices and devices[m]["model_version"] != version]
+    def newer(v) -> bool:  # only devices on a newer version go back; an older one would be upgraded by it
+        try:
+            return v is not None and parse_version(v) > parse_version(version)
+        except VersionError:
+            return False
+    move = [m for m in selection.members if m in devices and newer(devices[m]["model_version"])]
     stay = [m for m in selection.members if m in devices and m not in move]
     unseen = [f"{f}/{d}" for f, d in selection.members if (f, d) not in devices]  # never reported: no version
     offered: dict[tuple[str, str], str] = {}
@@ -407,7 +428,11 @@ def cmd_rollback(args) -> int:
               f"{offered[(fleet, device)]}{'' if d['online'] else ' (offline: it gets the offer when it reconnects)'}")
     expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + args.valid_for))
     never = f"; {len(unseen)} never seen by this controller, not offered: {', '.join(unseen)}" if unseen else ""
-    print(f"{len(move)} device(s) offered the rollback; {len(stay)} already on {version}{never}. Each offer is signed "
+    on = sum(devices[m]["model_version"] == version for m in stay)
+    below = [f"{f}/{d} ({devices[(f, d)]['model_version'] or 'no model'})" for f, d in stay
+             if devices[(f, d)]["model_version"] != version]
+    older = f"; {len(below)} on an older version or none, not offered: {', '.join(below)}" if below else ""
+    print(f"{len(move)} device(s) offered the rollback; {on} already on {version}{older}{never}. Each offer is signed "
           f"for its device and the version shown, once, until {expires} (--valid-for {args.valid_for:g} s). "
           f"`edgeglm fleet serve` serves the files; `edgeglm fleet status` shows the versions.")
     return 0
@@ -450,7 +475,7 @@ def cmd_device(args) -> int:
     unknown = [d for d in args.devices if d not in known]
     if unknown:
         raise FleetError(f"device(s) {', '.join(unknown)} of fleet {args.fleet}: not in the registry (`edgeglm fleet "
-                         f"status --fleet {args.fleet}` lists it); nothing was removed")
+                         f"status --fleet {args.fleet}` lists the registered ones); nothing was removed")
     online = [d for d in args.devices if known[d]["online"]]
     if online and not args.force:
         raise FleetError(f"device(s) {', '.join(online)} of fleet {args.fleet}: online, so the agent would register "
@@ -470,7 +495,7 @@ def cmd_device(args) -> int:
             removed_devices.append(f"{args.fleet}/{device}")
             removed = store.remove_device(args.fleet, device)
             notes = [f"{removed['groups']} group membership(s)" if removed["groups"] else "",
-                     "its desired config" if removed["desired"] else "",
+                     "its recorded desired config dropped" if removed["desired"] else "",
                      f"in active rollout(s) {', '.join(map(str, rollouts[device]))}: left out of them from now on"
                      if rollouts[device] else "",
                      "online: it registers again with its next state" if known[device]["online"] else ""]
@@ -519,7 +544,9 @@ def register(sub) -> None:
                         usage="edgeglm fleet rollout --bundle B --group G --canary PCT [options]\n"
                               "       edgeglm fleet rollout cancel ID [--db fleet.db] [--config fleet.toml]")
     common(r, broker=False)
-    r.add_argument("action", nargs="?", choices=["cancel"], metavar="cancel",
+    # no `choices`: with them, a flag rollout does not take (`--broker 127.0.0.1:1883`) read as "argument cancel:
+    # invalid choice: '127.0.0.1:1883'"; cmd_rollout says what is not understood
+    r.add_argument("action", nargs="?", metavar="cancel",
                    help="stop rollout ID where it is (docs/fleet.md: what it leaves)")
     r.add_argument("rollout_id", nargs="?", type=int, metavar="ID", help="the rollout to cancel (`fleet status`)")
     r.add_argument("--bundle", help="the signed bundle to roll out (required to start one)")
@@ -541,6 +568,8 @@ def register(sub) -> None:
     cs.add_argument("--fleet")
     cs.add_argument("--device")
     cs.add_argument("--group", help="every device of a group (or fleet id), instead of --fleet/--device")
+    cs.add_argument("--force", action="store_true",
+                    help="publish for a --device the registry has never seen (the retained config waits for it)")
     cs.add_argument("--replace", action="store_true",
                     help="publish only these settings: the ones set before are dropped (default: merged over them)")
     cs.add_argument("pairs", nargs="+", metavar="KEY=VALUE")

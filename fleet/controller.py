@@ -535,7 +535,7 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
               "# TYPE edgeglm_fleet_token_p95_ms gauge"]
     since = time.time() - 3600
     for d in devices:
-        lat = store.latency(d["fleet"], d["device"], since)
+        lat = store.latency(d["fleet"], d["device"], since, d["model_version"])  # the version it is labelled with
         if lat.get("token_p95_ms") is not None:
             lines.append(f'edgeglm_fleet_token_p95_ms{{fleet="{_label(d["fleet"])}",device="{_label(d["device"])}",'
                          f'model_version="{_label(d["model_version"])}"}} {lat["token_p95_ms"]:.3f}')

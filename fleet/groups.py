@@ -111,15 +111,20 @@ def known_bundles(store: Store, bundles_dir: Path | None = None) -> dict[str, Pa
 def rollback_target(running: set[str], known: dict[str, Path], to: str | None = None) -> tuple[str, Path]:
     """(version, bundle) to roll back to: `to`, or the newest known version older than the newest running."""
     listing = ", ".join(sorted(known, key=parse_version)) or "none"
+    versions = [v for v in running if v is not None and _parses(v)]
+    newest = max(versions, key=parse_version) if versions else None
     if to is not None:
         if to not in known:
             raise GroupError(f"--to {to}: no bundle of that version is known (known: {listing}); offer it once or "
                              f"put it in bundles.dir of fleet.toml")
+        if newest is not None and parse_version(to) > parse_version(newest):
+            # a signed rollback is accepted as a downgrade: offered "back" to a newer version it would upgrade
+            raise GroupError(f"--to {to} is newer than {newest}, the newest version the selected devices run: "
+                             f"a rollback only goes back; nothing was offered (a newer version goes out with "
+                             f"`edgeglm fleet rollout` or `fleet offer`)")
         return to, known[to]
-    versions = [v for v in running if v is not None and _parses(v)]
-    if not versions:
+    if newest is None:
         raise GroupError("the selected devices report no model version; give --to VERSION")
-    newest = max(versions, key=parse_version)
     older = [v for v in known if parse_version(v) < parse_version(newest)]
     if not older:
         raise GroupError(f"no version earlier than {newest} is known (known: {listing}); nothing to roll back to; "

@@ -375,7 +375,13 @@ class RolloutDriver:
                     problems.append(f"{d}: p95 per-token latency {base['token_p95_ms']:.2f} -> "
                                     f"{new['token_p95_ms']:.2f} ms (+{change:.0f}% > {r.max_regression_pct:g}%)")
             elif not new.get("requests"):
-                problems.append(f"{d}: no telemetry on the new version in the window")
+                reports = self.store._exec("SELECT COUNT(*) FROM telemetry WHERE fleet=? AND device=? AND "
+                                           "model_version=? AND stored>=?",
+                                           (r.fleet, d, version, r.data["window_start"])).fetchone()[0]
+                problems.append(f"{d}: no telemetry on the new version in the window" if not reports else
+                                f"{d}: no requests served on the new version in the window ({reports} telemetry "
+                                f"report(s), all idle): an idle canary gives nothing to compare; send it traffic "
+                                f"or give a longer --window")
         if problems:
             self._save(r, "halting", "latency gate failed: " + "; ".join(problems))
         else:

@@ -323,7 +323,7 @@ def test_cli_commands_publish_without_listening_each_under_its_own_client_id(mos
         raw.publish(ota_status_topic(FLEET, "d0"), json.dumps({"update_id": "u1", "ts": time.time(), "state":
                     "reporting", "result": "committed"}), qos=1, retain=True).wait_for_publish(5)
         args = ("config", "set", "--db", str(db), "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", FLEET,
-                "--device", "d0")
+                "--device", "d0", "--force")  # d0 has only an OTA status, no state: not in the registry
         runs = [subprocess.Popen([sys.executable, "-m", "agent.cli", "fleet", *args, f"sampling.max_tokens={60 + i}"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
         assert all(p.wait(60) == 0 for p in runs), [p.stderr.read() for p in runs]
@@ -377,7 +377,7 @@ def test_a_removed_device_stays_out_of_the_registry_until_it_comes_back_online(m
         out = cli("device", "remove", "--fleet", FLEET, "d1", *broker)
         assert out.returncode == 0, out.stderr
         assert "plant7/d1: removed from the registry; its retained desired config and offer cleared on the broker; " \
-               "1 group membership(s); its desired config" in out.stdout, out.stdout
+               "1 group membership(s); its recorded desired config dropped" in out.stdout, out.stdout
         assert listed(ctl) == {"d2": 1} and ctl.store.groups()["ring1"] == [(FLEET, "d2")]
         assert ctl.store.desired(FLEET, "d1") is None
         assert retained(port, desired_topic(FLEET, "d1")) == [] and retained(port, ota_offer_topic(FLEET, "d1")) == []
@@ -396,6 +396,19 @@ def test_a_removed_device_stays_out_of_the_registry_until_it_comes_back_online(m
         d2.close()
     finally:
         again.stop()
+
+
+def test_config_for_a_device_the_registry_never_saw_is_refused_unless_forced(mosquitto, db):
+    """`config set` to a mistyped device id published a retained config no command could clear (`device remove`
+    refuses a device that is not in the registry); `fleet offer` already refused it."""
+    broker = ("--db", str(db), "--broker", f"127.0.0.1:{mosquitto.port}")
+    refused(cli("config", "set", *broker, "--fleet", FLEET, "--device", "nodev", "sampling.top_k=3"),
+            "--device plant7/nodev: has never reported to the registry", "devices of fleet plant7: d1, d2",
+            "nothing was published", "--force")
+    assert retained(mosquitto.port, desired_topic(FLEET, "nodev")) == []
+    out = cli("config", "set", *broker, "--fleet", FLEET, "--device", "nodev", "--force", "sampling.top_k=3")
+    assert out.returncode == 0, out.stderr
+    assert len(retained(mosquitto.port, desired_topic(FLEET, "nodev"))) == 1
 
 
 def test_a_controller_of_one_fleet_drives_only_that_fleets_rollouts(db, signed_bundles):
@@ -566,3 +579,12 @@ def test_a_command_logs_in_with_the_password_of_its_password_file(make_mosquitto
     assert out.returncode == 0 and "desired config version" in out.stdout, out.stderr
     assert re.search(r"New client connected from \S+ as edgeglm-operator-cli-\d+ .*u'edgeglm-operator'",
                      broker.log_text()), broker.log_text()
+
+
+def test_a_flag_rollout_does_not_take_is_named(db):
+    """`rollout ... --broker HOST:PORT` (every publishing command takes it; rollout only records) failed with
+    "argument cancel: invalid choice: 'HOST:PORT'"."""
+    out = cli("rollout", "--db", str(db), "--bundle", "b", "--group", FLEET, "--canary", "10", "--broker", "127.0.0.1:1")
+    assert out.returncode == 2 and "unrecognized arguments: --broker" in out.stderr and "invalid choice" not in out.stderr
+    out = cli("rollout", "--db", str(db), "stop", "3")
+    assert out.returncode == 2 and "rollout stop 3: not understood" in out.stderr, out.stderr

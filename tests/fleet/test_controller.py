@@ -712,3 +712,16 @@ def test_devices_removed_during_a_rollout_are_neither_offered_nor_waited_for(tmp
     r = tick(t0 + 23, second)
     assert r.phase == "halted" and "every canary was removed from the registry (['d4'])" in " ".join(r.data["report"])
     store.close()
+
+
+def test_an_idle_canary_is_told_apart_from_a_silent_one(tmp_path):
+    """A canary that reported on the new version but served no request halted the rollout with "no telemetry on
+    the new version", which sent the operator looking for a broken agent instead of missing traffic."""
+    store, t0, tick = _gate(tmp_path)
+    for i in range(2):
+        put(store, report("d0", t0 + 3 + i, "1.1.0", count=0))
+    assert tick(t0 + 12).phase == "canary_window"
+    r = tick(t0 + 22)
+    assert r.phase == "halting", r.data["report"]
+    assert "d0: no requests served on the new version in the window (2 telemetry report(s), all idle)" \
+        in r.data["report"][-1]

@@ -285,6 +285,27 @@ def test_metrics_escape_label_values(tmp_path):
     store.close()
 
 
+def test_a_devices_latency_sample_is_of_the_version_it_is_labelled_with(tmp_path):
+    """Right after an update, /metrics labelled the device's latency of the last hour, all of it on the old version,
+    with the new version: `fleet status` showed "-" while Prometheus saw the old model's numbers as the new one's."""
+    store = Store(tmp_path / "fleet.db")
+    now = time.time()
+    store.add_telemetry_many([telemetry_row(FLEET, {"device": "d1", "window_end": now, "count": 2,
+                                                    "per_token_ms": {"p50": 1.0, "p95": 2.052},
+                                                    "model_version": "1.0.0"})])
+    store.upsert_state(FLEET, {"device": "d1", "online": True, "model": {"name": "m", "version": "1.1.0"}})
+    samples = [line for line in prometheus_metrics(store, True).splitlines()
+               if line.startswith("edgeglm_fleet_token_p95_ms{")]
+    assert samples == []
+    store.add_telemetry_many([telemetry_row(FLEET, {"device": "d1", "window_end": now + 1, "count": 2,
+                                                    "per_token_ms": {"p50": 1.0, "p95": 3.5},
+                                                    "model_version": "1.1.0"})])
+    samples = [line for line in prometheus_metrics(store, True).splitlines()
+               if line.startswith("edgeglm_fleet_token_p95_ms{")]
+    assert samples == [f'edgeglm_fleet_token_p95_ms{{fleet="{FLEET}",device="d1",model_version="1.1.0"}} 3.500']
+    store.close()
+
+
 def _get(port: int, path: str, token: str | None = None) -> tuple[int, dict, str]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
                                  headers={"Authorization": f"Bearer {token}"} if token is not None else {})

@@ -251,6 +251,10 @@ def test_rollback_offers_the_previous_version_to_devices_on_another(controller, 
     assert out.returncode == 2 and "no version earlier than 1.0.0 is known" in out.stderr
     out = cli("rollback", *args, "--to", "0.9.0")
     assert out.returncode == 2 and "--to 0.9.0: no bundle of that version is known" in out.stderr
+    # a "rollback" to a newer version upgraded the devices (to the very version a halted rollout had rejected)
+    out = cli("rollback", *args, "--to", "1.1.0")
+    assert out.returncode == 2 and "--to 1.1.0 is newer than 1.0.0" in out.stderr, out.stderr
+    assert [len(d.offers) for d in fleet] == [2, 2, 0]
 
 
 def test_group_and_rollout_errors_are_one_line(controller, devices, db):
