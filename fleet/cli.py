@@ -187,7 +187,9 @@ def cmd_status(args) -> int:
         import time
 
         since = time.time() - args.since
-        devices = [{**d, "latency": store.latency(d["fleet"], d["device"], since, d["model_version"])}
+        results = store.last_results(args.fleet)
+        devices = [{**d, "latency": store.latency(d["fleet"], d["device"], since, d["model_version"]),
+                    "last_update": results.get((d["fleet"], d["device"]))}
                    for d in store.devices(args.fleet)]  # the table's latency columns, on the model it serves
         print(json.dumps({"devices": devices, "versions": store.versions(args.fleet, since)}, indent=2))
     else:

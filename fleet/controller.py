@@ -446,11 +446,17 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
     head = ("fleet", "device", "online", "seen", "model", "path", "ttft p50", "ttft p95", "tok p50", "tok p95",
             "tok/s", "config")
     text = _table(head, rows) + f"\n{len(rows)} device(s); rejected messages: {store.counter('rejected_messages')}"
-    for d in store.devices(fleet):  # a refused desired config is news, not a detail of --json
+    results = store.last_results(fleet)
+    for d in store.devices(fleet):  # a refused desired config or a failed update is news, not a detail of --json
         if d["last_config_error"]:
             text += (f"\nconfig REFUSED by {d['fleet']}/{d['device']} (it keeps config version "
                      f"{d['applied_config_version'] if d['applied_config_version'] is not None else '-'}): "
                      f"{d['last_config_error']}")
+        last = results.get((d["fleet"], d["device"]))
+        if last and last["result"] in ("failed", "rolled_back"):  # its latest update did not commit
+            text += (f"\nupdate {last['update_id']} {last['result'].upper().replace('_', ' ')} on {d['fleet']}/"
+                     f"{d['device']} (it serves {d['model_version'] or 'no model'}): "
+                     f"{last['reason'] or 'no reason given'}")
     text += "\n\n" + format_versions(store.versions(fleet, now - since_s), since_s)
     from fleet.rollout import load_rollouts
 

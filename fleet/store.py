@@ -324,6 +324,13 @@ class Store:
                          "ORDER BY ts DESC LIMIT 1", (fleet, device, update_id)).fetchone()
         return json.loads(row[0]) if row else None
 
+    def last_results(self, fleet: str | None = None) -> dict[tuple[str, str], dict]:
+        """Each device's latest OTA result: (fleet, device) -> {update_id, result, reason, ts} (device clock)."""
+        where, args = (" AND fleet=?", (fleet,)) if fleet else ("", ())
+        rows = self._exec("SELECT fleet, device, update_id, result, reason, MAX(ts) FROM ota_status WHERE result IS "
+                          "NOT NULL" + where + " GROUP BY fleet, device", args).fetchall()
+        return {(f, d): {"update_id": u, "result": res, "reason": reason, "ts": ts} for f, d, u, res, reason, ts in rows}
+
     def groups(self) -> dict[str, list[tuple[str, str]]]:
         """Every assigned group: name -> sorted (fleet, device) members."""
         out: dict[str, list[tuple[str, str]]] = {}

@@ -272,6 +272,28 @@ def test_status_table_shows_a_refused_desired_config(db):
     assert f"config REFUSED by {FLEET}/d2 (it keeps config version 5): {error}" in out.stdout
 
 
+def test_status_shows_an_update_that_did_not_commit(db):
+    """A refused or failed update (a bundle signed by an unknown key, a corrupted chunk) was reported by the agent
+    and stored, but `fleet status` showed nothing of it, and `fleet offer` only says "offered"."""
+    store = Store(db)
+    reason = "manifest signature: signed by unknown key '5c0581138e76b9ee'; refused"
+    store.add_ota_status(FLEET, "d1", {"update_id": "u-old", "ts": 100.0, "state": "reporting",
+                                       "result": "committed"})
+    store.add_ota_status(FLEET, "d1", {"update_id": "u-rogue", "ts": 200.0, "state": "reporting",
+                                       "result": "failed", "reason": reason})
+    store.add_ota_status(FLEET, "d2", {"update_id": "u-ok", "ts": 200.0, "state": "reporting",
+                                       "result": "committed"})
+    store.close()
+    out = cli("status", "--db", str(db), "--fleet", FLEET)
+    assert out.returncode == 0, out.stderr
+    assert f"update u-rogue FAILED on {FLEET}/d1 (it serves no model): {reason}" in out.stdout
+    assert "u-ok" not in out.stdout and "u-old" not in out.stdout  # a committed one is no news
+    out = cli("status", "--db", str(db), "--fleet", FLEET, "--json")
+    last = {d["device"]: d["last_update"] for d in json.loads(out.stdout)["devices"]}
+    assert last["d1"] == {"update_id": "u-rogue", "result": "failed", "reason": reason, "ts": 200.0}
+    assert last["d2"]["result"] == "committed"
+
+
 # --- status options and the database path ------------------------------------------------------
 
 def test_status_checks_a_given_config_and_since_even_with_db(db, tmp_path):
