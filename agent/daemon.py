@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -93,6 +94,7 @@ class Agent:
         self._path_metric, self._path_labels = register_execution_metric(self.http.metrics.registry), None
         self.session: MqttSession | None = None
         self.updater: Updater | None = None
+        self._state_lock = None  # the open agent.lock of model.slots_dir (hold_state_dir), held while running
         self.model: LoadedModel | None = None
         self.applied_config_version: int | None = None
         self.last_config_error: str | None = None
@@ -230,6 +232,7 @@ class Agent:
             except OSError as exc:
                 raise ServeError(f"model.slots_dir {slots_dir}: cannot be created ({exc}); set model.slots_dir "
                                  "to a writable directory") from None
+            self._state_lock = hold_state_dir(slots_dir)
             self.updater = Updater(slots_dir, self._updater_deps())
         self.http.start()
         log.info("HTTP API on %s", self.http.url)
@@ -284,6 +287,9 @@ class Agent:
         if self.session is not None:
             self._send_telemetry()
             self.session.close(publish_offline=True)
+        if self._state_lock is not None:
+            self._state_lock.close()  # the state dir is free for the next agent
+            self._state_lock = None
 
     # --- events -------------------------------------------------------------------------------
     def _dispatch(self, event: Received) -> None:
@@ -491,6 +497,39 @@ class Agent:
             log.exception("OTA update stopped unexpectedly")
         finally:
             self._publish_state()
+
+
+STATE_LOCK = "agent.lock"
+
+
+def hold_state_dir(slots_dir: Path):
+    """Lock `slots_dir` for this agent (flock on `agent.lock`, released by the OS when the process ends, a crash
+    too); ServeError naming the holder's pid when another agent holds it. Two agents on one state dir (a second
+    `edgeglm agent run` with the same config) took the device's MQTT session from each other in turn, and both
+    ran the OTA updater on the same slots and update state."""
+    import fcntl
+
+    path = slots_dir / STATE_LOCK
+    try:
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise ServeError(f"model.slots_dir {slots_dir}: cannot open {path} ({exc.strerror or exc}); set "
+                         "model.slots_dir to a writable directory") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ServeError(f"model.slots_dir {slots_dir}: in use by another edgeglm agent (pid {holder}); two agents "
+                         "on one state directory would take the device's MQTT session from each other and update "
+                         "the same slots. Stop the other one (systemctl stop edgeglm-agent), or give this one "
+                         "another --state-dir and device id") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def run_agent(cfg: AgentConfig, stop: threading.Event, deadline: float = 10.0) -> None:

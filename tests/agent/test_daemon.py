@@ -366,3 +366,18 @@ def test_the_wall_clock_set_back_keeps_the_agent_reporting_and_reconnecting(mosq
         stop.set()
         loop.join(10)
         agent.shutdown(5)
+
+
+def test_a_second_agent_on_the_same_state_directory_stops_with_one_line(agent_process, mosquitto, tmp_path):
+    """A second `edgeglm agent run` with the same config started, and the two took the device's MQTT session from
+    each other in turn (the log said only "the network connection ended") and ran the updater on the same slots."""
+    proc, http_port, log = agent_process
+    ctl = Controller(mosquitto.port)
+    ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
+    second = subprocess.run([sys.executable, "-m", "agent.cli", "agent", "--config", str(tmp_path / "agent.toml"),
+                             "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"model.slots_dir {tmp_path / 'state'}: in use by another edgeglm agent (pid {proc.pid})" in second.stderr
+    assert proc.poll() is None  # the first one serves on
+    assert "already connected" not in mosquitto.log_text()
