@@ -41,6 +41,7 @@ from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceR
                           ota_offer_topic, ota_status_topic)
 from ota.bundle import MANIFEST, open_bundle
 from ota.errors import BundleError, SignatureError
+from ota.fsutil import atomic_write_json
 from ota.offers import DirectoryFetcher
 from ota.signing import load_trusted_keys, verify_bundle_signature
 from ota.transfer import OFFER_MAX_BYTES, MqttChunkFetcher
@@ -249,6 +250,8 @@ class Agent:
                 self._activate_active_slot(fallback=not resuming)
         elif path is None:
             log.warning("no model yet: waiting for an OTA update (HTTP answers 503 until then)")
+        if self.updater is not None:  # the fleet's layer applied before the restart, before the broker's copy
+            self._restore_desired()
         if cfg.mqtt.enabled:
             unreadable = cfg.mqtt.tls.unreadable() if cfg.mqtt.tls is not None else []
             if unreadable:  # paho's error names no file, and the session would retry it forever
@@ -357,7 +360,32 @@ class Agent:
             if self._chunk_fetcher is not None:  # live: from the next chunk on
                 self._chunk_fetcher.timeout_s, self._chunk_fetcher.give_up_s = new.ota.chunk_timeout_s, new.ota.give_up_s
             self.applied_config_version, self.last_config_error = desired.version, None
+            self._remember_desired(desired)
         self._publish_state()
+
+    def _remember_desired(self, desired: DesiredConfig) -> None:
+        """Keep the applied desired config in the state dir: after a restart it is applied again before the
+        broker's retained one arrives, so a latest version this box refuses does not leave it on its own
+        config alone (it kept the version it had applied while running)."""
+        if self.updater is None:  # no state dir in use (a bundle served without MQTT)
+            return
+        try:
+            atomic_write_json(Path(self.cfg.model.slots_dir) / DESIRED_APPLIED, desired.model_dump(mode="json"))
+        except OSError as exc:
+            log.warning("desired config version %s applied but not kept for a restart: %s", desired.version, exc)
+
+    def _restore_desired(self) -> None:
+        path = Path(self.cfg.model.slots_dir) / DESIRED_APPLIED
+        if not path.is_file():
+            return
+        try:
+            desired = DesiredConfig.model_validate_json(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable (%s); the fleet's desired config comes again from the broker", path,
+                        str(exc).splitlines()[0])
+            return
+        log.info("desired config version %s, applied before the restart, applied again", desired.version)
+        self._apply_desired(desired)
 
     def _send_telemetry(self) -> None:
         self._last_telemetry = time.monotonic()
@@ -500,6 +528,7 @@ class Agent:
 
 
 STATE_LOCK = "agent.lock"
+DESIRED_APPLIED = "desired-applied.json"  # the desired config applied last (Agent._remember_desired)
 
 
 def hold_state_dir(slots_dir: Path):

@@ -286,3 +286,29 @@ def test_agent_with_an_untrusted_active_slot_stays_up_and_is_updated_over_the_ai
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_restart_keeps_the_fleet_layer_it_had_applied_when_the_latest_is_refused(tmp_path):
+    """Version 1 applied, version 2 refused (the box keeps 1 while it runs); after a restart the broker hands it
+    only version 2, refused again, and the box ran on its own config alone: not what it ran before, nor what a
+    box that never restarted runs."""
+    first = _agent(tmp_path, **{"sampling.max_tokens": 100})
+    first.start()
+    first._apply_desired(DesiredConfig(version=1, settings={"sampling": {"max_tokens": 7}}))
+    first._apply_desired(DesiredConfig(version=2, settings={"cache": {"max_mb": 1048576}}))  # over the box's own
+    assert first.applied_config_version == 1 and first.cfg.sampling.max_tokens == 7 and first.last_config_error
+    first.shutdown(1)
+    again = _agent(tmp_path, **{"sampling.max_tokens": 100})
+    again.start()
+    try:
+        assert again.applied_config_version == 1 and again.cfg.sampling.max_tokens == 7
+        again._apply_desired(DesiredConfig(version=2, settings={"cache": {"max_mb": 1048576}}))  # the retained one
+        assert again.cfg == first.cfg and again.applied_config_version == 1
+    finally:
+        again.shutdown(1)
+    own = _agent(tmp_path, **{"sampling.max_tokens": 100, "cache.max_mb": 8})  # the layer is checked again
+    own.start()
+    try:
+        assert own.applied_config_version == 1 and own.cfg.cache.max_mb == 8
+    finally:
+        own.shutdown(1)
