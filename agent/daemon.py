@@ -570,4 +570,6 @@ def run_agent(cfg: AgentConfig, stop: threading.Event, deadline: float = 10.0) -
     except (RuntimeUserError, BundleError, AgentError) as exc:
         agent.shutdown(deadline)
         raise ServeError(str(exc)) from None
+    log.info("stopping: requests in flight get up to %.0f s, then the offline state is published", deadline)
     agent.shutdown(deadline)
+    log.info("stopped")

@@ -328,7 +328,8 @@ def cmd_config_set(args) -> int:
             flat[key] = value  # a bare string
     settings = nest(flat)
     targets = _config_targets(args)
-    check_desired_config(settings)  # what every agent would refuse is refused here, before it is published
+    # what every agent would refuse is refused here, before it is published (KEY=null drops a key: nothing to check)
+    check_desired_config(_without_nulls(settings))
     controller = _connect(args)
     published = []
     try:
@@ -347,6 +348,10 @@ def cmd_config_set(args) -> int:
     print(f"desired config version {version} for {where}: {json.dumps(settings)}; "
           f"{'replacing what was set before' if args.replace else 'with what was set before'}: {whole}")
     return 0
+
+
+def _without_nulls(settings: dict) -> dict:
+    return {k: _without_nulls(v) if isinstance(v, dict) else v for k, v in settings.items() if v is not None}
 
 
 def _config_targets(args) -> list[tuple[str, str]]:

@@ -107,12 +107,16 @@ class _RateLimit:
 
 
 def deep_merge(base: dict, update: dict) -> dict:
-    """`update` over `base`, section by section (a value that is not a table replaces the old one)."""
+    """`update` over `base`, section by section (a value that is not a table replaces the old one; None takes the
+    key out: `config set KEY=null` drops one setting the fleet set, e.g. one a box refused)."""
     out = dict(base)
     for key, value in update.items():
+        if value is None:
+            out.pop(key, None)
+            continue
         out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
             else value
-    return out
+    return {k: v for k, v in out.items() if v != {}}  # a section left empty goes too
 
 
 def offerable_bundle(bundle_dir: str | Path):

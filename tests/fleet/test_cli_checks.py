@@ -610,3 +610,15 @@ def test_a_flag_rollout_does_not_take_is_named(db):
     assert out.returncode == 2 and "unrecognized arguments: --broker" in out.stderr and "invalid choice" not in out.stderr
     out = cli("rollout", "--db", str(db), "stop", "3")
     assert out.returncode == 2 and "rollout stop 3: not understood" in out.stderr, out.stderr
+
+
+def test_config_set_key_null_drops_one_setting_of_the_fleets_layer(mosquitto, db):
+    """A setting a box refused (cache.max_mb above its own) stayed in everything `config set` published after it, so
+    every later config was refused too; only --replace (dropping everything) got rid of it."""
+    broker = ("--db", str(db), "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", FLEET, "--device", "d1")
+    assert cli("config", "set", *broker, "cache.max_mb=1000", "sampling.top_k=3").returncode == 0
+    out = cli("config", "set", *broker, "cache.max_mb=null", "sampling.max_tokens=64")
+    assert out.returncode == 0, out.stderr
+    assert 'with what was set before: {"sampling": {"top_k": 3, "max_tokens": 64}}' in out.stdout, out.stdout
+    published = json.loads(retained(mosquitto.port, desired_topic(FLEET, "d1"))[0])
+    assert published["settings"] == {"sampling": {"top_k": 3, "max_tokens": 64}}
