@@ -351,7 +351,9 @@ def cmd_config_set(args) -> int:
 
 
 def _without_nulls(settings: dict) -> dict:
-    return {k: _without_nulls(v) if isinstance(v, dict) else v for k, v in settings.items() if v is not None}
+    """`settings` less its KEY=null entries (and the sections they leave empty)."""
+    out = {k: _without_nulls(v) if isinstance(v, dict) else v for k, v in settings.items() if v is not None}
+    return {k: v for k, v in out.items() if v != {}}
 
 
 def _config_targets(args) -> list[tuple[str, str]]:
