@@ -90,7 +90,9 @@ def sampling_params(body: dict, defaults: SamplingSettings, stop_token_ids: tupl
 
 def _common_fields(body: dict) -> tuple[tuple[str, ...], bool, bool]:
     for name, allowed in UNSUPPORTED.items():
-        if body.get(name) is not None and body[name] not in allowed:
+        value = body.get(name)  # booleans apart: True == 1 and 0 == False in Python, not in JSON
+        if value is not None and not any(value == a and isinstance(value, bool) == isinstance(a, bool)
+                                         for a in allowed):
             raise ApiError(400, f"'{name}' = {json.dumps(body[name])} is not supported by this server; "
                            f"leave it out", param=name)
     stop = body.get("stop")
@@ -104,7 +106,8 @@ def _common_fields(body: dict) -> tuple[tuple[str, ...], bool, bool]:
         raise kind_error("stream", stream, "true or false")
     for i, s in enumerate(stops):
         _check_text(s, "stop" if isinstance(stop, str) else f"stop[{i}]")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options  # null: none; 0, [] or "" are not an object
     usage = options.get("include_usage") if isinstance(options, dict) else None
     if not isinstance(options, dict) or not isinstance(usage, (bool, type(None))):
         raise kind_error("stream_options", body.get("stream_options"), 'an object like {"include_usage": true}')

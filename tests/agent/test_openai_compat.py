@@ -65,6 +65,9 @@ def test_bad_sampling_fields(body, param, text):
     ({"prompt": "x", "stream": "yes"}, "stream"), ({"prompt": "x", "logprobs": 2}, "logprobs"),
     ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"), ({"prompt": ["a", "b"]}, "prompt"),
     ({}, "prompt"),
+    # booleans and numbers apart (True == 1 in Python), and only an object or null for stream_options
+    ({"prompt": "x", "n": True}, "n"), ({"prompt": "x", "logprobs": 0}, "logprobs"),
+    ({"prompt": "x", "stream_options": 0}, "stream_options"), ({"prompt": "x", "stream_options": []}, "stream_options"),
 ])
 def test_bad_completion_fields(body, param):
     with pytest.raises(ApiError) as err:
@@ -73,7 +76,7 @@ def test_bad_completion_fields(body, param):
 
 
 def test_no_op_values_of_unsupported_fields_are_accepted():
-    req = completion_request({"prompt": ["only one"], "n": 1, "presence_penalty": 0, "logprobs": None,
+    req = completion_request({"prompt": ["only one"], "n": 1, "presence_penalty": 0.0, "logprobs": False,
                               "stop": "x", "stream": True, "stream_options": {"include_usage": True}},
                              SamplingSettings())
     assert (req.prompt, req.stop, req.stream, req.include_usage) == ("only one", ("x",), True, True)
