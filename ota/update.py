@@ -4,6 +4,8 @@
     IDLE         OFFER         -> OFFERED
     OFFERED      ACCEPTED      -> DOWNLOADING   signature, version, architecture, backends, disk space ok
     OFFERED      ALREADY_SERVING -> CLEANUP     the offered manifest is the one serving: committed, nothing done
+    OFFERED      IN_SLOT       -> SELF_TEST     the inactive slot holds the offered bundle, every file verified
+                                                (a rollback to the previous model): nothing downloaded
     DOWNLOADING  DOWNLOADED    -> VERIFYING     every chunk checked against the signed manifest
     VERIFYING    VERIFIED      -> INSTALLING    every file's size and sha256, the signature again
     INSTALLING   INSTALLED     -> SELF_TEST     staging moved into the inactive slot, fsynced
@@ -43,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ota.bundle import MANIFEST, Manifest, open_bundle
 from ota.errors import BundleError
 from ota.fsutil import atomic_write_bytes, atomic_write_json
-from ota.signing import SIGNATURE, verify_bundle_signature, verify_bytes
+from ota.signing import SIGNATURE, read_signature, verify_bundle_signature, verify_bytes
 from ota.slots import Slots
 from ota.versions import check_upgrade, parse_version
 
@@ -68,6 +70,7 @@ class Event(str, Enum):
     OFFER = "offer"
     ACCEPTED = "accepted"
     ALREADY_SERVING = "already_serving"
+    IN_SLOT = "in_slot"
     DOWNLOADED = "downloaded"
     VERIFIED = "verified"
     INSTALLED = "installed"
@@ -86,6 +89,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.OFFERED,     E.ACCEPTED):    S.DOWNLOADING,
     (S.OFFERED,     E.FAILED):      S.FAILURE,
     (S.OFFERED,     E.ALREADY_SERVING): S.CLEANUP,  # the exact signed manifest serves already: nothing to do
+    (S.OFFERED,     E.IN_SLOT):     S.SELF_TEST,  # the inactive slot holds it, verified: a rollback is one flip
     (S.DOWNLOADING, E.DOWNLOADED):  S.VERIFYING,
     (S.DOWNLOADING, E.FAILED):      S.FAILURE,
     (S.VERIFYING,   E.VERIFIED):    S.INSTALLING,
@@ -356,6 +360,8 @@ class Updater:
         if not usable:
             raise UpdateFailed(f"bundle carries backends {sorted(manifest.backends)}, this device runs "
                                f"{list(self.deps.supported_backends)}: not for this device")
+        if self._in_inactive_slot(raw):
+            return E.IN_SLOT
         need = sum(f.size for f in manifest.files)
         self.staging.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.staging).free
@@ -364,6 +370,31 @@ class Updater:
         atomic_write_bytes(self.staging / MANIFEST, raw)
         atomic_write_json(self.staging / SIGNATURE, offer.signature)
         return E.ACCEPTED
+
+    def _in_inactive_slot(self, raw: bytes) -> bool:
+        """Whether the inactive slot (the update's target) holds exactly the offered bundle: the same manifest
+        bytes (whose offered signature was just verified) and every file's size and sha256 as it lists. That is the
+        previous model after an update (what a rollback goes back to): it is self-tested and switched to
+        there, nothing downloaded. A slot that does not verify is downloaded into as usual."""
+        slot = self.slots.path(self.data["target_slot"])
+        try:
+            if (slot / MANIFEST).read_bytes() != raw:
+                return False
+        except OSError:
+            return False
+        try:
+            open_bundle(slot)  # every file's size and sha256 against these manifest bytes
+            if read_signature(slot) != self.offer.signature:
+                # signed again since it was installed (a key rotation): the offer's signature was verified over
+                # these exact bytes in this state; the slot keeps it so that the self-test verifies it there
+                atomic_write_json(slot / SIGNATURE, self.offer.signature)
+        except (BundleError, OSError, ValueError) as exc:
+            log.warning("slot %s holds the offered manifest but does not verify (%s); downloading the bundle "
+                        "into it again", slot, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return False
+        log.info("slot %s holds the offered bundle (verified): no download", slot)
+        self._report({"state": S.OFFERED.value, "in_slot": self.data["target_slot"]})
+        return True
 
     def _check_rollback(self, offer: Offer, raw: bytes) -> None:
         """A rollback offer is taken only with a valid signed statement for this fleet and device, replacing

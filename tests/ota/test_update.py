@@ -26,6 +26,8 @@ from update_driver import DEVICE, FLEET, build_updater
 DRIVER = Path(__file__).with_name("update_driver.py")
 BEFORE = ["idle", "offered", "downloading", "verifying", "installing", "self_test", "committing"]
 SUCCESS = BEFORE + ["cleanup", "reporting", "idle"]
+# a rollback to the model the inactive slot still holds: verified there, self-tested and switched, nothing fetched
+FROM_SLOT = ["idle", "offered", "self_test", "committing", "cleanup", "reporting", "idle"]
 
 
 def failure_chain(state: str) -> list[str]:
@@ -206,9 +208,74 @@ def test_replayed_older_version_is_refused_unless_a_signed_rollback(upgraded, si
     updater = build_updater(upgraded)
     updater.submit(rollback_for(signed_bundles["v1"], "rb2", signed_bundles["key"]))
     updater.run()
-    assert updater.data["history"] == SUCCESS and serving(upgraded) == "1.0.0"
+    assert updater.data["history"] == FROM_SLOT and serving(upgraded) == "1.0.0"
     assert updater.applied_rollbacks() == ["rb2"]  # persisted in the OTA state dir
     assert json.loads((upgraded / "state" / "rollbacks-applied.json").read_text()) == {"applied": ["rb2"]}
+
+
+class _CountingFetcher:
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def read_chunk(self, *args):
+        self.calls += 1
+        return self.real.read_chunk(*args)
+
+
+def test_a_rollback_to_the_model_kept_in_the_inactive_slot_downloads_nothing(upgraded, signed_bundles, tmp_path):
+    """The previous model stays in its slot after an update: a rollback to it is verified there (every file's
+    hash), self-tested and switched to, without fetching a chunk (a box on a slow or metered link, where the
+    new model misbehaves, goes back at once). The offer's source is gone here: a download would fail."""
+    updater = build_updater(upgraded)
+    updater.deps.fetcher = counting = _CountingFetcher(updater.deps.fetcher)
+    offer = rollback_for(signed_bundles["v1"], "rb-slot", signed_bundles["key"])
+    offer.source = {"type": "dir", "path": str(tmp_path / "gone")}
+    updater.submit(offer)
+    updater.run()
+    assert updater.data["history"] == FROM_SLOT, updater.data.get("reason")
+    assert counting.calls == 0 and serving(upgraded) == "1.0.0" and updater.slots.active() == "a"
+    sent = reports(upgraded)
+    assert any(r.get("in_slot") == "a" for r in sent) and sent[-2]["result"] == "committed"
+    assert (updater.slots.path("b") / "manifest.json").exists()  # 1.1.0 is kept in its turn
+
+
+def test_a_damaged_copy_in_the_inactive_slot_is_downloaded_again(upgraded, signed_bundles):
+    """A file of the kept model changed on disk (bit rot, an edit): the slot is not taken as it is; the bundle is
+    downloaded into it and verified like any other update."""
+    updater = build_updater(upgraded)
+    onnx = next((updater.slots.path("a")).rglob("*.onnx"))
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    updater.deps.fetcher = counting = _CountingFetcher(updater.deps.fetcher)
+    updater.submit(rollback_for(signed_bundles["v1"], "rb-damaged-slot", signed_bundles["key"]))
+    updater.run()
+    assert updater.data["history"] == SUCCESS, updater.data.get("reason")
+    assert counting.calls > 0 and serving(upgraded) == "1.0.0"
+    assert onnx.read_bytes() != bytes(data)  # the downloaded, verified copy replaced it
+
+
+def test_a_kept_model_signed_again_since_is_taken_with_the_offers_signature(upgraded, signed_bundles, tmp_path):
+    """Key rotation: the bundle kept in the slot carries a signature by a key the device no longer trusts; the
+    controller offers the same manifest signed by the new key. The slot is used, with the offer's signature."""
+    import base64
+
+    from ota.signing import SIGNATURE
+
+    new = generate_keypair(tmp_path / "new-key", "rotated")
+    for old in (upgraded / "keys").glob("*.pub"):
+        old.unlink()  # only the new key is trusted now
+    shutil.copy(new.public_path, upgraded / "keys")
+    updater = build_updater(upgraded)
+    new_key = load_private_key(new.private_path)
+    offer = rollback_for(signed_bundles["v1"], "rb-rotated", new_key)
+    offer.signature = sign_bytes(base64.b64decode(offer.manifest_b64), new_key)
+    updater.deps.fetcher = counting = _CountingFetcher(updater.deps.fetcher)
+    updater.submit(offer)
+    updater.run()
+    assert updater.data["history"] == FROM_SLOT, updater.data.get("reason")
+    assert counting.calls == 0 and serving(upgraded) == "1.0.0"
+    assert json.loads((updater.slots.path("a") / SIGNATURE).read_text()) == offer.signature
 
 
 def test_a_rollback_of_the_older_format_is_refused(upgraded, signed_bundles):
@@ -229,7 +296,7 @@ def test_an_applied_rollback_is_refused_when_replayed(upgraded, signed_bundles):
     updater = build_updater(upgraded)
     updater.submit(offer)
     updater.run()
-    assert updater.data["history"] == SUCCESS and serving(upgraded) == "1.0.0"
+    assert updater.data["history"] == FROM_SLOT and serving(upgraded) == "1.0.0"
     updater = build_updater(upgraded)
     updater.submit(offer_for(signed_bundles["v2"], "u2-again"))
     updater.run()
@@ -265,7 +332,7 @@ def test_rollback_terms_are_signed_and_the_clock_skew_is_bounded(upgraded, signe
     updater = build_updater(upgraded, clock=lambda: not_after + ROLLBACK_CLOCK_SKEW_S - 1)  # within the skew
     updater.submit(late)
     updater.run()
-    assert updater.data["history"] == SUCCESS and serving(upgraded) == "1.0.0"
+    assert updater.data["history"] == FROM_SLOT and serving(upgraded) == "1.0.0"
 
 
 def test_a_device_clock_behind_the_serving_models_build_time_does_not_revive_an_expired_rollback(upgraded,
@@ -285,7 +352,7 @@ def test_a_device_clock_behind_the_serving_models_build_time_does_not_revive_an_
     updater = build_updater(upgraded, clock=lambda: 0.0)  # still valid at the floor: taken
     updater.submit(fresh)
     updater.run()
-    assert updater.data["history"] == SUCCESS and serving(upgraded) == "1.0.0"
+    assert updater.data["history"] == FROM_SLOT and serving(upgraded) == "1.0.0"
 
 
 def test_rollback_keys_authorise_rollbacks_only(upgraded, signed_bundles, tmp_path):
@@ -302,7 +369,7 @@ def test_rollback_keys_authorise_rollbacks_only(upgraded, signed_bundles, tmp_pa
     updater = build_updater(upgraded)
     updater.submit(rollback_for(signed_bundles["v1"], "rb-ok", rollback_key))
     updater.run()
-    assert updater.data["history"] == SUCCESS and serving(upgraded) == "1.0.0"
+    assert updater.data["history"] == FROM_SLOT and serving(upgraded) == "1.0.0"
 
 
 def test_bundle_for_another_device_is_refused(device, signed_bundles, tmp_path):
