@@ -17,6 +17,7 @@ payload limit, half the shipped broker's `max_packet_size`). A bundle whose `chu
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,6 +36,9 @@ MAX_CHUNK_SIZE = 512 * 1024  # base64 makes 4/3 of it: ~683 KiB, with room for t
 # (k3s/base/core/broker-config.yaml). An offer carries the whole signed manifest, about 100 bytes per
 # transfer chunk once in base64: a bundle of up to about 2.5 GB in 256 KiB chunks, 5 GB in 512 KiB ones
 OFFER_MAX_BYTES = 2 << 20
+CHUNK_WARNING_EVERY_S = 60.0  # a chunk left unanswered is logged at once, then at most this often
+
+log = logging.getLogger("edgeglm.ota")
 
 
 class ChunkRequest(BaseModel):
@@ -120,13 +124,16 @@ class MqttChunkFetcher:
     `timeout_s` is asked for again (the broker may be restarting; the session reconnects), up
     to `give_up_s` in all; then the update fails (its staging is removed: a new offer downloads
     from the first chunk; a restart during the download resumes from the last verified chunk).
+    An unanswered chunk is logged as a warning at once and then once a minute, and its answer, when it
+    comes, as info.
     """
 
     def __init__(self, request: Callable[[ChunkRequest], object], timeout_s: float = 10.0, give_up_s: float = 300.0):
         self.request, self.timeout_s, self.give_up_s = request, timeout_s, give_up_s
 
     def read_chunk(self, offer: Offer, path: str, index: int, chunk_size: int) -> bytes:
-        deadline = time.monotonic() + self.give_up_s
+        start = time.monotonic()
+        deadline, next_warning = start + self.give_up_s, 0.0
         while True:
             req = ChunkRequest(id=uuid.uuid4().hex, update_id=offer.update_id, path=path, index=index,
                                chunk_size=chunk_size)
@@ -135,10 +142,21 @@ class MqttChunkFetcher:
                 message = future.result(timeout=self.timeout_s)
             except FutureTimeout:
                 future.cancel()
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise UpdateFailed(f"chunk {index} of {path}: no answer from the controller within "
                                        f"{self.give_up_s:g} s") from None
+                waited = now - start
+                if waited >= next_warning:  # the first time, then once a minute: a stalled download is visible
+                    log.warning("OTA %s: chunk %d of %s: no answer from the controller for %.0f s (is `edgeglm "
+                                "fleet serve` running and the broker reachable?); asking again every %g s, "
+                                "giving up after %g s", offer.update_id, index, path, waited, self.timeout_s,
+                                self.give_up_s)
+                    next_warning = waited + CHUNK_WARNING_EVERY_S
                 continue
+            if next_warning:
+                log.info("OTA %s: chunk %d of %s answered after %.0f s; the download goes on", offer.update_id,
+                         index, path, time.monotonic() - start)
             resp = ChunkResponse.model_validate_json(message.payload)
             if resp.error:
                 raise UpdateFailed(f"chunk {index} of {path}: the controller answered: {resp.error}")

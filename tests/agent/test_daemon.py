@@ -254,6 +254,9 @@ def test_an_update_resumed_after_a_kill_keeps_the_old_model_serving_and_after_it
                     make_offer(open_bundle(signed_bundles["v2"]), "u2", {"type": "mqtt"}).model_dump_json(), retain=True)
         until(lambda: len(ctl.requested) >= 2)
         ctl.answer_chunks = False  # the controller stalls: the download cannot finish before the checks below
+        # the stall shows in the agent's log (it said nothing while asking again and again)
+        until(lambda: "no answer from the controller for" in log.read_text())
+        assert "is `edgeglm fleet serve` running" in log.read_text()
         proc.kill()  # a power cut in DOWNLOADING
         proc.wait()
         assert json.loads((tmp_path / "state" / "update.json").read_text())["state"] == "downloading"
