@@ -507,7 +507,8 @@ def cmd_device(args) -> int:
                      "its recorded desired config dropped" if removed["desired"] else "",
                      f"in active rollout(s) {', '.join(map(str, rollouts[device]))}: left out of them from now on"
                      if rollouts[device] else "",
-                     "online: it registers again with its next state" if known[device]["online"] else ""]
+                     "online: it registers again with its next state or telemetry report" if known[device]["online"]
+                     else ""]
             print(f"{args.fleet}/{device}: removed from the registry; its retained desired config and offer "
                   f"cleared on the broker" + "".join(f"; {n}" for n in notes if n))
     finally:
@@ -613,6 +614,6 @@ def register(sub) -> None:
     common(dr)
     dr.add_argument("--fleet", required=True, help="the devices' fleet")
     dr.add_argument("--force", action="store_true", help="remove devices that are online too (they come back "
-                    "with their next state unless their agent is stopped)")
+                    "with their next state or telemetry report unless their agent is stopped)")
     dr.add_argument("devices", nargs="+", metavar="DEVICE")
     dr.set_defaults(func=cmd_device)

@@ -254,6 +254,7 @@ class FleetController:
         """One transaction; if it fails, row by row, so that one row the database refuses costs only itself."""
         try:
             self.store.add_telemetry_many(rows)
+            self._log_returned()
             return
         except Exception:
             if len(rows) == 1:
@@ -261,8 +262,15 @@ class FleetController:
         for row in rows:
             try:
                 self.store.add_telemetry_many([row])
+                self._log_returned()
             except Exception as exc:
                 log.warning("telemetry report of device %s (fleet %s) not stored: %s", row[1], row[0], exc)
+
+    def _log_returned(self) -> None:
+        for fleet, device in self.store.returned:
+            log.warning("device %s (fleet %s) was removed but its agent still sends telemetry: registered again "
+                        "with the state it had when it was removed (stop its agent and revoke its broker "
+                        "credentials to keep it out)", device, fleet)
 
     # --- callbacks: parse, store, count -------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:

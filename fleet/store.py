@@ -24,7 +24,8 @@ live in the `groups` table: a device may be in several groups; a group belongs t
 Devices leave the registry only by `edgeglm fleet device remove`: their rows go, and the `removed`
 table remembers them, so that the retained state the broker still holds (the controller may not
 clear a device's own topic) does not list them again at the next start; an online state the device
-publishes does, and ends the removal.
+publishes does, and ends the removal, as does telemetry it sends more than REMOVED_GRACE_S after it
+(its agent runs: `device remove --force`), with the state it had when it was removed.
 
 Offers: `offers` maps an update id to its bundle, `offer_targets` to the devices it was offered
 to; the chunk server serves an update only to those (`offered_to`). An offer recorded by a
@@ -67,9 +68,11 @@ CREATE TABLE IF NOT EXISTS desired (
     PRIMARY KEY (fleet, device));
 CREATE INDEX IF NOT EXISTS telemetry_by_stored ON telemetry (stored);
 CREATE TABLE IF NOT EXISTS removed (
-    fleet TEXT NOT NULL, device TEXT NOT NULL, removed REAL NOT NULL, PRIMARY KEY (fleet, device));
+    fleet TEXT NOT NULL, device TEXT NOT NULL, removed REAL NOT NULL, state TEXT, PRIMARY KEY (fleet, device));
 CREATE INDEX IF NOT EXISTS ota_status_by_device ON ota_status (fleet, device, update_id, ts);
 """
+REMOVED_GRACE_S = 10.0  # telemetry of a removed device this long after its removal says its agent runs
+
 TELEMETRY_COLUMNS = ("fleet", "device", "model_version", "window_end", "count", "ttft_p50", "ttft_p95", "token_p50",
                      "token_p95", "tokens_per_s", "errors", "stored")
 _INSERT_TELEMETRY = (f"INSERT OR IGNORE INTO telemetry ({', '.join(TELEMETRY_COLUMNS)}) "
@@ -104,6 +107,7 @@ def _open_problem(path: Path, exc: sqlite3.Error) -> str:
 class Store:
     def __init__(self, path: str | Path, retention_s: float = 7 * 86400, clock=time.time):
         self.path = Path(path)
+        self.returned: list[tuple[str, str]] = []  # removed devices the last telemetry batch registered again
         self.retention_s = retention_s
         self.clock = clock  # the controller's clock: `stored` and `last_seen` (tests drive their own)
         self._lock = threading.Lock()
@@ -123,6 +127,9 @@ class Store:
 
     def _migrate(self) -> None:
         """Bring a database made by an older controller up to this schema (before SCHEMA's indexes)."""
+        removed = {row[1] for row in self.db.execute("PRAGMA table_info(removed)")}
+        if removed and "state" not in removed:  # the state a device had when it was removed (see back_from_removal)
+            self.db.execute("ALTER TABLE removed ADD COLUMN state TEXT")
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(telemetry)")}
         if not columns:
             return  # a new database: SCHEMA makes everything
@@ -159,17 +166,22 @@ class Store:
         a state that names another device is refused (ValueError), so no device writes another's row."""
         if device is not None and state.get("device") != device:
             raise ValueError(f"state of device {state.get('device')!r} on the topic of device {device!r}")
+        with self._lock:
+            self._upsert_state(fleet, state, self.clock())
+
+    def _upsert_state(self, fleet: str, state: dict, seen: float) -> None:
+        """(under the lock) The device's row from its state; it is no longer a removed device."""
         model = state.get("model") or {}
-        self._exec(
+        self.db.execute(
             "INSERT INTO devices VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(fleet, device) DO UPDATE SET "
             "online=excluded.online, last_seen=excluded.last_seen, model_name=excluded.model_name, "
             "model_version=excluded.model_version, execution_path=excluded.execution_path, "
             "active_slot=excluded.active_slot, applied_config_version=excluded.applied_config_version, "
             "last_config_error=excluded.last_config_error, state=excluded.state",
-            (fleet, state["device"], int(state["online"]), self.clock(), model.get("name"), model.get("version"),
+            (fleet, state["device"], int(state["online"]), seen, model.get("name"), model.get("version"),
              state.get("execution_path"), state.get("active_slot"), state.get("applied_config_version"),
              state.get("last_config_error"), json.dumps(state)))
-        self._exec("DELETE FROM removed WHERE fleet=? AND device=?", (fleet, state["device"]))  # it is back
+        self.db.execute("DELETE FROM removed WHERE fleet=? AND device=?", (fleet, state["device"]))  # it is back
 
     def is_removed(self, fleet: str, device: str) -> bool:
         """Whether `fleet device remove` took the device out and it has not published a state since."""
@@ -180,11 +192,13 @@ class Store:
 
     def add_telemetry_many(self, rows: list[tuple]) -> float:
         """Insert `telemetry_row`s in one transaction, each (fleet, device, window_end) once; returns the
-        `stored` time given to them (the controller's clock, `clock`)."""
+        `stored` time given to them (the controller's clock, `clock`). A removed device that reports is back:
+        see `_back_from_removal` (the devices it registered again are in `self.returned`)."""
         stored = self.clock()
         with self._lock:
             self.db.execute("BEGIN")
             try:
+                self.returned = self._back_from_removal(rows, stored)
                 before = self.db.total_changes
                 self.db.executemany(_INSERT_TELEMETRY, [row + (stored,) for row in rows])
                 new = self.db.total_changes - before
@@ -197,6 +211,23 @@ class Store:
                 self.db.execute("ROLLBACK")
                 raise
         return stored
+
+    def _back_from_removal(self, rows: list[tuple], now: float) -> list[tuple[str, str]]:
+        """(under the lock, in the telemetry transaction) A device removed while its agent ran (`fleet device
+        remove --force`) that still sends telemetry more than REMOVED_GRACE_S after its removal is running: it is
+        registered again, online, with the state it had when it was removed (a running agent publishes its
+        state only when something changes: it stayed out of `fleet status` while serving, for hours). A report
+        in flight at the removal does not count. The (fleet, device) pairs registered again."""
+        removed = self.db.execute("SELECT fleet, device, removed, state FROM removed").fetchall()
+        if not removed:
+            return []
+        reporting = {(row[0], row[1]) for row in rows}
+        back = []
+        for fleet, device, when, state in removed:
+            if (fleet, device) in reporting and state and now - when >= REMOVED_GRACE_S:
+                self._upsert_state(fleet, {**json.loads(state), "online": True}, now)
+                back.append((fleet, device))
+        return back
 
     def prune(self, now: float | None = None) -> int:
         """Delete telemetry and OTA statuses older than the retention, except each device's last result for
@@ -234,10 +265,12 @@ class Store:
         with self._lock:
             self.db.execute("BEGIN")
             try:
+                row = self.db.execute("SELECT state FROM devices WHERE fleet=? AND device=?", (fleet, device)).fetchone()
                 for table in ("devices", "groups", "desired", "offer_targets"):
                     removed[table] = self.db.execute(f"DELETE FROM {table} WHERE fleet=? AND device=?",
                                                      (fleet, device)).rowcount
-                self.db.execute("INSERT OR REPLACE INTO removed VALUES (?, ?, ?)", (fleet, device, self.clock()))
+                self.db.execute("INSERT OR REPLACE INTO removed VALUES (?, ?, ?, ?)",
+                                (fleet, device, self.clock(), row[0] if row else None))
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")

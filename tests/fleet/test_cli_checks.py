@@ -420,6 +420,81 @@ def test_a_removed_device_stays_out_of_the_registry_until_it_comes_back_online(m
         again.stop()
 
 
+def test_a_running_agent_removed_with_force_is_listed_again_at_its_next_telemetry(mosquitto, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """`device remove --force` of a box whose agent keeps running: the agent publishes its state only when
+    something changes, so it served for hours without a row in `fleet status`, its telemetry stored under an id
+    the registry did not list. Its next telemetry report registers it again, online, with the state it had."""
+    import logging
+
+    import fleet.store
+    from agent.mqtt import MqttSession, MqttSettings
+    from agent.topics import ModelRef, ReportedState, TelemetryReport
+    from fleet.controller import ControllerSettings, FleetController
+    from waiting import until
+
+    monkeypatch.setattr(fleet.store, "REMOVED_GRACE_S", 0.5)  # (10 s: a report in flight at the removal)
+    db, port = tmp_path / "fleet.db", mosquitto.port
+    state = ReportedState(device="d1", online=True, agent_version="0.1.0", execution_path="onnxruntime:cpu",
+                          model=ModelRef(name="tiny", version="1.0.0", sha256="0" * 64), active_slot="a",
+                          uptime_s=1.0, ts=time.time())
+    d1 = MqttSession(MqttSettings(enabled=True, port=port, reconnect_min_delay_s=0.1), fleet=FLEET, device="d1",
+                     state_fn=lambda online=True: state.model_copy(update={"online": online}))
+    ctl = FleetController(ControllerSettings(broker_port=port, db=db, fleet=FLEET)).start()
+    caplog.set_level(logging.WARNING, logger="edgeglm.fleet")
+    try:
+        d1.start()
+        assert d1.wait_connected(10)
+        until(lambda: [d["device"] for d in ctl.store.devices(FLEET)] == ["d1"])
+        out = cli("device", "remove", "--fleet", FLEET, "d1", "--force", "--db", str(db), "--broker",
+                  f"127.0.0.1:{port}")
+        assert out.returncode == 0 and "online: it registers again with its next state or telemetry report" \
+            in out.stdout, (out.stdout, out.stderr)
+        assert ctl.store.devices(FLEET) == []
+        time.sleep(0.6)
+        now = time.time()
+        d1.publish_telemetry(TelemetryReport(device="d1", window_start=now - 60, window_end=now, count=0,
+                                             model_version="1.0.0"))
+        until(lambda: ctl.store.devices(FLEET) != [])
+        (row,) = ctl.store.devices(FLEET)
+        assert (row["online"], row["model_version"], row["execution_path"], row["active_slot"]) == \
+            (1, "1.0.0", "onnxruntime:cpu", "a")
+        assert not ctl.store.is_removed(FLEET, "d1")
+        assert "device d1 (fleet plant7) was removed but its agent still sends telemetry" in caplog.text
+    finally:
+        d1.close()
+        ctl.stop()
+
+
+def test_telemetry_in_flight_at_a_removal_does_not_bring_the_device_back(tmp_path):
+    """A report the agent sent just before `device remove`, stored just after, is no sign that it still runs;
+    one stored REMOVED_GRACE_S later is. A device removed by an older controller (no state kept) waits for its
+    next state, as before."""
+    from fleet.store import REMOVED_GRACE_S, telemetry_row
+
+    clock = [1000.0]
+    store = Store(tmp_path / "fleet.db", clock=lambda: clock[0])
+    state = {"device": "d1", "online": True, "agent_version": "0.1.0", "model": {"name": "m", "version": "2.0.0"},
+             "uptime_s": 1.0, "ts": 1.0}
+    store.upsert_state(FLEET, state)
+    store.upsert_state(FLEET, {**state, "device": "d2"})
+    store.remove_device(FLEET, "d1")
+    store.remove_device(FLEET, "d2")
+    store.db.execute("UPDATE removed SET state = NULL WHERE device = 'd2'")  # what an older controller kept
+
+    def report(device: str):
+        clock[0] += 1
+        store.add_telemetry_many([telemetry_row(FLEET, {"device": device, "window_end": clock[0], "count": 0})])
+        return store.returned
+
+    assert report("d1") == [] and store.devices(FLEET) == []
+    clock[0] += REMOVED_GRACE_S
+    assert report("d2") == [] and report("d1") == [(FLEET, "d1")]
+    assert [(d["device"], d["online"], d["model_version"]) for d in store.devices(FLEET)] == [("d1", 1, "2.0.0")]
+    assert store.is_removed(FLEET, "d2") and not store.is_removed(FLEET, "d1")
+    store.close()
+
+
 def test_config_for_a_device_the_registry_never_saw_is_refused_unless_forced(mosquitto, db):
     """`config set` to a mistyped device id published a retained config no command could clear (`device remove`
     refuses a device that is not in the registry); `fleet offer` already refused it."""
