@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import hmac
 import json
+import re
 import logging
 import signal
 import ipaddress
@@ -554,10 +555,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_json(self) -> dict:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise ApiError(411, "chunked request bodies are not supported; send Content-Length", code="length_required")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise ApiError(411, "a request body with Content-Length is required", code="length_required") from None
+        given = self.headers.get("Content-Length")
+        if given is None or not given.strip():
+            raise ApiError(411, "a request body with Content-Length is required", code="length_required")
+        if not re.fullmatch(r"[0-9]{1,19}", given.strip()):  # int() takes '-5', '+5', '1_0' and non-ASCII digits
+            raise ApiError(400, f"Content-Length {given.strip()[:40]!r} is not a byte count (a non-negative "
+                                "decimal integer); the connection is closed", code="invalid_request")
+        length = int(given)
         limit = self.server.api.http.max_body_bytes
         if length > limit:
             raise ApiError(413, f"the request body is {length} bytes; the limit (http.max_body_bytes) is {limit}",
@@ -569,6 +573,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = json.loads(raw, parse_constant=reject_constant)
         except (ValueError, RecursionError) as exc:
+            if "integer string conversion" in str(exc):  # Python's int limit: its advice is for programmers
+                raise ApiError(400, f"the request body holds an integer of over {sys.get_int_max_str_digits()} "
+                                    "digits; no field takes one", code="invalid_json") from None
             raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")

@@ -196,6 +196,34 @@ def test_malformed_json_is_a_400_and_the_connection_stays_usable(server):
     assert resp.status == 200 and json.loads(body) == {"status": "ok"}
 
 
+@pytest.mark.parametrize("value", ["-5", "+5", "1_0", "\u0661\u0662", "5x", "99999999999999999999"])
+def test_a_content_length_that_is_not_a_byte_count_is_a_400_naming_it(server, value):
+    """`Content-Length: -5` was read as an empty body and answered "not valid JSON"; int() also took '+5', '1_0'
+    and non-ASCII digits."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + value.encode() +
+                  b"\r\n\r\n{}")
+        s.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"Connection: close" in head, answer[:300]
+    message = json.loads(body)["error"]["message"]
+    as_read = value.encode().decode("latin-1")  # header bytes are read as ISO-8859-1 (RFC 9110)
+    assert message.startswith(f"Content-Length {as_read!r} is not a byte count"), message
+
+
+def test_a_huge_integer_in_the_body_is_a_400_without_pythons_advice(model):
+    """json.loads refuses integers of over 4300 digits with advice for programmers ("use
+    sys.set_int_max_str_digits()"), which the 400 passed on to the client."""
+    srv = side_server(model, max_body_bytes=65536)
+    try:
+        resp, body, _ = raw(srv, "POST", "/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}")
+        message = json.loads(body)["error"]["message"]
+        assert resp.status == 400 and "integer of over 4300 digits" in message and "sys." not in message, message
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
 def test_oversized_body_is_a_413_and_closes(server):
     big = json.dumps({"prompt": "x" * 5000}).encode()
     resp, body, _ = raw(server, "POST", "/v1/completions", big)
