@@ -207,7 +207,8 @@ def _field_notes(model: type) -> dict[str, str]:
         m = re.match(r"^ {4}(\w+)\s*:", line)
         if m:
             beside = line.split("  # ", 1)[1].strip() if "  # " in line else None
-            text = "; ".join(above + ([beside] if beside else []))
+            # the lines above are one wrapped comment: joined with spaces (with "; " it read "unset: the; trusted_keys")
+            text = "; ".join(t for t in (" ".join(above), beside) if t)
             if text:
                 notes[m.group(1)] = text
         above = []

@@ -77,6 +77,15 @@ def snapshot(root: Path) -> dict:
 
 # --- layout --------------------------------------------------------------------------------------
 
+
+def test_the_written_config_explains_each_setting_in_whole_sentences():
+    """A comment wrapped over two lines above a field was joined with '; ' ("unset: the; trusted_keys
+    authorise rollbacks too"); the probation settings are explained too."""
+    text = default_config_toml()
+    assert "unset: the trusted_keys authorise rollbacks too (one key role)\n# rollback_keys =" in text
+    assert "# a committed model is on probation until it has served this long in one run of the agent; 0: no " \
+           "probation\nprobation_s = 600.0" in text
+
 def test_install_lays_out_the_box_and_says_what_next(install, prefix):
     rc, out, err = install("--prefix", prefix, "--user", ABSENT_USER, "--no-venv")
     assert rc == 0, err
