@@ -127,6 +127,10 @@ class OtaSettings(_Section):
     min_latency_delta_ms: float = Field(1.0, ge=0.0, le=10_000.0)  # ...unless slower by less than this
     chunk_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)  # ask a chunk again after this
     give_up_s: float = Field(300.0, gt=0.0, le=86400.0)  # fail the update when the controller is gone this long
+    # a committed model is on probation until it has served this long in one run of the agent; 0: no probation
+    probation_s: float = Field(600.0, ge=0.0, le=7 * 86400.0)
+    # starts after an unclean end (crash, kill, power cut) during the probation before going back to the old model
+    probation_deaths: int = Field(3, ge=1, le=100)
 
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]

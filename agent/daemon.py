@@ -105,6 +105,7 @@ class Agent:
         self._ota_lock = threading.Lock()
         self._next_offer: Offer | None = None  # the latest offer that came while an update ran: taken after it
         self._last_telemetry = time.monotonic()
+        self._serving_since = time.monotonic()  # when the model served now was activated
 
     # --- model --------------------------------------------------------------------------------
     def _trusted_keys(self) -> dict:
@@ -148,6 +149,7 @@ class Agent:
                 raise ServeError(f"{path}: golden check failed on {model.backend}: {golden.describe()}")
             self.model = model
             self.http.set_model(model, golden)
+            self._serving_since = time.monotonic()  # (the probation of a committed model counts from here)
         self._set_model_error(None)
         self._path_labels = set_execution_metric(self._path_metric, self.model, self._path_labels)
         self._publish_state()
@@ -227,6 +229,7 @@ class Agent:
     def start(self) -> None:
         cfg = self.cfg
         slots_dir = Path(cfg.model.slots_dir)
+        probation_result = None
         if cfg.model.bundle is None or cfg.mqtt.enabled:
             try:
                 slots_dir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +238,9 @@ class Agent:
                                  "to a writable directory") from None
             self._state_lock = hold_state_dir(slots_dir)
             self.updater = Updater(slots_dir, self._updater_deps())
+            # before the active slot's model is loaded: a model that keeps killing the agent is not loaded again
+            if cfg.model.bundle is None:  # (a bundle named directly is served instead of the slots)
+                probation_result = self.updater.check_probation()
         self.http.start()
         log.info("HTTP API on %s", self.http.url)
         path = self._initial_model_path()
@@ -264,6 +270,8 @@ class Agent:
                                    max_bytes=max(cfg.mqtt.max_payload_bytes, OFFER_MAX_BYTES))
             self.session.subscribe(infer_request_topic(d.fleet, d.id), InferenceRequest)
             self.session.start()
+        if probation_result is not None:
+            self._report_ota(probation_result)  # logged; held by the session until it connects (retained)
         if self.updater is not None and self.updater.state is not State.IDLE:
             log.info("resuming the interrupted update %s in state %s", self.updater.data.get("update_id"),
                      self.updater.state.value)
@@ -284,8 +292,20 @@ class Agent:
                 self._send_telemetry()
             if self._next_offer is not None and not self._update_running():
                 self._start_update(None, follow_up=True)
+            self._end_probation()
+
+    def _end_probation(self) -> None:
+        """The model committed last has served `ota.probation_s` in this run: its probation is over."""
+        u = self.updater
+        if u is None or u.probation is None or self.model is None or self._update_running():
+            return
+        if u.probation["slot"] == u.slots.active() and \
+                time.monotonic() - self._serving_since >= self.cfg.ota.probation_s:
+            u.pass_probation()
 
     def shutdown(self, deadline: float = 10.0) -> None:
+        if self.updater is not None:
+            self.updater.stopped_cleanly()  # no death of a model on probation
         self.http.shutdown(deadline)
         if self.session is not None:
             self._send_telemetry()
@@ -459,7 +479,8 @@ class Agent:
             supported_backends=tuple(available_backends()), architecture_problem=architecture_problem,
             active_version=lambda: self.model.bundle.manifest.version if self.model else None,
             active_manifest_sha256=lambda: self.model.bundle.sha256 if self.model else None,
-            fleet=self.cfg.device.fleet, device=self.cfg.device.id, rollback_keys=self._rollback_keys())
+            fleet=self.cfg.device.fleet, device=self.cfg.device.id, rollback_keys=self._rollback_keys(),
+            probation_deaths=self.cfg.ota.probation_deaths, probation_s=self.cfg.ota.probation_s)
 
     def _chunk_request(self, req):
         d = self.cfg.device

@@ -344,6 +344,13 @@ class RolloutDriver:
             self._save(r, "canary_window", f"canaries committed; measuring for {r.window_s:g} s")
 
     def _canary_window(self, r: Rollout, now: float) -> None:
+        # a canary that went back by itself after committing (its agent kept dying while the new model was on
+        # probation) reports the update rolled back: no need to wait for the window's end
+        undone = {d: res for d, res in self._results(r, r.data["canaries"]).items() if res not in (None, "committed")}
+        if undone:
+            reasons = {d: (self.store.last_result(r.fleet, d, r.data["offers"][d]) or {}).get("reason") for d in undone}
+            self._save(r, "halting", f"canary update undone after it committed: {undone} ({reasons})")
+            return
         if now - r.data["window_start"] < r.window_s or not self._canaries_left(r):
             return
         # a canary that has reported nothing on the new version yet (a report in flight, an agent still

@@ -123,6 +123,9 @@ ROLLBACK_FORMAT = 2  # the statement format this agent accepts (1: update id + m
 ROLLBACK_CLOCK_SKEW_S = 300  # an expired rollback statement is still accepted this long after its not_after
 ROLLBACK_APPLIED = "rollbacks-applied.json"  # in the OTA state dir: ids of the rollbacks this device applied
 ROLLBACK_APPLIED_KEEP = 1000  # the newest this many are kept (statements expire; the controller caps at 30 d)
+# in the OTA state dir: the model committed last, on probation until it has served `ota.probation_s` in one run
+# of the agent; an agent that dies (no clean stop) `ota.probation_deaths` times before that goes back at start
+PROBATION = "probation.json"
 
 
 class RollbackTerms(BaseModel):
@@ -195,6 +198,10 @@ class UpdaterDeps:
     # keys trusted for rollback statements only (never for manifests); None: the bundle keys (trusted_keys)
     rollback_keys: dict | None = None
     clock: Callable[[], float] = time.time
+    # starts of the agent after an unclean end (a crash, SIGKILL, the OOM killer, a power cut) while the model
+    # committed last was on probation, before it goes back to the previous model (see check_probation)
+    probation_deaths: int = 3
+    probation_s: float = 600.0  # recorded with the probation, for its reason; the agent times the run
 
 
 class Updater:
@@ -210,6 +217,8 @@ class Updater:
         self.deps = deps
         self.load_problem: str | None = None  # why the persisted state was dropped at start, if it was
         self.data = self._load()
+        self._probation_path = self.root / PROBATION
+        self.probation: dict | None = self._load_probation()  # the committed model on probation, if one is
         self.on_enter: Callable[[State], None] | None = None  # observation/fault-injection point
         self.handlers: dict[State, Callable[[], Event]] = {
             S.OFFERED: self._offered, S.DOWNLOADING: self._downloading, S.VERIFYING: self._verifying,
@@ -330,6 +339,80 @@ class Updater:
             self.deps.report(status)
         except Exception:  # reporting must never stop an update or a rollback; the outcome is persisted
             pass
+
+    # --- probation: a committed model that kills the agent goes back by itself ----------------
+    def _load_probation(self) -> dict | None:
+        try:
+            data = json.loads(self._probation_path.read_text())
+            if not (isinstance(data, dict) and data.get("slot") in ("a", "b") and isinstance(data.get("deaths"), int)):
+                raise ValueError("slot or deaths missing")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("%s unreadable (%s): removed; the model committed last is no longer on probation",
+                        self._probation_path, exc)
+            self._probation_path.unlink(missing_ok=True)
+            return None
+        return data
+
+    def _save_probation(self, data: dict | None) -> None:
+        self.probation = data
+        if data is None:
+            self._probation_path.unlink(missing_ok=True)
+        else:
+            atomic_write_json(self._probation_path, data)
+
+    def check_probation(self) -> dict | None:
+        """Called by the agent at start, before it loads the active slot's model. While the model committed last
+        is on probation (it has not yet served `ota.probation_s` in one run), a start after an unclean end (the
+        previous run never called `stopped_cleanly`: a native crash in the engine, SIGKILL, the OOM killer, a
+        power cut) counts as a death; at `probation_deaths` deaths the agent goes back to the previous model:
+        `current` flips to its slot and the slot of the model that kept dying is cleared (so that nothing falls
+        back into it). Returns the OTA result to report (`rolled_back`, with the reason), else None. A model
+        that crashes the engine natively would otherwise have crash-looped the box for good: the update was
+        over, and every restart loaded it again."""
+        p = self.probation
+        if p is None or self.state is not S.IDLE:  # an update in progress: its own crash-loop count applies
+            return None
+        if p["slot"] != self.slots.active():  # the other slot serves (a fallback at start, a rollback): over
+            self._save_probation(None)
+            return None
+        deaths = p["deaths"] + (1 if p.get("running") else 0)
+        previous = p.get("previous_slot")
+        if deaths < self.deps.probation_deaths:
+            self._save_probation({**p, "deaths": deaths, "running": True})
+            if deaths:
+                log.warning("the agent ended without a clean stop %d time(s) while model %s (update %s) was on "
+                            "probation; at %d it goes back to the previous model", deaths, p.get("version"),
+                            p.get("update_id"), self.deps.probation_deaths)
+            return None
+        if not previous or previous == p["slot"] or not (self.slots.path(previous) / MANIFEST).is_file():
+            log.error("the agent ended without a clean stop %d times since model %s (update %s) was committed, and "
+                      "there is no previous model to go back to; it stays", deaths, p.get("version"),
+                      p.get("update_id"))
+            self._save_probation(None)
+            return None
+        bad = p["slot"]
+        self.slots.activate(previous)
+        self.slots.clear(bad)
+        self._save_probation(None)
+        reason = (f"probation: the agent ended without a clean stop {deaths} times (a crash, a kill, a power cut) "
+                  f"since version {p.get('version')} was committed, before it had served "
+                  f"{p.get('probation_s', 0):g} s: back to the previous model in slot {previous}; slot {bad} cleared")
+        return {"update_id": p.get("update_id"), "ts": time.time(), "state": S.REPORTING.value,
+                "result": "rolled_back", "reason": reason, "active_slot": previous}
+
+    def stopped_cleanly(self) -> None:
+        """The agent stops cleanly: this run is no death of the model on probation."""
+        if self.probation is not None and self.probation.get("running"):
+            self._save_probation({**self.probation, "running": False})
+
+    def pass_probation(self) -> None:
+        """The model on probation served `ota.probation_s` in one run: it is the model now."""
+        if self.probation is not None:
+            log.info("model %s (update %s) passed its probation", self.probation.get("version"),
+                     self.probation.get("update_id"))
+            self._save_probation(None)
 
     # --- handlers: each returns exactly one event --------------------------------------------
     def _manifest(self) -> Manifest:
@@ -574,12 +657,23 @@ class Updater:
         if self.offer.rollback:  # remembered before the switch: a replay is refused even after a power cut here
             self._remember_rollback(self.data["update_id"])
         self.data["switching"] = True  # from here on a failure must switch back (ROLLBACK)
+        # on probation from before the switch (a death while loading it in COMMITTING is this state's own count);
+        # the serving model's own probation, if it is on one, is kept in it for a ROLLBACK
+        before = self.probation
+        if before is not None and before.get("update_id") == self.data["update_id"]:  # COMMITTING entered again
+            before = before.get("before")
+        self._save_probation({"update_id": self.data["update_id"], "version": self._manifest().version,
+                              "slot": target, "previous_slot": self.data.get("previous_slot"), "deaths": 0,
+                              "running": True, "probation_s": self.deps.probation_s, "committed": time.time(),
+                              "before": {k: v for k, v in before.items() if k != "before"} if before else None})
         self.slots.activate(target)
         self.deps.activate(self.slots.path(target))
         self.data["outcome"] = "committed"
         return E.COMMITTED
 
     def _rollback(self) -> Event:
+        if self.probation is not None and self.probation.get("update_id") == self.data.get("update_id"):
+            self._save_probation(self.probation.get("before"))  # the old model's, as before COMMITTING
         previous = self.data.get("previous_slot")
         if not self.data.get("switching") and self.slots.active() == previous:
             # COMMITTING failed before it switched anything (its state could not be saved): the old model

@@ -384,3 +384,72 @@ def test_a_second_agent_on_the_same_state_directory_stops_with_one_line(agent_pr
     assert f"model.slots_dir {tmp_path / 'state'}: in use by another edgeglm agent (pid {proc.pid})" in second.stderr
     assert proc.poll() is None  # the first one serves on
     assert "already connected" not in mosquitto.log_text()
+
+
+def test_a_committed_model_whose_agent_keeps_dying_goes_back_by_itself(mosquitto, signed_bundles, tmp_path):
+    """v1.1.0 passes its self-test and commits; then the agent process dies (SIGKILL here: what a native crash in
+    the engine, the OOM killer or a power cut looks like from the next start) before v1.1.0 has served its
+    probation. Clean stops (SIGTERM) do not count; at the second death (`ota.probation_deaths = 2`) the agent goes
+    back to v1.0.0 before loading v1.1.0 again, and reports the update rolled back on its retained OTA status."""
+    extra = "probation_deaths = 2\nprobation_s = 3600.0"
+
+    def start():
+        proc, port, log = start_agent(mosquitto, signed_bundles, tmp_path, extra)
+        until(lambda: _ready(port) or proc.poll() is not None)
+        return proc, port, log
+
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, extra)
+    try:
+        ctl = Controller(mosquitto.port)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
+        for update_id, bundle in (("install-v1", "v1"), ("u2", "v2")):
+            ctl.chunks.add(update_id, signed_bundles[bundle])
+            ctl.publish(ota_offer_topic(FLEET, DEVICE), make_offer(open_bundle(signed_bundles[bundle]), update_id,
+                                                                   {"type": "mqtt"}).model_dump_json(), retain=True)
+            final = ctl.wait(ota_status_topic(FLEET, DEVICE),
+                             lambda d, m, u=update_id: d.get("update_id") == u and "result" in d)
+            assert final["result"] == "committed", final
+        for _ in range(2):  # clean stops: no deaths
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+            proc, http_port, log = start()
+            assert http_json(http_port, "/v1/models")["data"][0]["id"] == "tiny-1.1.0"
+        proc.kill()  # death 1: the next start serves v1.1.0 again
+        proc.wait()
+        proc, http_port, log = start()
+        assert http_json(http_port, "/v1/models")["data"][0]["id"] == "tiny-1.1.0"
+        assert "ended without a clean stop 1 time(s)" in log.read_text()
+        proc.kill()  # death 2: back to v1.0.0 at the start
+        proc.wait()
+        proc, http_port, log = start()
+        assert http_json(http_port, "/v1/models")["data"][0]["id"] == "tiny-1.0.0", log.read_text()[-3000:]
+        final = ctl.wait(ota_status_topic(FLEET, DEVICE),
+                         lambda d, m: d.get("update_id") == "u2" and d.get("result") == "rolled_back")
+        assert "ended without a clean stop 2 times" in final["reason"] and final["active_slot"] == "a"
+        assert "OTA update u2 rolled back: probation" in log.read_text()
+        state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"] and d["model"] is not None, timeout=30)
+        assert state["model"]["version"] == "1.0.0"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_model_that_served_its_probation_is_off_probation(mosquitto, signed_bundles, tmp_path):
+    """Once the committed model has served `ota.probation_s` in one run, the agent ends its probation (the file
+    goes): a crash after that is no longer taken for the model's fault."""
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, "probation_s = 2.0")
+    try:
+        ctl = Controller(mosquitto.port)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
+        ctl.chunks.add("install-v1", signed_bundles["v1"])
+        ctl.publish(ota_offer_topic(FLEET, DEVICE), make_offer(open_bundle(signed_bundles["v1"]), "install-v1",
+                                                               {"type": "mqtt"}).model_dump_json(), retain=True)
+        assert ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: "result" in d)["result"] == "committed"
+        probation = tmp_path / "state" / "probation.json"
+        until(lambda: not probation.exists())
+        assert "model 1.0.0 (update install-v1) passed its probation" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -331,6 +331,22 @@ def test_the_gate_measures_only_the_new_versions_telemetry(tmp_path):
     assert r.phase == "halting" and "no telemetry on the new version" in r.data["report"][-1]
 
 
+def test_a_canary_that_goes_back_by_itself_after_committing_halts_the_rollout_at_once(tmp_path):
+    """The canary committed 1.1.0, then its agent kept dying while 1.1.0 was on probation and it went back to
+    1.0.0 by itself (a second result for the same update: rolled_back). The rollout halts on that result with
+    its reason, at once, instead of measuring the window and failing on silence."""
+    store, t0, tick = _gate(tmp_path)
+    r = tick(t0 + 2)
+    assert r.phase == "canary_window"
+    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 3, "state": "reporting",
+                                       "result": "rolled_back", "reason": "probation: the agent ended without a "
+                                       "clean stop 3 times"})
+    r = tick(t0 + 4)
+    assert r.phase == "halting", r.data["report"]
+    assert "canary update undone after it committed: {'d0': 'rolled_back'}" in r.data["report"][-1]
+    assert "without a clean stop 3 times" in r.data["report"][-1]
+
+
 @pytest.mark.parametrize("skew_s", [-3600.0, 3600.0, -9 * 86400.0])
 def test_the_gate_reads_the_controllers_clock_not_the_devices(tmp_path, skew_s):
     """An edge box's clock may be hours or days off (no RTC, NTP not synced after a boot). The gate read its

@@ -98,6 +98,8 @@ def test_injected_failure_in_every_state_keeps_a_verified_model_serving(device, 
     assert final["result"] == ("rolled_back" if state == "committing" else "failed")
     assert final["reason"].startswith(state)
     assert not (updater.slots.path("b") / "manifest.json").exists()  # the failed slot is cleared
+    probation = json.loads((device / "state" / "probation.json").read_text())  # 1.0.0's, from the install
+    assert probation["update_id"] == "install-v1"  # a failed update leaves none of its own
 
 
 @pytest.mark.parametrize("state", BEFORE[1:] + ["cleanup", "reporting"])
@@ -276,6 +278,42 @@ def test_a_kept_model_signed_again_since_is_taken_with_the_offers_signature(upgr
     assert updater.data["history"] == FROM_SLOT, updater.data.get("reason")
     assert counting.calls == 0 and serving(upgraded) == "1.0.0"
     assert json.loads((updater.slots.path("a") / SIGNATURE).read_text()) == offer.signature
+
+
+def test_a_committed_model_that_keeps_killing_the_agent_goes_back_by_itself(upgraded):
+    """1.1.0 passed its self-test and was committed, then the agent died without a clean stop (a native crash in
+    the engine, the OOM killer, SIGKILL) before the model had served its probation: at the third such start the
+    agent goes back to 1.0.0 in the other slot before loading anything, clears 1.1.0's slot and reports the
+    update rolled back. Before, every restart loaded 1.1.0 again: a crash loop no update could reach."""
+    probation = upgraded / "state" / "probation.json"
+    assert json.loads(probation.read_text())["slot"] == "b"  # the committing run never stopped cleanly
+    for deaths in (1, 2):
+        updater = build_updater(upgraded, probation=True)
+        assert serving(upgraded) == "1.1.0" and updater.probation["deaths"] == deaths
+    updater = build_updater(upgraded, probation=True)
+    assert serving(upgraded) == "1.0.0" and updater.slots.active() == "a" and updater.probation is None
+    assert not (updater.slots.path("b") / "manifest.json").exists() and not probation.exists()
+    (result,) = [r for r in reports(upgraded) if r.get("result")]
+    assert result["update_id"] == "u2" and result["result"] == "rolled_back" and result["active_slot"] == "a"
+    assert "ended without a clean stop 3 times" in result["reason"] and "version 1.1.0" in result["reason"]
+    updater = build_updater(upgraded, probation=True)  # the next start: nothing left to count
+    assert serving(upgraded) == "1.0.0" and updater.probation is None and len(reports(upgraded)) == 1
+
+
+def test_clean_stops_and_a_passed_probation_do_not_count_as_deaths(upgraded):
+    """A restart with a clean stop (systemctl restart, a config change) is no death; once the model has served its
+    probation, crashes are no longer the model's to answer for: it stays."""
+    for _ in range(4):
+        updater = build_updater(upgraded, probation=True)
+        updater.stopped_cleanly()
+    # the committing run (the fixture's) ended uncleanly: one death; the four clean stops after it: none
+    assert updater.probation["deaths"] == 1 and serving(upgraded) == "1.1.0"
+    updater = build_updater(upgraded, probation=True)
+    updater.pass_probation()
+    for _ in range(4):
+        build_updater(upgraded, probation=True)
+    assert serving(upgraded) == "1.1.0" and reports(upgraded) == []
+    assert not (upgraded / "state" / "probation.json").exists()
 
 
 def test_a_rollback_of_the_older_format_is_refused(upgraded, signed_bundles):

@@ -31,7 +31,9 @@ FLEET, DEVICE = "plant7", "box-1"  # the identity the driven device has
 
 
 def build_updater(work: Path, activate_fails: str | None = None, max_latency_ratio: float = 100.0,
-                  clock=None) -> Updater:
+                  clock=None, probation: bool = False) -> Updater:
+    """The updater as the agent builds it at start; with `probation`, the start checks the probation of the
+    model committed last first, as the agent does before loading the active slot (its result is reported)."""
     serving: dict = {"model": None}
 
     def report(status: dict) -> None:
@@ -69,6 +71,10 @@ def build_updater(work: Path, activate_fails: str | None = None, max_latency_rat
     if clock is not None:
         deps.clock = clock
     updater = Updater(work / "state", deps)
+    if probation:
+        result = updater.check_probation()
+        if result is not None:
+            report(result)
     if updater.slots.active_path():  # the agent serves its active slot at start
         activate(updater.slots.active_path())
     return updater
