@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import checkpoint_dir_problem, enclosing_bundle, load_checkpoint
+from models.checkpoint import checkpoint_dir_problem, enclosing_bundle, is_bundle_dir, load_checkpoint
 from models.config import GlmConfig
 from models.errors import CheckpointError, ExportError
 from models.glm import GlmForCausalLM
@@ -231,9 +231,12 @@ def check_replaceable(out: Path, checkpoint: Path) -> None:
     if resolved == ckpt or resolved in ckpt.parents:
         raise ExportError(f"--out {out}: is the checkpoint's directory or holds it; --force would delete "
                           f"{checkpoint}; choose another --out; nothing was exported")
-    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
-        raise ExportError(f"--out {out}: exists and is not a bundle (no {MANIFEST}); --force replaces only a "
-                          "bundle; choose another --out or remove it yourself; nothing was exported")
+    # a bundle: its manifest.json lists `files` and an `architecture` (a web app's or an extension's
+    # manifest.json does not make its directory one; --force deleted such a directory)
+    if not out.is_dir() or (any(out.iterdir()) and not is_bundle_dir(out)):
+        why = (f"its {MANIFEST} is no bundle manifest" if (out / MANIFEST).is_file() else f"no {MANIFEST}")
+        raise ExportError(f"--out {out}: exists and is not a bundle ({why}); --force replaces only a bundle; "
+                          "choose another --out or remove it yourself; nothing was exported")
 
 
 UNOWNED_STAGING_AGE_S = 24 * 3600  # an unowned staging dir untouched this long is an interrupted run's
@@ -326,9 +329,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
     if problem and opts.name is None:
         raise ExportError(f"{checkpoint}: the directory's name {name!r} {problem}; pass --name NAME; "
                           "nothing was exported")
-    if out.exists() and not opts.force:
+    exists = out.exists() or out.is_symlink()  # a dangling symlink too: renaming onto it failed after the export
+    if exists and not opts.force:
         raise ExportError(f"{out}: already exists; pass --force to replace it (the existing bundle is untouched)")
-    if out.exists():
+    if exists:
         check_replaceable(out, checkpoint)
     bundle = enclosing_bundle(out)
     if bundle is not None:
@@ -353,6 +357,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
             tokenizer = load_tokenizer(tok_path)
         except RuntimeUserError as exc:
             raise CheckpointError(str(exc)) from None
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocab > cfg.vocab_size:  # token ids past the embedding table: an IndexError deep in torch
+            raise CheckpointError(f"{tok_path}: has {vocab} tokens, more than the model's vocab_size "
+                                  f"{cfg.vocab_size} (config.json): they do not belong together; put the "
+                                  "model's own tokenizer.json there; nothing was exported")
         step("golden reference")
         prompt_ids = tokenizer.encode(opts.golden_prompt).ids
         if not prompt_ids:

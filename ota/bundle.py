@@ -207,14 +207,21 @@ def write_manifest(staging: Path, manifest_fields: dict, chunk_size: int = TRANS
 
 
 def publish(staging: Path, out: Path, force: bool = False) -> None:
-    """Move a complete staging directory to `out` (replacing it only with `force`)."""
-    if out.exists():
+    """Move a complete staging directory to `out` (replacing it only with `force`).
+
+    The replaced bundle is first moved aside under the staging directory's own (unique) name plus
+    `.old`, then removed: a directory of the user's next to `out` (say `OUT.old`, a kept copy) is
+    never touched; it used to be deleted without a word. `out` itself being a symlink, the link is
+    replaced, not what it points to."""
+    if out.exists() or out.is_symlink():
         if not force:
             raise BundleError(f"{out}: already exists; pass --force to replace it")
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
+        old = staging.with_name(staging.name + ".old")
         out.rename(old)
         staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out)

@@ -19,6 +19,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ota.bundle import MANIFEST, Bundle
 from ota.errors import SignatureError
 
 SIGNATURE = "manifest.sig"
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a file name in --out, never a path
 
 
 log = logging.getLogger("edgeglm.ota")
@@ -50,8 +52,14 @@ def generate_keypair(out_dir: str | Path, name: str = "bundle-signing") -> KeyPa
     """Write NAME.key (private, 0600) and NAME.pub into out_dir; refuses to overwrite.
 
     A directory that cannot be made or written (a file in the way, no permission, a read-only
-    file system) is a SignatureError naming it; no half of a pair is left behind.
+    file system) is a SignatureError naming it; no half of a pair is left behind. `name` is a file
+    name, not a path (1 to 128 of A-Za-z0-9._-, starting with a letter or digit): '' wrote the hidden
+    `.key`/`.pub`, '../x' wrote the pair outside out_dir.
     """
+    if not isinstance(name, str) or not KEY_NAME_RE.fullmatch(name):
+        raise SignatureError(f"--name {name!r}: is not a key name: use 1 to 128 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit (the files are NAME.key and NAME.pub in --out); "
+                             "no key was written")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SignatureError(f"{out_dir}: is a file, not a directory; give a directory for the key files "
@@ -94,6 +102,9 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
         raise SignatureError(f"{path}: private key file not found") from None
+    except OSError as exc:  # a directory, a file this user may not read
+        raise SignatureError(f"{path}: cannot read the private key ({exc.strerror or exc}); give the NAME.key file "
+                             "that `edgeglm bundle keygen` wrote") from None
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"{path}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -114,7 +125,8 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def load_trusted_keys(paths: list[str | Path]) -> dict[str, Ed25519PublicKey]:
-    """Public keys by id, from files and/or directories of `*.pub` files. In a directory, a `*.pub` that
+    """Public keys by id, from files and/or directories of `*.pub` files (hidden ones, `.NAME.pub`, are left
+    out, as the shell's `*.pub` and `ls` leave them out). In a directory, a `*.pub` that
     cannot be read or is not an Ed25519 PEM public key (an empty file, a dangling symlink left by a key
     rotation, a file the service user may not read) is skipped with a warning naming it: leaving one key
     out only narrows what is trusted, while refusing the whole set would stop the agent from serving
@@ -122,8 +134,8 @@ def load_trusted_keys(paths: list[str | Path]) -> dict[str, Ed25519PublicKey]:
     keys: dict[str, Ed25519PublicKey] = {}
     skipped: list[str] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            files = sorted(p.glob("*.pub"))
+        if p.is_dir():  # as the shell's *.pub: a hidden .NAME.pub (a key retired by hiding it) is not trusted
+            files = sorted(f for f in p.glob("*.pub") if not f.name.startswith("."))
         elif p.is_file():
             files = [p]
         else:
@@ -172,8 +184,14 @@ def sign_bundle(bundle: Bundle, private: Ed25519PrivateKey) -> Path:
     sig = sign_bytes(bundle.manifest_bytes, private)
     path = bundle.root / SIGNATURE
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(sig, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(sig, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only bundle directory, a full disk
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink()
+        raise SignatureError(f"{path}: cannot write the signature ({exc.strerror or exc}); the bundle is left "
+                             "as it was; sign a copy you can write to") from None
     return path
 
 

@@ -175,3 +175,67 @@ def test_a_manifest_json_of_another_project_higher_up_is_no_bundle(tmp_path):
 
     (tmp_path / "manifest.json").write_text('{"name": "my web app", "icons": []}')
     assert enclosing_bundle(tmp_path / "bundles" / "new") is None
+
+
+def test_force_never_replaces_a_directory_whose_manifest_json_is_another_projects(tiny_ckpt, tmp_path, capsys,
+                                                                                  no_work):
+    """A web app's or a browser extension's directory has a manifest.json too: --force deleted it whole."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "manifest.json").write_text('{"name": "my app", "start_url": "/", "icons": []}\n')
+    (site / "index.html").write_text("<html>mine</html>\n")
+    err = _export(capsys, tiny_ckpt, "--out", site, "--force")
+    assert (f"--out {site}: exists and is not a bundle (its manifest.json is no bundle manifest); --force "
+            "replaces only a bundle") in err and "nothing was exported" in err
+    assert sorted(p.name for p in site.iterdir()) == ["index.html", "manifest.json"]
+    assert (site / "index.html").read_text() == "<html>mine</html>\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+
+
+def test_force_leaves_a_directory_named_out_old_alone(tiny_ckpt, tmp_path, capsys):
+    """--force moved the replaced bundle to OUT.old after deleting whatever was there: a kept copy of the
+    previous release (`cp -r bundle bundle.old`, a common habit) was deleted without a word."""
+    out, kept = tmp_path / "bundle", tmp_path / "bundle.old"
+
+    def export(version: str, *flags: str) -> None:
+        code = main(["export", str(tiny_ckpt), "--out", str(out), "--precision", "fp32", "--backends", "onnxruntime",
+                     "--name", "tiny", "--version", version, "--quiet", *flags])
+        assert code == 0, capsys.readouterr().err
+
+    export("1.0.0")
+    shutil.copytree(out, kept)
+    (kept / "RELEASE-NOTES.txt").write_text("1.0.0 as shipped\n")
+    export("2.0.0", "--force")
+    assert json.loads((out / "manifest.json").read_text())["version"] == "2.0.0"
+    assert (kept / "RELEASE-NOTES.txt").read_text() == "1.0.0 as shipped\n"
+    assert json.loads((kept / "manifest.json").read_text())["version"] == "1.0.0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle.old"]  # nothing else left behind
+
+
+def test_a_tokenizer_with_more_tokens_than_the_vocabulary_is_refused_in_one_line(tiny_ckpt, tmp_path, capsys):
+    """Another model's tokenizer.json beside the weights: token ids past the embedding table ended the export
+    in `IndexError: index out of range in self` from inside torch."""
+    from checkpoints import hf_checkpoint
+
+    ckpt = hf_checkpoint(tmp_path / "ckpt", vocab_size=320)  # transformers writes the weights; no tokenizer
+    shutil.copyfile(tiny_ckpt / "tokenizer.json", ckpt / "tokenizer.json")
+    capsys.readouterr()  # transformers' progress bar
+    tok = json.loads((tiny_ckpt / "tokenizer.json").read_text())
+    tokens = len(set(tok["model"]["vocab"].values()) | {t["id"] for t in tok.get("added_tokens", [])})
+    assert tokens > 320
+    err = _export(capsys, ckpt, "--out", tmp_path / "bundle")
+    assert (f"{ckpt / 'tokenizer.json'}: has {tokens} tokens, more than the model's vocab_size 320 (config.json)"
+            in err) and "nothing was exported" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_an_out_that_is_a_dangling_symlink_is_refused_before_any_work(tiny_ckpt, tmp_path, capsys, no_work):
+    """A symlink to a removed release (`bundle -> releases/1.0.0`): the export ran to the end and then failed in
+    a NotADirectoryError traceback renaming its staging directory onto the link."""
+    out = tmp_path / "bundle"
+    out.symlink_to(tmp_path / "releases" / "1.0.0")
+    err = _export(capsys, tiny_ckpt, "--out", out)
+    assert f"{out}: already exists; pass --force to replace it" in err
+    err = _export(capsys, tiny_ckpt, "--out", out, "--force")
+    assert f"--out {out}: exists and is not a bundle (no manifest.json)" in err and "nothing was exported" in err
+    assert out.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]

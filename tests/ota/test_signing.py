@@ -184,3 +184,81 @@ def test_a_signature_of_the_wrong_shape_is_a_signature_error(signed, sig):
     _, keys, _ = signed
     with pytest.raises(SignatureError, match="not an object with a key_id and a signature string"):
         verify_bytes(b"manifest", sig, load_trusted_keys([keys]), "offer u1 manifest")
+
+
+# --- keygen --name, sign --key and a signature that cannot be written: one line, exit code 2 ----------------
+
+@pytest.mark.parametrize("name", ["", "../escaped", "sub/key", ".hidden"])
+def test_keygen_name_is_a_file_name_not_a_path(tmp_path, name):
+    """'' wrote the hidden keys/.key and keys/.pub (a `*.pub` that a trusted-keys directory still picks up);
+    '../escaped' wrote the pair outside --out; 'sub/key' failed saying the directory was not writable."""
+    (tmp_path / "work").mkdir()
+    proc = _keygen("--out", tmp_path / "work" / "keys", "--name", name)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"edgeglm bundle: error: --name {name!r}: is not a key name: use 1 to 128 "
+                                  "letters, digits, '.', '_' or '-', starting with a letter or digit")
+    assert "no key was written" in proc.stderr
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["work"]
+
+
+def _small_bundle(root):
+    """A bundle written the way the exporter writes one (real files, the real manifest writer): enough for
+    sign and verify, which read files and the manifest only."""
+    from ota.bundle import write_manifest
+
+    (root / "onnxruntime").mkdir(parents=True)
+    (root / "onnxruntime" / "model.onnx").write_bytes(b"graph" * 1000)
+    (root / "tokenizer.json").write_text('{"model": {}}\n')
+    write_manifest(root, {"name": "small", "version": "1.0.0", "min_agent_version": "0.1.0", "architecture": {},
+                          "precision": "int8",
+                          "backends": {"onnxruntime": {"entry": "onnxruntime/model.onnx", "weights": "fp32",
+                                                       "scheme": "test"}},
+                          "golden": {"prompt_ids": [1], "reference": {"tokens": [2], "margins": [1.0]},
+                                     "backends": {}, "tolerance": 0.1}})
+    return root
+
+
+def _bundle_cli(*args):
+    return subprocess.run([sys.executable, "-m", "agent.cli", "bundle", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_sign_with_a_key_path_that_is_a_directory_is_one_line(tmp_path):
+    """`--key keys` (the directory keygen wrote into) ended in IsADirectoryError's traceback."""
+    bundle = _small_bundle(tmp_path / "bundle")
+    generate_keypair(tmp_path / "keys", "fleet")
+    proc = _bundle_cli("sign", bundle, "--key", tmp_path / "keys")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert (f"edgeglm bundle: error: {tmp_path / 'keys'}: cannot read the private key (Is a directory); give the "
+            "NAME.key file that `edgeglm bundle keygen` wrote") in proc.stderr
+    assert not (bundle / "manifest.sig").exists()
+
+
+def test_a_signature_that_cannot_be_written_is_one_line_and_leaves_the_bundle_as_it_was(tmp_path):
+    """A signature that cannot be written (here a directory in the way; a read-only bundle or a full disk end the
+    same way) ended in OSError's traceback."""
+    bundle = _small_bundle(tmp_path / "bundle")
+    pair = generate_keypair(tmp_path / "keys", "fleet")
+    (bundle / "manifest.sig").mkdir()
+    before = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*"))
+    proc = _bundle_cli("sign", bundle, "--key", pair.private_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert (f"edgeglm bundle: error: {bundle / 'manifest.sig'}: cannot write the signature (Is a directory); the "
+            "bundle is left as it was") in proc.stderr
+    assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*")) == before
+
+
+def test_a_key_retired_by_hiding_its_pub_file_is_no_longer_trusted(tmp_path):
+    """`mv old.pub .old.pub` takes the key out of `ls` and of the shell's `*.pub`, but Python's glob still matched
+    it: bundles signed by the retired key kept verifying."""
+    bundle = _small_bundle(tmp_path / "bundle")
+    keys = tmp_path / "keys"
+    old = generate_keypair(keys, "old")
+    new = generate_keypair(keys, "new")
+    sign_bundle(open_bundle(bundle), load_private_key(old.private_path))
+    old.private_path.unlink()
+    old.public_path.rename(keys / ".old.pub")  # retired
+    assert set(load_trusted_keys([keys])) == {new.key_id}
+    proc = _bundle_cli("verify", bundle, "--trusted", keys)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"signed by unknown key '{old.key_id}'; trusted keys: {new.key_id}" in proc.stderr
