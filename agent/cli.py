@@ -167,6 +167,9 @@ def cmd_bench(args) -> int:
     if args.prefill_graph is not None and args.backend == "openvino":
         raise CliError(f"--{_PREFILL_FLAGS[args.prefill_graph]} is about ONNX Runtime's prefill graph; "
                        "--backend openvino has none: leave it out, or use --backend onnxruntime (or auto)")
+    if args.cache_dir and args.backend != "auto":  # said, not silently ignored
+        print(f"edgeglm bench: note: --cache-dir {args.cache_dir} is not used: it is the autotune's cache, for "
+              f"--backend auto; --backend {args.backend} runs as named, without tuning", file=sys.stderr)
     opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, concurrency=args.concurrency,
                         prefix_tokens=args.prefix_tokens, runs=args.runs)
     opts.check(1 << 62)  # the flags alone; the context window is checked once the model is known
@@ -192,7 +195,7 @@ def cmd_bundle_sign(args) -> int:
     from ota.bundle import open_bundle
     from ota.signing import load_private_key, sign_bundle
 
-    bundle = open_bundle(args.bundle)  # never sign files that do not match their manifest
+    bundle = open_bundle(args.bundle, chunks=True)  # never sign files that do not match their manifest
     path = sign_bundle(bundle, load_private_key(args.key))
     print(f"signed {bundle.manifest.name} {bundle.manifest.version}: {path}")
     return 0
@@ -202,7 +205,7 @@ def cmd_bundle_verify(args) -> int:
     from ota.bundle import open_bundle
     from ota.signing import load_trusted_keys, verify_bundle_signature
 
-    bundle = open_bundle(args.bundle)
+    bundle = open_bundle(args.bundle, chunks=True)
     kid = verify_bundle_signature(bundle, load_trusted_keys(args.trusted))
     print(f"OK: {bundle.manifest.name} {bundle.manifest.version}, {len(bundle.manifest.files)} files match "
           f"the manifest, signed by key {kid}")
@@ -286,6 +289,17 @@ def _positive(text: str) -> int:
     return value
 
 
+MAX_THREADS = 1024  # as model.threads (agent/config.py): far more only stalls the box starting threads
+
+
+def _threads(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{text!r} threads is more than {MAX_THREADS}, the most a model runs on "
+                                         "(as model.threads); leave --threads out to use all usable cores")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgeglm", description="Edge agent for compressed GLM models.")
     p.add_argument("--version", action="version", version=f"edgeglm {__version__}")
@@ -324,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--threads", type=_positive, help="inference threads (default: all usable cores)")
+    g.add_argument("--threads", type=_threads, help="inference threads (default: all usable cores)")
     g.set_defaults(func=cmd_generate)
 
     pr = sub.add_parser("probe", help="show the hardware and the inference backends found")
@@ -332,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--bundle", help="also choose this bundle's execution path (measured autotune, cached)")
     pr.add_argument("--retune", action="store_true", help="measure again even if a cached result exists")
     pr.add_argument("--cache-dir", help="autotune cache (default $EDGEGLM_CACHE_DIR or ~/.cache/edgeglm)")
-    pr.add_argument("--threads", type=_positive, help="with --bundle: tune only this thread count")
+    pr.add_argument("--threads", type=_threads, help="with --bundle: tune only this thread count")
     pr.set_defaults(func=cmd_probe)
 
     be = sub.add_parser("bench", help="measure TTFT, decode speed, latency percentiles and memory of a bundle")
@@ -352,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ONNX Runtime: run prompts on the decode graph, as model.prefill_graph = false does")
     be.add_argument("--prefill-graph-only", dest="prefill_graph", action="store_const", const="only",
                     help="ONNX Runtime: run everything on the prefill graph, as model.prefill_graph = \"only\" does")
-    be.add_argument("--threads", type=_positive, help="inference threads (default: autotuned / all usable cores)")
+    be.add_argument("--threads", type=_threads, help="inference threads (default: autotuned / all usable cores)")
     be.add_argument("--cache-dir", help="autotune cache (default $EDGEGLM_CACHE_DIR or ~/.cache/edgeglm)")
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench)
@@ -361,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bundle_command", required=True)
     kg = bsub.add_parser("keygen", help="create an ed25519 signing key pair")
     kg.add_argument("--out", required=True, help="directory for NAME.key and NAME.pub")
-    kg.add_argument("--name", default="bundle-signing")
+    kg.add_argument("--name", default="bundle-signing",
+                    help="the files are NAME.key and NAME.pub in --out: 1 to 128 letters, digits, '.', '_' or '-', "
+                    "starting with a letter or digit (default bundle-signing)")
     kg.set_defaults(func=cmd_bundle_keygen)
     sg = bsub.add_parser("sign", help="sign a bundle's manifest (writes manifest.sig)")
     sg.add_argument("bundle")

@@ -123,7 +123,7 @@ def offerable_bundle(bundle_dir: str | Path):
     """The bundle at `bundle_dir` if the controller may offer it, else a BundleError/SignatureError:
     every file matches its manifest and manifest.sig is there (the agents verify it against their
     trusted keys). `offer`, `edgeglm fleet offer` and `edgeglm fleet rollout` all check this."""
-    bundle = open_bundle(bundle_dir)  # the controller never offers files that fail their manifest
+    bundle = open_bundle(bundle_dir, chunks=True)  # never files that fail their manifest, whole or by chunk
     read_signature(bundle.root)  # nor an unsigned bundle, which no agent would activate
     if bundle.manifest.chunk_size > MAX_CHUNK_SIZE:  # nor one whose chunks do not fit in a message
         raise BundleError(f"{bundle.root}: chunk_size {bundle.manifest.chunk_size} is over the {MAX_CHUNK_SIZE} "

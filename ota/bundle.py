@@ -138,7 +138,10 @@ class Bundle:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
-    def verify(self) -> None:
+    def verify(self, chunks: bool = False) -> None:
+        """Every listed file's size and sha256; with `chunks`, also its transfer chunks' sha256 (read in the same
+        pass): what `bundle sign`, `bundle verify` and the controller's offer check, since a manifest whose chunk
+        list does not match its files verifies otherwise and fails every OTA transfer of it at that chunk."""
         for entry in self.manifest.files:
             path = self._inside(entry.path)
             if not path.is_file():
@@ -149,7 +152,7 @@ class Bundle:
                     f"{path}: size {size} bytes does not match the manifest's {entry.size} "
                     "(truncated or replaced file); the bundle is refused"
                 )
-            digest = sha256_file(path)
+            digest = sha256_file(path) if not chunks else self._check_chunks(path, entry)
             if digest != entry.sha256:
                 raise BundleError(
                     f"{path}: sha256 {digest} does not match the manifest's {entry.sha256} "
@@ -161,6 +164,26 @@ class Bundle:
                 raise BundleError(f"{self.root / MANIFEST}: backend {backend!r} entry {be.entry!r} is not a listed file")
         if self.manifest.tokenizer not in listed:
             raise BundleError(f"{self.root / MANIFEST}: tokenizer {self.manifest.tokenizer!r} is not a listed file")
+
+    def _check_chunks(self, path: Path, entry: FileEntry) -> str:
+        """The file's sha256, after checking each `chunk_size` piece against the manifest's chunk list."""
+        size = self.manifest.chunk_size
+        expected = -(-entry.size // size)
+        if len(entry.chunks) != expected:
+            raise BundleError(f"{path}: the manifest lists {len(entry.chunks)} transfer chunk hash(es), {expected} "
+                              f"expected for {entry.size} bytes in chunks of {size} (chunk_size); an OTA transfer of "
+                              "it would fail; export the bundle again")
+        whole = hashlib.sha256()
+        with open(path, "rb") as f:
+            for i, listed in enumerate(entry.chunks):
+                block = f.read(size)
+                whole.update(block)
+                if hashlib.sha256(block).hexdigest() != listed:
+                    raise BundleError(f"{path}: transfer chunk {i} (bytes {i * size}-{i * size + len(block) - 1}) "
+                                      f"does not match the manifest's chunk hash (chunk_size {size}): the manifest was "
+                                      "edited or written for another chunk size; an OTA transfer of it would fail at "
+                                      "that chunk; export the bundle again")
+        return whole.hexdigest()
 
     def _inside(self, rel: str) -> Path:
         path = (self.root / rel).resolve()
@@ -189,11 +212,12 @@ def read_manifest(root: Path) -> Bundle:
     return Bundle(root, manifest, raw)
 
 
-def open_bundle(root: str | Path, verify: bool = True) -> Bundle:
-    """Parse the manifest and (by default) check every file's size and sha256 against it."""
+def open_bundle(root: str | Path, verify: bool = True, chunks: bool = False) -> Bundle:
+    """Parse the manifest and (by default) check every file's size and sha256 against it; with `chunks`, the
+    transfer chunks' hashes too (see Bundle.verify)."""
     bundle = read_manifest(Path(root))
     if verify:
-        bundle.verify()
+        bundle.verify(chunks=chunks)
     return bundle
 
 

@@ -436,6 +436,7 @@ def read_cache(path: Path, bundle_sha256: str, fingerprint: str, threads: int | 
                 data.get("prefill", "on")) != (CACHE_VERSION, bundle_sha256, fingerprint, threads, prefill):
             return None
         result = TuneResult.from_dict(data)
+        _check_result(result)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -443,6 +444,45 @@ def read_cache(path: Path, bundle_sha256: str, fingerprint: str, threads: int | 
         return None
     result.from_cache, result.cache_path = True, str(path)
     return result
+
+
+def _check_result(result: TuneResult) -> None:
+    """ValueError naming the first field of a cached result (a damaged or hand-edited file) that is not of
+    the type a fresh measurement gives: such a value failed later, with a traceback, when printed or loaded."""
+    def number(value, optional: bool = True) -> bool:
+        return (value is None and optional) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    def text(value) -> bool:
+        return value is None or isinstance(value, str)
+
+    def check_candidate(c: Candidate, where: str) -> None:
+        if c.backend not in BACKENDS:
+            raise ValueError(f"{where}.backend {c.backend!r} is not one of {', '.join(BACKENDS)}")
+        if not isinstance(c.device, str) or not c.device:
+            raise ValueError(f"{where}.device {c.device!r} is not a device name")
+        if c.threads is not None and (not isinstance(c.threads, int) or isinstance(c.threads, bool) or c.threads < 1):
+            raise ValueError(f"{where}.threads {c.threads!r} is not a thread count")
+        if c.pinned is not None and not isinstance(c.pinned, bool):
+            raise ValueError(f"{where}.pinned {c.pinned!r} is not true, false or null")
+        if not text(c.precision) or not text(c.kv_cache_precision):
+            raise ValueError(f"{where} precision {c.precision!r} / {c.kv_cache_precision!r} is not a string or null")
+
+    check_candidate(result.choice, "choice")
+    for i, t in enumerate(result.trials):
+        check_candidate(t.candidate, f"trials[{i}].candidate")
+        for name in ("load_s", "ttft_ms", "decode_tok_s"):
+            if not number(getattr(t, name)):
+                raise ValueError(f"trials[{i}].{name} {getattr(t, name)!r} is not a number")
+        if not all(text(v) for v in (t.status, t.reason, t.golden)):
+            raise ValueError(f"trials[{i}] status, reason or golden is not a string")
+    for name in ("measured_at", "elapsed_s"):
+        if not number(getattr(result, name), optional=False):
+            raise ValueError(f"{name} {getattr(result, name)!r} is not a number")
+    for name, value in asdict(result.settings).items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"settings.{name} {value!r} is not an integer")
+    if not all(isinstance(a, str) for a in result.accelerators) or not isinstance(result.objective, str):
+        raise ValueError("accelerators or objective is not text")
 
 
 def write_cache(path: Path, result: TuneResult) -> bool:

@@ -244,7 +244,9 @@ class Scheduler:
         if not prompt_ids:
             raise RequestError("prompt is empty: give at least one token of text")
         if len(prompt_ids) >= limit:
-            raise RequestError(f"prompt has {len(prompt_ids)} tokens; the model's context window is {limit} tokens")
+            raise RequestError(f"prompt has {len(prompt_ids)} tokens; the model's context window is {limit} tokens, "
+                               f"so a prompt may have at most {limit - 1} (one position is kept for the first new "
+                               "token): shorten the prompt")
         handle = Handle(self, params, deadline)
         with self._cond:
             if self._closing:

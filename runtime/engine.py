@@ -1172,6 +1172,22 @@ class OpenVinoEngine:
         self.request = self.compiled.create_infer_request()
         self.device = device
         self._active = None  # weakref to the OvCache whose state the request holds
+        # the precisions the compiled model runs in (the hints, or the device's defaults: bf16 and a u8 KV
+        # cache on many CPUs, f16 on GPUs). Only at f32 with an f32 KV cache does a prompt resumed from cached
+        # KV (runtime/prefix_cache.py) give the logits of the whole prompt: bf16 rounding depends on how many
+        # tokens a step runs, and cached KV taken out and put back is quantized again
+        self.precisions = {name: self._compiled_type(name) for name in ("INFERENCE_PRECISION_HINT",
+                                                                         "KV_CACHE_PRECISION")}
+        inexact = {k: v for k, v in self.precisions.items() if v not in ("f32", None)}
+        self.inexact_resume = (", ".join(f"{k} {v}" for k, v in inexact.items()) or None) if inexact else None
+
+    def _compiled_type(self, name: str) -> str | None:
+        """A precision property of the compiled model ('f32', 'bf16', 'u8', ...), None if it has none."""
+        try:
+            value = self.compiled.get_property(name)
+        except Exception:  # noqa: BLE001: a device without the property
+            return None
+        return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
 
     def new_cache(self, batch: int = 1) -> OvCache:
         return OvCache(batch)

@@ -105,7 +105,8 @@ def generate(engine, prompt_ids: list[int], params: SamplingParams, prefix_cache
     limit = engine.arch.max_positions
     if len(prompt_ids) >= limit:
         raise RequestError(
-            f"prompt has {len(prompt_ids)} tokens; the model's context window is {limit} tokens")
+            f"prompt has {len(prompt_ids)} tokens; the model's context window is {limit} tokens, so a prompt may "
+            f"have at most {limit - 1} (one position is kept for the first new token): shorten the prompt")
     stops = set(params.stop_token_ids) | set(engine.arch.eos_token_ids)
     rng = np.random.default_rng(params.seed)
     history = list(prompt_ids)

@@ -36,12 +36,13 @@ Design.
   requests) neither reads nor writes it. `prefill_cached` refuses an unbound cache.
 - Persistence (optional). Under `persist_dir/<model_key>/` a block is written, once it was
   reused by a lookup (blocks of one-off prompts never reach the disk), as `<hash>.kvb`: a
-  header (parent hash, tokens, shape, sha256 of the arrays) and the arrays, written to a
-  temporary name and renamed. Files are read lazily when a lookup misses in memory; a file that
-  is truncated, corrupted, of another shape or whose tokens do not hash to its name is ignored
-  with a warning and deleted. Evicting a block deletes its file, and `bind` trims the directory
-  to `max_bytes` (oldest files first) and removes other models' block files, so the disk holds
-  at most what memory may.
+  header (model key, parent hash, tokens, shape, sha256 of the arrays) and the arrays, written
+  to a temporary name and renamed. Files are read lazily when a lookup misses in memory; a file
+  that is truncated, corrupted, of another shape, written for another model key (copied from
+  another model's directory) or whose tokens do not hash to its name is ignored with a warning
+  and deleted. Evicting a block deletes its file, and `bind` trims the directory to `max_bytes`
+  (oldest files first) and removes other models' block files, so the disk holds at most what
+  memory may.
 
 Thread safety: one lock guards the blocks and counters; the engine work of `prefill_cached`
 runs outside it (callers serialize engine use, as for any forward).
@@ -127,6 +128,11 @@ class PrefixCache:
         than the bound one drops every block."""
         if not isinstance(model_key, str) or not KEY_PATTERN.fullmatch(model_key):
             raise ValueError(f"prefix cache model key {model_key!r} is invalid: letters, digits, '.', '_', '-'")
+        inexact = getattr(engine, "inexact_resume", None)
+        if inexact:
+            log.warning("prefix cache: not used on this execution path (%s): a prompt resumed from cached KV would "
+                        "not give the same logits as the whole prompt there; every prompt is prefilled in full",
+                        inexact)
         with self._lock:
             self._engine = weakref.ref(engine) if engine is not None else None
             if model_key == self.model_key:
@@ -241,6 +247,11 @@ class PrefixCache:
 
     # --- internals (called with the lock held) ------------------------------------------------
     def _serves(self, engine) -> bool:
+        """Whether this engine's prompts may be resumed from cached KV: the bound engine (or any, if none was
+        bound), and one that resumes exactly (`inexact_resume` None: an OpenVINO path in bf16 or with a u8 KV
+        cache says why not; there a hit would change the logits by rounding, so the cache stays out of it)."""
+        if getattr(engine, "inexact_resume", None):
+            return False
         return self._engine is None or (engine is not None and self._engine() is engine)
 
     def _check_bound(self) -> None:
@@ -284,7 +295,7 @@ class PrefixCache:
         if folder is None:
             return
         payload = b"".join(np.ascontiguousarray(a, "<f4").tobytes() for a in block.keys + block.values)
-        header = json.dumps({"parent": block.parent.hex(), "tokens": list(block.tokens),
+        header = json.dumps({"model": self.model_key, "parent": block.parent.hex(), "tokens": list(block.tokens),
                              "shape": [len(block.keys), *block.keys[0].shape],
                              "sha256": hashlib.sha256(payload).hexdigest()}).encode()
         path = self._file(h)
@@ -316,7 +327,7 @@ class PrefixCache:
             log.warning("prefix cache: cannot read %s (%s); ignored", path, exc)
             return None
         try:
-            block = _parse(data, h, parent, self.block_tokens, arch)
+            block = _parse(data, h, parent, self.block_tokens, arch, self.model_key)
         except ValueError as exc:
             log.warning("prefix cache: %s is not a usable KV block (%s); ignored and deleted", path, exc)
             _unlink(path)
@@ -332,11 +343,11 @@ class PrefixCache:
         `keep_fraction` of max_bytes. A chain is kept from its root: a file counts as recent as the most
         recent of its descendants (so a shared system prompt written first outlives the prompts built on
         it), and a file whose parent is not kept goes too (no lookup could reach it)."""
-        if self.persist_dir is None or not self.persist_dir.is_dir():
-            self._disk_bytes = 0
-            return
         mine = self._dir()
         try:
+            if self.persist_dir is None or not self.persist_dir.is_dir():
+                self._disk_bytes = 0
+                return
             for folder in self.persist_dir.iterdir():
                 stale = list(folder.glob("*" + SUFFIX)) if folder.is_dir() and folder != mine else []
                 for f in stale:
@@ -345,11 +356,14 @@ class PrefixCache:
                     _rmdir_if_empty(folder)
             entries = {}  # hash -> (path, mtime, size, parent hash)
             for f in (mine.glob("*" + SUFFIX) if mine.is_dir() else []):
-                st = f.stat()
+                st = _stat(f)
+                if st is None:  # gone since listed: evicted by another process sharing the directory
+                    continue
                 parent, overhead = _header_of(f)
                 entries[f.name[:-len(SUFFIX)]] = (f, st.st_mtime, st.st_size - overhead, parent)
             for f in (mine.glob(".*.tmp") if mine.is_dir() else []):  # a write cut short by a crash
-                if time.time() - f.stat().st_mtime > 3600:
+                st = _stat(f)
+                if st is not None and time.time() - st.st_mtime > 3600:
                     _unlink(f)
         except OSError as exc:
             log.warning("prefix cache: cannot tidy %s (%s)", self.persist_dir, exc)
@@ -392,6 +406,14 @@ def _unlink(path: Path) -> int:
         return 0
 
 
+def _stat(path: Path) -> os.stat_result | None:
+    """The file's stat; None when it is gone (deleted by another process since it was listed)."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
 def _touch(path: Path) -> None:
     try:
         os.utime(path)
@@ -415,13 +437,16 @@ def _header_of(path: Path) -> tuple[str | None, int]:
             if not head.startswith(MAGIC) or len(head) < len(MAGIC) + 4:
                 return None, 0
             (size,) = struct.unpack("<I", head[len(MAGIC):])
-            return json.loads(f.read(min(size, 1 << 20)))["parent"], len(MAGIC) + 4 + size
+            parent = json.loads(f.read(min(size, 1 << 20)))["parent"]
+            return (parent, len(MAGIC) + 4 + size) if isinstance(parent, str) else (None, 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None, 0
 
 
-def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelArch | None) -> _Block:
-    """A block file's content, checked against its name (hash), its expected parent and the model shape."""
+def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelArch | None,
+           model_key: str | None = None) -> _Block:
+    """A block file's content, checked against its name (hash), its expected parent, the model key it was
+    written for and the model shape."""
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
         raise ValueError("not a prefix cache block file")
     at = len(MAGIC) + 4
@@ -430,8 +455,13 @@ def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelA
         head = json.loads(data[at:at + size])
         layers, heads, tokens, dim = (int(x) for x in head["shape"])
         stored_parent, ids, digest = bytes.fromhex(head["parent"]), [int(t) for t in head["tokens"]], head["sha256"]
-    except (ValueError, KeyError, TypeError) as exc:
+        np.asarray(ids, "<i8")  # token ids beyond int64 cannot be hashed
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise ValueError(f"bad header: {exc}") from None
+    written_for = head.get("model")
+    if model_key is not None and written_for != model_key:
+        raise ValueError(f"written for model {written_for!r}, not {model_key!r}" if written_for is not None
+                         else "written by an older version, without a model key")
     payload = data[at + size:]
     if len(payload) != 2 * layers * heads * tokens * dim * 4:
         raise ValueError(f"{len(payload)} bytes of arrays, expected {2 * layers * heads * tokens * dim * 4}")
@@ -439,6 +469,8 @@ def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelA
         raise ValueError("checksum mismatch")
     if stored_parent != parent or len(ids) != block_tokens or block_hash(parent, ids) != h:
         raise ValueError("its tokens do not match its name")
+    if tokens != block_tokens:
+        raise ValueError(f"its arrays hold {tokens} positions, not a block's {block_tokens}")
     if arch is not None and (layers, heads, dim) != (arch.num_layers, arch.num_kv_heads, arch.head_dim):
         raise ValueError(f"shape {layers}x{heads}x{dim} is not this model's")
     arrays = np.frombuffer(payload, "<f4").astype(np.float32).reshape(2 * layers, heads, tokens, dim)

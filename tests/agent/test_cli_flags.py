@@ -102,3 +102,24 @@ def test_probe_threads_needs_a_bundle(capsys):
 def test_bench_prefill_graph_with_openvino_is_refused(tmp_path, capsys, flags, named):
     rc, err = run(capsys, "bench", "--bundle", tmp_path / "no-bundle", "--backend", "openvino", *flags)
     assert rc == 2 and f"{named} is about ONNX Runtime's prefill graph; --backend openvino has none" in err
+
+
+@pytest.mark.parametrize("command", [["generate", "--bundle", "b", "hi"], ["probe", "--bundle", "b"],
+                                     ["bench", "--bundle", "b"]])
+def test_threads_beyond_the_model_threads_bound_is_a_usage_error(capsys, command):
+    """`probe --bundle B --threads 100000` started ONNX Runtime sessions of 100000 threads each and stalled the
+    box for minutes; model.threads in the agent's config stops at 1024, the flags now do too."""
+    line = usage_error(capsys, *command, "--threads", "100000")
+    assert "argument --threads: '100000' threads is more than 1024" in line and "leave --threads out" in line
+    assert build_parser().parse_args([*command, "--threads", "1024"]).threads == 1024
+
+
+def test_bench_cache_dir_with_a_named_backend_is_said_to_be_unused(tmp_path, capsys):
+    """--cache-dir is the autotune's cache; a named --backend runs untuned, so the flag was silently ignored."""
+    rc, err = run(capsys, "bench", "--bundle", tmp_path / "no-bundle", "--backend", "onnxruntime",
+                  "--cache-dir", tmp_path / "cache")
+    assert f"edgeglm bench: note: --cache-dir {tmp_path / 'cache'} is not used: it is the autotune's cache, for " \
+           "--backend auto; --backend onnxruntime runs as named, without tuning" in err
+    assert rc == 2 and "no-bundle" in err.splitlines()[-1]  # then the run goes on, here to the missing bundle
+    rc, err = run(capsys, "bench", "--bundle", tmp_path / "no-bundle", "--cache-dir", tmp_path / "cache")
+    assert rc == 2 and "note" not in err  # with --backend auto it is used

@@ -262,3 +262,31 @@ def test_a_key_retired_by_hiding_its_pub_file_is_no_longer_trusted(tmp_path):
     proc = _bundle_cli("verify", bundle, "--trusted", keys)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"signed by unknown key '{old.key_id}'; trusted keys: {new.key_id}" in proc.stderr
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.update(chunk_size=4096), "the manifest lists 1 transfer chunk hash(es), 2 expected for 5000 bytes"),
+    (lambda m: m["files"][0].update(chunks=["0" * 64]), "transfer chunk 0 (bytes 0-4999) does not match"),
+])
+def test_a_manifest_whose_chunk_hashes_do_not_match_its_files_is_refused_before_it_is_signed_or_offered(
+        tmp_path, edit, message):
+    """Whole-file hashes right, transfer chunk list wrong (a hand-edited chunk_size, a damaged hash): `bundle
+    verify` and `bundle sign` passed it and the controller offered it, and every OTA transfer of it failed at
+    that chunk on every device."""
+    from fleet.controller import offerable_bundle
+    from ota.errors import BundleError
+
+    bundle = _small_bundle(tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"].sort(key=lambda f: f["path"])  # onnxruntime/model.onnx first
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    pair = generate_keypair(tmp_path / "keys", "fleet")
+    for args in (("verify", bundle, "--trusted", tmp_path / "keys"), ("sign", bundle, "--key", pair.private_path)):
+        proc = _bundle_cli(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+        assert "an OTA transfer of it would fail" in proc.stderr
+    assert not (bundle / "manifest.sig").exists()
+    sign_bundle(open_bundle(bundle, verify=False), load_private_key(pair.private_path))  # signed by other means
+    with pytest.raises(BundleError, match=re.escape(message)):
+        offerable_bundle(bundle)

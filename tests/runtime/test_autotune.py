@@ -289,6 +289,30 @@ def test_probe_bundle_json_then_text_from_cache(int8_bundle, tmp_path):
     assert (no_accelerator in text.stdout) == (not tune["accelerators"])
 
 
+@pytest.mark.parametrize("field,value", [("measured_at", "yesterday"), ("choice", {"backend": "bogus"}),
+                                         ("trial_ttft", "fast")])
+def test_a_cached_result_with_a_damaged_field_is_measured_again_not_a_traceback(int8_bundle, tmp_path, field, value):
+    """A cache file whose fields had the wrong type (a damaged or hand-edited file) was taken as it was: `probe
+    --bundle` then died in printing it (TypeError, ValueError) and `bench` / the agent in loading its choice
+    (KeyError 'bogus'). Such a file is ignored with a warning naming the field, and the path measured again."""
+    first = edgeglm("probe", "--bundle", int8_bundle, "--json", "--cache-dir", tmp_path)
+    assert first.returncode == 0, first.stderr
+    path = next((tmp_path / "autotune").glob("*.json"))
+    data = json.loads(path.read_text())
+    if field == "trial_ttft":
+        data["trials"][0]["ttft_ms"] = value
+    else:
+        data[field] = value
+    path.write_text(json.dumps(data))
+    proc = edgeglm("probe", "--bundle", int8_bundle, "--cache-dir", tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"autotune cache {path} ignored" in proc.stderr and "measuring again" in proc.stderr
+    named = {"measured_at": "measured_at 'yesterday'", "choice": "choice.backend 'bogus'",
+             "trial_ttft": "trials[0].ttft_ms 'fast'"}[field]
+    assert named in proc.stderr and "measured now" in proc.stdout
+    assert json.loads(path.read_text())["measured_at"] != value  # the cache holds a good result again
+
+
 def test_bench_with_a_device_the_box_lacks_exits_2_naming_what_it_has(int8_bundle):
     proc = edgeglm("bench", "--bundle", int8_bundle, "--backend", "onnxruntime", "--device", "cuda", "--runs", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

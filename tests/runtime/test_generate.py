@@ -92,3 +92,19 @@ def test_generate_stops_at_stop_tokens_and_context_limit(fp32_bundle):
     with pytest.raises(RequestError, match=f"prompt has {len(prompt)} tokens; the model's context window is"):
         model.engine.arch = dataclasses.replace(model.arch, max_positions=len(prompt))
         list(generate(model.engine, prompt, SamplingParams()))
+
+
+def test_generate_a_prompt_beyond_the_context_window_says_the_most_it_may_have(int8_bundle, capsys):
+    """`edgeglm generate` with too long a prompt said only "prompt has 4096 tokens; the model's context
+    window is 4096 tokens", which reads as if it fit; it now says the most a prompt may have and what to do."""
+    import json
+
+    from agent.cli import main
+
+    window = json.loads((int8_bundle / "manifest.json").read_text())["architecture"]["max_position_embeddings"]
+    assert main(["generate", "--bundle", str(int8_bundle), "--backend", "onnxruntime", "word " * window]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("edgeglm generate: error: prompt has ")
+    assert f"the model's context window is {window} tokens, so a prompt may have at most {window - 1}" in err
+    assert err.strip().endswith("shorten the prompt")

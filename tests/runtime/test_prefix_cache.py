@@ -280,3 +280,116 @@ def test_an_int8_prompts_tail_runs_on_the_graph_the_whole_prompt_runs_on(models,
     while not job.advance(1):  # one token at a time
         pass
     np.testing.assert_allclose(job.logits, prefill_cached(engine, ids[:40])[0], atol=1e-4)
+
+
+def _rewrite_block_file(path, change) -> None:
+    """Rewrite a block file's JSON header with `change(header, arrays) -> arrays`; the checksum is made to
+    match the arrays again (the damage is in what the header says, not a torn write)."""
+    import hashlib
+    import json
+    import struct
+
+    from runtime.prefix_cache import MAGIC
+
+    data = path.read_bytes()
+    at = len(MAGIC) + 4
+    (size,) = struct.unpack("<I", data[len(MAGIC):at])
+    header = json.loads(data[at:at + size])
+    arrays = change(header, data[at + size:])
+    header["sha256"] = hashlib.sha256(arrays).hexdigest()
+    raw = json.dumps(header).encode()
+    path.write_bytes(MAGIC + struct.pack("<I", len(raw)) + raw + arrays)
+
+
+def test_a_block_file_copied_from_another_models_directory_is_not_served(models, ids, tmp_path, caplog):
+    """Block files were named by their tokens only: one copied from another model's directory (same shapes,
+    other weights) was served as this model's KV. The header names the model key it was written for."""
+    a, b = models("fp32", "onnxruntime"), models("int8", "onnxruntime")
+    system = ids[:70]
+    first = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path / "a")
+    first.bind(key(a))
+    prefill_cached(a.engine, system + ids[200:210], first)
+    prefill_cached(a.engine, system + ids[300:310], first)  # reused: 4 blocks written for a
+    written = list((tmp_path / "a" / key(a)).glob("*.kvb"))
+    assert len(written) == 4
+    other = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path / "b")
+    other.bind(key(b))
+    (tmp_path / "b" / key(b)).mkdir(parents=True)
+    for f in written:  # copied by hand into b's directory
+        (tmp_path / "b" / key(b) / f.name).write_bytes(f.read_bytes())
+    prompt = system + ids[500:520]
+    with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        logits, _, reused = prefill_cached(b.engine, prompt, other)
+    assert reused == 0
+    np.testing.assert_array_equal(logits, prefill(b.engine, prompt)[0])
+    root = first.chain(system, 1)[0].hex() + ".kvb"  # the lookup stops at the first block it cannot use
+    assert f"written for model '{key(a)}'" in caplog.text and not (tmp_path / "b" / key(b) / root).exists()
+    again = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path / "a")  # a's own files still serve a
+    again.bind(key(a))
+    assert prefill_cached(a.engine, prompt, again)[2] == 64
+
+
+@pytest.mark.parametrize("damage", ["parent not a string", "token id beyond int64", "fewer positions than a block",
+                                    "no model key"])
+def test_a_block_file_with_a_damaged_header_is_ignored_never_raised(models, ids, tmp_path, caplog, damage):
+    """A header whose parent is not a hex string made bind() raise TypeError (unhashable) and one with a token
+    id beyond int64 made the lookup raise OverflowError: a damaged file failed the agent's model activation or
+    the request. Arrays of fewer positions than a block were served as a whole block."""
+    model = models("fp32", "onnxruntime")
+    system, k = ids[:70], key(model)
+    first = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
+    first.bind(k)
+    prefill_cached(model.engine, system + ids[200:210], first)
+    prefill_cached(model.engine, system + ids[300:310], first)
+    files = [tmp_path / k / (h.hex() + ".kvb") for h in first.chain(system, 4)]
+    per_position = model.arch.num_layers * model.arch.num_kv_heads * model.arch.head_dim * 4  # one of keys, values
+
+    def change(header, arrays):
+        if damage == "parent not a string":
+            header["parent"] = [header["parent"]]
+        elif damage == "token id beyond int64":
+            header["tokens"][0] = 1 << 70
+        elif damage == "fewer positions than a block":
+            header["shape"][2] = B // 2
+            heads = model.arch.num_kv_heads
+            full = np.frombuffer(arrays, "<f4").reshape(2 * model.arch.num_layers, heads, B, -1)
+            arrays = np.ascontiguousarray(full[:, :, :B // 2]).tobytes()
+            assert len(arrays) == B // 2 * per_position * 2
+        else:
+            header.pop("model", None)  # a file written before the header named its model
+        return arrays
+    _rewrite_block_file(files[0], change)  # the root block: nothing of the chain can be served
+    prompt = system + ids[500:520]
+    with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        restarted = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
+        restarted.bind(k)
+        logits, _, reused = prefill_cached(model.engine, prompt, restarted)
+    assert reused == 0 and "not a usable KV block" in caplog.text and not files[0].exists()
+    np.testing.assert_array_equal(logits, prefill(model.engine, prompt)[0])
+
+
+@pytest.mark.parametrize("precision,kv", [("bf16", "f32"), ("f32", "u8")])
+def test_an_openvino_path_that_cannot_resume_exactly_is_left_out_of_the_cache(models, ids, tmp_path, caplog, precision,
+                                                                               kv):
+    """On OpenVINO in bf16 (what the autotune picks where the CPU computes bf16), a step's rounding depends on how
+    many tokens it runs, and a u8 KV cache is quantized again when cached KV is put back: a hit changed logits by
+    about 0.03 and could turn a greedy near-tie. Such an engine neither reads nor writes the cache, says so once,
+    and its answers with the cache are those without it; the f32 path keeps the cache."""
+    from runtime.engine import OpenVinoEngine
+
+    loaded = models("int8", "openvino")
+    assert loaded.engine.inexact_resume is None  # the default f32 / f32 path resumes exactly
+    xml = loaded.bundle.path(loaded.bundle.manifest.backends["openvino"].entry)
+    engine = OpenVinoEngine(xml, loaded.engine.arch, precision=precision, kv_cache_precision=kv)
+    assert engine.precisions == {"INFERENCE_PRECISION_HINT": precision, "KV_CACHE_PRECISION": kv}
+    assert f"{'INFERENCE_PRECISION_HINT' if precision != 'f32' else 'KV_CACHE_PRECISION'} " \
+           f"{precision if precision != 'f32' else kv}" in engine.inexact_resume
+    cache = PrefixCache(max_bytes=1 << 26, block_tokens=B, persist_dir=tmp_path / "kv")
+    with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        cache.bind("ov-inexact", engine)
+    assert "prefix cache: not used on this execution path" in caplog.text
+    prompt = ids[:70]
+    want = reference(engine, prompt, GREEDY)
+    for _ in range(2):
+        assert list(generate(engine, prompt, GREEDY, prefix_cache=cache)) == want
+    assert cache.stats().hits == 0 and cache.stats().bytes == 0 and not list((tmp_path / "kv").rglob("*.kvb"))
