@@ -110,7 +110,11 @@ def run_generation(model, prompt: str, params, out=sys.stdout, err=sys.stderr) -
     t_end = time.perf_counter()
     ttft = (t_first or t_end) - t0
     rate = (len(tokens) - 1) / (t_end - t_first) if t_first and len(tokens) > 1 else 0.0
-    err.write(f"[{model.backend}] prompt {len(prompt_ids)} tokens, generated {len(tokens)}; "
+    window = model.engine.arch.max_positions
+    # generation also ends where the context window is full: said, or it reads as an early stop
+    full = (f" (stopped at the model's context window of {window} tokens, before --max-tokens {params.max_tokens})"
+            if len(prompt_ids) + len(tokens) >= window and len(tokens) < params.max_tokens else "")
+    err.write(f"[{model.backend}] prompt {len(prompt_ids)} tokens, generated {len(tokens)}{full}; "
               f"TTFT {ttft * 1000:.1f} ms, decode {rate:.1f} tokens/s\n")
     return tokens
 

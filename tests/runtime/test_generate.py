@@ -108,3 +108,25 @@ def test_generate_a_prompt_beyond_the_context_window_says_the_most_it_may_have(i
     assert err.startswith("edgeglm generate: error: prompt has ")
     assert f"the model's context window is {window} tokens, so a prompt may have at most {window - 1}" in err
     assert err.strip().endswith("shorten the prompt")
+
+
+def test_generate_says_when_the_context_window_ended_the_answer(fp32_bundle):
+    """`edgeglm generate --max-tokens 5000` stopped at the context window and said only "generated 4093", which
+    read as an early stop of the model."""
+    import dataclasses
+    import io
+
+    from agent.cli import run_generation
+    from agent.model import load_model
+
+    model = load_model(fp32_bundle, "onnxruntime")
+    prompt = "def parse(text):\n    "
+    n = len(model.tokenizer.encode(prompt).ids)
+    model.engine.arch = dataclasses.replace(model.arch, max_positions=n + 4)
+    err = io.StringIO()
+    assert len(run_generation(model, prompt, SamplingParams(max_tokens=10), out=io.StringIO(), err=err)) == 4
+    assert f"generated 4 (stopped at the model's context window of {n + 4} tokens, before --max-tokens 10)" \
+        in err.getvalue()
+    err = io.StringIO()
+    run_generation(model, prompt, SamplingParams(max_tokens=3), out=io.StringIO(), err=err)
+    assert "generated 3;" in err.getvalue() and "context window" not in err.getvalue()
