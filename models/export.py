@@ -331,6 +331,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
                           "nothing was exported")
     exists = out.exists() or out.is_symlink()  # a dangling symlink too: renaming onto it failed after the export
     if exists and not opts.force:
+        if out.exists() and not out.is_dir():  # a file (or a link to one): --force would not replace it either
+            raise ExportError(f"--out {out}: is a file, not a bundle directory; choose another --out; nothing was "
+                              "exported")
         raise ExportError(f"{out}: already exists; pass --force to replace it (the existing bundle is untouched)")
     if exists:
         check_replaceable(out, checkpoint)

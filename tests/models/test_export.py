@@ -239,3 +239,13 @@ def test_an_out_that_is_a_dangling_symlink_is_refused_before_any_work(tiny_ckpt,
     err = _export(capsys, tiny_ckpt, "--out", out, "--force")
     assert f"--out {out}: exists and is not a bundle (no manifest.json)" in err and "nothing was exported" in err
     assert out.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_an_out_that_is_a_file_is_called_a_file(tiny_ckpt, tmp_path, capsys, no_work):
+    """`--out notes.txt` was told "already exists; pass --force to replace it (the existing bundle is untouched)",
+    and --force then refused it as not a bundle."""
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    err = _export(capsys, tiny_ckpt, "--out", out)
+    assert f"--out {out}: is a file, not a bundle directory; choose another --out; nothing was exported" in err
+    assert out.read_text() == "keep me"
