@@ -443,14 +443,25 @@ class RolloutDriver:
         elif r.previous_bundle and r.key:
             # the version each canary serves now: the rollout's for one that committed it, else the reported one
             reported = {d["device"]: d["model_version"] for d in self.store.devices(r.fleet)}
-            serving = {}
+            serving, undone = {}, {}
             for d in r.data.get("canaries", []):
                 update_id = r.data.get("offers", {}).get(d)
                 row = self.store._exec("SELECT version FROM offers WHERE update_id=?", (update_id,)).fetchone() \
                     if update_id else None
-                committed = row and (self.store.last_result(r.fleet, d, update_id) or {}).get("result") == "committed"
-                serving[d] = row[0] if committed else reported.get(d)
+                result = (self.store.last_result(r.fleet, d, update_id) or {}).get("result") if update_id else None
+                if result not in (None, "committed"):
+                    # its update failed (nothing switched) or went back by itself after committing (probation):
+                    # it serves the model it served before the rollout. A rollback offer would make it download
+                    # and switch to that model again (the slot it went back from was cleared) and hide its result
+                    undone[d] = result
+                    continue
+                serving[d] = row[0] if row and result == "committed" else reported.get(d)
             offer_rollback(self.controller, r.fleet, serving, r.previous_bundle, r.key)
-            self._save(r, "halted", f"halted; canaries offered a signed rollback to {r.previous_bundle.name}")
+            left = f"; {', '.join(f'{d} ({res})' for d, res in undone.items())} already serve(s) the model from " \
+                   f"before the rollout: not offered one" if undone else ""
+            self._save(r, "halted", f"halted; canaries {sorted(serving)} offered a signed rollback to "
+                                    f"{r.previous_bundle.name}{left}" if serving else
+                       f"halted; no canary runs {r.data.get('version') or 'the new version'}: no rollback "
+                       f"offered{left}")
         else:
             self._save(r, "halted", "halted; no --previous-bundle/--key given, canaries keep the new version")

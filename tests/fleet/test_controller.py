@@ -429,8 +429,9 @@ def test_a_silent_canary_gets_one_more_window_then_fails_the_gate(tmp_path, late
 
 
 def test_a_halted_rollout_offers_each_canary_a_rollback_bound_to_the_version_it_serves(tmp_path, signed_bundles):
-    """The halt path signs one statement per canary: its fleet and device, the version it serves (the rollout's
-    for a canary that committed it, the reported one for a canary whose update failed), valid 24 h."""
+    """The halt path signs one statement per canary that committed the new version (or sent no result): its fleet
+    and device, the version it serves (the rollout's for a canary that committed it), valid 24 h. A canary whose
+    update failed serves the version it served before: it is offered none."""
     from fleet.rollout import ROLLBACK_VALID_S, RolloutDriver, create_rollout, load_rollouts
     from fleet.store import Store
 
@@ -462,8 +463,9 @@ def test_a_halted_rollout_offers_each_canary_a_rollback_bound_to_the_version_it_
     r = next(r for r in load_rollouts(store) if r.id == rid)
     assert r.phase == "halted", r.data["report"]
     rollbacks = [c for c in calls if c["rollback"]]
-    assert [(c["device"], c["version"], c["replaces"]) for c in rollbacks] == [("d0", "1.0.0", "1.1.0"),
-                                                                               ("d1", "1.0.0", "1.0.0")]
+    # d1's update failed: it still serves 1.0.0, and a rollback "from 1.0.0" would only make it install 1.0.0 again
+    assert [(c["device"], c["version"], c["replaces"]) for c in rollbacks] == [("d0", "1.0.0", "1.1.0")]
+    assert "d1 (failed) already serve(s) the model from before the rollout" in r.data["report"][-1]
     assert all(abs(c["not_after"] - (time.time() + ROLLBACK_VALID_S)) < 60 for c in rollbacks)
     # a halt while a canary is still updating waits for its result: a rollback signed for the version it
     # serves now (1.0.0) would be refused once its update commits 1.1.0
@@ -482,8 +484,62 @@ def test_a_halted_rollout_offers_each_canary_a_rollback_bound_to_the_version_it_
     driver.tick(t0 + 14)
     rollbacks = [(c["device"], c["replaces"]) for c in calls[first:] if c["rollback"]]
     assert next(r for r in load_rollouts(store) if r.id == rid).phase == "halted"
-    assert rollbacks == [("d0", "1.0.0"), ("d1", "1.1.0")]
+    assert rollbacks == [("d1", "1.1.0")]
     store.close()
+
+
+def test_a_halt_offers_no_rollback_to_a_canary_that_went_back_by_itself(controller, mosquitto, signed_bundles,
+                                                                        tmp_path):
+    """Canary d0 committed 1.1.0, then its agent kept dying while 1.1.0 was on probation and it went back to 1.0.0
+    by itself (result rolled_back; the slot of 1.1.0 cleared). The halt offers the other canary, d1, its signed
+    rollback, but none to d0: it serves 1.0.0 already, and the offer made it download 1.0.0 again into the cleared
+    slot and switch to it (a second model on probation), and replaced its ROLLED BACK result in `fleet status`."""
+    from agent.topics import ota_offer_topic, split_topic
+
+    store, t0 = controller.store, float(int(time.time()))
+    for d in ("d0", "d1"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
+        put(store, report(d, t0 - 5, "1.0.0"))
+    rid = create_rollout(store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=10.0,
+                         previous_bundle=signed_bundles["v1"], key=signed_bundles["root"] / "keys" / "fleet.key")
+    driver = RolloutDriver(store, controller)
+
+    def tick(now: float):
+        driver.tick(now)
+        return next(r for r in load_rollouts(store) if r.id == rid)
+    r = tick(t0)
+    assert r.phase == "canary_wait" and r.data["canaries"] == ["d0", "d1"]
+    for d in ("d0", "d1"):
+        store.add_ota_status(FLEET, d, {"update_id": r.data["offers"][d], "ts": t0 + 1, "state": "reporting",
+                                        "result": "committed"})
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.1.0"}})
+    assert tick(t0 + 1).phase == "canary_window"
+    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 3, "state": "reporting",
+                                       "result": "rolled_back", "reason": "probation: the agent ended without a "
+                                       "clean stop 2 times"})
+    store.upsert_state(FLEET, {"device": "d0", "online": True, "model": {"name": "m", "version": "1.0.0"}})
+    assert tick(t0 + 4).phase == "halting"
+    r = tick(t0 + 5)
+    assert r.phase == "halted", r.data["report"]
+    offered = store._exec("SELECT t.device, o.version FROM offers o JOIN offer_targets t ON t.update_id = "
+                          "o.update_id ORDER BY o.created").fetchall()
+    assert offered == [("d0", "1.1.0"), ("d1", "1.1.0"), ("d1", "1.0.0")]  # no rollback offer to d0
+    assert "d0 (rolled_back)" in r.data["report"][-1] and "['d1']" in r.data["report"][-1]
+    got: dict[str, bytes] = {}  # what the broker holds for each device: d0 still has the offer of its update
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
+    sub.on_message = lambda c, u, m: got.__setitem__(m.topic, m.payload)
+    sub.connect("127.0.0.1", mosquitto.port)
+    sub.subscribe([(ota_offer_topic(FLEET, d), 1) for d in ("d0", "d1")])
+    sub.loop_start()
+    try:
+        until(lambda: len(got) == 2)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    retained = {split_topic(t)[1]: Offer.model_validate_json(p) for t, p in got.items()}
+    assert retained["d0"].update_id == r.data["offers"]["d0"] and not retained["d0"].rollback
+    assert retained["d1"].rollback and retained["d1"].rollback_terms.replaces == "1.1.0"
+    assert f"update {r.data['offers']['d0']} ROLLED BACK on {FLEET}/d0" in format_status(store, FLEET)
 
 
 def test_rollout_continues_after_a_controller_restart(mosquitto, tmp_path, fleet_of_four, signed_bundles):
