@@ -441,9 +441,11 @@ def cmd_rollback(args) -> int:
     below = [f"{f}/{d} ({devices[(f, d)]['model_version'] or 'no model'})" for f, d in stay
              if devices[(f, d)]["model_version"] != version]
     older = f"; {len(below)} on an older version or none, not offered: {', '.join(below)}" if below else ""
-    print(f"{len(move)} device(s) offered the rollback; {on} already on {version}{older}{never}. Each offer is signed "
-          f"for its device and the version shown, once, until {expires} (--valid-for {args.valid_for:g} s). "
-          f"`edgeglm fleet serve` serves the files; `edgeglm fleet status` shows the versions.")
+    signed = (f" Each offer is signed for its device and the version shown, once, until {expires} (--valid-for "
+              f"{args.valid_for:g} s). `edgeglm fleet serve` serves the files (a device whose other slot still holds "
+              f"{version} needs none); `edgeglm fleet status` shows the versions." if move else
+              " Nothing was offered.")
+    print(f"{len(move)} device(s) offered the rollback; {on} already on {version}{older}{never}.{signed}")
     return 0
 
 

@@ -424,7 +424,8 @@ class RolloutDriver:
             note = f"; no result from {pending} in {waited:.0f} s: the retained offer stands for them" \
                 if pending else ""
             self._save(r, "done", f"rollout finished: {ok}/{len(results)} of the rest committed; "
-                                  f"{ {d: res for d, res in results.items() if res is not None} }{note}")
+                                  f"{ {d: res for d, res in results.items() if res is not None} }{note}" if results
+                       else "rollout finished: no device besides the canaries needed it")
 
     def _halting(self, r: Rollout, now: float) -> None:
         self._drop_removed(r, "canaries")  # a removed device is offered no rollback (its retained offer was cleared)

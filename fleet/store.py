@@ -202,6 +202,10 @@ class Store:
                 before = self.db.total_changes
                 self.db.executemany(_INSERT_TELEMETRY, [row + (stored,) for row in rows])
                 new = self.db.total_changes - before
+                # a report is a sign of life: `fleet status`' "seen" column moved only with a state change, so
+                # a box reporting every minute showed "seen 395s"
+                self.db.executemany("UPDATE devices SET last_seen = ? WHERE fleet = ? AND device = ? AND "
+                                    "last_seen < ?", [(stored, f, d, stored) for f, d in {r[:2] for r in rows}])
                 for name, n in (("telemetry_reports", new), ("telemetry_duplicates", len(rows) - new)):
                     if n:
                         self.db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "

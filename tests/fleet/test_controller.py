@@ -347,6 +347,33 @@ def test_a_canary_that_goes_back_by_itself_after_committing_halts_the_rollout_at
     assert "without a clean stop 3 times" in r.data["report"][-1]
 
 
+def test_a_rollout_whose_every_device_was_a_canary_ends_in_words(tmp_path):
+    """Every member a canary: the rest is empty, and the rollout ended "rollout finished: 0/0 of the rest
+    committed; {}"."""
+    from fleet.store import Store
+
+    store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
+    store.upsert_state(FLEET, {"device": "d0", "online": True, "model": {"name": "m", "version": "1.0.0"}})
+    put(store, report("d0", t0 - 5, "1.0.0"))
+    driver = RolloutDriver(store, OfferRecorder())
+    bundle = tmp_path / "bundle-1.1.0"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
+    rid = create_rollout(store, bundle, FLEET, canary_pct=100, window_s=10.0)
+
+    def tick(now: float):
+        driver.tick(now)
+        return next(r for r in load_rollouts(store) if r.id == rid)
+    r = tick(t0)
+    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 1, "result": "committed"})
+    assert tick(t0 + 1).phase == "canary_window"
+    put(store, report("d0", t0 + 5, "1.1.0"))
+    for now in (t0 + 12, t0 + 13, t0 + 14):
+        r = tick(now)
+    assert r.phase == "done", r.data["report"]
+    assert r.data["report"][-1].endswith("rollout finished: no device besides the canaries needed it")
+
+
 @pytest.mark.parametrize("skew_s", [-3600.0, 3600.0, -9 * 86400.0])
 def test_the_gate_reads_the_controllers_clock_not_the_devices(tmp_path, skew_s):
     """An edge box's clock may be hours or days off (no RTC, NTP not synced after a boot). The gate read its

@@ -149,3 +149,19 @@ def test_old_ota_statuses_are_pruned_but_each_devices_last_result_per_update_sta
     assert [r[0] for r in store._exec("SELECT update_id FROM ota_status ORDER BY ts")] == ["u1", "u2", "u3"]
     assert store.last_result("plant7", "d1", "u1")["result"] == "committed"
     store.close()
+
+
+def test_a_telemetry_report_counts_as_seen(tmp_path):
+    """`fleet status`' "seen" column moved only when a device published a state: a box reporting telemetry every
+    minute read "seen 395s" as if it had gone quiet."""
+    from fleet.store import telemetry_row
+
+    clock = [1000.0]
+    store = Store(tmp_path / "fleet.db", clock=lambda: clock[0])
+    store.upsert_state(FLEET, {"device": "d1", "online": True, "agent_version": "0.1.0"})
+    store.upsert_state(FLEET, {"device": "d2", "online": True, "agent_version": "0.1.0"})
+    clock[0] = 1400.0
+    store.add_telemetry_many([telemetry_row(FLEET, {"device": "d1", "window_end": 1399.0, "count": 0}),
+                              telemetry_row(FLEET, {"device": "ghost", "window_end": 1399.0, "count": 0})])
+    assert {d["device"]: d["last_seen"] for d in store.devices(FLEET)} == {"d1": 1400.0, "d2": 1000.0}
+    store.close()
