@@ -31,14 +31,15 @@ from agent.http_api import ApiServer, stream_tokens
 from agent.http_api import configure_prefix_cache, make_prefix_cache
 from agent.model import LoadedModel, load_model, register_execution_metric, set_execution_metric
 from agent.mqtt import MqttSession, PayloadRejected, Received
-from agent.openai_compat import ApiError, Outcome, generate_text, glm_chat_prompt
+from agent.openai_compat import (ApiError, Outcome, chat_request, completion_request, generate_text, prompt_ids,
+                                  with_special_stops)
 from agent.remote_config import (LOCAL_CEILINGS, REMOTE_SETTINGS, local_only_keys,  # noqa: F401 (re-exported)
                                  remote_config_problems)
 from agent.selftest import SelfTestConfig, run_self_test
 from agent.telemetry import LatencyWindow
 from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceResponse, ModelRef, ReportedState,
                           Usage, chunk_request_topic, chunk_response_topic, desired_topic, infer_request_topic,
-                          ota_offer_topic, ota_status_topic)
+                          infer_response_problem, ota_offer_topic, ota_status_topic)
 from ota.bundle import MANIFEST, open_bundle
 from ota.errors import BundleError, SignatureError
 from ota.fsutil import atomic_write_json
@@ -46,9 +47,9 @@ from ota.offers import DirectoryFetcher
 from ota.signing import load_trusted_keys, verify_bundle_signature
 from ota.transfer import OFFER_MAX_BYTES, MqttChunkFetcher
 from ota.update import Offer, State, UpdateFailed, Updater, UpdaterDeps
+from runtime.batching import SchedulerClosed
 from runtime.engine import architecture_problem, available_backends
 from runtime.errors import RequestError, RuntimeUserError
-from runtime.generate import SamplingParams
 from runtime.probe import device_report, probe_hardware
 
 log = logging.getLogger("edgeglm.agent")
@@ -81,6 +82,12 @@ class _AgentApiServer(ApiServer):
             reason = f"{reason}: {problem}"
         return ready, reason
 
+    def mqtt_request(self):
+        """Counts an MQTT inference request in progress as an HTTP one, answer included: shutdown lets it
+        finish within its deadline, then cuts it (answered "the agent is shutting down"), before the MQTT
+        session closes. (Uncounted, a request in flight at SIGTERM was never answered.)"""
+        return self._request()
+
 
 class Agent:
     def __init__(self, cfg: AgentConfig):
@@ -98,6 +105,7 @@ class Agent:
         self._state_lock = None  # the open agent.lock of model.slots_dir (hold_state_dir), held while running
         self.model: LoadedModel | None = None
         self.applied_config_version: int | None = None
+        self._applied_settings: dict | None = None  # the settings of that version, as received
         self.last_config_error: str | None = None
         self.model_error: str | None = None  # why the active slot's model is not served (None: no problem)
         self._chunk_fetcher: MqttChunkFetcher | None = None
@@ -268,7 +276,8 @@ class Agent:
             self.session.subscribe(desired_topic(d.fleet, d.id), DesiredConfig, empty_ok=True)
             self.session.subscribe(ota_offer_topic(d.fleet, d.id), Offer, empty_ok=True,
                                    max_bytes=max(cfg.mqtt.max_payload_bytes, OFFER_MAX_BYTES))
-            self.session.subscribe(infer_request_topic(d.fleet, d.id), InferenceRequest)
+            # an empty message clears a request published retained by mistake: nothing to answer or log
+            self.session.subscribe(infer_request_topic(d.fleet, d.id), InferenceRequest, empty_ok=True)
             self.session.start()
         if probation_result is not None:
             self._report_ota(probation_result)  # logged; held by the session until it connects (retained)
@@ -325,7 +334,28 @@ class Agent:
             with self._ota_lock:  # the retained offer was cleared: one waiting for the running update goes too
                 self._next_offer = None
         elif isinstance(payload, InferenceRequest):
-            threading.Thread(target=self._infer, args=(event.message, payload), daemon=True).start()
+            if self._answerable(event.message):
+                threading.Thread(target=self._infer, args=(event.message, payload), daemon=True).start()
+
+    def _answerable(self, message, count: bool = True) -> bool:
+        """Whether an inference request (valid or not) gets an answer; if not, why is logged (and counted)."""
+        d = self.cfg.device
+        target = self.session.reply_target(message)
+        if message.retain:  # handed again at every (re)subscription, i.e. every reconnect and restart
+            problem = (f"is a retained message on {message.topic}: not answered (the broker would hand it again at "
+                       "every reconnect); clear it with an empty retained message on that topic")
+        elif target is None:
+            problem = ("names no response topic one can publish to (neither the MQTT 5 property nor reply_to in the "
+                       "payload)")
+        else:
+            problem = infer_response_problem(d.fleet, d.id, target.topic)
+        if problem is None:
+            return True
+        request_id = f" {target.id!r}"[:70] if target is not None and target.id else ""
+        log.warning("MQTT inference request%s %s; it is dropped unanswered", request_id, problem)
+        if count:
+            self.window.record_error()
+        return False
 
     def _rejected(self, event: PayloadRejected) -> None:
         """A malformed, oversized or wrong-type payload: counted; an inference request gets an error answer."""
@@ -333,9 +363,11 @@ class Agent:
         d = self.cfg.device
         if event.message.topic == infer_request_topic(d.fleet, d.id):
             target = self.session.reply_target(event.message)
-            if target is not None:
+            if target is not None and self._answerable(event.message, count=False):
+                # an id the response cannot carry (over 128 characters) is what the error is about
+                request_id = target.id if target.id and len(target.id) <= 128 else "unknown"
                 self.session.respond(event.message, InferenceResponse(
-                    id=target.id or "unknown", error=ErrorInfo(code="bad_request", message=str(event.error))))
+                    id=request_id, error=ErrorInfo(code="bad_request", message=str(event.error))))
         elif event.message.topic == desired_topic(d.fleet, d.id):
             self.last_config_error = f"desired config refused: {event.error}"
             self._publish_state()
@@ -353,12 +385,22 @@ class Agent:
     def _apply_desired(self, desired: DesiredConfig) -> None:
         """The desired config is the fleet's whole layer over the box's own config (not a change to the
         running one): the broker keeps only the latest, so a box that restarts or was offline gets the same
-        config as one that saw every version. Older than the one applied: ignored (a stale retained copy)."""
-        if desired.version == self.applied_config_version:
+        config as one that saw every version. Older than the one applied (a stale retained copy, a controller
+        whose clock or --version went back), or the applied version with other settings: not applied, and
+        `last_config_error` says so (the fleet sees the box keeps another config than the latest one)."""
+        applied = self.applied_config_version
+        if desired.version == applied and desired.settings == self._applied_settings:
+            if self.last_config_error is not None:  # the latest desired config is the one applied
+                self.last_config_error = None
+                self._publish_state()
             return
-        if self.applied_config_version is not None and desired.version < self.applied_config_version:
-            log.warning("desired config version %s ignored: version %s, newer, is applied", desired.version,
-                        self.applied_config_version)
+        if applied is not None and desired.version <= applied:
+            reason = ("with other settings than the ones applied under that version" if desired.version == applied
+                      else f"version {applied}, newer, is applied")
+            self.last_config_error = (f"desired config version {desired.version} ignored: {reason}; publish the "
+                                      f"change with a version above {applied}")
+            log.warning("%s", self.last_config_error)
+            self._publish_state()
             return
         try:
             new = with_updates(self.local_cfg, desired.settings)
@@ -380,6 +422,7 @@ class Agent:
             if self._chunk_fetcher is not None:  # live: from the next chunk on
                 self._chunk_fetcher.timeout_s, self._chunk_fetcher.give_up_s = new.ota.chunk_timeout_s, new.ota.give_up_s
             self.applied_config_version, self.last_config_error = desired.version, None
+            self._applied_settings = desired.settings
             self._remember_desired(desired)
         self._publish_state()
 
@@ -416,42 +459,46 @@ class Agent:
             self.session.publish_telemetry(report)
 
     def _infer(self, message, req: InferenceRequest) -> None:
-        try:
-            text, usage, finish = self._generate_for(req)
-            response = InferenceResponse(id=req.id, text=text, usage=usage, finish_reason=finish)
-        except ApiError as exc:
-            code = {400: "bad_request", 429: "busy", 503: "model_unavailable"}.get(exc.status, "internal")
-            response = InferenceResponse(id=req.id, error=ErrorInfo(code=code, message=exc.message))
-        except RequestError as exc:
-            response = InferenceResponse(id=req.id, error=ErrorInfo(code="bad_request", message=str(exc)))
-        except Exception as exc:  # never let one request take the agent down; the requester is told
-            log.exception("MQTT inference request %s failed", req.id)
-            response = InferenceResponse(id=req.id, error=ErrorInfo(code="internal", message=str(exc)))
-        if response.error:
-            self.window.record_error()
-        try:
-            self.session.respond(message, response)
-        except AgentError as exc:
-            log.warning("MQTT inference request %s: %s", req.id, exc)
+        with self.http.mqtt_request():  # shutdown waits for it, answer included
+            try:
+                text, usage, finish = self._generate_for(req)
+                response = InferenceResponse(id=req.id, text=text, usage=usage, finish_reason=finish)
+            except ApiError as exc:
+                code = {400: "bad_request", 429: "busy", 503: "model_unavailable"}.get(exc.status, "internal")
+                response = InferenceResponse(id=req.id, error=ErrorInfo(code=code, message=exc.message))
+            except RequestError as exc:
+                response = InferenceResponse(id=req.id, error=ErrorInfo(code="bad_request", message=str(exc)))
+            except Exception as exc:  # never let one request take the agent down; the requester is told
+                log.exception("MQTT inference request %s failed", req.id)
+                response = InferenceResponse(id=req.id, error=ErrorInfo(code="internal", message=str(exc)))
+            if response.error:
+                self.window.record_error()
+            try:
+                self.session.respond(message, response)
+            except AgentError as exc:
+                log.warning("MQTT inference request %s: %s", req.id, exc)
 
     def _generate_for(self, req: InferenceRequest):
-        s = self.http.sampling
-        params = SamplingParams(
-            max_tokens=req.max_tokens or s.max_tokens,
-            temperature=s.temperature if req.temperature is None else req.temperature,
-            top_k=s.top_k if req.top_k is None else req.top_k, top_p=s.top_p if req.top_p is None else req.top_p,
-            repetition_penalty=s.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
-            seed=req.seed)
+        # read as the HTTP API reads the same request: a chat ends at GLM's end-of-turn tokens, a stop string
+        # that is a special token becomes a stop token, the chat template's [gMASK]<sop> is not added twice,
+        # an empty stop string is refused (it cut every answer to nothing)
+        body = req.model_dump(include={"prompt", "messages", "max_tokens", "temperature", "top_k", "top_p",
+                                       "repetition_penalty", "seed", "stop"}, exclude_none=True)
         with self.http.engine_slot() as slot:
             model = slot.model
-            prompt = req.prompt if req.prompt is not None else glm_chat_prompt(
-                [(m.role, m.content) for m in req.messages])
-            ids = model.tokenizer.encode(prompt).ids
+            gen = chat_request(body, self.http.sampling, model.tokenizer) if req.messages is not None \
+                else completion_request(body, self.http.sampling)
+            gen = with_special_stops(gen, model.tokenizer)
+            params, ids = gen.params, prompt_ids(gen, model)
             outcome = Outcome(len(ids))
             t0, times = time.perf_counter(), []
-            tokens = stream_tokens(slot.submit(ids, params))  # the scheduler batches it with concurrent requests
             try:
-                text = "".join(generate_text(model, ids, tokens, params, tuple(req.stop), outcome,
+                handle = slot.submit(ids, params)  # the scheduler batches it with concurrent requests
+            except SchedulerClosed as exc:  # the model was swapped (an OTA update) since the slot was taken
+                raise ApiError(503, str(exc)) from None
+            tokens = stream_tokens(handle)
+            try:
+                text = "".join(generate_text(model, ids, tokens, params, gen.stop, outcome,
                                              lambda: times.append(time.perf_counter())))
             finally:
                 tokens.close()  # a stop string ends the text early: the request leaves the batch

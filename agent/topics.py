@@ -92,6 +92,23 @@ def infer_response_topic(fleet: str, device: str, requester: str) -> str:
     return f"{device_root(fleet, device)}/infer/response/{_level(requester, 'requester id')}"
 
 
+def infer_response_problem(fleet: str, device: str, topic: str) -> str | None:
+    """Why `device` must not publish an inference answer on `topic` (a request's response topic or
+    `reply_to`); None when it may. Inside the protocol's tree (`edgeglm/...`) a device answers only
+    on its own `infer/response/<requester>`: a request naming the device's `config/desired` made it
+    refuse its own answer as a desired config (and report that as its config error), one naming
+    `state`, `ota/status` or `ota/chunk/request` had it publish a stray payload where the
+    controller reads state. Topics outside the tree are the requester's business."""
+    if topic.split("/", 1)[0] != ROOT.split("/", 1)[0]:
+        return None
+    prefix = f"{device_root(fleet, device)}/infer/response/"
+    rest = topic[len(prefix):] if topic.startswith(prefix) else None
+    if rest is not None and _ID.fullmatch(rest) and len(rest) <= 128:
+        return None
+    return (f"response topic {topic!r} is refused: inside {ROOT.split('/', 1)[0]}/ a device answers only on its own "
+            f"{prefix}<requester> (a requester id of 1-128 of A-Z a-z 0-9 . _ -)")
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     """One row of the tree: `suffix` follows `edgeglm/v1/<fleet>/<device>/`."""
@@ -146,9 +163,22 @@ def split_topic(topic: str) -> tuple[str, str, str]:
     return _level(parts[2], "fleet id"), _level(parts[3], "device id"), parts[4]
 
 
+def _unsafe_in_topic(ch: str) -> bool:
+    """A code point MQTT says a string should not hold (control characters, surrogates, non-characters):
+    Mosquitto takes a PUBLISH whose topic holds one as a malformed packet and drops the connection."""
+    c = ord(ch)
+    return c <= 0x1F or 0x7F <= c <= 0x9F or 0xD800 <= c <= 0xDFFF or 0xFDD0 <= c <= 0xFDEF or c & 0xFFFE == 0xFFFE
+
+
 def check_publish_topic(topic: str) -> str:
-    """A topic a client may publish to: non-empty, no wildcards, at most 65535 bytes."""
-    if not topic or "+" in topic or "#" in topic or len(topic.encode()) > 65535 or "\x00" in topic:
+    """A topic a client may publish to: non-empty, no wildcards, at most 65535 bytes, no control characters
+    or Unicode non-characters (a response topic with one, e.g. `reply_to` "a\\u0001b", got the device
+    disconnected by the broker at once, and again after every reconnect: paho sends the QoS 1 answer again)."""
+    bad = next((ch for ch in topic if _unsafe_in_topic(ch)), None) if isinstance(topic, str) else None
+    if bad is not None:
+        raise ValueError(f"{topic!r} is not a topic one can publish to: it holds {bad!a}, a control character or "
+                         "Unicode non-character, which the broker refuses")
+    if not topic or "+" in topic or "#" in topic or len(topic.encode()) > 65535:
         raise ValueError(f"{topic!r} is not a topic one can publish to (empty, a wildcard or too long)")
     return topic
 

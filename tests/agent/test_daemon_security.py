@@ -98,6 +98,26 @@ def test_an_older_desired_config_is_not_applied_over_a_newer_one(tmp_path, caplo
     assert "desired config version 10 ignored: version 20, newer, is applied" in caplog.text
 
 
+def test_a_desired_config_not_applied_for_its_version_is_reported_in_the_state(tmp_path):
+    """A version that goes backwards (a controller's clock stepped back, `config set --version` lower) or the
+    applied version with other settings is not applied; the state said nothing (no last_config_error, the
+    fleet saw the box as up to date) while the box kept a config other than the fleet's latest."""
+    agent = _agent(tmp_path)
+    agent._apply_desired(DesiredConfig(version=20, settings={"sampling": {"max_tokens": 7}}))
+    agent._apply_desired(DesiredConfig(version=10, settings={"sampling": {"max_tokens": 3}}))
+    assert agent.applied_config_version == 20 and agent.cfg.sampling.max_tokens == 7
+    error = agent.reported_state().last_config_error
+    assert error == ("desired config version 10 ignored: version 20, newer, is applied; publish the change with a "
+                     "version above 20"), error
+    agent._apply_desired(DesiredConfig(version=20, settings={"sampling": {"max_tokens": 3}}))
+    assert agent.applied_config_version == 20 and agent.cfg.sampling.max_tokens == 7
+    assert agent.last_config_error == ("desired config version 20 ignored: with other settings than the ones applied "
+                                       "under that version; publish the change with a version above 20")
+    # the applied one again (the broker's retained copy after a reconnect): it is the latest, nothing is wrong
+    agent._apply_desired(DesiredConfig(version=20, settings={"sampling": {"max_tokens": 7}}))
+    assert agent.last_config_error is None and agent.applied_config_version == 20
+
+
 def test_a_desired_config_naming_a_local_only_setting_is_refused_even_at_its_value(tmp_path):
     agent = _agent(tmp_path)
     agent._apply_desired(DesiredConfig(version=1, settings={"ota": {"require_signature": True},

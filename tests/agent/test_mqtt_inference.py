@@ -1,0 +1,243 @@
+"""Inference over MQTT (`infer/request` -> the requester's response topic) as a careful operator meets it:
+hostile or mistaken requests, a retained request, a request in flight at shutdown, chat requests read as
+the HTTP API reads them. A real agent (in this process, so that its shutdown can be driven) serving the
+signed int8 bundle, a real Mosquitto, a plain paho MQTT 5 client as the requester.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.request
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import load_config
+from agent.daemon import Agent
+from agent.topics import (desired_topic, infer_request_topic, infer_response_topic, ota_status_topic,
+                          state_topic)
+from waiting import until
+
+FLEET, DEVICE = "plant-3", "box-9"
+REPLIES = "test/replies"
+WAIT = 120.0  # generous: a wait that times out is a failure, never a measurement
+
+
+class Requester:
+    """A paho MQTT 5 client that sends inference requests and records everything under edgeglm/ and test/."""
+
+    def __init__(self, port: int):
+        self.messages: list[paho.MQTTMessage] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="requester", protocol=paho.MQTTv5)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([("edgeglm/#", 1), ("test/#", 1)])
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self.subscribed.wait(10)
+
+    def _on_message(self, client, userdata, msg):
+        with self.lock:
+            self.messages.append(msg)
+
+    def ask(self, payload, response_topic: str | None = REPLIES, correlation: bytes | None = None,
+            retain: bool = False) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        if response_topic:
+            props.ResponseTopic = response_topic
+        if correlation:
+            props.CorrelationData = correlation
+        raw = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
+        self.client.publish(infer_request_topic(FLEET, DEVICE), raw, qos=1, retain=retain,
+                            properties=props).wait_for_publish(10)
+
+    def on(self, topic: str) -> list[dict]:
+        with self.lock:
+            return [json.loads(m.payload) for m in self.messages if m.topic == topic and m.payload]
+
+    def answers(self, request_id: str, topic: str = REPLIES) -> list[dict]:
+        return [a for a in self.on(topic) if a.get("id") == request_id]
+
+    def answer(self, request_id: str, topic: str = REPLIES) -> dict:
+        until(lambda: self.answers(request_id, topic), timeout=WAIT)
+        return self.answers(request_id, topic)[0]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class RunningAgent:
+    def __init__(self, broker, signed_bundles, state_dir):
+        self.agent = Agent(load_config(None, {
+            "device.id": DEVICE, "device.fleet": FLEET, "model.bundle": str(signed_bundles["v1"]),
+            "model.backend": "onnxruntime", "model.slots_dir": str(state_dir), "http.port": 0,
+            "ota.trusted_keys": str(signed_bundles["keys"]), "telemetry.interval_s": 3600.0,
+            "mqtt.enabled": True, "mqtt.port": broker.port, "mqtt.reconnect_min_delay_s": 0.1,
+            "mqtt.reconnect_max_delay_s": 0.5}))
+        self.agent.start()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.agent.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+        assert self.agent.session.wait_connected(30)
+        self.closed = False
+
+    def shutdown(self, deadline: float = 5.0) -> None:
+        if not self.closed:
+            self.closed = True
+            self.stop.set()
+            self.thread.join(30)
+            self.agent.shutdown(deadline)
+
+
+@pytest.fixture
+def served(mosquitto, signed_bundles, tmp_path):
+    running = RunningAgent(mosquitto, signed_bundles, tmp_path / "state")
+    requester = Requester(mosquitto.port)
+    yield running, requester
+    requester.close()
+    running.shutdown()
+
+
+def warned(caplog, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def no_traceback(caplog) -> bool:
+    return not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def test_a_malformed_request_with_an_over_long_id_gets_an_error_answer_not_a_traceback(served, caplog):
+    """The error answer's id is limited to 128 characters: an id over that (in the payload, or MQTT 5
+    correlation data where the payload is not JSON) raised in the agent's loop, and nothing was answered."""
+    running, requester = served
+    requester.ask({"id": "x" * 200, "reply_to": REPLIES, "prompt": 1}, response_topic=None)
+    requester.ask(b"not json", correlation=b"y" * 300)
+    until(lambda: len(requester.answers("unknown")) == 2, timeout=WAIT)
+    first, second = requester.answers("unknown")
+    assert first["error"]["code"] == "bad_request" and "'id'" in first["error"]["message"]
+    assert "at most 128 characters" in first["error"]["message"] and "'prompt'" in first["error"]["message"]
+    assert second["error"]["code"] == "bad_request" and "Invalid JSON" in second["error"]["message"]
+    assert no_traceback(caplog), [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("where", ["config/desired", "state", "ota/status", "reply_to config/desired"])
+def test_an_answer_is_never_published_on_the_devices_own_protocol_topics(served, caplog, where):
+    """A response topic is the requester's: one naming the device's own `config/desired` made the device
+    read its answer as a desired config and report it as its config error; one naming `state` or
+    `ota/status` put an inference answer where the controller reads the device's state."""
+    running, requester = served
+    topic = {"config/desired": desired_topic(FLEET, DEVICE), "state": state_topic(FLEET, DEVICE),
+             "ota/status": ota_status_topic(FLEET, DEVICE)}[where.removeprefix("reply_to ")]
+    if where.startswith("reply_to"):
+        requester.ask({"id": "abuse", "reply_to": topic, "prompt": "x", "max_tokens": 1}, response_topic=None)
+    else:
+        requester.ask({"id": "abuse", "prompt": "x", "max_tokens": 1}, response_topic=topic)
+    until(lambda: warned(caplog, f"response topic {topic!r} is refused"), timeout=WAIT)
+    # a request that names its own topic under the device's infer/response/ is answered there
+    mine = infer_response_topic(FLEET, DEVICE, "requester")
+    requester.ask({"id": "fine", "prompt": "x", "max_tokens": 1}, response_topic=mine)
+    assert requester.answer("fine", mine)["text"] is not None
+    assert requester.answers("abuse", topic) == [] and running.agent.last_config_error is None
+    assert no_traceback(caplog)
+
+
+def test_a_retained_request_is_not_answered_again_at_each_reconnect(served, mosquitto, caplog):
+    """The broker hands a retained message again at every subscription, i.e. every reconnect of the agent:
+    a request published retained by mistake was run and answered once more after each broker restart."""
+    running, requester = served
+    requester.ask({"id": "kept", "prompt": "x", "max_tokens": 1}, retain=True)
+    assert requester.answer("kept")["text"] is not None  # delivered live (not as retained): answered
+    connects = running.agent.session.stats.connects
+    mosquitto.restart()
+    until(lambda: running.agent.session.stats.connects > connects and running.agent.session.connected, timeout=WAIT)
+    until(lambda: warned(caplog, "is a retained message"), timeout=WAIT)
+    requester2 = Requester(mosquitto.port)  # the first one's connection went with the broker
+    try:
+        requester2.ask({"id": "after", "prompt": "x", "max_tokens": 1})
+        assert requester2.answer("after")["text"] is not None
+        assert requester2.answers("kept") == []
+        # cleared as the warning says: the empty message is no request to refuse or answer
+        requester2.client.publish(infer_request_topic(FLEET, DEVICE), b"", qos=1, retain=True).wait_for_publish(10)
+        requester2.ask({"id": "cleared", "prompt": "x", "max_tokens": 1})
+        assert requester2.answer("cleared")["text"] is not None
+        assert not warned(caplog, "not a valid InferenceRequest") and running.agent.session.stats.payload_errors == 0
+    finally:
+        requester2.close()
+    assert no_traceback(caplog)
+
+
+def test_a_request_in_flight_at_shutdown_is_answered_before_the_session_closes(served):
+    """Shutdown let HTTP requests finish (or cut them, with an answer) but not MQTT ones: the session closed
+    at once and a requester waited for an answer that never came."""
+    running, requester = served
+    requester.ask({"id": "long", "prompt": "def f(", "max_tokens": 4000})
+    until(lambda: _in_flight(running.agent.http.port) >= 1, timeout=WAIT)  # it is generating
+    running.shutdown(deadline=0.2)
+    answer = requester.answer("long")
+    assert answer["text"] is not None or (answer["error"]["code"] == "model_unavailable"
+                                          and "shutting down" in answer["error"]["message"]), answer
+
+
+def _in_flight(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        lines = resp.read().decode().splitlines()
+    return float(next(line.split()[1] for line in lines if line.startswith("edgeglm_inference_in_flight ")))
+
+
+def _http_chat(port: int, body: dict) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def test_a_chat_request_is_answered_as_the_http_chat_api_answers_it(served):
+    """`messages` over MQTT ran on past GLM's end-of-turn tokens (<|user|>, <|observation|>) into the next
+    turn, where the HTTP chat API stops: sampled at a high temperature, some answers reach such a token."""
+    running, requester = served
+    messages = [{"role": "user", "content": "def f("}]
+    compared = 0
+    for seed in range(60):
+        params = {"max_tokens": 48, "temperature": 100.0, "seed": seed}
+        http = _http_chat(running.agent.http.port, {"messages": messages, **params})
+        if http["choices"][0]["finish_reason"] != "stop":
+            continue  # ran to max_tokens: nothing to compare about where it ends
+        requester.ask({"id": f"chat-{seed}", "messages": messages, **params})
+        answer = requester.answer(f"chat-{seed}")
+        assert (answer["text"], answer["finish_reason"], answer["usage"]["completion_tokens"]) == (
+            http["choices"][0]["message"]["content"], "stop", http["usage"]["completion_tokens"]), seed
+        compared += 1
+        if compared == 3:
+            break
+    assert compared, "no sampled chat answer ended before max_tokens"
+
+
+def test_an_empty_stop_string_is_refused_naming_it(served):
+    """`stop: [""]` matched at once: every answer was empty, finish_reason "stop", and no error said why."""
+    running, requester = served
+    requester.ask({"id": "empty-stop", "prompt": "def f(", "max_tokens": 5, "stop": ["\n", ""]})
+    answer = requester.answer("empty-stop")
+    assert answer["error"]["code"] == "bad_request" and "'stop'" in answer["error"]["message"], answer
+
+
+@pytest.mark.parametrize("reply_to", ["test/a\u0001b", "test/a\u007fb", "test/a\u0085b", "test/a\ufffeb"])
+def test_a_response_topic_the_broker_would_refuse_does_not_cut_the_agent_off(served, caplog, reply_to):
+    """Mosquitto drops a client whose PUBLISH topic holds a control character or a Unicode non-character
+    (a malformed packet): one request naming such a `reply_to` cut the device off the broker, and again
+    after every reconnect, as paho sent the QoS 1 answer again each time."""
+    running, requester = served
+    connects = running.agent.session.stats.connects
+    requester.ask({"id": "bad-topic", "reply_to": reply_to, "prompt": "x", "max_tokens": 1}, response_topic=None)
+    until(lambda: warned(caplog, f"it holds {reply_to[-2]!a}, a control character or Unicode non-character"),
+          timeout=WAIT)
+    requester.ask({"id": "next", "prompt": "x", "max_tokens": 1})
+    assert requester.answer("next")["text"] is not None
+    assert running.agent.session.stats.connects == connects and running.agent.session.connected
