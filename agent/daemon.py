@@ -17,11 +17,14 @@ loop keeps answering.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import threading
 import time
+from collections import OrderedDict
+from contextlib import ExitStack
 from pathlib import Path
 
 from agent import __version__
@@ -36,7 +39,7 @@ from agent.openai_compat import (ApiError, Outcome, chat_request, completion_req
 from agent.remote_config import (LOCAL_CEILINGS, REMOTE_SETTINGS, local_only_keys,  # noqa: F401 (re-exported)
                                  remote_config_problems)
 from agent.selftest import SelfTestConfig, run_self_test
-from agent.telemetry import LatencyWindow
+from agent.telemetry import LatencyWindow, serving_label
 from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceResponse, ModelRef, ReportedState,
                           Usage, chunk_request_topic, chunk_response_topic, desired_topic, infer_request_topic,
                           infer_response_problem, ota_offer_topic, ota_status_topic)
@@ -53,6 +56,8 @@ from runtime.errors import RequestError, RuntimeUserError
 from runtime.probe import device_report, probe_hardware
 
 log = logging.getLogger("edgeglm.agent")
+REQUEST_MEMORY, REQUEST_MEMORY_S = 256, 600.0  # MQTT inference requests remembered against second copies
+RETRYABLE = {"busy", "model_unavailable", "internal"}  # a copy of a request answered so is generated anew
 
 class _OfferFetcher:
     """Chooses the fetcher by the offer's source: `mqtt` (the controller's chunk server) or `dir`."""
@@ -114,6 +119,9 @@ class Agent:
         self._next_offer: Offer | None = None  # the latest offer that came while an update ran: taken after it
         self._last_telemetry = time.monotonic()
         self._serving_since = time.monotonic()  # when the model served now was activated
+        # MQTT inference requests taken lately: (reply topic, id, payload hash) -> (when, answer or None)
+        self._requests: OrderedDict[tuple, tuple] = OrderedDict()
+        self._requests_lock = threading.Lock()
 
     # --- model --------------------------------------------------------------------------------
     def _trusted_keys(self) -> dict:
@@ -158,6 +166,8 @@ class Agent:
             self.model = model
             self.http.set_model(model, golden)
             self._serving_since = time.monotonic()  # (the probation of a committed model counts from here)
+        # telemetry: what was served until now is reported under the model that served it, not this one
+        self.window.switch(serving_label(self.model))
         self._set_model_error(None)
         self._path_labels = set_execution_metric(self._path_metric, self.model, self._path_labels)
         self._publish_state()
@@ -224,10 +234,7 @@ class Agent:
 
     def _execution_path(self) -> str | None:
         """e.g. "onnxruntime:cpu" or "openvino:gpu"."""
-        if self.model is None:
-            return None
-        device = str(getattr(self.model.engine, "device", "CPU")).removesuffix("ExecutionProvider")
-        return f"{self.model.backend}:{device}".lower()
+        return serving_label(self.model)[1]
 
     def _publish_state(self) -> None:
         if self.session is not None:
@@ -317,7 +324,7 @@ class Agent:
             self.updater.stopped_cleanly()  # no death of a model on probation
         self.http.shutdown(deadline)
         if self.session is not None:
-            self._send_telemetry()
+            self._send_telemetry(final=True)
             self.session.close(publish_offline=True)
         if self._state_lock is not None:
             self._state_lock.close()  # the state dir is free for the next agent
@@ -334,8 +341,32 @@ class Agent:
             with self._ota_lock:  # the retained offer was cleared: one waiting for the running update goes too
                 self._next_offer = None
         elif isinstance(payload, InferenceRequest):
-            if self._answerable(event.message):
+            if self._answerable(event.message) and self._first_copy(event.message, payload):
                 threading.Thread(target=self._infer, args=(event.message, payload), daemon=True).start()
+
+    def _first_copy(self, message, req: InferenceRequest) -> bool:
+        """Whether this request is not a second copy of one taken in the last REQUEST_MEMORY_S (same response
+        topic, id and payload: a QoS 1 redelivery after a reconnect, or a requester's retry). A copy of one still
+        running is dropped (one answer comes); a copy of one answered gets the same answer again, without
+        generating it twice. The same id with another payload is a new request."""
+        key = (self.session.reply_target(message).topic, req.id, hashlib.sha256(message.payload).digest())
+        now = time.monotonic()
+        with self._requests_lock:
+            while self._requests and (len(self._requests) > REQUEST_MEMORY or
+                                      now - next(iter(self._requests.values()))[0] > REQUEST_MEMORY_S):
+                self._requests.popitem(last=False)
+            seen = self._requests.get(key)
+            if seen is None:
+                self._requests[key] = (now, None)
+                return True
+        if seen[1] is None:
+            log.info("MQTT inference request %r came again while it is answered (a QoS 1 redelivery or a retry): "
+                     "answered once", req.id[:64])
+        else:
+            log.info("MQTT inference request %r came again after its answer: the same answer is sent again",
+                     req.id[:64])
+            self._respond(message, req, seen[1])
+        return False
 
     def _answerable(self, message, count: bool = True) -> bool:
         """Whether an inference request (valid or not) gets an answer; if not, why is logged (and counted)."""
@@ -450,18 +481,17 @@ class Agent:
         log.info("desired config version %s, applied before the restart, applied again", desired.version)
         self._apply_desired(desired)
 
-    def _send_telemetry(self) -> None:
+    def _send_telemetry(self, final: bool = False) -> None:
         self._last_telemetry = time.monotonic()
-        m = self.model
-        report = self.window.take(self.cfg.device.id, m.bundle.manifest.version if m else None,
-                                  self._execution_path())
-        if self.session is not None:
-            self.session.publish_telemetry(report)
+        for report in self.window.take(self.cfg.device.id, final=final):
+            if self.session is not None:
+                self.session.publish_telemetry(report)
 
     def _infer(self, message, req: InferenceRequest) -> None:
-        with self.http.mqtt_request():  # shutdown waits for it, answer included
+        with self.http.mqtt_request(), ExitStack() as serving:  # shutdown waits for it, answer included
+            served = {}  # the label of the model that took it (its telemetry window waits for this answer)
             try:
-                text, usage, finish = self._generate_for(req)
+                text, usage, finish = self._generate_for(req, serving, served)
                 response = InferenceResponse(id=req.id, text=text, usage=usage, finish_reason=finish)
             except ApiError as exc:
                 code = {400: "bad_request", 429: "busy", 503: "model_unavailable"}.get(exc.status, "internal")
@@ -472,13 +502,26 @@ class Agent:
                 log.exception("MQTT inference request %s failed", req.id)
                 response = InferenceResponse(id=req.id, error=ErrorInfo(code="internal", message=str(exc)))
             if response.error:
-                self.window.record_error()
-            try:
-                self.session.respond(message, response)
-            except AgentError as exc:
-                log.warning("MQTT inference request %s: %s", req.id, exc)
+                self.window.record_error(label=served.get("label"))
+            self._remember_answer(message, req, response)
+            self._respond(message, req, response)
 
-    def _generate_for(self, req: InferenceRequest):
+    def _remember_answer(self, message, req: InferenceRequest, response: InferenceResponse) -> None:
+        key = (self.session.reply_target(message).topic, req.id, hashlib.sha256(message.payload).digest())
+        with self._requests_lock:
+            if key in self._requests:
+                if response.error is not None and response.error.code in RETRYABLE:  # a retry is generated anew
+                    del self._requests[key]
+                else:
+                    self._requests[key] = (self._requests[key][0], response)
+
+    def _respond(self, message, req: InferenceRequest, response: InferenceResponse) -> None:
+        try:
+            self.session.respond(message, response)
+        except AgentError as exc:
+            log.warning("MQTT inference request %s: %s", req.id, exc)
+
+    def _generate_for(self, req: InferenceRequest, serving: ExitStack, served: dict):
         # read as the HTTP API reads the same request: a chat ends at GLM's end-of-turn tokens, a stop string
         # that is a special token becomes a stop token, the chat template's [gMASK]<sop> is not added twice,
         # an empty stop string is refused (it cut every answer to nothing)
@@ -486,6 +529,8 @@ class Agent:
                                        "repetition_penalty", "seed", "stop"}, exclude_none=True)
         with self.http.engine_slot() as slot:
             model = slot.model
+            served["label"] = label = serving_label(model)
+            serving.enter_context(self.window.serving(label))
             gen = chat_request(body, self.http.sampling, model.tokenizer) if req.messages is not None \
                 else completion_request(body, self.http.sampling)
             gen = with_special_stops(gen, model.tokenizer)
@@ -503,7 +548,7 @@ class Agent:
             finally:
                 tokens.close()  # a stop string ends the text early: the request leaves the batch
         gaps = [b - a for a, b in zip(times, times[1:])]
-        self.window.record(times[0] - t0 if times else None, gaps, len(gaps), sum(gaps))
+        self.window.record(times[0] - t0 if times else None, gaps, len(gaps), sum(gaps), label=label)
         return text, Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens), \
             outcome.finish_reason
 

@@ -29,7 +29,7 @@ import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
@@ -43,6 +43,7 @@ from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServingMetrics
 from agent.openai_compat import (ApiError, ChatShape, CompletionShape, GenerationRequest, Outcome, chat_request,
                                  check_model_field, completion_request, generate_text, model_card, model_id,
                                  prompt_ids, reject_constant, with_special_stops)
+from agent.telemetry import serving_label
 from runtime.batching import EngineFailed, Handle, Scheduler, SchedulerClosed, SchedulerStats
 from runtime.errors import RequestError
 from runtime.generate import SamplingParams
@@ -473,7 +474,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._status, self._streaming, self._t0 = 0, False, time.perf_counter()
         self._body_pending = self.headers.get("Content-Length", "0") not in ("", "0") or \
             "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        with api._request():
+        self._label = None  # the telemetry label of the model that took the request, once one did
+        with api._request(), ExitStack() as self._serving:  # (its window waits for the answer and its error)
             try:
                 self._route(api, route, path)
             except ApiError as exc:
@@ -538,7 +540,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _fail(self, endpoint: str, exc: ApiError) -> None:
         self.server.api.metrics.errors.inc(endpoint=endpoint, type=exc.type)
         if self.server.api.window is not None and exc.status >= 500:
-            self.server.api.window.record_error()
+            self.server.api.window.record_error(label=self._label)
         if self._status and not self._streaming:  # a response is half out: only closing is left
             self.close_connection = True
             return
@@ -686,6 +688,9 @@ class _Handler(BaseHTTPRequestHandler):
         check_model_field(body.get("model"), api.current_model())
         with api.engine_slot() as slot:
             model = slot.model
+            if api.window is not None:  # latency and errors from here on belong to this model
+                self._label = serving_label(model)
+                self._serving.enter_context(api.window.serving(self._label))
             req = with_special_stops(req, model.tokenizer)
             ids = prompt_ids(req, model)
             try:
@@ -724,7 +729,8 @@ class _Handler(BaseHTTPRequestHandler):
                 m.prompt_tokens.inc(outcome.prompt_tokens, endpoint=endpoint)
                 m.completion_tokens.inc(outcome.completion_tokens, endpoint=endpoint)
                 if api.window is not None:
-                    api.window.record(timing["ttft"], timing["gaps"], len(timing["gaps"]), sum(timing["gaps"]))
+                    api.window.record(timing["ttft"], timing["gaps"], len(timing["gaps"]), sum(timing["gaps"]),
+                                      label=self._label)
         m.request_latency.observe(time.perf_counter() - self._t0, endpoint=endpoint)
 
 

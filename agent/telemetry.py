@@ -1,20 +1,44 @@
-"""Latency telemetry: raw samples of one reporting window, summarised as a TelemetryReport.
+"""Latency telemetry: raw samples of reporting windows, summarised as TelemetryReports.
 
 The HTTP API and MQTT inference record every finished request here; every
-`telemetry.interval_s` the agent takes the window (which starts a new one) and publishes it.
+`telemetry.interval_s` the agent takes the windows (which starts a new one) and publishes them.
 Samples are kept raw (bounded) so that percentiles are exact, not histogram estimates.
+
+A report is tagged with one model version and execution path (its `Label`), and the windows
+follow each other without gaps (each starts where the previous one ended) so that the controller
+can check that none is missing. A model switch (an OTA update, a rollback) therefore cuts the
+window: what was served before it is reported under the model that served it, not the new one.
+Requests still running on the old model when it is switched finish on it: their latency and
+their errors (a request whose model went away under it is answered 503) go to the old model's
+window, which is held back until none of them is in flight (at most `HOLD_S`). A fleet's
+rollout gate compares the new version's reports with the old one's: the switch itself must not
+count against the new version.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from agent.topics import LatencyPercentiles, TelemetryReport
 
 MAX_SAMPLES = 20_000  # per window; beyond it the oldest samples are overwritten (percentiles stay sane)
+HOLD_S = 600.0  # the longest a window cut at a model switch waits for the old model's last requests
+
+Label = tuple  # (model_version or None, execution_path or None): what a report is tagged with
+NO_MODEL: Label = (None, None)
+
+
+def serving_label(model) -> Label:
+    """The label of the requests a loaded model serves, e.g. ("1.2.0", "onnxruntime:cpu")."""
+    if model is None:
+        return NO_MODEL
+    device = str(getattr(model.engine, "device", "CPU")).removesuffix("ExecutionProvider")
+    return model.bundle.manifest.version, f"{model.backend}:{device}".lower()
 
 
 def _percentiles(values: list[float]) -> LatencyPercentiles | None:
@@ -24,41 +48,104 @@ def _percentiles(values: list[float]) -> LatencyPercentiles | None:
     return LatencyPercentiles(p50=float(p50), p95=float(p95), p99=float(p99))
 
 
+@dataclass
+class _Window:
+    label: Label
+    start: float
+    end: float | None = None  # set when cut at a model switch
+    cut_at: float = 0.0  # monotonic time of the cut (for HOLD_S)
+    count: int = 0
+    errors: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    ttft: list = field(default_factory=list)
+    per_token: list = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.count or self.errors)
+
+    def report(self, device: str, end: float) -> TelemetryReport:
+        return TelemetryReport(
+            device=device, window_start=self.start, window_end=max(end, self.start), count=self.count,
+            ttft_ms=_percentiles(self.ttft), per_token_ms=_percentiles(self.per_token),
+            tokens_per_s=(self.tokens / self.busy_s) if self.busy_s > 0 else None,
+            errors=self.errors, model_version=self.label[0], execution_path=self.label[1])
+
+
 class LatencyWindow:
-    def __init__(self, max_samples: int = MAX_SAMPLES):
+    def __init__(self, max_samples: int = MAX_SAMPLES, label: Label = NO_MODEL):
         self._lock = threading.Lock()
         self._max = max_samples
-        self._reset(time.time())
+        self._open = _Window(label, time.time())
+        self._cut: list[_Window] = []  # cut at a model switch, waiting for the old model's last requests
+        self._in_flight: dict[Label, int] = {}
 
-    def _reset(self, now: float) -> None:
-        self.start, self.count, self.errors, self.tokens, self.busy_s = now, 0, 0, 0, 0.0
-        self.ttft: list[float] = []
-        self.per_token: list[float] = []
+    @property
+    def label(self) -> Label:
+        return self._open.label
 
-    def record(self, ttft_s: float | None, token_intervals_s: list[float], tokens: int, decode_s: float) -> None:
-        """One finished request: time to first token, the gaps between later tokens, their count."""
-        with self._lock:
-            self.count += 1
-            self.tokens += tokens
-            self.busy_s += decode_s
-            if ttft_s is not None:
-                self.ttft.append(ttft_s)
-            self.per_token.extend(token_intervals_s)
-            del self.ttft[:-self._max], self.per_token[:-self._max]
-
-    def record_error(self, n: int = 1) -> None:
-        with self._lock:
-            self.errors += n
-
-    def take(self, device: str, model_version: str | None, execution_path: str | None,
-             now: float | None = None) -> TelemetryReport:
-        """The report of the window so far; a new window starts."""
+    def switch(self, label: Label, now: float | None = None) -> None:
+        """The agent serves another model (or path, or none) from now: the window is cut here."""
         now = time.time() if now is None else now
         with self._lock:
-            report = TelemetryReport(
-                device=device, window_start=self.start, window_end=max(now, self.start), count=self.count,
-                ttft_ms=_percentiles(self.ttft), per_token_ms=_percentiles(self.per_token),
-                tokens_per_s=(self.tokens / self.busy_s) if self.busy_s > 0 else None,
-                errors=self.errors, model_version=model_version, execution_path=execution_path)
-            self._reset(now)
-        return report
+            if label == self._open.label:
+                return
+            if self._open.empty() and not self._in_flight.get(self._open.label):
+                self._open.label = label  # nothing was served under the old label: no report for it
+                return
+            self._open.end, self._open.cut_at = max(now, self._open.start), time.monotonic()
+            self._cut.append(self._open)
+            self._open = _Window(label, self._open.end)
+
+    def _window_for(self, label: Label | None) -> _Window:
+        if label is not None and label != self._open.label:
+            for w in reversed(self._cut):
+                if w.label == label:
+                    return w
+        return self._open  # (a label whose window was reported already: the sample goes to the current one)
+
+    @contextmanager
+    def serving(self, label: Label):
+        """Around one request served by the model with `label` (its answer and the counting of its error
+        included): a window cut at a model switch waits for it."""
+        with self._lock:
+            self._in_flight[label] = self._in_flight.get(label, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight[label] -= 1
+                if not self._in_flight[label]:
+                    del self._in_flight[label]
+
+    def record(self, ttft_s: float | None, token_intervals_s: list[float], tokens: int, decode_s: float,
+               label: Label | None = None) -> None:
+        """One finished request: time to first token, the gaps between later tokens, their count; `label`:
+        the model that served it (None: the one served now)."""
+        with self._lock:
+            w = self._window_for(label)
+            w.count += 1
+            w.tokens += tokens
+            w.busy_s += decode_s
+            if ttft_s is not None:
+                w.ttft.append(ttft_s)
+            w.per_token.extend(token_intervals_s)
+            del w.ttft[:-self._max], w.per_token[:-self._max]
+
+    def record_error(self, n: int = 1, label: Label | None = None) -> None:
+        with self._lock:
+            self._window_for(label).errors += n
+
+    def take(self, device: str, now: float | None = None, final: bool = False) -> list[TelemetryReport]:
+        """The reports of the windows cut at model switches whose requests have all finished (every one with
+        `final`), then the report of the current window so far; a new window starts."""
+        now = time.time() if now is None else now
+        with self._lock:
+            ready = [w for w in self._cut if final or not self._in_flight.get(w.label)
+                     or time.monotonic() - w.cut_at >= HOLD_S]
+            self._cut = [w for w in self._cut if w not in ready]
+            reports = [w.report(device, w.end) for w in ready]
+            reports.append(self._open.report(device, now))
+            self._open = _Window(self._open.label, max(now, self._open.start))
+        return reports
+

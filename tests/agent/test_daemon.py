@@ -453,3 +453,74 @@ def test_a_model_that_served_its_probation_is_off_probation(mosquitto, signed_bu
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_telemetry_reports_each_request_under_the_model_that_served_it_across_an_update(mosquitto, signed_bundles,
+                                                                                      tmp_path):
+    """HTTP clients keep the agent busy while v1.1.0 replaces v1.0.0. Every request is counted in a report tagged
+    with the version that answered it (the answer's `model` field says which), requests still running on v1.0.0 at
+    the switch included: the window that held the switch used to go out tagged 1.1.0 with v1.0.0's requests and
+    the 503s of the switch in it, and a rollout's gate compared them as the new version's."""
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path)
+    try:
+        ctl = Controller(mosquitto.port)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
+        ctl.chunks.add("install-v1", signed_bundles["v1"])
+        ctl.publish(ota_offer_topic(FLEET, DEVICE), make_offer(open_bundle(signed_bundles["v1"]), "install-v1",
+                                                               {"type": "mqtt"}).model_dump_json(), retain=True)
+        assert ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: "result" in d)["result"] == "committed"
+        until(lambda: _ready(http_port))
+
+        answered: dict[str, int] = {}  # model id -> successful answers
+        failed: list[int] = []  # HTTP status of each answer that was a server error
+        stop = threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    out = http_json(http_port, "/v1/completions", {"prompt": "def main(", "max_tokens": 24})
+                    answered[out["model"]] = answered.get(out["model"], 0) + 1
+                except urllib.error.HTTPError as exc:
+                    failed.append(exc.code)
+
+        clients = [threading.Thread(target=client) for _ in range(3)]
+        for c in clients:
+            c.start()
+        try:
+            until(lambda: sum(answered.values()) >= 10)
+            ctl.chunks.add("u2", signed_bundles["v2"])
+            ctl.publish(ota_offer_topic(FLEET, DEVICE), make_offer(open_bundle(signed_bundles["v2"]), "u2",
+                                                                   {"type": "mqtt"}).model_dump_json(), retain=True)
+            final = ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: d.get("update_id") == "u2" and "result" in d)
+            assert final["result"] == "committed", final
+            until(lambda: answered.get("tiny-1.1.0", 0) >= 10)
+        finally:
+            stop.set()
+            for c in clients:
+                c.join(60)
+        proc.send_signal(signal.SIGTERM)  # its last report goes out before the offline state
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"] is False)
+        reports = {}
+        while True:  # every report is in by now (QoS 1, published before the offline state)
+            try:
+                msg = ctl.messages[telemetry_topic(FLEET, DEVICE)].get(timeout=1.0)
+            except queue.Empty:
+                break
+            r = json.loads(msg.payload)
+            reports[r["window_end"]] = r  # (a QoS 1 second copy counts once, as the controller counts it)
+        counted, errors = {}, {}
+        for r in reports.values():
+            counted[r["model_version"]] = counted.get(r["model_version"], 0) + r["count"]
+            errors[r["model_version"]] = errors.get(r["model_version"], 0) + r["errors"]
+        assert answered.get("tiny-1.0.0", 0) >= 10 and answered["tiny-1.1.0"] >= 10
+        assert counted.get("1.1.0") == answered["tiny-1.1.0"], (counted, answered, failed)
+        assert counted.get("1.0.0") == answered["tiny-1.0.0"], (counted, answered, failed)
+        assert not errors.get("1.1.0"), (errors, failed)  # the switch's 503s are not the new model's
+        assert sum(errors.values()) == len(failed), (errors, failed)
+        ordered = sorted(reports.values(), key=lambda r: r["window_start"])  # still windows without gaps
+        assert all(a["window_end"] == b["window_start"] for a, b in zip(ordered, ordered[1:])), ordered
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -220,6 +220,19 @@ def test_a_chat_request_is_answered_as_the_http_chat_api_answers_it(served):
     assert compared, "no sampled chat answer ended before max_tokens"
 
 
+def test_a_developer_message_is_read_as_the_http_chat_api_reads_it(served):
+    """OpenAI's newer clients send the system prompt as role "developer": the HTTP API reads it as a system
+    message, MQTT refused the whole request ("Input should be 'system', 'user' or 'assistant')."""
+    running, requester = served
+    messages = [{"role": "developer", "content": "Answer in Python."}, {"role": "user", "content": "def f("}]
+    http = _http_chat(running.agent.http.port, {"messages": messages, "max_tokens": 12})
+    as_system = _http_chat(running.agent.http.port, {"messages": [{**messages[0], "role": "system"}, messages[1]],
+                                                     "max_tokens": 12})
+    requester.ask({"id": "dev", "messages": messages, "max_tokens": 12})
+    answer = requester.answer("dev")
+    assert answer["text"] == http["choices"][0]["message"]["content"] == as_system["choices"][0]["message"]["content"]
+
+
 def test_an_empty_stop_string_is_refused_naming_it(served):
     """`stop: [""]` matched at once: every answer was empty, finish_reason "stop", and no error said why."""
     running, requester = served
@@ -241,3 +254,36 @@ def test_a_response_topic_the_broker_would_refuse_does_not_cut_the_agent_off(ser
     requester.ask({"id": "next", "prompt": "x", "max_tokens": 1})
     assert requester.answer("next")["text"] is not None
     assert running.agent.session.stats.connects == connects and running.agent.session.connected
+
+
+def _generated(running) -> int:
+    """Requests generated since the last call (the agent's telemetry window, taken)."""
+    return sum(r.count for r in running.agent.window.take(DEVICE))
+
+
+def test_a_second_copy_of_a_request_is_not_generated_twice(served, caplog):
+    """QoS 1 is at-least-once: after a reconnect the broker hands a request again, and a requester that missed
+    the answer asks again with the same id. Each copy was generated anew and answered again (twice the work on
+    a small box, two different answers to one question with sampling). A copy of a request still running is
+    dropped, one of a request answered gets the same answer again; the same id with another payload is a new
+    request."""
+    caplog.set_level(logging.INFO, logger="edgeglm.agent")
+    running, requester = served
+    _generated(running)
+    request = {"id": "dup", "prompt": "def f(", "max_tokens": 48, "temperature": 1.5}  # no seed: every run differs
+    requester.ask(request)
+    requester.ask(request)
+    first = requester.answer("dup")
+    until(lambda: "came again" in caplog.text, timeout=WAIT)
+    requester.ask(request)  # asked again after the answer
+    # the second copy was dropped (it came while the first ran) or answered again (it came after)
+    expected = 2 if "while it is answered" in caplog.text else 3
+    until(lambda: len(requester.answers("dup")) == expected, timeout=WAIT)
+    answers = requester.answers("dup")
+    assert all(a == first for a in answers) and first["text"], answers
+    assert _generated(running) == 1
+    requester.ask({**request, "max_tokens": 5})  # the same id, another request: generated and answered
+    until(lambda: len(requester.answers("dup")) == expected + 1, timeout=WAIT)
+    assert requester.answers("dup")[-1]["usage"]["completion_tokens"] <= 5
+    assert _generated(running) == 1
+    assert no_traceback(caplog)
