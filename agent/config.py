@@ -78,7 +78,7 @@ class HttpSettings(_Section):
 class SamplingSettings(_Section):
     """Defaults for requests that leave a field out; ranges as in runtime.generate.SamplingParams."""
 
-    max_tokens: int = Field(256, ge=1)
+    max_tokens: int = Field(256, ge=1, le=1 << 20)
     temperature: float = Field(0.0, ge=0.0, le=100.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0 = off
@@ -295,8 +295,22 @@ def nest(flat: dict) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r} sets a field inside {p!r}, which is also given a plain value")
-        node[leaf] = _deep_update(node[leaf], value) if isinstance(node.get(leaf), dict) and isinstance(value, dict) \
-            else value
+        if leaf in node:
+            node[leaf] = _merge_once(node[leaf], value, ".".join([*parents, leaf]))
+        else:
+            node[leaf] = value
+    return out
+
+
+def _merge_once(old, new, name: str):
+    """Two parts of one update that name the same section ({"sampling.top_k": 5, "sampling": {"top_p": 0.9}}):
+    merged, but a setting given twice ({"sampling.top_k": 5, "sampling": {"top_k": 7}}) is refused, not
+    settled by the order of the keys."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        raise ConfigError(f"{name!r} is given twice (dotted and nested); give each setting once")
+    out = dict(old)
+    for k, v in new.items():
+        out[k] = _merge_once(out[k], v, f"{name}.{k}") if k in out else v
     return out
 
 

@@ -25,6 +25,9 @@ REMOTE_SETTINGS = ("sampling", "batching", "telemetry", "log_level", "cache.max_
 # settings the desired config may lower but not raise above the box's own value: the memory budget, and
 # whether prompts' KV (their token ids) may be written to disk (a box that keeps it off stays off)
 LOCAL_CEILINGS = ("cache.max_mb", "cache.persist")
+# the least the desired config may set, where the box's own config may go lower (a test rig reporting every
+# 0.3 s): one fleet-wide typo (0.001) would have every box publish a thousand reports a second
+REMOTE_FLOORS = {"telemetry.interval_s": 1.0}
 
 
 def is_remote(key: str) -> bool:
@@ -76,4 +79,16 @@ def remote_config_problems(local: AgentConfig, current: AgentConfig, new: AgentC
             else:
                 problems.append(f"{key} = {value!r} is above this box's own limit {ceiling!r} (set in the agent's "
                                 "config): the desired config may lower it, not raise it")
+    return problems + floor_problems(current, new)
+
+
+def floor_problems(current: AgentConfig, new: AgentConfig) -> list[str]:
+    """The settings of `new` below REMOTE_FLOORS (a value the box already has is no problem)."""
+    problems = []
+    for key, floor in REMOTE_FLOORS.items():
+        section, field = key.split(".")
+        value = getattr(getattr(new, section), field)
+        if value < floor and value != getattr(getattr(current, section), field):
+            problems.append(f"{key} = {value!r} is below {floor!r}, the least a desired config may set (a "
+                            "fleet-wide value this low floods the broker); a box's own config may set less")
     return problems

@@ -240,7 +240,10 @@ class LatencyPercentiles(BaseModel):
 
 class TelemetryReport(Payload):
     """Latency of the requests served in one window. A percentile is None when the window has no sample of
-    it: no requests (count 0), or requests without one (a one-token answer has no per-token gap)."""
+    it: no requests (count 0), or requests without one (a one-token answer has no per-token gap). Windows
+    follow each other without gaps; a model switch cuts one, and each request and error is reported under
+    the model version that served it (one still running on the old model when the new one took over
+    included: that window is sent once it has finished)."""
 
     device: str = Field(pattern=ID_PATTERN, max_length=128)
     window_start: float = Field(description="unix time, seconds")
@@ -263,7 +266,7 @@ class TelemetryReport(Payload):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: read as system (as the HTTP API does)
     content: str
 
 
@@ -350,12 +353,14 @@ def _describe(err: ValidationError, limit: int = 3) -> str:
 
 
 def parse_payload(model_cls: type[M], raw: bytes, max_bytes: int, topic: str = "?") -> M:
-    """`raw` as a `model_cls`, or PayloadError naming the topic and what is wrong."""
+    """`raw` as a `model_cls`, or PayloadError naming the topic and what is wrong. Read strictly: JSON types must
+    be the fields' own (`"version": "7"` or `true` is no integer, `"max_tokens": 5.0` is no count), as the HTTP
+    API and the config files read them, instead of being converted silently."""
     if len(raw) > max_bytes:
         raise PayloadError(topic, f"payload is {len(raw)} bytes, more than the {max_bytes}-byte limit "
                                   f"for {model_cls.__name__}")
     try:
-        return model_cls.model_validate_json(raw)
+        return model_cls.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise PayloadError(topic, f"not a valid {model_cls.__name__}: {_describe(exc)}") from None
 

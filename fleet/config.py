@@ -144,13 +144,13 @@ def check_desired_config(settings: dict) -> None:
     above the box's own value) is checked by each agent, and a refusal shows in `fleet status`
     (config ... REFUSED)."""
     from agent.config import AgentConfig, DeviceSettings, with_updates
-    from agent.remote_config import REMOTE_SETTINGS, local_only_keys
+    from agent.remote_config import REMOTE_SETTINGS, floor_problems, local_only_keys
 
     # the agent defaults, built without reading EDGEGLM_* variables: model_validate would read them, and
     # EDGEGLM_MQTT__PASSWORD (the controller's too) without a username failed the agent's schema with a traceback
     base = AgentConfig.model_construct(device=DeviceSettings(id="fleet-check", fleet="fleet-check"))
     try:
-        with_updates(base, settings)
+        new = with_updates(base, settings)
     except ConfigError as exc:
         text = str(exc).replace("(from the desired-config update)", "(from the command line)")
         text = text.removeprefix("invalid config: ").removesuffix("; the running config is unchanged")
@@ -161,3 +161,6 @@ def check_desired_config(settings: dict) -> None:
         raise ConfigError(f"{', '.join(fixed)}: local-only; the agents refuse a desired config that changes {them} "
                           f"(the fleet may set only {', '.join(REMOTE_SETTINGS)}); nothing was published. Change "
                           f"local-only settings in each agent's config file")
+    low = floor_problems(base, new)
+    if low:
+        raise ConfigError(f"invalid desired config: {'; '.join(low)}; nothing was published")

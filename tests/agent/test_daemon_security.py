@@ -332,3 +332,28 @@ def test_a_restart_keeps_the_fleet_layer_it_had_applied_when_the_latest_is_refus
         assert own.applied_config_version == 1 and own.cfg.cache.max_mb == 8
     finally:
         own.shutdown(1)
+
+
+def test_the_fleet_cannot_set_a_telemetry_interval_that_floods_the_broker(tmp_path):
+    """A desired config is pushed to a whole fleet: `telemetry.interval_s = 0.001` had every box publish a thousand
+    reports a second. The fleet may set 1 s or more; a box's own config may set less (a test rig), and a desired
+    config that repeats the box's own value is not refused for it."""
+    agent = _agent(tmp_path)
+    agent._apply_desired(DesiredConfig(version=1, settings={"telemetry": {"interval_s": 0.001}}))
+    assert agent.applied_config_version is None and agent.cfg.telemetry.interval_s == 30.0
+    assert "telemetry.interval_s = 0.001 is below 1.0, the least a desired config may set" in agent.last_config_error
+    agent._apply_desired(DesiredConfig(version=2, settings={"telemetry": {"interval_s": 1.0}}))
+    assert agent.applied_config_version == 2 and agent.cfg.telemetry.interval_s == 1.0
+    rig = _agent(tmp_path / "rig", **{"telemetry.interval_s": 0.3})
+    rig._apply_desired(DesiredConfig(version=1, settings={"telemetry": {"interval_s": 0.3}, "sampling.top_k": 4}))
+    assert rig.applied_config_version == 1 and rig.cfg.telemetry.interval_s == 0.3
+
+
+def test_a_desired_config_giving_one_setting_twice_is_refused_not_settled_by_key_order(tmp_path):
+    agent = _agent(tmp_path)
+    agent._apply_desired(DesiredConfig(version=1, settings={"sampling.max_tokens": 5,
+                                                             "sampling": {"max_tokens": 7, "top_k": 2}}))
+    assert agent.applied_config_version is None and agent.cfg.sampling.max_tokens == 256
+    assert "'sampling.max_tokens' is given twice (dotted and nested)" in agent.last_config_error
+    agent._apply_desired(DesiredConfig(version=2, settings={"sampling.max_tokens": 5, "sampling": {"top_k": 2}}))
+    assert agent.applied_config_version == 2 and (agent.cfg.sampling.max_tokens, agent.cfg.sampling.top_k) == (5, 2)

@@ -494,6 +494,27 @@ def test_parse_payload_error_names_topic_and_problem():
     assert str(err.value).endswith("the message is dropped")
 
 
+@pytest.mark.parametrize("raw,problem", [
+    (b'{"version": "7"}', "field 'version': Input should be a valid integer (got '7')"),
+    (b'{"version": true}', "field 'version': Input should be a valid integer (got True)"),
+    (b'{"version": 7.0}', "field 'version': Input should be a valid integer (got 7.0)"),
+])
+def test_payload_numbers_must_be_json_numbers_of_the_fields_type(raw, problem):
+    """A desired config's version "7" or true was read as 7 or 1 (and true compared as version 1 against the
+    applied one); MQTT inference took "max_tokens": "5" that the HTTP API refuses. Wire payloads are read
+    strictly; a float field still takes a JSON integer."""
+    from agent.topics import InferenceRequest, parse_payload
+
+    with pytest.raises(PayloadError) as err:
+        parse_payload(DesiredConfig, raw, 1024, "t")
+    assert problem in str(err.value)
+    with pytest.raises(PayloadError, match="field 'max_tokens': Input should be a valid integer"):
+        parse_payload(InferenceRequest, b'{"id": "a", "prompt": "x", "max_tokens": "5"}', 1024, "t")
+    req = parse_payload(InferenceRequest, b'{"id": "a", "prompt": "x", "max_tokens": 5, "temperature": 1}', 1024, "t")
+    assert (req.max_tokens, req.temperature) == (5, 1.0)
+    assert parse_payload(DesiredConfig, b'{"version": 7, "settings": {"a.b": 1}}', 1024, "t").version == 7
+
+
 # -- settings and backoff ------------------------------------------------------------------------
 
 

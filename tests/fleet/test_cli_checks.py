@@ -250,6 +250,10 @@ def test_config_set_refuses_what_the_agents_would_refuse_before_publishing(mosqu
             "ota.require_signature, cache.persist_dir: local-only", "nothing was published")
     refused(cli(*args, "ota.trusted_keys=/tmp/evil-keys"), "ota.trusted_keys: local-only")
     refused(cli(*args, "sampling=1", "sampling.top_k=2"), "'sampling.top_k' sets a field inside 'sampling'")
+    refused(cli(*args, "telemetry.interval_s=0.01"), "telemetry.interval_s = 0.01 is below 1.0, the least a desired "
+            "config may set", "nothing was published")
+    refused(cli(*args, "sampling.max_tokens=99999999"), "sampling.max_tokens = 99999999 (from the command line) is "
+            "invalid")
     refused(cli("config", "set", "--group", "ring9", "--db", str(db), "sampling.max_tokens=-1"),
             "--group 'ring9': no such group or fleet")
     assert retained(mosquitto.port, desired_topic(FLEET, "d1")) == []
