@@ -91,6 +91,24 @@ class Controller:
     def publish(self, topic: str, payload: str, retain: bool = False, props: Properties | None = None):
         self.client.publish(topic, payload, qos=1, retain=retain, properties=props).wait_for_publish(10)
 
+    def offer(self, update_id: str, bundle) -> None:
+        """Serve `bundle`'s chunks under `update_id` and publish its offer (retained, as the controller does)."""
+        self.chunks.add(update_id, bundle)
+        self.publish(ota_offer_topic(FLEET, DEVICE),
+                     make_offer(open_bundle(bundle), update_id, {"type": "mqtt"}).model_dump_json(), retain=True)
+
+    def install(self, update_id: str, bundle) -> dict:
+        """Offer `bundle` and wait for the update's result; the final OTA status."""
+        self.offer(update_id, bundle)
+        return self.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: d.get("update_id") == update_id and "result" in d)
+
+
+def kill_agent(proc: subprocess.Popen) -> None:
+    """Kill an agent process a test left running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
 
 def start_agent(mosquitto, signed_bundles, tmp_path, extra: str = ""):
     http_port = free_port()
@@ -130,9 +148,7 @@ max_latency_ratio = 100.0  # these tests are not about the latency budget (tests
 def agent_process(mosquitto, signed_bundles, tmp_path):
     proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path)
     yield proc, http_port, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    kill_agent(proc)
 
 
 def http_json(port: int, path: str, body: dict | None = None):
@@ -229,9 +245,7 @@ def test_transfer_survives_a_broker_restart_and_an_agent_kill(mosquitto, signed_
         state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["model"] is not None)
         assert state["model"]["version"] == "1.0.0"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_agent(proc)
 
 
 def test_an_update_resumed_after_a_kill_keeps_the_old_model_serving_and_after_it_fails(mosquitto, signed_bundles,
@@ -243,15 +257,9 @@ def test_an_update_resumed_after_a_kill_keeps_the_old_model_serving_and_after_it
     try:
         ctl = Controller(mosquitto.port, chunk_delay_s=0.15)
         ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
-        ctl.chunks.add("install-v1", signed_bundles["v1"])
-        ctl.publish(ota_offer_topic(FLEET, DEVICE),
-                    make_offer(open_bundle(signed_bundles["v1"]), "install-v1", {"type": "mqtt"}).model_dump_json(),
-                    retain=True)
-        assert ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: "result" in d)["result"] == "committed"
+        assert ctl.install("install-v1", signed_bundles["v1"])["result"] == "committed"
         ctl.requested.clear()
-        ctl.chunks.add("u2", signed_bundles["v2"])
-        ctl.publish(ota_offer_topic(FLEET, DEVICE),
-                    make_offer(open_bundle(signed_bundles["v2"]), "u2", {"type": "mqtt"}).model_dump_json(), retain=True)
+        ctl.offer("u2", signed_bundles["v2"])
         until(lambda: len(ctl.requested) >= 2)
         ctl.answer_chunks = False  # the controller stalls: the download cannot finish before the checks below
         # the stall shows in the agent's log (it said nothing while asking again and again)
@@ -277,9 +285,7 @@ def test_an_update_resumed_after_a_kill_keeps_the_old_model_serving_and_after_it
         state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"] and d["model"] is not None, timeout=30)
         assert state["model"]["version"] == "1.0.0"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_agent(proc)
 
 
 def _ready(port: int) -> bool:
@@ -302,9 +308,7 @@ def test_an_offer_that_comes_while_an_update_runs_is_taken_after_it(mosquitto, s
         ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
         ctl.answer_chunks = False  # u2 stays in DOWNLOADING until the second offer has reached the agent
         for update_id, bundle in (("u2", signed_bundles["v2"]), ("u3", v3)):
-            ctl.chunks.add(update_id, bundle)
-            ctl.publish(ota_offer_topic(FLEET, DEVICE),
-                        make_offer(open_bundle(bundle), update_id, {"type": "mqtt"}).model_dump_json(), retain=True)
+            ctl.offer(update_id, bundle)
             until(lambda: update_id in log.read_text())  # the agent took u2 / saw u3
         ctl.answer_chunks = True
         results = {}
@@ -315,9 +319,7 @@ def test_an_offer_that_comes_while_an_update_runs_is_taken_after_it(mosquitto, s
         state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: (d["model"] or {}).get("version") == "1.2.0")
         assert state["online"]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_agent(proc)
 
 
 def test_an_offer_too_large_to_take_is_reported_failed_not_dropped(mosquitto, signed_bundles, tmp_path):
@@ -336,9 +338,7 @@ def test_an_offer_too_large_to_take_is_reported_failed_not_dropped(mosquitto, si
         assert status["update_id"] == "u-huge" and status["result"] == "failed"
         assert f"more than the {OFFER_MAX_BYTES}-byte limit" in status["reason"], status
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_agent(proc)
 
 
 def test_the_wall_clock_set_back_keeps_the_agent_reporting_and_reconnecting(mosquitto, tmp_path, monkeypatch):
@@ -403,11 +403,7 @@ def test_a_committed_model_whose_agent_keeps_dying_goes_back_by_itself(mosquitto
         ctl = Controller(mosquitto.port)
         ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
         for update_id, bundle in (("install-v1", "v1"), ("u2", "v2")):
-            ctl.chunks.add(update_id, signed_bundles[bundle])
-            ctl.publish(ota_offer_topic(FLEET, DEVICE), make_offer(open_bundle(signed_bundles[bundle]), update_id,
-                                                                   {"type": "mqtt"}).model_dump_json(), retain=True)
-            final = ctl.wait(ota_status_topic(FLEET, DEVICE),
-                             lambda d, m, u=update_id: d.get("update_id") == u and "result" in d)
+            final = ctl.install(update_id, signed_bundles[bundle])
             assert final["result"] == "committed", final
         for _ in range(2):  # clean stops: no deaths
             proc.send_signal(signal.SIGTERM)
@@ -430,9 +426,7 @@ def test_a_committed_model_whose_agent_keeps_dying_goes_back_by_itself(mosquitto
         state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"] and d["model"] is not None, timeout=30)
         assert state["model"]["version"] == "1.0.0"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_agent(proc)
 
 
 def test_a_model_that_served_its_probation_is_off_probation(mosquitto, signed_bundles, tmp_path):
@@ -442,17 +436,12 @@ def test_a_model_that_served_its_probation_is_off_probation(mosquitto, signed_bu
     try:
         ctl = Controller(mosquitto.port)
         ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
-        ctl.chunks.add("install-v1", signed_bundles["v1"])
-        ctl.publish(ota_offer_topic(FLEET, DEVICE), make_offer(open_bundle(signed_bundles["v1"]), "install-v1",
-                                                               {"type": "mqtt"}).model_dump_json(), retain=True)
-        assert ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: "result" in d)["result"] == "committed"
+        assert ctl.install("install-v1", signed_bundles["v1"])["result"] == "committed"
         probation = tmp_path / "state" / "probation.json"
         until(lambda: not probation.exists())
         assert "model 1.0.0 (update install-v1) passed its probation" in log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_agent(proc)
 
 
 def test_telemetry_reports_each_request_under_the_model_that_served_it_across_an_update(mosquitto, signed_bundles,
@@ -465,10 +454,7 @@ def test_telemetry_reports_each_request_under_the_model_that_served_it_across_an
     try:
         ctl = Controller(mosquitto.port)
         ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
-        ctl.chunks.add("install-v1", signed_bundles["v1"])
-        ctl.publish(ota_offer_topic(FLEET, DEVICE), make_offer(open_bundle(signed_bundles["v1"]), "install-v1",
-                                                               {"type": "mqtt"}).model_dump_json(), retain=True)
-        assert ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: "result" in d)["result"] == "committed"
+        assert ctl.install("install-v1", signed_bundles["v1"])["result"] == "committed"
         until(lambda: _ready(http_port))
 
         answered: dict[str, int] = {}  # model id -> successful answers
@@ -488,10 +474,7 @@ def test_telemetry_reports_each_request_under_the_model_that_served_it_across_an
             c.start()
         try:
             until(lambda: sum(answered.values()) >= 10)
-            ctl.chunks.add("u2", signed_bundles["v2"])
-            ctl.publish(ota_offer_topic(FLEET, DEVICE), make_offer(open_bundle(signed_bundles["v2"]), "u2",
-                                                                   {"type": "mqtt"}).model_dump_json(), retain=True)
-            final = ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: d.get("update_id") == "u2" and "result" in d)
+            final = ctl.install("u2", signed_bundles["v2"])
             assert final["result"] == "committed", final
             until(lambda: answered.get("tiny-1.1.0", 0) >= 10)
         finally:
@@ -521,6 +504,4 @@ def test_telemetry_reports_each_request_under_the_model_that_served_it_across_an
         ordered = sorted(reports.values(), key=lambda r: r["window_start"])  # still windows without gaps
         assert all(a["window_end"] == b["window_start"] for a, b in zip(ordered, ordered[1:])), ordered
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_agent(proc)
