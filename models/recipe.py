@@ -83,7 +83,8 @@ class RecipeError(CheckpointError):
 
 _MANIFEST_NAME = TypeAdapter(Annotated[(str, *Manifest.model_fields["name"].metadata)])
 NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-VERSION_RULE = "must look like 1.2.3 (one to three numbers, optionally with a suffix such as -rc1 or +build5)"
+VERSION_RULE = ("must look like 1.2.3 (one to three numbers without leading zeros, optionally with a suffix such as "
+                "-rc1 or +build5)")
 
 
 def bundle_name_problem(name) -> str | None:

@@ -28,7 +28,9 @@ from ota.errors import BundleError
 
 FORMAT = "edgeglm-bundle/1"
 MANIFEST = "manifest.json"
-VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}([-+][0-9A-Za-z.-]+)?$")  # use fullmatch: "1.0\n" is no version
+# one to three numbers without leading zeros ("01.2.0" would sort as 1.2.0 but name another version than "1.2.0"
+# wherever versions are compared as text: a rollout's "already runs it", fleet status' rows), an optional suffix
+VERSION_RE = re.compile(r"^(0|[1-9]\d*)(\.(0|[1-9]\d*)){0,2}([-+][0-9A-Za-z.-]+)?$")  # use fullmatch: "1.0\n" is none
 CHUNK = 1 << 20
 TRANSFER_CHUNK = 256 * 1024  # default chunk of OTA transfer; each chunk's sha256 is in the manifest
 
@@ -85,7 +87,7 @@ class Manifest(BaseModel):
     @classmethod
     def _version(cls, v: str) -> str:
         if not VERSION_RE.fullmatch(v):
-            raise ValueError(f"{v!r} is not a version like 1.2.3")
+            raise ValueError(f"{v!r} is not a version like 1.2.3 (numbers without leading zeros)")
         return v
 
     @field_validator("format")

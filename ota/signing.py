@@ -80,17 +80,18 @@ def generate_keypair(out_dir: str | Path, name: str = "bundle-signing") -> KeyPa
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     written: list[Path] = []
     try:
-        fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        written.append(priv_path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        fd = os.open(pub_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        written.append(pub_path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(public)
-    except OSError as exc:
+        for path, data, mode in ((priv_path, pem, 0o600), (pub_path, public, 0o644)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # the private key is 0600 from the start
+            written.append(path)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # a power cut right after keygen leaves no empty key file
+    except BaseException as exc:  # an OSError, or Ctrl-C between the two files: no half of a pair is left
         for p in written:
             p.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
         raise SignatureError(f"{out_dir}: cannot write the key files ({exc.strerror or exc}); "
                              "give a directory you can write to; no key was written") from None
     return KeyPair(priv_path, pub_path, key_id(private.public_key()))
@@ -185,11 +186,16 @@ def sign_bundle(bundle: Bundle, private: Ed25519PrivateKey) -> Path:
     path = bundle.root / SIGNATURE
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(sig, indent=2) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(sig, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:  # a read-only bundle directory, a full disk
+    except BaseException as exc:  # a read-only bundle directory, a full disk, Ctrl-C: the old manifest.sig stays
         if tmp.is_file() and not tmp.is_symlink():
             tmp.unlink()
+        if not isinstance(exc, OSError):
+            raise
         raise SignatureError(f"{path}: cannot write the signature ({exc.strerror or exc}); the bundle is left "
                              "as it was; sign a copy you can write to") from None
     return path

@@ -13,7 +13,7 @@ from ota.errors import VersionError
 
 def parse_version(v: str) -> tuple:
     if not VERSION_RE.fullmatch(v or ""):
-        raise VersionError(f"version {v!r} is not like 1.2.3")
+        raise VersionError(f"version {v!r} is not like 1.2.3 (numbers without leading zeros)")
     core, _, pre = v.split("+", 1)[0].partition("-")  # build metadata (+...) first: it may hold a hyphen
     nums = tuple(int(x) for x in core.split(".")) + (0,) * (3 - core.count(".") - 1)
     # a release (no pre-release part) sorts after any of its pre-releases

@@ -42,6 +42,7 @@ def _export(capsys, *args) -> str:
 @pytest.mark.parametrize("flags,fragment", [
     (["--version", "banana"], "--version 'banana': must look like 1.2.3"),
     (["--version", "v1"], "--version 'v1': must look like 1.2.3"),
+    (["--version", "01.2.0"], "--version '01.2.0': must look like 1.2.3 (one to three numbers without leading zeros"),
     (["--name", "../x y"], "--name '../x y': is not a bundle name: use 1 to 128 letters, digits"),
     (["--name", ""], "--name '': is empty; give a bundle name, or leave --name out"),
 ])

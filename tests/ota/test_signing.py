@@ -111,6 +111,15 @@ def test_version_order(lower, higher):
     check_upgrade(higher, lower, rollback=True)
 
 
+@pytest.mark.parametrize("version", ["01.2.0", "1.02.0", "1.2.00", "00"])
+def test_a_version_with_leading_zeros_is_refused(version):
+    """"01.2.0" sorted as 1.2.0 but is another string: a rollout took a box on 1.2.0 for one that needs it, and
+    offered it a bundle its agent refused as a downgrade."""
+    with pytest.raises(VersionError, match=re.escape(f"version {version!r} is not like 1.2.3 (numbers without "
+                                                     "leading zeros)")):
+        check_upgrade("1.0.0", version)
+
+
 def test_same_version_is_not_an_upgrade():
     with pytest.raises(VersionError, match="downgrade"):
         check_upgrade("1.0.0", "1.0.0")
@@ -174,6 +183,33 @@ def test_keygen_leaves_no_half_pair_when_a_write_fails(tmp_path, monkeypatch):
     with pytest.raises(SignatureError, match=r"keys: cannot write the key files \(No space left on device\)"):
         generate_keypair(tmp_path / "keys", "k")
     assert list((tmp_path / "keys").iterdir()) == []
+
+
+def test_ctrl_c_during_keygen_or_signing_leaves_no_half_pair_and_the_old_signature(tmp_path, monkeypatch):
+    """Ctrl-C between the two key files left a private key without its public key (the next keygen with that
+    name was refused: "already exists"); Ctrl-C while signing left manifest.sig.tmp in the bundle."""
+    import os
+
+    import ota.signing
+
+    real_fsync = os.fsync
+    monkeypatch.setattr(ota.signing.os, "fsync", lambda fd: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        generate_keypair(tmp_path / "keys", "k")
+    assert list((tmp_path / "keys").iterdir()) == []
+
+    monkeypatch.setattr(ota.signing.os, "fsync", real_fsync)
+    bundle = _small_bundle(tmp_path / "bundle")
+    pair = generate_keypair(tmp_path / "keys", "k")
+    key = load_private_key(pair.private_path)
+    sign_bundle(open_bundle(bundle), key)
+    old = (bundle / "manifest.sig").read_bytes()
+    monkeypatch.setattr(ota.signing.os, "replace", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        sign_bundle(open_bundle(bundle), generate_keypair(tmp_path / "keys", "k2") and
+                    load_private_key(tmp_path / "keys" / "k2.key"))
+    assert (bundle / "manifest.sig").read_bytes() == old
+    assert not (bundle / "manifest.sig.tmp").exists()
 
 
 @pytest.mark.parametrize("sig", [{"key_id": ["k"], "signature": "AA==", "algorithm": "ed25519"},
