@@ -197,6 +197,11 @@ class Bundle:
 def read_manifest(root: Path) -> Bundle:
     root = Path(root)
     if not root.is_dir():
+        if root.exists():
+            archive = any(root.name.endswith(x) for x in (".tar", ".tar.gz", ".tgz", ".zip", ".tar.xz", ".tar.zst"))
+            raise BundleError(f"{root}: is a file, not a bundle directory" + (
+                "; unpack the archive and give the directory holding manifest.json" if archive else
+                "; give the directory holding manifest.json (made by `edgeglm export`)"))
         raise BundleError(f"{root}: bundle directory not found")
     mpath = root / MANIFEST
     if not mpath.is_file():

@@ -127,6 +127,21 @@ def test_generate_refuses_a_bundle_that_does_not_match_its_manifest(int8_bundle,
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("command", [["probe", "--bundle"], ["bench", "--bundle"], ["generate", "--bundle"],
+                                     ["bundle", "verify"]])
+def test_a_bundle_path_that_is_a_file_is_named_as_such(tmp_path, command):
+    """A bundle archive given as --bundle was "bundle directory not found", which it was not."""
+    archive, plain = tmp_path / "bundle-1.0.0.tar.gz", tmp_path / "weights.bin"
+    archive.write_bytes(b"x")
+    plain.write_bytes(b"y")
+    tail = ["x"] if command[0] == "generate" else ["--trusted", tmp_path] if command[0] == "bundle" else []
+    assert_user_error(edgeglm(*command, archive, *tail), f"{archive}: is a file, not a bundle directory; unpack the "
+                      "archive and give the directory holding manifest.json")
+    assert_user_error(edgeglm(*command, plain, *tail), f"{plain}: is a file, not a bundle directory; give the "
+                      "directory holding manifest.json")
+    assert_user_error(edgeglm(*command, tmp_path / "nope", *tail), "bundle directory not found")
+
+
 def test_generate_bad_settings_name_the_field(int8_bundle):
     assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--temperature", "-1", "x"), "temperature=-1.0")
     assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--backend", "tensorrt", "x"),
