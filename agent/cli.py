@@ -200,6 +200,7 @@ def cmd_bundle_sign(args) -> int:
     from ota.signing import load_private_key, sign_bundle
 
     bundle = open_bundle(args.bundle, chunks=True)  # never sign files that do not match their manifest
+    bundle.check_complete()  # nor a directory holding files the signature would not cover
     path = sign_bundle(bundle, load_private_key(args.key))
     print(f"signed {bundle.manifest.name} {bundle.manifest.version}: {path}")
     return 0
@@ -211,6 +212,7 @@ def cmd_bundle_verify(args) -> int:
 
     bundle = open_bundle(args.bundle, chunks=True)
     kid = verify_bundle_signature(bundle, load_trusted_keys(args.trusted))
+    bundle.check_complete()
     print(f"OK: {bundle.manifest.name} {bundle.manifest.version}, {len(bundle.manifest.files)} files match "
           f"the manifest, signed by key {kid}")
     return 0

@@ -125,6 +125,7 @@ def offerable_bundle(bundle_dir: str | Path):
     trusted keys). `offer`, `edgeglm fleet offer` and `edgeglm fleet rollout` all check this."""
     bundle = open_bundle(bundle_dir, chunks=True)  # never files that fail their manifest, whole or by chunk
     read_signature(bundle.root)  # nor an unsigned bundle, which no agent would activate
+    bundle.check_complete()  # nor files beside it that the manifest does not list (they would not be sent)
     if bundle.manifest.chunk_size > MAX_CHUNK_SIZE:  # nor one whose chunks do not fit in a message
         raise BundleError(f"{bundle.root}: chunk_size {bundle.manifest.chunk_size} is over the {MAX_CHUNK_SIZE} "
                           f"bytes the chunk server sends in one MQTT message; export the bundle with a smaller "

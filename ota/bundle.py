@@ -167,6 +167,23 @@ class Bundle:
         if self.manifest.tokenizer not in listed:
             raise BundleError(f"{self.root / MANIFEST}: tokenizer {self.manifest.tokenizer!r} is not a listed file")
 
+    def unlisted(self) -> list[str]:
+        """Files in the bundle directory that the manifest does not list (besides manifest.json and its
+        manifest.sig), as paths relative to the bundle. No agent reads them and no OTA transfer carries them."""
+        listed = {f.path for f in self.manifest.files} | {MANIFEST, "manifest.sig"}
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
+                      if (p.is_file() or p.is_symlink()) and p.relative_to(self.root).as_posix() not in listed)
+
+    def check_complete(self) -> None:
+        """BundleError naming the files the manifest does not list: what `bundle sign`, `bundle verify` and the
+        controller's offer refuse, since the bundle there is not what the signature covers and the agents get."""
+        extra = self.unlisted()
+        if extra:
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            raise BundleError(f"{self.root}: {len(extra)} file(s) not listed in the manifest: {shown}; the signature "
+                              "does not cover them and no agent would get them; remove them, or export the bundle "
+                              "again with them")
+
     def _check_chunks(self, path: Path, entry: FileEntry) -> str:
         """The file's sha256, after checking each `chunk_size` piece against the manifest's chunk list."""
         size = self.manifest.chunk_size

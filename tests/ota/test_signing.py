@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ota.bundle import open_bundle
-from ota.errors import SignatureError, VersionError
+from ota.errors import BundleError, SignatureError, VersionError
 from ota.signing import (generate_keypair, load_private_key, load_trusted_keys, sign_bundle,
                          verify_bundle_signature)
 from ota.versions import check_upgrade, parse_version
@@ -325,4 +325,26 @@ def test_a_manifest_whose_chunk_hashes_do_not_match_its_files_is_refused_before_
     assert not (bundle / "manifest.sig").exists()
     sign_bundle(open_bundle(bundle, verify=False), load_private_key(pair.private_path))  # signed by other means
     with pytest.raises(BundleError, match=re.escape(message)):
+        offerable_bundle(bundle)
+
+
+def test_files_the_manifest_does_not_list_fail_sign_verify_and_the_offer(tmp_path):
+    """A file put beside a signed bundle's files (a hand-added config, a stray model file) verified "OK": the
+    signature does not cover it and no OTA transfer carries it, so the operator believed a bundle that no agent
+    gets. Sign, verify and the controller's offer name such files; the listed files and manifest.sig pass."""
+    from fleet.controller import offerable_bundle
+
+    bundle = _small_bundle(tmp_path / "bundle")
+    pair = generate_keypair(tmp_path / "keys", "fleet")
+    assert _bundle_cli("sign", bundle, "--key", pair.private_path).returncode == 0
+    assert _bundle_cli("verify", bundle, "--trusted", tmp_path / "keys").returncode == 0
+    offerable_bundle(bundle)
+    (bundle / "onnxruntime" / "extra.onnx").write_bytes(b"not signed")
+    (bundle / ".hidden").write_text("x")
+    for proc in (_bundle_cli("verify", bundle, "--trusted", tmp_path / "keys"),
+                 _bundle_cli("sign", bundle, "--key", pair.private_path)):
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert (f"{bundle}: 2 file(s) not listed in the manifest: .hidden, onnxruntime/extra.onnx; the signature does "
+                "not cover them and no agent would get them") in proc.stderr
+    with pytest.raises(BundleError, match="not listed in the manifest: .hidden, onnxruntime/extra.onnx"):
         offerable_bundle(bundle)
