@@ -41,8 +41,10 @@ Design.
   that is truncated, corrupted, of another shape, written for another model key (copied from
   another model's directory) or whose tokens do not hash to its name is ignored with a warning
   and deleted. Evicting a block deletes its file, and `bind` trims the directory to `max_bytes`
-  (oldest files first) and removes other models' block files, so the disk holds at most what
-  memory may.
+  (oldest files first) and removes the block files of other models that no process serves, so
+  the disk holds at most what memory may, per model in use. Every process bound to a model holds
+  its directory's `.lock` (a shared flock, gone with the process): two agents, or an agent and
+  `edgeglm bench`, sharing one persist_dir with different models keep each other's files.
 
 Thread safety: one lock guards the blocks and counters; the engine work of `prefill_cached`
 runs outside it (callers serialize engine use, as for any forward).
@@ -50,6 +52,7 @@ runs outside it (callers serialize engine use, as for any forward).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -72,6 +75,7 @@ log = logging.getLogger("edgeglm.prefix_cache")
 ROOT = b""  # the parent hash of a prompt's first block
 MAGIC = b"EDGEGLM-KV1\n"
 SUFFIX = ".kvb"
+LEASE = ".lock"  # in each model's directory: held (shared) by every process bound to that model
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # a model key is one directory name
 
 
@@ -120,6 +124,7 @@ class PrefixCache:
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
         self._bytes = self._lookups = self._hits = self._hit_tokens = self._evictions = 0
         self._disk_bytes = 0  # bytes of this model's block files, as far as this process knows
+        self._lease: tuple[Path, weakref.finalize] | None = None  # (model directory, closes the fd holding its LEASE)
         self._lock = threading.RLock()
 
     # --- model binding ------------------------------------------------------------------------
@@ -140,6 +145,12 @@ class PrefixCache:
             self._drop_all()
             self.model_key = model_key
             self._tidy_disk()
+
+    def close(self) -> None:
+        """Release the model directory's lease (the process exiting does too): another process binding another
+        model may then remove this model's files."""
+        with self._lock:
+            self._hold_lease(None)
 
     def clear(self) -> None:
         """Drop every block in memory (files on disk stay for the bound model, within max_bytes)."""
@@ -174,9 +185,9 @@ class PrefixCache:
                                     self._evictions, self.max_bytes)
 
     # --- lookup and insert --------------------------------------------------------------------
-    def chain(self, prompt_ids: list[int], blocks: int) -> list[bytes]:
-        """The chain hashes of the prompt's first `blocks` full blocks."""
-        out, parent, b = [], ROOT, self.block_tokens
+    def chain(self, prompt_ids: list[int], blocks: int, block_tokens: int | None = None) -> list[bytes]:
+        """The chain hashes of the prompt's first `blocks` full blocks (of `block_tokens`, default the cache's)."""
+        out, parent, b = [], ROOT, block_tokens or self.block_tokens
         for i in range(blocks):
             parent = block_hash(parent, prompt_ids[i * b:(i + 1) * b])
             out.append(parent)
@@ -186,12 +197,14 @@ class PrefixCache:
         """The KV of the longest cached prefix of whole blocks that leaves >= 1 prompt token; None on a
         miss, when off, or for an engine other than the bound one. Blocks read from disk are checked
         against `engine.arch`."""
-        usable = (len(prompt_ids) - 1) // self.block_tokens
-        hashes = self.chain(prompt_ids, usable)
+        b = self.block_tokens
+        hashes = self.chain(prompt_ids, (len(prompt_ids) - 1) // b, b)
         arch: ModelArch | None = getattr(engine, "arch", None)
         with self._lock:
             self._check_bound()
             if self.max_bytes == 0 or not self._serves(engine):  # off, or not this cache's engine
+                return None
+            if b != self.block_tokens:  # reconfigured since the hashes were made: a miss, not another size's files
                 return None
             self._lookups += 1
             found: list[_Block] = []
@@ -217,10 +230,10 @@ class PrefixCache:
         """Store the prompt's full blocks that are not cached yet, from `cache` (which holds at least
         the prompt's positions); returns how many blocks were added."""
         b = self.block_tokens
-        hashes = self.chain(prompt_ids, min(len(prompt_ids), cache.length) // b)
+        hashes = self.chain(prompt_ids, min(len(prompt_ids), cache.length) // b, b)
         with self._lock:
             self._check_bound()
-            if not self._serves(engine):
+            if not self._serves(engine) or b != self.block_tokens:
                 return 0
             key, have = self.model_key, 0
             while have < len(hashes) and hashes[have] in self._blocks:
@@ -338,22 +351,43 @@ class PrefixCache:
         self._evict_to(self.max_bytes)
         return self._blocks.get(h)
 
+    def _hold_lease(self, folder: Path | None) -> None:
+        """Hold `folder`'s LEASE (shared) while bound to its model, so that another process tidying the same
+        persist_dir for another model leaves this model's files alone; the previous lease goes."""
+        if self._lease is not None and self._lease[0] == folder:
+            return
+        if self._lease is not None:
+            self._lease[1]()  # closing the file releases its lock
+            self._lease = None
+        if folder is None:
+            return
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / LEASE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.warning("prefix cache: cannot use %s (%s); blocks are written there as far as it allows", folder, exc)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process removes this folder's files
+        except OSError:
+            os.close(fd)
+            return
+        self._lease = (folder, weakref.finalize(self, os.close, fd))  # released with the cache, at the latest
+
     def _tidy_disk(self, keep_fraction: float = 1.0) -> None:
         """Remove other models' block files and leftover temporary files, and trim this model's to
         `keep_fraction` of max_bytes. A chain is kept from its root: a file counts as recent as the most
         recent of its descendants (so a shared system prompt written first outlives the prompts built on
         it), and a file whose parent is not kept goes too (no lookup could reach it)."""
         mine = self._dir()
+        self._hold_lease(mine)
         try:
             if self.persist_dir is None or not self.persist_dir.is_dir():
                 self._disk_bytes = 0
                 return
             for folder in self.persist_dir.iterdir():
-                stale = list(folder.glob("*" + SUFFIX)) if folder.is_dir() and folder != mine else []
-                for f in stale:
-                    _unlink(f)
-                if stale:  # a directory that held nothing of ours is left alone
-                    _rmdir_if_empty(folder)
+                if folder.is_dir() and folder != mine and any(folder.glob("*" + SUFFIX)):
+                    _remove_unused(folder)
             entries = {}  # hash -> (path, mtime, size, parent hash)
             for f in (mine.glob("*" + SUFFIX) if mine.is_dir() else []):
                 st = _stat(f)
@@ -392,6 +426,30 @@ class PrefixCache:
         self._disk_bytes = total
 
 
+def _remove_unused(folder: Path) -> None:
+    """Delete another model's block files, unless a process bound to that model holds its lease (another agent
+    or an `edgeglm bench` sharing the directory, serving another model): those stay. Its lease is taken
+    exclusively meanwhile, so a process binding to that model now waits for the end of the removal."""
+    try:
+        fd = os.open(folder / LEASE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        fd = None  # (a directory this process may not write: deleting its files fails too, and says so)
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                log.debug("prefix cache: %s is in use by another process; left alone", folder)
+                return
+        for f in folder.glob("*" + SUFFIX):
+            _unlink(f)
+        for f in folder.glob(".*.tmp"):
+            _unlink(f)
+    finally:
+        if fd is not None:
+            os.close(fd)  # (the lease file stays: one that a waiting process holds open must not be replaced)
+
+
 def _unlink(path: Path) -> int:
     """Delete a file; its size (0 if it was not there or cannot be deleted: a read-only directory, files of
     another user, which must not fail the request that evicts a block; warned)."""
@@ -417,13 +475,6 @@ def _stat(path: Path) -> os.stat_result | None:
 def _touch(path: Path) -> None:
     try:
         os.utime(path)
-    except OSError:
-        pass
-
-
-def _rmdir_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
     except OSError:
         pass
 

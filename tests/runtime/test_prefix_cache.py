@@ -184,9 +184,10 @@ def test_persisted_blocks_serve_a_new_cache_over_the_same_directory(models, ids,
     assert prefill_cached(model.engine, prompt, restarted)[2] == 64
     restarted.clear()
     assert list(generate(model.engine, prompt, SEEDED, prefix_cache=restarted)) == reference(model.engine, prompt, SEEDED)
+    first.close(), restarted.close()  # no process serves model k any more
     other = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
     other.bind("another-model")  # other models' files are removed, never read
-    assert prefill_cached(model.engine, prompt, other)[2] == 0 and not (tmp_path / k).exists()
+    assert prefill_cached(model.engine, prompt, other)[2] == 0 and not list((tmp_path / k).glob("*.kvb"))
 
 
 def test_a_corrupted_or_truncated_block_file_is_ignored_with_a_warning(models, ids, tmp_path, caplog):
@@ -314,7 +315,7 @@ def test_a_block_file_copied_from_another_models_directory_is_not_served(models,
     assert len(written) == 4
     other = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path / "b")
     other.bind(key(b))
-    (tmp_path / "b" / key(b)).mkdir(parents=True)
+    (tmp_path / "b" / key(b)).mkdir(parents=True, exist_ok=True)  # (bind made it: it holds its lease)
     for f in written:  # copied by hand into b's directory
         (tmp_path / "b" / key(b) / f.name).write_bytes(f.read_bytes())
     prompt = system + ids[500:520]
@@ -393,3 +394,89 @@ def test_an_openvino_path_that_cannot_resume_exactly_is_left_out_of_the_cache(mo
     for _ in range(2):
         assert list(generate(engine, prompt, GREEDY, prefix_cache=cache)) == want
     assert cache.stats().hits == 0 and cache.stats().bytes == 0 and not list((tmp_path / "kv").rglob("*.kvb"))
+
+
+class _StubEngine:
+    """What the cache asks of an engine: KV blocks of a prompt (2 layers x 2 heads x 4 dims)."""
+
+    def export_kv(self, cache, length):
+        from runtime.engine import KvBlock
+        return KvBlock(tuple(np.full((2, length, 4), t, np.float32) for t in range(2)),
+                       tuple(np.full((2, length, 4), -t, np.float32) for t in range(2)))
+
+
+class _StubCache:
+    def __init__(self, length):
+        self.length = length
+
+
+def _persist(cache: PrefixCache, prompt: list[int]) -> None:
+    """Store the prompt's blocks and reuse them once (what writes them to disk)."""
+    cache.insert(_StubEngine(), _StubCache(len(prompt) + 1), prompt + [7])
+    assert cache.lookup(prompt + [7], None) is not None
+
+
+SERVE_MODEL_A = """
+import sys
+sys.path[:0] = [{tests!r}]
+from test_prefix_cache import PrefixCache, _persist
+cache = PrefixCache(64 << 20, 32, {dir!r})
+cache.bind("model-a")
+_persist(cache, list(range(64)))
+print("ready", flush=True)
+sys.stdin.read()  # serves until the test closes stdin
+"""
+
+
+def test_two_processes_sharing_a_directory_with_different_models_keep_each_others_files(tmp_path):
+    """Each bind removed every other model's block files: an agent and `edgeglm bench --cache-dir` (or two agents)
+    sharing one persist_dir with different models deleted each other's cache at every start. A model some process
+    serves keeps its files; the files of a model no process serves any more still go."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from runtime.prefix_cache import SUFFIX
+
+    code = SERVE_MODEL_A.format(tests=str(Path(__file__).parent), dir=str(tmp_path))
+    other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parents[2])
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        a_files = sorted((tmp_path / "model-a").glob("*" + SUFFIX))
+        assert len(a_files) == 2
+        b = PrefixCache(64 << 20, 32, tmp_path)
+        b.bind("model-b")  # model-a is served by the other process: its files stay
+        _persist(b, list(range(100, 164)))
+        assert sorted((tmp_path / "model-a").glob("*" + SUFFIX)) == a_files
+    finally:
+        other.stdin.close()
+        other.wait(30)
+    c = PrefixCache(64 << 20, 32, tmp_path)
+    c.bind("model-c")  # model-a's process is gone: its files go; model-b is served here (cache b): they stay
+    assert not list((tmp_path / "model-a").glob("*" + SUFFIX))
+    assert len(list((tmp_path / "model-b").glob("*" + SUFFIX))) == 2
+    b.close()
+    PrefixCache(64 << 20, 32, tmp_path).bind("model-d")
+    assert not list((tmp_path / "model-b").glob("*" + SUFFIX))
+
+
+def test_a_lookup_racing_a_block_size_change_is_a_miss_and_deletes_nothing(tmp_path, caplog):
+    """A lookup made its block hashes with the old block_tokens and then read files with the new one: a valid
+    block file of the old size failed the new size's check and was deleted with a warning."""
+    cache = PrefixCache(64 << 20, 32, tmp_path)
+    cache.bind("m")
+    prompt = list(range(64))
+    _persist(cache, prompt)
+    files = sorted((tmp_path / "m").glob("*.kvb"))
+    cache.clear()  # the blocks are on disk only now
+    real_chain = cache.chain
+
+    def chain_then_reconfigure(*args):
+        hashes = real_chain(*args)
+        cache.reconfigure(64 << 20, 16, tmp_path)  # the desired config changes block_tokens right now
+        return hashes
+    cache.chain = chain_then_reconfigure
+    with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        assert cache.lookup(prompt + [7], None) is None
+    assert sorted((tmp_path / "m").glob("*.kvb")) == files and "not a usable KV block" not in caplog.text
