@@ -217,26 +217,34 @@ def test_a_corrupted_or_truncated_block_file_is_ignored_with_a_warning(models, i
     assert "not a usable KV block" in caplog.text and again.stats().hit_tokens == 32
 
 
+class _StubEngine:
+    """What the cache asks of an engine: KV blocks of a prompt (`layers` x 2 heads x 4 dims)."""
+
+    def __init__(self, layers: int = 2):
+        self.layers = layers
+
+    def export_kv(self, cache, length):
+        from runtime.engine import KvBlock
+        return KvBlock(tuple(np.full((2, length, 4), t, np.float32) for t in range(self.layers)),
+                       tuple(np.full((2, length, 4), -t, np.float32) for t in range(self.layers)))
+
+
+class _StubCache:
+    def __init__(self, length):
+        self.length = length
+
+
 def test_the_disk_keeps_whole_chains_within_max_bytes_and_never_fails_a_request(tmp_path, monkeypatch):
     """Trimmed by recency, a shared system prompt written first used to go first, leaving its children on
     disk where no lookup could reach them; files of earlier runs and of cleared blocks added up to 2-6x
     max_bytes; and a directory the agent cannot delete in made evictions fail requests."""
-    from runtime.engine import KvBlock
     from runtime.prefix_cache import SUFFIX
 
-    class Engine:  # what the cache asks of an engine: KV blocks of a prompt (4 layers x 2 heads x 4 dims)
-        def export_kv(self, cache, length):
-            return KvBlock(tuple(np.full((2, length, 4), t, np.float32) for t in range(4)),
-                           tuple(np.full((2, length, 4), -t, np.float32) for t in range(4)))
-
-    class Cache:
-        def __init__(self, length):
-            self.length = length
-    block = 2 * 4 * 2 * 32 * 4 * 4  # keys and values of one 32-token block, bytes
+    block = 2 * 4 * 2 * 32 * 4 * 4  # keys and values of one 32-token block (4 layers), bytes
     system, x, y = list(range(64)), list(range(1000, 1064)), list(range(2000, 2064))
 
     def use(cache, prompt):
-        cache.insert(Engine(), Cache(len(prompt) + 1), prompt + [7])
+        cache.insert(_StubEngine(layers=4), _StubCache(len(prompt) + 1), prompt + [7])
         assert cache.lookup(prompt + [7], None) is not None  # reused: written to disk
         time.sleep(0.02)
     first = PrefixCache(4 * block, 32, tmp_path)
@@ -394,20 +402,6 @@ def test_an_openvino_path_that_cannot_resume_exactly_is_left_out_of_the_cache(mo
     for _ in range(2):
         assert list(generate(engine, prompt, GREEDY, prefix_cache=cache)) == want
     assert cache.stats().hits == 0 and cache.stats().bytes == 0 and not list((tmp_path / "kv").rglob("*.kvb"))
-
-
-class _StubEngine:
-    """What the cache asks of an engine: KV blocks of a prompt (2 layers x 2 heads x 4 dims)."""
-
-    def export_kv(self, cache, length):
-        from runtime.engine import KvBlock
-        return KvBlock(tuple(np.full((2, length, 4), t, np.float32) for t in range(2)),
-                       tuple(np.full((2, length, 4), -t, np.float32) for t in range(2)))
-
-
-class _StubCache:
-    def __init__(self, length):
-        self.length = length
 
 
 def _persist(cache: PrefixCache, prompt: list[int]) -> None:
