@@ -43,8 +43,11 @@ Design.
   and deleted. Evicting a block deletes its file, and `bind` trims the directory to `max_bytes`
   (oldest files first) and removes the block files of other models that no process serves, so
   the disk holds at most what memory may, per model in use. Every process bound to a model holds
-  its directory's `.lock` (a shared flock, gone with the process): two agents, or an agent and
-  `edgeglm bench`, sharing one persist_dir with different models keep each other's files.
+  its directory's `.lock` (a shared flock, gone with the process): two processes (two agents
+  given one `cache.persist_dir`) sharing it with different models keep each other's files, and
+  the files of a model no process serves (a crashed one's too) go at the next bind. A lookup or
+  insert makes its block hashes with one read of block_tokens and gives up (a miss, nothing
+  stored) when `reconfigure` changed the size meanwhile.
 
 Thread safety: one lock guards the blocks and counters; the engine work of `prefill_cached`
 runs outside it (callers serialize engine use, as for any forward).
@@ -428,7 +431,7 @@ class PrefixCache:
 
 def _remove_unused(folder: Path) -> None:
     """Delete another model's block files, unless a process bound to that model holds its lease (another agent
-    or an `edgeglm bench` sharing the directory, serving another model): those stay. Its lease is taken
+    sharing the directory, serving another model): those stay. Its lease is taken
     exclusively meanwhile, so a process binding to that model now waits for the end of the removal."""
     try:
         fd = os.open(folder / LEASE, os.O_RDWR | os.O_CREAT, 0o600)
