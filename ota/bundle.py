@@ -211,19 +211,62 @@ class Bundle:
         return path
 
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst", ".tzst")
+# the first bytes of gzip, zip, xz, bzip2 and zstd files; a tar file says "ustar" at offset 257
+ARCHIVE_MAGIC = (b"\x1f\x8b", b"PK\x03\x04", b"\xfd7zXZ\x00", b"BZh", b"\x28\xb5\x2f\xfd")
+
+
+def _is_archive(path: Path) -> bool:
+    if path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(262)
+    except OSError:
+        return False
+    return head.startswith(ARCHIVE_MAGIC) or head[257:262] == b"ustar"
+
+
+def _bundles_inside(root: Path) -> list[str]:
+    """Directories right under `root` that hold a manifest.json (an archive unpacked into a directory of its own),
+    as paths; [] when there are none or `root` cannot be listed."""
+    try:
+        return sorted(str(p) for p in root.iterdir() if (p / MANIFEST).is_file())
+    except OSError:
+        return []
+
+
 def read_manifest(root: Path) -> Bundle:
+    """The bundle at `root` with its manifest parsed (files not checked: `Bundle.verify`). BundleError, one line
+    naming the path, for a path that is missing, a file (an archive: unpack it), a directory without manifest.json
+    (naming a bundle directory inside it, if there is one) and a manifest that cannot be read or is invalid."""
     root = Path(root)
-    if not root.is_dir():
-        if root.exists():
-            archive = any(root.name.endswith(x) for x in (".tar", ".tar.gz", ".tgz", ".zip", ".tar.xz", ".tar.zst"))
+    try:
+        is_dir, exists = root.is_dir(), root.exists()
+    except OSError as exc:  # a parent directory this user may not search
+        raise BundleError(f"{root}: cannot read the bundle directory ({exc.strerror or exc}); give a bundle "
+                          "directory you can read") from None
+    if not is_dir:
+        if exists:
             raise BundleError(f"{root}: is a file, not a bundle directory" + (
-                "; unpack the archive and give the directory holding manifest.json" if archive else
+                "; unpack the archive and give the directory holding manifest.json" if _is_archive(root) else
                 "; give the directory holding manifest.json (made by `edgeglm export`)"))
         raise BundleError(f"{root}: bundle directory not found")
     mpath = root / MANIFEST
     if not mpath.is_file():
+        if mpath.exists() or mpath.is_symlink():  # a directory, a dangling link
+            raise BundleError(f"{mpath}: is not a file; the bundle is damaged and is refused; export it again")
+        inside = _bundles_inside(root)
+        if inside:
+            raise BundleError(f"{mpath}: not found; {root} is not a bundle, but holds "
+                              f"{'one' if len(inside) == 1 else 'bundles'} in {', '.join(inside[:3])}"
+                              f"{' and more' if len(inside) > 3 else ''}: give that directory")
         raise BundleError(f"{mpath}: not found; is {root} a bundle made by `edgeglm export`?")
-    raw = mpath.read_bytes()
+    try:
+        raw = mpath.read_bytes()
+    except OSError as exc:  # a manifest this user may not read, an I/O error
+        raise BundleError(f"{mpath}: cannot read the manifest ({exc.strerror or exc}); the bundle is refused") \
+            from None
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 
 import base64
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ota.bundle import MANIFEST, Bundle
 from ota.errors import SignatureError
+from ota.fsutil import fsync_dir
 
 SIGNATURE = "manifest.sig"
 KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a file name in --out, never a path
@@ -46,6 +49,44 @@ class KeyPair:
     private_path: Path
     public_path: Path
     key_id: str
+
+
+# a file system without hard links (some FUSE and network mounts): the no-overwrite rename falls back to a check
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
+
+
+def write_file_atomically(path: Path, data: bytes, mode: int, overwrite: bool = True) -> None:
+    """Put `data` at `path` whole or not at all: written to a new hidden temporary file beside it (created with
+    O_EXCL and `mode`, so that a private key is 0600 before its first byte, and never through a link planted at
+    that name), fsynced, then put in place in one step and the directory fsynced. `overwrite`: by os.replace (the
+    old content stays until then); else by a hard link that fails with FileExistsError when `path` exists (a key
+    is never replaced, not even by one made meanwhile). Ctrl-C or an error at any point leaves `path` as it was
+    and removes the temporary file; a power cut may leave only that hidden `.NAME.*.tmp` file."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                 mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise
+                if os.path.lexists(path):
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+                os.rename(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after a rename; after a link, the second name of the file
 
 
 def generate_keypair(out_dir: str | Path, name: str = "bundle-signing") -> KeyPair:
@@ -81,12 +122,13 @@ def generate_keypair(out_dir: str | Path, name: str = "bundle-signing") -> KeyPa
     written: list[Path] = []
     try:
         for path, data, mode in ((priv_path, pem, 0o600), (pub_path, public, 0o644)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # the private key is 0600 from the start
-            written.append(path)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # a power cut right after keygen leaves no empty key file
+            written.append(path)  # before it can exist: Ctrl-C right after it is put in place still removes it
+            try:
+                write_file_atomically(path, data, mode, overwrite=False)
+            except FileExistsError:  # made meanwhile (another keygen): not ours to remove
+                written.remove(path)
+                raise SignatureError(f"{path}: already exists; choose another --name or directory (keys are never "
+                                     "overwritten); no key was written") from None
     except BaseException as exc:  # an OSError, or Ctrl-C between the two files: no half of a pair is left
         for p in written:
             p.unlink(missing_ok=True)
@@ -184,18 +226,9 @@ def sign_bundle(bundle: Bundle, private: Ed25519PrivateKey) -> Path:
     """Write manifest.sig for the bundle's exact manifest bytes (atomically)."""
     sig = sign_bytes(bundle.manifest_bytes, private)
     path = bundle.root / SIGNATURE
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(sig, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:  # a read-only bundle directory, a full disk, Ctrl-C: the old manifest.sig stays
-        if tmp.is_file() and not tmp.is_symlink():
-            tmp.unlink()
-        if not isinstance(exc, OSError):
-            raise
+        write_file_atomically(path, (json.dumps(sig, indent=2) + "\n").encode(), 0o644)
+    except OSError as exc:  # a read-only bundle directory, a full disk: the old manifest.sig stays (Ctrl-C too)
         raise SignatureError(f"{path}: cannot write the signature ({exc.strerror or exc}); the bundle is left "
                              "as it was; sign a copy you can write to") from None
     return path

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -175,7 +177,7 @@ def test_keygen_leaves_no_half_pair_when_a_write_fails(tmp_path, monkeypatch):
     real_open = os.open
 
     def full_disk(path, *args, **kw):
-        if str(path).endswith(".pub"):
+        if ".pub" in Path(path).name:  # k.pub, or the temporary file it is written to first
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_open(path, *args, **kw)
 
@@ -348,3 +350,166 @@ def test_files_the_manifest_does_not_list_fail_sign_verify_and_the_offer(tmp_pat
                 "not cover them and no agent would get them") in proc.stderr
     with pytest.raises(BundleError, match="not listed in the manifest: .hidden, onnxruntime/extra.onnx"):
         offerable_bundle(bundle)
+
+
+def _interrupt_midway(monkeypatch, seen: list):
+    """os.write as used by ota.signing writes half of what it is given, then raises KeyboardInterrupt (Ctrl-C in
+    the middle of a write); `seen` gets (path, mode) of each file written to, read from the open descriptor."""
+    import os
+    import stat
+
+    import ota.signing
+
+    real_write = os.write
+
+    def write(fd, data):
+        seen.append((os.readlink(f"/proc/self/fd/{fd}"), stat.S_IMODE(os.fstat(fd).st_mode)))
+        real_write(fd, bytes(data)[: len(data) // 2])
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(ota.signing.os, "write", write)
+
+
+def test_ctrl_c_in_the_middle_of_writing_a_key_leaves_nothing_and_the_private_key_is_0600_from_its_first_byte(
+        tmp_path, monkeypatch):
+    """A key was written in place: Ctrl-C (or a power cut) in the middle of it left a truncated NAME.key, and the
+    next keygen with that name was refused ("already exists"). Keys are now written to a hidden temporary file,
+    0600 before any byte, and linked into place only once complete and fsynced."""
+    seen: list = []
+    _interrupt_midway(monkeypatch, seen)
+    with pytest.raises(KeyboardInterrupt):
+        generate_keypair(tmp_path / "keys", "k")
+    assert list((tmp_path / "keys").iterdir()) == []
+    assert len(seen) == 1 and seen[0][1] == 0o600, seen  # the private key's file, private from the start
+    assert not seen[0][0].endswith("/k.key")  # never written in place
+    monkeypatch.undo()
+    pair = generate_keypair(tmp_path / "keys", "k")
+    assert pair.private_path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["k.key", "k.pub"]
+
+
+def test_ctrl_c_in_the_middle_of_writing_a_signature_keeps_the_old_one_and_leaves_no_temporary_file(
+        tmp_path, monkeypatch):
+    bundle = _small_bundle(tmp_path / "bundle")
+    pair = generate_keypair(tmp_path / "keys", "k")
+    sign_bundle(open_bundle(bundle), load_private_key(pair.private_path))
+    old = (bundle / "manifest.sig").read_bytes()
+    before = sorted(p.name for p in bundle.iterdir())
+    other = load_private_key(generate_keypair(tmp_path / "keys", "k2").private_path)
+    seen: list = []
+    _interrupt_midway(monkeypatch, seen)
+    with pytest.raises(KeyboardInterrupt):
+        sign_bundle(open_bundle(bundle), other)
+    assert seen and not seen[0][0].endswith("/manifest.sig")  # never written in place
+    assert (bundle / "manifest.sig").read_bytes() == old
+    assert sorted(p.name for p in bundle.iterdir()) == before
+
+
+def _power_cut_at_fsync(code: str, cwd) -> None:
+    """Run `code` in a child whose first os.fsync ends the process at once (os._exit: no cleanup, no finally),
+    as a power cut or SIGKILL after the bytes were written but before they were made durable."""
+    prelude = "import os\nos.fsync = lambda fd: os._exit(9)\n"
+    proc = subprocess.run([sys.executable, "-c", prelude + code], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert proc.returncode == 9, proc.stderr
+
+
+def test_a_power_cut_during_keygen_leaves_no_key_under_its_name(tmp_path):
+    """A power cut while the private key was written left NAME.key (maybe empty or torn) without NAME.pub: the
+    pair was unusable and keygen refused the name again. Only a hidden temporary file may be left now."""
+    _power_cut_at_fsync(f"from ota.signing import generate_keypair\ngenerate_keypair({str(tmp_path / 'keys')!r}, "
+                        "'k')\n", tmp_path)
+    left = [p.name for p in (tmp_path / "keys").iterdir()]
+    assert all(name.startswith(".") for name in left), left
+    assert load_trusted_keys_or_none(tmp_path / "keys") is None  # no half pair is trusted or found
+    generate_keypair(tmp_path / "keys", "k")
+
+
+def load_trusted_keys_or_none(path):
+    try:
+        return load_trusted_keys([path])
+    except SignatureError:
+        return None
+
+
+def test_a_power_cut_during_signing_keeps_the_old_signature_whole(tmp_path):
+    bundle = _small_bundle(tmp_path / "bundle")
+    pair = generate_keypair(tmp_path / "keys", "k")
+    sign_bundle(open_bundle(bundle), load_private_key(pair.private_path))
+    old = (bundle / "manifest.sig").read_bytes()
+    k2 = generate_keypair(tmp_path / "keys", "k2")
+    _power_cut_at_fsync(f"from ota.bundle import open_bundle\nfrom ota.signing import load_private_key, "
+                        f"sign_bundle\nsign_bundle(open_bundle({str(bundle)!r}), "
+                        f"load_private_key({str(k2.private_path)!r}))\n", tmp_path)
+    assert (bundle / "manifest.sig").read_bytes() == old
+    verify_bundle_signature(open_bundle(bundle), load_trusted_keys([tmp_path / "keys"]))
+
+
+def test_signing_never_writes_through_a_link_planted_at_a_temporary_name(tmp_path):
+    """The signature was written to the fixed name manifest.sig.tmp, opened for writing: a symlink there (left in a
+    copied bundle, or planted) had its target overwritten with the signature."""
+    bundle = _small_bundle(tmp_path / "bundle")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    for name in ("manifest.sig.tmp", ".manifest.sig.tmp"):
+        (bundle / name).symlink_to(victim)
+    pair = generate_keypair(tmp_path / "keys", "k")
+    sign_bundle(open_bundle(bundle), load_private_key(pair.private_path))
+    assert victim.read_text() == "keep me\n"
+    verify_bundle_signature(open_bundle(bundle), load_trusted_keys([tmp_path / "keys"]))
+
+
+def test_keygen_never_overwrites_a_key_that_appears_while_it_writes(tmp_path, monkeypatch):
+    """The pair is put in place with a link that fails when the name exists (not a rename, which would replace a
+    key made meanwhile by another keygen); its own half is removed and the other key is left as it was."""
+    import os
+
+    import ota.signing
+
+    real_fsync = os.fsync
+    keys = tmp_path / "keys"
+
+    def other_keygen(fd):
+        real_fsync(fd)
+        if not (keys / "k.pub").exists():
+            (keys / "k.pub").write_text("someone else's key\n")
+
+    monkeypatch.setattr(ota.signing.os, "fsync", other_keygen)
+    with pytest.raises(SignatureError, match=re.escape(f"{keys / 'k.pub'}: already exists")):
+        generate_keypair(keys, "k")
+    assert sorted(p.name for p in keys.iterdir()) == ["k.pub"]
+    assert (keys / "k.pub").read_text() == "someone else's key\n"
+
+
+def test_a_bundle_whose_version_has_leading_zeros_is_not_signed_or_offered(tmp_path):
+    """Made by hand or by an older exporter: `bundle sign` and the controller's offer name the field and value (an
+    agent refuses the offer too: the manifest fails its schema, and nothing is switched)."""
+    from fleet.controller import offerable_bundle
+
+    bundle = _small_bundle(tmp_path / "bundle")
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["version"] = "01.2.0"
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    pair = generate_keypair(tmp_path / "keys", "k")
+    proc = _bundle_cli("sign", bundle, "--key", pair.private_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "invalid manifest: version: Value error, '01.2.0' is not a version like 1.2.3 (numbers without leading " \
+           "zeros)" in proc.stderr
+    assert not (bundle / "manifest.sig").exists()
+    with pytest.raises(BundleError, match="'01.2.0' is not a version like 1.2.3"):
+        offerable_bundle(bundle)
+
+
+def test_a_symlink_or_a_hidden_file_beside_the_listed_files_is_named_and_an_empty_directory_is_not(tmp_path):
+    bundle = _small_bundle(tmp_path / "bundle")
+    pair = generate_keypair(tmp_path / "keys", "k")
+    sign_bundle(open_bundle(bundle), load_private_key(pair.private_path))
+    (bundle / "empty").mkdir()
+    open_bundle(bundle).check_complete()  # an empty directory carries nothing
+    (tmp_path / "outside.bin").write_bytes(b"x")
+    (bundle / "onnxruntime" / "linked.bin").symlink_to(tmp_path / "outside.bin")
+    (bundle / ".DS_Store").write_bytes(b"x")
+    with pytest.raises(BundleError, match=r"3 file\(s\) not listed in the manifest: .DS_Store, manifest.json.bak, "
+                                          "onnxruntime/linked.bin; the signature does not cover them"):
+        shutil.copy(bundle / "manifest.json", bundle / "manifest.json.bak")
+        open_bundle(bundle).check_complete()
