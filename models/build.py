@@ -6,8 +6,9 @@ Stages, each on the `build` progress bar (long stages show their own bars below 
 
 1. check      every input, before any long work and before the work directory is made: the
               recipe (models/recipe.py), its [distill] device available here, the teacher's config
-              (a GLM, the recipe's sizes within its own), the bundle's name, --out and --work
-              writable, not inside an existing bundle (--work not a bundle itself) nor inside
+              (a GLM, the recipe's sizes within its own, every window within its context window) and
+              its weight files (whole, of the config's shapes: their headers), the bundle's name,
+              --out and --work writable (tried), not inside an existing bundle (--work not a bundle itself) nor inside
               each other, every corpus file readable UTF-8 text (files under --work and --out are
               left out of a corpus directory); after tokenizing, the corpus size
               (enough tokens for the held-out split, the calibration and the distillation budget)
@@ -31,7 +32,8 @@ The work directory (default: BUNDLE.work next to --out) keeps every stage's outp
 that shapes a result: `Recipe.resume_identity`, which leaves out name, description and the
 [distill] device and checkpoint_every) and the stages done. `--resume` continues a build stopped
 at any point: stages done are loaded, not repeated, and distillation continues from its last
-checkpoint. A work directory of another build is refused, naming the first setting that differs.
+checkpoint. A work directory of another build is refused, naming the first setting that differs, and so
+is one whose corpus text or teacher (config.json and weights, by sha256) changed under the stages done.
 
 What a failure leaves:
 - a failed check (bad input): nothing; the work directory is made only after every cheap check,
@@ -64,6 +66,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,10 +74,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import (checkpoint_dir_problem, enclosing_bundle, is_bundle_dir, load_checkpoint,
-                               save_checkpoint)
+from models.checkpoint import (check_weight_headers, checkpoint_dir_problem, enclosing_bundle, is_bundle_dir,
+                               load_checkpoint, save_checkpoint, weight_files)
 from models.config import GlmConfig
-from models.data import TextSource, TokenCorpus, corpus_from_ids, text_files, tokenize_corpus
+from models.data import DataError, TextSource, TokenCorpus, corpus_from_ids, text_files, tokenize_corpus
 from models.distill import DistillError, DistillSettings, distill, resolve_device
 from models.errors import CheckpointError, ExportError
 from models.prune import (
@@ -87,6 +90,9 @@ from runtime.errors import RuntimeUserError
 
 STAGES = ("check", "tokenize", "prune", "distill", "evaluate", "export", "report")
 STATE = "state.json"
+# what the check stage records of the inputs themselves, compared on --resume (the rest follows from them and the
+# recipe settings in the build's identity)
+CORPUS_AND_TEACHER = ("corpus_tokens", "corpus_sha256", "teacher_sha256")
 log = logging.getLogger("edgeglm.build")
 
 
@@ -138,14 +144,22 @@ class Plan:
 
 # --- checks (before any long work) ---------------------------------------------------------------
 
-def _writable_dir(path: Path, flag: str) -> None:
-    """`path` can be created (or, for a directory that exists, written into) by this user."""
+def _writable_dir(path: Path, flag: str, shown: Path | None = None) -> None:
+    """`path` can be created (or, for a directory that exists, written into) by this user: tried by making
+    (and removing) a directory in its nearest existing ancestor, since permission bits do not tell (root, a
+    read-only mount, /proc)."""
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise BuildError(f"{flag} {path}: cannot write there ({probe} is not a writable directory); "
-                         "choose a directory you can write to")
+    problem = None if probe.is_dir() else "not a directory"
+    if problem is None:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".edgeglm-probe-", dir=probe))
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if problem:
+        raise BuildError(f"{flag} {shown or path}: cannot write there ({probe} is not a writable directory: "
+                         f"{problem}); choose a directory you can write to; nothing was written")
 
 
 def _read_state(path: Path) -> dict:
@@ -206,7 +220,7 @@ def check_paths(inputs: BuildInputs) -> None:
     work = inputs.work
     if inputs.out.exists() and not published(inputs):
         raise BuildError(f"--out {inputs.out}: already exists; choose a new bundle path (it is left untouched)")
-    _writable_dir(inputs.out.parent, "--out")
+    _writable_dir(inputs.out.parent, "--out", inputs.out)
     for flag, path in (("--out", inputs.out), ("--work", work)):
         bundle = enclosing_bundle(path)
         if bundle is not None:
@@ -284,8 +298,11 @@ def corpus_files(inputs: BuildInputs) -> list[Path]:
     """The corpus files, less those under --work and --out: a corpus directory that holds them
     (`--corpus data --out data/bundle`) would otherwise read the build's own files on --resume."""
     own = (inputs.work.resolve(), inputs.out.resolve())
-    files = [f for f in text_files(inputs.corpus)
-             if not any(d == f.resolve() or d in f.resolve().parents for d in own)]
+    try:
+        found = text_files(inputs.corpus)
+    except DataError as exc:  # a path that is not there, an empty directory
+        raise BuildError(f"--corpus {exc}; nothing was written") from None
+    files = [f for f in found if not any(d == f.resolve() or d in f.resolve().parents for d in own)]
     if not files:
         raise BuildError(f"--corpus {' '.join(map(str, inputs.corpus))}: no training text outside --work "
                          f"{inputs.work} and --out {inputs.out}; give files of UTF-8 text")
@@ -297,6 +314,11 @@ def check_teacher(teacher: Path) -> GlmConfig:
     if problem:
         raise BuildError(f"--teacher {teacher}: {problem}")
     cfg = GlmConfig.from_file(teacher / "config.json")  # CheckpointError names another architecture
+    try:  # headers only: missing, truncated or misshapen weights are found now, not after tokenizing
+        check_weight_headers(teacher, cfg)
+    except CheckpointError as exc:
+        where = "" if str(exc).startswith(str(teacher)) else f"--teacher {teacher}: "
+        raise BuildError(f"{where}{exc}; give a complete teacher checkpoint; nothing was written") from None
     if not (teacher / "tokenizer.json").is_file():
         raise BuildError(f"--teacher {teacher}: tokenizer.json not found; the bundle must carry the teacher's tokenizer")
     from tokenizers import Tokenizer
@@ -320,6 +342,23 @@ def student_spec(recipe: Recipe, cfg: GlmConfig) -> PruneSpec:
     return spec
 
 
+def check_context(recipe: Recipe, settings: DistillSettings, cfg: GlmConfig, teacher: Path) -> None:
+    """Every window the build runs the models on fits the teacher's context window: positions past its
+    max_position_embeddings are ones it was never trained on, and ones the edge runtime never runs (it stops
+    there), so training on them or scoring them gives a student and a report that mean nothing."""
+    p = recipe.prune
+    windows = [("[distill] seq_len", settings.seq_len), ("[eval] seq_len", recipe.eval.seq_len)]
+    if p.importance == "activation":  # calibration_windows: windows of at most calibration_tokens
+        windows.insert(0, ("[prune] calibration_seq_len", p.calibration_seq_len) if p.calibration_seq_len <=
+                       p.calibration_tokens else ("[prune] calibration_tokens", p.calibration_tokens))
+    limit = cfg.max_position_embeddings
+    for where, length in windows:
+        if length > limit:
+            raise BuildError(f"{recipe.source}: {where} = {length} is longer than the teacher's context window "
+                             f"(max_position_embeddings = {limit} in {teacher / 'config.json'}): must be <= {limit}; "
+                             "nothing was written")
+
+
 def check_data(recipe: Recipe, corpus: TokenCorpus, settings: DistillSettings) -> dict:
     """Split sizes, and a clear error when the corpus is too small for what the recipe asks."""
     ev, pr, src = recipe.eval, recipe.prune, recipe.source
@@ -340,8 +379,12 @@ def check_data(recipe: Recipe, corpus: TokenCorpus, settings: DistillSettings) -
     except DistillError as exc:
         msg = re.sub(r"^distill setting ", "", str(exc))
         raise BuildError(f"corpus too small for the distillation: {src}: [distill] {msg}") from None
+    # the tokens the stages really run on (models.evaluate.heldout_windows, calibration_windows): whole windows
+    scored = min((heldout - 1) // ev.seq_len, ev.heldout_tokens // ev.seq_len) * ev.seq_len
+    calib_len = min(pr.calibration_seq_len, pr.calibration_tokens)
+    calibration = max(1, pr.calibration_tokens // calib_len) * calib_len if pr.importance == "activation" else 0
     return {"corpus_tokens": total, "train_tokens": train, "heldout_tokens": heldout,
-            "heldout_tokens_scored": min(heldout, ev.heldout_tokens), "calibration_tokens": pr.calibration_tokens}
+            "heldout_tokens_scored": scored, "calibration_tokens": calibration}
 
 
 # --- the stages ---------------------------------------------------------------------------------
@@ -440,16 +483,22 @@ def plan_build(inputs: BuildInputs, progress: bool = True,
     teacher_cfg = check_teacher(inputs.teacher)
     spec = student_spec(recipe, teacher_cfg)
     student_cfg = spec.target_config(teacher_cfg, f"{recipe.source}: [prune]")
+    check_context(recipe, settings, teacher_cfg, inputs.teacher)
     check_bundle_name(inputs)
     check_paths(inputs)
     files = corpus_files(inputs)  # DataError names a missing corpus file
     check_corpus_text(files)
-    inputs.work.mkdir(parents=True, exist_ok=True)
+    try:
+        inputs.work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # _writable_dir's probe passed, yet this failed (a race, a name too long)
+        raise BuildError(f"--work {inputs.work}: cannot be created ({exc.strerror or exc}); choose a directory "
+                         "you can write to; nothing was written") from None
     reached.stage = "tokenize"
     corpus = tokenize_corpus(TextSource(files, inputs.teacher / "tokenizer.json"), inputs.work / "tokens", progress)
     reached.stage, reached.corpus = "check", corpus
     data = check_data(recipe, corpus, settings)
     data["corpus_sha256"] = _sha256_file(corpus.path)  # text changed with the same token count is caught too
+    data["teacher_sha256"] = teacher_sha256(inputs.teacher)  # a teacher retrained in place is caught on --resume
     train, heldout = split_corpus(corpus, data["heldout_tokens"], inputs.work)
     return Plan(teacher_cfg, spec, student_cfg, settings, data), train, heldout
 
@@ -471,11 +520,21 @@ def _remove_new_work(work: Path, existed: bool, made_parents: list[Path]) -> Non
 USER_ERRORS = (CheckpointError, ExportError, BundleError, RuntimeUserError)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def _sha256_file(path: Path, h=None) -> str:
+    h = h if h is not None else hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def teacher_sha256(teacher: Path) -> str:
+    """One sha256 over the teacher's config.json and weight files (names and bytes): what the stages done were
+    made from. (Its tokenizer.json shows in the corpus' tokens.)"""
+    h = hashlib.sha256()
+    for path in [teacher / "config.json", *weight_files(teacher)]:
+        h.update(f"{path.name}\0".encode())
+        _sha256_file(path, h)
     return h.hexdigest()
 
 
@@ -530,10 +589,20 @@ def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
         try:
             plan, train, heldout = plan_build(inputs, progress, reached)
             state = _State(inputs)
+            # what the earlier run recorded of the inputs (a work directory of an older edgeglm has no
+            # corpus_sha256 and no teacher_sha256: what it lacks is not compared)
             previous = state.done("check")
-            # what the earlier run recorded (a work directory of an older edgeglm has no corpus_sha256)
-            recorded = {k: plan.data.get(k) for k in previous} if isinstance(previous, dict) else None
-            if previous is not None and recorded != previous and _stages_done(state.data)[2:]:
+            previous = {k: v for k, v in previous.items() if k in CORPUS_AND_TEACHER} \
+                if isinstance(previous, dict) else {}
+            recorded = {k: plan.data.get(k) for k in previous}
+            if recorded != previous and _stages_done(state.data)[2:] and \
+                    recorded.get("teacher_sha256") != previous.get("teacher_sha256"):
+                raise BuildError(
+                    f"--resume: the teacher {inputs.teacher} changed since {work} was made (its config.json or "
+                    "weights differ, by sha256), and the stages done were made from the one before; start over "
+                    f"without --resume after removing {work} or with another --work directory, or put the "
+                    "earlier teacher back")
+            if recorded != previous and _stages_done(state.data)[2:]:
                 same = previous.get("corpus_tokens") == plan.data["corpus_tokens"]
                 raise BuildError(
                     f"--resume: the corpus changed since {work} was made ("
@@ -683,10 +752,11 @@ def compression_report(inputs: BuildInputs, plan: Plan, prune: dict, distill_res
     return {
         "recipe": {"name": recipe.name, "file": recipe.source, "sha256": recipe.sha256,
                    "settings": {**recipe.model_dump(), "distill": plan.distill_settings.to_dict()}},
-        "teacher": {"checkpoint": str(inputs.teacher), **teacher},
+        "teacher": {"checkpoint": str(inputs.teacher), "sha256": plan.data.get("teacher_sha256"), **teacher},
         "student": student,
         "non_embedding_params_ratio": round(student["non_embedding_params"] / teacher["non_embedding_params"], 4),
-        "data": {"corpus": [str(p) for p in inputs.corpus], **plan.data},
+        "data": {"corpus": [str(p) for p in inputs.corpus],
+                 **{k: v for k, v in plan.data.items() if k != "teacher_sha256"}},
         "prune": prune,
         "distill": {k: v for k, v in distill_result.items() if k != "settings"},
         "stages": stages,

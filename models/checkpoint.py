@@ -74,6 +74,42 @@ def weight_files(ckpt: Path) -> list[Path]:
     raise CheckpointError(f"{ckpt}: no weights found (expected {SINGLE_FILE} or {INDEX_FILE})")
 
 
+HEADER_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def check_weight_headers(ckpt: Path, cfg: GlmConfig) -> None:
+    """The checks of `load_state_dict` that need no tensor data: the weight files exist and can be opened,
+    and every tensor is expected, of the shape config.json implies and a loadable dtype, and none is
+    missing. Reads the safetensors headers only (cheap for any model size), so `edgeglm build` can refuse a
+    broken teacher before any work; non-finite values are found when the weights are loaded."""
+    expected = expected_shapes(cfg)
+    seen: set[str] = set()
+    for path in weight_files(ckpt):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in sorted(f.keys()):
+                    if name not in expected:
+                        if (name == "lm_head.weight" and cfg.tie_word_embeddings) or \
+                                name.endswith("rotary_emb.inv_freq"):
+                            continue
+                        raise CheckpointError(f"{path}: unexpected tensor {name!r} for this config")
+                    header = f.get_slice(name)
+                    shape, dtype = tuple(header.get_shape()), header.get_dtype()
+                    if shape != expected[name]:
+                        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, but config.json implies "
+                                              f"{expected[name]}")
+                    if dtype not in HEADER_DTYPES:
+                        raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; "
+                                              "expected float32, float16 or bfloat16")
+                    seen.add(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({exc})") from None
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{ckpt}: weights missing from the checkpoint: {shown}")
+
+
 def load_state_dict(ckpt: Path, cfg: GlmConfig) -> dict[str, torch.Tensor]:
     """All weights as fp32 tensors, validated against the config."""
     expected = expected_shapes(cfg)

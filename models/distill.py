@@ -273,6 +273,22 @@ def _load_state(path: Path, settings: DistillSettings) -> dict:
     return state
 
 
+def _state_misfit(saved: dict, own: dict) -> str | None:
+    """How a saved student's tensors differ from this student's, in a few words (None: they fit)."""
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    shapes = [k for k in own if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} tensor(s) of another shape, e.g. {k}: saved {tuple(saved[k].shape)}, "
+                     f"this model {tuple(own[k].shape)}")
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) of this model not saved, e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} saved tensor(s) this model lacks, e.g. {extra[0]}")
+    return "; ".join(parts) or None
+
+
 def _trim_log(log_path: Path, step: int) -> None:
     """Keep the log lines of steps 1..step (those a resumed run does not redo)."""
     if not log_path.is_file():
@@ -319,11 +335,11 @@ def distill(student: GlmForCausalLM, teacher: GlmForCausalLM | None, train_sourc
     earlier_seconds, saved_device = 0.0, None  # the training time of the steps resumed from (None: not recorded)
     if resume and state_path.is_file():
         state = _load_state(state_path, settings)
-        try:
-            student.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise DistillError(f"{state_path}: the saved student does not fit this student model ({exc}); "
-                               "use another work dir or pass resume=False") from None
+        misfit = _state_misfit(state["model"], student.state_dict())
+        if misfit:  # one line: load_state_dict's own error lists every tensor, over many lines
+            raise DistillError(f"{state_path}: the saved student does not fit this student model ({misfit}); "
+                               "use another work dir or pass resume=False")
+        student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])

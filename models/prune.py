@@ -125,6 +125,12 @@ def solve_spec(cfg: GlmConfig, fraction: float, num_layers: int | None = None,
     Layers and KV groups are taken as given (default: the teacher's); the FFN width, the largest
     budget and the finest grain, is solved: the largest multiple of `multiple_of` whose model has at
     most `fraction` of the teacher's non-embedding parameters."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        # NaN ended in a ValueError deep in the arithmetic, 1.5 quietly gave the teacher's width
+        raise PruneError(f"{source}: target_fraction={fraction!r} is out of range: must be a number > 0 and <= 1 "
+                         "(a fraction of the teacher's non-embedding parameters)")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise PruneError(f"{source}: multiple_of={multiple_of!r} is out of range: must be an integer >= 1")
     base = PruneSpec(num_layers, None, num_key_value_heads)
     fixed = base.target_config(cfg, source)
     budget = fraction * non_embedding_params(cfg)

@@ -271,6 +271,8 @@ EARLY = {
     "no CUDA": (dict(recipe={'device = "cpu"': 'device = "cuda"'}),
                 ["recipe.toml: [distill] device = 'cuda': no CUDA device is available here", '"cpu"']),
     "not UTF-8": (dict(corpus="latin-1"), ["--corpus ", "latin1.txt: not UTF-8 text (invalid", "at byte 6"]),
+    "corpus missing": (dict(corpus="missing"), ["--corpus ", "missing.txt: training text not found",
+                                                "nothing was written"]),
     "teacher is a file": (dict(teacher="file"), ["model.safetensors: is a file; give the checkpoint's directory"]),
     "out is no bundle name": (dict(out="my bundle"), ["--out ", "'my bundle' is not a bundle name",
                                                       "set [export] name in"]),
@@ -292,7 +294,9 @@ def test_cheap_checks_come_before_the_work_directory_is_made(raw_teacher, tmp_pa
             pytest.skip("CUDA is available here")
     how, fragments = EARLY[case]
     corpus = corpus_files()
-    if how.get("corpus"):
+    if how.get("corpus") == "missing":
+        corpus = corpus + [tmp_path / "missing.txt"]
+    elif how.get("corpus"):
         (tmp_path / "latin1.txt").write_bytes(b"hello\n\xe9t\xe9\n")
         corpus = corpus + [tmp_path / "latin1.txt"]
     recipe = _recipe(tmp_path, **how["recipe"]) if "recipe" in how else QUICK
@@ -309,6 +313,86 @@ def test_cheap_checks_come_before_the_work_directory_is_made(raw_teacher, tmp_pa
     out = tmp_path / how.get("out", "bundle")
     _build_refused(capsys, teacher, corpus, recipe, out, fragments)
     assert not out.exists() and not out.with_name(out.name + ".work").exists()
+
+
+def _broken_teacher(tmp_path, teacher, how: str) -> Path:
+    ckpt = tmp_path / "teacher"
+    shutil.copytree(teacher, ckpt)
+    weights = ckpt / "model.safetensors"
+    if how == "no weights":
+        weights.unlink()
+    elif how == "truncated weights":  # a copy cut short: the header is whole, the data is not
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+    elif how == "a tensor missing":
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(weights)
+        del state["model.layers.1.mlp.down_proj.weight"]
+        save_file(state, weights)
+    else:  # a config.json that is not the weights' (vocab 600; the tokenizer's 512 tokens still fit)
+        cfg = json.loads((ckpt / "config.json").read_text())
+        cfg[how.split()[-1]] = 600
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt
+
+
+TEACHER_WEIGHTS = {
+    "no weights": ["teacher: no weights found (expected model.safetensors"],
+    "truncated weights": ["model.safetensors: corrupted or truncated safetensors file"],
+    "a tensor missing": ["weights missing from the checkpoint: model.layers.1.mlp.down_proj.weight"],
+    "config vocab_size": ["tensor 'lm_head.weight' has shape (512, 128), but config.json implies (600, 128)"],
+}
+
+
+@pytest.mark.parametrize("case", list(TEACHER_WEIGHTS))
+def test_a_teachers_broken_weights_are_refused_before_the_work_directory_is_made(raw_teacher, tmp_path, capsys,
+                                                                                  case):
+    """A teacher whose weights are missing, cut short or not its config's passed the checks, was tokenized,
+    and failed at the prune stage, leaving a work directory and an error line that said to --resume."""
+    teacher = _broken_teacher(tmp_path, raw_teacher, case)
+    out = tmp_path / "bundle"
+    _build_refused(capsys, teacher, corpus_files(), QUICK, out, TEACHER_WEIGHTS[case] + ["nothing was written"])
+    assert not out.exists() and not out.with_name("bundle.work").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--work"])
+def test_an_out_or_work_that_cannot_be_created_is_refused_before_any_work(raw_teacher, tmp_path, capsys, flag):
+    """Permission bits said /proc was writable (to root, and its mode is r-x otherwise): --work /proc/w ended in
+    a FileNotFoundError traceback, and --out /proc/b ran every stage and failed at the last one, publishing."""
+    out, work = tmp_path / "bundle", tmp_path / "work"
+    if flag == "--out":
+        out = Path("/proc/edgeglm-test-bundle")
+    else:
+        work = Path("/proc/edgeglm-test-work")
+    code = main(["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()), "--recipe",
+                 str(QUICK), "--out", str(out), "--work", str(work), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{flag} /proc/edgeglm-test-" in err and "cannot write there" in err and "nothing was written" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("setting, recipe", [
+    ("[prune] calibration_seq_len = 64", {}),
+    ("[distill] seq_len = 64", {"calibration_seq_len = 64": "calibration_seq_len = 32"}),
+    ("[eval] seq_len = 64", {"calibration_seq_len = 64": "calibration_seq_len = 32",
+                             "seq_len = 64\nlr": "seq_len = 32\nlr"}),
+])
+def test_windows_longer_than_the_teachers_context_window_are_refused(raw_teacher, tmp_path, capsys, setting,
+                                                                     recipe):
+    """A teacher of 48 positions was distilled and scored on windows of 64 without a word: positions it never
+    saw, that the edge runtime never runs."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(raw_teacher, teacher)
+    cfg = json.loads((teacher / "config.json").read_text())
+    cfg["max_position_embeddings"] = 48
+    (teacher / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "bundle"
+    _build_refused(capsys, teacher, corpus_files(), _recipe(tmp_path, **recipe), out,
+                   [f"recipe.toml: {setting} is longer than the teacher's context window (max_position_embeddings "
+                    f"= 48 in {teacher / 'config.json'}): must be <= 48"])
+    assert not out.exists() and not out.with_name("bundle.work").exists()
 
 
 @pytest.mark.parametrize("out", [".", "..", "/"])
@@ -377,6 +461,32 @@ def test_a_failed_stage_stays_resumable_and_resume_takes_a_fixed_device(raw_teac
         f.write("\n# more text\n" * 50)
     assert "the corpus changed since" in run(resume)
     assert not out.exists()
+
+
+def test_resume_refuses_a_teacher_changed_in_place(raw_teacher, tmp_path, capsys, monkeypatch):
+    """The build's identity held the teacher's path only: a teacher retrained (or fixed) in place was taken by
+    --resume, which distilled the student pruned from the old teacher against the new one, without a word."""
+    import models.build
+    from models.distill import DistillError
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(raw_teacher, teacher)
+    out, work = tmp_path / "bundle", tmp_path / "work"
+    args = ["build", "--teacher", str(teacher), "--corpus", *map(str, corpus_files()), "--recipe", str(QUICK),
+            "--out", str(out), "--work", str(work), "--quiet"]
+
+    def stop(*_args, **_kwargs):
+        raise DistillError("stopped at distill")
+    monkeypatch.setattr(models.build, "distill", stop)
+    assert main(args) == 2 and "stopped at distill" in capsys.readouterr().err
+    state = load_file(teacher / "model.safetensors")  # the same shapes, other weights
+    state["model.layers.0.mlp.down_proj.weight"] *= 2
+    save_file(state, teacher / "model.safetensors")
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: the teacher {teacher} changed since {work} was made" in err, err
+    assert err.count("\n") == 1 and not out.exists()
 
 
 def test_a_build_that_fails_before_its_state_is_kept_leaves_no_work_directory(raw_teacher, tmp_path, capsys):
@@ -486,7 +596,33 @@ def test_calibration_tokens_must_fit_the_corpus_only_for_activation_importance(i
         with pytest.raises(BuildError, match="calibration_tokens = 16384 must be at most that"):
             check_data(recipe, corpus, settings)
     else:
-        assert check_data(recipe, corpus, settings)["calibration_tokens"] == 16384
+        assert check_data(recipe, corpus, settings)["calibration_tokens"] == 0  # as the prune section says
+
+
+@pytest.mark.parametrize("heldout_tokens, scored", [(1000, 960), (32768, 1984)])
+def test_the_report_counts_the_tokens_really_scored_and_calibrated(tmp_path, heldout_tokens, scored):
+    """The report said min(held-out, heldout_tokens) tokens were scored, and calibration_tokens calibrated; the
+    stages run on whole windows only: 2000 held-out tokens with at most 1000 scored are 15 windows of 64 (960),
+    with 32768 allowed 31 windows (1984, the last token of a window being only a target)."""
+    import numpy as np
+
+    from models.build import calibration_windows, check_data
+    from models.data import TokenCorpus, corpus_from_ids
+    from models.distill import DistillSettings
+    from models.evaluate import heldout_windows
+    from models.recipe import parse_recipe
+
+    recipe = parse_recipe(f'[prune]\ncalibration_tokens = 1000\ncalibration_seq_len = 64\n[eval]\n'
+                          f'heldout_fraction = 0.1\nheldout_tokens = {heldout_tokens}\nseq_len = 64\n'.encode(),
+                          "r.toml")
+    corpus = TokenCorpus(Path("unused.bin"), 20000, (), 0)
+    settings = DistillSettings(seq_len=64, batch_size=2, token_budget=128 * 40, warmup_steps=2)
+    data = check_data(recipe, corpus, settings)
+    assert data["heldout_tokens"] == 2000
+    windows = heldout_windows(np.arange(2000), 64, heldout_tokens)  # what the evaluate stage scores
+    assert data["heldout_tokens_scored"] == scored == windows[:, 1:].numel()
+    train = corpus_from_ids(np.arange(18000) % 500, tmp_path)
+    assert data["calibration_tokens"] == 960 == calibration_windows(train, 1000, 64).numel()
 
 
 # --- Ctrl-C: what is kept is what the line says ------------------------------------------------------

@@ -115,6 +115,22 @@ def test_a_finished_run_resumed_returns_its_weights(teacher, source, tmp_path):
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
 
 
+def test_resuming_with_a_student_of_another_shape_is_one_line(teacher, source, tmp_path):
+    """The error carried load_state_dict's own text: every missing tensor, over several lines."""
+    settings = DistillSettings(kl_weight=0.0, ce_weight=1.0, warmup_steps=1, batch_size=4, seq_len=32,
+                               token_budget=4 * 32 * 2, checkpoint_every=10, device="cpu")
+    distill(pruned_student(teacher, calib(teacher)), None, source, settings, tmp_path / "run", progress=False)
+    wider = prune_model(teacher, PruneSpec(num_layers=2, intermediate_size=96),
+                        activation_importance(teacher, calib(teacher)))
+    with pytest.raises(DistillError) as err:
+        distill(wider, None, source, settings, tmp_path / "run", progress=False)
+    message = str(err.value)
+    assert "\n" not in message and "state.pt: the saved student does not fit this student model (" in message
+    assert "2 tensor(s) of another shape, e.g. model.layers.0.mlp.gate_up_proj.weight: saved (128, 128), this " \
+           "model (192, 128)" in message and "tensor(s) of this model not saved, e.g. model.layers.1." in message
+    assert message.endswith("use another work dir or pass resume=False")
+
+
 def test_a_resumed_run_reports_the_whole_training_time_or_says_it_is_unknown(teacher, source, tmp_path):
     """A run resumed after its last step (its caller crashed before recording it) trains nothing: it reported
     seconds ~0 and tokens_per_second 0. It now reports the time state.pt recorded for the steps it holds; a

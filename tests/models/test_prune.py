@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -158,6 +160,20 @@ def test_bad_specs_error_naming_the_setting_and_range(tmp_path, spec, message):
     model = _model(tmp_path)
     with pytest.raises(PruneError, match="^prune spec: " + message.replace("(", r"\(").replace(".", r"\.")):
         prune_model(model, spec, magnitude_importance(model))
+
+
+@pytest.mark.parametrize("fraction, multiple_of, message", [
+    (1.5, 1, "target_fraction=1.5 is out of range: must be a number > 0 and <= 1"),
+    (float("nan"), 1, "target_fraction=nan is out of range"),
+    ("0.5", 1, "target_fraction='0.5' is out of range"),
+    (0.5, 0, "multiple_of=0 is out of range: must be an integer >= 1"),
+])
+def test_solve_spec_refuses_a_fraction_or_grain_out_of_range(tmp_path, fraction, multiple_of, message):
+    """solve_spec(cfg, 1.5) quietly gave the teacher's width, NaN a ValueError, multiple_of=0 a
+    ZeroDivisionError."""
+    model = _model(tmp_path)
+    with pytest.raises(PruneError, match="^prune: " + re.escape(message)):
+        solve_spec(model.config, fraction, multiple_of=multiple_of)
 
 
 def test_unreachable_fraction_and_foreign_importance_error(tmp_path):
