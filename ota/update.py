@@ -423,7 +423,10 @@ class Updater:
         try:
             raw = offer.manifest_bytes()
             manifest = Manifest.model_validate_json(raw)
-        except (ValidationError, ValueError) as exc:
+        except ValidationError as exc:  # the field and the value named, as `bundle verify` names them
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors()[:3])
+            raise UpdateFailed(f"offered manifest is invalid ({problems})") from None
+        except ValueError as exc:
             raise UpdateFailed(f"offered manifest is invalid ({str(exc).splitlines()[0]})") from None
         verify_bytes(raw, offer.signature, self.deps.trusted_keys, f"offer {offer.update_id} manifest")
         if not offer.rollback and hashlib.sha256(raw).hexdigest() == self.deps.active_manifest_sha256():

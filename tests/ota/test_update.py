@@ -171,6 +171,19 @@ def test_truncated_manifest_is_refused(device, signed_bundles):
     _refused(device, offer, "offered manifest is invalid")
 
 
+def test_an_offered_version_with_leading_zeros_is_refused_naming_it(device, signed_bundles):
+    """The reason read "offered manifest is invalid (1 validation error for Manifest)": the field and the value
+    were in lines the status left out."""
+    import base64
+
+    offer = offer_for(signed_bundles["v2"], "u2")
+    data = json.loads(offer.manifest_bytes())
+    data["version"] = "01.2.0"
+    offer.manifest_b64 = base64.b64encode(json.dumps(data).encode()).decode()
+    _refused(device, offer, "offered manifest is invalid (version: Value error, '01.2.0' is not a version like "
+                            "1.2.3 (numbers without leading zeros))")
+
+
 def rollback_for(bundle: Path, update_id: str, key, **terms):
     """A rollback offer to `bundle`, signed by `key`, by default for the driven device serving 1.1.0, valid 1 h."""
     terms = {"format": ROLLBACK_FORMAT, "fleet": FLEET, "device": DEVICE, "replaces": "1.1.0",
