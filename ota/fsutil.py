@@ -3,8 +3,10 @@ directory fsynced, so a power cut leaves either the old or the new content, neve
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 from pathlib import Path
 
 
@@ -16,15 +18,46 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# a file system without hard links (some FUSE and network mounts): the no-overwrite rename falls back to a check
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
+
+
+def write_file_atomically(path: Path, data: bytes, mode: int, overwrite: bool = True) -> None:
+    """Put `data` at `path` whole or not at all: written to a new hidden temporary file beside it (created with
+    O_EXCL and `mode`, so that a private key is 0600 before its first byte, and never through a link planted at
+    that name), fsynced, then put in place in one step and the directory fsynced. `overwrite`: by os.replace (the
+    old content stays until then); else by a hard link that fails with FileExistsError when `path` exists (a key
+    is never replaced, not even by one made meanwhile). Ctrl-C or an error at any point leaves `path` as it was
+    and removes the temporary file; a power cut may leave only that hidden `.NAME.*.tmp` file."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                 mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise
+                if os.path.lexists(path):
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+                os.rename(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after a rename; after a link, the second name of the file
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_file_atomically(Path(path), data, 0o666)  # (the umask applies, as to any new file)
 
 
 def atomic_write_json(path: Path, obj) -> None:

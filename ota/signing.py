@@ -16,12 +16,10 @@ from __future__ import annotations
 import logging
 
 import base64
-import errno
 import hashlib
 import json
-import os
+import os  # noqa: F401 (tests patch ota.signing.os: the os module its writes go through, in ota.fsutil)
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ota.bundle import MANIFEST, Bundle
 from ota.errors import SignatureError
-from ota.fsutil import fsync_dir
+from ota.fsutil import write_file_atomically
 
 SIGNATURE = "manifest.sig"
 KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a file name in --out, never a path
@@ -49,44 +47,6 @@ class KeyPair:
     private_path: Path
     public_path: Path
     key_id: str
-
-
-# a file system without hard links (some FUSE and network mounts): the no-overwrite rename falls back to a check
-_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
-
-
-def write_file_atomically(path: Path, data: bytes, mode: int, overwrite: bool = True) -> None:
-    """Put `data` at `path` whole or not at all: written to a new hidden temporary file beside it (created with
-    O_EXCL and `mode`, so that a private key is 0600 before its first byte, and never through a link planted at
-    that name), fsynced, then put in place in one step and the directory fsynced. `overwrite`: by os.replace (the
-    old content stays until then); else by a hard link that fails with FileExistsError when `path` exists (a key
-    is never replaced, not even by one made meanwhile). Ctrl-C or an error at any point leaves `path` as it was
-    and removes the temporary file; a power cut may leave only that hidden `.NAME.*.tmp` file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
-                 mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in _NO_LINKS:
-                    raise
-                if os.path.lexists(path):
-                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
-                os.rename(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already after a rename; after a link, the second name of the file
 
 
 def generate_keypair(out_dir: str | Path, name: str = "bundle-signing") -> KeyPair:
