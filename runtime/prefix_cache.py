@@ -44,8 +44,10 @@ Design.
   (oldest files first) and removes the block files of other models that no process serves, so
   the disk holds at most what memory may, per model in use. Every process bound to a model holds
   its directory's `.lock` (a shared flock, gone with the process): two processes (two agents
-  given one `cache.persist_dir`) sharing it with different models keep each other's files, and
-  the files of a model no process serves (a crashed one's too) go at the next bind. A lookup or
+  given one `cache.persist_dir`) sharing it with different models keep each other's files. A
+  bind to another model removes the previous model's directory at once (unless another process
+  holds it), and the directory of a model no process holds once nothing in it changed for
+  IDLE_S (an agent restarting keeps its files; a crashed one's go later). A lookup or
   insert makes its block hashes with one read of block_tokens and gives up (a miss, nothing
   stored) when `reconfigure` changed the size meanwhile.
 
@@ -79,6 +81,7 @@ ROOT = b""  # the parent hash of a prompt's first block
 MAGIC = b"EDGEGLM-KV1\n"
 SUFFIX = ".kvb"
 LEASE = ".lock"  # in each model's directory: held (shared) by every process bound to that model
+IDLE_S = 600.0  # another model's directory nobody holds is removed once nothing in it changed for this long
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # a model key is one directory name
 
 
@@ -354,28 +357,45 @@ class PrefixCache:
         self._evict_to(self.max_bytes)
         return self._blocks.get(h)
 
-    def _hold_lease(self, folder: Path | None) -> None:
+    def _hold_lease(self, folder: Path | None) -> Path | None:
         """Hold `folder`'s LEASE (shared) while bound to its model, so that another process tidying the same
-        persist_dir for another model leaves this model's files alone; the previous lease goes."""
+        persist_dir for another model leaves this model's files alone; the previous lease goes (its file touched:
+        the idle time of the directory counts from then). Returns the directory whose lease was released."""
         if self._lease is not None and self._lease[0] == folder:
-            return
+            return None
+        left = None
         if self._lease is not None:
-            self._lease[1]()  # closing the file releases its lock
+            left = self._lease[0]
+            self._lease[1]()  # touches the lease file and closes it, which releases the lock
             self._lease = None
         if folder is None:
-            return
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(folder / LEASE, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            log.warning("prefix cache: cannot use %s (%s); blocks are written there as far as it allows", folder, exc)
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process removes this folder's files
-        except OSError:
-            os.close(fd)
-            return
-        self._lease = (folder, weakref.finalize(self, os.close, fd))  # released with the cache, at the latest
+            return left
+        for _ in range(50):  # the lease file can be removed (with an unused directory) between open and flock
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(folder / LEASE, os.O_RDWR | os.O_CREAT, 0o600)
+            except FileNotFoundError:
+                continue  # the directory went right after mkdir: make it again
+            except OSError as exc:
+                log.warning("prefix cache: cannot use %s (%s); blocks are written there as far as it allows",
+                            folder, exc)
+                return left
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process removes this folder's files
+            except OSError as exc:
+                os.close(fd)
+                log.warning("prefix cache: cannot lock %s (%s): another process sharing %s for another model may "
+                            "delete this model's block files", folder / LEASE, exc, folder.parent)
+                return left
+            if _is_current(fd, folder / LEASE):
+                break
+            os.close(fd)  # locked a lease file that was removed meanwhile: lock the one in place now
+        else:
+            log.warning("prefix cache: cannot hold %s (removed again and again); going on without it", folder / LEASE)
+            return left
+        _touch_fd(fd)
+        self._lease = (folder, weakref.finalize(self, _release, fd))  # released with the cache, at the latest
+        return left
 
     def _tidy_disk(self, keep_fraction: float = 1.0) -> None:
         """Remove other models' block files and leftover temporary files, and trim this model's to
@@ -383,14 +403,16 @@ class PrefixCache:
         recent of its descendants (so a shared system prompt written first outlives the prompts built on
         it), and a file whose parent is not kept goes too (no lookup could reach it)."""
         mine = self._dir()
-        self._hold_lease(mine)
+        left = self._hold_lease(mine)
+        if left is not None and left != mine:
+            _remove_unused(left, idle_s=None)  # the model this process served until now: at once, if nobody else does
         try:
             if self.persist_dir is None or not self.persist_dir.is_dir():
                 self._disk_bytes = 0
                 return
             for folder in self.persist_dir.iterdir():
-                if folder.is_dir() and folder != mine and any(folder.glob("*" + SUFFIX)):
-                    _remove_unused(folder)
+                if folder != mine and folder.is_dir() and (any(folder.glob("*" + SUFFIX)) or (folder / LEASE).exists()):
+                    _remove_unused(folder, idle_s=IDLE_S)
             entries = {}  # hash -> (path, mtime, size, parent hash)
             for f in (mine.glob("*" + SUFFIX) if mine.is_dir() else []):
                 st = _stat(f)
@@ -429,12 +451,17 @@ class PrefixCache:
         self._disk_bytes = total
 
 
-def _remove_unused(folder: Path) -> None:
-    """Delete another model's block files, unless a process bound to that model holds its lease (another agent
-    sharing the directory, serving another model): those stay. Its lease is taken
-    exclusively meanwhile, so a process binding to that model now waits for the end of the removal."""
+def _remove_unused(folder: Path, idle_s: float | None) -> None:
+    """Delete another model's directory (its block files, temporary files and lease; the directory itself when
+    nothing else is in it) unless a process bound to that model holds its lease (another agent sharing the
+    directory, serving another model) or, with `idle_s`, something in it changed less than `idle_s` ago (an
+    agent restarting with that model). The lease is taken exclusively meanwhile, so a process binding to that
+    model now waits for the end of the removal and then makes a new directory."""
+    if idle_s is not None and time.time() - _newest_change(folder) < idle_s:
+        return
+    lease = folder / LEASE
     try:
-        fd = os.open(folder / LEASE, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lease, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
         fd = None  # (a directory this process may not write: deleting its files fails too, and says so)
     try:
@@ -444,13 +471,57 @@ def _remove_unused(folder: Path) -> None:
             except OSError:
                 log.debug("prefix cache: %s is in use by another process; left alone", folder)
                 return
+            if not _is_current(fd, lease):  # another process removed it meanwhile (and maybe a binder made anew)
+                return
         for f in folder.glob("*" + SUFFIX):
             _unlink(f)
         for f in folder.glob(".*.tmp"):
             _unlink(f)
+        if fd is not None:
+            _unlink(lease)  # still locked: a binder waiting on this file finds it gone and opens a new one
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # something else is in it (not ours to delete)
     finally:
         if fd is not None:
-            os.close(fd)  # (the lease file stays: one that a waiting process holds open must not be replaced)
+            os.close(fd)
+
+
+def _is_current(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the file at `path` (a lease file can be removed while locked)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _newest_change(folder: Path) -> float:
+    """The newest modification time of the directory and its files (0 if it cannot be read)."""
+    newest = 0.0
+    try:
+        newest = folder.stat().st_mtime
+        for f in folder.iterdir():
+            st = _stat(f)
+            if st is not None:
+                newest = max(newest, st.st_mtime)
+    except OSError:
+        pass
+    return newest
+
+
+def _touch_fd(fd: int) -> None:
+    try:
+        os.utime(fd)
+    except OSError:
+        pass
+
+
+def _release(fd: int) -> None:
+    """Let go of a lease: its file touched (the directory's idle time starts now), then closed (unlocked)."""
+    _touch_fd(fd)
+    os.close(fd)
 
 
 def _unlink(path: Path) -> int:

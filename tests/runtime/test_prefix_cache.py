@@ -185,9 +185,11 @@ def test_persisted_blocks_serve_a_new_cache_over_the_same_directory(models, ids,
     restarted.clear()
     assert list(generate(model.engine, prompt, SEEDED, prefix_cache=restarted)) == reference(model.engine, prompt, SEEDED)
     first.close(), restarted.close()  # no process serves model k any more
+    from runtime.prefix_cache import IDLE_S
+    _age(tmp_path / k, IDLE_S + 1)  # ... for longer than a restart takes
     other = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
     other.bind("another-model")  # other models' files are removed, never read
-    assert prefill_cached(model.engine, prompt, other)[2] == 0 and not list((tmp_path / k).glob("*.kvb"))
+    assert prefill_cached(model.engine, prompt, other)[2] == 0 and not (tmp_path / k).exists()
 
 
 def test_a_corrupted_or_truncated_block_file_is_ignored_with_a_warning(models, ids, tmp_path, caplog):
@@ -425,12 +427,13 @@ sys.stdin.read()  # serves until the test closes stdin
 def test_two_processes_sharing_a_directory_with_different_models_keep_each_others_files(tmp_path):
     """Each bind removed every other model's block files: an agent and `edgeglm bench --cache-dir` (or two agents)
     sharing one persist_dir with different models deleted each other's cache at every start. A model some process
-    serves keeps its files; the files of a model no process serves any more still go."""
+    serves keeps its files; so does one whose process stopped moments ago (an agent restarting); the files of a
+    model nobody served for IDLE_S go, with their directory (no empty folder per model ever bound)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    from runtime.prefix_cache import SUFFIX
+    from runtime.prefix_cache import IDLE_S, SUFFIX
 
     code = SERVE_MODEL_A.format(tests=str(Path(__file__).parent), dir=str(tmp_path))
     other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -439,6 +442,7 @@ def test_two_processes_sharing_a_directory_with_different_models_keep_each_other
         assert other.stdout.readline().strip() == "ready"
         a_files = sorted((tmp_path / "model-a").glob("*" + SUFFIX))
         assert len(a_files) == 2
+        _age(tmp_path / "model-a", IDLE_S + 60)  # held: its age does not matter
         b = PrefixCache(64 << 20, 32, tmp_path)
         b.bind("model-b")  # model-a is served by the other process: its files stay
         _persist(b, list(range(100, 164)))
@@ -447,12 +451,72 @@ def test_two_processes_sharing_a_directory_with_different_models_keep_each_other
         other.stdin.close()
         other.wait(30)
     c = PrefixCache(64 << 20, 32, tmp_path)
-    c.bind("model-c")  # model-a's process is gone: its files go; model-b is served here (cache b): they stay
-    assert not list((tmp_path / "model-a").glob("*" + SUFFIX))
+    c.bind("model-c")  # model-a's process stopped just now (its lease file touched at the release): kept
+    assert sorted((tmp_path / "model-a").glob("*" + SUFFIX)) == a_files
+    _age(tmp_path / "model-a", IDLE_S + 1)
+    _age(tmp_path / "model-b", IDLE_S + 1)
+    c.bind("model-c2")  # model-a nobody served for IDLE_S: gone; model-b is held by cache b however old
+    assert not (tmp_path / "model-a").exists()
     assert len(list((tmp_path / "model-b").glob("*" + SUFFIX))) == 2
+    assert not (tmp_path / "model-c").exists()  # c's own previous model, empty: removed at its rebind
     b.close()
     PrefixCache(64 << 20, 32, tmp_path).bind("model-d")
-    assert not list((tmp_path / "model-b").glob("*" + SUFFIX))
+    assert len(list((tmp_path / "model-b").glob("*" + SUFFIX))) == 2  # released just now
+    _age(tmp_path / "model-b", IDLE_S + 1)
+    PrefixCache(64 << 20, 32, tmp_path).bind("model-e")
+    assert not (tmp_path / "model-b").exists()
+
+
+def _age(folder, seconds: float) -> None:
+    """Make the directory and everything in it look last changed `seconds` ago."""
+    import os
+    when = time.time() - seconds
+    for f in [*folder.iterdir(), folder]:
+        os.utime(f, (when, when))
+
+
+def test_an_ota_switch_removes_the_old_models_files_and_directory_at_once(tmp_path):
+    """Each model ever bound left its directory behind (empty but for its lease file): one per OTA version."""
+    cache = PrefixCache(64 << 20, 32, tmp_path)
+    cache.bind("v1")
+    _persist(cache, list(range(64)))
+    assert len(list((tmp_path / "v1").glob("*.kvb"))) == 2
+    for version in ("v2", "v3", "v4"):
+        cache.bind(version)
+        _persist(cache, list(range(64)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v4"]
+    assert len(list((tmp_path / "v4").glob("*.kvb"))) == 2
+
+
+def test_a_bind_waiting_on_a_removal_holds_the_new_lease_not_the_removed_one(tmp_path):
+    """A removal deletes the lease file it holds exclusively: a process that was waiting on that file must lock
+    the new one, or a third process could take the new file exclusively and delete the files it serves."""
+    import fcntl
+    import os
+    import threading
+
+    from runtime.prefix_cache import LEASE, _remove_unused
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    remover = os.open(folder / LEASE, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(remover, fcntl.LOCK_EX)  # a removal under way in another process
+    cache = PrefixCache(64 << 20, 32, tmp_path)
+    binding = threading.Thread(target=cache.bind, args=("m",))
+    binding.start()
+    time.sleep(0.3)
+    assert binding.is_alive()  # waits for the removal
+    os.unlink(folder / LEASE)
+    folder.rmdir()
+    os.close(remover)  # the removal ends
+    binding.join(10)
+    assert not binding.is_alive()
+    _persist(cache, list(range(64)))
+    _remove_unused(folder, idle_s=None)  # another process's removal: the model is served here, so nothing goes
+    assert len(list(folder.glob("*.kvb"))) == 2
+    cache.close()
+    _remove_unused(folder, idle_s=None)
+    assert not folder.exists()
 
 
 def test_a_lookup_racing_a_block_size_change_is_a_miss_and_deletes_nothing(tmp_path, caplog):
