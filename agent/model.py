@@ -154,7 +154,8 @@ def load_model(bundle_path: str | Path | Bundle, backend: str = "auto", threads:
         options["prefill_graph"] = prefill.mode
     else:
         prefill = None
-    engine = load_engine(path.backend, bundle.path(bundle.manifest.backends[path.backend].entry), arch, path.threads,
+    entry = bundle.manifest.backends[path.backend].entry
+    engine = load_engine(path.backend, bundle.path(entry), arch, path.threads, listed=bundle.listed_beside(entry),
                          **options)
     if getattr(engine, "gpu_graph", None):  # the prefill-graph setting is for CPU graphs: say what runs instead
         prefill = PrefillChoice("off", f"the GPU graph {engine.gpu_graph} runs prompts too; KV cache in "

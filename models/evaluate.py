@@ -184,7 +184,7 @@ def evaluate_bundle(bundle_path: str | Path, windows: torch.Tensor, teacher: Tea
     entry = bundle.manifest.backends[backend]
     cfg = GlmConfig.from_dict(bundle.manifest.architecture)
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
-    engine = load_engine(backend, bundle.path(entry.entry), arch, threads)
+    engine = load_engine(backend, bundle.path(entry.entry), arch, threads, listed=bundle.listed_beside(entry.entry))
     scores = Scores(teacher is not None)
     for i, window in enumerate(windows[:, :-1].tolist()):
         scores.add(window_logits(engine, window), windows[i:i + 1], teacher, i)

@@ -20,7 +20,7 @@ import json
 import re
 import shutil
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -166,6 +166,11 @@ class Bundle:
                 raise BundleError(f"{self.root / MANIFEST}: backend {backend!r} entry {be.entry!r} is not a listed file")
         if self.manifest.tokenizer not in listed:
             raise BundleError(f"{self.root / MANIFEST}: tokenizer {self.manifest.tokenizer!r} is not a listed file")
+
+    def listed_beside(self, rel: str) -> frozenset[str]:
+        """The names of the listed files in the directory of the bundle file `rel` (what a graph may name)."""
+        folder = PurePosixPath(rel).parent
+        return frozenset(PurePosixPath(f.path).name for f in self.manifest.files if PurePosixPath(f.path).parent == folder)
 
     def unlisted(self) -> list[str]:
         """Files in the bundle directory that the manifest does not list (besides manifest.json and its

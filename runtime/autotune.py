@@ -343,7 +343,7 @@ def _groups(bundle, cands: list[Candidate], available: int | None, prefill: str 
 def _load(bundle, arch: ModelArch, trial: Trial, prefill: str = "on"):
     c = trial.candidate
     entry = bundle.path(bundle.manifest.backends[c.backend].entry)
-    options = c.engine_options()
+    options = c.engine_options() | {"listed": bundle.listed_beside(bundle.manifest.backends[c.backend].entry)}
     if c.backend == "onnxruntime":
         options["prefill_graph"] = prefill
     t0 = time.perf_counter()

@@ -729,12 +729,17 @@ def _positive_int(value: str, model_path: Path, key: str) -> int:
     return n
 
 
-def _beside(model_path: Path, name: str, what: str) -> Path:
-    """The file `name` (from the graph's metadata) in the graph's directory, or a clear error."""
+def _beside(model_path: Path, name: str, what: str, listed: frozenset[str] | None = None) -> Path:
+    """The file `name` (from the graph's metadata) in the graph's directory, or a clear error. `listed`: the
+    names of the files beside the graph that the bundle's manifest lists (None: not from a bundle); a file it
+    does not list is refused even when present, since its hash was never checked and no OTA transfer carries it."""
     path = model_path.parent / name
     if not name or Path(name).name != name or not path.is_file():
         raise ModelLoadError(f"{model_path}: its {what} {name!r} is not beside it; the bundle is incomplete, "
                              "re-export it")
+    if listed is not None and name not in listed:
+        raise ModelLoadError(f"{model_path}: its {what} {name!r} is not listed in the bundle's manifest (its hash is "
+                             "unchecked and an agent would not get it); re-export the bundle")
     return path
 
 
@@ -826,7 +831,7 @@ class OnnxRuntimeEngine:
 
     def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None,
                  provider: str = "CPUExecutionProvider", pinned: bool = False, prefill_graph: bool | str = True,
-                 gpu_graph: bool | None = None):
+                 gpu_graph: bool | None = None, listed: frozenset[str] | None = None):
         """`provider`: the execution provider (CPU falls back for nodes it cannot run); `pinned`: one
         intra-op thread per physical core (the calling thread is not pinned); `prefill_graph`: True / "on"
         runs steps of `prefill_min_rows`+ token rows on the bundle's prefill graph, if it has one; False /
@@ -835,7 +840,9 @@ class OnnxRuntimeEngine:
         `gpu_graph`: run the bundle's GPU variant (GPU_GRAPH_FILE: attention and the KV cache in fp16, the
         cache kept in the provider's memory as DeviceCache) instead of the decode and prefill graphs; None:
         on the CUDA and TensorRT providers, where the bundle has one. True on the CPU provider runs the same
-        code with the cache in host memory (slower than the decode graph there; for tests)."""
+        code with the cache in host memory (slower than the decode graph there; for tests). `listed`: the names of
+        the files beside the graph that its bundle's manifest lists; the graphs and tables the graph's metadata
+        names must be among them (None: a graph outside a bundle, as the exporter checks it)."""
         import onnxruntime as ort
 
         mode = prefill_mode(prefill_graph)
@@ -889,7 +896,7 @@ class OnnxRuntimeEngine:
             # named by the (hashed, signed) decode graph, not found by file name
             name = self._metadata(main, ort).get(GPU_GRAPH_KEY)
             if name:
-                main, mode = _beside(main, name, "GPU graph"), "off"  # prompts too: the W8A8 graph is for CPUs
+                main, mode = _beside(main, name, "GPU graph", listed), "off"  # prompts too: the W8A8 graph is for CPUs
                 self._kv_device = "cpu" if provider == "CPUExecutionProvider" else "cuda"
                 self._kv_dtype = np.float16
             elif gpu_graph:
@@ -905,7 +912,7 @@ class OnnxRuntimeEngine:
         # 70 vs 69 tok/s); no spinning at all costs a prefill about 12%.
         spin = SPIN_AFTER_RUN_US if mode == "on" else None
         if mode == "only":
-            main = self._prefill_only(main, ort)
+            main = self._prefill_only(main, ort, listed)
             mode = "only" if main != Path(model_path) else "off"
         self.session = session(main, options(spin))
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -916,7 +923,7 @@ class OnnxRuntimeEngine:
         if self._kv_device and meta.get(KV_DTYPE_KEY) != "float16":
             raise ModelLoadError(f"{main}: not an fp16-cache GPU graph ({KV_DTYPE_KEY}={meta.get(KV_DTYPE_KEY)!r})")
         self.device = provider
-        self._embeddings = self._embedding_table(Path(model_path), meta)
+        self._embeddings = self._embedding_table(Path(model_path), meta, listed)
         self._decode = _OrtRunner(self.session, arch)
         # see RaggedBatch; a cache in device memory is batched with DeviceRaggedBatch (the KV copy graph)
         self._kv_copy = self._kv_copy_session(KV_COPY_GRAPH) if self._kv_device else None  # (session, binding)
@@ -936,7 +943,8 @@ class OnnxRuntimeEngine:
             if self._rows_per_step else LEGACY_PREFILL_MIN_TOKENS
         name = meta.get(PREFILL_GRAPH_KEY)
         if name and mode == "on":
-            self._prefill = _OrtRunner(session(_beside(Path(model_path), name, "prefill graph"), options(spin)), arch)
+            self._prefill = _OrtRunner(session(_beside(Path(model_path), name, "prefill graph", listed), options(spin)),
+                                       arch)
             self.prefill_graph = name
 
     @staticmethod
@@ -952,7 +960,7 @@ class OnnxRuntimeEngine:
             raise ModelLoadError(f"{model_path}: ONNX Runtime could not load the model ({exc})") from None
 
     @staticmethod
-    def _prefill_only(model_path: Path, ort) -> Path:
+    def _prefill_only(model_path: Path, ort, listed: frozenset[str] | None = None) -> Path:
         """The prefill graph that can run every step alone (named by the decode graph's metadata), or
         `model_path` with a warning when the bundle has none (fp32, or a prefill graph from before
         `edgeglm.prefill_min_rows`, whose single-token steps are slow). The decode graph is opened
@@ -960,17 +968,17 @@ class OnnxRuntimeEngine:
         meta = OnnxRuntimeEngine._metadata(model_path, ort)
         name = meta.get(PREFILL_GRAPH_KEY)
         if name and PREFILL_ROWS_KEY in meta:
-            return _beside(model_path, name, "prefill graph")
+            return _beside(model_path, name, "prefill graph", listed)
         log.warning("%s: prefill_graph='only' asked for, but this bundle has no prefill graph that can decode "
                     "(%s); running its decode graph for everything", model_path,
                     "none" if not name else "exported before edgeglm.prefill_min_rows")
         return model_path
 
-    def _embedding_table(self, model_path: Path, meta: dict) -> EmbeddingTable | None:
+    def _embedding_table(self, model_path: Path, meta: dict, listed: frozenset[str] | None) -> EmbeddingTable | None:
         """The table the graph's `inputs_embeds` come from; None for graphs that gather inside."""
         if "inputs_embeds" not in {i.name for i in self.session.get_inputs()}:
             return None
-        return EmbeddingTable(_beside(model_path, meta.get(EMBEDDINGS_KEY, ""), "embedding table"),
+        return EmbeddingTable(_beside(model_path, meta.get(EMBEDDINGS_KEY, ""), "embedding table", listed),
                               self.arch.vocab_size)
 
     def new_cache(self, batch: int = 1) -> OrtCache:
@@ -1303,7 +1311,8 @@ def _default_threads() -> int:
 
 def load_engine(backend: str, model_path: Path, arch: ModelArch, threads: int | None = None, **options):
     """`options` go to the engine's constructor: `provider`, `pinned` (ONNX Runtime); `device`,
-    `precision`, `kv_cache_precision`, `pinned` (OpenVINO); runtime.autotune.Candidate makes them."""
+    `precision`, `kv_cache_precision`, `pinned` (OpenVINO); runtime.autotune.Candidate makes them. `listed`
+    (from ota.bundle.Bundle.listed_beside): the files beside the graph its manifest lists."""
     if backend not in BACKENDS:
         raise BackendUnavailable(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
     if backend not in available_backends():
@@ -1311,5 +1320,7 @@ def load_engine(backend: str, model_path: Path, arch: ModelArch, threads: int | 
             f"backend {backend!r} is not installed; available: {', '.join(available_backends()) or 'none'}")
     if not Path(model_path).is_file():
         raise ModelLoadError(f"{model_path}: model file not found")
+    if backend != "onnxruntime":
+        options.pop("listed", None)  # an IR names no other files (its .bin is the manifest's too)
     engine_cls = OnnxRuntimeEngine if backend == "onnxruntime" else OpenVinoEngine
     return engine_cls(Path(model_path), arch, threads, **options)

@@ -328,3 +328,19 @@ def test_auto_loads_both_graphs_where_memory_allows_and_the_prefill_graph_alone_
     for model in (wide, lean):  # both reproduce the continuation recorded at export (the OTA self-test's check)
         assert model.golden_check().passed, model.golden_check().describe()
     assert load_config(None, {}).model.prefill_graph == "auto"
+
+
+def test_a_graph_naming_a_file_the_manifest_does_not_list_is_refused(int8_bundle, tmp_path):
+    """The decode graph's metadata names its prefill graph and embedding table; both were opened when present
+    beside it, listed in the manifest or not: a bundle whose manifest forgot one ran here, unchecked by any
+    hash, and failed on every agent (an OTA transfer carries listed files only)."""
+    import json
+
+    bundle = shutil.copytree(int8_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"] = [f for f in manifest["files"] if f["path"] != "onnxruntime/prefill.onnx"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (bundle / "manifest.sig").unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="prefill graph 'prefill.onnx' is not listed in the bundle's manifest"):
+        load_model(bundle, "onnxruntime", prefill_graph=True)
+    assert load_model(bundle, "onnxruntime", prefill_graph=False).engine.prefill_graph is None  # unaffected
