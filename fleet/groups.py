@@ -26,6 +26,7 @@ from pathlib import Path
 from agent.errors import AgentError
 from agent.topics import ID_PATTERN
 from fleet.store import Store
+from ota.bundle import VERSION_RE
 from ota.errors import VersionError
 from ota.versions import parse_version
 
@@ -114,6 +115,9 @@ def rollback_target(running: set[str], known: dict[str, Path], to: str | None = 
     versions = [v for v in running if v is not None and _parses(v)]
     newest = max(versions, key=parse_version) if versions else None
     if to is not None:
+        if not VERSION_RE.fullmatch(to):
+            raise GroupError(f"--to {to!r} is not a version like 1.2.3 (numbers without leading zeros); known: "
+                             f"{listing}; nothing was offered")
         if to not in known:
             raise GroupError(f"--to {to}: no bundle of that version is known (known: {listing}); offer it once or "
                              f"put it in bundles.dir of fleet.toml")

@@ -252,6 +252,9 @@ def test_rollback_offers_the_previous_version_to_devices_on_another(controller, 
     assert out.returncode == 2 and "no version earlier than 1.0.0 is known" in out.stderr
     out = cli("rollback", *args, "--to", "0.9.0")
     assert out.returncode == 2 and "--to 0.9.0: no bundle of that version is known" in out.stderr
+    out = cli("rollback", *args, "--to", "01.0.0")  # read as 1.0.0 by some tools; never known under that name
+    assert out.returncode == 2 and "--to '01.0.0' is not a version like 1.2.3 (numbers without leading zeros)" \
+        in out.stderr and "known: 1.0.0, 1.1.0" in out.stderr, out.stderr
     # a "rollback" to a newer version upgraded the devices (to the very version a halted rollout had rejected)
     out = cli("rollback", *args, "--to", "1.1.0")
     assert out.returncode == 2 and "--to 1.1.0 is newer than 1.0.0" in out.stderr, out.stderr
