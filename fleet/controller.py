@@ -431,8 +431,11 @@ class FleetController:
         version = version if version is not None else int(time.time() * 1000)
         merged = settings if replace else deep_merge(self.store.desired(fleet, device) or {}, settings)
         payload = DesiredConfig(version=version, settings=merged).model_dump_json()
-        self._publish_retained(desired_topic(fleet, device), payload, f"the desired config of {fleet}/{device}")
+        # recorded before it is published: a Ctrl-C or crash between the two must not leave the broker (and the
+        # agents) with settings the store lacks, which the next `config set` would then silently take back. A
+        # publish that fails leaves the store ahead instead: the command says so, and running it again publishes.
         self.store.record_desired(fleet, device, version, merged)
+        self._publish_retained(desired_topic(fleet, device), payload, f"the desired config of {fleet}/{device}")
         return version, merged
 
     def clear_retained(self, fleet: str, device: str) -> None:

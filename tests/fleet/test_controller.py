@@ -668,6 +668,23 @@ def test_config_set_publishes_everything_set_so_far_unless_replaced(controller, 
         again.stop()
 
 
+def test_a_config_set_cut_off_after_the_broker_took_it_is_still_what_the_next_one_merges_over(controller):
+    """The desired config was recorded after it was published: Ctrl-C (or a crash) between the two left the agents
+    applying settings the store lacked, and the next `config set` for the device silently took them back."""
+    controller.set_desired(FLEET, "dev-k", {"sampling": {"top_k": 5}}, version=1)
+    publish = controller._publish_retained
+
+    def published_then_interrupted(*args):
+        publish(*args)  # the broker has it (retained): the agents apply it
+        raise KeyboardInterrupt
+    controller._publish_retained = published_then_interrupted
+    with pytest.raises(KeyboardInterrupt):
+        controller.set_desired(FLEET, "dev-k", {"cache": {"max_mb": 8}}, version=2)
+    controller._publish_retained = publish
+    assert controller.set_desired(FLEET, "dev-k", {"sampling": {"max_tokens": 9}}, version=3)[1] == \
+        {"sampling": {"top_k": 5, "max_tokens": 9}, "cache": {"max_mb": 8}}
+
+
 def test_a_rollout_step_during_a_broker_outage_offers_once_when_it_is_back(mosquitto, tmp_path, signed_bundles):
     """While the broker is away an offer is refused at once (nothing recorded, nothing queued): paho used to
     queue each try, and the step, retried every tick with a new update id, reached the device N times."""
