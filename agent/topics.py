@@ -193,6 +193,13 @@ class Payload(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     v: Literal[1] = 1
 
+    @field_validator("v", mode="before")
+    @classmethod
+    def _v_is_a_number(cls, value):
+        if isinstance(value, bool):  # Literal[1] takes true (True == 1), even strictly
+            raise ValueError(f"{json.dumps(value)} is not a payload format version (the number 1)")
+        return value
+
 
 class ModelRef(BaseModel):
     model_config = ConfigDict(extra="forbid")

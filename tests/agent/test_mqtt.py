@@ -498,6 +498,7 @@ def test_parse_payload_error_names_topic_and_problem():
     (b'{"version": "7"}', "field 'version': Input should be a valid integer (got '7')"),
     (b'{"version": true}', "field 'version': Input should be a valid integer (got True)"),
     (b'{"version": 7.0}', "field 'version': Input should be a valid integer (got 7.0)"),
+    (b'{"v": true, "version": 7, "settings": {}}', "field 'v': Value error, true is not a payload format version"),
 ])
 def test_payload_numbers_must_be_json_numbers_of_the_fields_type(raw, problem):
     """A desired config's version "7" or true was read as 7 or 1 (and true compared as version 1 against the
