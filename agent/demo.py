@@ -169,7 +169,12 @@ def run_demo(workdir: str | Path, steps: int = 300, broker: str | None = None, n
     logging.getLogger("agent.mqtt.paho").setLevel(logging.ERROR)  # paho notes publishes racing the disconnect
     t0 = time.monotonic()
     work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a read-only place
+        why = "it is a file, not a directory" if work.exists() and not work.is_dir() else (exc.strerror or str(exc))
+        raise RuntimeError(f"--workdir {work}: cannot be used as the demo's working directory ({why}); "
+                           "give another one") from None
 
     def say(text: str) -> None:
         print(f"[{time.monotonic() - t0:5.1f}s] {text}", flush=True)

@@ -170,3 +170,12 @@ def test_an_interrupted_build_says_how_to_resume(monkeypatch, capsys, work):
     err = capsys.readouterr().err.strip()
     assert rc == 130 and err.startswith("edgeglm build: interrupted; ")
     assert f"kept in {work or 'out/bundle.work'}: the same command with --resume continues" in err
+
+
+def test_a_demo_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
+    """`edgeglm demo --workdir F` with F a file ended in a FileExistsError traceback."""
+    plain = tmp_path / "notes.txt"
+    plain.write_text("mine")
+    assert_user_error(edgeglm("demo", "--workdir", plain), f"--workdir {plain}: cannot be used as the demo's working "
+                      "directory (it is a file, not a directory)")
+    assert plain.read_text() == "mine"
