@@ -243,6 +243,10 @@ class Agent:
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
+        unreadable = cfg.mqtt.tls.unreadable() if cfg.mqtt.enabled and cfg.mqtt.tls is not None else []
+        if unreadable:  # before the model loads; paho's error names no file, and the session would retry it forever
+            raise ConfigError(f"{'; '.join(unreadable)}: the agent cannot connect to the broker over TLS "
+                              "without it; fix the path, the file or its permissions")
         slots_dir = Path(cfg.model.slots_dir)
         probation_result = None
         if cfg.model.bundle is None or cfg.mqtt.enabled:
@@ -274,10 +278,6 @@ class Agent:
         if self.updater is not None:  # the fleet's layer applied before the restart, before the broker's copy
             self._restore_desired()
         if cfg.mqtt.enabled:
-            unreadable = cfg.mqtt.tls.unreadable() if cfg.mqtt.tls is not None else []
-            if unreadable:  # paho's error names no file, and the session would retry it forever
-                raise ConfigError(f"{'; '.join(unreadable)}: the agent cannot connect to the broker over TLS "
-                                  "without it; fix the path or the file's permissions")
             d = cfg.device
             self.session = MqttSession(cfg.mqtt, fleet=d.fleet, device=d.id, state_fn=self.reported_state)
             self.session.subscribe(desired_topic(d.fleet, d.id), DesiredConfig, empty_ok=True)

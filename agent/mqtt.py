@@ -96,8 +96,12 @@ class MqttTls(BaseModel):
         return self
 
     def unreadable(self) -> list[str]:
-        """`mqtt.tls.FIELD = PATH: why` for each file set that cannot be read (checked before connecting:
-        paho's own error names no file and the session would retry it forever)."""
+        """`mqtt.tls.FIELD = PATH: why` for each file set that cannot be read or used (checked before connecting:
+        paho's own error names no file, and the session would retry a configuration error forever): a missing
+        or unreadable file, a CA file holding no certificate, a client certificate and key that do not load
+        together (not PEM, not a pair, or a key protected by a passphrase, which the agent has no way to ask for)."""
+        import ssl
+
         problems = []
         for name in ("ca_file", "cert_file", "key_file"):
             path = getattr(self, name)
@@ -108,7 +112,27 @@ class MqttTls(BaseModel):
                     pass
             except OSError as exc:
                 problems.append(f"mqtt.tls.{name} = {path}: {exc.strerror or exc}")
+        if problems:
+            return problems
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=str(self.ca_file))
+            except ssl.SSLError as exc:
+                problems.append(f"mqtt.tls.ca_file = {self.ca_file}: holds no PEM CA certificate ({_ssl_reason(exc)})")
+        if self.cert_file is not None:
+            try:  # an empty passphrase, never OpenSSL's terminal prompt (a daemon would hang on it)
+                context.load_cert_chain(str(self.cert_file), str(self.key_file), password=b"")
+            except ssl.SSLError as exc:
+                problems.append(f"mqtt.tls.cert_file = {self.cert_file} and mqtt.tls.key_file = {self.key_file}: "
+                                f"not a PEM certificate and its unencrypted private key ({_ssl_reason(exc)})")
         return problems
+
+
+def _ssl_reason(exc) -> str:
+    """OpenSSL's reason, e.g. 'X509: NO_CERTIFICATE_OR_CRL_FOUND', without the C source location."""
+    library, reason = getattr(exc, "library", None), getattr(exc, "reason", None)
+    return f"{library}: {reason}" if library and reason else str(exc)
 
 
 class MqttSettings(BaseModel):

@@ -180,7 +180,13 @@ class FleetController:
         if settings.username:
             self.client.username_pw_set(settings.username, settings.password)
         if settings.ca_file:
-            self.client.tls_set(ca_certs=settings.ca_file)
+            try:
+                self.client.tls_set(ca_certs=settings.ca_file)
+            except OSError as exc:  # (ssl.SSLError too) a missing file, or one that holds no CA certificate
+                why = f"{exc.library}: {exc.reason}" if getattr(exc, "reason", None) else (exc.strerror or str(exc))
+                raise ConnectionError(f"mqtt.tls.ca_file = {settings.ca_file}: cannot be used as the broker's CA "
+                                      f"certificate ({why}); the controller cannot connect over TLS without it") \
+                    from None
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message

@@ -8,6 +8,7 @@ The end-to-end test runs a real agent process against a real Mosquitto, like tes
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -157,6 +158,43 @@ def test_an_unreadable_mqtt_tls_file_stops_the_start_naming_the_setting(tmp_path
     with pytest.raises(ConfigError, match=f"mqtt.tls.ca_file = {tmp_path / 'ca.pem'}: No such file or directory"):
         agent.start()
     agent.shutdown(1)
+
+
+def test_mqtt_tls_files_that_do_not_load_stop_the_start_before_the_model_loads(tmp_path):
+    """A CA file holding no certificate (a public key given by mistake), a client certificate with another key, or
+    a passphrase-protected key: the session retried an SSLError every few seconds forever, naming no setting (and
+    OpenSSL may prompt on a terminal for a passphrase, which hangs a daemon)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent.errors import ConfigError
+    from broker import make_test_certs
+
+    certs, other = make_test_certs(tmp_path / "pki"), make_test_certs(tmp_path / "other")
+    not_a_cert = tmp_path / "signing.pub"
+    not_a_cert.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(serialization.load_pem_private_key(certs.key_file.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    mqtt = {"mqtt.enabled": True, "mqtt.port": 1, "model.bundle": str(tmp_path / "never-loaded")}
+    cases = [({"mqtt.tls.ca_file": str(not_a_cert)},
+              f"mqtt.tls.ca_file = {not_a_cert}: holds no PEM CA certificate (X509: NO_CERTIFICATE_OR_CRL_FOUND)"),
+             ({"mqtt.tls.ca_file": str(certs.ca_file), "mqtt.tls.cert_file": str(certs.cert_file),
+               "mqtt.tls.key_file": str(other.key_file)},
+              f"mqtt.tls.cert_file = {certs.cert_file} and mqtt.tls.key_file = {other.key_file}: not a PEM "
+              "certificate and its unencrypted private key"),
+             ({"mqtt.tls.cert_file": str(certs.cert_file), "mqtt.tls.key_file": str(locked)},
+              f"mqtt.tls.key_file = {locked}: not a PEM certificate and its unencrypted private key")]
+    for settings, message in cases:
+        agent = _agent(tmp_path, **mqtt, **settings)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            agent.start()  # (a model load would fail first: the bundle does not exist)
+        agent.shutdown(1)
+    good = {"mqtt.tls.ca_file": str(certs.ca_file), "mqtt.tls.cert_file": str(certs.cert_file),
+            "mqtt.tls.key_file": str(certs.key_file)}
+    assert load_config(None, good).mqtt.tls.unreadable() == []
 
 
 def test_desired_config_still_applies_the_remote_settings(tmp_path):

@@ -701,3 +701,22 @@ def test_config_set_key_null_drops_one_setting_of_the_fleets_layer(mosquitto, db
     assert 'with what was set before: {"sampling": {"top_k": 3, "max_tokens": 64}}' in out.stdout, out.stdout
     published = json.loads(retained(mosquitto.port, desired_topic(FLEET, "d1"))[0])
     assert published["settings"] == {"sampling": {"top_k": 3, "max_tokens": 64}}
+
+
+def test_a_ca_file_that_is_missing_or_no_certificate_is_one_line(db, tmp_path):
+    """`[mqtt.tls] ca_file` pointing at nothing, or at a file that holds no CA certificate (a signing key's public
+    half given by mistake), ended every command that connects in paho's FileNotFoundError / SSLError traceback."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    public = tmp_path / "signing.pub"
+    public.write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    for ca, why in [(tmp_path / "nope.pem", "No such file or directory"),
+                    (public, "X509: NO_CERTIFICATE_OR_CRL_FOUND")]:
+        config = tmp_path / "fleet.toml"
+        config.write_text(f'[mqtt]\nport = 1\n[mqtt.tls]\nca_file = "{ca}"\n')
+        for command in (["config", "set", "--fleet", FLEET, "--device", "d1", "--force", "sampling.top_k=3"],
+                        ["serve"]):
+            refused(cli(*command, "--config", str(config), "--db", str(db)),
+                    f"mqtt.tls.ca_file = {ca}: cannot be used as the broker's CA certificate ({why})")
