@@ -312,9 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
 
     e = sub.add_parser("export", help="export a GlmForCausalLM checkpoint to a bundle")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="GlmForCausalLM checkpoint directory to export (config.json, "
+                   "model.safetensors or its shards, tokenizer.json)")
     e.add_argument("--out", required=True, help="bundle directory to create")
-    e.add_argument("--precision", default="int8", choices=["int8", "fp32"])
+    e.add_argument("--precision", default="int8", choices=["int8", "fp32"],
+                   help="bundle weight precision: int8 (default: linear-layer weights in 8 bits, one scale per "
+                   "output channel) or fp32 (unquantized: outputs equal the PyTorch reference)")
     e.add_argument("--backends", default="openvino,onnxruntime", help="comma-separated: openvino,onnxruntime")
     e.add_argument("--name", help="model name (default: the checkpoint directory name)")
     e.add_argument("--version", default="0.1.0", help="bundle version, e.g. 1.2.0")

@@ -10,8 +10,10 @@ Stages, each on the `build` progress bar (long stages show their own bars below 
               its weight files (whole, of the config's shapes: their headers), the bundle's name,
               --out and --work writable (tried), not inside an existing bundle (--work not a bundle itself) nor inside
               each other, every corpus file readable UTF-8 text (files under --work and --out are
-              left out of a corpus directory); after tokenizing, the corpus size
-              (enough tokens for the held-out split, the calibration and the distillation budget)
+              left out of a corpus directory), and last every teacher weight finite (one read of the
+              weights, a piece at a time, which also gives the teacher's sha256); after tokenizing,
+              the corpus size (enough tokens for the held-out split, the calibration and the
+              distillation budget)
 2. tokenize   the corpus through the teacher's tokenizer (models/data.py, cached in the work dir);
               the last `[eval] heldout_fraction` of the token stream is held out, the rest is the
               train split
@@ -74,8 +76,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import (check_weight_headers, checkpoint_dir_problem, enclosing_bundle, is_bundle_dir,
-                               load_checkpoint, save_checkpoint, weight_files)
+from models.checkpoint import (check_weight_headers, check_weight_values, checkpoint_dir_problem, enclosing_bundle,
+                               is_bundle_dir, load_checkpoint, save_checkpoint, weight_files)
 from models.config import GlmConfig
 from models.data import DataError, TextSource, TokenCorpus, corpus_from_ids, text_files, tokenize_corpus
 from models.distill import DistillError, DistillSettings, distill, resolve_device
@@ -333,6 +335,18 @@ def check_teacher(teacher: Path) -> GlmConfig:
     return cfg
 
 
+def check_teacher_weights(teacher: Path, progress: bool = False) -> str:
+    """Every teacher weight finite (a NaN or inf names the tensor and its file), read tensor by tensor, a piece
+    at a time (`check_weight_values`), before any work; returns the teacher's sha256 (`teacher_sha256`) from the
+    same read."""
+    try:
+        return teacher_sha256(teacher, progress)
+    except CheckpointError as exc:
+        where = "" if str(exc).startswith(str(teacher)) else f"--teacher {teacher}: "
+        fix = "a teacher checkpoint without them" if "non-finite" in str(exc) else "a complete teacher checkpoint"
+        raise BuildError(f"{where}{exc}; give {fix}; nothing was written") from None
+
+
 def student_spec(recipe: Recipe, cfg: GlmConfig) -> PruneSpec:
     p, where = recipe.prune, f"{recipe.source}: [prune]"
     if p.target_fraction is not None:
@@ -488,6 +502,9 @@ def plan_build(inputs: BuildInputs, progress: bool = True,
     check_paths(inputs)
     files = corpus_files(inputs)  # DataError names a missing corpus file
     check_corpus_text(files)
+    # the last check before the work directory: the one that reads every weight (NaN or inf), and gives the
+    # teacher's sha256 from that read (recorded for --resume)
+    teacher_digest = check_teacher_weights(inputs.teacher, progress)
     try:
         inputs.work.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # _writable_dir's probe passed, yet this failed (a race, a name too long)
@@ -498,7 +515,7 @@ def plan_build(inputs: BuildInputs, progress: bool = True,
     reached.stage, reached.corpus = "check", corpus
     data = check_data(recipe, corpus, settings)
     data["corpus_sha256"] = _sha256_file(corpus.path)  # text changed with the same token count is caught too
-    data["teacher_sha256"] = teacher_sha256(inputs.teacher)  # a teacher retrained in place is caught on --resume
+    data["teacher_sha256"] = teacher_digest  # a teacher retrained in place is caught on --resume
     train, heldout = split_corpus(corpus, data["heldout_tokens"], inputs.work)
     return Plan(teacher_cfg, spec, student_cfg, settings, data), train, heldout
 
@@ -528,13 +545,18 @@ def _sha256_file(path: Path, h=None) -> str:
     return h.hexdigest()
 
 
-def teacher_sha256(teacher: Path) -> str:
-    """One sha256 over the teacher's config.json and weight files (names and bytes): what the stages done were
-    made from. (Its tokenizer.json shows in the corpus' tokens.)"""
-    h = hashlib.sha256()
-    for path in [teacher / "config.json", *weight_files(teacher)]:
-        h.update(f"{path.name}\0".encode())
-        _sha256_file(path, h)
+def teacher_sha256(teacher: Path, progress: bool = False) -> str:
+    """One sha256 over the teacher's config.json and weight files (names and bytes, in that order): what the
+    stages done were made from. (Its tokenizer.json shows in the corpus' tokens.) The weights are read once,
+    for this and for `check_weight_values` (every value finite: a CheckpointError names the tensor)."""
+    h = hashlib.sha256(b"config.json\0" + (teacher / "config.json").read_bytes())
+    files = weight_files(teacher)
+    bar = tqdm(total=sum(p.stat().st_size for p in files), desc="teacher weights", unit="B", unit_scale=True,
+               disable=not progress, leave=False)
+    try:
+        check_weight_values(teacher, h, progress=bar.update)
+    finally:
+        bar.close()
     return h.hexdigest()
 
 

@@ -81,7 +81,8 @@ def check_weight_headers(ckpt: Path, cfg: GlmConfig) -> None:
     """The checks of `load_state_dict` that need no tensor data: the weight files exist and can be opened,
     and every tensor is expected, of the shape config.json implies and a loadable dtype, and none is
     missing. Reads the safetensors headers only (cheap for any model size), so `edgeglm build` can refuse a
-    broken teacher before any work; non-finite values are found when the weights are loaded."""
+    broken teacher before any work; non-finite values are found by `check_weight_values` (one read of the
+    weights) or when the weights are loaded."""
     expected = expected_shapes(cfg)
     seen: set[str] = set()
     for path in weight_files(ckpt):
@@ -108,6 +109,70 @@ def check_weight_headers(ckpt: Path, cfg: GlmConfig) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{ckpt}: weights missing from the checkpoint: {shown}")
+
+
+SCAN_BYTES = 4 << 20  # what check_weight_values reads (and holds) at a time: hashed and checked while in cache
+NON_FINITE = "the checkpoint is broken (a diverged training run, or an overflow when it was cast to fp16)"
+
+
+def check_weight_values(ckpt: Path, digest=None, progress=None) -> None:
+    """Every weight is a finite number (no NaN, no inf), checked without loading the model: each weight file is
+    read once, front to back, SCAN_BYTES at a time (memory stays at one such piece whatever the model's size),
+    each tensor's values checked as they go by. A non-finite value is a `CheckpointError` naming the file, the
+    tensor and how many values. If `digest` (a hashlib object) is given, it is fed each file's name and bytes
+    ("model.safetensors\0" + bytes) from the same read, so a checksum of the weights costs no second read;
+    `progress(nbytes)` is called as bytes are read. Run `check_weight_headers` first (names, shapes, dtypes)."""
+    for path in weight_files(ckpt):
+        if digest is not None:
+            digest.update(f"{path.name}\0".encode())
+        try:
+            _scan_file(path, digest, progress)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({exc})") from None
+
+
+def _scan_file(path: Path, digest, progress) -> None:
+    buf = bytearray(SCAN_BYTES)
+
+    def read(n: int) -> memoryview:  # exactly n bytes (n <= SCAN_BYTES), hashed and counted
+        view = memoryview(buf)[:n]
+        got = f.readinto(view)
+        if got != n:
+            raise ValueError(f"file ends {n - got} bytes early")
+        if digest is not None:
+            digest.update(view)
+        if progress is not None:
+            progress(n)
+        return view
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(read(8), "little")
+        header = json.loads(b"".join(bytes(read(min(SCAN_BYTES, size - done))) for done in
+                                     range(0, size, SCAN_BYTES)))
+        tensors = sorted((info["data_offsets"][0], info["data_offsets"][1], name, info["dtype"])
+                         for name, info in header.items() if name != "__metadata__")
+        pos = 0  # in the data, after the header
+        for start, end, name, dtype in tensors:
+            if start < pos:
+                raise ValueError(f"tensor {name!r} overlaps the one before it")
+            while pos < start:  # bytes between tensors (none in files safetensors writes): hashed only
+                pos += len(read(min(SCAN_BYTES, start - pos)))
+            torch_dtype = HEADER_DTYPES[dtype]
+            step = SCAN_BYTES - SCAN_BYTES % torch_dtype.itemsize
+            bad = 0
+            while pos < end:
+                values = torch.frombuffer(read(min(step, end - pos)), dtype=torch_dtype)
+                pos += values.numel() * torch_dtype.itemsize
+                if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
+                    bad += int((~torch.isfinite(values)).sum())  # NaN and inf propagate to min or max: counted
+            if bad:
+                raise CheckpointError(f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf): "
+                                      f"{NON_FINITE}")
+        while block := f.read(SCAN_BYTES):  # anything after the last tensor: hashed only
+            if digest is not None:
+                digest.update(block)
+            if progress is not None:
+                progress(len(block))
 
 
 def load_state_dict(ckpt: Path, cfg: GlmConfig) -> dict[str, torch.Tensor]:
@@ -138,9 +203,8 @@ def load_state_dict(ckpt: Path, cfg: GlmConfig) -> dict[str, torch.Tensor]:
                     bad = int((~torch.isfinite(tensor)).sum())
                     if bad:
                         raise CheckpointError(
-                            f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf): the "
-                            "checkpoint is broken (a diverged training run, or an overflow when it was cast "
-                            "to fp16); export or train from a good checkpoint")
+                            f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf): {NON_FINITE}; "
+                            "export or train from a good checkpoint")
                     state[name] = tensor.to(torch.float32)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({exc})") from None

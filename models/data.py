@@ -3,12 +3,12 @@
 Two steps, so that training can stop and resume exactly where it was:
 
 1. `tokenize_corpus(source, cache_dir)` streams the files one at a time through the model's
-   `tokenizer.json` (the `tokenizers` library; files larger than `READ_CHARS` are read in pieces cut
-   at line ends, or before a space within a longer line) and appends their token ids, each file followed by the end-of-text token, to one
-   flat uint32 file on disk. Memory stays bounded by one piece whatever the corpus size. The
-   result is cached under a key of the tokenizer's bytes and every file's path, size and mtime,
-   so a rerun (or a resumed run) does not tokenize again (a cache entry cut short by a killed run
-   is tokenized again).
+   `tokenizer.json` (the `tokenizers` library; files larger than `READ_CHARS` are read in pieces, cut
+   only where the tokens stay those of the whole text: `_safe_cut`) and appends their token ids, each
+   file followed by the end-of-text token, to one flat uint32 file on disk. Memory stays bounded by
+   one piece whatever the corpus size. The result is cached under a key of the tokenizer's bytes
+   and every file's path, size and mtime, so a rerun (or a resumed run) does not tokenize again (a
+   cache entry cut short by a killed run is tokenized again).
 2. `WindowSampler(corpus, seq_len, batch_size, seed)` reads training windows from that file
    through a memory map. Window w of epoch e starts at `offset_e + w * seq_len` and holds
    `seq_len + 1` tokens (inputs and shifted targets); each epoch draws its own offset in
@@ -108,7 +108,10 @@ def load_tokenizer_file(path: Path) -> Tokenizer:
         raise DataError(f"{path}: not a valid tokenizer.json ({exc})") from None
 
 
-TOKENIZE_VERSION = b"2"  # how text becomes tokens here (2: no post-processor per piece); part of the cache key
+# how text becomes tokens here (2: no post-processor per piece); part of the cache key. Left at 2 when the piece
+# cuts were made safe (a cut after a newline once split "\n" from the next line's indentation, in files over
+# READ_CHARS): a work directory's cache holds the tokens its finished stages were made from, which --resume keeps.
+TOKENIZE_VERSION = b"2"
 
 
 def _cache_key(tokenizer_path: Path, files: list[Path]) -> str:
@@ -119,8 +122,31 @@ def _cache_key(tokenizer_path: Path, files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def _safe_cut(text: str) -> int:
+    r"""The last place in `text` where cutting it leaves its tokens as they are, or 0 if there is none.
+
+    A cut is safe where no pre-token of the tokenizer can span it, whatever follows: after a newline that stands
+    between two non-whitespace characters ("x\ny"; a run of newlines, a newline and the next line's indentation
+    "\n    ", or trailing spaces "x  \n" are each one pre-token), or else before a space that stands between two
+    non-whitespace characters (" word" is one pre-token). That holds for the byte-level pre-tokenizers of GPT-2
+    (the tiny models') and of GLM-4 (a regex with \s*[\r\n]+ and \s+(?!\S)), as tests/models/test_data.py checks
+    against tokenizing the whole text at once."""
+    i = len(text) - 1  # a cut needs a character after it
+    while (i := text.rfind("\n", 0, i)) > 0:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+    i = len(text) - 1
+    while (i := text.rfind(" ", 0, i)) > 0:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+    return 0
+
+
 def _pieces(path: Path):
-    """The file's text in pieces of about READ_CHARS characters, cut after a newline."""
+    """The file's text in pieces of about READ_CHARS characters, cut where the tokens stay those of the whole
+    text (`_safe_cut`). Text with no such place in 4 * READ_CHARS characters (no single space or line break
+    between two non-blank characters) is cut after its last newline, else before its last space, else there:
+    that one cut may change a token or two."""
     try:
         with open(path, encoding="utf-8") as f:
             carry = ""
@@ -129,13 +155,11 @@ def _pieces(path: Path):
                 if not block:
                     break
                 text = carry + block
-                cut = text.rfind("\n") + 1
-                if cut == 0:  # one long line: cut before its last space (a word boundary, same tokens)
-                    cut = max(text.rfind(" "), 0)
+                cut = _safe_cut(text)
                 if cut == 0 and len(text) < 4 * READ_CHARS:
                     carry = text
                     continue
-                cut = cut or len(text)
+                cut = cut or text.rfind("\n") + 1 or max(text.rfind(" "), 0) or len(text)
                 carry = text[cut:]
                 yield text[:cut]
             if carry:

@@ -41,8 +41,10 @@
     seq_len = 256
 
 Every setting is checked when the file is read: a wrong value, or a value of the wrong type (`lr =
-"fast"`, `seq_len = "64"`, `batch_size = 8.0`, `true` for a number), ends in one `RecipeError` line
-naming the file, the setting (`[prune] target_fraction`) and what is allowed. `[export] name` and
+"fast"`, `seq_len = "64"`, `batch_size = 8.0`, `true` for a number), ends in a `RecipeError` of one
+line per problem, in plain words (none of pydantic's), naming the file, the setting, the value given and
+what is allowed (`recipe.toml: [eval] seq_len = 8.0: must be a whole number (allowed: >= 8 and <= 32768);
+write it without a decimal point: seq_len = 8`). `[export] name` and
 `version` follow the bundle manifest's rules (`bundle_name_problem`, `bundle_version_problem`, which
 `edgeglm export` uses for --name and --version too). Checks that need the teacher
 (sizes within the teacher's, a fraction that can be reached) are made by `edgeglm build` before any
@@ -202,20 +204,13 @@ class Recipe(_Section):
 
     def distill_settings(self) -> DistillSettings:
         """The [distill] section as `DistillSettings` (its own checks; errors name the file and setting)."""
-        fields = {f.name: f for f in dataclasses.fields(DistillSettings)}
-        unknown = sorted(set(self.distill) - set(fields))
-        if unknown:
-            raise RecipeError(f"{self.source}: unknown setting [distill] {unknown[0]}; allowed settings here: "
-                              f"{', '.join(fields)}")
-        for name, value in self.distill.items():  # types first: DistillSettings compares values
-            problem = _type_problem(str(fields[name].type), value, name)
-            if problem:
-                raise RecipeError(f"{self.source}: [distill] {name} = {value!r}: {problem}")
+        problems = _distill_problems(self.distill, self.source)
+        if problems:
+            raise RecipeError("\n".join(problems))
         try:
             return DistillSettings(**self.distill)
         except DistillError as exc:
             raise RecipeError(f"{self.source}: [distill] {re.sub(r'^distill settings? ', '', str(exc))}") from None
-
 
     def resume_identity(self) -> dict:
         """Every setting that shapes a build's results, as used: what a resumed build must share with
@@ -227,10 +222,26 @@ class Recipe(_Section):
         return {**settings, "distill": distill}
 
 
+def _distill_problems(distill: dict, source: str) -> list[str]:
+    """One line per [distill] setting that is unknown or of the wrong type (the value checks are DistillSettings')."""
+    fields = {f.name: f for f in dataclasses.fields(DistillSettings)}
+    problems = []
+    for name, value in distill.items():
+        if name not in fields:
+            problems.append(f"{source}: unknown setting [distill] {name} = {_toml(value)}; allowed settings here: "
+                            f"{', '.join(fields)}")
+            continue
+        problem = _type_problem(str(fields[name].type), value, name)
+        if problem:
+            kind = {"int": "int_type", "float": "float_type"}.get(str(fields[name].type), "")
+            problems.append(f"{source}: [distill] {name} = {_toml(value)}: {problem}{_hint(name, value, kind)}")
+    return problems
+
+
 def _type_problem(annotation: str, value, name: str) -> str | None:
     """A [distill] value of the wrong type for its DistillSettings field (annotation "int", "float", "str")."""
     if annotation == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-        return "must be an integer"
+        return "must be a whole number"
     if annotation == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
         return "must be a number"
     if annotation == "float" and not math.isfinite(value):
@@ -238,6 +249,50 @@ def _type_problem(annotation: str, value, name: str) -> str | None:
     if annotation == "str" and not isinstance(value, str):
         return "must be a string" + (f" (one of {', '.join(DEVICES)})" if name == "device" else "")
     return None
+
+
+def _toml(value) -> str:
+    """A value as the recipe spells it: true/false for booleans, strings quoted, lists in brackets."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _number(value) -> str:
+    return "must be a finite number" if isinstance(value, float) and not math.isfinite(value) else "must be a number"
+
+
+def _hint(setting: str, value, kind: str) -> str:
+    """How to write a value that was meant right but spelled as another TOML type ("64", 8.0, version = 1.2)."""
+    if kind.startswith(("int_", "float_")) and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        if math.isfinite(number) and (kind.startswith("float_") or number.is_integer()):
+            return f"; write it without quotes: {setting} = {value.strip()}"
+    if kind.startswith("int_") and isinstance(value, float) and value.is_integer():
+        return f"; write it without a decimal point: {setting} = {int(value)}"
+    if kind == "string_type" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f'; quote it: {setting} = "{value}"'
+    return ""
+
+
+# pydantic's error types, in plain words
+_WORDS = {
+    **dict.fromkeys(("int_type", "int_parsing", "int_from_float"), lambda v: "must be a whole number"),
+    "float_type": _number, "float_parsing": _number,
+    "finite_number": lambda v: "must be a finite number",
+    "bool_type": lambda v: "must be true or false", "bool_parsing": lambda v: "must be true or false",
+    "string_type": lambda v: "must be a string",
+    "list_type": lambda v: "must be a list in brackets, e.g. [\"openvino\", \"onnxruntime\"]",
+    "greater_than": lambda v: "is too small", "greater_than_equal": lambda v: "is too small",
+    "less_than": lambda v: "is too large", "less_than_equal": lambda v: "is too large",
+}
 
 
 def _allowed(model: type[BaseModel], field: str) -> str:
@@ -253,24 +308,60 @@ def _allowed(model: type[BaseModel], field: str) -> str:
     return f"allowed: {' and '.join(bounds)}" if bounds else ""
 
 
-def _describe(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"]]
-    section = loc[0] if loc and loc[0] in Recipe.model_fields and \
-        isinstance(Recipe.model_fields[loc[0]].annotation, type) and \
-        issubclass(Recipe.model_fields[loc[0]].annotation, BaseModel) else None
-    setting = ".".join(loc[1:] if section else loc)
+def _section(name: str) -> type[BaseModel] | None:
+    """The model of a recipe section ([prune], [quantize], ...), or None for a top-level setting."""
+    info = Recipe.model_fields.get(name)
+    kind = info.annotation if info is not None else None
+    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+
+
+SECTIONS = tuple(name for name, info in Recipe.model_fields.items() if info.annotation is dict or _section(name))
+
+
+def _problem(err: dict, source: str) -> str:
+    """One pydantic error as one line: the file, `[section] setting = value` and what is allowed, in words."""
+    loc = list(err["loc"])
+    model = _section(str(loc[0])) if loc else None
+    section, rest = (str(loc[0]), loc[1:]) if model is not None else (None, loc)
+    setting = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(rest))
     where = (f"[{section}] {setting}" if setting else f"[{section}]") if section else (setting or "(file)")
-    model = Recipe.model_fields[section].annotation if section else Recipe
-    if err["type"] == "extra_forbidden":
-        known = ", ".join(model.model_fields)
-        return f"{source}: unknown setting {where}; allowed settings here: {known}"
-    value = f" = {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
-    allowed = _allowed(model, loc[-1]) if section and len(loc) == 2 else ""
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "string_type" and isinstance(err.get("input"), (int, float)) and loc:
-        msg += f'; quote it: {loc[-1]} = "{err["input"]}"'
-    return f"{source}: {where}{value}: {msg}" + (f" ({allowed})" if allowed and allowed not in msg else "")
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    shown = f" = {_toml(value)}" if "input" in err and not isinstance(value, dict) else ""
+    if kind == "extra_forbidden":
+        known = ", ".join((model or Recipe).model_fields)
+        return f"{source}: unknown setting {where}{shown}; allowed settings here: {known}"
+    name = section if not rest else str(rest[0]) if len(rest) == 1 and section is None else None
+    if name in SECTIONS and kind in ("model_type", "dict_type"):  # `prune = 3`
+        return f"{source}: {name}{shown}: must be a section of settings, a [{name}] table, not a single value"
+    if kind == "literal_error":
+        msg = f"must be {ctx.get('expected', 'one of the allowed values')}"
+    elif kind in ("string_too_short", "too_short"):
+        msg = "must not be empty" if ctx.get("min_length") == 1 else f"must have at least {ctx.get('min_length')}"
+    elif kind in ("string_too_long", "too_long"):
+        msg = f"must be at most {ctx.get('max_length')} characters long" if kind == "string_too_long" else \
+            f"must have at most {ctx.get('max_length')} items"
+    elif kind in _WORDS:
+        msg = _WORDS[kind](value)
+        if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and \
+                isinstance(value, float) and math.isnan(value):
+            msg = "must be a finite number"
+    elif kind == "value_error":  # our own validators' words
+        msg = str(ctx.get("error") or err["msg"]).removeprefix("Value error, ")
+    else:  # any other pydantic check: its sentence, without its "Input should be"
+        msg = re.sub(r"^Input should be ", "must be ", err["msg"])
+    allowed = _allowed(model, str(rest[0])) if model is not None and len(rest) == 1 else ""
+    return (f"{source}: {where}{shown}: {msg}" + (f" ({allowed})" if allowed and allowed not in msg else "")
+            + (_hint(str(rest[-1]), value, kind) if rest else ""))
+
+
+def _describe(exc: ValidationError, source: str) -> list[str]:
+    """Every problem pydantic found, one line each (no pydantic wording, links or error counts)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        line = _problem(err, source)
+        if line not in lines:
+            lines.append(line)
+    return lines
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
@@ -292,8 +383,10 @@ def parse_recipe(raw: bytes, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: not valid TOML ({exc})") from None
     try:
         recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(_describe(exc, source)) from None
+    except ValidationError as exc:  # every problem of the file at once, [distill] types included
+        distill = data.get("distill")
+        extra = _distill_problems(distill, source) if isinstance(distill, dict) else []
+        raise RecipeError("\n".join(_describe(exc, source) + extra)) from None
     recipe._source, recipe._sha256 = source, hashlib.sha256(raw).hexdigest()
     recipe.distill_settings()
     return recipe

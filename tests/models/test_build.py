@@ -330,6 +330,13 @@ def _broken_teacher(tmp_path, teacher, how: str) -> Path:
         state = load_file(weights)
         del state["model.layers.1.mlp.down_proj.weight"]
         save_file(state, weights)
+    elif how in ("a NaN weight", "an inf weight"):  # a diverged run, an overflow when cast to fp16
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(weights)
+        state["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan" if how == "a NaN weight" else "-inf")
+        state["model.layers.1.mlp.down_proj.weight"][7, 1] = float("inf")
+        save_file(state, weights)
     else:  # a config.json that is not the weights' (vocab 600; the tokenizer's 512 tokens still fit)
         cfg = json.loads((ckpt / "config.json").read_text())
         cfg[how.split()[-1]] = 600
@@ -342,6 +349,12 @@ TEACHER_WEIGHTS = {
     "truncated weights": ["model.safetensors: corrupted or truncated safetensors file"],
     "a tensor missing": ["weights missing from the checkpoint: model.layers.1.mlp.down_proj.weight"],
     "config vocab_size": ["tensor 'lm_head.weight' has shape (512, 128), but config.json implies (600, 128)"],
+    # found at the prune stage, after tokenizing, until every value was read at the check (one read, which also
+    # gives the teacher's sha256)
+    "a NaN weight": ["teacher/model.safetensors: tensor 'model.layers.1.mlp.down_proj.weight' holds 2 non-finite "
+                     "value(s) (NaN or inf)", "give a teacher checkpoint without them"],
+    "an inf weight": ["teacher/model.safetensors: tensor 'model.layers.1.mlp.down_proj.weight' holds 2 non-finite "
+                      "value(s) (NaN or inf)"],
 }
 
 
@@ -461,6 +474,35 @@ def test_a_failed_stage_stays_resumable_and_resume_takes_a_fixed_device(raw_teac
         f.write("\n# more text\n" * 50)
     assert "the corpus changed since" in run(resume)
     assert not out.exists()
+
+
+def test_the_teacher_sha256_read_with_the_value_check_is_the_one_earlier_builds_recorded(raw_teacher, tmp_path,
+                                                                                       monkeypatch):
+    """The teacher's sha256 (state.json, for --resume) now comes from the read that checks every value: it must be
+    the sha256 over config.json and the weight files (names and bytes) that work directories already hold, and
+    it must see every byte, also when a file is read in many pieces."""
+    import hashlib
+
+    import models.checkpoint
+    from models.build import teacher_sha256
+    from models.checkpoint import weight_files
+
+    def reference(teacher: Path) -> str:
+        h = hashlib.sha256()
+        for path in [teacher / "config.json", *weight_files(teacher)]:
+            h.update(f"{path.name}\0".encode() + path.read_bytes())
+        return h.hexdigest()
+
+    assert teacher_sha256(raw_teacher) == reference(raw_teacher)
+    monkeypatch.setattr(models.checkpoint, "SCAN_BYTES", 1000)  # many pieces per tensor (64 MiB in real use)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(raw_teacher, teacher)
+    with open(teacher / "model.safetensors", "r+b") as f:  # one bit of one weight
+        f.seek(-3, 2)
+        byte = f.read(1)
+        f.seek(-3, 2)
+        f.write(bytes([byte[0] ^ 1]))
+    assert teacher_sha256(teacher) == reference(teacher) != reference(raw_teacher)
 
 
 def test_resume_refuses_a_teacher_changed_in_place(raw_teacher, tmp_path, capsys, monkeypatch):

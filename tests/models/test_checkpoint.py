@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -202,3 +203,29 @@ def test_a_config_without_num_key_value_heads_reads_as_transformers_reads_it(tmp
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="num_key_value_heads = null: must be a whole number"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_weight_value_is_checked_a_piece_at_a_time_naming_the_shard_and_tensor(tmp_path, monkeypatch, dtype):
+    """A NaN or inf was found only when the whole model was loaded (for `edgeglm build`: at the prune stage, after
+    tokenizing); `check_weight_values` reads each file once, a piece at a time, and names the file and tensor."""
+    import models.checkpoint
+    from safetensors.torch import load_file, save_file
+
+    from models.checkpoint import check_weight_values
+
+    path = hf_checkpoint(tmp_path / "c", dtype=dtype, max_shard_size="60KB")
+    monkeypatch.setattr(models.checkpoint, "SCAN_BYTES", 4096)  # tensors span many pieces (64 MiB in real use)
+    seen = []
+    check_weight_values(path, progress=seen.append)  # a clean checkpoint passes
+    assert max(seen) <= 4096 and sum(seen) == sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.gate_up_proj.weight"  # (192, 64): 12 or 24 pieces of 4096 bytes
+    shard = path / index[name]
+    state = load_file(shard)
+    state[name][150, 3] = float("inf")  # far into the tensor: not in its first piece
+    state[name][190, 60] = float("nan")
+    save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor '{re.escape(name)}' holds 2 non-finite "
+                                              r"value\(s\) \(NaN or inf\)"):
+        check_weight_values(path)

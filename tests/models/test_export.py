@@ -250,3 +250,21 @@ def test_an_out_that_is_a_file_is_called_a_file(tiny_ckpt, tmp_path, capsys, no_
     err = _export(capsys, tiny_ckpt, "--out", out)
     assert f"--out {out}: is a file, not a bundle directory; choose another --out; nothing was exported" in err
     assert out.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["export", "build"])
+def test_every_argument_of_the_factory_commands_says_what_it_is_in_help(command, capsys):
+    """`edgeglm export --help` showed the checkpoint argument and --precision with no words at all."""
+    import argparse
+
+    from agent.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    silent = [a.dest for a in sub._actions if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert silent == [], f"edgeglm {command}: no help text for {silent}"
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    shown = capsys.readouterr().out
+    if command == "export":
+        assert "checkpoint directory to export" in shown and "int8 (default" in shown and "fp32 (unquantized" in shown

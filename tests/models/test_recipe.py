@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from models.distill import DistillSettings
-from models.recipe import EvalSection, ExportSection, PruneSection, RecipeError, load_recipe, parse_recipe
+from models.recipe import (EvalSection, ExportSection, PruneSection, QuantizeSection, RecipeError, load_recipe,
+                           parse_recipe)
 
 QUICK = Path(__file__).parents[2] / "models" / "recipes" / "quick.toml"
 
@@ -65,7 +66,7 @@ def test_distill_lr_as_a_word_names_the_field_not_a_comparison():
 @pytest.mark.parametrize("text,fragment", [
     ('[export]\nversion = "v1"', "[export] version = 'v1': must look like 1.2.3"),
     ('[export]\nversion = "banana"', "[export] version = 'banana': must look like 1.2.3"),
-    ('[export]\nversion = 1.2', '[export] version = 1.2: Input should be a valid string; quote it: version = "1.2"'),
+    ('[export]\nversion = 1.2', '[export] version = 1.2: must be a string; quote it: version = "1.2"'),
     ('[export]\nname = "../x y"', "[export] name = '../x y': is not a bundle name: use 1 to 128 letters"),
     ('[export]\nname = ""', "[export] name = '': is empty"),
     ('[distill]\ndevice = 3', "[distill] device = 3: must be a string (one of auto, cpu, cuda)"),
@@ -115,3 +116,49 @@ def test_a_chunk_the_controller_cannot_serve_is_refused_when_the_recipe_is_read(
         parse_recipe(b"[export]\nchunk_kib = 1024\n", "my.toml")
     with pytest.raises(ExportError, match="--chunk-kib 1024 must be between 4 and 512"):
         ExportOptions(chunk_kib=1024)
+
+
+PYDANTIC_WORDS = ("Input should", "valid integer", "valid number", "valid string", "valid dictionary", "instance of",
+                  "pydantic", "For further information", "errors.pydantic.dev", "validation error", "type=")
+
+
+def test_every_problem_of_a_recipe_is_one_plain_line_naming_file_setting_value_and_what_is_allowed():
+    """Recipe errors were pydantic's sentences ("Input should be a valid integer"), and only the first problem of
+    the file was told: a recipe with three mistakes took three runs to fix."""
+    raw = (b'[prune]\nnum_layers = "abc"\ncalibration_tokens = 8.0\n[quantize]\nprecision = "int4"\n'
+           b'[export]\nbackends = ["openvino", "tensorrt"]\n[eval]\nseq_len = true\n[distill]\nlr = "1e-3"\n')
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(raw, "recipe.toml")
+    assert str(info.value).splitlines() == [
+        "recipe.toml: [prune] num_layers = 'abc': must be a whole number (allowed: >= 1)",
+        "recipe.toml: [prune] calibration_tokens = 8.0: must be a whole number (allowed: >= 16 and <= 10000000); "
+        "write it without a decimal point: calibration_tokens = 8",
+        "recipe.toml: [quantize] precision = 'int4': must be 'int8' or 'fp32'",
+        "recipe.toml: [export] backends[1] = 'tensorrt': must be 'openvino' or 'onnxruntime'",
+        "recipe.toml: [eval] seq_len = true: must be a whole number (allowed: >= 8 and <= 32768)",
+        "recipe.toml: [distill] lr = '1e-3': must be a number; write it without quotes: lr = 1e-3",
+    ]
+
+
+def _every_setting():
+    for section, model in (("prune", PruneSection), ("quantize", QuantizeSection), ("export", ExportSection),
+                           ("eval", EvalSection)):
+        for name in model.model_fields:
+            yield f"[{section}]\n{name}"
+    for f in dataclasses.fields(DistillSettings):
+        yield f"[distill]\n{f.name}"
+    yield from ("name", "description", "prune", "distill", "quantize", "export", "eval", "[prune]\nhidden")
+
+
+@pytest.mark.parametrize("value", ['"abc"', '"64"', "true", "8.5", "8.0", "-1", "0", "1e12", "nan", "inf", "[1, 1]",
+                                   "[]", "{ a = 1 }", '""'])
+def test_no_wrong_value_of_any_setting_shows_pydantic_words(value):
+    for where in _every_setting():
+        raw = f"{where} = {value}\n".encode()
+        try:
+            parse_recipe(raw, "my.toml")
+        except RecipeError as exc:
+            for line in str(exc).splitlines():
+                assert line.startswith("my.toml: ") and not any(w in line for w in PYDANTIC_WORDS), (raw, line)
+                setting = where.split("\n")[-1]
+                assert setting in line, (raw, line)

@@ -1,0 +1,76 @@
+"""Tokenizing a corpus file in pieces gives exactly the tokens of tokenizing its whole text at once."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
+
+import models.data
+from models.data import TextSource, tokenize_corpus
+from models.tiny import EOS, SPECIAL_TOKENS, train_tokenizer
+
+# GLM-4's tokenizer.json: this Split, then ByteLevel without its own regex
+GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _text() -> str:
+    """Indented code, blank lines, trailing spaces, CRLF lines, tabs, punctuation before newlines, digits, other
+    scripts, and a long line without a newline: every kind of whitespace run a cut could fall into."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    code = (lib / "textwrap.py").read_text(encoding="utf-8") + (lib / "heapq.py").read_text(encoding="utf-8")
+    prose = ("Grüße aus Zürich.  Two  spaces,\tand a tab.\n\n\nEnd of a paragraph.   \n  indented 12345678 "
+             "numbers,\n\n- item one;\n- item two:\n\n\t\ttabbed\n    \n") * 30
+    crlf = "first line\r\nsecond  line\r\n\r\n  third\r\n" * 40
+    long_line = " ".join(f"word{i},  more\ttext 中文字符" for i in range(400))
+    return code + prose + crlf + long_line + "\n" + code[:5000]
+
+
+def _glm4_like(text: str) -> Tokenizer:
+    tok = Tokenizer(tokenizer_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer=trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizers_and_text(tmp_path_factory):
+    root, text = tmp_path_factory.mktemp("tok"), _text()
+    paths = {}
+    for name, tok in (("tiny (GPT-2 byte level)", train_tokenizer(text, 600)), ("GLM-4 regex", _glm4_like(text))):
+        paths[name] = root / f"{name.split()[0]}.json"
+        tok.save(str(paths[name]))
+    (root / "corpus.txt").write_bytes(text.encode("utf-8"))
+    # the whole text as models/data.py reads it: Python's universal newlines (CRLF read as "\n")
+    return paths, root / "corpus.txt", (root / "corpus.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("read_chars", [300, 1000, 4096])
+@pytest.mark.parametrize("kind", ["tiny (GPT-2 byte level)", "GLM-4 regex"])
+def test_tokenizing_in_pieces_gives_the_tokens_of_the_whole_text(tokenizers_and_text, tmp_path, monkeypatch,
+                                                                  kind, read_chars):
+    """A piece was cut right after a newline, so "\\n" and the next line's indentation (one token of the whole
+    text, "\\n        ") became two; also runs of blank lines ("\\n\\n") and trailing spaces ("x  \\n")."""
+    paths, corpus, text = tokenizers_and_text
+    # many cuts in a small file (4 Mi characters in real use; indented code has a safe cut in far fewer than the
+    # 4 * READ_CHARS it may look through)
+    monkeypatch.setattr(models.data, "READ_CHARS", read_chars)
+    got = tokenize_corpus(TextSource([corpus], paths[kind]), tmp_path, progress=False)
+    tok = Tokenizer.from_file(str(paths[kind]))
+    whole = tok.encode(text, add_special_tokens=False).ids + [tok.token_to_id(EOS)]
+    ids = np.asarray(got.tokens()).tolist()
+    if ids != whole:
+        i = next((i for i, (a, b) in enumerate(zip(ids, whole)) if a != b), min(len(ids), len(whole)))
+        pytest.fail(f"token {i} differs: pieces {[tok.id_to_token(t) for t in ids[i - 2:i + 3]]}, whole text "
+                    f"{[tok.id_to_token(t) for t in whole[i - 2:i + 3]]}")
+    assert len(list(models.data._pieces(corpus))) > len(text) // (4 * read_chars)  # it was cut, many times
