@@ -216,7 +216,37 @@ class _PrefixEnv(EnvSettingsSource):
         self._foreign = foreign  # a callable returning the other program's settings class (imported late)
 
     def __call__(self) -> dict[str, Any]:
-        return drop_foreign(super().__call__(), self.settings_cls, self._foreign())
+        foreign = self._foreign()
+        typos = misspelled_variables(os.environ, self.settings_cls, foreign)
+        if typos:
+            raise ConfigError("; ".join(typos))
+        return drop_foreign(super().__call__(), self.settings_cls, foreign)
+
+
+OTHER_VARIABLES = {"CACHE_DIR", "TEST_GPU_PROVIDER"}  # EDGEGLM_* variables that are no config setting
+
+
+def misspelled_variables(environ, *schemas: type[BaseModel]) -> list[str]:
+    """A line for each EDGEGLM_* variable that names a setting of `schemas` with one underscore where two belong
+    (`EDGEGLM_HTTP_API_KEY` for `EDGEGLM_HTTP__API_KEY`): such a variable was ignored without a word, so a box ran
+    without the API key or password its operator set. Other unknown EDGEGLM_* names are left alone (those with
+    `__` are checked by validation)."""
+    lines = []
+    for name in sorted(environ):
+        rest = name.upper().removeprefix(ENV_PREFIX)
+        if rest == name.upper() or "__" in rest or rest in OTHER_VARIABLES \
+                or any(rest.lower() in schema.model_fields for schema in schemas):
+            continue
+        for i in [i for i, c in enumerate(rest) if c == "_"]:
+            section, field = rest[:i].lower(), rest[i + 1:].lower()
+            models = [_model_of(schema.model_fields[section].annotation) for schema in schemas
+                      if section in schema.model_fields]
+            if any(model is not None and field in model.model_fields for model in models):
+                lines.append(f"environment variable {name} is not a setting (it would be ignored); the setting is "
+                             f"{ENV_PREFIX}{section.upper()}__{field.upper()}, with two underscores between the "
+                             "section and the setting: rename it")
+                break
+    return lines
 
 
 def _fleet_config_class():

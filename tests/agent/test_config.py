@@ -300,6 +300,31 @@ def test_a_whole_section_from_the_environment_that_is_not_json_is_a_config_error
         load_config(None)
 
 
+@pytest.mark.parametrize("typo, setting", [("EDGEGLM_HTTP_API_KEY", "EDGEGLM_HTTP__API_KEY"),
+                                           ("EDGEGLM_MQTT_PASSWORD", "EDGEGLM_MQTT__PASSWORD"),
+                                           ("edgeglm_ota_require_signature", "EDGEGLM_OTA__REQUIRE_SIGNATURE"),
+                                           ("EDGEGLM_DATABASE_PATH", "EDGEGLM_DATABASE__PATH")])  # the controller's
+def test_a_setting_spelled_with_one_underscore_in_the_environment_is_refused_by_both_programs(monkeypatch, typo,
+                                                                                              setting):
+    """`EDGEGLM_HTTP_API_KEY=...` in agent.env (one underscore where two belong) was ignored without a word: the
+    box ran without the API key its operator set. Other EDGEGLM_* variables (EDGEGLM_CACHE_DIR, top-level
+    settings such as EDGEGLM_LOG_LEVEL, names that look like no setting) still pass."""
+    from fleet.config import load_fleet_config
+
+    monkeypatch.setenv(typo, "x")
+    message = f"environment variable {typo} is not a setting (it would be ignored); the setting is {setting}, " \
+              "with two underscores"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_fleet_config(None)
+    monkeypatch.delenv(typo)
+    for name, value in [("EDGEGLM_CACHE_DIR", "/tmp"), ("EDGEGLM_LOG_LEVEL", "debug"), ("EDGEGLM_FOO_BAR", "1"),
+                        ("EDGEGLM_TEST_GPU_PROVIDER", "x")]:
+        monkeypatch.setenv(name, value)
+    assert load_config(None).log_level == "debug" and load_fleet_config(None).log_level == "debug"
+
+
 @pytest.mark.parametrize("key, variable", [("ota.trusted_keys", "EDGEGLM_OTA__TRUSTED_KEYS"),
                                            ("model.bundle", "EDGEGLM_MODEL__BUNDLE"),
                                            ("mqtt.tls.ca_file", "EDGEGLM_MQTT__TLS__CA_FILE")])
