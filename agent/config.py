@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import socket
@@ -398,15 +399,38 @@ def _field_problem(floc: tuple[str, ...], errs: list, source: str) -> str:
     loc, err = errs[0]
     if len(errs) > 1 or loc != floc:  # the members of a union (`bool | Literal[...]`) failed one by one
         return f"{field} = {_shown(floc, err['input'])} (from {source}) is invalid: must be {_expected(floc)}"
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = _plain(err)
     if isinstance(err["input"], dict):  # a whole section failed a check across its fields
         text = f"{field} (from {source}) is invalid: {msg}"
-    else:
-        text = f"{field} = {_shown(floc, err['input'])} (from {source}) is invalid: {msg}"
+    else:  # "x = 7 (from ...) is too large" / "... is invalid: must be an integer"
+        text = f"{field} = {_shown(floc, err['input'])} (from {source}) " + (msg if msg.startswith("is too ") else
+                                                                            f"is invalid: {msg}")
     allowed = _allowed(floc)
     if allowed:
         text += f"; allowed: {allowed}"
     return text
+
+
+_PLAIN = {  # pydantic's error types in the words the TOML type checks use (the allowed range follows)
+    **dict.fromkeys(("int_parsing", "int_type", "int_from_float"), "must be an integer"),
+    **dict.fromkeys(("float_parsing", "float_type"), "must be a number"),
+    **dict.fromkeys(("bool_parsing", "bool_type"), "must be true or false"),
+    "finite_number": "must be a finite number",
+    **dict.fromkeys(("greater_than", "greater_than_equal"), "is too small"),
+    **dict.fromkeys(("less_than", "less_than_equal"), "is too large"),
+}
+
+
+def _plain(err: dict) -> str:
+    """An error in plain words: our validators' own text, else pydantic's sentence without "Input should be"."""
+    if err["type"] in _PLAIN:
+        value = err.get("input")
+        try:
+            nan = isinstance(value, (str, float)) and math.isnan(float(value))
+        except ValueError:
+            nan = False
+        return "must be a number, not NaN" if nan and "than" in err["type"] else _PLAIN[err["type"]]
+    return re.sub(r"^Input should be ", "must be ", err["msg"].removeprefix("Value error, "))
 
 
 def _shown(loc: tuple[str, ...], value: Any) -> str:

@@ -242,7 +242,7 @@ def test_mqtt_qos_above_2_is_refused(tmp_path):
     path.write_text("[mqtt]\nqos = 3\n")
     with pytest.raises(ConfigError) as err:
         load_config(path, {})
-    assert "mqtt.qos = 3" in str(err.value) and "less than or equal to 2" in str(err.value), str(err.value)
+    assert "mqtt.qos = 3" in str(err.value) and "is too large; allowed: 0 <= qos <= 2" in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize("value,shown,tail", [('"maybe"', "'maybe'", ""), ("3", "3", ", not an integer")])
@@ -374,3 +374,22 @@ def test_the_agent_and_the_controller_ignore_each_others_variables_and_refuse_ne
     for load in (load_config, load_fleet_config):
         with pytest.raises(ConfigError, match="apikey"):
             load()
+
+
+@pytest.mark.parametrize("variable, value, words", [
+    ("EDGEGLM_HTTP__PORT", "abc", "http.port = 'abc' (from environment variable EDGEGLM_HTTP__PORT) is invalid: must "
+                                  "be an integer; allowed: 0 <= port <= 65535"),
+    ("EDGEGLM_HTTP__PORT", "70000", "http.port = '70000' (from environment variable EDGEGLM_HTTP__PORT) is too large; "
+                                    "allowed: 0 <= port <= 65535"),
+    ("EDGEGLM_CACHE__MAX_MB", "nan", "cache.max_mb = 'nan' (from environment variable EDGEGLM_CACHE__MAX_MB) is "
+                                     "invalid: must be a number, not NaN"),
+    ("EDGEGLM_MQTT__ENABLED", "maybe", "mqtt.enabled = 'maybe' (from environment variable EDGEGLM_MQTT__ENABLED) is "
+                                       "invalid: must be true or false"),
+])
+def test_values_from_the_environment_are_refused_in_plain_words(monkeypatch, variable, value, words):
+    """Values from the environment (text, parsed) were refused in pydantic's words: "Input should be a valid integer,
+    unable to parse string as an integer", "Input should be less than or equal to 65535"; NaN was "too large"."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None)
+    assert words in str(err.value) and "Input should" not in str(err.value), str(err.value)

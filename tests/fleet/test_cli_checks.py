@@ -239,7 +239,7 @@ def test_offer_to_a_device_never_seen_is_refused_unless_forced(mosquitto, db, si
 def test_config_set_refuses_what_the_agents_would_refuse_before_publishing(mosquitto, db):
     args = ("config", "set", "--fleet", FLEET, "--device", "d1", "--broker", f"127.0.0.1:{mosquitto.port}",
             "--db", str(db))  # never a fleet.db in the working directory
-    refused(cli(*args, "sampling.max_tokens=-1"), "sampling.max_tokens = -1 (from the command line) is invalid",
+    refused(cli(*args, "sampling.max_tokens=-1"), "sampling.max_tokens = -1 (from the command line) is too small",
             "1 <= max_tokens", "nothing was published")
     refused(cli(*args, "sampling.bogus=1"), "sampling.bogus (from the command line) is not a setting",
             "allowed in sampling: max_tokens")
@@ -253,7 +253,7 @@ def test_config_set_refuses_what_the_agents_would_refuse_before_publishing(mosqu
     refused(cli(*args, "telemetry.interval_s=0.01"), "telemetry.interval_s = 0.01 is below 1.0, the least a desired "
             "config may set", "nothing was published")
     refused(cli(*args, "sampling.max_tokens=99999999"), "sampling.max_tokens = 99999999 (from the command line) is "
-            "invalid")
+            "too large; allowed: 1 <= max_tokens <= 1048576")
     refused(cli("config", "set", "--group", "ring9", "--db", str(db), "sampling.max_tokens=-1"),
             "--group 'ring9': no such group or fleet")
     assert retained(mosquitto.port, desired_topic(FLEET, "d1")) == []
