@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from agent.config import AgentConfig, _PrefixEnv
+from agent.config import AgentConfig, _PrefixEnv, _plain
 from agent.errors import ConfigError
 
 _toml_file: ContextVar[Path | None] = ContextVar("edgeglm_fleet_toml", default=None)
@@ -104,13 +104,58 @@ def load_fleet_config(path: str | Path | None = None, overrides: dict | None = N
     try:
         return FleetConfig(**(overrides or {}))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors()[:5])
+        problems = "; ".join(_problem(e, path, overrides or {}) for e in exc.errors(include_url=False)[:5])
         raise ConfigError(f"invalid fleet config ({path or 'defaults'}): {problems}") from None
     except ValueError as exc:  # a TOML syntax error
         raise ConfigError(f"{path}: {exc}") from None
     finally:
         _toml_file.reset(token)
+
+
+def _problem(err: dict, path: Path | None, overrides: dict) -> str:
+    """One refused setting: `[section] key = value (from where): what is wrong`, in plain words."""
+    loc = [str(p) for p in err["loc"]]
+    where = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else loc[0] if loc else "(file)"
+    source = _source(loc, path, overrides)
+    if err["type"] == "extra_forbidden":
+        model = FleetConfig
+        for part in loc[:-1]:
+            model = getattr(model.model_fields.get(part), "annotation", None) or model
+        known = ", ".join(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else ""
+        here = f"in [{loc[-2]}]" if len(loc) > 1 else "at the top level"
+        return f"{where} (from {source}) is not a setting; allowed {here}: {known}"
+    value = err.get("input")
+    shown = f" = {'**********' if 'password' in loc[-1] else repr(value)}" if not isinstance(value, dict) else ""
+    msg = _plain(err)
+    return f"{where}{shown} (from {source}) " + (msg if msg.startswith("is too ") else f"is invalid: {msg}") + \
+        _bound(err)
+
+
+def _bound(err: dict) -> str:
+    """The limit a number broke, in words ("; must be at most 65535")."""
+    ctx = err.get("ctx") or {}
+    words = {"gt": "above", "ge": "at least", "lt": "below", "le": "at most"}
+    return "".join(f"; must be {words[k]} {v}" for k, v in ctx.items() if k in words)
+
+
+def _source(loc: list[str], path: Path | None, overrides: dict) -> str:
+    """Where a setting came from: the command line, the TOML file, else the environment."""
+    def has(data) -> bool:
+        for part in loc:
+            if not isinstance(data, dict) or part not in data:
+                return False
+            data = data[part]
+        return True
+    if has(overrides):
+        return "the command line"
+    if path is not None:
+        try:
+            import tomllib
+            if has(tomllib.loads(Path(path).read_text(encoding="utf-8"))):
+                return f"config file {path}"
+        except (OSError, ValueError):
+            pass
+    return f"environment variable EDGEGLM_{'__'.join(loc).upper()}"
 
 
 def mqtt_password(mqtt: MqttSection) -> str | None:

@@ -720,3 +720,19 @@ def test_a_ca_file_that_is_missing_or_no_certificate_is_one_line(db, tmp_path):
                         ["serve"]):
             refused(cli(*command, "--config", str(config), "--db", str(db)),
                     f"mqtt.tls.ca_file = {ca}: cannot be used as the broker's CA certificate ({why})")
+
+
+def test_a_bad_fleet_config_names_each_setting_its_value_and_source_in_plain_words(tmp_path, monkeypatch):
+    """`fleet.toml` problems read "mqtt.prot: Extra inputs are not permitted", "mqtt.port: Input should be a valid
+    integer, unable to parse string as an integer": no value, no source, no list of what is allowed."""
+    config = tmp_path / "fleet.toml"
+    config.write_text('[broker]\nx = 1\n[mqtt]\nport = "abc"\nprot = 3\n[database]\nretention_s = -1\n')
+    out = cli("status", "--config", str(config), "--db", str(tmp_path / "fleet.db"))
+    refused(out, f"[database] retention_s = -1 (from config file {config}) is too small; must be above 0",
+            f"[mqtt] port = 'abc' (from config file {config}) is invalid: must be an integer",
+            f"[mqtt] prot (from config file {config}) is not a setting; allowed in [mqtt]: host, port,",
+            f"broker (from config file {config}) is not a setting; allowed at the top level: log_level, fleet,")
+    assert "Input should" not in out.stderr and "Extra inputs" not in out.stderr
+    monkeypatch.setenv("EDGEGLM_MQTT__PORT", "99999")
+    refused(cli("status", "--db", str(tmp_path / "fleet.db")),
+            "[mqtt] port = '99999' (from environment variable EDGEGLM_MQTT__PORT) is too large; must be at most 65535")
