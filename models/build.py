@@ -300,10 +300,14 @@ def corpus_files(inputs: BuildInputs) -> list[Path]:
     """The corpus files, less those under --work and --out: a corpus directory that holds them
     (`--corpus data --out data/bundle`) would otherwise read the build's own files on --resume."""
     own = (inputs.work.resolve(), inputs.out.resolve())
+    skipped: list[Path] = []
     try:
-        found = text_files(inputs.corpus)
+        found = text_files(inputs.corpus, skipped)
     except DataError as exc:  # a path that is not there, an empty directory
         raise BuildError(f"--corpus {exc}; nothing was written") from None
+    if skipped:
+        shown = ", ".join(str(f) for f in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        log.warning("--corpus: left out %d binary file(s) found in its directories: %s", len(skipped), shown)
     files = [f for f in found if not any(d == f.resolve() or d in f.resolve().parents for d in own)]
     if not files:
         raise BuildError(f"--corpus {' '.join(map(str, inputs.corpus))}: no training text outside --work "

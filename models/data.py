@@ -71,8 +71,10 @@ class TokenCorpus:
         return np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r", shape=(self.num_tokens,))
 
 
-def text_files(paths: tuple[Path, ...]) -> list[Path]:
-    """The files a source names: each file itself, each directory's regular files (sorted, no hidden)."""
+def text_files(paths: tuple[Path, ...], skipped: list[Path] | None = None) -> list[Path]:
+    """The files a source names: each file itself, each directory's regular files (sorted, no hidden), less the
+    binary files found in a directory (a NUL byte in their first BINARY_SNIFF bytes: `__pycache__/*.pyc`, images in
+    a source tree), which are appended to `skipped`. A file named itself is always taken (and must be text)."""
     files: list[Path] = []
     for p in paths:
         if p.is_file():
@@ -82,12 +84,30 @@ def text_files(paths: tuple[Path, ...]) -> list[Path]:
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise DataError(f"{p}: training text directory holds no files; give files of UTF-8 text")
-            files += found
+            binary = [f for f in found if _is_binary(f)]
+            if binary and len(binary) == len(found):
+                raise DataError(f"{p}: training text directory holds only binary files ({binary[0].name}, ...); give "
+                                "files of UTF-8 text")
+            if skipped is not None:
+                skipped += binary
+            left_out = set(binary)
+            files += [f for f in found if f not in left_out]
         else:
             raise DataError(f"{p}: training text not found (expected a file or a directory of text files)")
     if not files:
         raise DataError("no training text given: name at least one file or directory")
     return files
+
+
+BINARY_SNIFF = 8192  # bytes read to tell a binary file from text (as git and grep do: a NUL byte)
+
+
+def _is_binary(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"\0" in f.read(BINARY_SNIFF)
+    except OSError:
+        return False  # unreadable: named by the checks that read it
 
 
 def eos_token_id(tokenizer: Tokenizer, path: Path) -> int:

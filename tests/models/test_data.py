@@ -74,3 +74,31 @@ def test_tokenizing_in_pieces_gives_the_tokens_of_the_whole_text(tokenizers_and_
         pytest.fail(f"token {i} differs: pieces {[tok.id_to_token(t) for t in ids[i - 2:i + 3]]}, whole text "
                     f"{[tok.id_to_token(t) for t in whole[i - 2:i + 3]]}")
     assert len(list(models.data._pieces(corpus))) > len(text) // (4 * read_chars)  # it was cut, many times
+
+
+def test_binary_files_in_a_corpus_directory_are_left_out_and_named(tmp_path, caplog):
+    """`--corpus src/` over a source tree was refused as a whole for its `__pycache__/*.pyc` ("not UTF-8 text"):
+    binary files found in a directory (a NUL byte in their first 8 KiB, as git and grep tell) are left out, named
+    in a warning; a file named itself is still checked as text, and a directory of binaries alone is refused."""
+    import logging
+
+    from models.build import BuildInputs, corpus_files
+    from models.data import DataError, text_files
+    from models.recipe import load_recipe
+
+    src = tmp_path / "src"
+    (src / "__pycache__").mkdir(parents=True)
+    (src / "mod.py").write_text("def f():\n    return 'grüße'\n", encoding="utf-8")
+    (src / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\0\0\0\0" + bytes(range(256)))
+    (src / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    (src / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))  # text, not UTF-8: kept, and refused later
+    skipped: list[Path] = []
+    assert text_files((src,), skipped) == [src / "latin1.txt", src / "mod.py"]
+    assert sorted(p.name for p in skipped) == ["logo.png", "mod.cpython-311.pyc"]
+    assert text_files((src / "logo.png",)) == [src / "logo.png"]  # named itself: taken, and refused as not text
+    with pytest.raises(DataError, match="holds only binary files"):
+        text_files((src / "__pycache__",))
+    inputs = BuildInputs.create(tmp_path / "teacher", (src,), load_recipe("quick"), tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="edgeglm.build"):
+        assert corpus_files(inputs) == [src / "latin1.txt", src / "mod.py"]
+    assert "left out 2 binary file(s)" in caplog.text and "mod.cpython-311.pyc" in caplog.text
