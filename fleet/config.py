@@ -125,8 +125,10 @@ def _problem(err: dict, path: Path | None, overrides: dict) -> str:
         here = f"in [{loc[-2]}]" if len(loc) > 1 else "at the top level"
         return f"{where} (from {source}) is not a setting; allowed {here}: {known}"
     value = err.get("input")
-    shown = f" = {'**********' if 'password' in loc[-1] else repr(value)}" if not isinstance(value, dict) else ""
     msg = _plain(err)
+    if isinstance(value, dict):  # a check across a section's settings
+        return f"[{'.'.join(loc)}] (from {source}): {msg}"
+    shown = f" = {'**********' if 'password' in loc[-1] else repr(value)}"
     return f"{where}{shown} (from {source}) " + (msg if msg.startswith("is too ") else f"is invalid: {msg}") + \
         _bound(err)
 

@@ -633,7 +633,8 @@ def test_password_and_password_file_together_are_refused(tmp_path, monkeypatch, 
     conf.write_text(f'[mqtt]\npassword = "inline"\npassword_file = "{secret}"\n')
     with pytest.raises(ConfigError) as exc:
         load_fleet_config(conf)
-    assert "mqtt: password (or EDGEGLM_MQTT__PASSWORD) and password_file are both set" in str(exc.value)
+    assert f"[mqtt] (from config file {conf}): password (or EDGEGLM_MQTT__PASSWORD) and password_file are both " \
+           "set" in str(exc.value)
     assert "\n" not in str(exc.value) and "Value error" not in str(exc.value)
     args = ("config", "set", "--config", str(conf), "--db", str(db), "--broker", "127.0.0.1:1", "--fleet", FLEET,
             "--device", "d1", "sampling.max_tokens=64")
