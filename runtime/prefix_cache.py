@@ -43,7 +43,7 @@ Design.
   and deleted. Evicting a block deletes its file, and `bind` trims the directory to `max_bytes`
   (oldest files first) and removes the block files of other models that no process serves, so
   the disk holds at most what memory may, per model in use. Every process bound to a model holds
-  its directory's `.lock` (a shared flock, gone with the process): two processes (two agents
+  its directory's LEASE file (a shared flock, gone with the process): two processes (two agents
   given one `cache.persist_dir`) sharing it with different models keep each other's files. A
   bind to another model removes the previous model's directory at once (unless another process
   holds it), and the directory of a model no process holds once nothing in it changed for
@@ -80,7 +80,9 @@ log = logging.getLogger("edgeglm.prefix_cache")
 ROOT = b""  # the parent hash of a prompt's first block
 MAGIC = b"EDGEGLM-KV1\n"
 SUFFIX = ".kvb"
-LEASE = ".lock"  # in each model's directory: held (shared) by every process bound to that model
+LEASE = ".edgeglm-prefix-cache.lock"  # in each model's directory: held (shared) by every process bound to that model
+LEGACY_LEASE = ".lock"  # the lease's name in 0.x agents of 2026-11-26, removed with a directory they left
+TEMP = f".*{SUFFIX}.*.tmp"  # a block file being written (`_persist`): only these temporary files are ever deleted
 IDLE_S = 600.0  # another model's directory nobody holds is removed once nothing in it changed for this long
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # a model key is one directory name
 
@@ -420,7 +422,7 @@ class PrefixCache:
                     continue
                 parent, overhead = _header_of(f)
                 entries[f.name[:-len(SUFFIX)]] = (f, st.st_mtime, st.st_size - overhead, parent)
-            for f in (mine.glob(".*.tmp") if mine.is_dir() else []):  # a write cut short by a crash
+            for f in (mine.glob(TEMP) if mine.is_dir() else []):  # a write cut short by a crash
                 st = _stat(f)
                 if st is not None and time.time() - st.st_mtime > 3600:
                     _unlink(f)
@@ -475,9 +477,10 @@ def _remove_unused(folder: Path, idle_s: float | None) -> None:
                 return
         for f in folder.glob("*" + SUFFIX):
             _unlink(f)
-        for f in folder.glob(".*.tmp"):
+        for f in folder.glob(TEMP):
             _unlink(f)
         if fd is not None:
+            _unlink(folder / LEGACY_LEASE)
             _unlink(lease)  # still locked: a binder waiting on this file finds it gone and opens a new one
             try:
                 folder.rmdir()

@@ -538,3 +538,23 @@ def test_a_lookup_racing_a_block_size_change_is_a_miss_and_deletes_nothing(tmp_p
     with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
         assert cache.lookup(prompt + [7], None) is None
     assert sorted((tmp_path / "m").glob("*.kvb")) == files and "not a usable KV block" not in caplog.text
+
+
+def test_a_persist_dir_shared_with_other_programs_loses_none_of_their_files(tmp_path):
+    """Removing an unused model directory deleted every `.*.tmp` file in it and its `.lock`: names other programs
+    use too, in a cache.persist_dir such as /var/cache. Only the cache's own files go, its directories only when
+    emptied of them."""
+    from runtime.prefix_cache import IDLE_S
+
+    other = tmp_path / "someapp"
+    other.mkdir()
+    for name in (".lock", ".download.tmp", "data.bin"):
+        (other / name).write_text("theirs")
+    _age(other, IDLE_S + 60)
+    cache = PrefixCache(64 << 20, 32, tmp_path)
+    cache.bind("m1")
+    _persist(cache, list(range(64)))
+    (tmp_path / "m1" / ".notes.tmp").write_text("someone's")
+    cache.bind("m2")  # m1 is left: its block files and lease go, the folder stays for the file that is not ours
+    assert sorted(p.name for p in (tmp_path / "m1").iterdir()) == [".notes.tmp"]
+    assert sorted(p.name for p in other.iterdir()) == [".download.tmp", ".lock", "data.bin"]
