@@ -432,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_fleet(sub)
 
     d = sub.add_parser("demo", help="the whole product on this machine: broker, controller, 3 agents, 2 rollouts")
-    d.add_argument("--workdir", default="edgeglm-demo")
+    d.add_argument("--workdir", default="edgeglm-demo",
+                   help="a new or empty directory, or one an earlier demo made (its trained model is reused; its "
+                        "fleet.db and agents/ start afresh); default edgeglm-demo")
     d.add_argument("--steps", type=_positive, default=300, help="training steps for the tiny model (default 300)")
     d.add_argument("--broker", help="mqtt://HOST:PORT (or HOST:PORT) of a broker to use instead of the embedded one")
     d.set_defaults(func=cmd_demo)

@@ -156,6 +156,10 @@ def _rollout(controller, driver, agents, bundle: Path, say, window_s: float = 3.
     raise RuntimeError(f"rollout {rid} did not finish within {timeout_s:g} s")
 
 
+# what the demo keeps in its working directory: a directory holding anything else is not the demo's
+DEMO_ENTRY = re.compile(r"checkpoint|keys|agents|bundle-1\.[01]\.0|fleet\.db(-wal|-shm|-journal)?")
+
+
 def run_demo(workdir: str | Path, steps: int = 300, broker: str | None = None, n_agents: int = 3) -> int:
     from agent.config import load_config
     from agent.daemon import Agent
@@ -175,6 +179,15 @@ def run_demo(workdir: str | Path, steps: int = 300, broker: str | None = None, n
         why = "it is a file, not a directory" if work.exists() and not work.is_dir() else (exc.strerror or str(exc))
         raise RuntimeError(f"--workdir {work}: cannot be used as the demo's working directory ({why}); "
                            "give another one") from None
+    names = {p.name for p in work.iterdir()}
+    foreign = sorted(n for n in names if not DEMO_ENTRY.fullmatch(n))
+    if names and not names & {"checkpoint", "keys", "agents"}:  # e.g. a fleet.db of `fleet serve` run there
+        foreign = sorted(names)
+    if foreign:  # the demo deletes and rewrites fleet.db, agents/ and unsigned bundle-*/ there
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise RuntimeError(f"--workdir {work}: holds files that are not the demo's ({shown}); the demo replaces "
+                           "fleet.db, agents/ and bundle-*/ in its working directory: give a new or empty directory "
+                           "(default edgeglm-demo)")
 
     def say(text: str) -> None:
         print(f"[{time.monotonic() - t0:5.1f}s] {text}", flush=True)

@@ -179,3 +179,17 @@ def test_a_demo_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
     assert_user_error(edgeglm("demo", "--workdir", plain), f"--workdir {plain}: cannot be used as the demo's working "
                       "directory (it is a file, not a directory)")
     assert plain.read_text() == "mine"
+
+
+def test_the_demo_refuses_a_workdir_holding_files_that_are_not_its_own(tmp_path):
+    """`edgeglm demo --workdir .` deleted the fleet.db of a `fleet serve` run in that directory (the demo starts from
+    an empty registry), and rewrote agents/ and unsigned bundle-*/ directories of the same names."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "fleet.db").write_bytes(b"SQLite format 3\0 the operator's registry")
+    proc = edgeglm("demo", "--workdir", project)
+    assert_user_error(proc, f"--workdir {project}: holds files that are not the demo's (fleet.db)")
+    (project / "notes.txt").write_text("mine")
+    (project / "keys").mkdir()
+    assert_user_error(edgeglm("demo", "--workdir", project), "holds files that are not the demo's (notes.txt)")
+    assert (project / "fleet.db").read_bytes().endswith(b"registry") and (project / "notes.txt").is_file()
