@@ -126,7 +126,7 @@ class Agent:
     # --- model --------------------------------------------------------------------------------
     def _trusted_keys(self) -> dict:
         try:
-            return load_trusted_keys([self.cfg.ota.trusted_keys])
+            return load_trusted_keys([self.cfg.ota.trusted_keys], warn_private=True)
         except BundleError as exc:
             raise ServeError(f"{exc} (set ota.trusted_keys to the directory of the fleet's *.pub keys; for "
                              "unsigned development bundles only, set ota.require_signature = false)") from None
@@ -136,7 +136,7 @@ class Agent:
         if self.cfg.ota.rollback_keys is None:
             return None
         try:
-            keys = load_trusted_keys([self.cfg.ota.rollback_keys])
+            keys = load_trusted_keys([self.cfg.ota.rollback_keys], warn_private=True)
         except BundleError as exc:
             log.warning("rollbacks will be refused: %s (ota.rollback_keys)", exc)
             return {}

@@ -127,18 +127,22 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
-def load_trusted_keys(paths: list[str | Path]) -> dict[str, Ed25519PublicKey]:
+def load_trusted_keys(paths: list[str | Path], warn_private: bool = False) -> dict[str, Ed25519PublicKey]:
     """Public keys by id, from files and/or directories of `*.pub` files (hidden ones, `.NAME.pub`, are left
     out, as the shell's `*.pub` and `ls` leave them out). In a directory, a `*.pub` that
     cannot be read or is not an Ed25519 PEM public key (an empty file, a dangling symlink left by a key
     rotation, a file the service user may not read) is skipped with a warning naming it: leaving one key
     out only narrows what is trusted, while refusing the whole set would stop the agent from serving
-    and from taking any update. SignatureError when no key at all can be loaded, with each reason."""
+    and from taking any update. SignatureError when no key at all can be loaded, with each reason.
+    `warn_private` (the agent): warn about a private key lying in a directory of them (not on the signing
+    machine, where `bundle verify --trusted keys/` reads the directory `bundle keygen` made)."""
     keys: dict[str, Ed25519PublicKey] = {}
     skipped: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():  # as the shell's *.pub: a hidden .NAME.pub (a key retired by hiding it) is not trusted
             files = sorted(f for f in p.glob("*.pub") if not f.name.startswith("."))
+            if warn_private:
+                _warn_private_keys(p)
         elif p.is_file():
             files = [p]
         else:
@@ -157,6 +161,30 @@ def load_trusted_keys(paths: list[str | Path]) -> dict[str, Ed25519PublicKey]:
         raise SignatureError(f"no trusted public keys found in {', '.join(map(str, paths))}"
                              + (f" ({'; '.join(skipped)})" if skipped else ""))
     return keys
+
+
+_warned_private: set[Path] = set()
+
+
+def _warn_private_keys(folder: Path) -> None:
+    """Warn (once per file and process) about a private key lying among the trusted public keys: copying a
+    whole `bundle keygen` directory puts NAME.key on every box, and whoever can read it there can sign bundles
+    every box of the fleet trusts."""
+    for f in sorted(folder.iterdir()):
+        if f in _warned_private or f.suffix == ".pub":
+            continue
+        try:
+            if not f.is_file() or f.stat().st_size > 65536:
+                continue
+            with open(f, "rb") as fh:
+                head = fh.read(4096)
+        except OSError:
+            continue
+        if b"PRIVATE KEY-----" in head:
+            _warned_private.add(f)
+            log.warning("%s is a private signing key, in the directory of trusted public keys: whoever can read it "
+                        "on this box can sign bundles the fleet trusts; remove it from the box (keep it on the "
+                        "signing machine) and rotate the key if it left it", f)
 
 
 def sign_bytes(data: bytes, private: Ed25519PrivateKey) -> dict:

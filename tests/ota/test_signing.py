@@ -513,3 +513,19 @@ def test_a_symlink_or_a_hidden_file_beside_the_listed_files_is_named_and_an_empt
                                           "onnxruntime/linked.bin; the signature does not cover them"):
         shutil.copy(bundle / "manifest.json", bundle / "manifest.json.bak")
         open_bundle(bundle).check_complete()
+
+
+def test_a_private_key_among_the_trusted_keys_is_warned_about_once(tmp_path, caplog):
+    """`cp -r keys/ /etc/edgeglm/trusted-keys` (the whole `bundle keygen` directory) put the fleet's signing key on
+    every box without a word: whoever reads it there can sign bundles the whole fleet trusts."""
+    import logging
+
+    keys = tmp_path / "keys"
+    pair = generate_keypair(keys, "fleet")
+    (keys / "README").write_text("public keys of the fleet\n")
+    with caplog.at_level(logging.WARNING, logger="edgeglm.ota"):
+        assert set(load_trusted_keys([keys], warn_private=True)) == {pair.key_id}  # a warning, not a refusal
+        load_trusted_keys([keys], warn_private=True)
+        load_trusted_keys([keys])  # `bundle verify --trusted keys/` on the signing machine: no warning there
+    warnings = [r.getMessage() for r in caplog.records if "private signing key" in r.getMessage()]
+    assert len(warnings) == 1 and str(pair.private_path) in warnings[0] and "README" not in caplog.text
