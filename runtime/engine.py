@@ -63,8 +63,11 @@ import numpy as np
 
 from runtime.errors import BackendUnavailable, ModelLoadError
 from runtime.probe import cpus_one_per_core
+from runtime.signals import same_signal_stack
 
 log = logging.getLogger("edgeglm.engine")
+
+
 
 BACKENDS = ("onnxruntime", "openvino")
 KV_CACHE_KEY = "edgeglm.kv_cache"  # ONNX metadata: "shared-buffer" on the fused (GroupQueryAttention) graph
@@ -1148,7 +1151,11 @@ class OpenVinoEngine:
     # the other in, so interleaving a prompt's chunks with batch steps would copy both at every chunk
     swaps_state = True
 
-    def __init__(self, model_path: Path, arch: ModelArch, threads: int | None = None, device: str = "CPU",
+    def __init__(self, *args, **kwargs):
+        with same_signal_stack():  # OpenVINO's Core and compile replace the thread's alternate signal stack
+            self._open(*args, **kwargs)
+
+    def _open(self, model_path: Path, arch: ModelArch, threads: int | None = None, device: str = "CPU",
                  precision: str | None = "f32", kv_cache_precision: str | None = "f32", pinned: bool | None = None):
         """`precision`/`kv_cache_precision`: INFERENCE_PRECISION_HINT / KV_CACHE_PRECISION (None: the
         device's default); the f32 defaults keep the golden check exact, bf16/f16/u8 trade exactness

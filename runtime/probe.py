@@ -275,13 +275,17 @@ def probe_memory() -> MemoryInfo:
 
 
 def _openvino_devices(ov: Any) -> tuple[str, ...]:
-    core = ov.Core()
+    from runtime.signals import same_signal_stack
+
     devices = []
-    for dev in core.available_devices:
-        try:
-            devices.append(f"{dev} ({core.get_property(dev, 'FULL_DEVICE_NAME')})")
-        except Exception:  # some plugins cannot report a name
-            devices.append(dev)
+    with same_signal_stack():  # OpenVINO's Core replaces the thread's alternate signal stack (runtime/signals.py)
+        core = ov.Core()
+        for dev in core.available_devices:
+            try:
+                devices.append(f"{dev} ({core.get_property(dev, 'FULL_DEVICE_NAME')})")
+            except Exception:  # some plugins cannot report a name
+                devices.append(dev)
+        del core
     return tuple(devices)
 
 

@@ -123,3 +123,31 @@ def test_variant_left_padded_batch_equals_rows_alone(variant):
         want = _ref_logits(ref, row + [int(nxt[r])])
         np.testing.assert_allclose(logits[r], want[-2], atol=1e-4)
         np.testing.assert_allclose(logits2[r], want[-1], atol=1e-4)
+
+
+def test_loading_openvino_models_leaves_the_threads_signal_stack_as_it_was(int8_bundle):
+    """OpenVINO's Core and each compiled model set a new alternate signal stack on the loading thread and freed it
+    with a later one: after the autotune compiled two OpenVINO paths at an agent's start, its SIGTERM (`systemctl
+    stop`) was delivered onto freed memory and the agent died with SIGSEGV instead of shutting down cleanly
+    (tests/agent/test_daemon.py -k sighup runs that agent)."""
+    import gc
+    import threading
+
+    from ota.bundle import open_bundle
+    from runtime.signals import _key, _sigaltstack
+
+    def load_two_and_drop(out: list) -> None:
+        bundle = open_bundle(int8_bundle)
+        arch = ModelArch.from_manifest(bundle.manifest.architecture)
+        before = _key(_sigaltstack())
+        engines = [load_engine("openvino", bundle.path(bundle.manifest.backends["openvino"].entry), arch, 1,
+                               pinned=pinned) for pinned in (True, False)]
+        out.append(_key(_sigaltstack()) == before)
+        del engines
+        gc.collect()
+        out.append(_key(_sigaltstack()) == before)
+    out: list = []
+    worker = threading.Thread(target=load_two_and_drop, args=(out,))  # a thread of its own: nothing else touched
+    worker.start()
+    worker.join(120)
+    assert out == [True, True]
