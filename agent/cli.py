@@ -234,14 +234,16 @@ def cmd_agent(args) -> int:
         return install_from_args(args)
     overrides = {"model.bundle": args.bundle, "http.host": args.host, "http.port": args.port,
                  "model.backend": args.backend, "model.device": args.device, "model.slots_dir": args.state_dir}
-    cfg = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    cfg = load_config(args.config, flags)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from agent.daemon import run_agent
 
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    run_agent(cfg, stop)
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())  # `systemctl reload`: the config file read again
+    run_agent(cfg, stop, reload=reload, read_config=lambda: load_config(args.config, flags))
     return 0
 
 

@@ -293,8 +293,16 @@ class Agent:
                      self.updater.state.value)
             self._start_update(None)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, reload: threading.Event | None = None, read_config=None) -> None:
+        """Serve until `stop`. When `reload` is set (SIGHUP), the box's config is read again with `read_config`
+        and applied (`reload`); a config that does not load is logged and the running one kept."""
         while not stop.is_set():
+            if reload is not None and reload.is_set():
+                reload.clear()
+                try:
+                    self.reload(read_config())
+                except (ConfigError, OSError) as exc:
+                    log.error("config reload refused, the running config is kept: %s", exc)
             event = self.session.get_event(timeout=0.2) if self.session else (stop.wait(0.2) and None)
             try:
                 if isinstance(event, Received):
@@ -445,17 +453,57 @@ class Agent:
             self.last_config_error = f"desired config version {desired.version} refused: {exc}"
             log.warning("%s", self.last_config_error)
         else:
-            self.cfg = new
-            logging.getLogger().setLevel(new.log_level.upper())  # live
-            self.http.sampling = new.sampling  # live: sampling defaults; telemetry interval is read each loop
-            configure_prefix_cache(self.prefix_cache, new.cache, new.model.slots_dir)  # live: evicts to a new bound
-            self.http.set_batching(new.batching)  # live: the batch limits apply at the next decode step
-            if self._chunk_fetcher is not None:  # live: from the next chunk on
-                self._chunk_fetcher.timeout_s, self._chunk_fetcher.give_up_s = new.ota.chunk_timeout_s, new.ota.give_up_s
+            self._use(new)
             self.applied_config_version, self.last_config_error = desired.version, None
             self._applied_settings = desired.settings
             self._remember_desired(desired)
         self._publish_state()
+
+    def _use(self, new: AgentConfig) -> None:
+        """Run with `new` from now on: the settings that apply live (LIVE_SETTINGS) take effect at once."""
+        self.cfg = new
+        logging.getLogger().setLevel(new.log_level.upper())  # live
+        self.http.sampling = new.sampling  # live: sampling defaults; telemetry interval is read each loop
+        configure_prefix_cache(self.prefix_cache, new.cache, new.model.slots_dir)  # live: evicts to a new bound
+        self.http.set_batching(new.batching)  # live: the batch limits apply at the next decode step
+        if self._chunk_fetcher is not None:  # live: from the next chunk on
+            self._chunk_fetcher.timeout_s, self._chunk_fetcher.give_up_s = new.ota.chunk_timeout_s, new.ota.give_up_s
+        # (ota.trusted_keys and ota.rollback_keys are read at each model load and offer; probation at each check)
+
+    def reload(self, new_local: AgentConfig) -> list[str]:
+        """The box's own config read again (SIGHUP, `systemctl reload edgeglm-agent`): the settings that apply live
+        (LIVE_SETTINGS) take effect now, under the fleet's desired config as before; the others (the HTTP
+        address, the MQTT connection, the model and state paths, the device id, ...) keep their running value
+        until the next restart, and are named in a warning. Returns the dotted names of those kept."""
+        old = self.local_cfg
+        changed = _changed_settings(old.model_dump(), new_local.model_dump())
+        later = [k for k in changed if not is_live(k)]
+        merged = new_local.model_dump()
+        for key in later:  # the running value stays until a restart
+            _set_dotted(merged, key, _get_dotted(old.model_dump(), key))
+        local = AgentConfig.model_validate(merged)
+        if later:
+            log.warning("config reload: %s changed; applied at the next restart (systemctl restart edgeglm-agent)",
+                        ", ".join(later))
+        live = [k for k in changed if is_live(k)]
+        log.info("config reload: %s", f"applied {', '.join(live)}" if live else "no setting that applies live changed")
+        self.local_cfg = local
+        new = local
+        if self._applied_settings is not None:  # the fleet's layer stays on top of the box's own config
+            try:
+                new = with_updates(local, self._applied_settings)
+                problems = remote_config_problems(local, local, new)
+                if problems:
+                    raise ConfigError("; ".join(problems))
+            except ConfigError as exc:
+                new = local
+                self.last_config_error = (f"desired config version {self.applied_config_version} no longer applies "
+                                          f"over the box's reloaded config: {exc}")
+                log.warning("%s", self.last_config_error)
+                self.applied_config_version, self._applied_settings = None, None
+        self._use(new)
+        self._publish_state()
+        return later
 
     def _remember_desired(self, desired: DesiredConfig) -> None:
         """Keep the applied desired config in the state dir: after a restart it is applied again before the
@@ -674,15 +722,57 @@ def hold_state_dir(slots_dir: Path):
     return handle
 
 
-def run_agent(cfg: AgentConfig, stop: threading.Event, deadline: float = 10.0) -> None:
-    """Start the agent, run until `stop`, shut down cleanly (the CLI wires SIGTERM to `stop`)."""
+def run_agent(cfg: AgentConfig, stop: threading.Event, deadline: float = 10.0, reload: threading.Event | None = None,
+              read_config=None) -> None:
+    """Start the agent, run until `stop`, shut down cleanly (the CLI wires SIGTERM to `stop`, and SIGHUP to
+    `reload`, which reads the config again with `read_config`)."""
     agent = Agent(cfg)
     try:
         agent.start()
-        agent.run(stop)
+        agent.run(stop, reload, read_config)
     except (RuntimeUserError, BundleError, AgentError) as exc:
         agent.shutdown(deadline)
         raise ServeError(str(exc)) from None
     log.info("stopping: requests in flight get up to %.0f s, then the offline state is published", deadline)
     agent.shutdown(deadline)
     log.info("stopped")
+
+
+# the box's own settings a reload (SIGHUP) applies at once: the fleet's remote settings, and those read afresh at
+# each use (the keys, at each model load and offer; the prefix cache's directory; probation, at each check)
+LIVE_SETTINGS = REMOTE_SETTINGS + ("cache.persist_dir", "ota.trusted_keys", "ota.rollback_keys", "ota.probation_s")
+
+
+def is_live(key: str) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in LIVE_SETTINGS)
+
+
+def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the settings whose values differ (secrets compared by value)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_settings(a, b, name + ".")
+        elif _plain_value(a) != _plain_value(b):
+            out.append(name)
+    return out
+
+
+def _plain_value(value):
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else value
+
+
+def _get_dotted(data: dict, key: str):
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    *path, last = key.split(".")
+    for part in path:
+        if not isinstance(data.get(part), dict):
+            data[part] = {}
+        data = data[part]
+    data[last] = value

@@ -246,6 +246,9 @@ RestartSec=5s
 # state is published and MQTT disconnects. SIGKILL comes only after TimeoutStopSec.
 KillSignal=SIGTERM
 TimeoutStopSec={stop_timeout}s
+# `systemctl reload edgeglm-agent`: agent.toml read again; what applies live does now, the rest (address, MQTT
+# connection, paths, device id) at the next restart, as the log says. agent.env is read at start only.
+ExecReload=/bin/kill -HUP $MAINPID
 
 # Files: the state directory (model slots, update state) is the only writable place.
 StateDirectory=edgeglm

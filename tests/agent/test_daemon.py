@@ -505,3 +505,41 @@ def test_telemetry_reports_each_request_under_the_model_that_served_it_across_an
         assert all(a["window_end"] == b["window_start"] for a, b in zip(ordered, ordered[1:])), ordered
     finally:
         kill_agent(proc)
+
+
+def test_sighup_reads_the_config_file_again_and_applies_what_applies_live(signed_bundles, tmp_path):
+    """SIGHUP (`systemctl reload edgeglm-agent`) killed the agent without its clean shutdown (a model on probation
+    counted it as a death). Now the file is read again: sampling applies at once, the HTTP port keeps its running
+    value until a restart (a warning names it), and a file that no longer loads keeps the running config."""
+    port = free_port()
+
+    def config(max_tokens: int, http_port: int, extra: str = "") -> str:
+        return (f'[model]\nbundle = "{signed_bundles["v1"]}"\nslots_dir = "{tmp_path / "state"}"\n'
+                f'[http]\nport = {http_port}\n[sampling]\nmax_tokens = {max_tokens}\n'
+                f'[ota]\ntrusted_keys = "{signed_bundles["keys"]}"\n{extra}')
+    path = tmp_path / "agent.toml"
+    path.write_text(config(7, port))
+    log = tmp_path / "agent.log"
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--config", str(path)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _ready(port), 120)
+
+        def tokens() -> int:  # greedy, without max_tokens: the config's default decides
+            answer = http_json(port, "/v1/completions", {"prompt": "import os\n", "temperature": 0})
+            assert answer["choices"][0]["finish_reason"] == "length", answer
+            return answer["usage"]["completion_tokens"]
+        assert tokens() == 7
+        path.write_text(config(3, free_port()))
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: tokens() == 3, 30)
+        assert proc.poll() is None and _ready(port)  # alive, on the same port
+        wait_until(lambda: "http.port changed; applied at the next restart" in log.read_text(), 10)
+        path.write_text(config(5, port, "[sampling.oops]\n"))  # broken: refused, the running config stays
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "config reload refused, the running config is kept" in log.read_text(), 10)
+        assert tokens() == 3 and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        kill_agent(proc)

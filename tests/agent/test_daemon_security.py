@@ -395,3 +395,29 @@ def test_a_desired_config_giving_one_setting_twice_is_refused_not_settled_by_key
     assert "'sampling.max_tokens' is given twice (dotted and nested)" in agent.last_config_error
     agent._apply_desired(DesiredConfig(version=2, settings={"sampling.max_tokens": 5, "sampling": {"top_k": 2}}))
     assert agent.applied_config_version == 2 and (agent.cfg.sampling.max_tokens, agent.cfg.sampling.top_k) == (5, 2)
+
+
+def test_a_reload_applies_the_live_settings_under_the_fleets_layer_and_keeps_the_rest_until_a_restart(tmp_path,
+                                                                                                       caplog):
+    """SIGHUP reads the box's config again: what applies live does (under the desired config, which stays on top);
+    the HTTP address keeps its running value, named in a warning; a desired config that no longer fits the box's
+    new limits is dropped, saying so, instead of running above them."""
+    import logging
+
+    own = {"sampling.max_tokens": 16, "cache.max_mb": 32.0, "http.port": 0}
+    agent = _agent(tmp_path, **own)
+    agent._apply_desired(DesiredConfig(version=3, settings={"sampling": {"top_k": 5}, "cache": {"max_mb": 16}}))
+    assert agent.last_config_error is None and agent.cfg.cache.max_mb == 16
+    reread = load_config(None, {"model.slots_dir": str(tmp_path / "state"), "mqtt.enabled": False,
+                                **own, "sampling.max_tokens": 8, "http.port": 9999})
+    with caplog.at_level(logging.WARNING, logger="edgeglm.agent"):
+        assert agent.reload(reread) == ["http.port"]
+    assert "config reload: http.port changed; applied at the next restart" in caplog.text
+    cfg = agent.cfg
+    assert (cfg.sampling.max_tokens, cfg.sampling.top_k, cfg.cache.max_mb, cfg.http.port) == (8, 5, 16, 0)
+    assert agent.http.sampling.max_tokens == 8 and agent.applied_config_version == 3
+    lower = load_config(None, {"model.slots_dir": str(tmp_path / "state"), "mqtt.enabled": False, **own,
+                               "cache.max_mb": 8.0})
+    agent.reload(lower)  # the fleet's 16 MB is above the box's new 8 MB: the fleet's layer goes
+    assert "desired config version 3 no longer applies over the box's reloaded config" in agent.last_config_error
+    assert (agent.cfg.cache.max_mb, agent.cfg.sampling.top_k, agent.applied_config_version) == (8, 0, None)
