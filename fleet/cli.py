@@ -119,9 +119,10 @@ def cmd_serve(args) -> int:
         controller.stop()
         raise FleetError(f"cannot serve HTTP on {cfg.http.host}:{port} ({exc.strerror or exc}); choose another "
                          "--http-port or [http] port") from None
-    stop = threading.Event()
+    stop, hangup = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: hangup.set())  # it ended the controller uncleanly (a closed terminal)
     from fleet.rollout import RolloutDriver
 
     driver = RolloutDriver(controller.store, controller, fleet=controller.settings.fleet)
@@ -129,6 +130,10 @@ def cmd_serve(args) -> int:
           f"database {controller.settings.db}, http {cfg.http.host}:{http.server_address[1]}; Ctrl-C stops",
           flush=True)
     while not stop.wait(1.0):
+        if hangup.is_set():
+            hangup.clear()
+            logging.getLogger("edgeglm.fleet").warning(
+                "SIGHUP: the controller reads fleet.toml at start only; restart it to apply a change (it goes on)")
         try:
             driver.tick()  # one rollout's failing step is logged by tick; this catches the rest (the database)
         except Exception:

@@ -626,10 +626,14 @@ port = {mosquitto.port}
         bad = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "serve", "--config", str(tmp_path / "nope.toml")],
                              capture_output=True, text=True)
         assert bad.returncode == 2 and "fleet config file not found" in bad.stderr
+        serve.send_signal(subprocess.signal.SIGHUP)  # a closed terminal, `systemctl reload`: it ended the controller
+        time.sleep(1.5)
+        assert serve.poll() is None and get("/healthz") == (200, "ok\n")
     finally:
         dev.stop()
         serve.send_signal(subprocess.signal.SIGTERM)
         assert serve.wait(timeout=20) == 0
+        assert "SIGHUP: the controller reads fleet.toml at start only" in serve.stdout.read()
 
 
 def test_config_set_publishes_everything_set_so_far_unless_replaced(controller, mosquitto, tmp_path):
