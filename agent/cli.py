@@ -403,7 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("agent", help="run the edge agent daemon (or print its config schema, or install it)",
                        description="`edgeglm agent [FLAGS]` runs the daemon, as `edgeglm agent run [FLAGS]` does.")
     asub = a.add_subparsers(dest="action", required=True, parser_class=_ActionParser)
-    ar = asub.add_parser("run", help="run the daemon (the default action)")
+    ar = asub.add_parser("run", help="run the daemon (the default action)",
+                         epilog="Signals: SIGTERM or Ctrl-C stop it cleanly (requests in flight finish, the offline "
+                                "state is published); SIGHUP reads --config again and applies what can change live "
+                                "(the log names what waits for a restart).")
     ar.add_argument("--config", help="TOML config file (defaults < file < EDGEGLM_* env < these flags)")
     ar.add_argument("--bundle", help="serve this bundle instead of the active slot")
     ar.add_argument("--host", help="HTTP API address (default 127.0.0.1)")
