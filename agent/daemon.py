@@ -475,12 +475,11 @@ class Agent:
         (LIVE_SETTINGS) take effect now, under the fleet's desired config as before; the others (the HTTP
         address, the MQTT connection, the model and state paths, the device id, ...) keep their running value
         until the next restart, and are named in a warning. Returns the dotted names of those kept."""
-        old = self.local_cfg
-        changed = _changed_settings(old.model_dump(), new_local.model_dump())
+        old, merged = self.local_cfg.model_dump(), new_local.model_dump()
+        changed = _changed_settings(old, merged)
         later = [k for k in changed if not is_live(k)]
-        merged = new_local.model_dump()
         for key in later:  # the running value stays until a restart
-            _set_dotted(merged, key, _get_dotted(old.model_dump(), key))
+            _set_dotted(merged, key, _get_dotted(old, key))
         local = AgentConfig.model_validate(merged)
         if later:
             log.warning("config reload: %s changed; applied at the next restart (systemctl restart edgeglm-agent)",
