@@ -51,6 +51,7 @@ from runtime.probe import HardwareInfo, accelerators
 log = logging.getLogger("edgeglm.autotune")
 
 CACHE_VERSION = 1
+CACHE_KEEP = 16  # autotune results kept per cache dir, most recently used first (~3.3 KiB each)
 TIE = 0.03  # decode tok/s within 3% of the best: a tie, broken by TTFT
 ORT_CPU = "CPUExecutionProvider"
 ORT_ACCELERATORS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider")
@@ -443,6 +444,7 @@ def read_cache(path: Path, bundle_sha256: str, fingerprint: str, threads: int | 
         log.warning("autotune cache %s ignored (%s): measuring again", path, exc)
         return None
     result.from_cache, result.cache_path = True, str(path)
+    _touch(path)  # recently used: kept when the cache is pruned
     return result
 
 
@@ -498,6 +500,34 @@ def write_cache(path: Path, result: TuneResult) -> bool:
     return True
 
 
+def prune_cache(folder: Path, keep: int = CACHE_KEEP, spare: Path | None = None) -> int:
+    """Delete all but the `keep` most recently used results in an autotune folder (a box that took many
+    OTA updates had one file per bundle it ever ran, for ever); `spare` is never deleted. Only the
+    cache's own `*.json` files are touched. The number of files deleted."""
+    try:
+        entries = [(p.stat().st_mtime, p) for p in Path(folder).glob("*.json") if p.is_file() and p != spare]
+    except OSError:
+        return 0
+    deleted = 0
+    for _, p in sorted(entries, reverse=True)[max(keep - (spare is not None), 0):]:
+        try:
+            p.unlink()
+            deleted += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("autotune cache: could not delete %s (%s)", p, exc.strerror or exc)
+            break
+    return deleted
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache still serves
+
+
 def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune: bool = False,
              threads: int | None = None, settings: TuneSettings = TuneSettings(),
              progress: bool = False, prefill: str = "on") -> TuneResult:
@@ -520,6 +550,7 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
                         measured_at=time.time(), elapsed_s=round(time.perf_counter() - t0, 2), prefill=prefill)
     if path is not None and write_cache(path, result):
         result.cache_path = str(path)
+        prune_cache(path.parent, spare=path)
     log.info("autotune: %s (%s paths measured in %.1f s)", result.choice.describe(),
              sum(t.status == "measured" for t in trials), result.elapsed_s)
     return result

@@ -196,6 +196,35 @@ def test_cache_reused_for_same_bundle_and_hardware_redone_when_either_changes(in
     assert len(list((tmp_path / "autotune").glob("*.json"))) == 3  # (int8, hw), (int8, other cpu), (fp32, hw)
 
 
+def test_the_cache_keeps_the_most_recently_used_results_only(int8_bundle, fp32_bundle, tmp_path):
+    """A box that took an OTA update a week kept one result per bundle it ever ran; the cache now keeps
+    the CACHE_KEEP most recently used (a result read from the cache counts as used), never the one just
+    written, and leaves files that are not its own alone."""
+    import os
+    import time
+
+    from runtime.autotune import CACHE_KEEP
+
+    hw = only(probe_hardware(), "onnxruntime")
+    served = Path(autotune(open_bundle(int8_bundle), hw, cache_dir=tmp_path, settings=FAST).cache_path)
+    folder = served.parent
+    now = time.time()
+    old = [folder / f"{i:016x}-oldbundle.json" for i in range(CACHE_KEEP + 4)]
+    for i, f in enumerate(old):
+        f.write_text("{}")
+        os.utime(f, (now - 1000 + i, now - 1000 + i))
+    os.utime(served, (now - 5000, now - 5000))  # the oldest file ...
+    (folder / "README.txt").write_text("an operator's note")
+    assert autotune(open_bundle(int8_bundle), hw, cache_dir=tmp_path, settings=FAST).from_cache  # ... used again
+
+    written = Path(autotune(open_bundle(fp32_bundle), hw, cache_dir=tmp_path, settings=FAST).cache_path)
+    left = set(folder.glob("*.json"))
+    assert len(left) == CACHE_KEEP and {served, written} <= left
+    assert left - {served, written} == set(old[-(CACHE_KEEP - 2):])  # the newest of the others
+    assert (folder / "README.txt").read_text() == "an operator's note"
+    assert autotune(open_bundle(int8_bundle), hw, cache_dir=tmp_path, settings=FAST).from_cache
+
+
 def test_loaded_model_runs_on_the_chosen_path_and_says_so(int8_bundle, tmp_path):
     model = load_model(int8_bundle, "auto", cache_dir=tmp_path)
     info = model.execution_info()
