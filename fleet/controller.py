@@ -32,6 +32,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -59,6 +60,8 @@ PAYLOAD_LIMITS = {"state": 256 * 1024, "telemetry": 64 * 1024, "ota/status": 64 
                   "ota/chunk/request": 8 * 1024}
 MAX_BATCH = 5000  # telemetry rows per transaction
 PRUNE_EVERY_S = 60.0
+OFFERED_CHECK_S = 30.0  # how long the chunk server trusts the offers table's answer for one device and update
+OFFERED_KEPT = 4096  # (update, device) answers kept; more are asked of the table again
 PUBLISH_TIMEOUT_S = 10.0  # how long a command waits for the broker to acknowledge a retained message
 
 
@@ -195,7 +198,10 @@ class FleetController:
         self._writer = threading.Thread(target=self._write_telemetry, name="fleet-telemetry-writer", daemon=True)
         self._chunk_limit = _RateLimit(settings.chunk_requests_per_s, settings.chunk_burst)
         self._limited_logged: dict[tuple[str, str], float] = {}
-        self._offered: set[tuple[str, str, str]] = set()  # (update, fleet, device) checked in the offers table
+        # (update, fleet, device) -> (bundle, when checked): the offers table's answer, kept OFFERED_CHECK_S and for
+        # the OFFERED_KEPT most recent only (a rollout makes one update id per device; a removal is seen in time)
+        self._offered: OrderedDict[tuple[str, str, str], tuple[Path, float]] = OrderedDict()
+        self._offered_lock = threading.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "FleetController":
@@ -360,19 +366,34 @@ class FleetController:
             log.warning("chunk requests of device %s (fleet %s) over %g/s: dropped", device, fleet,
                         self.settings.chunk_requests_per_s)
 
+    def _offered_bundle(self, update_id: str, fleet: str, device: str) -> Path | None:
+        """The bundle of `update_id` if the offers table says it was offered to this device (asked again
+        after OFFERED_CHECK_S: `fleet device remove` in another process stops the answers)."""
+        key, now = (update_id, fleet, device), time.monotonic()
+        with self._offered_lock:
+            hit = self._offered.get(key)
+            if hit is not None and now - hit[1] < OFFERED_CHECK_S:
+                self._offered.move_to_end(key)
+                return hit[0]
+        bundle = self.store.offered_to(update_id, fleet, device)
+        with self._offered_lock:
+            if bundle is None:
+                self._offered.pop(key, None)
+                return None
+            self._offered[key] = (bundle.resolve(), now)
+            self._offered.move_to_end(key)
+            while len(self._offered) > OFFERED_KEPT:
+                self._offered.popitem(last=False)
+        return bundle.resolve()
+
     def _serve_chunk(self, fleet: str, device: str, msg) -> None:
         req = ChunkRequest.model_validate_json(msg.payload)
         # the answer goes to the requesting device's own response topic, never to a topic the request names:
         # the controller may publish where devices may not (config/desired, ota/offer of every device)
         topic = chunk_response_topic(fleet, device)
-        if (req.update_id, fleet, device) not in self._offered:
-            bundle = self.store.offered_to(req.update_id, fleet, device)
-            if bundle is not None:
-                self._offered.add((req.update_id, fleet, device))
-                if self.chunks.bundles.get(req.update_id) != bundle.resolve():
-                    self.chunks.add(req.update_id, bundle)
-        if (req.update_id, fleet, device) in self._offered:
-            response = self.chunks.serve(req)
+        bundle = self._offered_bundle(req.update_id, fleet, device)
+        if bundle is not None:
+            response = self.chunks.serve(req, bundle)
         else:
             response = ChunkResponse(id=req.id, update_id=req.update_id, path=req.path, index=req.index,
                                      error=f"update {req.update_id!r} is not offered to {fleet}/{device} by this "
@@ -420,7 +441,6 @@ class FleetController:
                                   not_after=int(not_after))
         update_id = update_id or f"{bundle.manifest.name}-{bundle.manifest.version}-{int(time.time() * 1000)}"
         self.store.add_offer(update_id, Path(bundle_dir).resolve(), bundle.manifest.version, fleet, device)
-        self.chunks.add(update_id, bundle_dir)
         offer = make_offer(bundle, update_id, {"type": "mqtt"}, rollback_key=rollback_key, rollback_terms=terms)
         # a plain offer leaves out the empty rollback_terms, so that an agent of an older version still parses it
         payload = offer.model_dump_json(exclude={"rollback_terms"} if terms is None else None)

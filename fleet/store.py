@@ -235,12 +235,25 @@ class Store:
 
     def prune(self, now: float | None = None) -> int:
         """Delete telemetry and OTA statuses older than the retention, except each device's last result for
-        each update (what rollouts and `fleet status` read); the number of rows deleted."""
+        each update (what rollouts and `fleet status` read), and offers older than the retention that no
+        device follows any more: a device's offer is superseded by a newer one to it (its retained offer
+        topic holds only the newest), and an offer with no device left goes unless it is the newest offer of
+        its bundle (`fleet rollback --to` finds bundles there). The number of rows deleted."""
         cutoff = (self.clock() if now is None else now) - self.retention_s
         n = self._exec("DELETE FROM telemetry WHERE stored < ?", (cutoff,)).rowcount
-        return n + self._exec("DELETE FROM ota_status WHERE ts < ? AND rowid NOT IN (SELECT MAX(rowid) FROM "
-                              "ota_status WHERE result IS NOT NULL GROUP BY fleet, device, update_id)",
-                              (cutoff,)).rowcount
+        n += self._exec("DELETE FROM ota_status WHERE ts < ? AND rowid NOT IN (SELECT MAX(rowid) FROM "
+                        "ota_status WHERE result IS NOT NULL GROUP BY fleet, device, update_id)",
+                        (cutoff,)).rowcount
+        n += self._exec(
+            "DELETE FROM offer_targets WHERE rowid IN (SELECT t.rowid FROM offer_targets t "
+            "JOIN offers o ON o.update_id = t.update_id "
+            "JOIN (SELECT t2.fleet AS fleet, t2.device AS device, MAX(o2.created) AS newest FROM offer_targets t2 "
+            "      JOIN offers o2 ON o2.update_id = t2.update_id GROUP BY t2.fleet, t2.device) m "
+            "ON m.fleet = t.fleet AND m.device = t.device WHERE o.created < ? AND o.created < m.newest)",
+            (cutoff,)).rowcount
+        return n + self._exec("DELETE FROM offers WHERE created < ? AND update_id NOT IN "
+                              "(SELECT update_id FROM offer_targets) AND rowid NOT IN "
+                              "(SELECT MAX(rowid) FROM offers GROUP BY bundle)", (cutoff,)).rowcount
 
     def group_add(self, name: str, fleet: str, devices: list[str]) -> int:
         """Put devices in a group (kept if already there); how many were new."""
@@ -290,7 +303,7 @@ class Store:
                   device: str | None = None) -> None:
         """Record an offer; with `fleet` and `device`, the device it is made to (whose chunk requests for
         this update the chunk server then answers)."""
-        self._exec("INSERT OR REPLACE INTO offers VALUES (?,?,?,?)", (update_id, str(bundle), version, time.time()))
+        self._exec("INSERT OR REPLACE INTO offers VALUES (?,?,?,?)", (update_id, str(bundle), version, self.clock()))
         if device is not None:
             self._exec("INSERT OR IGNORE INTO offer_targets VALUES (?,?,?)", (update_id, fleet, device))
 

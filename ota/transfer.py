@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ota.bundle import Manifest, read_manifest
+from ota.bundle import MANIFEST, Manifest, read_manifest
 from ota.errors import BundleError
 from ota.update import Offer, UpdateFailed
 
@@ -36,6 +38,7 @@ MAX_CHUNK_SIZE = 512 * 1024  # base64 makes 4/3 of it: ~683 KiB, with room for t
 # (k3s/base/core/broker-config.yaml). An offer carries the whole signed manifest, about 100 bytes per
 # transfer chunk once in base64: a bundle of up to about 2.5 GB in 256 KiB chunks, 5 GB in 512 KiB ones
 OFFER_MAX_BYTES = 2 << 20
+MANIFESTS_KEPT = 8  # parsed bundle manifests a chunk server keeps (most recently served)
 CHUNK_WARNING_EVERY_S = 60.0  # a chunk left unanswered is logged at once, then at most this often
 
 log = logging.getLogger("edgeglm.ota")
@@ -71,25 +74,48 @@ class ChunkSource:
 
     def __init__(self):
         self.bundles: dict[str, Path] = {}
-        self._manifests: dict[str, Manifest] = {}
+        # parsed manifests by bundle directory, not by update id: a rollout offers one bundle under a new
+        # update id per device, and a 300 MB bundle's manifest parses to ~160 KiB (1,200 chunk hashes)
+        self._manifests: OrderedDict[Path, tuple[tuple, Manifest]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def add(self, update_id: str, bundle_dir: Path) -> None:
         self.bundles[update_id] = Path(bundle_dir).resolve()
-        self._manifests.pop(update_id, None)
 
-    def _manifest(self, update_id: str, root: Path) -> Manifest:
-        manifest = self._manifests.get(update_id)
-        if manifest is None:
-            manifest = self._manifests[update_id] = read_manifest(root).manifest
+    def forget(self, update_id: str) -> None:
+        self.bundles.pop(update_id, None)
+
+    def _manifest(self, root: Path) -> Manifest:
+        """The bundle's manifest, parsed once while its manifest.json stays the same file (a bundle copied
+        over in place is read again); the MANIFESTS_KEPT most recently served are kept."""
+        try:
+            st = (root / MANIFEST).stat()
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            key = None
+        with self._lock:
+            hit = self._manifests.get(root)
+            if hit is not None and key is not None and hit[0] == key:
+                self._manifests.move_to_end(root)
+                return hit[1]
+        manifest = read_manifest(root).manifest
+        if key is not None:
+            with self._lock:
+                self._manifests[root] = (key, manifest)
+                self._manifests.move_to_end(root)
+                while len(self._manifests) > MANIFESTS_KEPT:
+                    self._manifests.popitem(last=False)
         return manifest
 
-    def serve(self, req: ChunkRequest) -> ChunkResponse:
+    def serve(self, req: ChunkRequest, root: Path | None = None) -> ChunkResponse:
+        """The chunk asked for, from `root` (the bundle the caller found offered under the request's
+        update id) or else from the bundle added under that update id."""
         base = dict(id=req.id, update_id=req.update_id, path=req.path, index=req.index)
-        root = self.bundles.get(req.update_id)
+        root = Path(root).resolve() if root is not None else self.bundles.get(req.update_id)
         if root is None:
             return ChunkResponse(**base, error=f"update {req.update_id!r} is not offered by this controller")
         try:
-            manifest = self._manifest(req.update_id, root)
+            manifest = self._manifest(root)
         except BundleError as exc:
             return ChunkResponse(**base, error=f"update {req.update_id} cannot be served: {exc}")
         size = manifest.chunk_size

@@ -19,6 +19,7 @@ from agent.mqtt import MqttSession, MqttSettings
 from agent.topics import (LatencyPercentiles, ReportedState, TelemetryReport, chunk_response_topic,
                           chunk_request_topic, ota_offer_topic, state_topic, telemetry_topic)
 from fleet.controller import ControllerSettings, FleetController, format_status
+from fleet.store import Store
 from ota.transfer import ChunkRequest, ChunkResponse
 from ota.update import Offer
 from waiting import until
@@ -146,6 +147,46 @@ def test_offer_is_retained_and_its_chunks_are_served(controller, mosquitto, sign
     reply = dev.request(chunk_request_topic(FLEET, "dev-o"), bad,
                         response_topic=chunk_response_topic(FLEET, "dev-o")).result(timeout=10)
     assert "not offered" in ChunkResponse.model_validate_json(reply.payload).error
+    dev.close()
+
+
+def test_many_offers_of_one_bundle_share_one_manifest_and_a_removal_stops_the_chunks(controller, mosquitto,
+                                                                                     signed_bundles, tmp_path,
+                                                                                     monkeypatch):
+    """A rollout offers one bundle under a new update id per device: the chunk server parsed and kept the
+    bundle's manifest once per update id (~160 KiB each for a 300 MB bundle: 1,500 devices held ~240 MB
+    for ever), and remembered every (update, device) it had answered, so `fleet device remove` run beside
+    `fleet serve` did not stop the chunks of a device that had started downloading."""
+    import ota.transfer as transfer
+
+    parsed = []
+    real = transfer.read_manifest
+    monkeypatch.setattr(transfer, "read_manifest", lambda root: parsed.append(root) or real(root))
+    devices = [f"dev-m{i}" for i in range(40)]
+    updates = {d: controller.offer(FLEET, d, signed_bundles["v2"]) for d in devices}
+    manifest = json.loads((signed_bundles["v2"] / "manifest.json").read_text())
+    entry = next(f for f in manifest["files"] if f["path"] == "openvino/openvino_model.bin")
+
+    def ask(dev, device):
+        req = ChunkRequest(id=uuid.uuid4().hex, update_id=updates[device], path=entry["path"], index=0,
+                           chunk_size=manifest["chunk_size"])
+        reply = dev.request(chunk_request_topic(FLEET, device), req,
+                            response_topic=chunk_response_topic(FLEET, device)).result(timeout=10)
+        return ChunkResponse.model_validate_json(reply.payload)
+
+    for device in devices[:20]:
+        dev = session(mosquitto, device)
+        answer = ask(dev, device)
+        assert hashlib.sha256(base64.b64decode(answer.data_b64)).hexdigest() == entry["chunks"][0]
+        dev.close()
+    assert len(parsed) == 1  # one bundle, one parse, however many update ids
+
+    dev = session(mosquitto, devices[0])
+    other = Store(tmp_path / "fleet.db")  # `fleet device remove --force` in another process
+    assert other.remove_device(FLEET, devices[0])["offer_targets"] == 1
+    other.close()
+    monkeypatch.setattr("fleet.controller.OFFERED_CHECK_S", 0.0)  # the check's age has passed
+    assert "not offered" in ask(dev, devices[0]).error
     dev.close()
 
 

@@ -151,6 +151,41 @@ def test_old_ota_statuses_are_pruned_but_each_devices_last_result_per_update_sta
     store.close()
 
 
+def test_offers_no_device_follows_any_more_are_pruned_after_the_retention(tmp_path):
+    """`offers` and `offer_targets` kept a row per device per offer for ever (a weekly rollout to 1,500
+    boxes: 78,000 rows a year). A device's older offers go once a newer one was made to it and the retention
+    has passed; its newest stays however old (its retained offer may still be downloaded), and so does the
+    newest offer of each bundle (`fleet rollback --to` finds bundles there)."""
+    from pathlib import Path
+
+    clock = [1000.0]
+    store = Store(tmp_path / "f.db", retention_s=100, clock=lambda: clock[0])
+
+    def offer(update, bundle, devices, at):
+        clock[0] = at
+        for d in devices:
+            store.add_offer(update, Path(bundle), bundle[-5:], FLEET, d)
+
+    offer("u-old", "/b/1.0.0", ["d1", "d2", "d3"], 1000)
+    offer("u-new", "/b/1.1.0", ["d1", "d2"], 1050)  # d3 was offline: its offer of u-old is its newest
+    offer("u-again", "/b/1.0.0", ["d1"], 1060)  # a rollback of d1 to 1.0.0 under a new update id
+    clock[0] = 1090.0
+    assert store.prune() == 0  # nothing is older than the retention yet
+    clock[0] = 1200.0
+    assert store.prune() == 3  # u-old to d1 and d2, u-new to d1: each superseded and older than the retention
+    targets = sorted(store._exec("SELECT update_id, device FROM offer_targets").fetchall())
+    assert targets == [("u-again", "d1"), ("u-new", "d2"), ("u-old", "d3")]
+    assert store.offered_to("u-old", FLEET, "d3") == Path("/b/1.0.0")
+    assert store.offered_to("u-old", FLEET, "d1") is None
+    clock[0] = 1400.0
+    for d in ("d1", "d2", "d3"):
+        store.add_offer("u-last", Path("/b/1.1.0"), "1.1.0", FLEET, d)
+    assert store.prune() == 5  # the three older targets, then the offers u-old and u-new (no device left)
+    assert set(store.offers()) == {"u-again", "u-last"}  # u-again: no device, but the newest offer of /b/1.0.0
+    assert store.prune() == 0
+    store.close()
+
+
 def test_a_telemetry_report_counts_as_seen(tmp_path):
     """`fleet status`' "seen" column moved only when a device published a state: a box reporting telemetry every
     minute read "seen 395s" as if it had gone quiet."""
