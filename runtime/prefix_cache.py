@@ -301,8 +301,11 @@ class PrefixCache:
             self._evictions += 1
 
     def _drop_all(self) -> None:
+        had = bool(self._blocks)
         self._blocks.clear()
         self._bytes = 0
+        if had:
+            release_freed_memory()
 
     # --- persistence --------------------------------------------------------------------------
     def _dir(self) -> Path | None:
@@ -451,6 +454,37 @@ class PrefixCache:
                     log.warning("prefix cache: %s is not a usable KV block (unreadable header); deleted", path)
                 _unlink(path)
         self._disk_bytes = total
+
+
+def release_freed_memory() -> bool:
+    """Hand memory the process freed back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    The cache's blocks are thousands of small arrays allocated on the batching worker's thread; freed all at
+    once (a model switch, a new block size, the cache turned off), glibc kept the pages in that thread's
+    arena, between allocations still in use, and the agent's RSS grew with every bulk drop (a 15-minute soak
+    that drops the cache every ~3 minutes: +369 MB/h; with this call +8 MB/h; docs/performance.md, "Soak").
+    True when the call was made."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+_TRIM: list = []
+
+
+def _malloc_trim():
+    if not _TRIM:
+        import ctypes
+
+        try:
+            fn = ctypes.CDLL(None).malloc_trim
+            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):  # not glibc (musl, macOS)
+            fn = None
+        _TRIM.append(fn)
+    return _TRIM[0]
 
 
 def _remove_unused(folder: Path, idle_s: float | None) -> None:
