@@ -175,7 +175,7 @@ def cmd_bench(args) -> int:
         print(f"edgeglm bench: note: --cache-dir {args.cache_dir} is not used: it is the autotune's cache, for "
               f"--backend auto; --backend {args.backend} runs as named, without tuning", file=sys.stderr)
     opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, concurrency=args.concurrency,
-                        prefix_tokens=args.prefix_tokens, runs=args.runs)
+                        prefix_tokens=args.prefix_tokens, runs=args.runs, max_kv_mb=args.max_kv_mb)
     opts.check(1 << 62)  # the flags alone; the context window is checked once the model is known
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     model = load_model(args.bundle, args.backend, args.threads, cache_dir=cache_dir, progress=not args.json,
@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--prefix-tokens", type=int, default=0, help="also measure TTFT with this many prompt tokens "
                     "in the prefix cache")
     be.add_argument("--runs", type=int, default=3)
+    be.add_argument("--max-kv-mb", type=float, default=None, help="with --concurrency: bound the KV the requests "
+                    "decoding together may come to hold, MiB, as batching.max_kv_mb (default: no bound)")
     be.add_argument("--prefill-graph", dest="prefill_graph", choices=("auto", "on", "off", "only"), default=None,
                     help="ONNX Runtime: the W8A8 prefill graph, as model.prefill_graph (default auto: beside the "
                     "decode graph where memory allows, else alone)")

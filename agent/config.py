@@ -18,7 +18,7 @@ import types
 import typing
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -93,6 +93,11 @@ class BatchingSettings(_Section):
     window_ms: float = Field(0.0, ge=0.0, le=10_000.0)  # an idle engine waits this long for a fuller batch
     # prompt tokens prefilled per decode step while other requests decode (0: each prompt whole)
     prefill_chunk: int = Field(128, ge=0, le=1 << 20)
+    # KV memory the requests decoding together may come to hold, MiB (each counted at its prompt plus its
+    # max_tokens, within the context window); a request that would go over waits for running ones to end
+    # (one request alone always runs). "auto": a third of the memory the process can still take once the
+    # model is loaded (MemAvailable, or less under a cgroup limit)
+    max_kv_mb: Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] | Literal["auto"] = "auto"
 
 
 class CacheSettings(_Section):
@@ -510,6 +515,17 @@ def _members(annotation: Any) -> list[Any]:
     return [annotation]
 
 
+def _bounds(annotation: Any) -> str:
+    """` > 0`, ` >= 1 and <= 10`: the bounds an `Annotated[x, Field(...)]` member of a union puts on it."""
+    parts = []
+    for meta in typing.get_args(annotation)[1:]:
+        for item in getattr(meta, "metadata", [meta]):
+            for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+                if getattr(item, attr, None) is not None:
+                    parts.append(f"{sign} {getattr(item, attr)}")
+    return (" " + " and ".join(parts)) if parts else ""
+
+
 def _expected(loc: tuple[str, ...]) -> str:
     """What a field accepts, in TOML/JSON words: `true, false, "auto" or "only"`, `an integer`."""
     info = _field_info(loc)
@@ -517,7 +533,11 @@ def _expected(loc: tuple[str, ...]) -> str:
         return "a valid value"
     words: list[str] = []
     for m in _members(info.annotation):
-        if typing.get_origin(m) is Literal:
+        if typing.get_origin(m) is Annotated:
+            base = typing.get_args(m)[0]
+            words.append({int: "an integer", float: "a number"}.get(base, getattr(base, "__name__", str(base)))
+                         + _bounds(m))
+        elif typing.get_origin(m) is Literal:
             words += [json.dumps(a) for a in typing.get_args(m)]
         elif m is bool:
             words += ["true", "false"]
@@ -540,6 +560,8 @@ def _accepted_types(annotation: Any) -> tuple[type, ...]:
     """The Python types of the TOML/JSON values a field can take (for "not a string" in a message)."""
     out: list[type] = []
     for m in _members(annotation):
+        if typing.get_origin(m) is Annotated:
+            m = typing.get_args(m)[0]
         if typing.get_origin(m) is Literal:
             out += [type(a) for a in typing.get_args(m)]
         elif m is float:

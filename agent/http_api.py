@@ -53,6 +53,20 @@ log = logging.getLogger("edgeglm.http")
 SOCKET_TIMEOUT_S = 60.0  # an idle keep-alive connection, or a client that stops reading, is dropped after this
 
 
+def kv_budget_bytes(max_kv_mb, auto: int | None = None) -> int | None:
+    """`batching.max_kv_mb` in bytes; "auto": `auto` (what `auto_kv_budget()` said when the model was set)."""
+    return auto if max_kv_mb == "auto" else max(1, int(max_kv_mb * 2**20))
+
+
+def auto_kv_budget() -> int | None:
+    """A third of what the process can still take now (the model loaded: MemAvailable, or less under a
+    cgroup limit); None (no bound) where the system does not say."""
+    from runtime.probe import probe_memory
+
+    budget = probe_memory().budget_bytes()
+    return None if budget is None else max(1, budget // 3)
+
+
 # --- the server ------------------------------------------------------------------------------------
 
 @dataclass
@@ -98,6 +112,7 @@ class ApiServer:
         self._scheduler: Scheduler | None = None  # owns the model's engine
         self.prefix_cache = None  # a runtime.prefix_cache.PrefixCache for the next model's scheduler, or None
         self._admitted = self._active = 0
+        self._kv_auto: int | None = None  # batching.max_kv_mb "auto" in bytes, measured when the model was set
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()  # no new inference
         self._abort = threading.Event()  # cut generations still running at the shutdown deadline
@@ -111,10 +126,18 @@ class ApiServer:
             old = self._scheduler if model is not self._model else None
             if model is not self._model:
                 self._bind_prefix_cache(model)
+                if model is not None:
+                    self._kv_auto = auto_kv_budget()
+                    if self.batching.max_kv_mb == "auto":
+                        log.info("batching.max_kv_mb = \"auto\": %s", "no bound (the memory available is not "
+                                 "known)" if self._kv_auto is None else f"{self._kv_auto / 2**20:.0f} MiB of KV (a "
+                                 "third of the memory this process can still take)")
                 self._scheduler = None if model is None else Scheduler(
                     model.engine, self.batching.max_batch, self.batching.window_ms, prefix_cache=self.prefix_cache,
                     prefill_chunk=self.batching.prefill_chunk,
-                    on_step=self._on_step, on_load=self._on_load)
+                    on_step=self._on_step, on_load=self._on_load,
+                    max_kv_bytes=kv_budget_bytes(self.batching.max_kv_mb, self._kv_auto),
+                    on_kv_wait=self.metrics.kv_waits.inc)
             self._model, self._golden = model, golden
         if old is not None:
             old.close(wait=False)  # drains what it runs, then its worker ends
@@ -146,7 +169,8 @@ class ApiServer:
             self.batching, scheduler = batching, self._scheduler
         if scheduler is not None:
             scheduler.configure(max_batch=batching.max_batch, window_ms=batching.window_ms,
-                                prefill_chunk=batching.prefill_chunk)
+                                prefill_chunk=batching.prefill_chunk,
+                                max_kv_bytes=kv_budget_bytes(batching.max_kv_mb, self._kv_auto))
 
     def _on_step(self, batch_size: int) -> None:
         self.metrics.batch_size.observe(batch_size)

@@ -178,6 +178,12 @@ def _choices(annotation: Any) -> str | None:
     for t in members:
         if typing.get_origin(t) is Literal:
             values = ([True, False] if bool in members else []) + list(typing.get_args(t))
+            numbers = [m for m in members if typing.get_origin(m) is typing.Annotated]  # `Annotated[float, ...] | "auto"`
+            if numbers:
+                from agent.config import _bounds
+
+                kind = {int: "an integer", float: "a number"}.get(typing.get_args(numbers[0])[0], "a value")
+                return f"{kind}{_bounds(numbers[0])} or " + ", ".join(_toml_value(v) for v in values)
             return "one of: " + ", ".join(_toml_value(v) for v in values)
     return None
 

@@ -206,6 +206,9 @@ class ServingMetrics:
             "edgeglm_inference_in_flight", "Inference requests in the engine's batch now (at most batching.max_batch)."))
         self.queued = r.register(Gauge(
             "edgeglm_inference_queue_depth", "Inference requests waiting for a place in the batch."))
+        self.kv_waits = r.register(Counter(
+            "edgeglm_inference_kv_waits_total", "Requests that waited for running ones to end because their KV "
+            "would not fit batching.max_kv_mb."))
         self.batch_size = r.register(Histogram(
             "edgeglm_batch_size", "Sequences decoded together, observed once per batched decode step.",
             BATCH_BUCKETS))

@@ -24,7 +24,7 @@ REMOTE_SETTINGS = ("sampling", "batching", "telemetry", "log_level", "cache.max_
 # remote settings the fleet may lower but not raise above the value in the box's own config
 # settings the desired config may lower but not raise above the box's own value: the memory budget, and
 # whether prompts' KV (their token ids) may be written to disk (a box that keeps it off stays off)
-LOCAL_CEILINGS = ("cache.max_mb", "cache.persist")
+LOCAL_CEILINGS = ("cache.max_mb", "cache.persist", "batching.max_kv_mb")
 # the least the desired config may set, where the box's own config may go lower (a test rig reporting every
 # 0.3 s): one fleet-wide typo (0.001) would have every box publish a thousand reports a second
 REMOTE_FLOORS = {"telemetry.interval_s": 1.0}
@@ -72,7 +72,12 @@ def remote_config_problems(local: AgentConfig, current: AgentConfig, new: AgentC
     for key in LOCAL_CEILINGS:
         section, field = key.split(".")
         value, ceiling = getattr(getattr(new, section), field), getattr(getattr(local, section), field)
-        if value > ceiling:
+        if ceiling == "auto" or value == ceiling:  # "auto" is a default, not a limit the box's owner set
+            continue
+        if value == "auto":
+            problems.append(f"{key} = \"auto\", but this box's own config sets {ceiling!r}: the desired config may "
+                            "lower it, not raise it")
+        elif value > ceiling:
             if isinstance(value, bool):
                 problems.append(f"{key} = true, but this box's own config sets it false: the desired config may "
                                 "turn it off, not on")

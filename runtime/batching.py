@@ -12,7 +12,12 @@ Design. Requests wait in a queue ordered by deadline (earliest first; requests w
 deadline after those with one, in arrival order). The worker loops over step boundaries:
 
 1. cancelled and finished rows leave the batch;
-2. queued requests are admitted while the batch has fewer than `max_batch` rows. When the batch
+2. queued requests are admitted while the batch has fewer than `max_batch` rows and, with
+   `max_kv_bytes`, while the KV the admitted requests may come to hold fits it (`kv_estimate`: each
+   request may grow to its prompt plus its max_tokens, within the context window; the batch's
+   buffers come in doubled row slots and positions); the earliest request that does not fit waits
+   for rows to leave, and those behind it wait too (a long request is never overtaken for ever); a
+   request is always admitted into an empty batch. When the batch
    is empty, the worker first waits up to `window_ms` (from the oldest queued request's arrival)
    for the queue to fill the batch; once it decodes, arrivals join at the next boundary anyway.
    Each admitted request is prefilled alone at batch 1 (through the prefix cache when one is
@@ -57,7 +62,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from runtime.engine import CacheRow, DecodeBatch
+from runtime.engine import KV_HEADROOM, CacheRow, DecodeBatch
 from runtime.errors import RequestError
 from runtime.generate import SamplingParams, sample
 from runtime.prefix_cache import PrefillJob
@@ -71,6 +76,25 @@ MAX_PREFILL_CHUNK = 1 << 20
 # prompt then stalls the running streams for one chunk at a time instead of its whole prefill; see
 # docs/runtime.md "Batching" for the measured trade.
 DEFAULT_PREFILL_CHUNK = 128
+
+
+def kv_bytes_per_token(engine) -> int:
+    """Bytes of keys and values one position of one row takes in the engine's batch (float32 on the
+    host; the GPU graph's float16 in device memory)."""
+    arch = engine.arch
+    itemsize = np.dtype(getattr(engine, "_kv_dtype", np.float32)).itemsize
+    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * itemsize
+
+
+def kv_estimate(needs: list[int], per_token: int, max_positions: int) -> int:
+    """The most KV bytes a batch of rows that may grow to `needs` positions each can hold: row slots
+    doubled to a power of two, positions doubled past the longest row (with KV_HEADROOM, at least 256),
+    capped by the context window (runtime.engine RaggedBatch / DeviceRaggedBatch sizing)."""
+    if not needs:
+        return 0
+    longest = max(needs)
+    positions = min(max(2 * longest, longest + KV_HEADROOM, 256), max_positions)
+    return (1 << max(0, len(needs) - 1).bit_length()) * positions * per_token
 
 
 class EngineFailed(Exception):
@@ -167,6 +191,7 @@ class _Queued:
     prompt: list[int] = field(compare=False)
     handle: Handle = field(compare=False)
     arrived: float = field(compare=False)
+    need: int = field(compare=False, default=0)  # positions it may come to hold (prompt + max_tokens)
 
 
 @dataclass
@@ -181,6 +206,7 @@ class _Row:
     made: int = 0
     cached: int = 0  # positions this row holds in the batch (the scheduler's rows are in slot order)
     job: PrefillJob | None = None  # its prompt's prefill while the prompt is not complete
+    need: int = 0  # positions it may come to hold: prompt + max_tokens, within the context window
 
     def take(self, logits: np.ndarray, limit: int) -> bool:
         """Sample the next token and emit it; True while the row goes on (as runtime.generate.generate)."""
@@ -199,6 +225,8 @@ class SchedulerStats:
     queued: int  # requests waiting to be admitted
     max_batch: int
     window_ms: float
+    max_kv_bytes: int | None = None
+    kv_waits: int = 0  # admissions held back so far because the KV would not fit max_kv_bytes
 
 
 class Scheduler:
@@ -210,16 +238,25 @@ class Scheduler:
     `prefix_cache` (a runtime.prefix_cache.PrefixCache bound to this model, or None) is handed to
     `prefill_cached`: a prompt that shares a cached prefix prefills only the rest.
     `start=False` leaves the worker stopped until `start()` (tests queue requests first).
+    `max_kv_bytes` bounds the KV the admitted requests may come to hold (None: no bound; see step 2 of
+    the module docstring); `on_kv_wait()` is called (on the worker, holding the lock: be quick) each time
+    a request is first held back by it.
     """
 
     def __init__(self, engine, max_batch: int = 8, window_ms: float = 0.0, *, prefix_cache=None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, on_step: Callable[[int], None] | None = None,
                  on_load: Callable[[SchedulerStats], None] | None = None, start: bool = True,
-                 name: str = "edgeglm-batching"):
+                 name: str = "edgeglm-batching", max_kv_bytes: int | None = None,
+                 on_kv_wait: Callable[[], None] | None = None):
         self.engine, self.prefix_cache = engine, prefix_cache
         self.on_step, self.on_load = on_step or (lambda n: None), on_load or (lambda s: None)
+        self.on_kv_wait = on_kv_wait or (lambda: None)
         self.max_batch, self.window_ms = _check_limits(max_batch, window_ms)
         self.prefill_chunk = _check_chunk(prefill_chunk)
+        self.max_kv_bytes = _check_kv(max_kv_bytes)
+        self._per_token = kv_bytes_per_token(engine)
+        self._kv_waits = 0
+        self._kv_waiting: _Queued | None = None  # the queued request last held back (counted once)
         self._cond = threading.Condition()
         self._queue: list[_Queued] = []
         self._arrivals = itertools.count()
@@ -253,7 +290,8 @@ class Scheduler:
                 raise SchedulerClosed("the scheduler is closed (the model was swapped or the agent is stopping); "
                                       "send the request again")
             key = (math.inf if deadline is None else float(deadline), next(self._arrivals))
-            heapq.heappush(self._queue, _Queued(key, list(prompt_ids), handle, time.monotonic()))
+            need = min(len(prompt_ids) + params.max_tokens, limit)
+            heapq.heappush(self._queue, _Queued(key, list(prompt_ids), handle, time.monotonic(), need))
             self.on_load(self._stats())
             self._cond.notify_all()
         return handle
@@ -282,9 +320,12 @@ class Scheduler:
                     future.set_exception(exc)
 
     def configure(self, max_batch: int | None = None, window_ms: float | None = None,
-                  prefill_chunk: int | None = None) -> None:
-        """Change the limits live; they apply at the next step boundary."""
+                  prefill_chunk: int | None = None, max_kv_bytes: int | None | object = ...) -> None:
+        """Change the limits live; they apply at the next step boundary (`max_kv_bytes=None`: no bound;
+        left out: unchanged)."""
         with self._cond:
+            if max_kv_bytes is not ...:
+                self.max_kv_bytes = _check_kv(max_kv_bytes)
             self.max_batch, self.window_ms = _check_limits(
                 self.max_batch if max_batch is None else max_batch,
                 self.window_ms if window_ms is None else window_ms)
@@ -321,7 +362,8 @@ class Scheduler:
     def _stats(self) -> SchedulerStats:
         # rows that ended in the last step leave the batch at the next boundary; they are no longer in flight
         active = sum(1 for r in list(self._rows) if not r.handle.done) + len(self._prefills)
-        return SchedulerStats(active, len(self._queue), self.max_batch, self.window_ms)
+        return SchedulerStats(active, len(self._queue), self.max_batch, self.window_ms, self.max_kv_bytes,
+                              self._kv_waits)
 
     # --- the worker -----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -400,10 +442,26 @@ class Scheduler:
             if self._abort is not None:
                 return []
             taken, held = [], len(self._rows) + len(self._prefills)
+            needs = [r.need for r in self._rows + self._prefills if not r.handle.done]
             while self._queue and held + len(taken) < self.max_batch:
+                head = self._queue[0]
+                if self.max_kv_bytes is not None and needs and \
+                        kv_estimate(needs + [head.need], self._per_token, self.engine.arch.max_positions) > \
+                        self.max_kv_bytes:
+                    if self._kv_waiting is not head:  # counted (and logged) once per request held back
+                        self._kv_waiting = head
+                        self._kv_waits += 1
+                        self.on_kv_wait()
+                        log.info("batching: a request of up to %d positions waits: with the %d running it could "
+                                 "take %.0f MiB of KV, over batching.max_kv_mb = %.0f", head.need, len(needs),
+                                 kv_estimate(needs + [head.need], self._per_token,
+                                             self.engine.arch.max_positions) / 2**20, self.max_kv_bytes / 2**20)
+                    break
                 taken.append(heapq.heappop(self._queue))
+                needs.append(head.need)
             if taken:
-                self.on_load(SchedulerStats(held + len(taken), len(self._queue), self.max_batch, self.window_ms))
+                self.on_load(SchedulerStats(held + len(taken), len(self._queue), self.max_batch, self.window_ms,
+                                            self.max_kv_bytes, self._kv_waits))
             return taken
 
     def _admit(self, item: _Queued) -> bool:
@@ -414,7 +472,7 @@ class Scheduler:
             handle._finish()
             return False
         row = _Row(handle, params, np.random.default_rng(params.seed), list(item.prompt),
-                   set(params.stop_token_ids) | set(self.engine.arch.eos_token_ids))
+                   set(params.stop_token_ids) | set(self.engine.arch.eos_token_ids), need=item.need)
         row.job = PrefillJob(self.engine, item.prompt, self.prefix_cache)
         self._prefills.append(row)
         return True
@@ -525,6 +583,15 @@ def _check_limits(max_batch, window_ms) -> tuple[int, float]:
         raise ValueError(f"window_ms={window_ms!r} is invalid: must be a number of milliseconds in "
                          f"[0, {MAX_WINDOW_MS:g}]")
     return max_batch, float(window_ms)
+
+
+def _check_kv(max_kv_bytes) -> int | None:
+    if max_kv_bytes is None:
+        return None
+    if isinstance(max_kv_bytes, bool) or not isinstance(max_kv_bytes, int) or max_kv_bytes < 1:
+        raise ValueError(f"max_kv_bytes={max_kv_bytes!r} is invalid: must be a number of bytes >= 1, or None "
+                         "(no bound)")
+    return max_kv_bytes
 
 
 def _check_chunk(prefill_chunk) -> int:

@@ -22,6 +22,7 @@ Wall-clock numbers on a shared machine vary; compare within one run. Nothing her
 
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import threading
@@ -71,6 +72,7 @@ class BenchOptions:
     prefix_tokens: int = 0
     runs: int = 3
     seed: int = 0
+    max_kv_mb: float | None = None  # with --concurrency: the batch's KV bound (batching.max_kv_mb); None: none
 
     def check(self, max_positions: int) -> None:
         """One clear error naming the flag, for values the model or the tool cannot run."""
@@ -79,6 +81,8 @@ class BenchOptions:
                                  ("--prefix-tokens", self.prefix_tokens, 0)):
             if value < low:
                 raise RequestError(f"{flag} {value} is invalid: must be >= {low}")
+        if self.max_kv_mb is not None and not (math.isfinite(self.max_kv_mb) and self.max_kv_mb > 0):
+            raise RequestError(f"--max-kv-mb {self.max_kv_mb} is invalid: must be a number of MiB > 0")
         if self.prompt_tokens + self.new_tokens > max_positions:
             raise RequestError(f"--prompt-tokens {self.prompt_tokens} + --new-tokens {self.new_tokens} exceed the "
                                f"model's context window of {max_positions} tokens; lower one of them")
@@ -141,7 +145,9 @@ def single_stream(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
 
 def concurrent(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
     """`concurrency` requests at once through the batching scheduler, `runs` times."""
-    scheduler = Scheduler(engine, max_batch=opts.concurrency)
+    waits: list[int] = []
+    scheduler = Scheduler(engine, max_batch=opts.concurrency, on_kv_wait=lambda: waits.append(1),
+                          max_kv_bytes=None if opts.max_kv_mb is None else max(1, int(opts.max_kv_mb * 2**20)))
     params = SamplingParams(max_tokens=opts.new_tokens)
     rates, ttfts, gaps, tokens_made = [], [], [], 0
     try:
@@ -176,7 +182,7 @@ def concurrent(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
             "ttft_ms": {"p50": round(percentile(ttfts, 50), 1), "p95": round(percentile(ttfts, 95), 1)},
             "inter_token_ms": {"p50": round(percentile(gaps, 50), 1), "p95": round(percentile(gaps, 95), 1),
                                "max": round(max(gaps), 1) if gaps else None},
-            "tokens": tokens_made}
+            "tokens": tokens_made, "max_kv_mb": opts.max_kv_mb, "kv_waits": len(waits)}
 
 
 def prefix_hit(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
@@ -239,6 +245,8 @@ def format_report(report: dict) -> str:
                      f"TTFT p50 {c['ttft_ms']['p50']:.1f} ms, p95 {c['ttft_ms']['p95']:.1f} ms, between tokens "
                      f"p50 {c['inter_token_ms']['p50']:.1f} ms, p95 {c['inter_token_ms']['p95']:.1f} ms, max "
                      f"{c['inter_token_ms']['max'] or 0:.1f} ms ({c['tokens']} tokens)")
+        if c.get("max_kv_mb") is not None:
+            lines.append(f"  KV bound        {c['max_kv_mb']:g} MiB: {c['kv_waits']} request(s) waited for running ones")
     if report["prefix"]:
         p = report["prefix"]
         lines.append(f"  prefix hit      TTFT {p['ttft_hit_ms']['median']:.1f} ms with {p['reused_tokens']} cached "

@@ -91,6 +91,19 @@ def test_batching_limits_apply_live_from_desired_config(agent):
     assert agent.applied_config_version == 7 and "batching.max_batch = 0" in agent.last_config_error
     assert agent.http.batching.max_batch == 4
 
+    # the KV bound: "auto" (the box's default) was measured when the model was set; the fleet may set a number
+    # (a box left at "auto" has no limit of its own), and requests over it wait for the running ones
+    assert agent.http._kv_auto and agent.http._scheduler.max_kv_bytes == agent.http._kv_auto
+    agent._apply_desired(DesiredConfig(version=9, settings={"batching": {"max_batch": 4, "max_kv_mb": 0.001}}))
+    assert agent.applied_config_version == 9 and agent.last_config_error is None
+    assert agent.http._scheduler.max_kv_bytes == 1048
+    before = batch_sizes(port)
+    assert concurrent_completions(port, 16) == expected
+    after = batch_sizes(port)
+    assert after["edgeglm_inference_kv_waits_total"] > before["edgeglm_inference_kv_waits_total"]
+    assert after['edgeglm_batch_size_bucket{le="1"}'] - before['edgeglm_batch_size_bucket{le="1"}'] == \
+        after["edgeglm_batch_size_count"] - before["edgeglm_batch_size_count"]  # one row at a time
+
 
 def test_shutdown_deadline_ends_queued_requests_with_503(int8_bundle):
     """A request still queued at the deadline has no token at which to be cut: it gets 503 at once."""

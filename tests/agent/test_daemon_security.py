@@ -220,6 +220,20 @@ def test_desired_config_still_applies_the_remote_settings(tmp_path):
     assert agent.applied_config_version == 4 and agent.cfg.cache.max_mb == 32
 
 
+def test_the_fleet_may_lower_the_kv_bound_a_box_sets_but_not_raise_it(tmp_path):
+    agent = _agent(tmp_path, **{"batching.max_kv_mb": 512.0})
+    agent._apply_desired(DesiredConfig(version=1, settings={"batching": {"max_kv_mb": 256}}))
+    assert agent.last_config_error is None and agent.cfg.batching.max_kv_mb == 256
+    agent._apply_desired(DesiredConfig(version=2, settings={"batching": {"max_kv_mb": 1024}}))
+    assert "batching.max_kv_mb = 1024.0 is above this box's own limit 512.0" in agent.last_config_error
+    agent._apply_desired(DesiredConfig(version=3, settings={"batching": {"max_kv_mb": "auto"}}))
+    assert "batching.max_kv_mb = \"auto\", but this box's own config sets 512.0" in agent.last_config_error
+    agent._apply_desired(DesiredConfig(version=4, settings={"batching": {"max_kv_mb": 0}}))
+    assert "batching.max_kv_mb = 0 (from the desired-config update) is invalid: must be a number > 0" in \
+        agent.last_config_error
+    assert agent.applied_config_version == 1 and agent.cfg.batching.max_kv_mb == 256
+
+
 # --- the manifest is read once ------------------------------------------------------------------------------
 
 def test_files_are_checked_against_the_manifest_whose_signature_was_verified(tmp_path, signed_bundles, monkeypatch):

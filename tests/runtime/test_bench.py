@@ -58,6 +58,11 @@ def test_run_bench_single_stream_concurrency_and_prefix(int8_bundle):
     assert report["execution_path"]["backend"] == "onnxruntime" and report["execution_path"]["chosen_by"] == "configured"
     text = format_report(report)
     assert "TTFT" in text and "concurrency 3" in text and "between tokens p50" in text and "32 cached tokens" in text
+    assert c["max_kv_mb"] is None and c["kv_waits"] == 0 and "KV bound" not in text
+    bounded = run_bench(model, BenchOptions(prompt_tokens=48, new_tokens=6, concurrency=3, runs=1, max_kv_mb=1e-6))
+    c = bounded["concurrency"]
+    assert c["kv_waits"] >= 2 and c["tokens"] > 0  # one request at a time: the other two waited
+    assert "KV bound        1e-06 MiB: " in format_report(bounded)
     assert "batches         row-aligned" in text
 
 
@@ -68,7 +73,7 @@ def test_bench_json_on_the_autotuned_path(int8_bundle, tmp_path):
     report = json.loads(proc.stdout)
     assert report["bundle"] == "tiny-1.0.0"
     assert report["options"] == {"prompt_tokens": 16, "new_tokens": 8, "concurrency": 1, "prefix_tokens": 0,
-                                 "runs": 2, "seed": 0}
+                                 "runs": 2, "seed": 0, "max_kv_mb": None}
     assert report["execution_path"]["chosen_by"] == "autotune"
     assert list((tmp_path / "autotune").glob("*.json"))  # the CLI cache dir was used
     s = report["single_stream"]
@@ -107,6 +112,8 @@ def test_bench_without_the_prefill_graph(int8_bundle, tmp_path):
     (["--prompt-tokens", "32", "--prefix-tokens", "32"], "--prefix-tokens 32 must be below --prompt-tokens 32"),
     (["--backend", "tensorrt"], "'tensorrt' is unknown"),
     (["--runs", "x"], "invalid int value: 'x'"),
+    (["--max-kv-mb", "0"], "--max-kv-mb 0.0 is invalid: must be a number of MiB > 0"),
+    (["--max-kv-mb", "nan"], "--max-kv-mb nan is invalid"),
 ])
 def test_bench_bad_flags_exit_2(int8_bundle, tmp_path, args, fragment):
     proc = edgeglm("bench", "--bundle", int8_bundle, "--cache-dir", tmp_path, "--backend", "onnxruntime", *args)
