@@ -138,6 +138,8 @@ class ApiServer:
                     on_step=self._on_step, on_load=self._on_load,
                     max_kv_bytes=kv_budget_bytes(self.batching.max_kv_mb, self._kv_auto),
                     on_kv_wait=self.metrics.kv_waits.inc)
+                if model is not None:
+                    self.metrics.kv_bound.set(self._scheduler.max_kv_bytes or 0)
             self._model, self._golden = model, golden
         if old is not None:
             old.close(wait=False)  # drains what it runs, then its worker ends
@@ -171,6 +173,7 @@ class ApiServer:
             scheduler.configure(max_batch=batching.max_batch, window_ms=batching.window_ms,
                                 prefill_chunk=batching.prefill_chunk,
                                 max_kv_bytes=kv_budget_bytes(batching.max_kv_mb, self._kv_auto))
+            self.metrics.kv_bound.set(scheduler.max_kv_bytes or 0)
 
     def _on_step(self, batch_size: int) -> None:
         self.metrics.batch_size.observe(batch_size)

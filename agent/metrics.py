@@ -223,7 +223,22 @@ class ServingMetrics:
             "edgeglm_prefix_cache_evictions_total", "Prefix cache blocks evicted to stay within cache.max_mb."))
         self.prefix_cache_bytes = r.register(Gauge(
             "edgeglm_prefix_cache_bytes", "KV bytes held by the prefix cache now."))
-        self.collectors: list = []  # called before each exposition, e.g. to copy the prefix cache's counters
+        self.kv_bound = r.register(Gauge(
+            "edgeglm_inference_kv_bound_bytes", "batching.max_kv_mb in bytes as applied (\"auto\" resolved when the "
+            "model was loaded); 0: no bound."))
+        # the process, under Prometheus' standard names (read from /proc at each scrape, Linux only)
+        self.process_rss = r.register(Gauge(
+            "process_resident_memory_bytes", "Resident memory of the agent's process."))
+        self.process_cpu = r.register(Counter(
+            "process_cpu_seconds_total", "User and system CPU time of the agent's process."))
+        self.process_fds = r.register(Gauge("process_open_fds", "Open file descriptors of the agent's process."))
+        self.process_threads = r.register(Gauge("process_threads", "Threads of the agent's process."))
+        self.process_start = r.register(Gauge(
+            "process_start_time_seconds", "When the agent's process started, unix time."))
+        self.memory_available = r.register(Gauge(
+            "edgeglm_memory_available_bytes", "Memory the process can still take: MemAvailable, or less under a "
+            "cgroup limit (what batching.max_kv_mb \"auto\" and model.prefill_graph \"auto\" read)."))
+        self.collectors: list = [self.observe_process]  # called before each exposition
 
     def observe_prefix_cache(self, stats) -> None:
         """Copy a runtime.prefix_cache.PrefixCacheStats into the prefix cache metrics."""
@@ -232,6 +247,31 @@ class ServingMetrics:
         self.prefix_cache_hit_tokens.advance_to(stats.hit_tokens)
         self.prefix_cache_evictions.advance_to(stats.evictions)
         self.prefix_cache_bytes.set(stats.bytes)
+
+    def observe_process(self) -> None:
+        """The standard process metrics and the memory left, from /proc (left as they are elsewhere)."""
+        import os
+        import time
+
+        try:
+            with open("/proc/self/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            ticks = os.sysconf("SC_CLK_TCK")
+            self.process_cpu.advance_to((int(fields[11]) + int(fields[12])) / ticks)  # utime, stime
+            self.process_threads.set(int(fields[17]))
+            with open("/proc/uptime") as f:
+                booted = time.time() - float(f.read().split()[0])
+            self.process_start.set(round(booted + int(fields[19]) / ticks, 2))
+            with open("/proc/self/statm") as f:
+                self.process_rss.set(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+            self.process_fds.set(len(os.listdir("/proc/self/fd")))
+        except (OSError, ValueError, IndexError):
+            return
+        from runtime.probe import probe_memory
+
+        budget = probe_memory().budget_bytes()
+        if budget is not None:
+            self.memory_available.set(budget)
 
     def exposition(self) -> str:
         for collect in self.collectors:

@@ -542,6 +542,27 @@ def test_metrics_grow_after_requests_and_parse(server, client):
     assert after[lookups] == before.get(lookups, 0) + 1  # the answered request's prefill asked the cache
 
 
+def test_metrics_show_the_process_and_the_memory_left(server):
+    """An operator's Prometheus could not see the agent's memory, CPU or file descriptors (a box running out
+    of memory showed nothing until the OOM kill). The server runs in this process: compare with what the
+    kernel says of it, read here another way."""
+    import os
+
+    def status(key):
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+    types, m = parse_metrics(raw(server, "GET", "/metrics")[1].decode())
+    assert types["process_resident_memory_bytes"] == "gauge" and types["process_cpu_seconds_total"] == "counter"
+    assert abs(m["process_resident_memory_bytes"] - status("VmRSS") * 1024) < 0.2 * status("VmRSS") * 1024
+    assert abs(m["process_cpu_seconds_total"] - time.process_time()) < 1.0
+    assert abs(m["process_open_fds"] - len(os.listdir("/proc/self/fd"))) <= 4
+    assert abs(m["process_threads"] - status("Threads")) <= 4
+    assert time.time() - 86400 < m["process_start_time_seconds"] < time.time()
+    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+    assert 0 < m["edgeglm_memory_available_bytes"] <= available * 1.1
+    assert m["edgeglm_inference_kv_bound_bytes"] == (server._scheduler.max_kv_bytes or 0) > 0  # "auto"
+
+
 def test_port_zero_binds_a_free_port_and_shutdown_stops_serving(model):
     srv = side_server(model)
     port = srv.port
