@@ -105,6 +105,7 @@ def cmd_serve(args) -> int:
     from fleet.controller import read_metrics_token, serve_http
 
     cfg, _ = _settings(args)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # before connecting: a bad token file stops the start, not a scrape later
         token = read_metrics_token(cfg.http.metrics_token_file) if cfg.http.metrics_token_file else None
     except ValueError as exc:
@@ -132,8 +133,7 @@ def cmd_serve(args) -> int:
     while not stop.wait(1.0):
         if hangup.is_set():
             hangup.clear()
-            logging.getLogger("edgeglm.fleet").warning(
-                "SIGHUP: the controller reads fleet.toml at start only; restart it to apply a change (it goes on)")
+            cfg = _reload(args, cfg, controller, http)
         try:
             driver.tick()  # one rollout's failing step is logged by tick; this catches the rest (the database)
         except Exception:
@@ -141,6 +141,55 @@ def cmd_serve(args) -> int:
     http.shutdown()
     controller.stop()
     return 0
+
+
+LIVE_SETTINGS = ("log_level", "database.retention_s", "http.metrics_token_file")
+
+
+def _reload(args, cfg, controller, http):
+    """SIGHUP (`systemctl reload`, a changed ConfigMap): read fleet.toml again and apply what can change while
+    serving (LIVE_SETTINGS); the rest keeps its running value until a restart, and the log names it. A file
+    that no longer loads, or a metrics token file that cannot be read, changes nothing. The config now running."""
+    from fleet.controller import read_metrics_token
+
+    log = logging.getLogger("edgeglm.fleet")
+    try:
+        new, _ = _settings(args)
+        token = read_metrics_token(new.http.metrics_token_file) if new.http.metrics_token_file else None
+    except (AgentError, ValueError, OSError) as exc:
+        log.warning("SIGHUP: fleet.toml not applied, the running config is kept: %s", exc)
+        return cfg
+    old_flat, new_flat = _flat(cfg.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    changed = sorted(k for k in set(old_flat) | set(new_flat) if old_flat.get(k) != new_flat.get(k))
+    logging.getLogger().setLevel(new.log_level.upper())
+    controller.store.retention_s = controller.settings.retention_s = new.database.retention_s
+    http.set_metrics_token(token)  # read again even under the same path: a token rotated in its file
+    log.info("SIGHUP: fleet.toml read again; %s; the metrics token file was read again",
+             "applied: " + ", ".join(k for k in changed if k in LIVE_SETTINGS)
+             if any(k in LIVE_SETTINGS for k in changed) else "no live setting changed")
+    waiting = [k for k in changed if k not in LIVE_SETTINGS]
+    if waiting:
+        log.warning("SIGHUP: %s changed in fleet.toml: applied at the next restart of fleet serve (the running "
+                    "value is kept)", ", ".join(waiting))
+    return _keep(cfg, new)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _keep(running, new):
+    """`running` with the live settings of `new`: what the controller now runs."""
+    return running.model_copy(update={
+        "log_level": new.log_level,
+        "database": running.database.model_copy(update={"retention_s": new.database.retention_s}),
+        "http": running.http.model_copy(update={"metrics_token_file": new.http.metrics_token_file})})
 
 
 def _db(args) -> Path:

@@ -636,7 +636,7 @@ def serve_http(controller: FleetController, host: str, port: int, metrics_token:
     import hmac
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    expected = f"Bearer {metrics_token}".encode() if metrics_token else None
+    state = {"expected": f"Bearer {metrics_token}".encode() if metrics_token else None}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -647,8 +647,8 @@ def serve_http(controller: FleetController, host: str, port: int, metrics_token:
             headers = {}
             if self.path == "/healthz":
                 code, body, ctype = (200 if connected else 503), f"{why}\n".encode(), "text/plain"
-            elif self.path == "/metrics" and expected is not None and not hmac.compare_digest(
-                    (self.headers.get("Authorization") or "").encode(), expected):
+            elif self.path == "/metrics" and (expected := state["expected"]) is not None and not \
+                    hmac.compare_digest((self.headers.get("Authorization") or "").encode(), expected):
                 code, body, ctype = 401, b"/metrics needs 'Authorization: Bearer TOKEN' (http.metrics_token_file)\n", \
                     "text/plain"
                 headers["WWW-Authenticate"] = 'Bearer realm="edgeglm-fleet"'
@@ -667,6 +667,11 @@ def serve_http(controller: FleetController, host: str, port: int, metrics_token:
             self.wfile.write(body)
 
     server = ThreadingHTTPServer((host, port), Handler)
+
+    def set_metrics_token(token: str | None) -> None:  # a reload: the next scrape needs the new token
+        state["expected"] = f"Bearer {token}".encode() if token else None
+
+    server.set_metrics_token = set_metrics_token
     reader = Store(controller.settings.db)  # its own connection: a scrape never waits for the writer
     threading.Thread(target=server.serve_forever, name="fleet-http", daemon=True).start()
     return server

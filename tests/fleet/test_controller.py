@@ -667,14 +667,47 @@ port = {mosquitto.port}
         bad = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "serve", "--config", str(tmp_path / "nope.toml")],
                              capture_output=True, text=True)
         assert bad.returncode == 2 and "fleet config file not found" in bad.stderr
-        serve.send_signal(subprocess.signal.SIGHUP)  # a closed terminal, `systemctl reload`: it ended the controller
+        # `systemctl reload` (SIGHUP; it used to end the controller, then was ignored): fleet.toml is read again
+        (tmp_path / "token").write_text("s3cret\n")
+        (tmp_path / "fleet.toml").write_text(f"""
+log_level = "debug"
+[fleet]
+id = "{FLEET}"
+[http]
+port = {http_port}
+metrics_token_file = "{tmp_path / 'token'}"
+[database]
+path = "{tmp_path / 'f.db'}"
+retention_s = 3600
+[mqtt]
+port = {mosquitto.port + 1}
+""")
+        serve.send_signal(subprocess.signal.SIGHUP)
+
+        def scrape(token=None):
+            req = urllib.request.Request(f"http://127.0.0.1:{http_port}/metrics",
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        until(lambda: scrape() == 401)  # the token applies at once ...
+        assert scrape("s3cret") == 200 and get("/healthz") == (200, "ok\n")  # ... the broker port at a restart
+        (tmp_path / "fleet.toml").write_text("[http\n")  # a broken file changes nothing
+        serve.send_signal(subprocess.signal.SIGHUP)
         time.sleep(1.5)
-        assert serve.poll() is None and get("/healthz") == (200, "ok\n")
+        assert serve.poll() is None and scrape("s3cret") == 200
     finally:
         dev.stop()
         serve.send_signal(subprocess.signal.SIGTERM)
         assert serve.wait(timeout=20) == 0
-        assert "SIGHUP: the controller reads fleet.toml at start only" in serve.stdout.read()
+        log = serve.stdout.read()
+        assert "INFO edgeglm.fleet: SIGHUP: fleet.toml read again; applied: database.retention_s, " \
+               "http.metrics_token_file, log_level" in log  # and fleet.toml's log_level reaches the log now
+        assert "WARNING edgeglm.fleet: SIGHUP: mqtt.port changed in fleet.toml: applied at the next restart" in log
+        assert "SIGHUP: fleet.toml not applied, the running config is kept" in log
 
 
 def test_config_set_publishes_everything_set_so_far_unless_replaced(controller, mosquitto, tmp_path):
