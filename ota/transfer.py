@@ -90,7 +90,7 @@ class ChunkSource:
         over in place is read again); the MANIFESTS_KEPT most recently served are kept."""
         try:
             st = (root / MANIFEST).stat()
-            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: no tar sets it
         except OSError:
             key = None
         with self._lock:

@@ -62,7 +62,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from runtime.engine import KV_HEADROOM, CacheRow, DecodeBatch
+from runtime.engine import CacheRow, DecodeBatch, kv_estimate
 from runtime.errors import RequestError
 from runtime.generate import SamplingParams, sample
 from runtime.prefix_cache import PrefillJob
@@ -84,17 +84,6 @@ def kv_bytes_per_token(engine) -> int:
     arch = engine.arch
     itemsize = np.dtype(getattr(engine, "_kv_dtype", np.float32)).itemsize
     return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * itemsize
-
-
-def kv_estimate(needs: list[int], per_token: int, max_positions: int) -> int:
-    """The most KV bytes a batch of rows that may grow to `needs` positions each can hold: row slots
-    doubled to a power of two, positions doubled past the longest row (with KV_HEADROOM, at least 256),
-    capped by the context window (runtime.engine RaggedBatch / DeviceRaggedBatch sizing)."""
-    if not needs:
-        return 0
-    longest = max(needs)
-    positions = min(max(2 * longest, longest + KV_HEADROOM, 256), max_positions)
-    return (1 << max(0, len(needs) - 1).bit_length()) * positions * per_token
 
 
 class EngineFailed(Exception):
@@ -445,8 +434,7 @@ class Scheduler:
             needs = [r.need for r in self._rows + self._prefills if not r.handle.done]
             while self._queue and held + len(taken) < self.max_batch:
                 head = self._queue[0]
-                if self.max_kv_bytes is not None and needs and \
-                        kv_estimate(needs + [head.need], self._per_token, self.engine.arch.max_positions) > \
+                if self.max_kv_bytes is not None and needs and self._kv_bytes(needs + [head.need]) > \
                         self.max_kv_bytes:
                     if self._kv_waiting is not head:  # counted (and logged) once per request held back
                         self._kv_waiting = head
@@ -454,8 +442,7 @@ class Scheduler:
                         self.on_kv_wait()
                         log.info("batching: a request of up to %d positions waits: with the %d running it could "
                                  "take %.0f MiB of KV, over batching.max_kv_mb = %.0f", head.need, len(needs),
-                                 kv_estimate(needs + [head.need], self._per_token,
-                                             self.engine.arch.max_positions) / 2**20, self.max_kv_bytes / 2**20)
+                                 self._kv_bytes(needs + [head.need]) / 2**20, self.max_kv_bytes / 2**20)
                     break
                 taken.append(heapq.heappop(self._queue))
                 needs.append(head.need)
@@ -463,6 +450,17 @@ class Scheduler:
                 self.on_load(SchedulerStats(held + len(taken), len(self._queue), self.max_batch, self.window_ms,
                                             self.max_kv_bytes, self._kv_waits))
             return taken
+
+    def _kv_bytes(self, needs: list[int]) -> int:
+        """The most KV the batch can come to hold with rows growing to `needs` positions: its own sizing rules
+        from the buffers it has now (a batch keeps grown buffers until a quarter of them would do)."""
+        batch = self._batch
+        if batch is None:
+            make = getattr(self.engine, "new_batch", None)
+            batch = self._empty_batch = getattr(self, "_empty_batch", None) or (make() if make else None)
+        bound = getattr(batch, "kv_bound", None)
+        return bound(needs, self._per_token) if bound is not None else \
+            kv_estimate(needs, self._per_token, self.engine.arch)
 
     def _admit(self, item: _Queued) -> bool:
         """Queue one request's prefill (it runs in `_prefill_chunks`); False if it already ended."""

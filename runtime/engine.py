@@ -263,6 +263,12 @@ class DecodeBatch:
     def step(self, input_ids) -> np.ndarray:
         raise NotImplementedError
 
+    def kv_bound(self, needs: list[int], per_token: int) -> int:
+        """The most KV bytes this batch can come to hold with rows growing to `needs` positions each, from
+        what it holds now (the batching scheduler's `max_kv_bytes`). Here: one cache of exactly the rows,
+        grown past the longest, as MergedBatch rebuilds it."""
+        return kv_estimate(needs, per_token, self.engine.arch, slots=len(needs))
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.rows:
             raise ValueError(f"batch slot {slot} does not exist; the batch has {self.rows} row(s)")
@@ -382,6 +388,28 @@ def _grown_capacity(current: int, needed: int, arch: ModelArch) -> int:
     """Positions for a cache buffer that must hold `needed`: at least doubling, with `KV_HEADROOM` more for
     the tokens that follow and 256 at the least, capped by the context window (never below `needed`)."""
     return max(needed, min(max(2 * current, needed + KV_HEADROOM, 256), arch.max_positions))
+
+
+def kv_estimate(needs: list[int], per_token: int, arch: ModelArch, slots: int = 0, capacity: int = 0,
+                device: bool = False) -> int:
+    """The most KV bytes a row-aligned batch (RaggedBatch; DeviceRaggedBatch with `device`) can come to hold
+    while its rows grow to `needs` positions each, joining one at a time, from buffers of `slots` row slots
+    x `capacity` positions (0, 0: none yet): the sizing rules of `_grow` / `_grown_capacity` /
+    `_device_shape`, as upper bounds. A buffer being rebuilt holds its old copy too for a moment; not counted."""
+    if not needs:
+        return 0
+    longest = max(needs) + 1  # a row holding n positions needs room for its next one
+    positions = capacity if capacity >= longest else \
+        min(max(2 * longest, longest + KV_HEADROOM + 1, 256, capacity), arch.max_positions)
+    n = len(needs)
+    if device:
+        rows = _power_of_two(max(n, slots))
+        positions = max(positions, min(_power_of_two(max(positions, 256)), arch.max_positions))
+    else:
+        rows = slots
+        while rows < n:  # RaggedBatch._grow: max(rows, 2 x slots)
+            rows = max(rows + 1, 2 * rows)
+    return rows * max(positions, capacity) * per_token
 
 
 class OrtCache(KVCache):
@@ -541,6 +569,9 @@ class DeviceRaggedBatch(DecodeBatch):
         """Rows the current buffers have room for (0 when empty)."""
         return self._cache.slots if self._cache is not None else 0
 
+    def kv_bound(self, needs: list[int], per_token: int) -> int:
+        return kv_estimate(needs, per_token, self.arch, self.slots, self.capacity, device=True)
+
     def _rebuild(self, order: list[int], lengths: list[int], capacity: int, source: CacheRow | None = None,
                  slots: int = 0) -> None:
         """New buffers: rows `order` of the current ones, then `source`'s row (shifted to start at
@@ -640,6 +671,10 @@ class RaggedBatch(DecodeBatch):
 
     def lengths(self) -> list[int]:
         return self._lengths[:self.rows].tolist()
+
+    def kv_bound(self, needs: list[int], per_token: int) -> int:
+        slots = self.buffers[0].shape[0] if self.buffers else 0
+        return kv_estimate(needs, per_token, self.arch, slots, self.capacity)
 
     def _grow(self, rows: int, positions: int) -> None:
         slots = self.buffers[0].shape[0] if self.buffers else 0

@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -519,6 +520,42 @@ def test_a_bundle_whose_chunks_do_not_fit_a_message_is_neither_offered_nor_serve
     full = source.serve(ChunkRequest(id="x" * 128, update_id="v", path="model.onnx", index=0,
                                      chunk_size=MAX_CHUNK_SIZE))
     assert len(full.model_dump_json()) <= MAX_RESPONSE_BYTES and full.error is None
+
+
+def test_a_bundle_directory_replaced_in_place_is_served_from_its_new_manifest(tmp_path, key):
+    """The chunk server keeps parsed manifests by bundle directory. A directory deleted and unpacked again
+    from an archive with fixed mtimes (a reproducible build) got manifest.json the freed inode, the same size
+    and mtime: the old manifest's chunk list was served for the new files."""
+    import io
+    import tarfile
+
+    def archive(version: str) -> io.BytesIO:
+        bundle = make_bundle(tmp_path / f"src-{version}", key, big_bytes=(3 if version == "1.2.0" else 2) << 18,
+                             version=version)
+        manifest = bundle / "manifest.json"  # both the same length (the chunk server reads it, never verifies)
+        manifest.write_text(manifest.read_text().ljust(4096))
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for f in sorted(bundle.rglob("*")):
+                info = tar.gettarinfo(f, arcname="bundle/" + str(f.relative_to(bundle)))
+                info.mtime = 1_700_000_000
+                tar.addfile(info, f.open("rb") if f.is_file() else None)
+        buf.seek(0)
+        return buf
+
+    first, second = archive("1.1.0"), archive("1.2.0")
+    with tarfile.open(fileobj=first) as tar:
+        tar.extractall(tmp_path / "live", filter="data")
+    root = tmp_path / "live" / "bundle"
+    assert (root / "manifest.json").stat().st_size == 4096
+    source = ChunkSource()
+    ask = lambda i: source.serve(ChunkRequest(id="r", update_id="u", path="model.onnx", index=i,  # noqa: E731
+                                              chunk_size=256 * 1024), root)
+    assert ask(1).error is None and "the file has 2 chunk(s)" in ask(2).error
+    shutil.rmtree(root)
+    with tarfile.open(fileobj=second) as tar:
+        tar.extractall(tmp_path / "live", filter="data")
+    assert ask(2).error is None and ask(2).data_b64
 
 
 def test_chunk_requests_are_rate_limited_per_device(broker, tmp_path):

@@ -376,6 +376,37 @@ def test_max_kv_bytes_holds_requests_back_until_running_ones_end(models, prompts
         Scheduler(engine, max_kv_bytes=0, start=False)
 
 
+def test_max_kv_bytes_counts_the_buffers_a_batch_kept_from_a_long_row(fp32_bundle):
+    """A batch keeps grown buffers until a quarter of them would do: after a long row left, short rows joined
+    buffers still sized for it, and the batch held 4 MiB under a 2.5 MiB bound (the bound counted the live
+    rows only). Each step's real buffers are measured against the bound."""
+    import dataclasses
+
+    from runtime.batching import kv_bytes_per_token
+    from runtime.engine import kv_estimate
+
+    engine = load_model(fp32_bundle, "onnxruntime").engine  # its own: the arch is changed below
+    engine.arch = dataclasses.replace(engine.arch, eos_token_ids=())  # every row runs to its max_tokens
+    per_token = kv_bytes_per_token(engine)
+    bound = kv_estimate([610, 190], per_token, engine.arch)  # the long row and one short row
+    rng = np.random.default_rng(0)
+    held, late = [], []
+    sched = Scheduler(engine, max_batch=8, max_kv_bytes=bound, start=False)
+
+    def on_step(n):
+        held.append(sum(b.nbytes for b in sched._batch.buffers))
+        if len(held) == 580:  # the long row is near its end: short rows arrive
+            late.extend(sched.submit(rng.integers(1, 500, 150).tolist(), SamplingParams(max_tokens=40))
+                        for _ in range(4))
+
+    sched.on_step = on_step
+    first = sched.submit(rng.integers(1, 500, 10).tolist(), SamplingParams(max_tokens=600))
+    sched.start()
+    assert len(first.tokens(TIMEOUT)) == 600 and all(len(h.tokens(TIMEOUT)) == 40 for h in late)
+    sched.close()
+    assert max(held) <= bound and sched.stats().kv_waits >= 1
+
+
 class FailingEngine:
     """The real engine with one injected fault: its `fail_at`-th batched decode step raises."""
 

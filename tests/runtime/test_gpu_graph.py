@@ -446,3 +446,28 @@ def test_without_the_kv_write_graph_every_join_and_leave_rebuilds_the_batch(int8
         outs.append(got)
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, atol=1e-5 if ON_CPU else 1e-3)
+
+
+def test_max_kv_bytes_counts_the_device_batchs_power_of_two_positions(fp32_bundle):
+    """DeviceRaggedBatch rounds positions up to a power of two: two rows of 200 positions take 2 x 512, which
+    a bound of 2 x 400 (RaggedBatch's sizing) let in. Its own sizing is used now: they run one at a time."""
+    import dataclasses
+
+    from runtime.batching import Scheduler, kv_bytes_per_token
+
+    _, engine = engines(fp32_bundle)
+    engine.arch = dataclasses.replace(engine.arch, eos_token_ids=())
+    per_token = kv_bytes_per_token(engine)
+    assert isinstance(engine.new_batch(), DeviceRaggedBatch) and per_token % 2 == 0  # float16 KV
+    bound = 2 * 400 * per_token
+    held = []
+    sched = Scheduler(engine, max_batch=8, max_kv_bytes=bound, start=False)
+    sched.on_step = lambda n: held.append(int(np.prod(sched._batch._cache.kv.shape())) * 2)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 500, 190).tolist() for _ in range(2)]
+    expected = [list(generate(engine, p, SamplingParams(max_tokens=10))) for p in prompts]
+    handles = [sched.submit(p, SamplingParams(max_tokens=10)) for p in prompts]
+    sched.start()
+    assert [h.tokens(120) for h in handles] == expected
+    sched.close()
+    assert max(held) <= bound and sched.stats().kv_waits == 1
