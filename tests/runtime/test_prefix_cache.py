@@ -594,7 +594,6 @@ print(json.dumps({"held_mb": held, "freed_share": (before - rss_anon_mb()) / hel
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssAnon from /proc")
 def test_dropping_the_cache_gives_its_memory_back_to_the_system():
     """Freed all at once (a model switch, a new block size, the cache turned off), the cache's blocks stayed in
     glibc's arena of the thread that made them: the agent's RSS grew by the cache's size at each bulk drop
