@@ -13,9 +13,9 @@ deadline after those with one, in arrival order). The worker loops over step bou
 
 1. cancelled and finished rows leave the batch;
 2. queued requests are admitted while the batch has fewer than `max_batch` rows and, with
-   `max_kv_bytes`, while the KV the admitted requests may come to hold fits it (`kv_estimate`: each
-   request may grow to its prompt plus its max_tokens, within the context window; the batch's
-   buffers come in doubled row slots and positions); the earliest request that does not fit waits
+   `max_kv_bytes`, while the KV the admitted requests may come to hold fits it (each request may
+   grow to its prompt plus its max_tokens, within the context window; the batch says what its
+   buffers would come to from those it holds, `DecodeBatch.kv_bound`); the earliest request that does not fit waits
    for rows to leave, and those behind it wait too (a long request is never overtaken for ever); a
    request is always admitted into an empty batch. When the batch
    is empty, the worker first waits up to `window_ms` (from the oldest queued request's arrival)
@@ -246,6 +246,7 @@ class Scheduler:
         self._per_token = kv_bytes_per_token(engine)
         self._kv_waits = 0
         self._kv_waiting: _Queued | None = None  # the queued request last held back (counted once)
+        self._empty_batch: DecodeBatch | None = None  # sizes the first rows' KV while no batch exists
         self._cond = threading.Condition()
         self._queue: list[_Queued] = []
         self._arrivals = itertools.count()
@@ -455,9 +456,8 @@ class Scheduler:
         """The most KV the batch can come to hold with rows growing to `needs` positions: its own sizing rules
         from the buffers it has now (a batch keeps grown buffers until a quarter of them would do)."""
         batch = self._batch
-        if batch is None:
-            make = getattr(self.engine, "new_batch", None)
-            batch = self._empty_batch = getattr(self, "_empty_batch", None) or (make() if make else None)
+        if batch is None and hasattr(self.engine, "new_batch"):
+            batch = self._empty_batch = self._empty_batch or self.engine.new_batch()
         bound = getattr(batch, "kv_bound", None)
         return bound(needs, self._per_token) if bound is not None else \
             kv_estimate(needs, self._per_token, self.engine.arch)
