@@ -29,6 +29,8 @@ import socket
 import sys
 import threading
 import time
+import gc
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,9 +49,11 @@ from agent.telemetry import serving_label
 from runtime.batching import EngineFailed, Handle, Scheduler, SchedulerClosed, SchedulerStats
 from runtime.errors import RequestError
 from runtime.generate import SamplingParams
+from runtime.prefix_cache import release_freed_memory
 
 log = logging.getLogger("edgeglm.http")
 
+AUTO_AGAIN_WAIT_S = 600.0  # how long a model switch waits for the old model's requests before measuring "auto" again
 SOCKET_TIMEOUT_S = 60.0  # an idle keep-alive connection, or a client that stops reading, is dropped after this
 
 
@@ -58,13 +62,14 @@ def kv_budget_bytes(max_kv_mb, auto: int | None = None) -> int | None:
     return auto if max_kv_mb == "auto" else max(1, int(max_kv_mb * 2**20))
 
 
-def auto_kv_budget() -> int | None:
+def auto_kv_budget(held: int = 0) -> int | None:
     """A third of what the process can still take now (the model loaded: MemAvailable, or less under a
-    cgroup limit); None (no bound) where the system does not say."""
+    cgroup limit), plus `held` (KV bytes the serving batch holds now, part of the budget); None (no bound)
+    where the system does not say."""
     from runtime.probe import probe_memory
 
     budget = probe_memory().budget_bytes()
-    return None if budget is None else max(1, budget // 3)
+    return None if budget is None else max(1, (budget + held) // 3)
 
 
 # --- the server ------------------------------------------------------------------------------------
@@ -143,6 +148,38 @@ class ApiServer:
             self._model, self._golden = model, golden
         if old is not None:
             old.close(wait=False)  # drains what it runs, then its worker ends
+            if model is not None:  # "auto" was measured with the outgoing model still loaded: again once it is gone
+                threading.Thread(target=self._measure_kv_auto_again, args=(weakref.ref(old), self._scheduler),
+                                 name="edgeglm-kv-auto", daemon=True).start()
+
+    def _measure_kv_auto_again(self, old_ref, new: Scheduler) -> None:
+        """After a model switch: once the old scheduler has drained (its engine let go), measure
+        batching.max_kv_mb "auto" again and apply it; the value measured at the switch counted the
+        outgoing model's memory as taken, a lower bound that stayed until the next restart."""
+        old = old_ref()
+        drained = old is None or old.wait_closed(AUTO_AGAIN_WAIT_S)
+        del old
+        if not drained:
+            return
+        gc.collect()
+        release_freed_memory()
+        with self._state:
+            if self._scheduler is not new:
+                return
+        try:
+            auto = auto_kv_budget(new.kv_held_bytes())
+        except Exception as exc:  # the scheduler closed meanwhile (another switch): nothing to apply
+            log.debug("batching.max_kv_mb \"auto\" not measured again: %s", exc)
+            return
+        with self._state:
+            if self._scheduler is not new:
+                return
+            self._kv_auto = auto
+            if self.batching.max_kv_mb == "auto":
+                new.configure(max_kv_bytes=auto)
+                self.metrics.kv_bound.set(auto or 0)
+                log.info("batching.max_kv_mb = \"auto\": %s once the previous model was let go",
+                         "no bound" if auto is None else f"{auto / 2**20:.0f} MiB of KV")
 
     def on_engine(self, model, fn):
         """Run `fn()` with `model`'s engine to itself: through its scheduler (between two decode steps)

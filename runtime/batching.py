@@ -323,6 +323,15 @@ class Scheduler:
                 self.prefill_chunk = _check_chunk(prefill_chunk)
             self._cond.notify_all()
 
+    def kv_held_bytes(self, timeout: float | None = 30.0) -> int:
+        """KV bytes the batch holds in host memory now (read on the worker between two steps)."""
+        return self.call(lambda: self._batch.host_kv_bytes() if self._batch is not None else 0, timeout)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """After `close()`: wait for the worker to end (what it ran finished); True if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def stats(self) -> SchedulerStats:
         with self._cond:
             return self._stats()

@@ -263,6 +263,10 @@ class DecodeBatch:
     def step(self, input_ids) -> np.ndarray:
         raise NotImplementedError
 
+    def host_kv_bytes(self) -> int:
+        """KV bytes this batch holds in host memory now (0 where it keeps them elsewhere or per row)."""
+        return 0
+
     def kv_bound(self, needs: list[int], per_token: int) -> int:
         """The most KV bytes this batch can come to hold with rows growing to `needs` positions each, from
         what it holds now (the batching scheduler's `max_kv_bytes`). Here: one cache of exactly the rows,
@@ -671,6 +675,9 @@ class RaggedBatch(DecodeBatch):
 
     def lengths(self) -> list[int]:
         return self._lengths[:self.rows].tolist()
+
+    def host_kv_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
 
     def kv_bound(self, needs: list[int], per_token: int) -> int:
         slots = self.buffers[0].shape[0] if self.buffers else 0

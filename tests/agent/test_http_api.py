@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from agent.config import HttpSettings, SamplingSettings, load_config
+from agent.config import BatchingSettings, HttpSettings, SamplingSettings, load_config
 from agent.errors import ServeError
 from agent.http_api import ApiServer, serve_http
 from agent.model import load_model
@@ -561,6 +561,39 @@ def test_metrics_show_the_process_and_the_memory_left(server):
     available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
     assert 0 < m["edgeglm_memory_available_bytes"] <= available * 1.1
     assert m["edgeglm_inference_kv_bound_bytes"] == (server._scheduler.max_kv_bytes or 0) > 0  # "auto"
+
+
+def test_kv_auto_is_measured_again_once_the_previous_model_is_let_go(int8_bundle, model, monkeypatch):
+    """batching.max_kv_mb "auto" was measured when a model was set: at an OTA switch the outgoing model is
+    still loaded then, so every box got a lower bound after each update until it restarted. It is measured
+    again once the old scheduler has drained (the memory probe stands in for the machine here: it says
+    more is free once the old model is gone), and a box with a number of its own keeps it."""
+    import agent.http_api as http_api
+
+    free = [300 << 20]
+    monkeypatch.setattr(http_api, "auto_kv_budget", lambda held=0: (free[0] + held) // 3)
+    srv = side_server(model)
+    try:
+        assert srv._scheduler.max_kv_bytes == 100 << 20
+        other = load_model(int8_bundle, "onnxruntime")  # the update's model, loaded beside the serving one
+        free[0] = 150 << 20
+        srv.set_model(other, other.golden_check())
+        assert srv._scheduler.max_kv_bytes == 50 << 20  # measured with both loaded
+        free[0] = 450 << 20  # ... the old one's memory comes back
+        deadline = time.monotonic() + 30
+        while srv._scheduler.max_kv_bytes != 150 << 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv._scheduler.max_kv_bytes == 150 << 20
+        _, m = parse_metrics(raw(srv, "GET", "/metrics")[1].decode())
+        assert m["edgeglm_inference_kv_bound_bytes"] == 150 << 20
+
+        srv.set_batching(BatchingSettings(max_kv_mb=64))  # a number is kept through a switch
+        free[0] = 30 << 20
+        srv.set_model(model, model.golden_check())
+        time.sleep(1.0)
+        assert srv._scheduler.max_kv_bytes == 64 << 20
+    finally:
+        srv.shutdown(deadline=5.0)
 
 
 def test_port_zero_binds_a_free_port_and_shutdown_stops_serving(model):
