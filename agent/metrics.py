@@ -238,6 +238,7 @@ class ServingMetrics:
         self.memory_available = r.register(Gauge(
             "edgeglm_memory_available_bytes", "Memory the process can still take: MemAvailable, or less under a "
             "cgroup limit (what batching.max_kv_mb \"auto\" and model.prefill_graph \"auto\" read)."))
+        self._started: float | None = None
         self.collectors: list = [self.observe_process]  # called before each exposition
 
     def observe_prefix_cache(self, stats) -> None:
@@ -251,7 +252,6 @@ class ServingMetrics:
     def observe_process(self) -> None:
         """The standard process metrics and the memory left, from /proc (left as they are elsewhere)."""
         import os
-        import time
 
         try:
             with open("/proc/self/stat", "rb") as f:
@@ -259,13 +259,15 @@ class ServingMetrics:
             ticks = os.sysconf("SC_CLK_TCK")
             self.process_cpu.advance_to((int(fields[11]) + int(fields[12])) / ticks)  # utime, stime
             self.process_threads.set(int(fields[17]))
-            with open("/proc/uptime") as f:
-                booted = time.time() - float(f.read().split()[0])
-            self.process_start.set(round(booted + int(fields[19]) / ticks, 2))
+            if self._started is None:  # fixed integers (boot time, start in clock ticks): the value never moves
+                with open("/proc/stat") as f:
+                    btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+                self._started = btime + int(fields[19]) / ticks
+            self.process_start.set(self._started)
             with open("/proc/self/statm") as f:
                 self.process_rss.set(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
             self.process_fds.set(len(os.listdir("/proc/self/fd")))
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError, IndexError, StopIteration):
             return
         from runtime.probe import probe_memory
 

@@ -451,7 +451,7 @@ class Scheduler:
                         self._kv_waits += 1
                         self.on_kv_wait()
                         log.info("batching: a request of up to %d positions waits: with the %d running it could "
-                                 "take %.0f MiB of KV, over batching.max_kv_mb = %.0f", head.need, len(needs),
+                                 "take %.3g MiB of KV, over batching.max_kv_mb = %.3g", head.need, len(needs),
                                  self._kv_bytes(needs + [head.need]) / 2**20, self.max_kv_bytes / 2**20)
                     break
                 taken.append(heapq.heappop(self._queue))

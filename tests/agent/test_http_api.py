@@ -558,6 +558,9 @@ def test_metrics_show_the_process_and_the_memory_left(server):
     assert abs(m["process_open_fds"] - len(os.listdir("/proc/self/fd"))) <= 4
     assert abs(m["process_threads"] - status("Threads")) <= 4
     assert time.time() - 86400 < m["process_start_time_seconds"] < time.time()
+    starts = {parse_metrics(raw(server, "GET", "/metrics")[1].decode())[1]["process_start_time_seconds"]
+              for _ in range(30)}
+    assert starts == {m["process_start_time_seconds"]}  # "the agent restarted" alerts watch it change
     available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
     assert 0 < m["edgeglm_memory_available_bytes"] <= available * 1.1
     assert m["edgeglm_inference_kv_bound_bytes"] == (server._scheduler.max_kv_bytes or 0) > 0  # "auto"

@@ -114,6 +114,7 @@ def test_bench_without_the_prefill_graph(int8_bundle, tmp_path):
     (["--runs", "x"], "invalid int value: 'x'"),
     (["--max-kv-mb", "0"], "--max-kv-mb 0.0 is invalid: must be a number of MiB > 0"),
     (["--max-kv-mb", "nan"], "--max-kv-mb nan is invalid"),
+    (["--max-kv-mb", "64"], "--max-kv-mb 64 bounds the KV of requests decoding together: give --concurrency 2"),
 ])
 def test_bench_bad_flags_exit_2(int8_bundle, tmp_path, args, fragment):
     proc = edgeglm("bench", "--bundle", int8_bundle, "--cache-dir", tmp_path, "--backend", "onnxruntime", *args)
