@@ -141,14 +141,20 @@ def cmd_probe(args) -> int:
                            "execution path: give --bundle BUNDLE too (without it, probe only shows the hardware)")
     info = probe_hardware()
     tuning = _autotune(args, info) if args.bundle is not None else None
+    kv = None
+    if tuning is not None:
+        from ota.bundle import open_bundle
+        from runtime.autotune import kv_sizing
+
+        kv = kv_sizing(open_bundle(args.bundle), info.memory, tuning.choice, tuning.prefill)
     if args.json:
-        extra = {"autotune": tuning.to_dict()} if tuning else {}
+        extra = {"autotune": tuning.to_dict(), "kv": kv} if tuning else {}
         print(json.dumps({**info.to_dict(), "devices": device_report(info), "fingerprint": info.fingerprint(),
                           **extra}, indent=2))
     else:
-        from runtime.autotune import format_result
+        from runtime.autotune import format_kv_sizing, format_result
 
-        print(format_hardware(info) + ("\n" + format_result(tuning) if tuning else ""))
+        print(format_hardware(info) + ("\n" + format_result(tuning) + "\n" + format_kv_sizing(kv) if tuning else ""))
     return 0
 
 

@@ -290,6 +290,43 @@ def resident_bytes(bundle, backend: str, prefill: str = "on") -> int:
     return sum(files.values()) + (twice if prefill == "on" else 0)
 
 
+def kv_sizing(bundle, memory, choice: "Candidate", prefill: str = "on") -> dict:
+    """What the agent's batching.max_kv_mb = "auto" would come to for `bundle` on the chosen path here (a third
+    of the memory left once the model is loaded, the load estimated by `resident_bytes`), and how many
+    requests that holds: at the whole context window, and at 512 prompt + 256 new tokens."""
+    from runtime.engine import kv_estimate
+
+    arch = ModelArch.from_manifest(bundle.manifest.architecture)
+    gpu = choice.backend == "onnxruntime" and not choice.on_cpu  # the GPU graph: float16 KV in device memory
+    per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * (2 if gpu else 4)
+    budget = memory.budget_bytes()
+    auto = None if budget is None else max(1, (budget - resident_bytes(bundle, choice.backend, prefill)) // 3)
+
+    def rows(need: int) -> int | None:
+        if auto is None:
+            return None
+        n = 0
+        while n < 256 and kv_estimate([need] * (n + 1), per_token, arch, device=gpu) <= auto:
+            n += 1
+        return n
+
+    return {"kv_bytes_per_position": per_token, "kv_dtype": "float16" if gpu else "float32",
+            "context_window": arch.max_positions, "auto_kv_mb": None if auto is None else round(auto / 2**20, 1),
+            "full_context_requests": rows(arch.max_positions - 1),
+            "requests_of_768": rows(min(768, arch.max_positions - 1))}
+
+
+def format_kv_sizing(k: dict) -> str:
+    head = f"KV cache: {k['kv_bytes_per_position'] / 1024:g} KiB per position ({k['kv_dtype']}), context window " \
+           f"{k['context_window']}"
+    if k["auto_kv_mb"] is None:
+        return head + '; batching.max_kv_mb "auto": no bound here (the memory available is not known)'
+    return (head + f'\nbatching.max_kv_mb "auto" here: about {k["auto_kv_mb"]:g} MiB once the model is loaded: '
+            f'{k["full_context_requests"]} request(s) of the whole window at once, {k["requests_of_768"]} of '
+            "512 + 256 tokens (more wait their turn; a request alone always runs; batching.max_batch, 8 by "
+            "default, caps a batch too)")
+
+
 AUTO_PREFILL_SHARE = 0.5  # prefill_graph "auto": both graphs when they take at most this share of the budget
 
 

@@ -311,9 +311,22 @@ def test_probe_bundle_json_then_text_from_cache(int8_bundle, tmp_path):
         else:
             assert t["reason"]
 
+    # what batching.max_kv_mb "auto" comes to for this bundle here, and how many requests it holds
+    arch = json.loads((Path(int8_bundle) / "manifest.json").read_text())["architecture"]
+    per_position = 2 * arch["num_hidden_layers"] * arch["num_key_value_heads"] * arch["head_dim"] * 4
+    kv = data["kv"]
+    assert kv["kv_bytes_per_position"] == per_position and kv["kv_dtype"] == "float32"
+    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+    assert 0 < kv["auto_kv_mb"] * 2**20 <= available / 3 * 1.2
+    window = arch["max_position_embeddings"]
+    assert kv["context_window"] == window and kv["full_context_requests"] >= 1
+    assert kv["requests_of_768"] >= kv["full_context_requests"]
+
     text = edgeglm("probe", "--bundle", int8_bundle, "--cache-dir", tmp_path)
     assert text.returncode == 0, text.stderr
     assert "from the cache" in text.stdout and f"chosen: {tune['choice_path']}" in text.stdout
+    assert f"KV cache: {per_position / 1024:g} KiB per position (float32), context window {window}" in text.stdout
+    assert 'batching.max_kv_mb "auto" here: about' in text.stdout
     no_accelerator = "no GPU or NPU path (none found, or none a backend here can use): CPU paths only"
     assert (no_accelerator in text.stdout) == (not tune["accelerators"])
 
