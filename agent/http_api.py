@@ -46,7 +46,7 @@ from agent.openai_compat import (ApiError, ChatShape, CompletionShape, Generatio
                                  check_model_field, completion_request, generate_text, model_card, model_id,
                                  prompt_ids, reject_constant, with_special_stops)
 from agent.telemetry import serving_label
-from runtime.batching import EngineFailed, Handle, Scheduler, SchedulerClosed, SchedulerStats
+from runtime.batching import AUTO_KV_DIVISOR, EngineFailed, Handle, Scheduler, SchedulerClosed, SchedulerStats
 from runtime.errors import RequestError
 from runtime.generate import SamplingParams
 from runtime.prefix_cache import release_freed_memory
@@ -69,7 +69,7 @@ def auto_kv_budget(held: int = 0) -> int | None:
     from runtime.probe import probe_memory
 
     budget = probe_memory().budget_bytes()
-    return None if budget is None else max(1, (budget + held) // 3)
+    return None if budget is None else max(1, (budget + held) // AUTO_KV_DIVISOR)
 
 
 # --- the server ------------------------------------------------------------------------------------

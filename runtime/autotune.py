@@ -300,7 +300,10 @@ def kv_sizing(bundle, memory, choice: "Candidate", prefill: str = "on") -> dict:
     gpu = choice.backend == "onnxruntime" and not choice.on_cpu  # the GPU graph: float16 KV in device memory
     per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * (2 if gpu else 4)
     budget = memory.budget_bytes()
-    auto = None if budget is None else max(1, (budget - resident_bytes(bundle, choice.backend, prefill)) // 3)
+    from runtime.batching import AUTO_KV_DIVISOR
+
+    loaded = resident_bytes(bundle, choice.backend, prefill)
+    auto = None if budget is None else max(1, (budget - loaded) // AUTO_KV_DIVISOR)
 
     def rows(need: int) -> int | None:
         if auto is None:

@@ -76,6 +76,8 @@ MAX_PREFILL_CHUNK = 1 << 20
 # prompt then stalls the running streams for one chunk at a time instead of its whole prefill; see
 # docs/runtime.md "Batching" for the measured trade.
 DEFAULT_PREFILL_CHUNK = 128
+# batching.max_kv_mb "auto": the KV may take 1/AUTO_KV_DIVISOR of the memory left once the model is loaded
+AUTO_KV_DIVISOR = 3
 
 
 def kv_bytes_per_token(engine) -> int:
