@@ -119,6 +119,9 @@ class CacheSettings(_Section):
 
 class TelemetrySettings(_Section):
     interval_s: float = Field(30.0, gt=0.0, le=86400.0)
+    # device health (memory, disk, CPU, KV waits) on its own topic, sent with the first telemetry at least this
+    # long after the last one; 0: not sent
+    health_interval_s: float = Field(60.0, ge=0.0, le=86400.0)
 
 
 class OtaSettings(_Section):

@@ -39,10 +39,10 @@ from agent.openai_compat import (ApiError, Outcome, chat_request, completion_req
 from agent.remote_config import (LOCAL_CEILINGS, REMOTE_SETTINGS, local_only_keys,  # noqa: F401 (re-exported)
                                  remote_config_problems)
 from agent.selftest import SelfTestConfig, run_self_test
-from agent.telemetry import LatencyWindow, serving_label
+from agent.telemetry import LatencyWindow, device_health, serving_label
 from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceResponse, ModelRef, ReportedState,
-                          Usage, chunk_request_topic, chunk_response_topic, desired_topic, infer_request_topic,
-                          infer_response_problem, ota_offer_topic, ota_status_topic)
+                          Usage, chunk_request_topic, chunk_response_topic, desired_topic, health_topic,
+                          infer_request_topic, infer_response_problem, ota_offer_topic, ota_status_topic)
 from ota.bundle import MANIFEST, open_bundle
 from ota.errors import BundleError, SignatureError
 from ota.fsutil import atomic_write_json
@@ -118,6 +118,7 @@ class Agent:
         self._ota_lock = threading.Lock()
         self._next_offer: Offer | None = None  # the latest offer that came while an update ran: taken after it
         self._last_telemetry = time.monotonic()
+        self._last_health = float("-inf")  # the first telemetry after the start carries the first health
         self._serving_since = time.monotonic()  # when the model served now was activated
         # MQTT inference requests taken lately: (reply topic, id, payload hash) -> (when, answer or None)
         self._requests: OrderedDict[tuple, tuple] = OrderedDict()
@@ -533,6 +534,17 @@ class Agent:
         for report in self.window.take(self.cfg.device.id, final=final):
             if self.session is not None:
                 self.session.publish_telemetry(report)
+        every = self.cfg.telemetry.health_interval_s
+        if self.session is not None and not final and self.session.connected and every > 0 and \
+                time.monotonic() - self._last_health >= every:
+            self._last_health = time.monotonic()
+            try:
+                health = device_health(self.cfg.device.id, time.monotonic() - self.started, self.http.metrics,
+                                       self.cfg.model.slots_dir)
+            except (ValueError, OSError) as exc:  # a reading out of its range must not stop the telemetry
+                log.warning("device health not sent: %s", str(exc).splitlines()[0])
+                return
+            self.session.publish_snapshot(health_topic(self.cfg.device.fleet, self.cfg.device.id), health)
 
     def _infer(self, message, req: InferenceRequest) -> None:
         with self.http.mqtt_request(), ExitStack() as serving:  # shutdown waits for it, answer included

@@ -457,7 +457,12 @@ class Installer:
         spec = self.opts.source
         if spec is None:
             tree = source_tree()
-            return (None, f"the source tree {tree}") if tree else (f"edgeglm=={__version__}", "the package index")
+            if tree:
+                return None, f"the source tree {tree}"
+            local = installed_from()
+            if local is not None:  # `pip install ./edgeglm` (not -e) or a wheel file: the same source again
+                return local, f"{local}, where this edgeglm was installed from"
+            return f"edgeglm=={__version__}", f"edgeglm=={__version__} from the package index"
         looks_like_path = spec.endswith((".whl", ".tar.gz", ".zip")) or "/" in spec or spec.startswith(".")
         if looks_like_path and "://" not in spec and not Path(spec).exists():
             raise InstallError(f"--wheel-or-source {spec}: no such file or directory; give a wheel, a source "
@@ -468,19 +473,23 @@ class Installer:
 
     def pip_install(self, python: Path, spec: str | None) -> None:
         pip = [str(python), "-m", "pip", "install", "--no-input", "--disable-pip-version-check"]
-        if spec is not None:
-            _run(pip + [spec], f"pip install {spec}")
+        if spec is not None and Path(spec).is_dir() and source_tree(Path(spec)):
+            self.pip_install_tree(pip, Path(spec))
+        elif spec is not None:
+            _run(pip + [spec], f"pip install {spec}",
+                 hint="give --wheel-or-source with a wheel or a source tree of edgeglm" if spec.startswith("edgeglm==")
+                 else None)
         else:
-            self.pip_install_tree(pip)
+            self.pip_install_tree(pip, source_tree())
         # from "/": run in the source tree, `-m agent.cli` would find the tree's copy, not the venv's
         _run([str(python), "-m", "agent.cli", "--version"], "checking the installed edgeglm", cwd="/")
 
     @staticmethod
-    def pip_install_tree(pip: list[str]) -> None:
+    def pip_install_tree(pip: list[str], tree: Path) -> None:
         # A copy of the package files: pip builds in the tree it is given, and this one may be
         # read-only or hold gigabytes of benchmark data.
         with tempfile.TemporaryDirectory(prefix="edgeglm-src-") as tmp:
-            copy = copy_source_tree(source_tree(), Path(tmp) / "edgeglm")
+            copy = copy_source_tree(tree, Path(tmp) / "edgeglm")
             _run(pip + [str(copy)], "pip install of the source tree")
 
     def make_dir(self, path: Path, mode: int | None, owner: ServiceUser | None = None) -> None:
@@ -567,12 +576,36 @@ def useradd_command(name: str) -> list[str]:
             "--shell", "/usr/sbin/nologin", name]
 
 
-def source_tree() -> Path | None:
-    """The edgeglm source tree this code runs from, or None when it is an installed package."""
-    root = Path(__file__).resolve().parent.parent
+def source_tree(root: Path | None = None) -> Path | None:
+    """The edgeglm source tree this code runs from (or `root`, when it is one), or None when it is an installed
+    package."""
+    root = root if root is not None else Path(__file__).resolve().parent.parent
     pyproject = root / "pyproject.toml"
-    if pyproject.is_file() and re.search(r'(?m)^name\s*=\s*"edgeglm"', pyproject.read_text()):
-        return root
+    try:
+        if pyproject.is_file() and re.search(r'(?m)^name\s*=\s*"edgeglm"', pyproject.read_text()):
+            return root
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def installed_from(path: list[str] | None = None) -> str | None:
+    """Where pip installed this edgeglm from when that was a local directory or file that is still there (its
+    dist-info's direct_url.json, PEP 610: `pip install ./edgeglm` or a wheel file); None for the package index
+    or a source that is gone. `path`: where to look for the installed distribution (default sys.path)."""
+    from importlib.metadata import distributions
+    from urllib.parse import unquote, urlparse
+
+    for dist in distributions(name="edgeglm", path=path if path is not None else sys.path):
+        try:
+            url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if url.startswith("file://"):
+            local = Path(unquote(urlparse(url).path))
+            if local.exists():
+                return str(local)
+        return None  # the first one found is what imports
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 from typing import Iterable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -251,31 +252,54 @@ class ServingMetrics:
 
     def observe_process(self) -> None:
         """The standard process metrics and the memory left, from /proc (left as they are elsewhere)."""
-        import os
-
-        try:
-            with open("/proc/self/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            ticks = os.sysconf("SC_CLK_TCK")
-            self.process_cpu.advance_to((int(fields[11]) + int(fields[12])) / ticks)  # utime, stime
-            self.process_threads.set(int(fields[17]))
-            if self._started is None:  # fixed integers (boot time, start in clock ticks): the value never moves
-                with open("/proc/stat") as f:
-                    btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-                self._started = btime + int(fields[19]) / ticks
-            self.process_start.set(self._started)
-            with open("/proc/self/statm") as f:
-                self.process_rss.set(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
-            self.process_fds.set(len(os.listdir("/proc/self/fd")))
-        except (OSError, ValueError, IndexError, StopIteration):
+        sample = process_sample(self._started)
+        if sample is None:
             return
-        from runtime.probe import probe_memory
-
-        budget = probe_memory().budget_bytes()
-        if budget is not None:
-            self.memory_available.set(budget)
+        self._started = sample.start_time
+        self.process_cpu.advance_to(sample.cpu_seconds)
+        self.process_threads.set(sample.threads)
+        self.process_start.set(sample.start_time)
+        self.process_rss.set(sample.rss_bytes)
+        self.process_fds.set(sample.open_fds)
+        if sample.memory_available is not None:
+            self.memory_available.set(sample.memory_available)
 
     def exposition(self) -> str:
         for collect in self.collectors:
             collect()
         return self.registry.exposition()
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    rss_bytes: int
+    cpu_seconds: float
+    threads: int
+    open_fds: int
+    start_time: float  # unix time
+    memory_available: int | None  # what the process can still take (runtime.probe.probe_memory)
+
+
+def process_sample(start_time: float | None = None) -> ProcessSample | None:
+    """This process from /proc (None where there is no /proc); `start_time`: a value read before (it never moves:
+    boot time plus the start in clock ticks, both fixed integers)."""
+    import os
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        if start_time is None:
+            with open("/proc/stat") as f:
+                btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+            start_time = btime + int(fields[19]) / ticks
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fds = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    from runtime.probe import probe_memory
+
+    return ProcessSample(rss_bytes=rss, cpu_seconds=(int(fields[11]) + int(fields[12])) / ticks,  # utime, stime
+                         threads=int(fields[17]), open_fds=fds, start_time=start_time,
+                         memory_available=probe_memory().budget_bytes())

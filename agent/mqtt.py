@@ -589,6 +589,15 @@ class MqttSession:
             out = _Outgoing(self._state_topic, _encode(self._state(online=True)), self.settings.qos, True)
             return self._send(self._client, out)
 
+    def publish_snapshot(self, topic: str, payload: BaseModel) -> bool:
+        """Publish at QoS 0, not retained, if online; offline it is dropped, not held: a snapshot (DeviceHealth)
+        that the next one replaces. Whether it was handed to the network."""
+        with self._lock:
+            if not self._online.is_set():
+                return False
+            self._send(self._client, _Outgoing(check_publish_topic(topic), _encode(payload), 0, False))
+            return True
+
     def publish_telemetry(self, report: TelemetryReport) -> None:
         """Send a report, or buffer it while offline; a full buffer drops its oldest report."""
         with self._lock:

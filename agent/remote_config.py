@@ -27,7 +27,7 @@ REMOTE_SETTINGS = ("sampling", "batching", "telemetry", "log_level", "cache.max_
 LOCAL_CEILINGS = ("cache.max_mb", "cache.persist", "batching.max_kv_mb")
 # the least the desired config may set, where the box's own config may go lower (a test rig reporting every
 # 0.3 s): one fleet-wide typo (0.001) would have every box publish a thousand reports a second
-REMOTE_FLOORS = {"telemetry.interval_s": 1.0}
+REMOTE_FLOORS = {"telemetry.interval_s": 1.0, "telemetry.health_interval_s": 1.0}  # (0, "off", stays allowed)
 
 
 def is_remote(key: str) -> bool:
@@ -93,7 +93,7 @@ def floor_problems(current: AgentConfig, new: AgentConfig) -> list[str]:
     for key, floor in REMOTE_FLOORS.items():
         section, field = key.split(".")
         value = getattr(getattr(new, section), field)
-        if value < floor and value != getattr(getattr(current, section), field):
+        if 0 < value < floor and value != getattr(getattr(current, section), field):
             problems.append(f"{key} = {value!r} is below {floor!r}, the least a desired config may set (a "
                             "fleet-wide value this low floods the broker); a box's own config may set less")
     return problems

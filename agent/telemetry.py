@@ -17,6 +17,9 @@ count against the new version.
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.topics import LatencyPercentiles, TelemetryReport
+from agent.topics import DeviceHealth, LatencyPercentiles, TelemetryReport
 
 MAX_SAMPLES = 20_000  # per window; beyond it the oldest samples are overwritten (percentiles stay sane)
 HOLD_S = 600.0  # the longest a window cut at a model switch waits for the old model's last requests
@@ -149,3 +152,45 @@ class LatencyWindow:
             self._open = _Window(self._open.label, max(now, self._open.start))
         return reports
 
+
+def hottest_zone_c(pattern: str = "/sys/class/thermal/thermal_zone*/temp") -> float | None:
+    """The highest reading of the box's thermal zones in °C (Linux reports millidegrees); None without any."""
+    readings = []
+    for path in glob.glob(pattern):
+        try:
+            with open(path) as f:
+                readings.append(int(f.read().strip()) / 1000.0)
+        except (OSError, ValueError):
+            continue  # a zone whose sensor does not answer (some report EIO or ENODATA)
+    readings = [t for t in readings if -273.15 <= t <= 1000]
+    return max(readings) if readings else None
+
+
+def device_health(device: str, uptime_s: float, metrics, state_dir: str | os.PathLike) -> DeviceHealth:
+    """The DeviceHealth snapshot of this agent now: its process (/proc), the box (memory left, load, disk of
+    `state_dir`, temperature) and the serving numbers kept in `metrics` (agent.metrics.ServingMetrics)."""
+    from agent.metrics import process_sample
+
+    for collect in metrics.collectors:  # the values read at a scrape: the prefix cache's bytes, the process
+        collect()
+    sample = process_sample()
+    try:
+        disk_free = shutil.disk_usage(state_dir).free
+    except OSError:
+        disk_free = None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return DeviceHealth(
+        device=device, ts=time.time(), uptime_s=max(0.0, uptime_s),
+        rss_bytes=sample.rss_bytes if sample else 0, cpu_seconds=sample.cpu_seconds if sample else time.process_time(),
+        memory_available_bytes=sample.memory_available if sample else None, load_1m=load, cpus=max(1, cpus),
+        disk_free_bytes=disk_free, temperature_c=hottest_zone_c(),
+        in_flight=int(metrics.in_flight.value()), queued=int(metrics.queued.value()),
+        kv_waits=int(metrics.kv_waits.value()), kv_bound_bytes=int(metrics.kv_bound.value()),
+        prefix_cache_bytes=int(metrics.prefix_cache_bytes.value()))

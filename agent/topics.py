@@ -67,6 +67,10 @@ def telemetry_topic(fleet: str, device: str) -> str:
     return f"{device_root(fleet, device)}/telemetry"
 
 
+def health_topic(fleet: str, device: str) -> str:
+    return f"{device_root(fleet, device)}/health"
+
+
 def ota_offer_topic(fleet: str, device: str) -> str:
     return f"{device_root(fleet, device)}/ota/offer"
 
@@ -128,6 +132,9 @@ TOPICS: tuple[TopicSpec, ...] = (
               "written only by the controller"),
     TopicSpec("telemetry", "device → controller", False, 1, "TelemetryReport",
               "buffered while offline, sent in order after reconnect"),
+    TopicSpec("health", "device → controller", False, 0, "DeviceHealth",
+              "memory, disk, CPU, KV waits; every telemetry interval while online, not buffered (a snapshot: the "
+              "next replaces it); a topic of its own, so controllers that predate it never see it"),
     TopicSpec("ota/offer", "controller → device", True, 1, "ota offer (ota/)", "cleared by an empty retained message"),
     TopicSpec("ota/status", "device → controller", True, 1, "ota status (ota/)", ""),
     TopicSpec("ota/chunk/request", "device → controller", False, 1, "chunk request (ota/)", "request/response"),
@@ -147,7 +154,8 @@ def device_subscriptions(fleet: str, device: str) -> list[str]:
 def controller_subscriptions(fleet: str = "+") -> list[str]:
     """The controller's wildcards: every device of `fleet` ("+": of every fleet)."""
     fleet = fleet if fleet == "+" else _level(fleet, "fleet id")
-    return [f"{ROOT}/{fleet}/+/{s}" for s in ("state", "telemetry", "ota/status", "ota/chunk/request")]
+    return [f"{ROOT}/{fleet}/+/{s}" for s in ("state", "telemetry", "health", "ota/status",
+                                                                  "ota/chunk/request")]
 
 
 def shared_subscription(group: str, topic_filter: str) -> str:
@@ -271,6 +279,33 @@ class TelemetryReport(Payload):
         return self
 
 
+class DeviceHealth(Payload):
+    """What the box has left and how the agent's process fares, sampled when sent. Counters (`cpu_seconds`,
+    `kv_waits`) run from the agent's start, so a lost snapshot loses nothing; a reading the box does not
+    offer (no thermal zone, not Linux) is None."""
+
+    device: str = Field(pattern=ID_PATTERN, max_length=128)
+    ts: float = Field(description="unix time, seconds, when sampled")
+    uptime_s: float = Field(ge=0, description="seconds since the agent started")
+    rss_bytes: int = Field(ge=0, le=INT64_MAX, description="resident memory of the agent's process")
+    memory_available_bytes: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="memory the agent can still take: MemAvailable, or less under a "
+        "cgroup limit")
+    cpu_seconds: float = Field(ge=0, description="user + system CPU time of the agent's process")
+    load_1m: float | None = Field(None, ge=0, description="the box's 1-minute load average")
+    cpus: int = Field(ge=1, le=1 << 20, description="CPUs the agent may run on")
+    disk_free_bytes: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="free bytes on the file system of the state directory (where "
+        "updates are downloaded)")
+    temperature_c: float | None = Field(None, ge=-273.15, le=1000, description="the hottest thermal zone")
+    in_flight: int = Field(0, ge=0, le=INT64_MAX, description="inference requests in the batch now")
+    queued: int = Field(0, ge=0, le=INT64_MAX, description="inference requests waiting for a place")
+    kv_waits: int = Field(0, ge=0, le=INT64_MAX, description="requests that waited for batching.max_kv_mb, "
+                          "since the agent started")
+    kv_bound_bytes: int = Field(0, ge=0, le=INT64_MAX, description="batching.max_kv_mb as applied; 0: no bound")
+    prefix_cache_bytes: int = Field(0, ge=0, le=INT64_MAX, description="KV held by the prefix cache")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]  # developer: read as system (as the HTTP API does)
@@ -337,8 +372,8 @@ class InferenceResponse(Payload):
         return self
 
 
-PAYLOAD_MODELS: tuple[type[Payload], ...] = (ReportedState, DesiredConfig, TelemetryReport, InferenceRequest,
-                                             InferenceResponse)
+PAYLOAD_MODELS: tuple[type[Payload], ...] = (ReportedState, DesiredConfig, TelemetryReport, DeviceHealth,
+                                             InferenceRequest, InferenceResponse)
 
 
 def payload_schemas() -> dict[str, dict]:

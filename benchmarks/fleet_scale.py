@@ -3,6 +3,7 @@
     python benchmarks/fleet_scale.py                        # N = 500, 1000, 2000, 4000 (stops past the ceiling)
     python benchmarks/fleet_scale.py --steps 2000 --duration 30
     python benchmarks/fleet_scale.py --controller-src /tmp/old   # the controller of another checkout (before/after)
+    python benchmarks/fleet_scale.py --steps 500,1000 --health both   # each step without, then with device health
 
 One run starts a loopback Mosquitto and `edgeglm fleet serve` (its own process), then for each N
 starts simulated devices (fleet.simulator.SimSwarm: one MQTT connection per device, the agents'
@@ -113,7 +114,7 @@ def worker(args) -> int:
     from fleet.simulator import SimSwarm
 
     swarm = SimSwarm("127.0.0.1", args.port, FLEET, [f"d{i:05d}" for i in range(args.first, args.first + args.count)],
-                     seed=args.first)
+                     seed=args.first, health=args.health == "on")
     swarm.connect()
     swarm.run(0.5)  # read the CONNACKs
     print("connected", flush=True)
@@ -124,11 +125,13 @@ def worker(args) -> int:
     return 0
 
 
-def start_workers(port: int, n: int, per_process: int, duration: float) -> list[subprocess.Popen]:
+def start_workers(port: int, n: int, per_process: int, duration: float, health: bool = False
+                  ) -> list[subprocess.Popen]:
     procs = []
     for first in range(0, n, per_process):
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--port", str(port), "--first", str(first),
-                                       "--count", str(min(per_process, n - first)), "--duration", str(duration)],
+                                       "--count", str(min(per_process, n - first)), "--duration", str(duration)]
+                                      + (["--health", "on"] if health else []),
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     for p in procs:
         if p.stdout.readline().strip() != "connected":
@@ -142,9 +145,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, broker: subprocess.Popen,
-                 args) -> dict:
+                 args, health: bool = False) -> dict:
     warmup = args.warmup
-    workers = start_workers(port, n, args.per_process, warmup + args.duration)
+    workers = start_workers(port, n, args.per_process, warmup + args.duration, health)
     read = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     has_stored = "stored" in {r[1] for r in read.execute("PRAGMA table_info(telemetry)")}
     for w in workers:
@@ -179,7 +182,7 @@ def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, brok
     lags = [r[0] for r in read.execute("SELECT stored - window_end FROM telemetry WHERE window_end BETWEEN ? AND ?",
                                        (t0, t1))] if has_stored else []
     read.close()
-    return {"n": n, "lag_p50": percentile(lags, 50), "lag_p95": percentile(lags, 95),
+    return {"n": n, "health": "on" if health else "off", "lag_p50": percentile(lags, 50), "lag_p95": percentile(lags, 95),
             "lag_max": max(lags) if lags else float("nan"), "fresh_max": max(fresh) if fresh else float("nan"),
             "stored_per_s": in_window / wall, "sent_per_s": sent / (warmup + args.duration),
             "lost_pct": 100 * max(0, sent - stored_all) / sent if sent else 0.0,
@@ -190,7 +193,7 @@ def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, brok
 
 
 def print_row(r: dict, header: bool = False) -> None:
-    cols = [("N", "n", "{:d}"), ("lag p50", "lag_p50", "{:.3f}s"), ("lag p95", "lag_p95", "{:.3f}s"),
+    cols = [("N", "n", "{:d}"), ("health", "health", "{}"), ("lag p50", "lag_p50", "{:.3f}s"), ("lag p95", "lag_p95", "{:.3f}s"),
             ("lag max", "lag_max", "{:.3f}s"), ("fresh max", "fresh_max", "{:.2f}s"),
             ("stored/s", "stored_per_s", "{:.0f}"), ("sent/s", "sent_per_s", "{:.0f}"), ("lost", "lost_pct", "{:.1f}%"),
             ("ctl CPU", "cpu_controller", "{:.0f}%"), ("ctl us/msg", "us_controller", "{:.0f}"), ("ctl RSS", "rss_controller", "{:.0f}MB"),
@@ -212,6 +215,9 @@ def main() -> int:
     ap.add_argument("--broker-queue", type=int, default=1000,
                     help="mosquitto max_queued_messages (its default 1000; the controller's backlog beyond it is "
                          "dropped by the broker)")
+    ap.add_argument("--health", choices=("off", "on", "both"), default="off",
+                    help="devices also send a DeviceHealth (QoS 0) after each report, as agents do; both: each step "
+                         "without, then with, and the ratio of the controller's CPU per report")
     ap.add_argument("--keep-going", action="store_true", help="run every step even past the ceiling")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -238,9 +244,16 @@ def main() -> int:
         controller = start_controller(work, port, args.controller_src)
         try:
             for i, n in enumerate(steps):
-                row = measure_step(n, port, work / "fleet.db", controller, broker, args)
-                check_alive(controller, "controller", work / "controller.log")
-                print_row(row, header=i == 0)
+                rows = []
+                for health in {"off": [False], "on": [True], "both": [False, True]}[args.health]:
+                    rows.append(measure_step(n, port, work / "fleet.db", controller, broker, args, health))
+                    check_alive(controller, "controller", work / "controller.log")
+                    print_row(rows[-1], header=i == 0 and len(rows) == 1)
+                if len(rows) == 2:
+                    print(f"  {n} devices: controller CPU per report with health / without: "
+                          f"{rows[1]['us_controller'] / rows[0]['us_controller']:.2f}x; broker "
+                          f"{rows[1]['us_broker'] / rows[0]['us_broker']:.2f}x", flush=True)
+                row = rows[-1]
                 if (row["lag_p95"] > 1.0 or row["lost_pct"] > 1.0 or row["fresh_max"] > 2.0) and not args.keep_going:
                     print(f"ceiling: {n} devices (p95 lag over 1 s, or reports lost)")
                     break

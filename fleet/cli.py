@@ -109,7 +109,7 @@ def cmd_serve(args) -> int:
     try:  # before connecting: a bad token file stops the start, not a scrape later
         token = read_metrics_token(cfg.http.metrics_token_file) if cfg.http.metrics_token_file else None
     except ValueError as exc:
-        raise FleetError(str(exc)) from None
+        raise FleetError(f"{exc}; the controller did not start") from None
     port = args.http_port if args.http_port is not None else cfg.http.port
     if not 0 <= port <= 65535:
         raise FleetError(f"--http-port {port} is not a port number (0-65535; 0 picks a free one)")
@@ -164,9 +164,10 @@ def _reload(args, cfg, controller, http):
     logging.getLogger().setLevel(new.log_level.upper())
     controller.store.retention_s = controller.settings.retention_s = new.database.retention_s
     http.set_metrics_token(token)  # read again even under the same path: a token rotated in its file
-    log.info("SIGHUP: fleet.toml read again; %s; the metrics token file was read again",
+    log.info("SIGHUP: fleet.toml read again; %s%s",
              "applied: " + ", ".join(k for k in changed if k in LIVE_SETTINGS)
-             if any(k in LIVE_SETTINGS for k in changed) else "no live setting changed")
+             if any(k in LIVE_SETTINGS for k in changed) else "no live setting changed",
+             "; the metrics token file was read again" if new.http.metrics_token_file else "")
     waiting = [k for k in changed if k not in LIVE_SETTINGS]
     if waiting:
         log.warning("SIGHUP: %s changed in fleet.toml: applied at the next restart of fleet serve (the running "
@@ -241,9 +242,10 @@ def cmd_status(args) -> int:
         import time
 
         since = time.time() - args.since
-        results = store.last_results(args.fleet)
+        results, health = store.last_results(args.fleet), store.health(args.fleet)
         devices = [{**d, "latency": store.latency(d["fleet"], d["device"], since, d["model_version"]),
-                    "last_update": results.get((d["fleet"], d["device"]))}
+                    "last_update": results.get((d["fleet"], d["device"])),
+                    "health": health.get((d["fleet"], d["device"]))}
                    for d in store.devices(args.fleet)]  # the table's latency columns, on the model it serves
         print(json.dumps({"devices": devices, "versions": store.versions(args.fleet, since)}, indent=2))
     else:

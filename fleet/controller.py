@@ -44,7 +44,7 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import PayloadError
-from agent.topics import (DesiredConfig, ReportedState, TelemetryReport, chunk_response_topic,
+from agent.topics import (DesiredConfig, DeviceHealth, ReportedState, TelemetryReport, chunk_response_topic,
                           controller_subscriptions, desired_topic, ota_offer_topic, split_topic)
 from fleet.store import Store, telemetry_row
 from ota.bundle import open_bundle
@@ -56,8 +56,9 @@ from ota.update import ROLLBACK_FORMAT, RollbackTerms
 
 log = logging.getLogger("edgeglm.fleet")
 # the largest payload read on each device topic; anything bigger is dropped unread
-PAYLOAD_LIMITS = {"state": 256 * 1024, "telemetry": 64 * 1024, "ota/status": 64 * 1024,
+PAYLOAD_LIMITS = {"state": 256 * 1024, "telemetry": 64 * 1024, "health": 8 * 1024, "ota/status": 64 * 1024,
                   "ota/chunk/request": 8 * 1024}
+HEALTH_FLUSH_S = 1.0  # device health snapshots wait at most this long for the writer's next telemetry batch
 MAX_BATCH = 5000  # telemetry rows per transaction
 PRUNE_EVERY_S = 60.0
 OFFERED_CHECK_S = 30.0  # how long the chunk server trusts the offers table's answer for one device and update
@@ -195,6 +196,9 @@ class FleetController:
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 30)
         self._telemetry: queue.SimpleQueue = queue.SimpleQueue()
+        # the latest DeviceHealth of each device not yet stored (a newer one replaces it): written by the writer
+        self._health: dict[tuple[str, str], dict] = {}
+        self._health_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_telemetry, name="fleet-telemetry-writer", daemon=True)
         self._chunk_limit = _RateLimit(settings.chunk_requests_per_s, settings.chunk_burst)
         self._limited_logged: dict[tuple[str, str], float] = {}
@@ -244,7 +248,10 @@ class FleetController:
     def _write_telemetry(self) -> None:
         last_prune = 0.0
         while True:
-            rows, done = [self._telemetry.get()], False
+            try:
+                rows, done = [self._telemetry.get(timeout=HEALTH_FLUSH_S)], False
+            except queue.Empty:  # device health waiting with no telemetry coming: written now
+                rows, done = [], False
             while len(rows) < MAX_BATCH:
                 try:
                     rows.append(self._telemetry.get_nowait())
@@ -253,6 +260,7 @@ class FleetController:
             if None in rows:
                 rows, done = [r for r in rows if r is not None], True
             try:
+                self._store_health()
                 if rows:
                     self._store_rows(rows)
                 if time.monotonic() - last_prune > PRUNE_EVERY_S:
@@ -262,6 +270,15 @@ class FleetController:
                 log.exception("telemetry batch of %d report(s) not stored", len(rows))
             if done:
                 return
+
+    def _store_health(self) -> None:
+        with self._health_lock:
+            snapshots, self._health = self._health, {}
+        if snapshots:
+            try:
+                self.store.put_health([(fleet, h) for (fleet, _), h in snapshots.items()])
+            except Exception as exc:  # as telemetry: logged, and the next snapshots come anyway
+                log.warning("health of %d device(s) not stored: %s", len(snapshots), exc)
 
     def _store_rows(self, rows: list[tuple]) -> None:
         """One transaction; if it fails, row by row, so that one row the database refuses costs only itself."""
@@ -295,7 +312,8 @@ class FleetController:
             return
         # one SUBSCRIBE for every topic filter, so that its SUBACK (_on_subscribe) means all are in place;
         # telemetry at the settings' QoS (default 0): see ControllerSettings.telemetry_qos
-        client.subscribe([(topic, self.settings.telemetry_qos if topic.endswith("/telemetry") else 1)
+        client.subscribe([(topic, self.settings.telemetry_qos if topic.endswith("/telemetry") else
+                           0 if topic.endswith("/health") else 1)
                           for topic in controller_subscriptions(self.settings.fleet)])
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -349,6 +367,12 @@ class FleetController:
             if report.device != device:
                 raise ValueError(f"report of device {report.device!r} on the topic of {device!r}")
             self._telemetry.put(telemetry_row(fleet, report.model_dump()))
+        elif rest == "health":
+            health = DeviceHealth.model_validate_json(msg.payload)
+            if health.device != device:
+                raise ValueError(f"health of device {health.device!r} on the topic of {device!r}")
+            with self._health_lock:  # stored with the next telemetry batch (HEALTH_FLUSH_S at the latest)
+                self._health[(fleet, device)] = health.model_dump(mode="json")
         elif rest == "ota/status":
             if msg.payload:  # empty: the retained status was cleared
                 self.store.add_ota_status(fleet, device, OtaStatus.model_validate_json(msg.payload).body())
@@ -478,15 +502,18 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
     """The status table: one row per device, then one per model version, then the rollouts."""
     now = time.time()
     rows = []
+    health = store.health(fleet)
     for d in store.devices(fleet):
         lat = store.latency(d["fleet"], d["device"], now - since_s, d["model_version"])
+        h = health.get((d["fleet"], d["device"]), {})
         rows.append((d["fleet"], d["device"], "yes" if d["online"] else "NO", f"{now - d['last_seen']:.0f}s",
                      f"{d['model_name'] or '-'} {d['model_version'] or ''}".strip(), d["execution_path"] or "-",
                      _ms(lat.get("ttft_p50_ms")), _ms(lat.get("ttft_p95_ms")), _ms(lat.get("token_p50_ms")),
                      _ms(lat.get("token_p95_ms")), f"{lat['tokens_per_s']:.1f}" if lat.get("tokens_per_s") else "-",
+                     _size(h.get("rss_bytes")), _size(h.get("memory_available_bytes")), _size(h.get("disk_free_bytes")),
                      _config_cell(d)))
     head = ("fleet", "device", "online", "seen", "model", "path", "ttft p50", "ttft p95", "tok p50", "tok p95",
-            "tok/s", "config")
+            "tok/s", "rss", "mem free", "disk free", "config")
     text = _table(head, rows) + f"\n{len(rows)} device(s); rejected messages: {store.counter('rejected_messages')}"
     results = store.last_results(fleet)
     for d in store.devices(fleet):  # a refused desired config or a failed update is news, not a detail of --json
@@ -524,6 +551,16 @@ def format_versions(versions: list[dict], since_s: float) -> str:
     head = ("version", "model", "devices", "online", "ttft p50", "ttft p95", "tok p50", "tok p95", "tok/s",
             "requests", "errors")
     return _table(head, rows) + f"\nper model version: telemetry of the last {since_s / 60:g} min, request-weighted"
+
+
+def _size(n) -> str:
+    """Bytes for a table cell: 812M, 1.4G; '-' for none."""
+    if n is None:
+        return "-"
+    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}" if n < 10 * scale else f"{n // scale}{unit}"
+    return f"{n}B"
 
 
 def _ms(v) -> str:
@@ -569,6 +606,34 @@ def _version_metrics(versions: list[dict]) -> list[str]:
     return lines
 
 
+HEALTH_SERIES = (  # (metric, DeviceHealth field, type, help)
+    ("edgeglm_fleet_device_resident_memory_bytes", "rss_bytes", "gauge", "Resident memory of each device's agent."),
+    ("edgeglm_fleet_device_memory_available_bytes", "memory_available_bytes", "gauge",
+     "Memory each device's agent can still take (MemAvailable, or less under a cgroup limit)."),
+    ("edgeglm_fleet_device_disk_free_bytes", "disk_free_bytes", "gauge",
+     "Free bytes on the file system of each device's state directory, where updates are downloaded."),
+    ("edgeglm_fleet_device_load1", "load_1m", "gauge", "1-minute load average of each device."),
+    ("edgeglm_fleet_device_temperature_celsius", "temperature_c", "gauge", "The hottest thermal zone of each device."),
+    ("edgeglm_fleet_device_kv_waits_total", "kv_waits", "counter",
+     "Requests that waited for batching.max_kv_mb on each device, since its agent started."),
+)
+
+
+def _health_metrics(devices: list[dict], health: dict[tuple[str, str], dict]) -> list[str]:
+    """The latest DeviceHealth of each registered device as per-device series (a device that never sent one, or
+    whose agent predates it, has none)."""
+    lines = []
+    for name, key, kind, help_text in HEALTH_SERIES:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for d in devices:
+            value = health.get((d["fleet"], d["device"]), {}).get(key)
+            if value is not None:
+                lines.append(f'{name}{{fleet="{_label(d["fleet"])}",device="{_label(d["device"])}"}} {value:.6g}'
+                             if isinstance(value, float) else
+                             f'{name}{{fleet="{_label(d["fleet"])}",device="{_label(d["device"])}"}} {value}')
+    return lines
+
+
 def prometheus_metrics(store: Store, connected: bool, queued: int | None = None) -> str:
     """Fleet aggregates in the Prometheus text format."""
     from fleet.rollout import load_rollouts
@@ -587,6 +652,7 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
         if lat.get("token_p95_ms") is not None:
             lines.append(f'edgeglm_fleet_token_p95_ms{{fleet="{_label(d["fleet"])}",device="{_label(d["device"])}",'
                          f'model_version="{_label(d["model_version"])}"}} {lat["token_p95_ms"]:.3f}')
+    lines += _health_metrics(devices, store.health())
     lines += _version_metrics(store.versions(since=since))
     lines += ["# HELP edgeglm_fleet_telemetry_reports_total Telemetry reports stored.",
               "# TYPE edgeglm_fleet_telemetry_reports_total counter",
@@ -621,11 +687,10 @@ def read_metrics_token(path: Path) -> str:
     try:
         token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"http.metrics_token_file {path}: cannot read it ({exc.__class__.__name__}: {exc}); "
-                         "the controller did not start") from None
+        raise ValueError(f"http.metrics_token_file {path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
     if not token or any(c.isspace() for c in token):
         raise ValueError(f"http.metrics_token_file {path}: {'empty' if not token else 'contains whitespace'}; "
-                         "put one token (e.g. `openssl rand -hex 32`) in it; the controller did not start")
+                         "put one token (e.g. `openssl rand -hex 32`) in it")
     return token
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from agent.mqtt import MqttSession, MqttSettings, Received
-from agent.topics import (DesiredConfig, LatencyPercentiles, ModelRef, ReportedState, TelemetryReport,
+from agent.topics import (DesiredConfig, DeviceHealth, LatencyPercentiles, ModelRef, ReportedState, TelemetryReport,
                           desired_topic, ota_offer_topic, ota_status_topic)
 from ota.update import Offer
 
@@ -112,12 +112,14 @@ class SimSwarm:
     state, then one `TelemetryReport` every `interval_s` (the devices' phases spread evenly over
     the interval), QoS 1, on its own telemetry topic: the topics and payload models are the
     agents' own. `window_end` is the time of publishing, so `stored - window_end` in the
-    controller's database is the ingest lag. It does not answer offers or configs (SimDevice does).
+    controller's database is the ingest lag. With `health`, each report is followed by a `DeviceHealth` at
+    QoS 0 on the health topic, as agents send it. It does not answer offers or configs (SimDevice does).
     """
 
     def __init__(self, host: str, port: int, fleet: str, devices: list[str], interval_s: float = 1.0,
-                 version: str = "1.0.0", per_token_ms: float = 10.0, seed: int = 0):
+                 version: str = "1.0.0", per_token_ms: float = 10.0, seed: int = 0, health: bool = False):
         self.host, self.port, self.fleet = host, port, fleet
+        self.health = health
         self.devices, self.interval_s, self.version = devices, interval_s, version
         self.per_token_ms = per_token_ms
         self.rng = random.Random(seed)
@@ -153,6 +155,11 @@ class SimSwarm:
             tokens_per_s=1000.0 / base, model_version=self.version,
             execution_path="onnxruntime:cpu").model_dump_json().encode()
 
+    def _health(self, device: str) -> bytes:
+        return DeviceHealth(device=device, ts=time.time(), uptime_s=60.0, rss_bytes=self.rng.randrange(200, 400) << 20,
+                            memory_available_bytes=2 << 30, cpu_seconds=10.0, load_1m=0.5, cpus=4,
+                            disk_free_bytes=20 << 30, temperature_c=55.0).model_dump_json().encode()
+
     def connect(self) -> None:
         """Open every device's connection (blocking TCP connects, CONNACKs read by `run`)."""
         for device in self.devices:
@@ -162,12 +169,13 @@ class SimSwarm:
         """Serve the connections and publish telemetry for `duration_s`; reports sent in this run."""
         import selectors
 
-        from agent.topics import telemetry_topic
+        from agent.topics import health_topic, telemetry_topic
 
         sel = selectors.DefaultSelector()
         for device, client in self.clients.items():
             sel.register(client.socket(), selectors.EVENT_READ, client)
         topics = {d: telemetry_topic(self.fleet, d) for d in self.devices}
+        health_topics = {d: health_topic(self.fleet, d) for d in self.devices}
         n = len(self.devices)
         start = time.time()
         due = [(start + self.interval_s * i / n, d) for i, d in enumerate(self.devices)]  # sorted by time
@@ -183,6 +191,8 @@ class SimSwarm:
                     t, d = due[nxt]
                     client = self.clients[d]
                     client.publish(topics[d], self._report(d), qos=1)
+                    if self.health:
+                        client.publish(health_topics[d], self._health(d), qos=0)
                     if client.want_write():
                         pending.add(client)
                     sent += 1

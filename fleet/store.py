@@ -70,6 +70,9 @@ CREATE INDEX IF NOT EXISTS telemetry_by_stored ON telemetry (stored);
 CREATE TABLE IF NOT EXISTS removed (
     fleet TEXT NOT NULL, device TEXT NOT NULL, removed REAL NOT NULL, state TEXT, PRIMARY KEY (fleet, device));
 CREATE INDEX IF NOT EXISTS ota_status_by_device ON ota_status (fleet, device, update_id, ts);
+CREATE TABLE IF NOT EXISTS health (
+    fleet TEXT NOT NULL, device TEXT NOT NULL, received REAL NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (fleet, device));
 """
 REMOVED_GRACE_S = 10.0  # telemetry of a removed device this long after its removal says its agent runs
 
@@ -241,6 +244,8 @@ class Store:
         its bundle (`fleet rollback --to` finds bundles there). The number of rows deleted."""
         cutoff = (self.clock() if now is None else now) - self.retention_s
         n = self._exec("DELETE FROM telemetry WHERE stored < ?", (cutoff,)).rowcount
+        n += self._exec("DELETE FROM health WHERE received < ? AND NOT EXISTS (SELECT 1 FROM devices d WHERE "
+                        "d.fleet = health.fleet AND d.device = health.device)", (cutoff,)).rowcount
         n += self._exec("DELETE FROM ota_status WHERE ts < ? AND rowid NOT IN (SELECT MAX(rowid) FROM "
                         "ota_status WHERE result IS NOT NULL GROUP BY fleet, device, update_id)",
                         (cutoff,)).rowcount
@@ -283,7 +288,7 @@ class Store:
             self.db.execute("BEGIN")
             try:
                 row = self.db.execute("SELECT state FROM devices WHERE fleet=? AND device=?", (fleet, device)).fetchone()
-                for table in ("devices", "groups", "desired", "offer_targets"):
+                for table in ("devices", "groups", "desired", "offer_targets", "health"):
                     removed[table] = self.db.execute(f"DELETE FROM {table} WHERE fleet=? AND device=?",
                                                      (fleet, device)).rowcount
                 self.db.execute("INSERT OR REPLACE INTO removed VALUES (?, ?, ?, ?)",
@@ -293,6 +298,30 @@ class Store:
                 self.db.execute("ROLLBACK")
                 raise
         return removed
+
+    def put_health(self, snapshots: list[tuple[str, dict]]) -> None:
+        """Keep the latest DeviceHealth (a dict, `device` in it) of each device: [(fleet, health)], one
+        transaction; an older snapshot (by its `ts`) than the one stored is ignored. The received time is the
+        controller's clock."""
+        received = self.clock()
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                self.db.executemany(
+                    "INSERT INTO health VALUES (?, ?, ?, ?) ON CONFLICT(fleet, device) DO UPDATE SET "
+                    "received = excluded.received, body = excluded.body "
+                    "WHERE json_extract(excluded.body, '$.ts') >= json_extract(health.body, '$.ts')",
+                    [(fleet, h["device"], received, json.dumps(h)) for fleet, h in snapshots])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def health(self, fleet: str | None = None) -> dict[tuple[str, str], dict]:
+        """The latest DeviceHealth of each device that sent one, with `received` (controller clock) added."""
+        rows = self._exec("SELECT fleet, device, received, body FROM health" + (" WHERE fleet = ?" if fleet else ""),
+                          (fleet,) if fleet else ()).fetchall()
+        return {(f, d): {**json.loads(body), "received": received} for f, d, received, body in rows}
 
     def add_ota_status(self, fleet: str, device: str, status: dict) -> None:
         self._exec("INSERT INTO ota_status VALUES (?,?,?,?,?,?,?,?)",

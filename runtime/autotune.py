@@ -290,6 +290,9 @@ def resident_bytes(bundle, backend: str, prefill: str = "on") -> int:
     return sum(files.values()) + (twice if prefill == "on" else 0)
 
 
+KV_SIZING_MAX = 256  # kv_sizing counts requests up to this many (more than any batch takes)
+
+
 def kv_sizing(bundle, memory, choice: "Candidate", prefill: str = "on") -> dict:
     """What the agent's batching.max_kv_mb = "auto" would come to for `bundle` on the chosen path here (a third
     of the memory left once the model is loaded, the load estimated by `resident_bytes`), and how many
@@ -306,10 +309,11 @@ def kv_sizing(bundle, memory, choice: "Candidate", prefill: str = "on") -> dict:
     auto = None if budget is None else max(1, (budget - loaded) // AUTO_KV_DIVISOR)
 
     def rows(need: int) -> int | None:
+        """How many requests of `need` positions fit, up to KV_SIZING_MAX (which reads "KV_SIZING_MAX or more")."""
         if auto is None:
             return None
         n = 0
-        while n < 256 and kv_estimate([need] * (n + 1), per_token, arch, device=gpu) <= auto:
+        while n < KV_SIZING_MAX and kv_estimate([need] * (n + 1), per_token, arch, device=gpu) <= auto:
             n += 1
         return n
 
@@ -324,8 +328,12 @@ def format_kv_sizing(k: dict) -> str:
            f"{k['context_window']}"
     if k["auto_kv_mb"] is None:
         return head + '; batching.max_kv_mb "auto": no bound here (the memory available is not known)'
+    def count(n: int) -> str:
+        return f"{n} or more" if n >= KV_SIZING_MAX else str(n)
+
     return (head + f'\nbatching.max_kv_mb "auto" here: about {k["auto_kv_mb"]:g} MiB once the model is loaded: '
-            f'{k["full_context_requests"]} request(s) of the whole window at once, {k["requests_of_768"]} of '
+            f'{count(k["full_context_requests"])} request(s) of the whole window at once, '
+            f'{count(k["requests_of_768"])} of '
             "512 + 256 tokens (more wait their turn; a request alone always runs; batching.max_batch, 8 by "
             "default, caps a batch too)")
 

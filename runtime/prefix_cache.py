@@ -171,7 +171,10 @@ class PrefixCache:
             raise ValueError(f"prefix cache max_bytes={max_bytes!r} is invalid: must be >= 0")
         with self._lock:
             self.max_bytes = int(max_bytes)
+            held = self._bytes
             self._evict_to(self.max_bytes)
+            if held and held - self._bytes >= held // 4:  # a bulk drop (turned off, or a much lower bound)
+                release_freed_memory()
 
     def reconfigure(self, max_bytes: int, block_tokens: int, persist_dir: str | Path | None) -> None:
         """Live settings: a new bound resizes; another block size or directory drops the blocks in
@@ -460,7 +463,7 @@ def release_freed_memory() -> bool:
     """Hand memory the process freed back to the system (glibc's malloc_trim; elsewhere nothing).
 
     The cache's blocks are thousands of small arrays allocated on the batching worker's thread; freed all at
-    once (a model switch, a new block size, the cache turned off), glibc kept the pages in that thread's
+    once (a model switch, a new block size, the cache turned off or its bound cut by a quarter or more), glibc kept the pages in that thread's
     arena, between allocations still in use, and the agent's RSS grew with every bulk drop (a 15-minute soak
     that drops the cache every ~3 minutes: +369 MB/h; with this call +8 MB/h; docs/performance.md, "Soak").
     True when the call was made."""

@@ -9,8 +9,10 @@ publishes its offline state and exits 0.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +27,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.topics import (chunk_request_topic, desired_topic, infer_request_topic, ota_offer_topic, ota_status_topic,
-                          state_topic, telemetry_topic)
+from agent.topics import (chunk_request_topic, desired_topic, health_topic, infer_request_topic, ota_offer_topic,
+                          ota_status_topic, state_topic, telemetry_topic)
 from broker import free_port
 from waiting import until as wait_until
 from ota.bundle import open_bundle
@@ -49,7 +51,7 @@ class Controller:
         self.client.on_message = self.on_message
         self.client.on_connect = self.on_connect
         self.topics = (state_topic(FLEET, DEVICE), telemetry_topic(FLEET, DEVICE), ota_status_topic(FLEET, DEVICE),
-                       chunk_request_topic(FLEET, DEVICE), "test/replies")
+                       chunk_request_topic(FLEET, DEVICE), health_topic(FLEET, DEVICE), "test/replies")
         self.messages = {topic: queue.Queue() for topic in self.topics}
         self.subscribed = threading.Event()
         self.client.reconnect_delay_set(0.1, 0.5)
@@ -126,6 +128,7 @@ port = {http_port}
 
 [telemetry]
 interval_s = 1.0
+health_interval_s = 1.0
 
 [mqtt]
 enabled = true
@@ -216,6 +219,56 @@ def test_agent_end_to_end_over_mqtt(agent_process, mosquitto, signed_bundles):
 
 
 until = partial(wait_until, timeout=120.0)
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    """/proc/PID/status' kB lines (VmRSS, ...) in bytes, and CPU seconds from /proc/PID/stat, as read by the test."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if value.strip().endswith(" kB"):
+                out[key] = int(value.split()[0]) * 1024
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    out["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def test_the_agent_sends_its_health_every_telemetry_interval(mosquitto, signed_bundles, tmp_path):
+    """Memory, disk, CPU and the KV bound of the box reach the controller on the health topic: not retained, one
+    per telemetry interval, the numbers those the test reads from /proc and the file system itself."""
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, extra="[batching]\nmax_kv_mb = 48\n")
+    try:
+        ctl = Controller(mosquitto.port)
+        assert ctl.install("install-v1", signed_bundles["v1"])["result"] == "committed"
+        topic = health_topic(FLEET, DEVICE)
+        first = ctl.wait(topic, lambda d, m: d["kv_bound_bytes"] > 0 and not m.retain)
+        seen = _proc_status(proc.pid)
+        assert first["device"] == DEVICE and first["kv_bound_bytes"] == 48 << 20
+        assert 0.5 * seen["VmRSS"] <= first["rss_bytes"] <= 2 * seen["VmRSS"], (first, seen["VmRSS"])
+        assert first["cpus"] == len(os.sched_getaffinity(proc.pid))
+        assert abs(first["disk_free_bytes"] - shutil.disk_usage(tmp_path / "state").free) < 512 << 20
+        with open("/proc/meminfo") as f:
+            total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+        assert 0 < first["memory_available_bytes"] <= total
+        assert first["load_1m"] == pytest.approx(os.getloadavg()[0], abs=4.0)
+        second = ctl.wait(topic, lambda d, m: d["ts"] > first["ts"])
+        assert 0.5 <= second["ts"] - first["ts"] <= 30 and second["uptime_s"] > first["uptime_s"]
+        assert first["cpu_seconds"] <= second["cpu_seconds"] <= _proc_status(proc.pid)["cpu_seconds"] + 0.05
+        # the fleet turns the snapshots off: telemetry goes on, health stops
+        ctl.publish(desired_topic(FLEET, DEVICE), json.dumps({"version": 1, "settings": {
+            "telemetry": {"health_interval_s": 0}}}), retain=True)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["applied_config_version"] == 1)
+        ctl.wait(telemetry_topic(FLEET, DEVICE), lambda d, m: True)  # a snapshot sent with it may be on its way
+        time.sleep(0.5)
+        while not ctl.messages[topic].empty():
+            ctl.messages[topic].get()
+        since = time.time()
+        ctl.wait(telemetry_topic(FLEET, DEVICE), lambda d, m: d["window_end"] > since + 2)
+        assert ctl.messages[topic].empty(), "health sent after the fleet set health_interval_s = 0"
+    finally:
+        kill_agent(proc)
 
 
 def test_transfer_survives_a_broker_restart_and_an_agent_kill(mosquitto, signed_bundles, tmp_path):

@@ -399,6 +399,12 @@ def test_the_fleet_cannot_set_a_telemetry_interval_that_floods_the_broker(tmp_pa
     rig = _agent(tmp_path / "rig", **{"telemetry.interval_s": 0.3})
     rig._apply_desired(DesiredConfig(version=1, settings={"telemetry": {"interval_s": 0.3}, "sampling.top_k": 4}))
     assert rig.applied_config_version == 1 and rig.cfg.telemetry.interval_s == 0.3
+    # the health snapshots likewise; the fleet may turn them off (0)
+    agent._apply_desired(DesiredConfig(version=3, settings={"telemetry": {"health_interval_s": 0.01}}))
+    assert agent.applied_config_version == 2 and agent.cfg.telemetry.health_interval_s == 60.0
+    assert "telemetry.health_interval_s = 0.01 is below 1.0" in agent.last_config_error
+    agent._apply_desired(DesiredConfig(version=4, settings={"telemetry": {"health_interval_s": 0}}))
+    assert agent.applied_config_version == 4 and agent.cfg.telemetry.health_interval_s == 0
 
 
 def test_a_desired_config_giving_one_setting_twice_is_refused_not_settled_by_key_order(tmp_path):

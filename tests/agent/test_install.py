@@ -431,3 +431,27 @@ def test_inference_stays_inside_the_units_system_call_filter(int8_bundle, tmp_pa
     assert len(used) > 20, used  # the trace was read
     allowed = _expand_syscall_group("@system-service", set())
     assert used - allowed == set()
+
+
+def _dist_info(site: Path, url: str) -> None:
+    """An installed edgeglm's metadata as pip writes it, with its PEP 610 direct_url.json."""
+    info = site / "edgeglm-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: edgeglm\nVersion: 0.1.0\n")
+    (info / "direct_url.json").write_text(f'{{"url": "{url}", "dir_info": {{}}}}')
+
+
+def test_an_edgeglm_installed_from_a_local_tree_is_installed_again_from_it(tmp_path):
+    """`pip install ./edgeglm` (not -e) leaves no source tree beside the code: `agent install` then asked the
+    package index for edgeglm==0.1.0, which has none, and failed. It now reads where pip took it from."""
+    from agent.install import installed_from
+
+    src = tmp_path / "my src"  # a space: the URL is percent-encoded
+    src.mkdir()
+    _dist_info(tmp_path / "site", src.as_uri())
+    assert installed_from([str(tmp_path / "site")]) == str(src)
+    src.rmdir()  # the tree is gone: nothing to install from locally
+    assert installed_from([str(tmp_path / "site")]) is None
+    _dist_info(tmp_path / "site2", "https://example.invalid/edgeglm-0.1.0.tar.gz")
+    assert installed_from([str(tmp_path / "site2")]) is None
+    assert installed_from([str(tmp_path / "empty")]) is None

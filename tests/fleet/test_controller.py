@@ -16,9 +16,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import MqttSession, MqttSettings
-from agent.topics import (LatencyPercentiles, ReportedState, TelemetryReport, chunk_response_topic,
-                          chunk_request_topic, ota_offer_topic, state_topic, telemetry_topic)
-from fleet.controller import ControllerSettings, FleetController, format_status
+from agent.topics import (DeviceHealth, LatencyPercentiles, ReportedState, TelemetryReport, chunk_response_topic,
+                          chunk_request_topic, health_topic, ota_offer_topic, state_topic, telemetry_topic)
+from fleet.controller import ControllerSettings, FleetController, format_status, prometheus_metrics
 from fleet.store import Store
 from ota.transfer import ChunkRequest, ChunkResponse
 from ota.update import Offer
@@ -198,6 +198,73 @@ def test_status_cli(controller, mosquitto, tmp_path):
     assert out.returncode == 0, out.stderr
     devices = json.loads(out.stdout)["devices"]
     assert [d["device"] for d in devices] == ["dev-s"] and devices[0]["model_version"] == "1.0.0"
+    dev.close()
+
+
+def health(device: str, ts: float, **values) -> DeviceHealth:
+    base = dict(uptime_s=60.0, rss_bytes=300 << 20, memory_available_bytes=3 << 30, cpu_seconds=12.5, load_1m=0.5,
+                cpus=4, disk_free_bytes=20 << 30, temperature_c=61.0, kv_waits=2, kv_bound_bytes=175 << 20)
+    return DeviceHealth(device=device, ts=ts, **{**base, **values})
+
+
+def test_device_health_is_kept_per_device_and_shown_in_status_json_and_metrics(controller, mosquitto, tmp_path):
+    """What a box has left (memory, disk) reaches the operator: the latest snapshot per device, never an older
+    one over a newer, never one device's on another's row; gone with the device."""
+    devs = {name: session(mosquitto, name) for name in ("dev-h1", "dev-h2")}
+    until(lambda: len(controller.store.devices(FLEET)) == 2)
+    now = time.time()
+    devs["dev-h1"].publish_snapshot(health_topic(FLEET, "dev-h1"), health("dev-h1", now, disk_free_bytes=900 << 20))
+    devs["dev-h2"].publish_snapshot(health_topic(FLEET, "dev-h2"), health("dev-h2", now, rss_bytes=1536 << 20))
+    until(lambda: len(controller.store.health(FLEET)) == 2)
+    # an older snapshot arriving late (QoS 0, another path) does not replace the newer one
+    devs["dev-h1"].publish_snapshot(health_topic(FLEET, "dev-h1"), health("dev-h1", now - 30, disk_free_bytes=1))
+    # one device's snapshot on another's topic, and junk, are refused and counted
+    devs["dev-h1"].publish_snapshot(health_topic(FLEET, "dev-h2"), health("dev-h1", now + 1))
+    raw = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    raw.connect("127.0.0.1", mosquitto.port)
+    raw.loop_start()
+    raw.publish(health_topic(FLEET, "dev-h1"), json.dumps({"device": "dev-h1", "rss_bytes": -1}), qos=1).wait_for_publish(5)
+    until(lambda: controller.store.counter("rejected_messages") == 2)
+    until(lambda: controller.queued_telemetry == 0 and not controller._health)  # all that came is stored
+    assert controller.store.health(FLEET)[(FLEET, "dev-h1")]["disk_free_bytes"] == 900 << 20  # the older one not
+    devs["dev-h1"].publish_snapshot(health_topic(FLEET, "dev-h1"), health("dev-h1", now + 2, disk_free_bytes=800 << 20))
+    until(lambda: controller.store.health(FLEET)[(FLEET, "dev-h1")]["disk_free_bytes"] == 800 << 20)
+    assert controller.store.health(FLEET)[(FLEET, "dev-h2")]["rss_bytes"] == 1536 << 20
+
+    table = format_status(controller.store, FLEET)
+    head, _, row1, row2 = table.splitlines()[:4]
+    cols = head.split()
+    assert "rss" in cols and "disk" in cols
+    assert "300M" in row1.split() and "3.0G" in row1.split() and "800M" in row1.split()
+    assert "1.5G" in row2.split() and "20G" in row2.split()
+
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "status", "--db", str(tmp_path / "fleet.db"),
+                          "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    by_name = {d["device"]: d for d in json.loads(out.stdout)["devices"]}
+    assert by_name["dev-h1"]["health"]["disk_free_bytes"] == 800 << 20
+    assert by_name["dev-h2"]["health"]["kv_waits"] == 2 and by_name["dev-h2"]["health"]["received"] >= now - 5
+
+    metrics = prometheus_metrics(controller.store, True)
+    assert f'edgeglm_fleet_device_disk_free_bytes{{fleet="{FLEET}",device="dev-h1"}} {800 << 20}' in metrics
+    assert f'edgeglm_fleet_device_resident_memory_bytes{{fleet="{FLEET}",device="dev-h2"}} {1536 << 20}' in metrics
+    assert f'edgeglm_fleet_device_temperature_celsius{{fleet="{FLEET}",device="dev-h2"}} 61' in metrics
+    assert "# TYPE edgeglm_fleet_device_kv_waits_total counter" in metrics
+
+    controller.store.remove_device(FLEET, "dev-h2")
+    assert (FLEET, "dev-h2") not in controller.store.health(FLEET)
+    assert "dev-h2" not in prometheus_metrics(controller.store, True)
+    raw.loop_stop()
+    for d in devs.values():
+        d.close()
+
+
+def test_a_device_that_sends_no_health_shows_dashes(controller, mosquitto):
+    """An agent older than the health topic: its row has no memory or disk figures, and nothing fails."""
+    dev = session(mosquitto, "dev-old")
+    until(lambda: controller.store.devices(FLEET))
+    row = format_status(controller.store, FLEET).splitlines()[2].split()
+    assert row[-4:] == ["-", "-", "-", "-"]  # rss, mem free, disk free, config
     dev.close()
 
 

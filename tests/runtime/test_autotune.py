@@ -327,6 +327,12 @@ def test_probe_bundle_json_then_text_from_cache(int8_bundle, tmp_path):
     assert "from the cache" in text.stdout and f"chosen: {tune['choice_path']}" in text.stdout
     assert f"KV cache: {per_position / 1024:g} KiB per position (float32), context window {window}" in text.stdout
     assert 'batching.max_kv_mb "auto" here: about' in text.stdout
+    # counted up to 256: a box with room for more says so, not "256" (a tiny model on this machine has room)
+    fits = kv["auto_kv_mb"] * 2**20 / (window * per_position)
+    if fits > 600:
+        assert kv["full_context_requests"] == 256 and "256 or more request(s) of the whole window" in text.stdout
+    else:
+        assert f"{kv['full_context_requests']} request(s) of the whole window" in text.stdout
     no_accelerator = "no GPU or NPU path (none found, or none a backend here can use): CPU paths only"
     assert (no_accelerator in text.stdout) == (not tune["accelerators"])
 
