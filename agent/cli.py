@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -257,7 +258,16 @@ def cmd_agent(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import importlib.util
+
     _factory()
+    try:
+        amqtt = importlib.util.find_spec("amqtt")
+    except (ImportError, ValueError):  # (a module set to None in sys.modules)
+        amqtt = None
+    if not args.broker and amqtt is None:  # before half a minute of training
+        raise CliError("the demo's embedded MQTT broker needs amqtt: pip install 'edgeglm[factory,demo]', or pass "
+                       "--broker HOST:PORT of a running MQTT broker")
     from agent.demo import run_demo
 
     try:
@@ -322,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgeglm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
 
-    e = sub.add_parser("export", help="export a GlmForCausalLM checkpoint to a bundle")
+    e = sub.add_parser("export", help="export a GlmForCausalLM checkpoint to a bundle (needs the factory extra)")
     e.add_argument("checkpoint", help="GlmForCausalLM checkpoint directory to export (config.json, "
                    "model.safetensors or its shards, tokenizer.json)")
     e.add_argument("--out", required=True, help="bundle directory to create")
@@ -337,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_export)
 
-    bd = sub.add_parser("build", help="compress a checkpoint by a recipe (prune, distill, quantize) into a bundle")
+    bd = sub.add_parser("build", help="compress a checkpoint by a recipe (prune, distill, quantize) into a bundle (needs "
+                                          "the factory extra)")
     bd.add_argument("--teacher", required=True, help="GlmForCausalLM checkpoint directory to compress")
     bd.add_argument("--corpus", required=True, nargs="+", help="UTF-8 text files or directories to learn from")
     bd.add_argument("--recipe", required=True, help="recipe TOML file, or a shipped recipe: quick, edge-small")
@@ -447,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_fleet(sub)
 
-    d = sub.add_parser("demo", help="the whole product on this machine: broker, controller, 3 agents, 2 rollouts")
+    d = sub.add_parser("demo", help="the whole product on this machine: broker, controller, 3 agents, 2 rollouts "
+                                         "(needs the factory and demo extras)")
     d.add_argument("--workdir", default="edgeglm-demo",
                    help="a new or empty directory, or one an earlier demo made (its trained model is reused; its "
                         "fleet.db and agents/ start afresh); default edgeglm-demo")
@@ -457,7 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _process_defaults() -> None:
+    """Environment defaults for the libraries, set before they load (an operator's own value wins)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ONNX Runtime's usage telemetry: off, as in the unit
+    if not sys.stderr.isatty():  # progress bars written to a log file: one update every 10 s, not ten a second
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _process_defaults()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

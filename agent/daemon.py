@@ -37,7 +37,7 @@ from agent.mqtt import MqttSession, PayloadRejected, Received
 from agent.openai_compat import (ApiError, Outcome, chat_request, completion_request, generate_text, prompt_ids,
                                   with_special_stops)
 from agent.remote_config import (LOCAL_CEILINGS, REMOTE_SETTINGS, local_only_keys,  # noqa: F401 (re-exported)
-                                 remote_config_problems)
+                                 named_keys, remote_config_problems)
 from agent.selftest import SelfTestConfig, run_self_test
 from agent.telemetry import LatencyWindow, device_health, serving_label
 from agent.topics import (DesiredConfig, ErrorInfo, InferenceRequest, InferenceResponse, ModelRef, ReportedState,
@@ -261,6 +261,8 @@ class Agent:
             # before the active slot's model is loaded: a model that keeps killing the agent is not loaded again
             if cfg.model.bundle is None:  # (a bundle named directly is served instead of the slots)
                 probation_result = self.updater.check_probation()
+        if cfg.ota.require_signature and cfg.model.bundle is not None:
+            self._trusted_keys()  # the bundle named to serve cannot be verified without them: stop before binding
         self.http.start()
         log.info("HTTP API on %s", self.http.url)
         path = self._initial_model_path()
@@ -458,6 +460,8 @@ class Agent:
             self.applied_config_version, self.last_config_error = desired.version, None
             self._applied_settings = desired.settings
             self._remember_desired(desired)
+            log.info("desired config version %s applied: %s", desired.version,
+                     ", ".join(named_keys(desired.settings)) or "no settings (the box's own config)")
         self._publish_state()
 
     def _use(self, new: AgentConfig) -> None:
@@ -644,8 +648,13 @@ class Agent:
         if status.get("result") in ("failed", "rolled_back"):  # what an operator must see, in words
             log.warning("OTA update %s %s: %s", status.get("update_id"), status["result"].replace("_", " "),
                         status.get("reason") or "no reason given")
-        else:
-            log.info("OTA %s", status)
+        else:  # e.g. "OTA update v2-17: downloading (progress 40.0%)"; a dict repr was hard to read in a journal
+            extra = [f"{k.replace('_', ' ')} {status[k]}" for k in ("from", "event", "in_slot", "result", "reason")
+                     if status.get(k) is not None]
+            extra += [f"{status['progress']}%"] if status.get("progress") is not None else []
+            extra += [f"self-test {json.dumps(status['self_test'])}"] if status.get("self_test") else []
+            log.info("OTA update %s: %s%s", status.get("update_id"), status.get("state"),
+                     f" ({', '.join(extra)})" if extra else "")
         if self.session is not None:
             d = self.cfg.device
             self.session.publish(ota_status_topic(d.fleet, d.id), json.dumps(status).encode(), retain=True)

@@ -170,7 +170,7 @@ def run_demo(workdir: str | Path, steps: int = 300, broker: str | None = None, n
 
     logging.basicConfig(level=logging.WARNING, format="    (%(name)s: %(message)s)")
     logging.getLogger("amqtt").setLevel(logging.CRITICAL)  # its shutdown chatter is not the demo's news
-    logging.getLogger("agent.mqtt.paho").setLevel(logging.ERROR)  # paho notes publishes racing the disconnect
+    logging.getLogger("edgeglm.mqtt.paho").setLevel(logging.ERROR)  # paho notes publishes racing the disconnect
     t0 = time.monotonic()
     work = Path(workdir)
     try:
@@ -219,7 +219,7 @@ def run_demo(workdir: str | Path, steps: int = 300, broker: str | None = None, n
                 "http": {"port": 0}, "telemetry": {"interval_s": 1.0},
                 "mqtt": {"enabled": True, "host": host, "port": port, "protocol": "3.1.1",
                          "reconnect_min_delay_s": 0.2, "reconnect_max_delay_s": 2.0},
-                "ota": {"trusted_keys": str(keys), "chunk_timeout_s": 5.0}})
+                "ota": {"trusted_keys": str(keys / "demo.pub"), "chunk_timeout_s": 5.0}})
             agent = Agent(cfg)
             agent.start()
             thread = threading.Thread(target=agent.run, args=(stop,), name=f"agent-box{i}", daemon=True)

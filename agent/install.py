@@ -432,7 +432,8 @@ class Installer:
             if not self.opts.dry_run:
                 _run([_base_python(), "-m", "venv", str(staged)], f"creating the virtualenv {staged}",
                      hint="on Debian/Ubuntu install the venv module: apt-get install python3-venv")
-        self.note("installed", f"edgeglm from {describe}", "pip, without the factory extra: about a minute")
+        self.note("installed", f"edgeglm from {describe}",
+                  "pip, without the factory extra: about half a minute from a nearby package index")
         if not self.opts.dry_run:
             self.pip_install(python, source)
             if self.staging:

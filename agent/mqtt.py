@@ -51,7 +51,7 @@ from agent.errors import PayloadError
 from agent.topics import ReportedState, TelemetryReport, check_publish_topic, parse_payload, state_topic, \
     telemetry_topic
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("edgeglm.mqtt")
 
 
 class _PahoLoopNoise(logging.Filter):
@@ -63,7 +63,7 @@ class _PahoLoopNoise(logging.Filter):
         return not str(record.msg).startswith("Client is not connected")
 
 
-PAHO_LOG = logging.getLogger(__name__ + ".paho")  # paho's own messages
+PAHO_LOG = logging.getLogger("edgeglm.mqtt.paho")  # paho's own messages
 PAHO_LOG.addFilter(_PahoLoopNoise())
 
 UNSUPPORTED_PROTOCOL = 132  # CONNACK reason; paho maps a 3.1.1 broker's return code 1 to it

@@ -243,7 +243,8 @@ def cmd_status(args) -> int:
 
         since = time.time() - args.since
         results, health = store.last_results(args.fleet), store.health(args.fleet)
-        devices = [{**d, "latency": store.latency(d["fleet"], d["device"], since, d["model_version"]),
+        devices = [{**d, "online": bool(d["online"]),
+                    "latency": store.latency(d["fleet"], d["device"], since, d["model_version"]),
                     "last_update": results.get((d["fleet"], d["device"])),
                     "health": health.get((d["fleet"], d["device"]))}
                    for d in store.devices(args.fleet)]  # the table's latency columns, on the model it serves
@@ -283,7 +284,23 @@ def cmd_offer(args) -> int:
     finally:
         controller.stop()
     print(f"offered {args.bundle} to {device} as update {update_id}")
+    _warn_short_of_disk(db, [(args.fleet, args.device)], args.bundle)
     return 0
+
+
+def _warn_short_of_disk(db, targets: list[tuple[str, str]], bundle_dir) -> None:
+    """Say which targets reported too little free disk for the bundle (their latest health snapshot)."""
+    from fleet.controller import bundle_bytes, offerable_bundle, short_of_disk
+    from fleet.store import Store
+
+    if not Path(db).is_file():
+        return
+    store = Store(db)
+    try:
+        for line in short_of_disk(store, targets, bundle_bytes(offerable_bundle(bundle_dir))):
+            print(f"edgeglm fleet: warning: {line}", file=sys.stderr)
+    finally:
+        store.close()
 
 
 def _check_number(flag: str, value: float, ok: bool, allowed: str) -> None:
@@ -340,6 +357,8 @@ def _rollout_start(args) -> int:
           f"`edgeglm fleet serve --db {db}` (of every fleet, or --fleet {fleet}) drives it, "
           f"`edgeglm fleet status` shows it, "
           f"`edgeglm fleet rollout cancel {rid}` stops it")
+    store.close()
+    _warn_short_of_disk(db, [m for m in selection.members if m[0] == fleet], args.bundle)
     return 0
 
 

@@ -196,6 +196,7 @@ class FleetController:
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 30)
         self._telemetry: queue.SimpleQueue = queue.SimpleQueue()
+        self._refused: str | None = None  # the broker's reason when it refused the last connection
         # the latest DeviceHealth of each device not yet stored (a newer one replaces it): written by the writer
         self._health: dict[tuple[str, str], dict] = {}
         self._health_lock = threading.Lock()
@@ -211,13 +212,36 @@ class FleetController:
     def start(self, timeout: float = 10.0) -> "FleetController":
         """Connect and subscribe; returns once the broker has acknowledged the subscriptions, so
         everything devices publish from then on reaches the controller."""
+        where = f"{self.settings.broker_host}:{self.settings.broker_port}"
+        try:  # the first connection at once, so that a refused port, a wrong name or a TLS failure says why
+            self.client.connect(self.settings.broker_host, self.settings.broker_port)
+        except (OSError, ValueError) as exc:  # (ssl.SSLError and socket.gaierror are OSErrors)
+            self._abandon()
+            why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise ConnectionError(f"cannot connect to the broker {where}: {why}") from None
         self._writer.start()
-        self.client.connect_async(self.settings.broker_host, self.settings.broker_port)
-        self.client.loop_start()
-        if not self.connected.wait(timeout):
-            raise ConnectionError(f"no connection to the broker {self.settings.broker_host}:"
-                                  f"{self.settings.broker_port} with its subscriptions acknowledged within {timeout:g} s")
+        self.client.loop_start()  # from here paho reconnects by itself
+        deadline = time.monotonic() + timeout
+        while not self.connected.wait(0.05):
+            refused = self._refused
+            if refused is not None or time.monotonic() > deadline:
+                self._abandon()
+                if refused is not None:
+                    hint = "; check [mqtt] username and the password of fleet.toml" \
+                        if "authori" in refused.lower() or "password" in refused.lower() else ""
+                    raise ConnectionError(f"the broker {where} refused the connection: {refused}{hint}")
+                raise ConnectionError(f"no answer from the broker {where} within {timeout:g} s"
+                                      + (" (connection and subscriptions)" if self.settings.listen else ""))
         return self
+
+    def _abandon(self) -> None:
+        """A start that failed: nothing left running or open (the database's -wal/-shm files go with it)."""
+        self.client.loop_stop()
+        self.client.disconnect()
+        if self._writer.is_alive():
+            self._telemetry.put(None)
+            self._writer.join(30)
+        self.store.close()
 
     def stop(self) -> None:
         self.client.disconnect()
@@ -306,7 +330,9 @@ class FleetController:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("broker refused the controller: %s", reason_code)
+            self._refused = str(reason_code)
             return
+        self._refused = None
         if not self.settings.listen:
             self.connected.set()
             return
@@ -361,7 +387,8 @@ class FleetController:
                 # a removed device (`fleet device remove`): the broker's copy of its last state, or its will
                 # when its agent stops, is no reason to list it again; a state it publishes online is
                 return
-            self.store.upsert_state(fleet, state.model_dump(mode="json"), device=device)  # refuses another's state
+            before = self.store.upsert_state(fleet, state.model_dump(mode="json"), device=device)  # refuses another's
+            _log_state_change(fleet, device, before, state)
         elif rest == "telemetry":
             report = TelemetryReport.model_validate_json(msg.payload)
             if report.device != device:
@@ -375,7 +402,13 @@ class FleetController:
                 self._health[(fleet, device)] = health.model_dump(mode="json")
         elif rest == "ota/status":
             if msg.payload:  # empty: the retained status was cleared
-                self.store.add_ota_status(fleet, device, OtaStatus.model_validate_json(msg.payload).body())
+                body = OtaStatus.model_validate_json(msg.payload).body()
+                self.store.add_ota_status(fleet, device, body)
+                if body.get("result") and not msg.retain:  # (a retained one is the last result, known already)
+                    (log.info if body["result"] == "committed" else log.warning)(
+                        "device %s/%s: update %s %s%s", fleet, device, body.get("update_id"),
+                        str(body["result"]).upper().replace("_", " "),
+                        f": {body['reason']}" if body.get("reason") else "")
         elif rest == "ota/chunk/request":
             if not self._chunk_limit.allow((fleet, device)):
                 self._chunk_limited(fleet, device)
@@ -469,6 +502,8 @@ class FleetController:
         # a plain offer leaves out the empty rollback_terms, so that an agent of an older version still parses it
         payload = offer.model_dump_json(exclude={"rollback_terms"} if terms is None else None)
         self._publish_retained(ota_offer_topic(fleet, device), payload, f"the offer of {update_id} to {fleet}/{device}")
+        log.info("offered %s %s to %s/%s (update %s%s)", bundle.manifest.name, bundle.manifest.version, fleet, device,
+                 update_id, ", a rollback" if rollback_key is not None else "")
         return update_id
 
     def set_desired(self, fleet: str, device: str, settings: dict, version: int | None = None,
@@ -486,6 +521,7 @@ class FleetController:
         # publish that fails leaves the store ahead instead: the command says so, and running it again publishes.
         self.store.record_desired(fleet, device, version, merged)
         self._publish_retained(desired_topic(fleet, device), payload, f"the desired config of {fleet}/{device}")
+        log.info("desired config version %d published to %s/%s", version, fleet, device)
         return version, merged
 
     def clear_retained(self, fleet: str, device: str) -> None:
@@ -496,6 +532,43 @@ class FleetController:
         self._require_connected("nothing was cleared")
         for topic in (desired_topic(fleet, device), ota_offer_topic(fleet, device)):
             self._publish_retained(topic, b"", f"the clearing of {topic}")
+
+
+def bundle_bytes(bundle) -> int:
+    """What an agent needs free to download `bundle` (an opened bundle): the sum of its files, as it checks."""
+    return sum(f.size for f in bundle.manifest.files)
+
+
+def short_of_disk(store: Store, targets: list[tuple[str, str]], need: int, now: float | None = None) -> list[str]:
+    """One line per target device whose latest health snapshot has less free disk in its state directory than
+    `need` bytes: its update would fail with "disk full" (the agent checks before downloading). A warning, not a
+    refusal: space may have been freed since, and devices that sent no snapshot are not judged."""
+    now = time.time() if now is None else now
+    health = store.health()
+    lines = []
+    for fleet, device in targets:
+        h = health.get((fleet, device)) or {}
+        free = h.get("disk_free_bytes")
+        if free is not None and free < need:
+            lines.append(f"device {fleet}/{device} reported {_size(free)} free for updates "
+                         f"{max(0.0, now - h['received']):.0f} s ago, the bundle needs {_size(need)}: its update will "
+                         "fail (disk full) unless space is freed on it")
+    return lines
+
+
+def _log_state_change(fleet: str, device: str, before: dict | None, state: ReportedState) -> None:
+    """INFO lines for what an operator follows in `fleet serve`'s log: a device new to the registry, one coming
+    online or going offline, and a change of the model it serves."""
+    version = state.model.version if state.model else None
+    if before is None:
+        log.info("device %s/%s registered (%s, serving %s)", fleet, device, "online" if state.online else "offline",
+                 version or "no model")
+        return
+    if before["online"] != state.online:
+        log.info("device %s/%s %s", fleet, device, "online" if state.online else "OFFLINE")
+    if state.online and before["model_version"] != version:
+        log.info("device %s/%s serves %s (was %s)", fleet, device, version or "no model",
+                 before["model_version"] or "no model")
 
 
 def format_status(store: Store, fleet: str | None = None, since_s: float = 3600) -> str:
@@ -544,7 +617,7 @@ def _config_cell(d: dict) -> str:
 
 def format_versions(versions: list[dict], since_s: float) -> str:
     """The per-model-version table of `Store.versions`."""
-    rows = [(v["model_version"] or "-", ",".join(v["model_names"]) or "-", str(v["devices"]), str(v["online"]),
+    rows = [(v["model_version"] or "(no model)", ",".join(v["model_names"]) or "-", str(v["devices"]), str(v["online"]),
              _ms(v["ttft_p50_ms"]), _ms(v["ttft_p95_ms"]), _ms(v["token_p50_ms"]), _ms(v["token_p95_ms"]),
              "-" if v["tokens_per_s"] is None else f"{v['tokens_per_s']:.1f}", str(v["requests"]),
              "-" if v["error_rate"] is None else f"{100 * v['error_rate']:.1f}%") for v in versions]

@@ -164,13 +164,17 @@ class Store:
             return self.db.execute(sql, args)
 
     # --- writes (from the controller's MQTT handlers) -------------------------------------
-    def upsert_state(self, fleet: str, state: dict, device: str | None = None) -> None:
+    def upsert_state(self, fleet: str, state: dict, device: str | None = None) -> dict | None:
         """Store a device's reported state. `device`, when given, is the device of the topic it came on:
-        a state that names another device is refused (ValueError), so no device writes another's row."""
+        a state that names another device is refused (ValueError), so no device writes another's row. What the
+        row said before (online, model_version), or None for a device new to the registry."""
         if device is not None and state.get("device") != device:
             raise ValueError(f"state of device {state.get('device')!r} on the topic of device {device!r}")
         with self._lock:
+            before = self.db.execute("SELECT online, model_version FROM devices WHERE fleet=? AND device=?",
+                                     (fleet, state["device"])).fetchone()
             self._upsert_state(fleet, state, self.clock())
+        return None if before is None else {"online": bool(before[0]), "model_version": before[1]}
 
     def _upsert_state(self, fleet: str, state: dict, seen: float) -> None:
         """(under the lock) The device's row from its state; it is no longer a removed device."""

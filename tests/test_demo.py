@@ -18,6 +18,7 @@ def test_demo_rolls_out_two_versions_to_three_agents_and_answers_chat(tmp_path):
     assert [line.split()[1] for line in status] == ["box1", "box2", "box3"]
     assert all(" yes " in line and "demo-tiny 1." in line for line in status)
     assert "Traceback" not in proc.stderr
+    assert "private signing key" not in proc.stdout + proc.stderr  # the agents trust demo.pub alone, not the keys dir
     assert "latency gate passed ({})" not in out  # said in words (agent/demo.py explain_report_line)
 
 
@@ -30,3 +31,19 @@ def test_the_latency_gate_line_says_what_it_compared():
     assert explain_report_line("06:51:02 latency gate passed ({'box1': 3.2, 'box2': -10.0})") == \
         "06:51:02 latency gate passed: p95 per-token latency box1 +3.2%, box2 -10.0%"
     assert explain_report_line("offered to the rest ['box2']") == "offered to the rest ['box2']"
+
+
+def test_without_the_embedded_broker_the_demo_stops_before_any_work(tmp_path):
+    """A factory install without the `demo` extra: the demo trained and exported for half a minute, then found it
+    had no broker. It now says what to install (or --broker) at once, and leaves the work dir empty."""
+    import time
+
+    work = tmp_path / "demo"
+    script = ("import sys; sys.modules['amqtt'] = None; from agent.cli import main; "
+              f"sys.exit(main(['demo', '--workdir', {str(work)!r}]))")
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "needs amqtt: pip install 'edgeglm[factory,demo]', or pass --broker HOST:PORT" in out.stderr
+    assert "Traceback" not in out.stderr and time.monotonic() - start < 20
+    assert not work.exists() or not any(work.iterdir())

@@ -4,6 +4,7 @@ one line and exit code 2, never a traceback, and nothing is started or written."
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -123,3 +124,18 @@ def test_bench_cache_dir_with_a_named_backend_is_said_to_be_unused(tmp_path, cap
     assert rc == 2 and "no-bundle" in err.splitlines()[-1]  # then the run goes on, here to the missing bundle
     rc, err = run(capsys, "bench", "--bundle", tmp_path / "no-bundle", "--cache-dir", tmp_path / "cache")
     assert rc == 2 and "note" not in err  # with --backend auto it is used
+
+
+def test_a_bundle_to_serve_without_its_trusted_keys_stops_the_agent_before_it_listens(tmp_path, int8_bundle):
+    """The agent logged "HTTP API listening" and then stopped on the missing keys: a health check could see a port
+    open for a box that was never going to serve. The keys are checked first now."""
+    import subprocess
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[model]\nslots_dir = "{tmp_path / "state"}"\n[http]\nport = 0\n'
+                    f'[ota]\ntrusted_keys = "{tmp_path / "no-keys"}"\n')
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "agent", "--config", str(conf), "--bundle",
+                          str(int8_bundle)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"{tmp_path / 'no-keys'}: trusted key file or directory not found" in out.stderr
+    assert "listening" not in out.stderr and "Traceback" not in out.stderr

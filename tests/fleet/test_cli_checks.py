@@ -737,3 +737,60 @@ def test_a_bad_fleet_config_names_each_setting_its_value_and_source_in_plain_wor
     monkeypatch.setenv("EDGEGLM_MQTT__PORT", "99999")
     refused(cli("status", "--db", str(tmp_path / "fleet.db")),
             "[mqtt] port = '99999' (from environment variable EDGEGLM_MQTT__PORT) is too large; must be at most 65535")
+
+
+# --- the broker cannot be reached or refuses ------------------------------------------------------
+
+def test_a_broker_that_cannot_be_reached_or_refuses_is_said_at_once_with_the_reason(tmp_path, make_mosquitto):
+    """`fleet serve` and the operator commands waited 10 s, then said only "no connection ... with its
+    subscriptions acknowledged", hid ECONNREFUSED or the broker's refusal, and left fleet.db-wal/-shm behind."""
+    import time
+
+    from broker import free_port
+
+    work = tmp_path / "w"
+    work.mkdir()
+    db = work / "fleet.db"
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "serve", "--broker", f"127.0.0.1:{free_port()}",
+                          "--db", str(db), "--http-port", "0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and time.monotonic() - start < 8, out.stderr
+    assert re.search(r"cannot connect to the broker 127\.0\.0\.1:\d+: Connection refused", out.stderr), out.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["fleet.db"]  # no -wal/-shm left open
+
+    broker = make_mosquitto(users={"ops": "right"})
+    conf = tmp_path / "fleet.toml"
+    conf.write_text(f'[mqtt]\nusername = "ops"\npassword = "wrong"\nport = {broker.port}\n')
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "config", "set", "--config", str(conf),
+                          "--db", str(db), "--fleet", "f1", "--device", "d1", "--force", "sampling.max_tokens=64"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and time.monotonic() - start < 8, out.stderr
+    assert f"the broker 127.0.0.1:{broker.port} refused the connection: " in out.stderr
+    assert "check [mqtt] username and the password of fleet.toml" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_rollout_or_offer_names_the_devices_that_reported_too_little_disk_for_the_bundle(db, signed_bundles,
+                                                                                           mosquitto):
+    """Their health snapshot says how much the state directory has free: an update that would fail with "disk
+    full" is said when it is started, not found out device by device later. A warning: nothing is refused."""
+    import time
+
+    v2 = signed_bundles["v2"]
+    need = sum(f.stat().st_size for f in v2.rglob("*") if f.is_file() and f.name not in ("manifest.json",
+                                                                                        "manifest.sig"))
+    store = Store(db)
+    now = time.time()
+    store.put_health([(FLEET, {"device": "d1", "ts": now, "disk_free_bytes": need // 2}),
+                      (FLEET, {"device": "d2", "ts": now, "disk_free_bytes": need * 10}),
+                      ("plant8", {"device": "e1", "ts": now, "disk_free_bytes": 1})])
+    store.close()
+    out = cli("rollout", "--db", str(db), "--canary", "50", "--bundle", str(v2), "--group", FLEET)
+    assert out.returncode == 0 and "rollout 1:" in out.stdout, out.stderr
+    warned = [line for line in out.stderr.splitlines() if "free for updates" in line]
+    assert len(warned) == 1 and f"device {FLEET}/d1 reported" in warned[0], out.stderr  # not d2, not plant8's e1
+    assert "its update will fail (disk full) unless space is freed on it" in warned[0]
+    out = cli("offer", "--db", str(db), "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", "plant8",
+              "--device", "e1", "--bundle", str(v2))
+    assert out.returncode == 0 and "offered" in out.stdout, out.stderr
+    assert "device plant8/e1 reported 1B free for updates" in out.stderr

@@ -715,7 +715,10 @@ port = {mosquitto.port}
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     dev = SimDevice(MqttSettings(enabled=True, port=mosquitto.port), FLEET, "sim-cli").start()
     try:
-        assert "fleet controller" in serve.stdout.readline()
+        early = [serve.stdout.readline()]  # devices may be logged before the banner (they connect at once)
+        while "fleet controller" not in early[-1] and early[-1]:
+            early.append(serve.stdout.readline())
+        assert "fleet controller" in early[-1], early
 
         def get(path):
             with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=5) as r:
@@ -770,11 +773,13 @@ port = {mosquitto.port + 1}
         dev.stop()
         serve.send_signal(subprocess.signal.SIGTERM)
         assert serve.wait(timeout=20) == 0
-        log = serve.stdout.read()
+        log = "".join(early) + serve.stdout.read()
         assert "INFO edgeglm.fleet: SIGHUP: fleet.toml read again; applied: database.retention_s, " \
                "http.metrics_token_file, log_level" in log  # and fleet.toml's log_level reaches the log now
         assert "WARNING edgeglm.fleet: SIGHUP: mqtt.port changed in fleet.toml: applied at the next restart" in log
         assert "SIGHUP: fleet.toml not applied, the running config is kept" in log
+        # what happens in the fleet is in the log at INFO (it had nothing but the SIGHUP lines)
+        assert f"INFO edgeglm.fleet: device {FLEET}/sim-cli registered (online, serving 1.0.0)" in log, log
 
 
 def test_config_set_publishes_everything_set_so_far_unless_replaced(controller, mosquitto, tmp_path):
