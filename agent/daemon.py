@@ -540,13 +540,13 @@ class Agent:
                 self.session.publish_telemetry(report)
         every = self.cfg.telemetry.health_interval_s
         if self.session is not None and not final and self.session.connected and every > 0 and \
-                time.monotonic() - self._last_health >= every:
-            self._last_health = time.monotonic()
+                self._last_telemetry - self._last_health >= every:
+            self._last_health = self._last_telemetry  # (so that it goes with the report every `every` s, not later)
             try:
                 health = device_health(self.cfg.device.id, time.monotonic() - self.started, self.http.metrics,
                                        self.cfg.model.slots_dir)
-            except (ValueError, OSError) as exc:  # a reading out of its range must not stop the telemetry
-                log.warning("device health not sent: %s", str(exc).splitlines()[0])
+            except Exception as exc:  # noqa: BLE001 a reading out of range must stop neither telemetry nor the agent
+                log.warning("device health not sent: %s", (str(exc).splitlines() or [type(exc).__name__])[0])
                 return
             self.session.publish_snapshot(health_topic(self.cfg.device.fleet, self.cfg.device.id), health)
 

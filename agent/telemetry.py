@@ -188,7 +188,7 @@ def device_health(device: str, uptime_s: float, metrics, state_dir: str | os.Pat
         cpus = os.cpu_count() or 1
     return DeviceHealth(
         device=device, ts=time.time(), uptime_s=max(0.0, uptime_s),
-        rss_bytes=sample.rss_bytes if sample else 0, cpu_seconds=sample.cpu_seconds if sample else time.process_time(),
+        rss_bytes=sample.rss_bytes if sample else None, cpu_seconds=sample.cpu_seconds if sample else time.process_time(),
         memory_available_bytes=sample.memory_available if sample else None, load_1m=load, cpus=max(1, cpus),
         disk_free_bytes=disk_free, temperature_c=hottest_zone_c(),
         in_flight=int(metrics.in_flight.value()), queued=int(metrics.queued.value()),

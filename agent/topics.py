@@ -133,8 +133,9 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("telemetry", "device → controller", False, 1, "TelemetryReport",
               "buffered while offline, sent in order after reconnect"),
     TopicSpec("health", "device → controller", False, 0, "DeviceHealth",
-              "memory, disk, CPU, KV waits; every telemetry interval while online, not buffered (a snapshot: the "
-              "next replaces it); a topic of its own, so controllers that predate it never see it"),
+              "memory, disk, CPU, KV waits; with a telemetry report every telemetry.health_interval_s while "
+              "online, not buffered (a snapshot: the next replaces it); a topic of its own, so controllers that "
+              "predate it never see it"),
     TopicSpec("ota/offer", "controller → device", True, 1, "ota offer (ota/)", "cleared by an empty retained message"),
     TopicSpec("ota/status", "device → controller", True, 1, "ota status (ota/)", ""),
     TopicSpec("ota/chunk/request", "device → controller", False, 1, "chunk request (ota/)", "request/response"),
@@ -287,7 +288,7 @@ class DeviceHealth(Payload):
     device: str = Field(pattern=ID_PATTERN, max_length=128)
     ts: float = Field(description="unix time, seconds, when sampled")
     uptime_s: float = Field(ge=0, description="seconds since the agent started")
-    rss_bytes: int = Field(ge=0, le=INT64_MAX, description="resident memory of the agent's process")
+    rss_bytes: int | None = Field(None, ge=0, le=INT64_MAX, description="resident memory of the agent's process")
     memory_available_bytes: int | None = Field(
         None, ge=0, le=INT64_MAX, description="memory the agent can still take: MemAvailable, or less under a "
         "cgroup limit")

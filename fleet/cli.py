@@ -422,7 +422,34 @@ def cmd_config_set(args) -> int:
     whole = json.dumps(published[0]) if all(p == published[0] for p in published) else "(differs per device)"
     print(f"desired config version {version} for {where}: {json.dumps(settings)}; "
           f"{'replacing what was set before' if args.replace else 'with what was set before'}: {whole}")
+    _warn_older_agents(args, targets, published)
     return 0
+
+
+# settings agents gained after the first release, each with what shows that an agent knows it: an older agent refuses
+# a whole desired config naming one (its config sections refuse unknown keys), and every later `config set` merges
+# it in again until KEY=null drops it
+NEWER_SETTINGS = {"telemetry.health_interval_s": "has sent a health snapshot"}
+
+
+def _warn_older_agents(args, targets: list[tuple[str, str]], published: list[dict]) -> None:
+    from agent.remote_config import named_keys
+    from fleet.store import Store
+
+    db = _settings(args)[1].db
+    store = Store(db) if Path(db).is_file() else None
+    try:
+        health = store.health() if store else {}
+    finally:
+        if store:
+            store.close()
+    for key, sign in NEWER_SETTINGS.items():
+        unsure = [f"{f}/{d}" for (f, d), p in zip(targets, published) if key in named_keys(p) and (f, d) not in health]
+        if unsure:
+            print(f"edgeglm fleet: warning: {key} is newer than some agents, and {', '.join(unsure)} never "
+                  f"{sign.removeprefix('has ')} (agents from before it, or with it off): an agent older than "
+                  f"the setting refuses the whole desired config (`fleet status` shows REFUSED); "
+                  f"`config set {key}=null` takes it out again", file=sys.stderr)
 
 
 def _without_nulls(settings: dict) -> dict:

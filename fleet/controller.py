@@ -578,7 +578,7 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
     health = store.health(fleet)
     for d in store.devices(fleet):
         lat = store.latency(d["fleet"], d["device"], now - since_s, d["model_version"])
-        h = health.get((d["fleet"], d["device"]), {})
+        h = health.get((d["fleet"], d["device"]), {}) if d["online"] else {}  # an offline box's figures are old
         rows.append((d["fleet"], d["device"], "yes" if d["online"] else "NO", f"{now - d['last_seen']:.0f}s",
                      f"{d['model_name'] or '-'} {d['model_version'] or ''}".strip(), d["execution_path"] or "-",
                      _ms(lat.get("ttft_p50_ms")), _ms(lat.get("ttft_p95_ms")), _ms(lat.get("token_p50_ms")),
@@ -689,17 +689,20 @@ HEALTH_SERIES = (  # (metric, DeviceHealth field, type, help)
     ("edgeglm_fleet_device_temperature_celsius", "temperature_c", "gauge", "The hottest thermal zone of each device."),
     ("edgeglm_fleet_device_kv_waits_total", "kv_waits", "counter",
      "Requests that waited for batching.max_kv_mb on each device, since its agent started."),
+    ("edgeglm_fleet_device_health_received_timestamp_seconds", "received", "gauge",
+     "When the controller received each device's latest health snapshot (unix time, the controller's clock)."),
 )
 
 
 def _health_metrics(devices: list[dict], health: dict[tuple[str, str], dict]) -> list[str]:
-    """The latest DeviceHealth of each registered device as per-device series (a device that never sent one, or
-    whose agent predates it, has none)."""
+    """The latest DeviceHealth of each registered device that is online as per-device series (none for a device
+    that never sent one, whose agent predates it, or that is offline: its last figures would keep an alert
+    firing for a box that is gone; edgeglm_fleet_devices counts those)."""
     lines = []
     for name, key, kind, help_text in HEALTH_SERIES:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         for d in devices:
-            value = health.get((d["fleet"], d["device"]), {}).get(key)
+            value = health.get((d["fleet"], d["device"]), {}).get(key) if d["online"] else None
             if value is not None:
                 lines.append(f'{name}{{fleet="{_label(d["fleet"])}",device="{_label(d["device"])}"}} {value:.6g}'
                              if isinstance(value, float) else

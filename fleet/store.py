@@ -305,16 +305,15 @@ class Store:
 
     def put_health(self, snapshots: list[tuple[str, dict]]) -> None:
         """Keep the latest DeviceHealth (a dict, `device` in it) of each device: [(fleet, health)], one
-        transaction; an older snapshot (by its `ts`) than the one stored is ignored. The received time is the
-        controller's clock."""
+        transaction, each replacing the device's last one. The received time is the controller's clock (a
+        device's `ts` is its own clock, which may be years off until NTP syncs: it orders nothing here)."""
         received = self.clock()
         with self._lock:
             self.db.execute("BEGIN")
             try:
                 self.db.executemany(
                     "INSERT INTO health VALUES (?, ?, ?, ?) ON CONFLICT(fleet, device) DO UPDATE SET "
-                    "received = excluded.received, body = excluded.body "
-                    "WHERE json_extract(excluded.body, '$.ts') >= json_extract(health.body, '$.ts')",
+                    "received = excluded.received, body = excluded.body",
                     [(fleet, h["device"], received, json.dumps(h)) for fleet, h in snapshots])
                 self.db.execute("COMMIT")
             except BaseException:

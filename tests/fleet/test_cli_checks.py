@@ -794,3 +794,25 @@ def test_a_rollout_or_offer_names_the_devices_that_reported_too_little_disk_for_
               "--device", "e1", "--bundle", str(v2))
     assert out.returncode == 0 and "offered" in out.stdout, out.stderr
     assert "device plant8/e1 reported 1B free for updates" in out.stderr
+
+
+def test_config_set_of_a_newer_setting_names_the_devices_that_may_not_know_it(db, mosquitto):
+    """An agent from before telemetry.health_interval_s refuses a whole desired config that names it, and every
+    later `config set` to that device merges the key in again: the devices that never sent a health snapshot are
+    named when it is set, and as long as it stays in their desired config."""
+    import time
+
+    store = Store(db)
+    store.put_health([(FLEET, {"device": "d1", "ts": time.time()})])
+    store.close()
+    base = ("config", "set", "--db", str(db), "--broker", f"127.0.0.1:{mosquitto.port}", "--group", FLEET)
+    out = cli(*base, "telemetry.health_interval_s=0")
+    assert out.returncode == 0, out.stderr
+    warned = [line for line in out.stderr.splitlines() if "newer than some agents" in line]
+    assert len(warned) == 1 and f"{FLEET}/d2 never sent a health snapshot" in warned[0], out.stderr
+    assert f"{FLEET}/d1" not in warned[0] and "config set telemetry.health_interval_s=null" in warned[0]
+    out = cli(*base, "sampling.max_tokens=5")  # the key is still in what is published: said again
+    assert out.returncode == 0 and "newer than some agents" in out.stderr, out.stderr
+    out = cli(*base, "telemetry.health_interval_s=null")
+    assert out.returncode == 0 and "newer than some agents" not in out.stderr, out.stderr
+    assert "health_interval_s" not in out.stdout.split("with what was set before:")[1]

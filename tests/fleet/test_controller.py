@@ -216,8 +216,10 @@ def test_device_health_is_kept_per_device_and_shown_in_status_json_and_metrics(c
     devs["dev-h1"].publish_snapshot(health_topic(FLEET, "dev-h1"), health("dev-h1", now, disk_free_bytes=900 << 20))
     devs["dev-h2"].publish_snapshot(health_topic(FLEET, "dev-h2"), health("dev-h2", now, rss_bytes=1536 << 20))
     until(lambda: len(controller.store.health(FLEET)) == 2)
-    # an older snapshot arriving late (QoS 0, another path) does not replace the newer one
-    devs["dev-h1"].publish_snapshot(health_topic(FLEET, "dev-h1"), health("dev-h1", now - 30, disk_free_bytes=1))
+    # a device's clock ten years ahead (no RTC, NTP not synced yet), then set right: its later snapshots count
+    devs["dev-h1"].publish_snapshot(health_topic(FLEET, "dev-h1"), health("dev-h1", now + 3e8, disk_free_bytes=1))
+    until(lambda: controller.store.health(FLEET)[(FLEET, "dev-h1")]["disk_free_bytes"] == 1)
+    devs["dev-h1"].publish_snapshot(health_topic(FLEET, "dev-h1"), health("dev-h1", now, disk_free_bytes=900 << 20))
     # one device's snapshot on another's topic, and junk, are refused and counted
     devs["dev-h1"].publish_snapshot(health_topic(FLEET, "dev-h2"), health("dev-h1", now + 1))
     raw = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
@@ -226,7 +228,7 @@ def test_device_health_is_kept_per_device_and_shown_in_status_json_and_metrics(c
     raw.publish(health_topic(FLEET, "dev-h1"), json.dumps({"device": "dev-h1", "rss_bytes": -1}), qos=1).wait_for_publish(5)
     until(lambda: controller.store.counter("rejected_messages") == 2)
     until(lambda: controller.queued_telemetry == 0 and not controller._health)  # all that came is stored
-    assert controller.store.health(FLEET)[(FLEET, "dev-h1")]["disk_free_bytes"] == 900 << 20  # the older one not
+    assert controller.store.health(FLEET)[(FLEET, "dev-h1")]["disk_free_bytes"] == 900 << 20
     devs["dev-h1"].publish_snapshot(health_topic(FLEET, "dev-h1"), health("dev-h1", now + 2, disk_free_bytes=800 << 20))
     until(lambda: controller.store.health(FLEET)[(FLEET, "dev-h1")]["disk_free_bytes"] == 800 << 20)
     assert controller.store.health(FLEET)[(FLEET, "dev-h2")]["rss_bytes"] == 1536 << 20
@@ -250,13 +252,23 @@ def test_device_health_is_kept_per_device_and_shown_in_status_json_and_metrics(c
     assert f'edgeglm_fleet_device_resident_memory_bytes{{fleet="{FLEET}",device="dev-h2"}} {1536 << 20}' in metrics
     assert f'edgeglm_fleet_device_temperature_celsius{{fleet="{FLEET}",device="dev-h2"}} 61' in metrics
     assert "# TYPE edgeglm_fleet_device_kv_waits_total counter" in metrics
+    received = controller.store.health(FLEET)[(FLEET, "dev-h1")]["received"]
+    assert f'edgeglm_fleet_device_health_received_timestamp_seconds{{fleet="{FLEET}",device="dev-h1"}} ' \
+           f'{received:.6g}' in metrics
+
+    # a box gone offline: its last figures are no longer shown as current, nor exported (an alert on them would
+    # keep firing for a box that is off); the snapshot stays for --json, with its received time
+    devs["dev-h1"].close()
+    until(lambda: next(d for d in controller.store.devices(FLEET) if d["device"] == "dev-h1")["online"] == 0)
+    row1 = format_status(controller.store, FLEET).splitlines()[2].split()
+    assert row1[1] == "dev-h1" and row1[-4:] == ["-", "-", "-", "-"], row1
+    assert 'device="dev-h1"' not in prometheus_metrics(controller.store, True)
 
     controller.store.remove_device(FLEET, "dev-h2")
     assert (FLEET, "dev-h2") not in controller.store.health(FLEET)
     assert "dev-h2" not in prometheus_metrics(controller.store, True)
     raw.loop_stop()
-    for d in devs.values():
-        d.close()
+    devs["dev-h2"].close()
 
 
 def test_a_device_that_sends_no_health_shows_dashes(controller, mosquitto):
