@@ -111,7 +111,7 @@ def explain_report_line(line: str) -> str:
     The gate compares each canary's p95 per-token latency before and after; on the first rollout
     the canaries served nothing before, so there is no baseline and the report's dict is empty.
     """
-    m = re.fullmatch(r"(.*?)latency gate passed \((\{.*\})\)", line)  # after the report's HH:MM:SS
+    m = re.fullmatch(r"(.*?)latency gate passed \((\{.*?\})\)(; memory: .*)?", line)  # after the report's HH:MM:SS
     if m is None:
         return line
     try:
@@ -120,11 +120,12 @@ def explain_report_line(line: str) -> str:
         return line
     if not isinstance(changes, dict):
         return line
+    memory = m.group(3) or ""  # each canary's rss and free memory before -> after, from its health snapshots
     if not changes:
         return (f"{m.group(1)}latency gate passed: no baseline latency to compare with yet; the canaries' "
-                "telemetry on the new version arrived with no new errors")
+                f"telemetry on the new version arrived with no new errors{memory}")
     return f"{m.group(1)}latency gate passed: p95 per-token latency " + ", ".join(
-        f"{device} {change:+.1f}%" for device, change in changes.items())
+        f"{device} {change:+.1f}%" for device, change in changes.items()) + memory
 
 
 DEMO_MIN_DELTA_MS = 5.0  # the latency gate's absolute floor in the demo (`fleet rollout --min-delta-ms`)
@@ -216,7 +217,7 @@ def run_demo(workdir: str | Path, steps: int = 300, broker: str | None = None, n
             shutil.rmtree(state, ignore_errors=True)
             cfg = load_config(None, {
                 "device": {"id": f"box{i}", "fleet": FLEET}, "model": {"slots_dir": str(state)},
-                "http": {"port": 0}, "telemetry": {"interval_s": 1.0},
+                "http": {"port": 0}, "telemetry": {"interval_s": 1.0, "health_interval_s": 1.0},
                 "mqtt": {"enabled": True, "host": host, "port": port, "protocol": "3.1.1",
                          "reconnect_min_delay_s": 0.2, "reconnect_max_delay_s": 2.0},
                 "ota": {"trusted_keys": str(keys / "demo.pub"), "chunk_timeout_s": 5.0}})

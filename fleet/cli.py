@@ -5,7 +5,7 @@
     edgeglm fleet offer --fleet F --device D --bundle BUNDLE [--force] [--broker HOST:PORT] [--db fleet.db]
     edgeglm fleet config set (--fleet F --device D | --group G) KEY=VALUE... [--broker HOST:PORT]
     edgeglm fleet rollout --bundle B --group G --canary PCT [--max-p95-regression PCT] [--window S]
-                          [--previous-bundle P [--key ROLLBACK_KEY]] [--db fleet.db]
+                          [--min-free-memory-mb MB] [--previous-bundle P [--key ROLLBACK_KEY]] [--db fleet.db]
     edgeglm fleet rollout cancel ID [--db fleet.db]
     edgeglm fleet rollback --group G [--to VERSION] [--key ROLLBACK_KEY] [--valid-for SECONDS]
                            [--broker HOST:PORT] [--db fleet.db]
@@ -336,6 +336,9 @@ def _rollout_start(args) -> int:
     _check_number("--max-p95-regression", args.max_p95_regression, args.max_p95_regression >= 0,
                   ">= 0 percent of p95 growth that halts the rollout")
     _check_number("--min-delta-ms", args.min_delta_ms, args.min_delta_ms >= 0, ">= 0 ms")
+    if args.min_free_memory_mb is not None:
+        _check_number("--min-free-memory-mb", args.min_free_memory_mb, args.min_free_memory_mb > 0,
+                      "> 0 MiB a canary must still be able to take on the new version")
     if args.key is not None and args.previous_bundle is None:
         raise FleetError("--key signs the canaries' rollback offers to --previous-bundle: give --previous-bundle "
                          "too; nothing was recorded")
@@ -350,10 +353,12 @@ def _rollout_start(args) -> int:
     fleet, group = (one_fleet(selection), args.group) if selection.assigned else (args.group, None)
     rid = create_rollout(store, Path(args.bundle), fleet, args.canary, args.max_p95_regression,
                          args.window, Path(args.previous_bundle) if args.previous_bundle else None,
-                         key, args.min_delta_ms, group=group)
+                         key, args.min_delta_ms, group=group, min_free_mb=args.min_free_memory_mb)
     print(f"rollout {rid}: {bundle.manifest.name} {bundle.manifest.version} to "
           f"{'group ' + group + ' of fleet ' + fleet if group else 'fleet ' + fleet} "
-          f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95, window {args.window:g} s); "
+          f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95"
+          f"{f', memory free >= {args.min_free_memory_mb:g} MiB' if args.min_free_memory_mb else ''}, "
+          f"window {args.window:g} s); "
           f"`edgeglm fleet serve --db {db}` (of every fleet, or --fleet {fleet}) drives it, "
           f"`edgeglm fleet status` shows it, "
           f"`edgeglm fleet rollout cancel {rid}` stops it")
@@ -668,6 +673,9 @@ def register(sub) -> None:
     r.add_argument("--canary", type=float, help="percent of online devices offered first (required to start one)")
     r.add_argument("--max-p95-regression", type=float, default=20.0, help="percent; more halts the rollout")
     r.add_argument("--window", type=float, default=300.0, help="seconds of canary telemetry before deciding")
+    r.add_argument("--min-free-memory-mb", type=float, default=None,
+                   help="memory gate: halt when a canary's health snapshot on the new version says it can still "
+                        "take less than this many MiB (default: off; the report gives each canary's memory anyway)")
     r.add_argument("--min-delta-ms", type=float, default=1.0,
                    help="a p95 growth below this many ms is never a regression (default 1.0)")
     r.add_argument("--previous-bundle", help="bundle to roll canaries back to when the rollout halts")

@@ -8,7 +8,10 @@
     canary_window wait `window_s`, then compare the canaries' p95 per-token     rest | halting
                   latency and error count on the new version to their baseline
                   (a regression is over max_regression_pct AND over min_delta_ms);
-                  a canary with no telemetry yet gets one more window, then fails
+                  a canary with no telemetry yet gets one more window, then fails;
+                  with min_free_mb, a canary whose health snapshot says it can
+                  still take less memory than that fails too (the report gives
+                  each canary's rss and free memory before -> after either way)
     rest          offer to the remaining devices                               rest_wait
     rest_wait     wait for their results                                       done
     halting       offer the canaries a signed rollback to the previous bundle  halted
@@ -68,6 +71,15 @@ def result_wait_s(window_s: float) -> float:
     return max(RESULT_WAIT_MIN_S, 4 * window_s)
 
 
+def _memory(health: dict) -> dict:
+    """What the memory gate keeps of a DeviceHealth snapshot."""
+    return {k: health.get(k) for k in ("rss_bytes", "memory_available_bytes")}
+
+
+def _mib(n) -> str:
+    return "?" if n is None else f"{n / 2**20:.0f} MiB"
+
+
 def _error_rate(latency: dict) -> float:
     """errors / (requests + errors) of a `Store.latency` result (a failed request is not in `requests`)."""
     errors = latency.get("errors", 0) or 0
@@ -102,7 +114,9 @@ class Rollout:
 
 def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, max_regression_pct: float = 20.0,
                    window_s: float = 300.0, previous_bundle: Path | None = None, key: Path | None = None,
-                   min_delta_ms: float = 1.0, group: str | None = None) -> int:
+                   min_delta_ms: float = 1.0, group: str | None = None, min_free_mb: float | None = None) -> int:
+    """Record a rollout (advanced by RolloutDriver.tick). `min_free_mb`: the memory gate (None: off): a canary
+    whose health snapshot on the new version says it can still take less than this many MiB halts the rollout."""
     _schema(store)
     active = active_rollout(store, fleet, group)
     if active is not None:
@@ -120,7 +134,8 @@ def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, ma
          # absolute but not resolved: a Kubernetes Secret's file is a link into a directory the kubelet replaces
          # when the Secret changes (a key rotation); the resolved path would be gone after it
          os.path.abspath(key) if key else None,
-         min_delta_ms, "canary", json.dumps({"report": []}), now, now, group))
+         min_delta_ms, "canary", json.dumps({"report": [], **({"min_free_mb": min_free_mb} if min_free_mb else {})}),
+         now, now, group))
     return cur.lastrowid
 
 
@@ -296,6 +311,8 @@ class RolloutDriver:
             self._save(r, "canary", f"waiting for baseline latency from {missing}")
         if missing and now - r.data["baseline_wait_since"] < 2 * max(r.window_s, 1.0):
             return
+        health = self.store.health(r.fleet)  # each canary's memory before (agents from before health: none)
+        r.data["health_before"] = {d: _memory(health[(r.fleet, d)]) for d in canaries if (r.fleet, d) in health}
         r.data.update(canaries=canaries, rest=rest, baseline=baseline)
         r.data["offers"] = self._offer(r, canaries, r.bundle)
         r.data["offered_at"] = now
@@ -389,10 +406,35 @@ class RolloutDriver:
                                 f"{d}: no requests served on the new version in the window ({reports} telemetry "
                                 f"report(s), all idle): an idle canary gives nothing to compare; send it traffic "
                                 f"or give a longer --window")
-        if problems:
-            self._save(r, "halting", "latency gate failed: " + "; ".join(problems))
+        memory_problems, memory_note = self._memory_gate(r)
+        if problems or memory_problems:
+            self._save(r, "halting", "; ".join((["latency gate failed: " + "; ".join(problems)] if problems else [])
+                                               + (["memory gate failed: " + "; ".join(memory_problems)]
+                                                  if memory_problems else [])) + memory_note)
         else:
-            self._save(r, "rest", f"latency gate passed ({r.data.get('p95_change_pct', {})})")
+            self._save(r, "rest", f"latency gate passed ({r.data.get('p95_change_pct', {})}){memory_note}")
+
+    def _memory_gate(self, r: Rollout) -> tuple[list[str], str]:
+        """Each canary's memory on the new version (its latest health snapshot, received after the window
+        started: the model was loaded and serving) against before the offer: what the report says, and the
+        problems when `min_free_mb` is set and a canary can still take less than that. A canary with no snapshot
+        since (an agent from before health, or with it off) is not judged."""
+        health, floor = self.store.health(r.fleet), r.data.get("min_free_mb")
+        problems, changes = [], []
+        for d in r.data["canaries"]:
+            h = health.get((r.fleet, d))
+            if h is None or h["received"] < r.data["window_start"]:
+                continue
+            after, before = _memory(h), r.data.get("health_before", {}).get(d, {})
+            r.data.setdefault("memory", {})[d] = {"before": before, "after": after}
+            free, was = after.get("memory_available_bytes"), before.get("memory_available_bytes")
+            changes.append(f"{d} rss {_mib(before.get('rss_bytes'))} -> {_mib(after.get('rss_bytes'))}, "
+                           f"free {_mib(was)} -> {_mib(free)}" if before else
+                           f"{d} rss {_mib(after.get('rss_bytes'))}, free {_mib(free)} (no snapshot before)")
+            if floor is not None and free is not None and free < floor * 2**20:
+                problems.append(f"{d}: can still take {_mib(free)} of memory on the new version (was {_mib(was)}), "
+                                f"below --min-free-memory-mb {floor:g}")
+        return problems, (f"; memory: {'; '.join(changes)}" if changes else "")
 
     def _rest(self, r: Rollout, now: float) -> None:
         # every device of the target not on the version yet, online or not (one offline when the canaries were

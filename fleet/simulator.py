@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from agent.mqtt import MqttSession, MqttSettings, Received
 from agent.topics import (DesiredConfig, DeviceHealth, LatencyPercentiles, ModelRef, ReportedState, TelemetryReport,
-                          desired_topic, ota_offer_topic, ota_status_topic)
+                          desired_topic, health_topic, ota_offer_topic, ota_status_topic)
 from ota.update import Offer
 
 
@@ -27,6 +27,8 @@ class SimProfile:
     fail_self_test: set[str] = field(default_factory=set)  # versions whose self-test fails
     requests_per_report: int = 5
     errors_per_report: int = 0
+    rss_mb: dict[str, float] = field(default_factory=dict)  # agent RSS by model version; default 200 MiB
+    free_mb: dict[str, float] = field(default_factory=dict)  # memory it can still take, by version; default 2 GiB
 
 
 class SimDevice:
@@ -101,6 +103,12 @@ class SimDevice:
             per_token_ms=LatencyPercentiles(p50=samples[10], p95=samples[18], p99=samples[19]),
             tokens_per_s=1000.0 / base, errors=self.profile.errors_per_report, model_version=self.version,
             execution_path="onnxruntime:cpu"))
+        # and a health snapshot with it, as agents send one (every telemetry.health_interval_s)
+        self.session.publish_snapshot(health_topic(self.fleet, self.device), DeviceHealth(
+            device=self.device, ts=now, uptime_s=time.monotonic() - self.started,
+            rss_bytes=int(self.profile.rss_mb.get(self.version, 200.0) * 2**20),
+            memory_available_bytes=int(self.profile.free_mb.get(self.version, 2048.0) * 2**20),
+            cpu_seconds=1.0, cpus=4, disk_free_bytes=8 << 30))
 
 
 class SimSwarm:

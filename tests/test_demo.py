@@ -30,6 +30,9 @@ def test_the_latency_gate_line_says_what_it_compared():
     assert "{}" not in first
     assert explain_report_line("06:51:02 latency gate passed ({'box1': 3.2, 'box2': -10.0})") == \
         "06:51:02 latency gate passed: p95 per-token latency box1 +3.2%, box2 -10.0%"
+    memory = "; memory: box1 rss 180 MiB -> 190 MiB, free 9000 MiB -> 8990 MiB"
+    assert explain_report_line("06:51:02 latency gate passed ({'box1': 3.2})" + memory) == \
+        "06:51:02 latency gate passed: p95 per-token latency box1 +3.2%" + memory
     assert explain_report_line("offered to the rest ['box2']") == "offered to the rest ['box2']"
 
 

@@ -208,8 +208,8 @@ def health(device: str, ts: float, **values) -> DeviceHealth:
 
 
 def test_device_health_is_kept_per_device_and_shown_in_status_json_and_metrics(controller, mosquitto, tmp_path):
-    """What a box has left (memory, disk) reaches the operator: the latest snapshot per device, never an older
-    one over a newer, never one device's on another's row; gone with the device."""
+    """What a box has left (memory, disk) reaches the operator: the latest snapshot received per device (the
+    device's clock orders nothing), never one device's on another's row; gone with the device."""
     devs = {name: session(mosquitto, name) for name in ("dev-h1", "dev-h2")}
     until(lambda: len(controller.store.devices(FLEET)) == 2)
     now = time.time()
@@ -316,13 +316,16 @@ def fleet_of_four(mosquitto):
 
 
 def test_rollout_proceeds_when_latency_holds(controller, fleet_of_four, signed_bundles):
-    devs, _ = fleet_of_four
+    devs, profile = fleet_of_four
+    profile.rss_mb["1.1.0"] = 260.0  # the new model takes more memory: said in the report, not a halt (no floor)
     until(lambda: len(controller.store.devices(FLEET)) == 4)
     rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=25, max_regression_pct=20,
                          window_s=1.0)
     r = run_rollout(controller, devs, rid, ("done", "halted"), 1.0)
     assert r.phase == "done", r.data["report"]
     assert r.data["canaries"] == ["sim-0"] and r.data["rest"] == ["sim-1", "sim-2", "sim-3"]
+    gate = next(line for line in r.data["report"] if "latency gate passed" in line)
+    assert "; memory: sim-0 rss 200 MiB -> 260 MiB, free 2048 MiB -> 2048 MiB" in gate, gate
     until(lambda: {d["model_version"] for d in controller.store.devices(FLEET)} == {"1.1.0"})
 
 
@@ -361,6 +364,25 @@ def test_rollout_halts_on_a_latency_regression_and_rolls_canaries_back(controlle
     assert any("latency gate failed" in line and "p95 per-token latency" in line for line in r.data["report"])
     until(lambda: {d["model_version"] for d in controller.store.devices(FLEET)} == {"1.0.0"})
     assert [d.version for d in devs] == ["1.0.0"] * 4  # canaries went back; the rest never moved
+
+
+def test_rollout_halts_when_a_canary_cannot_take_the_memory_floor_on_the_new_version(controller, fleet_of_four,
+                                                                                     signed_bundles):
+    """A bundle that fits but leaves a box with almost no memory (the next long prompt OOM-kills it): with
+    --min-free-memory-mb the canaries' health snapshots on the new version halt the rollout and roll them back."""
+    devs, profile = fleet_of_four
+    profile.rss_mb["1.1.0"], profile.free_mb["1.1.0"] = 1900.0, 40.0
+    until(lambda: len(controller.store.devices(FLEET)) == 4)
+    rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=25, window_s=1.0,
+                         previous_bundle=signed_bundles["v1"], key=signed_bundles["root"] / "keys" / "fleet.key",
+                         min_free_mb=64)
+    r = run_rollout(controller, devs, rid, ("done", "halted"), 1.0)
+    assert r.phase == "halted", r.data["report"]
+    halt = next(line for line in r.data["report"] if "gate failed" in line)
+    assert "latency gate failed" not in halt, halt  # the latency held: memory alone halted it
+    assert "memory gate failed: sim-0: can still take 40 MiB of memory on the new version (was 2048 MiB), below " \
+           "--min-free-memory-mb 64" in halt, halt
+    until(lambda: {d["model_version"] for d in controller.store.devices(FLEET)} == {"1.0.0"})
 
 
 def test_rollout_halts_when_a_canary_fails_its_self_test(controller, fleet_of_four, signed_bundles):
