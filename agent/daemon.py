@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -543,8 +544,9 @@ class Agent:
                 self._last_telemetry - self._last_health >= every:
             self._last_health = self._last_telemetry  # (so that it goes with the report every `every` s, not later)
             try:
+                interval = self.cfg.telemetry.interval_s  # health goes with the first report `every` s later
                 health = device_health(self.cfg.device.id, time.monotonic() - self.started, self.http.metrics,
-                                       self.cfg.model.slots_dir)
+                                       self.cfg.model.slots_dir, next_s=math.ceil(every / interval) * interval)
             except Exception as exc:  # noqa: BLE001 a reading out of range must stop neither telemetry nor the agent
                 log.warning("device health not sent: %s", (str(exc).splitlines() or [type(exc).__name__])[0])
                 return

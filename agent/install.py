@@ -92,7 +92,7 @@ _SECTION_NOTES = {
     "model": "which model to serve and how",
     "http": "the local HTTP API (OpenAI-compatible); keep it on 127.0.0.1 unless a proxy fronts it",
     "sampling": "defaults for requests that leave a field out",
-    "telemetry": "latency reports to the fleet controller over MQTT",
+    "telemetry": "latency reports and device health snapshots to the fleet controller over MQTT",
     "mqtt": "the fleet's broker: desired config, OTA offers, inference requests, telemetry",
     "mqtt.tls": "TLS to the broker; uncomment the table to use it",
     "ota": "signed model updates",

@@ -166,7 +166,8 @@ def hottest_zone_c(pattern: str = "/sys/class/thermal/thermal_zone*/temp") -> fl
     return max(readings) if readings else None
 
 
-def device_health(device: str, uptime_s: float, metrics, state_dir: str | os.PathLike) -> DeviceHealth:
+def device_health(device: str, uptime_s: float, metrics, state_dir: str | os.PathLike,
+                  next_s: float | None = None) -> DeviceHealth:
     """The DeviceHealth snapshot of this agent now: its process (/proc), the box (memory left, load, disk of
     `state_dir`, temperature) and the serving numbers kept in `metrics` (agent.metrics.ServingMetrics)."""
     from agent.metrics import process_sample
@@ -193,4 +194,4 @@ def device_health(device: str, uptime_s: float, metrics, state_dir: str | os.Pat
         disk_free_bytes=disk_free, temperature_c=hottest_zone_c(),
         in_flight=int(metrics.in_flight.value()), queued=int(metrics.queued.value()),
         kv_waits=int(metrics.kv_waits.value()), kv_bound_bytes=int(metrics.kv_bound.value()),
-        prefix_cache_bytes=int(metrics.prefix_cache_bytes.value()))
+        prefix_cache_bytes=int(metrics.prefix_cache_bytes.value()), next_s=next_s)

@@ -305,6 +305,9 @@ class DeviceHealth(Payload):
                           "since the agent started")
     kv_bound_bytes: int = Field(0, ge=0, le=INT64_MAX, description="batching.max_kv_mb as applied; 0: no bound")
     prefix_cache_bytes: int = Field(0, ge=0, le=INT64_MAX, description="KV held by the prefix cache")
+    next_s: float | None = Field(None, gt=0, le=10 * 86400.0,
+                                 description="seconds until the next snapshot is due (the controller takes this one "
+                                             "as current until about twice that has passed)")
 
 
 class ChatMessage(BaseModel):

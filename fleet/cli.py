@@ -138,6 +138,7 @@ def cmd_serve(args) -> int:
             driver.tick()  # one rollout's failing step is logged by tick; this catches the rest (the database)
         except Exception:
             logging.getLogger("edgeglm.fleet").exception("rollout tick failed; trying again in 1 s")
+    logging.getLogger("edgeglm.fleet").info("stopping: the telemetry received is written, then the controller ends")
     http.shutdown()
     controller.stop()
     return 0
@@ -242,11 +243,14 @@ def cmd_status(args) -> int:
         import time
 
         since = time.time() - args.since
+        from fleet.controller import health_current
+
         results, health = store.last_results(args.fleet), store.health(args.fleet)
         devices = [{**d, "online": bool(d["online"]),
                     "latency": store.latency(d["fleet"], d["device"], since, d["model_version"]),
                     "last_update": results.get((d["fleet"], d["device"])),
-                    "health": health.get((d["fleet"], d["device"]))}
+                    "health": health.get((d["fleet"], d["device"])),
+                    "health_current": bool(d["online"]) and health_current(health.get((d["fleet"], d["device"])))}
                    for d in store.devices(args.fleet)]  # the table's latency columns, on the model it serves
         print(json.dumps({"devices": devices, "versions": store.versions(args.fleet, since)}, indent=2))
     else:

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agent.errors import PayloadError
 from agent.topics import (DesiredConfig, DeviceHealth, ReportedState, TelemetryReport, chunk_response_topic,
                           controller_subscriptions, desired_topic, ota_offer_topic, split_topic)
+from agent.metrics import format_value
 from fleet.store import Store, telemetry_row
 from ota.bundle import open_bundle
 from ota.errors import BundleError
@@ -193,6 +194,9 @@ class FleetController:
                     from None
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+        self._lost_at: float | None = None  # monotonic time the broker connection was lost, while it is
+        self._stopping = False
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 30)
         self._telemetry: queue.SimpleQueue = queue.SimpleQueue()
@@ -227,8 +231,10 @@ class FleetController:
             if refused is not None or time.monotonic() > deadline:
                 self._abandon()
                 if refused is not None:
-                    hint = "; check [mqtt] username and the password of fleet.toml" \
-                        if "authori" in refused.lower() or "password" in refused.lower() else ""
+                    hint = "" if "authori" not in refused.lower() and "password" not in refused.lower() else \
+                        "; check the MQTT username and password ([mqtt] username and password or password_file of " \
+                        "the fleet config)" if self.settings.username else \
+                        "; no MQTT username is set ([mqtt] username of the fleet config) and the broker wants one"
                     raise ConnectionError(f"the broker {where} refused the connection: {refused}{hint}")
                 raise ConnectionError(f"no answer from the broker {where} within {timeout:g} s"
                                       + (" (connection and subscriptions)" if self.settings.listen else ""))
@@ -236,6 +242,7 @@ class FleetController:
 
     def _abandon(self) -> None:
         """A start that failed: nothing left running or open (the database's -wal/-shm files go with it)."""
+        self._stopping = True
         self.client.loop_stop()
         self.client.disconnect()
         if self._writer.is_alive():
@@ -244,6 +251,7 @@ class FleetController:
         self.store.close()
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
         if self._writer.is_alive():
@@ -328,10 +336,15 @@ class FleetController:
 
     # --- callbacks: parse, store, count -------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        where = f"{self.settings.broker_host}:{self.settings.broker_port}"
         if reason_code.is_failure:
-            log.warning("broker refused the controller: %s", reason_code)
+            if self.connected.is_set() and self._refused is None:  # (at the start, start() says it: once is enough)
+                log.warning("the broker %s refused the connection: %s", where, reason_code)
             self._refused = str(reason_code)
             return
+        if self._lost_at is not None:
+            log.info("connected to the broker %s again after %.0f s", where, time.monotonic() - self._lost_at)
+            self._lost_at = None
         self._refused = None
         if not self.settings.listen:
             self.connected.set()
@@ -341,6 +354,14 @@ class FleetController:
         client.subscribe([(topic, self.settings.telemetry_qos if topic.endswith("/telemetry") else
                            0 if topic.endswith("/health") else 1)
                           for topic in controller_subscriptions(self.settings.fleet)])
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        """Once per loss: the log says the broker went away and (in _on_connect) when it is back; paho reconnects."""
+        if self._stopping or self._lost_at is not None or not self.connected.is_set():
+            return
+        self._lost_at = time.monotonic()
+        log.warning("lost the broker %s:%s (%s); reconnecting (devices' messages wait in the broker meanwhile)",
+                    self.settings.broker_host, self.settings.broker_port, reason_code)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [t for t, rc in zip(controller_subscriptions(self.settings.fleet), reason_codes) if rc.is_failure]
@@ -405,9 +426,10 @@ class FleetController:
                 body = OtaStatus.model_validate_json(msg.payload).body()
                 self.store.add_ota_status(fleet, device, body)
                 if body.get("result") and not msg.retain:  # (a retained one is the last result, known already)
-                    (log.info if body["result"] == "committed" else log.warning)(
+                    ok = body["result"] == "committed"
+                    (log.info if ok else log.warning)(
                         "device %s/%s: update %s %s%s", fleet, device, body.get("update_id"),
-                        str(body["result"]).upper().replace("_", " "),
+                        "committed" if ok else str(body["result"]).upper().replace("_", " "),
                         f": {body['reason']}" if body.get("reason") else "")
         elif rest == "ota/chunk/request":
             if not self._chunk_limit.allow((fleet, device)):
@@ -535,8 +557,10 @@ class FleetController:
 
 
 def bundle_bytes(bundle) -> int:
-    """What an agent needs free to download `bundle` (an opened bundle): the sum of its files, as it checks."""
-    return sum(f.size for f in bundle.manifest.files)
+    """What an agent needs free to download `bundle` (an opened bundle), as it checks (ota.update.space_needed)."""
+    from ota.update import space_needed
+
+    return space_needed(f.size for f in bundle.manifest.files)
 
 
 def short_of_disk(store: Store, targets: list[tuple[str, str]], need: int, now: float | None = None) -> list[str]:
@@ -578,7 +602,8 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
     health = store.health(fleet)
     for d in store.devices(fleet):
         lat = store.latency(d["fleet"], d["device"], now - since_s, d["model_version"])
-        h = health.get((d["fleet"], d["device"]), {}) if d["online"] else {}  # an offline box's figures are old
+        h = health.get((d["fleet"], d["device"]), {})
+        h = h if d["online"] and health_current(h, now) else {}  # an offline box's or an old snapshot's: not now
         rows.append((d["fleet"], d["device"], "yes" if d["online"] else "NO", f"{now - d['last_seen']:.0f}s",
                      f"{d['model_name'] or '-'} {d['model_version'] or ''}".strip(), d["execution_path"] or "-",
                      _ms(lat.get("ttft_p50_ms")), _ms(lat.get("ttft_p95_ms")), _ms(lat.get("token_p50_ms")),
@@ -694,19 +719,33 @@ HEALTH_SERIES = (  # (metric, DeviceHealth field, type, help)
 )
 
 
+HEALTH_DUE_SLACK_S = 30.0  # a snapshot is current until 2 x its next_s (or HEALTH_DUE_DEFAULT_S) and this
+
+
+def health_current(h: dict, now: float | None = None) -> bool:
+    """Whether a stored DeviceHealth (with `received`) still describes the box: its next snapshot is not overdue
+    (twice the `next_s` it announced, plus HEALTH_DUE_SLACK_S). One whose agent stopped sending (health turned
+    off, or the agent stuck) is shown as not known, not as the box's present state."""
+    if not h:
+        return False
+    now = time.time() if now is None else now
+    return now - h["received"] <= 2 * (h.get("next_s") or 60.0) + HEALTH_DUE_SLACK_S
+
+
 def _health_metrics(devices: list[dict], health: dict[tuple[str, str], dict]) -> list[str]:
     """The latest DeviceHealth of each registered device that is online as per-device series (none for a device
     that never sent one, whose agent predates it, or that is offline: its last figures would keep an alert
-    firing for a box that is gone; edgeglm_fleet_devices counts those)."""
-    lines = []
+    firing for a box that is gone; edgeglm_fleet_devices counts those). A snapshot that is overdue
+    (health_current) keeps only its received timestamp, so that an alert on the age can fire."""
+    lines, now = [], time.time()
     for name, key, kind, help_text in HEALTH_SERIES:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         for d in devices:
-            value = health.get((d["fleet"], d["device"]), {}).get(key) if d["online"] else None
-            if value is not None:
-                lines.append(f'{name}{{fleet="{_label(d["fleet"])}",device="{_label(d["device"])}"}} {value:.6g}'
-                             if isinstance(value, float) else
-                             f'{name}{{fleet="{_label(d["fleet"])}",device="{_label(d["device"])}"}} {value}')
+            h = health.get((d["fleet"], d["device"]), {}) if d["online"] else {}
+            value = h.get(key) if key == "received" or health_current(h, now) else None
+            if value is not None:  # every digit (a timestamp at 6 significant digits is 5,000 s off)
+                lines.append(f'{name}{{fleet="{_label(d["fleet"])}",device="{_label(d["device"])}"}} '
+                             f'{format_value(value)}')
     return lines
 
 

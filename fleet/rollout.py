@@ -237,6 +237,10 @@ class RolloutDriver:
     def _save(self, r: Rollout, phase: str, note: str | None = None) -> None:
         if note:
             r.data["report"].append(f"{time.strftime('%H:%M:%S')} {note}")
+            # each decision in fleet serve's log too (a halt as a warning), as `fleet status` shows the last one
+            (log.warning if phase in ("halting", "halted") else log.info)(
+                "rollout %d (%s -> %s): %s%s", r.id, r.bundle.name, r.target, note,
+                "" if phase == r.phase else f" [{r.phase} -> {phase}]")
         r.phase = phase
         # never over a cancel that came in while this tick worked on the rollout
         self.store._exec("UPDATE rollouts SET phase=?, data=?, updated=? WHERE id=? AND phase != 'cancelled'",

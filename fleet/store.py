@@ -171,9 +171,17 @@ class Store:
         if device is not None and state.get("device") != device:
             raise ValueError(f"state of device {state.get('device')!r} on the topic of device {device!r}")
         with self._lock:
-            before = self.db.execute("SELECT online, model_version FROM devices WHERE fleet=? AND device=?",
+            before = self.db.execute("SELECT online, model_version, state FROM devices WHERE fleet=? AND device=?",
                                      (fleet, state["device"])).fetchone()
-            self._upsert_state(fleet, state, self.clock())
+            if before is not None and not state.get("online"):
+                # an offline state is often the broker's Will, made when the device connected: the model, slot
+                # and config it names may be older than what the device reported since (an OTA update on the same
+                # connection). The device is offline now, and the rest stays as it last said.
+                self.db.execute("UPDATE devices SET online = 0, last_seen = ?, state = ? WHERE fleet = ? AND "
+                                "device = ?", (self.clock(), json.dumps({**json.loads(before[2]), "online": False}),
+                                              fleet, state["device"]))
+            else:
+                self._upsert_state(fleet, state, self.clock())
         return None if before is None else {"online": bool(before[0]), "model_version": before[1]}
 
     def _upsert_state(self, fleet: str, state: dict, seen: float) -> None:

@@ -51,6 +51,16 @@ from ota.versions import check_upgrade, parse_version
 
 log = logging.getLogger("edgeglm.ota")
 
+DISK_HEADROOM = 1 << 20  # beyond the bundle's files: the manifest, signature, update state and slot pointer files
+DISK_BLOCK = 4096  # files take whole blocks of the file system (4 KiB on ext4 and most others)
+
+
+def space_needed(file_sizes) -> int:
+    """Bytes an update needs free before it starts downloading: each file rounded up to whole blocks, plus
+    DISK_HEADROOM. The plain sum let a box with a few KiB to spare accept the update and then fail while
+    saving its state (OSError: No space left on device) instead of with "disk full"."""
+    return sum(-(-size // DISK_BLOCK) * DISK_BLOCK for size in file_sizes) + DISK_HEADROOM
+
 
 class State(str, Enum):
     IDLE = "idle"
@@ -448,11 +458,13 @@ class Updater:
                                f"{list(self.deps.supported_backends)}: not for this device")
         if self._in_inactive_slot(raw):
             return E.IN_SLOT
-        need = sum(f.size for f in manifest.files)
+        need = space_needed(f.size for f in manifest.files)
         self.staging.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.staging).free
         if need > free:
-            raise UpdateFailed(f"bundle needs {need} bytes, {free} bytes free in {self.root}: disk full")
+            raise UpdateFailed(f"bundle needs {need} bytes (its files, rounded up to whole blocks, and "
+                               f"{DISK_HEADROOM >> 20} MiB for the update's own files), {free} bytes free in "
+                               f"{self.root}: disk full")
         atomic_write_bytes(self.staging / MANIFEST, raw)
         atomic_write_json(self.staging / SIGNATURE, offer.signature)
         return E.ACCEPTED

@@ -246,6 +246,7 @@ def test_the_agent_sends_its_health_every_telemetry_interval(mosquitto, signed_b
         first = ctl.wait(topic, lambda d, m: d["kv_bound_bytes"] > 0 and not m.retain)
         seen = _proc_status(proc.pid)
         assert first["device"] == DEVICE and first["kv_bound_bytes"] == 48 << 20
+        assert first["next_s"] == 1.0  # health_interval_s 1 with a report every 1 s: the controller knows when
         assert 0.5 * seen["VmRSS"] <= first["rss_bytes"] <= 2 * seen["VmRSS"], (first, seen["VmRSS"])
         assert first["cpus"] == len(os.sched_getaffinity(proc.pid))
         assert abs(first["disk_free_bytes"] - shutil.disk_usage(tmp_path / "state").free) < 512 << 20

@@ -767,7 +767,9 @@ def test_a_broker_that_cannot_be_reached_or_refuses_is_said_at_once_with_the_rea
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and time.monotonic() - start < 8, out.stderr
     assert f"the broker 127.0.0.1:{broker.port} refused the connection: " in out.stderr
-    assert "check [mqtt] username and the password of fleet.toml" in out.stderr and "Traceback" not in out.stderr
+    assert "check the MQTT username and password ([mqtt] username and password or password_file of the fleet " \
+           "config)" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # said once (the log warning was a second line)
 
 
 def test_a_rollout_or_offer_names_the_devices_that_reported_too_little_disk_for_the_bundle(db, signed_bundles,

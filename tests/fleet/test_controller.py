@@ -79,6 +79,38 @@ def test_registry_follows_state_and_the_will(controller, mosquitto, tmp_path):
     until(lambda: next(d for d in controller.store.devices(FLEET) if d["device"] == "dev-a")["online"] == 0)
 
 
+def test_a_will_made_before_an_update_does_not_take_the_registry_back_to_the_old_model(controller, mosquitto,
+                                                                                       tmp_path):
+    """The broker's Will is the state of the device when it connected: after an OTA update on the same connection,
+    a crash had the registry list the device under the model it served at connect (and `fleet serve` log a model
+    change). Offline, the device keeps what it last reported."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(tmp_path.parents[0])!r})
+        from agent.mqtt import MqttSession, MqttSettings
+        from agent.topics import ReportedState
+        version = ["1.0.0"]
+        st = lambda online=True: ReportedState(device="dev-w", online=online, agent_version="0.1.0", uptime_s=0,
+                                               model={{"name": "tiny", "version": version[0], "sha256": "0" * 64}},
+                                               execution_path="onnxruntime:cpu", ts=time.time())
+        s = MqttSession(MqttSettings(enabled=True, port={mosquitto.port}, keepalive_s=5), fleet={FLEET!r},
+                        device="dev-w", state_fn=st).start()
+        s.wait_connected(10)
+        version[0] = "1.1.0"  # an update committed on this connection: the Will still says 1.0.0
+        s.publish_state().wait_for_publish(10)
+        print("up", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "up"
+    until(lambda: [(d["online"], d["model_version"]) for d in controller.store.devices(FLEET)] == [(1, "1.1.0")])
+    proc.kill()
+    proc.wait()
+    until(lambda: controller.store.devices(FLEET)[0]["online"] == 0)
+    row = controller.store.devices(FLEET)[0]
+    assert row["model_version"] == "1.1.0" and row["execution_path"] == "onnxruntime:cpu", row
+
+
 def test_telemetry_is_aggregated_and_malformed_messages_are_counted(controller, mosquitto):
     dev = session(mosquitto, "dev-t")
     until(lambda: controller.store.devices(FLEET))
@@ -254,7 +286,7 @@ def test_device_health_is_kept_per_device_and_shown_in_status_json_and_metrics(c
     assert "# TYPE edgeglm_fleet_device_kv_waits_total counter" in metrics
     received = controller.store.health(FLEET)[(FLEET, "dev-h1")]["received"]
     assert f'edgeglm_fleet_device_health_received_timestamp_seconds{{fleet="{FLEET}",device="dev-h1"}} ' \
-           f'{received:.6g}' in metrics
+           f'{received!r}' in metrics
 
     # a box gone offline: its last figures are no longer shown as current, nor exported (an alert on them would
     # keep firing for a box that is off); the snapshot stays for --json, with its received time
@@ -269,6 +301,28 @@ def test_device_health_is_kept_per_device_and_shown_in_status_json_and_metrics(c
     assert "dev-h2" not in prometheus_metrics(controller.store, True)
     raw.loop_stop()
     devs["dev-h2"].close()
+
+
+def test_a_snapshot_whose_next_one_is_overdue_is_not_shown_as_the_box_now(tmp_path):
+    """An online box whose agent stopped sending health (the fleet set health_interval_s = 0, or the agent is
+    stuck) kept showing its last figures as current, for ever. Each snapshot says when the next is due
+    (`next_s`): past twice that (+30 s) the figures are not shown; the received time stays exported, so an
+    alert on the age can fire. A fresh one is shown again."""
+    db = tmp_path / "fleet.db"
+    now = time.time()
+    Store(db).upsert_state(FLEET, device_state("dev-o").model_dump(mode="json"))
+    Store(db, clock=lambda: now - 100).put_health([(FLEET, health("dev-o", now - 100, next_s=5.0).model_dump())])
+    store = Store(db)
+    assert format_status(store, FLEET).splitlines()[2].split()[-4:] == ["-", "-", "-", "-"]
+    metrics = prometheus_metrics(store, True)
+    assert "edgeglm_fleet_device_resident_memory_bytes{" not in metrics
+    received = float(next(line for line in metrics.splitlines()
+                          if line.startswith("edgeglm_fleet_device_health_received_timestamp_seconds{")).split()[-1])
+    assert received == pytest.approx(now - 100, abs=0.01)  # every digit: an alert on time() - this works
+    store.put_health([(FLEET, health("dev-o", now, next_s=5.0).model_dump())])
+    assert "300M" in format_status(store, FLEET).splitlines()[2].split()
+    assert 'edgeglm_fleet_device_resident_memory_bytes{fleet="plant7",device="dev-o"} 314572800' in \
+        prometheus_metrics(store, True)
 
 
 def test_a_device_that_sends_no_health_shows_dashes(controller, mosquitto):
@@ -803,6 +857,15 @@ port = {mosquitto.port + 1}
         serve.send_signal(subprocess.signal.SIGHUP)
         time.sleep(1.5)
         assert serve.poll() is None and scrape("s3cret") == 200
+        mosquitto.restart()  # the broker goes away and comes back: said once each in the log
+
+        def healthy():
+            try:
+                return get("/healthz") == (200, "ok\n")
+            except urllib.error.HTTPError:
+                return False
+
+        until(healthy)
     finally:
         dev.stop()
         serve.send_signal(subprocess.signal.SIGTERM)
@@ -814,6 +877,8 @@ port = {mosquitto.port + 1}
         assert "SIGHUP: fleet.toml not applied, the running config is kept" in log
         # what happens in the fleet is in the log at INFO (it had nothing but the SIGHUP lines)
         assert f"INFO edgeglm.fleet: device {FLEET}/sim-cli registered (online, serving 1.0.0)" in log, log
+        assert log.count(f"WARNING edgeglm.fleet: lost the broker 127.0.0.1:{mosquitto.port}") == 1, log
+        assert log.count(f"INFO edgeglm.fleet: connected to the broker 127.0.0.1:{mosquitto.port} again after") == 1
 
 
 def test_config_set_publishes_everything_set_so_far_unless_replaced(controller, mosquitto, tmp_path):

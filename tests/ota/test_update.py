@@ -468,7 +468,7 @@ def small_disk(path: Path, size_kib: int):
 def test_full_disk_is_refused_and_the_old_model_keeps_serving(signed_bundles, tmp_path):
     """The device's state directory on a real tmpfs with room for one model but not two."""
     need = sum(f.size for f in open_bundle(signed_bundles["v2"]).manifest.files)
-    with small_disk(tmp_path / "small-disk", need * 3 // 2 // 1024 + 64) as work:
+    with small_disk(tmp_path / "small-disk", need * 3 // 2 // 1024 + 1024 + 64) as work:  # (+ the 1 MiB headroom)
         shutil.copytree(signed_bundles["keys"], work / "keys")
         updater = build_updater(work)
         updater.submit(offer_for(signed_bundles["v1"], "install-v1"))
@@ -476,6 +476,24 @@ def test_full_disk_is_refused_and_the_old_model_keeps_serving(signed_bundles, tm
         assert serving(work) == "1.0.0"
         _refused(work, offer_for(signed_bundles["v2"], "u2"), "disk full")
         assert not (work / "state" / "staging").exists()
+
+
+def test_a_disk_with_only_a_few_kib_beyond_the_bundle_refuses_it_up_front(signed_bundles, tmp_path):
+    """The check compared free space with the plain sum of the files: a box with a few KiB more accepted the
+    offer and then failed with a raw OSError (No space left on device) while saving its state. Whole blocks and
+    headroom for the update's own files are counted now: refused with "disk full" before anything is written."""
+    from ota.update import DISK_HEADROOM
+
+    files = [f.size for f in open_bundle(signed_bundles["v1"]).manifest.files]
+    blocks = sum(-(-n // 4096) * 4096 for n in files)
+    with small_disk(tmp_path / "tight-disk", blocks // 1024 + 48) as work:
+        shutil.copytree(signed_bundles["keys"], work / "keys")
+        updater = build_updater(work)
+        updater.submit(offer_for(signed_bundles["v1"], "install-v1"))
+        updater.run()
+        assert updater.data["history"][-4:] == ["failure", "cleanup", "reporting", "idle"]
+        assert "disk full" in updater.data["reason"] and f"{DISK_HEADROOM >> 20} MiB" in updater.data["reason"]
+        assert "Errno" not in updater.data["reason"] and not (work / "state" / "staging").exists()
 
 
 def test_disk_filling_up_during_the_download_fails_the_update_and_frees_the_staging(signed_bundles, tmp_path):
