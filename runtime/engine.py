@@ -1187,6 +1187,10 @@ class OvCache(KVCache):
         self.saved: dict[str, np.ndarray] | None = None  # state parked here while another sequence runs
 
 
+# properties the OpenVINO CPU plugin takes although SUPPORTED_PROPERTIES does not list them
+OV_UNLISTED_PROPERTIES = {"CPU": {"CPU_RUNTIME_CACHE_CAPACITY"}}
+
+
 class OpenVinoEngine:
     backend = "openvino"
     # one infer request holds one sequence's state: running another cache copies the active one out and
@@ -1210,18 +1214,33 @@ class OpenVinoEngine:
             raise BackendUnavailable(
                 f"OpenVINO device {device!r} is not available; found: {', '.join(core.available_devices)}")
         config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-                  "INFERENCE_PRECISION_HINT": precision, "KV_CACHE_PRECISION": kv_cache_precision}
+                  "INFERENCE_PRECISION_HINT": precision, "KV_CACHE_PRECISION": kv_cache_precision,
+                  # the CPU plugin's runtime cache (kernels per input shape) kept each compiled model alive after
+                  # it was released: one thread and ~10 MB per load of glm-s that served a request, every OTA
+                  # switch, self-test and autotune trial, for the life of the agent. Off, nothing stays; decode speed
+                  # is the same (benchmarks/ov_reload.py, docs/performance.md "OpenVINO reloads")
+                  "CPU_RUNTIME_CACHE_CAPACITY": 0 if device == "CPU" else None}
         if device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads or _default_threads()
             config["ENABLE_CPU_PINNING"] = pinned
         supported = set(map(str, core.get_property(device, "SUPPORTED_PROPERTIES")))
+        supported |= OV_UNLISTED_PROPERTIES.get(device, set())
         config = {k: v for k, v in config.items() if v is not None and k in supported}
         try:
             model = core.read_model(str(model_path))
             if not model.get_sinks():
                 raise ModelLoadError(f"{model_path}: not a stateful decoder IR (no KV-cache variables); "
                                      "re-export the bundle with this version")
-            self.compiled = core.compile_model(model, device, config)
+            try:
+                self.compiled = core.compile_model(model, device, config)
+            except Exception as exc:  # an OpenVINO that refuses an unlisted property: without it
+                unlisted = [k for k in config if k in OV_UNLISTED_PROPERTIES.get(device, set()) and k in str(exc)]
+                if not unlisted:
+                    raise
+                log.warning("OpenVINO %s refused %s (%s); compiled without it", device, ", ".join(unlisted),
+                            _first_line(exc))
+                self.compiled = core.compile_model(model, device, {k: v for k, v in config.items()
+                                                                   if k not in unlisted})
         except ModelLoadError:
             raise
         except Exception as exc:
