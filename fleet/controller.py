@@ -360,7 +360,8 @@ class FleetController:
         if self._stopping or self._lost_at is not None or not self.connected.is_set():
             return
         self._lost_at = time.monotonic()
-        log.warning("lost the broker %s:%s (%s); reconnecting (devices' messages wait in the broker meanwhile)",
+        log.warning("lost the broker %s:%s (%s); reconnecting (what devices publish meanwhile is not delivered to "
+                    "it: telemetry of that time is lost; retained states and OTA statuses come again)",
                     self.settings.broker_host, self.settings.broker_port, reason_code)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -719,7 +720,8 @@ HEALTH_SERIES = (  # (metric, DeviceHealth field, type, help)
 )
 
 
-HEALTH_DUE_SLACK_S = 30.0  # a snapshot is current until 2 x its next_s (or HEALTH_DUE_DEFAULT_S) and this
+HEALTH_DUE_SLACK_S = 30.0  # a snapshot is current until received + 2 x its next_s (or HEALTH_DUE_DEFAULT_S) + this
+HEALTH_DUE_DEFAULT_S = 60.0  # a snapshot without next_s: the agents' default health_interval_s
 
 
 def health_current(h: dict, now: float | None = None) -> bool:
@@ -729,7 +731,7 @@ def health_current(h: dict, now: float | None = None) -> bool:
     if not h:
         return False
     now = time.time() if now is None else now
-    return now - h["received"] <= 2 * (h.get("next_s") or 60.0) + HEALTH_DUE_SLACK_S
+    return now - h["received"] <= 2 * (h.get("next_s") or HEALTH_DUE_DEFAULT_S) + HEALTH_DUE_SLACK_S
 
 
 def _health_metrics(devices: list[dict], health: dict[tuple[str, str], dict]) -> list[str]:

@@ -315,8 +315,11 @@ class RolloutDriver:
             self._save(r, "canary", f"waiting for baseline latency from {missing}")
         if missing and now - r.data["baseline_wait_since"] < 2 * max(r.window_s, 1.0):
             return
-        health = self.store.health(r.fleet)  # each canary's memory before (agents from before health: none)
-        r.data["health_before"] = {d: _memory(health[(r.fleet, d)]) for d in canaries if (r.fleet, d) in health}
+        from fleet.controller import health_current
+
+        health = self.store.health(r.fleet)  # each canary's memory before (agents from before health, old ones: none)
+        r.data["health_before"] = {d: _memory(health[(r.fleet, d)]) for d in canaries
+                                   if health_current(health.get((r.fleet, d)), now)}
         r.data.update(canaries=canaries, rest=rest, baseline=baseline)
         r.data["offers"] = self._offer(r, canaries, r.bundle)
         r.data["offered_at"] = now
@@ -381,11 +384,16 @@ class RolloutDriver:
         version = r.data.get("version")
         silent = [d for d in r.data["canaries"]
                   if not self.store.latency(r.fleet, d, r.data["window_start"], version).get("requests")]
-        if silent and now - r.data["window_start"] < 2 * r.window_s:
+        # with the memory gate on, a canary without a health snapshot in the window that gives its free memory (a
+        # health interval longer than the window, a snapshot lost at QoS 0) gets the same one more window
+        unmeasured = [d for d in r.data["canaries"] if d not in self._memory_now(r)] \
+            if r.data.get("min_free_mb") is not None else []
+        if (silent or unmeasured) and now - r.data["window_start"] < 2 * r.window_s:
             if not r.data.get("window_extended"):
                 r.data["window_extended"] = True
-                self._save(r, "canary_window", f"no telemetry yet from {silent} on the new version; "
-                                               f"waiting one more window ({r.window_s:g} s)")
+                waiting = ([f"no telemetry yet from {silent} on the new version"] if silent else []) + \
+                    ([f"no health snapshot with free memory yet from {unmeasured}"] if unmeasured else [])
+                self._save(r, "canary_window", f"{'; '.join(waiting)}; waiting one more window ({r.window_s:g} s)")
             return
         problems = []
         for d in r.data["canaries"]:
@@ -418,17 +426,31 @@ class RolloutDriver:
         else:
             self._save(r, "rest", f"latency gate passed ({r.data.get('p95_change_pct', {})}){memory_note}")
 
+    def _memory_now(self, r: Rollout) -> dict[str, dict]:
+        """The canaries' health snapshots received since the window started (the model loaded and serving) that
+        give their free memory, by device."""
+        health = self.store.health(r.fleet)
+        return {d: h for d in r.data["canaries"] if (h := health.get((r.fleet, d))) is not None
+                and h["received"] >= r.data["window_start"] and h.get("memory_available_bytes") is not None}
+
     def _memory_gate(self, r: Rollout) -> tuple[list[str], str]:
         """Each canary's memory on the new version (its latest health snapshot, received after the window
-        started: the model was loaded and serving) against before the offer: what the report says, and the
-        problems when `min_free_mb` is set and a canary can still take less than that. A canary with no snapshot
-        since (an agent from before health, or with it off) is not judged."""
-        health, floor = self.store.health(r.fleet), r.data.get("min_free_mb")
+        started) against before the offer: what the report says, and the problems when `min_free_mb` is set: a
+        canary that can still take less than that, or that sent no snapshot with its free memory in two windows
+        (the gate was asked for: it does not pass blind). Without `min_free_mb`, a canary with no snapshot since
+        (an agent from before health, or with it off) is neither shown nor judged."""
+        health, floor, now_ = self.store.health(r.fleet), r.data.get("min_free_mb"), self._memory_now(r)
         problems, changes = [], []
         for d in r.data["canaries"]:
             h = health.get((r.fleet, d))
             if h is None or h["received"] < r.data["window_start"]:
+                if floor is not None:
+                    problems.append(f"{d}: no health snapshot in the window to judge its memory by (its "
+                                    f"telemetry.health_interval_s may be longer than --window {r.window_s:g} s, or "
+                                    "its agent is from before health)")
                 continue
+            if floor is not None and d not in now_:
+                problems.append(f"{d}: its health snapshot gives no free memory (no /proc?) to judge it by")
             after, before = _memory(h), r.data.get("health_before", {}).get(d, {})
             r.data.setdefault("memory", {})[d] = {"before": before, "after": after}
             free, was = after.get("memory_available_bytes"), before.get("memory_available_bytes")

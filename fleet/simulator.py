@@ -29,6 +29,7 @@ class SimProfile:
     errors_per_report: int = 0
     rss_mb: dict[str, float] = field(default_factory=dict)  # agent RSS by model version; default 200 MiB
     free_mb: dict[str, float] = field(default_factory=dict)  # memory it can still take, by version; default 2 GiB
+    health: bool = True  # a DeviceHealth with each report (False: an agent from before health, or with it off)
 
 
 class SimDevice:
@@ -104,6 +105,8 @@ class SimDevice:
             tokens_per_s=1000.0 / base, errors=self.profile.errors_per_report, model_version=self.version,
             execution_path="onnxruntime:cpu"))
         # and a health snapshot with it, as agents send one (every telemetry.health_interval_s)
+        if not self.profile.health:
+            return
         self.session.publish_snapshot(health_topic(self.fleet, self.device), DeviceHealth(
             device=self.device, ts=now, uptime_s=time.monotonic() - self.started,
             rss_bytes=int(self.profile.rss_mb.get(self.version, 200.0) * 2**20),

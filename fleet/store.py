@@ -173,10 +173,13 @@ class Store:
         with self._lock:
             before = self.db.execute("SELECT online, model_version, state FROM devices WHERE fleet=? AND device=?",
                                      (fleet, state["device"])).fetchone()
-            if before is not None and not state.get("online"):
-                # an offline state is often the broker's Will, made when the device connected: the model, slot
-                # and config it names may be older than what the device reported since (an OTA update on the same
-                # connection). The device is offline now, and the rest stays as it last said.
+            stored_ts = json.loads(before[2]).get("ts") if before is not None else None
+            newer = isinstance(stored_ts, (int, float)) and isinstance(state.get("ts"), (int, float)) and \
+                state["ts"] >= stored_ts  # an agent's own offline state at a clean stop: newer than all it said
+            if before is not None and not state.get("online") and not newer:
+                # an offline state older than the stored one is the broker's Will, made when the device connected:
+                # the model, slot and config it names may be older than what the device reported since (an OTA
+                # update on the same connection). The device is offline now, and the rest stays as it last said.
                 self.db.execute("UPDATE devices SET online = 0, last_seen = ?, state = ? WHERE fleet = ? AND "
                                 "device = ?", (self.clock(), json.dumps({**json.loads(before[2]), "online": False}),
                                               fleet, state["device"]))

@@ -111,6 +111,20 @@ def test_a_will_made_before_an_update_does_not_take_the_registry_back_to_the_old
     assert row["model_version"] == "1.1.0" and row["execution_path"] == "onnxruntime:cpu", row
 
 
+def test_an_agents_own_offline_state_is_taken_whole_and_an_older_will_is_not(tmp_path):
+    """The agent's offline state at a clean stop is newer than all it said (a model changed while the controller
+    was away is in it); the broker's Will, older than the states after it, only says the device is gone."""
+    store = Store(tmp_path / "fleet.db")
+    state = lambda version, online, ts: {**device_state("dev-s", version).model_dump(mode="json"),  # noqa: E731
+                                         "online": online, "ts": ts}
+    store.upsert_state(FLEET, state("1.0.0", True, 100.0))
+    store.upsert_state(FLEET, state("1.1.0", False, 500.0))  # a clean stop, serving 1.1.0
+    assert [(d["online"], d["model_version"]) for d in store.devices(FLEET)] == [(0, "1.1.0")]
+    store.upsert_state(FLEET, state("1.1.0", True, 600.0))
+    store.upsert_state(FLEET, state("1.0.0", False, 550.0))  # the Will made at its connect: older
+    assert [(d["online"], d["model_version"]) for d in store.devices(FLEET)] == [(0, "1.1.0")]
+
+
 def test_telemetry_is_aggregated_and_malformed_messages_are_counted(controller, mosquitto):
     dev = session(mosquitto, "dev-t")
     until(lambda: controller.store.devices(FLEET))
@@ -437,6 +451,20 @@ def test_rollout_halts_when_a_canary_cannot_take_the_memory_floor_on_the_new_ver
     assert "memory gate failed: sim-0: can still take 40 MiB of memory on the new version (was 2048 MiB), below " \
            "--min-free-memory-mb 64" in halt, halt
     until(lambda: {d["model_version"] for d in controller.store.devices(FLEET)} == {"1.0.0"})
+
+
+def test_the_memory_gate_does_not_pass_a_canary_it_cannot_measure(controller, fleet_of_four, signed_bundles):
+    """--min-free-memory-mb with canaries that send no health (agents from before it, or a health interval longer
+    than the window): one more window, then the gate fails saying why, instead of passing blind."""
+    devs, profile = fleet_of_four
+    profile.health = False
+    until(lambda: len(controller.store.devices(FLEET)) == 4)
+    rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=25, window_s=1.0, min_free_mb=64)
+    r = run_rollout(controller, devs, rid, ("done", "halted"), 1.0)
+    assert r.phase == "halted", r.data["report"]
+    report = "\n".join(r.data["report"])
+    assert "no health snapshot with free memory yet from ['sim-0']; waiting one more window" in report, report
+    assert "memory gate failed: sim-0: no health snapshot in the window to judge its memory by" in report, report
 
 
 def test_rollout_halts_when_a_canary_fails_its_self_test(controller, fleet_of_four, signed_bundles):
