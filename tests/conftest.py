@@ -5,6 +5,7 @@ Everything is built here in seconds; nothing is downloaded.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,12 @@ import torch
 from broker import Mosquitto, find_mosquitto
 
 torch.set_num_threads(2)
+
+# A suite started in the background (`nohup ... &` from a script) inherits SIGINT ignored, and so do the processes
+# it starts: the tests that Ctrl-C a build or the HTTP entry point would wait for an interrupt that never comes.
+# A terminal's test run has Python's handler; so does this one (children then start with the default).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
