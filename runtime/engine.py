@@ -1217,9 +1217,9 @@ class OpenVinoEngine:
                   "INFERENCE_PRECISION_HINT": precision, "KV_CACHE_PRECISION": kv_cache_precision,
                   # the CPU plugin's runtime cache (kernels per input shape) kept each compiled model alive after
                   # it was released: one thread and ~10 MB per load of glm-s that served a request, every OTA
-                  # switch, self-test and autotune trial, for the life of the agent. Off, nothing stays; decode may
-                  # be ~5-13% slower, within this box's noise (benchmarks/ov_reload.py, performance.md
-                  # "OpenVINO reloads")
+                  # switch, self-test and autotune trial, for the life of the agent. Off, nothing stays; OpenVINO
+                  # decode ~7% and prefill up to ~20% slower on the test box (benchmarks/ov_reload.py,
+                  # performance.md "OpenVINO reloads")
                   "CPU_RUNTIME_CACHE_CAPACITY": 0 if device == "CPU" else None}
         if device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads or _default_threads()
