@@ -262,7 +262,7 @@ def cmd_offer(args) -> int:
     from fleet.controller import offerable_bundle
     from fleet.store import Store
 
-    offerable_bundle(args.bundle)  # before anything is published
+    bundle = offerable_bundle(args.bundle)  # before anything is published
     _, settings = _settings(args)
     db, device = settings.db, f"{args.fleet}/{args.device}"
     if Path(db).is_file():
@@ -288,20 +288,21 @@ def cmd_offer(args) -> int:
     finally:
         controller.stop()
     print(f"offered {args.bundle} to {device} as update {update_id}")
-    _warn_short_of_disk(db, [(args.fleet, args.device)], args.bundle)
+    _warn_short_of_disk(db, [(args.fleet, args.device)], bundle)
     return 0
 
 
-def _warn_short_of_disk(db, targets: list[tuple[str, str]], bundle_dir) -> None:
-    """Say which targets reported too little free disk for the bundle (their latest health snapshot)."""
-    from fleet.controller import bundle_bytes, offerable_bundle, short_of_disk
+def _warn_short_of_disk(db, targets: list[tuple[str, str]], bundle) -> None:
+    """Say which targets reported too little free disk for `bundle` (checked and opened by the caller: its files
+    are not read again) in their latest health snapshot."""
+    from fleet.controller import bundle_bytes, short_of_disk
     from fleet.store import Store
 
     if not Path(db).is_file():
         return
     store = Store(db)
     try:
-        for line in short_of_disk(store, targets, bundle_bytes(offerable_bundle(bundle_dir))):
+        for line in short_of_disk(store, targets, bundle_bytes(bundle)):
             print(f"edgeglm fleet: warning: {line}", file=sys.stderr)
     finally:
         store.close()
@@ -367,7 +368,7 @@ def _rollout_start(args) -> int:
           f"`edgeglm fleet status` shows it, "
           f"`edgeglm fleet rollout cancel {rid}` stops it")
     store.close()
-    _warn_short_of_disk(db, [m for m in selection.members if m[0] == fleet], args.bundle)
+    _warn_short_of_disk(db, [m for m in selection.members if m[0] == fleet], bundle)
     return 0
 
 
