@@ -93,6 +93,12 @@ GPU_GRAPH_KEY = "edgeglm.gpu_graph"
 GPU_GRAPH_FILE = "gpu.onnx"
 KV_DTYPE_KEY = "edgeglm.kv_dtype"
 SPIN_AFTER_RUN_US = 1000  # ONNX Runtime worker spin after a run when two sessions share the cores
+# prompt tokens per ONNX Runtime run: a longer prompt runs in pieces of this many, each attending over the
+# pieces before it, with the same logits. ONNX Runtime's arenas keep what a run took for the life of the
+# process, and a run's memory grows faster than its tokens: a whole 3,000-token prompt left glm-s's agent at
+# 584 MB resident against 275 MB in runs of 512 (2 CPU cores, same time), and glm-m on an H200 with 2.1 GB
+# more GPU memory than the loaded model against 0.5 GB, in less time (docs/performance.md "Long prompts")
+PROMPT_RUN_TOKENS = 512
 KV_HEADROOM = 128  # positions a new or grown ONNX Runtime cache buffer has beyond what the step needs
 # copies KV rows in the execution provider's memory (built by models.onnx_graph.kv_copy_graph)
 KV_COPY_GRAPH = Path(__file__).with_name("kv_copy.onnx")
@@ -979,6 +985,7 @@ class OnnxRuntimeEngine:
         self.kv_memory = f"{self._kv_device} memory" if self._kv_device else "host memory"  # where the KV lives
         self.kv_cache = f"{self.kv_memory}, float16 ({main.name})" if self._kv_device else f"{self.kv_memory}, float32"
         self.gpu_graph: str | None = main.name if self._kv_device else None  # the GPU graph serving, if it is
+        self.prompt_run_tokens: int | None = PROMPT_RUN_TOKENS  # longer inputs run in pieces (None: whole)
         self._prefill = self._decode
         self.prefill_graph: str | None = main.name if mode == "only" else None  # the prefill graph in use
         self.prefill_only = mode == "only"
@@ -1113,11 +1120,32 @@ class OnnxRuntimeEngine:
         after a prefix-cache hit), and runs on the graph the whole prompt would run on, so that its logits are
         those of a cold, unchunked prefill (an INT8 bundle's prefill and decode graphs round differently: a
         greedy answer could change with a cache hit)."""
-        batch, _, total = cache._check(input_ids, attention_mask)
+        batch, new, total = cache._check(input_ids, attention_mask)
         cache.reserve(total, self.arch, self._ort)
+        piece = self.prompt_run_tokens
+        if piece and new > piece:
+            return self._run_in_pieces(input_ids, position_ids, attention_mask, cache, batch, piece,
+                                       prompt_tokens or new), cache
         out = self._run(input_ids, position_ids, attention_mask, cache, batch, prompt_tokens)
         cache.length = total
         return out, cache
+
+    def _run_in_pieces(self, input_ids, position_ids, attention_mask, cache: OrtCache, batch: int, piece: int,
+                       prompt_tokens: int) -> np.ndarray:
+        """`forward` of a long input as runs of at most `piece` tokens, each attending over the cache so far;
+        every run is on the graph the whole input would take. The logits are the last run's. If a run fails,
+        the cache is left holding what it held before (its length unchanged), as after a failed whole run."""
+        past, new = cache.length, np.shape(input_ids)[1]
+        try:
+            for start in range(0, new, piece):
+                end = min(new, start + piece)
+                out = self._run(input_ids[:, start:end], position_ids[:, start:end], attention_mask[:, :past + end],
+                                cache, batch, prompt_tokens)
+                cache.length = past + end
+        except BaseException:
+            cache.length = past
+            raise
+        return out
 
     def _run(self, input_ids, position_ids, attention_mask, cache: OrtCache, batch: int,
              prompt_tokens: int | None = None) -> np.ndarray:

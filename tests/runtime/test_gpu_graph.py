@@ -82,6 +82,50 @@ def test_gpu_graph_logits_follow_transformers(fp32_bundle, trained_checkpoint, h
         assert list(generate(gpu, prompt, SamplingParams(max_tokens=24))) == want
 
 
+def test_long_prompts_run_in_pieces_on_a_device_cache_and_give_transformers_answers(fp32_bundle, trained_checkpoint,
+                                                                                   heldout_ids, monkeypatch):
+    """A prompt longer than `prompt_run_tokens` runs as several runs of at most that many tokens (each run's
+    memory in ONNX Runtime's CUDA arena is kept for good, and grows faster than the prompt), and the answer
+    is still transformers' greedy continuation; a run that fails leaves the cache as it was."""
+    from transformers import GlmForCausalLM
+
+    hf = GlmForCausalLM.from_pretrained(trained_checkpoint, dtype=torch.float32).eval()
+    _, gpu = engines(fp32_bundle)
+    gpu.prompt_run_tokens = 7
+    runs = []
+    real_run = gpu._run
+    monkeypatch.setattr(gpu, "_run", lambda ids, *a, **k: runs.append(np.shape(ids)[1]) or real_run(ids, *a, **k))
+    prompt = heldout_ids[500:530]  # 30 tokens: 7 + 7 + 7 + 7 + 2
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    assert list(generate(gpu, prompt, SamplingParams(max_tokens=16))) == want
+    assert runs[:5] == [7, 7, 7, 7, 2] and set(runs[5:]) == {1}
+    logits, cache = prefill(gpu, prompt)  # the last piece's logits are the whole prompt's last position's
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+    assert np.abs(logits - ref).max() < 0.05 * np.abs(ref).max() and logits.argmax() == ref.argmax()
+
+    calls = []
+
+    def fails_third(ids, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of device memory")
+        return real_run(ids, *a, **k)
+
+    monkeypatch.setattr(gpu, "_run", fails_third)
+    more = heldout_ids[600:620]
+    with pytest.raises(RuntimeError, match="out of device memory"):
+        gpu.forward(np.array([more]), np.arange(30, 50)[None], np.ones((1, 50), np.int64), cache)
+    assert cache.length == 30  # as before the failed input: the next input goes on from there
+    monkeypatch.setattr(gpu, "_run", real_run)
+    out, _ = gpu.forward(np.array([more]), np.arange(30, 50)[None], np.ones((1, 50), np.int64), cache)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + more])).logits[0, -1].numpy()
+    assert out[0].argmax() == ref.argmax()
+
+
 def test_device_cache_grows_exports_imports_and_merges_like_the_host_cache(int8_bundle, heldout_ids):
     """Every path that reads or writes the cache on the host (growth past its capacity, a prefix exported
     and imported, rows merged into a batch) gives what one sequence alone computes on the same graph."""

@@ -18,7 +18,7 @@ import torch
 from agent.model import load_model
 from models.onnx_graph import GraphBuilder
 from models.tiny import HELDOUT_MODULES, corpus_text
-from runtime.engine import PREFILL_GRAPH_MIN_ROWS, CacheRow, ModelArch, load_engine
+from runtime.engine import PREFILL_GRAPH_MIN_ROWS, PROMPT_RUN_TOKENS, CacheRow, ModelArch, load_engine
 from runtime.errors import ModelLoadError
 
 
@@ -153,6 +153,38 @@ def test_prefill_graph_agrees_with_transformers(int8_bundle, hf_model, heldout_i
     agree_decode_graph = float((base.argmax(-1) == ref.argmax(-1)).mean())
     assert agree >= 0.9 and agree >= agree_decode_graph - 0.07, (agree, agree_decode_graph)
     assert cosine(ours, base).min() > 0.999  # the two graphs compute the same model
+
+
+def test_a_prompt_longer_than_a_run_runs_in_pieces_with_the_whole_prompts_logits(int8_bundle, hf_model, heldout_ids,
+                                                                                 monkeypatch):
+    """Prompts over `prompt_run_tokens` (PROMPT_RUN_TOKENS by default) run as several runs of the graph the
+    whole prompt takes (ONNX Runtime's arenas keep the largest run's memory for good): the last position's
+    logits are the whole run's and follow transformers; the next input goes on from the whole prompt."""
+    model = load_model(int8_bundle, "onnxruntime")
+    engine = model.engine
+    assert engine.prompt_run_tokens == PROMPT_RUN_TOKENS
+    seq = heldout_ids[300:364]
+    ids, pos, mask = np.array([seq]), np.arange(64)[None], np.ones((1, 64), np.int64)
+    engine.prompt_run_tokens = None
+    whole, _ = engine.forward(ids, pos, mask, engine.new_cache())
+    engine.prompt_run_tokens = 20
+    runs = []
+    for runner in {id(r): r for r in (engine._decode, engine._prefill)}.values():
+        real = runner.run
+        monkeypatch.setattr(runner, "run", lambda ort_, tokens, *a, _r=runner, _real=real:
+                            runs.append((_r, tokens[1].shape[1])) or _real(ort_, tokens, *a))
+    pieces, cache = engine.forward(ids, pos, mask, engine.new_cache())
+    assert [n for _, n in runs] == [20, 20, 20, 4] and {r for r, _ in runs} == {engine._prefill}
+    assert cache.length == 64
+    scale = np.abs(whole).max()
+    assert np.abs(pieces - whole).max() <= 1e-3 * scale
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([seq + heldout_ids[364:365]])).logits[0].numpy()
+    cos = (pieces[0] * ref[63]).sum() / np.linalg.norm(pieces[0]) / np.linalg.norm(ref[63])
+    assert cos > 0.998 and pieces[0].argmax() == whole[0].argmax()
+    nxt, _ = engine.forward(np.array([heldout_ids[364:365]]), np.array([[64]]), np.ones((1, 65), np.int64), cache)
+    cos = (nxt[0] * ref[64]).sum() / np.linalg.norm(nxt[0]) / np.linalg.norm(ref[64])
+    assert cos > 0.998
 
 
 @pytest.mark.parametrize("k", [96, 100])  # 100: rows padded to whole MatMulNBits blocks
