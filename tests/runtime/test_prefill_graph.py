@@ -8,6 +8,7 @@ from transformers' GlmForCausalLM (fp32) and from a numpy matmul, not from the c
 from __future__ import annotations
 
 import shutil
+import tempfile
 
 import numpy as np
 import onnx
@@ -18,7 +19,8 @@ import torch
 from agent.model import load_model
 from models.onnx_graph import GraphBuilder
 from models.tiny import HELDOUT_MODULES, corpus_text
-from runtime.engine import PREFILL_GRAPH_MIN_ROWS, PROMPT_RUN_TOKENS, CacheRow, ModelArch, load_engine
+from runtime.engine import (PREFILL_GRAPH_MIN_ROWS, PROMPT_RUN_TOKENS, CacheRow, ModelArch, cpu_has_vnni, load_engine,
+                            signed_weight_graph)
 from runtime.errors import ModelLoadError
 
 
@@ -185,6 +187,77 @@ def test_a_prompt_longer_than_a_run_runs_in_pieces_with_the_whole_prompts_logits
     nxt, _ = engine.forward(np.array([heldout_ids[364:365]]), np.array([[64]]), np.ones((1, 65), np.int64), cache)
     cos = (nxt[0] * ref[64]).sum() / np.linalg.norm(nxt[0]) / np.linalg.norm(ref[64])
     assert cos > 0.998
+
+
+def test_int8_weights_are_chosen_where_the_cpu_has_vnni_and_leave_nothing_behind(int8_bundle, tmp_path, monkeypatch,
+                                                                                  caplog):
+    """The prefill graph's weights become int8 (u8 x s8 GEMMs) by default exactly where the CPU has VNNI; the
+    copy is written to the temporary directory and removed once loaded; where it cannot be written the
+    engine loads the uint8 graph and says why."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR read again
+    entry = int8_bundle / "onnxruntime" / "model.onnx"
+    arch = load_model(int8_bundle, "onnxruntime").arch
+    engine = load_engine("onnxruntime", entry, arch)
+    assert engine.signed_weights == cpu_has_vnni() and engine.prefill_graph == "prefill.onnx"
+    assert load_engine("onnxruntime", entry, arch, signed_weights=True).signed_weights
+    assert not load_engine("onnxruntime", entry, arch, signed_weights=False).signed_weights
+    assert list(tmp_path.iterdir()) == []  # the int8 copy is gone once the session has it
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    with caplog.at_level("WARNING"):
+        fallback = load_engine("onnxruntime", entry, arch, signed_weights=True)
+    assert not fallback.signed_weights and "int8-weight copy could not be written" in caplog.text
+
+
+def test_int8_weight_graph_has_every_gemm_on_int8_weights(int8_bundle, tmp_path):
+    out = signed_weight_graph(int8_bundle / "onnxruntime" / "prefill.onnx", tmp_path)
+    model = onnx.load(str(out), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    gemms = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert gemms and all(inits[n.input[1]].data_type == onnx.TensorProto.INT8 for n in gemms)
+    assert all(onnx.numpy_helper.to_array(inits[n.input[5]]).tolist() == 0 for n in gemms)
+    assert not [t.name for t in inits.values() if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 2]
+    original = onnx.load(str(int8_bundle / "onnxruntime" / "prefill.onnx"), load_external_data=False)
+    assert len([n for n in original.graph.node if n.op_type == "MatMulIntegerToFloat"]) == len(gemms)
+    # every weight is the uint8 one minus 128, transposed
+    data = np.fromfile(int8_bundle / "onnxruntime" / "model.onnx.data", np.uint8)
+    t_u8 = next(t for t in original.graph.initializer if t.name.endswith(".weight_uint8"))
+    info = {e.key: e.value for e in t_u8.external_data}
+    u8 = data[int(info["offset"]):int(info["offset"]) + int(info["length"])].reshape(tuple(t_u8.dims))
+    t_s8 = inits[f"{t_u8.name}.s8t"]
+    info = {e.key: e.value for e in t_s8.external_data}
+    s8 = np.fromfile(tmp_path / info["location"], np.int8)[int(info["offset"]):][:int(info["length"])]
+    np.testing.assert_array_equal(s8.reshape(tuple(t_s8.dims)), (u8.astype(np.int16) - 128).T)
+
+
+@pytest.mark.skipif(not cpu_has_vnni(), reason="u8 x s8 GEMMs are exact only with VNNI (without it ONNX Runtime's "
+                    "kernel saturates; the engine keeps uint8 weights there)")
+def test_int8_weights_give_the_uint8_graphs_logits_and_follow_transformers(int8_bundle, hf_model, heldout_ids):
+    """On a VNNI CPU: prompts and 8-row decode steps on the int8-weight prefill graph give exactly the
+    uint8 graph's logits (the integer sums are the same), and those follow transformers' fp32 model."""
+    entry = int8_bundle / "onnxruntime" / "model.onnx"
+    arch = load_model(int8_bundle, "onnxruntime").arch
+    u8 = load_engine("onnxruntime", entry, arch, signed_weights=False)
+    s8 = load_engine("onnxruntime", entry, arch, signed_weights=True)
+    assert s8.signed_weights and not u8.signed_weights
+    seq = heldout_ids[300:364]
+    ids, pos, mask = np.array([seq]), np.arange(64)[None], np.ones((1, 64), np.int64)
+    a, cache_a = u8.forward(ids, pos, mask, u8.new_cache())
+    b, cache_b = s8.forward(ids, pos, mask, s8.new_cache())
+    np.testing.assert_array_equal(a, b)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([seq])).logits[0, -1].numpy()
+    assert (b[0] * ref).sum() / np.linalg.norm(b[0]) / np.linalg.norm(ref) > 0.998
+    rows = [CacheRow(u8.forward(np.array([heldout_ids[i:i + 20]]), np.arange(20)[None], np.ones((1, 20), np.int64),
+                                u8.new_cache())[1]) for i in range(0, 160, 20)]
+    rows_s8 = [CacheRow(s8.forward(np.array([heldout_ids[i:i + 20]]), np.arange(20)[None], np.ones((1, 20), np.int64),
+                                   s8.new_cache())[1]) for i in range(0, 160, 20)]
+    batch_u8, batch_s8 = u8.new_batch(), s8.new_batch()
+    for r, q in zip(rows, rows_s8):
+        batch_u8.add(r)
+        batch_s8.add(q)
+    tokens = np.array(heldout_ids[400:408])
+    np.testing.assert_array_equal(batch_u8.step(tokens), batch_s8.step(tokens))  # 8 rows: the prefill graph
 
 
 @pytest.mark.parametrize("k", [96, 100])  # 100: rows padded to whole MatMulNBits blocks
