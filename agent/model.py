@@ -47,7 +47,8 @@ class LoadedModel:
     def execution_info(self) -> dict:
         """Backend, device, threads, pinning and precision hints, and how they were chosen; for ONNX
         Runtime also the prefill graph serving prompts (its file name, or None: the decode graph), whether it
-        serves everything (`prefill_only`) and why that mode (`prefill_mode`, e.g. "auto: both graphs ... fit");
+        serves everything (`prefill_only`) and why that mode (`prefill_mode`, e.g. "auto: both graphs ... fit"),
+        and its weights' type (`prefill_weights`: int8 where the CPU has VNNI);
         `batches`: how concurrent requests are decoded together (runtime.engine.RaggedBatch,
         DeviceRaggedBatch or MergedBatch)."""
         path = self.path or Candidate(self.backend, str(getattr(self.engine, "device", "CPU")))
@@ -65,6 +66,9 @@ class LoadedModel:
             info["prefill_graph"] = getattr(self.engine, "prefill_graph", None)
             info["prefill_only"] = getattr(self.engine, "prefill_only", False)
             info["kv_cache"] = getattr(self.engine, "kv_cache", None)  # e.g. "cuda memory, float16 (gpu.onnx)"
+            if info["prefill_graph"]:  # int8 on VNNI CPUs (runtime.engine.signed_weight_graph)
+                info["prefill_weights"] = "int8 (u8 x s8, VNNI)" if getattr(self.engine, "signed_weights", False) \
+                    else "uint8 (u8 x u8)"
             if self.prefill is not None:
                 info["prefill_mode"] = f"{self.prefill.mode} ({self.prefill.reason})"
         return info

@@ -30,16 +30,23 @@ def profiled_engine(bundle: Path, threads: int, prefix: str):
 
     engine = load_model(bundle, "onnxruntime", threads).engine
 
-    def profiled(name: str):
+    def profiled(name: str, signed: bool = False):
+        import tempfile
+
+        from runtime.engine import signed_weight_graph
+
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.enable_profiling, opts.profile_file_prefix = True, f"{prefix}-{Path(name).stem}"
-        session = ort.InferenceSession(str(bundle / "onnxruntime" / name), opts, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as tmp:  # int8 weights where the engine runs them (VNNI CPUs)
+            path = signed_weight_graph(bundle / "onnxruntime" / name, Path(tmp)) if signed else None
+            session = ort.InferenceSession(str(path or bundle / "onnxruntime" / name), opts,
+                                           providers=["CPUExecutionProvider"])
         return type(engine._decode)(session, engine.arch)
 
     engine._decode = profiled("model.onnx")
-    engine._prefill = profiled(engine.prefill_graph) if engine.prefill_graph else engine._decode
+    engine._prefill = profiled(engine.prefill_graph, engine.signed_weights) if engine.prefill_graph else engine._decode
     return engine
 
 

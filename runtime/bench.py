@@ -236,7 +236,8 @@ def format_report(report: dict) -> str:
              f"  per-token       p50 {s['per_token_ms']['p50']:.2f} ms, p95 {s['per_token_ms']['p95']:.2f} ms "
              f"({s['per_token_ms']['steps']} steps)"]
     if path.get("prefill_mode"):
-        lines.insert(1, f"prefill graph: {path['prefill_mode']}")
+        lines.insert(1, f"prefill graph: {path['prefill_mode']}"
+                     + (f"; weights {path['prefill_weights']}" if path.get("prefill_weights") else ""))
     if report["concurrency"]:
         c = report["concurrency"]
         if path.get("batches"):

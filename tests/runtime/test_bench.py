@@ -15,6 +15,7 @@ import pytest
 
 from agent.model import load_model
 from runtime.bench import BenchOptions, format_report, run_bench, time_generation
+from runtime.engine import cpu_has_vnni
 from runtime.errors import RequestError
 from runtime.generate import SamplingParams, generate
 
@@ -94,12 +95,13 @@ def test_bench_without_the_prefill_graph(int8_bundle, tmp_path):
     path = json.loads(proc.stdout)["execution_path"]
     assert path["prefill_graph"] == "prefill.onnx" and path["prefill_only"] is True
     assert path["prefill_mode"] == "only (configured)"
+    assert path["prefill_weights"] == ("int8 (u8 x s8, VNNI)" if cpu_has_vnni() else "uint8 (u8 x u8)")
     # the default is the agent's "auto": this box has the memory for both graphs; the report says why
     proc = edgeglm("bench", "--bundle", int8_bundle, "--backend", "onnxruntime", "--prompt-tokens", 32,
                    "--new-tokens", 4, "--runs", 1, "--cache-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"prefill graph: on \(auto: both graphs \(about [0-9.]+ MB\) fit in half of the [0-9.]+ MB "
-                     r"available\)", proc.stdout), proc.stdout
+                     r"available\); weights u?int8", proc.stdout), proc.stdout
     proc = edgeglm("bench", "--bundle", int8_bundle, "--prefill-graph", "sometimes")
     assert proc.returncode == 2 and "invalid choice: 'sometimes'" in proc.stderr
 
