@@ -258,6 +258,12 @@ def test_int8_weights_give_the_uint8_graphs_logits_and_follow_transformers(int8_
         batch_s8.add(q)
     tokens = np.array(heldout_ids[400:408])
     np.testing.assert_array_equal(batch_u8.step(tokens), batch_s8.step(tokens))  # 8 rows: the prefill graph
+    # prefill_graph="only" (small boxes): the one graph loaded runs on int8 weights too
+    only_u8 = load_engine("onnxruntime", entry, arch, prefill_graph="only", signed_weights=False)
+    only_s8 = load_engine("onnxruntime", entry, arch, prefill_graph="only", signed_weights=True)
+    assert only_s8.prefill_only and only_s8.signed_weights and not only_u8.signed_weights
+    np.testing.assert_array_equal(only_u8.forward(ids, pos, mask, only_u8.new_cache())[0],
+                                  only_s8.forward(ids, pos, mask, only_s8.new_cache())[0])
 
 
 @pytest.mark.parametrize("k", [96, 100])  # 100: rows padded to whole MatMulNBits blocks
