@@ -93,11 +93,11 @@ GPU_GRAPH_KEY = "edgeglm.gpu_graph"
 GPU_GRAPH_FILE = "gpu.onnx"
 KV_DTYPE_KEY = "edgeglm.kv_dtype"
 SPIN_AFTER_RUN_US = 1000  # ONNX Runtime worker spin after a run when two sessions share the cores
-# prompt tokens per ONNX Runtime run: a longer prompt runs in pieces of this many, each attending over the
-# pieces before it, with the same logits. ONNX Runtime's arenas keep what a run took for the life of the
-# process, and a run's memory grows faster than its tokens: a whole 3,000-token prompt left glm-s's agent at
-# 584 MB resident against 275 MB in runs of 512 (2 CPU cores, same time), and glm-m on an H200 with 2.1 GB
-# more GPU memory than the loaded model against 0.5 GB, in less time (docs/performance.md "Long prompts")
+# prompt tokens per ONNX Runtime run: a longer prompt (one sequence) runs in pieces of this many, each attending
+# over the pieces before it, with the same logits. ONNX Runtime's arenas keep what a run took for the life of
+# the process, and a run's memory grows faster than its tokens: a whole 3,000-token prompt left glm-s's agent
+# at 584 MB resident against 275 MB in runs of 512 (2 CPU cores, same time), and glm-m on an H200 holding
+# 3,184 MiB more GPU memory than the loaded model against 112 MiB (docs/performance.md "Long prompts")
 PROMPT_RUN_TOKENS = 512
 KV_HEADROOM = 128  # positions a new or grown ONNX Runtime cache buffer has beyond what the step needs
 # copies KV rows in the execution provider's memory (built by models.onnx_graph.kv_copy_graph)
@@ -1022,6 +1022,9 @@ class OnnxRuntimeEngine:
 
         if signed_weights is None:
             signed_weights = provider == "CPUExecutionProvider" and cpu_has_vnni()
+        elif signed_weights and not cpu_has_vnni():
+            log.warning("signed_weights=True on a CPU without VNNI: ONNX Runtime's u8 x s8 kernel saturates there "
+                        "and prompts get wrong logits; leave it unset (chosen by the CPU)")
         self.signed_weights = False  # True once a prefill graph runs on int8 weights
 
         def session(path: Path, opts=None, signed: bool = False):
@@ -1108,20 +1111,26 @@ class OnnxRuntimeEngine:
         import shutil
         import tempfile
 
+        where = os.environ.get("TMPDIR") or "/tmp"
+        made = None
         try:
-            need = (path.parent / "model.onnx.data").stat().st_size if (path.parent / "model.onnx.data").exists() else 0
-            free = shutil.disk_usage(tempfile.gettempdir()).free
+            where = tempfile.gettempdir()
+            data = path.parent / "model.onnx.data"
+            need = data.stat().st_size if data.exists() else 0
+            free = shutil.disk_usage(where).free
             if free < need + (64 << 20):
                 raise OSError(f"{free >> 20} MiB free, about {need >> 20} MiB needed")
-            with tempfile.TemporaryDirectory(prefix="edgeglm-s8-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="edgeglm-s8-", ignore_cleanup_errors=True) as tmp:
                 signed = signed_weight_graph(path, Path(tmp))
                 if signed is not None:
                     made = session(signed, opts)
-                    self.signed_weights = True
-                    return made
-        except OSError as exc:
-            log.warning("%s: its int8-weight copy could not be written (%s): prompts run on uint8 weights, about half "
-                        "as fast on this CPU; free space in %s or set TMPDIR", path, exc, tempfile.gettempdir())
+        except Exception as exc:  # no room, no onnx, or a copy ONNX Runtime refused: the uint8 graph still serves
+            log.warning("%s: its int8-weight copy could not be made (%s): prompts run on uint8 weights, about half "
+                        "as fast on this CPU (free space in %s, or set TMPDIR)", path, _first_line(exc), where)
+            made = None
+        if made is not None:
+            self.signed_weights = True
+            return made
         return session(path, opts)
 
     @staticmethod
@@ -1248,7 +1257,8 @@ class OnnxRuntimeEngine:
         batch, new, total = cache._check(input_ids, attention_mask)
         cache.reserve(total, self.arch, self._ort)
         piece = self.prompt_run_tokens
-        if piece and new > piece:
+        # one sequence only: GroupQueryAttention takes several new tokens over a cache for one row at a time
+        if piece and new > piece and batch == 1:
             return self._run_in_pieces(input_ids, position_ids, attention_mask, cache, batch, piece,
                                        prompt_tokens or new), cache
         out = self._run(input_ids, position_ids, attention_mask, cache, batch, prompt_tokens)

@@ -8,6 +8,7 @@ from transformers' GlmForCausalLM (fp32) and from a numpy matmul, not from the c
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -165,8 +166,8 @@ def test_a_prompt_longer_than_a_run_runs_in_pieces_with_the_whole_prompts_logits
     model = load_model(int8_bundle, "onnxruntime")
     engine = model.engine
     assert engine.prompt_run_tokens == PROMPT_RUN_TOKENS
-    seq = heldout_ids[300:364]
-    ids, pos, mask = np.array([seq]), np.arange(64)[None], np.ones((1, 64), np.int64)
+    seq = heldout_ids[300:362]
+    ids, pos, mask = np.array([seq]), np.arange(62)[None], np.ones((1, 62), np.int64)
     engine.prompt_run_tokens = None
     whole, _ = engine.forward(ids, pos, mask, engine.new_cache())
     engine.prompt_run_tokens = 20
@@ -176,17 +177,23 @@ def test_a_prompt_longer_than_a_run_runs_in_pieces_with_the_whole_prompts_logits
         monkeypatch.setattr(runner, "run", lambda ort_, tokens, *a, _r=runner, _real=real:
                             runs.append((_r, tokens[1].shape[1])) or _real(ort_, tokens, *a))
     pieces, cache = engine.forward(ids, pos, mask, engine.new_cache())
-    assert [n for _, n in runs] == [20, 20, 20, 4] and {r for r, _ in runs} == {engine._prefill}
-    assert cache.length == 64
+    # the 2-token tail too runs where the whole prompt does (alone it would take the decode graph)
+    assert [n for _, n in runs] == [20, 20, 20, 2] and {r for r, _ in runs} == {engine._prefill}
+    assert cache.length == 62
     scale = np.abs(whole).max()
     assert np.abs(pieces - whole).max() <= 1e-3 * scale
     with torch.no_grad():
-        ref = hf_model(torch.tensor([seq + heldout_ids[364:365]])).logits[0].numpy()
-    cos = (pieces[0] * ref[63]).sum() / np.linalg.norm(pieces[0]) / np.linalg.norm(ref[63])
+        ref = hf_model(torch.tensor([seq + heldout_ids[362:363]])).logits[0].numpy()
+    cos = (pieces[0] * ref[61]).sum() / np.linalg.norm(pieces[0]) / np.linalg.norm(ref[61])
     assert cos > 0.998 and pieces[0].argmax() == whole[0].argmax()
-    nxt, _ = engine.forward(np.array([heldout_ids[364:365]]), np.array([[64]]), np.ones((1, 65), np.int64), cache)
-    cos = (nxt[0] * ref[64]).sum() / np.linalg.norm(nxt[0]) / np.linalg.norm(ref[64])
+    nxt, _ = engine.forward(np.array([heldout_ids[362:363]]), np.array([[62]]), np.ones((1, 63), np.int64), cache)
+    cos = (nxt[0] * ref[62]).sum() / np.linalg.norm(nxt[0]) / np.linalg.norm(ref[62])
     assert cos > 0.998
+    # several sequences at once run whole (GroupQueryAttention takes new tokens over a cache one row at a time)
+    runs.clear()
+    two, _ = engine.forward(np.array([seq, seq]), np.stack([np.arange(62)] * 2), np.ones((2, 62), np.int64),
+                            engine.new_cache(2))
+    assert [n for _, n in runs] == [62] and np.abs(two[1] - whole[0]).max() <= 1e-3 * scale
 
 
 def test_int8_weights_are_chosen_where_the_cpu_has_vnni_and_leave_nothing_behind(int8_bundle, tmp_path, monkeypatch,
@@ -206,7 +213,15 @@ def test_int8_weights_are_chosen_where_the_cpu_has_vnni_and_leave_nothing_behind
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     with caplog.at_level("WARNING"):
         fallback = load_engine("onnxruntime", entry, arch, signed_weights=True)
-    assert not fallback.signed_weights and "int8-weight copy could not be written" in caplog.text
+    assert not fallback.signed_weights and "int8-weight copy could not be made" in caplog.text
+    assert "No such file" in caplog.text
+    # an install without onnx (the copy is written with it): the uint8 graph serves, with the reason said
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        no_onnx = load_engine("onnxruntime", entry, arch, signed_weights=True)
+    assert not no_onnx.signed_weights and "onnx" in caplog.text and no_onnx.prefill_graph == "prefill.onnx"
 
 
 def test_int8_weight_graph_has_every_gemm_on_int8_weights(int8_bundle, tmp_path):
