@@ -965,6 +965,8 @@ def test_a_config_set_cut_off_after_the_broker_took_it_is_still_what_the_next_on
 def test_a_rollout_step_during_a_broker_outage_offers_once_when_it_is_back(mosquitto, tmp_path, signed_bundles):
     """While the broker is away an offer is refused at once (nothing recorded, nothing queued): paho used to
     queue each try, and the step, retried every tick with a new update id, reached the device N times."""
+    import threading
+
     import paho.mqtt.client as paho_client
     from paho.mqtt.packettypes import PacketTypes as Packets
     from paho.mqtt.properties import Properties as Props
@@ -974,12 +976,17 @@ def test_a_rollout_step_during_a_broker_outage_offers_once_when_it_is_back(mosqu
     got = []
     dev = paho_client.Client(CallbackAPIVersion.VERSION2, client_id="plant7-d0", protocol=paho_client.MQTTv5)
     dev.on_message = lambda c, u, m: got.append(m.payload)
+    subscribed = threading.Event()
+    dev.on_subscribe = lambda *a: subscribed.set()
     props = Props(Packets.CONNECT)
     props.SessionExpiryInterval = 3600
     dev.reconnect_delay_set(0.2, 1)
     dev.connect("127.0.0.1", mosquitto.port, clean_start=False, properties=props)
     dev.subscribe(ota_offer_topic(FLEET, "d0"), 1)
     dev.loop_start()
+    # the broker must hold the subscription in the device's session before it stops (paho does not subscribe
+    # again after a reconnect): without this wait a busy machine stopped the broker first and no offer came
+    assert subscribed.wait(10)
     try:
         t0 = time.time()
         ctl.store.upsert_state(FLEET, {"device": "d0", "online": True, "model": {"name": "m", "version": "1.0.0"}})
