@@ -1107,7 +1107,8 @@ class OnnxRuntimeEngine:
 
     def _signed_session(self, path: Path, session, opts):
         """`session(path)` of the W8A8 graph with int8 weights (signed_weight_graph), or of `path` as it is, with
-        a warning, where that copy cannot be written (a full or read-only temporary directory)."""
+        a warning, where that copy cannot be made (no room in the temporary directory, no `onnx`, a copy ONNX
+        Runtime refuses)."""
         import shutil
         import tempfile
 
