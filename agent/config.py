@@ -96,7 +96,7 @@ class BatchingSettings(_Section):
     # KV memory the requests decoding together may come to hold, MiB (each counted at its prompt plus its
     # max_tokens, within the context window); a request that would go over waits for running ones to end
     # (one request alone always runs). "auto": a third of the memory the process can still take once the
-    # model is loaded (MemAvailable, or less under a cgroup limit)
+    # model is loaded (MemAvailable, or less under a cgroup limit; with the KV in GPU memory, the GPU's free memory)
     max_kv_mb: Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] | Literal["auto"] = "auto"
 
 

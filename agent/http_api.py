@@ -62,14 +62,23 @@ def kv_budget_bytes(max_kv_mb, auto: int | None = None) -> int | None:
     return auto if max_kv_mb == "auto" else max(1, int(max_kv_mb * 2**20))
 
 
-def auto_kv_budget(held: int = 0) -> int | None:
+def auto_kv_budget(held: int = 0, engine=None) -> int | None:
     """A third of what the process can still take now (the model loaded: MemAvailable, or less under a
     cgroup limit), plus `held` (KV bytes the serving batch holds now, part of the budget); None (no bound)
-    where the system does not say."""
-    from runtime.probe import probe_memory
+    where the system does not say. Where `engine` keeps the KV in GPU memory (the CUDA and TensorRT
+    providers), a third of the GPU memory still free instead (host memory there says nothing of the GPU's)."""
+    from runtime.probe import gpu_memory, probe_memory
 
+    if kv_on_gpu(engine):
+        gpu = gpu_memory()
+        if gpu is not None:
+            return max(1, (gpu[0] + held) // AUTO_KV_DIVISOR)
     budget = probe_memory().budget_bytes()
     return None if budget is None else max(1, (budget + held) // AUTO_KV_DIVISOR)
+
+
+def kv_on_gpu(engine) -> bool:
+    return getattr(engine, "kv_memory", None) == "cuda memory"
 
 
 # --- the server ------------------------------------------------------------------------------------
@@ -132,11 +141,12 @@ class ApiServer:
             if model is not self._model:
                 self._bind_prefix_cache(model)
                 if model is not None:
-                    self._kv_auto = auto_kv_budget()
+                    self._kv_auto = auto_kv_budget(engine=model.engine)
                     if self.batching.max_kv_mb == "auto":
                         log.info("batching.max_kv_mb = \"auto\": %s", "no bound (the memory available is not "
                                  "known)" if self._kv_auto is None else f"{self._kv_auto / 2**20:.0f} MiB of KV (a "
-                                 "third of the memory this process can still take)")
+                                 + ("third of the GPU memory still free)" if kv_on_gpu(model.engine) else
+                                    "third of the memory this process can still take)"))
                 self._scheduler = None if model is None else Scheduler(
                     model.engine, self.batching.max_batch, self.batching.window_ms, prefix_cache=self.prefix_cache,
                     prefill_chunk=self.batching.prefill_chunk,
@@ -167,7 +177,7 @@ class ApiServer:
             if self._scheduler is not new:
                 return
         try:
-            auto = auto_kv_budget(new.kv_held_bytes())
+            auto = auto_kv_budget(new.kv_held_bytes(), new.engine)
         except Exception as exc:  # the scheduler closed meanwhile (another switch): nothing to apply
             log.debug("batching.max_kv_mb \"auto\" not measured again: %s", exc)
             return

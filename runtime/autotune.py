@@ -302,8 +302,11 @@ def kv_sizing(bundle, memory, choice: "Candidate", prefill: str = "on") -> dict:
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
     gpu = choice.backend == "onnxruntime" and not choice.on_cpu  # the GPU graph: float16 KV in device memory
     per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * (2 if gpu else 4)
-    budget = memory.budget_bytes()
     from runtime.batching import AUTO_KV_DIVISOR
+    from runtime.probe import gpu_memory
+
+    on_gpu = gpu_memory() if gpu else None
+    budget = on_gpu[0] if on_gpu is not None else memory.budget_bytes()  # the agent's rule (agent.http_api)
 
     loaded = resident_bytes(bundle, choice.backend, prefill)
     auto = None if budget is None else max(1, (budget - loaded) // AUTO_KV_DIVISOR)
@@ -318,6 +321,7 @@ def kv_sizing(bundle, memory, choice: "Candidate", prefill: str = "on") -> dict:
         return n
 
     return {"kv_bytes_per_position": per_token, "kv_dtype": "float16" if gpu else "float32",
+            "auto_from": "GPU memory free" if on_gpu is not None else "memory available",
             "context_window": arch.max_positions, "auto_kv_mb": None if auto is None else round(auto / 2**20, 1),
             "full_context_requests": rows(arch.max_positions - 1),
             "requests_of_768": rows(min(768, arch.max_positions - 1))}
@@ -331,7 +335,8 @@ def format_kv_sizing(k: dict) -> str:
     def count(n: int) -> str:
         return f"{n} or more" if n >= KV_SIZING_MAX else str(n)
 
-    return (head + f'\nbatching.max_kv_mb "auto" here: about {k["auto_kv_mb"]:g} MiB once the model is loaded: '
+    return (head + f'\nbatching.max_kv_mb "auto" here: about {k["auto_kv_mb"]:g} MiB once the model is loaded '
+            f'(a third of the {k.get("auto_from", "memory available")}): '
             f'{count(k["full_context_requests"])} request(s) of the whole window at once, '
             f'{count(k["requests_of_768"])} of '
             "512 + 256 tokens (more wait their turn; a request alone always runs; batching.max_batch, 8 by "

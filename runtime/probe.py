@@ -263,6 +263,30 @@ def _cgroup_memory() -> tuple[int | None, int | None]:
     return None, None
 
 
+CUDA_RUNTIMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")
+
+
+def gpu_memory() -> tuple[int, int] | None:
+    """(free, total) bytes of the current CUDA device, from the CUDA runtime ONNX Runtime's CUDA provider
+    loaded (cudaMemGetInfo); None where there is none. Call it only in a process that uses CUDA already:
+    the call makes a CUDA context if there was none."""
+    import ctypes
+
+    for name in CUDA_RUNTIMES:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        try:
+            if lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0:
+                return free.value, total.value
+        except AttributeError:
+            pass
+        return None
+    return None
+
+
 def probe_memory() -> MemoryInfo:
     mem = parse_meminfo(_read("/proc/meminfo") or "")
     limit, usage = _cgroup_memory()

@@ -574,7 +574,7 @@ def test_kv_auto_is_measured_again_once_the_previous_model_is_let_go(int8_bundle
     import agent.http_api as http_api
 
     free = [300 << 20]
-    monkeypatch.setattr(http_api, "auto_kv_budget", lambda held=0: (free[0] + held) // 3)
+    monkeypatch.setattr(http_api, "auto_kv_budget", lambda held=0, engine=None: (free[0] + held) // 3)
     srv = side_server(model)
     try:
         assert srv._scheduler.max_kv_bytes == 100 << 20
@@ -734,3 +734,31 @@ def test_connections_beyond_max_connections_get_503_and_a_freed_place_serves_aga
         for s in idle:
             s.close()
         srv.shutdown(deadline=5.0)
+
+
+def test_kv_auto_reads_the_gpus_free_memory_where_the_kv_lives_there(monkeypatch):
+    """batching.max_kv_mb "auto" is a third of the host memory the process can still take, except where the
+    engine keeps the KV in GPU memory (CUDA, TensorRT): there a third of the GPU's free memory (a discrete
+    card's, which host memory says nothing of); without a CUDA runtime to ask, host memory as before."""
+    import types
+
+    import agent.http_api as http_api
+    import runtime.probe as probe
+
+    host = probe.probe_memory().budget_bytes()
+    gpu_engine = types.SimpleNamespace(kv_memory="cuda memory")
+    cpu_engine = types.SimpleNamespace(kv_memory="host memory")
+    monkeypatch.setattr(probe, "gpu_memory", lambda: (3_000 << 20, 24_000 << 20))
+    assert http_api.auto_kv_budget(engine=gpu_engine) == 1_000 << 20
+    assert http_api.auto_kv_budget(300 << 20, gpu_engine) == 1_100 << 20  # the batch's KV counts back
+    host_now = http_api.auto_kv_budget(engine=cpu_engine)
+    assert abs(host_now - host // 3) < (256 << 20) // 3  # host memory moves a little between the reads
+    monkeypatch.setattr(probe, "gpu_memory", lambda: None)
+    assert abs(http_api.auto_kv_budget(engine=gpu_engine) - host // 3) < (256 << 20) // 3
+
+
+def test_gpu_memory_is_none_without_a_cuda_runtime(monkeypatch):
+    import runtime.probe as probe
+
+    monkeypatch.setattr(probe, "CUDA_RUNTIMES", ("libcudart-not-here.so.99",))
+    assert probe.gpu_memory() is None

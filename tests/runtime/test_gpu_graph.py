@@ -515,3 +515,18 @@ def test_max_kv_bytes_counts_the_device_batchs_power_of_two_positions(fp32_bundl
     assert [h.tokens(120) for h in handles] == expected
     sched.close()
     assert max(held) <= bound and sched.stats().kv_waits == 1
+
+
+@pytest.mark.skipif(ON_CPU, reason="needs a CUDA device (EDGEGLM_TEST_GPU_PROVIDER=CUDAExecutionProvider)")
+def test_kv_auto_on_cuda_is_a_third_of_the_gpus_free_memory(int8_bundle):
+    """On the CUDA provider batching.max_kv_mb "auto" reads the card's free memory (cudaMemGetInfo), checked
+    against NVML's figure for the same card."""
+    pynvml = pytest.importorskip("pynvml")
+    from agent.http_api import auto_kv_budget
+
+    _, gpu = engines(int8_bundle)
+    assert gpu.kv_memory == "cuda memory"
+    auto = auto_kv_budget(engine=gpu)
+    pynvml.nvmlInit()
+    free = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free
+    assert abs(auto * 3 - free) < 512 << 20
