@@ -234,8 +234,7 @@ class PrefixCache:
             for h, block in zip(hashes, found):
                 if not block.persisted:
                     self._persist(h, block)
-            return KvBlock(tuple(np.concatenate(ks, axis=1) for ks in zip(*(b.keys for b in found))),
-                           tuple(np.concatenate(vs, axis=1) for vs in zip(*(b.values for b in found))))
+            return KvBlock.of_parts((b.keys, b.values) for b in found)  # joined only where read whole
 
     def insert(self, engine, cache, prompt_ids: list[int]) -> int:
         """Store the prompt's full blocks that are not cached yet, from `cache` (which holds at least

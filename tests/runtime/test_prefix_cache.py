@@ -77,6 +77,32 @@ def test_exported_kv_restores_a_cache_that_continues_like_the_original(models, i
         engine.cache_from_kv(type(block)(block.keys[:1], block.values[:1]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_block_held_as_parts_restores_the_same_cache_as_one_joined_block(models, ids, backend):
+    """The prefix cache hands its 16-token blocks over as parts of one KvBlock (joined only where read
+    whole); the cache made from them holds exactly the exported positions and continues like the original."""
+    engine = models("fp32", backend).engine
+    seq = ids[:60]
+    cache = engine.new_cache()
+    engine.forward(np.asarray([seq[:40]]), np.arange(40)[None], np.ones((1, 40), np.int64), cache)
+    whole = engine.export_kv(cache, 40)
+    spans = [(0, 16), (16, 32), (32, 40)]
+    parts = type(whole).of_parts((tuple(k[:, a:b] for k in whole.keys), tuple(v[:, a:b] for v in whole.values))
+                                 for a, b in spans)
+    assert parts.length == 40 and parts.nbytes == whole.nbytes
+    restored = engine.cache_from_kv(parts)
+    again = engine.export_kv(restored, 40)
+    for got, want in zip(again.keys + again.values, whole.keys + whole.values):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(parts.keys + parts.values, whole.keys + whole.values):  # joined on demand
+        np.testing.assert_array_equal(got, want)
+    logits, _ = engine.forward(np.asarray([seq[40:]]), np.arange(40, 60)[None], np.ones((1, 60), np.int64), restored)
+    np.testing.assert_allclose(logits[0], prefill(engine, seq)[0], atol=1e-5)
+    bad = type(whole).of_parts([(whole.keys, whole.values), (tuple(k[:1] for k in whole.keys), whole.values)])
+    with pytest.raises(ValueError, match="does not fit this model"):
+        engine.cache_from_kv(bad)  # a part with one kv head too few
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_outputs_with_cache_hits_equal_outputs_without(models, ids, precision, backend):
