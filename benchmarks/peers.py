@@ -36,7 +36,8 @@ tokenizer on the timed path), a fresh prompt for every pass (GenAI's prefix cach
 well, and llama.cpp's context is reset, so no run reuses another's prompt KV). TTFT is prompt
 in -> first token out; decode tok/s is --new-tokens further tokens / their time. After one
 untimed warm-up each, --runs passes go over all candidates in turn (interleaved, so each pass
-sees the same machine load); the table shows medians, the per-pass ratios edgeglm / peer, and
+sees the same machine load; every worker process is stopped with SIGSTOP outside its own runs, so
+threads a runtime leaves spinning after a run, as llama.cpp's pool does, cannot slow the next candidate); the table shows medians, the per-pass ratios edgeglm / peer, and
 the numpy memory read bandwidth measured just before and just after the passes. Sanity columns: `cos` is the cosine between a candidate's
 first-token logits and the PyTorch fp32 reference's (models/glm.py; GenAI exposes no logits),
 `agree` how many greedy tokens from the start equal the reference's (int8 rounding on random
@@ -56,6 +57,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -213,16 +215,31 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"worker for {spec['kind']} {spec['path']} exited while loading (see above)")
+        self.pause()  # until its first run (see run)
 
     def run(self, prompt: list[int], new_tokens: int, logits: bool = False) -> dict:
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "new_tokens": new_tokens, "logits": logits}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        """One timed run; the worker runs only meanwhile: it is stopped (SIGSTOP) between its runs, so that
+        threads a runtime leaves spinning after its work (llama.cpp's thread pool polls for the next graph)
+        take no CPU from the candidate measured next (that raised edgeglm's glm-s TTFT from ~80 to ~120 ms
+        when it ran right after llama.cpp; 2026-11-27)."""
+        os.kill(self.proc.pid, signal.SIGCONT)
+        try:
+            self.proc.stdin.write(json.dumps({"prompt": prompt, "new_tokens": new_tokens, "logits": logits}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        finally:
+            self.pause()
         if not line:
             raise RuntimeError("worker died during a run (see above)")
         return json.loads(line)
 
+    def pause(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
     def close(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
         self.proc.stdin.close()
         self.proc.wait()
 
@@ -339,29 +356,31 @@ def measure_shape(shape: str, args, skipped: dict[str, str]) -> dict:
     prompts = [rng.integers(0, cfg["vocab_size"], args.prompt_tokens).tolist() for _ in range(args.runs + 1)]
     ref_logits, ref_tokens = reference_logits(ckpt, prompts[0], args.new_tokens, args.threads)
     workers = {}
-    for name, spec in specs.items():
-        print(f"[{shape}] loading {name}", file=sys.stderr)
-        workers[name] = Worker(spec)
-    samples = {name: {"ttft": [], "tok_s": [], "ttft_cpu": [], "cpu_per_token": []} for name in workers}
-    for name, w in workers.items():  # warm-up (untimed) on prompts[0]: logits and tokens for the sanity check
-        out = w.run(prompts[0], args.new_tokens, logits=True)
-        samples[name]["cos"] = cosine(out["logits"], ref_logits) if out["logits"] else None
-        samples[name]["tokens"] = out["tokens"]
-    bw_before = read_bandwidth(args.threads)
-    for r in range(args.runs):
-        for name, w in workers.items():
-            out = w.run(prompts[r + 1], args.new_tokens)
-            s = samples[name]
-            s["ttft"].append(out["ttft"] * 1e3)
-            s["tok_s"].append(args.new_tokens / out["decode"])
-            s["ttft_cpu"].append(out["ttft_cpu"] * 1e3)
-            s["cpu_per_token"].append(out["decode_cpu"] * 1e3 / args.new_tokens)
-            print(f"[{shape}] pass {r + 1}/{args.runs} {name}: TTFT {out['ttft'] * 1e3:.1f} ms, "
-                  f"{args.new_tokens / out['decode']:.1f} tok/s, CPU {out['ttft_cpu'] * 1e3:.0f} ms + "
-                  f"{out['decode_cpu'] * 1e3 / args.new_tokens:.2f} ms/token", file=sys.stderr)
-    bw_after = read_bandwidth(args.threads)
-    for w in workers.values():
-        w.close()
+    try:  # workers are stopped between runs (Worker.run): close them whatever happens
+        for name, spec in specs.items():
+            print(f"[{shape}] loading {name}", file=sys.stderr)
+            workers[name] = Worker(spec)
+        samples = {name: {"ttft": [], "tok_s": [], "ttft_cpu": [], "cpu_per_token": []} for name in workers}
+        for name, w in workers.items():  # warm-up (untimed) on prompts[0]: logits and tokens for the sanity check
+            out = w.run(prompts[0], args.new_tokens, logits=True)
+            samples[name]["cos"] = cosine(out["logits"], ref_logits) if out["logits"] else None
+            samples[name]["tokens"] = out["tokens"]
+        bw_before = read_bandwidth(args.threads)
+        for r in range(args.runs):
+            for name, w in workers.items():
+                out = w.run(prompts[r + 1], args.new_tokens)
+                s = samples[name]
+                s["ttft"].append(out["ttft"] * 1e3)
+                s["tok_s"].append(args.new_tokens / out["decode"])
+                s["ttft_cpu"].append(out["ttft_cpu"] * 1e3)
+                s["cpu_per_token"].append(out["decode_cpu"] * 1e3 / args.new_tokens)
+                print(f"[{shape}] pass {r + 1}/{args.runs} {name}: TTFT {out['ttft'] * 1e3:.1f} ms, "
+                      f"{args.new_tokens / out['decode']:.1f} tok/s, CPU {out['ttft_cpu'] * 1e3:.0f} ms + "
+                      f"{out['decode_cpu'] * 1e3 / args.new_tokens:.2f} ms/token", file=sys.stderr)
+        bw_after = read_bandwidth(args.threads)
+    finally:
+        for w in workers.values():
+            w.close()
     rows = []
     for name, s in samples.items():
         agree = next((i for i, (a, b) in enumerate(zip(s["tokens"], ref_tokens)) if a != b), len(ref_tokens))
