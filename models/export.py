@@ -155,14 +155,26 @@ def reference_greedy(model: GlmForCausalLM, prompt_ids: list[int], n: int):
     return tokens, margins, np.stack(rows)
 
 
+# the most positions for which the fused graphs take constant cos/sin tables (2 x positions x rotary_dim / 2
+# float32: 512 KiB for glm-s's 4,096; 16 MiB at 32,768 positions and a rotary_dim of 128)
+GQA_ROTARY_MAX_POSITIONS = 32768
+
+
 def _write_backend(backend: str, weights: str, cfg: GlmConfig, state: dict, staging: Path, block: int) -> float:
     if backend == "onnxruntime":  # contrib ops: GroupQueryAttention over a shared, preallocated cache
-        model, err = build_decoder(cfg, state, weights, block, fused=True)
-        graphs = {"model.onnx": model, GPU_GRAPH_FILE: fp16_attention_variant(model)}
+        # GroupQueryAttention rotates q and k itself from constant cos/sin tables of every position (onnx_graph.
+        # _fused_layers); past GQA_ROTARY_MAX_POSITIONS those tables would be big: RotaryEmbedding nodes instead
+        rotary = "gqa" if cfg.max_position_embeddings <= GQA_ROTARY_MAX_POSITIONS else "nodes"
+        model, err = build_decoder(cfg, state, weights, block, fused=True, rotary=rotary)
+        # the GPU variant keeps the RotaryEmbedding nodes: measured on CUDA in that form (onnx_graph._fused_layers)
+        gpu_source, _ = build_decoder(cfg, state, weights, block, fused=True, rotary="nodes")
+        graphs = {"model.onnx": model, GPU_GRAPH_FILE: fp16_attention_variant(gpu_source)}
+        del gpu_source
         meta = model.metadata_props.add()
         meta.key, meta.value = GPU_GRAPH_KEY, GPU_GRAPH_FILE
         if weights == "int8-per-channel-u8":  # + the W8A8 prefill graph over the same weight bytes
-            graphs["prefill.onnx"], _ = build_decoder(cfg, state, weights, block, fused=True, prefill=True)
+            graphs["prefill.onnx"], _ = build_decoder(cfg, state, weights, block, fused=True, prefill=True,
+                                                      rotary=rotary)
             for key, value in ((PREFILL_GRAPH_KEY, "prefill.onnx"), (PREFILL_ROWS_KEY, str(PREFILL_GRAPH_MIN_ROWS))):
                 meta = model.metadata_props.add()
                 meta.key, meta.value = key, value

@@ -23,11 +23,12 @@ of it resident).
 The fused graph's operators: GroupQueryAttention, which updates
 the cache in place when past.{i}.* and present.{i}.* are bound to one preallocated buffer (then
 "past" and "past + seq" above are both that buffer's capacity, and attention_mask's length says
-how many positions are valid), plus RotaryEmbedding, SkipSimplifiedLayerNormalization,
-QuickGelu and one q|k|v projection. Its batches may also be row-aligned (`edgeglm.batch_rows =
+how many positions are valid) and rotates q and k of the one packed q|k|v projection itself (cos/sin
+tables of every position, constants), plus SkipSimplifiedLayerNormalization and QuickGelu. Its batches may also be row-aligned (`edgeglm.batch_rows =
 ragged`): for single-token steps, row b's mask is 1 for its own positions [0, n_b] and 0 after
 them, and each row's new key/value go to position n_b of its buffer row, attention covering that
-row's positions only (left-padded masks work as on the plain graph).
+row's positions only. A prompt batch must not be left-padded (GroupQueryAttention rotates a prompt
+from each row's first position; the metadata `edgeglm.rotary_positions = from-row-start` says so).
 
 Two rewrites keep the graph lean and do not change its results:
 - the rotary dims of q_proj/k_proj are permuted from interleaved pairs (2i, 2i+1) to halves
@@ -68,7 +69,7 @@ from onnx import TensorProto, helper, numpy_helper
 from models.config import GlmConfig
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
 from runtime.engine import (BATCH_ROWS_KEY, EMBEDDINGS_KEY, KV_CACHE_KEY,  # the metadata the edge engine reads
-                            KV_DTYPE_KEY)
+                            KV_DTYPE_KEY, ROTARY_KEY)
 
 OPSET = 17
 WEIGHT_MODES = ("fp32", "int8-blockwise", "int8-per-channel", "int8-per-channel-u8")
@@ -238,13 +239,15 @@ def _mask_bias(g: GraphBuilder, T: str, S: str) -> str:
 
 
 def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "fp32",
-                  block: int = 128, fused: bool = False, prefill: bool = False) -> tuple[onnx.ModelProto, float]:
+                  block: int = 128, fused: bool = False, prefill: bool = False,
+                  rotary: str = "gqa") -> tuple[onnx.ModelProto, float]:
     """The decoder graph for `state` (HF names, fp32 numpy arrays) and the worst weight-quantization error.
 
     fused=False writes plain ONNX ops (any runtime; the KV cache grows by Concat). fused=True writes
     ONNX Runtime's contrib operators (see `_fused_layers`), whose GroupQueryAttention can update a
     preallocated cache in place. prefill=True (with weights="int8-per-channel-u8") writes the W8A8
-    linears of the prefill graph; its inputs and outputs are the decode graph's.
+    linears of the prefill graph; its inputs and outputs are the decode graph's. rotary (fused only):
+    "gqa" rotates q and k inside GroupQueryAttention, "nodes" with RotaryEmbedding nodes (`_fused_layers`).
     """
     g = GraphBuilder(weights, block, prefill)
     state = prepare_weights(cfg, state)
@@ -259,8 +262,12 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
         x = "inputs_embeds"
     else:
         x = g.op("Gather", g.const(state["model.embed_tokens.weight"], "embed_tokens.weight"), "input_ids", axis=0)
-    layers = _fused_layers if fused else _plain_layers
-    x, present_names = layers(g, cfg, state, x, T, S)
+    if rotary not in ("gqa", "nodes"):
+        raise ValueError(f"rotary={rotary!r}: choose 'gqa' or 'nodes'")
+    if fused:
+        x, present_names = _fused_layers(g, cfg, state, x, T, S, rotary)
+    else:
+        x, present_names = _plain_layers(g, cfg, state, x, T, S)
 
     last = g.op("Gather", x, g.op("Sub", T, g.const(1, dtype=i64)), axis=1)  # (B, C)
     last = g.rms_norm(last, state["model.norm.weight"], cfg.rms_norm_eps, "model.norm")
@@ -287,8 +294,10 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
     model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeglm")
     model.ir_version = 8
     if fused:  # the runtime binds past and present to one buffer only on this graph
-        helper.set_model_props(model, {KV_CACHE_KEY: "shared-buffer", EMBEDDINGS_KEY: EMBEDDINGS_FILE,
-                                       BATCH_ROWS_KEY: "ragged"})
+        props = {KV_CACHE_KEY: "shared-buffer", EMBEDDINGS_KEY: EMBEDDINGS_FILE, BATCH_ROWS_KEY: "ragged"}
+        if rotary == "gqa":
+            props[ROTARY_KEY] = "from-row-start"
+        helper.set_model_props(model, props)
     return model, g.max_quant_error
 
 
@@ -364,15 +373,24 @@ def _plain_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
     return x, present_names
 
 
-def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, S: str):
-    """Decoder layers from ONNX Runtime contrib ops, 13 nodes per layer:
+def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, S: str, rotary: str = "gqa"):
+    """Decoder layers from ONNX Runtime contrib ops, 10 nodes per layer (rotary="gqa"):
 
-    SkipSimplifiedLayerNormalization (residual add + RMSNorm), one q|k|v projection, Split,
-    RotaryEmbedding on q and on k (halves layout = interleaved=0, partial rotary), GroupQueryAttention
-    (scale 1: it is folded into q_proj; its causal mask plus `attention_bias` for padding; the cache
-    in BNSH, shared in place when past and present are bound to the same buffer), o_proj, the
-    post-attention SkipSimplifiedLayerNormalization, gate|up projection, Split, QuickGelu(alpha=1) =
-    SiLU, Mul, down_proj.
+    SkipSimplifiedLayerNormalization (residual add + RMSNorm), one q|k|v projection, GroupQueryAttention
+    on the packed q|k|v (it rotates q and k itself: do_rotary, halves layout = interleaved=0, partial
+    rotary from the tables' width, at `position_ids`; scale 1: it is folded into q_proj; its causal mask
+    plus `attention_bias` for padding; the cache in BNSH, shared in place when past and present are bound
+    to the same buffer), o_proj, the post-attention SkipSimplifiedLayerNormalization, gate|up projection,
+    Split, QuickGelu(alpha=1) = SiLU, Mul, down_proj. (Until session 19 a Split of q|k|v and a
+    RotaryEmbedding node on q and on k came before GroupQueryAttention: 13 nodes per layer; in the op, glm-s
+    decoded 6-13% faster and prompts ran 2.5% faster on the VNNI EPYC, docs/performance.md.)
+
+    GroupQueryAttention takes a prompt's positions (a step with no past) from each row's first
+    position_ids onward, so a left-padded prompt batch is not computed right: `ROTARY_KEY` in the metadata
+    says so and the engine refuses such input (the runtime prefills each sequence alone).
+
+    rotary="nodes" writes the 13-node form (the GPU variant's source: it was measured on CUDA in that form;
+    GroupQueryAttention's own rotary has not been run on a GPU yet).
     """
     L, nh, nkv, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     rot, eps = cfg.rotary_dim, cfg.rms_norm_eps
@@ -387,14 +405,22 @@ def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
     last = g.op("ReduceMax", g.op("Mul", "attention_mask", cols), axes=[1], keepdims=0)
     seqlens_k = g.op("Cast", g.op("Sub", last, g.const(1, dtype=i64)), to=TensorProto.INT32)
 
-    # rotary tables for exactly this step's positions: row b*T + t holds position_ids[b, t]
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
-    flat = g.op("Reshape", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([-1, 1], dtype=i64))
-    freqs = g.op("Mul", flat, g.const(inv_freq.astype(np.float32), "rope.inv_freq"))  # (B*T, rot/2)
-    cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
-    n_pos = g.op("Gather", g.op("Shape", flat), g.const(0, dtype=i64), axis=0)
-    rope_ids = g.op("Reshape", g.op("Range", g.const(0, dtype=i64), n_pos, g.const(1, dtype=i64)),
-                    g.op("Shape", "position_ids"))  # (B, T)
+    if rotary == "gqa":
+        # GroupQueryAttention rotates q and k of the packed q|k|v itself (do_rotary), at each token's
+        # position_ids, from cos/sin tables of every position of the context window (constants)
+        inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot))
+        angles = np.outer(np.arange(cfg.max_position_embeddings, dtype=np.float64), inv_freq)  # (positions, rot/2)
+        cos = g.const(np.cos(angles).astype(np.float32), "rope.cos")
+        sin = g.const(np.sin(angles).astype(np.float32), "rope.sin")
+    else:
+        # rotary tables for exactly this step's positions: row b*T + t holds position_ids[b, t]
+        inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
+        flat = g.op("Reshape", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([-1, 1], dtype=i64))
+        freqs = g.op("Mul", flat, g.const(inv_freq.astype(np.float32), "rope.inv_freq"))  # (B*T, rot/2)
+        cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
+        n_pos = g.op("Gather", g.op("Shape", flat), g.const(0, dtype=i64), axis=0)
+        rope_ids = g.op("Reshape", g.op("Range", g.const(0, dtype=i64), n_pos, g.const(1, dtype=i64)),
+                        g.op("Shape", "position_ids"))  # (B, T)
 
     def rope(t: str, heads: int) -> str:  # t (B, T, heads*hd)
         return g.op("RotaryEmbedding", t, rope_ids, cos, sin, domain=ms, interleaved=0, num_heads=heads,
@@ -423,10 +449,15 @@ def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
         b = (np.concatenate([state[p + f"self_attn.{n}.bias"] for n in names])
              if p + "self_attn.q_proj.bias" in state else None)
         qkv = g.linear(h, w, b, p + "self_attn.qkv_proj")
-        q, k, v = g.op("Split", qkv, g.const([nh * hd, nkv * hd, nkv * hd], dtype=i64), axis=-1, outputs=3)
-        att, _, _ = g.op("GroupQueryAttention", rope(q, nh), rope(k, nkv), v, f"past.{i}.key", f"past.{i}.value",
-                         seqlens_k, total, "", "", "", bias, domain=ms, outputs=3, num_heads=nh,
-                         kv_num_heads=nkv, scale=1.0, do_rotary=0)
+        if rotary == "gqa":
+            att, _, _ = g.op("GroupQueryAttention", qkv, "", "", f"past.{i}.key", f"past.{i}.value", seqlens_k,
+                             total, cos, sin, "position_ids", bias, domain=ms, outputs=3, num_heads=nh,
+                             kv_num_heads=nkv, scale=1.0, do_rotary=1, rotary_interleaved=0)
+        else:
+            q, k, v = g.op("Split", qkv, g.const([nh * hd, nkv * hd, nkv * hd], dtype=i64), axis=-1, outputs=3)
+            att, _, _ = g.op("GroupQueryAttention", rope(q, nh), rope(k, nkv), v, f"past.{i}.key",
+                             f"past.{i}.value", seqlens_k, total, "", "", "", bias, domain=ms, outputs=3,
+                             num_heads=nh, kv_num_heads=nkv, scale=1.0, do_rotary=0)
         g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
         present_names += [f"present.{i}.key", f"present.{i}.value"]
         pending = g.linear(att, state[p + "self_attn.o_proj.weight"], None, p + "self_attn.o_proj")
@@ -458,10 +489,10 @@ def fp16_attention_variant(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type != "GroupQueryAttention":
             nodes.append(node)
             continue
-        for idx in (0, 1, 2, 10):  # query, key, value, attention_bias
+        for idx in (0, 1, 2, 7, 8, 10):  # query, key, value, cos and sin tables, attention_bias
             name = node.input[idx] if idx < len(node.input) else ""
             if name:
-                if name not in casts:  # one cast of the bias, shared by every layer
+                if name not in casts:  # one cast of the bias and the tables, shared by every layer
                     casts[name] = f"{name}.f16"
                     src = name
                     if idx == 10:  # MASK_VALUE is -inf in fp16: a fully masked (padding) row would be NaN

@@ -86,6 +86,11 @@ EMBEDDINGS_KEY = "edgeglm.embeddings"  # ONNX metadata: file name of the fp32 em
 # ONNX metadata: "ragged" when the fused graph takes row-aligned batches (each row's positions from 0, its
 # own length from its mask) for single-token steps; graphs exported before it take left-padded ones only
 BATCH_ROWS_KEY = "edgeglm.batch_rows"
+# ONNX metadata of the fused graph: "from-row-start" when GroupQueryAttention rotates q and k itself, taking a
+# prompt's positions (a step with no past) from each row's first position_ids onward: a multi-token step must
+# have consecutive positions in every row (no left-padded prompt batch). Graphs exported before rotate at
+# any position_ids (RotaryEmbedding nodes)
+ROTARY_KEY = "edgeglm.rotary_positions"
 # ONNX metadata of the fused decode graph: file name of its GPU variant beside it (GPU_GRAPH_FILE), the same
 # graph with GroupQueryAttention and the KV cache in fp16, which ONNX Runtime's CUDA kernels run (they have no
 # fp32 GroupQueryAttention); the variant itself carries KV_DTYPE_KEY = "float16"
@@ -1137,6 +1142,8 @@ class OnnxRuntimeEngine:
         self._kv_copy = self._kv_copy_session(KV_COPY_GRAPH) if self._kv_device else None  # (session, binding)
         # joins into a free slot and leaves write one row in place; without it every change rebuilds the batch
         self._kv_write = self._kv_copy_session(KV_WRITE_GRAPH) if self._kv_copy is not None else None
+        # GroupQueryAttention rotates a multi-token step from each row's first position (ROTARY_KEY)
+        self.consecutive_positions = meta.get(ROTARY_KEY) == "from-row-start"
         self.ragged_batches = meta.get(BATCH_ROWS_KEY) == "ragged" and (
             self._kv_device is None or self._kv_copy is not None)
         self.kv_memory = f"{self._kv_device} memory" if self._kv_device else "host memory"  # where the KV lives
@@ -1307,6 +1314,11 @@ class OnnxRuntimeEngine:
         those of a cold, unchunked prefill (an INT8 bundle's prefill and decode graphs round differently: a
         greedy answer could change with a cache hit)."""
         batch, new, total = cache._check(input_ids, attention_mask)
+        if self.consecutive_positions and new > 1 and np.any(np.diff(np.asarray(position_ids), axis=1) != 1):
+            raise ValueError("this bundle's graph takes a multi-token step's positions as consecutive from each "
+                             "row's first one (GroupQueryAttention rotates q and k itself), but position_ids are "
+                             "not (a left-padded prompt batch?): prefill each sequence alone, then batch the decode "
+                             "steps (engine.new_batch())")
         cache.reserve(total, self.arch, self._ort)
         piece = self.prompt_run_tokens
         # one sequence only: GroupQueryAttention takes several new tokens over a cache for one row at a time

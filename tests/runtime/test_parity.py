@@ -76,19 +76,59 @@ def test_int8_bundle_passes_its_golden_check(int8_bundle, backend):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_left_padded_batch_equals_single_rows(request, precision, heldout_ids):
-    """Padding positions are masked: a row's logits do not depend on its batch neighbours. The int8
-    prompts run on the W8A8 prefill graph, whose activations are quantized per token (a per-tensor
-    scale would let one row's values change another's rounding)."""
+def test_a_batch_row_equals_the_row_alone_and_left_padded_prompts_are_refused(request, precision, heldout_ids):
+    """A row's logits do not depend on its batch neighbours. The int8 prompts run on the W8A8 prefill graph,
+    whose activations are quantized per token (a per-tensor scale would let one row's values change another's
+    rounding). A left-padded prompt batch is refused: GroupQueryAttention rotates a prompt from each row's
+    first position, so the padded row would be computed at the wrong positions."""
     model = load_model(request.getfixturevalue(f"{precision}_bundle"), "onnxruntime")
     engine = model.engine
     engine.prefill_min_rows = 2  # int8: every multi-token step runs on the prefill graph
-    a, b = heldout_ids[:12], [x * 3 % 500 + 3 for x in heldout_ids[50:57]]  # b: larger, unrelated ids
-    ids = np.array([a, [0] * 5 + b], dtype=np.int64)
-    mask = np.array([[1] * 12, [0] * 5 + [1] * 7], dtype=np.int64)
-    pos = np.maximum(mask.cumsum(1) - 1, 0)
-    logits, _ = engine.forward(ids, pos, mask, engine.new_cache(2))
+    a, b = heldout_ids[:12], [x * 3 % 500 + 3 for x in heldout_ids[50:62]]  # b: larger, unrelated ids
+    logits, _ = engine.forward(np.array([a, b]), np.stack([np.arange(12)] * 2), np.ones((2, 12), np.int64),
+                               engine.new_cache(2))
     for row, prompt in enumerate((a, b)):
         single, _ = engine.forward(np.array([prompt]), np.arange(len(prompt))[None],
                                    np.ones((1, len(prompt)), np.int64), engine.new_cache())
         np.testing.assert_allclose(logits[row], single[0], atol=1e-4)
+    mask = np.array([[1] * 12, [0] * 5 + [1] * 7], dtype=np.int64)
+    with pytest.raises(ValueError, match="left-padded prompt batch"):
+        engine.forward(np.array([a, [0] * 5 + b[:7]]), np.maximum(mask.cumsum(1) - 1, 0), mask, engine.new_cache(2))
+
+
+def _fused_graph_ops(bundle) -> tuple[set[str], dict[str, str], list[int]]:
+    import onnx
+
+    model = onnx.load(str(bundle / "onnxruntime" / "model.onnx"), load_external_data=False)
+    rotary = [next(a.i for a in n.attribute if a.name == "do_rotary") for n in model.graph.node
+              if n.op_type == "GroupQueryAttention"]
+    return {n.op_type for n in model.graph.node}, {p.key: p.value for p in model.metadata_props}, rotary
+
+
+def test_both_rotary_forms_of_the_fused_graph_follow_transformers(trained_checkpoint, int8_bundle, hf_model,
+                                                                  heldout_ids, tmp_path, monkeypatch):
+    """The fused graphs rotate q and k inside GroupQueryAttention (constant cos/sin tables of every position)
+    unless the context window is longer than GQA_ROTARY_MAX_POSITIONS, where they keep RotaryEmbedding nodes;
+    both answer like transformers, and only the first refuses a left-padded prompt batch."""
+    import models.export as export
+    from runtime.engine import ROTARY_KEY
+
+    ops, meta, rotary = _fused_graph_ops(int8_bundle)
+    assert "RotaryEmbedding" not in ops and set(rotary) == {1} and meta[ROTARY_KEY] == "from-row-start"
+    monkeypatch.setattr(export, "GQA_ROTARY_MAX_POSITIONS", 64)  # the tiny model's window is longer
+    out = tmp_path / "nodes"
+    export.export_bundle(trained_checkpoint, out, export.ExportOptions(precision="int8", name="tiny",
+                                                                       version="1.0.0"), show_progress=False)
+    ops, meta, rotary = _fused_graph_ops(out)
+    assert "RotaryEmbedding" in ops and set(rotary) == {0} and ROTARY_KEY not in meta
+    prompt, more = heldout_ids[900:924], heldout_ids[924:932]
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([prompt + more])).logits[0, len(prompt) - 1:].numpy()  # the prompt, then steps
+    for bundle in (int8_bundle, out):
+        engine = load_model(bundle, "onnxruntime").engine
+        ours = teacher_forced_logits(engine, prompt, more)
+        cos = (ours * ref[:len(ours)]).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref[:len(ours)], axis=1)
+        assert cos.min() > 0.998 and (ours.argmax(1) == ref[:len(ours)].argmax(1)).mean() >= 0.85, (bundle.name, cos)
+    mask = np.array([[1] * 12, [0] * 5 + [1] * 7], dtype=np.int64)
+    ids = np.array([prompt[:12], [0] * 5 + prompt[:7]])
+    engine.forward(ids, np.maximum(mask.cumsum(1) - 1, 0), mask, engine.new_cache(2))  # the nodes form takes it
