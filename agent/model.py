@@ -18,8 +18,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from ota.bundle import Bundle, open_bundle
-from runtime.autotune import (Candidate, PrefillChoice, TuneResult, autotune, choose_prefill_graph, default_candidate,
-                              device_candidate)
+from runtime.autotune import (Candidate, PrefillChoice, TuneResult, apply_prefill_rows, autotune, choose_prefill_graph,
+                              default_candidate, device_candidate)
 from runtime.engine import BACKENDS, ModelArch, available_backends, load_engine
 from runtime.errors import BackendUnavailable
 from runtime.golden import GoldenResult, check_golden
@@ -66,6 +66,8 @@ class LoadedModel:
             info["prefill_graph"] = getattr(self.engine, "prefill_graph", None)
             info["prefill_only"] = getattr(self.engine, "prefill_only", False)
             info["kv_cache"] = getattr(self.engine, "kv_cache", None)  # e.g. "cuda memory, float16 (gpu.onnx)"
+            if info["prefill_graph"] and not info["prefill_only"]:  # which steps run there (autotune or bundle)
+                info["prefill_min_rows"] = getattr(self.engine, "prefill_min_rows", None)
             if info["prefill_graph"]:  # int8 on VNNI CPUs (runtime.engine.signed_weight_graph)
                 info["prefill_weights"] = "int8 (u8 x s8, VNNI)" if getattr(self.engine, "signed_weights", False) \
                     else "uint8 (u8 x u8)"
@@ -166,6 +168,8 @@ def load_model(bundle_path: str | Path | Bundle, backend: str = "auto", threads:
                                        f"{engine.kv_memory}")
     if prefill is not None:
         log.info("prefill graph: %s (%s)", prefill.mode, prefill.reason)
+    if apply_prefill_rows(engine, tuning):  # steps of how many token rows run on the prefill graph, as measured here
+        log.info("prefill graph from %d token rows per step (measured by the autotune)", engine.prefill_min_rows)
     tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer))
     if tuning is not None:
         chosen_by = "autotune cache" if tuning.from_cache else "autotune"

@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--merge-rounds", type=int, default=20)
+    p.add_argument("--prefill-min-rows", type=int, default=None,
+                   help="ONNX Runtime: steps of this many token rows or more run on the prefill graph, as the "
+                        "autotune may set it (default: the bundle's edgeglm.prefill_min_rows)")
     p.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "serve")
     p.add_argument("--json", action="store_true", help="print the raw samples as JSON")
     args = p.parse_args(argv)
@@ -279,8 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeUserError, BundleError) as exc:  # a missing device or bundle: the message, not a traceback
         p.error(str(exc))
     engine = model.engine
+    if args.prefill_min_rows is not None:
+        if args.prefill_min_rows < 1 or not getattr(engine, "prefill_graph", None):
+            p.error(f"--prefill-min-rows {args.prefill_min_rows}: needs a positive count and an ONNX Runtime engine "
+                    "with a prefill graph")
+        engine.prefill_min_rows = args.prefill_min_rows
     prompt = pick_prompt(engine, args.prompt_tokens, args.max_tokens)
-    print(f"{bundle} on {model.execution_info()['description']}; {cpu_model()}, {os.cpu_count()} cpus; prompt {len(prompt)} tokens, "
+    rows = getattr(engine, "prefill_min_rows", None) if getattr(engine, "prefill_graph", None) else None
+    print(f"{bundle} on {model.execution_info()['description']}"
+          f"{f' (prefill graph from {rows} token rows)' if rows else ''}; {cpu_model()}, {os.cpu_count()} cpus; "
+          f"prompt {len(prompt)} tokens, "
           f"{args.max_tokens} new tokens{' (staggered: 1/4 to 2x each)' if args.stagger else ''}, "
           f"{args.seconds:g} s per level, {args.repeats} pass(es); engine.new_batch(): "
           f"{type(engine.new_batch()).__name__}", file=sys.stderr)

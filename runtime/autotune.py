@@ -211,6 +211,8 @@ class Trial:
     load_s: float | None = None
     ttft_ms: float | None = None  # best round
     decode_tok_s: float | None = None  # best round
+    prefill_min_rows: int | None = None  # ONNX Runtime CPU with both graphs: measure_prefill_rows
+    prefill_rows_ms: dict | None = None
 
     def to_dict(self) -> dict:
         return {**asdict(self), "candidate": self.candidate.to_dict(), "path": self.candidate.describe()}
@@ -236,6 +238,11 @@ class TuneResult:
     from_cache: bool = False
     cache_path: str | None = None
     prefill: str = "on"  # the ONNX Runtime prefill-graph mode its ONNX Runtime paths were measured with
+    # ONNX Runtime CPU with both graphs: the fewest token rows a step needs to run on the prefill graph, measured
+    # (`measure_prefill_rows`; None: not measured, the bundle's edgeglm.prefill_min_rows holds), and the
+    # milliseconds per step of each measured row count on the decode and the prefill graph
+    prefill_min_rows: int | None = None
+    prefill_rows_ms: dict | None = None
 
     def to_dict(self) -> dict:
         return {"version": CACHE_VERSION, "bundle_sha256": self.bundle_sha256, "fingerprint": self.fingerprint,
@@ -244,14 +251,16 @@ class TuneResult:
                 "accelerators": self.accelerators, "settings": asdict(self.settings),
                 "measured_at": self.measured_at, "elapsed_s": self.elapsed_s,
                 "trials": [t.to_dict() for t in self.trials],
-                "from_cache": self.from_cache, "cache_path": self.cache_path, "prefill": self.prefill}
+                "from_cache": self.from_cache, "cache_path": self.cache_path, "prefill": self.prefill,
+                "prefill_min_rows": self.prefill_min_rows, "prefill_rows_ms": self.prefill_rows_ms}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TuneResult":
         return cls(data["bundle_sha256"], data["fingerprint"], data["threads_limit"],
                    Candidate.from_dict(data["choice"]), [Trial.from_dict(t) for t in data["trials"]],
                    list(data["accelerators"]), TuneSettings(**data["settings"]), data["measured_at"],
-                   data["elapsed_s"], data["objective"], prefill=data.get("prefill", "on"))
+                   data["elapsed_s"], data["objective"], prefill=data.get("prefill", "on"),
+                   prefill_min_rows=data.get("prefill_min_rows"), prefill_rows_ms=data.get("prefill_rows_ms"))
 
 
 def measurement_prompt(arch: ModelArch, settings: TuneSettings) -> list[int]:
@@ -460,7 +469,77 @@ def measure(bundle, trials: list[Trial], settings: TuneSettings, available_memor
             t.status = "measured"
             t.ttft_ms = round(min(r[0] for r in results) * 1000, 3)
             t.decode_tok_s = round(max(r[1] for r in results), 2)
+            try:  # which steps the prefill graph should take here (None: the engine has one graph)
+                rows = measure_prefill_rows(engines[c])
+            except Exception as exc:  # not a reason to drop the path: the bundle's threshold holds
+                log.warning("autotune: %s: timing batched steps on both graphs failed (%s); the bundle's "
+                            "prefill_min_rows holds", c.describe(), (str(exc).splitlines() or [repr(exc)])[0][:200])
+                rows = None
+            if rows is not None:
+                t.prefill_min_rows, t.prefill_rows_ms = rows
         engines.clear()
+
+
+PREFILL_ROWS_SIZES = (4, 8, 16, 32)  # batched-step row counts timed on both graphs
+PREFILL_ROWS_CONTEXT = 64  # positions each row holds while timed
+
+
+def measure_prefill_rows(engine, repeats: int = 5, sizes=PREFILL_ROWS_SIZES) -> tuple[int, dict] | None:
+    """Where the prefill graph starts to pay on this machine: row-aligned batched decode steps of each of
+    `sizes` rows (rows of PREFILL_ROWS_CONTEXT zero positions) timed on the decode graph and on the prefill
+    graph, interleaved, `repeats` steps each after one untimed; the median ms per step of each. Returns
+    (the fewest rows from which the prefill graph is at least as fast at that size and every larger one,
+    else twice the largest size; {rows: [decode ms, prefill ms]}), or None for an engine without both graphs
+    (OpenVINO, prefill_graph off or only, a GPU graph). On the VNNI EPYC with blocks of up to 1024 the decode
+    graph won at 4 rows (glm-m 15.6 vs 18.0 ms) and glm-s's up to 16, where the bundles say 4."""
+    from runtime.engine import CacheRow, KvBlock
+
+    if not _both_graphs(engine):
+        return None
+    arch, keep = engine.arch, engine.prefill_min_rows
+    zeros = np.zeros((arch.num_kv_heads, PREFILL_ROWS_CONTEXT, arch.head_dim), np.float32)
+    block = KvBlock((zeros,) * arch.num_layers, (zeros,) * arch.num_layers)
+    timed: dict[int, list[float]] = {}
+    try:
+        for rows in sizes:
+            batch = engine.new_batch()
+            for _ in range(rows):
+                batch.add(CacheRow(engine.cache_from_kv(block)))
+            tokens = [0] * rows
+            steps: dict[bool, list[float]] = {False: [], True: []}
+            for r in range(repeats):
+                for on_prefill in ((False, True) if r % 2 == 0 else (True, False)):
+                    engine.prefill_min_rows = 1 if on_prefill else rows + 1
+                    if r == 0:
+                        batch.step(tokens)  # untimed: first run of this shape on this graph
+                    t0 = time.perf_counter()
+                    batch.step(tokens)
+                    steps[on_prefill].append(time.perf_counter() - t0)
+            timed[rows] = [round(float(np.median(steps[on])) * 1e3, 3) for on in (False, True)]
+    finally:
+        engine.prefill_min_rows = keep
+    threshold = 2 * max(sizes)
+    for rows in sorted(timed, reverse=True):  # the largest suffix of sizes where the prefill graph is no slower
+        if timed[rows][1] > timed[rows][0]:
+            break
+        threshold = rows
+    return threshold, {str(k): v for k, v in timed.items()}
+
+
+def _both_graphs(engine) -> bool:
+    """An ONNX Runtime engine running the decode and the prefill graph side by side, row-aligned batches."""
+    prefill, decode = getattr(engine, "_prefill", None), getattr(engine, "_decode", None)
+    return prefill is not None and prefill is not decode and bool(getattr(engine, "ragged_batches", False)) \
+        and not getattr(engine, "gpu_graph", None) and bool(getattr(engine, "_rows_per_step", False))
+
+
+def apply_prefill_rows(engine, result: "TuneResult | None") -> bool:
+    """Give `engine` the prefill_min_rows `result` measured, where it applies (an engine with both graphs, as
+    the measurement had); True if given."""
+    if result is None or result.prefill_min_rows is None or not _both_graphs(engine):
+        return False
+    engine.prefill_min_rows = result.prefill_min_rows
+    return True
 
 
 # --- cache ----------------------------------------------------------------------------------------
@@ -530,6 +609,7 @@ def _check_result(result: TuneResult) -> None:
                 raise ValueError(f"trials[{i}].{name} {getattr(t, name)!r} is not a number")
         if not all(text(v) for v in (t.status, t.reason, t.golden)):
             raise ValueError(f"trials[{i}] status, reason or golden is not a string")
+        _check_rows(t.prefill_min_rows, t.prefill_rows_ms, f"trials[{i}].")
     for name in ("measured_at", "elapsed_s"):
         if not number(getattr(result, name), optional=False):
             raise ValueError(f"{name} {getattr(result, name)!r} is not a number")
@@ -538,6 +618,17 @@ def _check_result(result: TuneResult) -> None:
             raise ValueError(f"settings.{name} {value!r} is not an integer")
     if not all(isinstance(a, str) for a in result.accelerators) or not isinstance(result.objective, str):
         raise ValueError("accelerators or objective is not text")
+    _check_rows(result.prefill_min_rows, result.prefill_rows_ms, "")
+
+
+def _check_rows(rows, ms, where: str) -> None:
+    """ValueError unless a cached prefill_min_rows / prefill_rows_ms pair is of the types measured."""
+    if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+        raise ValueError(f"{where}prefill_min_rows {rows!r} is not a positive integer")
+    if ms is not None and not (isinstance(ms, dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                       for x in v) for v in ms.values())):
+        raise ValueError(f"{where}prefill_rows_ms {ms!r} is not a map of [decode ms, prefill ms]")
 
 
 def write_cache(path: Path, result: TuneResult) -> bool:
@@ -599,8 +690,11 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
     available = hw.memory.budget_bytes()
     with _progress(progress, len(trials) + settings.repeats * len(trials)) as bar:
         measure(bundle, trials, settings, available, on_step=bar.update, prefill=prefill)
-    result = TuneResult(bundle.sha256, fingerprint, threads, choose(trials), trials, accelerators(hw), settings,
-                        measured_at=time.time(), elapsed_s=round(time.perf_counter() - t0, 2), prefill=prefill)
+    choice = choose(trials)
+    chosen = next(t for t in trials if t.candidate == choice)
+    result = TuneResult(bundle.sha256, fingerprint, threads, choice, trials, accelerators(hw), settings,
+                        measured_at=time.time(), elapsed_s=round(time.perf_counter() - t0, 2), prefill=prefill,
+                        prefill_min_rows=chosen.prefill_min_rows, prefill_rows_ms=chosen.prefill_rows_ms)
     if path is not None and write_cache(path, result):
         result.cache_path = str(path)
         prune_cache(path.parent, spare=path)
@@ -648,6 +742,10 @@ def format_result(result: TuneResult) -> str:
     if result.prefill != "on":
         lines.append(f"  ONNX Runtime paths measured with prefill_graph = {result.prefill!r}, the mode that serves "
                      "(docs/runtime.md)")
+    if result.prefill_min_rows is not None and result.prefill_rows_ms:
+        timed = ", ".join(f"{rows} rows {d:.1f} / {p:.1f} ms" for rows, (d, p) in result.prefill_rows_ms.items())
+        lines.append(f"  prefill graph from {result.prefill_min_rows} token rows per step (batched decode steps, "
+                     f"prompts); decode / prefill graph: {timed}")
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(result.measured_at))
     source = (f"from the cache {result.cache_path} (measured {when}; --retune measures again)" if result.from_cache
               else f"measured now in {result.elapsed_s:.1f} s" + (f", cached in {result.cache_path}"

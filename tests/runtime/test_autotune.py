@@ -15,6 +15,7 @@ import sys
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -284,6 +285,56 @@ def test_autotune_measures_onnx_runtime_the_way_it_will_serve_where_memory_is_ti
     again = load_model(int8_bundle, "auto", cache_dir=tmp_path, hardware=hw, memory=tight)
     assert again.tuning.from_cache and again.tuning.prefill == "only" and again.engine.prefill_only
     assert len(list((tmp_path / "autotune").glob("*.json"))) == 2
+
+
+def test_autotune_measures_which_steps_the_prefill_graph_takes_and_the_served_engine_uses_it(int8_bundle, tmp_path,
+                                                                                             monkeypatch):
+    """With both graphs, the autotune times row-aligned batched steps of 4-32 rows on each and records the
+    fewest rows from which the prefill graph is no slower (at that size and every larger one); the cache keeps
+    it, the loaded engine routes by it (not by the bundle's edgeglm.prefill_min_rows), and probe prints it.
+    Where one graph serves, nothing is measured."""
+    import runtime.autotune as at
+    from runtime.engine import PREFILL_GRAPH_MIN_ROWS
+
+    hw = only(probe_hardware(), "onnxruntime")
+    served = load_model(int8_bundle, "auto", cache_dir=tmp_path, hardware=hw, memory=MemoryInfo(None, None, None))
+    tuning = served.tuning
+    assert set(tuning.prefill_rows_ms) == {str(n) for n in at.PREFILL_ROWS_SIZES}
+    assert all(d > 0 and p > 0 for d, p in tuning.prefill_rows_ms.values())
+    want = 2 * max(at.PREFILL_ROWS_SIZES)  # the rule, recomputed from the recorded timings
+    for n in sorted(at.PREFILL_ROWS_SIZES, reverse=True):
+        d, p = tuning.prefill_rows_ms[str(n)]
+        if p > d:
+            break
+        want = n
+    assert tuning.prefill_min_rows == want
+    assert served.engine.prefill_min_rows == want and served.execution_info()["prefill_min_rows"] == want
+    assert f"prefill graph from {want} token rows per step" in format_result(tuning)
+    again = load_model(int8_bundle, "auto", cache_dir=tmp_path, hardware=hw, memory=MemoryInfo(None, None, None))
+    assert again.tuning.from_cache and again.tuning.prefill_min_rows == want and again.engine.prefill_min_rows == want
+
+    # the rule on made-up timings: the prefill graph must win at a size and at every larger one
+    class FakeBatch:
+        def __init__(self, engine):
+            self.engine, self.rows = engine, 0
+
+        def add(self, row):
+            self.rows += 1
+
+        def step(self, tokens):
+            on_prefill = len(tokens) >= self.engine.prefill_min_rows
+            cost = {4: (1.0, 2.0), 8: (2.0, 1.9), 16: (3.0, 3.5), 32: (6.0, 5.0)}[len(tokens)]
+            fake_time[0] += cost[on_prefill]
+
+    fake_time = [0.0]
+    engine = served.engine
+    monkeypatch.setattr(at, "time", SimpleNamespace(perf_counter=lambda: fake_time[0]))
+    monkeypatch.setattr(engine, "new_batch", lambda: FakeBatch(engine))
+    rows, timed = at.measure_prefill_rows(engine, repeats=3)
+    assert rows == 32 and timed["8"] == [2000.0, 1900.0] and engine.prefill_min_rows == want  # 16 breaks the run
+    monkeypatch.undo()
+    lean = load_model(int8_bundle, "onnxruntime", prefill_graph=False)
+    assert at.measure_prefill_rows(lean.engine) is None and lean.engine.prefill_min_rows == PREFILL_GRAPH_MIN_ROWS
 
 
 # --- the command line and the agent ---------------------------------------------------------------------
