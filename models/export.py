@@ -166,8 +166,9 @@ def _write_backend(backend: str, weights: str, cfg: GlmConfig, state: dict, stag
         # _fused_layers); past GQA_ROTARY_MAX_POSITIONS those tables would be big: RotaryEmbedding nodes instead
         rotary = "gqa" if cfg.max_position_embeddings <= GQA_ROTARY_MAX_POSITIONS else "nodes"
         model, err = build_decoder(cfg, state, weights, block, fused=True, rotary=rotary)
-        # the GPU variant keeps the RotaryEmbedding nodes: measured on CUDA in that form (onnx_graph._fused_layers)
-        gpu_source, _ = build_decoder(cfg, state, weights, block, fused=True, rotary="nodes")
+        # the GPU variant keeps the form measured on CUDA: RotaryEmbedding nodes (onnx_graph._fused_layers) and
+        # MatMulNBits blocks of at most 128 (the weight bytes are the same, only the repeated scales differ)
+        gpu_source, _ = build_decoder(cfg, state, weights, block, fused=True, rotary="nodes", row_block_max=128)
         graphs = {"model.onnx": model, GPU_GRAPH_FILE: fp16_attention_variant(gpu_source)}
         del gpu_source
         meta = model.metadata_props.add()

@@ -67,7 +67,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from models.config import GlmConfig
-from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8
+from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8, row_block
 from runtime.engine import (BATCH_ROWS_KEY, EMBEDDINGS_KEY, KV_CACHE_KEY,  # the metadata the edge engine reads
                             KV_DTYPE_KEY, ROTARY_KEY)
 
@@ -104,12 +104,13 @@ def prepare_weights(cfg: GlmConfig, state: dict[str, np.ndarray]) -> dict[str, n
 class GraphBuilder:
     """Collects nodes and initializers; every op returns the name of its (first) output."""
 
-    def __init__(self, weights: str, block: int = 128, prefill: bool = False):
+    def __init__(self, weights: str, block: int = 128, prefill: bool = False, row_block_max: int = 1024):
         if weights not in WEIGHT_MODES:
             raise ValueError(f"weights={weights!r} must be one of {WEIGHT_MODES}")
         if prefill and weights != "int8-per-channel-u8":
             raise ValueError(f"a prefill graph needs weights='int8-per-channel-u8', not {weights!r}")
         self.weights, self.block, self.prefill = weights, block, prefill
+        self.row_block_max = row_block_max  # per-channel weights: the widest MatMulNBits block (quantize.row_block)
         self._shared: dict[str, str] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -146,7 +147,7 @@ class GraphBuilder:
         if self.weights == "fp32":
             y = self.op("MatMul", x, self.const(np.ascontiguousarray(w.T), name + ".weight"))
         elif self.weights == "int8-per-channel-u8":
-            qr = quantize_rows_u8(w)
+            qr = quantize_rows_u8(w, row_block(k, self.row_block_max))
             self.max_quant_error = max(self.max_quant_error, qr.max_abs_error)
             if self.prefill:
                 y = self._w8a8(x, qr.q.reshape(n, -1), qr.scale[:, 0], k, name, rows, times, scaled)
@@ -257,7 +258,7 @@ def _mask_bias(g: GraphBuilder, T: str, S: str) -> str:
 
 def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "fp32",
                   block: int = 128, fused: bool = False, prefill: bool = False,
-                  rotary: str = "gqa") -> tuple[onnx.ModelProto, float]:
+                  rotary: str = "gqa", row_block_max: int = 1024) -> tuple[onnx.ModelProto, float]:
     """The decoder graph for `state` (HF names, fp32 numpy arrays) and the worst weight-quantization error.
 
     fused=False writes plain ONNX ops (any runtime; the KV cache grows by Concat). fused=True writes
@@ -265,8 +266,9 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
     preallocated cache in place. prefill=True (with weights="int8-per-channel-u8") writes the W8A8
     linears of the prefill graph; its inputs and outputs are the decode graph's. rotary (fused only):
     "gqa" rotates q and k inside GroupQueryAttention, "nodes" with RotaryEmbedding nodes (`_fused_layers`).
+    row_block_max: the widest MatMulNBits block of per-channel weights (models.quantize.row_block).
     """
-    g = GraphBuilder(weights, block, prefill)
+    g = GraphBuilder(weights, block, prefill, row_block_max)
     state = prepare_weights(cfg, state)
     L = cfg.num_hidden_layers
     i64 = np.int64

@@ -78,14 +78,15 @@ def quantize_blockwise(w: np.ndarray, block: int = 128) -> BlockwiseInt8:
     return BlockwiseInt8(quant.q, scale, k, err)
 
 
-def row_block(k: int) -> int:
+def row_block(k: int, largest: int = 1024) -> int:
     """The MatMulNBits block for a per-channel weight of `k` inputs: the largest power of two from 1024
     down to 16 that divides k (no padding), else 32 (the row is padded with zeros to whole blocks). The
     weight has one scale per row whatever the block; the block sets how MatMulNBits' int8 path quantizes
     the activations (a scale per block of each token): wide blocks are faster (glm-m decode 1.056x with
     up to 1024 against 128, VNNI EPYC; logits as close to transformers': cos 0.99861 vs 0.99864) and a
-    block that spans the row quantizes each token like the W8A8 prefill graph."""
-    return next((b for b in (1024, 512, 256, 128, 64, 32, 16) if k % b == 0), 32)
+    block that spans the row quantizes each token like the W8A8 prefill graph. `largest` caps it (the GPU
+    graph keeps 128: CUDA's kernels were measured with that)."""
+    return next((b for b in (1024, 512, 256, 128, 64, 32, 16) if b <= largest and k % b == 0), 32)
 
 
 def quantize_rows_u8(w: np.ndarray, block: int | None = None) -> BlockwiseInt8:

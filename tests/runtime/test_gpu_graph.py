@@ -57,6 +57,21 @@ def test_export_writes_the_gpu_graph_over_the_same_weights(int8_bundle):
     assert kv_types and set(kv_types.values()) == {onnx.TensorProto.FLOAT16}
     locations = {e.value for t in gpu.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"model.onnx.data"}
+    # the form measured on CUDA: RotaryEmbedding nodes and MatMulNBits blocks of at most 128, over the very
+    # weight bytes the decode graph (rotary inside GroupQueryAttention, blocks of up to 1024) reads
+    ops = {n.op_type for n in gpu.graph.node}
+    assert "RotaryEmbedding" in ops and "RotaryEmbedding" not in {n.op_type for n in decode.graph.node}
+
+    def blocks(model):
+        return {n.input[1]: next(a.i for a in n.attribute if a.name == "block_size")
+                for n in model.graph.node if n.op_type == "MatMulNBits"}
+
+    def offsets(model):
+        return {t.name: next(e.value for e in t.external_data if e.key == "offset")
+                for t in model.graph.initializer if t.name.endswith(".weight_uint8")}
+
+    assert max(blocks(gpu).values()) <= 128
+    assert offsets(gpu) == offsets(decode) and offsets(gpu)  # stored once, read by both
     report = bundle.manifest.compression["export"]["backends"]["onnxruntime"]["gpu_graph"]
     assert report["golden_on_cpu"].startswith("32/32") or "near-tie" in report["golden_on_cpu"]
 
