@@ -24,7 +24,9 @@ the rounds interleave them (one at a time when their estimated memory, `resident
 fit in half the memory this process can still take: MemAvailable, or the cgroup limit minus its
 usage), and each path keeps its best round. ONNX Runtime paths run in the prefill-graph mode that
 will serve (`choose_prefill_graph`). Objective: decode tokens/s; paths within `TIE` (3%) of the
-best count as tied and the lowest TTFT among them wins.
+best count as tied and the lowest TTFT among them wins. An ONNX Runtime CPU path with both graphs also
+times batched steps of 4-32 rows on each (`measure_prefill_rows`): the served engine takes the measured
+`prefill_min_rows` (`apply_prefill_rows`) instead of the bundle's.
 
 The result is cached as JSON under `cache_dir`, keyed by (sha256 of the bundle's manifest, the
 hardware fingerprint, a thread limit): a new bundle, new hardware or new backend versions mean a new
