@@ -25,7 +25,8 @@ fit in half the memory this process can still take: MemAvailable, or the cgroup 
 usage), and each path keeps its best round. ONNX Runtime paths run in the prefill-graph mode that
 will serve (`choose_prefill_graph`). Objective: decode tokens/s; paths within `TIE` (3%) of the
 best count as tied and the lowest TTFT among them wins. An ONNX Runtime CPU path with both graphs also
-times batched steps of 4-32 rows on each (`measure_prefill_rows`): the served engine takes the measured
+times batched steps of 4-32 rows on each (`measure_prefill_rows`; a tie within 3% stays on the decode graph,
+whose batched rows round like a row alone): the served engine takes the measured
 `prefill_min_rows` (`apply_prefill_rows`) instead of the bundle's.
 
 The result is cached as JSON under `cache_dir`, keyed by (sha256 of the bundle's manifest, the
@@ -490,8 +491,9 @@ def measure_prefill_rows(engine, repeats: int = 5, sizes=PREFILL_ROWS_SIZES) -> 
     """Where the prefill graph starts to pay on this machine: row-aligned batched decode steps of each of
     `sizes` rows (rows of PREFILL_ROWS_CONTEXT zero positions) timed on the decode graph and on the prefill
     graph, interleaved, `repeats` steps each after one untimed; the median ms per step of each. Returns
-    (the fewest rows from which the prefill graph is at least as fast at that size and every larger one,
-    else twice the largest size; {rows: [decode ms, prefill ms]}), or None for an engine without both graphs
+    (the fewest rows from which the prefill graph is faster by more than TIE (3%) at that size and every
+    larger one, else twice the largest size; {rows: [decode ms, prefill ms]}), or None for an engine without
+    both graphs
     (OpenVINO, prefill_graph off or only, a GPU graph). On the VNNI EPYC with blocks of up to 1024 the decode
     graph won at 4 rows (glm-m 15.6 vs 18.0 ms) and glm-s's up to 16, where the bundles say 4."""
     from runtime.engine import CacheRow, KvBlock
@@ -521,8 +523,8 @@ def measure_prefill_rows(engine, repeats: int = 5, sizes=PREFILL_ROWS_SIZES) -> 
     finally:
         engine.prefill_min_rows = keep
     threshold = 2 * max(sizes)
-    for rows in sorted(timed, reverse=True):  # the largest suffix of sizes where the prefill graph is no slower
-        if timed[rows][1] > timed[rows][0]:
+    for rows in sorted(timed, reverse=True):  # the largest suffix of sizes where the prefill graph is faster
+        if timed[rows][1] > (1 - TIE) * timed[rows][0]:  # within TIE: a tie, kept on the decode graph
             break
         threshold = rows
     return threshold, {str(k): v for k, v in timed.items()}
