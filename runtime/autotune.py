@@ -531,10 +531,8 @@ def measure_prefill_rows(engine, repeats: int = 5, sizes=PREFILL_ROWS_SIZES) -> 
 
 
 def _both_graphs(engine) -> bool:
-    """An ONNX Runtime engine running the decode and the prefill graph side by side, row-aligned batches."""
-    prefill, decode = getattr(engine, "_prefill", None), getattr(engine, "_decode", None)
-    return prefill is not None and prefill is not decode and bool(getattr(engine, "ragged_batches", False)) \
-        and not getattr(engine, "gpu_graph", None) and bool(getattr(engine, "_rows_per_step", False))
+    """An ONNX Runtime engine that routes steps between its two graphs by token rows (OpenVINO has none)."""
+    return bool(getattr(engine, "routes_by_rows", False))
 
 
 def apply_prefill_rows(engine, result: "TuneResult | None") -> bool:

@@ -1357,6 +1357,14 @@ class OnnxRuntimeEngine:
             tokens = ("inputs_embeds", self._embeddings[input_ids])  # (batch, seq, hidden)
         return runner.run(self._ort, tokens, position_ids, attention_mask, cache, batch)
 
+    @property
+    def routes_by_rows(self) -> bool:
+        """True when steps go to the decode or the prefill graph by their token rows (`prefill_min_rows`): both
+        CPU graphs loaded, row-aligned batches, a bundle that records rows per step (runtime.autotune measures
+        the threshold for such an engine)."""
+        return self._prefill is not self._decode and self.ragged_batches and not self.gpu_graph \
+            and self._rows_per_step
+
     def _drop_stale_bindings(self) -> None:
         """Unbind the KV buffers of caches that are gone (a batch that emptied): an IO binding keeps
         what it binds alive, so without this their memory would stay held until the next run."""
