@@ -41,7 +41,7 @@ from models.quantize import quantize_blockwise, quantize_per_channel, quantize_r
 from models.recipe import bundle_name_problem, bundle_version_problem
 from ota.bundle import MANIFEST, BundleError, publish, write_manifest
 from ota.transfer import MAX_CHUNK_SIZE
-from runtime.engine import (GPU_GRAPH_FILE, GPU_GRAPH_KEY, PREFILL_GRAPH_KEY, PREFILL_GRAPH_MIN_ROWS, PREFILL_ROWS_KEY,
+from runtime.engine import (ATTENTION_BLOCKS, GPU_GRAPH_FILE, GPU_GRAPH_KEY, PREFILL_GRAPH_KEY, PREFILL_GRAPH_MIN_ROWS, PREFILL_ROWS_KEY,
                             ModelArch, load_engine)
 from runtime.errors import RuntimeUserError
 from runtime.golden import check_golden, teacher_forced_logits
@@ -174,8 +174,10 @@ def _write_backend(backend: str, weights: str, cfg: GlmConfig, state: dict, stag
         meta = model.metadata_props.add()
         meta.key, meta.value = GPU_GRAPH_KEY, GPU_GRAPH_FILE
         if weights == "int8-per-channel-u8":  # + the W8A8 prefill graph over the same weight bytes
+            # its attention in blocks (onnx_graph._blocked_attention) where GroupQueryAttention rotates itself
             graphs["prefill.onnx"], _ = build_decoder(cfg, state, weights, block, fused=True, prefill=True,
-                                                      rotary=rotary)
+                                                      rotary=rotary,
+                                                      attention_blocks=ATTENTION_BLOCKS if rotary == "gqa" else 1)
             for key, value in ((PREFILL_GRAPH_KEY, "prefill.onnx"), (PREFILL_ROWS_KEY, str(PREFILL_GRAPH_MIN_ROWS))):
                 meta = model.metadata_props.add()
                 meta.key, meta.value = key, value

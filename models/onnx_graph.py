@@ -68,8 +68,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.config import GlmConfig
 from models.quantize import quantize_blockwise, quantize_per_channel, quantize_rows_u8, row_block
-from runtime.engine import (BATCH_ROWS_KEY, EMBEDDINGS_KEY, KV_CACHE_KEY,  # the metadata the edge engine reads
-                            KV_DTYPE_KEY, ROTARY_KEY)
+from runtime.engine import (BATCH_ROWS_KEY, BLOCK_ROWS_INPUT, BLOCK_SEQLENS_INPUT,  # what the edge engine reads
+                            BLOCK_TOTAL_INPUT, EMBEDDINGS_KEY, KV_CACHE_KEY, KV_DTYPE_KEY, ROTARY_KEY, block_kv_name)
 
 OPSET = 17
 WEIGHT_MODES = ("fp32", "int8-blockwise", "int8-per-channel", "int8-per-channel-u8")
@@ -258,7 +258,8 @@ def _mask_bias(g: GraphBuilder, T: str, S: str) -> str:
 
 def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "fp32",
                   block: int = 128, fused: bool = False, prefill: bool = False,
-                  rotary: str = "gqa", row_block_max: int = 1024) -> tuple[onnx.ModelProto, float]:
+                  rotary: str = "gqa", row_block_max: int = 1024,
+                  attention_blocks: int = 1) -> tuple[onnx.ModelProto, float]:
     """The decoder graph for `state` (HF names, fp32 numpy arrays) and the worst weight-quantization error.
 
     fused=False writes plain ONNX ops (any runtime; the KV cache grows by Concat). fused=True writes
@@ -267,6 +268,8 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
     linears of the prefill graph; its inputs and outputs are the decode graph's. rotary (fused only):
     "gqa" rotates q and k inside GroupQueryAttention, "nodes" with RotaryEmbedding nodes (`_fused_layers`).
     row_block_max: the widest MatMulNBits block of per-channel weights (models.quantize.row_block).
+    attention_blocks (prefill graph, rotary "gqa" only): n > 1 splits each layer's attention into n
+    GroupQueryAttention nodes over row ranges the runtime gives per step (`_blocked_attention`).
     """
     g = GraphBuilder(weights, block, prefill, row_block_max)
     state = prepare_weights(cfg, state)
@@ -284,7 +287,9 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
     if rotary not in ("gqa", "nodes"):
         raise ValueError(f"rotary={rotary!r}: choose 'gqa' or 'nodes'")
     if fused:
-        x, present_names = _fused_layers(g, cfg, state, x, T, S, rotary)
+        if attention_blocks > 1 and not (prefill and rotary == "gqa"):
+            raise ValueError("attention_blocks > 1 needs the prefill graph with rotary='gqa'")
+        x, present_names = _fused_layers(g, cfg, state, x, T, S, rotary, attention_blocks)
     else:
         x, present_names = _plain_layers(g, cfg, state, x, T, S)
 
@@ -303,9 +308,21 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
     ] + [helper.make_tensor_value_info(f"past.{i}.{kind}", TensorProto.FLOAT, kv_shape)
          for i in range(L) for kind in ("key", "value")]
+    if fused and attention_blocks > 1:  # see _blocked_attention
+        n = attention_blocks
+        inputs += [helper.make_tensor_value_info(BLOCK_ROWS_INPUT, TensorProto.INT64, [n, 2]),
+                   helper.make_tensor_value_info(BLOCK_SEQLENS_INPUT, TensorProto.INT32, [n, "batch"]),
+                   helper.make_tensor_value_info(BLOCK_TOTAL_INPUT, TensorProto.INT32, [n])]
+        inputs += [helper.make_tensor_value_info(block_kv_name("past", i, kind, j), TensorProto.FLOAT,
+                                                 ["batch", nkv, f"block{j}_past", hd])
+                   for j in range(1, n) for i in range(L) for kind in ("key", "value")]
     present_len = "present" if fused else "total"  # fused: past + seq, or the buffer's length when shared
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])] + [
         helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", nkv, present_len, hd]) for n in present_names]
+    if fused and attention_blocks > 1:
+        outputs += [helper.make_tensor_value_info(block_kv_name("present", i, kind, j), TensorProto.FLOAT,
+                                                  ["batch", nkv, f"block{j}_present", hd])
+                    for j in range(1, attention_blocks) for i in range(L) for kind in ("key", "value")]
     graph = helper.make_graph(g.nodes, "glm_decoder", inputs, outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET)]
     if weights in ("int8-blockwise", "int8-per-channel-u8") or fused:
@@ -392,7 +409,8 @@ def _plain_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
     return x, present_names
 
 
-def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, S: str, rotary: str = "gqa"):
+def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, S: str, rotary: str = "gqa",
+                  attention_blocks: int = 1):
     """Decoder layers from ONNX Runtime contrib ops, 10 nodes per layer (rotary="gqa"):
 
     SkipSimplifiedLayerNormalization (residual add + RMSNorm), one q|k|v projection, GroupQueryAttention
@@ -408,21 +426,27 @@ def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
     position_ids onward, so a left-padded prompt batch is not computed right: `ROTARY_KEY` in the metadata
     says so and the engine refuses such input (the runtime prefills each sequence alone).
 
+    attention_blocks > 1 (the prefill graph, rotary "gqa"): each layer's GroupQueryAttention becomes that many
+    over row ranges the runtime gives per step (`_blocked_attention`), with no padding bias.
+
     rotary="nodes" writes the 13-node form (the GPU variant's source: it was measured on CUDA in that form;
     GroupQueryAttention's own rotary has not been run on a GPU yet).
     """
     L, nh, nkv, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     rot, eps = cfg.rotary_dim, cfg.rms_norm_eps
     i64, ms = np.int64, "com.microsoft"
-    bias = _mask_bias(g, T, S)  # (B, 1, T, S)
-    total = g.op("Cast", S, to=TensorProto.INT32)  # scalar
+    blocked = attention_blocks > 1
+    # the blocked prefill graph attends by each row's valid length only (seqlens_k): no padding bias
+    bias = "" if blocked else _mask_bias(g, T, S)  # (B, 1, T, S)
+    total = None if blocked else g.op("Cast", S, to=TensorProto.INT32)  # scalar
     # (B,): the index of each row's last valid column, i.e. 1-based column numbers masked, max, minus 1.
     # Left-padded or full masks end in a valid column: S - 1 in every row. A row-aligned batch ("ragged":
     # row b's positions [0, n_b) valid, then padding) gives n_b - 1 + new tokens, so GroupQueryAttention
     # writes each row's new key/value right after its own positions and attends over them only.
-    cols = g.op("Range", g.const(1, dtype=i64), g.op("Add", S, g.const(1, dtype=i64)), g.const(1, dtype=i64))
-    last = g.op("ReduceMax", g.op("Mul", "attention_mask", cols), axes=[1], keepdims=0)
-    seqlens_k = g.op("Cast", g.op("Sub", last, g.const(1, dtype=i64)), to=TensorProto.INT32)
+    if not blocked:  # (the blocked graph takes each block's from the runtime)
+        cols = g.op("Range", g.const(1, dtype=i64), g.op("Add", S, g.const(1, dtype=i64)), g.const(1, dtype=i64))
+        last = g.op("ReduceMax", g.op("Mul", "attention_mask", cols), axes=[1], keepdims=0)
+        seqlens_k = g.op("Cast", g.op("Sub", last, g.const(1, dtype=i64)), to=TensorProto.INT32)
 
     if rotary == "gqa":
         # GroupQueryAttention rotates q and k of the packed q|k|v itself (do_rotary), at each token's
@@ -480,7 +504,9 @@ def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
         qkv = g.linear(h, w, b, p + "self_attn.qkv_proj", rows=rows)
         if g.prefill:
             qkv = g.op("Reshape", qkv, to_bt)
-        if rotary == "gqa":
+        if blocked:
+            att = _blocked_attention(g, qkv, i, attention_blocks, cos, sin, T, nh=nh, nkv=nkv)
+        elif rotary == "gqa":
             att, _, _ = g.op("GroupQueryAttention", qkv, "", "", f"past.{i}.key", f"past.{i}.value", seqlens_k,
                              total, cos, sin, "position_ids", bias, domain=ms, outputs=3, num_heads=nh,
                              kv_num_heads=nkv, scale=1.0, do_rotary=1, rotary_interleaved=0)
@@ -489,7 +515,8 @@ def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
             att, _, _ = g.op("GroupQueryAttention", rope(q, nh), rope(k, nkv), v, f"past.{i}.key",
                              f"past.{i}.value", seqlens_k, total, "", "", "", bias, domain=ms, outputs=3,
                              num_heads=nh, kv_num_heads=nkv, scale=1.0, do_rotary=0)
-        g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
+        if not blocked:
+            g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
         present_names += [f"present.{i}.key", f"present.{i}.value"]
         if g.prefill:
             att = g.op("Reshape", att, flat_rows if nh * hd == cfg.hidden_size else g.const([-1, nh * hd], dtype=i64))
@@ -512,6 +539,49 @@ def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
             pending = g.linear(act, state[p + "mlp.down_proj.weight"], None, p + "mlp.down_proj")
     out = g.op("Add", residual, pending)
     return (g.op("Reshape", out, to_bt) if g.prefill else out), present_names
+
+
+def _blocked_attention(g: GraphBuilder, qkv: str, layer: int, n: int, cos: str, sin: str, T: str, *, nh: int,
+                       nkv: int) -> str:
+    """Layer `layer`'s attention as n GroupQueryAttention nodes, block j over the packed q|k|v rows
+    [lo_j, hi_j) (row j of the BLOCK_ROWS_INPUT (n, 2)), with its own seqlens_k (BLOCK_SEQLENS_INPUT[j])
+    and total length (BLOCK_TOTAL_INPUT[j]). Block 0 reads and writes the cache (past.{layer}.*); block
+    j > 0 the buffers bound as block_kv_name(..., j). Returns the first T rows of the blocks' outputs
+    concatenated.
+
+    ONNX Runtime's CPU GroupQueryAttention computes a prompt's whole square of scores and zeroes the upper
+    half; blocks of a prompt, each over the keys up to its own end, skip most of that (exact: each block's
+    scores and softmax are the rows the single node would compute). The runtime gives one sequence's prompt
+    consecutive blocks, all bound to the cache (each writes its rows' keys and values in place, the next one
+    attends over them); any other step runs whole in block 0 while blocks j > 0 each take one row over a
+    one-position scratch buffer, their rows dropped (runtime.engine.attention_block_inputs). Block j's rows
+    start after block j-1 has run (its start depends on block j-1's output shape)."""
+    i64, ms = np.int64, "com.microsoft"
+    zero = g.shared("blocks.zero", [0], i64)
+    one, two = g.shared("blocks.one", [1], i64), g.shared("blocks.two", [2], i64)
+    axis1 = g.shared("blocks.axis1", [1], i64)
+    outs, prev = [], None
+    for j in range(n):
+        key = f"blocks.{j}"
+        if key not in g._shared:  # once per graph: block j's row range, seqlens_k, total and positions
+            row = g.op("Gather", BLOCK_ROWS_INPUT, g.const(j, dtype=i64), axis=0)  # (2,)
+            lo, hi = g.op("Slice", row, zero, one), g.op("Slice", row, one, two)
+            g._shared[key] = (lo, hi, g.op("Gather", BLOCK_SEQLENS_INPUT, g.const(j, dtype=i64), axis=0),
+                              g.op("Gather", BLOCK_TOTAL_INPUT, g.const(j, dtype=i64), axis=0),
+                              g.op("Slice", "position_ids", lo, hi, axis1))
+        lo, hi, seqlens, total, pos = g._shared[key]
+        if prev is not None:  # after block j-1: lo + 0 * (its batch size)
+            lo = g.op("Add", lo, g.op("Mul", g.op("Shape", prev, start=0, end=1), zero))
+        rows = g.op("Slice", qkv, lo, hi, axis1)
+        past = [f"past.{layer}.{k}" if j == 0 else block_kv_name("past", layer, k, j) for k in ("key", "value")]
+        att, _, _ = g.op("GroupQueryAttention", rows, "", "", *past, seqlens, total, cos, sin, pos, domain=ms,
+                         outputs=3, num_heads=nh, kv_num_heads=nkv, scale=1.0, do_rotary=1, rotary_interleaved=0)
+        g.nodes[-1].output[1:] = [f"present.{layer}.{k}" if j == 0 else block_kv_name("present", layer, k, j)
+                                  for k in ("key", "value")]
+        outs.append(att)
+        prev = att
+    joined = g.op("Concat", *outs, axis=1)
+    return g.op("Slice", joined, zero, g.op("Unsqueeze", T, zero), axis1)
 
 
 def fp16_attention_variant(model: onnx.ModelProto) -> onnx.ModelProto:

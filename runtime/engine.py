@@ -29,7 +29,8 @@ returns it. `cache.length` is the number of positions it holds, `cache.batch` it
 for a forward at position `length`: runtime/prefix_cache.py keeps shared prompt prefixes this way.
 
 Batched forward with left padding (attention_mask 0 = padding) works on both; on ONNX Runtime
-a multi-token step on top of a cache (chunked prefill) needs batch 1.
+a multi-token step on top of a cache (chunked prefill) needs batch 1, and a left-padded step runs on
+the decode graph (the prefill graph's attention in blocks has no padding bias: docs/runtime.md).
 
 `engine.merge_caches(rows)` builds one left-padded batch cache from rows of other caches (each
 row's valid positions copied right-aligned, the padding before them zero and masked). It copies;
@@ -91,6 +92,46 @@ BATCH_ROWS_KEY = "edgeglm.batch_rows"
 # have consecutive positions in every row (no left-padded prompt batch). Graphs exported before rotate at
 # any position_ids (RotaryEmbedding nodes)
 ROTARY_KEY = "edgeglm.rotary_positions"
+# The blocked prefill graph (models.onnx_graph._blocked_attention): each layer's attention is
+# ATTENTION_BLOCKS GroupQueryAttention nodes over row ranges given per step in these inputs; blocks after
+# the first read and write block_kv_name(...) buffers: the cache's own for a prompt split into blocks, a
+# one-position scratch buffer otherwise (attention_block_inputs)
+BLOCK_ROWS_INPUT = "attention_blocks.rows"  # (n, 2) int64: block j's rows [lo, hi) of the step's tokens
+BLOCK_SEQLENS_INPUT = "attention_blocks.seqlens_k"  # (n, batch) int32: each row's last position in block j
+BLOCK_TOTAL_INPUT = "attention_blocks.total"  # (n,) int32: block j's total sequence length
+ATTENTION_BLOCKS = 4
+# a one-sequence step of at least this many new tokens is split into blocks (fewer: one block, the others idle)
+BLOCKED_MIN_TOKENS = 64
+
+
+def block_kv_name(kind: str, layer: int, key: str, block: int) -> str:
+    """The graph input ("past") or output ("present") of block `block` > 0's keys or values of one layer."""
+    return f"{kind}.{layer}.{key}.block{block}"
+
+
+def attention_block_inputs(n: int, batch: int, new: int, attention_mask: np.ndarray,
+                           min_tokens: int = BLOCKED_MIN_TOKENS) -> tuple[bool, dict[str, np.ndarray]]:
+    """The blocked prefill graph's per-step inputs: (split, {input name: array}). A one-sequence step of at least
+    `min_tokens` new tokens is split into n consecutive blocks of its rows, each attending over the cache and the
+    blocks before it (split=True: every block bound to the cache). Any other step runs whole in block 0 and
+    blocks 1.. each take its last row over a one-position scratch buffer (position 0: a prompt of one token),
+    so they cost almost nothing; the graph drops their rows."""
+    mask = np.asarray(attention_mask)
+    total = mask.shape[1]
+    # each row's last valid position (row-aligned batches: trailing padding), as the decode graph computes it
+    last = (mask * np.arange(1, total + 1)).max(axis=1).astype(np.int32) - 1
+    split = batch == 1 and new >= max(min_tokens, n)
+    if split:
+        past = int(last[0]) + 1 - new
+        ends = [round((j + 1) * new / n) for j in range(n)]
+        rows = np.array([[0 if j == 0 else ends[j - 1], ends[j]] for j in range(n)], np.int64)
+        seqlens = np.array([[past + e - 1] for e in ends], np.int32)
+        totals = np.array([past + e for e in ends], np.int32)
+    else:
+        rows = np.array([[0, new]] + [[new - 1, new]] * (n - 1), np.int64)
+        seqlens = np.concatenate([last[None], np.zeros((n - 1, batch), np.int32)])
+        totals = np.array([total] + [1] * (n - 1), np.int32)
+    return split, {BLOCK_ROWS_INPUT: rows, BLOCK_SEQLENS_INPUT: seqlens, BLOCK_TOTAL_INPUT: totals}
 # ONNX metadata of the fused decode graph: file name of its GPU variant beside it (GPU_GRAPH_FILE), the same
 # graph with GroupQueryAttention and the KV cache in fp16, which ONNX Runtime's CUDA kernels run (they have no
 # fp32 GroupQueryAttention); the variant itself carries KV_DTYPE_KEY = "float16"
@@ -952,14 +993,37 @@ class _OrtRunner:
         self.logits: dict[int, tuple[np.ndarray, object]] = {}  # batch -> preallocated output
         self.kv_names = [(f"past.{i}.{k}", f"present.{i}.{k}") for i in range(arch.num_layers)
                          for k in ("key", "value")]
+        names = {i.name for i in session.get_inputs()}
+        # the blocked prefill graph (attention_block_inputs): its blocks after the first, their KV names
+        self.blocks = int(session.get_inputs()[[i.name for i in session.get_inputs()].index(BLOCK_ROWS_INPUT)]
+                          .shape[0]) if BLOCK_ROWS_INPUT in names else 1
+        self.block_names = [[(block_kv_name("past", i, k, j), block_kv_name("present", i, k, j))
+                             for i in range(arch.num_layers) for k in ("key", "value")] for j in range(1, self.blocks)]
+        self.scratch: dict[int, list] = {}  # batch -> the one-position buffers of idle blocks
+        self.split = None  # whether the blocks are bound to the cache (True) or to scratch buffers (False)
 
     def run(self, ort, tokens: tuple[str, np.ndarray], position_ids, attention_mask, cache: OrtCache,
             batch: int) -> np.ndarray:
         b = self.binding
         ref, cap, rows = self.bound
-        if ref is None or ref() is not cache or cap != cache.capacity or rows != cache.batch:
+        rebind = ref is None or ref() is not cache or cap != cache.capacity or rows != cache.batch
+        if rebind:
             cache.bind(b, self.kv_names)  # past and present: the same memory (GroupQueryAttention writes in place)
             self.bound = (weakref.ref(cache), cache.capacity, cache.batch)
+        if self.blocks > 1:
+            split, inputs = attention_block_inputs(self.blocks, batch, np.shape(tokens[1])[1], attention_mask,
+                                                   BLOCKED_MIN_TOKENS)
+            if rebind or split != self.split:
+                for names in self.block_names:
+                    if split:
+                        cache.bind(b, names)
+                    else:
+                        for (past, present), value in zip(names, self._scratch(ort, batch)):
+                            b.bind_ortvalue_input(past, value)
+                            b.bind_ortvalue_output(present, value)
+                self.split = split
+            for name, arr in inputs.items():
+                b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
         b.bind_ortvalue_input(tokens[0], ort.OrtValue.ortvalue_from_numpy(tokens[1]))
         for name, arr in (("position_ids", position_ids), ("attention_mask", attention_mask)):
             b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, np.int64)))
@@ -970,6 +1034,15 @@ class _OrtRunner:
         b.bind_ortvalue_output("logits", out_value)
         self.session.run_with_iobinding(b)
         return out.copy()
+
+    def _scratch(self, ort, batch: int) -> list:
+        """One-position KV buffers (batch rows) for the idle blocks of a step that is not split: one per layer
+        and key/value, shared by the blocks (each writes its ignored row at position 0)."""
+        if batch not in self.scratch:
+            shape = (batch, self.arch.num_kv_heads, 1, self.arch.head_dim)
+            self.scratch = {batch: [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                                    for _ in self.kv_names]}
+        return self.scratch[batch]
 
 
 PREFILL_MODES = ("on", "off", "only")
@@ -1351,6 +1424,14 @@ class OnnxRuntimeEngine:
         tokens_per_row = max(np.shape(input_ids)[1], prompt_tokens or 0)  # a prompt's chunk: the whole prompt's
         rows = batch * tokens_per_row if self._rows_per_step else tokens_per_row
         runner = self._prefill if rows >= self.prefill_min_rows else self._decode
+        if runner.blocks > 1 and not np.asarray(attention_mask)[:, 0].all():
+            # left padding (a row whose first position is masked): the blocked prefill graph attends by each
+            # row's length only (no padding bias); the decode graph masks padding
+            if self._decode.blocks > 1:
+                raise ValueError("this engine runs only the prefill graph (prefill_graph='only'), which takes "
+                                 "row-aligned batches (each row's positions from 0), not left-padded ones: "
+                                 "batch with engine.new_batch(), or load with prefill_graph='on'")
+            runner = self._decode
         if self._embeddings is None:
             tokens = ("input_ids", np.ascontiguousarray(input_ids, np.int64))
         else:

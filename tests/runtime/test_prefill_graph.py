@@ -20,8 +20,9 @@ import torch
 from agent.model import load_model
 from models.onnx_graph import GraphBuilder
 from models.tiny import HELDOUT_MODULES, corpus_text
-from runtime.engine import (PREFILL_GRAPH_MIN_ROWS, PROMPT_RUN_TOKENS, CacheRow, ModelArch, cpu_has_vnni, load_engine,
-                            signed_weight_graph)
+from runtime import engine as engine_module
+from runtime.engine import (ATTENTION_BLOCKS, PREFILL_GRAPH_MIN_ROWS, PROMPT_RUN_TOKENS, CacheRow, ModelArch,
+                            cpu_has_vnni, load_engine, signed_weight_graph)
 from runtime.errors import ModelLoadError
 
 
@@ -91,9 +92,10 @@ def test_engine_runs_prompts_on_the_prefill_graph(int8_bundle, heldout_ids):
 
 
 def test_wide_decode_steps_run_on_the_prefill_graph_row_by_row(int8_bundle, heldout_ids, monkeypatch):
-    """A decode step of PREFILL_GRAPH_MIN_ROWS sequences (the batching scheduler's merged cache) runs on
+    """A decode step of PREFILL_GRAPH_MIN_ROWS sequences (the batching scheduler's row-aligned batch) runs on
     the prefill graph: each row's logits equal that sequence's own step on the prefill graph, so
-    rows do not change each other's results; fewer rows run on the decode graph."""
+    rows do not change each other's results; fewer rows run on the decode graph. A left-padded batch
+    (merge_caches) of as many rows runs on the decode graph: the blocked prefill graph has no padding mask."""
     model = load_model(int8_bundle, "onnxruntime")
     engine, arch = model.engine, model.arch
     ran = []  # (graph, rows) of every run
@@ -115,12 +117,17 @@ def test_wide_decode_steps_run_on_the_prefill_graph_row_by_row(int8_bundle, held
         finally:
             engine.prefill_min_rows = PREFILL_GRAPH_MIN_ROWS
 
-    def batched(count):
+    def batched(count, merged=False):
         rows = []
         for prompt in prompts[:count]:
             n = len(prompt)
             rows.append(CacheRow(engine.forward(np.array([prompt]), np.arange(n)[None], np.ones((1, n), np.int64),
                                                 engine.new_cache())[1]))
+        if not merged:
+            batch = engine.new_batch()
+            for row in rows:
+                batch.add(row)
+            return batch.step(nxt[:count])
         cache, mask = engine.merge_caches(rows)
         mask = np.concatenate([mask, np.ones((count, 1), np.int64)], axis=1)
         pos = np.array([[len(p)] for p in prompts[:count]])
@@ -137,6 +144,10 @@ def test_wide_decode_steps_run_on_the_prefill_graph_row_by_row(int8_bundle, held
     assert ran[-1] == ("decode", PREFILL_GRAPH_MIN_ROWS - 1)
     for row in range(PREFILL_GRAPH_MIN_ROWS - 1):
         np.testing.assert_allclose(narrow[row], alone(prompts[row], nxt[row], 10**6), atol=1e-4)
+    padded = batched(PREFILL_GRAPH_MIN_ROWS, merged=True)
+    assert ran[-1] == ("decode", PREFILL_GRAPH_MIN_ROWS)
+    for row in range(PREFILL_GRAPH_MIN_ROWS):
+        np.testing.assert_allclose(padded[row], alone(prompts[row], nxt[row], 10**6), atol=1e-4)
 
 
 def test_prefill_graph_agrees_with_transformers(int8_bundle, hf_model, heldout_ids):
@@ -162,6 +173,45 @@ def test_prefill_graph_agrees_with_transformers(int8_bundle, hf_model, heldout_i
     agree_decode_graph = float((base.argmax(-1) == ref.argmax(-1)).mean())
     assert agree >= 0.9 and agree >= agree_decode_graph - 0.07, (agree, agree_decode_graph)
     assert cosine(ours, base).min() > 0.999  # the two graphs compute the same model
+
+
+def test_a_prompt_in_attention_blocks_computes_what_one_block_does(int8_bundle, hf_model, heldout_ids, monkeypatch):
+    """The prefill graph's attention runs a one-sequence prompt as ATTENTION_BLOCKS blocks of its rows, each over
+    the keys up to its own end: the logits and the cache it leaves are those of the same prompt in one block
+    (idle blocks on scratch buffers), from an empty cache and on top of a cached prefix, and the next decode
+    step goes on from either alike; the blocked logits follow transformers."""
+    engine = load_model(int8_bundle, "onnxruntime").engine
+    engine.prompt_run_tokens = None
+    runner = engine._prefill
+    assert runner.blocks == ATTENTION_BLOCKS > 1
+    seq = heldout_ids[100:330]
+    prefix, rest, nxt = seq[:60], seq[60:229], seq[229]
+
+    def run(min_tokens):
+        monkeypatch.setattr(engine_module, "BLOCKED_MIN_TOKENS", min_tokens)
+        out = []
+        for start, ids in ((0, seq[:229]), (60, rest)):  # cold; then on top of the cached prefix
+            cache = engine.new_cache()
+            if start:
+                engine.forward(np.array([prefix]), np.arange(60)[None], np.ones((1, 60), np.int64), cache)
+            n = start + len(ids)
+            logits, cache = engine.forward(np.array([ids]), np.arange(start, n)[None], np.ones((1, n), np.int64),
+                                           cache, prompt_tokens=len(ids))
+            assert runner.split == (min_tokens <= len(ids))
+            step, cache = engine.forward(np.array([[nxt]]), np.array([[n]]), np.ones((1, n + 1), np.int64), cache)
+            out.append((logits[0], step[0], [cache.key(i).copy() for i in range(engine.arch.num_layers)]))
+        return out
+
+    for (blocked, b_step, b_keys), (whole, w_step, w_keys) in zip(run(64), run(10**6)):
+        np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(b_step, w_step, rtol=0, atol=1e-5)
+        for b, w in zip(b_keys, w_keys):
+            np.testing.assert_allclose(b, w, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([seq[:229]])).logits[0, -1].numpy()
+    blocked = run(64)[0][0]
+    assert np.argmax(blocked) == np.argmax(ref) or np.sort(ref)[-1] - ref[np.argmax(blocked)] < 0.1
+    assert float(blocked @ ref / np.linalg.norm(blocked) / np.linalg.norm(ref)) > 0.99
 
 
 def test_a_prompt_longer_than_a_run_runs_in_pieces_with_the_whole_prompts_logits(int8_bundle, hf_model, heldout_ids,
