@@ -944,31 +944,42 @@ def signed_weight_graph(path: Path, out_dir: Path) -> Path | None:
             if n.op_type != "MatMulIntegerToFloat" or n.domain != "com.microsoft" or len(n.input) < 6:
                 continue
             t = producers.get(n.input[1])
-            w = inits.get(t.input[0]) if t is not None and t.op_type == "Transpose" else None
+            src = t.input[0] if t is not None and t.op_type == "Transpose" else None
+            part, cut = None, producers.get(src)  # Transpose(Slice(W, start, end, axis 0)): rows of W
+            if cut is not None and cut.op_type == "Slice" and users.get(src) == 1 and len(cut.input) >= 4 and \
+                    all(i in inits for i in cut.input[1:4]):
+                starts, ends, axes = (array(inits[i]).reshape(-1).tolist() for i in cut.input[1:4])
+                if axes == [0] and len(starts) == len(ends) == 1:
+                    part, src = (int(starts[0]), int(ends[0])), cut.input[0]
+            w = inits.get(src) if src is not None else None
             zp = inits.get(n.input[5])
             perm = [list(a.ints) for a in t.attribute if a.name == "perm"] if t is not None else []
             if w is None or w.data_type != TensorProto.UINT8 or len(w.dims) != 2 or perm not in ([], [[1, 0]]) or \
                     zp is None or zp.data_type != TensorProto.UINT8 or array(zp).reshape(-1).tolist() != [128] or \
                     users.get(t.output[0]) != 1:
                 continue
-            signed = np.ascontiguousarray((array(w) ^ np.uint8(0x80)).view(np.int8).T)  # W - 128, (Kp, N)
+            rows_of_w = array(w) if part is None else array(w)[part[0]:part[1]]
+            signed = np.ascontiguousarray((rows_of_w ^ np.uint8(0x80)).view(np.int8).T)  # W - 128, (Kp, N)
             pad = -offset % 4096  # page-aligned, so ONNX Runtime maps it instead of reading it
             data.write(b"\0" * pad)
             offset += pad
             data.write(signed.tobytes())
-            new = onnx.TensorProto(name=f"{w.name}.s8t", data_type=TensorProto.INT8, dims=list(signed.shape),
+            tag = "" if part is None else f".{part[0]}-{part[1]}"
+            new = onnx.TensorProto(name=f"{w.name}{tag}.s8t", data_type=TensorProto.INT8, dims=list(signed.shape),
                                    data_location=TensorProto.EXTERNAL)
             for key, value in (("location", SIGNED_DATA), ("offset", str(offset)), ("length", str(signed.nbytes))):
                 new.external_data.add(key=key, value=value)
             offset += signed.nbytes
             g.initializer.append(new)
             n.input[1], n.input[5] = new.name, zero
-            t.output[0] = f"{t.output[0]}.unused"  # the Transpose is dropped below
+            t.output[0] = f"{t.output[0]}.unused"  # the Transpose (and its Slice) are dropped below
+            if part is not None:
+                cut.output[0] = f"{cut.output[0]}.unused"
             converted += 1
     if not converted:
         return None
     g.initializer.append(numpy_helper.from_array(np.array(0, np.int8), zero))
-    kept = [n for n in g.node if not (n.op_type == "Transpose" and n.output[0].endswith(".unused"))]
+    kept = [n for n in g.node if not (n.op_type in ("Transpose", "Slice") and n.output[0].endswith(".unused"))]
     del g.node[:]
     g.node.extend(kept)
     used = {i for n in g.node for i in n.input}

@@ -299,6 +299,18 @@ def test_int8_weight_graph_has_every_gemm_on_int8_weights(int8_bundle, tmp_path)
     info = {e.key: e.value for e in t_s8.external_data}
     s8 = np.fromfile(tmp_path / info["location"], np.int8)[int(info["offset"]):][:int(info["length"])]
     np.testing.assert_array_equal(s8.reshape(tuple(t_s8.dims)), (u8.astype(np.int16) - 128).T)
+    # gate and up are two GEMMs over row ranges of the one stored gate|up weight: each gets its rows only
+    halves = [name for name in inits if ".mlp.gate_up_proj.weight_uint8." in name]
+    assert len(halves) == 2 * 2  # tiny: 2 layers x (gate, up)
+    for name in halves:
+        base, rows = name.rsplit(".s8t", 1)[0].rsplit(".", 1)
+        lo, hi = map(int, rows.split("-"))
+        t_u8 = next(t for t in original.graph.initializer if t.name == base)
+        info = {e.key: e.value for e in t_u8.external_data}
+        u8 = data[int(info["offset"]):int(info["offset"]) + int(info["length"])].reshape(tuple(t_u8.dims))
+        info = {e.key: e.value for e in inits[name].external_data}
+        s8 = np.fromfile(tmp_path / info["location"], np.int8)[int(info["offset"]):][:int(info["length"])]
+        np.testing.assert_array_equal(s8.reshape(tuple(inits[name].dims)), (u8[lo:hi].astype(np.int16) - 128).T)
 
 
 @pytest.mark.skipif(not cpu_has_vnni(), reason="u8 x s8 GEMMs are exact only with VNNI (without it ONNX Runtime's "
