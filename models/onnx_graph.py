@@ -323,18 +323,18 @@ def build_decoder(cfg: GlmConfig, state: dict[str, np.ndarray], weights: str = "
          for i in range(L) for kind in ("key", "value")]
     if fused and attention_blocks > 1:  # see _blocked_attention
         n = attention_blocks
-        inputs += [helper.make_tensor_value_info(BLOCK_ROWS_INPUT, TensorProto.INT64, [n, 2]),
+        inputs += [helper.make_tensor_value_info(BLOCK_ROWS_INPUT, TensorProto.INT64, [n, 3]),
                    helper.make_tensor_value_info(BLOCK_SEQLENS_INPUT, TensorProto.INT32, [n, "batch"]),
                    helper.make_tensor_value_info(BLOCK_TOTAL_INPUT, TensorProto.INT32, [n])]
         inputs += [helper.make_tensor_value_info(block_kv_name("past", i, kind, j), TensorProto.FLOAT,
-                                                 ["batch", nkv, f"block{j}_past", hd])
+                                                 [f"block{j}_batch", nkv, f"block{j}_past", hd])
                    for j in range(1, n) for i in range(L) for kind in ("key", "value")]
     present_len = "present" if fused else "total"  # fused: past + seq, or the buffer's length when shared
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])] + [
         helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", nkv, present_len, hd]) for n in present_names]
     if fused and attention_blocks > 1:
         outputs += [helper.make_tensor_value_info(block_kv_name("present", i, kind, j), TensorProto.FLOAT,
-                                                  ["batch", nkv, f"block{j}_present", hd])
+                                                  [f"block{j}_batch", nkv, f"block{j}_present", hd])
                     for j in range(1, attention_blocks) for i in range(L) for kind in ("key", "value")]
     graph = helper.make_graph(g.nodes, "glm_decoder", inputs, outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET)]
@@ -518,7 +518,7 @@ def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
         if g.prefill:
             qkv = g.op("Reshape", qkv, to_bt)
         if blocked:
-            att = _blocked_attention(g, qkv, i, attention_blocks, cos, sin, T, nh=nh, nkv=nkv)
+            att = _blocked_attention(g, qkv, i, attention_blocks, cos, sin, nh=nh, nkv=nkv, hd=hd)
         elif rotary == "gqa":
             att, _, _ = g.op("GroupQueryAttention", qkv, "", "", f"past.{i}.key", f"past.{i}.value", seqlens_k,
                              total, cos, sin, "position_ids", bias, domain=ms, outputs=3, num_heads=nh,
@@ -556,47 +556,50 @@ def _fused_layers(g: GraphBuilder, cfg: GlmConfig, state: dict, x: str, T: str, 
     return (g.op("Reshape", out, to_bt) if g.prefill else out), present_names
 
 
-def _blocked_attention(g: GraphBuilder, qkv: str, layer: int, n: int, cos: str, sin: str, T: str, *, nh: int,
-                       nkv: int) -> str:
-    """Layer `layer`'s attention as n GroupQueryAttention nodes, block j over the packed q|k|v rows
-    [lo_j, hi_j) (row j of the BLOCK_ROWS_INPUT (n, 2)), with its own seqlens_k (BLOCK_SEQLENS_INPUT[j])
-    and total length (BLOCK_TOTAL_INPUT[j]). Block 0 reads and writes the cache (past.{layer}.*); block
-    j > 0 the buffers bound as block_kv_name(..., j). Returns the first T rows of the blocks' outputs
-    concatenated.
+def _blocked_attention(g: GraphBuilder, qkv: str, layer: int, n: int, cos: str, sin: str, *, nh: int, nkv: int,
+                       hd: int) -> str:
+    """Layer `layer`'s attention as n GroupQueryAttention nodes, block j over the packed q|k|v of tokens
+    [lo_j, hi_j) of the first nb_j sequences (row j of BLOCK_ROWS_INPUT (n, 3) = lo, hi, nb), with its own
+    seqlens_k (the first nb_j of BLOCK_SEQLENS_INPUT[j]) and total length (BLOCK_TOTAL_INPUT[j]). Block 0
+    reads and writes the cache (past.{layer}.*); block j > 0 the buffers bound as block_kv_name(..., j).
+    Returns the blocks' outputs as (token rows, heads x head_dim), concatenated, cut to the step's rows.
 
     ONNX Runtime's CPU GroupQueryAttention computes a prompt's whole square of scores and zeroes the upper
     half; blocks of a prompt, each over the keys up to its own end, skip most of that (exact: each block's
     scores and softmax are the rows the single node would compute). The runtime gives one sequence's prompt
     consecutive blocks, all bound to the cache (each writes its rows' keys and values in place, the next one
-    attends over them); any other step runs whole in block 0 while blocks j > 0 each take one row over a
-    one-position scratch buffer, their rows dropped (runtime.engine.attention_block_inputs). Block j's rows
+    attends over them); any other step runs whole in block 0 while blocks j > 0 each take one token of
+    one sequence over a one-position scratch buffer, their rows dropped (runtime.engine.attention_block_inputs). Block j's rows
     start after block j-1 has run (its start depends on block j-1's output shape)."""
     i64, ms = np.int64, "com.microsoft"
-    zero = g.shared("blocks.zero", [0], i64)
-    one, two = g.shared("blocks.one", [1], i64), g.shared("blocks.two", [2], i64)
-    axis1 = g.shared("blocks.axis1", [1], i64)
+    zero, one = g.shared("blocks.zero", [0], i64), g.shared("blocks.one", [1], i64)
+    two, three = g.shared("blocks.two", [2], i64), g.shared("blocks.three", [3], i64)
+    axes01 = g.shared("blocks.axes01", [0, 1], i64)
+    if "blocks.rows" not in g._shared:  # the step's token rows (batch x new tokens), (1,)
+        g._shared["blocks.rows"] = g.op("ReduceProd", g.op("Shape", qkv, start=0, end=2), axes=[0], keepdims=1)
     outs, prev = [], None
     for j in range(n):
         key = f"blocks.{j}"
-        if key not in g._shared:  # once per graph: block j's row range, seqlens_k, total and positions
-            row = g.op("Gather", BLOCK_ROWS_INPUT, g.const(j, dtype=i64), axis=0)  # (2,)
-            lo, hi = g.op("Slice", row, zero, one), g.op("Slice", row, one, two)
-            g._shared[key] = (lo, hi, g.op("Gather", BLOCK_SEQLENS_INPUT, g.const(j, dtype=i64), axis=0),
-                              g.op("Gather", BLOCK_TOTAL_INPUT, g.const(j, dtype=i64), axis=0),
-                              g.op("Slice", "position_ids", lo, hi, axis1))
-        lo, hi, seqlens, total, pos = g._shared[key]
-        if prev is not None:  # after block j-1: lo + 0 * (its batch size)
-            lo = g.op("Add", lo, g.op("Mul", g.op("Shape", prev, start=0, end=1), zero))
-        rows = g.op("Slice", qkv, lo, hi, axis1)
+        if key not in g._shared:  # once per graph: block j's rows, seqlens_k, total and positions
+            row = g.op("Gather", BLOCK_ROWS_INPUT, g.const(j, dtype=i64), axis=0)  # (3,): lo, hi, batch rows
+            lo, hi, nb = g.op("Slice", row, zero, one), g.op("Slice", row, one, two), g.op("Slice", row, two, three)
+            start, end = g.op("Concat", zero, lo, axis=0), g.op("Concat", nb, hi, axis=0)  # (batch, token) corners
+            seqlens = g.op("Slice", g.op("Gather", BLOCK_SEQLENS_INPUT, g.const(j, dtype=i64), axis=0), zero, nb)
+            g._shared[key] = (start, end, seqlens, g.op("Gather", BLOCK_TOTAL_INPUT, g.const(j, dtype=i64), axis=0),
+                              g.op("Slice", "position_ids", start, end, axes01))
+        start, end, seqlens, total, pos = g._shared[key]
+        if prev is not None:  # after block j-1: its start + 0 * (its rows)
+            start = g.op("Add", start, g.op("Mul", g.op("Shape", prev, start=0, end=1), zero))
+        rows = g.op("Slice", qkv, start, end, axes01)
         past = [f"past.{layer}.{k}" if j == 0 else block_kv_name("past", layer, k, j) for k in ("key", "value")]
         att, _, _ = g.op("GroupQueryAttention", rows, "", "", *past, seqlens, total, cos, sin, pos, domain=ms,
                          outputs=3, num_heads=nh, kv_num_heads=nkv, scale=1.0, do_rotary=1, rotary_interleaved=0)
         g.nodes[-1].output[1:] = [f"present.{layer}.{k}" if j == 0 else block_kv_name("present", layer, k, j)
                                   for k in ("key", "value")]
-        outs.append(att)
-        prev = att
-    joined = g.op("Concat", *outs, axis=1)
-    return g.op("Slice", joined, zero, g.op("Unsqueeze", T, zero), axis1)
+        prev = g.op("Reshape", att, g.shared("blocks.flat", [-1, nh * hd], i64))  # (rows, heads x head)
+        outs.append(prev)
+    joined = g.op("Concat", *outs, axis=0)
+    return g.op("Slice", joined, zero, g._shared["blocks.rows"], zero)  # the step's rows, in order
 
 
 def fp16_attention_variant(model: onnx.ModelProto) -> onnx.ModelProto:

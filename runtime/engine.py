@@ -96,7 +96,7 @@ ROTARY_KEY = "edgeglm.rotary_positions"
 # ATTENTION_BLOCKS GroupQueryAttention nodes over row ranges given per step in these inputs; blocks after
 # the first read and write block_kv_name(...) buffers: the cache's own for a prompt split into blocks, a
 # one-position scratch buffer otherwise (attention_block_inputs)
-BLOCK_ROWS_INPUT = "attention_blocks.rows"  # (n, 2) int64: block j's rows [lo, hi) of the step's tokens
+BLOCK_ROWS_INPUT = "attention_blocks.rows"  # (n, 3) int64: block j's tokens [lo, hi) of the first nb sequences
 BLOCK_SEQLENS_INPUT = "attention_blocks.seqlens_k"  # (n, batch) int32: each row's last position in block j
 BLOCK_TOTAL_INPUT = "attention_blocks.total"  # (n,) int32: block j's total sequence length
 ATTENTION_BLOCKS = 4
@@ -114,8 +114,8 @@ def attention_block_inputs(n: int, batch: int, new: int, attention_mask: np.ndar
     """The blocked prefill graph's per-step inputs: (split, {input name: array}). A one-sequence step of at least
     `min_tokens` new tokens is split into n consecutive blocks of its rows, each attending over the cache and the
     blocks before it (split=True: every block bound to the cache). Any other step runs whole in block 0 and
-    blocks 1.. each take its last row over a one-position scratch buffer (position 0: a prompt of one token),
-    so they cost almost nothing; the graph drops their rows."""
+    blocks 1.. each take the first sequence's last token over a one-position scratch buffer of one sequence
+    (position 0: a prompt of one token), so they cost almost nothing; the graph drops their rows."""
     mask = np.asarray(attention_mask)
     total = mask.shape[1]
     # each row's last valid position (row-aligned batches: trailing padding), as the decode graph computes it
@@ -124,11 +124,11 @@ def attention_block_inputs(n: int, batch: int, new: int, attention_mask: np.ndar
     if split:
         past = int(last[0]) + 1 - new
         ends = [round((j + 1) * new / n) for j in range(n)]
-        rows = np.array([[0 if j == 0 else ends[j - 1], ends[j]] for j in range(n)], np.int64)
+        rows = np.array([[0 if j == 0 else ends[j - 1], ends[j], 1] for j in range(n)], np.int64)
         seqlens = np.array([[past + e - 1] for e in ends], np.int32)
         totals = np.array([past + e for e in ends], np.int32)
     else:
-        rows = np.array([[0, new]] + [[new - 1, new]] * (n - 1), np.int64)
+        rows = np.array([[0, new, batch]] + [[new - 1, new, 1]] * (n - 1), np.int64)
         seqlens = np.concatenate([last[None], np.zeros((n - 1, batch), np.int32)])
         totals = np.array([total] + [1] * (n - 1), np.int32)
     return split, {BLOCK_ROWS_INPUT: rows, BLOCK_SEQLENS_INPUT: seqlens, BLOCK_TOTAL_INPUT: totals}
@@ -1006,11 +1006,15 @@ class _OrtRunner:
                          for k in ("key", "value")]
         names = {i.name for i in session.get_inputs()}
         # the blocked prefill graph (attention_block_inputs): its blocks after the first, their KV names
-        self.blocks = int(session.get_inputs()[[i.name for i in session.get_inputs()].index(BLOCK_ROWS_INPUT)]
-                          .shape[0]) if BLOCK_ROWS_INPUT in names else 1
+        shape = next(i.shape for i in session.get_inputs() if i.name == BLOCK_ROWS_INPUT) \
+            if BLOCK_ROWS_INPUT in names else [1, 3]
+        if shape[1] != 3:  # (n, 2): exported by a development version between two releases
+            raise ModelLoadError(f"{BLOCK_ROWS_INPUT} of {shape} (expected (n, 3)): the bundle's prefill graph comes "
+                                 "from a development version of the exporter; re-export the bundle with this version")
+        self.blocks = int(shape[0])
         self.block_names = [[(block_kv_name("past", i, k, j), block_kv_name("present", i, k, j))
                              for i in range(arch.num_layers) for k in ("key", "value")] for j in range(1, self.blocks)]
-        self.scratch: dict[int, list] = {}  # batch -> the one-position buffers of idle blocks
+        self.scratch: list = []  # the one-position buffers of idle blocks
         self.split = None  # whether the blocks are bound to the cache (True) or to scratch buffers (False)
 
     def run(self, ort, tokens: tuple[str, np.ndarray], position_ids, attention_mask, cache: OrtCache,
@@ -1029,7 +1033,7 @@ class _OrtRunner:
                     if split:
                         cache.bind(b, names)
                     else:
-                        for (past, present), value in zip(names, self._scratch(ort, batch)):
+                        for (past, present), value in zip(names, self._scratch(ort)):
                             b.bind_ortvalue_input(past, value)
                             b.bind_ortvalue_output(present, value)
                 self.split = split
@@ -1046,14 +1050,13 @@ class _OrtRunner:
         self.session.run_with_iobinding(b)
         return out.copy()
 
-    def _scratch(self, ort, batch: int) -> list:
-        """One-position KV buffers (batch rows) for the idle blocks of a step that is not split: one per layer
+    def _scratch(self, ort) -> list:
+        """One-position KV buffers of one sequence for the idle blocks of a step that is not split: one per layer
         and key/value, shared by the blocks (each writes its ignored row at position 0)."""
-        if batch not in self.scratch:
-            shape = (batch, self.arch.num_kv_heads, 1, self.arch.head_dim)
-            self.scratch = {batch: [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
-                                    for _ in self.kv_names]}
-        return self.scratch[batch]
+        if not self.scratch:
+            shape = (1, self.arch.num_kv_heads, 1, self.arch.head_dim)
+            self.scratch = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in self.kv_names]
+        return self.scratch
 
 
 PREFILL_MODES = ("on", "off", "only")
