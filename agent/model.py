@@ -68,6 +68,8 @@ class LoadedModel:
             info["kv_cache"] = getattr(self.engine, "kv_cache", None)  # e.g. "cuda memory, float16 (gpu.onnx)"
             if info["prefill_graph"] and not info["prefill_only"]:  # which steps run there (autotune or bundle)
                 info["prefill_min_rows"] = getattr(self.engine, "prefill_min_rows", None)
+            if info["prefill_graph"]:  # its attention in blocks for long prompts (docs/runtime.md), 1 = one node
+                info["prefill_attention_blocks"] = getattr(self.engine, "prefill_attention_blocks", 1)
             if info["prefill_graph"]:  # int8 on VNNI CPUs (runtime.engine.signed_weight_graph)
                 info["prefill_weights"] = "int8 (u8 x s8, VNNI)" if getattr(self.engine, "signed_weights", False) \
                     else "uint8 (u8 x u8)"

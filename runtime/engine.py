@@ -103,35 +103,6 @@ ATTENTION_BLOCKS = 4
 # a one-sequence step of at least this many new tokens is split into blocks (fewer: one block, the others idle)
 BLOCKED_MIN_TOKENS = 64
 
-
-def block_kv_name(kind: str, layer: int, key: str, block: int) -> str:
-    """The graph input ("past") or output ("present") of block `block` > 0's keys or values of one layer."""
-    return f"{kind}.{layer}.{key}.block{block}"
-
-
-def attention_block_inputs(n: int, batch: int, new: int, attention_mask: np.ndarray,
-                           min_tokens: int = BLOCKED_MIN_TOKENS) -> tuple[bool, dict[str, np.ndarray]]:
-    """The blocked prefill graph's per-step inputs: (split, {input name: array}). A one-sequence step of at least
-    `min_tokens` new tokens is split into n consecutive blocks of its rows, each attending over the cache and the
-    blocks before it (split=True: every block bound to the cache). Any other step runs whole in block 0 and
-    blocks 1.. each take the first sequence's last token over a one-position scratch buffer of one sequence
-    (position 0: a prompt of one token), so they cost almost nothing; the graph drops their rows."""
-    mask = np.asarray(attention_mask)
-    total = mask.shape[1]
-    # each row's last valid position (row-aligned batches: trailing padding), as the decode graph computes it
-    last = (mask * np.arange(1, total + 1)).max(axis=1).astype(np.int32) - 1
-    split = batch == 1 and new >= max(min_tokens, n)
-    if split:
-        past = int(last[0]) + 1 - new
-        ends = [round((j + 1) * new / n) for j in range(n)]
-        rows = np.array([[0 if j == 0 else ends[j - 1], ends[j], 1] for j in range(n)], np.int64)
-        seqlens = np.array([[past + e - 1] for e in ends], np.int32)
-        totals = np.array([past + e for e in ends], np.int32)
-    else:
-        rows = np.array([[0, new, batch]] + [[new - 1, new, 1]] * (n - 1), np.int64)
-        seqlens = np.concatenate([last[None], np.zeros((n - 1, batch), np.int32)])
-        totals = np.array([total] + [1] * (n - 1), np.int32)
-    return split, {BLOCK_ROWS_INPUT: rows, BLOCK_SEQLENS_INPUT: seqlens, BLOCK_TOTAL_INPUT: totals}
 # ONNX metadata of the fused decode graph: file name of its GPU variant beside it (GPU_GRAPH_FILE), the same
 # graph with GroupQueryAttention and the KV cache in fp16, which ONNX Runtime's CUDA kernels run (they have no
 # fp32 GroupQueryAttention); the variant itself carries KV_DTYPE_KEY = "float16"
@@ -994,6 +965,36 @@ def signed_weight_graph(path: Path, out_dir: Path) -> Path | None:
     return out
 
 
+def block_kv_name(kind: str, layer: int, key: str, block: int) -> str:
+    """The graph input ("past") or output ("present") of block `block` > 0's keys or values of one layer."""
+    return f"{kind}.{layer}.{key}.block{block}"
+
+
+def attention_block_inputs(n: int, batch: int, new: int, attention_mask: np.ndarray,
+                           min_tokens: int = BLOCKED_MIN_TOKENS) -> tuple[bool, dict[str, np.ndarray]]:
+    """The blocked prefill graph's per-step inputs: (split, {input name: array}). A one-sequence step of at least
+    `min_tokens` new tokens is split into n consecutive blocks of its rows, each attending over the cache and the
+    blocks before it (split=True: every block bound to the cache). Any other step runs whole in block 0 and
+    blocks 1.. each take the first sequence's last token over a one-position scratch buffer of one sequence
+    (position 0: a prompt of one token), so they cost almost nothing; the graph drops their rows."""
+    mask = np.asarray(attention_mask)
+    total = mask.shape[1]
+    # each row's last valid position (row-aligned batches: trailing padding), as the decode graph computes it
+    last = (mask * np.arange(1, total + 1)).max(axis=1).astype(np.int32) - 1
+    split = batch == 1 and new >= max(min_tokens, n)
+    if split:
+        past = int(last[0]) + 1 - new
+        ends = [round((j + 1) * new / n) for j in range(n)]
+        rows = np.array([[0 if j == 0 else ends[j - 1], ends[j], 1] for j in range(n)], np.int64)
+        seqlens = np.array([[past + e - 1] for e in ends], np.int32)
+        totals = np.array([past + e for e in ends], np.int32)
+    else:
+        rows = np.array([[0, new, batch]] + [[new - 1, new, 1]] * (n - 1), np.int64)
+        seqlens = np.concatenate([last[None], np.zeros((n - 1, batch), np.int32)])
+        totals = np.array([total] + [1] * (n - 1), np.int32)
+    return split, {BLOCK_ROWS_INPUT: rows, BLOCK_SEQLENS_INPUT: seqlens, BLOCK_TOTAL_INPUT: totals}
+
+
 class _OrtRunner:
     """One ONNX Runtime session with its IOBinding, the cache it has bound and its logits buffers."""
 
@@ -1249,6 +1250,8 @@ class OnnxRuntimeEngine:
             self._prefill = _OrtRunner(session(_beside(Path(model_path), name, "prefill graph", listed), options(spin),
                                                signed=signed_weights), arch)
             self.prefill_graph = name
+        # GroupQueryAttention nodes per layer of the graph prompts take (its attention in blocks: 4; else 1)
+        self.prefill_attention_blocks = self._prefill.blocks
 
     def _signed_session(self, path: Path, session, opts):
         """`session(path)` of the W8A8 graph with int8 weights (signed_weight_graph), or of `path` as it is, with

@@ -96,6 +96,7 @@ def test_bench_without_the_prefill_graph(int8_bundle, tmp_path):
     assert path["prefill_graph"] == "prefill.onnx" and path["prefill_only"] is True
     assert path["prefill_mode"] == "only (configured)"
     assert path["prefill_weights"] == ("int8 (u8 x s8, VNNI)" if cpu_has_vnni() else "uint8 (u8 x u8)")
+    assert path["prefill_attention_blocks"] == 4  # the only graph's attention runs in blocks
     # the default is the agent's "auto": this box has the memory for both graphs; the report says why
     proc = edgeglm("bench", "--bundle", int8_bundle, "--backend", "onnxruntime", "--prompt-tokens", 32,
                    "--new-tokens", 4, "--runs", 1, "--cache-dir", tmp_path)
