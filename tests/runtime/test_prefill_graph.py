@@ -214,6 +214,29 @@ def test_a_prompt_in_attention_blocks_computes_what_one_block_does(int8_bundle, 
     assert float(blocked @ ref / np.linalg.norm(blocked) / np.linalg.norm(ref)) > 0.99
 
 
+def test_which_steps_run_in_attention_blocks():
+    """One sequence's step of 64+ new tokens, at least half as many as its cache holds, is split into 4
+    consecutive ranges (each block's seqlens and total end where its rows end); anything else runs whole in
+    block 0, blocks 1-3 taking one token of one sequence as a one-token prompt (their scratch buffers)."""
+    from runtime.engine import attention_block_inputs
+
+    split, inp = attention_block_inputs(4, 1, 100, np.ones((1, 120), np.int64))  # 100 new over 20 cached
+    assert split
+    assert inp["attention_blocks.rows"].tolist() == [[0, 25, 1], [25, 50, 1], [50, 75, 1], [75, 100, 1]]
+    assert inp["attention_blocks.seqlens_k"].tolist() == [[44], [69], [94], [119]]
+    assert inp["attention_blocks.total"].tolist() == [45, 70, 95, 120]
+    for batch, new, cached in ((1, 63, 0), (1, 64, 130), (2, 200, 0)):  # too few, too few for the cache, batched
+        mask = np.ones((batch, cached + new), np.int64)
+        mask[-1, -3:] = 0 if batch > 1 else 1  # a row-aligned batch: the last row is 3 positions shorter
+        split, inp = attention_block_inputs(4, batch, new, mask)
+        assert not split, (batch, new, cached)
+        assert inp["attention_blocks.rows"].tolist() == [[0, new, batch]] + [[new - 1, new, 1]] * 3
+        assert inp["attention_blocks.seqlens_k"][0].tolist() == [cached + new - 1] * (batch - 1) + \
+            [cached + new - 1 - (3 if batch > 1 else 0)]
+        assert inp["attention_blocks.total"].tolist() == [cached + new, 1, 1, 1]
+    assert attention_block_inputs(4, 1, 64, np.ones((1, 192), np.int64))[0]  # 64 new over 128 cached: split
+
+
 def test_a_prompt_longer_than_a_run_runs_in_pieces_with_the_whole_prompts_logits(int8_bundle, hf_model, heldout_ids,
                                                                                  monkeypatch):
     """Prompts over `prompt_run_tokens` (PROMPT_RUN_TOKENS by default) run as several runs of the graph the
