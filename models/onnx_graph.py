@@ -569,8 +569,8 @@ def _blocked_attention(g: GraphBuilder, qkv: str, layer: int, n: int, cos: str, 
     scores and softmax are the rows the single node would compute). The runtime gives one sequence's prompt
     consecutive blocks, all bound to the cache (each writes its rows' keys and values in place, the next one
     attends over them); any other step runs whole in block 0 while blocks j > 0 each take one token of
-    one sequence over a one-position scratch buffer, their rows dropped (runtime.engine.attention_block_inputs). Block j's rows
-    start after block j-1 has run (its start depends on block j-1's output shape)."""
+    one sequence over a one-position scratch buffer, their rows dropped (runtime.engine.attention_block_inputs).
+    Block j's rows start after block j-1 has run (its start depends on block j-1's output shape)."""
     i64, ms = np.int64, "com.microsoft"
     zero, one = g.shared("blocks.zero", [0], i64), g.shared("blocks.one", [1], i64)
     two, three = g.shared("blocks.two", [2], i64), g.shared("blocks.three", [3], i64)
