@@ -359,12 +359,16 @@ def run_rollout(controller, devices, rollout_id, until_phase, window_s, max_s=60
     deadline = time.monotonic() + max_s
     sent = controller.store.counter("telemetry_reports")
     while True:
+        t0 = time.time()
         for dev in devices:
             dev.report()
         # tick on what the controller has stored: a report still on its way would leave the baseline
         # or the canary window without telemetry, however long the window
         sent += len(devices)
         until(lambda: controller.store.counter("telemetry_reports") >= sent)
+        if all(dev.profile.health for dev in devices):  # and their health snapshots (the memory gate's "before")
+            until(lambda: sum(h["received"] >= t0 for (fleet, _), h in controller.store.health().items()
+                              if fleet in {dev.fleet for dev in devices}) >= len(devices))
         driver.tick()
         r = next(r for r in load_rollouts(controller.store) if r.id == rollout_id)
         if r.phase in until_phase:
