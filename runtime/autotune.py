@@ -397,10 +397,23 @@ def _prefill_of(c: Candidate, prefill: str) -> str:
     return prefill if c.backend == "onnxruntime" else "on"
 
 
+def loaded_bytes(bundle, backend: str, prefill: str = "on") -> int:
+    """What loading and running a path of `backend` adds to the process, for the autotune's "together or one at a
+    time": `resident_bytes` is the files' share of it. OpenVINO's CPU plugin keeps its own copy of the weights
+    beside the IR it read, plus buffers; ONNX Runtime's sessions add arenas. Measured per path (VNNI EPYC, a fresh
+    process, after loading and two prompts): glm-m OpenVINO 618-622 MB for 341 MB of files, ONNX Runtime 537 MB
+    (high-water mark) for 447 estimated; glm-s 119-120 for 43, 89 for 57."""
+    files = resident_bytes(bundle, backend, prefill)
+    if backend == "openvino":
+        return 2 * files + (48 << 20)
+    return files + files // 4 + (32 << 20)
+
+
 def _groups(bundle, cands: list[Candidate], available: int | None, prefill: str = "on") -> list[list[Candidate]]:
-    """All paths together (interleaved rounds) when they fit in half the available memory, else one at
-    a time (glm-m's four CPU paths loaded together peaked at 2.5 GB)."""
-    total = sum(resident_bytes(bundle, c.backend, _prefill_of(c, prefill)) for c in cands)
+    """All paths together (interleaved rounds) when what they add (`loaded_bytes`) fits in half the available
+    memory, else one at a time (glm-m's six CPU paths loaded together peaked at 4.35 GB: two ONNX Runtime and four
+    OpenVINO precision / KV-cache variants)."""
+    total = sum(loaded_bytes(bundle, c.backend, _prefill_of(c, prefill)) for c in cands)
     if available is None or total <= available // 2:
         return [cands]
     return [[c] for c in cands]
