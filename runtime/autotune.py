@@ -36,6 +36,7 @@ measurement, `retune=True` forces one.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ import numpy as np
 from runtime.engine import BACKENDS, ModelArch, load_engine, prefill_mode
 from runtime.errors import BackendUnavailable
 from runtime.golden import check_golden
+from runtime.prefix_cache import release_freed_memory
 from runtime.probe import HardwareInfo, accelerators
 
 log = logging.getLogger("edgeglm.autotune")
@@ -455,45 +457,57 @@ def _failed_at_run_time(trial: Trial, exc: Exception) -> None:
 def measure(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
             on_step: Callable[[], None] = lambda: None, prefill: str = "on") -> None:
     """Load, gate and time every trial's path in place (status, reason, golden, timings); ONNX Runtime
-    paths with the prefill-graph mode `prefill` (the one that will serve)."""
+    paths with the prefill-graph mode `prefill` (the one that will serve). Each group's engines are let go,
+    and their memory handed back to the system, before the next group loads (and before the caller loads
+    the path that will serve): glm-m's six paths left the process at 1.59 GB RSS without that, 0.16 GB with
+    it."""
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
     prompt = measurement_prompt(arch, settings)
     by_candidate = {t.candidate: t for t in trials}
     for group in _groups(bundle, [t.candidate for t in trials], available_memory, prefill):
-        engines = {}
-        for c in group:
-            engine = _load(bundle, arch, by_candidate[c], prefill)
-            if engine is not None:
-                try:
-                    measure_round(engine, prompt, 2)  # warm-up: first-run allocations and compilation, both graphs
-                except Exception as exc:  # a path that fails at run time is excluded, not the whole autotune
-                    _failed_at_run_time(by_candidate[c], exc)
-                else:
-                    engines[c] = engine
+        _measure_group(bundle, arch, [by_candidate[c] for c in group], settings, prompt, on_step, prefill)
+        gc.collect()  # nothing of the group's engines may wait for the cyclic collector
+        release_freed_memory()  # glibc keeps freed pages in its arenas otherwise (glm-m: 0.78 -> 0.16 GB)
+
+
+def _measure_group(bundle, arch: ModelArch, group: list[Trial], settings: TuneSettings, prompt: list[int],
+                   on_step: Callable[[], None], prefill: str) -> None:
+    """Load `group`'s paths together and time them in interleaved rounds; its engines are gone on return."""
+    engines = {}
+    for trial in group:
+        engine = _load(bundle, arch, trial, prefill)
+        if engine is not None:
+            try:
+                measure_round(engine, prompt, 2)  # warm-up: first-run allocations and compilation, both graphs
+            except Exception as exc:  # a path that fails at run time is excluded, not the whole autotune
+                _failed_at_run_time(trial, exc)
+            else:
+                engines[trial.candidate] = engine
+        del engine
+        on_step()
+    by_candidate = {t.candidate: t for t in group}
+    rounds: dict[Candidate, list[tuple[float, float]]] = {c: [] for c in engines}
+    for _ in range(settings.repeats):
+        for c in list(engines):
+            try:
+                rounds[c].append(measure_round(engines[c], prompt, settings.decode_steps))
+            except Exception as exc:
+                _failed_at_run_time(by_candidate[c], exc)
+                del engines[c], rounds[c]
             on_step()
-        rounds: dict[Candidate, list[tuple[float, float]]] = {c: [] for c in engines}
-        for _ in range(settings.repeats):
-            for c, engine in list(engines.items()):
-                try:
-                    rounds[c].append(measure_round(engine, prompt, settings.decode_steps))
-                except Exception as exc:
-                    _failed_at_run_time(by_candidate[c], exc)
-                    del engines[c], rounds[c]
-                on_step()
-        for c, results in rounds.items():
-            t = by_candidate[c]
-            t.status = "measured"
-            t.ttft_ms = round(min(r[0] for r in results) * 1000, 3)
-            t.decode_tok_s = round(max(r[1] for r in results), 2)
-            try:  # which steps the prefill graph should take here (None: the engine has one graph)
-                rows = measure_prefill_rows(engines[c])
-            except Exception as exc:  # not a reason to drop the path: the bundle's threshold holds
-                log.warning("autotune: %s: timing batched steps on both graphs failed (%s); the bundle's "
-                            "prefill_min_rows holds", c.describe(), (str(exc).splitlines() or [repr(exc)])[0][:200])
-                rows = None
-            if rows is not None:
-                t.prefill_min_rows, t.prefill_rows_ms = rows
-        engines.clear()
+    for c, results in rounds.items():
+        t = by_candidate[c]
+        t.status = "measured"
+        t.ttft_ms = round(min(r[0] for r in results) * 1000, 3)
+        t.decode_tok_s = round(max(r[1] for r in results), 2)
+        try:  # which steps the prefill graph should take here (None: the engine has one graph)
+            rows = measure_prefill_rows(engines[c])
+        except Exception as exc:  # not a reason to drop the path: the bundle's threshold holds
+            log.warning("autotune: %s: timing batched steps on both graphs failed (%s); the bundle's "
+                        "prefill_min_rows holds", c.describe(), (str(exc).splitlines() or [repr(exc)])[0][:200])
+            rows = None
+        if rows is not None:
+            t.prefill_min_rows, t.prefill_rows_ms = rows
 
 
 PREFILL_ROWS_SIZES = (4, 8, 16, 32)  # batched-step row counts timed on both graphs

@@ -1175,8 +1175,13 @@ class OnnxRuntimeEngine:
         self.signed_weights = False  # True once a prefill graph runs on int8 weights
 
         def session(path: Path, opts=None, signed: bool = False):
-            if signed:
-                return self._signed_session(path, session, opts)
+            return self._signed_session(path, plain_session, opts) if signed else plain_session(path, opts)
+
+        # not one recursive function: a closure that refers to itself is a reference cycle holding `self`, so
+        # a dropped engine (each path the autotune measured, a model replaced over the air) kept its sessions'
+        # memory until Python's cyclic collector happened to run (glm-m: the autotune measuring six paths
+        # "one at a time" peaked at 2.75 GB, as if loaded together)
+        def plain_session(path: Path, opts=None):
             try:
                 # enable_fallback=0: when the provider cannot start (a GPU provider without its CUDA or TensorRT
                 # libraries), ONNX Runtime's Python layer would otherwise print to stdout and quietly make a CPU

@@ -497,6 +497,59 @@ def test_paths_are_measured_one_at_a_time_when_they_would_not_fit(int8_bundle):
     assert _groups(bundle, cands, None) == [cands]  # unknown memory: together
 
 
+@pytest.mark.parametrize("backend,prefill", [("onnxruntime", True), ("onnxruntime", False),
+                                             ("onnxruntime", "only"), ("openvino", None)])
+def test_a_dropped_engine_lets_go_of_its_memory_at_once(int8_bundle, backend, prefill):
+    """An engine nobody refers to any more is freed by reference counting, not whenever Python's cyclic
+    collector runs (it may not for a long time in an idle agent): ONNX Runtime's engine once held itself
+    through a closure, so the autotune's measured paths, and a model replaced over the air, kept their
+    sessions' memory (glm-m's six paths "one at a time" peaked at 2.75 GB instead of about 1 GB)."""
+    import gc
+    import weakref
+
+    from runtime.generate import decode_one_token, prefill as run_prefill
+
+    options = {} if prefill is None else {"prefill_graph": prefill}
+    model = load_model(int8_bundle, backend, 2, **options)
+    logits, cache = run_prefill(model.engine, [1, 2, 3, 4, 5])
+    decode_one_token(model.engine, int(logits.argmax()), 5, cache)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        engine = weakref.ref(model.engine)
+        del model, cache, logits
+        assert engine() is None, "the engine outlived its last reference (a reference cycle)"
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def test_paths_measured_one_at_a_time_are_let_go_before_the_next_one_loads(int8_bundle, monkeypatch):
+    """Where memory is tight the autotune loads one path at a time; that only bounds its peak if each path's
+    engine is gone before the next one loads, and none is left once the result is known (the serving path
+    loads next)."""
+    import weakref
+
+    import runtime.autotune as autotune_module
+    from runtime.probe import MemoryInfo
+
+    loaded, alive_at_load = [], []
+    real_load = autotune_module.load_engine
+
+    def load_engine(*args, **kwargs):
+        alive_at_load.append(sum(ref() is not None for ref in loaded))
+        engine = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(engine))
+        return engine
+    monkeypatch.setattr(autotune_module, "load_engine", load_engine)
+    hw = replace(hardware(), memory=MemoryInfo(8 << 30, 1 << 20, None))  # 1 MiB available: one at a time
+    result = autotune(open_bundle(int8_bundle), hw, settings=FAST)
+    assert len(loaded) == len(result.trials) >= 3
+    assert all(t.status == "measured" for t in result.trials)
+    assert alive_at_load == [0] * len(loaded)
+    assert [ref() for ref in loaded] == [None] * len(loaded)
+
+
 def test_a_session_that_is_not_on_the_provider_asked_for_is_refused(int8_bundle):
     """ONNX Runtime can hand back a CPU session when a GPU provider cannot start (seen on a CUDA machine
     without TensorRT's libraries: the autotune measured the CPU and reported TensorRT); the engine checks
