@@ -167,7 +167,8 @@ def _autotune(args, info):
     # ONNX Runtime paths are measured the way the agent will serve them (model.prefill_graph = "auto")
     prefill = choose_prefill_graph("auto", bundle, info.memory)
     return autotune(bundle, info, cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
-                    retune=args.retune, threads=args.threads, progress=not args.json, prefill=prefill.mode)
+                    retune=args.retune, threads=args.threads, progress=not args.json, prefill=prefill.mode,
+                    isolate=True)
 
 
 def cmd_bench(args) -> int:

@@ -118,7 +118,7 @@ def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = Non
         from runtime.probe import probe_hardware
 
         result = autotune(bundle, hardware or probe_hardware(), cache_dir=Path(cache_dir), retune=retune,
-                          threads=threads, progress=progress, prefill=prefill)
+                          threads=threads, progress=progress, prefill=prefill, isolate=True)
         return result.choice, result
     return default_candidate(choose_backend(bundle, backend), threads), None
 

@@ -1,19 +1,23 @@
-"""Memory of the execution-path autotune: what measuring every path costs the process, side by side with
-loading the chosen path alone.
+"""Memory of the execution-path autotune: what measuring every path costs, side by side with loading the
+chosen path alone.
 
-    python benchmarks/autotune_memory.py --bundle B            # glm-m: about a minute
+    python benchmarks/autotune_memory.py --bundle B            # glm-m: about two minutes
     python benchmarks/autotune_memory.py --bundle B --json
 
-Each mode runs in a fresh child process (peaks do not carry over):
+Each mode runs in a fresh process (peaks do not carry over):
 
 - `serve only`: load the bundle on its default ONNX Runtime CPU path, one 64-token prompt (the baseline);
-- `autotune together`: measure every CPU path this machine has for the bundle, loaded together (what the
-  autotune does when they fit in half the available memory), then load the chosen path to serve;
-- `autotune one at a time`: the same with one path loaded at a time (what it does on a small box).
+- `in process, together` / `in process, one at a time`: measure every CPU path this machine has for the
+  bundle in the serving process (`autotune(isolate=False)`), loaded together (what the autotune does when
+  they fit in half the available memory) or one at a time (on a small box), then load the chosen path and
+  run the prompt;
+- `child, together` / `child, one at a time`: the same measured in a child process (`isolate=True`, what
+  the agent and the CLI do).
 
-For each: peak RSS (VmHWM), RSS once the autotune has returned, and RSS once the chosen path serves; the
-ratios are against `serve only`. The autotune's cache goes to a temporary directory, so every run
-measures. Nothing asserts on the numbers.
+For each: the serving process's peak RSS (VmHWM), its RSS once the autotune has returned and once the
+chosen path serves, and the measuring child's peak (the largest child's ru_maxrss); ratios against `serve
+only`. The autotune's cache goes to a temporary directory, so every run measures. Nothing asserts on the
+numbers.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODES = ("serve only", "autotune together", "autotune one at a time")
+MODES = ("serve only", "in process, together", "in process, one at a time", "child, together",
+         "child, one at a time")
 
 
 def rss_mb() -> dict:
@@ -44,22 +50,28 @@ def rss_mb() -> dict:
 
 def child(bundle: Path, mode: str) -> dict:
     """One mode, in this (fresh) process."""
+    import resource
+
     import numpy as np
 
     import runtime.autotune as autotune
-    from agent.model import choose_path, load_model
+    from agent.model import load_model
     from ota.bundle import open_bundle
     from runtime.generate import prefill
+    from runtime.probe import MemoryInfo, probe_hardware
 
     out = {"mode": mode, "start_mb": rss_mb()["VmRSS"]}
     with tempfile.TemporaryDirectory(prefix="edgeglm-atm-") as cache:
         if mode == "serve only":
             model = load_model(bundle, "onnxruntime", None)
         else:
-            if mode == "autotune one at a time":
-                autotune._groups = lambda bundle, cands, available, prefill="on": [[c] for c in cands]
             b = open_bundle(bundle)
-            path, tuning = choose_path(b, "auto", cache_dir=Path(cache))
+            hw = probe_hardware()
+            prefill_mode = autotune.choose_prefill_graph("auto", b, hw.memory).mode  # as load_model decides
+            if mode.endswith("one at a time"):  # as on a box with little memory available (child too)
+                hw = replace(hw, memory=MemoryInfo(hw.memory.total_bytes, 1 << 20, None))
+            tuning = autotune.autotune(b, hw, cache_dir=Path(cache), prefill=prefill_mode,
+                                       isolate=mode.startswith("child"))
             out["paths_measured"] = sum(t.status == "measured" for t in tuning.trials)
             out["after_autotune_mb"] = rss_mb()["VmRSS"]
             model = load_model(b, "auto", None, cache_dir=Path(cache))  # from the cache just written
@@ -68,6 +80,7 @@ def child(bundle: Path, mode: str) -> dict:
         prefill(model.engine, prompt)
         now = rss_mb()
         out["serving_mb"], out["peak_mb"] = now["VmRSS"], now["VmHWM"]
+        out["child_peak_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return out
 
 
@@ -92,13 +105,13 @@ def main() -> int:
     base = rows[0]
     print(f"bundle {args.bundle}; chosen path: {rows[1].get('path')}")
     print("| mode | paths measured | peak RSS MB | vs serve only | RSS after the autotune MB | RSS serving MB "
-          "| vs serve only |")
-    print("|---|---|---|---|---|---|---|")
+          "| vs serve only | measuring child's peak MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         after = f"{r['after_autotune_mb']:.0f}" if "after_autotune_mb" in r else "-"
         print(f"| {r['mode']} | {r.get('paths_measured', '-')} | {r['peak_mb']:.0f} | "
               f"{r['peak_mb'] / base['peak_mb']:.2f}x | {after} | {r['serving_mb']:.0f} | "
-              f"{r['serving_mb'] / base['serving_mb']:.2f}x |")
+              f"{r['serving_mb'] / base['serving_mb']:.2f}x | {r['child_peak_mb'] or 0:.0f} |")
     return 0
 
 

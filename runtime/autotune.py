@@ -40,6 +40,8 @@ import gc
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -455,28 +457,34 @@ def _failed_at_run_time(trial: Trial, exc: Exception) -> None:
 
 
 def measure(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
-            on_step: Callable[[], None] = lambda: None, prefill: str = "on") -> None:
+            on_step: Callable[[], None] = lambda: None, prefill: str = "on",
+            on_event: Callable[[str, Trial], None] = lambda what, trial: None) -> None:
     """Load, gate and time every trial's path in place (status, reason, golden, timings); ONNX Runtime
     paths with the prefill-graph mode `prefill` (the one that will serve). Each group's engines are let go,
     and their memory handed back to the system, before the next group loads (and before the caller loads
     the path that will serve): glm-m's six paths left the process at 1.59 GB RSS without that, 0.16 GB with
-    it."""
+    it. `on_event(what, trial)` is called before each thing done with a trial's engine ("loading", "warming
+    up", "measuring", "timing batched steps") and with "done" once its outcome is final."""
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
     prompt = measurement_prompt(arch, settings)
     by_candidate = {t.candidate: t for t in trials}
     for group in _groups(bundle, [t.candidate for t in trials], available_memory, prefill):
-        _measure_group(bundle, arch, [by_candidate[c] for c in group], settings, prompt, on_step, prefill)
+        _measure_group(bundle, arch, [by_candidate[c] for c in group], settings, prompt, on_step, prefill,
+                       on_event)
         gc.collect()  # nothing of the group's engines may wait for the cyclic collector
         release_freed_memory()  # glibc keeps freed pages in its arenas otherwise (glm-m: 0.78 -> 0.16 GB)
 
 
 def _measure_group(bundle, arch: ModelArch, group: list[Trial], settings: TuneSettings, prompt: list[int],
-                   on_step: Callable[[], None], prefill: str) -> None:
+                   on_step: Callable[[], None], prefill: str,
+                   on_event: Callable[[str, Trial], None]) -> None:
     """Load `group`'s paths together and time them in interleaved rounds; its engines are gone on return."""
     engines = {}
     for trial in group:
+        on_event("loading", trial)
         engine = _load(bundle, arch, trial, prefill)
         if engine is not None:
+            on_event("warming up", trial)
             try:
                 measure_round(engine, prompt, 2)  # warm-up: first-run allocations and compilation, both graphs
             except Exception as exc:  # a path that fails at run time is excluded, not the whole autotune
@@ -489,6 +497,7 @@ def _measure_group(bundle, arch: ModelArch, group: list[Trial], settings: TuneSe
     rounds: dict[Candidate, list[tuple[float, float]]] = {c: [] for c in engines}
     for _ in range(settings.repeats):
         for c in list(engines):
+            on_event("measuring", by_candidate[c])
             try:
                 rounds[c].append(measure_round(engines[c], prompt, settings.decode_steps))
             except Exception as exc:
@@ -500,6 +509,7 @@ def _measure_group(bundle, arch: ModelArch, group: list[Trial], settings: TuneSe
         t.status = "measured"
         t.ttft_ms = round(min(r[0] for r in results) * 1000, 3)
         t.decode_tok_s = round(max(r[1] for r in results), 2)
+        on_event("timing batched steps", t)
         try:  # which steps the prefill graph should take here (None: the engine has one graph)
             rows = measure_prefill_rows(engines[c])
         except Exception as exc:  # not a reason to drop the path: the bundle's threshold holds
@@ -508,6 +518,151 @@ def _measure_group(bundle, arch: ModelArch, group: list[Trial], settings: TuneSe
             rows = None
         if rows is not None:
             t.prefill_min_rows, t.prefill_rows_ms = rows
+    for t in group:
+        on_event("done", t)
+
+
+PATH_TIMEOUT_S = 600.0  # isolated: one thing done with one path (a load, a round) for longer is stopped
+_CHILD_TAG = "edgeglm-autotune "  # the child's protocol lines on its stdout start with this
+
+
+def measure_isolated(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
+                     on_step: Callable[[], None] = lambda: None, prefill: str = "on",
+                     timeout_s: float = PATH_TIMEOUT_S) -> None:
+    """`measure` in a child process: a path that kills the process (a GPU or NPU plugin that crashes, the
+    kernel's OOM killer) or hangs costs that path, not the agent (which would otherwise die at every start,
+    before it serves anything), and what the measured paths loaded (libraries, arenas) never lands in the
+    process that serves. Where the child dies or goes silent for `timeout_s` while on a path, that path is
+    excluded with the reason and the paths it had not finished are measured in a new child. Where no child
+    can run at all, the paths are measured in this process, with a warning."""
+    pending = [t for t in trials if t.status == "pending"]
+    while pending:
+        progress = _measure_in_child(bundle, pending, settings, available_memory, on_step, prefill, timeout_s)
+        if not progress:
+            log.warning("autotune: the measuring process could not run; measuring in this process instead")
+            measure(bundle, pending, settings, available_memory, on_step, prefill)
+            return
+        pending = [t for t in pending if t.status == "pending"]
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _measure_in_child(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
+                      on_step: Callable[[], None], prefill: str, timeout_s: float) -> bool:
+    """One child measuring `trials` (updated in place as it reports them); False when it made no progress at
+    all (it did not start, or died before any path), True otherwise."""
+    import queue
+    import subprocess
+    import threading
+
+    request = {"bundle": str(bundle.root), "candidates": [t.candidate.to_dict() for t in trials],
+               "settings": asdict(settings), "available": available_memory, "prefill": prefill}
+    env = dict(os.environ)  # this source tree first: the child must run the code this process runs
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent)]
+                                        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    if not sys.executable:  # an embedded interpreter: nothing to start
+        return False
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "import runtime.autotune as a; a._child_main()"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+        child.stdin.write(json.dumps(request))
+        child.stdin.close()
+    except OSError as exc:
+        log.warning("autotune: could not start the measuring process: %s", exc)
+        return False
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in child.stdout:
+            lines.put(line)
+        lines.put(None)
+    threading.Thread(target=read, name="edgeglm-autotune-child", daemon=True).start()
+    current: tuple[Trial, str] | None = None  # the path the child is on, and what it is doing with it
+    progress = finished = False
+    while True:
+        try:
+            line = lines.get(timeout=timeout_s)
+        except queue.Empty:
+            child.kill()
+            child.wait()
+            if current is None:
+                return progress
+            trial, what = current
+            trial.status, trial.reason = "excluded", f"{what} took longer than {timeout_s:g} s: stopped"
+            log.warning("autotune: %s: %s", trial.candidate.describe(), trial.reason)
+            return True
+        if line is None:
+            break
+        if not line.startswith(_CHILD_TAG):
+            log.debug("autotune child: %s", line.rstrip())
+            continue
+        try:
+            event = json.loads(line[len(_CHILD_TAG):])
+        except ValueError:
+            log.debug("autotune child: %s", line.rstrip())
+            continue
+        if "step" in event:
+            on_step()
+        elif "at" in event:
+            current = (trials[event["at"]], event["doing"])
+        elif "trial" in event:
+            trial, got = trials[event["trial"]], Trial.from_dict(event["result"])
+            for name in Trial.__dataclass_fields__:
+                if name != "candidate":
+                    setattr(trial, name, getattr(got, name))
+            progress = True
+            if current is not None and current[0] is trial:
+                current = None
+        elif "done" in event:
+            finished = True
+    code = child.wait()
+    if finished and code == 0:
+        return True
+    if current is None:  # died between paths: those not reported are measured again
+        log.warning("autotune: the measuring process ended (%s) between paths", _exit_text(code))
+        return progress
+    trial, what = current
+    trial.status, trial.reason = "excluded", f"the measuring process died ({_exit_text(code)}) while {what}"
+    log.warning("autotune: %s: %s; excluded", trial.candidate.describe(), trial.reason)
+    return True
+
+
+def _child_main() -> None:
+    """The measuring process of `measure_isolated`: the request on stdin, protocol lines on stdout."""
+    try:  # Linux: die with the process that started this one (PR_SET_PDEATHSIG), not measure on for nobody
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # what libraries print goes to stderr, not into the protocol
+
+    def emit(**event) -> None:
+        out.write(_CHILD_TAG + json.dumps(event) + "\n")
+        out.flush()
+    request = json.loads(sys.stdin.read())
+    from ota.bundle import open_bundle
+
+    bundle = open_bundle(request["bundle"], verify=False)  # verified by the parent, which serves it
+    trials = [Trial(Candidate.from_dict(c)) for c in request["candidates"]]
+    index = {id(t): i for i, t in enumerate(trials)}
+
+    def on_event(what: str, trial: Trial) -> None:
+        if what == "done":
+            emit(trial=index[id(trial)], result=trial.to_dict())
+        else:
+            emit(at=index[id(trial)], doing=what)
+    measure(bundle, trials, TuneSettings(**request["settings"]), request["available"],
+            on_step=lambda: emit(step=1), prefill=request["prefill"], on_event=on_event)
+    emit(done=True)
 
 
 PREFILL_ROWS_SIZES = (4, 8, 16, 32)  # batched-step row counts timed on both graphs
@@ -703,10 +858,13 @@ def _touch(path: Path) -> None:
 
 def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune: bool = False,
              threads: int | None = None, settings: TuneSettings = TuneSettings(),
-             progress: bool = False, prefill: str = "on") -> TuneResult:
+             progress: bool = False, prefill: str = "on", isolate: bool = False,
+             path_timeout_s: float = PATH_TIMEOUT_S) -> TuneResult:
     """The execution path for `bundle` on this hardware: from the cache, or measured (and cached).
     `prefill`: the ONNX Runtime prefill-graph mode ("on", "off", "only") its paths are loaded and
-    measured with, the one that will serve (`choose_prefill_graph`); part of the cache key."""
+    measured with, the one that will serve (`choose_prefill_graph`); part of the cache key. `isolate`:
+    measure in a child process (`measure_isolated`: a path that crashes or hangs it, or than `path_timeout_s`
+    per load or round, is excluded), as the agent and the CLI do."""
     prefill = prefill_mode(prefill)
     fingerprint = hw.fingerprint()
     path = cache_path(cache_dir, bundle.sha256, fingerprint, threads, prefill) if cache_dir is not None else None
@@ -718,7 +876,11 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
     trials = [Trial(c) for c in candidates(hw, bundle.manifest.backends, threads=threads)]
     available = hw.memory.budget_bytes()
     with _progress(progress, len(trials) + settings.repeats * len(trials)) as bar:
-        measure(bundle, trials, settings, available, on_step=bar.update, prefill=prefill)
+        if isolate:
+            measure_isolated(bundle, trials, settings, available, on_step=bar.update, prefill=prefill,
+                             timeout_s=path_timeout_s)
+        else:
+            measure(bundle, trials, settings, available, on_step=bar.update, prefill=prefill)
     choice = choose(trials)
     chosen = next(t for t in trials if t.candidate == choice)
     result = TuneResult(bundle.sha256, fingerprint, threads, choice, trials, accelerators(hw), settings,

@@ -550,6 +550,55 @@ def test_paths_measured_one_at_a_time_are_let_go_before_the_next_one_loads(int8_
     assert [ref() for ref in loaded] == [None] * len(loaded)
 
 
+FAULT_ON_U8_KV = """
+import os, signal, time
+import runtime.autotune as autotune_module
+_real_load = autotune_module.load_engine
+def load_engine(backend, *args, **kwargs):
+    if kwargs.get("kv_cache_precision") == "u8":
+        {fault}
+    return _real_load(backend, *args, **kwargs)
+autotune_module.load_engine = load_engine
+"""
+
+
+@pytest.mark.parametrize("fault,reason", [
+    ("os.kill(os.getpid(), signal.SIGSEGV)", "the measuring process died (killed by SIGSEGV) while loading"),
+    ("time.sleep(600)", "loading took longer than 20 s: stopped")])
+def test_a_path_that_crashes_or_hangs_the_measuring_process_is_excluded_not_the_agent(int8_bundle, tmp_path,
+                                                                                      monkeypatch, fault, reason):
+    """The agent and the CLI measure paths in a child process: a plugin that segfaults (or hangs) on one
+    path would otherwise kill the agent at every start, before it serves anything. The fault is injected
+    into the child only (a sitecustomize on its PYTHONPATH): a real SIGSEGV, or a load that never returns.
+    The path is excluded with the reason; the path loaded beside it in the child that died is measured
+    again in a new one, and chosen."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAULT_ON_U8_KV.replace("{fault}", fault))
+    monkeypatch.setenv("PYTHONPATH", str(inject))
+    hw = only(hardware(physical=2, logical=2), "openvino")
+    result = autotune(open_bundle(int8_bundle), hw, settings=FAST, isolate=True, path_timeout_s=20)
+    trials = {t.candidate.kv_cache_precision: t for t in result.trials}
+    assert trials["u8"].status == "excluded" and trials["u8"].reason == reason
+    assert trials["f32"].status == "measured" and trials["f32"].decode_tok_s > 0
+    assert result.choice == trials["f32"].candidate
+    assert reason in format_result(result)
+
+
+def test_paths_measured_in_a_child_process_report_what_in_process_measurement_does(int8_bundle):
+    """Isolated measurement carries every field of a trial back (status, golden check, timings, the prefill
+    graph's row threshold), so the cache and `edgeglm probe` read the same as before."""
+    hw = only(hardware(physical=2, logical=2), "onnxruntime")
+    here = autotune(open_bundle(int8_bundle), hw, settings=FAST)
+    there = autotune(open_bundle(int8_bundle), hw, settings=FAST, isolate=True)
+    assert [t.candidate for t in there.trials] == [t.candidate for t in here.trials]
+    for a, b in zip(here.trials, there.trials):
+        assert (a.status, a.reason, a.golden) == (b.status, b.reason, b.golden) == ("measured", None, None)
+        assert b.ttft_ms > 0 and b.decode_tok_s > 0 and b.load_s > 0
+        assert (a.prefill_min_rows is None) == (b.prefill_min_rows is None)
+        assert (a.prefill_rows_ms or {}).keys() == (b.prefill_rows_ms or {}).keys()
+
+
 def test_a_session_that_is_not_on_the_provider_asked_for_is_refused(int8_bundle):
     """ONNX Runtime can hand back a CPU session when a GPU provider cannot start (seen on a CUDA machine
     without TensorRT's libraries: the autotune measured the CPU and reported TensorRT); the engine checks
