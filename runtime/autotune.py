@@ -624,6 +624,9 @@ def _measure_in_child(bundle, trials: list[Trial], settings: TuneSettings, avail
             finished = True
     code = child.wait()
     if finished and code == 0:
+        for trial in trials:  # (never seen: every path is reported before "done")
+            if trial.status == "pending":
+                trial.status, trial.reason = "excluded", "the measuring process did not report it"
         return True
     if current is None:  # died between paths: those not reported are measured again
         log.warning("autotune: the measuring process ended (%s) between paths", _exit_text(code))
