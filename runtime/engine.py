@@ -875,6 +875,73 @@ def cpu_has_vnni() -> bool:
     return bool(VNNI_FEATURES & set(probe_cpu().features))
 
 
+def _tensor_array(path: Path, t, maps: dict) -> np.ndarray:
+    """Initializer `t` of the graph `path` as an array; external data memory-mapped (read-only, cached in
+    `maps` per file), and only from a file in the graph's own directory."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if t.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    loc = info["location"]
+    if Path(loc).name != loc:
+        raise ModelLoadError(f"{path}: tensor {t.name} names external data {loc!r} outside its directory")
+    if loc not in maps:
+        maps[loc] = np.memmap(path.parent / loc, np.uint8, "r")
+    offset, length = int(info.get("offset", 0)), int(info["length"])
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    return maps[loc][offset:offset + length].view(dtype).reshape(tuple(t.dims))
+
+
+NARROW_BLOCK = 256  # the widest MatMulNBits block ONNX Runtime before 1.32 takes (16, 32, 64, 128 or 256)
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+def refuses_wide_blocks(exc: Exception) -> bool:
+    """True for ONNX Runtime's refusal of a MatMulNBits block wider than it takes (1.31: "Only block sizes 16,
+    32, 64, 128, and 256 are supported for MatMulNBits op, got: 1024")."""
+    text = str(exc)
+    return "MatMulNBits" in text and "block size" in text
+
+
+def narrow_block_graph(path: Path, widest: int = NARROW_BLOCK) -> bytes | None:
+    """The graph `path`, serialized, with each MatMulNBits block wider than `widest` split into blocks of
+    `widest`: the weight bytes stay where they are (a column's blocks are contiguous either way, so only the
+    tensor's shape changes and its external data is read from the bundle as it is; load the bytes with
+    EXTERNAL_FOLDER_KEY set to the graph's directory), each block's scale (and zero point) is repeated for its
+    parts. Per-channel weights (the exporter's) have one scale per row, so the weights are exactly the same;
+    only the activations' int8 quantization (a scale per block of each token) gets finer. None when no block
+    is wider. For ONNX Runtime before 1.32 (onnxruntime-gpu 1.31 among them), which refuses wider blocks."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    maps: dict[str, np.memmap] = {}
+    done: set[str] = set()
+    for n in model.graph.node:
+        if n.op_type != "MatMulNBits" or n.domain != "com.microsoft":
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        block, bits = attrs["block_size"].i, attrs["bits"].i if "bits" in attrs else 4
+        zp = n.input[3] if len(n.input) > 3 and n.input[3] else None
+        w, scales = inits.get(n.input[1]), inits.get(n.input[2])
+        if block <= widest or block % widest or w is None or scales is None or len(w.dims) != 3 or \
+                n.input[1] in done or (zp is not None and (bits != 8 or zp not in inits)):
+            continue
+        parts = block // widest
+        rows, blocks, nbytes = w.dims
+        w.dims[:] = [rows, blocks * parts, nbytes // parts]
+        for name in [n.input[2]] + ([zp] if zp is not None else []):
+            t = inits[name]
+            a = _tensor_array(path, t, maps).reshape(rows, blocks)
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.repeat(a, parts, axis=1).reshape(
+                (-1,) if len(t.dims) == 1 else (rows, blocks * parts))), name))
+        attrs["block_size"].i = widest
+        done.add(n.input[1])
+    return model.SerializeToString() if done else None
+
+
 def signed_weight_graph(path: Path, out_dir: Path) -> Path | None:
     """A copy of the W8A8 graph `path` in `out_dir` whose GEMMs take their weights as int8 (u8 x s8) instead of
     uint8 with zero point 128: each weight W (N, Kp) uint8 is written once, as W - 128 transposed to (Kp, N) int8,
@@ -895,17 +962,7 @@ def signed_weight_graph(path: Path, out_dir: Path) -> Path | None:
     maps: dict[str, np.memmap] = {}
 
     def array(t) -> np.ndarray:
-        if t.data_location != TensorProto.EXTERNAL:
-            return numpy_helper.to_array(t)
-        info = {e.key: e.value for e in t.external_data}
-        loc = info["location"]
-        if Path(loc).name != loc:
-            raise ModelLoadError(f"{path}: tensor {t.name} names external data {loc!r} outside its directory")
-        if loc not in maps:
-            maps[loc] = np.memmap(path.parent / loc, np.uint8, "r")
-        offset, length = int(info.get("offset", 0)), int(info["length"])
-        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        return maps[loc][offset:offset + length].view(dtype).reshape(tuple(t.dims))
+        return _tensor_array(path, t, maps)
 
     zero = "edgeglm.s8.zero_point"
     converted, offset = 0, 0
@@ -1186,7 +1243,20 @@ class OnnxRuntimeEngine:
                 # enable_fallback=0: when the provider cannot start (a GPU provider without its CUDA or TensorRT
                 # libraries), ONNX Runtime's Python layer would otherwise print to stdout and quietly make a CPU
                 # session, which the autotune would then measure and report as that provider
-                made = ort.InferenceSession(str(path), opts or options(), providers=providers, enable_fallback=0)
+                try:
+                    made = ort.InferenceSession(str(path), opts or options(), providers=providers, enable_fallback=0)
+                except Exception as exc:
+                    narrowed = narrow_block_graph(path) if refuses_wide_blocks(exc) else None
+                    if narrowed is None:
+                        raise
+                    # ONNX Runtime before 1.32 (onnxruntime-gpu 1.31 too) takes MatMulNBits blocks of up to 256
+                    narrow_opts = opts or options()
+                    narrow_opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(path.parent))
+                    made = ort.InferenceSession(narrowed, narrow_opts, providers=providers, enable_fallback=0)
+                    log.warning("%s: ONNX Runtime %s takes MatMulNBits blocks of up to %d inputs, not the bundle's "
+                                "wider ones: loaded with its blocks split (the same weights; activations quantized "
+                                "per %d inputs); onnxruntime 1.32 or later runs the bundle as exported, a few "
+                                "percent faster", path, ort.__version__, NARROW_BLOCK, NARROW_BLOCK)
             except Exception as exc:  # ORT raises its own untyped errors for bad files
                 if provider != "CPUExecutionProvider":  # missing CUDA/TensorRT libraries, no device, an op it lacks
                     raise BackendUnavailable(f"ONNX Runtime execution provider {provider!r} could not load "
@@ -1292,15 +1362,15 @@ class OnnxRuntimeEngine:
 
     @staticmethod
     def _metadata(model_path: Path, ort) -> dict:
-        """A graph's metadata, read by a CPU session that neither optimizes nor prepacks."""
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.add_session_config_entry("session.disable_prepacking", "1")
+        """A graph's metadata, read from the file (not by a session: ONNX Runtime before 1.32 cannot make one
+        of the decode graph as exported, see narrow_block_graph)."""
+        import onnx
+
         try:
-            return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"]) \
-                .get_modelmeta().custom_metadata_map
-        except Exception as exc:  # ORT raises its own untyped errors for bad files
-            raise ModelLoadError(f"{model_path}: ONNX Runtime could not load the model ({exc})") from None
+            model = onnx.load(str(model_path), load_external_data=False)
+        except Exception as exc:  # a missing, truncated or foreign file
+            raise ModelLoadError(f"{model_path}: not a readable ONNX graph ({_first_line(exc)})") from None
+        return {p.key: p.value for p in model.metadata_props}
 
     @staticmethod
     def _prefill_only(model_path: Path, ort, listed: frozenset[str] | None = None) -> Path:

@@ -132,3 +132,72 @@ def test_both_rotary_forms_of_the_fused_graph_follow_transformers(trained_checkp
     mask = np.array([[1] * 12, [0] * 5 + [1] * 7], dtype=np.int64)
     ids = np.array([prompt[:12], [0] * 5 + prompt[:7]])
     engine.forward(ids, np.maximum(mask.cumsum(1) - 1, 0), mask, engine.new_cache(2))  # the nodes form takes it
+
+
+OLD_ORT_REFUSAL = ("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: matmul_nbits.cc:146 "
+                   "onnxruntime::contrib::MatMulNBits<T1>::MatMulNBits(const onnxruntime::OpKernelInfo&) [with T1 = "
+                   "float] block_size_ == 16 || block_size_ == 32 || block_size_ == 64 || block_size_ == 128 || "
+                   "block_size_ == 256 was false. Only block sizes 16, 32, 64, 128, and 256 are supported for "
+                   "MatMulNBits op, got: 512")  # onnxruntime-gpu 1.31.1, word for word
+
+
+def test_a_decode_graph_wider_than_an_older_onnx_runtime_takes_loads_there_with_its_blocks_split(
+        trained_checkpoint, tmp_path, monkeypatch, caplog):
+    """The exporter writes MatMulNBits blocks as wide as a weight's rows allow (512 here, up to 1024);
+    ONNX Runtime before 1.32 (onnxruntime-gpu 1.31.1 among them) refuses blocks over 256, so glm-s and glm-m
+    bundles did not load there at all (the GPU path neither: it read the decode graph's metadata through a
+    session). The engine now loads such a graph with its blocks split (the same weight bytes, each scale
+    repeated), with a warning, and it answers like transformers. That ONNX Runtime is not installed here: its
+    refusal (its own message) is raised for graph files with wider blocks, and the split graph, which it would
+    take, runs on the installed one."""
+    import json
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+    from transformers import GlmForCausalLM
+
+    from models.export import ExportOptions, export_bundle
+    from runtime.engine import NARROW_BLOCK
+    from tests.checkpoints import hf_checkpoint
+
+    vocab = json.loads((trained_checkpoint / "config.json").read_text())["vocab_size"]
+    ckpt = hf_checkpoint(tmp_path / "wide", vocab_size=vocab, hidden_size=512, intermediate_size=1024,
+                         num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    for f in trained_checkpoint.glob("tokenizer*"):
+        shutil.copy(f, ckpt / f.name)
+    bundle = tmp_path / "bundle"
+    export_bundle(ckpt, bundle, ExportOptions(precision="int8", name="wide", version="1.0.0",
+                                              backends=("onnxruntime",)), show_progress=False)
+
+    def blocks(graph) -> list[int]:
+        return [next(a.i for a in n.attribute if a.name == "block_size") for n in graph.node
+                if n.op_type == "MatMulNBits"]
+    assert max(blocks(onnx.load(str(bundle / "onnxruntime" / "model.onnx"), load_external_data=False).graph)) \
+        > NARROW_BLOCK
+    as_exported = load_model(bundle, "onnxruntime", prefill_graph=False).engine
+    real, split = ort.InferenceSession, []
+
+    def older_onnx_runtime(model, *args, **kwargs):
+        graph = onnx.load(model, load_external_data=False).graph if isinstance(model, str) else \
+            onnx.load_from_string(model).graph
+        if max(blocks(graph), default=0) > NARROW_BLOCK:
+            raise RuntimeError(OLD_ORT_REFUSAL)
+        if not isinstance(model, str):
+            split.append(blocks(graph))
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(ort, "InferenceSession", older_onnx_runtime)
+    with caplog.at_level("WARNING"):
+        engine = load_model(bundle, "onnxruntime", prefill_graph=False).engine
+    assert split and max(split[0]) == NARROW_BLOCK and "MatMulNBits blocks of up to 256" in caplog.text
+    prompt = np.random.default_rng(0).integers(0, vocab, 24).tolist()
+    more = np.random.default_rng(1).integers(0, vocab, 8).tolist()
+    with torch.no_grad():
+        ref = GlmForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()(
+            torch.tensor([prompt + more])).logits[0, len(prompt) - 1:].numpy()
+    for e in (as_exported, engine):
+        ours = teacher_forced_logits(e, prompt, more)
+        cos = (ours * ref[:len(ours)]).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref[:len(ours)], axis=1)
+        assert cos.min() > 0.995, cos
+    a, b = teacher_forced_logits(as_exported, prompt, more), teacher_forced_logits(engine, prompt, more)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()  # only the activations' int8 blocks differ
