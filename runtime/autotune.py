@@ -53,7 +53,7 @@ from runtime.engine import BACKENDS, ModelArch, load_engine, prefill_mode
 from runtime.errors import BackendUnavailable
 from runtime.golden import check_golden
 from runtime.prefix_cache import release_freed_memory
-from runtime.probe import HardwareInfo, accelerators
+from runtime.probe import HardwareInfo, accelerators, probe_memory
 
 log = logging.getLogger("edgeglm.autotune")
 
@@ -877,7 +877,10 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
             return cached
     t0 = time.perf_counter()
     trials = [Trial(c) for c in candidates(hw, bundle.manifest.backends, threads=threads)]
-    available = hw.memory.budget_bytes()
+    # what the process can take now, not only when `hw` was probed (the agent probes once at start; an update
+    # is tuned while the model before it serves)
+    available = min((b for b in (hw.memory.budget_bytes(), probe_memory().budget_bytes()) if b is not None),
+                    default=None)
     with _progress(progress, len(trials) + settings.repeats * len(trials)) as bar:
         if isolate:
             measure_isolated(bundle, trials, settings, available, on_step=bar.update, prefill=prefill,

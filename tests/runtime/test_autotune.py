@@ -550,6 +550,34 @@ def test_paths_measured_one_at_a_time_are_let_go_before_the_next_one_loads(int8_
     assert [ref() for ref in loaded] == [None] * len(loaded)
 
 
+def test_memory_taken_since_the_hardware_was_probed_counts_for_one_at_a_time(int8_bundle, monkeypatch):
+    """The agent probes the hardware once, at start; an update is tuned later, while the model before it
+    serves. The autotune reads what the process can take now as well, and the lesser decides whether the
+    paths are loaded together."""
+    import weakref
+
+    import runtime.autotune as autotune_module
+    from runtime.probe import MemoryInfo
+
+    loaded, alive_at_load = [], []
+    real_load = autotune_module.load_engine
+
+    def load_engine(*args, **kwargs):
+        alive_at_load.append(sum(ref() is not None for ref in loaded))
+        engine = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(engine))
+        return engine
+    monkeypatch.setattr(autotune_module, "load_engine", load_engine)
+    at_start = hardware()  # 4 GiB available when probed: the paths would be loaded together
+    autotune(open_bundle(int8_bundle), at_start, settings=FAST)
+    assert max(alive_at_load) >= 1
+    loaded.clear(), alive_at_load.clear()
+    monkeypatch.setattr(autotune_module, "probe_memory", lambda: MemoryInfo(8 << 30, 1 << 20, None))  # now: 1 MiB
+    result = autotune(open_bundle(int8_bundle), at_start, settings=FAST)
+    assert all(t.status == "measured" for t in result.trials)
+    assert alive_at_load == [0] * len(loaded) and len(loaded) >= 3
+
+
 FAULT_ON_U8_KV = """
 import os, signal, time
 import runtime.autotune as autotune_module
