@@ -897,6 +897,15 @@ NARROW_BLOCK = 256  # the widest MatMulNBits block ONNX Runtime before 1.32 take
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
+def takes_wide_blocks(version: str) -> bool:
+    """True for an ONNX Runtime version that takes MatMulNBits blocks over NARROW_BLOCK (1.32 and later; an
+    unreadable version counts as one: its refusal is caught anyway)."""
+    try:
+        return tuple(int(x) for x in version.split(".")[:2]) >= (1, 32)
+    except ValueError:
+        return True
+
+
 def refuses_wide_blocks(exc: Exception) -> bool:
     """True for ONNX Runtime's refusal of a MatMulNBits block wider than it takes (1.31: "Only block sizes 16,
     32, 64, 128, and 256 are supported for MatMulNBits op, got: 1024")."""
@@ -1243,13 +1252,19 @@ class OnnxRuntimeEngine:
                 # enable_fallback=0: when the provider cannot start (a GPU provider without its CUDA or TensorRT
                 # libraries), ONNX Runtime's Python layer would otherwise print to stdout and quietly make a CPU
                 # session, which the autotune would then measure and report as that provider
+                # ONNX Runtime before 1.32 (onnxruntime-gpu 1.31 too) takes MatMulNBits blocks of up to 256: split
+                # wider ones up front there (no failed attempt, no error in ONNX Runtime's log), and wherever
+                # it refuses them
+                narrowed = None if takes_wide_blocks(ort.__version__) else narrow_block_graph(path)
                 try:
-                    made = ort.InferenceSession(str(path), opts or options(), providers=providers, enable_fallback=0)
+                    if narrowed is None:
+                        made = ort.InferenceSession(str(path), opts or options(), providers=providers,
+                                                    enable_fallback=0)
                 except Exception as exc:
                     narrowed = narrow_block_graph(path) if refuses_wide_blocks(exc) else None
                     if narrowed is None:
                         raise
-                    # ONNX Runtime before 1.32 (onnxruntime-gpu 1.31 too) takes MatMulNBits blocks of up to 256
+                if narrowed is not None:
                     narrow_opts = opts or options()
                     narrow_opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(path.parent))
                     made = ort.InferenceSession(narrowed, narrow_opts, providers=providers, enable_fallback=0)

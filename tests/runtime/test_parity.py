@@ -176,12 +176,13 @@ def test_a_decode_graph_wider_than_an_older_onnx_runtime_takes_loads_there_with_
     assert max(blocks(onnx.load(str(bundle / "onnxruntime" / "model.onnx"), load_external_data=False).graph)) \
         > NARROW_BLOCK
     as_exported = load_model(bundle, "onnxruntime", prefill_graph=False).engine
-    real, split = ort.InferenceSession, []
+    real, split, refused = ort.InferenceSession, [], []
 
     def older_onnx_runtime(model, *args, **kwargs):
         graph = onnx.load(model, load_external_data=False).graph if isinstance(model, str) else \
             onnx.load_from_string(model).graph
         if max(blocks(graph), default=0) > NARROW_BLOCK:
+            refused.append(model)
             raise RuntimeError(OLD_ORT_REFUSAL)
         if not isinstance(model, str):
             split.append(blocks(graph))
@@ -190,6 +191,9 @@ def test_a_decode_graph_wider_than_an_older_onnx_runtime_takes_loads_there_with_
     with caplog.at_level("WARNING"):
         engine = load_model(bundle, "onnxruntime", prefill_graph=False).engine
     assert split and max(split[0]) == NARROW_BLOCK and "MatMulNBits blocks of up to 256" in caplog.text
+    assert len(refused) == 1  # a version said to take them (1.32, installed) splits them once refused
+    monkeypatch.setattr(ort, "__version__", "1.31.1")  # an older one is not even asked to load them
+    assert load_model(bundle, "onnxruntime", prefill_graph=False).engine is not None and len(refused) == 1
     prompt = np.random.default_rng(0).integers(0, vocab, 24).tolist()
     more = np.random.default_rng(1).integers(0, vocab, 8).tolist()
     with torch.no_grad():
