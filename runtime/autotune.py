@@ -564,9 +564,10 @@ def _measure_in_child(bundle, trials: list[Trial], settings: TuneSettings, avail
 
     request = {"bundle": str(bundle.root), "candidates": [t.candidate.to_dict() for t in trials],
                "settings": asdict(settings), "available": available_memory, "prefill": prefill}
-    env = dict(os.environ)  # this source tree first: the child must run the code this process runs
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent)]
-                                        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = dict(os.environ)
+    root = Path(__file__).resolve().parent.parent
+    if not _in_site_packages(root):  # a source tree: first, so that the child runs the code this process runs
+        env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if not sys.executable:  # an embedded interpreter: nothing to start
         return False
     try:
@@ -635,6 +636,18 @@ def _measure_in_child(bundle, trials: list[Trial], settings: TuneSettings, avail
     trial.status, trial.reason = "excluded", f"the measuring process died ({_exit_text(code)}) while {what}"
     log.warning("autotune: %s: %s; excluded", trial.candidate.describe(), trial.reason)
     return True
+
+
+def _in_site_packages(folder: Path) -> bool:
+    """True for an installed package's folder (on the child's path anyway; put before the standard library
+    through PYTHONPATH, a site-packages folder could shadow it)."""
+    import site
+
+    try:
+        known = site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:  # an interpreter without them (some virtualenv layouts)
+        known = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    return any(Path(p).resolve() == folder for p in known if p)
 
 
 def _child_main() -> None:
