@@ -585,6 +585,18 @@ def _measure_in_child(bundle, trials: list[Trial], settings: TuneSettings, avail
             lines.put(line)
         lines.put(None)
     threading.Thread(target=read, name="edgeglm-autotune-child", daemon=True).start()
+    try:
+        return _follow_child(child, lines, trials, on_step, timeout_s)
+    finally:
+        if child.poll() is None:  # an exception here (Ctrl-C, the agent stopping): the child stops too
+            child.kill()
+            child.wait()
+
+
+def _follow_child(child, lines, trials: list[Trial], on_step: Callable[[], None], timeout_s: float) -> bool:
+    """Read the child's reports until it ends (see _measure_in_child)."""
+    import queue
+
     current: tuple[Trial, str] | None = None  # the path the child is on, and what it is doing with it
     progress = finished = False
     while True:

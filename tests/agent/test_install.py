@@ -404,8 +404,10 @@ def _expand_syscall_group(group: str, seen: set[str]) -> set[str]:
 
 
 GENERATE_SCRIPT = """
-import sys
-from agent.model import load_model
+import sys, tempfile
+from pathlib import Path
+from agent.model import choose_path, load_model
+from ota.bundle import open_bundle
 from runtime.generate import SamplingParams, generate
 from runtime.probe import probe_hardware
 probe_hardware()
@@ -413,13 +415,16 @@ for backend in ("onnxruntime", "openvino"):
     model = load_model(sys.argv[1], backend)
     prompt = model.tokenizer.encode("def main():").ids
     print(backend, list(generate(model.engine, prompt, SamplingParams(max_tokens=4))))
+path, tuning = choose_path(open_bundle(sys.argv[1]), "auto", threads=1, cache_dir=Path(tempfile.mkdtemp()))
+print("autotune", path.describe(), sum(t.status == "measured" for t in tuning.trials))
 """
 
 
 @pytest.mark.skipif(shutil.which("strace") is None or shutil.which("systemd-analyze") is None,
                     reason="needs strace and systemd-analyze")
 def test_inference_stays_inside_the_units_system_call_filter(int8_bundle, tmp_path):
-    """Every system call of probing, loading and generating with both backends is in @system-service."""
+    """Every system call of probing, loading and generating with both backends, and of the autotune's
+    measuring child process (strace -f follows it), is in @system-service."""
     trace = tmp_path / "trace"
     proc = subprocess.run(["strace", "-f", "-qq", "-o", str(trace), sys.executable, "-c", GENERATE_SCRIPT,
                            str(int8_bundle)], capture_output=True, text=True, timeout=300,
@@ -427,6 +432,8 @@ def test_inference_stays_inside_the_units_system_call_filter(int8_bundle, tmp_pa
     if proc.returncode != 0 and "ptrace" in proc.stderr.lower():
         pytest.skip(f"strace cannot trace here: {proc.stderr.strip()[:200]}")
     assert proc.returncode == 0 and "openvino [" in proc.stdout, proc.stderr[-2000:]
+    measured = re.search(r"^autotune .+ (\d+)$", proc.stdout, re.M)
+    assert measured and int(measured.group(1)) >= 2, proc.stdout  # measured in the child, under strace too
     used = set(re.findall(r"^\d+ +([a-z_0-9]+)\(", trace.read_text(), re.M))
     assert len(used) > 20, used  # the trace was read
     allowed = _expand_syscall_group("@system-service", set())
