@@ -524,14 +524,12 @@ def test_a_dropped_engine_lets_go_of_its_memory_at_once(int8_bundle, backend, pr
             gc.enable()
 
 
-def test_paths_measured_one_at_a_time_are_let_go_before_the_next_one_loads(int8_bundle, monkeypatch):
-    """Where memory is tight the autotune loads one path at a time; that only bounds its peak if each path's
-    engine is gone before the next one loads, and none is left once the result is known (the serving path
-    loads next)."""
+def _watch_loads(monkeypatch) -> tuple[list, list]:
+    """(weak references to every engine the autotune loads, how many of those before it were still alive at
+    each load)."""
     import weakref
 
     import runtime.autotune as autotune_module
-    from runtime.probe import MemoryInfo
 
     loaded, alive_at_load = [], []
     real_load = autotune_module.load_engine
@@ -542,6 +540,16 @@ def test_paths_measured_one_at_a_time_are_let_go_before_the_next_one_loads(int8_
         loaded.append(weakref.ref(engine))
         return engine
     monkeypatch.setattr(autotune_module, "load_engine", load_engine)
+    return loaded, alive_at_load
+
+
+def test_paths_measured_one_at_a_time_are_let_go_before_the_next_one_loads(int8_bundle, monkeypatch):
+    """Where memory is tight the autotune loads one path at a time; that only bounds its peak if each path's
+    engine is gone before the next one loads, and none is left once the result is known (the serving path
+    loads next)."""
+    from runtime.probe import MemoryInfo
+
+    loaded, alive_at_load = _watch_loads(monkeypatch)
     hw = replace(hardware(), memory=MemoryInfo(8 << 30, 1 << 20, None))  # 1 MiB available: one at a time
     result = autotune(open_bundle(int8_bundle), hw, settings=FAST)
     assert len(loaded) == len(result.trials) >= 3
@@ -554,20 +562,10 @@ def test_memory_taken_since_the_hardware_was_probed_counts_for_one_at_a_time(int
     """The agent probes the hardware once, at start; an update is tuned later, while the model before it
     serves. The autotune reads what the process can take now as well, and the lesser decides whether the
     paths are loaded together."""
-    import weakref
-
     import runtime.autotune as autotune_module
     from runtime.probe import MemoryInfo
 
-    loaded, alive_at_load = [], []
-    real_load = autotune_module.load_engine
-
-    def load_engine(*args, **kwargs):
-        alive_at_load.append(sum(ref() is not None for ref in loaded))
-        engine = real_load(*args, **kwargs)
-        loaded.append(weakref.ref(engine))
-        return engine
-    monkeypatch.setattr(autotune_module, "load_engine", load_engine)
+    loaded, alive_at_load = _watch_loads(monkeypatch)
     at_start = hardware()  # 4 GiB available when probed: the paths would be loaded together
     autotune(open_bundle(int8_bundle), at_start, settings=FAST)
     assert max(alive_at_load) >= 1
