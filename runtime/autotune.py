@@ -40,7 +40,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -545,82 +544,46 @@ def measure_isolated(bundle, trials: list[Trial], settings: TuneSettings, availa
         pending = [t for t in pending if t.status == "pending"]
 
 
-def _exit_text(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
 def _measure_in_child(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
                       on_step: Callable[[], None], prefill: str, timeout_s: float) -> bool:
     """One child measuring `trials` (updated in place as it reports them); False when it made no progress at
     all (it did not start, or died before any path), True otherwise."""
-    import queue
-    import subprocess
-    import threading
+    from runtime.child import Child
 
-    request = {"bundle": str(bundle.root), "candidates": [t.candidate.to_dict() for t in trials],
-               "settings": asdict(settings), "available": available_memory, "prefill": prefill}
-    env = dict(os.environ)
-    root = Path(__file__).resolve().parent.parent
-    if not _in_site_packages(root):  # a source tree: first, so that the child runs the code this process runs
-        env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    if not sys.executable:  # an embedded interpreter: nothing to start
-        return False
     try:
-        child = subprocess.Popen([sys.executable, "-c", "import runtime.autotune as a; a._child_main()"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
-        child.stdin.write(json.dumps(request))
-        child.stdin.close()
+        child = Child("runtime.autotune", "_child_main", _CHILD_TAG)
+        child.send({"bundle": str(bundle.root), "candidates": [t.candidate.to_dict() for t in trials],
+                    "settings": asdict(settings), "available": available_memory, "prefill": prefill})
     except OSError as exc:
         log.warning("autotune: could not start the measuring process: %s", exc)
         return False
-    lines: queue.Queue = queue.Queue()
-
-    def read() -> None:
-        for line in child.stdout:
-            lines.put(line)
-        lines.put(None)
-    threading.Thread(target=read, name="edgeglm-autotune-child", daemon=True).start()
     try:
-        return _follow_child(child, lines, trials, on_step, timeout_s)
+        return _follow_child(child, trials, on_step, timeout_s)
     finally:
-        if child.poll() is None:  # an exception here (Ctrl-C, the agent stopping): the child stops too
-            child.kill()
-            child.wait()
+        child.stop()  # an exception here (Ctrl-C, the agent stopping): the child stops too
 
 
-def _follow_child(child, lines, trials: list[Trial], on_step: Callable[[], None], timeout_s: float) -> bool:
+def _follow_child(child, trials: list[Trial], on_step: Callable[[], None], timeout_s: float) -> bool:
     """Read the child's reports until it ends (see _measure_in_child)."""
     import queue
+
+    from runtime.child import exit_text
 
     current: tuple[Trial, str] | None = None  # the path the child is on, and what it is doing with it
     progress = finished = False
     while True:
         try:
-            line = lines.get(timeout=timeout_s)
+            event = child.next_event(timeout_s)
         except queue.Empty:
-            child.kill()
-            child.wait()
+            child.stop()
             if current is None:
                 return progress
             trial, what = current
             trial.status, trial.reason = "excluded", f"{what} took longer than {timeout_s:g} s: stopped"
             log.warning("autotune: %s: %s", trial.candidate.describe(), trial.reason)
             return True
-        if line is None:
+        if event is None:
             break
-        if not line.startswith(_CHILD_TAG):
-            log.debug("autotune child: %s", line.rstrip())
-            continue
-        try:
-            event = json.loads(line[len(_CHILD_TAG):])
-        except ValueError:
-            log.debug("autotune child: %s", line.rstrip())
-            continue
         if "step" in event:
             on_step()
         elif "at" in event:
@@ -635,48 +598,27 @@ def _follow_child(child, lines, trials: list[Trial], on_step: Callable[[], None]
                 current = None
         elif "done" in event:
             finished = True
-    code = child.wait()
+    code = child.end()
     if finished and code == 0:
         for trial in trials:  # (never seen: every path is reported before "done")
             if trial.status == "pending":
                 trial.status, trial.reason = "excluded", "the measuring process did not report it"
         return True
     if current is None:  # died between paths: those not reported are measured again
-        log.warning("autotune: the measuring process ended (%s) between paths", _exit_text(code))
+        log.warning("autotune: the measuring process ended (%s) between paths", exit_text(code))
         return progress
     trial, what = current
-    trial.status, trial.reason = "excluded", f"the measuring process died ({_exit_text(code)}) while {what}"
+    trial.status, trial.reason = "excluded", f"the measuring process died ({exit_text(code)}) while {what}"
     log.warning("autotune: %s: %s; excluded", trial.candidate.describe(), trial.reason)
     return True
 
 
-def _in_site_packages(folder: Path) -> bool:
-    """True for an installed package's folder (on the child's path anyway; put before the standard library
-    through PYTHONPATH, a site-packages folder could shadow it)."""
-    import site
-
-    try:
-        known = site.getsitepackages() + [site.getusersitepackages()]
-    except AttributeError:  # an interpreter without them (some virtualenv layouts)
-        known = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
-    return any(Path(p).resolve() == folder for p in known if p)
-
-
 def _child_main() -> None:
-    """The measuring process of `measure_isolated`: the request on stdin, protocol lines on stdout."""
-    try:  # Linux: die with the process that started this one (PR_SET_PDEATHSIG), not measure on for nobody
-        import ctypes
+    """The measuring process of `measure_isolated`: the request on stdin, tagged reports on stdout."""
+    from runtime.child import child_stdout, report
 
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # what libraries print goes to stderr, not into the protocol
-
-    def emit(**event) -> None:
-        out.write(_CHILD_TAG + json.dumps(event) + "\n")
-        out.flush()
-    request = json.loads(sys.stdin.read())
+    out = child_stdout()
+    request = json.loads(sys.stdin.readline())
     from ota.bundle import open_bundle
 
     bundle = open_bundle(request["bundle"], verify=False)  # verified by the parent, which serves it
@@ -685,12 +627,12 @@ def _child_main() -> None:
 
     def on_event(what: str, trial: Trial) -> None:
         if what == "done":
-            emit(trial=index[id(trial)], result=trial.to_dict())
+            report(out, _CHILD_TAG, trial=index[id(trial)], result=trial.to_dict())
         else:
-            emit(at=index[id(trial)], doing=what)
+            report(out, _CHILD_TAG, at=index[id(trial)], doing=what)
     measure(bundle, trials, TuneSettings(**request["settings"]), request["available"],
-            on_step=lambda: emit(step=1), prefill=request["prefill"], on_event=on_event)
-    emit(done=True)
+            on_step=lambda: report(out, _CHILD_TAG, step=1), prefill=request["prefill"], on_event=on_event)
+    report(out, _CHILD_TAG, done=True)
 
 
 PREFILL_ROWS_SIZES = (4, 8, 16, 32)  # batched-step row counts timed on both graphs

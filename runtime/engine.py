@@ -958,7 +958,7 @@ def signed_weight_graph(path: Path, out_dir: Path) -> Path | None:
     GEMM's weight zero point becomes 0. The integer sums are the same, so are the logits. The graph's other
     (small) tensors are copied into the new graph. None when the graph has no such GEMM."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph

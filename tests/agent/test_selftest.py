@@ -5,6 +5,8 @@ room (NO_BUDGET); the budget's decisions are tested with budgets no timing can m
 
 from __future__ import annotations
 
+import pytest
+
 from agent.model import load_model
 from agent.selftest import SelfTestConfig, run_self_test
 from ota.bundle import open_bundle
@@ -89,3 +91,57 @@ def test_the_new_model_is_timed_on_the_serving_models_path(int8_bundle):
     assert result.details["backend"] == "openvino" and result.details["path"] == serving.path.describe()
     alone = run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, cfg, None)
     assert alone.details["backend"] == "onnxruntime"  # no serving model: the configured rule order
+
+
+FAULT_IN_THE_SELF_TEST = """
+import os, signal, time
+import agent.selftest as selftest
+_load, _time = selftest.load_model, selftest.decode_ms_per_token
+def load_model(*args, **kwargs):
+    {at_load}
+    return _load(*args, **kwargs)
+def decode_ms_per_token(*args, **kwargs):
+    {at_timing}
+    return _time(*args, **kwargs)
+selftest.load_model, selftest.decode_ms_per_token = load_model, decode_ms_per_token
+"""
+
+
+@pytest.mark.parametrize("at_load,at_timing,reason", [
+    ("os.kill(os.getpid(), signal.SIGSEGV)", "pass",
+     "the self-test's process died (killed by SIGSEGV) while loading the model"),
+    ("pass", "time.sleep(600)", "timing its decode took longer than 15 s: stopped")])
+def test_a_new_model_that_crashes_or_hangs_fails_the_self_test_and_the_agent_serves_on(
+        int8_bundle, tmp_path, monkeypatch, at_load, at_timing, reason):
+    """The new model is loaded and timed in a child process: a runtime that segfaults on it (or a timing
+    that never returns) fails the update with the reason, and the process that serves, here this one, is
+    still there and serving. The fault is injected into the child only (a sitecustomize on its PYTHONPATH):
+    a real SIGSEGV, or a decode that never returns."""
+    from runtime.generate import SamplingParams, generate
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAULT_IN_THE_SELF_TEST.replace("{at_load}", at_load)
+                                             .replace("{at_timing}", at_timing))
+    monkeypatch.setenv("PYTHONPATH", str(inject))
+    serving = load_model(int8_bundle)
+    cfg = SelfTestConfig(steps=2, max_latency_ratio=NO_BUDGET)
+    result = run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, cfg, serving, timeout_s=15)
+    assert not result.passed and result.reason == reason
+    if at_load == "pass":  # it got as far as the golden check
+        assert "32/32" in result.details["golden"]
+    prompt = serving.tokenizer.encode("def main():").ids
+    assert len(list(generate(serving.engine, prompt, SamplingParams(max_tokens=4)))) == 4
+
+
+def test_the_self_test_in_this_process_decides_as_in_a_child(int8_bundle):
+    """Where no child process can start, the new model is loaded in the agent's process; the outcome and
+    what is reported are the same."""
+    serving = load_model(int8_bundle)
+    cfg = SelfTestConfig(steps=2, max_latency_ratio=NO_BUDGET)
+    manifest = open_bundle(int8_bundle).manifest
+    here = run_self_test(int8_bundle, manifest, cfg, serving, isolate=False)
+    there = run_self_test(int8_bundle, manifest, cfg, serving)
+    assert here.passed and there.passed
+    assert {k: v for k, v in here.details.items() if "ms" not in k} == \
+        {k: v for k, v in there.details.items() if "ms" not in k}
