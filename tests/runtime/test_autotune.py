@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -601,7 +602,8 @@ def test_a_path_that_crashes_or_hangs_the_measuring_process_is_excluded_not_the_
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(FAULT_ON_U8_KV.replace("{fault}", fault))
-    monkeypatch.setenv("PYTHONPATH", str(inject))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(inject)] + ([os.environ["PYTHONPATH"]] if os.environ.get(
+        "PYTHONPATH") else [])))  # before what the box already puts there
     hw = only(hardware(physical=2, logical=2), "openvino")
     result = autotune(open_bundle(int8_bundle), hw, settings=FAST, isolate=True, path_timeout_s=20)
     trials = {t.candidate.kv_cache_precision: t for t in result.trials}
