@@ -921,8 +921,13 @@ def narrow_block_graph(path: Path, widest: int = NARROW_BLOCK) -> bytes | None:
     parts. Per-channel weights (the exporter's) have one scale per row, so the weights are exactly the same;
     only the activations' int8 quantization (a scale per block of each token) gets finer. None when no block
     is wider. For ONNX Runtime before 1.32 (onnxruntime-gpu 1.31 among them), which refuses wider blocks."""
-    import onnx
-    from onnx import numpy_helper
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise RuntimeError(f"this onnxruntime takes MatMulNBits blocks of up to {widest} inputs, and splitting the "
+                           "bundle's wider ones needs the onnx package, which is not installed: "
+                           "pip install 'onnx>=1.17' (an edgeglm dependency), or onnxruntime 1.32 or later") from None
 
     model = onnx.load(str(path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
@@ -1090,6 +1095,7 @@ class _OrtRunner:
     def run(self, ort, tokens: tuple[str, np.ndarray], position_ids, attention_mask, cache: OrtCache,
             batch: int) -> np.ndarray:
         b = self.binding
+        held: list = []  # the OrtValues over this step's host arrays, alive until the run is over
         ref, cap, rows = self.bound
         rebind = ref is None or ref() is not cache or cap != cache.capacity or rows != cache.batch
         if rebind:
@@ -1108,16 +1114,17 @@ class _OrtRunner:
                             b.bind_ortvalue_output(present, value)
                 self.split = split
             for name, arr in inputs.items():
-                b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
-        b.bind_ortvalue_input(tokens[0], ort.OrtValue.ortvalue_from_numpy(tokens[1]))
+                bind_host_input(ort, b, name, arr, held)
+        bind_host_input(ort, b, tokens[0], tokens[1], held)
         for name, arr in (("position_ids", position_ids), ("attention_mask", attention_mask)):
-            b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, np.int64)))
+            bind_host_input(ort, b, name, np.ascontiguousarray(arr, np.int64), held)
         if batch not in self.logits:
             out = np.empty((batch, self.arch.vocab_size), np.float32)
             self.logits[batch] = (out, ort.OrtValue.ortvalue_from_numpy(out))
         out, out_value = self.logits[batch]
         b.bind_ortvalue_output("logits", out_value)
         self.session.run_with_iobinding(b)
+        del held
         return out.copy()
 
     def _scratch(self, ort) -> list:
@@ -1127,6 +1134,17 @@ class _OrtRunner:
             shape = (1, self.arch.num_kv_heads, 1, self.arch.head_dim)
             self.scratch = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in self.kv_names]
         return self.scratch
+
+
+def bind_host_input(ort, binding, name: str, array: np.ndarray, held: list) -> None:
+    """Bind a host array as input `name` of an IO binding, appending its OrtValue to `held`, which the caller
+    keeps until the run is over. An OrtValue made from a numpy array on the CPU points at the array's memory,
+    and before version 1.30 ONNX Runtime's IO binding kept no reference to it: an OrtValue (or a converted
+    array) made for the call alone was freed before the run, which then read whatever reused that memory
+    (a batch of rows joined with rows of another sequence's positions: found with onnxruntime 1.23 and 1.27)."""
+    value = ort.OrtValue.ortvalue_from_numpy(array)
+    held.append(value)
+    binding.bind_ortvalue_input(name, value)
 
 
 PREFILL_MODES = ("on", "off", "only")
@@ -1454,13 +1472,13 @@ class OnnxRuntimeEngine:
         shape = dst.kv.shape()
         if not 0 <= slot < shape[1]:
             raise ValueError(f"row slot {slot} is outside the buffer's {shape[1]} slots")
-        value = self._ort.OrtValue.ortvalue_from_numpy
         ptr = dst.kv.data_ptr()
         binding.bind_input("kv", dst.device, dst.device_id, dst.dtype, shape, ptr)
         binding.bind_output("out", dst.device, dst.device_id, dst.dtype, shape, ptr)  # in place
         binding.bind_ortvalue_input("src", src.kv)
+        held: list = []
         for name, n in (("src_row", src_row), ("src_start", src_start), ("slot", slot)):
-            binding.bind_ortvalue_input(name, value(np.array([n], np.int64)))
+            bind_host_input(self._ort, binding, name, np.array([n], np.int64), held)
         try:
             session.run_with_iobinding(binding)
         finally:
@@ -1473,9 +1491,9 @@ class OnnxRuntimeEngine:
         `capacity` positions. One run of KV_COPY_GRAPH on the cache's provider; nothing is read to the host."""
         session, binding = self._kv_copy
         a_rows, b_rows, b = list(a_rows), list(b_rows), a if b is None else b
-        value = self._ort.OrtValue.ortvalue_from_numpy
+        held: list = []
         for name, arr in (("a_rows", a_rows), ("b_rows", b_rows), ("b_start", [b_start]), ("cap", [capacity])):
-            binding.bind_ortvalue_input(name, value(np.asarray(arr, np.int64).reshape(-1)))
+            bind_host_input(self._ort, binding, name, np.asarray(arr, np.int64).reshape(-1), held)
         binding.bind_ortvalue_input("a", a.kv)
         binding.bind_ortvalue_input("b", b.kv)
         layers_kv, _, heads, _, head_dim = a.kv.shape()

@@ -346,9 +346,10 @@ def test_a_client_that_leaves_a_non_streamed_or_queued_request_frees_its_place(m
             return s
         long = {"prompt": PROMPT, "max_tokens": 4000, "temperature": 1.0, "seed": 1}
         first = send(long)  # running, answer at the end
-        assert _wait(lambda: srv._scheduler.stats().active == 1)
+        # 30 s: a CI box running other tests beside this one once took over 10 s to admit it
+        assert _wait(lambda: srv._scheduler.stats().active == 1, 30.0), srv._scheduler.stats()
         queued = send({**long, "stream": True})  # waits behind it
-        assert _wait(lambda: srv._scheduler.stats().queued == 1)
+        assert _wait(lambda: srv._scheduler.stats().queued == 1, 30.0), srv._scheduler.stats()
         queued.close()
         first.close()
         assert _wait(lambda: srv._scheduler.stats().active == 0 and srv._scheduler.stats().queued == 0, 3.0), \
