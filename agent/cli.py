@@ -179,9 +179,12 @@ def cmd_bench(args) -> int:
     if args.prefill_graph is not None and args.backend == "openvino":
         raise CliError(f"--{_PREFILL_FLAGS[args.prefill_graph]} is about ONNX Runtime's prefill graph; "
                        "--backend openvino has none: leave it out, or use --backend onnxruntime (or auto)")
-    if args.cache_dir and args.backend != "auto":  # said, not silently ignored
+    named_device = (args.device or "auto").strip().lower() != "auto"
+    if args.cache_dir and (args.backend == "openvino" or named_device):  # said, not silently ignored
         print(f"edgeglm bench: note: --cache-dir {args.cache_dir} is not used: it is the autotune's cache, for "
-              f"--backend auto; --backend {args.backend} runs as named, without tuning", file=sys.stderr)
+              f"--backend auto (and --backend onnxruntime's measured prefill-graph rows); "
+              f"--backend {args.backend}{' --device ' + args.device if named_device else ''} runs as named, "
+              "without tuning", file=sys.stderr)
     opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, concurrency=args.concurrency,
                         prefix_tokens=args.prefix_tokens, runs=args.runs, max_kv_mb=args.max_kv_mb)
     opts.check(1 << 62)  # the flags alone; the context window is checked once the model is known

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from ota.bundle import Bundle, open_bundle
 from runtime.autotune import (Candidate, PrefillChoice, TuneResult, apply_prefill_rows, autotune, choose_prefill_graph,
-                              default_candidate, device_candidate)
+                              default_candidate, device_candidate, tune_prefill_rows)
 from runtime.engine import BACKENDS, ModelArch, available_backends, load_engine
 from runtime.errors import BackendUnavailable
 from runtime.golden import GoldenResult, check_golden
@@ -103,6 +103,12 @@ def choose_backend(bundle: Bundle, requested: str = "auto") -> str:
         f"{', '.join(installed) or 'none'}")
 
 
+def tuning_skipped(backend: str, cache_dir: Path | None, device: str = "auto") -> bool:
+    """Whether load_model serves a named backend's default CPU path with a cache to keep measurements in: the
+    autotune does not run, but where batched steps go (runtime.autotune.tune_prefill_rows) is measured."""
+    return backend != "auto" and cache_dir is not None and (device or "auto").strip().lower() == "auto"
+
+
 def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = None, *, cache_dir: Path | None = None,
                 retune: bool = False, hardware=None, progress: bool = False,
                 prefill: str = "on", device: str = "auto") -> tuple[Candidate, TuneResult | None]:
@@ -150,6 +156,7 @@ def load_model(bundle_path: str | Path | Bundle, backend: str = "auto", threads:
         bundle = open_bundle(bundle_path)
     # decided first, so that the autotune loads ONNX Runtime the way it will serve (and no more memory)
     prefill = choose_prefill_graph(prefill_graph, bundle, memory if memory is not None else probe_memory())
+    named_path = path is None and tuning_skipped(backend, cache_dir, device)
     if path is not None:
         choose_backend(bundle, path.backend)  # carried by the bundle and installed, or a clear error
         tuning = None
@@ -172,6 +179,14 @@ def load_model(bundle_path: str | Path | Bundle, backend: str = "auto", threads:
         log.info("prefill graph: %s (%s)", prefill.mode, prefill.reason)
     if apply_prefill_rows(engine, tuning):  # steps of how many token rows run on the prefill graph, as measured here
         log.info("prefill graph from %d token rows per step (measured by the autotune)", engine.prefill_min_rows)
+    elif named_path and path.on_cpu:  # a named backend: its path is not measured, but where steps go is
+        from runtime.probe import probe_hardware
+
+        rows = tune_prefill_rows(engine, bundle.sha256, (hardware or probe_hardware()).fingerprint(), path,
+                                 Path(cache_dir), retune=retune)
+        if rows is not None:
+            log.info("prefill graph from %d token rows per step (%s)", rows[0],
+                     "measured for this path earlier" if rows[2] else "measured now for this path")
     tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer))
     if tuning is not None:
         chosen_by = "autotune cache" if tuning.from_cache else "autotune"

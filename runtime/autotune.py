@@ -696,6 +696,69 @@ def apply_prefill_rows(engine, result: "TuneResult | None") -> bool:
     return True
 
 
+
+def rows_cache_path(cache_dir: Path, bundle_sha256: str, fingerprint: str, candidate: Candidate) -> Path:
+    """Where `tune_prefill_rows` keeps its measurement: beside the autotune's results (pruned with them),
+    keyed by the bundle, the hardware and the path (threads, pinning) the rows were timed on."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(asdict(candidate), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(cache_dir) / "autotune" / f"{bundle_sha256[:16]}-{fingerprint}-rows-{key}.json"
+
+
+def tune_prefill_rows(engine, bundle_sha256: str, fingerprint: str, candidate: Candidate, cache_dir: Path,
+                      retune: bool = False) -> tuple[int, dict, bool] | None:
+    """The prefill_min_rows of an ONNX Runtime engine that serves on a path the autotune did not choose (a
+    named backend: `model.backend = "onnxruntime"`, `--backend onnxruntime`), measured on that engine
+    (`measure_prefill_rows`, under a second) and cached under `cache_dir` per bundle, hardware and path, so
+    that batched decode steps go to the graph that is faster here instead of the bundle's fixed 4 rows (on the
+    VNNI EPYC the decode graph is faster up to 16-32 rows: glm-s 8 rows 2.96 vs 3.75 ms). Applied to the
+    engine. Returns (rows, {rows: [decode ms, prefill ms]}, from the cache), or None where the engine has not
+    both graphs. A measurement that fails keeps the bundle's rows, with a warning."""
+    if not _both_graphs(engine):
+        return None
+    path = rows_cache_path(cache_dir, bundle_sha256, fingerprint, candidate)
+    if not retune:
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"not a JSON object but {type(data).__name__}")
+            if (data.get("version"), data.get("bundle_sha256"), data.get("fingerprint"), data.get("candidate")) \
+                    == (CACHE_VERSION, bundle_sha256, fingerprint, asdict(candidate)):
+                rows, ms = data.get("prefill_min_rows"), data.get("prefill_rows_ms")
+                if rows is None or ms is None:
+                    raise ValueError("prefill_min_rows or prefill_rows_ms missing")
+                _check_rows(rows, ms, "")
+                _touch(path)
+                engine.prefill_min_rows = rows
+                return rows, ms, True
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("prefill rows cache %s ignored (%s): measuring again", path, exc)
+    try:
+        measured = measure_prefill_rows(engine)
+    except Exception as exc:  # an engine error while timing: the bundle's rows serve
+        log.warning("%s: timing batched steps on both graphs failed (%s): the bundle's prefill_min_rows %d holds",
+                    candidate.describe(), (str(exc).splitlines() or [repr(exc)])[0][:200], engine.prefill_min_rows)
+        return None
+    if measured is None:
+        return None
+    rows, ms = measured
+    engine.prefill_min_rows = rows
+    from ota.fsutil import atomic_write_json
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"version": CACHE_VERSION, "bundle_sha256": bundle_sha256,
+                                 "fingerprint": fingerprint, "candidate": asdict(candidate),
+                                 "prefill_min_rows": rows, "prefill_rows_ms": ms, "measured_at": time.time()})
+        prune_cache(path.parent, spare=path)
+    except OSError as exc:
+        log.warning("prefill rows not cached: %s (%s)", path, exc.strerror or exc)
+    return rows, ms, False
+
+
 # --- cache ----------------------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:

@@ -116,14 +116,18 @@ def test_threads_beyond_the_model_threads_bound_is_a_usage_error(capsys, command
 
 
 def test_bench_cache_dir_with_a_named_backend_is_said_to_be_unused(tmp_path, capsys):
-    """--cache-dir is the autotune's cache; a named --backend runs untuned, so the flag was silently ignored."""
-    rc, err = run(capsys, "bench", "--bundle", tmp_path / "no-bundle", "--backend", "onnxruntime",
-                  "--cache-dir", tmp_path / "cache")
-    assert f"edgeglm bench: note: --cache-dir {tmp_path / 'cache'} is not used: it is the autotune's cache, for " \
-           "--backend auto; --backend onnxruntime runs as named, without tuning" in err
-    assert rc == 2 and "no-bundle" in err.splitlines()[-1]  # then the run goes on, here to the missing bundle
-    rc, err = run(capsys, "bench", "--bundle", tmp_path / "no-bundle", "--cache-dir", tmp_path / "cache")
-    assert rc == 2 and "note" not in err  # with --backend auto it is used
+    """--cache-dir is the autotune's cache (and --backend onnxruntime's measured prefill-graph rows); a named
+    OpenVINO backend or a named device runs untuned, so the flag was silently ignored."""
+    for named, shown in ((["--backend", "openvino"], "--backend openvino"),
+                         (["--backend", "onnxruntime", "--device", "CPU"], "--backend onnxruntime --device CPU")):
+        rc, err = run(capsys, "bench", "--bundle", tmp_path / "no-bundle", *named, "--cache-dir", tmp_path / "cache")
+        assert f"edgeglm bench: note: --cache-dir {tmp_path / 'cache'} is not used: it is the autotune's cache, " \
+               f"for --backend auto (and --backend onnxruntime's measured prefill-graph rows); {shown} runs as " \
+               "named, without tuning" in err
+        assert rc == 2 and "no-bundle" in err.splitlines()[-1]  # then the run goes on, here to the missing bundle
+    for used in ([], ["--backend", "onnxruntime"]):  # with --backend auto it is used, and for onnxruntime's rows
+        rc, err = run(capsys, "bench", "--bundle", tmp_path / "no-bundle", *used, "--cache-dir", tmp_path / "cache")
+        assert rc == 2 and "note" not in err
 
 
 def test_a_bundle_to_serve_without_its_trusted_keys_stops_the_agent_before_it_listens(tmp_path, int8_bundle):

@@ -288,6 +288,67 @@ def test_autotune_measures_onnx_runtime_the_way_it_will_serve_where_memory_is_ti
     assert len(list((tmp_path / "autotune").glob("*.json"))) == 2
 
 
+
+def test_a_named_backend_still_measures_which_steps_the_prefill_graph_takes(int8_bundle, tmp_path, monkeypatch,
+                                                                              caplog):
+    """A named backend (`model.backend = "onnxruntime"`) serves its default CPU path without an autotune, but
+    where batched steps go is still measured on the serving engine (the bundle's fixed 4 rows sent 8-row
+    steps to the slower graph on VNNI CPUs), cached per bundle, hardware and path: the next load reads it,
+    --retune measures again, another thread count is another path. Without a cache directory, with a
+    device named or one graph, nothing is measured."""
+    import runtime.autotune as at
+    from runtime.engine import PREFILL_GRAPH_MIN_ROWS
+
+    hw = probe_hardware()
+    with caplog.at_level("INFO", logger="edgeglm"):
+        served = load_model(int8_bundle, "onnxruntime", cache_dir=tmp_path, hardware=hw)
+    assert served.tuning is None and served.chosen_by == "configured"
+    files = list((tmp_path / "autotune").glob("*-rows-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["candidate"]["backend"] == "onnxruntime" and data["fingerprint"] == hw.fingerprint()
+    timed = data["prefill_rows_ms"]
+    assert set(timed) == {str(n) for n in at.PREFILL_ROWS_SIZES} and all(d > 0 and p > 0 for d, p in timed.values())
+    want = 2 * max(at.PREFILL_ROWS_SIZES)  # the rule, recomputed from the recorded timings
+    for n in sorted(at.PREFILL_ROWS_SIZES, reverse=True):
+        d, p = timed[str(n)]
+        if p > (1 - at.TIE) * d:
+            break
+        want = n
+    assert data["prefill_min_rows"] == want and served.engine.prefill_min_rows == want
+    assert served.execution_info()["prefill_min_rows"] == want
+    assert f"prefill graph from {want} token rows per step (measured now for this path)" in caplog.text
+
+    def not_again(engine, *a, **k):
+        raise AssertionError("measured again")
+    monkeypatch.setattr(at, "measure_prefill_rows", not_again)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="edgeglm"):
+        again = load_model(int8_bundle, "onnxruntime", cache_dir=tmp_path, hardware=hw)
+    assert again.engine.prefill_min_rows == want and "measured for this path earlier" in caplog.text
+    # what the cache says is what routes (a value no measurement here gives)
+    data["prefill_min_rows"] = 7
+    files[0].write_text(json.dumps(data))
+    assert load_model(int8_bundle, "onnxruntime", cache_dir=tmp_path, hardware=hw).engine.prefill_min_rows == 7
+    monkeypatch.setattr(at, "measure_prefill_rows", lambda engine, *a, **k: (5, {"4": [1.0, 2.0]}))
+    assert load_model(int8_bundle, "onnxruntime", cache_dir=tmp_path, hardware=hw,
+                      retune=True).engine.prefill_min_rows == 5
+    assert json.loads(files[0].read_text())["prefill_min_rows"] == 5
+    other = load_model(int8_bundle, "onnxruntime", 1, cache_dir=tmp_path, hardware=hw)  # another path
+    assert other.engine.prefill_min_rows == 5 and len(list((tmp_path / "autotune").glob("*-rows-*.json"))) == 2
+    # a damaged cache file: said, measured again
+    files[0].write_text("{")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgeglm"):
+        assert load_model(int8_bundle, "onnxruntime", cache_dir=tmp_path, hardware=hw).engine.prefill_min_rows == 5
+    assert "prefill rows cache" in caplog.text and "measuring again" in caplog.text
+
+    monkeypatch.setattr(at, "measure_prefill_rows", not_again)
+    for kwargs in ({}, {"cache_dir": tmp_path, "prefill_graph": False}):
+        model = load_model(int8_bundle, "onnxruntime", hardware=hw, **kwargs)
+        assert model.engine.prefill_min_rows == PREFILL_GRAPH_MIN_ROWS
+
+
 def test_autotune_measures_which_steps_the_prefill_graph_takes_and_the_served_engine_uses_it(int8_bundle, tmp_path,
                                                                                              monkeypatch):
     """With both graphs, the autotune times row-aligned batched steps of 4-32 rows on each and records the
