@@ -101,6 +101,51 @@ def _engines(case, fp32_bundle, int8_bundle):
     return engine, engine, "RaggedBatch", engine.new_batch()
 
 
+@pytest.mark.parametrize("case", ["onnxruntime-int8", "onnxruntime-gpu-graph"])
+def test_every_host_array_bound_for_a_run_lives_until_the_run(case, fp32_bundle, int8_bundle, ids, monkeypatch):
+    """Before 1.30 ONNX Runtime's IO binding kept no reference to a bound OrtValue, and an OrtValue over a host
+    array points at the array's memory: one made for the call alone was freed before the run read it (found
+    with onnxruntime 1.23: a batch rebuilt on the KV copy graph read another array's value as a row index).
+    Here the binding is made to behave like those versions, and every OrtValue bound since the last run must
+    still be alive when the next run starts: prompts, batched steps on both graphs, rows joining and leaving
+    (on the device-cache batch: the KV write and copy graphs)."""
+    import gc
+    import weakref
+
+    import onnxruntime as ort
+
+    bound: list = []
+    runs = [0]
+
+    def bind_like_before_1_30(self, name, value):
+        self._iobinding.bind_ortvalue_input(name, value._ortvalue)  # no reference kept
+        bound.append((name, weakref.ref(value)))
+
+    run = ort.InferenceSession.run_with_iobinding
+
+    def checked_run(self, binding, run_options=None):
+        gc.collect()
+        dead = [name for name, ref in bound if ref() is None]
+        bound.clear()
+        assert not dead, f"freed before the run: {dead}"
+        runs[0] += 1
+        return run(self, binding, run_options)
+
+    monkeypatch.setattr(ort.IOBinding, "bind_ortvalue_input", bind_like_before_1_30)
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", checked_run)
+    engine, _, _, batch = _engines(case, fp32_bundle, int8_bundle)
+    for seq in (ids[:9], ids[100:104], ids[200:215], ids[300:306], ids[400:470]):
+        batch.add(CacheRow(prefill(engine, seq)[1]))
+    for token in (7, 11):
+        batch.step(np.full(batch.rows, token))
+    batch.remove(1)
+    batch.add(CacheRow(prefill(engine, ids[500:540])[1]))
+    batch.step(np.full(batch.rows, 13))
+    while batch.rows:
+        batch.remove(batch.rows - 1)
+    assert runs[0] >= 9  # prompts and steps (and on the device-cache batch the KV graphs) ran through it
+
+
 @pytest.mark.parametrize("case", ["onnxruntime", "onnxruntime-int8", "onnxruntime-gpu-graph", "onnxruntime-merged",
                                   "openvino"])
 def test_decode_batch_rows_step_as_if_alone_through_joins_and_leaves(case, fp32_bundle, int8_bundle, ids):
