@@ -261,6 +261,9 @@ class TelemetryReport(Payload):
     the model version that served it (one still running on the old model when the new one took over
     included: that window is sent once it has finished)."""
 
+    # model_version is a field, not pydantic API: pydantic 2.7-2.9 (pyproject allows 2.7) warned about its
+    # "model_" prefix on stderr at every import, ahead of each command's one-line error
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
     device: str = Field(pattern=ID_PATTERN, max_length=128)
     window_start: float = Field(description="unix time, seconds")
     window_end: float = Field(description="unix time, seconds")
