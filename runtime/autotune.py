@@ -39,6 +39,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -52,7 +53,7 @@ from runtime.engine import BACKENDS, ModelArch, load_engine, prefill_mode
 from runtime.errors import BackendUnavailable
 from runtime.golden import check_golden
 from runtime.prefix_cache import release_freed_memory
-from runtime.probe import HardwareInfo, accelerators, probe_memory
+from runtime.probe import HardwareInfo, accelerators, probe_memory, usable_cpu_ids, usable_cpus
 
 log = logging.getLogger("edgeglm.autotune")
 
@@ -137,11 +138,7 @@ def device_candidate(backend: str, device: str, threads: int | None = None) -> C
 
 def default_candidate(backend: str, threads: int | None = None) -> Candidate:
     """The path a named backend runs on without tuning: CPU, f32, all usable cores unless `threads`."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    return Candidate(backend, ORT_CPU if backend == "onnxruntime" else "CPU", threads or usable)
+    return Candidate(backend, ORT_CPU if backend == "onnxruntime" else "CPU", threads or usable_cpus())
 
 
 def thread_counts(hw: HardwareInfo, threads: int | None = None) -> list[int]:
@@ -249,6 +246,9 @@ class TuneResult:
     # milliseconds per step of each measured row count on the decode and the prefill graph
     prefill_min_rows: int | None = None
     prefill_rows_ms: dict | None = None
+    # cores of other work on this process's CPUs while the paths were measured, beyond those the measurement
+    # left free (`OtherWork`); None where not read (not Linux)
+    contention: float | None = None
 
     def to_dict(self) -> dict:
         return {"version": CACHE_VERSION, "bundle_sha256": self.bundle_sha256, "fingerprint": self.fingerprint,
@@ -258,7 +258,8 @@ class TuneResult:
                 "measured_at": self.measured_at, "elapsed_s": self.elapsed_s,
                 "trials": [t.to_dict() for t in self.trials],
                 "from_cache": self.from_cache, "cache_path": self.cache_path, "prefill": self.prefill,
-                "prefill_min_rows": self.prefill_min_rows, "prefill_rows_ms": self.prefill_rows_ms}
+                "prefill_min_rows": self.prefill_min_rows, "prefill_rows_ms": self.prefill_rows_ms,
+                "contention": self.contention}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TuneResult":
@@ -266,7 +267,13 @@ class TuneResult:
                    Candidate.from_dict(data["choice"]), [Trial.from_dict(t) for t in data["trials"]],
                    list(data["accelerators"]), TuneSettings(**data["settings"]), data["measured_at"],
                    data["elapsed_s"], data["objective"], prefill=data.get("prefill", "on"),
-                   prefill_min_rows=data.get("prefill_min_rows"), prefill_rows_ms=data.get("prefill_rows_ms"))
+                   prefill_min_rows=data.get("prefill_min_rows"), prefill_rows_ms=data.get("prefill_rows_ms"),
+                   contention=data.get("contention"))
+
+    @property
+    def measured_threads(self) -> int:
+        """The most threads a measured path ran with (all usable CPUs for a path without a thread count)."""
+        return max((t.candidate.threads or usable_cpus() for t in self.trials), default=usable_cpus())
 
 
 def measurement_prompt(arch: ModelArch, settings: TuneSettings) -> list[int]:
@@ -521,27 +528,33 @@ def _measure_group(bundle, arch: ModelArch, group: list[Trial], settings: TuneSe
         on_event("done", t)
 
 
+# other work on this process's CPUs beside a measurement, beyond the cores the measurement left free, above
+# which the result is measured again at a later load that finds the box quieter (an OTA update is tuned while
+# the model before it serves; a box may run other jobs)
+CONTENTION_LIMIT = 0.25  # cores; EDGEGLM_AUTOTUNE_CONTENTION_LIMIT overrides it ("inf": never measured again)
+QUIET_SAMPLE_S = 0.3  # how long a load samples the box's other work before using such a result
 PATH_TIMEOUT_S = 600.0  # isolated: one thing done with one path (a load, a round) for longer is stopped
 _CHILD_TAG = "edgeglm-autotune "  # the child's protocol lines on its stdout start with this
 
 
 def measure_isolated(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
                      on_step: Callable[[], None] = lambda: None, prefill: str = "on",
-                     timeout_s: float = PATH_TIMEOUT_S) -> None:
+                     timeout_s: float = PATH_TIMEOUT_S) -> bool:
     """`measure` in a child process: a path that kills the process (a GPU or NPU plugin that crashes, the
     kernel's OOM killer) or hangs costs that path, not the agent (which would otherwise die at every start,
     before it serves anything), and what the measured paths loaded (libraries, arenas) never lands in the
     process that serves. Where the child dies or goes silent for `timeout_s` while on a path, that path is
     excluded with the reason and the paths it had not finished are measured in a new child. Where no child
-    can run at all, the paths are measured in this process, with a warning."""
+    can run at all, the paths are measured in this process, with a warning: False then, else True."""
     pending = [t for t in trials if t.status == "pending"]
     while pending:
         progress = _measure_in_child(bundle, pending, settings, available_memory, on_step, prefill, timeout_s)
         if not progress:
             log.warning("autotune: the measuring process could not run; measuring in this process instead")
             measure(bundle, pending, settings, available_memory, on_step, prefill)
-            return
+            return False
         pending = [t for t in pending if t.status == "pending"]
+    return True
 
 
 def _measure_in_child(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
@@ -718,6 +731,7 @@ def tune_prefill_rows(engine, bundle_sha256: str, fingerprint: str, candidate: C
     if not _both_graphs(engine):
         return None
     path = rows_cache_path(cache_dir, bundle_sha256, fingerprint, candidate)
+    threads = candidate.threads or usable_cpus()
     if not retune:
         try:
             data = json.loads(path.read_text())
@@ -725,17 +739,22 @@ def tune_prefill_rows(engine, bundle_sha256: str, fingerprint: str, candidate: C
                 raise ValueError(f"not a JSON object but {type(data).__name__}")
             if (data.get("version"), data.get("bundle_sha256"), data.get("fingerprint"), data.get("candidate")) \
                     == (CACHE_VERSION, bundle_sha256, fingerprint, asdict(candidate)):
-                rows, ms = data.get("prefill_min_rows"), data.get("prefill_rows_ms")
+                rows, ms, contention = data.get("prefill_min_rows"), data.get("prefill_rows_ms"), data.get("contention")
                 if rows is None or ms is None:
                     raise ValueError("prefill_min_rows or prefill_rows_ms missing")
                 _check_rows(rows, ms, "")
-                _touch(path)
-                engine.prefill_min_rows = rows
-                return rows, ms, True
+                _check_contention(contention)
+                if not quieter_now(contention, threads, "where batched steps go"):
+                    _touch(path)
+                    engine.prefill_min_rows = rows
+                    return rows, ms, True
         except FileNotFoundError:
             pass
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             log.warning("prefill rows cache %s ignored (%s): measuring again", path, exc)
+    # in this process, which may also serve the model before this one: that serving is not seen (other
+    # processes' work is)
+    other_work = OtherWork(threads, in_process=True)
     try:
         measured = measure_prefill_rows(engine)
     except Exception as exc:  # an engine error while timing: the bundle's rows serve
@@ -746,13 +765,18 @@ def tune_prefill_rows(engine, bundle_sha256: str, fingerprint: str, candidate: C
         return None
     rows, ms = measured
     engine.prefill_min_rows = rows
+    contention = other_work.contention()
+    if contention is not None and contention > contention_limit():
+        log.warning("%s: where batched steps go was measured beside %.2f cores of other work: measured again at a "
+                    "later load that finds the box quieter", candidate.describe(), contention)
     from ota.fsutil import atomic_write_json
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"version": CACHE_VERSION, "bundle_sha256": bundle_sha256,
                                  "fingerprint": fingerprint, "candidate": asdict(candidate),
-                                 "prefill_min_rows": rows, "prefill_rows_ms": ms, "measured_at": time.time()})
+                                 "prefill_min_rows": rows, "prefill_rows_ms": ms, "measured_at": time.time(),
+                                 "contention": contention})
         prune_cache(path.parent, spare=path)
     except OSError as exc:
         log.warning("prefill rows not cached: %s (%s)", path, exc.strerror or exc)
@@ -773,6 +797,100 @@ def cache_path(cache_dir: Path, bundle_sha256: str, fingerprint: str, threads: i
                prefill: str = "on") -> Path:
     suffix = (f"-t{threads}" if threads else "") + (f"-prefill-{prefill}" if prefill != "on" else "")
     return Path(cache_dir) / "autotune" / f"{bundle_sha256[:16]}-{fingerprint}{suffix}.json"
+
+
+def _busy_cpu_s(cpus: list[int]) -> float | None:
+    """CPU seconds the logical CPUs `cpus` have spent not idle since boot (/proc/stat); None where unreadable."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        wanted = {f"cpu{c}" for c in cpus}
+        busy, found = 0, 0
+        for line in lines:
+            fields = line.split()
+            if fields and fields[0] in wanted:
+                ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+                busy += sum(ticks) - ticks[3] - ticks[4]
+                found += 1
+        return busy / os.sysconf("SC_CLK_TCK") if found else None
+    except (OSError, ValueError):
+        return None
+
+
+class OtherWork:
+    """How much other work ran on this process's CPUs while something of ours did, beyond the cores ours left
+    free (`threads` busy of the usable CPUs): the CPUs' busy time (/proc/stat) minus the CPU time of this
+    process's children (the autotune measures in one; a child counts once it is reaped) and, `in_process`,
+    of this process. In the agent an update is tuned while the model before it serves: that serving counts
+    as other work."""
+
+    def __init__(self, threads: int, in_process: bool = False):
+        self.cpus = usable_cpu_ids()
+        self.spare = max(0, len(self.cpus) - threads)
+        self.in_process = in_process
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float, float] | None:
+        """(monotonic s, the CPUs' busy s, reaped children's CPU s, this process's CPU s)"""
+        busy = _busy_cpu_s(self.cpus)
+        if busy is None:
+            return None
+        try:
+            import resource
+
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            children = usage.ru_utime + usage.ru_stime
+        except ImportError:
+            children = 0.0
+        return time.monotonic(), busy, children, time.process_time()
+
+    def contention(self, in_process: bool | None = None) -> float | None:
+        """Cores of other work beyond the free ones, on average since this object was made (`in_process`: this
+        process's CPU time is ours too, by default as made); None where the CPUs' busy time cannot be read."""
+        end = self._read()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        ours = (end[2] - self._start[2]) + ((end[3] - self._start[3])
+                                            if (self.in_process if in_process is None else in_process) else 0.0)
+        other = (end[1] - self._start[1]) - ours
+        return round(max(0.0, other / (end[0] - self._start[0]) - self.spare), 2)
+
+
+def contention_limit() -> float:
+    """CONTENTION_LIMIT, or the cores EDGEGLM_AUTOTUNE_CONTENTION_LIMIT gives (a box that always runs other work
+    can turn the re-measuring off with "inf"); a value that is not a number of cores is said and ignored."""
+    text = os.environ.get("EDGEGLM_AUTOTUNE_CONTENTION_LIMIT", "").strip()
+    if not text:
+        return CONTENTION_LIMIT
+    try:
+        value = float(text)
+        if value >= 0:
+            return value
+    except ValueError:
+        pass
+    log.warning("EDGEGLM_AUTOTUNE_CONTENTION_LIMIT=%r is not a number of cores (0 or more, or inf): %g holds",
+                text, CONTENTION_LIMIT)
+    return CONTENTION_LIMIT
+
+
+def quieter_now(contention: float | None, threads: int, what: str = "the cached choice",
+                sample_s: float = QUIET_SAMPLE_S) -> bool:
+    """True when a cached result was measured beside `contention` cores of other work (over CONTENTION_LIMIT)
+    and the box is quieter now by more than that limit (other work sampled for `sample_s` with `threads` of
+    the usable CPUs taken as busy, this process's own work counted as other: a model serving here competes
+    with a measurement): such a result is measured again."""
+    limit = contention_limit()
+    if contention is None or not contention > limit:
+        return False
+    sample = OtherWork(threads)
+    time.sleep(sample_s)
+    now = sample.contention()
+    if now is None or now >= contention - limit:
+        log.info("autotune: %s was measured beside %.2f cores of other work; the box is as busy now (%s): kept",
+                 what, contention, "unknown" if now is None else f"{now:.2f} cores")
+        return False
+    log.info("autotune: %s was measured beside %.2f cores of other work, now %.2f: measuring again", what,
+             contention, now)
+    return True
 
 
 def read_cache(path: Path, bundle_sha256: str, fingerprint: str, threads: int | None,
@@ -830,12 +948,19 @@ def _check_result(result: TuneResult) -> None:
     for name in ("measured_at", "elapsed_s"):
         if not number(getattr(result, name), optional=False):
             raise ValueError(f"{name} {getattr(result, name)!r} is not a number")
+    _check_contention(result.contention)
     for name, value in asdict(result.settings).items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"settings.{name} {value!r} is not an integer")
     if not all(isinstance(a, str) for a in result.accelerators) or not isinstance(result.objective, str):
         raise ValueError("accelerators or objective is not text")
     _check_rows(result.prefill_min_rows, result.prefill_rows_ms, "")
+
+
+def _check_contention(value) -> None:
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or not math.isfinite(value)):
+        raise ValueError(f"contention {value!r} is not a number of cores")
 
 
 def _check_rows(rows, ms, where: str) -> None:
@@ -903,7 +1028,7 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
     path = cache_path(cache_dir, bundle.sha256, fingerprint, threads, prefill) if cache_dir is not None else None
     if path is not None and not retune:
         cached = read_cache(path, bundle.sha256, fingerprint, threads, prefill)
-        if cached is not None:
+        if cached is not None and not quieter_now(cached.contention, cached.measured_threads):
             return cached
     t0 = time.perf_counter()
     trials = [Trial(c) for c in candidates(hw, bundle.manifest.backends, threads=threads)]
@@ -911,17 +1036,24 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
     # is tuned while the model before it serves)
     available = min((b for b in (hw.memory.budget_bytes(), probe_memory().budget_bytes()) if b is not None),
                     default=None)
+    threads_used = max((t.candidate.threads or usable_cpus() for t in trials), default=usable_cpus())
+    other_work = OtherWork(threads_used)
+    in_child = False
     with _progress(progress, len(trials) + settings.repeats * len(trials)) as bar:
         if isolate:
-            measure_isolated(bundle, trials, settings, available, on_step=bar.update, prefill=prefill,
-                             timeout_s=path_timeout_s)
+            in_child = measure_isolated(bundle, trials, settings, available, on_step=bar.update, prefill=prefill,
+                                        timeout_s=path_timeout_s)
         else:
             measure(bundle, trials, settings, available, on_step=bar.update, prefill=prefill)
     choice = choose(trials)
     chosen = next(t for t in trials if t.candidate == choice)
     result = TuneResult(bundle.sha256, fingerprint, threads, choice, trials, accelerators(hw), settings,
                         measured_at=time.time(), elapsed_s=round(time.perf_counter() - t0, 2), prefill=prefill,
-                        prefill_min_rows=chosen.prefill_min_rows, prefill_rows_ms=chosen.prefill_rows_ms)
+                        prefill_min_rows=chosen.prefill_min_rows, prefill_rows_ms=chosen.prefill_rows_ms,
+                        contention=other_work.contention(in_process=not in_child))
+    if result.contention is not None and result.contention > contention_limit():
+        log.warning("autotune: measured beside %.2f cores of other work on this process's CPUs; the choice may "
+                    "be skewed: it is measured again at a later load that finds the box quieter", result.contention)
     if path is not None and write_cache(path, result):
         result.cache_path = str(path)
         prune_cache(path.parent, spare=path)
@@ -973,6 +1105,9 @@ def format_result(result: TuneResult) -> str:
         timed = ", ".join(f"{rows} rows {d:.1f} / {p:.1f} ms" for rows, (d, p) in result.prefill_rows_ms.items())
         lines.append(f"  prefill graph from {result.prefill_min_rows} token rows per step (batched decode steps, "
                      f"prompts); decode / prefill graph: {timed}")
+    if result.contention is not None and result.contention > contention_limit():
+        lines.append(f"  measured beside {result.contention:.2f} cores of other work on this process's CPUs: "
+                     "measured again at a later run that finds the box quieter")
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(result.measured_at))
     source = (f"from the cache {result.cache_path} (measured {when}; --retune measures again)" if result.from_cache
               else f"measured now in {result.elapsed_s:.1f} s" + (f", cached in {result.cache_path}"

@@ -160,11 +160,16 @@ def _l3_cache_bytes() -> int | None:
     return None
 
 
-def _logical_cores() -> int:
+def usable_cpu_ids() -> list[int]:
+    """The logical CPUs this process may run on (taskset, cpusets), sorted."""
     try:
-        return len(os.sched_getaffinity(0))  # respects taskset / cpusets
+        return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def usable_cpus() -> int:
+    return len(usable_cpu_ids())
 
 
 def cpus_one_per_core() -> list[int]:
@@ -172,10 +177,7 @@ def cpus_one_per_core() -> list[int]:
 
     For pinning one thread per core: threads placed on the first `physical_cores` ids never share a
     core. Without sysfs topology every usable CPU counts as its own core."""
-    try:
-        usable = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = list(range(os.cpu_count() or 1))
+    usable = usable_cpu_ids()
     firsts, siblings, seen = [], [], set()
     for cpu in usable:
         topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
@@ -203,7 +205,7 @@ def probe_cpu() -> CpuInfo:
         vendor=parsed["vendor"],
         architecture=platform.machine(),
         physical_cores=parsed["physical_cores"],
-        logical_cores=_logical_cores(),
+        logical_cores=usable_cpus(),
         features=parsed["features"],
         l3_cache_bytes=_l3_cache_bytes(),
     )

@@ -5,6 +5,7 @@ Everything is built here in seconds; nothing is downloaded.
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -14,6 +15,12 @@ import torch
 from broker import Mosquitto, find_mosquitto
 
 torch.set_num_threads(2)
+
+# A cached autotune result measured beside other work is measured again at a later load that finds the box
+# quieter: on a developer's machine running other jobs, a test expecting a cache hit would then see a fresh
+# measurement. Off for the suite (processes it starts inherit this); tests/runtime/test_autotune.py's
+# contention tests turn it back on.
+os.environ.setdefault("EDGEGLM_AUTOTUNE_CONTENTION_LIMIT", "inf")
 
 # A suite started in the background (`nohup ... &` from a script) inherits SIGINT ignored, and so do the processes
 # it starts: the tests that Ctrl-C a build or the HTTP entry point would wait for an interrupt that never comes.
