@@ -22,7 +22,9 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from ota.errors import BundleError
 
@@ -67,6 +69,20 @@ class GoldenCheck(BaseModel):
     tolerance: float = Field(ge=0)  # margins below this may flip on the edge
 
 
+class Architecture(BaseModel):
+    """What the runtime sizes its caches, inputs and outputs by, from the manifest's `architecture` (the model's
+    GLM config, whose other fields are kept as they are): a size that is not a positive whole number failed
+    later with a traceback or an engine's message about shapes."""
+    model_config = ConfigDict(extra="allow")
+    num_hidden_layers: StrictInt = Field(ge=1)
+    num_key_value_heads: StrictInt = Field(ge=1)
+    head_dim: StrictInt = Field(ge=1)
+    vocab_size: StrictInt = Field(ge=1)
+    max_position_embeddings: StrictInt = Field(ge=2)  # a prompt token and one generated
+    eos_token_id: StrictInt | list[StrictInt] | None = None
+    hidden_act: str = "silu"
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: str = FORMAT
@@ -74,8 +90,8 @@ class Manifest(BaseModel):
     version: str
     created: str
     min_agent_version: str
-    architecture: dict
-    precision: str  # "int8" or "fp32"
+    architecture: dict  # checked against `Architecture`
+    precision: Literal["int8", "fp32"]
     backends: dict[str, BackendEntry]
     tokenizer: str = "tokenizer.json"
     chunk_size: int = Field(default=TRANSFER_CHUNK, ge=4096)
@@ -88,6 +104,17 @@ class Manifest(BaseModel):
     def _version(cls, v: str) -> str:
         if not VERSION_RE.fullmatch(v):
             raise ValueError(f"{v!r} is not a version like 1.2.3 (numbers without leading zeros)")
+        return v
+
+    @field_validator("architecture")
+    @classmethod
+    def _architecture(cls, v: dict) -> dict:
+        try:
+            Architecture.model_validate(v)
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                       + (f" (got {e['input']!r})" if e["type"] != "missing" else "")
+                                       for e in exc.errors()[:3])) from None
         return v
 
     @field_validator("format")

@@ -1036,6 +1036,45 @@ def signed_weight_graph(path: Path, out_dir: Path) -> Path | None:
     return out
 
 
+def check_graph_architecture(inputs: dict, outputs: dict, arch: ModelArch) -> None:
+    """ModelLoadError where a graph's KV inputs (past.N.key: batch, KV heads, positions, head_dim) or logits
+    (batch, vocabulary) disagree with the manifest's architecture: a hand-edited or mismatched manifest failed
+    at the first step with ONNX Runtime's "Failed to find input name in the mapping: past.8.key" or its
+    "Got invalid dimensions for input". `inputs`/`outputs`: name -> shape (ints, or names for free dims);
+    a graph with no such inputs (not a decoder graph of this runtime) is not checked."""
+    layers = sorted(int(m[1]) for name in inputs if (m := re.fullmatch(r"past\.(\d+)\.key", name)))
+    if not layers:
+        return
+    problems = []
+    if layers != list(range(arch.num_layers)):
+        problems.append(f"KV inputs for {len(layers)} layers (past.{layers[0]}.key .. past.{layers[-1]}.key) where "
+                        f"num_hidden_layers is {arch.num_layers}")
+    shape = list(inputs[f"past.{layers[0]}.key"] or [])
+    for axis, field, want in ((1, "num_key_value_heads", arch.num_kv_heads), (3, "head_dim", arch.head_dim)):
+        if len(shape) == 4 and isinstance(shape[axis], int) and shape[axis] != want:
+            problems.append(f"{shape[axis]} in axis {axis} of past.{layers[0]}.key where {field} is {want}")
+    logits = list(outputs.get("logits") or [])
+    if logits and isinstance(logits[-1], int) and logits[-1] != arch.vocab_size:
+        problems.append(f"logits over {logits[-1]} tokens where vocab_size is {arch.vocab_size}")
+    if problems:
+        raise ModelLoadError(f"the model graph does not match the manifest's architecture: {'; '.join(problems)}; "
+                             "the manifest was edited or belongs to another model: re-export the bundle")
+
+
+def _ir_shapes(model) -> tuple[dict, dict]:
+    """check_graph_architecture's view of an OpenVINO IR: its KV state variables ("past.N.key...") as inputs, its
+    outputs, dims that are not static as "?"."""
+    def dims(shape) -> list:
+        return [d.get_length() if d.is_static else "?" for d in shape]
+    states = {}
+    for variable in model.get_variables():
+        info = variable.get_info()
+        if m := re.match(r"past\.(\d+)\.key", info.variable_id):
+            states[f"past.{m[1]}.key"] = dims(info.data_shape)
+    outputs = {name: dims(o.get_partial_shape()) for o in model.outputs for name in o.get_names()}
+    return states, outputs
+
+
 def block_kv_name(kind: str, layer: int, key: str, block: int) -> str:
     """The graph input ("past") or output ("present") of block `block` > 0's keys or values of one layer."""
     return f"{kind}.{layer}.{key}.block{block}"
@@ -1073,6 +1112,8 @@ class _OrtRunner:
     """One ONNX Runtime session with its IOBinding, the cache it has bound and its logits buffers."""
 
     def __init__(self, session, arch: ModelArch):
+        check_graph_architecture({i.name: i.shape for i in session.get_inputs()},
+                                 {o.name: o.shape for o in session.get_outputs()}, arch)
         self.session, self.arch = session, arch
         self.binding = session.io_binding()
         self.bound = (None, 0, 0)  # (weakref to the cache whose buffers are bound, its capacity and rows then)
@@ -1675,6 +1716,7 @@ class OpenVinoEngine:
             if not model.get_sinks():
                 raise ModelLoadError(f"{model_path}: not a stateful decoder IR (no KV-cache variables); "
                                      "re-export the bundle with this version")
+            check_graph_architecture(*_ir_shapes(model), arch)
             try:
                 self.compiled = core.compile_model(model, device, config)
             except Exception as exc:  # an OpenVINO that refuses an unlisted property: without it

@@ -56,6 +56,61 @@ def test_invalid_manifest_fields_are_named(int8_bundle, tmp_path, field, value, 
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"num_hidden_layers": "eight"}, "num_hidden_layers: Input should be a valid integer (got 'eight')"),
+    ({"vocab_size": None}, "vocab_size: Field required"),
+    ({"max_position_embeddings": -5}, "max_position_embeddings: Input should be greater than or equal to 2"),
+    ({"head_dim": 1.5}, "head_dim: Input should be a valid integer"),
+    ({"eos_token_id": ["x"]}, "eos_token_id"),
+])
+def test_architecture_sizes_are_checked_and_named(int8_bundle, tmp_path, change, message):
+    """The sizes the runtime builds its cache and inputs from: a wrong one failed later with a traceback
+    (`TypeError`, `KeyError: 'vocab_size'`) or "a prompt may have at most -6 tokens"; other fields of the
+    model's config stay free."""
+    bundle = shutil.copytree(int8_bundle, tmp_path / "b")
+    arch = json.loads((bundle / "manifest.json").read_text())["architecture"]
+    arch = {k: v for k, v in {**arch, **change}.items() if v is not None}
+    _edit_manifest(bundle, architecture=arch)
+    with pytest.raises(BundleError, match="invalid manifest: architecture") as err:
+        read_manifest(bundle)
+    assert message in str(err.value)
+    _edit_manifest(bundle, architecture={**json.loads((int8_bundle / "manifest.json").read_text())["architecture"],
+                                         "some_new_config_field": [1, 2]})
+    read_manifest(bundle)
+
+
+def test_precision_is_int8_or_fp32(int8_bundle, tmp_path):
+    bundle = shutil.copytree(int8_bundle, tmp_path / "b")
+    _edit_manifest(bundle, precision="bogus")
+    with pytest.raises(BundleError, match="precision: Input should be 'int8' or 'fp32'"):
+        read_manifest(bundle)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("field,value,message", [
+    ("num_hidden_layers", 3, "KV inputs for 2 layers (past.0.key .. past.1.key) where num_hidden_layers is 3"),
+    ("num_key_value_heads", 7, "in axis 1 of past.0.key where num_key_value_heads is 7"),
+    ("head_dim", 3, "in axis 3 of past.0.key where head_dim is 3"),
+])
+def test_a_manifest_that_does_not_describe_its_graph_is_one_line(int8_bundle, tmp_path, backend, field, value,
+                                                                  message):
+    """Sizes of the right type that are not the graph's (a hand-edited manifest, or one of another model):
+    ONNX Runtime failed at the first step with "Failed to find input name in the mapping: past.8.key" or
+    "Got invalid dimensions for input", as a traceback from `edgeglm generate`."""
+    import subprocess
+    import sys
+
+    bundle = shutil.copytree(int8_bundle, tmp_path / "b")
+    arch = json.loads((bundle / "manifest.json").read_text())["architecture"]
+    assert (arch["num_hidden_layers"], arch["num_key_value_heads"]) == (2, 2)  # the tiny model; values above
+    _edit_manifest(bundle, architecture={**arch, field: value})
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "generate", "--bundle", str(bundle), "--backend",
+                           backend, "--max-tokens", "2", "hi"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the model graph does not match the manifest's architecture" in proc.stderr and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_backend_entry_must_be_a_listed_file(int8_bundle, tmp_path):
     bundle = shutil.copytree(int8_bundle, tmp_path / "b")
     data = json.loads((bundle / "manifest.json").read_text())
