@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,31 @@ def cmd_build(args) -> int:
     return 0
 
 
+class OutputError(CliError):
+    """The command's output could not be written (a full disk, an I/O error)."""
+
+
+def _write(out, text: str) -> None:
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        raise  # the reader left (`| head`): main() stops quietly
+    except OSError as exc:
+        raise OutputError(f"cannot write the output ({exc.strerror or exc}): generation stopped") from None
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: the interpreter's last flush at exit would fail again on a closed pipe or a
+    full disk and print its own message."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def run_generation(model, prompt: str, params, out=sys.stdout, err=sys.stderr) -> list[int]:
     from runtime.generate import generate
     from runtime.tokenizer import StreamDecoder
@@ -105,9 +131,8 @@ def run_generation(model, prompt: str, params, out=sys.stdout, err=sys.stderr) -
         if t_first is None:
             t_first = time.perf_counter()
         tokens.append(tok)
-        out.write(decoder.push(tok))
-        out.flush()
-    out.write(decoder.flush() + "\n")
+        _write(out, decoder.push(tok))
+    _write(out, decoder.flush() + "\n")
     t_end = time.perf_counter()
     ttft = (t_first or t_end) - t0
     rate = (len(tokens) - 1) / (t_end - t_first) if t_first and len(tokens) > 1 else 0.0
@@ -122,10 +147,20 @@ def run_generation(model, prompt: str, params, out=sys.stdout, err=sys.stderr) -
 
 def cmd_generate(args) -> int:
     from agent.model import load_model
-    from runtime.generate import SamplingParams
+    from runtime.generate import SamplingError, SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except SamplingError as exc:  # named as the flag the user typed
+        raise CliError(f"--{exc.field.replace('_', '-')} {exc.value} is invalid: must be {exc.allowed}") from None
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # bytes the locale could not decode reach argv as lone surrogates
+        code = ord(args.prompt[exc.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise CliError(f"the prompt is not valid UTF-8 ({what} at character {exc.start}): give the text in UTF-8") \
+            from None
     model = load_model(args.bundle, args.backend, args.threads, device=args.device)
     run_generation(model, args.prompt, params)
     return 0
@@ -485,7 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader of the output went away (`edgeglm generate ... | head`): as other tools
+        _drop_stdout()
+        return 128 + signal.SIGPIPE
     except _user_errors() as exc:
+        if isinstance(exc, OutputError):
+            _drop_stdout()
         print(f"edgeglm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:

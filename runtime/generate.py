@@ -38,7 +38,16 @@ class SamplingParams:
         ]
         for name, value, ok, allowed in checks:
             if not ok:
-                raise RequestError(f"sampling setting {name}={value!r} is invalid: must be {allowed}")
+                raise SamplingError(name, value, allowed)
+
+
+class SamplingError(RequestError):
+    """An invalid sampling setting: `field`, its `value` and what it `allowed`, for callers that name the
+    setting their own way (a CLI flag)."""
+
+    def __init__(self, field: str, value, allowed: str):
+        super().__init__(f"sampling setting {field}={value!r} is invalid: must be {allowed}")
+        self.field, self.value, self.allowed = field, value, allowed
 
 
 def prefill(engine, prompt_ids: list[int]):

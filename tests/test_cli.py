@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from agent.model import load_model
@@ -143,10 +145,37 @@ def test_a_bundle_path_that_is_a_file_is_named_as_such(tmp_path, command):
 
 
 def test_generate_bad_settings_name_the_field(int8_bundle):
-    assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--temperature", "-1", "x"), "temperature=-1.0")
+    assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--temperature", "-1", "x"),
+                      "--temperature -1.0 is invalid: must be in [0, 100]")
+    assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--max-tokens", "0", "x"),
+                      "--max-tokens 0 is invalid: must be >= 1")
+    assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--top-p", "2", "x"), "--top-p 2.0 is invalid")
     assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--backend", "tensorrt", "x"),
                       "'tensorrt' is unknown", "onnxruntime")
     assert_user_error(edgeglm("generate", "--bundle", int8_bundle, ""), "prompt is empty")
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(int8_bundle):
+    """Bytes the locale cannot decode reach argv as lone surrogates, which the tokenizer refused with a
+    TypeError traceback."""
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "generate", "--bundle", str(int8_bundle).encode(),
+                           b"hi\xff\xfe"], capture_output=True, text=True, timeout=300)
+    assert_user_error(proc, "the prompt is not valid UTF-8 (byte 0xff at character 2)")
+
+
+def test_generate_into_a_closed_pipe_or_a_full_disk_stops_without_a_traceback(int8_bundle):
+    """`edgeglm generate ... | head -c 5` printed a BrokenPipeError traceback; `> /dev/full` an OSError one."""
+    cmd = [sys.executable, "-m", "agent.cli", "generate", "--bundle", str(int8_bundle), "--max-tokens", "200", "hi"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()  # the reader leaves after the first byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 128 + 13 and err == "", err  # as a tool killed by SIGPIPE, and silent
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert_user_error(proc, "edgeglm generate: error: cannot write the output (No space left on device)")
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_edge_modules_do_not_import_torch():
