@@ -222,10 +222,14 @@ def cmd_bench(args) -> int:
               "without tuning", file=sys.stderr)
     opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, concurrency=args.concurrency,
                         prefix_tokens=args.prefix_tokens, runs=args.runs, max_kv_mb=args.max_kv_mb)
-    opts.check(1 << 62)  # the flags alone; the context window is checked once the model is known
+    opts.check(1 << 62)  # the flags alone first: a usage error needs no bundle
     if args.max_kv_mb is not None and args.concurrency <= 1:
         raise CliError(f"--max-kv-mb {args.max_kv_mb:g} bounds the KV of requests decoding together: give "
                        "--concurrency 2 or more with it")
+    # then against the bundle's context window, before the autotune measures (seconds) and writes its cache
+    from ota.bundle import read_manifest
+
+    opts.check(read_manifest(Path(args.bundle)).manifest.architecture["max_position_embeddings"])
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     model = load_model(args.bundle, args.backend, args.threads, cache_dir=cache_dir, progress=not args.json,
                        device=args.device,

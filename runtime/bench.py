@@ -35,7 +35,7 @@ import numpy as np
 from runtime.batching import Scheduler
 from runtime.errors import RequestError
 from runtime.generate import SamplingParams, decode_one_token, prefill
-from runtime.prefix_cache import PrefixCache, prefill_cached
+from runtime.prefix_cache import BLOCK_TOKENS, PrefixCache, prefill_cached
 
 
 @dataclass
@@ -89,6 +89,10 @@ class BenchOptions:
         if self.prefix_tokens and self.prefix_tokens >= self.prompt_tokens:
             raise RequestError(f"--prefix-tokens {self.prefix_tokens} must be below --prompt-tokens "
                                f"{self.prompt_tokens} (the prefix is part of the prompt)")
+        if 0 < self.prefix_tokens < BLOCK_TOKENS:
+            raise RequestError(f"--prefix-tokens {self.prefix_tokens} is below the prefix cache's block of "
+                               f"{BLOCK_TOKENS} tokens: nothing would be cached (only whole blocks are); give "
+                               f"{BLOCK_TOKENS} or more")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -188,7 +192,7 @@ def concurrent(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
 def prefix_hit(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
     """TTFT with the first `prefix_tokens` of the prompt in the prefix cache, against a cold cache.
 
-    The cache stores whole blocks (32 tokens by default), so the tokens reused are `prefix_tokens`
+    The cache stores whole blocks (BLOCK_TOKENS, 32), so the tokens reused are `prefix_tokens`
     rounded down to a block; the report says how many were."""
     arch, vocab = engine.arch, engine.arch.vocab_size
     kv_bytes = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 4 * opts.prompt_tokens

@@ -117,10 +117,13 @@ class PrefixCacheStats:
     max_bytes: int
 
 
+BLOCK_TOKENS = 32  # the default block
+
+
 class PrefixCache:
     """KV of token prefixes in blocks of `block_tokens`, at most `max_bytes` of arrays, LRU by leaf."""
 
-    def __init__(self, max_bytes: int, block_tokens: int = 32, persist_dir: str | Path | None = None):
+    def __init__(self, max_bytes: int, block_tokens: int = BLOCK_TOKENS, persist_dir: str | Path | None = None):
         if not isinstance(block_tokens, int) or block_tokens < 1:
             raise ValueError(f"prefix cache block_tokens={block_tokens!r} is invalid: must be an integer >= 1")
         if max_bytes < 0:

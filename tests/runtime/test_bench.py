@@ -113,6 +113,8 @@ def test_bench_without_the_prefill_graph(int8_bundle, tmp_path):
     (["--concurrency", "0"], "--concurrency 0 is invalid"),
     (["--prompt-tokens", "4090", "--new-tokens", "128"], "exceed the model's context window of 4096 tokens"),
     (["--prompt-tokens", "32", "--prefix-tokens", "32"], "--prefix-tokens 32 must be below --prompt-tokens 32"),
+    (["--prompt-tokens", "20", "--prefix-tokens", "10"], "--prefix-tokens 10 is below the prefix cache's block of "
+                                                         "32 tokens: nothing would be cached"),
     (["--backend", "tensorrt"], "'tensorrt' is unknown"),
     (["--runs", "x"], "invalid int value: 'x'"),
     (["--max-kv-mb", "0"], "--max-kv-mb 0.0 is invalid: must be a number of MiB > 0"),
@@ -123,6 +125,13 @@ def test_bench_bad_flags_exit_2(int8_bundle, tmp_path, args, fragment):
     proc = edgeglm("bench", "--bundle", int8_bundle, "--cache-dir", tmp_path, "--backend", "onnxruntime", *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert fragment in proc.stderr
+
+
+def test_a_prompt_over_the_context_window_is_refused_before_the_autotune(int8_bundle, tmp_path):
+    """It was refused only after `load_model` had autotuned (seconds, more on a large model) and cached."""
+    proc = edgeglm("bench", "--bundle", int8_bundle, "--cache-dir", tmp_path / "cache", "--prompt-tokens", "5000")
+    assert proc.returncode == 2 and "exceed the model's context window of 4096 tokens" in proc.stderr
+    assert "autotune" not in proc.stderr and not (tmp_path / "cache").exists()
 
 
 def test_options_check_names_the_flag():
