@@ -530,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         if isinstance(exc, OutputError):
             _drop_stdout()
-        print(f"edgeglm {args.command}: error: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "bundle_command", None))))
+        print(f"edgeglm {command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         after = f" {exc}" if args.command == "build" and str(exc) else ""  # "while ...": what is kept, what next

@@ -225,6 +225,9 @@ def sign_bundle(bundle: Bundle, private: Ed25519PrivateKey) -> Path:
 def read_signature(root: Path) -> dict:
     path = root / SIGNATURE
     if not path.is_file():
+        if path.exists() or path.is_symlink():  # a directory, a dangling link: not "unsigned"
+            raise SignatureError(f"{path}: is not a file; the signature is damaged and the bundle will not be "
+                                 "activated (remove it and sign again with `edgeglm bundle sign`)")
         raise SignatureError(f"{path}: not found; the bundle is unsigned and will not be activated "
                              "(sign it with `edgeglm bundle sign`)")
     try:

@@ -36,6 +36,7 @@ from paho.mqtt.properties import Properties
 from agent.topics import (ModelRef, ReportedState, TelemetryReport, chunk_request_topic, chunk_response_topic,
                           desired_topic, ota_status_topic, state_topic, telemetry_topic)
 from broker import Mosquitto, find_mosquitto, free_port
+from bundles import PLACEHOLDER_ARCHITECTURE
 from fleet.controller import (ControllerSettings, FleetController, format_status, offerable_bundle,
                               prometheus_metrics, read_metrics_token, serve_http)
 from fleet.rollout import RolloutDriver, create_rollout, load_rollouts
@@ -139,7 +140,8 @@ def make_bundle(root: Path, key, big_bytes: int = 3 << 20, chunk_size: int = 256
     root.mkdir(parents=True)
     (root / "tokenizer.json").write_text("{}")
     (root / "model.onnx").write_bytes(os.urandom(big_bytes))
-    write_manifest(root, dict(name="tiny", version=version, min_agent_version="0.1.0", architecture={},
+    write_manifest(root, dict(name="tiny", version=version, min_agent_version="0.1.0",
+                              architecture=PLACEHOLDER_ARCHITECTURE,
                               precision="fp32", backends={"onnxruntime": {"entry": "model.onnx", "weights": "fp32",
                                                                           "scheme": "none"}},
                               golden={"prompt_ids": [1], "reference": {"tokens": [1], "margins": [1.0]},

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bundles import PLACEHOLDER_ARCHITECTURE
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ota.bundle import open_bundle
@@ -94,6 +95,15 @@ def test_unsigned_bundle_is_refused(int8_bundle, tmp_path):
         verify_bundle_signature(open_bundle(int8_bundle), load_trusted_keys([pair.public_path]))
 
 
+def test_a_signature_that_is_not_a_file_is_damaged_not_unsigned(int8_bundle, tmp_path):
+    bundle_dir = shutil.copytree(int8_bundle, tmp_path / "b")
+    (bundle_dir / "manifest.sig").mkdir()
+    pair = generate_keypair(tmp_path / "k")
+    with pytest.raises(SignatureError, match="manifest.sig: is not a file; the signature is damaged and the bundle "
+                                             "will not be activated"):
+        verify_bundle_signature(open_bundle(bundle_dir), load_trusted_keys([pair.public_path]))
+
+
 def test_keygen_never_overwrites_and_private_key_is_private(tmp_path):
     pair = generate_keypair(tmp_path, "k")
     assert pair.private_path.stat().st_mode & 0o777 == 0o600
@@ -156,7 +166,7 @@ def test_keygen_out_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("")
     proc = _keygen("--out", tmp_path / "file")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (f"edgeglm bundle: error: {tmp_path / 'file'}: is a file, not a directory; "
+    assert proc.stderr.strip() == (f"edgeglm bundle keygen: error: {tmp_path / 'file'}: is a file, not a directory; "
                                    "give a directory for the key files (it is created if missing)")
 
 
@@ -233,7 +243,7 @@ def test_keygen_name_is_a_file_name_not_a_path(tmp_path, name):
     (tmp_path / "work").mkdir()
     proc = _keygen("--out", tmp_path / "work" / "keys", "--name", name)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith(f"edgeglm bundle: error: --name {name!r}: is not a key name: use 1 to 128 "
+    assert proc.stderr.startswith(f"edgeglm bundle keygen: error: --name {name!r}: is not a key name: use 1 to 128 "
                                   "letters, digits, '.', '_' or '-', starting with a letter or digit")
     assert "no key was written" in proc.stderr
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["work"]
@@ -247,7 +257,8 @@ def _small_bundle(root):
     (root / "onnxruntime").mkdir(parents=True)
     (root / "onnxruntime" / "model.onnx").write_bytes(b"graph" * 1000)
     (root / "tokenizer.json").write_text('{"model": {}}\n')
-    write_manifest(root, {"name": "small", "version": "1.0.0", "min_agent_version": "0.1.0", "architecture": {},
+    write_manifest(root, {"name": "small", "version": "1.0.0", "min_agent_version": "0.1.0",
+                          "architecture": PLACEHOLDER_ARCHITECTURE,
                           "precision": "int8",
                           "backends": {"onnxruntime": {"entry": "onnxruntime/model.onnx", "weights": "fp32",
                                                        "scheme": "test"}},
@@ -267,7 +278,7 @@ def test_sign_with_a_key_path_that_is_a_directory_is_one_line(tmp_path):
     generate_keypair(tmp_path / "keys", "fleet")
     proc = _bundle_cli("sign", bundle, "--key", tmp_path / "keys")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
-    assert (f"edgeglm bundle: error: {tmp_path / 'keys'}: cannot read the private key (Is a directory); give the "
+    assert (f"edgeglm bundle sign: error: {tmp_path / 'keys'}: cannot read the private key (Is a directory); give the "
             "NAME.key file that `edgeglm bundle keygen` wrote") in proc.stderr
     assert not (bundle / "manifest.sig").exists()
 
@@ -281,7 +292,7 @@ def test_a_signature_that_cannot_be_written_is_one_line_and_leaves_the_bundle_as
     before = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*"))
     proc = _bundle_cli("sign", bundle, "--key", pair.private_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
-    assert (f"edgeglm bundle: error: {bundle / 'manifest.sig'}: cannot write the signature (Is a directory); the "
+    assert (f"edgeglm bundle sign: error: {bundle / 'manifest.sig'}: cannot write the signature (Is a directory); the "
             "bundle is left as it was") in proc.stderr
     assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*")) == before
 
