@@ -351,7 +351,15 @@ def _rollout_start(args) -> int:
     # what the devices would be offered is checked now, as `fleet offer` checks it, not when the rollout runs
     bundle = offerable_bundle(args.bundle)
     if args.previous_bundle:
-        offerable_bundle(args.previous_bundle)
+        from ota.versions import parse_version
+
+        previous = offerable_bundle(args.previous_bundle).manifest.version
+        if parse_version(previous) >= parse_version(bundle.manifest.version):
+            # a signed rollback is taken as a downgrade whatever its version: "back" to a newer one would move the
+            # canaries to a version nobody rolled out (--bundle and --previous-bundle swapped, say)
+            raise FleetError(f"--previous-bundle {args.previous_bundle} is version {previous}, not older than "
+                             f"--bundle {args.bundle} ({bundle.manifest.version}): the canaries' rollback only goes "
+                             f"back; give the version they run now; nothing was recorded")
     db = _existing_db(args)
     store = Store(db)
     selection = select(store, args.group)  # an assigned group, or a fleet id with known devices

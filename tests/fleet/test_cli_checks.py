@@ -90,6 +90,12 @@ def test_rollout_checks_bundles_target_and_numbers_before_recording(db, signed_b
             "--max-p95-regression -10: must be >= 0")
     refused(cli(*start, "--bundle", v2, "--group", FLEET, "--min-delta-ms", "-1"), "--min-delta-ms -1: must be >= 0")
     refused(cli("rollout", "--db", str(db), "--bundle", v2, "--group", FLEET), "rollout needs --canary")
+    # swapped: the canaries' signed rollback would take them "back" to a newer version nobody rolled out
+    refused(cli(*start, "--bundle", v1, "--group", FLEET, "--previous-bundle", v2, "--key", key),
+            f"--previous-bundle {v2} is version 1.1.0, not older than --bundle {v1} (1.0.0): the canaries' rollback "
+            "only goes back")
+    refused(cli(*start, "--bundle", v2, "--group", FLEET, "--previous-bundle", v2, "--key", key),
+            "is version 1.1.0, not older than")
     store = Store(db)
     assert load_rollouts(store) == []  # nothing was recorded
     out = cli(*start, "--bundle", v2, "--group", FLEET, "--max-p95-regression", "0", "--previous-bundle", v1,
