@@ -503,7 +503,11 @@ def _config_targets(args) -> list[tuple[str, str]]:
         store = Store(db)
         known = [d["device"] for d in store.devices(args.fleet)]
         store.close()
-    if db.is_file() and args.device not in known and not args.force:  # no database here: nothing to check against
+    if not args.force and not db.is_file():  # as `fleet offer`: a mistyped --db is no reason to publish blind
+        raise FleetError(f"--device {args.fleet}/{args.device}: there is no fleet database at {db}, so no device has "
+                         f"reported; nothing was published. Check --db, or give --force to publish the retained "
+                         f"config for it")
+    if args.device not in known and not args.force:
         raise FleetError(f"--device {args.fleet}/{args.device}: has never reported to the registry {db} (devices of "
                          f"fleet {args.fleet}: {', '.join(known) or 'none'}); nothing was published. Check --fleet/"
                          f"--device (and --db), or give --force to publish the retained config for it")
@@ -573,7 +577,11 @@ def cmd_group(args) -> int:
     from fleet.groups import check_group_name
     from fleet.store import Store
 
-    store = Store(_db(args))
+    db = _db(args)
+    if not db.is_file():  # a mistyped --db made a new empty database that `serve` never reads
+        raise FleetError(f"{db}: no fleet database (`edgeglm fleet serve --db {db}` makes it); check --db; nothing was "
+                         f"{'changed' if args.group_command != 'list' else 'listed'}")
+    store = Store(db)
     if args.group_command == "list":
         groups = store.groups()
         for name, members in groups.items():
@@ -590,6 +598,20 @@ def cmd_group(args) -> int:
         note = f" ({', '.join(unknown)} not seen yet in fleet {args.fleet})" if unknown else ""
         print(f"group {args.group}: {n} device(s) added{note}; {len(store.groups()[args.group])} in all")
     else:
+        groups = store.groups()
+        if args.group not in groups:
+            raise FleetError(f"group {args.group}: no such group (groups: {', '.join(sorted(groups)) or 'none'}); "
+                             f"nothing was removed")
+        listing = " ".join(f"{f}/{d}" for f, d in sorted(groups[args.group]))
+        members = {d for f, d in groups[args.group] if args.fleet is None or f == args.fleet}
+        if not members:
+            raise FleetError(f"group {args.group} has no device of fleet {args.fleet} (members: {listing}); nothing "
+                             f"was removed")
+        absent = [d for d in args.devices if d not in members]
+        if absent:
+            where = f" of fleet {args.fleet}" if args.fleet else ""
+            raise FleetError(f"group {args.group}: {', '.join(absent)}{where} {'is' if len(absent) == 1 else 'are'} "
+                             f"not in it (members: {listing}); nothing was removed")
         n = store.group_remove(args.group, args.devices or None, args.fleet)
         print(f"group {args.group}: {n} device(s) removed" + (f" (fleet {args.fleet})" if args.fleet else ""))
     return 0

@@ -516,6 +516,31 @@ def test_config_for_a_device_the_registry_never_saw_is_refused_unless_forced(mos
     out = cli("config", "set", *broker, "--fleet", FLEET, "--device", "nodev", "--force", "sampling.top_k=3")
     assert out.returncode == 0, out.stderr
     assert len(retained(mosquitto.port, desired_topic(FLEET, "nodev"))) == 1
+    # no database at all (a mistyped --db): refused as `fleet offer` refuses it, and no database is made
+    nowhere = db.parent / "typo.db"
+    refused(cli("config", "set", "--db", str(nowhere), "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", FLEET,
+                "--device", "devX", "sampling.top_k=3"),
+            f"there is no fleet database at {nowhere}, so no device has reported; nothing was published")
+    assert retained(mosquitto.port, desired_topic(FLEET, "devX")) == [] and not nowhere.exists()
+
+
+def test_group_commands_refuse_a_missing_database_and_unknown_groups_or_members(db):
+    """`group remove nosuch` said "0 device(s) removed" with exit 0, and `--db typo.db` made a new empty database
+    at the mistyped path, where a group added was never read by `serve`."""
+    nowhere = db.parent / "typo.db"
+    for args in (("list",), ("add", "ring1", "--fleet", FLEET, "d1"), ("remove", "ring1")):
+        refused(cli("group", *args, "--db", str(nowhere)), f"{nowhere}: no fleet database")
+    assert not nowhere.exists()
+    assert cli("group", "add", "ring1", "--fleet", FLEET, "d1", "d2", "--db", str(db)).returncode == 0
+    refused(cli("group", "remove", "nosuch", "--db", str(db)), "group nosuch: no such group (groups: ring1)",
+            "nothing was removed")
+    refused(cli("group", "remove", "ring1", "dQ", "--db", str(db)),
+            f"group ring1: dQ is not in it (members: {FLEET}/d1 {FLEET}/d2); nothing was removed")
+    refused(cli("group", "remove", "ring1", "--fleet", "plant8", "--db", str(db)), "group ring1 has no device of "
+            "fleet plant8")
+    assert cli("group", "list", "--db", str(db)).stdout.strip() == f"ring1: {FLEET}/d1 {FLEET}/d2"
+    out = cli("group", "remove", "ring1", "d2", "--db", str(db))
+    assert out.returncode == 0 and "1 device(s) removed" in out.stdout
 
 
 def test_a_controller_of_one_fleet_drives_only_that_fleets_rollouts(db, signed_bundles):
