@@ -79,10 +79,31 @@ def _settings(args):
         # a command's own client id: two at once must not take each other's session over. A broker with
         # use_username_as_clientid (the K3s one) replaces it by the username, so there a command needs a user of
         # its own, not the serving controller's (k3s/base/core/controller.yaml, fleet-cli.toml)
-        client_id=m.client_id if serving else f"{m.client_id}-cli-{os.getpid()}", listen=serving,
+        client_id=_serve_client_id(m, cfg.fleet.id) if serving else f"{m.client_id}-cli-{os.getpid()}", listen=serving,
         username=m.username, password=mqtt_password(m),  # a ConfigError if [mqtt] password_file cannot be read
         ca_file=m.tls.ca_file if m.tls else None, protocol=m.protocol, retention_s=cfg.database.retention_s)
     return cfg, settings
+
+
+def _serve_client_id(mqtt, fleet: str | None) -> str:
+    """`fleet serve`'s MQTT client id: [mqtt] client_id where set, else the default with the fleet served
+    (`--fleet`): per-fleet controllers on one broker under the one default id took each other's session over,
+    each reconnecting every second."""
+    if "client_id" in mqtt.model_fields_set or not fleet:
+        return mqtt.client_id
+    return f"{mqtt.client_id}-{fleet}"
+
+
+def _check_http_port(host: str, port: int) -> None:
+    """FleetError where `fleet serve` could not serve HTTP on host:port, found before it connects to the broker:
+    connected first, a second controller took the running one's MQTT session over and only then failed."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    try:
+        ThreadingHTTPServer((host, port), BaseHTTPRequestHandler).server_close()  # bound as serve_http binds
+    except OSError as exc:
+        raise FleetError(f"cannot serve HTTP on {host}:{port} ({exc.strerror or exc}); choose another --http-port "
+                         "or [http] port; the controller did not start") from None
 
 
 def _lost(exc: ConnectionError, done: list[str], total: int, what: str, again: str) -> FleetError:
@@ -113,6 +134,7 @@ def cmd_serve(args) -> int:
     port = args.http_port if args.http_port is not None else cfg.http.port
     if not 0 <= port <= 65535:
         raise FleetError(f"--http-port {port} is not a port number (0-65535; 0 picks a free one)")
+    _check_http_port(cfg.http.host, port)
     controller = _connect(args)
     try:
         http = serve_http(controller, cfg.http.host, port, metrics_token=token)

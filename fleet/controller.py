@@ -361,8 +361,10 @@ class FleetController:
             return
         self._lost_at = time.monotonic()
         log.warning("lost the broker %s:%s (%s); reconnecting (what devices publish meanwhile is not delivered to "
-                    "it: telemetry of that time is lost; retained states and OTA statuses come again)",
-                    self.settings.broker_host, self.settings.broker_port, reason_code)
+                    "it: telemetry of that time is lost; retained states and OTA statuses come again). Client id "
+                    "%s: a second client connecting with it takes this session over (another `fleet serve` with "
+                    "the same [mqtt] client_id)", self.settings.broker_host, self.settings.broker_port, reason_code,
+                    self.settings.client_id)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [t for t, rc in zip(controller_subscriptions(self.settings.fleet), reason_codes) if rc.is_failure]

@@ -849,3 +849,39 @@ def test_config_set_of_a_newer_setting_names_the_devices_that_may_not_know_it(db
     out = cli(*base, "telemetry.health_interval_s=null")
     assert out.returncode == 0 and "newer than some agents" not in out.stderr, out.stderr
     assert "health_interval_s" not in out.stdout.split("with what was set before:")[1]
+
+
+# --- two controllers on one broker -------------------------------------------------------------
+
+def test_a_second_controller_never_takes_the_running_ones_broker_session(mosquitto, tmp_path):
+    """A second `fleet serve` whose HTTP port was taken connected to the broker first, under the same client id,
+    and so knocked the running controller off before failing; per-fleet controllers (`--fleet`) shared the one
+    default client id and took each other's session over every second."""
+    from broker import free_port
+
+    port = free_port()
+    broker = ("--broker", f"127.0.0.1:{mosquitto.port}")
+
+    def serve(*args):
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "fleet", "serve", *broker, *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = [proc.stdout.readline()]
+        while "fleet controller" not in lines[-1] and lines[-1]:
+            lines.append(proc.stdout.readline())
+        assert "fleet controller" in lines[-1], lines
+        return proc
+
+    def stop(proc) -> str:
+        proc.terminate()
+        return proc.communicate(timeout=60)[0]
+
+    first = serve("--fleet", FLEET, "--db", str(tmp_path / "a.db"), "--http-port", str(port))
+    other = None
+    try:
+        refused(cli("serve", *broker, "--fleet", FLEET, "--db", str(tmp_path / "b.db"), "--http-port", str(port)),
+                f"cannot serve HTTP on 127.0.0.1:{port}", "the controller did not start")
+        other = serve("--fleet", "plant8", "--db", str(tmp_path / "c.db"), "--http-port", "0")
+        time.sleep(3)  # a session taken over shows within a second (paho reconnects at once)
+    finally:
+        logs = [stop(p) for p in (first, other) if p is not None]
+    assert all("lost the broker" not in log for log in logs), logs
