@@ -288,8 +288,13 @@ class RolloutDriver:
         members = self._members(r)
         online = sorted(d["device"] for d in self.store.devices(r.fleet)
                         if d["online"] and (members is None or d["device"] in members))
-        if not online:
-            return  # nothing to do until devices are online
+        if not online:  # nothing to do until devices are online: said once, in the report and the log
+            if not r.data.get("waiting_online"):
+                r.data["waiting_online"] = True
+                self._save(r, "canary", f"waiting: no device of {r.target} is online"
+                                        + (f" (members: {', '.join(sorted(members))})" if members else ""))
+            return
+        r.data.pop("waiting_online", None)
         # a device that already runs the bundle's version is neither a canary (its "before" latency would be
         # the new version's) nor offered it (agents from before the no-op answer to the bundle they serve report
         # such an offer as failed, which halts a rollout)

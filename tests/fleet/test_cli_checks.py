@@ -162,6 +162,26 @@ def test_one_active_rollout_per_target_and_cancel_stops_it(db, signed_bundles):
     store.close()
 
 
+def test_a_rollout_whose_target_has_no_device_online_says_it_waits(tmp_path):
+    """It stayed in phase canary with an empty report: nothing told the operator why nothing happened."""
+    store = Store(tmp_path / "fleet.db")
+    store.upsert_state(FLEET, {"device": "d1", "online": False, "model": None})
+    store.group_add("ring1", FLEET, ["d1", "ghost"])
+    create_rollout(store, tmp_path / "bundle", FLEET, canary_pct=50, window_s=1.0, group="ring1")
+    recorder = OfferRecorder()
+    driver = RolloutDriver(store, recorder)
+    driver.tick()
+    driver.tick()  # said once, not at every tick
+    [r] = load_rollouts(store)
+    assert r.phase == "canary" and recorder.offers == []
+    assert [line.split(" ", 1)[1] for line in r.data["report"]] == \
+        ["waiting: no device of group ring1 of plant7 is online (members: d1, ghost)"]
+    store.upsert_state(FLEET, {"device": "d1", "online": True, "model": None})
+    driver.tick()
+    assert recorder.offers == [(FLEET, "d1")]
+    store.close()
+
+
 def test_a_cancel_that_lands_during_a_tick_is_not_overwritten(tmp_path):
     from fleet.rollout import cancel_rollout
 
