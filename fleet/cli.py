@@ -648,10 +648,11 @@ def cmd_device(args) -> int:
     store = Store(_existing_db(args))
     known = {d["device"]: d for d in store.devices(args.fleet)}
     unknown = [d for d in args.devices if d not in known]
-    if unknown:
+    if unknown and not args.force:
         raise FleetError(f"device(s) {', '.join(unknown)} of fleet {args.fleet}: not in the registry (`edgeglm fleet "
-                         f"status --fleet {args.fleet}` lists the registered ones); nothing was removed")
-    online = [d for d in args.devices if known[d]["online"]]
+                         f"status --fleet {args.fleet}` lists the registered ones); nothing was removed. --force "
+                         f"clears what a forced `offer` or `config set` left retained for such an id on the broker")
+    online = [d for d in args.devices if d in known and known[d]["online"]]
     if online and not args.force:
         raise FleetError(f"device(s) {', '.join(online)} of fleet {args.fleet}: online, so the agent would register "
                          f"again with its next state; stop the agent (and revoke its broker credentials) first, "
@@ -668,6 +669,11 @@ def cmd_device(args) -> int:
                 raise _lost(exc, removed_devices, len(args.devices), "device(s) removed",
                             f"{device} and those after it are still registered: run the command again") from None
             removed_devices.append(f"{args.fleet}/{device}")
+            if device not in known:  # --force: only what the broker kept for the id
+                store.remove_device(args.fleet, device)  # a group membership or a recorded desired config, if any
+                print(f"{args.fleet}/{device}: not in the registry; its retained desired config and offer cleared "
+                      f"on the broker")
+                continue
             removed = store.remove_device(args.fleet, device)
             notes = [f"{removed['groups']} group membership(s)" if removed["groups"] else "",
                      "its recorded desired config dropped" if removed["desired"] else "",

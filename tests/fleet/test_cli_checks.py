@@ -536,6 +536,12 @@ def test_config_for_a_device_the_registry_never_saw_is_refused_unless_forced(mos
     out = cli("config", "set", *broker, "--fleet", FLEET, "--device", "nodev", "--force", "sampling.top_k=3")
     assert out.returncode == 0, out.stderr
     assert len(retained(mosquitto.port, desired_topic(FLEET, "nodev"))) == 1
+    # and what was forced onto the broker for an id no box has can be taken off again
+    refused(cli("device", "remove", "--fleet", FLEET, "nodev", *broker), "not in the registry", "--force clears")
+    out = cli("device", "remove", "--fleet", FLEET, "nodev", "--force", *broker)
+    assert out.returncode == 0 and f"{FLEET}/nodev: not in the registry; its retained desired config and offer " \
+        "cleared" in out.stdout, out.stderr
+    assert retained(mosquitto.port, desired_topic(FLEET, "nodev")) == []
     # no database at all (a mistyped --db): refused as `fleet offer` refuses it, and no database is made
     nowhere = db.parent / "typo.db"
     refused(cli("config", "set", "--db", str(nowhere), "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", FLEET,
