@@ -330,11 +330,11 @@ def _warn_short_of_disk(db, targets: list[tuple[str, str]], bundle) -> None:
         store.close()
 
 
-def _check_number(flag: str, value: float, ok: bool, allowed: str) -> None:
+def _check_number(flag: str, value: float, ok: bool, allowed: str, nothing: str = "recorded") -> None:
     import math
 
     if not (math.isfinite(value) and ok):
-        raise FleetError(f"{flag} {value:g}: must be {allowed}; nothing was recorded")
+        raise FleetError(f"{flag} {value:g}: must be {allowed}; nothing was {nothing}")
 
 
 def cmd_rollout(args) -> int:
@@ -544,7 +544,8 @@ def cmd_rollback(args) -> int:
     from ota.versions import VersionError, parse_version
 
     _check_number("--valid-for", args.valid_for, 0 < args.valid_for <= ROLLBACK_VALID_MAX_S,
-                  f"in (0, {ROLLBACK_VALID_MAX_S:.0f}] seconds: how long the devices accept the rollback")
+                  f"in (0, {ROLLBACK_VALID_MAX_S:.0f}] seconds: how long the devices accept the rollback",
+                  nothing="offered")
     key = _rollback_key(args, "rollback offers")
     store = Store(_existing_db(args))
     selection = select(store, args.group)
