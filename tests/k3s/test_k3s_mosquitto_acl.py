@@ -448,6 +448,11 @@ def test_an_operator_command_as_shipped_publishes_beside_the_serving_controller(
     assert controller.subscribe(*controller_subscriptions(FLEET)) == [1] * 5
     dev1 = connect("dev1")
     assert dev1.subscribe(*device_subscriptions(FLEET, "dev1")) == [1] * 4
+    from fleet.store import Store
+
+    store = Store(tmp_path / "fleet.db")  # the serving controller's registry, which knows dev1 (as in the pod)
+    store.upsert_state(FLEET, {"device": "dev1", "online": True, "model": None})
+    store.close()
     rc = main(["fleet", "config", "set", "--config", str(conf), "--broker", f"127.0.0.1:{broker.port}",
                "--db", str(tmp_path / "fleet.db"), "--fleet", FLEET, "--device", "dev1", "sampling.max_tokens=64"])
     assert rc == 0, broker.log()
