@@ -75,6 +75,21 @@ class HttpSettings(_Section):
     # open connections (idle keep-alive ones included), one thread each; more are answered 503 and closed
     max_connections: int = Field(64, ge=1, le=10_000)
 
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, v: SecretStr | None) -> SecretStr | None:
+        # an empty key, or one with spaces or a newline around it (a blank EDGEGLM_HTTP__API_KEY= line, a key
+        # file's newline), started the API with a key no client could ever send: every request got 401
+        if v is not None:
+            key = v.get_secret_value()
+            if not key:
+                raise ValueError("the key is empty: set one, or leave http.api_key out to ask for none (then the "
+                                 "API should stay on loopback)")
+            if key != key.strip():
+                raise ValueError("the key has spaces or a line break around it, which no client's token can match "
+                                 "(tokens are read without them): remove them")
+        return v
+
 
 class SamplingSettings(_Section):
     """Defaults for requests that leave a field out; ranges as in runtime.generate.SamplingParams."""

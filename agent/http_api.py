@@ -533,9 +533,15 @@ class _Handler(BaseHTTPRequestHandler):
         super().send_response(code, message)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, unknown method, ...), as JSON."""
+        """http.server's own errors (bad request line, unknown method, ...), as JSON. A request line that did not
+        parse leaves the version at http.server's HTTP/0.9 default, under which it writes no status line and no
+        headers: the client got bare JSON (and a 505 for HTTP/2.0 never said so)."""
         self.close_connection = True
-        self._send_json(code, ApiError(code, message or self.responses.get(code, ("error",))[0]).body())
+        if not str(getattr(self, "request_version", "")).startswith("HTTP/1."):
+            self.request_version = "HTTP/1.1"
+        error = ApiError(code, message or self.responses.get(code, ("error",))[0],
+                         type="server_error" if code >= 500 else "invalid_request_error")
+        self._send_json(code, error.body())
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = lambda self: self._dispatch()
 

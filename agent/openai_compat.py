@@ -144,7 +144,7 @@ def chat_request(body: dict, defaults: SamplingSettings, tokenizer) -> Generatio
     pairs = []
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:  # a list or object is unhashable: was a 500
             raise ApiError(400, f"messages[{i}].role = {json.dumps(role)} is not supported; use one of: "
                            f"{', '.join(CHAT_ROLES)}", param=f"messages[{i}].role")
         pairs.append((CHAT_ROLES[role], _message_text(m.get("content"), i)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -166,6 +167,26 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
     path.write_bytes('[device]\nfleet = "caf\u00e9"\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1\.toml is not UTF-8 text .*save it as UTF-8"):
         load_config(path, {})
+
+
+@pytest.mark.parametrize("where,value,message", [
+    ("file", "", "the key is empty: set one, or leave http.api_key out"),
+    ("env", "", "the key is empty"),
+    ("env", "s3cret\n", "the key has spaces or a line break around it, which no client's token can match"),
+    ("file", " s3cret", "the key has spaces or a line break around it"),
+])
+def test_an_api_key_no_client_could_send_is_refused(tmp_path, monkeypatch, where, value, message):
+    """An empty key (a blank EDGEGLM_HTTP__API_KEY= line) or one padded with spaces or a newline started the API
+    with a key that no request could match: every request was a 401, and an empty key on 0.0.0.0 skipped the
+    warning about listening beyond loopback without one."""
+    path = tmp_path / "agent.toml"
+    path.write_text(f"[http]\napi_key = {json.dumps(value)}\n" if where == "file" else "")
+    if where == "env":
+        monkeypatch.setenv("EDGEGLM_HTTP__API_KEY", value)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert "http.api_key = '**********'" in str(err.value) and message in str(err.value)
+    assert value.strip() not in str(err.value) or not value.strip()  # the key itself is never printed
 
 
 @pytest.mark.parametrize("toml,message", [

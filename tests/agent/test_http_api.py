@@ -171,6 +171,29 @@ def test_bad_chat_messages_and_model_names(client):
     assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).model == MODEL_ID
 
 
+def test_a_chat_role_that_is_not_a_string_is_a_400(server):
+    """A list or object as the role was looked up in a dict: TypeError (unhashable), answered 500."""
+    for role in (["user"], {"a": 1}, 5):
+        body = json.dumps({"messages": [{"role": role, "content": "x"}]}).encode()
+        resp, data, _ = raw(server, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        assert resp.status == 400 and json.loads(data)["error"]["param"] == "messages[0].role", data
+
+
+@pytest.mark.parametrize("line,status", [(b"GET /healthz HTTP/1.1 extra", 400), (b"GET /healthz HTTP/1.x", 400),
+                                         (b"GARBAGE", 400), (b"PRI * HTTP/2.0", 505)])
+def test_a_request_line_that_does_not_parse_gets_a_status_line_and_headers(server, line, status):
+    """http.server answered these with bare JSON: no status line, no headers (its HTTP/0.9 default)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(line + b"\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), data
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["error"]["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+
+
 def test_prompt_beyond_the_context_window_is_a_400(model):
     srv = side_server(model)  # default max_body_bytes: a prompt of max_positions ids
     try:
