@@ -234,6 +234,14 @@ def check_paths(inputs: BuildInputs) -> None:
     _writable_dir(work, "--work")
     if work.exists() and not work.is_dir():
         raise BuildError(f"--work {work}: is a file; choose a directory")
+    teacher = inputs.teacher.resolve()
+    if work.resolve() == teacher or work.resolve() in teacher.parents:
+        # the build writes (and to start over, removes) its work directory: never the checkpoint's own
+        raise BuildError(f"--work {work}: holds the teacher checkpoint {inputs.teacher}; choose a --work directory "
+                         "of its own")
+    if inputs.resume and work.is_dir() and any(work.iterdir()) and not (work / STATE).is_file():
+        raise BuildError(f"--resume: --work {work} holds files but no {STATE} (not a build's work directory); "
+                         "choose the --work of the build to continue, or an empty or new one to start over")
     if work.resolve() == inputs.out.resolve():
         raise BuildError(f"--work {work}: must differ from --out")
     if work.resolve() in inputs.out.resolve().parents:

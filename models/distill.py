@@ -415,7 +415,9 @@ class _CtrlC:
         self._previous = None
 
     def __enter__(self) -> "_CtrlC":
-        if threading.current_thread() is threading.main_thread():
+        # a build started in the background by a script inherits SIGINT ignored, as every other stage keeps it
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

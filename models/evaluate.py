@@ -223,7 +223,7 @@ def format_report(stages: list[StageMetrics]) -> str:
         rows.append(
             f"| {s.name} | {s.kind} | {s.non_embedding_params / 1e6:.2f} M "
             f"| {100 * s.non_embedding_params / ref.non_embedding_params:.1f}% | {s.bytes / 1e6:.1f} "
-            f"| {s.perplexity:.2f} | {100 * s.top1:.1f}% | {100 * s.top1 / ref.top1:.1f}% "
+            f"| {s.perplexity:.2f} | {100 * s.top1:.1f}% | {pct(s.top1 / ref.top1 if ref.top1 else None)} "
             f"| {pct(s.teacher_agreement)} | {opt(s.kl_to_teacher, '.3f')} "
             f"| {opt(s.decode_tokens_per_s, '.0f')} |")
     return "\n".join(rows)

@@ -607,6 +607,63 @@ def test_out_and_work_inside_each_other_are_refused_before_any_work(raw_teacher,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_work_directory_that_holds_the_teacher_or_is_not_a_builds_is_refused(raw_teacher, tmp_path, capsys):
+    """`--work TEACHER` was told "not empty ...; remove it" (the teacher checkpoint) and with --resume wrote the
+    build's files into the checkpoint; `--work DIR --resume` on a folder of other files left tokens/ in it
+    after a failure."""
+    import shutil
+
+    teacher = shutil.copytree(raw_teacher, tmp_path / "teacher")
+    before = sorted(p.relative_to(teacher) for p in teacher.rglob("*"))
+    base = ["build", "--corpus", *map(str, corpus_files()), "--recipe", str(QUICK), "--quiet"]
+    for work, resume in ((teacher, False), (teacher, True), (tmp_path, True)):
+        code = main([*base, "--teacher", str(teacher), "--out", str(tmp_path / "out"), "--work", str(work),
+                     *(["--resume"] if resume else [])])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"--work {work}: holds the teacher checkpoint {teacher}; choose a --work directory of its own" in err
+    assert sorted(p.relative_to(teacher) for p in teacher.rglob("*")) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    code = main([*base, "--teacher", str(teacher), "--out", str(tmp_path / "out"), "--work", str(mine), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--resume: --work {mine} holds files but no state.json (not a build's work directory)" \
+        in err, err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_the_report_of_a_teacher_that_predicts_nothing_right_is_written():
+    """A teacher with top-1 0 (random weights, a corpus it never saw) ended the build in ZeroDivisionError at
+    the report, every --resume again; the relative column is "-" instead."""
+    from models.evaluate import StageMetrics, format_report
+
+    def stage(name, top1):
+        return StageMetrics(name, "pytorch fp32", 100, 5000.0, top1, None, None, 10, 8, 40)
+
+    table = format_report([stage("teacher", 0.0), stage("student", 0.01)])
+    assert table.splitlines()[-1].startswith("| student | pytorch fp32 |") and "| 1.0% | - |" in table
+
+
+def test_distillation_keeps_an_inherited_ignored_ctrl_c():
+    """A build started in the background by a script inherits SIGINT ignored; every stage kept that but
+    distillation, which installed its own handler and stopped on a Ctrl-C meant for the script."""
+    import signal
+
+    from models.distill import _CtrlC
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _CtrlC():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with _CtrlC() as ctrl_c:
+            assert signal.getsignal(signal.SIGINT) == ctrl_c._handle  # a terminal's Ctrl-C: saved and stopped
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_full_disk_during_a_stage_is_one_line_and_keeps_the_build_resumable(raw_teacher, tmp_path, capsys,
                                                                               monkeypatch):
     import errno
