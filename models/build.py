@@ -697,7 +697,7 @@ def _run_stages(inputs: BuildInputs, plan: Plan, train: TokenCorpus, heldout: To
     evaluator = None
     evaluation = state.done("evaluate")
     if evaluation is None:
-        evaluator = Evaluator(recipe, teacher, heldout)
+        evaluator = Evaluator(recipe, teacher, heldout, progress)
         evaluation = evaluate_stages(evaluator, teacher, work)
         state.mark("evaluate", evaluation)
     bar.update(1)
@@ -706,7 +706,7 @@ def _run_stages(inputs: BuildInputs, plan: Plan, train: TokenCorpus, heldout: To
     export_result = state.done("export")
     if export_result is None:
         run_export(inputs, bundle, progress)
-        evaluator = evaluator or Evaluator(recipe, teacher, heldout)
+        evaluator = evaluator or Evaluator(recipe, teacher, heldout, progress)
         export_result = {"evaluation": evaluate_bundle_stages(recipe, evaluator, bundle)}
         state.mark("export", export_result)
     bar.update(1)
@@ -749,21 +749,29 @@ def run_export(inputs: BuildInputs, bundle: Path, progress: bool) -> None:
 class Evaluator:
     """The held-out windows and the teacher's reference on them, computed once, for every stage."""
 
-    def __init__(self, recipe: Recipe, teacher, heldout: TokenCorpus):
+    def __init__(self, recipe: Recipe, teacher, heldout: TokenCorpus, progress: bool = False):
         from models.evaluate import heldout_windows, teacher_reference
 
         self.windows = heldout_windows(heldout.tokens(), recipe.eval.seq_len, recipe.eval.heldout_tokens)
         self.teacher = teacher_reference(teacher, self.windows)
+        self.progress = progress
+
+    def _bar(self, name: str):  # each scoring pass on its own bar below the build's (the bundles' take longest)
+        return tqdm(total=len(self.windows), desc=f"evaluate {name}", unit="window", disable=not self.progress,
+                    leave=False)
 
     def model(self, model, name: str) -> dict:
         from models.evaluate import evaluate_model
 
-        return evaluate_model(model, self.windows, self.teacher, name=name).to_dict()
+        with self._bar(name) as bar:
+            return evaluate_model(model, self.windows, self.teacher, name=name, on_windows=bar.update).to_dict()
 
     def bundle(self, bundle: Path, backend: str, name: str) -> dict:
         from models.evaluate import evaluate_bundle
 
-        return evaluate_bundle(bundle, self.windows, self.teacher, backend=backend, name=name).to_dict()
+        with self._bar(name) as bar:
+            return evaluate_bundle(bundle, self.windows, self.teacher, backend=backend, name=name,
+                                   on_windows=bar.update).to_dict()
 
 
 def evaluate_stages(evaluator: Evaluator, teacher, work: Path) -> dict:

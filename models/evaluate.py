@@ -28,6 +28,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -142,10 +143,12 @@ def model_bytes(model: GlmForCausalLM) -> int:
 
 
 def evaluate_model(model: GlmForCausalLM, windows: torch.Tensor, teacher: TeacherReference | None = None,
-                   name: str = "model") -> StageMetrics:
+                   name: str = "model", on_windows: Callable[[int], object] = lambda n: None) -> StageMetrics:
+    """`on_windows(n)`: after each batch, with the number of windows it scored (a progress bar's update)."""
     scores = Scores(teacher is not None)
     for i in range(0, len(windows), BATCH):
         scores.add(model_logits(model, windows[i:i + BATCH]), windows[i:i + BATCH], teacher, i)
+        on_windows(len(windows[i:i + BATCH]))
     return StageMetrics(name=name, kind="pytorch fp32", **scores.result(),
                         params=sum(p.numel() for p in model.parameters()),
                         non_embedding_params=non_embedding_params(model), bytes=model_bytes(model))
@@ -173,8 +176,9 @@ def decode_speed(engine, prompt_ids: list[int], new_tokens: int) -> float:
 
 def evaluate_bundle(bundle_path: str | Path, windows: torch.Tensor, teacher: TeacherReference | None = None,
                     backend: str = "onnxruntime", name: str | None = None, decode_tokens: int = 64,
-                    threads: int | None = None) -> StageMetrics:
-    """Evaluate an exported bundle through the edge runtime (verified against its manifest first)."""
+                    threads: int | None = None, on_windows: Callable[[int], object] = lambda n: None) -> StageMetrics:
+    """Evaluate an exported bundle through the edge runtime (verified against its manifest first), one token at a
+    time (the slow part of a build's evaluation: `on_windows(1)` after each window)."""
     from models.config import GlmConfig
 
     bundle = open_bundle(bundle_path)
@@ -188,6 +192,7 @@ def evaluate_bundle(bundle_path: str | Path, windows: torch.Tensor, teacher: Tea
     scores = Scores(teacher is not None)
     for i, window in enumerate(windows[:, :-1].tolist()):
         scores.add(window_logits(engine, window), windows[i:i + 1], teacher, i)
+        on_windows(1)
     speed = decode_speed(engine, windows[0, :16].tolist(), decode_tokens) if decode_tokens else None
     files = [f for f in bundle.manifest.files if f.path.startswith(backend + "/")]
     params = non_embedding_params(cfg) + cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)

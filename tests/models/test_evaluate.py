@@ -68,6 +68,16 @@ def test_teacher_columns_are_agreement_and_kl(model, windows):
     assert s.kl_to_teacher > 0.01 and s.perplexity != pytest.approx(itself.perplexity)
 
 
+def test_evaluation_reports_its_progress_window_by_window(model, windows, fp32_bundle):
+    """A build's evaluate and export stages showed no progress of their own: the bundles are scored one token at
+    a time (hours for a large model and held-out set); each pass now reports the windows it scored."""
+    seen_model, seen_bundle = [], []
+    evaluate_model(model, windows, on_windows=seen_model.append)
+    evaluate_bundle(fp32_bundle, windows[:3], backend="onnxruntime", decode_tokens=0, on_windows=seen_bundle.append)
+    assert sum(seen_model) == len(windows) and all(n > 0 for n in seen_model)
+    assert seen_bundle == [1, 1, 1]
+
+
 def test_fp32_bundle_through_the_runtime_matches_pytorch(model, windows, fp32_bundle):
     ref = teacher_reference(model, windows[:4])
     torch_stage = evaluate_model(model, windows[:4], ref)
