@@ -453,6 +453,10 @@ def _plain(err: dict) -> str:
         except ValueError:
             nan = False
         return "must be a number, not NaN" if nan and "than" in err["type"] else _PLAIN[err["type"]]
+    if err["type"] in ("string_too_short", "too_short") and (err.get("ctx") or {}).get("min_length") == 1:
+        return "must not be empty"
+    if err["type"] == "string_too_long":
+        return f"must be at most {(err.get('ctx') or {}).get('max_length')} characters long"
     return re.sub(r"^Input should be ", "must be ", err["msg"].removeprefix("Value error, "))
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -441,6 +442,9 @@ def cmd_config_set(args) -> int:
             flat[key] = json.loads(value)
         except json.JSONDecodeError:
             flat[key] = value  # a bare string
+        if isinstance(flat[key], float) and math.isinf(flat[key]):  # 1e999, Infinity: every check read "inf"
+            raise FleetError(f"{item!r}: {value} is too large to be a number (it reads as infinity); nothing was "
+                             "published")
     settings = nest(flat)
     targets = _config_targets(args)
     # what every agent would refuse is refused here, before it is published (KEY=null drops a key: nothing to check)

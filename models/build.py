@@ -86,7 +86,7 @@ from models.prune import (
     PruneSpec, activation_importance, kept_indices, magnitude_importance, non_embedding_params, prune_model,
     solve_spec,
 )
-from models.recipe import Recipe, bundle_name_problem, load_recipe
+from models.recipe import RECIPES_DIR, Recipe, bundle_name_problem, load_recipe
 from ota.errors import BundleError
 from runtime.errors import RuntimeUserError
 
@@ -281,8 +281,13 @@ def check_bundle_name(inputs: BuildInputs) -> None:
     if inputs.recipe.export.name is None:
         problem = bundle_name_problem(inputs.out.name)
         if problem:
+            recipe = inputs.recipe.source
+            if Path(recipe).parent == RECIPES_DIR:  # a shipped recipe: its installed file is not the user's to edit
+                where = f"set [export] name in a copy of the {Path(recipe).stem!r} recipe (--recipe COPY.toml)"
+            else:
+                where = f"set [export] name in {recipe}"
             raise BuildError(f"--out {inputs.out}: the bundle is named after it, and {inputs.out.name!r} {problem}; "
-                             f"set [export] name in {inputs.recipe.source} or choose another --out")
+                             f"{where} or choose another --out")
 
 
 def check_corpus_text(files: list[Path]) -> None:

@@ -96,6 +96,10 @@ def text_files(paths: tuple[Path, ...], skipped: list[Path] | None = None) -> li
             raise DataError(f"{p}: training text not found (expected a file or a directory of text files)")
     if not files:
         raise DataError("no training text given: name at least one file or directory")
+    if all(f.stat().st_size == 0 for f in files):  # else "corpus too small: its 1 tokens give 1 held-out tokens"
+        names = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DataError(f"{names}: the training text is empty ({'each file is' if len(files) > 1 else 'the file is'} "
+                        "0 bytes); give files of UTF-8 text")
     return files
 
 

@@ -76,7 +76,14 @@ RESUMABLE_CHANGES = ("checkpoint_every", "device")
 
 
 class DistillError(CheckpointError):
-    """Distillation cannot run as asked (names the setting and its allowed range); CLI exit 2."""
+    """Distillation cannot run as asked (names the setting and its allowed range); CLI exit 2.
+
+    `problems`: for invalid settings, every one found, as (setting, value, what it must be): a recipe
+    tells them all at once, in its own words."""
+
+    def __init__(self, message: str, problems: tuple[tuple[str, object, str], ...] = ()):
+        super().__init__(message)
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -97,43 +104,50 @@ class DistillSettings:
     grad_clip: float = 1.0
     max_passes: float = 8.0
 
-    def __post_init__(self) -> None:
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
+    @staticmethod
+    def field_problems(v: dict) -> list[tuple[str, object, str]]:
+        """(setting, value, what it must be) for each value of `v` (every field) out of its own range."""
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
 
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        def is_num(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
         checks = [
-            ("temperature", is_num(self.temperature) and self.temperature > 0, "> 0"),
-            ("kl_weight", is_num(self.kl_weight) and self.kl_weight >= 0, ">= 0"),
-            ("ce_weight", is_num(self.ce_weight) and self.ce_weight >= 0, ">= 0"),
-            ("lr", is_num(self.lr) and 0 < self.lr <= 1, "in (0, 1]"),
-            ("min_lr", is_num(self.min_lr) and 0 <= self.min_lr <= self.lr, f"in [0, lr={self.lr}]"),
-            ("warmup_steps", is_int(self.warmup_steps) and self.warmup_steps >= 0, ">= 0"),
-            ("batch_size", is_int(self.batch_size) and self.batch_size >= 1, ">= 1"),
-            ("seq_len", is_int(self.seq_len) and self.seq_len >= 2, ">= 2"),
-            ("token_budget", is_int(self.token_budget) and self.token_budget >= 1, ">= 1"),
-            ("seed", is_int(self.seed) and 0 <= self.seed < 2 ** 31, "in [0, 2**31)"),
-            ("checkpoint_every", is_int(self.checkpoint_every) and self.checkpoint_every >= 1, ">= 1"),
-            ("device", self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
-            ("weight_decay", is_num(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
-            ("grad_clip", is_num(self.grad_clip) and self.grad_clip > 0, "> 0"),
-            ("max_passes", is_num(self.max_passes) and self.max_passes > 0, "> 0"),
+            ("temperature", is_num(v["temperature"]) and v["temperature"] > 0, "> 0"),
+            ("kl_weight", is_num(v["kl_weight"]) and v["kl_weight"] >= 0, ">= 0"),
+            ("ce_weight", is_num(v["ce_weight"]) and v["ce_weight"] >= 0, ">= 0"),
+            ("lr", is_num(v["lr"]) and 0 < v["lr"] <= 1, "in (0, 1]"),
+            ("min_lr", is_num(v["min_lr"]) and 0 <= v["min_lr"] and (not is_num(v["lr"]) or v["min_lr"] <= v["lr"]),
+             f"in [0, lr={v['lr']}]"),
+            ("warmup_steps", is_int(v["warmup_steps"]) and v["warmup_steps"] >= 0, ">= 0"),
+            ("batch_size", is_int(v["batch_size"]) and v["batch_size"] >= 1, ">= 1"),
+            ("seq_len", is_int(v["seq_len"]) and v["seq_len"] >= 2, ">= 2"),
+            ("token_budget", is_int(v["token_budget"]) and v["token_budget"] >= 1, ">= 1"),
+            ("seed", is_int(v["seed"]) and 0 <= v["seed"] < 2 ** 31, "in [0, 2**31)"),
+            ("checkpoint_every", is_int(v["checkpoint_every"]) and v["checkpoint_every"] >= 1, ">= 1"),
+            ("device", v["device"] in DEVICES, f"one of {', '.join(DEVICES)}"),
+            ("weight_decay", is_num(v["weight_decay"]) and v["weight_decay"] >= 0, ">= 0"),
+            ("grad_clip", is_num(v["grad_clip"]) and v["grad_clip"] > 0, "> 0"),
+            ("max_passes", is_num(v["max_passes"]) and v["max_passes"] > 0, "> 0"),
         ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise DistillError(f"distill setting {name}={getattr(self, name)!r} is invalid: must be {allowed}")
-        if self.kl_weight == 0 and self.ce_weight == 0:
-            raise DistillError("distill settings kl_weight=0 and ce_weight=0: at least one loss weight must be > 0")
-        if self.tokens_per_step > self.token_budget:
-            raise DistillError(
-                f"distill setting token_budget={self.token_budget} is smaller than one batch "
-                f"(batch_size * seq_len = {self.tokens_per_step}): must be >= {self.tokens_per_step}")
-        if self.warmup_steps >= self.steps:
-            raise DistillError(
-                f"distill setting warmup_steps={self.warmup_steps} is invalid: must be < the run's "
-                f"{self.steps} steps (token_budget // (batch_size * seq_len))")
+        return [(name, v[name], allowed) for name, ok, allowed in checks if not ok]
+
+    def __post_init__(self) -> None:
+        problems = self.field_problems(asdict(self))
+        if not problems:  # the settings that depend on others, once each of them is valid
+            if self.kl_weight == 0 and self.ce_weight == 0:
+                problems.append(("kl_weight", self.kl_weight, "> 0 where ce_weight = 0 (at least one loss "
+                                 "weight must be > 0)"))
+            if self.tokens_per_step > self.token_budget:
+                problems.append(("token_budget", self.token_budget, f">= {self.tokens_per_step}, one batch "
+                                 "(batch_size * seq_len)"))
+            elif self.warmup_steps >= self.steps:
+                problems.append(("warmup_steps", self.warmup_steps, f"< the run's {self.steps} steps "
+                                 "(token_budget // (batch_size * seq_len))"))
+        if problems:
+            raise DistillError("; ".join(f"distill setting {name}={value!r} is invalid: must be {allowed}"
+                                         for name, value, allowed in problems), tuple(problems))
 
     @property
     def tokens_per_step(self) -> int:

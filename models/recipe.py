@@ -207,10 +207,7 @@ class Recipe(_Section):
         problems = _distill_problems(self.distill, self.source)
         if problems:
             raise RecipeError("\n".join(problems))
-        try:
-            return DistillSettings(**self.distill)
-        except DistillError as exc:
-            raise RecipeError(f"{self.source}: [distill] {re.sub(r'^distill settings? ', '', str(exc))}") from None
+        return DistillSettings(**self.distill)
 
     def resume_identity(self) -> dict:
         """Every setting that shapes a build's results, as used: what a resumed build must share with
@@ -223,7 +220,8 @@ class Recipe(_Section):
 
 
 def _distill_problems(distill: dict, source: str) -> list[str]:
-    """One line per [distill] setting that is unknown or of the wrong type (the value checks are DistillSettings')."""
+    """One line per [distill] setting that is unknown or of the wrong type, else one per value DistillSettings
+    refuses."""
     fields = {f.name: f for f in dataclasses.fields(DistillSettings)}
     problems = []
     for name, value in distill.items():
@@ -235,7 +233,17 @@ def _distill_problems(distill: dict, source: str) -> list[str]:
         if problem:
             kind = {"int": "int_type", "float": "float_type"}.get(str(fields[name].type), "")
             problems.append(f"{source}: [distill] {name} = {_toml(value)}: {problem}{_hint(name, value, kind)}")
-    return problems
+    if problems:  # and the values of the other settings out of their own ranges
+        given = {k: v for k, v in distill.items() if k in fields and not _type_problem(str(fields[k].type), v, k)}
+        defaults = DistillSettings().to_dict()
+        return problems + [f"{source}: [distill] {name} = {_toml(value)}: must be {allowed}" for name, value, allowed
+                           in DistillSettings.field_problems({**defaults, **given}) if name in given]
+    try:  # every value out of its range, in the same words, all at once
+        DistillSettings(**distill)
+    except DistillError as exc:
+        return [f"{source}: [distill] {name} = {_toml(value)}: must be {allowed}" for name, value, allowed in
+                exc.problems] or [f"{source}: [distill] {re.sub(r'^distill settings? ', '', str(exc))}"]
+    return []
 
 
 def _type_problem(annotation: str, value, name: str) -> str | None:

@@ -406,6 +406,10 @@ def test_the_agent_and_the_controller_ignore_each_others_variables_and_refuse_ne
                                      "invalid: must be a number, not NaN"),
     ("EDGEGLM_MQTT__ENABLED", "maybe", "mqtt.enabled = 'maybe' (from environment variable EDGEGLM_MQTT__ENABLED) is "
                                        "invalid: must be true or false"),
+    ("EDGEGLM_HTTP__HOST", "", "http.host = '' (from environment variable EDGEGLM_HTTP__HOST) is invalid: must not "
+                               "be empty"),  # was pydantic's "String should have at least 1 character"
+    ("EDGEGLM_DEVICE__ID", "d" * 129, "(from environment variable EDGEGLM_DEVICE__ID) is invalid: must be at most "
+                                      "128 characters long"),
 ])
 def test_values_from_the_environment_are_refused_in_plain_words(monkeypatch, variable, value, words):
     """Values from the environment (text, parsed) were refused in pydantic's words: "Input should be a valid integer,
@@ -413,4 +417,4 @@ def test_values_from_the_environment_are_refused_in_plain_words(monkeypatch, var
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError) as err:
         load_config(None)
-    assert words in str(err.value) and "Input should" not in str(err.value), str(err.value)
+    assert words in str(err.value) and "Input should" not in str(err.value) and "String should" not in str(err.value)

@@ -280,6 +280,8 @@ def test_config_set_refuses_what_the_agents_would_refuse_before_publishing(mosqu
             "config may set", "nothing was published")
     refused(cli(*args, "sampling.max_tokens=99999999"), "sampling.max_tokens = 99999999 (from the command line) is "
             "too large; allowed: 1 <= max_tokens <= 1048576")
+    refused(cli(*args, "sampling.max_tokens=1e999"), "'sampling.max_tokens=1e999': 1e999 is too large to be a number "
+            "(it reads as infinity); nothing was published")  # was "inf ...: must be an integer, not a fractional"
     refused(cli("config", "set", "--group", "ring9", "--db", str(db), "sampling.max_tokens=-1"),
             "--group 'ring9': no such group or fleet")
     assert retained(mosquitto.port, desired_topic(FLEET, "d1")) == []

@@ -870,3 +870,16 @@ def test_a_resume_after_distillation_finished_but_was_not_recorded_reports_its_r
     assert report["tokens_per_second"] == pytest.approx(report["tokens"] / saved["train_seconds"])
     assert report["note"] is None and report["device"] == "cpu"
     assert f"{report['seconds']:.1f} s of training" in (work / "report.md").read_text()
+
+
+def test_an_out_name_that_is_no_bundle_name_with_a_shipped_recipe_says_to_copy_it(tmp_path):
+    """With `--recipe quick` the hint named the installed recipe file inside site-packages to edit."""
+    from models.build import BuildError, BuildInputs, check_bundle_name
+    from models.recipe import load_recipe
+
+    inputs = BuildInputs.create(tmp_path / "teacher", (tmp_path / "c.txt",), load_recipe("quick"),
+                                tmp_path / "my bundle")
+    with pytest.raises(BuildError) as info:
+        check_bundle_name(inputs)
+    assert "set [export] name in a copy of the 'quick' recipe (--recipe COPY.toml) or choose another --out" \
+        in str(info.value) and "site-packages" not in str(info.value) and "recipes/quick.toml" not in str(info.value)

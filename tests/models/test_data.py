@@ -102,3 +102,21 @@ def test_binary_files_in_a_corpus_directory_are_left_out_and_named(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="edgeglm.build"):
         assert corpus_files(inputs) == [src / "latin1.txt", src / "mod.py"]
     assert "left out 2 binary file(s)" in caplog.text and "mod.cpython-311.pyc" in caplog.text
+
+
+def test_an_empty_corpus_is_named_as_empty(tmp_path):
+    """An empty --corpus file got to the size check and read "corpus too small: its 1 tokens give 1 held-out
+    tokens" (the one token being the end-of-text the tokenizer adds)."""
+    from models.build import BuildError, BuildInputs, corpus_files
+    from models.recipe import load_recipe
+
+    empty = tmp_path / "notes.txt"
+    empty.write_text("")
+    inputs = BuildInputs.create(tmp_path / "teacher", (empty,), load_recipe("quick"), tmp_path / "out")
+    with pytest.raises(BuildError) as info:
+        corpus_files(inputs)
+    assert str(info.value) == (f"--corpus {empty}: the training text is empty (the file is 0 bytes); give files of "
+                               "UTF-8 text; nothing was written")
+    (tmp_path / "more.txt").write_text("some text\n")  # one empty file among others is fine
+    assert corpus_files(BuildInputs.create(tmp_path / "teacher", (empty, tmp_path / "more.txt"), load_recipe("quick"),
+                                           tmp_path / "out")) == [empty, tmp_path / "more.txt"]

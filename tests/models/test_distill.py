@@ -194,7 +194,7 @@ def test_windows_cover_the_corpus_in_a_seeded_order_per_epoch(source, tmp_path):
 @pytest.mark.parametrize("changes, words", [
     (dict(temperature=0.0), ["temperature=0.0", "> 0"]),
     (dict(temperature=-1.0), ["temperature=-1.0", "> 0"]),
-    (dict(kl_weight=0.0, ce_weight=0.0), ["kl_weight=0", "ce_weight=0"]),
+    (dict(kl_weight=0.0, ce_weight=0.0), ["kl_weight=0", "where ce_weight = 0"]),
     (dict(kl_weight=-0.5), ["kl_weight=-0.5", ">= 0"]),
     (dict(lr=0.0), ["lr=0.0", "(0, 1]"]),
     (dict(min_lr=1.0), ["min_lr=1.0", "[0, lr="]),

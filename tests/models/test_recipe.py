@@ -162,3 +162,24 @@ def test_no_wrong_value_of_any_setting_shows_pydantic_words(value):
                 assert line.startswith("my.toml: ") and not any(w in line for w in PYDANTIC_WORDS), (raw, line)
                 setting = where.split("\n")[-1]
                 assert setting in line, (raw, line)
+
+
+def test_every_distill_value_out_of_range_is_told_at_once_in_the_recipes_words():
+    """[distill] values out of range came one per run, as `lr=2.0 is invalid` (the other sections' errors read
+    `lr = 2.0: must be ...` and came all at once)."""
+    raw = b'[prune]\nnum_layers = 0\n[distill]\nlr = 2.0\nbatch_size = 0\nseed = -1\n'
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(raw, "my.toml")
+    assert str(info.value).splitlines() == [
+        "my.toml: [prune] num_layers = 0: is too small (allowed: >= 1)",
+        "my.toml: [distill] lr = 2.0: must be in (0, 1]",
+        "my.toml: [distill] batch_size = 0: must be >= 1",
+        "my.toml: [distill] seed = -1: must be in [0, 2**31)",
+    ]
+    with pytest.raises(RecipeError) as info:  # a setting checked against others names them
+        parse_recipe(b"[distill]\nbatch_size = 4\nseq_len = 32\ntoken_budget = 100\n", "my.toml")
+    assert str(info.value) == "my.toml: [distill] token_budget = 100: must be >= 128, one batch (batch_size * seq_len)"
+    with pytest.raises(RecipeError) as info:  # with a value of the wrong type too
+        parse_recipe(b'[distill]\nlr = "fast"\nbatch_size = 0\n', "my.toml")
+    assert str(info.value).splitlines() == ["my.toml: [distill] lr = 'fast': must be a number",
+                                            "my.toml: [distill] batch_size = 0: must be >= 1"]
