@@ -64,7 +64,7 @@ import numpy as np
 
 from runtime.engine import CacheRow, DecodeBatch, kv_estimate
 from runtime.errors import RequestError
-from runtime.generate import SamplingParams, sample
+from runtime.generate import SamplingParams, TokenHistory, sample
 from runtime.prefix_cache import PrefillJob
 
 log = logging.getLogger("edgeglm.batching")
@@ -480,7 +480,7 @@ class Scheduler:
         if handle.cancelled:
             handle._finish()
             return False
-        row = _Row(handle, params, np.random.default_rng(params.seed), list(item.prompt),
+        row = _Row(handle, params, np.random.default_rng(params.seed), TokenHistory(item.prompt),
                    set(params.stop_token_ids) | set(self.engine.arch.eos_token_ids), need=item.need)
         row.job = PrefillJob(self.engine, item.prompt, self.prefix_cache)
         self._prefills.append(row)

@@ -49,6 +49,25 @@ def test_greedy_and_seeded_sampling():
     np.testing.assert_allclose(freq, logits_to_probs(logits, 1.0), atol=0.04)
 
 
+def test_the_penalty_reads_the_distinct_ids_kept_as_they_come():
+    """The same penalised logits as from the whole history (np.unique over it at every step, which grew with
+    the context), whatever way the ids were added."""
+    from runtime.generate import TokenHistory
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 500, 3000).tolist()
+    history = TokenHistory(ids[:1000])
+    for token in ids[1000:2000]:
+        history.append(token)
+    history.extend(ids[2000:2500])
+    history += ids[2500:]
+    assert history == ids and sorted(history.distinct().tolist()) == sorted(set(ids))
+    logits = rng.normal(size=500)
+    np.testing.assert_array_equal(apply_repetition_penalty(logits, history, 1.3),
+                                  apply_repetition_penalty(logits, list(ids), 1.3))
+    assert apply_repetition_penalty(logits, TokenHistory(), 1.3) is logits
+
+
 @pytest.mark.parametrize("field,value", [("temperature", -0.5), ("top_p", 0.0), ("top_k", -1),
                                          ("max_tokens", 0), ("repetition_penalty", 0.0), ("seed", -1), ("seed", 1.5)])
 def test_invalid_settings_name_the_field(field, value):
@@ -69,6 +88,51 @@ def test_stream_decoder_never_emits_half_a_character():
     pieces = [dec.push(i) for i in ids] + [dec.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+class _Counting:
+    """The real tokenizer, recording how many ids each decode call was given."""
+
+    def __init__(self, tok):
+        self.tok, self.sizes = tok, []
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.sizes.append(len(ids))
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _trained(pre, dec, text):
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer, tok.decoder = pre, dec
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if isinstance(pre, pre_tokenizers.ByteLevel) else []
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
+                                                        special_tokens=["[UNK]", "<eos>"], show_progress=False))
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_a_long_stream_decodes_to_the_whole_text_with_work_per_token_that_does_not_grow(kind):
+    """Each token decoded every id so far (0.5 ms per token after 4096 tokens): the work grew with the output.
+    The pieces must still join to exactly the text of all the ids, for a decoder that drops the leading space
+    of what it decodes (Metaspace) too, with special tokens skipped."""
+    import random
+
+    words = ["naïve", "café", "✓", "日本語", "🚀", "end", "the", "model", "edge", "box"]
+    text = " ".join(random.Random(5).choice(words) for _ in range(3000))
+    if kind == "byte-level":
+        tok = _trained(pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(), "plain ascii text")
+    else:
+        tok = _trained(pre_tokenizers.Metaspace(), decoders.Metaspace(), text)
+    eos = tok.token_to_id("<eos>")
+    ids = tok.encode(text).ids
+    ids = ids[:500] + [eos] + ids[500:]  # a special token inside the stream: skipped, as before
+    assert len(ids) > 3000
+    counting = _Counting(tok)
+    dec = StreamDecoder(counting)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in p for p in pieces)
+    assert max(counting.sizes) <= 16 and len(dec.ids) <= 16  # a window, not the whole output
 
 
 def test_generate_stops_at_stop_tokens_and_context_limit(fp32_bundle):
