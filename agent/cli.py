@@ -243,8 +243,13 @@ def cmd_bundle_keygen(args) -> int:
     from ota.signing import generate_keypair
 
     pair = generate_keypair(args.out, args.name)  # a bad --out is a SignatureError naming it
-    print(f"key id {pair.key_id}\nprivate key {pair.private_path} (keep it on the build host)\n"
-          f"public key  {pair.public_path} (install it in the agents' trusted keys)")
+    # which side trusts which half depends on the key's use: the rollback key's private half is the controller's
+    # and its public half goes to ota.rollback_keys, never to ota.trusted_keys (it would let whoever holds the
+    # controller sign bundles: docs/security.md)
+    print(f"key id {pair.key_id}\nprivate key {pair.private_path} (keep it secret: on the build host for a "
+          "bundle-signing key, on the controller only for a rollback key)\n"
+          f"public key  {pair.public_path} (install it where it is trusted: the agents' ota.trusted_keys for a "
+          "bundle-signing key, their ota.rollback_keys for a rollback key)")
     return 0
 
 

@@ -521,10 +521,11 @@ class Installer:
 
     def write_owned(self, path: Path, text: str) -> None:
         """A file the installer owns: rewritten when it differs."""
-        if path.exists() and path.read_text() == text:
+        existing = _existing(path)
+        if existing == text.encode():  # bytes: a file that is not UTF-8 differs, it is not an error
             self.note("unchanged", path)
             return
-        self.note("updated" if path.exists() else "wrote", path)
+        self.note("updated" if existing is not None else "wrote", path)
         if not self.opts.dry_run:
             _write(path, text, 0o644)
 
@@ -532,17 +533,18 @@ class Installer:
         """agent.toml: written once; a different existing file is the operator's and stays."""
         path = self.on_box(CONFIG_FILE)
         text = default_config_toml()
-        if not path.exists():
+        existing = _existing(path)
+        if existing is None:
             self.note("wrote", path, "the defaults, commented")
             if not self.opts.dry_run:
                 _write(path, text, 0o644)
             return
-        if path.read_bytes() == text.encode():  # bytes: a file that is not UTF-8 differs, it is not an error
+        if existing == text.encode():  # bytes: a file that is not UTF-8 differs, it is not an error
             self.note("unchanged", path)
             return
         self.note("kept", path, "it exists and differs from the defaults: it stays as it is")
         new = path.with_name(path.name + ".new")
-        if new.exists() and new.read_bytes() == text.encode():
+        if _existing(new) == text.encode():
             self.note("unchanged", new, "the current defaults, for comparison")
         else:
             self.note("wrote", new, f"the current defaults: compare with diff {path} {new}")
@@ -665,11 +667,21 @@ def _run(command: list[str], what: str, hint: str | None = None, cwd: str | None
                            + "; fix it and re-run (the steps before are kept)")
 
 
-def _os(action, path: Path) -> None:
+def _os(action, path: Path):
     try:
-        action()
+        return action()
     except OSError as exc:
         raise InstallError(f"{path}: {exc.strerror}; fix it and re-run (the steps before are kept)") from None
+
+
+def _existing(path: Path) -> bytes | None:
+    """The bytes of a file the installer would rewrite, None where there is none; a directory (or other
+    non-file) there, or a file it cannot read, is one line (a re-run as another user meets root's 0600 files)."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not path.is_file():
+        raise InstallError(f"{path} exists and is not a file: move it away and re-run")
+    return _os(path.read_bytes, path)
 
 
 def _make_dirs(path: Path, mode: int) -> None:

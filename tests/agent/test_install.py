@@ -243,6 +243,50 @@ def test_a_rerun_repairs_what_drifted(install, prefix):
     assert re.search(r"updated +\S+edgeglm-agent\.service", out) and "mode 0777 -> 0750" in out
 
 
+def test_a_file_it_would_rewrite_that_it_cannot_read_is_one_line(install, prefix):
+    """A directory where agent.toml or the unit goes, or a unit file that is not UTF-8, ended the install in a
+    traceback (IsADirectoryError, UnicodeDecodeError), exit 1."""
+    assert install("--prefix", prefix, "--no-venv", "--user", ABSENT_USER)[0] == 0
+    (prefix / UNIT).write_bytes(b"\xff\xfe not text")  # rewritten: the installer owns it
+    rc, out, err = install("--prefix", prefix, "--no-venv", "--user", ABSENT_USER)
+    assert rc == 0, err
+    assert "ProtectSystem=strict" in (prefix / UNIT).read_text() and re.search(r"updated +\S+agent\.service", out)
+    for where in (CONFIG, UNIT):
+        (prefix / where).unlink()
+        (prefix / where).mkdir()
+        rc, _, err = install("--prefix", prefix, "--no-venv", "--user", ABSENT_USER)
+        assert rc == 2 and err.strip().endswith(f"{prefix / where} exists and is not a file: move it away and "
+                                                "re-run") and "Traceback" not in err, err
+        assert (prefix / where).is_dir()  # left as it was
+        (prefix / where).rmdir()
+        assert install("--prefix", prefix, "--no-venv", "--user", ABSENT_USER)[0] == 0
+
+
+@pytest.mark.skipif(not IS_ROOT or shutil.which("setpriv") is None, reason="needs root and setpriv to make a file "
+                    "another user cannot read")
+def test_a_rerun_as_another_user_who_cannot_read_the_config_is_one_line(tmp_path):
+    """The prefix is the user's, but agent.toml in it is root's 0600 (an earlier install by root): PermissionError
+    traceback."""
+    parent = Path(tempfile.mkdtemp(prefix="edgeglm-rerun-"))
+    prefix = parent / "root"
+    nobody = pwd.getpwnam("nobody")
+    cmd = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups", sys.executable,
+           "-m", "agent.cli", "agent", "install", "--prefix", str(prefix), "--no-venv", "--user", ABSENT_USER]
+    try:
+        os.chown(parent, nobody.pw_uid, nobody.pw_gid)
+        first = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+        assert first.returncode == 0, first.stderr
+        (prefix / CONFIG).write_text("# the operator's\n")
+        os.chown(prefix / CONFIG, 0, 0)
+        (prefix / CONFIG).chmod(0o600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{prefix / CONFIG}: Permission denied; fix it and re-run" in proc.stderr
+        assert (prefix / CONFIG).read_text() == "# the operator's\n"
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
 def test_dry_run_changes_nothing(install, prefix):
     rc, out, err = install("--prefix", prefix, "--dry-run", "--user", ABSENT_USER)  # with the default venv
     assert rc == 0, err

@@ -144,7 +144,12 @@ def test_cli_keygen_sign_verify(int8_bundle, tmp_path):
         return subprocess.run([sys.executable, "-m", "agent.cli", "bundle", *map(str, args)],
                               capture_output=True, text=True)
 
-    assert cli("keygen", "--out", tmp_path / "keys").returncode == 0
+    made = cli("keygen", "--out", tmp_path / "keys")
+    assert made.returncode == 0
+    # the rollback key's public half goes to ota.rollback_keys: "install it in the agents' trusted keys" put it where
+    # it would let whoever holds the controller sign bundles
+    assert "ota.trusted_keys for a bundle-signing key, their ota.rollback_keys for a rollback key" in made.stdout
+    assert "on the controller only for a rollback key" in made.stdout
     unsigned = cli("verify", bundle_dir, "--trusted", tmp_path / "keys")
     assert unsigned.returncode == 2 and "unsigned" in unsigned.stderr and "Traceback" not in unsigned.stderr
     assert cli("sign", bundle_dir, "--key", tmp_path / "keys" / "bundle-signing.key").returncode == 0
