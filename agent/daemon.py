@@ -50,7 +50,7 @@ from ota.fsutil import atomic_write_json
 from ota.offers import DirectoryFetcher
 from ota.signing import load_trusted_keys, verify_bundle_signature
 from ota.transfer import OFFER_MAX_BYTES, MqttChunkFetcher
-from ota.update import Offer, State, UpdateFailed, Updater, UpdaterDeps
+from ota.update import Offer, State, UpdateFailed, UpdateInterrupted, Updater, UpdaterDeps
 from runtime.batching import SchedulerClosed
 from runtime.engine import architecture_problem, available_backends
 from runtime.errors import RequestError, RuntimeUserError
@@ -334,6 +334,7 @@ class Agent:
     def shutdown(self, deadline: float = 10.0) -> None:
         if self.updater is not None:
             self.updater.stopped_cleanly()  # no death of a model on probation
+            self.updater.stopping.set()  # before the session closes: an update in progress resumes at the next start
         self.http.shutdown(deadline)
         if self.session is not None:
             self._send_telemetry(final=True)
@@ -636,11 +637,14 @@ class Agent:
             supported_backends=tuple(available_backends()), architecture_problem=architecture_problem,
             active_version=lambda: self.model.bundle.manifest.version if self.model else None,
             active_manifest_sha256=lambda: self.model.bundle.sha256 if self.model else None,
+            serving=lambda: self.model is not None,
             fleet=self.cfg.device.fleet, device=self.cfg.device.id, rollback_keys=self._rollback_keys(),
             probation_deaths=self.cfg.ota.probation_deaths, probation_s=self.cfg.ota.probation_s)
 
     def _chunk_request(self, req):
         d = self.cfg.device
+        if self.updater is not None and self.updater.stopping.is_set():
+            raise UpdateInterrupted("the agent is stopping")
         if self.session is None:
             raise UpdateFailed("MQTT is disabled (mqtt.enabled = false): chunks cannot be fetched")
         return self.session.request(chunk_request_topic(d.fleet, d.id), req,

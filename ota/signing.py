@@ -201,7 +201,9 @@ def verify_bytes(data: bytes, sig: dict, trusted: dict[str, Ed25519PublicKey], w
         raise SignatureError(f"{what}: signature algorithm {sig.get('algorithm')!r} is not supported (ed25519)")
     if kid not in trusted:
         raise SignatureError(
-            f"{what}: signed by unknown key {kid!r}; trusted keys: {', '.join(sorted(trusted))}")
+            f"{what}: signed by unknown key {kid!r}; trusted keys: {', '.join(sorted(trusted))}" if trusted else
+            f"{what}: signed by key {kid!r}, and no key is trusted here (the trusted-keys directory holds no .pub "
+            "file): add the fleet's public key")
     try:
         trusted[kid].verify(base64.b64decode(sig.get("signature", ""), validate=True), data)
     except (InvalidSignature, ValueError):

@@ -17,20 +17,22 @@ payload limit, half the shipped broker's `max_packet_size`). A bundle whose `chu
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ota.bundle import MANIFEST, Manifest, read_manifest
 from ota.errors import BundleError
-from ota.update import Offer, UpdateFailed
+from ota.update import Offer, UpdateFailed, UpdateInterrupted
 
 MAX_RESPONSE_BYTES = 1 << 20  # the agent's default max_payload_bytes; the shipped broker allows 2 MiB packets
 MAX_CHUNK_SIZE = 512 * 1024  # base64 makes 4/3 of it: ~683 KiB, with room for the JSON around it
@@ -166,6 +168,8 @@ class MqttChunkFetcher:
             future = self.request(req)
             try:
                 message = future.result(timeout=self.timeout_s)
+            except CancelledError:  # the session closed under it: the agent is stopping
+                raise UpdateInterrupted(f"chunk {index} of {path}: the MQTT session closed") from None
             except FutureTimeout:
                 future.cancel()
                 now = time.monotonic()
@@ -183,9 +187,19 @@ class MqttChunkFetcher:
             if next_warning:
                 log.info("OTA %s: chunk %d of %s answered after %.0f s; the download goes on", offer.update_id,
                          index, path, time.monotonic() - start)
-            resp = ChunkResponse.model_validate_json(message.payload)
+            try:
+                resp = ChunkResponse.model_validate_json(message.payload)
+            except ValidationError as exc:  # one line, not pydantic's report with its links
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(map(str, first["loc"])) or "(the message)"
+                raise UpdateFailed(f"chunk {index} of {path}: the controller's answer is not a valid chunk answer "
+                                   f"({where}: {first['msg']})") from None
             if resp.error:
                 raise UpdateFailed(f"chunk {index} of {path}: the controller answered: {resp.error}")
             if (resp.path, resp.index, resp.update_id) != (path, index, offer.update_id):
                 raise UpdateFailed(f"chunk {index} of {path}: answer was for {resp.path} chunk {resp.index}")
-            return base64.b64decode(resp.data_b64 or "")
+            try:
+                return base64.b64decode(resp.data_b64 or "", validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise UpdateFailed(f"chunk {index} of {path}: the controller's answer holds no valid base64 data "
+                                   f"({exc})") from None

@@ -28,11 +28,13 @@ before its signature and every file hash have been verified.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,7 +42,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ota.bundle import MANIFEST, Manifest, open_bundle
 from ota.errors import BundleError
@@ -129,6 +131,12 @@ class UpdateFailed(Exception):
     """A handler's reason for failing the update (reported as given)."""
 
 
+class UpdateInterrupted(Exception):
+    """The agent is stopping: the update stops where it is, its state kept on disk, and resumes at the next
+    start (a download from its last verified chunk). Failing it instead removed the chunks downloaded, and the
+    offer's id counted as done, so the retained offer was not taken again after the restart."""
+
+
 ROLLBACK_FORMAT = 2  # the statement format this agent accepts (1: update id + manifest hash only, refused)
 ROLLBACK_CLOCK_SKEW_S = 300  # an expired rollback statement is still accepted this long after its not_after
 ROLLBACK_APPLIED = "rollbacks-applied.json"  # in the OTA state dir: ids of the rollbacks this device applied
@@ -162,6 +170,15 @@ class Offer(BaseModel):
     rollback_signature: dict | None = None
     rollback_terms: RollbackTerms | None = None  # what the rollback authorisation is bound to
     source: dict = Field(default_factory=dict)  # how the fetcher reaches the files
+
+    @field_validator("manifest_b64")
+    @classmethod
+    def _base64(cls, v: str) -> str:  # else "Error: Only base64 data is allowed" at OFFERED, naming nothing
+        try:
+            base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"not valid base64 ({exc})") from None
+        return v
 
     def manifest_bytes(self) -> bytes:
         return base64.b64decode(self.manifest_b64, validate=True)
@@ -200,6 +217,8 @@ class UpdaterDeps:
     max_entries: int = 3
     # sha256 of the serving bundle's manifest bytes (None: no model, or not known)
     active_manifest_sha256: Callable[[], str | None] = lambda: None
+    # whether a model serves now: after a restart in COMMITTING or ROLLBACK the agent loads none itself
+    serving: Callable[[], bool] = lambda: True
     # why the runtime cannot run this architecture (None: it can); handed in by the agent
     architecture_problem: Callable[[dict], str | None] = lambda arch: None
     # who this device is: a rollback statement must name exactly this fleet and device
@@ -212,6 +231,18 @@ class UpdaterDeps:
     # committed last was on probation, before it goes back to the previous model (see check_probation)
     probation_deaths: int = 3
     probation_s: float = 600.0  # recorded with the probation, for its reason; the agent times the run
+
+
+def _bytes_on_disk(root: Path) -> int:
+    """Bytes the files under `root` take on disk (their blocks); 0 for what cannot be read."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
 
 
 class Updater:
@@ -230,6 +261,7 @@ class Updater:
         self._probation_path = self.root / PROBATION
         self.probation: dict | None = self._load_probation()  # the committed model on probation, if one is
         self.on_enter: Callable[[State], None] | None = None  # observation/fault-injection point
+        self.stopping = threading.Event()  # set by the agent as it stops: `run` returns, leaving the state to resume
         self.handlers: dict[State, Callable[[], Event]] = {
             S.OFFERED: self._offered, S.DOWNLOADING: self._downloading, S.VERIFYING: self._verifying,
             S.INSTALLING: self._installing, S.SELF_TEST: self._self_test, S.COMMITTING: self._committing,
@@ -307,6 +339,10 @@ class Updater:
         CLEANUP frees the staging area, so the updater ends idle and takes the next offer."""
         while self.state is not S.IDLE:
             state = self.state
+            if self.stopping.is_set():
+                log.info("the agent is stopping: update %s stays in state %s and resumes at the next start",
+                         self.data.get("update_id"), state.value)
+                return
             self.data["entries"] += 1
             unsaved = self._persist()  # persisted before acting
             if unsaved and state in FORWARD:
@@ -321,6 +357,10 @@ class Updater:
                     if self.on_enter:
                         self.on_enter(state)
                     event = self.handlers[state]()
+                except UpdateInterrupted as exc:
+                    log.info("update %s stopped in state %s (%s): it resumes at the next start",
+                             self.data.get("update_id"), state.value, exc)
+                    return
                 except (UpdateFailed, BundleError) as exc:
                     self._fail(str(exc))
                     event = E.FAILED
@@ -441,6 +481,10 @@ class Updater:
         verify_bytes(raw, offer.signature, self.deps.trusted_keys, f"offer {offer.update_id} manifest")
         if not offer.rollback and hashlib.sha256(raw).hexdigest() == self.deps.active_manifest_sha256():
             # offered again (a rollout over boxes that have it, a state file lost): done, not a "downgrade"
+            try:
+                self._take_signature(self.slots.active_path(), raw)
+            except OSError as exc:  # the model serves either way; the next offer tries again
+                log.warning("the serving slot keeps its signature: the offered one could not be written (%s)", exc)
             self.data["outcome"] = "committed"
             return E.ALREADY_SERVING
         if offer.rollback:
@@ -461,10 +505,23 @@ class Updater:
         need = space_needed(f.size for f in manifest.files)
         self.staging.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.staging).free
+        target = self.data["target_slot"]
+        held = _bytes_on_disk(self.slots.path(target))
+        if need > free and need <= free + held and target != self.slots.active():
+            # the update's target slot holds the model before the serving one, which INSTALLING replaces anyway:
+            # a box sized for two bundles (the serving one and the download) made room only by clearing it first
+            # (else every update after the second was "disk full"); until then the previous model stays
+            self.slots.clear(target)
+            log.warning("slot %s (the previous model, %d bytes) cleared to make room for the download: it needs %d "
+                        "bytes, %d were free", target, held, need, free)
+            self._report({"state": S.OFFERED.value, "cleared_slot": target,
+                          "note": f"previous model in slot {target} removed to make room for the download"})
+            free = shutil.disk_usage(self.staging).free
         if need > free:
             raise UpdateFailed(f"bundle needs {need} bytes (its files, rounded up to whole blocks, and "
                                f"{DISK_HEADROOM >> 20} MiB for the update's own files), {free} bytes free in "
-                               f"{self.root}: disk full")
+                               f"{self.root}, counting the {held} bytes of the previous model in slot {target} "
+                               "that the update replaces: disk full")
         atomic_write_bytes(self.staging / MANIFEST, raw)
         atomic_write_json(self.staging / SIGNATURE, offer.signature)
         return E.ACCEPTED
@@ -482,10 +539,7 @@ class Updater:
             return False
         try:
             open_bundle(slot)  # every file's size and sha256 against these manifest bytes
-            if read_signature(slot) != self.offer.signature:
-                # signed again since it was installed (a key rotation): the offer's signature was verified over
-                # these exact bytes in this state; the slot keeps it so that the self-test verifies it there
-                atomic_write_json(slot / SIGNATURE, self.offer.signature)
+            self._take_signature(slot, raw)  # so that the self-test verifies it there
         except (BundleError, OSError, ValueError) as exc:
             log.warning("slot %s holds the offered manifest but does not verify (%s); downloading the bundle "
                         "into it again", slot, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -493,6 +547,24 @@ class Updater:
         log.info("slot %s holds the offered bundle (verified): no download", slot)
         self._report({"state": S.OFFERED.value, "in_slot": self.data["target_slot"]})
         return True
+
+    def _take_signature(self, slot: Path | None, raw: bytes) -> None:
+        """A slot holding exactly the offered manifest bytes keeps the offer's signature when it differs: the
+        bundle was signed again since it was installed (a key rotation), and that signature was verified over
+        these exact bytes in this state. The serving bundle re-signed and offered again kept the old key's
+        signature (the offer counted as done): once the old key was removed from ota.trusted_keys, as a rotation
+        ends, the next start refused the serving model. Writing the signature file (atomically) changes no byte
+        the model is loaded from."""
+        if slot is None:
+            return
+        try:
+            if (slot / MANIFEST).read_bytes() != raw or read_signature(slot) == self.offer.signature:
+                return
+        except (OSError, ValueError, BundleError):
+            pass  # unreadable or no signature: the verified one replaces it
+        atomic_write_json(slot / SIGNATURE, self.offer.signature)
+        log.info("slot %s: the offered signature (key %s) replaces the one it was installed with", slot.name,
+                 self.offer.signature.get("key_id") if isinstance(self.offer.signature, dict) else "?")
 
     def _check_rollback(self, offer: Offer, raw: bytes) -> None:
         """A rollback offer is taken only with a valid signed statement for this fleet and device, replacing
@@ -692,8 +764,15 @@ class Updater:
         previous = self.data.get("previous_slot")
         if not self.data.get("switching") and self.slots.active() == previous:
             # COMMITTING failed before it switched anything (its state could not be saved): the old model
-            # still serves; loading it again would hold two copies on a box short of memory
+            # still serves; loading it again would hold two copies on a box short of memory. Unless the agent
+            # restarted in COMMITTING, which loads no model at start: then the previous one is loaded here
             self.data["outcome"] = "failed"
+            if previous and not self.deps.serving():
+                try:
+                    self.deps.activate(self.slots.path(previous))
+                except Exception as exc:  # noqa: BLE001: the update has failed either way; say why nothing serves
+                    log.error("the previous model in slot %s cannot be served after the failed update: %s",
+                              previous, exc)
             return E.ROLLED_BACK
         self.data["outcome"] = "rolled_back"
         if previous:

@@ -302,6 +302,36 @@ def test_transfer_survives_a_broker_restart_and_an_agent_kill(mosquitto, signed_
         kill_agent(proc)
 
 
+def test_an_agent_stopped_mid_download_resumes_the_download_at_its_next_start(mosquitto, signed_bundles, tmp_path):
+    """SIGTERM (systemctl restart) mid-download: closing the MQTT session cancelled the chunk being waited for, and
+    the update failed with "CancelledError": its chunks were removed and the offer's id counted as done, so the
+    retained offer was not taken again after the restart. It stops where it is now, and resumes."""
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, "chunk_timeout_s = 1.0")
+    try:
+        ctl = Controller(mosquitto.port, chunk_delay_s=0.1)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
+        total = sum(len(f.chunks) for f in open_bundle(signed_bundles["v1"]).manifest.files)
+        ctl.offer("install-v1", signed_bundles["v1"])
+        until(lambda: len(set(ctl.requested)) >= 3)
+        ctl.answer_chunks = False  # a chunk is being waited for when the agent stops
+        until(lambda: len(ctl.requested) > len(set(ctl.requested)) or len(set(ctl.requested)) >= 4)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+        data = json.loads((tmp_path / "state" / "update.json").read_text())
+        assert data["state"] == "downloading" and not data.get("reason"), data
+        assert "CancelledError" not in log.read_text() and "resumes at the next start" in log.read_text()
+        done_before = len(set(ctl.requested)) - 1  # the one waited for was not answered
+        ctl.requested.clear()
+        ctl.answer_chunks = True
+        proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, "chunk_timeout_s = 1.0")
+        final = ctl.wait(ota_status_topic(FLEET, DEVICE), lambda d, m: d.get("update_id") == "install-v1" and
+                         "result" in d)
+        assert final["result"] == "committed", (final, log.read_text()[-3000:])
+        assert len(set(ctl.requested)) <= total - done_before, "the download started again from chunk 0"
+    finally:
+        kill_agent(proc)
+
+
 def test_an_update_resumed_after_a_kill_keeps_the_old_model_serving_and_after_it_fails(mosquitto, signed_bundles,
                                                                                       tmp_path):
     """SIGKILL mid-download of v1.1.0 on a box serving v1.0.0: after the restart, v1.0.0 serves while the download

@@ -81,6 +81,14 @@ def test_unknown_key_is_refused(signed, tmp_path):
         verify_bundle_signature(open_bundle(bundle_dir), load_trusted_keys([other.public_path]))
 
 
+def test_no_trusted_key_at_all_says_so(signed):
+    """With nothing trusted the message ended "trusted keys: " with nothing after it."""
+    bundle_dir, _, old = signed
+    with pytest.raises(SignatureError, match=f"signed by key '{old.key_id}', and no key is trusted here .*add the "
+                                             "fleet's public key"):
+        verify_bundle_signature(open_bundle(bundle_dir), {})
+
+
 def test_any_change_to_the_manifest_breaks_the_signature(signed):
     bundle_dir, keys, _ = signed
     manifest = bundle_dir / "manifest.json"

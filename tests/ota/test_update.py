@@ -7,6 +7,7 @@ them through ONNX Runtime, and for power cuts a separate process killed with SIG
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import shutil
 import subprocess
@@ -116,6 +117,65 @@ def test_power_cut_in_every_state_resumes_to_the_new_model(device, signed_bundle
     sent = reports(device)  # the killed process and the restarted one together reported every step once
     assert [r["state"] for r in sent if "event" in r] == SUCCESS[1:]
     assert sent[-2]["result"] == "committed" and "reason" not in sent[-2]
+
+
+def test_a_crash_loop_in_committing_gives_up_and_serves_the_old_model_again(device, signed_bundles):
+    """The agent loads no model at a start in COMMITTING (that state loads the new one); a COMMITTING that then
+    failed before its switch (a crash loop there, a state that cannot be saved) left the box serving nothing, with
+    no reason given, until the next restart."""
+    (device / "offer.json").write_text(offer_for(signed_bundles["v2"], "u2").model_dump_json())
+    for _ in range(4):  # the process dies on entering COMMITTING every time
+        subprocess.run([sys.executable, str(DRIVER), str(device), "--kill-at", "committing"], capture_output=True)
+    data = json.loads((device / "state" / "update.json").read_text())
+    assert data["state"] == "idle" and "entered 4 times" in data["reason"] and data["outcome"] == "failed"
+    assert serving(device) == "1.0.0"  # loaded again by the failed update's end, in the last run
+    assert json.loads((device / "state" / "update.json").read_text())["history"][-4:] == \
+        ["rollback", "cleanup", "reporting", "idle"]
+
+
+def test_the_serving_bundle_signed_again_and_offered_keeps_the_new_signature(device, signed_bundles, tmp_path):
+    """A key rotation: the serving bundle re-signed with the new key (same manifest bytes) and offered counted as
+    done, and the slot kept the old key's signature; once the old key left ota.trusted_keys, as a rotation ends,
+    the next start refused the serving model."""
+    from ota.signing import load_trusted_keys, read_signature, sign_bundle, verify_bundle_signature
+
+    new = generate_keypair(tmp_path / "new-keys", "fleet-2027")
+    shutil.copy(new.public_path, device / "keys")
+    resigned = shutil.copytree(signed_bundles["v1"], tmp_path / "v1-resigned")
+    (resigned / "manifest.sig").unlink()
+    sign_bundle(open_bundle(resigned), load_private_key(new.private_path))
+    updater = build_updater(device)
+    updater.submit(offer_for(resigned, "resign-v1"))
+    updater.run()
+    assert updater.data["outcome"] == "committed" and "downloading" not in updater.data["history"]
+    active = updater.slots.active_path()
+    assert read_signature(active)["key_id"] == new.key_id
+    (device / "keys" / "fleet.pub").unlink()  # the rotation ends: the old key is no longer trusted
+    verify_bundle_signature(open_bundle(active), load_trusted_keys([device / "keys"]))
+
+
+def test_a_box_with_room_for_two_bundles_takes_every_update(signed_bundles, int8_bundle, tmp_path):
+    """The free-space check wanted the whole bundle free while the target slot still held the model before the
+    serving one, which the install replaces anyway: a box sized for two bundles refused every update after the
+    second with "disk full". Now that slot is cleared first (and it is said), only when the room is needed."""
+    from bundles import variant
+
+    v3 = variant(int8_bundle, tmp_path / "v3", signed_bundles["key"], version="1.2.0")
+    blocks = sum(-(-f.size // 4096) * 4096 for f in open_bundle(signed_bundles["v1"]).manifest.files)
+    with small_disk(tmp_path / "two-bundles", (2 * blocks + (1 << 20)) // 1024 + 384) as work:
+        shutil.copytree(signed_bundles["keys"], work / "keys")
+        for bundle, update_id in ((signed_bundles["v1"], "u1"), (signed_bundles["v2"], "u2"), (v3, "u3")):
+            gc.collect()  # the models an earlier updater here loaded map files of the slot to be cleared (an agent
+            # has one process: the model before the serving one is not loaded)
+            updater = build_updater(work)
+            updater.submit(offer_for(bundle, update_id))
+            updater.run()
+            assert updater.data["outcome"] == "committed", updater.data["reason"]
+            del updater.deps  # its serving model, for the collection above
+        assert serving(work) == "1.2.0" and updater.slots.active() == "a"
+        assert open_bundle(updater.slots.path("b")).manifest.version == "1.1.0"  # the one before stays
+        cleared = [r for r in reports(work) if r.get("cleared_slot")]
+        assert [(r["update_id"], r["cleared_slot"]) for r in cleared] == [("u3", "a")]
 
 
 def test_crash_loop_in_self_test_gives_up_and_keeps_the_old_model(device, signed_bundles):

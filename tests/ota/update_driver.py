@@ -65,7 +65,7 @@ def build_updater(work: Path, activate_fails: str | None = None, max_latency_rat
             max_latency_ratio=max_latency_ratio, steps=4), serving["model"]),
         activate=activate, report=report, agent_version="0.1.0",
         supported_backends=("onnxruntime", "openvino"), active_version=active_version,
-        active_manifest_sha256=active_manifest_sha256,
+        active_manifest_sha256=active_manifest_sha256, serving=lambda: serving["model"] is not None,
         architecture_problem=architecture_problem, fleet=FLEET, device=DEVICE,
         rollback_keys=load_trusted_keys([work / "rollback-keys"]) if (work / "rollback-keys").is_dir() else None)
     if clock is not None:
@@ -75,7 +75,8 @@ def build_updater(work: Path, activate_fails: str | None = None, max_latency_rat
         result = updater.check_probation()
         if result is not None:
             report(result)
-    if updater.slots.active_path():  # the agent serves its active slot at start
+    # the agent serves its active slot at start, except in COMMITTING and ROLLBACK, which load a model themselves
+    if updater.slots.active_path() and updater.state not in (State.COMMITTING, State.ROLLBACK):
         activate(updater.slots.active_path())
     return updater
 

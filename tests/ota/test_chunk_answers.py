@@ -1,0 +1,84 @@
+"""The device side of the chunk protocol (`ota.transfer.MqttChunkFetcher`) against answers a controller may send:
+each bad one fails the update with one line naming the chunk and what is wrong (the reason the fleet sees), and a
+session closed under a waiting request stops the update for a resume instead of failing it."""
+
+from __future__ import annotations
+
+import base64
+import json
+from concurrent.futures import Future
+from types import SimpleNamespace
+
+import pytest
+
+from ota.bundle import open_bundle
+from ota.offers import make_offer
+from ota.transfer import ChunkResponse, MqttChunkFetcher
+from ota.update import UpdateFailed, UpdateInterrupted
+
+
+@pytest.fixture
+def offer(signed_bundles):
+    return make_offer(open_bundle(signed_bundles["v1"]), "u1", {"type": "mqtt"})
+
+
+def _answering(payload_for):
+    """A `request` that answers every chunk request at once with payload_for(req) (bytes)."""
+    def request(req):
+        future = Future()
+        future.set_result(SimpleNamespace(payload=payload_for(req)))
+        return future
+    return request
+
+
+def _answer(req, **fields) -> bytes:
+    return ChunkResponse(id=req.id, update_id=req.update_id, path=req.path, index=req.index, **fields
+                         ).model_dump_json().encode()
+
+
+@pytest.mark.parametrize("payload_for, words", [
+    (lambda req: b"{not json", "chunk 0 of manifest.json: the controller's answer is not a valid chunk answer ("),
+    (lambda req: json.dumps({"id": req.id, "update_id": req.update_id, "path": req.path, "index": req.index,
+                             "data_b64": "", "surprise": 1}).encode(),
+     "the controller's answer is not a valid chunk answer (surprise: Extra inputs are not permitted)"),
+    (lambda req: _answer(req, data_b64="abc"), "chunk 0 of manifest.json: the controller's answer holds no valid "
+                                               "base64 data ("),
+    (lambda req: _answer(req, data_b64="a$b*"), "holds no valid base64 data"),
+    (lambda req: _answer(req, error="no such update"), "chunk 0 of manifest.json: the controller answered: no such "
+                                                       "update"),
+])
+def test_a_bad_answer_is_one_line_naming_the_chunk(offer, payload_for, words):
+    """Invalid JSON or an unknown field was pydantic's multi-line report with its links; bad base64 was
+    "Error: Incorrect padding", naming no chunk; characters outside base64 were silently dropped."""
+    fetcher = MqttChunkFetcher(_answering(payload_for), timeout_s=1.0, give_up_s=2.0)
+    with pytest.raises(UpdateFailed) as info:
+        fetcher.read_chunk(offer, "manifest.json", 0, 4096)
+    assert words in str(info.value) and "\n" not in str(info.value) and "pydantic.dev" not in str(info.value)
+
+
+def test_a_good_answer_is_the_chunks_bytes(offer):
+    data = b"\x00\x01chunk bytes\xff"
+    fetcher = MqttChunkFetcher(_answering(lambda req: _answer(req, data_b64=base64.b64encode(data).decode())))
+    assert fetcher.read_chunk(offer, "manifest.json", 0, 4096) == data
+
+
+def test_a_session_closed_while_a_chunk_is_awaited_interrupts_the_update(offer):
+    """MqttSession.close() cancels the requests it holds: that was a CancelledError, and the update failed."""
+    def request(req):
+        future = Future()
+        future.cancel()
+        return future
+
+    with pytest.raises(UpdateInterrupted, match="chunk 3 of manifest.json: the MQTT session closed"):
+        MqttChunkFetcher(request, timeout_s=1.0).read_chunk(offer, "manifest.json", 3, 4096)
+
+
+def test_an_offer_whose_manifest_is_not_base64_is_refused_when_read(offer):
+    """It was taken, and failed in OFFERED with "Error: Only base64 data is allowed" (naming nothing); a state file
+    holding one is now unreadable at start, moved aside, like any other damaged state."""
+    from pydantic import ValidationError
+
+    from ota.update import Offer
+
+    with pytest.raises(ValidationError, match="manifest_b64\n.*not valid base64"):
+        Offer.model_validate({**offer.model_dump(), "manifest_b64": "not base64!"})
