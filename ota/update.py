@@ -54,6 +54,7 @@ from ota.versions import check_upgrade, parse_version
 log = logging.getLogger("edgeglm.ota")
 
 DISK_HEADROOM = 1 << 20  # beyond the bundle's files: the manifest, signature, update state and slot pointer files
+CHUNK_ATTEMPTS = 3  # a chunk whose sha256 does not match is fetched this many times before the update fails
 DISK_BLOCK = 4096  # files take whole blocks of the file system (4 KiB on ext4 and most others)
 
 
@@ -691,11 +692,17 @@ class Updater:
             with open(dest, "r+b" if dest.exists() else "w+b") as f:
                 f.truncate(entry.size)
                 for i in range(start, expected_chunks):
-                    data = self.deps.fetcher.read_chunk(offer, entry.path, i, manifest.chunk_size)
-                    digest = hashlib.sha256(data).hexdigest()
-                    if digest != entry.chunks[i]:
-                        raise UpdateFailed(f"chunk {i} of {entry.path}: sha256 {digest} does not match the "
-                                           f"manifest's {entry.chunks[i]}")
+                    for attempt in range(1, CHUNK_ATTEMPTS + 1):  # a chunk damaged on its way is asked for again
+                        data = self.deps.fetcher.read_chunk(offer, entry.path, i, manifest.chunk_size)
+                        digest = hashlib.sha256(data).hexdigest()
+                        if digest == entry.chunks[i]:
+                            break
+                        if attempt == CHUNK_ATTEMPTS:
+                            raise UpdateFailed(f"chunk {i} of {entry.path}: sha256 {digest} does not match the "
+                                               f"manifest's {entry.chunks[i]} ({CHUNK_ATTEMPTS} times: the source "
+                                               "serves other bytes than the offered bundle's)")
+                        log.warning("OTA %s: chunk %d of %s does not match the manifest (sha256 %s): asking again",
+                                    offer.update_id, i, entry.path, digest[:16])
                     f.seek(i * manifest.chunk_size)
                     f.write(data)
                     f.flush()

@@ -210,6 +210,29 @@ def test_corrupted_chunk_is_refused(device, signed_bundles, tmp_path):
     _refused(device, offer, "chunk 0 of openvino/openvino_model.bin: sha256")
 
 
+def test_a_chunk_damaged_once_on_its_way_is_asked_for_again(device, signed_bundles):
+    """One chunk that did not match failed the whole update (and CLEANUP removed every chunk already verified):
+    it is fetched again, up to CHUNK_ATTEMPTS times, before the update fails (the source's bytes then differ)."""
+    from ota.update import CHUNK_ATTEMPTS
+
+    updater = build_updater(device)
+    real, damaged = updater.deps.fetcher, []
+
+    class Flaky:
+        def read_chunk(self, offer, path, index, chunk_size):
+            data = real.read_chunk(offer, path, index, chunk_size)
+            if index == 0 and path.endswith(".bin") and len(damaged) < CHUNK_ATTEMPTS - 1:
+                damaged.append(path)
+                return bytes([data[0] ^ 1]) + data[1:]
+            return data
+
+    updater.deps.fetcher = Flaky()
+    updater.submit(offer_for(signed_bundles["v2"], "u2"))
+    updater.run()
+    assert updater.data["outcome"] == "committed", updater.data["reason"]
+    assert len(damaged) == CHUNK_ATTEMPTS - 1 and serving(device) == "1.1.0"
+
+
 def test_wrong_signature_is_refused(device, signed_bundles, tmp_path):
     offer = offer_for(signed_bundles["v2"], "u2")
     other = offer_for(signed_bundles["v1"], "u1")
