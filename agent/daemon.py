@@ -335,13 +335,47 @@ class Agent:
         if self.updater is not None:
             self.updater.stopped_cleanly()  # no death of a model on probation
             self.updater.stopping.set()  # before the session closes: an update in progress resumes at the next start
+        # while requests in flight finish, MQTT messages still come: inference requests among them are answered
+        # "shutting down" (retryable) instead of being acknowledged to the broker and then lost with the process
+        drained, drainer = threading.Event(), None
+        if self.session is not None:
+            drainer = threading.Thread(target=self._refuse_while_stopping, args=(drained,), name="mqtt-drain",
+                                       daemon=True)
+            drainer.start()
         self.http.shutdown(deadline)
         if self.session is not None:
+            drained.set()
+            drainer.join(timeout=2.0)
+            self._refuse_while_stopping(None)  # what came since: the queue, emptied once more
             self._send_telemetry(final=True)
             self.session.close(publish_offline=True)
         if self._state_lock is not None:
             self._state_lock.close()  # the state dir is free for the next agent
             self._state_lock = None
+
+    def _refuse_while_stopping(self, done: threading.Event | None) -> None:
+        """Answer the inference requests that come while the agent stops (until `done`; None: those queued now)
+        with `model_unavailable`, which a requester sends again. Desired configs and offers are retained: the
+        broker hands them again at the next start."""
+        while True:
+            event = self.session.get_event(timeout=0.2 if done is not None else 0)
+            if event is None:
+                if done is None or done.is_set():
+                    return
+                continue
+            try:
+                if isinstance(event, Received) and isinstance(event.payload, InferenceRequest):
+                    if self._answerable(event.message):
+                        log.info("MQTT inference request %r came while the agent stops: answered "
+                                 "model_unavailable", event.payload.id[:64])
+                        self._respond(event.message, event.payload, InferenceResponse(
+                            id=event.payload.id, error=ErrorInfo(code="model_unavailable", message=(
+                                "the agent is shutting down; send the request again (to this device once it is "
+                                "back, or to another)"))))
+                elif isinstance(event, PayloadRejected):
+                    self._rejected(event)
+            except Exception:  # noqa: BLE001: one bad message must not stop the shutdown
+                log.exception("answering an MQTT message while stopping failed")
 
     # --- events -------------------------------------------------------------------------------
     def _dispatch(self, event: Received) -> None:
@@ -389,7 +423,9 @@ class Agent:
             problem = (f"is a retained message on {message.topic}: not answered (the broker would hand it again at "
                        "every reconnect); clear it with an empty retained message on that topic")
         elif target is None:
-            problem = ("names no response topic one can publish to (neither the MQTT 5 property nor reply_to in the "
+            unusable = self.session.response_topic_problem(message)
+            problem = (f"names a response topic the broker would refuse: {unusable}" if unusable else
+                       "names no response topic one can publish to (neither the MQTT 5 property nor reply_to in the "
                        "payload)")
         else:
             problem = infer_response_problem(d.fleet, d.id, target.topic)
@@ -419,7 +455,7 @@ class Agent:
             # a rollout waits for this device's result: say why the offer was not taken, or it waits forever
             try:
                 update_id = json.loads(event.message.payload).get("update_id")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested past Python's limit
                 update_id = None
             reason = f"offer refused before any check: {event.error}"
             log.warning("OTA %s", reason)

@@ -323,12 +323,16 @@ class MqttSession:
         self._control.put(("suback", mid, reason_code_list))
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
-        props = msg.properties
-        message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
-                          getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None))
-        if msg.topic in self._response_topics and self._resolve(message):
-            return
-        self.events.put(message)
+        try:
+            props = msg.properties
+            message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
+                              getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None))
+            if msg.topic in self._response_topics and self._resolve(message):
+                return
+            self.events.put(message)
+        except Exception:  # noqa: BLE001: an exception here ends paho's network thread, and the session with it
+            # (silently: `connected` still True, nothing delivered again); log it and drop the message
+            log.exception("MQTT message on %s dropped: handling it failed", getattr(msg, "topic", "?"))
 
     def _resolve(self, message: Message) -> bool:
         """Complete the pending request this response answers; False if none waits for it."""
@@ -693,6 +697,16 @@ class MqttSession:
             request_id = correlation.decode(errors="replace")
         return ReplyTarget(topic, correlation, request_id)
 
+    def response_topic_problem(self, message: Message) -> str | None:
+        """Why the response topic `message` names (MQTT 5 property, else `reply_to`) cannot be published to;
+        None when it can or when it names none."""
+        topic = message.response_topic or self._payload_field(message, "reply_to")
+        try:
+            check_publish_topic(topic) if topic is not None else None
+        except ValueError as exc:
+            return str(exc)
+        return None
+
     def respond(self, request: Message, response: BaseModel | bytes) -> paho.MQTTMessageInfo | None:
         """Publish `response` where `request` asked for it, with its correlation data."""
         target = self.reply_target(request)
@@ -706,7 +720,7 @@ class MqttSession:
             return None
         try:
             data = json.loads(message.payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's limit
             return None
         value = data.get(name) if isinstance(data, dict) else None
         return value if isinstance(value, str) and value else None

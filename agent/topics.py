@@ -179,6 +179,10 @@ def _unsafe_in_topic(ch: str) -> bool:
     return c <= 0x1F or 0x7F <= c <= 0x9F or 0xD800 <= c <= 0xDFFF or 0xFDD0 <= c <= 0xFDEF or c & 0xFFFE == 0xFFFE
 
 
+MAX_TOPIC_LEVELS = 200  # Mosquitto's limit on a topic's levels (TOPIC_HIERARCHY_LIMIT); a publish past it ends the
+# connection, and paho sends a QoS 1 answer again after every reconnect: the device was cut off for good
+
+
 def check_publish_topic(topic: str) -> str:
     """A topic a client may publish to: non-empty, no wildcards, at most 65535 bytes, no control characters
     or Unicode non-characters (a response topic with one, e.g. `reply_to` "a\\u0001b", got the device
@@ -189,6 +193,10 @@ def check_publish_topic(topic: str) -> str:
                          "Unicode non-character, which the broker refuses")
     if not topic or "+" in topic or "#" in topic or len(topic.encode()) > 65535:
         raise ValueError(f"{topic!r} is not a topic one can publish to (empty, a wildcard or too long)")
+    levels = topic.count("/") + 1
+    if levels > MAX_TOPIC_LEVELS:  # Mosquitto disconnects a client that publishes to one ("protocol error")
+        raise ValueError(f"{topic[:64]!r}... is not a topic one can publish to: {levels} levels, more than the "
+                         f"{MAX_TOPIC_LEVELS} the broker takes")
     return topic
 
 

@@ -303,6 +303,9 @@ def read_manifest(root: Path) -> Bundle:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{mpath}: not valid JSON ({exc}); truncated or corrupted manifest") from None
+    except RecursionError:
+        raise BundleError(f"{mpath}: not a manifest (JSON nested deeper than Python reads); the bundle is "
+                          "refused") from None
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:

@@ -256,6 +256,55 @@ def test_a_response_topic_the_broker_would_refuse_does_not_cut_the_agent_off(ser
     assert running.agent.session.stats.connects == connects and running.agent.session.connected
 
 
+def test_a_response_topic_of_more_levels_than_the_broker_takes_does_not_cut_the_agent_off(served, caplog):
+    """Mosquitto drops a client that publishes to a topic of over 200 levels ("protocol error"): the answer to one
+    such request cut the device off, and again after every reconnect (paho sends the QoS 1 answer first)."""
+    running, requester = served
+    connects = running.agent.session.stats.connects
+    requester.ask({"id": "deep-topic", "prompt": "x", "max_tokens": 1}, response_topic="test/" + "a/" * 300 + "b")
+    until(lambda: warned(caplog, "levels, more than the 200 the broker takes"), timeout=WAIT)
+    requester.ask({"id": "next", "prompt": "x", "max_tokens": 1})
+    assert requester.answer("next")["text"] is not None
+    assert running.agent.session.stats.connects == connects and running.agent.session.connected
+
+
+def test_json_nested_past_pythons_limit_neither_kills_the_session_nor_goes_unanswered(served, mosquitto, caplog):
+    """`[[[...]]]` 100,000 deep: json.loads raised RecursionError inside paho's callback on a response topic (its
+    network thread ended: the session went silently dead), and in the agent's loop for a request (no answer)."""
+    from agent.topics import chunk_response_topic
+
+    running, requester = served
+    deep = "[" * 100000 + "]" * 100000
+    requester.ask(deep, correlation=b"deep-1")
+    answer = requester.answer("deep-1")
+    assert answer["error"]["code"] == "bad_request", answer
+    running.agent.session._response_topics.add(chunk_response_topic(FLEET, DEVICE))  # as after an MQTT download
+    running.agent.session.subscribe(chunk_response_topic(FLEET, DEVICE))
+    requester.client.publish(chunk_response_topic(FLEET, DEVICE), deep, qos=1).wait_for_publish(10)
+    requester.ask({"id": "after", "prompt": "x", "max_tokens": 1})
+    assert requester.answer("after")["text"] is not None  # the session still delivers
+    assert not [r for r in caplog.records if "RecursionError" in (r.getMessage() + str(r.exc_info))]
+
+
+def test_requests_that_come_while_the_agent_stops_are_answered_not_lost(served, caplog):
+    """Requests arriving during the shutdown's drain were acknowledged to the broker and queued, then lost with
+    the process: no answer, and none after the restart either. They get model_unavailable (retryable) now."""
+    running, requester = served
+    requester.ask({"id": "long", "prompt": "def f(", "max_tokens": 4000})
+    until(lambda: _in_flight(running.agent.http.port) >= 1, timeout=WAIT)
+    running.stop.set()
+    running.thread.join(30)
+    stopper = threading.Thread(target=running.agent.shutdown, args=(3.0,))
+    stopper.start()
+    for n in range(3):
+        requester.ask({"id": f"late-{n}", "prompt": "x", "max_tokens": 1})
+    stopper.join(60)
+    running.closed = True
+    for n in range(3):
+        answer = requester.answer(f"late-{n}")
+        assert answer["error"]["code"] == "model_unavailable" and "shutting down" in answer["error"]["message"], answer
+
+
 def _generated(running) -> int:
     """Requests generated since the last call (the agent's telemetry window, taken)."""
     return sum(r.count for r in running.agent.window.take(DEVICE))
