@@ -23,6 +23,7 @@ load torch only when run, so an edge install without the `factory` extra runs th
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import signal
@@ -339,19 +340,48 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
 
-class _ActionParser(argparse.ArgumentParser):
-    """A subcommand's parser: a flag it does not take is an error here, naming the subcommands that take it."""
+class _SubParser(argparse.ArgumentParser):
+    """Every subcommand's parser: a flag it does not take is an error here, after its own usage, naming the
+    commands that take it (or the flag it comes close to). Without it the top-level parser said it, after
+    `edgeglm`'s usage; and a required flag's absence was told before a mistyped one (`--devcie d1`: "the
+    following arguments are required: --device", the typo never named)."""
 
-    owners: dict[str, list[str]] = {}  # flag -> the `edgeglm agent` actions that take it (build_parser sets it)
+    owners: dict[str, list[str]] = {}  # flag -> the commands (their prog) that take it; build_parser sets it
+    hints: dict[tuple[str, str], str] = {}  # (prog, flag) -> why this command does not take it
 
     def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
-            flags = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
-            where = [f"{f} is an option of {' and '.join(f'`edgeglm agent {o}`' for o in self.owners[f])}"
-                     for f in flags if f in self.owners]
-            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(where)})" if where else ""))
+            self.error(self._unrecognized(extras))
         return namespace, extras
+
+    def _unrecognized(self, extras: list[str]) -> str:
+        notes = []
+        for flag in dict.fromkeys(a.split("=", 1)[0] for a in extras if a.startswith("--")):
+            others = [o for o in self.owners.get(flag, []) if o != self.prog]
+            parent = self.prog.rsplit(" ", 1)[0]
+            others = [o for o in others if o.rsplit(" ", 1)[0] == parent] or others  # a sibling's first
+            if (self.prog, flag) in self.hints:
+                notes.append(self.hints[self.prog, flag])
+            elif others:
+                more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+                notes.append(f"{flag} is an option of {' and '.join(f'`{o}`' for o in others[:3])}{more}")
+            else:
+                names = [o[2:] for o in self._option_string_actions if o.startswith("--") and o != "--help"]
+                close = difflib.get_close_matches(flag[2:], names, n=1, cutoff=0.6)  # the words, not the dashes
+                if close:
+                    notes.append(f"did you mean --{close[0]}?")
+        return f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(notes)})" if notes else "")
+
+    def error(self, message):
+        # a mistyped flag first: its absence is what the "required" error is about
+        if message.startswith("the following arguments are required") and self._subparsers is None:
+            unknown = [a for a in getattr(self, "_given", []) if a.startswith("--") and a != "--"
+                       and a.split("=", 1)[0] not in self._option_string_actions]
+            if unknown:
+                message = self._unrecognized(unknown)
+        super().error(message)
 
 
 def _positive(text: str) -> int:
@@ -378,7 +408,7 @@ def _threads(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgeglm", description="Edge agent for compressed GLM models.")
     p.add_argument("--version", action="version", version=f"edgeglm {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_SubParser)
 
     e = sub.add_parser("export", help="export a GlmForCausalLM checkpoint to a bundle (needs the factory extra)")
     e.add_argument("checkpoint", help="GlmForCausalLM checkpoint directory to export (config.json, "
@@ -472,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("agent", help="run the edge agent daemon (or print its config schema, or install it)",
                        description="`edgeglm agent [FLAGS]` runs the daemon, as `edgeglm agent run [FLAGS]` does.")
-    asub = a.add_subparsers(dest="action", required=True, parser_class=_ActionParser)
+    asub = a.add_subparsers(dest="action", required=True)
     ar = asub.add_parser("run", help="run the daemon (the default action)",
                          epilog="Signals: SIGTERM or Ctrl-C stop it cleanly (requests in flight finish, the offline "
                                 "state is published); SIGHUP reads --config again and applies what can change live "
@@ -492,14 +522,6 @@ def build_parser() -> argparse.ArgumentParser:
     ai.add_argument("--wheel-or-source", help="what pip installs (default: this source tree)")
     ai.add_argument("--no-venv", action="store_true", help="no virtualenv, the unit runs this Python")
     ai.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
-    owners: dict[str, list[str]] = {}
-    for name, parser in asub.choices.items():
-        for action in parser._actions:
-            for flag in action.option_strings:
-                if flag not in ("-h", "--help"):
-                    owners.setdefault(flag, []).append(name)
-    for parser in asub.choices.values():
-        parser.owners = owners
     a.set_defaults(func=cmd_agent)
 
     from fleet.cli import register as register_fleet
@@ -514,7 +536,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive, default=300, help="training steps for the tiny model (default 300)")
     d.add_argument("--broker", help="mqtt://HOST:PORT (or HOST:PORT) of a broker to use instead of the embedded one")
     d.set_defaults(func=cmd_demo)
+    owners: dict[str, list[str]] = {}
+    for parser in _leaf_parsers(p):
+        for flag in parser._option_string_actions:
+            if flag.startswith("--") and flag != "--help":
+                owners.setdefault(flag, []).append(parser.prog)
+    _SubParser.owners = owners
+    _SubParser.hints = {("edgeglm fleet rollout", "--broker"): "a rollout is driven by `edgeglm fleet serve`, which "
+                        "holds the broker connection: rollout takes no --broker, only --db/--config to record it"}
     return p
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """The parsers of every command that has no subcommands of its own."""
+    if parser._subparsers is None:
+        yield parser
+        return
+    for action in parser._subparsers._group_actions:
+        for child in dict.fromkeys(action.choices.values()):  # aliases name the same parser
+            yield from _leaf_parsers(child)
 
 
 def _process_defaults() -> None:

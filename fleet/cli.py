@@ -739,8 +739,10 @@ def register(sub) -> None:
     r.add_argument("--bundle", help="the signed bundle to roll out (required to start one)")
     r.add_argument("--group", help="a group (`fleet group add`) or a fleet id (required to start one)")
     r.add_argument("--canary", type=float, help="percent of online devices offered first (required to start one)")
-    r.add_argument("--max-p95-regression", type=float, default=20.0, help="percent; more halts the rollout")
-    r.add_argument("--window", type=float, default=300.0, help="seconds of canary telemetry before deciding")
+    r.add_argument("--max-p95-regression", type=float, default=20.0,
+                   help="percent of p95 growth on the canaries that halts the rollout (default 20)")
+    r.add_argument("--window", type=float, default=300.0,
+                   help="seconds of canary telemetry before deciding (default 300)")
     r.add_argument("--min-free-memory-mb", type=float, default=None,
                    help="memory gate: halt when a canary's health snapshot on the new version says it can still "
                         "take less than this many MiB (default: off; the report gives each canary's memory anyway)")

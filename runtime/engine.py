@@ -1607,6 +1607,14 @@ class OnnxRuntimeEngine:
             tokens = ("inputs_embeds", self._embeddings[input_ids])  # (batch, seq, hidden)
         return runner.run(self._ort, tokens, position_ids, attention_mask, cache, batch)
 
+    def prompt_graph(self, prompt_tokens: int) -> str:
+        """Which graph a prompt of this many tokens runs on ("prefill" or "decode"; "" with one graph): as `_run`
+        routes a batch-1 prompt and its chunks (`prompt_tokens`). The prefix cache keys blocks by it: the two
+        graphs' KV of the same tokens differ by rounding (W8A8 against MatMulNBits)."""
+        if self._prefill is self._decode:
+            return ""
+        return "prefill" if prompt_tokens >= self.prefill_min_rows else "decode"
+
     @property
     def routes_by_rows(self) -> bool:
         """True when steps go to the decode or the prefill graph by their token rows (`prefill_min_rows`): both

@@ -87,6 +87,12 @@ IDLE_S = 600.0  # another model's directory nobody holds is removed once nothing
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # a model key is one directory name
 
 
+def _prompt_graph(engine, prompt_tokens: int) -> str:
+    """The graph that runs a prompt of this many tokens on `engine` ("" where it has one)."""
+    which = getattr(engine, "prompt_graph", None)
+    return which(prompt_tokens) if callable(which) else ""
+
+
 def block_hash(parent: bytes, tokens) -> bytes:
     """The chain hash of a block: sha256 over its parent's hash and its token ids (int64 LE)."""
     return hashlib.sha256(parent + np.asarray(tokens, "<i8").tobytes()).digest()
@@ -199,11 +205,16 @@ class PrefixCache:
                                     self._evictions, self.max_bytes)
 
     # --- lookup and insert --------------------------------------------------------------------
-    def chain(self, prompt_ids: list[int], blocks: int, block_tokens: int | None = None) -> list[bytes]:
-        """The chain hashes of the prompt's first `blocks` full blocks (of `block_tokens`, default the cache's)."""
+    def chain(self, prompt_ids: list[int], blocks: int, block_tokens: int | None = None, graph: str = "") -> list[bytes]:
+        """The chain hashes of the prompt's first `blocks` full blocks (of `block_tokens`, default the cache's).
+        `graph` names the graph that runs the prompt where an engine has two that round differently (ONNX
+        Runtime INT8: the W8A8 prefill graph and the decode graph, chosen by the prompt's length): it salts the
+        first block's hash, so that a prompt only ever resumes from KV its own graph computed. A 40-token prompt
+        (decode graph) reused blocks a 100-token one (prefill graph) had stored: its KV was not what a cold
+        prefill computes, and greedy answers changed with a hit."""
         out, parent, b = [], ROOT, block_tokens or self.block_tokens
         for i in range(blocks):
-            parent = block_hash(parent, prompt_ids[i * b:(i + 1) * b])
+            parent = block_hash(parent if i else graph.encode(), prompt_ids[i * b:(i + 1) * b])
             out.append(parent)
         return out
 
@@ -212,7 +223,7 @@ class PrefixCache:
         miss, when off, or for an engine other than the bound one. Blocks read from disk are checked
         against `engine.arch`."""
         b = self.block_tokens
-        hashes = self.chain(prompt_ids, (len(prompt_ids) - 1) // b, b)
+        hashes = self.chain(prompt_ids, (len(prompt_ids) - 1) // b, b, _prompt_graph(engine, len(prompt_ids)))
         arch: ModelArch | None = getattr(engine, "arch", None)
         with self._lock:
             self._check_bound()
@@ -243,7 +254,8 @@ class PrefixCache:
         """Store the prompt's full blocks that are not cached yet, from `cache` (which holds at least
         the prompt's positions); returns how many blocks were added."""
         b = self.block_tokens
-        hashes = self.chain(prompt_ids, min(len(prompt_ids), cache.length) // b, b)
+        hashes = self.chain(prompt_ids, min(len(prompt_ids), cache.length) // b, b,
+                            _prompt_graph(engine, len(prompt_ids)))
         with self._lock:
             self._check_bound()
             if not self._serves(engine) or b != self.block_tokens:

@@ -60,6 +60,26 @@ def test_another_actions_flag_is_a_usage_error_naming_its_owner(capsys, argv, fl
     assert "unrecognized arguments" in line and f"{flag} is an option of `edgeglm agent {owner}`" in line
 
 
+@pytest.mark.parametrize("argv,words", [
+    # a typo was named only by the top-level parser (after `edgeglm`'s usage), or not at all where a required flag
+    # was missing (`--devcie d1`: "the following arguments are required: --device")
+    (["fleet", "offer", "--fleet", "f", "--bundle", "b", "--devcie", "d1"], "edgeglm fleet offer: error: unrecognized "
+                                                                             "arguments: --devcie (did you mean --device?)"),
+    (["bundle", "sign", "B", "--kye", "K"], "edgeglm bundle sign: error: unrecognized arguments: --kye (did you mean "
+                                            "--key?)"),
+    (["bench", "--bundle", "b", "--new-tokns", "4"], "edgeglm bench: error: unrecognized arguments: --new-tokns 4 (did "
+                                                     "you mean --new-tokens?)"),
+    (["fleet", "status", "--jsn"], "edgeglm fleet status: error: unrecognized arguments: --jsn (did you mean --json?)"),
+    (["generate", "--bundle", "b", "--port", "5", "hi"], "edgeglm generate: error: unrecognized arguments: --port hi "
+                                                         "(--port is an option of `edgeglm agent run`)"),
+    (["fleet", "rollout", "--bundle", "b", "--group", "g", "--canary", "10", "--broker", "127.0.0.1:1"],
+     "rollout takes no --broker"),
+])
+def test_a_flag_a_command_does_not_take_is_named_after_that_commands_usage(capsys, argv, words):
+    line = usage_error(capsys, *argv)
+    assert words in line, line
+
+
 def test_agent_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b"[http]\nhost = \"\xff\xfe\"\n")

@@ -320,6 +320,32 @@ def test_an_int8_prompts_tail_runs_on_the_graph_the_whole_prompt_runs_on(models,
     np.testing.assert_allclose(job.logits, prefill_cached(engine, ids[:40])[0], atol=1e-4)
 
 
+def test_an_int8_prompt_never_resumes_from_blocks_the_other_graph_computed(models, ids):
+    """Which graph runs a prompt depends on its length (prefill_min_rows): a short prompt sharing its first blocks
+    with a long one (or the reverse) resumed from KV the other graph had computed, which is not what its own cold
+    prefill computes (the W8A8 and MatMulNBits graphs round differently): a hit changed its logits by about 0.04
+    and turned greedy answers. Blocks are keyed by the graph that computed them now."""
+    model = models("int8", "onnxruntime")
+    engine = model.engine
+    keep = engine.prefill_min_rows
+    engine.prefill_min_rows = 3 * B  # prompts of 48 tokens or more: the prefill graph
+    try:
+        short, long = ids[:2 * B + 5], ids[:4 * B]  # the same first two blocks, on the two graphs
+        assert engine.prompt_graph(len(short)) == "decode" and engine.prompt_graph(len(long)) == "prefill"
+        for first, second in ((long, short), (short, long)):
+            cache = PrefixCache(64 << 20, block_tokens=B)
+            cache.bind(key(model), engine)
+            prefill_cached(engine, first, cache)  # stores blocks of its own graph
+            warm, _, reused = prefill_cached(engine, second, cache)
+            assert reused == 0  # the other graph's blocks: not taken
+            np.testing.assert_array_equal(warm, prefill_cached(engine, second)[0])
+            again, _, reused = prefill_cached(engine, second, cache)  # its own graph's blocks: taken
+            assert reused == (len(second) - 1) // B * B
+            np.testing.assert_allclose(again, warm, atol=1e-4)
+    finally:
+        engine.prefill_min_rows = keep
+
+
 def _rewrite_block_file(path, change) -> None:
     """Rewrite a block file's JSON header with `change(header, arrays) -> arrays`; the checksum is made to
     match the arrays again (the damage is in what the header says, not a torn write)."""
