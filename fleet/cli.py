@@ -221,7 +221,11 @@ def _db(args) -> Path:
     from fleet.config import load_fleet_config
 
     cfg = load_fleet_config(args.config)  # a given --config is always read and checked, --db or not
-    return Path(args.db) if args.db else cfg.database.path
+    db = Path(args.db) if args.db else cfg.database.path
+    if db.is_dir():  # else "no fleet database; is `fleet serve --db DIR` running?", which it cannot be
+        raise FleetError(f"fleet database {db} (--db or database.path) cannot be opened: it is a directory; give "
+                         f"the database file, e.g. --db {db / 'fleet.db'}; nothing was done")
+    return db
 
 
 def _rollback_key(args, signs: str) -> Path:

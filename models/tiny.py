@@ -101,7 +101,8 @@ def train(model: GlmForCausalLM, ids: torch.Tensor, steps: int, batch: int = 16,
 
 def make_checkpoint(out: str | Path, shape: str = "tiny", train_steps: int = 200, seed: int = 0,
                     tie_word_embeddings: bool = False, progress=None) -> Path:
-    """Train a tokenizer and (for train_steps > 0) a GLM of the given shape; save an HF checkpoint."""
+    """Train a tokenizer and (for train_steps > 0) a GLM of the given shape; save an HF checkpoint. `progress`:
+    None, a callback (step, steps, loss), or True for a progress bar."""
     torch.manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,20 @@ def make_checkpoint(out: str | Path, shape: str = "tiny", train_steps: int = 200
     _init_weights(model)
     if train_steps > 0:
         ids = torch.tensor(tok.encode(text).ids, dtype=torch.long)
-        train(model, ids, train_steps, seed=seed, progress=progress)
+        bar = None
+        if progress is True:  # a progress bar on stderr, as `edgeglm demo` shows
+            from tqdm import tqdm
+
+            bar = tqdm(total=train_steps, desc="train", unit="step")
+
+            def progress(step, steps, loss):
+                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.update(step - bar.n)
+        try:
+            train(model, ids, train_steps, seed=seed, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
     save_checkpoint(model, out)
     return out
 

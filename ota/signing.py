@@ -109,6 +109,11 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
         raise SignatureError(f"{path}: cannot read the private key ({exc.strerror or exc}); give the NAME.key file "
                              "that `edgeglm bundle keygen` wrote") from None
     except (ValueError, TypeError) as exc:
+        if b"-----BEGIN PUBLIC KEY-----" in path.read_bytes()[:4096]:  # the .pub beside it, given by mistake
+            pair = path.with_suffix(".key") if path.suffix == ".pub" else None
+            raise SignatureError(f"{path}: is a public key (the half that verifies); signing takes the private key"
+                                 + (f", {pair}" if pair is not None and pair.exists() else ", the NAME.key file that "
+                                    "`edgeglm bundle keygen` wrote")) from None
         raise SignatureError(f"{path}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError(f"{path}: is a {type(key).__name__}, expected an Ed25519 private key")

@@ -913,3 +913,12 @@ def test_a_second_controller_never_takes_the_running_ones_broker_session(mosquit
     finally:
         logs = [stop(p) for p in (first, other) if p is not None]
     assert all("lost the broker" not in log for log in logs), logs
+
+
+def test_a_db_that_is_a_directory_is_said_so_by_every_command(tmp_path):
+    """`status`, `group` and `offer` said "no fleet database; is `fleet serve --db DIR` running?", which it cannot
+    be: `fleet serve` itself says the path is a directory."""
+    for args in (("status",), ("group", "list"), ("rollout", "cancel", "1")):
+        out = cli(*args, "--db", str(tmp_path))
+        assert out.returncode == 2 and f"fleet database {tmp_path} (--db or database.path) cannot be opened: it is " \
+            f"a directory; give the database file, e.g. --db {tmp_path / 'fleet.db'}" in out.stderr, out.stderr

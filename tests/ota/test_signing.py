@@ -553,3 +553,11 @@ def test_a_private_key_among_the_trusted_keys_is_warned_about_once(tmp_path, cap
         load_trusted_keys([keys])  # `bundle verify --trusted keys/` on the signing machine: no warning there
     warnings = [r.getMessage() for r in caplog.records if "private signing key" in r.getMessage()]
     assert len(warnings) == 1 and str(pair.private_path) in warnings[0] and "README" not in caplog.text
+
+
+def test_the_public_key_given_to_sign_says_which_file_to_give(tmp_path):
+    """It was the library's "Valid PEM but no BEGIN/END delimiters for a private key found"."""
+    pair = generate_keypair(tmp_path / "keys", "fleet")
+    with pytest.raises(SignatureError, match=f"{pair.public_path}: is a public key \\(the half that verifies\\); "
+                                             f"signing takes the private key, {pair.private_path}$"):
+        load_private_key(pair.public_path)
