@@ -223,7 +223,8 @@ class PrefixCache:
         miss, when off, or for an engine other than the bound one. Blocks read from disk are checked
         against `engine.arch`."""
         b = self.block_tokens
-        hashes = self.chain(prompt_ids, (len(prompt_ids) - 1) // b, b, _prompt_graph(engine, len(prompt_ids)))
+        graph = _prompt_graph(engine, len(prompt_ids))
+        hashes = self.chain(prompt_ids, (len(prompt_ids) - 1) // b, b, graph)
         arch: ModelArch | None = getattr(engine, "arch", None)
         with self._lock:
             self._check_bound()
@@ -234,7 +235,7 @@ class PrefixCache:
             self._lookups += 1
             found: list[_Block] = []
             for i, h in enumerate(hashes):
-                block = self._blocks.get(h) or self._load(h, hashes[i - 1] if i else ROOT, arch)
+                block = self._blocks.get(h) or self._load(h, hashes[i - 1] if i else ROOT, arch, graph)
                 if block is None:
                     break
                 self._blocks.move_to_end(h)  # touched before the next load may evict
@@ -355,8 +356,9 @@ class PrefixCache:
         if self._disk_bytes > self.max_bytes:  # files of earlier runs, or of blocks dropped by clear()
             self._tidy_disk(keep_fraction=0.75)
 
-    def _load(self, h: bytes, parent: bytes, arch: ModelArch | None) -> _Block | None:
-        """The block of hash `h` from disk, added to memory; None if absent or unusable (warned, deleted)."""
+    def _load(self, h: bytes, parent: bytes, arch: ModelArch | None, graph: str = "") -> _Block | None:
+        """The block of hash `h` from disk, added to memory; None if absent or unusable (warned, deleted).
+        `graph`: the salt of the chain's first block (`chain`)."""
         if self._dir() is None or self.max_bytes == 0:
             return None
         path = self._file(h)
@@ -368,7 +370,7 @@ class PrefixCache:
             log.warning("prefix cache: cannot read %s (%s); ignored", path, exc)
             return None
         try:
-            block = _parse(data, h, parent, self.block_tokens, arch, self.model_key)
+            block = _parse(data, h, parent, self.block_tokens, arch, self.model_key, graph)
         except ValueError as exc:
             log.warning("prefix cache: %s is not a usable KV block (%s); ignored and deleted", path, exc)
             _unlink(path)
@@ -623,7 +625,7 @@ def _header_of(path: Path) -> tuple[str | None, int]:
 
 
 def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelArch | None,
-           model_key: str | None = None) -> _Block:
+           model_key: str | None = None, graph: str = "") -> _Block:
     """A block file's content, checked against its name (hash), its expected parent, the model key it was
     written for and the model shape."""
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
@@ -646,7 +648,8 @@ def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelA
         raise ValueError(f"{len(payload)} bytes of arrays, expected {2 * layers * heads * tokens * dim * 4}")
     if hashlib.sha256(payload).hexdigest() != digest:
         raise ValueError("checksum mismatch")
-    if stored_parent != parent or len(ids) != block_tokens or block_hash(parent, ids) != h:
+    salted = graph.encode() if parent == ROOT else parent  # a chain's first block: salted by its graph
+    if stored_parent != parent or len(ids) != block_tokens or block_hash(salted, ids) != h:
         raise ValueError("its tokens do not match its name")
     if tokens != block_tokens:
         raise ValueError(f"its arrays hold {tokens} positions, not a block's {block_tokens}")

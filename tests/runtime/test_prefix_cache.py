@@ -112,6 +112,9 @@ def test_outputs_with_cache_hits_equal_outputs_without(models, ids, precision, b
     system = ids[:70]  # 4 whole blocks + 6 tokens
     prompts = [system + ids[200:215], system + ids[400:433], system, ids[:64], ids[:64] + ids[600:610]]
     want_reused = [0, 64, 64, 48, 64]  # at least one prompt token always runs: ids[:64] reuses 3 blocks
+    if getattr(model.engine, "inexact_resume", None):  # OpenVINO int8: activations quantized on the fly: left out
+        assert (precision, backend) == ("int8", "openvino"), model.engine.inexact_resume
+        want_reused = [0] * len(prompts)
     cache = PrefixCache(64 << 20, block_tokens=B)
     cache.bind(key(model))
     for params in (GREEDY, SEEDED):
@@ -122,7 +125,7 @@ def test_outputs_with_cache_hits_equal_outputs_without(models, ids, precision, b
             assert reused == want
             assert list(generate(model.engine, prompt, params, prefix_cache=cache)) == expected
     stats = cache.stats()
-    assert stats.hits > 0 and stats.hit_tokens >= sum(want_reused)
+    assert (stats.hits > 0 and stats.hit_tokens >= sum(want_reused)) or not any(want_reused)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -198,7 +201,7 @@ def test_a_cache_bound_to_one_model_never_serves_another(models, ids):
 
 
 def test_persisted_blocks_serve_a_new_cache_over_the_same_directory(models, ids, tmp_path):
-    model = models("int8", "openvino")
+    model = models("fp32", "openvino")  # (int8 on OpenVINO is left out of the cache: dynamic quantization)
     system, k = ids[:70], key(model)
     first = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
     first.bind(k)
@@ -379,14 +382,17 @@ def test_a_block_file_copied_from_another_models_directory_is_not_served(models,
     other = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path / "b")
     other.bind(key(b))
     (tmp_path / "b" / key(b)).mkdir(parents=True, exist_ok=True)  # (bind made it: it holds its lease)
-    for f in written:  # copied by hand into b's directory
-        (tmp_path / "b" / key(b) / f.name).write_bytes(f.read_bytes())
     prompt = system + ids[500:520]
+    # copied by hand into b's directory, under the names b looks up (b's chain is salted with the graph that
+    # runs the prompt there: an INT8 bundle has two)
+    names = dict(zip(first.chain(system, 4), other.chain(system, 4, graph=b.engine.prompt_graph(len(prompt)))))
+    for f in written:
+        (tmp_path / "b" / key(b) / (names[bytes.fromhex(f.stem)].hex() + ".kvb")).write_bytes(f.read_bytes())
     with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
         logits, _, reused = prefill_cached(b.engine, prompt, other)
     assert reused == 0
     np.testing.assert_array_equal(logits, prefill(b.engine, prompt)[0])
-    root = first.chain(system, 1)[0].hex() + ".kvb"  # the lookup stops at the first block it cannot use
+    root = names[first.chain(system, 1)[0]].hex() + ".kvb"  # the lookup stops at the first block it cannot use
     assert f"written for model '{key(a)}'" in caplog.text and not (tmp_path / "b" / key(b) / root).exists()
     again = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path / "a")  # a's own files still serve a
     again.bind(key(a))
@@ -442,7 +448,10 @@ def test_an_openvino_path_that_cannot_resume_exactly_is_left_out_of_the_cache(mo
     from runtime.engine import OpenVinoEngine
 
     loaded = models("int8", "openvino")
-    assert loaded.engine.inexact_resume is None  # the default f32 / f32 path resumes exactly
+    # the default f32 / f32 path of an int8 bundle quantizes activations on the fly, per group of 32: a prompt
+    # split in two steps (as after a hit) gave logits 0.012 off the whole prompt's on glm-s; fp32 resumes exactly
+    assert loaded.engine.inexact_resume == "DYNAMIC_QUANTIZATION_GROUP_SIZE 32"
+    assert models("fp32", "openvino").engine.inexact_resume is None
     xml = loaded.bundle.path(loaded.bundle.manifest.backends["openvino"].entry)
     engine = OpenVinoEngine(xml, loaded.engine.arch, precision=precision, kv_cache_precision=kv)
     assert engine.precisions == {"INFERENCE_PRECISION_HINT": precision, "KV_CACHE_PRECISION": kv}
