@@ -194,6 +194,9 @@ def prefix_hit(engine, opts: BenchOptions, rng: np.random.Generator) -> dict:
 
     The cache stores whole blocks (BLOCK_TOKENS, 32), so the tokens reused are `prefix_tokens`
     rounded down to a block; the report says how many were."""
+    inexact = getattr(engine, "inexact_resume", None)
+    if inexact:  # the cache stays out of this path (runtime/prefix_cache.py): a "hit" would reuse nothing
+        return {"prefix_tokens": opts.prefix_tokens, "not_used": inexact}
     arch, vocab = engine.arch, engine.arch.vocab_size
     kv_bytes = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 4 * opts.prompt_tokens
     miss, hit, reused = [], [], 0
@@ -252,7 +255,11 @@ def format_report(report: dict) -> str:
                      f"{c['inter_token_ms']['max'] or 0:.1f} ms ({c['tokens']} tokens)")
         if c.get("max_kv_mb") is not None:
             lines.append(f"  KV bound        {c['max_kv_mb']:g} MiB: {c['kv_waits']} request(s) waited for running ones")
-    if report["prefix"]:
+    if report["prefix"] and report["prefix"].get("not_used"):
+        lines.append(f"  prefix hit      not measured: the prefix cache is not used on this execution path "
+                     f"({report['prefix']['not_used']}: a prompt resumed from cached KV would not give the whole "
+                     "prompt's logits)")
+    elif report["prefix"]:
         p = report["prefix"]
         lines.append(f"  prefix hit      TTFT {p['ttft_hit_ms']['median']:.1f} ms with {p['reused_tokens']} cached "
                      f"tokens vs {p['ttft_miss_ms']['median']:.1f} ms cold ({p['hit_speedup']}x)")
