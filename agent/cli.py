@@ -350,8 +350,19 @@ class _SubParser(argparse.ArgumentParser):
     hints: dict[tuple[str, str], str] = {}  # (prog, flag) -> why this command does not take it
 
     def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_intermixing", False):  # the inner passes of parse_known_intermixed_args
+            return super().parse_known_args(args, namespace)
         self._given = list(sys.argv[1:] if args is None else args)
-        namespace, extras = super().parse_known_args(args, namespace)
+        if self._subparsers is None:
+            # positionals after options too: `group remove ring1 --fleet F d2` left d2 "unrecognized" (a list of
+            # DEVICEs may come after the flags, as in `group add`)
+            self._intermixing = True
+            try:
+                namespace, extras = self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._intermixing = False
+        else:
+            namespace, extras = super().parse_known_args(args, namespace)
         if extras:
             self.error(self._unrecognized(extras))
         return namespace, extras

@@ -632,6 +632,8 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
 
     for r in load_rollouts(store):
         last = r.data["report"][-1] if r.data["report"] else ""
+        if r.data.get("step_error"):  # a step that keeps failing (retried every second): why it does not move
+            last += f"\n  its step keeps failing (retried every second): {r.data['step_error']}"
         target = r.fleet if not r.group else f"group {r.group} of {r.fleet}"
         text += f"\nrollout {r.id} ({r.bundle.name} -> {target}): {r.phase}  {last}"
     return text

@@ -262,22 +262,39 @@ class RolloutDriver:
                     self._failing[r.id] = text
                     log.error("rollout %d (%s -> %s), phase %s: step failed, retried every tick: %s", r.id,
                               r.bundle.name, r.target, r.phase, text, exc_info=exc)
+                    try:  # `fleet status` shows it beside the phase (the log alone was easy to miss)
+                        r.data["step_error"] = f"{time.strftime('%H:%M:%S')} {r.phase}: {text[:300]}"
+                        self._keep(r)
+                    except Exception:  # noqa: BLE001: the database itself may be what fails
+                        pass
             else:
                 if self._failing.pop(r.id, None) is not None:
                     log.info("rollout %d: phase %s went through again", r.id, r.phase)
+                    r.data.pop("step_error", None)
+                    self._keep(r)
 
-    def _offer(self, r: Rollout, devices: list[str], bundle: Path) -> dict:
-        """Offer `bundle` to each device, stopping as soon as the rollout is cancelled (a `rollout cancel` that
-        lands while a step offers to hundreds of devices stops the offers from there on)."""
-        offers = {}
-        for d in devices:
+    def _keep(self, r: Rollout) -> None:
+        """Write r.data as it is now, the phase unchanged (never over a cancel)."""
+        self.store._exec("UPDATE rollouts SET data=?, updated=? WHERE id=? AND phase != 'cancelled'",
+                         (json.dumps(r.data), time.time(), r.id))
+
+    def _offer(self, r: Rollout, devices: list[str], bundle: Path) -> bool:
+        """Offer `bundle` to each device not offered it by this rollout yet, recording each offer in
+        r.data["offers"] as soon as it is published, and stopping as soon as the rollout is cancelled (a `rollout
+        cancel` that lands while a step offers to hundreds of devices stops the offers from there on). A step
+        cut off midway (the broker lost, the controller killed) offers the rest at its retry, to the same
+        devices: it picked new canaries among those not yet on the version, so the first ones ran the new
+        version unmeasured and were never rolled back. False if cancelled."""
+        offers = r.data.setdefault("offers", {})
+        todo = [d for d in devices if d not in offers]
+        for n, d in enumerate(todo):
             row = self.store._exec("SELECT phase FROM rollouts WHERE id=?", (r.id,)).fetchone()
             if row and row[0] == "cancelled":
-                log.info("rollout %d cancelled while offering: %d of %d device(s) offered", r.id, len(offers),
-                         len(devices))
-                break
+                log.info("rollout %d cancelled while offering: %d of %d device(s) offered", r.id, n, len(todo))
+                return False
             offers[d] = self.controller.offer(r.fleet, d, bundle)
-        return offers
+            self._keep(r)
+        return True
 
     def _members(self, r: Rollout) -> set[str] | None:
         if r.group is None:
@@ -285,6 +302,8 @@ class RolloutDriver:
         return {d for f, d in self.store.groups().get(r.group, []) if f == r.fleet}
 
     def _canary(self, r: Rollout, now: float) -> None:
+        if r.data.get("picked"):  # picked and saved by an earlier tick that was cut off while offering
+            return self._offer_canaries(r, now)
         members = self._members(r)
         online = sorted(d["device"] for d in self.store.devices(r.fleet)
                         if d["online"] and (members is None or d["device"] in members))
@@ -325,13 +344,22 @@ class RolloutDriver:
         health = self.store.health(r.fleet)  # each canary's memory before (agents from before health, old ones: none)
         r.data["health_before"] = {d: _memory(health[(r.fleet, d)]) for d in canaries
                                    if health_current(health.get((r.fleet, d)), now)}
-        r.data.update(canaries=canaries, rest=rest, baseline=baseline)
-        r.data["offers"] = self._offer(r, canaries, r.bundle)
-        r.data["offered_at"] = now
         note = f" (no baseline latency from {missing})" if missing else ""
         if already:
             note += f"; {len(already)} already run {version}, not offered: {already}"
-        self._save(r, "canary_wait", f"offered to canaries {canaries}; {len(rest)} device(s) wait{note}")
+        # saved before the first offer: a retry offers these canaries, never others
+        r.data.update(canaries=canaries, rest=rest, baseline=baseline, offers={}, picked=True, pick_note=note)
+        self._keep(r)
+        self._offer_canaries(r, now)
+
+    def _offer_canaries(self, r: Rollout, now: float) -> None:
+        if not self._offer(r, r.data["canaries"], r.bundle):
+            return
+        r.data["offered_at"] = now
+        r.data.pop("picked", None)
+        note = r.data.pop("pick_note", "")
+        self._save(r, "canary_wait", f"offered to canaries {r.data['canaries']}; {len(r.data['rest'])} device(s) "
+                                     f"wait{note}")
 
     def _results(self, r: Rollout, devices: list[str]) -> dict:
         return {d: (self.store.last_result(r.fleet, d, r.data["offers"][d]) or {}).get("result") for d in devices}
@@ -468,22 +496,30 @@ class RolloutDriver:
         return problems, (f"; memory: {'; '.join(changes)}" if changes else "")
 
     def _rest(self, r: Rollout, now: float) -> None:
-        # every device of the target not on the version yet, online or not (one offline when the canaries were
-        # picked gets the retained offer when it connects), less the canaries
-        members, version = self._members(r), r.data.get("version")
         devices = self.store.devices(r.fleet)
-        known = {d["device"]: d["model_version"] for d in devices}
         online = {d["device"] for d in devices if d["online"]}
-        # devices removed from the registry since the canaries were picked are not offered it
-        rest = sorted({*(d for d in r.data["rest"] if d in known),
-                       *(d for d in known if members is None or d in members)}
-                      - set(r.data["canaries"]) - {d for d, v in known.items() if version and v == version})
-        offline = [d for d in rest if d not in online]
-        r.data["rest"] = rest
-        r.data["offers"].update(self._offer(r, rest, r.bundle))
+        if not r.data.get("rest_picked"):
+            # every device of the target not on the version yet, online or not (one offline when the canaries were
+            # picked gets the retained offer when it connects), less the canaries; a group's members as they are
+            # now: a device moved out of the group since (to another group, another rollout) is not offered it
+            members, version = self._members(r), r.data.get("version")
+            known = {d["device"]: d["model_version"] for d in devices}
+            in_target = [d for d in known if members is None or d in members]
+            # devices removed from the registry since the canaries were picked are not offered it either
+            left = sorted(d for d in r.data["rest"] if d in known and d not in in_target)
+            rest = sorted({*(d for d in r.data["rest"] if d in in_target), *in_target}
+                          - set(r.data["canaries"]) - {d for d, v in known.items() if version and v == version})
+            note = f"; {left} left {r.group} since the canaries were picked: not offered" if left else ""
+            r.data.update(rest=rest, rest_picked=True, rest_note=note)  # saved before the first offer
+            self._keep(r)
+        rest = r.data["rest"]
+        if not self._offer(r, rest, r.bundle):
+            return
         r.data["rest_offered_at"] = now
+        r.data.pop("rest_picked", None)
+        offline = [d for d in rest if d not in online]
         note = f" ({len(offline)} offline, offered when they connect: {offline})" if offline else ""
-        self._save(r, "rest_wait", f"offered to the rest {rest}{note}")
+        self._save(r, "rest_wait", f"offered to the rest {rest}{note}{r.data.pop('rest_note', '')}")
 
     def _rest_wait(self, r: Rollout, now: float) -> None:
         gone = self._drop_removed(r, "rest")
@@ -530,7 +566,8 @@ class RolloutDriver:
                     undone[d] = result
                     continue
                 serving[d] = row[0] if row and result == "committed" else reported.get(d)
-            offer_rollback(self.controller, r.fleet, serving, r.previous_bundle, r.key)
+            if serving:  # (nothing to sign for none: an unreadable key kept such a rollout in halting for good)
+                offer_rollback(self.controller, r.fleet, serving, r.previous_bundle, r.key)
             left = f"; {', '.join(f'{d} ({res})' for d, res in undone.items())} already serve(s) the model from " \
                    f"before the rollout: not offered one" if undone else ""
             self._save(r, "halted", f"halted; canaries {sorted(serving)} offered a signed rollback to "

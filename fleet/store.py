@@ -413,16 +413,20 @@ class Store:
         return out
 
     def last_result(self, fleet: str, device: str, update_id: str) -> dict | None:
+        # the latest to arrive, not the latest by the device's clock (edge clocks step: a canary that committed
+        # and then went back on probation, its clock set back meanwhile, read "committed")
         row = self._exec("SELECT body FROM ota_status WHERE fleet=? AND device=? AND update_id=? AND result IS NOT NULL "
-                         "ORDER BY ts DESC LIMIT 1", (fleet, device, update_id)).fetchone()
+                         "ORDER BY rowid DESC LIMIT 1", (fleet, device, update_id)).fetchone()
         return json.loads(row[0]) if row else None
 
     def last_results(self, fleet: str | None = None) -> dict[tuple[str, str], dict]:
-        """Each device's latest OTA result: (fleet, device) -> {update_id, result, reason, ts} (device clock)."""
+        """Each device's latest OTA result to arrive: (fleet, device) -> {update_id, result, reason, ts} (ts: the
+        device's clock)."""
         where, args = (" AND fleet=?", (fleet,)) if fleet else ("", ())
-        rows = self._exec("SELECT fleet, device, update_id, result, reason, MAX(ts) FROM ota_status WHERE result IS "
-                          "NOT NULL" + where + " GROUP BY fleet, device", args).fetchall()
-        return {(f, d): {"update_id": u, "result": res, "reason": reason, "ts": ts} for f, d, u, res, reason, ts in rows}
+        rows = self._exec("SELECT fleet, device, update_id, result, reason, ts, MAX(rowid) FROM ota_status WHERE "
+                          "result IS NOT NULL" + where + " GROUP BY fleet, device", args).fetchall()
+        return {(f, d): {"update_id": u, "result": res, "reason": reason, "ts": ts}
+                for f, d, u, res, reason, ts, _ in rows}
 
     def groups(self) -> dict[str, list[tuple[str, str]]]:
         """Every assigned group: name -> sorted (fleet, device) members."""

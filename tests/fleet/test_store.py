@@ -200,3 +200,17 @@ def test_a_telemetry_report_counts_as_seen(tmp_path):
                               telemetry_row(FLEET, {"device": "ghost", "window_end": 1399.0, "count": 0})])
     assert {d["device"]: d["last_seen"] for d in store.devices(FLEET)} == {"d1": 1400.0, "d2": 1000.0}
     store.close()
+
+
+def test_the_latest_ota_result_is_the_latest_to_arrive_whatever_the_devices_clock(tmp_path):
+    """A canary committed, then went back on probation after its clock was set back 120 s: ordered by the device's
+    ts, its result read "committed" (no halt at once, no ROLLED BACK line in `fleet status`, a rollback offered
+    to a device no longer on the version)."""
+    store = Store(tmp_path / "fleet.db")
+    store.add_ota_status("f", "d1", {"update_id": "u1", "ts": 1000.0, "state": "reporting", "result": "committed"})
+    store.add_ota_status("f", "d1", {"update_id": "u1", "ts": 880.0, "state": "reporting", "result": "rolled_back",
+                                     "reason": "probation"})
+    assert store.last_result("f", "d1", "u1")["result"] == "rolled_back"
+    assert store.last_results("f")[("f", "d1")] == {"update_id": "u1", "result": "rolled_back", "reason": "probation",
+                                                    "ts": 880.0}
+    store.close()

@@ -284,3 +284,117 @@ def test_the_no_model_row_shows_only_while_a_device_has_no_model(tmp_path):
     store.upsert_state("f", {"device": "d1", "online": True, "model": {"name": "m", "version": "1.0.0"}})
     assert [v["model_version"] for v in store.versions("f")] == ["1.0.0"]
     store.close()
+
+
+def _reported(controller, fleet) -> None:
+    """Each device sends a telemetry report, and the controller has stored them all."""
+    sent = controller.store.counter("telemetry_reports") + len(fleet)
+    for d in fleet:
+        d.report()
+    until(lambda: controller.store.counter("telemetry_reports") >= sent)
+
+
+class _CutOff:
+    """The real controller, whose publishing fails once after `after` offers (the broker lost mid-step)."""
+
+    def __init__(self, controller, after: int):
+        self.controller, self.after, self.cut = controller, after, False
+
+    def offer(self, *a, **k):
+        if not self.cut and self.after == 0:
+            self.cut = True
+            raise ConnectionError("the broker went away (injected)")
+        self.after -= 1
+        return self.controller.offer(*a, **k)
+
+
+def test_a_canary_step_cut_off_midway_offers_the_same_canaries_at_its_retry(controller, devices, mosquitto, db,
+                                                                           signed_bundles):
+    """Offers went out before anything was saved: a step cut off after some offers was retried from scratch, the
+    devices already offered now counted as "already on the version", and new canaries picked: the first ones ran
+    the new version unmeasured and a halt never rolled them back."""
+    from fleet.rollout import create_rollout
+
+    fleet = [devices(f"c{i}") for i in range(6)]
+    until(lambda: len([d for d in controller.store.devices(FLEET) if d["online"]]) == 6)
+    rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=50, window_s=1.0)
+    _reported(controller, fleet)  # the canaries' baseline latency
+    driver = RolloutDriver(controller.store, _CutOff(controller, after=2))
+    driver.tick()  # offers c0 and c1, then the broker "goes away"
+    r = next(r for r in load_rollouts(controller.store) if r.id == rid)
+    assert r.phase == "canary" and r.data["canaries"] == ["c0", "c1", "c2"] and sorted(r.data["offers"]) == ["c0", "c1"]
+    assert "ConnectionError" in r.data["step_error"]
+    until(lambda: fleet[0].version == "1.1.0" and fleet[1].version == "1.1.0")
+    driver.tick()  # the retry: c2 only
+    r = next(r for r in load_rollouts(controller.store) if r.id == rid)
+    assert r.phase == "canary_wait" and r.data["canaries"] == ["c0", "c1", "c2"], r.data["report"]
+    assert sorted(r.data["offers"]) == ["c0", "c1", "c2"] and not r.data.get("already")
+    assert "step_error" not in r.data and [len(d.offers) for d in fleet] == [1, 1, 1, 0, 0, 0]
+
+
+def test_a_device_moved_out_of_the_group_is_not_offered_the_rest(controller, devices, mosquitto, db, signed_bundles):
+    """The rest was the devices picked with the canaries plus the members now: one moved to another group (and
+    another rollout) meanwhile was still offered this rollout's version."""
+    fleet = [devices(f"g{i}") for i in range(3)]
+    until(lambda: len(controller.store.devices(FLEET)) == 3)
+    assert cli("group", "add", "ring1", "--fleet", FLEET, "g0", "g1", "g2", "--db", str(db)).returncode == 0
+    out = cli("rollout", "--bundle", str(signed_bundles["v2"]), "--group", "ring1", "--canary", "30", "--window", "1",
+              "--db", str(db))
+    assert out.returncode == 0, out.stderr
+    rid = load_rollouts(controller.store)[-1].id
+    driver = RolloutDriver(controller.store, controller)
+    _reported(controller, fleet)
+    driver.tick()
+    r = next(r for r in load_rollouts(controller.store) if r.id == rid)
+    assert r.data["canaries"] == ["g0"] and r.data["rest"] == ["g1", "g2"]
+    assert cli("group", "remove", "ring1", "--fleet", FLEET, "g2", "--db", str(db)).returncode == 0
+    r = drive(controller, fleet, rid)
+    assert r.phase == "done" and r.data["rest"] == ["g1"], r.data["report"]
+    assert "['g2'] left ring1 since the canaries were picked: not offered" in " ".join(r.data["report"])
+    assert [len(d.offers) for d in fleet] == [1, 1, 0] and fleet[2].version == "1.0.0"
+
+
+def test_a_halt_with_nothing_to_roll_back_needs_no_key_and_a_failing_step_shows_in_status(tmp_path, signed_bundles):
+    """Both canaries' updates failed (nothing switched), and the rollback key had become unreadable: the halt
+    loaded the key before looking at the canaries, failed every tick, and the rollout stayed in `halting` for
+    good (blocking new rollouts to the target), with the error only in the log."""
+    import json as _json
+
+    from fleet.controller import format_status
+    from fleet.rollout import create_rollout
+    from fleet.store import Store
+
+    store = Store(tmp_path / "fleet.db")
+    for d in ("h0", "h1"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
+        store.add_ota_status(FLEET, d, {"update_id": f"u-{d}", "ts": time.time(), "state": "reporting",
+                                        "result": "failed", "reason": "self-test failed"})
+    key = tmp_path / "rollback.key"
+    key.write_text("not a key any more\n")
+    rid = create_rollout(store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=1.0,
+                         previous_bundle=signed_bundles["v1"], key=key)
+    data = {"report": [], "canaries": ["h0", "h1"], "rest": [], "offers": {"h0": "u-h0", "h1": "u-h1"},
+            "offered_at": time.time(), "version": "1.1.0"}
+    store._exec("UPDATE rollouts SET phase='halting', data=? WHERE id=?", (_json.dumps(data), rid))
+
+    class NoOffers:
+        def offer(self, *a, **k):
+            raise AssertionError("nothing is to be offered")
+
+    RolloutDriver(store, NoOffers()).tick()
+    r = next(r for r in load_rollouts(store) if r.id == rid)
+    assert r.phase == "halted" and "no canary runs 1.1.0: no rollback offered" in r.data["report"][-1], r.data
+    # with a canary on the new version there is something to sign, and the unreadable key fails that step: shown
+    # beside the phase in `fleet status`, not only once in the log
+    store.upsert_state("other-fleet", {"device": "o1", "online": True, "model": {"name": "m", "version": "1.1.0"}})
+    store.add_ota_status("other-fleet", "o1", {"update_id": "u-o1", "ts": time.time(), "state": "reporting",
+                                               "result": "committed"})
+    rid2 = create_rollout(store, signed_bundles["v2"], "other-fleet", canary_pct=100, window_s=1.0,
+                          previous_bundle=signed_bundles["v1"], key=key)
+    store._exec("UPDATE rollouts SET phase='halting', data=? WHERE id=?", (_json.dumps(
+        {**data, "canaries": ["o1"], "offers": {"o1": "u-o1"}}), rid2))
+    RolloutDriver(store, NoOffers()).tick()
+    status = format_status(store)
+    assert f"rollout {rid2} (v2 -> other-fleet): halting" in status and "its step keeps failing (retried every " \
+        "second): " in status and "rollback.key" in status, status
+    store.close()
