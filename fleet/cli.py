@@ -628,6 +628,7 @@ def cmd_group(args) -> int:
         unknown = [d for d in args.devices if d not in {x["device"] for x in store.devices(args.fleet)}]
         note = f" ({', '.join(unknown)} not seen yet in fleet {args.fleet})" if unknown else ""
         print(f"group {args.group}: {n} device(s) added{note}; {len(store.groups()[args.group])} in all")
+        _warn_active_rollout(store, args.group, args.fleet, args.devices, added=True)
     else:
         groups = store.groups()
         if args.group not in groups:
@@ -643,9 +644,38 @@ def cmd_group(args) -> int:
             where = f" of fleet {args.fleet}" if args.fleet else ""
             raise FleetError(f"group {args.group}: {', '.join(absent)}{where} {'is' if len(absent) == 1 else 'are'} "
                              f"not in it (members: {listing}); nothing was removed")
+        gone = sorted(args.devices or members)
+        gone_fleets = {d: f for f, d in groups[args.group] if d in gone and (args.fleet is None or f == args.fleet)}
         n = store.group_remove(args.group, args.devices or None, args.fleet)
         print(f"group {args.group}: {n} device(s) removed" + (f" (fleet {args.fleet})" if args.fleet else ""))
+        for fleet in sorted(set(gone_fleets.values())):
+            _warn_active_rollout(store, args.group, fleet, [d for d, f in gone_fleets.items() if f == fleet],
+                                 added=False)
     return 0
+
+
+def _warn_active_rollout(store, group: str, fleet: str, devices: list[str], added: bool) -> None:
+    """Say what a membership change does to an active rollout of the group (its rest is the members when the
+    canaries are done: a device added joins it, one removed is left out unless already offered)."""
+    from fleet.rollout import load_rollouts
+
+    for r in load_rollouts(store, active_only=True):
+        if r.group != group or r.fleet != fleet:
+            continue
+        offered = sorted(d for d in devices if d in r.data.get("offers", {}))
+        waiting = sorted(d for d in devices if d not in offered)
+        picking = r.phase in ("canary", "canary_wait", "canary_window") or (r.phase == "rest"
+                                                                            and not r.data.get("rest_picked"))
+        about = f"warning: rollout {r.id} ({r.bundle.name} -> group {group}) is active (phase {r.phase}): "
+        if added and waiting:
+            print(about + (f"{', '.join(waiting)} will be offered it with the rest" if picking else
+                           f"{', '.join(waiting)} joined after it picked its devices: not offered it (a new "
+                           f"rollout to the group takes them)"), file=sys.stderr)
+        elif not added and waiting and picking:
+            print(about + f"{', '.join(waiting)} will not be offered it any more", file=sys.stderr)
+        if not added and offered:
+            print(f"warning: rollout {r.id} already offered {r.bundle.name} to {', '.join(offered)}: their update goes "
+                  f"on (`edgeglm fleet rollback --group ...` or a new rollout takes them elsewhere)", file=sys.stderr)
 
 
 def cmd_device(args) -> int:

@@ -347,7 +347,12 @@ def test_a_device_moved_out_of_the_group_is_not_offered_the_rest(controller, dev
     driver.tick()
     r = next(r for r in load_rollouts(controller.store) if r.id == rid)
     assert r.data["canaries"] == ["g0"] and r.data["rest"] == ["g1", "g2"]
-    assert cli("group", "remove", "ring1", "--fleet", FLEET, "g2", "--db", str(db)).returncode == 0
+    out = cli("group", "remove", "ring1", "--fleet", FLEET, "g2", "--db", str(db))
+    assert out.returncode == 0 and f"warning: rollout {rid} (v2 -> group ring1) is active (phase canary_wait): g2 " \
+        "will not be offered it any more" in out.stderr, out.stderr
+    out = cli("group", "remove", "ring1", "--fleet", FLEET, "g0", "--db", str(db))  # a canary: offered already
+    assert out.returncode == 0 and f"rollout {rid} already offered v2 to g0: their update goes on" in out.stderr
+    assert cli("group", "add", "ring1", "--fleet", FLEET, "g0", "--db", str(db)).returncode == 0
     r = drive(controller, fleet, rid)
     assert r.phase == "done" and r.data["rest"] == ["g1"], r.data["report"]
     assert "['g2'] left ring1 since the canaries were picked: not offered" in " ".join(r.data["report"])
