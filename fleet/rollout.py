@@ -206,6 +206,10 @@ def load_rollouts(store: Store, active_only: bool = False) -> list[Rollout]:
     return [r for r in out if r.phase in ACTIVE] if active_only else out
 
 
+# the saved start times of a rollout's waits and windows, and how far the wall clock must step between two ticks
+# (against the monotonic clock) to be taken for a step, not for time passed
+TIMERS = ("offered_at", "window_start", "rest_offered_at", "baseline_wait_since")
+CLOCK_STEP_S = 30.0
 ROLLBACK_VALID_S = 24 * 3600.0  # how long a rollback authorisation is valid by default
 ROLLBACK_VALID_MAX_S = 30 * 86400.0  # the longest `fleet rollback --valid-for` issues
 
@@ -233,6 +237,7 @@ class RolloutDriver:
     def __init__(self, store: Store, controller, fleet: str = "+"):
         self.store, self.controller, self.fleet = store, controller, fleet
         self._failing: dict[int, str] = {}  # rollout id -> the error its last step raised (logged once)
+        self._last_clock: tuple[float, float] | None = None  # (wall, monotonic) at the last tick
 
     def _save(self, r: Rollout, phase: str, note: str | None = None) -> None:
         if note:
@@ -249,8 +254,10 @@ class RolloutDriver:
     def tick(self, now: float | None = None) -> None:
         """One step of every active rollout. A step that raises (a bundle deleted since the rollout was
         recorded, a database error) is logged, once per rollout and error, and tried again at the next tick;
-        the other rollouts, and `fleet serve`, go on."""
-        now = time.time() if now is None else now
+        the other rollouts, and `fleet serve`, go on. `now`: the wall clock (tests pass their own)."""
+        if now is None:
+            now = time.time()
+            self._follow_clock(now)
         for r in load_rollouts(self.store, active_only=True):
             if self.fleet != "+" and r.fleet != self.fleet:
                 continue
@@ -272,6 +279,29 @@ class RolloutDriver:
                     log.info("rollout %d: phase %s went through again", r.id, r.phase)
                     r.data.pop("step_error", None)
                     self._keep(r)
+
+    def _follow_clock(self, now: float) -> None:
+        """A step of the controller's wall clock (NTP after a boot without an RTC, a VM restored) between two
+        ticks shifts the active rollouts' saved start times by as much, so that it is not taken for time passed:
+        a +1 h step halted a canary wait at once ("no result ... in 3602 s"), a -1 h step held a window an hour
+        longer. Measured against the monotonic clock, tick to tick."""
+        mono = time.monotonic()
+        last, self._last_clock = self._last_clock, (now, mono)
+        if last is None:
+            return
+        jump = (now - last[0]) - (mono - last[1])
+        if abs(jump) < CLOCK_STEP_S:
+            return
+        log.warning("the controller's clock stepped by %+.0f s: the active rollouts' waits and windows are shifted "
+                    "by as much", jump)
+        for r in load_rollouts(self.store, active_only=True):
+            if self.fleet != "+" and r.fleet != self.fleet:
+                continue
+            moved = [k for k in TIMERS if isinstance(r.data.get(k), (int, float))]
+            for k in moved:
+                r.data[k] += jump
+            if moved:
+                self._keep(r)
 
     def _keep(self, r: Rollout) -> None:
         """Write r.data as it is now, the phase unchanged (never over a cancel)."""

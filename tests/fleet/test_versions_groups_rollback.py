@@ -403,3 +403,27 @@ def test_a_halt_with_nothing_to_roll_back_needs_no_key_and_a_failing_step_shows_
     assert f"rollout {rid2} (v2 -> other-fleet): halting" in status and "its step keeps failing (retried every " \
         "second): " in status and "rollback.key" in status, status
     store.close()
+
+
+def test_a_step_of_the_controllers_clock_is_not_taken_for_time_passed(tmp_path, signed_bundles):
+    """A +1 h step of the wall clock (NTP on a box without an RTC) between two ticks halted a canary wait at once:
+    "no result from ['d0'] in 3602 s", one second after the offer."""
+    import json as _json
+
+    from fleet.rollout import create_rollout
+    from fleet.store import Store
+
+    store = Store(tmp_path / "fleet.db")
+    store.upsert_state(FLEET, {"device": "k0", "online": True, "model": {"name": "m", "version": "1.0.0"}})
+    rid = create_rollout(store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=60.0)
+    before_step = time.time() - 3600.0  # the wall clock an hour behind, when the offer was made a second ago
+    store._exec("UPDATE rollouts SET phase='canary_wait', data=? WHERE id=?", (_json.dumps(
+        {"report": [], "canaries": ["k0"], "rest": [], "offers": {"k0": "u-k0"}, "offered_at": before_step - 1,
+         "version": "1.1.0"}), rid))
+    driver = RolloutDriver(store, None)
+    driver._last_clock = (before_step, time.monotonic())  # the previous tick: then the clock stepped +1 h
+    driver.tick()
+    r = next(r for r in load_rollouts(store) if r.id == rid)
+    assert r.phase == "canary_wait", r.data["report"]
+    assert abs(r.data["offered_at"] - (time.time() - 1)) < 30  # shifted with the clock
+    store.close()
