@@ -256,6 +256,9 @@ class Updater:
         # chunks on disk per file while downloading: a small file rewritten after each chunk (update.json
         # holds the whole offer, manifest included: rewriting it per chunk wrote the manifest once per chunk)
         self._progress_path = self.root / "download-progress.json"
+        # a download that failed for good keeps its verified chunks here, for an offer of the same bundle
+        self.partial = self.root / "staging-partial"
+        self._partial_progress = self.root / "staging-partial-progress.json"
         self.deps = deps
         self.load_problem: str | None = None  # why the persisted state was dropped at start, if it was
         self.data = self._load()
@@ -504,6 +507,7 @@ class Updater:
         if self._in_inactive_slot(raw):
             return E.IN_SLOT
         need = space_needed(f.size for f in manifest.files)
+        need -= self._take_partial(raw)
         self.staging.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.staging).free
         target = self.data["target_slot"]
@@ -526,6 +530,32 @@ class Updater:
         atomic_write_bytes(self.staging / MANIFEST, raw)
         atomic_write_json(self.staging / SIGNATURE, offer.signature)
         return E.ACCEPTED
+
+    def _take_partial(self, raw: bytes) -> int:
+        """The chunks an earlier download of this exact manifest verified before it failed (the controller
+        unreachable past ota.give_up_s, a full disk, a source serving other bytes) become this update's staging,
+        and the download resumes from them (each chunk is checked again against the manifest first). Before, a
+        failed download's chunks were removed: the operator's next offer of the same bundle started at chunk 0,
+        on the slow links edge boxes have. Those of another bundle are removed. Returns the bytes it brings."""
+        if not self.partial.exists():
+            self._partial_progress.unlink(missing_ok=True)
+            return 0
+        try:
+            same = (self.partial / MANIFEST).read_bytes() == raw and not self.staging.exists()
+        except OSError:
+            same = False
+        if not same:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self._partial_progress.unlink(missing_ok=True)
+            return 0
+        os.replace(self.partial, self.staging)
+        if self._partial_progress.exists():
+            os.replace(self._partial_progress, self._progress_path)
+        kept = _bytes_on_disk(self.staging)
+        log.info("OTA %s: the download of this bundle that failed before kept its chunks (%d bytes): resumed from "
+                 "them", self.data.get("update_id"), kept)
+        self._report({"state": S.OFFERED.value, "resumed_bytes": kept})
+        return kept
 
     def _in_inactive_slot(self, raw: bytes) -> bool:
         """Whether the inactive slot (the update's target) holds exactly the offered bundle: the same manifest
@@ -796,6 +826,18 @@ class Updater:
         return E.DONE
 
     def _cleanup(self) -> Event:
+        history = self.data.get("history", [])
+        # (not when the disk is full: then CLEANUP is what frees it)
+        full = any(word in (self.data.get("reason") or "") for word in ("No space left", "disk full", "Errno 28"))
+        failed_downloading = (self.data.get("outcome") != "committed" and S.DOWNLOADING.value in history
+                              and S.VERIFYING.value not in history and (self.staging / MANIFEST).is_file()
+                              and not full)
+        shutil.rmtree(self.partial, ignore_errors=True)  # one partial download at most: the latest
+        self._partial_progress.unlink(missing_ok=True)
+        if failed_downloading:  # its verified chunks wait for an offer of the same bundle (`_take_partial`)
+            os.replace(self.staging, self.partial)
+            if self._progress_path.exists():
+                os.replace(self._progress_path, self._partial_progress)
         shutil.rmtree(self.staging, ignore_errors=True)
         self._progress_path.unlink(missing_ok=True)
         target = self.data.get("target_slot")

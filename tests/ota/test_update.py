@@ -233,6 +233,43 @@ def test_a_chunk_damaged_once_on_its_way_is_asked_for_again(device, signed_bundl
     assert len(damaged) == CHUNK_ATTEMPTS - 1 and serving(device) == "1.1.0"
 
 
+def test_an_offer_of_a_bundle_whose_download_failed_resumes_from_its_verified_chunks(device, signed_bundles):
+    """A download that failed for good (the controller unreachable past ota.give_up_s) had its chunks removed: the
+    operator's next offer of the same bundle (a new update id) downloaded it from chunk 0 again. Its verified
+    chunks are kept for an offer of the same manifest now (and dropped for any other)."""
+    from ota.update import UpdateFailed
+
+    total = sum(len(f.chunks) for f in open_bundle(signed_bundles["v2"]).manifest.files)
+    updater = build_updater(device)
+    real, fetched = updater.deps.fetcher, []
+
+    class GoesAway:
+        def read_chunk(self, offer, path, index, chunk_size):
+            if len(fetched) == total // 2:
+                raise UpdateFailed(f"chunk {index} of {path}: no answer from the controller within 300 s")
+            fetched.append((path, index))
+            return real.read_chunk(offer, path, index, chunk_size)
+
+    updater.deps.fetcher = GoesAway()
+    updater.submit(offer_for(signed_bundles["v2"], "u2"))
+    updater.run()
+    assert updater.data["outcome"] == "failed" and (device / "state" / "staging-partial").is_dir()
+    first = len(fetched)
+
+    class Counting:
+        def read_chunk(self, offer, path, index, chunk_size):
+            fetched.append((path, index))
+            return real.read_chunk(offer, path, index, chunk_size)
+
+    updater.deps.fetcher = Counting()
+    updater.submit(offer_for(signed_bundles["v2"], "u2-again"))
+    updater.run()
+    assert updater.data["outcome"] == "committed", updater.data["reason"]
+    assert first == total // 2 and len(fetched) == total  # together each chunk once: the second fetched the rest
+    assert serving(device) == "1.1.0" and not (device / "state" / "staging-partial").exists()
+    assert any(r.get("resumed_bytes") for r in reports(device))
+
+
 def test_wrong_signature_is_refused(device, signed_bundles, tmp_path):
     offer = offer_for(signed_bundles["v2"], "u2")
     other = offer_for(signed_bundles["v1"], "u1")
