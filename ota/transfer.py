@@ -150,8 +150,8 @@ class MqttChunkFetcher:
 
     `request(req) -> Future[Message]` is handed in. A chunk that does not arrive within
     `timeout_s` is asked for again (the broker may be restarting; the session reconnects), up
-    to `give_up_s` in all; then the update fails (its staging is removed: a new offer downloads
-    from the first chunk; a restart during the download resumes from the last verified chunk).
+    to `give_up_s` in all; then the update fails (its verified chunks are kept for an offer of the same
+    bundle, which resumes from them; a restart during the download resumes from the last verified chunk).
     An unanswered chunk is logged as a warning at once and then once a minute, and its answer, when it
     comes, as info.
     """
