@@ -160,11 +160,27 @@ def reference_greedy(model: GlmForCausalLM, prompt_ids: list[int], n: int):
 GQA_ROTARY_MAX_POSITIONS = 32768
 
 
+def gqa_rotates(cfg: GlmConfig) -> bool:
+    """Whether ONNX Runtime's GroupQueryAttention can rotate q and k itself for this head shape: its CPU kernel
+    takes a head_dim that is a multiple of 16 and cos/sin tables of a multiple of 8 (rotary_dim / 2). Other
+    shapes (head_dim 40, a partial_rotary_factor of 0.25 on 32) get RotaryEmbedding nodes instead: the export
+    failed with ONNX Runtime's own traceback."""
+    return cfg.head_dim % 16 == 0 and (cfg.rotary_dim // 2) % 8 == 0
+
+
+def onnxruntime_problem(cfg: GlmConfig) -> str | None:
+    """Why ONNX Runtime cannot run this architecture at all (None: it can)."""
+    if cfg.head_dim % 8:
+        return (f"head_dim {cfg.head_dim} (config.json) is not a multiple of 8, which ONNX Runtime's "
+                "GroupQueryAttention needs; export it with --backends openvino")
+    return None
+
+
 def _write_backend(backend: str, weights: str, cfg: GlmConfig, state: dict, staging: Path, block: int) -> float:
     if backend == "onnxruntime":  # contrib ops: GroupQueryAttention over a shared, preallocated cache
         # GroupQueryAttention rotates q and k itself from constant cos/sin tables of every position (onnx_graph.
         # _fused_layers); past GQA_ROTARY_MAX_POSITIONS those tables would be big: RotaryEmbedding nodes instead
-        rotary = "gqa" if cfg.max_position_embeddings <= GQA_ROTARY_MAX_POSITIONS else "nodes"
+        rotary = "gqa" if cfg.max_position_embeddings <= GQA_ROTARY_MAX_POSITIONS and gqa_rotates(cfg) else "nodes"
         model, err = build_decoder(cfg, state, weights, block, fused=True, rotary=rotary)
         # the GPU variant keeps the form measured on CUDA: RotaryEmbedding nodes (onnx_graph._fused_layers) and
         # MatMulNBits blocks of at most 128 (the weight bytes are the same, only the repeated scales differ)
@@ -289,7 +305,10 @@ def remove_stale_staging(out: Path) -> list[Path]:
                     log.warning("removed %s, an unfinished export's staging untouched for %.0f hours (from an "
                                 "edgeglm before staging names had an owner)", d, idle / 3600)
             continue
-        if not (pid.isdigit() and at and (rest == host or rest.startswith(host + "-"))) or not d.is_dir():
+        # this host's: HOST, then mkdtemp's "-" and 8 characters without a "-" (host "vm" is not "vm-2")
+        suffix = rest[len(host) + 1:] if rest.startswith(host + "-") else None
+        mine = rest == host or (suffix is not None and len(suffix) == 8 and "-" not in suffix)
+        if not (pid.isdigit() and at and mine) or not d.is_dir():
             continue
         if int(pid) == os.getpid() or _alive(int(pid)):
             continue
@@ -308,6 +327,25 @@ def _alive(pid: int) -> bool:
     except OSError:  # another user's process: it exists
         return True
     return True
+
+
+MIN_GOLDEN_TOKENS = 4
+
+
+def fit_golden(prompt_ids: list[int], golden_tokens: int, max_positions: int, checkpoint: Path):
+    """The golden check's prompt and token count, within the model's context window: a check over positions the
+    model never runs (a 16-position model checked over 67) passed a meaningless check, and ONNX Runtime's export
+    failed on it with a traceback. The tokens first, then the prompt's end, are cut to fit."""
+    if len(prompt_ids) + golden_tokens <= max_positions:
+        return prompt_ids, golden_tokens
+    if max_positions < 1 + MIN_GOLDEN_TOKENS:
+        raise ExportError(f"{checkpoint / 'config.json'}: max_position_embeddings {max_positions} leaves no room for "
+                          f"the golden check (a prompt and {MIN_GOLDEN_TOKENS} tokens); nothing was exported")
+    tokens = max(MIN_GOLDEN_TOKENS, min(golden_tokens, max_positions - len(prompt_ids)))
+    prompt = prompt_ids[:max_positions - tokens]
+    log.info("golden check cut to the context window of %d positions: a %d-token prompt and %d tokens",
+             max_positions, len(prompt), tokens)
+    return prompt, tokens
 
 
 def make_staging(out: Path) -> tuple[Path, list[Path]]:
@@ -337,7 +375,7 @@ def _remove_empty(dirs: list[Path]) -> None:
 
 def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, show_progress: bool = True):
     """Export `checkpoint` to a bundle directory at `out`; returns the manifest."""
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = Path(checkpoint), Path(os.path.abspath(out))  # `--out .`: its name, its parent
     check_checkpoint_dir(checkpoint)
     name = opts.name or checkpoint.resolve().name
     problem = bundle_name_problem(name)
@@ -368,6 +406,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
     try:
         bar.set_postfix_str("loading checkpoint")
         cfg, model = load_checkpoint(checkpoint)
+        problem = onnxruntime_problem(cfg) if "onnxruntime" in opts.backends else None
+        if problem:
+            raise ExportError(f"{checkpoint / 'config.json'}: {problem}; nothing was exported")
         tok_path = checkpoint / "tokenizer.json"
         if not tok_path.is_file():
             raise CheckpointError(f"{checkpoint}: tokenizer.json not found; a bundle must carry its tokenizer")
@@ -384,7 +425,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
         prompt_ids = tokenizer.encode(opts.golden_prompt).ids
         if not prompt_ids:
             raise ExportError(f"golden prompt {opts.golden_prompt!r} encodes to no tokens")
-        ref_tokens, ref_margins, _ = reference_greedy(model, prompt_ids, opts.golden_tokens)
+        prompt_ids, golden_tokens = fit_golden(prompt_ids, opts.golden_tokens, cfg.max_position_embeddings,
+                                               checkpoint)
+        ref_tokens, ref_margins, _ = reference_greedy(model, prompt_ids, golden_tokens)
 
         shutil.copyfile(tok_path, staging / "tokenizer.json")
         state = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -398,7 +441,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
             quant_err = _write_backend(backend, weights, cfg, state, staging, opts.block)
             step(f"{backend}: parity check")
             qmodel = fake_quantized(model, weights, opts.block)
-            tokens, margins, ref_logits = reference_greedy(qmodel, prompt_ids, opts.golden_tokens)
+            tokens, margins, ref_logits = reference_greedy(qmodel, prompt_ids, golden_tokens)
             engine = load_engine(backend, staging / ENTRY[backend], arch)
             eng_logits = eng_logits_by_backend[backend] = teacher_forced_logits(engine, prompt_ids, tokens)
             deviations[backend] = float(np.abs(eng_logits - ref_logits).max())
@@ -448,7 +491,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
             "compression": {**opts.compression, "export": report},
         }, chunk_size=opts.chunk_kib * 1024)
         staging.chmod(0o755)
-        publish(staging, out, force=opts.force)
+        try:
+            publish(staging, out, force=opts.force)
+        except OSError as exc:
+            raise ExportError(f"--out {out}: the bundle could not be put there ({exc.strerror or exc}); the "
+                              "existing bundle, if any, is untouched; nothing was exported") from None
         published = True
         bar.update(1)
     except (RuntimeUserError, BundleError) as exc:

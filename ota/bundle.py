@@ -224,17 +224,21 @@ class Bundle:
             raise BundleError(f"{path}: the manifest lists {len(entry.chunks)} transfer chunk hash(es), {expected} "
                               f"expected for {entry.size} bytes in chunks of {size} (chunk_size); an OTA transfer of "
                               "it would fail; export the bundle again")
-        whole = hashlib.sha256()
+        whole, bad = hashlib.sha256(), None
         with open(path, "rb") as f:
             for i, listed in enumerate(entry.chunks):
                 block = f.read(size)
                 whole.update(block)
-                if hashlib.sha256(block).hexdigest() != listed:
-                    raise BundleError(f"{path}: transfer chunk {i} (bytes {i * size}-{i * size + len(block) - 1}) "
-                                      f"does not match the manifest's chunk hash (chunk_size {size}): the manifest was "
-                                      "edited or written for another chunk size; an OTA transfer of it would fail at "
-                                      "that chunk; export the bundle again")
-        return whole.hexdigest()
+                if bad is None and hashlib.sha256(block).hexdigest() != listed:
+                    bad = (i, len(block))  # read on: a file that differs as a whole is a damaged file, not a manifest
+        digest = whole.hexdigest()
+        if bad is not None and digest == entry.sha256:
+            i, n = bad
+            raise BundleError(f"{path}: transfer chunk {i} (bytes {i * size}-{i * size + n - 1}) does not match the "
+                              f"manifest's chunk hash (chunk_size {size}), though the whole file does: the manifest "
+                              "was edited or written for another chunk size; an OTA transfer of it would fail at "
+                              "that chunk; export the bundle again")
+        return digest  # (a damaged file: its sha256 differs, which the caller says)
 
     def _inside(self, rel: str) -> Path:
         path = (self.root / rel).resolve()

@@ -354,6 +354,21 @@ def test_a_manifest_whose_chunk_hashes_do_not_match_its_files_is_refused_before_
         offerable_bundle(bundle)
 
 
+def test_a_damaged_file_is_called_damaged_not_a_manifest_edit(tmp_path):
+    """One flipped byte in a model file was reported as "the manifest was edited or written for another chunk
+    size" (the first chunk compared first): the operator looked at the wrong file."""
+    bundle = _small_bundle(tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    target = bundle / manifest["files"][0]["path"]
+    data = bytearray(target.read_bytes())
+    data[7] ^= 1
+    target.write_bytes(bytes(data))
+    pair = generate_keypair(tmp_path / "keys", "fleet")
+    proc = _bundle_cli("sign", bundle, "--key", pair.private_path)
+    assert proc.returncode == 2 and "(corrupted or modified file); the bundle is refused" in proc.stderr
+    assert "manifest was edited" not in proc.stderr, proc.stderr
+
+
 def test_files_the_manifest_does_not_list_fail_sign_verify_and_the_offer(tmp_path):
     """A file put beside a signed bundle's files (a hand-added config, a stray model file) verified "OK": the
     signature does not cover it and no OTA transfer carries it, so the operator believed a bundle that no agent
