@@ -79,16 +79,11 @@ def _build_bundles(work: Path, steps: int, say) -> tuple[Path, Path, Path]:
     from models import export, tiny
     from ota.bundle import open_bundle
     from ota.signing import generate_keypair, load_private_key, sign_bundle
-    from tqdm import tqdm
 
     ckpt, keys = work / "checkpoint", work / "keys"
     if not (ckpt / "config.json").is_file():
         say(f"training a tiny GLM ({tiny.SHAPES['tiny'][1]} layers) on Python stdlib text -> {ckpt}")
-        with tqdm(total=steps, desc="train", unit="step") as bar:
-            def progress(step, total, loss):
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-            tiny.make_checkpoint(ckpt, "tiny", train_steps=steps, progress=progress)
+        tiny.make_checkpoint(ckpt, "tiny", train_steps=steps, progress=True)  # its "train" bar
     else:
         say(f"reusing the trained checkpoint {ckpt}")
     if not (keys / "demo.key").is_file():

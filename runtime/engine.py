@@ -1600,7 +1600,7 @@ class OnnxRuntimeEngine:
              prompt_tokens: int | None = None) -> np.ndarray:
         tokens_per_row = max(np.shape(input_ids)[1], prompt_tokens or 0)  # a prompt's chunk: the whole prompt's
         rows = batch * tokens_per_row if self._rows_per_step else tokens_per_row
-        runner = self._prefill if rows >= self.prefill_min_rows else self._decode
+        runner = self._prefill if self._on_prefill(rows) else self._decode
         if runner.blocks > 1 and not np.asarray(attention_mask)[:, 0].all():
             # left padding (a row whose first position is masked): the blocked prefill graph attends by each
             # row's length only (no padding bias); the decode graph masks padding
@@ -1621,7 +1621,11 @@ class OnnxRuntimeEngine:
         graphs' KV of the same tokens differ by rounding (W8A8 against MatMulNBits)."""
         if self._prefill is self._decode:
             return ""
-        return "prefill" if prompt_tokens >= self.prefill_min_rows else "decode"
+        return "prefill" if self._on_prefill(prompt_tokens) else "decode"
+
+    def _on_prefill(self, rows: int) -> bool:
+        """Whether a step of this many token rows runs on the prefill graph (`prefill_min_rows`)."""
+        return rows >= self.prefill_min_rows
 
     @property
     def routes_by_rows(self) -> bool:
