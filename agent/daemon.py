@@ -59,6 +59,8 @@ from runtime.probe import device_report, probe_hardware
 log = logging.getLogger("edgeglm.agent")
 REQUEST_MEMORY, REQUEST_MEMORY_S = 256, 600.0  # MQTT inference requests remembered against second copies
 RETRYABLE = {"busy", "model_unavailable", "internal"}  # a copy of a request answered so is generated anew
+OTA_STOP_WAIT_S = 5.0  # a stopping agent's wait for the OTA thread to reach a resumable point (_let_update_stop)
+
 
 class _OfferFetcher:
     """Chooses the fetcher by the offer's source: `mqtt` (the controller's chunk server) or `dir`."""
@@ -349,9 +351,24 @@ class Agent:
             self._refuse_while_stopping(None)  # what came since: the queue, emptied once more
             self._send_telemetry(final=True)
             self.session.close(publish_offline=True)
+        self._let_update_stop()
         if self._state_lock is not None:
             self._state_lock.close()  # the state dir is free for the next agent
             self._state_lock = None
+
+    def _let_update_stop(self, wait_s: float = OTA_STOP_WAIT_S) -> None:
+        """Give the OTA thread `wait_s` to stop where it is (a chunk being waited for is cancelled with the session;
+        the state machine stops before its next state): the process ended under it before, so its last chunk could
+        be half written and "resumes at the next start" was never logged. A step that takes longer (hashing a large
+        file, a self-test) is left to end with the process; its state on disk is from before that step."""
+        thread = self._ota_thread
+        if thread is None or not thread.is_alive():
+            return
+        thread.join(timeout=wait_s)
+        if thread.is_alive():
+            log.info("update %s is still in state %s after %.0f s: the agent stops anyway, and the update resumes "
+                     "from that state at the next start", self.updater.data.get("update_id"),
+                     self.updater.state.value, wait_s)
 
     def _refuse_while_stopping(self, done: threading.Event | None) -> None:
         """Answer the inference requests that come while the agent stops (until `done`; None: those queued now)
