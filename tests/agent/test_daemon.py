@@ -543,13 +543,14 @@ def test_telemetry_reports_each_request_under_the_model_that_served_it_across_an
 
         answered: dict[str, int] = {}  # model id -> successful answers
         failed: list[int] = []  # HTTP status of each answer that was a server error
-        stop = threading.Event()
+        stop, counting = threading.Event(), threading.Lock()  # three clients count: no lost increment
 
         def client():
             while not stop.is_set():
                 try:
                     out = http_json(http_port, "/v1/completions", {"prompt": "def main(", "max_tokens": 24})
-                    answered[out["model"]] = answered.get(out["model"], 0) + 1
+                    with counting:
+                        answered[out["model"]] = answered.get(out["model"], 0) + 1
                 except urllib.error.HTTPError as exc:
                     failed.append(exc.code)
 

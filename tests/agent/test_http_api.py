@@ -375,11 +375,14 @@ def test_a_client_that_leaves_a_non_streamed_or_queued_request_frees_its_place(m
         assert _wait(lambda: srv._scheduler.stats().queued == 1, 30.0), srv._scheduler.stats()
         queued.close()
         first.close()
-        assert _wait(lambda: srv._scheduler.stats().active == 0 and srv._scheduler.stats().queued == 0, 3.0), \
+        # both places freed and counted as disconnects (the handler threads count them after the scheduler
+        # let them go: waited for, not read at once)
+        assert _wait(lambda: srv._scheduler.stats().active == 0 and srv._scheduler.stats().queued == 0, 30.0), \
             srv._scheduler.stats()
+        assert _wait(lambda: srv.metrics.errors.value(endpoint="/v1/completions", type="client_disconnected") == 2,
+                     30.0), srv.metrics.errors.value(endpoint="/v1/completions", type="client_disconnected")
         resp, body, _ = raw(srv, "POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 1}).encode())
         assert resp.status == 200
-        assert srv.metrics.errors.value(endpoint="/v1/completions", type="client_disconnected") == 2
     finally:
         srv.shutdown(deadline=5.0)
 
@@ -709,10 +712,12 @@ def test_a_refused_connection_still_sending_its_body_reads_the_503():
             conn.close()
         raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
         raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
-        answer, t0 = b"", time.monotonic()
-        while chunk := raw.recv(65536):  # the answer, then the end: the server does not wait for ever
+        answer = b""
+        # the answer, then the end: the server does not wait for ever (the socket's 10 s timeout fails this if it
+        # never closes; no wall-clock bound beyond that, a loaded box is slow)
+        while chunk := raw.recv(65536):
             answer += chunk
-        assert answer.startswith(b"HTTP/1.1 503") and time.monotonic() - t0 < 5
+        assert answer.startswith(b"HTTP/1.1 503")
         raw.close()
     finally:
         idle.close()

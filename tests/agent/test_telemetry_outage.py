@@ -62,14 +62,20 @@ class TelemetryCollector:
         raise AssertionError("the agent did not report itself online")
 
     def collect_until(self, done, timeout: float = 90.0) -> list[dict]:
+        """Reports until `done(reports)`; a QoS 1 second copy (the broker resends a report whose PUBACK it had not
+        read when it stopped) counts once, as the fleet controller's store counts it (one row per window_end)."""
         got: list[dict] = []
+        seen: set[tuple] = set()
         deadline = time.monotonic() + timeout
         while not done(got):
             assert time.monotonic() < deadline, f"telemetry incomplete after {timeout} s: {summary(got)}"
             try:
-                got.append(self.reports.get(timeout=0.5))
+                report = self.reports.get(timeout=0.5)
             except queue.Empty:
-                pass
+                continue
+            if (report["window_start"], report["window_end"]) not in seen:
+                seen.add((report["window_start"], report["window_end"]))
+                got.append(report)
         return got
 
     def close(self) -> None:
