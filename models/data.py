@@ -258,8 +258,9 @@ class WindowSampler:
         self.corpus, self.seq_len, self.batch_size, self.seed = corpus, seq_len, batch_size, seed
         self.windows_per_epoch = windows_in(corpus.num_tokens, seq_len)
         if self.windows_per_epoch < 1:
-            raise DataError(f"corpus of {corpus.num_tokens} tokens is shorter than one window of "
-                            f"seq_len + 1 = {seq_len + 1} tokens")
+            raise DataError(f"corpus of {corpus.num_tokens} tokens holds no window of seq_len={seq_len}: each epoch "
+                            f"starts at a random offset below seq_len, so one window takes 2 x seq_len = "
+                            f"{2 * seq_len} tokens")
         self._tokens = corpus.tokens()
         self._epoch: tuple[int, int, torch.Tensor] | None = None  # (epoch, offset, permutation)
 

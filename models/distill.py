@@ -165,8 +165,10 @@ class DistillSettings:
         windows = windows_in(corpus.num_tokens, self.seq_len)
         if windows < self.batch_size:
             raise DistillError(
-                f"training text of {corpus.num_tokens} tokens holds {windows} windows of seq_len={self.seq_len}; "
-                f"batch_size={self.batch_size} needs at least that many: give more text or lower batch_size/seq_len")
+                f"training text of {corpus.num_tokens} tokens holds {windows} windows of seq_len={self.seq_len} "
+                f"(each epoch starts at a random offset below seq_len, so N windows take (N + 1) x seq_len tokens); "
+                f"batch_size={self.batch_size} needs at least {self.batch_size} windows, "
+                f"{(self.batch_size + 1) * self.seq_len} tokens: give more text or lower batch_size/seq_len")
         passes = self.steps * self.tokens_per_step / (windows * self.seq_len)
         if passes > self.max_passes:
             raise DistillError(

@@ -131,6 +131,9 @@ def solve_spec(cfg: GlmConfig, fraction: float, num_layers: int | None = None,
                          "(a fraction of the teacher's non-embedding parameters)")
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise PruneError(f"{source}: multiple_of={multiple_of!r} is out of range: must be an integer >= 1")
+    if multiple_of > cfg.intermediate_size:  # no width fits at any fraction: the grain is the mistake
+        raise PruneError(f"{source}: multiple_of={multiple_of} is out of range: allowed 1..{cfg.intermediate_size} "
+                         f"(the teacher's intermediate_size)")
     base = PruneSpec(num_layers, None, num_key_value_heads)
     fixed = base.target_config(cfg, source)
     budget = fraction * non_embedding_params(cfg)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from models.checkpoint import load_checkpoint
-from models.data import TextSource, WindowSampler, tokenize_corpus
+from models.data import DataError, TextSource, TokenCorpus, WindowSampler, tokenize_corpus
 from models.distill import DistillError, DistillSettings, distill
 from models.prune import PruneSpec, activation_importance, prune_model
 from models.tiny import HELDOUT_MODULES, TRAIN_MODULES, corpus_text
@@ -303,3 +303,25 @@ def test_a_tokenizer_that_adds_a_prefix_puts_none_inside_the_training_text(tmp_p
     tokens = np.asarray(corpus.tokens())
     assert int((tokens == gmask).sum()) == 0
     assert tokens[:-1].tolist() == tok.encode("line of text\n" * 400, add_special_tokens=False).ids
+
+
+def test_the_shortest_text_a_batch_takes_is_what_the_error_says(tmp_path):
+    """31 tokens with seq_len 16 were "0 windows of seq_len=16" with no word of the minimum (a window is 17
+    tokens, but each epoch starts at a random offset below seq_len): the error says how many tokens it takes, and
+    exactly that many feed every batch of every epoch."""
+    import numpy as np
+
+    def corpus(n: int) -> TokenCorpus:
+        path = tmp_path / f"c{n}.bin"
+        np.arange(n, dtype=np.uint32).tofile(path)
+        return TokenCorpus(path, n, ("c",), 0)
+
+    settings = DistillSettings(seq_len=16, batch_size=3, token_budget=16 * 3, warmup_steps=0)
+    with pytest.raises(DistillError, match=r"needs at least 3 windows, 64 tokens"):
+        settings.check_corpus(corpus(63))
+    settings.check_corpus(corpus(64))
+    sampler = WindowSampler(corpus(64), 16, 3, seed=0)
+    for step in range(40):  # every epoch's offset: each window is whole
+        assert sampler.batch(step).shape == (3, 17)
+    with pytest.raises(DataError, match=r"one window takes 2 x seq_len = 32 tokens"):
+        WindowSampler(corpus(31), 16, 1, seed=0)

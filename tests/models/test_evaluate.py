@@ -88,6 +88,13 @@ def test_fp32_bundle_through_the_runtime_matches_pytorch(model, windows, fp32_bu
     assert bundle_stage.non_embedding_params == torch_stage.non_embedding_params
 
 
+def test_the_decode_speed_probe_stays_inside_the_context_window(windows, fp32_bundle):
+    """16 prompt tokens + `decode_tokens` steps ran past a short context window: ONNX Runtime failed in the
+    export stage, after the distillation. The probe now stops at the window's end (4096 positions here)."""
+    stage = evaluate_bundle(fp32_bundle, windows[:1], backend="onnxruntime", decode_tokens=4100)
+    assert stage.decode_tokens_per_s > 0
+
+
 def test_int8_bundle_agrees_with_the_fp32_model(model, windows, int8_bundle):
     ref = teacher_reference(model, windows)
     fp32 = evaluate_model(model, windows, ref, name="fp32")

@@ -167,6 +167,8 @@ def test_bad_specs_error_naming_the_setting_and_range(tmp_path, spec, message):
     (float("nan"), 1, "target_fraction=nan is out of range"),
     ("0.5", 1, "target_fraction='0.5' is out of range"),
     (0.5, 0, "multiple_of=0 is out of range: must be an integer >= 1"),
+    # larger than the teacher's FFN: was "target_fraction=1.0 is unreachable ... allowed 1.664..1.0"
+    (1.0, 100000, "multiple_of=100000 is out of range: allowed 1.."),
 ])
 def test_solve_spec_refuses_a_fraction_or_grain_out_of_range(tmp_path, fraction, multiple_of, message):
     """solve_spec(cfg, 1.5) quietly gave the teacher's width, NaN a ValueError, multiple_of=0 a
