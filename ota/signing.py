@@ -241,6 +241,8 @@ def read_signature(root: Path) -> dict:
         sig = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SignatureError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:  # a bundle's file: anything may come
+        raise SignatureError(f"{path}: not a signature (JSON nested deeper than Python reads)") from None
     if not isinstance(sig, dict):
         raise SignatureError(f"{path}: expected a JSON object")
     return sig

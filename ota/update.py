@@ -292,7 +292,7 @@ class Updater:
                 Offer.model_validate(data["offer"])
                 if data["target_slot"] not in ("a", "b") or not isinstance(data["chunks_done"], dict):
                     raise ValueError("target_slot or chunks_done invalid")
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # ValidationError, JSON and Unicode errors too
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:  # JSON, Unicode, nesting too
             aside = self.state_path.with_name(self.state_path.name + ".unreadable")
             os.replace(self.state_path, aside)
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -402,7 +402,7 @@ class Updater:
                 raise ValueError("slot or deaths missing")
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             log.warning("%s unreadable (%s): removed; the model committed last is no longer on probation",
                         self._probation_path, exc)
             self._probation_path.unlink(missing_ok=True)
@@ -650,7 +650,7 @@ class Updater:
         try:
             created = json.loads((active / MANIFEST).read_text())["created"] if active else None
             stamp = datetime.fromisoformat(created)
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, RecursionError):
             return None
         return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
 
@@ -677,7 +677,7 @@ class Updater:
         done = dict(self.data["chunks_done"])
         try:
             saved = json.loads(self._progress_path.read_text())
-        except (OSError, ValueError):  # none yet, or a torn/unreadable one: re-fetching is safe
+        except (OSError, ValueError, RecursionError):  # none yet, or a torn/unreadable one: re-fetching is safe
             return done
         if isinstance(saved, dict):
             done.update({k: v for k, v in saved.items() if isinstance(k, str) and isinstance(v, int) and v >= 0})

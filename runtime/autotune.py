@@ -750,7 +750,7 @@ def tune_prefill_rows(engine, bundle_sha256: str, fingerprint: str, candidate: C
                     return rows, ms, True
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:  # deeply nested JSON too
             log.warning("prefill rows cache %s ignored (%s): measuring again", path, exc)
     # in this process, which may also serve the model before this one: that serving is not seen (other
     # processes' work is)
@@ -907,7 +907,7 @@ def read_cache(path: Path, bundle_sha256: str, fingerprint: str, threads: int | 
         _check_result(result)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # nested past the limit
         log.warning("autotune cache %s ignored (%s): measuring again", path, exc)
         return None
     result.from_cache, result.cache_path = True, str(path)

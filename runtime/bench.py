@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.batching import Scheduler
+from runtime.batching import MAX_BATCH_LIMIT, Scheduler
 from runtime.errors import RequestError
 from runtime.generate import SamplingParams, decode_one_token, prefill
 from runtime.prefix_cache import BLOCK_TOKENS, PrefixCache, prefill_cached
@@ -81,6 +81,8 @@ class BenchOptions:
                                  ("--prefix-tokens", self.prefix_tokens, 0)):
             if value < low:
                 raise RequestError(f"{flag} {value} is invalid: must be >= {low}")
+        if self.concurrency > MAX_BATCH_LIMIT:  # the batch the scheduler takes: refused after the first runs before
+            raise RequestError(f"--concurrency {self.concurrency} is invalid: must be in [1, {MAX_BATCH_LIMIT}]")
         if self.max_kv_mb is not None and not (math.isfinite(self.max_kv_mb) and self.max_kv_mb > 0):
             raise RequestError(f"--max-kv-mb {self.max_kv_mb} is invalid: must be a number of MiB > 0")
         if self.prompt_tokens + self.new_tokens > max_positions:

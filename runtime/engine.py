@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import BackendUnavailable, ModelLoadError
-from runtime.probe import cpus_one_per_core
+from runtime.probe import cpus_one_per_core, usable_cpus
 from runtime.signals import same_signal_stack
 
 log = logging.getLogger("edgeglm.engine")
@@ -1891,10 +1891,8 @@ class OpenVinoEngine:
 
 
 def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """The CPUs this process may use, within a cgroup CPU quota (runtime.probe.usable_cpus)."""
+    return usable_cpus()
 
 
 def load_engine(backend: str, model_path: Path, arch: ModelArch, threads: int | None = None, **options):

@@ -620,7 +620,7 @@ def _header_of(path: Path) -> tuple[str | None, int]:
             (size,) = struct.unpack("<I", head[len(MAGIC):])
             parent = json.loads(f.read(min(size, 1 << 20)))["parent"]
             return (parent, len(MAGIC) + 4 + size) if isinstance(parent, str) else (None, 0)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None, 0
 
 
@@ -637,7 +637,7 @@ def _parse(data: bytes, h: bytes, parent: bytes, block_tokens: int, arch: ModelA
         layers, heads, tokens, dim = (int(x) for x in head["shape"])
         stored_parent, ids, digest = bytes.fromhex(head["parent"]), [int(t) for t in head["tokens"]], head["sha256"]
         np.asarray(ids, "<i8")  # token ids beyond int64 cannot be hashed
-    except (ValueError, KeyError, TypeError, OverflowError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise ValueError(f"bad header: {exc}") from None
     written_for = head.get("model")
     if model_key is not None and written_for != model_key:

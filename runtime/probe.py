@@ -37,10 +37,11 @@ class CpuInfo:
     model: str | None
     vendor: str | None
     architecture: str
-    physical_cores: int | None
-    logical_cores: int
+    physical_cores: int | None  # cores among the CPUs this process may run on (and within a CPU quota)
+    logical_cores: int  # the CPUs this process may run on (taskset, cpusets), within a cgroup CPU quota
     features: tuple[str, ...]
     l3_cache_bytes: int | None
+    cpu_quota: float | None = None  # CPUs' worth of time a cgroup CPU quota allows (docker --cpus); None: none
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,45 @@ def usable_cpu_ids() -> list[int]:
 
 
 def usable_cpus() -> int:
-    return len(usable_cpu_ids())
+    """Threads worth running: the CPUs this process may run on, and no more than a cgroup CPU quota's whole CPUs
+    (at least one). Under `docker --cpus=1` on a 4-CPU box, 4 threads spend most of each period throttled."""
+    ids = len(usable_cpu_ids())
+    quota = cpu_quota()
+    return max(1, min(ids, int(quota))) if quota is not None else ids
+
+
+CPU_QUOTA_V2 = ("/sys/fs/cgroup", "cpu.max")
+CPU_QUOTA_V1 = ("/sys/fs/cgroup/cpu", "cpu.cfs_quota_us", "cpu.cfs_period_us")
+
+
+def cpu_quota() -> float | None:
+    """CPUs' worth of time the tightest CPU quota over this process allows (its cgroup's or an ancestor's: cgroup
+    v2 `cpu.max`, else v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), None without one."""
+    mount, name = CPU_QUOTA_V2
+    quotas = []
+    for d in _cgroup_dirs(mount, True, "cpu"):
+        fields = (_read(f"{d}/{name}") or "").split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit() and int(fields[1]) > 0:
+            quotas.append(int(fields[0]) / int(fields[1]))  # "max 100000": no quota at that level
+    if not quotas:
+        mount, quota_name, period_name = CPU_QUOTA_V1
+        for d in _cgroup_dirs(mount, False, "cpu"):
+            quota, period = ((_read(f"{d}/{n}") or "").strip() for n in (quota_name, period_name))
+            if quota.isdigit() and period.isdigit() and int(period) > 0:  # -1: none
+                quotas.append(int(quota) / int(period))
+    return min(quotas) if quotas else None
+
+
+def usable_physical_cores() -> int | None:
+    """Physical cores among the CPUs this process may run on (sysfs topology), None where it is not known."""
+    cores = set()
+    for cpu in usable_cpu_ids():
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        core_id = (_read(topo / "core_id") or "").strip()
+        if not core_id:
+            return None
+        cores.add(((_read(topo / "physical_package_id") or "").strip(), core_id))
+    return len(cores) or None
 
 
 def cpus_one_per_core() -> list[int]:
@@ -200,14 +239,19 @@ def accelerators(info: "HardwareInfo") -> list[str]:
 
 def probe_cpu() -> CpuInfo:
     parsed = parse_cpuinfo(_read("/proc/cpuinfo") or "")
+    logical = usable_cpus()
+    # the cores of the CPUs this process may use: /proc/cpuinfo counts the machine's (taskset -c 0 on a 2-core box
+    # showed "2 cores / 1 threads")
+    physical = usable_physical_cores() or parsed["physical_cores"]
     return CpuInfo(
         model=parsed["model"] or platform.processor() or None,
         vendor=parsed["vendor"],
         architecture=platform.machine(),
-        physical_cores=parsed["physical_cores"],
-        logical_cores=usable_cpus(),
+        physical_cores=min(physical, logical) if physical else None,
+        logical_cores=logical,
         features=parsed["features"],
         l3_cache_bytes=_l3_cache_bytes(),
+        cpu_quota=cpu_quota(),
     )
 
 
@@ -228,13 +272,13 @@ CGROUP_V1 = ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_
 CGROUP_V1_UNLIMITED = 1 << 60  # v1 writes "no limit" as a page-rounded 2^63 - 1
 
 
-def _cgroup_dirs(mount: str, v2: bool) -> list[str]:
-    """This process's memory cgroup directory under `mount` and its ancestors (from /proc/self/cgroup:
-    the "0::" line on v2, the line naming the memory controller on v1), leaf first."""
+def _cgroup_dirs(mount: str, v2: bool, controller: str = "memory") -> list[str]:
+    """This process's `controller` cgroup directory under `mount` and its ancestors (from /proc/self/cgroup:
+    the "0::" line on v2, the line naming the controller on v1), leaf first."""
     rel = ""
     for line in (_read("/proc/self/cgroup") or "").splitlines():
         parts = line.split(":", 2)
-        if len(parts) == 3 and ((v2 and parts[:2] == ["0", ""]) or (not v2 and "memory" in parts[1].split(","))):
+        if len(parts) == 3 and ((v2 and parts[:2] == ["0", ""]) or (not v2 and controller in parts[1].split(","))):
             rel = parts[2].strip().strip("/")
     steps = rel.split("/") if rel else []
     return [f"{mount}/{'/'.join(steps[:i])}".rstrip("/") for i in range(len(steps), -1, -1)]
@@ -440,6 +484,8 @@ def _gib(n: int | None) -> str:
 def format_hardware(info: HardwareInfo) -> str:
     cpu, mem = info.cpu, info.memory
     cores = f"{cpu.physical_cores or '?'} cores / {cpu.logical_cores} threads"
+    if cpu.cpu_quota is not None:
+        cores += f" (cgroup CPU quota {cpu.cpu_quota:g} CPUs)"
     l3 = f", L3 {cpu.l3_cache_bytes >> 20} MiB" if cpu.l3_cache_bytes else ""
     lines = [
         f"CPU:     {cpu.model or 'unknown'} ({cpu.architecture}), {cores}{l3}",

@@ -247,6 +247,15 @@ def test_a_signature_of_the_wrong_shape_is_a_signature_error(signed, sig):
         verify_bytes(b"manifest", sig, load_trusted_keys([keys]), "offer u1 manifest")
 
 
+def test_a_signature_nested_past_pythons_limit_is_a_signature_error(signed):
+    """A bundle's manifest.sig comes from wherever the bundle came from: JSON nested deeper than Python reads was
+    a RecursionError (the update failed saying only that; `bundle verify` printed a traceback)."""
+    bundle, keys, _ = signed
+    (bundle / "manifest.sig").write_text("[" * 200_000)
+    with pytest.raises(SignatureError, match="not a signature \\(JSON nested deeper than Python reads\\)"):
+        verify_bundle_signature(open_bundle(bundle), load_trusted_keys([keys]))
+
+
 # --- keygen --name, sign --key and a signature that cannot be written: one line, exit code 2 ----------------
 
 @pytest.mark.parametrize("name", ["", "../escaped", "sub/key", ".hidden"])

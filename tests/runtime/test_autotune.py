@@ -551,6 +551,17 @@ def test_a_damaged_contention_or_limit_is_said_not_a_traceback(int8_bundle, tmp_
     assert "EDGEGLM_AUTOTUNE_CONTENTION_LIMIT='some' is not a number of cores" in caplog.text
 
 
+def test_a_cache_file_nested_past_pythons_limit_is_measured_again_not_a_traceback(int8_bundle, tmp_path):
+    """JSON nested deeper than Python's recursion limit raised RecursionError out of `probe`, `bench` and the agent's
+    start (a crash loop on that file)."""
+    assert edgeglm("probe", "--bundle", int8_bundle, "--json", "--cache-dir", tmp_path).returncode == 0
+    path = next((tmp_path / "autotune").glob("*.json"))
+    path.write_text("[" * 200_000)
+    proc = edgeglm("probe", "--bundle", int8_bundle, "--cache-dir", tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"autotune cache {path} ignored" in proc.stderr and "measuring again" in proc.stderr
+
+
 @pytest.mark.parametrize("field,value", [("measured_at", "yesterday"), ("choice", {"backend": "bogus"}),
                                          ("trial_ttft", "fast")])
 def test_a_cached_result_with_a_damaged_field_is_measured_again_not_a_traceback(int8_bundle, tmp_path, field, value):

@@ -121,6 +121,8 @@ def test_bench_without_the_prefill_graph(int8_bundle, tmp_path):
     (["--prompt-tokens", "0"], "--prompt-tokens 0 is invalid: must be >= 1"),
     (["--new-tokens", "1"], "--new-tokens 1 is invalid: must be >= 2"),
     (["--concurrency", "0"], "--concurrency 0 is invalid"),
+    # the scheduler's largest batch: refused only after the single-stream runs before
+    (["--concurrency", "300"], "--concurrency 300 is invalid: must be in [1, 256]"),
     (["--prompt-tokens", "4090", "--new-tokens", "128"], "exceed the model's context window of 4096 tokens"),
     (["--prompt-tokens", "32", "--prefix-tokens", "32"], "--prefix-tokens 32 must be below --prompt-tokens 32"),
     (["--prompt-tokens", "20", "--prefix-tokens", "10"], "--prefix-tokens 10 is below the prefix cache's block of "

@@ -255,6 +255,87 @@ def test_the_tightest_cgroup_over_the_process_counts(monkeypatch):
     assert probe.probe_memory().budget_bytes() == 156 << 20
 
 
+def test_a_cgroup_cpu_quota_caps_the_threads_and_enters_the_fingerprint(monkeypatch):
+    """Under `docker --cpus=1.5` (or a pod's limits.cpu) on a 4-CPU box every engine ran 4 threads, throttled for
+    most of each period, and the autotune's cache did not change when the quota did."""
+    import runtime.probe as probe
+
+    pod, leaf = "/sys/fs/cgroup/kubepods/pod1", "/sys/fs/cgroup/kubepods/pod1/c1"
+    files = {"/proc/self/cgroup": "0::/kubepods/pod1/c1\n", leaf + "/cpu.max": "max 100000\n",
+             pod + "/cpu.max": "150000 100000\n"}
+    monkeypatch.setattr(probe, "_read", lambda path: files.get(str(path)))
+    monkeypatch.setattr(probe, "usable_cpu_ids", lambda: [0, 1, 2, 3])
+    assert probe.cpu_quota() == 1.5 and probe.usable_cpus() == 1  # whole CPUs of the quota, at least one
+    quota = probe.probe_hardware()
+    assert (quota.cpu.logical_cores, quota.cpu.cpu_quota) == (1, 1.5)
+    assert "1 threads (cgroup CPU quota 1.5 CPUs)" in format_hardware(quota)
+    files[pod + "/cpu.max"] = "300000 100000\n"
+    assert probe.usable_cpus() == 3
+    files[pod + "/cpu.max"] = "max 100000\n"  # no quota at any level
+    free = probe.probe_hardware()
+    assert probe.cpu_quota() is None and free.cpu.logical_cores == 4 and free.fingerprint() != quota.fingerprint()
+    # cgroup v1 (the cpu controller's quota and period)
+    v1 = "/sys/fs/cgroup/cpu/"
+    files.update({"/proc/self/cgroup": "1:cpu,cpuacct:/\n", v1 + "cpu.cfs_quota_us": "200000",
+                  v1 + "cpu.cfs_period_us": "100000"})
+    del files[pod + "/cpu.max"], files[leaf + "/cpu.max"]
+    assert probe.cpu_quota() == 2.0 and probe.usable_cpus() == 2
+    files[v1 + "cpu.cfs_quota_us"] = "-1"
+    assert probe.cpu_quota() is None and probe.usable_cpus() == 4
+
+
+def _run_in_cpu_cgroup(tmp_path, quota_us: int, code: str) -> str:
+    """Run `code` in a fresh cgroup v1 or v2 CPU cgroup with `quota_us` per 100 ms (root only)."""
+    v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a CPU cgroup")
+    if (v1 / "cpu.cfs_quota_us").exists():
+        group = v1 / f"edgeglm-test-{os.getpid()}"
+        settings = {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": str(quota_us)}
+    elif (v2 / "cgroup.controllers").exists() and "cpu" in (v2 / "cgroup.subtree_control").read_text().split():
+        group = v2 / f"edgeglm-test-{os.getpid()}"
+        settings = {"cpu.max": f"{quota_us} 100000"}
+    else:
+        pytest.skip("no CPU cgroup controller to make a quota with")
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a CPU cgroup here ({exc})")
+    try:
+        for name, value in settings.items():
+            (group / name).write_text(value)
+        script = f"import os; open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid())); {code}"
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parents[2])
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+    finally:
+        group.rmdir()
+
+
+def test_a_real_cpu_quota_is_what_the_engines_and_the_probe_use(tmp_path):
+    """A real cgroup: one CPU's worth of time on this box gives one engine thread, and the probe says why."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a box with 2+ CPUs to tell a quota from the CPU count")
+    out = _run_in_cpu_cgroup(tmp_path, 100000, "import json; from runtime.probe import probe_hardware; "
+                                               "from runtime.engine import _default_threads; "
+                                               "cpu = probe_hardware().to_dict()['cpu']; "
+                                               "print(json.dumps([cpu['logical_cores'], cpu['cpu_quota'], "
+                                               "_default_threads()]))")
+    assert json.loads(out) == [1, 1.0, 1]
+
+
+def test_physical_cores_are_counted_over_the_cpus_this_process_may_use():
+    """`taskset -c 0 edgeglm probe` on a 2-core box said "2 cores / 1 threads"."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a box with 2+ CPUs")
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from runtime.probe import probe_cpu; "
+            "c = probe_cpu(); print(c.physical_cores, c.logical_cores)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0 and proc.stdout.split() == ["1", "1"], (proc.stdout, proc.stderr)
+
+
 def _sysfs(root: Path) -> Path:
     """A /proc and /sys with an NVIDIA GPU (its driver names the model), an Intel GPU with a display
     connector and a render node, the NVIDIA GPU's own DRM card, a virtual GPU and an Intel NPU."""
