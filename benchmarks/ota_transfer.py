@@ -18,10 +18,11 @@ passes):
     processes, each with its own `agent.mqtt.MqttSession` (as the agent has) pulling every chunk
     in order through `ota.transfer.MqttChunkFetcher` (on a stand-in offer that carries only the
     update id) and checking each chunk's sha256, one request in flight per agent, as the
-    agent's updater does. The updater's disk writes and fsyncs are not part of this;
-  * edgeglm, agents with TCP_NODELAY: the same, with TCP_NODELAY set on each fetcher's socket
-    for the run (paho does not set it, so neither does agent.mqtt today; the broker has it on):
-    what that one socket option would change. The chunk server's socket is left as it is;
+    agent's updater does (the session sets TCP_NODELAY on its socket after each connect, as the
+    agent's does). The updater's disk writes and fsyncs are not part of this;
+  * edgeglm, Nagle on: the same with TCP_NODELAY cleared on each fetcher's socket for the run
+    (paho's default, and the agent's before it set the option): what that one socket option
+    changes. The chunk server's socket is left as it is;
   * mosquitto whole: one `mosquitto_pub -q 1 -f FILE` message of the whole file, N
     `mosquitto_sub -q 1 -C 1 -N` subscribers, each piped into a process that checks the sha256;
   * mosquitto chunked: the same chunks pushed (no request/response) as base64 lines by one
@@ -67,7 +68,7 @@ FLEET = "bench"
 UPDATE_ID = "bench-update"
 BLOB = "model.bin"
 MQTT_MAX_PAYLOAD = 268_435_455 - 1024  # MQTT's largest packet, less the headers
-NODELAY = "edgeglm, agents with TCP_NODELAY"
+NAGLE = "edgeglm, Nagle on"
 
 
 # --- /proc helpers ------------------------------------------------------------------------------
@@ -110,8 +111,30 @@ def make_payload(workdir: Path, mb: float, chunk_size: int) -> dict:
             out.write(base64.b64encode(data) + b"\n")
     spec = workdir / f"chunks-{mb:g}MB-{chunk_size}.json"
     spec.write_text(json.dumps({"update_id": UPDATE_ID, "path": BLOB, "chunk_size": chunk_size, "chunks": chunks}))
+    payload_manifest(root, chunk_size, whole.hexdigest())
     return {"root": root, "blob": blob, "size": size, "sha256": whole.hexdigest(), "chunks": len(chunks),
             "spec": spec, "lines": lines}
+
+
+def payload_manifest(root: Path, chunk_size: int, sha256: str) -> None:
+    """A manifest listing the payload at `chunk_size` (the controller's chunk server serves a bundle's files at its
+    manifest's chunk size only): a stand-in model, never loaded, signed by nobody."""
+    from ota.bundle import MANIFEST, read_manifest, write_manifest
+
+    try:
+        manifest = read_manifest(root).manifest
+        if manifest.chunk_size == chunk_size and [f.sha256 for f in manifest.files] == [sha256]:
+            return
+    except Exception:  # noqa: BLE001: none yet, or another run's: written anew
+        pass
+    (root / MANIFEST).unlink(missing_ok=True)
+    arch = {"num_hidden_layers": 1, "num_key_value_heads": 1, "head_dim": 8, "vocab_size": 16,
+            "max_position_embeddings": 16}
+    golden = {"prompt_ids": [1], "reference": {"tokens": [1], "margins": [1.0]}, "backends": {}, "tolerance": 0.0}
+    write_manifest(root, {"name": "ota-transfer-payload", "version": "1.0.0", "min_agent_version": "0.0.0",
+                          "architecture": arch, "precision": "fp32", "golden": golden,
+                          "backends": {"onnxruntime": {"entry": BLOB, "weights": "fp32", "scheme": "payload"}}},
+                   chunk_size)
 
 
 # --- broker -------------------------------------------------------------------------------------
@@ -143,7 +166,8 @@ def bench_broker(workdir: Path):
 
 
 def set_nodelay(client, on: bool) -> None:
-    """TCP_NODELAY on a connected paho client's socket (paho, and so agent.mqtt, leave Nagle's algorithm on)."""
+    """TCP_NODELAY on a connected paho client's socket (paho leaves Nagle's algorithm on; agent.mqtt turns it off
+    after each connect)."""
     import socket
 
     sock = client.socket()
@@ -319,7 +343,7 @@ def summarize(name: str, n: int, size: int, t0: float, ends: list[float], extra:
 
 
 def run_edgeglm(n: int, fetchers: list[Fetcher], server: ChunkServer, broker, payload: dict,
-                nodelay: bool = False) -> dict:
+                nodelay: bool = True) -> dict:
     active = fetchers[:n]
     watch = Watch(broker.pid, [f.proc.pid for f in active])
     served0, bytes0 = server.served, server.bytes_out
@@ -332,7 +356,7 @@ def run_edgeglm(n: int, fetchers: list[Fetcher], server: ChunkServer, broker, pa
     cpu["clients_cores"] = sum(r["cpu"] for r in results) / (max(ends) - t0)  # the fetchers' own accounts
     bad = sum(r["bad_chunks"] for r in results) + sum(r["bytes"] != payload["size"] for r in results)
     wire = server.bytes_out - bytes0
-    return summarize(NODELAY if nodelay else "edgeglm", n, payload["size"], t0, ends, {
+    return summarize("edgeglm" if nodelay else NAGLE, n, payload["size"], t0, ends, {
         **cpu, "verified": bad == 0, "messages": server.served - served0,
         "wire_bytes_over_file_bytes": wire / (n * payload["size"]),
         "fetcher_peak_rss_mb": max(r["peak_rss_mb"] for r in results)})
@@ -417,15 +441,15 @@ def benchmark(args) -> dict:
         fetchers = [Fetcher(broker.port, f"agent-{k}", payload["spec"]) for k in range(max(agents))]
         for f in fetchers:
             f.read()  # ready: connected and subscribed
-        names = ["edgeglm", "nodelay", "whole", "chunked"]
+        names = ["edgeglm", "nagle", "whole", "chunked"]
         run = 0
         for p in range(args.repeats):
             for n in agents:
                 k = (p + agents.index(n)) % len(names)
                 for name in names[k:] + names[:k]:
                     run += 1
-                    if name in ("edgeglm", "nodelay"):
-                        row = run_edgeglm(n, fetchers, server, broker, payload, nodelay=name == "nodelay")
+                    if name in ("edgeglm", "nagle"):
+                        row = run_edgeglm(n, fetchers, server, broker, payload, nodelay=name == "edgeglm")
                     else:
                         row = run_mosquitto(name, n, broker, payload, f"{os.getpid()}-{run}", args.timeout)
                         if row is None:
@@ -451,7 +475,7 @@ def benchmark(args) -> dict:
     summary = []
     for n in agents:
         base = None
-        for name in ("edgeglm", NODELAY, "mosquitto whole", "mosquitto chunked"):
+        for name in ("edgeglm", NAGLE, "mosquitto whole", "mosquitto chunked"):
             rs = [r for r in rows if r["agents"] == n and r["candidate"] == name]
             if not rs:
                 continue
