@@ -142,6 +142,11 @@ ROLLBACK_FORMAT = 2  # the statement format this agent accepts (1: update id + m
 ROLLBACK_CLOCK_SKEW_S = 300  # an expired rollback statement is still accepted this long after its not_after
 ROLLBACK_APPLIED = "rollbacks-applied.json"  # in the OTA state dir: ids of the rollbacks this device applied
 ROLLBACK_APPLIED_KEEP = 1000  # the newest this many are kept (statements expire; the controller caps at 30 d)
+# in the OTA state dir: the bundles this device backed out (a signed rollback away from them, or their probation
+# crash loop), by manifest sha256: a plain offer of one is refused, so replaying its old retained offer cannot undo the
+# rollback (a new version of the model, or a signed rollback offer, installs it again)
+WITHDRAWN = "withdrawn.json"
+WITHDRAWN_KEEP = 64
 # in the OTA state dir: the model committed last, on probation until it has served `ota.probation_s` in one run
 # of the agent; an agent that dies (no clean stop) `ota.probation_deaths` times before that goes back at start
 PROBATION = "probation.json"
@@ -447,6 +452,8 @@ class Updater:
             self._save_probation(None)
             return None
         bad = p["slot"]
+        self._withdraw(self.slots.path(bad), f"its probation: {deaths} deaths before it had served "
+                                             f"{p.get('probation_s', 0):g} s")
         self.slots.activate(previous)
         self.slots.clear(bad)
         self._save_probation(None)
@@ -493,6 +500,8 @@ class Updater:
             return E.ALREADY_SERVING
         if offer.rollback:
             self._check_rollback(offer, raw)
+        else:
+            self._check_withdrawn(raw, manifest)
         check_upgrade(self.deps.active_version(), manifest.version, rollback=offer.rollback)
         if parse_version(manifest.min_agent_version) > parse_version(self.deps.agent_version):
             raise UpdateFailed(f"bundle needs agent >= {manifest.min_agent_version}; this agent is "
@@ -668,6 +677,47 @@ class Updater:
                                "removed") from None
         return [i for i in ids if isinstance(i, str)]
 
+    def withdrawn(self) -> list[dict]:
+        """The bundles this device backed out, oldest first: {"sha256", "version", "why", "at"} each."""
+        try:
+            data = json.loads((self.root / WITHDRAWN).read_text())
+            entries = data.get("withdrawn", []) if isinstance(data, dict) else []
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, RecursionError) as exc:  # kept, not dropped: it protects against a replay
+            raise UpdateFailed(f"{self.root / WITHDRAWN}: unreadable ({exc}); offers are refused until it is fixed or "
+                               "removed") from None
+        return [e for e in entries if isinstance(e, dict) and isinstance(e.get("sha256"), str)]
+
+    def _withdraw(self, slot: Path | None, why: str) -> None:
+        """Remember the bundle in `slot` as backed out (before the switch away from it)."""
+        try:
+            raw = (slot / MANIFEST).read_bytes() if slot is not None else None
+            version = json.loads(raw).get("version") if raw else None
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return  # nothing readable there: nothing to protect against
+        if raw is None:
+            return
+        sha = hashlib.sha256(raw).hexdigest()
+        try:
+            kept = [e for e in self.withdrawn() if e["sha256"] != sha]
+        except UpdateFailed:
+            kept = []  # an unreadable record is replaced by one that holds this bundle at least
+        kept.append({"sha256": sha, "version": version, "why": why, "at": time.time()})
+        atomic_write_json(self.root / WITHDRAWN, {"withdrawn": kept[-WITHDRAWN_KEEP:]})
+        log.info("bundle %s (manifest sha256 %s) backed out by %s: plain offers of it are refused from now on",
+                 version, sha[:16], why)
+
+    def _check_withdrawn(self, raw: bytes, manifest: Manifest) -> None:
+        sha = hashlib.sha256(raw).hexdigest()
+        hit = next((e for e in self.withdrawn() if e["sha256"] == sha), None)
+        if hit is not None:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(hit.get("at") or 0))
+            raise UpdateFailed(f"bundle {manifest.version} (manifest sha256 {sha[:16]}) was backed out on this device "
+                               f"by {hit.get('why')} at {when}: a plain offer of it is refused (an old offer replayed "
+                               "would undo the rollback); release the model again as a new version, or offer it as a "
+                               "signed rollback")
+
     def _remember_rollback(self, update_id: str) -> None:
         ids = [i for i in self.applied_rollbacks() if i != update_id] + [update_id]
         atomic_write_json(self.root / ROLLBACK_APPLIED, {"applied": ids[-ROLLBACK_APPLIED_KEEP:]})
@@ -780,6 +830,7 @@ class Updater:
         target = self.data["target_slot"]
         if self.offer.rollback:  # remembered before the switch: a replay is refused even after a power cut here
             self._remember_rollback(self.data["update_id"])
+            self._withdraw(self.slots.active_path(), f"rollback {self.data['update_id']}")
         self.data["switching"] = True  # from here on a failure must switch back (ROLLBACK)
         # on probation from before the switch (a death while loading it in COMMITTING is this state's own count);
         # the serving model's own probation, if it is on one, is kept in it for a ROLLBACK

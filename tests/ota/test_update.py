@@ -348,6 +348,53 @@ def test_replayed_older_version_is_refused_unless_a_signed_rollback(upgraded, si
     assert json.loads((upgraded / "state" / "rollbacks-applied.json").read_text()) == {"applied": ["rb2"]}
 
 
+def test_the_bundle_a_signed_rollback_backed_out_is_refused_when_its_old_offer_is_replayed(upgraded,
+                                                                                        signed_bundles):
+    """After a signed rollback from 1.1.0 to 1.0.0, anyone able to publish on the device's offer topic could send
+    1.1.0's old offer again (offers are retained, so it is easy to have): it was a plain upgrade and committed,
+    undoing the rollback. The backed-out bundle is remembered by its manifest hash and refused; a new version of
+    the model, or a signed rollback offer, still installs."""
+    updater = build_updater(upgraded)
+    updater.submit(rollback_for(signed_bundles["v1"], "rb", signed_bundles["key"]))
+    updater.run()
+    assert serving(upgraded) == "1.0.0"
+    (entry,) = updater.withdrawn()
+    assert entry["version"] == "1.1.0" and entry["why"] == "rollback rb"
+    updater = build_updater(upgraded)
+    updater.submit(offer_for(signed_bundles["v2"], "u2-replayed"))
+    updater.run()
+    assert updater.data["outcome"] == "failed" and serving(upgraded) == "1.0.0"
+    assert "bundle 1.1.0 (manifest sha256" in updater.data["reason"]
+    assert "was backed out on this device by rollback rb" in updater.data["reason"]
+    assert "release the model again as a new version" in updater.data["reason"]
+    updater = build_updater(upgraded)  # an authorised rollback to it (from 1.0.0) still installs it
+    updater.submit(rollback_for(signed_bundles["v2"], "rb-again", signed_bundles["key"], replaces="1.0.0"))
+    updater.run()
+    assert updater.data["outcome"] == "committed", updater.data["reason"]
+    assert serving(upgraded) == "1.1.0"
+
+
+def test_a_model_that_crash_looped_on_probation_is_refused_when_offered_again(upgraded, signed_bundles):
+    """1.1.0 killed the agent three times on probation and the box went back to 1.0.0: the same offer again (the
+    controller's retained one after a reconnect, a replay) installed it again into the same crash loop."""
+    for _ in range(3):
+        build_updater(upgraded, probation=True)
+    assert serving(upgraded) == "1.0.0"
+    updater = build_updater(upgraded)
+    assert [e["version"] for e in updater.withdrawn()] == ["1.1.0"]
+    assert "its probation: 3 deaths" in updater.withdrawn()[0]["why"]
+    updater.submit(offer_for(signed_bundles["v2"], "u2-again"))
+    updater.run()
+    assert updater.data["outcome"] == "failed" and "was backed out on this device by its probation" in \
+        updater.data["reason"]
+    assert serving(upgraded) == "1.0.0"
+    (upgraded / "state" / "withdrawn.json").write_text("{")  # a damaged record refuses offers, names itself
+    updater = build_updater(upgraded)
+    updater.submit(offer_for(signed_bundles["v2"], "u2-damaged"))
+    updater.run()
+    assert updater.data["outcome"] == "failed" and "withdrawn.json: unreadable" in updater.data["reason"]
+
+
 class _CountingFetcher:
     def __init__(self, real):
         self.real, self.calls = real, 0
@@ -461,15 +508,16 @@ def test_a_rollback_of_the_older_format_is_refused(upgraded, signed_bundles):
 
 
 def test_an_applied_rollback_is_refused_when_replayed(upgraded, signed_bundles):
-    """After the rollback and a new upgrade to 1.1.0, the same authorisation (still valid, for this device and
-    the version it serves again) is refused: a rollback is applied once."""
+    """After the rollback and a way back to 1.1.0 (a plain offer of the backed-out bundle is refused; a signed
+    rollback to it is not), the same authorisation (still valid, for this device and the version it serves
+    again) is refused: a rollback is applied once."""
     offer = rollback_for(signed_bundles["v1"], "rb-once", signed_bundles["key"])
     updater = build_updater(upgraded)
     updater.submit(offer)
     updater.run()
     assert updater.data["history"] == FROM_SLOT and serving(upgraded) == "1.0.0"
     updater = build_updater(upgraded)
-    updater.submit(offer_for(signed_bundles["v2"], "u2-again"))
+    updater.submit(rollback_for(signed_bundles["v2"], "u2-again", signed_bundles["key"], replaces="1.0.0"))
     updater.run()
     assert serving(upgraded) == "1.1.0" and updater.slots.active() == "b"
     updater = build_updater(upgraded)  # a restarted agent: the applied ids come from the state dir
