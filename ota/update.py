@@ -523,19 +523,20 @@ class Updater:
         held = _bytes_on_disk(self.slots.path(target))
         if need > free and need <= free + held and target != self.slots.active():
             # the update's target slot holds the model before the serving one, which INSTALLING replaces anyway:
-            # a box sized for two bundles (the serving one and the download) made room only by clearing it first
-            # (else every update after the second was "disk full"); until then the previous model stays
-            self.slots.clear(target)
-            log.warning("slot %s (the previous model, %d bytes) cleared to make room for the download: it needs %d "
-                        "bytes, %d were free", target, held, need, free)
-            self._report({"state": S.OFFERED.value, "cleared_slot": target,
-                          "note": f"previous model in slot {target} removed to make room for the download"})
-            free = shutil.disk_usage(self.staging).free
+            # a box sized for two bundles (the serving one and the download) makes room by clearing it (else every
+            # update after the second was "disk full"), but only once the download has filled the free space
+            # (`_make_room`): cleared here, a download that then failed (a source gone, one forged chunk answer)
+            # left the box with no previous model to go back to
+            self.data["clear_when_full"] = target
+            log.info("the download needs %d bytes, %d are free: slot %s (the previous model, %d bytes) is cleared "
+                     "when the download has filled the free space", need, free, target, held)
+            free += held
         if need > free:
+            room = "" if target == self.slots.active() else \
+                f", and {held} bytes in slot {target} (the previous model, which the update replaces)"
             raise UpdateFailed(f"bundle needs {need} bytes (its files, rounded up to whole blocks, and "
                                f"{DISK_HEADROOM >> 20} MiB for the update's own files), {free} bytes free in "
-                               f"{self.root}, counting the {held} bytes of the previous model in slot {target} "
-                               "that the update replaces: disk full")
+                               f"{self.root}{room}: disk full")
         atomic_write_bytes(self.staging / MANIFEST, raw)
         atomic_write_json(self.staging / SIGNATURE, offer.signature)
         return E.ACCEPTED
@@ -783,6 +784,7 @@ class Updater:
                                                "serves other bytes than the offered bundle's)")
                         log.warning("OTA %s: chunk %d of %s does not match the manifest (sha256 %s): asking again",
                                     offer.update_id, i, entry.path, digest[:16])
+                    self._make_room(len(data))
                     f.seek(i * manifest.chunk_size)
                     f.write(data)
                     f.flush()
@@ -799,6 +801,22 @@ class Updater:
             done[entry.path] = expected_chunks
         self.data["chunks_done"] = done  # saved with the transition
         return E.DOWNLOADED
+
+    def _make_room(self, size: int) -> None:
+        """Clear the slot OFFERED set aside for this download (the model before the serving one, which INSTALLING
+        replaces anyway) once the next `size` bytes would leave less than DISK_HEADROOM free."""
+        target = self.data.get("clear_when_full")
+        if not target or shutil.disk_usage(self.staging).free >= size + DISK_HEADROOM:
+            return
+        held = _bytes_on_disk(self.slots.path(target))
+        if target != self.slots.active():
+            self.slots.clear(target)
+            log.warning("slot %s (the previous model, %d bytes) cleared to make room for the rest of the download",
+                        target, held)
+            self._report({"state": S.DOWNLOADING.value, "cleared_slot": target,
+                          "note": f"previous model in slot {target} removed to make room for the download"})
+        self.data.pop("clear_when_full", None)
+        self._save()
 
     def _verifying(self) -> Event:
         bundle = open_bundle(self.staging)  # every file's size and sha256
@@ -883,9 +901,9 @@ class Updater:
         failed_downloading = (self.data.get("outcome") != "committed" and S.DOWNLOADING.value in history
                               and S.VERIFYING.value not in history and (self.staging / MANIFEST).is_file()
                               and not full)
-        shutil.rmtree(self.partial, ignore_errors=True)  # one partial download at most: the latest
-        self._partial_progress.unlink(missing_ok=True)
         if failed_downloading:  # its verified chunks wait for an offer of the same bundle (`_take_partial`)
+            shutil.rmtree(self.partial, ignore_errors=True)  # one partial download at most: the latest
+            self._partial_progress.unlink(missing_ok=True)
             os.replace(self.staging, self.partial)
             if self._progress_path.exists():
                 os.replace(self._progress_path, self._partial_progress)

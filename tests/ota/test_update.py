@@ -178,6 +178,48 @@ def test_a_box_with_room_for_two_bundles_takes_every_update(signed_bundles, int8
         assert [(r["update_id"], r["cleared_slot"]) for r in cleared] == [("u3", "a")]
 
 
+def test_a_download_that_fails_before_it_needs_the_room_keeps_the_previous_model(signed_bundles, int8_bundle,
+                                                                                  tmp_path):
+    """The slot of the model before the serving one was cleared as soon as the offer was taken: a download that
+    then failed (its source gone, a damaged or forged chunk answer) left the box with no previous model. It is
+    cleared only once the download has filled the free space."""
+    from bundles import variant
+
+    v3 = variant(int8_bundle, tmp_path / "v3", signed_bundles["key"], version="1.2.0")
+    damaged = shutil.copytree(v3, tmp_path / "v3-damaged")
+    first = open_bundle(v3).manifest.files[0]
+    data = bytearray((damaged / first.path).read_bytes())
+    data[0] ^= 0xFF  # its first chunk: the download fails before anything needed the room
+    (damaged / first.path).write_bytes(bytes(data))
+    blocks = sum(-(-f.size // 4096) * 4096 for f in open_bundle(signed_bundles["v1"]).manifest.files)
+    with small_disk(tmp_path / "two-bundles", (2 * blocks + (1 << 20)) // 1024 + 384) as work:
+        shutil.copytree(signed_bundles["keys"], work / "keys")
+        for bundle, update_id in ((signed_bundles["v1"], "u1"), (signed_bundles["v2"], "u2")):
+            gc.collect()
+            updater = build_updater(work)
+            updater.submit(offer_for(bundle, update_id))
+            updater.run()
+            assert updater.data["outcome"] == "committed", updater.data["reason"]
+            del updater.deps
+        gc.collect()
+        updater = build_updater(work)
+        offer = offer_for(v3, "u3-damaged")
+        offer.source = {"type": "dir", "path": str(damaged)}
+        updater.submit(offer)
+        updater.run()
+        assert updater.data["outcome"] == "failed" and "does not match the manifest" in updater.data["reason"]
+        assert open_bundle(updater.slots.path("a")).manifest.version == "1.0.0"  # still there to go back to
+        assert not [r for r in reports(work) if r.get("cleared_slot")]
+        del updater.deps
+        gc.collect()
+        updater = build_updater(work)
+        updater.submit(offer_for(v3, "u3"))
+        updater.run()
+        assert updater.data["outcome"] == "committed", updater.data["reason"]
+        cleared = [r for r in reports(work) if r.get("cleared_slot")]
+        assert [(r["update_id"], r["state"], r["cleared_slot"]) for r in cleared] == [("u3", "downloading", "a")]
+
+
 def test_crash_loop_in_self_test_gives_up_and_keeps_the_old_model(device, signed_bundles):
     (device / "offer.json").write_text(offer_for(signed_bundles["v2"], "u2").model_dump_json())
     for _ in range(4):  # the process dies in SELF_TEST every time it gets there
@@ -255,6 +297,11 @@ def test_an_offer_of_a_bundle_whose_download_failed_resumes_from_its_verified_ch
     updater.run()
     assert updater.data["outcome"] == "failed" and (device / "state" / "staging-partial").is_dir()
     first = len(fetched)
+    junk = offer_for(signed_bundles["v1"], "junk")  # refused unverified (any sender can publish one): the chunks stay
+    junk.signature = {"key_id": "x", "signature": "AA==", "algorithm": "ed25519"}
+    updater.submit(junk)
+    updater.run()
+    assert updater.data["outcome"] == "failed" and (device / "state" / "staging-partial").is_dir()
 
     class Counting:
         def read_chunk(self, offer, path, index, chunk_size):
