@@ -36,7 +36,6 @@ Bundles built here are cached in --workdir (default .bench/serve/<shape>/).
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -52,9 +51,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python benchmarks/agent_load.py` from anywhere
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):
+    if str(_p) not in sys.path:  # `python benchmarks/agent_load.py` from anywhere
+        sys.path.insert(0, str(_p))
 
+from _args import Parser, int_list, positive_float, positive_int  # noqa: E402
 from procstats import cpu_model, proc_cpu_s, proc_status_kb, reset_peak_rss, system_busy_s  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -160,16 +161,33 @@ def worker_main(bundle: str, backend: str) -> int:
     return 0
 
 
+class WorkerError(RuntimeError):
+    """The direct-runtime worker died; the message ends with the last line it wrote to stderr (its reason)."""
+
+
 class DirectWorker:
     def __init__(self, bundle: Path, backend: str):
+        import tempfile
+
+        self._err = tempfile.TemporaryFile("w+")  # the worker's stderr: its reason when it dies
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(bundle), backend],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
-        self.info = self._read()
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
+                                     cwd=str(ROOT))
+        try:
+            self.info = self._read()
+        except BaseException:
+            self.close()
+            raise
+
+    def last_error(self) -> str:
+        self._err.seek(0)
+        lines = [x.strip() for x in self._err.read().splitlines() if x.strip()]
+        return lines[-1] if lines else "(nothing on its stderr)"
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the direct-runtime worker exited with code {self.proc.wait()}")
+            raise WorkerError(f"the direct-runtime worker exited with code {self.proc.wait()}: {self.last_error()}")
         return json.loads(line)
 
     def call(self, **req) -> dict:
@@ -178,8 +196,16 @@ class DirectWorker:
         return self._read()
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(30)
+        try:
+            self.proc.stdin.close()
+        except OSError:  # it died: the pipe is broken
+            pass
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._err.close()
 
 
 # --- the agent process and its clients ----------------------------------------------------------
@@ -350,24 +376,39 @@ def overhead_round(order: list[str], client: Client, worker: DirectWorker, promp
 
 # --- the benchmark ------------------------------------------------------------------------------
 
-def benchmark(args) -> dict:
-    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    bundle = Path(args.bundle) if args.bundle else prepare(args.shape, Path(args.workdir))
-    bundle = bundle.resolve()
+def open_manifest(bundle: Path):
+    """The bundle's manifest (unverified); BundleError / RuntimeUserError when it is no bundle."""
     from ota.bundle import open_bundle
 
-    manifest = open_bundle(bundle, verify=False).manifest
+    return open_bundle(bundle, verify=False).manifest
+
+
+def benchmark(args, bundle: Path | None = None, manifest=None) -> dict:
+    levels = args.concurrency
+    if bundle is None:
+        bundle = Path(args.bundle) if args.bundle else prepare(args.shape, Path(args.workdir))
+    bundle = bundle.resolve()
+    if manifest is None:
+        manifest = open_manifest(bundle)
     load_before = os.getloadavg()
 
     print("starting the direct-runtime worker", file=sys.stderr)
     worker = DirectWorker(bundle, args.backend)
-    picked = worker.call(op="pick_prompt", n=args.prompt_tokens, max_tokens=args.max_tokens)
+    try:
+        picked = worker.call(op="pick_prompt", n=args.prompt_tokens, max_tokens=args.max_tokens)
+    except BaseException:
+        worker.close()
+        raise
     prompt = picked["prompt"]
     if picked["tokens"] < args.max_tokens:
         print(f"note: no prompt among 20 tried runs to {args.max_tokens} tokens; the best makes {picked['tokens']}",
               file=sys.stderr)
     max_concurrent = max(levels) if max(levels) > 8 else None  # the agent's default (8) suffices otherwise
-    agent = AgentProcess(bundle, args.backend, max_concurrent, Path(args.workdir) / "agent.log")
+    try:
+        agent = AgentProcess(bundle, args.backend, max_concurrent, Path(args.workdir) / "agent.log")
+    except BaseException:
+        worker.close()
+        raise
     print(f"starting the agent: {agent.command} (log {agent.log_path})", file=sys.stderr)
     try:
         agent.wait_ready()
@@ -506,21 +547,36 @@ def print_table(rep: dict) -> None:
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return worker_main(*sys.argv[2:4])
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--bundle", help="serve this bundle (default: a random-init int8 bundle of --shape)")
     src.add_argument("--shape", default="glm-s", choices=("tiny", "glm-s", "glm-m"))
-    ap.add_argument("--backend", default="auto", help="auto, onnxruntime or openvino (agent and direct alike)")
-    ap.add_argument("--concurrency", default="1,4,8", help="comma-separated client counts")
-    ap.add_argument("--seconds", type=float, default=15.0, help="duration of each load level")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--prompt-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved passes")
-    ap.add_argument("--overhead-rounds", type=int, default=8, help="direct/agent/stream rounds per pass")
+    ap.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "openvino"),
+                    help="auto, onnxruntime or openvino (agent and direct alike)")
+    ap.add_argument("--concurrency", default="1,4,8", type=int_list, help="comma-separated client counts")
+    ap.add_argument("--seconds", type=positive_float, default=15.0, help="duration of each load level")
+    ap.add_argument("--max-tokens", type=positive_int, default=64)
+    ap.add_argument("--prompt-tokens", type=positive_int, default=64)
+    ap.add_argument("--repeats", type=positive_int, default=3, help="interleaved passes")
+    ap.add_argument("--overhead-rounds", type=positive_int, default=8, help="direct/agent/stream rounds per pass")
     ap.add_argument("--workdir", default=".bench/serve", help="bundle cache and agent log")
     ap.add_argument("--json", action="store_true", help="write the results as JSON to stdout")
     args = ap.parse_args(argv)
-    report = benchmark(args)
+    from ota.errors import BundleError
+    from runtime.errors import RuntimeUserError
+
+    bundle = manifest = None
+    if args.bundle:  # a missing or broken bundle: the message, before any process starts
+        bundle = Path(args.bundle).resolve()
+        try:
+            manifest = open_manifest(bundle)
+        except (BundleError, RuntimeUserError) as exc:
+            ap.error(f"--bundle {args.bundle}: {exc}")
+    try:
+        report = benchmark(args, bundle, manifest)
+    except WorkerError as exc:  # e.g. a backend the bundle lacks: the worker's own reason, in one line
+        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()

@@ -40,7 +40,6 @@ steps, as under real traffic. Nothing asserts on the numbers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -56,6 +55,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:  # `python benchmarks/batching.py` from anywhere
         sys.path.insert(0, str(p))
 
+from _args import Parser, int_list, positive_float, positive_int  # noqa: E402
 from agent_load import prepare  # noqa: E402
 from procstats import cpu_model, proc_cpu_s, system_busy_s  # noqa: E402
 
@@ -105,10 +105,14 @@ class TimedBatch:
 
 
 def parse_candidate(text: str) -> tuple[int, bool, int | None]:
-    """'8' -> (8, False, None); '8m' -> MergedBatch; '8:0' / '8m:64' -> that prefill_chunk."""
-    size, _, chunk = text.partition(":")
+    """'8' -> (8, False, None); '8m' -> MergedBatch; '8:0' / '8m:64' -> that prefill_chunk.
+    ValueError unless the size is an integer >= 1 and the chunk (when given) an integer >= 0."""
+    size, colon, chunk = text.strip().partition(":")
     merged = size.endswith("m")
-    return int(size[:-1] if merged else size), merged, (int(chunk) if chunk else None)
+    n, c = int(size[:-1] if merged else size), (int(chunk) if colon else None)
+    if n < 1 or (c is not None and c < 0):
+        raise ValueError(text)
+    return n, merged, c
 
 
 def requests(prompt: list[int], max_tokens: int, stagger: bool, vocab: int, seed: int):
@@ -241,36 +245,39 @@ def merge_cost(engine, prompt: list[int], max_tokens: int, rows: int, rounds: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="glm-s")
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="glm-s", choices=("tiny", "glm-s", "glm-m"))
     p.add_argument("--bundle", help="an existing bundle (default: build or reuse the random-init one of --shape)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"))
     p.add_argument("--device", default="auto", help="the backend's device, as model.device: e.g. cuda (ONNX "
                    "Runtime on the bundle's GPU graph), GPU or NPU (OpenVINO); default: the CPU")
-    p.add_argument("--concurrency", default="1,4,8")
-    p.add_argument("--max-batch", default="1,8", help="max_batch values; with an m (8m): MergedBatch")
+    p.add_argument("--concurrency", default="1,4,8", type=int_list, help="client counts, comma-separated")
+    p.add_argument("--max-batch", default="1,8", help="max_batch values; with an m (8m): MergedBatch; "
+                   "with :CHUNK (8:0, 8m:64): that prefill_chunk")
     p.add_argument("--stagger", action="store_true", help="random prompt and answer lengths per request")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--merge-rounds", type=int, default=20)
-    p.add_argument("--prefill-min-rows", type=int, default=None,
+    p.add_argument("--seconds", type=positive_float, default=10.0)
+    p.add_argument("--repeats", type=positive_int, default=2)
+    p.add_argument("--max-tokens", type=positive_int, default=64)
+    p.add_argument("--prompt-tokens", type=positive_int, default=64)
+    p.add_argument("--merge-rounds", type=positive_int, default=20)
+    p.add_argument("--prefill-min-rows", type=positive_int, default=None,
                    help="ONNX Runtime: steps of this many token rows or more run on the prefill graph, as the "
                         "autotune may set it (default: the bundle's edgeglm.prefill_min_rows)")
     p.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "serve")
     p.add_argument("--json", action="store_true", help="print the raw samples as JSON")
     args = p.parse_args(argv)
+    levels = args.concurrency
     try:
-        levels = [int(x) for x in args.concurrency.split(",")]
         batches = [x.strip() for x in args.max_batch.split(",")]
         cands = {b: parse_candidate(b) for b in batches}
         sizes = [c[0] for c in cands.values()]
-        if not levels or not batches or min(levels + sizes) < 1 or len(set(batches)) != len(batches):
+        if len(set(batches)) != len(batches):
             raise ValueError
     except ValueError:
-        p.error(f"--concurrency {args.concurrency!r} / --max-batch {args.max_batch!r}: give positive integers "
-                "separated by commas, e.g. 1,4,8 (max_batch values may end in m, and :CHUNK: 8m, 8:0)")
+        p.error(f"--max-batch {args.max_batch} is invalid: must be max_batch values (integers >= 1) separated by "
+                "commas, no repeats, each optionally ending in m and :CHUNK (an integer >= 0), e.g. 1,8m,8:0")
+    if args.bundle and not Path(args.bundle).is_dir():
+        p.error(f"--bundle {args.bundle} is invalid: no such bundle directory")
 
     from agent.model import load_model
     from ota.errors import BundleError
@@ -283,9 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     engine = model.engine
     if args.prefill_min_rows is not None:
-        if args.prefill_min_rows < 1 or not getattr(engine, "prefill_graph", None):
-            p.error(f"--prefill-min-rows {args.prefill_min_rows}: needs a positive count and an ONNX Runtime engine "
-                    "with a prefill graph")
+        if not getattr(engine, "prefill_graph", None):
+            p.error(f"--prefill-min-rows {args.prefill_min_rows}: needs an ONNX Runtime engine with a prefill graph")
         engine.prefill_min_rows = args.prefill_min_rows
     prompt = pick_prompt(engine, args.prompt_tokens, args.max_tokens)
     rows = getattr(engine, "prefill_min_rows", None) if getattr(engine, "prefill_graph", None) else None

@@ -40,15 +40,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import platform
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+from _args import Parser, fraction, nonneg_float, positive_float, positive_int  # noqa: E402  (benchmarks/ on sys.path)
+from procstats import cpu_model  # noqa: E402
 
-from procstats import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+import torch  # noqa: E402  (after the argument helpers: a slow import, but no work before the checks)
 
 # training text: models.tiny's modules plus more of the standard library (held-out modules excluded)
 EXTRA_TRAIN = ("inspect.py", "typing.py", "enum.py", "pathlib.py", "tarfile.py", "zipfile.py", "pprint.py",
@@ -57,30 +59,101 @@ EXTRA_TRAIN = ("inspect.py", "typing.py", "enum.py", "pathlib.py", "tarfile.py",
                "threading.py", "traceback.py", "unittest/case.py", "uuid.py", "weakref.py", "shutil.py")
 
 
+KV_GROUPS, HEAD_DIM = 2, 64  # of the teacher (teacher_config)
+
+
+def learning_rate(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is invalid: must be a number > 0 and <= 1")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The arguments, every one checked here (one-line error, exit 2) before anything is trained."""
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path(".bench/compression"))
-    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--vocab", type=positive_int, default=1024)
     p.add_argument("--teacher-shape", default="256x4x768", help="HIDDENxLAYERSxFFN (64-dim heads, 2 KV groups)")
-    p.add_argument("--teacher-tokens", type=int, default=1_000_000)
-    p.add_argument("--teacher-lr", type=float, default=3e-3)
-    p.add_argument("--tokens", type=int, default=300_000, help="token budget of every student")
-    p.add_argument("--fraction", type=float, default=0.125, help="student non-embedding params / teacher's")
-    p.add_argument("--student-layers", type=int, default=2)
-    p.add_argument("--student-kv", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every student")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--kl-weight", type=float, default=1.0)
-    p.add_argument("--ce-weight", type=float, default=0.0)
-    p.add_argument("--extra-mixes", default="2:0.5:0.5", help="more distilled students, e.g. '2:0.5:0.5,1:0.5:0.5'")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for the PyTorch stages")
-    p.add_argument("--bundle-eval-tokens", type=int, default=1024, help="held-out tokens fed to the INT8 bundle")
+    p.add_argument("--teacher-tokens", type=positive_int, default=1_000_000)
+    p.add_argument("--teacher-lr", type=learning_rate, default=3e-3)
+    p.add_argument("--tokens", type=positive_int, default=300_000, help="token budget of every student")
+    p.add_argument("--fraction", type=fraction, default=0.125, help="student non-embedding params / teacher's")
+    p.add_argument("--student-layers", type=positive_int, default=2)
+    p.add_argument("--student-kv", type=positive_int, default=1)
+    p.add_argument("--lr", type=learning_rate, default=3e-3, help="peak learning rate of every student")
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--kl-weight", type=nonneg_float, default=1.0)
+    p.add_argument("--ce-weight", type=nonneg_float, default=0.0)
+    p.add_argument("--extra-mixes", default="2:0.5:0.5", help="more distilled students, T:KL:CE comma-separated, "
+                   "e.g. '2:0.5:0.5,1:0.5:0.5' ('' for none)")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--eval-tokens", type=positive_int, default=2048, help="held-out tokens for the PyTorch stages")
+    p.add_argument("--bundle-eval-tokens", type=positive_int, default=1024,
+                   help="held-out tokens fed to the INT8 bundle")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the steps require of the arguments together, as they would find it only after training."""
+    from models.tiny import SPECIAL_TOKENS
+
+    min_vocab = 256 + len(SPECIAL_TOKENS)  # the byte-level alphabet and the special tokens
+    if args.vocab < min_vocab:
+        p.error(f"--vocab {args.vocab} is invalid: must be an integer >= {min_vocab} (256 bytes + "
+                f"{len(SPECIAL_TOKENS)} special tokens)")
+    if not 0 <= args.seed < 2 ** 31:
+        p.error(f"--seed {args.seed} is invalid: must be an integer in [0, 2**31)")
+    if args.seq_len < 2 or args.seq_len >= 4096:
+        p.error(f"--seq-len {args.seq_len} is invalid: must be an integer in 2..4095 (the teacher's context is 4096)")
+    try:
+        hidden, layers, ffn = (int(x) for x in args.teacher_shape.split("x"))
+        if min(hidden, layers, ffn) < 1:
+            raise ValueError
+    except ValueError:
+        p.error(f"--teacher-shape {args.teacher_shape} is invalid: must be HIDDENxLAYERSxFFN, three integers >= 1, "
+                "e.g. 256x4x768")
+    if hidden % (HEAD_DIM * KV_GROUPS):
+        p.error(f"--teacher-shape {args.teacher_shape} is invalid: HIDDEN must be a multiple of "
+                f"{HEAD_DIM * KV_GROUPS} ({HEAD_DIM}-dim heads, their count a multiple of the {KV_GROUPS} KV groups), "
+                f"e.g. {max(HEAD_DIM * KV_GROUPS, hidden // (HEAD_DIM * KV_GROUPS) * HEAD_DIM * KV_GROUPS)}")
+    if args.student_layers > layers:
+        p.error(f"--student-layers {args.student_layers} is invalid: allowed 1..{layers} (the teacher's layers, "
+                f"--teacher-shape {args.teacher_shape})")
+    if args.student_kv > KV_GROUPS:
+        p.error(f"--student-kv {args.student_kv} is invalid: allowed 1..{KV_GROUPS} (the teacher's KV groups)")
+    window = args.batch * args.seq_len
+    for flag, value in (("--teacher-tokens", args.teacher_tokens), ("--tokens", args.tokens)):
+        if value < window:
+            p.error(f"{flag} {value} is invalid: must be at least one batch, --batch x --seq-len = {window} tokens")
+    if args.eval_tokens < args.seq_len:
+        p.error(f"--eval-tokens {args.eval_tokens} is invalid: must be at least one window, --seq-len {args.seq_len}")
+    if args.kl_weight == 0 and args.ce_weight == 0:
+        p.error("--kl-weight 0 and --ce-weight 0 are invalid: at least one loss must have a weight > 0")
+    mixes = []
+    for mix in filter(None, (m.strip() for m in args.extra_mixes.split(","))):
+        try:
+            t, kl, ce = (float(x) for x in mix.split(":"))
+            if not (all(math.isfinite(x) for x in (t, kl, ce)) and t > 0 and kl >= 0 and ce >= 0 and kl + ce > 0):
+                raise ValueError
+        except ValueError:
+            p.error(f"--extra-mixes {args.extra_mixes} is invalid: must be T:KL:CE triples, comma-separated "
+                    f"(T > 0, KL and CE >= 0, not both 0), e.g. 2:0.5:0.5,1:0.5:0.5; {mix!r} is not one")
+        mixes.append((t, kl, ce))
+    args.mixes = mixes
+    from models.prune import PruneError, solve_spec  # the student shape: fraction, layers and KV groups together
+
+    try:
+        solve_spec(teacher_config(args.teacher_shape, args.vocab, 0), args.fraction, num_layers=args.student_layers,
+                   num_key_value_heads=args.student_kv, source="--fraction/--student-layers/--student-kv")
+    except PruneError as exc:
+        p.error(" ".join(str(exc).split()))
 
 
 def key(*parts) -> str:
@@ -198,8 +271,7 @@ def main(argv=None) -> int:
         "(c) random init + plain": ("scratch", settings_for(args, args.tokens, args.lr)),
         "(d) activation prune + plain": ("activation", settings_for(args, args.tokens, args.lr)),
     }
-    for mix in filter(None, args.extra_mixes.split(",")):
-        t, kl, ce = (float(x) for x in mix.split(":"))
+    for t, kl, ce in args.mixes:
         students[f"(a') activation prune + distill T={t:g} kl={kl:g} ce={ce:g}"] = (
             "activation", settings_for(args, args.tokens, args.lr, kl, ce, t))
     runs, trained = {}, {}

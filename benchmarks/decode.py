@@ -31,7 +31,6 @@ passes, which is the only fair way to compare two versions on a noisy, shared ma
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -43,7 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from procstats import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _args import Parser, choice_list, positive_int  # noqa: E402  (benchmarks/ is on sys.path as a script)
+from procstats import cpu_model  # noqa: E402
+
+PRECISIONS = ("fp32", "int8")
 
 EAGER = "pytorch-eager fp32"
 
@@ -107,8 +109,11 @@ class WorkerRunner:
                str(threads), device]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env, cwd=str(src) if src else None)
-        ready = json.loads(self.proc.stdout.readline())
-        self.runtime_file = ready["runtime"]
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"decode.py: the worker for {bundle} ({backend}) exited with code {self.proc.wait()} "
+                             "before it was ready (its error is above)")
+        self.runtime_file = json.loads(line)["runtime"]
 
     def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
         self.proc.stdin.write(json.dumps({"prompt": prompt, "new_tokens": new_tokens}) + "\n")
@@ -117,8 +122,15 @@ class WorkerRunner:
         return out["ttft"], out["decode"], out["tokens"]
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def worker_main(bundle: str, backend: str, threads: str, device: str = "auto") -> int:
@@ -193,24 +205,86 @@ def weight_bytes_per_token(files: list[Path], cfg: dict) -> int:
     return sum(p.stat().st_size for p in files) - cfg["vocab_size"] * cfg["hidden_size"] * 4
 
 
+_BASELINE_PREPARE = """
+import inspect, json, sys
+from pathlib import Path
+src, shape, workdir, precisions = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4].split(",")
+sys.path[:0] = [str(src), str(src / "benchmarks")]
+import decode
+if len(inspect.signature(decode.prepare).parameters) >= 3:
+    _, bundles = decode.prepare(shape, workdir, tuple(precisions))
+else:  # an older tree: fp32 and int8 always
+    _, bundles = decode.prepare(shape, workdir)
+print(json.dumps({p: str(Path(b).resolve()) for p, b in bundles.items()}))
+"""
+
+
+def baseline_bundles(src: Path, workdir: Path, shape: str, precisions: list[str]) -> dict[str, Path]:
+    """The baseline tree's bundles of `shape`, exported by THAT tree's exporter: its own
+    benchmarks/decode.py `prepare` run in a subprocess with the tree first on PYTHONPATH (it builds them
+    only when missing, under its own exporter key). Where that fails, the newest `bundle-{precision}-*`
+    (or an older tree's `bundle-{precision}`) under workdir/shape; SystemExit in one line when none."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])))
+    print(f"preparing the baseline's bundles in {workdir / shape} with {src}'s exporter", file=sys.stderr)
+    done = subprocess.run([sys.executable, "-c", _BASELINE_PREPARE, str(src), shape, str(workdir),
+                           ",".join(precisions)], cwd=str(src), env=env, capture_output=True, text=True)
+    sys.stderr.write(done.stderr if done.returncode == 0 else "")
+    if done.returncode == 0:
+        try:
+            built = {p: Path(b) for p, b in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+            if all((built.get(p, Path("/nonexistent")) / "manifest.json").is_file() for p in precisions):
+                return {p: built[p] for p in precisions}
+        except (ValueError, IndexError, AttributeError):
+            pass
+    reason = ([x for x in done.stderr.splitlines() if x.strip()] or ["no error output"])[-1].strip()
+    out, missing = {}, []
+    for p in precisions:  # bundles exported there before (e.g. by hand with that tree's exporter)
+        found = [d for d in (workdir / shape).glob(f"bundle-{p}*") if (d / "manifest.json").is_file()
+                 and (d.name == f"bundle-{p}" or d.name.startswith(f"bundle-{p}-"))]
+        if found:
+            out[p] = max(found, key=lambda d: (d / "manifest.json").stat().st_mtime)
+            print(f"note: the baseline's prepare failed ({reason}); using {out[p]}", file=sys.stderr)
+        else:
+            missing.append(p)
+    if missing:
+        print(
+            f"decode.py: error: --baseline-workdir {workdir} has no {'/'.join(missing)} bundle of {shape} "
+            f"(bundle-PRECISION-* under {workdir / shape}) and {src}'s own prepare failed: {reason}; build them "
+            f"with that tree: cd {src} && PYTHONPATH={src} {sys.executable} -c \"import sys; "
+            f"sys.path[:0] = ['benchmarks']; from pathlib import Path; from decode import prepare; "
+            f"prepare('{shape}', Path('{workdir}'))\"", file=sys.stderr)
+        raise SystemExit(2)
+    return out
+
+
 def benchmark(args) -> dict:
-    ckpt, bundles = prepare(args.shape, Path(args.workdir), args.precisions.split(","))
+    trees = []
+    if args.baseline_src:  # first: a baseline without bundles stops the run before this tree's are built
+        src = Path(args.baseline_src).resolve()
+        trees.append(("before: ", src, baseline_bundles(src, Path(args.baseline_workdir).resolve(), args.shape,
+                                                         args.precisions)))
+    ckpt, bundles = prepare(args.shape, Path(args.workdir), args.precisions)
     cfg = json.loads((ckpt / "config.json").read_text())
-    trees = [("", None, bundles)]
-    if args.baseline_src:
-        base = Path(args.baseline_workdir) / args.shape
-        trees.insert(0, ("before: ", Path(args.baseline_src).resolve(),
-                         {p: base / f"bundle-{p}" for p in ("fp32", "int8")}))
+    trees.append(("", None, bundles))
     candidates, weight_files, on_gpu = {}, {}, set()
+    try:
+        return _measure(args, ckpt, cfg, bundles, trees, candidates, weight_files, on_gpu)
+    finally:  # nothing left running, whatever happened
+        for runner in candidates.values():
+            if isinstance(runner, WorkerRunner):
+                runner.close()
+
+
+def _measure(args, ckpt, cfg, bundles, trees, candidates, weight_files, on_gpu) -> dict:
     for backend, sub in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
-        for precision in args.precisions.split(","):
+        for precision in args.precisions:
             for label, src, bdirs in trees:
                 name = f"{label}{backend} {precision}"
                 print(f"loading {name}", file=sys.stderr)
                 candidates[name] = WorkerRunner(bdirs[precision], backend, args.threads, src)
                 print(f"  runtime from {candidates[name].runtime_file}", file=sys.stderr)
                 weight_files[name] = sorted(p for p in (bdirs[precision] / sub).rglob("*") if p.is_file())
-    for precision in args.precisions.split(",") if cuda_available() and args.gpu else ():
+    for precision in args.precisions if cuda_available() and args.gpu else ():
         name = f"onnxruntime {precision} cuda"  # the bundle's GPU graph, its KV cache in device memory
         print(f"loading {name}", file=sys.stderr)
         candidates[name] = WorkerRunner(bundles[precision], "onnxruntime", args.threads, device="cuda")
@@ -237,9 +311,6 @@ def benchmark(args) -> dict:
             print(f"pass {r + 1}/{args.repeats} {name}: TTFT {ttft * 1e3:.1f} ms, "
                   f"{args.new_tokens / decode:.1f} tok/s", file=sys.stderr)
     bw_after = read_bandwidth(args.threads)
-    for runner in candidates.values():
-        if isinstance(runner, WorkerRunner):
-            runner.close()
     bandwidth = max(bw_before, bw_after)  # the attainable roof: the better of the two
 
     eager = statistics.median(samples[EAGER]["decode"])
@@ -290,22 +361,29 @@ def print_table(report: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="glm-s", choices=("tiny", "glm-s", "glm-m"))
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--prompt-tokens", type=positive_int, default=512)
+    ap.add_argument("--new-tokens", type=positive_int, default=128)
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--workdir", default=".bench")
     ap.add_argument("--json", action="store_true", help="write the results as JSON to stdout")
-    ap.add_argument("--precisions", default="fp32,int8", help="comma-separated: fp32,int8")
+    ap.add_argument("--precisions", default="fp32,int8", type=choice_list(PRECISIONS),
+                    help="comma-separated: fp32,int8")
     ap.add_argument("--no-gpu", dest="gpu", action="store_false",
                     help="leave out the ONNX Runtime CUDA candidates (added where onnxruntime-gpu sees a GPU)")
     ap.add_argument("--baseline-src", help="source tree of the version to compare against (interleaved)")
-    ap.add_argument("--baseline-workdir", default=".bench", help="where the baseline tree's bundles are")
+    ap.add_argument("--baseline-workdir", default=".bench",
+                    help="where the baseline tree's bundles are (built there by that tree's exporter when missing)")
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return worker_main(*sys.argv[2:6])
     args = ap.parse_args(argv)
+    if args.baseline_src and not (Path(args.baseline_src) / "runtime" / "engine.py").is_file():
+        ap.error(f"--baseline-src {args.baseline_src} is invalid: must be an edgeglm source tree "
+                 "(a directory with runtime/engine.py)")
+    if args.baseline_src and not (Path(args.baseline_src) / "benchmarks" / "decode.py").is_file():
+        ap.error(f"--baseline-src {args.baseline_src} is invalid: it has no benchmarks/decode.py to export its bundles")
     report = benchmark(args)
     if args.json:
         json.dump(report, sys.stdout, indent=2)

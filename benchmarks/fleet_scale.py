@@ -22,8 +22,9 @@ a TelemetryReport every second. Per step it prints:
                     shared machine the lag shows the CPU share the processes got, this shows
                     the work they need (one core / us/msg = the rate one core could sustain)
 
-The ceiling is the first N whose p95 lag passes 1 s or that loses more than 1% of reports;
-the run stops after it. Numbers and the machine go to docs/scaling.md.
+The ceiling is the first N whose p95 lag passes 1 s, that loses more than 1% of reports, or whose
+fresh max passes 2 s; the run stops after it (the line says which of them tripped). Numbers and the machine
+go to docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _args import Parser, int_list, nonneg_float, positive_float, positive_int  # noqa: E402
 from procstats import cpu_model, proc_cpu_s, proc_status_kb, system_busy_s  # noqa: E402
 
 FLEET = "bench"
@@ -85,7 +87,12 @@ def start_broker(work: Path, queue: int) -> tuple[subprocess.Popen, int]:
         lines.append("user root")
     conf.write_text("\n".join(lines) + "\n")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port)
+    try:
+        wait_port(port)
+    except BaseException:  # not left running
+        proc.kill()
+        proc.wait()
+        raise
     return proc, port
 
 
@@ -99,7 +106,10 @@ def start_controller(work: Path, port: int, src: str | None) -> subprocess.Popen
     deadline = time.monotonic() + 60
     while "fleet controller" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the controller did not start:\n{log.read_text()}")
+            if proc.poll() is None:  # not left running
+                proc.kill()
+                proc.wait()
+            raise SystemExit(f"the controller did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.1)
     return proc
 
@@ -205,14 +215,34 @@ def print_row(r: dict, header: bool = False) -> None:
     print("  ".join(f.format(r[k]).rjust(w) for (_, k, f), w in zip(cols, widths)), flush=True)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", default="500,1000,2000,4000", help="device counts, comma-separated")
-    ap.add_argument("--duration", type=float, default=20.0, help="measured seconds per step")
-    ap.add_argument("--warmup", type=float, default=5.0, help="seconds of publishing before measuring")
-    ap.add_argument("--per-process", type=int, default=1000, help="devices per worker process")
+def ratio_text(num: float, den: float) -> str:
+    """num / den as '1.23x', or 'n/a' where the denominator is 0 or NaN (e.g. a broker that used no measurable
+    CPU in the window) or the numerator is NaN."""
+    if not den or den != den or num != num:
+        return "n/a"
+    return f"{num / den:.2f}x"
+
+
+def ceiling_reasons(row: dict) -> list[str]:
+    """Which of the ceiling's conditions a step trips (NaN trips none)."""
+    out = []
+    if row["lag_p95"] > 1.0:
+        out.append(f"p95 lag {row['lag_p95']:.2f} s over 1 s")
+    if row["lost_pct"] > 1.0:
+        out.append(f"{row['lost_pct']:.1f}% of reports lost, over 1%")
+    if row["fresh_max"] > 2.0:
+        out.append(f"fresh max {row['fresh_max']:.2f} s over 2 s")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = Parser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", default="500,1000,2000,4000", type=int_list, help="device counts, comma-separated")
+    ap.add_argument("--duration", type=positive_float, default=20.0, help="measured seconds per step")
+    ap.add_argument("--warmup", type=nonneg_float, default=5.0, help="seconds of publishing before measuring")
+    ap.add_argument("--per-process", type=positive_int, default=1000, help="devices per worker process")
     ap.add_argument("--controller-src", help="PYTHONPATH of the controller to run (default: this checkout)")
-    ap.add_argument("--broker-queue", type=int, default=1000,
+    ap.add_argument("--broker-queue", type=positive_int, default=1000,
                     help="mosquitto max_queued_messages (its default 1000; the controller's backlog beyond it is "
                          "dropped by the broker)")
     ap.add_argument("--health", choices=("off", "on", "both"), default="off",
@@ -223,26 +253,25 @@ def main() -> int:
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--first", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
-    try:
-        steps = [int(x) for x in args.steps.split(",")]
-    except ValueError:
-        print(f"--steps {args.steps!r}: give device counts like 500,1000,2000", file=sys.stderr)
-        return 2
+    steps = args.steps
+    if args.controller_src and not (Path(args.controller_src) / "agent" / "cli.py").is_file():
+        ap.error(f"--controller-src {args.controller_src} is invalid: must be an edgeglm source tree "
+                 "(a directory with agent/cli.py)")
     nofile = raise_fd_limit()
     if max(steps) + 100 > nofile:
-        print(f"--steps {max(steps)}: the broker needs a socket per device and RLIMIT_NOFILE is {nofile}; "
-              f"raise it (ulimit -n) or use fewer devices", file=sys.stderr)
-        return 2
+        ap.error(f"--steps {max(steps)}: the broker needs a socket per device and RLIMIT_NOFILE is {nofile}; "
+                 f"raise it (ulimit -n) or use fewer devices")
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; RLIMIT_NOFILE {nofile}; telemetry every 1 s per device; "
           f"{args.duration:g} s measured per step after {args.warmup:g} s warm-up", flush=True)
     with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
         work = Path(tmp)
-        broker, port = start_broker(work, args.broker_queue)
-        controller = start_controller(work, port, args.controller_src)
+        broker = controller = None
         try:
+            broker, port = start_broker(work, args.broker_queue)
+            controller = start_controller(work, port, args.controller_src)
             for i, n in enumerate(steps):
                 rows = []
                 for health in {"off": [False], "on": [True], "both": [False, True]}[args.health]:
@@ -251,20 +280,25 @@ def main() -> int:
                     print_row(rows[-1], header=i == 0 and len(rows) == 1)
                 if len(rows) == 2:
                     print(f"  {n} devices: controller CPU per report with health / without: "
-                          f"{rows[1]['us_controller'] / rows[0]['us_controller']:.2f}x; broker "
-                          f"{rows[1]['us_broker'] / rows[0]['us_broker']:.2f}x", flush=True)
-                row = rows[-1]
-                if (row["lag_p95"] > 1.0 or row["lost_pct"] > 1.0 or row["fresh_max"] > 2.0) and not args.keep_going:
-                    print(f"ceiling: {n} devices (p95 lag over 1 s, or reports lost)")
+                          f"{ratio_text(rows[1]['us_controller'], rows[0]['us_controller'])}; broker "
+                          f"{ratio_text(rows[1]['us_broker'], rows[0]['us_broker'])}", flush=True)
+                reasons = ceiling_reasons(rows[-1])
+                if reasons and not args.keep_going:
+                    print(f"ceiling: {n} devices ({'; '.join(reasons)}; the ceiling is p95 lag over 1 s, over 1% "
+                          f"of reports lost, or fresh max over 2 s)")
                     break
             else:
                 if not args.keep_going:
                     print(f"no ceiling up to {steps[-1]} devices")
         finally:
-            controller.terminate()
-            controller.wait(30)
-            broker.terminate()
-            broker.wait(10)
+            for proc, wait_s in ((controller, 30), (broker, 10)):
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(wait_s)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
     return 0
 
 

@@ -39,6 +39,8 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:  # `python benchmarks/long_prompt.py` from anywhere
         sys.path.insert(0, str(p))
 
+from _args import Parser, int_list, positive_int  # noqa: E402
+
 
 def memory_reader(device: str):
     """(a function giving used memory in bytes, what it measures)."""
@@ -62,9 +64,15 @@ def child(bundle_dir: str, pieces: int, device: str, lengths: list[int], runs: i
     import numpy as np
 
     from agent.model import load_model
+    from ota.errors import BundleError
+    from runtime.errors import RuntimeUserError
     from runtime.generate import prefill
 
-    model = load_model(bundle_dir, "onnxruntime", device=device)
+    try:
+        model = load_model(bundle_dir, "onnxruntime", device=device)
+    except (RuntimeUserError, BundleError) as exc:  # BackendUnavailable above all: a device this box lacks
+        print(f"long_prompt.py: error: --device {device}: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     engine, arch = model.engine, model.arch
     engine.prompt_run_tokens = pieces or None
     used, what = memory_reader(device)
@@ -97,46 +105,53 @@ def child(bundle_dir: str, pieces: int, device: str, lengths: list[int], runs: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="glm-m", help="random-init bundle to build when --bundle is not given")
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="glm-m", choices=("tiny", "glm-s", "glm-m"),
+                   help="random-init bundle to build when --bundle is not given")
     p.add_argument("--bundle", help="an existing INT8 or fp32 bundle")
     p.add_argument("--device", default="CPU", help="ONNX Runtime device, as model.device: CPU (default) or CUDA")
-    p.add_argument("--tokens", default="512,1024,2048,3000", help="prompt lengths, comma-separated")
-    p.add_argument("--pieces", default="512", help="run sizes to compare with the whole prompt, comma-separated")
-    p.add_argument("--runs", type=int, default=3, help="prompts per length in each process")
-    p.add_argument("--repeats", type=int, default=2, help="processes per mode, alternating")
+    p.add_argument("--tokens", default="512,1024,2048,3000", type=int_list, help="prompt lengths, comma-separated")
+    p.add_argument("--pieces", default="512", type=int_list,
+                   help="run sizes to compare with the whole prompt, comma-separated")
+    p.add_argument("--runs", type=positive_int, default=3, help="prompts per length in each process")
+    p.add_argument("--repeats", type=positive_int, default=2, help="processes per mode, alternating")
     p.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "serve")
     p.add_argument("--json", action="store_true", help="print every process's result as JSON")
     p.add_argument("--child", nargs=2, metavar=("BUNDLE", "PIECES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    try:
-        lengths = sorted(int(x) for x in args.tokens.split(","))
-        pieces = [int(x) for x in args.pieces.split(",")]
-        if min(lengths) < 1 or min(pieces) < 1 or args.runs < 1 or args.repeats < 1:
-            raise ValueError
-    except ValueError:
-        p.error(f"--tokens {args.tokens!r} / --pieces {args.pieces!r} / --runs / --repeats: give positive integers "
-                "(lists comma-separated)")
+    lengths, pieces = sorted(args.tokens), args.pieces
+    tokens_arg = ",".join(map(str, lengths))
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.device, lengths, args.runs, seed=0)))
         return 0
+    from ota.bundle import open_bundle
+    from ota.errors import BundleError
+
     if args.bundle:
         bundle = Path(args.bundle)
+        try:
+            open_bundle(bundle, verify=False)
+        except BundleError as exc:
+            p.error(f"--bundle {args.bundle}: {exc}")
     else:
         from agent_load import prepare
         bundle = prepare(args.shape, args.workdir)
-    from ota.bundle import open_bundle
 
     context = open_bundle(bundle).manifest.architecture.get("max_position_embeddings")
     if context and max(lengths) > context - 1:
-        p.error(f"--tokens {args.tokens}: the bundle's context window is {context} positions; give shorter prompts")
+        p.error(f"--tokens {tokens_arg}: the bundle's context window is {context} positions; give shorter prompts")
     modes = [0] + pieces
     results: list[dict] = []
     for rep in range(args.repeats):
         for mode in (modes if rep % 2 == 0 else modes[::-1]):
             cmd = [sys.executable, __file__, "--child", str(bundle), str(mode), "--device", args.device,
-                   "--tokens", args.tokens, "--runs", str(args.runs)]
+                   "--tokens", tokens_arg, "--runs", str(args.runs)]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            if done.returncode == 2:  # a user error (the device, the bundle): the child's one line, no traceback
+                lines = [x for x in done.stderr.splitlines() if x.strip()]
+                print(lines[-1] if lines else f"long_prompt.py: error: --device {args.device}: the process failed",
+                      file=sys.stderr)
+                return 2
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
                 print(f"long_prompt: the process with pieces={mode} failed (exit {done.returncode})", file=sys.stderr)

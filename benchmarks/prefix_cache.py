@@ -3,7 +3,7 @@
 Run from the repository root (torch, onnx and both runtimes installed):
 
     python benchmarks/prefix_cache.py                        # glm-s int8, S=512 system + 64 user tokens
-    python benchmarks/prefix_cache.py --system-tokens 1024 --suffix-tokens 32 --precisions fp32,int8 --json
+    python benchmarks/prefix_cache.py --system-tokens 1024 --prompt-tokens 1056 --precisions fp32,int8 --json
 
 It builds (or reuses, under --workdir, with benchmarks/decode.py's `prepare`) a random-init
 checkpoint of the shape and its bundles, loads each backend once, and makes --repeats
@@ -23,7 +23,6 @@ machine; nothing here asserts on them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -31,23 +30,27 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from decode import prepare  # noqa: E402  (benchmarks/ is on sys.path)
+from _args import Parser, choice_list, positive_float, positive_int  # noqa: E402  (benchmarks/ is on sys.path)
+from decode import PRECISIONS, prepare  # noqa: E402
 from procstats import cpu_model  # noqa: E402
 
-from agent.model import load_model  # noqa: E402
-from runtime.prefix_cache import PrefixCache, prefill_cached  # noqa: E402
+if TYPE_CHECKING:  # imported where used: a bad flag is reported before the runtime loads
+    from runtime.prefix_cache import PrefixCache
 
 BACKENDS = ("onnxruntime", "openvino")
 
 
 def timed_prefill(engine, prompt: list[int], cache: PrefixCache | None) -> tuple[float, int, int]:
     """(seconds to the first token's logits, that token, prompt tokens reused)."""
+    from runtime.prefix_cache import prefill_cached
+
     t0 = time.perf_counter()
     logits, _, reused = prefill_cached(engine, prompt, cache)
     token = int(np.argmax(logits))
@@ -55,6 +58,8 @@ def timed_prefill(engine, prompt: list[int], cache: PrefixCache | None) -> tuple
 
 
 def run_pass(model, system: list[int], suffixes, args, persist_root: Path) -> dict:
+    from runtime.prefix_cache import PrefixCache, prefill_cached
+
     key = f"{model.bundle.sha256}-{model.backend}"
     size = int(args.cache_mb * (1 << 20))
     warm = PrefixCache(size, args.block_tokens, persist_dir=persist_root)
@@ -78,7 +83,9 @@ def run_pass(model, system: list[int], suffixes, args, persist_root: Path) -> di
 
 
 def benchmark(args) -> dict:
-    _, bundles = prepare(args.shape, Path(args.workdir), tuple(args.precisions.split(",")))
+    from agent.model import load_model
+
+    _, bundles = prepare(args.shape, Path(args.workdir), tuple(args.precisions))
     rng = np.random.default_rng(0)
     models = {}
     for precision, path in bundles.items():
@@ -130,20 +137,24 @@ def print_table(rep: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="glm-s", choices=("tiny", "glm-s", "glm-m"))
-    ap.add_argument("--system-tokens", type=int, default=512, help="S: the shared, cached part of the prompt")
-    ap.add_argument("--prompt-tokens", type=int, default=576, help="P: the whole prompt (P - S fresh tokens)")
-    ap.add_argument("--block-tokens", type=int, default=32)
-    ap.add_argument("--cache-mb", type=float, default=256.0)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--precisions", default="int8", help="comma-separated: fp32,int8")
+    ap.add_argument("--system-tokens", type=positive_int, default=512, help="S: the shared, cached part of the prompt")
+    ap.add_argument("--prompt-tokens", type=positive_int, default=576,
+                    help="P: the whole prompt (P - S fresh tokens)")
+    ap.add_argument("--block-tokens", type=positive_int, default=32)
+    ap.add_argument("--cache-mb", type=positive_float, default=256.0)
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--threads", type=positive_int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--precisions", default="int8", type=choice_list(PRECISIONS), help="comma-separated: fp32,int8")
     ap.add_argument("--workdir", default=".bench")
     ap.add_argument("--json", action="store_true", help="write the results as JSON to stdout")
     args = ap.parse_args(argv)
-    if not 0 < args.system_tokens < args.prompt_tokens:
-        ap.error(f"--system-tokens {args.system_tokens} must be > 0 and below --prompt-tokens {args.prompt_tokens}")
+    if not args.system_tokens < args.prompt_tokens:
+        ap.error(f"--system-tokens {args.system_tokens} is invalid: must be below --prompt-tokens {args.prompt_tokens}")
+    if args.system_tokens < args.block_tokens:
+        ap.error(f"--block-tokens {args.block_tokens} is invalid: must be at most --system-tokens "
+                 f"{args.system_tokens} (the cache reuses whole blocks of the system prompt)")
     report = benchmark(args)
     if args.json:
         json.dump(report, sys.stdout, indent=2)

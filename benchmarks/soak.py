@@ -48,8 +48,8 @@ The work dir (bundles, broker, fleet database, agent state and log, samples.json
 
 from __future__ import annotations
 
-import argparse
 import http.client
+from argparse import ArgumentTypeError
 import json
 import os
 import random
@@ -73,10 +73,13 @@ for p in (ROOT, ROOT / "benchmarks", ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from _args import Parser, nonneg_float, positive_float  # noqa: E402
 from procstats import cpu_model, proc_cpu_s, proc_status_kb, system_busy_s  # noqa: E402
 
 HOST = "127.0.0.1"
 FLEET, DEVICE = "soak", "box1"
+LOAD_KINDS = ("stream-completion", "completion", "chat", "stream-chat", "disconnect", "bad-request", "scrape",
+              "mqtt-infer", "config", "ota")
 SYSTEM_PROMPT = ("You are a careful assistant on an edge box. Answer briefly, in plain words, and never "
                  "invent facts. The plant runs three lines; line two is down for maintenance until Friday. ") * 2
 
@@ -623,10 +626,17 @@ def ota_loop(fleet: Fleet, bundles: dict, stats: Stats, stop: threading.Event, p
 
 # --- analysis -----------------------------------------------------------------------------------
 
+def warmup_index(samples: list[dict], warmup_frac: float) -> int:
+    """The sample taken as 'after warm-up': the first at or after warmup_frac of the run (the report's
+    "after warm-up at t=..." line, the table's column and the thread diagnosis all use this one)."""
+    t = [s["t"] for s in samples]
+    return min(len(t) - 1, int(np.searchsorted(t, t[-1] * warmup_frac)))
+
+
 def summarize(samples: list[dict], warmup_frac: float) -> list[dict]:
     t = np.array([s["t"] for s in samples])
     end_t = t[-1]
-    warm_i = int(np.searchsorted(t, end_t * warmup_frac))
+    warm_i = warmup_index(samples, warmup_frac)
     half = t >= end_t / 2
     keys = []
     for s in samples:
@@ -697,16 +707,27 @@ def soak(args) -> dict:
     log(f"bundles ready in {time.monotonic() - t_build:.0f} s: {bundles['v1']}, {bundles['v2']}")
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-", dir=work))
-    broker = Mosquitto(run_dir / "mosquitto").start()
-    log(f"mosquitto on {broker.host}:{broker.port}")
     db = run_dir / "fleet.db"
-    fleet = Fleet(broker.port, db, bundles["key"])
-    ctl = Proc("controller", edgeglm_cmd() + ["fleet", "serve", "--broker", f"{HOST}:{broker.port}", "--db", str(db),
-                                              "--http-port", "0"], run_dir / "controller.log")
     state_dir = run_dir / "state"
-    http_port = free_port()
-    cfg = run_dir / "agent.toml"
-    cfg.write_text(f"""
+    # --agent-wrapper: a Python script that runs `edgeglm` itself (agent.cli.main) under a profiler, e.g. tracemalloc
+    agent_cmd = ([sys.executable, args.agent_wrapper] if args.agent_wrapper else edgeglm_cmd()) + \
+        ["agent", "--config", str(run_dir / "agent.toml")]
+    env = dict(e.split("=", 1) for e in args.agent_env)  # checked in main(): each is K=V
+    skip = {k.strip() for k in args.skip.split(",") if k.strip()}  # checked in main(): known kinds
+    stop = threading.Event()
+    stats = Stats()
+    threads: list[threading.Thread] = []
+    sampler = mqtt = broker = ctl = agent = None
+    load_before = os.getloadavg()
+    try:  # every piece started in here is stopped in the finally, whatever fails
+        broker = Mosquitto(run_dir / "mosquitto").start()
+        log(f"mosquitto on {broker.host}:{broker.port}")
+        fleet = Fleet(broker.port, db, bundles["key"])
+        ctl = Proc("controller", edgeglm_cmd() + ["fleet", "serve", "--broker", f"{HOST}:{broker.port}", "--db",
+                                                  str(db), "--http-port", "0"], run_dir / "controller.log")
+        http_port = free_port()
+        cfg = run_dir / "agent.toml"
+        cfg.write_text(f"""
 [device]
 id = "{DEVICE}"
 fleet = "{FLEET}"
@@ -728,18 +749,8 @@ port = {broker.port}
 trusted_keys = "{bundles['keys']}"
 max_latency_ratio = 100.0  # a shared 2-core box: the self-test's latency budget is not what is soaked here
 """)
-    # --agent-wrapper: a Python script that runs `edgeglm` itself (agent.cli.main) under a profiler, e.g. tracemalloc
-    agent_cmd = ([sys.executable, args.agent_wrapper] if args.agent_wrapper else edgeglm_cmd()) + \
-        ["agent", "--config", str(cfg)]
-    env = dict(e.split("=", 1) for e in args.agent_env)
-    agent = Proc("agent", agent_cmd, run_dir / "agent.log", env)
-    log(f"agent pid {agent.pid}: {' '.join(agent_cmd)}")
-    stop = threading.Event()
-    stats = Stats()
-    threads: list[threading.Thread] = []
-    sampler = mqtt = None
-    load_before = os.getloadavg()
-    try:
+        agent = Proc("agent", agent_cmd, run_dir / "agent.log", env)
+        log(f"agent pid {agent.pid}: {' '.join(agent_cmd)}")
         wait_until(lambda: agent.proc.poll() is None and http_get(http_port, "/healthz")[0] == 200, 120,
                    "the agent's /healthz")
         wait_until(lambda: fleet.device(), 60, "the agent's state in the fleet database")
@@ -769,12 +780,7 @@ max_latency_ratio = 100.0  # a shared 2-core box: the self-test's latency budget
                 (mqtt.loop, (0.7 * p,)), (config_loop, (fleet, stats, stop, args.config_every_s))]
         if args.ota_every_s > 0:
             jobs.append((ota_loop, (fleet, bundles, stats, stop, args.ota_every_s, 300.0)))
-        names = ["stream-completion", "completion", "chat", "stream-chat", "disconnect", "bad-request", "scrape",
-                 "mqtt-infer", "config", "ota"]
-        skip = {k.strip() for k in args.skip.split(",") if k.strip()}
-        if skip - set(names):
-            raise SystemExit(f"--skip: unknown kind(s) {sorted(skip - set(names))}; kinds: {', '.join(names)}")
-        jobs = [j for name, j in zip(names, jobs) if name not in skip]
+        jobs = [j for name, j in zip(LOAD_KINDS, jobs) if name not in skip]
         for fn, a in jobs:
             threads.append(threading.Thread(target=fn, args=a, daemon=True))
             threads[-1].start()
@@ -801,12 +807,13 @@ max_latency_ratio = 100.0  # a shared 2-core box: the self-test's latency budget
         if sampler is not None:
             sampler.join(timeout=30)
         unanswered = mqtt.close() if mqtt else None
-        rc_agent = agent.stop()
-        rc_ctl = ctl.stop()
-        broker.stop()
+        rc_agent = agent.stop() if agent else None
+        rc_ctl = ctl.stop() if ctl else None
+        if broker is not None:
+            broker.stop()
     samples = sampler.samples
-    warm_t = samples[-1]["t"] * args.warmup_frac
-    warm_sample = min(samples, key=lambda s: abs(s["t"] - warm_t))
+    warm_i = warmup_index(samples, args.warmup_frac)  # the same sample as summarize()'s "after warm-up"
+    warm_sample = samples[warm_i]
     rep = {
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_before": load_before,
                     "loadavg_after": os.getloadavg(), "busy_cores": busy, "agent_cores": agent_cores},
@@ -817,7 +824,7 @@ max_latency_ratio = 100.0  # a shared 2-core box: the self-test's latency budget
                      "work_dir": str(run_dir)},
         "quantities": summarize(samples, args.warmup_frac),
         "load": {f"{k} {o}": n for (k, o), n in sorted(stats.counts.items())},
-        "diagnosis": {"threads_warm": sampler.names[samples.index(warm_sample)], "threads_end": dict(threads_end),
+        "diagnosis": {"threads_warm": sampler.names[warm_i], "threads_end": dict(threads_end),
                       "fds_end": dict(fds_end.most_common(12))},
         "exit": {"agent": rc_agent, "controller": rc_ctl, "mqtt_unanswered": unanswered},
         "samples": samples,
@@ -827,18 +834,27 @@ max_latency_ratio = 100.0  # a shared 2-core box: the self-test's latency budget
     return rep
 
 
+def warmup_fraction(text: str) -> float:
+    """A share of the run: a number >= 0 and < 1."""
+    value = nonneg_float(text)
+    if value >= 1:
+        raise ArgumentTypeError(f"{text} is invalid: must be a number >= 0 and < 1")
+    return value
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=10.0, help="how long the load runs (after the first install)")
-    ap.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
-    ap.add_argument("--warmup-frac", type=float, default=0.2, help="share of the run taken as warm-up")
-    ap.add_argument("--pause-scale", type=float, default=1.0, help="multiplies every load loop's pause")
-    ap.add_argument("--config-every-s", type=float, default=20.0, help="seconds between desired-config changes")
-    ap.add_argument("--ota-every-s", type=float, default=90.0,
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=positive_float, default=10.0,
+                    help="how long the load runs (after the first install)")
+    ap.add_argument("--sample-s", type=positive_float, default=5.0, help="seconds between samples")
+    ap.add_argument("--warmup-frac", type=warmup_fraction, default=0.2, help="share of the run taken as warm-up")
+    ap.add_argument("--pause-scale", type=positive_float, default=1.0, help="multiplies every load loop's pause")
+    ap.add_argument("--config-every-s", type=positive_float, default=20.0,
+                    help="seconds between desired-config changes")
+    ap.add_argument("--ota-every-s", type=nonneg_float, default=90.0,
                     help="seconds between OTA steps (update to 1.1.0, rollback to 1.0.0, ...); 0: none")
     ap.add_argument("--skip", default="", help="comma-separated load kinds left out (to isolate a growth): "
-                    "stream-completion, completion, chat, stream-chat, disconnect, bad-request, scrape, mqtt-infer, "
-                    "config, ota")
+                    f"{', '.join(LOAD_KINDS)}")
     ap.add_argument("--agent-env", action="append", default=[], metavar="EDGEGLM_X__Y=V",
                     help="environment of the agent (its config over agent.toml), e.g. EDGEGLM_CACHE__MAX_MB=0")
     ap.add_argument("--agent-wrapper", metavar="SCRIPT", help="run the agent as `python SCRIPT agent --config ...` "
@@ -847,6 +863,17 @@ def main(argv=None) -> int:
                                       "(default: a new mktemp -d directory)")
     ap.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     args = ap.parse_args(argv)
+    for e in args.agent_env:  # checked before anything starts
+        name, eq, _ = e.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            ap.error(f"--agent-env {e} is invalid: must be NAME=VALUE (NAME an environment variable name), "
+                     "e.g. EDGEGLM_CACHE__MAX_MB=0")
+    unknown = sorted({k.strip() for k in args.skip.split(",") if k.strip()} - set(LOAD_KINDS))
+    if unknown:
+        ap.error(f"--skip {args.skip} is invalid: unknown kind(s) {', '.join(unknown)}; "
+                 f"allowed: {', '.join(LOAD_KINDS)}")
+    if args.agent_wrapper and not Path(args.agent_wrapper).is_file():
+        ap.error(f"--agent-wrapper {args.agent_wrapper} is invalid: no such script")
     rep = soak(args)
     if args.json:
         json.dump({k: v for k, v in rep.items() if k != "samples"}, sys.stdout, indent=2)
