@@ -40,7 +40,6 @@ report medians over the passes; nothing asserts on them.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
@@ -61,6 +60,7 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from _args import Parser, int_list, positive_float, positive_int  # noqa: E402
 from procstats import cpu_model, proc_cpu_s, proc_status_kb, reset_peak_rss, system_busy_s  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -421,10 +421,7 @@ def run_mosquitto(mode: str, n: int, broker, payload: dict, run_id: str, timeout
 # --- the benchmark ------------------------------------------------------------------------------
 
 def benchmark(args) -> dict:
-    for tool in ("mosquitto_pub", "mosquitto_sub"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} not found: apt-get install mosquitto-clients")
-    agents = [int(a) for a in args.agents.split(",") if a.strip()]
+    agents = args.agents
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     payload = make_payload(workdir, args.mb, args.chunk_kib * 1024)
@@ -535,15 +532,23 @@ def main(argv=None) -> int:
         return fetch_main(*sys.argv[2:5])
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--consume":
         return consume_main(*sys.argv[2:4])
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=float, default=100.0, help="file size in MB (10^6 bytes)")
-    ap.add_argument("--agents", default="1,20", help="comma-separated agent (subscriber) counts")
-    ap.add_argument("--chunk-kib", type=int, default=256, help="chunk size in KiB (the manifest's default is 256)")
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved passes")
-    ap.add_argument("--timeout", type=float, default=900.0, help="give up on a mosquitto_pub/sub candidate after this")
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=positive_float, default=100.0, help="file size in MB (10^6 bytes)")
+    ap.add_argument("--agents", type=int_list, default=[1, 20], help="comma-separated agent (subscriber) counts")
+    ap.add_argument("--chunk-kib", type=positive_int, default=256,
+                    help="chunk size in KiB (the manifest's default is 256; 4 to 512)")
+    ap.add_argument("--repeats", type=positive_int, default=2, help="interleaved passes")
+    ap.add_argument("--timeout", type=positive_float, default=900.0,
+                    help="give up on a mosquitto_pub/sub candidate after this")
     ap.add_argument("--workdir", default=".bench/ota", help="the random file, its chunk list, broker files")
     ap.add_argument("--json", action="store_true", help="write the results as JSON to stdout")
     args = ap.parse_args(argv)
+    if not 4 <= args.chunk_kib <= 512:  # a manifest's smallest chunk; the chunk server's largest message
+        ap.error(f"--chunk-kib {args.chunk_kib} is invalid: must be in [4, 512]")
+    for tool in ("mosquitto", "mosquitto_pub", "mosquitto_sub"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            ap.error(f"{tool} not found: it is the broker and the comparison's client here (apt-get install "
+                     "mosquitto mosquitto-clients)")
     report = benchmark(args)
     if args.json:
         json.dump(report, sys.stdout, indent=2)

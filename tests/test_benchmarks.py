@@ -56,6 +56,8 @@ BAD_VALUES = [
     ("soak.py", ["--minutes", "0"], "--minutes", "> 0"),
     ("fleet_scale.py", ["--steps", "0,5"], "--steps", "integers >= 1"),
     ("fleet_scale.py", ["--duration", "0"], "--duration", "> 0"),
+    ("ota_transfer.py", ["--chunk-kib", "1024"], "--chunk-kib", "[4, 512]"),
+    ("ota_transfer.py", ["--agents", "0"], "--agents", "integers >= 1"),
 ]
 
 
@@ -210,3 +212,23 @@ def test_agent_load_worker_failure_gives_the_workers_reason():
     with pytest.raises(al.WorkerError) as err:
         al.DirectWorker(Path("/nonexistent-bundle"), "auto")
     assert "BundleError" in str(err.value) and "/nonexistent-bundle" in str(err.value)
+
+
+def test_ota_transfer_runs_and_prints_the_agents_rate_against_the_peers(tmp_path):
+    """It failed on every run once the chunk server wanted a manifest beside the files it serves: one small
+    pass, the agent's path (TCP_NODELAY, as the agent sets it), Nagle on, and mosquitto's own clients, each
+    verified, with the ratios of the same pass."""
+    import shutil
+
+    if not all(shutil.which(t) or Path(f"/usr/sbin/{t}").exists() for t in ("mosquitto", "mosquitto_pub",
+                                                                            "mosquitto_sub")):
+        pytest.skip("needs mosquitto and mosquitto-clients (apt-get install mosquitto mosquitto-clients)")
+    done = subprocess.run([sys.executable, "benchmarks/ota_transfer.py", "--mb", "0.5", "--agents", "1",
+                           "--repeats", "1", "--chunk-kib", "64", "--workdir", str(tmp_path), "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    rows = {r["candidate"]: r for r in report["summary"]}
+    assert set(rows) == {"edgeglm", "edgeglm, Nagle on", "mosquitto whole", "mosquitto chunked"}
+    assert all(r["verified"] for r in rows.values())
+    assert all(rows[name]["edgeglm_over_this"] > 0 for name in rows if name != "edgeglm")
