@@ -42,6 +42,9 @@ MAX_CHUNK_SIZE = 512 * 1024  # base64 makes 4/3 of it: ~683 KiB, with room for t
 OFFER_MAX_BYTES = 2 << 20
 MANIFESTS_KEPT = 8  # parsed bundle manifests a chunk server keeps (most recently served)
 CHUNK_WARNING_EVERY_S = 60.0  # a chunk left unanswered is logged at once, then at most this often
+# answers refused (an error, another chunk's, not a chunk answer) before the chunk is given up: anyone who sees a
+# request's id can answer it first, and one forged answer failed the whole download
+ANSWER_ATTEMPTS = 3
 
 log = logging.getLogger("edgeglm.ota")
 
@@ -162,6 +165,7 @@ class MqttChunkFetcher:
     def read_chunk(self, offer: Offer, path: str, index: int, chunk_size: int) -> bytes:
         start = time.monotonic()
         deadline, next_warning = start + self.give_up_s, 0.0
+        refused = 0
         while True:
             req = ChunkRequest(id=uuid.uuid4().hex, update_id=offer.update_id, path=path, index=index,
                                chunk_size=chunk_size)
@@ -187,19 +191,29 @@ class MqttChunkFetcher:
             if next_warning:
                 log.info("OTA %s: chunk %d of %s answered after %.0f s; the download goes on", offer.update_id,
                          index, path, time.monotonic() - start)
-            try:
-                resp = ChunkResponse.model_validate_json(message.payload)
-            except ValidationError as exc:  # one line, not pydantic's report with its links
-                first = exc.errors(include_url=False)[0]
-                where = ".".join(map(str, first["loc"])) or "(the message)"
-                raise UpdateFailed(f"chunk {index} of {path}: the controller's answer is not a valid chunk answer "
-                                   f"({where}: {first['msg']})") from None
-            if resp.error:
-                raise UpdateFailed(f"chunk {index} of {path}: the controller answered: {resp.error}")
-            if (resp.path, resp.index, resp.update_id) != (path, index, offer.update_id):
-                raise UpdateFailed(f"chunk {index} of {path}: answer was for {resp.path} chunk {resp.index}")
-            try:
-                return base64.b64decode(resp.data_b64 or "", validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise UpdateFailed(f"chunk {index} of {path}: the controller's answer holds no valid base64 data "
-                                   f"({exc})") from None
+            problem = self._problem(message.payload, offer, path, index)
+            if isinstance(problem, bytes):
+                return problem
+            refused += 1
+            if refused >= ANSWER_ATTEMPTS:
+                raise UpdateFailed(f"chunk {index} of {path}: {problem} ({refused} answers refused)")
+            log.warning("OTA %s: chunk %d of %s: %s; asking again", offer.update_id, index, path, problem)
+
+    @staticmethod
+    def _problem(payload: bytes, offer: Offer, path: str, index: int) -> bytes | str:
+        """The chunk's bytes from an answer, or what is wrong with the answer."""
+        try:
+            resp = ChunkResponse.model_validate_json(payload)
+        except ValidationError as exc:  # one line, not pydantic's report with its links
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(map(str, first["loc"])) or "(the message)"
+            return f"the controller's answer is not a valid chunk answer ({where}: {first['msg']})"
+        if resp.error:
+            return f"the controller answered: {resp.error}"
+        if (resp.path, resp.index, resp.update_id) != (path, index, offer.update_id):
+            return (f"the answer was for update {resp.update_id} {resp.path} chunk {resp.index}, not update "
+                    f"{offer.update_id}")
+        try:
+            return base64.b64decode(resp.data_b64 or "", validate=True)
+        except (binascii.Error, ValueError) as exc:
+            return f"the controller's answer holds no valid base64 data ({exc})"

@@ -1,5 +1,6 @@
 """The device side of the chunk protocol (`ota.transfer.MqttChunkFetcher`) against answers a controller may send:
-each bad one fails the update with one line naming the chunk and what is wrong (the reason the fleet sees), and a
+a bad one is asked for again, and the third fails the update with one line naming the chunk and what is wrong (the
+reason the fleet sees), and a
 session closed under a waiting request stops the update for a resume instead of failing it."""
 
 from __future__ import annotations
@@ -54,6 +55,28 @@ def test_a_bad_answer_is_one_line_naming_the_chunk(offer, payload_for, words):
     with pytest.raises(UpdateFailed) as info:
         fetcher.read_chunk(offer, "manifest.json", 0, 4096)
     assert words in str(info.value) and "\n" not in str(info.value) and "pydantic.dev" not in str(info.value)
+
+
+def test_one_forged_answer_does_not_fail_the_download_and_the_right_one_is_taken(offer):
+    """Anyone who sees a request's id (on the request topic, or in the payload on MQTT 3.1.1) can answer it first:
+    one answer with an error, or for another update or chunk, failed the whole download. Such an answer is refused
+    and the chunk asked for again (a new request); the third refused answer fails it, naming the update."""
+    data = b"the real chunk"
+    answers = iter([lambda req: _answer(req, error="no such update"),
+                    lambda req: _answer(req.model_copy(update={"update_id": "other"}), data_b64="AAAA"),
+                    lambda req: _answer(req, data_b64=base64.b64encode(data).decode())])
+    asked = []
+
+    def payload_for(req):
+        asked.append(req.id)
+        return next(answers)(req)
+
+    assert MqttChunkFetcher(_answering(payload_for)).read_chunk(offer, "manifest.json", 0, 4096) == data
+    assert len(set(asked)) == 3  # each time a new request
+    fetcher = MqttChunkFetcher(_answering(lambda req: _answer(req.model_copy(update={"update_id": "u9"}))))
+    with pytest.raises(UpdateFailed, match=r"the answer was for update u9 manifest.json chunk 0, not update u1 "
+                                           r"\(3 answers refused\)"):
+        fetcher.read_chunk(offer, "manifest.json", 0, 4096)
 
 
 def test_a_good_answer_is_the_chunks_bytes(offer):
