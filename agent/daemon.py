@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -476,7 +477,8 @@ class Agent:
                 update_id = None
             reason = f"offer refused before any check: {event.error}"
             log.warning("OTA %s", reason)
-            self._report_ota({"update_id": update_id if isinstance(update_id, str) else None, "ts": time.time(),
+            printable = isinstance(update_id, str) and re.fullmatch(r"[!-~]{1,128}", update_id)  # no forged log lines
+            self._report_ota({"update_id": update_id if printable else None, "ts": time.time(),
                               "state": "idle", "result": "failed", "reason": reason})
 
     def _apply_desired(self, desired: DesiredConfig) -> None:

@@ -94,7 +94,7 @@ class Manifest(BaseModel):
     precision: Literal["int8", "fp32"]
     backends: dict[str, BackendEntry]
     tokenizer: str = "tokenizer.json"
-    chunk_size: int = Field(default=TRANSFER_CHUNK, ge=4096)
+    chunk_size: int = Field(default=TRANSFER_CHUNK, ge=4096, le=16 << 20)  # the largest a chunk request may ask for
     files: list[FileEntry]
     golden: GoldenCheck
     compression: dict = Field(default_factory=dict)

@@ -167,7 +167,9 @@ class Offer(BaseModel):
     """An update offer from the controller: the exact signed manifest and where to fetch files."""
 
     model_config = ConfigDict(extra="forbid")
-    update_id: str = Field(min_length=1, max_length=128)
+    # printable ASCII without spaces: it goes into log lines and status reports as it is (a newline in it forged
+    # journal lines)
+    update_id: str = Field(min_length=1, max_length=128, pattern=r"^[!-~]+$")
     manifest_b64: str  # exact manifest.json bytes, base64 (the signature covers these bytes)
     signature: dict  # manifest.sig content
     rollback: bool = False
@@ -184,6 +186,18 @@ class Offer(BaseModel):
             base64.b64decode(v, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"not valid base64 ({exc})") from None
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: dict) -> dict:  # else KeyError 'path' / TypeError at DOWNLOADING, naming nothing
+        kind = v.get("type", "mqtt")
+        if kind not in ("mqtt", "dir"):
+            raise ValueError(f"type {kind!r} is not a source this agent fetches from (mqtt, dir)")
+        if kind == "dir":
+            path = v.get("path")
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ValueError(f"a dir source needs an absolute 'path' (got {path!r})")
         return v
 
     def manifest_bytes(self) -> bytes:

@@ -105,3 +105,37 @@ def test_an_offer_whose_manifest_is_not_base64_is_refused_when_read(offer):
 
     with pytest.raises(ValidationError, match="manifest_b64\n.*not valid base64"):
         Offer.model_validate({**offer.model_dump(), "manifest_b64": "not base64!"})
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"source": {"type": "dir"}}, "a dir source needs an absolute 'path' (got None)"),
+    ({"source": {"type": "dir", "path": 5}}, "a dir source needs an absolute 'path' (got 5)"),
+    ({"source": {"type": "dir", "path": "relative/dir"}}, "absolute 'path'"),
+    ({"source": {"type": "ftp"}}, "type 'ftp' is not a source this agent fetches from (mqtt, dir)"),
+    ({"update_id": "u1\n2026-11-28 INFO edgeglm.ota: forged"}, "update_id\n  String should match pattern"),
+    ({"update_id": "with space"}, "String should match pattern"),
+])
+def test_an_offer_with_a_hostile_source_or_update_id_is_refused_when_read(offer, change, words):
+    """A dir source without a path was KeyError 'path' at DOWNLOADING, a non-string path a TypeError; an update id
+    with a newline went into journal lines as it was (a forged log line)."""
+    from pydantic import ValidationError
+
+    from ota.update import Offer
+
+    with pytest.raises(ValidationError) as info:
+        Offer.model_validate({**offer.model_dump(), **change})
+    assert words in str(info.value)
+    Offer.model_validate({**offer.model_dump(), "source": {"type": "dir", "path": "/srv/bundles/v1"}})
+    Offer.model_validate({**offer.model_dump(), "update_id": "plant7-d1-1.2.0-1764288000000:rb"})
+
+
+def test_a_manifest_chunk_size_over_what_a_request_may_ask_for_is_an_invalid_manifest(offer):
+    """A signed manifest with chunk_size over 16 MiB passed, then failed at DOWNLOADING with pydantic's multi-line
+    report about ChunkRequest."""
+    from pydantic import ValidationError
+
+    from ota.bundle import Manifest
+
+    data = json.loads(offer.manifest_bytes())
+    with pytest.raises(ValidationError, match="chunk_size"):
+        Manifest.model_validate({**data, "chunk_size": 32 << 20})
