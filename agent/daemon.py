@@ -60,6 +60,8 @@ from runtime.probe import device_report, probe_hardware
 log = logging.getLogger("edgeglm.agent")
 REQUEST_MEMORY, REQUEST_MEMORY_S = 256, 600.0  # MQTT inference requests remembered against second copies
 RETRYABLE = {"busy", "model_unavailable", "internal"}  # a copy of a request answered so is generated anew
+# the answers telemetry counts as errors of the model (HTTP: status >= 500); a bad request or a busy answer is not
+SERVER_ERRORS = {"model_unavailable", "internal"}
 OTA_STOP_WAIT_S = 5.0  # a stopping agent's wait for the OTA thread to reach a resumable point (_let_update_stop)
 
 
@@ -433,8 +435,8 @@ class Agent:
             self._respond(message, req, seen[1])
         return False
 
-    def _answerable(self, message, count: bool = True) -> bool:
-        """Whether an inference request (valid or not) gets an answer; if not, why is logged (and counted)."""
+    def _answerable(self, message) -> bool:
+        """Whether an inference request (valid or not) gets an answer; if not, why is logged."""
         d = self.cfg.device
         target = self.session.reply_target(message)
         if message.retain:  # handed again at every (re)subscription, i.e. every reconnect and restart
@@ -451,17 +453,16 @@ class Agent:
             return True
         request_id = f" {target.id!r}"[:70] if target is not None and target.id else ""
         log.warning("MQTT inference request%s %s; it is dropped unanswered", request_id, problem)
-        if count:
-            self.window.record_error()
         return False
 
     def _rejected(self, event: PayloadRejected) -> None:
-        """A malformed, oversized or wrong-type payload: counted; an inference request gets an error answer."""
-        self.window.record_error()
+        """A malformed, oversized or wrong-type payload: counted by the session (`stats.payload_errors`; not in
+        telemetry's errors, which are the model's: a client's mistake must not fail a canary); an inference request
+        gets an error answer."""
         d = self.cfg.device
         if event.message.topic == infer_request_topic(d.fleet, d.id):
             target = self.session.reply_target(event.message)
-            if target is not None and self._answerable(event.message, count=False):
+            if target is not None and self._answerable(event.message):
                 # an id the response cannot carry (over 128 characters) is what the error is about
                 request_id = target.id if target.id and len(target.id) <= 128 else "unknown"
                 self.session.respond(event.message, InferenceResponse(
@@ -622,7 +623,7 @@ class Agent:
             except Exception as exc:  # never let one request take the agent down; the requester is told
                 log.exception("MQTT inference request %s failed", req.id)
                 response = InferenceResponse(id=req.id, error=ErrorInfo(code="internal", message=str(exc)))
-            if response.error:
+            if response.error and response.error.code in SERVER_ERRORS:  # as HTTP counts 5xx: not the client's
                 self.window.record_error(label=served.get("label"))
             self._remember_answer(message, req, response)
             self._respond(message, req, response)

@@ -799,16 +799,20 @@ class _Handler(BaseHTTPRequestHandler):
 
             stream = chain([] if first is None else [first], tokens)
             pieces = generate_text(model, ids, stream, req.params, req.stop, outcome, on_token)
+            answered = False
             try:
                 if req.stream:
                     self._send_stream(shape, pieces, outcome, req.include_usage)
                 else:
                     self._send_json(200, shape.full("".join(pieces), outcome))
+                answered = True
             finally:
                 tokens.close()
                 m.prompt_tokens.inc(outcome.prompt_tokens, endpoint=endpoint)
                 m.completion_tokens.inc(outcome.completion_tokens, endpoint=endpoint)
-                if api.window is not None:
+                # telemetry counts a request served once it was answered whole: one that failed partway is an error
+                # (counted where it fails, as over MQTT), one whose client left is neither
+                if api.window is not None and answered:
                     api.window.record(timing["ttft"], timing["gaps"], len(timing["gaps"]), sum(timing["gaps"]),
                                       label=self._label)
         m.request_latency.observe(time.perf_counter() - self._t0, endpoint=endpoint)

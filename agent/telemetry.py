@@ -79,9 +79,21 @@ class LatencyWindow:
     def __init__(self, max_samples: int = MAX_SAMPLES, label: Label = NO_MODEL):
         self._lock = threading.Lock()
         self._max = max_samples
-        self._open = _Window(label, time.time())
+        self._stamped = (time.time(), time.monotonic())  # the last boundary handed out, and when
+        self._open = _Window(label, self._stamped[0])
         self._cut: list[_Window] = []  # cut at a model switch, waiting for the old model's last requests
         self._in_flight: dict[Label, int] = {}
+
+    def _stamp(self, now: float) -> float:
+        """The next window boundary: the wall clock `now`, but never before the last boundary plus the time that
+        passed since (the monotonic clock). A clock stepped back (NTP correcting a box that booted hours ahead)
+        made every window end at the same instant until real time caught up, and the controller, which keeps
+        one report per device and window_end, dropped each as a second copy."""
+        last, at = self._stamped
+        mono = time.monotonic()
+        stamp = max(now, last + max(mono - at, 1e-6))
+        self._stamped = (stamp, mono)
+        return stamp
 
     @property
     def label(self) -> Label:
@@ -96,7 +108,7 @@ class LatencyWindow:
             if self._open.empty() and not self._in_flight.get(self._open.label):
                 self._open.label = label  # nothing was served under the old label: no report for it
                 return
-            self._open.end, self._open.cut_at = max(now, self._open.start), time.monotonic()
+            self._open.end, self._open.cut_at = self._stamp(now), time.monotonic()
             self._cut.append(self._open)
             self._open = _Window(label, self._open.end)
 
@@ -148,8 +160,9 @@ class LatencyWindow:
                      or time.monotonic() - w.cut_at >= HOLD_S]
             self._cut = [w for w in self._cut if w not in ready]
             reports = [w.report(device, w.end) for w in ready]
-            reports.append(self._open.report(device, now))
-            self._open = _Window(self._open.label, max(now, self._open.start))
+            end = self._stamp(now)
+            reports.append(self._open.report(device, end))
+            self._open = _Window(self._open.label, end)
         return reports
 
 

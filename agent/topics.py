@@ -279,7 +279,7 @@ class TelemetryReport(Payload):
     ttft_ms: LatencyPercentiles | None = Field(None, description="time to first token")
     per_token_ms: LatencyPercentiles | None = Field(None, description="time per generated token after the first")
     tokens_per_s: float | None = Field(None, ge=0)
-    errors: int = Field(0, ge=0, le=INT64_MAX, description="failed requests and rejected payloads")
+    errors: int = Field(0, ge=0, le=INT64_MAX, description="requests the agent failed (HTTP 5xx; MQTT model_unavailable or internal)")
     dropped_reports: int = Field(0, ge=0, le=INT64_MAX, description="earlier reports lost from the offline buffer")
     model_version: str | None = Field(None, max_length=64, pattern=VERSION_PATTERN)
     execution_path: str | None = None

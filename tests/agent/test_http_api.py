@@ -449,6 +449,54 @@ def test_engine_errors_reach_the_log_not_the_client(model, caplog):
         srv.shutdown(deadline=5.0)
 
 
+def test_a_request_that_fails_partway_is_an_error_in_telemetry_not_a_request_served(model):
+    """The latency of every request was recorded in a `finally`: one whose engine failed after some tokens counted
+    as served and as an error (over MQTT only as an error), pulling the window's percentiles with a partial
+    answer's timing."""
+    import dataclasses
+
+    from agent.telemetry import LatencyWindow
+
+    class FailingBatch:
+        def __init__(self, batch):
+            self.batch = batch
+
+        def __getattr__(self, name):
+            return getattr(self.batch, name)
+
+        def step(self, input_ids):
+            FailsLater.calls += 1
+            if FailsLater.calls > 3:  # a few decode steps, then the engine fails
+                raise RuntimeError("exploded")
+            return self.batch.step(input_ids)
+
+    class FailsLater:
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(model.engine, name)
+
+        def new_batch(self):
+            return FailingBatch(model.engine.new_batch())
+
+    window = LatencyWindow()
+    srv = ApiServer(HttpSettings(port=0), SamplingSettings(max_tokens=32), window=window,
+                    batching=BatchingSettings(max_batch=1))
+    srv.start()
+    srv.set_model(dataclasses.replace(model, engine=FailsLater()), model.golden_check())
+    try:
+        for stream in (False, True):
+            window.take("dev")
+            FailsLater.calls = 0
+            raw(srv, "POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 32, "stream": stream,
+                                                            "temperature": 0}).encode())
+            reports = window.take("dev")
+            assert (sum(r.count for r in reports), sum(r.errors for r in reports)) == (0, 1), (stream, FailsLater.calls,
+                                                                                              reports)
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
 def test_a_model_swapped_while_a_request_starts_is_a_503_to_retry(model, int8_bundle, monkeypatch):
     """An OTA update lands between the request taking its engine slot and submitting: the old scheduler is
     closed, and the client gets the documented 503 with Retry-After: 1, not a 500."""

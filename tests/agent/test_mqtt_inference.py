@@ -336,3 +336,19 @@ def test_a_second_copy_of_a_request_is_not_generated_twice(served, caplog):
     assert requester.answers("dup")[-1]["usage"]["completion_tokens"] <= 5
     assert _generated(running) == 1
     assert no_traceback(caplog)
+
+
+def test_a_clients_mistakes_are_not_the_models_errors_in_telemetry(served):
+    """Over MQTT every error answer counted in telemetry's `errors` (a bad request, a malformed payload), over HTTP
+    only 5xx: the rollout gate's error rate depended on the transport, and a client sending garbage to a canary
+    could halt a rollout. Both count only what the agent failed now."""
+    running, requester = served
+    running.agent.window.take(DEVICE)
+    requester.ask({"id": "bad-stop", "prompt": "def f(", "max_tokens": 5, "stop": [""]})
+    requester.ask(b"not json", correlation=b"garbage")
+    requester.ask({"id": "fine", "prompt": "def f(", "max_tokens": 2})
+    assert requester.answer("bad-stop")["error"]["code"] == "bad_request"
+    assert requester.answer("garbage")["error"]["code"] == "bad_request"
+    assert "text" in requester.answer("fine")
+    reports = running.agent.window.take(DEVICE)
+    assert (sum(r.count for r in reports), sum(r.errors for r in reports)) == (1, 0)

@@ -57,3 +57,37 @@ def test_the_last_report_at_shutdown_does_not_wait():
     with w.serving(OLD):
         w.switch(NEW)
         assert [r.model_version for r in w.take("dev", final=True)] == ["1.0.0", "1.1.0"]
+
+
+def test_a_clock_stepped_back_still_gives_each_report_its_own_window(monkeypatch, tmp_path):
+    """NTP pulling back a box that booted an hour ahead: each new window was clamped to the last one's start, so
+    every report ended at the same instant until real time caught up, and the controller (one report per device
+    and window_end) dropped them all as second copies, with their requests. The boundaries keep moving forward
+    by the time that passed (the monotonic clock) until the wall clock is ahead again."""
+    import time as real_time
+
+    from fleet.store import Store
+
+    wall = [real_time.time()]
+    monkeypatch.setattr("agent.telemetry.time.time", lambda: wall[0])
+    w = LatencyWindow(label=OLD)
+    w.record(0.01, [0.002], 1, 0.002)
+    reports = w.take("dev")
+    wall[0] -= 3600  # the step back
+    for n in range(4):
+        w.record(0.01, [0.002], 1, 0.002)
+        if n == 2:
+            w.switch(NEW)
+            w.record(0.01, [0.002], 1, 0.002)
+        real_time.sleep(0.002)
+        reports += w.take("dev")
+    ends = [r.window_end for r in reports]
+    assert len(set(ends)) == len(ends) and ends == sorted(ends)
+    assert all(b.window_start == a.window_end for a, b in zip(reports, reports[1:]))
+    store = Store(tmp_path / "fleet.db")
+    for r in reports:
+        store.add_telemetry("plant7", r.model_dump())
+    assert store.counter("telemetry_duplicates") == 0
+    assert sum(n for (n,) in store.db.execute("SELECT count FROM telemetry")) == 6  # every request kept
+    wall[0] += 7200  # the wall clock ahead again: it is taken as it is
+    assert w.take("dev")[-1].window_end == wall[0]
