@@ -37,6 +37,10 @@ from ota.bundle import VERSION_RE
 VERSION_PATTERN = VERSION_RE.pattern
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # as ota.bundle.Manifest.name
 INT64_MAX = (1 << 63) - 1  # what SQLite stores as an INTEGER
+# a count one telemetry report may carry: far beyond a window's (30 s), small enough that the controller's sums over
+# a fleet's reports stay inside SQLite's INTEGER (two reports of 2^62 overflowed SUM(), and status and /metrics failed)
+REPORT_COUNT_MAX = (1 << 31) - 1
+LATENCY_MS_MAX = 86_400_000.0  # a day: beyond it a percentile is a broken clock, and sums of them stay finite
 
 ROOT = "edgeglm/v1"
 # topic levels built from fleet/device/requester ids: no '/', '+', '#', spaces; as in agent.config
@@ -251,9 +255,9 @@ class DesiredConfig(Payload):
 
 class LatencyPercentiles(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    p50: float = Field(ge=0)
-    p95: float = Field(ge=0)
-    p99: float = Field(ge=0)
+    p50: float = Field(ge=0, le=LATENCY_MS_MAX)
+    p95: float = Field(ge=0, le=LATENCY_MS_MAX)
+    p99: float = Field(ge=0, le=LATENCY_MS_MAX)
 
     @model_validator(mode="after")
     def _ordered(self) -> "LatencyPercentiles":
@@ -275,12 +279,13 @@ class TelemetryReport(Payload):
     device: str = Field(pattern=ID_PATTERN, max_length=128)
     window_start: float = Field(description="unix time, seconds")
     window_end: float = Field(description="unix time, seconds")
-    count: int = Field(ge=0, le=INT64_MAX, description="requests finished in the window")
+    count: int = Field(ge=0, le=REPORT_COUNT_MAX, description="requests answered whole in the window")
     ttft_ms: LatencyPercentiles | None = Field(None, description="time to first token")
     per_token_ms: LatencyPercentiles | None = Field(None, description="time per generated token after the first")
-    tokens_per_s: float | None = Field(None, ge=0)
-    errors: int = Field(0, ge=0, le=INT64_MAX, description="requests the agent failed (HTTP 5xx; MQTT model_unavailable or internal)")
-    dropped_reports: int = Field(0, ge=0, le=INT64_MAX, description="earlier reports lost from the offline buffer")
+    tokens_per_s: float | None = Field(None, ge=0, le=1e9)
+    errors: int = Field(0, ge=0, le=REPORT_COUNT_MAX,
+                        description="requests the agent failed (HTTP 5xx; MQTT model_unavailable or internal)")
+    dropped_reports: int = Field(0, ge=0, le=REPORT_COUNT_MAX, description="earlier reports lost from the offline buffer")
     model_version: str | None = Field(None, max_length=64, pattern=VERSION_PATTERN)
     execution_path: str | None = None
 

@@ -214,3 +214,46 @@ def test_the_latest_ota_result_is_the_latest_to_arrive_whatever_the_devices_cloc
     assert store.last_results("f")[("f", "d1")] == {"update_id": "u1", "result": "rolled_back", "reason": "probation",
                                                     "ts": 880.0}
     store.close()
+
+
+def test_the_largest_counts_and_latencies_a_report_may_carry_keep_status_and_metrics_working(tmp_path):
+    """Two reports with count 2^62 each passed validation and overflowed SQLite's SUM(): `fleet status`, /metrics,
+    the rollout tick and the versions table all raised. A report's counts are bounded now (2^31 - 1), and so are its
+    percentiles (a day in ms: 1e308 summed to Infinity in `fleet status --json`)."""
+    import json
+
+    import pytest
+    from pydantic import ValidationError
+
+    from agent.topics import LATENCY_MS_MAX, REPORT_COUNT_MAX, TelemetryReport
+    from fleet.controller import format_status, prometheus_metrics
+
+    now = time.time()
+    with pytest.raises(ValidationError, match="count"):
+        TelemetryReport(device="d1", window_start=now - 1, window_end=now, count=1 << 62)
+    with pytest.raises(ValidationError, match="p99"):
+        TelemetryReport(device="d1", window_start=now - 1, window_end=now, count=1,
+                        ttft_ms={"p50": 1.0, "p95": 2.0, "p99": 1e308})
+    store = Store(tmp_path / "fleet.db")
+    big = [TelemetryReport(device="d1", window_start=now - 20 + i, window_end=now - 19 + i, count=REPORT_COUNT_MAX,
+                           errors=REPORT_COUNT_MAX, model_version="1.0.0",
+                           ttft_ms={"p50": LATENCY_MS_MAX, "p95": LATENCY_MS_MAX, "p99": LATENCY_MS_MAX},
+                           per_token_ms={"p50": LATENCY_MS_MAX, "p95": LATENCY_MS_MAX, "p99": LATENCY_MS_MAX})
+           for i in range(3)]
+    store.add_telemetry_many([telemetry_row(FLEET, r.model_dump()) for r in big])
+    assert store.latency(FLEET, "d1", now - 60)["requests"] == 3 * REPORT_COUNT_MAX
+    assert store.versions(FLEET)[0]["requests"] == 3 * REPORT_COUNT_MAX
+    assert "6442450941" in format_status(store, FLEET) and "edgeglm_fleet" in prometheus_metrics(store, True)
+    json.dumps(store.versions(FLEET), allow_nan=False)  # finite: valid JSON
+    store.close()
+
+
+def test_a_devices_tokens_per_second_is_request_weighted_as_in_the_versions_table(tmp_path):
+    """`latency` took a plain mean of the windows' tokens/s (55 for these two), `versions` a request-weighted one
+    (19): the same device showed two speeds."""
+    store = Store(tmp_path / "fleet.db")
+    now = time.time()
+    store.add_telemetry_many([telemetry_row(FLEET, {**report("d1", now - 20, count=1), "tokens_per_s": 100.0}),
+                              telemetry_row(FLEET, {**report("d1", now - 10, count=9), "tokens_per_s": 10.0})])
+    assert store.latency(FLEET, "d1", now - 60)["tokens_per_s"] == store.versions(FLEET)[0]["tokens_per_s"] == 19.0
+    store.close()
