@@ -272,6 +272,11 @@ def _no_delay(client: paho.Client) -> None:
         pass  # not a TCP socket (e.g. websockets/unix): nothing to tune
 
 
+def _idle(report: TelemetryReport) -> bool:
+    """A report of a window in which nothing was served or failed (its percentiles are all None)."""
+    return not (report.count or report.errors or report.dropped_reports)
+
+
 def _encode(payload: BaseModel | bytes) -> bytes:
     return payload if isinstance(payload, bytes) else payload.model_dump_json().encode()
 
@@ -603,13 +608,25 @@ class MqttSession:
             return True
 
     def publish_telemetry(self, report: TelemetryReport) -> None:
-        """Send a report, or buffer it while offline; a full buffer drops its oldest report."""
+        """Send a report, or buffer it while offline. An idle report (no request, no error) that follows an idle
+        one of the same model in the buffer extends that one's window instead of taking a place, and a full buffer
+        drops its oldest idle report, else its oldest: a long outage of an idle box filled the buffer with empty
+        windows, and the ones that carried requests were dropped first."""
         with self._lock:
             if self._online.is_set():  # (the buffer is empty then: it is flushed before going online)
                 self._send(self._client, self._telemetry_message(report))
                 return
+            last = self._outbox[-1] if self._outbox else None
+            if last is not None and _idle(last) and _idle(report) and last.window_end == report.window_start and \
+                    (last.model_version, last.execution_path) == (report.model_version, report.execution_path):
+                self._outbox[-1] = last.model_copy(update={"window_end": report.window_end})
+                return
             if len(self._outbox) >= self.settings.telemetry_buffer:
-                self._outbox.popleft()
+                idle = next((r for r in self._outbox if _idle(r)), None)  # an empty window goes before one with data
+                if idle is not None:
+                    self._outbox.remove(idle)
+                else:
+                    self._outbox.popleft()
                 self._dropped_unreported += 1
                 self.stats.dropped_reports += 1
             self._outbox.append(report)

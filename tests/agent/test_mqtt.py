@@ -594,3 +594,28 @@ def test_a_connection_taken_over_at_once_backs_off_and_says_why(mosquitto, caplo
         b.close()
     assert total <= 16, f"{total} connects in 6 s: the backoff resets after every taken-over connection"
     assert "another client probably took this session over" in caplog.text and "'box-1'" in caplog.text
+
+
+def test_idle_reports_of_an_outage_share_one_place_in_the_buffer(mosquitto):
+    """An idle box through a long outage filled its telemetry buffer with empty windows, and the reports that
+    carried requests were the ones dropped (500 requests lost for 20 idle reports kept). Consecutive idle windows of
+    one model now extend one buffered report; the windows still follow each other without a gap."""
+    session = make_session(mosquitto, telemetry_buffer=3)  # never started: offline, everything is buffered
+    t = 1000.0
+
+    def window(count: int, version: str = "1.0.0") -> TelemetryReport:
+        nonlocal t
+        t += 30
+        return TelemetryReport(device="box-1", window_start=t - 30, window_end=t, count=count, model_version=version)
+
+    session.publish_telemetry(window(5))
+    for _ in range(40):
+        session.publish_telemetry(window(0))
+    session.publish_telemetry(window(7))
+    for _ in range(3):
+        session.publish_telemetry(window(0, "1.1.0"))
+    kept = list(session._outbox)
+    # the 40 idle windows were one report, dropped (counted) when the buffer was full, before any with requests
+    assert [(r.count, r.model_version) for r in kept] == [(5, "1.0.0"), (7, "1.0.0"), (0, "1.1.0")]
+    assert session.stats.dropped_reports == 1
+    assert kept[2].window_end - kept[2].window_start == 3 * 30 and kept[2].window_start == kept[1].window_end

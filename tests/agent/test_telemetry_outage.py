@@ -158,10 +158,11 @@ def outage(mosquitto, signed_bundles, tmp_path):
         for _ in range(2):
             complete(http_port)
         mosquitto.stop()
-        outage_requests = 3
-        for _ in range(outage_requests):  # served while the broker is down: these must still be reported
-            complete(http_port)
-        time.sleep(outage_s)  # several telemetry windows pass offline
+        outage_requests, deadline = 0, time.monotonic() + outage_s
+        while time.monotonic() < deadline:  # served while the broker is down, in several windows (0.3 s each) with
+            complete(http_port)  # idle ones between them: these must still be reported
+            outage_requests += 1
+            time.sleep(0.45)
         mosquitto.start()
         complete(http_port)
         made = 2 + outage_requests + 1
@@ -188,8 +189,9 @@ def test_no_telemetry_report_is_lost_through_a_broker_restart(outage):
     assert not gaps, f"windows missing between reports: {gaps}"
     assert sum(r["count"] for r in reports) == made, summary(reports)
     assert not any(r["dropped_reports"] for r in reports)
-    offline_windows = [r for r in reports if r["window_end"] - r["window_start"] > 0]
-    assert len(offline_windows) >= 5  # the outage spanned several windows, all delivered
+    busy = [r for r in reports if r["count"]]
+    assert len(busy) >= 4  # the outage's requests came in several windows, all delivered (idle ones between them
+    # are buffered as one report each stretch: they still cover the time without a gap, checked above)
 
 
 def test_a_buffer_overflow_during_an_outage_is_counted_not_silent(outage):
