@@ -96,7 +96,7 @@ class SamplingSettings(_Section):
 
     max_tokens: int = Field(256, ge=1, le=1 << 20)
     temperature: float = Field(0.0, ge=0.0, le=100.0)  # 0 = greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0: the most likely token only (as OpenAI takes it)
     top_k: int = Field(0, ge=0)  # 0 = off
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
 

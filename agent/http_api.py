@@ -101,7 +101,9 @@ def stream_tokens(handle: Handle, alive=None):
         yield from (handle if alive is None else handle.watch(alive))
     except EngineFailed as exc:  # the engine's own text (paths, provider messages) stays in the log
         log.error("HTTP API: generation failed: %s", exc)
-        raise ApiError(500, "generation failed; the agent log has the details", type="server_error") from None
+        # an engine failure is not one a retry fixes: the openai client retries a 5xx twice unless told not to
+        raise ApiError(500, "generation failed; the agent log has the details", type="server_error",
+                       headers={"x-should-retry": "false"}) from None
     except SchedulerClosed as exc:
         raise ApiError(503, str(exc), type="server_error", headers={"Retry-After": "1"}) from None
     finally:

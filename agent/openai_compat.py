@@ -23,7 +23,9 @@ CHAT_STOP_TOKENS = ("<|user|>", "<|observation|>")  # GLM ends an assistant turn
 # Request fields this server does not implement: accepted only at their no-op values.
 UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False,), "top_logprobs": (0,),
                "suffix": ("",), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
-               "tools": ([],), "functions": ([],), "response_format": ({"type": "text"},)}
+               "tools": ([],), "functions": ([],), "response_format": ({"type": "text"},),
+               # asked for and silently not done: a forced tool call, audio out
+               "tool_choice": ("none", "auto"), "modalities": (["text"],), "audio": ()}
 
 
 @dataclass
@@ -78,8 +80,8 @@ def sampling_params(body: dict, defaults: SamplingSettings, stop_token_ids: tupl
             continue
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
             raise kind_error(field, value, "an integer" if integer else "a number")
-        if name == "seed" and value < 0:
-            raise ApiError(400, f"'seed' must be a non-negative integer; got {value}", param="seed")
+        if name == "seed":  # OpenAI takes any signed 64-bit seed (some clients send -1): the same seed, the same answer
+            value %= 1 << 64
         try:
             SamplingParams(**{name: value})
         except RequestError as exc:

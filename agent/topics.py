@@ -347,7 +347,7 @@ class InferenceRequest(Payload):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=100.0)
     top_k: int | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)  # 0: the most likely token only
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, max_length=16)

@@ -31,7 +31,7 @@ class SamplingParams:
             ("max_tokens", self.max_tokens, isinstance(self.max_tokens, int) and self.max_tokens >= 1, ">= 1"),
             ("temperature", self.temperature, 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
             ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, ">= 0"),
-            ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("top_p", self.top_p, 0.0 <= self.top_p <= 1.0, "in [0, 1] (0: the most likely token only)"),
             ("repetition_penalty", self.repetition_penalty, 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
             ("seed", self.seed, self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                                       and self.seed >= 0), "an integer >= 0, or unset"),

@@ -83,9 +83,9 @@ def test_invalid_value_in_the_environment_names_the_variable_and_the_range(monke
 
 def test_invalid_overrides_are_all_reported(toml_file):
     with pytest.raises(ConfigError) as err:
-        load_config(toml_file, {"sampling.top_p": 0, "device.id": "box/1", "log_level": "LOUD"})
+        load_config(toml_file, {"sampling.top_p": 1.5, "device.id": "box/1", "log_level": "LOUD"})
     msg = str(err.value)
-    assert "sampling.top_p = 0 (from a command-line override)" in msg and "0.0 < top_p <= 1.0" in msg
+    assert "sampling.top_p = 1.5 (from a command-line override)" in msg and "0.0 <= top_p <= 1.0" in msg
     assert "device.id = 'box/1'" in msg and "MQTT topic level" in msg
     assert "log_level = 'LOUD'" in msg and "'debug', 'info', 'warning', 'error' or 'critical'" in msg
 

@@ -147,18 +147,32 @@ def test_stop_string_cuts_the_text_and_ends_generation(client):
 
 @pytest.mark.parametrize("kw, field", [
     (dict(temperature=500), "temperature"),
-    (dict(top_p=0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
     (dict(max_tokens=0), "max_tokens"),
     (dict(extra_body={"top_k": -1}), "top_k"),
     (dict(extra_body={"repetition_penalty": "high"}), "repetition_penalty"),
-    (dict(seed=-3), "seed"),
+    (dict(seed=1.5), "seed"),
     (dict(n=2), "n"),
+    (dict(extra_body={"tool_choice": "required"}), "tool_choice"),  # asked for, never done: refused, not ignored
+    (dict(extra_body={"modalities": ["text", "audio"]}), "modalities"),
 ])
 def test_invalid_sampling_field_is_a_400_naming_it(client, kw, field):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL_ID, prompt=PROMPT, **kw)
     assert field in err.value.message and err.value.body["param"] == field
     assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_what_openai_takes_and_this_server_once_refused(client):
+    """OpenAI takes any signed 64-bit seed (some clients send -1) and top_p in [0, 1]: both were 400s here."""
+    a = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=-1)
+    b = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=-1)
+    assert a.choices[0].text == b.choices[0].text  # a seed is a seed, negative or not
+    greedy = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=8, temperature=0)
+    top0 = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0, seed=3)
+    assert top0.choices[0].text == greedy.choices[0].text  # top_p 0: only the most likely token
+    assert client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          tool_choice="none").choices[0].message.role == "assistant"
 
 
 def test_bad_chat_messages_and_model_names(client):
@@ -444,6 +458,7 @@ def test_engine_errors_reach_the_log_not_the_client(model, caplog):
     try:
         resp, data, _ = raw(srv, "POST", "/v1/completions", json.dumps({"prompt": PROMPT}).encode())
         assert resp.status == 500 and "/var/lib" not in data.decode() and "agent log" in data.decode()
+        assert resp.getheader("x-should-retry") == "false"  # the openai client would send it twice more
         assert "/var/lib/edgeglm/slots/b/onnxruntime/model.onnx exploded" in caplog.text
     finally:
         srv.shutdown(deadline=5.0)

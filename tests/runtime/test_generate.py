@@ -68,7 +68,7 @@ def test_the_penalty_reads_the_distinct_ids_kept_as_they_come():
     assert apply_repetition_penalty(logits, TokenHistory(), 1.3) is logits
 
 
-@pytest.mark.parametrize("field,value", [("temperature", -0.5), ("top_p", 0.0), ("top_k", -1),
+@pytest.mark.parametrize("field,value", [("temperature", -0.5), ("top_p", -0.1), ("top_p", 1.5), ("top_k", -1),
                                          ("max_tokens", 0), ("repetition_penalty", 0.0), ("seed", -1), ("seed", 1.5)])
 def test_invalid_settings_name_the_field(field, value):
     with pytest.raises(RequestError, match=f"{field}={value!r}"):
