@@ -2,11 +2,13 @@
 
 The HTTP API and MQTT inference record every finished request here; every
 `telemetry.interval_s` the agent takes the windows (which starts a new one) and publishes them.
-Samples are kept raw (bounded) so that percentiles are exact, not histogram estimates.
+Samples are kept raw so that percentiles are exact, not histogram estimates, up to `MAX_SAMPLES` per window;
+beyond that a uniform sample of the window's values is kept (reservoir sampling), so a busy window's percentiles
+still describe all of it (keeping the last ones made a window whose latency changed report only its end).
 
 A report is tagged with one model version and execution path (its `Label`), and the windows
-follow each other without gaps (each starts where the previous one ended) so that the controller
-can check that none is missing. A model switch (an OTA update, a rollback) therefore cuts the
+follow each other without gaps (each starts where the previous one ended), so a missing one shows
+as a gap (the agent says how many it lost in `dropped_reports`; the controller does not check). A model switch (an OTA update, a rollback) therefore cuts the
 window: what was served before it is reported under the model that served it, not the new one.
 Requests still running on the old model when it is switched finish on it: their latency and
 their errors (a request whose model went away under it is answered 503) go to the old model's
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
 import threading
 import time
@@ -29,7 +32,7 @@ import numpy as np
 
 from agent.topics import DeviceHealth, LatencyPercentiles, TelemetryReport
 
-MAX_SAMPLES = 20_000  # per window; beyond it the oldest samples are overwritten (percentiles stay sane)
+MAX_SAMPLES = 20_000  # per window and kind; beyond it a uniform sample of them is kept
 HOLD_S = 600.0  # the longest a window cut at a model switch waits for the old model's last requests
 
 Label = tuple  # (model_version or None, execution_path or None): what a report is tagged with
@@ -63,6 +66,7 @@ class _Window:
     busy_s: float = 0.0
     ttft: list = field(default_factory=list)
     per_token: list = field(default_factory=list)
+    seen: dict = field(default_factory=lambda: {"ttft": 0, "per_token": 0})  # samples offered, kept or not
 
     def empty(self) -> bool:
         return not (self.count or self.errors)
@@ -83,6 +87,7 @@ class LatencyWindow:
         self._open = _Window(label, self._stamped[0])
         self._cut: list[_Window] = []  # cut at a model switch, waiting for the old model's last requests
         self._in_flight: dict[Label, int] = {}
+        self._random = random.Random()
 
     def _stamp(self, now: float) -> float:
         """The next window boundary: the wall clock `now`, but never before the last boundary plus the time that
@@ -143,9 +148,21 @@ class LatencyWindow:
             w.tokens += tokens
             w.busy_s += decode_s
             if ttft_s is not None:
-                w.ttft.append(ttft_s)
-            w.per_token.extend(token_intervals_s)
-            del w.ttft[:-self._max], w.per_token[:-self._max]
+                self._keep(w, "ttft", (ttft_s,))
+            self._keep(w, "per_token", token_intervals_s)
+
+    def _keep(self, w: _Window, kind: str, values) -> None:
+        """Reservoir sampling (Algorithm R): every value of the window has the same chance to be among the kept."""
+        kept, values = getattr(w, kind), list(values)
+        room = max(0, self._max - len(kept))
+        kept.extend(values[:room])  # below the bound: every value (exact percentiles)
+        n = w.seen[kind] + min(room, len(values))
+        for value in values[room:]:
+            n += 1
+            j = self._random.randrange(n)
+            if j < self._max:
+                kept[j] = value
+        w.seen[kind] = n
 
     def record_error(self, n: int = 1, label: Label | None = None) -> None:
         with self._lock:

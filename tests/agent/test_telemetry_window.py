@@ -91,3 +91,20 @@ def test_a_clock_stepped_back_still_gives_each_report_its_own_window(monkeypatch
     assert sum(n for (n,) in store.db.execute("SELECT count FROM telemetry")) == 6  # every request kept
     wall[0] += 7200  # the wall clock ahead again: it is taken as it is
     assert w.take("dev")[-1].window_end == wall[0]
+
+
+def test_a_window_with_more_samples_than_kept_reports_all_of_it_not_its_end():
+    """Beyond MAX_SAMPLES the oldest samples were overwritten: 20,000 token gaps of 50 ms then 10,000 of 10 ms
+    reported p50 = 10 ms (the true median is 50). A uniform sample of the whole window is kept now."""
+    w = LatencyWindow(max_samples=2000, label=OLD)
+    for _ in range(200):
+        w.record(0.5, [0.050] * 100, 100, 5.0)
+    for _ in range(100):
+        w.record(0.1, [0.010] * 100, 100, 1.0)
+    (report,) = w.take("dev")
+    assert report.count == 300
+    assert (report.per_token_ms.p50, report.per_token_ms.p95) == (50.0, 50.0)  # two thirds of it, whole
+    assert report.per_token_ms.p50 > 10.0 and report.ttft_ms.p50 == 500.0
+    w.record(0.2, [0.001, 0.002], 2, 0.003)  # a fresh window keeps everything again (exact below the bound)
+    (report,) = w.take("dev")
+    assert (report.ttft_ms.p50, report.per_token_ms.p50) == (200.0, 1.5)
