@@ -458,7 +458,7 @@ class RolloutDriver:
                     ([f"no health snapshot with free memory yet from {unmeasured}"] if unmeasured else [])
                 self._save(r, "canary_window", f"{'; '.join(waiting)}; waiting one more window ({r.window_s:g} s)")
             return
-        problems = []
+        problems, uncompared = [], []
         for d in r.data["canaries"]:
             base, new = r.data["baseline"].get(d, {}), self.store.latency(r.fleet, d, r.data["window_start"], version)
             base_rate, new_rate = _error_rate(base), _error_rate(new)
@@ -473,7 +473,10 @@ class RolloutDriver:
                 if change > r.max_regression_pct and new["token_p95_ms"] - base["token_p95_ms"] > r.min_delta_ms:
                     problems.append(f"{d}: p95 per-token latency {base['token_p95_ms']:.2f} -> "
                                     f"{new['token_p95_ms']:.2f} ms (+{change:.0f}% > {r.max_regression_pct:g}%)")
-            elif not new.get("requests"):
+            elif new.get("requests"):  # served, but nothing to compare its latency with: said, not passed silently
+                side = "before the update" if not base.get("token_p95_ms") else "on the new version"
+                uncompared.append(f"{d} (no per-token p95 {side})")
+            else:
                 reports = self.store._exec("SELECT COUNT(*) FROM telemetry WHERE fleet=? AND device=? AND "
                                            "model_version=? AND stored>=?",
                                            (r.fleet, d, version, r.data["window_start"])).fetchone()[0]
@@ -487,7 +490,8 @@ class RolloutDriver:
                                                + (["memory gate failed: " + "; ".join(memory_problems)]
                                                   if memory_problems else [])) + memory_note)
         else:
-            self._save(r, "rest", f"latency gate passed ({r.data.get('p95_change_pct', {})}){memory_note}")
+            note = f"; latency not compared for {', '.join(uncompared)}" if uncompared else ""
+            self._save(r, "rest", f"latency gate passed ({r.data.get('p95_change_pct', {})}){note}{memory_note}")
 
     def _memory_now(self, r: Rollout) -> dict[str, dict]:
         """The canaries' health snapshots received since the window started (the model loaded and serving) that

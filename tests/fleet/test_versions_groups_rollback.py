@@ -427,3 +427,31 @@ def test_a_step_of_the_controllers_clock_is_not_taken_for_time_passed(tmp_path, 
     assert r.phase == "canary_wait", r.data["report"]
     assert abs(r.data["offered_at"] - (time.time() - 1)) < 30  # shifted with the clock
     store.close()
+
+
+def test_a_canary_whose_latency_could_not_be_compared_is_said_in_the_gate_line(tmp_path, signed_bundles):
+    """A canary whose baseline had requests but no per-token p95 (one-token answers before the update) passed the
+    gate with "latency gate passed ({})", saying nothing of the comparison that was not made."""
+    import json as _json
+
+    from fleet.rollout import create_rollout
+    from fleet.store import Store, telemetry_row
+
+    store = Store(tmp_path / "fleet.db")
+    store.upsert_state(FLEET, {"device": "k0", "online": True, "model": {"name": "m", "version": "1.1.0"}})
+    store.add_ota_status(FLEET, "k0", {"update_id": "u-k0", "ts": time.time(), "state": "reporting",
+                                       "result": "committed"})
+    rid = create_rollout(store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=60.0)
+    now = time.time()
+    store._exec("UPDATE rollouts SET phase='canary_window', data=? WHERE id=?", (_json.dumps(
+        {"report": [], "canaries": ["k0"], "rest": [], "offers": {"k0": "u-k0"}, "offered_at": now - 200,
+         "window_start": now - 120, "version": "1.1.0",
+         "baseline": {"k0": {"requests": 40, "errors": 0, "token_p95_ms": None}}}), rid))
+    store.add_telemetry_many([telemetry_row(FLEET, {"device": "k0", "window_end": now - 5, "count": 12,
+                                                    "model_version": "1.1.0",
+                                                    "per_token_ms": {"p50": 200.0, "p95": 200.0}})])
+    RolloutDriver(store, None).tick()
+    r = next(r for r in load_rollouts(store) if r.id == rid)
+    assert r.phase == "rest" and "latency not compared for k0 (no per-token p95 before the update)" in \
+        r.data["report"][-1], r.data["report"]
+    store.close()
