@@ -1125,7 +1125,10 @@ class _OrtRunner:
         self.session, self.arch = session, arch
         self.binding = session.io_binding()
         self.bound = (None, 0, 0)  # (weakref to the cache whose buffers are bound, its capacity and rows then)
-        self.logits: dict[int, tuple[np.ndarray, object]] = {}  # batch -> preallocated output
+        # batch -> the first `batch` rows of one preallocated output (as large as the largest batch seen) and an
+        # OrtValue over them: one array per batch size held vocab x 4 bytes x b(b+1)/2 (66 MB on glm-m at 32)
+        self.logits: dict[int, tuple[np.ndarray, object]] = {}
+        self._logits_rows = np.empty((0, arch.vocab_size), np.float32)
         self.kv_names = [(f"past.{i}.{k}", f"present.{i}.{k}") for i in range(arch.num_layers)
                          for k in ("key", "value")]
         names = {i.name for i in session.get_inputs()}
@@ -1168,7 +1171,10 @@ class _OrtRunner:
         for name, arr in (("position_ids", position_ids), ("attention_mask", attention_mask)):
             bind_host_input(ort, b, name, np.ascontiguousarray(arr, np.int64), held)
         if batch not in self.logits:
-            out = np.empty((batch, self.arch.vocab_size), np.float32)
+            if batch > len(self._logits_rows):  # a larger buffer: the views over the old one go with it
+                self._logits_rows = np.empty((batch, self.arch.vocab_size), np.float32)
+                self.logits.clear()
+            out = self._logits_rows[:batch]  # the leading rows: contiguous
             self.logits[batch] = (out, ort.OrtValue.ortvalue_from_numpy(out))
         out, out_value = self.logits[batch]
         b.bind_ortvalue_output("logits", out_value)

@@ -193,6 +193,11 @@ def test_decode_batch_rows_step_as_if_alone_through_joins_and_leaves(case, fp32_
     if kind == "DeviceRaggedBatch":  # the same: slots in powers of two, 8 -> 4
         assert batch._cache.batch == 2 and batch._cache.kv.shape()[1] == 4
     step_and_check(21)  # the rows moved by the removals and the reallocation still decode as if alone
+    if kind == "RaggedBatch":  # the logits of every batch size are rows of one buffer (one per size held
+        # vocab x 4 bytes x b(b+1)/2: 66 MB on glm-m at max_batch 32)
+        runners = [r for r in (engine._decode, getattr(engine, "_prefill", None)) if r is not None and r.logits]
+        assert runners and all(len(r._logits_rows) <= 6 for r in runners)
+        assert all(np.shares_memory(out, r._logits_rows) for r in runners for out, _ in r.logits.values())
     batch.step(np.full(batch.rows, 23))  # the batch is what the engine ran last
     held = weakref.ref(batch.buffers[0]) if kind == "RaggedBatch" else \
         weakref.ref(batch._cache) if kind == "DeviceRaggedBatch" else None
