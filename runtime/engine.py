@@ -1506,8 +1506,12 @@ class OnnxRuntimeEngine:
         # from the process-wide logger and still shows; the write graph makes one per layer, head, position.)
         opts.log_severity_level = 3
         try:
-            session = self._ort.InferenceSession(str(graph), opts, providers=providers)
-        except Exception as exc:  # missing file, or ORT's own untyped errors
+            # no fallback: a copy session that fell back to the CPU (CUDA out of memory at load) was bound to the
+            # device cache's memory, and every join and leave of a batch failed its requests
+            session = self._ort.InferenceSession(str(graph), opts, providers=providers, enable_fallback=0)
+            if self._kv_device == "cuda":
+                require_provider(session, "CUDAExecutionProvider")
+        except Exception as exc:  # missing file, a provider that did not start, or ORT's own untyped errors
             what, effect = ("copy", "batches on %s are merged through the host") if graph == KV_COPY_GRAPH else \
                 ("write", "every join and leave of a batch on %s copies the whole batch")
             log.warning("%s: ONNX Runtime could not load the KV %s graph (%s): %s; reinstall edgeglm", graph, what,

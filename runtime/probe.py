@@ -329,7 +329,7 @@ def gpu_memory() -> tuple[int, int] | None:
                 return free.value, total.value
         except AttributeError:
             pass
-        return None
+        # this runtime cannot answer (a CUDA 13 runtime beside an older driver): the next one may be the one loaded
     return None
 
 
