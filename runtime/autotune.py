@@ -1054,7 +1054,15 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
     if result.contention is not None and result.contention > contention_limit():
         log.warning("autotune: measured beside %.2f cores of other work on this process's CPUs; the choice may "
                     "be skewed: it is measured again at a later load that finds the box quieter", result.contention)
-    if path is not None and write_cache(path, result):
+    # an accelerator path that loaded and then failed (out of device memory beside the model still serving while
+    # an update is tuned, a driver hiccup) is not excluded for good: the choice is not cached, and the next load
+    # measures again. Cached, a GPU box served on its CPU until someone ran --retune
+    flaky = [t.candidate.describe() for t in trials if not t.candidate.on_cpu and t.status == "excluded"
+             and (t.reason or "").startswith(("failed at run time", "the measuring process died"))]
+    if flaky:
+        log.warning("autotune: %s failed while measured; the choice (%s) is not cached: the next load measures "
+                    "again", ", ".join(flaky), result.choice.describe())
+    elif path is not None and write_cache(path, result):
         result.cache_path = str(path)
         prune_cache(path.parent, spare=path)
     log.info("autotune: %s (%s paths measured in %.1f s)", result.choice.describe(),

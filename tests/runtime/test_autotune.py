@@ -816,3 +816,32 @@ def test_a_session_that_is_not_on_the_provider_asked_for_is_refused(int8_bundle)
                        "ProviderOptions&) Please install TensorRT libraries as mentioned in the GPU requirements "
                        "page\nmore")
     assert _first_line(raw) == "Please install TensorRT libraries as mentioned in the GPU requirements page"
+
+
+def test_an_accelerator_that_failed_while_measured_is_measured_again_not_excluded_for_good(int8_bundle, tmp_path,
+                                                                                          monkeypatch, caplog):
+    """An update is tuned while the model before it still serves on the GPU: the new model's GPU path ran out of
+    device memory, a CPU path was chosen and cached, and the box served on its CPU until someone ran --retune. Such
+    a choice is not cached: the next load measures again (and, the old model gone, the GPU path runs)."""
+    import runtime.autotune as at
+
+    runs = []
+
+    def fake_measure(bundle, trials, settings, available, on_step=None, prefill="on"):
+        runs.append(len(runs))
+        for t in trials:
+            if not t.candidate.on_cpu and len(runs) == 1:
+                t.status, t.reason = "excluded", "failed at run time: CUDA failure 2: out of memory"
+            else:
+                t.status, t.ttft_ms, t.decode_tok_s = "measured", 10.0, 100.0 if t.candidate.on_cpu else 300.0
+
+    monkeypatch.setattr(at, "measure", fake_measure)
+    hw = only(hardware(ort_providers=("CUDAExecutionProvider", ORT_CPU)), "onnxruntime")
+    bundle = open_bundle(int8_bundle)
+    with caplog.at_level("WARNING", logger="edgeglm"):
+        first = autotune(bundle, hw, cache_dir=tmp_path)
+    assert first.choice.on_cpu and first.cache_path is None and not list((tmp_path / "autotune").glob("*.json"))
+    assert "failed while measured; the choice (onnxruntime CPU" in caplog.text and "not cached" in caplog.text
+    second = autotune(bundle, hw, cache_dir=tmp_path)
+    assert len(runs) == 2 and second.choice.device == "CUDAExecutionProvider" and second.cache_path is not None
+    assert autotune(bundle, hw, cache_dir=tmp_path).from_cache and len(runs) == 2
