@@ -106,7 +106,9 @@ def explain_report_line(line: str) -> str:
     The gate compares each canary's p95 per-token latency before and after; on the first rollout
     the canaries served nothing before, so there is no baseline and the report's dict is empty.
     """
-    m = re.fullmatch(r"(.*?)latency gate passed \((\{.*?\})\)(; memory: .*)?", line)  # after the report's HH:MM:SS
+    # after the report's HH:MM:SS; the canaries whose latency was not compared, then their memory
+    m = re.fullmatch(r"(.*?)latency gate passed \((\{.*?\})\)(?:; latency not compared for (.*?))?(; memory: .*)?",
+                     line)
     if m is None:
         return line
     try:
@@ -115,12 +117,13 @@ def explain_report_line(line: str) -> str:
         return line
     if not isinstance(changes, dict):
         return line
-    memory = m.group(3) or ""  # each canary's rss and free memory before -> after, from its health snapshots
+    memory = m.group(4) or ""  # each canary's rss and free memory before -> after, from its health snapshots
+    uncompared = f" (not compared: {m.group(3)})" if m.group(3) else ""
     if not changes:
-        return (f"{m.group(1)}latency gate passed: no baseline latency to compare with yet; the canaries' "
-                f"telemetry on the new version arrived with no new errors{memory}")
+        return (f"{m.group(1)}latency gate passed: no baseline latency to compare with yet{uncompared}; the "
+                f"canaries' telemetry on the new version arrived with no new errors{memory}")
     return f"{m.group(1)}latency gate passed: p95 per-token latency " + ", ".join(
-        f"{device} {change:+.1f}%" for device, change in changes.items()) + memory
+        f"{device} {change:+.1f}%" for device, change in changes.items()) + uncompared + memory
 
 
 DEMO_MIN_DELTA_MS = 5.0  # the latency gate's absolute floor in the demo (`fleet rollout --min-delta-ms`)

@@ -33,6 +33,11 @@ def test_the_latency_gate_line_says_what_it_compared():
     memory = "; memory: box1 rss 180 MiB -> 190 MiB, free 9000 MiB -> 8990 MiB"
     assert explain_report_line("06:51:02 latency gate passed ({'box1': 3.2})" + memory) == \
         "06:51:02 latency gate passed: p95 per-token latency box1 +3.2%" + memory
+    not_compared = explain_report_line("06:51:02 latency gate passed ({}); latency not compared for box1 (no "
+                                       "per-token p95 before the update)" + memory)
+    assert not_compared == ("06:51:02 latency gate passed: no baseline latency to compare with yet (not compared: "
+                            "box1 (no per-token p95 before the update)); the canaries' telemetry on the new version "
+                            "arrived with no new errors" + memory)
     assert explain_report_line("offered to the rest ['box2']") == "offered to the rest ['box2']"
 
 
