@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import threading
 import time
 import uuid
@@ -69,6 +70,11 @@ class ChunkResponse(BaseModel):
     index: int
     data_b64: str | None = None
     error: str | None = None
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """`text` with control characters escaped (a newline forged a journal line), at most `limit` characters."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: m.group().encode("unicode_escape").decode(), text[:limit])
 
 
 class ChunkSource:
@@ -208,11 +214,11 @@ class MqttChunkFetcher:
             first = exc.errors(include_url=False)[0]
             where = ".".join(map(str, first["loc"])) or "(the message)"
             return f"the controller's answer is not a valid chunk answer ({where}: {first['msg']})"
-        if resp.error:
-            return f"the controller answered: {resp.error}"
+        if resp.error:  # (anyone who sees the request may answer: its text goes to the log without control characters)
+            return f"the controller answered: {_printable(resp.error)}"
         if (resp.path, resp.index, resp.update_id) != (path, index, offer.update_id):
-            return (f"the answer was for update {resp.update_id} {resp.path} chunk {resp.index}, not update "
-                    f"{offer.update_id}")
+            return (f"the answer was for update {_printable(resp.update_id)} {_printable(resp.path)} chunk "
+                    f"{resp.index}, not update {offer.update_id}")
         try:
             return base64.b64decode(resp.data_b64 or "", validate=True)
         except (binascii.Error, ValueError) as exc:

@@ -58,6 +58,14 @@ CHUNK_ATTEMPTS = 3  # a chunk whose sha256 does not match is fetched this many t
 DISK_BLOCK = 4096  # files take whole blocks of the file system (4 KiB on ext4 and most others)
 
 
+def _manifest_of(slot: Path) -> bytes | None:
+    """The manifest bytes of the bundle in `slot`; None when there is none or it cannot be read."""
+    try:
+        return (slot / MANIFEST).read_bytes()
+    except OSError:
+        return None
+
+
 def space_needed(file_sizes) -> int:
     """Bytes an update needs free before it starts downloading: each file rounded up to whole blocks, plus
     DISK_HEADROOM. The plain sum let a box with a few KiB to spare accept the update and then fail while
@@ -466,11 +474,12 @@ class Updater:
             self._save_probation(None)
             return None
         bad = p["slot"]
-        self._withdraw(self.slots.path(bad), f"its probation: {deaths} deaths before it had served "
-                                             f"{p.get('probation_s', 0):g} s")
-        self.slots.activate(previous)
+        backed_out = _manifest_of(self.slots.path(bad))  # read before the slot is cleared, written after: the
+        self.slots.activate(previous)  # switch back must work on a full disk (a crash loop fills one)
         self.slots.clear(bad)
         self._save_probation(None)
+        self._withdraw(backed_out, f"its probation: {deaths} deaths before it had served "
+                                   f"{p.get('probation_s', 0):g} s")
         reason = (f"probation: the agent ended without a clean stop {deaths} times (a crash, a kill, a power cut) "
                   f"since version {p.get('version')} was committed, before it had served "
                   f"{p.get('probation_s', 0):g} s: back to the previous model in slot {previous}; slot {bad} cleared")
@@ -704,24 +713,42 @@ class Updater:
                                "removed") from None
         return [e for e in entries if isinstance(e, dict) and isinstance(e.get("sha256"), str)]
 
-    def _withdraw(self, slot: Path | None, why: str) -> None:
-        """Remember the bundle in `slot` as backed out (before the switch away from it)."""
-        try:
-            raw = (slot / MANIFEST).read_bytes() if slot is not None else None
-            version = json.loads(raw).get("version") if raw else None
-        except (OSError, ValueError, AttributeError, RecursionError):
-            return  # nothing readable there: nothing to protect against
+    def _withdraw(self, raw: bytes | None, why: str) -> None:
+        """Remember the bundle whose manifest is `raw` as backed out (None: nothing readable, nothing to protect
+        against). Never raises: a record that cannot be written (a full disk) is a warning, not a stopped
+        rollback."""
         if raw is None:
             return
+        try:
+            version = json.loads(raw).get("version")
+        except (ValueError, AttributeError, RecursionError):
+            version = None
         sha = hashlib.sha256(raw).hexdigest()
         try:
             kept = [e for e in self.withdrawn() if e["sha256"] != sha]
         except UpdateFailed:
             kept = []  # an unreadable record is replaced by one that holds this bundle at least
         kept.append({"sha256": sha, "version": version, "why": why, "at": time.time()})
-        atomic_write_json(self.root / WITHDRAWN, {"withdrawn": kept[-WITHDRAWN_KEEP:]})
+        try:
+            atomic_write_json(self.root / WITHDRAWN, {"withdrawn": kept[-WITHDRAWN_KEEP:]})
+        except OSError as exc:
+            log.warning("bundle %s (manifest sha256 %s) backed out by %s, but %s could not be written (%s): a plain "
+                        "offer of it is not refused", version, sha[:16], why, WITHDRAWN, exc)
+            return
         log.info("bundle %s (manifest sha256 %s) backed out by %s: plain offers of it are refused from now on",
                  version, sha[:16], why)
+
+    def _unwithdraw(self, raw: bytes | None) -> None:
+        """The switch away from that bundle was undone (a failed rollback): it is not backed out."""
+        if raw is None:
+            return
+        sha = hashlib.sha256(raw).hexdigest()
+        try:
+            entries = self.withdrawn()
+            if any(e["sha256"] == sha for e in entries):
+                atomic_write_json(self.root / WITHDRAWN, {"withdrawn": [e for e in entries if e["sha256"] != sha]})
+        except (UpdateFailed, OSError) as exc:
+            log.warning("%s not updated (%s)", WITHDRAWN, exc)
 
     def _check_withdrawn(self, raw: bytes, manifest: Manifest) -> None:
         sha = hashlib.sha256(raw).hexdigest()
@@ -862,7 +889,11 @@ class Updater:
         target = self.data["target_slot"]
         if self.offer.rollback:  # remembered before the switch: a replay is refused even after a power cut here
             self._remember_rollback(self.data["update_id"])
-            self._withdraw(self.slots.active_path(), f"rollback {self.data['update_id']}")
+            # the bundle served when the offer was checked (`previous_slot`): on a COMMITTING entered again after a
+            # death, the active slot is already the rollback's target
+            previous = self.data.get("previous_slot")
+            self._withdraw(_manifest_of(self.slots.path(previous)) if previous else None,
+                           f"rollback {self.data['update_id']}")
         self.data["switching"] = True  # from here on a failure must switch back (ROLLBACK)
         # on probation from before the switch (a death while loading it in COMMITTING is this state's own count);
         # the serving model's own probation, if it is on one, is kept in it for a ROLLBACK
@@ -882,6 +913,8 @@ class Updater:
         if self.probation is not None and self.probation.get("update_id") == self.data.get("update_id"):
             self._save_probation(self.probation.get("before"))  # the old model's, as before COMMITTING
         previous = self.data.get("previous_slot")
+        if previous and self.offer.rollback:  # a rollback undone: the bundle it backed out serves again
+            self._unwithdraw(_manifest_of(self.slots.path(previous)))
         if not self.data.get("switching") and self.slots.active() == previous:
             # COMMITTING failed before it switched anything (its state could not be saved): the old model
             # still serves; loading it again would hold two copies on a box short of memory. Unless the agent
@@ -915,9 +948,10 @@ class Updater:
         failed_downloading = (self.data.get("outcome") != "committed" and S.DOWNLOADING.value in history
                               and S.VERIFYING.value not in history and (self.staging / MANIFEST).is_file()
                               and not full)
-        if failed_downloading:  # its verified chunks wait for an offer of the same bundle (`_take_partial`)
+        if failed_downloading or self.data.get("outcome") == "committed":  # (a model committed: the box moved on)
             shutil.rmtree(self.partial, ignore_errors=True)  # one partial download at most: the latest
             self._partial_progress.unlink(missing_ok=True)
+        if failed_downloading:  # its verified chunks wait for an offer of the same bundle (`_take_partial`)
             os.replace(self.staging, self.partial)
             if self._progress_path.exists():
                 os.replace(self._progress_path, self._partial_progress)

@@ -442,6 +442,46 @@ def test_a_model_that_crash_looped_on_probation_is_refused_when_offered_again(up
     assert updater.data["outcome"] == "failed" and "withdrawn.json: unreadable" in updater.data["reason"]
 
 
+def test_a_signed_rollback_whose_commit_was_cut_by_a_death_backs_out_the_right_bundle(upgraded, signed_bundles):
+    """COMMITTING withdrew the bundle in the active slot: entered again after the agent died while loading the
+    rollback's model, the active slot was already the target, and the model rolled back TO was recorded as
+    backed out (its plain offers refused from then on)."""
+    updater = build_updater(upgraded)
+    real = updater.deps.activate
+
+    def dies_once(path):
+        updater.deps.activate = real
+        raise KeyboardInterrupt("the process dies while loading the model")  # not caught by the state machine
+
+    updater.deps.activate = dies_once
+    updater.submit(rollback_for(signed_bundles["v1"], "rb-cut", signed_bundles["key"]))
+    with pytest.raises(KeyboardInterrupt):
+        updater.run()
+    restarted = build_updater(upgraded)  # the next start: COMMITTING again
+    restarted.run()
+    assert restarted.data["outcome"] == "committed" and serving(upgraded) == "1.0.0"
+    assert [e["version"] for e in restarted.withdrawn()] == ["1.1.0"]
+
+
+def test_a_probation_rollback_goes_back_even_when_its_record_cannot_be_written(upgraded, monkeypatch, caplog):
+    """The record of the backed-out bundle was written before the switch back, unguarded: on a disk a crash loop
+    had filled, every start raised there and the box never went back to the previous model."""
+    import ota.update as update
+
+    real = update.atomic_write_json
+
+    def full_for_the_record(path, data):
+        if path.name == update.WITHDRAWN:
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(update, "atomic_write_json", full_for_the_record)
+    for _ in range(3):
+        updater = build_updater(upgraded, probation=True)
+    assert serving(upgraded) == "1.0.0" and updater.slots.active() == "a"
+    assert "withdrawn.json could not be written" in caplog.text and updater.withdrawn() == []
+
+
 class _CountingFetcher:
     def __init__(self, real):
         self.real, self.calls = real, 0
