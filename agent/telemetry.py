@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.topics import DeviceHealth, LatencyPercentiles, TelemetryReport
+from agent.topics import LATENCY_MS_MAX, TOKENS_PER_S_MAX, DeviceHealth, LatencyPercentiles, TelemetryReport
 
 MAX_SAMPLES = 20_000  # per window and kind; beyond it a uniform sample of them is kept
 HOLD_S = 600.0  # the longest a window cut at a model switch waits for the old model's last requests
@@ -50,7 +50,9 @@ def serving_label(model) -> Label:
 def _percentiles(values: list[float]) -> LatencyPercentiles | None:
     if not values:
         return None
-    p50, p95, p99 = np.percentile(np.asarray(values) * 1000.0, [50, 95, 99])
+    # within the report's bounds (a day): a value beyond them (a stalled clock) made every later report fail to
+    # build, and the agent's loop with it
+    p50, p95, p99 = np.clip(np.percentile(np.asarray(values) * 1000.0, [50, 95, 99]), 0.0, LATENCY_MS_MAX)
     return LatencyPercentiles(p50=float(p50), p95=float(p95), p99=float(p99))
 
 
@@ -75,7 +77,7 @@ class _Window:
         return TelemetryReport(
             device=device, window_start=self.start, window_end=max(end, self.start), count=self.count,
             ttft_ms=_percentiles(self.ttft), per_token_ms=_percentiles(self.per_token),
-            tokens_per_s=(self.tokens / self.busy_s) if self.busy_s > 0 else None,
+            tokens_per_s=min(self.tokens / self.busy_s, TOKENS_PER_S_MAX) if self.busy_s > 0 else None,
             errors=self.errors, model_version=self.label[0], execution_path=self.label[1])
 
 
@@ -90,13 +92,15 @@ class LatencyWindow:
         self._random = random.Random()
 
     def _stamp(self, now: float) -> float:
-        """The next window boundary: the wall clock `now`, but never before the last boundary plus the time that
-        passed since (the monotonic clock). A clock stepped back (NTP correcting a box that booted hours ahead)
-        made every window end at the same instant until real time caught up, and the controller, which keeps
-        one report per device and window_end, dropped each as a second copy."""
+        """The next window boundary: the wall clock `now`, but never at or before the last boundary (after a step
+        back it moves on at half the monotonic time passed, until the wall clock is ahead again). A clock stepped
+        back (NTP correcting a box that booted hours ahead) made every window end at the same instant until real
+        time caught up, and the controller, which keeps one report per device and window_end, dropped each as a
+        second copy."""
         last, at = self._stamped
         mono = time.monotonic()
-        stamp = max(now, last + max(mono - at, 1e-6))
+        # behind: forward at half the time passed, so the wall clock catches up (a step back of an hour, in two)
+        stamp = now if now > last else last + max((mono - at) / 2, 1e-6)
         self._stamped = (stamp, mono)
         return stamp
 

@@ -41,6 +41,7 @@ INT64_MAX = (1 << 63) - 1  # what SQLite stores as an INTEGER
 # a fleet's reports stay inside SQLite's INTEGER (two reports of 2^62 overflowed SUM(), and status and /metrics failed)
 REPORT_COUNT_MAX = (1 << 31) - 1
 LATENCY_MS_MAX = 86_400_000.0  # a day: beyond it a percentile is a broken clock, and sums of them stay finite
+TOKENS_PER_S_MAX = 1e9
 
 ROOT = "edgeglm/v1"
 # topic levels built from fleet/device/requester ids: no '/', '+', '#', spaces; as in agent.config
@@ -282,7 +283,7 @@ class TelemetryReport(Payload):
     count: int = Field(ge=0, le=REPORT_COUNT_MAX, description="requests answered whole in the window")
     ttft_ms: LatencyPercentiles | None = Field(None, description="time to first token")
     per_token_ms: LatencyPercentiles | None = Field(None, description="time per generated token after the first")
-    tokens_per_s: float | None = Field(None, ge=0, le=1e9)
+    tokens_per_s: float | None = Field(None, ge=0, le=TOKENS_PER_S_MAX)
     errors: int = Field(0, ge=0, le=REPORT_COUNT_MAX,
                         description="requests the agent failed (HTTP 5xx; MQTT model_unavailable or internal)")
     dropped_reports: int = Field(0, ge=0, le=REPORT_COUNT_MAX, description="earlier reports lost from the offline buffer")
