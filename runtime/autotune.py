@@ -249,6 +249,8 @@ class TuneResult:
     # cores of other work on this process's CPUs while the paths were measured, beyond those the measurement
     # left free (`OtherWork`); None where not read (not Linux)
     contention: float | None = None
+    # an accelerator path failed while measured and this is the second measurement (`_flaky`): kept as it is
+    retried: bool = False
 
     def to_dict(self) -> dict:
         return {"version": CACHE_VERSION, "bundle_sha256": self.bundle_sha256, "fingerprint": self.fingerprint,
@@ -259,7 +261,7 @@ class TuneResult:
                 "trials": [t.to_dict() for t in self.trials],
                 "from_cache": self.from_cache, "cache_path": self.cache_path, "prefill": self.prefill,
                 "prefill_min_rows": self.prefill_min_rows, "prefill_rows_ms": self.prefill_rows_ms,
-                "contention": self.contention}
+                "contention": self.contention, "retried": self.retried}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TuneResult":
@@ -268,7 +270,7 @@ class TuneResult:
                    list(data["accelerators"]), TuneSettings(**data["settings"]), data["measured_at"],
                    data["elapsed_s"], data["objective"], prefill=data.get("prefill", "on"),
                    prefill_min_rows=data.get("prefill_min_rows"), prefill_rows_ms=data.get("prefill_rows_ms"),
-                   contention=data.get("contention"))
+                   contention=data.get("contention"), retried=bool(data.get("retried", False)))
 
     @property
     def measured_threads(self) -> int:
@@ -1026,10 +1028,14 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
     prefill = prefill_mode(prefill)
     fingerprint = hw.fingerprint()
     path = cache_path(cache_dir, bundle.sha256, fingerprint, threads, prefill) if cache_dir is not None else None
+    second = False  # accelerator paths failed in the cached measurement: this one is their second try
     if path is not None and not retune:
         cached = read_cache(path, bundle.sha256, fingerprint, threads, prefill)
+        second = cached is not None and bool(_flaky(cached.trials))
         if cached is not None and not quieter_now(cached.contention, cached.measured_threads):
-            return cached
+            if cached.retried or not second:
+                return cached
+            log.info("autotune: %s failed when last measured: measuring again", ", ".join(_flaky(cached.trials)))
     t0 = time.perf_counter()
     trials = [Trial(c) for c in candidates(hw, bundle.manifest.backends, threads=threads)]
     # what the process can take now, not only when `hw` was probed (the agent probes once at start; an update
@@ -1054,20 +1060,31 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
     if result.contention is not None and result.contention > contention_limit():
         log.warning("autotune: measured beside %.2f cores of other work on this process's CPUs; the choice may "
                     "be skewed: it is measured again at a later load that finds the box quieter", result.contention)
-    # an accelerator path that loaded and then failed (out of device memory beside the model still serving while
-    # an update is tuned, a driver hiccup) is not excluded for good: the choice is not cached, and the next load
-    # measures again. Cached, a GPU box served on its CPU until someone ran --retune
-    flaky = [t.candidate.describe() for t in trials if not t.candidate.on_cpu and t.status == "excluded"
-             and (t.reason or "").startswith(("failed at run time", "the measuring process died"))]
-    if flaky:
-        log.warning("autotune: %s failed while measured; the choice (%s) is not cached: the next load measures "
-                    "again", ", ".join(flaky), result.choice.describe())
-    elif path is not None and write_cache(path, result):
+    # an accelerator path that the probe found but that failed to load or run (out of device memory beside the
+    # model still serving while an update is tuned, a driver hiccup) is not excluded for good on one try: the next
+    # load measures again, once (`retried`: a path that fails every time does not cost a measurement at every
+    # start). Before, a GPU box served on its CPU until someone ran --retune
+    flaky = _flaky(trials)
+    result.retried = bool(flaky) and second
+    if flaky and not second:
+        log.warning("autotune: %s failed while measured; the choice (%s) is measured again at the next load",
+                    ", ".join(flaky), result.choice.describe())
+    if path is not None and write_cache(path, result):
         result.cache_path = str(path)
         prune_cache(path.parent, spare=path)
     log.info("autotune: %s (%s paths measured in %.1f s)", result.choice.describe(),
              sum(t.status == "measured" for t in trials), result.elapsed_s)
     return result
+
+
+def _flaky(trials: list[Trial]) -> list[str]:
+    """The accelerator paths that were found but failed to load, run or finish while measured."""
+    def failed(reason: str) -> bool:
+        return reason.startswith(("could not load", "failed at run time", "the measuring process died")) or \
+            "took longer than" in reason
+
+    return [t.candidate.describe() for t in trials
+            if not t.candidate.on_cpu and t.status == "excluded" and failed(t.reason or "")]
 
 
 class _NoBar:

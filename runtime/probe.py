@@ -199,15 +199,27 @@ def cpu_quota() -> float | None:
     return min(quotas) if quotas else None
 
 
+def _core_key(cpu: int):
+    """What identifies `cpu`'s physical core in sysfs: the CPUs sharing it (`core_cpus_list`, or the older
+    `thread_siblings_list`), else (package, core_id); None without topology. (core_id alone repeats per cluster on
+    ARM boards: an RK3588's 4 + 4 cores read as 4.)"""
+    topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+    for name in ("core_cpus_list", "thread_siblings_list"):
+        siblings = (_read(topo / name) or "").strip()
+        if siblings:
+            return siblings
+    core_id = (_read(topo / "core_id") or "").strip()
+    return ((_read(topo / "physical_package_id") or "").strip(), core_id) if core_id else None
+
+
 def usable_physical_cores() -> int | None:
     """Physical cores among the CPUs this process may run on (sysfs topology), None where it is not known."""
     cores = set()
     for cpu in usable_cpu_ids():
-        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        core_id = (_read(topo / "core_id") or "").strip()
-        if not core_id:
+        key = _core_key(cpu)
+        if key is None:
             return None
-        cores.add(((_read(topo / "physical_package_id") or "").strip(), core_id))
+        cores.add(key)
     return len(cores) or None
 
 
@@ -219,9 +231,7 @@ def cpus_one_per_core() -> list[int]:
     usable = usable_cpu_ids()
     firsts, siblings, seen = [], [], set()
     for cpu in usable:
-        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        core = ((_read(topo / "physical_package_id") or "").strip(), (_read(topo / "core_id") or "").strip()) \
-            if (_read(topo / "core_id") or "").strip() else (cpu,)
+        core = _core_key(cpu) or (cpu,)
         (siblings if core in seen else firsts).append(cpu)
         seen.add(core)
     return firsts + siblings

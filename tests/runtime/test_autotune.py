@@ -822,16 +822,17 @@ def test_an_accelerator_that_failed_while_measured_is_measured_again_not_exclude
                                                                                           monkeypatch, caplog):
     """An update is tuned while the model before it still serves on the GPU: the new model's GPU path ran out of
     device memory, a CPU path was chosen and cached, and the box served on its CPU until someone ran --retune. Such
-    a choice is not cached: the next load measures again (and, the old model gone, the GPU path runs)."""
+    a choice is measured again at the next load (and, the old model gone, the GPU path runs); a path that fails on
+    the second try too is taken as failing (not measured at every start)."""
     import runtime.autotune as at
 
-    runs = []
+    runs, gpu_fails = [], {1}
 
     def fake_measure(bundle, trials, settings, available, on_step=None, prefill="on"):
-        runs.append(len(runs))
+        runs.append(len(runs) + 1)
         for t in trials:
-            if not t.candidate.on_cpu and len(runs) == 1:
-                t.status, t.reason = "excluded", "failed at run time: CUDA failure 2: out of memory"
+            if not t.candidate.on_cpu and runs[-1] in gpu_fails:
+                t.status, t.reason = "excluded", "could not load: CUDA failure 2: out of memory"
             else:
                 t.status, t.ttft_ms, t.decode_tok_s = "measured", 10.0, 100.0 if t.candidate.on_cpu else 300.0
 
@@ -840,8 +841,16 @@ def test_an_accelerator_that_failed_while_measured_is_measured_again_not_exclude
     bundle = open_bundle(int8_bundle)
     with caplog.at_level("WARNING", logger="edgeglm"):
         first = autotune(bundle, hw, cache_dir=tmp_path)
-    assert first.choice.on_cpu and first.cache_path is None and not list((tmp_path / "autotune").glob("*.json"))
-    assert "failed while measured; the choice (onnxruntime CPU" in caplog.text and "not cached" in caplog.text
+    assert first.choice.on_cpu and not first.retried
+    assert "failed while measured; the choice (onnxruntime CPU" in caplog.text and "measured again at the next " \
+        "load" in caplog.text
     second = autotune(bundle, hw, cache_dir=tmp_path)
-    assert len(runs) == 2 and second.choice.device == "CUDAExecutionProvider" and second.cache_path is not None
-    assert autotune(bundle, hw, cache_dir=tmp_path).from_cache and len(runs) == 2
+    assert runs == [1, 2] and second.choice.device == "CUDAExecutionProvider" and not second.from_cache
+    assert autotune(bundle, hw, cache_dir=tmp_path).from_cache and runs == [1, 2]
+    # a path that fails on its second try too: kept as failing
+    gpu_fails.update({3, 4})
+    assert autotune(bundle, hw, cache_dir=tmp_path, retune=True).choice.on_cpu and runs == [1, 2, 3]
+    again = autotune(bundle, hw, cache_dir=tmp_path)
+    assert runs == [1, 2, 3, 4] and again.retried and again.choice.on_cpu
+    kept = autotune(bundle, hw, cache_dir=tmp_path)
+    assert kept.from_cache and kept.retried and runs == [1, 2, 3, 4]

@@ -421,3 +421,25 @@ def test_a_jetson_boards_integrated_gpu_is_found_from_the_device_tree(tmp_path):
     assert "JetPack" in device_report(info)[0]["hint"]
     (tmp_path / "proc/device-tree/model").write_bytes(b"Raspberry Pi 5 Model B Rev 1.0\x00")
     assert probe_devices(tmp_path) == ()
+
+
+def test_physical_cores_come_from_the_cpus_sharing_a_core_not_core_id_alone(monkeypatch):
+    """On ARM boards core_id restarts in each cluster (an RK3588's 4 small + 4 big cores, package 0): keyed by
+    (package, core_id) they read as 4 cores, and one-thread-per-core pinning took the small cluster only. The CPUs
+    sharing a core (core_cpus_list / thread_siblings_list) say which CPUs are one core."""
+    import runtime.probe as probe
+
+    topo = "/sys/devices/system/cpu/cpu{}/topology/{}"
+    arm = {topo.format(c, "core_id"): str(c % 4) for c in range(8)}
+    arm.update({topo.format(c, "physical_package_id"): "0" for c in range(8)})
+    arm.update({topo.format(c, "core_cpus_list"): str(c) for c in range(8)})
+    monkeypatch.setattr(probe, "usable_cpu_ids", lambda: list(range(8)))
+    monkeypatch.setattr(probe, "_read", lambda path: arm.get(str(path)))
+    assert probe.usable_physical_cores() == 8 and probe.cpus_one_per_core() == list(range(8))
+    smt = {topo.format(c, "thread_siblings_list"): f"{c % 4},{c % 4 + 4}" for c in range(8)}  # 4 cores x 2 threads
+    monkeypatch.setattr(probe, "_read", lambda path: smt.get(str(path)))
+    assert probe.usable_physical_cores() == 4 and probe.cpus_one_per_core() == [0, 1, 2, 3, 4, 5, 6, 7]
+    monkeypatch.setattr(probe, "usable_cpu_ids", lambda: [0, 4, 1])  # two threads of core 0, one of core 1
+    assert probe.usable_physical_cores() == 2 and probe.cpus_one_per_core() == [0, 1, 4]
+    monkeypatch.setattr(probe, "_read", lambda path: None)  # no topology at all
+    assert probe.usable_physical_cores() is None and probe.cpus_one_per_core() == [0, 4, 1]
