@@ -28,7 +28,7 @@ def test_a_request_running_across_a_switch_is_reported_under_its_model_once_it_e
 def test_an_error_with_no_model_named_goes_to_the_model_served_now():
     w = LatencyWindow(label=OLD)
     w.switch(NEW)
-    w.record_error()  # e.g. a malformed MQTT payload: nobody's model
+    w.record_error()  # e.g. an MQTT event the agent failed to handle: no model named
     assert [(r.model_version, r.errors) for r in w.take("dev")] == [("1.1.0", 1)]
 
 
