@@ -127,6 +127,7 @@ def explain_report_line(line: str) -> str:
 
 
 DEMO_MIN_DELTA_MS = 5.0  # the latency gate's absolute floor in the demo (`fleet rollout --min-delta-ms`)
+DEMO_MIN_REQUESTS = 3  # the demo's windows are seconds long, with a chat every half second (`--min-requests`)
 
 
 def _rollout(controller, driver, agents, bundle: Path, say, window_s: float = 3.0, timeout_s: float = 120.0) -> str:
@@ -135,7 +136,7 @@ def _rollout(controller, driver, agents, bundle: Path, say, window_s: float = 3.
     # the tiny demo model decodes a token in well under a millisecond: a scheduling hiccup on a busy box moves its
     # p95 by a millisecond or two, which the default 1 ms floor would take for a regression of several 100 %
     rid = create_rollout(controller.store, bundle, FLEET, canary_pct=33, max_regression_pct=50, window_s=window_s,
-                         min_delta_ms=DEMO_MIN_DELTA_MS)
+                         min_delta_ms=DEMO_MIN_DELTA_MS, min_requests=DEMO_MIN_REQUESTS)
     seen, deadline = 0, time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         driver.tick()

@@ -5,7 +5,8 @@
     edgeglm fleet offer --fleet F --device D --bundle BUNDLE [--force] [--broker HOST:PORT] [--db fleet.db]
     edgeglm fleet config set (--fleet F --device D | --group G) KEY=VALUE... [--broker HOST:PORT]
     edgeglm fleet rollout --bundle B --group G --canary PCT [--max-p95-regression PCT] [--window S]
-                          [--min-free-memory-mb MB] [--previous-bundle P [--key ROLLBACK_KEY]] [--db fleet.db]
+                          [--min-requests N] [--min-free-memory-mb MB] [--previous-bundle P [--key ROLLBACK_KEY]]
+                          [--db fleet.db]
     edgeglm fleet rollout cancel ID [--db fleet.db]
     edgeglm fleet rollback --group G [--to VERSION] [--key ROLLBACK_KEY] [--valid-for SECONDS]
                            [--broker HOST:PORT] [--db fleet.db]
@@ -368,6 +369,8 @@ def _rollout_start(args) -> int:
     _check_number("--max-p95-regression", args.max_p95_regression, args.max_p95_regression >= 0,
                   ">= 0 percent of p95 growth that halts the rollout")
     _check_number("--min-delta-ms", args.min_delta_ms, args.min_delta_ms >= 0, ">= 0 ms")
+    _check_number("--min-requests", args.min_requests, args.min_requests >= 1,
+                  ">= 1 request per canary on each side of the update")
     if args.min_free_memory_mb is not None:
         _check_number("--min-free-memory-mb", args.min_free_memory_mb, args.min_free_memory_mb > 0,
                       "> 0 MiB a canary must still be able to take on the new version")
@@ -393,10 +396,12 @@ def _rollout_start(args) -> int:
     fleet, group = (one_fleet(selection), args.group) if selection.assigned else (args.group, None)
     rid = create_rollout(store, Path(args.bundle), fleet, args.canary, args.max_p95_regression,
                          args.window, Path(args.previous_bundle) if args.previous_bundle else None,
-                         key, args.min_delta_ms, group=group, min_free_mb=args.min_free_memory_mb)
+                         key, args.min_delta_ms, group=group, min_free_mb=args.min_free_memory_mb,
+                         min_requests=args.min_requests)
     print(f"rollout {rid}: {bundle.manifest.name} {bundle.manifest.version} to "
           f"{'group ' + group + ' of fleet ' + fleet if group else 'fleet ' + fleet} "
-          f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95"
+          f"({args.canary:g}% canary, gate +{args.max_p95_regression:g}% p95 over >= {args.min_requests} "
+          f"request(s) per canary"
           f"{f', memory free >= {args.min_free_memory_mb:g} MiB' if args.min_free_memory_mb else ''}, "
           f"window {args.window:g} s); "
           f"`edgeglm fleet serve --db {db}` (of every fleet, or --fleet {fleet}) drives it, "
@@ -730,6 +735,8 @@ def cmd_device(args) -> int:
 
 
 def register(sub) -> None:
+    from fleet.rollout import MIN_REQUESTS
+
     f = sub.add_parser("fleet", help="the fleet controller")
     fsub = f.add_subparsers(dest="fleet_command", required=True)
 
@@ -782,6 +789,9 @@ def register(sub) -> None:
                         "take less than this many MiB (default: off; the report gives each canary's memory anyway)")
     r.add_argument("--min-delta-ms", type=float, default=1.0,
                    help="a p95 growth below this many ms is never a regression (default 1.0)")
+    r.add_argument("--min-requests", type=int, default=MIN_REQUESTS, metavar="N",
+                   help="requests each canary must serve on the new version (within two windows) for the gate to "
+                        f"pass, and before the update for its latency to be compared (default {MIN_REQUESTS})")
     r.add_argument("--previous-bundle", help="bundle to roll canaries back to when the rollout halts")
     r.add_argument("--key", help="private key that signs the canaries' rollback offers (default: [rollback] key "
                    "of --config)")

@@ -50,18 +50,22 @@ CREATE TABLE IF NOT EXISTS rollouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, bundle TEXT NOT NULL, fleet TEXT NOT NULL, canary_pct REAL NOT NULL,
     max_regression_pct REAL NOT NULL, window_s REAL NOT NULL, previous_bundle TEXT, key TEXT,
     min_delta_ms REAL NOT NULL DEFAULT 1.0,
-    phase TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, group_name TEXT);
+    phase TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, group_name TEXT,
+    min_requests INTEGER NOT NULL DEFAULT 1);
 """
 
 
 def _schema(store: Store) -> None:
     store.executescript(SCHEMA)
     have = {row[1] for row in store._exec("PRAGMA table_info(rollouts)")}
-    for column, kind in (("min_delta_ms", "REAL NOT NULL DEFAULT 1.0"), ("group_name", "TEXT")):
+    # a rollout recorded by an older controller keeps the gate it was started with (no minimum: 1 request)
+    for column, kind in (("min_delta_ms", "REAL NOT NULL DEFAULT 1.0"), ("group_name", "TEXT"),
+                         ("min_requests", "INTEGER NOT NULL DEFAULT 1")):
         if column not in have:  # a database of an older controller
             store._exec(f"ALTER TABLE rollouts ADD COLUMN {column} {kind}")
 ACTIVE = ("canary", "canary_wait", "canary_window", "rest", "rest_wait", "halting")
 ERROR_RATE_FLOOR = 0.01  # the canary gate halts on an error rate above the baseline's by more than this
+MIN_REQUESTS = 10  # requests a canary serves on each side of the update before its latency decides (default)
 RESULT_WAIT_MIN_S = 3600.0  # how long canary_wait / rest_wait wait for devices' results, at least
 
 
@@ -106,6 +110,7 @@ class Rollout:
     data: dict
     min_delta_ms: float = 1.0
     group: str | None = None  # an assigned group within `fleet`; None: the whole fleet
+    min_requests: int = 1  # requests per canary and side of the update the latency gate decides on, at least
 
     @property
     def target(self) -> str:
@@ -114,9 +119,15 @@ class Rollout:
 
 def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, max_regression_pct: float = 20.0,
                    window_s: float = 300.0, previous_bundle: Path | None = None, key: Path | None = None,
-                   min_delta_ms: float = 1.0, group: str | None = None, min_free_mb: float | None = None) -> int:
+                   min_delta_ms: float = 1.0, group: str | None = None, min_free_mb: float | None = None,
+                   min_requests: int = MIN_REQUESTS) -> int:
     """Record a rollout (advanced by RolloutDriver.tick). `min_free_mb`: the memory gate (None: off): a canary
-    whose health snapshot on the new version says it can still take less than this many MiB halts the rollout."""
+    whose health snapshot on the new version says it can still take less than this many MiB halts the rollout.
+    `min_requests`: a canary must serve this many requests on the new version (in up to two windows) for the gate
+    to pass, and as many on the old one before the update for its latency to be compared."""
+    if isinstance(min_requests, bool) or not isinstance(min_requests, int) or min_requests < 1:
+        raise RolloutError(f"min_requests {min_requests!r} is invalid: must be a whole number >= 1; nothing was "
+                           f"recorded")
     _schema(store)
     active = active_rollout(store, fleet, group)
     if active is not None:
@@ -128,14 +139,14 @@ def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, ma
     now = time.time()
     cur = store._exec(
         "INSERT INTO rollouts (bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
-        "min_delta_ms, phase, data, created, updated, group_name) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "min_delta_ms, phase, data, created, updated, group_name, min_requests) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (str(Path(bundle).resolve()), fleet, canary_pct, max_regression_pct, window_s,
          str(Path(previous_bundle).resolve()) if previous_bundle else None,
          # absolute but not resolved: a Kubernetes Secret's file is a link into a directory the kubelet replaces
          # when the Secret changes (a key rotation); the resolved path would be gone after it
          os.path.abspath(key) if key else None,
          min_delta_ms, "canary", json.dumps({"report": [], **({"min_free_mb": min_free_mb} if min_free_mb else {})}),
-         now, now, group))
+         now, now, group, min_requests))
     return cur.lastrowid
 
 
@@ -200,9 +211,9 @@ def cancel_rollout(store: Store, rollout_id: int) -> tuple["Rollout", str]:
 def load_rollouts(store: Store, active_only: bool = False) -> list[Rollout]:
     _schema(store)
     rows = store._exec("SELECT id, bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
-                       "phase, data, min_delta_ms, group_name FROM rollouts ORDER BY id").fetchall()
+                       "phase, data, min_delta_ms, group_name, min_requests FROM rollouts ORDER BY id").fetchall()
     out = [Rollout(r[0], Path(r[1]), r[2], r[3], r[4], r[5], Path(r[6]) if r[6] else None,
-                   Path(r[7]) if r[7] else None, r[8], json.loads(r[9]), r[10], r[11]) for r in rows]
+                   Path(r[7]) if r[7] else None, r[8], json.loads(r[9]), r[10], r[11], r[12]) for r in rows]
     return [r for r in out if r.phase in ACTIVE] if active_only else out
 
 
@@ -361,12 +372,13 @@ class RolloutDriver:
         versions = {d["device"]: d["model_version"] for d in self.store.devices(r.fleet)}
         baseline = {d: self.store.latency(r.fleet, d, now - max(r.window_s, 60.0), versions.get(d))
                     for d in canaries}  # of the version each canary serves now
-        # a canary that serves a model but has reported no latency yet gives nothing to compare with:
-        # wait for its telemetry (up to two windows) instead of passing the gate blind
-        missing = [d for d in canaries if versions.get(d) and not baseline[d].get("requests")]
+        # a canary that serves a model but has reported no latency yet (or fewer requests than the gate decides
+        # on) gives nothing to compare with: wait for its telemetry (up to two windows) instead of passing blind
+        missing = [d for d in canaries if versions.get(d) and (baseline[d].get("requests") or 0) < r.min_requests]
         if missing and "baseline_wait_since" not in r.data:
             r.data["baseline_wait_since"] = now
-            self._save(r, "canary", f"waiting for baseline latency from {missing}")
+            self._save(r, "canary", f"waiting for baseline latency from {missing}"
+                                    + (f" ({r.min_requests} requests each)" if r.min_requests > 1 else ""))
         if missing and now - r.data["baseline_wait_since"] < 2 * max(r.window_s, 1.0):
             return
         from fleet.controller import health_current
@@ -374,7 +386,12 @@ class RolloutDriver:
         health = self.store.health(r.fleet)  # each canary's memory before (agents from before health, old ones: none)
         r.data["health_before"] = {d: _memory(health[(r.fleet, d)]) for d in canaries
                                    if health_current(health.get((r.fleet, d)), now)}
-        note = f" (no baseline latency from {missing})" if missing else ""
+        none = [d for d in missing if not baseline[d].get("requests")]
+        few = {d: baseline[d]["requests"] for d in missing if d not in none}
+        note = "; ".join(([f"no baseline latency from {none}"] if none else [])
+                         + ([f"too few requests before the update to compare latency with ({few}, fewer than "
+                             f"{r.min_requests})"] if few else []))
+        note = f" ({note})" if note else ""
         if already:
             note += f"; {len(already)} already run {version}, not offered: {already}"
         # saved before the first offer: a retry offers these canaries, never others
@@ -445,8 +462,9 @@ class RolloutDriver:
         # only telemetry tagged with the new version counts: a canary back on the old one (a slot fallback, a
         # manual rollback) must not pass the gate on the old model's numbers
         version = r.data.get("version")
-        silent = [d for d in r.data["canaries"]
-                  if not self.store.latency(r.fleet, d, r.data["window_start"], version).get("requests")]
+        served = {d: self.store.latency(r.fleet, d, r.data["window_start"], version).get("requests") or 0
+                  for d in r.data["canaries"]}
+        silent = [d for d, n in served.items() if n < r.min_requests]
         # with the memory gate on, a canary without a health snapshot in the window that gives its free memory (a
         # health interval longer than the window, a snapshot lost at QoS 0) gets the same one more window
         unmeasured = [d for d in r.data["canaries"] if d not in self._memory_now(r)] \
@@ -454,7 +472,10 @@ class RolloutDriver:
         if (silent or unmeasured) and now - r.data["window_start"] < 2 * r.window_s:
             if not r.data.get("window_extended"):
                 r.data["window_extended"] = True
-                waiting = ([f"no telemetry yet from {silent} on the new version"] if silent else []) + \
+                few = {d: served[d] for d in silent if served[d]}
+                none = [d for d in silent if not served[d]]
+                waiting = ([f"no telemetry yet from {none} on the new version"] if none else []) + \
+                    ([f"fewer than {r.min_requests} requests yet on the new version from {few}"] if few else []) + \
                     ([f"no health snapshot with free memory yet from {unmeasured}"] if unmeasured else [])
                 self._save(r, "canary_window", f"{'; '.join(waiting)}; waiting one more window ({r.window_s:g} s)")
             return
@@ -466,7 +487,13 @@ class RolloutDriver:
             if new.get("errors", 0) and new_rate > base_rate + ERROR_RATE_FLOOR:
                 problems.append(f"{d}: errors {100 * base_rate:.1f}% -> {100 * new_rate:.1f}% of requests "
                                 f"({base.get('errors', 0)} -> {new['errors']})")
-            if base.get("token_p95_ms") and new.get("token_p95_ms"):
+            if 0 < (new.get("requests") or 0) < r.min_requests:  # two windows and still too few to judge
+                problems.append(f"{d}: {new['requests']} request(s) on the new version in "
+                                f"{now - r.data['window_start']:.0f} s, fewer than the {r.min_requests} the gate "
+                                f"decides on: send it traffic, give a longer --window or a lower --min-requests")
+            elif base.get("token_p95_ms") and new.get("token_p95_ms") and (base.get("requests") or 0) < r.min_requests:
+                uncompared.append(f"{d} (only {base.get('requests') or 0} request(s) before the update)")
+            elif base.get("token_p95_ms") and new.get("token_p95_ms"):
                 change = 100.0 * (new["token_p95_ms"] / base["token_p95_ms"] - 1.0)
                 r.data.setdefault("p95_change_pct", {})[d] = round(change, 1)
                 # both relative and absolute: sub-millisecond jitter of a tiny model is not a regression

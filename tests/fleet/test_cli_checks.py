@@ -89,6 +89,7 @@ def test_rollout_checks_bundles_target_and_numbers_before_recording(db, signed_b
     refused(cli(*start, "--bundle", v2, "--group", FLEET, "--max-p95-regression", "-10"),
             "--max-p95-regression -10: must be >= 0")
     refused(cli(*start, "--bundle", v2, "--group", FLEET, "--min-delta-ms", "-1"), "--min-delta-ms -1: must be >= 0")
+    refused(cli(*start, "--bundle", v2, "--group", FLEET, "--min-requests", "0"), "--min-requests 0: must be >= 1")
     refused(cli("rollout", "--db", str(db), "--bundle", v2, "--group", FLEET), "rollout needs --canary")
     # swapped: the canaries' signed rollback would take them "back" to a newer version nobody rolled out
     refused(cli(*start, "--bundle", v1, "--group", FLEET, "--previous-bundle", v2, "--key", key),

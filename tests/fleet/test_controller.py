@@ -512,20 +512,21 @@ def put(store, r: dict, skew_s: float = 0.0) -> None:
         store.clock = time.time
 
 
-def _gate(tmp_path, base_errors: int = 0, skew_s: float = 0.0):
+def _gate(tmp_path, base_errors: int = 0, skew_s: float = 0.0, min_requests: int = 1):
     """Two devices on 1.0.0 with a baseline, a rollout to 1.1.0 whose canary d0 has committed: the store,
-    t0 and tick(now) -> the rollout (explicit clock values, no broker)."""
+    t0 and tick(now) -> the rollout (explicit clock values, no broker). `min_requests` 1: one report decides."""
     from fleet.store import Store
 
     store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
     for d in ("d0", "d1"):
         store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
-        put(store, report(d, t0 - 5, "1.0.0", errors=base_errors), skew_s)
+        for i in range(-(-min_requests // 5)):  # a baseline of at least min_requests requests (5 per report)
+            put(store, report(d, t0 - 5 - i, "1.0.0", errors=base_errors if i == 0 else 0), skew_s)
     driver = RolloutDriver(store, OfferRecorder())
     bundle = tmp_path / "bundle-1.1.0"
     bundle.mkdir()
     (bundle / "manifest.json").write_text('{"version": "1.1.0"}')  # all the driver reads of it (OfferRecorder)
-    rid = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
+    rid = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0, min_requests=min_requests)
 
     def tick(now: float):
         driver.tick(now)
@@ -587,7 +588,7 @@ def test_a_rollout_whose_every_device_was_a_canary_ends_in_words(tmp_path):
     bundle = tmp_path / "bundle-1.1.0"
     bundle.mkdir()
     (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
-    rid = create_rollout(store, bundle, FLEET, canary_pct=100, window_s=10.0)
+    rid = create_rollout(store, bundle, FLEET, min_requests=1, canary_pct=100, window_s=10.0)
 
     def tick(now: float):
         driver.tick(now)
@@ -641,7 +642,69 @@ def test_an_older_rollouts_table_is_brought_up_to_date(tmp_path):
     store = Store(tmp_path / "old.db")
     [r] = load_rollouts(store)
     assert r.phase == "done" and r.min_delta_ms == 1.0 and r.group is None
+    assert r.min_requests == 1  # the gate it was started with: no minimum
     store.close()
+
+
+def test_the_gate_decides_on_at_least_min_requests_per_canary(tmp_path):
+    """A canary that served 5 requests on the new version decided the gate on those 5 (one slow request's
+    tokens could pass or halt a fleet's rollout). By default the gate wants 10 per canary: with fewer after the
+    window it waits one more window, and with fewer after that it halts, saying how many and what to do."""
+    store, t0, tick = _gate(tmp_path, min_requests=10)
+    put(store, report("d0", t0 + 3, "1.1.0"))  # 5 requests
+    r = tick(t0 + 12)
+    assert r.phase == "canary_window", r.data["report"]
+    assert "fewer than 10 requests yet on the new version from {'d0': 5}; waiting one more window" \
+        in r.data["report"][-1]
+    r = tick(t0 + 22)
+    assert r.phase == "halting", r.data["report"]
+    assert "d0: 5 request(s) on the new version in 21 s, fewer than the 10 the gate decides on: send it traffic, " \
+        "give a longer --window or a lower --min-requests" in r.data["report"][-1]
+
+
+def test_a_canary_that_reaches_min_requests_in_the_second_window_is_compared(tmp_path):
+    store, t0, tick = _gate(tmp_path, min_requests=10)
+    put(store, report("d0", t0 + 3, "1.1.0", per_token_ms=30.0))
+    assert tick(t0 + 12).phase == "canary_window"
+    put(store, report("d0", t0 + 15, "1.1.0", per_token_ms=30.0))  # 10 in all: a 3x slower model is seen
+    r = tick(t0 + 22)
+    assert r.phase == "halting", r.data["report"]
+    assert "d0: p95 per-token latency 10.00 -> 30.00 ms (+200% > 20%)" in r.data["report"][-1]
+
+
+def test_a_baseline_with_too_few_requests_is_waited_for_then_not_compared(tmp_path):
+    """A canary that served 5 requests before the update (fewer than --min-requests 10): the rollout waits up
+    to two windows for more, then goes on, and the gate says its latency was not compared instead of comparing
+    against 5 requests."""
+    from fleet.store import Store
+
+    store, t0 = Store(tmp_path / "fleet.db"), float(int(time.time()))
+    store.upsert_state(FLEET, {"device": "d0", "online": True, "model": {"name": "m", "version": "1.0.0"}})
+    put(store, report("d0", t0 - 5, "1.0.0"))
+    bundle = tmp_path / "bundle-1.1.0"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
+    rid = create_rollout(store, bundle, FLEET, canary_pct=100, window_s=10.0)  # the default minimum: 10
+    driver = RolloutDriver(store, OfferRecorder())
+
+    def tick(now: float):
+        driver.tick(now)
+        return next(r for r in load_rollouts(store) if r.id == rid)
+    r = tick(t0)
+    assert r.phase == "canary" and r.data["report"][-1].endswith("waiting for baseline latency from ['d0'] "
+                                                                "(10 requests each)"), r.data["report"]
+    r = tick(t0 + 21)
+    assert r.phase == "canary_wait", r.data["report"]
+    assert "too few requests before the update to compare latency with ({'d0': 5}, fewer than 10)" \
+        in r.data["report"][-1]
+    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 22, "state": "reporting",
+                                       "result": "committed"})
+    assert tick(t0 + 22).phase == "canary_window"
+    for i in range(3):
+        put(store, report("d0", t0 + 24 + i, "1.1.0", per_token_ms=30.0))
+    r = tick(t0 + 33)
+    assert r.phase == "rest", r.data["report"]
+    assert "latency not compared for d0 (only 5 request(s) before the update)" in r.data["report"][-1]
 
 
 @pytest.mark.parametrize("late_report", [True, False])
@@ -655,7 +718,7 @@ def test_a_silent_canary_gets_one_more_window_then_fails_the_gate(tmp_path, late
         store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
         put(store, report(d, t0 - 5, "1.0.0"))
     driver = RolloutDriver(store, OfferRecorder())
-    rid = create_rollout(store, tmp_path / "bundle-1.1.0", FLEET, canary_pct=50, window_s=window)
+    rid = create_rollout(store, tmp_path / "bundle-1.1.0", FLEET, min_requests=1, canary_pct=50, window_s=window)
 
     def tick(now: float):
         driver.tick(now)
@@ -705,7 +768,7 @@ def test_a_halted_rollout_offers_each_canary_a_rollback_bound_to_the_version_it_
                           "replaces": replaces, "not_after": not_after})
             return update_id
 
-    rid = create_rollout(store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=10.0,
+    rid = create_rollout(store, signed_bundles["v2"], FLEET, min_requests=1, canary_pct=100, window_s=10.0,
                          previous_bundle=signed_bundles["v1"], key=signed_bundles["root"] / "keys" / "fleet.key")
     driver = RolloutDriver(store, Offers())
     driver.tick(t0)
@@ -725,7 +788,7 @@ def test_a_halted_rollout_offers_each_canary_a_rollback_bound_to_the_version_it_
     # a halt while a canary is still updating waits for its result: a rollback signed for the version it
     # serves now (1.0.0) would be refused once its update commits 1.1.0
     first = len(calls)
-    rid = create_rollout(store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=10.0,
+    rid = create_rollout(store, signed_bundles["v2"], FLEET, min_requests=1, canary_pct=100, window_s=10.0,
                          previous_bundle=signed_bundles["v1"], key=signed_bundles["root"] / "keys" / "fleet.key")
     driver.tick(t0 + 10)
     r = next(r for r in load_rollouts(store) if r.id == rid)
@@ -755,7 +818,7 @@ def test_a_halt_offers_no_rollback_to_a_canary_that_went_back_by_itself(controll
     for d in ("d0", "d1"):
         store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
         put(store, report(d, t0 - 5, "1.0.0"))
-    rid = create_rollout(store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=10.0,
+    rid = create_rollout(store, signed_bundles["v2"], FLEET, min_requests=1, canary_pct=100, window_s=10.0,
                          previous_bundle=signed_bundles["v1"], key=signed_bundles["root"] / "keys" / "fleet.key")
     driver = RolloutDriver(store, controller)
 
@@ -995,7 +1058,7 @@ def test_a_rollout_step_during_a_broker_outage_offers_once_when_it_is_back(mosqu
         t0 = time.time()
         ctl.store.upsert_state(FLEET, {"device": "d0", "online": True, "model": {"name": "m", "version": "1.0.0"}})
         ctl.store.add_telemetry(FLEET, report("d0", t0 - 5, "1.0.0"))
-        rid = create_rollout(ctl.store, signed_bundles["v2"], FLEET, canary_pct=100, window_s=10)
+        rid = create_rollout(ctl.store, signed_bundles["v2"], FLEET, min_requests=1, canary_pct=100, window_s=10)
         driver = RolloutDriver(ctl.store, ctl)
         mosquitto.stop()
         until(lambda: not ctl.client.is_connected())
@@ -1028,7 +1091,7 @@ def _driven_rollout(tmp_path, online: dict[str, bool]):
     bundle = tmp_path / "bundle-1.1.0"
     bundle.mkdir()
     (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
-    first = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
+    first = create_rollout(store, bundle, FLEET, min_requests=1, canary_pct=50, window_s=10.0)
 
     def tick(now: float, rid: int = first):
         driver.tick(now)
@@ -1073,7 +1136,7 @@ def test_a_canary_that_never_answers_halts_the_rollout_after_the_result_wait(tmp
         store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
         put(store, report(d, t0 - 5, "1.0.0"))
     driver = RolloutDriver(store, OfferRecorder())
-    rid = create_rollout(store, tmp_path / "bundle-1.1.0", FLEET, canary_pct=50, window_s=10.0)
+    rid = create_rollout(store, tmp_path / "bundle-1.1.0", FLEET, min_requests=1, canary_pct=50, window_s=10.0)
     driver.tick(t0)
     driver.tick(t0 + 600)
     assert next(r for r in load_rollouts(store) if r.id == rid).phase == "canary_wait"
@@ -1106,7 +1169,7 @@ def test_devices_removed_during_a_rollout_are_neither_offered_nor_waited_for(tmp
     # every canary removed: the rollout halts at once, and no rollback goes to a removed device
     for d in ("d0", "d2"):  # on the new version now
         store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.1.0"}})
-    second = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0)
+    second = create_rollout(store, bundle, FLEET, min_requests=1, canary_pct=50, window_s=10.0)
     store.upsert_state(FLEET, {"device": "d4", "online": True, "model": {"name": "m", "version": "1.0.0"}})
     put(store, report("d4", t0 + 20, "1.0.0"))
     r = tick(t0 + 21, second)

@@ -384,7 +384,7 @@ def test_telemetry_without_percentiles_breaks_neither_status_nor_metrics_nor_a_r
     assert lat["ttft_p50_ms"] == pytest.approx(50.0)
     assert "mallory" in format_status(controller.store, FLEET) and "victim" in format_status(controller.store, FLEET)
     check_exposition(prometheus_metrics(controller.store, True))
-    rid = create_rollout(controller.store, tmp_path / "gone", FLEET, canary_pct=100, window_s=1.0)
+    rid = create_rollout(controller.store, tmp_path / "gone", FLEET, min_requests=1, canary_pct=100, window_s=1.0)
 
     class Offers:
         def offer(self, fleet, device, bundle, rollback_key=None):

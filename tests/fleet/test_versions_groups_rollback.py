@@ -317,7 +317,7 @@ def test_a_canary_step_cut_off_midway_offers_the_same_canaries_at_its_retry(cont
 
     fleet = [devices(f"c{i}") for i in range(6)]
     until(lambda: len([d for d in controller.store.devices(FLEET) if d["online"]]) == 6)
-    rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=50, window_s=1.0)
+    rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, min_requests=1, canary_pct=50, window_s=1.0)
     _reported(controller, fleet)  # the canaries' baseline latency
     driver = RolloutDriver(controller.store, _CutOff(controller, after=2))
     driver.tick()  # offers c0 and c1, then the broker "goes away"
@@ -339,7 +339,7 @@ def test_a_device_moved_out_of_the_group_is_not_offered_the_rest(controller, dev
     until(lambda: len(controller.store.devices(FLEET)) == 3)
     assert cli("group", "add", "ring1", "--fleet", FLEET, "g0", "g1", "g2", "--db", str(db)).returncode == 0
     out = cli("rollout", "--bundle", str(signed_bundles["v2"]), "--group", "ring1", "--canary", "30", "--window", "1",
-              "--db", str(db))
+              "--min-requests", "1", "--db", str(db))
     assert out.returncode == 0, out.stderr
     rid = load_rollouts(controller.store)[-1].id
     driver = RolloutDriver(controller.store, controller)
