@@ -48,8 +48,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from agent.errors import PayloadError
-from agent.topics import ReportedState, TelemetryReport, check_publish_topic, parse_payload, state_topic, \
-    telemetry_topic
+from agent.topics import ReportedState, TelemetryReport, broker_packet_limit, check_publish_topic, parse_payload, \
+    publish_packet_bytes, state_topic, telemetry_topic
 
 log = logging.getLogger("edgeglm.mqtt")
 
@@ -230,6 +230,7 @@ class SessionStats:
     last_payload_error: str | None = None
     dropped_reports: int = 0  # telemetry reports pushed out of the offline buffer, in all
     dropped_messages: int = 0  # other messages pushed out of the offline hold, in all
+    too_large: int = 0  # messages not sent: over the broker's maximum packet size
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,7 @@ class MqttSession:
         self._protocol_fixed = settings.protocol != "auto"
         self._client: paho.Client | None = None
         self._client_protocol: int | None = None
+        self._max_packet: int | None = None  # the broker's maximum packet size (its CONNACK), None: not said
         self._control: queue.Queue = queue.Queue()  # callbacks → supervisor
         self._lock = threading.Lock()  # subscriptions, offline buffers and the online flag
         self._online = threading.Event()
@@ -316,6 +318,8 @@ class MqttSession:
     # -- paho callbacks: thin, they only hand events on -------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        # the largest packet the broker takes (MQTT 5 CONNACK); set before any publish of this connection
+        self._max_packet = broker_packet_limit(properties)
         self._control.put(("connack", reason_code, flags.session_present))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -533,7 +537,19 @@ class MqttSession:
                  self.settings.port, self.protocol, session_present)
         self.events.put(Connected(self.protocol, session_present))
 
-    def _send(self, client: paho.Client, out: _Outgoing) -> paho.MQTTMessageInfo:
+    def _send(self, client: paho.Client, out: _Outgoing) -> paho.MQTTMessageInfo | None:
+        """Hand `out` to paho; None (logged, counted, not sent) when it is over the broker's maximum packet size:
+        the broker would close the connection over it, and paho would send it again after every reconnect."""
+        limit = self._max_packet
+        if limit is not None:
+            size = publish_packet_bytes(out.topic, out.payload, out.qos, mqtt5=self._client_protocol == paho.MQTTv5,
+                                        response_topic=out.response_topic, correlation_data=out.correlation_data)
+            if size > limit:
+                self.stats.too_large += 1
+                log.error("MQTT message to %s not sent: %d bytes, over the broker's maximum packet size of %d bytes "
+                          "(its max_packet_size), which would close the connection; raise that limit", out.topic,
+                          size, limit)
+                return None
         properties = None
         if self._client_protocol == paho.MQTTv5 and (out.response_topic or out.correlation_data):
             properties = Properties(PacketTypes.PUBLISH)
@@ -746,6 +762,8 @@ class MqttSession:
         """Publish the retained offline state and wait for its PUBACK; False if it did not come."""
         info = self._send(client, _Outgoing(self._state_topic, _encode(self._state(online=False)),
                                             self.settings.qos, True))
+        if info is None:  # over the broker's maximum packet size (logged): the Will says offline instead
+            return False
         try:
             info.wait_for_publish(timeout)
             if info.is_published():

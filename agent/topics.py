@@ -188,6 +188,32 @@ MAX_TOPIC_LEVELS = 200  # Mosquitto's limit on a topic's levels (TOPIC_HIERARCHY
 # connection, and paho sends a QoS 1 answer again after every reconnect: the device was cut off for good
 
 
+def _varint_bytes(n: int) -> int:
+    return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4
+
+
+def publish_packet_bytes(topic: str, payload: bytes | str | int, qos: int = 1, *, mqtt5: bool = True,
+                         response_topic: str | None = None, correlation_data: bytes | None = None) -> int:
+    """The size of the MQTT PUBLISH packet that carries `payload` to `topic`: what a broker compares with its
+    maximum packet size (Mosquitto's `max_packet_size`; an MQTT 5 broker announces it in its CONNACK). A broker
+    closes the connection of a client that sends a larger one, and the client's session would send the same
+    QoS 1 message again after every reconnect. `payload`: the payload, or its size in bytes."""
+    size = payload if isinstance(payload, int) else len(payload.encode() if isinstance(payload, str) else payload)
+    rest = 2 + len(topic.encode()) + (2 if qos else 0) + size
+    if mqtt5:
+        props = (3 + len(response_topic.encode()) if response_topic else 0) + \
+            (3 + len(correlation_data) if correlation_data else 0)
+        rest += _varint_bytes(props) + props
+    return 1 + _varint_bytes(rest) + rest
+
+
+def broker_packet_limit(properties) -> int | None:
+    """The maximum packet size an MQTT 5 broker announced in its CONNACK properties; None when it announced none
+    (no limit said; MQTT 3.1.1 has no way to say it)."""
+    limit = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def check_publish_topic(topic: str) -> str:
     """A topic a client may publish to: non-empty, no wildcards, at most 65535 bytes, no control characters
     or Unicode non-characters (a response topic with one, e.g. `reply_to` "a\\u0001b", got the device

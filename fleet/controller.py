@@ -28,6 +28,7 @@ retention once a minute. Measured with benchmarks/fleet_scale.py (docs/scaling.m
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -43,9 +44,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import PayloadError
-from agent.topics import (DesiredConfig, DeviceHealth, ReportedState, TelemetryReport, chunk_response_topic,
-                          controller_subscriptions, desired_topic, ota_offer_topic, split_topic)
+from agent.errors import AgentError, PayloadError
+from agent.topics import (DesiredConfig, DeviceHealth, ReportedState, TelemetryReport, broker_packet_limit,
+                          chunk_response_topic, controller_subscriptions, desired_topic, ota_offer_topic,
+                          publish_packet_bytes, split_topic)
 from agent.metrics import format_value
 from fleet.store import Store, telemetry_row
 from ota.bundle import open_bundle
@@ -201,6 +203,10 @@ class FleetController:
         self.client.reconnect_delay_set(1, 30)
         self._telemetry: queue.SimpleQueue = queue.SimpleQueue()
         self._refused: str | None = None  # the broker's reason when it refused the last connection
+        # the largest packet the broker takes (its CONNACK's Maximum Packet Size; None: it said none): a larger one
+        # gets the connection closed, and paho sends a QoS 1 message again after each reconnect, for good
+        self.max_packet: int | None = None
+        self._too_large_logged: OrderedDict[str, None] = OrderedDict()  # update ids whose chunks were over it
         # the latest DeviceHealth of each device not yet stored (a newer one replaces it): written by the writer
         self._health: dict[tuple[str, str], dict] = {}
         self._health_lock = threading.Lock()
@@ -342,6 +348,7 @@ class FleetController:
                 log.warning("the broker %s refused the connection: %s", where, reason_code)
             self._refused = str(reason_code)
             return
+        self.max_packet = broker_packet_limit(properties) if self.settings.protocol != "3.1.1" else None
         if self._lost_at is not None:
             log.info("connected to the broker %s again after %.0f s", where, time.monotonic() - self._lost_at)
             self._lost_at = None
@@ -484,7 +491,24 @@ class FleetController:
         correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
         if correlation and len(correlation) <= 256:
             props.CorrelationData = correlation
-        self.client.publish(topic, response.model_dump_json(), qos=1, properties=props)
+        payload = response.model_dump_json()
+        size = publish_packet_bytes(topic, payload, 1, correlation_data=props.CorrelationData if correlation and
+                                    len(correlation) <= 256 else None)
+        if self.max_packet is not None and size > self.max_packet:
+            # sent, the broker would close the connection, and paho would send it again after every reconnect:
+            # the controller cut off from every device. The device gets the reason instead, and reports it
+            why = (f"the answer to chunk {req.index} of {req.path} is {size} bytes, over the broker's maximum packet "
+                   f"size of {self.max_packet} bytes (its max_packet_size): raise that limit, or export the bundle "
+                   f"with smaller chunks ({chunk_kib_hint(self.max_packet)})")
+            if req.update_id not in self._too_large_logged:
+                self._too_large_logged[req.update_id] = None
+                while len(self._too_large_logged) > OFFERED_KEPT:
+                    self._too_large_logged.popitem(last=False)
+                log.error("update %s to %s/%s cannot be served: %s", req.update_id, fleet, device, why)
+            self.store.count("chunk_answers_too_large")
+            payload = ChunkResponse(id=req.id, update_id=req.update_id, path=req.path, index=req.index,
+                                    error=why).model_dump_json()
+        self.client.publish(topic, payload, qos=1, properties=props)
 
     # --- commands ---------------------------------------------------------------------------
     def _require_connected(self, what: str) -> None:
@@ -496,7 +520,14 @@ class FleetController:
 
     def _publish_retained(self, topic: str, payload, what: str) -> None:
         """Publish at QoS 1, retained, and wait for the broker's acknowledgement: ConnectionError if it does
-        not come (the broker went away) within PUBLISH_TIMEOUT_S, naming `what` was not confirmed."""
+        not come (the broker went away) within PUBLISH_TIMEOUT_S, naming `what` was not confirmed;
+        PacketTooLarge, before publishing, if it is over the broker's maximum packet size."""
+        size = publish_packet_bytes(topic, payload, 1)
+        if self.max_packet is not None and size > self.max_packet:
+            raise PacketTooLarge(f"{what} is {size} bytes, over the maximum packet size of the broker "
+                                 f"{self.settings.broker_host}:{self.settings.broker_port} ({self.max_packet} bytes, "
+                                 f"its max_packet_size), which would close the connection over it: raise that limit; "
+                                 f"nothing was published")
         try:
             info = self.client.publish(topic, payload, qos=1, retain=True)
             info.wait_for_publish(PUBLISH_TIMEOUT_S)
@@ -522,6 +553,7 @@ class FleetController:
             terms = RollbackTerms(format=ROLLBACK_FORMAT, fleet=fleet, device=device, replaces=replaces,
                                   not_after=int(not_after))
         update_id = update_id or f"{bundle.manifest.name}-{bundle.manifest.version}-{int(time.time() * 1000)}"
+        self._check_chunk_answers(bundle, Path(bundle_dir), update_id, fleet, device)
         self.store.add_offer(update_id, Path(bundle_dir).resolve(), bundle.manifest.version, fleet, device)
         offer = make_offer(bundle, update_id, {"type": "mqtt"}, rollback_key=rollback_key, rollback_terms=terms)
         # a plain offer leaves out the empty rollback_terms, so that an agent of an older version still parses it
@@ -530,6 +562,20 @@ class FleetController:
         log.info("offered %s %s to %s/%s (update %s%s)", bundle.manifest.name, bundle.manifest.version, fleet, device,
                  update_id, ", a rollback" if rollback_key is not None else "")
         return update_id
+
+    def _check_chunk_answers(self, bundle, bundle_dir: Path, update_id: str, fleet: str, device: str) -> None:
+        """PacketTooLarge when the largest chunk answer of `bundle` would be over the broker's maximum packet size:
+        the device could never download it (the chunk server answers each chunk with an error instead)."""
+        if self.max_packet is None:
+            return
+        size = largest_chunk_answer(bundle.manifest, update_id, chunk_response_topic(fleet, device))
+        if size > self.max_packet:
+            raise PacketTooLarge(
+                f"bundle {bundle_dir}: its chunk answers ({bundle.manifest.chunk_size // 1024} KiB chunks) are up to "
+                f"{size} bytes, over the maximum packet size of the broker {self.settings.broker_host}:"
+                f"{self.settings.broker_port} ({self.max_packet} bytes, its max_packet_size): no device could "
+                f"download it; raise that limit, or export the bundle with smaller chunks "
+                f"({chunk_kib_hint(self.max_packet)}); nothing was offered")
 
     def set_desired(self, fleet: str, device: str, settings: dict, version: int | None = None,
                     replace: bool = False) -> tuple[int, dict]:
@@ -557,6 +603,30 @@ class FleetController:
         self._require_connected("nothing was cleared")
         for topic in (desired_topic(fleet, device), ota_offer_topic(fleet, device)):
             self._publish_retained(topic, b"", f"the clearing of {topic}")
+
+
+class PacketTooLarge(AgentError):
+    """A message would be over the broker's maximum packet size: nothing was published."""
+
+
+# what a chunk answer carries besides the chunk's base64: ids, path and JSON (a request id is at most 128
+# characters, a path 512), plus the correlation data of an MQTT 5 request (at most 256 bytes are copied)
+CHUNK_ANSWER_OVERHEAD = 1200
+
+
+def largest_chunk_answer(manifest, update_id: str, topic: str) -> int:
+    """The size of the largest chunk answer packet the chunk server sends for `manifest` on `topic`."""
+    path = max((f.path for f in manifest.files), key=lambda p: len(json.dumps(p)), default="")
+    blank = ChunkResponse(id="x" * 128, update_id=update_id, path=path, index=10**9, data_b64="").model_dump_json()
+    encoded = 4 * -(-manifest.chunk_size // 3)
+    return publish_packet_bytes(topic, len(blank) + encoded, 1, correlation_data=b"x" * 256)
+
+
+def chunk_kib_hint(max_packet: int) -> str:
+    """What to export with so that chunk answers fit a broker's `max_packet` bytes."""
+    kib = min(MAX_CHUNK_SIZE, (max_packet - CHUNK_ANSWER_OVERHEAD) * 3 // 4) // 1024
+    return (f"`edgeglm export --chunk-kib {kib}` or less" if kib >= 4 else
+            f"even 4 KiB chunks do not fit {max_packet} bytes: the broker's limit must be raised")
 
 
 def bundle_bytes(bundle) -> int:
@@ -792,6 +862,10 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
               "# HELP edgeglm_fleet_chunk_requests_limited_total Chunk requests dropped by the per-device rate limit.",
               "# TYPE edgeglm_fleet_chunk_requests_limited_total counter",
               f"edgeglm_fleet_chunk_requests_limited_total {store.counter('chunk_requests_limited')}",
+              "# HELP edgeglm_fleet_chunk_answers_too_large_total Chunk requests answered with an error: the chunk "
+              "was over the broker's maximum packet size.",
+              "# TYPE edgeglm_fleet_chunk_answers_too_large_total counter",
+              f"edgeglm_fleet_chunk_answers_too_large_total {store.counter('chunk_answers_too_large')}",
               "# HELP edgeglm_fleet_rollouts Rollouts by phase.", "# TYPE edgeglm_fleet_rollouts gauge"]
     phases: dict[str, int] = {}
     for r in load_rollouts(store):

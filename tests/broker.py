@@ -5,6 +5,7 @@
     broker.restart()                   # graceful stop (the database is saved), start on the same port
     broker.stop()
     Mosquitto(tmp_path, users={"box-1": "s3cret"}, tls=make_test_certs(tmp_path / "pki"))  # auth, TLS
+    Mosquitto(tmp_path, options=("max_packet_size 100000",))   # more mosquitto.conf lines
 
 Persistence lives in the work dir, so a restart keeps persistent sessions, their queued QoS 1
 messages and retained messages, as a production broker with `persistence true` does.
@@ -120,7 +121,7 @@ class Mosquitto:
     host = "127.0.0.1"
 
     def __init__(self, workdir: Path, binary: str | None = None, *, users: dict[str, str] | None = None,
-                 tls: BrokerCerts | None = None):
+                 tls: BrokerCerts | None = None, options: tuple[str, ...] = ()):
         self.binary = binary or find_mosquitto()
         if self.binary is None:
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
@@ -131,6 +132,7 @@ class Mosquitto:
         self.log = self.workdir / "mosquitto.log"
         self.users = users
         self.tls = tls
+        self.options = options  # more mosquitto.conf lines, e.g. "max_packet_size 100000"
         self._proc: subprocess.Popen | None = None
 
     def _write_conf(self) -> None:
@@ -152,6 +154,7 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
             "log_type information",
+            *self.options,
         ]
         if os.geteuid() == 0:  # as root mosquitto drops to user "mosquitto", who cannot write the tmp dir
             lines.append("user root")

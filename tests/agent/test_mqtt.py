@@ -619,3 +619,31 @@ def test_idle_reports_of_an_outage_share_one_place_in_the_buffer(mosquitto):
     assert [(r.count, r.model_version) for r in kept] == [(5, "1.0.0"), (7, "1.0.0"), (0, "1.1.0")]
     assert session.stats.dropped_reports == 1
     assert kept[2].window_end - kept[2].window_start == 3 * 30 and kept[2].window_start == kept[1].window_end
+
+
+def test_a_message_over_the_brokers_packet_limit_is_not_sent_and_the_session_stays_up(tmp_path):
+    """A broker closes the connection of a client that sends a packet over its max_packet_size, and paho sends the
+    QoS 1 message again after every reconnect: the device was off the broker for good. The session reads the
+    limit from the broker's CONNACK and does not send such a message (logged, counted); the next one goes out
+    on the same connection."""
+    from broker import Mosquitto, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found")
+    broker = Mosquitto(tmp_path / "small", options=("max_packet_size 4096",)).start()
+    try:
+        controller = Controller(broker)
+        controller.subscribe(telemetry_topic(FLEET, "box-1"))
+        session = make_session(broker).start()
+        assert session.wait_connected(WAIT)
+        assert session.publish(telemetry_topic(FLEET, "box-1"), b"x" * 5000) is None
+        assert session.stats.too_large == 1
+        session.publish(telemetry_topic(FLEET, "box-1"), b'{"small": 1}')
+        data, _ = controller.expect(telemetry_topic(FLEET, "box-1"))
+        assert data == {"small": 1}
+        assert session.stats.connects == 1 and session.connected
+        assert "box-1 disconnected" not in broker.log_text()
+        session.close()
+        controller.close()
+    finally:
+        broker.stop()

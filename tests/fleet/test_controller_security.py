@@ -37,7 +37,7 @@ from agent.topics import (ModelRef, ReportedState, TelemetryReport, chunk_reques
                           desired_topic, ota_status_topic, state_topic, telemetry_topic)
 from broker import Mosquitto, find_mosquitto, free_port
 from bundles import PLACEHOLDER_ARCHITECTURE
-from fleet.controller import (ControllerSettings, FleetController, format_status, offerable_bundle,
+from fleet.controller import (ControllerSettings, FleetController, PacketTooLarge, format_status, offerable_bundle,
                               prometheus_metrics, read_metrics_token, serve_http)
 from fleet.rollout import RolloutDriver, create_rollout, load_rollouts
 from fleet.store import Store, telemetry_row
@@ -577,3 +577,45 @@ def test_chunk_requests_are_rate_limited_per_device(broker, tmp_path):
         mallory.close()
         victim.close()
         ctl.stop()
+
+
+def test_a_broker_whose_packet_limit_is_below_the_chunk_answers_keeps_the_controller(tmp_path, key):
+    """A broker that takes packets of at most 100,000 bytes (a hosted one, a lowered max_packet_size) closed the
+    controller's connection over a 350 KB chunk answer, and paho sent the answer again after every reconnect:
+    the controller was off the broker for good (no state, telemetry or health of any device), and the device only
+    saw "no answer". The controller reads the limit from the broker's CONNACK: an offer whose chunk answers would
+    be over it is refused, naming the chunk size that fits, and a chunk asked for anyway gets an error answer."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found")
+    small = Mosquitto(tmp_path / "small", users=USERS, options=("max_packet_size 100000",)).start()
+    ctl = None
+    try:
+        ctl = start_controller(small, tmp_path / "fleet.db")
+        assert ctl.max_packet == 100000
+        bundle = make_bundle(tmp_path / "b", key, big_bytes=1 << 20)  # 256 KiB chunks: answers of ~350 KB
+        with pytest.raises(PacketTooLarge, match=r"its chunk answers \(256 KiB chunks\) are up to \d+ bytes, over "
+                                                 r"the maximum packet size .*\(100000 bytes, its max_packet_size\).*"
+                                                 r"--chunk-kib 72` or less.*nothing was offered"):
+            ctl.offer(FLEET, "mallory", bundle)
+        assert ctl.store._exec("SELECT COUNT(*) FROM offers").fetchone()[0] == 0
+        # offered while the broker took larger packets: its chunks are asked for now
+        ctl.store.add_offer("u-big", bundle, "1.1.0", FLEET, "mallory")
+        mallory = Client(small, "mallory", (chunk_response_topic(FLEET, "mallory"),))
+        mallory.publish(chunk_request_topic(FLEET, "mallory"), chunk_request("u-big", "model.onnx", 0, 256 << 10))
+        answer = ChunkResponse.model_validate_json(mallory.next(chunk_response_topic(FLEET, "mallory")).payload)
+        assert answer.data_b64 is None and "over the broker's maximum packet size of 100000 bytes" in answer.error
+        assert "--chunk-kib 72` or less" in answer.error
+        # chunks that fit are offered and served on the same connection
+        fits = make_bundle(tmp_path / "c", key, big_bytes=1 << 20, chunk_size=64 << 10)
+        update_id = ctl.offer(FLEET, "mallory", fits)
+        mallory.publish(chunk_request_topic(FLEET, "mallory"), chunk_request(update_id, "model.onnx", 0, 64 << 10))
+        served = ChunkResponse.model_validate_json(mallory.next(chunk_response_topic(FLEET, "mallory")).payload)
+        assert served.error is None and len(base64.b64decode(served.data_b64)) == 64 << 10
+        assert ctl.health() == (True, "ok")
+        assert f"Client {CONTROLLER} disconnected" not in small.log_text()
+        assert ctl.store.counter("chunk_answers_too_large") == 1
+        mallory.close()
+    finally:
+        if ctl is not None:
+            ctl.stop()
+        small.stop()
