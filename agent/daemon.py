@@ -85,12 +85,16 @@ class _AgentApiServer(ApiServer):
     endpoints' 503 say why."""
 
     model_problem: str | None = None
+    no_model_installed = False  # no bundle in the slots: a box waiting for its first OTA update
 
-    def readiness(self) -> tuple[bool, str]:
+    def readiness(self, no_model_ok: bool = False) -> tuple[bool, str]:
         ready, reason = super().readiness()
         problem = self.model_problem
         if not ready and problem and self.current_model() is None and not self._stopping.is_set():
             reason = f"{reason}: {problem}"
+        elif not ready and no_model_ok and self.no_model_installed and self.current_model() is None \
+                and not self._stopping.is_set():
+            return True, "no model installed yet: waiting for the first OTA update"
         return ready, reason
 
     def mqtt_request(self):
@@ -172,6 +176,7 @@ class Agent:
                 raise ServeError(f"{path}: golden check failed on {model.backend}: {golden.describe()}")
             self.model = model
             self.http.set_model(model, golden)
+            self.http.no_model_installed = False
             self._serving_since = time.monotonic()  # (the probation of a committed model counts from here)
         # telemetry: what was served until now is reported under the model that served it, not this one
         self.window.switch(serving_label(self.model))
@@ -283,6 +288,7 @@ class Agent:
                 # while an update is in progress the other slot is its target: never served in its place
                 self._activate_active_slot(fallback=not resuming)
         elif path is None:
+            self.http.no_model_installed = True
             log.warning("no model yet: waiting for an OTA update (HTTP answers 503 until then)")
         if self.updater is not None:  # the fleet's layer applied before the restart, before the broker's copy
             self._restore_desired()

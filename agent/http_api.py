@@ -4,6 +4,7 @@
     GET  /v1/models[/ID]                         the loaded model, as `name-version`
     GET  /healthz                                the process answers
     GET  /readyz                                 200 once a verified model passed its golden check
+                                                 (?no_model_ok=1: also while no model is installed yet)
     GET  /metrics                                Prometheus text (agent.metrics.ServingMetrics)
 
 No web framework: the edge install stays lean. One engine, owned by a continuous-batching
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from agent import DEVICE_HELP, __version__
 from agent.config import BatchingSettings, CacheSettings, HttpSettings, SamplingSettings
@@ -231,7 +232,9 @@ class ApiServer:
         self.metrics.in_flight.set(stats.active)
         self.metrics.queued.set(stats.queued)
 
-    def readiness(self) -> tuple[bool, str]:
+    def readiness(self, no_model_ok: bool = False) -> tuple[bool, str]:
+        """(ready, reason). `no_model_ok` (`/readyz?no_model_ok=1`): a box with no model installed at all, waiting
+        for its first update, counts as ready (the agent's server knows; this one never has such a box)."""
         with self._state:
             model, golden = self._model, self._golden
         if self._stopping.is_set():
@@ -734,7 +737,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"status": "ok"})
 
     def _readyz(self, api: ApiServer, path: str) -> None:
-        ready, reason = api.readiness()
+        # ?no_model_ok=1: what a K3s readiness probe asks, so that an agent image upgrade does not stall on boxes
+        # still waiting for their first model (a DaemonSet's rolling update counts an unready new pod as
+        # unavailable); an installed model that does not serve still fails it
+        query = parse_qs(urlsplit(self.path).query)
+        no_model_ok = query.get("no_model_ok", [""])[-1].lower() in ("1", "true", "yes")
+        ready, reason = api.readiness(no_model_ok=no_model_ok)
         self._send_json(200 if ready else 503, {"status": "ready" if ready else "not ready", "reason": reason})
 
     def _metrics(self, api: ApiServer, path: str) -> None:

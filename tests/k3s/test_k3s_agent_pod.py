@@ -3,10 +3,12 @@ start script that hands the device's MQTT password to the agent."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -68,10 +70,66 @@ def test_liveness_probe_passes_while_the_api_answers(agent_without_a_model):
     assert result.returncode == 0, result.stderr
 
 
-def test_readiness_probe_fails_until_a_model_serves(agent_without_a_model):
+def test_readiness_probe_passes_on_a_box_waiting_for_its_first_model(agent_without_a_model):
+    """A DaemonSet rolling update counts an unready new pod as unavailable: with readiness on plain /readyz,
+    boxes still waiting for their first model stalled every agent upgrade at maxUnavailable. The probe passes
+    while no model is installed at all; plain /readyz still says no model serves."""
     result = _probe("readinessProbe", agent_without_a_model)
-    assert result.returncode == 1
-    assert result.stderr.strip() == "/readyz: HTTP Error 503: Service Unavailable", "one line for the pod's events"
+    assert result.returncode == 0, result.stderr
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{agent_without_a_model}/readyz", timeout=5)
+        raise AssertionError("/readyz answered 200 with no model")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503
+
+
+def test_readiness_probe_fails_when_the_installed_model_does_not_serve(tmp_path):
+    """A box whose installed model is refused (here: damaged) is not ready, so an agent image that cannot serve
+    the fleet's models stops its own rollout; the failure is one line for the pod's events."""
+    state = tmp_path / "state"
+    (state / "slots" / "a").mkdir(parents=True)
+    (state / "slots" / "a" / "manifest.json").write_text("{not json")
+    os.symlink("slots/a", state / "current")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("EDGEGLM_")}
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--port", str(port), "--state-dir", str(state)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:  # the refusal is decided before the API answers /readyz with its reason
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                raise AssertionError("/readyz answered 200 with a damaged model")
+            except urllib.error.HTTPError as exc:
+                if "the model in slot a cannot be served" in json.loads(exc.read())["reason"]:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the agent did not refuse its damaged model: {proc.communicate()[1]}")
+            time.sleep(0.05)
+        result = _probe("readinessProbe", port)
+        assert result.returncode == 1
+        assert result.stderr.strip() == "/readyz: HTTP Error 503: Service Unavailable", "one line for the pod's events"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_the_agent_pod_gives_the_runtimes_no_home_and_turns_their_telemetry_off():
+    """With a writable $HOME (the pod's /tmp) ONNX Runtime and OpenVINO keep telemetry ids there, and
+    `import openvino` looks up a usage-statistics host; the NetworkPolicy lets DNS out."""
+    env = {e["name"]: e.get("value") for e in _agent_container()["env"]}
+    assert env["HOME"] == "/nonexistent" and env["ORT_DISABLE_TELEMETRY"] == "1"
+    assert env["EDGEGLM_CACHE_DIR"].startswith("/tmp/")  # the pod's emptyDir: `kubectl exec ... edgeglm probe`
+    image = (Path(__file__).resolve().parents[2] / "k3s" / "images" / "agent.Containerfile").read_text()
+    assert "HOME=/nonexistent" in image and "ORT_DISABLE_TELEMETRY=1" in image
 
 
 def test_probes_fail_when_nothing_listens():

@@ -158,7 +158,7 @@ def test_agent_probes_ask_the_configured_api(probe):
     resources = rendered("base")
     agent = _container(find(resources, "DaemonSet", "edgeglm-agent"), "agent")
     http = _toml(resources, "edgeglm-agent-config", "agent.toml")["http"]
-    path = {"livenessProbe": "/healthz", "readinessProbe": "/readyz"}[probe]
+    path = {"livenessProbe": "/healthz", "readinessProbe": "/readyz?no_model_ok=1"}[probe]
     command = agent[probe]["exec"]["command"]
     assert command[:2] == ["python", "-c"]
     assert f"http://{http['host']}:{http['port']}{path}" in command[2]
