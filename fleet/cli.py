@@ -83,7 +83,8 @@ def _settings(args):
         # its own, not the serving controller's (k3s/base/core/controller.yaml, fleet-cli.toml)
         client_id=_serve_client_id(m, cfg.fleet.id) if serving else f"{m.client_id}-cli-{os.getpid()}", listen=serving,
         username=m.username, password=mqtt_password(m),  # a ConfigError if [mqtt] password_file cannot be read
-        ca_file=m.tls.ca_file if m.tls else None, protocol=m.protocol, retention_s=cfg.database.retention_s)
+        ca_file=m.tls.ca_file if m.tls else None, protocol=m.protocol, retention_s=cfg.database.retention_s,
+        silent_after_s=cfg.fleet.silent_after_s)
     return cfg, settings
 
 
@@ -250,6 +251,16 @@ def _rollback_key(args, signs: str) -> Path:
     return key
 
 
+def _store(args, db: Path):
+    """The fleet database at `db`, read with the fleet config's `[fleet] silent_after_s`."""
+    from fleet.config import load_fleet_config
+    from fleet.store import Store
+
+    store = Store(db)
+    store.silent_after_s = load_fleet_config(args.config).fleet.silent_after_s
+    return store
+
+
 def _existing_db(args) -> Path:
     db = _db(args)
     if not db.is_file():
@@ -261,12 +272,11 @@ def cmd_status(args) -> int:
     import math
 
     from fleet.controller import format_status
-    from fleet.store import Store
 
     if not (math.isfinite(args.since) and args.since > 0):
         raise FleetError(f"--since {args.since:g}: must be a positive number of seconds (the telemetry window "
                          f"of the latency columns, default 3600)")
-    store = Store(_existing_db(args))
+    store = _store(args, _existing_db(args))
     if args.json:
         import time
 
@@ -288,13 +298,12 @@ def cmd_status(args) -> int:
 
 def cmd_offer(args) -> int:
     from fleet.controller import offerable_bundle
-    from fleet.store import Store
 
     bundle = offerable_bundle(args.bundle)  # before anything is published
     _, settings = _settings(args)
     db, device = settings.db, f"{args.fleet}/{args.device}"
     if Path(db).is_file():
-        store = Store(db)
+        store = _store(args, db)
         known = [d["device"] for d in store.devices(args.fleet)]
         store.close()
         problem = None if args.device in known else \
@@ -362,7 +371,6 @@ def _rollout_start(args) -> int:
     from fleet.controller import offerable_bundle
     from fleet.groups import one_fleet, select
     from fleet.rollout import create_rollout
-    from fleet.store import Store
 
     _check_number("--canary", args.canary, 0 < args.canary <= 100, "in (0, 100]: percent of the online devices")
     _check_number("--window", args.window, args.window > 0, "> 0 seconds of canary telemetry")
@@ -391,7 +399,7 @@ def _rollout_start(args) -> int:
                              f"--bundle {args.bundle} ({bundle.manifest.version}): the canaries' rollback only goes "
                              f"back; give the version they run now; nothing was recorded")
     db = _existing_db(args)
-    store = Store(db)
+    store = _store(args, db)
     selection = select(store, args.group)  # an assigned group, or a fleet id with known devices
     fleet, group = (one_fleet(selection), args.group) if selection.assigned else (args.group, None)
     rid = create_rollout(store, Path(args.bundle), fleet, args.canary, args.max_p95_regression,
@@ -414,7 +422,6 @@ def _rollout_start(args) -> int:
 
 def _rollout_cancel(args) -> int:
     from fleet.rollout import cancel_rollout
-    from fleet.store import Store
 
     if args.rollout_id is None:
         raise FleetError("rollout cancel needs the rollout's ID (`edgeglm fleet status` lists them)")
@@ -422,7 +429,7 @@ def _rollout_cancel(args) -> int:
                                   ("--previous-bundle", args.previous_bundle), ("--key", args.key)) if v is not None]
     if given:
         raise FleetError(f"rollout cancel {args.rollout_id}: {', '.join(given)} not used by cancel; nothing was done")
-    store = Store(_existing_db(args))
+    store = _store(args, _existing_db(args))
     r, was = cancel_rollout(store, args.rollout_id)
     offers = r.data.get("offers", {})
     results = {d: (store.last_result(r.fleet, d, u) or {}).get("result") for d, u in offers.items()}
@@ -487,10 +494,9 @@ NEWER_SETTINGS = {"telemetry.health_interval_s": "has sent a health snapshot"}
 
 def _warn_older_agents(args, targets: list[tuple[str, str]], published: list[dict]) -> None:
     from agent.remote_config import named_keys
-    from fleet.store import Store
 
     db = _settings(args)[1].db
-    store = Store(db) if Path(db).is_file() else None
+    store = _store(args, db) if Path(db).is_file() else None
     try:
         health = store.health() if store else {}
     finally:
@@ -516,12 +522,11 @@ def _config_targets(args) -> list[tuple[str, str]]:
         raise FleetError("give --group G, or --fleet F --device D, not both")
     if args.group:
         from fleet.groups import select
-        from fleet.store import Store
 
         db = _db(args)
         if not db.is_file():
             raise FleetError(f"{db}: no fleet database, so no groups; is `edgeglm fleet serve --db {db}` running?")
-        members = select(Store(db), args.group).members
+        members = select(_store(args, db), args.group).members
         for fleet, device in members:  # a group made before ids were checked
             _check_ids(fleet, [device])
         return members
@@ -533,9 +538,7 @@ def _config_targets(args) -> list[tuple[str, str]]:
     db = _db(args)
     known = []
     if db.is_file():
-        from fleet.store import Store
-
-        store = Store(db)
+        store = _store(args, db)
         known = [d["device"] for d in store.devices(args.fleet)]
         store.close()
     if not args.force and not db.is_file():  # as `fleet offer`: a mistyped --db is no reason to publish blind
@@ -553,14 +556,13 @@ def cmd_rollback(args) -> int:
     from fleet.config import load_fleet_config
     from fleet.groups import known_bundles, rollback_target, select
     from fleet.rollout import ROLLBACK_VALID_MAX_S, offer_rollback
-    from fleet.store import Store
     from ota.versions import VersionError, parse_version
 
     _check_number("--valid-for", args.valid_for, 0 < args.valid_for <= ROLLBACK_VALID_MAX_S,
                   f"in (0, {ROLLBACK_VALID_MAX_S:.0f}] seconds: how long the devices accept the rollback",
                   nothing="offered")
     key = _rollback_key(args, "rollback offers")
-    store = Store(_existing_db(args))
+    store = _store(args, _existing_db(args))
     selection = select(store, args.group)
     devices = {(d["fleet"], d["device"]): d for d in store.devices()}
     running = {devices[m]["model_version"] for m in selection.members if m in devices}
@@ -611,13 +613,12 @@ def cmd_rollback(args) -> int:
 
 def cmd_group(args) -> int:
     from fleet.groups import check_group_name
-    from fleet.store import Store
 
     db = _db(args)
     if not db.is_file():  # a mistyped --db made a new empty database that `serve` never reads
         raise FleetError(f"{db}: no fleet database (`edgeglm fleet serve --db {db}` makes it); check --db; nothing was "
                          f"{'changed' if args.group_command != 'list' else 'listed'}")
-    store = Store(db)
+    store = _store(args, db)
     if args.group_command == "list":
         groups = store.groups()
         for name, members in groups.items():
@@ -686,10 +687,9 @@ def _warn_active_rollout(store, group: str, fleet: str, devices: list[str], adde
 def cmd_device(args) -> int:
     """`fleet device remove --fleet F DEVICE...`: out of the registry and off the broker."""
     from fleet.rollout import load_rollouts
-    from fleet.store import Store
 
     _check_ids(args.fleet, args.devices)
-    store = Store(_existing_db(args))
+    store = _store(args, _existing_db(args))
     known = {d["device"]: d for d in store.devices(args.fleet)}
     unknown = [d for d in args.devices if d not in known]
     if unknown and not args.force:

@@ -27,6 +27,11 @@ class _Section(BaseModel):
 
 class FleetSection(_Section):
     id: str = Field("+", description="the fleet served; '+' serves every fleet on the broker")
+    silent_after_s: float = Field(
+        900.0, gt=0, le=30 * 86400,
+        description="a device whose last state said online but that sent nothing (state, telemetry, health) for "
+                    "this long counts as offline in status, /metrics and rollouts (a box that died while the broker "
+                    "was away leaves no Will); keep it above a few of the agents' telemetry.interval_s")
 
 
 class HttpSection(_Section):

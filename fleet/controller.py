@@ -49,7 +49,7 @@ from agent.topics import (DesiredConfig, DeviceHealth, ReportedState, TelemetryR
                           chunk_response_topic, controller_subscriptions, desired_topic, ota_offer_topic,
                           publish_packet_bytes, split_topic)
 from agent.metrics import format_value
-from fleet.store import Store, telemetry_row
+from fleet.store import SILENT_AFTER_S, Store, telemetry_row
 from ota.bundle import open_bundle
 from ota.errors import BundleError
 from ota.offers import make_offer
@@ -171,6 +171,7 @@ class ControllerSettings:
     chunk_requests_per_s: float = 400.0
     chunk_burst: int = 400
     retention_s: float = 7 * 86400.0  # telemetry kept ([database] retention_s)
+    silent_after_s: float = SILENT_AFTER_S  # a device heard nothing from this long counts offline ([fleet])
     # False: publish only (the CLI's offer / config set / rollback): no subscriptions, so a short command
     # neither stores every device's retained status again nor answers chunk requests meant for `fleet serve`
     listen: bool = True
@@ -180,6 +181,7 @@ class FleetController:
     def __init__(self, settings: ControllerSettings):
         self.settings = settings
         self.store = Store(settings.db, settings.retention_s)
+        self.store.silent_after_s = settings.silent_after_s
         self.chunks = ChunkSource()
         self.connected = threading.Event()
         protocol = paho.MQTTv311 if settings.protocol == "3.1.1" else paho.MQTTv5
@@ -677,7 +679,8 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
         lat = store.latency(d["fleet"], d["device"], now - since_s, d["model_version"])
         h = health.get((d["fleet"], d["device"]), {})
         h = h if d["online"] and health_current(h, now) else {}  # an offline box's or an old snapshot's: not now
-        rows.append((d["fleet"], d["device"], "yes" if d["online"] else "NO", f"{now - d['last_seen']:.0f}s",
+        rows.append((d["fleet"], d["device"], "yes" if d["online"] else "silent" if d.get("silent") else "NO",
+                     f"{now - d['last_seen']:.0f}s",
                      f"{d['model_name'] or '-'} {d['model_version'] or ''}".strip(), d["execution_path"] or "-",
                      _ms(lat.get("ttft_p50_ms")), _ms(lat.get("ttft_p95_ms")), _ms(lat.get("token_p50_ms")),
                      _ms(lat.get("token_p95_ms")), f"{lat['tokens_per_s']:.1f}" if lat.get("tokens_per_s") else "-",
@@ -688,6 +691,10 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
     text = _table(head, rows) + f"\n{len(rows)} device(s); rejected messages: {store.counter('rejected_messages')}"
     results = store.last_results(fleet)
     for d in store.devices(fleet):  # a refused desired config or a failed update is news, not a detail of --json
+        if d.get("silent"):
+            text += (f"\ndevice {d['fleet']}/{d['device']} is SILENT: its last state said online, but nothing came from "
+                     f"it for {now - d['last_seen']:.0f} s ([fleet] silent_after_s {store.silent_after_s:g}); counted "
+                     f"offline and never picked as a canary (a box that died while the broker was away leaves no Will)")
         if d["last_config_error"]:
             text += (f"\nconfig REFUSED by {d['fleet']}/{d['device']} (it keeps config version "
                      f"{d['applied_config_version'] if d['applied_config_version'] is not None else '-'}): "
@@ -933,5 +940,6 @@ def serve_http(controller: FleetController, host: str, port: int, metrics_token:
 
     server.set_metrics_token = set_metrics_token
     reader = Store(controller.settings.db)  # its own connection: a scrape never waits for the writer
+    reader.silent_after_s = controller.settings.silent_after_s
     threading.Thread(target=server.serve_forever, name="fleet-http", daemon=True).start()
     return server

@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS telemetry (
 CREATE UNIQUE INDEX IF NOT EXISTS telemetry_once ON telemetry (fleet, device, window_end);
 CREATE TABLE IF NOT EXISTS ota_status (
     fleet TEXT NOT NULL, device TEXT NOT NULL, update_id TEXT, ts REAL NOT NULL, state TEXT, result TEXT,
-    reason TEXT, body TEXT NOT NULL);
+    reason TEXT, body TEXT NOT NULL, received REAL);
 CREATE TABLE IF NOT EXISTS offers (
     update_id TEXT PRIMARY KEY, bundle TEXT NOT NULL, version TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS offer_targets (
@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS desired (
     fleet TEXT NOT NULL, device TEXT NOT NULL, version INTEGER NOT NULL, settings TEXT NOT NULL,
     PRIMARY KEY (fleet, device));
 CREATE INDEX IF NOT EXISTS telemetry_by_stored ON telemetry (stored);
+CREATE INDEX IF NOT EXISTS telemetry_by_device_stored ON telemetry (fleet, device, stored);
 CREATE TABLE IF NOT EXISTS removed (
     fleet TEXT NOT NULL, device TEXT NOT NULL, removed REAL NOT NULL, state TEXT, PRIMARY KEY (fleet, device));
 CREATE INDEX IF NOT EXISTS ota_status_by_device ON ota_status (fleet, device, update_id, ts);
@@ -75,6 +76,11 @@ CREATE TABLE IF NOT EXISTS health (
     PRIMARY KEY (fleet, device));
 """
 REMOVED_GRACE_S = 10.0  # telemetry of a removed device this long after its removal says its agent runs
+# a device whose last state said online but that sent nothing (state, telemetry, health) for this long counts as
+# offline: one that died while the broker was away never had its Will published, and stayed "online" for good
+# (picked as a canary, then waited for an hour). Agents report every telemetry.interval_s (default 30 s)
+SILENT_AFTER_S = 900.0
+PRUNE_BATCH = 5000  # telemetry rows the retention deletes per transaction (the store's lock is free between)
 
 TELEMETRY_COLUMNS = ("fleet", "device", "model_version", "window_end", "count", "ttft_p50", "ttft_p95", "token_p50",
                      "token_p95", "tokens_per_s", "errors", "stored")
@@ -112,6 +118,7 @@ class Store:
         self.path = Path(path)
         self.returned: list[tuple[str, str]] = []  # removed devices the last telemetry batch registered again
         self.retention_s = retention_s
+        self.silent_after_s = SILENT_AFTER_S  # ([fleet] silent_after_s)
         self.clock = clock  # the controller's clock: `stored` and `last_seen` (tests drive their own)
         self._lock = threading.Lock()
         db = None
@@ -133,6 +140,9 @@ class Store:
         removed = {row[1] for row in self.db.execute("PRAGMA table_info(removed)")}
         if removed and "state" not in removed:  # the state a device had when it was removed (see back_from_removal)
             self.db.execute("ALTER TABLE removed ADD COLUMN state TEXT")
+        ota = {row[1] for row in self.db.execute("PRAGMA table_info(ota_status)")}
+        if ota and "received" not in ota:  # when the controller got it (its clock): what the retention reads
+            self.db.execute("ALTER TABLE ota_status ADD COLUMN received REAL")
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(telemetry)")}
         if not columns:
             return  # a new database: SCHEMA makes everything
@@ -258,11 +268,22 @@ class Store:
         topic holds only the newest), and an offer with no device left goes unless it is the newest offer of
         its bundle (`fleet rollback --to` finds bundles there). The number of rows deleted."""
         cutoff = (self.clock() if now is None else now) - self.retention_s
-        n = self._exec("DELETE FROM telemetry WHERE stored < ?", (cutoff,)).rowcount
+        # in batches, each its own transaction under the lock: paho's network thread waits on the lock for every
+        # state and OTA status, and one DELETE of millions of rows (a retention lowered on a large database) held
+        # it for half a minute, every state of the fleet waiting behind it
+        n = 0
+        while True:
+            deleted = self._exec("DELETE FROM telemetry WHERE rowid IN (SELECT rowid FROM telemetry WHERE stored < ? "
+                                 "LIMIT ?)", (cutoff, PRUNE_BATCH)).rowcount
+            n += deleted
+            if deleted < PRUNE_BATCH:
+                break
         n += self._exec("DELETE FROM health WHERE received < ? AND NOT EXISTS (SELECT 1 FROM devices d WHERE "
                         "d.fleet = health.fleet AND d.device = health.device)", (cutoff,)).rowcount
-        n += self._exec("DELETE FROM ota_status WHERE ts < ? AND rowid NOT IN (SELECT MAX(rowid) FROM "
-                        "ota_status WHERE result IS NOT NULL GROUP BY fleet, device, update_id)",
+        # on the controller's clock (`received`; rows from before it: the device's `ts`): a box whose clock is
+        # years ahead kept its statuses for ever
+        n += self._exec("DELETE FROM ota_status WHERE COALESCE(received, ts) < ? AND rowid NOT IN (SELECT MAX(rowid) "
+                        "FROM ota_status WHERE result IS NOT NULL GROUP BY fleet, device, update_id)",
                         (cutoff,)).rowcount
         n += self._exec(
             "DELETE FROM offer_targets WHERE rowid IN (SELECT t.rowid FROM offer_targets t "
@@ -326,6 +347,8 @@ class Store:
                     "INSERT INTO health VALUES (?, ?, ?, ?) ON CONFLICT(fleet, device) DO UPDATE SET "
                     "received = excluded.received, body = excluded.body",
                     [(fleet, h["device"], received, json.dumps(h)) for fleet, h in snapshots])
+                self.db.executemany("UPDATE devices SET last_seen = ? WHERE fleet = ? AND device = ? AND "
+                                    "last_seen < ?", [(received, f, h["device"], received) for f, h in snapshots])
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -338,9 +361,10 @@ class Store:
         return {(f, d): {**json.loads(body), "received": received} for f, d, received, body in rows}
 
     def add_ota_status(self, fleet: str, device: str, status: dict) -> None:
-        self._exec("INSERT INTO ota_status VALUES (?,?,?,?,?,?,?,?)",
+        self._exec("INSERT INTO ota_status (fleet, device, update_id, ts, state, result, reason, body, received) "
+                   "VALUES (?,?,?,?,?,?,?,?,?)",
                    (fleet, device, status.get("update_id"), status.get("ts", time.time()), status.get("state"),
-                    status.get("result"), status.get("reason"), json.dumps(status)))
+                    status.get("result"), status.get("reason"), json.dumps(status), self.clock()))
 
     def add_offer(self, update_id: str, bundle: Path, version: str, fleet: str | None = None,
                   device: str | None = None) -> None:
@@ -385,7 +409,16 @@ class Store:
                           (fleet,) if fleet else ()).fetchall()
         keys = ("fleet", "device", "online", "last_seen", "model_name", "model_version", "execution_path",
                 "active_slot", "applied_config_version", "last_config_error")
-        return [dict(zip(keys, r)) for r in rows]
+        heard = self.clock() - self.silent_after_s
+        out = []
+        for r in rows:
+            d = dict(zip(keys, r))
+            # online by its last state, but nothing from it since: `silent`, and offline for everything that asks
+            d["silent"] = bool(d["online"]) and d["last_seen"] < heard
+            if d["silent"]:
+                d["online"] = 0
+            out.append(d)
+        return out
 
     def latency(self, fleet: str, device: str, since: float, model_version: str | None = None) -> dict:
         """Latency of one device from the reports stored since `since` (the controller's clock, whatever
@@ -447,8 +480,9 @@ class Store:
         where, args = (" WHERE fleet=?", (fleet,)) if fleet else ("", ())
         rows: dict[str | None, dict] = {}
         for version, names, n, online in self._exec(
-                "SELECT model_version, GROUP_CONCAT(DISTINCT model_name), COUNT(*), SUM(online) FROM devices"
-                + where + " GROUP BY model_version", args).fetchall():
+                "SELECT model_version, GROUP_CONCAT(DISTINCT model_name), COUNT(*), "
+                "SUM(online AND last_seen >= ?) FROM devices" + where + " GROUP BY model_version",
+                (self.clock() - self.silent_after_s,) + args).fetchall():
             rows[version] = {"model_version": version, "model_names": sorted((names or "").split(",")) if names
                              else [], "devices": n, "online": online or 0}
         sql = ("SELECT model_version, SUM(count), SUM(errors), "

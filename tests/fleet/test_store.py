@@ -144,6 +144,7 @@ def test_old_ota_statuses_are_pruned_but_each_devices_last_result_per_update_sta
     for ts, update, state, result in ((now - 500, "u1", "downloading", None), (now - 400, "u1", "reporting", "committed"),
                                       (now - 300, "u2", "downloading", None), (now - 200, "u2", "reporting", "failed"),
                                       (now - 10, "u3", "downloading", None)):
+        store.clock = lambda: ts  # noqa: B023 (called at once): received when the device sent it
         store.add_ota_status("plant7", "d1", {"update_id": update, "ts": ts, "state": state, "result": result})
     assert store.prune(now) == 2  # the two old in-between states
     assert [r[0] for r in store._exec("SELECT update_id FROM ota_status ORDER BY ts")] == ["u1", "u2", "u3"]
@@ -256,4 +257,103 @@ def test_a_devices_tokens_per_second_is_request_weighted_as_in_the_versions_tabl
     store.add_telemetry_many([telemetry_row(FLEET, {**report("d1", now - 20, count=1), "tokens_per_s": 100.0}),
                               telemetry_row(FLEET, {**report("d1", now - 10, count=9), "tokens_per_s": 10.0})])
     assert store.latency(FLEET, "d1", now - 60)["tokens_per_s"] == store.versions(FLEET)[0]["tokens_per_s"] == 19.0
+    store.close()
+
+
+def test_a_device_heard_nothing_from_for_silent_after_s_counts_offline(tmp_path):
+    """A box that died while the broker was away never had its Will published: its retained state said online
+    for good, `fleet status` and /metrics counted it online, and rollouts picked it as a canary (then waited an
+    hour for its result). Nothing from it (state, telemetry, health) for `silent_after_s`: offline, and said."""
+    from fleet.controller import format_status, prometheus_metrics
+
+    clock = [10_000.0]
+    store = Store(tmp_path / "fleet.db", clock=lambda: clock[0])
+    for d in ("alive", "dead", "healthy"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "agent_version": "0.1.0",
+                                   "model": {"name": "m", "version": "1.0.0"}})
+    clock[0] += 600
+    store.add_telemetry_many([telemetry_row(FLEET, report("alive", clock[0] - 1, count=0))])
+    store.put_health([(FLEET, {"device": "healthy", "ts": clock[0]})])  # a health snapshot is a sign of life too
+    clock[0] += 400  # "dead": 1000 s since its state, over the default 900
+    online = {d["device"]: (d["online"], d["silent"]) for d in store.devices(FLEET)}
+    assert online == {"alive": (1, False), "dead": (0, True), "healthy": (1, False)}
+    assert [(v["devices"], v["online"]) for v in store.versions(FLEET)] == [(3, 2)]
+    status = format_status(store, FLEET)
+    assert f"device {FLEET}/dead is SILENT: its last state said online, but nothing came from it for " in status
+    assert "[fleet] silent_after_s 900" in status
+    assert 'edgeglm_fleet_devices{online="true"} 2' in prometheus_metrics(store, True)
+    store.silent_after_s = 2000.0  # a fleet whose agents report less often
+    assert all(d["online"] for d in store.devices(FLEET))
+    store.close()
+
+
+def test_a_rollout_never_picks_a_silent_device_as_a_canary(tmp_path):
+    from fleet.rollout import RolloutDriver, create_rollout, load_rollouts
+
+    class Offers:
+        def __init__(self):
+            self.made = []
+
+        def offer(self, fleet, device, bundle, **kw):
+            self.made.append(device)
+            return f"u-{device}"
+
+    clock = [time.time() - 2000]
+    store = Store(tmp_path / "fleet.db", clock=lambda: clock[0])
+    for d in ("dead", "live"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
+    clock[0] = time.time()
+    store.upsert_state(FLEET, {"device": "live", "online": True, "model": {"name": "m", "version": "1.0.0"}})
+    bundle = tmp_path / "bundle-1.1.0"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
+    rid = create_rollout(store, bundle, FLEET, canary_pct=100, window_s=10.0, min_requests=1)
+    offers = Offers()
+    driver = RolloutDriver(store, offers)
+    driver.tick(clock[0])
+    driver.tick(clock[0] + 25)  # past the wait for a baseline neither has
+    r = next(r for r in load_rollouts(store) if r.id == rid)
+    assert r.data["canaries"] == ["live"] and offers.made == ["live"], r.data["report"]
+    store.close()
+
+
+def test_silent_after_s_comes_from_the_fleet_config(tmp_path):
+    from fleet.cli import _store
+
+    (tmp_path / "fleet.toml").write_text("[fleet]\nsilent_after_s = 3600\n")
+    args = build_parser().parse_args(["fleet", "status", "--config", str(tmp_path / "fleet.toml")])
+    assert _store(args, tmp_path / "fleet.db").silent_after_s == 3600.0
+    _, settings = _settings(build_parser().parse_args(["fleet", "serve", "--config", str(tmp_path / "fleet.toml")]))
+    assert FleetController(settings).store.silent_after_s == 3600.0
+
+
+def test_the_retention_deletes_in_batches_and_reads_ota_statuses_on_the_controllers_clock(tmp_path, monkeypatch):
+    """One DELETE of millions of rows held the store's lock (which paho's thread needs for every state) for half
+    a minute; and OTA statuses were pruned on the device's `ts`, so a box whose clock ran years ahead kept them
+    for ever."""
+    import fleet.store
+
+    monkeypatch.setattr(fleet.store, "PRUNE_BATCH", 3)
+    clock = [1000.0]
+    store = Store(tmp_path / "f.db", retention_s=100, clock=lambda: clock[0])
+    store.add_telemetry_many([telemetry_row(FLEET, report("d1", 900.0 + i)) for i in range(10)])
+    store.add_ota_status(FLEET, "d1", {"update_id": "u1", "ts": 1e12, "state": "downloading", "result": None})
+    store.add_ota_status(FLEET, "d1", {"update_id": "u1", "ts": 1e12 + 1, "state": "reporting",
+                                       "result": "committed"})
+    clock[0] = 1050.0
+    store.add_telemetry_many([telemetry_row(FLEET, report("d1", 1049.0))])
+    clock[0] = 1120.0
+    assert store.prune() == 11  # 10 telemetry rows in 4 batches, the in-between OTA status
+    assert rows(store) == 1
+    assert [r[0] for r in store._exec("SELECT state FROM ota_status")] == ["reporting"]  # the last result stays
+    store.close()
+
+
+def test_a_devices_latency_reads_an_index_on_its_stored_time(tmp_path):
+    """`fleet status` and every /metrics scrape sum each device's last hour: on the (fleet, device, window_end)
+    index SQLite read the device's whole retained history (1,000 devices x a day at 30 s: 1.1 s a scrape)."""
+    store = Store(tmp_path / "f.db")
+    plan = " ".join(str(r) for r in store._exec(
+        "EXPLAIN QUERY PLAN SELECT SUM(count) FROM telemetry WHERE fleet='f' AND device='d' AND stored>=5").fetchall())
+    assert "telemetry_by_device_stored" in plan, plan
     store.close()
