@@ -276,6 +276,7 @@ def cmd_status(args) -> int:
     if not (math.isfinite(args.since) and args.since > 0):
         raise FleetError(f"--since {args.since:g}: must be a positive number of seconds (the telemetry window "
                          f"of the latency columns, default 3600)")
+    _check_ids(args.fleet)  # a fleet id no device can have listed nothing and said nothing
     store = _store(args, _existing_db(args))
     if args.json:
         import time
@@ -345,6 +346,9 @@ def _warn_short_of_disk(db, targets: list[tuple[str, str]], bundle) -> None:
         store.close()
 
 
+WINDOW_MAX_S = 7 * 86400.0  # the longest `rollout --window`: a rollout waits up to four windows for results
+
+
 def _check_number(flag: str, value: float, ok: bool, allowed: str, nothing: str = "recorded") -> None:
     import math
 
@@ -373,7 +377,8 @@ def _rollout_start(args) -> int:
     from fleet.rollout import create_rollout
 
     _check_number("--canary", args.canary, 0 < args.canary <= 100, "in (0, 100]: percent of the online devices")
-    _check_number("--window", args.window, args.window > 0, "> 0 seconds of canary telemetry")
+    _check_number("--window", args.window, 0 < args.window <= WINDOW_MAX_S,
+                  f"> 0 and <= {WINDOW_MAX_S:g} seconds (7 days) of canary telemetry")
     _check_number("--max-p95-regression", args.max_p95_regression, args.max_p95_regression >= 0,
                   ">= 0 percent of p95 growth that halts the rollout")
     _check_number("--min-delta-ms", args.min_delta_ms, args.min_delta_ms >= 0, ">= 0 ms")
@@ -843,3 +848,9 @@ def register(sub) -> None:
                     "with their next state or telemetry report unless their agent is stopped)")
     dr.add_argument("devices", nargs="+", metavar="DEVICE")
     dr.set_defaults(func=cmd_device)
+
+
+if __name__ == "__main__":  # `python -m fleet.cli ARGS` is `edgeglm fleet ARGS` (it did nothing, exit 0)
+    from agent.cli import main
+
+    sys.exit(main(["fleet", *sys.argv[1:]]))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -219,6 +220,8 @@ class FleetController:
         # the OFFERED_KEPT most recent only (a rollout makes one update id per device; a removal is seen in time)
         self._offered: OrderedDict[tuple[str, str, str], tuple[Path, float]] = OrderedDict()
         self._offered_lock = threading.Lock()
+        # bundle directory -> (its files' sizes and mtimes, the checked bundle): `_offerable`
+        self._checked: OrderedDict[Path, tuple[tuple, object]] = OrderedDict()
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "FleetController":
@@ -546,7 +549,7 @@ class FleetController:
         """Offer a bundle to one device. With `rollback_key`, a rollback: the key signs a statement bound to
         this fleet and device, the version it `replaces` (the one the device serves now) and `not_after`
         (unix seconds), which the agent checks."""
-        bundle = offerable_bundle(bundle_dir)
+        bundle = self._offerable(bundle_dir)
         self._require_connected("nothing was offered")
         terms = None
         if rollback_key is not None:
@@ -564,6 +567,25 @@ class FleetController:
         log.info("offered %s %s to %s/%s (update %s%s)", bundle.manifest.name, bundle.manifest.version, fleet, device,
                  update_id, ", a rollback" if rollback_key is not None else "")
         return update_id
+
+    def _offerable(self, bundle_dir: Path):
+        """`offerable_bundle(bundle_dir)`, checked again only when a file in it changed (size, mtime): a rollout
+        offers one bundle to each device in turn, and hashing it whole for every offer took 0.1-0.2 s per device
+        for 90 MB (an hour of the serving loop for 2,000 devices and a 1.5 GB bundle). The agents verify every
+        byte against the signed manifest either way."""
+        root = Path(bundle_dir).resolve()
+        key = _files_key(root)
+        with self._offered_lock:
+            hit = self._checked.get(root)
+        if hit is not None and key and hit[0] == key:
+            return hit[1]
+        bundle = offerable_bundle(root)
+        with self._offered_lock:
+            self._checked[root] = (key, bundle)
+            self._checked.move_to_end(root)
+            while len(self._checked) > CHECKED_KEPT:
+                self._checked.popitem(last=False)
+        return bundle
 
     def _check_chunk_answers(self, bundle, bundle_dir: Path, update_id: str, fleet: str, device: str) -> None:
         """PacketTooLarge when the largest chunk answer of `bundle` would be over the broker's maximum packet size:
@@ -605,6 +627,23 @@ class FleetController:
         self._require_connected("nothing was cleared")
         for topic in (desired_topic(fleet, device), ota_offer_topic(fleet, device)):
             self._publish_retained(topic, b"", f"the clearing of {topic}")
+
+
+CHECKED_KEPT = 8  # bundles whose offer check a controller keeps (`_offerable`)
+
+
+def _files_key(root: Path) -> tuple:
+    """What changes when a file of the bundle at `root` is replaced, rewritten or added: (path, size, mtime) of
+    each, sorted; () when `root` cannot be read (the check then says why)."""
+    out = []
+    try:
+        for folder, _, names in os.walk(root):
+            for name in names:
+                st = os.stat(os.path.join(folder, name))
+                out.append((os.path.relpath(os.path.join(folder, name), root), st.st_size, st.st_mtime_ns))
+    except OSError:
+        return ()
+    return tuple(sorted(out))
 
 
 class PacketTooLarge(AgentError):

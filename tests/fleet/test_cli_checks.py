@@ -86,6 +86,8 @@ def test_rollout_checks_bundles_target_and_numbers_before_recording(db, signed_b
             "fleets: plant7, plant8")
     refused(cli(*start, "--bundle", v2, "--group", FLEET, "--window", "-1"), "--window -1: must be > 0")
     refused(cli(*start, "--bundle", v2, "--group", FLEET, "--window", "0"), "--window 0: must be > 0")
+    # a window of 1e308 s was recorded: the rollout never decided, and held its target until cancelled
+    refused(cli(*start, "--bundle", v2, "--group", FLEET, "--window", "1e308"), "<= 604800 seconds (7 days)")
     refused(cli(*start, "--bundle", v2, "--group", FLEET, "--max-p95-regression", "-10"),
             "--max-p95-regression -10: must be >= 0")
     refused(cli(*start, "--bundle", v2, "--group", FLEET, "--min-delta-ms", "-1"), "--min-delta-ms -1: must be >= 0")
@@ -928,3 +930,15 @@ def test_a_db_that_is_a_directory_is_said_so_by_every_command(tmp_path):
         out = cli(*args, "--db", str(tmp_path))
         assert out.returncode == 2 and f"fleet database {tmp_path} (--db or database.path) cannot be opened: it is " \
             f"a directory; give the database file, e.g. --db {tmp_path / 'fleet.db'}" in out.stderr, out.stderr
+
+
+def test_status_refuses_a_fleet_id_no_device_can_have(db):
+    """`fleet status --fleet bad/id` printed an empty table and exited 0."""
+    refused(cli("status", "--db", str(db), "--fleet", "bad/id"), "fleet id 'bad/id' cannot be an MQTT topic level")
+
+
+def test_python_m_fleet_cli_is_edgeglm_fleet(db):
+    """`python -m fleet.cli status` did nothing and exited 0 (the module had no main)."""
+    out = subprocess.run([sys.executable, "-m", "fleet.cli", "status", "--db", str(db)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "device(s)" in out.stdout, out.stderr
