@@ -55,12 +55,14 @@ log = logging.getLogger("edgeglm.mqtt")
 
 
 class _PahoLoopNoise(logging.Filter):
-    """Drops paho's "Client is not connected" error. Its network thread logs it when it runs once
-    more after a disconnect has closed the socket, i.e. at every normal close; connection losses
-    are reported by the session itself (`Disconnected` events, the agent's log)."""
+    """Drops paho's "Client is not connected" error (its network thread logs it when it runs once
+    more after a disconnect has closed the socket, i.e. at every normal close) and its "failed to receive on
+    socket" (a reset connection); connection losses are reported by the session itself (`Disconnected` events,
+    the agent's log)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
+        # and "failed to receive on socket": a connection reset, which the session reports as a lost connection
+        return not str(record.msg).startswith(("Client is not connected", "failed to receive on socket"))
 
 
 PAHO_LOG = logging.getLogger("edgeglm.mqtt.paho")  # paho's own messages
@@ -301,6 +303,7 @@ class MqttSession:
         self._client: paho.Client | None = None
         self._client_protocol: int | None = None
         self._max_packet: int | None = None  # the broker's maximum packet size (its CONNACK), None: not said
+        self._losses = 0  # connections ended (paho's thread counts them)
         self._control: queue.Queue = queue.Queue()  # callbacks → supervisor
         self._lock = threading.Lock()  # subscriptions, offline buffers and the online flag
         self._online = threading.Event()
@@ -320,9 +323,10 @@ class MqttSession:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         # the largest packet the broker takes (MQTT 5 CONNACK); set before any publish of this connection
         self._max_packet = broker_packet_limit(properties)
-        self._control.put(("connack", reason_code, flags.session_present))
+        self._control.put(("connack", reason_code, flags.session_present, self._losses))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._losses += 1  # before the flag: _after_connect compares it after setting the flag (no lock here)
         self._online.clear()
         from_broker = flags.is_disconnect_packet_from_server
         self._control.put(("closed", f"the broker disconnected us: {reason_code}" if from_broker else
@@ -450,18 +454,20 @@ class MqttSession:
             if signal[0] == "stop":
                 client.disconnect()
                 return False, "closing", False
-            if signal[0] == "closed":
-                return False, f"{signal[1]} before CONNACK", self._refused_protocol()
-            _, reason, session_present = signal
+            if signal[0] == "closed":  # no answer to CONNECT: a broker that does not speak this protocol closes
+                # like that, and so does a proxy or load balancer with no broker behind it yet
+                return False, f"{signal[1]} before CONNACK", self._refused_protocol("closed the connection before "
+                                                                                    "its CONNACK")
+            _, reason, session_present, losses = signal
             if reason.is_failure:
                 self._next_signal(2.0)  # the broker closes the connection after a refusal
-                retry_now = reason.value == UNSUPPORTED_PROTOCOL and self._refused_protocol()
+                retry_now = reason.value == UNSUPPORTED_PROTOCOL and self._refused_protocol("refused protocol")
                 return False, f"broker refused the connection: {reason}", retry_now
             self._protocol_fixed = True
             subscribed, ended = self._subscribe_all(client)
             if ended is not None:
                 return False, ended, False
-            self._after_connect(client, session_present, subscribed)
+            self._after_connect(client, session_present, subscribed, losses)
             self._up_since = time.monotonic()
             while True:
                 signal = self._next_signal(None)
@@ -484,13 +490,18 @@ class MqttSession:
         except queue.Empty:
             return None
 
-    def _refused_protocol(self) -> bool:
+    def _refused_protocol(self, how: str) -> bool:
         """In auto mode before any success, switch protocol after a refusal; True when switched to 3.1.1."""
         if self._protocol_fixed:
             return False
         self._protocol = paho.MQTTv311 if self._protocol == paho.MQTTv5 else paho.MQTTv5
-        log.info("MQTT broker %s:%s refused protocol %s; trying %s", self.settings.host, self.settings.port,
-                 "3.1.1" if self._protocol == paho.MQTTv5 else "5", self.protocol)
+        tried = "3.1.1" if self._protocol == paho.MQTTv5 else "5"
+        if how == "refused protocol":
+            log.info("MQTT broker %s:%s refused protocol %s; trying %s", self.settings.host, self.settings.port,
+                     tried, self.protocol)
+        else:
+            log.info("MQTT %s:%s %s with protocol %s (a broker that does not speak it, or no broker behind the "
+                     "address yet); trying %s", self.settings.host, self.settings.port, how, tried, self.protocol)
         return self._protocol == paho.MQTTv311
 
     def _filters(self) -> list[str]:
@@ -519,8 +530,11 @@ class MqttSession:
                         log.warning("MQTT broker refused the subscription to %s: %s", f, rc)
                 return set(filters), None
 
-    def _after_connect(self, client: paho.Client, session_present: bool, subscribed: set[str]) -> None:
-        """Publish the retained state, then what was held while offline, in order; then go online."""
+    def _after_connect(self, client: paho.Client, session_present: bool, subscribed: set[str], losses: int) -> None:
+        """Publish the retained state, then what was held while offline, in order; then go online, unless the
+        connection ended meanwhile (`losses`: the count of ended connections at its CONNACK): the flag set after
+        paho's thread cleared it stayed set through the reconnect backoff, and publishes went to paho's unbounded
+        queue instead of the bounded offline buffers."""
         qos = self.settings.qos
         with self._lock:
             late = [(f, qos) for f in self._filters() if f not in subscribed]  # added during the SUBACK wait
@@ -532,6 +546,8 @@ class MqttSession:
             while self._outbox:
                 self._send(client, self._telemetry_message(self._outbox.popleft()))
             self._online.set()
+            if self._losses != losses:  # ended while the above ran (its "closed" signal is queued)
+                self._online.clear()
         self.stats.connects += 1
         log.info("MQTT connected to %s:%s with protocol %s (session present: %s)", self.settings.host,
                  self.settings.port, self.protocol, session_present)

@@ -6,6 +6,7 @@ No timing asserts: every wait is for an event, with a generous timeout.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import random
 import signal
@@ -558,15 +559,16 @@ def test_closing_sessions_leaves_no_paho_error_in_the_log(mosquitto, caplog):
     """paho's network thread logs "Client is not connected" (ERROR) when it runs once more after a
     disconnect closed the socket; the session's logger drops exactly that message, so a normal
     close leaves no error in an operator's log, while paho's other messages still come through."""
-    import logging
-
     from agent.mqtt import PAHO_LOG
 
     noise = logging.LogRecord(PAHO_LOG.name, logging.ERROR, __file__, 0,
                               "Client is not connected. Socket: None). Last known Connection State: "
                               "MQTT_CS_DISCONNECTED", None, None)
-    other = logging.LogRecord(PAHO_LOG.name, logging.ERROR, __file__, 0, "failed to receive on socket: x", None, None)
-    assert not PAHO_LOG.filter(noise) and PAHO_LOG.filter(other)
+    reset = logging.LogRecord(PAHO_LOG.name, logging.ERROR, __file__, 0, "failed to receive on socket: %s",
+                              ("[Errno 104] Connection reset by peer",), None)  # a loss the session reports itself
+    other = logging.LogRecord(PAHO_LOG.name, logging.ERROR, __file__, 0, "Caught exception in on_message: x", None,
+                              None)
+    assert not PAHO_LOG.filter(noise) and not PAHO_LOG.filter(reset) and PAHO_LOG.filter(other)
     with caplog.at_level(logging.DEBUG, logger=PAHO_LOG.name):
         for i in range(3):
             session = make_session(mosquitto, device=f"box-{i}")
@@ -647,3 +649,68 @@ def test_a_message_over_the_brokers_packet_limit_is_not_sent_and_the_session_sta
         controller.close()
     finally:
         broker.stop()
+
+
+def test_a_connection_lost_while_going_online_does_not_leave_the_session_online(mosquitto):
+    """paho's thread clears the online flag when the connection ends, without the session's lock; a loss while
+    the session published its state after the CONNACK was followed by the flag being set, and it stayed set
+    through the whole reconnect backoff: publishes went to paho's unbounded queue instead of the bounded
+    offline buffers. Here the loss is reported (as paho's thread would) while the state is being published."""
+    from paho.mqtt.client import DisconnectFlags
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    calls = []
+
+    def state_fn():
+        calls.append(1)
+        if len(calls) == 2:  # 1: the Will, made before CONNECT; 2: the online state, after the CONNACK
+            session._on_disconnect(session._client, None, DisconnectFlags(False),
+                                   ReasonCode(PacketTypes.DISCONNECT, identifier=0), None)
+        return fake_state("box-1")
+
+    settings = MqttSettings(enabled=True, host=mosquitto.host, port=mosquitto.port, reconnect_min_delay_s=60.0,
+                            reconnect_max_delay_s=60.0)
+    session = MqttSession(settings, fleet=FLEET, device="box-1", state_fn=state_fn, rng=random.Random(0))
+    session.start()
+    try:
+        next_event(session, Connected)
+        next_event(session, Disconnected)  # the supervisor saw the loss: a minute of backoff starts
+        assert not session.connected
+        assert session.publish(telemetry_topic(FLEET, "box-1"), b"{}") is None  # held for the next connection
+    finally:
+        session.close(publish_offline=False)
+
+
+def test_an_address_that_closes_before_connack_is_not_said_to_refuse_a_protocol(caplog):
+    """A load balancer whose broker is down accepts TCP and closes: the log said "refused protocol 5; trying
+    3.1.1", then "refused protocol 3.1.1; trying 5", and paho added "failed to receive on socket" at ERROR."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    accepted = []
+
+    def accept_and_close():
+        while len(accepted) < 2:
+            conn, _ = server.accept()
+            conn.recv(1024)  # the CONNECT
+            accepted.append(1)
+            conn.close()
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    caplog.set_level(logging.INFO)
+    settings = MqttSettings(enabled=True, host="127.0.0.1", port=port, reconnect_min_delay_s=0.05,
+                            reconnect_max_delay_s=0.1)
+    session = MqttSession(settings, fleet=FLEET, device="box-1", state_fn=lambda: fake_state("box-1"),
+                          rng=random.Random(0)).start()
+    try:
+        wait_until(lambda: len(accepted) == 2, what="two connection attempts")
+        wait_until(lambda: "trying 5" in caplog.text, what="the second attempt's log line")
+    finally:
+        session.close(publish_offline=False)
+        server.close()
+    assert "refused protocol" not in caplog.text
+    assert f"MQTT 127.0.0.1:{port} closed the connection before its CONNACK with protocol 5 (a broker that does " \
+           "not speak it, or no broker behind the address yet); trying 3.1.1" in caplog.text
+    assert "failed to receive on socket" not in caplog.text
