@@ -285,7 +285,8 @@ def cmd_status(args) -> int:
         from fleet.controller import health_current
 
         results, health = store.last_results(args.fleet), store.health(args.fleet)
-        devices = [{**d, "online": bool(d["online"]),
+        lost = store.lost_reports(args.fleet, since)
+        devices = [{**d, "online": bool(d["online"]), "lost_reports": lost.get((d["fleet"], d["device"]), 0),
                     "latency": store.latency(d["fleet"], d["device"], since, d["model_version"]),
                     "last_update": results.get((d["fleet"], d["device"])),
                     "health": health.get((d["fleet"], d["device"])),

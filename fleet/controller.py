@@ -729,7 +729,12 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
             "tok/s", "rss", "mem free", "disk free", "config")
     text = _table(head, rows) + f"\n{len(rows)} device(s); rejected messages: {store.counter('rejected_messages')}"
     results = store.last_results(fleet)
+    lost = store.lost_reports(fleet, now - since_s)
     for d in store.devices(fleet):  # a refused desired config or a failed update is news, not a detail of --json
+        if lost.get((d["fleet"], d["device"])):
+            text += (f"\ndevice {d['fleet']}/{d['device']} LOST {lost[(d['fleet'], d['device'])]} telemetry report(s) "
+                     f"in the last {since_s:g} s: its offline buffer (mqtt.telemetry_buffer) overflowed while it could "
+                     f"not reach the broker; the latency of that time is missing")
         if d.get("silent"):
             text += (f"\ndevice {d['fleet']}/{d['device']} is SILENT: its last state said online, but nothing came from "
                      f"it for {now - d['last_seen']:.0f} s ([fleet] silent_after_s {store.silent_after_s:g}); counted "
@@ -905,6 +910,10 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
               "naming another device, or failing to be handled.",
               "# TYPE edgeglm_fleet_rejected_messages_total counter",
               f"edgeglm_fleet_rejected_messages_total {store.counter('rejected_messages')}",
+              "# HELP edgeglm_fleet_telemetry_lost_reports_total Telemetry reports devices lost from their offline "
+              "buffer during outages (their dropped_reports).",
+              "# TYPE edgeglm_fleet_telemetry_lost_reports_total counter",
+              f"edgeglm_fleet_telemetry_lost_reports_total {store.counter('telemetry_lost')}",
               "# HELP edgeglm_fleet_chunk_requests_limited_total Chunk requests dropped by the per-device rate limit.",
               "# TYPE edgeglm_fleet_chunk_requests_limited_total counter",
               f"edgeglm_fleet_chunk_requests_limited_total {store.counter('chunk_requests_limited')}",

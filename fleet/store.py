@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE TABLE IF NOT EXISTS telemetry (
     fleet TEXT NOT NULL, device TEXT NOT NULL, model_version TEXT, window_end REAL NOT NULL, count INTEGER,
     ttft_p50 REAL, ttft_p95 REAL, token_p50 REAL, token_p95 REAL, tokens_per_s REAL, errors INTEGER,
-    stored REAL);
+    stored REAL, dropped INTEGER);
 CREATE UNIQUE INDEX IF NOT EXISTS telemetry_once ON telemetry (fleet, device, window_end);
 CREATE TABLE IF NOT EXISTS ota_status (
     fleet TEXT NOT NULL, device TEXT NOT NULL, update_id TEXT, ts REAL NOT NULL, state TEXT, result TEXT,
@@ -83,7 +83,7 @@ SILENT_AFTER_S = 900.0
 PRUNE_BATCH = 5000  # telemetry rows the retention deletes per transaction (the store's lock is free between)
 
 TELEMETRY_COLUMNS = ("fleet", "device", "model_version", "window_end", "count", "ttft_p50", "ttft_p95", "token_p50",
-                     "token_p95", "tokens_per_s", "errors", "stored")
+                     "token_p95", "tokens_per_s", "errors", "dropped", "stored")
 _INSERT_TELEMETRY = (f"INSERT OR IGNORE INTO telemetry ({', '.join(TELEMETRY_COLUMNS)}) "
                      f"VALUES ({', '.join('?' * len(TELEMETRY_COLUMNS))})")
 
@@ -92,7 +92,7 @@ def telemetry_row(fleet: str, r: dict) -> tuple:
     """A parsed TelemetryReport (as a dict) as a telemetry row, less the `stored` time."""
     ttft, tok = r.get("ttft_ms") or {}, r.get("per_token_ms") or {}
     return (fleet, r["device"], r.get("model_version"), r["window_end"], r["count"], ttft.get("p50"), ttft.get("p95"),
-            tok.get("p50"), tok.get("p95"), r.get("tokens_per_s"), r.get("errors", 0))
+            tok.get("p50"), tok.get("p95"), r.get("tokens_per_s"), r.get("errors", 0), r.get("dropped_reports", 0))
 
 
 class StoreError(AgentError):
@@ -148,6 +148,8 @@ class Store:
             return  # a new database: SCHEMA makes everything
         if "stored" not in columns:
             self.db.execute("ALTER TABLE telemetry ADD COLUMN stored REAL")
+        if "dropped" not in columns:  # earlier reports the device lost from its offline buffer (dropped_reports)
+            self.db.execute("ALTER TABLE telemetry ADD COLUMN dropped INTEGER")
         # time ranges are read on `stored`: rows of controllers that did not record it count at their window end
         self.db.execute("UPDATE telemetry SET stored = window_end WHERE stored IS NULL")
         self.db.execute("DROP INDEX IF EXISTS telemetry_by_time")
@@ -227,14 +229,22 @@ class Store:
             self.db.execute("BEGIN")
             try:
                 self.returned = self._back_from_removal(rows, stored)
+                # a report saying earlier ones were lost is rare: inserted alone, so that a second copy of it (a
+                # QoS 1 redelivery) does not count the loss twice
+                lossy = [row for row in rows if row[11]]
                 before = self.db.total_changes
-                self.db.executemany(_INSERT_TELEMETRY, [row + (stored,) for row in rows])
+                self.db.executemany(_INSERT_TELEMETRY, [row + (stored,) for row in rows if not row[11]])
+                lost = 0
+                for row in lossy:
+                    if self.db.execute(_INSERT_TELEMETRY, row + (stored,)).rowcount:
+                        lost += row[11]
                 new = self.db.total_changes - before
                 # a report is a sign of life: `fleet status`' "seen" column moved only with a state change, so
                 # a box reporting every minute showed "seen 395s"
                 self.db.executemany("UPDATE devices SET last_seen = ? WHERE fleet = ? AND device = ? AND "
                                     "last_seen < ?", [(stored, f, d, stored) for f, d in {r[:2] for r in rows}])
-                for name, n in (("telemetry_reports", new), ("telemetry_duplicates", len(rows) - new)):
+                for name, n in (("telemetry_reports", new), ("telemetry_duplicates", len(rows) - new),
+                                ("telemetry_lost", lost)):
                     if n:
                         self.db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
                                         "value = value + ?", (name, n, n))
@@ -446,6 +456,14 @@ class Store:
                                       sums[0::2], sums[1::2]):
             out[key] = total / weight if weight else None
         return out
+
+    def lost_reports(self, fleet: str | None, since: float) -> dict[tuple[str, str], int]:
+        """Telemetry reports devices said they lost (their offline buffer overflowed during an outage: the
+        `dropped_reports` of the first report after it), by device, from the reports stored since `since`."""
+        where, args = (" AND fleet=?", (fleet,)) if fleet else ("", ())
+        return {(f, d): n for f, d, n in self._exec(
+            "SELECT fleet, device, SUM(dropped) FROM telemetry WHERE stored>=? AND dropped>0" + where +
+            " GROUP BY fleet, device", (since,) + args).fetchall()}
 
     def last_result(self, fleet: str, device: str, update_id: str) -> dict | None:
         # the latest to arrive, not the latest by the device's clock (edge clocks step: a canary that committed

@@ -426,7 +426,7 @@ def test_one_telemetry_row_the_database_refuses_costs_only_itself(tmp_path):
     ctl = FleetController(ControllerSettings(db=tmp_path / "fleet.db"))
     now = time.time()
     good = [telemetry_row("f", {"device": "d1", "window_end": now + i, "count": 1}) for i in range(2)]
-    bad = ("f", "d2", None, None, 1, None, None, None, None, None, 0)  # window_end NULL: NOT NULL fails
+    bad = ("f", "d2", None, None, 1, None, None, None, None, None, 0, 0)  # window_end NULL: NOT NULL fails
     ctl._store_rows([good[0], bad, good[1]])
     assert ctl.store.counter("telemetry_reports") == 2
     ctl.store.close()

@@ -357,3 +357,22 @@ def test_a_devices_latency_reads_an_index_on_its_stored_time(tmp_path):
         "EXPLAIN QUERY PLAN SELECT SUM(count) FROM telemetry WHERE fleet='f' AND device='d' AND stored>=5").fetchall())
     assert "telemetry_by_device_stored" in plan, plan
     store.close()
+
+
+def test_reports_a_device_lost_offline_are_counted_once_and_shown(tmp_path):
+    """An agent whose offline buffer overflowed says how many reports it lost in the first report after the
+    outage (`dropped_reports`); the controller did not keep it, so a gap in a device's latency looked like an
+    idle box. A second copy of that report (QoS 1) does not count the loss twice."""
+    from fleet.controller import format_status, prometheus_metrics
+
+    store = Store(tmp_path / "fleet.db")
+    store.upsert_state(FLEET, {"device": "d1", "online": True, "agent_version": "0.1.0"})
+    now = time.time()
+    first = {**report("d1", now - 5), "dropped_reports": 7}
+    store.add_telemetry_many([telemetry_row(FLEET, first), telemetry_row(FLEET, report("d1", now - 4))])
+    store.add_telemetry_many([telemetry_row(FLEET, first)])  # the redelivered copy
+    assert store.counter("telemetry_lost") == 7 and store.counter("telemetry_duplicates") == 1
+    assert store.lost_reports(FLEET, now - 3600) == {(FLEET, "d1"): 7}
+    assert f"device {FLEET}/d1 LOST 7 telemetry report(s) in the last 3600 s" in format_status(store, FLEET)
+    assert "edgeglm_fleet_telemetry_lost_reports_total 7" in prometheus_metrics(store, True)
+    store.close()
