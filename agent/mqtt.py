@@ -69,6 +69,7 @@ PAHO_LOG = logging.getLogger("edgeglm.mqtt.paho")  # paho's own messages
 PAHO_LOG.addFilter(_PahoLoopNoise())
 
 UNSUPPORTED_PROTOCOL = 132  # CONNACK reason; paho maps a 3.1.1 broker's return code 1 to it
+BACKSTOP_SHORT_CONNECTIONS = 5  # short connections in a row after which the paho client (its queue) is replaced
 MIN_HEALTHY_CONNECTION_S = 10.0  # a connection up at least this long (and a keepalive) resets the backoff
 PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
 
@@ -233,6 +234,7 @@ class SessionStats:
     dropped_reports: int = 0  # telemetry reports pushed out of the offline buffer, in all
     dropped_messages: int = 0  # other messages pushed out of the offline hold, in all
     too_large: int = 0  # messages not sent: over the broker's maximum packet size
+    client_resets: int = 0  # paho clients replaced, their queued messages dropped (BACKSTOP_SHORT_CONNECTIONS)
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,7 @@ class MqttSession:
         self._response_topics: set[str] = set()
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
-        self._up_since: float | None = None  # time.monotonic() of the current connection's CONNACK
+        self._up_since: float | None = None  # time.monotonic() of the current connection's CONNACK (accepted)
 
     # -- paho callbacks: thin, they only hand events on -------------------------------------
 
@@ -426,6 +428,16 @@ class MqttSession:
                           "another client probably took this session over (two boxes with the same device.id, "
                           "e.g. a cloned image: set a unique device.id), or the broker drops this client",
                           self.client_id)
+            if short >= BACKSTOP_SHORT_CONNECTIONS and "taken over" not in str(reason).lower():
+                # the backstop: a message the broker refuses (over a max_packet_size it did not announce, as MQTT
+                # 3.1.1 brokers cannot) ends every connection, and paho sends its queued QoS 1 messages again
+                # after each reconnect: the box would be off the broker for good. A new client has none queued
+                log.error("MQTT: %d connections in a row ended right after the broker accepted them; a queued "
+                          "message the broker refuses may be sent again at every reconnect: the messages queued in "
+                          "the MQTT client (not yet acknowledged by the broker) are dropped, and a new client "
+                          "connects", short)
+                self.stats.client_resets += 1
+                self._client, short = None, 0
             delay = 0.0 if retry_now else backoff_delay(failures, self.settings.reconnect_min_delay_s,
                                                         self.settings.reconnect_max_delay_s, self._rng)
             log.warning("MQTT %s:%s: %s; retrying in %.2f s", self.settings.host, self.settings.port, reason, delay)
@@ -464,11 +476,11 @@ class MqttSession:
                 retry_now = reason.value == UNSUPPORTED_PROTOCOL and self._refused_protocol("refused protocol")
                 return False, f"broker refused the connection: {reason}", retry_now
             self._protocol_fixed = True
+            self._up_since = time.monotonic()  # accepted: a connection that ends soon after is a short one
             subscribed, ended = self._subscribe_all(client)
-            if ended is not None:
-                return False, ended, False
+            if ended is not None:  # (paho sends its queued messages right after the CONNACK: one the broker
+                return True, ended, False  # refuses ends the connection before the SUBACK)
             self._after_connect(client, session_present, subscribed, losses)
-            self._up_since = time.monotonic()
             while True:
                 signal = self._next_signal(None)
                 if signal[0] == "closed":

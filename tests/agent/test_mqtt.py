@@ -714,3 +714,33 @@ def test_an_address_that_closes_before_connack_is_not_said_to_refuse_a_protocol(
     assert f"MQTT 127.0.0.1:{port} closed the connection before its CONNACK with protocol 5 (a broker that does " \
            "not speak it, or no broker behind the address yet); trying 3.1.1" in caplog.text
     assert "failed to receive on socket" not in caplog.text
+
+
+def test_a_queued_message_the_broker_keeps_refusing_does_not_keep_the_box_off_for_good(tmp_path, caplog):
+    """An MQTT 3.1.1 broker cannot announce its packet limit: a message over it got the connection closed, paho
+    sent it again after every reconnect, and the box was off the broker for good. After a few connections in a
+    row that end right after the CONNACK, the session drops the client's queued messages and connects anew."""
+    from broker import Mosquitto, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found")
+    broker = Mosquitto(tmp_path / "small", options=("max_packet_size 2000",)).start()
+    session = None
+    try:
+        controller = Controller(broker)
+        controller.subscribe(telemetry_topic(FLEET, "box-1"))
+        caplog.set_level(logging.INFO, logger="edgeglm.mqtt")
+        session = make_session(broker, protocol="3.1.1").start()
+        next_event(session, Connected)
+        session.publish(telemetry_topic(FLEET, "box-1"), b"x" * 5000)  # the broker closes the connection over it
+        wait_until(lambda: session.stats.client_resets == 1, timeout=60, what="the client replaced")
+        next_event(session, Connected, timeout=30)
+        session.publish(telemetry_topic(FLEET, "box-1"), b'{"small": 1}')
+        data, _ = controller.expect(telemetry_topic(FLEET, "box-1"))
+        assert data == {"small": 1}
+        assert "the messages queued in the MQTT client (not yet acknowledged by the broker) are dropped" in caplog.text
+        controller.close()
+    finally:
+        if session is not None:
+            session.close()
+        broker.stop()
