@@ -62,6 +62,7 @@ class _Window:
     start: float
     end: float | None = None  # set when cut at a model switch
     cut_at: float = 0.0  # monotonic time of the cut (for HOLD_S)
+    in_flight: int = 0  # requests that began in this window and have not finished
     count: int = 0
     errors: int = 0
     tokens: int = 0
@@ -88,7 +89,6 @@ class LatencyWindow:
         self._stamped = (time.time(), time.monotonic())  # the last boundary handed out, and when
         self._open = _Window(label, self._stamped[0])
         self._cut: list[_Window] = []  # cut at a model switch, waiting for the old model's last requests
-        self._in_flight: dict[Label, int] = {}
         self._random = random.Random()
 
     def _stamp(self, now: float) -> float:
@@ -114,7 +114,7 @@ class LatencyWindow:
         with self._lock:
             if label == self._open.label:
                 return
-            if self._open.empty() and not self._in_flight.get(self._open.label):
+            if self._open.empty() and not self._open.in_flight:
                 self._open.label = label  # nothing was served under the old label: no report for it
                 return
             self._open.end, self._open.cut_at = self._stamp(now), time.monotonic()
@@ -131,16 +131,16 @@ class LatencyWindow:
     @contextmanager
     def serving(self, label: Label):
         """Around one request served by the model with `label` (its answer and the counting of its error
-        included): a window cut at a model switch waits for it."""
+        included): the window it began in, once cut at a model switch, waits for it. Counted per window, not per
+        label: after a switch A -> B -> A the first A window waited for every request of the second as well."""
         with self._lock:
-            self._in_flight[label] = self._in_flight.get(label, 0) + 1
+            w = self._window_for(label)
+            w.in_flight += 1
         try:
             yield
         finally:
             with self._lock:
-                self._in_flight[label] -= 1
-                if not self._in_flight[label]:
-                    del self._in_flight[label]
+                w.in_flight -= 1
 
     def record(self, ttft_s: float | None, token_intervals_s: list[float], tokens: int, decode_s: float,
                label: Label | None = None) -> None:
@@ -177,8 +177,7 @@ class LatencyWindow:
         `final`), then the report of the current window so far; a new window starts."""
         now = time.time() if now is None else now
         with self._lock:
-            ready = [w for w in self._cut if final or not self._in_flight.get(w.label)
-                     or time.monotonic() - w.cut_at >= HOLD_S]
+            ready = [w for w in self._cut if final or not w.in_flight or time.monotonic() - w.cut_at >= HOLD_S]
             self._cut = [w for w in self._cut if w not in ready]
             reports = [w.report(device, w.end) for w in ready]
             end = self._stamp(now)

@@ -111,3 +111,19 @@ def test_a_window_with_more_samples_than_kept_reports_all_of_it_not_its_end():
     w.record(0.2, [0.001, 0.002], 2, 0.003)  # a fresh window keeps everything again (exact below the bound)
     (report,) = w.take("dev")
     assert (report.ttft_ms.p50, report.per_token_ms.p50) == (200.0, 1.5)
+
+
+def test_after_a_switch_and_back_the_first_window_does_not_wait_for_the_second_ones_requests():
+    """A -> B -> A (an update, then its rollback): requests in flight were counted per model label, so the first
+    A window, cut at the switch to B, also waited for every request of the second A window, up to HOLD_S (ten
+    minutes of that window's telemetry held back, with the rollout gate waiting on it)."""
+    w = LatencyWindow(label=OLD)
+    w.record(0.01, [0.002], 1, 0.002)
+    with w.serving(OLD):  # r1: began on the first OLD window
+        w.switch(NEW)
+        w.switch(OLD)  # rolled back before B served anything
+        r2 = w.serving(OLD)  # r2: began on the second OLD window, still running at the next report
+        r2.__enter__()
+    reports = w.take("dev")
+    assert [(r.model_version, r.count) for r in reports] == [("1.0.0", 1), ("1.0.0", 0)]  # the first one is sent
+    r2.__exit__(None, None, None)
