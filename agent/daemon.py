@@ -630,7 +630,7 @@ class Agent:
                 log.exception("MQTT inference request %s failed", req.id)
                 response = InferenceResponse(id=req.id, error=ErrorInfo(code="internal", message=str(exc)))
             if response.error and response.error.code in SERVER_ERRORS:  # as HTTP counts 5xx: not the client's
-                self.window.record_error(label=served.get("label"))
+                self.window.record_error(label=served.get("label"), window=served.get("window"))
             self._remember_answer(message, req, response)
             self._respond(message, req, response)
 
@@ -658,7 +658,7 @@ class Agent:
         with self.http.engine_slot() as slot:
             model = slot.model
             served["label"] = label = serving_label(model)
-            serving.enter_context(self.window.serving(label))
+            served["window"] = serving.enter_context(self.window.serving(label))
             gen = chat_request(body, self.http.sampling, model.tokenizer) if req.messages is not None \
                 else completion_request(body, self.http.sampling)
             gen = with_special_stops(gen, model.tokenizer)
@@ -676,7 +676,8 @@ class Agent:
             finally:
                 tokens.close()  # a stop string ends the text early: the request leaves the batch
         gaps = [b - a for a, b in zip(times, times[1:])]
-        self.window.record(times[0] - t0 if times else None, gaps, len(gaps), sum(gaps), label=label)
+        self.window.record(times[0] - t0 if times else None, gaps, len(gaps), sum(gaps), label=label,
+                           window=served["window"])
         return text, Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens), \
             outcome.finish_reason
 

@@ -560,6 +560,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_pending = self.headers.get("Content-Length", "0") not in ("", "0") or \
             "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         self._label = None  # the telemetry label of the model that took the request, once one did
+        self._window = None  # and the telemetry window the request began in (LatencyWindow.serving)
         with api._request(), ExitStack() as self._serving:  # (its window waits for the answer and its error)
             try:
                 self._route(api, route, path)
@@ -625,7 +626,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _fail(self, endpoint: str, exc: ApiError) -> None:
         self.server.api.metrics.errors.inc(endpoint=endpoint, type=exc.type)
         if self.server.api.window is not None and exc.status >= 500:
-            self.server.api.window.record_error(label=self._label)
+            self.server.api.window.record_error(label=self._label, window=self._window)
         if self._status and not self._streaming:  # a response is half out: only closing is left
             self.close_connection = True
             return
@@ -780,7 +781,7 @@ class _Handler(BaseHTTPRequestHandler):
             model = slot.model
             if api.window is not None:  # latency and errors from here on belong to this model
                 self._label = serving_label(model)
-                self._serving.enter_context(api.window.serving(self._label))
+                self._window = self._serving.enter_context(api.window.serving(self._label))
             req = with_special_stops(req, model.tokenizer)
             ids = prompt_ids(req, model)
             try:
@@ -824,7 +825,7 @@ class _Handler(BaseHTTPRequestHandler):
                 # (counted where it fails, as over MQTT), one whose client left is neither
                 if api.window is not None and answered:
                     api.window.record(timing["ttft"], timing["gaps"], len(timing["gaps"]), sum(timing["gaps"]),
-                                      label=self._label)
+                                      label=self._label, window=self._window)
         m.request_latency.observe(time.perf_counter() - self._t0, endpoint=endpoint)
 
 

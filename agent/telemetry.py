@@ -137,17 +137,25 @@ class LatencyWindow:
             w = self._window_for(label)
             w.in_flight += 1
         try:
-            yield
+            yield w  # what `record`/`record_error` take as `window`: the request's samples go where it began
         finally:
             with self._lock:
                 w.in_flight -= 1
 
+    def _target(self, label: Label | None, window: _Window | None) -> _Window:
+        """(under the lock) `window` (what `serving` yielded) while it is still open or waiting to be reported,
+        else the window of `label`: after A -> B -> A, a request that began in the first A window is counted
+        there, not in the second."""
+        if window is not None and (window is self._open or any(w is window for w in self._cut)):
+            return window
+        return self._window_for(label)
+
     def record(self, ttft_s: float | None, token_intervals_s: list[float], tokens: int, decode_s: float,
-               label: Label | None = None) -> None:
+               label: Label | None = None, window: _Window | None = None) -> None:
         """One finished request: time to first token, the gaps between later tokens, their count; `label`:
-        the model that served it (None: the one served now)."""
+        the model that served it (None: the one served now); `window`: what `serving` yielded for it."""
         with self._lock:
-            w = self._window_for(label)
+            w = self._target(label, window)
             w.count += 1
             w.tokens += tokens
             w.busy_s += decode_s
@@ -168,9 +176,9 @@ class LatencyWindow:
                 kept[j] = value
         w.seen[kind] = n
 
-    def record_error(self, n: int = 1, label: Label | None = None) -> None:
+    def record_error(self, n: int = 1, label: Label | None = None, window: _Window | None = None) -> None:
         with self._lock:
-            self._window_for(label).errors += n
+            self._target(label, window).errors += n
 
     def take(self, device: str, now: float | None = None, final: bool = False) -> list[TelemetryReport]:
         """The reports of the windows cut at model switches whose requests have all finished (every one with

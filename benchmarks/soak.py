@@ -30,7 +30,8 @@ Then, for --minutes, one thread per kind of load, each in a loop with pauses:
   mqtt-infer       MQTT 5 inference requests (unique ids; every 5th one sent twice, every 10th malformed)
   scrape           GET /metrics and /healthz on a fresh connection each
   config           `edgeglm fleet config set` toggling sampling, batching, cache and telemetry settings
-  ota              `edgeglm fleet offer` of 1.1.0, then `edgeglm fleet rollback --to 1.0.0`, in turn
+  ota              `edgeglm fleet offer` of a new version 1.k.0 (a bundle rolled back from is withdrawn on
+                   the agent: offering it again is refused), then `edgeglm fleet rollback --to 1.0.0`, in turn
 
 and every --sample-s seconds it reads, for the agent (and the broker and controller): RSS, VmHWM and
 (agent) RssAnon/RssFile (/proc/PID/status), open file descriptors by kind (/proc/PID/fd), threads
@@ -229,6 +230,8 @@ class Sampler(threading.Thread):
         total_b = total_f = 0
         if self.state_dir.is_dir():
             for entry in sorted(self.state_dir.iterdir()):
+                if entry.is_symlink():  # `current` -> a slot: that slot is counted under slots/ already
+                    continue
                 b, f = tree_usage(entry)
                 total_b, total_f = total_b + b, total_f + f
                 key = entry.name if entry.is_dir() else "(top-level files)"
@@ -597,12 +600,25 @@ def config_loop(fleet: Fleet, stats: Stats, stop: threading.Event, pause_s: floa
 
 def ota_loop(fleet: Fleet, bundles: dict, stats: Stats, stop: threading.Event, pause_s: float,
              timeout_s: float) -> None:
-    """Offer 1.1.0, wait for its result; roll back to 1.0.0 (signed statement), wait; and again."""
-    up = True
+    """Offer a new version 1.k.0, wait for its result; roll back to 1.0.0 (signed statement), wait; and again.
+    A new version each round: a bundle rolled back from is withdrawn on the agent, which refuses a plain offer of
+    it again (docs/ota.md), so offering 1.1.0 every round measured one update and then only refusals."""
+    from bundles import variant
+    from ota.signing import load_private_key
+
+    up, k, key = True, 1, load_private_key(bundles["key"])
+    made: list[Path] = []
     while not stop.wait(pause_s):
         before = (fleet.last_result() or {}).get("update_id")
         if up:
-            rc, out = fleet.cli("offer", "--fleet", FLEET, "--device", DEVICE, "--bundle", str(bundles["v2"]))
+            k += 1
+            dst = bundles["v2"].parent / f"soak-1.{k}.0"
+            shutil.rmtree(dst, ignore_errors=True)  # left by an earlier run
+            bundle = variant(bundles["v2"], dst, key, version=f"1.{k}.0")
+            made.append(bundle)
+            while len(made) > 2:  # the one being downloaded and the one before it (a chunk answered late)
+                shutil.rmtree(made.pop(0), ignore_errors=True)
+            rc, out = fleet.cli("offer", "--fleet", FLEET, "--device", DEVICE, "--bundle", str(bundle))
             kind = "update"
         else:
             rc, out = fleet.cli("rollback", "--group", FLEET, "--key", str(bundles["key"]), "--to", "1.0.0")

@@ -559,10 +559,20 @@ class FleetController:
                                   not_after=int(not_after))
         update_id = update_id or f"{bundle.manifest.name}-{bundle.manifest.version}-{int(time.time() * 1000)}"
         self._check_chunk_answers(bundle, Path(bundle_dir), update_id, fleet, device)
-        self.store.add_offer(update_id, Path(bundle_dir).resolve(), bundle.manifest.version, fleet, device)
         offer = make_offer(bundle, update_id, {"type": "mqtt"}, rollback_key=rollback_key, rollback_terms=terms)
         # a plain offer leaves out the empty rollback_terms, so that an agent of an older version still parses it
         payload = offer.model_dump_json(exclude={"rollback_terms"} if terms is None else None)
+        size = publish_packet_bytes(ota_offer_topic(fleet, device), payload, 1)
+        if self.max_packet is not None and size > self.max_packet:  # checked before anything is recorded
+            chunks = sum(len(f.chunks) for f in bundle.manifest.files)
+            raise PacketTooLarge(
+                f"the offer of {update_id} is {size} bytes (it carries the manifest: {chunks} transfer chunks of "
+                f"{bundle.manifest.chunk_size // 1024} KiB), over the maximum packet size of the broker "
+                f"{self.settings.broker_host}:{self.settings.broker_port} ({self.max_packet} bytes, its "
+                f"max_packet_size): raise that limit, or export the bundle with larger chunks (fewer to list: "
+                f"`edgeglm export --chunk-kib 512`, if its chunk answers still fit); nothing was offered")
+        # recorded before it is published: the chunk server answers this device's requests from the record
+        self.store.add_offer(update_id, Path(bundle_dir).resolve(), bundle.manifest.version, fleet, device)
         self._publish_retained(ota_offer_topic(fleet, device), payload, f"the offer of {update_id} to {fleet}/{device}")
         log.info("offered %s %s to %s/%s (update %s%s)", bundle.manifest.name, bundle.manifest.version, fleet, device,
                  update_id, ", a rollback" if rollback_key is not None else "")
@@ -633,14 +643,17 @@ CHECKED_KEPT = 8  # bundles whose offer check a controller keeps (`_offerable`)
 
 
 def _files_key(root: Path) -> tuple:
-    """What changes when a file of the bundle at `root` is replaced, rewritten or added: (path, size, mtime) of
-    each, sorted; () when `root` cannot be read (the check then says why)."""
+    """What changes when a file of the bundle at `root` is replaced, rewritten or added: (path, device, inode,
+    size, mtime, ctime) of each, sorted; () when `root` cannot be read (the check then says why). The inode and
+    ctime too: `cp -p`, `rsync -a` and tar keep a file's mtime (and a retrained model keeps its size), but no tool
+    sets the ctime."""
     out = []
     try:
         for folder, _, names in os.walk(root):
             for name in names:
                 st = os.stat(os.path.join(folder, name))
-                out.append((os.path.relpath(os.path.join(folder, name), root), st.st_size, st.st_mtime_ns))
+                out.append((os.path.relpath(os.path.join(folder, name), root), st.st_dev, st.st_ino, st.st_size,
+                            st.st_mtime_ns, st.st_ctime_ns))
     except OSError:
         return ()
     return tuple(sorted(out))

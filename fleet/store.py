@@ -183,8 +183,8 @@ class Store:
         if device is not None and state.get("device") != device:
             raise ValueError(f"state of device {state.get('device')!r} on the topic of device {device!r}")
         with self._lock:
-            before = self.db.execute("SELECT online, model_version, state FROM devices WHERE fleet=? AND device=?",
-                                     (fleet, state["device"])).fetchone()
+            before = self.db.execute("SELECT online, model_version, state, last_seen FROM devices WHERE fleet=? AND "
+                                     "device=?", (fleet, state["device"])).fetchone()
             stored_ts = json.loads(before[2]).get("ts") if before is not None else None
             newer = isinstance(stored_ts, (int, float)) and isinstance(state.get("ts"), (int, float)) and \
                 state["ts"] >= stored_ts  # an agent's own offline state at a clean stop: newer than all it said
@@ -196,7 +196,11 @@ class Store:
                                 "device = ?", (self.clock(), json.dumps({**json.loads(before[2]), "online": False}),
                                               fleet, state["device"]))
             else:
-                self._upsert_state(fleet, state, self.clock())
+                # the stored state again (the same `ts`): the broker's retained copy, handed to the controller at
+                # each (re)subscription, is no sign of life: a box that died while the broker was away would not be
+                # `silent` again until silent_after_s after every controller restart or broker outage
+                again = isinstance(stored_ts, (int, float)) and state.get("ts") == stored_ts
+                self._upsert_state(fleet, state, before[3] if again else self.clock())
         return None if before is None else {"online": bool(before[0]), "model_version": before[1]}
 
     def _upsert_state(self, fleet: str, state: dict, seen: float) -> None:

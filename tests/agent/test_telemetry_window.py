@@ -127,3 +127,19 @@ def test_after_a_switch_and_back_the_first_window_does_not_wait_for_the_second_o
     reports = w.take("dev")
     assert [(r.model_version, r.count) for r in reports] == [("1.0.0", 1), ("1.0.0", 0)]  # the first one is sent
     r2.__exit__(None, None, None)
+
+
+def test_after_a_switch_and_back_a_request_is_counted_in_the_window_it_began_in():
+    """A request that began in the first A window and ended after A -> B -> A went into the second A window
+    (its 5 s TTFT in a window it did not run in), and the first went out without it."""
+    w = LatencyWindow(label=OLD)
+    with w.serving(OLD) as began:
+        w.switch(NEW)
+        w.record(0.01, [0.001], 1, 0.001, label=NEW)  # B serves something: its window is cut at the switch back
+        w.switch(OLD)
+        w.record(5.0, [0.002], 1, 0.002, label=OLD, window=began)
+        w.record_error(label=OLD, window=began)
+    reports = w.take("dev")
+    assert [(r.model_version, r.count, r.errors) for r in reports] == [("1.0.0", 1, 1), ("1.1.0", 1, 0),
+                                                                        ("1.0.0", 0, 0)]
+    assert reports[0].ttft_ms.p50 == 5000.0

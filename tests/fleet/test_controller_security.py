@@ -636,11 +636,36 @@ def test_a_bundle_is_hashed_once_for_many_offers_and_again_when_a_file_changes(t
             ctl.offer(FLEET, device, bundle)
     assert len(opened) == 1
     model = bundle / "model.onnx"
+    before = model.stat()
     data = bytearray(model.read_bytes())
-    data[100] ^= 0xFF  # same size, new content (and mtime)
+    data[100] ^= 0xFF  # same size, new content, and the old mtime kept (as `cp -p`, `rsync -a` and tar do)
     model.write_bytes(bytes(data))
-    os.utime(model, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    os.utime(model, ns=(before.st_atime_ns, before.st_mtime_ns))
     with pytest.raises(BundleError, match="model.onnx"):
         ctl.offer(FLEET, "d4", bundle)
     assert len(opened) == 2
     ctl.store.close()
+
+
+def test_an_offer_message_over_the_brokers_packet_limit_is_refused_and_not_recorded(tmp_path, key):
+    """The offer carries the whole manifest (a sha256 per transfer chunk): with small chunks it outgrew a broker
+    limit of 20,000 bytes. It was refused only after being recorded, so the phantom offer became the device's
+    newest in the database (and the retention could then delete the one the device really holds)."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found")
+    small = Mosquitto(tmp_path / "small", users=USERS, options=("max_packet_size 20000",)).start()
+    ctl = None
+    try:
+        ctl = start_controller(small, tmp_path / "fleet.db")
+        bundle = make_bundle(tmp_path / "b", key, big_bytes=1 << 20, chunk_size=4 << 10)  # 257 chunk hashes
+        with pytest.raises(PacketTooLarge, match=r"the offer of .* is \d+ bytes \(it carries the manifest: 25\d "
+                                                 r"transfer chunks of 4 KiB\), over the maximum packet size .*"
+                                                 r"--chunk-kib 512.*nothing was offered"):
+            ctl.offer(FLEET, "mallory", bundle)
+        assert ctl.store._exec("SELECT COUNT(*) FROM offers").fetchone()[0] == 0
+        assert ctl.store._exec("SELECT COUNT(*) FROM offer_targets").fetchone()[0] == 0
+        assert ctl.health() == (True, "ok")
+    finally:
+        if ctl is not None:
+            ctl.stop()
+        small.stop()

@@ -320,11 +320,13 @@ def test_a_rollout_never_picks_a_silent_device_as_a_canary(tmp_path):
 def test_silent_after_s_comes_from_the_fleet_config(tmp_path):
     from fleet.cli import _store
 
-    (tmp_path / "fleet.toml").write_text("[fleet]\nsilent_after_s = 3600\n")
+    (tmp_path / "fleet.toml").write_text(f'[fleet]\nsilent_after_s = 3600\n[database]\npath = "{tmp_path / "fleet.db"}"\n')
     args = build_parser().parse_args(["fleet", "status", "--config", str(tmp_path / "fleet.toml")])
     assert _store(args, tmp_path / "fleet.db").silent_after_s == 3600.0
     _, settings = _settings(build_parser().parse_args(["fleet", "serve", "--config", str(tmp_path / "fleet.toml")]))
-    assert FleetController(settings).store.silent_after_s == 3600.0
+    controller = FleetController(settings)  # not started: no broker needed to open its store
+    assert controller.store.silent_after_s == 3600.0 and controller.store.path == tmp_path / "fleet.db"
+    controller.store.close()
 
 
 def test_the_retention_deletes_in_batches_and_reads_ota_statuses_on_the_controllers_clock(tmp_path, monkeypatch):
@@ -343,7 +345,15 @@ def test_the_retention_deletes_in_batches_and_reads_ota_statuses_on_the_controll
     clock[0] = 1050.0
     store.add_telemetry_many([telemetry_row(FLEET, report("d1", 1049.0))])
     clock[0] = 1120.0
-    assert store.prune() == 11  # 10 telemetry rows in 4 batches, the in-between OTA status
+    deletes, real_exec = [], store._exec
+
+    def counting(sql, args=()):
+        if sql.startswith("DELETE FROM telemetry"):
+            deletes.append(sql)
+        return real_exec(sql, args)
+    store._exec = counting
+    assert store.prune() == 11  # 10 telemetry rows, the in-between OTA status
+    assert len(deletes) == 4  # 3 + 3 + 3 + 1: each batch its own statement, the lock free between them
     assert rows(store) == 1
     assert [r[0] for r in store._exec("SELECT state FROM ota_status")] == ["reporting"]  # the last result stays
     store.close()
@@ -375,4 +385,21 @@ def test_reports_a_device_lost_offline_are_counted_once_and_shown(tmp_path):
     assert store.lost_reports(FLEET, now - 3600) == {(FLEET, "d1"): 7}
     assert f"device {FLEET}/d1 LOST 7 telemetry report(s) in the last 3600 s" in format_status(store, FLEET)
     assert "edgeglm_fleet_telemetry_lost_reports_total 7" in prometheus_metrics(store, True)
+    store.close()
+
+
+def test_the_brokers_retained_copy_of_a_state_is_no_sign_of_life(tmp_path):
+    """The controller subscribes again at every (re)connect and the broker hands it each device's retained
+    state: a dead box's `online: true` state made it "not silent" again for silent_after_s after every
+    controller restart or broker outage, the very case `silent` is for."""
+    clock = [10_000.0]
+    store = Store(tmp_path / "fleet.db", clock=lambda: clock[0])
+    state = {"device": "dead", "online": True, "agent_version": "0.1.0", "ts": 9_999.0}
+    store.upsert_state(FLEET, state)
+    clock[0] += 1000
+    assert store.devices(FLEET)[0]["silent"]
+    store.upsert_state(FLEET, dict(state))  # the retained copy, at the controller's resubscription
+    assert store.devices(FLEET)[0]["silent"]
+    store.upsert_state(FLEET, {**state, "ts": 10_999.0})  # the agent itself, connecting again
+    assert not store.devices(FLEET)[0]["silent"] and store.devices(FLEET)[0]["online"]
     store.close()
