@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,10 @@ def _probe(kind: str, port: int) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
 
 
-@pytest.fixture(scope="module")
-def agent_without_a_model(tmp_path_factory):
-    """`edgeglm agent` with no model yet (a box before its first OTA update), MQTT off."""
-    state = tmp_path_factory.mktemp("agent-state")
+@contextmanager
+def running_agent(state: Path, ready, what: str):
+    """`edgeglm agent` with MQTT off on `state`, once `ready(port)` holds (it polls the API; OSError: not yet):
+    its port. Stopped on exit."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("EDGEGLM_")}
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--port", str(port), "--state-dir", str(state)],
@@ -47,13 +48,14 @@ def agent_without_a_model(tmp_path_factory):
         deadline = time.monotonic() + WAIT
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
+                if ready(port):
+                    break
             except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    pytest.fail(f"edgeglm agent did not answer /healthz: {proc.communicate()[1]}")
-                time.sleep(0.05)
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"edgeglm agent: {what}: {proc.communicate()[1]}")
+            time.sleep(0.05)
         yield port
     finally:
         proc.terminate()
@@ -63,6 +65,15 @@ def agent_without_a_model(tmp_path_factory):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def agent_without_a_model(tmp_path_factory):
+    """`edgeglm agent` with no model yet (a box before its first OTA update), MQTT off."""
+    with running_agent(tmp_path_factory.mktemp("agent-state"),
+                       lambda port: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1),
+                       "no answer to /healthz") as port:
+        yield port
 
 
 def test_liveness_probe_passes_while_the_api_answers(agent_without_a_model):
@@ -90,36 +101,18 @@ def test_readiness_probe_fails_when_the_installed_model_does_not_serve(tmp_path)
     (state / "slots" / "a").mkdir(parents=True)
     (state / "slots" / "a" / "manifest.json").write_text("{not json")
     os.symlink("slots/a", state / "current")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("EDGEGLM_")}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--port", str(port), "--state-dir", str(state)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + WAIT
-        while True:  # the refusal is decided before the API answers /readyz with its reason
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
-                raise AssertionError("/readyz answered 200 with a damaged model")
-            except urllib.error.HTTPError as exc:
-                if "the model in slot a cannot be served" in json.loads(exc.read())["reason"]:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"the agent did not refuse its damaged model: {proc.communicate()[1]}")
-            time.sleep(0.05)
-        result = _probe("readinessProbe", port)
-        assert result.returncode == 1
-        assert result.stderr.strip() == "/readyz: HTTP Error 503: Service Unavailable", "one line for the pod's events"
-    finally:
-        proc.terminate()
+
+    def refused(port) -> bool:  # decided before the API answers /readyz with its reason
         try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
+        except urllib.error.HTTPError as exc:
+            return "the model in slot a cannot be served" in json.loads(exc.read())["reason"]
+        raise AssertionError("/readyz answered 200 with a damaged model")
+
+    with running_agent(state, refused, "it did not refuse its damaged model") as port:
+        result = _probe("readinessProbe", port)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "/readyz: HTTP Error 503: Service Unavailable", "one line for the pod's events"
 
 
 def test_the_agent_pod_gives_the_runtimes_no_home_and_turns_their_telemetry_off():
