@@ -135,18 +135,23 @@ class LatencyWindow:
         label: after a switch A -> B -> A the first A window waited for every request of the second as well."""
         with self._lock:
             w = self._window_for(label)
-            w.in_flight += 1
+            if w.label != label:  # no window of this model yet: the agent serves it and switches telemetry to it
+                w = None  # right after (or its window was reported already); `record` finds its window then
+            else:
+                w.in_flight += 1
         try:
             yield w  # what `record`/`record_error` take as `window`: the request's samples go where it began
         finally:
-            with self._lock:
-                w.in_flight -= 1
+            if w is not None:
+                with self._lock:
+                    w.in_flight -= 1
 
     def _target(self, label: Label | None, window: _Window | None) -> _Window:
         """(under the lock) `window` (what `serving` yielded) while it is still open or waiting to be reported,
         else the window of `label`: after A -> B -> A, a request that began in the first A window is counted
         there, not in the second."""
-        if window is not None and (window is self._open or any(w is window for w in self._cut)):
+        if window is not None and window.label == label and (window is self._open or any(w is window for w in
+                                                                                             self._cut)):
             return window
         return self._window_for(label)
 

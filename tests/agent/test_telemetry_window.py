@@ -143,3 +143,15 @@ def test_after_a_switch_and_back_a_request_is_counted_in_the_window_it_began_in(
     assert [(r.model_version, r.count, r.errors) for r in reports] == [("1.0.0", 1, 1), ("1.1.0", 1, 0),
                                                                         ("1.0.0", 0, 0)]
     assert reports[0].ttft_ms.p50 == 5000.0
+
+
+def test_a_request_the_new_model_takes_before_the_window_switches_is_counted_under_the_new_model():
+    """The agent hands the new model to the API, then switches telemetry to it: a request the new model took in
+    between was bound to the old model's window and counted as the old version's (found by CI, test_daemon.py
+    -k each_request_under)."""
+    w = LatencyWindow(label=OLD)
+    w.record(0.01, [0.001], 1, 0.001)
+    with w.serving(NEW) as began:  # the new model serves it; telemetry has not switched yet
+        w.switch(NEW)
+        w.record(0.02, [0.002], 1, 0.002, label=NEW, window=began)
+    assert [(r.model_version, r.count) for r in w.take("dev")] == [("1.0.0", 1), ("1.1.0", 1)]
