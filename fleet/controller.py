@@ -53,6 +53,7 @@ from agent.metrics import format_value
 from fleet.store import SILENT_AFTER_S, Store, telemetry_row
 from ota.bundle import open_bundle
 from ota.errors import BundleError
+from ota.fsutil import FileKeyedCache
 from ota.offers import make_offer
 from ota.signing import read_signature
 from ota.transfer import MAX_CHUNK_SIZE, OFFER_MAX_BYTES, ChunkRequest, ChunkResponse, ChunkSource
@@ -221,7 +222,7 @@ class FleetController:
         self._offered: OrderedDict[tuple[str, str, str], tuple[Path, float]] = OrderedDict()
         self._offered_lock = threading.Lock()
         # bundle directory -> (its files' sizes and mtimes, the checked bundle): `_offerable`
-        self._checked: OrderedDict[Path, tuple[tuple, object]] = OrderedDict()
+        self._checked = FileKeyedCache(CHECKED_KEPT)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "FleetController":
@@ -585,16 +586,10 @@ class FleetController:
         byte against the signed manifest either way."""
         root = Path(bundle_dir).resolve()
         key = _files_key(root)
-        with self._offered_lock:
-            hit = self._checked.get(root)
-        if hit is not None and key and hit[0] == key:
-            return hit[1]
-        bundle = offerable_bundle(root)
-        with self._offered_lock:
-            self._checked[root] = (key, bundle)
-            self._checked.move_to_end(root)
-            while len(self._checked) > CHECKED_KEPT:
-                self._checked.popitem(last=False)
+        bundle = self._checked.get(root, key)
+        if bundle is None:
+            bundle = offerable_bundle(root)
+            self._checked.put(root, key, bundle)
         return bundle
 
     def _check_chunk_answers(self, bundle, bundle_dir: Path, update_id: str, fleet: str, device: str) -> None:

@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import secrets
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 
@@ -85,3 +87,45 @@ def fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(dirpath))
+
+
+class FileKeyedCache:
+    """What was read from a path, kept while the path's files stay the same: `get(path, key)` returns the value
+    `put` stored under an equal key (a stat key: device, inode, size, mtime, ctime), else None; the `kept` most
+    recently used paths stay. A falsy key (the files could not be read) is never stored nor matched.
+    Thread-safe."""
+
+    def __init__(self, kept: int):
+        self.kept = kept
+        self._entries: OrderedDict[Path, tuple[tuple, object]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, key: tuple | None):
+        with self._lock:
+            hit = self._entries.get(path)
+            if hit is None or not key or hit[0] != key:
+                return None
+            self._entries.move_to_end(path)
+            return hit[1]
+
+    def put(self, path: Path, key: tuple | None, value) -> None:
+        if not key:
+            return
+        with self._lock:
+            self._entries[path] = (key, value)
+            self._entries.move_to_end(path)
+            while len(self._entries) > self.kept:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def stat_key(path: Path) -> tuple | None:
+    """(device, inode, size, mtime, ctime) of `path`, None when it cannot be read: what changes when the file is
+    replaced or rewritten (ctime too: `cp -p`, `rsync -a` and tar keep the mtime, no tool sets the ctime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns

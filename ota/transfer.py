@@ -20,10 +20,8 @@ import base64
 import binascii
 import logging
 import re
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -33,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ota.bundle import MANIFEST, Manifest, read_manifest
 from ota.errors import BundleError
+from ota.fsutil import FileKeyedCache, stat_key
 from ota.update import Offer, UpdateFailed, UpdateInterrupted
 
 MAX_RESPONSE_BYTES = 1 << 20  # the agent's default max_payload_bytes; the shipped broker allows 2 MiB packets
@@ -87,8 +86,7 @@ class ChunkSource:
         self.bundles: dict[str, Path] = {}
         # parsed manifests by bundle directory, not by update id: a rollout offers one bundle under a new
         # update id per device, and a 300 MB bundle's manifest parses to ~160 KiB (1,200 chunk hashes)
-        self._manifests: OrderedDict[Path, tuple[tuple, Manifest]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._manifests = FileKeyedCache(MANIFESTS_KEPT)
 
     def add(self, update_id: str, bundle_dir: Path) -> None:
         self.bundles[update_id] = Path(bundle_dir).resolve()
@@ -99,23 +97,11 @@ class ChunkSource:
     def _manifest(self, root: Path) -> Manifest:
         """The bundle's manifest, parsed once while its manifest.json stays the same file (a bundle copied
         over in place is read again); the MANIFESTS_KEPT most recently served are kept."""
-        try:
-            st = (root / MANIFEST).stat()
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: no tar sets it
-        except OSError:
-            key = None
-        with self._lock:
-            hit = self._manifests.get(root)
-            if hit is not None and key is not None and hit[0] == key:
-                self._manifests.move_to_end(root)
-                return hit[1]
-        manifest = read_manifest(root).manifest
-        if key is not None:
-            with self._lock:
-                self._manifests[root] = (key, manifest)
-                self._manifests.move_to_end(root)
-                while len(self._manifests) > MANIFESTS_KEPT:
-                    self._manifests.popitem(last=False)
+        key = stat_key(root / MANIFEST)
+        manifest = self._manifests.get(root, key)
+        if manifest is None:
+            manifest = read_manifest(root).manifest
+            self._manifests.put(root, key, manifest)
         return manifest
 
     def serve(self, req: ChunkRequest, root: Path | None = None) -> ChunkResponse:
