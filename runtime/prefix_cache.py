@@ -142,6 +142,7 @@ class PrefixCache:
         self._bytes = self._lookups = self._hits = self._hit_tokens = self._evictions = 0
         self._disk_bytes = 0  # bytes of this model's block files, as far as this process knows
         self._lease: tuple[Path, weakref.finalize] | None = None  # (model directory, closes the fd holding its LEASE)
+        self._previous: Path | None = None  # the directory of the model served before this one: kept for a flip back
         self._lock = threading.RLock()
 
     # --- model binding ------------------------------------------------------------------------
@@ -428,14 +429,22 @@ class PrefixCache:
         it), and a file whose parent is not kept goes too (no lookup could reach it)."""
         mine = self._dir()
         left = self._hold_lease(mine)
-        if left is not None and left != mine:
-            _remove_unused(left, idle_s=None)  # the model this process served until now: at once, if nobody else does
+        if left is not None and left != mine:  # the model this process served until now
+            before = self._previous
+            keep = self.persist_dir is not None and left.parent == self.persist_dir and any(left.glob("*" + SUFFIX))
+            self._previous = left if keep else None  # kept: a rollback (or a flip back) to it starts warm
+            if not keep:
+                _remove_unused(left, idle_s=None)  # empty, or in a persist_dir no longer used: at once
+            if before is not None and before not in (mine, left):
+                _remove_unused(before, idle_s=None)  # the model before that: at once, if nobody else serves it
+        if self._previous == mine:
+            self._previous = None  # flipped back to it: it is the current one now
         try:
             if self.persist_dir is None or not self.persist_dir.is_dir():
                 self._disk_bytes = 0
                 return
             for folder in self.persist_dir.iterdir():
-                if folder != mine and folder.is_dir() and (any(folder.glob("*" + SUFFIX)) or (folder / LEASE).exists()):
+                if folder not in (mine, self._previous) and folder.is_dir() and (any(folder.glob("*" + SUFFIX)) or (folder / LEASE).exists()):
                     _remove_unused(folder, idle_s=IDLE_S)
             entries = {}  # hash -> (path, mtime, size, parent hash)
             for f in (mine.glob("*" + SUFFIX) if mine.is_dir() else []):

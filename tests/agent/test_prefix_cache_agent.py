@@ -1,6 +1,7 @@
 """The agent's prefix cache ([cache] settings): a second request sharing a long prefix is a hit on
 /metrics with the output of a plain run, the size applies live from desired config, the cache
-follows the model served (OTA activation), and persisted prefixes survive an agent restart."""
+follows the model served (OTA activation) and finds the previous model's prefixes again after a rollback, and
+persisted prefixes survive an agent restart."""
 
 from __future__ import annotations
 
@@ -87,6 +88,14 @@ def test_a_shared_prefix_is_a_hit_with_identical_output_and_the_size_applies_liv
         assert post(agent.http.port, second) == plain(other, second)
         m = cache_metrics(port)
         assert m["edgeglm_prefix_cache_hits_total"] == 2 and m["edgeglm_prefix_cache_lookups_total"] == 5
+
+        agent.activate(config.model.bundle)  # a rollback to the model before: its prefixes come back from disk
+        back, third = agent.model, SYSTEM + SUFFIXES[2]
+        expected = plain(back, third)
+        assert post(port, third) == expected
+        m = cache_metrics(port)
+        assert m["edgeglm_prefix_cache_hits_total"] == 3
+        assert m["edgeglm_prefix_cache_hit_tokens_total"] == 2 * reusable(model, first, second) + reusable(back, second, third)
     finally:
         agent.shutdown(deadline=5.0)
 

@@ -537,8 +537,9 @@ def _age(folder, seconds: float) -> None:
         os.utime(f, (when, when))
 
 
-def test_an_ota_switch_removes_the_old_models_files_and_directory_at_once(tmp_path):
-    """Each model ever bound left its directory behind (empty but for its lease file): one per OTA version."""
+def test_an_ota_switch_keeps_the_previous_models_files_and_removes_older_ones_at_once(tmp_path):
+    """Each model ever bound left its directory behind (empty but for its lease file): one per OTA version. Now
+    the model served just before stays on disk (a rollback to it starts warm), and the one before that goes."""
     cache = PrefixCache(64 << 20, 32, tmp_path)
     cache.bind("v1")
     _persist(cache, list(range(64)))
@@ -546,8 +547,30 @@ def test_an_ota_switch_removes_the_old_models_files_and_directory_at_once(tmp_pa
     for version in ("v2", "v3", "v4"):
         cache.bind(version)
         _persist(cache, list(range(64)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["v4"]
-    assert len(list((tmp_path / "v4").glob("*.kvb"))) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v3", "v4"]
+    assert len(list((tmp_path / "v4").glob("*.kvb"))) == 2 and len(list((tmp_path / "v3").glob("*.kvb"))) == 2
+    cache.bind("v5")  # v5 never writes a block: left empty, it is not worth keeping
+    cache.bind("v6")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v6"]
+
+
+def test_a_rollback_to_the_previous_model_finds_its_prefixes_on_disk(tmp_path):
+    """A model switch deleted the outgoing model's block files at once: an OTA update that failed its probation and
+    rolled back (or an operator's A -> B -> A) started cold on the model it had served for days."""
+    prompt = list(range(64))
+    cache = PrefixCache(64 << 20, 32, tmp_path)
+    cache.bind("a")
+    _persist(cache, prompt)
+    cache.bind("b")
+    assert cache.lookup(prompt + [7], None) is None  # b's prompts never resume from a's KV
+    _persist(cache, list(range(100, 164)))
+    cache.bind("a")  # the rollback: nothing of a is in memory any more, its files are read back
+    assert cache.stats().blocks == 0
+    hit = cache.lookup(prompt + [7], None)
+    assert hit is not None and hit.length == 64 and cache.stats().blocks == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # b is now the one a rollback would need
+    cache.bind("c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c"]
 
 
 def test_a_bind_waiting_on_a_removal_holds_the_new_lease_not_the_removed_one(tmp_path):
@@ -617,7 +640,8 @@ def test_a_persist_dir_shared_with_other_programs_loses_none_of_their_files(tmp_
     cache.bind("m1")
     _persist(cache, list(range(64)))
     (tmp_path / "m1" / ".notes.tmp").write_text("someone's")
-    cache.bind("m2")  # m1 is left: its block files and lease go, the folder stays for the file that is not ours
+    cache.bind("m2")  # m1 is left: kept while it is the model before
+    cache.bind("m3")  # now its block files and lease go, the folder stays for the file that is not ours
     assert sorted(p.name for p in (tmp_path / "m1").iterdir()) == [".notes.tmp"]
     assert sorted(p.name for p in other.iterdir()) == [".download.tmp", ".lock", "data.bin"]
 
