@@ -619,7 +619,7 @@ class Agent:
         with self.http.mqtt_request(), ExitStack() as serving:  # shutdown waits for it, answer included
             served = {}  # the label of the model that took it (its telemetry window waits for this answer)
             try:
-                text, usage, finish = self._generate_for(req, serving, served)
+                text, usage, finish = self._generate_for(req, serving, served, message.received)
                 response = InferenceResponse(id=req.id, text=text, usage=usage, finish_reason=finish)
             except ApiError as exc:
                 code = {400: "bad_request", 429: "busy", 503: "model_unavailable"}.get(exc.status, "internal")
@@ -649,7 +649,9 @@ class Agent:
         except AgentError as exc:
             log.warning("MQTT inference request %s: %s", req.id, exc)
 
-    def _generate_for(self, req: InferenceRequest, serving: ExitStack, served: dict):
+    def _generate_for(self, req: InferenceRequest, serving: ExitStack, served: dict, t0: float):
+        """The answer to `req`; its telemetry (TTFT from `t0`, the request's arrival) goes to the window of the model
+        that took it."""
         # read as the HTTP API reads the same request: a chat ends at GLM's end-of-turn tokens, a stop string
         # that is a special token becomes a stop token, the chat template's [gMASK]<sop> is not added twice,
         # an empty stop string is refused (it cut every answer to nothing)
@@ -664,7 +666,7 @@ class Agent:
             gen = with_special_stops(gen, model.tokenizer)
             params, ids = gen.params, prompt_ids(gen, model)
             outcome = Outcome(len(ids))
-            t0, times = time.perf_counter(), []
+            times = []
             try:
                 handle = slot.submit(ids, params)  # the scheduler batches it with concurrent requests
             except SchedulerClosed as exc:  # the model was swapped (an OTA update) since the slot was taken

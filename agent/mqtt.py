@@ -36,7 +36,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
@@ -190,6 +190,9 @@ class Message:
     retain: bool = False
     response_topic: str | None = None  # MQTT 5 property
     correlation_data: bytes | None = None  # MQTT 5 property
+    # time.perf_counter() when the client thread took it from the socket: an inference request's TTFT counts from
+    # here, as an HTTP request's counts from its arrival (queueing, waiting for the model, tokenisation included)
+    received: float = field(default_factory=time.perf_counter, compare=False)
 
 
 @dataclass(frozen=True)

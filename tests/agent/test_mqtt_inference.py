@@ -352,3 +352,24 @@ def test_a_clients_mistakes_are_not_the_models_errors_in_telemetry(served):
     assert "text" in requester.answer("fine")
     reports = running.agent.window.take(DEVICE)
     assert (sum(r.count for r in reports), sum(r.errors for r in reports)) == (1, 0)
+
+
+def test_mqtt_ttft_counts_from_the_requests_arrival_as_http_does(served):
+    """TTFT over MQTT started after tokenisation, at the submission to the scheduler, and over HTTP at the request's
+    arrival: the same wait (a queue, a model being loaded) showed on one transport and not the other. Both count
+    from arrival now: a request that sat 2 s in the agent before it was taken has a TTFT of 2 s or more."""
+    import time
+
+    from agent.mqtt import Message
+    from agent.topics import InferenceRequest
+
+    running, requester = served
+    running.agent.window.take(DEVICE)
+    payload = json.dumps({"id": "waited", "prompt": "def f(", "max_tokens": 2}).encode()
+    arrived = time.perf_counter()
+    assert 0 <= Message("t", b"").received - arrived < 1.0  # stamped when the client thread builds it
+    message = Message(infer_request_topic(FLEET, DEVICE), payload, 1, False, REPLIES, None, received=arrived - 2.0)
+    running.agent._infer(message, InferenceRequest.model_validate_json(payload))
+    assert "text" in requester.answer("waited")
+    reports = [r for r in running.agent.window.take(DEVICE) if r.count]
+    assert len(reports) == 1 and reports[0].ttft_ms.p50 >= 2000.0, reports
