@@ -560,10 +560,10 @@ class MqttSession:
                 self._send(client, self._held.popleft())
             while self._outbox:
                 self._send(client, self._telemetry_message(self._outbox.popleft()))
+            self.stats.connects += 1  # counted before anyone waiting for "connected" can read it
             self._online.set()
             if self._losses != losses:  # ended while the above ran (its "closed" signal is queued)
                 self._online.clear()
-        self.stats.connects += 1
         log.info("MQTT connected to %s:%s with protocol %s (session present: %s)", self.settings.host,
                  self.settings.port, self.protocol, session_present)
         self.events.put(Connected(self.protocol, session_present))

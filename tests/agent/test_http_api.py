@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -663,8 +664,14 @@ def test_kv_auto_is_measured_again_once_the_previous_model_is_let_go(int8_bundle
     more is free once the old model is gone), and a box with a number of its own keeps it."""
     import agent.http_api as http_api
 
-    free = [300 << 20]
-    monkeypatch.setattr(http_api, "auto_kv_budget", lambda held=0, engine=None: (free[0] + held) // 3)
+    free, let_go = [300 << 20], threading.Event()
+
+    def budget(held=0, engine=None):
+        if threading.current_thread() is not threading.main_thread():
+            let_go.wait(30)  # the measurement after the switch: not before the test has freed the memory
+        return (free[0] + held) // 3
+
+    monkeypatch.setattr(http_api, "auto_kv_budget", budget)
     srv = side_server(model)
     try:
         assert srv._scheduler.max_kv_bytes == 100 << 20
@@ -673,6 +680,7 @@ def test_kv_auto_is_measured_again_once_the_previous_model_is_let_go(int8_bundle
         srv.set_model(other, other.golden_check())
         assert srv._scheduler.max_kv_bytes == 50 << 20  # measured with both loaded
         free[0] = 450 << 20  # ... the old one's memory comes back
+        let_go.set()
         deadline = time.monotonic() + 30
         while srv._scheduler.max_kv_bytes != 150 << 20 and time.monotonic() < deadline:
             time.sleep(0.05)

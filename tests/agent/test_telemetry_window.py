@@ -72,9 +72,9 @@ def test_a_clock_stepped_back_still_gives_each_report_its_own_window(monkeypatch
     monkeypatch.setattr("agent.telemetry.time.time", lambda: wall[0])
     w = LatencyWindow(label=OLD)
     w.record(0.01, [0.002], 1, 0.002)
+    started = real_time.monotonic()  # before the first take, which reads the monotonic clock
     reports = w.take("dev")
     wall[0] -= 3600  # the step back
-    started = real_time.monotonic()
     for n in range(4):
         w.record(0.01, [0.002], 1, 0.002)
         if n == 2:
