@@ -68,6 +68,35 @@ def test_the_penalty_reads_the_distinct_ids_kept_as_they_come():
     assert apply_repetition_penalty(logits, TokenHistory(), 1.3) is logits
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p,penalty", [
+    (1.0, 0, 1.0, 1.0), (0.7, 0, 1.0, 1.0), (1.3, 5, 1.0, 1.0), (1.0, 0, 0.9, 1.0), (0.8, 8, 0.7, 1.0),
+    (1.0, 0, 1.0, 1.3), (0.6, 12, 0.95, 1.2), (1.0, 1, 1.0, 1.0), (1.0, 0, 0.01, 1.0), (2.0, 100, 0.5, 0.8),
+])
+def test_the_sampling_distribution_is_the_one_transformers_samples_from(temperature, top_k, top_p, penalty):
+    """The probabilities a token is drawn with equal those of transformers' own logits processors, in the order
+    `generate` applies them (repetition penalty over prompt + output, temperature, top-k, top-p): an independent
+    implementation of the same settings, on logits with ties and a wide range."""
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    rng = np.random.default_rng(int(temperature * 100 + top_k * 7 + top_p * 1000 + penalty * 10))
+    for _ in range(20):
+        logits = rng.normal(scale=3.0, size=64).astype(np.float32)
+        if top_p == 1.0:  # ties (top-k keeps every token tied with the k-th, as transformers does; which of two
+            logits[rng.integers(0, 64, 4)] = logits[0]  # tied tokens top-p keeps at its cut is a sort order)
+        history = rng.integers(0, 64, 30).tolist()
+        chain = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature)])
+        if top_k:
+            chain.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            chain.append(TopPLogitsWarper(top_p))
+        scores = chain(torch.tensor([history]), torch.tensor(logits[None].astype(np.float64)))
+        expected = torch.softmax(scores, dim=-1)[0].numpy()
+        ours = logits_to_probs(apply_repetition_penalty(logits, history, penalty), temperature, top_k, top_p)
+        np.testing.assert_allclose(ours, expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("field,value", [("temperature", -0.5), ("top_p", -0.1), ("top_p", 1.5), ("top_k", -1),
                                          ("max_tokens", 0), ("repetition_penalty", 0.0), ("seed", -1), ("seed", 1.5)])
 def test_invalid_settings_name_the_field(field, value):
