@@ -28,6 +28,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,7 +80,27 @@ def cmd_export(args) -> int:
     return 0
 
 
+_STOP_SIGNALS: list[int] = []  # SIGTERMs that stopped `build` outside distillation's own handler
+
+
+def _sigterm_as_ctrl_c(signum, frame) -> None:
+    """`timeout`, `docker stop`, systemd and Kubernetes stop a build with SIGTERM: it died on the spot, losing the
+    training steps since the last checkpoint and leaving a work directory no command took. Now it stops as Ctrl-C
+    does (distillation saves its completed steps; the line says what is kept), with exit code 143."""
+    _STOP_SIGNALS.append(signum)
+    raise KeyboardInterrupt
+
+
+def _stopped_by_sigterm() -> bool:
+    distill = sys.modules.get("models.distill")
+    seen = _STOP_SIGNALS + (list(distill._CtrlC.received) if distill is not None else [])
+    return bool(seen) and seen[-1] == signal.SIGTERM
+
+
 def cmd_build(args) -> int:
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     try:
         _factory()
         from models.build import BuildInputs, format_report, run_build
@@ -595,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
             work = args.work or Path(args.out).with_name(Path(args.out).name + ".work")  # BuildInputs.create's
             after = (f"; the finished stages and the last saved training step are kept in {work}: the same "
                      f"command with --resume continues from there")
+        if args.command == "build" and _stopped_by_sigterm():
+            print(f"edgeglm {args.command}: stopped (SIGTERM){after}", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"edgeglm {args.command}: interrupted{after}", file=sys.stderr)
         return 130
 

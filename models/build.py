@@ -239,7 +239,8 @@ def check_paths(inputs: BuildInputs) -> None:
         # the build writes (and to start over, removes) its work directory: never the checkpoint's own
         raise BuildError(f"--work {work}: holds the teacher checkpoint {inputs.teacher}; choose a --work directory "
                          "of its own")
-    if inputs.resume and work.is_dir() and any(work.iterdir()) and not (work / STATE).is_file():
+    tokens_only = work.is_dir() and not (work / STATE).is_file() and _clear_killed_tokenizing(work)
+    if inputs.resume and work.is_dir() and any(work.iterdir()) and not (work / STATE).is_file() and not tokens_only:
         raise BuildError(f"--resume: --work {work} holds files but no {STATE} (not a build's work directory); "
                          "choose the --work of the build to continue, or an empty or new one to start over")
     if work.resolve() == inputs.out.resolve():
@@ -263,9 +264,35 @@ def check_paths(inputs: BuildInputs) -> None:
                     f"--resume after removing {work} or with another --work directory")
     elif work.is_dir() and any(work.iterdir()):
         done = _stages_done(_read_state(state)) if state.is_file() else []
-        what = f"a build stopped after {done[-1]}" if done else "a previous build?"
+        what = f"a build stopped after {done[-1]}" if done else \
+            "a build stopped while tokenizing: its token cache" if tokens_only else "a previous build?"
         raise BuildError(f"--work {work}: not empty ({what}); pass --resume to continue it, or remove it or "
                          "choose another --work directory to start over")
+
+
+TOKEN_CACHE_FILE = re.compile(r"tokens-[0-9a-f]+\.(bin|json|partial|json\.partial)")
+
+
+def _clear_killed_tokenizing(work: Path) -> None:
+    """A build killed while tokenizing (SIGKILL, a power cut: nothing could clean up) left `work` holding only its
+    token cache, without a state: every later command refused it ("not empty" without --resume, "not a build's
+    work directory" with it). Its partial files go, a finished token file stays (the cache is keyed by the
+    tokenizer and the files, so it is reused only for the same input), and an emptied directory goes. True when
+    `work` holds nothing else than such a cache (or nothing now): --resume may continue there."""
+    tokens = work / "tokens"
+    if [e.name for e in work.iterdir()] != ["tokens"] or not tokens.is_dir():
+        return False
+    files = list(tokens.iterdir())
+    if not all(f.is_file() and TOKEN_CACHE_FILE.fullmatch(f.name) for f in files):
+        return False
+    partial = [f for f in files if f.name.endswith(".partial")]
+    for f in partial:
+        f.unlink(missing_ok=True)
+    if not any(tokens.iterdir()):
+        tokens.rmdir()
+    if partial:
+        log.warning("%s: cleared the partial token files of a build stopped while tokenizing", work)
+    return True
 
 
 def check_device(recipe: Recipe, settings: DistillSettings) -> None:
@@ -659,6 +686,12 @@ def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
                     _remove_new_work(work, existed, made_parents)
             if interrupted:
                 raise _interrupted(work, reached) from None
+            if isinstance(exc, OSError):  # a full disk while tokenizing, an unreadable directory: one line
+                where = f"{exc.filename}: " if exc.filename else ""
+                left = f"the stages done are kept in {work}: rerun with --resume once the cause is fixed" \
+                    if (work / STATE).is_file() else "nothing was kept" if not work.exists() else \
+                    f"{work} is left as it was"
+                raise BuildError(f"{where}{exc.strerror or exc}; {left}") from None
             raise
         bar.update(2)
         try:

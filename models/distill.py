@@ -48,10 +48,12 @@ token budget the corpus cannot fill within `max_passes` passes, a warm-up longer
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -268,9 +270,20 @@ def _set_rng_state(state: dict) -> None:
 def _save_state(path: Path, step: int, student, opt, sched, settings: DistillSettings, last: dict,
                 train_seconds: float | None, device) -> None:
     tmp = path.with_suffix(".partial")
-    torch.save({"step": step, "model": student.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": _rng_state(), "settings": settings.to_dict(),
-                "last": last, "train_seconds": train_seconds, "device": str(device)}, tmp)
+    try:
+        torch.save({"step": step, "model": student.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": _rng_state(), "settings": settings.to_dict(),
+                    "last": last, "train_seconds": train_seconds, "device": str(device)}, tmp)
+    except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as a RuntimeError ("unexpected pos")
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.strerror:
+            why = exc.strerror
+        else:
+            free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
+            why = f"the write failed ({str(exc).splitlines()[0][:200]})" + (
+                f"; {free / 1e6:.0f} MB free there: a full disk?" if free is not None else "")
+        raise OSError(errno.EIO, f"cannot save the training state of step {step}: {why} (the step saved before it "
+                                 f"is kept)", str(path)) from None
     os.replace(tmp, path)
 
 
@@ -423,25 +436,31 @@ def _train_step(student, teacher, sampler: WindowSampler, step: int, opt, sched,
 
 
 class _CtrlC:
-    """The first Ctrl-C during training sets `pressed` (the loop saves and stops after the current
-    step); a second one interrupts at once. Only the main thread can own SIGINT; elsewhere, no-op."""
+    """The first Ctrl-C or SIGTERM (`timeout`, `docker stop`, systemd, Kubernetes) during training sets `pressed`
+    (the loop saves and stops after the current step); a second one interrupts at once. Only the main thread can
+    own signals; elsewhere, no-op."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    received: list[int] = []  # the signals that stopped a training (the CLI's exit code: 130 or 143)
 
     def __init__(self):
         self.pressed = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self) -> "_CtrlC":
         # a build started in the background by a script inherits SIGINT ignored, as every other stage keeps it
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
+        _CtrlC.received.append(signum)
         if self.pressed:
             raise KeyboardInterrupt
         self.pressed = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

@@ -735,9 +735,12 @@ import agent.cli, models.build, models.data
 
 hook, argv = sys.argv[1], json.loads(sys.argv[2])
 
+SIG = signal.SIGTERM if hook.endswith("-sigterm") else signal.SIGINT  # `timeout`, docker, systemd, Kubernetes
+hook = hook.removesuffix("-sigterm")
+
 def ctrl_c(*_args, **_kwargs):
-    signal.raise_signal(signal.SIGINT)  # Python raises KeyboardInterrupt from its handler
-    raise AssertionError("SIGINT did not interrupt")
+    signal.raise_signal(SIG)  # Python raises KeyboardInterrupt from its handler (the CLI's, for SIGTERM)
+    raise AssertionError("the signal did not interrupt")
 
 def never(*_args, **_kwargs):
     raise AssertionError("a stage done ran again")
@@ -763,7 +766,7 @@ else:
         def distill(student, teacher, train, settings, work_dir, **kwargs):
             def on_step(step, _metrics):
                 if step == 3:
-                    signal.raise_signal(signal.SIGINT)
+                    signal.raise_signal(SIG)
             return real_distill(student, teacher, train, settings, work_dir, **kwargs, on_step=on_step)
         models.build.distill = distill
     elif hook in ("export", "finish"):
@@ -824,6 +827,91 @@ def test_ctrl_c_at_every_stage_keeps_what_it_says_and_resume_continues(raw_teach
     assert proc.returncode == 0, proc.stderr
     report = json.loads((work / "report.json").read_text())
     assert report["distill"]["resumed_from_step"] == 4 and (out / "manifest.json").is_file()
+
+
+def test_sigterm_stops_a_build_as_ctrl_c_does_saving_the_steps_trained(raw_teacher, tmp_path):
+    """SIGTERM (what `timeout`, `docker stop`, systemd and Kubernetes send) killed the build on the spot: the
+    training steps since the last checkpoint were lost (edge-small saves every 200), and one sent while tokenizing
+    left a work directory that neither the same command nor --resume took."""
+    out, work = tmp_path / "bundle", tmp_path / "bundle.work"
+    args = ["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()), "--recipe", str(QUICK),
+            "--out", str(out), "--quiet"]
+    proc = _build("tokenizing-sigterm", args)
+    assert proc.returncode == 143, proc.stderr
+    _said(proc, "edgeglm build: stopped (SIGTERM) while tokenizing the corpus, before any stage finished: nothing "
+                "was kept; run the same command again to start over")
+    assert list(tmp_path.iterdir()) == []
+    for hook, argv in (("check-sigterm", args), ("prune-sigterm", args + ["--resume"])):
+        proc = _build(hook, argv)
+        assert proc.returncode == 143 and "stopped (SIGTERM) while" in proc.stderr, proc.stderr
+    proc = _build("distill-sigterm", args + ["--resume"])
+    assert proc.returncode == 143, proc.stderr
+    _said(proc, f"edgeglm build: stopped (SIGTERM) while distilling; the stages done (check, tokenize, prune) are "
+                f"kept in {work}, with distillation's last saved training step (step 4 of 16): the same command "
+                "with --resume continues from there")
+    import torch
+
+    assert torch.load(work / "distill" / "state.pt", map_location="cpu", weights_only=False)["step"] == 4
+
+
+def test_a_build_killed_while_tokenizing_leaves_a_work_directory_the_next_command_takes(raw_teacher, tmp_path):
+    """SIGKILL or a power cut while tokenizing left `tokens/*.partial` and no state.json: the same command said
+    "not empty ... pass --resume", and --resume said "not a build's work directory"."""
+    from models.build import BuildError, BuildInputs, check_paths
+    from models.recipe import load_recipe
+
+    def checked(resume: bool) -> None:  # what `edgeglm build` checks before it writes anything
+        check_paths(BuildInputs.create(raw_teacher, corpus_files(), load_recipe(str(QUICK)), tmp_path / "b", work,
+                                       resume))
+
+    work = tmp_path / "b.work"
+    (work / "tokens").mkdir(parents=True)
+    (work / "tokens" / "tokens-0123abcd.partial").write_bytes(b"\0" * 100)
+    checked(False)
+    assert not work.exists() or list(work.iterdir()) == []  # the partial file went: a fresh build starts there
+    (work / "tokens").mkdir(parents=True, exist_ok=True)
+    (work / "tokens" / "tokens-0123abcd.bin").write_bytes(b"\0" * 8)  # a finished token file: kept, --resume goes on
+    (work / "tokens" / "tokens-0123abcd.json.partial").write_text("{")
+    checked(True)
+    assert sorted(p.name for p in (work / "tokens").iterdir()) == ["tokens-0123abcd.bin"]
+    (work / "notes.txt").write_text("someone's")  # anything else: not the build's to clear
+    with pytest.raises(BuildError, match="holds files but no state.json"):
+        checked(True)
+
+
+def test_a_full_disk_while_tokenizing_or_saving_a_training_step_is_one_line(raw_teacher, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A full disk while tokenizing ended in a traceback (only the stages' OSErrors were one line), and one
+    while distillation saved its state in torch's RuntimeError ("unexpected pos ..."), leaving state.partial."""
+    import errno
+
+    import torch
+
+    import models.data
+    import models.distill
+
+    real_pieces = models.data._pieces
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "b.work" / "tokens" / "t.partial"))
+        yield from real_pieces(path)
+    monkeypatch.setattr(models.data, "_pieces", full)
+    _build_refused(capsys, raw_teacher, corpus_files(), QUICK, tmp_path / "b",
+                   ["t.partial: No space left on device; nothing was kept"])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(models.data, "_pieces", real_pieces)
+
+    real_save = torch.save
+
+    def torch_full(obj, path, *a, **k):
+        Path(path).write_bytes(b"cut short")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 120715392 vs 120715344")
+    monkeypatch.setattr(models.distill.torch, "save", torch_full)
+    _build_refused(capsys, raw_teacher, corpus_files(), QUICK, tmp_path / "b",
+                   ["state.pt: cannot save the training state of step 8: the write failed ([enforce fail",
+                    "a full disk?", "the stages done (check, tokenize, prune) are kept", "--resume"])
+    assert not list((tmp_path / "b.work" / "distill").glob("*.partial"))
+    monkeypatch.setattr(models.distill.torch, "save", real_save)
 
 
 def test_ctrl_c_before_the_build_starts_says_nothing_was_written(tmp_path):
