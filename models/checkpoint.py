@@ -10,6 +10,7 @@ problem is raised as one `CheckpointError` naming the file.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -227,6 +228,25 @@ def load_checkpoint(ckpt: str | Path) -> tuple[GlmConfig, GlmForCausalLM]:
     return cfg, model.eval()
 
 
+def _save_file(tensors: dict, path: Path) -> None:
+    """safetensors' save_file, with the file mode every other file of the checkpoint gets (0644 under the usual
+    umask): safetensors 0.8 writes 0600, so a service user other than the builder could not read the weights."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def save_checkpoint(model: GlmForCausalLM, out: str | Path, tokenizer_json: Path | None = None,
                     max_shard_bytes: int | None = None) -> Path:
     """Write a standard HF checkpoint (fp32 safetensors, sharded above `max_shard_bytes`)."""
@@ -237,7 +257,7 @@ def save_checkpoint(model: GlmForCausalLM, out: str | Path, tokenizer_json: Path
              if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     if max_shard_bytes is None:
-        save_file(state, str(out / SINGLE_FILE), metadata={"format": "pt"})
+        _save_file(state, out / SINGLE_FILE)
     else:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -251,7 +271,7 @@ def save_checkpoint(model: GlmForCausalLM, out: str | Path, tokenizer_json: Path
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            _save_file(shard, out / fname)
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         (out / INDEX_FILE).write_text(json.dumps(
