@@ -137,14 +137,19 @@ class DistillSettings:
 
     def __post_init__(self) -> None:
         problems = self.field_problems(asdict(self))
-        if not problems:  # the settings that depend on others, once each of them is valid
-            if self.kl_weight == 0 and self.ce_weight == 0:
-                problems.append(("kl_weight", self.kl_weight, "> 0 where ce_weight = 0 (at least one loss "
-                                 "weight must be > 0)"))
+        bad = {name for name, _, _ in problems}
+
+        def valid(*names: str) -> bool:  # a setting that depends on others is checked once each of them is valid
+            return not bad.intersection(names)
+
+        if valid("kl_weight", "ce_weight") and self.kl_weight == 0 and self.ce_weight == 0:
+            problems.append(("kl_weight", self.kl_weight, "> 0 where ce_weight = 0 (at least one loss "
+                             "weight must be > 0)"))
+        if valid("batch_size", "seq_len", "token_budget"):
             if self.tokens_per_step > self.token_budget:
                 problems.append(("token_budget", self.token_budget, f">= {self.tokens_per_step}, one batch "
                                  "(batch_size * seq_len)"))
-            elif self.warmup_steps >= self.steps:
+            elif valid("warmup_steps") and self.warmup_steps >= self.steps:
                 problems.append(("warmup_steps", self.warmup_steps, f"< the run's {self.steps} steps "
                                  "(token_budget // (batch_size * seq_len))"))
         if problems:

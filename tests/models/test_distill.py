@@ -202,6 +202,9 @@ def test_windows_cover_the_corpus_in_a_seeded_order_per_epoch(source, tmp_path):
     (dict(token_budget=100), ["token_budget=100", "one batch", ">= 128"]),
     (dict(device="tpu"), ["device='tpu'", "auto, cpu, cuda"]),
     (dict(batch_size=0), ["batch_size=0", ">= 1"]),
+    # every problem at once: a setting that depends on others is checked where those others are valid
+    (dict(temperature=0.0, kl_weight=0.0, ce_weight=0.0), ["temperature=0.0", "where ce_weight = 0"]),
+    (dict(lr=0.0, warmup_steps=50), ["lr=0.0", "warmup_steps=50"]),
 ])
 def test_bad_settings_name_the_setting_and_its_range(changes, words):
     base = dict(batch_size=4, seq_len=32, token_budget=4 * 32 * 10, warmup_steps=2)
