@@ -42,11 +42,14 @@ Design.
   another model's directory) or whose tokens do not hash to its name is ignored with a warning
   and deleted. Evicting a block deletes its file, and `bind` trims the directory to `max_bytes`
   (oldest files first) and removes the block files of other models that no process serves, so
-  the disk holds at most what memory may, per model in use. Every process bound to a model holds
+  the disk holds at most what memory may per model: the one in use and the one served just before
+  it (kept for a rollback). Every process bound to a model holds
   its directory's LEASE file (a shared flock, gone with the process): two processes (two agents
   given one `cache.persist_dir`) sharing it with different models keep each other's files. A
-  bind to another model removes the previous model's directory at once (unless another process
-  holds it), and the directory of a model no process holds once nothing in it changed for
+  bind to another model keeps the directory of the model it leaves (this process's memory of it,
+  not a lease: another process sharing the directory may remove it after IDLE_S) and removes the
+  one before that at once (unless another process holds it), and the directory of a model no
+  process holds once nothing in it changed for
   IDLE_S (an agent restarting keeps its files; a crashed one's go later). A lookup or
   insert makes its block hashes with one read of block_tokens and gives up (a miss, nothing
   stored) when `reconfigure` changed the size meanwhile.
@@ -195,6 +198,9 @@ class PrefixCache:
         with self._lock:
             if (block_tokens, persist_dir) != (self.block_tokens, self.persist_dir):
                 self._drop_all()
+                if block_tokens != self.block_tokens and self._previous is not None:
+                    _remove_unused(self._previous, idle_s=None)  # its blocks are of the old size: no lookup reads them
+                    self._previous = None
                 self.block_tokens, self.persist_dir = block_tokens, persist_dir
                 if self.model_key is not None:
                     self._tidy_disk()

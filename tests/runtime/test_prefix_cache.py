@@ -571,6 +571,8 @@ def test_a_rollback_to_the_previous_model_finds_its_prefixes_on_disk(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # b is now the one a rollback would need
     cache.bind("c")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c"]
+    cache.reconfigure(64 << 20, 16, tmp_path)  # a's blocks are of 32 tokens: no lookup of 16 could read them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
 def test_a_bind_waiting_on_a_removal_holds_the_new_lease_not_the_removed_one(tmp_path):
