@@ -273,7 +273,7 @@ def check_paths(inputs: BuildInputs) -> None:
 TOKEN_CACHE_FILE = re.compile(r"tokens-[0-9a-f]+\.(bin|json|partial|json\.partial)")
 
 
-def _clear_killed_tokenizing(work: Path) -> None:
+def _clear_killed_tokenizing(work: Path) -> bool:
     """A build killed while tokenizing (SIGKILL, a power cut: nothing could clean up) left `work` holding only its
     token cache, without a state: every later command refused it ("not empty" without --resume, "not a build's
     work directory" with it). Its partial files go, a finished token file stays (the cache is keyed by the
