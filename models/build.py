@@ -68,6 +68,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -631,6 +632,15 @@ def _interrupted(work: Path, reached: _Reached, detail: str = "") -> BuildInterr
                             "the same command with --resume continues from there")
 
 
+def _say_resuming(inputs: BuildInputs, state: "_State", progress: bool) -> None:
+    """One line on stderr (not with --quiet) when --resume found stages done; distillation's own line says the
+    step it continues from (models/distill.py)."""
+    done = _stages_done(state.data)
+    if progress and inputs.resume and done:
+        tqdm.write(f"edgeglm build: resuming {inputs.work}: done before ({', '.join(done)}) kept, not redone",
+                   file=sys.stderr)
+
+
 def _resume_hint(work: Path, state: "_State") -> str:
     done = ", ".join(_stages_done(state.data))
     return (f"the stages done ({done}) are kept in {work}: rerun with --resume once the cause is fixed "
@@ -655,6 +665,7 @@ def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
         try:
             plan, train, heldout = plan_build(inputs, progress, reached)
             state = _State(inputs)
+            _say_resuming(inputs, state, progress)
             # what the earlier run recorded of the inputs (a work directory of an older edgeglm has no
             # corpus_sha256 and no teacher_sha256: what it lacks is not compared)
             previous = state.done("check")

@@ -55,6 +55,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -380,6 +381,11 @@ def distill(student: GlmForCausalLM, teacher: GlmForCausalLM | None, train_sourc
         start, last = state["step"], state["last"]
         earlier_seconds, saved_device = state.get("train_seconds"), state.get("device")
         _trim_log(log_path, start)
+        if progress:
+            tqdm.write(f"{'distill' if teacher is not None else 'train'}: "
+                       + (f"resuming after step {start} of {settings.steps} (saved in {state_path})"
+                          if start < settings.steps else f"all {start} steps were trained by an earlier run"),
+                       file=sys.stderr)
     else:
         log_path.unlink(missing_ok=True)
 

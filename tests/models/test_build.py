@@ -807,12 +807,13 @@ def test_ctrl_c_at_every_stage_keeps_what_it_says_and_resume_continues(raw_teach
     args = ["build", "--teacher", str(raw_teacher), "--corpus", *map(str, corpus_files()), "--recipe", str(QUICK),
             "--out", str(out), "--quiet"]
 
-    def interrupted(hook: str, argv, doing: str, done: str, step: str = "") -> None:
+    def interrupted(hook: str, argv, doing: str, done: str, step: str = "") -> subprocess.CompletedProcess:
         proc = _build(hook, argv)
         assert proc.returncode == 130, proc.stderr
         _said(proc, f"edgeglm build: interrupted while {doing}; the stages done ({done}) are kept in {work}{step}: "
                     "the same command with --resume continues from there")
         assert not out.exists()
+        return proc
 
     interrupted("check", args, "checking the corpus size", "tokenize")
     state = json.loads((work / "state.json").read_text())
@@ -822,7 +823,11 @@ def test_ctrl_c_at_every_stage_keeps_what_it_says_and_resume_continues(raw_teach
     interrupted("distill", args + ["--resume"], "distilling", "check, tokenize, prune",
                 ", with distillation's last saved training step (step 4 of 16)")
     assert (work / "distill" / "state.pt").is_file() and not (work / "distilled").exists()
-    interrupted("export", args + ["--resume"], "exporting the bundle", "check, tokenize, prune, distill, evaluate")
+    # without --quiet, a resume says what it does not redo and the step distillation continues after
+    proc = interrupted("export", [a for a in args if a != "--quiet"] + ["--resume"], "exporting the bundle",
+                       "check, tokenize, prune, distill, evaluate")
+    assert f"edgeglm build: resuming {work}: done before (check, tokenize, prune) kept, not redone" in proc.stderr
+    assert f"distill: resuming after step 4 of 16 (saved in {work / 'distill' / 'state.pt'})" in proc.stderr
     proc = _build("finish", args + ["--resume"])
     assert proc.returncode == 0, proc.stderr
     report = json.loads((work / "report.json").read_text())

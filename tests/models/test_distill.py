@@ -68,7 +68,7 @@ def read_log(work: Path) -> list[dict]:
     return [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
 
 
-def test_resume_after_interruption_gives_identical_weights_and_data_order(teacher, source, tmp_path):
+def test_resume_after_interruption_gives_identical_weights_and_data_order(teacher, source, tmp_path, capsys):
     settings = DistillSettings(temperature=2.0, kl_weight=0.5, ce_weight=0.5, lr=3e-3, min_lr=1e-4,
                                warmup_steps=2, batch_size=4, seq_len=32, token_budget=4 * 32 * 10,
                                checkpoint_every=3, device="cpu")
@@ -87,9 +87,14 @@ def test_resume_after_interruption_gives_identical_weights_and_data_order(teache
     with pytest.raises(Crash):
         distill(broken, teacher, source, settings, tmp_path / "broken", progress=False, on_step=crash_at_step_7)
     resumed = pruned_student(teacher, calib(teacher))  # a fresh process would start from the initial student
-    report = distill(resumed, teacher, source, settings, tmp_path / "broken", progress=False)
+    capsys.readouterr()
+    report = distill(resumed, teacher, source, settings, tmp_path / "broken", progress=True)
 
     assert report.resumed_from_step == 6
+    state = tmp_path / "broken" / "state.pt"
+    assert f"distill: resuming after step 6 of 10 (saved in {state})" in capsys.readouterr().err
+    distill(resumed, teacher, source, settings, tmp_path / "broken", progress=True)
+    assert "distill: all 10 steps were trained by an earlier run" in capsys.readouterr().err
     for name, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
         assert not torch.equal(value, init.state_dict()[name]) or "norm" in name, f"{name} was not trained"
