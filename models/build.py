@@ -649,7 +649,10 @@ def _resume_hint(work: Path, state: "_State") -> str:
 
 def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
     """Run every stage (skipping those a resumed build has done); returns the compression report."""
-    bar = tqdm(total=len(STAGES), desc="build", unit="stage", disable=not progress, leave=True)
+    # no ETA or rate: stages differ in length by orders of magnitude (an average per stage predicted 10 s
+    # left at the start of a distillation of minutes); each stage's own bar below has its ETA
+    bar = tqdm(total=len(STAGES), desc="build", unit="stage", disable=not progress, leave=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} stages [{elapsed}{postfix}]")
     reached = _Reached()
 
     def stage(name: str) -> None:
