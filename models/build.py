@@ -84,8 +84,8 @@ from models.data import DataError, TextSource, TokenCorpus, corpus_from_ids, tex
 from models.distill import DistillError, DistillSettings, distill, resolve_device
 from models.errors import CheckpointError, ExportError
 from models.prune import (
-    PruneSpec, activation_importance, kept_indices, magnitude_importance, non_embedding_params, prune_model,
-    solve_spec,
+    PruneError, PruneSpec, activation_importance, kept_indices, magnitude_importance, non_embedding_params,
+    prune_model, solve_spec,
 )
 from models.recipe import RECIPES_DIR, Recipe, bundle_name_problem, load_recipe
 from ota.errors import BundleError
@@ -401,21 +401,20 @@ def student_spec(recipe: Recipe, cfg: GlmConfig) -> PruneSpec:
     return spec
 
 
-def check_context(recipe: Recipe, settings: DistillSettings, cfg: GlmConfig, teacher: Path) -> None:
+def check_context(recipe: Recipe, settings: DistillSettings, cfg: GlmConfig, teacher: Path) -> list[str]:
     """Every window the build runs the models on fits the teacher's context window: positions past its
     max_position_embeddings are ones it was never trained on, and ones the edge runtime never runs (it stops
-    there), so training on them or scoring them gives a student and a report that mean nothing."""
+    there), so training on them or scoring them gives a student and a report that mean nothing. Returns a
+    problem per window too long."""
     p = recipe.prune
     windows = [("[distill] seq_len", settings.seq_len), ("[eval] seq_len", recipe.eval.seq_len)]
     if p.importance == "activation":  # calibration_windows: windows of at most calibration_tokens
         windows.insert(0, ("[prune] calibration_seq_len", p.calibration_seq_len) if p.calibration_seq_len <=
                        p.calibration_tokens else ("[prune] calibration_tokens", p.calibration_tokens))
     limit = cfg.max_position_embeddings
-    for where, length in windows:
-        if length > limit:
-            raise BuildError(f"{recipe.source}: {where} = {length} is longer than the teacher's context window "
-                             f"(max_position_embeddings = {limit} in {teacher / 'config.json'}): must be <= {limit}; "
-                             "nothing was written")
+    return [f"{recipe.source}: {where} = {length} is longer than the teacher's context window "
+            f"(max_position_embeddings = {limit} in {teacher / 'config.json'}): must be <= {limit}"
+            for where, length in windows if length > limit]
 
 
 def check_data(recipe: Recipe, corpus: TokenCorpus, settings: DistillSettings) -> dict:
@@ -540,9 +539,15 @@ def plan_build(inputs: BuildInputs, progress: bool = True,
                     "(docs/factory.md); leave it out of new recipes (a build in progress resumes only with the "
                     "settings it started with)", recipe.source, recipe.quantize.block)
     teacher_cfg = check_teacher(inputs.teacher)
-    spec = student_spec(recipe, teacher_cfg)
-    student_cfg = spec.target_config(teacher_cfg, f"{recipe.source}: [prune]")
-    check_context(recipe, settings, teacher_cfg, inputs.teacher)
+    problems = []  # what the recipe asks of this teacher: every problem in one line
+    try:
+        spec = student_spec(recipe, teacher_cfg)
+        student_cfg = spec.target_config(teacher_cfg, f"{recipe.source}: [prune]")
+    except PruneError as exc:
+        problems.append(str(exc))
+    problems += check_context(recipe, settings, teacher_cfg, inputs.teacher)
+    if problems:
+        raise BuildError("; ".join(problems) + "; nothing was written")
     check_bundle_name(inputs)
     check_paths(inputs)
     files = corpus_files(inputs)  # DataError names a missing corpus file

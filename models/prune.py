@@ -70,12 +70,23 @@ class PruneSpec:
     num_attention_heads: int | None = None  # optional; must be num_key_value_heads * the teacher's group size
 
     def target_config(self, cfg: GlmConfig, source: str = "prune spec") -> GlmConfig:
-        """The pruned model's config; `PruneError` naming `source` and the range if a size is impossible."""
-        layers = _check_size(self.num_layers, cfg.num_hidden_layers, f"{source}: num_layers",
-                             "decoder layers")
-        ffn = _check_size(self.intermediate_size, cfg.intermediate_size, f"{source}: intermediate_size",
-                          "FFN channels per layer")
-        kv = self._kv_groups(cfg, source)
+        """The pruned model's config; `PruneError` naming `source` and the range of every impossible size (all of
+        them in one message, so that one fix of the recipe is enough)."""
+        problems: list[str] = []
+
+        def checked(check, *args):
+            try:
+                return check(*args)
+            except PruneError as exc:
+                problems.append(str(exc))
+
+        layers = checked(_check_size, self.num_layers, cfg.num_hidden_layers, f"{source}: num_layers",
+                         "decoder layers")
+        ffn = checked(_check_size, self.intermediate_size, cfg.intermediate_size, f"{source}: intermediate_size",
+                      "FFN channels per layer")
+        kv = checked(self._kv_groups, cfg, source)
+        if problems:
+            raise PruneError("; ".join(problems))
         return dataclasses.replace(cfg, num_hidden_layers=layers, intermediate_size=ffn,
                                    num_key_value_heads=kv, num_attention_heads=kv * cfg.group_size)
 

@@ -408,6 +408,26 @@ def test_windows_longer_than_the_teachers_context_window_are_refused(raw_teacher
     assert not out.exists() and not out.with_name("bundle.work").exists()
 
 
+def test_every_problem_the_recipe_has_with_the_teacher_comes_in_one_line(raw_teacher, tmp_path, capsys):
+    """The checks against the teacher (sizes to keep, windows within its context) stopped at the first: a recipe
+    with four problems took four runs to fix."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(raw_teacher, teacher)
+    cfg = json.loads((teacher / "config.json").read_text())
+    cfg["max_position_embeddings"] = 48
+    (teacher / "config.json").write_text(json.dumps(cfg))
+    recipe = _recipe(tmp_path, **{"target_fraction = 0.5": "num_layers = 5\nintermediate_size = 100000",
+                                  "num_key_value_heads = 1": "num_key_value_heads = 9"})
+    out = tmp_path / "bundle"
+    _build_refused(capsys, teacher, corpus_files(), recipe, out, [
+        f"[prune]: num_layers=5 is out of range: keep 1..{cfg['num_hidden_layers']} decoder layers",
+        f"[prune]: intermediate_size=100000 is out of range: keep 1..{cfg['intermediate_size']}",
+        f"[prune]: num_key_value_heads=9 is out of range: keep 1..{cfg['num_key_value_heads']}",
+        "[prune] calibration_seq_len = 64 is longer", "[distill] seq_len = 64 is longer",
+        "[eval] seq_len = 64 is longer", "must be <= 48; nothing was written"])
+    assert not out.exists() and not out.with_name("bundle.work").exists()
+
+
 @pytest.mark.parametrize("out", [".", "..", "/"])
 def test_an_out_that_names_no_directory_is_one_line(raw_teacher, out):
     from models.build import BuildError, BuildInputs
