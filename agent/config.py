@@ -320,7 +320,7 @@ def with_updates(cfg: AgentConfig, desired: dict) -> AgentConfig:
     is not a port, `"no"` not a boolean). On error `cfg` is untouched and the ConfigError
     names the field.
     """
-    desired = nest(desired)
+    desired = canonical_settings(desired)
     source = "the desired-config update"
     wrong_types = _wrong_types(desired, source, "JSON")
     merged = _deep_update(cfg.model_dump(), desired)
@@ -353,6 +353,26 @@ def nest(flat: dict) -> dict:
             node[leaf] = _merge_once(node[leaf], value, ".".join([*parents, leaf]))
         else:
             node[leaf] = value
+    return out
+
+
+def canonical_settings(update: dict) -> dict:
+    """`nest(update)` with every section and setting name spelled as the config spells it: `SAMPLING` is
+    `sampling`, as in the config file (case_sensitive=False). Before, {"SAMPLING": {"top_k": 5}} was validated
+    beside the running "sampling" and silently had no effect. Names that are no setting are kept as given (the
+    validation names them)."""
+    return _canonical(AgentConfig, nest(update), ())
+
+
+def _canonical(model: type[BaseModel], data: dict, prefix: tuple[str, ...]) -> dict:
+    names = {name.lower(): name for name in model.model_fields}
+    out: dict = {}
+    for key, value in data.items():
+        name = key if key in model.model_fields else names.get(str(key).lower(), key)
+        sub = _unwrap(model.model_fields[name].annotation) if name in model.model_fields else None
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            value = _canonical(sub, value, (*prefix, name))
+        out[name] = _merge_once(out[name], value, ".".join((*prefix, name))) if name in out else value
     return out
 
 
@@ -392,20 +412,37 @@ def _read_toml(path: Path) -> dict:
 
 # --- error messages -------------------------------------------------------------------------------
 
+MAX_PROBLEMS = 12  # problems named in one error; a payload of a thousand mistakes must not make a megabyte of text
+MAX_SHOWN = 80  # characters of a value or key shown in an error
+
+
+def join_problems(problems: list[str]) -> str:
+    """The first MAX_PROBLEMS of `problems` joined by "; ", and how many more there are."""
+    more = len(problems) - MAX_PROBLEMS
+    return "; ".join(problems[:MAX_PROBLEMS] + ([f"and {more} more problem{'s' * (more > 1)}"] if more > 0 else []))
+
+
 def _invalid(problems: list[str]) -> str:
-    return "invalid config: " + "; ".join(problems)
+    return "invalid config: " + join_problems(problems)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 20]}... ({len(text)} characters)"
 
 
 def _problems(exc: ValidationError, source_of, skip=()) -> list[str]:
     """One text per field that failed (a union's failed members make one text), fields in `skip` left out."""
-    problems: list[str] = []
+    problems: list[str | tuple] = []
     fields: dict[tuple[str, ...], list[tuple[tuple[str, ...], dict]]] = {}
+    unknown: dict[tuple, list[str]] = {}  # (section, source) -> the names there that are not settings
     for err in exc.errors(include_url=False):
         loc = tuple(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            known = ", ".join(_known_fields(loc[:-1])) or "none"
-            where = ".".join(loc[:-1]) or "the top level"
-            problems.append(f"{'.'.join(loc)} (from {source_of(loc)}) is not a setting; allowed in {where}: {known}")
+        if err["type"] == "extra_forbidden":  # one text per section, its allowed names once
+            key = ("unknown", loc[:-1], source_of(loc))
+            if key not in unknown:
+                unknown[key] = []
+                problems.append(key)
+            unknown[key].append(_clip(".".join(loc)))
             continue
         floc = _field_loc(loc)
         if floc in skip:
@@ -414,7 +451,17 @@ def _problems(exc: ValidationError, source_of, skip=()) -> list[str]:
             fields[floc] = []
             problems.append(floc)  # type: ignore[arg-type]  # replaced below, in order
         fields[floc].append((loc, err))
-    return [p if isinstance(p, str) else _field_problem(p, fields[p], source_of(p)) for p in problems]
+    return [_unknown_problem(p[1], p[2], unknown[p]) if p in unknown else _field_problem(p, fields[p], source_of(p))
+            for p in problems]
+
+
+def _unknown_problem(section: tuple[str, ...], source: str, names: list[str]) -> str:
+    known = ", ".join(_known_fields(section)) or "none"
+    where = ".".join(section) or "the top level"
+    listed = ", ".join(names[:MAX_PROBLEMS]) + (f" and {len(names) - MAX_PROBLEMS} more" if len(names) > MAX_PROBLEMS
+                                                else "")
+    verb = "is not a setting" if len(names) == 1 else "are not settings"
+    return f"{listed} (from {source}) {verb}; allowed in {where}: {known}"
 
 
 def _field_problem(floc: tuple[str, ...], errs: list, source: str) -> str:
@@ -463,7 +510,7 @@ def _plain(err: dict) -> str:
 def _shown(loc: tuple[str, ...], value: Any) -> str:
     if _is_secret(loc):
         return "'**********'"
-    return value.isoformat() if isinstance(value, (datetime.date, datetime.time)) else repr(value)  # TOML dates
+    return value.isoformat() if isinstance(value, (datetime.date, datetime.time)) else _clip(repr(value))  # TOML dates
 
 
 # --- strict types for typed sources (the TOML file, a JSON desired-config update) -----------------
@@ -656,6 +703,19 @@ def _field_loc(loc: tuple[str, ...]) -> tuple[str, ...]:
         model = _unwrap(model.model_fields[part].annotation)
         n += 1
     return loc[:n]
+
+
+def is_setting(key: str) -> bool:
+    """Whether the dotted `key` names one setting or a part of one (e.g. "http.host", "ota.trusted_keys.k1"; not a
+    section such as "http", nor a name the config does not have)."""
+    model: Any = AgentConfig
+    for part in key.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return True  # inside a setting's value (a table of keys)
+        if part not in model.model_fields:
+            return False
+        model = _unwrap(model.model_fields[part].annotation)
+    return not (isinstance(model, type) and issubclass(model, BaseModel))
 
 
 def _field_info(loc: tuple[str, ...]):

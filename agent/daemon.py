@@ -29,8 +29,10 @@ from collections import OrderedDict
 from contextlib import ExitStack
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from agent import __version__
-from agent.config import AgentConfig, with_updates
+from agent.config import AgentConfig, canonical_settings, is_setting, join_problems, with_updates
 from agent.errors import AgentError, ConfigError, ServeError
 from agent.http_api import ApiServer, stream_tokens
 from agent.http_api import configure_prefix_cache, make_prefix_cache
@@ -121,6 +123,9 @@ class Agent:
         self.model: LoadedModel | None = None
         self.applied_config_version: int | None = None
         self._applied_settings: dict | None = None  # the settings of that version, as received
+        # the newest desired config received, applied or not: a reload tries it again (the box's own config may
+        # now allow what it refused)
+        self._latest_desired: DesiredConfig | None = None
         self.last_config_error: str | None = None
         self.model_error: str | None = None  # why the active slot's model is not served (None: no problem)
         self._chunk_fetcher: MqttChunkFetcher | None = None
@@ -241,7 +246,7 @@ class Agent:
             model=ModelRef(name=m.bundle.manifest.name, version=m.bundle.manifest.version, sha256=m.bundle.sha256)
             if m else None,
             active_slot=self.updater.slots.active() if self.updater else None,
-            applied_config_version=self.applied_config_version, last_config_error=self.last_config_error,
+            applied_config_version=self.applied_config_version, last_config_error=_bounded(self.last_config_error),
             uptime_s=time.monotonic() - self.started, ts=time.time())
 
     def _execution_path(self) -> str | None:
@@ -495,6 +500,8 @@ class Agent:
         whose clock or --version went back), or the applied version with other settings: not applied, and
         `last_config_error` says so (the fleet sees the box keeps another config than the latest one)."""
         applied = self.applied_config_version
+        if self._latest_desired is None or desired.version >= self._latest_desired.version:
+            self._latest_desired = desired
         if desired.version == applied and desired.settings == self._applied_settings:
             if self.last_config_error is not None:  # the latest desired config is the one applied
                 self.last_config_error = None
@@ -508,16 +515,21 @@ class Agent:
             log.warning("%s", self.last_config_error)
             self._publish_state()
             return
-        try:
-            new = with_updates(self.local_cfg, desired.settings)
+        try:  # all or nothing: no part of a refused update is applied
+            # first the settings the fleet may not touch, even at the value they have (their values' own checks,
+            # e.g. a password without a username, would send the fleet to fix what it may not set at all)
+            settings = canonical_settings(desired.settings)  # `SAMPLING` is `sampling`, as in the file
             named = [f"{key} is local-only and cannot be changed by the desired config; set it in the agent's "
-                     "config file" for key in local_only_keys(desired.settings)]  # even at the value it has
-            problems = named + [p for p in remote_config_problems(self.local_cfg, self.local_cfg, new)
-                                if p not in named]
-            if problems:  # all or nothing: no part of a refused update is applied
-                raise ConfigError("; ".join(problems))
+                     "config file" for key in local_only_keys(settings) if is_setting(key)]
+            if named:
+                raise ConfigError(join_problems(named))
+            new = with_updates(self.local_cfg, settings)  # names what is not a setting, or has a bad value
+            problems = remote_config_problems(self.local_cfg, self.local_cfg, new)
+            if problems:
+                raise ConfigError(join_problems(problems))
         except ConfigError as exc:
-            self.last_config_error = f"desired config version {desired.version} refused: {exc}"
+            kept = f"version {applied} stays applied" if applied is not None else "the box's own config stays"
+            self.last_config_error = f"desired config version {desired.version} refused: {exc}; {kept}"
             log.warning("%s", self.last_config_error)
         else:
             self._use(new)
@@ -556,21 +568,28 @@ class Agent:
         live = [k for k in changed if is_live(k)]
         log.info("config reload: %s", f"applied {', '.join(live)}" if live else "no setting that applies live changed")
         self.local_cfg = local
-        new = local
+        new, dropped = local, None
         if self._applied_settings is not None:  # the fleet's layer stays on top of the box's own config
             try:
                 new = with_updates(local, self._applied_settings)
                 problems = remote_config_problems(local, local, new)
                 if problems:
-                    raise ConfigError("; ".join(problems))
+                    raise ConfigError(join_problems(problems))
             except ConfigError as exc:
-                new = local
-                self.last_config_error = (f"desired config version {self.applied_config_version} no longer applies "
-                                          f"over the box's reloaded config: {exc}")
+                new, dropped = local, self.applied_config_version
+                self.last_config_error = (f"desired config version {dropped} no longer applies over the box's "
+                                          f"reloaded config: {exc}; the box's own config applies")
                 log.warning("%s", self.last_config_error)
                 self.applied_config_version, self._applied_settings = None, None
         self._use(new)
-        self._publish_state()
+        latest = self._latest_desired
+        if latest is not None and latest.version != dropped and \
+                (self.applied_config_version is None or latest.version > self.applied_config_version):
+            # the newest desired config, refused or dropped by an earlier reload: the reloaded config may allow
+            # it now (the broker does not send its retained copy again, so nothing else would bring it back)
+            self._apply_desired(latest)
+        else:
+            self._publish_state()
         return later
 
     def _remember_desired(self, desired: DesiredConfig) -> None:
@@ -589,8 +608,15 @@ class Agent:
         if not path.is_file():
             return
         try:
-            desired = DesiredConfig.model_validate_json(path.read_bytes())
-        except (OSError, ValueError) as exc:
+            data = json.loads(path.read_bytes())
+            if isinstance(data, dict):  # fields a newer edgeglm may add are left out, not a reason to drop the file
+                data = {k: v for k, v in data.items() if k in DesiredConfig.model_fields}
+            desired = DesiredConfig.model_validate(data)
+        except ValidationError as exc:
+            why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}" for e in exc.errors()[:3])
+            log.warning("%s: unreadable (%s); the fleet's desired config comes again from the broker", path, why)
+            return
+        except (OSError, ValueError, RecursionError) as exc:
             log.warning("%s: unreadable (%s); the fleet's desired config comes again from the broker", path,
                         str(exc).splitlines()[0])
             return
@@ -780,6 +806,17 @@ class Agent:
 
 
 STATE_LOCK = "agent.lock"
+MAX_CONFIG_ERROR = 4096  # characters of last_config_error in the reported state (the log has the whole text)
+
+
+def _bounded(text: str | None) -> str | None:
+    """A refusal text short enough for the retained state (the controller drops states over 256 KiB, and the
+    state goes again at every reconnect)."""
+    if text is None or len(text) <= MAX_CONFIG_ERROR:
+        return text
+    return text[:MAX_CONFIG_ERROR - 60] + f"... ({len(text)} characters; the agent's log has the whole text)"
+
+
 DESIRED_APPLIED = "desired-applied.json"  # the desired config applied last (Agent._remember_desired)
 
 

@@ -27,7 +27,9 @@ REMOTE_SETTINGS = ("sampling", "batching", "telemetry", "log_level", "cache.max_
 LOCAL_CEILINGS = ("cache.max_mb", "cache.persist", "batching.max_kv_mb")
 # the least the desired config may set, where the box's own config may go lower (a test rig reporting every
 # 0.3 s): one fleet-wide typo (0.001) would have every box publish a thousand reports a second
-REMOTE_FLOORS = {"telemetry.interval_s": 1.0, "telemetry.health_interval_s": 1.0}  # (0, "off", stays allowed)
+# 0.001 is likewise a chunk asked for again a thousand times a second, or an update that fails at once
+REMOTE_FLOORS = {"telemetry.interval_s": 1.0, "telemetry.health_interval_s": 1.0,  # (0, "off", stays allowed)
+                 "ota.chunk_timeout_s": 1.0, "ota.give_up_s": 10.0}
 
 
 def is_remote(key: str) -> bool:
@@ -94,6 +96,7 @@ def floor_problems(current: AgentConfig, new: AgentConfig) -> list[str]:
         section, field = key.split(".")
         value = getattr(getattr(new, section), field)
         if 0 < value < floor and value != getattr(getattr(current, section), field):
+            why = "fails every update" if key == "ota.give_up_s" else "floods the broker"
             problems.append(f"{key} = {value!r} is below {floor!r}, the least a desired config may set (a "
-                            "fleet-wide value this low floods the broker); a box's own config may set less")
+                            f"fleet-wide value this low {why}); a box's own config may set less")
     return problems

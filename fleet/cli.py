@@ -452,7 +452,7 @@ def _rollout_cancel(args) -> int:
 
 
 def cmd_config_set(args) -> int:
-    from agent.config import nest
+    from agent.config import canonical_settings
     from fleet.config import check_desired_config
 
     flat: dict = {}
@@ -467,7 +467,7 @@ def cmd_config_set(args) -> int:
         if isinstance(flat[key], float) and math.isinf(flat[key]):  # 1e999, Infinity: every check read "inf"
             raise FleetError(f"{item!r}: {value} is too large to be a number (it reads as infinity); nothing was "
                              "published")
-    settings = nest(flat)
+    settings = canonical_settings(flat)  # names as the agents take them (`SAMPLING.top_k` is `sampling.top_k`)
     targets = _config_targets(args)
     # what every agent would refuse is refused here, before it is published (KEY=null drops a key: nothing to check)
     check_desired_config(_without_nulls(settings))

@@ -195,24 +195,33 @@ def check_desired_config(settings: dict) -> None:
     defaults. What depends on an agent's own config file (LOCAL_CEILINGS: cache.max_mb may not rise
     above the box's own value) is checked by each agent, and a refusal shows in `fleet status`
     (config ... REFUSED)."""
-    from agent.config import AgentConfig, DeviceSettings, with_updates
+    from agent.config import AgentConfig, DeviceSettings, canonical_settings, is_setting, with_updates
     from agent.remote_config import REMOTE_SETTINGS, floor_problems, local_only_keys
 
     # the agent defaults, built without reading EDGEGLM_* variables: model_validate would read them, and
     # EDGEGLM_MQTT__PASSWORD (the controller's too) without a username failed the agent's schema with a traceback
     base = AgentConfig.model_construct(device=DeviceSettings(id="fleet-check", fleet="fleet-check"))
-    try:
-        new = with_updates(base, settings)
-    except ConfigError as exc:
+    def invalid(exc: ConfigError) -> ConfigError:
         text = str(exc).replace("(from the desired-config update)", "(from the command line)")
         text = text.removeprefix("invalid config: ").removesuffix("; the running config is unchanged")
-        raise ConfigError(f"invalid desired config: {text}; nothing was published") from None
-    fixed = local_only_keys(settings)
+        return ConfigError(f"invalid desired config: {text}; nothing was published")
+
+    try:
+        settings = canonical_settings(settings)  # `SAMPLING.top_k` is `sampling.top_k`, as the agents take it
+    except ConfigError as exc:
+        raise invalid(exc) from None
+    # local-only settings first (as the agents check them): their values' own checks (a password without a
+    # username) would ask for a fix the fleet may not make at all
+    fixed = [key for key in local_only_keys(settings) if is_setting(key)]
     if fixed:
         them = "it" if len(fixed) == 1 else "them"
         raise ConfigError(f"{', '.join(fixed)}: local-only; the agents refuse a desired config that changes {them} "
                           f"(the fleet may set only {', '.join(REMOTE_SETTINGS)}); nothing was published. Change "
                           f"local-only settings in each agent's config file")
+    try:
+        new = with_updates(base, settings)
+    except ConfigError as exc:
+        raise invalid(exc) from None
     low = floor_problems(base, new)
     if low:
         raise ConfigError(f"invalid desired config: {'; '.join(low)}; nothing was published")

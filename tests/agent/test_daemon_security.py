@@ -407,6 +407,112 @@ def test_the_fleet_cannot_set_a_telemetry_interval_that_floods_the_broker(tmp_pa
     assert agent.applied_config_version == 4 and agent.cfg.telemetry.health_interval_s == 0
 
 
+def test_the_fleet_cannot_set_an_ota_timeout_that_floods_the_broker_or_fails_every_update(tmp_path):
+    """`ota.chunk_timeout_s = 1e-6` was accepted: the download asked for the same chunk over a thousand times in half
+    a second, until `give_up_s`."""
+    agent = _agent(tmp_path)
+    agent._apply_desired(DesiredConfig(version=1, settings={"ota": {"chunk_timeout_s": 1e-6}}))
+    assert agent.applied_config_version is None and agent.cfg.ota.chunk_timeout_s == 10.0
+    assert "ota.chunk_timeout_s = 1e-06 is below 1.0, the least a desired config may set" in agent.last_config_error
+    agent._apply_desired(DesiredConfig(version=2, settings={"ota": {"give_up_s": 0.5}}))
+    assert agent.applied_config_version is None and agent.cfg.ota.give_up_s == 300.0
+    assert "ota.give_up_s = 0.5 is below 10.0" in agent.last_config_error
+    assert "fails every update" in agent.last_config_error
+    agent._apply_desired(DesiredConfig(version=3, settings={"ota": {"chunk_timeout_s": 2.0, "give_up_s": 60.0}}))
+    assert agent.applied_config_version == 3 and (agent.cfg.ota.chunk_timeout_s, agent.cfg.ota.give_up_s) == (2, 60)
+
+
+def test_a_desired_config_of_a_thousand_mistakes_gives_a_short_refusal(tmp_path):
+    """Each unknown key repeated the section's allowed names: a 17 KB payload of 1500 made a 218 KB retained state,
+    past the controller's 256 KiB at ~1800 (the device's state then never reached the fleet)."""
+    agent = _agent(tmp_path)
+    agent._apply_desired(DesiredConfig(version=1, settings={"sampling": {"top_k": 3}}))
+    mistakes = {f"sampling.nope{i}": i for i in range(1500)}
+    mistakes.update({f"batching.x{i}": "y" * 100_000 for i in range(30)})
+    agent._apply_desired(DesiredConfig(version=2, settings=mistakes))
+    error = agent.last_config_error
+    assert error.startswith("desired config version 2 refused: ") and error.endswith("; version 1 stays applied")
+    assert "sampling.nope0, sampling.nope1" in error and "and 1488 more (from the desired-config update) are not " \
+        "settings; allowed in sampling: " in error and error.count("allowed in sampling") == 1
+    assert len(error) < 2000 and agent.applied_config_version == 1 and agent.cfg.sampling.top_k == 3
+    agent._apply_desired(DesiredConfig(version=3, settings={"sampling": {"top_k": "x" * 100_000}}))
+    assert "(100002 characters)" in agent.last_config_error and len(agent.last_config_error) < 1000
+    many = {f"{section}.k{i}": 1 for section in ("sampling", "batching", "telemetry", "cache") for i in range(20)}
+    many.update({f"sampling.top_p": 9, "sampling.top_k": -1, "batching.max_batch": -1})
+    agent._apply_desired(DesiredConfig(version=4, settings=many))
+    assert agent.last_config_error.count("; ") < 16
+    agent.last_config_error = "x" * 100_000  # whatever made it: the retained state stays small
+    assert len(agent.reported_state().last_config_error) <= 4096
+
+
+def test_a_local_only_setting_is_refused_as_such_before_its_value_is_checked(tmp_path):
+    """`{"mqtt.password": "x"}` was refused for "mqtt.username is not set: set both", which the fleet cannot do
+    either; an empty section (it changes nothing) was "local-only"; a name that is no setting was "local-only"."""
+    agent = _agent(tmp_path)
+    agent._apply_desired(DesiredConfig(version=1, settings={"mqtt.password": "x", "sampling": {"top_k": 2}}))
+    assert agent.last_config_error == ("desired config version 1 refused: mqtt.password is local-only and cannot be "
+                                       "changed by the desired config; set it in the agent's config file; the box's "
+                                       "own config stays")
+    # names are matched as in the config file (`[SAMPLING]` is `[sampling]`): this was "applied" with no effect
+    agent._apply_desired(DesiredConfig(version=2, settings={"SAMPLING": {"Top_K": 5}}))
+    assert agent.applied_config_version == 2 and agent.cfg.sampling.top_k == 5
+    agent._apply_desired(DesiredConfig(version=3, settings={"SAMPLING.top_k": 6, "sampling": {"top_k": 7}}))
+    assert "'sampling.top_k' is given twice" in agent.last_config_error and agent.cfg.sampling.top_k == 5
+    agent._apply_desired(DesiredConfig(version=3, settings={"HTTP": {"host": "0.0.0.0"}}))
+    assert "http.host is local-only" in agent.last_config_error and agent.cfg.http.host == "127.0.0.1"
+    agent._apply_desired(DesiredConfig(version=3, settings={"samplin": {"top_k": 5}}))
+    assert "samplin (from the desired-config update) is not a setting" in agent.last_config_error
+    assert "local-only" not in agent.last_config_error
+    agent._apply_desired(DesiredConfig(version=4, settings={"cache": {}, "sampling": {"top_k": 2}}))
+    assert agent.applied_config_version == 4 and agent.last_config_error is None and agent.cfg.sampling.top_k == 2
+
+
+def test_a_reload_tries_the_fleets_newest_config_again(tmp_path):
+    """A reload that dropped the fleet's layer (over the box's new limit) never brought it back when the limit was
+    raised again: the broker does not resend its retained copy, so only a restart did (reload and restart gave
+    different configs). Likewise a version refused over the box's own limit applies once a reload allows it."""
+    own = {"cache.max_mb": 32.0}
+
+    def reread(**changes):
+        return load_config(None, {"model.slots_dir": str(tmp_path / "state"), "mqtt.enabled": False,
+                                  "http.port": 0, **own, **changes})
+
+    agent = _agent(tmp_path, **own)
+    agent._apply_desired(DesiredConfig(version=3, settings={"cache": {"max_mb": 16}, "sampling": {"top_k": 5}}))
+    agent.reload(reread(**{"cache.max_mb": 8.0}))
+    assert agent.applied_config_version is None and agent.cfg.cache.max_mb == 8
+    assert "desired config version 3 no longer applies" in agent.last_config_error
+    agent.reload(reread())  # back to 32: the fleet's 16 fits again
+    assert agent.applied_config_version == 3 and agent.last_config_error is None
+    assert (agent.cfg.cache.max_mb, agent.cfg.sampling.top_k) == (16, 5)
+    agent._apply_desired(DesiredConfig(version=4, settings={"cache": {"max_mb": 48}}))  # above the box's 32
+    assert agent.applied_config_version == 3 and "version 4 refused" in agent.last_config_error
+    assert agent.last_config_error.endswith("; version 3 stays applied")
+    agent.reload(reread(**{"cache.max_mb": 64.0}))
+    assert agent.applied_config_version == 4 and agent.cfg.cache.max_mb == 48 and agent.last_config_error is None
+
+
+def test_a_kept_desired_config_with_fields_of_a_newer_edgeglm_is_applied_again(tmp_path):
+    """desired-applied.json with a field this version does not know was thrown away at the start ("1 validation
+    error for DesiredConfig", without the field's name)."""
+    import json
+
+    first = _agent(tmp_path)
+    first.start()
+    try:
+        first._apply_desired(DesiredConfig(version=5, settings={"sampling": {"top_k": 4}}))
+    finally:
+        first.shutdown(1)
+    kept = tmp_path / "state" / "desired-applied.json"
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "applied_at": 1.0}))
+    again = _agent(tmp_path)
+    again.start()
+    try:
+        assert again.applied_config_version == 5 and again.cfg.sampling.top_k == 4
+    finally:
+        again.shutdown(1)
+
+
 def test_a_desired_config_giving_one_setting_twice_is_refused_not_settled_by_key_order(tmp_path):
     agent = _agent(tmp_path)
     agent._apply_desired(DesiredConfig(version=1, settings={"sampling.max_tokens": 5,

@@ -282,6 +282,9 @@ def test_config_set_refuses_what_the_agents_would_refuse_before_publishing(mosqu
     refused(cli(*args, "ota.require_signature=false", "cache.persist_dir=/tmp/x", "sampling.top_k=5"),
             "ota.require_signature, cache.persist_dir: local-only", "nothing was published")
     refused(cli(*args, "ota.trusted_keys=/tmp/evil-keys"), "ota.trusted_keys: local-only")
+    # local-only before the value's own checks (this said "set both", which the fleet may not do either)
+    refused(cli(*args, "mqtt.password=x"), "mqtt.password: local-only")
+    refused(cli(*args, "HTTP.Port=9000"), "http.port: local-only")  # names as the agents read them
     refused(cli(*args, "sampling=1", "sampling.top_k=2"), "'sampling.top_k' sets a field inside 'sampling'")
     refused(cli(*args, "telemetry.interval_s=0.01"), "telemetry.interval_s = 0.01 is below 1.0, the least a desired "
             "config may set", "nothing was published")
@@ -292,7 +295,7 @@ def test_config_set_refuses_what_the_agents_would_refuse_before_publishing(mosqu
     refused(cli("config", "set", "--group", "ring9", "--db", str(db), "sampling.max_tokens=-1"),
             "--group 'ring9': no such group or fleet")
     assert retained(mosquitto.port, desired_topic(FLEET, "d1")) == []
-    out = cli(*args, "sampling.max_tokens=64", "cache.persist=false")
+    out = cli(*args, "SAMPLING.max_tokens=64", "cache.persist=false")  # `[SAMPLING]` is `[sampling]`, as in a file
     assert out.returncode == 0, out.stderr
     (payload,) = retained(mosquitto.port, desired_topic(FLEET, "d1"), 0.2, expect=1)
     assert json.loads(payload)["settings"] == {"sampling": {"max_tokens": 64}, "cache": {"persist": False}}
