@@ -291,6 +291,9 @@ def load_config(path: Path | str | None = None, overrides: dict | None = None) -
     overrides = nest(overrides or {})
     toml_data: dict = {}
     if path is not None:
+        if not str(path).strip():  # Path("") is "." (read as "config file . ... Is a directory")
+            raise ConfigError("config file '': an empty path; give the config file's path, or leave it out to use "
+                              "the defaults")
         path = Path(path)
         toml_data = _read_toml(path)
     wrong_types = _wrong_types(toml_data, f"config file {path}", "TOML")

@@ -114,7 +114,9 @@ class Agent:
         self.hardware = probe_hardware()
         self.window = LatencyWindow()
         self.http = _AgentApiServer(cfg.http, cfg.sampling, window=self.window, batching=cfg.batching)
-        self.prefix_cache = make_prefix_cache(cfg.cache, cfg.model.slots_dir)  # rebound on each model activation
+        # in memory until start() has checked model.slots_dir (its directory on disk is set there: a warning that
+        # the cache directory cannot be made came before the one-line error about the state dir itself)
+        self.prefix_cache = make_prefix_cache(cfg.cache.model_copy(update={"persist": False}), cfg.model.slots_dir)
         self.http.set_prefix_cache(self.prefix_cache)
         self._path_metric, self._path_labels = register_execution_metric(self.http.metrics.registry), None
         self.session: MqttSession | None = None
@@ -267,11 +269,14 @@ class Agent:
         slots_dir = Path(cfg.model.slots_dir)
         probation_result = None
         if cfg.model.bundle is None or cfg.mqtt.enabled:
+            if slots_dir.exists() and not slots_dir.is_dir():
+                raise ServeError(f"model.slots_dir {slots_dir}: exists and is not a directory; set model.slots_dir "
+                                 "to a directory (it is made if missing)")
             try:
                 slots_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise ServeError(f"model.slots_dir {slots_dir}: cannot be created ({exc}); set model.slots_dir "
-                                 "to a writable directory") from None
+                raise ServeError(f"model.slots_dir {slots_dir}: cannot be created ({exc.strerror or exc}); set "
+                                 "model.slots_dir to a writable directory") from None
             self._state_lock = hold_state_dir(slots_dir)
             self.updater = Updater(slots_dir, self._updater_deps())
             # before the active slot's model is loaded: a model that keeps killing the agent is not loaded again
@@ -279,6 +284,7 @@ class Agent:
                 probation_result = self.updater.check_probation()
         if cfg.ota.require_signature and cfg.model.bundle is not None:
             self._trusted_keys()  # the bundle named to serve cannot be verified without them: stop before binding
+        configure_prefix_cache(self.prefix_cache, cfg.cache, cfg.model.slots_dir)  # its directory, now checked
         self.http.start()
         log.info("HTTP API on %s", self.http.url)
         path = self._initial_model_path()

@@ -470,6 +470,25 @@ def test_a_second_agent_on_the_same_state_directory_stops_with_one_line(agent_pr
     assert "already connected" not in mosquitto.log_text()
 
 
+@pytest.mark.parametrize("case", ["slots_dir is a file", "slots_dir under a file", "empty --config"])
+def test_a_state_dir_or_config_path_that_cannot_be_used_is_one_line(tmp_path, case):
+    """`model.slots_dir` naming a file said "cannot be created ([Errno 17] File exists)" after a prefix-cache
+    warning (two lines); `--config ''` read "." and said "Is a directory"."""
+    (tmp_path / "file").write_text("x")
+    slots = {"slots_dir is a file": tmp_path / "file", "slots_dir under a file": tmp_path / "file" / "state"}
+    args = ["--config", ""] if case == "empty --config" else []
+    env = {**os.environ, "EDGEGLM_MODEL__SLOTS_DIR": str(slots.get(case, tmp_path / "state")),
+           "EDGEGLM_MQTT__ENABLED": "false"}
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "agent", *args, "--port", "0"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    expected = {"slots_dir is a file": f"model.slots_dir {tmp_path / 'file'}: exists and is not a directory",
+                "slots_dir under a file": f"model.slots_dir {tmp_path / 'file' / 'state'}: cannot be created (Not a "
+                                          "directory)",
+                "empty --config": "config file '': an empty path; give the config file's path"}[case]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_a_committed_model_whose_agent_keeps_dying_goes_back_by_itself(mosquitto, signed_bundles, tmp_path):
     """v1.1.0 passes its self-test and commits; then the agent process dies (SIGKILL here: what a native crash in
     the engine, the OOM killer or a power cut looks like from the next start) before v1.1.0 has served its
