@@ -478,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, help="any integer (taken modulo 2^64, as the HTTP API takes it): the same seed "
+                   "gives the same text")
     g.add_argument("--threads", type=_threads, help="inference threads (default: all usable cores)")
     g.set_defaults(func=cmd_generate)
 

@@ -80,8 +80,6 @@ def sampling_params(body: dict, defaults: SamplingSettings, stop_token_ids: tupl
             continue
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
             raise kind_error(field, value, "an integer" if integer else "a number")
-        if name == "seed":  # OpenAI takes any signed 64-bit seed (some clients send -1): the same seed, the same answer
-            value %= 1 << 64
         try:
             SamplingParams(**{name: value})
         except RequestError as exc:
@@ -194,26 +192,49 @@ def prompt_ids(req: GenerationRequest, model) -> list[int]:
 
 
 class StopStrings:
-    """Cuts streamed text at the first stop string, holding back any tail that may begin one."""
+    """Cuts streamed text where the first stop string begins (the earliest start in the whole text, whatever
+    the pieces), holding back any tail that may begin one.
+
+    With several stop strings, a stop found in the text may not be the first yet: a longer one that begins
+    earlier may still complete with the next piece (stops " %," and "%", text "x %" then ","): the text from
+    that earlier start is held until the next pieces tell. Before, the cut depended on how the text came in
+    pieces ("x " if "%" came alone, "x" if " %," came at once)."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops, self.held = stops, ""
 
+    def _first(self, text: str) -> int | None:
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def _pending(self, text: str, before: int) -> int | None:
+        """The earliest start before `before` from which the text is a proper beginning of a stop string."""
+        if not self.stops:
+            return None
+        for j in range(max(0, len(text) - max(map(len, self.stops)) + 1), min(before, len(text))):
+            tail = text[j:]
+            if any(len(tail) < len(s) and s.startswith(tail) for s in self.stops):
+                return j
+        return None
+
     def push(self, piece: str) -> tuple[str, bool]:
         """Text that is safe to emit now, and whether a stop string was reached."""
         text = self.held + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        first = self._first(text)
+        pending = self._pending(text, len(text) if first is None else first)
+        if first is not None and pending is None:
             self.held = ""
-            return text[:min(hits)], True
-        keep = max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:n])), default=0)
+            return text[:first], True
+        keep = len(text) - pending if pending is not None else 0
         self.held = text[len(text) - keep:]
         return text[:len(text) - keep], False
 
-    def flush(self) -> str:
+    def flush(self) -> tuple[str, bool]:
+        """At the end of the text: what was held, cut at a stop string it holds (no piece comes to complete a
+        longer one that begins earlier), and whether it was."""
         text, self.held = self.held, ""
-        return text
+        first = self._first(text)
+        return (text, False) if first is None else (text[:first], True)
 
 
 @dataclass
@@ -241,7 +262,9 @@ def generate_text(model, ids: list[int], tokens, params: SamplingParams, stops: 
             outcome.finish_reason = "stop"
             return
     text, stopped = cut.push(decoder.flush())
-    text += "" if stopped else cut.flush()
+    if not stopped:
+        rest, stopped = cut.flush()
+        text += rest
     if text:
         yield text
     full = outcome.completion_tokens >= params.max_tokens or len(ids) + outcome.completion_tokens >= model.arch.max_positions

@@ -7,6 +7,7 @@ token. `generate` strings them together and yields token ids as they are made.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -27,18 +28,35 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        """Each setting's type, then its range; a SamplingError names the first that fails. numpy integers and
+        floats are taken (as Python numbers); a bool is not a number here (True was taken as 1)."""
+        def integer(v) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+        def real(v) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
         checks = [
-            ("max_tokens", self.max_tokens, isinstance(self.max_tokens, int) and self.max_tokens >= 1, ">= 1"),
-            ("temperature", self.temperature, 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
-            ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, ">= 0"),
-            ("top_p", self.top_p, 0.0 <= self.top_p <= 1.0, "in [0, 1] (0: the most likely token only)"),
-            ("repetition_penalty", self.repetition_penalty, 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
-            ("seed", self.seed, self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                                      and self.seed >= 0), "an integer >= 0, or unset"),
+            ("max_tokens", integer, lambda v: v >= 1, "an integer >= 1"),
+            ("temperature", real, lambda v: 0.0 <= v <= 100.0, "a number in [0, 100]"),
+            ("top_k", integer, lambda v: v >= 0, "an integer >= 0 (0: off)"),
+            ("top_p", real, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1] (0: the most likely token only)"),
+            ("repetition_penalty", real, lambda v: 0.0 < v <= 10.0, "a number in (0, 10]"),
+            ("seed", lambda v: v is None or integer(v), lambda v: True, "an integer, or unset"),
         ]
-        for name, value, ok, allowed in checks:
-            if not ok:
+        for name, of_type, in_range, allowed in checks:
+            value = getattr(self, name)
+            if not (of_type(value) and in_range(value)):
                 raise SamplingError(name, value, allowed)
+            if value is not None and not isinstance(value, (int, float)):  # np.int64(3): a Python number
+                object.__setattr__(self, name, int(value) if integer(value) else float(value))
+        if self.seed is not None:  # any integer, taken modulo 2^64 (OpenAI takes signed 64-bit seeds; clients send -1)
+            object.__setattr__(self, "seed", int(self.seed) % (1 << 64))
+        ids = self.stop_token_ids
+        if not isinstance(ids, (tuple, list)) or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                         and i >= 0 for i in ids):
+            raise SamplingError("stop_token_ids", ids, "a tuple of token ids (integers >= 0)")
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
 
 
 class SamplingError(RequestError):

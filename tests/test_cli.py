@@ -146,9 +146,9 @@ def test_a_bundle_path_that_is_a_file_is_named_as_such(tmp_path, command):
 
 def test_generate_bad_settings_name_the_field(int8_bundle):
     assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--temperature", "-1", "x"),
-                      "--temperature -1.0 is invalid: must be in [0, 100]")
+                      "--temperature -1.0 is invalid: must be a number in [0, 100]")
     assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--max-tokens", "0", "x"),
-                      "--max-tokens 0 is invalid: must be >= 1")
+                      "--max-tokens 0 is invalid: must be an integer >= 1")
     assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--top-p", "2", "x"), "--top-p 2.0 is invalid")
     assert_user_error(edgeglm("generate", "--bundle", int8_bundle, "--backend", "tensorrt", "x"),
                       "'tensorrt' is unknown", "onnxruntime")

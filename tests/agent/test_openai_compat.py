@@ -21,7 +21,8 @@ def run(stops, pieces):
         out.append(text)
         if stopped:
             return "".join(out), True
-    return "".join(out) + cut.flush(), False
+    rest, stopped = cut.flush()
+    return "".join(out) + rest, stopped
 
 
 @pytest.mark.parametrize("pieces", [["hello wor", "ld END more"], list("hello world END more"),
@@ -37,9 +38,26 @@ def test_held_back_prefix_is_released_when_it_does_not_complete():
     assert run(("END",), ["tail E"]) == ("tail E", False)
 
 
-def test_earliest_stop_string_in_the_text_so_far_wins():
+def test_the_earliest_start_in_the_whole_text_wins_whatever_the_pieces():
+    """With several stop strings the cut depended on how the text came in pieces: stops ("b", "abc") cut "xxabc"
+    at "xx" in one piece and at "xxa" in two ("b" completed first); now a stop that may still complete from an
+    earlier start is waited for."""
     assert run(("b", "abc"), ["xxabc"]) == ("xx", True)
-    assert run(("b", "abc"), ["xxab", "c"]) == ("xxa", True)  # "b" completed first: generation stops there
+    assert run(("b", "abc"), ["xxab", "c"]) == ("xx", True)
+    assert run(("b", "abc"), ["xxab", "d"]) == ("xxa", True)  # "abc" did not complete: "b" is the first
+    assert run(("b", "abc"), ["xxab"]) == ("xxa", True)  # the text ended: "abc" cannot complete
+    assert run((" %,", "%"), ["x", " ", "%", ",", "y"]) == ("x", True)
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):  # any split of any text: the cut of the whole text at the earliest start of a stop
+        stops = tuple({"".join(rng.choice("ab%, ") for _ in range(rng.randint(1, 4))) for _ in range(3)})
+        text = "".join(rng.choice("ab%, x") for _ in range(rng.randint(0, 16)))
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 6)))) if len(text) > 1 else []
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        expected = (text[:min(hits)], True) if hits else (text, False)
+        assert run(stops, pieces) == expected, (stops, pieces)
 
 
 def test_request_fields_override_config_defaults():

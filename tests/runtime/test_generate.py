@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -98,10 +100,29 @@ def test_the_sampling_distribution_is_the_one_transformers_samples_from(temperat
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.5), ("top_p", -0.1), ("top_p", 1.5), ("top_k", -1),
-                                         ("max_tokens", 0), ("repetition_penalty", 0.0), ("seed", -1), ("seed", 1.5)])
+                                         ("max_tokens", 0), ("repetition_penalty", 0.0), ("seed", 1.5),
+                                         # wrong types: a bare TypeError without the field, or True taken as 1
+                                         ("temperature", "1"), ("top_p", None), ("max_tokens", True), ("top_k", True),
+                                         ("max_tokens", 2.0), ("temperature", float("nan")),
+                                         ("stop_token_ids", (1, "a"))])
 def test_invalid_settings_name_the_field(field, value):
-    with pytest.raises(RequestError, match=f"{field}={value!r}"):
+    with pytest.raises(RequestError, match=re.escape(f"{field}={value!r} is invalid: must be ")):
         SamplingParams(**{field: value})
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    """seed=np.int64(3) (what a numpy rng or array gives) was refused as "must be an integer >= 0"."""
+    params = SamplingParams(seed=np.int64(3), max_tokens=np.int32(5), temperature=np.float32(0.5),
+                            stop_token_ids=[np.int64(4)])
+    assert (params.seed, params.max_tokens, params.temperature, params.stop_token_ids) == (3, 5, 0.5, (4,))
+    assert type(params.seed) is int and type(params.temperature) is float
+
+
+def test_any_integer_seed_is_taken_modulo_2_64_everywhere():
+    """HTTP took a negative seed (as OpenAI does, modulo 2^64) but `edgeglm generate --seed -1`, MQTT and the Python
+    API refused it: a seed that worked over HTTP could not be repeated elsewhere."""
+    assert SamplingParams(seed=-1).seed == 2**64 - 1 and SamplingParams(seed=2**64 + 5).seed == 5
+    assert SamplingParams(seed=-1) == SamplingParams(seed=2**64 - 1)
 
 
 def test_stream_decoder_never_emits_half_a_character():
