@@ -326,6 +326,15 @@ class MergedBatch(DecodeBatch):
         self._lengths.append(end - start)
         self._dirty = True
 
+    def kv_bound(self, needs: list[int], per_token: int) -> int:
+        """As DecodeBatch.kv_bound where the engine's merged cache has room to grow (ONNX Runtime's, sized by
+        `_grown_capacity`); an engine whose merged state holds exactly the rows (OpenVINO: `merged_cache_exact`,
+        its state grows a position per step) counts rows x (longest + 1): the growth rules counted a 109- and a
+        103-position row as 0.5 MiB where they held 0.21, and kept the second row out of a bound it fitted."""
+        if getattr(self.engine, "merged_cache_exact", False):
+            return len(needs) * (max(needs) + 1) * per_token if needs else 0
+        return super().kv_bound(needs, per_token)
+
     def remove(self, slot: int) -> int | None:
         self._check_slot(slot)
         last = self.rows - 1
@@ -1706,6 +1715,7 @@ OV_UNLISTED_PROPERTIES = {"CPU": {"CPU_RUNTIME_CACHE_CAPACITY"}}
 
 
 class OpenVinoEngine:
+    merged_cache_exact = True  # merge_caches makes a state of exactly the rows (MergedBatch.kv_bound)
     backend = "openvino"
     # one infer request holds one sequence's state: running another cache copies the active one out and
     # the other in, so interleaving a prompt's chunks with batch steps would copy both at every chunk
@@ -1816,6 +1826,7 @@ class OpenVinoEngine:
         """One step (`prompt_tokens`: see OnnxRuntimeEngine.forward; OpenVINO runs one graph for everything)."""
         ov, r = self._ov, self.request
         cache._check(input_ids, attention_mask)
+        _check_window(self.arch, attention_mask.shape[1])  # the graph would run past it without a word
         self._activate(cache)
         for name, arr in (("input_ids", input_ids), ("position_ids", position_ids),
                           ("attention_mask", attention_mask)):

@@ -155,11 +155,12 @@ class PrefixCache:
         if not isinstance(model_key, str) or not KEY_PATTERN.fullmatch(model_key):
             raise ValueError(f"prefix cache model key {model_key!r} is invalid: letters, digits, '.', '_', '-'")
         inexact = getattr(engine, "inexact_resume", None)
-        if inexact:
-            log.warning("prefix cache: not used on this execution path (%s): a prompt resumed from cached KV would "
-                        "not give the same logits as the whole prompt there; every prompt is prefilled in full",
-                        inexact)
         with self._lock:
+            bound = self._engine() if self._engine is not None else None
+            if inexact and (model_key != self.model_key or engine is not bound):  # once per model and engine
+                log.warning("prefix cache: not used on this execution path (%s): a prompt resumed from cached KV "
+                            "would not give the same logits as the whole prompt there; every prompt is prefilled "
+                            "in full", inexact)
             self._engine = weakref.ref(engine) if engine is not None else None
             if model_key == self.model_key:
                 return

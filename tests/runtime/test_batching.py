@@ -457,6 +457,46 @@ def test_max_kv_bytes_counts_the_buffers_a_batch_kept_from_a_long_row(fp32_bundl
     assert max(held) <= bound and sched.stats().kv_waits >= 1
 
 
+def test_max_kv_bytes_on_openvino_counts_the_merged_state_it_holds(fp32_bundle):
+    """OpenVINO's merged state holds exactly the rows (it grows a position per step), but the bound counted the
+    growth rules of ONNX Runtime's buffers (at least 256 positions, twice the longest): two rows that fit were
+    never batched. Each step's real state is measured against the bound, and both rows run together."""
+    import dataclasses
+
+    from runtime.batching import kv_bytes_per_token
+
+    engine = load_model(fp32_bundle, "openvino").engine  # its own: the arch is changed below
+    engine.arch = dataclasses.replace(engine.arch, eos_token_ids=())  # every row runs to its max_tokens
+    per_token = kv_bytes_per_token(engine)
+    bound = 2 * (20 + 30 + 1) * per_token  # two rows of 20 prompt + 30 new tokens, and the next position's room
+    held, rows = [], []
+    sched = Scheduler(engine, max_batch=8, max_kv_bytes=bound, start=False)
+
+    def on_step(n):
+        rows.append(n)
+        held.append(sum(a.nbytes for a in engine._state_of(sched._batch._cache).values()))
+
+    sched.on_step = on_step
+    rng = np.random.default_rng(1)
+    handles = [sched.submit(rng.integers(1, 500, 20).tolist(), SamplingParams(max_tokens=30)) for _ in range(3)]
+    sched.start()
+    assert all(len(h.tokens(TIMEOUT)) == 30 for h in handles)
+    sched.close()
+    assert max(rows) == 2 and max(held) <= bound and sched.stats().kv_waits == 1, (max(rows), max(held), bound)
+
+
+def test_openvino_refuses_a_step_past_the_context_window(fp32_bundle):
+    """ONNX Runtime's batches check the window; OpenVINO ran a position past it without a word (what the model was
+    never trained on): the engine now says so, as the others do."""
+    import dataclasses
+
+    engine = load_model(fp32_bundle, "openvino").engine
+    engine.arch = dataclasses.replace(engine.arch, max_positions=16)
+    _, cache = prefill(engine, list(range(3, 19)))  # 16 positions: the whole window
+    with pytest.raises(ValueError, match="would hold 17 positions; the context window is 16"):
+        engine.forward(np.array([[7]]), np.array([[16]]), np.ones((1, 17), np.int64), cache)
+
+
 class FailingEngine:
     """The real engine with one injected fault: its `fail_at`-th batched decode step raises."""
 
