@@ -46,8 +46,8 @@ Design.
   it (kept for a rollback). Every process bound to a model holds
   its directory's LEASE file (a shared flock, gone with the process): two processes (two agents
   given one `cache.persist_dir`) sharing it with different models keep each other's files. A
-  bind to another model keeps the directory of the model it leaves (this process's memory of it,
-  not a lease: another process sharing the directory may remove it after IDLE_S) and removes the
+  bind to another model keeps the directory of the model it leaves (its lease still held, until the
+  next switch or the end of the process: another process sharing the directory leaves it) and removes the
   one before that at once (unless another process holds it), and the directory of a model no
   process holds once nothing in it changed for
   IDLE_S (an agent restarting keeps its files; a crashed one's go later). A lookup or
@@ -146,6 +146,7 @@ class PrefixCache:
         self._disk_bytes = 0  # bytes of this model's block files, as far as this process knows
         self._lease: tuple[Path, weakref.finalize] | None = None  # (model directory, closes the fd holding its LEASE)
         self._previous: Path | None = None  # the directory of the model served before this one: kept for a flip back
+        self._previous_lease: weakref.finalize | None = None  # its LEASE, still held: others sharing the dir keep it
         self._lock = threading.RLock()
 
     # --- model binding ------------------------------------------------------------------------
@@ -173,6 +174,7 @@ class PrefixCache:
         model may then remove this model's files."""
         with self._lock:
             self._hold_lease(None)
+            self._release_previous()
 
     def clear(self) -> None:
         """Drop every block in memory (files on disk stay for the bound model, within max_bytes)."""
@@ -200,6 +202,7 @@ class PrefixCache:
             if (block_tokens, persist_dir) != (self.block_tokens, self.persist_dir):
                 self._drop_all()
                 if block_tokens != self.block_tokens and self._previous is not None:
+                    self._release_previous()
                     _remove_unused(self._previous, idle_s=None)  # its blocks are of the old size: no lookup reads them
                     self._previous = None
                 self.block_tokens, self.persist_dir = block_tokens, persist_dir
@@ -429,23 +432,43 @@ class PrefixCache:
         self._lease = (folder, weakref.finalize(self, _release, fd))  # released with the cache, at the latest
         return left
 
+    def _release_previous(self) -> None:
+        """Release the previous model's lease (its file touched: its idle time counts from now)."""
+        if self._previous_lease is not None:
+            self._previous_lease()
+            self._previous_lease = None
+
     def _tidy_disk(self, keep_fraction: float = 1.0) -> None:
         """Remove other models' block files and leftover temporary files, and trim this model's to
         `keep_fraction` of max_bytes. A chain is kept from its root: a file counts as recent as the most
         recent of its descendants (so a shared system prompt written first outlives the prompts built on
         it), and a file whose parent is not kept goes too (no lookup could reach it)."""
         mine = self._dir()
+        outgoing = self._lease if self._lease is not None and self._lease[0] != mine else None
+        if outgoing is not None:
+            self._lease = None  # its lease is kept (below) while its directory is the previous model's
         left = self._hold_lease(mine)
+        if outgoing is not None:
+            left = outgoing[0]
         if left is not None and left != mine:  # the model this process served until now
             before = self._previous
             keep = self.persist_dir is not None and left.parent == self.persist_dir and any(left.glob("*" + SUFFIX))
-            self._previous = left if keep else None  # kept: a rollback (or a flip back) to it starts warm
+            self._release_previous()
+            # kept: a rollback (or a flip back) to it starts warm; its lease held, so that another process sharing
+            # the persist_dir for another model leaves it alone however long this one serves the new model
+            self._previous = left if keep else None
+            if outgoing is not None:
+                if keep:
+                    self._previous_lease = outgoing[1]
+                else:
+                    outgoing[1]()  # touched and released
             if not keep:
                 _remove_unused(left, idle_s=None)  # empty, or in a persist_dir no longer used: at once
             if before is not None and before not in (mine, left):
                 _remove_unused(before, idle_s=None)  # the model before that: at once, if nobody else serves it
         if self._previous == mine:
-            self._previous = None  # flipped back to it: it is the current one now
+            self._release_previous()
+            self._previous = None  # flipped back to it: it is the current one now (under the lease just taken)
         try:
             if self.persist_dir is None or not self.persist_dir.is_dir():
                 self._disk_bytes = 0

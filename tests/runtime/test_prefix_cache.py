@@ -576,6 +576,31 @@ def test_a_rollback_to_the_previous_model_finds_its_prefixes_on_disk(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
+def test_the_previous_models_files_are_leased_against_other_processes_sharing_the_directory(tmp_path):
+    """The kept previous model was this process's memory only: another process sharing the persist_dir (a second
+    agent, `edgeglm bench --cache-dir`) removed it once it had been idle for IDLE_S, so a rollback after a long
+    probation started cold. Its lease is now held until the next switch (or the process ends)."""
+    from runtime.prefix_cache import IDLE_S, SUFFIX
+
+    prompt = list(range(64))
+    agent = PrefixCache(64 << 20, 32, tmp_path)
+    agent.bind("a")
+    _persist(agent, prompt)
+    agent.bind("b")  # a is the previous model now
+    _age(tmp_path / "a", IDLE_S + 60)
+    other = PrefixCache(64 << 20, 32, tmp_path)  # (a lease is a flock: another open file, as another process's)
+    other.bind("c")
+    assert len(list((tmp_path / "a").glob("*" + SUFFIX))) == 2  # leased: left alone however old
+    agent.bind("a")  # the rollback finds it
+    assert agent.lookup(prompt + [7], None) is not None
+    agent.bind("d")  # a is the previous one again; b, the one before, goes at once
+    assert not (tmp_path / "b").exists() and (tmp_path / "a").is_dir()
+    agent.close()  # the process ends: the lease goes, and the idle rule applies again
+    _age(tmp_path / "a", IDLE_S + 60)
+    other.bind("e")
+    assert not (tmp_path / "a").exists()
+
+
 def test_a_bind_waiting_on_a_removal_holds_the_new_lease_not_the_removed_one(tmp_path):
     """A removal deletes the lease file it holds exclusively: a process that was waiting on that file must lock
     the new one, or a third process could take the new file exclusively and delete the files it serves."""
