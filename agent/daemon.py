@@ -281,7 +281,10 @@ class Agent:
             self.updater = Updater(slots_dir, self._updater_deps())
             # before the active slot's model is loaded: a model that keeps killing the agent is not loaded again
             if cfg.model.bundle is None:  # (a bundle named directly is served instead of the slots)
-                probation_result = self.updater.check_probation()
+                try:
+                    probation_result = self.updater.check_probation()
+                except OSError as exc:  # a disk error: the agent serves what `current` names, and OTA stays usable
+                    log.error("the probation check failed (%s); the active slot's model is served as it is", exc)
         if cfg.ota.require_signature and cfg.model.bundle is not None:
             self._trusted_keys()  # the bundle named to serve cannot be verified without them: stop before binding
         configure_prefix_cache(self.prefix_cache, cfg.cache, cfg.model.slots_dir)  # its directory, now checked

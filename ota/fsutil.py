@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import threading
 from collections import OrderedDict
@@ -64,6 +65,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+_LEFTOVER = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # write_file_atomically's temporary names
+
+
+def remove_leftover_temporaries(folder: Path) -> int:
+    """Remove the temporary files a power cut or SIGKILL left in `folder` mid-write (write_file_atomically's
+    `.NAME.<12 hex>.tmp`, atomic_symlink's `.NAME.tmp` link): each crash left one (update.json's holds the whole
+    offer), and nothing else ever removed them. Only for a directory whose writers are this process (the agent
+    holds its state dir's lock). Returns how many were removed."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        path = Path(folder) / name
+        if _LEFTOVER.fullmatch(name) and path.is_file() and not path.is_symlink() or \
+                name.endswith(".tmp") and name.startswith(".") and path.is_symlink():
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_symlink(link: Path, target: str) -> None:

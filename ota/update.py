@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ota.bundle import MANIFEST, Manifest, open_bundle
 from ota.errors import BundleError
-from ota.fsutil import atomic_write_bytes, atomic_write_json
+from ota.fsutil import atomic_write_bytes, atomic_write_json, remove_leftover_temporaries
 from ota.signing import SIGNATURE, read_signature, verify_bundle_signature, verify_bytes
 from ota.slots import Slots
 from ota.versions import check_upgrade, parse_version
@@ -64,6 +64,29 @@ def _manifest_of(slot: Path) -> bytes | None:
         return (slot / MANIFEST).read_bytes()
     except OSError:
         return None
+
+
+def _remove_temporaries(root: Path) -> None:
+    """The state dir's and the slots' leftovers of writes cut short (fsutil.remove_leftover_temporaries)."""
+    removed = sum(remove_leftover_temporaries(folder) for folder in (root, root / "slots" / "a", root / "slots" / "b"))
+    if removed:
+        log.info("removed %d temporary file(s) left in %s by writes cut short (a power cut, a kill)", removed, root)
+
+
+def _probation_problem(data) -> str | None:
+    """Why a probation record cannot be used (None: it can): every field it is read by, with its type."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    checks = [("slot", data.get("slot") in ("a", "b"), '"a" or "b"'),
+              ("deaths", isinstance(data.get("deaths"), int) and not isinstance(data.get("deaths"), bool)
+               and data["deaths"] >= 0, "an integer >= 0"),
+              ("previous_slot", data.get("previous_slot") in ("a", "b", None), '"a", "b" or null'),
+              ("probation_s", isinstance(data.get("probation_s", 0), (int, float))
+               and not isinstance(data.get("probation_s", 0), bool), "a number"),
+              ("running", isinstance(data.get("running", False), bool), "true or false"),
+              ("rolling_back", isinstance(data.get("rolling_back", False), bool), "true or false")]
+    bad = [f"{name} = {data.get(name)!r} (must be {allowed})" for name, ok, allowed in checks if not ok]
+    return "; ".join(bad) or None
 
 
 def space_needed(file_sizes) -> int:
@@ -288,6 +311,7 @@ class Updater:
         self._partial_progress = self.root / "staging-partial-progress.json"
         self.deps = deps
         self.load_problem: str | None = None  # why the persisted state was dropped at start, if it was
+        _remove_temporaries(self.root)
         self.data = self._load()
         self._probation_path = self.root / PROBATION
         self.probation: dict | None = self._load_probation()  # the committed model on probation, if one is
@@ -425,8 +449,9 @@ class Updater:
     def _load_probation(self) -> dict | None:
         try:
             data = json.loads(self._probation_path.read_text())
-            if not (isinstance(data, dict) and data.get("slot") in ("a", "b") and isinstance(data.get("deaths"), int)):
-                raise ValueError("slot or deaths missing")
+            problem = _probation_problem(data)
+            if problem:
+                raise ValueError(problem)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError) as exc:
@@ -455,6 +480,10 @@ class Updater:
         p = self.probation
         if p is None or self.state is not S.IDLE:  # an update in progress: its own crash-loop count applies
             return None
+        if p.get("rolling_back"):  # a rollback cut short (a kill, a power cut): finished and reported now
+            log.warning("the rollback from model %s (update %s) was cut short; finishing it", p.get("version"),
+                        p.get("update_id"))
+            return self._finish_probation_rollback(p)
         if p["slot"] != self.slots.active():  # the other slot serves (a fallback at start, a rollback): over
             self._save_probation(None)
             return None
@@ -473,13 +502,34 @@ class Updater:
                       p.get("update_id"))
             self._save_probation(None)
             return None
-        bad = p["slot"]
-        backed_out = _manifest_of(self.slots.path(bad))  # read before the slot is cleared, written after: the
-        self.slots.activate(previous)  # switch back must work on a full disk (a crash loop fills one)
+        # backed out first, then the intent recorded, then the switch: a kill anywhere from here on is finished at
+        # the next start (the bad bundle had been left un-withdrawn, sometimes whole in its slot, and a replayed
+        # offer of it installed it again; the rollback was never reported). Neither record stops the switch back
+        # on a full disk (a crash loop fills one): _withdraw never raises, and a record not written is a warning.
+        p = {**p, "deaths": deaths, "running": False, "rolling_back": True}
+        self._withdraw(_manifest_of(self.slots.path(p["slot"])),
+                       f"its probation: {deaths} deaths before it had served {p.get('probation_s', 0):g} s")
+        try:
+            self._save_probation(p)
+        except OSError as exc:
+            log.warning("the rollback from model %s is not recorded before it runs (%s): a kill now may leave "
+                        "it half done", p.get("version"), exc)
+        return self._finish_probation_rollback(p)
+
+    def _finish_probation_rollback(self, p: dict) -> dict | None:
+        """Go back to the previous slot (if `current` is not there yet), clear the bad one, drop the record;
+        returns the `rolled_back` result to report. Idempotent: a kill at any point is finished by running it
+        again."""
+        bad, previous, deaths = p["slot"], p.get("previous_slot"), p["deaths"]
+        if self.slots.active() == bad:  # not switched yet
+            if not previous or previous == bad or not (self.slots.path(previous) / MANIFEST).is_file():
+                log.error("model %s (update %s) was being rolled back, but the previous model is gone; it stays",
+                          p.get("version"), p.get("update_id"))
+                self._save_probation(None)
+                return None
+            self.slots.activate(previous)
         self.slots.clear(bad)
         self._save_probation(None)
-        self._withdraw(backed_out, f"its probation: {deaths} deaths before it had served "
-                                   f"{p.get('probation_s', 0):g} s")
         reason = (f"probation: the agent ended without a clean stop {deaths} times (a crash, a kill, a power cut) "
                   f"since version {p.get('version')} was committed, before it had served "
                   f"{p.get('probation_s', 0):g} s: back to the previous model in slot {previous}; slot {bad} cleared")
@@ -706,6 +756,8 @@ class Updater:
         try:
             data = json.loads((self.root / WITHDRAWN).read_text())
             entries = data.get("withdrawn", []) if isinstance(data, dict) else []
+            if not isinstance(entries, list):
+                raise ValueError(f"'withdrawn' is {type(entries).__name__}, not a list")
         except FileNotFoundError:
             return []
         except (OSError, ValueError, RecursionError) as exc:  # kept, not dropped: it protects against a replay

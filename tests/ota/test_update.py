@@ -567,6 +567,85 @@ def test_a_committed_model_that_keeps_killing_the_agent_goes_back_by_itself(upgr
     assert serving(upgraded) == "1.0.0" and updater.probation is None and len(reports(upgraded)) == 1
 
 
+class _Killed(BaseException):
+    """The process dies here (not caught by anything in the updater)."""
+
+
+@pytest.mark.parametrize("cut", ["switching back", "clearing the slot", "dropping the record"])
+def test_a_probation_rollback_cut_short_is_finished_and_reported_at_the_next_start(upgraded, signed_bundles,
+                                                                                   monkeypatch, cut):
+    """A kill between the switch back and the record of the backed-out bundle (or the report) left 1.1.0 not
+    withdrawn, sometimes whole in its slot: the next start dropped the probation record without a word, a replay of
+    1.1.0's offer installed it again into the same crash loop, and the rollout never heard of the rollback."""
+    import ota.slots
+    import ota.update as update
+
+    for _ in range(2):
+        build_updater(upgraded, probation=True)
+    patch = {"switching back": (ota.slots.Slots, "activate"), "clearing the slot": (ota.slots.Slots, "clear"),
+             "dropping the record": (update.Updater, "_save_probation")}[cut]
+    real = getattr(*patch)
+
+    def dies(self, *args):
+        if patch[1] != "_save_probation" or args[0] is None:
+            raise _Killed(cut)
+        return real(self, *args)
+
+    monkeypatch.setattr(*patch, dies)
+    with pytest.raises(_Killed):
+        build_updater(upgraded, probation=True)  # the third death's start, killed midway through the rollback
+    monkeypatch.setattr(*patch, real)
+    assert reports(upgraded) == []
+    updater = build_updater(upgraded, probation=True)  # the next start finishes it
+    assert serving(upgraded) == "1.0.0" and updater.slots.active() == "a" and updater.probation is None
+    assert not (updater.slots.path("b") / "manifest.json").exists()
+    (result,) = [r for r in reports(upgraded) if r.get("result")]
+    assert result["result"] == "rolled_back" and result["active_slot"] == "a" and "3 times" in result["reason"]
+    assert [e["version"] for e in updater.withdrawn()] == ["1.1.0"]
+    updater.submit(offer_for(signed_bundles["v2"], "u2-replayed"))  # the replay is refused
+    updater.run()
+    assert updater.data["outcome"] == "failed" and serving(upgraded) == "1.0.0"
+
+
+@pytest.mark.parametrize("record", [{"previous_slot": 5}, {"previous_slot": ["a"]}, {"probation_s": "600"},
+                                    {"deaths": True}, {"running": "yes"}, []])
+def test_a_probation_record_with_a_wrong_type_is_dropped_not_a_crash_at_every_start(upgraded, caplog, record):
+    """A wrong-typed field of probation.json (a disk error, an edit) raised TypeError or ValueError at every start,
+    before the model loaded: the box never served again, out of reach of OTA."""
+    probation = upgraded / "state" / "probation.json"
+    data = json.loads(probation.read_text())
+    probation.write_text(json.dumps({**data, "deaths": 2, **record} if isinstance(record, dict) else record))
+    updater = build_updater(upgraded, probation=True)
+    assert serving(upgraded) == "1.1.0" and updater.probation is None and not probation.exists()
+    assert "probation.json unreadable" in caplog.text
+
+
+def test_temporary_files_left_by_writes_cut_short_are_removed_at_start(upgraded):
+    """A kill between writing a state file's temporary copy and putting it in place left `.update.json.<hex>.tmp`
+    (the whole offer, ~14 KB) behind at every crash, and nothing removed them."""
+    state = upgraded / "state"
+    leftovers = [state / ".update.json.0123456789ab.tmp", state / ".probation.json.a1b2c3d4e5f6.tmp",
+                 state / "slots" / "b" / ".manifest.sig.ffffffffffff.tmp"]
+    for f in leftovers:
+        f.write_text("{}")
+    (state / ".current.tmp").symlink_to("slots/a")
+    mine = state / "notes.tmp"  # not a name the updater writes: left alone
+    mine.write_text("keep")
+    build_updater(upgraded)
+    assert not any(f.exists() for f in leftovers) and not (state / ".current.tmp").is_symlink()
+    assert mine.read_text() == "keep" and serving(upgraded) == "1.1.0"
+
+
+def test_a_withdrawn_record_of_the_wrong_shape_names_the_file(device, signed_bundles):
+    """{"withdrawn": 5} refused offers with a bare "TypeError: 'int' object is not iterable"."""
+    (device / "state" / "withdrawn.json").write_text(json.dumps({"withdrawn": 5}))
+    updater = build_updater(device)
+    updater.submit(offer_for(signed_bundles["v2"], "u2-again"))
+    updater.run()
+    assert updater.data["outcome"] == "failed" and "withdrawn.json: unreadable ('withdrawn' is int, not a list)" in \
+        updater.data["reason"]
+
+
 def test_clean_stops_and_a_passed_probation_do_not_count_as_deaths(upgraded):
     """A restart with a clean stop (systemctl restart, a config change) is no death; once the model has served its
     probation, crashes are no longer the model's to answer for: it stays."""
