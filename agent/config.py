@@ -361,9 +361,9 @@ def nest(flat: dict) -> dict:
 
 def canonical_settings(update: dict) -> dict:
     """`nest(update)` with every section and setting name spelled as the config spells it: `SAMPLING` is
-    `sampling`, as in the config file (case_sensitive=False). Before, {"SAMPLING": {"top_k": 5}} was validated
-    beside the running "sampling" and silently had no effect. Names that are no setting are kept as given (the
-    validation names them)."""
+    `sampling`, as in the config file (case_sensitive=False). Before, {"SAMPLING": {"top_k": 5}} was refused by
+    the agents as local-only (and would have had no effect past that check: validated beside the running
+    "sampling"). Names that are no setting are kept as given (the validation names them)."""
     return _canonical(AgentConfig, nest(update), ())
 
 
@@ -384,7 +384,7 @@ def _merge_once(old, new, name: str):
     merged, but a setting given twice ({"sampling.top_k": 5, "sampling": {"top_k": 7}}) is refused, not
     settled by the order of the keys."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
-        raise ConfigError(f"{name!r} is given twice (dotted and nested); give each setting once")
+        raise ConfigError(f"{name!r} is given twice (dotted and nested, or spelled two ways); give each setting once")
     out = dict(old)
     for k, v in new.items():
         out[k] = _merge_once(out[k], v, f"{name}.{k}") if k in out else v

@@ -67,23 +67,23 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-_LEFTOVER = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # write_file_atomically's temporary names
-
-
-def remove_leftover_temporaries(folder: Path) -> int:
-    """Remove the temporary files a power cut or SIGKILL left in `folder` mid-write (write_file_atomically's
-    `.NAME.<12 hex>.tmp`, atomic_symlink's `.NAME.tmp` link): each crash left one (update.json's holds the whole
-    offer), and nothing else ever removed them. Only for a directory whose writers are this process (the agent
-    holds its state dir's lock). Returns how many were removed."""
+def remove_leftover_temporaries(folder: Path, names, keep=frozenset()) -> int:
+    """Remove the temporary files a power cut or SIGKILL left in `folder` mid-write of one of `names`
+    (write_file_atomically's `.NAME.<12 hex>.tmp`, atomic_symlink's `.NAME.tmp` link): each crash left one
+    (update.json's holds the whole offer), and nothing else ever removed them. Only for a directory whose
+    writers are this process (the agent holds its state dir's lock), and only the names it writes there (a
+    bundle's own files in a slot, `keep`, are never touched). Returns how many were removed."""
+    pattern = re.compile("|".join(rf"\.{re.escape(n)}\.[0-9a-f]{{12}}\.tmp" for n in names)) if names else None
     removed = 0
     try:
-        names = os.listdir(folder)
+        entries = os.listdir(folder)
     except OSError:
         return 0
-    for name in names:
+    for name in entries:
         path = Path(folder) / name
-        if _LEFTOVER.fullmatch(name) and path.is_file() and not path.is_symlink() or \
-                name.endswith(".tmp") and name.startswith(".") and path.is_symlink():
+        leftover = name not in keep and pattern is not None and pattern.fullmatch(name) and path.is_file() and not path.is_symlink() \
+            or name in {f".{n}.tmp" for n in names} and path.is_symlink()
+        if leftover:
             try:
                 path.unlink()
                 removed += 1

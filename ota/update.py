@@ -66,9 +66,22 @@ def _manifest_of(slot: Path) -> bytes | None:
         return None
 
 
+# what the updater and the agent write in the state dir (atomic_write_json, atomic_symlink) and in a slot
+STATE_FILES = ("update.json", "download-progress.json", "staging-partial-progress.json", "withdrawn.json",
+               "rollbacks-applied.json", "desired-applied.json", "current")
+
+
 def _remove_temporaries(root: Path) -> None:
-    """The state dir's and the slots' leftovers of writes cut short (fsutil.remove_leftover_temporaries)."""
-    removed = sum(remove_leftover_temporaries(folder) for folder in (root, root / "slots" / "a", root / "slots" / "b"))
+    """The state dir's and the slots' leftovers of writes cut short (fsutil.remove_leftover_temporaries): of the
+    state files, and of a slot's signature (a file of the bundle itself is never touched, whatever its name)."""
+    removed = remove_leftover_temporaries(root, STATE_FILES + (PROBATION,))
+    for slot in ("a", "b"):
+        folder = root / "slots" / slot
+        try:  # a file the bundle lists, whatever its name, is the bundle's
+            keep = {f.path.split("/")[0] for f in Manifest.model_validate_json(_manifest_of(folder) or b"").files}
+        except ValueError:
+            keep = set()
+        removed += remove_leftover_temporaries(folder, (SIGNATURE,), keep)
     if removed:
         log.info("removed %d temporary file(s) left in %s by writes cut short (a power cut, a kill)", removed, root)
 
@@ -517,16 +530,17 @@ class Updater:
         return self._finish_probation_rollback(p)
 
     def _finish_probation_rollback(self, p: dict) -> dict | None:
-        """Go back to the previous slot (if `current` is not there yet), clear the bad one, drop the record;
-        returns the `rolled_back` result to report. Idempotent: a kill at any point is finished by running it
-        again."""
+        """Go back to the previous slot (if `current` is not there yet: still on the bad one, or missing), clear
+        the bad one, drop the record; returns the `rolled_back` result to report. Idempotent: a kill at any point
+        is finished by running it again. Where the previous slot holds no model (a record that does not match
+        the disk), nothing is switched or cleared: the bad model is all there is."""
         bad, previous, deaths = p["slot"], p.get("previous_slot"), p["deaths"]
-        if self.slots.active() == bad:  # not switched yet
-            if not previous or previous == bad or not (self.slots.path(previous) / MANIFEST).is_file():
-                log.error("model %s (update %s) was being rolled back, but the previous model is gone; it stays",
-                          p.get("version"), p.get("update_id"))
-                self._save_probation(None)
-                return None
+        if previous not in ("a", "b") or previous == bad or not (self.slots.path(previous) / MANIFEST).is_file():
+            log.error("model %s (update %s) was being rolled back, but there is no previous model in slot %s; it "
+                      "stays", p.get("version"), p.get("update_id"), previous)
+            self._save_probation(None)
+            return None
+        if self.slots.active() != previous:  # not switched yet
             self.slots.activate(previous)
         self.slots.clear(bad)
         self._save_probation(None)

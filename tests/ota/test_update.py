@@ -607,6 +607,33 @@ def test_a_probation_rollback_cut_short_is_finished_and_reported_at_the_next_sta
     assert updater.data["outcome"] == "failed" and serving(upgraded) == "1.0.0"
 
 
+@pytest.mark.parametrize("disk", ["previous slot empty", "current missing", "previous is the bad slot"])
+def test_a_rollback_record_that_does_not_match_the_disk_never_deletes_the_only_model(upgraded, disk):
+    """Finishing a rollback cut short must not clear the bad slot unless the previous one holds a model and `current`
+    points there: with slot a emptied by hand (or a disk error) it cleared b too, both slots empty, and reported
+    `rolled_back` to slot a; with `current` missing it cleared b and served nothing."""
+    state = upgraded / "state"
+    probation = state / "probation.json"
+    record = {**json.loads(probation.read_text()), "deaths": 3, "running": False, "rolling_back": True}
+    if disk == "previous slot empty":
+        shutil.rmtree(state / "slots" / "a")
+        (state / "slots" / "a").mkdir()
+    elif disk == "current missing":
+        (state / "current").unlink()
+    else:
+        record["previous_slot"] = record["slot"]
+    probation.write_text(json.dumps(record))
+    updater = build_updater(upgraded, probation=True)
+    if disk == "current missing":  # the previous model is there: the rollback is finished onto it
+        assert updater.slots.active() == "a" and serving(upgraded) == "1.0.0"
+        assert not (state / "slots" / "b" / "manifest.json").exists()
+        assert [r["active_slot"] for r in reports(upgraded) if r.get("result")] == ["a"]
+    else:  # no previous model: the bad one is all there is, kept and served
+        assert updater.slots.active() == "b" and serving(upgraded) == "1.1.0" and reports(upgraded) == []
+        assert (state / "slots" / "b" / "manifest.json").is_file()
+    assert updater.probation is None
+
+
 @pytest.mark.parametrize("record", [{"previous_slot": 5}, {"previous_slot": ["a"]}, {"probation_s": "600"},
                                     {"deaths": True}, {"running": "yes"}, []])
 def test_a_probation_record_with_a_wrong_type_is_dropped_not_a_crash_at_every_start(upgraded, caplog, record):
