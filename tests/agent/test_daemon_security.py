@@ -518,7 +518,7 @@ def test_a_desired_config_giving_one_setting_twice_is_refused_not_settled_by_key
     agent._apply_desired(DesiredConfig(version=1, settings={"sampling.max_tokens": 5,
                                                              "sampling": {"max_tokens": 7, "top_k": 2}}))
     assert agent.applied_config_version is None and agent.cfg.sampling.max_tokens == 256
-    assert "'sampling.max_tokens' is given twice (dotted and nested)" in agent.last_config_error
+    assert "'sampling.max_tokens' is given twice (dotted and nested, or spelled two ways)" in agent.last_config_error
     agent._apply_desired(DesiredConfig(version=2, settings={"sampling.max_tokens": 5, "sampling": {"top_k": 2}}))
     assert agent.applied_config_version == 2 and (agent.cfg.sampling.max_tokens, agent.cfg.sampling.top_k) == (5, 2)
 
