@@ -356,6 +356,13 @@ class Updater:
                 Offer.model_validate(data["offer"])
                 if data["target_slot"] not in ("a", "b") or not isinstance(data["chunks_done"], dict):
                     raise ValueError("target_slot or chunks_done invalid")
+                if data.get("previous_slot") not in ("a", "b", None):
+                    raise ValueError(f"previous_slot {data.get('previous_slot')!r} is not a slot")
+                # before the switch (COMMITTING) the target is never the serving slot: a state that says so (an
+                # edit by hand) would install into, or clear, the model that serves
+                if state in FORWARD[:-1] and data["target_slot"] == self.slots.active():
+                    raise ValueError(f"target_slot {data['target_slot']!r} is the active slot in state "
+                                     f"{state.value}")
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:  # JSON, Unicode, nesting too
             aside = self.state_path.with_name(self.state_path.name + ".unreadable")
             os.replace(self.state_path, aside)

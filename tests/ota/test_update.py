@@ -927,6 +927,23 @@ def test_an_unreadable_state_file_is_set_aside_and_the_active_model_serves(devic
     assert updater.data["history"] == SUCCESS and serving(device) == "1.1.0"
 
 
+@pytest.mark.parametrize("edit", [{"state": "installing", "target_slot": "a"}, {"previous_slot": "c"}])
+def test_a_state_that_contradicts_the_slots_is_set_aside_not_acted_on(device, signed_bundles, edit):
+    """update.json edited by hand to install into the serving slot (target = the active slot before the switch),
+    or naming no slot as the previous one: it used to be resumed, and an install into the serving slot removes
+    the model that serves. Set aside as unreadable; the active model serves; the next offer commits."""
+    updater = build_updater(device)
+    updater.submit(offer_for(signed_bundles["v2"], "u2"))
+    updater.data.update({"state": "downloading", **edit})
+    updater._save()
+    restarted = build_updater(device)
+    assert restarted.state.value == "idle" and "update.json was unreadable" in restarted.load_problem
+    assert serving(device) == "1.0.0" and (restarted.slots.path("a") / "manifest.json").is_file()
+    restarted.submit(offer_for(signed_bundles["v2"], "u2-again"))
+    restarted.run()
+    assert restarted.data["history"] == SUCCESS and serving(device) == "1.1.0"
+
+
 def test_an_offer_of_the_bundle_already_serving_is_committed_without_a_change(upgraded, signed_bundles, tmp_path):
     """The exact signed manifest the device serves, offered again under a new update id (a rollout over a fleet
     where some boxes have it, a retained offer seen after the state file was lost): committed, nothing
