@@ -680,6 +680,14 @@ class Agent:
 
     def _respond(self, message, req: InferenceRequest, response: InferenceResponse) -> None:
         try:
+            over = self.session.answer_over_limit(message, response)
+            if over is not None:  # dropped whole, the requester heard nothing and a retry got the same silence
+                size, limit = over
+                log.warning("MQTT inference request %s: the answer (%d bytes) is over the broker's maximum packet size "
+                            "(%d bytes); an error is sent instead", req.id, size, limit)
+                response = InferenceResponse(id=req.id, error=ErrorInfo(code="too_large", message=(
+                    f"the answer is {size} bytes, over the broker's maximum packet size of {limit} bytes; ask for "
+                    "fewer max_tokens, or raise the broker's max_packet_size")))
             self.session.respond(message, response)
         except AgentError as exc:
             log.warning("MQTT inference request %s: %s", req.id, exc)

@@ -779,6 +779,17 @@ class MqttSession:
                                               "property nor reply_to in the payload); no answer is sent")
         return self.publish(target.topic, response, correlation_data=target.correlation_data)
 
+    def answer_over_limit(self, request: Message, response: BaseModel | bytes) -> tuple[int, int] | None:
+        """(the answer's packet bytes, the broker's maximum packet size) when the answer to `request` would be over
+        it (it would be logged and dropped, and the requester would hear nothing), else None."""
+        target, limit = self.reply_target(request), self._max_packet
+        if target is None or limit is None:
+            return None
+        size = publish_packet_bytes(target.topic, _encode(response), self.settings.qos,
+                                    mqtt5=self._client_protocol == paho.MQTTv5,
+                                    correlation_data=target.correlation_data)
+        return (size, limit) if size > limit else None
+
     def _payload_field(self, message: Message, name: str) -> str | None:
         if not message.payload or len(message.payload) > self.settings.max_payload_bytes:
             return None

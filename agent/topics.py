@@ -107,7 +107,10 @@ def infer_response_problem(fleet: str, device: str, topic: str) -> str | None:
     on its own `infer/response/<requester>`: a request naming the device's `config/desired` made it
     refuse its own answer as a desired config (and report that as its config error), one naming
     `state`, `ota/status` or `ota/chunk/request` had it publish a stray payload where the
-    controller reads state. Topics outside the tree are the requester's business."""
+    controller reads state. Topics outside the tree are the requester's business, but for the broker's own
+    (`$SYS/...`, `$share/...`: never a requester's)."""
+    if topic.startswith("$"):
+        return f"response topic {topic!r} is refused: topics beginning with '$' are the broker's"
     if topic.split("/", 1)[0] != ROOT.split("/", 1)[0]:
         return None
     prefix = f"{device_root(fleet, device)}/infer/response/"

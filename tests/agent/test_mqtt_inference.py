@@ -128,6 +128,16 @@ def test_a_malformed_request_with_an_over_long_id_gets_an_error_answer_not_a_tra
     assert no_traceback(caplog), [r.getMessage() for r in caplog.records]
 
 
+def test_the_brokers_own_topics_are_refused_as_response_topics():
+    """`$SYS/...`, `$share/...`, `$CONTROL/...` were published (Mosquitto discarded them): never a requester's."""
+    from agent.topics import infer_response_problem
+
+    for topic in ("$SYS/x/evil", "$share/g/test/replies", "$CONTROL/dynamic-security/v1"):
+        assert "topics beginning with '$' are the broker's" in infer_response_problem(FLEET, DEVICE, topic)
+    assert infer_response_problem(FLEET, DEVICE, "test/replies") is None
+    assert infer_response_problem(FLEET, DEVICE, infer_response_topic(FLEET, DEVICE, "me")) is None
+
+
 @pytest.mark.parametrize("where", ["config/desired", "state", "ota/status", "reply_to config/desired"])
 def test_an_answer_is_never_published_on_the_devices_own_protocol_topics(served, caplog, where):
     """A response topic is the requester's: one naming the device's own `config/desired` made the device
@@ -373,3 +383,33 @@ def test_mqtt_ttft_counts_from_the_requests_arrival_as_http_does(served):
     assert "text" in requester.answer("waited")
     reports = [r for r in running.agent.window.take(DEVICE) if r.count]
     assert len(reports) == 1 and reports[0].ttft_ms.p50 >= 2000.0, reports
+
+
+def test_an_answer_over_the_brokers_packet_limit_becomes_an_error_answer(signed_bundles, tmp_path, caplog):
+    """An answer over the broker's maximum packet size (hosted brokers: 128-256 KB) was logged and dropped: the
+    requester heard nothing, as from a lost device, and a retry got the same silence. It gets a small error
+    answer naming both sizes; an answer that fits is sent as it is."""
+    from broker import Mosquitto, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found")
+    broker = Mosquitto(tmp_path / "small", options=("max_packet_size 1500",)).start()
+    running = requester = None
+    try:
+        running = RunningAgent(broker, signed_bundles, tmp_path / "state")
+        requester = Requester(broker.port)
+        tag = b"c" * 600  # MQTT 5 correlation data, echoed with the answer: the whole answer is over 1500 bytes
+        requester.ask({"id": "long", "prompt": "def main():", "max_tokens": 1000, "stop": []}, correlation=tag)
+        answer = requester.answer("long")
+        assert (answer.get("error") or {}).get("code") == "too_large" and "over the broker's maximum packet size of 1500 bytes" \
+            in answer["error"]["message"] and "ask for fewer max_tokens" in answer["error"]["message"], \
+            (len(json.dumps(answer)), answer)
+        requester.ask({"id": "short", "prompt": "def main():", "max_tokens": 4}, correlation=tag)
+        assert requester.answer("short").get("text") is not None
+        assert running.agent.session.stats.too_large == 0  # nothing was dropped
+    finally:
+        if requester is not None:
+            requester.close()
+        if running is not None:
+            running.shutdown()
+        broker.stop()
