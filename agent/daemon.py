@@ -61,7 +61,7 @@ from runtime.probe import device_report, probe_hardware
 
 log = logging.getLogger("edgeglm.agent")
 REQUEST_MEMORY, REQUEST_MEMORY_S = 256, 600.0  # MQTT inference requests remembered against second copies
-RETRYABLE = {"busy", "model_unavailable", "internal"}  # a copy of a request answered so is generated anew
+RETRYABLE = {"busy", "model_unavailable", "internal", "timeout"}  # a copy of a request answered so is generated anew
 # the answers telemetry counts as errors of the model (HTTP: status >= 500); a bad request or a busy answer is not
 SERVER_ERRORS = {"model_unavailable", "internal"}
 OTA_STOP_WAIT_S = 5.0  # a stopping agent's wait for the OTA thread to reach a resumable point (_let_update_stop)
@@ -657,7 +657,8 @@ class Agent:
                 text, usage, finish = self._generate_for(req, serving, served, message.received)
                 response = InferenceResponse(id=req.id, text=text, usage=usage, finish_reason=finish)
             except ApiError as exc:
-                code = {400: "bad_request", 429: "busy", 503: "model_unavailable"}.get(exc.status, "internal")
+                code = {400: "bad_request", 429: "busy", 503: "model_unavailable", 504: "timeout"}.get(exc.status,
+                                                                                                       "internal")
                 response = InferenceResponse(id=req.id, error=ErrorInfo(code=code, message=exc.message))
             except RequestError as exc:
                 response = InferenceResponse(id=req.id, error=ErrorInfo(code="bad_request", message=str(exc)))
@@ -715,11 +716,18 @@ class Agent:
             except SchedulerClosed as exc:  # the model was swapped (an OTA update) since the slot was taken
                 raise ApiError(503, str(exc)) from None
             tokens = stream_tokens(handle)
+            deadline = t0 + req.timeout_s if req.timeout_s is not None else math.inf
+
+            def on_token() -> None:
+                times.append(now := time.perf_counter())
+                if now > deadline:  # the requester gave up by now (MQTT shows no requester leaving): stop for it
+                    raise ApiError(504, f"no answer within the request's timeout_s={req.timeout_s:g} (from its "
+                                        f"arrival); {outcome.completion_tokens} tokens were generated, then stopped")
+
             try:
-                text = "".join(generate_text(model, ids, tokens, params, gen.stop, outcome,
-                                             lambda: times.append(time.perf_counter())))
+                text = "".join(generate_text(model, ids, tokens, params, gen.stop, outcome, on_token))
             finally:
-                tokens.close()  # a stop string ends the text early: the request leaves the batch
+                tokens.close()  # a stop string or the timeout ends the text early: the request leaves the batch
         gaps = [b - a for a, b in zip(times, times[1:])]
         self.window.record(times[0] - t0 if times else None, gaps, len(gaps), sum(gaps), label=label,
                            window=served["window"])

@@ -381,6 +381,9 @@ class InferenceRequest(Payload):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, max_length=16)
+    timeout_s: float | None = Field(None, gt=0.0, le=86400.0, description=(
+        "seconds from the request's arrival after which its generation stops and it is answered with error "
+        "code 'timeout' (a requester that gave up frees its place; default: none)"))
 
     @field_validator("reply_to")
     @classmethod

@@ -413,3 +413,16 @@ def test_an_answer_over_the_brokers_packet_limit_becomes_an_error_answer(signed_
         if running is not None:
             running.shutdown()
         broker.stop()
+
+
+def test_a_request_past_its_timeout_stops_generating_and_frees_its_place(served):
+    """A requester that went away kept its generation running to max_tokens, holding a place (MQTT shows no
+    requester leaving): `timeout_s` stops it and answers `timeout`; a request without it runs to the end."""
+    running, requester = served
+    requester.ask({"id": "late", "prompt": "def main():", "max_tokens": 1000, "stop": [], "timeout_s": 0.001})
+    answer = requester.answer("late")
+    assert answer["error"]["code"] == "timeout", answer
+    assert "no answer within the request's timeout_s=0.001" in answer["error"]["message"]
+    until(lambda: _in_flight(running.agent.http.port) == 0, timeout=WAIT)
+    requester.ask({"id": "patient", "prompt": "def main():", "max_tokens": 8, "timeout_s": 600})
+    assert requester.answer("patient")["finish_reason"] == "length"
