@@ -577,7 +577,15 @@ class Agent:
         live = [k for k in changed if is_live(k)]
         log.info("config reload: %s", f"applied {', '.join(live)}" if live else "no setting that applies live changed")
         self.local_cfg = local
-        new, dropped = local, None
+        latest = self._latest_desired
+        if latest is not None and (self.applied_config_version is None or latest.version > self.applied_config_version):
+            # the newest desired config, refused before (or dropped by an earlier reload): the reloaded config may
+            # allow it now (the broker does not send its retained copy again, so nothing else would bring it back);
+            # tried first, so that the box never runs its bare config between the old layer and the new one
+            self._apply_desired(latest)
+            if self.applied_config_version == latest.version:
+                return later
+        new = local
         if self._applied_settings is not None:  # the fleet's layer stays on top of the box's own config
             try:
                 new = with_updates(local, self._applied_settings)
@@ -585,20 +593,13 @@ class Agent:
                 if problems:
                     raise ConfigError(join_problems(problems))
             except ConfigError as exc:
-                new, dropped = local, self.applied_config_version
-                self.last_config_error = (f"desired config version {dropped} no longer applies over the box's "
-                                          f"reloaded config: {exc}; the box's own config applies")
+                new = local
+                self.last_config_error = (f"desired config version {self.applied_config_version} no longer applies "
+                                          f"over the box's reloaded config: {exc}; the box's own config applies")
                 log.warning("%s", self.last_config_error)
                 self.applied_config_version, self._applied_settings = None, None
         self._use(new)
-        latest = self._latest_desired
-        if latest is not None and latest.version != dropped and \
-                (self.applied_config_version is None or latest.version > self.applied_config_version):
-            # the newest desired config, refused or dropped by an earlier reload: the reloaded config may allow
-            # it now (the broker does not send its retained copy again, so nothing else would bring it back)
-            self._apply_desired(latest)
-        else:
-            self._publish_state()
+        self._publish_state()
         return later
 
     def _remember_desired(self, desired: DesiredConfig) -> None:

@@ -488,8 +488,11 @@ def test_a_reload_tries_the_fleets_newest_config_again(tmp_path):
     agent._apply_desired(DesiredConfig(version=4, settings={"cache": {"max_mb": 48}}))  # above the box's 32
     assert agent.applied_config_version == 3 and "version 4 refused" in agent.last_config_error
     assert agent.last_config_error.endswith("; version 3 stays applied")
+    used, real_use = [], agent._use
+    agent._use = lambda cfg: (used.append(cfg.cache.max_mb), real_use(cfg))
     agent.reload(reread(**{"cache.max_mb": 64.0}))
     assert agent.applied_config_version == 4 and agent.cfg.cache.max_mb == 48 and agent.last_config_error is None
+    assert used == [48]  # straight to the new layer: never the box's bare 64 in between (helper-98)
 
 
 def test_a_kept_desired_config_with_fields_of_a_newer_edgeglm_is_applied_again(tmp_path):
