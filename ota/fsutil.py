@@ -74,6 +74,7 @@ def remove_leftover_temporaries(folder: Path, names, keep=frozenset()) -> int:
     writers are this process (the agent holds its state dir's lock), and only the names it writes there (a
     bundle's own files in a slot, `keep`, are never touched). Returns how many were removed."""
     pattern = re.compile("|".join(rf"\.{re.escape(n)}\.[0-9a-f]{{12}}\.tmp" for n in names)) if names else None
+    links = {f".{n}.tmp" for n in names}  # atomic_symlink's
     removed = 0
     try:
         entries = os.listdir(folder)
@@ -81,8 +82,10 @@ def remove_leftover_temporaries(folder: Path, names, keep=frozenset()) -> int:
         return 0
     for name in entries:
         path = Path(folder) / name
-        leftover = name not in keep and pattern is not None and pattern.fullmatch(name) and path.is_file() and not path.is_symlink() \
-            or name in {f".{n}.tmp" for n in names} and path.is_symlink()
+        if path.is_symlink():
+            leftover = name in links
+        else:
+            leftover = name not in keep and pattern is not None and pattern.fullmatch(name) and path.is_file()
         if leftover:
             try:
                 path.unlink()

@@ -66,15 +66,16 @@ def _manifest_of(slot: Path) -> bytes | None:
         return None
 
 
-# what the updater and the agent write in the state dir (atomic_write_json, atomic_symlink) and in a slot
-STATE_FILES = ("update.json", "download-progress.json", "staging-partial-progress.json", "withdrawn.json",
-               "rollbacks-applied.json", "desired-applied.json", "current")
+# what the updater and the agent write in the state dir (atomic_write_json, atomic_symlink), besides the
+# records named below (WITHDRAWN, ROLLBACK_APPLIED, PROBATION)
+STATE_FILES = ("update.json", "download-progress.json", "staging-partial-progress.json", "desired-applied.json",
+               "current")
 
 
 def _remove_temporaries(root: Path) -> None:
     """The state dir's and the slots' leftovers of writes cut short (fsutil.remove_leftover_temporaries): of the
     state files, and of a slot's signature (a file of the bundle itself is never touched, whatever its name)."""
-    removed = remove_leftover_temporaries(root, STATE_FILES + (PROBATION,))
+    removed = remove_leftover_temporaries(root, STATE_FILES + (WITHDRAWN, ROLLBACK_APPLIED, PROBATION))
     for slot in ("a", "b"):
         folder = root / "slots" / slot
         try:  # a file the bundle lists, whatever its name, is the bundle's
