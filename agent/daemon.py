@@ -37,7 +37,7 @@ from agent.errors import AgentError, ConfigError, ServeError
 from agent.http_api import ApiServer, stream_tokens
 from agent.http_api import configure_prefix_cache, make_prefix_cache
 from agent.model import LoadedModel, load_model, register_execution_metric, set_execution_metric
-from agent.mqtt import MqttSession, PayloadRejected, Received
+from agent.mqtt import Delivery, MqttSession, PayloadRejected, Received
 from agent.openai_compat import (ApiError, Outcome, chat_request, completion_request, generate_text, prompt_ids,
                                   with_special_stops)
 from agent.remote_config import (LOCAL_CEILINGS, REMOTE_SETTINGS, local_only_keys,  # noqa: F401 (re-exported)
@@ -134,6 +134,10 @@ class Agent:
         self._ota_thread: threading.Thread | None = None
         self._ota_lock = threading.Lock()
         self._next_offer: Offer | None = None  # the latest offer that came while an update ran: taken after it
+        # OTA outcomes published and not yet acknowledged by the broker: their record in the state dir goes when
+        # they are (ota/update.py REPORT); one never acknowledged is published again at the next start
+        self._reports_in_flight: list[tuple[Delivery, dict]] = []
+        self._reports_lock = threading.Lock()
         self._last_telemetry = time.monotonic()
         self._last_health = float("-inf")  # the first telemetry after the start carries the first health
         self._serving_since = time.monotonic()  # when the model served now was activated
@@ -317,6 +321,16 @@ class Agent:
             self.session.start()
         if probation_result is not None:
             self._report_ota(probation_result)  # logged; held by the session until it connects (retained)
+        elif self.updater is not None and self.session is not None:
+            # an outcome the broker never acknowledged: the agent was killed (or stopped with the broker away)
+            # after the update or the rollback was over: published again, not lost (an update resuming in its
+            # REPORTING state reports by itself)
+            last = self.updater.undelivered_report()
+            if last is not None and (self.updater.state is State.IDLE
+                                     or last.get("update_id") != self.updater.data.get("update_id")):
+                log.info("the outcome of OTA update %s (%s) had not reached the broker when the agent stopped; "
+                         "published again", last.get("update_id"), last.get("result"))
+                self._report_ota(last)
         if self.updater is not None and self.updater.state is not State.IDLE:
             log.info("resuming the interrupted update %s in state %s", self.updater.data.get("update_id"),
                      self.updater.state.value)
@@ -341,6 +355,7 @@ class Agent:
             except Exception:  # one bad event must not stop the agent: log it, count it, go on
                 log.exception("handling an MQTT event failed")
                 self.window.record_error()
+            self._forget_delivered_reports()
             if self.session and time.monotonic() - self._last_telemetry >= self.cfg.telemetry.interval_s:
                 self._send_telemetry()
             if self._next_offer is not None and not self._update_running():
@@ -374,6 +389,7 @@ class Agent:
             self._refuse_while_stopping(None)  # what came since: the queue, emptied once more
             self._send_telemetry(final=True)
             self.session.close(publish_offline=True)
+            self._forget_delivered_reports()  # (acknowledged while it closed; the others go again at the next start)
         self._let_update_stop()
         if self._state_lock is not None:
             self._state_lock.close()  # the state dir is free for the next agent
@@ -780,7 +796,25 @@ class Agent:
                      f" ({', '.join(extra)})" if extra else "")
         if self.session is not None:
             d = self.cfg.device
-            self.session.publish(ota_status_topic(d.fleet, d.id), json.dumps(status).encode(), retain=True)
+            delivery = None
+            if status.get("result") and status.get("state") == State.REPORTING.value and self.updater is not None:
+                delivery = Delivery()  # an outcome: its record in the state dir goes once the broker has it
+                with self._reports_lock:
+                    self._reports_in_flight.append((delivery, status))
+            self.session.publish(ota_status_topic(d.fleet, d.id), json.dumps(status).encode(), retain=True,
+                                 delivery=delivery)
+
+    def _forget_delivered_reports(self) -> None:
+        with self._reports_lock:
+            if not self._reports_in_flight:
+                return
+            flags = [(delivery.delivered(), delivery, status) for delivery, status in self._reports_in_flight]
+            done = [status for delivered, _, status in flags if delivered]
+            if not done:
+                return
+            self._reports_in_flight = [(delivery, status) for delivered, delivery, status in flags if not delivered]
+        for status in done:
+            self.updater.report_delivered(status)
 
     def _update_running(self) -> bool:
         return self._ota_thread is not None and self._ota_thread.is_alive()

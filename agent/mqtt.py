@@ -248,6 +248,20 @@ class _Subscription:
     empty_ok: bool
 
 
+class Delivery:
+    """What became of one publish (`MqttSession.publish(..., track=True)`): `delivered()` is true once the broker
+    acknowledged it (PUBACK at QoS 1; written to the socket at QoS 0). A message held while offline gets its paho
+    handle when it is sent at the next connect; one dropped (the offline hold full, over the broker's packet
+    limit) or still unacknowledged when the session closes never counts as delivered."""
+
+    def __init__(self):
+        self.info: paho.MQTTMessageInfo | None = None
+
+    def delivered(self) -> bool:
+        info = self.info
+        return info is not None and info.is_published()
+
+
 @dataclass
 class _Outgoing:
     topic: str
@@ -256,6 +270,7 @@ class _Outgoing:
     retain: bool
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    delivery: Delivery | None = None
 
 
 def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
@@ -588,7 +603,10 @@ class MqttSession:
                 properties.ResponseTopic = out.response_topic
             if out.correlation_data:
                 properties.CorrelationData = out.correlation_data
-        return client.publish(out.topic, out.payload, out.qos, out.retain, properties)
+        info = client.publish(out.topic, out.payload, out.qos, out.retain, properties)
+        if out.delivery is not None:
+            out.delivery.info = info
+        return info
 
     def _state(self, online: bool) -> ReportedState:
         return self.state_fn().model_copy(update={"online": online, "ts": time.time()})
@@ -621,11 +639,12 @@ class MqttSession:
                 self._client.subscribe(topic_filter, self.settings.qos)
 
     def publish(self, topic: str, payload: BaseModel | bytes, qos: int | None = None, retain: bool = False, *,
-                response_topic: str | None = None, correlation_data: bytes | None = None
-                ) -> paho.MQTTMessageInfo | None:
-        """Publish now, or hold it (in order, up to `held_messages`) until the next connect: then None."""
+                response_topic: str | None = None, correlation_data: bytes | None = None,
+                delivery: Delivery | None = None) -> paho.MQTTMessageInfo | None:
+        """Publish now, or hold it (in order, up to `held_messages`) until the next connect: then None. A
+        `delivery` given follows the message through the hold: its `delivered()` says when the broker has it."""
         out = _Outgoing(check_publish_topic(topic), _encode(payload), self.settings.qos if qos is None else qos,
-                        retain, response_topic, correlation_data)
+                        retain, response_topic, correlation_data, delivery)
         with self._lock:
             if self._online.is_set():
                 return self._send(self._client, out)

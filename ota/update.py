@@ -75,7 +75,7 @@ STATE_FILES = ("update.json", "download-progress.json", "staging-partial-progres
 def _remove_temporaries(root: Path) -> None:
     """The state dir's and the slots' leftovers of writes cut short (fsutil.remove_leftover_temporaries): of the
     state files, and of a slot's signature (a file of the bundle itself is never touched, whatever its name)."""
-    removed = remove_leftover_temporaries(root, STATE_FILES + (WITHDRAWN, ROLLBACK_APPLIED, PROBATION))
+    removed = remove_leftover_temporaries(root, STATE_FILES + (WITHDRAWN, ROLLBACK_APPLIED, PROBATION, REPORT))
     for slot in ("a", "b"):
         folder = root / "slots" / slot
         try:  # a file the bundle lists, whatever its name, is the bundle's
@@ -195,6 +195,9 @@ WITHDRAWN_KEEP = 64
 # in the OTA state dir: the model committed last, on probation until it has served `ota.probation_s` in one run
 # of the agent; an agent that dies (no clean stop) `ota.probation_deaths` times before that goes back at start
 PROBATION = "probation.json"
+# in the OTA state dir: the last outcome (committed, failed, rolled back), kept until the broker has it; an agent
+# killed before that (or with the broker away until it stopped) publishes it again at its next start
+REPORT = "ota-report.json"
 
 
 class RollbackTerms(BaseModel):
@@ -328,6 +331,7 @@ class Updater:
         _remove_temporaries(self.root)
         self.data = self._load()
         self._probation_path = self.root / PROBATION
+        self._report_path = self.root / REPORT
         self.probation: dict | None = self._load_probation()  # the committed model on probation, if one is
         self.on_enter: Callable[[State], None] | None = None  # observation/fault-injection point
         self.stopping = threading.Event()  # set by the agent as it stops: `run` returns, leaving the state to resume
@@ -457,14 +461,54 @@ class Updater:
         if not self.data.get("reason"):
             self.data["reason"] = f"{self.state.value}: {reason}"
 
-    def _report(self, fields: dict) -> None:
+    def _report(self, fields: dict, keep: bool = False) -> None:
         status = {"update_id": self.data.get("update_id"), "ts": time.time(), **fields}
         if self.data.get("reason"):
             status["reason"] = self.data["reason"]
+        if keep:  # an outcome: on disk before it is handed over (and before the state moves on)
+            status = json.loads(json.dumps(status))  # a snapshot: `history` grows on after this
+            self._keep_report(status)
         try:
             self.deps.report(status)
         except Exception:  # reporting must never stop an update or a rollback; the outcome is persisted
             pass
+
+    # --- the last outcome, kept until delivered ------------------------------------------------
+    def _keep_report(self, status: dict) -> None:
+        try:
+            atomic_write_json(self._report_path, status)
+        except OSError as exc:  # the report is still handed over; only a kill before it is delivered loses it
+            log.warning("the outcome of update %s is not kept in %s until delivered (%s)", status.get("update_id"),
+                        self._report_path, exc)
+
+    def undelivered_report(self) -> dict | None:
+        """The last outcome (a `reporting` status with its `result`) if it is not known to be delivered: the
+        agent publishes it again at start. An unreadable record is dropped with a warning (it only ever held a
+        report, nothing the device runs on)."""
+        try:
+            status = json.loads(self._report_path.read_text())
+            if not (isinstance(status, dict) and isinstance(status.get("result"), str)
+                    and isinstance(status.get("ts"), (int, float))):
+                raise ValueError("not an outcome report (an object with a result and a ts)")
+            return status
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, RecursionError) as exc:
+            log.warning("%s is not a readable outcome report (%s); dropped: that outcome is not reported again",
+                        self._report_path, exc)
+            try:
+                self._report_path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            return None
+
+    def report_delivered(self, status: dict) -> None:
+        """The broker has `status`: its record goes, unless a newer outcome replaced it meanwhile."""
+        try:
+            if json.loads(self._report_path.read_text()) == status:
+                self._report_path.unlink()
+        except (OSError, ValueError, RecursionError):
+            pass  # gone already, or replaced by something unreadable (undelivered_report drops that)
 
     # --- probation: a committed model that kills the agent goes back by itself ----------------
     def _load_probation(self) -> dict | None:
@@ -551,12 +595,14 @@ class Updater:
         if self.slots.active() != previous:  # not switched yet
             self.slots.activate(previous)
         self.slots.clear(bad)
-        self._save_probation(None)
         reason = (f"probation: the agent ended without a clean stop {deaths} times (a crash, a kill, a power cut) "
                   f"since version {p.get('version')} was committed, before it had served "
                   f"{p.get('probation_s', 0):g} s: back to the previous model in slot {previous}; slot {bad} cleared")
-        return {"update_id": p.get("update_id"), "ts": time.time(), "state": S.REPORTING.value,
-                "result": "rolled_back", "reason": reason, "active_slot": previous}
+        status = {"update_id": p.get("update_id"), "ts": time.time(), "state": S.REPORTING.value,
+                  "result": "rolled_back", "reason": reason, "active_slot": previous}
+        self._keep_report(status)  # before the record goes: a kill between the two reports it at the next start
+        self._save_probation(None)
+        return status
 
     def stopped_cleanly(self) -> None:
         """The agent stops cleanly: this run is no death of the model on probation."""
@@ -1041,5 +1087,5 @@ class Updater:
 
     def _reporting(self) -> Event:
         self._report({"state": S.REPORTING.value, "result": self.data.get("outcome"),
-                      "active_slot": self.slots.active(), "history": self.data["history"]})
+                      "active_slot": self.slots.active(), "history": self.data["history"]}, keep=True)
         return E.REPORTED

@@ -532,6 +532,42 @@ def test_a_committed_model_whose_agent_keeps_dying_goes_back_by_itself(mosquitto
         kill_agent(proc)
 
 
+def test_an_outcome_the_broker_never_had_is_published_at_the_next_start(mosquitto, signed_bundles, tmp_path):
+    """The agent goes back from v1.1.0 at a start while the broker is away, then is killed before the broker comes
+    back: the rollback's report was held in the MQTT session's memory and died with the process (the fleet never
+    heard why the box serves v1.0.0). It is kept in the state dir until the broker acknowledges it, and the next
+    start publishes it; once acknowledged the record goes."""
+    extra = "probation_deaths = 1\nprobation_s = 3600.0"
+    kept = tmp_path / "state" / "ota-report.json"
+    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, extra)
+    try:
+        ctl = Controller(mosquitto.port)
+        ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"])
+        for update_id, bundle in (("install-v1", "v1"), ("u2", "v2")):
+            assert ctl.install(update_id, signed_bundles[bundle])["result"] == "committed"
+        until(lambda: not kept.exists())  # u2's outcome acknowledged: its record went
+        proc.kill()  # a death on probation
+        proc.wait()
+        mosquitto.stop()
+        proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, extra)
+        until(lambda: _ready(http_port) or proc.poll() is not None)
+        assert http_json(http_port, "/v1/models")["data"][0]["id"] == "tiny-1.0.0", log.read_text()[-3000:]
+        assert json.loads(kept.read_text())["result"] == "rolled_back"
+        proc.kill()  # before the broker is back: the report held in memory dies with the process
+        proc.wait()
+        mosquitto.start()
+        ctl = Controller(mosquitto.port)
+        proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path, extra)
+        final = ctl.wait(ota_status_topic(FLEET, DEVICE),
+                         lambda d, m: d.get("update_id") == "u2" and d.get("result") == "rolled_back")
+        assert "ended without a clean stop 1 times" in final["reason"] and final["active_slot"] == "a"
+        assert "(rolled_back) had not reached the broker when the agent stopped; published again" in log.read_text()
+        until(lambda: not kept.exists())
+        assert http_json(http_port, "/v1/models")["data"][0]["id"] == "tiny-1.0.0"
+    finally:
+        kill_agent(proc)
+
+
 def test_a_model_that_served_its_probation_is_off_probation(mosquitto, signed_bundles, tmp_path):
     """Once the committed model has served `ota.probation_s` in one run, the agent ends its probation (the file
     goes): a crash after that is no longer taken for the model's fault."""

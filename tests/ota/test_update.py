@@ -607,6 +607,26 @@ def test_a_probation_rollback_cut_short_is_finished_and_reported_at_the_next_sta
     assert updater.data["outcome"] == "failed" and serving(upgraded) == "1.0.0"
 
 
+def test_an_outcome_stays_in_the_state_dir_until_the_broker_has_it(upgraded):
+    """A probation rollback's report (and any update's outcome) lived only in the MQTT session's memory: an agent
+    killed before the broker had it lost it for good, and the fleet never heard why the box went back. The outcome
+    is kept in ota-report.json (written before the probation record goes) until the agent says it was delivered."""
+    kept = upgraded / "state" / "ota-report.json"
+    assert json.loads(kept.read_text())["result"] == "committed"  # u2's outcome, never said delivered here
+    for _ in range(3):
+        updater = build_updater(upgraded, probation=True)
+    (result,) = [r for r in reports(upgraded) if r.get("result")]
+    assert result["result"] == "rolled_back" and updater.undelivered_report() == result
+    updater = build_updater(upgraded, probation=True)  # a start after a kill: the same outcome, still there
+    assert updater.undelivered_report() == result
+    updater.report_delivered({**result, "ts": result["ts"] + 1})  # not this one (a newer outcome replaced it)
+    assert updater.undelivered_report() == result
+    updater.report_delivered(result)
+    assert updater.undelivered_report() is None and not kept.exists()
+    kept.write_text('{"result": "committed"')  # cut short by a full disk: dropped with its name, not a crash
+    assert updater.undelivered_report() is None and not kept.exists()
+
+
 @pytest.mark.parametrize("disk", ["previous slot empty", "current missing", "previous is the bad slot"])
 def test_a_rollback_record_that_does_not_match_the_disk_never_deletes_the_only_model(upgraded, disk):
     """Finishing a rollback cut short must not clear the bad slot unless the previous one holds a model and `current`
