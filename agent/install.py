@@ -365,7 +365,10 @@ class Installer:
         self.write_owned(self.on_box(TRUSTED_KEYS_DIR) / "README",
                          "Public keys (*.pub) trusted to sign model bundles; add one with "
                          "`install -m 0644 KEY.pub /etc/edgeglm/trusted-keys/`; other files are ignored.\n")
-        self.make_dir(self.on_box(STATE_DIR), 0o750, owner=user)
+        # its contents too: a state dir left by `sudo edgeglm agent` (autotune/, prefix-cache/, the slots owned by
+        # root) kept them root's, and systemd's StateDirectory= fixes the contents only when the top is wrong:
+        # the agent, as the service user, could not write its updates, caches or records
+        self.make_dir(self.on_box(STATE_DIR), 0o750, owner=user, whole_tree=True)
         self.write_config()
         self.write_owned(self.on_box(UNIT_FILE), render_unit(user.name, user.group, exec_start))
         self.plan_next_steps()
@@ -493,8 +496,10 @@ class Installer:
             copy = copy_source_tree(tree, Path(tmp) / "edgeglm")
             _run(pip + [str(copy)], "pip install of the source tree")
 
-    def make_dir(self, path: Path, mode: int | None, owner: ServiceUser | None = None) -> None:
-        """A directory with `mode` (None: 0755 when created, left alone after) and owner."""
+    def make_dir(self, path: Path, mode: int | None, owner: ServiceUser | None = None,
+                 whole_tree: bool = False) -> None:
+        """A directory with `mode` (None: 0755 when created, left alone after) and owner; with `whole_tree`, what
+        is inside it is given to the owner too (the state dir: see `_give_tree`)."""
         chown = owner is not None and owner.uid is not None and self.is_root
         want = [f"{mode:04o}"] if mode is not None else []
         want += [f"owner {owner.name}:{owner.group}"] if chown else []
@@ -511,11 +516,17 @@ class Installer:
                 fixes.append(f"mode {st.st_mode & 0o7777:04o} -> {mode:04o}")
             if chown and (st.st_uid, st.st_gid) != (owner.uid, owner.gid):
                 fixes.append(f"owner -> {owner.name}:{owner.group}")
+            inside = _not_owned_inside(path, owner.uid, owner.gid) if chown and whole_tree else []
+            if inside:
+                fixes.append(f"owner of {len(inside)} entr{'y' if len(inside) == 1 else 'ies'} inside -> "
+                             f"{owner.name}:{owner.group}")
             self.note("set" if fixes else "exists", path, ", ".join(fixes or want))
             if not fixes or self.opts.dry_run:
                 return
-            if mode is not None:
+            if mode is not None and (st.st_mode & 0o7777) != mode:
                 _os(lambda: path.chmod(mode), path)
+            for entry in inside:
+                _os(lambda: os.chown(entry, owner.uid, owner.gid, follow_symlinks=False), entry)
         if chown and not self.opts.dry_run:
             _os(lambda: os.chown(path, owner.uid, owner.gid), path)
 
@@ -695,6 +706,21 @@ def _make_dirs(path: Path, mode: int) -> None:
         p.chmod(mode if i == len(missing) - 1 else 0o755)
 
 
+def _not_owned_inside(top: Path, uid: int, gid: int) -> list[Path]:
+    """Everything under `top` (not `top` itself; symbolic links as links, never followed) not owned by uid:gid."""
+    found = []
+    for root, dirs, files in os.walk(top, onerror=None):
+        for name in dirs + files:
+            entry = Path(root) / name
+            try:
+                st = entry.lstat()
+            except OSError:  # gone meanwhile
+                continue
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                found.append(entry)
+    return found
+
+
 def _write(path: Path, text: str, mode: int) -> None:
     """Write whole or not at all: a temporary file beside it, then a rename."""
     def write():
@@ -716,6 +742,11 @@ def install_from_args(args) -> int:
     """`edgeglm agent install`: the CLI's entry point."""
     if args.no_venv and args.venv is not None:
         raise InstallError("--venv and --no-venv exclude each other: give one")
+    if args.no_venv and args.wheel_or_source is not None:  # it was ignored without a word
+        raise InstallError("--wheel-or-source and --no-venv exclude each other: with --no-venv the unit runs the "
+                           "edgeglm installed in this Python, nothing is installed; give one")
+    if not str(args.prefix).strip():  # '' was the current directory: a box tree written where the shell stood
+        raise InstallError("--prefix '': an empty path; give / (this box) or a staging directory")
     opts = InstallOptions(prefix=Path(args.prefix), user=args.user,
                           venv=PurePosixPath(args.venv) if args.venv else DEFAULT_VENV,
                           source=args.wheel_or_source, create_venv=not args.no_venv, dry_run=args.dry_run)

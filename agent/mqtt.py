@@ -138,6 +138,19 @@ def _ssl_reason(exc) -> str:
     return f"{library}: {reason}" if library and reason else str(exc)
 
 
+def broker_host_problem(host: str) -> str | None:
+    """Why `host` is no broker host name or address (None: it is one). A URL there ("mqtt://broker:1883") was
+    taken as a name and retried forever ("gaierror ... retrying in 15 s"), the port appended a second time."""
+    if "://" in host or "/" in host:
+        return "give a host name or address, not a URL (the port goes in port, TLS in the tls section)"
+    if any(c.isspace() for c in host):
+        return "a host name has no spaces"
+    name, sep, port = host.rpartition(":")
+    if sep and name and ":" not in name and port.isdigit():  # ("::1" and other IPv6 addresses pass)
+        return f"give the port in port (here {port}), not after the host"
+    return None
+
+
 class MqttSettings(BaseModel):
     """Connection to the fleet's broker; `enabled: false` runs the agent without MQTT."""
 
@@ -160,6 +173,14 @@ class MqttSettings(BaseModel):
     telemetry_buffer: int = Field(100, ge=1, le=100_000)  # reports kept while offline
     held_messages: int = Field(1000, ge=1, le=1_000_000)  # other messages kept while offline
     max_payload_bytes: int = Field(1024 * 1024, ge=1024, le=256 << 20)  # default limit of a subscription
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        problem = broker_host_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("protocol", mode="before")
     @classmethod

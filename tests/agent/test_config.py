@@ -81,6 +81,29 @@ def test_invalid_value_in_the_environment_names_the_variable_and_the_range(monke
     assert "0 <= port <= 65535" in msg
 
 
+@pytest.mark.parametrize("host,words", [
+    ("mqtt://broker.example:1883", "give a host name or address, not a URL"),
+    ("broker.example/edgeglm", "not a URL"),
+    ("broker.example:1883", "give the port in port (here 1883), not after the host"),
+    ("broker example", "a host name has no spaces"),
+])
+def test_a_broker_url_or_host_with_a_port_is_refused_where_the_agent_and_the_fleet_read_it(tmp_path, host, words):
+    """`host = "mqtt://broker.example:1883"` was taken as a name: the agent logged "gaierror ... retrying in 15 s"
+    forever, the port appended a second time."""
+    from fleet.config import load_fleet_config
+
+    path = tmp_path / "conf.toml"
+    path.write_text(f'[mqtt]\nhost = "{host}"\n')
+    for load in (load_config, load_fleet_config):
+        with pytest.raises(ConfigError) as err:
+            load(path, {})
+        named = (f"mqtt.host = '{host}'", f"[mqtt] host = '{host}'")  # (the agent's and the fleet's way)
+        assert any(n in str(err.value) for n in named) and words in str(err.value), str(err.value)
+    for fine in ("broker.example", "10.0.0.7", "::1", "fe80::1", "edgeglm-broker.edgeglm.svc"):
+        path.write_text(f'[mqtt]\nhost = "{fine}"\n')
+        assert load_config(path, {}).mqtt.host == load_fleet_config(path, {}).mqtt.host == fine
+
+
 def test_invalid_overrides_are_all_reported(toml_file):
     with pytest.raises(ConfigError) as err:
         load_config(toml_file, {"sampling.top_p": 1.5, "device.id": "box/1", "log_level": "LOUD"})

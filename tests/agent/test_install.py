@@ -323,6 +323,30 @@ def test_state_dir_is_owned_by_an_existing_service_user(install, prefix):
     assert "useradd" not in out
 
 
+@pytest.mark.skipif(not IS_ROOT, reason="needs root: only root can give the state directory to the service user")
+def test_a_state_dir_left_by_root_is_given_to_the_service_user_whole(install, prefix):
+    """A state dir left by `sudo edgeglm agent` (autotune/, prefix-cache/, slots owned by root): the installer gave
+    only the top to the service user, and systemd's StateDirectory= fixes the contents only when the top is wrong,
+    so the agent could write none of its updates, caches or records. Links are given as links, never followed."""
+    nobody = pwd.getpwnam("nobody")
+    state = prefix / "var/lib/edgeglm"
+    (state / "autotune").mkdir(parents=True)
+    (state / "autotune" / "cache.json").write_text("{}")
+    (state / "slots" / "a").mkdir(parents=True)
+    outside = prefix / "outside"
+    outside.write_text("root's")
+    (state / "current").symlink_to(outside)
+    rc, out, err = install("--prefix", prefix, "--no-venv", "--user", "nobody")
+    assert rc == 0, err
+    assert re.search(r"owner of 5 entries inside -> nobody:", out), out
+    for entry in [state, *state.rglob("*")]:
+        st = entry.lstat()
+        assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), entry
+    assert outside.stat().st_uid == 0  # the link's target is not the state dir's
+    rc, out, err = install("--prefix", prefix, "--no-venv", "--user", "nobody")  # a re-run: nothing to give
+    assert rc == 0 and "entries inside" not in out, out
+
+
 # --- errors --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,fragment", [
@@ -332,6 +356,7 @@ def test_state_dir_is_owned_by_an_existing_service_user(install, prefix):
     (["--venv", "/opt/v", "--no-venv"], "--venv and --no-venv exclude each other"),
     (["--wheel-or-source", "edgeglm[factory]"], "the factory extra (torch) is for the build host"),
     (["--wheel-or-source", "./no-such-edgeglm.whl"], "./no-such-edgeglm.whl: no such file or directory"),
+    (["--wheel-or-source", "./edgeglm.whl", "--no-venv"], "--wheel-or-source and --no-venv exclude each other"),
 ])
 def test_option_errors(install, prefix, args, fragment):
     rc, out, err = install("--prefix", prefix, *args)
@@ -344,6 +369,14 @@ def test_prefix_that_is_a_file(install, tmp_path):
     (tmp_path / "file").write_text("")
     rc, _, err = install("--prefix", tmp_path / "file" / "root", "--no-venv")
     assert rc == 2 and f"{tmp_path / 'file'} is not a directory" in err
+
+
+def test_an_empty_prefix_is_refused_not_the_current_directory(install, tmp_path, monkeypatch):
+    """`--prefix ''` staged a box tree (etc/, var/) into the directory the shell stood in, without a word."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = install("--prefix", "", "--no-venv")
+    assert rc == 2 and out == "" and "--prefix '': an empty path" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_prefix(tmp_path):
