@@ -92,9 +92,31 @@ def _serve_client_id(mqtt, fleet: str | None) -> str:
     """`fleet serve`'s MQTT client id: [mqtt] client_id where set, else the default with the fleet served
     (`--fleet`): per-fleet controllers on one broker under the one default id took each other's session over,
     each reconnecting every second."""
-    if "client_id" in mqtt.model_fields_set or not fleet:
+    if "client_id" in mqtt.model_fields_set or not fleet or fleet == "+":  # (every fleet: "+" is no id part)
         return mqtt.client_id
     return f"{mqtt.client_id}-{fleet}"
+
+
+def ipaddress_is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and "localhost"; any other name or address (0.0.0.0, ::) is reachable."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _some_of(known: list[str], wanted: str, shown: int = 5) -> str:
+    """The registered ids worth showing for a mistyped `wanted`: all of a small fleet, else the closest few and a
+    count (every id of a fleet of 10,000 went into one line)."""
+    if len(known) <= shown:
+        return ", ".join(known) or "none"
+    import difflib
+    close = difflib.get_close_matches(wanted, known, n=shown, cutoff=0.6)
+    return (f"{len(known)} registered; closest: {', '.join(close)}" if close else
+            f"{len(known)} registered, none close to {wanted!r}") + f" (`edgeglm fleet status` lists them)"
 
 
 def _check_http_port(host: str, port: int) -> None:
@@ -139,6 +161,10 @@ def cmd_serve(args) -> int:
         raise FleetError(f"--http-port {port} is not a port number (0-65535; 0 picks a free one)")
     _check_http_port(cfg.http.host, port)
     controller = _connect(args)
+    if token is None and not ipaddress_is_loopback(cfg.http.host):
+        logging.getLogger("edgeglm.fleet").warning(
+            "HTTP on %s:%d without a metrics token: anyone who reaches it reads /metrics (fleet ids, versions, "
+            "latencies); set [http] metrics_token_file, or bind 127.0.0.1", cfg.http.host, port)
     try:
         http = serve_http(controller, cfg.http.host, port, metrics_token=token)
     except OSError as exc:
@@ -251,12 +277,12 @@ def _rollback_key(args, signs: str) -> Path:
     return key
 
 
-def _store(args, db: Path):
+def _store(args, db: Path, read_only: bool = False):
     """The fleet database at `db`, read with the fleet config's `[fleet] silent_after_s`."""
     from fleet.config import load_fleet_config
     from fleet.store import Store
 
-    store = Store(db)
+    store = Store(db, read_only=read_only)
     store.silent_after_s = load_fleet_config(args.config).fleet.silent_after_s
     return store
 
@@ -277,7 +303,7 @@ def cmd_status(args) -> int:
         raise FleetError(f"--since {args.since:g}: must be a positive number of seconds (the telemetry window "
                          f"of the latency columns, default 3600)")
     _check_ids(args.fleet)  # a fleet id no device can have listed nothing and said nothing
-    store = _store(args, _existing_db(args))
+    store = _store(args, _existing_db(args), read_only=True)  # (a user who may only read the database)
     if args.json:
         import time
 
@@ -310,7 +336,7 @@ def cmd_offer(args) -> int:
         store.close()
         problem = None if args.device in known else \
             f"device {args.device} has never reported to the registry {db} (devices of fleet {args.fleet}: " \
-            f"{', '.join(known) or 'none'})"
+            f"{_some_of(known, args.device)})"
     else:
         problem = f"there is no fleet database at {db}, so no device has reported"
     if problem and not args.force:
@@ -553,7 +579,7 @@ def _config_targets(args) -> list[tuple[str, str]]:
                          f"config for it")
     if args.device not in known and not args.force:
         raise FleetError(f"--device {args.fleet}/{args.device}: has never reported to the registry {db} (devices of "
-                         f"fleet {args.fleet}: {', '.join(known) or 'none'}); nothing was published. Check --fleet/"
+                         f"fleet {args.fleet}: {_some_of(known, args.device)}); nothing was published. Check --fleet/"
                          f"--device (and --db), or give --force to publish the retained config for it")
     return [(args.fleet, args.device)]
 

@@ -952,33 +952,58 @@ def read_metrics_token(path: Path) -> str:
     return token
 
 
+HTTP_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed (a half-sent request held a thread)
+HTTP_MAX_CONNECTIONS = 32  # open at once; more are answered 503 at once and closed (probes and scrapes need few)
+
+
 def serve_http(controller: FleetController, host: str, port: int, metrics_token: str | None = None):
     """/healthz (200 while connected to the broker with the MQTT network thread and the telemetry writer
     running: FleetController.health) and /metrics (with `metrics_token`: only for 'Authorization: Bearer
-    <token>'), on a background thread."""
+    <token>'), GET or HEAD, on a background thread. Connections are bounded in number and time: half-sent
+    requests held a thread and a file handle each, for good, until the kubelet's probe and the MQTT reconnect
+    found no file handle left."""
     import hmac
+    import socket
+    import sys
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
 
-    state = {"expected": f"Bearer {metrics_token}".encode() if metrics_token else None}
+    state = {"expected": metrics_token.encode() if metrics_token else None}
+
+    def authorized(header: str | None) -> bool:
+        expected = state["expected"]
+        if expected is None:
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        # the scheme is case-insensitive (RFC 7235): "bearer TOKEN" was refused; the token is compared as sent
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), expected)
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = HTTP_TIMEOUT_S
+
         def log_message(self, *args) -> None:
             pass
 
-        def do_GET(self) -> None:
+        def _answer(self, with_body: bool) -> None:
             connected, why = controller.health()
             headers = {}
-            if self.path == "/healthz":
+            path = urlsplit(self.path).path  # "/metrics?x=1" is /metrics
+            if path == "/healthz":
                 code, body, ctype = (200 if connected else 503), f"{why}\n".encode(), "text/plain"
-            elif self.path == "/metrics" and (expected := state["expected"]) is not None and not \
-                    hmac.compare_digest((self.headers.get("Authorization") or "").encode(), expected):
+            elif path == "/metrics" and not authorized(self.headers.get("Authorization")):
                 code, body, ctype = 401, b"/metrics needs 'Authorization: Bearer TOKEN' (http.metrics_token_file)\n", \
                     "text/plain"
                 headers["WWW-Authenticate"] = 'Bearer realm="edgeglm-fleet"'
-            elif self.path == "/metrics":
-                code, body, ctype = 200, prometheus_metrics(reader, connected,
-                                                            controller.queued_telemetry).encode(), \
-                    "text/plain; version=0.0.4"
+            elif path == "/metrics":
+                try:
+                    body = prometheus_metrics(reader, connected, controller.queued_telemetry).encode()
+                    code, ctype = 200, "text/plain; version=0.0.4"
+                except Exception as exc:  # a broken or locked database: an answer, and one line in the log
+                    log.error("/metrics failed: the database %s could not be read (%s: %s)", controller.settings.db,
+                              type(exc).__name__, exc)
+                    code, ctype = 500, "text/plain"
+                    body = f"the fleet database could not be read ({type(exc).__name__}); see the controller's log\n" \
+                        .encode()
             else:
                 code, body, ctype = 404, b"not found\n", "text/plain"
             self.send_response(code)
@@ -987,12 +1012,68 @@ def serve_http(controller: FleetController, host: str, port: int, metrics_token:
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._answer(with_body=True)
+
+        def do_HEAD(self) -> None:  # uptime checkers use it: it was 501, a server error
+            self._answer(with_body=False)
+
+        def _not_allowed(self) -> None:
+            body = b"only GET and HEAD: /healthz, /metrics\n"
+            self.send_response(405)
+            self.send_header("Allow", "GET, HEAD")
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer((host, port), Handler)
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self._slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
+            self.refused = 0
+
+        def process_request(self, request, client_address) -> None:
+            if not self._slots.acquire(blocking=False):
+                self.refused += 1
+                try:
+                    request.settimeout(1.0)
+                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                                    b"Content-Length: 21\r\nConnection: close\r\n\r\ntoo many connections\n")
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
+
+        def handle_error(self, request, client_address) -> None:
+            exc = sys.exc_info()[1]
+            if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):  # a client gone, or too slow
+                log.debug("fleet HTTP: %s from %s: %s", type(exc).__name__, client_address[0], exc)
+            else:  # one line, not the standard library's traceback on stderr
+                log.error("fleet HTTP: a request from %s failed: %s: %s", client_address[0], type(exc).__name__, exc)
+
+    server = Server((host, port), Handler)
 
     def set_metrics_token(token: str | None) -> None:  # a reload: the next scrape needs the new token
-        state["expected"] = f"Bearer {token}".encode() if token else None
+        state["expected"] = token.encode() if token else None
 
     server.set_metrics_token = set_metrics_token
     reader = Store(controller.settings.db)  # its own connection: a scrape never waits for the writer

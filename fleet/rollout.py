@@ -209,7 +209,11 @@ def cancel_rollout(store: Store, rollout_id: int) -> tuple["Rollout", str]:
 
 
 def load_rollouts(store: Store, active_only: bool = False) -> list[Rollout]:
-    _schema(store)
+    if getattr(store, "read_only", False):  # (`fleet status` by a user who may only read): nothing is created
+        if not store._exec("SELECT 1 FROM sqlite_master WHERE type='table' AND name='rollouts'").fetchone():
+            return []
+    else:
+        _schema(store)
     rows = store._exec("SELECT id, bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
                        "phase, data, min_delta_ms, group_name, min_requests FROM rollouts ORDER BY id").fetchall()
     out = [Rollout(r[0], Path(r[1]), r[2], r[3], r[4], r[5], Path(r[6]) if r[6] else None,

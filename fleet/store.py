@@ -35,6 +35,7 @@ controller older than `offer_targets` has no target and is served to no one: off
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -107,14 +108,23 @@ def _open_problem(path: Path, exc: sqlite3.Error) -> str:
         cause = "it is a directory"
     elif path.is_file() and "not a database" in str(exc):
         cause = "the file is not an SQLite database"
+    elif "locked" in str(exc):  # "Give a writable file path" was the wrong advice
+        return (f"fleet database {path} (--db or database.path) is locked by another process (a command or a "
+                f"`fleet serve` in the middle of a write) for more than {BUSY_TIMEOUT_MS // 1000} s; nothing was "
+                f"done. Try again")
     else:
         cause = str(exc)
     return (f"fleet database {path} (--db or database.path) cannot be opened: {cause}; nothing was done. "
             f"Give a writable file path in an existing directory")
 
 
+BUSY_TIMEOUT_MS = 5000
+
+
 class Store:
-    def __init__(self, path: str | Path, retention_s: float = 7 * 86400, clock=time.time):
+    def __init__(self, path: str | Path, retention_s: float = 7 * 86400, clock=time.time, read_only: bool = False):
+        """`read_only` (`fleet status`): opened as it is, nothing written, so that a user who may only read the
+        file (or its directory) can read it; a database older than this schema is read as a writer would."""
         self.path = Path(path)
         self.returned: list[tuple[str, str]] = []  # removed devices the last telemetry batch registered again
         self.retention_s = retention_s
@@ -123,10 +133,18 @@ class Store:
         self._lock = threading.Lock()
         db = None
         try:
+            if read_only and not self.path.is_file():
+                raise sqlite3.OperationalError("unable to open database file")
+            if read_only and os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK | os.X_OK):
+                read_only = False  # it may write: opened as a writer, so that an older schema is brought up to date
+            self.read_only = read_only
+            if read_only:
+                self.db = db = self._open_read_only()
+                return
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # first: a lock held elsewhere is waited for
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=5000")
             self.db = db
             self._migrate()
             db.executescript(SCHEMA)
@@ -134,6 +152,23 @@ class Store:
             if db is not None:
                 db.close()
             raise StoreError(_open_problem(self.path, exc)) from None
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """A WAL database cannot be opened read-only where its -shm file cannot be made (a directory the user may
+        not write): with no -wal file beside it (no writer at work, everything is in the file), it is read as
+        immutable."""
+        uri = self.path.resolve().as_uri()
+        wal = self.path.with_name(self.path.name + "-wal")
+        for options in ("mode=ro",) + (("mode=ro&immutable=1",) if not wal.exists() else ()):
+            db = sqlite3.connect(f"{uri}?{options}", uri=True, check_same_thread=False, isolation_level=None)
+            try:
+                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # "not a database" here, not later
+                return db
+            except sqlite3.Error as exc:
+                db.close()
+                error = exc
+        raise error
 
     def _migrate(self) -> None:
         """Bring a database made by an older controller up to this schema (before SCHEMA's indexes)."""

@@ -945,3 +945,84 @@ def test_python_m_fleet_cli_is_edgeglm_fleet(db):
     out = subprocess.run([sys.executable, "-m", "fleet.cli", "status", "--db", str(db)], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "device(s)" in out.stdout, out.stderr
+
+
+def test_serve_without_fleet_connects_as_the_plain_controller_id():
+    """`fleet serve` without --fleet serves every fleet ("+") and connected as `edgeglm-controller-+`: a client id
+    with "+" that brokers may refuse, and that ACL patterns keyed on the client id never match."""
+    from fleet.cli import _serve_client_id
+    from fleet.config import MqttSection
+
+    assert _serve_client_id(MqttSection(), "+") == _serve_client_id(MqttSection(), None) == "edgeglm-controller"
+    assert _serve_client_id(MqttSection(), FLEET) == f"edgeglm-controller-{FLEET}"
+
+
+def test_a_mistyped_device_in_a_big_fleet_names_the_closest_ids_not_all_of_them(tmp_path):
+    """`config set --device nosuch` printed every id of the fleet on one line (80 KB at 10,000 devices)."""
+    path = tmp_path / "fleet.db"
+    store = Store(path)
+    for i in range(200):
+        store.upsert_state(FLEET, {"device": f"cam-{i:03d}", "online": True, "model": None})
+    store.close()
+    out = cli("config", "set", "--db", str(path), "--broker", "127.0.0.1:1", "--fleet", FLEET, "--device", "cam-1000",
+              "sampling.top_k=3")
+    refused(out, "has never reported to the registry", "200 registered; closest: cam-100", "nothing was published")
+    assert "cam-199" not in out.stderr and len(out.stderr) < 600, out.stderr
+
+
+def test_a_locked_database_says_so_and_status_reads_a_database_it_may_not_write(db, tmp_path):
+    """Another process holding the database's lock got "cannot be opened: database is locked ... Give a writable
+    file path" (wrong advice); `fleet status` by a user who may only read the file failed with "attempt to write a
+    readonly database" (opening it always set WAL and created the schema)."""
+    import os
+    import sqlite3
+
+    from fleet.store import StoreError
+    holder = sqlite3.connect(str(db), isolation_level=None, timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        import fleet.store as fs
+        old, fs.BUSY_TIMEOUT_MS = fs.BUSY_TIMEOUT_MS, 200
+        try:
+            with pytest.raises(StoreError) as err:
+                Store(db)
+        finally:
+            fs.BUSY_TIMEOUT_MS = old
+        assert "is locked by another process" in str(err.value) and "Try again" in str(err.value)
+        assert "Give a writable file path" not in str(err.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    if os.geteuid() != 0:
+        pytest.skip("the read-only half needs root (to run `fleet status` as nobody)")
+    import tempfile
+    from pathlib import Path
+    ro = Path(tempfile.mkdtemp(prefix="edgeglm-ro-"))  # /tmp: reachable for an unprivileged user
+    try:
+        shutil.copy(db, ro / "fleet.db")
+        (ro / "fleet.db").chmod(0o444)
+        ro.chmod(0o555)
+        import pwd
+
+        from fleet.controller import format_status
+        nobody = pwd.getpwnam("nobody")
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child reads as nobody, through what `fleet status` runs (the checkout may be root's only)
+            try:
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                text = format_status(Store(ro / "fleet.db", read_only=True), FLEET, 3600.0)
+            except BaseException as exc:
+                text = f"FAILED {type(exc).__name__}: {exc}"
+            os.write(write, text.encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            text = pipe.read()
+        os.waitpid(pid, 0)
+        assert "d1" in text and "d2" in text and "FAILED" not in text, text
+        assert sorted(p.name for p in ro.iterdir()) == ["fleet.db"]  # nothing written beside it
+    finally:
+        ro.chmod(0o755)
+        shutil.rmtree(ro)

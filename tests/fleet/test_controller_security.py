@@ -340,6 +340,86 @@ def test_metrics_need_the_bearer_token_when_one_is_configured(controller, tmp_pa
         open_http.shutdown()
 
 
+def _raw(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """`request` sent as it is; what comes back until the server closes the connection."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+def test_the_controllers_http_bounds_slow_and_many_connections(controller, monkeypatch):
+    """A client that sent half a request held a thread and a file handle for good: 57 of them took the last file
+    handles of a `fleet serve` (ulimit 64), the kubelet's /healthz timed out and the MQTT reconnect waited. Now a
+    silent connection is closed after HTTP_TIMEOUT_S, and past HTTP_MAX_CONNECTIONS open ones an answer is 503 at
+    once; the probe answers again as soon as one goes."""
+    import socket
+
+    import fleet.controller as fc
+    monkeypatch.setattr(fc, "HTTP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(fc, "HTTP_MAX_CONNECTIONS", 2)
+    http = serve_http(controller, "127.0.0.1", port := free_port())
+    try:
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        for sock in slow:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # never the blank line
+        until(lambda: _raw(port, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 503"), 5)
+        assert _raw(port, b"GET /healthz HTTP/1.1\r\n\r\n").endswith(b"too many connections\n")
+        started = time.monotonic()
+        for sock in slow:  # closed by the server: recv returns b"" (it waited forever before)
+            sock.settimeout(10)
+            while sock.recv(65536):
+                pass
+            sock.close()
+        assert time.monotonic() - started < 9
+        until(lambda: _get(port, "/healthz")[0] == 200, 10)
+    finally:
+        http.shutdown()
+
+
+def test_the_controllers_http_takes_queries_head_any_bearer_case_and_refuses_other_methods(controller, tmp_path):
+    """`/metrics?x=1` was 404, HEAD (uptime checkers) and POST were 501 (a server error), and the scheme of
+    "bearer TOKEN" was compared case-sensitively (RFC 7235: it is not)."""
+    http = serve_http(controller, "127.0.0.1", port := free_port(), metrics_token="s3cret")
+    try:
+        ok = urllib.request.Request(f"http://127.0.0.1:{port}/metrics?x=1", headers={"Authorization": "bearer s3cret"})
+        with urllib.request.urlopen(ok, timeout=5) as r:
+            assert r.status == 200 and "edgeglm_fleet_broker_connected 1" in r.read().decode()
+        assert _get(port, "/healthz?probe=1")[0] == 200
+        head = _raw(port, b"HEAD /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+        assert head.endswith(b"\r\n\r\n")  # headers only
+        for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+            answer = _raw(port, f"{method} /metrics HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                          .encode())
+            assert b" 405 " in answer.split(b"\r\n")[0] and b"Allow: GET, HEAD" in answer, answer
+    finally:
+        http.shutdown()
+
+
+def test_a_metrics_scrape_the_database_cannot_answer_is_a_500_and_one_log_line(controller, tmp_path, caplog):
+    """A broken database (a table gone, a disk error) sent an empty reply (curl: "Empty reply from server") and a
+    traceback to stderr."""
+    import sqlite3
+    http = serve_http(controller, "127.0.0.1", port := free_port())
+    try:
+        db = sqlite3.connect(str(tmp_path / "fleet.db"))
+        db.execute("DROP TABLE health")
+        db.commit()
+        db.close()
+        with caplog.at_level(logging.ERROR, logger="edgeglm.fleet"):
+            code, _, body = _get(port, "/metrics")
+        assert code == 500 and "the fleet database could not be read (OperationalError)" in body
+        (line,) = [r.getMessage() for r in caplog.records if "/metrics failed" in r.getMessage()]
+        assert str(tmp_path / "fleet.db") in line and "no such table: health" in line
+        assert _get(port, "/healthz")[0] == 200
+    finally:
+        http.shutdown()
+
+
 @pytest.mark.parametrize("content,problem", [("", "empty"), ("two words", "contains whitespace"),
                                              (None, "cannot read it")])
 def test_a_bad_metrics_token_file_stops_fleet_serve_before_it_connects(tmp_path, content, problem):
