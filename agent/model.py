@@ -17,11 +17,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from ota.bundle import Bundle, open_bundle
+from ota.bundle import Bundle, open_bundle, vocabulary_problem
 from runtime.autotune import (Candidate, PrefillChoice, TuneResult, apply_prefill_rows, autotune, choose_prefill_graph,
                               default_candidate, device_candidate, tune_prefill_rows)
 from runtime.engine import BACKENDS, ModelArch, available_backends, load_engine
-from runtime.errors import BackendUnavailable
+from runtime.errors import BackendUnavailable, ModelLoadError
 from runtime.golden import GoldenResult, check_golden
 from runtime.tokenizer import load_tokenizer
 
@@ -154,6 +154,9 @@ def load_model(bundle_path: str | Path | Bundle, backend: str = "auto", threads:
         bundle.verify()  # every file against the manifest the caller verified
     else:
         bundle = open_bundle(bundle_path)
+    # before the engine (and an autotune): a tokenizer with ids beyond the model's vocabulary is refused here
+    tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer))
+    check_vocabulary(bundle, tokenizer)
     # decided first, so that the autotune loads ONNX Runtime the way it will serve (and no more memory)
     prefill = choose_prefill_graph(prefill_graph, bundle, memory if memory is not None else probe_memory())
     named_path = path is None and tuning_skipped(backend, cache_dir, device)
@@ -187,12 +190,22 @@ def load_model(bundle_path: str | Path | Bundle, backend: str = "auto", threads:
         if rows is not None:
             log.info("prefill graph from %d token rows per step (%s)", rows[0],
                      "measured for this path earlier" if rows[2] else "measured now for this path")
-    tokenizer = load_tokenizer(bundle.path(bundle.manifest.tokenizer))
     if tuning is not None:
         chosen_by = "autotune cache" if tuning.from_cache else "autotune"
     else:
         chosen_by = "rule order" if backend == "auto" else "configured"
     return LoadedModel(bundle, path.backend, engine, tokenizer, arch, path, tuning, chosen_by, prefill)
+
+
+def check_vocabulary(bundle: Bundle, tokenizer: Tokenizer) -> None:
+    """ModelLoadError where the tokenizer has token ids the model does not (Bundle.verify checks the same from
+    tokenizer.json as JSON; this counts with the tokenizers library, whatever its model kind)."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = max(vocab.values()) + 1 if vocab else 0
+    problem = vocabulary_problem(bundle.root, bundle.manifest.tokenizer, tokens,
+                                 bundle.manifest.architecture["vocab_size"])
+    if problem:
+        raise ModelLoadError(problem)
 
 
 EXECUTION_METRIC = "edgeglm_execution_path_info"

@@ -116,7 +116,7 @@ def _some_of(known: list[str], wanted: str, shown: int = 5) -> str:
     import difflib
     close = difflib.get_close_matches(wanted, known, n=shown, cutoff=0.6)
     return (f"{len(known)} registered; closest: {', '.join(close)}" if close else
-            f"{len(known)} registered, none close to {wanted!r}") + f" (`edgeglm fleet status` lists them)"
+            f"{len(known)} registered, none close to {wanted!r}") + " (`edgeglm fleet status` lists them)"
 
 
 def _check_http_port(host: str, port: int) -> None:

@@ -24,17 +24,51 @@ from pathlib import Path, PurePosixPath
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from ota.errors import BundleError
 
 FORMAT = "edgeglm-bundle/1"
+FORMAT_RE = re.compile(r"^edgeglm-bundle/([1-9]\d{0,8})$")
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX)
 # one to three numbers without leading zeros ("01.2.0" would sort as 1.2.0 but name another version than "1.2.0"
 # wherever versions are compared as text: a rollout's "already runs it", fleet status' rows), an optional suffix
 VERSION_RE = re.compile(r"^(0|[1-9]\d*)(\.(0|[1-9]\d*)){0,2}([-+][0-9A-Za-z.-]+)?$")  # use fullmatch: "1.0\n" is none
 CHUNK = 1 << 20
 TRANSFER_CHUNK = 256 * 1024  # default chunk of OTA transfer; each chunk's sha256 is in the manifest
+
+
+def _shown(path: str) -> str:
+    text = repr(path)
+    return text if len(text) <= 80 else text[:60] + f"...' ({len(path)} characters)"
+
+
+def path_problem(path: str) -> str | None:
+    """Why a manifest file path is not a relative POSIX path of a file inside the bundle, or None. A NUL, a
+    component longer than the file system takes and the like failed in `verify` with a raw "embedded null
+    byte" or "File name too long" (errno 36) from the OS; an OTA transfer would write them on the device."""
+    if not path:
+        return "it is empty"
+    if "\x00" in path:
+        return "it holds a NUL character"
+    if "\\" in path:
+        return "it holds a backslash (paths in a manifest use /)"
+    if path.startswith("/"):
+        return "it is absolute: it points outside the bundle"
+    parts = path.split("/")
+    if ".." in parts:
+        return "it has a '..' part: it points outside the bundle"
+    if any(p in ("", ".") for p in parts):
+        return "it has an empty or '.' part (write it as a/b)"
+    long = next((p for p in parts if len(p.encode("utf-8", "surrogatepass")) > NAME_MAX), None)
+    if long is not None:
+        return f"a part of it is {len(long.encode('utf-8', 'surrogatepass'))} bytes long, more than {NAME_MAX}"
+    if path in (MANIFEST, SIGNATURE):
+        return f"{path} is the bundle's own manifest file, not a file it lists"
+    return None
 
 
 class FileEntry(BaseModel):
@@ -44,6 +78,14 @@ class FileEntry(BaseModel):
     size: int = Field(ge=0)
     # sha256 of each `Manifest.chunk_size` piece, so a transfer can check every chunk as it arrives
     chunks: list[str] = Field(default_factory=list)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        problem = path_problem(v)
+        if problem:
+            raise ValueError(f"file path {_shown(v)} is refused: {problem}")
+        return v
 
 
 class BackendEntry(BaseModel):
@@ -82,6 +124,16 @@ class Architecture(BaseModel):
     eos_token_id: StrictInt | list[StrictInt] | None = None
     hidden_act: str = "silu"
 
+    @model_validator(mode="after")
+    def _eos_in_vocabulary(self) -> "Architecture":
+        """An end-of-sequence id the logits never cover: generation would never stop on it."""
+        ids = [self.eos_token_id] if isinstance(self.eos_token_id, int) else self.eos_token_id or []
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"eos_token_id {bad[0]} is outside the vocabulary (vocab_size {self.vocab_size}: "
+                             f"ids 0..{self.vocab_size - 1})")
+        return self
+
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -112,7 +164,7 @@ class Manifest(BaseModel):
         try:
             Architecture.model_validate(v)
         except ValidationError as exc:
-            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'architecture'}: {e['msg']}"
                                        + (f" (got {e['input']!r})" if e["type"] != "missing" else "")
                                        for e in exc.errors()[:3])) from None
         return v
@@ -124,11 +176,100 @@ class Manifest(BaseModel):
             raise ValueError(f"bundle format {v!r} is not supported (this agent reads {FORMAT})")
         return v
 
+    @field_validator("files")
+    @classmethod
+    def _unique_paths(cls, v: list[FileEntry]) -> list[FileEntry]:
+        seen = set()
+        for f in v:
+            if f.path in seen:
+                raise ValueError(f"file path {_shown(f.path)} is listed twice")
+            seen.add(f.path)
+        return v
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _not_too_new(cls, data, handler):
+        """A bundle of a newer format, or one that needs a newer agent and does not validate here (fields this
+        agent does not know): one line saying to update the agent, not pydantic's list of what it does not
+        know. Raised as a ValidationError (PydanticCustomError), so every caller that reports a manifest's
+        ValidationError (read_manifest, the OTA offer check) says it."""
+        if isinstance(data, dict):
+            newer = too_new(data)
+            if newer and data.get("format") != FORMAT:
+                raise PydanticCustomError("bundle_too_new", newer)
+            try:
+                return handler(data)
+            except ValidationError:
+                if newer:
+                    raise PydanticCustomError("bundle_too_new", newer) from None
+                raise
+        return handler(data)
+
     def file(self, path: str) -> FileEntry:
         for f in self.files:
             if f.path == path:
                 return f
         raise BundleError(f"manifest lists no file {path!r}")
+
+
+def agent_version() -> str:
+    """This agent's version (agent.__version__, read here so that ota/ does not import the agent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgeglm")
+    except PackageNotFoundError:  # a source tree without installing
+        return "0.1.0"
+
+
+def too_new(data: dict, this: str | None = None) -> str | None:
+    """The message for a raw manifest made for a newer agent than this one (`this`, default: this agent's
+    version): a format after FORMAT, or a min_agent_version above `this`; None otherwise (and for values
+    that are not a format or a version at all: validation names those)."""
+    from ota.versions import parse_version
+
+    this = this or agent_version()
+    fmt, needs = data.get("format"), data.get("min_agent_version")
+    m = FORMAT_RE.fullmatch(fmt) if isinstance(fmt, str) else None
+    newer_format = m is not None and int(m[1]) > int(FORMAT_RE.fullmatch(FORMAT)[1])
+    try:
+        newer_agent = isinstance(needs, str) and parse_version(needs) > parse_version(this)
+    except BundleError:  # not a version: validation says so
+        newer_agent = False
+    if not (newer_format or newer_agent):
+        return None
+    if newer_format:
+        what = f"bundle format {fmt} ({f'needs edgeglm >= {needs}' if newer_agent else 'made by a newer edgeglm'}; " \
+               f"this agent is {this})"
+    else:
+        what = f"bundle needs edgeglm >= {needs} (this agent is {this})"
+    return f"{what}: update the agent first; this bundle is not used"
+
+
+def tokenizer_size(path: Path) -> int | None:
+    """One more than the highest token id a tokenizer.json holds (its model's vocabulary and its added tokens),
+    read as JSON; None for a file or a model kind whose ids cannot be told that way (the runtime's load
+    counts them with the tokenizers library)."""
+    try:
+        data = json.loads(path.read_bytes())
+        vocab = data["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1] if isinstance(vocab, list) else []
+        ids += [t["id"] for t in data.get("added_tokens") or []]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    return max(ids) + 1 if ids else None
+
+
+def vocabulary_problem(bundle_root: Path, tokenizer: str, tokens: int, vocab_size: int) -> str | None:
+    """The one-line refusal of a tokenizer with ids the model has no logits or embedding for, or None: such a
+    bundle verified, loaded and passed its self-test, then a request whose text became such an id failed
+    ("token id 604 is outside the vocabulary"). A model vocabulary larger than the tokenizer's is fine."""
+    if tokens <= vocab_size:
+        return None
+    return (f"{bundle_root}: its tokenizer {tokenizer} has token ids up to {tokens - 1} ({tokens} tokens), but the "
+            f"model's architecture.vocab_size is {vocab_size}: text with those tokens could not be run; the bundle "
+            "is refused; export it again with the model's own tokenizer")
 
 
 def sha256_file(path: Path) -> str:
@@ -193,6 +334,11 @@ class Bundle:
                 raise BundleError(f"{self.root / MANIFEST}: backend {backend!r} entry {be.entry!r} is not a listed file")
         if self.manifest.tokenizer not in listed:
             raise BundleError(f"{self.root / MANIFEST}: tokenizer {self.manifest.tokenizer!r} is not a listed file")
+        tokens = tokenizer_size(self._inside(self.manifest.tokenizer))
+        problem = tokens and vocabulary_problem(self.root, self.manifest.tokenizer, tokens,
+                                                self.manifest.architecture["vocab_size"])
+        if problem:
+            raise BundleError(problem)
 
     def listed_beside(self, rel: str) -> frozenset[str]:
         """The names of the listed files in the directory of the bundle file `rel` (what a graph may name)."""
@@ -313,6 +459,8 @@ def read_manifest(root: Path) -> Bundle:
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
+        if exc.errors()[0]["type"] == "bundle_too_new":  # one line of its own, not a field's problem
+            raise BundleError(f"{mpath}: {exc.errors()[0]['msg']}") from None
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors()[:5])
         raise BundleError(f"{mpath}: invalid manifest: {problems}") from None
     return Bundle(root, manifest, raw)

@@ -1078,6 +1078,35 @@ def check_graph_architecture(inputs: dict, outputs: dict, arch: ModelArch) -> No
                              "the manifest was edited or belongs to another model: re-export the bundle")
 
 
+ROPE_TABLE = "rope.cos"  # GroupQueryAttention's cos_cache: one row per position (models/onnx_graph.py)
+
+
+def rope_table_rows(model_path: Path) -> int | None:
+    """The positions the graph's rotary table covers (rows of its `rope.cos` initializer), None for a graph
+    without one (rotary from position_ids: RotaryEmbedding or Cos/Sin nodes, as the GPU graph and OpenVINO's
+    IR compute it, have no such limit). Read from the graph file without its external weights."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # a missing, truncated or foreign file
+        raise ModelLoadError(f"{model_path}: not a readable ONNX graph ({_first_line(exc)})") from None
+    table = next((t for t in model.graph.initializer if t.name == ROPE_TABLE), None)
+    return int(table.dims[0]) if table is not None and table.dims else None
+
+
+def check_rope_table(model_path: Path, arch: ModelArch) -> None:
+    """ModelLoadError where the manifest's max_position_embeddings is larger than the graph's rotary table: the
+    scheduler let prompts grow past the table, and the first step past it failed with ONNX Runtime's raw
+    "cos_cache" error from GroupQueryAttention."""
+    rows = rope_table_rows(model_path)
+    if rows is not None and rows < arch.max_positions:
+        raise ModelLoadError(f"{model_path}: its rotary table ({ROPE_TABLE}) covers {rows} positions, but the "
+                             f"manifest's max_position_embeddings is {arch.max_positions}: longer contexts would "
+                             "fail; the manifest was edited or belongs to another model: re-export the bundle (or set "
+                             f"max_position_embeddings to at most {rows})")
+
+
 def _ir_shapes(model) -> tuple[dict, dict]:
     """check_graph_architecture's view of an OpenVINO IR: its KV state variables ("past.N.key...") as inputs, its
     outputs, dims that are not static as "?"."""
@@ -1389,6 +1418,7 @@ class OnnxRuntimeEngine:
         if mode == "only":
             main = self._prefill_only(main, ort, listed)
             mode = "only" if main != Path(model_path) else "off"
+        check_rope_table(main, arch)
         self.session = session(main, options(spin),
                                signed=signed_weights and mode == "only" and main != Path(model_path))
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -1422,8 +1452,9 @@ class OnnxRuntimeEngine:
             if self._rows_per_step else LEGACY_PREFILL_MIN_TOKENS
         name = meta.get(PREFILL_GRAPH_KEY)
         if name and mode == "on":
-            self._prefill = _OrtRunner(session(_beside(Path(model_path), name, "prefill graph", listed), options(spin),
-                                               signed=signed_weights), arch)
+            prefill_path = _beside(Path(model_path), name, "prefill graph", listed)
+            check_rope_table(prefill_path, arch)
+            self._prefill = _OrtRunner(session(prefill_path, options(spin), signed=signed_weights), arch)
             self.prefill_graph = name
         # GroupQueryAttention nodes per layer of the graph prompts take (its attention in blocks: 4; else 1)
         self.prefill_attention_blocks = self._prefill.blocks

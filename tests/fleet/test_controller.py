@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import MqttSession, MqttSettings
 from agent.topics import (DeviceHealth, LatencyPercentiles, ReportedState, TelemetryReport, chunk_response_topic,
-                          chunk_request_topic, health_topic, ota_offer_topic, state_topic, telemetry_topic)
+                          chunk_request_topic, health_topic, ota_offer_topic, telemetry_topic)
 from fleet.controller import ControllerSettings, FleetController, format_status, prometheus_metrics
 from fleet.store import Store
 from ota.transfer import ChunkRequest, ChunkResponse
