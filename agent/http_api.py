@@ -30,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+import functools
 import gc
 import weakref
 from contextlib import ExitStack, contextmanager
@@ -56,6 +57,12 @@ log = logging.getLogger("edgeglm.http")
 
 AUTO_AGAIN_WAIT_S = 600.0  # how long a model switch waits for the old model's requests before measuring "auto" again
 SOCKET_TIMEOUT_S = 60.0  # an idle keep-alive connection, or a client that stops reading, is dropped after this
+# beyond http.max_connections: a few more connections, each for one GET/HEAD of these paths (the kubelet's probes,
+# a Prometheus scrape), read within PROBE_TIMEOUT_S; anything else is refused as before
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+PROBE_RESERVE = 4
+PROBE_TIMEOUT_S = 2.0
+INFERENCE_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 def kv_budget_bytes(max_kv_mb, auto: int | None = None) -> int | None:
@@ -83,6 +90,16 @@ def kv_on_gpu(engine) -> bool:
 
 
 # --- the server ------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Load:
+    """What one scheduler reported last (active, queued). During a model switch the outgoing scheduler
+    drains while the new one serves: the gauges are the sums, or the last one to report hid the other."""
+
+    active: int = 0
+    queued: int = 0
+    retired: bool = False  # no longer the serving scheduler: forgotten once it reports nothing left
+
 
 @dataclass
 class Slot:
@@ -127,6 +144,9 @@ class ApiServer:
         self._state = threading.Condition()  # guards everything below
         self._model = self._golden = None
         self._scheduler: Scheduler | None = None  # owns the model's engine
+        self._load: _Load | None = None  # what self._scheduler reported last
+        self._loads: set[_Load] = set()  # it and the draining ones'; guarded by _loads_lock (taken on their workers)
+        self._loads_lock = threading.Lock()
         self.prefix_cache = None  # a runtime.prefix_cache.PrefixCache for the next model's scheduler, or None
         self._admitted = self._active = 0
         self._kv_auto: int | None = None  # batching.max_kv_mb "auto" in bytes, measured when the model was set
@@ -139,6 +159,7 @@ class ApiServer:
     # model and readiness
     def set_model(self, model, golden) -> None:
         """Serve `model` (None: nothing). A new model gets its own scheduler; the old one's requests finish."""
+        retired = None
         with self._state:
             old = self._scheduler if model is not self._model else None
             if model is not self._model:
@@ -150,15 +171,18 @@ class ApiServer:
                                  "known)" if self._kv_auto is None else f"{self._kv_auto / 2**20:.0f} MiB of KV (a "
                                  + ("third of the GPU memory still free)" if kv_on_gpu(model.engine) else
                                     "third of the memory this process can still take)"))
+                retired, self._load = self._load, None if model is None else _Load()
                 self._scheduler = None if model is None else Scheduler(
                     model.engine, self.batching.max_batch, self.batching.window_ms, prefix_cache=self.prefix_cache,
                     prefill_chunk=self.batching.prefill_chunk,
-                    on_step=self._on_step, on_load=self._on_load,
+                    on_step=self._on_step, on_load=functools.partial(self._on_load, self._load),
                     max_kv_bytes=kv_budget_bytes(self.batching.max_kv_mb, self._kv_auto),
                     on_kv_wait=self.metrics.kv_waits.inc)
-                if model is not None:
-                    self.metrics.kv_bound.set(self._scheduler.max_kv_bytes or 0)
+                # no model: no bound applies (the old model's stayed on /metrics)
+                self.metrics.kv_bound.set(0 if model is None else self._scheduler.max_kv_bytes or 0)
             self._model, self._golden = model, golden
+        if retired is not None:
+            self._retire_load(retired)
         if old is not None:
             old.close(wait=False)  # drains what it runs, then its worker ends
             if model is not None:  # "auto" was measured with the outgoing model still loaded: again once it is gone
@@ -228,9 +252,24 @@ class ApiServer:
     def _on_step(self, batch_size: int) -> None:
         self.metrics.batch_size.observe(batch_size)
 
-    def _on_load(self, stats: SchedulerStats) -> None:
-        self.metrics.in_flight.set(stats.active)
-        self.metrics.queued.set(stats.queued)
+    def _on_load(self, load: _Load, stats: SchedulerStats) -> None:
+        """One scheduler's report (on its worker or a submitting thread, holding its lock: quick)."""
+        with self._loads_lock:
+            load.active, load.queued = stats.active, stats.queued
+            self._loads.add(load)
+            self._publish_loads(load)
+
+    def _retire_load(self, load: _Load) -> None:
+        with self._loads_lock:
+            load.retired = True
+            self._publish_loads(load)
+
+    def _publish_loads(self, changed: _Load) -> None:
+        """(holding _loads_lock) The gauges as the sums over the schedulers; a drained old one is dropped."""
+        if changed.retired and not changed.active and not changed.queued:
+            self._loads.discard(changed)
+        self.metrics.in_flight.set(sum(load.active for load in self._loads))
+        self.metrics.queued.set(sum(load.queued for load in self._loads))
 
     def readiness(self, no_model_ok: bool = False) -> tuple[bool, str]:
         """(ready, reason). `no_model_ok` (`/readyz?no_model_ok=1`): a box with no model installed at all, waiting
@@ -360,8 +399,10 @@ class _HttpServer(ThreadingHTTPServer):
         self.api = api
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         # one thread per connection: bounded, so that clients holding connections open (slow or idle ones)
-        # cannot take every thread and the memory they need; beyond the bound a connection gets a 503 at once
+        # cannot take every thread and the memory they need; beyond the bound a connection gets a 503 at once,
+        # unless it asks a probe path and a place of the small reserve kept for those is free
         self._connections = threading.BoundedSemaphore(api.http.max_connections)
+        self._reserve = threading.BoundedSemaphore(PROBE_RESERVE)
         self._lingering = _Lingering()
         super().__init__(address, _Handler)
 
@@ -370,27 +411,66 @@ class _HttpServer(ThreadingHTTPServer):
         self._lingering.close()
 
     def process_request(self, request, client_address) -> None:
-        if not self._connections.acquire(blocking=False):
-            log.warning("HTTP API: %d connections are open (http.max_connections); refused one from %s",
-                        self.api.http.max_connections, client_address[0])
-            body = json.dumps(ApiError(
-                503, f"{self.api.http.max_connections} connections are open, the limit (http.max_connections); "
-                     "retry later", type="server_error", code="too_many_connections").body()).encode()
-            try:  # answered here, on the accepting thread: a small write, then close
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nContent-Type: application/json\r\n"
-                                b"Retry-After: 1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                                % (_Handler.server_version.encode(), len(body), body))
-            except OSError:
-                pass
-            if not self._lingering.take(request):  # too many already: dropped and closed at once
-                _drop_arrived(request)
-                self.shutdown_request(request)
+        if self._connections.acquire(blocking=False):
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._connections.release()
+                raise
             return
+        # at the cap (idle keep-alive clients can hold every place for SOCKET_TIMEOUT_S): the kubelet's probes
+        # got the 503 too, and a failed liveness probe restarted a healthy agent, cutting every generation
+        if self._reserve.acquire(blocking=False):
+            try:
+                threading.Thread(target=self._serve_reserved, args=(request, client_address),
+                                 name=f"edgeglm-http-probe-{self.server_address[1]}", daemon=True).start()
+            except BaseException:
+                self._reserve.release()
+                raise
+            return
+        self.count_refusal(client_address)
+        try:  # answered here, on the accepting thread: a small write, then close
+            request.sendall(self.refusal_bytes())
+        except OSError:
+            pass
+        self.let_go(request)
+
+    def _serve_reserved(self, request, client_address) -> None:
+        refused = True
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._connections.release()
-            raise
+            refused = _ReserveHandler(request, client_address, self).refused
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            if refused:
+                self.let_go(request)
+            else:
+                self.shutdown_request(request)
+            self._reserve.release()
+
+    def refusal(self) -> ApiError:
+        """The answer to a connection beyond http.max_connections."""
+        return ApiError(503, f"{self.api.http.max_connections} connections are open, the limit "
+                             "(http.max_connections); retry later", type="server_error",
+                        code="too_many_connections", headers={"Retry-After": "1"})
+
+    def refusal_bytes(self) -> bytes:
+        """The refusal as a whole HTTP answer, written without a handler (no request was read)."""
+        body = json.dumps(self.refusal().body()).encode()
+        return (b"HTTP/1.1 503 Service Unavailable\r\nServer: %s\r\nContent-Type: application/json\r\n"
+                b"Retry-After: 1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (_Handler.server_version.encode(), len(body), body))
+
+    def count_refusal(self, client_address) -> None:
+        self.api.metrics.connections_refused.inc()
+        log.warning("HTTP API: %d connections are open (http.max_connections); refused one from %s",
+                    self.api.http.max_connections, client_address[0])
+
+    def let_go(self, request) -> None:
+        """Close a refused connection (its answer written) once its client is done sending."""
+        if not self._lingering.take(request):  # too many already: dropped and closed at once
+            _drop_arrived(request)
+            self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
@@ -557,8 +637,7 @@ class _Handler(BaseHTTPRequestHandler):
         route = "/v1/models/{model}" if path.startswith("/v1/models/") else path
         endpoint = route if route in ROUTES else "unmatched"
         self._status, self._streaming, self._t0 = 0, False, time.perf_counter()
-        self._body_pending = self.headers.get("Content-Length", "0") not in ("", "0") or \
-            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        self._body_pending = self._has_body()
         self._label = None  # the telemetry label of the model that took the request, once one did
         self._window = None  # and the telemetry window the request began in (LatencyWindow.serving)
         with api._request(), ExitStack() as self._serving:  # (its window waits for the answer and its error)
@@ -578,8 +657,14 @@ class _Handler(BaseHTTPRequestHandler):
             finally:
                 if self._status:
                     api.metrics.requests.inc(endpoint=endpoint, code=str(self._status))
+                if endpoint in INFERENCE_ROUTES and self.command == "POST":  # whatever the outcome: docs/http-api.md
+                    api.metrics.request_latency.observe(time.perf_counter() - self._t0, endpoint=endpoint)
         if self._body_pending and self._status and not self._streaming:
             self._linger()
+
+    def _has_body(self) -> bool:
+        return self.headers.get("Content-Length", "0") not in ("", "0") or \
+            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
 
     def _linger(self) -> None:
         """After an answer sent before the request body was read (413, 401, 404, ...): half-close and read
@@ -826,7 +911,38 @@ class _Handler(BaseHTTPRequestHandler):
                 if api.window is not None and answered:
                     api.window.record(timing["ttft"], timing["gaps"], len(timing["gaps"]), sum(timing["gaps"]),
                                       label=self._label, window=self._window)
-        m.request_latency.observe(time.perf_counter() - self._t0, endpoint=endpoint)
+
+
+class _ReserveHandler(_Handler):
+    """A connection beyond http.max_connections, on a place of the probes' reserve (PROBE_RESERVE): one request,
+    to be sent within PROBE_TIMEOUT_S. GET or HEAD of a PROBE_PATHS path is answered as usual; anything else,
+    or nothing in time, gets the 503 of http.max_connections. `refused` tells the server which it was."""
+
+    timeout = PROBE_TIMEOUT_S
+
+    def handle(self) -> None:
+        self._status, self.refused = 0, False
+        self.handle_one_request()  # one only: the place is free again for the next probe
+        if not self._status:  # nothing came in time (or the client left): refused like any connection over the cap
+            self.refused = True
+            self.server.count_refusal(self.client_address)
+            try:
+                self.connection.sendall(self.server.refusal_bytes())
+            except OSError:
+                pass
+
+    def _dispatch(self) -> None:
+        self.close_connection = True
+        if self.command in ("GET", "HEAD") and urlsplit(self.path).path in PROBE_PATHS:
+            super()._dispatch()
+            return
+        self.refused = True
+        self.server.count_refusal(self.client_address)
+        self._body_pending = self._has_body()  # read and dropped by the server's lingering thread (let_go)
+        if not self.request_version.startswith("HTTP/1."):  # an HTTP/0.9 line: it would get no status line
+            self.request_version = "HTTP/1.1"
+        error = self.server.refusal()
+        self._send_json(error.status, error.body(), error.headers)
 
 
 def prefix_cache_key(model) -> str:

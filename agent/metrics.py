@@ -190,6 +190,9 @@ class ServingMetrics:
             "edgeglm_http_errors_total", "Requests that failed, by endpoint and OpenAI error type "
             "(invalid_request_error, rate_limit_error, server_error, client_disconnected).",
             ("endpoint", "type")))
+        self.connections_refused = r.register(Counter(
+            "edgeglm_http_connections_refused_total", "Connections answered 503 because http.max_connections were "
+            "open (those past the cap that asked a probe path and were served are not counted)."))
         self.prompt_tokens = r.register(Counter(
             "edgeglm_prompt_tokens_total", "Prompt tokens processed, by endpoint.", ("endpoint",)))
         self.completion_tokens = r.register(Counter(
@@ -202,7 +205,8 @@ class ServingMetrics:
             TOKEN_BUCKETS, ("endpoint",)))
         self.request_latency = r.register(Histogram(
             "edgeglm_request_duration_seconds", "End-to-end time of an inference request, from received to "
-            "last byte written.", REQUEST_BUCKETS, ("endpoint",)))
+            "last byte written, whatever the outcome (failed requests and clients gone included: until the "
+            "server let go of the request).", REQUEST_BUCKETS, ("endpoint",)))
         self.in_flight = r.register(Gauge(
             "edgeglm_inference_in_flight", "Inference requests in the engine's batch now (at most batching.max_batch)."))
         self.queued = r.register(Gauge(

@@ -598,14 +598,14 @@ def test_metrics_grow_after_requests_and_parse(server, client):
     ok = f'edgeglm_http_requests_total{{{ep},code="200"}}'
     bad = f'edgeglm_http_requests_total{{{ep},code="400"}}'
     tokens = f"edgeglm_completion_tokens_total{{{ep}}}"
-    durations = f"edgeglm_request_duration_seconds_count{{{ep}}}"
+    durations = f"edgeglm_request_duration_seconds_count{{{ep}}}"  # the 400 too: every outcome is observed
 
     def settled(s: dict) -> bool:
         # a request is counted (code, tokens, duration) just after its response is written, and the gauges
         # follow the scheduler's boundary: the client can read /metrics before that; wait for it to happen
         return s.get(ok, 0) >= before.get(ok, 0) + 1 and s.get(bad, 0) >= before.get(bad, 0) + 1 \
             and s.get(tokens, 0) >= before.get(tokens, 0) + r.usage.completion_tokens \
-            and s.get(durations, 0) >= before.get(durations, 0) + 1 \
+            and s.get(durations, 0) >= before.get(durations, 0) + 2 \
             and s.get("edgeglm_inference_in_flight") == 0 and s.get("edgeglm_inference_queue_depth") == 0
 
     deadline = time.monotonic() + 10
@@ -621,9 +621,9 @@ def test_metrics_grow_after_requests_and_parse(server, client):
     err = f'edgeglm_http_errors_total{{{ep},type="invalid_request_error"}}'
     assert after[err] == before.get(err, 0) + 1
     assert after[tokens] == before.get(tokens, 0) + r.usage.completion_tokens
-    for hist in ("edgeglm_time_to_first_token_seconds", "edgeglm_request_duration_seconds"):
+    for hist, n in (("edgeglm_time_to_first_token_seconds", 1), ("edgeglm_request_duration_seconds", 2)):
         count = f"{hist}_count{{{ep}}}"
-        assert after[count] == before.get(count, 0) + 1
+        assert after[count] == before.get(count, 0) + n
         buckets = [v for k, v in after.items() if k.startswith(f"{hist}_bucket{{{ep},")]
         assert buckets == sorted(buckets) and buckets[-1] == after[count]
         assert after[f'{hist}_bucket{{{ep},le="+Inf"}}'] == after[count]
@@ -808,8 +808,9 @@ def test_connections_beyond_max_connections_get_503_and_a_freed_place_serves_aga
             s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
             idle.append(s)
         # the server accepts connections in order, one at a time: the third comes after both idle ones
+        # (a request that is no probe: those are still answered, see the next test)
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
-        conn.request("GET", "/healthz")
+        conn.request("GET", "/v1/models")
         resp = conn.getresponse()
         assert (resp.status, resp.getheader("Retry-After")) == (503, "1")
         # like every other error: OpenAI's JSON, and the Server header every answer carries
@@ -823,7 +824,7 @@ def test_connections_beyond_max_connections_get_503_and_a_freed_place_serves_aga
         deadline = time.monotonic() + 10
         while True:
             conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
-            conn.request("GET", "/healthz")
+            conn.request("GET", "/v1/models")
             status = conn.getresponse().status
             conn.close()
             if status == 200 or time.monotonic() > deadline:
@@ -833,6 +834,224 @@ def test_connections_beyond_max_connections_get_503_and_a_freed_place_serves_aga
     finally:
         for s in idle:
             s.close()
+        srv.shutdown(deadline=5.0)
+
+
+def _ask(srv, method: str, path: str, body: bytes | None = None):
+    """One request on a connection of its own: (response, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    try:
+        conn.request(method, path, body=body)
+        resp = conn.getresponse()
+        return resp, resp.read()
+    finally:
+        conn.close()
+
+
+def test_probes_are_answered_at_max_connections_and_inference_is_not(model):
+    """Idle keep-alive clients holding every one of http.max_connections made /healthz answer 503, and the K3s
+    liveness probe restarted a healthy, merely busy agent (cutting every generation). Probes and scrapes get
+    through on a few more connections; anything else gets the 503 as before, counted on /metrics."""
+    srv = side_server(model, max_connections=2)
+    idle = []
+    try:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(2)]
+        for method, path in (("GET", "/healthz"), ("GET", "/readyz"), ("HEAD", "/healthz"), ("HEAD", "/readyz")):
+            resp, body = _ask(srv, method, path)
+            assert resp.status == 200, (method, path, body)
+            assert resp.getheader("Connection") == "close"  # one request each: the place is free again at once
+        assert json.loads(_ask(srv, "GET", "/readyz")[1])["status"] == "ready"
+        _, before = parse_metrics(_ask(srv, "GET", "/metrics")[1].decode())
+        assert before["edgeglm_http_connections_refused_total"] == 0
+
+        refused = []
+        for method, path, body in (("POST", "/v1/completions", json.dumps({"prompt": PROMPT}).encode()),
+                                   ("POST", "/v1/chat/completions", b'{"messages": []}'),
+                                   ("GET", "/v1/models", None), ("POST", "/healthz", b"{}")):
+            resp, data = _ask(srv, method, path, body)
+            assert (resp.status, resp.getheader("Retry-After")) == (503, "1"), (method, path, data)
+            error = json.loads(data)["error"]
+            assert (error["type"], error["code"]) == ("server_error", "too_many_connections")
+            assert error["message"] == "2 connections are open, the limit (http.max_connections); retry later"
+            refused.append(path)
+        _, after = parse_metrics(_ask(srv, "GET", "/metrics")[1].decode())
+        assert after["edgeglm_http_connections_refused_total"] == len(refused)
+        assert after.get('edgeglm_http_requests_total{endpoint="/v1/completions",code="503"}', 0) == 0
+        assert after['edgeglm_http_requests_total{endpoint="/healthz",code="200"}'] == 2
+    finally:
+        for s in idle:
+            s.close()
+        srv.shutdown(deadline=5.0)
+
+
+def test_the_probes_reserve_beyond_max_connections_is_bounded(model, monkeypatch):
+    """The places kept for probes beyond http.max_connections are few (PROBE_RESERVE), each for one request
+    sent within PROBE_TIMEOUT_S: clients that take them and send nothing do not add threads beyond that; the
+    next connection gets the 503 at once, a probe included, and one that sends nothing in time gets it too."""
+    import agent.http_api as http_api
+
+    monkeypatch.setattr(http_api._ReserveHandler, "timeout", 60.0)  # the silent ones hold their place here
+    srv = side_server(model, max_connections=1)
+    held = []
+    try:
+        held.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))  # the one place
+        held += [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(http_api.PROBE_RESERVE)]
+        resp, data = _ask(srv, "GET", "/healthz")
+        assert resp.status == 503 and json.loads(data)["error"]["code"] == "too_many_connections"
+        assert srv.metrics.connections_refused.value() == 1
+        held.pop().close()  # a reserve place frees once the server sees its connection end ...
+        assert _wait(lambda: _ask(srv, "GET", "/healthz")[0].status == 200, 30.0)  # ... probes get it again
+    finally:
+        for s in held:
+            s.close()
+        srv.shutdown(deadline=5.0)
+
+    def half_a_request(srv, give_up: bool) -> bytes:
+        """Part of a request line on a reserve place, then nothing (or the client's end); all the answer."""
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        silent.sendall(b"GET /heal")
+        if give_up:
+            silent.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := silent.recv(65536):
+            answer += chunk
+        silent.close()
+        return answer
+
+    srv = side_server(model, max_connections=1)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10):
+            answers = [half_a_request(srv, give_up=True)]
+            monkeypatch.setattr(http_api._ReserveHandler, "timeout", 0.2)  # PROBE_TIMEOUT_S, shorter here
+            answers.append(half_a_request(srv, give_up=False))
+        for answer in answers:  # refused, not dropped without a word
+            assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer, answer
+        assert srv.metrics.connections_refused.value() == 2
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
+def test_request_duration_is_observed_whatever_the_outcome(model):
+    """edgeglm_request_duration_seconds is "request received -> last byte written": it was observed only when
+    the generation returned normally, so requests that failed, or whose client left, were missing from it."""
+    import dataclasses
+
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(model.engine, name)
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("exploded")
+
+        def new_batch(self):
+            raise RuntimeError("exploded")
+
+    count = 'edgeglm_request_duration_seconds_count{endpoint="/v1/completions"}'
+
+    def observed(srv) -> float:
+        return parse_metrics(raw(srv, "GET", "/metrics")[1].decode())[1].get(count, 0)
+
+    srv = side_server(model)
+    try:
+        assert raw(srv, "POST", "/v1/completions", json.dumps({"prompt": PROMPT}).encode())[0].status == 200
+        assert observed(srv) == 1
+        bad = json.dumps({"prompt": PROMPT, "temperature": -1}).encode()
+        assert raw(srv, "POST", "/v1/completions", bad)[0].status == 400
+        assert observed(srv) == 2
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)  # a client that leaves mid-stream
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 4000, "stream": True,
+                                                            "temperature": 1.0, "seed": 1}))
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.fp.readline()
+        conn.close()
+        assert _wait(lambda: observed(srv) == 3, 30.0), observed(srv)
+        assert srv.metrics.errors.value(endpoint="/v1/completions", type="client_disconnected") == 1
+    finally:
+        srv.shutdown(deadline=5.0)
+
+    srv = ApiServer(HttpSettings(port=0), SamplingSettings(max_tokens=4))
+    srv.start()
+    srv.set_model(dataclasses.replace(model, engine=Broken()), model.golden_check())
+    try:
+        assert raw(srv, "POST", "/v1/completions", json.dumps({"prompt": PROMPT}).encode())[0].status == 500
+        assert observed(srv) == 1
+    finally:
+        srv.shutdown(deadline=5.0)
+
+
+def test_load_gauges_sum_the_old_and_the_new_model_during_a_switch(int8_bundle, model):
+    """At a model switch the outgoing scheduler drains while the new one serves, and both reported into the same
+    gauges: the last to report won (one request in flight shown while two were, then none while the new model
+    generated). Each decode step is held here until the test lets it go, so both requests are in flight."""
+    srv = ApiServer(HttpSettings(port=0), SamplingSettings(max_tokens=16))
+    arrived, gates, lock = [], {}, threading.Condition()
+
+    def held_step(batch_size: int) -> None:  # on a scheduler's worker, after each decode step
+        me = threading.current_thread()
+        with lock:
+            if me not in gates:
+                gates[me] = threading.Event()
+                arrived.append(me)
+                lock.notify_all()
+            gate = gates[me]
+        gate.wait(60)
+
+    srv._on_step = held_step  # taken by each scheduler the server makes
+    srv.start()
+
+    def gauges() -> tuple[float, float]:
+        m = parse_metrics(raw(srv, "GET", "/metrics")[1].decode())[1]
+        return m["edgeglm_inference_in_flight"], m["edgeglm_inference_queue_depth"]
+
+    def generate_in_background() -> tuple[threading.Thread, list]:
+        result = []
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 16, "stream": True}).encode()
+        t = threading.Thread(target=lambda: result.append(raw(srv, "POST", "/v1/completions", body)[1]), daemon=True)
+        t.start()
+        return t, result
+
+    def worker(n: int) -> threading.Thread:  # the worker of the n-th scheduler, once its request decodes
+        with lock:
+            assert lock.wait_for(lambda: len(arrived) >= n, 60), "no decode step"
+            return arrived[n - 1]
+
+    other = load_model(int8_bundle, "onnxruntime")  # the update's model
+    try:
+        srv.set_model(model, model.golden_check())
+        old_request, old_answer = generate_in_background()
+        old = worker(1)
+        assert gauges() == (1, 0)
+        srv.set_model(other, other.golden_check())  # the old scheduler drains its request
+        new_request, new_answer = generate_in_background()
+        new = worker(2)
+        assert gauges() == (2, 0)
+
+        gates[old].set()  # the old model's request ends, its scheduler with it
+        old_request.join(60)
+        old.join(60)
+        assert not old.is_alive() and b"[DONE]" in old_answer[0]
+        assert gauges() == (1, 0)  # the new model's request still decodes
+
+        gates[new].set()
+        new_request.join(60)
+        assert b"[DONE]" in new_answer[0]
+        assert _wait(lambda: gauges() == (0, 0), 30.0), gauges()
+        srv.set_model(None, None)
+        assert gauges() == (0, 0)
+    finally:
+        for gate in gates.values():
+            gate.set()
+        srv.shutdown(deadline=5.0)
+
+
+def test_kv_bound_is_zero_once_no_model_is_served(model):
+    srv = side_server(model, max_connections=4)
+    try:
+        bound = parse_metrics(raw(srv, "GET", "/metrics")[1].decode())[1]["edgeglm_inference_kv_bound_bytes"]
+        assert bound == (srv._scheduler.max_kv_bytes or 0) > 0
+        srv.set_model(None, None)
+        assert parse_metrics(raw(srv, "GET", "/metrics")[1].decode())[1]["edgeglm_inference_kv_bound_bytes"] == 0
+    finally:
         srv.shutdown(deadline=5.0)
 
 

@@ -68,3 +68,21 @@ def test_concurrent_increments_are_not_lost():
     for t in threads:
         t.join()
     assert c.value() == 8000 and h.count() == 8000
+
+
+def test_the_documented_metrics_are_the_served_set():
+    """docs/http-api.md's table names every metric /metrics serves, and no other (the execution path's info
+    gauge is the agent's own, registered beside ServingMetrics by agent.model)."""
+    import re
+    from pathlib import Path
+
+    from agent.metrics import ServingMetrics
+    from agent.model import EXECUTION_METRIC
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "http-api.md").read_text()
+    section = doc.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    documented = {name for line in section.splitlines() if line.startswith("| `")
+                  for name in re.findall(r"`([a-z_]+)`", line.split(" | ")[0])}
+    served = {m.name for m in ServingMetrics().registry._metrics} | {EXECUTION_METRIC}
+    assert documented == served, (documented - served, served - documented)
+    assert "edgeglm_http_connections_refused_total" in served

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -128,6 +131,62 @@ def test_the_agent_pod_gives_the_runtimes_no_home_and_turns_their_telemetry_off(
 def test_probes_fail_when_nothing_listens():
     result = _probe("livenessProbe", free_port())
     assert result.returncode == 1 and result.stderr.startswith("/healthz: "), result.stderr
+
+
+@contextmanager
+def answering(status: int):
+    """A stand-in agent that answers every request with `status`: its port."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _healthcheck(port: int) -> subprocess.CompletedProcess:
+    """The agent image's HEALTHCHECK command against `port`."""
+    image = (Path(__file__).resolve().parents[2] / "k3s" / "images" / "agent.Containerfile").read_text()
+    command = json.loads(re.search(r"^\s*CMD (\[.*\])$", image.split("HEALTHCHECK", 1)[1], re.M).group(1))
+    assert command[0] == "python"
+    command[0] = sys.executable
+    command[-1] = command[-1].replace(API, f"http://127.0.0.1:{port}")
+    return subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+
+
+def test_liveness_passes_on_any_answer_so_a_busy_agent_is_not_restarted():
+    """The liveness probe failed on any HTTP error: an agent at http.max_connections (idle keep-alive clients
+    hold their connections for 60 s) answered 503, and the kubelet restarted it, cutting every generation.
+    An answer is life, whatever its status; readiness still wants a 200."""
+    for status in (503, 500, 404):
+        with answering(status) as port:
+            assert _probe("livenessProbe", port).returncode == 0, status
+            assert _healthcheck(port).returncode == 0, status
+            result = _probe("readinessProbe", port)
+            assert result.returncode == 1 and result.stderr.startswith("/readyz: HTTP Error"), result.stderr
+
+
+def test_liveness_fails_when_the_process_does_not_answer():
+    """A stuck agent: its port takes the connection (the kernel's backlog), nothing answers; so does nothing at all."""
+    with socket.create_server(("127.0.0.1", 0)) as stuck:
+        port = stuck.getsockname()[1]
+        result = _probe("livenessProbe", port)
+        assert result.returncode == 1 and result.stderr.startswith("/healthz: "), result.stderr
+        assert _healthcheck(port).returncode != 0
+    assert _healthcheck(free_port()).returncode != 0
 
 
 # --- the start script ------------------------------------------------------------------------------
