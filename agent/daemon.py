@@ -671,7 +671,7 @@ class Agent:
         with self.http.mqtt_request(), ExitStack() as serving:  # shutdown waits for it, answer included
             served = {}  # the label of the model that took it (its telemetry window waits for this answer)
             try:
-                text, usage, finish = self._generate_for(req, serving, served, message.received)
+                text, usage, finish = self._generate_for(req, serving, served, message.received, message.expiry_s)
                 response = InferenceResponse(id=req.id, text=text, usage=usage, finish_reason=finish)
             except ApiError as exc:
                 code = {400: "bad_request", 429: "busy", 503: "model_unavailable", 504: "timeout"}.get(exc.status,
@@ -710,9 +710,16 @@ class Agent:
         except AgentError as exc:
             log.warning("MQTT inference request %s: %s", req.id, exc)
 
-    def _generate_for(self, req: InferenceRequest, serving: ExitStack, served: dict, t0: float):
+    def _generate_for(self, req: InferenceRequest, serving: ExitStack, served: dict, t0: float,
+                      expiry_s: int | None = None):
         """The answer to `req`; its telemetry (TTFT from `t0`, the request's arrival) goes to the window of the model
-        that took it."""
+        that took it. It stops at the sooner of its `timeout_s` and its MQTT 5 message expiry (`expiry_s`, what the
+        publisher's Message Expiry Interval had left when the broker delivered it: a requester that gives up after
+        that has said so in the protocol's own way)."""
+        limits = [(req.timeout_s, f"the request's timeout_s={req.timeout_s:g}")] if req.timeout_s is not None else []
+        if expiry_s is not None:
+            limits.append((float(expiry_s), f"its MQTT message expiry ({expiry_s} s left when it arrived)"))
+        limit_s, limit_text = min(limits) if limits else (math.inf, "")
         # read as the HTTP API reads the same request: a chat ends at GLM's end-of-turn tokens, a stop string
         # that is a special token becomes a stop token, the chat template's [gMASK]<sop> is not added twice,
         # an empty stop string is refused (it cut every answer to nothing)
@@ -733,13 +740,13 @@ class Agent:
             except SchedulerClosed as exc:  # the model was swapped (an OTA update) since the slot was taken
                 raise ApiError(503, str(exc)) from None
             tokens = stream_tokens(handle)
-            deadline = t0 + req.timeout_s if req.timeout_s is not None else math.inf
+            deadline = t0 + limit_s
 
             def on_token() -> None:
                 times.append(now := time.perf_counter())
                 if now > deadline:  # the requester gave up by now (MQTT shows no requester leaving): stop for it
-                    raise ApiError(504, f"no answer within the request's timeout_s={req.timeout_s:g} (from its "
-                                        f"arrival); {outcome.completion_tokens} tokens were generated, then stopped")
+                    raise ApiError(504, f"no answer within {limit_text} (from its arrival); "
+                                        f"{outcome.completion_tokens} tokens were generated, then stopped")
 
             try:
                 text = "".join(generate_text(model, ids, tokens, params, gen.stop, outcome, on_token))

@@ -211,6 +211,8 @@ class Message:
     retain: bool = False
     response_topic: str | None = None  # MQTT 5 property
     correlation_data: bytes | None = None  # MQTT 5 property
+    # MQTT 5 Message Expiry Interval as the broker delivered it: the seconds the publisher's expiry had left
+    expiry_s: int | None = None
     # time.perf_counter() when the client thread took it from the socket: an inference request's TTFT counts from
     # here, as an HTTP request's counts from its arrival (queueing, waiting for the model, tokenisation included)
     received: float = field(default_factory=time.perf_counter, compare=False)
@@ -380,7 +382,8 @@ class MqttSession:
         try:
             props = msg.properties
             message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
-                              getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None))
+                              getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None),
+                              getattr(props, "MessageExpiryInterval", None))
             if msg.topic in self._response_topics and self._resolve(message):
                 return
             self.events.put(message)

@@ -383,7 +383,8 @@ class InferenceRequest(Payload):
     stop: list[str] = Field(default_factory=list, max_length=16)
     timeout_s: float | None = Field(None, gt=0.0, le=86400.0, description=(
         "seconds from the request's arrival after which its generation stops and it is answered with error "
-        "code 'timeout' (a requester that gave up frees its place; default: none)"))
+        "code 'timeout' (a requester that gave up frees its place; default: none); an MQTT 5 Message Expiry "
+        "Interval on the request applies the same way (the sooner of the two)"))
 
     @field_validator("reply_to")
     @classmethod

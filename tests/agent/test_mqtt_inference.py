@@ -48,8 +48,10 @@ class Requester:
             self.messages.append(msg)
 
     def ask(self, payload, response_topic: str | None = REPLIES, correlation: bytes | None = None,
-            retain: bool = False) -> None:
+            retain: bool = False, expiry_s: int | None = None) -> None:
         props = Properties(PacketTypes.PUBLISH)
+        if expiry_s is not None:
+            props.MessageExpiryInterval = expiry_s
         if response_topic:
             props.ResponseTopic = response_topic
         if correlation:
@@ -426,3 +428,17 @@ def test_a_request_past_its_timeout_stops_generating_and_frees_its_place(served)
     until(lambda: _in_flight(running.agent.http.port) == 0, timeout=WAIT)
     requester.ask({"id": "patient", "prompt": "def main():", "max_tokens": 8, "timeout_s": 600})
     assert requester.answer("patient")["finish_reason"] == "length"
+
+
+def test_an_mqtt5_message_expiry_stops_the_generation_as_timeout_s_does(served):
+    """MQTT 5's own way to say "useless after N s", the Message Expiry Interval of the request, was not read: a
+    request with 1 s of expiry ran to max_tokens. The sooner of it and `timeout_s` applies."""
+    running, requester = served
+    requester.ask({"id": "expiring", "prompt": "def main():", "max_tokens": 100_000, "stop": [], "timeout_s": 600},
+                  expiry_s=1)
+    answer = requester.answer("expiring")
+    assert answer["error"]["code"] == "timeout", answer
+    assert "no answer within its MQTT message expiry (1 s left when it arrived)" in answer["error"]["message"]
+    until(lambda: _in_flight(running.agent.http.port) == 0, timeout=WAIT)
+    requester.ask({"id": "roomy", "prompt": "def main():", "max_tokens": 8, "timeout_s": 600}, expiry_s=600)
+    assert requester.answer("roomy")["finish_reason"] == "length"
