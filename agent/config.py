@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import re
@@ -312,7 +313,33 @@ def load_config(path: Path | str | None = None, overrides: dict | None = None) -
         _toml_file.reset(token)
     if wrong_types:
         raise ConfigError(_invalid(list(wrong_types.values())))
+    warn_readable_secrets(cfg, path, toml_data)
     return cfg
+
+
+def warn_readable_secrets(cfg: AgentConfig, path: Path | None, toml_data: dict) -> list[str]:
+    """A warning (returned and logged) for each secret in a file every user of the box may read: the config file
+    holding mqtt.password or http.api_key (agent.toml is 0644; the install puts secrets in the 0600 agent.env),
+    and the MQTT client key. Nothing stops: the box is the operator's, and the agent cannot tell who is on it."""
+    found = []
+    held = [f"{section}.{key}" for section, key in (("mqtt", "password"), ("http", "api_key"))
+            if isinstance(toml_data.get(section), dict) and key in toml_data[section]]
+    files = [(path, " and ".join(held), "move it to /etc/edgeglm/agent.env (0600) as an EDGEGLM_ variable, or "
+              "chmod o-r the file")] if held and path is not None else []
+    if cfg.mqtt.tls is not None and cfg.mqtt.tls.key_file is not None:
+        files.append((Path(cfg.mqtt.tls.key_file), "the MQTT client's private key (mqtt.tls.key_file)",
+                      "chmod 0600 it (or 0640 to the service's group)"))
+    for file, what, fix in files:
+        try:
+            mode = Path(file).stat().st_mode
+        except OSError:
+            continue  # a missing key file is named where it is loaded
+        if mode & 0o004:
+            found.append(f"{file} holds {what} and every user of this box may read it (mode {mode & 0o777:04o}): "
+                         f"{fix}")
+    for line in found:
+        logging.getLogger("edgeglm.agent").warning("%s", line)
+    return found
 
 
 def with_updates(cfg: AgentConfig, desired: dict) -> AgentConfig:

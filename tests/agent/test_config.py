@@ -441,3 +441,28 @@ def test_values_from_the_environment_are_refused_in_plain_words(monkeypatch, var
     with pytest.raises(ConfigError) as err:
         load_config(None)
     assert words in str(err.value) and "Input should" not in str(err.value) and "String should" not in str(err.value)
+
+
+def test_a_secret_in_a_file_every_user_may_read_is_warned_about(tmp_path, caplog):
+    """agent.toml is 0644, and an `[mqtt] password` or `[http] api_key` written into it (its comments show where)
+    was readable by every user of the box without a word; so was a client key left 0644."""
+    import logging
+
+    path = tmp_path / "agent.toml"
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    path.write_text('[mqtt]\nusername = "box7"\npassword = "s3cret"\n[http]\napi_key = "k3y-k3y-k3y-k3y"\n'
+                    f'[mqtt.tls]\ncert_file = "{key}"\nkey_file = "{key}"\n')
+    for mode, key_mode, expected in ((0o644, 0o644, 2), (0o640, 0o644, 1), (0o640, 0o600, 0)):
+        path.chmod(mode)
+        key.chmod(key_mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edgeglm.agent"):
+            load_config(path, {})
+        lines = [r.getMessage() for r in caplog.records if "every user of this box may read it" in r.getMessage()]
+        assert len(lines) == expected, lines
+        if mode == 0o644:
+            assert f"{path} holds mqtt.password and http.api_key" in lines[0] and "(mode 0644)" in lines[0]
+            assert "agent.env" in lines[0] and "s3cret" not in " ".join(lines)
+        if key_mode == 0o644:
+            assert f"{key} holds the MQTT client's private key" in lines[-1]
