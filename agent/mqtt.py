@@ -45,7 +45,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator,
+                      model_validator)
 
 from agent.errors import PayloadError
 from agent.topics import ReportedState, TelemetryReport, broker_packet_limit, check_publish_topic, parse_payload, \
@@ -151,13 +152,24 @@ def broker_host_problem(host: str) -> str | None:
     return None
 
 
+def _broker_host(host: str) -> str:
+    problem = broker_host_problem(host)
+    if problem:
+        raise ValueError(problem)
+    return host
+
+
+# the agent's [mqtt] host and the fleet's
+BrokerHost = Annotated[str, Field(min_length=1), AfterValidator(_broker_host)]
+
+
 class MqttSettings(BaseModel):
     """Connection to the fleet's broker; `enabled: false` runs the agent without MQTT."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     enabled: bool = False
-    host: str = Field("127.0.0.1", min_length=1)
+    host: BrokerHost = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     client_id: str | None = Field(None, min_length=1, max_length=128)  # None: the device id
     username: str | None = None
@@ -173,14 +185,6 @@ class MqttSettings(BaseModel):
     telemetry_buffer: int = Field(100, ge=1, le=100_000)  # reports kept while offline
     held_messages: int = Field(1000, ge=1, le=1_000_000)  # other messages kept while offline
     max_payload_bytes: int = Field(1024 * 1024, ge=1024, le=256 << 20)  # default limit of a subscription
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        problem = broker_host_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
 
     @field_validator("protocol", mode="before")
     @classmethod

@@ -12,12 +12,12 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from agent.config import AgentConfig, _PrefixEnv, _plain
 from agent.errors import ConfigError
-from agent.mqtt import broker_host_problem
+from agent.mqtt import BrokerHost
 
 _toml_file: ContextVar[Path | None] = ContextVar("edgeglm_fleet_toml", default=None)
 
@@ -64,7 +64,7 @@ class TlsSection(_Section):
 
 
 class MqttSection(_Section):
-    host: str = "127.0.0.1"
+    host: BrokerHost = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
     password: SecretStr | None = None
@@ -74,14 +74,6 @@ class MqttSection(_Section):
     client_id: str = "edgeglm-controller"
     protocol: Literal["5", "3.1.1"] = "5"
     tls: TlsSection | None = None
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        problem = broker_host_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
 
     @model_validator(mode="after")
     def _one_password(self) -> MqttSection:
