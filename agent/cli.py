@@ -312,6 +312,11 @@ def cmd_agent(args) -> int:
         from agent.install import install_from_args
 
         return install_from_args(args)
+    # first: `systemctl reload` is accepted as soon as the process runs (Type=exec), and SIGHUP's default action
+    # ended an agent still reading its config or importing its runtime (seconds on a slow box), which systemd
+    # takes for a clean exit: no restart. A reload asked that early reads the file once more when it runs.
+    stop, reload = threading.Event(), threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     overrides = {"model.bundle": args.bundle, "http.host": args.host, "http.port": args.port,
                  "model.backend": args.backend, "model.device": args.device, "model.slots_dir": args.state_dir}
     flags = {k: v for k, v in overrides.items() if v is not None}
@@ -319,10 +324,8 @@ def cmd_agent(args) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from agent.daemon import run_agent
 
-    stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload.set())  # `systemctl reload`: the config file read again
     run_agent(cfg, stop, reload=reload, read_config=lambda: load_config(args.config, flags))
     return 0
 

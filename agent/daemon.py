@@ -321,6 +321,10 @@ class Agent:
             self.session.start()
         if probation_result is not None:
             self._report_ota(probation_result)  # logged; held by the session until it connects (retained)
+        elif self.updater is not None and self.session is None:
+            # no broker to tell (mqtt.enabled = false): an outcome kept now would be published, stale, by the first
+            # start with MQTT on, and read as the device's latest
+            self.updater.discard_report()
         elif self.updater is not None and self.session is not None:
             # an outcome the broker never acknowledged: the agent was killed (or stopped with the broker away)
             # after the update or the rollback was over: published again, not lost (an update resuming in its
@@ -355,7 +359,10 @@ class Agent:
             except Exception:  # one bad event must not stop the agent: log it, count it, go on
                 log.exception("handling an MQTT event failed")
                 self.window.record_error()
-            self._forget_delivered_reports()
+            try:
+                self._forget_delivered_reports()
+            except Exception:  # a report's record stays (published again at the next start); the agent serves on
+                log.exception("checking the delivery of OTA outcomes failed")
             if self.session and time.monotonic() - self._last_telemetry >= self.cfg.telemetry.interval_s:
                 self._send_telemetry()
             if self._next_offer is not None and not self._update_running():
@@ -373,7 +380,6 @@ class Agent:
 
     def shutdown(self, deadline: float = 10.0) -> None:
         if self.updater is not None:
-            self.updater.stopped_cleanly()  # no death of a model on probation
             self.updater.stopping.set()  # before the session closes: an update in progress resumes at the next start
         # while requests in flight finish, MQTT messages still come: inference requests among them are answered
         # "shutting down" (retryable) instead of being acknowledged to the broker and then lost with the process
@@ -389,8 +395,15 @@ class Agent:
             self._refuse_while_stopping(None)  # what came since: the queue, emptied once more
             self._send_telemetry(final=True)
             self.session.close(publish_offline=True)
-            self._forget_delivered_reports()  # (acknowledged while it closed; the others go again at the next start)
+            try:  # (acknowledged while it closed; the others go again at the next start)
+                self._forget_delivered_reports()
+            except Exception:
+                log.exception("checking the delivery of OTA outcomes failed")
         self._let_update_stop()
+        if self.updater is not None:
+            # no death of a model on probation: said last, so that a shutdown that hangs until systemd's SIGKILL
+            # (TimeoutStopSec) still counts as the unclean end it is
+            self.updater.stopped_cleanly()
         if self._state_lock is not None:
             self._state_lock.close()  # the state dir is free for the next agent
             self._state_lock = None

@@ -29,6 +29,7 @@ import os
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -516,17 +517,17 @@ class Installer:
                 fixes.append(f"mode {st.st_mode & 0o7777:04o} -> {mode:04o}")
             if chown and (st.st_uid, st.st_gid) != (owner.uid, owner.gid):
                 fixes.append(f"owner -> {owner.name}:{owner.group}")
-            inside = _not_owned_inside(path, owner.uid, owner.gid) if chown and whole_tree else []
+            inside = _give_inside(path, owner.uid, owner.gid, act=False) if chown and whole_tree else 0
             if inside:
-                fixes.append(f"owner of {len(inside)} entr{'y' if len(inside) == 1 else 'ies'} inside -> "
+                fixes.append(f"owner of {inside} entr{'y' if inside == 1 else 'ies'} inside -> "
                              f"{owner.name}:{owner.group}")
             self.note("set" if fixes else "exists", path, ", ".join(fixes or want))
             if not fixes or self.opts.dry_run:
                 return
             if mode is not None and (st.st_mode & 0o7777) != mode:
                 _os(lambda: path.chmod(mode), path)
-            for entry in inside:
-                _os(lambda: os.chown(entry, owner.uid, owner.gid, follow_symlinks=False), entry)
+            if inside:
+                _give_inside(path, owner.uid, owner.gid, act=True)
         if chown and not self.opts.dry_run:
             _os(lambda: os.chown(path, owner.uid, owner.gid), path)
 
@@ -706,19 +707,24 @@ def _make_dirs(path: Path, mode: int) -> None:
         p.chmod(mode if i == len(missing) - 1 else 0o755)
 
 
-def _not_owned_inside(top: Path, uid: int, gid: int) -> list[Path]:
-    """Everything under `top` (not `top` itself; symbolic links as links, never followed) not owned by uid:gid."""
-    found = []
-    for root, dirs, files in os.walk(top, onerror=None):
+def _give_inside(top: Path, uid: int, gid: int, act: bool) -> int:
+    """Count (and with `act`, chown to uid:gid) everything under `top`, not `top` itself, not owned by uid:gid.
+    Walked by directory descriptors, links never followed (`os.fwalk`): the service user owns the tree and could
+    swap a directory for a link to /etc between a walk by name and root's chown. A file with more than one hard
+    link is left alone (its other name may be outside)."""
+    count = 0
+    for _, dirs, files, dirfd in os.fwalk(top, follow_symlinks=False):
         for name in dirs + files:
-            entry = Path(root) / name
             try:
-                st = entry.lstat()
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except OSError:  # gone meanwhile
                 continue
-            if (st.st_uid, st.st_gid) != (uid, gid):
-                found.append(entry)
-    return found
+            if (st.st_uid, st.st_gid) == (uid, gid) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
+                continue
+            count += 1
+            if act:
+                _os(lambda: os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False), top / name)
+    return count
 
 
 def _write(path: Path, text: str, mode: int) -> None:

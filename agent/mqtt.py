@@ -276,9 +276,9 @@ class _Subscription:
 
 
 class Delivery:
-    """What became of one publish (`MqttSession.publish(..., track=True)`): `delivered()` is true once the broker
-    acknowledged it (PUBACK at QoS 1; written to the socket at QoS 0). A message held while offline gets its paho
-    handle when it is sent at the next connect; one dropped (the offline hold full, over the broker's packet
+    """What became of one publish (`MqttSession.publish(..., delivery=Delivery())`): `delivered()` is true once the
+    broker acknowledged it (PUBACK at QoS 1; written to the socket at QoS 0). A message held while offline gets its
+    paho handle when it is sent at the next connect; one dropped (the offline hold full, over the broker's packet
     limit) or still unacknowledged when the session closes never counts as delivered."""
 
     def __init__(self):
@@ -286,7 +286,14 @@ class Delivery:
 
     def delivered(self) -> bool:
         info = self.info
-        return info is not None and info.is_published()
+        if info is None:
+            return False
+        try:
+            return info.is_published()
+        except (RuntimeError, ValueError):
+            # paho raises for a message handed over as the connection dropped (rc NO_CONN: sent again after the
+            # reconnect) and keeps raising after the broker acknowledged that resend: its own flag says then
+            return bool(getattr(info, "_published", False))
 
 
 @dataclass

@@ -500,7 +500,8 @@ def cmd_config_set(args) -> int:
     controller = _connect(args)
     published = []
     try:
-        version = int(time.time() * 1000)  # one version for the whole group
+        # one version for the whole group, above any it has (the controller's clock may have stepped back)
+        version = controller.store.next_desired_version(targets, int(time.time() * 1000))
         for fleet, device in targets:
             published.append(controller.set_desired(fleet, device, settings, version, replace=args.replace)[1])
     except ConnectionError as exc:

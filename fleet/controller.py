@@ -613,7 +613,8 @@ class FleetController:
         fleet's whole layer over their own config (the broker keeps only the latest one), so each one
         carries everything set so far. Returns the version and the settings published."""
         self._require_connected("no desired config was published")
-        version = version if version is not None else int(time.time() * 1000)
+        version = version if version is not None else \
+            self.store.next_desired_version([(fleet, device)], int(time.time() * 1000))
         merged = settings if replace else deep_merge(self.store.desired(fleet, device) or {}, settings)
         payload = DesiredConfig(version=version, settings=merged).model_dump_json()
         # recorded before it is published: a Ctrl-C or crash between the two must not leave the broker (and the

@@ -35,6 +35,7 @@ controller older than `offer_targets` has no target and is served to no one: off
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -42,6 +43,8 @@ import time
 from pathlib import Path
 
 from agent.errors import AgentError
+
+log = logging.getLogger("edgeglm.fleet")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -140,6 +143,7 @@ class Store:
             self.read_only = read_only
             if read_only:
                 self.db = db = self._open_read_only()
+                self._check_schema_read_only()
                 return
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # first: a lock held elsewhere is waited for
@@ -169,6 +173,26 @@ class Store:
                 db.close()
                 error = exc
         raise error
+
+    def _check_schema_read_only(self) -> None:
+        """A database made by an older controller, read by a user who may not bring it up to date: one line, not
+        "no such table: health" from the first query that needs what is missing."""
+        want = sqlite3.connect(":memory:")
+        try:
+            want.executescript(SCHEMA)
+            missing = []
+            for (table,) in want.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+                have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                needed = {row[1] for row in want.execute(f"PRAGMA table_info({table})")}
+                if needed - have:
+                    missing.append(table if not have else f"{table}.{sorted(needed - have)[0]}")
+        finally:
+            want.close()
+        if missing:
+            self.db.close()
+            raise StoreError(f"fleet database {self.path} was made by an older controller ({', '.join(missing[:3])} "
+                             f"missing) and this user may not bring it up to date: run `edgeglm fleet serve` (or this "
+                             "command as a user who may write it) once; nothing was done")
 
     def _migrate(self) -> None:
         """Bring a database made by an older controller up to this schema (before SCHEMA's indexes)."""
@@ -441,6 +465,25 @@ class Store:
         """The desired config this controller last published for the device (its whole remote layer)."""
         row = self._exec("SELECT settings FROM desired WHERE fleet = ? AND device = ?", (fleet, device)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def next_desired_version(self, targets: list[tuple[str, str]], now_ms: int) -> int:
+        """The version of a desired config for `targets` published now: the controller's clock in ms, but above
+        every version recorded for them or applied by them (their reported state). A clock stepped back (an NTP
+        correction, a restored VM) gave versions the agents ignore as older, with no way to publish above."""
+        newest = -1
+        for fleet, device in targets:
+            row = self._exec("SELECT MAX(v) FROM (SELECT version AS v FROM desired WHERE fleet=? AND device=? UNION ALL "
+                             "SELECT applied_config_version FROM devices WHERE fleet=? AND device=?)",
+                             (fleet, device, fleet, device)).fetchone()
+            if row and row[0] is not None:
+                newest = max(newest, int(row[0]))
+        if newest >= now_ms:
+            log.warning("the controller's clock (%d ms) is not past the last desired config version %d of %s: "
+                        "version %d is used; check the controller's clock (NTP)", now_ms, newest,
+                        ", ".join(f"{f}/{d}" for f, d in targets[:3]) + (" ..." if len(targets) > 3 else ""),
+                        newest + 1)
+            return newest + 1
+        return now_ms
 
     def record_desired(self, fleet: str, device: str, version: int, settings: dict) -> None:
         self._exec("INSERT INTO desired VALUES (?, ?, ?, ?) ON CONFLICT(fleet, device) DO UPDATE SET "

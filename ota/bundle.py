@@ -41,6 +41,16 @@ CHUNK = 1 << 20
 TRANSFER_CHUNK = 256 * 1024  # default chunk of OTA transfer; each chunk's sha256 is in the manifest
 
 
+def _message(error: dict) -> str:
+    """pydantic's message without its "Value error, " (our own checks' text says what is wrong)."""
+    return error["msg"].removeprefix("Value error, ")
+
+
+def manifest_problems(exc: ValidationError, limit: int) -> str:
+    """A manifest's validation errors on one line: each field's path and problem."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {_message(e)}" for e in exc.errors()[:limit])
+
+
 def _shown(path: str) -> str:
     text = repr(path)
     return text if len(text) <= 80 else text[:60] + f"...' ({len(path)} characters)"
@@ -164,9 +174,11 @@ class Manifest(BaseModel):
         try:
             Architecture.model_validate(v)
         except ValidationError as exc:
-            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'architecture'}: {e['msg']}"
-                                       + (f" (got {e['input']!r})" if e["type"] != "missing" else "")
-                                       for e in exc.errors()[:3])) from None
+            # a field's problem with its value; the whole architecture's (eos outside the vocabulary) alone
+            raise ValueError("; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {_message(e)}" + (f" (got {e['input']!r})" if e["type"] != "missing"
+                                                                     else "")
+                if e["loc"] else _message(e) for e in exc.errors()[:3])) from None
         return v
 
     @field_validator("format")
@@ -461,8 +473,7 @@ def read_manifest(root: Path) -> Bundle:
     except ValidationError as exc:
         if exc.errors()[0]["type"] == "bundle_too_new":  # one line of its own, not a field's problem
             raise BundleError(f"{mpath}: {exc.errors()[0]['msg']}") from None
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors()[:5])
-        raise BundleError(f"{mpath}: invalid manifest: {problems}") from None
+        raise BundleError(f"{mpath}: invalid manifest: {manifest_problems(exc, 5)}") from None
     return Bundle(root, manifest, raw)
 
 

@@ -44,7 +44,7 @@ from typing import Callable, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ota.bundle import MANIFEST, Manifest, open_bundle
+from ota.bundle import MANIFEST, Manifest, manifest_problems, open_bundle
 from ota.errors import BundleError
 from ota.fsutil import atomic_write_bytes, atomic_write_json, remove_leftover_temporaries
 from ota.signing import SIGNATURE, read_signature, verify_bundle_signature, verify_bytes
@@ -332,6 +332,7 @@ class Updater:
         self.data = self._load()
         self._probation_path = self.root / PROBATION
         self._report_path = self.root / REPORT
+        self._report_lock = threading.Lock()  # the OTA thread writes it, the agent's loop removes it
         self.probation: dict | None = self._load_probation()  # the committed model on probation, if one is
         self.on_enter: Callable[[State], None] | None = None  # observation/fault-injection point
         self.stopping = threading.Event()  # set by the agent as it stops: `run` returns, leaving the state to resume
@@ -476,7 +477,8 @@ class Updater:
     # --- the last outcome, kept until delivered ------------------------------------------------
     def _keep_report(self, status: dict) -> None:
         try:
-            atomic_write_json(self._report_path, status)
+            with self._report_lock:
+                atomic_write_json(self._report_path, status)
         except OSError as exc:  # the report is still handed over; only a kill before it is delivered loses it
             log.warning("the outcome of update %s is not kept in %s until delivered (%s)", status.get("update_id"),
                         self._report_path, exc)
@@ -504,11 +506,20 @@ class Updater:
 
     def report_delivered(self, status: dict) -> None:
         """The broker has `status`: its record goes, unless a newer outcome replaced it meanwhile."""
-        try:
-            if json.loads(self._report_path.read_text()) == status:
-                self._report_path.unlink()
-        except (OSError, ValueError, RecursionError):
-            pass  # gone already, or replaced by something unreadable (undelivered_report drops that)
+        with self._report_lock:
+            try:
+                if json.loads(self._report_path.read_text()) == status:
+                    self._report_path.unlink()
+            except (OSError, ValueError, RecursionError):
+                pass  # gone already, or replaced by something unreadable (undelivered_report drops that)
+
+    def discard_report(self) -> None:
+        """Forget the kept outcome (the agent runs without MQTT: nobody to deliver it to)."""
+        with self._report_lock:
+            try:
+                self._report_path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("%s could not be removed (%s)", self._report_path, exc)
 
     # --- probation: a committed model that kills the agent goes back by itself ----------------
     def _load_probation(self) -> dict | None:
@@ -626,8 +637,7 @@ class Updater:
             raw = offer.manifest_bytes()
             manifest = Manifest.model_validate_json(raw)
         except ValidationError as exc:  # the field and the value named, as `bundle verify` names them
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors()[:3])
-            raise UpdateFailed(f"offered manifest is invalid ({problems})") from None
+            raise UpdateFailed(f"offered manifest is invalid ({manifest_problems(exc, 3)})") from None
         except ValueError as exc:
             raise UpdateFailed(f"offered manifest is invalid ({str(exc).splitlines()[0]})") from None
         verify_bytes(raw, offer.signature, self.deps.trusted_keys, f"offer {offer.update_id} manifest")
@@ -791,8 +801,11 @@ class Updater:
             behind = "" if built is None or built <= clock else \
                 (f"; the model it serves was built (signed manifest) at "
                  f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(built))}, after the device clock: that time counts")
+            iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock))
             raise UpdateFailed(f"rollback statement expired at {when} (not_after {terms.not_after}; device clock "
-                               f"{int(clock)}, {ROLLBACK_CLOCK_SKEW_S} s of clock skew allowed{behind}); refused")
+                               f"{iso}, {ROLLBACK_CLOCK_SKEW_S} s of clock skew allowed{behind}); refused: if the "
+                               "device clock is wrong, correct it (NTP) and issue the rollback again, else issue a "
+                               "new one (`edgeglm fleet rollback`)")
 
     def _active_built_at(self) -> float | None:
         """Unix time of the serving bundle's manifest `created` (signed, verified when it was installed); None

@@ -53,8 +53,10 @@ class Child:
         if not _in_site_packages(_ROOT):  # a source tree: first, so that the child runs the code this one runs
             env["PYTHONPATH"] = os.pathsep.join([str(_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         self.tag = tag
+        # a session of its own: Ctrl-C in the terminal (the foreground process group) is the parent's to handle
         self.proc = subprocess.Popen([sys.executable, "-c", f"import {module} as m; m.{function}()"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+                                     start_new_session=True)
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, name=f"edgeglm-child-{module}", daemon=True).start()
 
@@ -93,8 +95,12 @@ class Child:
 
 
 def child_stdout():
-    """In the child: die with the parent (Linux PR_SET_PDEATHSIG), send what libraries print to stderr, and
-    return the file the tagged reports go to."""
+    """In the child: die with the parent (Linux PR_SET_PDEATHSIG), ignore SIGTERM and SIGINT, send what libraries
+    print to stderr, and return the file the tagged reports go to. A stop is the parent's: systemd's stop sends
+    SIGTERM to every process of the unit, and a measuring child that died of it was recorded in the autotune
+    cache as a path that kills its process (excluded until `--retune`), and the measuring went on in a new child."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         import ctypes
 

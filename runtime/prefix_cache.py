@@ -485,7 +485,7 @@ class PrefixCache:
                 entries[f.name[:-len(SUFFIX)]] = (f, st.st_mtime, st.st_size - overhead, parent)
             for f in (mine.glob(TEMP) if mine.is_dir() else []):  # a write cut short by a crash
                 st = _stat(f)
-                if st is not None and time.time() - st.st_mtime > 3600:
+                if st is not None and not 0 <= time.time() - st.st_mtime <= 3600:  # (a future mtime: the clock)
                     _unlink(f)
         except OSError as exc:
             log.warning("prefix cache: cannot tidy %s (%s)", self.persist_dir, exc)
@@ -551,7 +551,9 @@ def _remove_unused(folder: Path, idle_s: float | None) -> None:
     directory, serving another model) or, with `idle_s`, something in it changed less than `idle_s` ago (an
     agent restarting with that model). The lease is taken exclusively meanwhile, so a process binding to that
     model now waits for the end of the removal and then makes a new directory."""
-    if idle_s is not None and time.time() - _newest_change(folder) < idle_s:
+    # idle unless changed within idle_s; a change "in the future" (written while the clock ran ahead, before an
+    # NTP step back) is no sign of use: it kept a directory of GBs until real time caught up
+    if idle_s is not None and 0 <= time.time() - _newest_change(folder) < idle_s:
         return
     lease = folder / LEASE
     try:

@@ -568,6 +568,24 @@ def test_an_outcome_the_broker_never_had_is_published_at_the_next_start(mosquitt
         kill_agent(proc)
 
 
+def test_a_kept_outcome_is_dropped_when_the_agent_runs_without_mqtt(tmp_path):
+    """With `mqtt.enabled = false` nobody takes an outcome: kept, it was published, stale, by the first start with
+    MQTT on, and the controller read it as the device's latest."""
+    from agent.config import load_config
+    from agent.daemon import Agent
+
+    kept = tmp_path / "state" / "ota-report.json"
+    kept.parent.mkdir()
+    kept.write_text(json.dumps({"update_id": "u2", "ts": 1.0, "state": "reporting", "result": "rolled_back"}))
+    agent = Agent(load_config(None, {"model.slots_dir": str(tmp_path / "state"), "http.port": 0,
+                                     "ota.require_signature": False}))
+    agent.start()
+    try:
+        assert not kept.exists()
+    finally:
+        agent.shutdown(5)
+
+
 def test_a_model_that_served_its_probation_is_off_probation(mosquitto, signed_bundles, tmp_path):
     """Once the committed model has served `ota.probation_s` in one run, the agent ends its probation (the file
     goes): a crash after that is no longer taken for the model's fault."""
@@ -645,6 +663,25 @@ def test_telemetry_reports_each_request_under_the_model_that_served_it_across_an
         assert all(a["window_end"] == b["window_start"] for a, b in zip(ordered, ordered[1:])), ordered
     finally:
         kill_agent(proc)
+
+
+def test_a_reload_asked_while_the_agent_still_starts_does_not_end_it(tmp_path):
+    """`systemctl reload` is accepted as soon as the process runs (Type=exec); SIGHUP's default action ended an
+    agent still reading its config or importing its runtime, which systemd takes for a clean exit (no restart).
+    Here the SIGHUP comes while the config is read (that read then fails, to end the run where it stands)."""
+    script = ("import os, signal, sys\n"
+              "import agent.config\n"
+              "from agent.errors import ConfigError\n"
+              "def reading(*args, **kwargs):\n"
+              "    os.kill(os.getpid(), signal.SIGHUP)\n"
+              "    raise ConfigError('the config was being read')\n"
+              "agent.config.load_config = reading\n"
+              "from agent.cli import main\n"
+              "sys.exit(main(['agent', '--port', '0']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)  # (-1: ended by the SIGHUP)
+    assert "edgeglm agent: error: the config was being read" in proc.stderr
 
 
 def test_sighup_reads_the_config_file_again_and_applies_what_applies_live(signed_bundles, tmp_path):

@@ -336,13 +336,15 @@ def test_a_state_dir_left_by_root_is_given_to_the_service_user_whole(install, pr
     outside = prefix / "outside"
     outside.write_text("root's")
     (state / "current").symlink_to(outside)
+    os.link(outside, state / "hard")  # a second name of a file outside: never given away
     rc, out, err = install("--prefix", prefix, "--no-venv", "--user", "nobody")
     assert rc == 0, err
     assert re.search(r"owner of 5 entries inside -> nobody:", out), out
     for entry in [state, *state.rglob("*")]:
         st = entry.lstat()
-        assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), entry
-    assert outside.stat().st_uid == 0  # the link's target is not the state dir's
+        if entry.name != "hard":
+            assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), entry
+    assert outside.stat().st_uid == 0  # the links' target is not the state dir's
     rc, out, err = install("--prefix", prefix, "--no-venv", "--user", "nobody")  # a re-run: nothing to give
     assert rc == 0 and "entries inside" not in out, out
 

@@ -744,3 +744,21 @@ def test_a_queued_message_the_broker_keeps_refusing_does_not_keep_the_box_off_fo
         if session is not None:
             session.close()
         broker.stop()
+
+
+def test_a_delivery_handed_over_as_the_connection_dropped_is_pending_not_an_error():
+    """paho raises from `is_published()` for a message handed over while the connection dropped (rc NO_CONN), and
+    keeps raising after the resend is acknowledged: the agent's loop, which asks, died with a traceback (an unclean
+    stop: a death of the model on probation)."""
+    import paho.mqtt.client as paho_client
+
+    from agent.mqtt import Delivery
+    delivery = Delivery()
+    assert delivery.delivered() is False  # held: no paho handle yet
+    delivery.info = paho_client.MQTTMessageInfo(7)
+    delivery.info.rc = paho_client.MQTT_ERR_NO_CONN
+    with pytest.raises(RuntimeError):
+        delivery.info.is_published()  # (what paho does)
+    assert delivery.delivered() is False
+    delivery.info._set_as_published()  # the resend after the reconnect was acknowledged
+    assert delivery.delivered() is True

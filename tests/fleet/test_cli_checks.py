@@ -993,6 +993,19 @@ def test_a_locked_database_says_so_and_status_reads_a_database_it_may_not_write(
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+    old_db = tmp_path / "old.db"  # made by an older controller (no health table), read by who may not update it
+    shutil.copy(db, old_db)
+    raw = sqlite3.connect(str(old_db))
+    raw.execute("DROP TABLE health")
+    raw.commit()
+    raw.close()
+    real_access = os.access
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "access", lambda path, mode, *a, **k: not mode & os.W_OK and real_access(path, mode, *a, **k))
+        with pytest.raises(StoreError) as err:
+            Store(old_db, read_only=True)
+    assert f"fleet database {old_db} was made by an older controller (health missing)" in str(err.value)
+    assert "run `edgeglm fleet serve`" in str(err.value)
     if os.geteuid() != 0:
         pytest.skip("the read-only half needs root (to run `fleet status` as nobody)")
     import tempfile

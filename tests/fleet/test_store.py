@@ -403,3 +403,23 @@ def test_the_brokers_retained_copy_of_a_state_is_no_sign_of_life(tmp_path):
     store.upsert_state(FLEET, {**state, "ts": 10_999.0})  # the agent itself, connecting again
     assert not store.devices(FLEET)[0]["silent"] and store.devices(FLEET)[0]["online"]
     store.close()
+
+
+def test_a_desired_version_stays_above_what_the_devices_have_when_the_clock_steps_back(tmp_path, caplog):
+    """Versions were the controller's clock in ms: after the clock stepped back (NTP, a restored VM) every new
+    `config set` got a version the agents ignored as older ("publish the change with a version above X"), and
+    no command could publish above."""
+    import logging
+
+    store = Store(tmp_path / "fleet.db")
+    now = 1_795_000_000_000
+    assert store.next_desired_version([("f", "d1")], now) == now  # nothing recorded: the clock
+    store.record_desired("f", "d1", now + 6 * 3600_000, {"sampling": {"top_k": 3}})  # set while 6 h ahead
+    store.upsert_state("f", {"device": "d2", "online": True, "model": None,
+                             "applied_config_version": now + 7 * 3600_000})  # applied from another controller
+    with caplog.at_level(logging.WARNING, logger="edgeglm.fleet"):
+        assert store.next_desired_version([("f", "d1")], now) == now + 6 * 3600_000 + 1
+        assert store.next_desired_version([("f", "d1"), ("f", "d2")], now) == now + 7 * 3600_000 + 1
+    assert "check the controller's clock" in caplog.text
+    assert store.next_desired_version([("f", "d1"), ("f", "d2")], now + 8 * 3600_000) == now + 8 * 3600_000
+    store.close()

@@ -62,7 +62,7 @@ def test_a_path_listed_twice_is_refused(int8_bundle, tmp_path):
     data = _manifest(bundle)
     data["files"].append(dict(data["files"][1]))
     _write(bundle, data)
-    with pytest.raises(BundleError, match=f"files: Value error, file path '{data['files'][1]['path']}' is listed "
+    with pytest.raises(BundleError, match=f"files: file path '{data['files'][1]['path']}' is listed "
                                           "twice"):
         read_manifest(bundle)
 
@@ -112,9 +112,13 @@ def test_an_eos_id_outside_the_vocabulary_is_refused(int8_bundle, tmp_path, eos)
     assert data["architecture"]["vocab_size"] == 512  # the tiny model
     data["architecture"]["eos_token_id"] = eos
     _write(bundle, data)
-    with pytest.raises(BundleError, match="invalid manifest: architecture: .*eos_token_id .* is outside the "
-                                          r"vocabulary \(vocab_size 512"):
+    with pytest.raises(BundleError) as err:
         read_manifest(bundle)
+    bad = eos if isinstance(eos, int) else next(i for i in eos if not 0 <= i < 512)
+    # one statement of the problem (it said "architecture: Value error, architecture: Value error, ..." with the
+    # whole architecture dict after it)
+    assert str(err.value).endswith(f"invalid manifest: architecture: eos_token_id {bad} is outside the vocabulary "
+                                   "(vocab_size 512: ids 0..511)"), str(err.value)
 
 
 def _with_tokenizer(src, dst, extra: int):

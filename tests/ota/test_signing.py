@@ -541,7 +541,7 @@ def test_a_bundle_whose_version_has_leading_zeros_is_not_signed_or_offered(tmp_p
     pair = generate_keypair(tmp_path / "keys", "k")
     proc = _bundle_cli("sign", bundle, "--key", pair.private_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "invalid manifest: version: Value error, '01.2.0' is not a version like 1.2.3 (numbers without leading " \
+    assert "invalid manifest: version: '01.2.0' is not a version like 1.2.3 (numbers without leading " \
            "zeros)" in proc.stderr
     assert not (bundle / "manifest.sig").exists()
     with pytest.raises(BundleError, match="'01.2.0' is not a version like 1.2.3"):

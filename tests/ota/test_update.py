@@ -347,7 +347,7 @@ def test_an_offered_version_with_leading_zeros_is_refused_naming_it(device, sign
     data = json.loads(offer.manifest_bytes())
     data["version"] = "01.2.0"
     offer.manifest_b64 = base64.b64encode(json.dumps(data).encode()).decode()
-    _refused(device, offer, "offered manifest is invalid (version: Value error, '01.2.0' is not a version like "
+    _refused(device, offer, "offered manifest is invalid (version: '01.2.0' is not a version like "
                             "1.2.3 (numbers without leading zeros))")
 
 
@@ -746,7 +746,9 @@ def test_an_applied_rollback_is_refused_when_replayed(upgraded, signed_bundles):
     ({"fleet": "plant8"}, "rollback statement is for device plant8/box-1"),
     ({"replaces": "1.0.5"}, "rollback statement replaces version 1.0.5, this device serves 1.1.0"),
     ({"replaces": None}, "replaces version (no model), this device serves 1.1.0"),
-    ({"not_after": int(time.time()) - ROLLBACK_CLOCK_SKEW_S - 60}, "rollback statement expired at"),
+    ({"not_after": int(time.time()) - ROLLBACK_CLOCK_SKEW_S - 60},
+     f"Z, {ROLLBACK_CLOCK_SKEW_S} s of clock skew allowed); refused: if the device clock is wrong, correct it (NTP) "
+     "and issue the rollback again"),  # (the device clock as a date, as the expiry: it was a bare epoch)
     ({"format": 1}, "rollback statement of an older format: re-issue it with this controller"),
     ({"format": 3}, "rollback statement of format 3, this agent takes format 2"),
 ])
@@ -825,7 +827,7 @@ def test_an_offered_architecture_without_a_size_the_runtime_needs_is_refused_nam
     data = json.loads(offer.manifest_bytes())
     del data["architecture"]["num_hidden_layers"]
     offer.manifest_b64 = base64.b64encode(json.dumps(data).encode()).decode()
-    _refused(device, offer, "offered manifest is invalid (architecture: Value error, num_hidden_layers: Field "
+    _refused(device, offer, "offered manifest is invalid (architecture: num_hidden_layers: Field "
                             "required)")
 
 

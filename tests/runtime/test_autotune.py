@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from waiting import until
 
 from agent.model import load_model
 from ota.bundle import open_bundle
@@ -793,6 +794,51 @@ def test_paths_measured_in_a_child_process_report_what_in_process_measurement_do
         assert b.ttft_ms > 0 and b.decode_tok_s > 0 and b.load_s > 0
         assert (a.prefill_min_rows is None) == (b.prefill_min_rows is None)
         assert (a.prefill_rows_ms or {}).keys() == (b.prefill_rows_ms or {}).keys()
+
+
+def test_a_stop_signal_sent_to_the_measuring_child_is_the_parents_to_act_on(int8_bundle, monkeypatch):
+    """systemd's stop sends SIGTERM to every process of the unit (Ctrl-C sends SIGINT to the terminal's group): the
+    measuring child died of it, the path it measured was recorded as one that kills its process (excluded from the
+    cache until --retune), and the measuring went on in a new child. The child ignores both; the parent stops it."""
+    import os
+    import signal
+    import threading
+
+    import runtime.child as child_module
+
+    started = []
+    real_init = child_module.Child.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(child_module.Child, "__init__", init)
+    hw = only(hardware(physical=2, logical=2), "onnxruntime")
+    done = {}
+    worker = threading.Thread(target=lambda: done.setdefault("tune", autotune(open_bundle(int8_bundle), hw,
+                                                                             settings=FAST, isolate=True)))
+    worker.start()
+
+    def ignoring() -> bool:  # SigIgn of /proc: the child's own handlers are set (child_stdout ran)
+        try:
+            fields = dict(line.split(":\t", 1) for line in open(f"/proc/{started[0].proc.pid}/status"))
+        except (IndexError, OSError):
+            return False
+        return bool(int(fields["SigIgn"], 16) & (1 << (signal.SIGTERM - 1)))
+    until(lambda: started and ignoring() or not worker.is_alive(), 60)
+    if started:
+        pid = started[0].proc.pid
+        assert os.getpgid(pid) == pid  # a session of its own: not in the terminal's (the parent's) process group
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                os.kill(started[0].proc.pid, sig)
+            except ProcessLookupError:
+                pass
+    worker.join(300)
+    tune = done["tune"]
+    assert [t.status for t in tune.trials] == ["measured"] * len(tune.trials), [t.reason for t in tune.trials]
+    assert len(started) == 1  # one child did it all (a dead one was replaced by another)
 
 
 def test_a_session_that_is_not_on_the_provider_asked_for_is_refused(int8_bundle):

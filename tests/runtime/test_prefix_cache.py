@@ -730,3 +730,29 @@ def test_dropping_the_cache_gives_its_memory_back_to_the_system():
         assert released["held_mb"] == kept["held_mb"] == 64.0
         assert released["freed_share"] > 0.75, (drop, released)
         assert kept["freed_share"] < 0.25, (drop, kept)  # without it glibc keeps the pages: what this is about
+
+
+def test_files_changed_in_the_future_are_idle_not_in_use(tmp_path):
+    """A directory written while the box's clock ran hours ahead (no RTC, before NTP stepped it back) looked changed
+    "in the future" and was kept until real time caught up: another model's blocks (GBs) and a crashed write's
+    temporary file stayed on the disk for hours or years."""
+    import os
+
+    from runtime.prefix_cache import SUFFIX
+
+    old = PrefixCache(64 << 20, 32, tmp_path)
+    old.bind("model-a")
+    _persist(old, list(range(100, 164)))
+    old.close()
+    assert len(list((tmp_path / "model-a").glob("*" + SUFFIX))) == 2
+    _age(tmp_path / "model-a", -6 * 3600)  # written 6 h "from now"
+    new = PrefixCache(64 << 20, 32, tmp_path)
+    new.bind("model-b")
+    assert not (tmp_path / "model-a").exists()
+    crashed = tmp_path / "model-b" / ".x.kvb.1234.tmp"
+    crashed.write_bytes(b"half")
+    when = time.time() + 6 * 3600
+    os.utime(crashed, (when, when))
+    new.bind("model-b2")
+    new.bind("model-b")
+    assert not crashed.exists()
