@@ -134,16 +134,6 @@ class Architecture(BaseModel):
     eos_token_id: StrictInt | list[StrictInt] | None = None
     hidden_act: str = "silu"
 
-    @model_validator(mode="after")
-    def _eos_in_vocabulary(self) -> "Architecture":
-        """An end-of-sequence id the logits never cover: generation would never stop on it."""
-        ids = [self.eos_token_id] if isinstance(self.eos_token_id, int) else self.eos_token_id or []
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"eos_token_id {bad[0]} is outside the vocabulary (vocab_size {self.vocab_size}: "
-                             f"ids 0..{self.vocab_size - 1})")
-        return self
-
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -1085,8 +1085,10 @@ def rope_table_rows(model_path: Path) -> int | None:
     """The positions the graph's rotary table covers (rows of its `rope.cos` initializer), None for a graph
     without one (rotary from position_ids: RotaryEmbedding or Cos/Sin nodes, as the GPU graph and OpenVINO's
     IR compute it, have no such limit). Read from the graph file without its external weights."""
-    import onnx
-
+    try:
+        import onnx
+    except ImportError:  # an install without onnx (the engine serves without it): no table to read, no check
+        return None
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # a missing, truncated or foreign file
