@@ -56,7 +56,7 @@ from ota.transfer import OFFER_MAX_BYTES, MqttChunkFetcher
 from ota.update import Offer, State, UpdateFailed, UpdateInterrupted, Updater, UpdaterDeps
 from runtime.batching import SchedulerClosed
 from runtime.engine import architecture_problem, available_backends
-from runtime.errors import RequestError, RuntimeUserError
+from runtime.errors import RequestError, RuntimeUserError, Stopped
 from runtime.probe import device_report, probe_hardware
 
 log = logging.getLogger("edgeglm.agent")
@@ -164,24 +164,25 @@ class Agent:
             return {}
         return keys
 
-    def _load(self, path: Path) -> LoadedModel:
+    def _load(self, path: Path, stop: threading.Event | None = None) -> LoadedModel:
         """Load a bundle for serving: signature checked over the manifest's bytes, then every file checked
-        against those same bytes (the manifest is read once)."""
+        against those same bytes (the manifest is read once). `stop`: see `activate`."""
         bundle = open_bundle(path, verify=False)
         if self.cfg.ota.require_signature:
             verify_bundle_signature(bundle, self._trusted_keys())
         # backend auto: the measured autotune, cached per (bundle, hardware) under the state dir
         return load_model(bundle, self.cfg.model.backend, self.cfg.model.threads, hardware=self.hardware,
                           cache_dir=Path(self.cfg.model.slots_dir), prefill_graph=self.cfg.model.prefill_graph,
-                          device=self.cfg.model.device)  # results in <slots_dir>/autotune/
+                          device=self.cfg.model.device, stop=stop)  # results in <slots_dir>/autotune/
 
-    def activate(self, path: Path | None) -> None:
-        """Serve the model in `path` (after its golden check); None serves nothing."""
+    def activate(self, path: Path | None, stop: threading.Event | None = None) -> None:
+        """Serve the model in `path` (after its golden check); None serves nothing. `stop` (start's): set while
+        the autotune measures, it ends with runtime.errors.Stopped and nothing changes."""
         if path is None:
             self.model = None
             self.http.set_model(None, None)
         else:
-            model = self._load(path)
+            model = self._load(path, stop)
             golden = model.golden_check()
             if not golden.passed:
                 raise ServeError(f"{path}: golden check failed on {model.backend}: {golden.describe()}")
@@ -203,24 +204,29 @@ class Agent:
             return Path(self.cfg.model.bundle)
         return self.updater.slots.active_path() if self.updater else None
 
-    def _activate_active_slot(self, fallback: bool = True) -> None:
+    def _activate_active_slot(self, fallback: bool = True, stop: threading.Event | None = None) -> None:
         """Serve the active slot's model at start. If it cannot be served (a bundle signed by a key that was
         removed from ota.trusted_keys, a corrupted file, a failed golden check, a load error), serve the other
         slot's model if that one verifies (`current` is flipped to it, so that the next update installs over
         the refused one; not with `fallback` False: an update in progress owns the other slot); else serve
         nothing, and say why, while MQTT and OTA run so that a new bundle can be installed over the air.
-        Crashing here would crash-loop the box out of reach of any update."""
+        Crashing here would crash-loop the box out of reach of any update. A stop asked meanwhile (`stop`)
+        ends it with Stopped: that is no reason to refuse a model."""
         slots = self.updater.slots
         active = slots.active()
         try:
-            self.activate(slots.path(active))
+            self.activate(slots.path(active), stop)
             return
+        except Stopped:
+            raise
         except Exception as exc:  # noqa: BLE001: whatever the reason, the agent must stay reachable
             reason = self._unservable(active, exc)
         other = slots.inactive()
         if fallback and (slots.path(other) / MANIFEST).is_file():
             try:
-                self.activate(slots.path(other))
+                self.activate(slots.path(other), stop)
+            except Stopped:
+                raise
             except Exception as exc:  # noqa: BLE001
                 log.warning("the model in slot %s cannot be served either: %s", other, exc)
             else:
@@ -264,7 +270,10 @@ class Agent:
             self.session.publish_state()
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, stop: threading.Event | None = None) -> None:
+        """Start serving. `stop` (SIGTERM's): set while the model's execution path is measured (a first start's
+        autotune can take minutes, more than systemd's TimeoutStopSec), start ends with runtime.errors.Stopped
+        within a fraction of a second; `shutdown` then stops what had started."""
         cfg = self.cfg
         unreadable = cfg.mqtt.tls.unreadable() if cfg.mqtt.enabled and cfg.mqtt.tls is not None else []
         if unreadable:  # before the model loads; paho's error names no file, and the session would retry it forever
@@ -301,10 +310,12 @@ class Agent:
         if path is not None and (not resuming or cfg.model.bundle is not None
                                  or self.updater.state not in (State.COMMITTING, State.ROLLBACK)):
             if cfg.model.bundle is not None:
-                self.activate(path)  # a bundle named on the command line or in the config: an error stops the agent
+                self.activate(path, stop)  # a bundle named on the command line or in the config: an error stops it
             else:
                 # while an update is in progress the other slot is its target: never served in its place
-                self._activate_active_slot(fallback=not resuming)
+                self._activate_active_slot(fallback=not resuming, stop=stop)
+        if stop is not None and stop.is_set():
+            raise Stopped("the agent was asked to stop while it started")
         elif path is None:
             self.http.no_model_installed = True
             log.warning("no model yet: waiting for an OTA update (HTTP answers 503 until then)")
@@ -936,8 +947,10 @@ def run_agent(cfg: AgentConfig, stop: threading.Event, deadline: float = 10.0, r
     `reload`, which reads the config again with `read_config`)."""
     agent = Agent(cfg)
     try:
-        agent.start()
+        agent.start(stop)
         agent.run(stop, reload, read_config)
+    except Stopped as exc:  # SIGTERM while the model's path was measured: a clean stop, not a model's failure
+        log.info("stopping before the model served: %s", exc)
     except (RuntimeUserError, BundleError, AgentError) as exc:
         agent.shutdown(deadline)
         raise ServeError(str(exc)) from None

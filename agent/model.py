@@ -111,9 +111,11 @@ def tuning_skipped(backend: str, cache_dir: Path | None, device: str = "auto") -
 
 def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = None, *, cache_dir: Path | None = None,
                 retune: bool = False, hardware=None, progress: bool = False,
-                prefill: str = "on", device: str = "auto") -> tuple[Candidate, TuneResult | None]:
+                prefill: str = "on", device: str = "auto",
+                stop=None) -> tuple[Candidate, TuneResult | None]:
     """The execution path: autotuned for `auto` with a `cache_dir` (ONNX Runtime paths measured with the
-    prefill-graph mode `prefill`), else the backend's CPU default, or the `device` named on it."""
+    prefill-graph mode `prefill`; `stop`, a threading.Event, ends the measuring with runtime.errors.Stopped),
+    else the backend's CPU default, or the `device` named on it."""
     device = (device or "auto").strip()
     if device.lower() != "auto":
         if backend == "auto":
@@ -124,7 +126,7 @@ def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = Non
         from runtime.probe import probe_hardware
 
         result = autotune(bundle, hardware or probe_hardware(), cache_dir=Path(cache_dir), retune=retune,
-                          threads=threads, progress=progress, prefill=prefill, isolate=True)
+                          threads=threads, progress=progress, prefill=prefill, isolate=True, stop=stop)
         return result.choice, result
     return default_candidate(choose_backend(bundle, backend), threads), None
 
@@ -132,7 +134,7 @@ def choose_path(bundle: Bundle, backend: str = "auto", threads: int | None = Non
 def load_model(bundle_path: str | Path | Bundle, backend: str = "auto", threads: int | None = None, *,
                cache_dir: Path | None = None, retune: bool = False, hardware=None,
                progress: bool = False, prefill_graph: bool | str = "auto", memory=None,
-               device: str = "auto", path: Candidate | None = None) -> LoadedModel:
+               device: str = "auto", path: Candidate | None = None, stop=None) -> LoadedModel:
     """Verify the bundle's files against its manifest, then load the model on its execution path.
 
     `bundle_path`: a bundle directory (its manifest is read here), or a `Bundle` whose manifest the caller
@@ -146,7 +148,8 @@ def load_model(bundle_path: str | Path | Bundle, backend: str = "auto", threads:
     (runtime.autotune.choose_prefill_graph) with `memory` (a runtime.probe.MemoryInfo; default: read now).
     `device`: "auto", or a device of the named `backend` (runtime.autotune.device_candidate). `path`: run
     exactly this execution path instead of choosing one (the OTA self-test times a new model on the path
-    the serving model runs on)."""
+    the serving model runs on). `stop`: a threading.Event that, set, ends an autotune's measuring with
+    runtime.errors.Stopped (the agent stopping while it starts)."""
     from runtime.probe import probe_memory
 
     if isinstance(bundle_path, Bundle):
@@ -165,7 +168,7 @@ def load_model(bundle_path: str | Path | Bundle, backend: str = "auto", threads:
         tuning = None
     else:
         path, tuning = choose_path(bundle, backend, threads, cache_dir=cache_dir, retune=retune, hardware=hardware,
-                                   progress=progress, prefill=prefill.mode, device=device)
+                                   progress=progress, prefill=prefill.mode, device=device, stop=stop)
     arch = ModelArch.from_manifest(bundle.manifest.architecture)
     options = path.engine_options()
     if path.backend == "onnxruntime":

@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ from typing import Callable
 import numpy as np
 
 from runtime.engine import BACKENDS, ModelArch, load_engine, prefill_mode
-from runtime.errors import BackendUnavailable
+from runtime.errors import BackendUnavailable, Stopped
 from runtime.golden import check_golden
 from runtime.prefix_cache import release_freed_memory
 from runtime.probe import HardwareInfo, accelerators, probe_memory, usable_cpu_ids, usable_cpus
@@ -536,21 +537,24 @@ def _measure_group(bundle, arch: ModelArch, group: list[Trial], settings: TuneSe
 CONTENTION_LIMIT = 0.25  # cores; EDGEGLM_AUTOTUNE_CONTENTION_LIMIT overrides it ("inf": never measured again)
 QUIET_SAMPLE_S = 0.3  # how long a load samples the box's other work before using such a result
 PATH_TIMEOUT_S = 600.0  # isolated: one thing done with one path (a load, a round) for longer is stopped
+STOP_POLL_S = 0.2  # isolated: how often a wait for the measuring child looks at the stop request
 _CHILD_TAG = "edgeglm-autotune "  # the child's protocol lines on its stdout start with this
 
 
 def measure_isolated(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
                      on_step: Callable[[], None] = lambda: None, prefill: str = "on",
-                     timeout_s: float = PATH_TIMEOUT_S) -> bool:
+                     timeout_s: float = PATH_TIMEOUT_S, stop: threading.Event | None = None) -> bool:
     """`measure` in a child process: a path that kills the process (a GPU or NPU plugin that crashes, the
     kernel's OOM killer) or hangs costs that path, not the agent (which would otherwise die at every start,
     before it serves anything), and what the measured paths loaded (libraries, arenas) never lands in the
     process that serves. Where the child dies or goes silent for `timeout_s` while on a path, that path is
     excluded with the reason and the paths it had not finished are measured in a new child. Where no child
-    can run at all, the paths are measured in this process, with a warning: False then, else True."""
+    can run at all, the paths are measured in this process, with a warning: False then, else True. `stop`: when
+    it is set, the child is killed and `Stopped` raised (within STOP_POLL_S; nothing measured is kept)."""
     pending = [t for t in trials if t.status == "pending"]
     while pending:
-        progress = _measure_in_child(bundle, pending, settings, available_memory, on_step, prefill, timeout_s)
+        progress = _measure_in_child(bundle, pending, settings, available_memory, on_step, prefill, timeout_s,
+                                     stop)
         if not progress:
             log.warning("autotune: the measuring process could not run; measuring in this process instead")
             measure(bundle, pending, settings, available_memory, on_step, prefill)
@@ -560,7 +564,8 @@ def measure_isolated(bundle, trials: list[Trial], settings: TuneSettings, availa
 
 
 def _measure_in_child(bundle, trials: list[Trial], settings: TuneSettings, available_memory: int | None,
-                      on_step: Callable[[], None], prefill: str, timeout_s: float) -> bool:
+                      on_step: Callable[[], None], prefill: str, timeout_s: float,
+                      stop: threading.Event | None = None) -> bool:
     """One child measuring `trials` (updated in place as it reports them); False when it made no progress at
     all (it did not start, or died before any path), True otherwise."""
     from runtime.child import Child
@@ -573,12 +578,33 @@ def _measure_in_child(bundle, trials: list[Trial], settings: TuneSettings, avail
         log.warning("autotune: could not start the measuring process: %s", exc)
         return False
     try:
-        return _follow_child(child, trials, on_step, timeout_s)
+        return _follow_child(child, trials, on_step, timeout_s, stop)
     finally:
         child.stop()  # an exception here (Ctrl-C, the agent stopping): the child stops too
 
 
-def _follow_child(child, trials: list[Trial], on_step: Callable[[], None], timeout_s: float) -> bool:
+def _next_event(child, timeout_s: float, stop: threading.Event | None):
+    """The child's next report (Child.next_event), looking at `stop` every STOP_POLL_S while it waits."""
+    import queue
+
+    if stop is None:
+        return child.next_event(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if stop.is_set():
+            child.stop()
+            raise Stopped("the autotune was stopped: the process is stopping (it measures again at the next start)")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise queue.Empty
+        try:
+            return child.next_event(min(left, STOP_POLL_S))
+        except queue.Empty:
+            continue
+
+
+def _follow_child(child, trials: list[Trial], on_step: Callable[[], None], timeout_s: float,
+                  stop: threading.Event | None = None) -> bool:
     """Read the child's reports until it ends (see _measure_in_child)."""
     import queue
 
@@ -588,7 +614,7 @@ def _follow_child(child, trials: list[Trial], on_step: Callable[[], None], timeo
     progress = finished = False
     while True:
         try:
-            event = child.next_event(timeout_s)
+            event = _next_event(child, timeout_s, stop)
         except queue.Empty:
             child.stop()
             if current is None:
@@ -1019,12 +1045,13 @@ def _touch(path: Path) -> None:
 def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune: bool = False,
              threads: int | None = None, settings: TuneSettings = TuneSettings(),
              progress: bool = False, prefill: str = "on", isolate: bool = False,
-             path_timeout_s: float = PATH_TIMEOUT_S) -> TuneResult:
+             path_timeout_s: float = PATH_TIMEOUT_S, stop: threading.Event | None = None) -> TuneResult:
     """The execution path for `bundle` on this hardware: from the cache, or measured (and cached).
     `prefill`: the ONNX Runtime prefill-graph mode ("on", "off", "only") its paths are loaded and
     measured with, the one that will serve (`choose_prefill_graph`); part of the cache key. `isolate`:
     measure in a child process (`measure_isolated`: a path that crashes or hangs it, or than `path_timeout_s`
-    per load or round, is excluded), as the agent and the CLI do."""
+    per load or round, is excluded), as the agent and the CLI do; `stop` (isolated only): set, the measuring
+    ends within STOP_POLL_S with `Stopped`, and nothing is cached."""
     prefill = prefill_mode(prefill)
     fingerprint = hw.fingerprint()
     path = cache_path(cache_dir, bundle.sha256, fingerprint, threads, prefill) if cache_dir is not None else None
@@ -1048,7 +1075,7 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
     with _progress(progress, len(trials) + settings.repeats * len(trials)) as bar:
         if isolate:
             in_child = measure_isolated(bundle, trials, settings, available, on_step=bar.update, prefill=prefill,
-                                        timeout_s=path_timeout_s)
+                                        timeout_s=path_timeout_s, stop=stop)
         else:
             measure(bundle, trials, settings, available, on_step=bar.update, prefill=prefill)
     choice = choose(trials)

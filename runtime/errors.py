@@ -8,6 +8,8 @@
       GoldenCheckError    a model does not reproduce its bundle's golden continuation
 
 All are user errors: the CLI prints the message and exits with code 2.
+
+    Stopped               not an error: long work (the autotune) given up because its process is stopping
 """
 
 
@@ -29,3 +31,8 @@ class RequestError(RuntimeUserError):
 
 class GoldenCheckError(RuntimeUserError):
     pass
+
+
+class Stopped(Exception):
+    """Long work (the autotune's measuring) given up because the process was asked to stop (SIGTERM while the
+    agent starts): nothing of it is kept, and the next start does it again."""

@@ -11,8 +11,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -760,7 +762,7 @@ autotune_module.load_engine = load_engine
 
 @pytest.mark.parametrize("fault,reason", [
     ("os.kill(os.getpid(), signal.SIGSEGV)", "the measuring process died (killed by SIGSEGV) while loading"),
-    ("time.sleep(600)", "loading took longer than 30 s: stopped")])
+    ("time.sleep(600)", "loading took longer than 12 s: stopped")])
 def test_a_path_that_crashes_or_hangs_the_measuring_process_is_excluded_not_the_agent(int8_bundle, tmp_path,
                                                                                       monkeypatch, fault, reason):
     """The agent and the CLI measure paths in a child process: a plugin that segfaults (or hangs) on one
@@ -774,7 +776,7 @@ def test_a_path_that_crashes_or_hangs_the_measuring_process_is_excluded_not_the_
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(inject)] + ([os.environ["PYTHONPATH"]] if os.environ.get(
         "PYTHONPATH") else [])))  # before what the box already puts there
     hw = only(hardware(physical=2, logical=2), "openvino")
-    result = autotune(open_bundle(int8_bundle), hw, settings=FAST, isolate=True, path_timeout_s=30)
+    result = autotune(open_bundle(int8_bundle), hw, settings=FAST, isolate=True, path_timeout_s=12)
     trials = {t.candidate.kv_cache_precision: t for t in result.trials}
     assert trials["u8"].status == "excluded" and trials["u8"].reason == reason
     assert trials["f32"].status == "measured" and trials["f32"].decode_tok_s > 0
@@ -839,6 +841,102 @@ def test_a_stop_signal_sent_to_the_measuring_child_is_the_parents_to_act_on(int8
     tune = done["tune"]
     assert [t.status for t in tune.trials] == ["measured"] * len(tune.trials), [t.reason for t in tune.trials]
     assert len(started) == 1  # one child did it all (a dead one was replaced by another)
+
+
+HANG_EVERY_LOAD = """
+import time
+import runtime.autotune as autotune_module
+def load_engine(*args, **kwargs):
+    time.sleep(600)
+autotune_module.load_engine = load_engine
+"""
+
+
+def _hang_in_the_measuring_child(tmp_path, monkeypatch) -> None:
+    """Every load in the autotune's measuring child hangs (a sitecustomize on its PYTHONPATH; the agent's own
+    loads go through runtime.engine, not runtime.autotune, and are left alone)."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(HANG_EVERY_LOAD)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(inject)] + ([os.environ["PYTHONPATH"]] if os.environ.get(
+        "PYTHONPATH") else [])))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def test_a_stop_asked_while_paths_are_measured_ends_the_measuring_at_once(int8_bundle, tmp_path, monkeypatch):
+    """The agent measures its paths at a first start (minutes for a large model, up to PATH_TIMEOUT_S per path):
+    systemd's stop waited for all of it and then SIGKILLed the agent (TimeoutStopSec). With `stop` set, the
+    measuring child is killed and Stopped raised within a fraction of a second; nothing is cached."""
+    import threading
+
+    import runtime.child as child_module
+    from runtime.errors import Stopped
+
+    _hang_in_the_measuring_child(tmp_path, monkeypatch)
+    started = []
+    real_init = child_module.Child.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(child_module.Child, "__init__", init)
+    stop, outcome = threading.Event(), {}
+
+    def tune():
+        try:
+            outcome["result"] = autotune(open_bundle(int8_bundle), only(hardware(), "onnxruntime"), settings=FAST,
+                                         isolate=True, cache_dir=tmp_path / "cache", stop=stop)
+        except Exception as exc:  # noqa: BLE001: the test looks at it
+            outcome["error"] = exc
+    worker = threading.Thread(target=tune)
+    worker.start()
+    until(lambda: started or not worker.is_alive(), 60)
+    time.sleep(1.0)  # the child is in its (hanging) load
+    assert worker.is_alive(), outcome
+    stop.set()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert isinstance(outcome.get("error"), Stopped), outcome
+    assert started[0].proc.poll() is not None  # the measuring child is gone
+    assert not list((tmp_path / "cache").rglob("*.json"))  # nothing measured is kept
+
+
+def test_sigterm_while_the_agent_measures_its_paths_stops_it_cleanly_at_once(int8_bundle, tmp_path, monkeypatch):
+    """`edgeglm agent` on a bundle with backend auto, its first start's measuring hung: SIGTERM ends it within
+    seconds, exit code 0, the measuring child gone, and the log says it stopped before the model served."""
+    _hang_in_the_measuring_child(tmp_path, monkeypatch)
+    log = tmp_path / "agent.log"
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--bundle", str(int8_bundle), "--port", "0",
+                             "--state-dir", str(tmp_path / "state"), "--backend", "auto"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "EDGEGLM_OTA__REQUIRE_SIGNATURE": "false",
+                                 "EDGEGLM_MQTT__ENABLED": "false"})
+    try:
+        until(lambda: _children(proc.pid) or proc.poll() is not None, 120)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        child = _children(proc.pid)[0]
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.read_text()[-3000:]
+        until(lambda: not Path(f"/proc/{child}").exists() or "State:\tZ" in Path(f"/proc/{child}/status").read_text(),
+              10)
+        text = log.read_text()
+        assert "stopping before the model served: the autotune was stopped" in text, text[-3000:]
+        assert "Traceback" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_session_that_is_not_on_the_provider_asked_for_is_refused(int8_bundle):
