@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -111,6 +112,8 @@ class Agent:
         self.cfg = cfg
         self.local_cfg = cfg  # the box's own config: what the desired config may not override (REMOTE_SETTINGS)
         self.started = time.monotonic()  # uptime: never negative when the wall clock is set back
+        # this run of the agent, in its states: the controller orders two states of one run by uptime, not by `ts`
+        self.run_id = secrets.token_hex(8)
         self.hardware = probe_hardware()
         self.window = LatencyWindow()
         self.http = _AgentApiServer(cfg.http, cfg.sampling, window=self.window, batching=cfg.batching)
@@ -253,7 +256,9 @@ class Agent:
                       "backends": available_backends(), "devices": device_report(self.hardware),
                       "execution": m.execution_info() if m else None,  # backend, device, threads, hints
                       # why the active slot's model is not served (ReportedState has no field of its own)
-                      "model_error": self.model_error},
+                      "model_error": self.model_error,
+                      # (here, not a field of its own: controllers before it refuse unknown fields)
+                      "run": self.run_id},
             execution_path=self._execution_path(),
             model=ModelRef(name=m.bundle.manifest.name, version=m.bundle.manifest.version, sha256=m.bundle.sha256)
             if m else None,

@@ -265,7 +265,9 @@ class ReportedState(Payload):
     device: str = Field(pattern=ID_PATTERN, max_length=128)
     online: bool
     agent_version: str
-    hardware: dict[str, Any] = Field(default_factory=dict, description="summary of runtime.probe")
+    hardware: dict[str, Any] = Field(default_factory=dict, description=(
+        "summary of runtime.probe; also `execution` (the path serving), `model_error` (why the active slot's model "
+        "is not served) and `run` (random at each agent start: two states of one run are ordered by uptime_s)"))
     execution_path: str | None = Field(None, description="the backend/device serving, e.g. 'onnxruntime:cpu'")
     model: ModelRef | None = None
     active_slot: Literal["a", "b"] | None = None

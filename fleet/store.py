@@ -99,6 +99,28 @@ def telemetry_row(fleet: str, r: dict) -> tuple:
             tok.get("p50"), tok.get("p95"), r.get("tokens_per_s"), r.get("errors", 0), r.get("dropped_reports", 0))
 
 
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _run_of(state: dict):
+    """The agent run that made a state (`hardware.run`, random at each agent start; None from older agents)."""
+    hardware = state.get("hardware")
+    run = hardware.get("run") if isinstance(hardware, dict) else None
+    return run if isinstance(run, str) and run else None
+
+
+def _later_state(state: dict, stored: dict) -> bool:
+    """Whether `state` was made after `stored`. Made by the same agent run: by its uptime (monotonic, whatever the
+    device's wall clock did: a box that booted ahead of time and was set back by NTP made its Will, at connect,
+    with a `ts` later than its states after it); else by `ts`."""
+    run = _run_of(state)
+    if run is not None and run == _run_of(stored) and _number(state.get("uptime_s")) and \
+            _number(stored.get("uptime_s")):
+        return state["uptime_s"] >= stored["uptime_s"]
+    return _number(stored.get("ts")) and _number(state.get("ts")) and state["ts"] >= stored["ts"]
+
 class StoreError(AgentError):
     """The fleet database cannot be opened: the message names the path and the cause."""
 
@@ -244,9 +266,9 @@ class Store:
         with self._lock:
             before = self.db.execute("SELECT online, model_version, state, last_seen FROM devices WHERE fleet=? AND "
                                      "device=?", (fleet, state["device"])).fetchone()
-            stored_ts = json.loads(before[2]).get("ts") if before is not None else None
-            newer = isinstance(stored_ts, (int, float)) and isinstance(state.get("ts"), (int, float)) and \
-                state["ts"] >= stored_ts  # an agent's own offline state at a clean stop: newer than all it said
+            stored = json.loads(before[2]) if before is not None else {}
+            stored_ts = stored.get("ts")
+            newer = _later_state(state, stored)  # an agent's own offline state at a clean stop: newer than all it said
             if before is not None and not state.get("online") and not newer:
                 # an offline state older than the stored one is the broker's Will, made when the device connected:
                 # the model, slot and config it names may be older than what the device reported since (an OTA

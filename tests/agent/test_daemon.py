@@ -212,10 +212,14 @@ def test_agent_end_to_end_over_mqtt(agent_process, mosquitto, signed_bundles):
     report = ctl.wait(telemetry_topic(FLEET, DEVICE), lambda d, m: d["count"] >= 1)
     assert report["model_version"] == "1.0.0" and report["per_token_ms"]["p50"] > 0
 
-    # SIGTERM: offline state published, exit code 0
+    # SIGTERM: offline state published, exit code 0; made by the same run as the states before it, and later
+    # by its uptime (what the controller orders one run's states by)
+    run, uptime = state["hardware"]["run"], state["uptime_s"]
+    assert re.fullmatch(r"[0-9a-f]{16}", run)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
-    ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"] is False)
+    offline = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"] is False)
+    assert offline["hardware"]["run"] == run and offline["uptime_s"] > uptime
 
 
 until = partial(wait_until, timeout=120.0)

@@ -125,6 +125,30 @@ def test_an_agents_own_offline_state_is_taken_whole_and_an_older_will_is_not(tmp
     assert [(d["online"], d["model_version"]) for d in store.devices(FLEET)] == [(0, "1.1.0")]
 
 
+def test_states_of_one_agent_run_are_ordered_by_uptime_not_by_the_device_clock(tmp_path):
+    """A box that booted with its clock ahead (no RTC battery) made its Will at connect with that clock; NTP then set
+    it back, and it committed an update and lost power. By `ts` the Will looked newer than the states after it and
+    the registry went back to the model it served at connect. States of one agent run (`hardware.run`) are ordered
+    by `uptime_s` (monotonic); a clean stop whose `ts` is earlier than the stored state's is still taken whole."""
+    store = Store(tmp_path / "fleet.db")
+
+    def state(version, online, ts, uptime, run="run-1"):
+        s = device_state("dev-c", version).model_dump(mode="json")
+        return {**s, "online": online, "ts": ts, "uptime_s": uptime, "hardware": {**s["hardware"], "run": run}}
+    rows = lambda: [(d["online"], d["model_version"]) for d in store.devices(FLEET)]  # noqa: E731
+    store.upsert_state(FLEET, state("1.0.0", True, 9_000.0, 5.0))  # online at boot, the clock an hour ahead
+    store.upsert_state(FLEET, state("1.1.0", True, 5_500.0, 600.0))  # NTP set it back; 1.1.0 committed
+    store.upsert_state(FLEET, state("1.0.0", False, 9_000.0, 4.0))  # the Will from connect time: power lost
+    assert rows() == [(0, "1.1.0")]
+    store.upsert_state(FLEET, state("1.1.0", True, 9_500.0, 7.0, run="run-2"))  # the next boot, ahead again
+    store.upsert_state(FLEET, state("1.2.0", False, 6_000.0, 900.0, run="run-2"))  # a clean stop after NTP
+    assert rows() == [(0, "1.2.0")]
+    # another run's offline state (a Will of an older connection, handed over late): by `ts`, as before
+    store.upsert_state(FLEET, state("1.2.0", True, 6_100.0, 3.0, run="run-3"))
+    store.upsert_state(FLEET, state("1.0.0", False, 6_050.0, 2_000.0, run="run-2"))
+    assert rows() == [(0, "1.2.0")]
+
+
 def test_telemetry_is_aggregated_and_malformed_messages_are_counted(controller, mosquitto):
     dev = session(mosquitto, "dev-t")
     until(lambda: controller.store.devices(FLEET))
