@@ -420,8 +420,9 @@ def test_every_referenced_secret_configmap_and_claim_exists(name):
             find(resources, "ServiceAccount", sa)
 
 
-def test_services_select_their_pods_and_named_ports():
-    resources = rendered("base")
+@pytest.mark.parametrize("name", kustomizations())
+def test_services_select_their_pods_and_named_ports(name):
+    resources = rendered(name)
     for svc in [r for r in resources if r["kind"] == "Service"]:
         selector = svc["spec"]["selector"]
         (target,) = [w for w in workloads(resources)
@@ -431,8 +432,9 @@ def test_services_select_their_pods_and_named_ports():
             assert port["targetPort"] in names, f"{label(svc)}: targetPort {port['targetPort']}"
 
 
-def test_network_policies():
-    resources = rendered("base")
+@pytest.mark.parametrize("name", kustomizations())
+def test_network_policies(name):
+    resources = rendered(name)
     policies = {p["metadata"]["name"]: p["spec"] for p in resources if p["kind"] == "NetworkPolicy"}
     deny = policies["edgeglm-default-deny"]
     assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}, "a default deny for the namespace"
@@ -458,7 +460,8 @@ def test_network_policies():
     assert policies["edgeglm-agent"]["ingress"] == []
     assert policies["edgeglm-broker"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8883}]}]
     assert policies["edgeglm-broker"]["egress"] == []
-    for w in workloads(resources):
-        name = w["metadata"]["name"]
+    for w in workloads(resources):  # each pod has an allow policy of its own (the overlays' pods: their base's)
         labels = w["spec"]["template"]["metadata"]["labels"]
-        assert policies[name]["podSelector"]["matchLabels"].items() <= labels.items(), f"{name}: own policy"
+        own = [p for p, spec in policies.items() if p != "edgeglm-default-deny"
+               and spec["podSelector"]["matchLabels"].items() <= labels.items()]
+        assert own == [labels["app.kubernetes.io/name"]], f"{w['metadata']['name']}: own policy {own}"
