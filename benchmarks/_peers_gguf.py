@@ -12,8 +12,9 @@ is a byte-level BPE with GPT-2's pre-tokenizer (`ByteLevel`, `use_regex`, no pre
 normalizer), which is exactly what llama.cpp calls "gpt-2". So this helper checks that the
 tokenizer.json really is that, and only then answers "gpt-2" for the unknown hash; everything
 else is the converter's own code, run as it is. The benchmark feeds token ids to every engine,
-so the GGUF vocabulary is not on the timed path; peers.py still checks that llama.cpp's
-tokenizer encodes a sample text to the same ids as edgeglm's.
+so the GGUF vocabulary is not on the timed path, and neither this helper nor peers.py checks
+that llama.cpp's tokenizer encodes text to the same ids as edgeglm's (docs/performance.md records
+a one-off check of a sample text; nothing repeats it per run).
 """
 
 from __future__ import annotations

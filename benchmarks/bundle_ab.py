@@ -18,7 +18,6 @@ asserts on timings.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,18 +25,24 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python benchmarks/bundle_ab.py` from anywhere
+from _args import Parser, positive_int  # noqa: E402
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path, help="bundle A (the baseline)")
     ap.add_argument("b", type=Path, help="bundle B")
-    ap.add_argument("--blocks", type=int, default=40, help="decode rounds (each engine runs one block per round)")
-    ap.add_argument("--block-steps", type=int, default=16)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--prefills", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--blocks", type=positive_int, default=40,
+                    help="decode rounds (each engine runs one block per round)")
+    ap.add_argument("--block-steps", type=positive_int, default=16)
+    ap.add_argument("--prompt-tokens", type=positive_int, default=512)
+    ap.add_argument("--prefills", type=positive_int, default=10)
+    ap.add_argument("--threads", type=positive_int, default=2)
+    args = ap.parse_args(argv)
+    for flag, path in (("a", args.a), ("b", args.b)):  # before two models are loaded
+        if not (path / "manifest.json").is_file():
+            ap.error(f"{flag} {path} is invalid: must be a bundle directory (with manifest.json)")
 
     from agent.model import load_model
     from runtime.generate import decode_one_token, prefill

@@ -15,12 +15,14 @@ roof being the CPU memory's), warms each up with one short run, then makes
   * TTFT: prefill of --prompt-tokens random token ids up to the first logits;
   * decode tokens/s: --new-tokens greedy steps against the KV cache (only these steps are timed).
 
-The table reports per-candidate medians. Around the timed passes the machine's memory read
-bandwidth is measured with numpy, and for each exported model the weight bytes read per decoded
-token (weight files minus the fp32 embedding table, which is only gathered one row per token;
-lm_head is read in full) give a roofline fraction = bytes/token * tokens/s / bandwidth. Random
-weights decode as fast as trained ones: the work per token does not depend on the values.
-Timings are wall-clock on a shared machine; nothing here asserts on them.
+The table reports per-candidate medians. Around the timed passes the machine's memory read bandwidth
+is measured with numpy, and for each exported model the weight bytes read per decoded token (the
+files of the graph the candidate runs minus the fp32 embedding table, which is only gathered one row
+per token; lm_head is read in full; for ONNX Runtime the graph is model.onnx on CPU, gpu.onnx on
+CUDA, plus only the external-data bytes that graph's initializers reference and the embedding table
+file it names, not every file under onnxruntime/) give a roofline fraction = bytes/token * tokens/s
+/ bandwidth. Random weights decode as fast as trained ones: the work per token does not depend on
+the values. Timings are wall-clock on a shared machine; nothing here asserts on them.
 
 Each engine candidate runs in its own worker process (so where one lands its weight memory does
 not affect another's). `--baseline-src DIR` adds the same engine candidates built from another
@@ -46,6 +48,8 @@ from _args import Parser, choice_list, positive_int  # noqa: E402  (benchmarks/ 
 from procstats import cpu_model  # noqa: E402
 
 PRECISIONS = ("fp32", "int8")
+
+GPU_GRAPH_FILE = "gpu.onnx"  # runtime.engine.GPU_GRAPH_FILE: the graph the CUDA candidates run
 
 EAGER = "pytorch-eager fp32"
 
@@ -200,9 +204,45 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
+EMBEDDINGS_KEY = "edgeglm.embeddings"  # runtime.engine.EMBEDDINGS_KEY: the graph's fp32 embedding table file
+
+
+def onnx_graph_bytes(graph: Path) -> int:
+    """Bytes of one ONNX graph's weights: its own file (graph and inline initializers), the external-data
+    bytes ITS initializers reference, each (location, offset) counted once, and the fp32 embedding table
+    file its metadata names (embed_tokens.npy beside the graph: the engine gathers rows from it, and
+    weight_bytes_per_token subtracts the table as for every backend). A bundle's onnxruntime/ directory
+    holds several graphs (model.onnx, gpu.onnx, prefill.onnx) over one shared data file, so summing the
+    directory would count tensors the running graph never reads."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    seen: set[tuple[str, int]] = set()
+    total = graph.stat().st_size
+    table = {p.key: p.value for p in model.metadata_props}.get(EMBEDDINGS_KEY)
+    if table and (graph.parent / table).is_file():  # older bundles keep the table inside the graph instead
+        total += (graph.parent / table).stat().st_size
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location, offset = info["location"], int(info.get("offset", 0))
+        if (location, offset) in seen:
+            continue
+        seen.add((location, offset))
+        if "length" in info:
+            total += int(info["length"])
+        else:  # no length: the tensor runs to the end of its file
+            total += (graph.parent / location).stat().st_size - offset
+    return total
+
+
 def weight_bytes_per_token(files: list[Path], cfg: dict) -> int:
-    """Bytes of weights streamed per decoded token: the files minus the fp32 embedding table."""
-    return sum(p.stat().st_size for p in files) - cfg["vocab_size"] * cfg["hidden_size"] * 4
+    """Bytes of weights streamed per decoded token: the files the candidate runs minus the fp32 embedding
+    table. An .onnx file counts as the graph plus only the external data its initializers reference
+    (onnx_graph_bytes); any other file (OpenVINO IR, safetensors) by its size."""
+    total = sum(onnx_graph_bytes(p) if p.suffix == ".onnx" else p.stat().st_size for p in files)
+    return total - cfg["vocab_size"] * cfg["hidden_size"] * 4
 
 
 _BASELINE_PREPARE = """
@@ -283,12 +323,15 @@ def _measure(args, ckpt, cfg, bundles, trees, candidates, weight_files, on_gpu) 
                 print(f"loading {name}", file=sys.stderr)
                 candidates[name] = WorkerRunner(bdirs[precision], backend, args.threads, src)
                 print(f"  runtime from {candidates[name].runtime_file}", file=sys.stderr)
-                weight_files[name] = sorted(p for p in (bdirs[precision] / sub).rglob("*") if p.is_file())
+                if backend == "onnxruntime":  # the CPU decode graph and the external data it references
+                    weight_files[name] = [bdirs[precision] / sub / "model.onnx"]
+                else:
+                    weight_files[name] = sorted(p for p in (bdirs[precision] / sub).rglob("*") if p.is_file())
     for precision in args.precisions if cuda_available() and args.gpu else ():
         name = f"onnxruntime {precision} cuda"  # the bundle's GPU graph, its KV cache in device memory
         print(f"loading {name}", file=sys.stderr)
         candidates[name] = WorkerRunner(bundles[precision], "onnxruntime", args.threads, device="cuda")
-        weight_files[name] = sorted(p for p in (bundles[precision] / "onnxruntime").rglob("*") if p.is_file())
+        weight_files[name] = [bundles[precision] / "onnxruntime" / GPU_GRAPH_FILE]  # the graph CUDA runs
         on_gpu.add(name)
     print(f"loading {EAGER}", file=sys.stderr)
     candidates[EAGER] = EagerRunner(ckpt, args.threads)

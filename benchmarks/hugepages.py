@@ -10,7 +10,9 @@ With that glibc tunable, malloc asks the kernel for transparent huge pages (madv
 allocations, where ONNX Runtime keeps the prepacked weights it reads at every decode step: one TLB
 entry per 2 MiB instead of per 4 KiB. The kernel must allow it (/sys/kernel/mm/transparent_hugepage/
 enabled: `madvise` or `always`; with `always` every process gets them anyway and the tunable changes
-nothing). The installer's systemd unit and the K3s manifests set the tunable (docs/install.md).
+nothing). Nothing in the project sets the tunable (neither the installer's systemd unit nor the
+K3s manifests): an operator can put GLIBC_TUNABLES in agent.env and measure with this benchmark
+(docs/performance.md: it changed nothing measurable there).
 
 Each mode runs `edgeglm bench --json` in its own process (glibc reads the tunable at start), the
 modes alternating --repeats times; the process also reports how much of its memory is in huge pages
@@ -20,13 +22,15 @@ median of the per-pair ratios (huge pages / default). Nothing asserts on the num
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python benchmarks/hugepages.py` from anywhere
+from _args import Parser, positive_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -52,19 +56,19 @@ def thp_mode() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", required=True)
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"))
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--runs", type=int, default=3, help="runs per bench process")
-    p.add_argument("--repeats", type=int, default=3, help="processes per mode, alternating")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prompt-tokens", type=positive_int, default=512)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--concurrency", type=positive_int, default=1)
+    p.add_argument("--runs", type=positive_int, default=3, help="runs per bench process")
+    p.add_argument("--repeats", type=positive_int, default=3, help="processes per mode, alternating")
+    p.add_argument("--threads", type=positive_int, default=None)
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.runs < 1:
-        p.error("--repeats and --runs: give positive integers")
-    bench = ["bench", "--bundle", args.bundle, "--backend", args.backend, "--prompt-tokens", str(args.prompt_tokens),
+    if not (Path(args.bundle) / "manifest.json").is_file():
+        p.error(f"--bundle {args.bundle} is invalid: must be a bundle directory (with manifest.json)")
+    bench = ["bench", "--bundle", str(Path(args.bundle).resolve()), "--backend", args.backend, "--prompt-tokens", str(args.prompt_tokens),
              "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--json"]
     if args.concurrency > 1:
         bench += ["--concurrency", str(args.concurrency)]
