@@ -244,7 +244,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from models.data import TextSource, tokenize_corpus
     from models.distill import distill
-    from models.evaluate import (evaluate_bundle, evaluate_model, format_report, heldout_windows,
+    from models.evaluate import (evaluate_model, format_report, heldout_windows,
                                  report_dict, teacher_reference)
     from models.prune import non_embedding_params, solve_spec
     from tokenizers import Tokenizer
