@@ -423,6 +423,8 @@ class FleetController:
             if (msg.retain or not state.online) and self.store.is_removed(fleet, device):
                 # a removed device (`fleet device remove`): the broker's copy of its last state, or its will
                 # when its agent stops, is no reason to list it again; a state it publishes online is
+                log.debug("%s/%s: removed from the registry: its %s state is not taken", fleet, device,
+                          "retained" if msg.retain else "offline")
                 return
             before = self.store.upsert_state(fleet, state.model_dump(mode="json"), device=device)  # refuses another's
             _log_state_change(fleet, device, before, state)

@@ -117,7 +117,7 @@ selftest.load_model, selftest.decode_ms_per_token = load_model, decode_ms_per_to
 @pytest.mark.parametrize("at_load,at_timing,reason", [
     ("os.kill(os.getpid(), signal.SIGSEGV)", "pass",
      "the self-test's process died (killed by SIGSEGV) while loading the model"),
-    ("pass", "time.sleep(600)", "timing its decode took longer than 12 s: stopped")])
+    ("pass", "time.sleep(600)", "timing its decode took longer than 20 s: stopped")])
 def test_a_new_model_that_crashes_or_hangs_fails_the_self_test_and_the_agent_serves_on(
         int8_bundle, tmp_path, monkeypatch, at_load, at_timing, reason):
     """The new model is loaded and timed in a child process: a runtime that segfaults on it (or a timing
@@ -134,7 +134,7 @@ def test_a_new_model_that_crashes_or_hangs_fails_the_self_test_and_the_agent_ser
         "PYTHONPATH") else [])))  # before what the box already puts there
     serving = load_model(int8_bundle)
     cfg = SelfTestConfig(steps=2, max_latency_ratio=NO_BUDGET)
-    result = run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, cfg, serving, timeout_s=12)
+    result = run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, cfg, serving, timeout_s=20)
     assert not result.passed and result.reason == reason
     if at_load == "pass":  # it got as far as the golden check
         assert "32/32" in result.details["golden"]

@@ -403,7 +403,8 @@ def test_cli_commands_publish_without_listening_each_under_its_own_client_id(mos
 
 # --- device remove -----------------------------------------------------------------------------
 
-def test_a_removed_device_stays_out_of_the_registry_until_it_comes_back_online(mosquitto, tmp_path, signed_bundles):
+def test_a_removed_device_stays_out_of_the_registry_until_it_comes_back_online(mosquitto, tmp_path, signed_bundles,
+                                                                                caplog):
     """Devices could not be removed: a decommissioned box stayed in `fleet status`, its groups and every rollout's
     device list for ever, its retained state registered it again at each controller start, and its retained
     offer and desired config waited on the broker for whoever took its id next."""
@@ -450,9 +451,10 @@ def test_a_removed_device_stays_out_of_the_registry_until_it_comes_back_online(m
     finally:
         ctl.stop()
     # a controller started again gets d1's retained state from the broker, and does not list it again
-    again = FleetController(ControllerSettings(broker_port=port, db=db, fleet=FLEET)).start()
+    with caplog.at_level("DEBUG", logger="edgeglm.fleet"):
+        again = FleetController(ControllerSettings(broker_port=port, db=db, fleet=FLEET)).start()
+        until(lambda: f"{FLEET}/d1: removed from the registry: its retained state is not taken" in caplog.text)
     try:
-        time.sleep(1.5)
         assert listed(again) == {"d2": 1}
         d1 = agent("d1")  # the box is back (or its id was given to a new one): it registers as any device
         until(lambda: listed(again) == {"d1": 1, "d2": 1})

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -648,11 +649,14 @@ def test_chunk_requests_are_rate_limited_per_device(broker, tmp_path):
     mallory = Client(broker, "mallory", (chunk_response_topic(FLEET, "mallory"),))
     victim = Client(broker, "victim", (chunk_response_topic(FLEET, "victim"),))
     try:
+        started = time.monotonic()
         for _ in range(10):
             mallory.publish(chunk_request_topic(FLEET, "mallory"), chunk_request("nope", "model.onnx", 0, 4096))
         until(lambda: mallory.messages.qsize() + ctl.store.counter("chunk_requests_limited") == 10, WAIT)
+        took = time.monotonic() - started
         answered = mallory.messages.qsize()
-        assert 3 <= answered <= 4  # the burst, and at most one more token in the time the 10 took
+        # the burst, and at most the tokens that came back in the time the 10 took (a loaded machine: seconds)
+        assert 3 <= answered <= 3 + math.ceil(0.5 * took), (answered, took)
         victim.publish(chunk_request_topic(FLEET, "victim"), chunk_request("nope", "model.onnx", 0, 4096))
         assert "not offered" in ChunkResponse.model_validate_json(victim.next().payload).error  # its own bucket
         assert "chunk_requests_limited_total" in prometheus_metrics(ctl.store, True)
