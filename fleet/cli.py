@@ -10,7 +10,7 @@
     edgeglm fleet rollout cancel ID [--db fleet.db]
     edgeglm fleet rollback --group G [--to VERSION] [--key ROLLBACK_KEY] [--valid-for SECONDS]
                            [--broker HOST:PORT] [--db fleet.db]
-    edgeglm fleet group add|remove G [--fleet F] DEVICE...  /  edgeglm fleet group list
+    edgeglm fleet group add|remove G [--fleet F] DEVICE... (add: [--force])  /  edgeglm fleet group list
     edgeglm fleet device remove --fleet F DEVICE... [--force] [--broker HOST:PORT] [--db fleet.db]
 
 `serve` runs until SIGTERM/Ctrl-C and advances the rollouts in its database every second;
@@ -646,6 +646,7 @@ def cmd_rollback(args) -> int:
 
 def cmd_group(args) -> int:
     from fleet.groups import check_group_name
+    from fleet.rollout import group_add_checked
 
     db = _db(args)
     if not db.is_file():  # a mistyped --db made a new empty database that `serve` never reads
@@ -663,11 +664,17 @@ def cmd_group(args) -> int:
         if not args.fleet:
             raise FleetError("group add needs --fleet F: the fleet of the devices")
         _check_ids(args.fleet, args.devices)
-        n = store.group_add(check_group_name(store, args.group), args.fleet, args.devices)
+        # refused if a device would then be in the targets of two active rollouts (unless --force)
+        n, both = group_add_checked(store, check_group_name(store, args.group), args.fleet, args.devices,
+                                    force=args.force)
         unknown = [d for d in args.devices if d not in {x["device"] for x in store.devices(args.fleet)}]
         note = f" ({', '.join(unknown)} not seen yet in fleet {args.fleet})" if unknown else ""
         print(f"group {args.group}: {n} device(s) added{note}; {len(store.groups()[args.group])} in all")
-        _warn_active_rollout(store, args.group, args.fleet, args.devices, added=True)
+        for device, rollouts in both.items():
+            print(f"warning: {device} is targeted by active rollouts "
+                  f"{' and '.join(str(r.id) for r in rollouts)} (--force): neither offers it while both are active",
+                  file=sys.stderr)
+        _warn_active_rollout(store, args.group, args.fleet, [d for d in args.devices if d not in both], added=True)
     else:
         groups = store.groups()
         if args.group not in groups:
@@ -862,6 +869,9 @@ def register(sub) -> None:
         ga.add_argument("group")
         ga.add_argument("--fleet", help="the devices' fleet (add; remove: only that fleet's devices)")
         ga.add_argument("devices", nargs="+" if name == "add" else "*", metavar="DEVICE")
+        if name == "add":
+            ga.add_argument("--force", action="store_true", help="add a device even if two active rollouts would "
+                            "then target it (neither offers it while both are active)")
         ga.set_defaults(func=cmd_group)
     gl = gsub.add_parser("list", help="the groups and their devices")
     common(gl, broker=False)

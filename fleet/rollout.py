@@ -19,8 +19,15 @@
 
 A cancelled rollout offers nothing more, sends no rollback and is never advanced again; devices
 already offered the bundle keep their retained offer and finish (or fail) that update on their
-own. `edgeglm fleet rollback` takes them back. One active rollout per target: `create_rollout`
-refuses a rollout whose devices an active rollout of the same fleet may offer too.
+own (an offer that went out as the cancel landed is still added to the rollout's offers and report).
+`edgeglm fleet rollback` takes them back.
+
+One active rollout per device: `create_rollout` refuses a rollout whose devices an active rollout of the
+same fleet may offer too (the check and the INSERT in one transaction). Group membership can change while
+rollouts run, so that alone is not enough: when a rollout picks its canaries or its rest it leaves out every
+device another active rollout has offered or may still offer (`claims`: its offers, canaries and rest, and
+its target's members until it has picked its rest), and says so in its report; and `fleet group add`
+refuses a device that two active rollouts would then target (`group_add_checked`).
 
 The rollout lives in the controller's database and is advanced by `tick()`, so a controller
 restart continues where it was. Each decision is written to the rollout's report.
@@ -56,7 +63,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
 
 
 def _schema(store: Store) -> None:
-    store.executescript(SCHEMA)
+    # one statement, by execute (not executescript, which commits first): it may run inside a transaction
+    store._exec(SCHEMA.strip().rstrip(";"))
     have = {row[1] for row in store._exec("PRAGMA table_info(rollouts)")}
     # a rollout recorded by an older controller keeps the gate it was started with (no minimum: 1 request)
     for column, kind in (("min_delta_ms", "REAL NOT NULL DEFAULT 1.0"), ("group_name", "TEXT"),
@@ -129,6 +137,15 @@ def create_rollout(store: Store, bundle: Path, fleet: str, canary_pct: float, ma
         raise RolloutError(f"min_requests {min_requests!r} is invalid: must be a whole number >= 1; nothing was "
                            f"recorded")
     _schema(store)
+    # the check and the INSERT in one transaction: two `fleet rollout` commands at the same moment both passed
+    # the check before either recorded its rollout
+    with store.transaction():
+        return _insert_rollout(store, bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key,
+                               min_delta_ms, group, min_free_mb, min_requests)
+
+
+def _insert_rollout(store, bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key,
+                    min_delta_ms, group, min_free_mb, min_requests) -> int:
     active = active_rollout(store, fleet, group)
     if active is not None:
         raise RolloutError(
@@ -182,20 +199,90 @@ def active_rollout(store: Store, fleet: str, group: str | None = None) -> "Rollo
     return None
 
 
+def claims(r: Rollout, groups: dict[str, list[tuple[str, str]]]) -> set[str] | None:
+    """The devices of r.fleet that the active rollout r has offered or may still offer (None: any device of its
+    fleet): its offers, canaries and rest, and, until it has picked its rest, its target's members in `groups`
+    (`Store.groups()`) as they are now."""
+    fixed = set(r.data.get("offers", {})) | set(r.data.get("canaries", [])) | set(r.data.get("rest", []))
+    if r.phase in ("rest_wait", "halting") or (r.phase == "rest" and r.data.get("rest_picked")):
+        return fixed  # it picked everything it offers (halting: rollbacks to its canaries)
+    if r.group is None:
+        return None
+    return fixed | {d for f, d in groups.get(r.group, []) if f == r.fleet}
+
+
+def _claimed_by_others(store: Store, r: Rollout, devices) -> dict[str, list[Rollout]]:
+    """Of `devices`, those another active rollout of r's fleet has offered or may still offer: device -> those
+    rollouts."""
+    groups = store.groups()
+    others = [(o, claims(o, groups)) for o in load_rollouts(store, active_only=True) if o.fleet == r.fleet
+              and o.id != r.id]
+    out = {}
+    for d in devices:
+        mine = [o for o, c in others if c is None or d in c]
+        if mine:
+            out[d] = mine
+    return out
+
+
+def _left_out_note(taken: dict[str, list[Rollout]]) -> str:
+    by = {}
+    for d, rs in sorted(taken.items()):
+        by.setdefault(tuple((o.id, o.bundle.name, o.target) for o in rs), []).append(d)
+    return "; ".join(f"{devices} left out: also targeted by "
+                     + " and ".join(f"active rollout {i} ({b} -> {t})" for i, b, t in key)
+                     + ", which may offer it another bundle"
+                     for key, devices in by.items())
+
+
+def group_add_checked(store: Store, group: str, fleet: str, devices: list[str], force: bool = False
+                      ) -> tuple[int, dict[str, list[Rollout]]]:
+    """`fleet group add`: put `devices` of `fleet` in `group`, unless one not in it yet would then be targeted
+    by two active rollouts (each would offer it its own bundle on its one retained offer topic): RolloutError,
+    nothing added. With `force` they are added anyway (neither rollout offers them while both are active).
+    Returns (how many were new, device -> the active rollouts that target it, where two or more do). The check and
+    the rows in one transaction (a rollout created meanwhile cannot slip in between)."""
+    _schema(store)
+    with store.transaction():
+        groups = store.groups()
+        have = {d for f, d in groups.get(group, []) if f == fleet}
+        new = [d for d in dict.fromkeys(devices) if d not in have]
+        after = {**groups, group: groups.get(group, []) + [(fleet, d) for d in new]}
+        active = [(r, claims(r, after)) for r in load_rollouts(store, active_only=True) if r.fleet == fleet]
+        both = {d: rs for d in new if len(rs := [r for r, c in active if c is None or d in c]) > 1}
+        if both and not force:
+            them = "it" if len(both) == 1 else "them"
+            named = "; ".join(f"{d} by " + " and ".join(f"rollout {r.id} ({r.bundle.name} -> {r.target})" for r in rs)
+                              for d, rs in both.items())
+            raise RolloutError(
+                f"group {group}: adding {', '.join(both)} of fleet {fleet} would have two active rollouts target "
+                f"{them} ({named}), which would offer different bundles; nothing was added. Cancel one (`edgeglm "
+                f"fleet rollout cancel ID`) or wait until one is done or halted (`edgeglm fleet status`), or give "
+                f"--force (neither rollout then offers {them} while both are active)")
+        return store.group_add(group, fleet, devices), both
+
+
+def _rollout_row(store: Store, rollout_id: int) -> "tuple[Rollout, float] | None":
+    """One rollout and its `updated`, read in one SELECT."""
+    row = store._exec(f"SELECT {_COLUMNS}, updated FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
+    return None if row is None else (_rollout(row), row[-1])
+
+
 def cancel_rollout(store: Store, rollout_id: int) -> tuple["Rollout", str]:
     """Stop an active rollout where it is: (the rollout as it was, the phase it was cancelled in).
-    Compare-and-set on `updated`, so a `fleet serve` advancing it at the same moment is not overwritten
-    (and the driver never moves a cancelled rollout: RolloutDriver._save)."""
+    Compare-and-set on `updated`, read in the same SELECT as its data, so a `fleet serve` advancing it at the same
+    moment (an offer it records) is not overwritten (and the driver never moves a cancelled rollout:
+    RolloutDriver._save)."""
+    _schema(store)
     for _ in range(20):
-        by_id = {r.id: r for r in load_rollouts(store)}
-        r = by_id.get(rollout_id)
-        if r is None:
-            active = [str(x.id) for x in by_id.values() if x.phase in ACTIVE]
+        got = _rollout_row(store, rollout_id)
+        if got is None:
+            active = [str(x.id) for x in load_rollouts(store, active_only=True)]
             raise RolloutError(f"rollout {rollout_id}: no such rollout (active: {', '.join(active) or 'none'}); "
                                f"`edgeglm fleet status` lists them")
+        r, updated = got
         if r.phase not in ACTIVE:
             raise RolloutError(f"rollout {rollout_id} already ended ({r.phase}); nothing to cancel")
-        updated = store._exec("SELECT updated FROM rollouts WHERE id=?", (rollout_id,)).fetchone()[0]
         was = r.phase
         r.data["report"].append(f"{time.strftime('%H:%M:%S')} cancelled by the operator in phase {was}; "
                                 f"no further offers")
@@ -208,16 +295,23 @@ def cancel_rollout(store: Store, rollout_id: int) -> tuple["Rollout", str]:
     raise RolloutError(f"rollout {rollout_id} changed 20 times while being cancelled; try again")
 
 
+_COLUMNS = ("id, bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, phase, data, "
+            "min_delta_ms, group_name, min_requests")
+
+
+def _rollout(r: tuple) -> Rollout:
+    return Rollout(r[0], Path(r[1]), r[2], r[3], r[4], r[5], Path(r[6]) if r[6] else None,
+                   Path(r[7]) if r[7] else None, r[8], json.loads(r[9]), r[10], r[11], r[12])
+
+
 def load_rollouts(store: Store, active_only: bool = False) -> list[Rollout]:
     if getattr(store, "read_only", False):  # (`fleet status` by a user who may only read): nothing is created
         if not store._exec("SELECT 1 FROM sqlite_master WHERE type='table' AND name='rollouts'").fetchone():
             return []
     else:
         _schema(store)
-    rows = store._exec("SELECT id, bundle, fleet, canary_pct, max_regression_pct, window_s, previous_bundle, key, "
-                       "phase, data, min_delta_ms, group_name, min_requests FROM rollouts ORDER BY id").fetchall()
-    out = [Rollout(r[0], Path(r[1]), r[2], r[3], r[4], r[5], Path(r[6]) if r[6] else None,
-                   Path(r[7]) if r[7] else None, r[8], json.loads(r[9]), r[10], r[11], r[12]) for r in rows]
+    rows = store._exec(f"SELECT {_COLUMNS} FROM rollouts ORDER BY id").fetchall()
+    out = [_rollout(r) for r in rows]
     return [r for r in out if r.phase in ACTIVE] if active_only else out
 
 
@@ -318,10 +412,25 @@ class RolloutDriver:
             if moved:
                 self._keep(r)
 
-    def _keep(self, r: Rollout) -> None:
-        """Write r.data as it is now, the phase unchanged (never over a cancel)."""
-        self.store._exec("UPDATE rollouts SET data=?, updated=? WHERE id=? AND phase != 'cancelled'",
-                         (json.dumps(r.data), time.time(), r.id))
+    def _keep(self, r: Rollout) -> bool:
+        """Write r.data as it is now, the phase unchanged (never over a cancel): False if it was cancelled."""
+        return self.store._exec("UPDATE rollouts SET data=?, updated=? WHERE id=? AND phase != 'cancelled'",
+                                (json.dumps(r.data), time.time(), r.id)).rowcount == 1
+
+    def _record_late_offer(self, r: Rollout, device: str, update_id: str) -> None:
+        """An offer published after a cancel landed (between the check and the publish): merged into the cancelled
+        rollout's offers and report, so the operator sees that this device was offered it."""
+        with self.store.transaction():
+            row = self.store._exec("SELECT data FROM rollouts WHERE id=?", (r.id,)).fetchone()
+            if row is None:
+                return
+            data = json.loads(row[0])
+            data.setdefault("offers", {})[device] = update_id
+            data.setdefault("report", []).append(
+                f"{time.strftime('%H:%M:%S')} offered to {device} ({update_id}) as the cancel landed: its retained "
+                f"offer stands")
+            self.store._exec("UPDATE rollouts SET data=?, updated=? WHERE id=?", (json.dumps(data), time.time(), r.id))
+        log.info("rollout %d: offered to %s as it was cancelled; recorded in its report", r.id, device)
 
     def _offer(self, r: Rollout, devices: list[str], bundle: Path) -> bool:
         """Offer `bundle` to each device not offered it by this rollout yet, recording each offer in
@@ -338,7 +447,10 @@ class RolloutDriver:
                 log.info("rollout %d cancelled while offering: %d of %d device(s) offered", r.id, n, len(todo))
                 return False
             offers[d] = self.controller.offer(r.fleet, d, bundle)
-            self._keep(r)
+            if not self._keep(r):  # cancelled while it was being offered: the offer is out all the same
+                self._record_late_offer(r, d, offers[d])
+                log.info("rollout %d cancelled while offering: %d of %d device(s) offered", r.id, n + 1, len(todo))
+                return False
         return True
 
     def _members(self, r: Rollout) -> set[str] | None:
@@ -352,6 +464,16 @@ class RolloutDriver:
         members = self._members(r)
         online = sorted(d["device"] for d in self.store.devices(r.fleet)
                         if d["online"] and (members is None or d["device"] in members))
+        # a device another active rollout has offered or may offer (it is in both targets since a `group add`) is
+        # left out: both would offer it their bundle on its one retained offer topic
+        taken = _claimed_by_others(self.store, r, online)
+        if taken and online and not [d for d in online if d not in taken]:
+            if r.data.get("waiting_others") != sorted(taken):
+                r.data["waiting_others"] = sorted(taken)
+                self._save(r, "canary", f"waiting: {_left_out_note(taken)}; it starts when they end")
+            return
+        r.data.pop("waiting_others", None)
+        online = [d for d in online if d not in taken]
         if not online:  # nothing to do until devices are online: said once, in the report and the log
             if not r.data.get("waiting_online"):
                 r.data["waiting_online"] = True
@@ -398,6 +520,8 @@ class RolloutDriver:
         note = f" ({note})" if note else ""
         if already:
             note += f"; {len(already)} already run {version}, not offered: {already}"
+        if taken:
+            note += f"; {_left_out_note(taken)}"
         # saved before the first offer: a retry offers these canaries, never others
         r.data.update(canaries=canaries, rest=rest, baseline=baseline, offers={}, picked=True, pick_note=note)
         self._keep(r)
@@ -575,6 +699,10 @@ class RolloutDriver:
             rest = sorted({*(d for d in r.data["rest"] if d in in_target), *in_target}
                           - set(r.data["canaries"]) - {d for d, v in known.items() if version and v == version})
             note = f"; {left} left {r.group} since the canaries were picked: not offered" if left else ""
+            taken = _claimed_by_others(self.store, r, [d for d in rest if d not in r.data.get("offers", {})])
+            if taken:  # in another active rollout's target too (a `group add --force`, or one from before the check)
+                rest = [d for d in rest if d not in taken]
+                note += f"; {_left_out_note(taken)}"
             r.data.update(rest=rest, rest_picked=True, rest_note=note)  # saved before the first offer
             self._keep(r)
         rest = r.data["rest"]

@@ -2,13 +2,18 @@
 
 Each `SimDevice` uses the agent's own `MqttSession` (state + Will, desired config, OTA offers,
 telemetry) but no model: an offer is "installed" by reading the version from the offered
-manifest (signature and version checks as the real updater does them are not repeated here),
-the OTA statuses the real updater sends are reported, and telemetry is drawn from a per-version
+manifest. Signatures are not verified, but the version order is checked as the real updater
+checks it (ota.versions.check_upgrade: a plain offer not newer than the serving version is
+refused as a downgrade; the same manifest offered again is a no-op "committed"), and a rollback
+offer is refused unless its `rollback_terms` name this fleet and device and replace the version it
+serves (ota/update.py `_check_rollback`, less the signature and expiry). The OTA statuses the real
+updater sends are reported, and telemetry is drawn from a per-version
 latency profile. For controller tests and the fleet-scale benchmark.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import threading
@@ -18,7 +23,9 @@ from dataclasses import dataclass, field
 from agent.mqtt import MqttSession, MqttSettings, Received
 from agent.topics import (DesiredConfig, DeviceHealth, LatencyPercentiles, ModelRef, ReportedState, TelemetryReport,
                           desired_topic, health_topic, ota_offer_topic, ota_status_topic)
+from ota.errors import VersionError
 from ota.update import Offer
+from ota.versions import check_upgrade
 
 
 @dataclass
@@ -44,7 +51,8 @@ class SimDevice:
         self.session.subscribe(ota_offer_topic(fleet, device), Offer, empty_ok=True)
         self.session.subscribe(desired_topic(fleet, device), DesiredConfig, empty_ok=True)
         self._seen: set[str] = set()
-        self.offers: list[Offer] = []  # every offer acted on, in order
+        self.offers: list[Offer] = []  # every offer acted on (taken or refused), in order
+        self.manifest_sha256: str | None = None  # of the manifest it last installed (None: the one it started with)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"sim-{device}", daemon=True)
 
@@ -83,15 +91,45 @@ class SimDevice:
             return
         self._seen.add(offer.update_id)
         self.offers.append(offer)
-        version = json.loads(offer.manifest_bytes())["version"]
+        raw = offer.manifest_bytes()
+        version = json.loads(raw)["version"]
+        problem = self._refusal(offer, raw, version)
+        if problem == "serving":  # the manifest it serves, offered again: done (the real agent's ALREADY_SERVING)
+            self._status(offer, state="reporting", result="committed")
+            return
+        if problem:
+            self._status(offer, state="offered")
+            self._status(offer, state="reporting", result="failed", reason=f"offered: {problem}")
+            return
         for state in ("offered", "downloading", "verifying", "installing", "self_test"):
             self._status(offer, state=state)
         if version in self.profile.fail_self_test:
             self._status(offer, state="reporting", result="failed", reason="self_test: golden check failed")
         else:
-            self.version = version
+            self.version, self.manifest_sha256 = version, hashlib.sha256(raw).hexdigest()
             self.session.publish_state()
             self._status(offer, state="reporting", result="committed")
+
+    def _refusal(self, offer: Offer, raw: bytes, version: str) -> str | None:
+        """Why the real agent would refuse this offer before downloading it (None: it takes it; "serving": the
+        manifest it serves)."""
+        if not offer.rollback and hashlib.sha256(raw).hexdigest() == self.manifest_sha256:
+            return "serving"
+        if offer.rollback:
+            terms = offer.rollback_terms
+            if not offer.rollback_signature or terms is None:
+                return "rollback offer carries no rollback_signature or terms; refused"
+            if (terms.fleet, terms.device) != (self.fleet, self.device):
+                return (f"rollback statement is for device {terms.fleet}/{terms.device}, this device is "
+                        f"{self.fleet}/{self.device}; refused")
+            if terms.replaces != self.version:
+                return (f"rollback statement replaces version {terms.replaces or '(no model)'}, this device serves "
+                        f"{self.version or 'no model'}; refused (issue one for the version it serves)")
+        try:
+            check_upgrade(self.version, version, rollback=offer.rollback)
+        except VersionError as exc:
+            return str(exc)
+        return None
 
     def report(self, window_s: float = 1.0) -> None:
         """Publish one telemetry window drawn from the latency profile of the current version."""

@@ -34,6 +34,7 @@ controller older than `offer_targets` has no target and is served to no one: off
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -155,7 +156,8 @@ class Store:
         self.retention_s = retention_s
         self.silent_after_s = SILENT_AFTER_S  # ([fleet] silent_after_s)
         self.clock = clock  # the controller's clock: `stored` and `last_seen` (tests drive their own)
-        self._lock = threading.Lock()
+        # re-entrant: a `transaction()` holds it while the store's own methods run inside it
+        self._lock = threading.RLock()
         db = None
         try:
             if read_only and not self.path.is_file():
@@ -255,6 +257,22 @@ class Store:
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
             return self.db.execute(sql, args)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an exception), under the connection's lock: a check and the write
+        it decides (a rollout's overlap check and its INSERT, `group add`'s check and its rows) happen with no other
+        writer in between, this process's threads or another process's (`fleet serve`, another command: they wait
+        up to the busy timeout). The store's methods may be called inside it; `executescript` may not (it
+        commits)."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     # --- writes (from the controller's MQTT handlers) -------------------------------------
     def upsert_state(self, fleet: str, state: dict, device: str | None = None) -> dict | None:

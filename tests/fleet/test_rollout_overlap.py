@@ -1,0 +1,228 @@
+"""One active rollout per device while group membership changes, and rollout records that concurrent writers
+do not lose: a device in the targets of two active rollouts, the cancel / driver race, the create transaction,
+and the simulator refusing the offers the real agent refuses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import fleet.rollout as R
+from agent.mqtt import MqttSettings
+from fleet.rollout import RolloutDriver, RolloutError, cancel_rollout, create_rollout, load_rollouts
+from fleet.store import Store
+from waiting import until
+
+FLEET = "F"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", *args], capture_output=True, text=True)
+    assert "Traceback" not in out.stderr, out.stderr
+    return out
+
+
+def bundle(tmp_path, name: str, version: str):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "manifest.json").write_text(json.dumps({"version": version}))
+    return tmp_path / name
+
+
+class Recorder:
+    def __init__(self, on_offer=None):
+        self.offers: list[tuple[str, str]] = []  # (device, bundle name)
+        self.on_offer = on_offer
+
+    def offer(self, fleet, device, bundle, **kw) -> str:
+        self.offers.append((device, bundle.name))
+        if self.on_offer:
+            self.on_offer()
+        return f"{bundle.name}-{device}"
+
+
+@pytest.fixture
+def two_rings(tmp_path):
+    """Rollout 1 (b2 -> ring1: a1, a2) and rollout 2 (b3 -> ring2: b1, b2), both active."""
+    store = Store(tmp_path / "fleet.db")
+    for d in ("a1", "a2", "b1", "b2"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": None})
+    store.group_add("ring1", FLEET, ["a1", "a2"])
+    store.group_add("ring2", FLEET, ["b1", "b2"])
+    r1 = create_rollout(store, bundle(tmp_path, "b2", "2.0.0"), FLEET, 50, group="ring1", min_requests=1)
+    r2 = create_rollout(store, bundle(tmp_path, "b3", "3.0.0"), FLEET, 50, group="ring2", min_requests=1)
+    yield store, r1, r2
+    store.close()
+
+
+def test_a_device_in_two_active_rollouts_targets_is_offered_by_neither(two_rings):
+    """a2 put in ring2 too while both ran (a `group add` before the check, or --force): rollout 2 picked it as a
+    canary and rollout 1 offered it its rest: two bundles on one retained offer topic."""
+    store, r1, r2 = two_rings
+    store.group_add("ring2", FLEET, ["a2"])
+    rec = Recorder()
+    driver = RolloutDriver(store, rec)
+    now = time.time()
+    driver.tick(now)
+    by_id = {r.id: r for r in load_rollouts(store)}
+    assert by_id[r1].data["canaries"] == ["a1"] and by_id[r2].data["canaries"] == ["b1"], rec.offers
+    assert "['a2'] left out: also targeted by active rollout 1 (b2 -> group ring1 of F), which may offer it " \
+        "another bundle" in by_id[r2].data["report"][-1], by_id[r2].data["report"]
+    for d in ("a1", "b1"):  # the canaries commit, and rollout 1's gate passes: it picks its rest
+        store.add_ota_status(FLEET, d, {"update_id": by_id[r1 if d == "a1" else r2].data["offers"][d],
+                                        "ts": now, "result": "committed"})
+    store._exec("UPDATE rollouts SET phase='rest' WHERE id=?", (r1,))
+    driver.tick(now + 1)
+    r = next(r for r in load_rollouts(store) if r.id == r1)
+    assert r.phase == "rest_wait" and r.data["rest"] == [], r.data["report"]
+    assert "['a2'] left out: also targeted by active rollout 2 (b3 -> group ring2 of F)" in " ".join(r.data["report"])
+    assert [o for o in rec.offers if o[0] == "a2"] == []  # offered by neither while both are active
+
+
+def test_group_add_refuses_a_device_two_active_rollouts_would_target(two_rings, tmp_path):
+    store, r1, r2 = two_rings
+    RolloutDriver(store, Recorder()).tick()  # rollout 1 offered a1, and may still offer a2 (its rest)
+    db = str(tmp_path / "fleet.db")
+    for device in ("a1", "a2"):
+        out = cli("group", "add", "ring2", "--fleet", FLEET, device, "--db", db)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (out.stdout, out.stderr)
+        for phrase in (f"group ring2: adding {device} of fleet F would have two active rollouts target it",
+                       "rollout 1 (b2 -> group ring1 of F) and rollout 2 (b3 -> group ring2 of F)",
+                       "nothing was added", "edgeglm fleet rollout cancel", "--force"):
+            assert phrase in out.stderr, (phrase, out.stderr)
+    assert {d for f, d in store.groups()["ring2"]} == {"b1", "b2"}  # nothing was added
+    out = cli("group", "add", "ring3", "--fleet", FLEET, "a2", "--db", db)  # no active rollout to ring3: fine
+    assert out.returncode == 0, out.stderr
+    out = cli("group", "add", "ring2", "--fleet", FLEET, "a2", "--force", "--db", db)
+    assert out.returncode == 0 and "a2 is targeted by active rollouts 1 and 2 (--force): neither offers it" \
+        in out.stderr, out.stderr
+    cancel_rollout(store, r1)  # one ended: the other may take it
+    assert cli("group", "add", "ring2", "--fleet", FLEET, "a1", "--db", db).returncode == 0
+
+
+def test_a_driver_write_between_the_cancels_read_and_its_write_is_not_lost(tmp_path):
+    """The cancel read the data and then `updated` in two SELECTs: an offer the driver recorded in between was
+    overwritten (gone from the database, and the cancel said no device had been offered it)."""
+    store = Store(tmp_path / "fleet.db")
+    rid = create_rollout(store, bundle(tmp_path, "b2", "2.0.0"), FLEET, 50, min_requests=1)
+    driver = RolloutDriver(store, None)
+    real = store._exec
+    landed = []
+
+    class Rows:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def fetchone(self):
+            return self.rows[0] if self.rows else None
+
+        def fetchall(self):
+            return self.rows
+
+        def __iter__(self):
+            return iter(self.rows)
+
+    def exec_(sql, args=()):
+        cur = real(sql, args)
+        if not landed and sql.startswith("SELECT") and "FROM rollouts" in sql and "data" in sql:
+            rows = cur.fetchall()
+            landed.append(True)  # fleet serve records the offer it just published to dev-7 (RolloutDriver._offer)
+            r = next(x for x in load_rollouts(store) if x.id == rid)
+            r.data.setdefault("offers", {})["dev-7"] = "b2-dev-7"
+            r.data["canaries"] = ["dev-7"]
+            time.sleep(0.002)  # (a later `updated`)
+            driver._keep(r)
+            return Rows(rows)
+        return cur
+
+    store._exec = exec_
+    r, was = cancel_rollout(store, rid)
+    store._exec = real
+    assert landed and was == "canary"
+    assert r.data["offers"] == {"dev-7": "b2-dev-7"}  # what the cancel command prints
+    stored = json.loads(real("SELECT data FROM rollouts WHERE id=?", (rid,)).fetchone()[0])
+    assert stored["offers"] == {"dev-7": "b2-dev-7"} and "cancelled by the operator" in stored["report"][-1]
+    store.close()
+
+
+def test_an_offer_that_went_out_as_the_cancel_landed_is_recorded(tmp_path):
+    store = Store(tmp_path / "fleet.db")
+    for d in ("d1", "d2"):
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": None})
+    rid = create_rollout(store, bundle(tmp_path, "b2", "2.0.0"), FLEET, 50, min_requests=1)
+    rec = Recorder(on_offer=lambda: cancel_rollout(store, rid))  # published, then the cancel lands
+    RolloutDriver(store, rec).tick()
+    [r] = load_rollouts(store)
+    assert r.phase == "cancelled" and rec.offers == [("d1", "b2")]
+    assert r.data["offers"] == {"d1": "b2-d1"}, r.data
+    assert "offered to d1 (b2-d1) as the cancel landed" in r.data["report"][-1], r.data["report"]
+    store.close()
+
+
+def test_two_rollouts_created_at_once_to_one_target_one_is_refused(tmp_path, monkeypatch):
+    """The overlap check and the INSERT were two statements: a second `fleet rollout` between them passed its
+    check too, and two active rollouts offered the same devices."""
+    a, b = Store(tmp_path / "fleet.db"), Store(tmp_path / "fleet.db")
+    b2 = bundle(tmp_path, "b2", "2.0.0")
+    create_rollout(a, b2, "other", 50)  # the table exists
+    check = R.active_rollout
+    other: dict = {}
+
+    def second_create():
+        try:
+            other["id"] = create_rollout(b, b2, FLEET, 50)
+        except RolloutError as exc:
+            other["error"] = str(exc)
+
+    def active_rollout(store, fleet, group=None):
+        found = check(store, fleet, group)
+        if store is a:  # the first command checked: the second one runs now
+            t = threading.Thread(target=second_create)
+            t.start()
+            t.join(1.0)  # it waits for the first's transaction (BEGIN IMMEDIATE): not done within a second
+            other["thread"] = t
+        return found
+
+    monkeypatch.setattr(R, "active_rollout", active_rollout)
+    first = create_rollout(a, b2, FLEET, 50)
+    other["thread"].join(10)
+    assert "is still active" in other.get("error", ""), other
+    assert [r.id for r in load_rollouts(a, active_only=True) if r.fleet == FLEET] == [first]
+    a.close()
+    b.close()
+
+
+def test_the_simulator_refuses_downgrades_and_rollbacks_for_another_version(mosquitto, tmp_path, signed_bundles):
+    """It committed any offer; the real agent refuses a plain offer not newer than what it serves and a rollback
+    whose statement replaces another version (ota/update.py)."""
+    from fleet.controller import ControllerSettings, FleetController
+    from fleet.rollout import offer_rollback
+    from fleet.simulator import SimDevice
+
+    ctl = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "c.db", fleet=FLEET)).start()
+    dev = SimDevice(MqttSettings(enabled=True, port=mosquitto.port), FLEET, "s1", version="1.1.0").start()
+    key = signed_bundles["root"] / "keys" / "fleet.key"
+    try:
+        until(lambda: ctl.store.devices(FLEET))
+
+        def result(uid):
+            until(lambda: (ctl.store.last_result(FLEET, "s1", uid) or {}).get("result"))
+            return ctl.store.last_result(FLEET, "s1", uid)
+
+        res = result(ctl.offer(FLEET, "s1", signed_bundles["v1"]))  # 1.0.0 over 1.1.0
+        assert res["result"] == "failed" and "not newer than the active 1.1.0" in res["reason"], res
+        uid = offer_rollback(ctl, FLEET, {"s1": "9.9.9"}, signed_bundles["v1"], key)["s1"]
+        res = result(uid)
+        assert res["result"] == "failed" and "replaces version 9.9.9, this device serves 1.1.0" in res["reason"]
+        assert dev.version == "1.1.0"
+        uid = offer_rollback(ctl, FLEET, {"s1": "1.1.0"}, signed_bundles["v1"], key)["s1"]
+        assert result(uid)["result"] == "committed" and dev.version == "1.0.0"
+        res = result(ctl.offer(FLEET, "s1", signed_bundles["v2"]))  # an upgrade: taken
+        assert res["result"] == "committed" and dev.version == "1.1.0"
+    finally:
+        dev.stop()
+        ctl.stop()
