@@ -671,9 +671,10 @@ def cmd_group(args) -> int:
         note = f" ({', '.join(unknown)} not seen yet in fleet {args.fleet})" if unknown else ""
         print(f"group {args.group}: {n} device(s) added{note}; {len(store.groups()[args.group])} in all")
         for device, rollouts in both.items():
+            first = min(rollouts, key=lambda r: r.id)
             print(f"warning: {device} is targeted by active rollouts "
-                  f"{' and '.join(str(r.id) for r in rollouts)} (--force): neither offers it while both are active",
-                  file=sys.stderr)
+                  f"{' and '.join(str(r.id) for r in rollouts)} (--force): the older, rollout {first.id}, offers it "
+                  f"(unless a newer one has picked it already); the newer leave it out", file=sys.stderr)
         _warn_active_rollout(store, args.group, args.fleet, [d for d in args.devices if d not in both], added=True)
     else:
         groups = store.groups()

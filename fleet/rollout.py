@@ -199,27 +199,39 @@ def active_rollout(store: Store, fleet: str, group: str | None = None) -> "Rollo
     return None
 
 
+def _picked_all(r: Rollout) -> bool:
+    """Whether r has picked every device it offers (halting: rollbacks to its canaries)."""
+    return r.phase in ("rest_wait", "halting") or (r.phase == "rest" and bool(r.data.get("rest_picked")))
+
+
+def committed(r: Rollout) -> set[str]:
+    """The devices the active rollout r has offered or picked to offer: its offers and canaries, and its rest once
+    picked for good (the rest picked with the canaries is offered only to those still in its group then)."""
+    out = set(r.data.get("offers", {})) | set(r.data.get("canaries", []))
+    return out | set(r.data.get("rest", [])) if _picked_all(r) else out
+
+
 def claims(r: Rollout, groups: dict[str, list[tuple[str, str]]]) -> set[str] | None:
     """The devices of r.fleet that the active rollout r has offered or may still offer (None: any device of its
-    fleet): its offers, canaries and rest, and, until it has picked its rest, its target's members in `groups`
-    (`Store.groups()`) as they are now."""
-    fixed = set(r.data.get("offers", {})) | set(r.data.get("canaries", [])) | set(r.data.get("rest", []))
-    if r.phase in ("rest_wait", "halting") or (r.phase == "rest" and r.data.get("rest_picked")):
-        return fixed  # it picked everything it offers (halting: rollbacks to its canaries)
+    fleet): `committed`, and, until it has picked its rest, its target's members in `groups` (`Store.groups()`)
+    as they are now."""
+    if _picked_all(r):
+        return committed(r)
     if r.group is None:
         return None
-    return fixed | {d for f, d in groups.get(r.group, []) if f == r.fleet}
+    return committed(r) | {d for f, d in groups.get(r.group, []) if f == r.fleet}
 
 
 def _claimed_by_others(store: Store, r: Rollout, devices) -> dict[str, list[Rollout]]:
-    """Of `devices`, those another active rollout of r's fleet has offered or may still offer: device -> those
-    rollouts."""
+    """Of `devices`, those another active rollout of r's fleet has offered or picked (`committed`), or, an older
+    one, may still offer (`claims`): device -> those rollouts. The older rollout keeps a device both may offer,
+    so two rollouts never wait on each other."""
     groups = store.groups()
-    others = [(o, claims(o, groups)) for o in load_rollouts(store, active_only=True) if o.fleet == r.fleet
-              and o.id != r.id]
+    others = [(o, committed(o), claims(o, groups) if o.id < r.id else set())
+              for o in load_rollouts(store, active_only=True) if o.fleet == r.fleet and o.id != r.id]
     out = {}
     for d in devices:
-        mine = [o for o, c in others if c is None or d in c]
+        mine = [o for o, fixed, may in others if d in fixed or may is None or d in may]
         if mine:
             out[d] = mine
     return out
@@ -239,7 +251,8 @@ def group_add_checked(store: Store, group: str, fleet: str, devices: list[str], 
                       ) -> tuple[int, dict[str, list[Rollout]]]:
     """`fleet group add`: put `devices` of `fleet` in `group`, unless one not in it yet would then be targeted
     by two active rollouts (each would offer it its own bundle on its one retained offer topic): RolloutError,
-    nothing added. With `force` they are added anyway (neither rollout offers them while both are active).
+    nothing added. With `force` they are added anyway (the older rollout offers them, unless the newer one has
+    picked them already; the newer leaves them out).
     Returns (how many were new, device -> the active rollouts that target it, where two or more do). The check and
     the rows in one transaction (a rollout created meanwhile cannot slip in between)."""
     _schema(store)
@@ -258,7 +271,7 @@ def group_add_checked(store: Store, group: str, fleet: str, devices: list[str], 
                 f"group {group}: adding {', '.join(both)} of fleet {fleet} would have two active rollouts target "
                 f"{them} ({named}), which would offer different bundles; nothing was added. Cancel one (`edgeglm "
                 f"fleet rollout cancel ID`) or wait until one is done or halted (`edgeglm fleet status`), or give "
-                f"--force (neither rollout then offers {them} while both are active)")
+                f"--force (the older rollout then offers {them}, and the newer leaves {them} out)")
         return store.group_add(group, fleet, devices), both
 
 
@@ -464,16 +477,6 @@ class RolloutDriver:
         members = self._members(r)
         online = sorted(d["device"] for d in self.store.devices(r.fleet)
                         if d["online"] and (members is None or d["device"] in members))
-        # a device another active rollout has offered or may offer (it is in both targets since a `group add`) is
-        # left out: both would offer it their bundle on its one retained offer topic
-        taken = _claimed_by_others(self.store, r, online)
-        if taken and online and not [d for d in online if d not in taken]:
-            if r.data.get("waiting_others") != sorted(taken):
-                r.data["waiting_others"] = sorted(taken)
-                self._save(r, "canary", f"waiting: {_left_out_note(taken)}; it starts when they end")
-            return
-        r.data.pop("waiting_others", None)
-        online = [d for d in online if d not in taken]
         if not online:  # nothing to do until devices are online: said once, in the report and the log
             if not r.data.get("waiting_online"):
                 r.data["waiting_online"] = True
@@ -488,6 +491,17 @@ class RolloutDriver:
         serving = {d["device"]: d["model_version"] for d in self.store.devices(r.fleet)}
         already = [d for d in online if version is not None and serving.get(d) == version]
         online = [d for d in online if d not in already]
+        # a device another active rollout has picked, or an older one may offer (it is in both targets since a
+        # `group add --force`), is left out: both would offer it their bundle on its one retained offer topic
+        taken = _claimed_by_others(self.store, r, online)
+        if taken and not [d for d in online if d not in taken]:  # never "done": those devices still need it
+            if r.data.get("waiting_others") != sorted(taken):
+                r.data["waiting_others"] = sorted(taken)
+                self._save(r, "canary", f"waiting: {_left_out_note(taken)}; it starts when they end (or cancel "
+                                        f"one: `edgeglm fleet rollout cancel ID`)")
+            return
+        r.data.pop("waiting_others", None)
+        online = [d for d in online if d not in taken]
         r.data.update(version=version, already=already)
         if not online:
             self._save(r, "done", f"nothing to do: every online device of {r.target} already runs {version} "

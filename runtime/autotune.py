@@ -550,14 +550,16 @@ def measure_isolated(bundle, trials: list[Trial], settings: TuneSettings, availa
     process that serves. Where the child dies or goes silent for `timeout_s` while on a path, that path is
     excluded with the reason and the paths it had not finished are measured in a new child. Where no child
     can run at all, the paths are measured in this process, with a warning: False then, else True. `stop`: when
-    it is set, the child is killed and `Stopped` raised (within STOP_POLL_S; nothing measured is kept)."""
+    it is set, the child is killed and `Stopped` raised (within STOP_POLL_S; nothing measured is kept; measuring
+    in this process, after the load or round in progress)."""
     pending = [t for t in trials if t.status == "pending"]
     while pending:
         progress = _measure_in_child(bundle, pending, settings, available_memory, on_step, prefill, timeout_s,
                                      stop)
         if not progress:
+            _check_stop(stop)
             log.warning("autotune: the measuring process could not run; measuring in this process instead")
-            measure(bundle, pending, settings, available_memory, on_step, prefill)
+            measure(bundle, pending, settings, available_memory, _stopping_step(on_step, stop), prefill)
             return False
         pending = [t for t in pending if t.status == "pending"]
     return True
@@ -583,6 +585,23 @@ def _measure_in_child(bundle, trials: list[Trial], settings: TuneSettings, avail
         child.stop()  # an exception here (Ctrl-C, the agent stopping): the child stops too
 
 
+STOPPED = "the autotune was stopped: the process is stopping (it measures again at the next start)"
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopped(STOPPED)
+
+
+def _stopping_step(on_step: Callable[[], None], stop: threading.Event | None) -> Callable[[], None]:
+    """`on_step` that raises Stopped once `stop` is set (measuring in this process: the stop is seen after the
+    load or round in progress, not within STOP_POLL_S)."""
+    def step() -> None:
+        on_step()
+        _check_stop(stop)
+    return step
+
+
 def _next_event(child, timeout_s: float, stop: threading.Event | None):
     """The child's next report (Child.next_event), looking at `stop` every STOP_POLL_S while it waits."""
     import queue
@@ -593,7 +612,7 @@ def _next_event(child, timeout_s: float, stop: threading.Event | None):
     while True:
         if stop.is_set():
             child.stop()
-            raise Stopped("the autotune was stopped: the process is stopping (it measures again at the next start)")
+            raise Stopped(STOPPED)
         left = deadline - time.monotonic()
         if left <= 0:
             raise queue.Empty

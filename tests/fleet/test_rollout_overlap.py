@@ -59,9 +59,10 @@ def two_rings(tmp_path):
     store.close()
 
 
-def test_a_device_in_two_active_rollouts_targets_is_offered_by_neither(two_rings):
+def test_a_device_in_two_active_rollouts_targets_is_offered_by_the_older_only(two_rings):
     """a2 put in ring2 too while both ran (a `group add` before the check, or --force): rollout 2 picked it as a
-    canary and rollout 1 offered it its rest: two bundles on one retained offer topic."""
+    canary and rollout 1 offered it its rest: two bundles on one retained offer topic. The older rollout keeps
+    it; the newer leaves it out and says so."""
     store, r1, r2 = two_rings
     store.group_add("ring2", FLEET, ["a2"])
     rec = Recorder()
@@ -76,11 +77,54 @@ def test_a_device_in_two_active_rollouts_targets_is_offered_by_neither(two_rings
         store.add_ota_status(FLEET, d, {"update_id": by_id[r1 if d == "a1" else r2].data["offers"][d],
                                         "ts": now, "result": "committed"})
     store._exec("UPDATE rollouts SET phase='rest' WHERE id=?", (r1,))
+    store._exec("UPDATE rollouts SET phase='rest' WHERE id=?", (r2,))
     driver.tick(now + 1)
-    r = next(r for r in load_rollouts(store) if r.id == r1)
-    assert r.phase == "rest_wait" and r.data["rest"] == [], r.data["report"]
-    assert "['a2'] left out: also targeted by active rollout 2 (b3 -> group ring2 of F)" in " ".join(r.data["report"])
-    assert [o for o in rec.offers if o[0] == "a2"] == []  # offered by neither while both are active
+    by_id = {r.id: r for r in load_rollouts(store)}
+    assert by_id[r1].phase == "rest_wait" and by_id[r1].data["rest"] == ["a2"], by_id[r1].data["report"]
+    assert by_id[r2].phase == "rest_wait" and by_id[r2].data["rest"] == ["b2"], by_id[r2].data["report"]
+    assert [o for o in rec.offers if o[0] == "a2"] == [("a2", "b2")]  # by the older rollout only
+
+
+def test_two_rollouts_whose_targets_hold_each_others_devices_do_not_wait_on_each_other(two_rings):
+    """ring1 = {a1}, ring2 = {b1}, then b1 forced into ring1 and a1 into ring2: each rollout's every device was
+    one the other may offer, and both waited for the other to end, for ever. The older one goes on."""
+    store, r1, r2 = two_rings
+    store.group_remove("ring1", ["a2"], FLEET)
+    store.group_remove("ring2", ["b2"], FLEET)
+    store.group_add("ring1", FLEET, ["b1"])
+    store.group_add("ring2", FLEET, ["a1"])
+    rec = Recorder()
+    RolloutDriver(store, rec).tick()
+    by_id = {r.id: r for r in load_rollouts(store)}
+    assert by_id[r1].phase == "canary_wait" and by_id[r1].data["canaries"] == ["a1"], by_id[r1].data["report"]
+    assert by_id[r2].phase == "canary" and by_id[r2].data["waiting_others"] == ["a1", "b1"]
+    assert "it starts when they end (or cancel one" in by_id[r2].data["report"][-1]
+
+
+def test_a_rollout_whose_other_devices_run_its_version_waits_for_a_left_out_one_instead_of_ending(two_rings):
+    """Every device of ring1 but a2 already ran 2.0.0 and a2 was left out (the older rollout 1 may offer it its
+    own bundle): rollout 2 ended "done: every online device already runs" while a2 never got it."""
+    store, r1, r2 = two_rings
+    cancel_rollout(store, r1)
+    r1 = create_rollout(store, bundle(store.path.parent, "b4", "4.0.0"), FLEET, 50, group="ring1", min_requests=1)
+    r2_rollout = next(r for r in load_rollouts(store) if r.id == r2)
+    for d in ("b1", "b2"):  # ring2's own devices already run rollout 2's version
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "3.0.0"}})
+    store.group_add("ring2", FLEET, ["a2"])  # (the store's own add: no check)
+    store._exec("UPDATE rollouts SET id=? WHERE id=?", (0, r1))  # rollout 1 is older than rollout 2
+    RolloutDriver(store, Recorder()).tick()
+    r = next(r for r in load_rollouts(store) if r.id == r2_rollout.id)
+    assert r.phase == "canary" and r.data["waiting_others"] == ["a2"], r.data["report"]
+
+
+def test_a_device_moved_out_of_a_rollouts_group_may_join_another_rollouts_group(two_rings, tmp_path):
+    """Rollout 1 picked a2 for its rest with its canaries; a2 then left ring1 (which its rest then skips): moving
+    it to ring2 was refused as "two active rollouts would offer different bundles"."""
+    store, r1, r2 = two_rings
+    RolloutDriver(store, Recorder()).tick()
+    store.group_remove("ring1", ["a2"], FLEET)
+    out = cli("group", "add", "ring2", "--fleet", FLEET, "a2", "--db", str(tmp_path / "fleet.db"))
+    assert out.returncode == 0, out.stderr
 
 
 def test_group_add_refuses_a_device_two_active_rollouts_would_target(two_rings, tmp_path):
@@ -98,8 +142,8 @@ def test_group_add_refuses_a_device_two_active_rollouts_would_target(two_rings, 
     out = cli("group", "add", "ring3", "--fleet", FLEET, "a2", "--db", db)  # no active rollout to ring3: fine
     assert out.returncode == 0, out.stderr
     out = cli("group", "add", "ring2", "--fleet", FLEET, "a2", "--force", "--db", db)
-    assert out.returncode == 0 and "a2 is targeted by active rollouts 1 and 2 (--force): neither offers it" \
-        in out.stderr, out.stderr
+    assert out.returncode == 0 and "a2 is targeted by active rollouts 1 and 2 (--force): the older, rollout 1, " \
+        "offers it" in out.stderr, out.stderr
     cancel_rollout(store, r1)  # one ended: the other may take it
     assert cli("group", "add", "ring2", "--fleet", FLEET, "a1", "--db", db).returncode == 0
 

@@ -911,6 +911,38 @@ def test_a_stop_asked_while_paths_are_measured_ends_the_measuring_at_once(int8_b
     assert not list((tmp_path / "cache").rglob("*.json"))  # nothing measured is kept
 
 
+def test_a_stop_is_seen_when_the_paths_are_measured_in_this_process(int8_bundle, tmp_path, monkeypatch):
+    """Where no measuring child can start (ENOMEM, EAGAIN), the paths are measured in the agent's own process: a
+    stop is seen there too, after the load or round in progress, not at the end of the whole autotune."""
+    import threading
+
+    import runtime.autotune as at
+    import runtime.child as child_module
+    from runtime.errors import Stopped
+
+    def no_child(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(child_module.Child, "__init__", no_child)
+    stop, steps = threading.Event(), []
+    real_load = at._load
+
+    def load(*args, **kwargs):  # the stop comes while the first path loads
+        stop.set()
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(at, "_load", load)
+    with pytest.raises(Stopped):
+        autotune(open_bundle(int8_bundle), only(hardware(), "onnxruntime"), settings=FAST, isolate=True,
+                 cache_dir=tmp_path / "cache", stop=stop)
+    assert not list((tmp_path / "cache").rglob("*.json"))
+    stop.clear()  # already set before: nothing is measured at all
+    stop.set()
+    monkeypatch.setattr(at, "_load", lambda *a, **k: steps.append(1) or real_load(*a, **k))
+    with pytest.raises(Stopped):
+        autotune(open_bundle(int8_bundle), only(hardware(), "onnxruntime"), settings=FAST, isolate=True,
+                 cache_dir=tmp_path / "cache", stop=stop)
+    assert steps == []
+
+
 def test_sigterm_while_the_agent_measures_its_paths_stops_it_cleanly_at_once(int8_bundle, tmp_path, monkeypatch):
     """`edgeglm agent` on a bundle with backend auto, its first start's measuring hung: SIGTERM ends it within
     seconds, exit code 0, the measuring child gone, and the log says it stopped before the model served."""
