@@ -820,6 +820,7 @@ def test_ctrl_c_while_tokenizing_a_fresh_build_keeps_nothing_and_does_not_promis
     assert list(tmp_path.iterdir()) == []  # no work directory (nor its parent), so the same command starts over
 
 
+@pytest.mark.lifecycle
 def test_ctrl_c_at_every_stage_keeps_what_it_says_and_resume_continues(raw_teacher, tmp_path, capsys):
     """A Ctrl-C (a real SIGINT) at each point of one build: the line names the stages kept, they are on disk,
     and the same command with --resume continues from them (nothing done is repeated) to the bundle."""
@@ -857,6 +858,7 @@ def test_ctrl_c_at_every_stage_keeps_what_it_says_and_resume_continues(raw_teach
     assert report["distill"]["resumed_from_step"] == 4 and (out / "manifest.json").is_file()
 
 
+@pytest.mark.lifecycle
 def test_sigterm_stops_a_build_as_ctrl_c_does_saving_the_steps_trained(raw_teacher, tmp_path):
     """SIGTERM (what `timeout`, `docker stop`, systemd and Kubernetes send) killed the build on the spot: the
     training steps since the last checkpoint were lost (edge-small saves every 200), and one sent while tokenizing

@@ -760,6 +760,7 @@ autotune_module.load_engine = load_engine
 """
 
 
+@pytest.mark.lifecycle
 @pytest.mark.parametrize("fault,reason", [
     ("os.kill(os.getpid(), signal.SIGSEGV)", "the measuring process died (killed by SIGSEGV) while loading"),
     ("time.sleep(600)", "loading took longer than 20 s: stopped")])
@@ -798,6 +799,7 @@ def test_paths_measured_in_a_child_process_report_what_in_process_measurement_do
         assert (a.prefill_rows_ms or {}).keys() == (b.prefill_rows_ms or {}).keys()
 
 
+@pytest.mark.lifecycle
 def test_a_stop_signal_sent_to_the_measuring_child_is_the_parents_to_act_on(int8_bundle, monkeypatch):
     """systemd's stop sends SIGTERM to every process of the unit (Ctrl-C sends SIGINT to the terminal's group): the
     measuring child died of it, the path it measured was recorded as one that kills its process (excluded from the
@@ -872,6 +874,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.lifecycle
 def test_a_stop_asked_while_paths_are_measured_ends_the_measuring_at_once(int8_bundle, tmp_path, monkeypatch):
     """The agent measures its paths at a first start (minutes for a large model, up to PATH_TIMEOUT_S per path):
     systemd's stop waited for all of it and then SIGKILLed the agent (TimeoutStopSec). With `stop` set, the
@@ -911,6 +914,7 @@ def test_a_stop_asked_while_paths_are_measured_ends_the_measuring_at_once(int8_b
     assert not list((tmp_path / "cache").rglob("*.json"))  # nothing measured is kept
 
 
+@pytest.mark.lifecycle
 def test_a_stop_is_seen_when_the_paths_are_measured_in_this_process(int8_bundle, tmp_path, monkeypatch):
     """Where no measuring child can start (ENOMEM, EAGAIN), the paths are measured in the agent's own process: a
     stop is seen there too, after the load or round in progress, not at the end of the whole autotune."""
@@ -943,6 +947,7 @@ def test_a_stop_is_seen_when_the_paths_are_measured_in_this_process(int8_bundle,
     assert steps == []
 
 
+@pytest.mark.lifecycle
 def test_sigterm_while_the_agent_measures_its_paths_stops_it_cleanly_at_once(int8_bundle, tmp_path, monkeypatch):
     """`edgeglm agent` on a bundle with backend auto, its first start's measuring hung: SIGTERM ends it within
     seconds, exit code 0, the measuring child gone, and the log says it stopped before the model served."""
