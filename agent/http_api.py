@@ -729,6 +729,10 @@ class _Handler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise ApiError(411, "chunked request bodies are not supported; send Content-Length", code="length_required")
         given = self.headers.get("Content-Length")
+        if len({v.strip() for v in self.headers.get_all("Content-Length") or []}) > 1:  # RFC 9112 6.3: refused
+            raise ApiError(400, "the request has Content-Length headers that disagree "
+                                f"({', '.join(v.strip()[:20] for v in self.headers.get_all('Content-Length'))}); the "
+                                "connection is closed", code="invalid_request")
         if given is None or not given.strip():
             raise ApiError(411, "a request body with Content-Length is required", code="length_required")
         if not re.fullmatch(r"[0-9]{1,19}", given.strip()):  # int() takes '-5', '+5', '1_0' and non-ASCII digits
@@ -740,8 +744,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(413, f"the request body is {length} bytes; the limit (http.max_body_bytes) is {limit}",
                            code="request_too_large")
         raw = self.rfile.read(max(length, 0))
-        if len(raw) < length:
-            raise ConnectionResetError("the client closed the connection inside the request body")
+        if len(raw) < length:  # said (a client that only half-closed still reads it), then the connection closes
+            raise ApiError(400, f"the request body ended after {len(raw)} of the {length} bytes its Content-Length "
+                                "gives; the connection is closed", code="invalid_request")
         self._body_pending = False
         try:
             body = json.loads(raw, parse_constant=reject_constant)

@@ -250,6 +250,23 @@ def test_a_content_length_that_is_not_a_byte_count_is_a_400_naming_it(server, va
     assert message.startswith(f"Content-Length {as_read!r} is not a byte count"), message
 
 
+@pytest.mark.parametrize("headers,sent,needle", [
+    (b"Content-Length: 2\r\nContent-Length: 40\r\n", b"{}", "Content-Length headers that disagree (2, 40)"),
+    (b"Content-Length: 100\r\n", b'{"prompt": "x"}', "the request body ended after 15 of the 100 bytes")])
+def test_conflicting_or_unfulfilled_content_lengths_are_a_400_then_the_connection_closes(server, headers, sent,
+                                                                                          needle):
+    """Two Content-Length headers that disagree were read by the first (a request smuggled past a proxy that reads
+    the other: RFC 9112 refuses them); a body shorter than its Content-Length, the client half-closed, got no
+    answer at all."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n" + sent)
+        s.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"Connection: close" in head, answer[:300]
+    assert needle in json.loads(body)["error"]["message"], body
+
+
 def test_a_huge_integer_in_the_body_is_a_400_without_pythons_advice(model):
     """json.loads refuses integers of over 4300 digits with advice for programmers ("use
     sys.set_int_max_str_digits()"), which the 400 passed on to the client."""
