@@ -129,6 +129,34 @@ def _write(out, text: str) -> None:
         raise OutputError(f"cannot write the output ({exc.strerror or exc}): generation stopped") from None
 
 
+class _Output:
+    """sys.stdout while a command runs: a write or flush that fails (a full disk, an I/O error) is an OutputError,
+    one line and exit 2, not a traceback; a reader that went away stays a BrokenPipeError (main() stops
+    quietly). Everything else is the stream's own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write the output ({exc.strerror or exc})") from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write the output ({exc.strerror or exc})") from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def _drop_stdout() -> None:
     """Point stdout at /dev/null: the interpreter's last flush at exit would fail again on a closed pipe or a
     full disk and print its own message."""
@@ -140,9 +168,11 @@ def _drop_stdout() -> None:
         pass
 
 
-def run_generation(model, prompt: str, params, out=sys.stdout, err=sys.stderr) -> list[int]:
+def run_generation(model, prompt: str, params, out=None, err=None) -> list[int]:
     from runtime.generate import generate
     from runtime.tokenizer import StreamDecoder
+
+    out, err = out or sys.stdout, err or sys.stderr  # the streams of now (main() wraps stdout), not of the import
 
     prompt_ids = model.tokenizer.encode(prompt).ids
     decoder = StreamDecoder(model.tokenizer)
@@ -603,8 +633,11 @@ def _process_defaults() -> None:
 def main(argv: list[str] | None = None) -> int:
     _process_defaults()
     args = build_parser().parse_args(argv)
+    stdout, sys.stdout = sys.stdout, _Output(sys.stdout)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # what is still buffered: a full disk shows here, not in the interpreter's last flush
+        return code
     except BrokenPipeError:  # the reader of the output went away (`edgeglm generate ... | head`): as other tools
         _drop_stdout()
         return 128 + signal.SIGPIPE
@@ -625,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + signal.SIGTERM
         print(f"edgeglm {args.command}: interrupted{after}", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

@@ -316,15 +316,19 @@ class Bundle:
         list does not match its files verifies otherwise and fails every OTA transfer of it at that chunk."""
         for entry in self.manifest.files:
             path = self._inside(entry.path)
-            if not path.is_file():
-                raise BundleError(f"{path}: listed in the manifest but missing from the bundle")
-            size = path.stat().st_size
-            if size != entry.size:
-                raise BundleError(
-                    f"{path}: size {size} bytes does not match the manifest's {entry.size} "
-                    "(truncated or replaced file); the bundle is refused"
-                )
-            digest = sha256_file(path) if not chunks else self._check_chunks(path, entry)
+            try:
+                if not path.is_file():
+                    raise BundleError(f"{path}: listed in the manifest but missing from the bundle")
+                size = path.stat().st_size
+                if size != entry.size:
+                    raise BundleError(
+                        f"{path}: size {size} bytes does not match the manifest's {entry.size} "
+                        "(truncated or replaced file); the bundle is refused"
+                    )
+                digest = sha256_file(path) if not chunks else self._check_chunks(path, entry)
+            except OSError as exc:  # a file or directory this user may not read, an I/O error
+                raise BundleError(f"{path}: cannot read ({exc.strerror or exc}); the bundle is refused; give the "
+                                  "user that reads it read access (or copy it where it can)") from None
             if digest != entry.sha256:
                 raise BundleError(
                     f"{path}: sha256 {digest} does not match the manifest's {entry.sha256} "
@@ -437,7 +441,12 @@ def read_manifest(root: Path) -> Bundle:
                 "; give the directory holding manifest.json (made by `edgeglm export`)"))
         raise BundleError(f"{root}: bundle directory not found")
     mpath = root / MANIFEST
-    if not mpath.is_file():
+    try:
+        is_file = mpath.is_file()
+    except OSError as exc:  # a bundle directory this user may not search
+        raise BundleError(f"{root}: cannot read the bundle directory ({exc.strerror or exc}); the bundle is "
+                          "refused; give the user that reads it read access (or copy it where it can)") from None
+    if not is_file:
         if mpath.exists() or mpath.is_symlink():  # a directory, a dangling link
             raise BundleError(f"{mpath}: is not a file; the bundle is damaged and is refused; export it again")
         inside = _bundles_inside(root)

@@ -231,7 +231,12 @@ def sign_bundle(bundle: Bundle, private: Ed25519PrivateKey) -> Path:
 
 def read_signature(root: Path) -> dict:
     path = root / SIGNATURE
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as exc:  # a bundle directory this user may not search
+        raise SignatureError(f"{path}: cannot read ({exc.strerror or exc}); the bundle will not be activated") \
+            from None
+    if not is_file:
         if path.exists() or path.is_symlink():  # a directory, a dangling link: not "unsigned"
             raise SignatureError(f"{path}: is not a file; the signature is damaged and the bundle will not be "
                                  "activated (remove it and sign again with `edgeglm bundle sign`)")
@@ -239,6 +244,9 @@ def read_signature(root: Path) -> dict:
                              "(sign it with `edgeglm bundle sign`)")
     try:
         sig = json.loads(path.read_text())
+    except OSError as exc:  # a signature this user may not read, an I/O error
+        raise SignatureError(f"{path}: cannot read the signature ({exc.strerror or exc}); the bundle will not be "
+                             "activated") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SignatureError(f"{path}: not valid JSON ({exc})") from None
     except RecursionError:  # a bundle's file: anything may come

@@ -178,6 +178,20 @@ def test_generate_into_a_closed_pipe_or_a_full_disk_stops_without_a_traceback(in
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+@pytest.mark.parametrize("command", [["probe", "--json"], ["probe"], ["bundle", "verify", "{b}", "--trusted", "{k}"]])
+def test_output_to_a_full_disk_is_one_line(signed_bundles, command):
+    """`edgeglm probe --json > /dev/full` and `bundle verify ... > /dev/full` ended in an OSError traceback, exit 1
+    (or said nothing when the output waited in the buffer until the interpreter's exit)."""
+    args = [a.format(b=signed_bundles["v1"], k=signed_bundles["keys"]) for a in command]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "agent.cli", *args], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    assert_user_error(proc, f"edgeglm {' '.join(command[:2]) if command[0] == 'bundle' else 'probe'}: error: "
+                            "cannot write the output (No space left on device)")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_edge_modules_do_not_import_torch():
     code = ("import sys, agent.cli, agent.model, runtime.engine, runtime.generate, runtime.golden, runtime.probe, "
             "runtime.tokenizer, ota.bundle, fleet; assert 'torch' not in sys.modules, 'torch imported'")

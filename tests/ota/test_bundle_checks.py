@@ -3,10 +3,14 @@ a tokenizer with ids the model lacks, an end-of-sequence id outside the vocabula
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -163,3 +167,72 @@ def test_a_model_vocabulary_larger_than_the_tokenizer_is_fine(int8_bundle, tmp_p
                      if f["path"] == "tokenizer.json" else f for f in data["files"]]
     _write(bundle, data)
     open_bundle(bundle, chunks=True)
+
+
+
+@contextlib.contextmanager
+def _as_a_service_user():
+    """The file checks of this process as uid/gid 65534 (nobody) when the tests run as root, who reads every file
+    whatever its mode (the real ids stay root's, so this process takes them back); as this user otherwise."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def _cli_in_process(capsys, *args) -> tuple[int, str, str]:
+    from agent.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def readable_copy(signed_bundles):
+    """A copy of the signed bundle 1.0.0 and its public key where uid 65534 can reach them (pytest's tmp_path
+    lies under a directory only its owner may search)."""
+    top = Path(tempfile.mkdtemp(prefix="edgeglm-modes-"))
+    try:
+        top.chmod(0o755)
+        bundle = shutil.copytree(signed_bundles["v1"], top / "b")
+        shutil.copy(signed_bundles["keys"] / "fleet.pub", top / "fleet.pub")
+        yield bundle, top / "fleet.pub"
+    finally:
+        for p in [top, *top.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("what,expected", [
+    ("onnxruntime/model.onnx", "{p}: cannot read (Permission denied); the bundle is refused"),
+    (".", "{p}: cannot read the bundle directory (Permission denied); the bundle is refused"),
+    ("manifest.json", "{p}: cannot read the manifest (Permission denied); the bundle is refused"),
+    ("manifest.sig", "{p}: cannot read the signature (Permission denied); the bundle will not be activated"),
+])
+def test_a_bundle_file_the_user_cannot_read_is_one_line(readable_copy, capsys, what, expected):
+    """A model file of mode 000 (`bundle verify`, `generate --bundle`, the agent's --bundle) ended in a raw
+    PermissionError traceback, exit 1, as did a bundle directory its user may not search."""
+    bundle, pub = readable_copy
+    verify = ("bundle", "verify", bundle, "--trusted", pub)
+    generate = ("generate", "--bundle", bundle, "--max-tokens", "1", "hi")
+    for args in (verify, generate):  # as root first: the modules the commands import are loaded (the Python
+        assert _cli_in_process(capsys, *args)[0] == 0  # installation may lie where uid 65534 cannot read)
+    with _as_a_service_user():
+        code, out, err = _cli_in_process(capsys, *verify)
+    assert code == 0 and out.startswith("OK: "), err  # the service user reads the bundle as it is
+    target = (bundle / what).resolve()
+    target.chmod(0)
+    line = expected.format(p=target if what != "." else bundle)
+    with _as_a_service_user():
+        results = [_cli_in_process(capsys, *verify)] + (
+            [_cli_in_process(capsys, *generate)] if what != "manifest.sig" else [])  # (generate reads no signature)
+    for code, out, err in results:
+        assert code == 2 and line in err and len(err.strip().splitlines()) == 1, err
