@@ -32,6 +32,6 @@ class PayloadError(AgentError):
     """A received MQTT payload that does not fit its topic's model; the sender can fix it."""
 
     def __init__(self, topic: str, problem: str):
-        super().__init__(f"payload on {topic!r} rejected: {problem}; the message is dropped")
+        super().__init__(f"payload on {topic!r} rejected: {problem}")
         self.topic = topic
         self.problem = problem

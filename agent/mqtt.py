@@ -764,7 +764,8 @@ class MqttSession:
         except PayloadError as exc:
             self.stats.payload_errors += 1
             self.stats.last_payload_error = str(exc)
-            log.warning("%s", exc)
+            log.warning("%s; it is not acted on%s", exc, " (an inference request gets a bad_request answer where "
+                        "it names a response topic)" if message.topic.endswith("/infer/request") else "")
             raise
 
     def request(self, topic: str, request: BaseModel, *, response_topic: str) -> Future:

@@ -195,7 +195,9 @@ def chat_request(body: dict, defaults: SamplingSettings, tokenizer) -> Generatio
         raise kind_error("messages", messages, "a non-empty list of {role, content} objects")
     pairs = []
     for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(m, dict):  # (was "messages[0].role = null is not supported" for a 1 or a string)
+            raise kind_error(f"messages[{i}]", m, "a {role, content} object")
+        role = m.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:  # a list or object is unhashable: was a 500
             raise ApiError(400, f"messages[{i}].role = {json.dumps(role)} is not supported; use one of: "
                            f"{', '.join(CHAT_ROLES)}", param=f"messages[{i}].role")

@@ -450,6 +450,47 @@ def _describe(err: ValidationError, limit: int = 3) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+# the JSON reader's errors inside one value (not a cut payload, not a missing `,` between fields)
+VALUE_PROBLEM = re.compile(r"^(?!EOF).*(number|escape|surrogate|unicode|control character|invalid value)", re.I)
+
+
+def json_path_at(text: str, line: int, column: int) -> str | None:
+    """The field (`sampling.seed`, `messages[2]`) whose value holds `line`:`column` (1-based, as the JSON
+    reader's "at line L column C") of the JSON `text`; None at the top level or where that cannot be told. The
+    reader's errors in a value (a number out of range, a lone surrogate in a string) name no field."""
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        return None
+    end = sum(len(x) + 1 for x in lines[:line - 1]) + column - 1
+    stack: list[list] = []  # [is_object, key or index]
+    in_string = escaped = False
+    start = key = None
+    for i, c in enumerate(text[:end + 1]):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string, key = False, text[start + 1:i]
+        elif c == '"':
+            in_string, start = True, i
+        elif c in "{[":
+            stack.append([c == "{", None if c == "{" else 0])
+        elif c in "}]" and stack:
+            stack.pop()
+        elif c == ":" and stack and stack[-1][0]:
+            stack[-1][1] = key
+        elif c == "," and stack:
+            stack[-1][1] = None if stack[-1][0] else stack[-1][1] + 1
+    path = ""
+    for is_object, name in stack:
+        if name is None:
+            return path or None  # between an object's fields: the problem is no field's value
+        path += f".{name}" if is_object else f"[{name}]"
+    return path.lstrip(".") or None
+
+
 def parse_payload(model_cls: type[M], raw: bytes, max_bytes: int, topic: str = "?") -> M:
     """`raw` as a `model_cls`, or PayloadError naming the topic and what is wrong. Read strictly: JSON types must
     be the fields' own (`"version": "7"` or `true` is no integer, `"max_tokens": 5.0` is no count), as the HTTP
@@ -460,7 +501,14 @@ def parse_payload(model_cls: type[M], raw: bytes, max_bytes: int, topic: str = "
     try:
         return model_cls.model_validate_json(raw, strict=True)
     except ValidationError as exc:
-        raise PayloadError(topic, f"not a valid {model_cls.__name__}: {_describe(exc)}") from None
+        problem = _describe(exc)
+        first = exc.errors()[0]
+        where = re.search(r"at line (\d+) column (\d+)", first["msg"]) if (
+            first["type"] == "json_invalid" and VALUE_PROBLEM.search(first["msg"])) else None
+        field = where and json_path_at(raw.decode("utf-8", "replace"), int(where[1]), int(where[2]))
+        if field:  # a number out of range, a lone surrogate: the reader says where, not which field
+            problem = f"field {field!r}: {problem}"
+        raise PayloadError(topic, f"not a valid {model_cls.__name__}: {problem}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,6 +192,12 @@ def test_a_chat_role_that_is_not_a_string_is_a_400(server):
         body = json.dumps({"messages": [{"role": role, "content": "x"}]}).encode()
         resp, data, _ = raw(server, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         assert resp.status == 400 and json.loads(data)["error"]["param"] == "messages[0].role", data
+    for message in (1, "hi", ["user", "x"]):  # said "messages[0].role = null is not supported"
+        body = json.dumps({"messages": [message]}).encode()
+        resp, data, _ = raw(server, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        error = json.loads(data)["error"]
+        assert resp.status == 400 and error["param"] == "messages[0]", data
+        assert error["message"] == f"'messages[0]' must be a {{role, content}} object; got {json.dumps(message)}"
 
 
 @pytest.mark.parametrize("line,status", [(b"GET /healthz HTTP/1.1 extra", 400), (b"GET /healthz HTTP/1.x", 400),

@@ -492,7 +492,31 @@ def test_parse_payload_error_names_topic_and_problem():
         parse_payload(DesiredConfig, b'{"v": 1, "version": -1}', 1024, "edgeglm/v1/f/d/config/desired")
     assert err.value.topic == "edgeglm/v1/f/d/config/desired"
     assert "field 'version': Input should be greater than or equal to 0 (got -1)" in str(err.value)
-    assert str(err.value).endswith("the message is dropped")
+    assert str(err.value).endswith("(got -1)")  # what happens next is the receiver's to say (an answer, or none)
+
+
+@pytest.mark.parametrize("raw,field", [
+    (b'{"v": 1, "id": "a", "prompt": "x", "seed": ' + b"9" * 4400 + b"}", "'seed'"),
+    (b'{"v": 1, "id": "a", "prompt": "say \\"hi\\": \\ud800"}', "'prompt'"),
+    (b'{"v": 1, "id": "a",\n "prompt": "x", "stop": ["a", "\\udc00"]}', "'stop[1]'"),
+])
+def test_a_value_the_json_reader_refuses_is_named(raw, field):
+    """A 4400-digit seed or a lone surrogate in a string said only "Invalid JSON: ... at line 1 column N": the
+    reader stops in the value, before any field is checked."""
+    from agent.topics import parse_payload
+
+    with pytest.raises(PayloadError, match="Invalid JSON") as err:
+        parse_payload(InferenceRequest, raw, 1 << 20, "edgeglm/v1/f/d/infer/request")
+    assert f"not a valid InferenceRequest: field {field}: Invalid JSON: " in str(err.value), str(err.value)
+
+
+def test_json_that_breaks_between_fields_names_none():
+    from agent.topics import parse_payload
+
+    for raw in (b'{"v": 1,', b'{"v" 1}', b'{"v": 1, "id": "a"', b'{"v": 1, "id": "a" x}'):
+        with pytest.raises(PayloadError, match="Invalid JSON") as err:
+            parse_payload(InferenceRequest, raw, 1 << 20, "t")
+        assert "field" not in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize("raw,problem", [
