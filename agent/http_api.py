@@ -324,9 +324,9 @@ class ApiServer:
         self._thread.start()
         log.info("HTTP API listening on %s", self.url)
         if self.http.api_key is None and not _loopback(self.http.host):
-            log.warning("the HTTP API listens on %s without an API key: anyone who reaches port %d can generate "
-                        "and read /metrics; set http.api_key (EDGEGLM_HTTP__API_KEY) or bind http.host to "
-                        "127.0.0.1", self.http.host, self.port)
+            log.warning("the HTTP API listens on %s without an API key: anyone who reaches port %d can generate; "
+                        "set http.api_key (EDGEGLM_HTTP__API_KEY) or bind http.host to 127.0.0.1 (/healthz, /readyz "
+                        "and /metrics stay open with a key too: firewall the port where they should not be read)", self.http.host, self.port)
 
     @property
     def port(self) -> int:
@@ -685,6 +685,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, api: ApiServer, route: str, path: str) -> None:
         methods = ROUTES.get(route)
+        if path.startswith("/v1/"):  # before 404/405: who has no key learns nothing of the routes
+            self._authorize(api)
         if methods is None:
             raise ApiError(404, f"no such endpoint: {path}; see docs/http-api.md (e.g. POST /v1/chat/completions)",
                            code="not_found")
@@ -692,21 +694,22 @@ class _Handler(BaseHTTPRequestHandler):
         if method not in methods:
             raise ApiError(405, f"{self.command} is not allowed on {path}; use {', '.join(methods)}",
                            code="method_not_allowed", headers={"Allow": ", ".join(methods)})
-        if path.startswith("/v1/"):
-            self._authorize(api)
         getattr(self, "_" + methods[method])(api, path)
 
     def _authorize(self, api: ApiServer) -> None:
         key = api.http.api_key
         if key is None:
             return
-        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        given = self.headers.get_all("Authorization") or []
+        if len(given) > 1:  # which one counts would be ours to guess, and a proxy in front may have checked the other
+            raise ApiError(400, f"{len(given)} Authorization headers: send one", code="invalid_api_key")
+        scheme, _, token = (given[0] if given else "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "an API key is required: send 'Authorization: Bearer KEY' (http.api_key)",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
+        if not hmac.compare_digest(token.strip().encode("latin-1", "replace"), key.get_secret_value().encode()):
             raise ApiError(401, "the API key is not correct", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
     def _fail(self, endpoint: str, exc: ApiError) -> None:
         self.server.api.metrics.errors.inc(endpoint=endpoint, type=exc.type)

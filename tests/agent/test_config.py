@@ -197,6 +197,10 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
     ("env", "", "the key is empty"),
     ("env", "s3cret\n", "the key has spaces or a line break around it, which no client's token can match"),
     ("file", " s3cret", "the key has spaces or a line break around it"),
+    ("file", "pässwort", "the key holds a character outside ASCII (U+00E4), which clients cannot send"),
+    ("env", "ключ", "the key holds a character outside ASCII (U+043A)"),
+    ("file", "two words", "the key holds a space or control character (U+0020)"),
+    ("file", "a\nb", "the key holds a space or control character (U+000A)"),
 ])
 def test_an_api_key_no_client_could_send_is_refused(tmp_path, monkeypatch, where, value, message):
     """An empty key (a blank EDGEGLM_HTTP__API_KEY= line) or one padded with spaces or a newline started the API

@@ -318,6 +318,22 @@ def test_api_key_is_required_when_configured(model):
         resp, body, _ = raw(srv, "POST", "/v1/completions", b'{"prompt": "x"}')
         assert resp.status == 401 and "Authorization: Bearer" in json.loads(body)["error"]["message"]
         assert resp.getheader("WWW-Authenticate") == "Bearer"
+        resp, body, _ = raw(srv, "GET", "/v1/models", None, {"Authorization": "Bearer wrong"})
+        assert resp.status == 401 and resp.getheader("WWW-Authenticate") == 'Bearer error="invalid_token"'
+        for path, method in (("/v1/nothing-here", "GET"), ("/v1/models", "POST")):  # were 404 and 405 before the key
+            resp, body, _ = raw(srv, method, path, b"{}" if method == "POST" else None)
+            assert resp.status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key", (path, body)
+        assert raw(srv, "GET", "/v1/nothing-here", None, {"Authorization": "Bearer s3cret"})[0].status == 404
+        for pair in (("s3cret", "wrong"), ("wrong", "s3cret")):  # the first decided: right-then-wrong got in
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+            conn.putrequest("GET", "/v1/models")
+            for key in pair:
+                conn.putheader("Authorization", f"Bearer {key}")
+            conn.endheaders()
+            resp = conn.getresponse()
+            body = resp.read()
+            conn.close()
+            assert resp.status == 400 and "2 Authorization headers: send one" in json.loads(body)["error"]["message"]
         good = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
         assert good.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
         assert raw(srv, "GET", "/healthz")[0].status == 200  # probes need no key
