@@ -644,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         if isinstance(exc, OutputError):
             _drop_stdout()
-        command = " ".join(filter(None, (args.command, getattr(args, "bundle_command", None))))
+        command = " ".join(filter(None, (args.command, *(getattr(args, name, None) for name in (  # the whole command
+            "bundle_command", "fleet_command", "config_command", "group_command", "device_command")))))
         print(f"edgeglm {command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:

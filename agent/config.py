@@ -770,7 +770,7 @@ def _is_secret(loc: tuple[str, ...]) -> bool:
 
 
 def _known_fields(loc: tuple[str, ...]) -> list[str]:
-    model = AgentConfig if not loc else getattr(_field_info(loc), "annotation", None)
+    model = AgentConfig if not loc else _unwrap(getattr(_field_info(loc), "annotation", None))  # (`MqttTls | None`)
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 

@@ -172,7 +172,7 @@ class Agent:
         against those same bytes (the manifest is read once). `stop`: see `activate`."""
         bundle = open_bundle(path, verify=False)
         if self.cfg.ota.require_signature:
-            verify_bundle_signature(bundle, self._trusted_keys())
+            verify_bundle_signature(bundle, self._trusted_keys(), previous=True)
         # backend auto: the measured autotune, cached per (bundle, hardware) under the state dir
         return load_model(bundle, self.cfg.model.backend, self.cfg.model.threads, hardware=self.hardware,
                           cache_dir=Path(self.cfg.model.slots_dir), prefill_graph=self.cfg.model.prefill_graph,
@@ -797,7 +797,7 @@ class Agent:
             log.warning("OTA updates will be refused until trusted keys exist: %s", exc)
             keys = {}
         return UpdaterDeps(
-            trusted_keys=keys, fetcher=_OfferFetcher(mqtt_fetcher),
+            trusted_keys=keys, reload_keys=self._reload_keys, fetcher=_OfferFetcher(mqtt_fetcher),
             self_test=lambda slot, manifest: run_self_test(slot, manifest, SelfTestConfig(
                 backend=self.cfg.model.backend, threads=self.cfg.model.threads, device=self.cfg.model.device,
                 prefill_graph=self.cfg.model.prefill_graph, max_latency_ratio=self.cfg.ota.max_latency_ratio,

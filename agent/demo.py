@@ -107,8 +107,8 @@ def explain_report_line(line: str) -> str:
     the canaries served nothing before, so there is no baseline and the report's dict is empty.
     """
     # after the report's HH:MM:SS; the canaries whose latency was not compared, then their memory
-    m = re.fullmatch(r"(.*?)latency gate passed \((\{.*?\})\)(?:; latency not compared for (.*?))?(; memory: .*)?",
-                     line)
+    m = re.fullmatch(r"(.*?)latency gate passed \((\{.*?\})\)(?:; under --min-delta-ms ([\d.]+): (.*?))?"
+                     r"(?:; latency not compared for (.*?))?(; memory: .*)?", line)
     if m is None:
         return line
     try:
@@ -117,13 +117,15 @@ def explain_report_line(line: str) -> str:
         return line
     if not isinstance(changes, dict):
         return line
-    memory = m.group(4) or ""  # each canary's rss and free memory before -> after, from its health snapshots
-    uncompared = f" (not compared: {m.group(3)})" if m.group(3) else ""
+    memory = m.group(6) or ""  # each canary's rss and free memory before -> after, from its health snapshots
+    uncompared = f" (not compared: {m.group(5)})" if m.group(5) else ""
+    floored = (f" ({m.group(4)}: under the {m.group(3)} ms floor, --min-delta-ms, not a regression)"
+               if m.group(3) else "")
     if not changes:
         return (f"{m.group(1)}latency gate passed: no baseline latency to compare with yet{uncompared}; the "
                 f"canaries' telemetry on the new version arrived with no new errors{memory}")
     return f"{m.group(1)}latency gate passed: p95 per-token latency " + ", ".join(
-        f"{device} {change:+.1f}%" for device, change in changes.items()) + uncompared + memory
+        f"{device} {change:+.1f}%" for device, change in changes.items()) + floored + uncompared + memory
 
 
 DEMO_MIN_DELTA_MS = 5.0  # the latency gate's absolute floor in the demo (`fleet rollout --min-delta-ms`)

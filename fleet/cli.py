@@ -144,7 +144,10 @@ def _connect(args):
     try:
         return FleetController(settings).start()
     except ConnectionError as exc:
-        raise FleetError(str(exc)) from None
+        where = "--broker" if getattr(args, "broker", None) else \
+            "--broker HOST:PORT (or [mqtt] host/port in --config fleet.toml)"
+        raise FleetError(f"{exc}; nothing was published: is the broker that `fleet serve` uses up? give its address "
+                         f"with {where}") from None
 
 
 def cmd_serve(args) -> int:
@@ -318,7 +321,14 @@ def cmd_status(args) -> int:
                     "health": health.get((d["fleet"], d["device"])),
                     "health_current": bool(d["online"]) and health_current(health.get((d["fleet"], d["device"])))}
                    for d in store.devices(args.fleet)]  # the table's latency columns, on the model it serves
-        print(json.dumps({"devices": devices, "versions": store.versions(args.fleet, since)}, indent=2))
+        from fleet.rollout import load_rollouts
+
+        rollouts = [{"id": r.id, "bundle": str(r.bundle), "version": r.data.get("version"), "fleet": r.fleet,
+                     "group": r.group, "phase": r.phase, "halt_reason": r.data.get("halt_reason"),
+                     "step_error": r.data.get("step_error"), "report": r.data.get("report", [])}
+                    for r in load_rollouts(store) if args.fleet in (None, "+", r.fleet)]
+        print(json.dumps({"devices": devices, "versions": store.versions(args.fleet, since), "rollouts": rollouts},
+                         indent=2))
     else:
         print(format_status(store, args.fleet, args.since))
     return 0
@@ -343,7 +353,7 @@ def cmd_offer(args) -> int:
         raise FleetError(f"--device {device}: {problem}; nothing was offered. Check --fleet/--device (and --db), "
                          f"or give --force to publish the retained offer, which the device gets when it connects")
     if problem:
-        print(f"edgeglm fleet: warning: --device {device}: {problem}; the retained offer waits for it (--force)",
+        print(f"edgeglm fleet offer: warning: --device {device}: {problem}; the retained offer waits for it (--force)",
               file=sys.stderr)
     controller = _connect(args)
     try:
@@ -538,7 +548,7 @@ def _warn_older_agents(args, targets: list[tuple[str, str]], published: list[dic
     for key, sign in NEWER_SETTINGS.items():
         unsure = [f"{f}/{d}" for (f, d), p in zip(targets, published) if key in named_keys(p) and (f, d) not in health]
         if unsure:
-            print(f"edgeglm fleet: warning: {key} is newer than some agents, and {', '.join(unsure)} never "
+            print(f"edgeglm fleet config set: warning: {key} is newer than some agents, and {', '.join(unsure)} never "
                   f"{sign.removeprefix('has ')} (agents from before it, or with it off): an agent older than "
                   f"the setting refuses the whole desired config (`fleet status` shows REFUSED); "
                   f"`config set {key}=null` takes it out again", file=sys.stderr)

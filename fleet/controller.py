@@ -767,7 +767,10 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
         if r.data.get("step_error"):  # a step that keeps failing (retried every second): why it does not move
             last += f"\n  its step keeps failing (retried every second): {r.data['step_error']}"
         target = r.fleet if not r.group else f"group {r.group} of {r.fleet}"
-        text += f"\nrollout {r.id} ({r.bundle.name} -> {target}): {r.phase}  {last}"
+        version = f" {r.data['version']}" if r.data.get("version") else ""
+        text += f"\nrollout {r.id} ({r.bundle.name}{version} -> {target}): {r.phase}  {last}"
+        if r.phase in ("halting", "halted") and r.data.get("halt_reason") and r.data["halt_reason"] not in last:
+            text += f"\n  halted because: {r.data['halt_reason']}"
     return text
 
 

@@ -362,6 +362,8 @@ class RolloutDriver:
         self._last_clock: tuple[float, float] | None = None  # (wall, monotonic) at the last tick
 
     def _save(self, r: Rollout, phase: str, note: str | None = None) -> None:
+        if note and phase == "halting" and r.phase != "halting":  # why it halts: `fleet status` shows it to the end
+            r.data["halt_reason"] = note
         if note:
             r.data["report"].append(f"{time.strftime('%H:%M:%S')} {note}")
             # each decision in fleet serve's log too (a halt as a warning), as `fleet status` shows the last one
@@ -621,7 +623,7 @@ class RolloutDriver:
                     ([f"no health snapshot with free memory yet from {unmeasured}"] if unmeasured else [])
                 self._save(r, "canary_window", f"{'; '.join(waiting)}; waiting one more window ({r.window_s:g} s)")
             return
-        problems, uncompared = [], []
+        problems, uncompared, floored = [], [], []
         for d in r.data["canaries"]:
             base, new = r.data["baseline"].get(d, {}), self.store.latency(r.fleet, d, r.data["window_start"], version)
             base_rate, new_rate = _error_rate(base), _error_rate(new)
@@ -639,9 +641,12 @@ class RolloutDriver:
                 change = 100.0 * (new["token_p95_ms"] / base["token_p95_ms"] - 1.0)
                 r.data.setdefault("p95_change_pct", {})[d] = round(change, 1)
                 # both relative and absolute: sub-millisecond jitter of a tiny model is not a regression
-                if change > r.max_regression_pct and new["token_p95_ms"] - base["token_p95_ms"] > r.min_delta_ms:
+                delta = new["token_p95_ms"] - base["token_p95_ms"]
+                if change > r.max_regression_pct and delta > r.min_delta_ms:
                     problems.append(f"{d}: p95 per-token latency {base['token_p95_ms']:.2f} -> "
                                     f"{new['token_p95_ms']:.2f} ms (+{change:.0f}% > {r.max_regression_pct:g}%)")
+                elif change > r.max_regression_pct:  # said, or "+313%" reads as a pass by mistake
+                    floored.append(f"{d} {delta:+.2f} ms")
             elif new.get("requests"):  # served, but nothing to compare its latency with: said, not passed silently
                 side = "before the update" if not base.get("token_p95_ms") else "on the new version"
                 uncompared.append(f"{d} (no per-token p95 {side})")
@@ -659,7 +664,8 @@ class RolloutDriver:
                                                + (["memory gate failed: " + "; ".join(memory_problems)]
                                                   if memory_problems else [])) + memory_note)
         else:
-            note = f"; latency not compared for {', '.join(uncompared)}" if uncompared else ""
+            note = (f"; under --min-delta-ms {r.min_delta_ms:g}: {', '.join(floored)}" if floored else "") + (
+                f"; latency not compared for {', '.join(uncompared)}" if uncompared else "")
             self._save(r, "rest", f"latency gate passed ({r.data.get('p95_change_pct', {})}){note}{memory_note}")
 
     def _memory_now(self, r: Rollout) -> dict[str, dict]:

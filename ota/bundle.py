@@ -354,7 +354,7 @@ class Bundle:
     def unlisted(self) -> list[str]:
         """Files in the bundle directory that the manifest does not list (besides manifest.json and its
         manifest.sig), as paths relative to the bundle. No agent reads them and no OTA transfer carries them."""
-        listed = {f.path for f in self.manifest.files} | {MANIFEST, "manifest.sig"}
+        listed = {f.path for f in self.manifest.files} | {MANIFEST, "manifest.sig", "manifest.sig.prev"}
         return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
                       if (p.is_file() or p.is_symlink()) and p.relative_to(self.root).as_posix() not in listed)
 
@@ -365,8 +365,8 @@ class Bundle:
         if extra:
             shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
             raise BundleError(f"{self.root}: {len(extra)} file(s) not listed in the manifest: {shown}; the signature "
-                              "does not cover them and no agent would get them; remove them, or export the bundle "
-                              "again with them")
+                              "does not cover them and no agent would get them; remove them (a bundle carries only what "
+                              "`edgeglm export` wrote: a file the model needs is a change to the exporter)")
 
     def _check_chunks(self, path: Path, entry: FileEntry) -> str:
         """The file's sha256, after checking each `chunk_size` piece against the manifest's chunk list."""

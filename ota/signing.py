@@ -32,6 +32,9 @@ from ota.errors import SignatureError
 from ota.fsutil import write_file_atomically
 
 SIGNATURE = "manifest.sig"
+# in an agent's slot: the signature the slot held before the same bundle came again signed by another key (a
+# key rotation); either one verifying is enough, so whichever key is removed last, the slot stays trusted
+SIGNATURE_PREVIOUS = "manifest.sig.prev"
 KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a file name in --out, never a path
 
 
@@ -126,7 +129,13 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     except OSError as exc:  # a dangling symlink, a file the service user may not read
         raise SignatureError(f"{path}: cannot read the public key ({exc.strerror or exc})") from None
     except (ValueError, TypeError) as exc:
-        raise SignatureError(f"{path}: not a PEM public key ({exc})") from None
+        hint = ""
+        try:
+            if b"PRIVATE KEY-----" in path.read_bytes()[:4096]:  # NAME.key given where NAME.pub belongs
+                hint = f"; it is a private key: give the public half, {path.with_suffix('.pub')}"
+        except OSError:
+            pass
+        raise SignatureError(f"{path}: not a PEM public key ({exc}){hint}") from None
     if not isinstance(key, Ed25519PublicKey):
         raise SignatureError(f"{path}: is a {type(key).__name__}, expected an Ed25519 public key")
     return key
@@ -151,7 +160,8 @@ def load_trusted_keys(paths: list[str | Path], warn_private: bool = False) -> di
         elif p.is_file():
             files = [p]
         else:
-            raise SignatureError(f"{p}: trusted key file or directory not found")
+            raise SignatureError(f"{p}: trusted key file or directory not found; give the NAME.pub file that "
+                                 "`edgeglm bundle keygen` wrote, or the directory holding it")
         for f in files:
             try:
                 key = load_public_key(f)
@@ -164,7 +174,8 @@ def load_trusted_keys(paths: list[str | Path], warn_private: bool = False) -> di
             keys[key_id(key)] = key
     if not keys:
         raise SignatureError(f"no trusted public keys found in {', '.join(map(str, paths))}"
-                             + (f" ({'; '.join(skipped)})" if skipped else ""))
+                             + (f" ({'; '.join(skipped)})" if skipped else "")
+                             + "; put the fleet's NAME.pub there (from `edgeglm bundle keygen`), or give the file")
     return keys
 
 
@@ -256,7 +267,17 @@ def read_signature(root: Path) -> dict:
     return sig
 
 
-def verify_bundle_signature(bundle: Bundle, trusted: dict[str, Ed25519PublicKey]) -> str:
-    """Verify manifest.sig over the bundle's manifest bytes; returns the signing key's id."""
-    return verify_bytes(bundle.manifest_bytes, read_signature(bundle.root), trusted,
-                        str(bundle.root / MANIFEST))
+def verify_bundle_signature(bundle: Bundle, trusted: dict[str, Ed25519PublicKey], previous: bool = False) -> str:
+    """Verify manifest.sig over the bundle's manifest bytes; returns the signing key's id. `previous` (an agent's
+    slot): when it fails, manifest.sig.prev (SIGNATURE_PREVIOUS) verifying is enough; the error is manifest.sig's."""
+    try:
+        return verify_bytes(bundle.manifest_bytes, read_signature(bundle.root), trusted, str(bundle.root / MANIFEST))
+    except SignatureError:
+        if not previous:
+            raise
+        try:
+            prev = json.loads((bundle.root / SIGNATURE_PREVIOUS).read_bytes())
+            return verify_bytes(bundle.manifest_bytes, prev, trusted, str(bundle.root / MANIFEST))
+        except (OSError, ValueError, RecursionError, SignatureError):
+            pass
+        raise

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ota.bundle import MANIFEST, Manifest, manifest_problems, open_bundle
 from ota.errors import BundleError
 from ota.fsutil import atomic_write_bytes, atomic_write_json, remove_leftover_temporaries
-from ota.signing import SIGNATURE, read_signature, verify_bundle_signature, verify_bytes
+from ota.signing import SIGNATURE, SIGNATURE_PREVIOUS, read_signature, verify_bundle_signature, verify_bytes
 from ota.slots import Slots
 from ota.versions import check_upgrade, parse_version
 
@@ -298,6 +298,9 @@ class UpdaterDeps:
     # starts of the agent after an unclean end (a crash, SIGKILL, the OOM killer, a power cut) while the model
     # committed last was on probation, before it goes back to the previous model (see check_probation)
     probation_deaths: int = 3
+    # the trusted keys read again (the agent's ota.trusted_keys): called at VERIFYING and SELF_TEST; None: the
+    # offer's trusted_keys throughout
+    reload_keys: Callable[[], dict] | None = None
     probation_s: float = 600.0  # recorded with the probation, for its reason; the agent times the run
 
 
@@ -749,11 +752,14 @@ class Updater:
         the model is loaded from."""
         if slot is None:
             return
+        held = None
         try:
-            if (slot / MANIFEST).read_bytes() != raw or read_signature(slot) == self.offer.signature:
+            if (slot / MANIFEST).read_bytes() != raw or (held := read_signature(slot)) == self.offer.signature:
                 return
         except (OSError, ValueError, BundleError):
             pass  # unreadable or no signature: the verified one replaces it
+        if held is not None:  # kept beside it: the same bundle re-offered with the old key's signature during a
+            atomic_write_json(slot / SIGNATURE_PREVIOUS, held)  # rotation must not lose the new key's
         atomic_write_json(slot / SIGNATURE, self.offer.signature)
         log.info("slot %s: the offered signature (key %s) replaces the one it was installed with", slot.name,
                  self.offer.signature.get("key_id") if isinstance(self.offer.signature, dict) else "?")
@@ -992,9 +998,16 @@ class Updater:
         self.data.pop("clear_when_full", None)
         self._save()
 
+    def _keys_now(self) -> dict:
+        """The trusted keys as they are now (a key removed while the update downloads is not trusted at its
+        verification and self-test: the offer's copy would have let its bundle over the previous model)."""
+        if self.deps.reload_keys is not None:
+            self.deps.trusted_keys = self.deps.reload_keys()
+        return self.deps.trusted_keys
+
     def _verifying(self) -> Event:
         bundle = open_bundle(self.staging)  # every file's size and sha256
-        verify_bundle_signature(bundle, self.deps.trusted_keys)
+        verify_bundle_signature(bundle, self._keys_now())
         if bundle.manifest_bytes != self.offer.manifest_bytes():
             raise UpdateFailed("staged manifest differs from the offered one")
         return E.VERIFIED
@@ -1010,7 +1023,7 @@ class Updater:
     def _self_test(self) -> Event:
         path = self.slots.path(self.data["target_slot"])
         bundle = open_bundle(path)
-        verify_bundle_signature(bundle, self.deps.trusted_keys)
+        verify_bundle_signature(bundle, self._keys_now(), previous=True)
         result = self.deps.self_test(path, bundle.manifest)
         self.data["self_test"] = {"passed": result.passed, "reason": result.reason, **(result.details or {})}
         self._report({"state": S.SELF_TEST.value, "self_test": self.data["self_test"]})

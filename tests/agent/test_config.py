@@ -121,6 +121,10 @@ def test_unknown_setting_lists_the_allowed_ones(tmp_path):
     msg = str(err.value)
     assert "http.prot" in msg and str(path) in msg
     assert "allowed in http: host, port, api_key, max_body_bytes, max_concurrent" in msg
+    path.write_text('[mqtt.tls]\ncafile = "/etc/edgeglm/ca.pem"\n')  # an optional section: said "allowed: none"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert "mqtt.tls.cafile" in str(err.value) and "allowed in mqtt.tls: ca_file, cert_file, key_file" in str(err.value)
 
 
 def test_missing_or_broken_file_is_an_error(tmp_path):

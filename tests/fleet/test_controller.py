@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -460,6 +461,37 @@ def test_rollout_halts_on_a_latency_regression_and_rolls_canaries_back(controlle
     assert any("latency gate failed" in line and "p95 per-token latency" in line for line in r.data["report"])
     until(lambda: {d["model_version"] for d in controller.store.devices(FLEET)} == {"1.0.0"})
     assert [d.version for d in devs] == ["1.0.0"] * 4  # canaries went back; the rest never moved
+    # `fleet status` showed only the last line ("halted; canaries [...] offered a signed rollback"): not why
+    status = format_status(controller.store, FLEET).splitlines()
+    line = next(i for i, x in enumerate(status) if x.startswith(f"rollout {rid} ("))
+    assert status[line].startswith(f"rollout {rid} (v2 1.1.0 -> {FLEET}): halted"), status[line]
+    assert status[line + 1].startswith("  halted because: latency gate failed: sim-") and \
+        "p95 per-token latency" in status[line + 1], status[line:]
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "status", "--db",
+                          str(controller.settings.db), "--json"], capture_output=True, text=True)
+    rollout = next(x for x in json.loads(out.stdout)["rollouts"] if x["id"] == rid)
+    assert rollout["phase"] == "halted" and rollout["version"] == "1.1.0", rollout
+    assert rollout["halt_reason"].startswith("latency gate failed") and rollout["report"] == r.data["report"]
+
+
+def test_a_regression_under_the_absolute_floor_passes_and_says_so(controller, fleet_of_four, signed_bundles):
+    """A canary 50% slower by under --min-delta-ms passes, as it should (jitter of a tiny model), but the report
+    said only "latency gate passed ({'sim-0': 50.0})", which reads as a pass by mistake."""
+    devs, profile = fleet_of_four
+    profile.per_token_ms["1.1.0"] = 15.0
+    until(lambda: len(controller.store.devices(FLEET)) == 4)
+    rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=25, max_regression_pct=20,
+                         window_s=1.0, min_delta_ms=50.0)
+    r = run_rollout(controller, devs, rid, ("done", "halted"), 1.0)
+    assert r.phase == "done", r.data["report"]
+    gate = next(line for line in r.data["report"] if "latency gate passed" in line)
+    assert re.search(r"latency gate passed \(\{'sim-0': [\d.]+\}\); under --min-delta-ms 50: sim-0 \+[\d.]+ ms",
+                     gate), gate
+    from agent.demo import explain_report_line
+
+    said = explain_report_line(gate)
+    assert re.search(r"p95 per-token latency sim-0 \+[\d.]+% \(sim-0 \+[\d.]+ ms: under the 50 ms floor, "
+                     r"--min-delta-ms, not a regression\)", said), said
 
 
 def test_rollout_halts_when_a_canary_cannot_take_the_memory_floor_on_the_new_version(controller, fleet_of_four,

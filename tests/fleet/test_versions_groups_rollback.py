@@ -403,7 +403,7 @@ def test_a_halt_with_nothing_to_roll_back_needs_no_key_and_a_failing_step_shows_
         {**data, "canaries": ["o1"], "offers": {"o1": "u-o1"}}), rid2))
     RolloutDriver(store, NoOffers()).tick()
     status = format_status(store)
-    assert f"rollout {rid2} (v2 -> other-fleet): halting" in status and "its step keeps failing (retried every " \
+    assert f"rollout {rid2} (v2 1.1.0 -> other-fleet): halting" in status and "its step keeps failing (retried every " \
         "second): " in status and "rollback.key" in status, status
     store.close()
 

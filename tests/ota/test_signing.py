@@ -74,6 +74,21 @@ def test_a_bad_pub_file_beside_good_keys_is_skipped_with_a_warning(signed, tmp_p
         load_trusted_keys([bad_file])
 
 
+def test_key_errors_say_what_to_give_instead(signed, tmp_path):
+    """`--trusted keys/fleet.key` said only "not a PEM public key (...)"; a missing path or an empty directory
+    (the installer's, holding its README) gave no next step."""
+    _, keys, pair = signed
+    with pytest.raises(SignatureError) as err:
+        load_trusted_keys([pair.private_path])
+    assert str(err.value).endswith(f"it is a private key: give the public half, {pair.public_path}")
+    with pytest.raises(SignatureError, match="not found; give the NAME.pub file that `edgeglm bundle keygen` wrote"):
+        load_trusted_keys([tmp_path / "nowhere"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README").write_text("put NAME.pub files here\n")
+    with pytest.raises(SignatureError, match="no trusted public keys found in .*; put the fleet's NAME.pub there"):
+        load_trusted_keys([tmp_path / "empty"])
+
+
 def test_unknown_key_is_refused(signed, tmp_path):
     bundle_dir, _, old = signed
     other = generate_keypair(tmp_path / "other", "other")

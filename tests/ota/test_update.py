@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ota.bundle import open_bundle
+from ota.errors import SignatureError
 from ota.offers import make_offer
 from bundles import variant
 from ota.signing import generate_keypair, load_private_key, sign_bytes
@@ -150,8 +151,41 @@ def test_the_serving_bundle_signed_again_and_offered_keeps_the_new_signature(dev
     assert updater.data["outcome"] == "committed" and "downloading" not in updater.data["history"]
     active = updater.slots.active_path()
     assert read_signature(active)["key_id"] == new.key_id
+    # the old key's copy offered again meanwhile (a rollout or `fleet offer` from the copy not re-signed): it put
+    # the old key's signature back, and the end of the rotation left the box serving nothing at its next start
+    updater = build_updater(device)
+    updater.submit(offer_for(signed_bundles["v1"], "old-copy-v1"))
+    updater.run()
+    assert updater.data["outcome"] == "committed" and "downloading" not in updater.data["history"]
+    assert read_signature(active)["key_id"] != new.key_id  # the offer's, as taken: kept beside the new one
     (device / "keys" / "fleet.pub").unlink()  # the rotation ends: the old key is no longer trusted
-    verify_bundle_signature(open_bundle(active), load_trusted_keys([device / "keys"]))
+    trusted = load_trusted_keys([device / "keys"])
+    assert verify_bundle_signature(open_bundle(active), trusted, previous=True) == new.key_id
+    with pytest.raises(SignatureError, match="unknown key"):  # (manifest.sig alone: the old key's)
+        verify_bundle_signature(open_bundle(active), trusted)
+
+
+def test_a_key_removed_while_its_bundle_downloads_is_not_trusted_at_verification(device, signed_bundles, tmp_path):
+    """The keys were read once, when the offer came: a key removed while its bundle downloaded still passed
+    VERIFYING and SELF_TEST, and INSTALLING overwrote the previous model with it before COMMITTING refused it."""
+    from ota.signing import load_trusted_keys
+
+    rotating = generate_keypair(tmp_path / "rotating", "rotating")
+    shutil.copy(rotating.public_path, device / "keys")
+    bundle = variant(signed_bundles["v2"], tmp_path / "rotating-v2", load_private_key(rotating.private_path))
+    updater = build_updater(device)
+    updater.deps.reload_keys = lambda: load_trusted_keys([device / "keys"])  # as the agent wires it
+
+    def remove_key(state):
+        if state.value == "downloading":
+            (device / "keys" / "rotating.pub").unlink()
+    updater.on_enter = remove_key
+    updater.submit(offer_for(bundle, "u2"))
+    updater.run()
+    assert updater.data["outcome"] == "failed" and "verifying" in updater.data["history"]
+    assert "installing" not in updater.data["history"], updater.data["history"]
+    assert f"unknown key '{rotating.key_id}'" in updater.data["reason"]
+    assert updater.slots.active() == "a" and serving(device) == "1.0.0"
 
 
 def test_a_box_with_room_for_two_bundles_takes_every_update(signed_bundles, int8_bundle, tmp_path):
