@@ -130,7 +130,32 @@ class MqttTls(BaseModel):
             except ssl.SSLError as exc:
                 problems.append(f"mqtt.tls.cert_file = {self.cert_file} and mqtt.tls.key_file = {self.key_file}: "
                                 f"not a PEM certificate and its unencrypted private key ({_ssl_reason(exc)})")
+            else:
+                problems += self._out_of_date()
         return problems
+
+    def _out_of_date(self) -> list[str]:
+        """The client certificate outside its validity dates: the broker refuses the handshake, and the agent saw
+        only "the network connection ended before CONNACK", naming no file (with `protocol = "auto"` it even took
+        that for a protocol refusal)."""
+        import datetime as dt
+
+        from cryptography import x509
+
+        try:
+            cert = x509.load_pem_x509_certificate(self.cert_file.read_bytes())
+        except (OSError, ValueError):
+            return []  # (loaded by ssl above: a form this check does not read is left to the broker)
+        now = dt.datetime.now(dt.timezone.utc)
+        if cert.not_valid_after_utc < now:
+            return [f"mqtt.tls.cert_file = {self.cert_file}: the certificate expired on "
+                    f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; the broker would refuse it: install a renewed "
+                    "one (and check the box's clock)"]
+        if cert.not_valid_before_utc > now:
+            return [f"mqtt.tls.cert_file = {self.cert_file}: the certificate is not valid before "
+                    f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC and the clock says {now:%Y-%m-%d %H:%M}: "
+                    "set the box's clock (NTP) or install a certificate valid now"]
+        return []
 
 
 def _ssl_reason(exc) -> str:
@@ -466,6 +491,9 @@ class MqttSession:
                 was_up, reason, retry_now = self._connect_once()
             except Exception as exc:  # refused, unreachable, TLS, or state_fn failed: reported, then retried
                 was_up, reason, retry_now = False, f"{type(exc).__name__}: {exc}", False
+                if type(exc).__name__ == "SSLCertVerificationError":  # the broker's certificate, checked here
+                    reason += ("; check mqtt.tls.ca_file (the CA that signed the broker's certificate), that "
+                               "mqtt.host is a name or address the certificate names, and the box's clock")
                 if not isinstance(exc, OSError):
                     log.exception("MQTT connection attempt to %s:%s failed", self.settings.host, self.settings.port)
             if self._stop.is_set():

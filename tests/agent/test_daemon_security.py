@@ -187,6 +187,27 @@ def test_mqtt_tls_files_that_do_not_load_stop_the_start_before_the_model_loads(t
               "certificate and its unencrypted private key"),
              ({"mqtt.tls.cert_file": str(certs.cert_file), "mqtt.tls.key_file": str(locked)},
               f"mqtt.tls.key_file = {locked}: not a PEM certificate and its unencrypted private key")]
+    # a client certificate out of its dates: the broker refused the handshake, and the agent said only "the
+    # network connection ended before CONNACK" at every retry
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    key = serialization.load_pem_private_key(certs.key_file.read_bytes(), None)
+    for name, days in (("expired", -30), ("future", 30)):
+        start = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc) if days < 0 else \
+            datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
+        subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "box-1")])
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(1).not_valid_before(start).not_valid_after(start + datetime.timedelta(days=10))
+                .sign(key, hashes.SHA256()))
+        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cases += [({"mqtt.tls.cert_file": str(tmp_path / "expired.pem"), "mqtt.tls.key_file": str(certs.key_file)},
+               f"mqtt.tls.cert_file = {tmp_path / 'expired.pem'}: the certificate expired on 2020-01-11 00:00 UTC; "
+               "the broker would refuse it"),
+              ({"mqtt.tls.cert_file": str(tmp_path / "future.pem"), "mqtt.tls.key_file": str(certs.key_file)},
+               f"mqtt.tls.cert_file = {tmp_path / 'future.pem'}: the certificate is not valid before ")]
     for settings, message in cases:
         agent = _agent(tmp_path, **mqtt, **settings)
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -441,6 +441,7 @@ def test_tls_with_the_fleet_ca(make_mosquitto, tmp_path):
     untrusting = make_session(broker, tls={}).start()  # the system CAs do not know the fleet CA
     failed = next_event(untrusting, Disconnected)
     assert "CERTIFICATE_VERIFY_FAILED" in failed.reason and failed.retry_in_s is not None
+    assert "check mqtt.tls.ca_file (the CA that signed the broker's certificate)" in failed.reason  # names no setting
     untrusting.close()
 
 
