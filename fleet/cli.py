@@ -219,7 +219,8 @@ def _reload(args, cfg, controller, http):
     logging.getLogger().setLevel(new.log_level.upper())
     controller.store.retention_s = controller.settings.retention_s = new.database.retention_s
     http.set_metrics_token(token)  # read again even under the same path: a token rotated in its file
-    log.info("SIGHUP: fleet.toml read again; %s%s",
+    log.info("SIGHUP: %s; %s%s", f"{args.config} read again" if getattr(args, "config", None) else
+             "no --config file: the environment (EDGEGLM_*) read again",
              "applied: " + ", ".join(k for k in changed if k in LIVE_SETTINGS)
              if any(k in LIVE_SETTINGS for k in changed) else "no live setting changed",
              "; the metrics token file was read again" if new.http.metrics_token_file else "")

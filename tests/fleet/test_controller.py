@@ -1022,7 +1022,7 @@ port = {mosquitto.port + 1}
         serve.send_signal(subprocess.signal.SIGTERM)
         assert serve.wait(timeout=20) == 0
         log = "".join(early) + serve.stdout.read()
-        assert "INFO edgeglm.fleet: SIGHUP: fleet.toml read again; applied: database.retention_s, " \
+        assert f"INFO edgeglm.fleet: SIGHUP: {tmp_path / 'fleet.toml'} read again; applied: database.retention_s, " \
                "http.metrics_token_file, log_level" in log  # and fleet.toml's log_level reaches the log now
         assert "WARNING edgeglm.fleet: SIGHUP: mqtt.port changed in fleet.toml: applied at the next restart" in log
         assert "SIGHUP: fleet.toml not applied, the running config is kept" in log
