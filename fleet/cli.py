@@ -180,7 +180,7 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGHUP, lambda *_: hangup.set())  # it ended the controller uncleanly (a closed terminal)
     from fleet.rollout import RolloutDriver
 
-    driver = RolloutDriver(controller.store, controller, fleet=controller.settings.fleet)
+    driver = RolloutDriver(controller.store, controller, fleet=controller.settings.fleet, stopping=stop)
     print(f"fleet controller: broker {controller.settings.broker_host}:{controller.settings.broker_port}, "
           f"database {controller.settings.db}, http {cfg.http.host}:{http.server_address[1]}; Ctrl-C stops",
           flush=True)

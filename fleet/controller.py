@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agent.errors import AgentError, PayloadError
 from agent.topics import (DesiredConfig, DeviceHealth, ReportedState, TelemetryReport, broker_packet_limit,
                           chunk_response_topic, controller_subscriptions, desired_topic, ota_offer_topic,
-                          publish_packet_bytes, split_topic)
+                          publish_packet_bytes, split_topic, state_topic)
 from agent.metrics import format_value
 from fleet.store import SILENT_AFTER_S, Store, telemetry_row
 from ota.bundle import open_bundle
@@ -66,6 +66,7 @@ PAYLOAD_LIMITS = {"state": 256 * 1024, "telemetry": 64 * 1024, "health": 8 * 102
 HEALTH_FLUSH_S = 1.0  # device health snapshots wait at most this long for the writer's next telemetry batch
 MAX_BATCH = 5000  # telemetry rows per transaction
 PRUNE_EVERY_S = 60.0
+STATE_ASK_AGAIN_S = 60.0  # how often the state of a device that reports but is not registered is asked for
 OFFERED_CHECK_S = 30.0  # how long the chunk server trusts the offers table's answer for one device and update
 OFFERED_KEPT = 4096  # (update, device) answers kept; more are asked of the table again
 PUBLISH_TIMEOUT_S = 10.0  # how long a command waits for the broker to acknowledge a retained message
@@ -217,6 +218,11 @@ class FleetController:
         self._writer = threading.Thread(target=self._write_telemetry, name="fleet-telemetry-writer", daemon=True)
         self._chunk_limit = _RateLimit(settings.chunk_requests_per_s, settings.chunk_burst)
         self._limited_logged: dict[tuple[str, str], float] = {}
+        # the devices in the registry (None: not read yet), and those whose state was asked for again: a device
+        # heard from (telemetry, health, OTA status) but not registered lost its state to the broker's queue limit
+        # (a fleet connecting at once, the controller's retained states after a restart): it is asked for again
+        self._registered: set[tuple[str, str]] | None = None
+        self._asked_state: dict[tuple[str, str], float] = {}
         # (update, fleet, device) -> (bundle, when checked): the offers table's answer, kept OFFERED_CHECK_S and for
         # the OFFERED_KEPT most recent only (a rollout makes one update id per device; a removal is seen in time)
         self._offered: OrderedDict[tuple[str, str, str], tuple[Path, float]] = OrderedDict()
@@ -428,15 +434,18 @@ class FleetController:
                 return
             before = self.store.upsert_state(fleet, state.model_dump(mode="json"), device=device)  # refuses another's
             _log_state_change(fleet, device, before, state)
+            self._now_registered(fleet, device)
         elif rest == "telemetry":
             report = TelemetryReport.model_validate_json(msg.payload)
             if report.device != device:
                 raise ValueError(f"report of device {report.device!r} on the topic of {device!r}")
             self._telemetry.put(telemetry_row(fleet, report.model_dump()))
+            self._ask_state_if_unknown(fleet, device)
         elif rest == "health":
             health = DeviceHealth.model_validate_json(msg.payload)
             if health.device != device:
                 raise ValueError(f"health of device {health.device!r} on the topic of {device!r}")
+            self._ask_state_if_unknown(fleet, device)
             with self._health_lock:  # stored with the next telemetry batch (HEALTH_FLUSH_S at the latest)
                 self._health[(fleet, device)] = health.model_dump(mode="json")
         elif rest == "ota/status":
@@ -454,6 +463,33 @@ class FleetController:
                 self._chunk_limited(fleet, device)
                 return
             self._serve_chunk(fleet, device, msg)
+
+    def _now_registered(self, fleet: str, device: str) -> None:
+        if self._registered is not None:
+            self._registered.add((fleet, device))
+        if self._asked_state.pop((fleet, device), None) is not None:  # the one-device subscription did its job
+            self.client.unsubscribe(state_topic(fleet, device))
+            log.info("device %s/%s: registered from its state asked for again (it had been lost on the way)",
+                     fleet, device)
+
+    def _ask_state_if_unknown(self, fleet: str, device: str) -> None:
+        """A device heard from but not in the registry: subscribe to its state topic alone, which has the broker
+        send its retained state again (at most once a minute per device; never for one `fleet device remove`
+        took out). Its state was dropped by the broker (max_queued_messages: a fleet connecting at once)."""
+        if self._registered is None:
+            self._registered = {(d["fleet"], d["device"]) for d in self.store.devices()}
+        key, now = (fleet, device), time.monotonic()
+        if key in self._registered or now - self._asked_state.get(key, -1e9) < STATE_ASK_AGAIN_S:
+            return
+        if self.store.is_removed(fleet, device):
+            return
+        if self.store.has_device(fleet, device):  # registered by another controller on this database
+            self._registered.add(key)
+            return
+        self._asked_state[key] = now
+        self.client.subscribe(state_topic(fleet, device), 1)
+        log.info("device %s/%s reports but is not registered (its state was lost on the way: the broker's queue "
+                 "limit, max_queued_messages?): its retained state is asked for again", fleet, device)
 
     def _chunk_limited(self, fleet: str, device: str) -> None:
         self.store.count("chunk_requests_limited")

@@ -62,9 +62,29 @@ CREATE TABLE IF NOT EXISTS rollouts (
 """
 
 
+# each offer of a rollout as it is published, one small row: rewriting the rollout's whole data (1 MB at 10,000
+# devices) after every offer made a rollout of 10,000 quadratic (110 s of store lock, ~30 GB written); the data
+# takes them in once a second and at the end of the offers, and every read of a rollout merges them in
+OFFERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollout_offers (
+    rollout_id INTEGER NOT NULL, device TEXT NOT NULL, update_id TEXT NOT NULL, PRIMARY KEY (rollout_id, device))
+"""
+KEEP_EVERY_S = 1.0  # while offering: how often the rollout's data takes in its offers
+REPORT_LIST_MAX = 20  # devices a report line names; beyond, the first ones and the count (a line of 10,000 was 243 KB)
+
+
+def _few(devices: list[str]) -> str:
+    """A list of devices for a report line: whole up to REPORT_LIST_MAX, else its first ones and how many more."""
+    devices = list(devices)
+    if len(devices) <= REPORT_LIST_MAX:
+        return str(devices)
+    return str(devices[:REPORT_LIST_MAX])[:-1] + f", ... and {len(devices) - REPORT_LIST_MAX} more]"
+
+
 def _schema(store: Store) -> None:
-    # one statement, by execute (not executescript, which commits first): it may run inside a transaction
+    # one statement each, by execute (not executescript, which commits first): it may run inside a transaction
     store._exec(SCHEMA.strip().rstrip(";"))
+    store._exec(OFFERS_SCHEMA.strip())
     have = {row[1] for row in store._exec("PRAGMA table_info(rollouts)")}
     # a rollout recorded by an older controller keeps the gate it was started with (no minimum: 1 request)
     for column, kind in (("min_delta_ms", "REAL NOT NULL DEFAULT 1.0"), ("group_name", "TEXT"),
@@ -241,7 +261,7 @@ def _left_out_note(taken: dict[str, list[Rollout]]) -> str:
     by = {}
     for d, rs in sorted(taken.items()):
         by.setdefault(tuple((o.id, o.bundle.name, o.target) for o in rs), []).append(d)
-    return "; ".join(f"{devices} left out: also targeted by "
+    return "; ".join(f"{_few(devices)} left out: also targeted by "
                      + " and ".join(f"active rollout {i} ({b} -> {t})" for i, b, t in key)
                      + ", which may offer it another bundle"
                      for key, devices in by.items())
@@ -276,9 +296,30 @@ def group_add_checked(store: Store, group: str, fleet: str, devices: list[str], 
 
 
 def _rollout_row(store: Store, rollout_id: int) -> "tuple[Rollout, float] | None":
-    """One rollout and its `updated`, read in one SELECT."""
+    """One rollout and its `updated`, read in one SELECT (its offers merged in)."""
     row = store._exec(f"SELECT {_COLUMNS}, updated FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
-    return None if row is None else (_rollout(row), row[-1])
+    if row is None:
+        return None
+    r = _rollout(row)
+    _merge_offers(store, [r])
+    return r, row[-1]
+
+
+def _merge_offers(store: Store, rollouts: list[Rollout]) -> None:
+    """The offers recorded one by one (rollout_offers) into each rollout's data["offers"]."""
+    ids = [r.id for r in rollouts if r.phase in ACTIVE or r.phase == "cancelled"]
+    if not ids:
+        return
+    try:
+        rows = store._exec(f"SELECT rollout_id, device, update_id FROM rollout_offers WHERE rollout_id IN "
+                           f"({','.join('?' * len(ids))})", ids).fetchall()
+    except Exception as exc:  # noqa: BLE001: a read-only database of a controller from before the table
+        if "no such table" in str(exc):
+            return
+        raise
+    by_id = {r.id: r for r in rollouts}
+    for rid, device, update_id in rows:
+        by_id[rid].data.setdefault("offers", {}).setdefault(device, update_id)
 
 
 def cancel_rollout(store: Store, rollout_id: int) -> tuple["Rollout", str]:
@@ -323,9 +364,12 @@ def load_rollouts(store: Store, active_only: bool = False) -> list[Rollout]:
             return []
     else:
         _schema(store)
-    rows = store._exec(f"SELECT {_COLUMNS} FROM rollouts ORDER BY id").fetchall()
+    rows = store._exec(f"SELECT {_COLUMNS} FROM rollouts" + (
+        f" WHERE phase IN ({','.join('?' * len(ACTIVE))})" if active_only else "") + " ORDER BY id",
+        ACTIVE if active_only else ()).fetchall()
     out = [_rollout(r) for r in rows]
-    return [r for r in out if r.phase in ACTIVE] if active_only else out
+    _merge_offers(store, out)
+    return out
 
 
 # the saved start times of a rollout's waits and windows, and how far the wall clock must step between two ticks
@@ -356,8 +400,9 @@ class RolloutDriver:
     fleet's devices: it must not drive another fleet's rollout (it would wait for results it never hears,
     or offer twice beside that fleet's own controller on a shared database)."""
 
-    def __init__(self, store: Store, controller, fleet: str = "+"):
+    def __init__(self, store: Store, controller, fleet: str = "+", stopping=None):
         self.store, self.controller, self.fleet = store, controller, fleet
+        self.stopping = stopping  # a threading.Event: set, the offers of a tick stop (kept) and go on at the next start
         self._failing: dict[int, str] = {}  # rollout id -> the error its last step raised (logged once)
         self._last_clock: tuple[float, float] | None = None  # (wall, monotonic) at the last tick
 
@@ -456,17 +501,30 @@ class RolloutDriver:
         version unmeasured and were never rolled back. False if cancelled."""
         offers = r.data.setdefault("offers", {})
         todo = [d for d in devices if d not in offers]
+        kept = time.monotonic()
         for n, d in enumerate(todo):
             row = self.store._exec("SELECT phase FROM rollouts WHERE id=?", (r.id,)).fetchone()
             if row and row[0] == "cancelled":
                 log.info("rollout %d cancelled while offering: %d of %d device(s) offered", r.id, n, len(todo))
                 return False
+            if self.stopping is not None and self.stopping.is_set():  # `fleet serve` stops: the next start goes on
+                self._keep(r)
+                log.info("rollout %d: stopped while offering: %d of %d device(s) offered; the rest when the "
+                         "controller runs again", r.id, n, len(todo))
+                return False
             offers[d] = self.controller.offer(r.fleet, d, bundle)
-            if not self._keep(r):  # cancelled while it was being offered: the offer is out all the same
+            # one small row per offer, never over a cancel (the data takes them in once a second, and at the end)
+            recorded = self.store._exec(
+                "INSERT OR REPLACE INTO rollout_offers (rollout_id, device, update_id) SELECT ?, ?, ? WHERE EXISTS "
+                "(SELECT 1 FROM rollouts WHERE id=? AND phase != 'cancelled')", (r.id, d, offers[d], r.id)).rowcount
+            if not recorded:  # cancelled while it was being offered: the offer is out all the same
                 self._record_late_offer(r, d, offers[d])
                 log.info("rollout %d cancelled while offering: %d of %d device(s) offered", r.id, n + 1, len(todo))
                 return False
-        return True
+            if time.monotonic() - kept >= KEEP_EVERY_S:
+                kept = time.monotonic()
+                self._keep(r)
+        return not todo or self._keep(r)
 
     def _members(self, r: Rollout) -> set[str] | None:
         if r.group is None:
@@ -492,7 +550,8 @@ class RolloutDriver:
         version = r.data.get("version") or _bundle_version(r.bundle)
         serving = {d["device"]: d["model_version"] for d in self.store.devices(r.fleet)}
         already = [d for d in online if version is not None and serving.get(d) == version]
-        online = [d for d in online if d not in already]
+        skip = set(already)
+        online = [d for d in online if d not in skip]
         # a device another active rollout has picked, or an older one may offer (it is in both targets since a
         # `group add --force`), is left out: both would offer it their bundle on its one retained offer topic
         taken = _claimed_by_others(self.store, r, online)
@@ -713,7 +772,7 @@ class RolloutDriver:
             # now: a device moved out of the group since (to another group, another rollout) is not offered it
             members, version = self._members(r), r.data.get("version")
             known = {d["device"]: d["model_version"] for d in devices}
-            in_target = [d for d in known if members is None or d in members]
+            in_target = {d for d in known if members is None or d in members}
             # devices removed from the registry since the canaries were picked are not offered it either
             left = sorted(d for d in r.data["rest"] if d in known and d not in in_target)
             rest = sorted({*(d for d in r.data["rest"] if d in in_target), *in_target}
@@ -731,8 +790,8 @@ class RolloutDriver:
         r.data["rest_offered_at"] = now
         r.data.pop("rest_picked", None)
         offline = [d for d in rest if d not in online]
-        note = f" ({len(offline)} offline, offered when they connect: {offline})" if offline else ""
-        self._save(r, "rest_wait", f"offered to the rest {rest}{note}{r.data.pop('rest_note', '')}")
+        note = f" ({len(offline)} offline, offered when they connect: {_few(offline)})" if offline else ""
+        self._save(r, "rest_wait", f"offered to the rest {_few(rest)}{note}{r.data.pop('rest_note', '')}")
 
     def _rest_wait(self, r: Rollout, now: float) -> None:
         gone = self._drop_removed(r, "rest")
@@ -743,11 +802,17 @@ class RolloutDriver:
         waited = now - r.data.get("rest_offered_at", now)
         if not pending or waited > result_wait_s(r.window_s):
             ok = sum(res == "committed" for res in results.values())
-            note = f"; no result from {pending} in {waited:.0f} s: the retained offer stands for them" \
+            note = f"; no result from {_few(pending)} in {waited:.0f} s: the retained offer stands for them" \
                 if pending else ""
-            self._save(r, "done", f"rollout finished: {ok}/{len(results)} of the rest committed; "
-                                  f"{ {d: res for d, res in results.items() if res is not None} }{note}" if results
-                       else "rollout finished: no device besides the canaries needed it")
+            answered = {d: res for d, res in results.items() if res is not None}
+            if len(answered) > REPORT_LIST_MAX:  # the count of each result, and the devices that did not commit
+                failed = {d: res for d, res in answered.items() if res != "committed"}
+                counts = {res: list(answered.values()).count(res) for res in sorted(set(answered.values()))}
+                shown = f"{counts}" + (f"; not committed: {_few(sorted(failed))}" if failed else "")
+            else:
+                shown = f"{answered}"
+            self._save(r, "done", f"rollout finished: {ok}/{len(results)} of the rest committed; {shown}{note}"
+                       if results else "rollout finished: no device besides the canaries needed it")
 
     def _halting(self, r: Rollout, now: float) -> None:
         self._drop_removed(r, "canaries")  # a removed device is offered no rollback (its retained offer was cleared)

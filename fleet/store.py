@@ -316,6 +316,10 @@ class Store:
              state.get("last_config_error"), json.dumps(state)))
         self.db.execute("DELETE FROM removed WHERE fleet=? AND device=?", (fleet, state["device"]))  # it is back
 
+    def has_device(self, fleet: str, device: str) -> bool:
+        """Whether the device is in the registry."""
+        return self._exec("SELECT 1 FROM devices WHERE fleet=? AND device=?", (fleet, device)).fetchone() is not None
+
     def is_removed(self, fleet: str, device: str) -> bool:
         """Whether `fleet device remove` took the device out and it has not published a state since."""
         return self._exec("SELECT 1 FROM removed WHERE fleet=? AND device=?", (fleet, device)).fetchone() is not None

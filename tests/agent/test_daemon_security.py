@@ -267,8 +267,8 @@ def test_files_are_checked_against_the_manifest_whose_signature_was_verified(tmp
     shutil.copytree(signed_bundles["v1"], bundle)
     real_verify = daemon.verify_bundle_signature
 
-    def verify_then_swap(b, trusted):
-        kid = real_verify(b, trusted)
+    def verify_then_swap(b, trusted, **kw):
+        kid = real_verify(b, trusted, **kw)
         tokenizer = bundle / "tokenizer.json"
         tokenizer.write_text(tokenizer.read_text() + " ")
         manifest = json.loads((bundle / MANIFEST).read_text())

@@ -1248,3 +1248,38 @@ def test_an_idle_canary_is_told_apart_from_a_silent_one(tmp_path):
     assert r.phase == "halting", r.data["report"]
     assert "d0: no requests served on the new version in the window (2 telemetry report(s), all idle)" \
         in r.data["report"][-1]
+
+
+def test_a_device_whose_state_the_broker_dropped_is_registered_when_it_reports(make_mosquitto, tmp_path):
+    """10,000 devices connecting at once (a broker restart) or a controller restarting on their retained states:
+    the broker drops what is beyond its queue for the controller (max_queued_messages), and those devices never
+    appeared in the registry (no rollout picked them) though their telemetry was stored. A device that reports
+    but is not registered now has its retained state asked for again."""
+    from agent.topics import state_topic
+
+    broker = make_mosquitto(options=("max_queued_messages 2",))  # the queue a burst overflows, made small
+    pub = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    devices = [f"burst-{i:03d}" for i in range(120)]
+    try:
+        for d in devices:
+            pub.publish(state_topic(FLEET, d), device_state(d).model_dump_json(), qos=1,
+                        retain=True).wait_for_publish(10)
+        ctl = FleetController(ControllerSettings(broker_port=broker.port, db=tmp_path / "fleet.db", fleet=FLEET))
+        ctl.start()
+        try:
+            time.sleep(2.0)  # the retained states the broker could hand over are in
+            registered = {d["device"] for d in ctl.store.devices(FLEET)}
+            assert len(registered) < len(devices), "the broker dropped nothing: the test shows nothing"
+            for d in devices:
+                now = time.time()
+                pub.publish(telemetry_topic(FLEET, d), TelemetryReport(
+                    device=d, window_start=now - 10, window_end=now, count=0).model_dump_json(), qos=0)
+                time.sleep(0.02)  # (devices report spread over their interval)
+            until(lambda: len(ctl.store.devices(FLEET)) == len(devices), timeout=30)
+        finally:
+            ctl.stop()
+    finally:
+        pub.loop_stop()
+        pub.disconnect()

@@ -270,3 +270,78 @@ def test_the_simulator_refuses_downgrades_and_rollbacks_for_another_version(mosq
     finally:
         dev.stop()
         ctl.stop()
+
+
+# --- offers recorded one row each (a rollout of 10,000 rewrote its whole data after every offer) -----------------
+
+@pytest.fixture
+def big_fleet(tmp_path):
+    store = Store(tmp_path / "fleet.db")
+    devices = [f"d{i:04d}" for i in range(300)]
+    for d in devices:
+        store.upsert_state(FLEET, {"device": d, "online": True, "model": None})
+    rid = create_rollout(store, bundle(tmp_path, "b2", "2.0.0"), FLEET, 100, min_requests=1)
+    yield store, rid, devices
+    store.close()
+
+
+def _data_writes(store, monkeypatch) -> list[str]:
+    writes, real = [], store._exec
+
+    def counting(sql, params=()):
+        if sql.startswith("UPDATE rollouts SET") and "data=" in sql:
+            writes.append(sql)
+        return real(sql, params)
+    monkeypatch.setattr(store, "_exec", counting)
+    return writes
+
+
+def test_offers_are_recorded_one_row_each_not_by_rewriting_the_rollout(big_fleet, monkeypatch):
+    """Each offer rewrote the rollout's data, which lists every offer: 1 MB and a WAL write per offer at 10,000
+    devices (110 s of store lock, ~30 GB written; benchmarks/rollout_scale.py). Now one row per offer, the data
+    taking them in once a second and at the end."""
+    store, rid, devices = big_fleet
+    monkeypatch.setattr(R, "KEEP_EVERY_S", 3600.0)
+    writes = _data_writes(store, monkeypatch)
+    r = next(x for x in load_rollouts(store) if x.id == rid)
+    rec = Recorder()
+    assert RolloutDriver(store, rec)._offer(r, devices, r.bundle)
+    assert len(rec.offers) == 300 and len(writes) == 1, len(writes)  # the end's, not one per offer
+    assert store._exec("SELECT COUNT(*) FROM rollout_offers WHERE rollout_id=?", (rid,)).fetchone()[0] == 300
+    saved = json.loads(store._exec("SELECT data FROM rollouts WHERE id=?", (rid,)).fetchone()[0])
+    assert saved["offers"] == {d: f"b2-{d}" for d in devices}
+
+
+def test_offers_cut_off_midway_are_known_to_the_next_tick(big_fleet, monkeypatch):
+    """A tick that raises (the broker lost) after 120 offers: the data was never saved meanwhile, yet the next
+    tick offers only the 180 left, not the 120 again (their offers came from the rows)."""
+    store, rid, devices = big_fleet
+    monkeypatch.setattr(R, "KEEP_EVERY_S", 3600.0)
+    r = next(x for x in load_rollouts(store) if x.id == rid)
+
+    def broker_lost():
+        if len(rec.offers) == 120:
+            raise ConnectionError("the broker went away")
+    rec = Recorder(on_offer=broker_lost)
+    with pytest.raises(ConnectionError):
+        RolloutDriver(store, rec)._offer(r, devices, r.bundle)
+    r = next(x for x in load_rollouts(store) if x.id == rid)
+    assert len(r.data["offers"]) == 119  # (the 120th raised before its row)
+    again = Recorder()
+    assert RolloutDriver(store, again)._offer(r, devices, r.bundle)
+    assert [d for d, _ in again.offers] == devices[119:]
+
+
+def test_a_stop_while_offering_keeps_what_was_offered_and_the_next_start_goes_on(big_fleet):
+    """SIGTERM to `fleet serve` during the offers of a large rollout waited for all of them (minutes at 10,000)."""
+    store, rid, devices = big_fleet
+    stopping = threading.Event()
+    rec = Recorder(on_offer=lambda: stopping.set() if len(rec.offers) == 50 else None)
+    r = next(x for x in load_rollouts(store) if x.id == rid)
+    assert not RolloutDriver(store, rec, stopping=stopping)._offer(r, devices, r.bundle)
+    assert len(rec.offers) == 50
+    saved = json.loads(store._exec("SELECT data FROM rollouts WHERE id=?", (rid,)).fetchone()[0])
+    assert len(saved["offers"]) == 50
+    again = Recorder()
+    r = next(x for x in load_rollouts(store) if x.id == rid)
+    assert RolloutDriver(store, again)._offer(r, devices, r.bundle) and len(again.offers) == 250
