@@ -633,10 +633,13 @@ def _process_defaults() -> None:
 def main(argv: list[str] | None = None) -> int:
     _process_defaults()
     args = build_parser().parse_args(argv)
-    stdout, sys.stdout = sys.stdout, _Output(sys.stdout)
+    stdout = sys.stdout
+    if stdout is not None:  # (None: started with stdout closed, `>&-`: print() then writes nowhere, as before)
+        sys.stdout = _Output(stdout)
     try:
         code = args.func(args)
-        sys.stdout.flush()  # what is still buffered: a full disk shows here, not in the interpreter's last flush
+        if sys.stdout is not None:
+            sys.stdout.flush()  # what is still buffered: a full disk shows here, not in the interpreter's last flush
         return code
     except BrokenPipeError:  # the reader of the output went away (`edgeglm generate ... | head`): as other tools
         _drop_stdout()

@@ -89,9 +89,9 @@ class HttpSettings(_Section):
             if key != key.strip():
                 raise ValueError("the key has spaces or a line break around it, which no client's token can match "
                                  "(tokens are read without them): remove them")
-            bad = next((c for c in key if not "!" <= c <= "~"), None)
+            bad = next((c for c in key if not " " <= c <= "~"), None)  # (inner spaces are sent as they are)
             if bad is not None:  # an HTTP header carries bytes read as latin-1: a UTF-8 client never matched "ä"
-                raise ValueError(f"the key holds {'a space or control character' if bad.isspace() or ord(bad) < 32 else 'a character outside ASCII'} "
+                raise ValueError(f"the key holds {'a control character' if ord(bad) < 32 or ord(bad) == 127 else 'a character outside ASCII'} "
                                  f"(U+{ord(bad):04X}), which clients cannot send in an Authorization header as "
                                  "the agent compares it: use printable ASCII only (e.g. `openssl rand -hex 32`)")
         return v

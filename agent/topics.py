@@ -454,39 +454,40 @@ def _describe(err: ValidationError, limit: int = 3) -> str:
 VALUE_PROBLEM = re.compile(r"^(?!EOF).*(number|escape|surrogate|unicode|control character|invalid value)", re.I)
 
 
-def json_path_at(text: str, line: int, column: int) -> str | None:
+def json_path_at(raw: bytes, line: int, column: int) -> str | None:
     """The field (`sampling.seed`, `messages[2]`) whose value holds `line`:`column` (1-based, as the JSON
-    reader's "at line L column C") of the JSON `text`; None at the top level or where that cannot be told. The
-    reader's errors in a value (a number out of range, a lone surrogate in a string) name no field."""
-    lines = text.split("\n")
+    reader's "at line L column C", the column in bytes) of the JSON `raw`; None at the top level or where that
+    cannot be told. The reader's errors in a value (a number out of range, a lone surrogate in a string) name no
+    field. Scanned as bytes: the structural characters are ASCII, and a UTF-8 byte of other text never is."""
+    lines = raw.split(b"\n")
     if not 1 <= line <= len(lines):
         return None
     end = sum(len(x) + 1 for x in lines[:line - 1]) + column - 1
     stack: list[list] = []  # [is_object, key or index]
     in_string = escaped = False
-    start = key = None
-    for i, c in enumerate(text[:end + 1]):
+    start, key = 0, None
+    for i, c in enumerate(raw[:end + 1]):
         if in_string:
             if escaped:
                 escaped = False
-            elif c == "\\":
+            elif c == 0x5C:  # backslash
                 escaped = True
-            elif c == '"':
-                in_string, key = False, text[start + 1:i]
-        elif c == '"':
+            elif c == 0x22:  # the closing quote
+                in_string, key = False, raw[start + 1:i].decode("utf-8", "replace")
+        elif c == 0x22:
             in_string, start = True, i
-        elif c in "{[":
-            stack.append([c == "{", None if c == "{" else 0])
-        elif c in "}]" and stack:
+        elif c in b"{[":
+            stack.append([c == 0x7B, None if c == 0x7B else 0])
+        elif c in b"}]" and stack:
             stack.pop()
-        elif c == ":" and stack and stack[-1][0]:
+        elif c == 0x3A and stack and stack[-1][0]:  # ':'
             stack[-1][1] = key
-        elif c == "," and stack:
+        elif c == 0x2C and stack:  # ','
             stack[-1][1] = None if stack[-1][0] else stack[-1][1] + 1
     path = ""
     for is_object, name in stack:
         if name is None:
-            return path or None  # between an object's fields: the problem is no field's value
+            return path.lstrip(".") or None  # between an object's fields: the problem is no field's value
         path += f".{name}" if is_object else f"[{name}]"
     return path.lstrip(".") or None
 
@@ -505,7 +506,7 @@ def parse_payload(model_cls: type[M], raw: bytes, max_bytes: int, topic: str = "
         first = exc.errors()[0]
         where = re.search(r"at line (\d+) column (\d+)", first["msg"]) if (
             first["type"] == "json_invalid" and VALUE_PROBLEM.search(first["msg"])) else None
-        field = where and json_path_at(raw.decode("utf-8", "replace"), int(where[1]), int(where[2]))
+        field = where and json_path_at(raw, int(where[1]), int(where[2]))
         if field:  # a number out of range, a lone surrogate: the reader says where, not which field
             problem = f"field {field!r}: {problem}"
         raise PayloadError(topic, f"not a valid {model_cls.__name__}: {problem}") from None

@@ -67,6 +67,7 @@ HEALTH_FLUSH_S = 1.0  # device health snapshots wait at most this long for the w
 MAX_BATCH = 5000  # telemetry rows per transaction
 PRUNE_EVERY_S = 60.0
 STATE_ASK_AGAIN_S = 60.0  # how often the state of a device that reports but is not registered is asked for
+STATE_ASKS_MAX = 3  # and how many times at most (a state this controller refuses would come back every minute)
 OFFERED_CHECK_S = 30.0  # how long the chunk server trusts the offers table's answer for one device and update
 OFFERED_KEPT = 4096  # (update, device) answers kept; more are asked of the table again
 PUBLISH_TIMEOUT_S = 10.0  # how long a command waits for the broker to acknowledge a retained message
@@ -222,7 +223,7 @@ class FleetController:
         # heard from (telemetry, health, OTA status) but not registered lost its state to the broker's queue limit
         # (a fleet connecting at once, the controller's retained states after a restart): it is asked for again
         self._registered: set[tuple[str, str]] | None = None
-        self._asked_state: dict[tuple[str, str], float] = {}
+        self._asked_state: dict[tuple[str, str], list] = {}  # -> [when asked last, times asked, still subscribed]
         # (update, fleet, device) -> (bundle, when checked): the offers table's answer, kept OFFERED_CHECK_S and for
         # the OFFERED_KEPT most recent only (a rollout makes one update id per device; a removal is seen in time)
         self._offered: OrderedDict[tuple[str, str, str], tuple[Path, float]] = OrderedDict()
@@ -397,6 +398,21 @@ class FleetController:
             self._handle(msg)
         except Exception as exc:
             self._reject(msg.topic, exc)
+        finally:
+            if self._asked_state and msg.topic.endswith("/state"):
+                self._state_answered(msg.topic)
+
+    def _state_answered(self, topic: str) -> None:
+        """A state came on a topic asked for alone (taken or not: a state this controller refuses, a cleared
+        one): that subscription has done its job."""
+        try:
+            fleet, device, _ = split_topic(topic)
+        except ValueError:
+            return
+        entry = self._asked_state.get((fleet, device))
+        if entry is not None and entry[2]:
+            entry[2] = False
+            self.client.unsubscribe(topic)
 
     def _reject(self, topic: str, exc: Exception) -> None:
         try:
@@ -467,8 +483,10 @@ class FleetController:
     def _now_registered(self, fleet: str, device: str) -> None:
         if self._registered is not None:
             self._registered.add((fleet, device))
-        if self._asked_state.pop((fleet, device), None) is not None:  # the one-device subscription did its job
-            self.client.unsubscribe(state_topic(fleet, device))
+        entry = self._asked_state.pop((fleet, device), None)
+        if entry is not None:
+            if entry[2]:  # the one-device subscription did its job
+                self.client.unsubscribe(state_topic(fleet, device))
             log.info("device %s/%s: registered from its state asked for again (it had been lost on the way)",
                      fleet, device)
 
@@ -479,17 +497,26 @@ class FleetController:
         if self._registered is None:
             self._registered = {(d["fleet"], d["device"]) for d in self.store.devices()}
         key, now = (fleet, device), time.monotonic()
-        if key in self._registered or now - self._asked_state.get(key, -1e9) < STATE_ASK_AGAIN_S:
+        entry = self._asked_state.get(key)
+        if key in self._registered or entry is not None and (
+                now - entry[0] < STATE_ASK_AGAIN_S or entry[1] >= STATE_ASKS_MAX):
             return
         if self.store.is_removed(fleet, device):
             return
         if self.store.has_device(fleet, device):  # registered by another controller on this database
-            self._registered.add(key)
+            self._now_registered(fleet, device)
             return
-        self._asked_state[key] = now
+        if entry is None:
+            entry = self._asked_state[key] = [now, 0, False]
+        entry[0], entry[1], entry[2] = now, entry[1] + 1, True
         self.client.subscribe(state_topic(fleet, device), 1)
-        log.info("device %s/%s reports but is not registered (its state was lost on the way: the broker's queue "
-                 "limit, max_queued_messages?): its retained state is asked for again", fleet, device)
+        if entry[1] == 1:
+            log.info("device %s/%s reports but is not registered (its state was lost on the way: the broker's "
+                     "queue limit, max_queued_messages?): its retained state is asked for again", fleet, device)
+        elif entry[1] == STATE_ASKS_MAX:
+            log.warning("device %s/%s reports but its state was not taken after %d asks (no retained state, or one "
+                        "this controller refuses: a newer agent? see rejected messages); not asked again until the "
+                        "controller restarts", fleet, device, entry[1])
 
     def _chunk_limited(self, fleet: str, device: str) -> None:
         self.store.count("chunk_requests_limited")

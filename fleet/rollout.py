@@ -566,7 +566,7 @@ class RolloutDriver:
         r.data.update(version=version, already=already)
         if not online:
             self._save(r, "done", f"nothing to do: every online device of {r.target} already runs {version} "
-                                  f"({', '.join(already)})")
+                                  f"({', '.join(already[:REPORT_LIST_MAX])}{f' and {len(already) - REPORT_LIST_MAX} more' if len(already) > REPORT_LIST_MAX else ''})")
             return
         n = max(1, math.ceil(len(online) * r.canary_pct / 100.0))
         canaries, rest = online[:n], online[n:]
@@ -594,7 +594,7 @@ class RolloutDriver:
                              f"{r.min_requests})"] if few else []))
         note = f" ({note})" if note else ""
         if already:
-            note += f"; {len(already)} already run {version}, not offered: {already}"
+            note += f"; {len(already)} already run {version}, not offered: {_few(already)}"
         if taken:
             note += f"; {_left_out_note(taken)}"
         # saved before the first offer: a retry offers these canaries, never others
@@ -608,7 +608,7 @@ class RolloutDriver:
         r.data["offered_at"] = now
         r.data.pop("picked", None)
         note = r.data.pop("pick_note", "")
-        self._save(r, "canary_wait", f"offered to canaries {r.data['canaries']}; {len(r.data['rest'])} device(s) "
+        self._save(r, "canary_wait", f"offered to canaries {_few(r.data['canaries'])}; {len(r.data['rest'])} device(s) "
                                      f"wait{note}")
 
     def _results(self, r: Rollout, devices: list[str]) -> dict:
@@ -620,18 +620,19 @@ class RolloutDriver:
         gone = [d for d in r.data.get(key, []) if d not in known]
         if gone:
             r.data[key] = [d for d in r.data[key] if d in known]
-            r.data.setdefault("removed", []).extend(d for d in gone if d not in r.data.get("removed", []))
+            had = set(r.data.setdefault("removed", []))
+            r.data["removed"].extend(d for d in gone if d not in had)
         return gone
 
     def _canaries_left(self, r: Rollout) -> bool:
         """Whether canaries are left after dropping removed ones; halts the rollout (nothing to roll back) if not."""
         gone = self._drop_removed(r, "canaries")
         if gone and not r.data["canaries"]:
-            self._save(r, "halting", f"every canary was removed from the registry ({gone}): nothing can be "
+            self._save(r, "halting", f"every canary was removed from the registry ({_few(gone)}): nothing can be "
                                      f"measured; start the rollout again to pick new canaries")
             return False
         if gone:
-            self._save(r, r.phase, f"canaries {gone} were removed from the registry: no longer waited for")
+            self._save(r, r.phase, f"canaries {_few(gone)} were removed from the registry: no longer waited for")
         return True
 
     def _canary_wait(self, r: Rollout, now: float) -> None:
@@ -777,7 +778,7 @@ class RolloutDriver:
             left = sorted(d for d in r.data["rest"] if d in known and d not in in_target)
             rest = sorted({*(d for d in r.data["rest"] if d in in_target), *in_target}
                           - set(r.data["canaries"]) - {d for d, v in known.items() if version and v == version})
-            note = f"; {left} left {r.group} since the canaries were picked: not offered" if left else ""
+            note = f"; {_few(left)} left {r.group} since the canaries were picked: not offered" if left else ""
             taken = _claimed_by_others(self.store, r, [d for d in rest if d not in r.data.get("offers", {})])
             if taken:  # in another active rollout's target too (a `group add --force`, or one from before the check)
                 rest = [d for d in rest if d not in taken]
@@ -796,7 +797,7 @@ class RolloutDriver:
     def _rest_wait(self, r: Rollout, now: float) -> None:
         gone = self._drop_removed(r, "rest")
         if gone:
-            self._save(r, "rest_wait", f"{gone} were removed from the registry: no longer waited for")
+            self._save(r, "rest_wait", f"{_few(gone)} were removed from the registry: no longer waited for")
         results = self._results(r, r.data["rest"])
         pending = [d for d, res in results.items() if res is None]
         waited = now - r.data.get("rest_offered_at", now)

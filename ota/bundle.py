@@ -76,7 +76,7 @@ def path_problem(path: str) -> str | None:
     long = next((p for p in parts if len(p.encode("utf-8", "surrogatepass")) > NAME_MAX), None)
     if long is not None:
         return f"a part of it is {len(long.encode('utf-8', 'surrogatepass'))} bytes long, more than {NAME_MAX}"
-    if path in (MANIFEST, SIGNATURE):
+    if path in (MANIFEST, SIGNATURE, SIGNATURE + ".prev"):
         return f"{path} is the bundle's own manifest file, not a file it lists"
     return None
 

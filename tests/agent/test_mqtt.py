@@ -500,6 +500,11 @@ def test_parse_payload_error_names_topic_and_problem():
     (b'{"v": 1, "id": "a", "prompt": "x", "seed": ' + b"9" * 4400 + b"}", "'seed'"),
     (b'{"v": 1, "id": "a", "prompt": "say \\"hi\\": \\ud800"}', "'prompt'"),
     (b'{"v": 1, "id": "a",\n "prompt": "x", "stop": ["a", "\\udc00"]}', "'stop[1]'"),
+    # the reader's column counts bytes: non-ASCII text before the value named the wrong field ('id'), or none
+    ('{"v": 1, "messages": [{"role": "user", "content": "Привет, как дела?"}], "stop": ["\\ud800"], '
+     '"id": "r-1"}'.encode(), "'stop[0]'"),
+    ('{"v": 1, "messages": [{"role": "user", "content": "你好，今天过得怎么样"}], "stop": ["\\ud800"], '
+     '"id": "r-1"}'.encode(), "'stop[0]'"),
 ])
 def test_a_value_the_json_reader_refuses_is_named(raw, field):
     """A 4400-digit seed or a lone surrogate in a string said only "Invalid JSON: ... at line 1 column N": the

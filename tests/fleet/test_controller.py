@@ -1283,3 +1283,39 @@ def test_a_device_whose_state_the_broker_dropped_is_registered_when_it_reports(m
     finally:
         pub.loop_stop()
         pub.disconnect()
+
+
+def test_a_state_the_controller_refuses_is_asked_for_again_three_times_at_most(mosquitto, tmp_path, monkeypatch):
+    """A newer agent's state (a field this controller does not know) or none retained: asked for again every
+    minute for as long as the device reported, each time delivered and refused again (10,000 subscriptions and
+    warnings a minute with version skew across a fleet)."""
+    import fleet.controller as fc
+    from agent.topics import state_topic
+
+    monkeypatch.setattr(fc, "STATE_ASK_AGAIN_S", 0.2)
+    pub = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    newer = json.loads(device_state("newer").model_dump_json()) | {"field_of_a_newer_agent": 1}
+    pub.publish(state_topic(FLEET, "newer"), json.dumps(newer), qos=1, retain=True).wait_for_publish(10)
+    ctl = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet=FLEET))
+    ctl.start()
+    asked = []
+    subscribe = ctl.client.subscribe
+    monkeypatch.setattr(ctl.client, "subscribe", lambda topic, *a, **k: (asked.append(topic), subscribe(topic, *a, **k))[1])
+    try:
+        for _ in range(15):
+            now = time.time()
+            for d in ("newer", "silent"):
+                pub.publish(telemetry_topic(FLEET, d), TelemetryReport(
+                    device=d, window_start=now - 1, window_end=now, count=0).model_dump_json()).wait_for_publish(10)
+            time.sleep(0.3)
+        until(lambda: asked.count(state_topic(FLEET, "newer")) == 3 and asked.count(state_topic(FLEET, "silent")) == 3)
+        time.sleep(1.0)
+        assert sorted(asked) == sorted([state_topic(FLEET, "newer")] * 3 + [state_topic(FLEET, "silent")] * 3), asked
+        assert ctl.store.devices(FLEET) == []
+    finally:
+        ctl.stop()
+        pub.publish(state_topic(FLEET, "newer"), b"", qos=1, retain=True).wait_for_publish(10)
+        pub.loop_stop()
+        pub.disconnect()
