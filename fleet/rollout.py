@@ -417,8 +417,10 @@ class RolloutDriver:
                 "" if phase == r.phase else f" [{r.phase} -> {phase}]")
         r.phase = phase
         # never over a cancel that came in while this tick worked on the rollout
-        self.store._exec("UPDATE rollouts SET phase=?, data=?, updated=? WHERE id=? AND phase != 'cancelled'",
-                         (phase, json.dumps(r.data), time.time(), r.id))
+        saved = self.store._exec("UPDATE rollouts SET phase=?, data=?, updated=? WHERE id=? AND phase != 'cancelled'",
+                                 (phase, json.dumps(r.data), time.time(), r.id)).rowcount
+        if saved and phase not in ACTIVE:  # ended with every offer in its data (merged when it was loaded)
+            self.store._exec("DELETE FROM rollout_offers WHERE rollout_id=?", (r.id,))
 
     def tick(self, now: float | None = None) -> None:
         """One step of every active rollout. A step that raises (a bundle deleted since the rollout was

@@ -345,3 +345,15 @@ def test_a_stop_while_offering_keeps_what_was_offered_and_the_next_start_goes_on
     again = Recorder()
     r = next(x for x in load_rollouts(store) if x.id == rid)
     assert RolloutDriver(store, again)._offer(r, devices, r.bundle) and len(again.offers) == 250
+
+
+def test_an_ended_rollout_keeps_its_offers_in_its_data_and_leaves_no_rows(big_fleet, monkeypatch):
+    store, rid, devices = big_fleet
+    monkeypatch.setattr(R, "KEEP_EVERY_S", 3600.0)
+    r = next(x for x in load_rollouts(store) if x.id == rid)
+    driver = RolloutDriver(store, Recorder())
+    assert driver._offer(r, devices, r.bundle)
+    r = next(x for x in load_rollouts(store) if x.id == rid)
+    driver._save(r, "done", "finished")
+    assert store._exec("SELECT COUNT(*) FROM rollout_offers").fetchone()[0] == 0
+    assert len(next(x for x in load_rollouts(store) if x.id == rid).data["offers"]) == 300
