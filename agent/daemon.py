@@ -52,7 +52,7 @@ from ota.bundle import MANIFEST, open_bundle
 from ota.errors import BundleError, SignatureError
 from ota.fsutil import atomic_write_json
 from ota.offers import DirectoryFetcher
-from ota.signing import load_trusted_keys, verify_bundle_signature
+from ota.signing import load_trusted_keys, slot_signers, verify_bundle_signature
 from ota.transfer import OFFER_MAX_BYTES, MqttChunkFetcher
 from ota.update import Offer, State, UpdateFailed, UpdateInterrupted, Updater, UpdaterDeps
 from runtime.batching import SchedulerClosed
@@ -133,6 +133,7 @@ class Agent:
         self._latest_desired: DesiredConfig | None = None
         self.last_config_error: str | None = None
         self.model_error: str | None = None  # why the active slot's model is not served (None: no problem)
+        self.signing_keys: dict | None = None  # hardware.keys (`_signing_keys`), read again each telemetry window
         self._chunk_fetcher: MqttChunkFetcher | None = None
         self._ota_thread: threading.Thread | None = None
         self._ota_lock = threading.Lock()
@@ -197,7 +198,40 @@ class Agent:
         self.window.switch(serving_label(self.model))
         self._set_model_error(None)
         self._path_labels = set_execution_metric(self._path_metric, self.model, self._path_labels)
+        self._refresh_signing_keys()
         self._publish_state()
+
+    def _signing_keys(self) -> dict:
+        """`hardware.keys` of the reported state: the ids of the keys this box trusts, of those signing the model
+        it serves (`serving`; None: no model served) and the other slot's model, the one a rollback goes back
+        to (`rollback`; None: that slot is empty). A key that alone signs a box's serving or rollback model
+        cannot be removed from that box without it refusing that model (`edgeglm fleet status` counts them)."""
+        try:
+            trusted = load_trusted_keys([self.cfg.ota.trusted_keys], quiet=True)
+        except BundleError:  # none loads (the agent's loads say why)
+            trusted = {}
+        m = self.model
+        keys = {"trusted": sorted(trusted),
+                "serving": slot_signers(m.bundle.root, m.bundle.manifest_bytes, trusted) if m else None,
+                "rollback": None}
+        if self.updater is not None:
+            other = self.updater.slots.path(self.updater.slots.inactive())
+            try:
+                keys["rollback"] = slot_signers(other, (other / MANIFEST).read_bytes(), trusted)
+            except OSError:  # an empty slot
+                pass
+        return keys
+
+    def _refresh_signing_keys(self) -> bool:
+        """Read the keys of `hardware.keys` again; whether they changed (a key added or removed on the box, a
+        slot's signature replaced by an update)."""
+        try:
+            keys = self._signing_keys()
+        except Exception:  # noqa: BLE001 a report must never stop the agent
+            log.debug("reading the signing keys for the state failed", exc_info=True)
+            return False
+        changed, self.signing_keys = keys != self.signing_keys, keys
+        return changed
 
     def _set_model_error(self, reason: str | None) -> None:
         self.model_error = self.http.model_problem = reason
@@ -258,7 +292,7 @@ class Agent:
                       # why the active slot's model is not served (ReportedState has no field of its own)
                       "model_error": self.model_error,
                       # (here, not a field of its own: controllers before it refuse unknown fields)
-                      "run": self.run_id},
+                      "run": self.run_id, "keys": self.signing_keys},
             execution_path=self._execution_path(),
             model=ModelRef(name=m.bundle.manifest.name, version=m.bundle.manifest.version, sha256=m.bundle.sha256)
             if m else None,
@@ -326,6 +360,7 @@ class Agent:
             log.warning("no model yet: waiting for an OTA update (HTTP answers 503 until then)")
         if self.updater is not None:  # the fleet's layer applied before the restart, before the broker's copy
             self._restore_desired()
+        self._refresh_signing_keys()  # (no model activated: the keys are still reported)
         if cfg.mqtt.enabled:
             d = cfg.device
             self.session = MqttSession(cfg.mqtt, fleet=d.fleet, device=d.id, state_fn=self.reported_state)
@@ -381,6 +416,8 @@ class Agent:
                 log.exception("checking the delivery of OTA outcomes failed")
             if self.session and time.monotonic() - self._last_telemetry >= self.cfg.telemetry.interval_s:
                 self._send_telemetry()
+                if self._refresh_signing_keys():  # a key added or removed on the box: the fleet sees it
+                    self._publish_state()
             if self._next_offer is not None and not self._update_running():
                 self._start_update(None, follow_up=True)
             self._end_probation()
@@ -898,6 +935,7 @@ class Agent:
         except Exception:  # the state is persisted; a restart resumes or fails it for good
             log.exception("OTA update stopped unexpectedly")
         finally:
+            self._refresh_signing_keys()  # a slot written or re-signed (a rotation's re-offer), or cleared
             self._publish_state()
 
 

@@ -314,13 +314,17 @@ def cmd_status(args) -> int:
         since = time.time() - args.since
         from fleet.controller import health_current
 
+        from fleet.controller import signing_key_summary
+
         results, health = store.last_results(args.fleet), store.health(args.fleet)
+        keys = store.signing_keys(args.fleet)
         lost = store.lost_reports(args.fleet, since)
         devices = [{**d, "online": bool(d["online"]), "lost_reports": lost.get((d["fleet"], d["device"]), 0),
                     "latency": store.latency(d["fleet"], d["device"], since, d["model_version"]),
                     "last_update": results.get((d["fleet"], d["device"])),
                     "health": health.get((d["fleet"], d["device"])),
-                    "health_current": bool(d["online"]) and health_current(health.get((d["fleet"], d["device"])))}
+                    "health_current": bool(d["online"]) and health_current(health.get((d["fleet"], d["device"]))),
+                    "keys": keys.get((d["fleet"], d["device"]))}
                    for d in store.devices(args.fleet)]  # the table's latency columns, on the model it serves
         from fleet.rollout import load_rollouts
 
@@ -328,8 +332,8 @@ def cmd_status(args) -> int:
                      "group": r.group, "phase": r.phase, "halt_reason": r.data.get("halt_reason"),
                      "step_error": r.data.get("step_error"), "report": r.data.get("report", [])}
                     for r in load_rollouts(store) if args.fleet in (None, "+", r.fleet)]
-        print(json.dumps({"devices": devices, "versions": store.versions(args.fleet, since), "rollouts": rollouts},
-                         indent=2))
+        print(json.dumps({"devices": devices, "versions": store.versions(args.fleet, since), "rollouts": rollouts,
+                          "signing_keys": signing_key_summary(keys)}, indent=2))
     else:
         print(format_status(store, args.fleet, args.since))
     return 0

@@ -823,6 +823,9 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
                      f"{d['device']} (it serves {d['model_version'] or 'no model'}): "
                      f"{last['reason'] or 'no reason given'}")
     text += "\n\n" + format_versions(store.versions(fleet, now - since_s), since_s)
+    keys = store.signing_keys(fleet)
+    if keys:
+        text += "\n\n" + format_signing_keys(keys, len(rows))
     from fleet.rollout import load_rollouts
 
     for r in load_rollouts(store):
@@ -834,6 +837,49 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
         text += f"\nrollout {r.id} ({r.bundle.name}{version} -> {target}): {r.phase}  {last}"
         if r.phase in ("halting", "halted") and r.data.get("halt_reason") and r.data["halt_reason"] not in last:
             text += f"\n  halted because: {r.data['halt_reason']}"
+    return text
+
+
+def signing_key_summary(keys: dict[tuple[str, str], dict]) -> list[dict]:
+    """Per key id, from the devices' `hardware.keys` (Store.signing_keys): how many devices trust it, serve a
+    model it signs, and how many of those serve one no other key they trust signs (`serving_only`; the same
+    for the model a rollback goes back to). A key with both `only` counts 0 can be removed from every box
+    without any refusing its model; the devices counted are in `serving_only_devices`/`rollback_only_devices`."""
+    out: dict[str, dict] = {}
+
+    def entry(kid: str) -> dict:
+        return out.setdefault(kid, {"key": kid, "trusted_by": 0, "serving": 0, "serving_only": 0, "rollback": 0,
+                                    "rollback_only": 0, "serving_only_devices": [], "rollback_only_devices": []})
+
+    for (fleet, device), k in sorted(keys.items()):
+        for kid in k["trusted"]:
+            entry(kid)["trusted_by"] += 1
+        for what in ("serving", "rollback"):
+            for kid in k[what] or []:
+                e = entry(kid)
+                e[what] += 1
+                if len(k[what]) == 1:
+                    e[f"{what}_only"] += 1
+                    e[f"{what}_only_devices"].append(f"{fleet}/{device}")
+    return sorted(out.values(), key=lambda e: e["key"])
+
+
+def format_signing_keys(keys: dict[tuple[str, str], dict], devices: int) -> str:
+    """The per-signing-key table of `fleet status`, and the devices serving a model no key they trust signs."""
+    summary = signing_key_summary(keys)
+    rows = [(e["key"], str(e["trusted_by"]), f"{e['serving']} ({e['serving_only']} only)",
+             f"{e['rollback']} ({e['rollback_only']} only)") for e in summary]
+    text = _table(("signing key", "trusted by", "signs serving model", "signs rollback model"), rows)
+    text += (f"\nper signing key: {len(keys)} of {devices} device(s) report their keys; remove a key from the boxes "
+             "only when it is the only key of no device's model (the 'only' counts are 0): a box refuses a model no "
+             "key it trusts signs, at its next start or rollback")
+    unsigned = [f"{f}/{d}" for (f, d), k in sorted(keys.items()) if k["serving"] == []]
+    if unsigned:
+        from fleet.rollout import _few
+
+        text += (f"\n{len(unsigned)} device(s) serve a model no key they trust now signs (its key was removed, or "
+                 f"signatures are not required there): {_few(unsigned)}; their next start refuses it unless it is "
+                 "offered again signed by a trusted key")
     return text
 
 

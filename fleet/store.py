@@ -38,6 +38,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -99,6 +100,12 @@ def telemetry_row(fleet: str, r: dict) -> tuple:
     return (fleet, r["device"], r.get("model_version"), r["window_end"], r["count"], ttft.get("p50"), ttft.get("p95"),
             tok.get("p50"), tok.get("p95"), r.get("tokens_per_s"), r.get("errors", 0), r.get("dropped_reports", 0))
 
+
+
+def _key_ids(value) -> bool:
+    """A list of key ids (16 hex digits each; `ota.signing.key_id`), as a device reports them."""
+    return isinstance(value, list) and len(value) <= 64 and \
+        all(isinstance(k, str) and re.fullmatch(r"[0-9a-f]{16}", k) for k in value)
 
 
 def _number(value) -> bool:
@@ -476,6 +483,22 @@ class Store:
         rows = self._exec("SELECT fleet, device, received, body FROM health" + (" WHERE fleet = ?" if fleet else ""),
                           (fleet,) if fleet else ()).fetchall()
         return {(f, d): {**json.loads(body), "received": received} for f, d, received, body in rows}
+
+    def signing_keys(self, fleet: str | None = None) -> dict[tuple[str, str], dict]:
+        """Each device's `hardware.keys` from its latest state (`trusted`, `serving`, `rollback`: key ids; see
+        agent.daemon `_signing_keys`), for the devices whose agent reports them in that shape."""
+        rows = self._exec("SELECT fleet, device, state FROM devices" + (" WHERE fleet = ?" if fleet else ""),
+                          (fleet,) if fleet else ()).fetchall()
+        out = {}
+        for f, d, state in rows:
+            try:
+                keys = json.loads(state).get("hardware", {}).get("keys")
+            except (ValueError, AttributeError, RecursionError):
+                continue
+            if isinstance(keys, dict) and _key_ids(keys.get("trusted")) and \
+                    all(keys.get(k) is None or _key_ids(keys.get(k)) for k in ("serving", "rollback")):
+                out[(f, d)] = {k: keys.get(k) for k in ("trusted", "serving", "rollback")}
+        return out
 
     def add_ota_status(self, fleet: str, device: str, status: dict) -> None:
         self._exec("INSERT INTO ota_status (fleet, device, update_id, ts, state, result, reason, body, received) "

@@ -141,7 +141,8 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
-def load_trusted_keys(paths: list[str | Path], warn_private: bool = False) -> dict[str, Ed25519PublicKey]:
+def load_trusted_keys(paths: list[str | Path], warn_private: bool = False,
+                      quiet: bool = False) -> dict[str, Ed25519PublicKey]:
     """Public keys by id, from files and/or directories of `*.pub` files (hidden ones, `.NAME.pub`, are left
     out, as the shell's `*.pub` and `ls` leave them out). In a directory, a `*.pub` that
     cannot be read or is not an Ed25519 PEM public key (an empty file, a dangling symlink left by a key
@@ -149,7 +150,8 @@ def load_trusted_keys(paths: list[str | Path], warn_private: bool = False) -> di
     out only narrows what is trusted, while refusing the whole set would stop the agent from serving
     and from taking any update. SignatureError when no key at all can be loaded, with each reason.
     `warn_private` (the agent): warn about a private key lying in a directory of them (not on the signing
-    machine, where `bundle verify --trusted keys/` reads the directory `bundle keygen` made)."""
+    machine, where `bundle verify --trusted keys/` reads the directory `bundle keygen` made). `quiet`: no
+    warning for a key skipped (a caller that reads the keys again every minute to report them)."""
     keys: dict[str, Ed25519PublicKey] = {}
     skipped: list[str] = []
     for p in map(Path, paths):
@@ -168,7 +170,8 @@ def load_trusted_keys(paths: list[str | Path], warn_private: bool = False) -> di
             except SignatureError as exc:
                 if not p.is_dir():
                     raise
-                log.warning("%s; this key is not trusted, the others are", exc)
+                if not quiet:
+                    log.warning("%s; this key is not trusted, the others are", exc)
                 skipped.append(str(exc))
                 continue
             keys[key_id(key)] = key
@@ -265,6 +268,19 @@ def read_signature(root: Path) -> dict:
     if not isinstance(sig, dict):
         raise SignatureError(f"{path}: expected a JSON object")
     return sig
+
+
+def slot_signers(root: Path, manifest_bytes: bytes, trusted: dict[str, Ed25519PublicKey]) -> list[str]:
+    """The ids of the trusted keys that sign `manifest_bytes` in `root`'s manifest.sig or manifest.sig.prev
+    (sorted; [] when none does): the keys whose removal would leave the bundle there refused. Never raises:
+    an unreadable or damaged signature file signs nothing."""
+    ids = set()
+    for name in (SIGNATURE, SIGNATURE_PREVIOUS):
+        try:
+            ids.add(verify_bytes(manifest_bytes, json.loads((root / name).read_bytes()), trusted, name))
+        except (OSError, ValueError, RecursionError, SignatureError):
+            pass
+    return sorted(ids)
 
 
 def verify_bundle_signature(bundle: Bundle, trusted: dict[str, Ed25519PublicKey], previous: bool = False) -> str:

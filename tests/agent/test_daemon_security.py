@@ -24,7 +24,7 @@ from bundles import variant
 from ota.bundle import MANIFEST, file_entry, open_bundle
 from ota.errors import BundleError
 from ota.offers import make_offer
-from ota.signing import generate_keypair, load_private_key
+from ota.signing import generate_keypair, key_id, load_private_key
 from test_daemon import DEVICE, FLEET, Controller, start_agent
 
 
@@ -292,6 +292,10 @@ def _old_key_bundle(int8_bundle, tmp_path, version="1.0.0"):
     return variant(int8_bundle, tmp_path / f"old-{version}", old, version=version)
 
 
+def _kid(private) -> str:
+    return key_id(private.public_key())
+
+
 def _install_slot(state, slot, bundle):
     (state / "slots").mkdir(parents=True, exist_ok=True)
     shutil.copytree(bundle, state / "slots" / slot)
@@ -321,6 +325,9 @@ def test_previous_slot_serves_when_the_active_one_is_no_longer_trusted(tmp_path,
         assert state_now.active_slot == "a" and state_now.model.version == "1.0.0"
         assert "slot b is refused" in agent.model_error and "unknown key" in agent.model_error
         assert "serving the previous model from slot a" in state_now.hardware["model_error"]
+        # the fleet sees which keys the box trusts and which sign its serving and its rollback models
+        assert state_now.hardware["keys"] == {"trusted": [_kid(signed_bundles["key"])],
+                                              "serving": [_kid(signed_bundles["key"])], "rollback": []}
         assert _get(agent.http.port, "/readyz")[0] == 200
     finally:
         agent.shutdown(deadline=5.0)
@@ -334,12 +341,16 @@ def test_agent_with_an_untrusted_active_slot_stays_up_and_is_updated_over_the_ai
     state = tmp_path / "state"
     _install_slot(state, "a", _old_key_bundle(int8_bundle, tmp_path))
     os.symlink("slots/a", state / "current")
-    proc, http_port, log = start_agent(mosquitto, signed_bundles, tmp_path)
+    keys = tmp_path / "trusted"  # (the fixture's directory is shared: a key is added to a copy below)
+    shutil.copytree(signed_bundles["keys"], keys)
+    proc, http_port, log = start_agent(mosquitto, {**signed_bundles, "keys": keys}, tmp_path)
+    new, old = _kid(signed_bundles["key"]), _kid(load_private_key(tmp_path / "old-keys" / "old-fleet.key"))
     try:
         ctl = Controller(mosquitto.port)
         reported = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"], timeout=60)
         assert proc.poll() is None, log.read_text()[-3000:]
         assert reported["model"] is None and reported["active_slot"] == "a"
+        assert reported["hardware"]["keys"] == {"trusted": [new], "serving": None, "rollback": None}
         assert "slot a is refused" in reported["hardware"]["model_error"]
         assert "unknown key" in reported["hardware"]["model_error"]
 
@@ -370,8 +381,14 @@ def test_agent_with_an_untrusted_active_slot_stays_up_and_is_updated_over_the_ai
         reported = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["model"] is not None, timeout=60)
         assert reported["model"]["sha256"] == v1.sha256 and reported["active_slot"] == "b"
         assert reported["hardware"]["model_error"] is None
+        # the model it would roll back to (slot a) is signed by no key it trusts
+        assert reported["hardware"]["keys"] == {"trusted": [new], "serving": [new], "rollback": []}
         status, body = _get(http_port, "/v1/completions", {"prompt": "def f(", "max_tokens": 2})
         assert status == 200 and body["usage"]["completion_tokens"] == 2
+        # the old key trusted again on the box: seen within a telemetry window, without a restart
+        shutil.copy(tmp_path / "old-keys" / "old-fleet.pub", keys / "old-fleet.pub")
+        reported = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["hardware"]["keys"]["rollback"], timeout=60)
+        assert reported["hardware"]["keys"] == {"trusted": sorted([new, old]), "serving": [new], "rollback": [old]}
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
@@ -459,7 +476,7 @@ def test_a_desired_config_of_a_thousand_mistakes_gives_a_short_refusal(tmp_path)
     agent._apply_desired(DesiredConfig(version=3, settings={"sampling": {"top_k": "x" * 100_000}}))
     assert "(100002 characters)" in agent.last_config_error and len(agent.last_config_error) < 1000
     many = {f"{section}.k{i}": 1 for section in ("sampling", "batching", "telemetry", "cache") for i in range(20)}
-    many.update({f"sampling.top_p": 9, "sampling.top_k": -1, "batching.max_batch": -1})
+    many.update({"sampling.top_p": 9, "sampling.top_k": -1, "batching.max_batch": -1})
     agent._apply_desired(DesiredConfig(version=4, settings=many))
     assert agent.last_config_error.count("; ") < 16
     agent.last_config_error = "x" * 100_000  # whatever made it: the retained state stays small

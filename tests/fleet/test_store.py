@@ -3,7 +3,10 @@ brought up to the schema, and the configured retention."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 import time
 
 from agent.cli import build_parser
@@ -221,7 +224,6 @@ def test_the_largest_counts_and_latencies_a_report_may_carry_keep_status_and_met
     """Two reports with count 2^62 each passed validation and overflowed SQLite's SUM(): `fleet status`, /metrics,
     the rollout tick and the versions table all raised. A report's counts are bounded now (2^31 - 1), and so are its
     percentiles (a day in ms: 1e308 summed to Infinity in `fleet status --json`)."""
-    import json
 
     import pytest
     from pydantic import ValidationError
@@ -423,3 +425,48 @@ def test_a_desired_version_stays_above_what_the_devices_have_when_the_clock_step
     assert "check the controller's clock" in caplog.text
     assert store.next_desired_version([("f", "d1"), ("f", "d2")], now + 8 * 3600_000) == now + 8 * 3600_000
     store.close()
+
+
+def test_status_counts_the_devices_each_signing_key_is_the_only_key_of(tmp_path):
+    """A key rotation's last step (removing the old key from the boxes) is safe only when no box serves, or would
+    roll back to, a model only that key signs: `fleet status` counts them per key from the devices' reported
+    `hardware.keys`, and names the devices serving a model no key they trust signs."""
+    from fleet.controller import format_status, signing_key_summary
+
+    old, new = "0123456789abcdef", "fedcba9876543210"
+    store = Store(tmp_path / "fleet.db")
+
+    def state(device, keys):
+        store.upsert_state(FLEET, {"device": device, "online": True, "agent_version": "0.1.0",
+                                   "model": {"name": "m", "version": "1.0.0"}, "hardware": {"keys": keys}})
+
+    state("done", {"trusted": [new, old], "serving": [new, old], "rollback": [new]})  # re-signed, rolled out
+    state("serves-old", {"trusted": [new, old], "serving": [old], "rollback": None})
+    state("rolls-back-to-old", {"trusted": [new, old], "serving": [new], "rollback": [old]})
+    state("not-yet", {"trusted": [old], "serving": [old], "rollback": []})
+    state("removed-early", {"trusted": [new], "serving": [], "rollback": None})
+    state("older-agent", None)  # an agent that does not report its keys
+    state("forged", {"trusted": ["../etc"], "serving": [old], "rollback": None})  # not a key id: not counted
+    by_key = {e["key"]: e for e in signing_key_summary(store.signing_keys(FLEET))}
+    assert set(by_key) == {old, new}
+    assert (by_key[new]["trusted_by"], by_key[new]["serving"], by_key[new]["serving_only"],
+            by_key[new]["rollback"], by_key[new]["rollback_only"]) == (4, 2, 1, 1, 1)
+    assert (by_key[old]["trusted_by"], by_key[old]["serving"], by_key[old]["serving_only"],
+            by_key[old]["rollback"], by_key[old]["rollback_only"]) == (4, 3, 2, 1, 1)
+    assert by_key[old]["serving_only_devices"] == [f"{FLEET}/not-yet", f"{FLEET}/serves-old"]
+    assert by_key[old]["rollback_only_devices"] == [f"{FLEET}/rolls-back-to-old"]
+    status = format_status(store, FLEET)
+    assert f"{old}  4           3 (2 only)" in status and f"{new}  4           2 (1 only)" in status, status
+    assert "5 of 7 device(s) report their keys" in status
+    assert f"1 device(s) serve a model no key they trust now signs (its key was removed, or signatures are not " \
+           f"required there): ['{FLEET}/removed-early']" in status
+    store.close()
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "status", "--db", str(tmp_path / "fleet.db"),
+                          "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert {e["key"]: e["serving_only_devices"] for e in data["signing_keys"]} == \
+        {old: [f"{FLEET}/not-yet", f"{FLEET}/serves-old"], new: [f"{FLEET}/rolls-back-to-old"]}
+    keys = {d["device"]: d["keys"] for d in data["devices"]}
+    assert keys["rolls-back-to-old"] == {"trusted": [new, old], "serving": [new], "rollback": [old]}
+    assert keys["older-agent"] is None and keys["forged"] is None
