@@ -632,11 +632,16 @@ def _process_defaults() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _process_defaults()
-    args = build_parser().parse_args(argv)
-    stdout = sys.stdout
+    stdout, args = sys.stdout, None
     if stdout is not None:  # (None: started with stdout closed, `>&-`: print() then writes nowhere, as before)
         sys.stdout = _Output(stdout)
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version: printed (argparse ignores a failed write; the flush is ours)
+            if exc.code in (0, None) and sys.stdout is not None:
+                sys.stdout.flush()
+            raise
         code = args.func(args)
         if sys.stdout is not None:
             sys.stdout.flush()  # what is still buffered: a full disk shows here, not in the interpreter's last flush
@@ -647,11 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         if isinstance(exc, OutputError):
             _drop_stdout()
-        command = " ".join(filter(None, (args.command, *(getattr(args, name, None) for name in (  # the whole command
-            "bundle_command", "fleet_command", "config_command", "group_command", "device_command")))))
-        print(f"edgeglm {command}: error: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, (getattr(args, "command", None), *(getattr(args, name, None) for name in (
+            "bundle_command", "fleet_command", "config_command", "group_command", "device_command")))))  # the whole
+        print(f"edgeglm{' ' + command if command else ''}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
+        if args is None:  # while the arguments were read
+            return 130
         after = f" {exc}" if args.command == "build" and str(exc) else ""  # "while ...": what is kept, what next
         if args.command == "build" and not after:  # after run_build returned: the bundle and work dir are kept
             work = args.work or Path(args.out).with_name(Path(args.out).name + ".work")  # BuildInputs.create's

@@ -293,9 +293,10 @@ class ApiServer:
     @contextmanager
     def engine_slot(self):
         """Hold one of the `http.max_concurrent` places for one generation; yields a `Slot` (the ready
-        model and its scheduler). 429 when all places are taken, 503 if no model is ready."""
+        model and its scheduler). 429 when all places are taken, 503 if no model is ready or the agent stops."""
         with self._state:
-            if self._admitted >= self.http.max_concurrent:
+            # stopping: 503, the place full or not (a client told to retry in 1 s retried a box going away)
+            if self._admitted >= self.http.max_concurrent and not self._stopping.is_set():
                 raise ApiError(429, f"{self._admitted} requests are running or queued, the limit "
                                f"(http.max_concurrent) is {self.http.max_concurrent}; retry later",
                                type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})

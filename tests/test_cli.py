@@ -192,6 +192,19 @@ def test_output_to_a_full_disk_is_one_line(signed_bundles, command):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+@pytest.mark.parametrize("command", [["--help"], ["--version"], ["fleet", "status", "--help"]])
+def test_help_and_version_to_a_full_disk_is_one_line(command):
+    """`edgeglm --help > /dev/full` exited 0 with nothing written (argparse ignores a failed write)."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "agent.cli", *command], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    assert_user_error(proc, "edgeglm: error: cannot write the output (No space left on device)")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", *command], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout and not proc.stderr, proc  # (to a writable output: as before)
+
+
 def test_edge_modules_do_not_import_torch():
     code = ("import sys, agent.cli, agent.model, runtime.engine, runtime.generate, runtime.golden, runtime.probe, "
             "runtime.tokenizer, ota.bundle, fleet; assert 'torch' not in sys.modules, 'torch imported'")

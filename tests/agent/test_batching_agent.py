@@ -125,3 +125,24 @@ def test_shutdown_deadline_ends_queued_requests_with_503(int8_bundle):
     status, body = results["q"]
     assert status == 503 and "shutting down" in json.loads(body)["error"]["message"]
     assert srv.metrics.queued.value() == 0
+
+
+def test_a_request_during_shutdown_gets_503_even_with_every_place_taken(int8_bundle):
+    """With `http.max_concurrent` places all taken while the agent stops, a request on a kept-alive connection (or
+    over MQTT) got 429 "retry later" from a box going away: it gets the 503 of a stopping agent."""
+    from agent.openai_compat import ApiError
+
+    model = load_model(int8_bundle, "onnxruntime")
+    srv = ApiServer(HttpSettings(port=0, max_concurrent=1), SamplingSettings())
+    srv.start()
+    srv.set_model(model, model.golden_check())
+    with srv.engine_slot():  # the one place is taken
+        with pytest.raises(ApiError) as full:
+            with srv.engine_slot():
+                pass
+        assert full.value.status == 429
+        srv.shutdown(deadline=0.1)
+        with pytest.raises(ApiError) as stopping:
+            with srv.engine_slot():
+                pass
+    assert stopping.value.status == 503 and "shutting down" in stopping.value.message, stopping.value
