@@ -498,6 +498,9 @@ class FleetController:
             self._registered = {(d["fleet"], d["device"]) for d in self.store.devices()}
         key, now = (fleet, device), time.monotonic()
         entry = self._asked_state.get(key)
+        if entry is not None and entry[2] and entry[1] >= STATE_ASKS_MAX and now - entry[0] >= STATE_ASK_AGAIN_S:
+            entry[2] = False  # the last ask got no state in a minute: none is retained; its subscription goes
+            self.client.unsubscribe(state_topic(fleet, device))
         if key in self._registered or entry is not None and (
                 now - entry[0] < STATE_ASK_AGAIN_S or entry[1] >= STATE_ASKS_MAX):
             return

@@ -1300,9 +1300,11 @@ def test_a_state_the_controller_refuses_is_asked_for_again_three_times_at_most(m
     pub.publish(state_topic(FLEET, "newer"), json.dumps(newer), qos=1, retain=True).wait_for_publish(10)
     ctl = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet=FLEET))
     ctl.start()
-    asked = []
-    subscribe = ctl.client.subscribe
+    asked, dropped = [], []
+    subscribe, unsubscribe = ctl.client.subscribe, ctl.client.unsubscribe
     monkeypatch.setattr(ctl.client, "subscribe", lambda topic, *a, **k: (asked.append(topic), subscribe(topic, *a, **k))[1])
+    monkeypatch.setattr(ctl.client, "unsubscribe", lambda topic, *a, **k: (dropped.append(topic),
+                                                                           unsubscribe(topic, *a, **k))[1])
     try:
         for _ in range(15):
             now = time.time()
@@ -1314,6 +1316,13 @@ def test_a_state_the_controller_refuses_is_asked_for_again_three_times_at_most(m
         time.sleep(1.0)
         assert sorted(asked) == sorted([state_topic(FLEET, "newer")] * 3 + [state_topic(FLEET, "silent")] * 3), asked
         assert ctl.store.devices(FLEET) == []
+        # every one-device subscription is gone: each refused state ended its own, and the device with no retained
+        # state has its last one dropped once it reports again a minute (here 0.2 s) after the last ask
+        now = time.time()
+        pub.publish(telemetry_topic(FLEET, "silent"), TelemetryReport(
+            device="silent", window_start=now - 1, window_end=now, count=0).model_dump_json()).wait_for_publish(10)
+        until(lambda: dropped.count(state_topic(FLEET, "silent")) == 1)
+        assert sorted(dropped) == sorted([state_topic(FLEET, "newer")] * 3 + [state_topic(FLEET, "silent")]), dropped
     finally:
         ctl.stop()
         pub.publish(state_topic(FLEET, "newer"), b"", qos=1, retain=True).wait_for_publish(10)
