@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from agent import DEVICE_HELP, __version__
@@ -119,39 +120,38 @@ class OutputError(CliError):
     """The command's output could not be written (a full disk, an I/O error)."""
 
 
-def _write(out, text: str) -> None:
+@contextmanager
+def _output_errors(after: str = ""):
+    """A write or flush that fails (a full disk, an I/O error) is an OutputError: one line and exit 2, not a
+    traceback; a reader that went away (`| head`) stays a BrokenPipeError: main() stops quietly."""
     try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"cannot write the output ({exc.strerror or exc}){after}") from None
+
+
+def _write(out, text: str) -> None:
+    with _output_errors(": generation stopped"):
         out.write(text)
         out.flush()
-    except BrokenPipeError:
-        raise  # the reader left (`| head`): main() stops quietly
-    except OSError as exc:
-        raise OutputError(f"cannot write the output ({exc.strerror or exc}): generation stopped") from None
 
 
 class _Output:
-    """sys.stdout while a command runs: a write or flush that fails (a full disk, an I/O error) is an OutputError,
-    one line and exit 2, not a traceback; a reader that went away stays a BrokenPipeError (main() stops
-    quietly). Everything else is the stream's own."""
+    """sys.stdout while a command runs: its writes and flushes go through `_output_errors`. Everything else is
+    the stream's own."""
 
     def __init__(self, stream):
         self._stream = stream
 
     def write(self, text: str) -> int:
-        try:
+        with _output_errors():
             return self._stream.write(text)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise OutputError(f"cannot write the output ({exc.strerror or exc})") from None
 
     def flush(self) -> None:
-        try:
+        with _output_errors():
             self._stream.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise OutputError(f"cannot write the output ({exc.strerror or exc})") from None
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
