@@ -873,9 +873,8 @@ def format_signing_keys(keys: dict[tuple[str, str], dict], devices: int) -> str:
     rows = [(e["key"], str(e["trusted_by"]), f"{e['serving']} ({e['serving_only']} only)",
              f"{e['rollback']} ({e['rollback_only']} only)") for e in summary]
     text = _table(("signing key", "trusted by", "signs serving model", "signs rollback model"), rows)
-    text += (f"\nper signing key: {len(keys)} of {devices} device(s) report their keys; remove a key from the boxes "
-             "only when it is the only key of no device's model (the 'only' counts are 0): a box refuses a model no "
-             "key it trusts signs, at its next start or rollback")
+    text += (f"\nper signing key: {len(keys)} of {devices} device(s) report their keys; (N only): N devices whose "
+             "model no other key they trust signs, which they refuse once this key is removed (docs/ota.md Rotation)")
     unsigned = [f"{f}/{d}" for (f, d), k in sorted(keys.items()) if k["serving"] == []]
     if unsigned:
         from fleet.rollout import _few
