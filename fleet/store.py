@@ -29,7 +29,11 @@ publishes does, and ends the removal, as does telemetry it sends more than REMOV
 
 Offers: `offers` maps an update id to its bundle, `offer_targets` to the devices it was offered
 to; the chunk server serves an update only to those (`offered_to`). An offer recorded by a
-controller older than `offer_targets` has no target and is served to no one: offer it again.
+controller older than `offer_targets` (which served any device that asked) gets, when the database is
+brought up to date, the devices that reported an OTA status for it, and a LEGACY target row: a device that
+reports a status for such an offer later (one offline at the upgrade, or whose update resumes after it)
+becomes a target then (`add_ota_status`). Before, every update those offers had started failed at its
+next chunk request after the controller's upgrade, and a rollout waiting on them halted.
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ REMOVED_GRACE_S = 10.0  # telemetry of a removed device this long after its remo
 # offline: one that died while the broker was away never had its Will published, and stayed "online" for good
 # (picked as a canary, then waited for an hour). Agents report every telemetry.interval_s (default 30 s)
 SILENT_AFTER_S = 900.0
+# the target of an offer recorded before `offer_targets` existed ('' is no fleet or device id)
+LEGACY = ("", "")
 PRUNE_BATCH = 5000  # telemetry rows the retention deletes per transaction (the store's lock is free between)
 
 TELEMETRY_COLUMNS = ("fleet", "device", "model_version", "window_end", "count", "ttft_p50", "ttft_p95", "token_p50",
@@ -233,6 +239,9 @@ class Store:
         ota = {row[1] for row in self.db.execute("PRAGMA table_info(ota_status)")}
         if ota and "received" not in ota:  # when the controller got it (its clock): what the retention reads
             self.db.execute("ALTER TABLE ota_status ADD COLUMN received REAL")
+        offers = {row[1] for row in self.db.execute("PRAGMA table_info(offers)")}
+        if offers and not list(self.db.execute("PRAGMA table_info(offer_targets)")):
+            self._targets_of_older_offers(bool(ota))
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(telemetry)")}
         if not columns:
             return  # a new database: SCHEMA makes everything
@@ -251,6 +260,21 @@ class Store:
             self.db.execute("DROP INDEX IF EXISTS telemetry_by_device")
             self.db.execute("CREATE UNIQUE INDEX telemetry_once ON telemetry (fleet, device, window_end)")
             self.db.execute("COMMIT")
+
+    def _targets_of_older_offers(self, have_statuses: bool) -> None:
+        """(_migrate) The offers of a controller older than `offer_targets`: a LEGACY target each, and the
+        devices that reported a status for them as targets (see the module's docstring)."""
+        self.db.execute("BEGIN")
+        self.db.execute("CREATE TABLE offer_targets (update_id TEXT NOT NULL, fleet TEXT NOT NULL, device TEXT NOT "
+                        "NULL, PRIMARY KEY (update_id, fleet, device))")
+        self.db.execute("INSERT INTO offer_targets SELECT update_id, ?, ? FROM offers", LEGACY)
+        if have_statuses:
+            self.db.execute("INSERT OR IGNORE INTO offer_targets SELECT DISTINCT s.update_id, s.fleet, s.device FROM "
+                            "ota_status s JOIN offers o ON o.update_id = s.update_id")
+        n = self.db.execute("SELECT COUNT(*) FROM offers").fetchone()[0]
+        self.db.execute("COMMIT")
+        log.info("%s: %d offer(s) recorded by an older controller are served to the devices that report a status "
+                 "for them", self.path, n)
 
     def close(self) -> None:
         self.db.close()
@@ -501,6 +525,11 @@ class Store:
         return out
 
     def add_ota_status(self, fleet: str, device: str, status: dict) -> None:
+        """Store an OTA status; one for an offer recorded by a controller older than `offer_targets` makes the
+        device its target (see the module's docstring)."""
+        if status.get("update_id") is not None:
+            self._exec("INSERT OR IGNORE INTO offer_targets SELECT update_id, ?, ? FROM offer_targets WHERE "
+                       "update_id = ? AND fleet = ? AND device = ?", (fleet, device, status["update_id"], *LEGACY))
         self._exec("INSERT INTO ota_status (fleet, device, update_id, ts, state, result, reason, body, received) "
                    "VALUES (?,?,?,?,?,?,?,?,?)",
                    (fleet, device, status.get("update_id"), status.get("ts", time.time()), status.get("state"),

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from agent.cli import build_parser
 from fleet.cli import _settings
@@ -68,6 +69,35 @@ def test_a_database_of_an_older_controller_loses_its_duplicates_and_keeps_the_re
     assert rows(store) == 2 and store.counter("telemetry_duplicates") == 1
     store.close()
     Store(path).close()  # opening it again changes nothing
+
+
+def test_offers_of_a_controller_older_than_offer_targets_are_served_to_the_devices_that_report_them(tmp_path):
+    """An upgrade of the controller while an update it offered downloads (or waits, retained, for a box that is
+    offline): the offers table had no targets then, and the new chunk server refused every chunk of those offers
+    ("not offered to ... by this controller"): the update failed, and a rollout waiting on it halted."""
+    path = tmp_path / "fleet.db"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA + """
+CREATE TABLE offers (update_id TEXT PRIMARY KEY, bundle TEXT NOT NULL, version TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE ota_status (fleet TEXT NOT NULL, device TEXT NOT NULL, update_id TEXT, ts REAL NOT NULL, state TEXT,
+    result TEXT, reason TEXT, body TEXT NOT NULL);""")
+    db.execute("INSERT INTO offers VALUES ('old-1', '/b/1.2.0', '1.2.0', 100.0)")
+    db.execute("INSERT INTO ota_status VALUES (?, 'box1', 'old-1', 100.0, 'downloading', NULL, NULL, '{}')", (FLEET,))
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.offered_to("old-1", FLEET, "box1") == Path("/b/1.2.0")  # it reported a status for it
+    assert store.offered_to("old-1", FLEET, "box2") is None  # not yet
+    store.add_ota_status(FLEET, "box2", {"update_id": "old-1", "ts": 200.0, "state": "offered"})  # back online
+    assert store.offered_to("old-1", FLEET, "box2") == Path("/b/1.2.0")
+    # an offer made by this controller stays its targets' only, whatever another device reports
+    store.add_offer("new-1", Path("/b/1.3.0"), "1.3.0", FLEET, "box1")
+    store.add_ota_status(FLEET, "box3", {"update_id": "new-1", "ts": 300.0, "state": "offered"})
+    assert store.offered_to("new-1", FLEET, "box3") is None and store.offered_to("new-1", FLEET, "box1")
+    store.close()
+    store = Store(path)  # opening it again changes nothing
+    assert store.offered_to("old-1", FLEET, "box2") and store.offered_to("old-1", FLEET, "box3") is None
+    store.close()
 
 
 def test_the_configured_retention_reaches_the_controllers_store(tmp_path):
