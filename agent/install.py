@@ -471,7 +471,7 @@ class Installer:
         looks_like_path = spec.endswith((".whl", ".tar.gz", ".zip")) or "/" in spec or spec.startswith(".")
         if looks_like_path and "://" not in spec and not Path(spec).exists():
             raise InstallError(f"--wheel-or-source {spec}: no such file or directory; give a wheel, a source "
-                               "directory or a requirement such as edgeglm==0.1.0")
+                               "directory or a requirement such as edgeglm==0.2.0")
         if looks_like_path and "://" not in spec:
             spec = str(Path(spec).resolve())
         return spec, spec

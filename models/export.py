@@ -49,7 +49,7 @@ from runtime.tokenizer import load_tokenizer
 
 log = logging.getLogger("edgeglm.export")
 
-MIN_AGENT_VERSION = "0.1.0"
+MIN_AGENT_VERSION = "0.2.0"
 DEFAULT_GOLDEN_PROMPT = "def main(argv=None):\n    \"\"\"Parse the command line"
 WEIGHTS = {  # (backend, precision) -> graph weight mode
     ("onnxruntime", "int8"): "int8-per-channel-u8",

@@ -221,7 +221,7 @@ def agent_version() -> str:
     try:
         return version("edgeglm")
     except PackageNotFoundError:  # a source tree without installing
-        return "0.1.0"
+        return "0.2.0"
 
 
 def too_new(data: dict, this: str | None = None) -> str | None:

@@ -387,9 +387,17 @@ def choose_prefill_graph(setting: bool | str, bundle, memory) -> PrefillChoice:
     graph alone ("only": the weights held once, prompts as fast, one stream decodes 10-25% slower).
     The other half is left for KV caches, the prefix cache and an OTA candidate loaded beside the
     serving model for its self-test. Unknown memory counts as plenty."""
-    if setting != "auto":
-        return PrefillChoice(prefill_mode(setting), "configured")
     both, alone = resident_bytes(bundle, "onnxruntime", "on"), resident_bytes(bundle, "onnxruntime", "only")
+    if setting != "auto":
+        mode = prefill_mode(setting)
+        budget = memory.budget_bytes() if memory is not None and mode == "on" and both != alone else None
+        if budget is not None and both > AUTO_PREFILL_SHARE * budget:  # e.g. an agent.toml of edgeglm 0.1.0's
+            # installer, which wrote every setting with its default then (true)
+            reason = (f"configured (true): both graphs (about {_mb(both)}) take more than half of the {_mb(budget)} "
+                      f"available; \"auto\", the default, would hold the weights once (about {_mb(alone)})")
+            log.warning("model.prefill_graph %s", reason)
+            return PrefillChoice(mode, reason)
+        return PrefillChoice(mode, "configured")
     if both == alone:
         return PrefillChoice("on", "auto: the bundle has no prefill graph")
     budget = memory.budget_bytes() if memory is not None else None

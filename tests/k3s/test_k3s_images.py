@@ -123,3 +123,27 @@ def test_every_edgeglm_image_in_the_manifests_has_a_documented_build():
     assert "docker save" in doc and "k3s ctr images import" in doc
     for image in sorted(images):
         assert f"-t {image} " in doc, f"docs/deploy-k3s.md does not build {image}"
+
+
+def test_image_tags_and_version_labels_are_the_package_version():
+    """The manifests, the build files and the deployment guide name one release: an image built by the guide's
+    command is the one the manifests run, labelled with the version `edgeglm --version` prints in it."""
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    texts = {p: p.read_text() for p in [*K3S.rglob("*.yaml"), *(K3S / "images").glob("*.Containerfile"),
+                                       REPO / "docs" / "deploy-k3s.md"]}
+    tags = {(p.name, t) for p, text in texts.items()
+            for t in re.findall(r"edgeglm/(?:agent|controller):([0-9][0-9.]*[0-9])", text)}
+    assert tags and all(t == version for _, t in tags), sorted(tags)
+    args = {(p.name, v) for p, text in texts.items() for v in re.findall(r"ARG VERSION=(\S+)", text)}
+    assert len(args) == 2 and all(v == version for _, v in args), args
+
+
+def test_bundles_exported_here_run_on_the_agent_of_this_version():
+    """`min_agent_version` of an exported bundle (models.export.MIN_AGENT_VERSION) is raised with each change of
+    the graphs an agent before could not run, and never past this package's version: an agent of this release
+    would refuse the bundles its own factory makes."""
+    from models.export import MIN_AGENT_VERSION
+    from ota.versions import parse_version
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert parse_version(MIN_AGENT_VERSION) <= parse_version(version)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from agent import __version__  # noqa: E402
 from agent.model import load_model  # noqa: E402
 from agent.selftest import SelfTestConfig, run_self_test  # noqa: E402
 from ota.bundle import open_bundle  # noqa: E402
@@ -63,7 +64,7 @@ def build_updater(work: Path, activate_fails: str | None = None, max_latency_rat
         trusted_keys=load_trusted_keys([work / "keys"]), fetcher=DirectoryFetcher(),
         self_test=lambda slot, manifest: run_self_test(slot, manifest, SelfTestConfig(
             max_latency_ratio=max_latency_ratio, steps=4), serving["model"]),
-        activate=activate, report=report, agent_version="0.1.0",
+        activate=activate, report=report, agent_version=__version__,
         supported_backends=("onnxruntime", "openvino"), active_version=active_version,
         active_manifest_sha256=active_manifest_sha256, serving=lambda: serving["model"] is not None,
         architecture_problem=architecture_problem, fleet=FLEET, device=DEVICE,

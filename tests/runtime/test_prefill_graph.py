@@ -537,8 +537,13 @@ def test_auto_loads_both_graphs_where_memory_allows_and_the_prefill_graph_alone_
     assert choose_prefill_graph("auto", bundle, MemoryInfo(None, None, None)).mode == "on"  # unknown: plenty
     assert choose_prefill_graph("auto", open_bundle(fp32_bundle), tight).mode == "on"  # nothing to choose
     for setting, mode in ((True, "on"), (False, "off"), ("only", "only"), ("on", "on")):
-        assert choose_prefill_graph(setting, bundle, tight) == choose_prefill_graph(setting, bundle, plenty)
+        assert choose_prefill_graph(setting, bundle, tight).mode == choose_prefill_graph(setting, bundle, plenty).mode
         assert choose_prefill_graph(setting, bundle, tight).mode == mode
+    # `true` where "auto" would hold the weights once (an agent.toml of 0.1.0's installer, which wrote every
+    # default, `true` then): kept, and said in execution_info() and the log
+    assert choose_prefill_graph(True, bundle, plenty).reason == "configured"
+    assert "take more than half of" in choose_prefill_graph(True, bundle, tight).reason
+    assert '"auto", the default, would hold the weights once' in choose_prefill_graph(True, bundle, tight).reason
 
     wide = load_model(int8_bundle, "onnxruntime", memory=plenty)
     lean = load_model(int8_bundle, "onnxruntime", memory=tight)
