@@ -368,21 +368,22 @@ def cmd_offer(args) -> int:
     finally:
         controller.stop()
     print(f"offered {args.bundle} to {device} as update {update_id}")
-    _warn_short_of_disk(db, [(args.fleet, args.device)], bundle)
+    _warn_targets(db, [(args.fleet, args.device)], bundle)
     return 0
 
 
-def _warn_short_of_disk(db, targets: list[tuple[str, str]], bundle) -> None:
-    """Say which targets reported too little free disk for `bundle` (checked and opened by the caller: its files
-    are not read again) in their latest health snapshot."""
-    from fleet.controller import bundle_bytes, short_of_disk
+def _warn_targets(db, targets: list[tuple[str, str]], bundle) -> None:
+    """Say which targets will refuse `bundle` (checked and opened by the caller: its files are not read again):
+    too little free disk in their latest health snapshot, or an agent older than the bundle needs."""
+    from fleet.controller import agents_too_old, bundle_bytes, short_of_disk
     from fleet.store import Store
 
     if not Path(db).is_file():
         return
     store = Store(db)
     try:
-        for line in short_of_disk(store, targets, bundle_bytes(bundle)):
+        for line in short_of_disk(store, targets, bundle_bytes(bundle)) + \
+                agents_too_old(store, targets, bundle.manifest.min_agent_version):
             print(f"edgeglm fleet: warning: {line}", file=sys.stderr)
     finally:
         store.close()
@@ -463,7 +464,7 @@ def _rollout_start(args) -> int:
           f"`edgeglm fleet status` shows it, "
           f"`edgeglm fleet rollout cancel {rid}` stops it")
     store.close()
-    _warn_short_of_disk(db, [m for m in selection.members if m[0] == fleet], bundle)
+    _warn_targets(db, [m for m in selection.members if m[0] == fleet], bundle)
     return 0
 
 

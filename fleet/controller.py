@@ -771,6 +771,30 @@ def short_of_disk(store: Store, targets: list[tuple[str, str]], need: int, now: 
     return lines
 
 
+def agents_too_old(store: Store, targets: list[tuple[str, str]], min_agent_version: str) -> list[str]:
+    """A line naming the targets whose agent (the version in their latest state) is older than the bundle's
+    `min_agent_version`: they refuse the offer before downloading ("bundle needs agent >= ..."), and a rollout
+    whose canaries they are halts. A warning: an agent may have been upgraded since its last state."""
+    from fleet.rollout import _few
+    from ota.versions import VersionError, parse_version
+
+    try:
+        needs = parse_version(min_agent_version)
+    except VersionError:
+        return []
+    versions, old = store.agent_versions(), []
+    for fleet, device in targets:
+        try:
+            if parse_version(versions.get((fleet, device), "")) < needs:
+                old.append(f"{fleet}/{device} ({versions[(fleet, device)]})")
+        except VersionError:  # none reported, or not a version
+            continue
+    if not old:
+        return []
+    return [f"{len(old)} device(s) run an agent older than {min_agent_version}, which the bundle needs "
+            f"(min_agent_version): {_few(old)}; they refuse the update: upgrade their agent first"]
+
+
 def _log_state_change(fleet: str, device: str, before: dict | None, state: ReportedState) -> None:
     """INFO lines for what an operator follows in `fleet serve`'s log: a device new to the registry, one coming
     online or going offline, and a change of the model it serves."""

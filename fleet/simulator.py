@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from agent import __version__
 from agent.mqtt import MqttSession, MqttSettings, Received
 from agent.topics import (DesiredConfig, DeviceHealth, LatencyPercentiles, ModelRef, ReportedState, TelemetryReport,
                           desired_topic, health_topic, ota_offer_topic, ota_status_topic)
@@ -57,7 +58,7 @@ class SimDevice:
         self._thread = threading.Thread(target=self._loop, name=f"sim-{device}", daemon=True)
 
     def state(self, online: bool = True) -> ReportedState:
-        return ReportedState(device=self.device, online=online, agent_version="0.1.0-sim",
+        return ReportedState(device=self.device, online=online, agent_version=f"{__version__}+sim",
                              execution_path="onnxruntime:cpu",
                              model=ModelRef(name="sim", version=self.version, sha256="0" * 64), active_slot="a",
                              applied_config_version=self.applied_config, uptime_s=time.monotonic() - self.started,
@@ -190,7 +191,7 @@ class SimSwarm:
         return client
 
     def _state(self, device: str, online: bool) -> ReportedState:
-        return ReportedState(device=device, online=online, agent_version="0.1.0-sim", execution_path="onnxruntime:cpu",
+        return ReportedState(device=device, online=online, agent_version=f"{__version__}+sim", execution_path="onnxruntime:cpu",
                              model=ModelRef(name="sim", version=self.version, sha256="0" * 64), active_slot="a",
                              uptime_s=0.0, ts=time.time())
 

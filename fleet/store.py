@@ -508,6 +508,18 @@ class Store:
                           (fleet,) if fleet else ()).fetchall()
         return {(f, d): {**json.loads(body), "received": received} for f, d, received, body in rows}
 
+    def agent_versions(self) -> dict[tuple[str, str], str]:
+        """Each device's agent version, from its latest state."""
+        out = {}
+        for f, d, state in self._exec("SELECT fleet, device, state FROM devices").fetchall():
+            try:
+                version = json.loads(state).get("agent_version")
+            except (ValueError, AttributeError, RecursionError):
+                continue
+            if isinstance(version, str):
+                out[(f, d)] = version
+        return out
+
     def signing_keys(self, fleet: str | None = None) -> dict[tuple[str, str], dict]:
         """Each device's `hardware.keys` from its latest state (`trusted`, `serving`, `rollback`: key ids; see
         agent.daemon `_signing_keys`), for the devices whose agent reports them in that shape."""

@@ -870,6 +870,28 @@ def test_a_rollout_or_offer_names_the_devices_that_reported_too_little_disk_for_
     assert "device plant8/e1 reported 1B free for updates" in out.stderr
 
 
+def test_a_rollout_or_offer_names_the_devices_whose_agent_is_older_than_the_bundle_needs(db, signed_bundles,
+                                                                                          mosquitto):
+    """An agent older than the bundle's min_agent_version refuses the offer ("bundle needs agent >= ..."): a
+    rollout whose canary it is halts. Said when it is started, from the agent version of each device's state."""
+    v2 = signed_bundles["v2"]
+    needs = json.loads((v2 / "manifest.json").read_text())["min_agent_version"]
+    store = Store(db)
+    for fleet, device, version in ((FLEET, "d1", "0.1.0"), (FLEET, "d2", needs), ("plant8", "e1", "0.1.0-rc1")):
+        store.upsert_state(fleet, {"device": device, "online": True, "model": None, "agent_version": version})
+    store.close()
+    out = cli("rollout", "--db", str(db), "--canary", "50", "--bundle", str(v2), "--group", FLEET)
+    assert out.returncode == 0 and "rollout 1:" in out.stdout, out.stderr
+    warned = [line for line in out.stderr.splitlines() if "run an agent older than" in line]
+    assert warned == [f"edgeglm fleet: warning: 1 device(s) run an agent older than {needs}, which the bundle needs "
+                      f"(min_agent_version): ['{FLEET}/d1 (0.1.0)']; they refuse the update: upgrade their agent "
+                      "first"], out.stderr  # not d2, not plant8's e1
+    out = cli("offer", "--db", str(db), "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", "plant8",
+              "--device", "e1", "--bundle", str(v2))
+    assert out.returncode == 0 and "offered" in out.stdout, out.stderr
+    assert f"['plant8/e1 (0.1.0-rc1)']; they refuse the update" in out.stderr
+
+
 def test_config_set_of_a_newer_setting_names_the_devices_that_may_not_know_it(db, mosquitto):
     """An agent from before telemetry.health_interval_s refuses a whole desired config that names it, and every
     later `config set` to that device merges the key in again: the devices that never sent a health snapshot are
