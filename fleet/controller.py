@@ -56,7 +56,7 @@ from ota.errors import BundleError
 from ota.fsutil import FileKeyedCache
 from ota.offers import make_offer
 from ota.signing import read_signature
-from ota.transfer import MAX_CHUNK_SIZE, OFFER_MAX_BYTES, ChunkRequest, ChunkResponse, ChunkSource
+from ota.transfer import CANNOT_SERVE, MAX_CHUNK_SIZE, OFFER_MAX_BYTES, ChunkRequest, ChunkResponse, ChunkSource
 from ota.update import ROLLBACK_FORMAT, RollbackTerms
 
 log = logging.getLogger("edgeglm.fleet")
@@ -213,6 +213,7 @@ class FleetController:
         # gets the connection closed, and paho sends a QoS 1 message again after each reconnect, for good
         self.max_packet: int | None = None
         self._too_large_logged: OrderedDict[str, None] = OrderedDict()  # update ids whose chunks were over it
+        self._serve_errors_logged: OrderedDict[str, None] = OrderedDict()  # update ids whose bundle cannot be served
         # the latest DeviceHealth of each device not yet stored (a newer one replaces it): written by the writer
         self._health: dict[tuple[str, str], dict] = {}
         self._health_lock = threading.Lock()
@@ -529,34 +530,42 @@ class FleetController:
             log.warning("chunk requests of device %s (fleet %s) over %g/s: dropped", device, fleet,
                         self.settings.chunk_requests_per_s)
 
-    def _offered_bundle(self, update_id: str, fleet: str, device: str) -> Path | None:
-        """The bundle of `update_id` if the offers table says it was offered to this device (asked again
-        after OFFERED_CHECK_S: `fleet device remove` in another process stops the answers)."""
+    def _offered_bundle(self, update_id: str, fleet: str, device: str) -> tuple[Path, str | None] | None:
+        """The bundle of `update_id` and the version it was offered as, if the offers table says it was offered
+        to this device (asked again after OFFERED_CHECK_S: `fleet device remove` in another process stops the
+        answers)."""
         key, now = (update_id, fleet, device), time.monotonic()
         with self._offered_lock:
             hit = self._offered.get(key)
-            if hit is not None and now - hit[1] < OFFERED_CHECK_S:
+            if hit is not None and now - hit[2] < OFFERED_CHECK_S:
                 self._offered.move_to_end(key)
-                return hit[0]
+                return hit[0], hit[1]
         bundle = self.store.offered_to(update_id, fleet, device)
+        version = self.store.offer_version(update_id) if bundle is not None else None
         with self._offered_lock:
             if bundle is None:
                 self._offered.pop(key, None)
                 return None
-            self._offered[key] = (bundle.resolve(), now)
+            self._offered[key] = (bundle.resolve(), version, now)
             self._offered.move_to_end(key)
             while len(self._offered) > OFFERED_KEPT:
                 self._offered.popitem(last=False)
-        return bundle.resolve()
+        return bundle.resolve(), version
 
     def _serve_chunk(self, fleet: str, device: str, msg) -> None:
         req = ChunkRequest.model_validate_json(msg.payload)
         # the answer goes to the requesting device's own response topic, never to a topic the request names:
         # the controller may publish where devices may not (config/desired, ota/offer of every device)
         topic = chunk_response_topic(fleet, device)
-        bundle = self._offered_bundle(req.update_id, fleet, device)
-        if bundle is not None:
-            response = self.chunks.serve(req, bundle)
+        offered = self._offered_bundle(req.update_id, fleet, device)
+        if offered is not None:
+            response = self.chunks.serve(req, offered[0], version=offered[1])
+            if response.error and CANNOT_SERVE in response.error and \
+                    req.update_id not in self._serve_errors_logged:  # the operator's to fix: said once per update
+                self._serve_errors_logged[req.update_id] = None
+                while len(self._serve_errors_logged) > OFFERED_KEPT:
+                    self._serve_errors_logged.popitem(last=False)
+                log.error("update %s to %s/%s cannot be served: %s", req.update_id, fleet, device, response.error)
         else:
             response = ChunkResponse(id=req.id, update_id=req.update_id, path=req.path, index=req.index,
                                      error=f"update {req.update_id!r} is not offered to {fleet}/{device} by this "

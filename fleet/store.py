@@ -569,6 +569,11 @@ class Store:
                          "WHERE o.update_id=? AND t.fleet=? AND t.device=?", (update_id, fleet, device)).fetchone()
         return Path(row[0]) if row else None
 
+    def offer_version(self, update_id: str) -> str | None:
+        """The bundle version recorded with an offer (its manifest's, when it was offered)."""
+        row = self._exec("SELECT version FROM offers WHERE update_id=?", (update_id,)).fetchone()
+        return row[0] if row else None
+
     def desired(self, fleet: str, device: str) -> dict | None:
         """The desired config this controller last published for the device (its whole remote layer)."""
         row = self._exec("SELECT settings FROM desired WHERE fleet = ? AND device = ?", (fleet, device)).fetchone()

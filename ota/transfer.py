@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 import re
 import time
@@ -45,6 +46,9 @@ CHUNK_WARNING_EVERY_S = 60.0  # a chunk left unanswered is logged at once, then 
 # answers refused (an error, another chunk's, not a chunk answer) before the chunk is given up: anyone who sees a
 # request's id can answer it first, and one forged answer failed the whole download
 ANSWER_ATTEMPTS = 3
+# in a chunk answer's error: the bundle offered cannot be served (changed or unreadable since the offer): the
+# operator's to fix, which the controller logs
+CANNOT_SERVE = "cannot be served: "
 
 log = logging.getLogger("edgeglm.ota")
 
@@ -104,9 +108,12 @@ class ChunkSource:
             self._manifests.put(root, key, manifest)
         return manifest
 
-    def serve(self, req: ChunkRequest, root: Path | None = None) -> ChunkResponse:
+    def serve(self, req: ChunkRequest, root: Path | None = None, version: str | None = None) -> ChunkResponse:
         """The chunk asked for, from `root` (the bundle the caller found offered under the request's
-        update id) or else from the bundle added under that update id."""
+        update id, as `version`) or else from the bundle added under that update id. A chunk is sent only if
+        it matches the bundle's manifest, and the manifest only if it is the version offered: a bundle
+        directory exported again, truncated or copied over after the offer is an error answer
+        (CANNOT_SERVE) naming what changed, not bytes every device refuses without a word on this side."""
         base = dict(id=req.id, update_id=req.update_id, path=req.path, index=req.index)
         root = Path(root).resolve() if root is not None else self.bundles.get(req.update_id)
         if root is None:
@@ -114,7 +121,12 @@ class ChunkSource:
         try:
             manifest = self._manifest(root)
         except BundleError as exc:
-            return ChunkResponse(**base, error=f"update {req.update_id} cannot be served: {exc}")
+            return ChunkResponse(**base, error=f"update {req.update_id} {CANNOT_SERVE}{exc}")
+        cannot = f"update {req.update_id} {CANNOT_SERVE}{root}"
+        if version is not None and manifest.version != version:
+            return ChunkResponse(**base, error=f"{cannot} holds version {manifest.version} now, the update offered "
+                                               f"{version}: it was exported again over the offered bundle; offer "
+                                               f"the bundle there again (or the one offered, from its own directory)")
         size = manifest.chunk_size
         if size > MAX_CHUNK_SIZE:
             return ChunkResponse(**base, error=f"update {req.update_id}: the bundle's chunk_size {size} is over the "
@@ -124,14 +136,32 @@ class ChunkSource:
                                                f"chunks are served at the manifest's size only")
         entry = next((f for f in manifest.files if f.path == req.path), None)
         file = (root / req.path).resolve()
-        if entry is None or root not in file.parents or not file.is_file():
+        if entry is None:
             return ChunkResponse(**base, error=f"file {req.path!r} is not part of update {req.update_id}")
+        try:
+            is_file = file.is_file()
+        except OSError as exc:  # a directory on the way made unsearchable after the offer
+            return ChunkResponse(**base, error=f"{cannot}: {req.path}: cannot read ({exc.strerror or exc}); give the "
+                                               f"user that runs the controller read access")
+        if root not in file.parents or not is_file:  # replaced after the offer: a link out, a directory
+            return ChunkResponse(**base, error=f"{cannot}: {req.path} is no longer a file inside the bundle "
+                                               f"directory (it changed after the offer); export the bundle to a new "
+                                               f"directory and offer that")
         if req.index >= len(entry.chunks):
             return ChunkResponse(**base, error=f"chunk {req.index} of {req.path}: the file has "
                                                f"{len(entry.chunks)} chunk(s)")
-        with open(file, "rb") as f:
-            f.seek(req.index * size)
-            data = f.read(size)
+        try:
+            with open(file, "rb") as f:
+                f.seek(req.index * size)
+                data = f.read(size)
+        except OSError as exc:  # a file made unreadable after the offer (mode, owner), an I/O error
+            return ChunkResponse(**base, error=f"{cannot}: {req.path}: cannot read ({exc.strerror or exc}); give the "
+                                               f"user that runs the controller read access")
+        if hashlib.sha256(data).hexdigest() != entry.chunks[req.index]:
+            return ChunkResponse(**base, error=f"{cannot}: chunk {req.index} of {req.path} does not match the "
+                                               f"bundle's manifest: the file changed after the offer (truncated, "
+                                               f"copied over or exported again in place); export the bundle to a "
+                                               f"new directory and offer that")
         encoded = base64.b64encode(data).decode()
         # the JSON around the data is the rest of the answer (ids and path are JSON-escaped there)
         if len(encoded) + len(ChunkResponse(**base, data_b64="").model_dump_json()) > MAX_RESPONSE_BYTES:

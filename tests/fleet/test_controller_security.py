@@ -556,6 +556,42 @@ def test_chunk_answers_go_to_the_requesters_own_topic_and_only_for_its_offers(co
     victim.close()
 
 
+def test_a_bundle_changed_after_its_offer_is_an_error_answer_and_one_log_line(controller, broker, tmp_path, key,
+                                                                              caplog):
+    """A bundle directory truncated, copied over or exported again in place after the offer: the controller sent
+    whatever the files held, every device refused those chunks (their hashes are the offered manifest's), and
+    nothing on the controller's side said why. Now the answer names what changed, and the log says it once per
+    update; a file that turned into a directory or unreadable is said the same way."""
+    bundle = make_bundle(tmp_path / "b", key, big_bytes=1 << 20)
+    size = json.loads((bundle / "manifest.json").read_text())["chunk_size"]
+    mallory = Client(broker, "mallory", (chunk_response_topic(FLEET, "mallory"),))
+
+    def ask(update_id: str, index: int = 1) -> ChunkResponse:
+        mallory.publish(chunk_request_topic(FLEET, "mallory"), chunk_request(update_id, "model.onnx", index, size))
+        return ChunkResponse.model_validate_json(mallory.next(chunk_response_topic(FLEET, "mallory")).payload)
+
+    first = controller.offer(FLEET, "mallory", bundle)
+    assert ask(first).error is None
+    with open(bundle / "model.onnx", "r+b") as f:  # truncated: chunk 1 is short
+        f.truncate(size + 100)
+    for _ in range(2):
+        answer = ask(first)
+        assert answer.data_b64 is None and f"update {first} cannot be served: {bundle.resolve()}: chunk 1 of " \
+            "model.onnx does not match the bundle's manifest: the file changed after the offer" in answer.error
+    logged = [r.getMessage() for r in caplog.records if "cannot be served" in r.getMessage()]
+    assert len(logged) == 1 and f"update {first} to {FLEET}/mallory cannot be served" in logged[0], logged
+    (bundle / "model.onnx").unlink()
+    (bundle / "model.onnx").mkdir()  # not a file any more
+    assert "model.onnx is no longer a file inside the bundle directory" in ask(first).error
+    shutil.rmtree(bundle)  # exported again, another version, in the same directory
+    make_bundle(bundle, key, big_bytes=1 << 20, version="1.2.0")
+    answer = ask(first, 0)
+    assert f"holds version 1.2.0 now, the update offered 1.1.0: it was exported again over the offered bundle" \
+        in answer.error, answer.error
+    assert ask(controller.offer(FLEET, "mallory", bundle), 0).error is None  # offered again: served
+    mallory.close()
+
+
 def test_chunks_are_cut_at_the_manifest_size_and_fit_the_brokers_packet_limit(controller, broker, tmp_path, key):
     bundle = make_bundle(tmp_path / "b", key, big_bytes=3 << 20)
     update_id = controller.offer(FLEET, "mallory", bundle)
