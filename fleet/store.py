@@ -111,7 +111,7 @@ def telemetry_row(fleet: str, r: dict) -> tuple:
 def _key_ids(value) -> bool:
     """A list of key ids (16 hex digits each; `ota.signing.key_id`), as a device reports them."""
     return isinstance(value, list) and len(value) <= 64 and \
-        all(isinstance(k, str) and re.fullmatch(r"[0-9a-f]{16}", k) for k in value)
+        all(isinstance(k, str) and re.fullmatch(r"[0-9a-f]{16}", k) for k in value) and len(set(value)) == len(value)
 
 
 def _number(value) -> bool:
@@ -541,7 +541,8 @@ class Store:
         device its target (see the module's docstring)."""
         if status.get("update_id") is not None:
             self._exec("INSERT OR IGNORE INTO offer_targets SELECT update_id, ?, ? FROM offer_targets WHERE "
-                       "update_id = ? AND fleet = ? AND device = ?", (fleet, device, status["update_id"], *LEGACY))
+                       "update_id = ? AND fleet = ? AND device = ? AND NOT EXISTS (SELECT 1 FROM removed WHERE "
+                       "fleet = ? AND device = ?)", (fleet, device, status["update_id"], *LEGACY, fleet, device))
         self._exec("INSERT INTO ota_status (fleet, device, update_id, ts, state, result, reason, body, received) "
                    "VALUES (?,?,?,?,?,?,?,?,?)",
                    (fleet, device, status.get("update_id"), status.get("ts", time.time()), status.get("state"),

@@ -393,7 +393,7 @@ def choose_prefill_graph(setting: bool | str, bundle, memory) -> PrefillChoice:
         budget = memory.budget_bytes() if memory is not None and mode == "on" and both != alone else None
         if budget is not None and both > AUTO_PREFILL_SHARE * budget:  # e.g. an agent.toml of edgeglm 0.1.0's
             # installer, which wrote every setting with its default then (true)
-            reason = (f"configured (true): both graphs (about {_mb(both)}) take more than half of the {_mb(budget)} "
+            reason = (f"configured ({str(setting).lower()}): both graphs (about {_mb(both)}) take more than half of the {_mb(budget)} "
                       f"available; \"auto\", the default, would hold the weights once (about {_mb(alone)})")
             log.warning("model.prefill_graph %s", reason)
             return PrefillChoice(mode, reason)
