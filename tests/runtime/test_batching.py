@@ -7,6 +7,7 @@ a time, no padding, no batch), never from the scheduler.
 from __future__ import annotations
 
 import gc
+import threading
 import time
 import weakref
 from types import SimpleNamespace
@@ -43,6 +44,24 @@ def prompts(ids):
 
 def alone(engine, prompt, params) -> list[int]:
     return list(generate(engine, prompt, params))
+
+
+class HoldAtStep:
+    """An `on_step` that records batch sizes and holds the worker in decode step `at` (before that step's
+    tokens are sampled) until `release()`: "while the request decodes" is then a fact of the test, not a
+    race the worker wins on a loaded box by finishing all the tokens first (the CI run of stop 38 did)."""
+
+    def __init__(self, at: int):
+        self.sizes: list[int] = []
+        self.at, self._go = at, threading.Event()
+
+    def __call__(self, n: int) -> None:
+        self.sizes.append(n)
+        if len(self.sizes) == self.at:
+            self._go.wait(TIMEOUT)
+
+    def release(self) -> None:
+        self._go.set()
 
 
 def scheduler(engine, sizes: list | None = None, **kw) -> Scheduler:
@@ -289,12 +308,14 @@ def test_requests_arriving_while_others_decode(models, backend, prompts):
     engine = models[backend].engine
     params = SamplingParams(max_tokens=40)
     expected = [alone(engine, p, params) for p in prompts[:4]]
-    sizes: list[int] = []
-    sched = scheduler(engine, sizes, max_batch=8)
+    hold = HoldAtStep(5)  # 5 tokens out (1 from the prefill, 4 from steps), the worker held in the 5th step
+    sizes = hold.sizes
+    sched = Scheduler(engine, max_batch=8, on_step=hold)
     first = sched.submit(prompts[0], params)
     stream = iter(first)
     got = [next(stream) for _ in range(5)]  # the first request is decoding now
     second, third = sched.submit(prompts[1], params), sched.submit(prompts[2], params)
+    hold.release()
     got += [next(stream) for _ in range(3)]
     fourth = sched.submit(prompts[3], params)
     got += list(stream)
@@ -324,14 +345,16 @@ def test_cancelling_one_request_leaves_the_others_unchanged_and_frees_its_row(mo
     engine = models[backend].engine
     params = SamplingParams(max_tokens=40)
     expected = [alone(engine, p, params) for p in prompts[:3]]
-    sizes: list[int] = []
-    sched = scheduler(engine, sizes, max_batch=8, start=False)
+    hold = HoldAtStep(4)  # 4 tokens out, the worker held in the 4th step
+    sizes = hold.sizes
+    sched = Scheduler(engine, max_batch=8, start=False, on_step=hold)
     handles = [sched.submit(p, params) for p in prompts[:3]]
     sched.start()
     stream = iter(handles[1])
     got = [next(stream) for _ in range(4)]
     handles[1].cancel()
     cut = len(sizes)  # the step running now may still hold the row; the next ones must not
+    hold.release()
     assert list(stream) == [] and handles[1].cancelled
     assert [handles[0].tokens(TIMEOUT), handles[2].tokens(TIMEOUT)] == [expected[0], expected[2]]
     assert got == expected[1][:4]
