@@ -956,7 +956,11 @@ class _ReserveHandler(_Handler):
 
 def prefix_cache_key(model) -> str:
     """What prefix-cache KV is valid for: one bundle on one execution path (backend, device, precision,
-    threads), e.g. `3f2a...-onnxruntime-1c9e0b7d4a21`. It names the cache's directory on disk."""
+    threads), computed by one build of the code on one kind of CPU, e.g. `3f2a...-onnxruntime-1c9e0b7d4a21`.
+    It names the cache's directory on disk, so blocks written before an upgrade of edgeglm, ONNX Runtime or
+    OpenVINO (whose kernels may round otherwise: ORT 1.32 changed how MatMulNBits splits its blocks) or on
+    another CPU (a disk image cloned to a box with other instructions) are never resumed from; the old
+    directory goes with the idle sweep (runtime/prefix_cache.py IDLE_S)."""
     path = getattr(model, "path", None)
     about = path.to_dict() if path is not None else {"backend": model.backend}
     # the graph that runs prompts makes the KV: the W8A8 prefill graph's differs from the decode graph's
@@ -964,8 +968,21 @@ def prefix_cache_key(model) -> str:
     prompts_on = getattr(getattr(model, "engine", None), "prefill_graph", None)
     if prompts_on:
         about = {**about, "prompts_on": prompts_on}
+    about = {**about, **numerics_identity(model.backend, about.get("threads"))}
     text = json.dumps(about, sort_keys=True)
     return f"{model.bundle.sha256}-{model.backend}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def numerics_identity(backend: str, threads: int | None) -> dict:
+    """What decides the bits of KV a backend computes besides the bundle and the path: the versions of edgeglm and
+    of the backend, the CPU's model and instruction sets, and the thread count (the usable CPUs where the path
+    leaves it to the backend)."""
+    from runtime.probe import probe_cpu, usable_cpus
+
+    cpu = probe_cpu()
+    module = sys.modules.get(backend)
+    return {"edgeglm": __version__, "backend_version": getattr(module, "__version__", None),
+            "cpu": [cpu.architecture, cpu.model, list(cpu.features)], "threads": threads or usable_cpus()}
 
 
 def make_prefix_cache(cache: CacheSettings, state_dir: Path):

@@ -86,6 +86,7 @@ SUFFIX = ".kvb"
 LEASE = ".edgeglm-prefix-cache.lock"  # in each model's directory: held (shared) by every process bound to that model
 LEGACY_LEASE = ".lock"  # the lease's name in 0.x agents of 2026-11-26, removed with a directory they left
 TEMP = f".*{SUFFIX}.*.tmp"  # a block file being written (`_persist`): only these temporary files are ever deleted
+WRITE_PAUSE_S = 60  # after a block file could not be written, none is tried for this long
 IDLE_S = 600.0  # another model's directory nobody holds is removed once nothing in it changed for this long
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # a model key is one directory name
 
@@ -147,6 +148,8 @@ class PrefixCache:
         self._lease: tuple[Path, weakref.finalize] | None = None  # (model directory, closes the fd holding its LEASE)
         self._previous: Path | None = None  # the directory of the model served before this one: kept for a flip back
         self._previous_lease: weakref.finalize | None = None  # its LEASE, still held: others sharing the dir keep it
+        self._write_paused_until = 0.0  # a block file could not be written (full or read-only disk): no writes until
+        self._write_warned = False  # ... then (warned once per model and directory)
         self._lock = threading.RLock()
 
     # --- model binding ------------------------------------------------------------------------
@@ -167,6 +170,7 @@ class PrefixCache:
                 return
             self._drop_all()
             self.model_key = model_key
+            self._write_paused_until, self._write_warned = 0.0, False
             self._tidy_disk()
 
     def close(self) -> None:
@@ -191,6 +195,8 @@ class PrefixCache:
             self._evict_to(self.max_bytes)
             if held and held - self._bytes >= held // 4:  # a bulk drop (turned off, or a much lower bound)
                 release_freed_memory()
+            if self.model_key is not None and self._disk_bytes > self.max_bytes:
+                self._tidy_disk()  # the files too: turned off (0), the disk holds none of them
 
     def reconfigure(self, max_bytes: int, block_tokens: int, persist_dir: str | Path | None) -> None:
         """Live settings: a new bound resizes; another block size or directory drops the blocks in
@@ -205,9 +211,13 @@ class PrefixCache:
                     self._release_previous()
                     _remove_unused(self._previous, idle_s=None)  # its blocks are of the old size: no lookup reads them
                     self._previous = None
+                old_root = self.persist_dir if persist_dir != self.persist_dir else None
                 self.block_tokens, self.persist_dir = block_tokens, persist_dir
+                self._write_paused_until, self._write_warned = 0.0, False
                 if self.model_key is not None:
                     self._tidy_disk()
+                if old_root is not None:  # no longer used by this process: other models' idle directories there go
+                    _sweep_idle(old_root)  # as they would have in it (those of live processes stay: their lease)
             self.resize(max_bytes)
 
     def stats(self) -> PrefixCacheStats:
@@ -353,17 +363,30 @@ class PrefixCache:
                              "sha256": hashlib.sha256(payload).hexdigest()}).encode()
         path = self._file(h)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if time.monotonic() < self._write_paused_until:
+            return
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # the prompt's token ids are in the header: readable by the agent's user only, whatever the umask
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "wb") as f:
                 f.write(MAGIC + struct.pack("<I", len(header)) + header + payload)
             os.replace(tmp, path)  # a power cut leaves the old file or none; a torn one fails its checksum
             block.persisted = True
             self._disk_bytes += len(payload)
         except OSError as exc:
             _unlink(tmp)
-            log.warning("prefix cache: cannot write %s (%s); the block stays in memory only", path, exc)
+            # a full or read-only disk fails every write alike: one warning, then no writes for WRITE_PAUSE_S
+            # (each cache hit would try again and warn again, tens of lines a minute)
+            self._write_paused_until = time.monotonic() + WRITE_PAUSE_S
+            if not self._write_warned:
+                self._write_warned = True
+                log.warning("prefix cache: cannot write %s (%s); blocks stay in memory only, writes are tried again "
+                            "every %d s (warned once)", path, exc.strerror or exc, WRITE_PAUSE_S)
             return
+        if self._write_warned:
+            self._write_warned = False
+            log.info("prefix cache: block files are written to %s again", folder)
         if self._disk_bytes > self.max_bytes:  # files of earlier runs, or of blocks dropped by clear()
             self._tidy_disk(keep_fraction=0.75)
 
@@ -407,7 +430,7 @@ class PrefixCache:
             return left
         for _ in range(50):  # the lease file can be removed (with an unused directory) between open and flock
             try:
-                folder.mkdir(parents=True, exist_ok=True)
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
                 fd = os.open(folder / LEASE, os.O_RDWR | os.O_CREAT, 0o600)
             except FileNotFoundError:
                 continue  # the directory went right after mkdir: make it again
@@ -543,6 +566,17 @@ def _malloc_trim():
             fn = None
         _TRIM.append(fn)
     return _TRIM[0]
+
+
+def _sweep_idle(root: Path) -> None:
+    """Remove the directories under `root` that no process holds and that nothing changed in for IDLE_S (a
+    persist_dir this process stopped using: nobody would tidy it again)."""
+    try:
+        folders = [f for f in root.iterdir() if f.is_dir() and (any(f.glob("*" + SUFFIX)) or (f / LEASE).exists())]
+    except OSError:
+        return
+    for folder in folders:
+        _remove_unused(folder, idle_s=IDLE_S)
 
 
 def _remove_unused(folder: Path, idle_s: float | None) -> None:

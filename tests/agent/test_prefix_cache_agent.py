@@ -5,6 +5,7 @@ persisted prefixes survive an agent restart."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 
@@ -131,3 +132,31 @@ def test_the_prefix_cache_key_names_the_graph_that_runs_prompts(int8_bundle):
     assert on.engine.prefill_graph and not off.engine.prefill_graph
     assert prefix_cache_key(on) != prefix_cache_key(off)
     assert prefix_cache_key(on) == prefix_cache_key(load_model(int8_bundle, "onnxruntime", prefill_graph="on"))
+
+
+def test_the_prefix_cache_key_changes_with_the_runtime_and_the_cpu(fp32_bundle, monkeypatch):
+    """Blocks written by another ONNX Runtime, another edgeglm or on another CPU (a disk image cloned onto
+    other boxes) were resumed from after an upgrade: the key held only the bundle and the path."""
+    import onnxruntime
+
+    import agent.http_api as api
+    import runtime.probe as probe
+    from agent.http_api import prefix_cache_key
+    from agent.model import load_model
+
+    model = load_model(fp32_bundle, "onnxruntime")
+    key = prefix_cache_key(model)
+    assert key == prefix_cache_key(load_model(fp32_bundle, "onnxruntime"))  # a restart on the same box
+    assert key.startswith(f"{model.bundle.sha256}-onnxruntime-")
+    monkeypatch.setattr(onnxruntime, "__version__", "1.31.0")
+    assert prefix_cache_key(model) != key
+    monkeypatch.undo()
+    assert prefix_cache_key(model) == key
+    monkeypatch.setattr(api, "__version__", "0.1.9")
+    assert prefix_cache_key(model) != key
+    monkeypatch.undo()
+    real = probe.probe_cpu()
+    monkeypatch.setattr(probe, "probe_cpu", lambda: dataclasses.replace(
+        real, features=tuple(f for f in real.features if f != "avx2") if "avx2" in real.features
+        else (*real.features, "avx2")))
+    assert prefix_cache_key(model) != key

@@ -756,3 +756,88 @@ def test_files_changed_in_the_future_are_idle_not_in_use(tmp_path):
     new.bind("model-b2")
     new.bind("model-b")
     assert not crashed.exists()
+
+
+def test_a_disk_that_refuses_writes_is_warned_about_once_and_files_are_private(tmp_path, monkeypatch, caplog):
+    """A full or read-only disk failed every block write alike, and each cache hit tried again and warned
+    again (50 warnings for 5 lookups); block files (their headers hold the prompt's token ids) were readable
+    by everyone under the usual umask."""
+    import errno
+    import os
+    import stat
+
+    import runtime.prefix_cache as pc
+
+    old_umask = os.umask(0o022)
+    try:
+        cache = PrefixCache(64 << 20, 32, tmp_path)
+        cache.bind("m")
+        _persist(cache, list(range(64)))
+    finally:
+        os.umask(old_umask)
+    files = list((tmp_path / "m").glob("*.kvb"))
+    assert len(files) == 2
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o600}
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o700
+
+    real_open = os.open
+
+    def full_disk(path, flags, *args, **kw):
+        if str(path).endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args, **kw)
+    monkeypatch.setattr(pc.os, "open", full_disk)
+    with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        for i in range(5):  # five prompts reused five times: each hit would write
+            prompt = list(range(1000 * (i + 1), 1000 * (i + 1) + 64))
+            for _ in range(5):
+                _persist(cache, prompt)
+    warnings = [r for r in caplog.records if "cannot write" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0].getMessage()
+    assert cache.stats().hits >= 25  # served from memory all along
+    monkeypatch.setattr(pc.os, "open", real_open)  # space again: written once the pause is over
+    monkeypatch.setattr(pc, "WRITE_PAUSE_S", 0)
+    cache._write_paused_until = 0.0
+    with caplog.at_level(logging.INFO, logger="edgeglm.prefix_cache"):
+        _persist(cache, list(range(1000, 1064)))
+    assert "written to" in caplog.text and len(list((tmp_path / "m").glob("*.kvb"))) == 4
+
+
+def test_turning_the_cache_off_deletes_its_files(tmp_path):
+    """cache.max_mb = 0 emptied memory but left the block files of earlier runs (not read back yet) on the disk
+    until the next model change."""
+    earlier = PrefixCache(64 << 20, 32, tmp_path)
+    earlier.bind("m")
+    _persist(earlier, list(range(64)))
+    earlier.close()
+    cache = PrefixCache(64 << 20, 32, tmp_path)  # a restart: the files are on disk, not in memory
+    cache.bind("m")
+    assert len(list((tmp_path / "m").glob("*.kvb"))) == 2
+    cache.resize(0)
+    assert list((tmp_path / "m").glob("*.kvb")) == []
+    cache.resize(64 << 20)  # on again: starts empty, writes again
+    _persist(cache, list(range(64)))
+    assert len(list((tmp_path / "m").glob("*.kvb"))) == 2
+
+
+def test_moving_the_persist_dir_live_sweeps_the_old_ones_idle_model_directories(tmp_path):
+    """Other models' directories in a persist_dir the agent stopped using were tidied by no one, ever."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    before = PrefixCache(64 << 20, 32, old)
+    before.bind("model-a")
+    _persist(before, list(range(64)))
+    before.close()  # an earlier run's model, not served by anyone now ...
+    from runtime.prefix_cache import IDLE_S
+    _age(old / "model-a", IDLE_S + 1)  # ... for longer than a restart takes
+    cache = PrefixCache(64 << 20, 32, old)
+    cache.bind("model-b")
+    assert not (old / "model-a").exists()  # (the bind there sweeps it: the rule being extended)
+    other = PrefixCache(64 << 20, 32, old)  # another model's directory left idle again
+    other.bind("model-c")
+    _persist(other, list(range(64)))
+    other.close()
+    _age(old / "model-c", IDLE_S + 1)
+    cache.reconfigure(64 << 20, 32, new)
+    assert not (old / "model-c").exists() and not (old / "model-b").exists()
+    _persist(cache, list(range(64)))
+    assert len(list((new / "model-b").glob("*.kvb"))) == 2
