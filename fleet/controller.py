@@ -530,27 +530,27 @@ class FleetController:
             log.warning("chunk requests of device %s (fleet %s) over %g/s: dropped", device, fleet,
                         self.settings.chunk_requests_per_s)
 
-    def _offered_bundle(self, update_id: str, fleet: str, device: str) -> tuple[Path, str | None] | None:
-        """The bundle of `update_id` and the version it was offered as, if the offers table says it was offered
-        to this device (asked again after OFFERED_CHECK_S: `fleet device remove` in another process stops the
-        answers)."""
+    def _offered_bundle(self, update_id: str, fleet: str, device: str) -> tuple[Path, str | None, str | None] | None:
+        """The bundle of `update_id`, the version it was offered as and the sha256 of the manifest offered, if the
+        offers table says it was offered to this device (asked again after OFFERED_CHECK_S: `fleet device remove`
+        in another process stops the answers)."""
         key, now = (update_id, fleet, device), time.monotonic()
         with self._offered_lock:
             hit = self._offered.get(key)
-            if hit is not None and now - hit[2] < OFFERED_CHECK_S:
+            if hit is not None and now - hit[3] < OFFERED_CHECK_S:
                 self._offered.move_to_end(key)
-                return hit[0], hit[1]
+                return hit[0], hit[1], hit[2]
         bundle = self.store.offered_to(update_id, fleet, device)
-        version = self.store.offer_version(update_id) if bundle is not None else None
+        version, sha = (self.store.offered_manifest(update_id) or (None, None)) if bundle is not None else (None, None)
         with self._offered_lock:
             if bundle is None:
                 self._offered.pop(key, None)
                 return None
-            self._offered[key] = (bundle.resolve(), version, now)
+            self._offered[key] = (bundle.resolve(), version, sha, now)
             self._offered.move_to_end(key)
             while len(self._offered) > OFFERED_KEPT:
                 self._offered.popitem(last=False)
-        return bundle.resolve(), version
+        return bundle.resolve(), version, sha
 
     def _serve_chunk(self, fleet: str, device: str, msg) -> None:
         req = ChunkRequest.model_validate_json(msg.payload)
@@ -559,7 +559,7 @@ class FleetController:
         topic = chunk_response_topic(fleet, device)
         offered = self._offered_bundle(req.update_id, fleet, device)
         if offered is not None:
-            response = self.chunks.serve(req, offered[0], version=offered[1])
+            response = self.chunks.serve(req, offered[0], version=offered[1], manifest_sha256=offered[2])
             if response.error and CANNOT_SERVE in response.error and \
                     req.update_id not in self._serve_errors_logged:  # the operator's to fix: said once per update
                 self._serve_errors_logged[req.update_id] = None
@@ -650,7 +650,8 @@ class FleetController:
                 f"max_packet_size): raise that limit, or export the bundle with larger chunks (fewer to list: "
                 f"`edgeglm export --chunk-kib 512`, if its chunk answers still fit); nothing was offered")
         # recorded before it is published: the chunk server answers this device's requests from the record
-        self.store.add_offer(update_id, Path(bundle_dir).resolve(), bundle.manifest.version, fleet, device)
+        self.store.add_offer(update_id, Path(bundle_dir).resolve(), bundle.manifest.version, fleet, device,
+                             bundle.sha256)
         self._publish_retained(ota_offer_topic(fleet, device), payload, f"the offer of {update_id} to {fleet}/{device}")
         log.info("offered %s %s to %s/%s (update %s%s)", bundle.manifest.name, bundle.manifest.version, fleet, device,
                  update_id, ", a rollback" if rollback_key is not None else "")

@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS ota_status (
     fleet TEXT NOT NULL, device TEXT NOT NULL, update_id TEXT, ts REAL NOT NULL, state TEXT, result TEXT,
     reason TEXT, body TEXT NOT NULL, received REAL);
 CREATE TABLE IF NOT EXISTS offers (
-    update_id TEXT PRIMARY KEY, bundle TEXT NOT NULL, version TEXT NOT NULL, created REAL NOT NULL);
+    update_id TEXT PRIMARY KEY, bundle TEXT NOT NULL, version TEXT NOT NULL, created REAL NOT NULL,
+    manifest_sha256 TEXT);
 CREATE TABLE IF NOT EXISTS offer_targets (
     update_id TEXT NOT NULL, fleet TEXT NOT NULL, device TEXT NOT NULL, PRIMARY KEY (update_id, fleet, device));
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -240,6 +241,8 @@ class Store:
         if ota and "received" not in ota:  # when the controller got it (its clock): what the retention reads
             self.db.execute("ALTER TABLE ota_status ADD COLUMN received REAL")
         offers = {row[1] for row in self.db.execute("PRAGMA table_info(offers)")}
+        if offers and "manifest_sha256" not in offers:  # the manifest offered (NULL: offered by an older controller)
+            self.db.execute("ALTER TABLE offers ADD COLUMN manifest_sha256 TEXT")
         if offers and not list(self.db.execute("PRAGMA table_info(offer_targets)")):
             self._targets_of_older_offers(bool(ota))
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(telemetry)")}
@@ -549,10 +552,12 @@ class Store:
                     status.get("result"), status.get("reason"), json.dumps(status), self.clock()))
 
     def add_offer(self, update_id: str, bundle: Path, version: str, fleet: str | None = None,
-                  device: str | None = None) -> None:
+                  device: str | None = None, manifest_sha256: str | None = None) -> None:
         """Record an offer; with `fleet` and `device`, the device it is made to (whose chunk requests for
-        this update the chunk server then answers)."""
-        self._exec("INSERT OR REPLACE INTO offers VALUES (?,?,?,?)", (update_id, str(bundle), version, self.clock()))
+        this update the chunk server then answers); `manifest_sha256`: of the manifest.json offered (the
+        chunk server serves that manifest's chunks only)."""
+        self._exec("INSERT OR REPLACE INTO offers (update_id, bundle, version, created, manifest_sha256) "
+                   "VALUES (?,?,?,?,?)", (update_id, str(bundle), version, self.clock(), manifest_sha256))
         if device is not None:
             self._exec("INSERT OR IGNORE INTO offer_targets VALUES (?,?,?)", (update_id, fleet, device))
 
@@ -572,8 +577,12 @@ class Store:
 
     def offer_version(self, update_id: str) -> str | None:
         """The bundle version recorded with an offer (its manifest's, when it was offered)."""
-        row = self._exec("SELECT version FROM offers WHERE update_id=?", (update_id,)).fetchone()
-        return row[0] if row else None
+        return (self.offered_manifest(update_id) or (None, None))[0]
+
+    def offered_manifest(self, update_id: str) -> tuple[str, str | None] | None:
+        """(version, manifest sha256) recorded with an offer (the sha256 None for an older controller's)."""
+        row = self._exec("SELECT version, manifest_sha256 FROM offers WHERE update_id=?", (update_id,)).fetchone()
+        return (row[0], row[1]) if row else None
 
     def desired(self, fleet: str, device: str) -> dict | None:
         """The desired config this controller last published for the device (its whole remote layer)."""

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import logging
+import os
 import re
+import stat
 import time
 import uuid
 from concurrent.futures import CancelledError
@@ -101,25 +104,32 @@ class ChunkSource:
     def _manifest(self, root: Path) -> Manifest:
         """The bundle's manifest, parsed once while its manifest.json stays the same file (a bundle copied
         over in place is read again); the MANIFESTS_KEPT most recently served are kept."""
-        key = stat_key(root / MANIFEST)
-        manifest = self._manifests.get(root, key)
-        if manifest is None:
-            manifest = read_manifest(root).manifest
-            self._manifests.put(root, key, manifest)
-        return manifest
+        return self._manifest_and_sha(root)[0]
 
-    def serve(self, req: ChunkRequest, root: Path | None = None, version: str | None = None) -> ChunkResponse:
+    def _manifest_and_sha(self, root: Path) -> tuple[Manifest, str]:
+        """`_manifest`, with the sha256 of manifest.json's bytes (what an offer names: `manifest_sha256`)."""
+        key = stat_key(root / MANIFEST)
+        hit = self._manifests.get(root, key)
+        if hit is None:
+            bundle = read_manifest(root)
+            hit = (bundle.manifest, bundle.sha256)
+            self._manifests.put(root, key, hit)
+        return hit
+
+    def serve(self, req: ChunkRequest, root: Path | None = None, version: str | None = None,
+              manifest_sha256: str | None = None) -> ChunkResponse:
         """The chunk asked for, from `root` (the bundle the caller found offered under the request's
-        update id, as `version`) or else from the bundle added under that update id. A chunk is sent only if
-        it matches the bundle's manifest, and the manifest only if it is the version offered: a bundle
-        directory exported again, truncated or copied over after the offer is an error answer
-        (CANNOT_SERVE) naming what changed, not bytes every device refuses without a word on this side."""
+        update id, as `version`, with the manifest whose sha256 is `manifest_sha256`) or else from the bundle
+        added under that update id. A chunk is sent only if it matches the bundle's manifest, and the manifest
+        only if it is the one offered: a bundle directory exported again (at the same version too), truncated
+        or copied over after the offer is an error answer (CANNOT_SERVE) naming what changed, not bytes every
+        device refuses without a word on this side."""
         base = dict(id=req.id, update_id=req.update_id, path=req.path, index=req.index)
         root = Path(root).resolve() if root is not None else self.bundles.get(req.update_id)
         if root is None:
             return ChunkResponse(**base, error=f"update {req.update_id!r} is not offered by this controller")
         try:
-            manifest = self._manifest(root)
+            manifest, sha = self._manifest_and_sha(root)
         except BundleError as exc:
             return ChunkResponse(**base, error=f"update {req.update_id} {CANNOT_SERVE}{exc}")
         cannot = f"update {req.update_id} {CANNOT_SERVE}{root}"
@@ -127,6 +137,11 @@ class ChunkSource:
             return ChunkResponse(**base, error=f"{cannot} holds version {manifest.version} now, the update offered "
                                                f"{version}: it was exported again over the offered bundle; offer "
                                                f"the bundle there again (or the one offered, from its own directory)")
+        if manifest_sha256 is not None and sha != manifest_sha256:
+            return ChunkResponse(**base, error=f"{cannot}: its manifest.json is not the one offered (version "
+                                               f"{manifest.version} still, other contents): it was exported again "
+                                               f"in place after the offer; offer the bundle there again, or export "
+                                               f"each build to a new directory")
         size = manifest.chunk_size
         if size > MAX_CHUNK_SIZE:
             return ChunkResponse(**base, error=f"update {req.update_id}: the bundle's chunk_size {size} is over the "
@@ -151,12 +166,26 @@ class ChunkSource:
             return ChunkResponse(**base, error=f"chunk {req.index} of {req.path}: the file has "
                                                f"{len(entry.chunks)} chunk(s)")
         try:
-            with open(file, "rb") as f:
-                f.seek(req.index * size)
-                data = f.read(size)
-        except OSError as exc:  # a file made unreadable after the offer (mode, owner), an I/O error
+            # not following a link or blocking on a FIFO swapped in since the check above (the MQTT thread runs this)
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:  # a file made unreadable after the offer (mode, owner), replaced by a link
+            if exc.errno == errno.ELOOP:
+                return ChunkResponse(**base, error=f"{cannot}: {req.path} is no longer a file inside the bundle "
+                                                   f"directory (it changed after the offer); export the bundle to a "
+                                                   f"new directory and offer that")
             return ChunkResponse(**base, error=f"{cannot}: {req.path}: cannot read ({exc.strerror or exc}); give the "
                                                f"user that runs the controller read access")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ChunkResponse(**base, error=f"{cannot}: {req.path} is no longer a file inside the bundle "
+                                                   f"directory (it changed after the offer); export the bundle to a "
+                                                   f"new directory and offer that")
+            data = os.pread(fd, size, req.index * size)
+        except OSError as exc:  # an I/O error
+            return ChunkResponse(**base, error=f"{cannot}: {req.path}: cannot read ({exc.strerror or exc}); give the "
+                                               f"user that runs the controller read access")
+        finally:
+            os.close(fd)
         if hashlib.sha256(data).hexdigest() != entry.chunks[req.index]:
             return ChunkResponse(**base, error=f"{cannot}: chunk {req.index} of {req.path} does not match the "
                                                f"bundle's manifest: the file changed after the offer (truncated, "

@@ -588,7 +588,15 @@ def test_a_bundle_changed_after_its_offer_is_an_error_answer_and_one_log_line(co
     answer = ask(first, 0)
     assert f"holds version 1.2.0 now, the update offered 1.1.0: it was exported again over the offered bundle" \
         in answer.error, answer.error
-    assert ask(controller.offer(FLEET, "mallory", bundle), 0).error is None  # offered again: served
+    second = controller.offer(FLEET, "mallory", bundle)
+    assert ask(second, 0).error is None  # offered again: served
+    for chunk_size in (256 * 1024, 128 * 1024):  # exported again in place at the same version: served, and a
+        shutil.rmtree(bundle)  # new chunk size read as the device's fault ("chunk_size ... differs")
+        make_bundle(bundle, key, big_bytes=1 << 20, version="1.2.0", chunk_size=chunk_size)
+        answer = ask(second, 0)
+        assert answer.data_b64 is None and f"update {second} cannot be served: {bundle.resolve()}: its " \
+            "manifest.json is not the one offered (version 1.2.0 still, other contents): it was exported again in " \
+            "place after the offer" in answer.error, answer.error
     mallory.close()
 
 
