@@ -999,10 +999,10 @@ def test_request_duration_is_observed_whatever_the_outcome(model):
     srv = side_server(model)
     try:
         assert raw(srv, "POST", "/v1/completions", json.dumps({"prompt": PROMPT}).encode())[0].status == 200
-        assert observed(srv) == 1
+        assert _wait(lambda: observed(srv) == 1, 30.0), observed(srv)  # observed after the last byte: soon
         bad = json.dumps({"prompt": PROMPT, "temperature": -1}).encode()
         assert raw(srv, "POST", "/v1/completions", bad)[0].status == 400
-        assert observed(srv) == 2
+        assert _wait(lambda: observed(srv) == 2, 30.0), observed(srv)
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)  # a client that leaves mid-stream
         conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 4000, "stream": True,
                                                             "temperature": 1.0, "seed": 1}))
@@ -1019,7 +1019,7 @@ def test_request_duration_is_observed_whatever_the_outcome(model):
     srv.set_model(dataclasses.replace(model, engine=Broken()), model.golden_check())
     try:
         assert raw(srv, "POST", "/v1/completions", json.dumps({"prompt": PROMPT}).encode())[0].status == 500
-        assert observed(srv) == 1
+        assert _wait(lambda: observed(srv) == 1, 30.0), observed(srv)  # observed after the last byte: soon
     finally:
         srv.shutdown(deadline=5.0)
 
