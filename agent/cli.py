@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import os
 import signal
 import sys
@@ -69,13 +70,41 @@ def _factory():
     return export, tiny
 
 
+class _WarningLines(logging.Handler):
+    """The warnings of a command with progress bars as lines of their own, `edgeglm build: warning: ...`, written
+    above the bars (tqdm.write). Without it Python printed the bare message onto the line of a bar being drawn."""
+
+    def __init__(self, command: str):
+        super().__init__(logging.WARNING)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(f"edgeglm {self.command}: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def _warning_lines(command: str):
+    handler, logger = _WarningLines(command), logging.getLogger("edgeglm")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def cmd_export(args) -> int:
     export, _ = _factory()
     opts = export.ExportOptions(
         precision=args.precision, backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
         name=args.name, version=args.version, force=args.force, chunk_kib=args.chunk_kib,
     )
-    manifest = export.export_bundle(args.checkpoint, args.out, opts, show_progress=not args.quiet)
+    with _warning_lines("export"):
+        manifest = export.export_bundle(args.checkpoint, args.out, opts, show_progress=not args.quiet)
     print(f"wrote bundle {args.out} ({manifest.name} {manifest.version}, {manifest.precision}, "
           f"backends: {', '.join(manifest.backends)})")
     return 0
@@ -102,14 +131,15 @@ def cmd_build(args) -> int:
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
         signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
-    try:
-        _factory()
-        from models.build import BuildInputs, format_report, run_build
+    with _warning_lines("build"):
+        try:
+            _factory()
+            from models.build import BuildInputs, format_report, run_build
 
-        inputs = BuildInputs.create(args.teacher, args.corpus, args.recipe, args.out, args.work, args.resume)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt("before the build started: nothing was written") from None
-    report = run_build(inputs, progress=not args.quiet)  # Ctrl-C: models.build.BuildInterrupted says what is kept
+            inputs = BuildInputs.create(args.teacher, args.corpus, args.recipe, args.out, args.work, args.resume)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("before the build started: nothing was written") from None
+        report = run_build(inputs, progress=not args.quiet)  # Ctrl-C: models.build.BuildInterrupted says what is kept
     print(format_report(report))
     print(f"wrote bundle {args.out} (report in its manifest and in {inputs.work}/report.json); "
           f"sign it with: edgeglm bundle sign {args.out} --key KEY")

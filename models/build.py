@@ -78,7 +78,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import (check_weight_headers, check_weight_values, checkpoint_dir_problem, enclosing_bundle,
-                               is_bundle_dir, load_checkpoint, save_checkpoint, weight_files)
+                               is_bundle_dir, load_checkpoint, save_checkpoint, stored_weights, weight_files)
 from models.config import GlmConfig
 from models.data import DataError, TextSource, TokenCorpus, corpus_from_ids, text_files, tokenize_corpus
 from models.distill import DistillError, DistillSettings, distill, resolve_device
@@ -342,13 +342,19 @@ def corpus_files(inputs: BuildInputs) -> list[Path]:
     (`--corpus data --out data/bundle`) would otherwise read the build's own files on --resume."""
     own = (inputs.work.resolve(), inputs.out.resolve())
     skipped: list[Path] = []
+    repeated: list[tuple[Path, Path]] = []
     try:
-        found = text_files(inputs.corpus, skipped)
+        found = text_files(inputs.corpus, skipped, repeated)
     except DataError as exc:  # a path that is not there, an empty directory
         raise BuildError(f"--corpus {exc}; nothing was written") from None
     if skipped:
         shown = ", ".join(str(f) for f in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
         log.warning("--corpus: left out %d binary file(s) found in its directories: %s", len(skipped), shown)
+    if repeated:
+        shown = ", ".join(f"{again} (is {first})" for again, first in repeated[:3]) + \
+            (f" and {len(repeated) - 3} more" if len(repeated) > 3 else "")
+        log.warning("--corpus: %d file(s) named more than once are read once (twice, their text would be in the "
+                    "training and the held-out text at once): %s", len(repeated), shown)
     files = [f for f in found if not any(d == f.resolve() or d in f.resolve().parents for d in own)]
     if not files:
         raise BuildError(f"--corpus {' '.join(map(str, inputs.corpus))}: no training text outside --work "
@@ -755,7 +761,7 @@ def _run_stages(inputs: BuildInputs, plan: Plan, train: TokenCorpus, heldout: To
     evaluation = state.done("evaluate")
     if evaluation is None:
         evaluator = Evaluator(recipe, teacher, heldout, progress)
-        evaluation = evaluate_stages(evaluator, teacher, work)
+        evaluation = evaluate_stages(evaluator, teacher, work, inputs.teacher)
         state.mark("evaluate", evaluation)
     bar.update(1)
     stage("export")
@@ -831,10 +837,16 @@ class Evaluator:
                                    on_windows=bar.update).to_dict()
 
 
-def evaluate_stages(evaluator: Evaluator, teacher, work: Path) -> dict:
-    """Teacher, pruned and distilled students (PyTorch fp32) on the held-out windows."""
-    return {name: evaluator.model(teacher if name == "teacher" else load_checkpoint(work / name)[1], name)
-            for name in ("teacher", "pruned", "distilled")}
+def evaluate_stages(evaluator: Evaluator, teacher, work: Path, teacher_dir: Path | None = None) -> dict:
+    """Teacher, pruned and distilled students (PyTorch fp32) on the held-out windows. The teacher's size is its
+    weights' as stored in `teacher_dir` (a bf16 checkpoint: half its fp32 size), its kind says both."""
+    stages = {name: evaluator.model(teacher if name == "teacher" else load_checkpoint(work / name)[1], name)
+              for name in ("teacher", "pruned", "distilled")}
+    if teacher_dir is not None:
+        dtype, size = stored_weights(teacher_dir, teacher.config)
+        if dtype != "fp32":
+            stages["teacher"] = {**stages["teacher"], "kind": f"pytorch fp32 (stored {dtype})", "bytes": size}
+    return stages
 
 
 def evaluate_bundle_stages(recipe: Recipe, evaluator: Evaluator, bundle: Path) -> dict:
@@ -851,7 +863,7 @@ def compression_report(inputs: BuildInputs, plan: Plan, prune: dict, distill_res
     return {
         "recipe": {"name": recipe.name, "file": recipe.source, "sha256": recipe.sha256,
                    "settings": {**recipe.model_dump(), "distill": plan.distill_settings.to_dict()}},
-        "teacher": {"checkpoint": str(inputs.teacher), "sha256": plan.data.get("teacher_sha256"), **teacher},
+        "teacher": {"checkpoint": str(inputs.teacher.resolve()), "sha256": plan.data.get("teacher_sha256"), **teacher},
         "student": student,
         "non_embedding_params_ratio": round(student["non_embedding_params"] / teacher["non_embedding_params"], 4),
         "data": {"corpus": [str(p) for p in inputs.corpus],

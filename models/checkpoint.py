@@ -112,6 +112,30 @@ def check_weight_headers(ckpt: Path, cfg: GlmConfig) -> None:
         raise CheckpointError(f"{ckpt}: weights missing from the checkpoint: {shown}")
 
 
+DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+
+
+def stored_weights(ckpt: Path, cfg: GlmConfig) -> tuple[str, int]:
+    """The dtype the checkpoint's weights are stored in ("bf16"; "bf16 + fp32" for a mix) and their bytes as
+    stored (each expected tensor once: a tied lm_head stored anyway is not counted twice). A bf16 teacher is
+    scored in fp32, and was reported as fp32 at twice its size (a compression ratio twice too good)."""
+    expected, names, total, seen = expected_shapes(cfg), set(), 0, set()
+    for path in weight_files(ckpt):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name not in expected or name in seen or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                    continue
+                header = f.get_slice(name)
+                dtype = header.get_dtype()
+                seen.add(name)
+                names.add(DTYPE_NAMES.get(dtype, dtype.lower()))
+                numel = 1
+                for n in header.get_shape():
+                    numel *= n
+                total += numel * HEADER_DTYPES[dtype].itemsize if dtype in HEADER_DTYPES else 0
+    return " + ".join(sorted(names)), total
+
+
 SCAN_BYTES = 4 << 20  # what check_weight_values reads (and holds) at a time: hashed and checked while in cache
 NON_FINITE = "the checkpoint is broken (a diverged training run, or an overflow when it was cast to fp16)"
 

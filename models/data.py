@@ -71,10 +71,35 @@ class TokenCorpus:
         return np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r", shape=(self.num_tokens,))
 
 
-def text_files(paths: tuple[Path, ...], skipped: list[Path] | None = None) -> list[Path]:
+def text_files(paths: tuple[Path, ...], skipped: list[Path] | None = None,
+               repeated: list[tuple[Path, Path]] | None = None) -> list[Path]:
     """The files a source names: each file itself, each directory's regular files (sorted, no hidden), less the
     binary files found in a directory (a NUL byte in their first BINARY_SNIFF bytes: `__pycache__/*.pyc`, images in
-    a source tree), which are appended to `skipped`. A file named itself is always taken (and must be text)."""
+    a source tree), which are appended to `skipped`. A file named itself is always taken (and must be text).
+    Each file is taken once: one reached again (named twice, a directory and a file in it, a link to it) is left
+    out and appended to `repeated` as (that path, the path it was taken as). Read twice, its text was in the
+    training split and in the held-out split at once, and the held-out numbers measured text the student trained
+    on."""
+    files = _text_files(paths, skipped)
+    taken: dict[tuple[int, int], Path] = {}
+    once: list[Path] = []
+    for f in files:
+        try:
+            st = f.stat()
+            key = (st.st_dev, st.st_ino)
+        except OSError:  # unreadable: named by the checks that read it
+            once.append(f)
+            continue
+        if key in taken:
+            if repeated is not None:
+                repeated.append((f, taken[key]))
+            continue
+        taken[key] = f
+        once.append(f)
+    return once
+
+
+def _text_files(paths: tuple[Path, ...], skipped: list[Path] | None) -> list[Path]:
     files: list[Path] = []
     for p in paths:
         if p.is_file():

@@ -150,7 +150,8 @@ def test_a_recipe_setting_quantize_block_is_warned_about_as_having_no_effect(raw
         proc = edgeglm("build", "--teacher", raw_teacher, "--corpus", *corpus_files(), "--recipe", chosen,
                        "--out", tmp_path / "taken", "--quiet")
         assert proc.returncode == 2 and "already exists" in proc.stderr, proc.stderr
-        assert (f"{recipe}: [quantize] block = 64 has no effect" in proc.stderr) == warned, proc.stderr
+        assert (f"edgeglm build: warning: {recipe}: [quantize] block = 64 has no effect" in proc.stderr) == warned, \
+            proc.stderr
 
 
 def test_work_that_is_a_bundle_is_refused_even_with_resume(raw_teacher, fp32_bundle, tmp_path, capsys):

@@ -229,3 +229,33 @@ def test_every_weight_value_is_checked_a_piece_at_a_time_naming_the_shard_and_te
     with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor '{re.escape(name)}' holds 2 non-finite "
                                               r"value\(s\) \(NaN or inf\)"):
         check_weight_values(path)
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")])
+def test_a_half_precision_teacher_is_reported_at_its_stored_size(tmp_path, dtype, name):
+    """A bf16 or fp16 teacher is scored in fp32: the build's report named it "pytorch fp32" at twice its size on
+    disk, which made the bundle's compression look twice as good. The size is the weights' as stored, counted by
+    transformers (tied lm_head once), and the kind names the stored dtype."""
+    from transformers import GlmForCausalLM
+
+    from models.build import Evaluator, evaluate_stages
+    from models.checkpoint import save_checkpoint, stored_weights
+    from models.data import corpus_from_ids
+    from models.recipe import load_recipe
+
+    path = hf_checkpoint(tmp_path / "t", dtype=dtype, tie_word_embeddings=True, max_shard_size="60KB")
+    ref = GlmForCausalLM.from_pretrained(path, dtype=dtype)
+    stored = sum(p.numel() * p.element_size() for p in ref.parameters())
+    assert stored_weights(path, load_checkpoint(path)[0]) == (name, stored)
+
+    cfg, teacher = load_checkpoint(path)
+    work = tmp_path / "work"
+    for stage in ("pruned", "distilled"):
+        save_checkpoint(teacher, work / stage)
+    recipe = load_recipe("quick")
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"seq_len": 16, "heldout_tokens": 64})})
+    heldout = corpus_from_ids(list(range(1, 200)), tmp_path / "tokens")
+    stages = evaluate_stages(Evaluator(recipe, teacher, heldout), teacher, work, path)
+    assert stages["teacher"]["bytes"] == stored
+    assert stages["teacher"]["kind"] == ("pytorch fp32" if name == "fp32" else f"pytorch fp32 (stored {name})")
+    assert stages["distilled"]["bytes"] == sum(p.numel() * 4 for p in ref.parameters())  # written in fp32

@@ -104,6 +104,28 @@ def test_binary_files_in_a_corpus_directory_are_left_out_and_named(tmp_path, cap
     assert "left out 2 binary file(s)" in caplog.text and "mod.cpython-311.pyc" in caplog.text
 
 
+def test_a_corpus_file_named_more_than_once_is_read_once_and_named(tmp_path, caplog):
+    """`--corpus data data/a.txt` (or a link to a file in it) read a.txt twice: its text was cut into training and
+    held-out windows at once, and the held-out loss measured text the student had trained on."""
+    import logging
+
+    from models.build import BuildInputs, corpus_files
+    from models.recipe import load_recipe
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("alpha\n")
+    (data / "b.txt").write_text("beta\n")
+    (tmp_path / "link.txt").symlink_to(data / "b.txt")
+    inputs = BuildInputs.create(tmp_path / "teacher", (data, data / "a.txt", tmp_path / "link.txt", data),
+                                load_recipe("quick"), tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="edgeglm.build"):
+        assert corpus_files(inputs) == [data / "a.txt", data / "b.txt"]
+    assert "4 file(s) named more than once are read once" in caplog.text, caplog.text
+    assert f"{data / 'a.txt'} (is {data / 'a.txt'})" in caplog.text
+    assert f"{tmp_path / 'link.txt'} (is {data / 'b.txt'})" in caplog.text
+
+
 def test_an_empty_corpus_is_named_as_empty(tmp_path):
     """An empty --corpus file got to the size check and read "corpus too small: its 1 tokens give 1 held-out
     tokens" (the one token being the end-of-text the tokenizer adds)."""
