@@ -134,6 +134,7 @@ class Agent:
         self.last_config_error: str | None = None
         self.model_error: str | None = None  # why the active slot's model is not served (None: no problem)
         self.signing_keys: dict | None = None  # hardware.keys (`_signing_keys`), read again each telemetry window
+        self._keys_lock = threading.Lock()  # one read-and-set at a time: the main loop's could set the old slots'
         self._chunk_fetcher: MqttChunkFetcher | None = None
         self._ota_thread: threading.Thread | None = None
         self._ota_lock = threading.Lock()
@@ -213,7 +214,9 @@ class Agent:
         m = self.model
         keys = {"trusted": sorted(trusted),
                 "serving": slot_signers(m.bundle.root, m.bundle.manifest_bytes, trusted) if m else None,
-                "rollback": None}
+                "rollback": None,
+                # false: this box serves a model no trusted key signs (ota.require_signature = false), not refuses it
+                "required": bool(self.cfg.ota.require_signature)}
         if self.updater is not None:
             other = self.updater.slots.path(self.updater.slots.inactive())
             try:
@@ -225,12 +228,13 @@ class Agent:
     def _refresh_signing_keys(self) -> bool:
         """Read the keys of `hardware.keys` again; whether they changed (a key added or removed on the box, a
         slot's signature replaced by an update)."""
-        try:
-            keys = self._signing_keys()
-        except Exception:  # noqa: BLE001 a report must never stop the agent
-            log.debug("reading the signing keys for the state failed", exc_info=True)
-            return False
-        changed, self.signing_keys = keys != self.signing_keys, keys
+        with self._keys_lock:  # (the OTA thread's, after an update, and the main loop's: the last read is the newest)
+            try:
+                keys = self._signing_keys()
+            except Exception:  # noqa: BLE001 a report must never stop the agent
+                log.debug("reading the signing keys for the state failed", exc_info=True)
+                return False
+            changed, self.signing_keys = keys != self.signing_keys, keys
         return changed
 
     def _set_model_error(self, reason: str | None) -> None:

@@ -268,8 +268,9 @@ class ReportedState(Payload):
     hardware: dict[str, Any] = Field(default_factory=dict, description=(
         "summary of runtime.probe; also `execution` (the path serving), `model_error` (why the active slot's model "
         "is not served), `run` (random at each agent start: two states of one run are ordered by uptime_s) and "
-        "`keys`: {trusted, serving, rollback}, the ids of the signing keys the box trusts and of those that sign the "
-        "model it serves and the model a rollback goes back to (null: none there)"))
+        "`keys`: {trusted, serving, rollback, required}, the ids of the signing keys the box trusts and of those that "
+        "sign the model it serves and the model a rollback goes back to (null: none there), and whether the box "
+        "requires a trusted signature (ota.require_signature)"))
     execution_path: str | None = Field(None, description="the backend/device serving, e.g. 'onnxruntime:cpu'")
     model: ModelRef | None = None
     active_slot: Literal["a", "b"] | None = None

@@ -909,13 +909,16 @@ def format_signing_keys(keys: dict[tuple[str, str], dict], devices: int) -> str:
     text = _table(("signing key", "trusted by", "signs serving model", "signs rollback model"), rows)
     text += (f"\nper signing key: {len(keys)} of {devices} device(s) report their keys; (N only): N devices whose "
              "model no other key they trust signs, which they refuse once this key is removed (docs/ota.md Rotation)")
-    unsigned = [f"{f}/{d}" for (f, d), k in sorted(keys.items()) if k["serving"] == []]
-    if unsigned:
-        from fleet.rollout import _few
+    from fleet.rollout import _few
 
-        text += (f"\n{len(unsigned)} device(s) serve a model no key they trust now signs (its key was removed, or "
-                 f"signatures are not required there): {_few(unsigned)}; their next start refuses it unless it is "
-                 "offered again signed by a trusted key")
+    unsigned = [f"{f}/{d}" for (f, d), k in sorted(keys.items()) if k["serving"] == [] and k.get("required") is not False]
+    if unsigned:  # (required None: an agent that does not say; signatures are required by default)
+        text += (f"\n{len(unsigned)} device(s) serve a model no key they trust now signs (its key was removed): "
+                 f"{_few(unsigned)}; their next start refuses it unless it is offered again signed by a trusted key")
+    unchecked = [f"{f}/{d}" for (f, d), k in sorted(keys.items()) if k["serving"] == [] and k.get("required") is False]
+    if unchecked:
+        text += (f"\n{len(unchecked)} device(s) serve a model no key they trust signs, and take it "
+                 f"(ota.require_signature = false there): {_few(unchecked)}")
     return text
 
 

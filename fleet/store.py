@@ -233,7 +233,19 @@ class Store:
                              "command as a user who may write it) once; nothing was done")
 
     def _migrate(self) -> None:
-        """Bring a database made by an older controller up to this schema (before SCHEMA's indexes)."""
+        """Bring a database made by an older controller up to this schema (before SCHEMA's indexes), in one write
+        transaction: two processes opening an old database at once (`fleet serve` and a `fleet` command) both
+        found a table missing and the second failed on "table offer_targets already exists" as "cannot open";
+        now the second waits, then finds nothing left to do."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self._migrate_in_transaction()
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def _migrate_in_transaction(self) -> None:
         removed = {row[1] for row in self.db.execute("PRAGMA table_info(removed)")}
         if removed and "state" not in removed:  # the state a device had when it was removed (see back_from_removal)
             self.db.execute("ALTER TABLE removed ADD COLUMN state TEXT")
@@ -257,17 +269,14 @@ class Store:
         self.db.execute("DROP INDEX IF EXISTS telemetry_by_time")
         indexes = {row[1] for row in self.db.execute("PRAGMA index_list(telemetry)")}
         if "telemetry_once" not in indexes:  # older controllers stored a report as often as it arrived
-            self.db.execute("BEGIN")
             self.db.execute("DELETE FROM telemetry WHERE rowid NOT IN "
                             "(SELECT MIN(rowid) FROM telemetry GROUP BY fleet, device, window_end)")
             self.db.execute("DROP INDEX IF EXISTS telemetry_by_device")
             self.db.execute("CREATE UNIQUE INDEX telemetry_once ON telemetry (fleet, device, window_end)")
-            self.db.execute("COMMIT")
 
     def _targets_of_older_offers(self, have_statuses: bool) -> None:
         """(_migrate) The offers of a controller older than `offer_targets`: a LEGACY target each, and the
         devices that reported a status for them as targets (see the module's docstring)."""
-        self.db.execute("BEGIN")
         self.db.execute("CREATE TABLE offer_targets (update_id TEXT NOT NULL, fleet TEXT NOT NULL, device TEXT NOT "
                         "NULL, PRIMARY KEY (update_id, fleet, device))")
         self.db.execute("INSERT INTO offer_targets SELECT update_id, ?, ? FROM offers", LEGACY)
@@ -275,7 +284,6 @@ class Store:
             self.db.execute("INSERT OR IGNORE INTO offer_targets SELECT DISTINCT s.update_id, s.fleet, s.device FROM "
                             "ota_status s JOIN offers o ON o.update_id = s.update_id")
         n = self.db.execute("SELECT COUNT(*) FROM offers").fetchone()[0]
-        self.db.execute("COMMIT")
         log.info("%s: %d offer(s) recorded by an older controller are served to the devices that report a status "
                  "for them", self.path, n)
 
@@ -536,7 +544,8 @@ class Store:
                 continue
             if isinstance(keys, dict) and _key_ids(keys.get("trusted")) and \
                     all(keys.get(k) is None or _key_ids(keys.get(k)) for k in ("serving", "rollback")):
-                out[(f, d)] = {k: keys.get(k) for k in ("trusted", "serving", "rollback")}
+                out[(f, d)] = {**{k: keys.get(k) for k in ("trusted", "serving", "rollback")},
+                               "required": keys.get("required") if isinstance(keys.get("required"), bool) else None}
         return out
 
     def add_ota_status(self, fleet: str, device: str, status: dict) -> None:

@@ -327,7 +327,8 @@ def test_previous_slot_serves_when_the_active_one_is_no_longer_trusted(tmp_path,
         assert "serving the previous model from slot a" in state_now.hardware["model_error"]
         # the fleet sees which keys the box trusts and which sign its serving and its rollback models
         assert state_now.hardware["keys"] == {"trusted": [_kid(signed_bundles["key"])],
-                                              "serving": [_kid(signed_bundles["key"])], "rollback": []}
+                                              "serving": [_kid(signed_bundles["key"])], "rollback": [],
+                                              "required": True}
         assert _get(agent.http.port, "/readyz")[0] == 200
     finally:
         agent.shutdown(deadline=5.0)
@@ -350,7 +351,7 @@ def test_agent_with_an_untrusted_active_slot_stays_up_and_is_updated_over_the_ai
         reported = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["online"], timeout=60)
         assert proc.poll() is None, log.read_text()[-3000:]
         assert reported["model"] is None and reported["active_slot"] == "a"
-        assert reported["hardware"]["keys"] == {"trusted": [new], "serving": None, "rollback": None}
+        assert reported["hardware"]["keys"] == {"trusted": [new], "serving": None, "rollback": None, "required": True}
         assert "slot a is refused" in reported["hardware"]["model_error"]
         assert "unknown key" in reported["hardware"]["model_error"]
 
@@ -382,13 +383,15 @@ def test_agent_with_an_untrusted_active_slot_stays_up_and_is_updated_over_the_ai
         assert reported["model"]["sha256"] == v1.sha256 and reported["active_slot"] == "b"
         assert reported["hardware"]["model_error"] is None
         # the model it would roll back to (slot a) is signed by no key it trusts
-        assert reported["hardware"]["keys"] == {"trusted": [new], "serving": [new], "rollback": []}
+        assert reported["hardware"]["keys"] == {"trusted": [new], "serving": [new], "rollback": [],
+                                                "required": True}
         status, body = _get(http_port, "/v1/completions", {"prompt": "def f(", "max_tokens": 2})
         assert status == 200 and body["usage"]["completion_tokens"] == 2
         # the old key trusted again on the box: seen within a telemetry window, without a restart
         shutil.copy(tmp_path / "old-keys" / "old-fleet.pub", keys / "old-fleet.pub")
         reported = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["hardware"]["keys"]["rollback"], timeout=60)
-        assert reported["hardware"]["keys"] == {"trusted": sorted([new, old]), "serving": [new], "rollback": [old]}
+        assert reported["hardware"]["keys"] == {"trusted": sorted([new, old]), "serving": [new], "rollback": [old],
+                                                "required": True}
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]

@@ -100,6 +100,48 @@ CREATE TABLE ota_status (fleet TEXT NOT NULL, device TEXT NOT NULL, update_id TE
     store.close()
 
 
+def test_processes_opening_an_old_database_at_once_all_open_it(tmp_path):
+    """`fleet serve` and a `fleet` command started together on a database of an older controller: both found a
+    column or table missing, and the second's change failed ("duplicate column name: received", "table
+    offer_targets already exists"), reported as the database not opening. The migration is one write transaction
+    now: the others wait, then find it done."""
+    import multiprocessing
+
+    path = tmp_path / "fleet.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")  # as every controller leaves its database
+    db.executescript(OLD_SCHEMA + """
+CREATE TABLE offers (update_id TEXT PRIMARY KEY, bundle TEXT NOT NULL, version TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE ota_status (fleet TEXT NOT NULL, device TEXT NOT NULL, update_id TEXT, ts REAL NOT NULL, state TEXT,
+    result TEXT, reason TEXT, body TEXT NOT NULL);""")
+    db.execute("INSERT INTO offers VALUES ('old-1', '/b/1.2.0', '1.2.0', 100.0)")
+    db.commit()
+    db.close()
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(6)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_open_store_after, args=(path, start, results)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert outcomes == ["ok"] * 6, outcomes
+    store = Store(path)
+    assert store.offered_to("old-1", "", "") == Path("/b/1.2.0")  # one LEGACY row, made once
+    assert store.offered_manifest("old-1") == ("1.2.0", None)
+    store.close()
+
+
+def _open_store_after(path, start, results) -> None:
+    start.wait(30)
+    try:
+        Store(path).close()
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 what the test reports
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
 def test_the_configured_retention_reaches_the_controllers_store(tmp_path):
     (tmp_path / "fleet.toml").write_text(f'[database]\npath = "{tmp_path / "fleet.db"}"\nretention_s = 60\n')
     args = build_parser().parse_args(["fleet", "serve", "--config", str(tmp_path / "fleet.toml")])
@@ -474,22 +516,25 @@ def test_status_counts_the_devices_each_signing_key_is_the_only_key_of(tmp_path)
     state("serves-old", {"trusted": [new, old], "serving": [old], "rollback": None})
     state("rolls-back-to-old", {"trusted": [new, old], "serving": [new], "rollback": [old]})
     state("not-yet", {"trusted": [old], "serving": [old], "rollback": []})
-    state("removed-early", {"trusted": [new], "serving": [], "rollback": None})
+    state("removed-early", {"trusted": [new], "serving": [], "rollback": None, "required": True})
+    state("unchecked", {"trusted": [new], "serving": [], "rollback": None, "required": False})  # not refused there
     state("older-agent", None)  # an agent that does not report its keys
     state("forged", {"trusted": ["../etc"], "serving": [old], "rollback": None})  # not a key id: not counted
     by_key = {e["key"]: e for e in signing_key_summary(store.signing_keys(FLEET))}
     assert set(by_key) == {old, new}
     assert (by_key[new]["trusted_by"], by_key[new]["serving"], by_key[new]["serving_only"],
-            by_key[new]["rollback"], by_key[new]["rollback_only"]) == (4, 2, 1, 1, 1)
+            by_key[new]["rollback"], by_key[new]["rollback_only"]) == (5, 2, 1, 1, 1)
     assert (by_key[old]["trusted_by"], by_key[old]["serving"], by_key[old]["serving_only"],
             by_key[old]["rollback"], by_key[old]["rollback_only"]) == (4, 3, 2, 1, 1)
     assert by_key[old]["serving_only_devices"] == [f"{FLEET}/not-yet", f"{FLEET}/serves-old"]
     assert by_key[old]["rollback_only_devices"] == [f"{FLEET}/rolls-back-to-old"]
     status = format_status(store, FLEET)
-    assert f"{old}  4           3 (2 only)" in status and f"{new}  4           2 (1 only)" in status, status
-    assert "5 of 7 device(s) report their keys" in status
-    assert f"1 device(s) serve a model no key they trust now signs (its key was removed, or signatures are not " \
-           f"required there): ['{FLEET}/removed-early']" in status
+    assert f"{old}  4           3 (2 only)" in status and f"{new}  5           2 (1 only)" in status, status
+    assert "6 of 8 device(s) report their keys" in status
+    assert f"1 device(s) serve a model no key they trust now signs (its key was removed): ['{FLEET}/removed-early']; " \
+           "their next start refuses it" in status, status
+    assert f"1 device(s) serve a model no key they trust signs, and take it (ota.require_signature = false there): " \
+           f"['{FLEET}/unchecked']" in status, status
     store.close()
     out = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "status", "--db", str(tmp_path / "fleet.db"),
                           "--json"], capture_output=True, text=True)
@@ -498,5 +543,6 @@ def test_status_counts_the_devices_each_signing_key_is_the_only_key_of(tmp_path)
     assert {e["key"]: e["serving_only_devices"] for e in data["signing_keys"]} == \
         {old: [f"{FLEET}/not-yet", f"{FLEET}/serves-old"], new: [f"{FLEET}/rolls-back-to-old"]}
     keys = {d["device"]: d["keys"] for d in data["devices"]}
-    assert keys["rolls-back-to-old"] == {"trusted": [new, old], "serving": [new], "rollback": [old]}
+    assert keys["rolls-back-to-old"] == {"trusted": [new, old], "serving": [new], "rollback": [old], "required": None}
+    assert keys["unchecked"]["required"] is False
     assert keys["older-agent"] is None and keys["forged"] is None
