@@ -146,6 +146,14 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _named_dir(text: str) -> str:
+    """An --out path as typed; an empty one (`--out "$UNSET_VARIABLE"`) is refused here: read as ".", it named the
+    current directory ("--out .: ...", or, for export, "/home/me: already exists; pass --force")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty path: name a directory (e.g. bundles/edge-small)")
+    return text
+
+
 class OutputError(CliError):
     """The command's output could not be written (a full disk, an I/O error)."""
 
@@ -508,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a GlmForCausalLM checkpoint to a bundle (needs the factory extra)")
     e.add_argument("checkpoint", help="GlmForCausalLM checkpoint directory to export (config.json, "
                    "model.safetensors or its shards, tokenizer.json)")
-    e.add_argument("--out", required=True, help="bundle directory to create")
+    e.add_argument("--out", required=True, type=_named_dir, help="bundle directory to create")
     e.add_argument("--precision", default="int8", choices=["int8", "fp32"],
                    help="bundle weight precision: int8 (default: linear-layer weights in 8 bits, one scale per "
                    "output channel) or fp32 (unquantized: outputs equal the PyTorch reference)")
@@ -525,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--teacher", required=True, help="GlmForCausalLM checkpoint directory to compress")
     bd.add_argument("--corpus", required=True, nargs="+", help="UTF-8 text files or directories to learn from")
     bd.add_argument("--recipe", required=True, help="recipe TOML file, or a shipped recipe: quick, edge-small")
-    bd.add_argument("--out", required=True, help="bundle directory to create")
+    bd.add_argument("--out", required=True, type=_named_dir, help="bundle directory to create")
     bd.add_argument("--work", help="work directory for every stage's output (default: OUT.work)")
     bd.add_argument("--resume", action="store_true", help="continue the build whose state is in the work directory")
     bd.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -581,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bundle", help="sign and verify bundles")
     bsub = b.add_subparsers(dest="bundle_command", required=True)
     kg = bsub.add_parser("keygen", help="create an ed25519 signing key pair")
-    kg.add_argument("--out", required=True, help="directory for NAME.key and NAME.pub")
+    kg.add_argument("--out", required=True, type=_named_dir, help="directory for NAME.key and NAME.pub")
     kg.add_argument("--name", default="bundle-signing",
                     help="the files are NAME.key and NAME.pub in --out: 1 to 128 letters, digits, '.', '_' or '-', "
                     "starting with a letter or digit (default bundle-signing)")

@@ -381,6 +381,9 @@ def recipe_path(name_or_path: str | Path) -> Path:
     if path.suffix == "" and shipped.is_file():
         return shipped
     names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+    if path.is_dir():
+        raise RecipeError(f"--recipe {name_or_path}: is a directory; give a recipe TOML file or a shipped recipe "
+                          f"({names})")
     raise RecipeError(f"--recipe {name_or_path}: no such file, nor a shipped recipe (shipped: {names})")
 
 

@@ -249,3 +249,27 @@ def test_the_demo_refuses_a_workdir_holding_files_that_are_not_its_own(tmp_path)
     (project / "keys").mkdir()
     assert_user_error(edgeglm("demo", "--workdir", project), "holds files that are not the demo's (notes.txt)")
     assert (project / "fleet.db").read_bytes().endswith(b"registry") and (project / "notes.txt").is_file()
+
+
+@pytest.mark.parametrize("argv", [["export", "CKPT", "--out", ""], ["build", "--teacher", "CKPT", "--corpus", "x.txt",
+                                                                   "--recipe", "quick", "--out", ""],
+                                  ["bundle", "keygen", "--out", ""]])
+def test_an_empty_out_is_refused_before_anything(tmp_path, monkeypatch, capsys, argv):
+    """`--out "$UNSET"` was read as the current directory: export answered "/home/me: already exists; pass --force",
+    build "--out .: ..." (a value the user never typed); keygen wrote its key pair into the current directory."""
+    from agent.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path) if a == "CKPT" else a for a in argv])
+    assert stopped.value.code == 2
+    assert "argument --out: '' is an empty path: name a directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_recipe_that_is_a_directory_is_named_as_one(tmp_path):
+    from models.recipe import RecipeError, recipe_path
+
+    with pytest.raises(RecipeError, match=rf"--recipe {tmp_path}: is a directory; give a recipe TOML file or a "
+                                          r"shipped recipe \(edge-small, quick\)"):
+        recipe_path(tmp_path)
