@@ -146,6 +146,14 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _named_path(text: str) -> str:
+    """A path argument as typed; an empty one is refused (read as ".", `--corpus ""` took every file of the current
+    directory as training text)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty path: name a file or directory")
+    return text
+
+
 def _named_dir(text: str) -> str:
     """An --out path as typed; an empty one (`--out "$UNSET_VARIABLE"`) is refused here: read as ".", it named the
     current directory ("--out .: ...", or, for export, "/home/me: already exists; pass --force")."""
@@ -514,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_SubParser)
 
     e = sub.add_parser("export", help="export a GlmForCausalLM checkpoint to a bundle (needs the factory extra)")
-    e.add_argument("checkpoint", help="GlmForCausalLM checkpoint directory to export (config.json, "
+    e.add_argument("checkpoint", type=_named_path, help="GlmForCausalLM checkpoint directory to export (config.json, "
                    "model.safetensors or its shards, tokenizer.json)")
     e.add_argument("--out", required=True, type=_named_dir, help="bundle directory to create")
     e.add_argument("--precision", default="int8", choices=["int8", "fp32"],
@@ -530,18 +538,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bd = sub.add_parser("build", help="compress a checkpoint by a recipe (prune, distill, quantize) into a bundle (needs "
                                           "the factory extra)")
-    bd.add_argument("--teacher", required=True, help="GlmForCausalLM checkpoint directory to compress")
-    bd.add_argument("--corpus", required=True, nargs="+", help="UTF-8 text files or directories to learn from")
+    bd.add_argument("--teacher", required=True, type=_named_path, help="GlmForCausalLM checkpoint directory to compress")
+    bd.add_argument("--corpus", required=True, nargs="+", type=_named_path, help="UTF-8 text files or directories to learn from")
     bd.add_argument("--recipe", required=True, help="recipe TOML file, or a shipped recipe: quick, edge-small")
     bd.add_argument("--out", required=True, type=_named_dir, help="bundle directory to create")
-    bd.add_argument("--work", help="work directory for every stage's output (default: OUT.work)")
+    bd.add_argument("--work", type=_named_dir, help="work directory for every stage's output (default: OUT.work)")
     bd.add_argument("--resume", action="store_true", help="continue the build whose state is in the work directory")
     bd.add_argument("--quiet", action="store_true", help="no progress bars")
     bd.set_defaults(func=cmd_build)
 
     g = sub.add_parser("generate", help="generate text with a bundle")
     g.add_argument("prompt")
-    g.add_argument("--bundle", required=True)
+    g.add_argument("--bundle", required=True, type=_named_path)
     g.add_argument("--backend", default="auto", help="auto, openvino or onnxruntime")
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--max-tokens", type=int, default=64)
@@ -556,14 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="show the hardware and the inference backends found")
     pr.add_argument("--json", action="store_true")
-    pr.add_argument("--bundle", help="also choose this bundle's execution path (measured autotune, cached)")
+    pr.add_argument("--bundle", type=_named_path, help="also choose this bundle's execution path (measured autotune, cached)")
     pr.add_argument("--retune", action="store_true", help="measure again even if a cached result exists")
-    pr.add_argument("--cache-dir", help="autotune cache (default $EDGEGLM_CACHE_DIR or ~/.cache/edgeglm)")
+    pr.add_argument("--cache-dir", type=_named_dir, help="autotune cache (default $EDGEGLM_CACHE_DIR or ~/.cache/edgeglm)")
     pr.add_argument("--threads", type=_threads, help="with --bundle: tune only this thread count")
     pr.set_defaults(func=cmd_probe)
 
     be = sub.add_parser("bench", help="measure TTFT, decode speed, latency percentiles and memory of a bundle")
-    be.add_argument("--bundle", required=True)
+    be.add_argument("--bundle", required=True, type=_named_path)
     be.add_argument("--backend", default="auto", help="auto (the autotuned path), onnxruntime or openvino")
     be.add_argument("--device", default="auto", help=DEVICE_HELP)
     be.add_argument("--prompt-tokens", type=int, default=512)

@@ -253,17 +253,23 @@ def test_the_demo_refuses_a_workdir_holding_files_that_are_not_its_own(tmp_path)
 
 @pytest.mark.parametrize("argv", [["export", "CKPT", "--out", ""], ["build", "--teacher", "CKPT", "--corpus", "x.txt",
                                                                    "--recipe", "quick", "--out", ""],
-                                  ["bundle", "keygen", "--out", ""]])
-def test_an_empty_out_is_refused_before_anything(tmp_path, monkeypatch, capsys, argv):
+                                  ["bundle", "keygen", "--out", ""],
+                                  ["build", "--teacher", "CKPT", "--corpus", "x.txt", "", "--recipe", "quick", "--out", "b"],
+                                  ["build", "--teacher", "", "--corpus", "x.txt", "--recipe", "quick", "--out", "b"],
+                                  ["generate", "hi", "--bundle", ""]])
+def test_an_empty_path_is_refused_before_anything(tmp_path, monkeypatch, capsys, argv):
     """`--out "$UNSET"` was read as the current directory: export answered "/home/me: already exists; pass --force",
-    build "--out .: ..." (a value the user never typed); keygen wrote its key pair into the current directory."""
+    build "--out .: ..." (a value the user never typed); keygen wrote its key pair into the current directory;
+    `--corpus ""` took every file there as training text."""
     from agent.cli import main
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stopped:
         main([str(tmp_path) if a == "CKPT" else a for a in argv])
     assert stopped.value.code == 2
-    assert "argument --out: '' is an empty path: name a directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "argument --out: '' is an empty path: name a directory" in err or "'' is an empty path: name a file or " \
+        "directory" in err, err
     assert list(tmp_path.iterdir()) == []
 
 
