@@ -354,6 +354,8 @@ def cmd_offer(args) -> int:
             f"{_some_of(known, args.device)})"
     else:
         problem = f"there is no fleet database at {db}, so no device has reported"
+    if Path(db).is_file():
+        _refuse_another_build(args, db, bundle, "nothing was offered")
     if problem and not args.force:
         raise FleetError(f"--device {device}: {problem}; nothing was offered. Check --fleet/--device (and --db), "
                          f"or give --force to publish the retained offer, which the device gets when it connects")
@@ -370,6 +372,28 @@ def cmd_offer(args) -> int:
     print(f"offered {args.bundle} to {device} as update {update_id}")
     _warn_targets(db, [(args.fleet, args.device)], bundle)
     return 0
+
+
+def _refuse_another_build(args, db, bundle, nothing: str) -> None:
+    """A bundle exported again at a version already offered with other contents: the devices that took the first
+    build count as on that version, so a rollout skips them and the fleet runs two builds under one version, with
+    nothing to tell them apart. Refused unless --force."""
+    store = _store(args, db)
+    try:
+        earlier = store.other_builds(bundle.manifest.name, bundle.manifest.version, bundle.sha256)
+    finally:
+        store.close()
+    if not earlier:
+        return
+    what = f"{bundle.manifest.name} {bundle.manifest.version}"
+    line = (f"--bundle {args.bundle} is {what}, but another build of {what} was offered before (update "
+            f"{earlier[-1][0]}, manifest sha256 {earlier[-1][1][:12]}..., not {bundle.sha256[:12]}...): devices that "
+            f"took it report {bundle.manifest.version} and are not offered this one, and the fleet would run two "
+            f"builds under one version")
+    if not args.force:
+        raise FleetError(f"{line}; export this build at a new version (e.g. `[export] version` in the recipe, or "
+                         f"`edgeglm export --version`); {nothing} (--force offers it anyway)")
+    print(f"edgeglm fleet: warning: {line} (--force)", file=sys.stderr)
 
 
 def _warn_targets(db, targets: list[tuple[str, str]], bundle) -> None:
@@ -447,6 +471,7 @@ def _rollout_start(args) -> int:
                              f"--bundle {args.bundle} ({bundle.manifest.version}): the canaries' rollback only goes "
                              f"back; give the version they run now; nothing was recorded")
     db = _existing_db(args)
+    _refuse_another_build(args, db, bundle, "nothing was recorded")
     store = _store(args, db)
     selection = select(store, args.group)  # an assigned group, or a fleet id with known devices
     fleet, group = (one_fleet(selection), args.group) if selection.assigned else (args.group, None)
@@ -822,7 +847,8 @@ def register(sub) -> None:
     o.add_argument("--device", required=True)
     o.add_argument("--bundle", required=True)
     o.add_argument("--force", action="store_true",
-                   help="offer to a device the registry has never seen (the retained offer waits for it)")
+                   help="offer to a device the registry has never seen (the retained offer waits for it), or a bundle "
+                        "whose version was offered before with other contents")
     o.set_defaults(func=cmd_offer)
 
     r = fsub.add_parser("rollout", help="start a staged rollout gated by latency (`rollout cancel ID` stops one)",
@@ -852,6 +878,8 @@ def register(sub) -> None:
     r.add_argument("--previous-bundle", help="bundle to roll canaries back to when the rollout halts")
     r.add_argument("--key", help="private key that signs the canaries' rollback offers (default: [rollback] key "
                    "of --config)")
+    r.add_argument("--force", action="store_true", help="roll out a bundle whose version was offered before with "
+                   "other contents (devices that took that build are not offered this one)")
     r.set_defaults(func=cmd_rollout)
 
     c = fsub.add_parser("config", help="desired config of a device")

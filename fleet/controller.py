@@ -70,6 +70,7 @@ STATE_ASK_AGAIN_S = 60.0  # how often the state of a device that reports but is 
 STATE_ASKS_MAX = 3  # and how many times at most (a state this controller refuses would come back every minute)
 OFFERED_CHECK_S = 30.0  # how long the chunk server trusts the offers table's answer for one device and update
 OFFERED_KEPT = 4096  # (update, device) answers kept; more are asked of the table again
+UNSERVABLE_LOG_S = 600.0  # a bundle directory that cannot be served is logged again after this, with a count
 PUBLISH_TIMEOUT_S = 10.0  # how long a command waits for the broker to acknowledge a retained message
 
 
@@ -213,7 +214,8 @@ class FleetController:
         # gets the connection closed, and paho sends a QoS 1 message again after each reconnect, for good
         self.max_packet: int | None = None
         self._too_large_logged: OrderedDict[str, None] = OrderedDict()  # update ids whose chunks were over it
-        self._serve_errors_logged: OrderedDict[str, None] = OrderedDict()  # update ids whose bundle cannot be served
+        # bundle directories that cannot be served: (when last logged, the devices that asked since)
+        self._unservable: OrderedDict[Path, tuple[float, set]] = OrderedDict()
         # the latest DeviceHealth of each device not yet stored (a newer one replaces it): written by the writer
         self._health: dict[tuple[str, str], dict] = {}
         self._health_lock = threading.Lock()
@@ -560,12 +562,13 @@ class FleetController:
         offered = self._offered_bundle(req.update_id, fleet, device)
         if offered is not None:
             response = self.chunks.serve(req, offered[0], version=offered[1], manifest_sha256=offered[2])
-            if response.error and CANNOT_SERVE in response.error and \
-                    req.update_id not in self._serve_errors_logged:  # the operator's to fix: said once per update
-                self._serve_errors_logged[req.update_id] = None
-                while len(self._serve_errors_logged) > OFFERED_KEPT:
-                    self._serve_errors_logged.popitem(last=False)
-                log.error("update %s to %s/%s cannot be served: %s", req.update_id, fleet, device, response.error)
+            if response.error and CANNOT_SERVE in response.error:
+                self.store.count("chunk_answers_unservable")
+                self._log_unservable(offered[0], req.update_id, f"{fleet}/{device}",
+                                     response.error.split(CANNOT_SERVE, 1)[1])
+                # the device (and whoever reads its status) gets what changed, not where the controller keeps bundles
+                response = response.model_copy(update={"error": response.error.replace(str(offered[0]),
+                                                                                       "the bundle directory")})
         else:
             response = ChunkResponse(id=req.id, update_id=req.update_id, path=req.path, index=req.index,
                                      error=f"update {req.update_id!r} is not offered to {fleet}/{device} by this "
@@ -592,6 +595,25 @@ class FleetController:
             payload = ChunkResponse(id=req.id, update_id=req.update_id, path=req.path, index=req.index,
                                     error=why).model_dump_json()
         self.client.publish(topic, payload, qos=1, properties=props)
+
+    def _log_unservable(self, root: Path, update_id: str, device: str, problem: str) -> None:
+        """One error line per bundle directory that cannot be served, again at most every UNSERVABLE_LOG_S with the
+        number of devices that asked meanwhile: a rollout makes one update per device, and a line per update was
+        2,000 lines for 2,000 devices, each saying the same."""
+        now = time.monotonic()
+        last, asked = self._unservable.get(root, (None, set()))
+        asked.add(device)
+        if last is not None and now - last < UNSERVABLE_LOG_S:
+            self._unservable[root] = (last, asked)
+            return
+        others = len(asked - {device})
+        self._unservable[root] = (now, set())
+        self._unservable.move_to_end(root)
+        while len(self._unservable) > OFFERED_KEPT:
+            self._unservable.popitem(last=False)
+        problem = problem.removeprefix(f"{root}: ").removeprefix(f"{root} ")  # (named first in the line)
+        log.error("bundle %s cannot be served (update %s to %s%s): %s", root, update_id, device,
+                  f"; {others} other device(s) asked since the last line" if others else "", problem)
 
     # --- commands ---------------------------------------------------------------------------
     def _require_connected(self, what: str) -> None:
@@ -1079,6 +1101,10 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
               "# HELP edgeglm_fleet_chunk_requests_limited_total Chunk requests dropped by the per-device rate limit.",
               "# TYPE edgeglm_fleet_chunk_requests_limited_total counter",
               f"edgeglm_fleet_chunk_requests_limited_total {store.counter('chunk_requests_limited')}",
+              "# HELP edgeglm_fleet_chunk_answers_unservable_total Chunk requests answered with an error: the "
+              "bundle offered changed or became unreadable after the offer (the controller's log names it).",
+              "# TYPE edgeglm_fleet_chunk_answers_unservable_total counter",
+              f"edgeglm_fleet_chunk_answers_unservable_total {store.counter('chunk_answers_unservable')}",
               "# HELP edgeglm_fleet_chunk_answers_too_large_total Chunk requests answered with an error: the chunk "
               "was over the broker's maximum packet size.",
               "# TYPE edgeglm_fleet_chunk_answers_too_large_total counter",

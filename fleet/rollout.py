@@ -40,6 +40,7 @@ rollback of the halt path; `edgeglm fleet rollback` uses it too.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import math
 import os
@@ -814,8 +815,27 @@ class RolloutDriver:
                 shown = f"{counts}" + (f"; not committed: {_few(sorted(failed))}" if failed else "")
             else:
                 shown = f"{answered}"
-            self._save(r, "done", f"rollout finished: {ok}/{len(results)} of the rest committed; {shown}{note}"
+            self._save(r, "done", f"rollout finished: {ok}/{len(results)} of the rest committed; {shown}"
+                                  f"{self._why_not(r, answered)}{note}"
                        if results else "rollout finished: no device besides the canaries needed it")
+
+    def _why_not(self, r: Rollout, answered: dict) -> str:
+        """The reasons the devices that did not commit reported, the same ones once with their count: a rollout whose
+        every device failed read "finished" with no word of why (a bundle changed on the controller, say)."""
+        reasons: dict[str, int] = {}
+        for d, res in answered.items():
+            if res == "committed":
+                continue
+            update = r.data["offers"][d]
+            reason = (self.store.last_result(r.fleet, d, update) or {}).get("reason")
+            if isinstance(reason, str) and reason:
+                key = re.sub(r"\bchunk \d+", "chunk N", reason.replace(update, "U"))[:240]
+                reasons[key] = reasons.get(key, 0) + 1
+        if not reasons:
+            return ""
+        top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+        return "; why not: " + "; ".join(f"{n} x {why}" for why, n in top) + \
+            (f"; and {len(reasons) - 3} other reason(s)" if len(reasons) > 3 else "")
 
     def _halting(self, r: Rollout, now: float) -> None:
         self._drop_removed(r, "canaries")  # a removed device is offered no rollback (its retained offer was cleared)

@@ -588,6 +588,13 @@ class Store:
         """The bundle version recorded with an offer (its manifest's, when it was offered)."""
         return (self.offered_manifest(update_id) or (None, None))[0]
 
+    def other_builds(self, name: str, version: str, manifest_sha256: str) -> list[tuple[str, str]]:
+        """Offers of bundle `name` `version` (update ids `name-version-ms`, as `FleetController.offer` makes them)
+        recorded with another manifest than `manifest_sha256`: (update id, its manifest sha256), oldest first."""
+        rows = self._exec("SELECT update_id, manifest_sha256 FROM offers WHERE version = ? AND manifest_sha256 IS NOT "
+                          "NULL AND manifest_sha256 != ? ORDER BY created", (version, manifest_sha256)).fetchall()
+        return [(u, m) for u, m in rows if u.startswith(f"{name}-{version}-")]
+
     def offered_manifest(self, update_id: str) -> tuple[str, str | None] | None:
         """(version, manifest sha256) recorded with an offer (the sha256 None for an older controller's)."""
         row = self._exec("SELECT version, manifest_sha256 FROM offers WHERE update_id=?", (update_id,)).fetchone()

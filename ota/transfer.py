@@ -140,8 +140,8 @@ class ChunkSource:
         if manifest_sha256 is not None and sha != manifest_sha256:
             return ChunkResponse(**base, error=f"{cannot}: its manifest.json is not the one offered (version "
                                                f"{manifest.version} still, other contents): it was exported again "
-                                               f"in place after the offer; offer the bundle there again, or export "
-                                               f"each build to a new directory")
+                                               f"in place after the offer; export each build at a new version, to "
+                                               f"a new directory, and offer that")
         size = manifest.chunk_size
         if size > MAX_CHUNK_SIZE:
             return ChunkResponse(**base, error=f"update {req.update_id}: the bundle's chunk_size {size} is over the "
@@ -260,6 +260,9 @@ class MqttChunkFetcher:
             where = ".".join(map(str, first["loc"])) or "(the message)"
             return f"the controller's answer is not a valid chunk answer ({where}: {first['msg']})"
         if resp.error:  # (anyone who sees the request may answer: its text goes to the log without control characters)
+            if CANNOT_SERVE in resp.error and (resp.path, resp.index, resp.update_id) == (path, index, offer.update_id):
+                # the bundle changed on the controller: asking again gets the same answer (and read as a forgery)
+                raise UpdateFailed(f"chunk {index} of {path}: the controller cannot serve it: {_printable(resp.error)}")
             return f"the controller answered: {_printable(resp.error)}"
         if (resp.path, resp.index, resp.update_id) != (path, index, offer.update_id):
             return (f"the answer was for update {_printable(resp.update_id)} {_printable(resp.path)} chunk "

@@ -892,6 +892,29 @@ def test_a_rollout_or_offer_names_the_devices_whose_agent_is_older_than_the_bund
     assert f"['plant8/e1 (0.1.0-rc1)']; they refuse the update" in out.stderr
 
 
+def test_a_bundle_exported_again_at_a_version_already_offered_is_refused(db, signed_bundles, mosquitto):
+    """Re-exported in place at the same version (what the chunk server's error used to advise, "offer the bundle
+    there again"), a bundle was rolled out over the devices that took the first build: they report that version and
+    were skipped as "already run", and the fleet ran two builds under one version with nothing to tell them apart."""
+    v2 = signed_bundles["v2"]
+    manifest = json.loads((v2 / "manifest.json").read_text())
+    name, version = manifest["name"], manifest["version"]
+    store = Store(db)
+    store.add_offer(f"{name}-{version}-1700000000000", v2, version, FLEET, "d1", "ab" * 32)  # the first build
+    store.add_offer(f"other-{version}-1700000000001", v2, version, FLEET, "d2", "cd" * 32)  # another model's
+    store.close()
+    out = cli("rollout", "--db", str(db), "--canary", "50", "--bundle", str(v2), "--group", FLEET)
+    refused(out, f"--bundle {v2} is {name} {version}, but another build of {name} {version} was offered before "
+                 f"(update {name}-{version}-1700000000000, manifest sha256 abababababab...", "export this build at a "
+                 "new version", "nothing was recorded (--force offers it anyway)")
+    out = cli("offer", "--db", str(db), "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", FLEET, "--device",
+              "d1", "--bundle", str(v2))
+    refused(out, "another build of", "nothing was offered")
+    out = cli("rollout", "--db", str(db), "--canary", "50", "--bundle", str(v2), "--group", FLEET, "--force")
+    assert out.returncode == 0 and "rollout 1:" in out.stdout, out.stderr
+    assert f"edgeglm fleet: warning: --bundle {v2} is {name} {version}, but another build" in out.stderr
+
+
 def test_config_set_of_a_newer_setting_names_the_devices_that_may_not_know_it(db, mosquitto):
     """An agent from before telemetry.health_interval_s refuses a whole desired config that names it, and every
     later `config set` to that device merges the key in again: the devices that never sent a health snapshot are

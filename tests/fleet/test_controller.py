@@ -1183,6 +1183,35 @@ def test_a_device_offline_through_a_rollout_neither_blocks_it_nor_is_left_out(tm
     store.close()
 
 
+def test_a_rollout_whose_rest_failed_says_why_once_per_reason(tmp_path):
+    """The bundle changed on the controller after the canary took it: every other device failed with "cannot be
+    served", and the rollout ended "rollout finished: 0/2 of the rest committed; {'d1': 'failed', ...}" with no word
+    of why. The reasons are summed up, one line per reason with its count (update ids and chunk numbers aside)."""
+    store, t0, recorder, _, tick = _driven_rollout(tmp_path, {"d0": True, "d1": True, "d2": False})
+    r = tick(t0)
+    assert r.data["canaries"] == ["d0"]
+    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 1, "state": "reporting",
+                                       "result": "committed"})
+    tick(t0 + 1)
+    for i in range(3):
+        put(store, report("d0", t0 + 3 + i, "1.1.0"))
+    assert tick(t0 + 12).phase == "rest"
+    r = tick(t0 + 13)
+    assert r.phase == "rest_wait" and r.data["rest"] == ["d1", "d2"]
+    for i, d in enumerate(("d1", "d2")):
+        u = r.data["offers"][d]
+        store.add_ota_status(FLEET, d, {"update_id": u, "ts": t0 + 14, "state": "reporting", "result": "failed",
+                                        "reason": f"chunk {i + 3} of model.onnx: the controller cannot serve it: update "
+                                                  f"{u} cannot be served: the bundle directory: its manifest.json is "
+                                                  f"not the one offered"})
+    r = tick(t0 + 15)
+    assert r.phase == "done", r.data["report"]
+    assert "rollout finished: 0/2 of the rest committed; {'d1': 'failed', 'd2': 'failed'}; why not: 2 x chunk N of " \
+        "model.onnx: the controller cannot serve it: update U cannot be served: the bundle directory: its " \
+        "manifest.json is not the one offered" in r.data["report"][-1], r.data["report"][-1]
+    store.close()
+
+
 def test_a_canary_that_never_answers_halts_the_rollout_after_the_result_wait(tmp_path):
     from fleet.rollout import RESULT_WAIT_MIN_S
     from fleet.store import Store

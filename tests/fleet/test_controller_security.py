@@ -576,25 +576,28 @@ def test_a_bundle_changed_after_its_offer_is_an_error_answer_and_one_log_line(co
         f.truncate(size + 100)
     for _ in range(2):
         answer = ask(first)
-        assert answer.data_b64 is None and f"update {first} cannot be served: {bundle.resolve()}: chunk 1 of " \
+        assert answer.data_b64 is None and f"update {first} cannot be served: the bundle directory: chunk 1 of " \
             "model.onnx does not match the bundle's manifest: the file changed after the offer" in answer.error
+        assert str(tmp_path) not in answer.error  # where the controller keeps bundles is its log's, not the devices'
     logged = [r.getMessage() for r in caplog.records if "cannot be served" in r.getMessage()]
-    assert len(logged) == 1 and f"update {first} to {FLEET}/mallory cannot be served" in logged[0], logged
+    assert len(logged) == 1 and f"bundle {bundle.resolve()} cannot be served (update {first} to {FLEET}/mallory): " \
+        "chunk 1 of model.onnx does not match" in logged[0], logged
+    assert controller.store.counter("chunk_answers_unservable") == 2  # (/metrics: ..._unservable_total)
     (bundle / "model.onnx").unlink()
     (bundle / "model.onnx").mkdir()  # not a file any more
     assert "model.onnx is no longer a file inside the bundle directory" in ask(first).error
     shutil.rmtree(bundle)  # exported again, another version, in the same directory
     make_bundle(bundle, key, big_bytes=1 << 20, version="1.2.0")
     answer = ask(first, 0)
-    assert f"holds version 1.2.0 now, the update offered 1.1.0: it was exported again over the offered bundle" \
-        in answer.error, answer.error
+    assert "the bundle directory holds version 1.2.0 now, the update offered 1.1.0: it was exported again over the " \
+        "offered bundle" in answer.error, answer.error
     second = controller.offer(FLEET, "mallory", bundle)
     assert ask(second, 0).error is None  # offered again: served
     for chunk_size in (256 * 1024, 128 * 1024):  # exported again in place at the same version: served, and a
         shutil.rmtree(bundle)  # new chunk size read as the device's fault ("chunk_size ... differs")
         make_bundle(bundle, key, big_bytes=1 << 20, version="1.2.0", chunk_size=chunk_size)
         answer = ask(second, 0)
-        assert answer.data_b64 is None and f"update {second} cannot be served: {bundle.resolve()}: its " \
+        assert answer.data_b64 is None and f"update {second} cannot be served: the bundle directory: its " \
             "manifest.json is not the one offered (version 1.2.0 still, other contents): it was exported again in " \
             "place after the offer" in answer.error, answer.error
     mallory.close()

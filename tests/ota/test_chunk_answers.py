@@ -79,6 +79,28 @@ def test_one_forged_answer_does_not_fail_the_download_and_the_right_one_is_taken
         fetcher.read_chunk(offer, "manifest.json", 0, 4096)
 
 
+def test_a_bundle_the_controller_cannot_serve_fails_the_download_at_its_first_answer(offer):
+    """The controller's "cannot be served" (its bundle changed after the offer) was refused as a forged answer: asked
+    three times, logged as "asking again", failed with "(3 answers refused)", which reads as an attack or a bad link,
+    not as the operator's to fix. One such answer for this very chunk fails it, in the controller's words; one for
+    another chunk is still refused as any answer that is not for the request."""
+    asked = []
+
+    def payload_for(req):
+        asked.append(req.id)
+        return _answer(req, error=f"update {req.update_id} cannot be served: the bundle directory: chunk 0 of "
+                                  f"manifest.json does not match the bundle's manifest")
+    with pytest.raises(UpdateFailed, match=r"^chunk 0 of manifest.json: the controller cannot serve it: update u1 "
+                                           r"cannot be served: the bundle directory: chunk 0 of manifest.json does not "
+                                           r"match the bundle's manifest$"):
+        MqttChunkFetcher(_answering(payload_for)).read_chunk(offer, "manifest.json", 0, 4096)
+    assert len(asked) == 1
+    other = MqttChunkFetcher(_answering(lambda req: _answer(req.model_copy(update={"index": 5}),
+                                                            error="update u1 cannot be served: the bundle directory")))
+    with pytest.raises(UpdateFailed, match=r"\(3 answers refused\)"):
+        other.read_chunk(offer, "manifest.json", 0, 4096)
+
+
 def test_a_good_answer_is_the_chunks_bytes(offer):
     data = b"\x00\x01chunk bytes\xff"
     fetcher = MqttChunkFetcher(_answering(lambda req: _answer(req, data_b64=base64.b64encode(data).decode())))
