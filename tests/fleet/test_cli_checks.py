@@ -889,7 +889,7 @@ def test_a_rollout_or_offer_names_the_devices_whose_agent_is_older_than_the_bund
     out = cli("offer", "--db", str(db), "--broker", f"127.0.0.1:{mosquitto.port}", "--fleet", "plant8",
               "--device", "e1", "--bundle", str(v2))
     assert out.returncode == 0 and "offered" in out.stdout, out.stderr
-    assert f"['plant8/e1 (0.1.0-rc1)']; they refuse the update" in out.stderr
+    assert "['plant8/e1 (0.1.0-rc1)']; they refuse the update" in out.stderr
 
 
 def test_a_bundle_exported_again_at_a_version_already_offered_is_refused(db, signed_bundles, mosquitto):
