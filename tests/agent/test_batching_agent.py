@@ -94,7 +94,9 @@ def test_batching_limits_apply_live_from_desired_config(agent):
     # the KV bound: "auto" (the box's default) was measured when the model was set; the fleet may set a number
     # (a box left at "auto" has no limit of its own), and requests over it wait for the running ones
     assert agent.http._kv_auto and agent.http._scheduler.max_kv_bytes == agent.http._kv_auto
-    agent._apply_desired(DesiredConfig(version=9, settings={"batching": {"max_batch": 4, "max_kv_mb": 0.001}}))
+    # (a window: the idle engine takes the requests together, so that some wait however they arrive)
+    agent._apply_desired(DesiredConfig(version=9, settings={"batching": {"max_batch": 4, "max_kv_mb": 0.001,
+                                                                         "window_ms": 10000}}))
     assert agent.applied_config_version == 9 and agent.last_config_error is None
     assert agent.http._scheduler.max_kv_bytes == 1048
     before = batch_sizes(port)

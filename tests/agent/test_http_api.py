@@ -23,6 +23,7 @@ from agent.model import load_model
 from agent.openai_compat import CHAT_STOP_TOKENS, glm_chat_prompt
 from runtime.generate import SamplingParams, generate
 from runtime.golden import GoldenResult
+from waiting import StepGate
 
 MODEL_ID = "tiny-1.0.0"
 PROMPT = "def main(argv=None):\n"
@@ -413,6 +414,8 @@ def test_a_client_that_leaves_a_non_streamed_or_queued_request_frees_its_place(m
     from agent.config import BatchingSettings
     srv = ApiServer(HttpSettings(port=0, max_concurrent=2), SamplingSettings(max_tokens=8),
                     batching=BatchingSettings(max_batch=1))
+    gate = StepGate(srv._on_step)  # the first request decodes until both clients have left: not done before
+    srv._on_step = gate  # (taken by the scheduler set_model makes)
     srv.start()
     srv.set_model(model, model.golden_check())
     try:
@@ -422,6 +425,7 @@ def test_a_client_that_leaves_a_non_streamed_or_queued_request_frees_its_place(m
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
             return s
         long = {"prompt": PROMPT, "max_tokens": 4000, "temperature": 1.0, "seed": 1}
+        gate.arm()
         first = send(long)  # running, answer at the end
         # 30 s: a CI box running other tests beside this one once took over 10 s to admit it
         assert _wait(lambda: srv._scheduler.stats().active == 1, 30.0), srv._scheduler.stats()
@@ -429,6 +433,7 @@ def test_a_client_that_leaves_a_non_streamed_or_queued_request_frees_its_place(m
         assert _wait(lambda: srv._scheduler.stats().queued == 1, 30.0), srv._scheduler.stats()
         queued.close()
         first.close()
+        gate.release()
         # both places freed and counted as disconnects (the handler threads count them after the scheduler
         # let them go: waited for, not read at once)
         assert _wait(lambda: srv._scheduler.stats().active == 0 and srv._scheduler.stats().queued == 0, 30.0), \
@@ -1003,12 +1008,15 @@ def test_request_duration_is_observed_whatever_the_outcome(model):
         bad = json.dumps({"prompt": PROMPT, "temperature": -1}).encode()
         assert raw(srv, "POST", "/v1/completions", bad)[0].status == 400
         assert _wait(lambda: observed(srv) == 2, 30.0), observed(srv)
+        gate = StepGate(srv._scheduler.on_step, at=20).arm()  # the stream goes on until its client has left
+        srv._scheduler.on_step = gate
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)  # a client that leaves mid-stream
         conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 4000, "stream": True,
                                                             "temperature": 1.0, "seed": 1}))
         resp = conn.getresponse()
         assert resp.status == 200 and resp.fp.readline()
         conn.close()
+        gate.release()
         assert _wait(lambda: observed(srv) == 3, 30.0), observed(srv)
         assert srv.metrics.errors.value(endpoint="/v1/completions", type="client_disconnected") == 1
     finally:

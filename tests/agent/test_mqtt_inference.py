@@ -22,7 +22,7 @@ from agent.config import load_config
 from agent.daemon import Agent
 from agent.topics import (desired_topic, infer_request_topic, infer_response_topic, ota_status_topic,
                           state_topic)
-from waiting import until
+from waiting import StepGate, until
 
 FLEET, DEVICE = "plant-3", "box-9"
 REPLIES = "test/replies"
@@ -303,18 +303,25 @@ def test_requests_that_come_while_the_agent_stops_are_answered_not_lost(served, 
     """Requests arriving during the shutdown's drain were acknowledged to the broker and queued, then lost with
     the process: no answer, and none after the restart either. They get model_unavailable (retryable) now."""
     running, requester = served
+    scheduler = running.agent.http._scheduler
+    gate = StepGate(scheduler.on_step).arm()  # the long request decodes until the late ones are answered
+    scheduler.on_step = gate
     requester.ask({"id": "long", "prompt": "def f(", "max_tokens": 4000})
     until(lambda: _in_flight(running.agent.http.port) >= 1, timeout=WAIT)
+    assert gate.held.wait(WAIT)
     running.stop.set()
     running.thread.join(30)
-    stopper = threading.Thread(target=running.agent.shutdown, args=(3.0,))
+    stopper = threading.Thread(target=running.agent.shutdown, args=(60.0,))
     stopper.start()
-    for n in range(3):
-        requester.ask({"id": f"late-{n}", "prompt": "x", "max_tokens": 1})
-    stopper.join(60)
-    running.closed = True
-    for n in range(3):
-        answer = requester.answer(f"late-{n}")
+    try:
+        for n in range(3):
+            requester.ask({"id": f"late-{n}", "prompt": "x", "max_tokens": 1})
+        answers = [requester.answer(f"late-{n}") for n in range(3)]
+    finally:
+        gate.release()
+        stopper.join(60)
+        running.closed = True
+    for answer in answers:
         assert answer["error"]["code"] == "model_unavailable" and "shutting down" in answer["error"]["message"], answer
 
 

@@ -363,9 +363,11 @@ def test_cancelling_one_request_leaves_the_others_unchanged_and_frees_its_row(mo
 
     # a queued request that is cancelled leaves the queue at once and never runs
     sched.configure(max_batch=1)
+    sched.on_step = hold = HoldAtStep(1)  # `running` holds the one place until `waiting` is cancelled
     running = sched.submit(prompts[0], params)
     waiting = sched.submit(prompts[1], params)
     waiting.cancel()
+    hold.release()
     assert waiting.done and waiting.tokens(TIMEOUT) == []
     assert running.tokens(TIMEOUT) == expected[0] and sched.stats().queued == 0
     sched.close()
