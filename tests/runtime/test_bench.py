@@ -57,8 +57,9 @@ def test_run_bench_single_stream_concurrency_and_prefix(int8_bundle):
     assert c["requests"] == 3 and 0 < c["tokens"] <= 2 * 3 * 6  # greedy requests may end at EOS
     assert c["aggregate_tok_s"]["median"] > 0 and 0 < c["ttft_ms"]["p50"] <= c["ttft_ms"]["p95"]
     gaps = c["inter_token_ms"]  # between consecutive tokens of one request, as its reader got them
-    if c["tokens"] > 2 * 3:  # some request made two tokens or more (a reader may get several at once: gaps ~0)
-        assert 0 <= gaps["p50"] <= gaps["p95"] <= gaps["max"] and gaps["max"] > 0
+    if c["tokens"] > 2 * 3:  # some request made two tokens or more (a reader may get several at once: gaps ~0; a
+        # starved reader thread on a loaded CI box got all of them at once: every gap rounded to 0.0 ms)
+        assert gaps["max"] is not None and 0 <= gaps["p50"] <= gaps["p95"] <= gaps["max"]
     p = report["prefix"]
     assert p["reused_tokens"] == 32  # one block of 32 tokens came from the cache on the hit
     assert p["ttft_hit_ms"]["median"] > 0 and p["ttft_miss_ms"]["median"] > 0
