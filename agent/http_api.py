@@ -957,7 +957,7 @@ class _ReserveHandler(_Handler):
 def prefix_cache_key(model) -> str:
     """What prefix-cache KV is valid for: one bundle on one execution path (backend, device, precision,
     threads), computed by one build of the code on one kind of CPU, e.g. `3f2a...-onnxruntime-1c9e0b7d4a21`.
-    It names the cache's directory on disk, so blocks written before an upgrade of edgeglm, ONNX Runtime or
+    It names the cache's directory on disk, so blocks written by another version of edgeglm, ONNX Runtime or
     OpenVINO (whose kernels may round otherwise: ORT 1.32 changed how MatMulNBits splits its blocks) or on
     another CPU (a disk image cloned to a box with other instructions) are never resumed from; the old
     directory goes with the idle sweep (runtime/prefix_cache.py IDLE_S)."""
@@ -982,7 +982,28 @@ def numerics_identity(backend: str, threads: int | None) -> dict:
     cpu = probe_cpu()
     module = sys.modules.get(backend)
     return {"edgeglm": __version__, "backend_version": getattr(module, "__version__", None),
-            "cpu": [cpu.architecture, cpu.model, list(cpu.features)], "threads": threads or usable_cpus()}
+            "cpu": [cpu.architecture, cpu.model, list(cpu.features), _cpu_identity()],
+            "threads": threads or usable_cpus()}
+
+
+# /proc/cpuinfo fields of the first processor that tell CPUs apart beyond the probe's model name and short feature
+# list: "AMD EPYC" alone names many; an ARM board may have no model name, its core in "CPU part" (A55 or A76)
+CPU_IDENTITY_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags", "CPU implementer",
+                       "CPU architecture", "CPU variant", "CPU part", "CPU revision", "Features", "isa", "uarch")
+
+
+def _cpu_identity() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+    first = text.split("\n\n", 1)[0]
+    fields = {}
+    for line in first.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in CPU_IDENTITY_FIELDS:
+            fields[key.strip()] = " ".join(value.split())
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_prefix_cache(cache: CacheSettings, state_dir: Path):

@@ -67,8 +67,8 @@ CREATE TABLE IF NOT EXISTS ota_status (
     fleet TEXT NOT NULL, device TEXT NOT NULL, update_id TEXT, ts REAL NOT NULL, state TEXT, result TEXT,
     reason TEXT, body TEXT NOT NULL, received REAL);
 CREATE TABLE IF NOT EXISTS offers (
-    update_id TEXT PRIMARY KEY, bundle TEXT NOT NULL, version TEXT NOT NULL, created REAL NOT NULL,
-    manifest_sha256 TEXT);
+    update_id TEXT PRIMARY KEY, bundle TEXT NOT NULL, version TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS offer_manifests (update_id TEXT PRIMARY KEY, manifest_sha256 TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS offer_targets (
     update_id TEXT NOT NULL, fleet TEXT NOT NULL, device TEXT NOT NULL, PRIMARY KEY (update_id, fleet, device));
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -91,6 +91,8 @@ REMOVED_GRACE_S = 10.0  # telemetry of a removed device this long after its remo
 # offline: one that died while the broker was away never had its Will published, and stayed "online" for good
 # (picked as a canary, then waited for an hour). Agents report every telemetry.interval_s (default 30 s)
 SILENT_AFTER_S = 900.0
+# tables no read-only command reads: a database without them (written by the version before) is read as it is
+WRITERS_ONLY = {"offer_manifests"}
 # the target of an offer recorded before `offer_targets` existed ('' is no fleet or device id)
 LEGACY = ("", "")
 PRUNE_BATCH = 5000  # telemetry rows the retention deletes per transaction (the store's lock is free between)
@@ -220,6 +222,8 @@ class Store:
             want.executescript(SCHEMA)
             missing = []
             for (table,) in want.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+                if table in WRITERS_ONLY:
+                    continue
                 have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
                 needed = {row[1] for row in want.execute(f"PRAGMA table_info({table})")}
                 if needed - have:
@@ -253,8 +257,6 @@ class Store:
         if ota and "received" not in ota:  # when the controller got it (its clock): what the retention reads
             self.db.execute("ALTER TABLE ota_status ADD COLUMN received REAL")
         offers = {row[1] for row in self.db.execute("PRAGMA table_info(offers)")}
-        if offers and "manifest_sha256" not in offers:  # the manifest offered (NULL: offered by an older controller)
-            self.db.execute("ALTER TABLE offers ADD COLUMN manifest_sha256 TEXT")
         if offers and not list(self.db.execute("PRAGMA table_info(offer_targets)")):
             self._targets_of_older_offers(bool(ota))
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(telemetry)")}
@@ -451,9 +453,11 @@ class Store:
             "      JOIN offers o2 ON o2.update_id = t2.update_id GROUP BY t2.fleet, t2.device) m "
             "ON m.fleet = t.fleet AND m.device = t.device WHERE o.created < ? AND o.created < m.newest)",
             (cutoff,)).rowcount
-        return n + self._exec("DELETE FROM offers WHERE created < ? AND update_id NOT IN "
-                              "(SELECT update_id FROM offer_targets) AND rowid NOT IN "
-                              "(SELECT MAX(rowid) FROM offers GROUP BY bundle)", (cutoff,)).rowcount
+        n += self._exec("DELETE FROM offers WHERE created < ? AND update_id NOT IN "
+                        "(SELECT update_id FROM offer_targets) AND rowid NOT IN "
+                        "(SELECT MAX(rowid) FROM offers GROUP BY bundle)", (cutoff,)).rowcount
+        self._exec("DELETE FROM offer_manifests WHERE update_id NOT IN (SELECT update_id FROM offers)")
+        return n
 
     def group_add(self, name: str, fleet: str, devices: list[str]) -> int:
         """Put devices in a group (kept if already there); how many were new."""
@@ -565,8 +569,11 @@ class Store:
         """Record an offer; with `fleet` and `device`, the device it is made to (whose chunk requests for
         this update the chunk server then answers); `manifest_sha256`: of the manifest.json offered (the
         chunk server serves that manifest's chunks only)."""
-        self._exec("INSERT OR REPLACE INTO offers (update_id, bundle, version, created, manifest_sha256) "
-                   "VALUES (?,?,?,?,?)", (update_id, str(bundle), version, self.clock(), manifest_sha256))
+        # (a table of its own, not a column of `offers`: a controller of the version before, still running while a
+        # command of this one opened the database, inserts four values into `offers` and would fail on a fifth column)
+        self._exec("INSERT OR REPLACE INTO offers VALUES (?,?,?,?)", (update_id, str(bundle), version, self.clock()))
+        if manifest_sha256 is not None:
+            self._exec("INSERT OR REPLACE INTO offer_manifests VALUES (?,?)", (update_id, manifest_sha256))
         if device is not None:
             self._exec("INSERT OR IGNORE INTO offer_targets VALUES (?,?,?)", (update_id, fleet, device))
 
@@ -591,13 +598,16 @@ class Store:
     def other_builds(self, name: str, version: str, manifest_sha256: str) -> list[tuple[str, str]]:
         """Offers of bundle `name` `version` (update ids `name-version-ms`, as `FleetController.offer` makes them)
         recorded with another manifest than `manifest_sha256`: (update id, its manifest sha256), oldest first."""
-        rows = self._exec("SELECT update_id, manifest_sha256 FROM offers WHERE version = ? AND manifest_sha256 IS NOT "
-                          "NULL AND manifest_sha256 != ? ORDER BY created", (version, manifest_sha256)).fetchall()
-        return [(u, m) for u, m in rows if u.startswith(f"{name}-{version}-")]
+        rows = self._exec("SELECT o.update_id, m.manifest_sha256 FROM offers o JOIN offer_manifests m ON m.update_id = "
+                          "o.update_id WHERE o.version = ? AND m.manifest_sha256 != ? ORDER BY o.created",
+                          (version, manifest_sha256)).fetchall()
+        mine = re.compile(rf"{re.escape(name)}-{re.escape(version)}-\d+")  # (not bundle "edge-1.0" 1.0 for "edge" 1.0)
+        return [(u, m) for u, m in rows if mine.fullmatch(u)]
 
     def offered_manifest(self, update_id: str) -> tuple[str, str | None] | None:
         """(version, manifest sha256) recorded with an offer (the sha256 None for an older controller's)."""
-        row = self._exec("SELECT version, manifest_sha256 FROM offers WHERE update_id=?", (update_id,)).fetchone()
+        row = self._exec("SELECT o.version, m.manifest_sha256 FROM offers o LEFT JOIN offer_manifests m ON m.update_id "
+                         "= o.update_id WHERE o.update_id=?", (update_id,)).fetchone()
         return (row[0], row[1]) if row else None
 
     def desired(self, fleet: str, device: str) -> dict | None:

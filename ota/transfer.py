@@ -166,7 +166,8 @@ class ChunkSource:
             return ChunkResponse(**base, error=f"chunk {req.index} of {req.path}: the file has "
                                                f"{len(entry.chunks)} chunk(s)")
         try:
-            # not following a link or blocking on a FIFO swapped in since the check above (the MQTT thread runs this)
+            # not following a link put in the file's place, nor blocking on a FIFO swapped in since the check above
+            # (the MQTT thread runs this; a directory on the way swapped for a link is still followed)
             fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError as exc:  # a file made unreadable after the offer (mode, owner), replaced by a link
             if exc.errno == errno.ELOOP:
@@ -199,6 +200,13 @@ class ChunkSource:
         return ChunkResponse(**base, data_b64=encoded)
 
 
+UNSERVABLE_ANSWERS = 2  # "cannot be served" answers to a chunk's requests that fail the update
+
+
+class _Unservable(str):
+    """What `_problem` says of a "cannot be served" answer to this very request."""
+
+
 class MqttChunkFetcher:
     """Agent side: `read_chunk` by request/response through an `agent.mqtt.MqttSession`-like object.
 
@@ -216,7 +224,7 @@ class MqttChunkFetcher:
     def read_chunk(self, offer: Offer, path: str, index: int, chunk_size: int) -> bytes:
         start = time.monotonic()
         deadline, next_warning = start + self.give_up_s, 0.0
-        refused = 0
+        refused = unservable = 0
         while True:
             req = ChunkRequest(id=uuid.uuid4().hex, update_id=offer.update_id, path=path, index=index,
                                chunk_size=chunk_size)
@@ -245,6 +253,13 @@ class MqttChunkFetcher:
             problem = self._problem(message.payload, offer, path, index)
             if isinstance(problem, bytes):
                 return problem
+            if isinstance(problem, _Unservable):
+                # the bundle changed on the controller: its answer stays the same. Failed at the second such answer
+                # (not after three, as "answers refused", read as forgeries); one alone may be forged, by anyone
+                # who sees the request
+                unservable += 1
+                if unservable >= UNSERVABLE_ANSWERS:
+                    raise UpdateFailed(f"chunk {index} of {path}: {problem}")
             refused += 1
             if refused >= ANSWER_ATTEMPTS:
                 raise UpdateFailed(f"chunk {index} of {path}: {problem} ({refused} answers refused)")
@@ -261,8 +276,7 @@ class MqttChunkFetcher:
             return f"the controller's answer is not a valid chunk answer ({where}: {first['msg']})"
         if resp.error:  # (anyone who sees the request may answer: its text goes to the log without control characters)
             if CANNOT_SERVE in resp.error and (resp.path, resp.index, resp.update_id) == (path, index, offer.update_id):
-                # the bundle changed on the controller: asking again gets the same answer (and read as a forgery)
-                raise UpdateFailed(f"chunk {index} of {path}: the controller cannot serve it: {_printable(resp.error)}")
+                return _Unservable(f"the controller cannot serve it: {_printable(resp.error)}")
             return f"the controller answered: {_printable(resp.error)}"
         if (resp.path, resp.index, resp.update_id) != (path, index, offer.update_id):
             return (f"the answer was for update {_printable(resp.update_id)} {_printable(resp.path)} chunk "

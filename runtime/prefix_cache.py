@@ -1,7 +1,7 @@
 """Prefix KV cache: the keys and values of token prefixes that requests and sessions share.
 
     cache = PrefixCache(max_bytes=64 << 20, block_tokens=32, persist_dir=None)
-    cache.bind(model_key, engine)   # e.g. "<bundle sha256>-onnxruntime"; another key clears the cache
+    cache.bind(model_key, engine)   # the agent's: "<bundle sha256>-<backend>-<hash of path and versions>"
     logits, kv, reused = prefill_cached(engine, prompt_ids, cache)   # cache may be None
     cache.resize(max_bytes)     # live; evicts down to the new bound
     cache.stats()               # lookups, hits, hit tokens, bytes, blocks, evictions
@@ -150,6 +150,8 @@ class PrefixCache:
         self._previous_lease: weakref.finalize | None = None  # its LEASE, still held: others sharing the dir keep it
         self._write_paused_until = 0.0  # a block file could not be written (full or read-only disk): no writes until
         self._write_warned = False  # ... then (warned once per model and directory)
+        self._rejected: set[bytes] = set()  # block files found unusable and not deletable (a read-only disk): not read again
+        self._next_sweep = 0.0  # when other models' idle directories are looked at again while this model serves
         self._lock = threading.RLock()
 
     # --- model binding ------------------------------------------------------------------------
@@ -170,7 +172,7 @@ class PrefixCache:
                 return
             self._drop_all()
             self.model_key = model_key
-            self._write_paused_until, self._write_warned = 0.0, False
+            self._write_paused_until, self._write_warned, self._rejected = 0.0, False, set()
             self._tidy_disk()
 
     def close(self) -> None:
@@ -197,6 +199,10 @@ class PrefixCache:
                 release_freed_memory()
             if self.model_key is not None and self._disk_bytes > self.max_bytes:
                 self._tidy_disk()  # the files too: turned off (0), the disk holds none of them
+            if self.max_bytes == 0 and self._previous is not None:  # nor the previous model's, kept for a rollback
+                self._release_previous()
+                _remove_unused(self._previous, idle_s=None)
+                self._previous = None
 
     def reconfigure(self, max_bytes: int, block_tokens: int, persist_dir: str | Path | None) -> None:
         """Live settings: a new bound resizes; another block size or directory drops the blocks in
@@ -254,6 +260,8 @@ class PrefixCache:
             if b != self.block_tokens:  # reconfigured since the hashes were made: a miss, not another size's files
                 return None
             self._lookups += 1
+            if self.persist_dir is not None and time.monotonic() >= self._next_sweep:
+                self._sweep_others()  # other models' directories go once idle, while this one serves for months
             found: list[_Block] = []
             for i, h in enumerate(hashes):
                 block = self._blocks.get(h) or self._load(h, hashes[i - 1] if i else ROOT, arch, graph)
@@ -355,16 +363,14 @@ class PrefixCache:
 
     def _persist(self, h: bytes, block: _Block) -> None:
         folder = self._dir()
-        if folder is None:
-            return
+        if folder is None or time.monotonic() < self._write_paused_until:  # (before the arrays are joined and hashed:
+            return  # 10 ms for a 2048-token hit, under the lock, at every hit while a full disk paused the writes)
         payload = b"".join(np.ascontiguousarray(a, "<f4").tobytes() for a in block.keys + block.values)
         header = json.dumps({"model": self.model_key, "parent": block.parent.hex(), "tokens": list(block.tokens),
                              "shape": [len(block.keys), *block.keys[0].shape],
                              "sha256": hashlib.sha256(payload).hexdigest()}).encode()
         path = self._file(h)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        if time.monotonic() < self._write_paused_until:
-            return
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             # the prompt's token ids are in the header: readable by the agent's user only, whatever the umask
@@ -393,7 +399,7 @@ class PrefixCache:
     def _load(self, h: bytes, parent: bytes, arch: ModelArch | None, graph: str = "") -> _Block | None:
         """The block of hash `h` from disk, added to memory; None if absent or unusable (warned, deleted).
         `graph`: the salt of the chain's first block (`chain`)."""
-        if self._dir() is None or self.max_bytes == 0:
+        if self._dir() is None or self.max_bytes == 0 or h in self._rejected:
             return None
         path = self._file(h)
         try:
@@ -407,7 +413,8 @@ class PrefixCache:
             block = _parse(data, h, parent, self.block_tokens, arch, self.model_key, graph)
         except ValueError as exc:
             log.warning("prefix cache: %s is not a usable KV block (%s); ignored and deleted", path, exc)
-            _unlink(path)
+            if not _unlink(path) and path.exists():  # a read-only disk: not read (and warned about) at every lookup
+                self._rejected.add(h)
             return None
         block.persisted = True
         _touch(path)  # used again: the newest for the next trim (bind), as a new block would be
@@ -461,6 +468,15 @@ class PrefixCache:
             self._previous_lease()
             self._previous_lease = None
 
+    def _sweep_others(self) -> None:
+        """Remove the directories of other models in persist_dir that no process holds and nothing changed in for
+        IDLE_S (the current model's and the previous one's stay); again IDLE_S later. An upgrade (another key) left
+        the old directories "recent" at its bind (the old process's exit touched their lease), and with no model
+        switch after it nothing looked at them again: 3 x max_mb on the disk for good."""
+        self._next_sweep = time.monotonic() + IDLE_S
+        if self.persist_dir is not None:
+            _sweep_idle(self.persist_dir, keep=(self._dir(), self._previous))
+
     def _tidy_disk(self, keep_fraction: float = 1.0) -> None:
         """Remove other models' block files and leftover temporary files, and trim this model's to
         `keep_fraction` of max_bytes. A chain is kept from its root: a file counts as recent as the most
@@ -496,9 +512,7 @@ class PrefixCache:
             if self.persist_dir is None or not self.persist_dir.is_dir():
                 self._disk_bytes = 0
                 return
-            for folder in self.persist_dir.iterdir():
-                if folder not in (mine, self._previous) and folder.is_dir() and (any(folder.glob("*" + SUFFIX)) or (folder / LEASE).exists()):
-                    _remove_unused(folder, idle_s=IDLE_S)
+            self._sweep_others()
             entries = {}  # hash -> (path, mtime, size, parent hash)
             for f in (mine.glob("*" + SUFFIX) if mine.is_dir() else []):
                 st = _stat(f)
@@ -568,11 +582,13 @@ def _malloc_trim():
     return _TRIM[0]
 
 
-def _sweep_idle(root: Path) -> None:
-    """Remove the directories under `root` that no process holds and that nothing changed in for IDLE_S (a
-    persist_dir this process stopped using: nobody would tidy it again)."""
+def _sweep_idle(root: Path, keep: tuple = ()) -> None:
+    """Remove the model directories under `root` (block files, or a lease) but those in `keep` that no process holds
+    and that nothing changed in for IDLE_S. (A directory holding only the older `.lock` is not taken for one: other
+    programs sharing a persist_dir use that name.)"""
     try:
-        folders = [f for f in root.iterdir() if f.is_dir() and (any(f.glob("*" + SUFFIX)) or (f / LEASE).exists())]
+        folders = [f for f in root.iterdir() if f not in keep and f.is_dir() and (
+            any(f.glob("*" + SUFFIX)) or (f / LEASE).exists())]
     except OSError:
         return
     for folder in folders:
@@ -662,7 +678,7 @@ def _unlink(path: Path) -> int:
         size = path.stat().st_size
         path.unlink()
         return size
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a file where its directory should be: not there either)
         return 0
     except OSError as exc:
         log.warning("prefix cache: cannot delete %s (%s)", path, exc)

@@ -133,6 +133,28 @@ CREATE TABLE ota_status (fleet TEXT NOT NULL, device TEXT NOT NULL, update_id TE
     store.close()
 
 
+def test_the_controller_before_keeps_recording_offers_after_this_one_opened_its_database(tmp_path):
+    """The offered manifest's sha256 was a fifth column of `offers`: a `fleet serve` of the version before, still
+    running while a command of this one opened its database, failed every offer ("table offers has 5 columns but
+    4 values were supplied"), its rollouts with them. It is a table of its own."""
+    path = tmp_path / "fleet.db"
+    store = Store(path)
+    store.add_offer("tiny-1.1.0-1", Path("/b/1.1.0"), "1.1.0", FLEET, "box1", "ab" * 32)
+    store.close()
+    older = sqlite3.connect(path)  # the statement the controller before makes
+    older.execute("INSERT OR REPLACE INTO offers VALUES (?,?,?,?)", ("tiny-1.1.0-2", "/b/1.1.0", "1.1.0", 100.0))
+    older.commit()
+    older.close()
+    store = Store(path)
+    assert store.offered_manifest("tiny-1.1.0-1") == ("1.1.0", "ab" * 32)
+    assert store.offered_manifest("tiny-1.1.0-2") == ("1.1.0", None)  # not compared: served as before
+    assert store.other_builds("tiny", "1.1.0", "cd" * 32) == [("tiny-1.1.0-1", "ab" * 32)]
+    assert store.other_builds("tiny", "1.1.0", "ab" * 32) == []
+    store.add_offer("tiny-1.1-1.1.0-3", Path("/b/x"), "1.1.0", FLEET, "box1", "ef" * 32)  # bundle "tiny-1.1"
+    assert store.other_builds("tiny", "1.1.0", "ab" * 32) == []  # not a build of "tiny"
+    store.close()
+
+
 def _open_store_after(path, start, results) -> None:
     start.wait(30)
     try:

@@ -841,3 +841,73 @@ def test_moving_the_persist_dir_live_sweeps_the_old_ones_idle_model_directories(
     assert not (old / "model-c").exists() and not (old / "model-b").exists()
     _persist(cache, list(range(64)))
     assert len(list((new / "model-b").glob("*.kvb"))) == 2
+
+
+def test_other_models_idle_directories_go_while_one_model_serves_for_long(tmp_path, monkeypatch):
+    """After an upgrade (a new key), the old directories looked recent at the bind (the old process's exit had just
+    touched their lease) and nothing looked at them again while the model served: 3 x max_mb on the disk for good.
+    Lookups look again once IDLE_S has passed."""
+    import runtime.prefix_cache as pc
+
+    monkeypatch.setattr(pc, "IDLE_S", 0.3)
+    old = PrefixCache(64 << 20, 32, tmp_path)
+    old.bind("before-the-upgrade")
+    _persist(old, list(range(64)))
+    old.close()  # the old process exits: its lease touched now
+    new = PrefixCache(64 << 20, 32, tmp_path)
+    new.bind("after-the-upgrade")
+    assert (tmp_path / "before-the-upgrade").exists()  # recent at the bind: kept
+    time.sleep(0.4)
+    _persist(new, list(range(1000, 1064)))  # served on: its lookups sweep
+    assert not (tmp_path / "before-the-upgrade").exists()
+    assert len(list((tmp_path / "after-the-upgrade").glob("*.kvb"))) == 2
+
+
+def test_turning_the_cache_off_deletes_the_previous_models_files_too(tmp_path):
+    cache = PrefixCache(64 << 20, 32, tmp_path)
+    cache.bind("a")
+    _persist(cache, list(range(64)))
+    cache.bind("b")  # an OTA switch: a's files are kept for a rollback
+    assert len(list((tmp_path / "a").glob("*.kvb"))) == 2
+    cache.resize(0)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_damaged_block_on_a_read_only_disk_is_warned_about_once(tmp_path, monkeypatch, caplog):
+    """Each lookup read the file again, warned it was not usable and "deleted", then warned it could not be deleted:
+    20 warnings for 10 lookups on a disk remounted read-only."""
+    import pathlib
+
+    first = PrefixCache(64 << 20, 32, tmp_path)
+    first.bind("m")
+    _persist(first, list(range(64)))
+    first.close()
+    damaged = sorted((tmp_path / "m").glob("*.kvb"))[0]
+    data = bytearray(damaged.read_bytes())
+    data[-3] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    cache = PrefixCache(64 << 20, 32, tmp_path)
+    cache.bind("m")
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(
+        OSError(30, "Read-only file system")))
+    with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        for _ in range(10):
+            cache.lookup(list(range(64)) + [7], None)
+    assert sum("not a usable KV block" in r.getMessage() for r in caplog.records) == 1, caplog.text
+    assert sum("cannot delete" in r.getMessage() for r in caplog.records) == 1, caplog.text
+
+
+def test_a_file_where_the_model_directory_should_be_is_warned_about_once(tmp_path, monkeypatch, caplog):
+    import runtime.prefix_cache as pc
+
+    monkeypatch.setattr(pc, "WRITE_PAUSE_S", 0)  # every hit tries to write again
+    cache = PrefixCache(64 << 20, 32, tmp_path)
+    cache.bind("m")
+    import shutil
+    shutil.rmtree(tmp_path / "m")
+    (tmp_path / "m").write_text("not a directory")
+    with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        for i in range(5):
+            _persist(cache, list(range(64)))
+    assert [r.getMessage()[:40] for r in caplog.records] == ["prefix cache: cannot write " + str(tmp_path)[:13]], \
+        caplog.text
