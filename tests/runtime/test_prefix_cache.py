@@ -601,7 +601,7 @@ def test_the_previous_models_files_are_leased_against_other_processes_sharing_th
     assert not (tmp_path / "a").exists()
 
 
-def test_a_bind_waiting_on_a_removal_holds_the_new_lease_not_the_removed_one(tmp_path):
+def test_a_bind_waiting_on_a_removal_holds_the_new_lease_not_the_removed_one(tmp_path, monkeypatch):
     """A removal deletes the lease file it holds exclusively: a process that was waiting on that file must lock
     the new one, or a third process could take the new file exclusively and delete the files it serves."""
     import fcntl
@@ -615,9 +615,17 @@ def test_a_bind_waiting_on_a_removal_holds_the_new_lease_not_the_removed_one(tmp
     remover = os.open(folder / LEASE, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(remover, fcntl.LOCK_EX)  # a removal under way in another process
     cache = PrefixCache(64 << 20, 32, tmp_path)
+    real_flock, waiting = fcntl.flock, threading.Event()
+
+    def flock(fd, op):  # the bind's first lock: it is about to wait on the removal's file (not a sleep's guess)
+        if threading.current_thread() is binding and op == fcntl.LOCK_SH:
+            waiting.set()
+        return real_flock(fd, op)
+    monkeypatch.setattr(fcntl, "flock", flock)
     binding = threading.Thread(target=cache.bind, args=("m",))
     binding.start()
-    time.sleep(0.3)
+    assert waiting.wait(30)
+    time.sleep(0.1)  # (inside flock by now; were it not, the bind would find the new file, as checked below)
     assert binding.is_alive()  # waits for the removal
     os.unlink(folder / LEASE)
     folder.rmdir()
