@@ -146,20 +146,17 @@ def cmd_build(args) -> int:
     return 0
 
 
-def _named_path(text: str) -> str:
-    """A path argument as typed; an empty one is refused (read as ".", `--corpus ""` took every file of the current
-    directory as training text)."""
+def _named_path(text: str, what: str = "a file or directory") -> str:
+    """A path argument as typed; an empty one (`--corpus "$UNSET_VARIABLE"`) is refused here: read as ".", it named
+    the current directory (`--corpus ""` took every file there as training text; keygen wrote its keys there)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is an empty path: name a file or directory")
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty path: name {what}")
     return text
 
 
 def _named_dir(text: str) -> str:
-    """An --out path as typed; an empty one (`--out "$UNSET_VARIABLE"`) is refused here: read as ".", it named the
-    current directory ("--out .: ...", or, for export, "/home/me: already exists; pass --force")."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is an empty path: name a directory (e.g. bundles/edge-small)")
-    return text
+    """An --out (or other directory) argument: `_named_path`, with an example."""
+    return _named_path(text, "a directory (e.g. bundles/edge-small)")
 
 
 class OutputError(CliError):

@@ -149,6 +149,14 @@ class ChunkSource:
         if req.chunk_size != size:
             return ChunkResponse(**base, error=f"chunk_size {req.chunk_size} differs from the manifest's {size}; "
                                                f"chunks are served at the manifest's size only")
+        def moved() -> ChunkResponse:
+            return ChunkResponse(**base, error=f"{cannot}: {req.path} is no longer a file inside the bundle directory "
+                                               f"(it changed after the offer); export the bundle to a new directory "
+                                               f"and offer that")
+
+        def unreadable(exc: OSError) -> ChunkResponse:
+            return ChunkResponse(**base, error=f"{cannot}: {req.path}: cannot read ({exc.strerror or exc}); give the "
+                                               f"user that runs the controller read access")
         entry = next((f for f in manifest.files if f.path == req.path), None)
         file = (root / req.path).resolve()
         if entry is None:
@@ -156,12 +164,9 @@ class ChunkSource:
         try:
             is_file = file.is_file()
         except OSError as exc:  # a directory on the way made unsearchable after the offer
-            return ChunkResponse(**base, error=f"{cannot}: {req.path}: cannot read ({exc.strerror or exc}); give the "
-                                               f"user that runs the controller read access")
+            return unreadable(exc)
         if root not in file.parents or not is_file:  # replaced after the offer: a link out, a directory
-            return ChunkResponse(**base, error=f"{cannot}: {req.path} is no longer a file inside the bundle "
-                                               f"directory (it changed after the offer); export the bundle to a new "
-                                               f"directory and offer that")
+            return moved()
         if req.index >= len(entry.chunks):
             return ChunkResponse(**base, error=f"chunk {req.index} of {req.path}: the file has "
                                                f"{len(entry.chunks)} chunk(s)")
@@ -171,20 +176,14 @@ class ChunkSource:
             fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError as exc:  # a file made unreadable after the offer (mode, owner), replaced by a link
             if exc.errno == errno.ELOOP:
-                return ChunkResponse(**base, error=f"{cannot}: {req.path} is no longer a file inside the bundle "
-                                                   f"directory (it changed after the offer); export the bundle to a "
-                                                   f"new directory and offer that")
-            return ChunkResponse(**base, error=f"{cannot}: {req.path}: cannot read ({exc.strerror or exc}); give the "
-                                               f"user that runs the controller read access")
+                return moved()
+            return unreadable(exc)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return ChunkResponse(**base, error=f"{cannot}: {req.path} is no longer a file inside the bundle "
-                                                   f"directory (it changed after the offer); export the bundle to a "
-                                                   f"new directory and offer that")
+                return moved()
             data = os.pread(fd, size, req.index * size)
         except OSError as exc:  # an I/O error
-            return ChunkResponse(**base, error=f"{cannot}: {req.path}: cannot read ({exc.strerror or exc}); give the "
-                                               f"user that runs the controller read access")
+            return unreadable(exc)
         finally:
             os.close(fd)
         if hashlib.sha256(data).hexdigest() != entry.chunks[req.index]:
