@@ -32,6 +32,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
 MOSQUITTO_PATHS = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -296,3 +299,24 @@ class Mqtt311OnlyProxy:
                 s.close()
             except OSError:
                 pass
+
+
+def retained(port: int, topic: str, wait_s: float = 1.0, expect: int = 0) -> list[bytes]:
+    """Retained messages on `topic` (a fresh subscriber gets them right after its SUBACK): up to `expect` of them
+    waited for (10 s; the network thread may be slow to run on a loaded box), then `wait_s` more for any others."""
+    got: list[bytes] = []
+    subscribed = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.on_message = lambda c, u, m: got.append(m.payload) if m.payload else None
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    assert subscribed.wait(10)
+    deadline = time.monotonic() + 10
+    while len(got) < expect and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(wait_s)
+    client.loop_stop()
+    client.disconnect()
+    return got

@@ -708,11 +708,12 @@ def test_kv_auto_is_measured_again_once_the_previous_model_is_let_go(int8_bundle
     more is free once the old model is gone), and a box with a number of its own keeps it."""
     import agent.http_api as http_api
 
-    free, let_go = [300 << 20], threading.Event()
+    free, let_go, measured_again = [300 << 20], threading.Event(), []
 
     def budget(held=0, engine=None):
         if threading.current_thread() is not threading.main_thread():
             let_go.wait(30)  # the measurement after the switch: not before the test has freed the memory
+            measured_again.append(free[0])
         return (free[0] + held) // 3
 
     monkeypatch.setattr(http_api, "auto_kv_budget", budget)
@@ -735,7 +736,13 @@ def test_kv_auto_is_measured_again_once_the_previous_model_is_let_go(int8_bundle
         srv.set_batching(BatchingSettings(max_kv_mb=64))  # a number is kept through a switch
         free[0] = 30 << 20
         srv.set_model(model, model.golden_check())
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30  # the measurement after this switch has run (and must not apply)
+        while measured_again[-1:] != [30 << 20] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for t in threading.enumerate():
+            if t.name == "edgeglm-kv-auto":
+                t.join(30)
+        assert measured_again[-1:] == [30 << 20]
         assert srv._scheduler.max_kv_bytes == 64 << 20
     finally:
         srv.shutdown(deadline=5.0)

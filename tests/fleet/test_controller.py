@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 
@@ -958,6 +959,9 @@ port = {mosquitto.port}
         while "fleet controller" not in early[-1] and early[-1]:
             early.append(serve.stdout.readline())
         assert "fleet controller" in early[-1], early
+        later: list[str] = []  # the rest of its log, read as it comes (a debug log would fill the pipe)
+        reader = threading.Thread(target=lambda: later.extend(serve.stdout), daemon=True)
+        reader.start()
 
         def get(path):
             with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=5) as r:
@@ -1006,7 +1010,7 @@ port = {mosquitto.port + 1}
         assert scrape("s3cret") == 200 and get("/healthz") == (200, "ok\n")  # ... the broker port at a restart
         (tmp_path / "fleet.toml").write_text("[http\n")  # a broken file changes nothing
         serve.send_signal(subprocess.signal.SIGHUP)
-        time.sleep(1.5)
+        until(lambda: any("SIGHUP: fleet.toml not applied" in line for line in list(later)))
         assert serve.poll() is None and scrape("s3cret") == 200
         mosquitto.restart()  # the broker goes away and comes back: said once each in the log
 
@@ -1021,7 +1025,8 @@ port = {mosquitto.port + 1}
         dev.stop()
         serve.send_signal(subprocess.signal.SIGTERM)
         assert serve.wait(timeout=20) == 0
-        log = "".join(early) + serve.stdout.read()
+        reader.join(10)
+        log = "".join(early + later)
         assert f"INFO edgeglm.fleet: SIGHUP: {tmp_path / 'fleet.toml'} read again; applied: database.retention_s, " \
                "http.metrics_token_file, log_level" in log  # and fleet.toml's log_level reaches the log now
         assert "WARNING edgeglm.fleet: SIGHUP: mqtt.port changed in fleet.toml: applied at the next restart" in log
@@ -1088,8 +1093,6 @@ def test_a_config_set_cut_off_after_the_broker_took_it_is_still_what_the_next_on
 def test_a_rollout_step_during_a_broker_outage_offers_once_when_it_is_back(mosquitto, tmp_path, signed_bundles):
     """While the broker is away an offer is refused at once (nothing recorded, nothing queued): paho used to
     queue each try, and the step, retried every tick with a new update id, reached the device N times."""
-    import threading
-
     import paho.mqtt.client as paho_client
     from paho.mqtt.packettypes import PacketTypes as Packets
     from paho.mqtt.properties import Properties as Props
@@ -1126,8 +1129,12 @@ def test_a_rollout_step_during_a_broker_outage_offers_once_when_it_is_back(mosqu
         driver.tick()
         assert next(r for r in load_rollouts(ctl.store) if r.id == rid).phase == "canary_wait"
         until(lambda: len(got) >= 1)
-        time.sleep(2)
-        assert len(got) == 1 and ctl.store._exec("SELECT COUNT(*) FROM offer_targets").fetchone()[0] == 1
+        # a marker from the controller's own client, after the step: anything it had queued or sent again arrives
+        # before it (one publisher, one subscriber: the broker keeps their order)
+        marker = b'{"marker": "after the step"}'
+        ctl.client.publish(ota_offer_topic(FLEET, "d0"), marker, qos=1)
+        until(lambda: marker in got)
+        assert len(got) == 2 and ctl.store._exec("SELECT COUNT(*) FROM offer_targets").fetchone()[0] == 1, got
     finally:
         dev.loop_stop()
         ctl.stop()
@@ -1342,7 +1349,13 @@ def test_a_state_the_controller_refuses_is_asked_for_again_three_times_at_most(m
                     device=d, window_start=now - 1, window_end=now, count=0).model_dump_json()).wait_for_publish(10)
             time.sleep(0.3)
         until(lambda: asked.count(state_topic(FLEET, "newer")) == 3 and asked.count(state_topic(FLEET, "silent")) == 3)
-        time.sleep(1.0)
+        # one report of a third device, sent after all the others: once it is asked for, the controller has
+        # handled every report before it (one publisher, one subscriber: the broker keeps their order)
+        now = time.time()
+        pub.publish(telemetry_topic(FLEET, "marker"), TelemetryReport(
+            device="marker", window_start=now - 1, window_end=now, count=0).model_dump_json()).wait_for_publish(10)
+        until(lambda: state_topic(FLEET, "marker") in asked)
+        asked.remove(state_topic(FLEET, "marker"))
         assert sorted(asked) == sorted([state_topic(FLEET, "newer")] * 3 + [state_topic(FLEET, "silent")] * 3), asked
         assert ctl.store.devices(FLEET) == []
         # every one-device subscription is gone: each refused state ended its own, and the device with no retained

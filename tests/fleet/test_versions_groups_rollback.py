@@ -18,7 +18,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import MqttSettings
-from agent.topics import telemetry_topic
+from agent.topics import desired_topic, telemetry_topic
+from broker import retained
 from fleet.controller import ControllerSettings, FleetController, serve_http
 from fleet.rollout import RolloutDriver, load_rollouts
 from fleet.simulator import SimDevice, SimProfile
@@ -206,7 +207,9 @@ def test_rollout_and_config_to_a_group_leave_other_devices_alone(controller, dev
               "sampling.max_tokens=32")
     assert out.returncode == 0 and "2 device(s) of group ring1" in out.stdout, out.stderr
     until(lambda: fleet[1].applied_config is not None and fleet[3].applied_config is not None)
-    time.sleep(0.5)  # a stray desired config would have reached s0/s2 by now too
+    # the command has returned: every desired config it published is retained on the broker by now
+    assert [len(retained(mosquitto.port, desired_topic(FLEET, d.device), wait_s=0.2, expect=i % 2))
+            for i, d in enumerate(fleet)] == [0, 1, 0, 1]
     assert fleet[0].applied_config is None and fleet[2].applied_config is None
 
 
