@@ -412,7 +412,10 @@ class Updater:
         self.data = {"state": S.IDLE.value, "entries": 0, "history": [S.IDLE.value], "update_id": offer.update_id,
                      "offer": offer.model_dump(), "chunks_done": {}, "outcome": None, "reason": None,
                      "previous_slot": self.slots.active(), "target_slot": self.slots.inactive()}
-        self._progress_path.unlink(missing_ok=True)
+        try:
+            self._progress_path.unlink(missing_ok=True)
+        except OSError as exc:  # a read-only or failing disk: the update fails at its first save, and says why
+            log.warning("%s not removed: %s", self._progress_path, exc)
         self._transition(E.OFFER)
 
     def run(self) -> None:

@@ -131,7 +131,9 @@ def apply_repetition_penalty(logits: np.ndarray, history: list[int], penalty: fl
 
 
 def logits_to_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
-    z = logits.astype(np.float64) / max(temperature, 1e-5)
+    z = logits.astype(np.float64)
+    z = (z - z.max()) / temperature  # shifted first: any temperature > 0 divides without overflow (a 1e-5
+    # floor here made 1e-6 or 1e-8 sample like 1e-5, near a coin flip between nearly tied tokens)
     if top_k and top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth, -np.inf, z)

@@ -902,6 +902,30 @@ def test_full_disk_is_refused_and_the_old_model_keeps_serving(signed_bundles, tm
         assert not (work / "state" / "staging").exists()
 
 
+def test_an_offer_on_a_read_only_state_disk_fails_and_says_why(signed_bundles, tmp_path):
+    """The state directory remounted read-only (a failing SD card, an overlay gone ro): `submit` raised EROFS
+    removing the progress file after it had taken the offer's id, so the offer was neither run nor reported,
+    and the same offer seen again was skipped as done: a rollout waited on the box until it restarted."""
+    work = tmp_path / "device"
+    work.mkdir()
+    shutil.copytree(signed_bundles["keys"], work / "keys")
+    with small_disk(work / "state", 16 * 1024) as state:
+        updater = build_updater(work)
+        updater.submit(offer_for(signed_bundles["v1"], "install-v1"))
+        updater.run()
+        assert serving(work) == "1.0.0"
+        remounted = subprocess.run(["mount", "-o", "remount,ro", str(state)], capture_output=True, text=True)
+        assert remounted.returncode == 0, remounted.stderr
+        updater = build_updater(work)
+        updater.submit(offer_for(signed_bundles["v2"], "u2"))
+        updater.run()
+        assert updater.data["outcome"] == "failed" and "Read-only file system" in updater.data["reason"]
+        assert updater.data["history"][-4:] == ["failure", "cleanup", "reporting", "idle"], updater.data
+        assert updater.slots.active() == "a" and serving(work) == "1.0.0"
+        final = [r for r in reports(work) if r.get("update_id") == "u2" and "result" in r]
+        assert final and final[-1]["result"] == "failed" and "Read-only" in final[-1]["reason"], reports(work)
+
+
 def test_a_disk_with_only_a_few_kib_beyond_the_bundle_refuses_it_up_front(signed_bundles, tmp_path):
     """The check compared free space with the plain sum of the files: a box with a few KiB more accepted the
     offer and then failed with a raw OSError (No space left on device) while saving its state. Whole blocks and

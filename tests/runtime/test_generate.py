@@ -99,6 +99,20 @@ def test_the_sampling_distribution_is_the_one_transformers_samples_from(temperat
         np.testing.assert_allclose(ours, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1e-5, 1e-6, 1e-8, 1e-300])
+def test_a_tiny_temperature_is_the_one_asked_for(temperature):
+    """Temperatures below 1e-5 were taken as 1e-5: two nearly tied tokens stayed near a coin flip at 1e-8,
+    which transformers (and the request) makes nearly greedy."""
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import TemperatureLogitsWarper
+
+    logits = np.array([10.0, 10.0 - 2e-6, 0.0, 10.0 - 1e-5])
+    expected = torch.softmax(TemperatureLogitsWarper(temperature)(None, torch.tensor(logits[None])), dim=-1)[0]
+    ours = logits_to_probs(logits, temperature)
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, expected.numpy(), atol=1e-9)
+
+
 @pytest.mark.parametrize("field,value", [("temperature", -0.5), ("top_p", -0.1), ("top_p", 1.5), ("top_k", -1),
                                          ("max_tokens", 0), ("repetition_penalty", 0.0), ("seed", 1.5),
                                          # wrong types: a bare TypeError without the field, or True taken as 1
