@@ -132,6 +132,7 @@ class Agent:
         # now allow what it refused)
         self._latest_desired: DesiredConfig | None = None
         self.last_config_error: str | None = None
+        self._error_is_the_desired_ones = False  # last_config_error is about the retained desired config received
         self.model_error: str | None = None  # why the active slot's model is not served (None: no problem)
         self.signing_keys: dict | None = None  # hardware.keys (`_signing_keys`), read again each telemetry window
         self._keys_lock = threading.Lock()  # one read-and-set at a time: the main loop's could set the old slots'
@@ -513,6 +514,12 @@ class Agent:
         elif payload is None and event.message.topic == ota_offer_topic(self.cfg.device.fleet, self.cfg.device.id):
             with self._ota_lock:  # the retained offer was cleared: one waiting for the running update goes too
                 self._next_offer = None
+        elif payload is None and event.message.topic == desired_topic(self.cfg.device.fleet, self.cfg.device.id):
+            # the retained desired config was cleared (the applied one stays): why that one was refused is no
+            # longer news, and the fleet would keep showing it
+            if self.last_config_error is not None and self._error_is_the_desired_ones:
+                self.last_config_error, self._error_is_the_desired_ones = None, False
+                self._publish_state()
         elif isinstance(payload, InferenceRequest):
             if self._answerable(event.message) and self._first_copy(event.message, payload):
                 threading.Thread(target=self._infer, args=(event.message, payload), daemon=True).start()
@@ -574,7 +581,7 @@ class Agent:
                 self.session.respond(event.message, InferenceResponse(
                     id=request_id, error=ErrorInfo(code="bad_request", message=str(event.error))))
         elif event.message.topic == desired_topic(d.fleet, d.id):
-            self.last_config_error = f"desired config refused: {event.error}"
+            self.last_config_error, self._error_is_the_desired_ones = f"desired config refused: {event.error}", True
             self._publish_state()
         elif event.message.topic == ota_offer_topic(d.fleet, d.id):
             # a rollout waits for this device's result: say why the offer was not taken, or it waits forever
@@ -607,6 +614,7 @@ class Agent:
                       else f"version {applied}, newer, is applied")
             self.last_config_error = (f"desired config version {desired.version} ignored: {reason}; publish the "
                                       f"change with a version above {applied}")
+            self._error_is_the_desired_ones = True
             log.warning("%s", self.last_config_error)
             self._publish_state()
             return
@@ -625,6 +633,7 @@ class Agent:
         except ConfigError as exc:
             kept = f"version {applied} stays applied" if applied is not None else "the box's own config stays"
             self.last_config_error = f"desired config version {desired.version} refused: {exc}; {kept}"
+            self._error_is_the_desired_ones = True
             log.warning("%s", self.last_config_error)
         else:
             self._use(new)
@@ -682,6 +691,7 @@ class Agent:
                 new = local
                 self.last_config_error = (f"desired config version {self.applied_config_version} no longer applies "
                                           f"over the box's reloaded config: {exc}; the box's own config applies")
+                self._error_is_the_desired_ones = False
                 log.warning("%s", self.last_config_error)
                 self.applied_config_version, self._applied_settings = None, None
         self._use(new)

@@ -354,6 +354,21 @@ def _no_delay(client: paho.Client) -> None:
         pass  # not a TCP socket (e.g. websockets/unix): nothing to tune
 
 
+_UNKNOWN = object()  # what `_oldest_unacknowledged` says where paho keeps its queue elsewhere
+
+
+def _oldest_unacknowledged(client: paho.Client):
+    """The message id of the oldest QoS 1/2 message `client` still holds for the broker (paho sends it again at
+    each reconnect), None when it holds none; read once its network thread has ended."""
+    out = getattr(client, "_out_messages", None)
+    if out is None:
+        return _UNKNOWN
+    try:
+        return next((mid for mid, m in list(out.items()) if m.qos > 0), None)
+    except RuntimeError:  # changed while read
+        return _UNKNOWN
+
+
 def _idle(report: TelemetryReport) -> bool:
     """A report of a window in which nothing was served or failed (its percentiles are all None)."""
     return not (report.count or report.errors or report.dropped_reports)
@@ -396,6 +411,7 @@ class MqttSession:
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._up_since: float | None = None  # time.monotonic() of the current connection's CONNACK (accepted)
+        self._held_at_end = None  # `_oldest_unacknowledged` when the last connection ended
 
     # -- paho callbacks: thin, they only hand events on -------------------------------------
 
@@ -486,6 +502,7 @@ class MqttSession:
     def _supervise(self) -> None:
         failures = 0  # attempts failed since the last connection that was up
         short = 0  # connections in a row that ended soon after their CONNACK
+        stuck, last_held = 0, None  # ... of them, in a row, that ended holding the same unacknowledged message
         while not self._stop.is_set():
             try:
                 was_up, reason, retry_now = self._connect_once()
@@ -504,21 +521,27 @@ class MqttSession:
             healthy = was_up and lasted >= max(self.settings.keepalive_s, MIN_HEALTHY_CONNECTION_S)
             failures = 0 if healthy else failures + 1
             short = 0 if healthy or not was_up else short + 1
+            if was_up:  # a short connection that ended holding the message the one before ended holding
+                held = self._held_at_end if not healthy else None
+                stuck = stuck + 1 if held is not None and (stuck == 0 or held == last_held) else 0
+                last_held = held
             if short == 3 or "taken over" in str(reason).lower():
-                log.error("MQTT: connections as client id %r keep ending right after the broker accepts them: "
-                          "another client probably took this session over (two boxes with the same device.id, "
-                          "e.g. a cloned image: set a unique device.id), or the broker drops this client",
-                          self.client_id)
-            if short >= BACKSTOP_SHORT_CONNECTIONS and "taken over" not in str(reason).lower():
+                log.error("MQTT: connections as client id %r keep ending soon after the broker accepts them: "
+                          "another client may be taking this session over (two boxes with the same device.id, "
+                          "e.g. a cloned image: set a unique device.id), or the broker keeps restarting or dropping "
+                          "this client (the broker's log says which)", self.client_id)
+            if stuck >= BACKSTOP_SHORT_CONNECTIONS and "taken over" not in str(reason).lower():
                 # the backstop: a message the broker refuses (over a max_packet_size it did not announce, as MQTT
                 # 3.1.1 brokers cannot) ends every connection, and paho sends its queued QoS 1 messages again
-                # after each reconnect: the box would be off the broker for good. A new client has none queued
-                log.error("MQTT: %d connections in a row ended right after the broker accepted them; a queued "
-                          "message the broker refuses may be sent again at every reconnect: the messages queued in "
-                          "the MQTT client (not yet acknowledged by the broker) are dropped, and a new client "
-                          "connects", short)
+                # after each reconnect: the box would be off the broker for good. A new client has none queued.
+                # Only when the same message was still unacknowledged at the end of each: a broker restarting
+                # every few seconds acknowledges what was sent again, and its client keeps its queue
+                log.error("MQTT: %d connections in a row ended soon after the broker accepted them, each with the "
+                          "same message unacknowledged; a queued message the broker refuses is sent again at every "
+                          "reconnect: the messages queued in the MQTT client (not yet acknowledged by the broker) "
+                          "are dropped, and a new client connects", stuck)
                 self.stats.client_resets += 1
-                self._client, short = None, 0
+                self._client, short, stuck, last_held = None, 0, 0, None
             delay = 0.0 if retry_now else backoff_delay(failures, self.settings.reconnect_min_delay_s,
                                                         self.settings.reconnect_max_delay_s, self._rng)
             log.warning("MQTT %s:%s: %s; retrying in %.2f s", self.settings.host, self.settings.port, reason, delay)
@@ -576,6 +599,7 @@ class MqttSession:
                             log.warning("MQTT broker refused a subscription: %s", rc)
         finally:
             client.loop_stop()
+            self._held_at_end = _oldest_unacknowledged(client)
 
     def _next_signal(self, timeout: float | None) -> tuple | None:
         try:

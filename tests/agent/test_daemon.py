@@ -195,6 +195,10 @@ def test_agent_end_to_end_over_mqtt(agent_process, mosquitto, signed_bundles):
                 json.dumps({"version": 4, "settings": {"sampling": {"temperature": -1}}}), retain=True)
     state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["last_config_error"] is not None)
     assert "temperature" in state["last_config_error"] and state["applied_config_version"] == 3
+    # the operator clears the refused config (an empty retained message): version 3 stays, the refusal is not news
+    ctl.publish(desired_topic(FLEET, DEVICE), b"", retain=True)
+    state = ctl.wait(state_topic(FLEET, DEVICE), lambda d, m: d["last_config_error"] is None)
+    assert state["applied_config_version"] == 3
 
     # inference over MQTT 5 request/response, and a malformed request gets an error answer
     props = Properties(PacketTypes.PUBLISH)
