@@ -31,10 +31,10 @@ Stages, each on the `build` progress bar (long stages show their own bars below 
 
 The work directory (default: BUNDLE.work next to --out) keeps every stage's output and
 `state.json`, which records the build's identity (teacher, corpus files and every recipe setting
-that shapes a result: `Recipe.resume_identity`, which leaves out name, description and the
-[distill] device and checkpoint_every) and the stages done. `--resume` continues a build stopped
-at any point: stages done are loaded, not repeated, and distillation continues from its last
-checkpoint. A work directory of another build is refused, naming the first setting that differs, and so
+that shapes the student: `Recipe.resume_identity`, which leaves out name, description, the
+[distill] device and checkpoint_every, and [quantize] and [export]) and the stages done. `--resume`
+continues a build stopped at any point: stages done are loaded, not repeated, and distillation
+continues from its last checkpoint; with [quantize]/[export] changed, export and report are redone. A work directory of another build is refused, naming the first setting that differs, and so
 is one whose corpus text or teacher (config.json and weights, by sha256) changed under the stages done.
 
 What a failure leaves:
@@ -87,7 +87,7 @@ from models.prune import (
     PruneError, PruneSpec, activation_importance, kept_indices, magnitude_importance, non_embedding_params,
     prune_model, solve_spec,
 )
-from models.recipe import RECIPES_DIR, Recipe, bundle_name_problem, load_recipe
+from models.recipe import EXPORT_SECTIONS, RECIPES_DIR, Recipe, bundle_name_problem, load_recipe
 from ota.errors import BundleError
 from runtime.errors import RuntimeUserError
 
@@ -204,13 +204,37 @@ def identity_difference(recorded, current: dict) -> str:
     return "recipe setting " + (_first_difference(recorded["recipe"], current["recipe"]) or "?")
 
 
+def _comparable(identity):
+    """A recorded identity as this edgeglm compares it: [quantize] and [export] are no longer part of it (an
+    earlier edgeglm recorded them; a resume with them changed exports again)."""
+    if isinstance(identity, dict) and isinstance(identity.get("recipe"), dict):
+        return {**identity, "recipe": {k: v for k, v in identity["recipe"].items() if k not in EXPORT_SECTIONS}}
+    return identity
+
+
+def export_difference(inputs: BuildInputs, data: dict) -> str | None:
+    """How this run's [quantize]/[export] settings differ from those the work directory's finished export was
+    made with (`[export] version was '1.0.0', now '1.0.1'`), None if they do not or nothing was exported."""
+    done = (data.get("done") or {}).get("export")
+    if not isinstance(done, dict):
+        return None
+    had = done.get("settings")
+    if had is None:  # exported by an earlier edgeglm: its identity held the settings, and they could not change
+        recipe = (data.get("identity") or {}).get("recipe") or {}
+        had = {k: recipe.get(k) for k in EXPORT_SECTIONS}
+    return _first_difference(had, inputs.recipe.export_identity())
+
+
 def published(inputs: BuildInputs) -> bool:
     """Whether --out is the bundle this build's work directory published (a build stopped after copying it
     to --out and before recording that: --resume then only records it)."""
     if not (inputs.resume and (inputs.out / "manifest.json").is_file()):
         return False
     try:
-        done = _read_state(inputs.work / STATE).get("done", {})
+        data = _read_state(inputs.work / STATE)
+        done = data.get("done", {})
+        if export_difference(inputs, data):  # this run exports again: not the bundle at --out
+            return False
         ours = json.loads((inputs.work / "bundle" / "manifest.json").read_text())
         theirs = json.loads((inputs.out / "manifest.json").read_text())
         # the same manifest, but for the name publishing may have given it (after its --out)
@@ -255,13 +279,14 @@ def check_paths(inputs: BuildInputs) -> None:
     state = work / STATE
     if inputs.resume:
         if state.is_file():
-            recorded = _read_state(state).get("identity")
+            recorded = _comparable(_read_state(state).get("identity"))
             current = inputs.identity()
             if recorded != current:
                 raise BuildError(
                     f"--resume: {state} belongs to another build ({identity_difference(recorded, current)}); "
                     "a build resumes only with the same teacher, corpus and recipe settings (name, description, "
-                    f"[distill] device and checkpoint_every may change): undo the change, or start over without "
+                    "[distill] device and checkpoint_every, [quantize] and [export] may change): undo the change, "
+                    f"or start over without "
                     f"--resume after removing {work} or with another --work directory")
     elif work.is_dir() and any(work.iterdir()):
         done = _stages_done(_read_state(state)) if state.is_file() else []
@@ -648,8 +673,11 @@ def _say_resuming(inputs: BuildInputs, state: "_State", progress: bool) -> None:
     step it continues from (models/distill.py)."""
     done = _stages_done(state.data)
     if progress and inputs.resume and done:
-        tqdm.write(f"edgeglm build: resuming {inputs.work}: done before ({', '.join(done)}) kept, not redone",
-                   file=sys.stderr)
+        changed = export_difference(inputs, state.data)
+        if changed:
+            done = [s for s in done if s not in ("export", "report")]
+        tqdm.write(f"edgeglm build: resuming {inputs.work}: done before ({', '.join(done)}) kept, not redone"
+                   + (f"; exported again: recipe setting {changed}" if changed else ""), file=sys.stderr)
 
 
 def _resume_hint(work: Path, state: "_State") -> str:
@@ -767,10 +795,11 @@ def _run_stages(inputs: BuildInputs, plan: Plan, train: TokenCorpus, heldout: To
     stage("export")
     bundle = work / "bundle"
     export_result = state.done("export")
-    if export_result is None:
+    if export_result is None or export_difference(inputs, state.data):  # (a resume with [export] changed)
         run_export(inputs, bundle, progress)
         evaluator = evaluator or Evaluator(recipe, teacher, heldout, progress)
-        export_result = {"evaluation": evaluate_bundle_stages(recipe, evaluator, bundle)}
+        export_result = {"evaluation": evaluate_bundle_stages(recipe, evaluator, bundle),
+                         "settings": recipe.export_identity()}
         state.mark("export", export_result)
     bar.update(1)
     stage("report")

@@ -109,6 +109,9 @@ def bundle_version_problem(version) -> str | None:
     return None if VERSION_RE.fullmatch(version) else VERSION_RULE
 
 
+EXPORT_SECTIONS = ("quantize", "export")  # the recipe sections only the export stage reads
+
+
 class _Section(BaseModel):
     # strict: a string is not a number ("64"), nor is a boolean, nor 8.0 an integer
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -210,13 +213,18 @@ class Recipe(_Section):
         return DistillSettings(**self.distill)
 
     def resume_identity(self) -> dict:
-        """Every setting that shapes a build's results, as used: what a resumed build must share with
-        the one that wrote its work directory. Left out: `name` and `description` (only copied into
-        the report, which is written anew) and the [distill] settings a distillation may resume with
-        changed (device, checkpoint_every)."""
-        settings = self.model_dump(exclude={"name", "description", "distill"})
+        """Every setting that shapes the results of the stages up to evaluate, as used: what a resumed build must
+        share with the one that wrote its work directory. Left out: `name` and `description` (only copied into
+        the report, which is written anew), the [distill] settings a distillation may resume with changed
+        (device, checkpoint_every), and [quantize] and [export] (`export_identity`: a resume with them changed
+        exports again, with the distilled student kept)."""
+        settings = self.model_dump(exclude={"name", "description", "distill", *EXPORT_SECTIONS})
         distill = {k: v for k, v in self.distill_settings().to_dict().items() if k not in RESUMABLE_CHANGES}
         return {**settings, "distill": distill}
+
+    def export_identity(self) -> dict:
+        """The settings the export stage (and only it) is made with."""
+        return self.model_dump(include=set(EXPORT_SECTIONS))
 
 
 def _distill_problems(distill: dict, source: str) -> list[str]:

@@ -234,7 +234,7 @@ MATRIX = [
     ("dev1", f"{F}/dev1/ota/status", True, {"controller"}),
     ("dev1", f"{F}/dev1/ota/chunk/request", True, {"controller"}),
     ("dev1", f"{F}/dev1/infer/response/{CONTROLLER}", True, {"controller"}),
-    ("dev1", f"{F}/dev1/infer/response/another-requester", True, set()),
+    ("dev1", f"{F}/dev1/infer/response/another-requester", False, set()),  # a topic per requester: retained junk
     ("dev1", f"{F}/dev2/state", False, set()),
     ("dev1", f"{F}/dev2/telemetry", False, set()),
     ("dev1", f"{F}/dev2/health", False, set()),
@@ -245,7 +245,7 @@ MATRIX = [
     ("dev1", f"{F}/dev1/ota/offer", False, set()),
     ("dev1", f"{F}/dev1/ota/chunk/response", False, set()),
     ("dev1", f"{F}/dev1/infer/request", False, set()),
-    ("dev1", "edgeglm/v1/another-fleet/dev1/state", True, set()),  # its own id, but not this controller's fleet
+    ("dev1", "edgeglm/v1/another-fleet/dev1/state", False, set()),  # its own id, in a fleet of its choosing
     ("dev1", "elsewhere/dev1", False, set()),
     ("dev2", f"{F}/dev2/state", True, {"controller"}),
     ("dev2", f"{F}/dev1/state", False, set()),

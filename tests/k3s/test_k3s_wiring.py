@@ -366,6 +366,23 @@ def test_fleet_id_and_controller_user_agree_with_the_acl(key):
     assert topics and all(t.startswith(f"edgeglm/v1/{agent_fleet}/+/") for t in topics), topics
 
 
+def test_a_device_may_write_a_fixed_set_of_topics_in_the_agents_fleet():
+    """The device patterns had '+' at the fleet and requester levels: one device could store retained messages
+    under as many topics as it liked and exhaust the broker (memory, then its volume, reloaded at every start)."""
+    resources = rendered("base")
+    agent_fleet = _toml(resources, "edgeglm-agent-config", "agent.toml")["device"]["fleet"]
+    patterns = [line.split() for line in find(resources, "ConfigMap", "edgeglm-broker-config")["data"]["acl.conf"]
+                .splitlines() if line.split()[:1] == ["pattern"]]
+    assert patterns and all(len(p) == 3 and p[2].startswith(f"edgeglm/v1/{agent_fleet}/%u/") for p in patterns), \
+        patterns
+    assert not [p for p in patterns if p[1] == "write" and ("+" in p[2] or "#" in p[2])], patterns
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
 def test_broker_config_matches_its_pod():
     resources = rendered("base")
     dep = find(resources, "Deployment", "edgeglm-broker")
@@ -387,6 +404,9 @@ def test_broker_config_matches_its_pod():
     data = _volume_at(dep, c, conf["persistence_location"][0].rstrip("/"))
     assert "persistentVolumeClaim" in data
     assert pod_spec(dep)["securityContext"]["runAsUser"] == 1883
+    # refusing allocations past memory_limit keeps the one broker up where the container limit would kill it
+    assert 0 < int(conf["memory_limit"][0]) < _bytes(c["resources"]["limits"]["memory"])
+    assert 0 < int(conf["max_queued_bytes"][0]) < int(conf["memory_limit"][0])
 
 
 @pytest.mark.parametrize("name", kustomizations())

@@ -99,12 +99,48 @@ def test_resume_skips_finished_stages_and_a_used_work_dir_needs_resume(built, ca
     assert json.loads((again / "manifest.json").read_text())["compression"] == first
     assert json.loads((again / "manifest.json").read_text())["name"] == "again"  # after its own --out
     other = built["root"] / "other.toml"
-    other.write_text(QUICK.read_text().replace("golden_tokens = 8", "golden_tokens = 12"))
+    other.write_text(QUICK.read_text().replace("golden_tokens = 8", "golden_tokens = 12")
+                     .replace("temperature = 2.0", "temperature = 3.0"))
     capsys.readouterr()
     args[args.index("quick")], args[args.index(str(again))] = str(other), str(built["root"] / "third")
     assert main(args + ["--resume"]) == 2
-    assert "belongs to another build" in capsys.readouterr().err
+    assert "belongs to another build (recipe setting [distill] temperature was 2.0, now 3.0)" in \
+        capsys.readouterr().err
     assert not (built["root"] / "third").exists()
+
+
+def test_resume_with_only_export_settings_changed_exports_again_and_keeps_the_student(built, capsys):
+    """Bumping `[export] version` (or another export setting) made --resume refuse the work directory as another
+    build: a new version of the same student meant distilling again. The export stage (and the report) are
+    redone now, from the distilled student kept."""
+    work = built["root"] / "work-bumped"  # a copy: the other tests share the fixture's work directory
+    shutil.copytree(built["work"], work)
+    state = json.loads((work / "state.json").read_text())
+    student = work / "distilled" / "model.safetensors"
+    student_stat = student.stat()
+    other = built["root"] / "bumped.toml"
+    other.write_text(QUICK.read_text().replace('version = "0.1.0"', 'version = "0.1.1"')
+                     .replace("golden_tokens = 8", "golden_tokens = 12"))
+    bumped = built["root"] / "bumped"
+    args = ["build", "--teacher", str(built["teacher"]), "--corpus", *map(str, corpus_files()), "--recipe",
+            str(other), "--out", str(bumped), "--work", str(work)]
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "done before (check, tokenize, prune, distill, evaluate) kept, not redone; exported again: recipe " \
+           "setting [export] version was '0.1.0', now '0.1.1'" in err, err
+    manifest = json.loads((bumped / "manifest.json").read_text())
+    assert manifest["version"] == "0.1.1" and len(manifest["golden"]["reference"]["tokens"]) == 12
+    assert (student.stat().st_mtime_ns, student.stat().st_ino) == (student_stat.st_mtime_ns, student_stat.st_ino)
+    after = json.loads((work / "state.json").read_text())
+    assert {k: after["done"][k] for k in ("prune", "distill", "evaluate")} == \
+        {k: state["done"][k] for k in ("prune", "distill", "evaluate")}
+    first = json.loads((built["out"] / "manifest.json").read_text())["compression"]
+    assert manifest["compression"]["stages"]["distilled"] == first["stages"]["distilled"]
+    # the same settings again: nothing is exported a third time (the bundle at --out is this build's own)
+    capsys.readouterr()
+    assert main(args + ["--resume", "--quiet"]) == 0
+    assert json.loads((bumped / "manifest.json").read_text()) == manifest
 
 
 def test_resume_after_a_stop_between_publishing_and_recording_it_finishes(built, capsys):
