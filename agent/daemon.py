@@ -871,12 +871,15 @@ class Agent:
                                     response_topic=chunk_response_topic(d.fleet, d.id))
 
     def _report_ota(self, status: dict) -> None:
-        if status.get("result") in ("failed", "rolled_back"):  # what an operator must see, in words
+        # what an operator must see, in words (once: the idle status after REPORTING carries the result again)
+        if status.get("result") in ("failed", "rolled_back") and status.get("from") != "reporting":
             log.warning("OTA update %s %s: %s", status.get("update_id"), status["result"].replace("_", " "),
                         status.get("reason") or "no reason given")
         else:  # e.g. "OTA update v2-17: downloading (progress 40.0%)"; a dict repr was hard to read in a journal
-            extra = [f"{k.replace('_', ' ')} {status[k]}" for k in ("from", "event", "in_slot", "result", "reason")
+            extra = [f"{k.replace('_', ' ')} {status[k]}" for k in ("from", "event", "in_slot", "result")
                      if status.get(k) is not None]
+            extra += [f"reason {status['reason']}"] if status.get("reason") and status.get("from") != "reporting" \
+                else []
             extra += [f"{status['progress']}%"] if status.get("progress") is not None else []
             extra += [f"self-test {json.dumps(status['self_test'])}"] if status.get("self_test") else []
             log.info("OTA update %s: %s%s", status.get("update_id"), status.get("state"),

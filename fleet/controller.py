@@ -472,7 +472,8 @@ class FleetController:
             if msg.payload:  # empty: the retained status was cleared
                 body = OtaStatus.model_validate_json(msg.payload).body()
                 self.store.add_ota_status(fleet, device, body)
-                if body.get("result") and not msg.retain:  # (a retained one is the last result, known already)
+                # (a retained one is the last result, known already; the idle status after REPORTING repeats it)
+                if body.get("result") and not msg.retain and body.get("from") != "reporting":
                     ok = body["result"] == "committed"
                     (log.info if ok else log.warning)(
                         "device %s/%s: update %s %s%s", fleet, device, body.get("update_id"),

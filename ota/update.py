@@ -462,7 +462,11 @@ class Updater:
         self.data.update(state=nxt.value, entries=0)
         self.data["history"].append(nxt.value)
         self._persist()  # if it fails, `run` fails the update on entering the next state, or carries on cleaning up
-        self._report({"state": nxt.value, "event": event.value, "from": prev.value})
+        fields = {"state": nxt.value, "event": event.value, "from": prev.value}
+        if prev is S.REPORTING:  # the status the broker keeps (retained) carries the outcome too: a controller away
+            # when REPORTING's went by gets only this one when it is back, and its rollout waited for a result
+            fields.update(result=self.data.get("outcome"), active_slot=self.slots.active())
+        self._report(fields)
 
     def _fail(self, reason: str) -> None:
         if not self.data.get("reason"):

@@ -902,6 +902,48 @@ def test_full_disk_is_refused_and_the_old_model_keeps_serving(signed_bundles, tm
         assert not (work / "state" / "staging").exists()
 
 
+@pytest.mark.parametrize("upgrade,outcome", [(True, "committed"), (False, "failed")])
+def test_a_controller_away_when_the_outcome_went_by_finds_it_on_the_broker(signed_bundles, tmp_path, mosquitto,
+                                                                           upgrade, outcome):
+    """Each status is published retained, and the outcome travelled in REPORTING's alone: the idle status right
+    after it replaced it on the broker, so a controller that was away (restarting, reconnecting after a broker
+    restart) never got the result, and its rollout waited an hour for it, then halted on "no result". The
+    updater's statuses, published as the agent publishes them while no controller listens, then a controller."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent.topics import ota_status_topic
+    from fleet.controller import ControllerSettings, FleetController
+    from waiting import until
+
+    work = tmp_path / "device"
+    work.mkdir()
+    shutil.copytree(signed_bundles["keys"], work / "keys")
+    updater = build_updater(work)
+    if not upgrade:  # serving v2, v1 is offered: refused as a downgrade
+        updater.submit(offer_for(signed_bundles["v2"], "u0"))
+        updater.run()
+    updater.submit(offer_for(signed_bundles["v1"], "u1"))
+    updater.run()
+    assert updater.data["outcome"] == outcome, updater.data
+    pub = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    try:
+        for status in reports(work):
+            pub.publish(ota_status_topic(FLEET, DEVICE), json.dumps(status), qos=1, retain=True).wait_for_publish(10)
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    ctl = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet=FLEET))
+    ctl.start()
+    try:
+        until(lambda: ctl.store.last_result(FLEET, DEVICE, "u1") is not None)
+        assert ctl.store.last_result(FLEET, DEVICE, "u1")["result"] == outcome
+    finally:
+        ctl.stop()
+
+
 def test_an_offer_on_a_read_only_state_disk_fails_and_says_why(signed_bundles, tmp_path):
     """The state directory remounted read-only (a failing SD card, an overlay gone ro): `submit` raised EROFS
     removing the progress file after it had taken the offer's id, so the offer was neither run nor reported,
