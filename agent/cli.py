@@ -271,13 +271,14 @@ def cmd_probe(args) -> int:
             raise CliError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to tuning a bundle's "
                            "execution path: give --bundle BUNDLE too (without it, probe only shows the hardware)")
     info = probe_hardware()
-    tuning = _autotune(args, info) if args.bundle is not None else None
-    kv = None
-    if tuning is not None:
+    tuning, kv = None, None
+    if args.bundle is not None:
         from ota.bundle import open_bundle
         from runtime.autotune import kv_sizing
 
-        kv = kv_sizing(open_bundle(args.bundle), info.memory, tuning.choice, tuning.prefill)
+        bundle = open_bundle(args.bundle)  # verified once (every file's sha256: a second pass cost ~1 s on glm-m)
+        tuning = _autotune(args, info, bundle)
+        kv = kv_sizing(bundle, info.memory, tuning.choice, tuning.prefill)
     if args.json:
         extra = {"autotune": tuning.to_dict(), "kv": kv} if tuning else {}
         print(json.dumps({**info.to_dict(), "devices": device_report(info), "fingerprint": info.fingerprint(),
@@ -289,11 +290,9 @@ def cmd_probe(args) -> int:
     return 0
 
 
-def _autotune(args, info):
-    from ota.bundle import open_bundle
+def _autotune(args, info, bundle):
     from runtime.autotune import autotune, choose_prefill_graph, default_cache_dir
 
-    bundle = open_bundle(args.bundle)
     # ONNX Runtime paths are measured the way the agent will serve them (model.prefill_graph = "auto")
     prefill = choose_prefill_graph("auto", bundle, info.memory)
     return autotune(bundle, info, cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),

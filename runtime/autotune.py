@@ -973,8 +973,9 @@ def read_cache(path: Path, bundle_sha256: str, fingerprint: str, threads: int | 
 def _check_result(result: TuneResult) -> None:
     """ValueError naming the first field of a cached result (a damaged or hand-edited file) that is not of
     the type a fresh measurement gives: such a value failed later, with a traceback, when printed or loaded."""
-    def number(value, optional: bool = True) -> bool:
-        return (value is None and optional) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    def number(value, optional: bool = True) -> bool:  # finite and not negative: NaN or 1e300 failed when printed
+        return (value is None and optional) or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                and math.isfinite(value) and value >= 0)
 
     def text(value) -> bool:
         return value is None or isinstance(value, str)
@@ -1003,6 +1004,8 @@ def _check_result(result: TuneResult) -> None:
     for name in ("measured_at", "elapsed_s"):
         if not number(getattr(result, name), optional=False):
             raise ValueError(f"{name} {getattr(result, name)!r} is not a number")
+    if result.measured_at > MAX_TIMESTAMP:  # a date `time.localtime` cannot show
+        raise ValueError(f"measured_at {result.measured_at!r} is not a time")
     _check_contention(result.contention)
     for name, value in asdict(result.settings).items():
         if not isinstance(value, int) or isinstance(value, bool):
@@ -1010,6 +1013,9 @@ def _check_result(result: TuneResult) -> None:
     if not all(isinstance(a, str) for a in result.accelerators) or not isinstance(result.objective, str):
         raise ValueError("accelerators or objective is not text")
     _check_rows(result.prefill_min_rows, result.prefill_rows_ms, "")
+
+
+MAX_TIMESTAMP = 2 ** 34  # seconds: the year 2514
 
 
 def _check_contention(value) -> None:
@@ -1024,7 +1030,7 @@ def _check_rows(rows, ms, where: str) -> None:
         raise ValueError(f"{where}prefill_min_rows {rows!r} is not a positive integer")
     if ms is not None and not (isinstance(ms, dict) and all(
             isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                       for x in v) for v in ms.values())):
+                                                       and math.isfinite(x) for x in v) for v in ms.values())):
         raise ValueError(f"{where}prefill_rows_ms {ms!r} is not a map of [decode ms, prefill ms]")
 
 
@@ -1090,6 +1096,63 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
             if cached.retried or not second:
                 return cached
             log.info("autotune: %s failed when last measured: measuring again", ", ".join(_flaky(cached.trials)))
+    with _measuring_alone(path, stop) as waited:
+        if waited and not retune:  # the other process may have measured this very key meanwhile
+            cached = read_cache(path, bundle.sha256, fingerprint, threads, prefill)
+            if cached is not None and not quieter_now(cached.contention, cached.measured_threads):
+                second = bool(_flaky(cached.trials))
+                if cached.retried or not second:
+                    return cached
+        return _measure_and_cache(bundle, hw, path, fingerprint, threads, settings, progress, prefill, isolate,
+                                  path_timeout_s, stop, second)
+
+
+def _measuring_alone(path: Path | None, stop: threading.Event | None):
+    """One process of this cache measures at a time (agents started together each measured beside the others,
+    skewed by their load, and the last to finish wrote its choice over the others'): an exclusive flock on the
+    folder's `.lock`; yields whether it waited for another. Without a writable folder, no lock (nothing is cached
+    there either)."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        fd = None
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            except OSError:
+                fd = None
+        waited = False
+        try:
+            while fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        log.info("autotune: another process is measuring with the cache %s; waiting for it",
+                                 path.parent)
+                        waited = True
+                    _check_stop(stop)
+                    time.sleep(LOCK_POLL_S)
+                except OSError:  # a filesystem without flock: measured as before
+                    break
+            yield waited
+        finally:
+            if fd is not None:
+                os.close(fd)  # (releases the lock)
+
+    return held()
+
+
+LOCK_POLL_S = 0.2
+
+
+def _measure_and_cache(bundle, hw: HardwareInfo, path: Path | None, fingerprint: str, threads: int | None,
+                       settings: TuneSettings, progress: bool, prefill: str, isolate: bool, path_timeout_s: float,
+                       stop: threading.Event | None, second: bool) -> TuneResult:
     t0 = time.perf_counter()
     trials = [Trial(c) for c in candidates(hw, bundle.manifest.backends, threads=threads)]
     # what the process can take now, not only when `hw` was probed (the agent probes once at start; an update

@@ -102,6 +102,8 @@ class HardwareInfo:
             "cpu_model": self.cpu.model,
             "features": list(self.cpu.features),
             "logical_cores": self.cpu.logical_cores,
+            # the candidates' thread counts follow it: two threads of one SMT core are not two cores
+            "physical_cores": self.cpu.physical_cores,
             "backends": [[b.name, b.version, list(b.devices)] for b in self.backends],
         }
         blob = json.dumps(key, sort_keys=True).encode()

@@ -8,6 +8,7 @@ bundles. Timings are only checked to be well-formed (positive, finite), never ag
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -199,6 +200,34 @@ def test_cache_reused_for_same_bundle_and_hardware_redone_when_either_changes(in
         Path(first.cache_path).write_text(damaged)
         assert not autotune(bundle, hw, cache_dir=tmp_path, settings=FAST).from_cache
     assert len(list((tmp_path / "autotune").glob("*.json"))) == 3  # (int8, hw), (int8, other cpu), (fp32, hw)
+
+
+def test_a_process_that_finds_another_measuring_waits_and_takes_its_result(int8_bundle, tmp_path, caplog):
+    """Agents started together each measured beside the others (skewed by their load) and the last to finish wrote
+    its choice over theirs: one process measures per cache folder at a time, and one that waited reads the result
+    of the one it waited for instead of measuring again."""
+    import fcntl
+    import threading
+
+    from waiting import until
+
+    hw = only(probe_hardware(), "onnxruntime")
+    bundle = open_bundle(int8_bundle)
+    first = autotune(bundle, hw, cache_dir=tmp_path, settings=FAST)
+    measured = Path(first.cache_path).read_bytes()
+    Path(first.cache_path).unlink()
+    caplog.set_level(logging.INFO, logger="edgeglm.autotune")
+    with open(tmp_path / "autotune" / ".lock", "a") as other:  # another process, measuring
+        fcntl.flock(other, fcntl.LOCK_EX)
+        got = []
+        waiting = threading.Thread(target=lambda: got.append(autotune(bundle, hw, cache_dir=tmp_path, settings=FAST)))
+        waiting.start()
+        until(lambda: "another process is measuring" in caplog.text)
+        assert waiting.is_alive() and not got
+        Path(first.cache_path).write_bytes(measured)  # ... its result, then it lets go
+        fcntl.flock(other, fcntl.LOCK_UN)
+    waiting.join(60)
+    assert got and got[0].from_cache and got[0].measured_at == first.measured_at
 
 
 def test_the_cache_keeps_the_most_recently_used_results_only(int8_bundle, fp32_bundle, tmp_path):
@@ -566,7 +595,11 @@ def test_a_cache_file_nested_past_pythons_limit_is_measured_again_not_a_tracebac
 
 
 @pytest.mark.parametrize("field,value", [("measured_at", "yesterday"), ("choice", {"backend": "bogus"}),
-                                         ("trial_ttft", "fast")])
+                                         ("trial_ttft", "fast"),
+                                         # numbers JSON cannot hold, or no date can show: a traceback at printing
+                                         # (`time.localtime`), `"measured_at": NaN` in probe --json
+                                         ("measured_at", float("nan")), ("measured_at", 1e300),
+                                         ("trial_ttft", float("inf")), ("trial_ttft", -5.0)])
 def test_a_cached_result_with_a_damaged_field_is_measured_again_not_a_traceback(int8_bundle, tmp_path, field, value):
     """A cache file whose fields had the wrong type (a damaged or hand-edited file) was taken as it was: `probe
     --bundle` then died in printing it (TypeError, ValueError) and `bench` / the agent in loading its choice
@@ -583,8 +616,8 @@ def test_a_cached_result_with_a_damaged_field_is_measured_again_not_a_traceback(
     proc = edgeglm("probe", "--bundle", int8_bundle, "--cache-dir", tmp_path)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert f"autotune cache {path} ignored" in proc.stderr and "measuring again" in proc.stderr
-    named = {"measured_at": "measured_at 'yesterday'", "choice": "choice.backend 'bogus'",
-             "trial_ttft": "trials[0].ttft_ms 'fast'"}[field]
+    named = {"measured_at": f"measured_at {value!r}", "choice": "choice.backend 'bogus'",
+             "trial_ttft": f"trials[0].ttft_ms {value!r}"}[field]
     assert named in proc.stderr and "measured now" in proc.stdout
     assert json.loads(path.read_text())["measured_at"] != value  # the cache holds a good result again
 

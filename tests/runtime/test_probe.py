@@ -154,6 +154,9 @@ def test_fingerprint_stable_and_ignores_available_memory(info):
     assert changed_mem.fingerprint() == fp
     changed_cpu = replace(info, cpu=replace(info.cpu, logical_cores=info.cpu.logical_cores + 1))
     assert changed_cpu.fingerprint() != fp
+    # two threads of one SMT core (taskset -c 0,1) against two cores (-c 0,2): other candidate thread counts
+    smt = replace(info, cpu=replace(info.cpu, physical_cores=(info.cpu.physical_cores or 2) + 1))
+    assert smt.fingerprint() != fp
 
 
 def test_format_hardware(info):
