@@ -1079,7 +1079,8 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
     for online in (1, 0):
         n = sum(1 for d in devices if d["online"] == online)
         lines.append(f'edgeglm_fleet_devices{{online="{"true" if online else "false"}"}} {n}')
-    lines += ["# HELP edgeglm_fleet_token_p95_ms p95 per-token latency of each device over the last hour.",
+    lines += ["# HELP edgeglm_fleet_token_p95_ms Per-token latency of each device over the last hour: the mean of its "
+              "telemetry windows' p95, weighted by their requests (not the p95 of all tokens).",
               "# TYPE edgeglm_fleet_token_p95_ms gauge"]
     since = time.time() - 3600
     for d in devices:
