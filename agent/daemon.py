@@ -63,10 +63,9 @@ from runtime.probe import device_report, probe_hardware
 log = logging.getLogger("edgeglm.agent")
 REQUEST_MEMORY, REQUEST_MEMORY_S = 256, 600.0  # MQTT inference requests remembered against second copies
 RETRYABLE = {"busy", "model_unavailable", "internal", "timeout"}  # a copy of a request answered so is generated anew
-# the answers telemetry counts as errors of the model (HTTP: status >= 500); a bad request or a busy answer is not.
-# A request stopped at its timeout_s is: left out, a canary slow enough to time out dropped its slowest requests
-# from both its latency and its error rate, and the rollout gate compared the survivors
-SERVER_ERRORS = {"model_unavailable", "internal", "timeout"}
+# the answers telemetry counts as errors of the model (HTTP: status >= 500); a bad request or a busy answer is not,
+# nor a request stopped at its deadline: the requester's timeout_s or MQTT expiry, whose wait may be a model swap's
+SERVER_ERRORS = {"model_unavailable", "internal"}
 OTA_STOP_WAIT_S = 5.0  # a stopping agent's wait for the OTA thread to reach a resumable point (_let_update_stop)
 
 

@@ -391,20 +391,19 @@ class Installer:
 
     def service_user(self) -> ServiceUser:
         name = self.opts.user
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            pw = None
-        if pw is not None:
-            if pw.pw_uid == 0:
+        # staging a box image: the box's users are those of PREFIX/etc/passwd, not this build host's (whose uid
+        # and group were given to the staged state dir and written into the unit, and the useradd step was left out)
+        found = _box_user(self.prefix, name) if self.staging else _host_user(name)
+        if found is not None:
+            uid, gid, group = found
+            if uid == 0:
                 raise InstallError(f"--user {name} has uid 0: the agent must not run as root; give a dedicated user")
-            try:
-                group = grp.getgrgid(pw.pw_gid).gr_name
-            except KeyError:
-                raise InstallError(f"user {name}'s primary group (gid {pw.pw_gid}) does not exist: fix the "
+            if group is None:
+                raise InstallError(f"user {name}'s primary group (gid {gid}) does not exist: fix the "
                                    "user (usermod -g) or give another --user") from None
-            self.note("exists", f"user {name}", f"uid {pw.pw_uid}, group {group}")
-            return ServiceUser(name, group, pw.pw_uid, pw.pw_gid)
+            where = f" in {self.prefix / 'etc/passwd'}" if self.staging else ""
+            self.note("exists", f"user {name}{where}", f"uid {uid}, group {group}")
+            return ServiceUser(name, group, uid, gid)
         command = useradd_command(name)
         if self.is_root and not self.staging:
             self.note("ran", " ".join(command))
@@ -417,6 +416,20 @@ class Installer:
             self.next_steps.append(f"create the service user {where}: {' '.join(command)}")
         return ServiceUser(name, name, None, None)  # useradd --user-group: the group is named after the user
 
+    def venv_problem(self, staged: Path) -> str | None:
+        """Why `--venv` cannot be (re)used: a file, or a directory that holds other things and no pyvenv.cfg (a
+        data directory got a virtualenv written into it; a bin/python linked to the system's made pip install
+        into the system interpreter)."""
+        if not staged.exists() and not staged.is_symlink():
+            return None
+        if not staged.is_dir():
+            return "is not a directory"
+        if (staged / "pyvenv.cfg").is_file():
+            return None
+        if any(staged.iterdir()):
+            return "is a directory with other files and no pyvenv.cfg: not a virtualenv; give a new path"
+        return None
+
     def venv(self) -> list[str]:
         """Create or update the venv; the ExecStart command (on the box)."""
         config = ["agent", "--config", str(CONFIG_FILE)]
@@ -428,6 +441,9 @@ class Installer:
         target = self.opts.venv
         staged = self.on_box(target)
         python = staged / "bin" / "python"
+        problem = self.venv_problem(staged)
+        if problem:
+            raise InstallError(f"--venv {target}: {staged} {problem}; nothing was changed")
         source, describe = self.pip_source()
         if python.exists():
             self.note("exists", staged, "virtualenv; edgeglm is installed again into it")
@@ -668,13 +684,44 @@ def _base_python() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
+def _host_user(name: str) -> tuple[int, int, str | None] | None:
+    """(uid, gid, primary group name or None) of `name` on this host, or None."""
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    try:
+        return pw.pw_uid, pw.pw_gid, grp.getgrgid(pw.pw_gid).gr_name
+    except KeyError:
+        return pw.pw_uid, pw.pw_gid, None
+
+
+def _box_user(prefix: Path, name: str) -> tuple[int, int, str | None] | None:
+    """As `_host_user`, from the staged tree's etc/passwd and etc/group (None where it has no such user)."""
+    def entries(path: Path) -> list[list[str]]:
+        try:
+            return [line.split(":") for line in path.read_text(errors="replace").splitlines()]
+        except OSError:
+            return []
+
+    for fields in entries(prefix / "etc/passwd"):
+        if len(fields) >= 4 and fields[0] == name and fields[2].isdigit() and fields[3].isdigit():
+            uid, gid = int(fields[2]), int(fields[3])
+            group = next((g[0] for g in entries(prefix / "etc/group") if len(g) >= 3 and g[2] == str(gid)), None)
+            return uid, gid, group
+    return None
+
+
 def _run(command: list[str], what: str, hint: str | None = None, cwd: str | None = None) -> None:
     try:
         proc = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
     except FileNotFoundError:
         raise InstallError(f"{what}: {command[0]} not found" + (f"; {hint}" if hint else "")) from None
     if proc.returncode != 0:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        # pip's own cause ("ERROR: No matching distribution found for ...") comes before its closing notes
+        errors = [line.strip() for line in lines if line.lstrip().startswith(("ERROR:", "error:"))]
+        tail = " | ".join(errors[-3:] or lines[-3:])
         raise InstallError(f"{what} failed (exit {proc.returncode}): {tail}" + (f"; {hint}" if hint else "")
                            + "; fix it and re-run (the steps before are kept)")
 

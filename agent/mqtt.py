@@ -523,7 +523,7 @@ class MqttSession:
             short = 0 if healthy or not was_up else short + 1
             if was_up:  # a short connection that ended holding the message the one before ended holding
                 held = self._held_at_end if not healthy else None
-                stuck = stuck + 1 if held is not None and (stuck == 0 or held == last_held) else 0
+                stuck = 0 if held is None else stuck + 1 if held == last_held else 1  # (another one held: its first)
                 last_held = held
             if short == 3 or "taken over" in str(reason).lower():
                 log.error("MQTT: connections as client id %r keep ending soon after the broker accepts them: "

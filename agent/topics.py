@@ -319,8 +319,7 @@ class TelemetryReport(Payload):
     per_token_ms: LatencyPercentiles | None = Field(None, description="time per generated token after the first")
     tokens_per_s: float | None = Field(None, ge=0, le=TOKENS_PER_S_MAX)
     errors: int = Field(0, ge=0, le=REPORT_COUNT_MAX,
-                        description="requests the agent failed (HTTP 5xx; MQTT model_unavailable, internal "
-                                    "or timeout)")
+                        description="requests the agent failed (HTTP 5xx; MQTT model_unavailable or internal)")
     dropped_reports: int = Field(0, ge=0, le=REPORT_COUNT_MAX, description="earlier reports lost from the offline buffer")
     model_version: str | None = Field(None, max_length=64, pattern=VERSION_PATTERN)
     execution_path: str | None = None

@@ -471,9 +471,12 @@ class FleetController:
         elif rest == "ota/status":
             if msg.payload:  # empty: the retained status was cleared
                 body = OtaStatus.model_validate_json(msg.payload).body()
+                # logged once per update and device: the idle status after REPORTING repeats the result, a retained
+                # one comes again at each reconnect, and the one a controller that was away gets is the retained idle
+                new_result = body.get("result") and self.store.last_result(
+                    fleet, device, body.get("update_id")) is None
                 self.store.add_ota_status(fleet, device, body)
-                # (a retained one is the last result, known already; the idle status after REPORTING repeats it)
-                if body.get("result") and not msg.retain and body.get("from") != "reporting":
+                if new_result:
                     ok = body["result"] == "committed"
                     (log.info if ok else log.warning)(
                         "device %s/%s: update %s %s%s", fleet, device, body.get("update_id"),

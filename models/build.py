@@ -490,8 +490,16 @@ class _State:
     def done(self, stage: str):
         return self.data["done"].get(stage)
 
+    def forget(self, *stages: str) -> None:
+        """Take stages out of the done ones (they are made again)."""
+        if any(self.data["done"].pop(stage, None) is not None for stage in stages):
+            self._write()
+
     def mark(self, stage: str, result) -> None:
         self.data["done"][stage] = result
+        self._write()
+
+    def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2) + "\n")
         os.replace(tmp, self.path)
@@ -567,8 +575,8 @@ def plan_build(inputs: BuildInputs, progress: bool = True,
     check_device(recipe, settings)
     if "block" in recipe.quantize.model_fields_set:
         log.warning("%s: [quantize] block = %s has no effect: INT8 bundles have one scale per output channel "
-                    "(docs/factory.md); leave it out of new recipes (a build in progress resumes only with the "
-                    "settings it started with)", recipe.source, recipe.quantize.block)
+                    "(docs/factory.md); leave it out of new recipes (a build in progress that resumes without it "
+                    "exports again)", recipe.source, recipe.quantize.block)
     teacher_cfg = check_teacher(inputs.teacher)
     problems = []  # what the recipe asks of this teacher: every problem in one line
     try:
@@ -683,7 +691,8 @@ def _say_resuming(inputs: BuildInputs, state: "_State", progress: bool) -> None:
 def _resume_hint(work: Path, state: "_State") -> str:
     done = ", ".join(_stages_done(state.data))
     return (f"the stages done ({done}) are kept in {work}: rerun with --resume once the cause is fixed "
-            f"(a changed [distill] device or checkpoint_every is fine), or remove {work} to start over")
+            f"(a changed [distill] device or checkpoint_every is fine, and so is [quantize] or [export]: exported "
+            f"again), or remove {work} to start over")
 
 
 def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
@@ -796,6 +805,7 @@ def _run_stages(inputs: BuildInputs, plan: Plan, train: TokenCorpus, heldout: To
     bundle = work / "bundle"
     export_result = state.done("export")
     if export_result is None or export_difference(inputs, state.data):  # (a resume with [export] changed)
+        state.forget("export", "report")  # first: a stop while exporting again must not leave the old ones done
         run_export(inputs, bundle, progress)
         evaluator = evaluator or Evaluator(recipe, teacher, heldout, progress)
         export_result = {"evaluation": evaluate_bundle_stages(recipe, evaluator, bundle),

@@ -1096,8 +1096,9 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
             if cached.retried or not second:
                 return cached
             log.info("autotune: %s failed when last measured: measuring again", ", ".join(_flaky(cached.trials)))
-    with _measuring_alone(path, stop) as waited:
-        if waited and not retune:  # the other process may have measured this very key meanwhile
+    with _measuring_alone(path, stop):
+        if path is not None and not retune:  # another process may have measured this very key meanwhile (also one
+            # that let the lock go between our first read and our taking it: no wait, and its result is there)
             cached = read_cache(path, bundle.sha256, fingerprint, threads, prefill)
             if cached is not None and not quieter_now(cached.contention, cached.measured_threads):
                 second = bool(_flaky(cached.trials))

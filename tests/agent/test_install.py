@@ -310,17 +310,60 @@ def test_root_installing_into_slash_would_create_the_user(install):
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root: only root can give the state directory to the service user")
-def test_state_dir_is_owned_by_an_existing_service_user(install, prefix):
-    nobody = pwd.getpwnam("nobody")
-    group = grp.getgrgid(nobody.pw_gid).gr_name
-    rc, out, err = install("--prefix", prefix, "--no-venv", "--user", "nobody")
+def test_state_dir_is_owned_by_the_service_user_of_the_staged_box(install, prefix):
+    """Staging a box image: its users are those of PREFIX/etc/passwd (the build host's uid and group were given
+    to the staged state dir and written into the unit, and the useradd step was left out)."""
+    (prefix / "etc").mkdir(parents=True)
+    (prefix / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\nedge:x:4321:4322::/nonexistent:/usr/sbin/nologin\n")
+    (prefix / "etc/group").write_text("root:x:0:\nedgegrp:x:4322:\n")
+    rc, out, err = install("--prefix", prefix, "--no-venv", "--user", "edge")
     assert rc == 0, err
     st = (prefix / "var/lib/edgeglm").stat()
-    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, nobody.pw_gid, 0o750)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4321, 4322, 0o750)
     assert (prefix / CONFIG).stat().st_uid == 0  # the service reads its config, never writes it
     service = parse_unit((prefix / UNIT).read_text())["Service"]
-    assert (service["User"], service["Group"]) == (["nobody"], [group])
-    assert "useradd" not in out
+    assert (service["User"], service["Group"]) == (["edge"], ["edgegrp"])
+    assert re.search(rf"exists +user edge in {re.escape(str(prefix / 'etc/passwd'))} \(uid 4321, group edgegrp\)",
+                     out) and "useradd" not in out, out
+
+
+def test_a_staged_box_without_the_user_gets_the_useradd_step_whatever_this_host_has(install, prefix):
+    nobody = pwd.getpwnam("nobody")  # this host has it; the staged tree has no etc/passwd
+    rc, out, err = install("--prefix", prefix, "--no-venv", "--user", "nobody")
+    assert rc == 0, err
+    assert "create the service user on the box: useradd " in out, out
+    assert (prefix / "var/lib/edgeglm").stat().st_uid != nobody.pw_uid or not IS_ROOT
+    service = parse_unit((prefix / UNIT).read_text())["Service"]
+    assert (service["User"], service["Group"]) == (["nobody"], ["nobody"])  # useradd --user-group's
+
+
+def test_a_venv_path_that_is_no_virtualenv_is_refused(install, prefix):
+    """`--venv` on a data directory had a virtualenv written into it; one whose bin/python linked to the system's
+    pip-installed into the system interpreter; a file got a hint to install python3-venv."""
+    data = prefix / "srv/data"
+    data.mkdir(parents=True)
+    (data / "keep.txt").write_text("mine")
+    (prefix / "opt").mkdir()
+    (prefix / "opt/afile").write_text("x")
+    for venv, why in (("/srv/data", "is a directory with other files and no pyvenv.cfg"),
+                      ("/opt/afile", "is not a directory")):
+        for dry in ([], ["--dry-run"]):
+            rc, out, err = install("--prefix", prefix, "--venv", venv, *dry)
+            assert rc == 2 and f"--venv {venv}: {prefix / venv.lstrip('/')} {why}" in err, err
+    assert sorted(p.name for p in data.iterdir()) == ["keep.txt"]
+
+
+def test_a_failing_command_says_its_own_error_line():
+    """pip's cause (`ERROR: No matching distribution found for ...`) comes before its closing notes: only the
+    notes were kept ("See above for output"), with nothing above."""
+    from agent.install import InstallError, _run
+
+    script = ("import sys; print('ERROR: No matching distribution found for setuptools>=77', file=sys.stderr); "
+              "[print(line, file=sys.stderr) for line in ('note: this error originates from a subprocess', "
+              "'See above for output.', 'hint: see above')]; sys.exit(1)")
+    with pytest.raises(InstallError, match=r"pip install failed \(exit 1\): ERROR: No matching distribution found "
+                                           r"for setuptools>=77; fix it"):
+        _run([sys.executable, "-c", script], "pip install")
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root: only root can give the state directory to the service user")
@@ -329,6 +372,9 @@ def test_a_state_dir_left_by_root_is_given_to_the_service_user_whole(install, pr
     only the top to the service user, and systemd's StateDirectory= fixes the contents only when the top is wrong,
     so the agent could write none of its updates, caches or records. Links are given as links, never followed."""
     nobody = pwd.getpwnam("nobody")
+    (prefix / "etc").mkdir(parents=True)  # the staged box's users (this host's are not looked at)
+    (prefix / "etc/passwd").write_text(f"nobody:x:{nobody.pw_uid}:{nobody.pw_gid}::/nonexistent:/usr/sbin/nologin\n")
+    (prefix / "etc/group").write_text(f"nogroup:x:{nobody.pw_gid}:\n")
     state = prefix / "var/lib/edgeglm"
     (state / "autotune").mkdir(parents=True)
     (state / "autotune" / "cache.json").write_text("{}")

@@ -433,9 +433,6 @@ def test_a_request_past_its_timeout_stops_generating_and_frees_its_place(served)
     answer = requester.answer("late")
     assert answer["error"]["code"] == "timeout", answer
     assert "no answer within the request's timeout_s=0.001" in answer["error"]["message"]
-    # an error of the model in telemetry (its latency is not a whole answer's): a canary slow enough to time out
-    # dropped these from its error rate and its latency both
-    assert sum(r.errors for r in running.agent.window.take("dev")) == 1
     until(lambda: _in_flight(running.agent.http.port) == 0, timeout=WAIT)
     requester.ask({"id": "patient", "prompt": "def main():", "max_tokens": 8, "timeout_s": 600})
     assert requester.answer("patient")["finish_reason"] == "length"

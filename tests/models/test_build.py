@@ -109,10 +109,11 @@ def test_resume_skips_finished_stages_and_a_used_work_dir_needs_resume(built, ca
     assert not (built["root"] / "third").exists()
 
 
-def test_resume_with_only_export_settings_changed_exports_again_and_keeps_the_student(built, capsys):
+def test_resume_with_only_export_settings_changed_exports_again_and_keeps_the_student(built, capsys, monkeypatch):
     """Bumping `[export] version` (or another export setting) made --resume refuse the work directory as another
     build: a new version of the same student meant distilling again. The export stage (and the report) are
     redone now, from the distilled student kept."""
+    import models.build as build
     work = built["root"] / "work-bumped"  # a copy: the other tests share the fixture's work directory
     shutil.copytree(built["work"], work)
     state = json.loads((work / "state.json").read_text())
@@ -124,6 +125,17 @@ def test_resume_with_only_export_settings_changed_exports_again_and_keeps_the_st
     bumped = built["root"] / "bumped"
     args = ["build", "--teacher", str(built["teacher"]), "--corpus", *map(str, corpus_files()), "--recipe",
             str(other), "--out", str(bumped), "--work", str(work)]
+    # stopped while evaluating the bundle exported again, then resumed with the first recipe: exported again
+    # (the old export's record stood while the new bundle was in the work directory, and was published with it)
+    evaluate = build.evaluate_bundle_stages
+    monkeypatch.setattr(build, "evaluate_bundle_stages", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(args + ["--resume", "--quiet"]) == 130
+    assert "export" not in json.loads((work / "state.json").read_text())["done"] and not bumped.exists()
+    monkeypatch.setattr(build, "evaluate_bundle_stages", evaluate)
+    back = built["root"] / "back"
+    assert main(args[:args.index(str(other))] + ["quick", "--out", str(back), "--work", str(work), "--resume",
+                                                 "--quiet"]) == 0
+    assert json.loads((back / "manifest.json").read_text())["version"] == "0.1.0"
     capsys.readouterr()
     assert main(args + ["--resume"]) == 0
     err = capsys.readouterr().err
