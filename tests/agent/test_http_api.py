@@ -903,29 +903,38 @@ def test_probes_are_answered_at_max_connections_and_inference_is_not(model):
     """Idle keep-alive clients holding every one of http.max_connections made /healthz answer 503, and the K3s
     liveness probe restarted a healthy, merely busy agent (cutting every generation). Probes and scrapes get
     through on a few more connections; anything else gets the 503 as before, counted on /metrics."""
+    import agent.http_api as http_api
+
     srv = side_server(model, max_connections=2)
     idle = []
+
+    def ask(method, path, body=None):
+        # each answer's thread gives its reserve place back just after the answer went out: a loaded box ran the
+        # next ask before any had, and it was refused (a probe's retry would get through; a test's must not race)
+        assert _wait(lambda: srv._httpd._reserve._value == http_api.PROBE_RESERVE, 30.0)
+        return _ask(srv, method, path, body)
+
     try:
         idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(2)]
         for method, path in (("GET", "/healthz"), ("GET", "/readyz"), ("HEAD", "/healthz"), ("HEAD", "/readyz")):
-            resp, body = _ask(srv, method, path)
+            resp, body = ask(method, path)
             assert resp.status == 200, (method, path, body)
             assert resp.getheader("Connection") == "close"  # one request each: the place is free again at once
-        assert json.loads(_ask(srv, "GET", "/readyz")[1])["status"] == "ready"
-        _, before = parse_metrics(_ask(srv, "GET", "/metrics")[1].decode())
+        assert json.loads(ask("GET", "/readyz")[1])["status"] == "ready"
+        _, before = parse_metrics(ask("GET", "/metrics")[1].decode())
         assert before["edgeglm_http_connections_refused_total"] == 0
 
         refused = []
         for method, path, body in (("POST", "/v1/completions", json.dumps({"prompt": PROMPT}).encode()),
                                    ("POST", "/v1/chat/completions", b'{"messages": []}'),
                                    ("GET", "/v1/models", None), ("POST", "/healthz", b"{}")):
-            resp, data = _ask(srv, method, path, body)
+            resp, data = ask(method, path, body)
             assert (resp.status, resp.getheader("Retry-After")) == (503, "1"), (method, path, data)
             error = json.loads(data)["error"]
             assert (error["type"], error["code"]) == ("server_error", "too_many_connections")
             assert error["message"] == "2 connections are open, the limit (http.max_connections); retry later"
             refused.append(path)
-        _, after = parse_metrics(_ask(srv, "GET", "/metrics")[1].decode())
+        _, after = parse_metrics(ask("GET", "/metrics")[1].decode())
         assert after["edgeglm_http_connections_refused_total"] == len(refused)
         assert after.get('edgeglm_http_requests_total{endpoint="/v1/completions",code="503"}', 0) == 0
         assert after['edgeglm_http_requests_total{endpoint="/healthz",code="200"}'] == 2
