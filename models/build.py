@@ -34,8 +34,9 @@ The work directory (default: BUNDLE.work next to --out) keeps every stage's outp
 that shapes the student: `Recipe.resume_identity`, which leaves out name, description, the
 [distill] device and checkpoint_every, and [quantize] and [export]) and the stages done. `--resume`
 continues a build stopped at any point: stages done are loaded, not repeated, and distillation
-continues from its last checkpoint; with [quantize]/[export] changed, export and report are redone. A work directory of another build is refused, naming the first setting that differs, and so
-is one whose corpus text or teacher (config.json and weights, by sha256) changed under the stages done.
+continues from its last checkpoint; with [quantize]/[export] changed, export and report are redone.
+A work directory of another build is refused, naming the first setting that differs, and so is one
+whose corpus text or teacher (config.json and weights, by sha256) changed under the stages done.
 
 What a failure leaves:
 - a failed check (bad input): nothing; the work directory is made only after every cheap check,

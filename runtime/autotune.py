@@ -36,6 +36,8 @@ measurement, `retune=True` forces one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import json
 import logging
@@ -1090,62 +1092,64 @@ def autotune(bundle, hw: HardwareInfo, *, cache_dir: Path | None = None, retune:
     path = cache_path(cache_dir, bundle.sha256, fingerprint, threads, prefill) if cache_dir is not None else None
     second = False  # accelerator paths failed in the cached measurement: this one is their second try
     if path is not None and not retune:
-        cached = read_cache(path, bundle.sha256, fingerprint, threads, prefill)
-        second = cached is not None and bool(_flaky(cached.trials))
-        if cached is not None and not quieter_now(cached.contention, cached.measured_threads):
-            if cached.retried or not second:
-                return cached
-            log.info("autotune: %s failed when last measured: measuring again", ", ".join(_flaky(cached.trials)))
+        cached, second = _from_cache(path, bundle, fingerprint, threads, prefill, say=True)
+        if cached is not None:
+            return cached
     with _measuring_alone(path, stop):
         if path is not None and not retune:  # another process may have measured this very key meanwhile (also one
             # that let the lock go between our first read and our taking it: no wait, and its result is there)
-            cached = read_cache(path, bundle.sha256, fingerprint, threads, prefill)
-            if cached is not None and not quieter_now(cached.contention, cached.measured_threads):
-                second = bool(_flaky(cached.trials))
-                if cached.retried or not second:
-                    return cached
+            cached, second = _from_cache(path, bundle, fingerprint, threads, prefill)
+            if cached is not None:
+                return cached
         return _measure_and_cache(bundle, hw, path, fingerprint, threads, settings, progress, prefill, isolate,
                                   path_timeout_s, stop, second)
 
 
+def _from_cache(path: Path, bundle, fingerprint: str, threads: int | None, prefill: str,
+                say: bool = False) -> tuple[TuneResult | None, bool]:
+    """(the cached result to serve, or None: measure; whether that measurement is the second try of accelerator
+    paths that failed in the cached one)."""
+    cached = read_cache(path, bundle.sha256, fingerprint, threads, prefill)
+    second = cached is not None and bool(_flaky(cached.trials))
+    if cached is not None and not quieter_now(cached.contention, cached.measured_threads):
+        if cached.retried or not second:
+            return cached, second
+        if say:
+            log.info("autotune: %s failed when last measured: measuring again", ", ".join(_flaky(cached.trials)))
+    return None, second
+
+
+@contextlib.contextmanager
 def _measuring_alone(path: Path | None, stop: threading.Event | None):
     """One process of this cache measures at a time (agents started together each measured beside the others,
     skewed by their load, and the last to finish wrote its choice over the others'): an exclusive flock on the
-    folder's `.lock`; yields whether it waited for another. Without a writable folder, no lock (nothing is cached
-    there either)."""
-    import contextlib
-    import fcntl
-
-    @contextlib.contextmanager
-    def held():
-        fd = None
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            except OSError:
-                fd = None
-        waited = False
+    folder's `.lock`, polled so that `stop` ends the wait. Without a writable folder, no lock (nothing is cached
+    there either); on a file system without flock, none either (measured as before)."""
+    fd = None
+    if path is not None:
         try:
-            while fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if not waited:
-                        log.info("autotune: another process is measuring with the cache %s; waiting for it",
-                                 path.parent)
-                        waited = True
-                    _check_stop(stop)
-                    time.sleep(LOCK_POLL_S)
-                except OSError:  # a filesystem without flock: measured as before
-                    break
-            yield waited
-        finally:
-            if fd is not None:
-                os.close(fd)  # (releases the lock)
-
-    return held()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            fd = None
+    try:
+        said = False
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not said:
+                    log.info("autotune: another process is measuring with the cache %s; waiting for it", path.parent)
+                    said = True
+                _check_stop(stop)
+                time.sleep(LOCK_POLL_S)
+            except OSError:
+                break
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # (releases the lock)
 
 
 LOCK_POLL_S = 0.2
