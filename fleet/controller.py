@@ -189,7 +189,7 @@ class FleetController:
         self.store.silent_after_s = settings.silent_after_s
         self.chunks = ChunkSource()
         self.connected = threading.Event()
-        self._ids_lock, self._last_id_ms = threading.Lock(), 0
+        self._ids_lock, self._last_id_us = threading.Lock(), 0
         protocol = paho.MQTTv311 if settings.protocol == "3.1.1" else paho.MQTTv5
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=protocol)
         if settings.username:
@@ -662,7 +662,7 @@ class FleetController:
                 raise ValueError("a rollback offer needs not_after (its expiry)")
             terms = RollbackTerms(format=ROLLBACK_FORMAT, fleet=fleet, device=device, replaces=replaces,
                                   not_after=int(not_after))
-        update_id = update_id or f"{bundle.manifest.name}-{bundle.manifest.version}-{self._next_id_ms()}"
+        update_id = update_id or f"{bundle.manifest.name}-{bundle.manifest.version}-{self._next_id_us()}"
         self._check_chunk_answers(bundle, Path(bundle_dir), update_id, fleet, device)
         offer = make_offer(bundle, update_id, {"type": "mqtt"}, rollback_key=rollback_key, rollback_terms=terms)
         # a plain offer leaves out the empty rollback_terms, so that an agent of an older version still parses it
@@ -697,12 +697,14 @@ class FleetController:
             self._checked.put(root, key, bundle)
         return bundle
 
-    def _next_id_ms(self) -> int:
-        """The millisecond part of a new update id, never one this controller gave before: two offers in one
-        millisecond (a rollout's devices) shared an id, so one device's offer served the other's chunks."""
+    def _next_id_us(self) -> int:
+        """The time part of a new update id, in microseconds, never one this controller gave before: ids in
+        milliseconds were shared by two offers in one millisecond (a rollout's devices), and one device's offer
+        served the other's chunks. (Another process, `fleet offer` beside `fleet serve`, would have to offer the
+        same bundle in the same microsecond to repeat one.)"""
         with self._ids_lock:
-            self._last_id_ms = max(int(time.time() * 1000), self._last_id_ms + 1)
-            return self._last_id_ms
+            self._last_id_us = max(time.time_ns() // 1000, self._last_id_us + 1)
+            return self._last_id_us
 
     def _check_chunk_answers(self, bundle, bundle_dir: Path, update_id: str, fleet: str, device: str) -> None:
         """PacketTooLarge when the largest chunk answer of `bundle` would be over the broker's maximum packet size:

@@ -596,8 +596,9 @@ class Store:
         return (self.offered_manifest(update_id) or (None, None))[0]
 
     def other_builds(self, name: str, version: str, manifest_sha256: str) -> list[tuple[str, str]]:
-        """Offers of bundle `name` `version` (update ids `name-version-ms`, as `FleetController.offer` makes them)
-        recorded with another manifest than `manifest_sha256`: (update id, its manifest sha256), oldest first."""
+        """Offers of bundle `name` `version` (update ids `name-version-<digits>`, as `FleetController.offer` makes
+        them: the offer's time, in ms before, µs now) recorded with another manifest than `manifest_sha256`: (update
+        id, its manifest sha256), oldest first."""
         rows = self._exec("SELECT o.update_id, m.manifest_sha256 FROM offers o JOIN offer_manifests m ON m.update_id = "
                           "o.update_id WHERE o.version = ? AND m.manifest_sha256 != ? ORDER BY o.created",
                           (version, manifest_sha256)).fetchall()

@@ -558,12 +558,13 @@ def test_chunk_answers_go_to_the_requesters_own_topic_and_only_for_its_offers(co
 
 def test_offers_in_one_millisecond_get_their_own_update_ids(controller, tmp_path, key, monkeypatch):
     """Update ids were name-version-<ms>: two offers in one millisecond (a rollout offering its devices) shared
-    one, and the chunk server then answered one device's requests for the other's update."""
+    one, and the chunk server then answered one device's requests for the other's update. Now in microseconds,
+    and never one the controller gave before (here: the clock stands still)."""
     import fleet.controller as fc
 
     bundle = make_bundle(tmp_path / "b", key)
-    frozen = time.time()
-    monkeypatch.setattr(fc.time, "time", lambda: frozen)
+    frozen = time.time_ns()
+    monkeypatch.setattr(fc.time, "time_ns", lambda: frozen)
     ids = [controller.offer(FLEET, device, bundle) for device in ("d1", "d2", "d3")]
     assert len(set(ids)) == 3 and all(re.fullmatch(r"tiny-1\.1\.0-\d+", i) for i in ids), ids
     assert controller.store.offered_to(ids[1], FLEET, "d2") and not controller.store.offered_to(ids[1], FLEET, "d1")
