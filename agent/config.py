@@ -143,6 +143,9 @@ class TelemetrySettings(_Section):
     # device health (memory, disk, CPU, KV waits) on its own topic, sent with the first telemetry at least this
     # long after the last one; 0: not sent
     health_interval_s: float = Field(60.0, ge=0.0, le=86400.0)
+    # each window's latency histograms (1% log buckets, typically a few hundred bytes) on the latency topic, so
+    # that the controller reads true fleet percentiles; false: only the report (a metered link)
+    histograms: bool = True
 
 
 class OtaSettings(_Section):

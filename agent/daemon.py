@@ -733,6 +733,8 @@ class Agent:
     def _send_telemetry(self, final: bool = False) -> None:
         self._last_telemetry = time.monotonic()
         for report in self.window.take(self.cfg.device.id, final=final):
+            if not self.cfg.telemetry.histograms:
+                report._histograms = None
             if self.session is not None:
                 self.session.publish_telemetry(report)
         every = self.cfg.telemetry.health_interval_s

@@ -50,7 +50,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from agent.errors import PayloadError
 from agent.topics import ReportedState, TelemetryReport, broker_packet_limit, check_publish_topic, parse_payload, \
-    publish_packet_bytes, state_topic, telemetry_topic
+    latency_topic, publish_packet_bytes, state_topic, telemetry_topic
 
 log = logging.getLogger("edgeglm.mqtt")
 
@@ -392,6 +392,7 @@ class MqttSession:
         self._rng = rng or random.Random()
         self._state_topic = state_topic(fleet, device)
         self._telemetry_topic = telemetry_topic(fleet, device)
+        self._latency_topic = latency_topic(fleet, device)
         self._protocol = PROTOCOLS.get(settings.protocol, paho.MQTTv5)
         self._protocol_fixed = settings.protocol != "auto"
         self._client: paho.Client | None = None
@@ -661,7 +662,8 @@ class MqttSession:
             while self._held:
                 self._send(client, self._held.popleft())
             while self._outbox:
-                self._send(client, self._telemetry_message(self._outbox.popleft()))
+                for out in self._telemetry_messages(self._outbox.popleft()):
+                    self._send(client, out)
             self.stats.connects += 1  # counted before anyone waiting for "connected" can read it
             self._online.set()
             if self._losses != losses:  # ended while the above ran (its "closed" signal is queued)
@@ -767,7 +769,8 @@ class MqttSession:
         windows, and the ones that carried requests were dropped first."""
         with self._lock:
             if self._online.is_set():  # (the buffer is empty then: it is flushed before going online)
-                self._send(self._client, self._telemetry_message(report))
+                for out in self._telemetry_messages(report):
+                    self._send(self._client, out)
                 return
             last = self._outbox[-1] if self._outbox else None
             if last is not None and _idle(last) and _idle(report) and last.window_end == report.window_start and \
@@ -784,11 +787,17 @@ class MqttSession:
                 self.stats.dropped_reports += 1
             self._outbox.append(report)
 
-    def _telemetry_message(self, report: TelemetryReport) -> _Outgoing:
+    def _telemetry_messages(self, report: TelemetryReport) -> list[_Outgoing]:
+        """The report's histograms (where it has them) on the latency topic, then the report: a controller
+        has a window's histograms by the time its report arrives."""
         if self._dropped_unreported:  # the first report sent after a loss says how many were lost
             report = report.model_copy(update={"dropped_reports": report.dropped_reports + self._dropped_unreported})
             self._dropped_unreported = 0
-        return _Outgoing(self._telemetry_topic, _encode(report), self.settings.qos, False)
+        out = []
+        if report._histograms is not None:
+            histograms = report._histograms.model_copy(update={"window_end": report.window_end})
+            out.append(_Outgoing(self._latency_topic, _encode(histograms), self.settings.qos, False))
+        return out + [_Outgoing(self._telemetry_topic, _encode(report), self.settings.qos, False)]
 
     def get_event(self, timeout: float | None = None) -> Event | None:
         """The next event, payloads decoded; None after `timeout` seconds without one. Never raises

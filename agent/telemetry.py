@@ -5,6 +5,9 @@ The HTTP API and MQTT inference record every finished request here; every
 Samples are kept raw so that percentiles are exact, not histogram estimates, up to `MAX_SAMPLES` per window;
 beyond that a uniform sample of the window's values is kept (reservoir sampling), so a busy window's percentiles
 still describe all of it (keeping the last ones made a window whose latency changed report only its end).
+Every value is also counted in a log-bucketed histogram (agent.histogram, 1% buckets), sent with the report
+(`LatencyHistograms`, on its own topic): window percentiles cannot be averaged into a fleet's or an hour's
+percentile, histograms can be added up.
 
 A report is tagged with one model version and execution path (its `Label`), and the windows
 follow each other without gaps (each starts where the previous one ended), so a missing one shows
@@ -25,12 +28,15 @@ import random
 import shutil
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.topics import LATENCY_MS_MAX, TOKENS_PER_S_MAX, DeviceHealth, LatencyPercentiles, TelemetryReport
+from agent import histogram
+from agent.topics import (LATENCY_MS_MAX, TOKENS_PER_S_MAX, DeviceHealth, LatencyHistogram, LatencyHistograms,
+                          LatencyPercentiles, TelemetryReport)
 
 MAX_SAMPLES = 20_000  # per window and kind; beyond it a uniform sample of them is kept
 HOLD_S = 600.0  # the longest a window cut at a model switch waits for the old model's last requests
@@ -70,16 +76,24 @@ class _Window:
     ttft: list = field(default_factory=list)
     per_token: list = field(default_factory=list)
     seen: dict = field(default_factory=lambda: {"ttft": 0, "per_token": 0})  # samples offered, kept or not
+    counted: dict = field(default_factory=lambda: {"ttft": Counter(), "per_token": Counter()})  # every value
 
     def empty(self) -> bool:
         return not (self.count or self.errors)
 
     def report(self, device: str, end: float) -> TelemetryReport:
-        return TelemetryReport(
+        report = TelemetryReport(
             device=device, window_start=self.start, window_end=max(end, self.start), count=self.count,
             ttft_ms=_percentiles(self.ttft), per_token_ms=_percentiles(self.per_token),
             tokens_per_s=min(self.tokens / self.busy_s, TOKENS_PER_S_MAX) if self.busy_s > 0 else None,
             errors=self.errors, model_version=self.label[0], execution_path=self.label[1])
+        ttft, per_token = (histogram.bins(self.counted[k]) for k in ("ttft", "per_token"))
+        if self.count:  # (a window with requests but no sample, all one-token answers, says so: none, not missing)
+            report._histograms = LatencyHistograms(
+                device=device, window_end=report.window_end, model_version=self.label[0],
+                ttft_ms=LatencyHistogram(bins=ttft) if ttft else None,
+                per_token_ms=LatencyHistogram(bins=per_token) if per_token else None)
+        return report
 
 
 class LatencyWindow:
@@ -171,6 +185,7 @@ class LatencyWindow:
     def _keep(self, w: _Window, kind: str, values) -> None:
         """Reservoir sampling (Algorithm R): every value of the window has the same chance to be among the kept."""
         kept, values = getattr(w, kind), list(values)
+        histogram.count(values, w.counted[kind])
         room = max(0, self._max - len(kept))
         kept.extend(values[:room])  # below the bound: every value (exact percentiles)
         n = w.seen[kind] + min(room, len(values))

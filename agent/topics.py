@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from agent.errors import PayloadError
+from agent.histogram import LATENCY_MS_MAX, MAX_INDEX, MIN_INDEX, RELATIVE_ACCURACY
 from ota.bundle import VERSION_RE
 
 VERSION_PATTERN = VERSION_RE.pattern
@@ -40,7 +41,7 @@ INT64_MAX = (1 << 63) - 1  # what SQLite stores as an INTEGER
 # a count one telemetry report may carry: far beyond a window's (30 s), small enough that the controller's sums over
 # a fleet's reports stay inside SQLite's INTEGER (two reports of 2^62 overflowed SUM(), and status and /metrics failed)
 REPORT_COUNT_MAX = (1 << 31) - 1
-LATENCY_MS_MAX = 86_400_000.0  # a day: beyond it a percentile is a broken clock, and sums of them stay finite
+# LATENCY_MS_MAX (agent.histogram): a day; beyond it a percentile is a broken clock, and sums of them stay finite
 TOKENS_PER_S_MAX = 1e9
 
 ROOT = "edgeglm/v1"
@@ -74,6 +75,10 @@ def telemetry_topic(fleet: str, device: str) -> str:
 
 def health_topic(fleet: str, device: str) -> str:
     return f"{device_root(fleet, device)}/health"
+
+
+def latency_topic(fleet: str, device: str) -> str:
+    return f"{device_root(fleet, device)}/latency"
 
 
 def ota_offer_topic(fleet: str, device: str) -> str:
@@ -144,6 +149,10 @@ TOPICS: tuple[TopicSpec, ...] = (
               "memory, disk, CPU, KV waits; with a telemetry report every telemetry.health_interval_s while "
               "online, not buffered (a snapshot: the next replaces it); a topic of its own, so controllers that "
               "predate it never see it"),
+    TopicSpec("latency", "device → controller", False, 1, "LatencyHistograms",
+              "the histograms of a telemetry window with requests, sent just before its report (buffered with it); "
+              "a topic of its own, so controllers that predate it never see it; telemetry.histograms = false: not "
+              "sent"),
     TopicSpec("ota/offer", "controller → device", True, 1, "ota offer (ota/)", "cleared by an empty retained message"),
     TopicSpec("ota/status", "device → controller", True, 1, "ota status (ota/)", ""),
     TopicSpec("ota/chunk/request", "device → controller", False, 1, "chunk request (ota/)", "request/response"),
@@ -163,7 +172,7 @@ def device_subscriptions(fleet: str, device: str) -> list[str]:
 def controller_subscriptions(fleet: str = "+") -> list[str]:
     """The controller's wildcards: every device of `fleet` ("+": of every fleet)."""
     fleet = fleet if fleet == "+" else _level(fleet, "fleet id")
-    return [f"{ROOT}/{fleet}/+/{s}" for s in ("state", "telemetry", "health", "ota/status",
+    return [f"{ROOT}/{fleet}/+/{s}" for s in ("state", "telemetry", "latency", "health", "ota/status",
                                                                   "ota/chunk/request")]
 
 
@@ -323,12 +332,60 @@ class TelemetryReport(Payload):
     dropped_reports: int = Field(0, ge=0, le=REPORT_COUNT_MAX, description="earlier reports lost from the offline buffer")
     model_version: str | None = Field(None, max_length=64, pattern=VERSION_PATTERN)
     execution_path: str | None = None
+    # the window's LatencyHistograms, which the agent sends on the latency topic just before the report (not a
+    # field: never in the report's JSON)
+    _histograms: "LatencyHistograms | None" = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _window(self) -> "TelemetryReport":
         if self.window_end < self.window_start:
             raise ValueError(f"window_end {self.window_end} is before window_start {self.window_start}")
         return self
+
+
+Bin = tuple[int, int]
+
+
+class LatencyHistogram(BaseModel):
+    """Latencies counted in log buckets (agent.histogram): `bins` are (index, count) pairs, indices ascending.
+    Bucket i holds the latencies x (ms) with GAMMA**(i-1) < x <= GAMMA**i, GAMMA = 1.01 / 0.99 (1% relative
+    accuracy); its value is 2 * GAMMA**i / (GAMMA + 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+    bins: list[Bin] = Field(max_length=MAX_INDEX - MIN_INDEX + 1)
+
+    @field_validator("bins")
+    @classmethod
+    def _bins(cls, bins: list[Bin]) -> list[Bin]:
+        last = MIN_INDEX - 1
+        for i, c in bins:
+            if not MIN_INDEX <= i <= MAX_INDEX:
+                raise ValueError(f"bucket index {i} is outside {MIN_INDEX}..{MAX_INDEX}")
+            if i <= last:
+                raise ValueError(f"bucket indices must ascend, each once: {i} after {last}")
+            if not 1 <= c <= REPORT_COUNT_MAX:
+                raise ValueError(f"bucket {i} has count {c}: counts are 1..{REPORT_COUNT_MAX} (an empty bucket is "
+                                 "left out)")
+            last = i
+        return bins
+
+    @property
+    def count(self) -> int:
+        return sum(c for _, c in self.bins)
+
+
+class LatencyHistograms(Payload):
+    """The latencies of one telemetry window counted in log buckets, so that a controller can add windows and
+    devices up and read true percentiles (within 1%) off the sum. It names its window by the `window_end` of the
+    TelemetryReport it belongs to (sent just before it); every latency is counted, not a sample."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+    device: str = Field(pattern=ID_PATTERN, max_length=128)
+    window_end: float = Field(description="unix time, seconds: the window's TelemetryReport.window_end")
+    model_version: str | None = Field(None, max_length=64, pattern=VERSION_PATTERN)
+    relative_accuracy: Literal[0.01] = Field(RELATIVE_ACCURACY, description="the bucket scheme: 1% log buckets")
+    ttft_ms: LatencyHistogram | None = Field(None, description="time to first token")
+    per_token_ms: LatencyHistogram | None = Field(None, description="time per generated token after the first")
 
 
 class DeviceHealth(Payload):
@@ -431,8 +488,8 @@ class InferenceResponse(Payload):
         return self
 
 
-PAYLOAD_MODELS: tuple[type[Payload], ...] = (ReportedState, DesiredConfig, TelemetryReport, DeviceHealth,
-                                             InferenceRequest, InferenceResponse)
+PAYLOAD_MODELS: tuple[type[Payload], ...] = (ReportedState, DesiredConfig, TelemetryReport, LatencyHistograms,
+                                             DeviceHealth, InferenceRequest, InferenceResponse)
 
 
 def payload_schemas() -> dict[str, dict]:

@@ -46,11 +46,12 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import AgentError, PayloadError
-from agent.topics import (DesiredConfig, DeviceHealth, ReportedState, TelemetryReport, broker_packet_limit,
-                          chunk_response_topic, controller_subscriptions, desired_topic, ota_offer_topic,
+from agent.topics import (DesiredConfig, DeviceHealth, LatencyHistograms, ReportedState, TelemetryReport,
+                          broker_packet_limit, chunk_response_topic, controller_subscriptions, desired_topic,
+                          ota_offer_topic,
                           publish_packet_bytes, split_topic, state_topic)
 from agent.metrics import format_value
-from fleet.store import SILENT_AFTER_S, Store, telemetry_row
+from fleet.store import SILENT_AFTER_S, LatencyRow, Store, latency_row, telemetry_row
 from ota.bundle import open_bundle
 from ota.errors import BundleError
 from ota.fsutil import FileKeyedCache
@@ -61,7 +62,7 @@ from ota.update import ROLLBACK_FORMAT, RollbackTerms
 
 log = logging.getLogger("edgeglm.fleet")
 # the largest payload read on each device topic; anything bigger is dropped unread
-PAYLOAD_LIMITS = {"state": 256 * 1024, "telemetry": 64 * 1024, "health": 8 * 1024, "ota/status": 64 * 1024,
+PAYLOAD_LIMITS = {"state": 256 * 1024, "telemetry": 64 * 1024, "latency": 64 * 1024, "health": 8 * 1024, "ota/status": 64 * 1024,
                   "ota/chunk/request": 8 * 1024}
 HEALTH_FLUSH_S = 1.0  # device health snapshots wait at most this long for the writer's next telemetry batch
 MAX_BATCH = 5000  # telemetry rows per transaction
@@ -336,7 +337,17 @@ class FleetController:
                 log.warning("health of %d device(s) not stored: %s", len(snapshots), exc)
 
     def _store_rows(self, rows: list[tuple]) -> None:
-        """One transaction; if it fails, row by row, so that one row the database refuses costs only itself."""
+        """One transaction; if it fails, row by row, so that one row the database refuses costs only itself.
+        Latency histograms (LatencyRow) first, in their own transaction: a window's report finds them stored."""
+        histograms = [r for r in rows if isinstance(r, LatencyRow)]
+        if histograms:
+            rows = [r for r in rows if not isinstance(r, LatencyRow)]
+            try:
+                self.store.add_latency_many(histograms)
+            except Exception as exc:  # the reports are stored anyway: their windows' percentiles are means then
+                log.warning("latency histograms of %d window(s) not stored: %s", len(histograms), exc)
+            if not rows:
+                return
         try:
             self.store.add_telemetry_many(rows)
             self._log_returned()
@@ -375,7 +386,7 @@ class FleetController:
             return
         # one SUBSCRIBE for every topic filter, so that its SUBACK (_on_subscribe) means all are in place;
         # telemetry at the settings' QoS (default 0): see ControllerSettings.telemetry_qos
-        client.subscribe([(topic, self.settings.telemetry_qos if topic.endswith("/telemetry") else
+        client.subscribe([(topic, self.settings.telemetry_qos if topic.endswith(("/telemetry", "/latency")) else
                            0 if topic.endswith("/health") else 1)
                           for topic in controller_subscriptions(self.settings.fleet)])
 
@@ -461,6 +472,11 @@ class FleetController:
                 raise ValueError(f"report of device {report.device!r} on the topic of {device!r}")
             self._telemetry.put(telemetry_row(fleet, report.model_dump()))
             self._ask_state_if_unknown(fleet, device)
+        elif rest == "latency":
+            histograms = LatencyHistograms.model_validate_json(msg.payload)
+            if histograms.device != device:
+                raise ValueError(f"latency histograms of device {histograms.device!r} on the topic of {device!r}")
+            self._telemetry.put(latency_row(fleet, histograms.model_dump()))
         elif rest == "health":
             health = DeviceHealth.model_validate_json(msg.payload)
             if health.device != device:
@@ -868,13 +884,16 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
         rows.append((d["fleet"], d["device"], "yes" if d["online"] else "silent" if d.get("silent") else "NO",
                      f"{now - d['last_seen']:.0f}s",
                      f"{d['model_name'] or '-'} {d['model_version'] or ''}".strip(), d["execution_path"] or "-",
-                     _ms(lat.get("ttft_p50_ms")), _ms(lat.get("ttft_p95_ms")), _ms(lat.get("token_p50_ms")),
-                     _ms(lat.get("token_p95_ms")), f"{lat['tokens_per_s']:.1f}" if lat.get("tokens_per_s") else "-",
+                     *(_ms(lat.get(k), lat.get("percentiles")) for k in ("ttft_p50_ms", "ttft_p95_ms", "token_p50_ms",
+                                                                          "token_p95_ms")),
+                     f"{lat['tokens_per_s']:.1f}" if lat.get("tokens_per_s") else "-",
                      _size(h.get("rss_bytes")), _size(h.get("memory_available_bytes")), _size(h.get("disk_free_bytes")),
                      _config_cell(d)))
     head = ("fleet", "device", "online", "seen", "model", "path", "ttft p50", "ttft p95", "tok p50", "tok p95",
             "tok/s", "rss", "mem free", "disk free", "config")
     text = _table(head, rows) + f"\n{len(rows)} device(s); rejected messages: {store.counter('rejected_messages')}"
+    if any("*" in cell for row in rows for cell in row[6:10]):
+        text += "\n" + MEANS_NOTE
     results = store.last_results(fleet)
     lost = store.lost_reports(fleet, now - since_s)
     for d in store.devices(fleet):  # a refused desired config or a failed update is news, not a detail of --json
@@ -967,12 +986,18 @@ def _config_cell(d: dict) -> str:
 def format_versions(versions: list[dict], since_s: float) -> str:
     """The per-model-version table of `Store.versions`."""
     rows = [(v["model_version"] or "(no model)", ",".join(v["model_names"]) or "-", str(v["devices"]), str(v["online"]),
-             _ms(v["ttft_p50_ms"]), _ms(v["ttft_p95_ms"]), _ms(v["token_p50_ms"]), _ms(v["token_p95_ms"]),
+             *(_ms(v[k], v.get("percentiles")) for k in ("ttft_p50_ms", "ttft_p95_ms", "token_p50_ms", "token_p95_ms")),
              "-" if v["tokens_per_s"] is None else f"{v['tokens_per_s']:.1f}", str(v["requests"]),
              "-" if v["error_rate"] is None else f"{100 * v['error_rate']:.1f}%") for v in versions]
     head = ("version", "model", "devices", "online", "ttft p50", "ttft p95", "tok p50", "tok p95", "tok/s",
             "requests", "errors")
-    return _table(head, rows) + f"\nper model version: telemetry of the last {since_s / 60:g} min, request-weighted"
+    means = any(v.get("percentiles") == "window means" for v in versions)
+    return _table(head, rows) + (f"\nper model version: telemetry of the last {since_s / 60:g} min; percentiles of all "
+                                 f"its requests, tok/s request-weighted" + ("\n" + MEANS_NOTE if means else ""))
+
+
+MEANS_NOTE = ("* a request-weighted mean of window percentiles, not a percentile: a window in the range came without "
+              "its latency histograms (an agent from before them, telemetry.histograms = false, or one lost)")
 
 
 def _size(n) -> str:
@@ -985,8 +1010,9 @@ def _size(n) -> str:
     return f"{n}B"
 
 
-def _ms(v) -> str:
-    return "-" if v is None else f"{v:.1f}ms"
+def _ms(v, percentiles: str | None = None) -> str:
+    """A latency cell; `percentiles` "window means" (Store.latency): marked * (a mean of window percentiles)."""
+    return "-" if v is None else f"{v:.1f}ms" + ("*" if percentiles == "window means" else "")
 
 
 def _table(head: tuple, rows: list[tuple]) -> str:
@@ -1003,10 +1029,12 @@ def _label(value) -> str:
 def _version_metrics(versions: list[dict]) -> list[str]:
     """The per-model-version rows of `fleet status` as gauges labelled by model_version."""
     series = [("edgeglm_fleet_version_devices", "Devices on each model version, by online state.", None),
-              ("edgeglm_fleet_version_ttft_ms", "Time to first token of each model version (last hour, "
-               "request-weighted mean of the window percentiles).", ("ttft_p50_ms", "ttft_p95_ms")),
-              ("edgeglm_fleet_version_token_ms", "Per-token latency of each model version (last hour, "
-               "request-weighted mean of the window percentiles).", ("token_p50_ms", "token_p95_ms")),
+              ("edgeglm_fleet_version_ttft_ms", "Time to first token of each model version (last hour: "
+               "the percentile of all its requests, from the agents' latency histograms; a request-weighted mean of "
+               "window percentiles where a window came without them).", ("ttft_p50_ms", "ttft_p95_ms")),
+              ("edgeglm_fleet_version_token_ms", "Per-token latency of each model version (last hour: "
+               "the percentile of all its tokens, from the agents' latency histograms; a request-weighted mean of "
+               "window percentiles where a window came without them).", ("token_p50_ms", "token_p95_ms")),
               ("edgeglm_fleet_version_tokens_per_second", "Decode speed of each model version (last hour).",
                "tokens_per_s"),
               ("edgeglm_fleet_version_requests", "Requests served by each model version (last hour).", "requests"),
@@ -1084,8 +1112,9 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
     for online in (1, 0):
         n = sum(1 for d in devices if d["online"] == online)
         lines.append(f'edgeglm_fleet_devices{{online="{"true" if online else "false"}"}} {n}')
-    lines += ["# HELP edgeglm_fleet_token_p95_ms Per-token latency of each device over the last hour: the mean of its "
-              "telemetry windows' p95, weighted by their requests (not the p95 of all tokens).",
+    lines += ["# HELP edgeglm_fleet_token_p95_ms Per-token latency of each device over the last hour: the p95 of all its "
+              "tokens, from its latency histograms (a request-weighted mean of its windows' p95 where a window came "
+              "without them).",
               "# TYPE edgeglm_fleet_token_p95_ms gauge"]
     since = time.time() - 3600
     for d in devices:

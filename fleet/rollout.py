@@ -686,7 +686,7 @@ class RolloutDriver:
                     ([f"no health snapshot with free memory yet from {unmeasured}"] if unmeasured else [])
                 self._save(r, "canary_window", f"{'; '.join(waiting)}; waiting one more window ({r.window_s:g} s)")
             return
-        problems, uncompared, floored = [], [], []
+        problems, uncompared, floored, means = [], [], [], []
         for d in r.data["canaries"]:
             base, new = r.data["baseline"].get(d, {}), self.store.latency(r.fleet, d, r.data["window_start"], version)
             base_rate, new_rate = _error_rate(base), _error_rate(new)
@@ -703,6 +703,8 @@ class RolloutDriver:
             elif base.get("token_p95_ms") and new.get("token_p95_ms"):
                 change = 100.0 * (new["token_p95_ms"] / base["token_p95_ms"] - 1.0)
                 r.data.setdefault("p95_change_pct", {})[d] = round(change, 1)
+                if "window means" in (base.get("percentiles"), new.get("percentiles")):  # not the tokens' p95
+                    means.append(d)
                 # both relative and absolute: sub-millisecond jitter of a tiny model is not a regression
                 delta = new["token_p95_ms"] - base["token_p95_ms"]
                 if change > r.max_regression_pct and delta > r.min_delta_ms:
@@ -722,6 +724,9 @@ class RolloutDriver:
                                 f"report(s), all idle): an idle canary gives nothing to compare; send it traffic "
                                 f"or give a longer --window")
         memory_problems, memory_note = self._memory_gate(r)
+        if means:  # an agent without latency histograms: a mean of window p95s can hide a regression on long answers
+            memory_note = (f"; p95 of {', '.join(means)} compared as request-weighted means of window p95s (no latency "
+                           f"histograms from its agent)") + memory_note
         if problems or memory_problems:
             self._save(r, "halting", "; ".join((["latency gate failed: " + "; ".join(problems)] if problems else [])
                                                + (["memory gate failed: " + "; ".join(memory_problems)]

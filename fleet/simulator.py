@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 from agent import __version__
 from agent.mqtt import MqttSession, MqttSettings, Received
-from agent.topics import (DesiredConfig, DeviceHealth, LatencyPercentiles, ModelRef, ReportedState, TelemetryReport,
-                          desired_topic, health_topic, ota_offer_topic, ota_status_topic)
+from agent import histogram
+from agent.topics import (DesiredConfig, DeviceHealth, LatencyHistogram, LatencyHistograms, LatencyPercentiles,
+                          ModelRef, ReportedState, TelemetryReport, desired_topic, health_topic, ota_offer_topic,
+                          ota_status_topic)
 from ota.errors import VersionError
 from ota.update import Offer
 from ota.versions import check_upgrade
@@ -38,6 +40,7 @@ class SimProfile:
     rss_mb: dict[str, float] = field(default_factory=dict)  # agent RSS by model version; default 200 MiB
     free_mb: dict[str, float] = field(default_factory=dict)  # memory it can still take, by version; default 2 GiB
     health: bool = True  # a DeviceHealth with each report (False: an agent from before health, or with it off)
+    histograms: bool = True  # latency histograms with each report (False: an agent from before them, or with them off)
 
 
 class SimDevice:
@@ -137,12 +140,18 @@ class SimDevice:
         base = self.profile.per_token_ms.get(self.version, 10.0)
         samples = sorted(base * self.rng.uniform(0.9, 1.1) for _ in range(20))
         now = time.time()
-        self.session.publish_telemetry(TelemetryReport(
+        report = TelemetryReport(
             device=self.device, window_start=now - window_s, window_end=now, count=self.profile.requests_per_report,
             ttft_ms=LatencyPercentiles(p50=base * 5, p95=base * 6, p99=base * 7),
             per_token_ms=LatencyPercentiles(p50=samples[10], p95=samples[18], p99=samples[19]),
             tokens_per_s=1000.0 / base, errors=self.profile.errors_per_report, model_version=self.version,
-            execution_path="onnxruntime:cpu"))
+            execution_path="onnxruntime:cpu")
+        if report.count and self.profile.histograms:  # as an agent's: every latency counted (here the samples)
+            report._histograms = LatencyHistograms(
+                device=self.device, window_end=now, model_version=self.version,
+                ttft_ms=LatencyHistogram(bins=histogram.bins(histogram.count([base * 5e-3] * report.count))),
+                per_token_ms=LatencyHistogram(bins=histogram.bins(histogram.count(s / 1000 for s in samples))))
+        self.session.publish_telemetry(report)
         # and a health snapshot with it, as agents send one (every telemetry.health_interval_s)
         if not self.profile.health:
             return

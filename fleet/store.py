@@ -48,6 +48,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
+from agent import histogram
 from agent.errors import AgentError
 
 log = logging.getLogger("edgeglm.fleet")
@@ -85,6 +88,10 @@ CREATE INDEX IF NOT EXISTS ota_status_by_device ON ota_status (fleet, device, up
 CREATE TABLE IF NOT EXISTS health (
     fleet TEXT NOT NULL, device TEXT NOT NULL, received REAL NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (fleet, device));
+CREATE TABLE IF NOT EXISTS latency (
+    fleet TEXT NOT NULL, device TEXT NOT NULL, window_end REAL NOT NULL, model_version TEXT, ttft BLOB,
+    per_token BLOB, stored REAL NOT NULL, PRIMARY KEY (fleet, device, window_end));
+CREATE INDEX IF NOT EXISTS latency_by_stored ON latency (stored);
 """
 REMOVED_GRACE_S = 10.0  # telemetry of a removed device this long after its removal says its agent runs
 # a device whose last state said online but that sent nothing (state, telemetry, health) for this long counts as
@@ -93,6 +100,11 @@ REMOVED_GRACE_S = 10.0  # telemetry of a removed device this long after its remo
 SILENT_AFTER_S = 900.0
 # tables no read-only command reads: a database without them (written by the version before) is read as it is
 WRITERS_ONLY = {"offer_manifests"}
+# tables read where present: a database without them (written by the version before) is read without them
+READ_IF_PRESENT = {"latency"}
+# latency histograms (the `latency` table) are kept this long at most (the telemetry's retention where shorter):
+# the rollout gate reads its window, `fleet status` and /metrics the last hour; a busy device adds ~0.3 KB a window
+HISTOGRAM_RETENTION_S = 86400.0
 # the target of an offer recorded before `offer_targets` existed ('' is no fleet or device id)
 LEGACY = ("", "")
 PRUNE_BATCH = 5000  # telemetry rows the retention deletes per transaction (the store's lock is free between)
@@ -101,6 +113,34 @@ TELEMETRY_COLUMNS = ("fleet", "device", "model_version", "window_end", "count", 
                      "token_p95", "tokens_per_s", "errors", "dropped", "stored")
 _INSERT_TELEMETRY = (f"INSERT OR IGNORE INTO telemetry ({', '.join(TELEMETRY_COLUMNS)}) "
                      f"VALUES ({', '.join('?' * len(TELEMETRY_COLUMNS))})")
+
+
+def histogram_blob(h: dict | None) -> bytes | None:
+    """A LatencyHistogram (as a dict) as stored: its (index, count) pairs as little-endian int32s."""
+    if not h:
+        return None
+    return np.asarray(h["bins"], dtype="<i4").reshape(-1).tobytes()
+
+
+class LatencyRow(tuple):
+    """A parsed LatencyHistograms as a `latency` row, less the `stored` time (the controller's telemetry writer
+    takes these and telemetry rows from one queue)."""
+
+
+def latency_row(fleet: str, h: dict) -> LatencyRow:
+    return LatencyRow((fleet, h["device"], h["window_end"], h.get("model_version"),
+                       histogram_blob(h.get("ttft_ms")), histogram_blob(h.get("per_token_ms"))))
+
+
+def _histogram_percentiles(blobs: list[bytes | None]) -> tuple[float, float] | None:
+    """p50 and p95 (ms) of the sum of stored histograms; None when they hold no latency."""
+    data = b"".join(b for b in blobs if b)
+    if not data:
+        return None
+    pairs = np.frombuffer(data, dtype="<i4").reshape(-1, 2)
+    counts = np.bincount(pairs[:, 0] - histogram.MIN_INDEX, weights=pairs[:, 1].astype(np.float64))
+    return tuple(histogram.quantiles({i + histogram.MIN_INDEX: c for i, c in enumerate(counts) if c},
+                                     (0.5, 0.95)))
 
 
 def telemetry_row(fleet: str, r: dict) -> tuple:
@@ -170,6 +210,7 @@ class Store:
         self.path = Path(path)
         self.returned: list[tuple[str, str]] = []  # removed devices the last telemetry batch registered again
         self.retention_s = retention_s
+        self.histogram_retention_s = min(retention_s, HISTOGRAM_RETENTION_S)
         self.silent_after_s = SILENT_AFTER_S  # ([fleet] silent_after_s)
         self.clock = clock  # the controller's clock: `stored` and `last_seen` (tests drive their own)
         # re-entrant: a `transaction()` holds it while the store's own methods run inside it
@@ -222,7 +263,7 @@ class Store:
             want.executescript(SCHEMA)
             missing = []
             for (table,) in want.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
-                if table in WRITERS_ONLY:
+                if table in WRITERS_ONLY or table in READ_IF_PRESENT:
                     continue
                 have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
                 needed = {row[1] for row in want.execute(f"PRAGMA table_info({table})")}
@@ -405,6 +446,44 @@ class Store:
                 raise
         return stored
 
+    def add_latency_many(self, rows: list[LatencyRow]) -> None:
+        """Insert `latency_row`s (a window's histograms) in one transaction, each (fleet, device, window_end) once
+        (a QoS 1 redelivery is a second copy)."""
+        stored = self.clock()
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                self.db.executemany("INSERT OR IGNORE INTO latency VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                    [tuple(row) + (stored,) for row in rows])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def _has_latency(self) -> bool:
+        """Whether the database has the `latency` table (a read-only one made by an older controller has not)."""
+        if not getattr(self, "_latency_seen", False):
+            self._latency_seen = bool(self._exec("SELECT 1 FROM sqlite_master WHERE type='table' AND "
+                                                 "name='latency'").fetchone())
+        return self._latency_seen
+
+    def _exact(self, where: str, args: tuple, out: dict) -> None:
+        """Replace the window means of `out` (a `latency` or `versions` row) by the percentiles of the summed
+        histograms of the telemetry windows `where` selects, if every one of them that served requests has
+        its histograms (else `out` keeps the means, and says so in `percentiles`)."""
+        out["percentiles"] = "window means"
+        if not self._has_latency():
+            return
+        rows = self._exec("SELECT l.window_end IS NOT NULL, l.ttft, l.per_token FROM telemetry t LEFT JOIN latency l "
+                          "ON l.fleet = t.fleet AND l.device = t.device AND l.window_end = t.window_end WHERE "
+                          "t.count > 0 AND " + where, args).fetchall()
+        if not rows or not all(r[0] for r in rows):
+            return
+        for kind, column in (("ttft", 1), ("token", 2)):
+            p = _histogram_percentiles([r[column] for r in rows])
+            out[f"{kind}_p50_ms"], out[f"{kind}_p95_ms"] = p if p else (None, None)
+        out["percentiles"] = "histograms"
+
     def _back_from_removal(self, rows: list[tuple], now: float) -> list[tuple[str, str]]:
         """(under the lock, in the telemetry transaction) A device removed while its agent ran (`fleet device
         remove --force`) that still sends telemetry more than REMOVED_GRACE_S after its removal is running: it is
@@ -436,6 +515,13 @@ class Store:
         while True:
             deleted = self._exec("DELETE FROM telemetry WHERE rowid IN (SELECT rowid FROM telemetry WHERE stored < ? "
                                  "LIMIT ?)", (cutoff, PRUNE_BATCH)).rowcount
+            n += deleted
+            if deleted < PRUNE_BATCH:
+                break
+        histograms = (self.clock() if now is None else now) - self.histogram_retention_s
+        while True:
+            deleted = self._exec("DELETE FROM latency WHERE rowid IN (SELECT rowid FROM latency WHERE stored < ? "
+                                 "LIMIT ?)", (histograms, PRUNE_BATCH)).rowcount
             n += deleted
             if deleted < PRUNE_BATCH:
                 break
@@ -664,10 +750,14 @@ class Store:
 
     def latency(self, fleet: str, device: str, since: float, model_version: str | None = None) -> dict:
         """Latency of one device from the reports stored since `since` (the controller's clock, whatever
-        the device's says): request-weighted means of the window percentiles and tokens/s.
+        the device's says): the TTFT and per-token p50/p95 of all its requests in the range, read off the sum of
+        the windows' histograms (within 1%; `percentiles: "histograms"`), the request-weighted mean tokens/s.
 
-        Each percentile is weighted by the requests of the windows that have it (a window of one-token
-        answers has no per-token percentiles); None when no window in the range has it."""
+        Where a window with requests in the range has no histograms (an agent from before them, or with
+        telemetry.histograms off, a histogram lost or older than HISTOGRAM_RETENTION_S) the percentiles are
+        request-weighted means of the window percentiles instead (`percentiles: "window means"`): each weighted
+        by the requests of the windows that have it (a window of one-token answers has no per-token
+        percentiles); None when no window in the range has it."""
         columns = ("ttft_p50", "ttft_p95", "token_p50", "token_p95", "tokens_per_s")
         # errors from every window (one where every request failed has count 0), the rest from windows with requests;
         # tokens/s request-weighted like the rest (and like `versions`: a plain mean of windows gave the same device
@@ -687,6 +777,8 @@ class Store:
         for key, total, weight in zip(("ttft_p50_ms", "ttft_p95_ms", "token_p50_ms", "token_p95_ms", "tokens_per_s"),
                                       sums[0::2], sums[1::2]):
             out[key] = total / weight if weight else None
+        self._exact("t.fleet=? AND t.device=? AND t.stored>=?" + (" AND t.model_version=?" if model_version is not None
+                                                                   else ""), args, out)
         return out
 
     def lost_reports(self, fleet: str | None, since: float) -> dict[tuple[str, str], int]:
@@ -725,8 +817,9 @@ class Store:
 
     def versions(self, fleet: str | None = None, since: float = 0.0) -> list[dict]:
         """One row per model version: its devices (all, online, model names) and, from the telemetry
-        reports tagged with that version stored since `since`, request-weighted means of the window
-        percentiles, the request-weighted mean tokens/s and the error rate errors/(requests+errors)."""
+        reports tagged with that version stored since `since`, the percentiles of all their requests (as
+        `latency`: from the histograms where every window has them, else request-weighted means of the window
+        percentiles), the request-weighted mean tokens/s and the error rate errors/(requests+errors)."""
         where, args = (" WHERE fleet=?", (fleet,)) if fleet else ("", ())
         rows: dict[str | None, dict] = {}
         for version, names, n, online in self._exec(
@@ -747,8 +840,12 @@ class Store:
             requests, errors = requests or 0, errors or 0
             row.update(requests=requests, errors=errors,
                        error_rate=errors / (requests + errors) if requests + errors else None)
+            if requests:
+                self._exact("t.stored>=?" + (" AND t.fleet=?" if fleet else "") + (
+                    " AND t.model_version=?" if version is not None else " AND t.model_version IS NULL"),
+                    (since,) + args + ((version,) if version is not None else ()), row)
         empty = {"requests": 0, "errors": 0, "error_rate": None, "ttft_p50_ms": None, "ttft_p95_ms": None,
-                 "token_p50_ms": None, "token_p95_ms": None, "tokens_per_s": None}
+                 "token_p50_ms": None, "token_p95_ms": None, "tokens_per_s": None, "percentiles": None}
         rows = {v: r for v, r in rows.items()  # no model: a row only while devices or traffic have none
                 if v is not None or r["devices"] or r.get("requests") or r.get("errors")}
         return [{**empty, **rows[v]} for v in sorted(rows, key=lambda v: (v is None, v or ""))]

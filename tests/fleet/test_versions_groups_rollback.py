@@ -102,8 +102,10 @@ def expected_by_version(reports: list[dict]) -> dict[str, dict]:
 
 
 def test_status_has_one_row_per_model_version_with_aggregates_and_metrics(controller, devices, mosquitto, db):
-    fast = SimProfile(per_token_ms={"1.0.0": 10.0}, requests_per_report=3)
-    slow = SimProfile(per_token_ms={"1.1.0": 25.0}, requests_per_report=7, errors_per_report=1)
+    # agents without latency histograms (from before them): the rows are request-weighted means of the reports'
+    # percentiles, marked as such (tests/fleet/test_latency_histograms.py has the histograms' percentiles)
+    fast = SimProfile(per_token_ms={"1.0.0": 10.0}, requests_per_report=3, histograms=False)
+    slow = SimProfile(per_token_ms={"1.1.0": 25.0}, requests_per_report=7, errors_per_report=1, histograms=False)
     fleet = [devices("a1", "1.0.0", fast), devices("a2", "1.0.0", fast), devices("b1", "1.1.0", slow)]
     until(lambda: len(controller.store.devices(FLEET)) == 3)
     rec = Recorder(mosquitto.port)
@@ -127,6 +129,7 @@ def test_status_has_one_row_per_model_version_with_aggregates_and_metrics(contro
         for key, value in exp.items():
             assert rows[version][key] == pytest.approx(value), (version, key)
     assert rows["1.0.0"]["error_rate"] == 0 and rows["1.1.0"]["error_rate"] == pytest.approx(3 / 24)
+    assert rows["1.1.0"]["percentiles"] == "window means"
     per_device = {d["device"]: d["latency"] for d in json.loads(out.stdout)["devices"]}  # the table's columns
     assert (per_device["b1"]["requests"], per_device["b1"]["errors"]) == (21, 3)
     assert per_device["b1"]["token_p95_ms"] == pytest.approx(expected["1.1.0"]["token_p95_ms"])

@@ -231,6 +231,7 @@ MATRIX = [
     ("dev1", f"{F}/dev1/state", True, {"controller"}),
     ("dev1", f"{F}/dev1/telemetry", True, {"controller"}),
     ("dev1", f"{F}/dev1/health", True, {"controller"}),
+    ("dev1", f"{F}/dev1/latency", True, {"controller"}),
     ("dev1", f"{F}/dev1/ota/status", True, {"controller"}),
     ("dev1", f"{F}/dev1/ota/chunk/request", True, {"controller"}),
     ("dev1", f"{F}/dev1/infer/response/{CONTROLLER}", True, {"controller"}),
@@ -238,6 +239,7 @@ MATRIX = [
     ("dev1", f"{F}/dev2/state", False, set()),
     ("dev1", f"{F}/dev2/telemetry", False, set()),
     ("dev1", f"{F}/dev2/health", False, set()),
+    ("dev1", f"{F}/dev2/latency", False, set()),
     ("dev1", f"{F}/dev2/ota/status", False, set()),
     ("dev1", f"{F}/dev2/ota/chunk/request", False, set()),
     ("dev1", f"{F}/dev2/infer/request", False, set()),
@@ -257,6 +259,7 @@ MATRIX = [
     ("controller", f"{F}/dev1/state", False, set()),  # the controller cannot forge a device's state
     ("controller", f"{F}/dev1/telemetry", False, set()),
     ("controller", f"{F}/dev1/health", False, set()),
+    ("controller", f"{F}/dev1/latency", False, set()),
     ("controller", "edgeglm/v1/another-fleet/dev1/config/desired", False, set()),
 ]
 
@@ -282,19 +285,20 @@ def test_a_device_gets_nothing_of_another_device(connect):
     dev1, dev2, controller = connect("dev1"), connect("dev2"), connect(CONTROLLER)
     assert controller.publish(f"{F}/dev2/config/desired", "retained-for-dev2", retain=True)
     assert dev2.subscribe(*device_subscriptions(FLEET, "dev2")) == [1] * 4
-    dev2_topics = [f"{F}/dev2/{s}" for s in ("state", "telemetry", "health", "ota/status", "ota/chunk/request",
-                                             "config/desired", "ota/offer", "ota/chunk/response", "infer/request")]
+    dev2_topics = [f"{F}/dev2/{s}" for s in ("state", "telemetry", "health", "latency", "ota/status",
+                                             "ota/chunk/request", "config/desired", "ota/offer", "ota/chunk/response",
+                                             "infer/request")]
     codes = dev1.subscribe(*dev2_topics, f"{F}/dev2/#", f"edgeglm/v1/+/dev2/#", *controller_subscriptions(FLEET),
                            f"{F}/dev1/config/desired")
     assert set(codes) <= {1, NOT_AUTHORIZED}, codes
-    for topic in dev2_topics[:5]:
+    for topic in dev2_topics[:6]:
         assert dev2.publish(topic, f"from dev2: {topic}")
-    for topic in dev2_topics[5:]:
+    for topic in dev2_topics[6:]:
         assert controller.publish(topic, f"to dev2: {topic}")
     got = dev1.received_until(sentinels(dev1, dev2, controller)["dev1"])
     assert got == set(), f"dev1 received dev2's messages: {sorted(got)}"
     got = dev2.received_until(sentinels(dev1, dev2, controller)["dev2"])
-    assert {t for t, _ in got} == set(dev2_topics[5:]), "dev2 itself received what was sent to it"
+    assert {t for t, _ in got} == set(dev2_topics[6:]), "dev2 itself received what was sent to it"
 
 
 def test_the_controller_reads_every_device_state(connect):
@@ -302,7 +306,7 @@ def test_the_controller_reads_every_device_state(connect):
     for name, client in devices.items():
         assert client.publish(state_topic(FLEET, name), f"state of {name}", retain=True)
     controller = connect(CONTROLLER)
-    assert controller.subscribe(*controller_subscriptions(FLEET)) == [1] * 5
+    assert controller.subscribe(*controller_subscriptions(FLEET)) == [1] * len(controller_subscriptions(FLEET))
     got = controller.received_until(sentinels(devices["dev1"], devices["dev2"], controller)["controller"])
     assert got == {(state_topic(FLEET, n), f"state of {n}") for n in devices}
 
@@ -396,7 +400,7 @@ def test_an_operator_command_leaves_the_serving_controller_connected(broker, con
     controller's user takes over its session. The operator's user does not, whatever client id it sends:
     the CLI's `<client_id>-cli-<pid>`, or even the controller's own."""
     controller = connect(CONTROLLER)
-    assert controller.subscribe(*controller_subscriptions(FLEET)) == [1] * 5
+    assert controller.subscribe(*controller_subscriptions(FLEET)) == [1] * len(controller_subscriptions(FLEET))
     dev1 = connect("dev1")
     assert dev1.subscribe(*device_subscriptions(FLEET, "dev1")) == [1] * 4
     sent = set()
@@ -445,7 +449,7 @@ def test_an_operator_command_as_shipped_publishes_beside_the_serving_controller(
     conf.write_text("\n".join(lines) + "\n")
 
     controller = connect(CONTROLLER)
-    assert controller.subscribe(*controller_subscriptions(FLEET)) == [1] * 5
+    assert controller.subscribe(*controller_subscriptions(FLEET)) == [1] * len(controller_subscriptions(FLEET))
     dev1 = connect("dev1")
     assert dev1.subscribe(*device_subscriptions(FLEET, "dev1")) == [1] * 4
     from fleet.store import Store
@@ -533,3 +537,17 @@ def test_the_agent_connects_over_tls_with_the_shipped_config(tmp_path):
         if session is not None:
             session.close()
         tls_broker.stop()
+
+
+def test_the_acl_lets_every_device_topic_of_the_protocol_through():
+    """Each device -> controller topic of agent.topics.TOPICS has a device write line and a controller read line
+    (a topic added to the protocol without them was dropped by the broker: the latency histograms)."""
+    from agent.topics import TOPICS
+
+    lines = {line.strip() for line in BROKER_FILES["acl.conf"].splitlines()}
+    for spec in TOPICS:
+        if spec.direction == "device → controller":
+            assert f"pattern write {F}/%u/{spec.suffix}" in lines, spec.suffix
+            assert f"topic read {F}/+/{spec.suffix}" in lines, spec.suffix
+        elif spec.direction == "controller → device":
+            assert f"pattern read {F}/%u/{spec.suffix}" in lines, spec.suffix
