@@ -4,6 +4,7 @@
     python benchmarks/fleet_scale.py --steps 2000 --duration 30
     python benchmarks/fleet_scale.py --controller-src /tmp/old   # the controller of another checkout (before/after)
     python benchmarks/fleet_scale.py --steps 500,1000 --health both   # each step without, then with device health
+    python benchmarks/fleet_scale.py --steps 500,1000 --histograms both   # without, then with latency histograms
 
 One run starts a loopback Mosquitto and `edgeglm fleet serve` (its own process), then for each N
 starts simulated devices (fleet.simulator.SimSwarm: one MQTT connection per device, the agents'
@@ -124,7 +125,7 @@ def worker(args) -> int:
     from fleet.simulator import SimSwarm
 
     swarm = SimSwarm("127.0.0.1", args.port, FLEET, [f"d{i:05d}" for i in range(args.first, args.first + args.count)],
-                     seed=args.first, health=args.health == "on")
+                     seed=args.first, health=args.health == "on", histograms=args.histograms == "on")
     swarm.connect()
     swarm.run(0.5)  # read the CONNACKs
     print("connected", flush=True)
@@ -135,13 +136,14 @@ def worker(args) -> int:
     return 0
 
 
-def start_workers(port: int, n: int, per_process: int, duration: float, health: bool = False
-                  ) -> list[subprocess.Popen]:
+def start_workers(port: int, n: int, per_process: int, duration: float, health: bool = False,
+                  histograms: bool = False) -> list[subprocess.Popen]:
     procs = []
     for first in range(0, n, per_process):
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--port", str(port), "--first", str(first),
                                        "--count", str(min(per_process, n - first)), "--duration", str(duration)]
-                                      + (["--health", "on"] if health else []),
+                                      + (["--health", "on"] if health else [])
+                                      + (["--histograms", "on"] if histograms else []),
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     for p in procs:
         if p.stdout.readline().strip() != "connected":
@@ -155,9 +157,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, broker: subprocess.Popen,
-                 args, health: bool = False) -> dict:
+                 args, health: bool = False, histograms: bool = False) -> dict:
     warmup = args.warmup
-    workers = start_workers(port, n, args.per_process, warmup + args.duration, health)
+    workers = start_workers(port, n, args.per_process, warmup + args.duration, health, histograms)
     read = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     has_stored = "stored" in {r[1] for r in read.execute("PRAGMA table_info(telemetry)")}
     for w in workers:
@@ -192,7 +194,7 @@ def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, brok
     lags = [r[0] for r in read.execute("SELECT stored - window_end FROM telemetry WHERE window_end BETWEEN ? AND ?",
                                        (t0, t1))] if has_stored else []
     read.close()
-    return {"n": n, "health": "on" if health else "off", "lag_p50": percentile(lags, 50), "lag_p95": percentile(lags, 95),
+    return {"n": n, "health": "on" if health else "off", "histograms": "on" if histograms else "off", "lag_p50": percentile(lags, 50), "lag_p95": percentile(lags, 95),
             "lag_max": max(lags) if lags else float("nan"), "fresh_max": max(fresh) if fresh else float("nan"),
             "stored_per_s": in_window / wall, "sent_per_s": sent / (warmup + args.duration),
             "lost_pct": 100 * max(0, sent - stored_all) / sent if sent else 0.0,
@@ -203,7 +205,7 @@ def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, brok
 
 
 def print_row(r: dict, header: bool = False) -> None:
-    cols = [("N", "n", "{:d}"), ("health", "health", "{}"), ("lag p50", "lag_p50", "{:.3f}s"), ("lag p95", "lag_p95", "{:.3f}s"),
+    cols = [("N", "n", "{:d}"), ("health", "health", "{}"), ("histograms", "histograms", "{}"), ("lag p50", "lag_p50", "{:.3f}s"), ("lag p95", "lag_p95", "{:.3f}s"),
             ("lag max", "lag_max", "{:.3f}s"), ("fresh max", "fresh_max", "{:.2f}s"),
             ("stored/s", "stored_per_s", "{:.0f}"), ("sent/s", "sent_per_s", "{:.0f}"), ("lost", "lost_pct", "{:.1f}%"),
             ("ctl CPU", "cpu_controller", "{:.0f}%"), ("ctl us/msg", "us_controller", "{:.0f}"), ("ctl RSS", "rss_controller", "{:.0f}MB"),
@@ -248,6 +250,9 @@ def main(argv=None) -> int:
     ap.add_argument("--health", choices=("off", "on", "both"), default="off",
                     help="devices also send a DeviceHealth (QoS 0) after each report, as agents do; both: each step "
                          "without, then with, and the ratio of the controller's CPU per report")
+    ap.add_argument("--histograms", choices=("off", "on", "both"), default="off",
+                    help="devices also send their window's LatencyHistograms (QoS 1) before each report, as agents "
+                         "do; both: each step without, then with, and the ratio of the controller's CPU per report")
     ap.add_argument("--keep-going", action="store_true", help="run every step even past the ceiling")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -274,12 +279,16 @@ def main(argv=None) -> int:
             controller = start_controller(work, port, args.controller_src)
             for i, n in enumerate(steps):
                 rows = []
-                for health in {"off": [False], "on": [True], "both": [False, True]}[args.health]:
-                    rows.append(measure_step(n, port, work / "fleet.db", controller, broker, args, health))
-                    check_alive(controller, "controller", work / "controller.log")
-                    print_row(rows[-1], header=i == 0 and len(rows) == 1)
+                ways = {"off": [False], "on": [True], "both": [False, True]}
+                for health in ways[args.health]:
+                    for histograms in ways[args.histograms]:
+                        rows.append(measure_step(n, port, work / "fleet.db", controller, broker, args, health,
+                                                 histograms))
+                        check_alive(controller, "controller", work / "controller.log")
+                        print_row(rows[-1], header=i == 0 and len(rows) == 1)
                 if len(rows) == 2:
-                    print(f"  {n} devices: controller CPU per report with health / without: "
+                    what = "health" if args.health == "both" else "histograms"
+                    print(f"  {n} devices: controller CPU per report with {what} / without: "
                           f"{ratio_text(rows[1]['us_controller'], rows[0]['us_controller'])}; broker "
                           f"{ratio_text(rows[1]['us_broker'], rows[0]['us_broker'])}", flush=True)
                 reasons = ceiling_reasons(rows[-1])

@@ -172,13 +172,16 @@ class SimSwarm:
     the interval), QoS 1, on its own telemetry topic: the topics and payload models are the
     agents' own. `window_end` is the time of publishing, so `stored - window_end` in the
     controller's database is the ingest lag. With `health`, each report is followed by a `DeviceHealth` at
-    QoS 0 on the health topic, as agents send it. It does not answer offers or configs (SimDevice does).
+    QoS 0 on the health topic, as agents send it; with `histograms`, each is preceded by its window's
+    `LatencyHistograms` (QoS 1, latency topic: 5 requests of 40 tokens), as agents send them. It does not
+    answer offers or configs (SimDevice does).
     """
 
     def __init__(self, host: str, port: int, fleet: str, devices: list[str], interval_s: float = 1.0,
-                 version: str = "1.0.0", per_token_ms: float = 10.0, seed: int = 0, health: bool = False):
+                 version: str = "1.0.0", per_token_ms: float = 10.0, seed: int = 0, health: bool = False,
+                 histograms: bool = False):
         self.host, self.port, self.fleet = host, port, fleet
-        self.health = health
+        self.health, self.histograms = health, histograms
         self.devices, self.interval_s, self.version = devices, interval_s, version
         self.per_token_ms = per_token_ms
         self.rng = random.Random(seed)
@@ -204,15 +207,24 @@ class SimSwarm:
                              model=ModelRef(name="sim", version=self.version, sha256="0" * 64), active_slot="a",
                              uptime_s=0.0, ts=time.time())
 
-    def _report(self, device: str) -> bytes:
+    def _report(self, device: str) -> tuple[bytes, bytes | None]:
+        """The report, and its histograms with `histograms`."""
         base = self.per_token_ms * self.rng.uniform(0.9, 1.1)
         now = time.time()
+        hist = None
+        if self.histograms:
+            ttft = histogram.count(base * 5e-3 * self.rng.uniform(0.8, 1.3) for _ in range(5))
+            gaps = histogram.count(base * 1e-3 * self.rng.uniform(0.9, 1.3) for _ in range(5 * 39))
+            hist = LatencyHistograms(device=device, window_end=now, model_version=self.version,
+                                     ttft_ms=LatencyHistogram(bins=histogram.bins(ttft)),
+                                     per_token_ms=LatencyHistogram(bins=histogram.bins(gaps))
+                                     ).model_dump_json().encode()
         return TelemetryReport(
             device=device, window_start=now - self.interval_s, window_end=now, count=5,
             ttft_ms=LatencyPercentiles(p50=base * 5, p95=base * 6, p99=base * 7),
             per_token_ms=LatencyPercentiles(p50=base, p95=base * 1.2, p99=base * 1.3),
             tokens_per_s=1000.0 / base, model_version=self.version,
-            execution_path="onnxruntime:cpu").model_dump_json().encode()
+            execution_path="onnxruntime:cpu").model_dump_json().encode(), hist
 
     def _health(self, device: str) -> bytes:
         return DeviceHealth(device=device, ts=time.time(), uptime_s=60.0, rss_bytes=self.rng.randrange(200, 400) << 20,
@@ -228,13 +240,14 @@ class SimSwarm:
         """Serve the connections and publish telemetry for `duration_s`; reports sent in this run."""
         import selectors
 
-        from agent.topics import health_topic, telemetry_topic
+        from agent.topics import health_topic, latency_topic, telemetry_topic
 
         sel = selectors.DefaultSelector()
         for device, client in self.clients.items():
             sel.register(client.socket(), selectors.EVENT_READ, client)
         topics = {d: telemetry_topic(self.fleet, d) for d in self.devices}
         health_topics = {d: health_topic(self.fleet, d) for d in self.devices}
+        latency_topics = {d: latency_topic(self.fleet, d) for d in self.devices}
         n = len(self.devices)
         start = time.time()
         due = [(start + self.interval_s * i / n, d) for i, d in enumerate(self.devices)]  # sorted by time
@@ -249,7 +262,10 @@ class SimSwarm:
                         break
                     t, d = due[nxt]
                     client = self.clients[d]
-                    client.publish(topics[d], self._report(d), qos=1)
+                    report, hist = self._report(d)
+                    if hist is not None:
+                        client.publish(latency_topics[d], hist, qos=1)
+                    client.publish(topics[d], report, qos=1)
                     if self.health:
                         client.publish(health_topics[d], self._health(d), qos=0)
                     if client.want_write():

@@ -134,13 +134,16 @@ def latency_row(fleet: str, h: dict) -> LatencyRow:
 
 def _histogram_percentiles(blobs: list[bytes | None]) -> tuple[float, float] | None:
     """p50 and p95 (ms) of the sum of stored histograms; None when they hold no latency."""
-    data = b"".join(b for b in blobs if b)
+    data = b"".join(filter(None, blobs))
     if not data:
         return None
     pairs = np.frombuffer(data, dtype="<i4").reshape(-1, 2)
-    counts = np.bincount(pairs[:, 0] - histogram.MIN_INDEX, weights=pairs[:, 1].astype(np.float64))
-    return tuple(histogram.quantiles({i + histogram.MIN_INDEX: c for i, c in enumerate(counts) if c},
-                                     (0.5, 0.95)))
+    cumulative = np.cumsum(np.bincount(pairs[:, 0] - histogram.MIN_INDEX, weights=pairs[:, 1].astype(np.float64)))
+    # the bucket holding rank floor(q (n - 1)) (0-based), as agent.histogram.quantiles
+    ranks = np.floor(np.array([0.5, 0.95]) * (cumulative[-1] - 1))
+    p50, p95 = (histogram.value_of(int(i) + histogram.MIN_INDEX) for i in np.searchsorted(cumulative, ranks,
+                                                                                           side="right"))
+    return p50, p95
 
 
 def telemetry_row(fleet: str, r: dict) -> tuple:

@@ -125,8 +125,11 @@ def apply_repetition_penalty(logits: np.ndarray, history: list[int], penalty: fl
         return logits
     logits = logits.copy()
     seen = history.distinct() if isinstance(history, TokenHistory) else np.unique(np.asarray(history))
-    vals = logits[seen]
-    logits[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    vals = logits[seen].astype(np.float64)
+    # within the logits' own range: a tiny penalty (1e-38 in float32) made a positive logit inf, and inf - inf the
+    # NaN probabilities that failed the request (a 500, or a stream cut after its first chunk)
+    top = float(np.finfo(logits.dtype).max) if np.issubdtype(logits.dtype, np.floating) else np.inf
+    logits[seen] = np.clip(np.where(vals > 0, vals / penalty, vals * penalty), -top, top)
     return logits
 
 

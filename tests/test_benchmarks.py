@@ -54,6 +54,8 @@ BAD_VALUES = [
     ("soak.py", ["--agent-env", "BADVALUE"], "--agent-env", "NAME=VALUE"),
     ("soak.py", ["--skip", "nosuch"], "--skip", "allowed: stream-completion"),
     ("soak.py", ["--minutes", "0"], "--minutes", "> 0"),
+    ("latency_histograms.py", ["--devices", "0"], "--devices", "integers >= 1"),
+    ("latency_histograms.py", ["--windows", "0"], "--windows", ">= 1"),
     ("fleet_scale.py", ["--steps", "0,5"], "--steps", "integers >= 1"),
     ("fleet_scale.py", ["--duration", "0"], "--duration", "> 0"),
     ("ota_transfer.py", ["--chunk-kib", "1024"], "--chunk-kib", "[4, 512]"),

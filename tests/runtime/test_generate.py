@@ -39,6 +39,24 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
     np.testing.assert_allclose(out, [1.0, -4.0, 2.0])
 
 
+
+@pytest.mark.parametrize("penalty", [1e-20, 1e-38, 1e-45, 1e-300, 5e-324])
+def test_a_tiny_repetition_penalty_samples_the_seen_positive_tokens(penalty):
+    """A penalty inside the allowed (0, 10] that overflows float32 (a positive logit / 1e-38): the request failed
+    on NaN probabilities (HTTP 500, or a stream cut after its first chunk). In the limit the seen tokens with
+    positive logits take all the mass, and so they do."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, 64).astype(np.float32)
+    logits[[3, 9]], logits[5] = (2.5, 4.0), -1.0
+    history = [3, 9, 5]
+    penalised = apply_repetition_penalty(logits, history, penalty)
+    assert np.isfinite(penalised).all() and penalised.dtype == np.float32
+    assert penalised[5] <= 0 and penalised[5] > -1.0 - 1e-6  # negative logits shrink toward 0
+    got = {sample(logits, SamplingParams(temperature=1.0, repetition_penalty=penalty), np.random.default_rng(s),
+                  history) for s in range(50)}
+    assert got <= {3, 9}, got
+    assert sample(logits, SamplingParams(temperature=0.0, repetition_penalty=penalty), rng, history) in (3, 9)
+
 def test_greedy_and_seeded_sampling():
     logits = np.array([0.1, 3.0, 2.9, -1.0])
     assert sample(logits, SamplingParams(), np.random.default_rng(0), []) == 1
