@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.topics import state_topic, telemetry_topic
+from agent.topics import latency_topic, state_topic, telemetry_topic
 from broker import free_port
 
 FLEET, DEVICE = "fleet1", "tdev"
@@ -34,10 +34,11 @@ class TelemetryCollector:
     def __init__(self, port: int):
         self.reports: queue.Queue = queue.Queue()
         self.online: queue.Queue = queue.Queue()
+        self.histograms: dict[float, dict] = {}  # window_end -> LatencyHistograms, in arrival order
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="telemetry-collector",
                                   protocol=paho.MQTTv5)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(
-            [(telemetry_topic(FLEET, DEVICE), 1), (state_topic(FLEET, DEVICE), 1)])
+            [(telemetry_topic(FLEET, DEVICE), 1), (state_topic(FLEET, DEVICE), 1), (latency_topic(FLEET, DEVICE), 1)])
         self.client.on_message = self._message
         self.client.reconnect_delay_set(0.1, 0.5)
         props = Properties(PacketTypes.CONNECT)
@@ -49,6 +50,9 @@ class TelemetryCollector:
         if not msg.payload:
             return
         data = json.loads(msg.payload)
+        if msg.topic == latency_topic(FLEET, DEVICE):
+            self.histograms[data["window_end"]] = data
+            return
         (self.reports if msg.topic == telemetry_topic(FLEET, DEVICE) else self.online).put(data)
 
     def wait_online(self, timeout: float = 120.0) -> None:
@@ -87,7 +91,7 @@ def summary(reports: list[dict]) -> list[tuple]:
     return [(r["window_start"], r["window_end"], r["count"], r["dropped_reports"]) for r in reports]
 
 
-def start_agent(tmp_path, bundle, keys, broker_port: int, buffer: int):
+def start_agent(tmp_path, bundle, keys, broker_port: int, buffer: int, histograms: bool = True):
     http_port = free_port()
     config = tmp_path / "agent.toml"
     config.write_text(f"""
@@ -104,6 +108,7 @@ port = {http_port}
 
 [telemetry]
 interval_s = 0.3
+histograms = {str(histograms).lower()}
 
 [mqtt]
 enabled = true
@@ -121,12 +126,17 @@ trusted_keys = "{keys}"
     return proc, http_port
 
 
+GENERATED: list[int] = []  # completion_tokens of every answer `complete` got, in order
+
+
 def complete(port: int) -> None:
     body = json.dumps({"prompt": "def main(", "max_tokens": 3}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
-        assert json.loads(resp.read())["usage"]["completion_tokens"] >= 1
+        tokens = json.loads(resp.read())["usage"]["completion_tokens"]
+        assert tokens >= 1
+        GENERATED.append(tokens)
 
 
 def wait_ready(port: int, proc, timeout: float = 120.0) -> None:
@@ -151,6 +161,8 @@ def outage(mosquitto, signed_bundles, tmp_path):
     def run(buffer: int, outage_requests: int, spacing_s: float = 1.0) -> tuple[list[dict], int]:
         collector = TelemetryCollector(mosquitto.port)
         collectors.append(collector)
+        run.collector = collector
+        GENERATED.clear()
         proc, http_port = start_agent(tmp_path, signed_bundles["v1"], signed_bundles["keys"], mosquitto.port, buffer)
         procs.append(proc)
         wait_ready(http_port, proc)
@@ -190,6 +202,14 @@ def test_no_telemetry_report_is_lost_through_a_broker_restart(outage):
     busy = [r for r in reports if r["count"]]
     assert len(busy) >= 4  # the outage's requests came in several windows, all delivered (idle ones between them
     # are buffered as one report each stretch: they still cover the time without a gap, checked above)
+    # each busy window's latency histograms came too (buffered with its report, sent just before it), and they
+    # count every latency: one TTFT per request, one per-token gap per token after an answer's first
+    histograms = outage.collector.histograms
+    assert all(r["window_end"] in histograms for r in busy), (sorted(histograms), summary(busy))
+    counted = lambda h, kind: sum(c for _, c in (h[kind] or {"bins": []})["bins"])  # noqa: E731
+    assert [counted(histograms[r["window_end"]], "ttft_ms") for r in busy] == [r["count"] for r in busy]
+    assert sum(counted(histograms[r["window_end"]], "per_token_ms") for r in busy) == sum(t - 1 for t in GENERATED)
+    assert not set(histograms) - {r["window_end"] for r in busy}  # none for an idle window
 
 
 def test_a_buffer_overflow_during_an_outage_is_counted_not_silent(outage):
@@ -199,3 +219,22 @@ def test_a_buffer_overflow_during_an_outage_is_counted_not_silent(outage):
     gaps = [b["window_start"] - a["window_end"] for a, b in zip(reports, reports[1:])
             if b["window_start"] != a["window_end"]]
     assert dropped >= 1 and gaps, summary(reports)  # reports were lost, and the next one says so
+
+
+def test_telemetry_histograms_false_sends_the_reports_alone(mosquitto, signed_bundles, tmp_path):
+    """`telemetry.histograms = false` (a metered link): the reports, no latency topic."""
+    collector = TelemetryCollector(mosquitto.port)
+    proc, http_port = start_agent(tmp_path, signed_bundles["v1"], signed_bundles["keys"], mosquitto.port, 100,
+                                  histograms=False)
+    try:
+        wait_ready(http_port, proc)
+        collector.wait_online()
+        complete(http_port)
+        complete(http_port)
+        reports = collector.collect_until(lambda got: sum(r["count"] for r in got) >= 2)
+        # a window's histograms go out before its report, on the same connection: by now they would be here
+        assert sum(r["count"] for r in reports) == 2 and collector.histograms == {}
+    finally:
+        proc.kill()
+        proc.wait()
+        collector.close()
