@@ -545,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text with a bundle")
     g.add_argument("prompt")
-    g.add_argument("--bundle", required=True, type=_named_path)
+    g.add_argument("--bundle", required=True, type=_named_path, help="the bundle directory to generate with")
     g.add_argument("--backend", default="auto", help="auto, openvino or onnxruntime")
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--max-tokens", type=int, default=64)
@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_probe)
 
     be = sub.add_parser("bench", help="measure TTFT, decode speed, latency percentiles and memory of a bundle")
-    be.add_argument("--bundle", required=True, type=_named_path)
+    be.add_argument("--bundle", required=True, type=_named_path, help="the bundle directory to measure")
     be.add_argument("--backend", default="auto", help="auto (the autotuned path), onnxruntime or openvino")
     be.add_argument("--device", default="auto", help=DEVICE_HELP)
     be.add_argument("--prompt-tokens", type=int, default=512)
@@ -652,7 +652,20 @@ def build_parser() -> argparse.ArgumentParser:
     _SubParser.owners = owners
     _SubParser.hints = {("edgeglm fleet rollout", "--broker"): "a rollout is driven by `edgeglm fleet serve`, which "
                         "holds the broker connection: rollout takes no --broker, only --db/--config to record it"}
+    _name_subcommands(p)
     return p
+
+
+def _name_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Each group of subcommands named by its choices, as the usage line shows them: `edgeglm fleet` alone said
+    "the following arguments are required: fleet_command" (argparse names a missing one by its dest)."""
+    if parser._subparsers is None:
+        return
+    for action in parser._subparsers._group_actions:
+        if action.metavar is None:
+            action.metavar = "{" + ",".join(action.choices) + "}"
+        for child in dict.fromkeys(action.choices.values()):
+            _name_subcommands(child)
 
 
 def _leaf_parsers(parser: argparse.ArgumentParser):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent import DEVICE_HELP, __version__
 from agent.config import BatchingSettings, CacheSettings, HttpSettings, SamplingSettings
@@ -848,7 +848,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"object": "list", "data": [model_card(model)] if model else []})
 
     def _model(self, api: ApiServer, path: str) -> None:
-        model, wanted = api.current_model(), path[len("/v1/models/"):]
+        # percent-escapes decoded: a client that escapes the id (JavaScript's encodeURIComponent on "m+build.1") got 404
+        model, wanted = api.current_model(), unquote(path[len("/v1/models/"):])
         if model is None:
             raise ApiError(404, f"model {wanted!r} is not served here: no model is loaded", param="model",
                            code="model_not_found")

@@ -38,6 +38,11 @@ def _int(text: str, low: int) -> int:
     return value
 
 
+def int_at_least(low: int):
+    """An argument type: an integer >= `low`."""
+    return lambda text: _int(text, low)
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     return _int(text, 1)

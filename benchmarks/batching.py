@@ -40,6 +40,7 @@ steps, as under real traffic. Nothing asserts on the numbers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ONNX Runtime: steps of this many token rows or more run on the prefill graph, as the "
                         "autotune may set it (default: the bundle's edgeglm.prefill_min_rows)")
     p.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "serve")
-    p.add_argument("--json", action="store_true", help="print the raw samples as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the raw samples as JSON on stdout (the table goes to stderr)")
     args = p.parse_args(argv)
     levels = args.concurrency
     try:
@@ -319,9 +321,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{1000 * r['itl_max']:.0f} ms, "
                       f"foreign CPU {r['foreign_cores']:.2f}", file=sys.stderr)
         merges.append(merge_cost(engine, prompt, args.max_tokens, max(sizes), args.merge_rounds))
-    report(samples, merges, levels, batches)
-    if args.json:
+    if args.json:  # stdout holds the JSON alone (`--json > b.json`); the table goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            report(samples, merges, levels, batches)
         print(json.dumps({"samples": samples, "merge": merges}, indent=1))
+    else:
+        report(samples, merges, levels, batches)
     return 0
 
 

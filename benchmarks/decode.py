@@ -28,7 +28,9 @@ Each engine candidate runs in its own worker process (so where one lands its wei
 not affect another's). `--baseline-src DIR` adds the same engine candidates built from another
 source tree (e.g. `git archive <rev> | tar -x -C DIR`), labelled "before:", with their bundles
 from `--baseline-workdir` (built by that tree's exporter); they are interleaved in the same
-passes, which is the only fair way to compare two versions on a noisy, shared machine.
+passes, which is the only fair way to compare two versions on a noisy, shared machine. After the table
+it prints each candidate against its "before:" twin: the median (and range) of the per-pass decode
+ratios, and the ratio of median TTFTs (`vs_before` in --json).
 """
 
 from __future__ import annotations
@@ -377,6 +379,12 @@ def _measure(args, ckpt, cfg, bundles, trees, candidates, weight_files, on_gpu) 
             "ttft_ms_all": [t * 1e3 for t in s["ttft"]],
             "decode_tok_s_all": s["decode"],
         })
+        before = samples.get(f"before: {name}")
+        if before is not None:  # --baseline-src: the same candidate of the other tree, ran in the same passes
+            ratios = [a / b for a, b in zip(s["decode"], before["decode"])]
+            rows[-1]["vs_before"] = {"decode_median": statistics.median(ratios), "decode_min": min(ratios),
+                                     "decode_max": max(ratios),
+                                     "ttft": statistics.median(s["ttft"]) / statistics.median(before["ttft"])}
     return {
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
                     "read_bandwidth_gb_s": {"before": bw_before, "after": bw_after}},
@@ -401,6 +409,14 @@ def print_table(report: dict) -> None:
               f"{r['vs_best']:>12.2f}x{r['bytes_per_token'] / 1e6:>13.1f}"
               f"{'-' if r['roofline'] is None else format(r['roofline'], '.2f'):>13}"
               f"{r['tokens_agree']:>13}")
+    paired = [r for r in report["results"] if "vs_before" in r]
+    if paired:  # --baseline-src
+        print("\nafter / before (--baseline-src), each candidate against its 'before:' twin of the same passes:")
+        print(f"{'candidate':<28}{'decode (median of per-pass ratios)':>36}{'range':>16}{'TTFT (of medians)':>20}")
+        for r in paired:
+            v = r["vs_before"]
+            print(f"{r['candidate']:<28}{v['decode_median']:>35.2f}x{v['decode_min']:>9.2f}-{v['decode_max']:.2f}x"
+                  f"{v['ttft']:>19.2f}x")
 
 
 def main(argv=None) -> int:

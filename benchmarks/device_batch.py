@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="8,32", help="batch sizes, comma-separated")
     p.add_argument("--repeats", type=int, default=2, help="processes per mode, alternating")
     p.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "serve")
-    p.add_argument("--json", action="store_true", help="print every process's result as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print every process's result as JSON on stdout (the table goes to stderr)")
     p.add_argument("--child", nargs=2, metavar=("BUNDLE", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
@@ -143,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"pass {rep} {mode}: " + json.dumps({k: v for k, v in results[-1].items() if k != "mode"}),
                   file=sys.stderr)
-    if args.json:
-        print(json.dumps(results, indent=2))
+    if args.json:  # stdout holds the JSON alone (`--json > r.json`); the table goes to stderr
+        print(json.dumps(results, indent=2), flush=True)
+        sys.stdout = sys.stderr
     print(f"\n{bundle} on {args.provider}; batch class {results[0]['batch']}; {args.repeats} process(es) per mode\n")
     print("| rows | mode | leave + join ms (median / p90) | batched step ms | GPU GiB after each round "
           "(first process) |")

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=positive_int, default=3, help="prompts per length in each process")
     p.add_argument("--repeats", type=positive_int, default=2, help="processes per mode, alternating")
     p.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "serve")
-    p.add_argument("--json", action="store_true", help="print every process's result as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print every process's result as JSON on stdout (the table goes to stderr)")
     p.add_argument("--child", nargs=2, metavar=("BUNDLE", "PIECES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     lengths, pieces = sorted(args.tokens), args.pieces
@@ -159,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"pass {rep} {'whole' if not mode else f'pieces of {mode}'}: loaded "
                   f"{results[-1]['loaded_mib']:.0f} MiB; " + json.dumps(results[-1]["lengths"]), file=sys.stderr)
-    if args.json:
-        print(json.dumps(results, indent=2))
+    if args.json:  # stdout holds the JSON alone (`--json > r.json`); the table goes to stderr
+        print(json.dumps(results, indent=2), flush=True)
+        sys.stdout = sys.stderr
     print(f"\n{bundle} on {args.device} ({results[0]['graph']}); memory: {results[0]['memory']}; {args.repeats} process(es) per mode, "
           f"{args.runs} prompt(s) per length\n")
     print("| prompt tokens | runs of | prefill ms (median) | first prompt ms | peak above the loaded model, MiB | "

@@ -17,12 +17,13 @@ Numbers and the machine go to docs/performance.md ("OpenVINO reloads").
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from _args import Parser, int_at_least, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,17 +87,15 @@ def child(setting: str, bundle: Path, mode: str, rounds: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, type=Path, help="a bundle with an OpenVINO model")
-    ap.add_argument("--rounds", type=int, default=6, help="load-serve-release rounds per setting")
-    ap.add_argument("--passes", type=int, default=3, help="interleaved speed passes")
+    ap.add_argument("--rounds", type=int_at_least(2), default=6,
+                    help="load-serve-release rounds per setting (>= 2)")
+    ap.add_argument("--passes", type=positive_int, default=3, help="interleaved speed passes")
     args = ap.parse_args()
+    args.bundle = args.bundle.resolve()  # the children run from the repository root: a relative path from anywhere
     if not (args.bundle / "manifest.json").is_file():
-        print(f"--bundle {args.bundle}: no manifest.json there; give a bundle directory", file=sys.stderr)
-        return 2
-    if args.rounds < 2 or args.passes < 1:
-        print("--rounds must be >= 2 and --passes >= 1", file=sys.stderr)
-        return 2
+        ap.error(f"--bundle {args.bundle}: no manifest.json there; give a bundle directory")
     print(f"bundle {args.bundle}; {os.cpu_count()} cores; OpenVINO CPU, 2 threads")
     for setting in ("on", "off"):
         r = child(setting, args.bundle, "leak", args.rounds)

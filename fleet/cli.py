@@ -42,7 +42,12 @@ class FleetError(AgentError):
 
 
 def _broker(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
+    """HOST:PORT, or mqtt://HOST:PORT as `edgeglm demo --broker` takes it."""
+    rest = value[len("mqtt://"):] if value.lower().startswith("mqtt://") else value
+    if "://" in rest:  # mqtts:// and the like: TLS is configured in [mqtt.tls], not by a scheme
+        raise FleetError(f"--broker {value!r}: give HOST:PORT (or mqtt://HOST:PORT); for TLS set [mqtt.tls] ca_file "
+                         "in --config fleet.toml")
+    host, _, port = rest.rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise FleetError(f"--broker {value!r} is not HOST:PORT (e.g. 127.0.0.1:1883)")
     return host, int(port)
@@ -137,7 +142,7 @@ def _lost(exc: ConnectionError, done: list[str], total: int, what: str, again: s
     return FleetError(f"{exc}; {published}; {again}")
 
 
-def _connect(args):
+def _connect(args, serving: bool = False):
     from fleet.controller import FleetController
 
     _, settings = _settings(args)
@@ -146,6 +151,9 @@ def _connect(args):
     except ConnectionError as exc:
         where = "--broker" if getattr(args, "broker", None) else \
             "--broker HOST:PORT (or [mqtt] host/port in --config fleet.toml)"
+        if serving:  # `fleet serve` itself: it is the one that uses the broker
+            raise FleetError(f"{exc}; the controller did not start: is the broker up? give its address with "
+                             f"{where}") from None
         raise FleetError(f"{exc}; nothing was published: is the broker that `fleet serve` uses up? give its address "
                          f"with {where}") from None
 
@@ -163,7 +171,7 @@ def cmd_serve(args) -> int:
     if not 0 <= port <= 65535:
         raise FleetError(f"--http-port {port} is not a port number (0-65535; 0 picks a free one)")
     _check_http_port(cfg.http.host, port)
-    controller = _connect(args)
+    controller = _connect(args, serving=True)
     if token is None and not ipaddress_is_loopback(cfg.http.host):
         logging.getLogger("edgeglm.fleet").warning(
             "HTTP on %s:%d without a metrics token: anyone who reaches it reads /metrics (fleet ids, versions, "
@@ -826,7 +834,8 @@ def register(sub) -> None:
         p.add_argument("--db", help="the controller's SQLite database (default fleet.db, or the config's)")
         p.add_argument("--config", help="fleet.toml (defaults < file < EDGEGLM_* env < flags)")
         if broker:
-            p.add_argument("--broker", help="MQTT broker HOST:PORT (default 127.0.0.1:1883, or the config's)")
+            p.add_argument("--broker", help="MQTT broker HOST:PORT or mqtt://HOST:PORT (default 127.0.0.1:1883, or the "
+                                            "config's)")
 
     s = fsub.add_parser("serve", help="run the controller: registry, latency store, chunk server")
     common(s)
@@ -836,14 +845,15 @@ def register(sub) -> None:
 
     st = fsub.add_parser("status", help="devices, models, latency")
     common(st, broker=False)
-    st.add_argument("--fleet")
+    st.add_argument("--fleet", help="only this fleet's devices and versions (default: every fleet)")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--since", type=float, default=3600.0, help="seconds of telemetry the latency columns cover")
+    st.add_argument("--since", type=float, default=3600.0,
+                    help="seconds of telemetry the latency columns cover (default 3600)")
     st.set_defaults(func=cmd_status)
 
     o = fsub.add_parser("offer", help="offer a signed bundle to one device")
     common(o)
-    o.add_argument("--fleet", required=True)
+    o.add_argument("--fleet", required=True, help="the device's fleet")
     o.add_argument("--device", required=True)
     o.add_argument("--bundle", required=True)
     o.add_argument("--force", action="store_true",

@@ -787,6 +787,12 @@ class RolloutDriver:
             rest = sorted({*(d for d in r.data["rest"] if d in in_target), *in_target}
                           - set(r.data["canaries"]) - {d for d, v in known.items() if version and v == version})
             note = f"; {_few(left)} left {r.group} since the canaries were picked: not offered" if left else ""
+            # a member the registry has never heard from (added to the group before its agent ever connected):
+            # its version is unknown, so it is not offered; named, not dropped without a word
+            unseen = sorted(members - set(known)) if members is not None else []
+            if unseen:
+                note += (f"; {len(unseen)} member(s) of group {r.group} never seen by this controller, not offered: "
+                         f"{_few(unseen)} (offer them with `fleet offer` once their agents have connected)")
             taken = _claimed_by_others(self.store, r, [d for d in rest if d not in r.data.get("offers", {})])
             if taken:  # in another active rollout's target too (a `group add --force`, or one from before the check)
                 rest = [d for d in rest if d not in taken]

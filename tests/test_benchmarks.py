@@ -55,6 +55,8 @@ BAD_VALUES = [
     ("soak.py", ["--skip", "nosuch"], "--skip", "allowed: stream-completion"),
     ("soak.py", ["--minutes", "0"], "--minutes", "> 0"),
     ("latency_histograms.py", ["--devices", "0"], "--devices", "integers >= 1"),
+    ("ov_reload.py", ["--bundle", "/tmp", "--rounds", "1"], "--rounds", "integer >= 2"),
+    ("ov_reload.py", ["--bundle", "/nonexistent"], "--bundle", "no manifest.json"),
     ("latency_histograms.py", ["--windows", "0"], "--windows", ">= 1"),
     ("fleet_scale.py", ["--steps", "0,5"], "--steps", "integers >= 1"),
     ("fleet_scale.py", ["--duration", "0"], "--duration", "> 0"),
@@ -67,7 +69,8 @@ BAD_VALUES = [
                          ids=[f"{s}:{' '.join(a)}" for s, a, _, _ in BAD_VALUES])
 def test_bad_value_is_a_one_line_error(script, args, flag, allowed, tmp_path):
     # a throwaway workdir wherever a script has one: a case that got past its checks builds nothing in the tree
-    work = ["--workdir", str(tmp_path)] if script not in ("fleet_scale.py",) else []
+    no_workdir = ("fleet_scale.py", "ov_reload.py", "latency_histograms.py")
+    work = ["--workdir", str(tmp_path)] if script not in no_workdir else []
     done = subprocess.run([sys.executable, f"benchmarks/{script}", *args, *work], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])

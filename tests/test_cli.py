@@ -279,3 +279,14 @@ def test_a_recipe_that_is_a_directory_is_named_as_one(tmp_path):
     with pytest.raises(RecipeError, match=rf"--recipe {tmp_path}: is a directory; give a recipe TOML file or a "
                                           r"shipped recipe \(edge-small, quick\)"):
         recipe_path(tmp_path)
+
+
+@pytest.mark.parametrize("args,choices", [(["fleet"], "{serve,status,offer,"), (["bundle"], "{keygen,"),
+                                          (["fleet", "group"], "{add,")])
+def test_a_missing_subcommand_is_named_by_its_choices(args, choices):
+    """`edgeglm fleet` alone said "the following arguments are required: fleet_command" (argparse's dest)."""
+    out = edgeglm(*args, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"edgeglm {' '.join(args)}: error: the following arguments are required: {choices}"), error
+    assert "_command" not in out.stderr

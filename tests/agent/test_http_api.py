@@ -79,6 +79,15 @@ def test_models_lists_the_loaded_model(client):
         client.models.retrieve("other-2.0.0")
 
 
+def test_a_percent_escaped_model_id_is_the_id(server):
+    """A client that escapes the id in the path (JavaScript's encodeURIComponent) asks for the same model."""
+    escaped = "".join(f"%{b:02X}" for b in MODEL_ID.encode())
+    resp, body, _ = raw(server, "GET", f"/v1/models/{escaped}")
+    assert resp.status == 200 and json.loads(body)["id"] == MODEL_ID, body
+    resp, body, _ = raw(server, "GET", "/v1/models/other%2D2.0.0")
+    assert resp.status == 404 and "'other-2.0.0'" in json.loads(body)["error"]["message"], body
+
+
 def test_greedy_completion_equals_runtime_generate(client, model):
     ids, out, text = direct(model, PROMPT, 24)
     r = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=24, temperature=0)

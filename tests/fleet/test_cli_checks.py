@@ -1067,3 +1067,19 @@ def test_a_locked_database_says_so_and_status_reads_a_database_it_may_not_write(
     finally:
         ro.chmod(0o755)
         shutil.rmtree(ro)
+
+
+def test_broker_takes_the_demos_mqtt_url_and_serve_says_it_did_not_start(tmp_path):
+    """`edgeglm demo --broker` takes mqtt://HOST:PORT; `fleet` refused it as "[mqtt] host = 'mqtt://...'", and
+    `fleet serve` with no broker said "nothing was published: is the broker that `fleet serve` uses up?"."""
+    from broker import free_port
+
+    port = free_port()  # nothing listens there
+    out = cli("serve", "--broker", f"mqtt://127.0.0.1:{port}", "--db", str(tmp_path / "f.db"), "--http-port", "0")
+    refused(out, f"127.0.0.1:{port}", "the controller did not start: is the broker up?")
+    assert "nothing was published" not in out.stderr
+    out = cli("offer", "--broker", f"mqtt://127.0.0.1:{port}", "--db", str(tmp_path / "f.db"), "--bundle",
+              str(tmp_path), "--device", "d1", "--fleet", FLEET)
+    assert out.returncode == 2 and "[mqtt] host" not in out.stderr, out.stderr
+    refused(cli("serve", "--broker", f"mqtts://127.0.0.1:{port}", "--db", str(tmp_path / "f.db")),
+            "give HOST:PORT (or mqtt://HOST:PORT)", "[mqtt.tls] ca_file")

@@ -346,7 +346,8 @@ def test_a_device_moved_out_of_the_group_is_not_offered_the_rest(controller, dev
     another rollout) meanwhile was still offered this rollout's version."""
     fleet = [devices(f"g{i}") for i in range(3)]
     until(lambda: len(controller.store.devices(FLEET)) == 3)
-    assert cli("group", "add", "ring1", "--fleet", FLEET, "g0", "g1", "g2", "--db", str(db)).returncode == 0
+    # g9: a member whose agent never connected (its version unknown): not offered, and the report says so
+    assert cli("group", "add", "ring1", "--fleet", FLEET, "g0", "g1", "g2", "g9", "--db", str(db)).returncode == 0
     out = cli("rollout", "--bundle", str(signed_bundles["v2"]), "--group", "ring1", "--canary", "30", "--window", "1",
               "--min-requests", "1", "--db", str(db))
     assert out.returncode == 0, out.stderr
@@ -365,6 +366,8 @@ def test_a_device_moved_out_of_the_group_is_not_offered_the_rest(controller, dev
     r = drive(controller, fleet, rid)
     assert r.phase == "done" and r.data["rest"] == ["g1"], r.data["report"]
     assert "['g2'] left ring1 since the canaries were picked: not offered" in " ".join(r.data["report"])
+    assert "1 member(s) of group ring1 never seen by this controller, not offered: ['g9']" in " ".join(
+        r.data["report"]), r.data["report"]
     assert [len(d.offers) for d in fleet] == [1, 1, 0] and fleet[2].version == "1.0.0"
 
 
