@@ -648,8 +648,12 @@ def cmd_rollback(args) -> int:
     selection = select(store, args.group)
     devices = {(d["fleet"], d["device"]): d for d in store.devices()}
     running = {devices[m]["model_version"] for m in selection.members if m in devices}
-    version, bundle = rollback_target(running, known_bundles(store, load_fleet_config(args.config).bundles.dir),
-                                      args.to)
+    known = known_bundles(store, load_fleet_config(args.config).bundles.dir)
+    served = store.served_versions()
+    version, bundle = rollback_target(running, known, args.to, served)
+    # newer known versions passed over because no device ever served them (their updates failed everywhere)
+    skipped = sorted((v for v in known if v not in served and args.to is None and _between(v, version, running)),
+                     key=parse_version)
     def newer(v) -> bool:  # only devices on a newer version go back; an older one would be upgraded by it
         try:
             return v is not None and parse_version(v) > parse_version(version)
@@ -674,6 +678,9 @@ def cmd_rollback(args) -> int:
                         "device offered one takes the newest)") from None
         finally:
             controller.stop()
+    if skipped:
+        print(f"note: passed over {', '.join(skipped)}: no device of this controller served it (its updates failed, "
+              f"or it was never offered); give --to {skipped[-1]} to roll back to it anyway")
     print(f"rollback of {selection.describe()} to {version} ({bundle}):")
     for fleet, device in move:
         d = devices[(fleet, device)]
@@ -691,6 +698,17 @@ def cmd_rollback(args) -> int:
               " Nothing was offered.")
     print(f"{len(move)} device(s) offered the rollback; {on} already on {version}{older}{never}.{signed}")
     return 0
+
+
+def _between(v: str, low: str, running: set) -> bool:
+    """`v` newer than `low` and older than the newest version of `running`."""
+    from ota.versions import VersionError, parse_version
+
+    try:
+        newest = max((parse_version(r) for r in running if r), default=None)
+        return newest is not None and parse_version(low) < parse_version(v) < newest
+    except VersionError:
+        return False
 
 
 def cmd_group(args) -> int:

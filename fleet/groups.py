@@ -109,8 +109,12 @@ def known_bundles(store: Store, bundles_dir: Path | None = None) -> dict[str, Pa
     return known
 
 
-def rollback_target(running: set[str], known: dict[str, Path], to: str | None = None) -> tuple[str, Path]:
-    """(version, bundle) to roll back to: `to`, or the newest known version older than the newest running."""
+def rollback_target(running: set[str], known: dict[str, Path], to: str | None = None,
+                    served: set[str] | None = None) -> tuple[str, Path]:
+    """(version, bundle) to roll back to: `to`, or the newest known version older than the newest running; with
+    `served` (versions some device of the fleet served, `Store.served_versions`), the newest of those older ones
+    where there is one: a version whose every update failed (a bundle signed by a key the devices do not trust)
+    was picked, and refused by every device."""
     listing = ", ".join(sorted(known, key=parse_version)) or "none"
     versions = [v for v in running if v is not None and _parses(v)]
     newest = max(versions, key=parse_version) if versions else None
@@ -133,7 +137,8 @@ def rollback_target(running: set[str], known: dict[str, Path], to: str | None = 
     if not older:
         raise GroupError(f"no version earlier than {newest} is known (known: {listing}); nothing to roll back to; "
                          f"give --to VERSION with a bundle in bundles.dir")
-    best = max(older, key=parse_version)
+    proven = [v for v in older if served is not None and v in served]
+    best = max(proven or older, key=parse_version)
     return best, known[best]
 
 

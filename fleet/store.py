@@ -784,6 +784,14 @@ class Store:
                                                                    else ""), args, out)
         return out
 
+    def served_versions(self) -> set[str]:
+        """Model versions some device is known to have served: one a device runs now, one telemetry was reported
+        under (within the retention), one an update committed."""
+        rows = self._exec("SELECT model_version FROM devices UNION SELECT DISTINCT model_version FROM telemetry "
+                          "UNION SELECT o.version FROM offers o WHERE EXISTS (SELECT 1 FROM ota_status s WHERE "
+                          "s.update_id = o.update_id AND s.result = 'committed')").fetchall()
+        return {v for (v,) in rows if v}
+
     def lost_reports(self, fleet: str | None, since: float) -> dict[tuple[str, str], int]:
         """Telemetry reports devices said they lost (their offline buffer overflowed during an outage: the
         `dropped_reports` of the first report after it), by device, from the reports stored since `since`."""

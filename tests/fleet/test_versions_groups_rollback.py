@@ -467,3 +467,26 @@ def test_a_canary_whose_latency_could_not_be_compared_is_said_in_the_gate_line(t
     assert r.phase == "rest" and "latency not compared for k0 (no per-token p95 before the update)" in \
         r.data["report"][-1], r.data["report"]
     store.close()
+
+
+def test_rollback_goes_back_to_a_version_a_device_served_not_one_that_never_installed(tmp_path):
+    """1.2.0's offers all failed (signed by a key the devices do not trust), then 1.3.0 went out: a rollback picked
+    1.2.0, the newest known version older than 1.3.0, and every device refused it. It picks 1.1.0, which they
+    served, and says what it passed over; with nothing served it picks as before."""
+    from fleet.groups import rollback_target
+    from fleet.store import Store
+
+    store = Store(tmp_path / "fleet.db")
+    known = {v: tmp_path / f"bundle-{v}" for v in ("1.0.0", "1.1.0", "1.2.0", "1.3.0")}
+    store.upsert_state(FLEET, {"device": "d0", "online": True, "model": {"name": "m", "version": "1.3.0"}})
+    store.add_telemetry(FLEET, {"device": "d0", "window_start": 1.0, "window_end": 2.0, "count": 3,
+                                "model_version": "1.0.0"})
+    for update, version, result in (("u1", "1.1.0", "committed"), ("u2", "1.2.0", "failed")):
+        store.add_offer(update, known[version], version, FLEET, "d0")
+        store.add_ota_status(FLEET, "d0", {"update_id": update, "ts": time.time(), "state": "reporting",
+                                           "result": result})
+    served = store.served_versions()
+    assert served == {"1.0.0", "1.1.0", "1.3.0"}
+    assert rollback_target({"1.3.0"}, known, None, served) == ("1.1.0", known["1.1.0"])
+    assert rollback_target({"1.3.0"}, known, None, {"1.3.0"}) == ("1.2.0", known["1.2.0"])
+    assert rollback_target({"1.3.0"}, known, "1.2.0", served) == ("1.2.0", known["1.2.0"])  # --to decides
