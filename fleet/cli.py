@@ -571,7 +571,11 @@ def cmd_config_set(args) -> int:
 # settings agents gained after the first release, each with what shows that an agent knows it: an older agent refuses
 # a whole desired config naming one (its config sections refuse unknown keys), and every later `config set` merges
 # it in again until KEY=null drops it
-NEWER_SETTINGS = {"telemetry.health_interval_s": "has sent a health snapshot"}
+# settings older agents refuse (the whole desired config with them), and the sign that an agent knows one: the
+# devices that gave it (Store -> {(fleet, device)})
+NEWER_SETTINGS = {"telemetry.health_interval_s": ("has sent a health snapshot", lambda store: set(store.health())),
+                  "telemetry.histograms": ("has sent latency histograms (in the last day)",
+                                           lambda store: store.histogram_senders())}
 
 
 def _warn_older_agents(args, targets: list[tuple[str, str]], published: list[dict]) -> None:
@@ -580,12 +584,12 @@ def _warn_older_agents(args, targets: list[tuple[str, str]], published: list[dic
     db = _settings(args)[1].db
     store = _store(args, db) if Path(db).is_file() else None
     try:
-        health = store.health() if store else {}
+        knows = {key: (sign, given(store) if store else set()) for key, (sign, given) in NEWER_SETTINGS.items()}
     finally:
         if store:
             store.close()
-    for key, sign in NEWER_SETTINGS.items():
-        unsure = [f"{f}/{d}" for (f, d), p in zip(targets, published) if key in named_keys(p) and (f, d) not in health]
+    for key, (sign, told) in knows.items():
+        unsure = [f"{f}/{d}" for (f, d), p in zip(targets, published) if key in named_keys(p) and (f, d) not in told]
         if unsure:
             print(f"edgeglm fleet config set: warning: {key} is newer than some agents, and {', '.join(unsure)} never "
                   f"{sign.removeprefix('has ')} (agents from before it, or with it off): an agent older than "

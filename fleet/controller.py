@@ -66,6 +66,10 @@ PAYLOAD_LIMITS = {"state": 256 * 1024, "telemetry": 64 * 1024, "latency": 64 * 1
                   "ota/chunk/request": 8 * 1024}
 HEALTH_FLUSH_S = 1.0  # device health snapshots wait at most this long for the writer's next telemetry batch
 MAX_BATCH = 5000  # telemetry rows per transaction
+# a device's latency histograms wait (in paho's thread, in memory) for the telemetry report of their window, which
+# its agent sends right after them; at most this many per device (the oldest goes): one that never finds its report
+# (a device sending histograms of windows it does not report) is never stored
+PENDING_HISTOGRAMS = 4
 PRUNE_EVERY_S = 60.0
 STATE_ASK_AGAIN_S = 60.0  # how often the state of a device that reports but is not registered is asked for
 STATE_ASKS_MAX = 3  # and how many times at most (a state this controller refuses would come back every minute)
@@ -183,6 +187,13 @@ class ControllerSettings:
     listen: bool = True
 
 
+class WithHistograms(tuple):
+    """(LatencyRow, telemetry row): a report and its window's histograms, one item of the writer's queue."""
+
+    def __new__(cls, row: tuple, histograms: LatencyRow):
+        return super().__new__(cls, (histograms, row))
+
+
 class FleetController:
     def __init__(self, settings: ControllerSettings):
         self.settings = settings
@@ -221,6 +232,8 @@ class FleetController:
         # the latest DeviceHealth of each device not yet stored (a newer one replaces it): written by the writer
         self._health: dict[tuple[str, str], dict] = {}
         self._health_lock = threading.Lock()
+        # (fleet, device) -> {window_end: (LatencyRow, TTFT count)} waiting for their report (paho's thread only)
+        self._pending_histograms: dict[tuple[str, str], dict[float, tuple[LatencyRow, int]]] = {}
         self._writer = threading.Thread(target=self._write_telemetry, name="fleet-telemetry-writer", daemon=True)
         self._chunk_limit = _RateLimit(settings.chunk_requests_per_s, settings.chunk_burst)
         self._limited_logged: dict[tuple[str, str], float] = {}
@@ -315,6 +328,7 @@ class FleetController:
                     break
             if None in rows:
                 rows, done = [r for r in rows if r is not None], True
+            rows = [part for r in rows for part in (r if isinstance(r, WithHistograms) else (r,))]
             try:
                 self._store_health()
                 if rows:
@@ -470,13 +484,22 @@ class FleetController:
             report = TelemetryReport.model_validate_json(msg.payload)
             if report.device != device:
                 raise ValueError(f"report of device {report.device!r} on the topic of {device!r}")
-            self._telemetry.put(telemetry_row(fleet, report.model_dump()))
+            row = telemetry_row(fleet, report.model_dump())
+            waiting = self._pending_histograms.get((fleet, device))
+            histograms = waiting.pop(report.window_end, None) if waiting else None
+            # stored with the report they belong to, and only if they count no more requests than it does
+            self._telemetry.put(row if histograms is None or histograms[1] > report.count else
+                                WithHistograms(row, histograms[0]))
             self._ask_state_if_unknown(fleet, device)
         elif rest == "latency":
             histograms = LatencyHistograms.model_validate_json(msg.payload)
             if histograms.device != device:
                 raise ValueError(f"latency histograms of device {histograms.device!r} on the topic of {device!r}")
-            self._telemetry.put(latency_row(fleet, histograms.model_dump()))
+            waiting = self._pending_histograms.setdefault((fleet, device), {})
+            waiting[histograms.window_end] = (latency_row(fleet, histograms.model_dump()),
+                                              histograms.ttft_ms.count if histograms.ttft_ms else 0)
+            while len(waiting) > PENDING_HISTOGRAMS:
+                del waiting[next(iter(waiting))]
         elif rest == "health":
             health = DeviceHealth.model_validate_json(msg.payload)
             if health.device != device:

@@ -112,7 +112,7 @@ def known_bundles(store: Store, bundles_dir: Path | None = None) -> dict[str, Pa
 def rollback_target(running: set[str], known: dict[str, Path], to: str | None = None,
                     served: set[str] | None = None) -> tuple[str, Path]:
     """(version, bundle) to roll back to: `to`, or the newest known version older than the newest running; with
-    `served` (versions some device of the fleet served, `Store.served_versions`), the newest of those older ones
+    `served` (versions some device served, `Store.served_versions`), the newest of those older ones
     where there is one: a version whose every update failed (a bundle signed by a key the devices do not trust)
     was picked, and refused by every device."""
     listing = ", ".join(sorted(known, key=parse_version)) or "none"

@@ -113,6 +113,20 @@ def _mib(n) -> str:
     return "?" if n is None else f"{n / 2**20:.0f} MiB"
 
 
+def _like_for_like(base: dict, new: dict) -> tuple[dict, dict, bool]:
+    """The baseline and the new version's latency read the same way: percentiles off histograms on both sides, or
+    else request-weighted means of window percentiles on both (`Store.latency` keeps the means in "means"; a
+    baseline recorded before histograms has only means). One side of each made identical traffic read +95%
+    (a histogram lost on the baseline's side: a false halt) or hid a regression (lost on the new side).
+    Returns (base, new, whether they were read as means because one side had no histograms)."""
+    if base.get("percentiles") == new.get("percentiles") == "histograms" or not new.get("requests"):
+        return base, new, False
+    if base.get("percentiles") == new.get("percentiles") == "window means":
+        return base, new, False
+    return ({**base, **base.get("means", {})}, {**new, **new.get("means", {})},
+            bool(base.get("requests")) and bool(new.get("requests")))
+
+
 def _error_rate(latency: dict) -> float:
     """errors / (requests + errors) of a `Store.latency` result (a failed request is not in `requests`)."""
     errors = latency.get("errors", 0) or 0
@@ -689,6 +703,7 @@ class RolloutDriver:
         problems, uncompared, floored, means = [], [], [], []
         for d in r.data["canaries"]:
             base, new = r.data["baseline"].get(d, {}), self.store.latency(r.fleet, d, r.data["window_start"], version)
+            base, new, mixed = _like_for_like(base, new)
             base_rate, new_rate = _error_rate(base), _error_rate(new)
             # rates, not counts (busier traffic after the update is not a regression), by more than a point
             if new.get("errors", 0) and new_rate > base_rate + ERROR_RATE_FLOOR:
@@ -703,7 +718,7 @@ class RolloutDriver:
             elif base.get("token_p95_ms") and new.get("token_p95_ms"):
                 change = 100.0 * (new["token_p95_ms"] / base["token_p95_ms"] - 1.0)
                 r.data.setdefault("p95_change_pct", {})[d] = round(change, 1)
-                if "window means" in (base.get("percentiles"), new.get("percentiles")):  # not the tokens' p95
+                if mixed:  # one side had no histograms: both compared as means of window p95s
                     means.append(d)
                 # both relative and absolute: sub-millisecond jitter of a tiny model is not a regression
                 delta = new["token_p95_ms"] - base["token_p95_ms"]
@@ -725,8 +740,9 @@ class RolloutDriver:
                                 f"or give a longer --window")
         memory_problems, memory_note = self._memory_gate(r)
         if means:  # an agent without latency histograms: a mean of window p95s can hide a regression on long answers
-            memory_note = (f"; p95 of {', '.join(means)} compared as request-weighted means of window p95s (no latency "
-                           f"histograms from its agent)") + memory_note
+            memory_note = (f"; p95 of {', '.join(means)} compared as request-weighted means of window p95s on both "
+                           f"sides (a window without latency histograms: an agent without them, one lost, or older "
+                           f"than a day)") + memory_note
         if problems or memory_problems:
             self._save(r, "halting", "; ".join((["latency gate failed: " + "; ".join(problems)] if problems else [])
                                                + (["memory gate failed: " + "; ".join(memory_problems)]

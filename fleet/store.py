@@ -105,6 +105,9 @@ READ_IF_PRESENT = {"latency"}
 # latency histograms (the `latency` table) are kept this long at most (the telemetry's retention where shorter):
 # the rollout gate reads its window, `fleet status` and /metrics the last hour; a busy device adds ~0.3 KB a window
 HISTOGRAM_RETENTION_S = 86400.0
+# the share of a range's requests whose windows must have histograms for its percentiles to be read off them
+# (the rest: windows whose histogram was lost, e.g. on the controller's QoS 0 subscription); below it, means
+HISTOGRAM_COVERAGE = 0.9
 # the target of an offer recorded before `offer_targets` existed ('' is no fleet or device id)
 LEGACY = ("", "")
 PRUNE_BATCH = 5000  # telemetry rows the retention deletes per transaction (the store's lock is free between)
@@ -472,20 +475,29 @@ class Store:
 
     def _exact(self, where: str, args: tuple, out: dict) -> None:
         """Replace the window means of `out` (a `latency` or `versions` row) by the percentiles of the summed
-        histograms of the telemetry windows `where` selects, if every one of them that served requests has
-        its histograms (else `out` keeps the means, and says so in `percentiles`)."""
+        histograms of the telemetry windows `where` selects, where the windows that have histograms hold at
+        least HISTOGRAM_COVERAGE of the requests (a histogram lost on the QoS 0 leg leaves its window out;
+        an agent from before histograms leaves every window out: `out` keeps the means, and says so in
+        `percentiles`). The means stay in `out["means"]`: a comparison with a figure read from means (a
+        rollout baseline recorded before histograms) compares means."""
         out["percentiles"] = "window means"
+        out["means"] = {k: out.get(k) for k in ("ttft_p50_ms", "ttft_p95_ms", "token_p50_ms", "token_p95_ms")}
         if not self._has_latency():
             return
-        rows = self._exec("SELECT l.window_end IS NOT NULL, l.ttft, l.per_token FROM telemetry t LEFT JOIN latency l "
-                          "ON l.fleet = t.fleet AND l.device = t.device AND l.window_end = t.window_end WHERE "
-                          "t.count > 0 AND " + where, args).fetchall()
-        if not rows or not all(r[0] for r in rows):
+        # a window counts as covered when it has a histogram of each kind its report has percentiles of (one of
+        # one-token answers has no per-token gaps, in the report or the histograms)
+        rows = self._exec("SELECT l.window_end IS NOT NULL AND (t.ttft_p95 IS NULL OR l.ttft IS NOT NULL) AND "
+                          "(t.token_p95 IS NULL OR l.per_token IS NOT NULL), t.count, l.ttft, l.per_token FROM "
+                          "telemetry t LEFT JOIN latency l ON l.fleet = t.fleet AND l.device = t.device AND "
+                          "l.window_end = t.window_end WHERE t.count > 0 AND " + where, args).fetchall()
+        total, covered = sum(r[1] for r in rows), sum(r[1] for r in rows if r[0])
+        if not covered or covered < HISTOGRAM_COVERAGE * total:
             return
-        for kind, column in (("ttft", 1), ("token", 2)):
-            p = _histogram_percentiles([r[column] for r in rows])
+        for kind, column in (("ttft", 2), ("token", 3)):
+            p = _histogram_percentiles([r[column] for r in rows if r[0]])
             out[f"{kind}_p50_ms"], out[f"{kind}_p95_ms"] = p if p else (None, None)
         out["percentiles"] = "histograms"
+        out["histogram_coverage"] = covered / total
 
     def _back_from_removal(self, rows: list[tuple], now: float) -> list[tuple[str, str]]:
         """(under the lock, in the telemetry transaction) A device removed while its agent ran (`fleet device
@@ -784,12 +796,20 @@ class Store:
                                                                    else ""), args, out)
         return out
 
-    def served_versions(self) -> set[str]:
-        """Model versions some device is known to have served: one a device runs now, one telemetry was reported
-        under (within the retention), one an update committed."""
+    def histogram_senders(self) -> set[tuple[str, str]]:
+        """(fleet, device) of the agents that sent latency histograms (within their retention, a day)."""
+        if not self._has_latency():
+            return set()
+        return {(f, d) for f, d in self._exec("SELECT DISTINCT fleet, device FROM latency").fetchall()}
+
+    def served_versions(self, since_s: float = 86400.0) -> set[str]:
+        """Model versions some device (of any fleet) is known to have served: one a device runs now, one an update
+        committed (within the retention), one telemetry was stored under in the last `since_s` (read on the
+        `stored` index: a whole week's table of a large fleet is hundreds of millions of rows)."""
         rows = self._exec("SELECT model_version FROM devices UNION SELECT DISTINCT model_version FROM telemetry "
-                          "UNION SELECT o.version FROM offers o WHERE EXISTS (SELECT 1 FROM ota_status s WHERE "
-                          "s.update_id = o.update_id AND s.result = 'committed')").fetchall()
+                          "WHERE stored >= ? UNION SELECT o.version FROM offers o WHERE EXISTS (SELECT 1 FROM "
+                          "ota_status s WHERE s.update_id = o.update_id AND s.result = 'committed')",
+                          (self.clock() - since_s,)).fetchall()
         return {v for (v,) in rows if v}
 
     def lost_reports(self, fleet: str | None, since: float) -> dict[tuple[str, str], int]:

@@ -1083,3 +1083,20 @@ def test_broker_takes_the_demos_mqtt_url_and_serve_says_it_did_not_start(tmp_pat
     assert out.returncode == 2 and "[mqtt] host" not in out.stderr, out.stderr
     refused(cli("serve", "--broker", f"mqtts://127.0.0.1:{port}", "--db", str(tmp_path / "f.db")),
             "give HOST:PORT (or mqtt://HOST:PORT)", "[mqtt.tls] ca_file")
+
+
+def test_config_set_telemetry_histograms_names_the_devices_that_never_sent_them(db, mosquitto):
+    """An agent from before latency histograms refuses a desired config with telemetry.histograms: the devices
+    that sent none are named."""
+    from fleet.store import latency_row
+
+    store = Store(db)
+    store.add_latency_many([latency_row(FLEET, {"device": "d1", "window_end": 1.0, "model_version": "1.0.0",
+                                                "ttft_ms": {"bins": [[5, 1]]}, "per_token_ms": None})])
+    store.close()
+    out = cli("config", "set", "--db", str(db), "--broker", f"127.0.0.1:{mosquitto.port}", "--group", FLEET,
+              "telemetry.histograms=false")
+    assert out.returncode == 0, out.stderr
+    warned = [line for line in out.stderr.splitlines() if "telemetry.histograms is newer than some agents" in line]
+    assert len(warned) == 1 and f"{FLEET}/d2 never sent latency histograms (in the last day)" in warned[0], out.stderr
+    assert f"{FLEET}/d1" not in warned[0] and "config set telemetry.histograms=null" in warned[0]

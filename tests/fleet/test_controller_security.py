@@ -461,7 +461,8 @@ def test_telemetry_without_percentiles_breaks_neither_status_nor_metrics_nor_a_r
     until(lambda: controller.store.counter("telemetry_reports") == 4, WAIT)
     assert controller.store.latency(FLEET, "victim", now - 60) == {
         "requests": 4, "errors": 0, "tokens_per_s": None, "ttft_p50_ms": None, "ttft_p95_ms": None,
-        "token_p50_ms": None, "token_p95_ms": None, "percentiles": "window means"}
+        "token_p50_ms": None, "token_p95_ms": None, "percentiles": "window means",
+        "means": {"ttft_p50_ms": None, "ttft_p95_ms": None, "token_p50_ms": None, "token_p95_ms": None}}
     lat = controller.store.latency(FLEET, "mallory", now - 60)
     assert lat["requests"] == 9
     assert lat["token_p95_ms"] == pytest.approx(10.0)  # weighted by the 2 requests that have it, not 9

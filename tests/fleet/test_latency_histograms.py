@@ -13,7 +13,9 @@ import random
 import time
 
 import numpy as np
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import histogram
 from agent.mqtt import MqttSession, MqttSettings
@@ -118,24 +120,43 @@ def test_a_device_p95_is_that_of_all_its_tokens_not_a_mean_of_windows(tmp_path):
     assert row["token_p95_ms"] == pytest.approx(lower(gaps + more_gaps, 95), rel=0.0101)
 
 
-def test_a_window_without_histograms_makes_the_range_fall_back_to_window_means(tmp_path):
+def test_a_lost_histogram_leaves_its_window_out_and_an_agent_without_them_reads_window_means(tmp_path):
     rng = random.Random(2)
     store = Store(tmp_path / "fleet.db")
     t0 = float(int(time.time()))
-    reports, _ = traffic("d0", "1.1.0", t0, 40.0, rng)
-    put(store, reports[:-1])
-    put(store, reports[-1:], histograms=False)  # an agent from before histograms, or one lost
+    reports, gaps = traffic("d0", "1.1.0", t0, 40.0, rng, windows=20)
+    lost = reports[4]  # a short-answer window (20 requests of 63 x 10 / 3...): its histogram lost on the way
+    put(store, [r for r in reports if r is not lost])
+    put(store, [lost], histograms=False)
     lat = store.latency(FLEET, "d0", t0, "1.1.0")
+    total = sum(r.count for r in reports)
+    assert lat["percentiles"] == "histograms" and lat["histogram_coverage"] == pytest.approx(1 - lost.count / total)
+    kept = [g for r, w in zip(reports, windows_gaps(reports, gaps)) if r is not lost for g in w]
+    assert lat["token_p95_ms"] == pytest.approx(lower(kept, 95), rel=0.0101)
+    # an agent from before histograms (none for most of the range): request-weighted means of window percentiles
+    other = Store(tmp_path / "older.db")
+    put(other, reports[:5])
+    put(other, reports[5:], histograms=False)
+    lat = other.latency(FLEET, "d0", t0, "1.1.0")
     assert lat["percentiles"] == "window means"
-    weighted = sum(r.per_token_ms.p95 * r.count for r in reports) / sum(r.count for r in reports)
+    weighted = sum(r.per_token_ms.p95 * r.count for r in reports if r.per_token_ms) / sum(
+        r.count for r in reports if r.per_token_ms)
     assert lat["token_p95_ms"] == pytest.approx(weighted)
-    assert store.latency(FLEET, "d0", reports[-2].window_end, "1.1.0")["percentiles"] == "window means"
-    assert store.latency(FLEET, "d0", reports[0].window_end, "1.1.0")["requests"] > 0
     # histograms past their retention are gone, the reports stay: means again, nothing fails
     store.histogram_retention_s = 1.0
     store.prune(now=reports[-1].window_end + 10)
     assert store._exec("SELECT COUNT(*) FROM latency").fetchone()[0] == 0
     assert store.latency(FLEET, "d0", t0, "1.1.0")["percentiles"] == "window means"
+
+
+def windows_gaps(reports, gaps: list[float]) -> list[list[float]]:
+    """`gaps` (in the order recorded) cut into the reports' windows by their per-token counts."""
+    out, i = [], 0
+    for r in reports:
+        n = sum(c for _, c in r._histograms.per_token_ms.bins) if r._histograms and r._histograms.per_token_ms else 0
+        out.append(gaps[i:i + n])
+        i += n
+    return out
 
 
 def test_the_rollout_gate_halts_a_canary_twice_as_slow_on_long_answers(tmp_path):
@@ -169,6 +190,37 @@ def test_the_rollout_gate_halts_a_canary_twice_as_slow_on_long_answers(tmp_path)
     line = next(x for x in r.data["report"] if "latency gate failed" in x)
     new = float(line.split(" -> ")[1].split(" ms")[0])
     assert new == pytest.approx(lower(gaps, 95), rel=0.011), line
+
+
+def test_the_gate_compares_like_for_like_when_the_baseline_has_no_histograms(tmp_path):
+    """The baseline from an agent without histograms (means of window p95s), the new version's with them (the
+    tokens' p95): the same traffic on both sides read +95% and halted a healthy canary. Both sides are compared
+    as means then, and the verdict says so."""
+    rng = random.Random(5)
+    store = Store(tmp_path / "fleet.db")
+    t0 = float(int(time.time()))
+    store.upsert_state(FLEET, {"device": "d0", "online": True, "model": {"name": "m", "version": "1.0.0"}})
+    put(store, traffic("d0", "1.0.0", t0 - 30, 40.0, rng)[0], histograms=False)
+    driver = RolloutDriver(store, _Offers())
+    bundle = tmp_path / "bundle-1.1.0"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
+    rid = create_rollout(store, bundle, FLEET, canary_pct=100, window_s=10.0, min_requests=1,
+                         max_regression_pct=20.0)
+
+    def tick(now):
+        driver.tick(now)
+        return next(r for r in load_rollouts(store) if r.id == rid)
+    r = tick(t0)
+    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 1, "state": "reporting",
+                                       "result": "committed"})
+    assert tick(t0 + 1).phase == "canary_window"
+    put(store, traffic("d0", "1.1.0", t0 + 2, 40.0, rng)[0])  # the same traffic, with histograms
+    r = tick(t0 + 20)
+    verdict = next(x for x in r.data["report"] if "latency gate" in x)
+    assert "latency gate passed" in verdict, r.data["report"]
+    assert "p95 of d0 compared as request-weighted means of window p95s on both sides" in verdict, verdict
+    assert abs(r.data["p95_change_pct"]["d0"]) < 10
 
 
 class _Offers:
@@ -208,16 +260,46 @@ def test_histograms_travel_from_the_agents_session_to_the_controller(mosquitto, 
         assert float(line.split()[-1]) == pytest.approx(lower(gaps, 95), rel=0.0101)
         row = next(x for x in format_status(ctl.store, FLEET).splitlines() if "dev-h" in x)
         assert f"{lat['token_p95_ms']:.1f}ms " in row and "*" not in row, row
-        # a report without histograms (telemetry.histograms = false, or an older agent) is taken as before
+        # a report without histograms (telemetry.histograms = false, or an older agent) is taken as before; with a
+        # third of the requests in it, the range reads window means
         plain = TelemetryReport(device="dev-h", window_start=reports[-1].window_end,
-                                window_end=reports[-1].window_end + 1, count=1, model_version="1.1.0")
+                                window_end=reports[-1].window_end + 1, count=30, model_version="1.1.0")
         dev.publish_telemetry(plain)
-        until(lambda: ctl.store.latency(FLEET, "dev-h", t0 - 60, "1.1.0").get("requests") == 64)
+        until(lambda: ctl.store.latency(FLEET, "dev-h", t0 - 60, "1.1.0").get("requests") == 93)
         assert ctl.store.latency(FLEET, "dev-h", t0 - 60, "1.1.0")["percentiles"] == "window means"
         status = format_status(ctl.store, FLEET)
         assert "ms* " in next(x for x in status.splitlines() if "dev-h" in x) and "* a request-weighted mean" in status
         assert ctl.store._exec("SELECT COUNT(*) FROM latency").fetchone()[0] == len(reports)
-        assert latency_topic(FLEET, "dev-h").endswith("/dev-h/latency")
+        # histograms are stored with their report only: none for a window never reported, none that count more
+        # requests than their report (a device filling the controller's disk, or skewing the fleet's figures)
+        stray = LatencyHistograms(device="dev-h", window_end=1e12, ttft_ms={"bins": [[5, 1]]})
+        inflated = LatencyHistograms(device="dev-h", window_end=plain.window_end + 1, ttft_ms={"bins": [[5, 999]]})
+        raw = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        raw.connect("127.0.0.1", mosquitto.port)
+        raw.loop_start()
+        for h in (stray, inflated):
+            raw.publish(latency_topic(FLEET, "dev-h"), h.model_dump_json(), qos=1).wait_for_publish(5)
+        raw.loop_stop()
+        raw.disconnect()
+        until(lambda: inflated.window_end in ctl._pending_histograms.get((FLEET, "dev-h"), {}))  # then its report
+        dev.publish_telemetry(TelemetryReport(device="dev-h", window_start=plain.window_end,
+                                              window_end=inflated.window_end, count=1, model_version="1.1.0"))
+        until(lambda: ctl.store.latency(FLEET, "dev-h", t0 - 60, "1.1.0").get("requests") == 94)
+        assert ctl.store._exec("SELECT COUNT(*) FROM latency").fetchone()[0] == len(reports)
     finally:
         dev.close()
         ctl.stop()
+
+
+def test_a_window_whose_histograms_miss_a_kind_its_report_has_is_not_covered(tmp_path):
+    """A histogram without TTFT for a window whose report has TTFT percentiles (a buggy agent): counted as covered,
+    its requests dropped out of the TTFT figure, which read None under "histograms"."""
+    rng = random.Random(6)
+    store = Store(tmp_path / "fleet.db")
+    t0 = float(int(time.time()))
+    reports, _ = traffic("d0", "1.1.0", t0, 40.0, rng, windows=4)
+    for r in reports:
+        r._histograms = r._histograms.model_copy(update={"ttft_ms": None})
+    put(store, reports)
+    lat = store.latency(FLEET, "d0", t0, "1.1.0")
+    assert lat["percentiles"] == "window means" and lat["ttft_p95_ms"] is not None
