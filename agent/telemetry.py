@@ -15,7 +15,8 @@ as a gap (the agent says how many it lost in `dropped_reports`; the controller c
 window: what was served before it is reported under the model that served it, not the new one.
 Requests still running on the old model when it is switched finish on it: their latency and
 their errors (a request whose model went away under it is answered 503) go to the old model's
-window, which is held back until none of them is in flight (at most `HOLD_S`). A fleet's
+window, which is held back until none of them is in flight (at most `HOLD_S`); a request that outlives a
+report goes on in the window opened then (`_Window.forward`), which a later switch holds back for it the same way. A fleet's
 rollout gate compares the new version's reports with the old one's: the switch itself must not
 count against the new version.
 """
@@ -68,7 +69,11 @@ class _Window:
     start: float
     end: float | None = None  # set when cut at a model switch
     cut_at: float = 0.0  # monotonic time of the cut (for HOLD_S)
-    in_flight: int = 0  # requests that began in this window and have not finished
+    in_flight: int = 0  # requests that began in this window (or were handed on to it) and have not finished
+    # reported while requests that began in it still ran: they go on in the window opened then (same model), which
+    # waits for them at a switch as its own (a request that outlived a report and then a switch was counted under
+    # the new model, the old one's window long gone)
+    forward: "_Window | None" = None
     count: int = 0
     errors: int = 0
     tokens: int = 0
@@ -158,12 +163,13 @@ class LatencyWindow:
         finally:
             if w is not None:
                 with self._lock:
-                    w.in_flight -= 1
+                    _followed(w).in_flight -= 1
 
     def _target(self, label: Label | None, window: _Window | None) -> _Window:
         """(under the lock) `window` (what `serving` yielded) while it is still open or waiting to be reported,
         else the window of `label`: after A -> B -> A, a request that began in the first A window is counted
         there, not in the second."""
+        window = _followed(window) if window is not None else None
         if window is not None and window.label == label and (window is self._open or any(w is window for w in
                                                                                              self._cut)):
             return window
@@ -210,8 +216,17 @@ class LatencyWindow:
             reports = [w.report(device, w.end) for w in ready]
             end = self._stamp(now)
             reports.append(self._open.report(device, end))
-            self._open = _Window(self._open.label, end)
+            old, self._open = self._open, _Window(self._open.label, end)
+            if old.in_flight:  # its running requests go on in the new window (see _Window.forward)
+                old.forward, self._open.in_flight, old.in_flight = self._open, old.in_flight, 0
         return reports
+
+
+def _followed(w: _Window) -> _Window:
+    """The window a request that began in `w` is counted in now (`w`, or where it was handed on at a report)."""
+    while w.forward is not None:
+        w = w.forward
+    return w
 
 
 def hottest_zone_c(pattern: str = "/sys/class/thermal/thermal_zone*/temp") -> float | None:

@@ -155,3 +155,31 @@ def test_a_request_the_new_model_takes_before_the_window_switches_is_counted_und
         w.switch(NEW)
         w.record(0.02, [0.002], 1, 0.002, label=NEW, window=began)
     assert [(r.model_version, r.count) for r in w.take("dev")] == [("1.0.0", 1), ("1.1.0", 1)]
+
+
+def test_a_request_that_outlives_a_report_and_then_a_switch_is_counted_under_its_model():
+    """A long answer on the old model ran across a report, then an update switched the model: the window opened at
+    the report was empty with nothing in flight, so the switch relabelled it to the new model, and the answer
+    was counted under the new version (half of a canary's first new-version window, in review)."""
+    w = LatencyWindow(label=OLD)
+    with w.serving(OLD) as began:
+        first = w.take("dev")  # a report while it runs
+        assert [(r.model_version, r.count) for r in first] == [("1.0.0", 0)]
+        w.switch(NEW)  # the update: the old model's window must wait for the answer
+        w.record(0.02, [0.002], 2, 0.002, label=NEW)
+        assert [(r.model_version, r.count) for r in w.take("dev")] == [("1.1.0", 1)]
+        w.record(3.0, [0.004] * 99, 100, 0.4, label=OLD, window=began)
+    reports = w.take("dev")
+    assert [(r.model_version, r.count) for r in reports] == [("1.0.0", 1), ("1.1.0", 0)]
+    assert reports[0].ttft_ms.p50 == 3000.0 and reports[0]._histograms.per_token_ms.count == 99
+    assert reports[0].window_start == first[0].window_end  # the window opened at that report, held at the switch
+
+
+def test_a_request_that_outlives_a_report_stays_with_its_model_when_nothing_switches():
+    w = LatencyWindow(label=OLD)
+    with w.serving(OLD) as began:
+        w.take("dev")
+        w.take("dev")
+        w.record(1.0, [0.004], 2, 0.004, label=OLD, window=began)
+    assert [(r.model_version, r.count) for r in w.take("dev")] == [("1.0.0", 1)]
+    assert w._open.in_flight == 0
