@@ -392,7 +392,11 @@ def check_teacher(teacher: Path) -> GlmConfig:
     problem = checkpoint_dir_problem(teacher)
     if problem:
         raise BuildError(f"--teacher {teacher}: {problem}")
-    cfg = GlmConfig.from_file(teacher / "config.json")  # CheckpointError names another architecture
+    try:  # (names another architecture, or a folder that is no checkpoint)
+        cfg = GlmConfig.from_file(teacher / "config.json")
+    except CheckpointError as exc:
+        raise BuildError(f"--teacher {teacher}: {exc}; give a GLM checkpoint directory (config.json, "
+                         "model.safetensors, tokenizer.json); nothing was written") from None
     try:  # headers only: missing, truncated or misshapen weights are found now, not after tokenizing
         check_weight_headers(teacher, cfg)
     except CheckpointError as exc:
@@ -677,10 +681,16 @@ def _interrupted(work: Path, reached: _Reached, detail: str = "") -> BuildInterr
                             "the same command with --resume continues from there")
 
 
-def _say_resuming(inputs: BuildInputs, state: "_State", progress: bool) -> None:
+def _say_resuming(inputs: BuildInputs, state: "_State", progress: bool, fresh: bool = False) -> None:
     """One line on stderr (not with --quiet) when --resume found stages done; distillation's own line says the
     step it continues from (models/distill.py)."""
     done = _stages_done(state.data)
+    if inputs.resume and fresh:  # (`fresh`: the work directory was new or empty) said even with --quiet: it costs a
+        # whole distillation
+        tqdm.write(f"edgeglm build: warning: --resume: no build to continue in --work {inputs.work} (new or empty): "
+                   f"starting a new build from the first stage; a build with another --out keeps its stages in its "
+                   f"own work directory (default: that --out's name + .work): give it as --work to continue that "
+                   f"build", file=sys.stderr)
     if progress and inputs.resume and done:
         changed = export_difference(inputs, state.data)
         if changed:
@@ -717,7 +727,7 @@ def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
         try:
             plan, train, heldout = plan_build(inputs, progress, reached)
             state = _State(inputs)
-            _say_resuming(inputs, state, progress)
+            _say_resuming(inputs, state, progress, fresh)
             # what the earlier run recorded of the inputs (a work directory of an older edgeglm has no
             # corpus_sha256 and no teacher_sha256: what it lacks is not compared)
             previous = state.done("check")

@@ -109,6 +109,25 @@ def test_resume_skips_finished_stages_and_a_used_work_dir_needs_resume(built, ca
     assert not (built["root"] / "third").exists()
 
 
+def test_resume_into_a_new_work_directory_says_it_starts_a_new_build(built, capsys, monkeypatch):
+    """`--resume` with a new `--out` and no `--work` (its default follows --out: a new, empty directory) rebuilt
+    everything, distillation included, with exit 0 and not a word (helper-150)."""
+    import models.build as build
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(build, "run_prune", stop)  # (what it says before the first long stage is the point)
+    args = ["build", "--teacher", str(built["teacher"]), "--corpus", *map(str, corpus_files()), "--recipe", "quick",
+            "--out", str(built["root"] / "elsewhere"), "--quiet", "--resume"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert f"warning: --resume: no build to continue in --work {built['root'] / 'elsewhere.work'} (new or empty): " \
+        "starting a new build" in err and "give it as --work" in err, err
+    assert main(args[:-1] + ["--work", str(built["work"]), "--resume", "--out", str(built["root"] / "elsewhere2")]) \
+        == 0  # the finished build's --work: resumed, nothing to warn about
+    assert "no build to continue" not in capsys.readouterr().err
+
+
 def test_resume_with_only_export_settings_changed_exports_again_and_keeps_the_student(built, capsys, monkeypatch):
     """Bumping `[export] version` (or another export setting) made --resume refuse the work directory as another
     build: a new version of the same student meant distilling again. The export stage (and the report) are
@@ -323,6 +342,8 @@ EARLY = {
     "corpus missing": (dict(corpus="missing"), ["--corpus ", "missing.txt: training text not found",
                                                 "nothing was written"]),
     "teacher is a file": (dict(teacher="file"), ["model.safetensors: is a file; give the checkpoint's directory"]),
+    "teacher is no checkpoint": (dict(teacher="no checkpoint"), ["--teacher ", "config.json not found",
+                                                                 "give a GLM checkpoint directory", "nothing was written"]),
     "out is no bundle name": (dict(out="my bundle"), ["--out ", "'my bundle' is not a bundle name",
                                                       "set [export] name in"]),
     "recipe version": (dict(recipe={'version = "0.1.0"': 'version = "v1"'}),
@@ -350,6 +371,10 @@ def test_cheap_checks_come_before_the_work_directory_is_made(raw_teacher, tmp_pa
         corpus = corpus + [tmp_path / "latin1.txt"]
     recipe = _recipe(tmp_path, **how["recipe"]) if "recipe" in how else QUICK
     teacher = raw_teacher / "model.safetensors" if how.get("teacher") == "file" else raw_teacher
+    if how.get("teacher") == "no checkpoint":  # a folder of something else
+        teacher = tmp_path / "notes"
+        teacher.mkdir()
+        (teacher / "readme.txt").write_text("not a model\n")
     if how.get("teacher") == "big tokenizer":  # the teacher with another model's (larger) tokenizer
         import shutil
 
