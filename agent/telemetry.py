@@ -219,14 +219,19 @@ class LatencyWindow:
             old, self._open = self._open, _Window(self._open.label, end)
             if old.in_flight:  # its running requests go on in the new window (see _Window.forward)
                 old.forward, self._open.in_flight, old.in_flight = self._open, old.in_flight, 0
+            for w in ready + [old]:  # reported: its samples are not needed again (a long request holds it)
+                w.ttft, w.per_token, w.counted = [], [], {"ttft": Counter(), "per_token": Counter()}
         return reports
 
 
 def _followed(w: _Window) -> _Window:
     """The window a request that began in `w` is counted in now (`w`, or where it was handed on at a report)."""
-    while w.forward is not None:
-        w = w.forward
-    return w
+    end = w
+    while end.forward is not None:
+        end = end.forward
+    while w.forward is not None and w.forward is not end:  # shortened: each hop points at the end now
+        w.forward, w = end, w.forward
+    return end
 
 
 def hottest_zone_c(pattern: str = "/sys/class/thermal/thermal_zone*/temp") -> float | None:

@@ -708,9 +708,14 @@ def _between(v: str, low: str, running: set) -> bool:
     """`v` newer than `low` and older than the newest version of `running`."""
     from ota.versions import VersionError, parse_version
 
+    parsed = []
+    for r in running:  # (a version that does not parse is left out, as rollback_target does)
+        try:
+            parsed.append(parse_version(r))
+        except (VersionError, TypeError):
+            continue
     try:
-        newest = max((parse_version(r) for r in running if r), default=None)
-        return newest is not None and parse_version(low) < parse_version(v) < newest
+        return bool(parsed) and parse_version(low) < parse_version(v) < max(parsed)
     except VersionError:
         return False
 

@@ -183,3 +183,22 @@ def test_a_request_that_outlives_a_report_stays_with_its_model_when_nothing_swit
         w.record(1.0, [0.004], 2, 0.004, label=OLD, window=began)
     assert [(r.model_version, r.count) for r in w.take("dev")] == [("1.0.0", 1)]
     assert w._open.in_flight == 0
+
+
+def test_a_request_running_across_many_reports_holds_no_reported_samples():
+    """The windows a long request was handed on through are reported: their samples are let go (a stalled
+    stream held every window's samples, up to 20,000 per kind each, for as long as it ran)."""
+    w = LatencyWindow(label=OLD)
+    with w.serving(OLD) as began:
+        for _ in range(30):
+            w.record(0.01, [0.001] * 500, 501, 0.5)
+            w.take("dev")
+        hop, chain = began, []
+        while hop.forward is not None:
+            chain.append(hop)
+            hop = hop.forward
+        assert hop is w._open and len(chain) == 30
+        assert all(h.ttft == [] and h.per_token == [] and not h.counted["per_token"] for h in chain)
+        w.record(0.5, [0.002], 2, 0.002, label=OLD, window=began)
+        assert began.forward is w._open  # the way shortened once walked
+    assert [(r.model_version, r.count) for r in w.take("dev")] == [("1.0.0", 1)]
