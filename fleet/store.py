@@ -516,6 +516,16 @@ class Store:
                 back.append((fleet, device))
         return back
 
+    def _delete_stored_before(self, table: str, cutoff: float) -> int:
+        """Delete the rows of `table` (telemetry, latency) stored before `cutoff`, PRUNE_BATCH per transaction."""
+        n = 0
+        while True:
+            deleted = self._exec(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE stored < ? "
+                                 "LIMIT ?)", (cutoff, PRUNE_BATCH)).rowcount
+            n += deleted
+            if deleted < PRUNE_BATCH:
+                return n
+
     def prune(self, now: float | None = None) -> int:
         """Delete telemetry and OTA statuses older than the retention, except each device's last result for
         each update (what rollouts and `fleet status` read), and offers older than the retention that no
@@ -526,20 +536,8 @@ class Store:
         # in batches, each its own transaction under the lock: paho's network thread waits on the lock for every
         # state and OTA status, and one DELETE of millions of rows (a retention lowered on a large database) held
         # it for half a minute, every state of the fleet waiting behind it
-        n = 0
-        while True:
-            deleted = self._exec("DELETE FROM telemetry WHERE rowid IN (SELECT rowid FROM telemetry WHERE stored < ? "
-                                 "LIMIT ?)", (cutoff, PRUNE_BATCH)).rowcount
-            n += deleted
-            if deleted < PRUNE_BATCH:
-                break
-        histograms = (self.clock() if now is None else now) - self.histogram_retention_s
-        while True:
-            deleted = self._exec("DELETE FROM latency WHERE rowid IN (SELECT rowid FROM latency WHERE stored < ? "
-                                 "LIMIT ?)", (histograms, PRUNE_BATCH)).rowcount
-            n += deleted
-            if deleted < PRUNE_BATCH:
-                break
+        n = self._delete_stored_before("telemetry", cutoff)
+        n += self._delete_stored_before("latency", (self.clock() if now is None else now) - self.histogram_retention_s)
         n += self._exec("DELETE FROM health WHERE received < ? AND NOT EXISTS (SELECT 1 FROM devices d WHERE "
                         "d.fleet = health.fleet AND d.device = health.device)", (cutoff,)).rowcount
         # on the controller's clock (`received`; rows from before it: the device's `ts`): a box whose clock is

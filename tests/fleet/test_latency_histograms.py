@@ -168,21 +168,7 @@ def test_the_rollout_gate_halts_a_canary_twice_as_slow_on_long_answers(tmp_path)
     for d in ("d0", "d1"):
         store.upsert_state(FLEET, {"device": d, "online": True, "model": {"name": "m", "version": "1.0.0"}})
         put(store, traffic(d, "1.0.0", t0 - 30, 20.0, rng)[0])
-    driver = RolloutDriver(store, _Offers())
-    bundle = tmp_path / "bundle-1.1.0"
-    bundle.mkdir()
-    (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
-    rid = create_rollout(store, bundle, FLEET, canary_pct=50, window_s=10.0, min_requests=1,
-                         max_regression_pct=20.0)
-
-    def tick(now):
-        driver.tick(now)
-        return next(r for r in load_rollouts(store) if r.id == rid)
-    r = tick(t0)
-    canary = r.data["canaries"][0]
-    store.add_ota_status(FLEET, canary, {"update_id": r.data["offers"][canary], "ts": t0 + 1, "state": "reporting",
-                                         "result": "committed"})
-    assert tick(t0 + 1).phase == "canary_window"
+    canary, tick = canary_committed(store, tmp_path, t0, canary_pct=50)
     reports, gaps = traffic(canary, "1.1.0", t0 + 2, 40.0, rng)
     put(store, reports)
     r = tick(t0 + 20)
@@ -201,26 +187,35 @@ def test_the_gate_compares_like_for_like_when_the_baseline_has_no_histograms(tmp
     t0 = float(int(time.time()))
     store.upsert_state(FLEET, {"device": "d0", "online": True, "model": {"name": "m", "version": "1.0.0"}})
     put(store, traffic("d0", "1.0.0", t0 - 30, 40.0, rng)[0], histograms=False)
-    driver = RolloutDriver(store, _Offers())
-    bundle = tmp_path / "bundle-1.1.0"
-    bundle.mkdir()
-    (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
-    rid = create_rollout(store, bundle, FLEET, canary_pct=100, window_s=10.0, min_requests=1,
-                         max_regression_pct=20.0)
-
-    def tick(now):
-        driver.tick(now)
-        return next(r for r in load_rollouts(store) if r.id == rid)
-    r = tick(t0)
-    store.add_ota_status(FLEET, "d0", {"update_id": r.data["offers"]["d0"], "ts": t0 + 1, "state": "reporting",
-                                       "result": "committed"})
-    assert tick(t0 + 1).phase == "canary_window"
+    canary, tick = canary_committed(store, tmp_path, t0, canary_pct=100)
+    assert canary == "d0"
     put(store, traffic("d0", "1.1.0", t0 + 2, 40.0, rng)[0])  # the same traffic, with histograms
     r = tick(t0 + 20)
     verdict = next(x for x in r.data["report"] if "latency gate" in x)
     assert "latency gate passed" in verdict, r.data["report"]
     assert "p95 of d0 compared as request-weighted means of window p95s on both sides" in verdict, verdict
     assert abs(r.data["p95_change_pct"]["d0"]) < 10
+
+
+def canary_committed(store: Store, tmp_path, t0: float, canary_pct: float):
+    """A rollout of 1.1.0 (gate: +20%, 10 s window, 1 request) whose first canary committed at t0 + 1: (canary,
+    tick(now) -> the rollout)."""
+    driver = RolloutDriver(store, _Offers())
+    bundle = tmp_path / "bundle-1.1.0"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text('{"version": "1.1.0"}')
+    rid = create_rollout(store, bundle, FLEET, canary_pct=canary_pct, window_s=10.0, min_requests=1,
+                         max_regression_pct=20.0)
+
+    def tick(now):
+        driver.tick(now)
+        return next(r for r in load_rollouts(store) if r.id == rid)
+    r = tick(t0)
+    canary = r.data["canaries"][0]
+    store.add_ota_status(FLEET, canary, {"update_id": r.data["offers"][canary], "ts": t0 + 1, "state": "reporting",
+                                         "result": "committed"})
+    assert tick(t0 + 1).phase == "canary_window"
+    return canary, tick
 
 
 class _Offers:
