@@ -627,6 +627,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.1"
         error = ApiError(code, message or self.responses.get(code, ("error",))[0],
                          type="server_error" if code >= 500 else "invalid_request_error")
+        # answered before any route: counted here (they never reach _dispatch's counters), as "unmatched"; before
+        # the answer goes out, so that a scrape after it sees them
+        metrics = self.server.api.metrics
+        metrics.requests.inc(endpoint="unmatched", code=str(code))
+        metrics.errors.inc(endpoint="unmatched", type=error.type)
         self._send_json(code, error.body())
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = lambda self: self._dispatch()
@@ -651,6 +656,8 @@ class _Handler(BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 self.close_connection = True
                 api.metrics.errors.inc(endpoint=endpoint, type="client_disconnected")
+                if not self._streaming:  # the answer never reached the client: not counted as answered
+                    self._status = 0
             except Exception:
                 log.exception("HTTP API: %s %s failed", self.command, path)
                 self._fail(endpoint, ApiError(500, "internal error; the agent log has the details",

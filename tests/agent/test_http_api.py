@@ -686,6 +686,24 @@ def test_metrics_grow_after_requests_and_parse(server, client):
     assert after[lookups] == before.get(lookups, 0) + 1  # the answered request's prefill asked the cache
 
 
+def test_requests_http_server_answers_itself_are_counted(server):
+    """A bad request line (400) or an unknown method (501) is answered by http.server before any route: it was in
+    neither edgeglm_http_requests_total nor edgeglm_http_errors_total."""
+    def scrape():
+        return parse_metrics(raw(server, "GET", "/metrics")[1].decode())[1]
+    before = scrape()
+    for line in (b"GARBAGE\r\n\r\n", b"BREW /metrics HTTP/1.1\r\nHost: x\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(line)
+            assert s.recv(65536).split(b" ", 2)[1] in (b"400", b"501")
+    after = scrape()
+    for code, kind in (("400", "invalid_request_error"), ("501", "server_error")):
+        key = f'edgeglm_http_requests_total{{endpoint="unmatched",code="{code}"}}'
+        assert after.get(key, 0) == before.get(key, 0) + 1, key
+        key = f'edgeglm_http_errors_total{{endpoint="unmatched",type="{kind}"}}'
+        assert after.get(key, 0) == before.get(key, 0) + 1, key
+
+
 def test_metrics_show_the_process_and_the_memory_left(server):
     """An operator's Prometheus could not see the agent's memory, CPU or file descriptors (a box running out
     of memory showed nothing until the OOM kill). The server runs in this process: compare with what the
