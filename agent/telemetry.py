@@ -15,10 +15,10 @@ as a gap (the agent says how many it lost in `dropped_reports`; the controller c
 window: what was served before it is reported under the model that served it, not the new one.
 Requests still running on the old model when it is switched finish on it: their latency and
 their errors (a request whose model went away under it is answered 503) go to the old model's
-window, which is held back until none of them is in flight (at most `HOLD_S`); a request that outlives a
-report goes on in the window opened then (`_Window.forward`), which a later switch holds back for it the same way. A fleet's
-rollout gate compares the new version's reports with the old one's: the switch itself must not
-count against the new version.
+window, which is held back until none of them is in flight (at most `HOLD_S`); a request that
+outlives a report goes on in the window opened then (`_Window.forward`), which a later switch holds
+back for it the same way. A fleet's rollout gate compares the new version's reports with the old
+one's: the switch itself must not count against the new version.
 """
 
 from __future__ import annotations

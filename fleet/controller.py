@@ -48,8 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agent.errors import AgentError, PayloadError
 from agent.topics import (DesiredConfig, DeviceHealth, LatencyHistograms, ReportedState, TelemetryReport,
                           broker_packet_limit, chunk_response_topic, controller_subscriptions, desired_topic,
-                          ota_offer_topic,
-                          publish_packet_bytes, split_topic, state_topic)
+                          ota_offer_topic, publish_packet_bytes, split_topic, state_topic)
 from agent.metrics import format_value
 from fleet.store import SILENT_AFTER_S, LatencyRow, Store, latency_row, telemetry_row
 from ota.bundle import open_bundle
@@ -62,8 +61,8 @@ from ota.update import ROLLBACK_FORMAT, RollbackTerms
 
 log = logging.getLogger("edgeglm.fleet")
 # the largest payload read on each device topic; anything bigger is dropped unread
-PAYLOAD_LIMITS = {"state": 256 * 1024, "telemetry": 64 * 1024, "latency": 64 * 1024, "health": 8 * 1024, "ota/status": 64 * 1024,
-                  "ota/chunk/request": 8 * 1024}
+PAYLOAD_LIMITS = {"state": 256 * 1024, "telemetry": 64 * 1024, "latency": 64 * 1024, "health": 8 * 1024,
+                  "ota/status": 64 * 1024, "ota/chunk/request": 8 * 1024}
 HEALTH_FLUSH_S = 1.0  # device health snapshots wait at most this long for the writer's next telemetry batch
 MAX_BATCH = 5000  # telemetry rows per transaction
 # a device's latency histograms wait (in paho's thread, in memory) for the telemetry report of their window, which
@@ -1019,8 +1018,9 @@ def format_versions(versions: list[dict], since_s: float) -> str:
                                  f"its requests, tok/s request-weighted" + ("\n" + MEANS_NOTE if means else ""))
 
 
-MEANS_NOTE = ("* a request-weighted mean of window percentiles, not a percentile: a window in the range came without "
-              "its latency histograms (an agent from before them, telemetry.histograms = false, or one lost)")
+MEANS_NOTE = ("* a request-weighted mean of window percentiles, not a percentile: windows with more than a tenth of "
+              "the range's requests came without their latency histograms (an agent from before them, or with "
+              "telemetry.histograms = false)")
 
 
 def _size(n) -> str:

@@ -354,7 +354,10 @@ class Store:
         """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an exception), under the connection's lock: a check and the write
         it decides (a rollout's overlap check and its INSERT, `group add`'s check and its rows) happen with no other
         writer in between, this process's threads or another process's (`fleet serve`, another command: they wait
-        up to the busy timeout). The store's methods may be called inside it; `executescript` may not (it
+        up to the busy timeout). Every write transaction of the store begins IMMEDIATE: one begun deferred that
+        read first and then wrote, after another process had written in between, failed at once with "database is
+        locked" (SQLite does not wait there: its snapshot was stale), e.g. `fleet device remove` beside `fleet
+        serve`. The store's methods may be called inside it; `executescript` may not (it
         commits)."""
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
@@ -424,7 +427,7 @@ class Store:
         see `_back_from_removal` (the devices it registered again are in `self.returned`)."""
         stored = self.clock()
         with self._lock:
-            self.db.execute("BEGIN")
+            self.db.execute("BEGIN IMMEDIATE")  # (a read then a write: see transaction())
             try:
                 self.returned = self._back_from_removal(rows, stored)
                 # a report saying earlier ones were lost is rare: inserted alone, so that a second copy of it (a
@@ -457,7 +460,7 @@ class Store:
         (a QoS 1 redelivery is a second copy)."""
         stored = self.clock()
         with self._lock:
-            self.db.execute("BEGIN")
+            self.db.execute("BEGIN IMMEDIATE")  # (a read then a write: see transaction())
             try:
                 self.db.executemany("INSERT OR IGNORE INTO latency VALUES (?, ?, ?, ?, ?, ?, ?)",
                                     [tuple(row) + (stored,) for row in rows])
@@ -583,7 +586,7 @@ class Store:
         remembered (`is_removed`) until the device publishes a state again."""
         removed = {}
         with self._lock:
-            self.db.execute("BEGIN")
+            self.db.execute("BEGIN IMMEDIATE")  # (a read then a write: see transaction())
             try:
                 row = self.db.execute("SELECT state FROM devices WHERE fleet=? AND device=?", (fleet, device)).fetchone()
                 for table in ("devices", "groups", "desired", "offer_targets", "health"):
@@ -603,7 +606,7 @@ class Store:
         device's `ts` is its own clock, which may be years off until NTP syncs: it orders nothing here)."""
         received = self.clock()
         with self._lock:
-            self.db.execute("BEGIN")
+            self.db.execute("BEGIN IMMEDIATE")  # (a read then a write: see transaction())
             try:
                 self.db.executemany(
                     "INSERT INTO health VALUES (?, ?, ?, ?) ON CONFLICT(fleet, device) DO UPDATE SET "

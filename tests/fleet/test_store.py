@@ -568,3 +568,37 @@ def test_status_counts_the_devices_each_signing_key_is_the_only_key_of(tmp_path)
     assert keys["rolls-back-to-old"] == {"trusted": [new, old], "serving": [new], "rollback": [old], "required": None}
     assert keys["unchecked"]["required"] is False
     assert keys["older-agent"] is None and keys["forged"] is None
+
+
+def test_removing_a_device_while_another_process_writes_waits_instead_of_failing(tmp_path):
+    """`fleet device remove` read the device's state in a deferred transaction, then deleted: when `fleet serve`
+    wrote in between, SQLite failed the delete at once with "database is locked" (a stale snapshot cannot wait).
+    Another process's write now waits for the removal, and both land."""
+    import threading
+
+    path = tmp_path / "fleet.db"
+    remover, server = Store(path), Store(path)
+    remover.upsert_state("f", {"device": "d1", "online": True, "model": None})
+
+    class Interleaved:  # the remover's connection; right after its first read, the server writes
+        def __init__(self, db):
+            self.db, self.done = db, threading.Event()
+
+        def __getattr__(self, name):
+            return getattr(self.db, name)
+
+        def execute(self, sql, *args):
+            cursor = self.db.execute(sql, *args)
+            if sql.startswith("SELECT state FROM devices") and not self.done.is_set():
+                writer = threading.Thread(target=lambda: (server.upsert_state(
+                    "f", {"device": "d2", "online": True, "model": None}), self.done.set()))
+                writer.start()
+                self.done.wait(0.5)  # (it waits for the removal's transaction, begun IMMEDIATE)
+                self.writer = writer
+            return cursor
+
+    remover.db = Interleaved(remover.db)
+    assert remover.remove_device("f", "d1")["devices"] == 1
+    remover.db.writer.join(10)
+    assert remover.db.done.is_set()
+    assert [d["device"] for d in server.devices("f")] == ["d2"]
