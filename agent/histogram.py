@@ -16,6 +16,8 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
+import numpy as np
+
 RELATIVE_ACCURACY = 0.01
 GAMMA = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
 _LOG_GAMMA = math.log(GAMMA)
@@ -69,18 +71,15 @@ def merge(histograms: Iterable[Iterable[tuple[int, int]] | None]) -> Counter:
     return total
 
 
-def quantiles(counter: Mapping[int, int], qs: Iterable[float]) -> list[float] | None:
-    """The latencies (ms) of quantiles `qs` (0..1) of a merged histogram; None when it is empty."""
-    items = sorted((i, c) for i, c in counter.items() if c > 0)
-    n = sum(c for _, c in items)
-    if not n:
+def quantiles(counter: Mapping[int, int] | "np.ndarray", qs: Iterable[float]) -> list[float] | None:
+    """The latencies (ms) of quantiles `qs` (0..1) of a merged histogram, a {index: count} mapping or an array of
+    (index, count) rows (indices may repeat: they add up); None when it is empty."""
+    pairs = np.asarray(list(counter.items()) if isinstance(counter, Mapping) else counter, dtype=np.int64)
+    if not pairs.size:
         return None
-    out = []
-    for q in qs:
-        rank, seen = math.floor(q * (n - 1)), 0
-        for i, c in items:
-            seen += c
-            if seen > rank:
-                out.append(value_of(i))
-                break
-    return out
+    cumulative = np.cumsum(np.bincount(pairs[:, 0] - MIN_INDEX, weights=pairs[:, 1].astype(np.float64)))
+    if not cumulative[-1]:
+        return None
+    # the bucket holding rank floor(q (n - 1)) (0-based)
+    ranks = np.floor(np.asarray(list(qs), dtype=np.float64) * (cumulative[-1] - 1))
+    return [value_of(int(i) + MIN_INDEX) for i in np.searchsorted(cumulative, ranks, side="right")]

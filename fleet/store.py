@@ -140,13 +140,8 @@ def _histogram_percentiles(blobs: list[bytes | None]) -> tuple[float, float] | N
     data = b"".join(filter(None, blobs))
     if not data:
         return None
-    pairs = np.frombuffer(data, dtype="<i4").reshape(-1, 2)
-    cumulative = np.cumsum(np.bincount(pairs[:, 0] - histogram.MIN_INDEX, weights=pairs[:, 1].astype(np.float64)))
-    # the bucket holding rank floor(q (n - 1)) (0-based), as agent.histogram.quantiles
-    ranks = np.floor(np.array([0.5, 0.95]) * (cumulative[-1] - 1))
-    p50, p95 = (histogram.value_of(int(i) + histogram.MIN_INDEX) for i in np.searchsorted(cumulative, ranks,
-                                                                                           side="right"))
-    return p50, p95
+    found = histogram.quantiles(np.frombuffer(data, dtype="<i4").reshape(-1, 2), (0.5, 0.95))
+    return tuple(found) if found else None
 
 
 def telemetry_row(fleet: str, r: dict) -> tuple:
