@@ -37,24 +37,23 @@ def test_latency_over_the_budget_relative_to_the_serving_model_fails(int8_bundle
 def test_one_slow_measurement_is_measured_again_before_it_fails_the_update(int8_bundle):
     """A box's load comes and goes: an over-budget first measurement is retaken (serving model first)
     and only a second one over the budget fails. Here the serving model's first timing is made to look
-    a million times faster than it is (a noisy moment), the retake is its real timing: the update passes."""
+    a million times faster than it is (a noisy moment) and its retake ten times slower (the new model,
+    the same one, is then surely within 1.5x of it, whatever this box's noise): the verdict follows the
+    retake, so the update passes, where the first comparison alone would have failed it."""
     serving = load_model(int8_bundle)
     calls = []
 
     def on_engine(model, fn):
         calls.append(model)
         measured = fn()
-        return measured * 1e-6 if len(calls) == 1 else measured
+        return measured * 1e-6 if len(calls) == 1 else measured * 10
 
     cfg = SelfTestConfig(steps=4, max_latency_ratio=1.5, min_delta_ms=0.0)
     result = run_self_test(int8_bundle, open_bundle(int8_bundle).manifest, cfg, serving, on_engine)
     assert len(calls) == 2 and all(m is serving for m in calls)
     assert result.details["serving_ms_per_token"] < result.details["decode_ms_per_token"] * 1e-3
     assert set(result.details["remeasured"]) == {"decode_ms_per_token", "serving_ms_per_token"}
-    # the retake compares real timings of one model against itself: pass unless they differ 1.5x; the first
-    # (noisy) comparison alone would have failed it
-    again = result.details["remeasured"]
-    assert result.passed == (again["decode_ms_per_token"] <= 1.5 * again["serving_ms_per_token"]), result.reason
+    assert result.passed, result.reason
 
 
 def test_jitter_below_the_absolute_floor_is_not_a_regression(int8_bundle):
