@@ -129,7 +129,8 @@ def apply_repetition_penalty(logits: np.ndarray, history: list[int], penalty: fl
     # within the logits' own range: a tiny penalty (1e-38 in float32) made a positive logit inf, and inf - inf the
     # NaN probabilities that failed the request (a 500, or a stream cut after its first chunk)
     top = float(np.finfo(logits.dtype).max) if np.issubdtype(logits.dtype, np.floating) else np.inf
-    logits[seen] = np.clip(np.where(vals > 0, vals / penalty, vals * penalty), -top, top)
+    with np.errstate(over="ignore"):  # a float64 overflow to inf is clipped here, not a warning in the log
+        logits[seen] = np.clip(np.where(vals > 0, vals / penalty, vals * penalty), -top, top)
     return logits
 
 
