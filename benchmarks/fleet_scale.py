@@ -5,6 +5,7 @@
     python benchmarks/fleet_scale.py --controller-src /tmp/old   # the controller of another checkout (before/after)
     python benchmarks/fleet_scale.py --steps 500,1000 --health both   # each step without, then with device health
     python benchmarks/fleet_scale.py --steps 500,1000 --histograms both   # without, then with latency histograms
+    python benchmarks/fleet_scale.py --steps 500,1000 --telemetry-qos both   # the controller at QoS 0, then 1
 
 One run starts a loopback Mosquitto and `edgeglm fleet serve` (its own process), then for each N
 starts simulated devices (fleet.simulator.SimSwarm: one MQTT connection per device, the agents'
@@ -97,12 +98,18 @@ def start_broker(work: Path, queue: int) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def start_controller(work: Path, port: int, src: str | None) -> subprocess.Popen:
+def start_controller(work: Path, port: int, src: str | None, qos: int | None = None) -> subprocess.Popen:
+    """`fleet serve` in its own process; `qos`: its [mqtt] telemetry_qos (None: its default, and no config file,
+    which a controller before the setting would refuse), under a client id of its own."""
     env = dict(os.environ, PYTHONPATH=src or str(Path(__file__).resolve().parents[1]))
     log = work / "controller.log"
+    config = []
+    if qos is not None:
+        (work / "fleet.toml").write_text(f'[mqtt]\ntelemetry_qos = {qos}\nclient_id = "bench-qos{qos}"\n')
+        config = ["--config", str(work / "fleet.toml")]
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "fleet", "serve", "--broker", f"127.0.0.1:{port}",
-                                 "--db", str(work / "fleet.db"), "--http-port", "0"], cwd=work, env=env,
+                                 "--db", str(work / "fleet.db"), "--http-port", "0", *config], cwd=work, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while "fleet controller" not in log.read_text():
@@ -157,7 +164,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, broker: subprocess.Popen,
-                 args, health: bool = False, histograms: bool = False) -> dict:
+                 args, health: bool = False, histograms: bool = False, qos: int | None = None) -> dict:
     warmup = args.warmup
     workers = start_workers(port, n, args.per_process, warmup + args.duration, health, histograms)
     read = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -194,7 +201,8 @@ def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, brok
     lags = [r[0] for r in read.execute("SELECT stored - window_end FROM telemetry WHERE window_end BETWEEN ? AND ?",
                                        (t0, t1))] if has_stored else []
     read.close()
-    return {"n": n, "health": "on" if health else "off", "histograms": "on" if histograms else "off", "lag_p50": percentile(lags, 50), "lag_p95": percentile(lags, 95),
+    return {"n": n, "health": "on" if health else "off", "histograms": "on" if histograms else "off",
+            "qos": "-" if args.telemetry_qos is None else str(qos), "lag_p50": percentile(lags, 50), "lag_p95": percentile(lags, 95),
             "lag_max": max(lags) if lags else float("nan"), "fresh_max": max(fresh) if fresh else float("nan"),
             "stored_per_s": in_window / wall, "sent_per_s": sent / (warmup + args.duration),
             "lost_pct": 100 * max(0, sent - stored_all) / sent if sent else 0.0,
@@ -205,7 +213,8 @@ def measure_step(n: int, port: int, db: Path, controller: subprocess.Popen, brok
 
 
 def print_row(r: dict, header: bool = False) -> None:
-    cols = [("N", "n", "{:d}"), ("health", "health", "{}"), ("histograms", "histograms", "{}"), ("lag p50", "lag_p50", "{:.3f}s"), ("lag p95", "lag_p95", "{:.3f}s"),
+    cols = [("N", "n", "{:d}"), ("health", "health", "{}"), ("histograms", "histograms", "{}"), ("qos", "qos", "{}"),
+            ("lag p50", "lag_p50", "{:.3f}s"), ("lag p95", "lag_p95", "{:.3f}s"),
             ("lag max", "lag_max", "{:.3f}s"), ("fresh max", "fresh_max", "{:.2f}s"),
             ("stored/s", "stored_per_s", "{:.0f}"), ("sent/s", "sent_per_s", "{:.0f}"), ("lost", "lost_pct", "{:.1f}%"),
             ("ctl CPU", "cpu_controller", "{:.0f}%"), ("ctl us/msg", "us_controller", "{:.0f}"), ("ctl RSS", "rss_controller", "{:.0f}MB"),
@@ -253,6 +262,10 @@ def main(argv=None) -> int:
     ap.add_argument("--histograms", choices=("off", "on", "both"), default="off",
                     help="devices also send their window's LatencyHistograms (QoS 1) before each report, as agents "
                          "do; both: each step without, then with, and the ratio of the controller's CPU per report")
+    ap.add_argument("--telemetry-qos", choices=("0", "1", "both"),
+                    help="the controller's [mqtt] telemetry_qos (default: its own default); both: each step at 0, "
+                         "then at 1 (a controller restarted for each), and the ratio of the controller's CPU per "
+                         "report")
     ap.add_argument("--keep-going", action="store_true", help="run every step even past the ceiling")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -276,19 +289,26 @@ def main(argv=None) -> int:
         broker = controller = None
         try:
             broker, port = start_broker(work, args.broker_queue)
-            controller = start_controller(work, port, args.controller_src)
+            qos_ways = {None: [None], "0": [0], "1": [1], "both": [0, 1]}[args.telemetry_qos]
+            running_qos = qos_ways[0]
+            controller = start_controller(work, port, args.controller_src, running_qos)
             for i, n in enumerate(steps):
                 rows = []
                 ways = {"off": [False], "on": [True], "both": [False, True]}
-                for health in ways[args.health]:
-                    for histograms in ways[args.histograms]:
-                        rows.append(measure_step(n, port, work / "fleet.db", controller, broker, args, health,
-                                                 histograms))
-                        check_alive(controller, "controller", work / "controller.log")
-                        print_row(rows[-1], header=i == 0 and len(rows) == 1)
+                for qos in qos_ways:
+                    if qos != running_qos:  # a controller subscribed at the other QoS
+                        stop_process(controller, 30)
+                        controller, running_qos = start_controller(work, port, args.controller_src, qos), qos
+                    for health in ways[args.health]:
+                        for histograms in ways[args.histograms]:
+                            rows.append(measure_step(n, port, work / "fleet.db", controller, broker, args, health,
+                                                     histograms, qos))
+                            check_alive(controller, "controller", work / "controller.log")
+                            print_row(rows[-1], header=i == 0 and len(rows) == 1)
                 if len(rows) == 2:
-                    what = "health" if args.health == "both" else "histograms"
-                    print(f"  {n} devices: controller CPU per report with {what} / without: "
+                    what = "with health / without" if args.health == "both" else "with histograms / without" \
+                        if args.histograms == "both" else "at telemetry QoS 1 / at QoS 0"
+                    print(f"  {n} devices: controller CPU per report {what}: "
                           f"{ratio_text(rows[1]['us_controller'], rows[0]['us_controller'])}; broker "
                           f"{ratio_text(rows[1]['us_broker'], rows[0]['us_broker'])}", flush=True)
                 reasons = ceiling_reasons(rows[-1])
@@ -301,14 +321,18 @@ def main(argv=None) -> int:
                     print(f"no ceiling up to {steps[-1]} devices")
         finally:
             for proc, wait_s in ((controller, 30), (broker, 10)):
-                if proc is not None and proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(wait_s)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                stop_process(proc, wait_s)
     return 0
+
+
+def stop_process(proc: subprocess.Popen | None, wait_s: float) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def _settings(args):
         client_id=_serve_client_id(m, cfg.fleet.id) if serving else f"{m.client_id}-cli-{os.getpid()}", listen=serving,
         username=m.username, password=mqtt_password(m),  # a ConfigError if [mqtt] password_file cannot be read
         ca_file=m.tls.ca_file if m.tls else None, protocol=m.protocol, retention_s=cfg.database.retention_s,
-        silent_after_s=cfg.fleet.silent_after_s)
+        silent_after_s=cfg.fleet.silent_after_s, telemetry_qos=m.telemetry_qos, session_expiry_s=m.session_expiry_s,
+        receive_maximum=m.receive_maximum)
     return cfg, settings
 
 

@@ -74,6 +74,15 @@ class MqttSection(_Section):
     client_id: str = "edgeglm-controller"
     protocol: Literal["5", "3.1.1"] = "5"
     tls: TlsSection | None = None
+    telemetry_qos: Literal[0, 1] = Field(
+        1, description="QoS of `fleet serve`'s telemetry subscription: 1 has the broker queue what devices send "
+                       "while the controller is away (with session_expiry_s); 0 loses it")
+    session_expiry_s: int = Field(
+        3600, ge=0, le=4294967295, description="how long the broker keeps `fleet serve`'s session (subscriptions, "
+                                               "queued messages) after it disconnects; 0: not at all")
+    receive_maximum: int = Field(
+        1000, ge=1, le=65535, description="MQTT 5: QoS 1 messages the broker may send `fleet serve` before it "
+                                          "acknowledges one")
 
     @model_validator(mode="after")
     def _one_password(self) -> MqttSection:

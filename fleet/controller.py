@@ -168,12 +168,21 @@ class ControllerSettings:
     password: str | None = None
     ca_file: str | None = None
     protocol: str = "5"
-    # QoS of the telemetry subscription. Devices publish at QoS 1 (the broker holds a report until
-    # it has it); on the broker -> controller leg QoS 1 lets only max_inflight_messages (Mosquitto:
-    # 20) reports travel unacknowledged, so a controller that is descheduled for a moment stalls the
-    # whole stream (measured: ~700 reports/s on a busy 2-core box, benchmarks/fleet_scale.py).
-    # The controller's session ends when it disconnects, so QoS 1 saves nothing across a restart.
-    telemetry_qos: int = 0
+    # QoS of the telemetry (and latency histogram) subscription. Devices publish at QoS 1 (the broker holds a
+    # report until it has it); at QoS 1 on the broker -> controller leg too, with the persistent session below,
+    # the broker queues what devices send while the controller is away (its restart, a broker restart with
+    # persistence) and delivers it when it is back. Mosquitto lets a QoS 1 subscriber have only
+    # max_inflight_messages (20) unacknowledged messages: a controller descheduled for a moment stalled the
+    # whole stream at 1000 devices; an MQTT 5 controller raises its own window (receive_maximum). 0: what
+    # devices send while the controller is away is lost (docs/scaling.md)
+    telemetry_qos: int = 1
+    # the broker keeps the controller's session (its subscriptions and the QoS 1 messages queued for it) this
+    # long after it disconnects; 0 ends it with the connection (MQTT 3.1.1: clean session; the broker's
+    # persistent_client_expiration then bounds a kept one)
+    session_expiry_s: int = 3600
+    # MQTT 5: QoS 1 messages the broker may send the controller before it acknowledges one (a broker caps
+    # it at its own max_inflight_messages only for MQTT 3.1.1 clients)
+    receive_maximum: int = 1000
     # chunk requests answered per device and second (bursts up to chunk_burst); the rest are dropped and
     # counted (chunk_requests_limited): the agent asks again after ota.chunk_timeout_s. One agent keeps one
     # request in flight, about 170 chunks/s on loopback (docs/performance.md)
@@ -202,7 +211,11 @@ class FleetController:
         self.connected = threading.Event()
         self._ids_lock, self._last_id_us = threading.Lock(), 0
         protocol = paho.MQTTv311 if settings.protocol == "3.1.1" else paho.MQTTv5
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=protocol)
+        # `fleet serve` keeps its broker session across reconnects and restarts (session_expiry_s); a command
+        # (listen = False) starts a clean one and leaves none behind
+        self._keeps_session = settings.listen and settings.session_expiry_s > 0
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=protocol,
+                                  clean_session=not self._keeps_session if protocol == paho.MQTTv311 else None)
         if settings.username:
             self.client.username_pw_set(settings.username, settings.password)
         if settings.ca_file:
@@ -254,7 +267,17 @@ class FleetController:
         everything devices publish from then on reaches the controller."""
         where = f"{self.settings.broker_host}:{self.settings.broker_port}"
         try:  # the first connection at once, so that a refused port, a wrong name or a TLS failure says why
-            self.client.connect(self.settings.broker_host, self.settings.broker_port)
+            if self.settings.protocol == "3.1.1":
+                self.client.connect(self.settings.broker_host, self.settings.broker_port)
+            else:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = self.settings.session_expiry_s if self._keeps_session else 0
+                if self.settings.listen:
+                    props.ReceiveMaximum = self.settings.receive_maximum
+                # never a clean start where the session is kept: paho's default cleans at the first connect,
+                # which would throw away what the broker queued while this controller was away
+                self.client.connect(self.settings.broker_host, self.settings.broker_port,
+                                    clean_start=not self._keeps_session, properties=props)
         except (OSError, ValueError) as exc:  # (ssl.SSLError and socket.gaierror are OSErrors)
             self._abandon()
             why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
@@ -390,15 +413,22 @@ class FleetController:
             self._refused = str(reason_code)
             return
         self.max_packet = broker_packet_limit(properties) if self.settings.protocol != "3.1.1" else None
+        resumed = self._keeps_session and flags.session_present
         if self._lost_at is not None:
-            log.info("connected to the broker %s again after %.0f s", where, time.monotonic() - self._lost_at)
+            log.info("connected to the broker %s again after %.0f s%s", where, time.monotonic() - self._lost_at,
+                     "; it kept this controller's session: what devices sent meanwhile comes now" if resumed else
+                     "" if not self._keeps_session else "; it did not keep this controller's session (a broker "
+                     "restart without persistence): what devices sent meanwhile is lost")
             self._lost_at = None
+        elif resumed and not self.connected.is_set():
+            log.info("the broker %s kept this controller's session (client id %s): what devices sent while it was "
+                     "away comes now", where, self.settings.client_id)
         self._refused = None
         if not self.settings.listen:
             self.connected.set()
             return
         # one SUBSCRIBE for every topic filter, so that its SUBACK (_on_subscribe) means all are in place;
-        # telemetry at the settings' QoS (default 0): see ControllerSettings.telemetry_qos
+        # telemetry at the settings' QoS (default 1): see ControllerSettings.telemetry_qos
         client.subscribe([(topic, self.settings.telemetry_qos if topic.endswith(("/telemetry", "/latency")) else
                            0 if topic.endswith("/health") else 1)
                           for topic in controller_subscriptions(self.settings.fleet)])
@@ -408,10 +438,13 @@ class FleetController:
         if self._stopping or self._lost_at is not None or not self.connected.is_set():
             return
         self._lost_at = time.monotonic()
-        log.warning("lost the broker %s:%s (%s); reconnecting (what devices publish meanwhile is not delivered to "
-                    "it: telemetry of that time is lost; retained states and OTA statuses come again). Client id "
-                    "%s: a second client connecting with it takes this session over (another `fleet serve` with "
-                    "the same [mqtt] client_id)", self.settings.broker_host, self.settings.broker_port, reason_code,
+        kept = ("the broker queues what devices send meanwhile for this controller's session (if the broker "
+                "restarts, only a broker with persistence keeps it)" if self._keeps_session and
+                self.settings.telemetry_qos else "what devices publish meanwhile is not delivered to it: telemetry "
+                "of that time is lost; retained states and OTA statuses come again")
+        log.warning("lost the broker %s:%s (%s); reconnecting (%s). Client id %s: a second client connecting with "
+                    "it takes this session over (another `fleet serve` with the same [mqtt] client_id)",
+                    self.settings.broker_host, self.settings.broker_port, reason_code, kept,
                     self.settings.client_id)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:

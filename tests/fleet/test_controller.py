@@ -1293,7 +1293,9 @@ def test_a_device_whose_state_the_broker_dropped_is_registered_when_it_reports(m
     but is not registered now has its retained state asked for again."""
     from agent.topics import state_topic
 
-    broker = make_mosquitto(options=("max_queued_messages 2",))  # the queue a burst overflows, made small
+    # the queue a burst overflows, made small; and the controller's window of unacknowledged messages (beyond
+    # which the broker queues) at Mosquitto's own default, 20: its default of 1000 takes a burst of 120 at once
+    broker = make_mosquitto(options=("max_queued_messages 2",))
     pub = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
@@ -1302,7 +1304,8 @@ def test_a_device_whose_state_the_broker_dropped_is_registered_when_it_reports(m
         for d in devices:
             pub.publish(state_topic(FLEET, d), device_state(d).model_dump_json(), qos=1,
                         retain=True).wait_for_publish(10)
-        ctl = FleetController(ControllerSettings(broker_port=broker.port, db=tmp_path / "fleet.db", fleet=FLEET))
+        ctl = FleetController(ControllerSettings(broker_port=broker.port, db=tmp_path / "fleet.db", fleet=FLEET,
+                                                 receive_maximum=20))
         ctl.start()
         try:
             time.sleep(2.0)  # the retained states the broker could hand over are in
