@@ -418,7 +418,8 @@ class FleetController:
             log.info("connected to the broker %s again after %.0f s%s", where, time.monotonic() - self._lost_at,
                      "; it kept this controller's session: what devices sent meanwhile comes now" if resumed else
                      "" if not self._keeps_session else "; it did not keep this controller's session (a broker "
-                     "restart without persistence): what devices sent meanwhile is lost")
+                     "restarted without persistence, the session's expiry passed, or another client connected "
+                     "with its client id and a clean session): what devices sent meanwhile is lost")
             self._lost_at = None
         elif resumed and not self.connected.is_set():
             log.info("the broker %s kept this controller's session (client id %s): what devices sent while it was "

@@ -46,6 +46,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,7 @@ HISTOGRAM_RETENTION_S = 86400.0
 # the share of a range's requests whose windows must have histograms for its percentiles to be read off them
 # (the rest: windows whose histogram was lost, e.g. on the controller's QoS 0 subscription); below it, means
 HISTOGRAM_COVERAGE = 0.9
+HISTOGRAM_READ_ROWS = 5000  # windows' histograms read (and added up) at a time by a fleet-wide read
 # the target of an offer recorded before `offer_targets` existed ('' is no fleet or device id)
 LEGACY = ("", "")
 PRUNE_BATCH = 5000  # telemetry rows the retention deletes per transaction (the store's lock is free between)
@@ -135,13 +137,31 @@ def latency_row(fleet: str, h: dict) -> LatencyRow:
                        histogram_blob(h.get("ttft_ms")), histogram_blob(h.get("per_token_ms"))))
 
 
-def _histogram_percentiles(blobs: list[bytes | None]) -> tuple[float, float] | None:
-    """p50 and p95 (ms) of the sum of stored histograms; None when they hold no latency."""
-    data = b"".join(filter(None, blobs))
-    if not data:
-        return None
-    found = histogram.quantiles(np.frombuffer(data, dtype="<i4").reshape(-1, 2), (0.5, 0.95))
-    return tuple(found) if found else None
+class _HistogramSum:
+    """Stored histograms added up as they are read, in one dense array of counts per bucket (1,260 of them): a
+    fleet-wide read holds one chunk of rows at a time, not every window's histograms (at 10,000 devices x an
+    hour of windows that was ~1 GB, over the controller pod's memory limit, on every /metrics scrape)."""
+
+    def __init__(self):
+        self.counts: np.ndarray | None = None
+
+    def add(self, blobs: Iterable[bytes | None]) -> None:
+        data = b"".join(filter(None, blobs))
+        if not data:
+            return
+        pairs = np.frombuffer(data, dtype="<i4").reshape(-1, 2)
+        # float64 weights: exact for counts below 2**53
+        dense = np.bincount(pairs[:, 0] - histogram.MIN_INDEX, weights=pairs[:, 1].astype(np.float64),
+                            minlength=histogram.MAX_INDEX - histogram.MIN_INDEX + 1)
+        self.counts = dense if self.counts is None else self.counts + dense
+
+    def percentiles(self) -> tuple[float, float] | None:
+        """p50 and p95 (ms) of the sum; None when it holds no latency."""
+        if self.counts is None:
+            return None
+        held = np.flatnonzero(self.counts)
+        found = histogram.quantiles(np.column_stack((held + histogram.MIN_INDEX, self.counts[held])), (0.5, 0.95))
+        return tuple(found) if found else None
 
 
 def telemetry_row(fleet: str, r: dict) -> tuple:
@@ -484,15 +504,22 @@ class Store:
             return
         # a window counts as covered when it has a histogram of each kind its report has percentiles of (one of
         # one-token answers has no per-token gaps, in the report or the histograms)
-        rows = self._exec("SELECT l.window_end IS NOT NULL AND (t.ttft_p95 IS NULL OR l.ttft IS NOT NULL) AND "
-                          "(t.token_p95 IS NULL OR l.per_token IS NOT NULL), t.count, l.ttft, l.per_token FROM "
-                          "telemetry t LEFT JOIN latency l ON l.fleet = t.fleet AND l.device = t.device AND "
-                          "l.window_end = t.window_end WHERE t.count > 0 AND " + where, args).fetchall()
-        total, covered = sum(r[1] for r in rows), sum(r[1] for r in rows if r[0])
+        cursor = self._exec("SELECT l.window_end IS NOT NULL AND (t.ttft_p95 IS NULL OR l.ttft IS NOT NULL) AND "
+                            "(t.token_p95 IS NULL OR l.per_token IS NOT NULL), t.count, l.ttft, l.per_token FROM "
+                            "telemetry t LEFT JOIN latency l ON l.fleet = t.fleet AND l.device = t.device AND "
+                            "l.window_end = t.window_end WHERE t.count > 0 AND " + where, args)
+        total = covered = 0
+        sums = {"ttft": _HistogramSum(), "token": _HistogramSum()}
+        while rows := cursor.fetchmany(HISTOGRAM_READ_ROWS):
+            total += sum(r[1] for r in rows)
+            rows = [r for r in rows if r[0]]
+            covered += sum(r[1] for r in rows)
+            sums["ttft"].add(r[2] for r in rows)
+            sums["token"].add(r[3] for r in rows)
         if not covered or covered < HISTOGRAM_COVERAGE * total:
             return
-        for kind, column in (("ttft", 2), ("token", 3)):
-            p = _histogram_percentiles([r[column] for r in rows if r[0]])
+        for kind, held in sums.items():
+            p = held.percentiles()
             out[f"{kind}_p50_ms"], out[f"{kind}_p95_ms"] = p if p else (None, None)
         out["percentiles"] = "histograms"
         out["histogram_coverage"] = covered / total
