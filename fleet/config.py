@@ -74,8 +74,8 @@ class MqttSection(_Section):
     client_id: str = "edgeglm-controller"
     protocol: Literal["5", "3.1.1"] = "5"
     tls: TlsSection | None = None
-    telemetry_qos: Literal[0, 1] = Field(
-        1, description="QoS of `fleet serve`'s telemetry subscription: 1 has the broker queue what devices send "
+    telemetry_qos: int = Field(  # (an int, not Literal[0, 1]: EDGEGLM_MQTT__TELEMETRY_QOS=0 gives the string "0")
+        1, ge=0, le=1, description="QoS of `fleet serve`'s telemetry subscription: 1 has the broker queue what devices send "
                        "while the controller is away (with session_expiry_s); 0 loses it")
     session_expiry_s: int = Field(
         3600, ge=0, le=4294967295, description="how long the broker keeps `fleet serve`'s session (subscriptions, "

@@ -72,6 +72,7 @@ PENDING_HISTOGRAMS = 4
 PRUNE_EVERY_S = 60.0
 STATE_ASK_AGAIN_S = 60.0  # how often the state of a device that reports but is not registered is asked for
 STATE_ASKS_MAX = 3  # and how many times at most (a state this controller refuses would come back every minute)
+ASKED_STATE_SUBSCRIPTION = 1  # MQTT 5 subscription identifier of a state topic subscribed alone
 OFFERED_CHECK_S = 30.0  # how long the chunk server trusts the offers table's answer for one device and update
 OFFERED_KEPT = 4096  # (update, device) answers kept; more are asked of the table again
 UNSERVABLE_LOG_S = 600.0  # a bundle directory that cannot be served is logged again after this, with a count
@@ -202,6 +203,17 @@ class WithHistograms(tuple):
         return super().__new__(cls, (histograms, row))
 
 
+class Delivered(tuple):
+    """(item, (mid, connection)): a queued report with the QoS 1 delivery the writer acknowledges once it is
+    stored."""
+
+    def __new__(cls, item, delivery: tuple[int, int]):
+        return super().__new__(cls, (item, delivery))
+
+    item = property(lambda self: self[0])
+    delivery = property(lambda self: self[1])
+
+
 class FleetController:
     def __init__(self, settings: ControllerSettings):
         self.settings = settings
@@ -214,8 +226,14 @@ class FleetController:
         # `fleet serve` keeps its broker session across reconnects and restarts (session_expiry_s); a command
         # (listen = False) starts a clean one and leaves none behind
         self._keeps_session = settings.listen and settings.session_expiry_s > 0
+        # a report is acknowledged to the broker once it is stored (the telemetry writer acks it), not when paho
+        # has handed it over: one only in the writer's queue at a crash (a slow disk, a SIGKILL) is sent again
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=protocol,
-                                  clean_session=not self._keeps_session if protocol == paho.MQTTv311 else None)
+                                  clean_session=not self._keeps_session if protocol == paho.MQTTv311 else None,
+                                  manual_ack=settings.listen)
+        self._connection = 0  # counts the connections: an ack is for the connection that delivered the message
+        self._ack_now = True  # (paho's thread) False once _handle handed the message's ack to the writer
+        self._delivery: tuple[int, int] | None = None  # (paho's thread) (mid, connection) of a QoS 1 message
         if settings.username:
             self.client.username_pw_set(settings.username, settings.password)
         if settings.ca_file:
@@ -254,6 +272,7 @@ class FleetController:
         # (a fleet connecting at once, the controller's retained states after a restart): it is asked for again
         self._registered: set[tuple[str, str]] | None = None
         self._asked_state: dict[tuple[str, str], list] = {}  # -> [when asked last, times asked, still subscribed]
+        self._left_fleets: set[str] = set()  # fleets whose subscriptions from an earlier run were dropped
         # (update, fleet, device) -> (bundle, when checked): the offers table's answer, kept OFFERED_CHECK_S and for
         # the OFFERED_KEPT most recent only (a rollout makes one update id per device; a removal is seen in time)
         self._offered: OrderedDict[tuple[str, str, str], tuple[Path, float]] = OrderedDict()
@@ -311,11 +330,16 @@ class FleetController:
 
     def stop(self) -> None:
         self._stopping = True
+        # state topics still asked for alone go, not kept in the session for the next run (MQTT 5 tells their
+        # messages apart anyway: _state_answered)
+        asked = [state_topic(f, d) for (f, d), entry in list(self._asked_state.items()) if entry[2]]
+        if asked and self.client.is_connected():
+            self.client.unsubscribe(asked)
+        if self._writer.is_alive():  # what is queued before it is still written, and acknowledged while connected
+            self._telemetry.put(None)  # (a report that comes after it is not: the broker keeps it for the next start)
+            self._writer.join(30)
         self.client.disconnect()
         self.client.loop_stop()
-        if self._writer.is_alive():
-            self._telemetry.put(None)  # what is queued before it is still written
-            self._writer.join(30)
         self.store.close()
 
     def health(self) -> tuple[bool, str]:
@@ -350,6 +374,8 @@ class FleetController:
                     break
             if None in rows:
                 rows, done = [r for r in rows if r is not None], True
+            deliveries = [r.delivery for r in rows if isinstance(r, Delivered)]
+            rows = [r.item if isinstance(r, Delivered) else r for r in rows]
             rows = [part for r in rows for part in (r if isinstance(r, WithHistograms) else (r,))]
             try:
                 self._store_health()
@@ -360,8 +386,21 @@ class FleetController:
                     last_prune = time.monotonic()
             except Exception:  # a full disk must not kill the writer; the rows are lost, and logged
                 log.exception("telemetry batch of %d report(s) not stored", len(rows))
+            # stored (or refused by the database, logged): the broker may forget them now
+            for delivery in deliveries:
+                self._ack(delivery)
             if done:
                 return
+
+    def _ack(self, delivery: tuple[int, int]) -> None:
+        """Acknowledge a QoS 1 message to the broker (PUBACK), unless it came on an earlier connection: that one
+        the broker sends again on this one (a copy the store drops)."""
+        mid, connection = delivery
+        if connection == self._connection:
+            try:
+                self.client.ack(mid, 1)
+            except Exception as exc:  # (paho queues it; nothing expected) the broker sends it again: dropped then
+                log.debug("ack of message %s not sent: %s", mid, exc)
 
     def _store_health(self) -> None:
         with self._health_lock:
@@ -414,16 +453,21 @@ class FleetController:
             return
         self.max_packet = broker_packet_limit(properties) if self.settings.protocol != "3.1.1" else None
         resumed = self._keeps_session and flags.session_present
+        self._connection += 1
         if self._lost_at is not None:
             log.info("connected to the broker %s again after %.0f s%s", where, time.monotonic() - self._lost_at,
-                     "; it kept this controller's session: what devices sent meanwhile comes now" if resumed else
+                     ("; it kept this controller's session: what devices sent meanwhile comes now" if
+                      self.settings.telemetry_qos else "; it kept this controller's session: states and OTA "
+                      "statuses sent meanwhile come now, telemetry (telemetry_qos = 0) does not") if resumed else
                      "" if not self._keeps_session else "; it did not keep this controller's session (a broker "
                      "restarted without persistence, the session's expiry passed, or another client connected "
                      "with its client id and a clean session): what devices sent meanwhile is lost")
             self._lost_at = None
         elif resumed and not self.connected.is_set():
-            log.info("the broker %s kept this controller's session (client id %s): what devices sent while it was "
-                     "away comes now", where, self.settings.client_id)
+            log.info("the broker %s kept this controller's session (client id %s): %s", where,
+                     self.settings.client_id, "what devices sent while it was away comes now" if
+                     self.settings.telemetry_qos else "the states and OTA statuses devices sent while it was away "
+                     "come now, not their telemetry (telemetry_qos = 0)")
         self._refused = None
         if not self.settings.listen:
             self.connected.set()
@@ -456,17 +500,31 @@ class FleetController:
 
     def _on_message(self, client, userdata, msg) -> None:
         # paho's network thread: nothing may escape (see the module docstring)
+        self._delivery = (msg.mid, self._connection) if msg.qos and self.settings.listen else None
+        self._ack_now = True
         try:
             self._handle(msg)
         except Exception as exc:
             self._reject(msg.topic, exc)
         finally:
-            if self._asked_state and msg.topic.endswith("/state"):
-                self._state_answered(msg.topic)
+            if msg.topic.endswith("/state") and (self._asked_state or self._through_asked_subscription(msg)):
+                self._state_answered(msg.topic, self._through_asked_subscription(msg))
+            # handled here (a state, a status, a chunk request, latency histograms waiting for their report, a
+            # message refused): acknowledged now; a report is acknowledged by the writer once stored
+            if self._delivery is not None and self._ack_now:
+                self._ack(self._delivery)
 
-    def _state_answered(self, topic: str) -> None:
+    @staticmethod
+    def _through_asked_subscription(msg) -> bool:
+        """(MQTT 5) Whether the message came through a state topic subscribed alone (_ask_state_if_unknown)."""
+        ids = getattr(getattr(msg, "properties", None), "SubscriptionIdentifier", None) or ()
+        return ASKED_STATE_SUBSCRIPTION in ids
+
+    def _state_answered(self, topic: str, asked_subscription: bool = False) -> None:
         """A state came on a topic asked for alone (taken or not: a state this controller refuses, a cleared
-        one): that subscription has done its job."""
+        one): that subscription has done its job. One that came through such a subscription this run did not
+        make (the broker kept the session of a controller stopped before its answer came, or an unsubscribe
+        was lost with the connection) goes too: it would deliver each state of the device twice, for good."""
         try:
             fleet, device, _ = split_topic(topic)
         except ValueError:
@@ -474,6 +532,8 @@ class FleetController:
         entry = self._asked_state.get((fleet, device))
         if entry is not None and entry[2]:
             entry[2] = False
+            self.client.unsubscribe(topic)
+        elif asked_subscription:
             self.client.unsubscribe(topic)
 
     def _reject(self, topic: str, exc: Exception) -> None:
@@ -495,6 +555,9 @@ class FleetController:
 
     def _handle(self, msg) -> None:
         fleet, device, rest = split_topic(msg.topic)
+        if self.settings.fleet != "+" and fleet != self.settings.fleet:
+            self._leave_fleet(fleet)
+            return
         limit = PAYLOAD_LIMITS.get(rest)
         if limit is None:
             raise ValueError(f"no device topic {rest!r}")
@@ -521,8 +584,10 @@ class FleetController:
             waiting = self._pending_histograms.get((fleet, device))
             histograms = waiting.pop(report.window_end, None) if waiting else None
             # stored with the report they belong to, and only if they count no more requests than it does
-            self._telemetry.put(row if histograms is None or histograms[1] > report.count else
-                                WithHistograms(row, histograms[0]))
+            item = row if histograms is None or histograms[1] > report.count else WithHistograms(row, histograms[0])
+            if self._delivery is not None:
+                item, self._ack_now = Delivered(item, self._delivery), False
+            self._telemetry.put(item)
             self._ask_state_if_unknown(fleet, device)
         elif rest == "latency":
             histograms = LatencyHistograms.model_validate_json(msg.payload)
@@ -570,6 +635,18 @@ class FleetController:
             log.info("device %s/%s: registered from its state asked for again (it had been lost on the way)",
                      fleet, device)
 
+    def _leave_fleet(self, fleet: str) -> None:
+        """A message of a fleet this controller does not serve: the broker kept the subscriptions of an earlier run
+        of this client id that served it (`--fleet` changed, a client id set in fleet.toml, or the K3s broker's
+        username as client id). Dropped, and those subscriptions go (once per fleet and run)."""
+        if fleet in self._left_fleets:
+            return
+        self._left_fleets.add(fleet)
+        log.info("messages of fleet %s, which this controller (fleet %s) does not serve, came through subscriptions "
+                 "the broker kept for client id %s from an earlier run: unsubscribed", fleet, self.settings.fleet,
+                 self.settings.client_id)
+        self.client.unsubscribe(controller_subscriptions(fleet))
+
     def _ask_state_if_unknown(self, fleet: str, device: str) -> None:
         """A device heard from but not in the registry: subscribe to its state topic alone, which has the broker
         send its retained state again (at most once a minute per device; never for one `fleet device remove`
@@ -592,7 +669,11 @@ class FleetController:
         if entry is None:
             entry = self._asked_state[key] = [now, 0, False]
         entry[0], entry[1], entry[2] = now, entry[1] + 1, True
-        self.client.subscribe(state_topic(fleet, device), 1)
+        props = None
+        if self.settings.protocol != "3.1.1":  # its messages say it: one from an earlier run can be told apart
+            props = Properties(PacketTypes.SUBSCRIBE)
+            props.SubscriptionIdentifier = ASKED_STATE_SUBSCRIPTION
+        self.client.subscribe(state_topic(fleet, device), 1, properties=props)
         if entry[1] == 1:
             log.info("device %s/%s reports but is not registered (its state was lost on the way: the broker's "
                      "queue limit, max_queued_messages?): its retained state is asked for again", fleet, device)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
@@ -22,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import MqttSession, MqttSettings
 from agent.telemetry import LatencyWindow
-from agent.topics import ReportedState, telemetry_topic
+from agent.topics import ReportedState, TelemetryReport, state_topic, telemetry_topic
 from fleet.controller import ControllerSettings, FleetController
 from waiting import until
 
@@ -96,10 +99,15 @@ def test_reports_sent_while_the_controller_restarts_are_stored_when_it_is_back(m
         device.report(2)
         until(lambda: len(stored(db)) == 1)
         first.stop()  # the controller's pod is replaced: three windows of traffic meanwhile
+        # (once the broker has seen it go: a message on its way to the closing connection stays in the session)
+        until(lambda: "Client edgeglm-controller disconnected" in mosquitto.log_text())
+        witness = Witness(mosquitto.port)
         for answers in (3, 1, 4):
             device.report(answers)
+        until(lambda: witness.counts == [3, 1, 4])  # at the broker (the agent publishes in the background)
+        witness.close()
         again = FleetController(settings(mosquitto, tmp_path, telemetry_qos=qos)).start()
-        if qos == 0:  # the session ended with the connection: nothing was kept for it
+        if qos == 0:  # the broker queues no QoS 0 message for a session away
             device.report(5)
             until(lambda: len(stored(db)) == 2)
             assert sorted(n for n, _ in stored(db).values()) == [2, 5]
@@ -140,3 +148,145 @@ def test_reports_flushed_before_the_controller_reconnects_after_a_broker_restart
     finally:
         device.close()
         ctl.stop()
+
+
+def test_reports_a_controller_had_not_stored_when_it_was_killed_come_again(mosquitto, tmp_path):
+    """A report is acknowledged to the broker once it is stored: here the database is locked by another process
+    (a slow disk, a long `fleet` command) while reports come, and `fleet serve` is killed (the OOM killer, a node
+    lost) with them in its writer's queue. The next controller gets them again. (Acknowledged on receipt, as paho
+    does by itself, they were gone: the broker had handed them over.)"""
+    db = tmp_path / "fleet.db"
+    config = serve_config(tmp_path, mosquitto)
+    log = open(tmp_path / "serve.log", "w")
+    serve = subprocess.Popen([sys.executable, "-m", "agent.cli", "fleet", "serve", "--config", str(config)],
+                             stdout=log, stderr=subprocess.STDOUT)
+    device = Device(mosquitto.port)
+    again = lock = None
+    try:
+        until(lambda: "fleet controller" in (tmp_path / "serve.log").read_text())
+        until(lambda: device.session.connected)
+        device.report(1)
+        until(lambda: len(stored(db)) == 1)
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")  # the writer waits for it (busy timeout) holding what it took
+        witness = Witness(mosquitto.port)
+        for answers in (2, 3, 4, 5):
+            device.report(answers)
+        until(lambda: witness.counts == [2, 3, 4, 5])  # at the broker, and on to the controller at once (its
+        witness.close()  # window is 1000 unacknowledged messages)
+        time.sleep(0.5)
+        serve.kill()
+        serve.wait()
+        lock.rollback()
+        lock.close()
+        lock = None
+        again = FleetController(settings(mosquitto, tmp_path)).start()
+        until(lambda: len(stored(db)) == 5)
+        assert sorted(n for n, _ in stored(db).values()) == [1, 2, 3, 4, 5]
+    finally:
+        if lock is not None:
+            lock.close()
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+        log.close()
+        device.close()
+        if again is not None:
+            again.stop()
+
+
+def serve_config(tmp_path, mosquitto, fleet: str = FLEET) -> Path:
+    (tmp_path / "fleet.toml").write_text(f"""
+[fleet]
+id = "{fleet}"
+[database]
+path = "{tmp_path / 'fleet.db'}"
+[http]
+port = 0
+[mqtt]
+port = {mosquitto.port}
+client_id = "edgeglm-controller"
+""")
+    return tmp_path / "fleet.toml"
+
+
+def test_a_state_subscription_a_killed_controller_left_in_its_session_goes(mosquitto, tmp_path):
+    """A device that reports but is not registered has its state topic subscribed alone until its state comes.
+    A controller killed before then left that subscription in the session the broker keeps, and every later
+    controller got each state of the device twice, for good. Now a state that comes through it (MQTT 5 says so:
+    a subscription identifier) unsubscribes it."""
+    config = serve_config(tmp_path, mosquitto)
+    log = open(tmp_path / "serve.log", "w")
+    serve = subprocess.Popen([sys.executable, "-m", "agent.cli", "fleet", "serve", "--config", str(config)],
+                             stdout=log, stderr=subprocess.STDOUT)
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="ghost", protocol=paho.MQTTv5)
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    again = None
+    try:
+        until(lambda: "fleet controller" in (tmp_path / "serve.log").read_text())
+        now = time.time()
+        pub.publish(telemetry_topic(FLEET, "ghost"), TelemetryReport(
+            device="ghost", window_start=now - 30, window_end=now, count=0).model_dump_json(), qos=1)
+        until(lambda: "ghost reports but is not registered" in (tmp_path / "serve.log").read_text())
+        time.sleep(0.3)  # (the SUBSCRIBE went out with that line)
+        serve.kill()
+        serve.wait()
+        again = FleetController(settings(mosquitto, tmp_path))
+        delivered = []
+        handle = again.client.on_message
+        again.client.on_message = lambda c, u, m: (delivered.append(m.topic), handle(c, u, m))
+        again.start()
+        state = ReportedState(device="ghost", online=True, agent_version="test", uptime_s=1.0, ts=time.time())
+        for _ in range(2):  # not retained: each comes once per subscription that matches it
+            delivered.clear()
+            pub.publish(state_topic(FLEET, "ghost"), state.model_dump_json(), qos=1).wait_for_publish(10)
+            witness_topic = telemetry_topic(FLEET, "ghost")  # a message after it, on another topic: in order
+            pub.publish(witness_topic, TelemetryReport(device="ghost", window_start=now, window_end=time.time(),
+                                                       count=0).model_dump_json(), qos=1).wait_for_publish(10)
+            until(lambda: witness_topic in delivered)
+            first = delivered.count(state_topic(FLEET, "ghost"))
+        assert first == 1  # the second state came once: the kept subscription is gone
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+        log.close()
+        if again is not None:
+            again.stop()
+
+
+def test_a_controller_given_another_fleet_under_the_same_client_id_leaves_the_old_one(mosquitto, tmp_path):
+    """The broker keeps a session's subscriptions: `fleet serve --fleet two` under the client id that served fleet
+    one (set in fleet.toml, or the K3s broker's username) still got fleet one's devices, and registered them."""
+    one = FleetController(settings(mosquitto, tmp_path, client_id="ctl"))  # (fleet FLEET)
+    one.start()
+    one.stop()
+    two = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet="two",
+                                             client_id="ctl")).start()
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="devices", protocol=paho.MQTTv5)
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    try:
+        for fleet, device in ((FLEET, "old-box"), ("two", "new-box")):  # delivered in this order
+            pub.publish(state_topic(fleet, device), ReportedState(
+                device=device, online=True, agent_version="test", uptime_s=1.0, ts=time.time()).model_dump_json(),
+                qos=1).wait_for_publish(10)
+        until(lambda: any(d["device"] == "new-box" for d in two.store.devices()))
+        assert [d["device"] for d in two.store.devices()] == ["new-box"]
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        two.stop()
+
+
+def test_telemetry_qos_is_taken_from_the_environment(monkeypatch):
+    from fleet.config import load_fleet_config
+
+    monkeypatch.setenv("EDGEGLM_MQTT__TELEMETRY_QOS", "0")
+    assert load_fleet_config(None, {}).mqtt.telemetry_qos == 0
+    monkeypatch.setenv("EDGEGLM_MQTT__TELEMETRY_QOS", "2")
+    with pytest.raises(Exception, match="telemetry_qos"):
+        load_fleet_config(None, {})
