@@ -123,6 +123,7 @@ class Agent:
         self.prefix_cache = make_prefix_cache(cfg.cache.model_copy(update={"persist": False}), cfg.model.slots_dir)
         self.http.set_prefix_cache(self.prefix_cache)
         self._path_metric, self._path_labels = register_execution_metric(self.http.metrics.registry), None
+        self.http.metrics.collectors.append(self._observe_session)
         self.session: MqttSession | None = None
         self.updater: Updater | None = None
         self._state_lock = None  # the open agent.lock of model.slots_dir (hold_state_dir), held while running
@@ -581,6 +582,7 @@ class Agent:
                 request_id = target.id if target.id and len(target.id) <= 128 else "unknown"
                 self.session.respond(event.message, InferenceResponse(
                     id=request_id, error=ErrorInfo(code="bad_request", message=str(event.error))))
+                self.http.metrics.mqtt_answers.inc(outcome="bad_request")
         elif event.message.topic == desired_topic(d.fleet, d.id):
             self.last_config_error, self._error_is_the_desired_ones = f"desired config refused: {event.error}", True
             self._publish_state()
@@ -769,6 +771,16 @@ class Agent:
                 self.window.record_error(label=served.get("label"), window=served.get("window"))
             self._remember_answer(message, req, response)
             self._respond(message, req, response)
+            self.http.metrics.request_latency.observe(time.perf_counter() - message.received, endpoint="mqtt")
+
+    def _observe_session(self) -> None:
+        """(before each /metrics exposition) the MQTT session's counters, where MQTT is on."""
+        if self.session is None:
+            return
+        stats, counter = self.session.stats, self.http.metrics.mqtt_session
+        for event in ("connects", "payload_errors", "dropped_reports", "dropped_messages", "too_large",
+                      "client_resets"):
+            counter.advance_to(getattr(stats, event), event=event)
 
     def _remember_answer(self, message, req: InferenceRequest, response: InferenceResponse) -> None:
         key = (self.session.reply_target(message).topic, req.id, hashlib.sha256(message.payload).digest())
@@ -790,6 +802,7 @@ class Agent:
                     f"the answer is {size} bytes, over the broker's maximum packet size of {limit} bytes; ask for "
                     "fewer max_tokens, or raise the broker's max_packet_size")))
             self.session.respond(message, response)
+            self.http.metrics.mqtt_answers.inc(outcome=response.error.code if response.error else "ok")
         except AgentError as exc:
             log.warning("MQTT inference request %s: %s", req.id, exc)
 
@@ -799,7 +812,8 @@ class Agent:
         that took it. It stops at the sooner of its `timeout_s` and its MQTT 5 message expiry (`expiry_s`, what the
         publisher's Message Expiry Interval had left when the broker delivered it: a requester that gives up after
         that has said so in the protocol's own way)."""
-        limits = [(req.timeout_s, f"the request's timeout_s={req.timeout_s:g}")] if req.timeout_s is not None else []
+        limits = [(req.timeout_s, f"the request's timeout_s={req.timeout_s:g} (from its arrival)")] \
+            if req.timeout_s is not None else []
         if expiry_s is not None:
             limits.append((float(expiry_s), f"its MQTT message expiry ({expiry_s} s left when it arrived)"))
         limit_s, limit_text = min(limits) if limits else (math.inf, "")
@@ -818,23 +832,42 @@ class Agent:
             params, ids = gen.params, prompt_ids(gen, model)
             outcome = Outcome(len(ids))
             times = []
-            try:
-                handle = slot.submit(ids, params)  # the scheduler batches it with concurrent requests
+            deadline = t0 + limit_s
+
+            def too_late(what: str) -> ApiError:
+                return ApiError(504, f"no answer within {limit_text}; {what}")
+
+            if time.perf_counter() > deadline:  # it waited for a place past its limit: not started at all
+                raise too_late("it waited for a place until then and was not started")
+            # the scheduler admits requests with a deadline first, earliest first (its clock is time.monotonic)
+            queue_deadline = None if math.isinf(limit_s) else time.monotonic() + deadline - time.perf_counter()
+            try:  # the scheduler batches it with concurrent requests
+                handle = slot.submit(ids, params, deadline=queue_deadline)
             except SchedulerClosed as exc:  # the model was swapped (an OTA update) since the slot was taken
                 raise ApiError(503, str(exc)) from None
-            tokens = stream_tokens(handle)
-            deadline = t0 + limit_s
+            # the limit holds while it waits in the scheduler's queue or prefills too, not only between tokens: a
+            # request queued behind long answers was answered `timeout` only after them, having held its place
+            tokens = stream_tokens(handle, None if math.isinf(limit_s) else lambda: time.perf_counter() <= deadline)
+
+            metrics = self.http.metrics
 
             def on_token() -> None:
                 times.append(now := time.perf_counter())
+                if len(times) == 1:  # the same figures as the HTTP API's, under endpoint "mqtt"
+                    metrics.ttft.observe(now - t0, endpoint="mqtt")
+                else:
+                    metrics.token_latency.observe(now - times[-2], endpoint="mqtt")
                 if now > deadline:  # the requester gave up by now (MQTT shows no requester leaving): stop for it
-                    raise ApiError(504, f"no answer within {limit_text} (from its arrival); "
-                                        f"{outcome.completion_tokens} tokens were generated, then stopped")
+                    raise too_late(f"{outcome.completion_tokens} token(s) were generated, then stopped")
 
             try:
                 text = "".join(generate_text(model, ids, tokens, params, gen.stop, outcome, on_token))
+            except ConnectionResetError:  # (stream_tokens' watch: the limit passed while no token came)
+                raise too_late(f"{outcome.completion_tokens} token(s) were generated, then stopped") from None
             finally:
                 tokens.close()  # a stop string or the timeout ends the text early: the request leaves the batch
+                metrics.prompt_tokens.inc(outcome.prompt_tokens, endpoint="mqtt")
+                metrics.completion_tokens.inc(outcome.completion_tokens, endpoint="mqtt")
         gaps = [b - a for a, b in zip(times, times[1:])]
         self.window.record(times[0] - t0 if times else None, gaps, len(gaps), sum(gaps), label=label,
                            window=served["window"])

@@ -108,8 +108,9 @@ class Slot:
     model: object
     scheduler: Scheduler
 
-    def submit(self, ids: list[int], params: SamplingParams) -> Handle:
-        return self.scheduler.submit(ids, params)
+    def submit(self, ids: list[int], params: SamplingParams, deadline: float | None = None) -> Handle:
+        """`deadline`: a time.monotonic() time; requests with one are admitted first, earliest first."""
+        return self.scheduler.submit(ids, params, deadline=deadline)
 
 
 def stream_tokens(handle: Handle, alive=None):

@@ -207,6 +207,14 @@ class ServingMetrics:
             "edgeglm_request_duration_seconds", "End-to-end time of an inference request, from received to "
             "last byte written, whatever the outcome (failed requests and clients gone included: until the "
             "server let go of the request).", REQUEST_BUCKETS, ("endpoint",)))
+        self.mqtt_answers = r.register(Counter(
+            "edgeglm_mqtt_inference_answers_total", "MQTT inference requests answered, by outcome: ok, or the error "
+            "code of the answer (bad_request, busy, timeout, model_unavailable, too_large, internal).", ("outcome",)))
+        self.mqtt_session = r.register(Counter(
+            "edgeglm_mqtt_session_events_total", "The agent's MQTT session: connects, payload_errors (malformed, "
+            "oversized or refused messages it received), dropped_reports and dropped_messages (pushed out of the "
+            "offline buffers), too_large (messages not sent: over the broker's maximum packet size), client_resets.",
+            ("event",)))
         self.in_flight = r.register(Gauge(
             "edgeglm_inference_in_flight", "Inference requests in the engine's batch now (at most batching.max_batch)."))
         self.queued = r.register(Gauge(

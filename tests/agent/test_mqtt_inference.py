@@ -78,13 +78,13 @@ class Requester:
 
 
 class RunningAgent:
-    def __init__(self, broker, signed_bundles, state_dir):
+    def __init__(self, broker, signed_bundles, state_dir, **settings):
         self.agent = Agent(load_config(None, {
             "device.id": DEVICE, "device.fleet": FLEET, "model.bundle": str(signed_bundles["v1"]),
             "model.backend": "onnxruntime", "model.slots_dir": str(state_dir), "http.port": 0,
             "ota.trusted_keys": str(signed_bundles["keys"]), "telemetry.interval_s": 3600.0,
             "mqtt.enabled": True, "mqtt.port": broker.port, "mqtt.reconnect_min_delay_s": 0.1,
-            "mqtt.reconnect_max_delay_s": 0.5}))
+            "mqtt.reconnect_max_delay_s": 0.5, **settings}))
         self.agent.start()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.agent.run, args=(self.stop,), daemon=True)
@@ -439,7 +439,7 @@ def test_a_request_past_its_timeout_stops_generating_and_frees_its_place(served)
 
 
 @pytest.fixture
-def long_served(mosquitto, signed_bundles, trained_checkpoint, tmp_path):
+def long_served(mosquitto, signed_bundles, trained_checkpoint, tmp_path, request):
     """An agent serving the trained tiny model with a context window of 65,536 tokens: its answer to a request
     with no stop runs for many seconds (the 4,096 of the shared bundle take 0.85 s here, as long as the shortest
     MQTT expiry, 1 s: a race that either side won)."""
@@ -453,7 +453,7 @@ def long_served(mosquitto, signed_bundles, trained_checkpoint, tmp_path):
                   show_progress=False)
     bundles = {"v1": variant(tmp_path / "export", tmp_path / "v1", signed_bundles["key"]),
                "keys": signed_bundles["keys"]}
-    running = RunningAgent(mosquitto, bundles, tmp_path / "state")
+    running = RunningAgent(mosquitto, bundles, tmp_path / "state", **getattr(request, "param", {}))
     requester = Requester(mosquitto.port)
     yield running, requester
     requester.close()
@@ -472,3 +472,55 @@ def test_an_mqtt5_message_expiry_stops_the_generation_as_timeout_s_does(long_ser
     until(lambda: _in_flight(running.agent.http.port) == 0, timeout=WAIT)
     requester.ask({"id": "roomy", "prompt": "def main():", "max_tokens": 8, "timeout_s": 600}, expiry_s=600)
     assert requester.answer("roomy")["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("long_served", [{"batching.max_batch": 1}], indirect=True)
+@pytest.mark.parametrize("limit", ["timeout_s", "expiry"])
+def test_a_request_waiting_behind_long_answers_is_answered_timeout_when_its_limit_passes(long_served, limit):
+    """One request decodes at a time here and a long answer runs: a request queued behind it with a limit of
+    1 s was answered `timeout` only once the long one had ended (seconds later), prefilled first, holding a place
+    of http.max_concurrent all along. Its limit now holds while it waits: it is answered when the limit passes,
+    with nothing generated, while the long answer still runs."""
+    running, requester = long_served
+    requester.ask({"id": "long", "prompt": "def main():", "max_tokens": 100_000, "stop": [], "timeout_s": 60})
+    until(lambda: _in_flight(running.agent.http.port) == 1, timeout=WAIT)
+    if limit == "timeout_s":
+        requester.ask({"id": "queued", "prompt": "def f():", "max_tokens": 4, "timeout_s": 1})
+    else:
+        requester.ask({"id": "queued", "prompt": "def f():", "max_tokens": 4, "timeout_s": 600}, expiry_s=1)
+    answer = requester.answer("queued")
+    assert (answer.get("error") or {}).get("code") == "timeout", answer
+    assert "0 token(s) were generated" in answer["error"]["message"], answer
+    assert not requester.answers("long")  # the long answer was still running when it was answered
+
+
+def _samples(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        lines = resp.read().decode().splitlines()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line and line[0] != "#"}
+
+
+def test_mqtt_inference_is_on_the_agents_metrics(served):
+    """A box that serves only MQTT showed no request on its own /metrics (only the batch gauges moved), and its
+    busy or bad_request answers were seen nowhere but the log. Its answers, tokens and latencies are counted
+    under endpoint "mqtt", beside the HTTP API's, and the MQTT session's counters are there too."""
+    running, requester = served
+    port = running.agent.http.port
+    requester.ask({"id": "one", "prompt": "def main():", "max_tokens": 6, "stop": []})
+    ok = requester.answer("one")
+    requester.ask(b"{not json")  # no id: answered on the response topic with id "unknown"
+    requester.answer("unknown")
+    requester.ask({"id": "late", "prompt": "def main():", "max_tokens": 1000, "stop": [], "timeout_s": 0.001})
+    requester.answer("late")
+    m = _samples(port)
+    assert m['edgeglm_mqtt_inference_answers_total{outcome="ok"}'] == 1
+    assert m['edgeglm_mqtt_inference_answers_total{outcome="bad_request"}'] == 1
+    assert m['edgeglm_mqtt_inference_answers_total{outcome="timeout"}'] == 1
+    assert m['edgeglm_completion_tokens_total{endpoint="mqtt"}'] >= ok["usage"]["completion_tokens"] == 6
+    assert m['edgeglm_prompt_tokens_total{endpoint="mqtt"}'] >= ok["usage"]["prompt_tokens"] > 0
+    assert m['edgeglm_time_to_first_token_seconds_count{endpoint="mqtt"}'] >= 1
+    assert m['edgeglm_inter_token_latency_seconds_count{endpoint="mqtt"}'] >= 5
+    assert m['edgeglm_request_duration_seconds_count{endpoint="mqtt"}'] == 2  # generated ones (not the malformed)
+    assert m['edgeglm_mqtt_session_events_total{event="connects"}'] == 1
+    assert m['edgeglm_mqtt_session_events_total{event="payload_errors"}'] == 1
+    assert not any('endpoint="mqtt"' in k and k.startswith("edgeglm_http_") for k in m)
