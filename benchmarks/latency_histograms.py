@@ -13,7 +13,8 @@ histograms' figure and of the window means' (the same reports, the latency table
 Cost: a fleet database (temporary directory) of N devices, each with `--windows` reports with requests and their
 histograms; `fleet status` (format_status) and a /metrics scrape (prometheus_metrics) timed with the histograms,
 then with them hidden (window means, what the controller read before), side by side, `--repeats` times
-interleaved; medians and the histograms / means ratio. Numbers go to docs/scaling.md.
+interleaved; medians and the histograms / means ratio; and the peak Python memory one `fleet status` allocates
+(tracemalloc), both ways. Numbers go to docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -85,8 +87,8 @@ def main() -> int:
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"{args.windows} windows of 30 s per device")
     print("| devices | p95 error, histograms (median / worst) | p95 error, window means (median / worst) | "
-          "status: histograms / means | /metrics: histograms / means |")
-    print("|---|---|---|---|---|")
+          "status: histograms / means | /metrics: histograms / means | status peak memory: histograms / means |")
+    print("|---|---|---|---|---|---|")
     for n in args.devices:
         with tempfile.TemporaryDirectory() as tmp:
             store, truth, _ = build(Path(tmp) / "fleet.db", n, args.windows, seed=n)
@@ -106,12 +108,20 @@ def main() -> int:
                     prometheus_metrics(store, True)
                     times[("metrics", with_histograms)].append(time.perf_counter() - t)
             med = {k: statistics.median(v) for k, v in times.items()}
+            peak = {}  # MB of Python memory a status allocates at its peak (tracemalloc: a pass of its own)
+            for with_histograms in (True, False):
+                store._has_latency = real if with_histograms else (lambda: False)
+                tracemalloc.start()
+                format_status(store, FLEET)
+                peak[with_histograms] = tracemalloc.get_traced_memory()[1] / 1e6
+                tracemalloc.stop()
             print(f"| {n} | {100 * statistics.median(hist):.2f}% / {100 * max(hist):.2f}% | "
                   f"{100 * statistics.median(means):.1f}% / {100 * max(means):.1f}% | "
                   f"{med[('status', True)]:.3f} s / {med[('status', False)]:.3f} s = "
                   f"{med[('status', True)] / med[('status', False)]:.2f}x | "
                   f"{med[('metrics', True)]:.3f} s / {med[('metrics', False)]:.3f} s = "
-                  f"{med[('metrics', True)] / med[('metrics', False)]:.2f}x |", flush=True)
+                  f"{med[('metrics', True)] / med[('metrics', False)]:.2f}x | "
+                  f"{peak[True]:.1f} MB / {peak[False]:.1f} MB |", flush=True)
             store.db.close()
     return 0
 
