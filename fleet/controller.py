@@ -34,6 +34,7 @@ import os
 import queue
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,13 @@ PRUNE_EVERY_S = 60.0
 STATE_ASK_AGAIN_S = 60.0  # how often the state of a device that reports but is not registered is asked for
 STATE_ASKS_MAX = 3  # and how many times at most (a state this controller refuses would come back every minute)
 ASKED_STATE_SUBSCRIPTION = 1  # MQTT 5 subscription identifier of a state topic subscribed alone
+# and of the fleet's own filters: one per fleet served ("+" too), so that a filter a kept session holds from a run
+# that served another fleet under the same client id is told apart (it may overlap ours: "+" and one fleet)
+SUBSCRIPTION_ID_MAX = 268_435_455
+
+
+def served_subscription_id(fleet: str) -> int:
+    return 2 + zlib.crc32(fleet.encode()) % (SUBSCRIPTION_ID_MAX - 1)
 OFFERED_CHECK_S = 30.0  # how long the chunk server trusts the offers table's answer for one device and update
 OFFERED_KEPT = 4096  # (update, device) answers kept; more are asked of the table again
 UNSERVABLE_LOG_S = 600.0  # a bundle directory that cannot be served is logged again after this, with a count
@@ -474,9 +482,13 @@ class FleetController:
             return
         # one SUBSCRIBE for every topic filter, so that its SUBACK (_on_subscribe) means all are in place;
         # telemetry at the settings' QoS (default 1): see ControllerSettings.telemetry_qos
+        props = None
+        if self.settings.protocol != "3.1.1":  # what comes through these filters says so (_from_leftover_filter)
+            props = Properties(PacketTypes.SUBSCRIBE)
+            props.SubscriptionIdentifier = served_subscription_id(self.settings.fleet)
         client.subscribe([(topic, self.settings.telemetry_qos if topic.endswith(("/telemetry", "/latency")) else
                            0 if topic.endswith("/health") else 1)
-                          for topic in controller_subscriptions(self.settings.fleet)])
+                          for topic in controller_subscriptions(self.settings.fleet)], properties=props)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         """Once per loss: the log says the broker went away and (in _on_connect) when it is back; paho reconnects."""
@@ -503,7 +515,8 @@ class FleetController:
         self._delivery = (msg.mid, self._connection) if msg.qos and self.settings.listen else None
         self._ack_now = True
         try:
-            self._handle(msg)
+            if not self._from_leftover_filter(msg):
+                self._handle(msg)
         except Exception as exc:
             self._reject(msg.topic, exc)
         finally:
@@ -635,6 +648,29 @@ class FleetController:
             log.info("device %s/%s: registered from its state asked for again (it had been lost on the way)",
                      fleet, device)
 
+    def _from_leftover_filter(self, msg) -> bool:
+        """(MQTT 5) Whether the message came only through a filter of the kept session that this run did not make
+        (neither the fleet's own filters nor a state topic asked for alone): an earlier run under this client id
+        served another fleet ("+" and one fleet overlap: every message came twice, every chunk request was served
+        twice, for good). That copy is dropped (ours comes too, where it is ours) and those filters go."""
+        if self.settings.protocol == "3.1.1" or not self.settings.listen:
+            return False
+        ids = getattr(getattr(msg, "properties", None), "SubscriptionIdentifier", None) or ()
+        if served_subscription_id(self.settings.fleet) in ids or ASKED_STATE_SUBSCRIPTION in ids:
+            return False
+        try:
+            fleet = split_topic(msg.topic)[0]
+        except ValueError:
+            return True
+        # the filters it may have come through: another fleet's, or every fleet's where this one serves one fleet
+        # (every fleet's own are this run's where it serves "+": the same filters, replaced by its SUBSCRIBE)
+        stale = [] if fleet == self.settings.fleet else [fleet]
+        if self.settings.fleet != "+":
+            stale.append("+")
+        for old in stale:
+            self._leave_fleet(old)
+        return True
+
     def _leave_fleet(self, fleet: str) -> None:
         """A message of a fleet this controller does not serve: the broker kept the subscriptions of an earlier run
         of this client id that served it (`--fleet` changed, a client id set in fleet.toml, or the K3s broker's
@@ -642,9 +678,9 @@ class FleetController:
         if fleet in self._left_fleets:
             return
         self._left_fleets.add(fleet)
-        log.info("messages of fleet %s, which this controller (fleet %s) does not serve, came through subscriptions "
-                 "the broker kept for client id %s from an earlier run: unsubscribed", fleet, self.settings.fleet,
-                 self.settings.client_id)
+        log.info("messages came through subscriptions to fleet %s, which this controller (fleet %s) does not serve, "
+                 "that the broker kept for client id %s from an earlier run: unsubscribed", fleet,
+                 self.settings.fleet, self.settings.client_id)
         self.client.unsubscribe(controller_subscriptions(fleet))
 
     def _ask_state_if_unknown(self, fleet: str, device: str) -> None:

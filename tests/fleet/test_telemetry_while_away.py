@@ -258,28 +258,46 @@ def test_a_state_subscription_a_killed_controller_left_in_its_session_goes(mosqu
             again.stop()
 
 
-def test_a_controller_given_another_fleet_under_the_same_client_id_leaves_the_old_one(mosquitto, tmp_path):
-    """The broker keeps a session's subscriptions: `fleet serve --fleet two` under the client id that served fleet
-    one (set in fleet.toml, or the K3s broker's username) still got fleet one's devices, and registered them."""
-    one = FleetController(settings(mosquitto, tmp_path, client_id="ctl"))  # (fleet FLEET)
-    one.start()
-    one.stop()
-    two = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet="two",
-                                             client_id="ctl")).start()
+@pytest.mark.parametrize("before, now", [(FLEET, "two"), ("+", "two"), ("two", "+")])
+def test_a_controller_given_another_fleet_under_the_same_client_id_leaves_the_old_one(mosquitto, tmp_path, before,
+                                                                                      now):
+    """The broker keeps a session's subscriptions: `fleet serve --fleet two` under the client id that served another
+    fleet (set in fleet.toml, or the K3s broker's username) still got that fleet's devices, and registered them;
+    one that served every fleet ("+") before or after one fleet got each message twice (every chunk request served
+    twice), for good. Each message is handled once now, and only the fleet served."""
+    first = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "first.db", fleet=before,
+                                               client_id="ctl"))
+    first.start()
+    first.stop()
+    ctl = FleetController(ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet=now,
+                                             client_id="ctl"))
+    handled = []
+    handle = ctl._handle
+    ctl._handle = lambda msg: (handled.append(msg.topic), handle(msg))  # (counts what is handled)
+    ctl.start()
     pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="devices", protocol=paho.MQTTv5)
     pub.connect("127.0.0.1", mosquitto.port)
     pub.loop_start()
     try:
-        for fleet, device in ((FLEET, "old-box"), ("two", "new-box")):  # delivered in this order
-            pub.publish(state_topic(fleet, device), ReportedState(
-                device=device, online=True, agent_version="test", uptime_s=1.0, ts=time.time()).model_dump_json(),
-                qos=1).wait_for_publish(10)
-        until(lambda: any(d["device"] == "new-box" for d in two.store.devices()))
-        assert [d["device"] for d in two.store.devices()] == ["new-box"]
+        for round_ in range(2):  # the first round may come through what the broker kept; the second may not
+            handled.clear()
+            for fleet, device in ((FLEET, "old-box"), ("two", "new-box"), ("two", "marker")):  # in this order
+                pub.publish(state_topic(fleet, device), ReportedState(
+                    device=device, online=True, agent_version="test", uptime_s=1.0, ts=time.time()
+                ).model_dump_json(), qos=1).wait_for_publish(10)
+            # (the broker sends each message's copies before it takes the next message: a second copy of the
+            # first two would come before the marker)
+            until(lambda: state_topic("two", "marker") in handled)
+            if round_ == 1:
+                expected = [state_topic(f, d) for f, d in ((FLEET, "old-box"), ("two", "new-box"), ("two", "marker"))
+                            if now == "+" or f == now]
+                assert handled == expected
+        registered = sorted(d["device"] for d in ctl.store.devices())
+        assert registered == (["marker", "new-box", "old-box"] if now == "+" else ["marker", "new-box"])
     finally:
         pub.loop_stop()
         pub.disconnect()
-        two.stop()
+        ctl.stop()
 
 
 def test_telemetry_qos_is_taken_from_the_environment(monkeypatch):
