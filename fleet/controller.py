@@ -77,10 +77,6 @@ ASKED_STATE_SUBSCRIPTION = 1  # MQTT 5 subscription identifier of a state topic 
 # and of the fleet's own filters: one per fleet served ("+" too), so that a filter a kept session holds from a run
 # that served another fleet under the same client id is told apart (it may overlap ours: "+" and one fleet)
 SUBSCRIPTION_ID_MAX = 268_435_455
-
-
-def served_subscription_id(fleet: str) -> int:
-    return 2 + zlib.crc32(fleet.encode()) % (SUBSCRIPTION_ID_MAX - 1)
 OFFERED_CHECK_S = 30.0  # how long the chunk server trusts the offers table's answer for one device and update
 OFFERED_KEPT = 4096  # (update, device) answers kept; more are asked of the table again
 UNSERVABLE_LOG_S = 600.0  # a bundle directory that cannot be served is logged again after this, with a count
@@ -204,6 +200,16 @@ class ControllerSettings:
     listen: bool = True
 
 
+def served_subscription_id(fleet: str) -> int:
+    """The MQTT 5 subscription identifier of the filters of `fleet` ("+": every fleet's): 2 .. SUBSCRIPTION_ID_MAX."""
+    return 2 + zlib.crc32(fleet.encode()) % (SUBSCRIPTION_ID_MAX - 1)
+
+
+def subscription_ids(msg) -> list[int]:
+    """The MQTT 5 subscription identifiers a message came with (none over MQTT 3.1.1, or through a filter without)."""
+    return getattr(getattr(msg, "properties", None), "SubscriptionIdentifier", None) or []
+
+
 class WithHistograms(tuple):
     """(LatencyRow, telemetry row): a report and its window's histograms, one item of the writer's queue."""
 
@@ -242,6 +248,7 @@ class FleetController:
         self._connection = 0  # counts the connections: an ack is for the connection that delivered the message
         self._ack_now = True  # (paho's thread) False once _handle handed the message's ack to the writer
         self._delivery: tuple[int, int] | None = None  # (paho's thread) (mid, connection) of a QoS 1 message
+        self._served_id = served_subscription_id(settings.fleet)
         if settings.username:
             self.client.username_pw_set(settings.username, settings.password)
         if settings.ca_file:
@@ -485,7 +492,7 @@ class FleetController:
         props = None
         if self.settings.protocol != "3.1.1":  # what comes through these filters says so (_from_leftover_filter)
             props = Properties(PacketTypes.SUBSCRIBE)
-            props.SubscriptionIdentifier = served_subscription_id(self.settings.fleet)
+            props.SubscriptionIdentifier = self._served_id
         client.subscribe([(topic, self.settings.telemetry_qos if topic.endswith(("/telemetry", "/latency")) else
                            0 if topic.endswith("/health") else 1)
                           for topic in controller_subscriptions(self.settings.fleet)], properties=props)
@@ -520,18 +527,14 @@ class FleetController:
         except Exception as exc:
             self._reject(msg.topic, exc)
         finally:
-            if msg.topic.endswith("/state") and (self._asked_state or self._through_asked_subscription(msg)):
-                self._state_answered(msg.topic, self._through_asked_subscription(msg))
+            if msg.topic.endswith("/state"):
+                asked = ASKED_STATE_SUBSCRIPTION in subscription_ids(msg)  # (MQTT 5: a state topic subscribed alone)
+                if asked or self._asked_state:
+                    self._state_answered(msg.topic, asked)
             # handled here (a state, a status, a chunk request, latency histograms waiting for their report, a
             # message refused): acknowledged now; a report is acknowledged by the writer once stored
             if self._delivery is not None and self._ack_now:
                 self._ack(self._delivery)
-
-    @staticmethod
-    def _through_asked_subscription(msg) -> bool:
-        """(MQTT 5) Whether the message came through a state topic subscribed alone (_ask_state_if_unknown)."""
-        ids = getattr(getattr(msg, "properties", None), "SubscriptionIdentifier", None) or ()
-        return ASKED_STATE_SUBSCRIPTION in ids
 
     def _state_answered(self, topic: str, asked_subscription: bool = False) -> None:
         """A state came on a topic asked for alone (taken or not: a state this controller refuses, a cleared
@@ -655,8 +658,8 @@ class FleetController:
         twice, for good). That copy is dropped (ours comes too, where it is ours) and those filters go."""
         if self.settings.protocol == "3.1.1" or not self.settings.listen:
             return False
-        ids = getattr(getattr(msg, "properties", None), "SubscriptionIdentifier", None) or ()
-        if served_subscription_id(self.settings.fleet) in ids or ASKED_STATE_SUBSCRIPTION in ids:
+        ids = subscription_ids(msg)
+        if self._served_id in ids or ASKED_STATE_SUBSCRIPTION in ids:
             return False
         try:
             fleet = split_topic(msg.topic)[0]
