@@ -11,7 +11,9 @@ percentile, histograms can be added up.
 
 A report is tagged with one model version and execution path (its `Label`), and the windows
 follow each other without gaps (each starts where the previous one ended), so a missing one shows
-as a gap (the agent says how many it lost in `dropped_reports`; the controller counts them and `fleet status` names the device). A model switch (an OTA update, a rollback) therefore cuts the
+as a gap (the agent says how many it lost in `dropped_reports`; the controller counts them, and the time between
+two reports of one run that no report covers, whoever lost it: `fleet status` names the device). A model switch
+(an OTA update, a rollback) therefore cuts the
 window: what was served before it is reported under the model that served it, not the new one.
 Requests still running on the old model when it is switched finish on it: their latency and
 their errors (a request whose model went away under it is answered 503) go to the old model's

@@ -327,8 +327,9 @@ def cmd_status(args) -> int:
 
         results, health = store.last_results(args.fleet), store.health(args.fleet)
         keys = store.signing_keys(args.fleet)
-        lost = store.lost_reports(args.fleet, since)
-        devices = [{**d, "online": bool(d["online"]), "lost_reports": lost.get((d["fleet"], d["device"]), 0),
+        losses = store.telemetry_losses(args.fleet, since)
+        no_loss = {"lost_reports": 0, "missing_gaps": 0, "missing_s": 0.0}
+        devices = [{**d, "online": bool(d["online"]), **losses.get((d["fleet"], d["device"]), no_loss),
                     "latency": store.latency(d["fleet"], d["device"], since, d["model_version"]),
                     "last_update": results.get((d["fleet"], d["device"])),
                     "health": health.get((d["fleet"], d["device"])),

@@ -51,7 +51,7 @@ from agent.topics import (DesiredConfig, DeviceHealth, LatencyHistograms, Report
                           broker_packet_limit, chunk_response_topic, controller_subscriptions, desired_topic,
                           ota_offer_topic, publish_packet_bytes, split_topic, state_topic)
 from agent.metrics import format_value
-from fleet.store import SILENT_AFTER_S, LatencyRow, Store, latency_row, telemetry_row
+from fleet.store import SILENT_AFTER_S, LatencyRow, Store, latency_row, state_run, telemetry_row, with_gap
 from ota.bundle import open_bundle
 from ota.errors import BundleError
 from ota.fsutil import FileKeyedCache
@@ -71,6 +71,9 @@ MAX_BATCH = 5000  # telemetry rows per transaction
 # (a device sending histograms of windows it does not report) is never stored
 PENDING_HISTOGRAMS = 4
 PRUNE_EVERY_S = 60.0
+# a report that starts this soon after its agent's run did (by the device's clock) is the run's first window: no
+# gap before it (an agent's first window starts as its run does, within microseconds)
+RUN_START_SLACK_S = 1.0
 STATE_ASK_AGAIN_S = 60.0  # how often the state of a device that reports but is not registered is asked for
 STATE_ASKS_MAX = 3  # and how many times at most (a state this controller refuses would come back every minute)
 ASKED_STATE_SUBSCRIPTION = 1  # MQTT 5 subscription identifier of a state topic subscribed alone
@@ -279,6 +282,10 @@ class FleetController:
         self._health_lock = threading.Lock()
         # (fleet, device) -> {window_end: (LatencyRow, TTFT count)} waiting for their report (paho's thread only)
         self._pending_histograms: dict[tuple[str, str], dict[float, tuple[LatencyRow, int]]] = {}
+        # (paho's thread only) (fleet, device) -> the run its agent's last state named (store.state_run), and ->
+        # (the latest window_end of its reports, the run then): what `_gap` compares each report with
+        self._runs: dict[tuple[str, str], tuple[str, float] | None] = {}
+        self._last_window: dict[tuple[str, str], tuple[float, tuple[str, float] | None]] = {}
         self._writer = threading.Thread(target=self._write_telemetry, name="fleet-telemetry-writer", daemon=True)
         self._chunk_limit = _RateLimit(settings.chunk_requests_per_s, settings.chunk_burst)
         self._limited_logged: dict[tuple[str, str], float] = {}
@@ -589,14 +596,16 @@ class FleetController:
                 log.debug("%s/%s: removed from the registry: its %s state is not taken", fleet, device,
                           "retained" if msg.retain else "offline")
                 return
-            before = self.store.upsert_state(fleet, state.model_dump(mode="json"), device=device)  # refuses another's
+            body = state.model_dump(mode="json")
+            before = self.store.upsert_state(fleet, body, device=device)  # refuses another's
+            self._runs[(fleet, device)] = state_run(body)
             _log_state_change(fleet, device, before, state)
             self._now_registered(fleet, device)
         elif rest == "telemetry":
             report = TelemetryReport.model_validate_json(msg.payload)
             if report.device != device:
                 raise ValueError(f"report of device {report.device!r} on the topic of {device!r}")
-            row = telemetry_row(fleet, report.model_dump())
+            row = self._with_gap(fleet, device, report, telemetry_row(fleet, report.model_dump()))
             waiting = self._pending_histograms.get((fleet, device))
             histograms = waiting.pop(report.window_end, None) if waiting else None
             # stored with the report they belong to, and only if they count no more requests than it does
@@ -640,6 +649,28 @@ class FleetController:
                 self._chunk_limited(fleet, device)
                 return
             self._serve_chunk(fleet, device, msg)
+
+    def _with_gap(self, fleet: str, device: str, report: TelemetryReport, row: tuple) -> tuple:
+        """`row` with the gap before `report` (store.with_gap): the time since the device's last report, where both
+        come from the same run of its agent (the run its state named when each came), this one is not the run's
+        first window (it starts more than RUN_START_SLACK_S after the run did: the state that named the run may be
+        older than the controller's restart) and it does not start where that one ended. A report that came after
+        a later one (a window held back at a model switch; a second copy) closes the gap it falls in instead."""
+        key = (fleet, device)
+        if key not in self._runs:  # the first message of the device since the controller started
+            self._runs[key] = self.store.device_run(fleet, device)
+        run = self._runs[key]
+        last = self._last_window.get(key)
+        if last is None:
+            end = self.store.last_window_end(fleet, device)
+            last = None if end is None else (end, run)
+        if last is not None and report.window_end <= last[0]:
+            return with_gap(row, late_start=report.window_start)
+        self._last_window[key] = (report.window_end, run)
+        if last is None or run is None or last[1] is None or last[1][0] != run[0] or \
+                report.window_start <= last[0] or report.window_start - run[1] <= RUN_START_SLACK_S:
+            return row
+        return with_gap(row, (last[0], report.window_start))
 
     def _now_registered(self, fleet: str, device: str) -> None:
         if self._registered is not None:
@@ -1071,12 +1102,18 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
     if any("*" in cell for row in rows for cell in row[6:10]):
         text += "\n" + MEANS_NOTE
     results = store.last_results(fleet)
-    lost = store.lost_reports(fleet, now - since_s)
+    losses = store.telemetry_losses(fleet, now - since_s)
     for d in store.devices(fleet):  # a refused desired config or a failed update is news, not a detail of --json
-        if lost.get((d["fleet"], d["device"])):
-            text += (f"\ndevice {d['fleet']}/{d['device']} LOST {lost[(d['fleet'], d['device'])]} telemetry report(s) "
+        loss = losses.get((d["fleet"], d["device"]), {})
+        if loss.get("lost_reports"):
+            text += (f"\ndevice {d['fleet']}/{d['device']} LOST {loss['lost_reports']} telemetry report(s) "
                      f"in the last {since_s:g} s: its offline buffer (mqtt.telemetry_buffer) overflowed while it could "
                      f"not reach the broker; the latency of that time is missing")
+        if loss.get("missing_gaps"):
+            text += (f"\ndevice {d['fleet']}/{d['device']} telemetry MISSING for {loss['missing_s']:.0f} s in "
+                     f"{loss['missing_gaps']} gap(s) in the last {since_s:g} s: its agent ran, and no report of that "
+                     f"time reached the controller (lost from the device's offline buffer, or by the broker: one "
+                     f"that forgot the controller's session or overflowed its queue; docs/fleet.md)")
         if d.get("silent"):
             text += (f"\ndevice {d['fleet']}/{d['device']} is SILENT: its last state said online, but nothing came from "
                      f"it for {now - d['last_seen']:.0f} s ([fleet] silent_after_s {store.silent_after_s:g}); counted "
@@ -1299,6 +1336,13 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
         if lat.get("token_p95_ms") is not None:
             lines.append(f'edgeglm_fleet_token_p95_ms{{fleet="{_label(d["fleet"])}",device="{_label(d["device"])}",'
                          f'model_version="{_label(d["model_version"])}"}} {lat["token_p95_ms"]:.3f}')
+    lines += ["# HELP edgeglm_fleet_telemetry_missing_seconds Seconds of the last hour in which the device's agent "
+              "ran and no report of it reached the controller (gaps between its reports; devices with none are not "
+              "listed).", "# TYPE edgeglm_fleet_telemetry_missing_seconds gauge"]
+    for (fleet, device), loss in sorted(store.telemetry_losses(None, since).items()):
+        if loss["missing_gaps"]:
+            lines.append(f'edgeglm_fleet_telemetry_missing_seconds{{fleet="{_label(fleet)}",device="{_label(device)}"}}'
+                         f' {loss["missing_s"]:.3f}')
     lines += _health_metrics(devices, store.health())
     lines += _version_metrics(store.versions(since=since))
     lines += ["# HELP edgeglm_fleet_telemetry_reports_total Telemetry reports stored.",

@@ -65,7 +65,7 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE TABLE IF NOT EXISTS telemetry (
     fleet TEXT NOT NULL, device TEXT NOT NULL, model_version TEXT, window_end REAL NOT NULL, count INTEGER,
     ttft_p50 REAL, ttft_p95 REAL, token_p50 REAL, token_p95 REAL, tokens_per_s REAL, errors INTEGER,
-    stored REAL, dropped INTEGER);
+    stored REAL, dropped INTEGER, gap_from REAL, gap_to REAL);
 CREATE UNIQUE INDEX IF NOT EXISTS telemetry_once ON telemetry (fleet, device, window_end);
 CREATE TABLE IF NOT EXISTS ota_status (
     fleet TEXT NOT NULL, device TEXT NOT NULL, update_id TEXT, ts REAL NOT NULL, state TEXT, result TEXT,
@@ -115,7 +115,7 @@ LEGACY = ("", "")
 PRUNE_BATCH = 5000  # telemetry rows the retention deletes per transaction (the store's lock is free between)
 
 TELEMETRY_COLUMNS = ("fleet", "device", "model_version", "window_end", "count", "ttft_p50", "ttft_p95", "token_p50",
-                     "token_p95", "tokens_per_s", "errors", "dropped", "stored")
+                     "token_p95", "tokens_per_s", "errors", "dropped", "gap_from", "gap_to", "stored")
 _INSERT_TELEMETRY = (f"INSERT OR IGNORE INTO telemetry ({', '.join(TELEMETRY_COLUMNS)}) "
                      f"VALUES ({', '.join('?' * len(TELEMETRY_COLUMNS))})")
 
@@ -165,10 +165,38 @@ class _HistogramSum:
 
 
 def telemetry_row(fleet: str, r: dict) -> tuple:
-    """A parsed TelemetryReport (as a dict) as a telemetry row, less the `stored` time."""
+    """A parsed TelemetryReport (as a dict) as a telemetry row, less the `stored` time (and no gap: with_gap)."""
     ttft, tok = r.get("ttft_ms") or {}, r.get("per_token_ms") or {}
     return (fleet, r["device"], r.get("model_version"), r["window_end"], r["count"], ttft.get("p50"), ttft.get("p95"),
             tok.get("p50"), tok.get("p95"), r.get("tokens_per_s"), r.get("errors", 0), r.get("dropped_reports", 0))
+
+
+def with_gap(row: tuple, gap: tuple[float, float] | None = None, late_start: float | None = None) -> tuple:
+    """A `telemetry_row` with what the controller found in the order its device's reports came (within one run of
+    its agent, each window starts where the one before ended): `gap`, (the end of the device's last report, this
+    report's window_start), is time the agent ran that no report it received covers; `late_start`, this report's
+    window_start where it came after a later one (a window held back at a model switch, see agent.telemetry): once
+    stored, it closes the gap it falls in."""
+    return row[:12] + (gap or (None, None)) + (late_start,)
+
+
+def state_run(state: dict) -> tuple[str, float] | None:
+    """(the agent's run id, its start by the device's clock: `ts - uptime_s`) of a ReportedState (as a dict);
+    None for an agent that does not name its run."""
+    run = (state.get("hardware") or {}).get("run")
+    ts, uptime = state.get("ts"), state.get("uptime_s")
+    if not isinstance(run, str) or not isinstance(ts, (int, float)) or not isinstance(uptime, (int, float)):
+        return None
+    return run, ts - uptime
+
+
+def _late_start(row: tuple) -> float | None:
+    return row[14] if len(row) > 14 else None
+
+
+def _row_values(row: tuple, stored: float) -> tuple:
+    """The INSERT's values of a telemetry_row (or with_gap) and its `stored` time."""
+    return row[:12] + (tuple(row[12:14]) if len(row) > 12 else (None, None)) + (stored,)
 
 
 
@@ -328,6 +356,9 @@ class Store:
             self.db.execute("ALTER TABLE telemetry ADD COLUMN stored REAL")
         if "dropped" not in columns:  # earlier reports the device lost from its offline buffer (dropped_reports)
             self.db.execute("ALTER TABLE telemetry ADD COLUMN dropped INTEGER")
+        if "gap_from" not in columns:  # the time before a report its agent ran and no report covers (see with_gap)
+            self.db.execute("ALTER TABLE telemetry ADD COLUMN gap_from REAL")
+            self.db.execute("ALTER TABLE telemetry ADD COLUMN gap_to REAL")
         # time ranges are read on `stored`: rows of controllers that did not record it count at their window end
         self.db.execute("UPDATE telemetry SET stored = window_end WHERE stored IS NULL")
         self.db.execute("DROP INDEX IF EXISTS telemetry_by_time")
@@ -447,14 +478,17 @@ class Store:
                 self.returned = self._back_from_removal(rows, stored)
                 # a report saying earlier ones were lost is rare: inserted alone, so that a second copy of it (a
                 # QoS 1 redelivery) does not count the loss twice
-                lossy = [row for row in rows if row[11]]
+                # as is one that came after a later one (late_start): stored, it closes the gap it falls in
+                alone = [row for row in rows if row[11] or _late_start(row) is not None]
                 before = self.db.total_changes
-                self.db.executemany(_INSERT_TELEMETRY, [row + (stored,) for row in rows if not row[11]])
-                lost = 0
-                for row in lossy:
-                    if self.db.execute(_INSERT_TELEMETRY, row + (stored,)).rowcount:
-                        lost += row[11]
-                new = self.db.total_changes - before
+                self.db.executemany(_INSERT_TELEMETRY, [_row_values(row, stored) for row in rows
+                                                        if not (row[11] or _late_start(row) is not None)])
+                new, lost = self.db.total_changes - before, 0
+                for row in alone:
+                    if self.db.execute(_INSERT_TELEMETRY, _row_values(row, stored)).rowcount:
+                        new, lost = new + 1, lost + row[11]
+                        if _late_start(row) is not None:
+                            self._close_gap(row[0], row[1], _late_start(row), row[3])
                 # a report is a sign of life: `fleet status`' "seen" column moved only with a state change, so
                 # a box reporting every minute showed "seen 395s"
                 self.db.executemany("UPDATE devices SET last_seen = ? WHERE fleet = ? AND device = ? AND "
@@ -469,6 +503,24 @@ class Store:
                 self.db.execute("ROLLBACK")
                 raise
         return stored
+
+    def _close_gap(self, fleet: str, device: str, start: float, end: float) -> None:
+        """(in add_telemetry_many's transaction) A window [start, end] stored after a later one: it no longer counts
+        as missing in the gap it falls in (a later report's; one stored twice, only once)."""
+        row = self.db.execute("SELECT rowid, gap_from, gap_to FROM telemetry WHERE fleet=? AND device=? AND "
+                              "window_end > ? AND gap_from <= ? AND gap_to >= ? ORDER BY window_end LIMIT 1",
+                              (fleet, device, end, start, end)).fetchone()
+        if row is None or not start < end:
+            return
+        gap_from, gap_to = row[1], row[2]
+        if start <= gap_from and end >= gap_to:  # (the usual: the window held back at a model switch, whole)
+            gap_from = gap_to = None
+        elif start <= gap_from:
+            gap_from = end
+        elif end >= gap_to:
+            gap_to = start
+        # (one inside the gap, with time missing on both sides, leaves it as it was: it counts a little more)
+        self.db.execute("UPDATE telemetry SET gap_from = ?, gap_to = ? WHERE rowid = ?", (gap_from, gap_to, row[0]))
 
     def add_latency_many(self, rows: list[LatencyRow]) -> None:
         """Insert `latency_row`s (a window's histograms) in one transaction, each (fleet, device, window_end) once
@@ -835,13 +887,29 @@ class Store:
                           (self.clock() - since_s,)).fetchall()
         return {v for (v,) in rows if v}
 
-    def lost_reports(self, fleet: str | None, since: float) -> dict[tuple[str, str], int]:
-        """Telemetry reports devices said they lost (their offline buffer overflowed during an outage: the
-        `dropped_reports` of the first report after it), by device, from the reports stored since `since`."""
+    def telemetry_losses(self, fleet: str | None, since: float) -> dict[tuple[str, str], dict]:
+        """What is missing of each device's telemetry, from the reports stored since `since`, by device (only those
+        missing some): `lost_reports`, the reports the device said it lost (its offline buffer overflowed during an
+        outage: the `dropped_reports` of the first report after it); `missing_gaps` and `missing_s`, the gaps
+        between its reports while its agent ran (see with_gap: reports lost on the way, the broker's or the
+        device's buffer) and their seconds."""
         where, args = (" AND fleet=?", (fleet,)) if fleet else ("", ())
-        return {(f, d): n for f, d, n in self._exec(
-            "SELECT fleet, device, SUM(dropped) FROM telemetry WHERE stored>=? AND dropped>0" + where +
-            " GROUP BY fleet, device", (since,) + args).fetchall()}
+        return {(f, d): {"lost_reports": lost or 0, "missing_gaps": gaps, "missing_s": seconds or 0.0}
+                for f, d, lost, gaps, seconds in self._exec(
+                    "SELECT fleet, device, SUM(dropped), COUNT(gap_from), SUM(gap_to - gap_from) FROM telemetry WHERE "
+                    "stored>=? AND (dropped>0 OR gap_from IS NOT NULL)" + where + " GROUP BY fleet, device",
+                    (since,) + args).fetchall()}
+
+    def last_window_end(self, fleet: str, device: str) -> float | None:
+        """The latest window_end of the device's stored reports (None: none stored)."""
+        return self._exec("SELECT MAX(window_end) FROM telemetry WHERE fleet=? AND device=?",
+                          (fleet, device)).fetchone()[0]
+
+    def device_run(self, fleet: str, device: str) -> tuple[str, float] | None:
+        """The run of its agent the device's stored state names: (run id, when it started by the device's clock),
+        or None (no state, or an agent that does not say)."""
+        row = self._exec("SELECT state FROM devices WHERE fleet=? AND device=?", (fleet, device)).fetchone()
+        return state_run(json.loads(row[0])) if row else None
 
     def last_result(self, fleet: str, device: str, update_id: str) -> dict | None:
         # the latest to arrive, not the latest by the device's clock (edge clocks step: a canary that committed

@@ -478,7 +478,8 @@ def test_reports_a_device_lost_offline_are_counted_once_and_shown(tmp_path):
     store.add_telemetry_many([telemetry_row(FLEET, first), telemetry_row(FLEET, report("d1", now - 4))])
     store.add_telemetry_many([telemetry_row(FLEET, first)])  # the redelivered copy
     assert store.counter("telemetry_lost") == 7 and store.counter("telemetry_duplicates") == 1
-    assert store.lost_reports(FLEET, now - 3600) == {(FLEET, "d1"): 7}
+    assert store.telemetry_losses(FLEET, now - 3600) == {
+        (FLEET, "d1"): {"lost_reports": 7, "missing_gaps": 0, "missing_s": 0.0}}
     assert f"device {FLEET}/d1 LOST 7 telemetry report(s) in the last 3600 s" in format_status(store, FLEET)
     assert "edgeglm_fleet_telemetry_lost_reports_total 7" in prometheus_metrics(store, True)
     store.close()

@@ -1,0 +1,246 @@
+"""Telemetry that never reached the controller is counted, not silently missing.
+
+Within one run of an agent its reporting windows follow each other without gaps (agent.telemetry): each starts
+where the one before ended. The controller compares each report with the device's last one, in the order they
+come, and where both come from the same run of the agent (the run id its state names) and there is time between
+them, stores that gap with the report: `fleet status` says "telemetry MISSING for N s in K gap(s)", `--json` has
+`missing_gaps` / `missing_s` per device, /metrics `edgeglm_fleet_telemetry_missing_seconds`. Before, reports the
+broker never delivered (a broker that forgot the controller's session, its queue overflowing, QoS 0 while the
+controller was away) left a hole in a device's latency that looked like an idle box. An agent's restart is no
+gap; a window held back at a model switch (sent after the one that follows it) closes the gap it left.
+Real Mosquitto, the agent's own MQTT session and telemetry window, the controller's store read back.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.mqtt import MqttSession, MqttSettings
+from agent.telemetry import LatencyWindow
+from agent.topics import ReportedState, telemetry_topic
+from fleet.controller import (RUN_START_SLACK_S, ControllerSettings, FleetController, format_status,
+                              prometheus_metrics)
+from fleet.store import Store, telemetry_row, with_gap
+from waiting import until
+
+FLEET = "gaps"
+DEVICE = "box-1"
+LABEL = ("1.0.0", "onnxruntime:cpu")
+
+
+class Agent:
+    """One run of an agent: its MQTT session (its state names a run id, as the agent's daemon does), its latency
+    window; `report(n)` records n answers and sends the window. `windows` holds every (start, end) sent."""
+
+    def __init__(self, port: int):
+        self.run, self.started = secrets.token_hex(8), time.monotonic()
+        self.window = LatencyWindow(label=LABEL)
+        self.session = MqttSession(
+            MqttSettings(enabled=True, port=port, reconnect_min_delay_s=0.1, reconnect_max_delay_s=0.3), fleet=FLEET,
+            device=DEVICE, state_fn=lambda: ReportedState(
+                device=DEVICE, online=True, agent_version="test", hardware={"run": self.run},
+                uptime_s=time.monotonic() - self.started, ts=time.time()))
+        self.session.start()
+        self.windows: list[tuple[float, float]] = []
+
+    def report(self, answers: int = 1) -> None:
+        time.sleep(0.05)  # (windows of some length: the gaps are their seconds)
+        for i in range(answers):
+            self.window.record(0.05 + 0.001 * i, [0.02] * 4, 5, 0.08)
+        for r in self.window.take(DEVICE):
+            self.session.publish_telemetry(r)
+            self.windows.append((r.window_start, r.window_end))
+
+    def past_first_window(self) -> None:
+        """Waits until a window that starts now is not taken for the run's first (RUN_START_SLACK_S)."""
+        time.sleep(max(0.0, self.started + RUN_START_SLACK_S - time.monotonic()))
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class Witness:
+    """A plain paho subscriber to the device's telemetry: the window ends of the reports the broker passed on."""
+
+    def __init__(self, port: int):
+        self.ends: list[float] = []
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="witness", protocol=paho.MQTTv5)
+        self.client.on_message = lambda c, u, m: self.ends.append(json.loads(m.payload)["window_end"])
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(telemetry_topic(FLEET, DEVICE), 1)
+        assert subscribed.wait(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def settings(mosquitto, tmp_path, **kw) -> ControllerSettings:
+    return ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet=FLEET, **kw)
+
+
+def stored_ends(db) -> set[float]:
+    with sqlite3.connect(db) as con:
+        return {r[0] for r in con.execute("SELECT window_end FROM telemetry WHERE device = ?", (DEVICE,))}
+
+
+def losses(db) -> dict:
+    store = Store(db)
+    try:
+        return store.telemetry_losses(FLEET, 0).get((FLEET, DEVICE), {"missing_gaps": 0, "missing_s": 0.0})
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_reports_lost_while_the_controller_was_away_show_as_missing_time(mosquitto, tmp_path, qos):
+    """At `telemetry_qos = 0` the broker queues nothing for a controller away (the same as a broker that forgot
+    its session): the windows sent meanwhile are missing, and said to be, with their seconds. At QoS 1 they come
+    when it is back, and nothing is missing."""
+    db = tmp_path / "fleet.db"
+    first = FleetController(settings(mosquitto, tmp_path, telemetry_qos=qos)).start()
+    agent = Agent(mosquitto.port)
+    again = None
+    try:
+        until(lambda: agent.session.connected)
+        agent.report()
+        until(lambda: len(stored_ends(db)) == 1)
+        first.stop()
+        until(lambda: "Client edgeglm-controller disconnected" in mosquitto.log_text())
+        witness = Witness(mosquitto.port)
+        agent.past_first_window()
+        for _ in range(3):
+            agent.report()
+        until(lambda: len(witness.ends) == 3)  # at the broker
+        witness.close()
+        again = FleetController(settings(mosquitto, tmp_path, telemetry_qos=qos)).start()
+        agent.report()
+        until(lambda: agent.windows[-1][1] in stored_ends(db))
+        if qos == 1:
+            until(lambda: len(stored_ends(db)) == 5)
+            assert losses(db)["missing_gaps"] == 0
+            assert "MISSING" not in format_status(Store(db, read_only=True), FLEET)
+            return
+        assert len(stored_ends(db)) == 2  # the first and the last
+        lost = agent.windows[1:4]  # what the controller never got: from the first's end to the last's start
+        got = losses(db)
+        assert got["missing_gaps"] == 1
+        assert got["missing_s"] == pytest.approx(lost[-1][1] - lost[0][0], abs=1e-6)
+        assert agent.windows[-1][0] - agent.windows[0][1] == pytest.approx(got["missing_s"], abs=1e-6)
+        store = Store(db, read_only=True)
+        text = format_status(store, FLEET)
+        assert f"device {FLEET}/{DEVICE} telemetry MISSING for {got['missing_s']:.0f} s in 1 gap(s)" in text
+        metrics = prometheus_metrics(store, True)
+        assert f'edgeglm_fleet_telemetry_missing_seconds{{fleet="{FLEET}",device="{DEVICE}"}} ' \
+               f'{got["missing_s"]:.3f}' in metrics
+        store.close()
+    finally:
+        agent.close()
+        first.stop()
+        if again is not None:
+            again.stop()
+
+
+def test_an_agent_restart_is_no_missing_telemetry(mosquitto, tmp_path):
+    """Between two runs of the agent no window was open: time passes, nothing is missing. Both while the
+    controller runs (even where the new run's first window never came: counted from the old run's end, the gap
+    would be the time the agent was down), and across a controller restart during which the agent restarted (its
+    new state is queued for the controller ahead of its reports)."""
+    db = tmp_path / "fleet.db"
+    ctl = FleetController(settings(mosquitto, tmp_path)).start()
+    agent = Agent(mosquitto.port)
+    try:
+        until(lambda: agent.session.connected)
+        agent.report()
+        agent.report()
+        until(lambda: len(stored_ends(db)) == 2)
+        agent.close()
+        time.sleep(0.3)
+        agent = Agent(mosquitto.port)  # a new run, later
+        until(lambda: agent.session.connected)
+        agent.past_first_window()
+        agent.window.take(DEVICE)  # its first window: never sent
+        agent.report()
+        agent.report()
+        until(lambda: len(stored_ends(db)) == 4)
+        assert losses(db)["missing_gaps"] == 0
+        ctl.stop()
+        until(lambda: "Client edgeglm-controller disconnected" in mosquitto.log_text())
+        agent.close()
+        agent = Agent(mosquitto.port)  # restarted while the controller was away
+        witness = Witness(mosquitto.port)
+        until(lambda: agent.session.connected)
+        agent.report()
+        until(lambda: len(witness.ends) == 1)
+        witness.close()
+        ctl = FleetController(settings(mosquitto, tmp_path)).start()
+        agent.report()
+        until(lambda: len(stored_ends(db)) == 6)
+        assert losses(db)["missing_gaps"] == 0
+    finally:
+        agent.close()
+        ctl.stop()
+
+
+def test_a_window_held_back_at_a_model_switch_closes_the_gap_it_left(mosquitto, tmp_path):
+    """A request still running on the old model at a switch holds that model's window back (agent.telemetry):
+    the new model's window is sent first, and looks like a gap until the held one comes. Once stored, it is not
+    missing; a window lost after it still is."""
+    db = tmp_path / "fleet.db"
+    ctl = FleetController(settings(mosquitto, tmp_path)).start()
+    agent = Agent(mosquitto.port)
+    try:
+        until(lambda: agent.session.connected)
+        agent.report()
+        until(lambda: len(stored_ends(db)) == 1)
+        agent.past_first_window()
+        with agent.window.serving(LABEL) as w:
+            agent.window.record(0.05, [0.02] * 4, 5, 0.08, label=LABEL, window=w)
+            agent.window.switch(("2.0.0", "onnxruntime:cpu"))
+            agent.report()  # the new model's window; the old one waits for the request
+            until(lambda: len(stored_ends(db)) == 2)
+            held = losses(db)
+            assert held["missing_gaps"] == 1  # until the held window comes
+        agent.report()  # the held window, then the next
+        until(lambda: len(stored_ends(db)) == 4)
+        assert losses(db)["missing_gaps"] == 0
+        assert agent.windows[1][0] > agent.windows[2][0]  # (it did come after the later one)
+    finally:
+        agent.close()
+        ctl.stop()
+
+
+def test_a_late_window_closes_what_it_covers_of_a_gap(tmp_path):
+    """The store's side: a window that comes after a later one takes its time off the gap it falls in (whole, at
+    either end); one stored twice takes nothing twice."""
+    store = Store(tmp_path / "fleet.db")
+
+    def row(start: float, end: float, gap=None, late: bool = False) -> tuple:
+        r = {"device": DEVICE, "window_start": start, "window_end": end, "count": 1}
+        return with_gap(telemetry_row(FLEET, r), gap, late_start=start if late else None)
+
+    def missing() -> float:
+        return store.telemetry_losses(FLEET, 0).get((FLEET, DEVICE), {}).get("missing_s", 0.0)
+
+    store.add_telemetry_many([row(0, 10), row(40, 50, gap=(10, 40))])
+    assert missing() == 30
+    store.add_telemetry_many([row(10, 20, late=True)])  # the gap's start
+    assert missing() == 20
+    store.add_telemetry_many([row(30, 40, late=True)])  # its end
+    assert missing() == 10
+    store.add_telemetry_many([row(30, 40, late=True)])  # the same again: a second copy
+    assert missing() == 10 and store.counter("telemetry_duplicates") == 1
+    store.add_telemetry_many([row(20, 30, late=True)])  # the rest
+    assert missing() == 0 and store.telemetry_losses(FLEET, 0) == {}
+    store.close()
