@@ -183,9 +183,8 @@ def with_gap(row: tuple, gap: tuple[float, float] | None = None, late_start: flo
 def state_run(state: dict) -> tuple[str, float] | None:
     """(the agent's run id, its start by the device's clock: `ts - uptime_s`) of a ReportedState (as a dict);
     None for an agent that does not name its run."""
-    run = (state.get("hardware") or {}).get("run")
-    ts, uptime = state.get("ts"), state.get("uptime_s")
-    if not isinstance(run, str) or not isinstance(ts, (int, float)) or not isinstance(uptime, (int, float)):
+    run, ts, uptime = _run_of(state), state.get("ts"), state.get("uptime_s")
+    if run is None or not _number(ts) or not _number(uptime):
         return None
     return run, ts - uptime
 
