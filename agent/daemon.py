@@ -115,8 +115,10 @@ class Agent:
         self.started = time.monotonic()  # uptime: never negative when the wall clock is set back
         # this run of the agent, in its states: the controller orders two states of one run by uptime, not by `ts`
         self.run_id = secrets.token_hex(8)
-        self.hardware = probe_hardware()
+        # the run's first telemetry window starts with it: the controller tells a run's first window by its start
+        # (fleet.controller.RUN_START_SLACK_S), so that the time before it is not counted missing
         self.window = LatencyWindow()
+        self.hardware = probe_hardware()
         self.http = _AgentApiServer(cfg.http, cfg.sampling, window=self.window, batching=cfg.batching)
         # in memory until start() has checked model.slots_dir (its directory on disk is set there: a warning that
         # the cache directory cannot be made came before the one-line error about the state dir itself)

@@ -11,10 +11,12 @@ compared with numpy's p95 ("lower" rank) of every per-token gap the device recor
 histograms' figure and of the window means' (the same reports, the latency table hidden), median and worst.
 
 Cost: a fleet database (temporary directory) of N devices, each with `--windows` reports with requests and their
-histograms; `fleet status` (format_status) and a /metrics scrape (prometheus_metrics) timed with the histograms,
-then with them hidden (window means, what the controller read before), side by side, `--repeats` times
-interleaved; medians and the histograms / means ratio; and the peak Python memory one `fleet status` allocates
-(tracemalloc), both ways. Numbers go to docs/scaling.md.
+histograms, each stored when its window ended and rolled up (fleet.store.Store.roll_up, 5-minute spans);
+`fleet status` (format_status) and a /metrics scrape (prometheus_metrics) timed three ways, side by side,
+`--repeats` times interleaved: from the rollups (what the controller reads now), from the reports with their
+histograms (rollups hidden), and from the window means (histograms hidden too: what the controller read before
+histograms); medians and their ratios; and the peak Python memory one `fleet status` allocates (tracemalloc),
+each way. Numbers go to docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -60,17 +62,27 @@ def device_traffic(rng: random.Random, device: str, windows: int, t0: float):
 
 
 def build(path: Path, devices: int, windows: int, seed: int):
-    store = Store(path)
+    """The fleet database: each window's reports stored when it ended (the store's clock), the newest a few
+    minutes ahead of now so that `fleet status`' last hour holds them all while the benchmark runs; then rolled
+    up (`Store.roll_up`, as the controller's writer does once a minute)."""
+    t0 = time.time() - 30 * windows + 300
+    at = [t0]
+    store = Store(path, clock=lambda: at[0])
     rng = random.Random(seed)
-    t0 = time.time() - 30 * windows
-    truth = {}
+    truth, traffic = {}, {}
     for d in range(devices):
         name = f"d{d}"
         store.upsert_state(FLEET, {"device": name, "online": True, "model": {"name": "m", "version": "1.0.0"}})
-        reports, gaps = device_traffic(rng, name, windows, t0)
+        traffic[name], gaps = device_traffic(rng, name, windows, t0)
+        truth[name] = float(np.percentile(gaps, 95, method="lower"))
+    for w in range(windows):
+        at[0] = t0 + 30 * (w + 1)
+        reports = [traffic[name][w] for name in traffic]
         store.add_telemetry_many([telemetry_row(FLEET, r.model_dump()) for r in reports])
         store.add_latency_many([latency_row(FLEET, r._histograms.model_dump()) for r in reports if r._histograms])
-        truth[name] = float(np.percentile(gaps, 95, method="lower"))
+    while store.roll_up(now=at[0] + 60):
+        pass
+    store.clock = time.time
     return store, truth, t0
 
 
@@ -87,41 +99,49 @@ def main() -> int:
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"{args.windows} windows of 30 s per device")
     print("| devices | p95 error, histograms (median / worst) | p95 error, window means (median / worst) | "
-          "status: histograms / means | /metrics: histograms / means | status peak memory: histograms / means |")
-    print("|---|---|---|---|---|---|")
+          "status from reports: histograms / means | status from rollups / from reports | /metrics from reports: "
+          "histograms / means | /metrics from rollups / from reports | status peak memory: histograms / means / "
+          "rollups |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in args.devices:
         with tempfile.TemporaryDirectory() as tmp:
             store, truth, _ = build(Path(tmp) / "fleet.db", n, args.windows, seed=n)
-            # every row was stored now (the store's clock): the last hour covers them all
-            hist = errors(store, truth, store.clock() - 3600)
-            real = store._has_latency
+            since = time.time() - 3600
+            hist = errors(store, truth, since)
+            real, rolled = store._has_latency, store._rolled_spans
+            store._rolled_spans = lambda since: None  # the rollups hidden: every range read from the reports
+            assert errors(store, truth, since) == hist  # (the same figures both ways)
             store._has_latency = lambda: False  # the latency table hidden: what the controller read before
-            means = errors(store, truth, store.clock() - 3600)
-            times = {("status", True): [], ("status", False): [], ("metrics", True): [], ("metrics", False): []}
+            means = errors(store, truth, since)
+            ways = {"rollups": (real, rolled), "histograms": (real, lambda since: None),
+                    "means": (lambda: False, lambda since: None)}
+            times = {(what, way): [] for what in ("status", "metrics") for way in ways}
             for _ in range(args.repeats):
-                for with_histograms in (True, False):
-                    store._has_latency = real if with_histograms else (lambda: False)
+                for way, (has_latency, spans) in ways.items():
+                    store._has_latency, store._rolled_spans = has_latency, spans
                     t = time.perf_counter()
                     format_status(store, FLEET)
-                    times[("status", with_histograms)].append(time.perf_counter() - t)
+                    times[("status", way)].append(time.perf_counter() - t)
                     t = time.perf_counter()
                     prometheus_metrics(store, True)
-                    times[("metrics", with_histograms)].append(time.perf_counter() - t)
+                    times[("metrics", way)].append(time.perf_counter() - t)
             med = {k: statistics.median(v) for k, v in times.items()}
             peak = {}  # MB of Python memory a status allocates at its peak (tracemalloc: a pass of its own)
-            for with_histograms in (True, False):
-                store._has_latency = real if with_histograms else (lambda: False)
+            for way, (has_latency, spans) in ways.items():
+                store._has_latency, store._rolled_spans = has_latency, spans
                 tracemalloc.start()
                 format_status(store, FLEET)
-                peak[with_histograms] = tracemalloc.get_traced_memory()[1] / 1e6
+                peak[way] = tracemalloc.get_traced_memory()[1] / 1e6
                 tracemalloc.stop()
+
+            def cell(what: str) -> str:
+                h, m, r = (med[(what, way)] for way in ("histograms", "means", "rollups"))
+                return f"{h:.3f} s / {m:.3f} s = {h / m:.2f}x | {r:.3f} s = {r / h:.2f}x"
+
             print(f"| {n} | {100 * statistics.median(hist):.2f}% / {100 * max(hist):.2f}% | "
-                  f"{100 * statistics.median(means):.1f}% / {100 * max(means):.1f}% | "
-                  f"{med[('status', True)]:.3f} s / {med[('status', False)]:.3f} s = "
-                  f"{med[('status', True)] / med[('status', False)]:.2f}x | "
-                  f"{med[('metrics', True)]:.3f} s / {med[('metrics', False)]:.3f} s = "
-                  f"{med[('metrics', True)] / med[('metrics', False)]:.2f}x | "
-                  f"{peak[True]:.1f} MB / {peak[False]:.1f} MB |", flush=True)
+                  f"{100 * statistics.median(means):.1f}% / {100 * max(means):.1f}% | {cell('status')} | "
+                  f"{cell('metrics')} | {peak['histograms']:.1f} MB / {peak['means']:.1f} MB / "
+                  f"{peak['rollups']:.1f} MB |", flush=True)
             store.db.close()
     return 0
 

@@ -72,8 +72,9 @@ MAX_BATCH = 5000  # telemetry rows per transaction
 PENDING_HISTOGRAMS = 4
 PRUNE_EVERY_S = 60.0
 # a report that starts this soon after its agent's run did (by the device's clock) is the run's first window: no
-# gap before it (an agent's first window starts as its run does, within microseconds)
-RUN_START_SLACK_S = 1.0
+# gap before it (an agent's first window starts as its run does: within microseconds since 2026-11-29, after its
+# hardware probe before, a second or more on a small board)
+RUN_START_SLACK_S = 5.0
 STATE_ASK_AGAIN_S = 60.0  # how often the state of a device that reports but is not registered is asked for
 STATE_ASKS_MAX = 3  # and how many times at most (a state this controller refuses would come back every minute)
 ASKED_STATE_SUBSCRIPTION = 1  # MQTT 5 subscription identifier of a state topic subscribed alone
@@ -403,11 +404,15 @@ class FleetController:
                 self._store_health()
                 if rows:
                     self._store_rows(rows)
-                if time.monotonic() - last_prune > PRUNE_EVERY_S:
-                    self.store.prune()
-                    last_prune = time.monotonic()
             except Exception:  # a full disk must not kill the writer; the rows are lost, and logged
                 log.exception("telemetry batch of %d report(s) not stored", len(rows))
+            if time.monotonic() - last_prune > PRUNE_EVERY_S:
+                last_prune = time.monotonic()
+                try:
+                    self.store.prune()
+                    self.store.roll_up()  # (fleet status and /metrics read the rollups of whole spans: store.py)
+                except Exception as exc:  # tried again in a minute; the reads fall back on the reports meanwhile
+                    log.warning("retention or rollup of the fleet database failed: %s: %s", type(exc).__name__, exc)
             # stored (or refused by the database, logged): the broker may forget them now
             for delivery in deliveries:
                 self._ack(delivery)
@@ -653,9 +658,11 @@ class FleetController:
     def _with_gap(self, fleet: str, device: str, report: TelemetryReport, row: tuple) -> tuple:
         """`row` with the gap before `report` (store.with_gap): the time since the device's last report, where both
         come from the same run of its agent (the run its state named when each came), this one is not the run's
-        first window (it starts more than RUN_START_SLACK_S after the run did: the state that named the run may be
-        older than the controller's restart) and it does not start where that one ended. A report that came after
-        a later one (a window held back at a model switch; a second copy) closes the gap it falls in instead."""
+        first window (it starts more than RUN_START_SLACK_S after the run did) and it does not start where that one
+        ended. A report of the same run that came after a later one (a window held back at a model switch; a second
+        copy) closes the gap it falls in instead. A report of another run (or of a run not known) starts the
+        comparison again: the time between two runs is none of the agent's (it was down), and a new run's clock
+        may be behind the old one's last window (a box set back by NTP, then restarted)."""
         key = (fleet, device)
         if key not in self._runs:  # the first message of the device since the controller started
             self._runs[key] = self.store.device_run(fleet, device)
@@ -663,12 +670,16 @@ class FleetController:
         last = self._last_window.get(key)
         if last is None:
             end = self.store.last_window_end(fleet, device)
-            last = None if end is None else (end, run)
-        if last is not None and report.window_end <= last[0]:
+            # the stored report is of the run the device's state names only where that run began before it ended
+            # (the device's clock); else of an earlier run (the agent restarted while the controller was away)
+            last = None if end is None else (end, run if run is not None and run[1] < end else None)
+        if last is None or run is None or last[1] is None or last[1][0] != run[0]:
+            self._last_window[key] = (report.window_end, run)
+            return row
+        if report.window_end <= last[0]:
             return with_gap(row, late_start=report.window_start)
         self._last_window[key] = (report.window_end, run)
-        if last is None or run is None or last[1] is None or last[1][0] != run[0] or \
-                report.window_start <= last[0] or report.window_start - run[1] <= RUN_START_SLACK_S:
+        if report.window_start <= last[0] or report.window_start - run[1] <= RUN_START_SLACK_S:
             return row
         return with_gap(row, (last[0], report.window_start))
 
@@ -1112,8 +1123,10 @@ def format_status(store: Store, fleet: str | None = None, since_s: float = 3600)
         if loss.get("missing_gaps"):
             text += (f"\ndevice {d['fleet']}/{d['device']} telemetry MISSING for {loss['missing_s']:.0f} s in "
                      f"{loss['missing_gaps']} gap(s) in the last {since_s:g} s: its agent ran, and no report of that "
-                     f"time reached the controller (lost from the device's offline buffer, or by the broker: one "
-                     f"that forgot the controller's session or overflowed its queue; docs/fleet.md)")
+                     f"time reached the controller (lost from the device's offline buffer, too large for the broker, "
+                     f"or lost by the broker: one that forgot the controller's session or overflowed its queue; a "
+                     f"window held back at a model switch shows here until it comes, up to 10 minutes; "
+                     f"docs/fleet.md)")
         if d.get("silent"):
             text += (f"\ndevice {d['fleet']}/{d['device']} is SILENT: its last state said online, but nothing came from "
                      f"it for {now - d['last_seen']:.0f} s ([fleet] silent_after_s {store.silent_after_s:g}); counted "

@@ -93,6 +93,13 @@ CREATE TABLE IF NOT EXISTS latency (
     fleet TEXT NOT NULL, device TEXT NOT NULL, window_end REAL NOT NULL, model_version TEXT, ttft BLOB,
     per_token BLOB, stored REAL NOT NULL, PRIMARY KEY (fleet, device, window_end));
 CREATE INDEX IF NOT EXISTS latency_by_stored ON latency (stored);
+CREATE TABLE IF NOT EXISTS rollup (
+    fleet TEXT NOT NULL, device TEXT NOT NULL, model_version TEXT NOT NULL, bucket INTEGER NOT NULL,
+    requests INTEGER, errors INTEGER, ttft_p50_sum REAL, ttft_p50_n INTEGER, ttft_p95_sum REAL, ttft_p95_n INTEGER,
+    token_p50_sum REAL, token_p50_n INTEGER, token_p95_sum REAL, token_p95_n INTEGER, tokens_per_s_sum REAL,
+    tokens_per_s_n INTEGER, covered INTEGER, ttft BLOB, per_token BLOB,
+    PRIMARY KEY (fleet, device, bucket, model_version));
+CREATE INDEX IF NOT EXISTS rollup_by_bucket ON rollup (bucket);
 """
 REMOVED_GRACE_S = 10.0  # telemetry of a removed device this long after its removal says its agent runs
 # a device whose last state said online but that sent nothing (state, telemetry, health) for this long counts as
@@ -102,7 +109,7 @@ SILENT_AFTER_S = 900.0
 # tables no read-only command reads: a database without them (written by the version before) is read as it is
 WRITERS_ONLY = {"offer_manifests"}
 # tables read where present: a database without them (written by the version before) is read without them
-READ_IF_PRESENT = {"latency"}
+READ_IF_PRESENT = {"latency", "rollup"}
 # latency histograms (the `latency` table) are kept this long at most (the telemetry's retention where shorter):
 # the rollout gate reads its window, `fleet status` and /metrics the last hour; a busy device adds ~0.3 KB a window
 HISTOGRAM_RETENTION_S = 86400.0
@@ -110,6 +117,15 @@ HISTOGRAM_RETENTION_S = 86400.0
 # (the rest: windows whose histogram was lost, e.g. on the controller's QoS 0 subscription); below it, means
 HISTOGRAM_COVERAGE = 0.9
 HISTOGRAM_READ_ROWS = 5000  # windows' histograms read (and added up) at a time by a fleet-wide read
+# Rollups: the reports stored in each ROLLUP_S of the controller's clock, added up per device and model version
+# (requests, errors, the means' weighted sums, the covered windows' histograms summed) once that span has ended
+# (ROLLUP_DELAY_S after): a range read (`latency`, `versions`: `fleet status`, /metrics, the rollout gate) reads
+# the rollups of the whole spans in it and the reports of its two ends, ~1/10 of the rows of an hour at 30 s.
+ROLLUP_S = 300
+ROLLUP_DELAY_S = 30.0
+ROLLUP_BACKFILL_S = 86400.0  # the history a database's first rollup goes back over (older ranges read reports)
+ROLLUP_SPANS_PER_CALL = 12  # spans `roll_up` does per call (once a minute): a backfill never holds up the writer
+MEAN_COLUMNS = ("ttft_p50", "ttft_p95", "token_p50", "token_p95", "tokens_per_s")
 # the target of an offer recorded before `offer_targets` existed ('' is no fleet or device id)
 LEGACY = ("", "")
 PRUNE_BATCH = 5000  # telemetry rows the retention deletes per transaction (the store's lock is free between)
@@ -162,6 +178,41 @@ class _HistogramSum:
         held = np.flatnonzero(self.counts)
         found = histogram.quantiles(np.column_stack((held + histogram.MIN_INDEX, self.counts[held])), (0.5, 0.95))
         return tuple(found) if found else None
+
+
+def _histogram_blob(counts: np.ndarray | None) -> bytes | None:
+    """A _HistogramSum's counts as stored histograms are: little-endian int32 (index, count) pairs."""
+    if counts is None:
+        return None
+    held = np.flatnonzero(counts)
+    return np.column_stack((held + histogram.MIN_INDEX, counts[held])).astype("<i4").tobytes() if held.size else None
+
+
+class _Sums:
+    """The means' parts of a range read (`latency`, `versions`): requests, errors, and per MEAN_COLUMNS the
+    request-weighted sum and its weight, added from reports and from rollups."""
+
+    def __init__(self):
+        self.requests = self.errors = 0
+        self.parts = [0.0, 0] * len(MEAN_COLUMNS)
+
+    def add(self, requests, errors, *parts) -> None:
+        self.requests += requests or 0
+        self.errors += errors or 0
+        self.parts = [a + (b or 0) for a, b in zip(self.parts, parts)]
+
+    def means(self) -> dict:
+        return {key: total / weight if weight else None for key, total, weight in zip(
+            ("ttft_p50_ms", "ttft_p95_ms", "token_p50_ms", "token_p95_ms", "tokens_per_s"), self.parts[0::2],
+            self.parts[1::2])}
+
+
+# the means' parts of telemetry rows (errors from every window, one where every request failed has count 0; the
+# rest from windows with requests), and of rollup rows
+_RAW_SUMS = ("SUM(count), SUM(errors), " + ", ".join(
+    f"SUM(CASE WHEN count>0 THEN {c}*count END), SUM(CASE WHEN count>0 AND {c} IS NOT NULL THEN count END)"
+    for c in MEAN_COLUMNS))
+_ROLLUP_SUMS = "SUM(requests), SUM(errors), " + ", ".join(f"SUM({c}_sum), SUM({c}_n)" for c in MEAN_COLUMNS)
 
 
 def telemetry_row(fleet: str, r: dict) -> tuple:
@@ -474,6 +525,10 @@ class Store:
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")  # (a read then a write: see transaction())
             try:
+                # never inside a span rolled up already (the controller's clock set back): it would be read
+                # neither from the rollup nor as a report outside it
+                rolled = self.db.execute("SELECT value FROM counters WHERE name = 'rolled_until'").fetchone()
+                stored = max(stored, rolled[0]) if rolled else stored
                 self.returned = self._back_from_removal(rows, stored)
                 # a report saying earlier ones were lost is rare: inserted alone, so that a second copy of it (a
                 # QoS 1 redelivery) does not count the loss twice
@@ -528,6 +583,10 @@ class Store:
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")  # (a read then a write: see transaction())
             try:
+                # never inside a span rolled up already (the controller's clock set back): it would be read
+                # neither from the rollup nor as a report outside it
+                rolled = self.db.execute("SELECT value FROM counters WHERE name = 'rolled_until'").fetchone()
+                stored = max(stored, rolled[0]) if rolled else stored
                 self.db.executemany("INSERT OR IGNORE INTO latency VALUES (?, ?, ?, ?, ?, ?, ?)",
                                     [tuple(row) + (stored,) for row in rows])
                 self.db.execute("COMMIT")
@@ -537,12 +596,90 @@ class Store:
 
     def _has_latency(self) -> bool:
         """Whether the database has the `latency` table (a read-only one made by an older controller has not)."""
-        if not getattr(self, "_latency_seen", False):
-            self._latency_seen = bool(self._exec("SELECT 1 FROM sqlite_master WHERE type='table' AND "
-                                                 "name='latency'").fetchone())
-        return self._latency_seen
+        return self._has_table("latency")
 
-    def _exact(self, where: str, args: tuple, out: dict) -> None:
+    def _has_table(self, name: str) -> bool:
+        """Whether the database has table `name` of READ_IF_PRESENT (a read-only one made by an older controller
+        may not)."""
+        seen = self.__dict__.setdefault("_tables_seen", set())
+        if name not in seen and self._exec("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                                           (name,)).fetchone():
+            seen.add(name)
+        return name in seen
+
+    def _rolled_spans(self, since: float) -> tuple[int, int] | None:
+        """(a, b): the range from `since` reads the rollups of the spans in [a, b) and the reports stored outside
+        it; None where no whole rolled-up span lies in it (or the database has no rollups: an older controller's,
+        read-only)."""
+        if not self._has_table("rollup"):
+            return None
+        got = dict(self._exec("SELECT name, value FROM counters WHERE name IN ('rolled_from', 'rolled_until')"))
+        if "rolled_until" not in got:
+            return None
+        a = max(-(-int(since) // ROLLUP_S) * ROLLUP_S, got.get("rolled_from", 0))
+        return (a, got["rolled_until"]) if a < got["rolled_until"] else None
+
+    def roll_up(self, now: float | None = None) -> int:
+        """Add up the reports of the spans of ROLLUP_S that ended ROLLUP_DELAY_S ago or more and are not rolled up
+        yet, at most ROLLUP_SPANS_PER_CALL of them, each in its own transaction (the controller's writer calls it
+        once a minute); a database's first call starts ROLLUP_BACKFILL_S back at most. The spans done."""
+        now = self.clock() if now is None else now
+        end = int((now - ROLLUP_DELAY_S) // ROLLUP_S * ROLLUP_S)
+        row = self._exec("SELECT value FROM counters WHERE name = 'rolled_until'").fetchone()
+        if row is None:
+            first = self._exec("SELECT MIN(stored) FROM telemetry").fetchone()[0]
+            start = end if first is None else max(int(first // ROLLUP_S * ROLLUP_S),
+                                                  int((now - ROLLUP_BACKFILL_S) // ROLLUP_S * ROLLUP_S))
+            start = min(start, end)
+            with self.transaction():
+                for name in ("rolled_from", "rolled_until"):
+                    self.db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (name, start))
+        else:
+            start = row[0]
+        done = 0
+        while start < end and done < ROLLUP_SPANS_PER_CALL:
+            self._roll_span(start)
+            start, done = start + ROLLUP_S, done + 1
+        return done
+
+    def _roll_span(self, start: int) -> None:
+        """The rollup rows of the reports stored in [start, start + ROLLUP_S), and rolled_until moved past it."""
+        acc: dict[tuple, list] = {}
+        with self.transaction():
+            # the means' parts as latency() reads them; a window's histograms count where it is covered (_exact)
+            for fleet, device, version, count, errors, *values, covered, ttft, per_token in self.db.execute(
+                    "SELECT t.fleet, t.device, COALESCE(t.model_version, ''), t.count, t.errors, "
+                    + ", ".join(f"t.{c}" for c in MEAN_COLUMNS) + ", l.window_end IS NOT NULL AND (t.ttft_p95 IS NULL "
+                    "OR l.ttft IS NOT NULL) AND (t.token_p95 IS NULL OR l.per_token IS NOT NULL), l.ttft, l.per_token "
+                    "FROM telemetry t LEFT JOIN latency l ON l.fleet = t.fleet AND l.device = t.device AND "
+                    "l.window_end = t.window_end WHERE t.stored >= ? AND t.stored < ?", (start, start + ROLLUP_S)):
+                a = acc.get((fleet, device, version))
+                if a is None:
+                    a = acc[(fleet, device, version)] = [0, 0] + [0.0, 0] * len(MEAN_COLUMNS) + [0, [], []]
+                a[1] += errors or 0
+                if not count:
+                    continue
+                a[0] += count
+                for i, value in enumerate(values):
+                    if value is not None:
+                        a[2 + 2 * i] += value * count
+                        a[3 + 2 * i] += count
+                if covered:
+                    a[-3] += count
+                    a[-2].append(ttft)
+                    a[-1].append(per_token)
+            rows = []
+            for key, a in acc.items():
+                blobs = []
+                for parts in (a[-2], a[-1]):
+                    held = _HistogramSum()
+                    held.add(parts)
+                    blobs.append(_histogram_blob(held.counts))
+                rows.append(key + (start,) + tuple(a[:-2]) + tuple(blobs))
+            self.db.executemany(f"INSERT OR REPLACE INTO rollup VALUES ({', '.join('?' * 19)})", rows)
+            self.db.execute("INSERT OR REPLACE INTO counters VALUES ('rolled_until', ?)", (start + ROLLUP_S,))
+
+    def _exact(self, where: str, args: tuple, out: dict, rollup: tuple[str, tuple] | None = None) -> None:
         """Replace the window means of `out` (a `latency` or `versions` row) by the percentiles of the summed
         histograms of the telemetry windows `where` selects, where the windows that have histograms hold at
         least HISTOGRAM_COVERAGE of the requests (a histogram lost on the QoS 0 leg leaves its window out;
@@ -567,6 +704,13 @@ class Store:
             covered += sum(r[1] for r in rows)
             sums["ttft"].add(r[2] for r in rows)
             sums["token"].add(r[3] for r in rows)
+        if rollup is not None:  # the whole spans of the range: their windows' sums (`roll_up`)
+            cursor = self._exec("SELECT requests, covered, ttft, per_token FROM rollup WHERE " + rollup[0], rollup[1])
+            while rows := cursor.fetchmany(HISTOGRAM_READ_ROWS):
+                total += sum(r[0] or 0 for r in rows)
+                covered += sum(r[1] or 0 for r in rows)
+                sums["ttft"].add(r[2] for r in rows)
+                sums["token"].add(r[3] for r in rows)
         if not covered or covered < HISTOGRAM_COVERAGE * total:
             return
         for kind, held in sums.items():
@@ -614,6 +758,7 @@ class Store:
         # it for half a minute, every state of the fleet waiting behind it
         n = self._delete_stored_before("telemetry", cutoff)
         n += self._delete_stored_before("latency", (self.clock() if now is None else now) - self.histogram_retention_s)
+        n += self._exec("DELETE FROM rollup WHERE bucket < ?", (cutoff,)).rowcount
         n += self._exec("DELETE FROM health WHERE received < ? AND NOT EXISTS (SELECT 1 FROM devices d WHERE "
                         "d.fleet = health.fleet AND d.device = health.device)", (cutoff,)).rowcount
         # on the controller's clock (`received`; rows from before it: the device's `ts`): a box whose clock is
@@ -847,27 +992,25 @@ class Store:
         request-weighted means of the window percentiles instead (`percentiles: "window means"`): each weighted
         by the requests of the windows that have it (a window of one-token answers has no per-token
         percentiles); None when no window in the range has it."""
-        columns = ("ttft_p50", "ttft_p95", "token_p50", "token_p95", "tokens_per_s")
-        # errors from every window (one where every request failed has count 0), the rest from windows with requests;
         # tokens/s request-weighted like the rest (and like `versions`: a plain mean of windows gave the same device
         # 55 tok/s here and 10 in the versions table)
-        sql = ("SELECT SUM(count), SUM(errors), "
-               + ", ".join(f"SUM(CASE WHEN count>0 THEN {c}*count END), "
-                           f"SUM(CASE WHEN count>0 AND {c} IS NOT NULL THEN count END)" for c in columns)
-               + " FROM telemetry WHERE fleet=? AND device=? AND stored>=?")
-        args: tuple = (fleet, device, since)
-        if model_version is not None:
-            sql += " AND model_version=?"
-            args += (model_version,)
-        n, errors, *sums = self._exec(sql, args).fetchone()
-        if not n:
-            return {"requests": 0, "errors": errors or 0}
-        out = {"requests": n, "errors": errors or 0}
-        for key, total, weight in zip(("ttft_p50_ms", "ttft_p95_ms", "token_p50_ms", "token_p95_ms", "tokens_per_s"),
-                                      sums[0::2], sums[1::2]):
-            out[key] = total / weight if weight else None
-        self._exact("t.fleet=? AND t.device=? AND t.stored>=?" + (" AND t.model_version=?" if model_version is not None
-                                                                   else ""), args, out)
+        version = " AND model_version=?" if model_version is not None else ""
+        args: tuple = (fleet, device, since) + ((model_version,) if model_version is not None else ())
+        spans = self._rolled_spans(since)
+        outside = " AND NOT (stored>=? AND stored<?)" if spans else ""
+        sums = _Sums()
+        sums.add(*self._exec(f"SELECT {_RAW_SUMS} FROM telemetry WHERE fleet=? AND device=? AND stored>=?{version}"
+                             f"{outside}", args + (spans or ())).fetchone())
+        rollup = None
+        if spans:
+            rollup = (f"fleet=? AND device=? AND bucket>=? AND bucket<?{version}",
+                      (fleet, device) + spans + ((model_version,) if model_version is not None else ()))
+            sums.add(*self._exec(f"SELECT {_ROLLUP_SUMS} FROM rollup WHERE {rollup[0]}", rollup[1]).fetchone())
+        if not sums.requests:
+            return {"requests": 0, "errors": sums.errors}
+        out = {"requests": sums.requests, "errors": sums.errors, **sums.means()}
+        self._exact("t.fleet=? AND t.device=? AND t.stored>=?" + version.replace("model", "t.model") +
+                    outside.replace("stored", "t.stored"), args + (spans or ()), out, rollup)
         return out
 
     def histogram_senders(self) -> set[tuple[str, str]]:
@@ -891,13 +1034,15 @@ class Store:
         missing some): `lost_reports`, the reports the device said it lost (its offline buffer overflowed during an
         outage: the `dropped_reports` of the first report after it); `missing_gaps` and `missing_s`, the gaps
         between its reports while its agent ran (see with_gap: reports lost on the way, the broker's or the
-        device's buffer) and their seconds."""
+        device's buffer) and their seconds within the range."""
         where, args = (" AND fleet=?", (fleet,)) if fleet else ("", ())
+        # a gap counts within the range: at most from the range's start to when the report after it was stored (a
+        # gap is the device's clock, the range the controller's: that is as near as they compare)
         return {(f, d): {"lost_reports": lost or 0, "missing_gaps": gaps, "missing_s": seconds or 0.0}
                 for f, d, lost, gaps, seconds in self._exec(
-                    "SELECT fleet, device, SUM(dropped), COUNT(gap_from), SUM(gap_to - gap_from) FROM telemetry WHERE "
-                    "stored>=? AND (dropped>0 OR gap_from IS NOT NULL)" + where + " GROUP BY fleet, device",
-                    (since,) + args).fetchall()}
+                    "SELECT fleet, device, SUM(dropped), COUNT(gap_from), SUM(MIN(gap_to - gap_from, stored - ?)) "
+                    "FROM telemetry WHERE stored>=? AND (dropped>0 OR gap_from IS NOT NULL)" + where +
+                    " GROUP BY fleet, device", (since, since) + args).fetchall()}
 
     def last_window_end(self, fleet: str, device: str) -> float | None:
         """The latest window_end of the device's stored reports (None: none stored)."""
@@ -949,22 +1094,29 @@ class Store:
                 (self.clock() - self.silent_after_s,) + args).fetchall():
             rows[version] = {"model_version": version, "model_names": sorted((names or "").split(",")) if names
                              else [], "devices": n, "online": online or 0}
-        sql = ("SELECT model_version, SUM(count), SUM(errors), "
-               + ", ".join(f"SUM({c}*count), SUM(CASE WHEN {c} IS NOT NULL THEN count END)"
-                           for c in ("ttft_p50", "ttft_p95", "token_p50", "token_p95", "tokens_per_s"))
-               + " FROM telemetry WHERE stored>=?" + (" AND fleet=?" if fleet else "") + " GROUP BY model_version")
-        for version, requests, errors, *sums in self._exec(sql, (since,) + args).fetchall():
+        in_fleet = " AND fleet=?" if fleet else ""
+        spans = self._rolled_spans(since)
+        outside = " AND NOT (stored>=? AND stored<?)" if spans else ""
+        sums: dict[str | None, _Sums] = {}
+        for version, *parts in self._exec(f"SELECT model_version, {_RAW_SUMS} FROM telemetry WHERE stored>=?{in_fleet}"
+                                          f"{outside} GROUP BY model_version", (since,) + args + (spans or ())):
+            sums.setdefault(version, _Sums()).add(*parts)
+        if spans:
+            for version, *parts in self._exec(f"SELECT model_version, {_ROLLUP_SUMS} FROM rollup WHERE bucket>=? AND "
+                                              f"bucket<?{in_fleet} GROUP BY model_version", spans + args):
+                sums.setdefault(version or None, _Sums()).add(*parts)  # ('' is a report of no model version)
+        for version, total in sums.items():
             row = rows.setdefault(version, {"model_version": version, "model_names": [], "devices": 0, "online": 0})
-            keys = ("ttft_p50_ms", "ttft_p95_ms", "token_p50_ms", "token_p95_ms", "tokens_per_s")
-            for key, total, weight in zip(keys, sums[0::2], sums[1::2]):
-                row[key] = total / weight if weight else None
-            requests, errors = requests or 0, errors or 0
-            row.update(requests=requests, errors=errors,
+            requests, errors = total.requests, total.errors
+            row.update(total.means(), requests=requests, errors=errors,
                        error_rate=errors / (requests + errors) if requests + errors else None)
             if requests:
-                self._exact("t.stored>=?" + (" AND t.fleet=?" if fleet else "") + (
-                    " AND t.model_version=?" if version is not None else " AND t.model_version IS NULL"),
-                    (since,) + args + ((version,) if version is not None else ()), row)
+                self._exact("t.stored>=?" + in_fleet.replace("fleet", "t.fleet") + (
+                    " AND t.model_version=?" if version is not None else " AND t.model_version IS NULL") +
+                    outside.replace("stored", "t.stored"),
+                    (since,) + args + ((version,) if version is not None else ()) + (spans or ()), row,
+                    (f"bucket>=? AND bucket<?{in_fleet} AND model_version=?", spans + args + (version or "",))
+                    if spans else None)
         empty = {"requests": 0, "errors": 0, "error_rate": None, "ttft_p50_ms": None, "ttft_p95_ms": None,
                  "token_p50_ms": None, "token_p95_ms": None, "tokens_per_s": None, "percentiles": None}
         rows = {v: r for v, r in rows.items()  # no model: a row only while devices or traffic have none

@@ -26,8 +26,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.mqtt import MqttSession, MqttSettings
 from agent.telemetry import LatencyWindow
 from agent.topics import ReportedState, telemetry_topic
-from fleet.controller import (RUN_START_SLACK_S, ControllerSettings, FleetController, format_status,
-                              prometheus_metrics)
+from fleet import controller
+from fleet.controller import ControllerSettings, FleetController, format_status, prometheus_metrics
 from fleet.store import Store, telemetry_row, with_gap
 from waiting import until
 
@@ -40,28 +40,33 @@ class Agent:
     """One run of an agent: its MQTT session (its state names a run id, as the agent's daemon does), its latency
     window; `report(n)` records n answers and sends the window. `windows` holds every (start, end) sent."""
 
-    def __init__(self, port: int):
-        self.run, self.started = secrets.token_hex(8), time.monotonic()
+    def __init__(self, port: int, slow_start_s: float = 0.0, ahead_s: float = 0.0):
+        """`slow_start_s`: the run began that long before its first window (an agent before 2026-11-29 probed the
+        hardware in between); `ahead_s`: the box's clock is that far ahead."""
+        self.run, self.started, self.ahead_s = secrets.token_hex(8), time.monotonic(), ahead_s
+        time.sleep(slow_start_s)
         self.window = LatencyWindow(label=LABEL)
         self.session = MqttSession(
             MqttSettings(enabled=True, port=port, reconnect_min_delay_s=0.1, reconnect_max_delay_s=0.3), fleet=FLEET,
             device=DEVICE, state_fn=lambda: ReportedState(
                 device=DEVICE, online=True, agent_version="test", hardware={"run": self.run},
-                uptime_s=time.monotonic() - self.started, ts=time.time()))
+                uptime_s=time.monotonic() - self.started, ts=time.time() + self.ahead_s))
         self.session.start()
         self.windows: list[tuple[float, float]] = []
 
-    def report(self, answers: int = 1) -> None:
+    def report(self, answers: int = 1, send: bool = True) -> None:
+        """Records `answers` and takes the window; sends it unless `send` is False (lost on the way)."""
         time.sleep(0.05)  # (windows of some length: the gaps are their seconds)
         for i in range(answers):
             self.window.record(0.05 + 0.001 * i, [0.02] * 4, 5, 0.08)
-        for r in self.window.take(DEVICE):
-            self.session.publish_telemetry(r)
+        for r in self.window.take(DEVICE, now=time.time() + self.ahead_s):
+            if send:
+                self.session.publish_telemetry(r)
             self.windows.append((r.window_start, r.window_end))
 
     def past_first_window(self) -> None:
         """Waits until a window that starts now is not taken for the run's first (RUN_START_SLACK_S)."""
-        time.sleep(max(0.0, self.started + RUN_START_SLACK_S - time.monotonic()))
+        time.sleep(max(0.0, self.started + controller.RUN_START_SLACK_S - time.monotonic()))
 
     def close(self) -> None:
         self.session.close()
@@ -84,6 +89,12 @@ class Witness:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+@pytest.fixture(autouse=True)
+def short_first_window(monkeypatch):
+    """A run's first window is told within 1 s of its start here (5 s in the product: the tests wait past it)."""
+    monkeypatch.setattr(controller, "RUN_START_SLACK_S", 1.0)
 
 
 def settings(mosquitto, tmp_path, **kw) -> ControllerSettings:
@@ -178,7 +189,9 @@ def test_an_agent_restart_is_no_missing_telemetry(mosquitto, tmp_path):
         ctl.stop()
         until(lambda: "Client edgeglm-controller disconnected" in mosquitto.log_text())
         agent.close()
-        agent = Agent(mosquitto.port)  # restarted while the controller was away
+        # restarted while the controller was away, its first window a while after its start (as an agent
+        # that probed the hardware in between): the gap was counted from the old run's last report, downtime and all
+        agent = Agent(mosquitto.port, slow_start_s=2 * controller.RUN_START_SLACK_S)
         witness = Witness(mosquitto.port)
         until(lambda: agent.session.connected)
         agent.report()
@@ -243,4 +256,45 @@ def test_a_late_window_closes_what_it_covers_of_a_gap(tmp_path):
     assert missing() == 10 and store.counter("telemetry_duplicates") == 1
     store.add_telemetry_many([row(20, 30, late=True)])  # the rest
     assert missing() == 0 and store.telemetry_losses(FLEET, 0) == {}
+    store.close()
+
+
+def test_a_new_run_whose_clock_is_behind_the_old_runs_last_window_is_compared_with_itself(mosquitto, tmp_path):
+    """A box that booted with its clock an hour ahead reported windows ending an hour ahead; NTP set it back,
+    the agent restarted: every window of the new run ends before the old run's last one. They were all taken for
+    windows held back at a model switch, and a window lost in the new run was never counted."""
+    db = tmp_path / "fleet.db"
+    ctl = FleetController(settings(mosquitto, tmp_path)).start()
+    agent = Agent(mosquitto.port, ahead_s=3600)
+    try:
+        until(lambda: agent.session.connected)
+        agent.report()
+        agent.report()
+        until(lambda: len(stored_ends(db)) == 2)
+        agent.close()
+        agent = Agent(mosquitto.port)  # set right, restarted
+        until(lambda: agent.session.connected)
+        agent.past_first_window()
+        agent.report()
+        agent.report(send=False)
+        agent.report()
+        until(lambda: len(stored_ends(db)) == 4)
+        got = losses(db)
+        lost = agent.windows[1]
+        assert got["missing_gaps"] == 1 and got["missing_s"] == pytest.approx(lost[1] - lost[0], abs=1e-6)
+    finally:
+        agent.close()
+        ctl.stop()
+
+
+def test_missing_time_counts_within_the_range(tmp_path):
+    """A gap of five hours (a broker that lost the controller's session for that long) is at most the hour
+    `fleet status` and /metrics read, not five."""
+    now = time.time()
+    store = Store(tmp_path / "fleet.db", clock=lambda: now)
+    row = with_gap(telemetry_row(FLEET, {"device": DEVICE, "window_start": now - 30, "window_end": now,
+                                         "count": 1}), (now - 5 * 3600 - 30, now - 30))
+    store.add_telemetry_many([row])
+    assert store.telemetry_losses(FLEET, now - 3600)[(FLEET, DEVICE)]["missing_s"] == pytest.approx(3600)
+    assert store.telemetry_losses(FLEET, now - 86400)[(FLEET, DEVICE)]["missing_s"] == pytest.approx(5 * 3600)
     store.close()
