@@ -117,9 +117,18 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
             raise SignatureError(f"{path}: is a public key (the half that verifies); signing takes the private key"
                                  + (f", {pair}" if pair is not None and pair.exists() else ", the NAME.key file that "
                                     "`edgeglm bundle keygen` wrote")) from None
-        raise SignatureError(f"{path}: not an unencrypted PEM private key ({exc})") from None
+        head = path.read_bytes()[:4096]
+        if b"OPENSSH PRIVATE KEY" in head:  # what ssh-keygen writes
+            what = "an OpenSSH private key (ssh-keygen's format)"
+        elif b"ENCRYPTED" in head or "encrypted" in str(exc):
+            what = "an encrypted private key (signing takes an unencrypted one)"
+        else:
+            what = f"not an unencrypted PEM private key ({str(exc).split('. See ')[0]})"
+        raise SignatureError(f"{path}: {what}; nothing was signed: give the NAME.key file that `edgeglm bundle "
+                             "keygen` wrote (an Ed25519 PEM key), or make one with it") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise SignatureError(f"{path}: is a {type(key).__name__}, expected an Ed25519 private key")
+        raise SignatureError(f"{path}: is a {type(key).__name__}, expected an Ed25519 private key; nothing was "
+                             "signed: give the NAME.key file that `edgeglm bundle keygen` wrote, or make one with it")
     return key
 
 
@@ -132,7 +141,9 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
         hint = ""
         try:
             if b"PRIVATE KEY-----" in path.read_bytes()[:4096]:  # NAME.key given where NAME.pub belongs
-                hint = f"; it is a private key: give the public half, {path.with_suffix('.pub')}"
+                pub = path.with_suffix(".pub")
+                hint = f"; it is a private key: give the public half, {pub}" if pub.exists() else \
+                    "; it is a private key: give the public half (the NAME.pub file `edgeglm bundle keygen` wrote)"
         except OSError:
             pass
         raise SignatureError(f"{path}: not a PEM public key ({exc}){hint}") from None
@@ -270,30 +281,47 @@ def read_signature(root: Path) -> dict:
     return sig
 
 
+def read_previous(root: Path) -> list[dict]:
+    """The signatures an agent's slot keeps in manifest.sig.prev (SIGNATURE_PREVIOUS) besides manifest.sig: the
+    other keys' signatures of the same manifest bytes it was offered (key rotations), newest first. One object
+    (written so while there is one) or a list of them; [] where there is none or it cannot be read."""
+    try:
+        held = json.loads((root / SIGNATURE_PREVIOUS).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return []
+    held = held if isinstance(held, list) else [held]
+    return [sig for sig in held if isinstance(sig, dict)]
+
+
 def slot_signers(root: Path, manifest_bytes: bytes, trusted: dict[str, Ed25519PublicKey]) -> list[str]:
     """The ids of the trusted keys that sign `manifest_bytes` in `root`'s manifest.sig or manifest.sig.prev
     (sorted; [] when none does): the keys whose removal would leave the bundle there refused. Never raises:
     an unreadable or damaged signature file signs nothing."""
     ids = set()
-    for name in (SIGNATURE, SIGNATURE_PREVIOUS):
+    try:
+        signatures = [json.loads((root / SIGNATURE).read_bytes())]
+    except (OSError, ValueError, RecursionError):
+        signatures = []
+    for sig in signatures + read_previous(root):
         try:
-            ids.add(verify_bytes(manifest_bytes, json.loads((root / name).read_bytes()), trusted, name))
-        except (OSError, ValueError, RecursionError, SignatureError):
+            ids.add(verify_bytes(manifest_bytes, sig, trusted, SIGNATURE))
+        except SignatureError:
             pass
     return sorted(ids)
 
 
 def verify_bundle_signature(bundle: Bundle, trusted: dict[str, Ed25519PublicKey], previous: bool = False) -> str:
     """Verify manifest.sig over the bundle's manifest bytes; returns the signing key's id. `previous` (an agent's
-    slot): when it fails, manifest.sig.prev (SIGNATURE_PREVIOUS) verifying is enough; the error is manifest.sig's."""
+    slot): when it fails, one of manifest.sig.prev's (read_previous) verifying is enough; the error is
+    manifest.sig's."""
     try:
         return verify_bytes(bundle.manifest_bytes, read_signature(bundle.root), trusted, str(bundle.root / MANIFEST))
     except SignatureError:
         if not previous:
             raise
-        try:
-            prev = json.loads((bundle.root / SIGNATURE_PREVIOUS).read_bytes())
-            return verify_bytes(bundle.manifest_bytes, prev, trusted, str(bundle.root / MANIFEST))
-        except (OSError, ValueError, RecursionError, SignatureError):
-            pass
+        for prev in read_previous(bundle.root):
+            try:
+                return verify_bytes(bundle.manifest_bytes, prev, trusted, str(bundle.root / MANIFEST))
+            except SignatureError:
+                pass
         raise

@@ -47,13 +47,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ota.bundle import MANIFEST, Manifest, manifest_problems, open_bundle
 from ota.errors import BundleError
 from ota.fsutil import atomic_write_bytes, atomic_write_json, remove_leftover_temporaries
-from ota.signing import SIGNATURE, SIGNATURE_PREVIOUS, read_signature, verify_bundle_signature, verify_bytes
+from ota.signing import (SIGNATURE, SIGNATURE_PREVIOUS, read_previous, read_signature, verify_bundle_signature,
+                         verify_bytes)
 from ota.slots import Slots
 from ota.versions import check_upgrade, parse_version
 
 log = logging.getLogger("edgeglm.ota")
 
 DISK_HEADROOM = 1 << 20  # beyond the bundle's files: the manifest, signature, update state and slot pointer files
+# the other keys' signatures a slot keeps of its manifest (manifest.sig.prev), newest first: key rotations
+MAX_PREVIOUS_SIGNATURES = 8
 CHUNK_ATTEMPTS = 3  # a chunk whose sha256 does not match is fetched this many times before the update fails
 DISK_BLOCK = 4096  # files take whole blocks of the file system (4 KiB on ext4 and most others)
 
@@ -751,25 +754,40 @@ class Updater:
         return True
 
     def _take_signature(self, slot: Path | None, raw: bytes) -> None:
-        """A slot holding exactly the offered manifest bytes keeps the offer's signature when it differs: the
-        bundle was signed again since it was installed (a key rotation), and that signature was verified over
-        these exact bytes in this state. The serving bundle re-signed and offered again kept the old key's
-        signature (the offer counted as done): once the old key was removed from ota.trusted_keys, as a rotation
-        ends, the next start refused the serving model. Writing the signature file (atomically) changes no byte
-        the model is loaded from."""
+        """A slot holding exactly the offered manifest bytes takes the offer's signature when it is by a key the
+        slot holds no signature of: the bundle was signed again since it was installed (a key rotation), and that
+        signature was verified over these exact bytes in this state. The serving bundle re-signed and offered again
+        kept the old key's signature (the offer counted as done): once the old key was removed from
+        ota.trusted_keys, as a rotation ends, the next start refused the serving model. The signatures it held
+        are kept in manifest.sig.prev (every key's, newest first, MAX_PREVIOUS_SIGNATURES), and a key's signature
+        the slot holds already changes nothing: the old key's offer replayed (by anyone who can publish on the
+        offer topic, its signature spelt another way) put the old key back in manifest.sig, twice pushed the new
+        key's out, and the end of the rotation left the box serving nothing. Writing the signature files
+        (atomically) changes no byte the model is loaded from."""
         if slot is None:
             return
+        kid = self.offer.signature.get("key_id") if isinstance(self.offer.signature, dict) else None
         held = None
         try:
-            if (slot / MANIFEST).read_bytes() != raw or (held := read_signature(slot)) == self.offer.signature:
+            if (slot / MANIFEST).read_bytes() != raw:
                 return
+            held = read_signature(slot)
         except (OSError, ValueError, BundleError):
             pass  # unreadable or no signature: the verified one replaces it
-        if held is not None:  # kept beside it: the same bundle re-offered with the old key's signature during a
-            atomic_write_json(slot / SIGNATURE_PREVIOUS, held)  # rotation must not lose the new key's
+        previous = ([held] if held is not None else []) + read_previous(slot)
+        if any(sig.get("key_id") == kid for sig in previous):
+            return  # (ed25519 signatures are deterministic: the same key's over the same bytes is the same)
+        kept, seen = [], set()
+        for sig in previous:
+            if sig.get("key_id") not in seen:
+                seen.add(sig.get("key_id"))
+                kept.append(sig)
+        if kept:
+            kept = kept[:MAX_PREVIOUS_SIGNATURES]
+            atomic_write_json(slot / SIGNATURE_PREVIOUS, kept[0] if len(kept) == 1 else kept)
         atomic_write_json(slot / SIGNATURE, self.offer.signature)
-        log.info("slot %s: the offered signature (key %s) replaces the one it was installed with", slot.name,
-                 self.offer.signature.get("key_id") if isinstance(self.offer.signature, dict) else "?")
+        log.info("slot %s: the offered signature (key %s) replaces the one it was installed with (kept beside it)",
+                 slot.name, kid or "?")
 
     def _check_rollback(self, offer: Offer, raw: bytes) -> None:
         """A rollback offer is taken only with a valid signed statement for this fleet and device, replacing

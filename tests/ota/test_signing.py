@@ -74,6 +74,32 @@ def test_a_bad_pub_file_beside_good_keys_is_skipped_with_a_warning(signed, tmp_p
         load_trusted_keys([bad_file])
 
 
+def test_a_signing_key_of_another_kind_says_what_it_is_and_what_to_give(tmp_path):
+    """An OpenSSH key (what ssh-keygen writes), an encrypted one, an RSA one: cryptography's own words ("Valid
+    PEM but no BEGIN/END delimiters ... Are you sure this is a private key?") and no next step."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    ed = ed25519.Ed25519PrivateKey.generate()
+    files = {
+        "ssh.key": ed.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()),
+        "enc.key": ed.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.BestAvailableEncryption(b"pw")),
+        "rsa.key": rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
+            ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()),
+    }
+    said = {"ssh.key": "an OpenSSH private key", "enc.key": "an encrypted private key",
+            "rsa.key": "is a RSAPrivateKey, expected an Ed25519 private key"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(SignatureError) as err:
+            load_private_key(tmp_path / name)
+        assert said[name] in str(err.value)
+        assert "nothing was signed: give the NAME.key file that `edgeglm bundle keygen` wrote" in str(err.value)
+    with pytest.raises(SignatureError) as err:  # as --trusted: no .pub beside it to name
+        load_trusted_keys([tmp_path / "rsa.key"])
+    assert str(err.value).endswith("give the public half (the NAME.pub file `edgeglm bundle keygen` wrote)")
+
+
 def test_key_errors_say_what_to_give_instead(signed, tmp_path):
     """`--trusted keys/fleet.key` said only "not a PEM public key (...)"; a missing path or an empty directory
     (the installer's, holding its README) gave no next step."""

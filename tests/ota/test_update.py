@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from ota.bundle import open_bundle
-from ota.errors import SignatureError
 from ota.offers import make_offer
 from bundles import variant
 from ota.signing import generate_keypair, load_private_key, sign_bytes
@@ -138,7 +137,7 @@ def test_the_serving_bundle_signed_again_and_offered_keeps_the_new_signature(dev
     """A key rotation: the serving bundle re-signed with the new key (same manifest bytes) and offered counted as
     done, and the slot kept the old key's signature; once the old key left ota.trusted_keys, as a rotation ends,
     the next start refused the serving model."""
-    from ota.signing import load_trusted_keys, read_signature, sign_bundle, verify_bundle_signature
+    from ota.signing import load_trusted_keys, read_signature, sign_bundle, slot_signers, verify_bundle_signature
 
     new = generate_keypair(tmp_path / "new-keys", "fleet-2027")
     shutil.copy(new.public_path, device / "keys")
@@ -157,12 +156,34 @@ def test_the_serving_bundle_signed_again_and_offered_keeps_the_new_signature(dev
     updater.submit(offer_for(signed_bundles["v1"], "old-copy-v1"))
     updater.run()
     assert updater.data["outcome"] == "committed" and "downloading" not in updater.data["history"]
-    assert read_signature(active)["key_id"] != new.key_id  # the offer's, as taken: kept beside the new one
+    assert read_signature(active)["key_id"] == new.key_id  # a key the slot holds a signature of: nothing changes
+    # replayed by anyone who can publish on the offer topic, under new update ids, its signature spelt another
+    # way (an extra field; base64 that decodes the same): twice, it pushed the new key's signature out of the slot
+    for i, extra in enumerate(({"x": 1}, {"y": 2})):
+        replay = offer_for(signed_bundles["v1"], f"replay-{i}")
+        replay.signature = {**replay.signature, **extra}
+        updater = build_updater(device)
+        updater.submit(replay)
+        updater.run()
+        assert updater.data["outcome"] == "committed"
+    assert read_signature(active)["key_id"] == new.key_id
     (device / "keys" / "fleet.pub").unlink()  # the rotation ends: the old key is no longer trusted
     trusted = load_trusted_keys([device / "keys"])
-    assert verify_bundle_signature(open_bundle(active), trusted, previous=True) == new.key_id
-    with pytest.raises(SignatureError, match="unknown key"):  # (manifest.sig alone: the old key's)
-        verify_bundle_signature(open_bundle(active), trusted)
+    assert verify_bundle_signature(open_bundle(active), trusted) == new.key_id
+    # the next rotation, the old key trusted again meanwhile: each key's signature is kept, none pushed out
+    third = generate_keypair(tmp_path / "third-keys", "fleet-2028")
+    shutil.copy(third.public_path, device / "keys")
+    shutil.copy(signed_bundles["keys"] / "fleet.pub", device / "keys")
+    again = shutil.copytree(signed_bundles["v1"], tmp_path / "v1-third")
+    (again / "manifest.sig").unlink()
+    sign_bundle(open_bundle(again), load_private_key(third.private_path))
+    for update_id, bundle in (("third-v1", again), ("old-again", signed_bundles["v1"])):
+        updater = build_updater(device)
+        updater.submit(offer_for(bundle, update_id))
+        updater.run()
+    assert read_signature(active)["key_id"] == third.key_id
+    assert slot_signers(active, (active / "manifest.json").read_bytes(), load_trusted_keys([device / "keys"])) == \
+        sorted({new.key_id, third.key_id, read_signature(signed_bundles["v1"])["key_id"]})
 
 
 def test_a_key_removed_while_its_bundle_downloads_is_not_trusted_at_verification(device, signed_bundles, tmp_path):
