@@ -50,6 +50,8 @@ from pathlib import Path
 
 from agent.errors import AgentError
 from fleet.store import Store
+from ota.errors import VersionError
+from ota.versions import parse_version
 
 log = logging.getLogger("edgeglm.fleet")
 
@@ -94,6 +96,9 @@ def _schema(store: Store) -> None:
             store._exec(f"ALTER TABLE rollouts ADD COLUMN {column} {kind}")
 ACTIVE = ("canary", "canary_wait", "canary_window", "rest", "rest_wait", "halting")
 ERROR_RATE_FLOOR = 0.01  # the canary gate halts on an error rate above the baseline's by more than this
+# a canary whose telemetry of the gate's window is missing for more than this share of it fails the gate (below
+# it, the pass says so): docs/fleet.md "Missing telemetry"
+MISSING_SHARE_MAX = 0.1
 MIN_REQUESTS = 10  # requests a canary serves on each side of the update before its latency decides (default)
 RESULT_WAIT_MIN_S = 3600.0  # how long canary_wait / rest_wait wait for devices' results, at least
 
@@ -210,6 +215,24 @@ def _bundle_version(bundle: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return version if isinstance(version, str) else None
+
+
+def _missing(losses: dict[str, dict]) -> str:
+    """Devices' telemetry_losses for a report line: {'d1': '40 s in 2 gap(s)', ...}."""
+    return str({d: f"{loss['missing_s']:.0f} s in {loss['missing_gaps']} gap(s)" + (
+        f", {loss['lost_reports']} report(s) lost from its buffer" if loss["lost_reports"] else "")
+        for d, loss in losses.items()})
+
+
+def _newer(serving: str | None, version: str | None) -> bool:
+    """Whether a device serving `serving` runs a newer version than `version` (its agent refuses `version` as a
+    downgrade: an offer of it fails, and a failed canary halts the rollout)."""
+    if not serving or not version:
+        return False
+    try:
+        return parse_version(serving) > parse_version(version)
+    except VersionError:
+        return False
 
 
 def _target(fleet: str, group: str | None) -> str:
@@ -344,7 +367,8 @@ def cancel_rollout(store: Store, rollout_id: int) -> tuple["Rollout", str]:
     RolloutDriver._save)."""
     _schema(store)
     for _ in range(20):
-        got = _rollout_row(store, rollout_id)
+        # (an id beyond SQLite's integers names no rollout: it was a raw OverflowError from the driver)
+        got = _rollout_row(store, rollout_id) if -(1 << 63) <= rollout_id < 1 << 63 else None
         if got is None:
             active = [str(x.id) for x in load_rollouts(store, active_only=True)]
             raise RolloutError(f"rollout {rollout_id}: no such rollout (active: {', '.join(active) or 'none'}); "
@@ -567,7 +591,10 @@ class RolloutDriver:
         version = r.data.get("version") or _bundle_version(r.bundle)
         serving = {d["device"]: d["model_version"] for d in self.store.devices(r.fleet)}
         already = [d for d in online if version is not None and serving.get(d) == version]
-        skip = set(already)
+        # nor one that runs a newer version (a pilot box given a later build by `fleet offer`): its agent refuses
+        # the bundle as a downgrade, and a refused canary halted the rollout
+        newer = [d for d in online if _newer(serving.get(d), version)]
+        skip = set(already) | set(newer)
         online = [d for d in online if d not in skip]
         # a device another active rollout has picked, or an older one may offer (it is in both targets since a
         # `group add --force`), is left out: both would offer it their bundle on its one retained offer topic
@@ -580,10 +607,10 @@ class RolloutDriver:
             return
         r.data.pop("waiting_others", None)
         online = [d for d in online if d not in taken]
-        r.data.update(version=version, already=already)
+        r.data.update(version=version, already=already, newer=newer)
         if not online:
-            self._save(r, "done", f"nothing to do: every online device of {r.target} already runs {version} "
-                                  f"({', '.join(already[:REPORT_LIST_MAX])}{f' and {len(already) - REPORT_LIST_MAX} more' if len(already) > REPORT_LIST_MAX else ''})")
+            self._save(r, "done", f"nothing to do: every online device of {r.target} already runs {version}"
+                                  + (" or a newer version" if newer else "") + f" ({_few(already + newer)})")
             return
         n = max(1, math.ceil(len(online) * r.canary_pct / 100.0))
         canaries, rest = online[:n], online[n:]
@@ -612,6 +639,9 @@ class RolloutDriver:
         note = f" ({note})" if note else ""
         if already:
             note += f"; {len(already)} already run {version}, not offered: {_few(already)}"
+        if newer:
+            note += (f"; {len(newer)} run a version newer than {version}, not offered (their agents refuse a "
+                     f"downgrade; `fleet rollback` moves a device back): {_few(newer)}")
         if taken:
             note += f"; {_left_out_note(taken)}"
         # saved before the first offer: a retry offers these canaries, never others
@@ -690,17 +720,30 @@ class RolloutDriver:
         # health interval longer than the window, a snapshot lost at QoS 0) gets the same one more window
         unmeasured = [d for d in r.data["canaries"] if d not in self._memory_now(r)] \
             if r.data.get("min_free_mb") is not None else []
-        if (silent or unmeasured) and now - r.data["window_start"] < 2 * r.window_s:
+        # a canary whose telemetry of the window did not all reach the controller (docs/fleet.md "Missing
+        # telemetry"): what was lost may be what would fail the gate; one more window, then judged on what is missing
+        losses = self.store.telemetry_losses(r.fleet, r.data["window_start"])
+        gappy = {d: losses[(r.fleet, d)] for d in r.data["canaries"] if (r.fleet, d) in losses}
+        if (silent or unmeasured or gappy) and now - r.data["window_start"] < 2 * r.window_s:
             if not r.data.get("window_extended"):
                 r.data["window_extended"] = True
                 few = {d: served[d] for d in silent if served[d]}
                 none = [d for d in silent if not served[d]]
                 waiting = ([f"no telemetry yet from {none} on the new version"] if none else []) + \
                     ([f"fewer than {r.min_requests} requests yet on the new version from {few}"] if few else []) + \
-                    ([f"no health snapshot with free memory yet from {unmeasured}"] if unmeasured else [])
+                    ([f"no health snapshot with free memory yet from {unmeasured}"] if unmeasured else []) + \
+                    ([f"telemetry missing from {_missing(gappy)}"] if gappy else [])
                 self._save(r, "canary_window", f"{'; '.join(waiting)}; waiting one more window ({r.window_s:g} s)")
             return
         problems, uncompared, floored, means = [], [], [], []
+        span = max(now - r.data["window_start"], 1.0)
+        unseen = {d: loss for d, loss in gappy.items()
+                  if loss["missing_s"] > MISSING_SHARE_MAX * span or (loss["lost_reports"] and not loss["missing_gaps"])}
+        for d, loss in unseen.items():
+            problems.append(f"{d}: telemetry missing for {loss['missing_s']:.0f} s of the {span:.0f} s window"
+                            + (f", {loss['lost_reports']} report(s) lost from its buffer" if loss["lost_reports"] else
+                               "") + ": the gate does not pass what it did not see (the broker or the device lost "
+                            "it: docs/fleet.md \"Missing telemetry\")")
         for d in r.data["canaries"]:
             base, new = r.data["baseline"].get(d, {}), self.store.latency(r.fleet, d, r.data["window_start"], version)
             base, new, mixed = _like_for_like(base, new)
@@ -749,7 +792,9 @@ class RolloutDriver:
                                                   if memory_problems else [])) + memory_note)
         else:
             note = (f"; under --min-delta-ms {r.min_delta_ms:g}: {', '.join(floored)}" if floored else "") + (
-                f"; latency not compared for {', '.join(uncompared)}" if uncompared else "")
+                f"; latency not compared for {', '.join(uncompared)}" if uncompared else "") + (
+                f"; telemetry missing from {_missing(gappy)} (at most {100 * MISSING_SHARE_MAX:g}% of the window)"
+                if gappy else "")
             self._save(r, "rest", f"latency gate passed ({r.data.get('p95_change_pct', {})}){note}{memory_note}")
 
     def _memory_now(self, r: Rollout) -> dict[str, dict]:
@@ -802,7 +847,11 @@ class RolloutDriver:
             left = sorted(d for d in r.data["rest"] if d in known and d not in in_target)
             rest = sorted({*(d for d in r.data["rest"] if d in in_target), *in_target}
                           - set(r.data["canaries"]) - {d for d, v in known.items() if version and v == version})
+            newer = [d for d in rest if _newer(known.get(d), version)]  # their agents refuse it (see _canary)
+            rest = [d for d in rest if d not in newer]
             note = f"; {_few(left)} left {r.group} since the canaries were picked: not offered" if left else ""
+            if newer:
+                note += f"; {len(newer)} run a version newer than {version}, not offered: {_few(newer)}"
             # a member the registry has never heard from (added to the group before its agent ever connected):
             # its version is unknown, so it is not offered; named, not dropped without a word
             unseen = sorted(members - set(known)) if members is not None else []

@@ -152,6 +152,9 @@ def test_one_active_rollout_per_target_and_cancel_stops_it(db, signed_bundles):
     assert recorder.offers == [("plant8", "e1")]  # the cancelled rollout offers nothing
     refused(cli("rollout", "cancel", "1", "--db", str(db)), "rollout 1 already ended (cancelled)")
     refused(cli("rollout", "cancel", "9", "--db", str(db)), "rollout 9: no such rollout (active: 2)")
+    # beyond SQLite's integers: a raw OverflowError traceback
+    refused(cli("rollout", "cancel", "99999999999999999999", "--db", str(db)),
+            "rollout 99999999999999999999: no such rollout (active: 2)")
     refused(cli("rollout", "cancel", "--db", str(db)), "rollout cancel needs the rollout's ID")
     out = cli(*start, "--group", "ring1")  # the fleet is free again
     assert out.returncode == 0 and "rollout 3:" in out.stdout, out.stderr

@@ -450,6 +450,26 @@ def test_devices_already_on_the_version_are_neither_canaries_nor_offered(control
             d.stop()
 
 
+def test_devices_on_a_newer_version_are_neither_canaries_nor_offered(controller, mosquitto, signed_bundles):
+    """A pilot box given 1.2.0 by `fleet offer` was picked as the canary of a rollout to 1.1.0 (only the same
+    version was left out): its agent refused the downgrade, and the refused canary halted the rollout."""
+    profile = SimProfile(per_token_ms={"1.0.0": 10.0, "1.1.0": 10.2})
+    devs = [SimDevice(MqttSettings(enabled=True, port=mosquitto.port), FLEET, f"sim-{i}",
+                      version="1.2.0" if i in (0, 3) else "1.0.0", profile=profile).start() for i in range(4)]
+    try:
+        until(lambda: len(controller.store.devices(FLEET)) == 4)
+        rid = create_rollout(controller.store, signed_bundles["v2"], FLEET, canary_pct=25, window_s=1.0)
+        r = run_rollout(controller, devs, rid, ("done", "halted"), 1.0)
+        assert r.phase == "done", r.data["report"]
+        assert r.data["newer"] == ["sim-0", "sim-3"] and r.data["canaries"] == ["sim-1"]
+        assert r.data["rest"] == ["sim-2"]
+        assert devs[0].offers == [] and devs[3].offers == [] and all(len(d.offers) == 1 for d in devs[1:3])
+        assert any("2 run a version newer than 1.1.0, not offered" in line for line in map(str, r.data["report"]))
+    finally:
+        for d in devs:
+            d.stop()
+
+
 def test_rollout_halts_on_a_latency_regression_and_rolls_canaries_back(controller, fleet_of_four, signed_bundles):
     devs, profile = fleet_of_four
     profile.per_token_ms["1.1.0"] = 25.0  # the new model is 2.5x slower
@@ -603,6 +623,43 @@ def test_the_gate_counts_windows_where_every_request_failed(tmp_path):
     put(store, report("d0", t0 + 6, "1.1.0"))
     r = tick(t0 + 12)
     assert r.phase == "halting" and "d0: errors 0.0% -> 90.9% of requests (0 -> 50)" in r.data["report"][-1]
+
+
+def put_after_gap(store, r: dict, gap: tuple[float, float]) -> None:
+    """Store report `r` as the controller does where the reports of `gap` (the device's clock) never came."""
+    from fleet.store import telemetry_row, with_gap
+
+    arrived = r["window_end"]
+    store.clock = lambda: arrived
+    try:
+        store.add_telemetry_many([with_gap(telemetry_row(FLEET, r), gap)])
+    finally:
+        store.clock = time.time
+
+
+def test_the_gate_does_not_pass_a_canary_whose_telemetry_of_the_window_is_missing(tmp_path):
+    """The gate read only what came: a canary whose reports of most of the window were lost on the way (a broker
+    that forgot the controller's session) passed on the one that came (docs/fleet.md "Missing telemetry")."""
+    store, t0, tick = _gate(tmp_path)
+    put(store, report("d0", t0 + 2, "1.1.0"))
+    put_after_gap(store, report("d0", t0 + 11, "1.1.0"), (t0 + 2, t0 + 10))  # 8 s of the window never came
+    r = tick(t0 + 12)
+    assert r.phase == "canary_window"  # one more window: a held window closes its gap when it comes
+    assert "telemetry missing from {'d0': '8 s in 1 gap(s)'}; waiting one more window" in r.data["report"][-1]
+    r = tick(t0 + 22)
+    assert r.phase == "halting", r.data["report"]
+    assert "latency gate failed: d0: telemetry missing for 8 s of the 21 s window: the gate does not pass what it " \
+           "did not see" in r.data["report"][-1]
+
+
+def test_the_gate_passes_a_canary_with_little_telemetry_missing_and_says_so(tmp_path):
+    store, t0, tick = _gate(tmp_path)
+    put(store, report("d0", t0 + 2, "1.1.0"))
+    put_after_gap(store, report("d0", t0 + 11, "1.1.0"), (t0 + 9, t0 + 10))
+    assert tick(t0 + 12).phase == "canary_window"
+    r = tick(t0 + 22)
+    assert r.phase == "rest", r.data["report"]
+    assert "telemetry missing from {'d0': '1 s in 1 gap(s)'} (at most 10% of the window)" in r.data["report"][-1]
 
 
 def test_the_gate_measures_only_the_new_versions_telemetry(tmp_path):
