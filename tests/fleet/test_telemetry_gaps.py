@@ -13,15 +13,11 @@ Real Mosquitto, the agent's own MQTT session and telemetry window, the controlle
 
 from __future__ import annotations
 
-import json
 import secrets
 import sqlite3
-import threading
 import time
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import MqttSession, MqttSettings
 from agent.telemetry import LatencyWindow
@@ -30,6 +26,7 @@ from fleet import controller
 from fleet.controller import ControllerSettings, FleetController, format_status, prometheus_metrics
 from fleet.store import Store, telemetry_row, with_gap
 from waiting import until
+from witness import Witness
 
 FLEET = "gaps"
 DEVICE = "box-1"
@@ -72,25 +69,6 @@ class Agent:
         self.session.close()
 
 
-class Witness:
-    """A plain paho subscriber to the device's telemetry: the window ends of the reports the broker passed on."""
-
-    def __init__(self, port: int):
-        self.ends: list[float] = []
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="witness", protocol=paho.MQTTv5)
-        self.client.on_message = lambda c, u, m: self.ends.append(json.loads(m.payload)["window_end"])
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.client.subscribe(telemetry_topic(FLEET, DEVICE), 1)
-        assert subscribed.wait(10)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture(autouse=True)
 def short_first_window(monkeypatch):
     """A run's first window is told within 1 s of its start here (5 s in the product: the tests wait past it)."""
@@ -129,11 +107,11 @@ def test_reports_lost_while_the_controller_was_away_show_as_missing_time(mosquit
         until(lambda: len(stored_ends(db)) == 1)
         first.stop()
         until(lambda: "Client edgeglm-controller disconnected" in mosquitto.log_text())
-        witness = Witness(mosquitto.port)
+        witness = Witness(mosquitto.port, telemetry_topic(FLEET, DEVICE))
         agent.past_first_window()
         for _ in range(3):
             agent.report()
-        until(lambda: len(witness.ends) == 3)  # at the broker
+        until(lambda: len(witness.field("window_end")) == 3)  # at the broker
         witness.close()
         again = FleetController(settings(mosquitto, tmp_path, telemetry_qos=qos)).start()
         agent.report()
@@ -192,10 +170,10 @@ def test_an_agent_restart_is_no_missing_telemetry(mosquitto, tmp_path):
         # restarted while the controller was away, its first window a while after its start (as an agent
         # that probed the hardware in between): the gap was counted from the old run's last report, downtime and all
         agent = Agent(mosquitto.port, slow_start_s=2 * controller.RUN_START_SLACK_S)
-        witness = Witness(mosquitto.port)
+        witness = Witness(mosquitto.port, telemetry_topic(FLEET, DEVICE))
         until(lambda: agent.session.connected)
         agent.report()
-        until(lambda: len(witness.ends) == 1)
+        until(lambda: len(witness.field("window_end")) == 1)
         witness.close()
         ctl = FleetController(settings(mosquitto, tmp_path)).start()
         agent.report()

@@ -11,11 +11,9 @@ own MQTT session and telemetry window, the controller's store read back.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from agent.telemetry import LatencyWindow
 from agent.topics import ReportedState, TelemetryReport, state_topic, telemetry_topic
 from fleet.controller import ControllerSettings, FleetController
 from waiting import until
+from witness import Witness
 
 FLEET = "away"
 DEVICE = "box-1"
@@ -57,25 +56,6 @@ class Device:
         self.session.close()
 
 
-class Witness:
-    """A plain paho subscriber to the device's telemetry: the request counts of the reports it saw."""
-
-    def __init__(self, port: int):
-        self.counts: list[int] = []
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="witness", protocol=paho.MQTTv5)
-        self.client.on_message = lambda c, u, m: self.counts.append(json.loads(m.payload)["count"])
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.client.subscribe(telemetry_topic(FLEET, DEVICE), 1)
-        assert subscribed.wait(10)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def stored(db) -> dict[float, tuple[int, bool]]:
     """window_end -> (request count, has histograms) of the device's stored reports."""
     with sqlite3.connect(db) as con:
@@ -101,10 +81,10 @@ def test_reports_sent_while_the_controller_restarts_are_stored_when_it_is_back(m
         first.stop()  # the controller's pod is replaced: three windows of traffic meanwhile
         # (once the broker has seen it go: a message on its way to the closing connection stays in the session)
         until(lambda: "Client edgeglm-controller disconnected" in mosquitto.log_text())
-        witness = Witness(mosquitto.port)
+        witness = Witness(mosquitto.port, telemetry_topic(FLEET, DEVICE))
         for answers in (3, 1, 4):
             device.report(answers)
-        until(lambda: witness.counts == [3, 1, 4])  # at the broker (the agent publishes in the background)
+        until(lambda: witness.field("count") == [3, 1, 4])  # at the broker (the agent publishes in the background)
         witness.close()
         again = FleetController(settings(mosquitto, tmp_path, telemetry_qos=qos)).start()
         if qos == 0:  # the broker queues no QoS 0 message for a session away
@@ -137,9 +117,9 @@ def test_reports_flushed_before_the_controller_reconnects_after_a_broker_restart
         device.report(2)  # held by the agent while the broker is away
         mosquitto.start()
         until(lambda: device.session.connected)
-        witness = Witness(mosquitto.port)  # sees the last report reach the broker (the one held came before it)
+        witness = Witness(mosquitto.port, telemetry_topic(FLEET, DEVICE))  # sees the last report reach the broker (the one held came before it)
         device.report(3)  # flushed and sent before the controller is back
-        until(lambda: witness.counts == [3])
+        until(lambda: witness.field("count") == [3])
         witness.close()
         assert not ctl.client.is_connected()  # (else this test would not show what it is about)
         until(lambda: len(stored(tmp_path / "fleet.db")) == 3, timeout=30)
@@ -169,10 +149,10 @@ def test_reports_a_controller_had_not_stored_when_it_was_killed_come_again(mosqu
         until(lambda: len(stored(db)) == 1)
         lock = sqlite3.connect(db, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")  # the writer waits for it (busy timeout) holding what it took
-        witness = Witness(mosquitto.port)
+        witness = Witness(mosquitto.port, telemetry_topic(FLEET, DEVICE))
         for answers in (2, 3, 4, 5):
             device.report(answers)
-        until(lambda: witness.counts == [2, 3, 4, 5])  # at the broker, and on to the controller at once (its
+        until(lambda: witness.field("count") == [2, 3, 4, 5])  # at the broker, and on to the controller at once (its
         witness.close()  # window is 1000 unacknowledged messages)
         time.sleep(0.5)
         serve.kill()
