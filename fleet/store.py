@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -124,7 +125,9 @@ HISTOGRAM_READ_ROWS = 5000  # windows' histograms read (and added up) at a time 
 ROLLUP_S = 300
 ROLLUP_DELAY_S = 30.0
 ROLLUP_BACKFILL_S = 86400.0  # the history a database's first rollup goes back over (older ranges read reports)
-ROLLUP_SPANS_PER_CALL = 12  # spans `roll_up` does per call (once a minute): a backfill never holds up the writer
+# spans `roll_up` does per call (once a minute; one is due every ROLLUP_S): a backfill holds up the writer for
+# ~2 s a minute at 10,000 busy devices (~1.1 s per span, the store's lock held), not for a quarter of an hour
+ROLLUP_SPANS_PER_CALL = 2
 MEAN_COLUMNS = ("ttft_p50", "ttft_p95", "token_p50", "token_p95", "tokens_per_s")
 # the target of an offer recorded before `offer_targets` existed ('' is no fleet or device id)
 LEGACY = ("", "")
@@ -616,7 +619,7 @@ class Store:
         got = dict(self._exec("SELECT name, value FROM counters WHERE name IN ('rolled_from', 'rolled_until')"))
         if "rolled_until" not in got:
             return None
-        a = max(-(-int(since) // ROLLUP_S) * ROLLUP_S, got.get("rolled_from", 0))
+        a = max(math.ceil(since / ROLLUP_S) * ROLLUP_S, got.get("rolled_from", 0))
         return (a, got["rolled_until"]) if a < got["rolled_until"] else None
 
     def roll_up(self, now: float | None = None) -> int:
@@ -756,9 +759,17 @@ class Store:
         # in batches, each its own transaction under the lock: paho's network thread waits on the lock for every
         # state and OTA status, and one DELETE of millions of rows (a retention lowered on a large database) held
         # it for half a minute, every state of the fleet waiting behind it
-        n = self._delete_stored_before("telemetry", cutoff)
-        n += self._delete_stored_before("latency", (self.clock() if now is None else now) - self.histogram_retention_s)
-        n += self._exec("DELETE FROM rollup WHERE bucket < ?", (cutoff,)).rowcount
+        # reports, histograms and rollups go by whole ROLLUP_S spans (at most a span later than the retention
+        # says), so that a range reads the same from the rollups as from the reports (`roll_up`): a span whose
+        # rollup went while some of its reports stayed was read from neither, and rollups kept their histograms
+        # for the telemetry's retention after the windows' own had gone
+        span = float(ROLLUP_S)
+        n = self._delete_stored_before("telemetry", cutoff // span * span)
+        n += self._exec("DELETE FROM rollup WHERE bucket < ?", (cutoff // span * span,)).rowcount
+        histograms = ((self.clock() if now is None else now) - self.histogram_retention_s) // span * span
+        n += self._delete_stored_before("latency", histograms)
+        n += self._exec("UPDATE rollup SET covered = 0, ttft = NULL, per_token = NULL WHERE bucket < ? AND "
+                        "covered > 0", (histograms,)).rowcount
         n += self._exec("DELETE FROM health WHERE received < ? AND NOT EXISTS (SELECT 1 FROM devices d WHERE "
                         "d.fleet = health.fleet AND d.device = health.device)", (cutoff,)).rowcount
         # on the controller's clock (`received`; rows from before it: the device's `ts`): a box whose clock is

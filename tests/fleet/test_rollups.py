@@ -15,7 +15,7 @@ import random
 import pytest
 
 from agent.telemetry import LatencyWindow
-from fleet.store import ROLLUP_DELAY_S, ROLLUP_S, Store, latency_row, telemetry_row
+from fleet.store import ROLLUP_DELAY_S, ROLLUP_S, ROLLUP_SPANS_PER_CALL, Store, latency_row, telemetry_row
 
 FLEET = "roll"
 T0 = 1_800_000_000.0  # a multiple of ROLLUP_S
@@ -82,13 +82,17 @@ def test_a_range_reads_the_same_from_rollups_as_from_the_reports(tmp_path):
     store = Store(tmp_path / "fleet.db", clock=clock)
     fill(store, clock, random.Random(7))
     end = clock.now
-    ranges = [T0, T0 + 1, T0 + 299, T0 + 300, T0 + 451, T0 + 930, end - 200]
+    # on a span's boundary, just after one (a fraction of a second: `fleet status` reads from time.time() - 3600),
+    # just before one, inside one
+    ranges = [T0, T0 + 0.7, T0 + 1, T0 + 299, T0 + 300, T0 + 300.7, T0 + 451, T0 + 930, end - 200]
     before = {since: reads(store, since) for since in ranges}
     # (both kinds of figure are under test)
     assert before[T0][("d1", "2.0.0")]["percentiles"] == "histograms"
     assert before[T0][("d3", None)]["percentiles"] == "window means"
     clock.now = end + 60
-    spans = store.roll_up()
+    spans = 0
+    while done := store.roll_up():  # (ROLLUP_SPANS_PER_CALL at a time)
+        spans += done
     assert spans == int((end + 60 - ROLLUP_DELAY_S - T0) // ROLLUP_S)
     assert store._rolled_spans(T0) == (T0, T0 + ROLLUP_S * spans)
     for since in ranges:
@@ -105,10 +109,11 @@ def test_a_database_with_history_is_rolled_up_a_bounded_piece_at_a_time(tmp_path
     fill(store, clock, random.Random(3), windows=130)  # 65 minutes: 13 spans
     before = reads(store, T0)
     clock.now = T0 + 130 * 30 + 600
-    assert store.roll_up() == 12
+    assert store.roll_up() == ROLLUP_SPANS_PER_CALL
     same(reads(store, T0), before)
-    assert store.roll_up() >= 1
-    same(reads(store, T0), before)
+    while store.roll_up():
+        same(reads(store, T0), before)
+    assert store._rolled_spans(T0)[1] >= T0 + 13 * ROLLUP_S
     clock.now = T0 + 100  # set back, an hour: this report falls in the first span, rolled up long ago
     late = {"device": "d0", "window_start": T0 + 9000, "window_end": T0 + 9030, "count": 3, "errors": 1,
             "model_version": "1.0.0", "per_token_ms": {"p50": 10.0, "p95": 20.0, "p99": 30.0}}
@@ -116,6 +121,32 @@ def test_a_database_with_history_is_rolled_up_a_bounded_piece_at_a_time(tmp_path
     got = store.latency(FLEET, "d0", T0, "1.0.0")
     assert got["requests"] == before[("d0", "1.0.0")]["requests"] + 3
     assert got["errors"] == before[("d0", "1.0.0")]["errors"] + 1
+    store.close()
+
+
+def test_ranges_past_the_retentions_read_the_same_from_rollups(tmp_path):
+    """Histograms are kept a day (HISTOGRAM_RETENTION_S), reports the telemetry's retention: a range read a day and
+    a half later read the rollups' histograms (kept as long as the reports) where the reports' own were gone, and
+    a span whose rollup the retention deleted while some of its reports stayed was read from neither."""
+    clock = Clock(T0)
+    store = Store(tmp_path / "fleet.db", clock=clock, retention_s=2 * 86400)
+    fill(store, clock, random.Random(11), windows=40)
+    clock.now += 600
+    while store.roll_up():
+        pass
+    for later, retention in ((1.5 * 86400, None), (2 * 86400 + 450, None), (2 * 86400 + 450, 2 * 86400 - 100)):
+        clock.now = T0 + later
+        if retention is not None:
+            store.retention_s = retention
+        store.prune()
+        rolled = {since: reads(store, since) for since in (T0 - 3600, T0, T0 + 450.5)}
+        real = store._rolled_spans
+        store._rolled_spans = lambda since: None  # the reports alone
+        try:
+            for since, got in rolled.items():
+                same(got, reads(store, since))
+        finally:
+            store._rolled_spans = real
     store.close()
 
 
