@@ -171,7 +171,8 @@ def test_the_configured_retention_reaches_the_controllers_store(tmp_path):
     controller = FleetController(settings)  # not started: no broker needed to open its store
     store = controller.store
     now = time.time()
-    for stored, end in ((now - 120, now - 120), (now - 30, now - 30), (now - 30, now - 30 * 86400)):
+    # (the retention goes by whole ROLLUP_S spans: a report stored 500 s ago is past it, wherever the span edge)
+    for stored, end in ((now - 500, now - 500), (now - 30, now - 30), (now - 30, now - 30 * 86400)):
         store.clock = lambda: stored  # noqa: B023 (called at once)
         store.add_telemetry_many([telemetry_row(FLEET, report("d1", end))])
     # by when the controller stored them: a device whose clock is a month behind keeps its fresh report
@@ -438,9 +439,9 @@ def test_the_retention_deletes_in_batches_and_reads_ota_statuses_on_the_controll
     store.add_ota_status(FLEET, "d1", {"update_id": "u1", "ts": 1e12, "state": "downloading", "result": None})
     store.add_ota_status(FLEET, "d1", {"update_id": "u1", "ts": 1e12 + 1, "state": "reporting",
                                        "result": "committed"})
-    clock[0] = 1050.0
+    clock[0] = 1250.0
     store.add_telemetry_many([telemetry_row(FLEET, report("d1", 1049.0))])
-    clock[0] = 1120.0
+    clock[0] = 1420.0  # the cutoff 1320: telemetry goes by whole ROLLUP_S spans, before 1200
     deletes, real_exec = [], store._exec
 
     def counting(sql, args=()):
