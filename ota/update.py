@@ -45,7 +45,7 @@ from typing import Callable, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ota.bundle import MANIFEST, Manifest, manifest_problems, open_bundle
-from ota.errors import BundleError
+from ota.errors import BundleError, SignatureError
 from ota.fsutil import atomic_write_bytes, atomic_write_json, remove_leftover_temporaries
 from ota.signing import (SIGNATURE, SIGNATURE_PREVIOUS, read_previous, read_signature, verify_bundle_signature,
                          verify_bytes)
@@ -111,6 +111,15 @@ def space_needed(file_sizes) -> int:
     DISK_HEADROOM. The plain sum let a box with a few KiB to spare accept the update and then fail while
     saving its state (OSError: No space left on device) instead of with "disk full"."""
     return sum(-(-size // DISK_BLOCK) * DISK_BLOCK for size in file_sizes) + DISK_HEADROOM
+
+
+def _verifies(raw: bytes, sig: dict, trusted: dict) -> bool:
+    """Whether signature `sig` (a slot's) verifies over the manifest bytes `raw` with a trusted key."""
+    try:
+        verify_bytes(raw, sig, trusted, "slot signature")
+        return True
+    except SignatureError:
+        return False
 
 
 class State(str, Enum):
@@ -775,8 +784,10 @@ class Updater:
         except (OSError, ValueError, BundleError):
             pass  # unreadable or no signature: the verified one replaces it
         previous = ([held] if held is not None else []) + read_previous(slot)
-        if any(sig.get("key_id") == kid for sig in previous):
+        if any(sig.get("key_id") == kid and _verifies(raw, sig, self.deps.trusted_keys) for sig in previous):
             return  # (ed25519 signatures are deterministic: the same key's over the same bytes is the same)
+        # a damaged one of the offered key (bytes changed, key id intact) goes: the offered one replaces it
+        previous = [sig for sig in previous if sig.get("key_id") != kid]
         kept, seen = [], set()
         for sig in previous:
             if sig.get("key_id") not in seen:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ota.bundle import open_bundle
+from ota.errors import BundleError
 from ota.offers import make_offer
 from bundles import variant
 from ota.signing import generate_keypair, load_private_key, sign_bytes
@@ -184,6 +185,29 @@ def test_the_serving_bundle_signed_again_and_offered_keeps_the_new_signature(dev
     assert read_signature(active)["key_id"] == third.key_id
     assert slot_signers(active, (active / "manifest.json").read_bytes(), load_trusted_keys([device / "keys"])) == \
         sorted({new.key_id, third.key_id, read_signature(signed_bundles["v1"])["key_id"]})
+
+
+def test_a_damaged_signature_in_the_slot_is_replaced_by_the_same_keys_offered_again(device, signed_bundles):
+    """The slot's manifest.sig damaged (its signature bytes changed, its key id intact: a bad block): the bundle
+    offered again with a good signature by the same key puts it back (a key the slot holds a signature of changes
+    nothing only where that signature verifies)."""
+    import base64
+
+    from ota.signing import load_trusted_keys, verify_bundle_signature
+
+    active = build_updater(device).slots.active_path()
+    sig = json.loads((active / "manifest.sig").read_text())
+    raw = bytearray(base64.b64decode(sig["signature"]))
+    raw[0] ^= 0xFF
+    (active / "manifest.sig").write_text(json.dumps({**sig, "signature": base64.b64encode(bytes(raw)).decode()}))
+    trusted = load_trusted_keys([device / "keys"])
+    with pytest.raises(BundleError, match="does not verify"):
+        verify_bundle_signature(open_bundle(active), trusted, previous=True)
+    updater = build_updater(device)
+    updater.submit(offer_for(signed_bundles["v1"], "again-v1"))
+    updater.run()
+    assert updater.data["outcome"] == "committed"
+    assert verify_bundle_signature(open_bundle(active), trusted) == sig["key_id"]
 
 
 def test_a_key_removed_while_its_bundle_downloads_is_not_trusted_at_verification(device, signed_bundles, tmp_path):
