@@ -120,7 +120,8 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
         head = path.read_bytes()[:4096]
         if b"OPENSSH PRIVATE KEY" in head:  # what ssh-keygen writes
             what = "an OpenSSH private key (ssh-keygen's format)"
-        elif b"ENCRYPTED" in head or "encrypted" in str(exc):
+        elif b"ENCRYPTED" in head or "Password was not given" in str(exc):  # (older cryptography: "may be
+            # encrypted" of any file it cannot read)
             what = "an encrypted private key (signing takes an unencrypted one)"
         else:
             what = f"not an unencrypted PEM private key ({str(exc).split('. See ')[0]})"
