@@ -1063,7 +1063,10 @@ class Store:
     def device_run(self, fleet: str, device: str) -> tuple[str, float] | None:
         """The run of its agent the device's stored state names: (run id, when it started by the device's clock),
         or None (no state, or an agent that does not say)."""
-        row = self._exec("SELECT state FROM devices WHERE fleet=? AND device=?", (fleet, device)).fetchone()
+        # (or, for a device removed from the registry, the state it had then: its agent may still run, and its
+        # reports register it again: `_back_from_removal`)
+        row = self._exec("SELECT state FROM devices WHERE fleet=? AND device=? UNION ALL SELECT state FROM removed "
+                         "WHERE fleet=? AND device=? AND state IS NOT NULL", (fleet, device, fleet, device)).fetchone()
         return state_run(json.loads(row[0])) if row else None
 
     def last_result(self, fleet: str, device: str, update_id: str) -> dict | None:

@@ -276,3 +276,17 @@ def test_missing_time_counts_within_the_range(tmp_path):
     assert store.telemetry_losses(FLEET, now - 3600)[(FLEET, DEVICE)]["missing_s"] == pytest.approx(3600)
     assert store.telemetry_losses(FLEET, now - 86400)[(FLEET, DEVICE)]["missing_s"] == pytest.approx(5 * 3600)
     store.close()
+
+
+def test_the_run_of_a_device_removed_from_the_registry_is_still_known(tmp_path):
+    """A device removed (`fleet device remove`) while its agent runs: after a controller restart its run was
+    unknown (its registry row was gone) until its next state, which a running agent sends only when something
+    changes, so no gap of it was counted meanwhile."""
+    store = Store(tmp_path / "fleet.db")
+    store.upsert_state(FLEET, {"device": DEVICE, "online": True, "agent_version": "test", "hardware": {"run": "r1"},
+                               "uptime_s": 10.0, "ts": 1000.0})
+    assert store.device_run(FLEET, DEVICE) == ("r1", 990.0)
+    store.remove_device(FLEET, DEVICE)
+    assert store.device_run(FLEET, DEVICE) == ("r1", 990.0)
+    assert store.device_run(FLEET, "never-seen") is None
+    store.close()
