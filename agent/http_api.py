@@ -24,7 +24,9 @@ import json
 import re
 import logging
 import signal
+import io
 import ipaddress
+import math
 import select
 import socket
 import sys
@@ -592,6 +594,29 @@ ROUTES = {
 }
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The reading side of a handler's connection, each request to arrive whole (its line, headers and body, and
+    the idle wait before it) within the handler's `timeout` of its start. A timeout per read let a client that
+    sends a byte every 30 s hold its place for good, and with enough connections every place: 503 to everyone
+    else. The socket's own timeout (what writes to a client that stops reading wait for) is left as it was."""
+
+    def __init__(self, handler: "_Handler"):
+        self._handler, self._sock = handler, handler.connection
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self._handler.read_by - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive whole within the connection's timeout")
+        self._sock.settimeout(min(left, self._handler.timeout))
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._handler.timeout)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _HttpServer
     protocol_version = "HTTP/1.1"  # keep-alive, as OpenAI clients expect
@@ -604,7 +629,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.read_by = math.inf
+        self.rfile.close()  # (socketserver's makefile: it holds a reference that keeps the socket open)
+        self.rfile = io.BufferedReader(_DeadlineReader(self))
         self.server.api._connection(self.connection, open=True)
+
+    def handle_one_request(self) -> None:
+        self.read_by = time.monotonic() + self.timeout  # (_DeadlineReader)
+        super().handle_one_request()
 
     def finish(self) -> None:
         try:

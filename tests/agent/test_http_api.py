@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from agent.model import load_model
 from agent.openai_compat import CHAT_STOP_TOKENS, glm_chat_prompt
 from runtime.generate import SamplingParams, generate
 from runtime.golden import GoldenResult
-from waiting import StepGate
+from waiting import StepGate, until
 
 MODEL_ID = "tiny-1.0.0"
 PROMPT = "def main(argv=None):\n"
@@ -912,6 +913,43 @@ def test_connections_beyond_max_connections_get_503_and_a_freed_place_serves_aga
     finally:
         for s in idle:
             s.close()
+        srv.shutdown(deadline=5.0)
+
+
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_client_trickling_its_request_loses_its_place_after_the_timeout(monkeypatch, part):
+    """The connection's timeout held for each read, not for the request: a client sending a byte every 30 s (under
+    the 60 s) kept its place for good, and with http.max_connections such connections, everyone else got 503 for
+    as long as it liked. Here the timeout is 1 s and the client sends a byte every 0.2 s for up to 20 s."""
+    import agent.http_api as http_api
+
+    monkeypatch.setattr(http_api._Handler, "timeout", 1.0)
+    srv = ApiServer(HttpSettings(port=0, max_connections=1), SamplingSettings())
+    srv.start()
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+        if part == "body":
+            s.sendall(head)
+        closed, started = False, time.monotonic()
+        trickle = (b"X-Slow: " + b"a" * 200) if part == "headers" else b"{" * 100
+        for byte in trickle:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:  # reset by the server
+                closed = True
+                break
+            ready, _, _ = select.select([s], [], [], 0.2)
+            if ready and not s.recv(4096, socket.MSG_PEEK):  # the server closed it
+                closed = True
+                break
+            if time.monotonic() - started > 20:
+                break
+        s.close()
+        assert closed, "the trickling client kept its connection"
+        # its place is free again
+        until(lambda: _ask(srv, "GET", "/v1/models")[0].status == 200, timeout=10)
+    finally:
         srv.shutdown(deadline=5.0)
 
 
