@@ -284,7 +284,7 @@ class FleetController:
         # (fleet, device) -> {window_end: (LatencyRow, TTFT count)} waiting for their report (paho's thread only)
         self._pending_histograms: dict[tuple[str, str], dict[float, tuple[LatencyRow, int]]] = {}
         # (paho's thread only) (fleet, device) -> the run its agent's last state named (store.state_run), and ->
-        # (the latest window_end of its reports, the run then): what `_gap` compares each report with
+        # (the latest window_end of its reports, the run then): what `_with_gap` compares each report with
         self._runs: dict[tuple[str, str], tuple[str, float] | None] = {}
         self._last_window: dict[tuple[str, str], tuple[float, tuple[str, float] | None]] = {}
         self._writer = threading.Thread(target=self._write_telemetry, name="fleet-telemetry-writer", daemon=True)
