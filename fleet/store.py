@@ -128,6 +128,7 @@ ROLLUP_BACKFILL_S = 86400.0  # the history a database's first rollup goes back o
 # spans `roll_up` does per call (once a minute; one is due every ROLLUP_S): a backfill holds up the writer for
 # ~2 s a minute at 10,000 busy devices (~1.1 s per span, the store's lock held), not for a quarter of an hour
 ROLLUP_SPANS_PER_CALL = 2
+ROLLED_READ_S = 5.0  # how long a range read trusts the rollups' extent it read (`_rolled_spans`)
 MEAN_COLUMNS = ("ttft_p50", "ttft_p95", "token_p50", "token_p95", "tokens_per_s")
 # the target of an offer recorded before `offer_targets` existed ('' is no fleet or device id)
 LEGACY = ("", "")
@@ -616,7 +617,13 @@ class Store:
         read-only)."""
         if not self._has_table("rollup"):
             return None
-        got = dict(self._exec("SELECT name, value FROM counters WHERE name IN ('rolled_from', 'rolled_until')"))
+        # read once per ROLLED_READ_S, not once per device of a status: a rolled_until older than the database's
+        # only reads more reports (rollups are never made of a span twice, reports never go with a rollup)
+        kept = getattr(self, "_rolled_read", None)
+        if kept is None or time.monotonic() - kept[0] > ROLLED_READ_S:
+            kept = self._rolled_read = (time.monotonic(), dict(self._exec(
+                "SELECT name, value FROM counters WHERE name IN ('rolled_from', 'rolled_until')")))
+        got = kept[1]
         if "rolled_until" not in got:
             return None
         a = max(math.ceil(since / ROLLUP_S) * ROLLUP_S, got.get("rolled_from", 0))
@@ -637,6 +644,7 @@ class Store:
             with self.transaction():
                 for name in ("rolled_from", "rolled_until"):
                     self.db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (name, start))
+            self._rolled_read = None
         else:
             start = row[0]
         done = 0
@@ -681,6 +689,7 @@ class Store:
                 rows.append(key + (start,) + tuple(a[:-2]) + tuple(blobs))
             self.db.executemany(f"INSERT OR REPLACE INTO rollup VALUES ({', '.join('?' * 19)})", rows)
             self.db.execute("INSERT OR REPLACE INTO counters VALUES ('rolled_until', ?)", (start + ROLLUP_S,))
+        self._rolled_read = None  # (this store's own reads see it at once)
 
     def _exact(self, where: str, args: tuple, out: dict, rollup: tuple[str, tuple] | None = None) -> None:
         """Replace the window means of `out` (a `latency` or `versions` row) by the percentiles of the summed

@@ -34,8 +34,8 @@ LABEL = ("1.0.0", "onnxruntime:cpu")
 
 
 class Agent:
-    """One run of an agent: its MQTT session (its state names a run id, as the agent's daemon does), its latency
-    window; `report(n)` records n answers and sends the window. `windows` holds every (start, end) sent."""
+    """One run of an agent, connected to the broker: its MQTT session (its state names a run id, as the agent's
+    daemon does), its latency window; `report(n)` records n answers and sends the window. `windows` holds every (start, end) sent."""
 
     def __init__(self, port: int, slow_start_s: float = 0.0, ahead_s: float = 0.0):
         """`slow_start_s`: the run began that long before its first window (an agent before 2026-11-29 probed the
@@ -50,6 +50,7 @@ class Agent:
                 uptime_s=time.monotonic() - self.started, ts=time.time() + self.ahead_s))
         self.session.start()
         self.windows: list[tuple[float, float]] = []
+        until(lambda: self.session.connected)
 
     def report(self, answers: int = 1, send: bool = True) -> None:
         """Records `answers` and takes the window; sends it unless `send` is False (lost on the way)."""
@@ -102,7 +103,6 @@ def test_reports_lost_while_the_controller_was_away_show_as_missing_time(mosquit
     agent = Agent(mosquitto.port)
     again = None
     try:
-        until(lambda: agent.session.connected)
         agent.report()
         until(lambda: len(stored_ends(db)) == 1)
         first.stop()
@@ -150,14 +150,12 @@ def test_an_agent_restart_is_no_missing_telemetry(mosquitto, tmp_path):
     ctl = FleetController(settings(mosquitto, tmp_path)).start()
     agent = Agent(mosquitto.port)
     try:
-        until(lambda: agent.session.connected)
         agent.report()
         agent.report()
         until(lambda: len(stored_ends(db)) == 2)
         agent.close()
         time.sleep(0.3)
         agent = Agent(mosquitto.port)  # a new run, later
-        until(lambda: agent.session.connected)
         agent.past_first_window()
         agent.window.take(DEVICE)  # its first window: never sent
         agent.report()
@@ -171,7 +169,6 @@ def test_an_agent_restart_is_no_missing_telemetry(mosquitto, tmp_path):
         # that probed the hardware in between): the gap was counted from the old run's last report, downtime and all
         agent = Agent(mosquitto.port, slow_start_s=2 * controller.RUN_START_SLACK_S)
         witness = Witness(mosquitto.port, telemetry_topic(FLEET, DEVICE))
-        until(lambda: agent.session.connected)
         agent.report()
         until(lambda: len(witness.field("window_end")) == 1)
         witness.close()
@@ -192,7 +189,6 @@ def test_a_window_held_back_at_a_model_switch_closes_the_gap_it_left(mosquitto, 
     ctl = FleetController(settings(mosquitto, tmp_path)).start()
     agent = Agent(mosquitto.port)
     try:
-        until(lambda: agent.session.connected)
         agent.report()
         until(lambda: len(stored_ends(db)) == 1)
         agent.past_first_window()
@@ -245,13 +241,11 @@ def test_a_new_run_whose_clock_is_behind_the_old_runs_last_window_is_compared_wi
     ctl = FleetController(settings(mosquitto, tmp_path)).start()
     agent = Agent(mosquitto.port, ahead_s=3600)
     try:
-        until(lambda: agent.session.connected)
         agent.report()
         agent.report()
         until(lambda: len(stored_ends(db)) == 2)
         agent.close()
         agent = Agent(mosquitto.port)  # set right, restarted
-        until(lambda: agent.session.connected)
         agent.past_first_window()
         agent.report()
         agent.report(send=False)
