@@ -84,9 +84,24 @@ class _OfferFetcher:
         raise UpdateFailed(f"offer source type {kind!r} cannot be fetched by this agent (mqtt, dir)")
 
 
+# an absolute path in a message: "/" at the start or after a space, quote or bracket, up to a space, quote,
+# colon, comma, semicolon or bracket
+_ABSOLUTE_PATH = re.compile(r"(?<![^\s'\"(\[])/(?:[^\s'\":,;()\[\]]+/)*([^\s'\":,;()\[\]/]+)/?")
+
+
+def without_paths(text: str, roots: tuple[Path, ...] = ()) -> str:
+    """`text` without absolute paths: one under a directory of `roots` made relative to it ("slots/a/
+    manifest.sig" under model.slots_dir), any other cut to its last part. /readyz and the 503s say why no
+    model serves to anyone who can reach the HTTP API, not the box's directory layout (the full reason is in
+    the agent's log and in its reported state, to the fleet)."""
+    for root in roots:
+        text = text.replace(f"{str(root).rstrip('/')}/", "")  # (the trailing "/": not a root's namesake)
+    return _ABSOLUTE_PATH.sub(r"\1", text)
+
+
 class _AgentApiServer(ApiServer):
     """The HTTP API; while no model serves because the active one was refused, /readyz and the inference
-    endpoints' 503 say why."""
+    endpoints' 503 say why (without absolute paths: `without_paths`)."""
 
     model_problem: str | None = None
     no_model_installed = False  # no bundle in the slots: a box waiting for its first OTA update
@@ -243,7 +258,9 @@ class Agent:
         return changed
 
     def _set_model_error(self, reason: str | None) -> None:
-        self.model_error = self.http.model_problem = reason
+        self.model_error = reason
+        roots = tuple(p for p in (self.cfg.model.slots_dir, self.cfg.ota.trusted_keys) if Path(p).is_absolute())
+        self.http.model_problem = reason and without_paths(reason, roots)
 
     def _initial_model_path(self) -> Path | None:
         if self.cfg.model.bundle is not None:

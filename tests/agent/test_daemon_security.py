@@ -14,11 +14,12 @@ import shutil
 import signal
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from agent.config import load_config
-from agent.daemon import Agent
+from agent.daemon import Agent, without_paths
 from agent.topics import DesiredConfig, desired_topic, ota_offer_topic, ota_status_topic, state_topic
 from bundles import variant
 from ota.bundle import MANIFEST, file_entry, open_bundle
@@ -358,10 +359,15 @@ def test_agent_with_an_untrusted_active_slot_stays_up_and_is_updated_over_the_ai
         assert _get(http_port, "/healthz") == (200, {"status": "ok"})
         status, body = _get(http_port, "/readyz")
         assert status == 503 and "slot a is refused" in body["reason"] and "trusted key" in body["reason"], body
+        # the reason, not the box's directory layout: the HTTP API may be reachable beyond the box
+        assert "slots/a/manifest.json: signed by unknown key" in body["reason"], body
+        assert str(tmp_path) not in body["reason"] and str(tmp_path) in reported["hardware"]["model_error"]
         status, body = _get(http_port, "/v1/completions", {"prompt": "def f(", "max_tokens": 2})
         assert status == 503 and "slot a is refused" in body["error"]["message"], body
+        assert str(tmp_path) not in body["error"]["message"], body
         status, body = _get(http_port, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
         assert status == 503 and "slot a is refused" in body["error"]["message"], body
+        assert str(tmp_path) not in body["error"]["message"], body
 
         # the fleet cannot "fix" it by pointing the box at other keys
         ctl.publish(desired_topic(FLEET, DEVICE), json.dumps({"version": 1, "settings": {
@@ -591,3 +597,16 @@ def test_a_reload_applies_the_live_settings_under_the_fleets_layer_and_keeps_the
     agent.reload(lower)  # the fleet's 16 MB is above the box's new 8 MB: the fleet's layer goes
     assert "desired config version 3 no longer applies over the box's reloaded config" in agent.last_config_error
     assert (agent.cfg.cache.max_mb, agent.cfg.sampling.top_k, agent.applied_config_version) == (8, 0, None)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("cannot read /srv/edge/slots/b/model.onnx (Permission denied)", "cannot read slots/b/model.onnx (Permission denied)"),
+    ("key file '/etc/edgeglm/trusted-keys/fleet.pub': bad", "key file 'fleet.pub': bad"),
+    ("/opt/other/dir/ is gone; see [/var/log/x.log]", "dir is gone; see [x.log]"),
+    ("a ratio 1/2, the path a/b/c and a lone /", "a ratio 1/2, the path a/b/c and a lone /"),
+    ("/srv/edge2/a: no", "a: no"),  # a directory whose name starts as the root's is not under it
+])
+def test_http_reasons_carry_no_absolute_paths(text, expected):
+    """What /readyz and the 503s say of a refused model: paths under the slots directory relative to it, any
+    other absolute path cut to its last part, the rest of the reason as it was."""
+    assert without_paths(text, (Path("/srv/edge"),)) == expected
