@@ -60,12 +60,14 @@ runs outside it (callers serialize engine use, as for any forward).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -403,14 +405,13 @@ class PrefixCache:
             return None
         path = self._file(h)
         try:
-            data = path.read_bytes()
+            data = _read_block_file(path, _block_file_limit(self.block_tokens, arch, self.max_bytes))
+            block = _parse(data, h, parent, self.block_tokens, arch, self.model_key, graph)
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.warning("prefix cache: cannot read %s (%s); ignored", path, exc)
             return None
-        try:
-            block = _parse(data, h, parent, self.block_tokens, arch, self.model_key, graph)
         except ValueError as exc:
             log.warning("prefix cache: %s is not a usable KV block (%s); ignored and deleted", path, exc)
             if not _unlink(path) and path.exists():  # a read-only disk: not read (and warned about) at every lookup
@@ -700,16 +701,52 @@ def _touch(path: Path) -> None:
         pass
 
 
+HEADER_MAX = 1 << 20  # the most bytes of a block file's header read (its parent hash, tokens, shape, checksum)
+
+
+def _open_block_file(path: Path):
+    """A block file opened to read: a regular file, opened without following a symbolic link and without
+    blocking (a FIFO planted under a block's name hung the lookup, with the cache lock held, and the agent's
+    start; a link to /dev/zero was read until memory ran out). ValueError for anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError("a symbolic link, not a file") from None
+        raise
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise ValueError("not a regular file")
+    return f
+
+
+def _block_file_limit(block_tokens: int, arch: ModelArch | None, max_bytes: int) -> int:
+    """The most bytes a usable block file can hold: its arrays (the model's shape; at most max_bytes, else no
+    block is kept) and its header."""
+    arrays = max_bytes if arch is None else 2 * arch.num_layers * arch.num_kv_heads * block_tokens * arch.head_dim * 4
+    return len(MAGIC) + 4 + HEADER_MAX + arrays
+
+
+def _read_block_file(path: Path, limit: int) -> bytes:
+    """A block file's bytes; ValueError where it is no regular file or holds more than `limit` bytes."""
+    with _open_block_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise ValueError(f"{size} bytes, more than a block file of this model holds ({limit})")
+        return f.read(limit + 1)
+
+
 def _header_of(path: Path) -> tuple[str | None, int]:
     """(the parent hash in hex, the bytes before the arrays) of a block file; (None, 0) when its header cannot
     be read. Disk use is counted in array bytes, as memory is (max_bytes)."""
     try:
-        with open(path, "rb") as f:
+        with _open_block_file(path) as f:
             head = f.read(len(MAGIC) + 4)
             if not head.startswith(MAGIC) or len(head) < len(MAGIC) + 4:
                 return None, 0
             (size,) = struct.unpack("<I", head[len(MAGIC):])
-            parent = json.loads(f.read(min(size, 1 << 20)))["parent"]
+            parent = json.loads(f.read(min(size, HEADER_MAX)))["parent"]
             return (parent, len(MAGIC) + 4 + size) if isinstance(parent, str) else (None, 0)
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None, 0

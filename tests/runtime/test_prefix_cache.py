@@ -7,7 +7,9 @@ References are plain prefills (`runtime.generate.prefill`, no prefix cache) on t
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -397,6 +399,52 @@ def test_a_block_file_copied_from_another_models_directory_is_not_served(models,
     again = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path / "a")  # a's own files still serve a
     again.bind(key(a))
     assert prefill_cached(a.engine, prompt, again)[2] == 64
+
+
+@pytest.mark.parametrize("plant", ["fifo", "link to /dev/zero", "oversized file"])
+def test_something_planted_under_a_blocks_name_is_refused_without_hanging(models, ids, tmp_path, caplog, plant):
+    """A FIFO under a block's name hung the next start's bind and the lookup (with the cache lock held: every
+    request of the agent); a link to /dev/zero was read until memory ran out; a file of any size was read
+    whole. Each is refused and deleted (the link, not what it points to), and the prompt runs as without a
+    cache. (The timeouts only tell a hang from a refusal.)"""
+    model = models("fp32", "onnxruntime")
+    system = ids[:40]
+    folder = tmp_path / key(model)
+    PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path).bind(key(model))
+    path = folder / (PrefixCache(64 << 20, block_tokens=B).chain(system, 1)[0].hex() + ".kvb")
+
+    def put() -> None:
+        if plant == "fifo":
+            os.mkfifo(path)
+        elif plant == "link to /dev/zero":
+            path.symlink_to("/dev/zero")
+        else:
+            with open(path, "wb") as f:
+                f.truncate(256 << 20)  # (sparse)
+    put()
+    restarted = PrefixCache(64 << 20, block_tokens=B, persist_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        bind = threading.Thread(target=restarted.bind, args=(key(model),), daemon=True)
+        bind.start()
+        bind.join(120)
+    assert not bind.is_alive(), "the bind hung"
+    assert "not a usable KV block" in caplog.text and not os.path.lexists(path)
+    caplog.clear()
+    put()  # again, while it serves
+    prompt, got = system + ids[100:110], []
+    with caplog.at_level(logging.WARNING, logger="edgeglm.prefix_cache"):
+        lookup = threading.Thread(target=lambda: got.append(prefill_cached(model.engine, prompt, restarted)),
+                                  daemon=True)
+        lookup.start()
+        lookup.join(120)
+    assert not lookup.is_alive(), "the lookup hung"
+    logits, _, reused = got[0]
+    assert reused == 0
+    np.testing.assert_array_equal(logits, prefill(model.engine, prompt)[0])
+    assert "not a usable KV block" in caplog.text and not os.path.lexists(path)
+    if plant == "oversized file":
+        assert "more than a block file of this model holds" in caplog.text
+    assert os.path.exists("/dev/zero")
 
 
 @pytest.mark.parametrize("damage", ["parent not a string", "token id beyond int64", "fewer positions than a block",
