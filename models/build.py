@@ -32,7 +32,8 @@ Stages, each on the `build` progress bar (long stages show their own bars below 
 The work directory (default: BUNDLE.work next to --out) keeps every stage's output and
 `state.json`, which records the build's identity (teacher, corpus files and every recipe setting
 that shapes the student: `Recipe.resume_identity`, which leaves out name, description, the
-[distill] device and checkpoint_every, and [quantize] and [export]) and the stages done. `--resume`
+[distill] device and checkpoint_every, and [quantize] and [export]; the other [distill] settings may
+change until distillation saved a step: `_distillation_started`) and the stages done. `--resume`
 continues a build stopped at any point: stages done are loaded, not repeated, and distillation
 continues from its last checkpoint; with [quantize]/[export] changed, export and report are redone.
 A work directory of another build is refused, naming the first setting that differs, and so is one
@@ -44,7 +45,8 @@ What a failure leaves:
   (during tokenizing or the corpus-size checks);
 - a failed stage (after `check`): the stages done stay in the work directory, and the error line
   says so: rerun with --resume once the cause is fixed (a changed device or checkpoint_every is
-  fine), or remove the work directory to start over.
+  fine), or remove the work directory to start over; out of memory, the line names what sets the
+  stage's memory (`_memory_hint`: [distill] batch_size and seq_len) instead of a traceback.
 Nothing is written at --out until the last step, and only a complete, verified bundle.
 
 What Ctrl-C leaves (`BuildInterrupted`, a KeyboardInterrupt whose text the CLI prints after
@@ -82,6 +84,7 @@ from models.checkpoint import (check_weight_headers, check_weight_values, checkp
                                is_bundle_dir, load_checkpoint, save_checkpoint, stored_weights, weight_files)
 from models.config import GlmConfig
 from models.data import DataError, TextSource, TokenCorpus, corpus_from_ids, text_files, tokenize_corpus
+from models.distill import STATE_FILE as DISTILL_STATE_FILE
 from models.distill import DistillError, DistillSettings, distill, resolve_device
 from models.errors import CheckpointError, ExportError
 from models.prune import (
@@ -205,6 +208,24 @@ def identity_difference(recorded, current: dict) -> str:
     return "recipe setting " + (_first_difference(recorded["recipe"], current["recipe"]) or "?")
 
 
+def _distill_only_difference(recorded, current: dict) -> bool:
+    """Whether a recorded identity differs from this build's in [distill] settings alone."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("recipe"), dict):
+        return False
+
+    def rest(identity: dict) -> dict:
+        return {**identity, "recipe": {k: v for k, v in identity["recipe"].items() if k != "distill"}}
+    return rest(recorded) == rest(current)
+
+
+def _distillation_started(work: Path) -> bool:
+    """Whether the work directory's distillation finished or saved a step: before that, the stages done (check,
+    tokenize, prune) do not depend on the [distill] settings, and a build resumes with them changed (a smaller
+    batch_size after running out of memory)."""
+    done = (_read_state(work / STATE).get("done") or {}) if (work / STATE).is_file() else {}
+    return "distill" in done or (work / "distill" / DISTILL_STATE_FILE).exists()
+
+
 def _comparable(identity):
     """A recorded identity as this edgeglm compares it: [quantize] and [export] are no longer part of it (an
     earlier edgeglm recorded them; a resume with them changed exports again)."""
@@ -282,12 +303,13 @@ def check_paths(inputs: BuildInputs) -> None:
         if state.is_file():
             recorded = _comparable(_read_state(state).get("identity"))
             current = inputs.identity()
-            if recorded != current:
+            if recorded != current and not (_distill_only_difference(recorded, current)
+                                            and not _distillation_started(work)):
                 raise BuildError(
                     f"--resume: {state} belongs to another build ({identity_difference(recorded, current)}); "
                     "a build resumes only with the same teacher, corpus and recipe settings (name, description, "
-                    "[distill] device and checkpoint_every, [quantize] and [export] may change): undo the change, "
-                    f"or start over without "
+                    "[distill] device and checkpoint_every, [quantize] and [export] may change; the other [distill] "
+                    "settings only until distillation saved a step): undo the change, or start over without "
                     f"--resume after removing {work} or with another --work directory")
     elif work.is_dir() and any(work.iterdir()):
         done = _stages_done(_read_state(state)) if state.is_file() else []
@@ -489,7 +511,8 @@ class _State:
     def __init__(self, inputs: BuildInputs):
         self.path = inputs.work / STATE
         self.data = json.loads(self.path.read_text()) if inputs.resume and self.path.is_file() else {}
-        self.data.setdefault("identity", inputs.identity())
+        # (the resume check passed: the same build, or [distill] settings changed before distillation began)
+        self.data["identity"] = inputs.identity()
         self.data.setdefault("done", {})
 
     def done(self, stage: str):
@@ -701,9 +724,36 @@ def _say_resuming(inputs: BuildInputs, state: "_State", progress: bool, fresh: b
 
 def _resume_hint(work: Path, state: "_State") -> str:
     done = ", ".join(_stages_done(state.data))
+    distill = "device or checkpoint_every" if _distillation_started(work) else \
+        "setting (distillation saved no step yet)"
     return (f"the stages done ({done}) are kept in {work}: rerun with --resume once the cause is fixed "
-            f"(a changed [distill] device or checkpoint_every is fine, and so is [quantize] or [export]: exported "
+            f"(a changed [distill] {distill} is fine, and so is [quantize] or [export]: exported "
             f"again), or remove {work} to start over")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` says that memory ran out: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the
+    RuntimeError of torch's CPU allocator."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)))
+
+
+def _memory_hint(stage: str, recipe, work: Path) -> str:
+    """What to lower in the recipe when `stage` ran out of memory."""
+    d = recipe.distill_settings()
+    if stage == "distill":
+        saved = work / "distill" / DISTILL_STATE_FILE
+        return (f"each step holds the teacher's and the student's logits over [distill] batch_size x seq_len = "
+                f"{d.batch_size} x {d.seq_len} tokens (x the vocabulary, several times over in the loss): lower "
+                f"[distill] batch_size or seq_len (token_budget sets the tokens trained on, not the memory), or "
+                f"set [distill] device = \"cpu\" where a GPU's memory is the limit"
+                + (f" (distillation saved steps with these settings, in {saved}: remove it to distill from the "
+                   f"start with others, the stages before kept)" if saved.exists() else ""))
+    if stage == "evaluate":
+        return f"lower [eval] seq_len (now {recipe.eval.seq_len})"
+    if stage == "prune":
+        return "lower [prune] calibration_seq_len or calibration_tokens"
+    return "free memory on this machine, or build on one with more"
 
 
 def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
@@ -777,6 +827,11 @@ def run_build(inputs: BuildInputs, progress: bool = True) -> dict:
             where = f"{exc.filename}: " if exc.filename else ""
             raise BuildError(f"{where}{exc.strerror or exc}; {_resume_hint(work, state)}") from None
         except Exception as exc:
+            if _out_of_memory(exc):  # a recipe too large for this machine: one line, with what to change
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+                raise BuildError(f"out of memory in stage {reached.stage} ({first}): "
+                                 f"{_memory_hint(reached.stage, inputs.recipe, work)}; {_resume_hint(work, state)}"
+                                 ) from None
             exc.add_note(f"edgeglm build: {_resume_hint(work, state)}")
             raise
     finally:

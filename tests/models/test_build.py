@@ -550,12 +550,33 @@ def test_a_failed_stage_stays_resumable_and_resume_takes_a_fixed_device(raw_teac
     resume = [a if a != str(QUICK) else str(fixed) for a in args] + ["--resume"]
     assert "reached distill again" in run(resume)
 
-    # a setting that shapes a result is refused, by name
+    # a setting that shapes a stage done is refused, by name
     other = tmp_path / "other.toml"
-    other.write_text(QUICK.read_text().replace("token_budget = 8192", "token_budget = 4096"))
+    other.write_text(QUICK.read_text().replace("calibration_tokens = 1024", "calibration_tokens = 512"))
     err = run([a if a != str(QUICK) else str(other) for a in args] + ["--resume"])
-    assert "belongs to another build (recipe setting [distill] token_budget was 8192, now 4096)" in err
+    assert "belongs to another build (recipe setting [prune] calibration_tokens was 1024, now 512)" in err
     assert f"after removing {work} or with another --work directory" in err
+
+    # distillation ran out of memory before saving a step (torch's own error): one line that names the batch
+    # and says a smaller one resumes; it does (the stages done kept), until distillation saves a step
+    def out_of_memory(*_args, **_kwargs):
+        import torch
+        torch.empty((1 << 60,), dtype=torch.uint8)  # (more than any address space: refused at once)
+    monkeypatch.setattr(models.build, "distill", out_of_memory)
+    err = run(resume)
+    assert "out of memory in stage distill (" in err and "can't allocate memory" in err
+    assert "[distill] batch_size x seq_len = 8 x 64 tokens" in err and "lower [distill] batch_size or seq_len" in err
+    assert "a changed [distill] setting (distillation saved no step yet) is fine" in err
+    smaller = tmp_path / "smaller.toml"
+    smaller.write_text(QUICK.read_text().replace("batch_size = 8", "batch_size = 4"))
+    monkeypatch.setattr(models.build, "distill", fail("reached distill again"))
+    assert "reached distill again" in run([a if a != str(QUICK) else str(smaller) for a in args] + ["--resume"])
+    (work / "distill").mkdir(exist_ok=True)
+    (work / "distill" / "state.pt").write_bytes(b"")  # a step saved (with batch_size 4): now it is refused
+    err = run(resume)
+    assert "belongs to another build (recipe setting [distill] batch_size was 4, now 8)" in err
+    assert "the other [distill] settings only until distillation saved a step" in err
+    (work / "distill" / "state.pt").unlink()
 
     # and so is a corpus whose text changed under the stages done: the same lines in another order (the
     # same tokens, so the same count), then more text
