@@ -50,7 +50,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from agent.errors import PayloadError
 from agent.topics import ReportedState, TelemetryReport, broker_packet_limit, check_publish_topic, parse_payload, \
-    latency_topic, publish_packet_bytes, state_topic, telemetry_topic
+    latency_topic, presence_online, presence_topics, publish_packet_bytes, state_topic, telemetry_topic
 
 log = logging.getLogger("edgeglm.mqtt")
 
@@ -71,6 +71,8 @@ PAHO_LOG.addFilter(_PahoLoopNoise())
 
 UNSUPPORTED_PROTOCOL = 132  # CONNACK reason; paho maps a 3.1.1 broker's return code 1 to it
 BACKSTOP_SHORT_CONNECTIONS = 5  # short connections in a row after which the paho client (its queue) is replaced
+# after a reconnect, telemetry waits this long at most for the controller's presence (where one was seen before)
+PRESENCE_WAIT_S = 120.0
 MIN_HEALTHY_CONNECTION_S = 10.0  # a connection up at least this long (and a keepalive) resets the backoff
 PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
 
@@ -413,12 +415,21 @@ class MqttSession:
         self._supervisor: threading.Thread | None = None
         self._up_since: float | None = None  # time.monotonic() of the current connection's CONNACK (accepted)
         self._held_at_end = None  # `_oldest_unacknowledged` when the last connection ended
+        # the fleet controller's presence (agent.topics.presence_topics): topic -> online, as said on this connection
+        self._presence_topics = presence_topics(fleet)
+        self._presence: dict[str, bool] = {}
+        self._presence_seen = False  # a controller that says where it is was seen in this run
+        self._presence_wait_until: float | None = None  # after a reconnect: hold until it says, at most this long
 
     # -- paho callbacks: thin, they only hand events on -------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         # the largest packet the broker takes (MQTT 5 CONNACK); set before any publish of this connection
         self._max_packet = broker_packet_limit(properties)
+        with self._lock:  # the presence is said again (retained) after the SUBSCRIBE; until then, where a controller
+            self._presence.clear()  # said it before, telemetry is held (a broker restarted without persistence
+            # forgot the controller's session: reports published before it subscribes again are lost)
+            self._presence_wait_until = time.monotonic() + PRESENCE_WAIT_S if self._presence_seen else None
         self._control.put(("connack", reason_code, flags.session_present, self._losses))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -439,10 +450,47 @@ class MqttSession:
                               getattr(props, "MessageExpiryInterval", None))
             if msg.topic in self._response_topics and self._resolve(message):
                 return
+            if msg.topic in self._presence_topics:
+                self._on_presence(msg.topic, message.payload)
+                return
             self.events.put(message)
         except Exception:  # noqa: BLE001: an exception here ends paho's network thread, and the session with it
             # (silently: `connected` still True, nothing delivered again); log it and drop the message
             log.exception("MQTT message on %s dropped: handling it failed", getattr(msg, "topic", "?"))
+
+    def _on_presence(self, topic: str, payload: bytes) -> None:
+        """(paho's thread) The controller says it is online or offline (or the message was cleared): telemetry is
+        held while every controller that said where it is says offline, and what was held goes once one is back."""
+        online = presence_online(payload)
+        with self._lock:
+            away = self._controller_away()
+            if online is None:
+                self._presence.pop(topic, None)
+            else:
+                self._presence[topic], self._presence_seen, self._presence_wait_until = online, True, None
+            if away and not self._controller_away():
+                held = len(self._outbox)
+                if self._online.is_set() and self._client is not None:
+                    self._flush_outbox(self._client)
+                log.info("MQTT: the fleet controller is online (%s)%s", topic,
+                         f": {held} telemetry report(s) held meanwhile are sent" if held else "")
+            elif not away and self._controller_away():
+                log.warning("MQTT: the fleet controller says it is offline (%s): telemetry reports are held here (up "
+                            "to mqtt.telemetry_buffer = %d) until it is back", topic, self.settings.telemetry_buffer)
+
+    def _controller_away(self) -> bool:
+        """(under the lock) Whether telemetry waits for the controller: every controller that said where it is says
+        offline, or, after a reconnect, one said where it is before and has not said it again yet (at most
+        PRESENCE_WAIT_S: a controller downgraded to one that never says, a presence cleared by hand)."""
+        if self._presence:
+            return not any(self._presence.values())
+        return self._presence_wait_until is not None and time.monotonic() < self._presence_wait_until
+
+    def _flush_outbox(self, client: paho.Client) -> None:
+        """(under the lock) The held telemetry reports, oldest first."""
+        while self._outbox:
+            for out in self._telemetry_messages(self._outbox.popleft()):
+                self._send(client, out)
 
     def _resolve(self, message: Message) -> bool:
         """Complete the pending request this response answers; False if none waits for it."""
@@ -623,7 +671,8 @@ class MqttSession:
         return self._protocol == paho.MQTTv311
 
     def _filters(self) -> list[str]:
-        return list(self._subs) + [t for t in self._response_topics if t not in self._subs]
+        return list(self._subs) + [t for t in self._response_topics if t not in self._subs] + [
+            t for t in self._presence_topics if t not in self._subs]
 
     def _subscribe_all(self, client: paho.Client) -> tuple[set[str], str | None]:
         """Subscribe to every registered filter and wait for the SUBACK, so that "connected" means
@@ -661,9 +710,8 @@ class MqttSession:
             self._send(client, _Outgoing(self._state_topic, _encode(self._state(online=True)), qos, True))
             while self._held:
                 self._send(client, self._held.popleft())
-            while self._outbox:
-                for out in self._telemetry_messages(self._outbox.popleft()):
-                    self._send(client, out)
+            if not self._controller_away():
+                self._flush_outbox(client)
             self.stats.connects += 1  # counted before anyone waiting for "connected" can read it
             self._online.set()
             if self._losses != losses:  # ended while the above ran (its "closed" signal is queued)
@@ -705,6 +753,25 @@ class MqttSession:
     @property
     def connected(self) -> bool:
         return self._online.is_set()
+
+    @property
+    def controller_away(self) -> bool:
+        """Whether telemetry is held for the fleet controller (it says it is offline; or, after a reconnect, it said
+        where it is before and has not said it again yet)."""
+        with self._lock:
+            return self._controller_away()
+
+    @property
+    def controller_said(self) -> bool:
+        """Whether a fleet controller said where it is (online or offline) in this run of the session."""
+        with self._lock:
+            return self._presence_seen
+
+    @property
+    def held_reports(self) -> int:
+        """Telemetry reports held (offline, or the controller away), not sent yet."""
+        with self._lock:
+            return len(self._outbox)
 
     @property
     def protocol(self) -> str:
@@ -768,7 +835,8 @@ class MqttSession:
         drops its oldest idle report, else its oldest: a long outage of an idle box filled the buffer with empty
         windows, and the ones that carried requests were dropped first."""
         with self._lock:
-            if self._online.is_set():  # (the buffer is empty then: it is flushed before going online)
+            if self._online.is_set() and not self._controller_away():
+                self._flush_outbox(self._client)  # (held while the controller was away: the wait after a reconnect)
                 for out in self._telemetry_messages(report):
                     self._send(self._client, out)
                 return

@@ -25,6 +25,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -167,6 +168,40 @@ def device_subscriptions(fleet: str, device: str) -> list[str]:
     """What the agent subscribes to (all QoS 1)."""
     return [desired_topic(fleet, device), ota_offer_topic(fleet, device), chunk_response_topic(fleet, device),
             infer_request_topic(fleet, device)]
+
+
+# the fleet controller's presence: retained, `{"online": true|false, ...}`, under a level no fleet id can take
+# (ids start with a letter or digit). `fleet serve` publishes online once its subscriptions are in place, offline
+# when it stops, and has the broker publish offline for it (its Will) when its connection is lost; agents that have
+# seen it hold their telemetry while it says offline (agent.mqtt). Its own fleet's where it serves one fleet
+# (`--fleet F`), PRESENCE_ALL_FLEETS where it serves every fleet.
+PRESENCE_ROOT = f"{ROOT}/_controller"
+PRESENCE_ALL_FLEETS = "_all"
+
+
+def controller_presence_topic(fleet: str = "+") -> str:
+    """Where the controller serving `fleet` ("+": every fleet) says whether it is online."""
+    return f"{PRESENCE_ROOT}/{PRESENCE_ALL_FLEETS if fleet == '+' else _level(fleet, 'fleet id')}"
+
+
+def presence_topics(fleet: str) -> list[str]:
+    """The presence topics of the controllers that may serve a device of `fleet` (the agent subscribes to both)."""
+    return [controller_presence_topic(fleet), controller_presence_topic("+")]
+
+
+def presence_payload(online: bool) -> bytes:
+    return json.dumps({"online": online, "ts": round(time.time(), 3)}).encode()
+
+
+def presence_online(payload: bytes) -> bool | None:
+    """What a presence message says: True (online), False (offline), None (empty: cleared, or not a presence
+    message: an agent then goes by the other topic, or sends as if there were no presence)."""
+    try:
+        value = json.loads(payload) if payload else None
+    except ValueError:
+        return None
+    online = value.get("online") if isinstance(value, dict) else None
+    return online if isinstance(online, bool) else None
 
 
 def controller_subscriptions(fleet: str = "+") -> list[str]:

@@ -48,8 +48,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import AgentError, PayloadError
 from agent.topics import (DesiredConfig, DeviceHealth, LatencyHistograms, ReportedState, TelemetryReport,
-                          broker_packet_limit, chunk_response_topic, controller_subscriptions, desired_topic,
-                          ota_offer_topic, publish_packet_bytes, split_topic, state_topic)
+                          broker_packet_limit, chunk_response_topic, controller_presence_topic,
+                          controller_subscriptions, desired_topic, ota_offer_topic, presence_payload,
+                          publish_packet_bytes, split_topic, state_topic)
 from agent.metrics import format_value
 from fleet.store import SILENT_AFTER_S, LatencyRow, Store, latency_row, state_run, telemetry_row, with_gap
 from ota.bundle import open_bundle
@@ -74,6 +75,7 @@ PRUNE_EVERY_S = 60.0
 # a report that starts this soon after its agent's run did (by the device's clock) is the run's first window: no
 # gap before it (an agent's first window starts as its run does: within microseconds since 2026-11-29, after its
 # hardware probe before, a second or more on a small board)
+PRESENCE_PUBLISH_S = 2.0  # how long a stopping controller waits for the broker to take its "offline"
 RUN_START_SLACK_S = 5.0
 STATE_ASK_AGAIN_S = 60.0  # how often the state of a device that reports but is not registered is asked for
 STATE_ASKS_MAX = 3  # and how many times at most (a state this controller refuses would come back every minute)
@@ -263,6 +265,13 @@ class FleetController:
                 raise ConnectionError(f"mqtt.tls.ca_file = {settings.ca_file}: cannot be used as the broker's CA "
                                       f"certificate ({why}); the controller cannot connect over TLS without it") \
                     from None
+        # `fleet serve` says it is online (retained) once its subscriptions are in place, and offline when it stops
+        # or (its Will, published by the broker) when its connection is lost: agents hold their telemetry while it
+        # is away instead of publishing into a session the broker may not keep (agent.mqtt, docs/mqtt.md)
+        self._presence_topic = controller_presence_topic(settings.fleet) if settings.listen else None
+        self._subscribe_mid: int | None = None  # the SUBSCRIBE of the served topics, whose SUBACK says online
+        if self._presence_topic:
+            self.client.will_set(self._presence_topic, presence_payload(False), qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
@@ -358,6 +367,12 @@ class FleetController:
         asked = [state_topic(f, d) for (f, d), entry in list(self._asked_state.items()) if entry[2]]
         if asked and self.client.is_connected():
             self.client.unsubscribe(asked)
+        if self._presence_topic and self.client.is_connected():  # agents hold their telemetry from now on
+            info = self.client.publish(self._presence_topic, presence_payload(False), qos=1, retain=True)
+            try:
+                info.wait_for_publish(PRESENCE_PUBLISH_S)
+            except (RuntimeError, ValueError):  # the connection went meanwhile: the broker publishes the Will
+                pass
         if self._writer.is_alive():  # what is queued before it is still written, and acknowledged while connected
             self._telemetry.put(None)  # (a report that comes after it is not: the broker keeps it for the next start)
             self._writer.join(30)
@@ -505,9 +520,10 @@ class FleetController:
         if self.settings.protocol != "3.1.1":  # what comes through these filters says so (_from_leftover_filter)
             props = Properties(PacketTypes.SUBSCRIBE)
             props.SubscriptionIdentifier = self._served_id
-        client.subscribe([(topic, self.settings.telemetry_qos if topic.endswith(("/telemetry", "/latency")) else
-                           0 if topic.endswith("/health") else 1)
-                          for topic in controller_subscriptions(self.settings.fleet)], properties=props)
+        _, self._subscribe_mid = client.subscribe(
+            [(topic, self.settings.telemetry_qos if topic.endswith(("/telemetry", "/latency")) else
+              0 if topic.endswith("/health") else 1) for topic in controller_subscriptions(self.settings.fleet)],
+            properties=props)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         """Once per loss: the log says the broker went away and (in _on_connect) when it is back; paho reconnects."""
@@ -527,6 +543,8 @@ class FleetController:
         refused = [t for t, rc in zip(controller_subscriptions(self.settings.fleet), reason_codes) if rc.is_failure]
         if refused:
             log.warning("broker refused the controller's subscription(s) to %s", ", ".join(refused))
+        if self._presence_topic and mid == self._subscribe_mid:  # what devices send from now on reaches it
+            client.publish(self._presence_topic, presence_payload(True), qos=1, retain=True)
         self.connected.set()
 
     def _on_message(self, client, userdata, msg) -> None:

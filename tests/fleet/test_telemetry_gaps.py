@@ -17,11 +17,13 @@ import secrets
 import sqlite3
 import time
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import MqttSession, MqttSettings
 from agent.telemetry import LatencyWindow
-from agent.topics import ReportedState, telemetry_topic
+from agent.topics import ReportedState, controller_presence_topic, telemetry_topic
 from fleet import controller
 from fleet.controller import ControllerSettings, FleetController, format_status, prometheus_metrics
 from fleet.store import Store, telemetry_row, with_gap
@@ -107,6 +109,10 @@ def test_reports_lost_while_the_controller_was_away_show_as_missing_time(mosquit
         until(lambda: len(stored_ends(db)) == 1)
         first.stop()
         until(lambda: "Client edgeglm-controller disconnected" in mosquitto.log_text())
+        # a controller from before the presence topic (cleared here): the agent sends while it is away
+        until(lambda: agent.session.controller_away)
+        clear_presence(mosquitto.port)
+        until(lambda: not agent.session.controller_away)
         witness = Witness(mosquitto.port, telemetry_topic(FLEET, DEVICE))
         agent.past_first_window()
         for _ in range(3):
@@ -141,6 +147,111 @@ def test_reports_lost_while_the_controller_was_away_show_as_missing_time(mosquit
             again.stop()
 
 
+def clear_presence(port: int) -> None:
+    """Clear the controller's retained presence, as if the controller predated it."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="clear-presence", protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.publish(controller_presence_topic(FLEET), b"", 1, retain=True).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_telemetry_is_held_while_the_controller_is_away_and_sent_when_it_is_back(mosquitto, tmp_path):
+    """A stopping controller says it is offline (retained, on its presence topic): the agent holds its telemetry
+    (up to mqtt.telemetry_buffer reports) instead of publishing into a broker session that may not be kept (here
+    telemetry_qos = 0, of which the broker queues nothing: as a broker that forgot the session), and sends it once
+    the next controller says it is online, after its subscriptions are in place: nothing lost, nothing missing."""
+    db = tmp_path / "fleet.db"
+    first = FleetController(settings(mosquitto, tmp_path, telemetry_qos=0)).start()
+    agent = Agent(mosquitto.port)
+    again = None
+    try:
+        until(lambda: agent.session.controller_said)
+        agent.report()
+        until(lambda: len(stored_ends(db)) == 1)
+        first.stop()
+        until(lambda: agent.session.controller_away)
+        agent.past_first_window()
+        for _ in range(3):
+            agent.report()
+        assert agent.session.held_reports == 3
+        again = FleetController(settings(mosquitto, tmp_path, telemetry_qos=0)).start()
+        until(lambda: len(stored_ends(db)) == 4)
+        assert agent.session.held_reports == 0 and not agent.session.controller_away
+        agent.report()
+        until(lambda: len(stored_ends(db)) == 5)
+        assert losses(db)["missing_gaps"] == 0
+        assert stored_ends(db) == {end for _, end in agent.windows}
+    finally:
+        agent.close()
+        first.stop()
+        if again is not None:
+            again.stop()
+
+
+def test_after_a_broker_restart_without_persistence_telemetry_waits_for_the_controller(mosquitto, tmp_path):
+    """A broker restarted without persistence forgot the controller's session and its retained presence: what
+    agents publish before the controller has subscribed again is lost (agents reconnect within a second or two,
+    the controller backs off up to 30 s). An agent that saw the controller's presence holds its telemetry after a
+    reconnect until the controller says again that it is online (PRESENCE_WAIT_S at most)."""
+    db = tmp_path / "fleet.db"
+    ctl = FleetController(settings(mosquitto, tmp_path)).start()
+    agent = Agent(mosquitto.port)
+    try:
+        until(lambda: agent.session.controller_said)
+        agent.report()
+        until(lambda: len(stored_ends(db)) == 1)
+        connects = agent.session.stats.connects
+        ctl.client.loop_stop()  # the controller is not back before the agent (paho reconnects it once restarted)
+        mosquitto.stop()
+        (mosquitto.workdir / "mosquitto.db").unlink(missing_ok=True)  # no persistence: sessions, retained gone
+        mosquitto.start()
+        until(lambda: agent.session.stats.connects > connects and agent.session.connected)
+        agent.past_first_window()
+        agent.report()
+        assert agent.session.held_reports == 1 and agent.session.controller_away
+        ctl.client.loop_start()
+        until(lambda: len(stored_ends(db)) == 2)
+        assert losses(db)["missing_gaps"] == 0 and agent.session.held_reports == 0
+    finally:
+        agent.close()
+        ctl.stop()
+
+
+def test_after_a_reconnect_telemetry_waits_for_the_presence_a_bounded_time(mosquitto, tmp_path, monkeypatch):
+    """A presence that never comes again after a reconnect (a controller downgraded to one from before it, a
+    presence cleared by hand, a controller gone for good) holds the agent's reports PRESENCE_WAIT_S at most
+    (1 s here), then they go as they would without one."""
+    import agent.mqtt
+
+    monkeypatch.setattr(agent.mqtt, "PRESENCE_WAIT_S", 1.0)
+    ctl = FleetController(settings(mosquitto, tmp_path)).start()
+    box = Agent(mosquitto.port)
+    try:
+        until(lambda: box.session.controller_said)
+        connects = box.session.stats.connects
+        ctl.client.loop_stop()  # gone, without its Will (the broker restarts below and forgets everything)
+        mosquitto.stop()
+        (mosquitto.workdir / "mosquitto.db").unlink(missing_ok=True)
+        mosquitto.start()
+        witness = Witness(mosquitto.port, telemetry_topic(FLEET, DEVICE))
+        until(lambda: box.session.stats.connects > connects and box.session.connected)
+        box.report()
+        until(lambda: not box.session.controller_away)
+        assert box.session.held_reports in (0, 1)  # (held, unless the wait ended before it was taken)
+        box.report()
+        until(lambda: len(witness.field("window_end")) == 2)
+        assert witness.field("window_end") == [end for _, end in box.windows]
+        witness.close()
+    finally:
+        box.close()
+        ctl.client.loop_start()
+        ctl.stop()
+
+
 def test_an_agent_restart_is_no_missing_telemetry(mosquitto, tmp_path):
     """Between two runs of the agent no window was open: time passes, nothing is missing. Both while the
     controller runs (even where the new run's first window never came: counted from the old run's end, the gap
@@ -168,6 +279,9 @@ def test_an_agent_restart_is_no_missing_telemetry(mosquitto, tmp_path):
         # restarted while the controller was away, its first window a while after its start (as an agent
         # that probed the hardware in between): the gap was counted from the old run's last report, downtime and all
         agent = Agent(mosquitto.port, slow_start_s=2 * controller.RUN_START_SLACK_S)
+        until(lambda: agent.session.controller_away)  # (its reports queued at the broker: as with a controller
+        clear_presence(mosquitto.port)  # from before the presence topic; with one they wait at the agent)
+        until(lambda: not agent.session.controller_away)
         witness = Witness(mosquitto.port, telemetry_topic(FLEET, DEVICE))
         agent.report()
         until(lambda: len(witness.field("window_end")) == 1)

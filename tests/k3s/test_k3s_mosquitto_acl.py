@@ -33,7 +33,8 @@ import pytest
 from k3s_manifests import find, rendered
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.topics import controller_subscriptions, desired_topic, device_subscriptions, ota_offer_topic, state_topic
+from agent.topics import (controller_presence_topic, controller_subscriptions, desired_topic, device_subscriptions,
+                          ota_offer_topic, state_topic)
 from broker import BrokerCerts, find_mosquitto, free_port, make_test_certs, wait_for_port
 
 if sys.version_info >= (3, 11):
@@ -261,6 +262,12 @@ MATRIX = [
     ("controller", f"{F}/dev1/health", False, set()),
     ("controller", f"{F}/dev1/latency", False, set()),
     ("controller", "edgeglm/v1/another-fleet/dev1/config/desired", False, set()),
+    # the controller's presence: read by every device, written by the controller alone (a device that could
+    # say "offline" would have the whole fleet hold its telemetry)
+    ("controller", controller_presence_topic(FLEET), True, {"dev1", "dev2", "controller"}),
+    ("dev1", controller_presence_topic(FLEET), False, set()),
+    ("dev1", controller_presence_topic("+"), False, set()),
+    ("controller", controller_presence_topic("another-fleet"), False, set()),
 ]
 
 

@@ -14,6 +14,8 @@ import pytest
 from k3s_manifests import (REPO, agent_daemonsets, agents, containers, env_of, find, kustomizations, label, pod_spec,
                            rendered, secret_templates, volume, workloads)
 
+from agent.topics import controller_presence_topic
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:
@@ -363,7 +365,9 @@ def test_fleet_id_and_controller_user_agree_with_the_acl(key):
     users = _acl_users(find(resources, "ConfigMap", "edgeglm-broker-config")["data"]["acl.conf"])
     assert fleet["mqtt"]["username"] in users, f"no 'user {fleet['mqtt']['username']}' section in acl.conf"
     topics = [t for _, t in users[fleet["mqtt"]["username"]]]
-    assert topics and all(t.startswith(f"edgeglm/v1/{agent_fleet}/+/") for t in topics), topics
+    presence = controller_presence_topic(fleet["fleet"]["id"])  # (the serving one's presence: a topic of its own)
+    assert (("write", presence) in users[fleet["mqtt"]["username"]]) == (key == "fleet.toml")
+    assert topics and all(t.startswith(f"edgeglm/v1/{agent_fleet}/+/") for t in topics if t != presence), topics
 
 
 def test_a_device_may_write_a_fixed_set_of_topics_in_the_agents_fleet():
@@ -373,6 +377,9 @@ def test_a_device_may_write_a_fixed_set_of_topics_in_the_agents_fleet():
     agent_fleet = _toml(resources, "edgeglm-agent-config", "agent.toml")["device"]["fleet"]
     patterns = [line.split() for line in find(resources, "ConfigMap", "edgeglm-broker-config")["data"]["acl.conf"]
                 .splitlines() if line.split()[:1] == ["pattern"]]
+    # every device reads its fleet's controller presence, and writes none
+    assert ["pattern", "read", controller_presence_topic(agent_fleet)] in patterns
+    patterns = [p for p in patterns if p != ["pattern", "read", controller_presence_topic(agent_fleet)]]
     assert patterns and all(len(p) == 3 and p[2].startswith(f"edgeglm/v1/{agent_fleet}/%u/") for p in patterns), \
         patterns
     assert not [p for p in patterns if p[1] == "write" and ("+" in p[2] or "#" in p[2])], patterns
