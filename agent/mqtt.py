@@ -464,8 +464,9 @@ class MqttSession:
         online = presence_online(payload)
         with self._lock:
             away = self._controller_away()
-            if online is None:
+            if online is None:  # cleared: no controller says where it is here (nor waits to, after a reconnect)
                 self._presence.pop(topic, None)
+                self._presence_wait_until = None
             else:
                 self._presence[topic], self._presence_seen, self._presence_wait_until = online, True, None
             if away and not self._controller_away():

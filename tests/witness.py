@@ -29,3 +29,18 @@ class Witness:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def clear_presence(port: int, fleet: str) -> None:
+    """Clear the fleet controller's retained presence: agents then send their telemetry while it is away, as
+    agents (or a controller) from before the presence topic do."""
+    from agent.topics import controller_presence_topic
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="clear-presence", protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.publish(controller_presence_topic(fleet), b"", 1, retain=True).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -17,18 +17,16 @@ import secrets
 import sqlite3
 import time
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import MqttSession, MqttSettings
 from agent.telemetry import LatencyWindow
-from agent.topics import ReportedState, controller_presence_topic, telemetry_topic
+from agent.topics import ReportedState, telemetry_topic
 from fleet import controller
 from fleet.controller import ControllerSettings, FleetController, format_status, prometheus_metrics
 from fleet.store import Store, telemetry_row, with_gap
 from waiting import until
-from witness import Witness
+from witness import Witness, clear_presence
 
 FLEET = "gaps"
 DEVICE = "box-1"
@@ -111,7 +109,7 @@ def test_reports_lost_while_the_controller_was_away_show_as_missing_time(mosquit
         until(lambda: "Client edgeglm-controller disconnected" in mosquitto.log_text())
         # a controller from before the presence topic (cleared here): the agent sends while it is away
         until(lambda: agent.session.controller_away)
-        clear_presence(mosquitto.port)
+        clear_presence(mosquitto.port, FLEET)
         until(lambda: not agent.session.controller_away)
         witness = Witness(mosquitto.port, telemetry_topic(FLEET, DEVICE))
         agent.past_first_window()
@@ -145,18 +143,6 @@ def test_reports_lost_while_the_controller_was_away_show_as_missing_time(mosquit
         first.stop()
         if again is not None:
             again.stop()
-
-
-def clear_presence(port: int) -> None:
-    """Clear the controller's retained presence, as if the controller predated it."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="clear-presence", protocol=paho.MQTTv5)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        client.publish(controller_presence_topic(FLEET), b"", 1, retain=True).wait_for_publish(10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def test_telemetry_is_held_while_the_controller_is_away_and_sent_when_it_is_back(mosquitto, tmp_path):
@@ -280,7 +266,7 @@ def test_an_agent_restart_is_no_missing_telemetry(mosquitto, tmp_path):
         # that probed the hardware in between): the gap was counted from the old run's last report, downtime and all
         agent = Agent(mosquitto.port, slow_start_s=2 * controller.RUN_START_SLACK_S)
         until(lambda: agent.session.controller_away)  # (its reports queued at the broker: as with a controller
-        clear_presence(mosquitto.port)  # from before the presence topic; with one they wait at the agent)
+        clear_presence(mosquitto.port, FLEET)  # from before the presence topic; with one they wait at the agent)
         until(lambda: not agent.session.controller_away)
         witness = Witness(mosquitto.port, telemetry_topic(FLEET, DEVICE))
         agent.report()
