@@ -800,6 +800,7 @@ class Agent:
         for event in ("connects", "payload_errors", "dropped_reports", "dropped_messages", "too_large",
                       "client_resets"):
             counter.advance_to(getattr(stats, event), event=event)
+        self.http.metrics.mqtt_held_reports.set(self.session.held_reports)
 
     def _remember_answer(self, message, req: InferenceRequest, response: InferenceResponse) -> None:
         key = (self.session.reply_target(message).topic, req.id, hashlib.sha256(message.payload).digest())

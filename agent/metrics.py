@@ -215,6 +215,9 @@ class ServingMetrics:
             "oversized or refused messages it received), dropped_reports and dropped_messages (pushed out of the "
             "offline buffers), too_large (messages not sent: over the broker's maximum packet size), client_resets.",
             ("event",)))
+        self.mqtt_held_reports = r.register(Gauge(
+            "edgeglm_mqtt_telemetry_held_reports", "Telemetry reports the agent holds, not sent yet: while it is "
+            "offline, or while the fleet controller says it is away (its presence); at most mqtt.telemetry_buffer."))
         self.in_flight = r.register(Gauge(
             "edgeglm_inference_in_flight", "Inference requests in the engine's batch now (at most batching.max_batch)."))
         self.queued = r.register(Gauge(

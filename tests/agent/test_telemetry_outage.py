@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.topics import latency_topic, state_topic, telemetry_topic
+from agent.topics import controller_presence_topic, latency_topic, state_topic, telemetry_topic
 from broker import free_port
 
 FLEET, DEVICE = "fleet1", "tdev"
@@ -238,3 +238,59 @@ def test_telemetry_histograms_false_sends_the_reports_alone(mosquitto, signed_bu
         proc.kill()
         proc.wait()
         collector.close()
+
+
+def _held(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("edgeglm_mqtt_telemetry_held_reports "):
+                return float(line.split()[1])
+    raise AssertionError("no edgeglm_mqtt_telemetry_held_reports on /metrics")
+
+
+def test_the_agent_holds_its_telemetry_while_the_controller_says_it_is_away(mosquitto, signed_bundles, tmp_path):
+    """The fleet controller's presence (retained, published here as `fleet serve` does): while it says offline
+    the agent serves on and holds its reports (/metrics says how many), with nothing on the telemetry topic; once
+    it says online they all come, in order, without a gap, counting every request."""
+    collector = TelemetryCollector(mosquitto.port)
+    presence = paho.Client(CallbackAPIVersion.VERSION2, client_id="the-controller", protocol=paho.MQTTv5)
+    presence.connect("127.0.0.1", mosquitto.port)
+    presence.loop_start()
+    say = lambda online: presence.publish(  # noqa: E731
+        controller_presence_topic(FLEET), json.dumps({"online": online}), 1, retain=True).wait_for_publish(10)
+    proc, http_port = start_agent(tmp_path, signed_bundles["v1"], signed_bundles["keys"], mosquitto.port, 100)
+    try:
+        say(True)
+        wait_ready(http_port, proc)
+        collector.wait_online()
+        complete(http_port)
+        before = collector.collect_until(lambda got: sum(r["count"] for r in got) >= 1)
+        say(False)
+        deadline = time.monotonic() + 60
+        while _held(http_port) < 1:  # (an idle window taken after the agent heard it)
+            assert time.monotonic() < deadline, "the agent held no report"
+            time.sleep(0.2)
+        for _ in range(3):
+            complete(http_port)
+        while _held(http_port) < 2:  # the windows with the requests are held too (idle ones merge into one)
+            assert time.monotonic() < deadline, "the agent did not hold the reports of its requests"
+            time.sleep(0.2)
+        while not collector.reports.empty():  # (idle reports sent before the agent heard it: still on their way)
+            before.append(collector.reports.get())
+        assert sum(r["count"] for r in before) == 1, summary(before)  # none of the requests while it is away
+        say(True)
+        after = collector.collect_until(lambda got: sum(r["count"] for r in got) >= 3)
+        reports = sorted(before + after, key=lambda r: r["window_start"])
+        assert [b["window_start"] - a["window_end"] for a, b in zip(reports, reports[1:])
+                if b["window_start"] != a["window_end"]] == [], summary(reports)
+        assert sum(r["count"] for r in reports) == 4 and not any(r["dropped_reports"] for r in reports)
+        deadline = time.monotonic() + 60
+        while _held(http_port):
+            assert time.monotonic() < deadline, "reports still held after the controller came back"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+        collector.close()
+        presence.loop_stop()
+        presence.disconnect()
