@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 import zlib
@@ -1410,10 +1411,26 @@ def prometheus_metrics(store: Store, connected: bool, queued: int | None = None)
     for r in load_rollouts(store):
         phases[r.phase] = phases.get(r.phase, 0) + 1
     lines += [f'edgeglm_fleet_rollouts{{phase="{_label(p)}"}} {n}' for p, n in sorted(phases.items())]
+    lines += _database_metrics(store)
     lines += ["# HELP edgeglm_fleet_broker_connected 1 while the controller is connected to the broker and "
               "processing its messages (/healthz).",
               "# TYPE edgeglm_fleet_broker_connected gauge", f"edgeglm_fleet_broker_connected {int(connected)}"]
     return "\n".join(lines) + "\n"
+
+
+def _database_metrics(store: Store) -> list[str]:
+    """The fleet database's size on disk (with its write-ahead log) and the free space where it lies: alert before
+    the disk is full (a full disk loses every telemetry batch until space is freed; sizing: docs/scaling.md)."""
+    try:
+        size = sum(p.stat().st_size for p in (store.path, store.path.with_name(store.path.name + "-wal"))
+                   if p.exists())
+        free = shutil.disk_usage(store.path.parent).free
+    except OSError:
+        return []
+    return ["# HELP edgeglm_fleet_database_bytes The fleet database's size on disk, its write-ahead log included.",
+            "# TYPE edgeglm_fleet_database_bytes gauge", f"edgeglm_fleet_database_bytes {size}",
+            "# HELP edgeglm_fleet_database_disk_free_bytes Free space on the file system of the fleet database.",
+            "# TYPE edgeglm_fleet_database_disk_free_bytes gauge", f"edgeglm_fleet_database_disk_free_bytes {free}"]
 
 
 def read_metrics_token(path: Path) -> str:

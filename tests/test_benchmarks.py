@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,8 @@ BAD_VALUES = [
     ("fleet_scale.py", ["--duration", "0"], "--duration", "> 0"),
     ("ota_transfer.py", ["--chunk-kib", "1024"], "--chunk-kib", "[4, 512]"),
     ("ota_transfer.py", ["--agents", "0"], "--agents", "integers >= 1"),
+    ("database_size.py", ["--devices", "0"], "--devices", ">= 1"),
+    ("database_size.py", ["--windows", "x"], "--windows", ">= 1"),
 ]
 
 
@@ -69,7 +72,7 @@ BAD_VALUES = [
                          ids=[f"{s}:{' '.join(a)}" for s, a, _, _ in BAD_VALUES])
 def test_bad_value_is_a_one_line_error(script, args, flag, allowed, tmp_path):
     # a throwaway workdir wherever a script has one: a case that got past its checks builds nothing in the tree
-    no_workdir = ("fleet_scale.py", "ov_reload.py", "latency_histograms.py")
+    no_workdir = ("fleet_scale.py", "ov_reload.py", "latency_histograms.py", "database_size.py")
     work = ["--workdir", str(tmp_path)] if script not in no_workdir else []
     done = subprocess.run([sys.executable, f"benchmarks/{script}", *args, *work], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
@@ -237,3 +240,15 @@ def test_ota_transfer_runs_and_prints_the_agents_rate_against_the_peers(tmp_path
     assert set(rows) == {"edgeglm", "edgeglm, Nagle on", "mosquitto whole", "mosquitto chunked"}
     assert all(r["verified"] for r in rows.values())
     assert all(rows[name]["edgeglm_over_this"] > 0 for name in rows if name != "edgeglm")
+
+
+def test_the_database_size_benchmark_measures_what_the_store_writes():
+    """benchmarks/database_size.py on a small fleet: the tables that grow with reports, each measured, and a
+    busy device (histograms for a day) larger than an idle one."""
+    done = subprocess.run([sys.executable, "benchmarks/database_size.py", "--devices", "4", "--windows", "24"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"telemetry", "latency", "rollup", "telemetry_by_stored"} <= set(rows), done.stdout
+    busy, idle = (float(x) for x in re.search(r"busy ([0-9.]+) MB, idle ([0-9.]+) MB", done.stdout).groups())
+    assert busy > idle > 0, done.stdout

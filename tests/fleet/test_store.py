@@ -604,3 +604,24 @@ def test_removing_a_device_while_another_process_writes_waits_instead_of_failing
     remover.db.writer.join(10)
     assert remover.db.done.is_set()
     assert [d["device"] for d in server.devices("f")] == ["d2"]
+
+
+def test_metrics_give_the_databases_size_and_the_free_space_beside_it(tmp_path):
+    """The fleet database grows with devices x retention (docs/scaling.md, "Database size"); a full disk loses
+    every telemetry batch until space is freed. /metrics says how large it is and how much room is left, so that
+    an alert fires first."""
+    import os
+    import shutil
+
+    from fleet.controller import prometheus_metrics
+
+    store = Store(tmp_path / "fleet.db")
+    store.upsert_state(FLEET, {"device": "d1", "online": True, "agent_version": "0.1.0"})
+    now = time.time()
+    store.add_telemetry_many([telemetry_row(FLEET, report("d1", now - 60 + i)) for i in range(50)])
+    metrics = dict(line.split(" ", 1) for line in prometheus_metrics(store, True).splitlines()
+                   if line.startswith("edgeglm_fleet_database_"))
+    files = [tmp_path / "fleet.db", tmp_path / "fleet.db-wal"]
+    assert int(metrics["edgeglm_fleet_database_bytes"]) == sum(os.path.getsize(f) for f in files if f.exists()) > 0
+    assert 0 < int(metrics["edgeglm_fleet_database_disk_free_bytes"]) <= shutil.disk_usage(tmp_path).total
+    store.close()
