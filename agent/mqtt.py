@@ -73,6 +73,7 @@ UNSUPPORTED_PROTOCOL = 132  # CONNACK reason; paho maps a 3.1.1 broker's return 
 BACKSTOP_SHORT_CONNECTIONS = 5  # short connections in a row after which the paho client (its queue) is replaced
 # after a reconnect, telemetry waits this long at most for the controller's presence (where one was seen before)
 PRESENCE_WAIT_S = 120.0
+SENT_REPORTS_KEPT = 10_000  # reports remembered until acknowledged (beyond: paho sends them again itself)
 MIN_HEALTHY_CONNECTION_S = 10.0  # a connection up at least this long (and a keepalive) resets the backoff
 PROTOCOLS = {"5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
 
@@ -416,6 +417,8 @@ class MqttSession:
         self._up_since: float | None = None  # time.monotonic() of the current connection's CONNACK (accepted)
         self._held_at_end = None  # `_oldest_unacknowledged` when the last connection ended
         # the fleet controller's presence (agent.topics.presence_topics): topic -> online, as said on this connection
+        # (report as sent, its messages' paho handles) until the broker acknowledged them: `_reclaim_unacknowledged`
+        self._sent_reports: deque[tuple[TelemetryReport, list]] = deque()
         self._presence_topics = presence_topics(fleet)
         self._presence: dict[str, bool] = {}
         self._presence_seen = False  # a controller that says where it is was seen in this run
@@ -490,8 +493,44 @@ class MqttSession:
     def _flush_outbox(self, client: paho.Client) -> None:
         """(under the lock) The held telemetry reports, oldest first."""
         while self._outbox:
-            for out in self._telemetry_messages(self._outbox.popleft()):
-                self._send(client, out)
+            self._send_report(client, self._outbox.popleft())
+
+    def _send_report(self, client: paho.Client, report: TelemetryReport) -> None:
+        """(under the lock) Hand a report (and its histograms) to paho, and remember it until the broker has
+        acknowledged it (`_reclaim_unacknowledged`)."""
+        while self._sent_reports and all(i is None or i.is_published() for i in self._sent_reports[0][1]):
+            self._sent_reports.popleft()
+        report, messages = self._telemetry_messages(report)
+        infos = [self._send(client, out) for out in messages]
+        if len(self._sent_reports) < SENT_REPORTS_KEPT:
+            self._sent_reports.append((report, infos))
+
+    def _reclaim_unacknowledged(self, client: paho.Client) -> None:
+        """(the connection ended, paho's thread stopped) Reports the broker had not acknowledged go back to the
+        front of the buffer, out of paho's queue: paho would send them again by itself at the next CONNACK, before
+        the controller's presence is known (a broker restarted without persistence: to nobody). From the buffer
+        they go when the controller is there, as the held ones do. (Where paho keeps its queue elsewhere, it
+        sends them again itself, as before.)"""
+        out, mutex = getattr(client, "_out_messages", None), getattr(client, "_out_message_mutex", None)
+        with self._lock:
+            sent, self._sent_reports = self._sent_reports, deque()
+            if out is None or mutex is None:
+                return
+            back = []
+            for report, infos in sent:
+                if all(i is None or i.is_published() for i in infos):
+                    continue
+                with mutex:
+                    for info in infos:
+                        if info is not None:
+                            out.pop(info.mid, None)
+                back.append(report)
+            self._outbox.extendleft(reversed(back))
+            while len(self._outbox) > self.settings.telemetry_buffer:  # (as a full buffer drops: publish_telemetry)
+                idle = next((r for r in self._outbox if _idle(r)), None)
+                self._outbox.remove(idle if idle is not None else self._outbox[0])
+                self._dropped_unreported += 1
+                self.stats.dropped_reports += 1
 
     def _resolve(self, message: Message) -> bool:
         """Complete the pending request this response answers; False if none waits for it."""
@@ -650,6 +689,7 @@ class MqttSession:
         finally:
             client.loop_stop()
             self._held_at_end = _oldest_unacknowledged(client)
+            self._reclaim_unacknowledged(client)
 
     def _next_signal(self, timeout: float | None) -> tuple | None:
         try:
@@ -838,8 +878,7 @@ class MqttSession:
         with self._lock:
             if self._online.is_set() and not self._controller_away():
                 self._flush_outbox(self._client)  # (held while the controller was away: the wait after a reconnect)
-                for out in self._telemetry_messages(report):
-                    self._send(self._client, out)
+                self._send_report(self._client, report)
                 return
             last = self._outbox[-1] if self._outbox else None
             if last is not None and _idle(last) and _idle(report) and last.window_end == report.window_start and \
@@ -856,9 +895,10 @@ class MqttSession:
                 self.stats.dropped_reports += 1
             self._outbox.append(report)
 
-    def _telemetry_messages(self, report: TelemetryReport) -> list[_Outgoing]:
+    def _telemetry_messages(self, report: TelemetryReport) -> tuple[TelemetryReport, list[_Outgoing]]:
         """The report's histograms (where it has them) on the latency topic, then the report: a controller
-        has a window's histograms by the time its report arrives."""
+        has a window's histograms by the time its report arrives. With the report as sent (the first after a loss
+        carries the count)."""
         if self._dropped_unreported:  # the first report sent after a loss says how many were lost
             report = report.model_copy(update={"dropped_reports": report.dropped_reports + self._dropped_unreported})
             self._dropped_unreported = 0
@@ -866,7 +906,7 @@ class MqttSession:
         if report._histograms is not None:
             histograms = report._histograms.model_copy(update={"window_end": report.window_end})
             out.append(_Outgoing(self._latency_topic, _encode(histograms), self.settings.qos, False))
-        return out + [_Outgoing(self._telemetry_topic, _encode(report), self.settings.qos, False)]
+        return report, out + [_Outgoing(self._telemetry_topic, _encode(report), self.settings.qos, False)]
 
     def get_event(self, timeout: float | None = None) -> Event | None:
         """The next event, payloads decoded; None after `timeout` seconds without one. Never raises

@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import shutil
+import sqlite3
 import threading
 import time
 import zlib
@@ -73,6 +74,7 @@ MAX_BATCH = 5000  # telemetry rows per transaction
 # (a device sending histograms of windows it does not report) is never stored
 PENDING_HISTOGRAMS = 4
 PRUNE_EVERY_S = 60.0
+STORE_FAILURE_LOG_S = 60.0  # a database refusing writes is logged once per this
 # a report that starts this soon after its agent's run did (by the device's clock) is the run's first window: no
 # gap before it (an agent's first window starts as its run does: within microseconds since 2026-11-29, after its
 # hardware probe before, a second or more on a small board)
@@ -420,7 +422,9 @@ class FleetController:
                 self._store_health()
                 if rows:
                     self._store_rows(rows)
-            except Exception:  # a full disk must not kill the writer; the rows are lost, and logged
+            except sqlite3.OperationalError as exc:  # a full disk must not kill the writer; the rows are lost
+                self._store_failed(len(rows), exc)
+            except Exception:  # (anything else: with its traceback)
                 log.exception("telemetry batch of %d report(s) not stored", len(rows))
             if time.monotonic() - last_prune > PRUNE_EVERY_S:
                 last_prune = time.monotonic()
@@ -434,6 +438,24 @@ class FleetController:
                 self._ack(delivery)
             if done:
                 return
+
+    def _store_failed(self, rows: int, exc: sqlite3.OperationalError) -> None:
+        """(the writer) One line per STORE_FAILURE_LOG_S for a database that refuses writes (a full disk, a
+        read-only or vanished volume), with the free space: a traceback per batch (one a second) filled the log."""
+        self._lost_rows = getattr(self, "_lost_rows", 0) + rows
+        last = getattr(self, "_store_failure_logged", None)
+        if last is not None and time.monotonic() - last < STORE_FAILURE_LOG_S:
+            return
+        self._store_failure_logged = time.monotonic()
+        try:
+            free = f"{shutil.disk_usage(self.store.path.parent).free / 1e6:.0f} MB free there"
+        except OSError as err:
+            free = f"its directory cannot be read: {err.strerror or err}"
+        log.error("the fleet database %s refuses writes (%s; %s): %d telemetry report(s) and health snapshot(s) "
+                  "lost since the last such line; free space on its volume (or raise it: docs/scaling.md, "
+                  "\"Database size\"), or shorten [database] retention_s", self.store.path, exc, free,
+                  self._lost_rows)
+        self._lost_rows = 0
 
     def _ack(self, delivery: tuple[int, int]) -> None:
         """Acknowledge a QoS 1 message to the broker (PUBACK), unless it came on an earlier connection: that one

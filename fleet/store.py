@@ -390,7 +390,7 @@ class Store:
             self._migrate_in_transaction()
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     def _migrate_in_transaction(self) -> None:
@@ -449,6 +449,12 @@ class Store:
         with self._lock:
             return self.db.execute(sql, args)
 
+    def _rollback(self) -> None:
+        """ROLLBACK where a transaction is still open: SQLite rolls back by itself after some errors (a full disk),
+        and a ROLLBACK then raised "cannot rollback - no transaction is active" in place of the reason."""
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
     @contextlib.contextmanager
     def transaction(self):
         """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an exception), under the connection's lock: a check and the write
@@ -464,7 +470,7 @@ class Store:
             try:
                 yield
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
             self.db.execute("COMMIT")
 
@@ -558,7 +564,7 @@ class Store:
                                         "value = value + ?", (name, n, n))
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
         return stored
 
@@ -595,7 +601,7 @@ class Store:
                                     [tuple(row) + (stored,) for row in rows])
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
 
     def _has_latency(self) -> bool:
@@ -834,7 +840,7 @@ class Store:
                                 (fleet, device, self.clock(), row[0] if row else None))
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
         return removed
 
@@ -854,7 +860,7 @@ class Store:
                                     "last_seen < ?", [(received, f, h["device"], received) for f, h in snapshots])
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
 
     def health(self, fleet: str | None = None) -> dict[tuple[str, str], dict]:

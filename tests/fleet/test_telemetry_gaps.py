@@ -207,6 +207,42 @@ def test_after_a_broker_restart_without_persistence_telemetry_waits_for_the_cont
         ctl.stop()
 
 
+def test_a_report_the_broker_never_acknowledged_waits_for_the_controller_too(mosquitto, tmp_path):
+    """A report handed to a broker that never acknowledged it (it hung, then restarted without persistence): paho
+    sent it again by itself at the next CONNACK, before the agent knew where the controller was, to a broker the
+    controller had not subscribed to yet: lost (helper-165). It goes back to the agent's buffer when the
+    connection ends, and is sent with the held ones once the controller is back."""
+    import signal
+
+    db = tmp_path / "fleet.db"
+    ctl = FleetController(settings(mosquitto, tmp_path)).start()
+    agent = Agent(mosquitto.port)
+    try:
+        until(lambda: agent.session.controller_said)
+        agent.report()
+        until(lambda: len(stored_ends(db)) == 1)
+        connects = agent.session.stats.connects
+        ctl.client.loop_stop()  # (back after the agent: paho reconnects it once restarted)
+        mosquitto._proc.send_signal(signal.SIGSTOP)  # hung: it takes the report, acknowledges nothing
+        agent.past_first_window()
+        agent.report()
+        mosquitto._proc.send_signal(signal.SIGKILL)
+        mosquitto._proc.wait()
+        mosquitto._proc = None
+        (mosquitto.workdir / "mosquitto.db").unlink(missing_ok=True)  # restarted without persistence
+        mosquitto.start()
+        until(lambda: agent.session.stats.connects > connects and agent.session.connected)
+        assert agent.session.held_reports == 1 and agent.session.controller_away
+        agent.report()
+        ctl.client.loop_start()
+        until(lambda: len(stored_ends(db)) == 3)
+        assert stored_ends(db) == {end for _, end in agent.windows}
+        assert losses(db)["missing_gaps"] == 0 and agent.session.held_reports == 0
+    finally:
+        agent.close()
+        ctl.stop()
+
+
 def test_after_a_reconnect_telemetry_waits_for_the_presence_a_bounded_time(mosquitto, tmp_path, monkeypatch):
     """A presence that never comes again after a reconnect (a controller downgraded to one from before it, a
     presence cleared by hand, a controller gone for good) holds the agent's reports PRESENCE_WAIT_S at most

@@ -305,3 +305,38 @@ def test_telemetry_qos_is_taken_from_the_environment(monkeypatch):
     monkeypatch.setenv("EDGEGLM_MQTT__TELEMETRY_QOS", "2")
     with pytest.raises(Exception, match="telemetry_qos"):
         load_fleet_config(None, {})
+
+
+def test_a_database_that_refuses_writes_is_one_line_a_minute_not_a_traceback_a_batch(mosquitto, tmp_path, caplog):
+    """A full volume (SQLite's own limit on the database's pages here: the same "database or disk is full") lost
+    each telemetry batch with a traceback, one a second at a busy fleet. Now one error line per
+    STORE_FAILURE_LOG_S names the database, the reason, the free space and what to do, and counts the reports
+    lost since the line before."""
+    import logging
+
+    ctl = FleetController(settings(mosquitto, tmp_path)).start()
+    device = Device(mosquitto.port)
+    try:
+        until(lambda: device.session.connected and not device.session.controller_away)
+        device.report(1)
+        until(lambda: len(stored(tmp_path / "fleet.db")) == 1)
+        pages = ctl.store.db.execute("PRAGMA page_count").fetchone()[0]
+        ctl.store.db.execute(f"PRAGMA max_page_count = {pages}")  # (this connection: the writer's)
+        with caplog.at_level(logging.ERROR, logger="edgeglm.fleet"):
+            sent = 0
+            while "refuses writes" not in caplog.text:  # until the pages left are used up
+                assert sent < 5000, "the database never refused a write"
+                device.report(1 + sent % 7)
+                sent += 1
+                time.sleep(0.01)
+            for answers in range(1, 30):  # more batches
+                device.report(answers)
+                time.sleep(0.05)
+            until(lambda: device.session.stats.connects and not device.session.held_reports)
+        lines = [r for r in caplog.records if "refuses writes" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].exc_info is None, caplog.text
+        assert "database or disk is full" in lines[0].getMessage() and "MB free there" in lines[0].getMessage()
+        assert str(tmp_path / "fleet.db") in lines[0].getMessage()
+    finally:
+        device.close()
+        ctl.stop()
