@@ -84,9 +84,9 @@ class _OfferFetcher:
         raise UpdateFailed(f"offer source type {kind!r} cannot be fetched by this agent (mqtt, dir)")
 
 
-# an absolute path in a message: "/" at the start or after a space, quote or bracket, up to a space, quote,
-# colon, comma, semicolon or bracket
-_ABSOLUTE_PATH = re.compile(r"(?<![^\s'\"(\[])/(?:[^\s'\":,;()\[\]]+/)*([^\s'\":,;()\[\]/]+)/?")
+# an absolute path in a message: "/" at the start or after a space, quote, bracket, "=" or "<", up to a space,
+# quote, colon, comma, semicolon, bracket or ">" (a URL's "//host" is left alone)
+_ABSOLUTE_PATH = re.compile(r"(?<![^\s'\"(\[=<])/(?:[^\s'\":,;()\[\]<>/]+/)*([^\s'\":,;()\[\]<>/]+)/?")
 
 
 def without_paths(text: str, roots: tuple[Path, ...] = ()) -> str:

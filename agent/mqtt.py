@@ -372,6 +372,22 @@ def _oldest_unacknowledged(client: paho.Client):
         return _UNKNOWN
 
 
+_WAIT_FOR_PUBCOMP = getattr(paho, "mqtt_ms_wait_for_pubcomp", None)
+
+
+def _acknowledged(info: paho.MQTTMessageInfo | None) -> bool:
+    """Whether the broker acknowledged a message (None: never sent, over the broker's packet limit: nothing to
+    wait for). One paho refused to send (not connected: its rc) is not; is_published() raises for it."""
+    if info is None:
+        return True
+    if info.rc != paho.MQTT_ERR_SUCCESS:
+        return False
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False
+
+
 def _idle(report: TelemetryReport) -> bool:
     """A report of a window in which nothing was served or failed (its percentiles are all None)."""
     return not (report.count or report.errors or report.dropped_reports)
@@ -498,12 +514,25 @@ class MqttSession:
     def _send_report(self, client: paho.Client, report: TelemetryReport) -> None:
         """(under the lock) Hand a report (and its histograms) to paho, and remember it until the broker has
         acknowledged it (`_reclaim_unacknowledged`)."""
-        while self._sent_reports and all(i is None or i.is_published() for i in self._sent_reports[0][1]):
+        while self._sent_reports and all(_acknowledged(i) for i in self._sent_reports[0][1]):
             self._sent_reports.popleft()
         report, messages = self._telemetry_messages(report)
         infos = [self._send(client, out) for out in messages]
         if len(self._sent_reports) < SENT_REPORTS_KEPT:
             self._sent_reports.append((report, infos))
+
+    def _drop_report(self, window_end: float) -> None:
+        """The backstop found this held report unacknowledged at the end of every short connection (a broker that
+        refuses it and closes the connection, over a packet limit it did not announce): dropped, and counted."""
+        with self._lock:
+            stuck = [r for r in self._outbox if r.window_end == window_end]
+            for report in stuck:
+                self._outbox.remove(report)
+                self._dropped_unreported += 1
+                self.stats.dropped_reports += 1
+        if stuck:
+            log.error("MQTT: the telemetry report of the window ending at %.3f was dropped: the broker took no "
+                      "connection's copy of it", window_end)
 
     def _reclaim_unacknowledged(self, client: paho.Client) -> None:
         """(the connection ended, paho's thread stopped) Reports the broker had not acknowledged go back to the
@@ -516,16 +545,20 @@ class MqttSession:
             sent, self._sent_reports = self._sent_reports, deque()
             if out is None or mutex is None:
                 return
-            back = []
-            for report, infos in sent:
-                if all(i is None or i.is_published() for i in infos):
-                    continue
-                with mutex:
+            with mutex:
+                # (a QoS 2 message whose PUBREC came is the broker's already: paho finishes it, PUBREL and all)
+                back = [(report, infos) for report, infos in sent if not all(_acknowledged(i) for i in infos)
+                        and not any(i is not None and getattr(out.get(i.mid), "state", None) == _WAIT_FOR_PUBCOMP
+                                    for i in infos)]
+                for _, infos in back:  # (the list made first: nothing leaves paho's queue without coming back here)
                     for info in infos:
                         if info is not None:
                             out.pop(info.mid, None)
-                back.append(report)
-            self._outbox.extendleft(reversed(back))
+            if back and self._held_at_end in {i.mid for i in back[0][1] if i is not None}:
+                # the oldest message left unacknowledged was this report's: the backstop (`_supervise`) follows the
+                # report across connections, where it goes out under another message id each time
+                self._held_at_end = ("report", back[0][0].window_end)
+            self._outbox.extendleft(reversed([report for report, _ in back]))
             while len(self._outbox) > self.settings.telemetry_buffer:  # (as a full buffer drops: publish_telemetry)
                 idle = next((r for r in self._outbox if _idle(r)), None)
                 self._outbox.remove(idle if idle is not None else self._outbox[0])
@@ -630,6 +663,8 @@ class MqttSession:
                           "reconnect: the messages queued in the MQTT client (not yet acknowledged by the broker) "
                           "are dropped, and a new client connects", stuck)
                 self.stats.client_resets += 1
+                if isinstance(last_held, tuple):  # a telemetry report (`_reclaim_unacknowledged`): dropped too
+                    self._drop_report(last_held[1])
                 self._client, short, stuck, last_held = None, 0, 0, None
             delay = 0.0 if retry_now else backoff_delay(failures, self.settings.reconnect_min_delay_s,
                                                         self.settings.reconnect_max_delay_s, self._rng)

@@ -605,6 +605,8 @@ def test_a_reload_applies_the_live_settings_under_the_fleets_layer_and_keeps_the
     ("/opt/other/dir/ is gone; see [/var/log/x.log]", "dir is gone; see [x.log]"),
     ("a ratio 1/2, the path a/b/c and a lone /", "a ratio 1/2, the path a/b/c and a lone /"),
     ("/srv/edge2/a: no", "a: no"),  # a directory whose name starts as the root's is not under it
+    ("ota.trusted_keys=/etc/edgeglm/keys.pem: bad; <also /tmp/x>", "ota.trusted_keys=keys.pem: bad; <also x>"),
+    ("see http://host:8080/path", "see http://host:8080/path"),
 ])
 def test_http_reasons_carry_no_absolute_paths(text, expected):
     """What /readyz and the 503s say of a refused model: paths under the slots directory relative to it, any

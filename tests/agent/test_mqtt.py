@@ -778,6 +778,39 @@ def test_a_queued_message_the_broker_keeps_refusing_does_not_keep_the_box_off_fo
         broker.stop()
 
 
+def test_a_telemetry_report_the_broker_keeps_refusing_is_dropped_and_counted_not_sent_for_good(tmp_path, caplog):
+    """The same for a telemetry report: one the broker had not acknowledged goes back to the agent's buffer at
+    the connection's end (`_reclaim_unacknowledged`) and out again under a new message id, so the backstop, which
+    follows the same message across connections, never fired and the box reconnected 2.5 times a second for good
+    (helper-166). It follows the report now: the client is replaced, the report dropped and counted in the next
+    report's dropped_reports."""
+    from broker import Mosquitto, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found")
+    broker = Mosquitto(tmp_path / "small", options=("max_packet_size 2000",)).start()
+    session = None
+    try:
+        controller = Controller(broker)
+        controller.subscribe(telemetry_topic(FLEET, "box-1"))
+        caplog.set_level(logging.INFO, logger="edgeglm.mqtt")
+        session = make_session(broker, protocol="3.1.1").start()
+        next_event(session, Connected)
+        session.publish_telemetry(TelemetryReport(device="box-1", window_start=0.0, window_end=1.0, count=1,
+                                                  execution_path="x" * 5000))  # over the broker's limit
+        wait_until(lambda: session.stats.client_resets == 1, timeout=60, what="the client replaced")
+        assert session.stats.dropped_reports == 1 and session.held_reports == 0
+        session.publish_telemetry(TelemetryReport(device="box-1", window_start=1.0, window_end=2.0, count=1))
+        data, _ = controller.expect(telemetry_topic(FLEET, "box-1"))
+        assert data["window_end"] == 2.0 and data["dropped_reports"] == 1
+        assert "the broker took no connection's copy of it" in caplog.text
+        controller.close()
+    finally:
+        if session is not None:
+            session.close()
+        broker.stop()
+
+
 def test_a_broker_restarting_every_few_seconds_keeps_the_clients_queue(mosquitto, caplog):
     """Connections that end within 10 s of their CONNACK counted toward the backstop above whatever ended them: a
     broker restarting every few seconds (a crash-looping pod) made the session drop its queued messages, answers
@@ -818,3 +851,32 @@ def test_a_delivery_handed_over_as_the_connection_dropped_is_pending_not_an_erro
     assert delivery.delivered() is False
     delivery.info._set_as_published()  # the resend after the reconnect was acknowledged
     assert delivery.delivered() is True
+
+
+def test_reports_published_as_the_connection_ends_all_go_back_to_the_buffer():
+    """paho closes its socket before it calls on_disconnect: a report published in between is refused by paho
+    (not connected: its rc) and kept in its queue, and asking its handle whether it was published raises. The
+    reclaim at the connection's end raised there, after taking the reports before it out of paho's queue and
+    before putting them back in the buffer: lost (helper-166). Here that window is made by hand."""
+    import socket
+
+    import paho.mqtt.client as paho_client
+
+    session = MqttSession(MqttSettings(enabled=True, host="127.0.0.1", port=1), fleet=FLEET, device="box-1",
+                          state_fn=lambda: ReportedState(device="box-1", online=True, agent_version="t", uptime_s=0,
+                                                         ts=time.time()))
+    client = session._make_client(paho_client.MQTTv5)
+    session._client, session._client_protocol = client, paho_client.MQTTv5
+    a, b = socket.socketpair()
+    try:
+        client._sock = a  # connected, as far as paho knows
+        session._online.set()
+        session.publish_telemetry(report(1))  # sent; the broker has not acknowledged it
+        client._sock = None  # paho's thread closed the socket; on_disconnect has not run yet
+        session.publish_telemetry(report(2))  # refused by paho: not connected
+        session._reclaim_unacknowledged(client)
+        assert [r.count for r in session._outbox] == [1, 2] and session.held_reports == 2
+        assert not [m for m in client._out_messages.values() if m.topic.endswith("/telemetry")]
+    finally:
+        a.close()
+        b.close()

@@ -268,6 +268,7 @@ MATRIX = [
     ("dev1", controller_presence_topic(FLEET), False, set()),
     ("dev1", controller_presence_topic("+"), False, set()),
     ("controller", controller_presence_topic("another-fleet"), False, set()),
+    ("controller", controller_presence_topic("+"), False, set()),  # (read by every device: written by nobody)
 ]
 
 

@@ -14,7 +14,7 @@ import pytest
 from k3s_manifests import (REPO, agent_daemonsets, agents, containers, env_of, find, kustomizations, label, pod_spec,
                            rendered, secret_templates, volume, workloads)
 
-from agent.topics import controller_presence_topic
+from agent.topics import controller_presence_topic, presence_topics
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -377,9 +377,10 @@ def test_a_device_may_write_a_fixed_set_of_topics_in_the_agents_fleet():
     agent_fleet = _toml(resources, "edgeglm-agent-config", "agent.toml")["device"]["fleet"]
     patterns = [line.split() for line in find(resources, "ConfigMap", "edgeglm-broker-config")["data"]["acl.conf"]
                 .splitlines() if line.split()[:1] == ["pattern"]]
-    # every device reads its fleet's controller presence, and writes none
-    assert ["pattern", "read", controller_presence_topic(agent_fleet)] in patterns
-    patterns = [p for p in patterns if p != ["pattern", "read", controller_presence_topic(agent_fleet)]]
+    # every device reads the controller presences it subscribes to (its fleet's, every fleet's), and writes none
+    presences = [["pattern", "read", topic] for topic in presence_topics(agent_fleet)]
+    assert all(p in patterns for p in presences)
+    patterns = [p for p in patterns if p not in presences]
     assert patterns and all(len(p) == 3 and p[2].startswith(f"edgeglm/v1/{agent_fleet}/%u/") for p in patterns), \
         patterns
     assert not [p for p in patterns if p[1] == "write" and ("+" in p[2] or "#" in p[2])], patterns
