@@ -372,7 +372,13 @@ def _oldest_unacknowledged(client: paho.Client):
         return _UNKNOWN
 
 
-_WAIT_FOR_PUBCOMP = getattr(paho, "mqtt_ms_wait_for_pubcomp", None)
+_QOS2_UNSENT = {getattr(paho, "mqtt_ms_publish", None), getattr(paho, "mqtt_ms_queued", None)}
+
+
+def _qos2_sent(message) -> bool:
+    """Whether paho holds `message` as a QoS 2 publish it has sent (the broker may hold its half of the exchange)."""
+    return message is not None and getattr(message, "qos", 0) == 2 and getattr(message, "state", None) not in \
+        _QOS2_UNSENT
 
 
 def _acknowledged(info: paho.MQTTMessageInfo | None) -> bool:
@@ -435,6 +441,7 @@ class MqttSession:
         # the fleet controller's presence (agent.topics.presence_topics): topic -> online, as said on this connection
         # (report as sent, its messages' paho handles) until the broker acknowledged them: `_reclaim_unacknowledged`
         self._sent_reports: deque[tuple[TelemetryReport, list]] = deque()
+        self._reclaimed: set[float] = set()  # window_end of the held reports sent once (the controller may have them)
         self._presence_topics = presence_topics(fleet)
         self._presence: dict[str, bool] = {}
         self._presence_seen = False  # a controller that says where it is was seen in this run
@@ -517,6 +524,7 @@ class MqttSession:
         while self._sent_reports and all(_acknowledged(i) for i in self._sent_reports[0][1]):
             self._sent_reports.popleft()
         report, messages = self._telemetry_messages(report)
+        self._reclaimed.discard(report.window_end)  # (put back again by the next reclaim if not acknowledged)
         infos = [self._send(client, out) for out in messages]
         if len(self._sent_reports) < SENT_REPORTS_KEPT:
             self._sent_reports.append((report, infos))
@@ -527,9 +535,7 @@ class MqttSession:
         with self._lock:
             stuck = [r for r in self._outbox if r.window_end == window_end]
             for report in stuck:
-                self._outbox.remove(report)
-                self._dropped_unreported += 1
-                self.stats.dropped_reports += 1
+                self._drop_held(report)
         if stuck:
             log.error("MQTT: the telemetry report of the window ending at %.3f was dropped: the broker took no "
                       "connection's copy of it", window_end)
@@ -546,10 +552,11 @@ class MqttSession:
             if out is None or mutex is None:
                 return
             with mutex:
-                # (a QoS 2 message whose PUBREC came is the broker's already: paho finishes it, PUBREL and all)
+                # (a QoS 2 message once sent stays with paho, which finishes it under its id: sent again under
+                # another, the broker kept the first unreleased in the session, against its quota, until it refused
+                # every QoS 2 message: helper-167)
                 back = [(report, infos) for report, infos in sent if not all(_acknowledged(i) for i in infos)
-                        and not any(i is not None and getattr(out.get(i.mid), "state", None) == _WAIT_FOR_PUBCOMP
-                                    for i in infos)]
+                        and not any(i is not None and _qos2_sent(out.get(i.mid)) for i in infos)]
                 for _, infos in back:  # (the list made first: nothing leaves paho's queue without coming back here)
                     for info in infos:
                         if info is not None:
@@ -559,11 +566,18 @@ class MqttSession:
                 # report across connections, where it goes out under another message id each time
                 self._held_at_end = ("report", back[0][0].window_end)
             self._outbox.extendleft(reversed([report for report, _ in back]))
+            self._reclaimed.update(report.window_end for report, _ in back)
             while len(self._outbox) > self.settings.telemetry_buffer:  # (as a full buffer drops: publish_telemetry)
                 idle = next((r for r in self._outbox if _idle(r)), None)
-                self._outbox.remove(idle if idle is not None else self._outbox[0])
-                self._dropped_unreported += 1
-                self.stats.dropped_reports += 1
+                self._drop_held(idle if idle is not None else self._outbox[0])
+
+    def _drop_held(self, report: TelemetryReport) -> None:
+        """(under the lock) A held report out of the buffer, counted for the next report sent: with the losses it
+        carried (a report sent once and put back by `_reclaim_unacknowledged` carries those before it)."""
+        self._outbox.remove(report)
+        self._reclaimed.discard(report.window_end)
+        self._dropped_unreported += 1 + report.dropped_reports
+        self.stats.dropped_reports += 1
 
     def _resolve(self, message: Message) -> bool:
         """Complete the pending request this response answers; False if none waits for it."""
@@ -916,25 +930,24 @@ class MqttSession:
                 self._send_report(self._client, report)
                 return
             last = self._outbox[-1] if self._outbox else None
+            # (not into a report sent once: the controller may have it, under the window it had then)
             if last is not None and _idle(last) and _idle(report) and last.window_end == report.window_start and \
-                    (last.model_version, last.execution_path) == (report.model_version, report.execution_path):
+                    (last.model_version, last.execution_path) == (report.model_version, report.execution_path) and \
+                    last.window_end not in self._reclaimed:
                 self._outbox[-1] = last.model_copy(update={"window_end": report.window_end})
                 return
             if len(self._outbox) >= self.settings.telemetry_buffer:
                 idle = next((r for r in self._outbox if _idle(r)), None)  # an empty window goes before one with data
-                if idle is not None:
-                    self._outbox.remove(idle)
-                else:
-                    self._outbox.popleft()
-                self._dropped_unreported += 1
-                self.stats.dropped_reports += 1
+                self._drop_held(idle if idle is not None else self._outbox[0])
             self._outbox.append(report)
 
     def _telemetry_messages(self, report: TelemetryReport) -> tuple[TelemetryReport, list[_Outgoing]]:
         """The report's histograms (where it has them) on the latency topic, then the report: a controller
         has a window's histograms by the time its report arrives. With the report as sent (the first after a loss
         carries the count)."""
-        if self._dropped_unreported:  # the first report sent after a loss says how many were lost
+        # the first report sent after a loss says how many were lost (not one sent once before: where the
+        # controller stored that copy, it ignores this one, count and all)
+        if self._dropped_unreported and report.window_end not in self._reclaimed:
             report = report.model_copy(update={"dropped_reports": report.dropped_reports + self._dropped_unreported})
             self._dropped_unreported = 0
         out = []

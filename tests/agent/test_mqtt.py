@@ -880,3 +880,64 @@ def test_reports_published_as_the_connection_ends_all_go_back_to_the_buffer():
     finally:
         a.close()
         b.close()
+
+
+def test_losses_a_reclaimed_report_carried_are_still_told_when_it_is_dropped_too():
+    """The first report sent after a loss carries the count (`dropped_reports`); put back into a full buffer by
+    the reclaim and dropped again, it took that count with it: 3 reports lost, 1 told (helper-167). Every loss
+    is told, in the next report sent."""
+    import socket
+
+    import paho.mqtt.client as paho_client
+
+    session = MqttSession(MqttSettings(enabled=True, host="127.0.0.1", port=1, telemetry_buffer=3), fleet=FLEET,
+                          device="box-1", state_fn=lambda: ReportedState(device="box-1", online=True,
+                                                                         agent_version="t", uptime_s=0, ts=time.time()))
+    client = session._make_client(paho_client.MQTTv5)
+    session._client, session._client_protocol = client, paho_client.MQTTv5
+    for i in range(1, 6):  # offline: a buffer of 3 drops 2
+        session.publish_telemetry(report(i))
+    a, b = socket.socketpair()
+    try:
+        client._sock = a
+        session._online.set()
+        session.publish_telemetry(report(6))  # the 3 held (the first with dropped_reports = 2), then this one
+        client._sock = None
+        session._online.clear()
+        session._reclaim_unacknowledged(client)  # none acknowledged: 4 back into a buffer of 3
+        assert session.stats.dropped_reports == 3 and session.held_reports == 3
+        told = sum(r.dropped_reports for r in session._outbox) + session._dropped_unreported
+        assert told == 3
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_qos2_report_once_sent_stays_with_paho_at_the_connections_end():
+    """At mqtt.qos = 2 a sent report may be half-way through its exchange at the broker (PUBREC pending): sent
+    again under another id, the broker kept the first unreleased in the session against its quota, and once ~20
+    were there it refused every QoS 2 message while paho counted them delivered (helper-167). paho keeps such a
+    message and finishes it under its own id; one never sent is still put back in the buffer."""
+    import socket
+
+    import paho.mqtt.client as paho_client
+
+    session = MqttSession(MqttSettings(enabled=True, host="127.0.0.1", port=1, qos=2), fleet=FLEET, device="box-1",
+                          state_fn=lambda: ReportedState(device="box-1", online=True, agent_version="t", uptime_s=0,
+                                                         ts=time.time()))
+    client = session._make_client(paho_client.MQTTv5)
+    session._client, session._client_protocol = client, paho_client.MQTTv5
+    a, b = socket.socketpair()
+    try:
+        client._sock = a
+        session._online.set()
+        session.publish_telemetry(report(1))  # sent: PUBREC pending
+        sent = [mid for mid, m in client._out_messages.items() if m.topic.endswith("/telemetry")]
+        client._sock = None
+        session.publish_telemetry(report(2))  # refused by paho (not connected): never sent
+        session._reclaim_unacknowledged(client)
+        assert [r.count for r in session._outbox] == [2]
+        assert [mid for mid, m in client._out_messages.items() if m.topic.endswith("/telemetry")] == sent
+    finally:
+        a.close()
+        b.close()
