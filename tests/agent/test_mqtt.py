@@ -748,67 +748,60 @@ def test_an_address_that_closes_before_connack_is_not_said_to_refuse_a_protocol(
     assert "failed to receive on socket" not in caplog.text
 
 
-def test_a_queued_message_the_broker_keeps_refusing_does_not_keep_the_box_off_for_good(tmp_path, caplog):
-    """An MQTT 3.1.1 broker cannot announce its packet limit: a message over it got the connection closed, paho
-    sent it again after every reconnect, and the box was off the broker for good. After a few connections in a
-    row that end right after the CONNACK, the session drops the client's queued messages and connects anew."""
+@pytest.fixture
+def refusing(tmp_path, caplog):
+    """An MQTT 3.1.1 session (which cannot learn the broker's packet limit) on a broker that closes the connection
+    over any packet past 2,000 bytes, and a controller subscribed to its telemetry: (session, controller)."""
     from broker import Mosquitto, find_mosquitto
 
     if find_mosquitto() is None:
         pytest.skip("mosquitto binary not found")
     broker = Mosquitto(tmp_path / "small", options=("max_packet_size 2000",)).start()
-    session = None
+    session = controller = None
     try:
         controller = Controller(broker)
         controller.subscribe(telemetry_topic(FLEET, "box-1"))
         caplog.set_level(logging.INFO, logger="edgeglm.mqtt")
         session = make_session(broker, protocol="3.1.1").start()
         next_event(session, Connected)
-        session.publish(telemetry_topic(FLEET, "box-1"), b"x" * 5000)  # the broker closes the connection over it
-        wait_until(lambda: session.stats.client_resets == 1, timeout=60, what="the client replaced")
-        next_event(session, Connected, timeout=30)
-        session.publish(telemetry_topic(FLEET, "box-1"), b'{"small": 1}')
-        data, _ = controller.expect(telemetry_topic(FLEET, "box-1"))
-        assert data == {"small": 1}
-        assert "the messages queued in the MQTT client (not yet acknowledged by the broker) are dropped" in caplog.text
-        controller.close()
+        yield session, controller
     finally:
+        if controller is not None:
+            controller.close()
         if session is not None:
             session.close()
         broker.stop()
 
 
-def test_a_telemetry_report_the_broker_keeps_refusing_is_dropped_and_counted_not_sent_for_good(tmp_path, caplog):
+def test_a_queued_message_the_broker_keeps_refusing_does_not_keep_the_box_off_for_good(refusing, caplog):
+    """An MQTT 3.1.1 broker cannot announce its packet limit: a message over it got the connection closed, paho
+    sent it again after every reconnect, and the box was off the broker for good. After a few connections in a
+    row that end right after the CONNACK, the session drops the client's queued messages and connects anew."""
+    session, controller = refusing
+    session.publish(telemetry_topic(FLEET, "box-1"), b"x" * 5000)  # the broker closes the connection over it
+    wait_until(lambda: session.stats.client_resets == 1, timeout=60, what="the client replaced")
+    next_event(session, Connected, timeout=30)
+    session.publish(telemetry_topic(FLEET, "box-1"), b'{"small": 1}')
+    data, _ = controller.expect(telemetry_topic(FLEET, "box-1"))
+    assert data == {"small": 1}
+    assert "the messages queued in the MQTT client (not yet acknowledged by the broker) are dropped" in caplog.text
+
+
+def test_a_telemetry_report_the_broker_keeps_refusing_is_dropped_and_counted_not_sent_for_good(refusing, caplog):
     """The same for a telemetry report: one the broker had not acknowledged goes back to the agent's buffer at
     the connection's end (`_reclaim_unacknowledged`) and out again under a new message id, so the backstop, which
     follows the same message across connections, never fired and the box reconnected 2.5 times a second for good
     (helper-166). It follows the report now: the client is replaced, the report dropped and counted in the next
     report's dropped_reports."""
-    from broker import Mosquitto, find_mosquitto
-
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto binary not found")
-    broker = Mosquitto(tmp_path / "small", options=("max_packet_size 2000",)).start()
-    session = None
-    try:
-        controller = Controller(broker)
-        controller.subscribe(telemetry_topic(FLEET, "box-1"))
-        caplog.set_level(logging.INFO, logger="edgeglm.mqtt")
-        session = make_session(broker, protocol="3.1.1").start()
-        next_event(session, Connected)
-        session.publish_telemetry(TelemetryReport(device="box-1", window_start=0.0, window_end=1.0, count=1,
-                                                  execution_path="x" * 5000))  # over the broker's limit
-        wait_until(lambda: session.stats.client_resets == 1, timeout=60, what="the client replaced")
-        assert session.stats.dropped_reports == 1 and session.held_reports == 0
-        session.publish_telemetry(TelemetryReport(device="box-1", window_start=1.0, window_end=2.0, count=1))
-        data, _ = controller.expect(telemetry_topic(FLEET, "box-1"))
-        assert data["window_end"] == 2.0 and data["dropped_reports"] == 1
-        assert "the broker took no connection's copy of it" in caplog.text
-        controller.close()
-    finally:
-        if session is not None:
-            session.close()
-        broker.stop()
+    session, controller = refusing
+    session.publish_telemetry(TelemetryReport(device="box-1", window_start=0.0, window_end=1.0, count=1,
+                                              execution_path="x" * 5000))  # over the broker's limit
+    wait_until(lambda: session.stats.client_resets == 1, timeout=60, what="the client replaced")
+    assert session.stats.dropped_reports == 1 and session.held_reports == 0
+    session.publish_telemetry(TelemetryReport(device="box-1", window_start=1.0, window_end=2.0, count=1))
+    data, _ = controller.expect(telemetry_topic(FLEET, "box-1"))
+    assert data["window_end"] == 2.0 and data["dropped_reports"] == 1
+    assert "the broker took no connection's copy of it" in caplog.text
 
 
 def test_a_broker_restarting_every_few_seconds_keeps_the_clients_queue(mosquitto, caplog):
