@@ -5,6 +5,8 @@ No timing asserts: every wait is for an event, with a generous timeout.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import queue
@@ -851,17 +853,7 @@ def test_reports_published_as_the_connection_ends_all_go_back_to_the_buffer():
     (not connected: its rc) and kept in its queue, and asking its handle whether it was published raises. The
     reclaim at the connection's end raised there, after taking the reports before it out of paho's queue and
     before putting them back in the buffer: lost (helper-166). Here that window is made by hand."""
-    import socket
-
-    import paho.mqtt.client as paho_client
-
-    session = MqttSession(MqttSettings(enabled=True, host="127.0.0.1", port=1), fleet=FLEET, device="box-1",
-                          state_fn=lambda: ReportedState(device="box-1", online=True, agent_version="t", uptime_s=0,
-                                                         ts=time.time()))
-    client = session._make_client(paho_client.MQTTv5)
-    session._client, session._client_protocol = client, paho_client.MQTTv5
-    a, b = socket.socketpair()
-    try:
+    with connected_by_hand() as (session, client, a):
         client._sock = a  # connected, as far as paho knows
         session._online.set()
         session.publish_telemetry(report(1))  # sent; the broker has not acknowledged it
@@ -870,28 +862,15 @@ def test_reports_published_as_the_connection_ends_all_go_back_to_the_buffer():
         session._reclaim_unacknowledged(client)
         assert [r.count for r in session._outbox] == [1, 2] and session.held_reports == 2
         assert not [m for m in client._out_messages.values() if m.topic.endswith("/telemetry")]
-    finally:
-        a.close()
-        b.close()
 
 
 def test_losses_a_reclaimed_report_carried_are_still_told_when_it_is_dropped_too():
     """The first report sent after a loss carries the count (`dropped_reports`); put back into a full buffer by
     the reclaim and dropped again, it took that count with it: 3 reports lost, 1 told (helper-167). Every loss
     is told, in the next report sent."""
-    import socket
-
-    import paho.mqtt.client as paho_client
-
-    session = MqttSession(MqttSettings(enabled=True, host="127.0.0.1", port=1, telemetry_buffer=3), fleet=FLEET,
-                          device="box-1", state_fn=lambda: ReportedState(device="box-1", online=True,
-                                                                         agent_version="t", uptime_s=0, ts=time.time()))
-    client = session._make_client(paho_client.MQTTv5)
-    session._client, session._client_protocol = client, paho_client.MQTTv5
-    for i in range(1, 6):  # offline: a buffer of 3 drops 2
-        session.publish_telemetry(report(i))
-    a, b = socket.socketpair()
-    try:
+    with connected_by_hand(telemetry_buffer=3) as (session, client, a):
+        for i in range(1, 6):  # offline: a buffer of 3 drops 2
+            session.publish_telemetry(report(i))
         client._sock = a
         session._online.set()
         session.publish_telemetry(report(6))  # the 3 held (the first with dropped_reports = 2), then this one
@@ -901,9 +880,6 @@ def test_losses_a_reclaimed_report_carried_are_still_told_when_it_is_dropped_too
         assert session.stats.dropped_reports == 3 and session.held_reports == 3
         told = sum(r.dropped_reports for r in session._outbox) + session._dropped_unreported
         assert told == 3
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_qos2_report_once_sent_stays_with_paho_at_the_connections_end():
@@ -911,17 +887,7 @@ def test_a_qos2_report_once_sent_stays_with_paho_at_the_connections_end():
     again under another id, the broker kept the first unreleased in the session against its quota, and once ~20
     were there it refused every QoS 2 message while paho counted them delivered (helper-167). paho keeps such a
     message and finishes it under its own id; one never sent is still put back in the buffer."""
-    import socket
-
-    import paho.mqtt.client as paho_client
-
-    session = MqttSession(MqttSettings(enabled=True, host="127.0.0.1", port=1, qos=2), fleet=FLEET, device="box-1",
-                          state_fn=lambda: ReportedState(device="box-1", online=True, agent_version="t", uptime_s=0,
-                                                         ts=time.time()))
-    client = session._make_client(paho_client.MQTTv5)
-    session._client, session._client_protocol = client, paho_client.MQTTv5
-    a, b = socket.socketpair()
-    try:
+    with connected_by_hand(qos=2) as (session, client, a):
         client._sock = a
         session._online.set()
         session.publish_telemetry(report(1))  # sent: PUBREC pending
@@ -931,6 +897,23 @@ def test_a_qos2_report_once_sent_stays_with_paho_at_the_connections_end():
         session._reclaim_unacknowledged(client)
         assert [r.count for r in session._outbox] == [2]
         assert [mid for mid, m in client._out_messages.items() if m.topic.endswith("/telemetry")] == sent
+
+
+@contextlib.contextmanager
+def connected_by_hand(**settings):
+    """A session whose paho client is "connected" to one end of a socket pair, no broker (what it sends goes
+    nowhere, nothing is acknowledged): (session, client). Closing a connection's socket by hand (client._sock =
+    None) makes the window in which paho has closed it and on_disconnect has not run yet."""
+    import socket
+
+    session = MqttSession(MqttSettings(enabled=True, host="127.0.0.1", port=1, **settings), fleet=FLEET,
+                          device="box-1", state_fn=lambda: ReportedState(device="box-1", online=True,
+                                                                         agent_version="t", uptime_s=0, ts=time.time()))
+    client = session._make_client(paho.MQTTv5)
+    session._client, session._client_protocol = client, paho.MQTTv5
+    a, b = socket.socketpair()
+    try:
+        yield session, client, a
     finally:
         a.close()
         b.close()
