@@ -80,6 +80,35 @@ def settings(mosquitto, tmp_path, **kw) -> ControllerSettings:
     return ControllerSettings(broker_port=mosquitto.port, db=tmp_path / "fleet.db", fleet=FLEET, **kw)
 
 
+@pytest.fixture
+def start_controller(mosquitto, tmp_path):
+    """Start a controller on the test's broker and database (`start_controller(**settings)`); each one started is
+    stopped after the test (a second stop does nothing)."""
+    started: list[FleetController] = []
+
+    def start(**kw) -> FleetController:
+        started.append(FleetController(settings(mosquitto, tmp_path, **kw)).start())
+        return started[-1]
+    yield start
+    for ctl in started:
+        ctl.stop()
+
+
+@pytest.fixture
+def reporting(mosquitto, tmp_path, start_controller):
+    """A controller and an agent that has seen its presence, the agent's first report stored: (controller, agent).
+    The agent is closed after the test."""
+    ctl = start_controller()
+    agent = Agent(mosquitto.port)
+    try:
+        until(lambda: agent.session.controller_said)
+        agent.report()
+        until(lambda: len(stored_ends(tmp_path / "fleet.db")) == 1)
+        yield ctl, agent
+    finally:
+        agent.close()
+
+
 def stored_ends(db) -> set[float]:
     with sqlite3.connect(db) as con:
         return {r[0] for r in con.execute("SELECT window_end FROM telemetry WHERE device = ?", (DEVICE,))}
@@ -94,14 +123,14 @@ def losses(db) -> dict:
 
 
 @pytest.mark.parametrize("qos", [0, 1])
-def test_reports_lost_while_the_controller_was_away_show_as_missing_time(mosquitto, tmp_path, qos):
+def test_reports_lost_while_the_controller_was_away_show_as_missing_time(mosquitto, tmp_path, qos,
+                                                                         start_controller):
     """At `telemetry_qos = 0` the broker queues nothing for a controller away (the same as a broker that forgot
     its session): the windows sent meanwhile are missing, and said to be, with their seconds. At QoS 1 they come
     when it is back, and nothing is missing."""
     db = tmp_path / "fleet.db"
-    first = FleetController(settings(mosquitto, tmp_path, telemetry_qos=qos)).start()
+    first = start_controller(telemetry_qos=qos)
     agent = Agent(mosquitto.port)
-    again = None
     try:
         agent.report()
         until(lambda: len(stored_ends(db)) == 1)
@@ -117,7 +146,7 @@ def test_reports_lost_while_the_controller_was_away_show_as_missing_time(mosquit
             agent.report()
         until(lambda: len(witness.field("window_end")) == 3)  # at the broker
         witness.close()
-        again = FleetController(settings(mosquitto, tmp_path, telemetry_qos=qos)).start()
+        start_controller(telemetry_qos=qos)
         agent.report()
         until(lambda: agent.windows[-1][1] in stored_ends(db))
         if qos == 1:
@@ -140,20 +169,17 @@ def test_reports_lost_while_the_controller_was_away_show_as_missing_time(mosquit
         store.close()
     finally:
         agent.close()
-        first.stop()
-        if again is not None:
-            again.stop()
 
 
-def test_telemetry_is_held_while_the_controller_is_away_and_sent_when_it_is_back(mosquitto, tmp_path):
+def test_telemetry_is_held_while_the_controller_is_away_and_sent_when_it_is_back(mosquitto, tmp_path,
+                                                                                  start_controller):
     """A stopping controller says it is offline (retained, on its presence topic): the agent holds its telemetry
     (up to mqtt.telemetry_buffer reports) instead of publishing into a broker session that may not be kept (here
     telemetry_qos = 0, of which the broker queues nothing: as a broker that forgot the session), and sends it once
     the next controller says it is online, after its subscriptions are in place: nothing lost, nothing missing."""
     db = tmp_path / "fleet.db"
-    first = FleetController(settings(mosquitto, tmp_path, telemetry_qos=0)).start()
+    first = start_controller(telemetry_qos=0)
     agent = Agent(mosquitto.port)
-    again = None
     try:
         until(lambda: agent.session.controller_said)
         agent.report()
@@ -164,7 +190,7 @@ def test_telemetry_is_held_while_the_controller_is_away_and_sent_when_it_is_back
         for _ in range(3):
             agent.report()
         assert agent.session.held_reports == 3
-        again = FleetController(settings(mosquitto, tmp_path, telemetry_qos=0)).start()
+        start_controller(telemetry_qos=0)
         until(lambda: len(stored_ends(db)) == 4)
         assert agent.session.held_reports == 0 and not agent.session.controller_away
         agent.report()
@@ -173,74 +199,54 @@ def test_telemetry_is_held_while_the_controller_is_away_and_sent_when_it_is_back
         assert stored_ends(db) == {end for _, end in agent.windows}
     finally:
         agent.close()
-        first.stop()
-        if again is not None:
-            again.stop()
 
 
-def test_after_a_broker_restart_without_persistence_telemetry_waits_for_the_controller(mosquitto, tmp_path):
+def test_after_a_broker_restart_without_persistence_telemetry_waits_for_the_controller(mosquitto, tmp_path,
+                                                                                       reporting):
     """A broker restarted without persistence forgot the controller's session and its retained presence: what
     agents publish before the controller has subscribed again is lost (agents reconnect within a second or two,
     the controller backs off up to 30 s). An agent that saw the controller's presence holds its telemetry after a
     reconnect until the controller says again that it is online (PRESENCE_WAIT_S at most)."""
-    db = tmp_path / "fleet.db"
-    ctl = FleetController(settings(mosquitto, tmp_path)).start()
-    agent = Agent(mosquitto.port)
-    try:
-        until(lambda: agent.session.controller_said)
-        agent.report()
-        until(lambda: len(stored_ends(db)) == 1)
-        connects = agent.session.stats.connects
-        ctl.client.loop_stop()  # the controller is not back before the agent (paho reconnects it once restarted)
-        mosquitto.stop()
-        (mosquitto.workdir / "mosquitto.db").unlink(missing_ok=True)  # no persistence: sessions, retained gone
-        mosquitto.start()
-        until(lambda: agent.session.stats.connects > connects and agent.session.connected)
-        agent.past_first_window()
-        agent.report()
-        assert agent.session.held_reports == 1 and agent.session.controller_away
-        ctl.client.loop_start()
-        until(lambda: len(stored_ends(db)) == 2)
-        assert losses(db)["missing_gaps"] == 0 and agent.session.held_reports == 0
-    finally:
-        agent.close()
-        ctl.stop()
+    db, (ctl, agent) = tmp_path / "fleet.db", reporting
+    connects = agent.session.stats.connects
+    ctl.client.loop_stop()  # the controller is not back before the agent (paho reconnects it once restarted)
+    mosquitto.stop()
+    (mosquitto.workdir / "mosquitto.db").unlink(missing_ok=True)  # no persistence: sessions, retained gone
+    mosquitto.start()
+    until(lambda: agent.session.stats.connects > connects and agent.session.connected)
+    agent.past_first_window()
+    agent.report()
+    assert agent.session.held_reports == 1 and agent.session.controller_away
+    ctl.client.loop_start()
+    until(lambda: len(stored_ends(db)) == 2)
+    assert losses(db)["missing_gaps"] == 0 and agent.session.held_reports == 0
 
 
-def test_a_report_the_broker_never_acknowledged_waits_for_the_controller_too(mosquitto, tmp_path):
+def test_a_report_the_broker_never_acknowledged_waits_for_the_controller_too(mosquitto, tmp_path, reporting):
     """A report handed to a broker that never acknowledged it (it hung, then restarted without persistence): paho
     sent it again by itself at the next CONNACK, before the agent knew where the controller was, to a broker the
     controller had not subscribed to yet: lost (helper-165). It goes back to the agent's buffer when the
     connection ends, and is sent with the held ones once the controller is back."""
     import signal
 
-    db = tmp_path / "fleet.db"
-    ctl = FleetController(settings(mosquitto, tmp_path)).start()
-    agent = Agent(mosquitto.port)
-    try:
-        until(lambda: agent.session.controller_said)
-        agent.report()
-        until(lambda: len(stored_ends(db)) == 1)
-        connects = agent.session.stats.connects
-        ctl.client.loop_stop()  # (back after the agent: paho reconnects it once restarted)
-        mosquitto._proc.send_signal(signal.SIGSTOP)  # hung: it takes the report, acknowledges nothing
-        agent.past_first_window()
-        agent.report()
-        mosquitto._proc.send_signal(signal.SIGKILL)
-        mosquitto._proc.wait()
-        mosquitto._proc = None
-        (mosquitto.workdir / "mosquitto.db").unlink(missing_ok=True)  # restarted without persistence
-        mosquitto.start()
-        until(lambda: agent.session.stats.connects > connects and agent.session.connected)
-        assert agent.session.held_reports == 1 and agent.session.controller_away
-        agent.report()
-        ctl.client.loop_start()
-        until(lambda: len(stored_ends(db)) == 3)
-        assert stored_ends(db) == {end for _, end in agent.windows}
-        assert losses(db)["missing_gaps"] == 0 and agent.session.held_reports == 0
-    finally:
-        agent.close()
-        ctl.stop()
+    db, (ctl, agent) = tmp_path / "fleet.db", reporting
+    connects = agent.session.stats.connects
+    ctl.client.loop_stop()  # (back after the agent: paho reconnects it once restarted)
+    mosquitto._proc.send_signal(signal.SIGSTOP)  # hung: it takes the report, acknowledges nothing
+    agent.past_first_window()
+    agent.report()
+    mosquitto._proc.send_signal(signal.SIGKILL)
+    mosquitto._proc.wait()
+    mosquitto._proc = None
+    (mosquitto.workdir / "mosquitto.db").unlink(missing_ok=True)  # restarted without persistence
+    mosquitto.start()
+    until(lambda: agent.session.stats.connects > connects and agent.session.connected)
+    assert agent.session.held_reports == 1 and agent.session.controller_away
+    agent.report()
+    ctl.client.loop_start()
+    until(lambda: len(stored_ends(db)) == 3)
+    assert stored_ends(db) == {end for _, end in agent.windows}
+    assert losses(db)["missing_gaps"] == 0 and agent.session.held_reports == 0
 
 
 def test_after_a_reconnect_telemetry_waits_for_the_presence_a_bounded_time(mosquitto, tmp_path, monkeypatch):
